@@ -1,0 +1,100 @@
+#!/usr/bin/env node
+/**
+ * The `breakwater` command (SPEC §1): `start`, `validate`, `--help`, `--version`.
+ * Options may come before or after positional arguments.
+ */
+import { parseArgs } from 'node:util'
+import { readFileSync, existsSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+import { dirname, join } from 'node:path'
+import { loadConfigFile, ConfigError } from './config/load.js'
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')
+
+function version (): string {
+  return (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version
+}
+
+const HELP = `breakwater — a sidecar proxy that makes outages short
+
+Usage:
+  breakwater start    [--config PATH]   run the sidecar
+  breakwater validate [--config PATH]   check a config file; exit 1 with one line per problem
+
+Options:
+  -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
+                      else ./config/breakwater.yaml, else the embedded default
+  -h, --help          show this help
+  -v, --version       print the version
+
+Ports (defaults): proxy 14001, ops 14020 (/health /ready /live /metrics), admin 14000.
+Signals: SIGTERM drains and stops (exit 0); SIGHUP reloads the config.
+`
+
+function configPath (given: string | undefined): string {
+  if (given !== undefined && given !== '') return given
+  const fromEnv = process.env.BREAKWATER_CONFIG
+  if (fromEnv !== undefined && fromEnv !== '') return fromEnv
+  if (existsSync('config/breakwater.yaml')) return 'config/breakwater.yaml'
+  return join(packageRoot, 'config', 'breakwater.yaml')
+}
+
+async function main (argv: string[]): Promise<number> {
+  let parsed
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        config: { type: 'string', short: 'c' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean', short: 'v' },
+        json: { type: 'boolean' }
+      }
+    })
+  } catch (err) {
+    process.stderr.write(`breakwater: ${(err as Error).message}\nRun "breakwater --help" for usage.\n`)
+    return 2
+  }
+  const { values, positionals } = parsed
+  if (values.version === true) { process.stdout.write(`${version()}\n`); return 0 }
+  const command = positionals[0]
+  if (values.help === true || command === undefined || command === 'help') { process.stdout.write(HELP); return 0 }
+
+  switch (command) {
+    case 'start': {
+      const { start } = await import('./main.js')
+      return await start(configPath(values.config))
+    }
+    case 'validate':
+      return await validate(configPath(values.config), values.json === true)
+    default:
+      process.stderr.write(`breakwater: unknown command "${command}"\nRun "breakwater --help" for usage.\n`)
+      return 2
+  }
+}
+
+async function validate (path: string, json: boolean): Promise<number> {
+  try {
+    const { config, warnings } = await loadConfigFile(path)
+    if (json) {
+      process.stdout.write(JSON.stringify({ valid: true, config: path, warnings }) + '\n')
+    } else {
+      for (const w of warnings) process.stderr.write(`warning: ${w}\n`)
+      process.stdout.write(`${path}: valid — service ${config.service} ${config.version}, ${Object.keys(config.upstreams).length} upstream(s), ${config.routes.length} route(s)\n`)
+    }
+    return 0
+  } catch (err) {
+    const problems = err instanceof ConfigError ? err.problems : [(err as Error).message]
+    if (json) process.stdout.write(JSON.stringify({ valid: false, config: path, problems }) + '\n')
+    else process.stderr.write(problems.map((p) => `${p}\n`).join(''))
+    return 1
+  }
+}
+
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code
+}, (err: unknown) => {
+  process.stderr.write(`breakwater: ${(err as Error).stack ?? String(err)}\n`)
+  process.exitCode = 1
+})

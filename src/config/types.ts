@@ -1,0 +1,91 @@
+/**
+ * The resolved configuration: every default filled in, durations in milliseconds, frozen.
+ * This, not the raw input, is what the rest of Breakwater reads.
+ */
+
+export interface ListenerConfig {
+  host: string
+  port: number
+}
+
+export interface ProxyListenerConfig extends ListenerConfig {
+  keepAliveTimeoutMs: number
+  /** Node's whole-request timeout; 0 = off (a long upload is not an error). */
+  requestTimeoutMs: number
+  headersTimeoutMs: number
+  maxHeaderSize: number
+}
+
+export interface HealthCheckConfig {
+  path: string
+  intervalMs: number
+  timeoutMs: number
+  unhealthyThreshold: number
+  healthyThreshold: number
+}
+
+export interface EjectionConfig {
+  consecutiveFailures: number
+  baseMs: number
+  maxMs: number
+  panicThresholdPercent: number
+}
+
+export interface UpstreamConfig {
+  name: string
+  /** Origins, e.g. `http://10.0.0.5:8080`. */
+  endpoints: readonly string[]
+  critical: boolean
+  healthCheck: HealthCheckConfig | null
+  connectTimeoutMs: number
+  keepAliveTimeoutMs: number
+  connections: number
+  balance: 'round_robin' | 'least_request'
+  ejection: EjectionConfig
+}
+
+export interface RetryConfig {
+  attempts: number
+  budgetPercent: number
+  minRetriesPerSecond: number
+}
+
+export interface MatchConfig {
+  pathPrefix: string | null
+  path: string | null
+  methods: readonly string[] | null
+  host: string | null
+  headers: ReadonlyArray<readonly [string, string]> | null
+}
+
+export interface RouteConfig {
+  name: string
+  match: MatchConfig
+  upstream: string
+  timeoutMs: number
+  idleTimeoutMs: number
+  retries: RetryConfig | null
+  rewritePrefix: string | null
+}
+
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
+
+export interface Config {
+  /** Absolute path of the file it was read from, or null when built in code. */
+  source: string | null
+  service: string
+  version: string
+  stateDir: string
+  listen: {
+    proxy: ProxyListenerConfig
+    egress: ProxyListenerConfig | null
+    ops: ListenerConfig
+    admin: ListenerConfig
+  }
+  upstreams: Readonly<Record<string, UpstreamConfig>>
+  routes: readonly RouteConfig[]
+  health: { failOnOpenCircuit: 'critical' | 'any' | 'never' }
+  shutdown: { drainDelayMs: number, timeoutMs: number }
+  logging: { level: LogLevel, accessLogRate: number }
+  limits: { maxInFlight: number, maxConnections: number, maxEventLoopDelayMs: number }
+}

@@ -1,0 +1,60 @@
+/**
+ * Composition root of the real process: load the config, start the sidecar, wire signals.
+ * With `cli.ts`, the only code that touches `process` (signals, exit codes).
+ *
+ * Exit codes: 0 clean stop; 1 config or start-up error, with a message naming the cause.
+ */
+import { loadConfigFile, ConfigError } from './config/load.js'
+import { startSidecar, type Sidecar } from './sidecar.js'
+
+export async function start (configPath: string): Promise<number> {
+  let loaded
+  try {
+    loaded = await loadConfigFile(configPath)
+  } catch (err) {
+    reportStartupError(err instanceof ConfigError ? err.problems : [(err as Error).message], configPath)
+    return 1
+  }
+  let sidecar: Sidecar
+  try {
+    sidecar = await startSidecar(loaded.config)
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { address?: string, port?: number }
+    const why = e.code === 'EADDRINUSE'
+      ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: address already in use`
+      : e.code === 'EACCES' ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: permission denied` : e.message
+    reportStartupError([why], configPath)
+    return 1
+  }
+  for (const warning of loaded.warnings) sidecar.logger.warn({ event: 'config_warning' }, warning)
+
+  process.on('uncaughtException', (err) => {
+    sidecar.logger.fatal({ event: 'crash', err }, 'uncaught exception; exiting')
+    process.exit(1)
+  })
+  process.on('SIGHUP', () => { void sidecar.reload() })
+
+  return await new Promise<number>((resolve) => {
+    const stop = (signal: string): void => {
+      if (signal !== 'SIGTERM' && signal !== 'SIGINT') return
+      process.removeAllListeners('SIGTERM')
+      process.removeAllListeners('SIGINT')
+      // A second signal cuts the drain short.
+      process.once('SIGTERM', () => sidecar.hurry())
+      process.once('SIGINT', () => sidecar.hurry())
+      sidecar.logger.info({ event: 'shutdown', signal }, 'signal received')
+      sidecar.shutdown().then(() => resolve(0), (err) => {
+        sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed')
+        resolve(1)
+      })
+    }
+    process.once('SIGTERM', stop)
+    process.once('SIGINT', stop)
+  })
+}
+
+/** Human lines on stderr, one JSON line on stdout (every stdout line is JSON). */
+function reportStartupError (problems: readonly string[], configPath: string): void {
+  process.stderr.write(`breakwater: cannot start with ${configPath}:\n${problems.map((p) => `  ${p}`).join('\n')}\n`)
+  process.stdout.write(JSON.stringify({ level: 'fatal', time: new Date().toISOString(), event: 'startup_failed', config: configPath, problems, msg: 'cannot start' }) + '\n')
+}

@@ -1,0 +1,111 @@
+/**
+ * Every metric Breakwater exports, declared in this one file, on a registry passed in (no
+ * global registry). Hot-path counters live as plain numbers in the data plane's stats and
+ * are read here at scrape time; label values are route and upstream names from config,
+ * never raw paths (SPEC §9).
+ */
+import { collectDefaultMetrics, Gauge, type Registry } from 'prom-client'
+import type { DataPlane } from '../proxy/dataplane.js'
+import { DURATION_BUCKETS } from '../proxy/stats.js'
+import type { LogStats } from '../log/logger.js'
+
+type Labels = Record<string, string | number>
+interface Sample { labels: Labels, value: number, metricName?: string }
+
+/** A metric whose samples are computed at scrape time from state held elsewhere. */
+function scraped (registry: Registry, name: string, help: string, type: 'counter' | 'gauge' | 'histogram', collect: () => Sample[]): void {
+  registry.registerMetric({
+    name,
+    help,
+    type,
+    aggregator: 'sum',
+    get: async () => ({ name, help, type, aggregator: 'sum', values: collect() }),
+    reset: () => {},
+    labelNames: []
+  } as unknown as Parameters<Registry['registerMetric']>[0])
+}
+
+export interface MetricSources {
+  dataPlane: DataPlane
+  log: LogStats
+  reloads: { ok: number, failed: number }
+}
+
+export function registerMetrics (registry: Registry, sources: MetricSources): void {
+  const { dataPlane: dp } = sources
+  collectDefaultMetrics({ register: registry })
+
+  scraped(registry, 'breakwater_requests_total', 'Requests answered, by route, upstream and status code.', 'counter', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      for (let code = 100; code < 600; code++) {
+        const n = s.codes[code] as number
+        if (n > 0) out.push({ labels: { route: s.route, upstream: s.upstream, code: String(code) }, value: n })
+      }
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_request_duration_seconds', 'Time from request received to response complete, by route and upstream.', 'histogram', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      if (s.count === 0) continue
+      const labels = { route: s.route, upstream: s.upstream }
+      let cumulative = 0
+      DURATION_BUCKETS.forEach((le, i) => {
+        cumulative += s.buckets[i] as number
+        out.push({ labels: { ...labels, le }, value: cumulative, metricName: 'breakwater_request_duration_seconds_bucket' })
+      })
+      out.push({ labels: { ...labels, le: '+Inf' }, value: s.count, metricName: 'breakwater_request_duration_seconds_bucket' })
+      out.push({ labels, value: s.sum, metricName: 'breakwater_request_duration_seconds_sum' })
+      out.push({ labels, value: s.count, metricName: 'breakwater_request_duration_seconds_count' })
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_rejections_total', 'Requests refused by a mitigation, by route and reason (kill_switch, circuit_open, bulkhead).', 'counter', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      for (const [reason, n] of s.rejections) out.push({ labels: { route: s.route, reason }, value: n })
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
+    Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))
+
+  scraped(registry, 'breakwater_client_errors_total', 'Requests refused by the HTTP parser (malformed, smuggling attempts, oversized headers), by error.', 'counter', () =>
+    [...dp.stats.clientErrors].map(([error, n]) => ({ labels: { error }, value: n })))
+
+  scraped(registry, 'breakwater_retries_total', 'Retries made, by route.', 'counter', () =>
+    [...dp.stats.allRoutes()].filter((s) => s.route !== '').map((s) => ({ labels: { route: s.route }, value: s.retries })))
+
+  scraped(registry, 'breakwater_retry_budget_exhausted_total', 'Retries not made because the route\'s retry budget was spent.', 'counter', () =>
+    [...dp.stats.allRoutes()].filter((s) => s.route !== '').map((s) => ({ labels: { route: s.route }, value: s.retryBudgetExhausted })))
+
+  scraped(registry, 'breakwater_ejections_total', 'Endpoints ejected after consecutive failures, by upstream.', 'counter', () =>
+    [...dp.runtime.upstreams.keys()].map((upstream) => ({ labels: { upstream }, value: dp.stats.ejections.get(upstream) ?? 0 })))
+
+  scraped(registry, 'breakwater_upstream_endpoints', 'Endpoints per upstream by state (ready, ejected, unhealthy).', 'gauge', () => {
+    const out: Sample[] = []
+    const now = performance.now()
+    for (const u of dp.runtime.upstreams.values()) {
+      const states = u.balancer.states(now)
+      for (const [state, n] of Object.entries(states)) out.push({ labels: { upstream: u.name, state }, value: n })
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_in_flight_requests', 'Requests being proxied now.', 'gauge', () => [{ labels: {}, value: dp.stats.inFlight }])
+
+  scraped(registry, 'breakwater_log_lines_dropped_total', 'Log lines dropped because stdout could not keep up.', 'counter', () => [{ labels: {}, value: sources.log.dropped }])
+
+  scraped(registry, 'breakwater_config_reloads_total', 'Config reloads, by result.', 'counter', () => [
+    { labels: { result: 'ok' }, value: sources.reloads.ok },
+    { labels: { result: 'failed' }, value: sources.reloads.failed }
+  ])
+
+  const info = new Gauge({ name: 'breakwater_info', help: 'Service and version of this sidecar (value 1).', labelNames: ['service', 'version'], registers: [registry] })
+  const cfg = dp.runtime.config
+  info.set({ service: cfg.service, version: cfg.version }, 1)
+}

@@ -1,0 +1,26 @@
+/**
+ * The ops listener (SPEC §9): `/health`, `/ready`, `/live`, `/metrics`, read-only, no auth,
+ * on its own port. Nothing else is served here, and nothing here mutates.
+ */
+import Fastify, { type FastifyInstance } from 'fastify'
+import type { Registry } from 'prom-client'
+import type { HealthPolicy } from './health.js'
+
+export function createOpsServer (health: HealthPolicy, registry: Registry): FastifyInstance {
+  const app = Fastify({ logger: false, return503OnClosing: false, forceCloseConnections: true })
+
+  const healthHandler = async (_req: unknown, reply: import('fastify').FastifyReply): Promise<unknown> => {
+    const report = health.report()
+    return await reply.code(report.status === 'ok' ? 200 : 503).header('cache-control', 'no-store').send(report)
+  }
+  app.get('/health', healthHandler)
+  app.get('/ready', healthHandler)
+  // Liveness answers while the event loop does; it never consults upstreams.
+  app.get('/live', async (_req, reply) => await reply.header('cache-control', 'no-store').send({ status: 'ok' }))
+  app.get('/metrics', async (_req, reply) => {
+    const body = await registry.metrics()
+    return await reply.header('content-type', registry.contentType).send(body)
+  })
+  app.setNotFoundHandler(async (req, reply) => await reply.code(404).send({ error: 'not_found', message: `the ops listener serves only /health, /ready, /live and /metrics (got ${req.method} ${req.url.split('?')[0] ?? ''})` }))
+  return app
+}

@@ -1,0 +1,140 @@
+/**
+ * Header policy, both directions. RFC 9110 §7.6.1: hop-by-hop headers (Connection, the headers
+ * it names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) describe one
+ * connection and are never forwarded. Requests gain x-forwarded-for/-proto/-host and keep or
+ * get an x-request-id; trace headers (traceparent, tracestate, b3) pass untouched.
+ *
+ * Headers stay flat arrays (`[name, value, name, value]`) end to end: Node gives us
+ * `req.rawHeaders`, undici takes and returns flat arrays, and `res.writeHead` accepts one.
+ */
+
+/** What the request head told us while its headers were copied. */
+export interface RequestHead {
+  /** Headers for the upstream request. */
+  headers: string[]
+  host: string
+  requestId: string
+  hasBody: boolean
+  isWebSocket: boolean
+}
+
+/** Hop-by-hop names, lower case (RFC 9110 §7.6.1 plus the legacy Keep-Alive and Proxy-Connection). */
+function isHopByHop (lower: string): boolean {
+  switch (lower) {
+    case 'connection': case 'keep-alive': case 'proxy-connection': case 'te':
+    case 'trailer': case 'transfer-encoding': case 'upgrade':
+      return true
+    default:
+      return false
+  }
+}
+
+/** Names listed in Connection values other than the common close/keep-alive/upgrade tokens. */
+function connectionListed (value: string, into: Set<string> | null): Set<string> | null {
+  for (const token of value.split(',')) {
+    const t = token.trim().toLowerCase()
+    if (t === '' || t === 'close' || t === 'keep-alive' || t === 'upgrade') continue
+    into ??= new Set()
+    into.add(t)
+  }
+  return into
+}
+
+/**
+ * Copy the client's headers for the upstream, in one pass over `raw` (plus one to find
+ * Connection when it lists extra names).
+ * Upgrade and Connection are dropped here too; a WebSocket handshake (`isWebSocket`) gets
+ * them back from undici's `upgrade` option, the one exception to hop-by-hop removal (SPEC §14).
+ * @param newRequestId called only when the client sent no x-request-id
+ */
+export function requestHead (raw: readonly string[], remoteAddress: string, proto: string, newRequestId: () => string): RequestHead {
+  let listed: Set<string> | null = null
+  let upgradeWebSocket = false
+  let connectionUpgrade = false
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as string
+    if (name.length === 10 && name.toLowerCase() === 'connection') {
+      const value = raw[i + 1] as string
+      if (value.length > 10) listed = connectionListed(value, listed)
+      if (/\bupgrade\b/i.test(value)) connectionUpgrade = true
+    } else if (name.length === 7 && name.toLowerCase() === 'upgrade') {
+      upgradeWebSocket = (raw[i + 1] as string).trim().toLowerCase() === 'websocket'
+    }
+  }
+  const isWebSocket = connectionUpgrade && upgradeWebSocket
+  const headers: string[] = []
+  let host = ''
+  let requestId = ''
+  let forwardedFor = ''
+  let hasBody = false
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as string
+    const value = raw[i + 1] as string
+    const lower = name.toLowerCase()
+    switch (lower) {
+      case 'host':
+        host = value
+        headers.push(name, value)
+        continue
+      case 'x-request-id':
+        if (requestId === '') requestId = value
+        continue
+      case 'x-forwarded-for':
+        forwardedFor = forwardedFor === '' ? value : `${forwardedFor}, ${value}`
+        continue
+      case 'x-forwarded-proto':
+      case 'x-forwarded-host':
+        continue // set by us below, from what this listener saw
+      case 'content-length':
+        if (value !== '0') hasBody = true
+        headers.push(name, value)
+        continue
+      case 'transfer-encoding':
+        hasBody = true
+        continue
+    }
+    if (isHopByHop(lower) || (listed !== null && listed.has(lower))) continue
+    headers.push(name, value)
+  }
+  if (requestId === '') requestId = newRequestId()
+  const client = remoteAddress.startsWith('::ffff:') ? remoteAddress.slice(7) : remoteAddress
+  headers.push(
+    'x-request-id', requestId,
+    'x-forwarded-for', forwardedFor === '' ? client : `${forwardedFor}, ${client}`,
+    'x-forwarded-proto', proto
+  )
+  if (host !== '') headers.push('x-forwarded-host', host)
+  return { headers, host, requestId, hasBody, isWebSocket }
+}
+
+/**
+ * The upstream's response headers for the client: latin1 strings (byte-transparent, which is
+ * what Node writes headers as), hop-by-hop removed.
+ */
+export function responseHeaders (raw: readonly Buffer[], close: boolean): string[] {
+  let listed: Set<string> | null = null
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as Buffer
+    if (name.length === 10 && name.toString('latin1').toLowerCase() === 'connection') {
+      listed = connectionListed((raw[i + 1] as Buffer).toString('latin1'), listed)
+    }
+  }
+  const out: string[] = []
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = (raw[i] as Buffer).toString('latin1')
+    const lower = name.toLowerCase()
+    if (isHopByHop(lower) || (listed !== null && listed.has(lower))) continue
+    out.push(name, (raw[i + 1] as Buffer).toString('latin1'))
+  }
+  if (close) out.push('connection', 'close')
+  return out
+}
+
+/** Value of the first header called `lower` in a raw undici header list, or null. */
+export function rawHeaderValue (raw: readonly Buffer[], lower: string): string | null {
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as Buffer
+    if (name.length === lower.length && name.toString('latin1').toLowerCase() === lower) return (raw[i + 1] as Buffer).toString('latin1')
+  }
+  return null
+}

@@ -1,0 +1,83 @@
+/**
+ * Life of a request — the data plane's stages in call order. A reader starts here.
+ *
+ *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
+ *   normalise     the path, once; an invalid encoding                       → 400 bad_request
+ *   match route   first match in the route table                            → 404 no_route
+ *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
+ *
+ * Each stage either hands the request on or answers it with a code from `errors.ts`. The
+ * stages read plain fields of objects built when the config loaded; nothing here awaits.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { DataPlane } from './dataplane.js'
+import type { Route } from './route-table.js'
+import { normalisePath } from './path.js'
+import { requestHead } from './headers.js'
+import { Exchange } from './forward.js'
+import { ERRORS, sendError, type ErrorCode } from './errors.js'
+
+export interface PipelineOptions {
+  /** Listener scheme for x-forwarded-proto. */
+  proto: string
+}
+
+/** The `request` listener of a proxy server. */
+export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  const proto = options.proto
+  return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
+    const startedAt = performance.now()
+
+    // admission
+    if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
+      if (dp.overload.shedding) dp.stats.overloaded.event_loop_delay++
+      else dp.stats.overloaded.max_in_flight++
+      refuse(dp, req, res, 'overloaded', null, dp.newRequestId(), startedAt)
+      return
+    }
+
+    // normalise
+    const path = normalisePath(req.url as string)
+    const head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    if (path === null) {
+      refuse(dp, req, res, 'bad_request', null, head.requestId, startedAt, 'invalid request target or percent-encoding')
+      return
+    }
+
+    // match route
+    const route = dp.runtime.routes.match(req.method as string, path, head.host, req)
+    if (route === null) {
+      refuse(dp, req, res, 'no_route', null, head.requestId, startedAt)
+      return
+    }
+
+    // forward
+    new Exchange(dp, route, req, res, head, path, startedAt).start()
+  }
+}
+
+/** Answer with a local error, count it and write its access-log line. */
+export function refuse (dp: DataPlane, req: IncomingMessage, res: ServerResponse, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, message?: string, extraHeaders?: string[]): void {
+  // A request body we will not read must not stall the connection: close it after answering.
+  const close = dp.draining || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined
+  sendError(res, code, requestId, close, extraHeaders, message)
+  const status = ERRORS[code].status
+  const seconds = (performance.now() - startedAt) / 1000
+  const stats = route === null ? dp.stats.route('', '') : route.stats
+  stats.record(status, seconds)
+  const rate = dp.accessLogRate
+  if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
+    const url = req.url ?? ''
+    const q = url.indexOf('?')
+    dp.logger.info({
+      requestId,
+      method: req.method,
+      path: q === -1 ? url : url.slice(0, q),
+      route: route?.name,
+      upstream: route?.upstream.name,
+      status,
+      durationMs: Math.round(seconds * 1e6) / 1e3,
+      error: code
+    }, 'request')
+  }
+}

@@ -1,0 +1,66 @@
+/**
+ * The proxy listener: a plain `node:http` server whose request listener is the pipeline.
+ * (Measured against a fastify catch-all route, see bench/README.md: the raw listener leaves
+ * more of the per-request budget to the stages.) This file owns what happens before a request
+ * exists — parser errors, header limits, connection caps — and the listener's timeouts.
+ */
+import http from 'node:http'
+import type { Socket } from 'node:net'
+import type { Duplex } from 'node:stream'
+import type { ProxyListenerConfig } from '../config/types.js'
+import type { DataPlane } from './dataplane.js'
+import { createPipeline } from './pipeline.js'
+import { handleUpgrade } from './upgrade.js'
+import { rawErrorResponse, type ClientErrorCode } from './errors.js'
+
+export interface ProxyServer {
+  server: http.Server
+  /** Open client connections. */
+  readonly connections: Set<Socket>
+}
+
+export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, maxConnections: () => number): ProxyServer {
+  const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
+  const server = http.createServer({
+    maxHeaderSize: listener.maxHeaderSize,
+    // Node's default 300 s whole-request timeout would cut long uploads; off unless configured (SPEC §14).
+    requestTimeout: listener.requestTimeoutMs,
+    headersTimeout,
+    keepAliveTimeout: listener.keepAliveTimeoutMs,
+    noDelay: true,
+    // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
+    // attempt; Node's strict parser (the default, never the lenient one) refuses it.
+    insecureHTTPParser: false
+  }, createPipeline(dp, { proto: 'http' }))
+  server.keepAliveTimeout = listener.keepAliveTimeoutMs
+
+  const connections = new Set<Socket>()
+  server.on('connection', (socket: Socket) => {
+    const max = maxConnections()
+    if (max > 0 && connections.size >= max) {
+      dp.stats.overloaded.max_connections++
+      socket.end(rawErrorResponse('overloaded'))
+      socket.on('error', () => socket.destroy())
+      return
+    }
+    connections.add(socket)
+    socket.once('close', () => connections.delete(socket))
+  })
+
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    const code: ClientErrorCode = err.code === 'HPE_HEADER_OVERFLOW'
+      ? 'headers_too_large'
+      : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
+    const inFlight = (socket as Duplex & { _httpMessage?: http.ServerResponse })._httpMessage
+    if (err.code === 'ECONNRESET' || !socket.writable || inFlight?.headersSent === true) {
+      socket.destroy()
+      return
+    }
+    dp.stats.clientError(code)
+    if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'client_error', code, parserError: err.code }, 'request refused by the HTTP parser')
+    socket.end(rawErrorResponse(code))
+  })
+
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head))
+  return { server, connections }
+}

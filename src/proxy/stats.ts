@@ -1,0 +1,76 @@
+/**
+ * Per-request counters kept as plain numbers on the hot path and read by the metrics
+ * registry at scrape time (a prom-client labelled observe costs about 1 µs; an array
+ * increment costs nothing measurable). One `RouteStats` per route and upstream pair,
+ * created when config loads and kept across reloads so counters stay monotonic.
+ */
+
+/** Upper bounds in seconds of the request duration histogram. */
+export const DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30] as const
+
+export class RouteStats {
+  readonly route: string
+  readonly upstream: string
+  /** Responses by status code (index = code). */
+  readonly codes = new Float64Array(600)
+  /** Non-cumulative bucket counts; the last slot is +Inf. */
+  readonly buckets = new Float64Array(DURATION_BUCKETS.length + 1)
+  sum = 0
+  count = 0
+  /** Refusals by reason (`kill_switch`, `circuit_open`, `bulkhead`). */
+  readonly rejections = new Map<string, number>()
+  retries = 0
+  retryBudgetExhausted = 0
+
+  constructor (route: string, upstream: string) {
+    this.route = route
+    this.upstream = upstream
+  }
+
+  record (status: number, seconds: number): void {
+    this.codes[status < 600 && status >= 100 ? status : 599]++
+    let i = 0
+    while (i < DURATION_BUCKETS.length && seconds > (DURATION_BUCKETS[i] as number)) i++
+    this.buckets[i]++
+    this.sum += seconds
+    this.count++
+  }
+
+  reject (reason: string): void {
+    this.rejections.set(reason, (this.rejections.get(reason) ?? 0) + 1)
+  }
+}
+
+/** Counters of the data plane that are not per route. */
+export class DataPlaneStats {
+  private readonly routes = new Map<string, RouteStats>()
+  /** Requests refused before routing, by reason. */
+  readonly overloaded = { max_in_flight: 0, max_connections: 0, event_loop_delay: 0 }
+  /** Requests the HTTP parser refused, by code. */
+  readonly clientErrors = new Map<string, number>()
+  ejections = new Map<string, number>()
+  inFlight = 0
+
+  /** The stats for a route and upstream pair, created once. */
+  route (route: string, upstream: string): RouteStats {
+    const key = `${route}\u0000${upstream}`
+    let stats = this.routes.get(key)
+    if (stats === undefined) {
+      stats = new RouteStats(route, upstream)
+      this.routes.set(key, stats)
+    }
+    return stats
+  }
+
+  allRoutes (): IterableIterator<RouteStats> {
+    return this.routes.values()
+  }
+
+  clientError (code: string): void {
+    this.clientErrors.set(code, (this.clientErrors.get(code) ?? 0) + 1)
+  }
+
+  ejection (upstream: string): void {
+    this.ejections.set(upstream, (this.ejections.get(upstream) ?? 0) + 1)
+  }
+}
