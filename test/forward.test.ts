@@ -1,0 +1,104 @@
+import t from 'tap'
+import { Readable } from 'node:stream'
+import { startUpstream, echo } from './helpers/upstream.js'
+import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { send, raw } from './helpers/http.js'
+
+t.test('forwards method, path, query and body, and relays status, headers and body', async (t) => {
+  const up = await startUpstream((req, res, body) => {
+    res.writeHead(201, { 'x-upstream': 'yes', 'content-type': 'text/plain' })
+    res.end(`${req.method} ${req.url} ${body.toString()}`)
+  })
+  t.teardown(up.close)
+  const { proxy } = await startTestSidecar(t, oneRoute(up.url))
+  const res = await send(proxy, '/orders?id=7', { method: 'POST', body: 'hello', headers: { 'content-type': 'text/plain' } })
+  t.equal(res.status, 201)
+  t.equal(res.headers['x-upstream'], 'yes')
+  t.equal(res.body, 'POST /orders?id=7 hello')
+})
+
+t.test('removes hop-by-hop headers in both directions and adds x-forwarded-*', async (t) => {
+  const up = await startUpstream((req, res) => {
+    res.setHeader('connection', 'keep-alive, x-upstream-hop')
+    res.setHeader('x-upstream-hop', 'secret')
+    res.setHeader('keep-alive', 'timeout=5')
+    res.setHeader('proxy-connection', 'keep-alive')
+    res.setHeader('x-kept', '1')
+    echo(req, res, Buffer.alloc(0))
+  })
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, oneRoute(up.url))
+  // A raw request: HTTP clients refuse to send some of these headers at all.
+  const answer = await raw(proxyPort, [
+    'GET /h HTTP/1.1',
+    'Host: shop.example:8443',
+    'Connection: keep-alive, x-client-hop',
+    'X-Client-Hop: drop me',
+    'TE: trailers',
+    'Proxy-Connection: keep-alive',
+    'Keep-Alive: timeout=9',
+    'Trailer: x-checksum',
+    'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01',
+    'tracestate: congo=t61rcWkgMzE',
+    'X-Forwarded-For: 203.0.113.9',
+    'X-Forwarded-Proto: https',
+    'Connection: close',
+    '', ''
+  ].join('\r\n'))
+  const [head, body] = answer.split('\r\n\r\n') as [string, string]
+  t.match(head, /^HTTP\/1\.1 200 /)
+  const res = { headers: Object.fromEntries(head.split('\r\n').slice(1).map((l) => [l.slice(0, l.indexOf(':')).toLowerCase(), l.slice(l.indexOf(':') + 1).trim()])) }
+  const seen = (JSON.parse(body) as { headers: Record<string, string> }).headers
+  for (const h of ['x-client-hop', 'te', 'proxy-connection', 'keep-alive', 'trailer', 'upgrade', 'transfer-encoding']) t.notOk(h in seen, `request header ${h} removed`)
+  t.equal(seen.traceparent, '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', 'traceparent untouched')
+  t.equal(seen.tracestate, 'congo=t61rcWkgMzE', 'tracestate untouched')
+  t.equal(seen['x-forwarded-for'], '203.0.113.9, 127.0.0.1', 'client address appended')
+  t.equal(seen['x-forwarded-proto'], 'http', 'proto from this listener, not the client')
+  t.equal(seen['x-forwarded-host'], 'shop.example:8443')
+  t.equal(seen.host, 'shop.example:8443', 'Host passed through')
+  t.notOk('x-upstream-hop' in res.headers, 'response header named in Connection removed')
+  t.notOk('proxy-connection' in res.headers)
+  t.not(res.headers['keep-alive'], 'timeout=5', 'upstream keep-alive not relayed')
+  t.equal(res.headers['x-kept'], '1')
+})
+
+t.test('keeps an incoming x-request-id and creates one when missing', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxy, logs } = await startTestSidecar(t, oneRoute(up.url))
+  const kept = await send(proxy, '/a', { headers: { 'x-request-id': 'abc-123' } })
+  t.equal(kept.json<{ headers: Record<string, string> }>().headers['x-request-id'], 'abc-123')
+  const made1 = (await send(proxy, '/b')).json<{ headers: Record<string, string> }>().headers['x-request-id']
+  const made2 = (await send(proxy, '/c')).json<{ headers: Record<string, string> }>().headers['x-request-id']
+  t.match(made1, /^[0-9a-f]{12}-[0-9a-z]+$/)
+  t.not(made1, made2, 'ids are unique')
+  const line = logs.find((l) => l.msg === 'request' && l.path === '/a')
+  t.equal(line?.requestId, 'abc-123', 'access log carries the request id')
+})
+
+t.test('streams a large response and a chunked request body', async (t) => {
+  const size = 8 * 1024 * 1024
+  const up = await startUpstream((req, res, body) => {
+    if (req.method === 'POST') { res.end(String(up.received.at(-1)?.bytes)); return }
+    res.writeHead(200, { 'content-type': 'application/octet-stream' })
+    const chunk = Buffer.alloc(64 * 1024, 97)
+    let sent = 0
+    const pump = (): void => {
+      while (sent < size) {
+        sent += chunk.length
+        if (!res.write(chunk)) { res.once('drain', pump); return }
+      }
+      res.end()
+    }
+    pump()
+    void body
+  })
+  t.teardown(up.close)
+  const { proxy } = await startTestSidecar(t, oneRoute(up.url))
+  const res = await send(proxy, '/big')
+  t.equal(res.status, 200)
+  t.equal(res.body.length, size)
+  async function * chunks (): AsyncGenerator<Buffer> { for (let i = 0; i < 32; i++) yield Buffer.alloc(1024, 98) }
+  const posted = await send(proxy, '/upload', { method: 'POST', body: Readable.from(chunks()) })
+  t.equal(posted.body, String(32 * 1024), 'upstream received every byte of a chunked body')
+})
