@@ -16,6 +16,7 @@ import { HealthChecker } from './proxy/health-check.js'
 import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
+import { FlagSnapshot } from './flags/snapshot.js'
 
 export interface SidecarOptions {
   /** Where log lines go (tests); stdout, bounded, when omitted. */
@@ -40,6 +41,7 @@ export class Sidecar {
   readonly registry: Registry
   readonly dataPlane: DataPlane
   readonly health: HealthPolicy
+  readonly flags: FlagSnapshot
   addresses: Addresses = { proxy: '', ops: '', egress: null }
   private readonly healthChecker: HealthChecker
   private readonly proxy: ProxyServer
@@ -56,18 +58,21 @@ export class Sidecar {
     this.logger = log.logger
     this.flushLog = log.flush
     this.registry = options.registry ?? new Registry()
-    this.dataPlane = new DataPlane(config, { logger: this.logger })
+    this.flags = new FlagSnapshot(config, this.logger)
+    this.dataPlane = new DataPlane(config, { logger: this.logger, flags: this.flags })
     this.health = new HealthPolicy(this.dataPlane)
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
     this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections)
     this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, maxConnections)
     this.ops = createOpsServer(this.health, this.registry)
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {
     const { listen } = this.config
+    // Flags first: no request may be served before kill switches are known.
+    await this.flags.start(this.config)
     const proxy = await listenOn(this.proxy.server, listen.proxy.host, listen.proxy.port)
     const egress = this.egress === null || listen.egress === null ? null : await listenOn(this.egress.server, listen.egress.host, listen.egress.port)
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
@@ -79,7 +84,8 @@ export class Sidecar {
   }
 
   /** Swap in a validated config without dropping a connection. */
-  apply (next: Config): void {
+  async apply (next: Config): Promise<void> {
+    await this.flags.apply(next)
     const prev = this.config
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
       this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
@@ -97,7 +103,7 @@ export class Sidecar {
     try {
       const { config, warnings } = await loadConfigFile(source)
       for (const w of warnings) this.logger.warn({ event: 'config_warning' }, w)
-      this.apply(config)
+      await this.apply(config)
       this.reloads.ok++
       this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version }, 'config reloaded')
       return { ok: true, problems: [] }
@@ -149,6 +155,7 @@ export class Sidecar {
       this.egress.server.closeAllConnections()
     }
     await this.dataPlane.destroy()
+    await this.flags.close()
     await this.ops.close()
     this.logger.info({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
     this.flushLog()

@@ -12,7 +12,8 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs } from './duration.js'
-import type { Config, LogLevel, RouteConfig, UpstreamConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, LogLevel, RouteConfig, UpstreamConfig } from './types.js'
+import { readFlagFileSync } from '../flags/flagd-file.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
 export class ConfigError extends Error {
@@ -181,6 +182,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
           : Object.entries(r.match.headers).map(([k, v]) => [k.toLowerCase(), v] as const)
       },
       upstream: r.upstream,
+      killSwitch: r.killSwitch ?? null,
       timeoutMs: toMs(r.timeoutMs ?? 15_000),
       idleTimeoutMs: toMs(r.idleTimeoutMs ?? 60_000),
       retries: r.retries === undefined
@@ -192,6 +194,32 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
           },
       rewritePrefix: r.rewritePrefix ?? null
     })
+  })
+
+  const circuitBreakers: Record<string, CircuitBreakerConfig> = {}
+  for (const [name, cb] of Object.entries(input.circuitBreakers ?? {})) {
+    if (input.upstreams[name] === undefined) {
+      problems.push(`circuitBreakers.${name}: unknown upstream "${name}" (known: ${Object.keys(input.upstreams).join(', ')})`)
+    }
+    circuitBreakers[name] = {
+      failureThreshold: cb.failureThreshold ?? 0.5,
+      volumeThreshold: cb.volumeThreshold ?? 20,
+      rollingWindowMs: toMs(cb.rollingWindowMs ?? 10_000),
+      recoveryTimeout: toMs(cb.recoveryTimeout ?? 30_000),
+      maxConcurrentRequests: cb.maxConcurrentRequests ?? 0,
+      failureStatuses: cb.failureStatuses ?? [500, 502, 503, 504]
+    }
+    if (circuitBreakers[name].rollingWindowMs < 100) problems.push(`circuitBreakers.${name}.rollingWindowMs: must be >= 100`)
+  }
+
+  const flagSource = input.flagSource === undefined
+    ? null
+    : { type: input.flagSource.type, path: resolvePath(baseDir, input.flagSource.path), pollIntervalMs: toMs(input.flagSource.pollIntervalMs ?? 250) }
+  const featureFlags = input.featureFlags ?? {}
+  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, warnings)
+  input.routes.forEach((r, i) => {
+    if (r.killSwitch === undefined || featureFlags[r.killSwitch] !== undefined || fileFlags?.has(r.killSwitch) === true) return
+    problems.push(`routes[${i}].killSwitch: flag "${r.killSwitch}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
   })
 
   const listen = input.listen ?? {}
@@ -228,6 +256,9 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     },
     upstreams,
     routes,
+    featureFlags,
+    flagSource,
+    circuitBreakers,
     health: { failOnOpenCircuit },
     shutdown: {
       drainDelayMs: toMs(input.shutdown?.drainDelayMs ?? 5000),
@@ -243,6 +274,26 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
       maxEventLoopDelayMs: toMs(input.limits?.maxEventLoopDelayMs ?? 1000)
     }
   }
+}
+
+/**
+ * The boolean flags a flag file defines now, for checking `killSwitch` references; null when
+ * it cannot be read (a missing file is allowed at start: the sidecar starts on `featureFlags`).
+ */
+function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
+  const read = readFlagFileSync(path)
+  if (read.kind === 'missing') {
+    warnings.push(`flagSource.path: ${path} does not exist yet; starting on featureFlags and watching for it`)
+    return null
+  }
+  if (read.kind === 'invalid') {
+    warnings.push(`flagSource.path: ${path} is not a valid flag file (${read.error}); starting on featureFlags`)
+    return null
+  }
+  for (const key of read.flags.disabled) {
+    warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
+  }
+  return new Set(read.flags.values.keys())
 }
 
 /** A stable, readable route name from its match: `/checkout` → `checkout`, `/` → `root`. */

@@ -84,10 +84,22 @@ const Retries = closed({
   minRetriesPerSecond: Type.Optional(Type.Number({ minimum: 0 }))
 })
 
+const FlagKey = Type.String({ pattern: '^[A-Za-z0-9_.:-]{1,128}$' })
+
+const CircuitBreaker = closed({
+  failureThreshold: Type.Optional(Type.Number({ minimum: 0, maximum: 1 })),
+  volumeThreshold: Type.Optional(Type.Integer({ minimum: 1 })),
+  rollingWindowMs: Type.Optional(Duration),
+  recoveryTimeout: Type.Optional(Duration),
+  maxConcurrentRequests: Type.Optional(Type.Integer({ minimum: 1 })),
+  failureStatuses: Type.Optional(Type.Array(Type.Integer({ minimum: 100, maximum: 599 }), { minItems: 1 }))
+})
+
 const Route = closed({
   name: Type.Optional(Name),
   match: Match,
   upstream: Name,
+  killSwitch: Type.Optional(FlagKey),
   timeoutMs: Type.Optional(Duration),
   idleTimeoutMs: Type.Optional(Duration),
   retries: Type.Optional(Retries),
@@ -108,6 +120,13 @@ export const ConfigSchema = closed(
     })),
     upstreams: Type.Record(Type.String({ pattern: NAME_PATTERN }), Upstream, { minProperties: 1 }),
     routes: Type.Array(Route, { minItems: 1 }),
+    featureFlags: Type.Optional(Type.Record(FlagKey, Type.Boolean())),
+    flagSource: Type.Optional(closed({
+      type: Type.Literal('flagd-file'),
+      path: Type.String({ minLength: 1 }),
+      pollIntervalMs: Type.Optional(Duration)
+    })),
+    circuitBreakers: Type.Optional(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreaker)),
     health: Type.Optional(closed({
       failOnOpenCircuit: Type.Optional(Type.Union([Type.Literal('critical'), Type.Literal('any'), Type.Literal('never')]))
     })),

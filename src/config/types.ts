@@ -62,10 +62,31 @@ export interface RouteConfig {
   name: string
   match: MatchConfig
   upstream: string
+  /** Flag key: when the flag is false the route is refused with `feature_disabled`. */
+  killSwitch: string | null
   timeoutMs: number
   idleTimeoutMs: number
   retries: RetryConfig | null
   rewritePrefix: string | null
+}
+
+export interface CircuitBreakerConfig {
+  /** Failure ratio (0–1) that opens the circuit once `volumeThreshold` requests were seen. */
+  failureThreshold: number
+  volumeThreshold: number
+  rollingWindowMs: number
+  /** Milliseconds open before half-open. */
+  recoveryTimeout: number
+  /** Bulkhead: requests in flight allowed to the upstream; 0 = unlimited. */
+  maxConcurrentRequests: number
+  failureStatuses: readonly number[]
+}
+
+export interface FlagSourceConfig {
+  type: 'flagd-file'
+  /** Absolute path. */
+  path: string
+  pollIntervalMs: number
 }
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
@@ -84,6 +105,10 @@ export interface Config {
   }
   upstreams: Readonly<Record<string, UpstreamConfig>>
   routes: readonly RouteConfig[]
+  featureFlags: Readonly<Record<string, boolean>>
+  flagSource: FlagSourceConfig | null
+  /** Keyed by upstream name; only these upstreams have a breaker (SPEC §14). */
+  circuitBreakers: Readonly<Record<string, CircuitBreakerConfig>>
   health: { failOnOpenCircuit: 'critical' | 'any' | 'never' }
   shutdown: { drainDelayMs: number, timeoutMs: number }
   logging: { level: LogLevel, accessLogRate: number }

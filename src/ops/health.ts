@@ -1,7 +1,9 @@
 /**
  * The health policy behind `/health` and `/ready` (SPEC §9). Unhealthy means "take this
  * instance out of the load balancer", so only what is this instance's own problem counts:
- * draining, or a `critical` upstream (the local app) failing its active health checks.
+ * draining, or a `critical` upstream (the local app) failing its active health checks, or —
+ * by `health.failOnOpenCircuit` — an open circuit: of a `critical` upstream (the default), of
+ * any upstream (`any`, the seed's rule, dangerous), or never. A half-open circuit is healthy.
  * A non-critical dependency's trouble shows in metrics, never in readiness — every replica
  * sees the same dependency, and failing them all turns a partial outage into a total one.
  */
@@ -10,6 +12,7 @@ import type { DataPlane } from '../proxy/dataplane.js'
 export interface HealthReport {
   status: 'ok' | 'degraded' | 'draining'
   reason?: string
+  openCircuits?: string[]
   failingUpstreams?: string[]
 }
 
@@ -20,6 +23,15 @@ export class HealthPolicy {
 
   report (): HealthReport {
     if (this.draining) return { status: 'draining' }
+    const policy = this.dp.runtime.config.health.failOnOpenCircuit
+    if (policy !== 'never') {
+      const open: string[] = []
+      for (const c of this.dp.allCircuits()) {
+        if (c.state !== 'open') continue
+        if (policy === 'any' || this.dp.runtime.upstreams.get(c.upstream)?.config.critical === true) open.push(c.upstream)
+      }
+      if (open.length > 0) return { status: 'degraded', reason: 'Circuit breakers active', openCircuits: open }
+    }
     const failing: string[] = []
     for (const u of this.dp.runtime.upstreams.values()) {
       if (u.config.critical && u.config.healthCheck !== null && !u.healthy) failing.push(u.name)

@@ -8,6 +8,8 @@ import { collectDefaultMetrics, Gauge, type Registry } from 'prom-client'
 import type { DataPlane } from '../proxy/dataplane.js'
 import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
+import type { FlagSnapshot } from '../flags/snapshot.js'
+import { STATE_VALUE } from '../proxy/circuit-breaker.js'
 
 type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
@@ -27,6 +29,7 @@ function scraped (registry: Registry, name: string, help: string, type: 'counter
 
 export interface MetricSources {
   dataPlane: DataPlane
+  flags: FlagSnapshot
   log: LogStats
   reloads: { ok: number, failed: number }
 }
@@ -70,6 +73,21 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     }
     return out
   })
+
+  scraped(registry, 'breakwater_circuit_state', 'Circuit state per upstream with a breaker: 0 closed, 1 half-open, 2 open.', 'gauge', () =>
+    [...dp.allCircuits()].map((c) => ({ labels: { upstream: c.upstream }, value: STATE_VALUE[c.state] })))
+
+  scraped(registry, 'breakwater_circuit_transitions_total', 'Automatic circuit state changes, by upstream and new state.', 'counter', () =>
+    [...dp.transitions].map(([key, n]) => {
+      const [upstream, state] = key.split('\u0000') as [string, string]
+      return { labels: { upstream, state }, value: n }
+    }))
+
+  scraped(registry, 'breakwater_flag_enabled', 'Flags as the request path sees them: 1 on, 0 off (killed).', 'gauge', () =>
+    [...sources.flags.values].map(([flag, on]) => ({ labels: { flag }, value: on ? 1 : 0 })))
+
+  scraped(registry, 'breakwater_flag_source_errors_total', 'Flag file reads that failed (unreadable, invalid JSON, wrong shape); the last good flags were kept.', 'counter', () =>
+    [{ labels: {}, value: sources.flags.fileErrors }])
 
   scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
     Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))

@@ -11,6 +11,8 @@ import { EndpointRegistry, type Upstream } from './upstreams.js'
 import type { Endpoint } from './balancer.js'
 import { DataPlaneStats } from './stats.js'
 import { OverloadMonitor } from './overload.js'
+import { Circuit, RotationClock, type CircuitState, type ForcedState } from './circuit-breaker.js'
+import type { FlagReader } from './kill-switch.js'
 
 /** Everything derived from one config; replaced as a whole on reload. */
 export interface Runtime {
@@ -21,6 +23,8 @@ export interface Runtime {
 
 export interface DataPlaneOptions {
   logger: Logger
+  /** The flag snapshot kill switches read. */
+  flags: FlagReader
   stats?: DataPlaneStats
 }
 
@@ -31,6 +35,12 @@ export class DataPlane {
   readonly stats: DataPlaneStats
   readonly logger: Logger
   readonly overload: OverloadMonitor
+  readonly flags: FlagReader
+  /** Circuits by upstream; kept across reloads when their settings are unchanged. */
+  private circuits = new Map<string, Circuit>()
+  private readonly clock = new RotationClock()
+  /** Circuit transitions, by upstream and state (for metrics). */
+  readonly transitions = new Map<string, number>()
   accessLogRate = 1
   /** Open WebSocket tunnels (client side), destroyed when the process finally stops. */
   readonly tunnels = new Set<Duplex>()
@@ -41,6 +51,7 @@ export class DataPlane {
 
   constructor (config: Config, options: DataPlaneOptions) {
     this.logger = options.logger
+    this.flags = options.flags
     this.stats = options.stats ?? new DataPlaneStats()
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)
     this.runtime = this.build(config).runtime
@@ -56,6 +67,22 @@ export class DataPlane {
         this.logger.warn({ event: 'endpoint_ejected', upstream, endpoint: endpoint.origin, penaltyMs, consecutiveFailures: endpoint.consecutiveFailures }, 'endpoint ejected')
       }
     })
+    const circuits = new Map<string, Circuit>()
+    for (const [name, cb] of Object.entries(config.circuitBreakers)) {
+      const prev = this.circuits.get(name)
+      let circuit: Circuit
+      if (prev !== undefined && JSON.stringify(prev.config) === JSON.stringify(cb)) {
+        circuit = prev
+      } else {
+        circuit = new Circuit(name, cb, this.clock, { onTransition: (upstream, to) => this.onTransition(upstream, to) })
+        if (prev !== undefined) circuit.forced = prev.forced
+      }
+      circuits.set(name, circuit)
+      const upstream = upstreams.get(name)
+      if (upstream !== undefined) upstream.circuit = circuit
+    }
+    for (const [name, prev] of this.circuits) if (circuits.get(name) !== prev) prev.shutdown()
+    this.circuits = circuits
     const routes = config.routes.map((r) => {
       const upstream = upstreams.get(r.upstream) as Upstream
       return new Route(r, upstream, this.stats.route(r.name, r.upstream))
@@ -64,6 +91,32 @@ export class DataPlane {
     this.maxInFlight = config.limits.maxInFlight
     this.overload.maxDelayMs = config.limits.maxEventLoopDelayMs
     return { runtime: { config, routes: new RouteTable(routes), upstreams }, retired }
+  }
+
+  private onTransition (upstream: string, to: CircuitState): void {
+    const key = `${upstream}\u0000${to}`
+    this.transitions.set(key, (this.transitions.get(key) ?? 0) + 1)
+    const circuit = this.circuits.get(upstream)
+    this.logger.warn({ event: `circuit_${to.replace('-', '_')}`, upstream, state: to, failureRate: circuit?.failureRate, forced: circuit?.forced ?? null }, `circuit ${to}`)
+  }
+
+  circuit (upstream: string): Circuit | undefined {
+    return this.circuits.get(upstream)
+  }
+
+  allCircuits (): IterableIterator<Circuit> {
+    return this.circuits.values()
+  }
+
+  /** Force a circuit open or closed, or hand it back (`null`); for the admin API. */
+  force (upstream: string, state: ForcedState): boolean {
+    const circuit = this.circuits.get(upstream)
+    if (circuit === undefined) return false
+    if (circuit.forced === state) return true
+    const before = circuit.state
+    circuit.forced = state
+    this.logger.warn({ event: 'circuit_forced', upstream, forced: state, before, after: circuit.state }, state === null ? 'circuit handed back to automatic' : `circuit forced ${state}`)
+    return true
   }
 
   /** Swap in a new config. Requests in flight finish on the runtime they started with. */
@@ -80,11 +133,18 @@ export class DataPlane {
 
   async close (): Promise<void> {
     this.overload.stop()
+    this.stopCircuits()
     await Promise.all(this.endpoints.all().map(async (e) => await e.pool.close().catch(() => {})))
+  }
+
+  private stopCircuits (): void {
+    for (const c of this.circuits.values()) c.shutdown()
+    this.clock.stop()
   }
 
   async destroy (): Promise<void> {
     this.overload.stop()
+    this.stopCircuits()
     for (const t of this.tunnels) t.destroy()
     await Promise.all(this.endpoints.all().map(async (e) => await e.pool.destroy().catch(() => {})))
   }

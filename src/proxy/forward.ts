@@ -19,6 +19,7 @@ import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
 import { fromUpstreamError, isConnectFailure, sendError, type ErrorCode } from './errors.js'
+import type { Circuit, Settle } from './circuit-breaker.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
@@ -48,6 +49,8 @@ function onResponseDrain (this: Tagged): void {
 
 export class Exchange implements Dispatcher.DispatchHandler {
   state = WAITING
+  /** Set by `start`: a breaker that refused to run it leaves it false. */
+  started = false
   readonly dp: DataPlane
   readonly route: Route
   readonly req: IncomingMessage
@@ -59,6 +62,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
   attempt = 0
   status = 0
   errorCode: ErrorCode | 'upstream_reset' | null = null
+  /** The breaker's settle hook, until the outcome is reported. */
+  settle: Settle | null = null
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
   private drainListening = false
@@ -73,8 +78,10 @@ export class Exchange implements Dispatcher.DispatchHandler {
     this.startedAt = startedAt
   }
 
-  /** Start the exchange: pick an endpoint and dispatch. */
-  start (): void {
+  /** Start the exchange: pick an endpoint and dispatch. `settle` is set when a breaker watches it. */
+  start (settle: Settle | null): void {
+    this.started = true
+    this.settle = settle
     const res = this.res
     res[kExchange] = this
     res.on('close', onResponseClose)
@@ -121,6 +128,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
+    // The upstream's own 5xx is relayed to the client and still counted by its breaker.
+    if (this.settle !== null) this.outcome(statusCode, false)
     this.resumeUpstream = resume
     this.status = statusCode
     const res = this.res
@@ -200,6 +209,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
 
   /** The client closed its connection before the response was complete. */
   clientGone (): void {
+    if (this.settle !== null) this.outcome(0, true)
     const abort = this.abortUpstream
     this.status = this.state === STREAMING ? this.status : CLIENT_CLOSED
     this.errorCode = null
@@ -208,6 +218,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
   }
 
   private fail (code: ErrorCode): void {
+    if (this.settle !== null) this.outcome(0, false)
     this.errorCode = code
     const res = this.res
     if (!res.headersSent && !res.destroyed) {
@@ -215,6 +226,13 @@ export class Exchange implements Dispatcher.DispatchHandler {
     }
     this.status = code === 'upstream_timeout' ? 504 : code === 'upstream_unavailable' ? 502 : 503
     this.done()
+  }
+
+  /** Report the request's outcome to its breaker, once. */
+  private outcome (status: number, clientGone: boolean): void {
+    const settle = this.settle as Settle
+    this.settle = null;
+    (this.route.upstream.circuit as Circuit).report(settle, { status, clientGone })
   }
 
   private done (): void {

@@ -4,6 +4,10 @@
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
  *   normalise     the path, once; an invalid encoding                       → 400 bad_request
  *   match route   first match in the route table                            → 404 no_route
+ *   kill switch   the route's flag is off                                   → 503 feature_disabled
+ *   circuit breaker (bulkhead)
+ *                 the upstream's circuit is open                            → 503 circuit_open
+ *                 too many requests in flight to the upstream               → 503 bulkhead_full
  *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
  *
  * Each stage either hands the request on or answers it with a code from `errors.ts`. The
@@ -15,6 +19,7 @@ import type { Route } from './route-table.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
 import { Exchange } from './forward.js'
+import { killSwitchAllows } from './kill-switch.js'
 import { ERRORS, sendError, type ErrorCode } from './errors.js'
 
 export interface PipelineOptions {
@@ -51,8 +56,42 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
       return
     }
 
+    // kill switch
+    if (!killSwitchAllows(dp.flags, route)) {
+      route.stats.reject('kill_switch')
+      refuse(dp, req, res, 'feature_disabled', route, head.requestId, startedAt)
+      return
+    }
+
+    // circuit breaker (bulkhead)
+    const upstream = route.upstream
+    const circuit = upstream.circuit
+    if (circuit !== null) {
+      if (!circuit.admits()) {
+        route.stats.reject('circuit_open')
+        refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
+        return
+      }
+      const max = circuit.config.maxConcurrentRequests
+      if (max > 0 && upstream.inFlight >= max) {
+        route.stats.reject('bulkhead')
+        refuse(dp, req, res, 'bulkhead_full', route, head.requestId, startedAt)
+        return
+      }
+    }
+
     // forward
-    new Exchange(dp, route, req, res, head, path, startedAt).start()
+    const exchange = new Exchange(dp, route, req, res, head, path, startedAt)
+    if (circuit === null) {
+      exchange.start(null)
+      return
+    }
+    circuit.fire(exchange)
+    if (!exchange.started) {
+      // opossum refused on its own (it changed state between our check and the call).
+      route.stats.reject('circuit_open')
+      refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
+    }
   }
 }
 

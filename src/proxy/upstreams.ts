@@ -6,6 +6,7 @@
 import { Pool } from 'undici'
 import type { UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
+import type { Circuit } from './circuit-breaker.js'
 
 export class Upstream {
   readonly name: string
@@ -13,6 +14,8 @@ export class Upstream {
   readonly balancer: Balancer
   /** Requests in flight to this upstream (the bulkhead's count). */
   inFlight = 0
+  /** Its circuit breaker, when `circuitBreakers` lists it. */
+  circuit: Circuit | null = null
 
   constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents) {
     this.name = config.name
