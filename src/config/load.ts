@@ -293,7 +293,7 @@ function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
   for (const key of read.flags.disabled) {
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
-  return new Set(read.flags.values.keys())
+  return new Set([...read.flags.values.keys(), ...read.flags.disabled])
 }
 
 /** A stable, readable route name from its match: `/checkout` → `checkout`, `/` → `root`. */

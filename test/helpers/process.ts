@@ -92,3 +92,31 @@ export function rssBytes (pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(status)
   return m === null ? 0 : Number(m[1]) * 1024
 }
+
+export interface CliResult {
+  /** Exit code, or null when killed by a signal. */
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+  durationMs: number
+}
+
+/**
+ * Run `breakwater ARGS` to completion and collect its output as text. For commands that exit on
+ * their own (`validate`, `--help`, a `start` that fails); killed after `timeoutMs`.
+ */
+export async function runCli (args: string[], options: { cwd?: string, env?: NodeJS.ProcessEnv, timeoutMs?: number } = {}): Promise<CliResult> {
+  const startedAt = Date.now()
+  const env = { ...process.env, ...options.env }
+  for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
+  const child = spawn(process.execPath, [CLI, ...args], { cwd: options.cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  child.stdout.on('data', (c: Buffer) => { stdout += c.toString('utf8') })
+  child.stderr.on('data', (c: Buffer) => { stderr += c.toString('utf8') })
+  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 15_000)
+  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('close', (c, s) => resolve([c, s])))
+  clearTimeout(timer)
+  return { code, signal, stdout, stderr, durationMs: Date.now() - startedAt }
+}

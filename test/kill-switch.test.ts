@@ -1,0 +1,168 @@
+import t from 'tap'
+import { mkdtempSync, writeFileSync, symlinkSync, renameSync, mkdirSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { OpenFeature } from '@openfeature/server-sdk'
+import { startUpstream } from './helpers/upstream.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { send, getJson, eventually, sleep } from './helpers/http.js'
+import { resolveConfig, ConfigError } from '../src/config/load.js'
+
+function flagFile (flags: Record<string, { state?: string, on?: boolean, defaultVariant?: string | null }>): string {
+  return JSON.stringify({
+    $schema: 'https://flagd.dev/schema/v0/flags.json',
+    flags: Object.fromEntries(Object.entries(flags).map(([key, f]) => [key, {
+      state: f.state ?? 'ENABLED',
+      variants: { on: true, off: false },
+      defaultVariant: f.defaultVariant !== undefined ? f.defaultVariant : (f.on === false ? 'off' : 'on')
+    }]))
+  })
+}
+
+function tmp (t: { teardown: (fn: () => void) => void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-flags-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+function routes (url: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    upstreams: { app: { url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'enableNewCheckout' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    ...extra
+  }
+}
+
+t.test('a route whose flag is off is refused without touching its upstream; other routes are untouched', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxy, ops } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: false } }))
+  const refused = await send(proxy, '/checkout/pay')
+  t.equal(refused.status, 503)
+  t.equal(refused.json().error, 'feature_disabled')
+  t.equal(refused.headers['x-breakwater-mitigation'], 'kill-switch')
+  t.equal(refused.headers['x-breakwater-error'], 'feature_disabled')
+  t.equal(up.received.length, 0, 'the upstream saw nothing')
+  t.equal((await send(proxy, '/other')).status, 200)
+  t.equal((await send(proxy, '/checkou%74/pay')).status, 503, 'a kill switch cannot be bypassed by spelling')
+  t.equal((await send(proxy, '//x/../checkout')).status, 503)
+  const metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_flag_enabled\{flag="enableNewCheckout"\} 0/)
+  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 3/)
+})
+
+t.test('a killSwitch naming a flag no source defines is a config error', async (t) => {
+  let problems: readonly string[] = []
+  try {
+    resolveConfig({ service: 's', upstreams: { a: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'a', killSwitch: 'nope' }], featureFlags: { other: true } })
+  } catch (err) {
+    t.type(err, ConfigError)
+    problems = (err as ConfigError).problems
+  }
+  t.same(problems, ['routes[0].killSwitch: flag "nope" is not defined in featureFlags'])
+})
+
+t.test('flags are served through a real OpenFeature provider', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { sidecar } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: false, beta: true } }))
+  const domain = (sidecar.flags as unknown as { domain: string }).domain
+  const client = OpenFeature.getClient(domain)
+  t.equal(await client.getBooleanValue('enableNewCheckout', true), false)
+  t.equal(await client.getBooleanValue('beta', false), true)
+  const missing = await client.getBooleanDetails('missing', true)
+  t.equal(missing.errorCode, 'FLAG_NOT_FOUND')
+  t.same([...sidecar.flags.values], [['enableNewCheckout', false], ['beta', true]], 'the request path reads this snapshot')
+})
+
+t.test('flag file: precedence over featureFlags, in-place rewrite applies within 1 s, broken file keeps the last good flags', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: false } }))
+  const { proxy, ops, logs } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path } }))
+  t.equal((await send(proxy, '/checkout')).status, 503, 'the file wins over featureFlags')
+
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: true } }))
+  const started = Date.now()
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, 3000), 'the rewrite applied')
+  t.ok(Date.now() - started < 1000, `applied within 1 s (took ${Date.now() - started} ms)`)
+
+  writeFileSync(path, '{ not json')
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.level === 'error'), 2000), 'an error is logged')
+  t.equal((await send(proxy, '/checkout')).status, 200, 'the last good flags stay')
+  writeFileSync(path, JSON.stringify({ flags: { enableNewCheckout: { state: 'ENABLED' } } }))
+  await sleep(600)
+  t.equal((await send(proxy, '/checkout')).status, 200, 'a wrong shape is ignored too')
+  const metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_flag_source_errors_total 2/)
+
+  writeFileSync(path, flagFile({ somethingElse: { on: false } }))
+  await sleep(600)
+  t.equal((await send(proxy, '/checkout')).status, 200, 'a key dropped from the file falls back to featureFlags (true)')
+})
+
+t.test('flag file: the Kubernetes ConfigMap symlink swap is picked up within 1 s', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tmp(t)
+  // The kubelet's layout: flags.json -> ..data/flags.json, ..data -> ..<timestamp>/
+  const v1 = join(dir, '..2026_11_27_v1')
+  mkdirSync(v1)
+  writeFileSync(join(v1, 'flags.json'), flagFile({ enableNewCheckout: { on: true } }))
+  symlinkSync('..2026_11_27_v1', join(dir, '..data'))
+  symlinkSync('..data/flags.json', join(dir, 'flags.json'))
+  const { proxy } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path: join(dir, 'flags.json') } }))
+  t.equal((await send(proxy, '/checkout')).status, 200)
+
+  const v2 = join(dir, '..2026_11_27_v2')
+  mkdirSync(v2)
+  writeFileSync(join(v2, 'flags.json'), flagFile({ enableNewCheckout: { on: false } }))
+  symlinkSync('..2026_11_27_v2', join(dir, '..data_tmp'))
+  const started = Date.now()
+  renameSync(join(dir, '..data_tmp'), join(dir, '..data')) // atomic swap
+  rmSync(v1, { recursive: true })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 3000), 'the swapped flags applied')
+  t.ok(Date.now() - started < 1000, `within 1 s (took ${Date.now() - started} ms)`)
+})
+
+t.test('flag file: DISABLED resolves to the code default; a missing file at start is picked up when it appears', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  const { proxy, sidecar } = await startTestSidecar(t, {
+    ...routes(up.url, { featureFlags: { enableNewCheckout: true, legacy: false }, flagSource: { type: 'flagd-file', path } })
+  })
+  t.equal((await send(proxy, '/checkout')).status, 200, 'started on featureFlags without the file')
+  writeFileSync(path, flagFile({ enableNewCheckout: { state: 'DISABLED', on: false }, legacy: { state: 'DISABLED', on: true }, brandNew: { state: 'DISABLED' } }))
+  t.ok(await eventually(() => sidecar.flags.values.has('brandNew'), 2000), 'the file appeared and was read')
+  t.equal(sidecar.flags.enabled('enableNewCheckout'), true, 'DISABLED with defaultVariant off is NOT off: the code default applies')
+  t.equal(sidecar.flags.enabled('legacy'), false, 'DISABLED falls back to the featureFlags value')
+  t.equal(sidecar.flags.enabled('brandNew'), true, 'DISABLED and not in featureFlags: on')
+  t.equal((await send(proxy, '/checkout')).status, 200)
+})
+
+t.test('validate warns about DISABLED flags in the flag file', async (t) => {
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  writeFileSync(path, flagFile({ enableNewCheckout: { state: 'DISABLED', on: false } }))
+  const { warnings } = resolveConfig({ service: 's', upstreams: { a: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'a', killSwitch: 'enableNewCheckout' }], flagSource: { type: 'flagd-file', path } })
+  t.ok(warnings.some((w) => w.includes('enableNewCheckout') && w.includes('DISABLED')), warnings.join('\n'))
+})
+
+t.test('a reload that changes featureFlags applies to the next request', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const base = routes(up.url, { featureFlags: { enableNewCheckout: true } })
+  const { proxy, sidecar, stateDir, ops } = await startTestSidecar(t, base)
+  t.equal((await send(proxy, '/checkout')).status, 200)
+  const { config } = resolveConfig({ service: 'test', stateDir, ...routes(up.url, { featureFlags: { enableNewCheckout: false } }) })
+  await sidecar.apply(config)
+  t.equal((await send(proxy, '/checkout')).status, 503)
+  t.equal((await getJson(`${ops}/health`)).status, 200, 'a killed feature is not an unhealthy instance')
+})
