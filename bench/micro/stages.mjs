@@ -1,0 +1,69 @@
+// Micro benchmarks of the per-request cost of the resilience stages, run against the built
+// code (dist/). Each case runs in rounds; the report is the median ns per operation, next to a
+// baseline that does the same loop without the stage.
+//
+//   node bench/micro/stages.mjs [--rounds 7] [--ops 2000000]
+import { parseArgs } from 'node:util'
+import { killSwitchAllows } from '../../dist/proxy/kill-switch.js'
+import { Circuit, RotationClock } from '../../dist/proxy/circuit-breaker.js'
+
+const { values } = parseArgs({ options: { rounds: { type: 'string', default: '7' }, ops: { type: 'string', default: '2000000' } } })
+const rounds = Number(values.rounds)
+const ops = Number(values.ops)
+
+function median (xs) {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]
+}
+
+async function measure (name, fn, n = ops) {
+  const samples = []
+  await fn(Math.min(n, 100_000)) // warm up
+  for (let r = 0; r < rounds; r++) {
+    const t0 = process.hrtime.bigint()
+    await fn(n)
+    samples.push(Number(process.hrtime.bigint() - t0) / n)
+  }
+  return { name, nsPerOp: median(samples), min: Math.min(...samples), max: Math.max(...samples) }
+}
+
+// --- kill switch: one Map.get on the snapshot, as the pipeline does it ---
+const snapshot = { values: new Map([['enableNewCheckout', true], ['other', false]]), enabled (key) { return this.values.get(key) !== false } }
+const guarded = { config: { killSwitch: 'enableNewCheckout' } }
+const unguarded = { config: { killSwitch: null } }
+let sink = 0
+const results = []
+results.push(await measure('baseline loop', (n) => { for (let i = 0; i < n; i++) sink += i & 1 }))
+results.push(await measure('kill switch: route without a flag', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, unguarded) ? 1 : 0 }))
+results.push(await measure('kill switch: flag lookup', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, guarded) ? 1 : 0 }))
+
+// --- circuit breaker stage, closed: admission check + opossum fire + outcome report ---
+const clock = new RotationClock()
+const circuit = new Circuit('bench', { failureThreshold: 0.5, volumeThreshold: 20, rollingWindowMs: 10_000, recoveryTimeout: 30_000, maxConcurrentRequests: 0, failureStatuses: [500, 502, 503, 504] }, clock, { onTransition () {} })
+const outcome = { status: 200, clientGone: false }
+// A request stand-in: starts, and reports its outcome at once (as a response header would).
+const request = { start (settle) { if (settle !== null) circuit.report(settle, outcome) } }
+const BATCH = 1000
+async function breakerRun (n) {
+  for (let i = 0; i < n; i += BATCH) {
+    for (let j = 0; j < BATCH; j++) if (circuit.admits()) circuit.fire(request)
+    await null // let the settled promises run, as the event loop would between requests
+  }
+}
+async function baselineRun (n) {
+  for (let i = 0; i < n; i += BATCH) {
+    for (let j = 0; j < BATCH; j++) request.start(null)
+    await null
+  }
+}
+const breakerOps = Math.min(ops, 500_000)
+results.push(await measure('breaker baseline (request started directly)', baselineRun, breakerOps))
+results.push(await measure('breaker stage, closed (admits + fire + report)', breakerRun, breakerOps))
+circuit.shutdown()
+clock.stop()
+
+console.log(`node ${process.version}, ${rounds} rounds, median ns per op (min–max)\n`)
+console.log('| case | ns/op | min–max |')
+console.log('|---|---:|---:|')
+for (const r of results) console.log(`| ${r.name} | ${r.nsPerOp.toFixed(1)} | ${r.min.toFixed(1)}–${r.max.toFixed(1)} |`)
+if (sink === 42) console.log('')
