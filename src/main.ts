@@ -5,7 +5,7 @@
  * Exit codes: 0 clean stop; 1 config or start-up error, with a message naming the cause.
  */
 import { loadConfigFile, ConfigError } from './config/load.js'
-import { startSidecar, type Sidecar } from './sidecar.js'
+import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
 export async function start (configPath: string): Promise<number> {
   let loaded
@@ -17,12 +17,12 @@ export async function start (configPath: string): Promise<number> {
   }
   let sidecar: Sidecar
   try {
-    sidecar = await startSidecar(loaded.config)
+    sidecar = await startSidecar(loaded.config, { adminToken: process.env.BREAKWATER_ADMIN_TOKEN })
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { address?: string, port?: number }
     const why = e.code === 'EADDRINUSE'
       ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: address already in use`
-      : e.code === 'EACCES' ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: permission denied` : e.message
+      : e.code === 'EACCES' ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: permission denied` : err instanceof StartupError ? e.message : `start-up failed: ${e.message}`
     reportStartupError([why], configPath)
     return 1
   }

@@ -17,16 +17,25 @@ import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
 import { FlagSnapshot } from './flags/snapshot.js'
+import { ControlPlane, type CircuitView } from './control/control-plane.js'
+import { createAdminServer } from './control/admin-api.js'
+import { resolveAdminToken, isLoopback, type AdminToken } from './control/token.js'
 
 export interface SidecarOptions {
   /** Where log lines go (tests); stdout, bounded, when omitted. */
   logDestination?: DestinationStream
   registry?: Registry
+  /** The admin token from the environment (`BREAKWATER_ADMIN_TOKEN`), if set. */
+  adminToken?: string
 }
+
+/** A start-up refusal with a message for the operator (exit 1). */
+export class StartupError extends Error {}
 
 export interface Addresses {
   proxy: string
   ops: string
+  admin: string
   egress: string | null
 }
 
@@ -42,11 +51,16 @@ export class Sidecar {
   readonly dataPlane: DataPlane
   readonly health: HealthPolicy
   readonly flags: FlagSnapshot
-  addresses: Addresses = { proxy: '', ops: '', egress: null }
+  addresses: Addresses = { proxy: '', ops: '', admin: '', egress: null }
+  readonly control: ControlPlane
+  adminToken: AdminToken | null = null
+  readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
   private readonly proxy: ProxyServer
   private readonly egress: ProxyServer | null
   private readonly ops: ReturnType<typeof createOpsServer>
+  private readonly admin: ReturnType<typeof createAdminServer>
+  private readonly options: SidecarOptions
   private readonly flushLog: () => void
   private readonly reloads = { ok: 0, failed: 0 }
   private stopping: Promise<void> | null = null
@@ -54,6 +68,7 @@ export class Sidecar {
 
   constructor (config: Config, options: SidecarOptions = {}) {
     this.config = config
+    this.options = options
     const log = createLogger(config.logging.level, config.service, options.logDestination)
     this.logger = log.logger
     this.flushLog = log.flush
@@ -66,21 +81,101 @@ export class Sidecar {
     this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections)
     this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, maxConnections)
     this.ops = createOpsServer(this.health, this.registry)
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, log: log.stats, reloads: this.reloads })
+    const dp = this.dataPlane
+    const flags = this.flags
+    this.control = new ControlPlane(() => this.config, {
+      override: async (key, enabled) => { await flags.override(key, enabled) },
+      defines: (key) => flags.defines(key),
+      get values () { return flags.values },
+      origin: (key) => flags.sources.resolve(key)?.origin ?? null
+    }, {
+      force: (upstream, state) => dp.force(upstream, state),
+      circuits: () => [...dp.allCircuits()].map((c): CircuitView => ({ upstream: c.upstream, state: c.state, automaticState: c.automaticState, forced: c.forced, automatic: c.automatic, failureRate: c.failureRate, windowRequests: c.windowRequests })),
+      upstreams: () => [...dp.runtime.upstreams.keys()],
+      killSwitchFlags: () => [...new Set(dp.runtime.config.routes.map((r) => r.killSwitch).filter((k): k is string => k !== null))]
+    }, this.logger)
+    this.admin = createAdminServer({
+      control: this.control,
+      token: () => this.adminToken?.token ?? '',
+      state: () => this.stateView(),
+      reload: async () => await this.reload()
+    })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {
     const { listen } = this.config
-    // Flags first: no request may be served before kill switches are known.
+    if (!isLoopback(listen.admin.host) && (this.options.adminToken ?? '') === '' && this.config.admin.tokenFile === null) {
+      throw new StartupError(`listen.admin: ${listen.admin.host} is not a loopback address; set BREAKWATER_ADMIN_TOKEN or admin.tokenFile to expose the admin API`)
+    }
+    // Flags first, then persisted overrides and forced circuits: no request may be served
+    // before the kill switches that are in force are known.
     await this.flags.start(this.config)
+    await this.control.start()
+    try {
+      this.adminToken = await resolveAdminToken(this.options.adminToken, this.config.admin.tokenFile, this.config.stateDir)
+    } catch (err) {
+      throw new StartupError((err as Error).message)
+    }
     const proxy = await listenOn(this.proxy.server, listen.proxy.host, listen.proxy.port)
     const egress = this.egress === null || listen.egress === null ? null : await listenOn(this.egress.server, listen.egress.host, listen.egress.port)
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
-    this.addresses = { proxy, ops: normaliseFastifyAddress(ops), egress }
+    const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
+    this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
+    const token = this.adminToken as AdminToken
+    if (token.origin === 'generated') {
+      if (token.written) this.logger.info({ event: 'admin_token', path: token.path }, 'admin token generated; read it from this file')
+      else this.logger.warn({ event: 'admin_token', path: token.path }, 'admin token generated but could not be written (stateDir unwritable); set BREAKWATER_ADMIN_TOKEN to use the admin API')
+    }
     this.dataPlane.overload.start()
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
+  }
+
+  /** The body of `GET /v1/state`. */
+  stateView (): Record<string, unknown> {
+    const cfg = this.config
+    const flags: Record<string, unknown> = {}
+    for (const [key, enabled] of this.flags.values) {
+      flags[key] = { enabled, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
+    }
+    const circuits: Record<string, unknown> = {}
+    for (const c of this.dataPlane.allCircuits()) {
+      circuits[c.upstream] = {
+        state: c.state,
+        automaticState: c.automaticState,
+        forced: c.forced,
+        forcedBy: this.control.state.circuits[c.upstream] ?? null,
+        automatic: c.automatic,
+        failureRate: Math.round(c.failureRate * 1e4) / 1e4,
+        windowRequests: c.windowRequests,
+        critical: cfg.upstreams[c.upstream]?.critical ?? false
+      }
+    }
+    const now = performance.now()
+    const upstreams: Record<string, unknown> = {}
+    for (const u of this.dataPlane.runtime.upstreams.values()) {
+      upstreams[u.name] = {
+        critical: u.config.critical,
+        inFlight: u.inFlight,
+        endpoints: u.balancer.endpoints.map((e) => ({ origin: e.origin, healthy: e.healthy, ejected: e.ejectedUntil > now, inFlight: e.inFlight }))
+      }
+    }
+    return {
+      service: cfg.service,
+      version: cfg.version,
+      versionSince: this.control.versionSince,
+      configSince: this.control.configSince,
+      startedAt: this.startedAt,
+      health: this.health.report(),
+      persisted: this.control.persisted,
+      flags,
+      circuits,
+      upstreams,
+      mitigations: this.control.activeMitigations(),
+      triggers: []
+    }
   }
 
   /** Swap in a validated config without dropping a connection. */
@@ -94,6 +189,7 @@ export class Sidecar {
     this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.control.noteConfig()
   }
 
   /** Re-read the config file; an invalid one is refused and the running config kept. */
@@ -156,6 +252,8 @@ export class Sidecar {
     }
     await this.dataPlane.destroy()
     await this.flags.close()
+    this.control.stop()
+    await this.admin.close()
     await this.ops.close()
     this.logger.info({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
     this.flushLog()

@@ -12,7 +12,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs } from './duration.js'
-import type { CircuitBreakerConfig, Config, LogLevel, RouteConfig, UpstreamConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, LogLevel, RollbackConfig, RouteConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
@@ -259,6 +259,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     featureFlags,
     flagSource,
     circuitBreakers,
+    admin: { tokenFile: input.admin?.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
+    rollback: rollbackConfig(input.rollback),
     health: { failOnOpenCircuit },
     shutdown: {
       drainDelayMs: toMs(input.shutdown?.drainDelayMs ?? 5000),
@@ -294,6 +296,17 @@ function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
   return new Set([...read.flags.values.keys(), ...read.flags.disabled])
+}
+
+function rollbackConfig (r: ConfigInput['rollback']): RollbackConfig | null {
+  if (r === undefined) return null
+  const recent = r.requireRecentChange ?? '30m'
+  const common = {
+    cooldownMs: toMs(r.cooldown ?? '10m'),
+    requireRecentChangeMs: recent === false ? 0 : toMs(recent)
+  }
+  if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers ?? {}, retries: r.retries ?? 3, timeoutMs: toMs(r.timeoutMs ?? 10_000) }
+  return { ...common, type: 'exec', command: r.command, timeoutMs: toMs(r.timeoutMs ?? 60_000) }
 }
 
 /** A stable, readable route name from its match: `/checkout` → `checkout`, `/` → `root`. */

@@ -29,6 +29,8 @@ const Host = Type.String({ minLength: 1 })
 
 const HttpUrl = Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$', description: 'an http:// or https:// origin' })
 
+const WebhookUrl = Type.String({ pattern: '^https?://[^\\s/?#]+[^\\s]*$', description: 'an http:// or https:// URL' })
+
 const ProxyListener = closed({
   host: Type.Optional(Host),
   port: Type.Optional(Port),
@@ -127,6 +129,27 @@ export const ConfigSchema = closed(
       pollIntervalMs: Type.Optional(Duration)
     })),
     circuitBreakers: Type.Optional(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreaker)),
+    admin: Type.Optional(closed({
+      tokenFile: Type.Optional(Type.String({ minLength: 1 }))
+    })),
+    rollback: Type.Optional(Type.Union([
+      closed({
+        type: Type.Literal('webhook'),
+        url: WebhookUrl,
+        headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String())),
+        timeoutMs: Type.Optional(Duration),
+        retries: Type.Optional(Type.Integer({ minimum: 0, maximum: 10 })),
+        cooldown: Type.Optional(Duration),
+        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
+      }),
+      closed({
+        type: Type.Literal('exec'),
+        command: Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }),
+        timeoutMs: Type.Optional(Duration),
+        cooldown: Type.Optional(Duration),
+        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
+      })
+    ], { description: 'a rollback action: {type: webhook, url} or {type: exec, command: [argv]}' })),
     health: Type.Optional(closed({
       failOnOpenCircuit: Type.Optional(Type.Union([Type.Literal('critical'), Type.Literal('any'), Type.Literal('never')]))
     })),

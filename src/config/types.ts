@@ -89,6 +89,18 @@ export interface FlagSourceConfig {
   pollIntervalMs: number
 }
 
+export interface RollbackCommon {
+  timeoutMs: number
+  /** At most one rollback per cooldown. */
+  cooldownMs: number
+  /** Automatic rollbacks only within this time of a version or config change; 0 = no such rule. */
+  requireRecentChangeMs: number
+}
+
+export type RollbackConfig =
+  | (RollbackCommon & { type: 'webhook', url: string, headers: Readonly<Record<string, string>>, retries: number })
+  | (RollbackCommon & { type: 'exec', command: readonly string[] })
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
 export interface Config {
@@ -109,6 +121,8 @@ export interface Config {
   flagSource: FlagSourceConfig | null
   /** Keyed by upstream name; only these upstreams have a breaker (SPEC §14). */
   circuitBreakers: Readonly<Record<string, CircuitBreakerConfig>>
+  admin: { tokenFile: string | null }
+  rollback: RollbackConfig | null
   health: { failOnOpenCircuit: 'critical' | 'any' | 'never' }
   shutdown: { drainDelayMs: number, timeoutMs: number }
   logging: { level: LogLevel, accessLogRate: number }

@@ -44,6 +44,23 @@ export class FlagSnapshot {
     return this.values.get(key) !== false
   }
 
+  /**
+   * Set (`true`/`false`) or drop (`null`) an admin override; resolves once the request path
+   * sees it, so an operator's kill switch applies to the very next request.
+   */
+  async override (key: string, enabled: boolean | null): Promise<void> {
+    if (enabled === null) this.sources.overrides.delete(key)
+    else this.sources.overrides.set(key, enabled)
+    this.provider.changed([key])
+    await this.settled()
+  }
+
+  /** Whether some source other than an override defines `key`. */
+  defines (key: string): boolean {
+    return Object.hasOwn(this.sources.featureFlags, key) ||
+      (this.sources.file !== null && (this.sources.file.values.has(key) || this.sources.file.disabled.has(key)))
+  }
+
   /** Apply a reloaded config: new `featureFlags`, maybe a different flag file. */
   async apply (config: Config): Promise<void> {
     this.sources.featureFlags = config.featureFlags

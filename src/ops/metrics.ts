@@ -10,6 +10,7 @@ import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
 import type { FlagSnapshot } from '../flags/snapshot.js'
 import { STATE_VALUE } from '../proxy/circuit-breaker.js'
+import type { ControlPlane } from '../control/control-plane.js'
 
 type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
@@ -30,6 +31,7 @@ function scraped (registry: Registry, name: string, help: string, type: 'counter
 export interface MetricSources {
   dataPlane: DataPlane
   flags: FlagSnapshot
+  control: ControlPlane
   log: LogStats
   reloads: { ok: number, failed: number }
 }
@@ -88,6 +90,9 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 
   scraped(registry, 'breakwater_flag_source_errors_total', 'Flag file reads that failed (unreadable, invalid JSON, wrong shape); the last good flags were kept.', 'counter', () =>
     [{ labels: {}, value: sources.flags.fileErrors }])
+
+  scraped(registry, 'breakwater_mitigations_total', 'Mitigations applied, by action (killSwitch, circuitBreak, rollback).', 'counter', () =>
+    ['killSwitch', 'circuitBreak', 'rollback'].map((action) => ({ labels: { action }, value: sources.control.mitigationsTotal.get(action) ?? 0 })))
 
   scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
     Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))

@@ -98,19 +98,25 @@ export class Circuit {
   forced: ForcedState = null
   /** `Date.now()` when the circuit last opened on failures. */
   openedAt = 0
-  private breaker: CircuitBreaker<[Guarded], void>
+  private breaker: CircuitBreaker<[Guarded], void> | null
   private readonly clock: RotationClock
   private readonly events: CircuitEvents
   private readonly failureStatuses: Uint8Array
 
-  constructor (upstream: string, config: CircuitBreakerConfig, clock: RotationClock, events: CircuitEvents) {
+  /** `automatic: false` makes a manual circuit: only forced states, no breaker behind it. */
+  constructor (upstream: string, config: CircuitBreakerConfig, clock: RotationClock, events: CircuitEvents, automatic = true) {
     this.upstream = upstream
     this.config = config
     this.clock = clock
     this.events = events
     this.failureStatuses = new Uint8Array(600)
     for (const s of config.failureStatuses) this.failureStatuses[s] = 1
-    this.breaker = this.create()
+    this.breaker = automatic ? this.create() : null
+  }
+
+  /** False for a manual circuit (an upstream without `circuitBreakers` that was forced). */
+  get automatic (): boolean {
+    return this.breaker !== null
   }
 
   private create (): CircuitBreaker<[Guarded], void> {
@@ -137,7 +143,7 @@ export class Circuit {
       // window and re-open it on the first failure after recovery.
       const old = this.breaker
       this.breaker = this.create()
-      old.shutdown()
+      old?.shutdown()
       this.events.onTransition(this.upstream, 'closed')
     })
     return breaker
@@ -148,6 +154,7 @@ export class Circuit {
     if (this.forced === 'open') return 'open'
     if (this.forced === 'closed') return 'closed'
     const b = this.breaker
+    if (b === null) return 'closed'
     if (b.opened) return 'open'
     if (b.halfOpen) return 'half-open'
     return 'closed'
@@ -156,6 +163,7 @@ export class Circuit {
   /** The automatic state, ignoring a forced one. */
   get automaticState (): CircuitState {
     const b = this.breaker
+    if (b === null) return 'closed'
     return b.opened ? 'open' : b.halfOpen ? 'half-open' : 'closed'
   }
 
@@ -166,7 +174,7 @@ export class Circuit {
   admits (): boolean {
     if (this.forced !== null) return this.forced === 'closed'
     const b = this.breaker
-    return b.closed || b.pendingClose
+    return b === null || b.closed || b.pendingClose
   }
 
   /** True when `admits()` is false because failures opened it (not an operator). */
@@ -185,8 +193,9 @@ export class Circuit {
    * must report its outcome to exactly once (through `report`). Forced closed bypasses opossum.
    */
   fire (guarded: Guarded): void {
-    if (this.forced === 'closed') { guarded.start(null); return }
-    this.breaker.fire(guarded).catch(ignore)
+    const b = this.breaker
+    if (this.forced === 'closed' || b === null) { guarded.start(null); return }
+    b.fire(guarded).catch(ignore)
   }
 
   /** The single place that decides what is a failure. */
@@ -202,15 +211,16 @@ export class Circuit {
 
   /** Failure ratio in the current window (0 when empty). */
   get failureRate (): number {
+    if (this.breaker === null) return 0
     const s = this.breaker.stats
     return s.fires === 0 ? 0 : s.failures / s.fires
   }
 
   get windowRequests (): number {
-    return this.breaker.stats.fires
+    return this.breaker === null ? 0 : this.breaker.stats.fires
   }
 
   shutdown (): void {
-    this.breaker.shutdown()
+    this.breaker?.shutdown()
   }
 }

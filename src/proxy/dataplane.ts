@@ -14,6 +14,9 @@ import { OverloadMonitor } from './overload.js'
 import { Circuit, RotationClock, type CircuitState, type ForcedState } from './circuit-breaker.js'
 import type { FlagReader } from './kill-switch.js'
 
+/** Settings of a manual circuit; never used to decide anything (it has no breaker). */
+const MANUAL_CIRCUIT = Object.freeze({ failureThreshold: 1, volumeThreshold: 1, rollingWindowMs: 10_000, recoveryTimeout: 30_000, maxConcurrentRequests: 0, failureStatuses: [] })
+
 /** Everything derived from one config; replaced as a whole on reload. */
 export interface Runtime {
   readonly config: Config
@@ -68,6 +71,13 @@ export class DataPlane {
       }
     })
     const circuits = new Map<string, Circuit>()
+    for (const [name, prev] of this.circuits) {
+      // Manual circuits (forced on an upstream without a breaker) survive a reload.
+      if (!prev.automatic && config.circuitBreakers[name] === undefined && upstreams.has(name)) {
+        circuits.set(name, prev)
+        ;(upstreams.get(name) as Upstream).circuit = prev
+      }
+    }
     for (const [name, cb] of Object.entries(config.circuitBreakers)) {
       const prev = this.circuits.get(name)
       let circuit: Circuit
@@ -75,13 +85,16 @@ export class DataPlane {
         circuit = prev
       } else {
         circuit = new Circuit(name, cb, this.clock, { onTransition: (upstream, to) => this.onTransition(upstream, to) })
-        if (prev !== undefined) circuit.forced = prev.forced
+        if (prev !== undefined) {
+          circuit.forced = prev.forced
+          prev.shutdown()
+        }
       }
       circuits.set(name, circuit)
       const upstream = upstreams.get(name)
       if (upstream !== undefined) upstream.circuit = circuit
     }
-    for (const [name, prev] of this.circuits) if (circuits.get(name) !== prev) prev.shutdown()
+    for (const [name, prev] of this.circuits) if (circuits.get(name) === undefined) prev.shutdown()
     this.circuits = circuits
     const routes = config.routes.map((r) => {
       const upstream = upstreams.get(r.upstream) as Upstream
@@ -108,13 +121,28 @@ export class DataPlane {
     return this.circuits.values()
   }
 
-  /** Force a circuit open or closed, or hand it back (`null`); for the admin API. */
+  /**
+   * Force a circuit open or closed, or hand it back (`null`); for the admin API. An upstream
+   * without a breaker gets a manual circuit while forced (operators may isolate any
+   * dependency), and none again once handed back. False for an unknown upstream.
+   */
   force (upstream: string, state: ForcedState): boolean {
-    const circuit = this.circuits.get(upstream)
-    if (circuit === undefined) return false
+    const target = this.runtime.upstreams.get(upstream)
+    if (target === undefined) return false
+    let circuit = this.circuits.get(upstream)
+    if (circuit === undefined) {
+      if (state === null) return true
+      circuit = new Circuit(upstream, MANUAL_CIRCUIT, this.clock, { onTransition: () => {} }, false)
+      this.circuits.set(upstream, circuit)
+      target.circuit = circuit
+    }
     if (circuit.forced === state) return true
     const before = circuit.state
     circuit.forced = state
+    if (state === null && !circuit.automatic) {
+      this.circuits.delete(upstream)
+      target.circuit = null
+    }
     this.logger.warn({ event: 'circuit_forced', upstream, forced: state, before, after: circuit.state }, state === null ? 'circuit handed back to automatic' : `circuit forced ${state}`)
     return true
   }

@@ -10,10 +10,14 @@ import type { Test } from 'tap'
 import { resolveConfig } from '../../src/config/load.js'
 import { startSidecar, type Sidecar } from '../../src/sidecar.js'
 
+/** The admin token every in-process test sidecar uses. */
+export const TEST_TOKEN = 'test-admin-token-0123456789abcdef'
+
 export interface TestSidecar {
   sidecar: Sidecar
   proxy: string
   ops: string
+  admin: string
   proxyPort: number
   logs: Array<Record<string, unknown>>
   stateDir: string
@@ -42,7 +46,7 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
       cb()
     }
   })
-  const sidecar = await startSidecar(config, { logDestination: destination })
+  const sidecar = await startSidecar(config, { logDestination: destination, adminToken: TEST_TOKEN })
   t.teardown(async () => {
     await sidecar.close()
     rmSync(stateDir, { recursive: true, force: true })
@@ -51,6 +55,7 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
     sidecar,
     proxy: sidecar.addresses.proxy,
     ops: sidecar.addresses.ops,
+    admin: sidecar.addresses.admin,
     proxyPort: Number(new URL(sidecar.addresses.proxy).port),
     logs,
     stateDir

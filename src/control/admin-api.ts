@@ -1,0 +1,150 @@
+/**
+ * The admin API (SPEC §6) on `listen.admin`: JSON, `Authorization: Bearer TOKEN`, separate
+ * from the proxy and ops listeners. Every mutation needs a `reason`, is applied at once,
+ * persisted and audited before the answer. Bad input is a 4xx with a message, never a 500.
+ */
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import { toMs } from '../config/duration.js'
+import { authorized } from './token.js'
+import { ControlError, type Actor, type ControlPlane } from './control-plane.js'
+
+export interface AdminDeps {
+  control: ControlPlane
+  token: () => string
+  /** GET /v1/state body. */
+  state: () => Record<string, unknown>
+  reload: () => Promise<{ ok: boolean, problems: readonly string[] }>
+  /** GET /v1/triage body, when triage is available. */
+  triage?: () => Record<string, unknown>
+}
+
+const BODY_LIMIT = 16 * 1024
+const DURATION = /^[0-9]+(\.[0-9]+)?(ms|s|m|h)$/
+
+type Body = Record<string, unknown>
+
+function body (req: FastifyRequest): Body {
+  const b = req.body
+  if (b === undefined || b === null) return {}
+  if (typeof b !== 'object' || Array.isArray(b)) throw new ControlError(400, 'bad_request', 'the body must be a JSON object')
+  return b as Body
+}
+
+function actor (req: FastifyRequest, b: Body, optionalReason?: string): Actor {
+  const reason = b.reason ?? optionalReason
+  if (typeof reason !== 'string' || reason.trim() === '') throw new ControlError(400, 'bad_request', 'reason is required: say why (it goes into the audit log)')
+  if (reason.length > 1000) throw new ControlError(400, 'bad_request', 'reason: at most 1000 characters')
+  return { reason: reason.trim(), requester: req.socket.remoteAddress ?? 'unknown', source: 'operator' }
+}
+
+function ttl (b: Body): number | null {
+  const v = b.ttl
+  if (v === undefined || v === null) return null
+  if (typeof v === 'number' && Number.isInteger(v) && v > 0) return v
+  if (typeof v === 'string' && DURATION.test(v) && toMs(v) > 0) return toMs(v)
+  throw new ControlError(400, 'bad_request', 'ttl must be a positive duration (ms, or 30s, 10m, 1h)')
+}
+
+function stringList (b: Body, key: string): string[] | undefined {
+  const v = b[key]
+  if (v === undefined || v === null) return undefined
+  if (!Array.isArray(v) || !v.every((x) => typeof x === 'string' && x !== '')) throw new ControlError(400, 'bad_request', `${key} must be a list of names`)
+  return v as string[]
+}
+
+export function createAdminServer (deps: AdminDeps): FastifyInstance {
+  const app = Fastify({ logger: false, bodyLimit: BODY_LIMIT, forceCloseConnections: true, return503OnClosing: false })
+  const { control } = deps
+
+  // DELETE carries a JSON body {reason} (SPEC §13); an empty body is an empty object.
+  app.removeContentTypeParser('application/json')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, text, done) => {
+    const source = String(text)
+    if (source.trim() === '') { done(null, {}); return }
+    try {
+      done(null, JSON.parse(source))
+    } catch (err) {
+      done(new ControlError(400, 'bad_request', `body is not valid JSON: ${(err as Error).message}`), undefined)
+    }
+  })
+
+  app.addHook('onRequest', async (req, reply) => {
+    if (!authorized(req.headers.authorization, deps.token())) {
+      await reply.code(401).header('www-authenticate', 'Bearer realm="breakwater"').send({ error: 'unauthorized', message: 'missing or wrong bearer token (Authorization: Bearer TOKEN)' })
+    }
+  })
+
+  app.setErrorHandler(async (err: Error & { statusCode?: number, code?: string }, _req, reply: FastifyReply) => {
+    if (err instanceof ControlError) {
+      if (typeof err.details.retryAfterSeconds === 'number') void reply.header('retry-after', String(err.details.retryAfterSeconds))
+      return await reply.code(err.status).send({ error: err.code, message: err.message, ...err.details })
+    }
+    const status = err.statusCode ?? 500
+    if (status >= 400 && status < 500) {
+      const code = status === 413 ? 'body_too_large' : status === 415 ? 'unsupported_media_type' : 'bad_request'
+      return await reply.code(status).send({ error: code, message: err.message })
+    }
+    return await reply.code(500).send({ error: 'internal', message: 'unexpected error; see the sidecar log' })
+  })
+  app.setNotFoundHandler(async (req, reply) => await reply.code(404).send({ error: 'not_found', message: `no such endpoint: ${req.method} ${req.url.split('?')[0] ?? ''}` }))
+
+  app.get('/v1/state', async () => deps.state())
+
+  app.put<{ Params: { key: string } }>('/v1/flags/:key', async (req, reply) => {
+    const b = body(req)
+    if (typeof b.enabled !== 'boolean') throw new ControlError(400, 'bad_request', 'enabled must be true or false')
+    const who = actor(req, b)
+    const { value, persisted } = await control.setFlag(req.params.key, b.enabled, who, ttl(b))
+    return await reply.send({ flag: req.params.key, ...value, persisted })
+  })
+
+  app.delete<{ Params: { key: string } }>('/v1/flags/:key', async (req, reply) => {
+    const b = body(req)
+    const { value, persisted } = await control.clearFlag(req.params.key, actor(req, b))
+    return await reply.send({ flag: req.params.key, override: null, ...value, persisted })
+  })
+
+  app.put<{ Params: { upstream: string } }>('/v1/circuits/:upstream', async (req, reply) => {
+    const b = body(req)
+    if (b.state !== 'open' && b.state !== 'closed' && b.state !== 'auto') throw new ControlError(400, 'bad_request', 'state must be "open", "closed" or "auto"')
+    const { value, persisted } = await control.setCircuit(req.params.upstream, b.state, actor(req, b), ttl(b))
+    return await reply.send({ ...value, persisted })
+  })
+
+  app.post('/v1/mitigations', async (req, reply) => {
+    const b = body(req)
+    if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak or rollback')
+    const who = actor(req, b)
+    const { value, persisted } = await control.mitigate({ ...who, action: b.action, flags: stringList(b, 'flags'), upstreams: stringList(b, 'upstreams') })
+    return await reply.code(201).send({ ...value, persisted })
+  })
+
+  app.delete<{ Params: { id: string } }>('/v1/mitigations/:id', async (req, reply) => {
+    const b = body(req)
+    const { value, persisted } = await control.lift(req.params.id, actor(req, b))
+    return await reply.send({ ...value, persisted })
+  })
+
+  app.get<{ Querystring: { limit?: string } }>('/v1/audit', async (req) => {
+    const raw = req.query.limit ?? '50'
+    const limit = Number(raw)
+    if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new ControlError(400, 'bad_request', 'limit must be an integer from 1 to 10000')
+    return { entries: await control.audit.newest(limit) }
+  })
+
+  app.post('/v1/reload', async (req, reply) => {
+    const b = body(req)
+    const who = actor(req, b, 'reload requested')
+    const result = await deps.reload()
+    await control.recordReload(who, result.ok, result.problems)
+    if (!result.ok) return await reply.code(422).send({ error: 'invalid_config', message: 'the new config was refused; the running config is kept', problems: result.problems })
+    return await reply.send({ ok: true })
+  })
+
+  app.get('/v1/triage', async (_req, reply) => {
+    if (deps.triage === undefined) return await reply.code(501).send({ error: 'not_implemented', message: 'triage is not available' })
+    return deps.triage()
+  })
+
+  return app
+}

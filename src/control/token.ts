@@ -1,0 +1,54 @@
+/**
+ * The admin API's bearer token: `BREAKWATER_ADMIN_TOKEN`, else `admin.tokenFile`, else one
+ * generated at start and written to `STATEDIR/admin.token` with mode 0600 (its path is
+ * logged, never the token). Tokens are compared in constant time.
+ */
+import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
+import { readFile, writeFile, mkdir, chmod } from 'node:fs/promises'
+import { join } from 'node:path'
+
+export interface AdminToken {
+  token: string
+  /** Where it came from: `env`, `file` (admin.tokenFile) or `generated`. */
+  origin: 'env' | 'file' | 'generated'
+  /** The file an operator (or the CLI) reads it from, when there is one. */
+  path: string | null
+  /** False when a generated token could not be written (stateDir unwritable). */
+  written: boolean
+}
+
+export async function resolveAdminToken (env: string | undefined, tokenFile: string | null, stateDir: string): Promise<AdminToken> {
+  if (env !== undefined && env.trim() !== '') return { token: env.trim(), origin: 'env', path: null, written: true }
+  if (tokenFile !== null) {
+    const token = (await readFile(tokenFile, 'utf8')).trim()
+    if (token.length < 16) throw new Error(`admin.tokenFile: ${tokenFile} holds a token shorter than 16 characters`)
+    return { token, origin: 'file', path: tokenFile, written: true }
+  }
+  const token = randomBytes(32).toString('hex')
+  const path = join(stateDir, 'admin.token')
+  try {
+    await mkdir(stateDir, { recursive: true })
+    await writeFile(path, token + '\n', { mode: 0o600 })
+    await chmod(path, 0o600)
+    return { token, origin: 'generated', path, written: true }
+  } catch {
+    return { token, origin: 'generated', path, written: false }
+  }
+}
+
+function digest (text: string): Buffer {
+  return createHash('sha256').update(text).digest()
+}
+
+/** Constant-time check of an `Authorization` header against the token. */
+export function authorized (header: string | undefined, token: string): boolean {
+  if (header === undefined) return false
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(header)
+  if (m === null) return false
+  // Hash both so the comparison time depends on neither length nor content.
+  return timingSafeEqual(digest(m[1] as string), digest(token))
+}
+
+export function isLoopback (host: string): boolean {
+  return host === 'localhost' || host === '::1' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host)
+}

@@ -1,0 +1,136 @@
+/**
+ * The persisted control-plane state, `STATEDIR/state.json`: flag overrides, forced circuits,
+ * active mitigations, the versions this sidecar has seen. Written atomically — a temp file in
+ * the same directory, fsync, rename over the old one, fsync of the directory — so a `kill -9`
+ * at any instant leaves either the old file or the new one, never a torn one. A file that
+ * cannot be parsed at start is moved aside (`state.json.corrupt-<time>`) and Breakwater starts
+ * clean, rather than crash-looping on it.
+ */
+import { open, rename, readFile, mkdir, unlink } from 'node:fs/promises'
+import { join } from 'node:path'
+
+export interface OverrideRecord {
+  enabled: boolean
+  reason: string
+  at: string
+  /** ISO time after which the override lapses on its own. */
+  expiresAt: string | null
+}
+
+export interface ForcedCircuitRecord {
+  state: 'open' | 'closed'
+  reason: string
+  at: string
+  expiresAt: string | null
+}
+
+export interface Change {
+  kind: 'flag' | 'circuit'
+  target: string
+  /** What was there before this mitigation changed it (null = nothing: no override / automatic). */
+  before: OverrideRecord | ForcedCircuitRecord | null
+}
+
+export interface MitigationRecord {
+  id: string
+  action: 'killSwitch' | 'circuitBreak' | 'rollback'
+  targets: string[]
+  reason: string
+  /** `operator` or `trigger:<name>`. */
+  source: string
+  createdAt: string
+  status: 'active' | 'lifted'
+  liftedAt: string | null
+  liftReason: string | null
+  changes: Change[]
+  /** For rollbacks: what the rollback action answered. */
+  result: Record<string, unknown> | null
+}
+
+export interface PersistedState {
+  version: 1
+  overrides: Record<string, OverrideRecord>
+  circuits: Record<string, ForcedCircuitRecord>
+  mitigations: MitigationRecord[]
+  /** Version string → ISO time this sidecar first ran it. */
+  versions: Record<string, string>
+  /** Hash of the config → ISO time first seen (config changes, for triage and triggers). */
+  configs: Record<string, string>
+  /** Versions already rolled back (never twice). */
+  rolledBack: Record<string, string>
+}
+
+export function emptyState (): PersistedState {
+  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {} }
+}
+
+export interface LoadResult {
+  state: PersistedState
+  /** Set when a corrupt file was moved aside. */
+  movedAside: string | null
+  error: string | null
+}
+
+export class StateFile {
+  readonly path: string
+  private writing: Promise<void> = Promise.resolve()
+  private seq = 0
+
+  constructor (readonly dir: string) {
+    this.path = join(dir, 'state.json')
+  }
+
+  async load (): Promise<LoadResult> {
+    let text: string
+    try {
+      text = await readFile(this.path, 'utf8')
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { state: emptyState(), movedAside: null, error: null }
+      return { state: emptyState(), movedAside: null, error: (err as Error).message }
+    }
+    try {
+      const parsed = JSON.parse(text) as Partial<PersistedState>
+      if (parsed === null || typeof parsed !== 'object' || parsed.version !== 1) throw new Error('not a Breakwater state file (version 1)')
+      return { state: { ...emptyState(), ...parsed, version: 1 }, movedAside: null, error: null }
+    } catch (err) {
+      const aside = `${this.path}.corrupt-${new Date().toISOString().replace(/[:.]/g, '-')}`
+      try {
+        await rename(this.path, aside)
+      } catch { /* unwritable: start clean anyway */ }
+      return { state: emptyState(), movedAside: aside, error: (err as Error).message }
+    }
+  }
+
+  /** Write `state` atomically. Writes are serialised; each one is complete before the next. */
+  async save (state: PersistedState): Promise<void> {
+    const text = JSON.stringify(state, null, 2) + '\n'
+    const run = this.writing.then(async () => { await this.write(text) })
+    this.writing = run.catch(() => {})
+    await run
+  }
+
+  private async write (text: string): Promise<void> {
+    await mkdir(this.dir, { recursive: true })
+    const tmp = `${this.path}.tmp-${process.pid}-${this.seq++}`
+    const handle = await open(tmp, 'w', 0o600)
+    try {
+      await handle.writeFile(text)
+      await handle.sync()
+    } finally {
+      await handle.close()
+    }
+    try {
+      await rename(tmp, this.path)
+    } catch (err) {
+      await unlink(tmp).catch(() => {})
+      throw err
+    }
+    // The rename itself must reach the disk too.
+    const dir = await open(this.dir, 'r')
+    try {
+      await dir.sync()
+    } finally {
+      await dir.close()
+    }
+  }
+}
