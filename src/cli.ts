@@ -21,11 +21,27 @@ Usage:
   breakwater start    [--config PATH]   run the sidecar
   breakwater validate [--config PATH]   check a config file; exit 1 with one line per problem
 
+Operator commands (talk to a running sidecar's admin API):
+  breakwater status                                   flags, circuits, active mitigations
+  breakwater kill FLAG --reason TEXT [--ttl 30m]      switch a feature off (kill switch)
+  breakwater restore FLAG --reason TEXT               drop the override: back to the configured value
+  breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]
+  breakwater mitigate killSwitch|circuitBreak|rollback [FLAGS|UPSTREAMS...] --reason TEXT
+  breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
+  breakwater audit [--limit N]                        newest audit entries
+  breakwater triage                                   what is wrong, and the lowest-risk fix
+
 Options:
   -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
                       else ./config/breakwater.yaml, else the embedded default
   -h, --help          show this help
   -v, --version       print the version
+  --admin URL         admin API of the sidecar (repeat to act on several); default from the
+                      config's listen.admin, else http://127.0.0.1:14000
+  --token-file PATH   admin token file; default $BREAKWATER_ADMIN_TOKEN, else the config's
+                      admin.tokenFile, else STATEDIR/admin.token
+  -r, --reason TEXT   why (required by every command that changes something)
+  --json              print only JSON
 
 Ports (defaults): proxy 14001, ops 14020 (/health /ready /live /metrics), admin 14000.
 Signals: SIGTERM drains and stops (exit 0); SIGHUP reloads the config.
@@ -49,7 +65,12 @@ async function main (argv: string[]): Promise<number> {
         config: { type: 'string', short: 'c' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
-        json: { type: 'boolean' }
+        json: { type: 'boolean' },
+        reason: { type: 'string', short: 'r' },
+        ttl: { type: 'string' },
+        limit: { type: 'string' },
+        admin: { type: 'string', multiple: true },
+        'token-file': { type: 'string' }
       }
     })
   } catch (err) {
@@ -68,6 +89,30 @@ async function main (argv: string[]): Promise<number> {
     }
     case 'validate':
       return await validate(configPath(values.config), values.json === true)
+    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': {
+      const { runOperator, UsageError } = await import('./operator/commands.js')
+      const given = values.config ?? process.env.BREAKWATER_CONFIG
+      try {
+        return await runOperator({
+          command,
+          positionals: positionals.slice(1),
+          reason: values.reason,
+          ttl: values.ttl,
+          limit: values.limit,
+          json: values.json === true,
+          admin: values.admin ?? [],
+          tokenFile: values['token-file'],
+          configPath: given !== undefined && given !== '' ? given : existsSync('config/breakwater.yaml') ? 'config/breakwater.yaml' : null,
+          env: process.env
+        }, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) })
+      } catch (err) {
+        if (err instanceof UsageError) {
+          process.stderr.write(`breakwater: ${err.message}\n`)
+          return 2
+        }
+        throw err
+      }
+    }
     default:
       process.stderr.write(`breakwater: unknown command "${command}"\nRun "breakwater --help" for usage.\n`)
       return 2

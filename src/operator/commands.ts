@@ -1,0 +1,152 @@
+/**
+ * The operator commands (SPEC §1): status, kill, restore, circuit, mitigate, lift, audit,
+ * triage — each one call to the admin API of one or more sidecars. Human-readable output by
+ * default; `--json` prints only JSON. Exit 0 when every sidecar accepted, 1 when one refused
+ * or could not be reached, 2 for a usage error.
+ */
+import { resolveTargets, call, type Answer, type Target } from './admin-client.js'
+import { table } from './table.js'
+
+export interface OperatorArgs {
+  command: string
+  positionals: string[]
+  reason?: string
+  ttl?: string
+  limit?: string
+  json: boolean
+  admin: string[]
+  tokenFile?: string
+  configPath: string | null
+  env: NodeJS.ProcessEnv
+}
+
+export interface Io {
+  out: (text: string) => void
+  err: (text: string) => void
+}
+
+export class UsageError extends Error {}
+
+const MUTATING = new Set(['kill', 'restore', 'circuit', 'mitigate', 'lift'])
+
+export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
+  if (MUTATING.has(a.command) && (a.reason === undefined || a.reason.trim() === '')) {
+    throw new UsageError(`${a.command} needs --reason "why" (it goes into the audit log)`)
+  }
+  const { targets, notes } = await resolveTargets({ admin: a.admin, tokenFile: a.tokenFile, configPath: a.configPath, env: a.env })
+  const request = plan(a)
+  const answers = await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body)))
+  if (a.json) {
+    io.out(JSON.stringify(answers.length === 1 ? jsonOf(answers[0] as Answer) : answers.map(jsonOf), null, 2) + '\n')
+  } else {
+    for (const note of notes) io.err(`note: ${note}\n`)
+    for (const answer of answers) {
+      if (answers.length > 1) io.out(`== ${answer.admin}\n`)
+      if (answer.unreachable !== undefined) {
+        io.err(`error: cannot reach the admin API at ${answer.admin} (${answer.unreachable}); is the sidecar running, and is --admin right?\n`)
+      } else if (!answer.ok) {
+        const b = answer.body as { error?: string, message?: string, problems?: string[] } | null
+        io.err(`error: ${answer.admin} refused (${answer.status} ${b?.error ?? ''}): ${b?.message ?? JSON.stringify(b)}\n`)
+        for (const p of b?.problems ?? []) io.err(`  ${p}\n`)
+      } else {
+        io.out(render(a, answer.body))
+      }
+    }
+  }
+  return answers.every((x) => x.ok) ? 0 : 1
+}
+
+function jsonOf (a: Answer): unknown {
+  if (a.unreachable !== undefined) return { admin: a.admin, error: 'unreachable', message: a.unreachable }
+  return a.ok ? a.body : { admin: a.admin, status: a.status, ...(typeof a.body === 'object' && a.body !== null ? a.body : { body: a.body }) }
+}
+
+interface Planned { method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, body?: unknown }
+
+function need (a: OperatorArgs, n: number, usage: string): string[] {
+  if (a.positionals.length < n) throw new UsageError(`usage: breakwater ${usage}`)
+  return a.positionals
+}
+
+function plan (a: OperatorArgs): Planned {
+  const withTtl = (b: Record<string, unknown>): Record<string, unknown> => (a.ttl !== undefined ? { ...b, ttl: a.ttl } : b)
+  switch (a.command) {
+    case 'status':
+      return { method: 'GET', path: '/v1/state' }
+    case 'triage':
+      return { method: 'GET', path: '/v1/triage' }
+    case 'audit':
+      return { method: 'GET', path: `/v1/audit?limit=${encodeURIComponent(a.limit ?? '20')}` }
+    case 'kill': {
+      const [flag] = need(a, 1, 'kill FLAG --reason TEXT [--ttl 30m]')
+      return { method: 'PUT', path: `/v1/flags/${encodeURIComponent(flag as string)}`, body: withTtl({ enabled: false, reason: a.reason }) }
+    }
+    case 'restore': {
+      const [flag] = need(a, 1, 'restore FLAG --reason TEXT')
+      return { method: 'DELETE', path: `/v1/flags/${encodeURIComponent(flag as string)}`, body: { reason: a.reason } }
+    }
+    case 'circuit': {
+      const [upstream, state] = need(a, 2, 'circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]')
+      if (state !== 'open' && state !== 'closed' && state !== 'auto') throw new UsageError('usage: breakwater circuit UPSTREAM open|closed|auto --reason TEXT')
+      return { method: 'PUT', path: `/v1/circuits/${encodeURIComponent(upstream as string)}`, body: withTtl({ state, reason: a.reason }) }
+    }
+    case 'mitigate': {
+      const [action, ...targets] = need(a, 1, 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT')
+      if (action !== 'killSwitch' && action !== 'circuitBreak' && action !== 'rollback') throw new UsageError('usage: breakwater mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT')
+      const body: Record<string, unknown> = { action, reason: a.reason }
+      if (action === 'killSwitch' && targets.length > 0) body.flags = targets
+      if (action === 'circuitBreak' && targets.length > 0) body.upstreams = targets
+      return { method: 'POST', path: '/v1/mitigations', body }
+    }
+    case 'lift': {
+      const [id] = need(a, 1, 'lift MITIGATION_ID --reason TEXT')
+      return { method: 'DELETE', path: `/v1/mitigations/${encodeURIComponent(id as string)}`, body: { reason: a.reason } }
+    }
+    default:
+      throw new UsageError(`unknown command "${a.command}"`)
+  }
+}
+
+function render (a: OperatorArgs, body: any): string {
+  switch (a.command) {
+    case 'status': return renderStatus(body)
+    case 'kill': return `flag ${body.flag} forced OFF${body.expiresAt !== null && body.expiresAt !== undefined ? ` until ${body.expiresAt}` : ''}${persistNote(body)}\n`
+    case 'restore': return `flag ${body.flag}: override dropped, now ${body.enabled === true ? 'ON' : 'OFF'}${persistNote(body)}\n`
+    case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}, now ${String(body.state)}${persistNote(body)}\n`
+    case 'mitigate':
+    case 'lift': {
+      const lines = [`mitigation ${body.id}: ${body.action} ${body.status === 'active' ? 'applied' : 'lifted'} — ${(body.targets as string[]).join(', ')}`]
+      if (body.result !== null && body.result !== undefined) lines.push(`rollback: ${body.result.ok === true ? 'ok' : 'FAILED'} (${body.result.type}, ${body.result.status ?? `exit ${String(body.result.exitCode)}`}, attempts ${body.result.attempts})`)
+      if (a.command === 'mitigate' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
+      return lines.join('\n') + persistNote(body) + '\n'
+    }
+    case 'audit':
+      return table(['time', 'action', 'targets', 'result', 'requester', 'reason'], (body.entries as any[]).map((e) => [e.time, e.action, (e.targets ?? []).join(','), e.result, e.requester, e.reason])) + '\n'
+    default:
+      return JSON.stringify(body, null, 2) + '\n'
+  }
+}
+
+function persistNote (body: any): string {
+  return body?.persisted === false ? '\nwarning: the sidecar could not persist this (stateDir unwritable); it is in force until restart' : ''
+}
+
+function renderStatus (s: any): string {
+  const out: string[] = []
+  out.push(`${s.service} ${s.version} — health ${s.health?.status ?? '?'}${s.persisted === false ? ' — state NOT persisted' : ''}`)
+  const flags = Object.entries(s.flags ?? {}) as Array<[string, any]>
+  out.push('', 'FLAGS')
+  out.push(flags.length === 0 ? '  (none)' : table(['flag', 'enabled', 'from', 'kill switch for'], flags.map(([k, f]) => [k, f.enabled ? 'on' : 'OFF', f.origin, (f.killSwitchFor ?? []).join(',') || '-'])))
+  const circuits = Object.entries(s.circuits ?? {}) as Array<[string, any]>
+  out.push('', 'CIRCUITS')
+  out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
+  const mitigations = (s.mitigations ?? []) as any[]
+  out.push('', 'ACTIVE MITIGATIONS')
+  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.targets.join(','), m.createdAt, m.source, m.reason])))
+  const triggers = (s.triggers ?? []) as any[]
+  if (triggers.length > 0) {
+    out.push('', 'TRIGGERS')
+    out.push(table(['trigger', 'state', 'value', 'threshold', 'requests'], triggers.map((t) => [t.name, t.state, String(t.value ?? '-'), String(t.threshold), String(t.requests)])))
+  }
+  return out.join('\n') + '\n'
+}
