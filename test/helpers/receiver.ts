@@ -1,0 +1,46 @@
+/**
+ * A real local HTTP receiver for webhooks (rollback, notifications): records every request
+ * with its parsed JSON body and answers with what the test scripts.
+ */
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+
+export interface Delivery {
+  method: string
+  url: string
+  headers: http.IncomingHttpHeaders
+  body: any
+  at: number
+}
+
+export interface Receiver {
+  url: string
+  deliveries: Delivery[]
+  /** Status codes to answer with, in order; the last one repeats. */
+  respond: number[]
+  /** Milliseconds to wait before answering. */
+  delayMs: number
+  close: () => Promise<void>
+}
+
+export async function startReceiver (respond: number[] = [200]): Promise<Receiver> {
+  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, close: async () => {} }
+  const server = http.createServer((req, res) => {
+    let text = ''
+    req.on('data', (c: Buffer) => { text += c.toString('utf8') })
+    req.on('end', () => {
+      let body: unknown = text
+      try { body = JSON.parse(text) } catch {}
+      const n = state.deliveries.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, body, at: Date.now() })
+      const status = state.respond[Math.min(n - 1, state.respond.length - 1)] ?? 200
+      setTimeout(() => { res.writeHead(status, { 'content-type': 'application/json' }); res.end('{"ok":true}') }, state.delayMs)
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  state.close = async () => {
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+  return state
+}

@@ -1,0 +1,112 @@
+import t, { type Test } from 'tap'
+import { writeFileSync, readFileSync, readdirSync, mkdirSync } from 'node:fs'
+import { join } from 'node:path'
+import { startUpstream } from './helpers/upstream.js'
+import { startProcess, spawnCli, tempDir } from './helpers/process.js'
+import { admin } from './helpers/admin.js'
+import { send } from './helpers/http.js'
+
+const TOKEN = 'persistence-test-token-0123456789'
+const env = { BREAKWATER_ADMIN_TOKEN: TOKEN }
+
+function config (url: string): Record<string, unknown> {
+  return {
+    upstreams: { app: { url }, pay: { url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'enableNewCheckout' },
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { enableNewCheckout: true },
+    circuitBreakers: { pay: {} },
+    shutdown: { drainDelayMs: 0, timeoutMs: 1000 }
+  }
+}
+
+async function restart (t: Test, running: Awaited<ReturnType<typeof startProcess>>): Promise<Awaited<ReturnType<typeof startProcess>>> {
+  running.child.kill('SIGTERM')
+  t.equal(await running.exited, 0, 'clean stop')
+  return await spawnCli(t, ['start', '--config', running.configPath], running.dir, running.configPath, env)
+}
+
+t.test('overrides and forced circuits survive a restart, and are logged at start', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const first = await startProcess(t, config(up.url), env)
+  const adminUrl = String(first.lines.find((l) => l.msg === 'listening')?.admin)
+  t.equal((await admin(adminUrl, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'incident 7' }, TOKEN)).status, 200)
+  t.equal((await admin(adminUrl, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'provider down' }, TOKEN)).status, 200)
+  const m = await admin(adminUrl, 'POST', '/v1/mitigations', { action: 'circuitBreak', upstreams: ['app'], reason: 'isolate' }, TOKEN)
+  t.equal(m.status, 201)
+
+  const second = await restart(t, first)
+  t.equal((await send(second.proxy, '/checkout')).status, 503, 'the kill switch is still in force')
+  t.equal((await send(second.proxy, '/pay')).status, 503, 'the forced circuit too')
+  t.equal((await send(second.proxy, '/other')).status, 503, 'and the mitigation')
+  const logged = second.lines.filter((l) => l.event === 'override_active')
+  t.ok(logged.some((l) => l.flag === 'enableNewCheckout' && l.reason === 'incident 7'), 'every active override is logged at start')
+  t.ok(logged.some((l) => l.upstream === 'pay'))
+  const adminUrl2 = String(second.lines.find((l) => l.msg === 'listening')?.admin)
+  const state = await admin(adminUrl2, 'GET', '/v1/state', undefined, TOKEN)
+  t.equal(state.body.mitigations.length, 1)
+  t.equal((await admin(adminUrl2, 'DELETE', `/v1/mitigations/${m.body.id as string}`, { reason: 'recovered' }, TOKEN)).status, 200, 'a mitigation from before the restart can be lifted')
+  t.equal((await send(second.proxy, '/other')).status, 200)
+})
+
+t.test('a corrupt state file is moved aside and the sidecar starts clean', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const stateDir = join(dir, 'state')
+  mkdirSync(stateDir)
+  writeFileSync(join(stateDir, 'state.json'), '{"version": 1, "overrides": {"enableNewCheck')
+  const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving, with no override')
+  const line = running.lines.find((l) => l.event === 'state_corrupt')
+  t.equal(line?.level, 'error')
+  t.ok(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')), 'the bad file is kept for a post-mortem')
+})
+
+t.test('atomic writes: kill -9 in the middle of a write storm never leaves a torn state file', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const stateDir = join(dir, 'state')
+  for (let round = 0; round < 6; round++) {
+    const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+    const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+    let stop = false
+    const storm = (async () => {
+      for (let i = 0; !stop; i++) {
+        await admin(adminUrl, 'PUT', '/v1/flags/enableNewCheckout', { enabled: i % 2 === 0, reason: `write ${round}.${i} ${'x'.repeat(200)}` }, TOKEN).catch(() => {})
+      }
+    })()
+    await new Promise((resolve) => setTimeout(resolve, 150 + Math.random() * 250))
+    running.child.kill('SIGKILL')
+    await running.exited
+    stop = true
+    await storm
+    const text = readFileSync(join(stateDir, 'state.json'), 'utf8')
+    let parsed: any = null
+    t.doesNotThrow(() => { parsed = JSON.parse(text) }, `round ${round}: state.json parses`)
+    t.equal(parsed?.version, 1)
+  }
+  const last = await startProcess(t, { ...config(up.url), stateDir }, env)
+  t.notOk(last.lines.some((l) => l.event === 'state_corrupt'), 'the last restart found a good file')
+  t.notOk(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')))
+})
+
+t.test('an unwritable stateDir: actions apply in memory and answer persisted: false', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  writeFileSync(join(dir, 'not-a-dir'), 'x')
+  const running = await startProcess(t, { ...config(up.url), stateDir: join(dir, 'not-a-dir', 'state') }, env)
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'the data plane never needs stateDir')
+  const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+  const put = await admin(adminUrl, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'x' }, TOKEN)
+  t.equal(put.status, 200)
+  t.equal(put.body.persisted, false)
+  t.equal((await send(running.proxy, '/checkout')).status, 503, 'applied anyway')
+  t.ok(running.lines.some((l) => l.event === 'state_not_persisted' && l.level === 'warn'))
+})

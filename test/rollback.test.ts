@@ -1,0 +1,133 @@
+import t from 'tap'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { startUpstream } from './helpers/upstream.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { startReceiver } from './helpers/receiver.js'
+import { admin } from './helpers/admin.js'
+import { resolveConfig } from '../src/config/load.js'
+import { idempotencyKey } from '../src/control/rollback.js'
+
+function config (url: string, rollback: Record<string, unknown> | undefined, version = '2.4.1'): Record<string, unknown> {
+  return {
+    service: 'checkout',
+    version,
+    upstreams: { app: { url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    ...(rollback === undefined ? {} : { rollback })
+  }
+}
+
+t.test('webhook rollback: POST with service, version, trigger, reason and an Idempotency-Key; never the same version twice', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const receiver = await startReceiver([202])
+  t.teardown(receiver.close)
+  const s = await startTestSidecar(t, config(up.url, { type: 'webhook', url: `${receiver.url}/rollback`, headers: { 'x-cd-token': 'abc' } }))
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'errors after 2.4.1' })
+  t.equal(m.status, 201)
+  t.equal(m.body.action, 'rollback')
+  t.same(m.body.targets, ['2.4.1'])
+  t.equal(m.body.result.ok, true)
+  t.equal(receiver.deliveries.length, 1)
+  const d = receiver.deliveries[0]
+  t.equal(d?.method, 'POST')
+  t.equal(d?.url, '/rollback')
+  t.same(d?.body, { service: 'checkout', version: '2.4.1', trigger: null, reason: 'errors after 2.4.1' })
+  t.equal(d?.headers['idempotency-key'], idempotencyKey({ service: 'checkout', version: '2.4.1', trigger: null }))
+  t.equal(d?.headers['x-cd-token'], 'abc', 'configured headers are sent')
+  const again = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'again' })
+  t.equal(again.status, 409)
+  t.equal(again.body.error, 'already_rolled_back')
+  t.equal(receiver.deliveries.length, 1)
+  const audit = await admin(s.admin, 'GET', '/v1/audit?limit=1')
+  t.match(audit.body.entries[0], { action: 'mitigation.rollback', result: 'applied', targets: ['2.4.1'] })
+})
+
+t.test('webhook rollback is retried with backoff on 5xx, with the same Idempotency-Key; a 4xx is not retried', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const receiver = await startReceiver([503, 500, 200])
+  t.teardown(receiver.close)
+  const s = await startTestSidecar(t, config(up.url, { type: 'webhook', url: receiver.url, retries: 3 }))
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'flaky receiver' })
+  t.equal(m.status, 201)
+  t.equal(m.body.result.attempts, 3)
+  t.equal(receiver.deliveries.length, 3)
+  t.equal(new Set(receiver.deliveries.map((d) => d.headers['idempotency-key'])).size, 1, 'one key for every retry')
+  const gaps = receiver.deliveries.slice(1).map((d, i) => d.at - (receiver.deliveries[i]?.at ?? 0))
+  t.ok(gaps.every((g) => g >= 150), `backoff between attempts (${gaps.join(', ')} ms)`)
+
+  const refusing = await startReceiver([400])
+  t.teardown(refusing.close)
+  const s2 = await startTestSidecar(t, config(up.url, { type: 'webhook', url: refusing.url, retries: 3 }))
+  const failed = await admin(s2.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
+  t.equal(failed.status, 502)
+  t.equal(failed.body.error, 'rollback_failed')
+  t.equal(refusing.deliveries.length, 1, 'a 4xx is final')
+  t.equal(failed.body.mitigation.result.status, 400)
+})
+
+t.test('rollback cooldown: one rollback per cooldown, even for a new version', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const receiver = await startReceiver([200])
+  t.teardown(receiver.close)
+  const rollback = { type: 'webhook', url: receiver.url, cooldown: '10m' }
+  const s = await startTestSidecar(t, config(up.url, rollback, '1.0.0'))
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'first' })).status, 201)
+  const { config: next } = resolveConfig({ stateDir: s.stateDir, ...config(up.url, rollback, '0.9.9') })
+  await s.sidecar.apply(next)
+  const second = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'second' })
+  t.equal(second.status, 409)
+  t.equal(second.body.error, 'rollback_cooldown')
+  t.ok(Number(second.headers.get('retry-after')) > 500, 'retry-after says when')
+  t.equal(receiver.deliveries.length, 1)
+})
+
+t.test('exec rollback runs the argv with BREAKWATER_* in its environment; failures and timeouts are reported', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-exec-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const out = join(dir, 'env.json')
+  const script = `require('fs').writeFileSync(${JSON.stringify(out)}, JSON.stringify({ service: process.env.BREAKWATER_SERVICE, version: process.env.BREAKWATER_VERSION, trigger: process.env.BREAKWATER_TRIGGER, argv: process.argv.slice(1) }))`
+  const s = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', script, 'undo'] }))
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })
+  t.equal(m.status, 201)
+  t.equal(m.body.result.exitCode, 0)
+  t.same(JSON.parse(readFileSync(out, 'utf8')), { service: 'checkout', version: '2.4.1', trigger: '', argv: ['undo'] })
+
+  const failing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'console.error("kubectl: no such deployment"); process.exit(3)'] }))
+  const f = await admin(failing.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
+  t.equal(f.status, 502)
+  t.equal(f.body.mitigation.result.exitCode, 3)
+  t.match(f.body.mitigation.result.output, /no such deployment/)
+
+  const slow = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'setTimeout(() => {}, 60000)'], timeoutMs: 300 }))
+  const started = Date.now()
+  const timedOut = await admin(slow.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
+  t.equal(timedOut.status, 502)
+  t.match(timedOut.body.mitigation.result.error, /killed/)
+  t.ok(Date.now() - started < 5000, 'the command was killed at its timeout')
+
+  const missing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [join(dir, 'no-such-binary')] }))
+  t.equal((await admin(missing.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })).status, 502)
+})
+
+t.test('rollback without a configured action is refused', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url, undefined))
+  const r = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
+  t.equal(r.status, 409)
+  t.equal(r.body.error, 'rollback_not_configured')
+})
+
+t.test('the idempotency key depends only on service, version and trigger', async (t) => {
+  const a = idempotencyKey({ service: 'checkout', version: '1', trigger: 'error-rate' })
+  t.equal(a, idempotencyKey({ service: 'checkout', version: '1', trigger: 'error-rate' }), 'the same on every sidecar')
+  t.not(a, idempotencyKey({ service: 'checkout', version: '2', trigger: 'error-rate' }))
+  t.not(a, idempotencyKey({ service: 'checkout', version: '1', trigger: null }))
+})
