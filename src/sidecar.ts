@@ -20,6 +20,9 @@ import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, isLoopback, type AdminToken } from './control/token.js'
+import { Notifier } from './control/notify.js'
+import { TriggerEngine } from './control/triggers.js'
+import { createTriggerAction } from './control/respond.js'
 
 export interface SidecarOptions {
   /** Where log lines go (tests); stdout, bounded, when omitted. */
@@ -53,6 +56,8 @@ export class Sidecar {
   readonly flags: FlagSnapshot
   addresses: Addresses = { proxy: '', ops: '', admin: '', egress: null }
   readonly control: ControlPlane
+  readonly notifier: Notifier
+  readonly triggers: TriggerEngine
   adminToken: AdminToken | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
@@ -94,13 +99,32 @@ export class Sidecar {
       upstreams: () => [...dp.runtime.upstreams.keys()],
       killSwitchFlags: () => [...new Set(dp.runtime.config.routes.map((r) => r.killSwitch).filter((k): k is string => k !== null))]
     }, this.logger)
+    this.notifier = new Notifier(() => this.config.notifications, this.logger)
+    this.control.onMitigation = (kind, record) => {
+      this.notifier.notify({
+        kind: kind === 'applied' ? 'mitigation_applied' : 'mitigation_lifted',
+        service: this.config.service,
+        version: this.config.version,
+        trigger: record.source.startsWith('trigger:') ? record.source.slice(8) : null,
+        summary: `${record.action} ${kind === 'applied' ? 'applied' : 'lifted'}: ${record.targets.join(', ')} — ${kind === 'applied' ? record.reason : record.liftReason ?? ''}`,
+        details: { id: record.id, action: record.action, targets: record.targets.join(', '), source: record.source },
+        time: new Date().toISOString()
+      })
+    }
+    this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), createTriggerAction({
+      config: () => this.config,
+      control: this.control,
+      notifier: this.notifier,
+      triage: () => this.triageView()
+    }), this.logger)
+    this.triggers.configure(config.rollbackTriggers)
     this.admin = createAdminServer({
       control: this.control,
       token: () => this.adminToken?.token ?? '',
       state: () => this.stateView(),
       reload: async () => await this.reload()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {
@@ -128,6 +152,7 @@ export class Sidecar {
       else this.logger.warn({ event: 'admin_token', path: token.path }, 'admin token generated but could not be written (stateDir unwritable); set BREAKWATER_ADMIN_TOKEN to use the admin API')
     }
     this.dataPlane.overload.start()
+    this.triggers.start()
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
@@ -174,8 +199,13 @@ export class Sidecar {
       circuits,
       upstreams,
       mitigations: this.control.activeMitigations(),
-      triggers: []
+      triggers: this.triggers.status()
     }
+  }
+
+  /** The triage report (GET /v1/triage). */
+  triageView (): Record<string, unknown> {
+    return { scenario: 'unknown', evidence: {}, recommendation: null }
   }
 
   /** Swap in a validated config without dropping a connection. */
@@ -189,6 +219,7 @@ export class Sidecar {
     this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.triggers.configure(next.rollbackTriggers)
     this.control.noteConfig()
   }
 
@@ -253,6 +284,8 @@ export class Sidecar {
     await this.dataPlane.destroy()
     await this.flags.close()
     this.control.stop()
+    this.triggers.stop()
+    this.notifier.stop()
     await this.admin.close()
     await this.ops.close()
     this.logger.info({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')

@@ -12,7 +12,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs } from './duration.js'
-import type { CircuitBreakerConfig, Config, LogLevel, RollbackConfig, RouteConfig, UpstreamConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
@@ -222,6 +222,55 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     problems.push(`routes[${i}].killSwitch: flag "${r.killSwitch}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
   })
 
+  const rollbackTriggers: TriggerConfig[] = []
+  const triggerNames = new Set<string>()
+  ;(input.rollbackTriggers ?? []).forEach((tr, i) => {
+    const at = `rollbackTriggers[${i}]`
+    const windowMs = toMs(tr.window)
+    const name = tr.name ?? `${tr.metric}_${String(tr.threshold).replace(/[^0-9A-Za-z]/g, '_')}_${typeof tr.window === 'number' ? `${tr.window}ms` : tr.window}`
+    if (triggerNames.has(name)) problems.push(`${at}.name: duplicate trigger name "${name}"${tr.name === undefined ? ' (give the triggers names)' : ''}`)
+    triggerNames.add(name)
+    if (windowMs < 1000) problems.push(`${at}.window: must be at least 1s`)
+    if (windowMs > 3_600_000) problems.push(`${at}.window: must be at most 1h`)
+    if (tr.metric === 'error_rate' && tr.threshold > 1) problems.push(`${at}.threshold: an error_rate threshold is a ratio from 0 to 1`)
+    if (tr.route !== undefined && !input.routes.some((r, j) => (r.name ?? routes[j]?.name) === tr.route)) problems.push(`${at}.route: unknown route "${tr.route}" (known: ${routes.map((r) => r.name).join(', ')})`)
+    if (tr.upstream !== undefined && input.upstreams[tr.upstream] === undefined) problems.push(`${at}.upstream: unknown upstream "${tr.upstream}"`)
+    if (tr.action === 'killSwitch' && (tr.flags === undefined || tr.flags.length === 0)) problems.push(`${at}.flags: a killSwitch trigger must name its flags`)
+    for (const f of tr.flags ?? []) if (featureFlags[f] === undefined && fileFlags?.has(f) !== true) problems.push(`${at}.flags: flag "${f}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
+    for (const u of tr.upstreams ?? []) if (input.upstreams[u] === undefined) problems.push(`${at}.upstreams: unknown upstream "${u}"`)
+    if (tr.action === 'rollback' && input.rollback === undefined) problems.push(`${at}.action: "rollback" needs a rollback action (config key rollback)`)
+    rollbackTriggers.push({
+      name,
+      metric: tr.metric,
+      threshold: tr.threshold,
+      windowMs,
+      action: tr.action,
+      minRequests: tr.minRequests ?? 20,
+      forMs: toMs(tr.for ?? 0),
+      route: tr.route ?? null,
+      upstream: tr.upstream ?? null,
+      flags: tr.flags ?? null,
+      upstreams: tr.upstreams ?? null
+    })
+  })
+  const n = input.notifications ?? {}
+  const notifications: NotificationsConfig = {
+    slackChannel: n.slackChannel ?? null,
+    slackWebhookUrl: n.slackWebhookUrl ?? null,
+    pagerDutyServiceId: n.pagerDutyServiceId ?? null,
+    pagerDutyRoutingKey: n.pagerDutyRoutingKey ?? null,
+    pagerDutyUrl: n.pagerDutyUrl ?? 'https://events.pagerduty.com/v2/enqueue',
+    statusPageId: n.statusPageId ?? null,
+    statusPageApiKey: n.statusPageApiKey ?? null,
+    statusPageUrl: (n.statusPageUrl ?? 'https://api.statuspage.io').replace(/\/+$/, ''),
+    webhooks: n.webhooks ?? [],
+    queueSize: n.queueSize ?? 1000,
+    maxAttempts: n.maxAttempts ?? 5
+  }
+  if (n.slackWebhookUrl !== undefined && n.slackChannel === undefined) warnings.push('notifications.slackChannel: not set; Slack messages go to the webhook\'s default channel')
+  if (n.statusPageId !== undefined && n.statusPageApiKey === undefined) problems.push('notifications.statusPageApiKey: needed with statusPageId')
+  if (n.pagerDutyServiceId !== undefined && n.pagerDutyRoutingKey === undefined) warnings.push('notifications.pagerDutyRoutingKey: not set; PagerDuty events are not sent')
+
   const listen = input.listen ?? {}
   const proxy = listen.proxy ?? {}
   const proxyListener = (l: typeof proxy, port: number) => ({
@@ -259,6 +308,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     featureFlags,
     flagSource,
     circuitBreakers,
+    rollbackTriggers,
+    notifications,
     admin: { tokenFile: input.admin?.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: rollbackConfig(input.rollback),
     health: { failOnOpenCircuit },

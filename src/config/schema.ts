@@ -129,6 +129,32 @@ export const ConfigSchema = closed(
       pollIntervalMs: Type.Optional(Duration)
     })),
     circuitBreakers: Type.Optional(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreaker)),
+    rollbackTriggers: Type.Optional(Type.Array(closed({
+      name: Type.Optional(Name),
+      metric: Type.Union([Type.Literal('error_rate'), Type.Literal('p99_latency')]),
+      threshold: Type.Number({ minimum: 0 }),
+      window: Duration,
+      action: Type.Union([Type.Literal('rollback'), Type.Literal('killSwitch'), Type.Literal('circuitBreak'), Type.Literal('notify')]),
+      minRequests: Type.Optional(Type.Integer({ minimum: 1 })),
+      for: Type.Optional(Duration),
+      route: Type.Optional(Name),
+      upstream: Type.Optional(Name),
+      flags: Type.Optional(Type.Array(FlagKey, { minItems: 1 })),
+      upstreams: Type.Optional(Type.Array(Name, { minItems: 1 }))
+    }))),
+    notifications: Type.Optional(closed({
+      slackChannel: Type.Optional(Type.String({ minLength: 1 })),
+      slackWebhookUrl: Type.Optional(WebhookUrl),
+      pagerDutyServiceId: Type.Optional(Type.String({ minLength: 1 })),
+      pagerDutyRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
+      pagerDutyUrl: Type.Optional(WebhookUrl),
+      statusPageId: Type.Optional(Type.String({ minLength: 1 })),
+      statusPageApiKey: Type.Optional(Type.String({ minLength: 1 })),
+      statusPageUrl: Type.Optional(WebhookUrl),
+      webhooks: Type.Optional(Type.Array(WebhookUrl)),
+      queueSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000 })),
+      maxAttempts: Type.Optional(Type.Integer({ minimum: 1, maximum: 20 }))
+    })),
     admin: Type.Optional(closed({
       tokenFile: Type.Optional(Type.String({ minLength: 1 }))
     })),

@@ -101,6 +101,36 @@ export type RollbackConfig =
   | (RollbackCommon & { type: 'webhook', url: string, headers: Readonly<Record<string, string>>, retries: number })
   | (RollbackCommon & { type: 'exec', command: readonly string[] })
 
+export interface TriggerConfig {
+  name: string
+  metric: 'error_rate' | 'p99_latency'
+  /** A ratio (0–1) for error_rate, milliseconds for p99_latency. */
+  threshold: number
+  windowMs: number
+  action: 'rollback' | 'killSwitch' | 'circuitBreak' | 'notify'
+  minRequests: number
+  /** How long the condition must hold before firing. */
+  forMs: number
+  route: string | null
+  upstream: string | null
+  flags: readonly string[] | null
+  upstreams: readonly string[] | null
+}
+
+export interface NotificationsConfig {
+  slackChannel: string | null
+  slackWebhookUrl: string | null
+  pagerDutyServiceId: string | null
+  pagerDutyRoutingKey: string | null
+  pagerDutyUrl: string
+  statusPageId: string | null
+  statusPageApiKey: string | null
+  statusPageUrl: string
+  webhooks: readonly string[]
+  queueSize: number
+  maxAttempts: number
+}
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
 export interface Config {
@@ -121,6 +151,8 @@ export interface Config {
   flagSource: FlagSourceConfig | null
   /** Keyed by upstream name; only these upstreams have a breaker (SPEC §14). */
   circuitBreakers: Readonly<Record<string, CircuitBreakerConfig>>
+  rollbackTriggers: readonly TriggerConfig[]
+  notifications: NotificationsConfig
   admin: { tokenFile: string | null }
   rollback: RollbackConfig | null
   health: { failOnOpenCircuit: 'critical' | 'any' | 'never' }

@@ -86,6 +86,9 @@ export class ControlPlane {
   versionSince = ''
   configSince = ''
 
+  /** Told about every mitigation applied or lifted (notifications, incidents). */
+  onMitigation: (kind: 'applied' | 'lifted', record: MitigationRecord) => void = () => {}
+
   constructor (
     private readonly config: () => Config,
     private readonly flags: FlagControl,
@@ -177,7 +180,7 @@ export class ControlPlane {
   async setFlag (key: string, enabled: boolean, actor: Actor, ttlMs: number | null): Promise<Applied<OverrideRecord>> {
     return await this.serial(async () => {
       if (!this.flags.defines(key)) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
-      const record: OverrideRecord = { enabled, reason: actor.reason, at: new Date().toISOString(), expiresAt: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString() }
+      const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString() }
       this.state.overrides[key] = record
       await this.flags.override(key, enabled)
       this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt }, enabled ? 'flag forced on' : 'flag forced off')
@@ -206,7 +209,7 @@ export class ControlPlane {
       if (!this.circuits.upstreams().includes(upstream)) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
       this.circuits.force(upstream, state === 'auto' ? null : state)
       if (state === 'auto') delete this.state.circuits[upstream]
-      else this.state.circuits[upstream] = { state, reason: actor.reason, at: new Date().toISOString(), expiresAt: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString() }
+      else this.state.circuits[upstream] = { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString() }
       this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
       const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state })
       return { value: this.circuitView(upstream), persisted }
@@ -228,6 +231,21 @@ export class ControlPlane {
         default: throw new ControlError(400, 'bad_request', `action must be one of killSwitch, circuitBreak, rollback (got ${JSON.stringify(req.action)})`)
       }
     })
+  }
+
+  /**
+   * Operator actions win over triggers (SPEC §14): a trigger leaves alone every target an
+   * operator has already set, whichever way.
+   */
+  private operatorWins (req: MitigationRequest, targets: string[], sourceOf: (target: string) => string | undefined): string[] {
+    if (!req.source.startsWith('trigger:')) return targets
+    const free = targets.filter((t) => {
+      const set = this.state.overrides[t] !== undefined || this.state.circuits[t] !== undefined
+      const source = sourceOf(t)
+      return !set || (source !== undefined && source !== 'operator' && source.startsWith('trigger:'))
+    })
+    if (free.length === 0) throw new ControlError(409, 'operator_override', `an operator already decided for ${targets.join(', ')}; the trigger leaves it alone`)
+    return free
   }
 
   private newRecord (action: MitigationRecord['action'], targets: string[], req: MitigationRequest): MitigationRecord {
@@ -256,10 +274,11 @@ export class ControlPlane {
       targets = this.circuits.killSwitchFlags().filter((f) => this.flags.values.get(f) !== false)
       if (targets.length === 0) throw new ControlError(409, 'nothing_to_mitigate', 'no enabled flag is used as a kill switch by a route')
     }
+    targets = this.operatorWins(req, targets, (key) => this.state.overrides[key]?.source)
     const record = this.newRecord('killSwitch', targets, req)
     for (const key of targets) {
       record.changes.push({ kind: 'flag', target: key, before: this.state.overrides[key] ?? null })
-      this.state.overrides[key] = { enabled: false, reason: req.reason, at: record.createdAt, expiresAt: null }
+      this.state.overrides[key] = { enabled: false, reason: req.reason, source: req.source, at: record.createdAt, expiresAt: null }
       await this.flags.override(key, false)
     }
     return await this.finish(record, req)
@@ -278,10 +297,11 @@ export class ControlPlane {
         .map((c) => c.upstream)
       if (targets.length === 0) throw new ControlError(409, 'nothing_to_mitigate', 'no circuit is half-open or failing over 50 %')
     }
+    targets = this.operatorWins(req, targets, (upstream) => this.state.circuits[upstream]?.source)
     const record = this.newRecord('circuitBreak', targets, req)
     for (const upstream of targets) {
       record.changes.push({ kind: 'circuit', target: upstream, before: this.state.circuits[upstream] ?? null })
-      this.state.circuits[upstream] = { state: 'open', reason: req.reason, at: record.createdAt, expiresAt: null }
+      this.state.circuits[upstream] = { state: 'open', reason: req.reason, source: req.source, at: record.createdAt, expiresAt: null }
       this.circuits.force(upstream, 'open')
     }
     return await this.finish(record, req)
@@ -315,6 +335,7 @@ export class ControlPlane {
     this.mitigationsTotal.set(record.action, (this.mitigationsTotal.get(record.action) ?? 0) + 1)
     this.logger.warn({ event: 'mitigation', action: record.action, id: record.id, targets: record.targets, reason: record.reason, source: record.source, requester: req.requester, result: record.result?.ok === false ? 'failed' : 'applied' }, `mitigation ${record.action} applied`)
     const persisted = await this.commit({ action: `mitigation.${record.action}`, targets: record.targets, reason: record.reason, result: record.result?.ok === false ? 'failed' : 'applied', requester: req.requester, id: record.id, source: record.source })
+    if (record.result?.ok !== false) this.onMitigation('applied', record)
     return { value: record, persisted }
   }
 
@@ -342,6 +363,7 @@ export class ControlPlane {
       record.liftReason = actor.reason
       this.logger.warn({ event: 'mitigation', action: 'lift', id, mitigation: record.action, targets: record.targets, restored, reason: actor.reason, requester: actor.requester }, `mitigation ${record.action} lifted`)
       const persisted = await this.commit({ action: 'mitigation.lift', targets: record.targets, reason: actor.reason, result: 'ok', requester: actor.requester, id, restored })
+      this.onMitigation('lifted', record)
       return { value: record, persisted }
     })
   }

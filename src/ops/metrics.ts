@@ -11,6 +11,8 @@ import type { LogStats } from '../log/logger.js'
 import type { FlagSnapshot } from '../flags/snapshot.js'
 import { STATE_VALUE } from '../proxy/circuit-breaker.js'
 import type { ControlPlane } from '../control/control-plane.js'
+import type { TriggerEngine } from '../control/triggers.js'
+import type { Notifier } from '../control/notify.js'
 
 type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
@@ -32,6 +34,8 @@ export interface MetricSources {
   dataPlane: DataPlane
   flags: FlagSnapshot
   control: ControlPlane
+  triggers: TriggerEngine
+  notifier: Notifier
   log: LogStats
   reloads: { ok: number, failed: number }
 }
@@ -93,6 +97,21 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 
   scraped(registry, 'breakwater_mitigations_total', 'Mitigations applied, by action (killSwitch, circuitBreak, rollback).', 'counter', () =>
     ['killSwitch', 'circuitBreak', 'rollback'].map((action) => ({ labels: { action }, value: sources.control.mitigationsTotal.get(action) ?? 0 })))
+
+  scraped(registry, 'breakwater_trigger_fired_total', 'Rollback triggers fired, by trigger.', 'counter', () =>
+    [...sources.triggers.firedTotal].map(([trigger, n]) => ({ labels: { trigger }, value: n })))
+
+  scraped(registry, 'breakwater_trigger_value', 'Current value of each trigger\'s metric (error ratio, or p99 ms); NaN without data.', 'gauge', () =>
+    sources.triggers.values().map(([trigger, v]) => ({ labels: { trigger }, value: v })))
+
+  scraped(registry, 'breakwater_notifications_failed_total', 'Notifications given up on after retries, by channel.', 'counter', () =>
+    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.failed.get(channel) ?? 0 })))
+
+  scraped(registry, 'breakwater_notifications_sent_total', 'Notifications delivered, by channel.', 'counter', () =>
+    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.sent.get(channel) ?? 0 })))
+
+  scraped(registry, 'breakwater_notifications_dropped_total', 'Notifications dropped because the queue was full.', 'counter', () =>
+    [{ labels: {}, value: sources.notifier.dropped }])
 
   scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
     Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))

@@ -130,6 +130,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
     }
     // The upstream's own 5xx is relayed to the client and still counted by its breaker.
     if (this.settle !== null) this.outcome(statusCode, false)
+    this.route.stats.outcome(Date.now(), statusCode >= 500, performance.now() - this.startedAt)
     this.resumeUpstream = resume
     this.status = statusCode
     const res = this.res
@@ -219,6 +220,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
 
   private fail (code: ErrorCode): void {
     if (this.settle !== null) this.outcome(0, false)
+    this.route.stats.outcome(Date.now(), true, performance.now() - this.startedAt)
     this.errorCode = code
     const res = this.res
     if (!res.headersSent && !res.destroyed) {

@@ -69,6 +69,8 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
     if (circuit !== null) {
       if (!circuit.admits()) {
         route.stats.reject('circuit_open')
+        // Users saw an outage when failures opened it (SPEC §14); an operator's forced circuit is a mitigation.
+        if (circuit.openOnFailures) route.stats.outcome(Date.now(), true, -1)
         refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
         return
       }

@@ -5,12 +5,16 @@
  * created when config loads and kept across reloads so counters stay monotonic.
  */
 
+import { SecondWindow } from './window.js'
+
 /** Upper bounds in seconds of the request duration histogram. */
 export const DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30] as const
 
 export class RouteStats {
   readonly route: string
   readonly upstream: string
+  /** Per-second requests, errors and latency, for triggers and triage. */
+  readonly window = new SecondWindow()
   /** Responses by status code (index = code). */
   readonly codes = new Float64Array(600)
   /** Non-cumulative bucket counts; the last slot is +Inf. */
@@ -34,6 +38,16 @@ export class RouteStats {
     this.buckets[i]++
     this.sum += seconds
     this.count++
+  }
+
+  /**
+   * An outcome for the trigger windows (SPEC §7): `error` is an upstream 5xx or Breakwater's
+   * 502/504 or a refusal by a circuit that failures opened; `latencyMs` is the time to response
+   * headers, or -1 for a refusal. Refusals by kill switches, forced circuits and bulkheads are
+   * never recorded: a mitigation must not keep its own trigger firing.
+   */
+  outcome (nowMs: number, error: boolean, latencyMs: number): void {
+    this.window.record(nowMs, error, latencyMs)
   }
 
   reject (reason: string): void {

@@ -12,6 +12,8 @@ import { join } from 'node:path'
 export interface OverrideRecord {
   enabled: boolean
   reason: string
+  /** `operator` or `trigger:<name>` (absent in older files: operator). */
+  source?: string
   at: string
   /** ISO time after which the override lapses on its own. */
   expiresAt: string | null
@@ -20,6 +22,7 @@ export interface OverrideRecord {
 export interface ForcedCircuitRecord {
   state: 'open' | 'closed'
   reason: string
+  source?: string
   at: string
   expiresAt: string | null
 }

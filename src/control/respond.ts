@@ -1,0 +1,80 @@
+/**
+ * What a fired trigger does (SPEC §7, §14), through the same mitigation code as the admin
+ * API, audited with the trigger as the reason:
+ * - `notify`: tell people, change nothing;
+ * - `killSwitch` / `circuitBreak`: the mitigation, on the trigger's flags / upstreams;
+ * - `rollback`: only when this sidecar's version or config changed within
+ *   `requireRecentChange` (30 min): a version that has run fine for days is not what broke,
+ *   so the trigger notifies with the triage attached instead. The cooldown and "never the same
+ *   version twice" hold, so one incident causes one rollback.
+ */
+import type { Config, TriggerConfig } from '../config/types.js'
+import { ControlError, type ControlPlane } from './control-plane.js'
+import type { Notifier } from './notify.js'
+import { describeReading, type Reading, type TriggerAction } from './triggers.js'
+
+export interface RespondDeps {
+  config: () => Config
+  control: ControlPlane
+  notifier: Notifier
+  /** The current triage, attached when a trigger only notifies. */
+  triage: () => Record<string, unknown>
+}
+
+export function createTriggerAction (deps: RespondDeps): TriggerAction {
+  return async (trigger: TriggerConfig, reading: Reading): Promise<string> => {
+    const cfg = deps.config()
+    const reason = `trigger ${trigger.name}: ${describeReading(trigger, reading)}`
+    const who = { reason, requester: `trigger:${trigger.name}`, source: `trigger:${trigger.name}` }
+    let action = trigger.action
+    let why: string | null = null
+    if (action === 'rollback') {
+      why = recentChange(cfg, deps.control)
+      if (why === null) action = 'notify'
+    }
+    deps.notifier.notify({
+      kind: 'trigger_fired',
+      service: cfg.service,
+      version: cfg.version,
+      trigger: trigger.name,
+      summary: reason,
+      details: {
+        metric: trigger.metric,
+        value: reading.value,
+        threshold: trigger.threshold,
+        windowSeconds: trigger.windowMs / 1000,
+        requests: reading.requests,
+        errors: reading.errors,
+        action: trigger.action,
+        ...(trigger.action === 'rollback' && action === 'notify'
+          ? { rollback: 'not run: no version or config change within requireRecentChange', triage: deps.triage() }
+          : {})
+      },
+      time: new Date().toISOString()
+    })
+    if (action === 'notify') return trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
+    try {
+      const { value } = await deps.control.mitigate({
+        ...who,
+        action,
+        trigger: trigger.name,
+        flags: trigger.flags === null ? undefined : [...trigger.flags],
+        upstreams: trigger.upstreams !== null ? [...trigger.upstreams] : trigger.upstream !== null && action === 'circuitBreak' ? [trigger.upstream] : undefined
+      })
+      return `${action} ${value.id}${why !== null ? ` (${why})` : ''}`
+    } catch (err) {
+      if (err instanceof ControlError) return `skipped: ${err.code} (${err.message})`
+      throw err
+    }
+  }
+}
+
+/** Why a rollback is plausible now, or null when nothing changed recently. */
+function recentChange (cfg: Config, control: ControlPlane): string | null {
+  const limit = cfg.rollback?.requireRecentChangeMs ?? 0
+  if (limit === 0) return 'requireRecentChange off'
+  const now = Date.now()
+  if (control.versionSince !== '' && now - Date.parse(control.versionSince) <= limit) return `version ${cfg.version} since ${control.versionSince}`
+  if (control.configSince !== '' && now - Date.parse(control.configSince) <= limit) return `config changed at ${control.configSince}`
+  return null
+}

@@ -1,0 +1,188 @@
+/**
+ * Rollback triggers (SPEC §7, §14) on the sidecar's own traffic, evaluated every second over
+ * sliding windows of one-second buckets (proxy/window.ts).
+ *
+ * - `error_rate`: upstream 5xx, Breakwater's 502/504 and refusals by a circuit that failures
+ *   opened, over all recorded requests; refusals by kill switches, forced circuits and
+ *   bulkheads are never recorded, so a mitigation cannot keep its own trigger firing.
+ * - `p99_latency`: milliseconds to response headers.
+ *
+ * A trigger with fewer than `minRequests` in its window is *inconclusive*, never firing. Above
+ * its threshold for `for`, it fires once and runs its action; it re-arms only after the metric
+ * stayed below the threshold for a full window.
+ */
+import type { Logger } from 'pino'
+import type { TriggerConfig } from '../config/types.js'
+import type { RouteStats } from '../proxy/stats.js'
+import { emptySums, quantile } from '../proxy/window.js'
+
+export type TriggerState = 'inconclusive' | 'ok' | 'pending' | 'fired' | 'rearming'
+
+export interface TriggerStatus {
+  name: string
+  metric: TriggerConfig['metric']
+  threshold: number
+  window: string
+  action: TriggerConfig['action']
+  minRequests: number
+  scope: { route: string | null, upstream: string | null }
+  state: TriggerState
+  /** Current value: a ratio for error_rate, ms for p99_latency; null without data. */
+  value: number | null
+  requests: number
+  errors: number
+  fired: number
+  firedAt: string | null
+  lastOutcome: string | null
+}
+
+/** What a trigger does when it fires; resolves to a short outcome for the state view and logs. */
+export type TriggerAction = (trigger: TriggerConfig, reading: Reading) => Promise<string>
+
+export interface Reading {
+  value: number
+  requests: number
+  errors: number
+}
+
+interface Live {
+  config: TriggerConfig
+  state: TriggerState
+  value: number | null
+  requests: number
+  errors: number
+  pendingSince: number | null
+  belowSince: number | null
+  fired: number
+  firedAt: number | null
+  lastOutcome: string | null
+}
+
+export class TriggerEngine {
+  private live: Live[] = []
+  private timer: NodeJS.Timeout | null = null
+  readonly firedTotal = new Map<string, number>()
+
+  constructor (
+    private readonly stats: () => Iterable<RouteStats>,
+    private readonly act: TriggerAction,
+    private readonly logger: Logger
+  ) {}
+
+  /** (Re)configure; a trigger keeps its state across reloads when its definition is unchanged. */
+  configure (triggers: readonly TriggerConfig[]): void {
+    const prev = new Map(this.live.map((l) => [l.config.name, l]))
+    this.live = triggers.map((config) => {
+      const old = prev.get(config.name)
+      if (old !== undefined && JSON.stringify(old.config) === JSON.stringify(config)) return old
+      return { config, state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
+    })
+    for (const t of triggers) if (!this.firedTotal.has(t.name)) this.firedTotal.set(t.name, 0)
+  }
+
+  start (): void {
+    if (this.timer !== null) return
+    this.timer = setInterval(() => this.evaluate(Date.now()), 1000)
+    this.timer.unref()
+  }
+
+  stop (): void {
+    if (this.timer !== null) clearInterval(this.timer)
+    this.timer = null
+  }
+
+  /** One evaluation of every trigger at `nowMs`. */
+  evaluate (nowMs: number): void {
+    for (const t of this.live) this.step(t, nowMs)
+  }
+
+  private read (c: TriggerConfig, nowMs: number): Reading & { hasData: boolean } {
+    const to = Math.floor(nowMs / 1000) + 1
+    const from = to - Math.ceil(c.windowMs / 1000)
+    const sums = emptySums(c.metric === 'p99_latency')
+    for (const s of this.stats()) {
+      if (c.route !== null && s.route !== c.route) continue
+      if (c.upstream !== null && s.upstream !== c.upstream) continue
+      s.window.sum(from, to, sums)
+    }
+    let value: number | null
+    if (c.metric === 'error_rate') value = sums.requests === 0 ? null : sums.errors / sums.requests
+    else value = quantile(sums.latency as Float64Array, 0.99)
+    return { value: value ?? 0, requests: sums.requests, errors: sums.errors, hasData: value !== null }
+  }
+
+  private step (t: Live, now: number): void {
+    const c = t.config
+    const r = this.read(c, now)
+    t.value = r.hasData ? r.value : null
+    t.requests = r.requests
+    t.errors = r.errors
+    const conclusive = r.requests >= c.minRequests && r.hasData
+    const breach = conclusive && r.value > c.threshold
+
+    if (t.state === 'fired' || t.state === 'rearming') {
+      if (breach) { t.belowSince = null; t.state = 'fired'; return }
+      if (!conclusive) return // too little data either way: stay as we are
+      t.belowSince ??= now
+      t.state = 'rearming'
+      if (now - t.belowSince >= c.windowMs) {
+        t.state = 'ok'
+        t.belowSince = null
+        t.pendingSince = null
+        this.logger.info({ event: 'trigger_rearmed', trigger: c.name, value: t.value }, 'trigger re-armed')
+      }
+      return
+    }
+    if (!conclusive) { t.state = 'inconclusive'; t.pendingSince = null; return }
+    if (!breach) { t.state = 'ok'; t.pendingSince = null; return }
+    t.pendingSince ??= now
+    if (now - t.pendingSince < c.forMs) { t.state = 'pending'; return }
+    this.fire(t, r, now)
+  }
+
+  private fire (t: Live, r: Reading, now: number): void {
+    const c = t.config
+    t.state = 'fired'
+    t.fired++
+    t.firedAt = now
+    t.belowSince = null
+    this.firedTotal.set(c.name, (this.firedTotal.get(c.name) ?? 0) + 1)
+    this.logger.warn({ event: 'trigger_fired', trigger: c.name, metric: c.metric, value: r.value, threshold: c.threshold, window: c.windowMs, requests: r.requests, errors: r.errors, action: c.action }, `trigger ${c.name} fired`)
+    t.lastOutcome = 'running'
+    this.act(c, r).then((outcome) => { t.lastOutcome = outcome }, (err: unknown) => {
+      t.lastOutcome = `failed: ${(err as Error).message}`
+      this.logger.error({ event: 'trigger_action_failed', trigger: c.name, action: c.action, error: (err as Error).message }, 'trigger action failed')
+    })
+  }
+
+  status (): TriggerStatus[] {
+    return this.live.map((t) => ({
+      name: t.config.name,
+      metric: t.config.metric,
+      threshold: t.config.threshold,
+      window: `${t.config.windowMs / 1000}s`,
+      action: t.config.action,
+      minRequests: t.config.minRequests,
+      scope: { route: t.config.route, upstream: t.config.upstream },
+      state: t.state,
+      value: t.value === null ? null : Math.round(t.value * 1e4) / 1e4,
+      requests: t.requests,
+      errors: t.errors,
+      fired: t.fired,
+      firedAt: t.firedAt === null ? null : new Date(t.firedAt).toISOString(),
+      lastOutcome: t.lastOutcome
+    }))
+  }
+
+  /** Current values for metrics: name → value (NaN without data). */
+  values (): Array<[string, number]> {
+    return this.live.map((t) => [t.config.name, t.value ?? Number.NaN])
+  }
+}
+
+/** `error_rate 0.12 > 0.05 over 300s (340 requests)` */
+export function describeReading (c: TriggerConfig, r: Reading): string {
+  const value = c.metric === 'error_rate' ? r.value.toFixed(3) : `${Math.round(r.value)} ms`
+  const threshold = c.metric === 'error_rate' ? String(c.threshold) : `${c.threshold} ms`
+  return `${c.metric} ${value} > ${threshold} over ${c.windowMs / 1000}s (${r.requests} requests)`
+}
