@@ -23,6 +23,8 @@ import { resolveAdminToken, isLoopback, type AdminToken } from './control/token.
 import { Notifier } from './control/notify.js'
 import { TriggerEngine } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
+import { Verifier } from './control/verify.js'
+import { triage } from './control/triage.js'
 
 export interface SidecarOptions {
   /** Where log lines go (tests); stdout, bounded, when omitted. */
@@ -58,6 +60,7 @@ export class Sidecar {
   readonly control: ControlPlane
   readonly notifier: Notifier
   readonly triggers: TriggerEngine
+  readonly verifier: Verifier
   adminToken: AdminToken | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
@@ -118,13 +121,32 @@ export class Sidecar {
       triage: () => this.triageView()
     }), this.logger)
     this.triggers.configure(config.rollbackTriggers)
+    this.verifier = new Verifier({
+      config: () => this.config,
+      proxy: () => this.addresses.proxy.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:'),
+      stats: () => dp.stats.allRoutes(),
+      killed: (route) => {
+        const key = dp.runtime.config.routes.find((r) => r.name === route)?.killSwitch ?? null
+        return key !== null && !flags.enabled(key)
+      },
+      notifier: this.notifier,
+      logger: this.logger
+    })
+    this.triggers.onFire = (trigger, _reading, at) => { this.verifier.triggerFired(trigger, at) }
+    const notifyMitigation = this.control.onMitigation
+    this.control.onMitigation = (kind, record) => {
+      notifyMitigation(kind, record)
+      if (kind === 'applied') this.verifier.mitigated(record)
+    }
     this.admin = createAdminServer({
       control: this.control,
       token: () => this.adminToken?.token ?? '',
       state: () => this.stateView(),
-      reload: async () => await this.reload()
+      reload: async () => await this.reload(),
+      incidents: () => this.verifier.incidents,
+      triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {
@@ -199,13 +221,24 @@ export class Sidecar {
       circuits,
       upstreams,
       mitigations: this.control.activeMitigations(),
-      triggers: this.triggers.status()
+      triggers: this.triggers.status(),
+      incidents: this.verifier.incidents.slice(0, 10)
     }
   }
 
   /** The triage report (GET /v1/triage). */
   triageView (): Record<string, unknown> {
-    return { scenario: 'unknown', evidence: {}, recommendation: null }
+    const dp = this.dataPlane
+    return triage({
+      config: this.config,
+      stats: dp.stats.allRoutes(),
+      circuits: [...dp.allCircuits()].map((c) => ({ upstream: c.upstream, state: c.state, automaticState: c.automaticState, forced: c.forced, automatic: c.automatic, failureRate: c.failureRate, windowRequests: c.windowRequests })),
+      flagChanges: this.flags.changes,
+      flagEnabled: (key) => this.flags.enabled(key),
+      versionSince: this.control.versionSince,
+      configSince: this.control.configSince,
+      now: Date.now()
+    }) as unknown as Record<string, unknown>
   }
 
   /** Swap in a validated config without dropping a connection. */
@@ -285,6 +318,7 @@ export class Sidecar {
     await this.flags.close()
     this.control.stop()
     this.triggers.stop()
+    this.verifier.stop()
     this.notifier.stop()
     await this.admin.close()
     await this.ops.close()

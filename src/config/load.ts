@@ -192,8 +192,21 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
             budgetPercent: r.retries.budgetPercent ?? 20,
             minRetriesPerSecond: r.retries.minRetriesPerSecond ?? 10
           },
-      rewritePrefix: r.rewritePrefix ?? null
+      rewritePrefix: r.rewritePrefix ?? null,
+      fault: r.fault === undefined
+        ? null
+        : {
+            abortPercent: r.fault.abortPercent ?? 0,
+            abortStatus: r.fault.abortStatus ?? 503,
+            delayPercent: r.fault.delayPercent ?? 0,
+            delayMs: toMs(r.fault.delayMs ?? 0),
+            flag: r.fault.flag ?? null
+          }
     })
+    if (r.fault?.flag !== undefined && (input.featureFlags ?? {})[r.fault.flag] === undefined && input.flagSource === undefined) {
+      problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
+    }
+    if (r.fault !== undefined && (r.fault.delayPercent ?? 0) > 0 && toMs(r.fault.delayMs ?? 0) === 0) problems.push(`${at}.fault.delayMs: needed with delayPercent`)
   })
 
   const circuitBreakers: Record<string, CircuitBreakerConfig> = {}
@@ -253,6 +266,18 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
       upstreams: tr.upstreams ?? null
     })
   })
+  const v = input.verification ?? {}
+  const verification = {
+    synthetics: (v.synthetics ?? []).map((syn, i) => {
+      if (syn.route !== undefined && !routes.some((r) => r.name === syn.route)) problems.push(`verification.synthetics[${i}].route: unknown route "${syn.route}"`)
+      return { route: syn.route ?? null, method: syn.method ?? 'GET', path: syn.path, host: syn.host ?? null, expectStatus: syn.expectStatus ?? 200 }
+    }),
+    intervalMs: toMs(v.intervalMs ?? 1000),
+    successes: v.successes ?? 3,
+    windowMs: toMs(v.windowMs ?? 10_000),
+    timeoutMs: toMs(v.timeoutMs ?? 300_000),
+    maxErrorRate: v.maxErrorRate ?? 0.05
+  }
   const n = input.notifications ?? {}
   const notifications: NotificationsConfig = {
     slackChannel: n.slackChannel ?? null,
@@ -309,6 +334,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     flagSource,
     circuitBreakers,
     rollbackTriggers,
+    verification,
     notifications,
     admin: { tokenFile: input.admin?.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: rollbackConfig(input.rollback),

@@ -105,7 +105,14 @@ const Route = closed({
   timeoutMs: Type.Optional(Duration),
   idleTimeoutMs: Type.Optional(Duration),
   retries: Type.Optional(Retries),
-  rewritePrefix: Type.Optional(Type.String({ pattern: '^/' }))
+  rewritePrefix: Type.Optional(Type.String({ pattern: '^/' })),
+  fault: Type.Optional(closed({
+    abortPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
+    abortStatus: Type.Optional(Type.Integer({ minimum: 200, maximum: 599 })),
+    delayPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
+    delayMs: Type.Optional(Duration),
+    flag: Type.Optional(FlagKey)
+  }))
 })
 
 export const ConfigSchema = closed(
@@ -154,6 +161,20 @@ export const ConfigSchema = closed(
       webhooks: Type.Optional(Type.Array(WebhookUrl)),
       queueSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000 })),
       maxAttempts: Type.Optional(Type.Integer({ minimum: 1, maximum: 20 }))
+    })),
+    verification: Type.Optional(closed({
+      synthetics: Type.Optional(Type.Array(closed({
+        route: Type.Optional(Name),
+        method: Type.Optional(Type.String({ pattern: '^[A-Z]+$' })),
+        path: Type.String({ pattern: '^/' }),
+        host: Type.Optional(Type.String({ minLength: 1 })),
+        expectStatus: Type.Optional(Type.Integer({ minimum: 100, maximum: 599 }))
+      }))),
+      intervalMs: Type.Optional(Duration),
+      successes: Type.Optional(Type.Integer({ minimum: 1, maximum: 100 })),
+      windowMs: Type.Optional(Duration),
+      timeoutMs: Type.Optional(Duration),
+      maxErrorRate: Type.Optional(Type.Number({ minimum: 0, maximum: 1 }))
     })),
     admin: Type.Optional(closed({
       tokenFile: Type.Optional(Type.String({ minLength: 1 }))

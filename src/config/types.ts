@@ -58,6 +58,15 @@ export interface MatchConfig {
   headers: ReadonlyArray<readonly [string, string]> | null
 }
 
+export interface FaultConfig {
+  abortPercent: number
+  abortStatus: number
+  delayPercent: number
+  delayMs: number
+  /** When set, the fault is injected only while this flag is on (switch it at run time). */
+  flag: string | null
+}
+
 export interface RouteConfig {
   name: string
   match: MatchConfig
@@ -68,6 +77,8 @@ export interface RouteConfig {
   idleTimeoutMs: number
   retries: RetryConfig | null
   rewritePrefix: string | null
+  /** Fault injection for game days; null = none (the default). */
+  fault: FaultConfig | null
 }
 
 export interface CircuitBreakerConfig {
@@ -131,6 +142,28 @@ export interface NotificationsConfig {
   maxAttempts: number
 }
 
+export interface SyntheticConfig {
+  /** The route it checks (the route its path matches, when not given). */
+  route: string | null
+  method: string
+  path: string
+  host: string | null
+  expectStatus: number
+}
+
+export interface VerificationConfig {
+  synthetics: readonly SyntheticConfig[]
+  intervalMs: number
+  /** Consecutive passing synthetic rounds needed. */
+  successes: number
+  /** Real traffic is judged over the last windowMs since the mitigation. */
+  windowMs: number
+  /** Give up (not restored) after this long. */
+  timeoutMs: number
+  /** Error rate real traffic must be under when no trigger gives a threshold. */
+  maxErrorRate: number
+}
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
 export interface Config {
@@ -152,6 +185,7 @@ export interface Config {
   /** Keyed by upstream name; only these upstreams have a breaker (SPEC §14). */
   circuitBreakers: Readonly<Record<string, CircuitBreakerConfig>>
   rollbackTriggers: readonly TriggerConfig[]
+  verification: VerificationConfig
   notifications: NotificationsConfig
   admin: { tokenFile: string | null }
   rollback: RollbackConfig | null

@@ -14,8 +14,10 @@ export interface AdminDeps {
   /** GET /v1/state body. */
   state: () => Record<string, unknown>
   reload: () => Promise<{ ok: boolean, problems: readonly string[] }>
-  /** GET /v1/triage body, when triage is available. */
-  triage?: () => Record<string, unknown>
+  /** GET /v1/triage body. */
+  triage: () => Record<string, unknown>
+  /** GET /v1/incidents body. */
+  incidents: () => unknown[]
 }
 
 const BODY_LIMIT = 16 * 1024
@@ -141,10 +143,9 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     return await reply.send({ ok: true })
   })
 
-  app.get('/v1/triage', async (_req, reply) => {
-    if (deps.triage === undefined) return await reply.code(501).send({ error: 'not_implemented', message: 'triage is not available' })
-    return deps.triage()
-  })
+  app.get('/v1/triage', async () => deps.triage())
+
+  app.get('/v1/incidents', async () => ({ incidents: deps.incidents() }))
 
   return app
 }

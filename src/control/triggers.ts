@@ -62,6 +62,8 @@ export class TriggerEngine {
   private live: Live[] = []
   private timer: NodeJS.Timeout | null = null
   readonly firedTotal = new Map<string, number>()
+  /** Told first when a trigger fires (incidents open here). */
+  onFire: (trigger: TriggerConfig, reading: Reading, at: number) => void = () => {}
 
   constructor (
     private readonly stats: () => Iterable<RouteStats>,
@@ -148,6 +150,7 @@ export class TriggerEngine {
     t.belowSince = null
     this.firedTotal.set(c.name, (this.firedTotal.get(c.name) ?? 0) + 1)
     this.logger.warn({ event: 'trigger_fired', trigger: c.name, metric: c.metric, value: r.value, threshold: c.threshold, window: c.windowMs, requests: r.requests, errors: r.errors, action: c.action }, `trigger ${c.name} fired`)
+    this.onFire(c, r, now)
     t.lastOutcome = 'running'
     this.act(c, r).then((outcome) => { t.lastOutcome = outcome }, (err: unknown) => {
       t.lastOutcome = `failed: ${(err as Error).message}`

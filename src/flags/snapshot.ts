@@ -16,6 +16,8 @@ export class FlagSnapshot {
   /** key → enabled. Read per request; replaced whole, never mutated. */
   values: ReadonlyMap<string, boolean> = new Map()
   readonly sources: FlagSources
+  /** Recent changes of what the request path sees (for triage), oldest first, bounded. */
+  readonly changes: Array<{ flag: string, enabled: boolean, at: number }> = []
   /** Flag file problems (unreadable, unparsable): counted, last good flags kept. */
   fileErrors = 0
   private readonly provider: BreakwaterProvider
@@ -114,7 +116,11 @@ export class FlagSnapshot {
       const prev = this.values
       this.values = next
       for (const [key, value] of next) {
-        if (prev.get(key) !== value && prev.size > 0) this.logger.warn({ event: 'flag_changed', flag: key, enabled: value, origin: this.sources.resolve(key)?.origin }, value ? 'flag on' : 'flag off')
+        if (prev.get(key) !== value && prev.size > 0) {
+          this.changes.push({ flag: key, enabled: value, at: Date.now() })
+          if (this.changes.length > 200) this.changes.shift()
+          this.logger.warn({ event: 'flag_changed', flag: key, enabled: value, origin: this.sources.resolve(key)?.origin }, value ? 'flag on' : 'flag off')
+        }
       }
     })
     this.refreshing = run.catch((err: unknown) => { this.logger.error({ event: 'flag_source', err }, 'flag refresh failed') })

@@ -120,11 +120,41 @@ function render (a: OperatorArgs, body: any): string {
       if (a.command === 'mitigate' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
       return lines.join('\n') + persistNote(body) + '\n'
     }
+    case 'triage': return renderTriage(body)
     case 'audit':
       return table(['time', 'action', 'targets', 'result', 'requester', 'reason'], (body.entries as any[]).map((e) => [e.time, e.action, (e.targets ?? []).join(','), e.result, e.requester, e.reason])) + '\n'
     default:
       return JSON.stringify(body, null, 2) + '\n'
   }
+}
+
+function renderTriage (r: any): string {
+  const out: string[] = []
+  out.push(`SCENARIO  ${String(r.scenario).replace(/_/g, ' ')}`)
+  out.push(`          ${r.summary}`)
+  const rec = r.recommendation
+  out.push('', `DO        ${rec.action}${rec.target !== null ? ` ${rec.target}` : ''} — ${rec.why}`)
+  if (rec.command !== null) out.push(`          $ ${rec.command}`)
+  const sig = (s: any): string[] => [s.name, String(s.current.ratePerSecond), pctOf(s.current.errorRate), pctOf(s.baseline.errorRate), ms(s.current.p99Ms), ms(s.baseline.p99Ms), s.elevated ? 'YES' : '']
+  const header = ['scope', 'req/s', 'errors', 'baseline', 'p99', 'baseline p99', 'elevated']
+  out.push('', 'EVIDENCE (last minute vs the 30 minutes before)')
+  out.push(table(header, [sig(r.evidence.all), ...r.evidence.routes.map((x: any) => sig({ ...x, name: `route ${x.name}` })), ...r.evidence.upstreams.map((x: any) => sig({ ...x, name: `upstream ${x.name}` }))]))
+  const changes = r.evidence.recentChanges
+  out.push('', `CHANGES   version: ${changes.version ?? 'none in 30 min'}; config: ${changes.config ?? 'none in 30 min'}; flags: ${changes.flags.length === 0 ? 'none' : changes.flags.map((f: any) => `${f.flag}=${f.enabled ? 'on' : 'off'}`).join(', ')}`)
+  if (r.evidence.circuits.length > 0) out.push(`CIRCUITS  ${r.evidence.circuits.map((c: any) => `${c.upstream} ${c.state}`).join(', ')}`)
+  if (r.ruledOut.length > 0) {
+    out.push('', 'RULED OUT')
+    for (const x of r.ruledOut) out.push(`  ${String(x.scenario).replace(/_/g, ' ')}: ${x.why}`)
+  }
+  return out.join('\n') + '\n'
+}
+
+function pctOf (x: number | null): string {
+  return x === null ? '-' : `${(x * 100).toFixed(1)}%`
+}
+
+function ms (x: number | null): string {
+  return x === null ? '-' : `${x} ms`
 }
 
 function persistNote (body: any): string {

@@ -13,6 +13,7 @@ import { STATE_VALUE } from '../proxy/circuit-breaker.js'
 import type { ControlPlane } from '../control/control-plane.js'
 import type { TriggerEngine } from '../control/triggers.js'
 import type { Notifier } from '../control/notify.js'
+import { TTR_BUCKETS, type Verifier } from '../control/verify.js'
 
 type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
@@ -36,6 +37,7 @@ export interface MetricSources {
   control: ControlPlane
   triggers: TriggerEngine
   notifier: Notifier
+  verifier: Verifier
   log: LogStats
   reloads: { ok: number, failed: number }
 }
@@ -112,6 +114,29 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 
   scraped(registry, 'breakwater_notifications_dropped_total', 'Notifications dropped because the queue was full.', 'counter', () =>
     [{ labels: {}, value: sources.notifier.dropped }])
+
+  scraped(registry, 'breakwater_faults_injected_total', 'Faults injected on purpose (game days), by route and type (abort, delay).', 'counter', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      if (s.faultsAborted > 0) out.push({ labels: { route: s.route, type: 'abort' }, value: s.faultsAborted })
+      if (s.faultsDelayed > 0) out.push({ labels: { route: s.route, type: 'delay' }, value: s.faultsDelayed })
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_time_to_restore_seconds', 'Time from detection to verified restoration, per incident.', 'histogram', () => {
+    const v = sources.verifier
+    const out: Sample[] = []
+    let cumulative = 0
+    TTR_BUCKETS.forEach((le, i) => {
+      cumulative += v.ttrBuckets[i] as number
+      out.push({ labels: { le }, value: cumulative, metricName: 'breakwater_time_to_restore_seconds_bucket' })
+    })
+    out.push({ labels: { le: '+Inf' }, value: v.ttrCount, metricName: 'breakwater_time_to_restore_seconds_bucket' })
+    out.push({ labels: {}, value: v.ttrSum, metricName: 'breakwater_time_to_restore_seconds_sum' })
+    out.push({ labels: {}, value: v.ttrCount, metricName: 'breakwater_time_to_restore_seconds_count' })
+    return out
+  })
 
   scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
     Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))

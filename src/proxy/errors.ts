@@ -22,7 +22,8 @@ export const ERRORS = {
   upstream_timeout: { status: 504, message: 'the upstream did not answer in time', mitigation: null },
   bad_request: { status: 400, message: 'malformed request', mitigation: null },
   headers_too_large: { status: 431, message: 'request headers too large', mitigation: null },
-  request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null }
+  request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null },
+  fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null }
 } as const satisfies Record<string, LocalError>
 
 export type ErrorCode = keyof typeof ERRORS
@@ -57,7 +58,7 @@ export function errorBody (code: ErrorCode, requestId: string, message?: string)
  * Send a locally generated response. Sets its own framing (content-length) and the
  * `x-breakwater-error` / `x-breakwater-mitigation` headers (SPEC §3, §14).
  */
-export function sendError (res: ServerResponse, code: ErrorCode, requestId: string, close: boolean, extra?: ReadonlyArray<string>, message?: string): void {
+export function sendError (res: ServerResponse, code: ErrorCode, requestId: string, close: boolean, extra?: ReadonlyArray<string>, message?: string, status?: number): void {
   const spec: LocalError = ERRORS[code]
   const body = errorBody(code, requestId, message)
   const headers = [
@@ -69,7 +70,7 @@ export function sendError (res: ServerResponse, code: ErrorCode, requestId: stri
   if (spec.mitigation !== null) headers.push('x-breakwater-mitigation', spec.mitigation)
   if (extra !== undefined) headers.push(...extra)
   if (close) headers.push('connection', 'close')
-  res.writeHead(spec.status, headers)
+  res.writeHead(status ?? spec.status, headers)
   res.end(body)
 }
 

@@ -5,6 +5,7 @@
  *   normalise     the path, once; an invalid encoding                       → 400 bad_request
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
+ *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
  *   circuit breaker (bulkhead)
  *                 the upstream's circuit is open                            → 503 circuit_open
  *                 too many requests in flight to the upstream               → 503 bulkhead_full
@@ -20,6 +21,9 @@ import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
 import { Exchange } from './forward.js'
 import { killSwitchAllows } from './kill-switch.js'
+import { decideFault, ABORT, DELAY } from './fault.js'
+import type { RequestHead } from './headers.js'
+import type { FaultConfig } from '../config/types.js'
 import { ERRORS, sendError, type ErrorCode } from './errors.js'
 
 export interface PipelineOptions {
@@ -63,6 +67,30 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
       return
     }
 
+    // fault
+    const fault = decideFault(route.config.fault, dp.flags)
+    if (fault === ABORT) {
+      const cfg = route.config.fault as FaultConfig
+      route.stats.fault('abort')
+      route.stats.outcome(Date.now(), cfg.abortStatus >= 500, performance.now() - startedAt)
+      refuse(dp, req, res, 'fault_injected', route, head.requestId, startedAt, undefined, ['x-breakwater-fault', 'abort'], cfg.abortStatus)
+      return
+    }
+    if (fault === DELAY) {
+      route.stats.fault('delay')
+      res.setHeader('x-breakwater-fault', 'delay')
+      setTimeout(guardAndForward, (route.config.fault as FaultConfig).delayMs, dp, route, req, res, head, path, startedAt)
+      return
+    }
+
+    guardAndForward(dp, route, req, res, head, path, startedAt)
+  }
+}
+
+/** The circuit breaker (bulkhead) stage, then forward. */
+function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number): void {
+  if (res.destroyed) return // the client left during an injected delay
+  {
     // circuit breaker (bulkhead)
     const upstream = route.upstream
     const circuit = upstream.circuit
@@ -98,11 +126,11 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
 }
 
 /** Answer with a local error, count it and write its access-log line. */
-export function refuse (dp: DataPlane, req: IncomingMessage, res: ServerResponse, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, message?: string, extraHeaders?: string[]): void {
+export function refuse (dp: DataPlane, req: IncomingMessage, res: ServerResponse, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, message?: string, extraHeaders?: string[], statusOverride?: number): void {
   // A request body we will not read must not stall the connection: close it after answering.
   const close = dp.draining || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined
-  sendError(res, code, requestId, close, extraHeaders, message)
-  const status = ERRORS[code].status
+  sendError(res, code, requestId, close, extraHeaders, message, statusOverride)
+  const status = statusOverride ?? ERRORS[code].status
   const seconds = (performance.now() - startedAt) / 1000
   const stats = route === null ? dp.stats.route('', '') : route.stats
   stats.record(status, seconds)

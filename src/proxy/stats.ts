@@ -25,6 +25,8 @@ export class RouteStats {
   readonly rejections = new Map<string, number>()
   retries = 0
   retryBudgetExhausted = 0
+  faultsAborted = 0
+  faultsDelayed = 0
 
   constructor (route: string, upstream: string) {
     this.route = route
@@ -48,6 +50,11 @@ export class RouteStats {
    */
   outcome (nowMs: number, error: boolean, latencyMs: number): void {
     this.window.record(nowMs, error, latencyMs)
+  }
+
+  fault (type: 'abort' | 'delay'): void {
+    if (type === 'abort') this.faultsAborted++
+    else this.faultsDelayed++
   }
 
   reject (reason: string): void {

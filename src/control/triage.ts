@@ -1,0 +1,209 @@
+/**
+ * Triage (SPEC §11): the signals this sidecar holds, mapped to the decision matrix, with the
+ * lowest-risk mitigation that fits and the exact command to run it.
+ *
+ * Signals: error rate, p99 and request rate per route and upstream over the last minute
+ * against the 30 minutes before it; circuit states; flag, config and version changes in the
+ * last 30 minutes.
+ *
+ * Matrix, checked in this order:
+ *   traffic spike       rate ≥ 3× baseline with latency or errors up   → scale / shed
+ *   feature regression  errors concentrated on a route with a kill switch → kill switch
+ *   downstream failure  one upstream failing, the others fine           → circuit break
+ *   bad deployment      version or config changed recently, errors across routes → rollback
+ */
+import type { Config } from '../config/types.js'
+import type { RouteStats } from '../proxy/stats.js'
+import { emptySums, quantile, type WindowSums } from '../proxy/window.js'
+import type { CircuitView } from './control-plane.js'
+
+export type Scenario = 'healthy' | 'traffic_spike' | 'feature_regression' | 'downstream_failure' | 'bad_deployment' | 'unclear'
+
+export interface Figures {
+  requests: number
+  ratePerSecond: number
+  errorRate: number | null
+  p99Ms: number | null
+}
+
+export interface Signal {
+  name: string
+  current: Figures
+  baseline: Figures
+  elevated: boolean
+}
+
+export interface TriageInput {
+  config: Config
+  stats: Iterable<RouteStats>
+  circuits: CircuitView[]
+  flagChanges: ReadonlyArray<{ flag: string, enabled: boolean, at: number }>
+  flagEnabled: (key: string) => boolean
+  versionSince: string
+  configSince: string
+  now: number
+}
+
+export interface Recommendation {
+  action: 'killSwitch' | 'rollback' | 'circuitBreak' | 'scale' | 'none' | 'investigate'
+  target: string | null
+  command: string | null
+  why: string
+}
+
+export interface TriageReport {
+  generatedAt: string
+  scenario: Scenario
+  summary: string
+  recommendation: Recommendation
+  evidence: {
+    all: Signal
+    routes: Signal[]
+    upstreams: Signal[]
+    circuits: Array<{ upstream: string, state: string, forced: string | null, failureRate: number }>
+    recentChanges: { version: string | null, config: string | null, flags: Array<{ flag: string, enabled: boolean, at: string }> }
+  }
+  ruledOut: Array<{ scenario: Scenario, why: string }>
+}
+
+const CURRENT_S = 60
+const BASELINE_S = 1800
+const RECENT_MS = 30 * 60_000
+const MIN_REQUESTS = 10
+
+function figures (s: WindowSums, seconds: number): Figures {
+  return {
+    requests: s.requests,
+    ratePerSecond: round(s.requests / seconds),
+    errorRate: s.requests === 0 ? null : round(s.errors / s.requests),
+    p99Ms: s.latency === null ? null : roundOrNull(quantile(s.latency, 0.99))
+  }
+}
+
+function signal (name: string, stats: RouteStats[], now: number): Signal {
+  const nowSec = Math.floor(now / 1000) + 1
+  const cur = emptySums(true)
+  const base = emptySums(true)
+  for (const s of stats) {
+    s.window.sum(nowSec - CURRENT_S, nowSec, cur)
+    s.window.sum(nowSec - CURRENT_S - BASELINE_S, nowSec - CURRENT_S, base)
+  }
+  const current = figures(cur, CURRENT_S)
+  const baseline = figures(base, BASELINE_S)
+  const elevated = current.requests >= MIN_REQUESTS && (current.errorRate ?? 0) > Math.max(0.05, 2 * (baseline.errorRate ?? 0))
+  return { name, current, baseline, elevated }
+}
+
+function group (stats: RouteStats[], key: (s: RouteStats) => string, now: number): Signal[] {
+  const by = new Map<string, RouteStats[]>()
+  for (const s of stats) {
+    const k = key(s)
+    by.set(k, [...(by.get(k) ?? []), s])
+  }
+  return [...by].map(([name, list]) => signal(name, list, now))
+}
+
+export function triage (input: TriageInput): TriageReport {
+  const { config, now } = input
+  const stats = [...input.stats].filter((s) => s.route !== '')
+  const all = signal('all', stats, now)
+  const routes = group(stats, (s) => s.route, now)
+  const upstreams = group(stats, (s) => s.upstream, now)
+  const recentVersion = input.versionSince !== '' && now - Date.parse(input.versionSince) <= RECENT_MS ? input.versionSince : null
+  const recentConfig = input.configSince !== '' && now - Date.parse(input.configSince) <= RECENT_MS ? input.configSince : null
+  const flagChanges = input.flagChanges.filter((c) => now - c.at <= RECENT_MS).map((c) => ({ flag: c.flag, enabled: c.enabled, at: new Date(c.at).toISOString() }))
+  const evidence: TriageReport['evidence'] = {
+    all,
+    routes,
+    upstreams,
+    circuits: input.circuits.map((c) => ({ upstream: c.upstream, state: c.state, forced: c.forced, failureRate: round(c.failureRate) })),
+    recentChanges: { version: recentVersion, config: recentConfig, flags: flagChanges }
+  }
+  const ruledOut: TriageReport['ruledOut'] = []
+  const reason = (text: string): string => `--reason ${JSON.stringify(text)}`
+  const done = (scenario: Scenario, summary: string, recommendation: Recommendation): TriageReport =>
+    ({ generatedAt: new Date(now).toISOString(), scenario, summary, recommendation, evidence, ruledOut })
+
+  const failingRoutes = routes.filter((r) => r.elevated)
+  const failingUpstreams = upstreams.filter((u) => u.elevated)
+  const openCircuits = input.circuits.filter((c) => c.state !== 'closed')
+
+  // traffic spike
+  const spike = all.baseline.ratePerSecond > 0 && all.current.ratePerSecond >= 3 * all.baseline.ratePerSecond &&
+    ((all.current.p99Ms ?? 0) >= 2 * (all.baseline.p99Ms ?? Number.POSITIVE_INFINITY) || all.elevated)
+  if (spike) {
+    return done('traffic_spike', `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`, {
+      action: 'scale',
+      target: config.service,
+      command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`,
+      why: 'saturation from load, not a fault in the code: add capacity or shed load'
+    })
+  }
+  ruledOut.push({ scenario: 'traffic_spike', why: all.baseline.ratePerSecond === 0 ? 'no baseline traffic to compare with' : `rate ${all.current.ratePerSecond}/s vs baseline ${all.baseline.ratePerSecond}/s (needs ≥ 3×)` })
+
+  if (failingRoutes.length === 0 && failingUpstreams.length === 0 && openCircuits.length === 0) {
+    return done('healthy', `no route or upstream has elevated errors (all traffic: ${pct(all.current.errorRate)} errors over the last minute)`, { action: 'none', target: null, command: null, why: 'nothing to mitigate' })
+  }
+
+  // feature regression: errors concentrated on one route that has a kill switch still on
+  const totalErrors = failingRoutes.reduce((n, r) => n + (r.current.errorRate ?? 0) * r.current.requests, 0)
+  const top = [...failingRoutes].sort((a, b) => (b.current.errorRate ?? 0) * b.current.requests - (a.current.errorRate ?? 0) * a.current.requests)[0]
+  const topRoute = top === undefined ? undefined : config.routes.find((r) => r.name === top.name)
+  const topShare = top === undefined || totalErrors === 0 ? 0 : ((top.current.errorRate ?? 0) * top.current.requests) / totalErrors
+  const otherRoutesFine = routes.filter((r) => r.name !== top?.name).every((r) => !r.elevated)
+  if (top !== undefined && topRoute?.killSwitch != null && input.flagEnabled(topRoute.killSwitch) && (otherRoutesFine || topShare >= 0.8)) {
+    return done('feature_regression', `errors are concentrated on route ${top.name} (${pct(top.current.errorRate)} vs ${pct(top.baseline.errorRate)} baseline), which kill switch ${topRoute.killSwitch} guards`, {
+      action: 'killSwitch',
+      target: topRoute.killSwitch,
+      command: `breakwater kill ${topRoute.killSwitch} ${reason(`errors on ${top.name}`)}`,
+      why: 'the lowest-risk move: switch the feature off, the rest of the service keeps working'
+    })
+  }
+  ruledOut.push({ scenario: 'feature_regression', why: top === undefined ? 'no route has elevated errors' : topRoute?.killSwitch == null ? `route ${top.name} has no kill switch` : !input.flagEnabled(topRoute.killSwitch) ? `kill switch ${topRoute.killSwitch} is already off` : 'errors are spread across routes' })
+
+  // downstream failure: one upstream failing, the others fine
+  const failingDependency = failingUpstreams.length === 1 && upstreams.length > 1 ? failingUpstreams[0] : undefined
+  const circuitFailing = openCircuits.length === 1 && failingUpstreams.length <= 1 ? openCircuits[0] : undefined
+  const dependency = failingDependency?.name ?? circuitFailing?.upstream
+  if (dependency !== undefined && config.upstreams[dependency]?.critical !== true) {
+    const sig = upstreams.find((u) => u.name === dependency)
+    return done('downstream_failure', `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`, {
+      action: 'circuitBreak',
+      target: dependency,
+      command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`,
+      why: 'isolate the failing dependency: fail fast instead of waiting on it'
+    })
+  }
+  ruledOut.push({ scenario: 'downstream_failure', why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : 'no single upstream stands out' })
+
+  // bad deployment: something changed recently, and errors are across routes
+  const changed = recentVersion !== null || recentConfig !== null
+  if (changed && (failingRoutes.length >= 2 || all.elevated)) {
+    return done('bad_deployment', `errors across ${failingRoutes.length} route(s) (${pct(all.current.errorRate)} of all traffic) since ${recentVersion !== null ? `version ${config.version} at ${recentVersion}` : `a config change at ${recentConfig ?? '?'}`}`, {
+      action: 'rollback',
+      target: config.version,
+      command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`,
+      why: 'the last change is the likely cause: go back to the last known-good version'
+    })
+  }
+  ruledOut.push({ scenario: 'bad_deployment', why: changed ? 'errors are not across routes' : 'no version or config change in the last 30 minutes' })
+
+  return done('unclear', `elevated errors on ${failingRoutes.map((r) => r.name).join(', ') || 'no route'} without a clear pattern`, {
+    action: 'investigate',
+    target: null,
+    command: 'breakwater status',
+    why: 'no scenario of the decision matrix fits; look at the evidence'
+  })
+}
+
+function round (x: number): number {
+  return Math.round(x * 1e4) / 1e4
+}
+
+function roundOrNull (x: number | null): number | null {
+  return x === null ? null : Math.round(x * 10) / 10
+}
+
+function pct (x: number | null): string {
+  return x === null ? 'n/a' : `${(x * 100).toFixed(1)}%`
+}
