@@ -31,6 +31,8 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater audit [--limit N]                        newest audit entries
   breakwater triage                                   what is wrong, and the lowest-risk fix
 
+  breakwater drill                                    rehearse an outage end to end, on loopback
+
 Options:
   -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
                       else ./config/breakwater.yaml, else the embedded default
@@ -89,6 +91,11 @@ async function main (argv: string[]): Promise<number> {
     }
     case 'validate':
       return await validate(configPath(values.config), values.json === true)
+    case 'drill': {
+      const { runDrill } = await import('./drill.js')
+      const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true })
+      return result.restored ? 0 : 1
+    }
     case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': {
       const { runOperator, UsageError } = await import('./operator/commands.js')
       const given = values.config ?? process.env.BREAKWATER_CONFIG

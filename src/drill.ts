@@ -1,0 +1,188 @@
+/**
+ * The outage drill (`breakwater drill`, `npm run drill`): a rehearsal of the worst hour, in
+ * under a minute, on loopback. It starts a demo app and a sidecar with a realistic config,
+ * drives steady traffic, ships a bad release of one route, and shows — live — the error rate
+ * rising, the trigger firing, the rollback, the synthetic verification, and finally the
+ * timeline: time to detect, to mitigate, to restore. Exit 0 when service was restored.
+ */
+import http from 'node:http'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Writable } from 'node:stream'
+import type { AddressInfo } from 'node:net'
+import { Pool } from 'undici'
+import { resolveConfig } from './config/load.js'
+import { startSidecar, type Sidecar } from './sidecar.js'
+
+export interface DrillOptions {
+  out: (text: string) => void
+  /** Overwrite the progress line in place (a terminal). */
+  tty: boolean
+  /** Requests per second of steady load. */
+  rate?: number
+  /** Seconds of steady state before the bad release. */
+  warmupSeconds?: number
+  /** Give up after this many seconds. */
+  timeoutSeconds?: number
+}
+
+export interface DrillResult {
+  restored: boolean
+  timeToDetectSeconds: number | null
+  timeToMitigateSeconds: number | null
+  timeToRestoreSeconds: number | null
+}
+
+interface Demo {
+  url: string
+  bad: boolean
+  rolledBackAt: number | null
+  close: () => Promise<void>
+}
+
+/** The demo app: /checkout fails half the time while the bad release is live; a webhook rolls it back. */
+async function startDemo (): Promise<Demo> {
+  const demo: Demo = { url: '', bad: false, rolledBackAt: null, close: async () => {} }
+  const server = http.createServer((req, res) => {
+    if (req.method === 'POST' && req.url === '/__deploy/rollback') {
+      req.resume()
+      demo.bad = false
+      demo.rolledBackAt = Date.now()
+      res.writeHead(202, { 'content-type': 'application/json' })
+      res.end('{"rolledBack":true}')
+      return
+    }
+    req.resume()
+    if (req.url?.startsWith('/checkout') === true && demo.bad && Math.random() < 0.5) {
+      res.writeHead(500, { 'content-type': 'application/json' })
+      res.end('{"error":"NullPointerException in CheckoutController"}')
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(`{"ok":true,"path":${JSON.stringify(req.url)}}`)
+  })
+  server.keepAliveTimeout = 30_000
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  demo.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  demo.close = async () => {
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+  return demo
+}
+
+export async function runDrill (o: DrillOptions): Promise<DrillResult> {
+  const rate = o.rate ?? 100
+  const warmup = o.warmupSeconds ?? 3
+  const timeout = o.timeoutSeconds ?? 40
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-drill-'))
+  const demo = await startDemo()
+  const events: Array<Record<string, unknown>> = []
+  const sink = new Writable({
+    write (chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString('utf8').split('\n')) if (line !== '') events.push(JSON.parse(line) as Record<string, unknown>)
+      cb()
+    }
+  })
+  const { config } = resolveConfig({
+    service: 'shop',
+    version: '2.0.1',
+    stateDir,
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    upstreams: { app: { url: demo.url, critical: true } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout', timeoutMs: 2000 },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true },
+    rollbackTriggers: [{ name: 'error_rate_5pct', metric: 'error_rate', threshold: 0.05, window: '5s', minRequests: 20, action: 'rollback' }],
+    rollback: { type: 'webhook', url: `${demo.url}/__deploy/rollback`, cooldown: '10m' },
+    verification: { synthetics: [{ route: 'checkout', path: '/checkout/health-probe', expectStatus: 200 }], intervalMs: 300, successes: 3, windowMs: '3s', timeoutMs: '30s' },
+    logging: { level: 'info', accessLog: false },
+    shutdown: { drainDelayMs: 0, timeoutMs: 1000 }
+  })
+  let sidecar: Sidecar | null = null
+  const pool = new Pool('http://127.0.0.1:1', { connections: 16 })
+  let load: NodeJS.Timeout | null = null
+  try {
+    sidecar = await startSidecar(config, { logDestination: sink, adminToken: 'drill-token-0123456789abcdef' })
+    const proxy = new Pool(sidecar.addresses.proxy, { connections: 16 })
+    const start = Date.now()
+    const seconds = new Map<number, { ok: number, err: number }>()
+    let sent = 0
+    const fire = (i: number): void => {
+      const path = i % 2 === 0 ? '/checkout/cart' : '/catalog/items'
+      const sec = Math.floor((Date.now() - start) / 1000)
+      proxy.request({ path, method: 'GET' }).then(async (res) => {
+        await res.body.dump()
+        const b = seconds.get(sec) ?? { ok: 0, err: 0 }
+        if (res.statusCode >= 500) b.err++
+        else b.ok++
+        seconds.set(sec, b)
+      }, () => {
+        const b = seconds.get(sec) ?? { ok: 0, err: 0 }
+        b.err++
+        seconds.set(sec, b)
+      })
+    }
+    const perTick = Math.max(1, Math.round(rate / 50))
+    load = setInterval(() => { for (let k = 0; k < perTick; k++) fire(sent++) }, 20)
+
+    o.out(`Breakwater drill: service "shop" ${config.version} behind a sidecar, ${rate} req/s of steady traffic\n`)
+    o.out('trigger: error_rate > 5% over 5s (min 20 requests) → rollback (webhook); verification: 3 synthetic checks of /checkout + real traffic\n\n')
+    let onset: number | null = null
+    let result: DrillResult = { restored: false, timeToDetectSeconds: null, timeToMitigateSeconds: null, timeToRestoreSeconds: null }
+    let lastPrinted = -1
+    while (true) {
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      const now = Date.now()
+      const t = (now - start) / 1000
+      if (onset === null && t >= warmup) {
+        onset = now
+        demo.bad = true
+        o.out(`${o.tty ? '\r\x1b[K' : ''}+${t.toFixed(1)}s  deploying a bad release of /checkout: half of its requests now fail\n`)
+      }
+      const sec = Math.floor((now - start) / 1000) - 1
+      const b = seconds.get(sec) ?? { ok: 0, err: 0 }
+      const total = b.ok + b.err
+      const trig = sidecar.triggers.status()[0]
+      const incident = sidecar.verifier.incidents[0]
+      const verifying = incident === undefined ? '-' : incident.status === 'verifying' ? `verifying ${incident.checks.syntheticPassesInARow}/3` : incident.status
+      const line = `+${t.toFixed(1)}s  ${total} req/s  errors ${total === 0 ? '-' : `${((b.err / total) * 100).toFixed(0)}%`}  trigger ${trig?.state ?? '-'}${trig?.value != null ? ` (${(trig.value * 100).toFixed(1)}%)` : ''}  mitigation ${incident?.mitigation?.action ?? '-'}  restoration ${verifying}`
+      if (o.tty) o.out(`\r\x1b[K${line}`)
+      else if (Math.floor(t) !== lastPrinted) { lastPrinted = Math.floor(t); o.out(`${line}\n`) }
+      if (incident !== undefined && onset !== null && (incident.status === 'restored' || incident.status === 'not_restored')) {
+        const detected = Date.parse(incident.detectedAt)
+        const mitigated = incident.mitigatedAt === null ? null : Date.parse(incident.mitigatedAt)
+        const restored = incident.restoredAt === null ? null : Date.parse(incident.restoredAt)
+        result = {
+          restored: incident.status === 'restored',
+          timeToDetectSeconds: (detected - onset) / 1000,
+          timeToMitigateSeconds: mitigated === null ? null : (mitigated - onset) / 1000,
+          timeToRestoreSeconds: restored === null ? null : (restored - onset) / 1000
+        }
+        break
+      }
+      if (t > timeout) break
+    }
+    if (load !== null) clearInterval(load)
+    await proxy.close()
+    const f = (x: number | null): string => (x === null ? 'n/a' : `${x.toFixed(1)} s`)
+    o.out(`${o.tty ? '\n' : ''}\nTimeline (from the bad release):\n`)
+    o.out(`  fault onset          +0.0 s\n`)
+    o.out(`  detected             +${f(result.timeToDetectSeconds)}   trigger error_rate_5pct fired\n`)
+    o.out(`  mitigated            +${f(result.timeToMitigateSeconds)}   rollback webhook accepted${demo.rolledBackAt !== null ? '' : ' (NOT received)'}\n`)
+    o.out(`  restored (verified)  +${f(result.timeToRestoreSeconds)}   synthetic checks and real traffic healthy\n`)
+    const sent2 = events.filter((e) => e.event === 'trigger_fired' || e.event === 'mitigation' || e.event === 'incident').map((e) => `${String(e.time).slice(11, 23)}  ${String(e.event)}${e.phase !== undefined ? `:${String(e.phase)}` : ''}${e.action !== undefined ? ` ${String(e.action)}` : ''}`)
+    o.out(`\nSidecar events:\n${sent2.map((l) => `  ${l}`).join('\n')}\n`)
+    o.out(result.restored ? `\nService restored ${f(result.timeToRestoreSeconds)} after the bad release (target: under 10 s).\n` : '\nService was NOT restored.\n')
+    return result
+  } finally {
+    if (load !== null) clearInterval(load)
+    await pool.close().catch(() => {})
+    if (sidecar !== null) await sidecar.close().catch(() => {})
+    await demo.close()
+    rmSync(stateDir, { recursive: true, force: true })
+  }
+}
