@@ -6,6 +6,7 @@
 import { parseArgs } from 'node:util'
 import { killSwitchAllows } from '../../dist/proxy/kill-switch.js'
 import { Circuit, RotationClock } from '../../dist/proxy/circuit-breaker.js'
+import { RouteStats } from '../../dist/proxy/stats.js'
 
 const { values } = parseArgs({ options: { rounds: { type: 'string', default: '7' }, ops: { type: 'string', default: '2000000' } } })
 const rounds = Number(values.rounds)
@@ -61,6 +62,12 @@ results.push(await measure('breaker baseline (request started directly)', baseli
 results.push(await measure('breaker stage, closed (admits + fire + report)', breakerRun, breakerOps))
 circuit.shutdown()
 clock.stop()
+
+// --- trigger windows: one outcome into the per-second buckets, as forward.ts does per request ---
+const stats = new RouteStats('bench', 'bench')
+let latency = 0
+results.push(await measure('window baseline (Date.now + latency math)', (n) => { for (let i = 0; i < n; i++) { latency = (i & 1023) / 10; sink += Date.now() & 1 } }))
+results.push(await measure('window record (Date.now + outcome)', (n) => { for (let i = 0; i < n; i++) { latency = (i & 1023) / 10; stats.outcome(Date.now(), (i & 63) === 0, latency) } }))
 
 console.log(`node ${process.version}, ${rounds} rounds, median ns per op (min–max)\n`)
 console.log('| case | ns/op | min–max |')

@@ -51,10 +51,11 @@ export class Balancer {
   }
 
   /** The endpoint for the next request, or null when there is none. `avoid` is the one that just failed (retries). */
-  pick (now: number, avoid: Endpoint | null = null): Endpoint | null {
+  pick (avoid: Endpoint | null = null): Endpoint | null {
     const all = this.endpoints
     const n = all.length
     if (n === 1) return all[0] as Endpoint
+    const now = performance.now()
     let usable = 0
     for (let i = 0; i < n; i++) if (isUsable(all[i] as Endpoint, now)) usable++
     // Panic: too few usable endpoints to trust the signals; spread over all of them.

@@ -94,7 +94,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
   }
 
   private dispatch (avoid: Endpoint | null): void {
-    const endpoint = this.route.upstream.balancer.pick(performance.now(), avoid)
+    const endpoint = this.route.upstream.balancer.pick(avoid)
     if (endpoint === null) { this.fail('upstream_unavailable'); return }
     this.endpoint = endpoint
     endpoint.inFlight++
@@ -123,14 +123,15 @@ export class Exchange implements Dispatcher.DispatchHandler {
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
     if (this.state === DONE) return false
     const endpoint = this.endpoint as Endpoint
-    this.route.upstream.balancer.report(endpoint, statusCode < 500, performance.now())
+    const now = performance.now()
+    this.route.upstream.balancer.report(endpoint, statusCode < 500, now)
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
     // The upstream's own 5xx is relayed to the client and still counted by its breaker.
     if (this.settle !== null) this.outcome(statusCode, false)
-    this.route.stats.outcome(Date.now(), statusCode >= 500, performance.now() - this.startedAt)
+    this.route.stats.outcome(performance.timeOrigin + now, statusCode >= 500, now - this.startedAt)
     this.resumeUpstream = resume
     this.status = statusCode
     const res = this.res
@@ -220,7 +221,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
 
   private fail (code: ErrorCode): void {
     if (this.settle !== null) this.outcome(0, false)
-    this.route.stats.outcome(Date.now(), true, performance.now() - this.startedAt)
+    const now = performance.now()
+    this.route.stats.outcome(performance.timeOrigin + now, true, now - this.startedAt)
     this.errorCode = code
     const res = this.res
     if (!res.headersSent && !res.destroyed) {

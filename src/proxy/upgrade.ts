@@ -28,7 +28,7 @@ export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Dupl
     refuseRaw(dp, socket, 'no_route', null, reqHead.requestId, startedAt)
     return
   }
-  const endpoint = route.upstream.balancer.pick(performance.now())
+  const endpoint = route.upstream.balancer.pick()
   if (endpoint === null) {
     refuseRaw(dp, socket, 'upstream_unavailable', route, reqHead.requestId, startedAt)
     return
