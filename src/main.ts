@@ -17,7 +17,7 @@ export async function start (configPath: string): Promise<number> {
   }
   let sidecar: Sidecar
   try {
-    sidecar = await startSidecar(loaded.config, { adminToken: process.env.BREAKWATER_ADMIN_TOKEN })
+    sidecar = await startSidecar(loaded.config, { adminToken: process.env.BREAKWATER_ADMIN_TOKEN, bare: process.env.BREAKWATER_BENCH_BARE === '1' })
   } catch (err) {
     const e = err as NodeJS.ErrnoException & { address?: string, port?: number }
     const why = e.code === 'EADDRINUSE'

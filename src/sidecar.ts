@@ -32,6 +32,8 @@ export interface SidecarOptions {
   registry?: Registry
   /** The admin token from the environment (`BREAKWATER_ADMIN_TOKEN`), if set. */
   adminToken?: string
+  /** Benchmarks only: the bare forwarding core, every stage but forward switched off. */
+  bare?: boolean
 }
 
 /** A start-up refusal with a message for the operator (exit 1). */
@@ -86,7 +88,7 @@ export class Sidecar {
     this.health = new HealthPolicy(this.dataPlane)
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
-    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections)
+    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections, options.bare === true)
     this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, maxConnections)
     this.ops = createOpsServer(this.health, this.registry)
     const dp = this.dataPlane

@@ -87,6 +87,20 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
   }
 }
 
+/**
+ * The bare forwarding core, for benchmarks only (`BREAKWATER_BENCH_BARE=1`): the same
+ * header handling and forward stage, with every other stage switched off and the first route
+ * taken for every request. It measures what the stages cost; it is not a mode to run.
+ */
+export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  const proto = options.proto
+  return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
+    const startedAt = performance.now()
+    const head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    new Exchange(dp, dp.runtime.routes.routes[0] as Route, req, res, head, req.url as string, startedAt).start(null)
+  }
+}
+
 /** The circuit breaker (bulkhead) stage, then forward. */
 function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number): void {
   if (res.destroyed) return // the client left during an injected delay

@@ -9,7 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
-import { createPipeline } from './pipeline.js'
+import { createPipeline, createBarePipeline } from './pipeline.js'
 import { handleUpgrade } from './upgrade.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
 
@@ -19,7 +19,7 @@ export interface ProxyServer {
   readonly connections: Set<Socket>
 }
 
-export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, maxConnections: () => number): ProxyServer {
+export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, maxConnections: () => number, bare = false): ProxyServer {
   const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
   const server = http.createServer({
     maxHeaderSize: listener.maxHeaderSize,
@@ -31,7 +31,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
     // attempt; Node's strict parser (the default, never the lenient one) refuses it.
     insecureHTTPParser: false
-  }, createPipeline(dp, { proto: 'http' }))
+  }, (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http' }))
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
   const connections = new Set<Socket>()
