@@ -295,16 +295,19 @@ export class Sidecar {
 
   private async runShutdown (): Promise<void> {
     const { drainDelayMs, timeoutMs } = this.config.shutdown
+    // A sidecar that never started serving (start-up failed) stops without a drain story.
+    const quiet = this.addresses.proxy === ''
+    const log = quiet ? () => {} : (fields: Record<string, unknown>, msg: string) => this.logger.info(fields, msg)
     this.health.draining = true
     this.dataPlane.draining = true
-    this.logger.info({ event: 'shutdown', phase: 'draining', drainDelayMs, timeoutMs }, 'draining')
+    log({ event: 'shutdown', phase: 'draining', drainDelayMs, timeoutMs }, 'draining')
     let hurried = false
     const hurry = new Promise<void>((resolve) => { this.forceStop = () => { hurried = true; resolve() } })
     await Promise.race([delay(drainDelayMs), hurry])
 
     this.proxy.server.close()
     this.proxy.server.closeIdleConnections()
-    this.logger.info({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
+    log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
     const deadline = performance.now() + timeoutMs
     while (!hurried && this.dataPlane.stats.inFlight > 0 && performance.now() < deadline) {
       await Promise.race([delay(20), hurry])
@@ -324,7 +327,7 @@ export class Sidecar {
     this.notifier.stop()
     await this.admin.close()
     await this.ops.close()
-    this.logger.info({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
+    log({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
     this.flushLog()
   }
 

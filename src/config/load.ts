@@ -11,11 +11,23 @@ import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
-import { toMs } from './duration.js'
+import { toMs as parseMs } from './duration.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
+/**
+ * A duration in ms; 0 for a value the schema has already reported as malformed, so the
+ * cross-section checks still run and one pass lists every problem.
+ */
+function toMs (value: number | string): number {
+  try {
+    return parseMs(value)
+  } catch {
+    return 0
+  }
+}
+
 export class ConfigError extends Error {
   readonly problems: readonly string[]
   constructor (problems: string[]) {
@@ -80,9 +92,13 @@ export function resolveConfig (raw: unknown, options: ResolveOptions = {}): Load
   const problems: string[] = []
   const expanded = expandEnv(raw, env, problems)
   // Values that came from the environment are strings; convert where the schema wants a
-  // number or a boolean (`port: ${PORT:-14001}`). Convert never drops keys.
-  const input = Value.Convert(ConfigSchema, expanded)
-  for (const error of Value.Errors(ConfigSchema, input)) problems.push(describe(error))
+  // number or a boolean (`port: ${PORT:-14001}`). Only strings: a `true` where a port belongs
+  // is an error, not a 1.
+  const input = convertStrings(expanded, Value.Convert(ConfigSchema, structuredClone(expanded)))
+  const errors = [...Value.Errors(ConfigSchema, input)]
+  // A missing key is one problem, not also "must be a string" at the same path.
+  const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
+  for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(describe(error))
   const warnings: string[] = []
   let config: Config | null = null
   try {
@@ -157,7 +173,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
   const taken = new Set<string>()
   input.routes.forEach((r, i) => {
     const at = `routes[${i}]`
-    if (upstreams[r.upstream] === undefined && input.upstreams[r.upstream] === undefined) {
+    if (typeof r.upstream === 'string' && upstreams[r.upstream] === undefined && input.upstreams?.[r.upstream] === undefined) {
       problems.push(`${at}.upstream: unknown upstream "${r.upstream}" (known: ${Object.keys(input.upstreams).join(', ')})`)
     }
     if (r.match.path !== undefined && r.match.pathPrefix !== undefined) {
@@ -441,6 +457,7 @@ function describe (error: ValueError): string {
     case ValueErrorType.StringPattern:
       return `${at}: ${typeof s.description === 'string' ? `must be ${s.description}` : `must match ${String(s.pattern)}`} (got ${JSON.stringify(error.value)})`
     case ValueErrorType.Union: {
+      if (at === 'logging.accessLog') return `${at}: must be true, false or a sample rate from 0 to 1 (got ${JSON.stringify(error.value)})`
       const literals = (s.anyOf as Array<Record<string, unknown>> | undefined)?.map((o) => o.const).filter((c) => c !== undefined)
       if (literals !== undefined && literals.length > 0) return `${at}: must be one of ${literals.map((l) => JSON.stringify(l)).join(', ')} (got ${JSON.stringify(error.value)})`
       return `${at}: ${typeof s.description === 'string' ? `must be ${s.description}` : 'has the wrong type'} (got ${JSON.stringify(error.value)})`
@@ -448,6 +465,19 @@ function describe (error: ValueError): string {
     default:
       return `${at}: ${error.message.toLowerCase()}`
   }
+}
+
+/** Take a converted value only where the original was a string that became a number or boolean. */
+function convertStrings (original: unknown, converted: unknown): unknown {
+  if (typeof original === 'string') return typeof converted === 'number' || typeof converted === 'boolean' ? converted : original
+  if (Array.isArray(original)) return Array.isArray(converted) ? original.map((v, i) => convertStrings(v, converted[i])) : original
+  if (original !== null && typeof original === 'object') {
+    if (converted === null || typeof converted !== 'object' || Array.isArray(converted)) return original
+    const out: Record<string, unknown> = {}
+    for (const [k, v] of Object.entries(original)) out[k] = convertStrings(v, (converted as Record<string, unknown>)[k])
+    return out
+  }
+  return original
 }
 
 function dedupe (problems: string[]): string[] {

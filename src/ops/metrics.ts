@@ -169,7 +169,7 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 
   scraped(registry, 'breakwater_config_reloads_total', 'Config reloads, by result.', 'counter', () => [
     { labels: { result: 'ok' }, value: sources.reloads.ok },
-    { labels: { result: 'failed' }, value: sources.reloads.failed }
+    { labels: { result: 'refused' }, value: sources.reloads.failed }
   ])
 
   const info = new Gauge({ name: 'breakwater_info', help: 'Service and version of this sidecar (value 1).', labelNames: ['service', 'version'], registers: [registry] })
