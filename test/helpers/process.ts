@@ -93,6 +93,32 @@ export function rssBytes (pid: number): number {
   return m === null ? 0 : Number(m[1]) * 1024
 }
 
+/**
+ * Environment overrides that keep tap's per-process hook (its NODE_OPTIONS `--import`) out of
+ * a spawned binary: the hook roughly triples a child's start-up time on a busy machine.
+ */
+export const withoutTapHooks: NodeJS.ProcessEnv = { NODE_OPTIONS: undefined }
+
+/**
+ * `startProcess` with a start-up deadline of your choosing (a loaded machine can take longer
+ * than `spawnCli`'s default to load the binary).
+ */
+export async function startProcessWithin (t: Test, config: Record<string, unknown>, timeoutMs: number, env: NodeJS.ProcessEnv = {}): Promise<Running> {
+  const dir = tempDir(t)
+  const configPath = join(dir, 'breakwater.yaml')
+  writeFileSync(configPath, stringify({
+    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    ...config
+  }))
+  // Options first, so spawnCli does not wait for `listening` itself; we wait here instead.
+  const running = await spawnCli(t, ['--config', configPath, 'start'], dir, configPath, env)
+  const listening = await running.waitForLine((l) => l.msg === 'listening', timeoutMs)
+  running.proxy = String(listening.proxy).replace('0.0.0.0', '127.0.0.1')
+  running.ops = String(listening.ops)
+  return running
+}
+
 export interface CliResult {
   /** Exit code, or null when killed by a signal. */
   code: number | null
@@ -104,19 +130,91 @@ export interface CliResult {
 
 /**
  * Run `breakwater ARGS` to completion and collect its output as text. For commands that exit on
- * their own (`validate`, `--help`, a `start` that fails); killed after `timeoutMs`.
+ * their own (`validate`, `--help`, a `start` that fails); killed after `timeoutMs`. Runs
+ * without tap's hooks (`withoutTapHooks`).
  */
 export async function runCli (args: string[], options: { cwd?: string, env?: NodeJS.ProcessEnv, timeoutMs?: number } = {}): Promise<CliResult> {
   const startedAt = Date.now()
-  const env = { ...process.env, ...options.env }
+  const env = { ...process.env, ...withoutTapHooks, ...options.env }
   for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
   const child = spawn(process.execPath, [CLI, ...args], { cwd: options.cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
   child.stdout.on('data', (c: Buffer) => { stdout += c.toString('utf8') })
   child.stderr.on('data', (c: Buffer) => { stderr += c.toString('utf8') })
-  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 15_000)
+  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 30_000)
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('close', (c, s) => resolve([c, s])))
   clearTimeout(timer)
   return { code, signal, stdout, stderr, durationMs: Date.now() - startedAt }
+}
+
+export interface RawRunning {
+  child: ChildProcess
+  /** Everything read from stdout so far, as text. */
+  stdout: () => string
+  stderr: () => string
+  proxy: string
+  ops: string
+  configPath: string
+  exited: Promise<number | null>
+}
+
+/**
+ * Like `startProcess`, but stdout is kept as raw text instead of parsed, so a test can check
+ * every byte the process wrote. With `stopReadingStdout`, stdout is read only up to the
+ * `listening` line and then left unread: the pipe fills and the process's stdout stalls.
+ */
+export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean } = {}): Promise<RawRunning> {
+  const dir = tempDir(t)
+  const configPath = join(dir, 'breakwater.yaml')
+  writeFileSync(configPath, stringify({
+    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    ...config
+  }))
+  const env = { ...process.env, ...withoutTapHooks }
+  for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
+  const child = spawn(process.execPath, [CLI, 'start', '--config', configPath], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  t.teardown(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL')
+      await exited
+    }
+  })
+  let stdout = ''
+  let stderr = ''
+  child.stderr?.on('data', (c: Buffer) => { stderr += c.toString('utf8') })
+  const stdoutStream = child.stdout as NonNullable<ChildProcess['stdout']>
+  const listening = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    let found = false
+    const onData = (c: Buffer): void => {
+      stdout += c.toString('utf8')
+      if (found) return
+      // Complete lines only: a chunk may end mid-line.
+      for (const text of stdout.slice(0, stdout.lastIndexOf('\n') + 1).split('\n')) {
+        if (!text.includes('"listening"')) continue
+        const line = JSON.parse(text) as Record<string, unknown>
+        if (line.msg !== 'listening') continue
+        found = true
+        if (options.stopReadingStdout === true) {
+          stdoutStream.off('data', onData)
+          stdoutStream.pause()
+        }
+        resolve(line)
+        return
+      }
+    }
+    stdoutStream.on('data', onData)
+    void exited.then(() => { if (!found) reject(new Error(`process exited before listening; stderr: ${stderr}`)) })
+  })
+  return {
+    child,
+    stdout: () => stdout,
+    stderr: () => stderr,
+    proxy: String(listening.proxy),
+    ops: String(listening.ops),
+    configPath,
+    exited
+  }
 }

@@ -1,0 +1,203 @@
+import t from 'tap'
+import { readFileSync, writeFileSync } from 'node:fs'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import { Client } from 'undici'
+import { parse, stringify } from 'yaml'
+import { startUpstream, echo, hang, type TestUpstream } from './helpers/upstream.js'
+import { startProcessWithin, withoutTapHooks, type Running } from './helpers/process.js'
+import { oneRoute } from './helpers/sidecar.js'
+import { send, getJson, eventually } from './helpers/http.js'
+import { metricValue } from './helpers/metrics.js'
+
+/** Resolve with `promise`, or reject naming `what` after `ms`. */
+async function within<T> (promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms) })
+  try {
+    return await Promise.race([promise, late])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+/** An upstream whose `/held` requests wait until `release()`; everything else is echoed. */
+async function startHoldingUpstream (): Promise<TestUpstream & { held: () => number, release: () => void }> {
+  const waiting: Array<() => void> = []
+  const up = await startUpstream((req: IncomingMessage, res: ServerResponse, body: Buffer) => {
+    if (req.url === '/held') waiting.push(() => echo(req, res, body))
+    else echo(req, res, body)
+  })
+  return Object.assign(up, {
+    held: () => waiting.length,
+    release: () => { for (const answer of waiting.splice(0)) answer() }
+  })
+}
+
+/** Generous: the binary loads slowly on a busy machine. */
+const STARTUP_MS = 30_000
+
+// Each test runs its own process and mostly waits on timers: run them side by side.
+t.jobs = 2
+
+const logTime = (line: Record<string, unknown>): number => Date.parse(String(line.time))
+
+t.test('SIGTERM: draining at once, serving through drainDelayMs, then stop accepting, finish in-flight, exit 0', async (t) => {
+  const up = await startHoldingUpstream()
+  t.teardown(up.close)
+  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 2500, timeoutMs: 15000 } }, STARTUP_MS, withoutTapHooks)
+
+  const before = await getJson(`${bw.ops}/health`)
+  t.equal(before.status, 200, '/health is 200 before the signal')
+  t.same(before.body, { status: 'ok' })
+
+  // A request in flight across the whole shutdown.
+  const inFlight = send(bw.proxy, '/held')
+  t.ok(await eventually(() => up.held() === 1, 5000), 'the upstream holds one request')
+
+  bw.child.kill('SIGTERM')
+  let health: { status: number, body: unknown } = { status: 0, body: null }
+  t.ok(await eventually(async () => { health = await getJson(`${bw.ops}/health`); return health.status === 503 }, 5000, 10), '/health turns 503')
+  t.same(health.body, { status: 'draining' })
+  t.notOk(bw.lines.some((l) => l.phase === 'stopped_accepting'), '/health said draining while the proxy still accepted connections')
+
+  // Still serving during drainDelayMs, telling clients to go away.
+  const during = await send(bw.proxy, '/during')
+  t.equal(during.status, 200, 'the proxy still serves while draining')
+  t.equal(during.headers.connection, 'close', 'responses while draining carry connection: close')
+  t.same((await getJson(`${bw.ops}/ready`)).body, { status: 'draining' }, '/ready says draining too')
+  t.equal((await getJson(`${bw.ops}/live`)).status, 200, '/live stays 200 while draining')
+
+  const draining = await bw.waitForLine((l) => l.phase === 'draining')
+  const stopped = await bw.waitForLine((l) => l.phase === 'stopped_accepting', 15000)
+  t.ok(logTime(stopped) - logTime(draining) >= 2400, 'the listener kept accepting for drainDelayMs', { draining: draining.time, stopped: stopped.time })
+  t.equal(stopped.inFlight, 1, 'one request in flight when the listener closed')
+  await t.rejects(send(bw.proxy, '/after'), { code: 'ECONNREFUSED' }, 'new connections are refused after the drain delay')
+  t.equal(bw.child.exitCode, null, 'still running while a request is in flight')
+  t.equal((await getJson(`${bw.ops}/health`)).status, 503, '/health still answers, draining')
+
+  up.release()
+  const finished = await within(inFlight, 10000, 'the in-flight request')
+  t.equal(finished.status, 200, 'the in-flight request completed')
+  t.equal(finished.json<{ url: string }>().url, '/held')
+  t.equal(finished.headers.connection, 'close')
+
+  const code = await within(bw.exited, 10000, 'process exit')
+  t.equal(code, 0, 'exit 0')
+  const last = bw.lines.find((l) => l.phase === 'stopped')
+  t.equal(last?.abandoned, 0, 'no request abandoned')
+})
+
+t.test('a second SIGTERM during the drain makes the process exit promptly, still 0', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 60000, timeoutMs: 60000 } }, STARTUP_MS, withoutTapHooks)
+  bw.child.kill('SIGTERM')
+  await bw.waitForLine((l) => l.phase === 'draining')
+  t.equal((await send(bw.proxy, '/')).status, 200, 'draining, still serving')
+  const at = Date.now()
+  bw.child.kill('SIGTERM')
+  const code = await within(bw.exited, 8000, 'exit after the second SIGTERM')
+  t.equal(code, 0)
+  t.ok(Date.now() - at < 8000, `exited ${Date.now() - at} ms after the second signal`)
+})
+
+t.test('requests still in flight after shutdown.timeoutMs are cut; the process exits 0', async (t) => {
+  const up = await startUpstream(hang)
+  t.teardown(up.close)
+  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 100, timeoutMs: 1000 } }, STARTUP_MS, withoutTapHooks)
+  const stuck = send(bw.proxy, '/stuck').then((r) => ({ status: r.status }), (err: NodeJS.ErrnoException) => ({ error: err.code ?? err.message }))
+  t.ok(await eventually(() => up.received.length === 1, 5000), 'the upstream got the request')
+  const at = Date.now()
+  bw.child.kill('SIGTERM')
+  const code = await within(bw.exited, 10000, 'exit after shutdown.timeoutMs')
+  const took = Date.now() - at
+  t.equal(code, 0, 'exit 0')
+  t.ok(took >= 1000, `waited for shutdown.timeoutMs before cutting (${took} ms)`)
+  const outcome = await within(stuck, 5000, 'the cut request settles')
+  t.ok('error' in outcome, 'the client saw its connection cut, not a response', { outcome })
+  const last = bw.lines.find((l) => l.phase === 'stopped')
+  t.equal(last?.abandoned, 1, 'the cut request is logged as abandoned')
+})
+
+/** Rewrite the running process's config file: its current content passed through `change`. */
+function rewriteConfig (bw: Running, change: (config: Record<string, any>) => void): void {
+  const config = parse(readFileSync(bw.configPath, 'utf8')) as Record<string, any>
+  change(config)
+  writeFileSync(bw.configPath, stringify(config))
+}
+
+async function reloaded (bw: Running, result: 'ok' | 'refused', count: number): Promise<Array<Record<string, unknown>>> {
+  const matching = (): Array<Record<string, unknown>> => bw.lines.filter((l) => l.event === 'config_reload' && l.result === result)
+  await eventually(() => matching().length >= count, 10000)
+  return matching()
+}
+
+t.test('SIGHUP applies a valid config without dropping a connection, and refuses an invalid one', async (t) => {
+  const who = (name: string) => (req: IncomingMessage, res: ServerResponse): void => {
+    const body = JSON.stringify({ upstream: name, url: req.url, upstreamSidePort: req.socket.remotePort })
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) })
+    res.end(body)
+  }
+  const a = await startUpstream(who('a'))
+  t.teardown(a.close)
+  const b = await startUpstream(who('b'))
+  t.teardown(b.close)
+  const bw = await startProcessWithin(t, {
+    upstreams: { app: { url: a.url, keepAliveTimeoutMs: '30s' } },
+    routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    shutdown: { drainDelayMs: 0, timeoutMs: 1000 }
+  }, STARTUP_MS, withoutTapHooks)
+
+  const client = new Client(bw.proxy, { keepAliveTimeout: 60_000, keepAliveMaxTimeout: 60_000 })
+  t.teardown(async () => await client.destroy())
+  let connects = 0
+  client.on('connect', () => { connects++ })
+  const get = async (path: string): Promise<{ status: number, body: { upstream: string, url: string, upstreamSidePort: number } }> => {
+    const res = await client.request({ path, method: 'GET' })
+    const text = await res.body.text()
+    return { status: res.statusCode, body: res.statusCode === 200 ? JSON.parse(text) : text }
+  }
+
+  const first = await get('/x')
+  t.equal(first.body.upstream, 'a')
+  t.equal((await get('/new/1')).body.upstream, 'a', 'before the reload, /new is served by the catch-all')
+
+  // 1. A new route to a new upstream.
+  rewriteConfig(bw, (c) => {
+    c.upstreams.other = { url: b.url }
+    c.routes.unshift({ name: 'new', match: { pathPrefix: '/new' }, upstream: 'other' })
+  })
+  bw.child.kill('SIGHUP')
+  await reloaded(bw, 'ok', 1)
+  const routed = await get('/new/2')
+  t.equal(routed.status, 200)
+  t.equal(routed.body.upstream, 'b', 'the new route answers')
+  const again = await get('/x')
+  t.equal(again.body.upstream, 'a')
+  t.equal(again.body.upstreamSidePort, first.body.upstreamSidePort, 'the warm connection to the unchanged upstream was kept')
+
+  // 2. The catch-all's upstream moves.
+  rewriteConfig(bw, (c) => { c.upstreams.app.url = b.url })
+  bw.child.kill('SIGHUP')
+  await reloaded(bw, 'ok', 2)
+  t.equal((await get('/x')).body.upstream, 'b', 'the changed upstream is used')
+
+  // 3. An invalid config is refused, and the running one keeps serving.
+  rewriteConfig(bw, (c) => {
+    c.routes[0].upstream = 'ghost'
+    c.colour = 'blue'
+  })
+  bw.child.kill('SIGHUP')
+  const [refused] = await reloaded(bw, 'refused', 1)
+  t.equal(refused?.level, 'error', 'a refused reload is logged at error')
+  const problems = refused?.problems as string[] | undefined
+  t.ok(problems?.some((p) => p.startsWith('routes[0].upstream: ')), 'the problems name the key', { problems })
+  t.ok(problems?.some((p) => p.startsWith('colour: ')), 'every problem is listed', { problems })
+  t.equal((await get('/new/3')).body.upstream, 'b', 'the running config keeps serving')
+  t.equal((await get('/x')).body.upstream, 'b')
+
+  t.equal(connects, 1, 'one client connection across three reloads')
+  t.equal(await metricValue(bw.ops, 'breakwater_config_reloads_total', { result: 'ok' }), 2, 'two reloads applied')
+  t.equal(await metricValue(bw.ops, 'breakwater_config_reloads_total'), 3, 'and one refused (three in all)')
+  t.equal(bw.child.exitCode, null, 'still running')
+})

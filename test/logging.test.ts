@@ -1,0 +1,236 @@
+import t from 'tap'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { Pool } from 'undici'
+import { parse, stringify } from 'yaml'
+import type { Test } from 'tap'
+import { startUpstream, echo, delay, refusedUrl } from './helpers/upstream.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { startProcessRaw } from './helpers/process.js'
+import { send, getJson, eventually, sleep } from './helpers/http.js'
+import { metricValue } from './helpers/metrics.js'
+
+type Line = Record<string, unknown>
+
+const isAccess = (l: Line): boolean => l.msg === 'request'
+
+/** Send `count` GET requests to `path` over a few keep-alive connections. */
+async function drive (base: string, count: number, path: string | ((i: number) => string), connections = 4): Promise<number[]> {
+  const pool = new Pool(base, { connections })
+  const statuses: number[] = []
+  let next = 0
+  const worker = async (): Promise<void> => {
+    while (next < count) {
+      const i = next++
+      const res = await pool.request({ path: typeof path === 'string' ? path : path(i), method: 'GET' })
+      await res.body.dump()
+      statuses.push(res.statusCode)
+    }
+  }
+  try {
+    await Promise.all(Array.from({ length: connections }, worker))
+  } finally {
+    await pool.close()
+  }
+  return statuses
+}
+
+/** Every non-empty line of `text` is one JSON object; returns them parsed. */
+function jsonLines (t: Test, text: string): Line[] {
+  const out: Line[] = []
+  let bad = 0
+  for (const line of text.split('\n')) {
+    if (line === '') continue
+    let value: unknown
+    try { value = JSON.parse(line) } catch { value = undefined }
+    if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+      bad++
+      if (bad <= 3) t.fail('a stdout line that is not a JSON object', { line: line.slice(0, 300) })
+      continue
+    }
+    out.push(value as Line)
+  }
+  t.equal(bad, 0, 'every stdout line is a JSON object')
+  return out
+}
+
+t.test('one access-log line per proxied request, with the request\'s essentials', async (t) => {
+  const up = await startUpstream(delay(150))
+  t.teardown(up.close)
+  const { proxy, logs } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'orders', match: { pathPrefix: '/orders' }, upstream: 'app' }]
+  })
+  const res = await send(proxy, '/orders/7?card=4111111111111111&token=secret', { method: 'POST', body: 'x', headers: { 'x-request-id': 'req-42' } })
+  t.equal(res.status, 200, 'proxied')
+  t.ok(await eventually(() => logs.some((l) => isAccess(l) && l.requestId === 'req-42')), 'the access line is written')
+  const lines = logs.filter((l) => isAccess(l) && l.requestId === 'req-42')
+  t.equal(lines.length, 1, 'exactly one line for the request')
+  const line = lines[0] as Line
+  t.equal(line.level, 'info', 'level')
+  t.equal(line.method, 'POST', 'method')
+  t.equal(line.path, '/orders/7', 'the path, without its query string')
+  t.equal(line.route, 'orders', 'route name')
+  t.equal(line.upstream, 'app', 'upstream name')
+  t.equal(line.status, 200, 'status')
+  t.type(line.durationMs, 'number', 'durationMs')
+  t.ok((line.durationMs as number) >= 100, `durationMs covers the upstream's time (${String(line.durationMs)})`)
+  t.notOk('error' in line, 'no error field on a success')
+  t.notMatch(JSON.stringify(line), /4111|secret/, 'nothing from the query string is logged')
+
+  const count = 40
+  const statuses = await drive(proxy, count, (i) => `/orders/${i}?q=${i}`)
+  t.same(statuses, Array(count).fill(200), `${count} more requests served`)
+  t.ok(await eventually(() => logs.filter(isAccess).length >= count + 1), 'lines for every request')
+  await sleep(50)
+  const access = logs.filter(isAccess)
+  t.equal(access.length, count + 1, 'one line per request, no more')
+  t.equal(new Set(access.map((l) => l.requestId)).size, count + 1, 'each with its own request id')
+})
+
+t.test('locally generated errors get an access-log line with `error`', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const down = await refusedUrl()
+  const { proxy, logs } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url }, gone: { url: down } },
+    routes: [
+      { name: 'api', match: { pathPrefix: '/api' }, upstream: 'app' },
+      { name: 'legacy', match: { pathPrefix: '/legacy' }, upstream: 'gone' }
+    ]
+  })
+  const missing = await send(proxy, '/nowhere/else?x=1', { headers: { 'x-request-id': 'r-404' } })
+  t.equal(missing.status, 404, 'no route: 404')
+  const unavailable = await send(proxy, '/legacy/page', { headers: { 'x-request-id': 'r-502' } })
+  t.equal(unavailable.status, 502, 'connection refused: 502')
+  t.ok(await eventually(() => logs.filter(isAccess).length >= 2), 'both are logged')
+
+  const noRoute = logs.find((l) => isAccess(l) && l.requestId === 'r-404')
+  t.equal(noRoute?.status, 404, '404 line: status')
+  t.equal(noRoute?.error, 'no_route', '404 line: error')
+  t.equal(noRoute?.path, '/nowhere/else', '404 line: path without query')
+  t.equal(noRoute?.method, 'GET', '404 line: method')
+  t.type(noRoute?.durationMs, 'number', '404 line: durationMs')
+
+  const refused = logs.find((l) => isAccess(l) && l.requestId === 'r-502')
+  t.equal(refused?.status, 502, '502 line: status')
+  t.equal(refused?.error, 'upstream_unavailable', '502 line: error')
+  t.equal(refused?.route, 'legacy', '502 line: route')
+  t.equal(refused?.upstream, 'gone', '502 line: upstream')
+  t.equal(logs.filter(isAccess).length, 2, 'one line each')
+})
+
+t.test('logging.accessLog: false writes no request lines', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxy, logs } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/app' }, upstream: 'app' }],
+    logging: { accessLog: false }
+  })
+  const statuses = await drive(proxy, 30, (i) => (i % 3 === 0 ? '/missing' : '/app'))
+  t.equal(statuses.filter((s) => s === 200).length, 20, 'proxied')
+  t.equal(statuses.filter((s) => s === 404).length, 10, 'no route')
+  await sleep(100)
+  t.equal(logs.filter(isAccess).length, 0, 'no access lines, for proxied or local responses')
+  t.ok(logs.some((l) => l.msg === 'listening'), 'other log lines are still written')
+})
+
+t.test('logging.accessLog: 0.5 samples about half of the requests', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const { proxy, logs } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    logging: { accessLog: 0.5 }
+  })
+  const total = 400
+  const statuses = await drive(proxy, total, '/sampled')
+  t.equal(statuses.filter((s) => s === 200).length, total, 'every request is served whether logged or not')
+  await sleep(100)
+  const logged = logs.filter(isAccess).length
+  // Binomial(400, 0.5): mean 200, sd 10; 120..280 is eight standard deviations either way.
+  t.ok(logged >= 120 && logged <= 280, `${logged} of ${total} requests logged`)
+})
+
+/** Rewrite a running process's config file through `change`. */
+function rewriteConfig (path: string, change: (config: Record<string, any>) => void): void {
+  const config = parse(readFileSync(path, 'utf8')) as Record<string, any>
+  change(config)
+  writeFileSync(path, stringify(config))
+}
+
+t.test('every line a spawned process writes to stdout is one JSON object', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const down = await refusedUrl()
+  const bw = await startProcessRaw(t, {
+    upstreams: { app: { url: up.url }, gone: { url: down } },
+    routes: [
+      { name: 'api', match: { pathPrefix: '/api' }, upstream: 'app' },
+      { name: 'legacy', match: { pathPrefix: '/legacy' }, upstream: 'gone' }
+    ],
+    health: { failOnOpenCircuit: 'any' }, // a config warning at start
+    logging: { level: 'debug' },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  })
+  t.equal((await send(bw.proxy, '/api/a?b=c', { headers: { authorization: 'Bearer s3cret', cookie: 'session=s3cret' } })).status, 200, 'proxied')
+  t.equal((await send(bw.proxy, '/nope')).status, 404, 'no route')
+  t.equal((await send(bw.proxy, '/legacy')).status, 502, 'upstream refused')
+  t.equal((await send(bw.proxy, '/api/%zz')).status, 400, 'bad encoding')
+  t.equal((await getJson(`${bw.ops}/metrics`)).status, 200, 'metrics scraped')
+  rewriteConfig(bw.configPath, (c) => { c.routes[0].upstream = 'ghost' })
+  bw.child.kill('SIGHUP')
+  t.ok(await eventually(() => bw.stdout().includes('"result":"refused"'), 10000), 'the refused reload is logged')
+  bw.child.kill('SIGTERM')
+  t.equal(await bw.exited, 0, 'exit 0')
+
+  const lines = jsonLines(t, bw.stdout())
+  t.ok(lines.length >= 8, `${lines.length} lines`)
+  const incomplete = lines.filter((l) => typeof l.level !== 'string' || typeof l.time !== 'string' || typeof l.msg !== 'string')
+  t.same(incomplete, [], 'every line has a level, a time and a msg')
+  for (const key of ['listening', 'request', 'config reload refused; the running config is kept', 'stopped']) {
+    t.ok(lines.some((l) => l.msg === key || (key === 'request' && isAccess(l))), `includes "${key}"`)
+  }
+  t.notMatch(bw.stdout(), /s3cret/, 'credentials never reach the log')
+})
+
+t.test('a stalled stdout drops log lines (counted) instead of stalling the proxy', async (t) => {
+  const up = await startUpstream((_req, res) => { res.end('ok') })
+  t.teardown(up.close)
+  const bw = await startProcessRaw(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    logging: { accessLog: true },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  }, { stopReadingStdout: true })
+
+  // Nobody reads the process's stdout from here on. Long paths make every access line about
+  // 8 KB, so a few thousand requests write far more than the log buffer (4 MiB) and the pipe hold.
+  const longPath = `/${'a'.repeat(8000)}`
+  const started = Date.now()
+  const statuses = await drive(bw.proxy, 2000, longPath, 8)
+  t.equal(statuses.filter((s) => s === 200).length, 2000, `2000 requests served in ${Date.now() - started} ms with stdout stalled`)
+
+  const dropped = await metricValue(bw.ops, 'breakwater_log_lines_dropped_total')
+  t.ok(dropped > 0, `breakwater_log_lines_dropped_total is ${dropped}`)
+
+  const at = Date.now()
+  const res = await send(bw.proxy, '/still-there')
+  const live = await getJson(`${bw.ops}/live`)
+  const took = Date.now() - at
+  t.equal(res.status, 200, 'the proxy still answers')
+  t.equal(live.status, 200, '/live still answers')
+  t.ok(took < 3000, `both answered in ${took} ms`)
+
+  // Read again: what was kept comes out as whole JSON lines (drops never cut a line).
+  const stdout = bw.child.stdout as NonNullable<typeof bw.child.stdout>
+  let rest = ''
+  stdout.on('data', (c: Buffer) => { rest += c.toString('utf8') })
+  stdout.resume()
+  bw.child.kill('SIGTERM')
+  t.equal(await bw.exited, 0, 'exits 0')
+  await new Promise<void>((resolve) => { if (stdout.readableEnded) resolve(); else stdout.once('end', () => resolve()) })
+  const lines = jsonLines(t, bw.stdout() + rest)
+  const accessLines = lines.filter(isAccess).length
+  t.ok(accessLines > 0 && accessLines < 2001, `${accessLines} access lines kept of 2001`)
+})
