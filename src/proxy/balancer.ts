@@ -72,18 +72,27 @@ export class Balancer {
   private pickP2C (now: number, panic: boolean, avoid: Endpoint | null): Endpoint {
     const all = this.endpoints
     const n = all.length
-    let a: Endpoint | null = null
-    let b: Endpoint | null = null
-    for (let tries = 0; tries < 2 * n && b === null; tries++) {
-      const e = all[(Math.random() * n) | 0] as Endpoint
-      if (!panic && !isUsable(e, now)) continue
-      if (e === avoid && tries < n) continue
-      if (a === null) a = e
-      else if (e !== a) b = e
+    // Two distinct endpoints at random (the second drawn from the other n-1), a few times
+    // until both are usable; then the one with fewer requests in flight.
+    for (let tries = 0; tries < 4; tries++) {
+      const i = (Math.random() * n) | 0
+      let j = (Math.random() * (n - 1)) | 0
+      if (j >= i) j++
+      const a = all[i] as Endpoint
+      const b = all[j] as Endpoint
+      const aOk = (panic || isUsable(a, now)) && a !== avoid
+      const bOk = (panic || isUsable(b, now)) && b !== avoid
+      if (aOk && bOk) return b.inFlight < a.inFlight ? b : a
+      if (aOk) return a
+      if (bOk) return b
     }
-    if (a === null) return all[(Math.random() * n) | 0] as Endpoint
-    if (b === null) return a
-    return b.inFlight < a.inFlight ? b : a
+    // Few usable endpoints: take the least loaded usable one, else any but the one to avoid.
+    let best: Endpoint | null = null
+    for (const e of all) {
+      if (e === avoid || (!panic && !isUsable(e, now))) continue
+      if (best === null || e.inFlight < best.inFlight) best = e
+    }
+    return best ?? all.find((e) => e !== avoid) ?? (all[0] as Endpoint)
   }
 
   /** A response or a connection-level outcome from `endpoint`. */

@@ -75,14 +75,17 @@ export function sendError (res: ServerResponse, code: ErrorCode, requestId: stri
 }
 
 /** A whole raw HTTP/1.1 response for a socket that has no `ServerResponse` (parser errors, upgrades). */
-export function rawErrorResponse (code: ErrorCode, requestId = ''): string {
+export function rawErrorResponse (code: ErrorCode, requestId = '', extra: ReadonlyArray<string> = []): string {
   const spec: LocalError = ERRORS[code]
   const body = errorBody(code, requestId)
-  return `HTTP/1.1 ${spec.status} ${STATUS_TEXT[spec.status] ?? 'Error'}\r\n` +
+  let head = `HTTP/1.1 ${spec.status} ${STATUS_TEXT[spec.status] ?? 'Error'}\r\n` +
     'content-type: application/json; charset=utf-8\r\n' +
     `content-length: ${Buffer.byteLength(body)}\r\n` +
-    `x-breakwater-error: ${code}\r\n` +
-    'connection: close\r\n\r\n' + body
+    `x-breakwater-error: ${code}\r\n`
+  if (spec.mitigation !== null) head += `x-breakwater-mitigation: ${spec.mitigation}\r\n`
+  if (requestId !== '') head += `x-request-id: ${requestId}\r\n`
+  for (let i = 0; i + 1 < extra.length; i += 2) head += `${extra[i] as string}: ${extra[i + 1] as string}\r\n`
+  return head + 'connection: close\r\n\r\n' + body
 }
 
 const STATUS_TEXT: Record<number, string> = {

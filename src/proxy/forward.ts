@@ -181,7 +181,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
       return
     }
     if (endpoint !== null) this.route.upstream.balancer.report(endpoint, false, performance.now())
-    if (state === WAITING && isConnectFailure(err) && this.mayRetry()) { this.retry(endpoint); return }
+    if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) { this.retry(endpoint); return }
     if (this.dp.logger.isLevelEnabled('debug')) {
       this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
     }
@@ -198,6 +198,17 @@ export class Exchange implements Dispatcher.DispatchHandler {
     if (budget.tryRetry(Date.now())) return true
     this.route.stats.retryBudgetExhausted++
     return false
+  }
+
+  /**
+   * SPEC §14: a reset before any response byte (typically a keep-alive connection the
+   * upstream closed as we reused it) is retried once for idempotent requests without a body,
+   * with or without `retries`.
+   */
+  private mayRetryReset (err: unknown): boolean {
+    if (this.attempt !== 1 || this.head.hasBody || !IDEMPOTENT.has(this.req.method as string)) return false
+    const code = (err as { code?: string } | null)?.code
+    return code === 'ECONNRESET' || code === 'UND_ERR_SOCKET' || code === 'EPIPE'
   }
 
   private retry (failed: Endpoint | null): void {

@@ -31,16 +31,27 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
     // attempt; Node's strict parser (the default, never the lenient one) refuses it.
     insecureHTTPParser: false
-  }, (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http' }))
+  }, (req, res) => {
+    if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
+    pipeline(req, res)
+  })
+  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http' })
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
   const connections = new Set<Socket>()
-  server.on('connection', (socket: Socket) => {
+  // Connections over limits.maxConnections get a 503 and nothing of theirs is parsed on:
+  // Node attaches its HTTP parser to every connection, so their requests are dropped at the door.
+  const refused = new WeakSet<Socket>()
+  let refusedOpen = 0
+  server.prependListener('connection', (socket: Socket) => {
     const max = maxConnections()
     if (max > 0 && connections.size >= max) {
       dp.stats.overloaded.max_connections++
-      socket.end(rawErrorResponse('overloaded'))
+      refused.add(socket)
+      refusedOpen++
+      socket.once('close', () => { refusedOpen-- })
       socket.on('error', () => socket.destroy())
+      socket.end(rawErrorResponse('overloaded'))
       return
     }
     connections.add(socket)

@@ -12,6 +12,7 @@ import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
+import { killSwitchAllows } from './kill-switch.js'
 import { rawErrorResponse, fromUpstreamError, type ErrorCode, ERRORS } from './errors.js'
 
 export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer): void {
@@ -28,6 +29,18 @@ export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Dupl
     refuseRaw(dp, socket, 'no_route', null, reqHead.requestId, startedAt)
     return
   }
+  // The same stages as any request: a killed feature or an open circuit refuses the handshake.
+  if (!killSwitchAllows(dp.flags, route)) {
+    route.stats.reject('kill_switch')
+    refuseRaw(dp, socket, 'feature_disabled', route, reqHead.requestId, startedAt)
+    return
+  }
+  const circuit = route.upstream.circuit
+  if (circuit !== null && !circuit.admits()) {
+    route.stats.reject('circuit_open')
+    refuseRaw(dp, socket, 'circuit_open', route, reqHead.requestId, startedAt, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
+    return
+  }
   const endpoint = route.upstream.balancer.pick()
   if (endpoint === null) {
     refuseRaw(dp, socket, 'upstream_unavailable', route, reqHead.requestId, startedAt)
@@ -36,8 +49,8 @@ export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Dupl
   new Tunnel(dp, route, endpoint, socket, head, reqHead.requestId, startedAt).open(path, reqHead.headers)
 }
 
-function refuseRaw (dp: DataPlane, socket: Duplex, code: ErrorCode, route: Route | null, requestId: string, startedAt: number): void {
-  if (socket.writable) socket.end(rawErrorResponse(code, requestId))
+function refuseRaw (dp: DataPlane, socket: Duplex, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, extra?: string[]): void {
+  if (socket.writable) socket.end(rawErrorResponse(code, requestId, extra))
   else socket.destroy()
   const stats = route === null ? dp.stats.route('', '') : route.stats
   stats.record(ERRORS[code].status, (performance.now() - startedAt) / 1000)
