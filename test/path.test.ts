@@ -1,0 +1,122 @@
+import t from 'tap'
+import { normalisePath } from '../src/proxy/path.js'
+import { startUpstream } from './helpers/upstream.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { send, raw } from './helpers/http.js'
+import { parseResponse } from './helpers/wire.js'
+
+t.test('normalisePath', async (t) => {
+  t.test('leaves a normal path alone', async (t) => {
+    t.equal(normalisePath('/'), '/')
+    t.equal(normalisePath('/a/b/c'), '/a/b/c')
+    t.equal(normalisePath('/a/b/'), '/a/b/', 'a trailing slash is kept')
+    t.equal(normalisePath('/a/.hidden/b..c/...'), '/a/.hidden/b..c/...', 'dots inside segment names are not dot segments')
+  })
+
+  t.test('decodes percent-encoded unreserved characters (RFC 3986 §2.3)', async (t) => {
+    t.equal(normalisePath('/%41'), '/A')
+    t.equal(normalisePath('/%61dmin'), '/admin')
+    t.equal(normalisePath('/checkou%74'), '/checkout')
+    t.equal(normalisePath('/%7e%7E%2d%5F%2E%30'), '/~~-_.0', 'tilde, hyphen, underscore, dot, digit')
+  })
+
+  t.test('keeps other escapes encoded, hex upper-cased', async (t) => {
+    t.equal(normalisePath('/a%2fb'), '/a%2Fb', '%2F is data, not a separator')
+    t.equal(normalisePath('/a%2Fb'), '/a%2Fb')
+    t.equal(normalisePath('/a%2F%2Fb'), '/a%2F%2Fb', 'encoded slashes are not collapsed')
+    t.equal(normalisePath('/a%2F..%2Fb'), '/a%2F..%2Fb', 'encoded slashes do not make dot segments')
+    t.equal(normalisePath('/x%3ay%20z'), '/x%3Ay%20z', 'reserved and other bytes stay escaped')
+    t.equal(normalisePath('/caf%c3%a9'), '/caf%C3%A9')
+    t.equal(normalisePath('/q%3fnot-a-query'), '/q%3Fnot-a-query', 'an encoded ? does not start a query')
+  })
+
+  t.test('collapses runs of slashes', async (t) => {
+    t.equal(normalisePath('//admin'), '/admin')
+    t.equal(normalisePath('/a//b///c'), '/a/b/c')
+    t.equal(normalisePath('/a/b//'), '/a/b/')
+  })
+
+  t.test('resolves dot segments (RFC 3986 §5.2.4)', async (t) => {
+    t.equal(normalisePath('/a/./b'), '/a/b')
+    t.equal(normalisePath('/a/../b'), '/b')
+    t.equal(normalisePath('/x/../admin'), '/admin')
+    t.equal(normalisePath('/a/b/..'), '/a/', '.. at the end leaves a directory')
+    t.equal(normalisePath('/a/b/.'), '/a/b/', '. at the end leaves a directory')
+    t.equal(normalisePath('/a/b/../'), '/a/')
+    t.equal(normalisePath('/..'), '/', 'past the root stays at the root')
+    t.equal(normalisePath('/../a'), '/a')
+    t.equal(normalisePath('/a/../../../b'), '/b')
+    t.equal(normalisePath('/.'), '/')
+    t.equal(normalisePath('/./'), '/')
+    t.equal(normalisePath('/a/%2e%2e/b'), '/b', 'encoded dots are dot segments once decoded')
+    t.equal(normalisePath('/a/.%2E/b'), '/b')
+    t.equal(normalisePath('//a//..//b'), '/b', 'slashes collapse before dot segments resolve')
+  })
+
+  t.test('leaves the query untouched', async (t) => {
+    t.equal(normalisePath('/a?x=%41&y=//z/../w'), '/a?x=%41&y=//z/../w')
+    t.equal(normalisePath('/a/../b?x=%41&y=//z/../w'), '/b?x=%41&y=//z/../w')
+    t.equal(normalisePath('/%61?q=%zz'), '/a?q=%zz', 'a bad escape in the query is not the path\'s problem')
+    t.equal(normalisePath('/a?'), '/a?')
+  })
+
+  t.test('invalid percent-encoding is refused', async (t) => {
+    t.equal(normalisePath('/%zz'), null)
+    t.equal(normalisePath('/%4'), null)
+    t.equal(normalisePath('/a%'), null)
+    t.equal(normalisePath('/a%g1/b'), null)
+    t.equal(normalisePath('/ok/%41%4'), null, 'one bad escape among good ones')
+    t.equal(normalisePath('/%4?x=1'), null, 'a truncated escape just before the query')
+  })
+
+  t.test('targets that are not origin-form are refused', async (t) => {
+    t.equal(normalisePath('*'), null, 'asterisk-form')
+    t.equal(normalisePath('http://example.com/a'), null, 'absolute-form')
+    t.equal(normalisePath('example.com:443'), null, 'authority-form')
+    t.equal(normalisePath(''), null)
+    t.equal(normalisePath('a/b'), null)
+  })
+})
+
+t.test('end to end: spelling cannot bypass a prefix route; the normalised path is forwarded', async (t) => {
+  const admin = await startUpstream()
+  t.teardown(admin.close)
+  const other = await startUpstream()
+  t.teardown(other.close)
+  const { proxy, proxyPort } = await startTestSidecar(t, {
+    upstreams: { admin: { url: admin.url }, other: { url: other.url } },
+    routes: [
+      { match: { pathPrefix: '/admin' }, upstream: 'admin' },
+      { match: { pathPrefix: '/' }, upstream: 'other' }
+    ]
+  })
+  const cases: Array<[string, string]> = [
+    ['/admin/users', '/admin/users'],
+    ['/x/../admin', '/admin'],
+    ['//admin', '/admin'],
+    ['/%61dmin', '/admin'],
+    ['/%61dmin/%2e%2e/admin/x?q=%2e%2e', '/admin/x?q=%2e%2e'],
+    ['/x/%2E%2E/admin/a%2fb', '/admin/a%2Fb'],
+    ['/public/./admin/../page', '/public/page']
+  ]
+  for (const [sent, forwarded] of cases) {
+    const before = { admin: admin.received.length, other: other.received.length }
+    const res = await send(proxy, sent)
+    t.equal(res.status, 200, `${sent} answered`)
+    const expected = forwarded.startsWith('/admin') ? 'admin' : 'other'
+    t.equal(admin.received.length - before.admin, expected === 'admin' ? 1 : 0, `${sent} → ${expected}`)
+    t.equal(other.received.length - before.other, expected === 'other' ? 1 : 0)
+    t.equal(res.json<{ url: string }>().url, forwarded, `${sent} forwarded as ${forwarded}`)
+  }
+
+  const bad = await send(proxy, '/admin%zz')
+  t.equal(bad.status, 400)
+  t.equal(bad.headers['x-breakwater-error'], 'bad_request')
+  t.equal(bad.json<{ error: string }>().error, 'bad_request')
+
+  // Absolute-form, written on the wire (clients would rewrite it).
+  const absolute = parseResponse(await raw(proxyPort, 'GET http://127.0.0.1/admin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n'))
+  t.equal(absolute.status, 400, 'absolute-form target refused')
+  t.equal(absolute.headers['x-breakwater-error'], 'bad_request')
+  t.equal(admin.received.length, 6, 'no refused request reached the upstream')
+})

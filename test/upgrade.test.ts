@@ -1,0 +1,207 @@
+import t from 'tap'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { refusedUrl } from './helpers/upstream.js'
+import { raw, send, eventually } from './helpers/http.js'
+import { WireClient, parseResponse } from './helpers/wire.js'
+import { startWebSocketUpstream, handshakeRequest, acceptKey } from './helpers/websocket.js'
+
+const KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
+
+function wsRoutes (url: string): Record<string, unknown> {
+  return {
+    upstreams: { ws: { url } },
+    routes: [{ match: { pathPrefix: '/ws' }, upstream: 'ws' }]
+  }
+}
+
+/** Bytes after the first response head. */
+function afterHead (text: string): string {
+  const end = text.indexOf('\r\n\r\n')
+  return end === -1 ? '' : text.slice(end + 4)
+}
+
+t.test('a WebSocket handshake is tunnelled: 101, then bytes both ways', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(proxyPort)
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/ws/chat?room=1', KEY))
+  await client.until((c) => c.received.includes('\r\n\r\n'), 5000, 'the handshake response')
+  const head = parseResponse(client.received)
+  t.equal(head.status, 101)
+  t.equal(head.headers.upgrade?.toLowerCase(), 'websocket')
+  t.match(head.headers.connection ?? '', /upgrade/i)
+  t.equal(head.headers['sec-websocket-accept'], acceptKey(KEY), 'the upstream\'s accept key is relayed')
+  t.equal(head.headers['x-upstream'], 'ws')
+
+  const seen = up.handshakes[0]
+  t.ok(seen, 'the upstream got the handshake')
+  t.equal(seen?.url, '/ws/chat?room=1')
+  t.equal(seen?.headers.upgrade, 'websocket')
+  t.match(String(seen?.headers.connection), /upgrade/i)
+  t.equal(seen?.headers['sec-websocket-key'], KEY)
+  t.equal(seen?.headers['sec-websocket-version'], '13')
+  t.equal(seen?.headers['x-forwarded-for'], '127.0.0.1')
+  t.ok(seen?.headers['x-request-id'], 'x-request-id added')
+
+  client.write('hello upstream')
+  await client.until((c) => afterHead(c.received).includes('hello upstream'), 5000, 'the echo')
+  t.equal(up.received(), 'hello upstream', 'the upstream received the client\'s bytes')
+  const binary = Buffer.from([0x81, 0x85, 0x00, 0xff, 0x0d, 0x0a, 0x00])
+  client.write(binary)
+  await client.until((c) => afterHead(c.received).endsWith(binary.toString('latin1')), 5000, 'binary echo')
+  t.pass('arbitrary bytes pass both ways untouched')
+})
+
+t.test('the upstream can speak first', async (t) => {
+  const up = await startWebSocketUpstream({ push: 'welcome' })
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(proxyPort)
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/ws', KEY))
+  await client.until((c) => afterHead(c.received) === 'welcome', 5000, 'the pushed bytes')
+  t.equal(parseResponse(client.received).status, 101)
+})
+
+t.test('bytes sent right behind the handshake reach the upstream', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(proxyPort)
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/ws', KEY) + 'early')
+  await client.until((c) => afterHead(c.received).includes('early'), 5000, 'the echo of early bytes')
+  t.equal(up.received(), 'early')
+})
+
+t.test('closing one side closes the other', async (t) => {
+  t.test('client closes', async (t) => {
+    const up = await startWebSocketUpstream()
+    t.teardown(up.close)
+    const { proxyPort, sidecar } = await startTestSidecar(t, wsRoutes(up.url))
+    const client = await WireClient.connect(proxyPort)
+    client.write(handshakeRequest('/ws', KEY))
+    await client.until((c) => c.received.includes('\r\n\r\n'))
+    t.ok(await eventually(() => up.sockets.length === 1, 2000))
+    const upstreamSide = up.sockets[0]!
+    let upstreamClosed = false
+    upstreamSide.on('close', () => { upstreamClosed = true })
+    client.destroy()
+    t.ok(await eventually(() => upstreamClosed, 2000), 'the upstream socket closed')
+    t.ok(await eventually(() => sidecar.dataPlane.tunnels.size === 0, 2000), 'the tunnel is gone')
+  })
+
+  t.test('upstream closes', async (t) => {
+    const up = await startWebSocketUpstream()
+    t.teardown(up.close)
+    const { proxyPort, sidecar } = await startTestSidecar(t, wsRoutes(up.url))
+    const client = await WireClient.connect(proxyPort)
+    t.teardown(() => client.destroy())
+    client.write(handshakeRequest('/ws', KEY))
+    await client.until((c) => c.received.includes('\r\n\r\n'))
+    t.ok(await eventually(() => up.sockets.length === 1, 2000))
+    up.sockets[0]!.end('bye')
+    await client.until((c) => c.closed, 2000, 'the client socket to close')
+    t.equal(afterHead(client.received), 'bye', 'the last bytes arrived before the close')
+    t.ok(await eventually(() => sidecar.dataPlane.tunnels.size === 0, 2000), 'the tunnel is gone')
+  })
+})
+
+t.test('an upstream refusing the upgrade: its response is relayed', async (t) => {
+  const up = await startWebSocketUpstream({ refuse: 403 })
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY)))
+  t.equal(res.status, 403)
+  t.equal(res.headers['x-refused-by'], 'upstream')
+  t.equal(res.body, 'upgrade refused')
+  t.notOk('upgrade' in res.headers, 'no upgrade header on a refusal')
+})
+
+t.test('a non-WebSocket upgrade (h2c) is refused with 400', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const res = parseResponse(await raw(proxyPort, [
+    'GET /ws HTTP/1.1',
+    'Host: x',
+    'Connection: Upgrade, HTTP2-Settings',
+    'Upgrade: h2c',
+    'HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA',
+    '', ''
+  ].join('\r\n')))
+  t.equal(res.status, 400)
+  t.equal(res.headers['x-breakwater-error'], 'bad_request')
+  t.equal(JSON.parse(res.body).error, 'bad_request')
+  t.equal(up.handshakes.length + up.plainRequests, 0, 'nothing reached the upstream')
+})
+
+t.test('a WebSocket handshake to an unmatched path gets 404 no_route', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/elsewhere', KEY)))
+  t.equal(res.status, 404)
+  t.equal(res.headers['x-breakwater-error'], 'no_route')
+  t.equal(JSON.parse(res.body).error, 'no_route')
+  t.equal(up.handshakes.length, 0)
+})
+
+t.test('the upgrade path is normalised like any other', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(proxyPort)
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/x/../%77s//chat', KEY))
+  await client.until((c) => c.received.includes('\r\n\r\n'))
+  t.equal(parseResponse(client.received).status, 101)
+  t.equal(up.handshakes[0]?.url, '/ws/chat', 'the normalised path is forwarded')
+  const bad = parseResponse(await raw(proxyPort, handshakeRequest('/ws/%zz', KEY)))
+  t.equal(bad.status, 400, 'an invalid encoding is refused')
+})
+
+t.test('a WebSocket handshake to an upstream that refuses connections gets 502', async (t) => {
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(await refusedUrl()))
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY)))
+  t.equal(res.status, 502)
+  t.equal(res.headers['x-breakwater-error'], 'upstream_unavailable')
+})
+
+t.test('a WebSocket handshake to a route whose kill switch is off is refused, like any request', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort, proxy } = await startTestSidecar(t, {
+    upstreams: { ws: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/ws' }, upstream: 'ws', killSwitch: 'enableChat' }],
+    featureFlags: { enableChat: false }
+  })
+  const plain = await send(proxy, '/ws')
+  t.equal(plain.status, 503, 'a plain request to the route is refused')
+  t.equal(plain.headers['x-breakwater-error'], 'feature_disabled')
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY)))
+  t.equal(res.status, 503, 'the handshake is refused too: an upgrade does not bypass a kill switch')
+  t.equal(res.headers['x-breakwater-error'], 'feature_disabled')
+  t.equal(res.headers['x-breakwater-mitigation'], 'kill-switch')
+  t.equal(up.handshakes.length, 0, 'the upstream saw no handshake')
+})
+
+t.test('a WebSocket handshake to an upstream whose circuit is open is refused, like any request', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  // The upstream answers plain requests 426; counted as failures here, two open the circuit.
+  const { proxyPort, proxy } = await startTestSidecar(t, {
+    upstreams: { ws: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/ws' }, upstream: 'ws' }],
+    circuitBreakers: { ws: { volumeThreshold: 2, failureThreshold: 0.5, failureStatuses: [426], recoveryTimeout: 60000 } }
+  })
+  for (let i = 0; i < 2; i++) t.equal((await send(proxy, '/ws')).status, 426)
+  const plain = await send(proxy, '/ws')
+  t.equal(plain.headers['x-breakwater-error'], 'circuit_open', 'the circuit is open for plain requests')
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY)))
+  t.equal(res.status, 503, 'the handshake is refused too')
+  t.equal(res.headers['x-breakwater-error'], 'circuit_open')
+  t.equal(up.handshakes.length, 0, 'the upstream saw no handshake')
+})
