@@ -127,9 +127,11 @@ export class Sidecar {
       config: () => this.config,
       proxy: () => this.addresses.proxy.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:'),
       stats: () => dp.stats.allRoutes(),
-      killed: (route) => {
-        const key = dp.runtime.config.routes.find((r) => r.name === route)?.killSwitch ?? null
-        return key !== null && !flags.enabled(key)
+      refusedByMitigation: (route) => {
+        const r = dp.runtime.routes.routes.find((x) => x.name === route)
+        if (r === undefined) return false
+        const key = r.config.killSwitch
+        return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
       },
       notifier: this.notifier,
       logger: this.logger

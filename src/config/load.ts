@@ -422,9 +422,20 @@ function keyPath (pointer: string): string {
   return out
 }
 
+/** Keys whose values are secrets: a problem names the key, never the value. */
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
+
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>
   const at = keyPath(error.path)
+  if (SECRET.test(at)) {
+    const problem = describeValue(error, s, at).replace(/ \(got .*\)$/s, '')
+    return `${problem} (value not shown: it may be a secret)`
+  }
+  return describeValue(error, s, at)
+}
+
+function describeValue (error: ValueError, s: Record<string, unknown>, at: string): string {
   switch (error.type) {
     case ValueErrorType.ObjectAdditionalProperties:
       return `${at}: unknown key`

@@ -185,6 +185,8 @@ export class ControlPlane {
       await this.flags.override(key, enabled)
       this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt }, enabled ? 'flag forced on' : 'flag forced off')
       const persisted = await this.commit({ action: 'flag.override', targets: [key], reason: actor.reason, result: 'ok', requester: actor.requester, enabled, expiresAt: record.expiresAt })
+      // Switching a feature off is a mitigation, whichever door it came through: verify it.
+      if (!enabled) this.onMitigation('applied', this.operatorRecord('killSwitch', key, actor))
       return { value: record, persisted }
     })
   }
@@ -212,6 +214,7 @@ export class ControlPlane {
       else this.state.circuits[upstream] = { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: ttlMs === null ? null : new Date(Date.now() + ttlMs).toISOString() }
       this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
       const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state })
+      if (state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, actor))
       return { value: this.circuitView(upstream), persisted }
     })
   }
@@ -246,6 +249,23 @@ export class ControlPlane {
     })
     if (free.length === 0) throw new ControlError(409, 'operator_override', `an operator already decided for ${targets.join(', ')}; the trigger leaves it alone`)
     return free
+  }
+
+  /** A record for a mitigation done by a direct flag or circuit call (not kept in the list). */
+  private operatorRecord (action: 'killSwitch' | 'circuitBreak', target: string, actor: Actor): MitigationRecord {
+    return {
+      id: `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.now().toString(36)}`,
+      action,
+      targets: [target],
+      reason: actor.reason,
+      source: actor.source,
+      createdAt: new Date().toISOString(),
+      status: 'active',
+      liftedAt: null,
+      liftReason: null,
+      changes: [],
+      result: null
+    }
   }
 
   private newRecord (action: MitigationRecord['action'], targets: string[], req: MitigationRequest): MitigationRecord {
@@ -417,6 +437,11 @@ export class ControlPlane {
       }
       await this.save()
     })
+  }
+
+  /** Audit something decided outside a mitigation (a trigger that only notified). */
+  async auditEvent (entry: AuditInput): Promise<void> {
+    await this.record(entry)
   }
 
   /** Audit a config reload requested through the API. */

@@ -58,7 +58,8 @@ export class Notifier {
   dropped = 0
   private readonly queue: Message[] = []
   private inFlight = 0
-  private readonly timers = new Set<NodeJS.Timeout>()
+  /** Messages waiting out a retry backoff, oldest first; they count against `queueSize` too. */
+  private readonly timers = new Map<NodeJS.Timeout, Message>()
   private stopped = false
   /** Status page incident ids by incident key (from their creation). */
   private readonly statusPageIncidents = new Map<string, string>()
@@ -118,8 +119,19 @@ export class Notifier {
   private enqueue (m: Message): void {
     if (this.stopped) return
     const max = this.config().queueSize
-    while (this.queue.length >= max) {
-      const old = this.queue.shift() as Message
+    // Held = queued + waiting for a retry; the oldest goes first when that reaches the cap.
+    while (this.queue.length + this.timers.size >= max) {
+      let old: Message
+      const waiting = this.timers.entries().next()
+      if (!waiting.done) {
+        clearTimeout(waiting.value[0])
+        this.timers.delete(waiting.value[0])
+        old = waiting.value[1]
+      } else if (this.queue.length > 0) {
+        old = this.queue.shift() as Message
+      } else {
+        break
+      }
       this.dropped++
       this.logger.warn({ event: 'notification_dropped', channel: old.channel }, 'notification queue full; dropped the oldest message')
     }
@@ -177,7 +189,7 @@ export class Notifier {
       this.pump()
     }, backoff)
     timer.unref()
-    this.timers.add(timer)
+    this.timers.set(timer, m)
   }
 
   /** Messages waiting or being delivered. */
@@ -187,7 +199,7 @@ export class Notifier {
 
   stop (): void {
     this.stopped = true
-    for (const t of this.timers) clearTimeout(t)
+    for (const t of this.timers.keys()) clearTimeout(t)
     this.timers.clear()
     this.queue.length = 0
   }

@@ -52,7 +52,11 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       },
       time: new Date().toISOString()
     })
-    if (action === 'notify') return trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
+    if (action === 'notify') {
+      const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
+      void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })
+      return outcome
+    }
     try {
       const { value } = await deps.control.mitigate({
         ...who,

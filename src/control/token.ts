@@ -4,7 +4,7 @@
  * logged, never the token). Tokens are compared in constant time.
  */
 import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
-import { readFile, writeFile, mkdir, chmod } from 'node:fs/promises'
+import { readFile, writeFile, mkdir, chmod, rename } from 'node:fs/promises'
 import { join } from 'node:path'
 
 export interface AdminToken {
@@ -20,7 +20,12 @@ export interface AdminToken {
 export async function resolveAdminToken (env: string | undefined, tokenFile: string | null, stateDir: string): Promise<AdminToken> {
   if (env !== undefined && env.trim() !== '') return { token: env.trim(), origin: 'env', path: null, written: true }
   if (tokenFile !== null) {
-    const token = (await readFile(tokenFile, 'utf8')).trim()
+    let token: string
+    try {
+      token = (await readFile(tokenFile, 'utf8')).trim()
+    } catch (err) {
+      throw new Error(`admin.tokenFile: cannot read ${tokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    }
     if (token.length < 16) throw new Error(`admin.tokenFile: ${tokenFile} holds a token shorter than 16 characters`)
     return { token, origin: 'file', path: tokenFile, written: true }
   }
@@ -28,8 +33,12 @@ export async function resolveAdminToken (env: string | undefined, tokenFile: str
   const path = join(stateDir, 'admin.token')
   try {
     await mkdir(stateDir, { recursive: true })
-    await writeFile(path, token + '\n', { mode: 0o600 })
-    await chmod(path, 0o600)
+    // A fresh 0600 file renamed into place: the token is never in a file others can read,
+    // even when an older admin.token had looser permissions.
+    const tmp = `${path}.tmp-${process.pid}`
+    await writeFile(tmp, token + '\n', { mode: 0o600 })
+    await chmod(tmp, 0o600)
+    await rename(tmp, path)
     return { token, origin: 'generated', path, written: true }
   } catch {
     return { token, origin: 'generated', path, written: false }

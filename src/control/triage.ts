@@ -119,76 +119,96 @@ export function triage (input: TriageInput): TriageReport {
     circuits: input.circuits.map((c) => ({ upstream: c.upstream, state: c.state, forced: c.forced, failureRate: round(c.failureRate) })),
     recentChanges: { version: recentVersion, config: recentConfig, flags: flagChanges }
   }
-  const ruledOut: TriageReport['ruledOut'] = []
   const reason = (text: string): string => `--reason ${JSON.stringify(text)}`
-  const done = (scenario: Scenario, summary: string, recommendation: Recommendation): TriageReport =>
-    ({ generatedAt: new Date(now).toISOString(), scenario, summary, recommendation, evidence, ruledOut })
-
-  const failingRoutes = routes.filter((r) => r.elevated)
+  // Errors on a route whose kill switch is already off are mitigated: they are history.
+  const killed = (name: string): boolean => {
+    const key = config.routes.find((r) => r.name === name)?.killSwitch ?? null
+    return key !== null && !input.flagEnabled(key)
+  }
+  const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
   const failingUpstreams = upstreams.filter((u) => u.elevated)
   const openCircuits = input.circuits.filter((c) => c.state !== 'closed')
+
+  type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
+  const verdicts: Array<[Scenario, Verdict]> = []
 
   // traffic spike
   const spike = all.baseline.ratePerSecond > 0 && all.current.ratePerSecond >= 3 * all.baseline.ratePerSecond &&
     ((all.current.p99Ms ?? 0) >= 2 * (all.baseline.p99Ms ?? Number.POSITIVE_INFINITY) || all.elevated)
-  if (spike) {
-    return done('traffic_spike', `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`, {
-      action: 'scale',
-      target: config.service,
-      command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`,
-      why: 'saturation from load, not a fault in the code: add capacity or shed load'
-    })
-  }
-  ruledOut.push({ scenario: 'traffic_spike', why: all.baseline.ratePerSecond === 0 ? 'no baseline traffic to compare with' : `rate ${all.current.ratePerSecond}/s vs baseline ${all.baseline.ratePerSecond}/s (needs ≥ 3×)` })
-
-  if (failingRoutes.length === 0 && failingUpstreams.length === 0 && openCircuits.length === 0) {
-    return done('healthy', `no route or upstream has elevated errors (all traffic: ${pct(all.current.errorRate)} errors over the last minute)`, { action: 'none', target: null, command: null, why: 'nothing to mitigate' })
-  }
+  verdicts.push(['traffic_spike', spike
+    ? {
+        match: true,
+        summary: `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`,
+        recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load' }
+      }
+    : { match: false, why: all.baseline.ratePerSecond === 0 ? 'no baseline traffic to compare with' : `rate ${all.current.ratePerSecond}/s vs baseline ${all.baseline.ratePerSecond}/s (a spike needs ≥ 3× with latency or errors up)` }])
 
   // feature regression: errors concentrated on one route that has a kill switch still on
-  const totalErrors = failingRoutes.reduce((n, r) => n + (r.current.errorRate ?? 0) * r.current.requests, 0)
-  const top = [...failingRoutes].sort((a, b) => (b.current.errorRate ?? 0) * b.current.requests - (a.current.errorRate ?? 0) * a.current.requests)[0]
+  const errorsOf = (r: Signal): number => (r.current.errorRate ?? 0) * r.current.requests
+  const totalErrors = failingRoutes.reduce((n, r) => n + errorsOf(r), 0)
+  const top = [...failingRoutes].sort((a, b) => errorsOf(b) - errorsOf(a))[0]
   const topRoute = top === undefined ? undefined : config.routes.find((r) => r.name === top.name)
-  const topShare = top === undefined || totalErrors === 0 ? 0 : ((top.current.errorRate ?? 0) * top.current.requests) / totalErrors
-  const otherRoutesFine = routes.filter((r) => r.name !== top?.name).every((r) => !r.elevated)
-  if (top !== undefined && topRoute?.killSwitch != null && input.flagEnabled(topRoute.killSwitch) && (otherRoutesFine || topShare >= 0.8)) {
-    return done('feature_regression', `errors are concentrated on route ${top.name} (${pct(top.current.errorRate)} vs ${pct(top.baseline.errorRate)} baseline), which kill switch ${topRoute.killSwitch} guards`, {
-      action: 'killSwitch',
-      target: topRoute.killSwitch,
-      command: `breakwater kill ${topRoute.killSwitch} ${reason(`errors on ${top.name}`)}`,
-      why: 'the lowest-risk move: switch the feature off, the rest of the service keeps working'
-    })
+  const topShare = top === undefined || totalErrors === 0 ? 0 : errorsOf(top) / totalErrors
+  if (top !== undefined && topRoute?.killSwitch != null && (failingRoutes.length === 1 || topShare >= 0.8)) {
+    verdicts.push(['feature_regression', {
+      match: true,
+      summary: `errors are concentrated on route ${top.name} (${pct(top.current.errorRate)} vs ${pct(top.baseline.errorRate)} baseline), which kill switch ${topRoute.killSwitch} guards`,
+      recommendation: { action: 'killSwitch', target: topRoute.killSwitch, command: `breakwater kill ${topRoute.killSwitch} ${reason(`errors on ${top.name}`)}`, why: 'the lowest-risk move: switch the feature off, the rest of the service keeps working' }
+    }])
+  } else {
+    const mitigated = routes.filter((r) => r.elevated && killed(r.name)).map((r) => r.name)
+    verdicts.push(['feature_regression', {
+      match: false,
+      why: top === undefined
+        ? (mitigated.length > 0 ? `the failing route(s) ${mitigated.join(', ')} are already switched off` : 'no route has elevated errors')
+        : topRoute?.killSwitch == null ? `route ${top.name} has no kill switch` : 'errors are spread across routes'
+    }])
   }
-  ruledOut.push({ scenario: 'feature_regression', why: top === undefined ? 'no route has elevated errors' : topRoute?.killSwitch == null ? `route ${top.name} has no kill switch` : !input.flagEnabled(topRoute.killSwitch) ? `kill switch ${topRoute.killSwitch} is already off` : 'errors are spread across routes' })
 
-  // downstream failure: one upstream failing, the others fine
-  const failingDependency = failingUpstreams.length === 1 && upstreams.length > 1 ? failingUpstreams[0] : undefined
-  const circuitFailing = openCircuits.length === 1 && failingUpstreams.length <= 1 ? openCircuits[0] : undefined
-  const dependency = failingDependency?.name ?? circuitFailing?.upstream
+  // downstream failure: one upstream failing, the others fine (or its circuit the only one open)
+  const failingDependency = failingUpstreams.length === 1 && upstreams.length > 1 ? failingUpstreams[0]?.name : undefined
+  const circuitFailing = openCircuits.length === 1 && failingUpstreams.length <= 1 ? openCircuits[0]?.upstream : undefined
+  const dependency = failingDependency ?? circuitFailing
   if (dependency !== undefined && config.upstreams[dependency]?.critical !== true) {
     const sig = upstreams.find((u) => u.name === dependency)
-    return done('downstream_failure', `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`, {
-      action: 'circuitBreak',
-      target: dependency,
-      command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`,
-      why: 'isolate the failing dependency: fail fast instead of waiting on it'
-    })
+    verdicts.push(['downstream_failure', {
+      match: true,
+      summary: `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
+      recommendation: { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: 'isolate the failing dependency: fail fast instead of waiting on it' }
+    }])
+  } else {
+    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : 'no single upstream stands out' }])
   }
-  ruledOut.push({ scenario: 'downstream_failure', why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : 'no single upstream stands out' })
 
   // bad deployment: something changed recently, and errors are across routes
   const changed = recentVersion !== null || recentConfig !== null
-  if (changed && (failingRoutes.length >= 2 || all.elevated)) {
-    return done('bad_deployment', `errors across ${failingRoutes.length} route(s) (${pct(all.current.errorRate)} of all traffic) since ${recentVersion !== null ? `version ${config.version} at ${recentVersion}` : `a config change at ${recentConfig ?? '?'}`}`, {
-      action: 'rollback',
-      target: config.version,
-      command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`,
-      why: 'the last change is the likely cause: go back to the last known-good version'
-    })
+  const acrossRoutes = failingRoutes.length >= 2 || (routes.length === 1 && failingRoutes.length === 1)
+  if (changed && acrossRoutes) {
+    verdicts.push(['bad_deployment', {
+      match: true,
+      summary: `errors across ${failingRoutes.length} route(s) (${pct(all.current.errorRate)} of all traffic) since ${recentVersion !== null ? `version ${config.version} at ${recentVersion}` : `a config change at ${recentConfig ?? '?'}`}`,
+      recommendation: { action: 'rollback', target: config.version, command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`, why: 'the last change is the likely cause: go back to the last known-good version' }
+    }])
+  } else {
+    verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : 'errors are on one route, not across routes' }])
   }
-  ruledOut.push({ scenario: 'bad_deployment', why: changed ? 'errors are not across routes' : 'no version or config change in the last 30 minutes' })
 
-  return done('unclear', `elevated errors on ${failingRoutes.map((r) => r.name).join(', ') || 'no route'} without a clear pattern`, {
+  const chosen = verdicts.find(([, v]) => v.match)
+  const ruledOut = verdicts.filter(([scenario, v]) => !v.match && scenario !== chosen?.[0]).map(([scenario, v]) => ({ scenario, why: (v as { why: string }).why }))
+  const report = (scenario: Scenario, summary: string, recommendation: Recommendation): TriageReport =>
+    ({ generatedAt: new Date(now).toISOString(), scenario, summary, recommendation, evidence, ruledOut })
+  if (chosen !== undefined) {
+    const v = chosen[1] as { summary: string, recommendation: Recommendation }
+    // Scenarios that also matched but rank lower are listed too, with why they were passed over.
+    for (const [scenario, other] of verdicts) {
+      if (other.match && scenario !== chosen[0]) ruledOut.push({ scenario, why: `also fits, but ${chosen[0].replace(/_/g, ' ')} is checked first (lower risk or more specific)` })
+    }
+    return report(chosen[0], v.summary, v.recommendation)
+  }
+  if (failingRoutes.length === 0 && failingUpstreams.length === 0 && openCircuits.length === 0) {
+    return report('healthy', `no route or upstream has elevated errors that are not already mitigated (all traffic: ${pct(all.current.errorRate)} errors over the last minute)`, { action: 'none', target: null, command: null, why: 'nothing to mitigate' })
+  }
+  return report('unclear', `elevated errors on ${failingRoutes.map((r) => r.name).join(', ') || 'no route'} without a clear pattern`, {
     action: 'investigate',
     target: null,
     command: 'breakwater status',

@@ -4,7 +4,8 @@
  * that service is really back before saying so:
  * - synthetic requests (`verification.synthetics`) sent through this sidecar's own proxy
  *   listener, each expecting its status, `successes` rounds in a row — a synthetic aimed at a
- *   route whose kill switch is now off is skipped, since it would measure the mitigation;
+ *   route a mitigation now refuses (kill switch off, circuit forced open) is skipped, since it
+ *   would measure the mitigation;
  * - and real traffic since the mitigation (the last `windowMs`) under the trigger's threshold
  *   (or `maxErrorRate` for an operator's incident).
  * It records detection, mitigation and restoration times, observes
@@ -50,8 +51,8 @@ export interface VerifierDeps {
   /** The proxy listener's URL (synthetics go through Breakwater itself). */
   proxy: () => string
   stats: () => Iterable<RouteStats>
-  /** Whether a route is currently refused by its kill switch. */
-  killed: (route: string) => boolean
+  /** Whether a mitigation refuses a route now (its kill switch off, or its circuit forced open). */
+  refusedByMitigation: (route: string) => boolean
   notifier: Notifier
   logger: Logger
 }
@@ -134,7 +135,7 @@ export class Verifier {
     const { incident } = run
     const cfg = this.deps.config()
     const v = cfg.verification
-    const synthetics = v.synthetics.filter((s) => (s.route === null || !this.deps.killed(s.route)) &&
+    const synthetics = v.synthetics.filter((s) => (s.route === null || !this.deps.refusedByMitigation(s.route)) &&
       (incident.scope.route === null || s.route === null || s.route === incident.scope.route))
     let syntheticsOk = true
     if (synthetics.length > 0) {
@@ -163,8 +164,12 @@ export class Verifier {
     incident.checks.p99Ms = traffic.p99Ms
     incident.checks.requests = traffic.requests
     const syntheticsPassed = synthetics.length === 0 ? null : incident.checks.syntheticPassesInARow >= v.successes
-    // Restored: every signal we have says so, and we have at least one.
-    const restored = syntheticsPassed !== false && traffic.ok !== false && (syntheticsPassed === true || traffic.ok === true)
+    // Restored: every signal we have says so. Real traffic must agree when there is any; only
+    // after a whole verification window without enough of it do synthetics speak alone.
+    const quietWindow = Date.now() - Date.parse(incident.mitigatedAt as string) >= v.windowMs
+    const limit = run.trigger !== null && run.trigger.metric === 'error_rate' ? run.trigger.threshold : v.maxErrorRate
+    const fewAndFine = traffic.ok === null && (traffic.errorRate ?? 0) <= limit
+    const restored = syntheticsPassed !== false && (traffic.ok === true || (fewAndFine && syntheticsPassed === true && quietWindow))
     if (restored) { this.restored(run); return }
     if (Date.now() >= run.deadline) { this.notRestored(run); return }
     this.schedule(run, v.intervalMs)

@@ -62,6 +62,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
   attempt = 0
   status = 0
   errorCode: ErrorCode | 'upstream_reset' | null = null
+  /** An injected fault this request carries (game days), for the access log. */
+  fault: 'delay' | null = null
   /** The breaker's settle hook, until the outcome is reported. */
   settle: Settle | null = null
   abortUpstream: ((err?: Error) => void) | null = null
@@ -269,7 +271,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
         status: this.status,
         durationMs: Math.round(seconds * 1e6) / 1e3,
         attempts: this.attempt,
-        error: this.errorCode ?? undefined
+        error: this.errorCode ?? undefined,
+        fault: this.fault ?? undefined
       }, 'request')
     }
   }

@@ -79,11 +79,11 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
     if (fault === DELAY) {
       route.stats.fault('delay')
       res.setHeader('x-breakwater-fault', 'delay')
-      setTimeout(guardAndForward, (route.config.fault as FaultConfig).delayMs, dp, route, req, res, head, path, startedAt)
+      setTimeout(guardAndForward, (route.config.fault as FaultConfig).delayMs, dp, route, req, res, head, path, startedAt, 'delay')
       return
     }
 
-    guardAndForward(dp, route, req, res, head, path, startedAt)
+    guardAndForward(dp, route, req, res, head, path, startedAt, null)
   }
 }
 
@@ -102,7 +102,7 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
 }
 
 /** The circuit breaker (bulkhead) stage, then forward. */
-function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number): void {
+function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number, fault: 'delay' | null): void {
   if (res.destroyed) return // the client left during an injected delay
   {
     // circuit breaker (bulkhead)
@@ -126,6 +126,7 @@ function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res
 
     // forward
     const exchange = new Exchange(dp, route, req, res, head, path, startedAt)
+    exchange.fault = fault
     if (circuit === null) {
       exchange.start(null)
       return
