@@ -1,0 +1,58 @@
+/**
+ * The outage drill (`breakwater drill`, `npm run drill`), end to end as a user runs it: the
+ * real binary, a demo app and a sidecar on loopback, steady load, a bad release, the trigger,
+ * the rollback, the verification — exit 0 once restored, well under a minute.
+ */
+import t from 'tap'
+import { runCli } from './helpers/process.js'
+
+t.setTimeout(120_000)
+
+t.test('breakwater drill: exit 0, the timeline, restored in under 10 s, done in under a minute', async (t) => {
+  const r = await runCli(['drill'], { timeoutMs: 90_000 })
+  const out = r.stdout
+  t.equal(r.signal, null, `not killed (took ${r.durationMs} ms)`)
+  t.equal(r.code, 0, `exit 0; stderr: ${r.stderr}`)
+  t.ok(r.durationMs < 60_000, `finished in ${(r.durationMs / 1000).toFixed(1)} s (< 60 s)`)
+  t.equal(r.stderr, '', 'nothing on stderr')
+
+  // Live progress (not a terminal: one line a second) with the bad release and the trigger.
+  t.match(out, /deploying a bad release of \/checkout/)
+  t.match(out, /req\/s\s+errors \d+%\s+trigger (fired|rearming)/, 'the progress shows the trigger firing')
+  t.match(out, /mitigation rollback/)
+  t.notMatch(out, /\x1b\[/, 'no terminal control codes when stdout is not a terminal')
+
+  // The timeline, each step with its time from the bad release.
+  t.match(out, /Timeline \(from the bad release\):/)
+  const at = (label: string): number | null => {
+    const m = new RegExp(`^\\s+${label}\\s+\\+(\\d+\\.\\d) s`, 'm').exec(out)
+    return m === null ? null : Number(m[1])
+  }
+  const onset = at('fault onset')
+  const detected = at('detected')
+  const mitigated = at('mitigated')
+  const restored = at('restored \\(verified\\)')
+  t.equal(onset, 0, 'fault onset at +0.0 s')
+  t.ok(detected !== null && mitigated !== null && restored !== null, `detected +${String(detected)} s, mitigated +${String(mitigated)} s, restored +${String(restored)} s`)
+  if (detected !== null && mitigated !== null && restored !== null) {
+    t.ok(detected >= 0 && detected <= mitigated && mitigated <= restored, 'in order: detected ≤ mitigated ≤ restored')
+    t.ok(restored < 10, `time to restore ${restored} s (< 10 s)`)
+  }
+  t.match(out, /rollback webhook accepted/)
+  t.notMatch(out, /NOT received/, 'the demo app received the rollback')
+  t.match(out, /trigger error_rate_5pct fired/)
+
+  // The sidecar's own events, in order.
+  t.match(out, /Sidecar events:/)
+  const events = out.slice(out.indexOf('Sidecar events:')).split('\n').map((l) => l.trim()).filter((l) => /^\d\d:\d\d:\d\d\.\d{3}\s/.test(l)).map((l) => l.split(/\s+/).slice(1).join(' '))
+  const order = ['trigger_fired rollback', 'incident:detected', 'mitigation rollback', 'incident:restored']
+  const positions = order.map((e) => events.indexOf(e))
+  t.ok(positions.every((p) => p !== -1), `events ${JSON.stringify(events)}`)
+  t.same([...positions].sort((a, b) => a - b), positions, 'fired, detected, mitigated, restored in that order')
+  t.notOk(events.includes('incident:not_restored'))
+
+  const final = /Service restored (\d+\.\d) s after the bad release/.exec(out)
+  t.ok(final !== null, 'the last line says restored')
+  t.equal(Number(final?.[1]), restored, 'with the same time to restore')
+  t.notMatch(out, /NOT restored/)
+})

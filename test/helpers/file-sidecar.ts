@@ -1,0 +1,63 @@
+/**
+ * An in-process sidecar started from a real config file (so `POST /v1/reload` re-reads it):
+ * listeners on 127.0.0.1 port 0, state in a temp dir, log lines captured as parsed objects.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Writable } from 'node:stream'
+import type { Test } from 'tap'
+import { loadConfigFile } from '../../src/config/load.js'
+import { startSidecar } from '../../src/sidecar.js'
+import { TEST_TOKEN, type TestSidecar } from './sidecar.js'
+
+export interface FileSidecar extends TestSidecar {
+  configPath: string
+  /** Replace the config file's contents (the same defaults are filled in). */
+  rewrite: (input: Record<string, unknown>) => void
+}
+
+export async function startFileSidecar (t: Test, input: Record<string, unknown>): Promise<FileSidecar> {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-file-'))
+  const stateDir = join(dir, 'state')
+  const configPath = join(dir, 'breakwater.json')
+  const rewrite = (next: Record<string, unknown>): void => {
+    writeFileSync(configPath, JSON.stringify({
+      service: 'test',
+      version: '1.0.0',
+      stateDir,
+      listen: {
+        proxy: { host: '127.0.0.1', port: 0 },
+        ops: { host: '127.0.0.1', port: 0 },
+        admin: { host: '127.0.0.1', port: 0 }
+      },
+      shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
+      ...next
+    }, null, 2))
+  }
+  rewrite(input)
+  const { config } = await loadConfigFile(configPath)
+  const logs: Array<Record<string, unknown>> = []
+  const destination = new Writable({
+    write (chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString('utf8').split('\n')) if (line !== '') logs.push(JSON.parse(line) as Record<string, unknown>)
+      cb()
+    }
+  })
+  const sidecar = await startSidecar(config, { logDestination: destination, adminToken: TEST_TOKEN })
+  t.teardown(async () => {
+    await sidecar.close()
+    rmSync(dir, { recursive: true, force: true })
+  })
+  return {
+    sidecar,
+    proxy: sidecar.addresses.proxy,
+    ops: sidecar.addresses.ops,
+    admin: sidecar.addresses.admin,
+    proxyPort: Number(new URL(sidecar.addresses.proxy).port),
+    logs,
+    stateDir,
+    configPath,
+    rewrite
+  }
+}

@@ -1,0 +1,422 @@
+/**
+ * The operator commands of the real binary (SPEC §1, §13, §14) against real sidecar
+ * processes in front of a real upstream: status, kill, restore, circuit, mitigate, lift,
+ * audit; options anywhere; --json; refusals; token discovery; fan-out to several sidecars.
+ */
+import t, { type Test } from 'tap'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { parse, stringify } from 'yaml'
+import { startUpstream, type TestUpstream } from './helpers/upstream.js'
+import { tempDir, type Running, type CliResult } from './helpers/process.js'
+import { send } from './helpers/http.js'
+import { admin } from './helpers/admin.js'
+import { operator, runAll, adminUrl, parseOnlyJson, startSidecarProcess, STACK_FRAME } from './helpers/operator.js'
+
+// Every command is a fresh Node process; leave room for a busy machine.
+t.setTimeout(600_000)
+
+const TOKEN = 'operator-cli-test-token-0123456789'
+const FLAG = 'enableNewCheckout'
+
+function config (up: TestUpstream): Record<string, unknown> {
+  return {
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: FLAG },
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { [FLAG]: true, unrelated: true },
+    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 60_000 } },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  }
+}
+
+interface Fixture {
+  up: TestUpstream
+  s: Running
+  url: string
+}
+
+/** A real upstream and a sidecar process whose admin token is TOKEN (from the environment). */
+async function fixture (t: Test): Promise<Fixture> {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startSidecarProcess(t, config(up), { BREAKWATER_ADMIN_TOKEN: TOKEN })
+  return { up, s, url: adminUrl(s) }
+}
+
+const withToken = { BREAKWATER_ADMIN_TOKEN: TOKEN }
+
+async function state (url: string, token = TOKEN): Promise<any> {
+  const r = await admin(url, 'GET', '/v1/state', undefined, token)
+  if (r.status !== 200) throw new Error(`GET /v1/state: ${r.status} ${JSON.stringify(r.body)}`)
+  return r.body
+}
+
+async function auditEntries (url: string, token = TOKEN): Promise<any[]> {
+  const r = await admin(url, 'GET', '/v1/audit?limit=100', undefined, token)
+  if (r.status !== 200) throw new Error(`GET /v1/audit: ${r.status} ${JSON.stringify(r.body)}`)
+  return r.body.entries as any[]
+}
+
+t.test('status, and commands that are refused or fail: all change nothing', async (t) => {
+  const { s, url } = await fixture(t)
+  const run = operator(t)
+  const noReason = [
+    ['kill', FLAG],
+    ['circuit', 'pay', 'open'],
+    ['mitigate', 'killSwitch'],
+    ['lift', 'm-anything'],
+    ['restore', FLAG, '--reason', '   ', '--json']
+  ]
+  const [human, json, unknown, unknownJson, wrong, unreachable, unreachableJson, noToken, ...missing] = await runAll(run, [
+    { args: ['status', '--admin', url], env: withToken },
+    { args: ['status', '--json', '--admin', url], env: withToken },
+    { args: ['kill', 'noSuchFlag', '--reason', 'x', '--admin', url], env: withToken },
+    { args: ['kill', 'noSuchFlag', '--reason', 'x', '--json', '--admin', url], env: withToken },
+    { args: ['kill', FLAG, '--reason', 'x', '--admin', url], env: { BREAKWATER_ADMIN_TOKEN: 'wrong' } },
+    { args: ['status', '--admin', 'http://127.0.0.1:1'], env: withToken },
+    { args: ['kill', FLAG, '--reason', 'x', '--json', '--admin', 'http://127.0.0.1:1'], env: withToken },
+    { args: ['status', '--admin', url] },
+    ...noReason.map((args) => ({ args: [...args, '--admin', url], env: withToken }))
+  ]) as [CliResult, ...CliResult[]]
+
+  t.test('status: a table for people mentioning flags and circuits', async (t) => {
+    t.equal(human.code, 0, human.stderr)
+    t.match(human.stdout, /FLAGS/)
+    t.match(human.stdout, /CIRCUITS/)
+    t.match(human.stdout, /MITIGATIONS/)
+    t.match(human.stdout, new RegExp(`${FLAG}\\s+on\\b`), 'the kill-switch flag and its value')
+    t.match(human.stdout, /\bcheckout\b/, 'the route it guards')
+    t.match(human.stdout, /\bpay\s+closed\b/, 'the breaker and its state')
+    t.throws(() => JSON.parse(human.stdout), 'the default output is not JSON')
+    t.notMatch(human.stderr, STACK_FRAME)
+  })
+
+  t.test('status --json prints only JSON', async (t) => {
+    t.equal(json.code, 0, json.stderr)
+    const body = parseOnlyJson(json)
+    t.equal(body.flags[FLAG].enabled, true)
+    t.equal(body.flags.unrelated.enabled, true)
+    t.equal(body.circuits.pay.state, 'closed')
+    t.equal(body.circuits.pay.forced, null)
+    t.same(body.mitigations, [])
+    t.equal(json.stderr, '', 'nothing else is printed')
+  })
+
+  t.test('a mutating command without --reason exits 2 with a message', async (t) => {
+    for (const [i, r] of missing.entries()) {
+      const label = (noReason[i] as string[]).join(' ')
+      t.equal(r.code, 2, `${label}: exit 2`)
+      t.match(r.stderr, /--reason/, `${label}: says what is missing`)
+      t.notMatch(r.stderr, STACK_FRAME, `${label}: no stack trace`)
+      t.equal(r.stdout, '', `${label}: nothing on stdout`)
+    }
+  })
+
+  t.test("an unknown flag: exit 1 with the sidecar's message", async (t) => {
+    t.equal(unknown.code, 1)
+    t.match(unknown.stderr, /flag "noSuchFlag" is not defined/)
+    t.match(unknown.stderr, /404/)
+    t.notMatch(unknown.stderr, STACK_FRAME)
+    t.equal(unknownJson.code, 1)
+    const refusal = parseOnlyJson(unknownJson)
+    t.equal(refusal.status, 404, 'with --json the refusal is JSON too')
+    t.equal(refusal.error, 'unknown_flag')
+  })
+
+  t.test('a wrong token or none: exit 1, 401 unauthorized', async (t) => {
+    t.equal(wrong.code, 1)
+    t.match(wrong.stderr, /401/)
+    t.match(wrong.stderr, /unauthorized/i)
+    t.notMatch(wrong.stderr, STACK_FRAME)
+    t.equal(noToken.code, 1)
+    t.match(noToken.stderr, /401/)
+    t.match(noToken.stderr, /BREAKWATER_ADMIN_TOKEN/, 'with a hint where a token comes from')
+  })
+
+  t.test('an unreachable sidecar: exit 1, "cannot reach", no stack trace', async (t) => {
+    t.equal(unreachable.code, 1)
+    t.match(unreachable.stderr, /cannot reach/)
+    t.match(unreachable.stderr, 'http://127.0.0.1:1')
+    t.notMatch(unreachable.stderr, STACK_FRAME)
+    t.equal(unreachable.stdout, '')
+    t.equal(unreachableJson.code, 1)
+    const body = parseOnlyJson(unreachableJson)
+    t.equal(body.error, 'unreachable')
+    t.equal(body.admin, 'http://127.0.0.1:1')
+  })
+
+  t.test('nothing was changed', async (t) => {
+    t.equal((await send(s.proxy, '/checkout')).status, 200, 'the flag is still on')
+    t.equal((await send(s.proxy, '/pay')).status, 200, 'the circuit is still closed')
+    const st = await state(url)
+    t.equal(st.flags[FLAG].origin, 'config')
+    t.equal(st.circuits.pay.forced, null)
+    t.same(st.mitigations, [])
+    t.same(await auditEntries(url), [], 'nothing was audited')
+  })
+})
+
+t.test('kill turns the route off at once, restore turns it back on; options anywhere; --json', async (t) => {
+  const { s, url } = await fixture(t)
+  const run = operator(t)
+  t.equal((await send(s.proxy, '/checkout')).status, 200)
+
+  const kill = await run(['kill', FLAG, '--reason', 'checkout errors after deploy', '--admin', url], withToken)
+  t.equal(kill.code, 0, kill.stderr)
+  t.match(kill.stdout, FLAG)
+  t.match(kill.stdout, /OFF/)
+  const refused = await send(s.proxy, '/checkout/cart')
+  t.equal(refused.status, 503, 'the next request is refused')
+  t.equal(refused.json().error, 'feature_disabled')
+  t.equal(refused.headers['x-breakwater-mitigation'], 'kill-switch')
+  t.equal((await send(s.proxy, '/other')).status, 200, 'other routes are untouched')
+  const killed = await state(url)
+  t.equal(killed.flags[FLAG].enabled, false)
+  t.equal(killed.flags[FLAG].origin, 'override')
+  t.equal(killed.flags[FLAG].override.reason, 'checkout errors after deploy')
+
+  const restore = await run(['restore', FLAG, '--reason', 'fixed forward', '--admin', url], withToken)
+  t.equal(restore.code, 0, restore.stderr)
+  t.match(restore.stdout, FLAG)
+  t.match(restore.stdout, /ON/)
+  t.equal((await send(s.proxy, '/checkout/cart')).status, 200, 'back on')
+  t.equal((await state(url)).flags[FLAG].origin, 'config', 'the override is gone')
+
+  // Options first and positionals last, in --json mode: only JSON on stdout.
+  const early = await run(['--reason', 'options first', '--json', 'kill', FLAG, '--admin', url], withToken)
+  t.equal(early.code, 0, early.stderr)
+  const earlyBody = parseOnlyJson(early)
+  t.equal(earlyBody.flag, FLAG)
+  t.equal(earlyBody.enabled, false)
+  t.equal(earlyBody.reason, 'options first')
+  t.equal(earlyBody.persisted, true)
+  t.equal((await send(s.proxy, '/checkout')).status, 503)
+  // Options around and between positionals, with the short form of --reason.
+  const mixed = await run(['--admin', url, 'restore', '-r', 'mixed order', FLAG, '--json'], withToken)
+  t.equal(mixed.code, 0, mixed.stderr)
+  const mixedBody = parseOnlyJson(mixed)
+  t.equal(mixedBody.flag, FLAG)
+  t.equal(mixedBody.enabled, true)
+  t.equal(mixedBody.override, null)
+  t.equal((await send(s.proxy, '/checkout')).status, 200)
+
+  const entries = await auditEntries(url)
+  t.same(entries.map((e) => [e.action, e.reason]), [
+    ['flag.clear', 'mixed order'],
+    ['flag.override', 'options first'],
+    ['flag.clear', 'fixed forward'],
+    ['flag.override', 'checkout errors after deploy']
+  ], 'each command is one audit entry with its reason')
+  for (const e of entries) t.same(e.targets, [FLAG])
+})
+
+t.test('circuit UPSTREAM open forces the breaker open; auto hands it back', async (t) => {
+  const { s, url } = await fixture(t)
+  const run = operator(t)
+  t.equal((await send(s.proxy, '/pay/charge')).status, 200)
+
+  const open = await run(['circuit', 'pay', 'open', '--reason', 'payment provider is down', '--admin', url], withToken)
+  t.equal(open.code, 0, open.stderr)
+  t.match(open.stdout, /pay/)
+  t.match(open.stdout, /forced open/)
+  const refused = await send(s.proxy, '/pay/charge')
+  t.equal(refused.status, 503)
+  t.equal(refused.json().error, 'circuit_open')
+  t.equal(refused.headers['x-breakwater-mitigation'], 'circuit-open')
+  t.equal((await send(s.proxy, '/checkout')).status, 200, 'other upstreams are untouched')
+  const st = await state(url)
+  t.equal(st.circuits.pay.state, 'open')
+  t.equal(st.circuits.pay.forced, 'open')
+
+  const status = await run(['status', '--admin', url], withToken)
+  t.equal(status.code, 0, status.stderr)
+  t.match(status.stdout, /\bpay\s+open\s+open\b/, 'status shows the forced circuit')
+
+  const auto = await run(['circuit', '--json', 'pay', 'auto', '--reason', 'provider recovered', '--admin', url], withToken)
+  t.equal(auto.code, 0, auto.stderr)
+  const autoBody = parseOnlyJson(auto)
+  t.equal(autoBody.upstream, 'pay')
+  t.equal(autoBody.forced, null)
+  t.equal(autoBody.state, 'closed')
+  t.equal((await send(s.proxy, '/pay/charge')).status, 200)
+  const after = await state(url)
+  t.equal(after.circuits.pay.forced, null)
+  t.equal(after.circuits.pay.state, 'closed')
+
+  const [bad, unknown] = await runAll(run, [
+    { args: ['circuit', 'pay', 'sideways', '--reason', 'x', '--admin', url], env: withToken },
+    { args: ['circuit', 'nowhere', 'open', '--reason', 'x', '--admin', url], env: withToken }
+  ]) as [CliResult, CliResult]
+  t.equal(bad.code, 2, 'a state other than open|closed|auto is a usage error')
+  t.match(bad.stderr, /open\|closed\|auto/)
+  t.equal(unknown.code, 1)
+  t.match(unknown.stderr, /nowhere/)
+  t.match(unknown.stderr, /404/)
+  t.equal((await state(url)).circuits.pay.forced, null, 'neither changed anything')
+})
+
+t.test('mitigate killSwitch, then lift it by id', async (t) => {
+  const { s, url } = await fixture(t)
+  const run = operator(t)
+  const mitigate = await run(['mitigate', 'killSwitch', '--reason', 'feature regression', '--admin', url], withToken)
+  t.equal(mitigate.code, 0, mitigate.stderr)
+  const m = /mitigation (\S+): killSwitch applied/.exec(mitigate.stdout)
+  t.ok(m, `the output names the mitigation: ${mitigate.stdout}`)
+  const id = m?.[1] ?? ''
+  t.match(mitigate.stdout, FLAG, 'and what it switched off')
+  t.match(mitigate.stdout, `breakwater lift ${id}`, 'and how to lift it')
+  t.equal((await send(s.proxy, '/checkout')).status, 503)
+  const during = await state(url)
+  t.same(during.mitigations.map((x: any) => x.id), [id])
+  t.same(during.mitigations[0].targets, [FLAG])
+
+  const status = await run(['status', '--admin', url], withToken)
+  t.match(status.stdout, id, 'status lists the active mitigation')
+
+  const lift = await run(['lift', id, '--reason', 'regression fixed', '--json', '--admin', url], withToken)
+  t.equal(lift.code, 0, lift.stderr)
+  const lifted = parseOnlyJson(lift)
+  t.equal(lifted.id, id)
+  t.equal(lifted.status, 'lifted')
+  t.equal(lifted.liftReason, 'regression fixed')
+  t.equal((await send(s.proxy, '/checkout')).status, 200, 'the route is back')
+  t.same((await state(url)).mitigations, [])
+
+  const [again, cb] = await runAll(run, [
+    { args: ['lift', id, '--reason', 'twice', '--admin', url], env: withToken },
+    // circuitBreak with a named target, in --json mode.
+    { args: ['mitigate', 'circuitBreak', 'pay', '--reason', 'dependency failing', '--json', '--admin', url], env: withToken }
+  ]) as [CliResult, CliResult]
+  t.equal(again.code, 1, 'a lifted mitigation cannot be lifted again')
+  t.match(again.stderr, /409/)
+  t.equal(cb.code, 0, cb.stderr)
+  const record = parseOnlyJson(cb)
+  t.equal(record.action, 'circuitBreak')
+  t.same(record.targets, ['pay'])
+  t.equal(record.status, 'active')
+  t.equal((await send(s.proxy, '/pay')).json().error, 'circuit_open')
+  const liftCb = await run(['lift', String(record.id), '--reason', 'dependency back', '--admin', url], withToken)
+  t.equal(liftCb.code, 0, liftCb.stderr)
+  t.match(liftCb.stdout, new RegExp(`mitigation ${String(record.id)}: circuitBreak lifted`))
+  t.equal((await send(s.proxy, '/pay')).status, 200)
+})
+
+t.test('audit --limit 3 shows the three newest entries', async (t) => {
+  const { url } = await fixture(t)
+  const run = operator(t)
+  // Four audited changes, made through the API directly; the CLI only reads them.
+  const steps: Array<[string, string, Record<string, unknown>]> = [
+    ['PUT', `/v1/flags/${FLAG}`, { enabled: false }],
+    ['DELETE', `/v1/flags/${FLAG}`, {}],
+    ['PUT', '/v1/circuits/pay', { state: 'open' }],
+    ['PUT', '/v1/circuits/pay', { state: 'auto' }]
+  ]
+  for (const [i, [method, path, body]] of steps.entries()) {
+    t.equal((await admin(url, method, path, { ...body, reason: `step ${i + 1}` }, TOKEN)).status, 200)
+  }
+  const [human, json] = await runAll(run, [
+    { args: ['audit', '--limit', '3', '--admin', url], env: withToken },
+    { args: ['audit', '--admin', url, '--json', '--limit', '3'], env: withToken }
+  ]) as [CliResult, CliResult]
+  t.equal(json.code, 0, json.stderr)
+  const entries = parseOnlyJson(json).entries as any[]
+  t.equal(entries.length, 3)
+  t.same(entries.map((e) => e.reason), ['step 4', 'step 3', 'step 2'], 'newest first')
+  for (const e of entries) {
+    t.type(e.time, 'string')
+    t.type(e.action, 'string')
+    t.ok(Array.isArray(e.targets))
+    t.type(e.result, 'string')
+  }
+
+  t.equal(human.code, 0, human.stderr)
+  const lines = human.stdout.trimEnd().split('\n')
+  t.equal(lines.length, 4, `a header and three rows: ${human.stdout}`)
+  t.match(lines[0], /TIME\s+ACTION\s+TARGETS/)
+  t.match(lines[1], /circuit\.force\s+pay/)
+  t.match(lines[1], /step 4/)
+  t.match(lines[3], /step 2/)
+  t.notMatch(human.stdout, /step 1/)
+})
+
+t.test('token discovery: the generated STATEDIR/admin.token is found through --config', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  // No token in the environment: the sidecar generates one in its stateDir.
+  const s = await startSidecarProcess(t, config(up), { BREAKWATER_ADMIN_TOKEN: undefined })
+  const url = adminUrl(s)
+  const run = operator(t)
+  const sidecarConfig = parse(readFileSync(s.configPath, 'utf8')) as Record<string, any>
+  const tokenPath = join(String(sidecarConfig.stateDir), 'admin.token')
+  const generated = readFileSync(tokenPath, 'utf8').trim()
+  t.ok(generated.length >= 32, 'a token was generated')
+
+  const [status, byFile, none] = await runAll(run, [
+    // The config's admin port is 0, so the URL is given; the token comes from the file.
+    { args: ['status', '--config', s.configPath, '--admin', url] },
+    // --token-file names the file directly.
+    { args: ['status', '--json', '--token-file', tokenPath, '--admin', url] },
+    // Neither a token nor a config: the CLI cannot authenticate.
+    { args: ['status', '--admin', url] }
+  ]) as [CliResult, CliResult, CliResult]
+  t.equal(status.code, 0, status.stderr)
+  t.match(status.stdout, /FLAGS/)
+  t.equal(byFile.code, 0, byFile.stderr)
+  t.equal(parseOnlyJson(byFile).flags[FLAG].enabled, true)
+  t.equal(none.code, 1)
+  t.match(none.stderr, /401/)
+
+  const kill = await run(['kill', FLAG, '--reason', 'token from the state dir', '--admin', url, '--config', s.configPath])
+  t.equal(kill.code, 0, kill.stderr)
+  t.equal((await send(s.proxy, '/checkout')).status, 503)
+  // BREAKWATER_CONFIG works like --config.
+  const fromEnv = await run(['restore', FLAG, '--reason', 'config from the environment', '--admin', url], { BREAKWATER_CONFIG: s.configPath })
+  t.equal(fromEnv.code, 0, fromEnv.stderr)
+  t.equal((await send(s.proxy, '/checkout')).status, 200)
+
+  // A copy of the config that names the real admin port: the URL comes from listen.admin too.
+  const dir = tempDir(t)
+  const copy = join(dir, 'breakwater.yaml')
+  const port = Number(new URL(url).port)
+  writeFileSync(copy, stringify({ ...sidecarConfig, listen: { ...sidecarConfig.listen, admin: { host: '127.0.0.1', port } } }))
+  const both = await run(['kill', FLAG, '--reason', 'everything from the config', '--config', copy])
+  t.equal(both.code, 0, both.stderr)
+  t.equal((await send(s.proxy, '/checkout')).status, 503)
+  const entries = await auditEntries(url, generated)
+  t.same(entries.map((e) => e.reason), ['everything from the config', 'config from the environment', 'token from the state dir'])
+})
+
+t.test('fan-out: one command acts on several sidecars', async (t) => {
+  const a = await fixture(t)
+  const b = await fixture(t)
+  const run = operator(t)
+  const kill = await run(['kill', FLAG, '--reason', 'fleet-wide regression', '--admin', a.url, '--admin', b.url], withToken)
+  t.equal(kill.code, 0, kill.stderr)
+  t.match(kill.stdout, a.url, 'each sidecar is named')
+  t.match(kill.stdout, b.url)
+  t.equal((await send(a.s.proxy, '/checkout')).status, 503, 'killed on the first')
+  t.equal((await send(b.s.proxy, '/checkout')).status, 503, 'and on the second')
+  t.equal((await state(a.url)).flags[FLAG].override.reason, 'fleet-wide regression')
+  t.equal((await state(b.url)).flags[FLAG].override.reason, 'fleet-wide regression')
+
+  const restore = await run(['restore', FLAG, '--json', '--reason', 'fixed', '--admin', a.url, '--admin', b.url], withToken)
+  t.equal(restore.code, 0, restore.stderr)
+  const answers = parseOnlyJson(restore)
+  t.ok(Array.isArray(answers), 'one JSON array, one answer per sidecar')
+  t.equal(answers.length, 2)
+  for (const x of answers) t.equal(x.enabled, true)
+  t.equal((await send(a.s.proxy, '/checkout')).status, 200)
+  t.equal((await send(b.s.proxy, '/checkout')).status, 200)
+
+  // One sidecar unreachable: the others still act, and the exit code says not all did.
+  const partial = await run(['kill', FLAG, '--reason', 'partial fleet', '--admin', a.url, '--admin', 'http://127.0.0.1:1'], withToken)
+  t.equal(partial.code, 1)
+  t.match(partial.stderr, /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/)
+  t.notMatch(partial.stderr, STACK_FRAME)
+  t.equal((await send(a.s.proxy, '/checkout')).status, 503, 'the reachable sidecar acted')
+  t.equal((await send(b.s.proxy, '/checkout')).status, 200, 'the one not named is untouched')
+})

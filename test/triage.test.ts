@@ -1,0 +1,370 @@
+/**
+ * Triage (SPEC §11; GET /v1/triage, `breakwater triage`): the signals the sidecar holds —
+ * error rate and p99 per route and upstream over the last minute against the 30 minutes before,
+ * circuit states, version/config/flag changes in the last 30 minutes, request rate against its
+ * baseline — mapped to the decision matrix, with the evidence, the exact command and what was
+ * ruled out. Every scenario but the traffic spike is produced by real traffic through a real
+ * sidecar; the spike needs 30 minutes of baseline, which is written into the per-second
+ * windows as setup.
+ */
+import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { startApp, splitCommand, type App } from './helpers/app.js'
+import { startTestSidecar, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startReceiver, type Receiver } from './helpers/receiver.js'
+import { startProcess, withoutTapHooks } from './helpers/process.js'
+import { operator, adminUrl, parseOnlyJson, STACK_FRAME } from './helpers/operator.js'
+import { admin } from './helpers/admin.js'
+import { send, eventually } from './helpers/http.js'
+import { traffic, type Traffic } from './helpers/traffic.js'
+import { resolveConfig } from '../src/config/load.js'
+import { configHash } from '../src/control/control-plane.js'
+
+t.setTimeout(120_000)
+
+const MATRIX = ['traffic_spike', 'feature_regression', 'downstream_failure', 'bad_deployment'] as const
+
+/**
+ * The shop: its own app (critical) behind `checkout` (kill switch `newCheckout`) and `catalog`,
+ * and a payment dependency behind `pay`.
+ */
+function shop (app: App, pay: App, cd: Receiver, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    service: 'shop',
+    version: '2.0.1',
+    upstreams: { app: { url: app.url, critical: true }, pay: { url: pay.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay', timeoutMs: 300 },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true, unrelated: true },
+    rollback: { type: 'webhook', url: `${cd.url}/rollback` },
+    logging: { level: 'info', accessLog: false },
+    ...extra
+  }
+}
+
+interface Fixture {
+  app: App
+  pay: App
+  cd: Receiver
+  s: TestSidecar
+  load: Traffic
+}
+
+async function fixture (t: Test, extra: Record<string, unknown> = {}, options: { stateDir?: (input: Record<string, unknown>) => string } = {}): Promise<Fixture> {
+  const app = await startApp(t)
+  const pay = await startApp(t)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  let input = shop(app, pay, cd, extra)
+  if (options.stateDir !== undefined) input = { ...input, stateDir: options.stateDir(input) }
+  const s = await startTestSidecar(t, input)
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  return { app, pay, cd, s, load }
+}
+
+async function triageOf (s: TestSidecar): Promise<any> {
+  const r = await admin(s.admin, 'GET', '/v1/triage')
+  if (r.status !== 200) throw new Error(`GET /v1/triage: ${r.status} ${JSON.stringify(r.body)}`)
+  return r.body
+}
+
+function signalOf (list: any[], name: string): any {
+  return list.find((x) => x.name === name)
+}
+
+/** Every decision-matrix scenario other than `scenario` is in ruledOut, each with a reason. */
+function checkRuledOut (t: Test, report: any, scenario: string): void {
+  const listed = new Map<string, string>((report.ruledOut as any[]).map((r) => [r.scenario, r.why]))
+  t.notOk(listed.has(scenario), `ruledOut does not list the chosen scenario ${scenario}`)
+  const missing = MATRIX.filter((x) => x !== scenario && !listed.has(x))
+  t.same(missing, [], `ruledOut names every other scenario of the matrix (${scenario}: has ${[...listed.keys()].join(', ') || 'none'})`)
+  for (const [name, why] of listed) t.ok(typeof why === 'string' && why.length > 0, `ruled out ${name} with a reason`)
+}
+
+/** Run the command triage recommends, as printed, with the real binary against this sidecar. */
+async function runRecommended (t: Test, s: TestSidecar, command: string): Promise<{ code: number | null, stdout: string, stderr: string }> {
+  const argv = splitCommand(command)
+  t.equal(argv[0], 'breakwater', 'the command is a breakwater command')
+  const run = operator(t)
+  return await run([...argv.slice(1), '--admin', s.admin], { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN })
+}
+
+/** Write `perSecond` requests at `latencyMs` into each second of a route's 30-minute baseline. */
+function writeBaseline (s: TestSidecar, route: string, perSecond: number, latencyMs: number): number {
+  const stats = [...s.sidecar.dataPlane.stats.allRoutes()].find((x) => x.route === route)
+  if (stats === undefined) throw new Error(`no stats for route ${route}`)
+  const now = Date.now()
+  let n = 0
+  // Seconds 70 to 1849 ago: inside the baseline (61–1860 s ago) with room for the clock to move.
+  for (let k = 70; k < 1850; k++) {
+    for (let i = 0; i < perSecond; i++) { stats.window.record(now - k * 1000, false, latencyMs); n++ }
+  }
+  return n
+}
+
+t.test('GET /v1/triage needs the admin token', async (t) => {
+  const { s } = await fixture(t)
+  t.equal((await admin(s.admin, 'GET', '/v1/triage', undefined, null)).status, 401)
+  t.equal((await admin(s.admin, 'GET', '/v1/triage', undefined, 'wrong-token-wrong-token')).status, 401)
+  t.equal((await admin(s.admin, 'GET', '/v1/triage')).status, 200)
+})
+
+t.test('healthy: traffic without errors → no scenario, nothing to do', async (t) => {
+  const { s, load } = await fixture(t)
+  await load.burst('/checkout/cart', 20)
+  await load.burst('/catalog/items', 30)
+  await load.burst('/pay/charge', 10)
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'healthy')
+  t.match(r.recommendation, { action: 'none', target: null, command: null })
+  t.equal(r.evidence.all.current.requests, 60, 'evidence: every request of the last minute')
+  t.equal(r.evidence.all.current.errorRate, 0)
+  t.equal(r.evidence.all.baseline.requests, 0, 'a fresh sidecar has no baseline')
+  t.equal(signalOf(r.evidence.routes, 'checkout').current.requests, 20)
+  t.equal(signalOf(r.evidence.routes, 'catalog').current.requests, 30)
+  t.equal(signalOf(r.evidence.upstreams, 'app').current.requests, 50)
+  t.equal(signalOf(r.evidence.upstreams, 'pay').current.requests, 10)
+  t.notOk([...r.evidence.routes, ...r.evidence.upstreams].some((x: any) => x.elevated), 'nothing is elevated')
+  t.type(r.evidence.recentChanges.version, 'string', 'the version first seen at start counts as a recent change')
+  t.match(r.summary, /no route or upstream has elevated errors/)
+  checkRuledOut(t, r, 'healthy')
+})
+
+t.test('feature regression: errors on the kill-switch route only → kill that flag', async (t) => {
+  const { app, s, load } = await fixture(t)
+  app.failing.add('/checkout')
+  const checkout = await load.burst('/checkout/cart', 20)
+  const catalog = await load.burst('/catalog/items', 40)
+  const pay = await load.burst('/pay/charge', 10)
+  t.ok(checkout.every((c) => c === 500) && catalog.every((c) => c === 200) && pay.every((c) => c === 200), 'the traffic: checkout fails, the rest works')
+
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'feature_regression')
+  t.equal(r.recommendation.action, 'killSwitch')
+  t.equal(r.recommendation.target, 'newCheckout')
+  t.match(r.recommendation.command, /^breakwater kill newCheckout --reason "[^"]+"$/, 'the exact CLI command')
+  t.match(r.summary, /checkout/)
+  t.match(r.summary, /newCheckout/)
+  const route = signalOf(r.evidence.routes, 'checkout')
+  t.match(route, { elevated: true, current: { requests: 20, errorRate: 1 }, baseline: { requests: 0 } }, 'evidence: checkout at 100 % errors')
+  t.match(signalOf(r.evidence.routes, 'catalog'), { elevated: false, current: { requests: 40, errorRate: 0 } })
+  t.match(signalOf(r.evidence.routes, 'pay'), { elevated: false, current: { requests: 10, errorRate: 0 } })
+  t.equal(r.evidence.all.current.requests, 70)
+  t.equal(r.evidence.all.current.errorRate, 0.2857)
+  checkRuledOut(t, r, 'feature_regression')
+
+  // The command works as printed: checkout is switched off, the rest keeps working.
+  const ran = await runRecommended(t, s, r.recommendation.command)
+  t.equal(ran.code, 0, ran.stderr)
+  const refused = await send(s.proxy, '/checkout/cart')
+  t.equal(refused.status, 503)
+  t.equal(refused.json().error, 'feature_disabled')
+  t.equal((await send(s.proxy, '/catalog/items')).status, 200)
+  const after = await triageOf(s)
+  t.not(after.recommendation.action, 'killSwitch', 'triage does not recommend the kill switch that is already off')
+  // The errors left in the last minute are checkout's, from before the kill switch stopped them:
+  // one route, already mitigated — not "errors across routes".
+  t.not(after.scenario, 'bad_deployment', `after the kill switch, errors of the one killed route are not called a bad deployment (${String(after.summary)})`)
+  t.not(after.recommendation.action, 'rollback', 'and triage does not escalate to a rollback')
+  t.match(after.evidence.recentChanges.flags, [{ flag: 'newCheckout', enabled: false }], 'the flag change is in the evidence')
+})
+
+t.test('downstream failure: one dependency failing, the app fine → open its circuit', async (t) => {
+  const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } })
+  pay.failing.add('/')
+  const paid = await load.burst('/pay/charge', 5)
+  t.ok(paid.every((c) => c === 500), 'pay answers 500')
+  t.ok(await eventually(async () => (await send(s.proxy, '/pay/charge')).status === 503, 3000), 'its breaker opened on the failures')
+  await load.burst('/pay/charge', 14)
+  await load.burst('/catalog/items', 40)
+  await load.burst('/checkout/cart', 20)
+
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'downstream_failure')
+  t.equal(r.recommendation.action, 'circuitBreak')
+  t.equal(r.recommendation.target, 'pay')
+  t.match(r.recommendation.command, /^breakwater circuit pay open --reason "[^"]+"$/, 'the exact CLI command')
+  t.match(r.summary, /pay/)
+  t.match(signalOf(r.evidence.upstreams, 'pay'), { elevated: true, current: { errorRate: 1 } }, 'evidence: pay failing (5xx and refusals by the circuit failures opened)')
+  t.ok(signalOf(r.evidence.upstreams, 'pay').current.requests >= 19)
+  t.match(signalOf(r.evidence.upstreams, 'app'), { elevated: false, current: { requests: 60, errorRate: 0 } }, 'the app is fine')
+  t.match(r.evidence.circuits, [{ upstream: 'pay', state: 'open', forced: null }], 'evidence: the circuit state')
+  checkRuledOut(t, r, 'downstream_failure')
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'feature_regression')?.why, /no kill switch/)
+
+  const ran = await runRecommended(t, s, r.recommendation.command)
+  t.equal(ran.code, 0, ran.stderr)
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.equal(state.body.circuits.pay.forced, 'open', 'the circuit is forced open by the command')
+  t.equal((await send(s.proxy, '/catalog/items')).status, 200)
+})
+
+t.test('downstream failure: one dependency timing out → open its circuit; p99 in the evidence', async (t) => {
+  const { pay, s, load } = await fixture(t)
+  pay.hanging.add('/')
+  const paid = await load.burst('/pay/charge', 12)
+  t.ok(paid.every((c) => c === 504), 'pay times out (504 after the route timeoutMs 300)')
+  await load.burst('/catalog/items', 30)
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'downstream_failure')
+  t.equal(r.recommendation.target, 'pay')
+  t.match(r.recommendation.command, /^breakwater circuit pay open --reason /)
+  const sig = signalOf(r.evidence.upstreams, 'pay')
+  t.match(sig, { elevated: true, current: { requests: 12, errorRate: 1 } })
+  t.ok(sig.current.p99Ms >= 250, `evidence: p99 ${String(sig.current.p99Ms)} ms, at least about the 300 ms timeout`)
+  checkRuledOut(t, r, 'downstream_failure')
+})
+
+t.test('bad deployment: a new version with errors across routes of its own app → rollback', async (t) => {
+  const { app, cd, s, load } = await fixture(t)
+  app.failing.add('/checkout')
+  app.failing.add('/catalog')
+  await load.burst('/checkout/cart', 20)
+  await load.burst('/catalog/items', 20)
+  await load.burst('/pay/charge', 20)
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'bad_deployment')
+  t.equal(r.recommendation.action, 'rollback')
+  t.equal(r.recommendation.target, '2.0.1')
+  t.match(r.recommendation.command, /^breakwater mitigate rollback --reason "[^"]+"$/, 'the exact CLI command')
+  t.match(r.summary, /2\.0\.1/)
+  t.type(r.evidence.recentChanges.version, 'string', 'evidence: the version change')
+  t.ok(Date.now() - Date.parse(r.evidence.recentChanges.version) < 60_000)
+  t.match(signalOf(r.evidence.routes, 'checkout'), { elevated: true, current: { errorRate: 1 } })
+  t.match(signalOf(r.evidence.routes, 'catalog'), { elevated: true, current: { errorRate: 1 } })
+  t.match(signalOf(r.evidence.upstreams, 'pay'), { elevated: false, current: { errorRate: 0 } })
+  t.equal(r.evidence.all.current.errorRate, 0.6667)
+  checkRuledOut(t, r, 'bad_deployment')
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'feature_regression')?.why, /spread across routes/)
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'downstream_failure')?.why, /app/)
+
+  const ran = await runRecommended(t, s, r.recommendation.command)
+  t.equal(ran.code, 0, ran.stderr)
+  t.equal(cd.deliveries.length, 1, 'the rollback webhook was called once')
+  t.match(cd.deliveries[0]?.body, { service: 'shop', version: '2.0.1', trigger: null })
+})
+
+t.test('the same errors on a version running for days are not called a bad deployment', async (t) => {
+  const twoDaysAgo = new Date(Date.now() - 2 * 86_400_000).toISOString()
+  const { app, s, load } = await fixture(t, {}, {
+    stateDir: (input) => {
+      const dir = mkdtempSync(join(tmpdir(), 'breakwater-triage-'))
+      t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+      const full = {
+        ...input,
+        stateDir: dir,
+        listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+        shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+      }
+      const hash = configHash(resolveConfig({ service: 'test', version: '1.0.0', ...full }).config)
+      writeFileSync(join(dir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.0.1': twoDaysAgo }, configs: { [hash]: twoDaysAgo }, rolledBack: {} }))
+      return dir
+    }
+  })
+  const st = await admin(s.admin, 'GET', '/v1/state')
+  t.equal(st.body.versionSince, twoDaysAgo, 'setup: the version was first seen two days ago')
+  t.equal(st.body.configSince, twoDaysAgo, 'setup: so was the config')
+  app.failing.add('/checkout')
+  app.failing.add('/catalog')
+  await load.burst('/checkout/cart', 20)
+  await load.burst('/catalog/items', 20)
+  const r = await triageOf(s)
+  t.not(r.scenario, 'bad_deployment')
+  t.not(r.recommendation.action, 'rollback')
+  t.equal(r.evidence.recentChanges.version, null)
+  t.equal(r.evidence.recentChanges.config, null)
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /no version or config change/)
+})
+
+t.test('traffic spike: rate far above the 30-minute baseline with latency up → scale or shed', async (t) => {
+  const { app, s, load } = await fixture(t)
+  app.delayMs = 60 // saturated: every answer slower
+  for (let i = 0; i < 8; i++) await load.burst('/catalog/items', 50)
+  // Thirty minutes of calm before it: 1 request a second at 5 ms.
+  const baseline = writeBaseline(s, 'catalog', 1, 5)
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'traffic_spike')
+  t.equal(r.recommendation.action, 'scale')
+  t.match(r.recommendation.command, /scale/)
+  t.match(r.recommendation.command, /shop/, 'names the service')
+  t.match(r.recommendation.why, /shed|capacity/)
+  const all = r.evidence.all
+  t.equal(all.current.requests, 400)
+  t.equal(all.baseline.requests, baseline)
+  t.ok(all.current.ratePerSecond >= 3 * all.baseline.ratePerSecond, `evidence: ${String(all.current.ratePerSecond)}/s vs ${String(all.baseline.ratePerSecond)}/s`)
+  t.ok(all.current.p99Ms >= 2 * all.baseline.p99Ms, `evidence: p99 ${String(all.current.p99Ms)} ms vs ${String(all.baseline.p99Ms)} ms`)
+  t.match(r.summary, /baseline/)
+  checkRuledOut(t, r, 'traffic_spike')
+})
+
+t.test('more traffic alone, with latency and errors as usual, is not a spike', async (t) => {
+  const { s, load } = await fixture(t)
+  for (let i = 0; i < 8; i++) await load.burst('/catalog/items', 50)
+  writeBaseline(s, 'catalog', 1, 400) // a slow baseline: today's fast answers are no worse
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'healthy')
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'traffic_spike')?.why, /baseline/)
+})
+
+t.test('breakwater triage against a sidecar process: --json and the human form', async (t) => {
+  const TOKEN = 'triage-cli-test-token-0123456789'
+  const app = await startApp(t, { failing: ['/checkout'] })
+  const s = await startProcess(t, {
+    service: 'shop',
+    version: '2.0.1',
+    upstreams: { app: { url: app.url, critical: true } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true },
+    logging: { level: 'info', accessLog: false },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  }, { ...withoutTapHooks, BREAKWATER_ADMIN_TOKEN: TOKEN })
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  await load.burst('/checkout/cart', 30)
+  await load.burst('/catalog/items', 30)
+  const url = adminUrl(s)
+  const run = operator(t)
+
+  const env = { BREAKWATER_ADMIN_TOKEN: TOKEN }
+  const [json, human] = await Promise.all([
+    run(['triage', '--admin', url, '--json'], env),
+    run(['triage', '--admin', url], env)
+  ])
+
+  t.equal(json.code, 0, json.stderr)
+  const r = parseOnlyJson(json)
+  t.equal(r.scenario, 'feature_regression')
+  t.match(r.recommendation, { action: 'killSwitch', target: 'newCheckout' })
+  t.match(r.recommendation.command, /^breakwater kill newCheckout --reason "[^"]+"$/)
+  t.match(signalOf(r.evidence.routes, 'checkout'), { current: { requests: 30, errorRate: 1 }, elevated: true })
+  t.ok(Array.isArray(r.ruledOut) && r.ruledOut.length > 0)
+
+  t.equal(human.code, 0, human.stderr)
+  const out = human.stdout
+  t.throws(() => JSON.parse(out), 'the default output is for people')
+  t.match(out, /SCENARIO\s+feature regression/)
+  t.match(out, `$ ${String(r.recommendation.command)}`, 'the exact command, ready to paste')
+  t.match(out, /EVIDENCE/)
+  t.match(out, /route checkout\s.*100\.0%.*YES/, 'the failing route with its error rate, flagged')
+  t.match(out, /route catalog\s.*0\.0%/)
+  t.match(out, /CHANGES\s+version: \d{4}-/, 'the recent version change')
+  t.match(out, /RULED OUT/)
+  t.match(out, /traffic spike: /)
+  t.notMatch(out, STACK_FRAME)
+
+  // Paste the command: the feature goes off, the rest keeps working.
+  const argv = splitCommand(r.recommendation.command as string)
+  const ran = await run([...argv.slice(1), '--admin', url], env)
+  t.equal(ran.code, 0, ran.stderr)
+  t.equal((await send(s.proxy, '/checkout/cart')).status, 503)
+  t.equal((await send(s.proxy, '/catalog/items')).status, 200)
+})

@@ -1,0 +1,560 @@
+import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { startUpstream, echo, refusedUrl, type TestUpstream } from './helpers/upstream.js'
+import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
+import { startReceiver } from './helpers/receiver.js'
+import { admin } from './helpers/admin.js'
+import { send, sleep, eventually } from './helpers/http.js'
+import { metricValue } from './helpers/metrics.js'
+import { traffic, sustain, type Traffic } from './helpers/traffic.js'
+import { resolveConfig } from '../src/config/load.js'
+import { configHash } from '../src/control/control-plane.js'
+import { idempotencyKey } from '../src/control/rollback.js'
+
+/**
+ * One upstream whose answer the path decides: `fail` → 500, `slow` → 200 after 300 ms,
+ * `stall` → 200 after 1.5 s, `drip` → headers at once and the body 300 ms later, `missing` → 404,
+ * anything else → 200.
+ */
+async function app (t: Test): Promise<TestUpstream> {
+  const up = await startUpstream((req, res, body) => {
+    const url = req.url ?? '/'
+    if (url.includes('fail')) { res.writeHead(500, { 'content-type': 'text/plain' }); res.end('upstream failed'); return }
+    if (url.includes('missing')) { res.writeHead(404, { 'content-type': 'text/plain' }); res.end('not here'); return }
+    if (url.includes('drip')) { res.writeHead(200, { 'content-type': 'text/plain' }); res.flushHeaders(); setTimeout(() => res.end('late body'), 300); return }
+    const wait = url.includes('stall') ? 1500 : url.includes('slow') ? 300 : 0
+    if (wait === 0) { echo(req, res, body); return }
+    setTimeout(() => { if (!res.destroyed) echo(req, res, body) }, wait)
+  })
+  t.teardown(up.close)
+  return up
+}
+
+function load (t: Test, s: TestSidecar): Traffic {
+  const l = traffic(s.proxy)
+  t.teardown(l.close)
+  return l
+}
+
+async function triggerOf (s: TestSidecar, name: string): Promise<any> {
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  return (state.body.triggers as any[]).find((x) => x.name === name)
+}
+
+function evaluate (s: TestSidecar): void {
+  s.sidecar.triggers.evaluate(Date.now())
+}
+
+function firedLines (s: TestSidecar, name: string): Array<Record<string, unknown>> {
+  return s.logs.filter((l) => l.event === 'trigger_fired' && l.trigger === name)
+}
+
+async function auditEntries (s: TestSidecar): Promise<any[]> {
+  return (await admin(s.admin, 'GET', '/v1/audit?limit=100')).body.entries as any[]
+}
+
+const errorTrigger = (extra: Record<string, unknown> = {}): Record<string, unknown> =>
+  ({ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'notify', ...extra })
+
+t.test('a sustained 5xx burst fires the trigger exactly once; its rollback runs once, audited with the trigger as requester', async (t) => {
+  const up = await app(t)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const s = await startTestSidecar(t, {
+    service: 'checkout',
+    version: '2.4.1',
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger({ action: 'rollback' })],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback` }
+  })
+  const l = load(t, s)
+  // 3.5 s of nothing but 500s, evaluated every tick as well as by the sidecar's own 1 s timer.
+  const statuses = await sustain(3500, 100, async () => {
+    const out = await l.burst('/fail', 4)
+    evaluate(s)
+    return out
+  })
+  t.ok(statuses.length >= 60 && statuses.every((c) => c === 500), `the burst was ${statuses.length} upstream 500s`)
+  t.ok(await eventually(() => cd.deliveries.length >= 1, 5000), 'the rollback webhook was called')
+  await sleep(300)
+  t.equal(firedLines(s, 'errors').length, 1, 'one trigger_fired line for the whole burst')
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'errors' }), 1)
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_value', { trigger: 'errors' }), 1, 'the gauge shows the current error ratio')
+  t.equal(cd.deliveries.length, 1, 'one rollback for one incident')
+  const d = cd.deliveries[0]
+  t.match(d?.body, { service: 'checkout', version: '2.4.1', trigger: 'errors' })
+  t.match(d?.body.reason, /errors/)
+  t.equal(d?.headers['idempotency-key'], idempotencyKey({ service: 'checkout', version: '2.4.1', trigger: 'errors' }))
+
+  const line = firedLines(s, 'errors')[0]
+  t.match(line, { level: 'warn', metric: 'error_rate', threshold: 0.5, action: 'rollback' }, 'fired at warn with its reading')
+  t.ok((line?.requests as number) >= 5 && line?.value === 1)
+
+  const trig = await triggerOf(s, 'errors')
+  t.match(trig, { state: 'fired', fired: 1, value: 1, metric: 'error_rate', threshold: 0.5, action: 'rollback', minRequests: 5 })
+  t.ok(trig.requests >= 5 && trig.errors === trig.requests)
+  t.type(trig.firedAt, 'string')
+  t.match(trig.lastOutcome, /^rollback m-/)
+
+  const entries = (await auditEntries(s)).filter((e) => e.action === 'mitigation.rollback')
+  t.equal(entries.length, 1, 'one audited rollback')
+  t.match(entries[0], { requester: 'trigger:errors', source: 'trigger:errors', result: 'applied', targets: ['2.4.1'] })
+  t.match(entries[0].reason, /trigger errors: error_rate/)
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.match(state.body.mitigations, [{ action: 'rollback', source: 'trigger:errors' }])
+})
+
+t.test('below minRequests a trigger is inconclusive and never fires; GET /v1/state shows each trigger', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [
+      errorTrigger({ minRequests: 10, window: '10s' }),
+      // no name, no minRequests: both defaults
+      { metric: 'error_rate', threshold: 0.5, window: '10s', action: 'notify' }
+    ]
+  })
+  const before = await triggerOf(s, 'errors')
+  t.match(before, { name: 'errors', state: 'inconclusive', value: null, requests: 0, errors: 0, fired: 0, firedAt: null, window: '10s', scope: { route: null, upstream: null } })
+
+  const l = load(t, s)
+  t.same(await l.burst('/fail', 6), [500, 500, 500, 500, 500, 500])
+  evaluate(s)
+  const trig = await triggerOf(s, 'errors')
+  t.match(trig, { state: 'inconclusive', value: 1, requests: 6, errors: 6, fired: 0, threshold: 0.5, minRequests: 10 }, 'every request failed, but 6 < minRequests')
+  const named = await triggerOf(s, 'error_rate_0_5_10s')
+  t.ok(named !== undefined, 'a trigger without a name is named from metric, threshold and window')
+  t.match(named, { minRequests: 20, state: 'inconclusive', requests: 6 })
+
+  await sleep(1200) // the sidecar's own timer agrees
+  t.equal(s.logs.filter((x) => x.event === 'trigger_fired').length, 0, 'no trigger fired')
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total'), 0)
+
+  // 19 failures in the window: enough for minRequests 10, still under the default of 20.
+  await l.burst('/fail', 13)
+  evaluate(s)
+  t.match(await triggerOf(s, 'errors'), { state: 'fired', fired: 1 })
+  t.match(await triggerOf(s, 'error_rate_0_5_10s'), { state: 'inconclusive', requests: 19, errors: 19, fired: 0 })
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'errors' }), 1)
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'error_rate_0_5_10s' }), 0, 'the derived name is the metric label')
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_value', { trigger: 'error_rate_0_5_10s' }), 1, 'an inconclusive trigger still shows its value')
+})
+
+t.test('what error_rate counts: upstream 5xx, 502, 504 and a circuit opened by failures; never kill switches, forced circuits or bulkheads', async (t) => {
+  const up = await app(t)
+  const dead = await refusedUrl()
+  const routes = [
+    { name: 'boom', match: { pathPrefix: '/boom' }, upstream: 'app' },
+    { name: 'dead', match: { pathPrefix: '/dead' }, upstream: 'dead' },
+    { name: 'timeout', match: { pathPrefix: '/timeout' }, upstream: 'app', timeoutMs: 100 },
+    { name: 'fine', match: { pathPrefix: '/fine' }, upstream: 'app' },
+    { name: 'missing', match: { pathPrefix: '/missing' }, upstream: 'app' },
+    { name: 'killed', match: { pathPrefix: '/killed' }, upstream: 'app', killSwitch: 'killedFeature' },
+    { name: 'forced', match: { pathPrefix: '/forced' }, upstream: 'forcedUp' },
+    { name: 'bulk', match: { pathPrefix: '/bulk' }, upstream: 'bulkUp' },
+    { name: 'tripped', match: { pathPrefix: '/tripped' }, upstream: 'tripUp' }
+  ]
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url }, dead: { url: dead }, forcedUp: { url: up.url }, bulkUp: { url: up.url }, tripUp: { url: up.url } },
+    routes,
+    featureFlags: { killedFeature: false },
+    circuitBreakers: {
+      bulkUp: { maxConcurrentRequests: 1, volumeThreshold: 1000 },
+      tripUp: { volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout: 60_000 }
+    },
+    // A long window and an unreachable minRequests: these triggers only count.
+    rollbackTriggers: routes.map((r) => ({ name: r.name, metric: 'error_rate', threshold: 0.99, window: '1m', minRequests: 100_000, action: 'notify', route: r.name }))
+  })
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/forcedUp', { state: 'open', reason: 'isolate it' })).status, 200)
+  const l = load(t, s)
+  t.same(await l.burst('/boom/fail', 4), [500, 500, 500, 500])
+  t.same(await l.burst('/dead', 2), [502, 502])
+  t.same(await l.burst('/timeout/stall', 2), [504, 504])
+  t.same(await l.burst('/fine', 5), [200, 200, 200, 200, 200])
+  t.same(await l.burst('/missing', 3), [404, 404, 404], 'a 4xx is the client\'s problem, not an error')
+  t.same(await l.burst('/killed', 3), [503, 503, 503])
+  t.same(await l.burst('/forced', 3), [503, 503, 503])
+  t.same((await l.burst('/bulk/slow', 2)).sort(), [200, 503], 'one through, one refused by the bulkhead')
+  const tripped: number[] = []
+  for (let i = 0; i < 6; i++) tripped.push((await send(s.proxy, '/tripped/fail')).status)
+  t.ok(tripped.filter((c) => c === 503).length >= 3, `the circuit opened on failures (${tripped.join(' ')})`)
+  evaluate(s)
+
+  const counts: Record<string, [number, number]> = {}
+  for (const r of routes) {
+    const trig = await triggerOf(s, r.name)
+    counts[r.name] = [trig.requests, trig.errors]
+  }
+  t.same(counts, {
+    boom: [4, 4],
+    dead: [2, 2],
+    timeout: [2, 2],
+    fine: [5, 0],
+    missing: [3, 0],
+    killed: [0, 0],
+    forced: [0, 0],
+    bulk: [1, 0],
+    tripped: [6, 6]
+  }, '[requests, errors] per route')
+  t.equal((await triggerOf(s, 'killed')).value, null, 'no data, no value')
+  t.equal(s.logs.filter((x) => x.event === 'trigger_fired').length, 0)
+})
+
+t.test('p99_latency fires on a slow upstream and stays quiet on a fast one', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'slow', match: { pathPrefix: '/slow' }, upstream: 'app' },
+      { name: 'warm', match: { pathPrefix: '/warm' }, upstream: 'app' },
+      { name: 'fast', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    rollbackTriggers: [
+      { name: 'slow-p99', metric: 'p99_latency', threshold: 100, window: '3s', minRequests: 5, action: 'notify', route: 'slow' },
+      { name: 'fast-p99', metric: 'p99_latency', threshold: 100, window: '3s', minRequests: 5, action: 'notify', route: 'fast' }
+    ]
+  })
+  const l = load(t, s)
+  await l.burst('/warm', 16) // connections open, so the fast route measures the upstream only
+  const [slow, fast] = await Promise.all([l.burst('/slow', 8), l.burst('/quick', 8)])
+  t.ok([...slow, ...fast].every((c) => c === 200))
+  evaluate(s)
+  const slowTrig = await triggerOf(s, 'slow-p99')
+  t.match(slowTrig, { state: 'fired', fired: 1, requests: 8, errors: 0, metric: 'p99_latency', threshold: 100 })
+  t.ok(slowTrig.value >= 200 && slowTrig.value < 1000, `p99 is about the upstream's 300 ms (${String(slowTrig.value)})`)
+  const fastTrig = await triggerOf(s, 'fast-p99')
+  t.match(fastTrig, { state: 'ok', fired: 0, requests: 8 })
+  t.ok(fastTrig.value < 100, `fast p99 ${String(fastTrig.value)} ms`)
+  t.equal(firedLines(s, 'slow-p99').length, 1)
+  t.match(firedLines(s, 'slow-p99')[0], { metric: 'p99_latency', threshold: 100 })
+  t.equal(firedLines(s, 'fast-p99').length, 0)
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'slow-p99' }), 1)
+  const gauge = await metricValue(s.ops, 'breakwater_trigger_value', { trigger: 'slow-p99' })
+  t.ok(gauge >= 200 && gauge < 1000, `the gauge is in ms (${gauge})`)
+})
+
+t.test('p99_latency is the time to response headers: a slow body does not count', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'p99', metric: 'p99_latency', threshold: 100, window: '3s', minRequests: 5, action: 'notify' }]
+  })
+  const l = load(t, s)
+  const started = Date.now()
+  t.same(await l.burst('/drip', 6), Array(6).fill(200))
+  t.ok(Date.now() - started >= 250, 'the bodies took their time')
+  evaluate(s)
+  const trig = await triggerOf(s, 'p99')
+  t.match(trig, { state: 'ok', fired: 0, requests: 6 })
+  t.ok(trig.value < 100, `p99 to headers ${String(trig.value)} ms`)
+})
+
+t.test('for: the breach must hold that long, checked by the sidecar\'s own 1 s evaluation', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger({ minRequests: 3, for: '1s' })]
+  })
+  const l = load(t, s)
+  const seen: Array<{ state: string, at: number }> = []
+  const until = Date.now() + 6000
+  while (Date.now() < until) {
+    await l.burst('/fail', 3) // no direct evaluation here: only the sidecar's timer
+    const trig = await triggerOf(s, 'errors')
+    if (seen.at(-1)?.state !== trig.state) seen.push({ state: trig.state, at: Date.now() })
+    if (trig.state === 'fired') break
+    await sleep(100)
+  }
+  const states = seen.map((x) => x.state)
+  t.same(states.slice(-2), ['pending', 'fired'], `pending, then fired (${states.join(' → ')})`)
+  const pending = seen.find((x) => x.state === 'pending')
+  const fired = seen.find((x) => x.state === 'fired')
+  t.ok(pending !== undefined && fired !== undefined && fired.at - pending.at >= 800, `held for about 1 s first (${fired !== undefined && pending !== undefined ? fired.at - pending.at : '?'} ms)`)
+  t.equal(firedLines(s, 'errors').length, 1)
+})
+
+t.test('a fired trigger re-arms only after a full window below its threshold, then fires again on a new burst', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger()]
+  })
+  const l = load(t, s)
+  await l.burst('/fail', 8)
+  evaluate(s)
+  t.match(await triggerOf(s, 'errors'), { state: 'fired', fired: 1, lastOutcome: 'notified' })
+
+  // Recovery: steady successes, watched every 100 ms.
+  const seen: Array<{ state: string, at: number, fired: number }> = []
+  const until = Date.now() + 7000
+  while (Date.now() < until) {
+    await l.burst('/ok', 4)
+    evaluate(s)
+    const trig = await triggerOf(s, 'errors')
+    if (seen.at(-1)?.state !== trig.state) seen.push({ state: trig.state, at: Date.now(), fired: trig.fired })
+    if (trig.state === 'ok') break
+    await sleep(100)
+  }
+  t.same(seen.map((x) => x.state), ['fired', 'rearming', 'ok'], 'fired → rearming → ok')
+  const rearming = seen.find((x) => x.state === 'rearming')
+  const ok = seen.find((x) => x.state === 'ok')
+  t.ok(rearming !== undefined && ok !== undefined && ok.at - rearming.at >= 1500, `below the threshold for a full 2 s window before re-arming (${ok !== undefined && rearming !== undefined ? ok.at - rearming.at : '?'} ms)`)
+  t.ok(seen.every((x) => x.fired === 1), 'it did not fire again while recovering')
+  t.equal(s.logs.filter((x) => x.event === 'trigger_rearmed' && x.trigger === 'errors').length, 1, 'a trigger_rearmed line')
+
+  // A new incident: failures until they dominate the window again.
+  t.ok(await eventually(async () => {
+    await l.burst('/fail', 8)
+    evaluate(s)
+    return (await triggerOf(s, 'errors')).fired === 2
+  }, 5000, 100), 'a new incident fires it again')
+  t.equal((await triggerOf(s, 'errors')).state, 'fired')
+  t.equal(firedLines(s, 'errors').length, 2)
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'errors' }), 2)
+})
+
+function checkoutConfig (url: string, trigger: Record<string, unknown>): Record<string, unknown> {
+  return {
+    service: 'checkout',
+    upstreams: { app: { url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true },
+    rollbackTriggers: [trigger]
+  }
+}
+
+t.test('killSwitch action kills the named flag; its refusals do not keep the trigger firing', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, checkoutConfig(up.url, { name: 'checkout-errors', metric: 'error_rate', threshold: 0.3, window: '2s', minRequests: 5, action: 'killSwitch', flags: ['newCheckout'] }))
+  const l = load(t, s)
+  const mixed = async (): Promise<number[]> => [...await l.burst('/checkout/fail', 3), ...await l.burst('/home', 3)]
+  t.same(await mixed(), [500, 500, 500, 200, 200, 200])
+  evaluate(s)
+  t.ok(await eventually(async () => /^killSwitch m-/.test((await triggerOf(s, 'checkout-errors')).lastOutcome ?? '')), 'the kill switch was applied')
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.equal(state.body.flags.newCheckout.enabled, false)
+  t.match(state.body.flags.newCheckout.override, { enabled: false, source: 'trigger:checkout-errors' })
+  t.match(state.body.mitigations, [{ action: 'killSwitch', targets: ['newCheckout'], source: 'trigger:checkout-errors' }])
+  const refused = await send(s.proxy, '/checkout/fail')
+  t.equal(refused.status, 503)
+  t.equal(refused.headers['x-breakwater-mitigation'], 'kill-switch')
+  const audit = (await auditEntries(s)).filter((e) => e.action === 'mitigation.killSwitch')
+  t.equal(audit.length, 1)
+  t.match(audit[0], { requester: 'trigger:checkout-errors', targets: ['newCheckout'], result: 'applied' })
+  t.match(audit[0].reason, /trigger checkout-errors/)
+
+  // The same mix keeps coming: half of it is now refused with 503, which must not count.
+  const hits = up.received.filter((r) => r.url.startsWith('/checkout')).length
+  const seen = new Set<string>()
+  const statuses: number[] = []
+  const until = Date.now() + 8000
+  while (Date.now() < until) {
+    statuses.push(...await mixed())
+    evaluate(s)
+    const state = (await triggerOf(s, 'checkout-errors')).state as string
+    seen.add(state)
+    if (state === 'ok') break
+    await sleep(100)
+  }
+  t.ok(statuses.filter((c) => c === 503).length >= 30 && statuses.every((c) => c !== 500), 'checkout stayed killed')
+  t.equal(up.received.filter((r) => r.url.startsWith('/checkout')).length, hits, 'the upstream saw no checkout request')
+  const trig = await triggerOf(s, 'checkout-errors')
+  t.equal(trig.errors, 0, 'kill-switch refusals are not errors')
+  t.equal(trig.state, 'ok', `the trigger re-armed (states seen: ${[...seen].join(', ')})`)
+  t.equal(trig.fired, 1)
+  t.equal(await metricValue(s.ops, 'breakwater_trigger_fired_total', { trigger: 'checkout-errors' }), 1)
+  t.equal((await auditEntries(s)).filter((e) => e.action === 'mitigation.killSwitch').length, 1, 'one kill for one incident')
+})
+
+t.test('circuitBreak action forces the trigger\'s upstream open; forced refusals are not counted', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    rollbackTriggers: [{ name: 'pay-errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'circuitBreak', upstream: 'pay' }]
+  })
+  const l = load(t, s)
+  t.same(await l.burst('/pay/fail', 6), [500, 500, 500, 500, 500, 500])
+  t.same(await l.burst('/home/fail', 6), [500, 500, 500, 500, 500, 500], 'failures elsewhere are out of the trigger\'s scope')
+  evaluate(s)
+  t.ok(await eventually(async () => /^circuitBreak m-/.test((await triggerOf(s, 'pay-errors')).lastOutcome ?? '')), 'the circuit was broken')
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.match(state.body.circuits.pay, { state: 'open', forced: 'open', forcedBy: { state: 'open', source: 'trigger:pay-errors' } })
+  t.equal(state.body.circuits.app, undefined, 'only the trigger\'s upstream')
+  t.match(state.body.mitigations, [{ action: 'circuitBreak', targets: ['pay'], source: 'trigger:pay-errors' }])
+  const before = (await triggerOf(s, 'pay-errors')).requests
+  const hits = up.received.length
+  const refused = await l.burst('/pay/fail', 10)
+  t.same(refused, Array(10).fill(503))
+  t.equal((await send(s.proxy, '/pay')).headers['x-breakwater-mitigation'], 'circuit-open')
+  t.equal(up.received.length, hits, 'the upstream saw none of them')
+  t.equal((await send(s.proxy, '/home')).status, 200, 'other upstreams are untouched')
+  evaluate(s)
+  t.match(await triggerOf(s, 'pay-errors'), { requests: before, fired: 1 }, 'refusals by a forced circuit are not recorded')
+  const audit = (await auditEntries(s)).filter((e) => e.action === 'mitigation.circuitBreak')
+  t.equal(audit.length, 1)
+  t.match(audit[0], { requester: 'trigger:pay-errors', targets: ['pay'], result: 'applied' })
+})
+
+t.test('operator wins: a flag an operator forced on is left alone by a killSwitch trigger', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, checkoutConfig(up.url, { name: 'checkout-errors', metric: 'error_rate', threshold: 0.3, window: '2s', minRequests: 5, action: 'killSwitch', flags: ['newCheckout'] }))
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: true, reason: 'keep checkout on during the sale' })).status, 200)
+  const l = load(t, s)
+  await l.burst('/checkout/fail', 8)
+  evaluate(s)
+  t.ok(await eventually(async () => /^skipped/.test((await triggerOf(s, 'checkout-errors')).lastOutcome ?? '')), 'the trigger stood down')
+  const trig = await triggerOf(s, 'checkout-errors')
+  t.match(trig, { state: 'fired', fired: 1, lastOutcome: /operator_override/ })
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.match(state.body.flags.newCheckout, { enabled: true, override: { enabled: true, source: 'operator', reason: 'keep checkout on during the sale' } })
+  t.same(state.body.mitigations, [])
+  t.equal((await send(s.proxy, '/checkout/fail')).status, 500, 'checkout still reaches the app')
+  const actions = (await auditEntries(s)).map((e) => e.action)
+  t.notOk(actions.includes('mitigation.killSwitch'), `no trigger mitigation in the audit (${actions.join(', ')})`)
+  t.equal(firedLines(s, 'checkout-errors').length, 1)
+})
+
+t.test('operator wins: a circuit an operator forced closed is left alone by a circuitBreak trigger', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    circuitBreakers: { pay: { volumeThreshold: 1000 } },
+    rollbackTriggers: [{ name: 'pay-errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'circuitBreak', upstreams: ['pay'] }]
+  })
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'closed', reason: 'pay must stay reachable' })).status, 200)
+  const l = load(t, s)
+  await l.burst('/pay/fail', 8)
+  evaluate(s)
+  t.ok(await eventually(async () => /^skipped/.test((await triggerOf(s, 'pay-errors')).lastOutcome ?? '')), 'the trigger stood down')
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.match(state.body.circuits.pay, { state: 'closed', forced: 'closed', forcedBy: { source: 'operator' } })
+  t.same(state.body.mitigations, [])
+  t.equal((await send(s.proxy, '/pay/fail')).status, 500, 'pay still reaches its upstream')
+})
+
+t.test('rollback trigger: one rollback per incident, and a second incident inside the cooldown does not roll back again', async (t) => {
+  const up = await app(t)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const input = (version: string, stateDir?: string): Record<string, unknown> => ({
+    service: 'checkout',
+    version,
+    ...(stateDir === undefined ? {} : { stateDir }),
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger({ action: 'rollback' })],
+    rollback: { type: 'webhook', url: cd.url, cooldown: '10m' }
+  })
+  const s = await startTestSidecar(t, input('2.4.1'))
+  const l = load(t, s)
+  await l.burst('/fail', 8)
+  evaluate(s)
+  t.ok(await eventually(() => cd.deliveries.length === 1), 'first incident: rolled back')
+  t.match(cd.deliveries[0]?.body, { version: '2.4.1', trigger: 'errors' })
+
+  // The CD system deploys another version; the same trigger recovers, then a second incident.
+  const { config: next } = resolveConfig(input('2.4.2', s.stateDir))
+  await s.sidecar.apply(next)
+  t.ok(await eventually(async () => {
+    await l.burst('/ok', 4)
+    evaluate(s)
+    return (await triggerOf(s, 'errors')).state === 'ok'
+  }, 8000, 100), 'the trigger re-armed on healthy traffic')
+  t.ok(await eventually(async () => {
+    await l.burst('/fail', 8)
+    evaluate(s)
+    return (await triggerOf(s, 'errors')).fired === 2
+  }, 5000, 100), 'a second incident fires the trigger again')
+  t.ok(await eventually(async () => /^skipped/.test((await triggerOf(s, 'errors')).lastOutcome ?? '')), 'the second firing stood down')
+  const trig = await triggerOf(s, 'errors')
+  t.match(trig, { fired: 2, lastOutcome: /rollback_cooldown/ })
+  await sleep(300)
+  t.equal(cd.deliveries.length, 1, 'no second rollback inside the cooldown')
+  t.equal((await auditEntries(s)).filter((e) => e.action === 'mitigation.rollback').length, 1)
+  t.equal(firedLines(s, 'errors').length, 2, 'both incidents were logged')
+})
+
+t.test('requireRecentChange: a version that has run fine for days is not rolled back; the trigger notifies with the triage', async (t) => {
+  const up = await app(t)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const hook = await startReceiver([200])
+  t.teardown(hook.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-trigger-'))
+  t.teardown(() => rmSync(stateDir, { recursive: true, force: true }))
+  const input = {
+    service: 'checkout',
+    version: '2.4.1',
+    stateDir,
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger({ action: 'rollback' })],
+    rollback: { type: 'webhook', url: cd.url },
+    notifications: { webhooks: [`${hook.url}/events`] }
+  }
+  // This version and this config were first seen two days ago.
+  const twoDaysAgo = new Date(Date.now() - 2 * 86_400_000).toISOString()
+  const hash = configHash(resolveConfig(input).config)
+  writeFileSync(join(stateDir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.4.1': twoDaysAgo }, configs: { [hash]: twoDaysAgo }, rolledBack: {} }))
+  const s = await startTestSidecar(t, input)
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.equal(state.body.versionSince, twoDaysAgo)
+  t.equal(state.body.configSince, twoDaysAgo)
+
+  const l = load(t, s)
+  await l.burst('/fail', 8)
+  evaluate(s)
+  t.ok(await eventually(() => hook.deliveries.some((d) => d.body.event === 'trigger_fired')), 'the trigger notified')
+  const fired = hook.deliveries.find((d) => d.body.event === 'trigger_fired')
+  t.match(fired?.body, { service: 'checkout', version: '2.4.1', trigger: 'errors', details: { action: 'rollback', rollback: /not run/ } })
+  t.type(fired?.body.details.triage, 'object', 'the triage is attached')
+  t.notOk(fired?.body.details.triage === null)
+  t.match((await triggerOf(s, 'errors')).lastOutcome, /no recent change/)
+  await sleep(500)
+  t.equal(cd.deliveries.length, 0, 'the rollback action was not called')
+  t.equal((await auditEntries(s)).filter((e) => e.action === 'mitigation.rollback').length, 0)
+  t.equal(firedLines(s, 'errors').length, 1)
+})
+
+t.test('requireRecentChange: once the change is older than the limit, the trigger notifies instead of rolling back', async (t) => {
+  const up = await app(t)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const hook = await startReceiver([200])
+  t.teardown(hook.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [errorTrigger({ action: 'rollback' })],
+    rollback: { type: 'webhook', url: cd.url, requireRecentChange: '1s' },
+    notifications: { webhooks: [hook.url] }
+  })
+  await sleep(1300) // version and config first seen at start: now older than 1 s
+  const l = load(t, s)
+  await l.burst('/fail', 8)
+  evaluate(s)
+  t.ok(await eventually(() => hook.deliveries.some((d) => d.body.event === 'trigger_fired')))
+  t.type(hook.deliveries.find((d) => d.body.event === 'trigger_fired')?.body.details.triage, 'object')
+  await sleep(300)
+  t.equal(cd.deliveries.length, 0, 'no rollback')
+})
