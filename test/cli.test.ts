@@ -1,4 +1,5 @@
 import t from 'tap'
+import { ROOT } from './helpers/root.js'
 import net from 'node:net'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
@@ -7,7 +8,7 @@ import type { Test } from 'tap'
 import { stringify } from 'yaml'
 import { runCli, tempDir, type CliResult } from './helpers/process.js'
 
-const root = resolve(import.meta.dirname, '..')
+const root = ROOT
 const packageVersion = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string }).version
 
 // Every test spawns short-lived processes of its own: run them side by side.

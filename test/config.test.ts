@@ -1,4 +1,5 @@
 import t from 'tap'
+import { ROOT } from './helpers/root.js'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -9,7 +10,7 @@ import type { Config } from '../src/config/types.js'
 import type { Test } from 'tap'
 import { tempDir } from './helpers/process.js'
 
-const root = resolve(import.meta.dirname, '..')
+const root = ROOT
 
 /** The example of SPEC §2, without the sections that are not implemented yet (rollback triggers, notifications). */
 const SPEC_EXAMPLE = `

@@ -13,6 +13,7 @@
  *    SIGTERM.
  */
 import t, { type Test } from 'tap'
+import { ROOT } from './helpers/root.js'
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { chmodSync, chownSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -20,7 +21,7 @@ import { basename, dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), '..')
+const root = ROOT
 
 // npm ci may have to fetch packages; the whole file gets more than the default.
 t.setTimeout(300_000)

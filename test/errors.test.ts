@@ -1,4 +1,5 @@
 import t from 'tap'
+import { ROOT } from './helpers/root.js'
 import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
 import http from 'node:http'
@@ -204,7 +205,7 @@ t.test('locally generated responses and their sockets: an error does not stop th
 })
 
 t.test('README error table and ERRORS agree, both ways', async (t) => {
-  const readme = readFileSync(resolve(import.meta.dirname, '../README.md'), 'utf8')
+  const readme = readFileSync(resolve(ROOT, 'README.md'), 'utf8')
   const rows = new Map<string, { status: number, mitigation: string | null }>()
   for (const line of readme.split('\n')) {
     const m = /^\|\s*(\d{3})\s*\|\s*`([a-z_]+)`\s*\|\s*([^|]*?)\s*\|.*\|\s*$/.exec(line)

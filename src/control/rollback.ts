@@ -69,15 +69,18 @@ async function runExec (command: readonly string[], timeoutMs: number, r: Rollba
     let output = ''
     const child = spawn(command[0] as string, command.slice(1), {
       env: { ...process.env, BREAKWATER_SERVICE: r.service, BREAKWATER_VERSION: r.version, BREAKWATER_TRIGGER: r.trigger ?? '', BREAKWATER_REASON: r.reason, BREAKWATER_IDEMPOTENCY_KEY: key },
-      stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: timeoutMs,
-      killSignal: 'SIGKILL'
+      stdio: ['ignore', 'pipe', 'pipe']
     })
+    // Our own timer, cleared on exit: spawn's `timeout` option leaves its timer running after
+    // the child exits, holding the process open for the whole timeout.
+    let killed = false
+    const timer = setTimeout(() => { killed = true; child.kill('SIGKILL') }, timeoutMs)
     const keep = (c: Buffer): void => { if (output.length < 4000) output += c.toString('utf8') }
     child.stdout.on('data', keep)
     child.stderr.on('data', keep)
-    child.on('error', (err) => resolve({ ok: false, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: null, error: err.message }))
+    child.on('error', (err) => { clearTimeout(timer); resolve({ ok: false, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: null, error: err.message }) })
     child.on('close', (code, signal) => {
+      clearTimeout(timer)
       resolve({
         ok: code === 0,
         type: 'exec',
@@ -85,7 +88,7 @@ async function runExec (command: readonly string[], timeoutMs: number, r: Rollba
         attempts: 1,
         exitCode: code,
         output: output.slice(0, 4000),
-        ...(signal !== null ? { error: `killed by ${signal} after ${timeoutMs} ms` } : {})
+        ...(signal !== null ? { error: killed ? `killed by ${signal} after ${timeoutMs} ms` : `killed by ${signal}` } : {})
       })
     })
   })

@@ -8,8 +8,9 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import type { Test } from 'tap'
 import { stringify } from 'yaml'
+import { ROOT } from './root.js'
 
-export const CLI = resolve(import.meta.dirname ?? new URL('.', import.meta.url).pathname, '../../dist/cli.js')
+export const CLI = resolve(ROOT, 'dist/cli.js')
 
 export interface Running {
   child: ChildProcess
