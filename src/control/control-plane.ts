@@ -253,24 +253,12 @@ export class ControlPlane {
 
   /** A record for a mitigation done by a direct flag or circuit call (not kept in the list). */
   private operatorRecord (action: 'killSwitch' | 'circuitBreak', target: string, actor: Actor): MitigationRecord {
-    return {
-      id: `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.now().toString(36)}`,
-      action,
-      targets: [target],
-      reason: actor.reason,
-      source: actor.source,
-      createdAt: new Date().toISOString(),
-      status: 'active',
-      liftedAt: null,
-      liftReason: null,
-      changes: [],
-      result: null
-    }
+    return this.newRecord(action, [target], actor, `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.now().toString(36)}`)
   }
 
-  private newRecord (action: MitigationRecord['action'], targets: string[], req: MitigationRequest): MitigationRecord {
+  private newRecord (action: MitigationRecord['action'], targets: string[], req: Actor, id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`): MitigationRecord {
     return {
-      id: `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`,
+      id,
       action,
       targets,
       reason: req.reason,

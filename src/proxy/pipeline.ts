@@ -104,39 +104,38 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
 /** The circuit breaker (bulkhead) stage, then forward. */
 function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number, fault: 'delay' | null): void {
   if (res.destroyed) return // the client left during an injected delay
-  {
-    // circuit breaker (bulkhead)
-    const upstream = route.upstream
-    const circuit = upstream.circuit
-    if (circuit !== null) {
-      if (!circuit.admits()) {
-        route.stats.reject('circuit_open')
-        // Users saw an outage when failures opened it (SPEC §14); an operator's forced circuit is a mitigation.
-        if (circuit.openOnFailures) route.stats.outcome(Date.now(), true, -1)
-        refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
-        return
-      }
-      const max = circuit.config.maxConcurrentRequests
-      if (max > 0 && upstream.inFlight >= max) {
-        route.stats.reject('bulkhead')
-        refuse(dp, req, res, 'bulkhead_full', route, head.requestId, startedAt)
-        return
-      }
-    }
 
-    // forward
-    const exchange = new Exchange(dp, route, req, res, head, path, startedAt)
-    exchange.fault = fault
-    if (circuit === null) {
-      exchange.start(null)
+  // circuit breaker (bulkhead)
+  const upstream = route.upstream
+  const circuit = upstream.circuit
+  if (circuit !== null) {
+    if (!circuit.admits()) {
+      route.stats.reject('circuit_open')
+      // Users saw an outage when failures opened it (SPEC §14); an operator's forced circuit is a mitigation.
+      if (circuit.openOnFailures) route.stats.outcome(Date.now(), true, -1)
+      refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
       return
     }
-    circuit.fire(exchange)
-    if (!exchange.started) {
-      // opossum refused on its own (it changed state between our check and the call).
-      route.stats.reject('circuit_open')
-      refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
+    const max = circuit.config.maxConcurrentRequests
+    if (max > 0 && upstream.inFlight >= max) {
+      route.stats.reject('bulkhead')
+      refuse(dp, req, res, 'bulkhead_full', route, head.requestId, startedAt)
+      return
     }
+  }
+
+  // forward
+  const exchange = new Exchange(dp, route, req, res, head, path, startedAt)
+  exchange.fault = fault
+  if (circuit === null) {
+    exchange.start(null)
+    return
+  }
+  circuit.fire(exchange)
+  if (!exchange.started) {
+    // opossum refused on its own (it changed state between our check and the call).
+    route.stats.reject('circuit_open')
+    refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
   }
 }
 

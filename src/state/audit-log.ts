@@ -12,19 +12,13 @@ export interface AuditInput {
   targets: string[]
   reason: string
   result: string
+  /** Address of the caller, or `trigger:<name>`. */
   requester: string
   [key: string]: unknown
 }
 
-export interface AuditEntry {
+export interface AuditEntry extends AuditInput {
   time: string
-  action: string
-  targets: string[]
-  reason: string
-  result: string
-  /** Address of the caller, or `trigger:<name>`. */
-  requester: string
-  [key: string]: unknown
 }
 
 export interface AuditOptions {

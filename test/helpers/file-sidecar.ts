@@ -2,14 +2,12 @@
  * An in-process sidecar started from a real config file (so `POST /v1/reload` re-reads it):
  * listeners on 127.0.0.1 port 0, state in a temp dir, log lines captured as parsed objects.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Writable } from 'node:stream'
 import type { Test } from 'tap'
 import { loadConfigFile } from '../../src/config/load.js'
-import { startSidecar } from '../../src/sidecar.js'
-import { TEST_TOKEN, type TestSidecar } from './sidecar.js'
+import { startCaptured, type TestSidecar } from './sidecar.js'
 
 export interface FileSidecar extends TestSidecar {
   configPath: string
@@ -37,27 +35,5 @@ export async function startFileSidecar (t: Test, input: Record<string, unknown>)
   }
   rewrite(input)
   const { config } = await loadConfigFile(configPath)
-  const logs: Array<Record<string, unknown>> = []
-  const destination = new Writable({
-    write (chunk: Buffer, _enc, cb) {
-      for (const line of chunk.toString('utf8').split('\n')) if (line !== '') logs.push(JSON.parse(line) as Record<string, unknown>)
-      cb()
-    }
-  })
-  const sidecar = await startSidecar(config, { logDestination: destination, adminToken: TEST_TOKEN })
-  t.teardown(async () => {
-    await sidecar.close()
-    rmSync(dir, { recursive: true, force: true })
-  })
-  return {
-    sidecar,
-    proxy: sidecar.addresses.proxy,
-    ops: sidecar.addresses.ops,
-    admin: sidecar.addresses.admin,
-    proxyPort: Number(new URL(sidecar.addresses.proxy).port),
-    logs,
-    stateDir,
-    configPath,
-    rewrite
-  }
+  return { ...(await startCaptured(t, config, dir)), configPath, rewrite }
 }

@@ -9,6 +9,7 @@ import { Writable } from 'node:stream'
 import type { Test } from 'tap'
 import { resolveConfig } from '../../src/config/load.js'
 import { startSidecar, type Sidecar } from '../../src/sidecar.js'
+import type { Config } from '../../src/config/types.js'
 
 /** The admin token every in-process test sidecar uses. */
 export const TEST_TOKEN = 'test-admin-token-0123456789abcdef'
@@ -39,6 +40,11 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
     ...input
   }
   const { config } = resolveConfig(raw)
+  return await startCaptured(t, config, stateDir)
+}
+
+/** Start `config` in-process with its log lines captured; closed (and `dir` removed) in teardown. */
+export async function startCaptured (t: Test, config: Config, dir: string): Promise<TestSidecar> {
   const logs: Array<Record<string, unknown>> = []
   const destination = new Writable({
     write (chunk: Buffer, _enc, cb) {
@@ -49,7 +55,7 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
   const sidecar = await startSidecar(config, { logDestination: destination, adminToken: TEST_TOKEN })
   t.teardown(async () => {
     await sidecar.close()
-    rmSync(stateDir, { recursive: true, force: true })
+    rmSync(dir, { recursive: true, force: true })
   })
   return {
     sidecar,
@@ -58,7 +64,7 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
     admin: sidecar.addresses.admin,
     proxyPort: Number(new URL(sidecar.addresses.proxy).port),
     logs,
-    stateDir
+    stateDir: config.stateDir
   }
 }
 
