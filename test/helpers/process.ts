@@ -80,7 +80,7 @@ export async function spawnCli (t: Test, args: string[], dir: string, configPath
   }
   const running: Running = { child, lines, stderr: () => stderr, proxy: '', ops: '', dir, configPath, exited, waitForLine }
   if (args[0] === 'start') {
-    const listening = await waitForLine((l) => l.msg === 'listening')
+    const listening = await waitForLine((l) => l.msg === 'listening', 60_000)
     running.proxy = String(listening.proxy).replace('0.0.0.0', '127.0.0.1')
     running.ops = String(listening.ops)
   }
