@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url'
 import { spawnSync } from 'node:child_process'
 import { parseArgs } from 'node:util'
 import {
-  cpuStat, cpuBusyPct, processTable, otherCpuPct, treeCpuNs, treeRssKiB, treeFdCount, processTree, establishedOnPort, acceptedOnPort
+  cpuStat, cpuBusyPct, processTable, otherCpuPct, treeCpuNs, treeRssKiB, treeFdCount, processTree, establishedOnPort, acceptedOnPort, tcpExt
 } from './lib/procfs.mjs'
 import { hasTaskset, pinTree, sleep, stopAll, stopProcess, killAllNow } from './lib/processes.mjs'
 import { runLoad } from './lib/load.mjs'
@@ -26,8 +26,9 @@ const SCENARIO_NAMES = ['c50', 'rate2000', 'c1-samecpu', 'memory']
 const OTHER_CPU_LIMIT = 10 // % of one core; a run above this is measured once more
 const IDLE_LIMIT = 15 // % busy over all CPUs for the pre-flight check
 const MAX_ATTEMPTS = 3 // measurements of one target/scenario/round when disturbed
-const RETRY_BUDGET_S = 120 // total time spent on repeated measurements, so a busy machine cannot stretch the run indefinitely
+const RETRY_BUDGET_S = 60 // total time spent on repeated measurements, so a busy machine cannot stretch the run indefinitely
 let retrySpentS = 0
+let retryBudgetS = RETRY_BUDGET_S // 0 with --quick: a smoke test does not repeat disturbed runs
 
 // ---------------------------------------------------------------- options
 
@@ -35,7 +36,7 @@ const HELP = `Usage: node bench/run.mjs [options]
 
   --rounds N         interleaved rounds per scenario (default 5; env BENCH_ROUNDS)
   --duration S       seconds per c50 run (default 10; env BENCH_DURATION); the
-                     other load scenarios use min(S, 3) s
+                     other load scenarios use min(S, 2) s
   --quick            smoke test: 1 round, 2 s c50 runs, 1 s for the rest
   --targets a,b      subset of: ${ALL_TARGETS.join(', ')} (env BENCH_TARGETS)
   --scenarios a,b    subset of: ${SCENARIO_NAMES.join(', ')} (env BENCH_SCENARIOS)
@@ -79,7 +80,7 @@ function options () {
   // Added latency and the ×direct column need the direct baseline.
   if (!targets.includes('direct')) targets = ['direct', ...targets]
   const scenarios = list(values.scenarios ?? env.BENCH_SCENARIOS, SCENARIO_NAMES, 'scenario')
-  const short = quick ? 1 : Math.min(duration, 3)
+  const short = quick ? 1 : Math.min(duration, 2)
   const scenarioDefs = {
     c50: { name: 'c50', kind: 'throughput', connections: 50, duration, warmup: quick ? 0.3 : 0.5, title: `GET /, c=50, closed loop, ${duration} s × ${rounds} rounds` },
     rate2000: { name: 'rate2000', kind: 'added', connections: 10, overallRate: 2000, duration: short, warmup: quick ? 0.3 : 0.5, title: `GET /, c=10, overallRate 2,000 req/s, ${short} s × ${rounds} rounds` },
@@ -96,7 +97,7 @@ function options () {
     json: values.json ?? env.BENCH_JSON ?? null,
     nodeUpstream: values['node-upstream'] || env.BENCH_NODE_UPSTREAM === '1',
     keepTmp: values['keep-tmp'],
-    globalWarmup: quick ? 0.5 : 2
+    globalWarmup: quick ? 0.5 : 1
   }
 }
 
@@ -195,10 +196,10 @@ async function measureOnce (t, sc, loadOpts) {
     onInstance: loadOpts.onInstance,
     onStart: () => {
       bgEach0 = others.map((o) => treeCpuNs(o.pids))
-      snap0 = { stat: cpuStat(), table: processTable(), cpu: treeCpuNs(pids), bg: treeCpuNs(bgPids), t: process.hrtime.bigint() }
+      snap0 = { stat: cpuStat(), table: processTable(), cpu: treeCpuNs(pids), bg: treeCpuNs(bgPids), tcp: tcpExt(), t: process.hrtime.bigint() }
     }
   })
-  const snap1 = { cpu: treeCpuNs(pids), bg: treeCpuNs(bgPids), stat: cpuStat(), table: processTable(), t: process.hrtime.bigint() }
+  const snap1 = { cpu: treeCpuNs(pids), bg: treeCpuNs(bgPids), tcp: tcpExt(), stat: cpuStat(), table: processTable(), t: process.hrtime.bigint() }
   const bgEach1 = others.map((o) => treeCpuNs(o.pids))
   const wallS = Number(snap1.t - snap0.t) / 1e9
   const busy = cpuBusyPct(snap0.stat, snap1.stat)
@@ -217,7 +218,9 @@ async function measureOnce (t, sc, loadOpts) {
     otherTop: other.topPids,
     idleTargetsCpuPct: bgPids.length ? ((snap1.bg - snap0.bg) / 1e9 / wallS) * 100 : 0,
     idleTargetsCpuPctEach: Object.fromEntries(others.map((o, i) => [o.name, Math.round(((bgEach1[i] - bgEach0[i]) / 1e9 / wallS) * 1000) / 10])),
-    rssKiB: pids.length ? treeRssKiB(pids) : null
+    rssKiB: pids.length ? treeRssKiB(pids) : null,
+    // machine-wide: connections dropped because an accept queue was full (listen backlog)
+    listenOverflows: snap1.tcp.ListenOverflows - snap0.tcp.ListenOverflows
   }
   return out
 }
@@ -237,8 +240,8 @@ async function measure (t, sc, round) {
     otherByAttempt.push(Math.round(res.otherCpuPct * 10) / 10)
     if (!best || res.otherCpuPct < best.otherCpuPct) best = res
     if (res.otherCpuPct <= OTHER_CPU_LIMIT || attempt === MAX_ATTEMPTS) break
-    if (retrySpentS > RETRY_BUDGET_S) {
-      log(`  ${t.name}: other processes used ${res.otherCpuPct.toFixed(0)} % of a core; retry budget (${RETRY_BUDGET_S} s) used up, keeping it`)
+    if (retrySpentS >= retryBudgetS) {
+      if (retryBudgetS > 0) log(`  ${t.name}: other processes used ${res.otherCpuPct.toFixed(0)} % of a core; retry budget (${retryBudgetS} s) used up, keeping it`)
       break
     }
     log(`  ${t.name}: other processes used ${res.otherCpuPct.toFixed(0)} % of a core (${res.otherTop.map((p) => p.comm).join(', ')}); measuring again`)
@@ -375,7 +378,7 @@ async function runMemoryScenario (sc, opts, results) {
       const mib = (k) => (k == null ? '–' : (k / 1024).toFixed(1))
       log(m.error
         ? `  round ${round + 1} ${t.name}: ERROR ${m.error}`
-        : `  round ${round + 1} ${t.name.padEnd(19)} RSS idle ${mib(m.rssIdleKiB)} MiB, holding ${mib(m.rssHoldKiB)} MiB (${m.acceptedHold} client connections accepted after ${m.connectS ?? '–'} s, ${m.fdsHold} fds), after ${mib(m.rssAfterKiB)} MiB; ${Math.round(m.reqPerSec)} req/s` +
+        : `  round ${round + 1} ${t.name.padEnd(19)} RSS idle ${mib(m.rssIdleKiB)} MiB, holding ${mib(m.rssHoldKiB)} MiB (${m.acceptedHold} client connections accepted after ${m.connectS ?? '–'} s, ${m.fdsHold} fds), after ${mib(m.rssAfterKiB)} MiB; ${Math.round(m.reqPerSec)} req/s; listen overflows ${m.listenOverflows}` +
           (m.errors || m.non2xx || m.timeouts ? `  errors ${m.errors} timeouts ${m.timeouts} non2xx ${m.non2xx}` : ''))
       await sleep(300)
     }
@@ -408,6 +411,7 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
 async function main () {
   const opts = options()
   keepTmp = opts.keepTmp
+  if (opts.quick) retryBudgetS = 0
   tmp = mkdtempSync(join(tmpdir(), 'breakwater-bench-'))
   opts.tmp = tmp
   if (keepTmp) log(`configs and process logs: ${tmp}`)
@@ -439,7 +443,7 @@ async function main () {
 
   const machine = machineInfo(state.upstream.kind)
   log('pre-flight: waiting for an idle machine')
-  const preflight = await waitIdle()
+  const preflight = await waitIdle(opts.quick ? 2 : 5)
   log(`pre-flight: CPU busy ${preflight.busyPct.join(', ')} %`)
 
   log(`global warm-up: ${opts.globalWarmup} s per target at c=50`)

@@ -226,3 +226,19 @@ export function acceptedOnPort (pids, port) {
   }
   return n
 }
+
+/** TcpExt counters from /proc/net/netstat (ListenOverflows, ListenDrops, SyncookiesSent). */
+export function tcpExt () {
+  const text = readText('/proc/net/netstat')
+  const out = { ListenOverflows: 0, ListenDrops: 0, SyncookiesSent: 0 }
+  if (text === null) return out
+  const lines = text.split('\n').filter((l) => l.startsWith('TcpExt:'))
+  if (lines.length < 2) return out
+  const names = lines[0].split(/\s+/)
+  const values = lines[1].split(/\s+/)
+  for (const k of Object.keys(out)) {
+    const i = names.indexOf(k)
+    if (i > 0) out[k] = Number(values[i])
+  }
+  return out
+}

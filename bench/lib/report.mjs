@@ -123,6 +123,7 @@ export function summariseMemory (targets, results) {
         fdsHold: median(col('fdsHold')),
         acceptedHold: median(col('acceptedHold')),
         connectS: median(col('connectS')),
+        listenOverflows: median(col('listenOverflows')),
         reqPerSec: median(col('reqPerSec')),
         errors: sum(col('errors')) + sum(col('timeouts')),
         non2xx: sum(col('non2xx')),
@@ -208,8 +209,8 @@ export function addedLatencyTable (summary) {
 }
 
 export function memoryTable (summary) {
-  const head = ['target', 'RSS MiB idle (fresh process)', 'RSS MiB holding connections', 'min–max', 'RSS MiB after', 'client connections accepted', 's until all accepted', 'open fds', 'req/s', 'errors / non-2xx', 'other CPU % (max)']
-  const align = ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']
+  const head = ['target', 'RSS MiB idle (fresh process)', 'RSS MiB holding connections', 'min–max', 'RSS MiB after', 'client connections accepted', 's until all accepted', 'listen overflows', 'open fds', 'req/s', 'errors / non-2xx', 'other CPU % (max)']
+  const align = ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']
   const rows = summary.rows.map((r) => {
     if (!r.rounds) return [r.target, notRun(r), ...Array(head.length - 2).fill(dash)]
     return [
@@ -220,6 +221,7 @@ export function memoryTable (summary) {
       fmtFixed(mib(r.rssAfterKiB)),
       fmtInt(r.acceptedHold),
       fmtFixed(r.connectS),
+      fmtInt(r.listenOverflows),
       fmtInt(r.fdsHold),
       fmtInt(r.reqPerSec),
       `${r.errors} / ${r.non2xx}`,
