@@ -28,6 +28,7 @@ const IDLE_LIMIT = 15 // % busy over all CPUs for the pre-flight check
 const MAX_ATTEMPTS = 3 // measurements of one target/scenario/round when disturbed
 const RETRY_BUDGET_S = 60 // total time spent on repeated measurements, so a busy machine cannot stretch the run indefinitely
 let retrySpentS = 0
+let runStarted = Date.now()
 let retryBudgetS = RETRY_BUDGET_S // 0 with --quick: a smoke test does not repeat disturbed runs
 
 // ---------------------------------------------------------------- options
@@ -46,20 +47,30 @@ const HELP = `Usage: node bench/run.mjs [options]
   -h, --help
 `
 
+function usage (message) {
+  return Object.assign(new Error(message), { usage: true })
+}
+
 function options () {
-  const { values } = parseArgs({
-    options: {
-      rounds: { type: 'string' },
-      duration: { type: 'string' },
-      quick: { type: 'boolean', default: false },
-      targets: { type: 'string' },
-      scenarios: { type: 'string' },
-      json: { type: 'string' },
-      'node-upstream': { type: 'boolean', default: false },
-      'keep-tmp': { type: 'boolean', default: false },
-      help: { type: 'boolean', short: 'h', default: false }
-    }
-  })
+  let parsed
+  try {
+    parsed = parseArgs({
+      options: {
+        rounds: { type: 'string' },
+        duration: { type: 'string' },
+        quick: { type: 'boolean', default: false },
+        targets: { type: 'string' },
+        scenarios: { type: 'string' },
+        json: { type: 'string' },
+        'node-upstream': { type: 'boolean', default: false },
+        'keep-tmp': { type: 'boolean', default: false },
+        help: { type: 'boolean', short: 'h', default: false }
+      }
+    })
+  } catch (err) {
+    throw usage(err.message)
+  }
+  const { values } = parsed
   if (values.help) {
     process.stdout.write(HELP)
     process.exit(0)
@@ -68,12 +79,12 @@ function options () {
   const quick = values.quick || env.BENCH_QUICK === '1'
   const rounds = Number(values.rounds ?? env.BENCH_ROUNDS ?? (quick ? 1 : 5))
   const duration = Number(values.duration ?? env.BENCH_DURATION ?? (quick ? 2 : 10))
-  if (!Number.isInteger(rounds) || rounds < 1) throw new Error('--rounds must be a positive integer')
-  if (!(duration > 0)) throw new Error('--duration must be > 0')
+  if (!Number.isInteger(rounds) || rounds < 1) throw usage('--rounds must be a positive integer')
+  if (!(duration > 0)) throw usage('--duration must be > 0')
   const list = (v, all, what) => {
     if (!v) return [...all]
     const names = v.split(',').map((s) => s.trim()).filter(Boolean)
-    for (const n of names) if (!all.includes(n)) throw new Error(`unknown ${what} "${n}" (known: ${all.join(', ')})`)
+    for (const n of names) if (!all.includes(n)) throw usage(`unknown ${what} "${n}" (known: ${all.join(', ')})`)
     return all.filter((n) => names.includes(n))
   }
   let targets = list(values.targets ?? env.BENCH_TARGETS, ALL_TARGETS, 'target')
@@ -83,8 +94,8 @@ function options () {
   const short = quick ? 1 : Math.min(duration, 2)
   const scenarioDefs = {
     c50: { name: 'c50', kind: 'throughput', connections: 50, duration, warmup: quick ? 0.3 : 0.5, title: `GET /, c=50, closed loop, ${duration} s × ${rounds} rounds` },
-    rate2000: { name: 'rate2000', kind: 'added', connections: 10, overallRate: 2000, duration: short, warmup: quick ? 0.3 : 0.5, title: `GET /, c=10, overallRate 2,000 req/s, ${short} s × ${rounds} rounds` },
-    'c1-samecpu': { name: 'c1-samecpu', kind: 'added', connections: 1, duration: short, warmup: quick ? 0.3 : 0.5, samecpu: true, title: `GET /, c=1, upstream + load generator + proxy all on CPU ${PROXY_CPU}, ${short} s × ${rounds} rounds` },
+    rate2000: { name: 'rate2000', kind: 'added', connections: 10, overallRate: 2000, duration: short, warmup: 0.3, title: `GET /, c=10, overallRate 2,000 req/s, ${short} s × ${rounds} rounds` },
+    'c1-samecpu': { name: 'c1-samecpu', kind: 'added', connections: 1, duration: short, warmup: 0.3, samecpu: true, title: `GET /, c=1, upstream + load generator + proxy all on CPU ${PROXY_CPU}, ${short} s × ${rounds} rounds` },
     memory: { name: 'memory', kind: 'memory', connections: 1000, hold: quick ? 1 : 2, maxDuration: 15, rounds: Math.min(rounds, 3), title: '' }
   }
   scenarioDefs.memory.title = `fresh process, c=1000 closed-loop keep-alive connections; RSS sampled ${scenarioDefs.memory.hold} s after the proxy has accepted all 1,000; ${scenarioDefs.memory.rounds} rounds`
@@ -226,7 +237,7 @@ async function measureOnce (t, sc, loadOpts) {
 }
 
 async function measure (t, sc, round) {
-  const base = { target: t.name, scenario: sc.name, round }
+  const base = { target: t.name, scenario: sc.name, round, atS: Math.round((Date.now() - runStarted) / 100) / 10 }
   if (sc.warmup) {
     await runLoad({ url: t.live.url, connections: sc.connections, duration: sc.warmup, overallRate: sc.overallRate })
     await sleep(100)
@@ -416,6 +427,7 @@ async function main () {
   opts.tmp = tmp
   if (keepTmp) log(`configs and process logs: ${tmp}`)
   const started = Date.now()
+  runStarted = started
   if (!hasTaskset) log('warning: taskset not found; processes are not pinned to CPUs')
   pinTree(harnessLoadgenPids(), LOADGEN_CPU)
 
@@ -529,7 +541,7 @@ main().then(() => {
   cleanupSync()
   process.exit(0)
 }, (err) => {
-  log(`bench failed: ${err.stack ?? err}`)
+  log(err.usage ? `${err.message}\n\n${HELP}` : `bench failed: ${err.stack ?? err}`)
   cleanupSync()
   process.exit(1)
 })
