@@ -1,65 +1,20 @@
 /**
  * The operator commands of the real binary (SPEC §1, §13, §14) against real sidecar
- * processes in front of a real upstream: status, kill, restore, circuit, mitigate, lift,
- * audit; options anywhere; --json; refusals; token discovery; fan-out to several sidecars.
+ * processes in front of a real upstream: mitigate and lift, audit, token discovery, fan-out
+ * to several sidecars. (status, kill, restore, circuit: operator-cli.)
  */
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { parse, stringify } from 'yaml'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { tempDir, type Running, type CliResult } from './helpers/process.js'
+import { startUpstream } from './helpers/upstream.js'
+import { tempDir, type CliResult } from './helpers/process.js'
 import { send } from './helpers/http.js'
 import { admin } from './helpers/admin.js'
-import { operator, runAll, adminUrl, parseOnlyJson, startSidecarProcess, STACK_FRAME } from './helpers/operator.js'
+import { operator, runAll, adminUrl, parseOnlyJson, startSidecarProcess, STACK_FRAME, TOKEN, FLAG, config, fixture, withToken, state, auditEntries } from './helpers/operator.js'
 
 // Every command is a fresh Node process; leave room for a busy machine.
 t.setTimeout(600_000)
-
-const TOKEN = 'operator-cli-test-token-0123456789'
-const FLAG = 'enableNewCheckout'
-
-function config (up: TestUpstream): Record<string, unknown> {
-  return {
-    upstreams: { app: { url: up.url }, pay: { url: up.url } },
-    routes: [
-      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: FLAG },
-      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
-      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
-    ],
-    featureFlags: { [FLAG]: true, unrelated: true },
-    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 60_000 } },
-    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
-  }
-}
-
-interface Fixture {
-  up: TestUpstream
-  s: Running
-  url: string
-}
-
-/** A real upstream and a sidecar process whose admin token is TOKEN (from the environment). */
-async function fixture (t: Test): Promise<Fixture> {
-  const up = await startUpstream()
-  t.teardown(up.close)
-  const s = await startSidecarProcess(t, config(up), { BREAKWATER_ADMIN_TOKEN: TOKEN })
-  return { up, s, url: adminUrl(s) }
-}
-
-const withToken = { BREAKWATER_ADMIN_TOKEN: TOKEN }
-
-async function state (url: string, token = TOKEN): Promise<any> {
-  const r = await admin(url, 'GET', '/v1/state', undefined, token)
-  if (r.status !== 200) throw new Error(`GET /v1/state: ${r.status} ${JSON.stringify(r.body)}`)
-  return r.body
-}
-
-async function auditEntries (url: string, token = TOKEN): Promise<any[]> {
-  const r = await admin(url, 'GET', '/v1/audit?limit=100', undefined, token)
-  if (r.status !== 200) throw new Error(`GET /v1/audit: ${r.status} ${JSON.stringify(r.body)}`)
-  return r.body.entries as any[]
-}
 
 t.test('mitigate killSwitch, then lift it by id', async (t) => {
   const { s, url } = await fixture(t)

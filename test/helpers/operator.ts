@@ -6,6 +6,8 @@
  */
 import type { Test } from 'tap'
 import { runCli, startProcessWithin, tempDir, withoutTapHooks, type CliResult, type Running } from './process.js'
+import { startUpstream, type TestUpstream } from './upstream.js'
+import { admin } from './admin.js'
 
 export type Operator = (args: string[], env?: NodeJS.ProcessEnv) => Promise<CliResult>
 
@@ -58,4 +60,51 @@ export async function runAll (run: Operator, commands: Array<{ args: string[], e
  */
 export async function startSidecarProcess (t: Test, config: Record<string, unknown>, env: NodeJS.ProcessEnv = {}, timeoutMs = 60_000): Promise<Running> {
   return await startProcessWithin(t, config, timeoutMs, { ...withoutTapHooks, ...env })
+}
+
+// ---- the fixture both operator CLI test files share ----
+
+export const TOKEN = 'operator-cli-test-token-0123456789'
+export const FLAG = 'enableNewCheckout'
+
+export function config (up: TestUpstream): Record<string, unknown> {
+  return {
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: FLAG },
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { [FLAG]: true, unrelated: true },
+    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 60_000 } },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  }
+}
+
+export interface Fixture {
+  up: TestUpstream
+  s: Running
+  url: string
+}
+
+/** A real upstream and a sidecar process whose admin token is TOKEN (from the environment). */
+export async function fixture (t: Test): Promise<Fixture> {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startSidecarProcess(t, config(up), { BREAKWATER_ADMIN_TOKEN: TOKEN })
+  return { up, s, url: adminUrl(s) }
+}
+
+export const withToken = { BREAKWATER_ADMIN_TOKEN: TOKEN }
+
+export async function state (url: string, token = TOKEN): Promise<any> {
+  const r = await admin(url, 'GET', '/v1/state', undefined, token)
+  if (r.status !== 200) throw new Error(`GET /v1/state: ${r.status} ${JSON.stringify(r.body)}`)
+  return r.body
+}
+
+export async function auditEntries (url: string, token = TOKEN): Promise<any[]> {
+  const r = await admin(url, 'GET', '/v1/audit?limit=100', undefined, token)
+  if (r.status !== 200) throw new Error(`GET /v1/audit: ${r.status} ${JSON.stringify(r.body)}`)
+  return r.body.entries as any[]
 }
