@@ -1,5 +1,5 @@
 import t from 'tap'
-import { normalisePath } from '../src/proxy/path.js'
+import { normalisePath, matchKey } from '../src/proxy/path.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
@@ -69,6 +69,16 @@ t.test('normalisePath', async (t) => {
     t.equal(normalisePath('/%4?x=1'), null, 'a truncated escape just before the query')
   })
 
+  t.test('a fragment or a backslash is refused, not normalised (RFC 9112 §3.2, RFC 3986 §3.3, §3.5)', async (t) => {
+    t.equal(normalisePath('/pay#x'), null, 'a fragment is never part of a request-target')
+    t.equal(normalisePath('/pay?q=1#x'), null, '… in the query either')
+    t.equal(normalisePath('/#'), null)
+    t.equal(normalisePath('/x\\..\\checkout'), null, 'WHATWG URL parsers read \\ as /')
+    t.equal(normalisePath('/checkout\\'), null)
+    t.equal(normalisePath('/a?x=\\'), '/a?x=\\', 'a backslash in the query does not change the path')
+    t.equal(normalisePath('/pay%23x'), '/pay%23x', 'an encoded # is data')
+  })
+
   t.test('targets that are not origin-form are refused', async (t) => {
     t.equal(normalisePath('*'), null, 'asterisk-form')
     t.equal(normalisePath('http://example.com/a'), null, 'absolute-form')
@@ -76,6 +86,22 @@ t.test('normalisePath', async (t) => {
     t.equal(normalisePath(''), null)
     t.equal(normalisePath('a/b'), null)
   })
+})
+
+t.test('matchKey: what a non-strict route matches on (SPEC §15)', async (t) => {
+  const cases: Array<[string, string, string]> = [
+    ['/', '/', 'the root keeps its slash'],
+    ['/checkout', '/checkout', 'a plain path is its own key'],
+    ['/CHECKOUT', '/checkout', 'ASCII case is ignored'],
+    ['/Checkout/Cart?Q=A', '/checkout/cart', 'the query is not part of the key'],
+    ['/pay/', '/pay', 'one trailing slash is ignored'],
+    ['/pay;jsessionid=1', '/pay', '; segment parameters are ignored'],
+    ['/a;x/b;y=2/', '/a/b', '… in every segment'],
+    ['/x/..;/checkout', '/checkout', '..; is a dot segment once its parameter is gone (servlet containers)'],
+    ['/;x/checkout', '/checkout', 'an emptied segment collapses'],
+    ['/caf%C3%A9/\u00c9', '/caf%c3%a9/\u00c9', 'only ASCII letters are folded']
+  ]
+  for (const [path, key, why] of cases) t.equal(matchKey(path), key, `${path}: ${why}`)
 })
 
 t.test('end to end: spelling cannot bypass a prefix route; the normalised path is forwarded', async (t) => {

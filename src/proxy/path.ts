@@ -6,13 +6,27 @@
  * - runs of `/` collapse to one;
  * - `.` and `..` segments are resolved (RFC 3986 §5.2.4).
  * The query is left as it is. The normalised path is what is forwarded.
+ *
+ * Two characters are refused (400) rather than normalised, as Envoy and HAProxy refuse them:
+ * - `#` anywhere: a fragment is never part of a request-target (RFC 9112 §3.2, RFC 3986 §3.5;
+ *   Envoy rejects it since 1.19.1, HAProxy since CVE-2023-45539). Matching the whole target
+ *   while the app drops the fragment is how `/pay#x` missed `path: /pay` and reached the
+ *   killed handler through a catch-all route.
+ * - `\` in the path: not a `pchar` (RFC 3986 §3.3), and WHATWG-URL-based routers
+ *   (`new URL()`) read it as `/`, so `/x\..\checkout` is `/checkout` to the app but not to a
+ *   matcher that follows the RFC. HAProxy refuses it in a URI by default. Browsers never send
+ *   it (they rewrite it to `/` first), so refusing costs no legitimate client.
+ *
+ * `matchKey` then folds what the app may treat as the same path (SPEC §15) for route matching
+ * only; what is forwarded keeps the client's spelling.
  */
 
 /** Returns the normalised `path?query`, or null when the target is not a valid origin-form path. */
 export function normalisePath (target: string): string | null {
-  if (target.charCodeAt(0) !== 47 /* / */) return null
+  if (target.charCodeAt(0) !== 47 /* / */ || target.includes('#')) return null
   const q = target.indexOf('?')
   const path = q === -1 ? target : target.slice(0, q)
+  if (path.includes('\\')) return null
   // Fast path: nothing to normalise (the common case, and no allocation).
   if (!path.includes('%') && !path.includes('//') && !path.includes('/.')) return target
   const decoded = decodeUnreserved(path)
@@ -60,3 +74,34 @@ function removeDotSegments (path: string): string {
   }
   return '/' + out.join('/')
 }
+
+/**
+ * The key a non-strict route matches on (SPEC §15): the normalised path without its query,
+ * `;` segment parameters removed (see `withoutSegmentParameters`), ASCII letters lower-cased
+ * (case-insensitive app routers), and one trailing slash dropped (`/pay/`). The root stays `/`.
+ */
+export function matchKey (normalised: string): string {
+  const q = normalised.indexOf('?')
+  let key = q === -1 ? normalised : normalised.slice(0, q)
+  if (key.includes(';')) key = withoutSegmentParameters(key)
+  key = foldCase(key)
+  return key.length > 1 && key.charCodeAt(key.length - 1) === 47 /* / */ ? key.slice(0, -1) : key
+}
+
+/**
+ * A normalised path (no query) with its `;` segment parameters removed (`/pay;jsessionid=1`):
+ * servlet containers and Spring strip them before routing and then resolve `/x/..;/pay` to
+ * `/pay`, so slashes are collapsed and dot segments resolved again afterwards.
+ */
+export function withoutSegmentParameters (path: string): string {
+  return removeDotSegments(path.replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/'))
+}
+
+/** ASCII letters lower-cased; other characters untouched (no Unicode case folding). */
+export function foldCase (s: string): string {
+  return ASCII_UPPER.test(s) ? s.replace(ASCII_UPPER_RUN, lower) : s
+}
+
+const ASCII_UPPER = /[A-Z]/
+const ASCII_UPPER_RUN = /[A-Z]+/g
+const lower = (s: string): string => s.toLowerCase()
