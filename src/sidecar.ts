@@ -88,8 +88,8 @@ export class Sidecar {
     this.health = new HealthPolicy(this.dataPlane)
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
-    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections, options.bare === true)
-    this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, maxConnections)
+    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, 'proxy', maxConnections, options.bare === true)
+    this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, 'egress', maxConnections)
     this.ops = createOpsServer(this.health, this.registry)
     const dp = this.dataPlane
     const flags = this.flags

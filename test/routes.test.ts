@@ -54,7 +54,8 @@ t.test('path (exact) versus pathPrefix', async (t) => {
   })
   t.equal((await which(proxy, '/exact')).upstream, 'a')
   t.equal((await which(proxy, '/exact?q=1')).upstream, 'a', 'the query does not count against an exact path')
-  t.equal((await which(proxy, '/exact/')).upstream, 'b')
+  t.equal((await which(proxy, '/exact/')).upstream, 'a', 'one trailing slash is ignored (SPEC §15)')
+  t.equal((await which(proxy, '/EXACT;v=1')).upstream, 'a', 'so are case and ; parameters')
   t.equal((await which(proxy, '/exact/more')).upstream, 'b')
   t.equal((await which(proxy, '/exactly')).upstream, 'b')
   t.equal((await which(proxy, '/ex')).upstream, 'b')
@@ -136,6 +137,9 @@ t.test('rewritePrefix replaces the matched prefix and keeps the query', async (t
   t.equal(await url('/api/v1/'), '/v2/')
   t.equal(await url('/api/v1?x=1'), '/v2?x=1')
   t.equal(await url('/api//v1/../users'), '/users', 'the rewrite applies to the normalised path')
+  t.equal(await url('/API/Users'), '/Users', 'a prefix matched in another case is cut by its length; the rest keeps its spelling')
+  t.equal(await url('/x/..;/api/users'), '/users', 'a prefix found only once ; parameters are gone is cut from that path')
+  t.equal(await url('/API/V1/items/'), '/v2/items/')
 })
 
 t.test('the route metric label is the route\'s name, or a name derived from its match', async (t) => {

@@ -14,6 +14,7 @@ import { expandEnv } from './env.js'
 import { toMs as parseMs } from './duration.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
+import { checkRoutingPolicy } from './routing-policy.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
 /**
@@ -195,9 +196,11 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
         host: r.match.host?.toLowerCase() ?? null,
         headers: r.match.headers === undefined
           ? null
-          : Object.entries(r.match.headers).map(([k, v]) => [k.toLowerCase(), v] as const)
+          : Object.entries(r.match.headers).map(([k, v]) => [k.toLowerCase(), v] as const),
+        strict: r.match.strict ?? false
       },
       upstream: r.upstream,
+      listener: r.listener ?? 'proxy',
       killSwitch: r.killSwitch ?? null,
       timeoutMs: toMs(r.timeoutMs ?? 15_000),
       idleTimeoutMs: toMs(r.idleTimeoutMs ?? 60_000),
@@ -224,6 +227,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     }
     if (r.fault !== undefined && (r.fault.delayPercent ?? 0) > 0 && toMs(r.fault.delayMs ?? 0) === 0) problems.push(`${at}.fault.delayMs: needed with delayPercent`)
   })
+
+  checkRoutingPolicy(routes, input, problems, warnings)
 
   const circuitBreakers: Record<string, CircuitBreakerConfig> = {}
   for (const [name, cb] of Object.entries(input.circuitBreakers ?? {})) {

@@ -77,7 +77,8 @@ const Match = closed({
   path: Type.Optional(Type.String({ pattern: '^/' })),
   methods: Type.Optional(Type.Array(Type.String({ pattern: '^[A-Za-z]+$' }), { minItems: 1 })),
   host: Type.Optional(Type.String({ minLength: 1 })),
-  headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String()))
+  headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String())),
+  strict: Type.Optional(Type.Boolean({ description: 'match the path exactly as spelled (default false: case, ;parameters and one trailing slash are ignored)' }))
 })
 
 const Retries = closed({
@@ -101,6 +102,7 @@ const Route = closed({
   name: Type.Optional(Name),
   match: Match,
   upstream: Name,
+  listener: Type.Optional(Type.Union([Type.Literal('proxy'), Type.Literal('egress')], { description: 'the listener whose requests reach this route (default proxy)' })),
   killSwitch: Type.Optional(FlagKey),
   timeoutMs: Type.Optional(Duration),
   idleTimeoutMs: Type.Optional(Duration),

@@ -56,7 +56,15 @@ export interface MatchConfig {
   methods: readonly string[] | null
   host: string | null
   headers: ReadonlyArray<readonly [string, string]> | null
+  /**
+   * Match the normalised path exactly as spelled; by default case, `;` segment parameters and
+   * one trailing slash are ignored (SPEC §15).
+   */
+  strict: boolean
 }
+
+/** The listener a route serves: the public proxy port, or the app's own outbound calls. */
+export type Listener = 'proxy' | 'egress'
 
 export interface FaultConfig {
   abortPercent: number
@@ -71,6 +79,8 @@ export interface RouteConfig {
   name: string
   match: MatchConfig
   upstream: string
+  /** Only requests on this listener reach the route (SPEC §15). */
+  listener: Listener
   /** Flag key: when the flag is false the route is refused with `feature_disabled`. */
   killSwitch: string | null
   timeoutMs: number

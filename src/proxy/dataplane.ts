@@ -103,7 +103,7 @@ export class DataPlane {
     this.accessLogRate = config.logging.accessLogRate
     this.maxInFlight = config.limits.maxInFlight
     this.overload.maxDelayMs = config.limits.maxEventLoopDelayMs
-    return { runtime: { config, routes: new RouteTable(routes), upstreams }, retired }
+    return { runtime: { config, routes: new RouteTable(routes, this.flags), upstreams }, retired }
   }
 
   private onTransition (upstream: string, to: CircuitState): void {

@@ -23,12 +23,14 @@ import { Exchange } from './forward.js'
 import { killSwitchAllows } from './kill-switch.js'
 import { decideFault, ABORT, DELAY } from './fault.js'
 import type { RequestHead } from './headers.js'
-import type { FaultConfig } from '../config/types.js'
+import type { FaultConfig, Listener } from '../config/types.js'
 import { ERRORS, sendError, type ErrorCode } from './errors.js'
 
 export interface PipelineOptions {
   /** Listener scheme for x-forwarded-proto. */
   proto: string
+  /** Which listener this pipeline serves: only its routes can match (SPEC §15). */
+  listener: Listener
 }
 
 /** The `request` listener of a proxy server. */
@@ -54,7 +56,7 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
     }
 
     // match route
-    const route = dp.runtime.routes.match(req.method as string, path, head.host, req)
+    const route = dp.runtime.routes.match(req.method as string, path, head.host, req, options.listener)
     if (route === null) {
       refuse(dp, req, res, 'no_route', null, head.requestId, startedAt)
       return

@@ -1,13 +1,27 @@
 /**
  * The route table, compiled once per config: first match wins. A route matches on
  * `path` (exact) or `pathPrefix` (a string prefix, as Envoy's `prefix`), `methods`, `host`
- * (with or without the port) and `headers` (exact values). Matching runs on the normalised path.
+ * (with or without the port) and `headers` (exact values), and only on its `listener`.
+ *
+ * Routing policy (SPEC §15), decided here and nowhere else:
+ * - Matching runs on the normalised path (path.ts). By default it also ignores ASCII case, `;`
+ *   segment parameters and one trailing slash (`matchKey`), because the app behind us may:
+ *   a kill switch must cover every spelling the app treats as its path. `match.strict: true`
+ *   compares the normalised path as spelled.
+ * - Ingress and egress are separate: the proxy port never reaches a `listener: egress` route,
+ *   whatever its Host header, and the egress port reaches nothing else.
+ * - A killed route guards its path for every method: a request that only its `methods` keep
+ *   out of the route would otherwise fall through to a broader route (the usual catch-all `/`)
+ *   and reach the killed feature. So matching falls through a route on its method only while
+ *   the route is live; while killed, it claims the request and the kill switch stage refuses it.
  */
 import type { IncomingMessage } from 'node:http'
-import type { RouteConfig } from '../config/types.js'
+import type { Listener, RouteConfig } from '../config/types.js'
 import type { Upstream } from './upstreams.js'
 import type { RouteStats } from './stats.js'
 import { RetryBudget } from './retry-budget.js'
+import { killSwitchAllows, type FlagReader } from './kill-switch.js'
+import { matchKey, foldCase, withoutSegmentParameters } from './path.js'
 
 export class Route {
   readonly name: string
@@ -15,23 +29,41 @@ export class Route {
   readonly upstream: Upstream
   readonly stats: RouteStats
   readonly retryBudget: RetryBudget | null
+  readonly listener: Listener
   private readonly methods: ReadonlySet<string> | null
+  /** Non-strict routes: `match.path` as a match key. */
+  private readonly pathKey: string | null
+  /** Non-strict routes: `match.pathPrefix` case-folded, and without its trailing slash (`/pay/` also covers `/pay`). */
+  private readonly prefixKey: string | null
+  private readonly prefixBare: string | null
 
   constructor (config: RouteConfig, upstream: Upstream, stats: RouteStats) {
     this.name = config.name
     this.config = config
     this.upstream = upstream
     this.stats = stats
+    this.listener = config.listener
     this.methods = config.match.methods === null ? null : new Set(config.match.methods)
     this.retryBudget = config.retries === null ? null : new RetryBudget(config.retries.budgetPercent, config.retries.minRetriesPerSecond)
+    const { path, pathPrefix, strict } = config.match
+    this.pathKey = strict || path === null ? null : matchKey(path)
+    this.prefixKey = strict || pathPrefix === null ? null : foldCase(pathPrefix)
+    this.prefixBare = this.prefixKey !== null && this.prefixKey.length > 1 && this.prefixKey.endsWith('/') ? this.prefixKey.slice(0, -1) : null
   }
 
-  /** `path` is the normalised path, possibly with its query. */
-  matches (method: string, path: string, host: string, req: IncomingMessage): boolean {
+  /**
+   * Everything but the method: `path` is the normalised path (possibly with its query), `key`
+   * its `matchKey`.
+   */
+  covers (path: string, key: string, host: string, req: IncomingMessage): boolean {
     const m = this.config.match
-    if (m.path !== null && !(path.startsWith(m.path) && (path.length === m.path.length || path.charCodeAt(m.path.length) === 63 /* ? */))) return false
-    if (m.pathPrefix !== null && !path.startsWith(m.pathPrefix)) return false
-    if (this.methods !== null && !this.methods.has(method)) return false
+    if (m.strict) {
+      if (m.path !== null && !(path.startsWith(m.path) && (path.length === m.path.length || path.charCodeAt(m.path.length) === 63 /* ? */))) return false
+      if (m.pathPrefix !== null && !path.startsWith(m.pathPrefix)) return false
+    } else {
+      if (this.pathKey !== null && key !== this.pathKey) return false
+      if (this.prefixKey !== null && !key.startsWith(this.prefixKey) && key !== this.prefixBare) return false
+    }
     if (m.host !== null && !hostMatches(m.host, host)) return false
     if (m.headers !== null) {
       for (const [name, value] of m.headers) if (req.headers[name] !== value) return false
@@ -39,11 +71,21 @@ export class Route {
     return true
   }
 
+  allowsMethod (method: string): boolean {
+    return this.methods === null || this.methods.has(method)
+  }
+
   /** The path sent upstream: `rewritePrefix` replaces the matched `pathPrefix`. */
   upstreamPath (path: string): string {
     const rewrite = this.config.rewritePrefix
     if (rewrite === null) return path
-    const rest = path.slice((this.config.match.pathPrefix as string).length)
+    const prefix = this.config.match.pathPrefix as string
+    const q = path.indexOf('?')
+    let p = q === -1 ? path : path.slice(0, q)
+    // A route that matched only once `;` parameters were removed (`/api;v=1/x`, `/x/..;/api/x`)
+    // rewrites that path: cutting the prefix's length off the spelling would cut the wrong part.
+    if (this.prefixKey !== null && foldCase(p.slice(0, prefix.length)) !== this.prefixKey && foldCase(p) !== this.prefixBare) p = withoutSegmentParameters(p)
+    const rest = p.slice(Math.min(prefix.length, p.length)) + (q === -1 ? '' : path.slice(q))
     if (rest === '' || rest.charCodeAt(0) === 63 /* ? */) return rewrite + rest
     if (rewrite.endsWith('/') && rest.charCodeAt(0) === 47) return rewrite + rest.slice(1)
     if (!rewrite.endsWith('/') && rest.charCodeAt(0) !== 47) return `${rewrite}/${rest}`
@@ -61,16 +103,21 @@ function hostMatches (want: string, host: string): boolean {
 
 export class RouteTable {
   readonly routes: readonly Route[]
+  private readonly flags: FlagReader
 
-  constructor (routes: Route[]) {
+  constructor (routes: Route[], flags: FlagReader) {
     this.routes = routes
+    this.flags = flags
   }
 
-  match (method: string, path: string, host: string, req: IncomingMessage): Route | null {
+  /** The route for a request on `listener`; `path` is the normalised path, possibly with its query. */
+  match (method: string, path: string, host: string, req: IncomingMessage, listener: Listener): Route | null {
+    const key = matchKey(path)
     const routes = this.routes
     for (let i = 0; i < routes.length; i++) {
       const r = routes[i] as Route
-      if (r.matches(method, path, host, req)) return r
+      if (r.listener !== listener || !r.covers(path, key, host, req)) continue
+      if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r)) return r
     }
     return null
   }

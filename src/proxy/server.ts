@@ -7,7 +7,7 @@
 import http from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
-import type { ProxyListenerConfig } from '../config/types.js'
+import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
 import { createPipeline, createBarePipeline } from './pipeline.js'
 import { handleUpgrade } from './upgrade.js'
@@ -19,7 +19,8 @@ export interface ProxyServer {
   readonly connections: Set<Socket>
 }
 
-export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, maxConnections: () => number, bare = false): ProxyServer {
+/** `role`: which routes this listener reaches (`routes[].listener`). */
+export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, bare = false): ProxyServer {
   const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
   const server = http.createServer({
     maxHeaderSize: listener.maxHeaderSize,
@@ -35,7 +36,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
     pipeline(req, res)
   })
-  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http' })
+  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http', listener: role })
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
   const connections = new Set<Socket>()
@@ -72,6 +73,6 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     socket.end(rawErrorResponse(code))
   })
 
-  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head))
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, role))
   return { server, connections }
 }

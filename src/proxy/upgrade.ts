@@ -7,6 +7,7 @@
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { Dispatcher } from 'undici'
+import type { Listener } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
@@ -15,7 +16,7 @@ import { requestHead } from './headers.js'
 import { killSwitchAllows } from './kill-switch.js'
 import { rawErrorResponse, fromUpstreamError, type ErrorCode, ERRORS } from './errors.js'
 
-export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer): void {
+export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener): void {
   const startedAt = performance.now()
   socket.on('error', () => socket.destroy())
   const path = normalisePath(req.url as string)
@@ -24,7 +25,7 @@ export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Dupl
     refuseRaw(dp, socket, 'bad_request', null, reqHead.requestId, startedAt)
     return
   }
-  const route = dp.runtime.routes.match('GET', path, reqHead.host, req)
+  const route = dp.runtime.routes.match('GET', path, reqHead.host, req, listener)
   if (route === null) {
     refuseRaw(dp, socket, 'no_route', null, reqHead.requestId, startedAt)
     return
