@@ -10,7 +10,7 @@ import { copyFileSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { parse } from 'yaml'
 import { ROOT } from './helpers/root.js'
-import { promtool } from './helpers/promtool.js'
+import { breakwaterMetrics, promtool } from './helpers/promtool.js'
 import { tempDir } from './helpers/process.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
@@ -120,7 +120,7 @@ t.test('a live sidecar\'s metrics pass promtool check metrics, and the rules rea
 
   // breakwater_fleet_connected comes with the fleet feature (SPEC §16); the alert waits for it.
   const later = new Set(['breakwater_fleet_connected'])
-  const used = new Set(rules.flatMap((r) => [...r.expr.matchAll(/(?<![\w:])breakwater_[a-z_]+/g)].map((m) => (m[0]).replace(/_(bucket|sum|count)$/, ''))))
+  const used = new Set(rules.flatMap((r) => breakwaterMetrics(r.expr)))
   for (const name of used) {
     if (later.has(name)) continue
     t.ok(families.has(name), `${name} is exported`)

@@ -25,3 +25,8 @@ export async function promtool (args: string[], options: { cwd?: string, input?:
     child.stdin.end(options.input ?? '')
   })
 }
+
+/** The breakwater_* metric families a PromQL expression reads (recorded names like `a:breakwater_x:b` excluded). */
+export function breakwaterMetrics (expr: string): string[] {
+  return [...expr.matchAll(/(?<![\w:])breakwater_[a-z_]+/g)].map((m) => m[0].replace(/_(bucket|sum|count)$/, ''))
+}
