@@ -25,13 +25,23 @@ function destroy (this: Duplex): void {
   this.destroy()
 }
 
+/**
+ * RFC 6455 §4.1: a client sends no frames before the server's handshake answer; more than this
+ * while waiting for it is not a WebSocket client.
+ */
+const MAX_EARLY_BYTES = 64 * 1024
+
 export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler {
   // The forward stage runs only on a request the pipeline has normalised and routed.
   declare route: Route
   declare head: RequestHead
   readonly client: Duplex
-  /** Bytes the client sent right behind its handshake. */
-  private readonly early: Buffer
+  /**
+   * Bytes the client sent behind its handshake, until the upstream answers. The client socket
+   * is read meanwhile (a paused socket would never notice that its client left).
+   */
+  private readonly early: Buffer[]
+  private earlyBytes: number
   private abort: ((err?: Error) => void) | null = null
   private upgraded = false
   private answered = false
@@ -39,7 +49,8 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
   constructor (dp: DataPlane, req: IncomingMessage, client: Duplex, early: Buffer) {
     super(dp, req, true)
     this.client = client
-    this.early = early
+    this.early = early.length > 0 ? [early] : []
+    this.earlyBytes = early.length
     client.on('error', destroy)
   }
 
@@ -53,7 +64,10 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     this.attempt = 1
-    this.client.once('close', () => { if (!this.answered) this.clientLeft() })
+    const client = this.client
+    const left = (): void => { if (!this.answered) this.clientLeft() }
+    client.once('end', left).once('close', left)
+    client.on('data', this.onClientData)
     endpoint.pool.dispatch({
       path: this.route.upstreamPath(this.path),
       method: 'GET',
@@ -65,7 +79,14 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
 
   override clientLeft (): void {
     super.clientLeft()
+    this.client.destroy()
     this.abort?.()
+  }
+
+  private readonly onClientData = (chunk: Buffer): void => {
+    this.early.push(chunk)
+    this.earlyBytes += chunk.length
+    if (this.earlyBytes > MAX_EARLY_BYTES) this.client.destroy()
   }
 
   protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
@@ -93,7 +114,8 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     const raw = rawHeaders ?? []
     for (let i = 0; i < raw.length; i += 2) response += `${raw[i]?.toString()}: ${raw[i + 1]?.toString()}\r\n`
     client.write(response + '\r\n')
-    if (this.early.length > 0) upstream.write(this.early)
+    client.removeListener('data', this.onClientData)
+    for (const chunk of this.early) upstream.write(chunk)
     this.dp.tunnels.add(client)
     const end = (): void => {
       this.dp.tunnels.delete(client)
