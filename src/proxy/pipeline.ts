@@ -132,13 +132,14 @@ function run (ctx: RequestContext, proto: string): void {
 /** The circuit breaker (bulkhead) stage, then forward. */
 function guardAndForward (ctx: RequestContext): void {
   if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
-  const upstream = (ctx.route as Route).upstream
+  const route = ctx.route as Route
+  const upstream = route.upstream
 
   // circuit breaker (bulkhead)
   const circuit = upstream.circuit
   if (circuit !== null) {
     if (!circuit.admits()) {
-      (ctx.route as Route).stats.reject('circuit_open')
+      route.stats.reject('circuit_open')
       // Users saw an outage when failures opened it (SPEC §14); an operator's forced circuit is a mitigation.
       ctx.outage = circuit.openOnFailures
       ctx.refuse('circuit_open', undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
@@ -146,7 +147,7 @@ function guardAndForward (ctx: RequestContext): void {
     }
     const max = circuit.config.maxConcurrentRequests
     if (max > 0 && upstream.inFlight >= max) {
-      (ctx.route as Route).stats.reject('bulkhead')
+      route.stats.reject('bulkhead')
       ctx.refuse('bulkhead_full')
       return
     }
