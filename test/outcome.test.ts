@@ -282,7 +282,12 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     first.write(handshakeRequest('/ws', KEY))
     await first.until((c) => c.received.includes('\r\n\r\n'))
     t.equal(parseResponse(first.received).status, 101)
-    t.equal(parseResponse(await raw(s.proxyPort, handshakeRequest('/ws', KEY), 500)).status, 101, 'a second tunnel opens beside it')
+    const second = await WireClient.connect(s.proxyPort)
+    t.teardown(() => second.destroy())
+    second.write(handshakeRequest('/ws', KEY))
+    await second.until((c) => c.received.includes('\r\n\r\n'))
+    t.equal(parseResponse(second.received).status, 101, 'a second tunnel opens beside it')
+    t.equal(s.sidecar.dataPlane.runtime.upstreams.get('ws')?.inFlight, 0, 'the open tunnels hold no slot')
 
     const limited = await startTestSidecar(t, {
       upstreams: { stuck: { url: never.url }, ws: { url: ws.url } },
