@@ -157,12 +157,11 @@ export abstract class RequestContext {
       : error !== null
         ? ERRORS[error].cause
         : status === CLIENT_CLOSED ? 'client' : this.isFailureStatus(status) ? 'upstream' : 'ok'
+    if (this.cause !== null && !(this.cause === 'ok' && cause === 'upstream')) return
+    this.cause = cause
     this.status = status
     this.errorCode = error
     if (this.headMs < 0) this.headMs = performance.now() - this.startedAt
-    const first = this.cause === null
-    if (!first && !(this.cause === 'ok' && cause === 'upstream')) return
-    this.cause = cause
     const route = this.route
     if (route === null) return
     if (this.endpoint !== null) route.upstream.balancer.report(this.endpoint, cause, performance.now())
@@ -189,7 +188,7 @@ export abstract class RequestContext {
       dp.stats.inFlight--
       ;(route as Route).upstream.inFlight--
     }
-    if (this.cause === null) this.conclude(CLIENT_CLOSED, null)
+    if (this.cause === null) this.conclude(CLIENT_CLOSED, null) // every ending concludes first; never left undecided
     const seconds = (performance.now() - this.startedAt) / 1000
     const stats = route === null ? dp.stats.route('', '') : route.stats
     stats.record(this.status, seconds, this.source)
