@@ -249,7 +249,9 @@ t.test('metrics: circuit state gauge and rejections by route and reason', async 
   metrics = await (await fetch(`${ops}/metrics`)).text()
   t.match(metrics, /breakwater_circuit_state\{upstream="pay"\} 2/)
   t.match(metrics, /breakwater_rejections_total\{route="pay",reason="circuit_open"\} 3/)
-  t.match(metrics, /breakwater_requests_total\{route="pay",upstream="pay",code="503"\} 5/)
+  // The same status, told apart by who produced it: the upstream's two, Breakwater's three refusals.
+  t.match(metrics, /breakwater_requests_total\{route="pay",upstream="pay",code="503",source="upstream"\} 2/)
+  t.match(metrics, /breakwater_requests_total\{route="pay",upstream="pay",code="503",source="breakwater"\} 3/)
 })
 
 t.test('config: a breaker for an unknown upstream is an error naming the key', async (t) => {

@@ -25,7 +25,7 @@ t.test('/metrics is Prometheus text with Breakwater and Node process metrics', a
   t.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/)
   const text = await res.text()
   t.match(text, /^# TYPE breakwater_requests_total counter$/m)
-  t.match(text, /^breakwater_requests_total\{route="root",upstream="app",code="200"\} 1$/m)
+  t.match(text, /^breakwater_requests_total\{route="root",upstream="app",code="200",source="upstream"\} 1$/m)
   t.match(text, /^# TYPE breakwater_request_duration_seconds histogram$/m)
   t.match(text, /^breakwater_request_duration_seconds_bucket\{route="root",upstream="app",le="\+Inf"\} 1$/m)
   t.match(text, /^breakwater_request_duration_seconds_count\{route="root",upstream="app"\} 1$/m)

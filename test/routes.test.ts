@@ -164,5 +164,5 @@ t.test('the route metric label is the route\'s name, or a name derived from its 
   const routeLabels = new Set(samples.filter((s) => s.name === 'breakwater_requests_total').map((s) => s.labels.route))
   for (const label of routeLabels) t.notMatch(String(label), /\//, `route label "${String(label)}" is never a raw path`)
   const text = await (await fetch(`${ops}/metrics`)).text()
-  t.match(text, /^breakwater_requests_total\{route="orders",upstream="a",code="200"\} 2$/m, 'the exposition line as Prometheus scrapes it')
+  t.match(text, /^breakwater_requests_total\{route="orders",upstream="a",code="200",source="upstream"\} 2$/m, 'the exposition line as Prometheus scrapes it')
 })

@@ -38,28 +38,32 @@ results.push(await measure('baseline loop', (n) => { for (let i = 0; i < n; i++)
 results.push(await measure('kill switch: route without a flag', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, unguarded) ? 1 : 0 }))
 results.push(await measure('kill switch: flag lookup', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, guarded) ? 1 : 0 }))
 
-// --- circuit breaker stage, closed: admission check + opossum fire + outcome report ---
+// --- circuit breaker stage, closed: admission check + enter + the verdict counted at the end ---
 const clock = new RotationClock()
 const circuit = new Circuit('bench', { failureThreshold: 0.5, volumeThreshold: 20, rollingWindowMs: 10_000, recoveryTimeout: 30_000, maxConcurrentRequests: 0, failureStatuses: [500, 502, 503, 504] }, clock, { onTransition () {} })
-const outcome = { status: 200, clientGone: false }
-// A request stand-in: starts, and reports its outcome at once (as a response header would).
-const request = { start (settle) { if (settle !== null) circuit.report(settle, outcome) } }
+// A request stand-in: starts, and its cause is known at once (as a response head would make it).
+const request = { start () {} }
 const BATCH = 1000
 async function breakerRun (n) {
   for (let i = 0; i < n; i += BATCH) {
-    for (let j = 0; j < BATCH; j++) if (circuit.admits()) circuit.fire(request)
+    for (let j = 0; j < BATCH; j++) {
+      if (!circuit.admits()) continue
+      const pass = circuit.enter()
+      request.start()
+      if (pass !== null) circuit.settle(pass, 'ok')
+    }
     await null // let the settled promises run, as the event loop would between requests
   }
 }
 async function baselineRun (n) {
   for (let i = 0; i < n; i += BATCH) {
-    for (let j = 0; j < BATCH; j++) request.start(null)
+    for (let j = 0; j < BATCH; j++) request.start()
     await null
   }
 }
 const breakerOps = Math.min(ops, 500_000)
 results.push(await measure('breaker baseline (request started directly)', baselineRun, breakerOps))
-results.push(await measure('breaker stage, closed (admits + fire + report)', breakerRun, breakerOps))
+results.push(await measure('breaker stage, closed (admits + enter + settle)', breakerRun, breakerOps))
 circuit.shutdown()
 clock.stop()
 

@@ -46,12 +46,15 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   const { dataPlane: dp } = sources
   collectDefaultMetrics({ register: registry })
 
-  scraped(registry, 'breakwater_requests_total', 'Requests answered, by route, upstream and status code.', 'counter', () => {
+  // `source`: who produced the status (SPEC §15), so the app's error ratio needs no subtraction.
+  scraped(registry, 'breakwater_requests_total', 'Requests answered, by route, upstream, status code and who produced the status (source: upstream, breakwater).', 'counter', () => {
     const out: Sample[] = []
     for (const s of dp.stats.allRoutes()) {
       for (let code = 100; code < 600; code++) {
-        const n = s.codes[code] as number
-        if (n > 0) out.push({ labels: { route: s.route, upstream: s.upstream, code: String(code) }, value: n })
+        const fromUpstream = s.upstreamCodes[code] as number
+        if (fromUpstream > 0) out.push({ labels: { route: s.route, upstream: s.upstream, code: String(code), source: 'upstream' }, value: fromUpstream })
+        const local = s.localCodes[code] as number
+        if (local > 0) out.push({ labels: { route: s.route, upstream: s.upstream, code: String(code), source: 'breakwater' }, value: local })
       }
     }
     return out

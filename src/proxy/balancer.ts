@@ -4,7 +4,8 @@
  * - Round robin (default) or least request by the power of two choices (Envoy's
  *   `LEAST_REQUEST` with `choice_count: 2`).
  * - Passive ejection, Linkerd's failure accrual: after `consecutiveFailures` (7) failures in a
- *   row an endpoint is ejected for a penalty that doubles on each ejection from `baseMs` (1 s)
+ *   row (only `upstream` causes, SPEC §15: a client that leaves or sends what cannot be
+ *   forwarded says nothing about the endpoint, and breaks no run either) an endpoint is ejected for a penalty that doubles on each ejection from `baseMs` (1 s)
  *   to `maxMs` (1 min), with jitter; when it expires the endpoint takes real traffic again
  *   as a probe, and one success clears its record.
  * - Panic (Envoy): when fewer than `panicThresholdPercent` (50 %) of endpoints are usable,
@@ -13,6 +14,7 @@
  */
 import { Pool } from 'undici'
 import type { UpstreamConfig } from '../config/types.js'
+import type { Cause } from './context.js'
 
 export class Endpoint {
   readonly origin: string
@@ -95,9 +97,10 @@ export class Balancer {
     return best ?? all.find((e) => e !== avoid) ?? (all[0] as Endpoint)
   }
 
-  /** A response or a connection-level outcome from `endpoint`. */
-  report (endpoint: Endpoint, ok: boolean, now: number): void {
-    if (ok) {
+  /** An attempt at `endpoint` ended with `cause`: `ok` clears its record, `upstream` counts, others say nothing. */
+  report (endpoint: Endpoint, cause: Cause, now: number): void {
+    if (cause === 'client' || cause === 'breakwater') return
+    if (cause === 'ok') {
       if (endpoint.consecutiveFailures !== 0) {
         endpoint.consecutiveFailures = 0
         endpoint.ejections = 0

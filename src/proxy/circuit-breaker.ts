@@ -14,10 +14,23 @@
  * - its rolling window survives a close, so one failure after a good probe re-opens: on close,
  *   the breaker is replaced by a fresh one (fresh window);
  * - a rejected `fire()` while open still counts as a `fire` and dilutes the ratio: while open we
- *   refuse before calling opossum at all.
+ *   refuse before calling opossum at all;
+ * - every `fire()` counts in the window the moment it is called, and a call can only end in
+ *   `success` (which also closes a half-open circuit) or `failure` (which re-opens it): a client
+ *   that leaves would have to count as one or the other. So a request through a closed circuit
+ *   is fired only when its cause is known, with that verdict (an abort is never fired: it
+ *   neither counts as a success nor dilutes the ratio), and only into the breaker generation it
+ *   started under and only while that is still closed (a result from before a trip is not a
+ *   probe result, opossum #381);
+ * - a half-open probe takes opossum's single slot (`pendingClose`) when it starts, and opossum
+ *   has no call that gives the slot back: a probe that ends with neither cause (its client
+ *   left) swaps in a breaker built half-open through opossum's `state` option, so the next
+ *   request is the new probe and the circuit neither closes nor waits out another
+ *   `recoveryTimeout`.
  *
- * What counts as a failure is decided in one function, `isFailure`: connect errors, timeouts,
- * and statuses in `failureStatuses`. 4xx and client aborts never count.
+ * What a request's cause is (`ok`, `upstream`, `client`, `breakwater`) is decided once, in
+ * context.ts (SPEC §15); this file only reads it: `upstream` is a failure, `ok` a success,
+ * anything else neither. `failureStatuses` is kept here as a lookup table for that decision.
  */
 import { EventEmitter } from 'node:events'
 import CircuitBreaker from 'opossum'
@@ -30,25 +43,16 @@ export type ForcedState = 'open' | 'closed' | null
 /** Prometheus encoding of the state (SPEC §9). */
 export const STATE_VALUE: Record<CircuitState, number> = { closed: 0, 'half-open': 1, open: 2 }
 
-/** The outcome a request reports to its breaker. */
-export interface Outcome {
-  /** Response status, or 0 when the request failed before one (connect error, timeout). */
-  status: number
-  /** The client went away first: neither a success nor a failure. */
-  clientGone: boolean
-}
-
-/** One settling hook per request through a breaker. */
-export interface Settle {
-  resolve: () => void
-  reject: (err: Error) => void
-}
+/** A request's cause, as the outcome model decides it (context.ts). */
+type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
 class UpstreamFailure extends Error {
-  constructor (readonly status: number) {
-    super(status === 0 ? 'upstream failed' : `upstream answered ${status}`)
+  constructor () {
+    super('upstream failed')
   }
 }
+
+const FAILURE = new UpstreamFailure()
 
 /** Shared bucket rotation: one timer per window size for all breakers (opossum PR #809). */
 export class RotationClock {
@@ -79,14 +83,32 @@ export interface CircuitEvents {
 
 const BUCKETS = 10
 
-/** What a breaker runs: something that starts at once and reports its outcome through `settle`. */
-export interface Guarded {
-  start: (settle: Settle | null) => void
+type Breaker = CircuitBreaker<[boolean | Probe], void>
+
+/** A half-open probe in flight: opossum's pending call, settled when the probe's cause is known. */
+class Probe {
+  resolve: () => void = ignore
+  reject: (err: Error) => void = ignore
+  constructor (readonly breaker: Breaker) {}
 }
 
-/** The action opossum runs: start the request, and wait for it to report its outcome. */
-function awaitOutcome (this: unknown, guarded: Guarded): Promise<void> {
-  return new Promise<void>((resolve, reject) => guarded.start({ resolve, reject }))
+/**
+ * What a request holds while it is through the breaker: the breaker generation it started
+ * under (closed), or its probe (half-open). Opaque outside this file.
+ */
+export type Pass = Breaker | Probe
+
+/**
+ * The action opossum runs: a verdict already reached (`true`: the upstream failed), or, for a
+ * half-open probe, a promise settled when the probe ends.
+ */
+function verdict (this: unknown, arg: boolean | Probe): Promise<void> {
+  if (arg === false) return Promise.resolve()
+  if (arg === true) return Promise.reject(FAILURE)
+  return new Promise<void>((resolve, reject) => {
+    arg.resolve = resolve
+    arg.reject = reject
+  })
 }
 
 function ignore (): void {}
@@ -98,7 +120,7 @@ export class Circuit {
   forced: ForcedState = null
   /** `Date.now()` when the circuit last opened on failures. */
   openedAt = 0
-  private breaker: CircuitBreaker<[Guarded], void> | null
+  private breaker: Breaker | null
   private readonly clock: RotationClock
   private readonly events: CircuitEvents
   private readonly failureStatuses: Uint8Array
@@ -119,9 +141,10 @@ export class Circuit {
     return this.breaker !== null
   }
 
-  private create (): CircuitBreaker<[Guarded], void> {
+  /** A breaker with a fresh window; `halfOpen` builds it half-open with the probe slot free. */
+  private create (halfOpen = false): Breaker {
     const { config } = this
-    const breaker = new CircuitBreaker<[Guarded], void>(awaitOutcome, {
+    const breaker: Breaker = new CircuitBreaker(verdict, {
       name: this.upstream,
       timeout: false,
       errorThresholdPercentage: config.failureThreshold * 100 - 1e-9,
@@ -131,8 +154,10 @@ export class Circuit {
       rollingCountBuckets: BUCKETS,
       rollingPercentilesEnabled: false,
       enableSnapshots: false,
-      rotateBucketController: this.clock.emitter(Math.max(10, Math.round(config.rollingWindowMs / BUCKETS)))
-    })
+      rotateBucketController: this.clock.emitter(Math.max(10, Math.round(config.rollingWindowMs / BUCKETS))),
+      // opossum's documented way to build a breaker in a given state (it emits nothing for it).
+      state: halfOpen ? { closed: false, halfOpen: true } : undefined
+    } as CircuitBreaker.Options)
     breaker.on('open', () => {
       this.openedAt = Date.now()
       this.events.onTransition(this.upstream, 'open')
@@ -189,24 +214,46 @@ export class Circuit {
   }
 
   /**
-   * Run a request through the breaker: its `start` is called at once with the settle hook it
-   * must report its outcome to exactly once (through `report`). Forced closed bypasses opossum.
+   * A request admitted by `admits()` enters: through a closed circuit it only notes the breaker
+   * generation (nothing is counted yet); half-open, it takes the probe slot. Null when nothing
+   * will be counted (forced closed, or a manual circuit).
    */
-  fire (guarded: Guarded): void {
+  enter (): Pass | null {
     const b = this.breaker
-    if (this.forced === 'closed' || b === null) { guarded.start(null); return }
-    b.fire(guarded).catch(ignore)
+    if (this.forced === 'closed' || b === null) return null
+    if (b.closed) return b
+    const probe = new Probe(b)
+    b.fire(probe).catch(ignore)
+    return probe
   }
 
-  /** The single place that decides what is a failure. */
-  isFailure (outcome: Outcome): boolean {
-    if (outcome.clientGone) return false
-    return outcome.status === 0 || this.failureStatuses[outcome.status] === 1
+  /** The request that entered with `pass` ended with `cause`: count it, once. */
+  settle (pass: Pass, cause: Cause): void {
+    if (pass instanceof Probe) {
+      if (cause === 'ok') pass.resolve()
+      else if (cause === 'upstream') pass.reject(FAILURE)
+      else this.releaseProbe(pass)
+      return
+    }
+    // Through a closed circuit: counted now, with its verdict, if that generation is still closed.
+    if (pass !== this.breaker || !pass.closed || (cause !== 'ok' && cause !== 'upstream')) return
+    pass.fire(cause === 'upstream').catch(ignore)
   }
 
-  report (settle: Settle, outcome: Outcome): void {
-    if (this.isFailure(outcome)) settle.reject(new UpstreamFailure(outcome.status))
-    else settle.resolve()
+  /** A probe that ended with neither cause: the circuit stays half-open and the next request probes. */
+  private releaseProbe (probe: Probe): void {
+    const old = probe.breaker
+    if (old === this.breaker && old.halfOpen) {
+      this.breaker = this.create(true)
+      old.shutdown()
+    }
+    // On a shut-down breaker this settles opossum's call with no listener left to count it.
+    probe.resolve()
+  }
+
+  /** Whether `status` is in `failureStatuses` (for the outcome model's decision). */
+  isFailureStatus (status: number): boolean {
+    return this.failureStatuses[status] === 1
   }
 
   /** Failure ratio in the current window (0 when empty). */

@@ -1,29 +1,32 @@
 /**
- * The closed set of responses Breakwater generates itself, mapped to status in one table.
- * Foreign errors (undici `UND_ERR_*`, socket `E*` codes) are translated in `fromUpstreamError`,
- * the one place that knows them. README's error table is checked against `ERRORS` by a test.
+ * The closed set of responses Breakwater generates itself, mapped to status and cause (SPEC §15:
+ * who is to blame) in one table. Foreign errors (undici `UND_ERR_*`, socket `E*` codes) are
+ * translated here and nowhere else: `fromUpstreamError` (which code), `failureReason` (in words,
+ * for the 502/504 body). README's error table is checked against `ERRORS` by a test.
  */
-import type { ServerResponse } from 'node:http'
+import { STATUS_CODES, type ServerResponse } from 'node:http'
 
 export interface LocalError {
   status: number
   message: string
   /** Value of `x-breakwater-mitigation` when a mitigation caused the refusal. */
   mitigation: string | null
+  /** Whose doing the response is (SPEC §15); see context.ts for who counts which. */
+  cause: 'upstream' | 'client' | 'breakwater'
 }
 
 export const ERRORS = {
-  no_route: { status: 404, message: 'no route matches this request', mitigation: null },
-  feature_disabled: { status: 503, message: 'this feature is switched off', mitigation: 'kill-switch' },
-  circuit_open: { status: 503, message: 'the upstream circuit is open', mitigation: 'circuit-open' },
-  bulkhead_full: { status: 503, message: 'too many concurrent requests to the upstream', mitigation: 'bulkhead' },
-  overloaded: { status: 503, message: 'the sidecar is overloaded', mitigation: null },
-  upstream_unavailable: { status: 502, message: 'the upstream could not be reached', mitigation: null },
-  upstream_timeout: { status: 504, message: 'the upstream did not answer in time', mitigation: null },
-  bad_request: { status: 400, message: 'malformed request', mitigation: null },
-  headers_too_large: { status: 431, message: 'request headers too large', mitigation: null },
-  request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null },
-  fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null }
+  no_route: { status: 404, message: 'no route matches this request', mitigation: null, cause: 'breakwater' },
+  feature_disabled: { status: 503, message: 'this feature is switched off', mitigation: 'kill-switch', cause: 'breakwater' },
+  circuit_open: { status: 503, message: 'the upstream circuit is open', mitigation: 'circuit-open', cause: 'breakwater' },
+  bulkhead_full: { status: 503, message: 'too many concurrent requests to the upstream', mitigation: 'bulkhead', cause: 'breakwater' },
+  overloaded: { status: 503, message: 'the sidecar is overloaded', mitigation: null, cause: 'breakwater' },
+  upstream_unavailable: { status: 502, message: 'the upstream could not be reached', mitigation: null, cause: 'upstream' },
+  upstream_timeout: { status: 504, message: 'the upstream did not answer in time', mitigation: null, cause: 'upstream' },
+  bad_request: { status: 400, message: 'malformed request', mitigation: null, cause: 'client' },
+  headers_too_large: { status: 431, message: 'request headers too large', mitigation: null, cause: 'client' },
+  request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null, cause: 'client' },
+  fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null, cause: 'breakwater' }
 } as const satisfies Record<string, LocalError>
 
 export type ErrorCode = keyof typeof ERRORS
@@ -31,14 +34,48 @@ export type ErrorCode = keyof typeof ERRORS
 /** Codes that only happen before a request exists (the HTTP parser refused the bytes). */
 export type ClientErrorCode = 'bad_request' | 'headers_too_large' | 'request_timeout'
 
+/**
+ * undici refuses to send these because of the request itself (a header it will not forward, a
+ * body that does not match its Content-Length): the client's doing, never the upstream's.
+ */
+const REQUEST_REFUSED = new Set(['UND_ERR_INVALID_ARG', 'UND_ERR_NOT_SUPPORTED', 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH'])
+
 /** Translate an error from undici or the socket into our code. */
-export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upstream_timeout' {
+export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upstream_timeout' | 'bad_request' {
   const code = (err as { code?: string } | null)?.code
   // UND_ERR_HEADERS_TIMEOUT: the request was fully sent and no response headers came within
   // the route's timeoutMs. Connect timeouts and refused or reset connections mean the
   // upstream could not be reached at all (Envoy's UF), not that it was slow.
   if (code === 'UND_ERR_HEADERS_TIMEOUT') return 'upstream_timeout'
+  if (code !== undefined && REQUEST_REFUSED.has(code)) return 'bad_request'
   return 'upstream_unavailable'
+}
+
+/** Failures of an upstream request that undici has no error for, in the same shape. */
+export const NO_ENDPOINT = Object.assign(new Error('no endpoint available'), { code: 'BREAKWATER_NO_ENDPOINT' })
+export const INVALID_RESPONSE = Object.assign(new Error('invalid response header'), { code: 'BREAKWATER_INVALID_RESPONSE' })
+
+/** How an upstream request failed, in words for the 502/504 body ("connection refused"). */
+export function failureReason (err: unknown, timeoutMs: number): string {
+  const code = (err as { code?: string } | null)?.code
+  switch (code) {
+    case 'ECONNREFUSED': return 'connection refused'
+    case 'ECONNRESET': case 'EPIPE': case 'UND_ERR_SOCKET': return 'connection reset before a response'
+    case 'UND_ERR_CONNECT_TIMEOUT': return 'connect timed out'
+    case 'UND_ERR_HEADERS_TIMEOUT': return `no response headers within ${timeoutMs} ms`
+    case 'ENOTFOUND': case 'EAI_AGAIN': return 'host name not resolved'
+    case 'EHOSTUNREACH': case 'ENETUNREACH': return 'host unreachable'
+    case 'UND_ERR_CLOSED': case 'UND_ERR_DESTROYED': return 'connection pool closed'
+    case 'BREAKWATER_NO_ENDPOINT': return 'no endpoint available'
+    case 'BREAKWATER_INVALID_RESPONSE': return 'invalid response header'
+    default: return code === undefined ? 'request failed' : `request failed (${code})`
+  }
+}
+
+/** `upstream "app" (127.0.0.1:3000): connection refused` — which upstream failed, and how. */
+export function upstreamMessage (upstream: string, origin: string | null, reason: string): string {
+  const at = origin === null ? '' : ` (${origin.replace(/^[a-z]+:\/\//, '')})`
+  return `upstream ${JSON.stringify(upstream)}${at}: ${reason}`
 }
 
 /** Errors on which an idempotent request may be tried again: nothing reached the upstream app. */
@@ -75,10 +112,11 @@ export function sendError (res: ServerResponse, code: ErrorCode, requestId: stri
 }
 
 /** A whole raw HTTP/1.1 response for a socket that has no `ServerResponse` (parser errors, upgrades). */
-export function rawErrorResponse (code: ErrorCode, requestId = '', extra: ReadonlyArray<string> = []): string {
+export function rawErrorResponse (code: ErrorCode, requestId = '', extra: ReadonlyArray<string> = [], message?: string, status?: number): string {
   const spec: LocalError = ERRORS[code]
-  const body = errorBody(code, requestId)
-  let head = `HTTP/1.1 ${spec.status} ${STATUS_TEXT[spec.status] ?? 'Error'}\r\n` +
+  const body = errorBody(code, requestId, message)
+  const sent = status ?? spec.status
+  let head = `HTTP/1.1 ${sent} ${STATUS_CODES[sent] ?? 'Error'}\r\n` +
     'content-type: application/json; charset=utf-8\r\n' +
     `content-length: ${Buffer.byteLength(body)}\r\n` +
     `x-breakwater-error: ${code}\r\n`
@@ -86,9 +124,4 @@ export function rawErrorResponse (code: ErrorCode, requestId = '', extra: Readon
   if (requestId !== '') head += `x-request-id: ${requestId}\r\n`
   for (let i = 0; i + 1 < extra.length; i += 2) head += `${extra[i] as string}: ${extra[i + 1] as string}\r\n`
   return head + 'connection: close\r\n\r\n' + body
-}
-
-const STATUS_TEXT: Record<number, string> = {
-  400: 'Bad Request', 404: 'Not Found', 408: 'Request Timeout', 431: 'Request Header Fields Too Large',
-  502: 'Bad Gateway', 503: 'Service Unavailable', 504: 'Gateway Timeout'
 }

@@ -10,6 +10,9 @@
  * - after response headers: the client connection is destroyed — never a truncated body that
  *   looks complete;
  * - the client going away aborts the upstream request.
+ *
+ * An `Exchange` is the request's context (context.ts) from admission on; the pipeline fills in
+ * its head and route, and its endings go through the context's one outcome model.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Dispatcher } from 'undici'
@@ -18,8 +21,8 @@ import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { fromUpstreamError, isConnectFailure, sendError, type ErrorCode } from './errors.js'
-import type { Circuit, Settle } from './circuit-breaker.js'
+import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, type ErrorCode } from './errors.js'
+import { RequestContext, CLIENT_CLOSED } from './context.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
@@ -32,14 +35,11 @@ const STREAMING = 1 // response headers sent to the client
 const DISCARDING = 2 // reading a retriable 503's body before trying again
 const DONE = 3
 
-/** Client-closed-request, as nginx and Envoy log it; never sent on the wire. */
-export const CLIENT_CLOSED = 499
-
 function noop (): void {}
 
 function onResponseClose (this: Tagged): void {
   const ex = this[kExchange]
-  if (ex !== undefined && ex.state !== DONE) ex.clientGone()
+  if (ex !== undefined && ex.state !== DONE) ex.clientLeft()
 }
 
 function onResponseDrain (this: Tagged): void {
@@ -47,57 +47,40 @@ function onResponseDrain (this: Tagged): void {
   if (resume != null) resume()
 }
 
-export class Exchange implements Dispatcher.DispatchHandler {
+export class Exchange extends RequestContext implements Dispatcher.DispatchHandler {
   state = WAITING
-  /** Set by `start`: a breaker that refused to run it leaves it false. */
-  started = false
-  readonly dp: DataPlane
-  readonly route: Route
-  readonly req: IncomingMessage
+  // The forward stage runs only on a request the pipeline has normalised and routed.
+  declare route: Route
+  declare head: RequestHead
   readonly res: Tagged
-  readonly head: RequestHead
-  readonly path: string
-  readonly startedAt: number
-  endpoint: Endpoint | null = null
-  attempt = 0
-  status = 0
-  errorCode: ErrorCode | 'upstream_reset' | null = null
-  /** An injected fault this request carries (game days), for the access log. */
-  fault: 'delay' | null = null
-  /** The breaker's settle hook, until the outcome is reported. */
-  settle: Settle | null = null
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
   private drainListening = false
 
-  constructor (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number) {
-    this.dp = dp
-    this.route = route
-    this.req = req
+  constructor (dp: DataPlane, req: IncomingMessage, res: ServerResponse) {
+    super(dp, req, false)
     this.res = res as Tagged
-    this.head = head
-    this.path = path
-    this.startedAt = startedAt
   }
 
-  /** Start the exchange: pick an endpoint and dispatch. `settle` is set when a breaker watches it. */
-  start (settle: Settle | null): void {
-    this.started = true
-    this.settle = settle
+  get clientGone (): boolean {
+    return this.res.destroyed
+  }
+
+  /** Start the exchange: pick an endpoint and dispatch. */
+  start (): void {
+    this.begin()
     const res = this.res
     res[kExchange] = this
     res.on('close', onResponseClose)
     // An aborted upload emits 'error' on the request; undici reports it to us through onError.
     if (this.head.hasBody) this.req.on('error', noop)
-    this.route.upstream.inFlight++
-    this.dp.stats.inFlight++
     if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
     this.dispatch(null)
   }
 
   private dispatch (avoid: Endpoint | null): void {
     const endpoint = this.route.upstream.balancer.pick(avoid)
-    if (endpoint === null) { this.fail('upstream_unavailable'); return }
+    if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     endpoint.inFlight++
     this.attempt++
@@ -124,18 +107,12 @@ export class Exchange implements Dispatcher.DispatchHandler {
 
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
     if (this.state === DONE) return false
-    const endpoint = this.endpoint as Endpoint
-    const now = performance.now()
-    this.route.upstream.balancer.report(endpoint, statusCode < 500, now)
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
+      this.route.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
-    // The upstream's own 5xx is relayed to the client and still counted by its breaker.
-    if (this.settle !== null) this.outcome(statusCode, false)
-    this.route.stats.outcome(performance.timeOrigin + now, statusCode >= 500, now - this.startedAt)
     this.resumeUpstream = resume
-    this.status = statusCode
     const res = this.res
     try {
       res.writeHead(statusCode, responseHeaders(rawHeaders, this.dp.draining))
@@ -143,9 +120,12 @@ export class Exchange implements Dispatcher.DispatchHandler {
       // The upstream sent a header Node refuses to write (invalid characters).
       this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.route.upstream.name, err: (err as Error).message }, 'upstream response refused')
       this.abortUpstream?.()
-      this.fail('upstream_unavailable')
+      this.failUpstream(INVALID_RESPONSE)
       return false
     }
+    // The upstream's own 5xx is relayed to the client and still counted as its failure.
+    this.source = 'upstream'
+    this.conclude(statusCode, null)
     this.state = STREAMING
     return true
   }
@@ -176,18 +156,22 @@ export class Exchange implements Dispatcher.DispatchHandler {
     if (state === DONE) return
     if (state === STREAMING) {
       // Headers are out: the only honest signal left is to cut the connection.
-      this.errorCode = 'upstream_reset'
-      if (endpoint !== null) this.route.upstream.balancer.report(endpoint, false, performance.now())
+      this.conclude(this.status, 'upstream_reset')
       this.res.destroy()
       this.done()
       return
     }
-    if (endpoint !== null) this.route.upstream.balancer.report(endpoint, false, performance.now())
-    if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) { this.retry(endpoint); return }
+    // The client's upload broke off (it left): its doing, not the upstream's.
+    if (this.clientGone) { this.clientLeft(); return }
+    if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) {
+      if (endpoint !== null) this.route.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
+      this.retry(endpoint)
+      return
+    }
     if (this.dp.logger.isLevelEnabled('debug')) {
       this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
     }
-    this.fail(fromUpstreamError(err))
+    this.failUpstream(err)
   }
 
   // ---- retries ----
@@ -220,65 +204,33 @@ export class Exchange implements Dispatcher.DispatchHandler {
     this.dispatch(failed)
   }
 
-  // ---- endings ----
+  // ---- endings (the accounting is the context's `end`) ----
 
   /** The client closed its connection before the response was complete. */
-  clientGone (): void {
-    if (this.settle !== null) this.outcome(0, true)
+  override clientLeft (): void {
     const abort = this.abortUpstream
-    this.status = this.state === STREAMING ? this.status : CLIENT_CLOSED
-    this.errorCode = null
+    // After the head the upstream has answered: the cause stands (context.ts).
+    if (this.state !== STREAMING) this.conclude(CLIENT_CLOSED, null)
     this.done()
     if (abort !== null) abort()
   }
 
-  private fail (code: ErrorCode): void {
-    if (this.settle !== null) this.outcome(0, false)
-    const now = performance.now()
-    this.route.stats.outcome(performance.timeOrigin + now, true, now - this.startedAt)
-    this.errorCode = code
+  protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
     const res = this.res
-    if (!res.headersSent && !res.destroyed) {
-      sendError(res, code, this.head.requestId, this.dp.draining)
-    }
-    this.status = code === 'upstream_timeout' ? 504 : code === 'upstream_unavailable' ? 502 : 503
-    this.done()
+    if (res.headersSent || res.destroyed) return
+    // A request body we will not read must not stall the connection: close it after answering.
+    const req = this.req
+    const close = this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
+    sendError(res, code, this.requestId, close, extra, message, status)
   }
 
-  /** Report the request's outcome to its breaker, once. */
-  private outcome (status: number, clientGone: boolean): void {
-    const settle = this.settle as Settle
-    this.settle = null;
-    (this.route.upstream.circuit as Circuit).report(settle, { status, clientGone })
+  /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */
+  protected override end (): void {
+    this.state = DONE
+    super.end()
   }
 
   private done (): void {
-    this.state = DONE
-    const dp = this.dp
-    dp.stats.inFlight--
-    this.route.upstream.inFlight--
-    const seconds = (performance.now() - this.startedAt) / 1000
-    this.route.stats.record(this.status, seconds)
-    const rate = dp.accessLogRate
-    if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
-      dp.logger.info({
-        requestId: this.head.requestId,
-        method: this.req.method,
-        path: pathOnly(this.path),
-        route: this.route.name,
-        upstream: this.route.upstream.name,
-        endpoint: this.endpoint?.origin,
-        status: this.status,
-        durationMs: Math.round(seconds * 1e6) / 1e3,
-        attempts: this.attempt,
-        error: this.errorCode ?? undefined,
-        fault: this.fault ?? undefined
-      }, 'request')
-    }
+    this.end()
   }
-}
-
-function pathOnly (path: string): string {
-  const q = path.indexOf('?')
-  return q === -1 ? path : path.slice(0, q)
 }

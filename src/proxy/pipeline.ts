@@ -10,21 +10,30 @@
  *                 the upstream's circuit is open                            → 503 circuit_open
  *                 too many requests in flight to the upstream               → 503 bulkhead_full
  *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
+ *                 (a request undici will not send as it is                  → 400 bad_request)
+ *   accounting    one cause per request: ok, upstream, client, breakwater (context.ts) →
+ *                 breaker, passive ejection, route stats, trigger window, access-log line
  *
- * Each stage either hands the request on or answers it with a code from `errors.ts`. The
- * stages read plain fields of objects built when the config loaded; nothing here awaits.
+ * A WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`) runs the same stages —
+ * one path, not a copy: its context is a `Tunnel` (upgrade.ts), which forwards the handshake
+ * and splices the two sockets once the upstream answers 101.
+ *
+ * Admission creates the request's one context (an `Exchange` or a `Tunnel`); each stage fills
+ * it in and either hands it on or answers with a code from `errors.ts` (`refuse`). The stages
+ * read plain fields of objects built when the config loaded; nothing here awaits.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Duplex } from 'node:stream'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
+import type { RequestContext } from './context.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
 import { Exchange } from './forward.js'
+import { Tunnel } from './upgrade.js'
 import { killSwitchAllows } from './kill-switch.js'
 import { decideFault, ABORT, DELAY } from './fault.js'
-import type { RequestHead } from './headers.js'
 import type { FaultConfig, Listener } from '../config/types.js'
-import { ERRORS, sendError, type ErrorCode } from './errors.js'
 
 export interface PipelineOptions {
   /** Listener scheme for x-forwarded-proto. */
@@ -35,58 +44,15 @@ export interface PipelineOptions {
 
 /** The `request` listener of a proxy server. */
 export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
-  const proto = options.proto
+  const { proto, listener } = options
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
-    const startedAt = performance.now()
-
-    // admission
-    if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
-      if (dp.overload.shedding) dp.stats.overloaded.event_loop_delay++
-      else dp.stats.overloaded.max_in_flight++
-      refuse(dp, req, res, 'overloaded', null, dp.newRequestId(), startedAt)
-      return
-    }
-
-    // normalise
-    const path = normalisePath(req.url as string)
-    const head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
-    if (path === null) {
-      refuse(dp, req, res, 'bad_request', null, head.requestId, startedAt, 'invalid request target or percent-encoding')
-      return
-    }
-
-    // match route
-    const route = dp.runtime.routes.match(req.method as string, path, head.host, req, options.listener)
-    if (route === null) {
-      refuse(dp, req, res, 'no_route', null, head.requestId, startedAt)
-      return
-    }
-
-    // kill switch
-    if (!killSwitchAllows(dp.flags, route)) {
-      route.stats.reject('kill_switch')
-      refuse(dp, req, res, 'feature_disabled', route, head.requestId, startedAt)
-      return
-    }
-
-    // fault
-    const fault = decideFault(route.config.fault, dp.flags)
-    if (fault === ABORT) {
-      const cfg = route.config.fault as FaultConfig
-      route.stats.fault('abort')
-      route.stats.outcome(Date.now(), cfg.abortStatus >= 500, performance.now() - startedAt)
-      refuse(dp, req, res, 'fault_injected', route, head.requestId, startedAt, undefined, ['x-breakwater-fault', 'abort'], cfg.abortStatus)
-      return
-    }
-    if (fault === DELAY) {
-      route.stats.fault('delay')
-      res.setHeader('x-breakwater-fault', 'delay')
-      setTimeout(guardAndForward, (route.config.fault as FaultConfig).delayMs, dp, route, req, res, head, path, startedAt, 'delay')
-      return
-    }
-
-    guardAndForward(dp, route, req, res, head, path, startedAt, null)
+    run(new Exchange(dp, req, res), proto, listener)
   }
+}
+
+/** The `upgrade` listener of a proxy server: the same stages, with a `Tunnel` as the context. */
+export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener): void {
+  run(new Tunnel(dp, req, socket, head), 'http', listener)
 }
 
 /**
@@ -97,72 +63,99 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
 export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
   const proto = options.proto
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
-    const startedAt = performance.now()
-    const head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
-    new Exchange(dp, dp.runtime.routes.routes[0] as Route, req, res, head, req.url as string, startedAt).start(null)
+    const exchange = new Exchange(dp, req, res)
+    exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    exchange.route = dp.runtime.routes.routes[0] as Route
+    exchange.start()
   }
 }
 
+/** Admission to the fault stage. */
+function run (ctx: RequestContext, proto: string, listener: Listener): void {
+  const dp = ctx.dp
+  const req = ctx.req
+
+  // admission
+  if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
+    if (dp.overload.shedding) dp.stats.overloaded.event_loop_delay++
+    else dp.stats.overloaded.max_in_flight++
+    ctx.refuse('overloaded')
+    return
+  }
+
+  // normalise
+  const path = normalisePath(ctx.path)
+  const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+  if (path === null) {
+    ctx.refuse('bad_request', 'invalid request target or percent-encoding')
+    return
+  }
+  ctx.path = path
+  // Only WebSocket upgrades are tunnelled; h2c and the like are out of scope (SPEC §14).
+  if (ctx.upgrade && (!head.isWebSocket || req.method !== 'GET')) {
+    ctx.refuse('bad_request', 'only WebSocket upgrades (GET) are supported')
+    return
+  }
+
+  // match route
+  const route = ctx.route = dp.runtime.routes.match(req.method as string, path, head.host, req, listener)
+  if (route === null) {
+    ctx.refuse('no_route')
+    return
+  }
+
+  // kill switch
+  if (!killSwitchAllows(dp.flags, route)) {
+    route.stats.reject('kill_switch')
+    ctx.refuse('feature_disabled')
+    return
+  }
+
+  // fault
+  const fault = decideFault(route.config.fault, dp.flags)
+  if (fault === ABORT) {
+    route.stats.fault('abort')
+    ctx.fault = 'abort'
+    ctx.refuse('fault_injected', undefined, ['x-breakwater-fault', 'abort'], (route.config.fault as FaultConfig).abortStatus)
+    return
+  }
+  if (fault === DELAY) {
+    route.stats.fault('delay')
+    ctx.fault = 'delay'
+    // Marks every answer to the request, ours or the upstream's (a tunnel's 101 is the upstream's alone).
+    if (ctx instanceof Exchange) ctx.res.setHeader('x-breakwater-fault', 'delay')
+    setTimeout(guardAndForward, (route.config.fault as FaultConfig).delayMs, ctx)
+    return
+  }
+
+  guardAndForward(ctx)
+}
+
 /** The circuit breaker (bulkhead) stage, then forward. */
-function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number, fault: 'delay' | null): void {
-  if (res.destroyed) return // the client left during an injected delay
+function guardAndForward (ctx: RequestContext): void {
+  if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
+  const route = ctx.route as Route
+  const upstream = route.upstream
 
   // circuit breaker (bulkhead)
-  const upstream = route.upstream
   const circuit = upstream.circuit
   if (circuit !== null) {
     if (!circuit.admits()) {
       route.stats.reject('circuit_open')
       // Users saw an outage when failures opened it (SPEC §14); an operator's forced circuit is a mitigation.
-      if (circuit.openOnFailures) route.stats.outcome(Date.now(), true, -1)
-      refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
+      ctx.outage = circuit.openOnFailures
+      ctx.refuse('circuit_open', undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
       return
     }
     const max = circuit.config.maxConcurrentRequests
     if (max > 0 && upstream.inFlight >= max) {
       route.stats.reject('bulkhead')
-      refuse(dp, req, res, 'bulkhead_full', route, head.requestId, startedAt)
+      ctx.refuse('bulkhead_full')
       return
     }
+    ctx.pass = circuit.enter()
   }
 
   // forward
-  const exchange = new Exchange(dp, route, req, res, head, path, startedAt)
-  exchange.fault = fault
-  if (circuit === null) {
-    exchange.start(null)
-    return
-  }
-  circuit.fire(exchange)
-  if (!exchange.started) {
-    // opossum refused on its own (it changed state between our check and the call).
-    route.stats.reject('circuit_open')
-    refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
-  }
-}
-
-/** Answer with a local error, count it and write its access-log line. */
-export function refuse (dp: DataPlane, req: IncomingMessage, res: ServerResponse, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, message?: string, extraHeaders?: string[], statusOverride?: number): void {
-  // A request body we will not read must not stall the connection: close it after answering.
-  const close = dp.draining || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined
-  sendError(res, code, requestId, close, extraHeaders, message, statusOverride)
-  const status = statusOverride ?? ERRORS[code].status
-  const seconds = (performance.now() - startedAt) / 1000
-  const stats = route === null ? dp.stats.route('', '') : route.stats
-  stats.record(status, seconds)
-  const rate = dp.accessLogRate
-  if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
-    const url = req.url ?? ''
-    const q = url.indexOf('?')
-    dp.logger.info({
-      requestId,
-      method: req.method,
-      path: q === -1 ? url : url.slice(0, q),
-      route: route?.name,
-      upstream: route?.upstream.name,
-      status,
-      durationMs: Math.round(seconds * 1e6) / 1e3,
-      error: code
-    }, 'request')
-  }
+  ctx.start()
 }

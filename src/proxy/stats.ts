@@ -6,6 +6,7 @@
  */
 
 import { SecondWindow } from './window.js'
+import type { Source } from './context.js'
 
 /** Upper bounds in seconds of the request duration histogram. */
 export const DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30] as const
@@ -15,8 +16,10 @@ export class RouteStats {
   readonly upstream: string
   /** Per-second requests, errors and latency, for triggers and triage. */
   readonly window = new SecondWindow()
-  /** Responses by status code (index = code). */
-  readonly codes = new Float64Array(600)
+  /** Responses by status code (index = code) whose status the upstream produced... */
+  readonly upstreamCodes = new Float64Array(600)
+  /** ...and those Breakwater produced (local answers, and 499 for a client that left). */
+  readonly localCodes = new Float64Array(600)
   /** Non-cumulative bucket counts; the last slot is +Inf. */
   readonly buckets = new Float64Array(DURATION_BUCKETS.length + 1)
   sum = 0
@@ -33,8 +36,10 @@ export class RouteStats {
     this.upstream = upstream
   }
 
-  record (status: number, seconds: number): void {
-    this.codes[status < 600 && status >= 100 ? status : 599]++
+  /** One finished request: its status, by who produced it, and its duration. */
+  record (status: number, seconds: number, source: Source): void {
+    const codes = source === 'upstream' ? this.upstreamCodes : this.localCodes
+    codes[status < 600 && status >= 100 ? status : 599]++
     let i = 0
     while (i < DURATION_BUCKETS.length && seconds > (DURATION_BUCKETS[i] as number)) i++
     this.buckets[i]++
@@ -43,10 +48,11 @@ export class RouteStats {
   }
 
   /**
-   * An outcome for the trigger windows (SPEC §7): `error` is an upstream 5xx or Breakwater's
-   * 502/504 or a refusal by a circuit that failures opened; `latencyMs` is the time to response
-   * headers, or -1 for a refusal. Refusals by kill switches, forced circuits and bulkheads are
-   * never recorded: a mitigation must not keep its own trigger firing.
+   * An outcome for the trigger windows (SPEC §7, §15; context.ts decides which are recorded):
+   * `error` is an `upstream` cause or a refusal by a circuit that failures opened; `latencyMs`
+   * is the time to the response head, or -1 for a refusal. Client departures and refusals by
+   * kill switches, forced circuits and bulkheads are never recorded: a mitigation must not
+   * keep its own trigger firing, and a client must not move it either way.
    */
   outcome (nowMs: number, error: boolean, latencyMs: number): void {
     this.window.record(nowMs, error, latencyMs)

@@ -1,86 +1,98 @@
 /**
- * HTTP/1.1 Upgrade: a WebSocket handshake is routed like any request (so kill switches and
- * routes apply), sent upstream through the endpoint's pool with undici's `upgrade` option, and
- * once the upstream answers 101 the two sockets are spliced together both ways. Other
- * upgrade protocols (h2c) are refused with 400: HTTP/2 is out of scope.
+ * HTTP/1.1 Upgrade: the tunnel mechanics of a WebSocket handshake. The handshake runs the
+ * pipeline's stages like any request (pipeline.ts: admission, normalise, match, kill switch,
+ * fault, breaker and bulkhead, accounting); a `Tunnel` is its context and its forward stage: it
+ * sends the handshake through the endpoint's pool with undici's `upgrade` option, and once the
+ * upstream answers 101 it splices the two sockets together both ways.
+ *
+ * The request is the handshake: it ends (and is counted, logged, and given its cause) at the
+ * upstream's answer; the tunnel that follows is a connection, not a request, and holds no
+ * bulkhead slot. Other upgrade protocols (h2c) are refused with 400: HTTP/2 is out of scope.
  */
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { Dispatcher } from 'undici'
-import type { Listener } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
-import type { Endpoint } from './balancer.js'
-import { normalisePath } from './path.js'
-import { requestHead } from './headers.js'
-import { killSwitchAllows } from './kill-switch.js'
-import { rawErrorResponse, fromUpstreamError, type ErrorCode, ERRORS } from './errors.js'
+import type { RequestHead } from './headers.js'
+import { RequestContext, CLIENT_CLOSED } from './context.js'
+import { rawErrorResponse, NO_ENDPOINT, type ErrorCode } from './errors.js'
 
-export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener): void {
-  const startedAt = performance.now()
-  socket.on('error', () => socket.destroy())
-  const path = normalisePath(req.url as string)
-  const reqHead = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', 'http', dp.newRequestId)
-  if (path === null || !reqHead.isWebSocket || req.method !== 'GET') {
-    refuseRaw(dp, socket, 'bad_request', null, reqHead.requestId, startedAt)
-    return
-  }
-  const route = dp.runtime.routes.match('GET', path, reqHead.host, req, listener)
-  if (route === null) {
-    refuseRaw(dp, socket, 'no_route', null, reqHead.requestId, startedAt)
-    return
-  }
-  // The same stages as any request: a killed feature or an open circuit refuses the handshake.
-  if (!killSwitchAllows(dp.flags, route)) {
-    route.stats.reject('kill_switch')
-    refuseRaw(dp, socket, 'feature_disabled', route, reqHead.requestId, startedAt)
-    return
-  }
-  const circuit = route.upstream.circuit
-  if (circuit !== null && !circuit.admits()) {
-    route.stats.reject('circuit_open')
-    refuseRaw(dp, socket, 'circuit_open', route, reqHead.requestId, startedAt, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
-    return
-  }
-  const endpoint = route.upstream.balancer.pick()
-  if (endpoint === null) {
-    refuseRaw(dp, socket, 'upstream_unavailable', route, reqHead.requestId, startedAt)
-    return
-  }
-  new Tunnel(dp, route, endpoint, socket, head, reqHead.requestId, startedAt).open(path, reqHead.headers)
+/** The listener's entry for upgrades; the stages are pipeline.ts's. */
+export { handleUpgrade } from './pipeline.js'
+
+function destroy (this: Duplex): void {
+  this.destroy()
 }
 
-function refuseRaw (dp: DataPlane, socket: Duplex, code: ErrorCode, route: Route | null, requestId: string, startedAt: number, extra?: string[]): void {
-  if (socket.writable) socket.end(rawErrorResponse(code, requestId, extra))
-  else socket.destroy()
-  const stats = route === null ? dp.stats.route('', '') : route.stats
-  stats.record(ERRORS[code].status, (performance.now() - startedAt) / 1000)
-}
+/**
+ * RFC 6455 §4.1: a client sends no frames before the server's handshake answer; more than this
+ * while waiting for it is not a WebSocket client.
+ */
+const MAX_EARLY_BYTES = 64 * 1024
 
-class Tunnel implements Dispatcher.DispatchHandler {
+export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler {
+  // The forward stage runs only on a request the pipeline has normalised and routed.
+  declare route: Route
+  declare head: RequestHead
+  readonly client: Duplex
+  /**
+   * Bytes the client sent behind its handshake, until the upstream answers. The client socket
+   * is read meanwhile (a paused socket would never notice that its client left).
+   */
+  private readonly early: Buffer[]
+  private earlyBytes: number
   private abort: ((err?: Error) => void) | null = null
   private upgraded = false
   private answered = false
 
-  constructor (
-    private readonly dp: DataPlane,
-    private readonly route: Route,
-    private readonly endpoint: Endpoint,
-    private readonly client: Duplex,
-    private readonly head: Buffer,
-    private readonly requestId: string,
-    private readonly startedAt: number
-  ) {}
+  constructor (dp: DataPlane, req: IncomingMessage, client: Duplex, early: Buffer) {
+    super(dp, req, true)
+    this.client = client
+    this.early = early.length > 0 ? [early] : []
+    this.earlyBytes = early.length
+    client.on('error', destroy)
+  }
 
-  open (path: string, headers: string[]): void {
-    this.client.once('close', () => { if (!this.upgraded) this.abort?.() })
-    this.endpoint.pool.dispatch({
-      path: this.route.upstreamPath(path),
+  get clientGone (): boolean {
+    return this.client.destroyed
+  }
+
+  start (): void {
+    this.begin()
+    const endpoint = this.route.upstream.balancer.pick()
+    if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
+    this.endpoint = endpoint
+    this.attempt = 1
+    const client = this.client
+    const left = (): void => { if (!this.answered) this.clientLeft() }
+    client.once('end', left).once('close', left)
+    client.on('data', this.onClientData)
+    endpoint.pool.dispatch({
+      path: this.route.upstreamPath(this.path),
       method: 'GET',
-      headers,
+      headers: this.head.headers,
       upgrade: 'websocket',
       headersTimeout: this.route.config.timeoutMs
     }, this)
+  }
+
+  override clientLeft (): void {
+    super.clientLeft()
+    this.client.destroy()
+    this.abort?.()
+  }
+
+  private readonly onClientData = (chunk: Buffer): void => {
+    this.early.push(chunk)
+    this.earlyBytes += chunk.length
+    if (this.earlyBytes > MAX_EARLY_BYTES) this.client.destroy()
+  }
+
+  protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
+    const client = this.client
+    if (client.writable) client.end(rawErrorResponse(code, this.requestId, extra, message, status))
+    else client.destroy()
   }
 
   onConnect (abort: (err?: Error) => void): void {
@@ -92,12 +104,18 @@ class Tunnel implements Dispatcher.DispatchHandler {
     this.upgraded = true
     this.answered = true
     const client = this.client
-    if (client.destroyed) { upstream.destroy(); return }
+    if (client.destroyed) {
+      upstream.destroy()
+      this.conclude(CLIENT_CLOSED, null)
+      this.end()
+      return
+    }
     let response = `HTTP/1.1 ${statusCode} Switching Protocols\r\n`
     const raw = rawHeaders ?? []
     for (let i = 0; i < raw.length; i += 2) response += `${raw[i]?.toString()}: ${raw[i + 1]?.toString()}\r\n`
     client.write(response + '\r\n')
-    if (this.head.length > 0) upstream.write(this.head)
+    client.removeListener('data', this.onClientData)
+    for (const chunk of this.early) upstream.write(chunk)
     this.dp.tunnels.add(client)
     const end = (): void => {
       this.dp.tunnels.delete(client)
@@ -108,8 +126,9 @@ class Tunnel implements Dispatcher.DispatchHandler {
     client.on('error', end).on('close', end)
     upstream.pipe(client)
     client.pipe(upstream)
-    this.route.stats.record(statusCode, (performance.now() - this.startedAt) / 1000)
-    this.log(statusCode, null)
+    this.source = 'upstream'
+    this.conclude(statusCode, null)
+    this.end()
   }
 
   // The upstream refused the upgrade with an ordinary response: relay it, close-delimited.
@@ -123,8 +142,8 @@ class Tunnel implements Dispatcher.DispatchHandler {
       response += `${name}: ${(rawHeaders[i + 1] as Buffer).toString('latin1')}\r\n`
     }
     this.client.write(response + 'connection: close\r\n\r\n')
-    this.route.stats.record(statusCode, (performance.now() - this.startedAt) / 1000)
-    this.log(statusCode, null)
+    this.source = 'upstream'
+    this.conclude(statusCode, null)
     return true
   }
 
@@ -135,28 +154,19 @@ class Tunnel implements Dispatcher.DispatchHandler {
 
   onComplete (): void {
     this.client.end()
+    this.end()
   }
 
   onError (err: Error): void {
     if (this.upgraded) return
-    if (this.answered) { this.client.destroy(); return }
-    const code = fromUpstreamError(err)
-    refuseRaw(this.dp, this.client, code, this.route, this.requestId, this.startedAt)
-    this.log(ERRORS[code].status, code)
-  }
-
-  private log (status: number, error: string | null): void {
-    if (this.dp.accessLogRate <= 0) return
-    this.dp.logger.info({
-      requestId: this.requestId,
-      method: 'GET',
-      route: this.route.name,
-      upstream: this.route.upstream.name,
-      endpoint: this.endpoint.origin,
-      status,
-      upgrade: 'websocket',
-      durationMs: Math.round((performance.now() - this.startedAt) * 1e3) / 1e3,
-      error: error ?? undefined
-    }, 'request')
+    if (this.answered) {
+      // The upstream cut its refusal short.
+      this.conclude(this.status, 'upstream_reset')
+      this.client.destroy()
+      this.end()
+      return
+    }
+    if (this.clientGone) { this.clientLeft(); return }
+    this.failUpstream(err)
   }
 }

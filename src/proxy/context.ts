@@ -1,0 +1,228 @@
+/**
+ * One request, from admission to its accounting: the per-request object every stage of
+ * pipeline.ts reads and fills in (Envoy's StreamInfo), and the one outcome model (SPEC §15).
+ * The forward stage's `Exchange` (forward.ts) and the WebSocket `Tunnel` (upgrade.ts) are its
+ * two kinds: one object per request, created at admission.
+ *
+ * Every request ends with one cause:
+ *
+ *   ok          the upstream answered with a status outside `failureStatuses`
+ *   upstream    connect refused or reset, timeout, a status in `failureStatuses` (default 500,
+ *               502, 503, 504), a response body cut short
+ *   client      the client left before the response started, or sent a request that cannot
+ *               be forwarded (400 before any upstream contact)
+ *   breakwater  a local refusal: overload, no route, kill switch, injected fault, circuit open,
+ *               bulkhead
+ *
+ * `conclude` decides it, in one place, the moment it is known: at the response head, at a
+ * failure before it, when the client leaves first, or at a local answer. It tells the
+ * upstream's breaker and the endpoint's passive ejection then; `end` does the accounting once.
+ * Who counts what:
+ *
+ *   breaker, ejection   upstream = failure, ok = success, client and breakwater = neither
+ *                       (a client that leaves never closes a half-open circuit, never dilutes)
+ *   trigger windows     upstream = error, ok = request, client = nothing; breakwater = nothing,
+ *                       except a refusal by a circuit that failures opened (users saw an outage,
+ *                       SPEC §14) and an injected abort (a game day stands in for the upstream)
+ *   metrics, log        every request: `breakwater_requests_total{source}` says who produced the
+ *                       status, the access-log line carries `outcome`
+ *
+ * A client that leaves after the response started does not change the cause (the upstream
+ * answered); an upstream that cuts the body after a good head makes it `upstream` for ejection
+ * and accounting (the breaker has counted the head already: one result per request).
+ */
+import type { IncomingMessage } from 'node:http'
+import type { DataPlane } from './dataplane.js'
+import type { Route } from './route-table.js'
+import type { Endpoint } from './balancer.js'
+import type { RequestHead } from './headers.js'
+import type { Pass } from './circuit-breaker.js'
+import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
+
+export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
+
+/** Who produced the status a request ended with (the `source` metric label). */
+export type Source = 'upstream' | 'breakwater'
+
+/** Client-closed-request, as nginx and Envoy log it; never sent on the wire. */
+export const CLIENT_CLOSED = 499
+
+/** The local code, or `upstream_reset`: the upstream cut a response whose head was sent. */
+export type EndingError = ErrorCode | 'upstream_reset'
+
+/** `failureStatuses` of an upstream without a breaker (SPEC §4's default). */
+const DEFAULT_FAILURE_STATUSES = new Uint8Array(600)
+for (const s of [500, 502, 503, 504]) DEFAULT_FAILURE_STATUSES[s] = 1
+
+export abstract class RequestContext {
+  readonly dp: DataPlane
+  readonly req: IncomingMessage
+  /** `performance.now()` at admission. */
+  readonly startedAt: number
+  /** The request target as received; the normalised path (with its query) once normalised. */
+  path: string
+  /** Set by the normalise stage. */
+  head: RequestHead | null = null
+  /** Set by the match stage. */
+  route: Route | null = null
+  /** The endpoint of the last attempt. */
+  endpoint: Endpoint | null = null
+  attempt = 0
+  /** The status the client got (or `CLIENT_CLOSED`). */
+  status = 0
+  source: Source = 'breakwater'
+  cause: Cause | null = null
+  errorCode: EndingError | null = null
+  /** An injected fault this request carries (game days). */
+  fault: 'abort' | 'delay' | null = null
+  /** Its pass through the upstream's breaker, until the cause is known. */
+  pass: Pass | null = null
+  /** Refused by a circuit that failures opened (an error for triggers, SPEC §14). */
+  outage = false
+  /** Milliseconds from admission to the response head (ours or the upstream's); -1 before. */
+  headMs = -1
+  /** Counted in flight to the upstream (the bulkhead's count) since `begin`. */
+  started = false
+  /** A WebSocket handshake (a `Tunnel`), for the access log. */
+  readonly upgrade: boolean
+  private madeId = ''
+  private ended = false
+
+  constructor (dp: DataPlane, req: IncomingMessage, upgrade: boolean) {
+    this.dp = dp
+    this.req = req
+    this.upgrade = upgrade
+    this.startedAt = performance.now()
+    this.path = req.url as string
+  }
+
+  /** True once the client has gone away. */
+  abstract get clientGone (): boolean
+
+  /** The forward stage: send the request to the route's upstream. */
+  abstract start (): void
+
+  /** Write a locally generated response (when the client can still get one). */
+  protected abstract respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void
+
+  /** The client's `x-request-id` or ours; made here for a request refused before its head was read. */
+  get requestId (): string {
+    if (this.head !== null) return this.head.requestId
+    if (this.madeId === '') this.madeId = this.dp.newRequestId()
+    return this.madeId
+  }
+
+  /** Answer with a local response (SPEC §3's table) and end the request. */
+  refuse (code: ErrorCode, message?: string, extra?: string[], status: number = ERRORS[code].status): void {
+    this.respond(code, status, message, extra)
+    this.conclude(status, code)
+    this.end()
+  }
+
+  /**
+   * The upstream request failed before a response: 502/504 saying which upstream failed how,
+   * or 400 when undici refused to send the request itself (the client's doing).
+   */
+  failUpstream (err: unknown): void {
+    const code = fromUpstreamError(err)
+    if (code === 'bad_request') {
+      this.refuse(code, `the request cannot be forwarded: ${(err as Error).message}`)
+      return
+    }
+    const route = this.route as Route
+    this.refuse(code, upstreamMessage(route.upstream.name, this.endpoint?.origin ?? null, failureReason(err, route.config.timeoutMs)))
+  }
+
+  /** The client left before the response started. */
+  clientLeft (): void {
+    this.conclude(CLIENT_CLOSED, null)
+    this.end()
+  }
+
+  /** Count this request in flight to its upstream (the bulkhead) until it ends. */
+  protected begin (): void {
+    this.started = true
+    ;(this.route as Route).upstream.inFlight++
+    this.dp.stats.inFlight++
+  }
+
+  /**
+   * The one place a request's cause is decided (SPEC §15), from the status the client got and
+   * the local code, if any. The first call fixes it and tells the breaker and the ejection; a
+   * later one only turns an `ok` into `upstream` (a body cut short).
+   */
+  protected conclude (status: number, error: EndingError | null): void {
+    const cause: Cause = error === 'upstream_reset'
+      ? 'upstream'
+      : error !== null
+        ? ERRORS[error].cause
+        : status === CLIENT_CLOSED ? 'client' : this.isFailureStatus(status) ? 'upstream' : 'ok'
+    if (this.cause !== null && !(this.cause === 'ok' && cause === 'upstream')) return
+    this.cause = cause
+    this.status = status
+    this.errorCode = error
+    if (this.headMs < 0) this.headMs = performance.now() - this.startedAt
+    const route = this.route
+    if (route === null) return
+    if (this.endpoint !== null) route.upstream.balancer.report(this.endpoint, cause, performance.now())
+    const pass = this.pass
+    if (pass !== null) {
+      this.pass = null
+      ;(route.upstream.circuit as NonNullable<typeof route.upstream.circuit>).settle(pass, cause)
+    }
+  }
+
+  /** A status of the upstream's own: in its `failureStatuses`? */
+  private isFailureStatus (status: number): boolean {
+    const circuit = this.route?.upstream.circuit
+    return circuit != null && circuit.automatic ? circuit.isFailureStatus(status) : DEFAULT_FAILURE_STATUSES[status] === 1
+  }
+
+  /** The accounting, once per request: route stats and histogram, trigger window, access log. */
+  protected end (): void {
+    if (this.ended) return
+    this.ended = true
+    const dp = this.dp
+    const route = this.route
+    if (this.started) {
+      dp.stats.inFlight--
+      ;(route as Route).upstream.inFlight--
+    }
+    if (this.cause === null) this.conclude(CLIENT_CLOSED, null) // every ending concludes first; never left undecided
+    const seconds = (performance.now() - this.startedAt) / 1000
+    const stats = route === null ? dp.stats.route('', '') : route.stats
+    stats.record(this.status, seconds, this.source)
+    switch (this.cause) {
+      case 'ok': stats.outcome(Date.now(), false, this.headMs); break
+      case 'upstream': stats.outcome(Date.now(), true, this.headMs); break
+      case 'breakwater':
+        if (this.outage) stats.outcome(Date.now(), true, -1)
+        else if (this.fault === 'abort') stats.outcome(Date.now(), this.status >= 500, this.headMs)
+        break
+      // client: neither a request nor an error for the triggers
+    }
+    const rate = dp.accessLogRate
+    if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
+      dp.logger.info({
+        requestId: this.requestId,
+        method: this.req.method,
+        path: pathOnly(this.path),
+        route: route?.name,
+        upstream: route?.upstream.name,
+        endpoint: this.endpoint?.origin,
+        status: this.status,
+        outcome: this.cause,
+        durationMs: Math.round(seconds * 1e6) / 1e3,
+        attempts: this.attempt === 0 ? undefined : this.attempt,
+        error: this.errorCode ?? undefined,
+        fault: this.fault ?? undefined,
+        upgrade: this.upgrade ? 'websocket' : undefined
+      }, 'request')
+    }
+  }
+}
+
+function pathOnly (path: string): string {
+  const q = path.indexOf('?')
+  return q === -1 ? path : path.slice(0, q)
+}

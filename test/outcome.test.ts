@@ -1,0 +1,325 @@
+/**
+ * The one outcome model (SPEC §15): every request ends `ok`, `upstream`, `client` or
+ * `breakwater`, and only `upstream` causes count as failures for breakers, passive ejection and
+ * trigger windows. A client that leaves is neither a success nor a failure; a request undici
+ * cannot send because of the request itself is a 400 before any upstream contact; metrics say
+ * who produced each status; WebSocket handshakes run the same stages as every request.
+ */
+import t, { type Test } from 'tap'
+import { startUpstream, hang, refusedUrl, type TestUpstream } from './helpers/upstream.js'
+import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
+import { send, raw, eventually } from './helpers/http.js'
+import { WireClient, parseResponse } from './helpers/wire.js'
+import { scrape, sumOf } from './helpers/metrics.js'
+import { admin } from './helpers/admin.js'
+import { startWebSocketUpstream, handshakeRequest } from './helpers/websocket.js'
+
+const KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
+
+/** A request undici refuses to send as it is (it would otherwise reach the upstream). */
+const DUPLICATE_HOST = 'GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n'
+
+function accessLines (s: TestSidecar): Array<Record<string, unknown>> {
+  return s.logs.filter((l) => l.msg === 'request')
+}
+
+function circuitOf (s: TestSidecar, upstream: string): any {
+  return s.sidecar.dataPlane.circuit(upstream)
+}
+
+async function triggerOf (s: TestSidecar, name: string): Promise<any> {
+  s.sidecar.triggers.evaluate(Date.now())
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  return (state.body.triggers as any[]).find((x) => x.name === name)
+}
+
+/** `n` clients send `GET path` and give up once the upstream holds all their requests. */
+async function impatient (t: Test, s: TestSidecar, up: TestUpstream, path: string, n: number): Promise<void> {
+  const before = up.received.length
+  const abortedBefore = up.aborted
+  const clients = await Promise.all(Array.from({ length: n }, async () => await WireClient.connect(s.proxyPort)))
+  for (const c of clients) c.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`)
+  t.ok(await eventually(() => up.received.length === before + n, 10_000), `the upstream holds the ${n} requests`)
+  for (const c of clients) c.destroy()
+  t.ok(await eventually(() => up.aborted === abortedBefore + n, 10_000), `the ${n} aborts reached the upstream`)
+}
+
+t.test('impatient clients of a hanging upstream: their aborts are not successes, and the timeouts still open the circuit', async (t) => {
+  const up = await startUpstream(hang)
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { pay: { url: up.url } },
+    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay', timeoutMs: 300 }],
+    circuitBreakers: { pay: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: 60_000 } }
+  })
+  await impatient(t, s, up, '/pay', 12)
+  t.equal(circuitOf(s, 'pay').state, 'closed')
+  t.equal(circuitOf(s, 'pay').windowRequests, 0, 'no abort entered the breaker\'s window (none dilutes it)')
+  const patient = await Promise.all(Array.from({ length: 4 }, async () => await send(s.proxy, '/pay')))
+  t.same(patient.map((r) => r.status), [504, 504, 504, 504], 'four patient clients see the timeouts')
+  t.equal(circuitOf(s, 'pay').state, 'open', '4 timeouts of 4 counted requests open it; 12 aborts did not dilute them to 25 %')
+  const refused = await send(s.proxy, '/pay')
+  t.equal(refused.headers['x-breakwater-error'], 'circuit_open')
+  const lines = accessLines(s)
+  t.equal(lines.filter((l) => l.outcome === 'client').length, 12, 'the aborts are logged with outcome client')
+  t.ok(lines.filter((l) => l.outcome === 'client').every((l) => l.status === 499), '... and status 499')
+  t.equal(lines.filter((l) => l.outcome === 'upstream').length, 4, 'the timeouts with outcome upstream')
+})
+
+t.test('a half-open probe whose client gives up does not close the circuit: the next request is the new probe', async (t) => {
+  let mode: 'fail' | 'hang' | 'slow' = 'fail'
+  const up = await startUpstream((_req, res) => {
+    if (mode === 'hang') return
+    if (mode === 'fail') { res.writeHead(500); res.end('no'); return }
+    setTimeout(() => { if (!res.destroyed) { res.writeHead(200); res.end('ok') } }, 300)
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { pay: { url: up.url } },
+    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay' }],
+    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 200 } }
+  })
+  t.same([(await send(s.proxy, '/')).status, (await send(s.proxy, '/')).status], [500, 500])
+  t.equal(circuitOf(s, 'pay').state, 'open')
+  t.ok(await eventually(() => circuitOf(s, 'pay').state === 'half-open', 5000), 'half-open after recoveryTimeout')
+
+  mode = 'hang'
+  await impatient(t, s, up, '/probe', 1)
+  t.equal(circuitOf(s, 'pay').state, 'half-open', 'the abandoned probe neither closed nor re-opened the circuit')
+  t.notOk(s.logs.some((l) => l.event === 'circuit_closed'), 'no close was logged')
+
+  mode = 'slow'
+  const before = up.received.length
+  const probe = send(s.proxy, '/again')
+  t.ok(await eventually(() => up.received.length === before + 1, 5000), 'the next request went through as the new probe')
+  const during = await send(s.proxy, '/meanwhile')
+  t.equal(during.status, 503, 'while it is in flight, others are refused: it is the one probe')
+  t.equal(during.headers['x-breakwater-error'], 'circuit_open')
+  t.equal((await probe).status, 200)
+  t.equal(circuitOf(s, 'pay').state, 'closed', 'a good probe closes it')
+})
+
+t.test('client endings (aborts while waiting, aborted uploads, requests undici refuses) never eject an endpoint and never enter a trigger window', async (t) => {
+  const handler = (req: any, res: any): void => {
+    if ((req.url as string).startsWith('/hang')) return
+    res.writeHead(200, { 'content-type': 'text/plain' })
+    res.end('ok')
+  }
+  const a = await startUpstream(handler)
+  const b = await startUpstream(handler)
+  t.teardown(a.close)
+  t.teardown(b.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { endpoints: [a.url, b.url], ejection: { consecutiveFailures: 2 } } },
+    routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '60s', minRequests: 1, action: 'notify' }]
+  })
+  // Aborts while waiting for the response head, spread over both endpoints.
+  const clients = await Promise.all(Array.from({ length: 6 }, async () => await WireClient.connect(s.proxyPort)))
+  for (const c of clients) c.write('GET /hang HTTP/1.1\r\nHost: x\r\n\r\n')
+  t.ok(await eventually(() => a.received.length + b.received.length === 6, 10_000), 'both endpoints hold the requests')
+  for (const c of clients) c.destroy()
+  t.ok(await eventually(() => a.aborted + b.aborted === 6, 10_000))
+  // Uploads the clients abandon half-way.
+  const uploads = await Promise.all(Array.from({ length: 4 }, async () => await WireClient.connect(s.proxyPort)))
+  for (const c of uploads) c.write('POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + 'x'.repeat(1000))
+  t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 4, 10_000), 'the uploads are in flight')
+  for (const c of uploads) c.destroy()
+  t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000))
+  // Requests undici will not send as they are.
+  for (let i = 0; i < 6; i++) t.equal(parseResponse(await raw(s.proxyPort, DUPLICATE_HOST)).status, 400)
+  // Then three good requests.
+  for (let i = 0; i < 3; i++) t.equal((await send(s.proxy, '/ok')).status, 200)
+
+  const samples = await scrape(s.ops)
+  t.equal(sumOf(samples, 'breakwater_ejections_total', { upstream: 'app' }), 0, 'no endpoint was ejected')
+  t.equal(sumOf(samples, 'breakwater_upstream_endpoints', { upstream: 'app', state: 'ready' }), 2, 'both endpoints ready')
+  const trigger = await triggerOf(s, 'errors')
+  t.equal(trigger.requests, 3, 'the window holds only the three requests the upstream answered')
+  t.equal(trigger.errors, 0, 'and no error')
+  t.equal(accessLines(s).filter((l) => l.outcome === 'client').length, 16, 'the 16 client endings are logged as such')
+})
+
+t.test('a request undici refuses because of the request itself: 400 bad_request, no upstream contact, circuit and window untouched', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { volumeThreshold: 5 } },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '60s', minRequests: 1, action: 'notify' }]
+  })
+  for (let i = 0; i < 25; i++) {
+    const res = parseResponse(await raw(s.proxyPort, DUPLICATE_HOST))
+    t.equal(res.status, 400)
+    t.equal(res.headers['x-breakwater-error'], 'bad_request')
+    t.equal((JSON.parse(res.body) as { error: string }).error, 'bad_request')
+  }
+  t.equal(up.received.length, 0, 'the upstream saw none of them')
+  t.equal(circuitOf(s, 'app').state, 'closed', '25 refused requests did not open the circuit')
+  t.equal(circuitOf(s, 'app').windowRequests, 0, 'nor entered its window')
+  const trigger = await triggerOf(s, 'errors')
+  t.equal(trigger.requests, 0, 'nor the trigger window')
+  t.equal(trigger.value, null)
+  const samples = await scrape(s.ops)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { route: 'app', code: '400', source: 'breakwater' }), 25, 'counted as our 400s')
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '502' }), 0, 'never a 502')
+  t.ok(accessLines(s).every((l) => l.outcome === 'client' && l.error === 'bad_request'), 'logged as the client\'s doing')
+  t.equal((await send(s.proxy, '/fine')).status, 200, 'a good request goes through')
+})
+
+t.test('breakwater_requests_total says who produced the status: source="upstream" or "breakwater"', async (t) => {
+  const up = await startUpstream((req, res) => {
+    res.writeHead(req.url === '/busy' ? 503 : 200, { 'content-type': 'text/plain' })
+    res.end('answer')
+  })
+  t.teardown(up.close)
+  const down = await refusedUrl()
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url }, gone: { url: down } },
+    routes: [
+      { name: 'off', match: { pathPrefix: '/off' }, upstream: 'app', killSwitch: 'offFeature' },
+      { name: 'gone', match: { pathPrefix: '/gone' }, upstream: 'gone' },
+      { name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { offFeature: false }
+  })
+  t.equal((await send(s.proxy, '/busy')).status, 503)
+  t.equal((await send(s.proxy, '/fine')).status, 200)
+  t.equal((await send(s.proxy, '/off')).status, 503)
+  t.equal((await send(s.proxy, '/gone')).status, 502)
+  const samples = await scrape(s.ops)
+  const of = (labels: Record<string, string>): number => sumOf(samples, 'breakwater_requests_total', labels)
+  t.equal(of({ route: 'app', code: '503', source: 'upstream' }), 1, 'the app\'s own 503')
+  t.equal(of({ route: 'app', code: '200', source: 'upstream' }), 1)
+  t.equal(of({ route: 'off', code: '503', source: 'breakwater' }), 1, 'a kill switch\'s 503 is ours')
+  t.equal(of({ route: 'gone', code: '502', source: 'breakwater' }), 1, 'so is a 502')
+  t.equal(of({ route: 'app', source: 'breakwater' }), 0)
+  const sources = new Set(samples.filter((x) => x.name === 'breakwater_requests_total').map((x) => x.labels.source))
+  t.same([...sources].sort(), ['breakwater', 'upstream'], 'the label has two values')
+})
+
+t.test('502 and 504 bodies say which upstream failed, where, and how', async (t) => {
+  const down = await refusedUrl()
+  const up = await startUpstream(hang)
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: down }, slow: { url: up.url } },
+    routes: [
+      { name: 'slow', match: { pathPrefix: '/slow' }, upstream: 'slow', timeoutMs: 200 },
+      { name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }
+    ]
+  })
+  const refused = await send(s.proxy, '/x')
+  t.equal(refused.status, 502)
+  const body = refused.json<{ error: string, message: string, requestId: string }>()
+  t.same(Object.keys(body).sort(), ['error', 'message', 'requestId'], 'the JSON shape of SPEC §3')
+  t.equal(body.error, 'upstream_unavailable')
+  t.equal(body.message, `upstream "app" (${down.replace('http://', '')}): connection refused`)
+  const slow = await send(s.proxy, '/slow')
+  t.equal(slow.status, 504)
+  t.equal(slow.json<{ error: string }>().error, 'upstream_timeout')
+  t.equal(slow.json<{ message: string }>().message, `upstream "slow" (127.0.0.1:${up.port}): no response headers within 200 ms`)
+})
+
+t.test('WebSocket handshakes run the same stages as every request', async (t) => {
+  t.test('a killed route: 503 feature_disabled, counted and logged like an HTTP request', async (t) => {
+    const ws = await startWebSocketUpstream()
+    t.teardown(ws.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { ws: { url: ws.url } },
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws', killSwitch: 'enableChat' }],
+      featureFlags: { enableChat: false }
+    })
+    const res = parseResponse(await raw(s.proxyPort, handshakeRequest('/ws', KEY, ['x-request-id: ws-killed'])))
+    t.equal(res.status, 503)
+    t.equal(res.headers['x-breakwater-error'], 'feature_disabled')
+    t.equal(ws.handshakes.length, 0)
+    const samples = await scrape(s.ops)
+    t.equal(sumOf(samples, 'breakwater_requests_total', { route: 'chat', code: '503', source: 'breakwater' }), 1, 'counted')
+    t.equal(sumOf(samples, 'breakwater_rejections_total', { route: 'chat', reason: 'kill_switch' }), 1, 'as a kill-switch rejection')
+    const line = accessLines(s).find((l) => l.requestId === 'ws-killed')
+    t.ok(line, 'one access-log line')
+    t.equal(line?.status, 503)
+    t.equal(line?.error, 'feature_disabled')
+    t.equal(line?.outcome, 'breakwater')
+    t.equal(line?.route, 'chat')
+    t.equal(line?.upgrade, 'websocket')
+  })
+
+  t.test('the bulkhead and the admission limit refuse a handshake like any request; an open tunnel holds no slot', async (t) => {
+    const never = await startUpstream(hang)
+    t.teardown(never.close)
+    const ws = await startWebSocketUpstream()
+    t.teardown(ws.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { stuck: { url: never.url }, ws: { url: ws.url } },
+      routes: [
+        { name: 'stuck', match: { pathPrefix: '/stuck' }, upstream: 'stuck' },
+        { name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }
+      ],
+      circuitBreakers: { stuck: { maxConcurrentRequests: 1 }, ws: { maxConcurrentRequests: 1 } }
+    })
+    const waiting = await WireClient.connect(s.proxyPort)
+    t.teardown(() => waiting.destroy())
+    waiting.write(handshakeRequest('/stuck', KEY, ['x-request-id: ws-waiting']))
+    t.ok(await eventually(() => never.received.length === 1, 5000), 'a handshake the upstream never answers is in flight')
+    const full = parseResponse(await raw(s.proxyPort, handshakeRequest('/stuck', KEY)))
+    t.equal(full.status, 503)
+    t.equal(full.headers['x-breakwater-error'], 'bulkhead_full', 'a second handshake is refused by the bulkhead')
+    t.equal(full.headers['x-breakwater-mitigation'], 'bulkhead')
+    t.equal(never.received.length, 1, 'and never reached the upstream')
+    const samples = await scrape(s.ops)
+    t.equal(sumOf(samples, 'breakwater_rejections_total', { route: 'stuck', reason: 'bulkhead' }), 1)
+    waiting.destroy()
+    t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 5000), 'the abandoned handshake left the bulkhead')
+    t.ok(await eventually(() => accessLines(s).some((l) => l.requestId === 'ws-waiting')), 'and was logged')
+    t.equal(accessLines(s).find((l) => l.requestId === 'ws-waiting')?.outcome, 'client', 'as the client\'s doing')
+
+    // A handshake holds a slot until the upstream answers; the tunnel after it is a connection, not a request.
+    const first = await WireClient.connect(s.proxyPort)
+    t.teardown(() => first.destroy())
+    first.write(handshakeRequest('/ws', KEY))
+    await first.until((c) => c.received.includes('\r\n\r\n'))
+    t.equal(parseResponse(first.received).status, 101)
+    const second = await WireClient.connect(s.proxyPort)
+    t.teardown(() => second.destroy())
+    second.write(handshakeRequest('/ws', KEY))
+    await second.until((c) => c.received.includes('\r\n\r\n'))
+    t.equal(parseResponse(second.received).status, 101, 'a second tunnel opens beside it')
+    t.equal(s.sidecar.dataPlane.runtime.upstreams.get('ws')?.inFlight, 0, 'the open tunnels hold no slot')
+
+    const limited = await startTestSidecar(t, {
+      upstreams: { stuck: { url: never.url }, ws: { url: ws.url } },
+      routes: [
+        { name: 'stuck', match: { pathPrefix: '/stuck' }, upstream: 'stuck' },
+        { name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }
+      ],
+      limits: { maxInFlight: 1 }
+    })
+    const plain = await WireClient.connect(limited.proxyPort)
+    t.teardown(() => plain.destroy())
+    plain.write('GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n')
+    t.ok(await eventually(() => limited.sidecar.dataPlane.stats.inFlight === 1, 5000), 'one plain request in flight')
+    const shed = parseResponse(await raw(limited.proxyPort, handshakeRequest('/ws', KEY)))
+    t.equal(shed.status, 503)
+    t.equal(shed.headers['x-breakwater-error'], 'overloaded', 'admission refuses the handshake')
+  })
+
+  t.test('the breaker counts handshakes: refused upgrades with a failure status open it', async (t) => {
+    const ws = await startWebSocketUpstream({ refuse: 503 })
+    t.teardown(ws.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { ws: { url: ws.url } },
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }],
+      circuitBreakers: { ws: { volumeThreshold: 2, recoveryTimeout: 60_000 } }
+    })
+    for (let i = 0; i < 2; i++) t.equal(parseResponse(await raw(s.proxyPort, handshakeRequest('/ws', KEY))).status, 503, 'the upstream refuses with 503')
+    t.equal(circuitOf(s, 'ws').state, 'open', 'two failed handshakes opened the circuit')
+    const refused = parseResponse(await raw(s.proxyPort, handshakeRequest('/ws', KEY)))
+    t.equal(refused.headers['x-breakwater-error'], 'circuit_open')
+    t.equal(ws.handshakes.length, 2, 'the third never reached the upstream')
+    const lines = accessLines(s)
+    t.same(lines.map((l) => l.outcome), ['upstream', 'upstream', 'breakwater'], 'each handshake logged with its cause')
+  })
+})
