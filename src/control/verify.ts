@@ -30,7 +30,8 @@ export interface Incident {
   detectedAt: string
   mitigatedAt: string | null
   restoredAt: string | null
-  mitigation: { id: string, action: string } | null
+  /** `status`: a rollback's `running` → `succeeded` | `failed`; `active` for the others. */
+  mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
   checks: {
@@ -105,17 +106,39 @@ export class Verifier {
     return incident
   }
 
-  /** A mitigation was applied: verify that it restored service. */
-  mitigated (record: MitigationRecord, at = Date.now()): Incident {
+  /** The open incident a mitigation belongs to (its trigger's, or the one it already joined), opened if none. */
+  private incidentOf (record: MitigationRecord, at: number): { incident: Incident, trigger: TriggerConfig | null } {
     const triggerName = record.source.startsWith('trigger:') ? record.source.slice(8) : null
     const trigger = triggerName === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === triggerName) ?? null
-    let incident = triggerName === null ? undefined : this.incidents.find((i) => i.trigger === triggerName && (i.status === 'detected' || i.status === 'verifying'))
+    let incident = this.incidents.find((i) => i.mitigation?.id === record.id)
+    if (incident === undefined && triggerName !== null) incident = this.incidents.find((i) => i.trigger === triggerName && (i.status === 'detected' || i.status === 'verifying'))
     incident ??= this.open(triggerName, { route: trigger?.route ?? null, upstream: trigger?.upstream ?? null }, at)
+    return { incident, trigger }
+  }
+
+  /** A rollback started (it runs in the background): the incident shows it, not yet verified. */
+  mitigationStarted (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident } = this.incidentOf(record, at)
+    incident.mitigation = { id: record.id, action: record.action, status: record.status }
+    return incident
+  }
+
+  /** A rollback's action failed: the incident stays open, and says so. */
+  mitigationFailed (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident } = this.incidentOf(record, at)
+    incident.mitigation = { id: record.id, action: record.action, status: record.status, error: record.error ?? null }
+    this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'mitigation_failed', mitigation: record.id, action: record.action, error: record.error }, 'the mitigation failed; the incident stays open')
+    return incident
+  }
+
+  /** A mitigation was applied: verify that it restored service. */
+  mitigated (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident, trigger } = this.incidentOf(record, at)
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
     incident.mitigatedAt = new Date(at).toISOString()
-    incident.mitigation = { id: record.id, action: record.action }
+    incident.mitigation = { id: record.id, action: record.action, status: record.status }
     incident.timeToMitigateSeconds = round((at - Date.parse(incident.detectedAt)) / 1000)
     incident.checks.syntheticPassesInARow = 0
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'mitigated', mitigation: record.id, action: record.action, timeToMitigateSeconds: incident.timeToMitigateSeconds }, 'incident mitigated; verifying restoration')
