@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import type { AddressInfo } from 'node:net'
-import type { Server } from 'node:http'
+import type { IncomingMessage, Server } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
 import type { Config } from './config/types.js'
@@ -13,6 +13,7 @@ import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
+import { normalisePath } from './proxy/path.js'
 import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
@@ -136,6 +137,13 @@ export class Sidecar {
         if (r === undefined) return false
         const key = r.config.killSwitch
         return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
+      },
+      routeOf: (method, path, host) => {
+        const normalised = normalisePath(path)
+        const probeHost = host ?? new URL(this.addresses.proxy).host
+        const headers = { host: probeHost, 'user-agent': 'breakwater-verify' }
+        const r = normalised === null ? null : dp.runtime.routes.match(method, normalised, probeHost, { headers } as unknown as IncomingMessage)
+        return r === null ? null : { route: r.name }
       },
       notifier: this.notifier,
       logger: this.logger
