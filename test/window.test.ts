@@ -106,6 +106,29 @@ t.test('running sums agree exactly with a brute-force recount, over many window 
   t.equal(summed.errors, want.errors)
 })
 
+t.test('a trigger evaluation costs the same for a 1-hour window as for a 10-second one: a few buckets per second, not the window', async (t) => {
+  /** Counts the buckets a reader touches. */
+  class Counting extends SecondWindow {
+    touched = 0
+    override addUnit (unitSeconds: 1 | 60, u: number, into: WindowSums, sign: 1 | -1): void {
+      this.touched++
+      super.addUnit(unitSeconds, u, into, sign)
+    }
+  }
+  for (const windowMs of [10_000, 600_000, 3_600_000]) {
+    const w = new Counting()
+    const rs = new RunningSum(windowMs, true)
+    const start = 1_764_000_000
+    const reads = 2 * 3600
+    for (let sec = start; sec < start + reads; sec++) {
+      w.record(sec * 1000 + 500, sec % 7 === 0, 20)
+      rs.read([w], sec * 1000 + 999, emptySums(true))
+    }
+    const perRead = w.touched / reads
+    t.ok(perRead <= 4, `${windowMs / 1000}s window: ${perRead.toFixed(2)} buckets per evaluation on average (a re-sum would touch ${Math.min(windowMs / 1000, 3600)})`)
+  }
+})
+
 t.test('memory per route is small and fixed; a route without traffic holds none; a reload that removes a route frees its window', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
