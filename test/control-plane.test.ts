@@ -91,6 +91,11 @@ t.test('while a rollback webhook hangs, kill, restore, circuit and lift are answ
   t.equal(restore.status, 200, 'restore answered while the rollback hangs')
   t.equal((await send(s.proxy, '/search')).status, 200)
 
+  // This sidecar was not started from a file, so a reload is refused — but answered, not queued.
+  const reload = await admin(s.admin, 'POST', '/v1/reload', { reason: 'reload while the rollback hangs' })
+  t.equal(reload.status, 422, 'reload answered while the rollback hangs')
+  t.ok((await admin(s.admin, 'GET', '/v1/audit?limit=1')).body.entries[0].action === 'config.reload', 'and audited')
+
   const again = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'again' })
   t.equal(again.status, 409, 'two rollbacks never run at once: the second is refused')
   t.equal(again.body.error, 'rollback_in_progress')
