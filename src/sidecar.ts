@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import type { AddressInfo } from 'node:net'
-import type { Server } from 'node:http'
+import type { IncomingMessage, Server } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
 import type { Config } from './config/types.js'
@@ -13,15 +13,17 @@ import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
+import { normalisePath } from './proxy/path.js'
 import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
-import { resolveAdminToken, isLoopback, type AdminToken } from './control/token.js'
+import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
+import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
 import { Notifier } from './control/notify.js'
-import { TriggerEngine } from './control/triggers.js'
+import { TriggerEngine, releaseRemovedWindows } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier } from './control/verify.js'
 import { triage } from './control/triage.js'
@@ -64,6 +66,7 @@ export class Sidecar {
   readonly triggers: TriggerEngine
   readonly verifier: Verifier
   adminToken: AdminToken | null = null
+  private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
   private readonly proxy: ProxyServer
@@ -106,13 +109,15 @@ export class Sidecar {
     }, this.logger)
     this.notifier = new Notifier(() => this.config.notifications, this.logger)
     this.control.onMitigation = (kind, record) => {
+      // A started rollback is announced once it ends (applied or failed).
+      if (kind === 'started') return
       this.notifier.notify({
-        kind: kind === 'applied' ? 'mitigation_applied' : 'mitigation_lifted',
+        kind: `mitigation_${kind}`,
         service: this.config.service,
         version: this.config.version,
         trigger: record.source.startsWith('trigger:') ? record.source.slice(8) : null,
-        summary: `${record.action} ${kind === 'applied' ? 'applied' : 'lifted'}: ${record.targets.join(', ')} — ${kind === 'applied' ? record.reason : record.liftReason ?? ''}`,
-        details: { id: record.id, action: record.action, targets: record.targets.join(', '), source: record.source },
+        summary: `${record.action} ${kind}: ${record.targets.join(', ')} — ${kind === 'lifted' ? record.liftReason ?? '' : kind === 'failed' ? record.error ?? '' : record.reason}`,
+        details: { id: record.id, action: record.action, targets: record.targets.join(', '), source: record.source, status: record.status },
         time: new Date().toISOString()
       })
     }
@@ -133,6 +138,13 @@ export class Sidecar {
         const key = r.config.killSwitch
         return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
       },
+      routeOf: (method, path, host) => {
+        const normalised = normalisePath(path)
+        const probeHost = host ?? new URL(this.addresses.proxy).host
+        const headers = { host: probeHost, 'user-agent': 'breakwater-verify' }
+        const r = normalised === null ? null : dp.runtime.routes.match(method, normalised, probeHost, { headers } as unknown as IncomingMessage, 'proxy')
+        return r === null ? null : { route: r.name }
+      },
       notifier: this.notifier,
       logger: this.logger
     })
@@ -141,6 +153,8 @@ export class Sidecar {
     this.control.onMitigation = (kind, record) => {
       notifyMitigation(kind, record)
       if (kind === 'applied') this.verifier.mitigated(record)
+      else if (kind === 'started') this.verifier.mitigationStarted(record)
+      else if (kind === 'failed') this.verifier.mitigationFailed(record)
     }
     this.admin = createAdminServer({
       control: this.control,
@@ -158,6 +172,8 @@ export class Sidecar {
     if (!isLoopback(listen.admin.host) && (this.options.adminToken ?? '') === '' && this.config.admin.tokenFile === null) {
       throw new StartupError(`listen.admin: ${listen.admin.host} is not a loopback address; set BREAKWATER_ADMIN_TOKEN or admin.tokenFile to expose the admin API`)
     }
+    // One sidecar per state dir, before anything in it is read or written.
+    await this.lockStateDir()
     // Flags first, then persisted overrides and forced circuits: no request may be served
     // before the kill switches that are in force are known.
     await this.flags.start(this.config)
@@ -172,7 +188,9 @@ export class Sidecar {
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
-    const token = this.adminToken as AdminToken
+    // Only now, with every listener bound, may a generated token replace the file.
+    this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
+    const token = this.adminToken
     if (token.origin === 'generated') {
       if (token.written) this.logger.info({ event: 'admin_token', path: token.path }, 'admin token generated; read it from this file')
       else this.logger.warn({ event: 'admin_token', path: token.path }, 'admin token generated but could not be written (stateDir unwritable); set BREAKWATER_ADMIN_TOKEN to use the admin API')
@@ -182,6 +200,18 @@ export class Sidecar {
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
+  }
+
+  private async lockStateDir (): Promise<void> {
+    try {
+      this.stateLock = await lockStateDir(this.config.stateDir)
+    } catch (err) {
+      throw err instanceof StateDirLocked ? new StartupError(err.message) : err
+    }
+    const lock = this.stateLock
+    if (!lock.held) this.logger.warn({ event: 'state_lock', path: lock.path }, 'cannot lock stateDir (unwritable); another sidecar on this config would not be detected')
+    if (lock.takenOverFrom !== null) this.logger.info({ event: 'state_lock', path: lock.path, staleOwner: lock.takenOverFrom }, 'stale stateDir lock of a stopped sidecar taken over')
+    if (lock.removed.length > 0) this.logger.info({ event: 'state_temp_removed', files: lock.removed }, 'stale temp files of a stopped sidecar removed')
   }
 
   /** The body of `GET /v1/state`. */
@@ -225,6 +255,7 @@ export class Sidecar {
       circuits,
       upstreams,
       mitigations: this.control.activeMitigations(),
+      rollbacks: this.control.mitigations.rollbacks(5),
       triggers: this.triggers.status(),
       incidents: this.verifier.incidents.slice(0, 10)
     }
@@ -257,6 +288,7 @@ export class Sidecar {
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
+    releaseRemovedWindows(this.dataPlane.stats.allRoutes(), next.routes)
     this.control.noteConfig()
   }
 
@@ -323,7 +355,8 @@ export class Sidecar {
     }
     await this.dataPlane.destroy()
     await this.flags.close()
-    this.control.stop()
+    await this.control.stop()
+    await this.stateLock?.release()
     this.triggers.stop()
     this.verifier.stop()
     this.notifier.stop()

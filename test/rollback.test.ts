@@ -6,8 +6,18 @@ import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
+import { eventually } from './helpers/http.js'
 import { resolveConfig } from '../src/config/load.js'
 import { idempotencyKey } from '../src/control/rollback.js'
+
+/** Start a rollback (202, running) and wait for it to end. */
+async function rollbackAndWait (base: string, reason: string): Promise<{ status: number, body: any }> {
+  const started = await admin(base, 'POST', '/v1/mitigations', { action: 'rollback', reason })
+  if (started.status !== 202) return started
+  // Its audit line is the last thing a rollback writes.
+  await eventually(async () => (await admin(base, 'GET', '/v1/audit?limit=5')).body.entries.some((e: any) => e.action === 'mitigation.rollback.result' && e.id === started.body.id), 30_000)
+  return { status: started.status, body: (await admin(base, 'GET', `/v1/mitigations/${started.body.id as string}`)).body }
+}
 
 function config (url: string, rollback: Record<string, unknown> | undefined, version = '2.4.1'): Record<string, unknown> {
   return {
@@ -25,10 +35,11 @@ t.test('webhook rollback: POST with service, version, trigger, reason and an Ide
   const receiver = await startReceiver([202])
   t.teardown(receiver.close)
   const s = await startTestSidecar(t, config(up.url, { type: 'webhook', url: `${receiver.url}/rollback`, headers: { 'x-cd-token': 'abc' } }))
-  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'errors after 2.4.1' })
-  t.equal(m.status, 201)
+  const m = await rollbackAndWait(s.admin, 'errors after 2.4.1')
+  t.equal(m.status, 202)
   t.equal(m.body.action, 'rollback')
   t.same(m.body.targets, ['2.4.1'])
+  t.equal(m.body.status, 'succeeded')
   t.equal(m.body.result.ok, true)
   t.equal(receiver.deliveries.length, 1)
   const d = receiver.deliveries[0]
@@ -41,8 +52,9 @@ t.test('webhook rollback: POST with service, version, trigger, reason and an Ide
   t.equal(again.status, 409)
   t.equal(again.body.error, 'already_rolled_back')
   t.equal(receiver.deliveries.length, 1)
-  const audit = await admin(s.admin, 'GET', '/v1/audit?limit=1')
-  t.match(audit.body.entries[0], { action: 'mitigation.rollback', result: 'applied', targets: ['2.4.1'] })
+  const audit = await admin(s.admin, 'GET', '/v1/audit?limit=3')
+  t.match(audit.body.entries.find((e: any) => e.action === 'mitigation.rollback'), { result: 'running', targets: ['2.4.1'] })
+  t.match(audit.body.entries.find((e: any) => e.action === 'mitigation.rollback.result'), { result: 'succeeded', targets: ['2.4.1'] })
 })
 
 t.test('webhook rollback is retried with backoff on 5xx, with the same Idempotency-Key; a 4xx is not retried', async (t) => {
@@ -51,8 +63,8 @@ t.test('webhook rollback is retried with backoff on 5xx, with the same Idempoten
   const receiver = await startReceiver([503, 500, 200])
   t.teardown(receiver.close)
   const s = await startTestSidecar(t, config(up.url, { type: 'webhook', url: receiver.url, retries: 3 }))
-  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'flaky receiver' })
-  t.equal(m.status, 201)
+  const m = await rollbackAndWait(s.admin, 'flaky receiver')
+  t.equal(m.body.status, 'succeeded')
   t.equal(m.body.result.attempts, 3)
   t.equal(receiver.deliveries.length, 3)
   t.equal(new Set(receiver.deliveries.map((d) => d.headers['idempotency-key'])).size, 1, 'one key for every retry')
@@ -62,11 +74,11 @@ t.test('webhook rollback is retried with backoff on 5xx, with the same Idempoten
   const refusing = await startReceiver([400])
   t.teardown(refusing.close)
   const s2 = await startTestSidecar(t, config(up.url, { type: 'webhook', url: refusing.url, retries: 3 }))
-  const failed = await admin(s2.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
-  t.equal(failed.status, 502)
-  t.equal(failed.body.error, 'rollback_failed')
+  const failed = await rollbackAndWait(s2.admin, 'x')
+  t.equal(failed.body.status, 'failed')
+  t.match(failed.body.error, /the rollback action failed: status 400/)
   t.equal(refusing.deliveries.length, 1, 'a 4xx is final')
-  t.equal(failed.body.mitigation.result.status, 400)
+  t.equal(failed.body.result.status, 400)
 })
 
 t.test('rollback cooldown: one rollback per cooldown, even for a new version', async (t) => {
@@ -76,7 +88,7 @@ t.test('rollback cooldown: one rollback per cooldown, even for a new version', a
   t.teardown(receiver.close)
   const rollback = { type: 'webhook', url: receiver.url, cooldown: '10m' }
   const s = await startTestSidecar(t, config(up.url, rollback, '1.0.0'))
-  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'first' })).status, 201)
+  t.equal((await rollbackAndWait(s.admin, 'first')).body.status, 'succeeded')
   const { config: next } = resolveConfig({ stateDir: s.stateDir, ...config(up.url, rollback, '0.9.9') })
   await s.sidecar.apply(next)
   const second = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'second' })
@@ -94,26 +106,26 @@ t.test('exec rollback runs the argv with BREAKWATER_* in its environment; failur
   const out = join(dir, 'env.json')
   const script = `require('fs').writeFileSync(${JSON.stringify(out)}, JSON.stringify({ service: process.env.BREAKWATER_SERVICE, version: process.env.BREAKWATER_VERSION, trigger: process.env.BREAKWATER_TRIGGER, argv: process.argv.slice(1) }))`
   const s = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', script, 'undo'] }))
-  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })
-  t.equal(m.status, 201)
+  const m = await rollbackAndWait(s.admin, 'bad release')
+  t.equal(m.body.status, 'succeeded')
   t.equal(m.body.result.exitCode, 0)
   t.same(JSON.parse(readFileSync(out, 'utf8')), { service: 'checkout', version: '2.4.1', trigger: '', argv: ['undo'] })
 
   const failing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'console.error("kubectl: no such deployment"); process.exit(3)'] }))
-  const f = await admin(failing.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
-  t.equal(f.status, 502)
-  t.equal(f.body.mitigation.result.exitCode, 3)
-  t.match(f.body.mitigation.result.output, /no such deployment/)
+  const f = await rollbackAndWait(failing.admin, 'x')
+  t.equal(f.body.status, 'failed')
+  t.equal(f.body.result.exitCode, 3)
+  t.match(f.body.result.output, /no such deployment/)
 
   const slow = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'setTimeout(() => {}, 60000)'], timeoutMs: 300 }))
   const started = Date.now()
-  const timedOut = await admin(slow.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })
-  t.equal(timedOut.status, 502)
-  t.match(timedOut.body.mitigation.result.error, /killed/)
+  const timedOut = await rollbackAndWait(slow.admin, 'x')
+  t.equal(timedOut.body.status, 'failed')
+  t.match(timedOut.body.result.error, /killed/)
   t.ok(Date.now() - started < 5000, 'the command was killed at its timeout')
 
   const missing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [join(dir, 'no-such-binary')] }))
-  t.equal((await admin(missing.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'x' })).status, 502)
+  t.equal((await rollbackAndWait(missing.admin, 'x')).body.status, 'failed')
 })
 
 t.test('rollback without a configured action is refused', async (t) => {

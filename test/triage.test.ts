@@ -312,6 +312,43 @@ t.test('more traffic alone, with latency and errors as usual, is not a spike', a
   t.match((r.ruledOut as any[]).find((x) => x.scenario === 'traffic_spike')?.why, /baseline/)
 })
 
+/** A dependency failing 100 % through real traffic, until its circuit opened on the failures. */
+async function payFailingWithCircuitOpen (t: Test, f: Fixture, catalogRequests: number): Promise<void> {
+  f.pay.failing.add('/')
+  t.ok((await f.load.burst('/pay/charge', 5)).every((c) => c === 500), 'pay answers 500')
+  t.ok(await eventually(async () => (await send(f.s.proxy, '/pay/charge')).status === 503, 3000), 'its breaker opened on the failures')
+  await f.load.burst('/pay/charge', 14)
+  for (let sent = 0; sent < catalogRequests; sent += 50) await f.load.burst('/catalog/items', Math.min(50, catalogRequests - sent))
+}
+
+t.test('a failing dependency with its circuit open, against an almost idle baseline: not a "spike", open the circuit — never scale', async (t) => {
+  const f = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } })
+  await payFailingWithCircuitOpen(t, f, 60)
+  // Thirty quiet minutes before it: one request every 4 s (0.25 req/s), so the last minute is ~5× that.
+  const stats = [...f.s.sidecar.dataPlane.stats.allRoutes()].find((x) => x.route === 'catalog')
+  const now = Date.now()
+  for (let k = 70; k < 1850; k += 4) stats?.window.record(now - k * 1000, false, 5)
+  const r = await triageOf(f.s)
+  t.ok(r.evidence.all.current.ratePerSecond >= 3 * r.evidence.all.baseline.ratePerSecond, `setup: ${String(r.evidence.all.current.ratePerSecond)}/s is over 3× the baseline ${String(r.evidence.all.baseline.ratePerSecond)}/s`)
+  t.equal(r.scenario, 'downstream_failure')
+  t.equal(r.recommendation.action, 'circuitBreak')
+  t.equal(r.recommendation.target, 'pay')
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'traffic_spike')?.why, /below 0\.5\/s/, 'no spike on a baseline below the minimum rate')
+  t.notOk(JSON.stringify(r).includes('lower risk or more specific'))
+})
+
+t.test('when a spike and a failing dependency both fit, the ladder decides: circuit break ranks above scale', async (t) => {
+  const f = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } })
+  await payFailingWithCircuitOpen(t, f, 300)
+  const baseline = writeBaseline(f.s, 'catalog', 1, 5)
+  const r = await triageOf(f.s)
+  t.equal(r.evidence.all.baseline.requests, baseline)
+  t.equal(r.scenario, 'downstream_failure')
+  t.equal(r.recommendation.action, 'circuitBreak')
+  const spike = (r.ruledOut as any[]).find((x) => x.scenario === 'traffic_spike')
+  t.match(spike?.why, /also fits, but circuitBreak ranks above scale on the mitigation ladder/, 'the spike fits too, and is passed over by the ladder')
+})
+
 t.test('breakwater triage against a sidecar process: --json and the human form', async (t) => {
   const TOKEN = 'triage-cli-test-token-0123456789'
   const app = await startApp(t, { failing: ['/checkout'] })

@@ -101,8 +101,9 @@ t.test('a sustained 5xx burst fires the trigger exactly once; its rollback runs 
 
   const entries = (await auditEntries(s)).filter((e) => e.action === 'mitigation.rollback')
   t.equal(entries.length, 1, 'one audited rollback')
-  t.match(entries[0], { requester: 'trigger:errors', source: 'trigger:errors', result: 'applied', targets: ['2.4.1'] })
+  t.match(entries[0], { requester: 'trigger:errors', source: 'trigger:errors', result: 'running', targets: ['2.4.1'] })
   t.match(entries[0].reason, /trigger errors: error_rate/)
+  t.ok(await eventually(async () => (await auditEntries(s)).some((e) => e.action === 'mitigation.rollback.result' && e.result === 'succeeded' && e.id === entries[0].id), 30_000), 'and then succeeded, in the background')
   const state = await admin(s.admin, 'GET', '/v1/state')
   t.match(state.body.mitigations, [{ action: 'rollback', source: 'trigger:errors' }])
 })

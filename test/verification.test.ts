@@ -76,6 +76,13 @@ async function mitigate (s: TestSidecar, body: Record<string, unknown>): Promise
   return r.body
 }
 
+/** Real users on `path` until the returned function is called (and awaited). */
+function users (load: Traffic, path: string): () => Promise<void> {
+  let flowing = true
+  const run = (async () => { while (flowing) { await load.burst(path, 3); await sleep(100) } })()
+  return async () => { flowing = false; await run }
+}
+
 function events (hook: Receiver, kind: string): any[] {
   return hook.deliveries.filter((d) => d.url === '/events' && d.body?.event === kind).map((d) => d.body)
 }
@@ -99,9 +106,10 @@ t.test('a kill switch that stops the failures: restored — synthetics pass, TTR
   t.equal(await metricValue(s.ops, 'breakwater_time_to_restore_seconds_count'), 0)
 
   const record = await mitigate(s, { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors after 2.0.1' })
-  const pacing = (async () => { for (let i = 0; i < 10; i++) { await load.burst('/catalog/items', 3); await sleep(100) } })()
+  const stop = users(load, '/catalog/items')
+  t.teardown(stop)
   const i = await settled(s, 10_000)
-  await pacing
+  await stop()
   t.equal(i?.status, 'restored', 'the incident is restored')
   t.equal(i.trigger, null, "an operator's incident")
   t.match(i.mitigation, { id: record.id, action: 'killSwitch' })
@@ -148,9 +156,12 @@ t.test('an automatic circuit break on a failing dependency: restored; PagerDuty 
   pay.failing.add('/')
   const statuses = await load.burst('/pay/charge', 10)
   t.ok(statuses.every((c) => c === 500), 'pay is failing')
+  const stop = users(load, '/catalog/items')
+  t.teardown(stop)
   s.sidecar.triggers.evaluate(Date.now())
   t.ok(await eventually(async () => (await incidents(s)).length === 1, 3000), 'the trigger opened an incident (detection)')
   const i = await settled(s, 10_000)
+  await stop()
   t.equal(i?.status, 'restored')
   t.equal(i.trigger, 'pay_errors')
   t.match(i.scope, { upstream: 'pay' })
@@ -240,8 +251,11 @@ t.test('manual mitigations by the commands triage recommends are verified too', 
     await load.burst('/checkout/cart', 20)
     const put = await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'checkout errors after 2.0.1' })
     t.equal(put.status, 200)
+    const stop = users(load, '/catalog/items')
+    t.teardown(stop)
     if (!t.ok(await eventually(async () => (await incidents(s)).length > 0, 3000), 'an incident is opened and verified for the kill')) return
     const i = await settled(s, 8000)
+    await stop()
     t.equal(i?.status, 'restored')
     t.ok(await eventually(() => events(hook, 'restoration_verified').length === 1, 3000), '"restoration verified" is sent')
   })
@@ -254,8 +268,11 @@ t.test('manual mitigations by the commands triage recommends are verified too', 
     await load.burst('/pay/charge', 20)
     const put = await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'pay failing' })
     t.equal(put.status, 200)
+    const stop = users(load, '/catalog/items')
+    t.teardown(stop)
     if (!t.ok(await eventually(async () => (await incidents(s)).length > 0, 3000), 'an incident is opened and verified for the forced circuit')) return
     const i = await settled(s, 8000)
+    await stop()
     t.equal(i?.status, 'restored')
     t.ok(await eventually(() => events(hook, 'restoration_verified').length === 1, 3000), '"restoration verified" is sent')
   })
@@ -271,6 +288,56 @@ t.test("a circuit break is not judged by a synthetic the open circuit itself ref
   await mitigate(s, { action: 'circuitBreak', upstreams: ['pay'], reason: 'pay failing' })
   const refused = await send(s.proxy, '/pay/probe')
   t.equal(refused.json().error, 'circuit_open', 'setup: the route is now refused by the mitigation')
+  const stop = users(load, '/catalog/items')
+  t.teardown(stop)
   const i = await settled(s, 10_000)
+  await stop()
   t.equal(i?.status, 'restored', `restored, not ${String(i?.status)}: the pay synthetic measures the mitigation (lastSynthetic ${JSON.stringify(i?.checks.lastSynthetic)})`)
+})
+
+t.test('synthetics alone never restore: with no real traffic the incident ends unverified, its probes not counted as traffic', async (t) => {
+  const { app, hook, s, load } = await fixture(t, {
+    synthetics: [{ route: 'catalog', path: '/catalog/probe' }, { path: '/catalog/other-probe' }],
+    timeoutMs: '3s'
+  })
+  app.failing.add('/checkout')
+  await load.burst('/checkout/cart', 20)
+  await mitigate(s, { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors' })
+  // Nobody uses the service now: only the verifier's own probes reach it.
+  const i = await settled(s, 15_000)
+  t.equal(i?.status, 'unverified', `not restored on synthetics alone (checks ${JSON.stringify(i?.checks)})`)
+  t.ok(i.checks.syntheticPassesInARow >= 2, 'the synthetics did pass')
+  t.ok(i.checks.syntheticRequests >= 4, `the windows counted ${String(i.checks.syntheticRequests)} probes`)
+  t.equal(i.checks.requests, 0, 'and none of them as real traffic')
+  t.equal(i.restoredAt, null)
+  t.ok(app.received.filter((r) => r.url.endsWith('probe')).length >= 4, 'the probes did go through the proxy to the app')
+  t.ok(await eventually(() => events(hook, 'restoration_failed').length === 1, 5000))
+  t.match(events(hook, 'restoration_failed')[0].summary, /no real traffic/)
+  t.equal(events(hook, 'restoration_verified').length, 0, 'never "restoration verified"')
+  t.equal(await metricValue(s.ops, 'breakwater_time_to_restore_seconds_count'), 0)
+})
+
+t.test('a client cannot pass its requests off as synthetic: a forged marker still counts as real traffic', async (t) => {
+  const { app, s, load } = await fixture(t, {
+    synthetics: [{ route: 'catalog', path: '/catalog/probe' }],
+    timeoutMs: '10s'
+  })
+  app.failing.add('/catalog/items')
+  await load.burst('/checkout/cart', 5)
+  await mitigate(s, { action: 'killSwitch', flags: ['unrelated'], reason: 'wrong guess' })
+  const forged = { 'x-breakwater-synthetic': (await incidents(s))[0]?.id as string, 'user-agent': 'breakwater-verify' }
+  let flowing = true
+  const real = (async () => {
+    while (flowing) {
+      await Promise.all(Array.from({ length: 4 }, async () => await send(s.proxy, '/catalog/items', { headers: forged })))
+      await sleep(100)
+    }
+  })()
+  t.teardown(async () => { flowing = false; await real })
+  const i = await settled(s, 20_000)
+  flowing = false
+  await real
+  t.equal(i?.status, 'not_restored', `the failing "synthetic-looking" requests are real traffic and keep the incident open (checks ${JSON.stringify(i?.checks)})`)
+  t.ok(i.checks.requests >= 10, `${String(i.checks.requests)} real requests counted`)
+  t.ok(i.checks.errorRate > 0.5, 'with their errors')
 })

@@ -1,7 +1,8 @@
 /**
  * The admin API (SPEC §6) on `listen.admin`: JSON, `Authorization: Bearer TOKEN`, separate
  * from the proxy and ops listeners. Every mutation needs a `reason`, is applied at once,
- * persisted and audited before the answer. Bad input is a 4xx with a message, never a 500.
+ * persisted and audited before the answer — never after a rollback action or a notification,
+ * which run in the background. Bad input is a 4xx with a message, never a 500.
  */
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { toMs } from '../config/duration.js'
@@ -118,7 +119,14 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak or rollback')
     const who = actor(req, b)
     const { value, persisted } = await control.mitigate({ ...who, action: b.action, flags: stringList(b, 'flags'), upstreams: stringList(b, 'upstreams') })
-    return await reply.code(201).send({ ...value, persisted })
+    // A rollback has only started (its record said `running`): 202, follow it by its id.
+    return await reply.code(value.action === 'rollback' ? 202 : 201).send({ ...value, persisted })
+  })
+
+  app.get<{ Params: { id: string } }>('/v1/mitigations/:id', async (req) => {
+    const record = control.mitigations.find(req.params.id)
+    if (record === undefined) throw new ControlError(404, 'unknown_mitigation', `no mitigation with id "${req.params.id}"`)
+    return record
   })
 
   app.delete<{ Params: { id: string } }>('/v1/mitigations/:id', async (req, reply) => {

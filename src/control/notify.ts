@@ -16,7 +16,7 @@ import { request } from 'undici'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 
-export type EventKind = 'trigger_fired' | 'mitigation_applied' | 'mitigation_lifted' | 'restoration_verified' | 'restoration_failed'
+export type EventKind = 'trigger_fired' | 'mitigation_applied' | 'mitigation_failed' | 'mitigation_lifted' | 'restoration_verified' | 'restoration_failed'
 
 /** One thing worth telling people about. */
 export interface NotificationEvent {
@@ -206,7 +206,7 @@ export class Notifier {
 }
 
 function slackPayload (c: NotificationsConfig, e: NotificationEvent): Record<string, unknown> {
-  const icon = e.kind === 'trigger_fired' ? ':rotating_light:' : e.kind === 'restoration_verified' ? ':white_check_mark:' : e.kind === 'restoration_failed' ? ':x:' : ':shield:'
+  const icon = e.kind === 'trigger_fired' ? ':rotating_light:' : e.kind === 'restoration_verified' ? ':white_check_mark:' : e.kind === 'restoration_failed' || e.kind === 'mitigation_failed' ? ':x:' : ':shield:'
   const text = `${icon} *${e.service}* ${e.version} — ${e.summary}`
   const facts = Object.entries(e.details)
     .filter(([, v]) => v !== null && v !== undefined && typeof v !== 'object')

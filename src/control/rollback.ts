@@ -6,7 +6,8 @@
  *   receiver that honours the key; it is retried with backoff on network errors, 429 and 5xx;
  * - `exec` gets BREAKWATER_SERVICE, BREAKWATER_VERSION, BREAKWATER_TRIGGER in its
  *   environment and is killed after `timeoutMs`;
- * - callers enforce the cooldown and "never the same version twice" (control-plane.ts).
+ * - callers enforce the cooldown, "never the same version twice" and "one at a time"
+ *   (rollback-policy.ts), and run it in the background.
  */
 import { createHash } from 'node:crypto'
 import { spawn } from 'node:child_process'
@@ -37,20 +38,24 @@ export function idempotencyKey (r: Pick<RollbackRequest, 'service' | 'version' |
   return createHash('sha256').update(`breakwater-rollback\u0000${r.service}\u0000${r.version}\u0000${r.trigger ?? 'operator'}`).digest('hex').slice(0, 32)
 }
 
-export async function runRollback (config: RollbackConfig, r: RollbackRequest, sleep = delay): Promise<RollbackResult> {
+/** `signal` ends the action early (the sidecar is stopping): the request or the command is cut. */
+export async function runRollback (config: RollbackConfig, r: RollbackRequest, options: { signal?: AbortSignal } = {}): Promise<RollbackResult> {
   const key = idempotencyKey(r)
-  if (config.type === 'exec') return await runExec(config.command, config.timeoutMs, r, key)
+  const signal = options.signal
+  if (config.type === 'exec') return await runExec(config.command, config.timeoutMs, r, key, signal)
   const body = JSON.stringify({ service: r.service, version: r.version, trigger: r.trigger, reason: r.reason })
   let last: RollbackResult = { ok: false, type: 'webhook', idempotencyKey: key, attempts: 0 }
   for (let attempt = 1; attempt <= config.retries + 1; attempt++) {
-    if (attempt > 1) await sleep(Math.min(8000, 250 * 2 ** (attempt - 2)) * (0.75 + Math.random() * 0.5))
+    if (attempt > 1) await delay(Math.min(8000, 250 * 2 ** (attempt - 2)) * (0.75 + Math.random() * 0.5), signal)
+    if (aborted(signal)) return { ...last, error: abortReason(signal) }
     try {
       const res = await request(config.url, {
         method: 'POST',
         headers: { ...config.headers, 'content-type': 'application/json', 'idempotency-key': key, 'user-agent': 'breakwater-rollback' },
         body,
         headersTimeout: config.timeoutMs,
-        bodyTimeout: config.timeoutMs
+        bodyTimeout: config.timeoutMs,
+        signal
       })
       const text = (await res.body.text()).slice(0, 2000)
       last = { ok: res.statusCode >= 200 && res.statusCode < 300, type: 'webhook', idempotencyKey: key, attempts: attempt, status: res.statusCode, output: text }
@@ -58,13 +63,14 @@ export async function runRollback (config: RollbackConfig, r: RollbackRequest, s
       // 4xx (but 408/429) means the receiver refused this request: retrying will not help.
       if (res.statusCode < 500 && res.statusCode !== 408 && res.statusCode !== 429) return last
     } catch (err) {
-      last = { ok: false, type: 'webhook', idempotencyKey: key, attempts: attempt, error: (err as { code?: string }).code ?? (err as Error).message }
+      last = { ok: false, type: 'webhook', idempotencyKey: key, attempts: attempt, error: aborted(signal) ? abortReason(signal) : (err as { code?: string }).code ?? (err as Error).message }
+      if (aborted(signal)) return last
     }
   }
   return last
 }
 
-async function runExec (command: readonly string[], timeoutMs: number, r: RollbackRequest, key: string): Promise<RollbackResult> {
+async function runExec (command: readonly string[], timeoutMs: number, r: RollbackRequest, key: string, signal?: AbortSignal): Promise<RollbackResult> {
   return await new Promise((resolve) => {
     let output = ''
     const child = spawn(command[0] as string, command.slice(1), {
@@ -75,12 +81,15 @@ async function runExec (command: readonly string[], timeoutMs: number, r: Rollba
     // the child exits, holding the process open for the whole timeout.
     let killed = false
     const timer = setTimeout(() => { killed = true; child.kill('SIGKILL') }, timeoutMs)
+    const cut = (): void => { child.kill('SIGKILL') }
+    signal?.addEventListener('abort', cut, { once: true })
     const keep = (c: Buffer): void => { if (output.length < 4000) output += c.toString('utf8') }
     child.stdout.on('data', keep)
     child.stderr.on('data', keep)
-    child.on('error', (err) => { clearTimeout(timer); resolve({ ok: false, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: null, error: err.message }) })
-    child.on('close', (code, signal) => {
+    child.on('error', (err) => { clearTimeout(timer); signal?.removeEventListener('abort', cut); resolve({ ok: false, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: null, error: err.message }) })
+    child.on('close', (code, killSignal) => {
       clearTimeout(timer)
+      signal?.removeEventListener('abort', cut)
       resolve({
         ok: code === 0,
         type: 'exec',
@@ -88,12 +97,27 @@ async function runExec (command: readonly string[], timeoutMs: number, r: Rollba
         attempts: 1,
         exitCode: code,
         output: output.slice(0, 4000),
-        ...(signal !== null ? { error: killed ? `killed by ${signal} after ${timeoutMs} ms` : `killed by ${signal}` } : {})
+        ...(killSignal !== null ? { error: killed ? `killed by ${killSignal} after ${timeoutMs} ms` : aborted(signal) ? abortReason(signal) : `killed by ${killSignal}` } : {})
       })
     })
   })
 }
 
-async function delay (ms: number): Promise<void> {
-  await new Promise((resolve) => setTimeout(resolve, ms))
+async function delay (ms: number, signal?: AbortSignal): Promise<void> {
+  if (aborted(signal)) return
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(done, ms)
+    function done (): void { clearTimeout(timer); signal?.removeEventListener('abort', done); resolve() }
+    signal?.addEventListener('abort', done, { once: true })
+  })
+}
+
+/** A function, not an inline test: TypeScript would keep an earlier narrowing across awaits. */
+function aborted (signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true
+}
+
+function abortReason (signal: AbortSignal | undefined): string {
+  const reason: unknown = signal?.reason
+  return `cut short: ${reason instanceof Error ? reason.message : String(reason)}`
 }

@@ -1,7 +1,7 @@
 /**
  * The admin API's bearer token: `BREAKWATER_ADMIN_TOKEN`, else `admin.tokenFile`, else one
- * generated at start and written to `STATEDIR/admin.token` with mode 0600 (its path is
- * logged, never the token). Tokens are compared in constant time.
+ * generated at start and written to `STATEDIR/admin.token` with mode 0600 once the listeners
+ * are bound (its path is logged, never the token). Tokens are compared in constant time.
  */
 import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
 import { readFile, writeFile, mkdir, chmod, rename } from 'node:fs/promises'
@@ -13,7 +13,7 @@ export interface AdminToken {
   origin: 'env' | 'file' | 'generated'
   /** The file an operator (or the CLI) reads it from, when there is one. */
   path: string | null
-  /** False when a generated token could not be written (stateDir unwritable). */
+  /** False when a generated token is not (yet, or cannot be: stateDir unwritable) written. */
   written: boolean
 }
 
@@ -29,19 +29,25 @@ export async function resolveAdminToken (env: string | undefined, tokenFile: str
     if (token.length < 16) throw new Error(`admin.tokenFile: ${tokenFile} holds a token shorter than 16 characters`)
     return { token, origin: 'file', path: tokenFile, written: true }
   }
-  const token = randomBytes(32).toString('hex')
-  const path = join(stateDir, 'admin.token')
+  // Generated now, written by writeAdminToken only once the listeners are bound: a start that
+  // fails (a busy port) never replaces the token of a sidecar already running on this config.
+  return { token: randomBytes(32).toString('hex'), origin: 'generated', path: join(stateDir, 'admin.token'), written: false }
+}
+
+/** Write a generated token to its file (mode 0600); other origins are left as they are. */
+export async function writeAdminToken (t: AdminToken, stateDir: string): Promise<AdminToken> {
+  if (t.origin !== 'generated' || t.path === null) return t
   try {
     await mkdir(stateDir, { recursive: true })
     // A fresh 0600 file renamed into place: the token is never in a file others can read,
     // even when an older admin.token had looser permissions.
-    const tmp = `${path}.tmp-${process.pid}`
-    await writeFile(tmp, token + '\n', { mode: 0o600 })
+    const tmp = `${t.path}.tmp-${process.pid}`
+    await writeFile(tmp, t.token + '\n', { mode: 0o600 })
     await chmod(tmp, 0o600)
-    await rename(tmp, path)
-    return { token, origin: 'generated', path, written: true }
+    await rename(tmp, t.path)
+    return { ...t, written: true }
   } catch {
-    return { token, origin: 'generated', path, written: false }
+    return { ...t, written: false }
   }
 }
 

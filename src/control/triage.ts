@@ -6,11 +6,15 @@
  * against the 30 minutes before it; circuit states; flag, config and version changes in the
  * last 30 minutes.
  *
- * Matrix, checked in this order:
- *   traffic spike       rate ≥ 3× baseline with latency or errors up   → scale / shed
+ * Matrix (every scenario is checked; when several fit, the mitigation ladder of SPEC decides,
+ * lowest risk first — kill switch > rollback > failover > circuit break > scale):
  *   feature regression  errors concentrated on a route with a kill switch → kill switch
- *   downstream failure  one upstream failing, the others fine           → circuit break
  *   bad deployment      version or config changed recently, errors across routes → rollback
+ *   downstream failure  one upstream failing (or its circuit open), the others fine → circuit break
+ *   traffic spike       rate ≥ 3× a baseline of at least MIN_BASELINE_RATE, with latency or
+ *                       errors up                                      → scale / shed
+ * So an open circuit or a failing dependency always outranks a spike, and a "spike" against a
+ * nearly idle baseline (10 req/s after 0.25 req/s is not saturation) is not one at all.
  */
 import type { Config } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
@@ -70,6 +74,11 @@ const CURRENT_S = 60
 const BASELINE_S = 1800
 const RECENT_MS = 30 * 60_000
 const MIN_REQUESTS = 10
+/** Requests per second the 30-minute baseline needs before a rise against it can be a spike. */
+export const MIN_BASELINE_RATE = 0.5
+
+/** The mitigation ladder (SPEC): the lower the rank, the lower the risk; it decides between scenarios. */
+const LADDER: Record<Recommendation['action'], number> = { killSwitch: 1, rollback: 2, circuitBreak: 4, scale: 5, none: 9, investigate: 9 }
 
 function figures (s: WindowSums, seconds: number): Figures {
   return {
@@ -133,7 +142,7 @@ export function triage (input: TriageInput): TriageReport {
   const verdicts: Array<[Scenario, Verdict]> = []
 
   // traffic spike
-  const spike = all.baseline.ratePerSecond > 0 && all.current.ratePerSecond >= 3 * all.baseline.ratePerSecond &&
+  const spike = all.baseline.ratePerSecond >= MIN_BASELINE_RATE && all.current.ratePerSecond >= 3 * all.baseline.ratePerSecond &&
     ((all.current.p99Ms ?? 0) >= 2 * (all.baseline.p99Ms ?? Number.POSITIVE_INFINITY) || all.elevated)
   verdicts.push(['traffic_spike', spike
     ? {
@@ -141,7 +150,12 @@ export function triage (input: TriageInput): TriageReport {
         summary: `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`,
         recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load' }
       }
-    : { match: false, why: all.baseline.ratePerSecond === 0 ? 'no baseline traffic to compare with' : `rate ${all.current.ratePerSecond}/s vs baseline ${all.baseline.ratePerSecond}/s (a spike needs ≥ 3× with latency or errors up)` }])
+    : {
+        match: false,
+        why: all.baseline.ratePerSecond < MIN_BASELINE_RATE
+          ? `the baseline (${all.baseline.ratePerSecond}/s) is below ${MIN_BASELINE_RATE}/s: too little traffic to call a rise a spike`
+          : `rate ${all.current.ratePerSecond}/s vs baseline ${all.baseline.ratePerSecond}/s (a spike needs ≥ 3× with latency or errors up)`
+      }])
 
   // feature regression: errors concentrated on one route that has a kill switch still on
   const errorsOf = (r: Signal): number => (r.current.errorRate ?? 0) * r.current.requests
@@ -193,7 +207,8 @@ export function triage (input: TriageInput): TriageReport {
     verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : 'errors are on one route, not across routes' }])
   }
 
-  const chosen = verdicts.find(([, v]) => v.match)
+  const rank = ([, v]: [Scenario, Verdict]): number => v.match ? LADDER[v.recommendation.action] : Number.POSITIVE_INFINITY
+  const chosen = [...verdicts].sort((a, b) => rank(a) - rank(b)).find(([, v]) => v.match)
   const ruledOut = verdicts.filter(([scenario, v]) => !v.match && scenario !== chosen?.[0]).map(([scenario, v]) => ({ scenario, why: (v as { why: string }).why }))
   const report = (scenario: Scenario, summary: string, recommendation: Recommendation): TriageReport =>
     ({ generatedAt: new Date(now).toISOString(), scenario, summary, recommendation, evidence, ruledOut })
@@ -201,7 +216,7 @@ export function triage (input: TriageInput): TriageReport {
     const v = chosen[1] as { summary: string, recommendation: Recommendation }
     // Scenarios that also matched but rank lower are listed too, with why they were passed over.
     for (const [scenario, other] of verdicts) {
-      if (other.match && scenario !== chosen[0]) ruledOut.push({ scenario, why: `also fits, but ${chosen[0].replace(/_/g, ' ')} is checked first (lower risk or more specific)` })
+      if (other.match && scenario !== chosen[0]) ruledOut.push({ scenario, why: `also fits, but ${v.recommendation.action} ranks above ${other.recommendation.action} on the mitigation ladder (kill switch > rollback > failover > circuit break > scale)` })
     }
     return report(chosen[0], v.summary, v.recommendation)
   }

@@ -1,6 +1,7 @@
 /**
  * Rollback triggers (SPEC §7, §14) on the sidecar's own traffic, evaluated every second over
- * sliding windows of one-second buckets (proxy/window.ts).
+ * sliding windows (proxy/window.ts) read through running sums: an evaluation costs the same
+ * whatever the window's length (SPEC §15).
  *
  * - `error_rate`: upstream 5xx, Breakwater's 502/504 and refusals by a circuit that failures
  *   opened, over all recorded requests; refusals by kill switches, forced circuits and
@@ -14,7 +15,7 @@
 import type { Logger } from 'pino'
 import type { TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, quantile } from '../proxy/window.js'
+import { emptySums, quantile, RunningSum, type WindowSums } from '../proxy/window.js'
 
 export type TriggerState = 'inconclusive' | 'ok' | 'pending' | 'fired' | 'rearming'
 
@@ -47,6 +48,8 @@ export interface Reading {
 
 interface Live {
   config: TriggerConfig
+  window: RunningSum
+  sums: WindowSums
   state: TriggerState
   value: number | null
   requests: number
@@ -77,7 +80,8 @@ export class TriggerEngine {
     this.live = triggers.map((config) => {
       const old = prev.get(config.name)
       if (old !== undefined && JSON.stringify(old.config) === JSON.stringify(config)) return old
-      return { config, state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
+      const withLatency = config.metric === 'p99_latency'
+      return { config, window: new RunningSum(config.windowMs, withLatency), sums: emptySums(withLatency), state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
     })
     for (const t of triggers) if (!this.firedTotal.has(t.name)) this.firedTotal.set(t.name, 0)
   }
@@ -98,15 +102,15 @@ export class TriggerEngine {
     for (const t of this.live) this.step(t, nowMs)
   }
 
-  private read (c: TriggerConfig, nowMs: number): Reading & { hasData: boolean } {
-    const to = Math.floor(nowMs / 1000) + 1
-    const from = to - Math.ceil(c.windowMs / 1000)
-    const sums = emptySums(c.metric === 'p99_latency')
+  private read (t: Live, nowMs: number): Reading & { hasData: boolean } {
+    const c = t.config
+    const scope = []
     for (const s of this.stats()) {
       if (c.route !== null && s.route !== c.route) continue
       if (c.upstream !== null && s.upstream !== c.upstream) continue
-      s.window.sum(from, to, sums)
+      scope.push(s.window)
     }
+    const sums = t.window.read(scope, nowMs, t.sums)
     let value: number | null
     if (c.metric === 'error_rate') value = sums.requests === 0 ? null : sums.errors / sums.requests
     else value = quantile(sums.latency as Float64Array, 0.99)
@@ -115,7 +119,7 @@ export class TriggerEngine {
 
   private step (t: Live, now: number): void {
     const c = t.config
-    const r = this.read(c, now)
+    const r = this.read(t, now)
     t.value = r.hasData ? r.value : null
     t.requests = r.requests
     t.errors = r.errors
@@ -188,4 +192,15 @@ export function describeReading (c: TriggerConfig, r: Reading): string {
   const value = c.metric === 'error_rate' ? r.value.toFixed(3) : `${Math.round(r.value)} ms`
   const threshold = c.metric === 'error_rate' ? String(c.threshold) : `${c.threshold} ms`
   return `${c.metric} ${value} > ${threshold} over ${c.windowMs / 1000}s (${r.requests} requests)`
+}
+
+/**
+ * Free the windows of routes a reload removed (SPEC §15); their counters stay, so metrics
+ * remain monotonic. A route that comes back allocates a fresh window at its first request.
+ */
+export function releaseRemovedWindows (stats: Iterable<RouteStats>, routes: ReadonlyArray<{ name: string, upstream: string }>): void {
+  const live = new Set(routes.map((r) => `${r.name}\u0000${r.upstream}`))
+  for (const s of stats) {
+    if (s.route !== '' && !live.has(`${s.route}\u0000${s.upstream}`)) s.window.release()
+  }
 }

@@ -8,6 +8,11 @@
  *   would measure the mitigation;
  * - and real traffic since the mitigation (the last `windowMs`) under the trigger's threshold
  *   (or `maxErrorRate` for an operator's incident).
+ * Real traffic means real (SPEC §15): the verifier's own probes are subtracted from the
+ * windows, by what it sent — never by a header a client could forge — and synthetics never
+ * restore an incident on their own. Without real traffic the incident ends `unverified`.
+ * Both are scoped to the incident: the routes of its trigger's scope that the mitigation does
+ * not refuse, or else the rest of the service (routesToJudge).
  * It records detection, mitigation and restoration times, observes
  * `breakwater_time_to_restore_seconds`, and notifies "restoration verified" (PagerDuty resolve)
  * — or, after `timeoutMs`, that the mitigation did not restore service.
@@ -26,11 +31,13 @@ export interface Incident {
   trigger: string | null
   scope: { route: string | null, upstream: string | null }
   version: string
-  status: 'detected' | 'verifying' | 'restored' | 'not_restored'
+  /** `unverified`: no real traffic to judge by before `timeoutMs` (synthetics alone never restore). */
+  status: 'detected' | 'verifying' | 'restored' | 'not_restored' | 'unverified'
   detectedAt: string
   mitigatedAt: string | null
   restoredAt: string | null
-  mitigation: { id: string, action: string } | null
+  /** `status`: a rollback's `running` → `succeeded` | `failed`; `active` for the others. */
+  mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
   checks: {
@@ -39,7 +46,10 @@ export interface Incident {
     lastSynthetic: Array<{ path: string, status: number, expected: number }> | null
     errorRate: number | null
     p99Ms: number | null
+    /** Real requests since the mitigation, in scope (the verifier's probes excluded). */
     requests: number
+    /** The verifier's own probes the windows counted, subtracted from the figures above. */
+    syntheticRequests: number
   }
 }
 
@@ -53,8 +63,17 @@ export interface VerifierDeps {
   stats: () => Iterable<RouteStats>
   /** Whether a mitigation refuses a route now (its kill switch off, or its circuit forced open). */
   refusedByMitigation: (route: string) => boolean
+  /** The route and upstream a request would take (where a probe is counted), or null. */
+  routeOf: (method: string, path: string, host: string | null) => { route: string } | null
   notifier: Notifier
   logger: Logger
+}
+
+/** One probe the data plane counted: subtracted from the real-traffic figure. */
+interface Probe {
+  second: number
+  route: string
+  error: boolean
 }
 
 interface Running {
@@ -63,6 +82,7 @@ interface Running {
   timer: NodeJS.Timeout | null
   deadline: number
   busy: boolean
+  probes: Probe[]
 }
 
 const KEEP = 50
@@ -97,7 +117,7 @@ export class Verifier {
       mitigation: null,
       timeToMitigateSeconds: null,
       timeToRestoreSeconds: null,
-      checks: { syntheticRounds: 0, syntheticPassesInARow: 0, lastSynthetic: null, errorRate: null, p99Ms: null, requests: 0 }
+      checks: { syntheticRounds: 0, syntheticPassesInARow: 0, lastSynthetic: null, errorRate: null, p99Ms: null, requests: 0, syntheticRequests: 0 }
     }
     this.incidents.unshift(incident)
     if (this.incidents.length > KEEP) this.incidents.length = KEEP
@@ -105,21 +125,43 @@ export class Verifier {
     return incident
   }
 
-  /** A mitigation was applied: verify that it restored service. */
-  mitigated (record: MitigationRecord, at = Date.now()): Incident {
+  /** The open incident a mitigation belongs to (its trigger's, or the one it already joined), opened if none. */
+  private incidentOf (record: MitigationRecord, at: number): { incident: Incident, trigger: TriggerConfig | null } {
     const triggerName = record.source.startsWith('trigger:') ? record.source.slice(8) : null
     const trigger = triggerName === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === triggerName) ?? null
-    let incident = triggerName === null ? undefined : this.incidents.find((i) => i.trigger === triggerName && (i.status === 'detected' || i.status === 'verifying'))
+    let incident = this.incidents.find((i) => i.mitigation?.id === record.id)
+    if (incident === undefined && triggerName !== null) incident = this.incidents.find((i) => i.trigger === triggerName && (i.status === 'detected' || i.status === 'verifying'))
     incident ??= this.open(triggerName, { route: trigger?.route ?? null, upstream: trigger?.upstream ?? null }, at)
+    return { incident, trigger }
+  }
+
+  /** A rollback started (it runs in the background): the incident shows it, not yet verified. */
+  mitigationStarted (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident } = this.incidentOf(record, at)
+    incident.mitigation = { id: record.id, action: record.action, status: record.status }
+    return incident
+  }
+
+  /** A rollback's action failed: the incident stays open, and says so. */
+  mitigationFailed (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident } = this.incidentOf(record, at)
+    incident.mitigation = { id: record.id, action: record.action, status: record.status, error: record.error ?? null }
+    this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'mitigation_failed', mitigation: record.id, action: record.action, error: record.error }, 'the mitigation failed; the incident stays open')
+    return incident
+  }
+
+  /** A mitigation was applied: verify that it restored service. */
+  mitigated (record: MitigationRecord, at = Date.now()): Incident {
+    const { incident, trigger } = this.incidentOf(record, at)
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
     incident.mitigatedAt = new Date(at).toISOString()
-    incident.mitigation = { id: record.id, action: record.action }
+    incident.mitigation = { id: record.id, action: record.action, status: record.status }
     incident.timeToMitigateSeconds = round((at - Date.parse(incident.detectedAt)) / 1000)
     incident.checks.syntheticPassesInARow = 0
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'mitigated', mitigation: record.id, action: record.action, timeToMitigateSeconds: incident.timeToMitigateSeconds }, 'incident mitigated; verifying restoration')
-    const run: Running = { incident, trigger, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false }
+    const run: Running = { incident, trigger, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
     return incident
@@ -135,8 +177,12 @@ export class Verifier {
     const { incident } = run
     const cfg = this.deps.config()
     const v = cfg.verification
-    const synthetics = v.synthetics.filter((s) => (s.route === null || !this.deps.refusedByMitigation(s.route)) &&
-      (incident.scope.route === null || s.route === null || s.route === incident.scope.route))
+    const routes = this.routesToJudge(incident)
+    const synthetics = v.synthetics.filter((s) => {
+      const route = s.route ?? this.deps.routeOf(s.method, s.path, s.host)?.route ?? null
+      // A probe no route takes still runs: its 404 is evidence.
+      return route === null || routes.has(route)
+    })
     let syntheticsOk = true
     if (synthetics.length > 0) {
       const results = await Promise.all(synthetics.map(async (s) => {
@@ -151,6 +197,9 @@ export class Verifier {
           await res.body.dump()
           status = res.statusCode
         } catch { /* status 0: failed */ }
+        // Answered by the proxy, so counted in its windows: remember it, to subtract it.
+        const where = status === 0 ? null : this.deps.routeOf(s.method, s.path, s.host)
+        if (where !== null) run.probes.push({ second: Math.floor(Date.now() / 1000), ...where, error: status >= 500 })
         return { path: s.path, status, expected: s.expectStatus }
       }))
       incident.checks.syntheticRounds++
@@ -159,46 +208,67 @@ export class Verifier {
       incident.checks.syntheticPassesInARow = syntheticsOk ? incident.checks.syntheticPassesInARow + 1 : 0
     }
     if (this.stopped || incident.status !== 'verifying') return
-    const traffic = this.readTraffic(run, Date.now())
+    const traffic = this.readTraffic(run, routes, Date.now())
     incident.checks.errorRate = traffic.errorRate
     incident.checks.p99Ms = traffic.p99Ms
     incident.checks.requests = traffic.requests
+    incident.checks.syntheticRequests = traffic.synthetic
     const syntheticsPassed = synthetics.length === 0 ? null : incident.checks.syntheticPassesInARow >= v.successes
-    // Restored: every signal we have says so. Real traffic must agree when there is any; only
-    // after a whole verification window without enough of it do synthetics speak alone.
-    const quietWindow = Date.now() - Date.parse(incident.mitigatedAt as string) >= v.windowMs
-    const limit = run.trigger !== null && run.trigger.metric === 'error_rate' ? run.trigger.threshold : v.maxErrorRate
-    const fewAndFine = traffic.ok === null && (traffic.errorRate ?? 0) <= limit
-    const restored = syntheticsPassed !== false && (traffic.ok === true || (fewAndFine && syntheticsPassed === true && quietWindow))
+    // Restored: every signal we have says so, and real traffic is among them — probes alone
+    // only say that the probed paths answer, not that users are served.
+    const restored = syntheticsPassed !== false && traffic.ok === true
     if (restored) { this.restored(run); return }
-    if (Date.now() >= run.deadline) { this.notRestored(run); return }
+    // Out of time: failing checks say "not restored"; no real traffic and no failing check say nothing.
+    if (Date.now() >= run.deadline) { this.notRestored(run, traffic.ok === null && syntheticsOk); return }
     this.schedule(run, v.intervalMs)
   }
 
+  /**
+   * The routes whose traffic and synthetics judge an incident: those of its scope (its
+   * trigger's route and upstream) that no mitigation refuses now — a refused route would only
+   * measure the mitigation. When the mitigation refuses the whole scope (a kill switch of the
+   * failing route, a circuit forced open on the failing upstream), what is left to judge is
+   * the rest of the service, every route it does not refuse.
+   */
+  private routesToJudge (incident: Incident): Set<string> {
+    const { scope } = incident
+    const serving = this.deps.config().routes.filter((r) => !this.deps.refusedByMitigation(r.name))
+    const inScope = serving.filter((r) => (scope.route === null || r.name === scope.route) && (scope.upstream === null || r.upstream === scope.upstream))
+    return new Set((inScope.length > 0 ? inScope : serving).map((r) => r.name))
+  }
+
   /** Real traffic since the mitigation: ok (true), not ok (false), or too little to say (null). */
-  private readTraffic (run: Running, now: number): { ok: boolean | null, errorRate: number | null, p99Ms: number | null, requests: number } {
+  private readTraffic (run: Running, routes: ReadonlySet<string>, now: number): { ok: boolean | null, errorRate: number | null, p99Ms: number | null, requests: number, synthetic: number } {
     const cfg = this.deps.config()
     const since = Math.max(Date.parse(run.incident.mitigatedAt as string), now - cfg.verification.windowMs)
     // Whole seconds after the mitigation only: the second it happened in still holds the failures.
     const from = Math.floor(since / 1000) + 1
     const to = Math.floor(now / 1000) + 1
     const sums = emptySums(true)
-    const scope = run.incident.scope
     for (const s of this.deps.stats()) {
-      if (s.route === '') continue
-      if (scope.route !== null && s.route !== scope.route) continue
-      if (scope.upstream !== null && s.upstream !== scope.upstream) continue
-      s.window.sum(from, to, sums)
+      if (routes.has(s.route)) s.window.sum(from, to, sums)
     }
+    // The verifier's own probes are not real traffic. (Their latencies stay in the histogram:
+    // a probe is one request among the window's, and bins cannot be told apart.)
+    let synthetic = 0
+    for (const p of run.probes) {
+      if (p.second < from || p.second >= to || !routes.has(p.route)) continue
+      synthetic++
+      sums.requests--
+      if (p.error) sums.errors--
+    }
+    run.probes = run.probes.filter((p) => p.second >= from)
+    sums.requests = Math.max(0, sums.requests)
+    sums.errors = Math.min(Math.max(0, sums.errors), sums.requests)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
     const p99Ms = quantile(sums.latency as Float64Array, 0.99)
     const minRequests = Math.min(run.trigger?.minRequests ?? 10, 10)
-    if (sums.requests < minRequests) return { ok: null, errorRate, p99Ms, requests: sums.requests }
+    if (sums.requests < minRequests) return { ok: null, errorRate, p99Ms, requests: sums.requests, synthetic }
     const t = run.trigger
     const ok = t !== null && t.metric === 'p99_latency'
       ? (p99Ms ?? 0) <= t.threshold
       : (errorRate ?? 0) <= (t !== null ? t.threshold : cfg.verification.maxErrorRate)
-    return { ok, errorRate, p99Ms, requests: sums.requests }
+    return { ok, errorRate, p99Ms, requests: sums.requests, synthetic }
   }
 
   private restored (run: Running): void {
@@ -218,12 +288,20 @@ export class Verifier {
     this.notify(incident, 'restoration_verified', `service restored (verified) ${incident.timeToRestoreSeconds} s after detection, by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`)
   }
 
-  private notRestored (run: Running): void {
+  /** `noRealTraffic`: nothing showed that users are served again, but nothing showed they are not. */
+  private notRestored (run: Running, noRealTraffic: boolean): void {
     const { incident } = run
     this.running.delete(incident.id)
-    incident.status = 'not_restored'
+    const seconds = this.deps.config().verification.timeoutMs / 1000
+    const what = `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
+    incident.status = noRealTraffic ? 'unverified' : 'not_restored'
+    if (noRealTraffic) {
+      this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'unverified', checks: incident.checks }, 'restoration not verified: no real traffic since the mitigation')
+      this.notify(incident, 'restoration_failed', `NOT verified: no real traffic within ${seconds} s after ${what} (synthetic checks alone do not restore an incident)`)
+      return
+    }
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'not_restored', checks: incident.checks }, 'the mitigation did not restore service')
-    this.notify(incident, 'restoration_failed', `NOT restored: ${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''} did not bring service back within ${this.deps.config().verification.timeoutMs / 1000} s`)
+    this.notify(incident, 'restoration_failed', `NOT restored: ${what} did not bring service back within ${seconds} s`)
   }
 
   private notify (incident: Incident, kind: 'restoration_verified' | 'restoration_failed', summary: string): void {

@@ -115,8 +115,10 @@ function render (a: OperatorArgs, body: any): string {
     case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}, now ${String(body.state)}${persistNote(body)}\n`
     case 'mitigate':
     case 'lift': {
-      const lines = [`mitigation ${body.id}: ${body.action} ${body.status === 'active' ? 'applied' : 'lifted'} — ${(body.targets as string[]).join(', ')}`]
+      const verb: Record<string, string> = { active: 'applied', lifted: 'lifted', running: 'started (running in the background)', succeeded: 'succeeded', failed: 'FAILED' }
+      const lines = [`mitigation ${body.id}: ${body.action} ${verb[body.status] ?? String(body.status)} — ${(body.targets as string[]).join(', ')}`]
       if (body.result !== null && body.result !== undefined) lines.push(`rollback: ${body.result.ok === true ? 'ok' : 'FAILED'} (${body.result.type}, ${body.result.status ?? `exit ${String(body.result.exitCode)}`}, attempts ${body.result.attempts})`)
+      if (body.status === 'running') lines.push('follow it with: breakwater status')
       if (a.command === 'mitigate' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
       return lines.join('\n') + persistNote(body) + '\n'
     }
@@ -172,7 +174,9 @@ function renderStatus (s: any): string {
   out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
-  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.targets.join(','), m.createdAt, m.source, m.reason])))
+  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, m.targets.join(','), m.createdAt, m.source, m.reason])))
+  const failed = ((s.rollbacks ?? []) as any[]).filter((m) => m.status === 'failed')
+  if (failed.length > 0) out.push('', 'FAILED ROLLBACKS', table(['id', 'version', 'at', 'error'], failed.map((m) => [m.id, m.targets.join(','), m.finishedAt ?? m.createdAt, m.error ?? '-'])))
   const triggers = (s.triggers ?? []) as any[]
   if (triggers.length > 0) {
     out.push('', 'TRIGGERS')

@@ -42,13 +42,23 @@ export interface MitigationRecord {
   /** `operator` or `trigger:<name>`. */
   source: string
   createdAt: string
-  status: 'active' | 'lifted'
+  /**
+   * `active` → `lifted` for kill switches and circuit breaks. A rollback runs in the
+   * background: `running` → `succeeded` | `failed`; lifting a succeeded one only closes it
+   * (`lifted`), since a rollback is not undone.
+   */
+  status: MitigationStatus
   liftedAt: string | null
   liftReason: string | null
   changes: Change[]
   /** For rollbacks: what the rollback action answered. */
   result: Record<string, unknown> | null
+  /** For rollbacks: when the action ended, and why it failed. */
+  finishedAt?: string | null
+  error?: string | null
 }
+
+export type MitigationStatus = 'active' | 'lifted' | 'running' | 'succeeded' | 'failed'
 
 export interface PersistedState {
   version: 1
@@ -76,7 +86,6 @@ export interface LoadResult {
 
 export class StateFile {
   readonly path: string
-  private writing: Promise<void> = Promise.resolve()
   private seq = 0
 
   constructor (readonly dir: string) {
@@ -104,15 +113,12 @@ export class StateFile {
     }
   }
 
-  /** Write `state` atomically. Writes are serialised; each one is complete before the next. */
-  async save (state: PersistedState): Promise<void> {
-    const text = JSON.stringify(state, null, 2) + '\n'
-    const run = this.writing.then(async () => { await this.write(text) })
-    this.writing = run.catch(() => {})
-    await run
+  static serialise (state: PersistedState): string {
+    return JSON.stringify(state, null, 2) + '\n'
   }
 
-  private async write (text: string): Promise<void> {
+  /** Write one serialised state atomically; callers serialise their writes (see Journal). */
+  async write (text: string): Promise<void> {
     await mkdir(this.dir, { recursive: true })
     const tmp = `${this.path}.tmp-${process.pid}-${this.seq++}`
     const handle = await open(tmp, 'w', 0o600)

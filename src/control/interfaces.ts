@@ -1,0 +1,62 @@
+/**
+ * What the control plane may see and change of the data plane (STYLE: `control/` acts on the
+ * data plane only through small interfaces), and the shapes its callers pass in.
+ */
+import type { CircuitState, ForcedState } from '../proxy/circuit-breaker.js'
+import type { FlagOrigin } from '../flags/sources.js'
+
+/** What the control plane may change in the flags. */
+export interface FlagControl {
+  /** Resolves once the request path sees the change; the change itself is made synchronously. */
+  override: (key: string, enabled: boolean | null) => Promise<void>
+  defines: (key: string) => boolean
+  readonly values: ReadonlyMap<string, boolean>
+  origin: (key: string) => FlagOrigin | null
+}
+
+/** What the control plane may see and change of the circuits. */
+export interface CircuitView {
+  upstream: string
+  state: CircuitState
+  automaticState: CircuitState
+  forced: ForcedState
+  automatic: boolean
+  failureRate: number
+  windowRequests: number
+}
+
+export interface CircuitControl {
+  force: (upstream: string, state: ForcedState) => boolean
+  circuits: () => CircuitView[]
+  upstreams: () => string[]
+  /** Flags used as kill switches by routes. */
+  killSwitchFlags: () => string[]
+}
+
+/** A refusal with its HTTP status and code, for the admin API. */
+export class ControlError extends Error {
+  constructor (readonly status: number, readonly code: string, message: string, readonly details: Record<string, unknown> = {}) {
+    super(message)
+  }
+}
+
+export interface Actor {
+  reason: string
+  /** The caller's address, or `trigger:<name>`. */
+  requester: string
+  /** `operator` or `trigger:<name>`. */
+  source: string
+}
+
+export interface MitigationRequest extends Actor {
+  action: string
+  flags?: string[]
+  upstreams?: string[]
+  /** The trigger's name, for rollbacks fired by one. */
+  trigger?: string | null
+}
+
+export interface Applied<T> {
+  value: T
+  persisted: boolean
+}
