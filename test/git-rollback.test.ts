@@ -1,0 +1,169 @@
+/**
+ * GitOps rollback with the real `git` command against local bare repositories: one revert per
+ * incident however many sidecars push at once, conflicts and unreachable remotes reported,
+ * credentials never in a message.
+ */
+import t, { type Test } from 'tap'
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { runGitRollback, redactCredentials, type GitRollbackConfig, type GitRollbackRequest } from '../src/control/git-rollback.js'
+
+const ENV = { ...process.env, GIT_AUTHOR_NAME: 'dev', GIT_AUTHOR_EMAIL: 'dev@example.test', GIT_COMMITTER_NAME: 'dev', GIT_COMMITTER_EMAIL: 'dev@example.test', GIT_CONFIG_NOSYSTEM: '1' }
+
+function git (cwd: string, ...args: string[]): string {
+  return execFileSync('git', args, { cwd, env: ENV, encoding: 'utf8' }).trim()
+}
+
+interface Remote {
+  dir: string
+  bare: string
+  /** A developer's clone, to commit releases and read the branch. */
+  dev: string
+  release: (version: string, file?: string) => string
+  log: () => string[]
+  show: (file: string) => string
+}
+
+/** A bare repository with an app manifest released twice (v1, then v2) plus an unrelated commit. */
+async function remote (t: Test): Promise<Remote> {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-git-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const bare = join(dir, 'deploy.git')
+  git(dir, 'init', '--quiet', '--bare', '--initial-branch=main', bare)
+  const dev = join(dir, 'dev')
+  git(dir, 'clone', '--quiet', bare, dev)
+  git(dev, 'checkout', '--quiet', '-b', 'main')
+  mkdirSync(join(dev, 'apps', 'checkout'), { recursive: true })
+  const release = (version: string, file = join('apps', 'checkout', 'deployment.yaml')): string => {
+    writeFileSync(join(dev, file), `image: shop/checkout:${version}\n`)
+    git(dev, 'add', '-A')
+    git(dev, 'commit', '--quiet', '-m', `checkout ${version}`)
+    git(dev, 'push', '--quiet', 'origin', 'HEAD:main')
+    return git(dev, 'rev-parse', 'HEAD')
+  }
+  release('1.0.0')
+  release('2.0.0')
+  writeFileSync(join(dev, 'README.md'), 'unrelated\n')
+  git(dev, 'add', '-A')
+  git(dev, 'commit', '--quiet', '-m', 'docs')
+  git(dev, 'push', '--quiet', 'origin', 'HEAD:main')
+  return {
+    dir,
+    bare,
+    dev,
+    release,
+    log: () => { git(dev, 'pull', '--quiet', '--ff-only', 'origin', 'main'); return git(dev, 'log', '--format=%s', 'main').split('\n') },
+    show: (file) => git(bare, 'show', `main:${file}`)
+  }
+}
+
+function cfg (repo: string, extra: Partial<GitRollbackConfig> = {}): GitRollbackConfig {
+  return { repo, branch: 'main', path: 'apps/checkout', author: 'Breakwater Bot <bot@example.test>', timeoutMs: 60_000, ...extra }
+}
+
+const REQ: GitRollbackRequest = { service: 'checkout', version: '2.0.0', trigger: 'error_rate_5pct', incident: 'inc-1', reason: 'error rate 12% after deploy' }
+
+t.test('reverts the newest commit touching the path, with one commit naming service, version, trigger and incident', async (t) => {
+  const r = await remote(t)
+  const v2 = git(r.dev, 'log', '-n1', '--format=%H', 'main', '--', 'apps/checkout')
+  const result = await runGitRollback(cfg(r.bare), REQ, join(r.dir, 'state-a'))
+  t.equal(result.ok, true, result.error ?? 'ok')
+  t.equal(result.reverted, v2, 'the release, not the newer unrelated commit')
+  t.equal(result.alreadyReverted, false)
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', 'the branch deploys the previous version again')
+  t.equal(r.show('README.md'), 'unrelated', 'the unrelated change stays')
+  t.same(r.log().slice(0, 2), ['Revert "checkout 2.0.0"', 'docs'])
+  const message = git(r.dev, 'log', '-n1', '--format=%B', 'origin/main')
+  t.match(message, /checkout 2\.0\.0 \(trigger error_rate_5pct, incident inc-1\)/)
+  t.match(message, /^Breakwater-Incident: inc-1$/m)
+  t.match(message, new RegExp(`This reverts commit ${v2}`))
+  t.equal(git(r.dev, 'log', '-n1', '--format=%an <%ae>', 'origin/main'), 'Breakwater Bot <bot@example.test>')
+
+  const again = await runGitRollback(cfg(r.bare), REQ, join(r.dir, 'state-a'))
+  t.equal(again.ok, true)
+  t.equal(again.alreadyReverted, true, 'the same incident again: nothing new, the clone is reused')
+  t.equal(again.commit, result.commit)
+  t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1)
+})
+
+t.test('a fleet pushing at once makes exactly one revert per incident', async (t) => {
+  const r = await remote(t)
+  const results = await Promise.all(Array.from({ length: 6 }, async (_, i) => await runGitRollback(cfg(r.bare), REQ, join(r.dir, `state-${i}`))))
+  t.ok(results.every((x) => x.ok), results.map((x) => x.error ?? 'ok').join('; '))
+  // Two sidecars that build the revert in the same second build the same commit (same tree,
+  // parent, author, time and message), so a second push of it is a no-op, not a second revert.
+  t.ok(results.filter((x) => x.alreadyReverted === false).length >= 1, 'a sidecar pushed the revert')
+  t.equal(new Set(results.map((x) => x.commit)).size, 1, 'every sidecar reports the same revert commit')
+  t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1, 'one revert on the branch')
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0')
+})
+
+t.test('never rolls back twice: a second incident after a revert does not revert the release before', async (t) => {
+  const r = await remote(t)
+  t.equal((await runGitRollback(cfg(r.bare), REQ, join(r.dir, 'state'))).ok, true)
+  const second = await runGitRollback(cfg(r.bare), { ...REQ, incident: 'inc-2' }, join(r.dir, 'state'))
+  t.equal(second.ok, false)
+  t.match(second.error, /already a Breakwater revert \(incident inc-1\); not rolling back further/)
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', 'still the previous release, not 1.0.0 reverted too')
+  const similar = await runGitRollback(cfg(r.bare), { ...REQ, incident: 'inc-10' }, join(r.dir, 'state'))
+  t.equal(similar.alreadyReverted, undefined, 'inc-10 is not mistaken for inc-1')
+})
+
+t.test('a conflicting revert fails with the reason and leaves the branch alone', async (t) => {
+  const r = await remote(t)
+  // A release that touched the app's manifest and a shared file; a later commit (outside the
+  // app's path) changed the same shared line, so reverting the release conflicts.
+  mkdirSync(join(r.dev, 'shared'), { recursive: true })
+  writeFileSync(join(r.dev, 'shared', 'versions.yaml'), 'checkout: 2.0.0\n')
+  writeFileSync(join(r.dev, 'apps', 'checkout', 'deployment.yaml'), 'image: shop/checkout:3.0.0\n')
+  git(r.dev, 'add', '-A')
+  git(r.dev, 'commit', '--quiet', '-m', 'checkout 3.0.0')
+  writeFileSync(join(r.dev, 'shared', 'versions.yaml'), 'checkout: 3.0.0\n')
+  git(r.dev, 'commit', '--quiet', '-am', 'bump shared versions')
+  git(r.dev, 'push', '--quiet', 'origin', 'HEAD:main')
+  const before = git(r.dev, 'rev-parse', 'HEAD')
+  const result = await runGitRollback(cfg(r.bare), REQ, join(r.dir, 'state'))
+  t.equal(result.ok, false)
+  t.match(result.error, /reverting [0-9a-f]{12} conflicts/)
+  t.equal(git(r.bare, 'rev-parse', 'main'), before, 'nothing was pushed')
+  const retry = await runGitRollback(cfg(r.bare, { path: 'README.md' }), { ...REQ, incident: 'inc-4' }, join(r.dir, 'state'))
+  t.equal(retry.ok, true, 'the working clone is clean again after the aborted revert')
+})
+
+t.test('an unreachable remote, a missing branch and an empty path are clear failures', async (t) => {
+  const r = await remote(t)
+  const gone = await runGitRollback(cfg(join(r.dir, 'missing.git')), REQ, join(r.dir, 'state-gone'))
+  t.equal(gone.ok, false)
+  t.match(gone.error, /git clone failed/)
+  const branch = await runGitRollback(cfg(r.bare, { branch: 'release' }), REQ, join(r.dir, 'state-branch'))
+  t.equal(branch.ok, false)
+  t.match(branch.error, /release/)
+  const path = await runGitRollback(cfg(r.bare, { path: 'apps/payments' }), REQ, join(r.dir, 'state-path'))
+  t.equal(path.ok, false)
+  t.match(path.error, /no commit on main touches apps\/payments/)
+})
+
+t.test('credentials in the repository URL never reach a message', async (t) => {
+  const r = await remote(t)
+  // Nothing listens on port 9 of loopback: the clone fails at once, with the URL in git's output.
+  const result = await runGitRollback(cfg('http://deployer:s3cr3t-token@127.0.0.1:9/deploy.git', { timeoutMs: 20_000 }), REQ, join(r.dir, 'state'))
+  t.equal(result.ok, false)
+  t.notMatch(result.error ?? '', /s3cr3t-token/)
+  t.notMatch(result.error ?? '', /deployer/)
+  t.equal(redactCredentials("fatal: unable to access 'https://user:pw@git.example/x.git/': refused"), "fatal: unable to access 'https://***@git.example/x.git/': refused")
+})
+
+t.test('a remote that never answers is cut at the deadline', async (t) => {
+  const r = await remote(t)
+  const net = await import('node:net')
+  const sockets: Array<import('node:net').Socket> = []
+  const silent = net.createServer((s) => { sockets.push(s) }) // accepts, never answers
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of sockets) s.destroy(); silent.close() })
+  const port = (silent.address() as import('node:net').AddressInfo).port
+  const result = await runGitRollback(cfg(`http://127.0.0.1:${port}/deploy.git`, { timeoutMs: 1500 }), REQ, join(r.dir, 'state'))
+  t.equal(result.ok, false)
+  t.match(result.error, /timed out/)
+})
