@@ -167,3 +167,36 @@ t.test('a remote that never answers is cut at the deadline', async (t) => {
   t.equal(result.ok, false)
   t.match(result.error, /timed out/)
 })
+
+t.test('a sidecar configured with rollback type git reverts the release in the background', async (t) => {
+  const { startTestSidecar } = await import('./helpers/sidecar.js')
+  const { startUpstream } = await import('./helpers/upstream.js')
+  const { admin } = await import('./helpers/admin.js')
+  const { eventually } = await import('./helpers/http.js')
+  const r = await remote(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const s = await startTestSidecar(t, {
+    version: '2.0.0',
+    upstreams: { app: { url: app.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollback: { type: 'git', repo: r.bare, branch: 'main', path: 'apps/checkout', author: 'Breakwater Bot <bot@example.test>', requireRecentChange: false }
+  })
+  const started = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'checkout 2.0.0 fails' })
+  t.equal(started.status, 202, 'answered at once with a running record')
+  const id = started.body.id as string
+  t.ok(await eventually(async () => (await admin(s.admin, 'GET', `/v1/mitigations/${id}`)).body.status !== 'running', 60_000), 'the rollback ends')
+  const done = await admin(s.admin, 'GET', `/v1/mitigations/${id}`)
+  t.match(done.body, { status: 'succeeded', result: { ok: true, type: 'git', alreadyReverted: false } })
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', 'the branch deploys the previous release')
+  t.match(git(r.bare, 'log', '-n1', '--format=%B', 'main'), /Breakwater rolled back test 2\.0\.0 \(operator, incident [0-9a-f]{32}\)/)
+})
+
+t.test('validate: a git rollback needs repo and branch, and an author of the form Name <email>', async (t) => {
+  const { resolveConfig } = await import('../src/config/load.js')
+  const base = { service: 's', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
+  t.throws(() => resolveConfig({ ...base, rollback: { type: 'git', branch: 'main' } }), /rollback/)
+  t.throws(() => resolveConfig({ ...base, rollback: { type: 'git', repo: '/x', branch: 'main', author: 'no email' } }), /rollback/)
+  const ok = resolveConfig({ ...base, rollback: { type: 'git', repo: '/x', branch: 'main' } })
+  t.match(ok.config.rollback, { type: 'git', repo: '/x', branch: 'main', path: null, author: null, timeoutMs: 120_000 })
+})

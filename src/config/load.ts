@@ -404,6 +404,7 @@ function rollbackConfig (r: ConfigInput['rollback']): RollbackConfig | null {
     requireRecentChangeMs: recent === false ? 0 : toMs(recent)
   }
   if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers ?? {}, retries: r.retries ?? 3, timeoutMs: toMs(r.timeoutMs ?? 10_000) }
+  if (r.type === 'git') return { ...common, type: 'git', repo: r.repo, branch: r.branch, path: r.path ?? null, author: r.author ?? null, timeoutMs: toMs(r.timeoutMs ?? 120_000) }
   return { ...common, type: 'exec', command: r.command, timeoutMs: toMs(r.timeoutMs ?? 60_000) }
 }
 
@@ -428,7 +429,7 @@ function keyPath (pointer: string): string {
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
-const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers|repo))/
 
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>

@@ -197,8 +197,18 @@ export const ConfigSchema = closed(
         timeoutMs: Type.Optional(Duration),
         cooldown: Type.Optional(Duration),
         requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
+      }),
+      closed({
+        type: Type.Literal('git'),
+        repo: Type.String({ minLength: 1, description: 'remote URL or path of the repository the CD system deploys from' }),
+        branch: Type.String({ minLength: 1, pattern: '^[^\\s~^:?*\\[\\\\]+$' }),
+        path: Type.Optional(Type.String({ minLength: 1, description: 'only commits touching this path are reverted' })),
+        author: Type.Optional(Type.String({ pattern: '^[^<>]+ <[^<>\\s]+>$', description: 'Name <email> of the revert commit' })),
+        timeoutMs: Type.Optional(Duration),
+        cooldown: Type.Optional(Duration),
+        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
       })
-    ], { description: 'a rollback action: {type: webhook, url} or {type: exec, command: [argv]}' })),
+    ], { description: 'a rollback action: {type: webhook, url}, {type: exec, command: [argv]} or {type: git, repo, branch}' })),
     health: Type.Optional(closed({
       failOnOpenCircuit: Type.Optional(Type.Union([Type.Literal('critical'), Type.Literal('any'), Type.Literal('never')]))
     })),

@@ -121,6 +121,8 @@ export interface RollbackCommon {
 export type RollbackConfig =
   | (RollbackCommon & { type: 'webhook', url: string, headers: Readonly<Record<string, string>>, retries: number })
   | (RollbackCommon & { type: 'exec', command: readonly string[] })
+  /** GitOps (SPEC §19): revert the newest commit touching `path` on `branch` and push it. */
+  | (RollbackCommon & { type: 'git', repo: string, branch: string, path: string | null, author: string | null })
 
 export interface TriggerConfig {
   name: string

@@ -71,7 +71,8 @@ interface Git {
   run: (args: string[], allowFail?: boolean) => Promise<{ code: number, out: string }>
 }
 
-function gitIn (dir: string, deadline: number, identity: { name: string, email: string }): Git {
+/** Runs git in `dir`; every command is killed (with its helpers) at `deadline` or when `signal` aborts. */
+function gitIn (dir: string, deadline: number, identity: { name: string, email: string }, signal?: AbortSignal): Git {
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     // Never wait for a person, never read a system pager or editor.
@@ -91,6 +92,7 @@ function gitIn (dir: string, deadline: number, identity: { name: string, email: 
     run: async (args, allowFail = false) => await new Promise((resolve, reject) => {
       const left = deadline - Date.now()
       if (left <= 0) { reject(new GitFailure('timed out')); return }
+      if (signal?.aborted === true) { reject(new GitFailure('cut short: the sidecar is stopping')); return }
       // Its own process group: git runs helpers (git-remote-https, ssh) that must die with it.
       const child = spawn('git', args, { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
       let out = ''
@@ -98,14 +100,20 @@ function gitIn (dir: string, deadline: number, identity: { name: string, email: 
       child.stdout.on('data', keep)
       child.stderr.on('data', keep)
       let timedOut = false
-      const timer = setTimeout(() => {
+      const cut = (why: string): void => {
         timedOut = true
+        clearTimeout(timer)
+        signal?.removeEventListener('abort', onAbort)
         try { process.kill(-(child.pid as number), 'SIGKILL') } catch { child.kill('SIGKILL') }
-        reject(new GitFailure(`timed out during git ${args[0] ?? ''}`))
-      }, left)
+        reject(new GitFailure(why))
+      }
+      const timer = setTimeout(() => cut(`timed out during git ${args[0] ?? ''}`), left)
+      const onAbort = (): void => cut('cut short: the sidecar is stopping')
+      signal?.addEventListener('abort', onAbort, { once: true })
       child.on('error', (err) => { clearTimeout(timer); reject(new GitFailure(`git could not be started: ${err.message}`)) })
       child.on('close', (code) => {
         clearTimeout(timer)
+        signal?.removeEventListener('abort', onAbort)
         if (timedOut) return
         const result = { code: code ?? -1, out: out.trim() }
         if (result.code !== 0 && !allowFail) reject(new GitFailure(`git ${args[0] ?? ''} failed: ${lastLines(result.out)}`))
@@ -138,12 +146,12 @@ function commitMessage (subject: string, reverted: string, r: GitRollbackRequest
  * Revert the newest commit touching `config.path` on `config.branch` and push it, in a working
  * clone at `workDir` (created, or reused and reset to the remote branch). Never throws.
  */
-export async function runGitRollback (config: GitRollbackConfig, r: GitRollbackRequest, workDir: string): Promise<GitRollbackResult> {
+export async function runGitRollback (config: GitRollbackConfig, r: GitRollbackRequest, workDir: string, signal?: AbortSignal): Promise<GitRollbackResult> {
   const identity = parseAuthor(config.author ?? '') ?? { name: 'Breakwater', email: 'breakwater@localhost' }
   const deadline = Date.now() + config.timeoutMs
   let attempts = 0
   try {
-    const git = await checkout(config, workDir, deadline, identity)
+    const git = await checkout(config, workDir, deadline, identity, signal)
     const remote = `origin/${config.branch}`
     const pathArgs = config.path === null ? [] : ['--', config.path]
     for (;;) {
@@ -176,9 +184,9 @@ export async function runGitRollback (config: GitRollbackConfig, r: GitRollbackR
 }
 
 /** A clone at `dir` whose `origin/BRANCH` is fresh; a broken clone is replaced. */
-async function checkout (config: GitRollbackConfig, dir: string, deadline: number, identity: { name: string, email: string }): Promise<Git> {
+async function checkout (config: GitRollbackConfig, dir: string, deadline: number, identity: { name: string, email: string }, signal?: AbortSignal): Promise<Git> {
   if (existsSync(join(dir, '.git'))) {
-    const git = gitIn(dir, deadline, identity)
+    const git = gitIn(dir, deadline, identity, signal)
     await git.run(['remote', 'set-url', 'origin', config.repo])
     const fetched = await git.run(['fetch', '--quiet', '--prune', 'origin', `+refs/heads/${config.branch}:refs/remotes/origin/${config.branch}`], true)
     if (fetched.code === 0) {
@@ -190,7 +198,7 @@ async function checkout (config: GitRollbackConfig, dir: string, deadline: numbe
     rmSync(dir, { recursive: true, force: true })
   }
   mkdirSync(dir, { recursive: true })
-  const git = gitIn(dir, deadline, identity)
+  const git = gitIn(dir, deadline, identity, signal)
   await git.run(['clone', '--quiet', '--no-tags', '--branch', config.branch, '--single-branch', '--', config.repo, '.'])
   return git
 }

@@ -49,7 +49,7 @@ export class RollbackPolicy {
     const rollback = cfg.rollback
     if (rollback === null) return
     const abort = new AbortController()
-    const done = runRollback(rollback, { service: cfg.service, version: cfg.version, trigger, reason: record.reason }, { signal: abort.signal })
+    const done = runRollback(rollback, { service: cfg.service, version: cfg.version, trigger, reason: record.reason }, { signal: abort.signal, stateDir: cfg.stateDir })
       .catch((err: unknown): RollbackResult => ({ ok: false, type: rollback.type, idempotencyKey: '', attempts: 0, error: (err as Error).message }))
       .then(async (result) => {
         this.running = null

@@ -6,13 +6,17 @@
  *   receiver that honours the key; it is retried with backoff on network errors, 429 and 5xx;
  * - `exec` gets BREAKWATER_SERVICE, BREAKWATER_VERSION, BREAKWATER_TRIGGER in its
  *   environment and is killed after `timeoutMs`;
+ * - `git` reverts the release commit and pushes (git-rollback.ts); the same key names the
+ *   incident in the commit's trailer, so a fleet makes one revert;
  * - callers enforce the cooldown, "never the same version twice" and "one at a time"
  *   (rollback-policy.ts), and run it in the background.
  */
 import { createHash } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { request } from 'undici'
+import { join } from 'node:path'
 import type { RollbackConfig } from '../config/types.js'
+import { runGitRollback } from './git-rollback.js'
 
 export interface RollbackRequest {
   service: string
@@ -24,7 +28,10 @@ export interface RollbackRequest {
 
 export interface RollbackResult {
   ok: boolean
-  type: 'webhook' | 'exec'
+  type: RollbackConfig['type']
+  /** git: the revert commit on the branch, and whether another sidecar had already pushed it. */
+  commit?: string
+  alreadyReverted?: boolean
   idempotencyKey: string
   attempts: number
   status?: number
@@ -39,10 +46,20 @@ export function idempotencyKey (r: Pick<RollbackRequest, 'service' | 'version' |
 }
 
 /** `signal` ends the action early (the sidecar is stopping): the request or the command is cut. */
-export async function runRollback (config: RollbackConfig, r: RollbackRequest, options: { signal?: AbortSignal } = {}): Promise<RollbackResult> {
+export interface RollbackOptions {
+  signal?: AbortSignal
+  /** Where a `git` rollback keeps its working clone (`STATEDIR/rollback-git`). */
+  stateDir?: string
+}
+
+export async function runRollback (config: RollbackConfig, r: RollbackRequest, options: RollbackOptions = {}): Promise<RollbackResult> {
   const key = idempotencyKey(r)
   const signal = options.signal
   if (config.type === 'exec') return await runExec(config.command, config.timeoutMs, r, key, signal)
+  if (config.type === 'git') {
+    const git = await runGitRollback(config, { ...r, incident: key }, join(options.stateDir ?? '.', 'rollback-git'), signal)
+    return { ok: git.ok, type: 'git', idempotencyKey: key, attempts: git.attempts, commit: git.commit, alreadyReverted: git.alreadyReverted, error: git.error, output: git.reverted === undefined ? undefined : `reverted ${git.reverted}` }
+  }
   const body = JSON.stringify({ service: r.service, version: r.version, trigger: r.trigger, reason: r.reason })
   let last: RollbackResult = { ok: false, type: 'webhook', idempotencyKey: key, attempts: 0 }
   for (let attempt = 1; attempt <= config.retries + 1; attempt++) {
