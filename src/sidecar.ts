@@ -14,6 +14,7 @@ import { DataPlane } from './proxy/dataplane.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { HealthPolicy } from './ops/health.js'
+import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
 import { FlagSnapshot } from './flags/snapshot.js'
@@ -66,6 +67,7 @@ export class Sidecar {
   adminToken: AdminToken | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
+  private readonly reachability: ReachabilityWatch
   private readonly proxy: ProxyServer
   private readonly egress: ProxyServer | null
   private readonly ops: ReturnType<typeof createOpsServer>
@@ -85,7 +87,8 @@ export class Sidecar {
     this.registry = options.registry ?? new Registry()
     this.flags = new FlagSnapshot(config, this.logger)
     this.dataPlane = new DataPlane(config, { logger: this.logger, flags: this.flags })
-    this.health = new HealthPolicy(this.dataPlane)
+    this.reachability = new ReachabilityWatch(this.logger)
+    this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
     this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, maxConnections, options.bare === true)
@@ -180,6 +183,7 @@ export class Sidecar {
     this.dataPlane.overload.start()
     this.triggers.start()
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
   }
@@ -219,7 +223,7 @@ export class Sidecar {
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
       startedAt: this.startedAt,
-      health: this.health.report(),
+      health: this.health.readiness(),
       persisted: this.control.persisted,
       flags,
       circuits,
@@ -256,6 +260,7 @@ export class Sidecar {
     this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
     this.control.noteConfig()
   }
@@ -317,6 +322,7 @@ export class Sidecar {
     const abandoned = this.dataPlane.stats.inFlight
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
+    this.reachability.stop()
     if (this.egress !== null) {
       this.egress.server.close()
       this.egress.server.closeAllConnections()

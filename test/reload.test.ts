@@ -148,18 +148,19 @@ t.test('pools: no new connection for an unchanged upstream; a changed one gets a
   }
   const s = await startFileSidecar(t, base)
   t.equal((await send(s.proxy, '/a')).status, 200)
-  t.equal(app.connections(), 1, 'one connection to the app')
+  // The start-up probe that the local app accepts connections (test/reachability.test.ts), and the pool's.
+  t.ok(await eventually(() => app.connections() === 2, 10_000), 'two connections to the app')
 
   await reload(s, { ...base, featureFlags: { unrelated: true }, logging: { level: 'warn' } })
   t.equal((await send(s.proxy, '/b')).status, 200)
-  t.equal(app.connections(), 1, 'the reload opened no new connection to the unchanged upstream')
+  t.equal(app.connections(), 2, 'the reload opened no new connection to the unchanged upstream')
 
   // `other` has a request running when a reload removes it.
   const held = outcome(send(s.proxy, '/other/held'))
   t.ok(await eventually(() => other.held() === 1, 10_000), 'the other upstream holds a request')
   await reload(s, { upstreams: { app: { url: app.url, keepAliveTimeoutMs: '20s' } }, routes: [base.routes[1]] })
   t.equal((await send(s.proxy, '/c')).status, 200)
-  t.equal(app.connections(), 2, 'the changed upstream connected afresh')
+  t.equal(app.connections(), 3, 'the changed upstream connected afresh')
   t.ok(await eventually(() => app.open() === 1, 10_000), 'and the old pool closed its idle connection')
 
   t.equal(other.open(), 1, 'the removed upstream\'s connection stays while its request runs')
