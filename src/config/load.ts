@@ -9,9 +9,9 @@ import { pathToFileURL } from 'node:url'
 import { parse as parseYaml } from 'yaml'
 import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
-import { ConfigSchema, type ConfigInput } from './schema.js'
+import { ConfigSchema, type ConfigInput, type TSchema } from './schema.js'
 import { expandEnv } from './env.js'
-import { toMs as parseMs } from './duration.js'
+import { toMs as parseMs, durationProblem, DURATION_KIND } from './duration.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 
@@ -99,6 +99,7 @@ export function resolveConfig (raw: unknown, options: ResolveOptions = {}): Load
   // A missing key is one problem, not also "must be a string" at the same path.
   const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
   for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(describe(error))
+  checkDurations(ConfigSchema, input, '', problems)
   const warnings: string[] = []
   let config: Config | null = null
   try {
@@ -411,6 +412,36 @@ function deriveRouteName (match: ConfigInput['routes'][number]['match']): string
   return /^[A-Za-z_]/.test(base) ? base.slice(0, 64) : `r_${base}`.slice(0, 64)
 }
 
+/**
+ * Find every duration in `value` by walking it beside its schema, and report those too long
+ * for a timer (a string such as `9999999h`; a number that large is a schema error already).
+ */
+function checkDurations (schema: TSchema, value: unknown, at: string, problems: string[]): void {
+  if ((schema as unknown as Record<symbol, unknown>)[DURATION_KIND] === true) {
+    if (typeof value === 'string') {
+      const problem = durationProblem(at, value)
+      if (problem !== null) problems.push(problem)
+    }
+    return
+  }
+  if (schema.anyOf !== undefined) {
+    const member = (schema.anyOf as TSchema[]).find((m) => Value.Check(m, value))
+    if (member !== undefined) checkDurations(member, value, at, problems)
+    return
+  }
+  if (Array.isArray(value)) {
+    if (schema.items !== undefined) value.forEach((item, i) => checkDurations(schema.items as TSchema, item, `${at}[${i}]`, problems))
+    return
+  }
+  if (value === null || typeof value !== 'object') return
+  const properties = schema.properties as Record<string, TSchema> | undefined
+  const patterns = schema.patternProperties as Record<string, TSchema> | undefined
+  for (const [key, item] of Object.entries(value)) {
+    const child = properties?.[key] ?? (patterns === undefined ? undefined : Object.values(patterns)[0])
+    if (child !== undefined) checkDurations(child, item, at === '' ? key : `${at}.${key}`, problems)
+  }
+}
+
 /** `/routes/0/match/pathPrefix` → `routes[0].match.pathPrefix` */
 function keyPath (pointer: string): string {
   if (pointer === '') return '(root)'
@@ -435,7 +466,7 @@ function describe (error: ValueError): string {
   return describeValue(error, s, at)
 }
 
-function describeValue (error: ValueError, s: Record<string, unknown>, at: string): string {
+function describeValue (error: ValueError, s: Record<string | symbol, unknown>, at: string): string {
   switch (error.type) {
     case ValueErrorType.ObjectAdditionalProperties:
       return `${at}: unknown key`
@@ -468,6 +499,10 @@ function describeValue (error: ValueError, s: Record<string, unknown>, at: strin
     case ValueErrorType.StringPattern:
       return `${at}: ${typeof s.description === 'string' ? `must be ${s.description}` : `must match ${String(s.pattern)}`} (got ${JSON.stringify(error.value)})`
     case ValueErrorType.Union: {
+      if (s[DURATION_KIND] === true && typeof error.value === 'number') {
+        const problem = durationProblem(at, error.value)
+        if (problem !== null) return problem
+      }
       if (at === 'logging.accessLog') return `${at}: must be true, false or a sample rate from 0 to 1 (got ${JSON.stringify(error.value)})`
       const literals = (s.anyOf as Array<Record<string, unknown>> | undefined)?.map((o) => o.const).filter((c) => c !== undefined)
       if (literals !== undefined && literals.length > 0) return `${at}: must be one of ${literals.map((l) => JSON.stringify(l)).join(', ')} (got ${JSON.stringify(error.value)})`

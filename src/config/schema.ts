@@ -7,17 +7,18 @@
  * silently ignored.
  */
 import { Type, type Static, type TSchema, type TProperties, type ObjectOptions } from '@sinclair/typebox'
+import { DURATION_KIND, MAX_DURATION_MS } from './duration.js'
 
 const closed = <T extends TProperties>(properties: T, options: ObjectOptions = {}) =>
   Type.Object(properties, { additionalProperties: false, ...options })
 
-/** `500ms`, `30s`, `5m`, `1h`, or a number of milliseconds. */
+/** `500ms`, `30s`, `5m`, `1h`, or a number of milliseconds; at most `MAX_DURATION_MS` either way. */
 export const Duration = Type.Union(
   [
-    Type.Integer({ minimum: 0 }),
+    Type.Integer({ minimum: 0, maximum: MAX_DURATION_MS }),
     Type.String({ pattern: '^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$', description: 'a duration: 500ms, 30s, 5m, 1h' })
   ],
-  { description: 'milliseconds, or a string such as 500ms, 30s, 5m, 1h' }
+  { description: `milliseconds, or a string such as 500ms, 30s, 5m, 1h; at most ${MAX_DURATION_MS} ms (about 24.8 days)`, [DURATION_KIND]: true }
 )
 
 /** Names of upstreams and routes become metric labels: keep them tame. */
