@@ -13,7 +13,7 @@ import { ConfigSchema, type ConfigInput, type TSchema } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs as parseMs, durationProblem, DURATION_KIND } from './duration.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
-import { readFlagFileSync } from '../flags/flagd-file.js'
+import { readFlagFileSync } from './flag-file.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
 /**
