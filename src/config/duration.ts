@@ -4,6 +4,9 @@
  * a larger delay silently becomes 1 ms, so `timeoutMs: 1e308` would time out at once. A
  * duration is therefore a whole number of milliseconds from 0 to `MAX_DURATION_MS`.
  */
+import type { TSchema } from '@sinclair/typebox'
+import { walk } from './schema-walk.js'
+
 const UNIT_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
 const DURATION = /^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$/
 
@@ -32,4 +35,20 @@ export function durationProblem (at: string, value: number | string): string | n
   }
   if (ms <= MAX_DURATION_MS) return null
   return `${at}: must be at most ${MAX_DURATION_MS} ms (about 24.8 days, the longest timer Node.js can set) (got ${typeof value === 'number' ? String(value) : JSON.stringify(value)})`
+}
+
+/**
+ * Every duration in `value` (found beside its schema) that is too long for a timer: a string
+ * such as `9999999h`. A number that large is already a schema error, worded the same way.
+ */
+export function durationProblems (schema: TSchema, value: unknown): string[] {
+  const problems: string[] = []
+  walk(schema, value, '', (s, v, at) => {
+    if ((s as unknown as Record<symbol, unknown>)[DURATION_KIND] === true && typeof v === 'string') {
+      const problem = durationProblem(at, v)
+      if (problem !== null) problems.push(problem)
+    }
+    return v
+  })
+  return problems
 }
