@@ -24,7 +24,7 @@ import { resolveAdminToken, isLoopback, type AdminToken } from './control/token.
 import { Notifier } from './control/notify.js'
 import { TriggerEngine } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
-import { Verifier } from './control/verify.js'
+import { Verifier, TTR_BUCKETS } from './control/verify.js'
 import { triage } from './control/triage.js'
 
 export interface SidecarOptions {
@@ -153,7 +153,7 @@ export class Sidecar {
       incidents: () => this.verifier.incidents,
       triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {

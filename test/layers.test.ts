@@ -27,3 +27,7 @@ t.test('config/ imports nothing outside config/', async (t) => {
 t.test('proxy/ does not import control/', async (t) => {
   t.same(importsOf('proxy').filter((i) => i.includes('/control/')), [])
 })
+
+t.test('ops/ reads the control plane and flags through small interfaces, never their classes', async (t) => {
+  t.same(importsOf('ops').filter((i) => i.includes('/control/') || i.includes('/flags/')), [])
+})
