@@ -17,6 +17,7 @@ const closed = <T extends TProperties>(properties: T, options: ObjectOptions = {
 /** An optional key and the value it takes when absent. */
 export type TDefault<T extends TSchema> = TOptional<T & { default: Static<T> }>
 
+/** `schema` as an optional key that takes `value` when absent (the JSON schema's `default`). */
 const withDefault = <T extends TSchema>(schema: T, value: Static<T>): TDefault<T> =>
   Type.Optional(CloneType(schema, { default: value })) as TDefault<T>
 
@@ -256,8 +257,9 @@ export type Resolved<S> =
         : S extends TUnion<infer M> ? Resolved<M[number]>
           : S extends TSchema ? Static<S> : never
 
-type Defaulted<P extends TProperties> = { [K in keyof P]: P[K] extends TOptional<TSchema> ? (P[K] extends { default: unknown } ? K : never) : K }[keyof P]
-type ResolvedObject<P extends TProperties> = { [K in Defaulted<P>]: Resolved<P[K]> } & { [K in Exclude<keyof P, Defaulted<P>>]?: Resolved<P[K]> }
+/** Keys present after defaults: the required ones and those declared `withDefault`. */
+type PresentKeys<P extends TProperties> = { [K in keyof P]: P[K] extends TOptional<TSchema> ? (P[K] extends { default: unknown } ? K : never) : K }[keyof P]
+type ResolvedObject<P extends TProperties> = { [K in PresentKeys<P>]: Resolved<P[K]> } & { [K in Exclude<keyof P, PresentKeys<P>>]?: Resolved<P[K]> }
 
 export type ResolvedInput = Resolved<typeof ConfigSchema>
 

@@ -24,7 +24,7 @@ export class Upstream {
   /** Its circuit breaker, when `circuitBreakers` lists it (or an operator forced one). */
   circuit: Circuit | null = null
 
-  constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents, definition = '') {
+  constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents, definition: string) {
     this.name = config.name
     this.config = config
     this.balancer = new Balancer(config, endpoints, events)
