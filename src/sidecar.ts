@@ -11,6 +11,7 @@ import type { Config } from './config/types.js'
 import { loadConfigFile, ConfigError } from './config/load.js'
 import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
+import type { UpstreamChanges } from './proxy/upstreams.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { HealthPolicy } from './ops/health.js'
@@ -249,20 +250,21 @@ export class Sidecar {
     }) as unknown as Record<string, unknown>
   }
 
-  /** Swap in a validated config without dropping a connection. */
-  async apply (next: Config): Promise<void> {
+  /** Swap in a validated config without dropping a connection; says what became of each upstream. */
+  async apply (next: Config): Promise<UpstreamChanges> {
     await this.flags.apply(next)
     const prev = this.config
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
       this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
     }
-    this.dataPlane.apply(next)
+    const upstreams = this.dataPlane.apply(next)
     this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
     this.control.noteConfig()
+    return upstreams
   }
 
   /** Re-read the config file; an invalid one is refused and the running config kept. */
@@ -272,9 +274,9 @@ export class Sidecar {
     try {
       const { config, warnings } = await loadConfigFile(source)
       for (const w of warnings) this.logger.warn({ event: 'config_warning' }, w)
-      await this.apply(config)
+      const upstreams = await this.apply(config)
       this.reloads.ok++
-      this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version }, 'config reloaded')
+      this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version, upstreams }, 'config reloaded')
       return { ok: true, problems: [] }
     } catch (err) {
       const problems = err instanceof ConfigError ? err.problems : [(err as Error).message]

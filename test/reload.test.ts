@@ -151,7 +151,8 @@ t.test('pools: no new connection for an unchanged upstream; a changed one gets a
   // The start-up probe that the local app accepts connections (test/reachability.test.ts), and the pool's.
   t.ok(await eventually(() => app.connections() === 2, 10_000), 'two connections to the app')
 
-  await reload(s, { ...base, featureFlags: { unrelated: true }, logging: { level: 'warn' } })
+  await reload(s, { ...base, featureFlags: { unrelated: true }, logging: { level: 'debug' } })
+  t.same(s.logs.filter((l) => l.event === 'config_reload').at(-1)?.upstreams, { kept: ['app', 'other'], fresh: [], removed: [] })
   t.equal((await send(s.proxy, '/b')).status, 200)
   t.equal(app.connections(), 2, 'the reload opened no new connection to the unchanged upstream')
 
@@ -161,6 +162,8 @@ t.test('pools: no new connection for an unchanged upstream; a changed one gets a
   await reload(s, { upstreams: { app: { url: app.url, keepAliveTimeoutMs: '20s' } }, routes: [base.routes[1]] })
   t.equal((await send(s.proxy, '/c')).status, 200)
   t.equal(app.connections(), 3, 'the changed upstream connected afresh')
+  const logged = s.logs.filter((l) => l.event === 'config_reload' && l.result === 'ok').at(-1)
+  t.same(logged?.upstreams, { kept: [], fresh: ['app'], removed: ['other'] }, 'the reload logs which upstreams kept their state')
   t.ok(await eventually(() => app.open() === 1, 10_000), 'and the old pool closed its idle connection')
 
   t.equal(other.open(), 1, 'the removed upstream\'s connection stays while its request runs')

@@ -7,7 +7,7 @@ import type { Duplex } from 'node:stream'
 import type { Logger } from 'pino'
 import type { CircuitBreakerConfig, Config } from '../config/types.js'
 import { Route, RouteTable } from './route-table.js'
-import { UpstreamRegistry, type Upstream } from './upstreams.js'
+import { UpstreamRegistry, type Upstream, type UpstreamChanges } from './upstreams.js'
 import type { Endpoint } from './balancer.js'
 import { DataPlaneStats } from './stats.js'
 import { OverloadMonitor } from './overload.js'
@@ -161,9 +161,13 @@ export class DataPlane {
     return true
   }
 
-  /** Swap in a new config. Requests in flight finish on the runtime they started with. */
-  apply (config: Config): void {
+  /**
+   * Swap in a new config. Requests in flight finish on the runtime they started with. Says
+   * which upstreams kept their state, which start afresh and which were removed.
+   */
+  apply (config: Config): UpstreamChanges {
     this.runtime = this.build(config)
+    return this.upstreams.changes
   }
 
   allEndpoints (): Endpoint[] {

@@ -50,9 +50,19 @@ function createPool (origin: string, config: UpstreamConfig): Pool {
   })
 }
 
+/** What the last build did with each upstream, by name (for the reload's log line). */
+export interface UpstreamChanges {
+  /** Unchanged: pools, circuit and bulkhead count carried over. */
+  kept: string[]
+  /** New or changed: built afresh. */
+  fresh: string[]
+  removed: string[]
+}
+
 /** Keeps unchanged upstreams (and their pools) across reloads; retires the others. */
 export class UpstreamRegistry {
   private current = new Map<string, Upstream>()
+  changes: UpstreamChanges = { kept: [], fresh: [], removed: [] }
   /** Endpoints of retired upstreams whose pools are still finishing their requests. */
   private readonly closing = new Set<Endpoint>()
 
@@ -62,15 +72,25 @@ export class UpstreamRegistry {
    */
   build (configs: Readonly<Record<string, UpstreamConfig>>, breakers: Readonly<Record<string, CircuitBreakerConfig>>, events: BalancerEvents): Map<string, Upstream> {
     const next = new Map<string, Upstream>()
+    const changes: UpstreamChanges = { kept: [], fresh: [], removed: [] }
     for (const config of Object.values(configs)) {
       const definition = JSON.stringify([config, breakers[config.name] ?? null])
       const prev = this.current.get(config.name)
-      next.set(config.name, prev !== undefined && prev.definition === definition
-        ? prev
-        : new Upstream(config, config.endpoints.map((origin) => new Endpoint(origin, createPool(origin, config))), events, definition))
+      if (prev !== undefined && prev.definition === definition) {
+        next.set(config.name, prev)
+        changes.kept.push(config.name)
+      } else {
+        next.set(config.name, new Upstream(config, config.endpoints.map((origin) => new Endpoint(origin, createPool(origin, config))), events, definition))
+        changes.fresh.push(config.name)
+      }
     }
-    for (const [name, prev] of this.current) if (next.get(name) !== prev) this.retire(prev)
+    for (const [name, prev] of this.current) {
+      if (next.get(name) === prev) continue
+      this.retire(prev)
+      if (!next.has(name)) changes.removed.push(name)
+    }
     this.current = next
+    this.changes = changes
     return next
   }
 
