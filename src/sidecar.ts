@@ -154,7 +154,7 @@ export class Sidecar {
       incidents: () => this.verifier.incidents,
       triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {

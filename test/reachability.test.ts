@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net'
 import { refusedUrl, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
+import { metricValue, scrape, hasSample } from './helpers/metrics.js'
 
 /** An echo app listening on `port` (a port the test chose earlier). */
 async function listenOn (port: number): Promise<{ close: () => Promise<void> }> {
@@ -40,6 +41,7 @@ t.test('an app that does not accept connections: a warning at start and in /read
   t.match(ready.body.warnings, [{ upstream: 'app', endpoint: url, error: 'ECONNREFUSED', message: /does not accept connections/ }], '/ready shows the warning')
   t.same(await getJson(`${s.ops}/health`), { status: 200, body: { status: 'ok' } }, '/health is unchanged')
   t.equal((await send(s.proxy, '/')).status, 502, 'requests fail meanwhile')
+  t.equal(await metricValue(s.ops, 'breakwater_upstream_unreachable_endpoints', { upstream: 'app' }), 1, 'a gauge counts the unreachable endpoint')
 
   const app = await listenOn(port)
   t.teardown(app.close)
@@ -47,6 +49,8 @@ t.test('an app that does not accept connections: a warning at start and in /read
   t.same((await getJson(`${s.ops}/ready`)).body, { status: 'ok' })
   t.ok(s.logs.some((l) => l.event === 'upstream_reachable' && l.upstream === 'app' && l.level === 'info'), 'the recovery is logged')
   t.equal((await send(s.proxy, '/')).status, 200)
+  t.ok(hasSample(await scrape(s.ops), 'breakwater_upstream_unreachable_endpoints', { upstream: 'app' }), 'the gauge stays, at 0')
+  t.equal(await metricValue(s.ops, 'breakwater_upstream_unreachable_endpoints', { upstream: 'app' }), 0)
 })
 
 t.test('an app that stops accepting connections later is reported from real traffic, and clears when it is back', async (t) => {

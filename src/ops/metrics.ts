@@ -64,8 +64,14 @@ export interface RestoreTimes {
   readonly ttrCount: number
 }
 
+/** Local app endpoints that do not accept connections, by upstream (`ops/reachability.ts`). */
+export interface ReachabilityCounters {
+  unreachable: () => ReadonlyMap<string, number>
+}
+
 export interface MetricSources {
   dataPlane: DataPlane
+  reachability: ReachabilityCounters
   flags: FlagCounters
   control: MitigationCounters
   triggers: TriggerCounters
@@ -197,6 +203,9 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     }
     return out
   })
+
+  scraped(registry, 'breakwater_upstream_unreachable_endpoints', 'Endpoints of the local app (critical or loopback upstreams) that do not accept connections.', 'gauge', () =>
+    [...sources.reachability.unreachable()].map(([upstream, n]) => ({ labels: { upstream }, value: n })))
 
   scraped(registry, 'breakwater_in_flight_requests', 'Requests being proxied now.', 'gauge', () => [{ labels: {}, value: dp.stats.inFlight }])
 

@@ -64,8 +64,8 @@ export class ReachabilityWatch {
         current.add(key)
         if (!this.subscribed.has(endpoint)) {
           this.subscribed.add(endpoint)
-          endpoint.pool.on('connect', () => this.reachable(key))
-          endpoint.pool.on('connectionError', (_origin, _targets, err: Error) => this.unreachable(key, err))
+          endpoint.pool.on('connect', () => this.markReachable(key))
+          endpoint.pool.on('connectionError', (_origin, _targets, err: Error) => this.markUnreachable(key, err))
         }
         let w = this.watched.get(key)
         if (w === undefined) {
@@ -87,6 +87,13 @@ export class ReachabilityWatch {
   warnings (): ReachabilityWarning[] {
     const out: ReachabilityWarning[] = []
     for (const w of this.watched.values()) if (w.warning !== null) out.push(w.warning)
+    return out
+  }
+
+  /** Unreachable endpoints by watched upstream (0 when all accept connections), for metrics. */
+  unreachable (): Map<string, number> {
+    const out = new Map<string, number>()
+    for (const w of this.watched.values()) out.set(w.upstream, (out.get(w.upstream) ?? 0) + (w.warning === null ? 0 : 1))
     return out
   }
 
@@ -114,15 +121,15 @@ export class ReachabilityWatch {
       socket.destroy()
       if (w.socket !== socket) return // cancelled
       w.socket = null
-      if (err === null) this.reachable(key)
-      else this.unreachable(key, err)
+      if (err === null) this.markReachable(key)
+      else this.markUnreachable(key, err)
     }
     socket.once('connect', () => settle(null))
     socket.once('timeout', () => settle(Object.assign(new Error(`no connection within ${w.connectTimeoutMs} ms`), { code: 'ETIMEDOUT' })))
     socket.once('error', settle)
   }
 
-  private reachable (key: string): void {
+  private markReachable (key: string): void {
     const w = this.watched.get(key)
     if (w === undefined || this.stopped) return
     const was = w.reachable
@@ -132,7 +139,7 @@ export class ReachabilityWatch {
     if (was === false) this.logger.info({ event: 'upstream_reachable', upstream: w.upstream, endpoint: w.origin }, 'upstream accepts connections again')
   }
 
-  private unreachable (key: string, err: Error): void {
+  private markUnreachable (key: string, err: Error): void {
     const w = this.watched.get(key)
     if (w === undefined || this.stopped) return
     const code = (err as NodeJS.ErrnoException).code ?? err.name
