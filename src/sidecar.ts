@@ -11,10 +11,12 @@ import type { Config } from './config/types.js'
 import { loadConfigFile, ConfigError } from './config/load.js'
 import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
+import type { UpstreamChanges } from './proxy/upstreams.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { normalisePath } from './proxy/path.js'
 import { HealthPolicy } from './ops/health.js'
+import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics } from './ops/metrics.js'
 import { FlagSnapshot } from './flags/snapshot.js'
@@ -25,7 +27,7 @@ import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
 import { Notifier } from './control/notify.js'
 import { TriggerEngine, releaseRemovedWindows } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
-import { Verifier } from './control/verify.js'
+import { Verifier, TTR_BUCKETS } from './control/verify.js'
 import { triage } from './control/triage.js'
 
 export interface SidecarOptions {
@@ -69,6 +71,7 @@ export class Sidecar {
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
+  private readonly reachability: ReachabilityWatch
   private readonly proxy: ProxyServer
   private readonly egress: ProxyServer | null
   private readonly ops: ReturnType<typeof createOpsServer>
@@ -88,7 +91,8 @@ export class Sidecar {
     this.registry = options.registry ?? new Registry()
     this.flags = new FlagSnapshot(config, this.logger)
     this.dataPlane = new DataPlane(config, { logger: this.logger, flags: this.flags })
-    this.health = new HealthPolicy(this.dataPlane)
+    this.reachability = new ReachabilityWatch(this.logger)
+    this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
     this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, 'proxy', maxConnections, options.bare === true)
@@ -164,7 +168,7 @@ export class Sidecar {
       incidents: () => this.verifier.incidents,
       triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads })
   }
 
   async listen (): Promise<Addresses> {
@@ -198,6 +202,7 @@ export class Sidecar {
     this.dataPlane.overload.start()
     this.triggers.start()
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
   }
@@ -249,7 +254,7 @@ export class Sidecar {
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
       startedAt: this.startedAt,
-      health: this.health.report(),
+      health: this.health.readiness(),
       persisted: this.control.persisted,
       flags,
       circuits,
@@ -276,20 +281,22 @@ export class Sidecar {
     }) as unknown as Record<string, unknown>
   }
 
-  /** Swap in a validated config without dropping a connection. */
-  async apply (next: Config): Promise<void> {
+  /** Swap in a validated config without dropping a connection; says what became of each upstream. */
+  async apply (next: Config): Promise<UpstreamChanges> {
     await this.flags.apply(next)
     const prev = this.config
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
       this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
     }
-    this.dataPlane.apply(next)
+    const upstreams = this.dataPlane.apply(next)
     this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+    this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
     releaseRemovedWindows(this.dataPlane.stats.allRoutes(), next.routes)
     this.control.noteConfig()
+    return upstreams
   }
 
   /** Re-read the config file; an invalid one is refused and the running config kept. */
@@ -299,9 +306,9 @@ export class Sidecar {
     try {
       const { config, warnings } = await loadConfigFile(source)
       for (const w of warnings) this.logger.warn({ event: 'config_warning' }, w)
-      await this.apply(config)
+      const upstreams = await this.apply(config)
       this.reloads.ok++
-      this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version }, 'config reloaded')
+      this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version, upstreams }, 'config reloaded')
       return { ok: true, problems: [] }
     } catch (err) {
       const problems = err instanceof ConfigError ? err.problems : [(err as Error).message]
@@ -349,6 +356,7 @@ export class Sidecar {
     const abandoned = this.dataPlane.stats.inFlight
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
+    this.reachability.stop()
     if (this.egress !== null) {
       this.egress.server.close()
       this.egress.server.closeAllConnections()

@@ -2,10 +2,10 @@
  * Checks of the routing policy (SPEC §15) that a schema cannot express: which listener a route
  * serves, and the configs in which a kill switch would not guard what its owner expects.
  */
-import type { ConfigInput } from './schema.js'
+import type { ResolvedInput } from './schema.js'
 import type { RouteConfig } from './types.js'
 
-export function checkRoutingPolicy (routes: readonly RouteConfig[], input: ConfigInput, problems: string[], warnings: string[]): void {
+export function checkRoutingPolicy (routes: readonly RouteConfig[], input: ResolvedInput, problems: string[], warnings: string[]): void {
   const hasEgressListener = input.listen?.egress !== undefined
   routes.forEach((r, i) => {
     if (r.listener === 'egress' && !hasEgressListener) {

@@ -4,20 +4,33 @@
  * and `load.ts` turns a validated input into the frozen `Config` the rest of Breakwater reads.
  *
  * Every object is closed (`additionalProperties: false`): a misspelt key is an error, never
- * silently ignored.
+ * silently ignored. Every default is declared here, once, with `withDefault`: editors see it in
+ * the JSON schema, the loader fills it in, and `Resolved` types the key as present. A key that
+ * means "off" when absent (`healthCheck`, `retries`, `maxConcurrentRequests`, …) has none.
  */
-import { Type, type Static, type TSchema, type TProperties, type ObjectOptions } from '@sinclair/typebox'
+import { Type, CloneType, type Static, type TSchema, type TProperties, type ObjectOptions, type TObject, type TRecord, type TArray, type TUnion, type TOptional } from '@sinclair/typebox'
+import { DURATION_KIND, MAX_DURATION_MS } from './duration.js'
 
 const closed = <T extends TProperties>(properties: T, options: ObjectOptions = {}) =>
   Type.Object(properties, { additionalProperties: false, ...options })
 
-/** `500ms`, `30s`, `5m`, `1h`, or a number of milliseconds. */
+/** An optional key and the value it takes when absent. */
+export type TDefault<T extends TSchema> = TOptional<T & { default: Static<T> }>
+
+/** `schema` as an optional key that takes `value` when absent (the JSON schema's `default`). */
+const withDefault = <T extends TSchema>(schema: T, value: Static<T>): TDefault<T> =>
+  Type.Optional(CloneType(schema, { default: value })) as TDefault<T>
+
+/** A section whose keys all have defaults: absent, it is `{}` with every default filled in. */
+const section = <T extends TProperties>(properties: T) => withDefault(closed(properties), {} as Static<TObject<T>>)
+
+/** `500ms`, `30s`, `5m`, `1h`, or a number of milliseconds; at most `MAX_DURATION_MS` either way. */
 export const Duration = Type.Union(
   [
-    Type.Integer({ minimum: 0 }),
+    Type.Integer({ minimum: 0, maximum: MAX_DURATION_MS }),
     Type.String({ pattern: '^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$', description: 'a duration: 500ms, 30s, 5m, 1h' })
   ],
-  { description: 'milliseconds, or a string such as 500ms, 30s, 5m, 1h' }
+  { description: `milliseconds, or a string such as 500ms, 30s, 5m, 1h; at most ${MAX_DURATION_MS} ms (about 24.8 days)`, [DURATION_KIND]: true }
 )
 
 /** Names of upstreams and routes become metric labels: keep them tame. */
@@ -31,200 +44,208 @@ const HttpUrl = Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$', des
 
 const WebhookUrl = Type.String({ pattern: '^https?://[^\\s/?#]+[^\\s]*$', description: 'an http:// or https:// URL' })
 
-const ProxyListener = closed({
-  host: Type.Optional(Host),
-  port: Type.Optional(Port),
-  keepAliveTimeoutMs: Type.Optional(Duration),
-  requestTimeoutMs: Type.Optional(Duration),
-  headersTimeoutMs: Type.Optional(Duration),
-  maxHeaderSize: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1048576 }))
+/** A data-plane listener (`listen.proxy`, `listen.egress`), on `port` unless configured. */
+const proxyListener = (port: number) => closed({
+  host: withDefault(Host, '0.0.0.0'),
+  port: withDefault(Port, port),
+  keepAliveTimeoutMs: withDefault(Duration, 75_000),
+  requestTimeoutMs: withDefault(Duration, 0),
+  headersTimeoutMs: withDefault(Duration, 60_000),
+  maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384)
 })
 
-const PlainListener = closed({
-  host: Type.Optional(Host),
-  port: Type.Optional(Port)
+const plainListener = (host: string, port: number) => section({
+  host: withDefault(Host, host),
+  port: withDefault(Port, port)
 })
 
 const HealthCheck = closed({
   path: Type.String({ pattern: '^/' }),
-  intervalMs: Type.Optional(Duration),
-  timeoutMs: Type.Optional(Duration),
-  unhealthyThreshold: Type.Optional(Type.Integer({ minimum: 1 })),
-  healthyThreshold: Type.Optional(Type.Integer({ minimum: 1 }))
+  intervalMs: withDefault(Duration, 5000),
+  timeoutMs: withDefault(Duration, 2000),
+  unhealthyThreshold: withDefault(Type.Integer({ minimum: 1 }), 3),
+  healthyThreshold: withDefault(Type.Integer({ minimum: 1 }), 2)
 })
 
-const Upstream = closed({
+export const UpstreamSchema = closed({
   url: Type.Optional(HttpUrl),
   endpoints: Type.Optional(Type.Array(HttpUrl, { minItems: 1 })),
-  critical: Type.Optional(Type.Boolean()),
+  critical: withDefault(Type.Boolean(), false),
   healthCheck: Type.Optional(HealthCheck),
-  connectTimeoutMs: Type.Optional(Duration),
-  keepAliveTimeoutMs: Type.Optional(Duration),
-  connections: Type.Optional(Type.Integer({ minimum: 1, maximum: 65536 })),
-  balance: Type.Optional(Type.Union([Type.Literal('round_robin'), Type.Literal('least_request')])),
-  ejection: Type.Optional(closed({
-    consecutiveFailures: Type.Optional(Type.Integer({ minimum: 1 })),
-    baseMs: Type.Optional(Duration),
-    maxMs: Type.Optional(Duration),
-    panicThresholdPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 }))
-  }))
+  connectTimeoutMs: withDefault(Duration, 5000),
+  keepAliveTimeoutMs: withDefault(Duration, 4000),
+  connections: withDefault(Type.Integer({ minimum: 1, maximum: 65536 }), 128),
+  balance: withDefault(Type.Union([Type.Literal('round_robin'), Type.Literal('least_request')]), 'round_robin'),
+  ejection: section({
+    consecutiveFailures: withDefault(Type.Integer({ minimum: 1 }), 7),
+    baseMs: withDefault(Duration, 1000),
+    maxMs: withDefault(Duration, 60_000),
+    panicThresholdPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 50)
+  })
 })
 
 const HeaderName = '^[A-Za-z0-9!#$%&\'*+.^_`|~-]+$'
 
-const Match = closed({
+export const MatchSchema = closed({
   pathPrefix: Type.Optional(Type.String({ pattern: '^/' })),
   path: Type.Optional(Type.String({ pattern: '^/' })),
   methods: Type.Optional(Type.Array(Type.String({ pattern: '^[A-Za-z]+$' }), { minItems: 1 })),
   host: Type.Optional(Type.String({ minLength: 1 })),
   headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String())),
-  strict: Type.Optional(Type.Boolean({ description: 'match the path exactly as spelled (default false: case, ;parameters and one trailing slash are ignored)' }))
+  strict: withDefault(Type.Boolean({ description: 'match the path exactly as spelled (default false: case, ;parameters and one trailing slash are ignored)' }), false)
 })
 
 const Retries = closed({
   attempts: Type.Integer({ minimum: 1, maximum: 10 }),
-  budgetPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
-  minRetriesPerSecond: Type.Optional(Type.Number({ minimum: 0 }))
+  budgetPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 20),
+  minRetriesPerSecond: withDefault(Type.Number({ minimum: 0 }), 10)
 })
 
 const FlagKey = Type.String({ pattern: '^[A-Za-z0-9_.:-]{1,128}$' })
 
-const CircuitBreaker = closed({
-  failureThreshold: Type.Optional(Type.Number({ minimum: 0, maximum: 1 })),
-  volumeThreshold: Type.Optional(Type.Integer({ minimum: 1 })),
-  rollingWindowMs: Type.Optional(Duration),
-  recoveryTimeout: Type.Optional(Duration),
-  maxConcurrentRequests: Type.Optional(Type.Integer({ minimum: 1 })),
-  failureStatuses: Type.Optional(Type.Array(Type.Integer({ minimum: 100, maximum: 599 }), { minItems: 1 }))
+export const CircuitBreakerSchema = closed({
+  failureThreshold: withDefault(Type.Number({ minimum: 0, maximum: 1 }), 0.5),
+  volumeThreshold: withDefault(Type.Integer({ minimum: 1 }), 20),
+  rollingWindowMs: withDefault(Duration, 10_000),
+  recoveryTimeout: withDefault(Duration, 30_000),
+  maxConcurrentRequests: Type.Optional(Type.Integer({ minimum: 1, description: 'the bulkhead: requests in flight to the upstream at most (absent: unlimited)' })),
+  failureStatuses: withDefault(Type.Array(Type.Integer({ minimum: 100, maximum: 599 }), { minItems: 1 }), [500, 502, 503, 504])
 })
 
-const Route = closed({
+export const RouteSchema = closed({
   name: Type.Optional(Name),
-  match: Match,
+  match: MatchSchema,
   upstream: Name,
-  listener: Type.Optional(Type.Union([Type.Literal('proxy'), Type.Literal('egress')], { description: 'the listener whose requests reach this route (default proxy)' })),
+  listener: withDefault(Type.Union([Type.Literal('proxy'), Type.Literal('egress')], { description: 'the listener whose requests reach this route' }), 'proxy'),
   killSwitch: Type.Optional(FlagKey),
-  timeoutMs: Type.Optional(Duration),
-  idleTimeoutMs: Type.Optional(Duration),
+  timeoutMs: withDefault(Duration, 15_000),
+  idleTimeoutMs: withDefault(Duration, 60_000),
   retries: Type.Optional(Retries),
   rewritePrefix: Type.Optional(Type.String({ pattern: '^/' })),
   fault: Type.Optional(closed({
-    abortPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
-    abortStatus: Type.Optional(Type.Integer({ minimum: 200, maximum: 599 })),
-    delayPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
-    delayMs: Type.Optional(Duration),
+    abortPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 0),
+    abortStatus: withDefault(Type.Integer({ minimum: 200, maximum: 599 }), 503),
+    delayPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 0),
+    delayMs: withDefault(Duration, 0),
     flag: Type.Optional(FlagKey)
   }))
 })
+
+export const TriggerSchema = closed({
+  name: Type.Optional(Name),
+  metric: Type.Union([Type.Literal('error_rate'), Type.Literal('p99_latency')]),
+  threshold: Type.Number({ minimum: 0 }),
+  window: Duration,
+  action: Type.Union([Type.Literal('rollback'), Type.Literal('killSwitch'), Type.Literal('circuitBreak'), Type.Literal('notify')]),
+  minRequests: withDefault(Type.Integer({ minimum: 1 }), 20),
+  for: withDefault(Duration, 0),
+  route: Type.Optional(Name),
+  upstream: Type.Optional(Name),
+  flags: Type.Optional(Type.Array(FlagKey, { minItems: 1 })),
+  upstreams: Type.Optional(Type.Array(Name, { minItems: 1 }))
+})
+
+/** Settings every rollback action has. */
+const rollbackCommon = {
+  cooldown: withDefault(Duration, '10m'),
+  requireRecentChange: withDefault(Type.Union([Duration, Type.Literal(false)]), '30m')
+}
+
+export const RollbackSchema = Type.Union([
+  closed({
+    type: Type.Literal('webhook'),
+    url: WebhookUrl,
+    headers: withDefault(Type.Record(Type.String({ pattern: HeaderName }), Type.String()), {}),
+    timeoutMs: withDefault(Duration, 10_000),
+    retries: withDefault(Type.Integer({ minimum: 0, maximum: 10 }), 3),
+    ...rollbackCommon
+  }),
+  closed({
+    type: Type.Literal('exec'),
+    command: Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }),
+    timeoutMs: withDefault(Duration, 60_000),
+    ...rollbackCommon
+  }),
+  closed({
+    type: Type.Literal('git'),
+    repo: Type.String({ minLength: 1, description: 'remote URL or path of the repository the CD system deploys from' }),
+    branch: Type.String({ minLength: 1, pattern: '^[^\\s~^:?*\\[\\\\]+$' }),
+    path: Type.Optional(Type.String({ minLength: 1, description: 'only commits touching this path are reverted' })),
+    author: Type.Optional(Type.String({ pattern: '^[^<>]+ <[^<>\\s]+>$', description: 'Name <email> of the revert commit' })),
+    timeoutMs: withDefault(Duration, 120_000),
+    ...rollbackCommon
+  })
+], { description: 'a rollback action: {type: webhook, url}, {type: exec, command: [argv]} or {type: git, repo, branch}' })
 
 export const ConfigSchema = closed(
   {
     $schema: Type.Optional(Type.String()),
     service: Type.String({ minLength: 1, pattern: '^[^\\s]+$' }),
-    version: Type.Optional(Type.String({ minLength: 1 })),
-    stateDir: Type.Optional(Type.String({ minLength: 1 })),
-    listen: Type.Optional(closed({
-      proxy: Type.Optional(ProxyListener),
-      egress: Type.Optional(ProxyListener),
-      ops: Type.Optional(PlainListener),
-      admin: Type.Optional(PlainListener)
-    })),
-    upstreams: Type.Record(Type.String({ pattern: NAME_PATTERN }), Upstream, { minProperties: 1 }),
-    routes: Type.Array(Route, { minItems: 1 }),
-    featureFlags: Type.Optional(Type.Record(FlagKey, Type.Boolean())),
+    version: withDefault(Type.String({ minLength: 1 }), 'dev'),
+    stateDir: withDefault(Type.String({ minLength: 1 }), './.breakwater'),
+    listen: section({
+      proxy: withDefault(proxyListener(14001), {}),
+      egress: Type.Optional(proxyListener(14002)),
+      ops: plainListener('0.0.0.0', 14020),
+      admin: plainListener('127.0.0.1', 14000)
+    }),
+    upstreams: Type.Record(Type.String({ pattern: NAME_PATTERN }), UpstreamSchema, { minProperties: 1 }),
+    routes: Type.Array(RouteSchema, { minItems: 1 }),
+    featureFlags: withDefault(Type.Record(FlagKey, Type.Boolean()), {}),
     flagSource: Type.Optional(closed({
       type: Type.Literal('flagd-file'),
       path: Type.String({ minLength: 1 }),
-      pollIntervalMs: Type.Optional(Duration)
+      pollIntervalMs: withDefault(Duration, 250)
     })),
-    circuitBreakers: Type.Optional(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreaker)),
-    rollbackTriggers: Type.Optional(Type.Array(closed({
-      name: Type.Optional(Name),
-      metric: Type.Union([Type.Literal('error_rate'), Type.Literal('p99_latency')]),
-      threshold: Type.Number({ minimum: 0 }),
-      window: Duration,
-      action: Type.Union([Type.Literal('rollback'), Type.Literal('killSwitch'), Type.Literal('circuitBreak'), Type.Literal('notify')]),
-      minRequests: Type.Optional(Type.Integer({ minimum: 1 })),
-      for: Type.Optional(Duration),
-      route: Type.Optional(Name),
-      upstream: Type.Optional(Name),
-      flags: Type.Optional(Type.Array(FlagKey, { minItems: 1 })),
-      upstreams: Type.Optional(Type.Array(Name, { minItems: 1 }))
-    }))),
-    notifications: Type.Optional(closed({
+    circuitBreakers: withDefault(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreakerSchema), {}),
+    rollbackTriggers: withDefault(Type.Array(TriggerSchema), []),
+    notifications: section({
       slackChannel: Type.Optional(Type.String({ minLength: 1 })),
       slackWebhookUrl: Type.Optional(WebhookUrl),
       pagerDutyServiceId: Type.Optional(Type.String({ minLength: 1 })),
       pagerDutyRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
-      pagerDutyUrl: Type.Optional(WebhookUrl),
+      pagerDutyUrl: withDefault(WebhookUrl, 'https://events.pagerduty.com/v2/enqueue'),
       statusPageId: Type.Optional(Type.String({ minLength: 1 })),
       statusPageApiKey: Type.Optional(Type.String({ minLength: 1 })),
-      statusPageUrl: Type.Optional(WebhookUrl),
-      webhooks: Type.Optional(Type.Array(WebhookUrl)),
-      queueSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000 })),
-      maxAttempts: Type.Optional(Type.Integer({ minimum: 1, maximum: 20 }))
-    })),
-    verification: Type.Optional(closed({
-      synthetics: Type.Optional(Type.Array(closed({
+      statusPageUrl: withDefault(WebhookUrl, 'https://api.statuspage.io'),
+      webhooks: withDefault(Type.Array(WebhookUrl), []),
+      queueSize: withDefault(Type.Integer({ minimum: 1, maximum: 100000 }), 1000),
+      maxAttempts: withDefault(Type.Integer({ minimum: 1, maximum: 20 }), 5)
+    }),
+    verification: section({
+      synthetics: withDefault(Type.Array(closed({
         route: Type.Optional(Name),
-        method: Type.Optional(Type.String({ pattern: '^[A-Z]+$' })),
+        method: withDefault(Type.String({ pattern: '^[A-Z]+$' }), 'GET'),
         path: Type.String({ pattern: '^/' }),
         host: Type.Optional(Type.String({ minLength: 1 })),
-        expectStatus: Type.Optional(Type.Integer({ minimum: 100, maximum: 599 }))
-      }))),
-      intervalMs: Type.Optional(Duration),
-      successes: Type.Optional(Type.Integer({ minimum: 1, maximum: 100 })),
-      windowMs: Type.Optional(Duration),
-      timeoutMs: Type.Optional(Duration),
-      maxErrorRate: Type.Optional(Type.Number({ minimum: 0, maximum: 1 }))
-    })),
-    admin: Type.Optional(closed({
+        expectStatus: withDefault(Type.Integer({ minimum: 100, maximum: 599 }), 200)
+      })), []),
+      intervalMs: withDefault(Duration, 1000),
+      successes: withDefault(Type.Integer({ minimum: 1, maximum: 100 }), 3),
+      windowMs: withDefault(Duration, 10_000),
+      timeoutMs: withDefault(Duration, 300_000),
+      maxErrorRate: withDefault(Type.Number({ minimum: 0, maximum: 1 }), 0.05)
+    }),
+    admin: section({
       tokenFile: Type.Optional(Type.String({ minLength: 1 }))
-    })),
-    rollback: Type.Optional(Type.Union([
-      closed({
-        type: Type.Literal('webhook'),
-        url: WebhookUrl,
-        headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String())),
-        timeoutMs: Type.Optional(Duration),
-        retries: Type.Optional(Type.Integer({ minimum: 0, maximum: 10 })),
-        cooldown: Type.Optional(Duration),
-        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
-      }),
-      closed({
-        type: Type.Literal('exec'),
-        command: Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }),
-        timeoutMs: Type.Optional(Duration),
-        cooldown: Type.Optional(Duration),
-        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
-      }),
-      closed({
-        type: Type.Literal('git'),
-        repo: Type.String({ minLength: 1, description: 'remote URL or path of the repository the CD system deploys from' }),
-        branch: Type.String({ minLength: 1, pattern: '^[^\\s~^:?*\\[\\\\]+$' }),
-        path: Type.Optional(Type.String({ minLength: 1, description: 'only commits touching this path are reverted' })),
-        author: Type.Optional(Type.String({ pattern: '^[^<>]+ <[^<>\\s]+>$', description: 'Name <email> of the revert commit' })),
-        timeoutMs: Type.Optional(Duration),
-        cooldown: Type.Optional(Duration),
-        requireRecentChange: Type.Optional(Type.Union([Duration, Type.Literal(false)]))
-      })
-    ], { description: 'a rollback action: {type: webhook, url}, {type: exec, command: [argv]} or {type: git, repo, branch}' })),
-    health: Type.Optional(closed({
-      failOnOpenCircuit: Type.Optional(Type.Union([Type.Literal('critical'), Type.Literal('any'), Type.Literal('never')]))
-    })),
-    shutdown: Type.Optional(closed({
-      drainDelayMs: Type.Optional(Duration),
-      timeoutMs: Type.Optional(Duration)
-    })),
-    logging: Type.Optional(closed({
-      level: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)))),
-      accessLog: Type.Optional(Type.Union([Type.Boolean(), Type.Number({ minimum: 0, maximum: 1 })]))
-    })),
-    limits: Type.Optional(closed({
-      maxInFlight: Type.Optional(Type.Integer({ minimum: 1 })),
-      maxConnections: Type.Optional(Type.Integer({ minimum: 1 })),
-      maxEventLoopDelayMs: Type.Optional(Duration)
-    }))
+    }),
+    rollback: Type.Optional(RollbackSchema),
+    health: section({
+      failOnOpenCircuit: withDefault(Type.Union([Type.Literal('critical'), Type.Literal('any'), Type.Literal('never')]), 'critical')
+    }),
+    shutdown: section({
+      drainDelayMs: withDefault(Duration, 5000),
+      timeoutMs: withDefault(Duration, 30_000)
+    }),
+    logging: section({
+      level: withDefault(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l))), 'info'),
+      accessLog: withDefault(Type.Union([Type.Boolean(), Type.Number({ minimum: 0, maximum: 1 })]), true)
+    }),
+    limits: section({
+      maxInFlight: Type.Optional(Type.Integer({ minimum: 1, description: 'requests in flight on the data plane at most (absent: unlimited)' })),
+      maxConnections: Type.Optional(Type.Integer({ minimum: 1, description: 'client connections at most (absent: unlimited)' })),
+      maxEventLoopDelayMs: withDefault(Duration, 1000)
+    })
   },
   {
     $id: 'https://breakwater.dev/schema/breakwater.schema.json',
@@ -235,5 +256,22 @@ export const ConfigSchema = closed(
 
 /** What a user writes (YAML, JSON or an `.mjs` module exporting it). */
 export type ConfigInput = Static<typeof ConfigSchema>
+
+/**
+ * A validated input once the loader filled in the defaults: a key declared `withDefault` is
+ * present, every other optional key may still be absent (absent means "off" or "none").
+ */
+export type Resolved<S> =
+  S extends TObject<infer P> ? ResolvedObject<P>
+    : S extends TRecord<TSchema, infer V> ? Record<string, Resolved<V>>
+      : S extends TArray<infer I> ? Array<Resolved<I>>
+        : S extends TUnion<infer M> ? Resolved<M[number]>
+          : S extends TSchema ? Static<S> : never
+
+/** Keys present after defaults: the required ones and those declared `withDefault`. */
+type PresentKeys<P extends TProperties> = { [K in keyof P]: P[K] extends TOptional<TSchema> ? (P[K] extends { default: unknown } ? K : never) : K }[keyof P]
+type ResolvedObject<P extends TProperties> = { [K in PresentKeys<P>]: Resolved<P[K]> } & { [K in Exclude<keyof P, PresentKeys<P>>]?: Resolved<P[K]> }
+
+export type ResolvedInput = Resolved<typeof ConfigSchema>
 
 export type { TSchema }

@@ -1,86 +1,15 @@
 /**
- * A flagd-format flag file (https://flagd.dev/reference/flag-definitions/) as a flag source:
- * the fleet-wide path, shared through a ConfigMap or written by flagd tooling.
- *
- * Semantics, as flagd's own:
- * - `state: ENABLED` with a boolean `defaultVariant` gives that value;
- * - `state: DISABLED` — or no `defaultVariant` — resolves to the *code default*: for
- *   Breakwater the `featureFlags` value, else `true` (feature on). A DISABLED flag does not
- *   switch a feature off; `defaultVariant: "off"` does (`validate` warns about it);
- * - `targeting` rules are not evaluated per request (the request path reads a snapshot); the
- *   default variant applies, and a warning says so;
- * - flags whose variants are not booleans are someone else's and are ignored.
+ * A flagd-format flag file as a flag source: the fleet-wide path, shared through a ConfigMap or
+ * written by flagd tooling. Its format and semantics are in `config/flag-file.ts`.
  *
  * The file is watched by polling `stat` (every 250 ms by default), which follows symlinks, so
  * both an in-place rewrite and the Kubernetes ConfigMap symlink swap are picked up — the
  * failure mode that broke inotify-based watchers (flagd #42). A file that cannot be parsed,
  * or has the wrong shape, is ignored with an error and the last good flags stay.
  */
-import { readFileSync, statSync, type Stats } from 'node:fs'
+import { statSync, type Stats } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
-
-export interface FileFlags {
-  /** Boolean value of each ENABLED flag with a boolean default variant. */
-  values: Map<string, boolean>
-  /** Flags present but resolving to the code default (DISABLED, or no default variant). */
-  disabled: Set<string>
-  /** Flags with targeting rules (evaluated with their default variant only). */
-  targeted: Set<string>
-}
-
-export type FlagFileRead =
-  | { kind: 'ok', flags: FileFlags }
-  | { kind: 'missing' }
-  | { kind: 'invalid', error: string }
-
-/** Parse flagd JSON text. Throws with a message naming what is wrong. */
-export function parseFlagFile (text: string): FileFlags {
-  let doc: unknown
-  try {
-    doc = JSON.parse(text)
-  } catch (err) {
-    throw new Error(`not valid JSON: ${(err as Error).message}`)
-  }
-  if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) throw new Error('must be a JSON object')
-  const flags = (doc as { flags?: unknown }).flags
-  if (flags === null || typeof flags !== 'object' || Array.isArray(flags)) throw new Error('flags: must be an object')
-  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set() }
-  for (const [key, def] of Object.entries(flags as Record<string, unknown>)) {
-    if (def === null || typeof def !== 'object') throw new Error(`flags.${key}: must be an object`)
-    const { state, variants, defaultVariant, targeting } = def as Record<string, unknown>
-    if (state !== 'ENABLED' && state !== 'DISABLED') throw new Error(`flags.${key}.state: must be "ENABLED" or "DISABLED"`)
-    if (variants === null || typeof variants !== 'object' || Array.isArray(variants) || Object.keys(variants).length === 0) {
-      throw new Error(`flags.${key}.variants: must be a non-empty object`)
-    }
-    const values = Object.values(variants as Record<string, unknown>)
-    if (!values.every((v) => typeof v === 'boolean')) continue // not a boolean flag: not ours
-    if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !(defaultVariant in (variants as object)))) {
-      throw new Error(`flags.${key}.defaultVariant: must name one of its variants`)
-    }
-    if (targeting !== undefined && targeting !== null && Object.keys(targeting as object).length > 0) out.targeted.add(key)
-    if (state === 'DISABLED' || defaultVariant === undefined || defaultVariant === null) {
-      out.disabled.add(key)
-      continue
-    }
-    out.values.set(key, (variants as Record<string, boolean>)[defaultVariant as string] as boolean)
-  }
-  return out
-}
-
-export function readFlagFileSync (path: string): FlagFileRead {
-  let text: string
-  try {
-    text = readFileSync(path, 'utf8')
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { kind: 'missing' }
-    return { kind: 'invalid', error: (err as Error).message }
-  }
-  try {
-    return { kind: 'ok', flags: parseFlagFile(text) }
-  } catch (err) {
-    return { kind: 'invalid', error: (err as Error).message }
-  }
-}
+import { parseFlagFile, readFlagFileSync, type FileFlags } from '../config/flag-file.js'
 
 export interface FlagFileEvents {
   /** New flags were read (also the first read). */

@@ -10,7 +10,8 @@ import type { Logger } from 'pino'
 import type { Config } from '../config/types.js'
 import { FlagSources } from './sources.js'
 import { BreakwaterProvider } from './provider.js'
-import { FlagFileWatcher, type FileFlags } from './flagd-file.js'
+import { FlagFileWatcher } from './flagd-file.js'
+import type { FileFlags } from '../config/flag-file.js'
 
 export class FlagSnapshot {
   /** key → enabled. Read per request; replaced whole, never mutated. */

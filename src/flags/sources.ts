@@ -4,7 +4,7 @@
  * to `featureFlags`; a flag the file marks DISABLED resolves to the code default
  * (`featureFlags`, else `true`), as flagd does.
  */
-import type { FileFlags } from './flagd-file.js'
+import type { FileFlags } from '../config/flag-file.js'
 
 export type FlagOrigin = 'override' | 'file' | 'config' | 'default'
 

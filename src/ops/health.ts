@@ -6,20 +6,35 @@
  * any upstream (`any`, the seed's rule, dangerous), or never. A half-open circuit is healthy.
  * A non-critical dependency's trouble shows in metrics, never in readiness — every replica
  * sees the same dependency, and failing them all turns a partial outage into a total one.
+ * `/ready` adds warnings, such as a local app that does not accept connections, and stays 200.
  */
 import type { DataPlane } from '../proxy/dataplane.js'
+import type { ReachabilityWarning } from './reachability.js'
 
 export interface HealthReport {
   status: 'ok' | 'degraded' | 'draining'
   reason?: string
   openCircuits?: string[]
   failingUpstreams?: string[]
+  /** `/ready` only: what is wrong without failing readiness (the local app does not accept connections). */
+  warnings?: ReachabilityWarning[]
 }
 
 export class HealthPolicy {
   draining = false
 
-  constructor (private readonly dp: DataPlane) {}
+  constructor (private readonly dp: DataPlane, private readonly warnings: () => ReachabilityWarning[] = () => []) {}
+
+  /**
+   * `/ready`: the health report, with `warnings` when there are any. A warning never fails
+   * readiness by itself: the app behind a sidecar often starts a moment after it.
+   */
+  readiness (): HealthReport {
+    const report = this.report()
+    if (report.status === 'draining') return report
+    const warnings = this.warnings()
+    return warnings.length === 0 ? report : { ...report, warnings }
+  }
 
   report (): HealthReport {
     if (this.draining) return { status: 'draining' }

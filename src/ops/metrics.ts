@@ -8,12 +8,7 @@ import { collectDefaultMetrics, Gauge, type Registry } from 'prom-client'
 import type { DataPlane } from '../proxy/dataplane.js'
 import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
-import type { FlagSnapshot } from '../flags/snapshot.js'
 import { STATE_VALUE } from '../proxy/circuit-breaker.js'
-import type { ControlPlane } from '../control/control-plane.js'
-import type { TriggerEngine } from '../control/triggers.js'
-import type { Notifier } from '../control/notify.js'
-import { TTR_BUCKETS, type Verifier } from '../control/verify.js'
 
 type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
@@ -31,13 +26,59 @@ function scraped (registry: Registry, name: string, help: string, type: 'counter
   } as unknown as Parameters<Registry['registerMetric']>[0])
 }
 
+/*
+ * What the metrics read, as small interfaces: this file knows the counters, not the classes
+ * that keep them (the flag snapshot, the control plane, triggers, notifier, verifier).
+ */
+
+/** Flags as the request path sees them. */
+export interface FlagCounters {
+  readonly values: ReadonlyMap<string, boolean>
+  /** Flag file reads that failed. */
+  readonly fileErrors: number
+}
+
+/** Mitigations applied, by action. */
+export interface MitigationCounters {
+  readonly mitigationsTotal: ReadonlyMap<string, number>
+}
+
+export interface TriggerCounters {
+  /** Firings by trigger name (every configured trigger present, from 0). */
+  readonly firedTotal: ReadonlyMap<string, number>
+  /** Each trigger's current value (error ratio or p99 ms), NaN without data. */
+  values: () => Array<[string, number]>
+}
+
+/** Notifications by channel (`slack`, `pagerduty`, `statuspage`, `webhook`). */
+export interface NotificationCounters {
+  readonly sent: ReadonlyMap<string, number>
+  readonly failed: ReadonlyMap<string, number>
+  readonly dropped: number
+}
+
+/** Time to restore, as a histogram: non-cumulative counts per bucket of `restoreBuckets`, then +Inf. */
+export interface RestoreTimes {
+  readonly ttrBuckets: ArrayLike<number>
+  readonly ttrSum: number
+  readonly ttrCount: number
+}
+
+/** Local app endpoints that do not accept connections, by upstream (`ops/reachability.ts`). */
+export interface ReachabilityCounters {
+  unreachable: () => ReadonlyMap<string, number>
+}
+
 export interface MetricSources {
   dataPlane: DataPlane
-  flags: FlagSnapshot
-  control: ControlPlane
-  triggers: TriggerEngine
-  notifier: Notifier
-  verifier: Verifier
+  reachability: ReachabilityCounters
+  flags: FlagCounters
+  control: MitigationCounters
+  triggers: TriggerCounters
+  notifier: NotificationCounters
+  verifier: RestoreTimes
+  /** Upper bounds in seconds of the time-to-restore buckets. */
+  restoreBuckets: readonly number[]
   log: LogStats
   reloads: { ok: number, failed: number }
 }
@@ -131,7 +172,7 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     const v = sources.verifier
     const out: Sample[] = []
     let cumulative = 0
-    TTR_BUCKETS.forEach((le, i) => {
+    sources.restoreBuckets.forEach((le, i) => {
       cumulative += v.ttrBuckets[i] as number
       out.push({ labels: { le }, value: cumulative, metricName: 'breakwater_time_to_restore_seconds_bucket' })
     })
@@ -165,6 +206,9 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     }
     return out
   })
+
+  scraped(registry, 'breakwater_upstream_unreachable_endpoints', 'Endpoints of the local app (critical or loopback upstreams) that do not accept connections.', 'gauge', () =>
+    [...sources.reachability.unreachable()].map(([upstream, n]) => ({ labels: { upstream }, value: n })))
 
   scraped(registry, 'breakwater_in_flight_requests', 'Requests being proxied now.', 'gauge', () => [{ labels: {}, value: dp.stats.inFlight }])
 

@@ -5,9 +5,9 @@
 import { randomBytes } from 'node:crypto'
 import type { Duplex } from 'node:stream'
 import type { Logger } from 'pino'
-import type { Config } from '../config/types.js'
+import type { CircuitBreakerConfig, Config } from '../config/types.js'
 import { Route, RouteTable } from './route-table.js'
-import { EndpointRegistry, type Upstream } from './upstreams.js'
+import { UpstreamRegistry, type Upstream, type UpstreamChanges } from './upstreams.js'
 import type { Endpoint } from './balancer.js'
 import { DataPlaneStats } from './stats.js'
 import { OverloadMonitor } from './overload.js'
@@ -48,7 +48,9 @@ export class DataPlane {
   /** Open WebSocket tunnels (client side), destroyed when the process finally stops. */
   readonly tunnels = new Set<Duplex>()
   maxInFlight = 0
-  private readonly endpoints = new EndpointRegistry()
+  private readonly upstreams = new UpstreamRegistry()
+  /** The routes of the current runtime, for finding unchanged ones on reload. */
+  private routes: readonly Route[] = []
   private readonly idPrefix = `${randomBytes(6).toString('hex')}-`
   private idCounter = 0
 
@@ -57,53 +59,65 @@ export class DataPlane {
     this.flags = options.flags
     this.stats = options.stats ?? new DataPlaneStats()
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)
-    this.runtime = this.build(config).runtime
+    this.runtime = this.build(config)
   }
 
   /** Request ids: a random per-process prefix and a counter (cheap, unique across a fleet). */
   newRequestId = (): string => this.idPrefix + (this.idCounter++).toString(36)
 
-  private build (config: Config): { runtime: Runtime, retired: Endpoint[] } {
-    const { upstreams, retired } = this.endpoints.build(config.upstreams, {
+  /**
+   * Everything derived from `config`, keeping what is running (SPEC §15): unchanged upstreams
+   * keep their pools, bulkhead counts and circuits (see `UpstreamRegistry`); a changed one
+   * gets a fresh circuit that keeps only an operator's forced state; unchanged routes keep
+   * their retry budgets; route stats and trigger windows follow the route's name and upstream,
+   * and those of routes a reload removed are freed.
+   */
+  private build (config: Config): Runtime {
+    const upstreams = this.upstreams.build(config.upstreams, config.circuitBreakers, {
       onEject: (upstream, endpoint, penaltyMs) => {
         this.stats.ejection(upstream)
         this.logger.warn({ event: 'endpoint_ejected', upstream, endpoint: endpoint.origin, penaltyMs, consecutiveFailures: endpoint.consecutiveFailures }, 'endpoint ejected')
       }
     })
     const circuits = new Map<string, Circuit>()
-    for (const [name, prev] of this.circuits) {
-      // Manual circuits (forced on an upstream without a breaker) survive a reload.
-      if (!prev.automatic && config.circuitBreakers[name] === undefined && upstreams.has(name)) {
-        circuits.set(name, prev)
-        ;(upstreams.get(name) as Upstream).circuit = prev
-      }
-    }
-    for (const [name, cb] of Object.entries(config.circuitBreakers)) {
+    for (const [name, upstream] of upstreams) {
       const prev = this.circuits.get(name)
-      let circuit: Circuit
-      if (prev !== undefined && JSON.stringify(prev.config) === JSON.stringify(cb)) {
-        circuit = prev
-      } else {
-        circuit = new Circuit(name, cb, this.clock, { onTransition: (upstream, to) => this.onTransition(upstream, to) })
-        if (prev !== undefined) {
-          circuit.forced = prev.forced
-          prev.shutdown()
-        }
-      }
+      const circuit = upstream.circuit === prev && prev !== undefined ? prev : this.circuitFor(name, config.circuitBreakers[name], prev)
+      if (circuit === null) continue
       circuits.set(name, circuit)
-      const upstream = upstreams.get(name)
-      if (upstream !== undefined) upstream.circuit = circuit
+      upstream.circuit = circuit
     }
-    for (const [name, prev] of this.circuits) if (circuits.get(name) === undefined) prev.shutdown()
+    for (const [name, prev] of this.circuits) if (circuits.get(name) !== prev) prev.shutdown()
     this.circuits = circuits
+    const previous = new Map<string, Route>()
+    for (const r of this.routes) previous.set(r.name, r)
     const routes = config.routes.map((r) => {
       const upstream = upstreams.get(r.upstream) as Upstream
+      const prev = previous.get(r.name)
+      if (prev !== undefined && prev.upstream === upstream && JSON.stringify(prev.config) === JSON.stringify(r)) return prev
       return new Route(r, upstream, this.stats.route(r.name, r.upstream))
     })
+    this.routes = routes
+    this.stats.retain(routes.map((r) => r.stats))
     this.accessLogRate = config.logging.accessLogRate
     this.maxInFlight = config.limits.maxInFlight
     this.overload.maxDelayMs = config.limits.maxEventLoopDelayMs
-    return { runtime: { config, routes: new RouteTable(routes, this.flags), upstreams }, retired }
+    return { config, routes: new RouteTable(routes, this.flags), upstreams }
+  }
+
+  /**
+   * The circuit of a new or changed upstream: a fresh breaker when `circuitBreakers` lists
+   * it, else a manual circuit while an operator's forced state must survive, else none. An
+   * operator's forced state carries over either way: a reload never lifts a mitigation.
+   */
+  private circuitFor (upstream: string, settings: CircuitBreakerConfig | undefined, prev: Circuit | undefined): Circuit | null {
+    const forced = prev?.forced ?? null
+    if (settings === undefined && forced === null) return null
+    const circuit = settings === undefined
+      ? new Circuit(upstream, MANUAL_CIRCUIT, this.clock, { onTransition: () => {} }, false)
+      : new Circuit(upstream, settings, this.clock, { onTransition: (name, to) => this.onTransition(name, to) })
+    circuit.forced = forced
+    return circuit
   }
 
   private onTransition (upstream: string, to: CircuitState): void {
@@ -147,22 +161,23 @@ export class DataPlane {
     return true
   }
 
-  /** Swap in a new config. Requests in flight finish on the runtime they started with. */
-  apply (config: Config): void {
-    const { runtime, retired } = this.build(config)
-    this.runtime = runtime
-    // Retired pools finish their in-flight requests, then close.
-    for (const e of retired) e.pool.close().catch(() => {})
+  /**
+   * Swap in a new config. Requests in flight finish on the runtime they started with. Says
+   * which upstreams kept their state, which start afresh and which were removed.
+   */
+  apply (config: Config): UpstreamChanges {
+    this.runtime = this.build(config)
+    return this.upstreams.changes
   }
 
   allEndpoints (): Endpoint[] {
-    return this.endpoints.all()
+    return this.upstreams.all()
   }
 
   async close (): Promise<void> {
     this.overload.stop()
     this.stopCircuits()
-    await Promise.all(this.endpoints.all().map(async (e) => await e.pool.close().catch(() => {})))
+    await this.upstreams.close()
   }
 
   private stopCircuits (): void {
@@ -174,6 +189,6 @@ export class DataPlane {
     this.overload.stop()
     this.stopCircuits()
     for (const t of this.tunnels) t.destroy()
-    await Promise.all(this.endpoints.all().map(async (e) => await e.pool.destroy().catch(() => {})))
+    await this.upstreams.destroy()
   }
 }

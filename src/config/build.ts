@@ -1,0 +1,356 @@
+/**
+ * From a validated input with its defaults filled in (`ResolvedInput`) to the `Config` the rest
+ * of Breakwater reads, one function per config section. Each turns durations into
+ * milliseconds and absent keys into `null`, and checks what a schema cannot: references
+ * between sections (a route's upstream, a trigger's flags), names, and combinations. Defaults
+ * are not here: they are declared in the schema.
+ *
+ * Every check pushes its problem and carries on, so one run lists every problem; a value the
+ * schema already refused is tolerated (a malformed duration reads as 0) for the same reason.
+ */
+import { resolve as resolvePath, dirname } from 'node:path'
+import { toMs as parseMs } from './duration.js'
+import { readFlagFileSync } from './flag-file.js'
+import { checkRoutingPolicy } from './routing-policy.js'
+import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
+import type { CircuitBreakerConfig, Config, FlagSourceConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
+
+/** Problems (the config is refused) and warnings (it is used) found while building. */
+export interface Findings {
+  problems: string[]
+  warnings: string[]
+}
+
+type Section<K extends keyof ResolvedInput> = ResolvedInput[K]
+
+/** A duration in ms; 0 for a value the schema has already reported as malformed. */
+function toMs (value: number | string): number {
+  try {
+    return parseMs(value)
+  } catch {
+    return 0
+  }
+}
+
+/** The whole config. `source` is the file it came from; relative paths resolve against its folder. */
+export function buildConfig (input: ResolvedInput, source: string | null, found: Findings): Config {
+  const baseDir = source === null ? process.cwd() : dirname(source)
+  const upstreamNames = Object.keys(input.upstreams)
+  const upstreams = buildUpstreams(input.upstreams, found)
+  const routes = buildRoutes(input.routes, upstreamNames, input, found)
+  checkRoutingPolicy(routes, input, found.problems, found.warnings)
+  const circuitBreakers = buildCircuitBreakers(input.circuitBreakers, upstreamNames, found)
+  const flagSource = buildFlagSource(input.flagSource, baseDir)
+  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, found.warnings)
+  const defined = (flag: string): boolean => input.featureFlags[flag] !== undefined || fileFlags?.has(flag) === true
+  const where = flagSource === null ? '' : ' or the flag file'
+  input.routes.forEach((r, i) => {
+    if (r.killSwitch !== undefined && !defined(r.killSwitch)) found.problems.push(`routes[${i}].killSwitch: flag "${r.killSwitch}" is not defined in featureFlags${where}`)
+  })
+  return {
+    source,
+    service: input.service,
+    version: input.version,
+    stateDir: resolvePath(baseDir, input.stateDir),
+    listen: buildListen(input.listen),
+    upstreams,
+    routes,
+    featureFlags: input.featureFlags,
+    flagSource,
+    circuitBreakers,
+    rollbackTriggers: buildTriggers(input.rollbackTriggers, { routes, upstreamNames, defined, where, rollback: input.rollback !== undefined }, found),
+    verification: buildVerification(input.verification, routes, found),
+    notifications: buildNotifications(input.notifications, found),
+    admin: { tokenFile: input.admin.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
+    rollback: input.rollback === undefined ? null : buildRollback(input.rollback),
+    health: buildHealth(input.health, upstreams, found),
+    shutdown: { drainDelayMs: toMs(input.shutdown.drainDelayMs), timeoutMs: toMs(input.shutdown.timeoutMs) },
+    logging: {
+      level: input.logging.level as LogLevel,
+      accessLogRate: input.logging.accessLog === true ? 1 : input.logging.accessLog === false ? 0 : input.logging.accessLog
+    },
+    limits: {
+      maxInFlight: input.limits.maxInFlight ?? 0,
+      maxConnections: input.limits.maxConnections ?? 0,
+      maxEventLoopDelayMs: toMs(input.limits.maxEventLoopDelayMs)
+    }
+  }
+}
+
+function buildUpstreams (input: Section<'upstreams'>, found: Findings): Record<string, UpstreamConfig> {
+  const upstreams: Record<string, UpstreamConfig> = {}
+  for (const [name, u] of Object.entries(input)) {
+    const built = buildUpstream(name, u, found)
+    if (built !== null) upstreams[name] = built
+  }
+  return upstreams
+}
+
+function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, found: Findings): UpstreamConfig | null {
+  const at = `upstreams.${name}`
+  if ((u.url === undefined) === (u.endpoints === undefined)) {
+    found.problems.push(`${at}: needs exactly one of url or endpoints`)
+    return null
+  }
+  const endpoints: string[] = []
+  const urls = u.url !== undefined ? [u.url] : (u.endpoints as string[])
+  urls.forEach((text, i) => {
+    const key = u.url !== undefined ? `${at}.url` : `${at}.endpoints[${i}]`
+    let url: URL
+    try {
+      url = new URL(text)
+    } catch {
+      found.problems.push(`${key}: not a valid URL`)
+      return
+    }
+    if (url.pathname !== '/' || url.search !== '' || url.username !== '') {
+      found.problems.push(`${key}: must be an origin (scheme, host and port only), got ${text}`)
+      return
+    }
+    if (endpoints.includes(url.origin)) found.problems.push(`${key}: duplicate endpoint ${url.origin}`)
+    endpoints.push(url.origin)
+  })
+  const hc = u.healthCheck
+  if (hc !== undefined && toMs(hc.timeoutMs) > toMs(hc.intervalMs)) found.problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
+  return {
+    name,
+    endpoints,
+    critical: u.critical,
+    healthCheck: hc === undefined
+      ? null
+      : { path: hc.path, intervalMs: toMs(hc.intervalMs), timeoutMs: toMs(hc.timeoutMs), unhealthyThreshold: hc.unhealthyThreshold, healthyThreshold: hc.healthyThreshold },
+    connectTimeoutMs: toMs(u.connectTimeoutMs),
+    keepAliveTimeoutMs: toMs(u.keepAliveTimeoutMs),
+    connections: u.connections,
+    balance: u.balance,
+    ejection: {
+      consecutiveFailures: u.ejection.consecutiveFailures,
+      baseMs: toMs(u.ejection.baseMs),
+      maxMs: toMs(u.ejection.maxMs),
+      panicThresholdPercent: u.ejection.panicThresholdPercent
+    }
+  }
+}
+
+function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[], config: ResolvedInput, found: Findings): RouteConfig[] {
+  const taken = new Set<string>()
+  return input.map((r, i) => {
+    const at = `routes[${i}]`
+    if (typeof r.upstream === 'string' && !upstreamNames.includes(r.upstream)) {
+      found.problems.push(`${at}.upstream: unknown upstream "${r.upstream}" (known: ${upstreamNames.join(', ')})`)
+    }
+    if (r.match.path !== undefined && r.match.pathPrefix !== undefined) found.problems.push(`${at}.match: use either path or pathPrefix, not both`)
+    if (r.rewritePrefix !== undefined && r.match.pathPrefix === undefined) found.problems.push(`${at}.rewritePrefix: needs match.pathPrefix`)
+    const name = routeName(r, at, taken, found)
+    if (r.fault?.flag !== undefined && config.featureFlags[r.fault.flag] === undefined && config.flagSource === undefined) {
+      found.problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
+    }
+    if (r.fault !== undefined && r.fault.delayPercent > 0 && toMs(r.fault.delayMs) === 0) found.problems.push(`${at}.fault.delayMs: needed with delayPercent`)
+    return buildRoute(r, name)
+  })
+}
+
+/** The route's name, or one derived from its match; a duplicate derived name gets a suffix. */
+function routeName (r: Resolved<typeof RouteSchema>, at: string, taken: Set<string>, found: Findings): string {
+  let name = r.name ?? deriveRouteName(r.match)
+  if (r.name !== undefined && taken.has(name)) found.problems.push(`${at}.name: duplicate route name "${name}"`)
+  for (let n = 2; taken.has(name); n++) name = `${r.name ?? deriveRouteName(r.match)}_${n}`
+  taken.add(name)
+  return name
+}
+
+function buildRoute (r: Resolved<typeof RouteSchema>, name: string): RouteConfig {
+  const m = r.match
+  return {
+    name,
+    match: {
+      pathPrefix: m.pathPrefix ?? null,
+      path: m.path ?? null,
+      methods: m.methods === undefined ? null : m.methods.map((method) => method.toUpperCase()),
+      host: m.host?.toLowerCase() ?? null,
+      headers: m.headers === undefined ? null : Object.entries(m.headers).map(([k, v]) => [k.toLowerCase(), v] as const),
+      strict: m.strict
+    },
+    upstream: r.upstream,
+    listener: r.listener,
+    killSwitch: r.killSwitch ?? null,
+    timeoutMs: toMs(r.timeoutMs),
+    idleTimeoutMs: toMs(r.idleTimeoutMs),
+    retries: r.retries === undefined ? null : { attempts: r.retries.attempts, budgetPercent: r.retries.budgetPercent, minRetriesPerSecond: r.retries.minRetriesPerSecond },
+    rewritePrefix: r.rewritePrefix ?? null,
+    fault: r.fault === undefined
+      ? null
+      : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: toMs(r.fault.delayMs), flag: r.fault.flag ?? null }
+  }
+}
+
+/** A stable, readable route name from its match: `/checkout` → `checkout`, `/` → `root`. */
+function deriveRouteName (match: Resolved<typeof MatchSchema>): string {
+  const path = match.path ?? match.pathPrefix ?? '/'
+  let base = path.replace(/^\/+|\/+$/g, '').replace(/[^A-Za-z0-9_.-]+/g, '_') || 'root'
+  if (match.host !== undefined) base = `${match.host.replace(/[^A-Za-z0-9_.-]+/g, '_')}_${base}`
+  if (match.methods !== undefined) base = `${base}_${match.methods.join('_').toLowerCase()}`
+  return /^[A-Za-z_]/.test(base) ? base.slice(0, 64) : `r_${base}`.slice(0, 64)
+}
+
+function buildCircuitBreakers (input: Section<'circuitBreakers'>, upstreamNames: readonly string[], found: Findings): Record<string, CircuitBreakerConfig> {
+  const breakers: Record<string, CircuitBreakerConfig> = {}
+  for (const [name, cb] of Object.entries(input) as Array<[string, Resolved<typeof CircuitBreakerSchema>]>) {
+    if (!upstreamNames.includes(name)) found.problems.push(`circuitBreakers.${name}: unknown upstream "${name}" (known: ${upstreamNames.join(', ')})`)
+    const rollingWindowMs = toMs(cb.rollingWindowMs)
+    if (rollingWindowMs < 100) found.problems.push(`circuitBreakers.${name}.rollingWindowMs: must be >= 100`)
+    breakers[name] = {
+      failureThreshold: cb.failureThreshold,
+      volumeThreshold: cb.volumeThreshold,
+      rollingWindowMs,
+      recoveryTimeout: toMs(cb.recoveryTimeout),
+      maxConcurrentRequests: cb.maxConcurrentRequests ?? 0,
+      failureStatuses: cb.failureStatuses
+    }
+  }
+  return breakers
+}
+
+function buildFlagSource (input: Section<'flagSource'>, baseDir: string): FlagSourceConfig | null {
+  if (input === undefined) return null
+  return { type: input.type, path: resolvePath(baseDir, input.path), pollIntervalMs: toMs(input.pollIntervalMs) }
+}
+
+/**
+ * The boolean flags a flag file defines now, for checking references; null when it cannot be
+ * read (a missing file is allowed at start: the sidecar starts on `featureFlags`).
+ */
+function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
+  const read = readFlagFileSync(path)
+  if (read.kind === 'missing') {
+    warnings.push(`flagSource.path: ${path} does not exist yet; starting on featureFlags and watching for it`)
+    return null
+  }
+  if (read.kind === 'invalid') {
+    warnings.push(`flagSource.path: ${path} is not a valid flag file (${read.error}); starting on featureFlags`)
+    return null
+  }
+  for (const key of read.flags.disabled) {
+    warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
+  }
+  return new Set([...read.flags.values.keys(), ...read.flags.disabled])
+}
+
+/** What a trigger may refer to. */
+interface TriggerScope {
+  routes: readonly RouteConfig[]
+  upstreamNames: readonly string[]
+  /** Whether a flag is defined (in `featureFlags` or the flag file). */
+  defined: (flag: string) => boolean
+  /** ` or the flag file` when there is one, for problem messages. */
+  where: string
+  rollback: boolean
+}
+
+function buildTriggers (input: Section<'rollbackTriggers'>, scope: TriggerScope, found: Findings): TriggerConfig[] {
+  const names = new Set<string>()
+  return input.map((tr, i) => {
+    const at = `rollbackTriggers[${i}]`
+    const name = tr.name ?? `${tr.metric}_${String(tr.threshold).replace(/[^0-9A-Za-z]/g, '_')}_${typeof tr.window === 'number' ? `${tr.window}ms` : tr.window}`
+    if (names.has(name)) found.problems.push(`${at}.name: duplicate trigger name "${name}"${tr.name === undefined ? ' (give the triggers names)' : ''}`)
+    names.add(name)
+    checkTrigger(tr, at, scope, found.problems)
+    return {
+      name,
+      metric: tr.metric,
+      threshold: tr.threshold,
+      windowMs: toMs(tr.window),
+      action: tr.action,
+      minRequests: tr.minRequests,
+      forMs: toMs(tr.for),
+      route: tr.route ?? null,
+      upstream: tr.upstream ?? null,
+      flags: tr.flags ?? null,
+      upstreams: tr.upstreams ?? null
+    }
+  })
+}
+
+function checkTrigger (tr: Resolved<typeof TriggerSchema>, at: string, scope: TriggerScope, problems: string[]): void {
+  const windowMs = toMs(tr.window)
+  if (windowMs < 1000) problems.push(`${at}.window: must be at least 1s`)
+  if (windowMs > 3_600_000) problems.push(`${at}.window: must be at most 1h`)
+  if (tr.metric === 'error_rate' && tr.threshold > 1) problems.push(`${at}.threshold: an error_rate threshold is a ratio from 0 to 1`)
+  if (tr.route !== undefined && !scope.routes.some((r) => r.name === tr.route)) problems.push(`${at}.route: unknown route "${tr.route}" (known: ${scope.routes.map((r) => r.name).join(', ')})`)
+  if (tr.upstream !== undefined && !scope.upstreamNames.includes(tr.upstream)) problems.push(`${at}.upstream: unknown upstream "${tr.upstream}"`)
+  if (tr.action === 'killSwitch' && (tr.flags === undefined || tr.flags.length === 0)) problems.push(`${at}.flags: a killSwitch trigger must name its flags`)
+  for (const f of tr.flags ?? []) if (!scope.defined(f)) problems.push(`${at}.flags: flag "${f}" is not defined in featureFlags${scope.where}`)
+  for (const u of tr.upstreams ?? []) if (!scope.upstreamNames.includes(u)) problems.push(`${at}.upstreams: unknown upstream "${u}"`)
+  if (tr.action === 'rollback' && !scope.rollback) problems.push(`${at}.action: "rollback" needs a rollback action (config key rollback)`)
+}
+
+function buildVerification (v: Section<'verification'>, routes: readonly RouteConfig[], found: Findings): VerificationConfig {
+  return {
+    synthetics: v.synthetics.map((syn, i) => {
+      if (syn.route !== undefined && !routes.some((r) => r.name === syn.route)) found.problems.push(`verification.synthetics[${i}].route: unknown route "${syn.route}"`)
+      return { route: syn.route ?? null, method: syn.method, path: syn.path, host: syn.host ?? null, expectStatus: syn.expectStatus }
+    }),
+    intervalMs: toMs(v.intervalMs),
+    successes: v.successes,
+    windowMs: toMs(v.windowMs),
+    timeoutMs: toMs(v.timeoutMs),
+    maxErrorRate: v.maxErrorRate
+  }
+}
+
+function buildNotifications (n: Section<'notifications'>, found: Findings): NotificationsConfig {
+  if (n.slackWebhookUrl !== undefined && n.slackChannel === undefined) found.warnings.push('notifications.slackChannel: not set; Slack messages go to the webhook\'s default channel')
+  if (n.statusPageId !== undefined && n.statusPageApiKey === undefined) found.problems.push('notifications.statusPageApiKey: needed with statusPageId')
+  if (n.pagerDutyServiceId !== undefined && n.pagerDutyRoutingKey === undefined) found.warnings.push('notifications.pagerDutyRoutingKey: not set; PagerDuty events are not sent')
+  return {
+    slackChannel: n.slackChannel ?? null,
+    slackWebhookUrl: n.slackWebhookUrl ?? null,
+    pagerDutyServiceId: n.pagerDutyServiceId ?? null,
+    pagerDutyRoutingKey: n.pagerDutyRoutingKey ?? null,
+    pagerDutyUrl: n.pagerDutyUrl,
+    statusPageId: n.statusPageId ?? null,
+    statusPageApiKey: n.statusPageApiKey ?? null,
+    statusPageUrl: n.statusPageUrl.replace(/\/+$/, ''),
+    webhooks: n.webhooks,
+    queueSize: n.queueSize,
+    maxAttempts: n.maxAttempts
+  }
+}
+
+function buildListen (listen: Section<'listen'>): Config['listen'] {
+  const proxy = (l: NonNullable<Section<'listen'>['egress']>): ProxyListenerConfig => ({
+    host: l.host,
+    port: l.port,
+    keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs),
+    requestTimeoutMs: toMs(l.requestTimeoutMs),
+    headersTimeoutMs: toMs(l.headersTimeoutMs),
+    maxHeaderSize: l.maxHeaderSize
+  })
+  return {
+    proxy: proxy(listen.proxy),
+    egress: listen.egress === undefined ? null : proxy(listen.egress),
+    ops: { host: listen.ops.host, port: listen.ops.port },
+    admin: { host: listen.admin.host, port: listen.admin.port }
+  }
+}
+
+function buildRollback (r: Resolved<typeof RollbackSchema>): RollbackConfig {
+  const common = {
+    cooldownMs: toMs(r.cooldown),
+    requireRecentChangeMs: r.requireRecentChange === false ? 0 : toMs(r.requireRecentChange)
+  }
+  if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers, retries: r.retries, timeoutMs: toMs(r.timeoutMs) }
+  if (r.type === 'git') return { ...common, type: 'git', repo: r.repo, branch: r.branch, path: r.path ?? null, author: r.author ?? null, timeoutMs: toMs(r.timeoutMs) }
+  return { ...common, type: 'exec', command: r.command, timeoutMs: toMs(r.timeoutMs) }
+}
+
+function buildHealth (health: Section<'health'>, upstreams: Readonly<Record<string, UpstreamConfig>>, found: Findings): Config['health'] {
+  if (health.failOnOpenCircuit === 'any') {
+    found.warnings.push('health.failOnOpenCircuit: "any" makes every sidecar of the fleet unhealthy when one shared dependency fails; prefer "critical"')
+  }
+  const criticals = Object.values(upstreams).filter((u) => u.critical).map((u) => u.name)
+  if (criticals.length > 1) {
+    found.warnings.push(`upstreams: ${criticals.length} upstreams are critical (${criticals.join(', ')}); each can take this instance out of the load balancer`)
+  }
+  return { failOnOpenCircuit: health.failOnOpenCircuit }
+}

@@ -1,0 +1,173 @@
+/**
+ * A reload keeps what is running (SPEC §15): bulkhead counts, breaker state, route stats and
+ * trigger windows, and connection pools of unchanged upstreams and routes carry over; changed
+ * upstreams start fresh; removed ones are released once their requests finish.
+ */
+import t from 'tap'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
+import { startUpstream, echo, status, type TestUpstream } from './helpers/upstream.js'
+import { startFileSidecar, type FileSidecar } from './helpers/file-sidecar.js'
+import { admin } from './helpers/admin.js'
+import { send, eventually, type Reply } from './helpers/http.js'
+import { metricValue, scrape, hasSample } from './helpers/metrics.js'
+
+/** An upstream whose `/held` requests wait until `release()`, counting the TCP connections it accepts. */
+async function startCountingUpstream (): Promise<TestUpstream & { held: () => number, release: () => void, connections: () => number, open: () => number }> {
+  const waiting: Array<() => void> = []
+  const up = await startUpstream((req: IncomingMessage, res: ServerResponse, body: Buffer) => {
+    if (req.url?.endsWith('/held') === true) waiting.push(() => echo(req, res, body))
+    else echo(req, res, body)
+  })
+  let connections = 0
+  const open = new Set<Socket>()
+  up.server.on('connection', (s: Socket) => {
+    connections++
+    open.add(s)
+    s.on('close', () => open.delete(s))
+  })
+  return Object.assign(up, {
+    held: () => waiting.length,
+    release: () => { for (const answer of waiting.splice(0)) answer() },
+    connections: () => connections,
+    open: () => open.size
+  })
+}
+
+async function reload (s: FileSidecar, input: Record<string, unknown>): Promise<void> {
+  s.rewrite(input)
+  const result = await admin(s.admin, 'POST', '/v1/reload', { reason: 'test reload' })
+  if (result.status !== 200) throw new Error(`reload refused: ${JSON.stringify(result.body)}`)
+}
+
+/** Settles `request` into a status (or the error code), never rejects. */
+async function outcome (request: Promise<Reply>): Promise<{ status: number, error: string | null }> {
+  return await request.then((r) => ({ status: r.status, error: r.headers['x-breakwater-error'] as string ?? null }), (err: NodeJS.ErrnoException) => ({ status: 0, error: err.code ?? err.message }))
+}
+
+t.test('the bulkhead count carries over a reload: requests still running count against the new runtime', async (t) => {
+  const up = await startCountingUpstream()
+  t.teardown(async () => { up.release(); await up.close() })
+  const input = {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { maxConcurrentRequests: 2 } }
+  }
+  const s = await startFileSidecar(t, input)
+  const running = [outcome(send(s.proxy, '/held')), outcome(send(s.proxy, '/held'))]
+  t.ok(await eventually(() => up.held() === 2, 10_000), 'the upstream holds two requests')
+  t.same(await outcome(send(s.proxy, '/third')), { status: 503, error: 'bulkhead_full' }, 'the bulkhead is full before the reload')
+
+  await reload(s, { ...input, featureFlags: { unrelated: true } })
+  const third = outcome(send(s.proxy, '/held'))
+  let settled = false
+  void third.then(() => { settled = true })
+  // On a runtime that restarted the count at 0 the request reaches the upstream instead.
+  await eventually(() => settled || up.held() === 3, 10_000)
+  t.equal(up.held(), 2, 'no third request reached the upstream after the reload')
+  up.release()
+  t.same(await third, { status: 503, error: 'bulkhead_full' }, 'after the reload the bulkhead is still full')
+  for (const r of await Promise.all(running)) t.equal(r.status, 200, 'the held requests complete')
+  t.equal((await outcome(send(s.proxy, '/after'))).status, 200, 'once they finished, the bulkhead admits again')
+  t.equal(s.sidecar.dataPlane.runtime.upstreams.get('app')?.inFlight, 0, 'the count went back to 0')
+})
+
+t.test('an open circuit stays open over a reload of unchanged settings; a changed upstream gets a fresh one', async (t) => {
+  const failing = await startUpstream(status(503))
+  t.teardown(failing.close)
+  const healthy = await startUpstream(echo)
+  t.teardown(healthy.close)
+  const input = (url: string): Record<string, unknown> => ({
+    upstreams: { app: { url } },
+    routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout: '1h' } }
+  })
+  const s = await startFileSidecar(t, input(failing.url))
+  t.ok(await eventually(async () => (await outcome(send(s.proxy, '/'))).error === 'circuit_open', 10_000), 'failures open the circuit')
+  const seen = failing.received.length
+
+  await reload(s, { ...input(failing.url), routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }, { name: 'extra', match: { pathPrefix: '/extra' }, upstream: 'app' }] })
+  t.same(await outcome(send(s.proxy, '/')), { status: 503, error: 'circuit_open' }, 'still open after the reload')
+  t.equal(failing.received.length, seen, 'the failing upstream saw nothing more')
+  t.equal(s.sidecar.dataPlane.circuit('app')?.state, 'open')
+
+  // The operator points the upstream elsewhere: its definition changed, its history is not its own.
+  await reload(s, input(healthy.url))
+  t.same(await outcome(send(s.proxy, '/')), { status: 200, error: null }, 'the changed upstream starts with a closed circuit')
+  t.equal(healthy.received.length, 1)
+})
+
+t.test('an operator\'s forced circuit survives a reload that changes the upstream', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = (connectTimeoutMs: number): Record<string, unknown> => ({
+    upstreams: { app: { url: up.url, connectTimeoutMs } },
+    routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: {} }
+  })
+  const s = await startFileSidecar(t, input(1000))
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'isolate' })).status, 200)
+  await reload(s, input(2000))
+  t.same(await outcome(send(s.proxy, '/')), { status: 503, error: 'circuit_open' }, 'the forced circuit is still open')
+  t.equal(up.received.length, 0)
+})
+
+t.test('route counts and trigger windows continue over a reload; a removed route frees them', async (t) => {
+  const up = await startCountingUpstream()
+  t.teardown(up.close)
+  const routes = [
+    { name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }
+  ]
+  const input = { upstreams: { app: { url: up.url } }, routes: [{ name: 'old', match: { pathPrefix: '/old' }, upstream: 'app' }, ...routes] }
+  const s = await startFileSidecar(t, input)
+  for (let i = 0; i < 3; i++) t.equal((await send(s.proxy, '/x')).status, 200)
+  t.equal((await send(s.proxy, '/old')).status, 200)
+  const stats = [...s.sidecar.dataPlane.stats.allRoutes()].find((r) => r.route === 'main')
+
+  // A changed route setting (a timeout) keeps the route's identity: its name and upstream.
+  await reload(s, { ...input, routes: [input.routes[0], { ...routes[0], timeoutMs: 9000 }] })
+  t.equal((await send(s.proxy, '/y')).status, 200)
+  t.equal(await metricValue(s.ops, 'breakwater_requests_total', { route: 'main' }), 4, 'the request counter continued')
+  t.equal([...s.sidecar.dataPlane.stats.allRoutes()].find((r) => r.route === 'main'), stats, 'the same stats and window serve the route')
+  const triage = (await admin(s.admin, 'GET', '/v1/triage')).body as { evidence: { routes: Array<{ name: string, current: { requests: number } }> } }
+  t.equal(triage.evidence.routes.find((r) => r.name === 'main')?.current.requests, 4, 'the window holds the requests from before the reload')
+
+  await reload(s, { ...input, routes })
+  t.notOk([...s.sidecar.dataPlane.stats.allRoutes()].some((r) => r.route === 'old'), 'the removed route\'s stats and window are freed')
+  t.notOk(hasSample(await scrape(s.ops), 'breakwater_requests_total', { route: 'old' }), 'and its series leave /metrics')
+})
+
+t.test('pools: no new connection for an unchanged upstream; a changed one gets a fresh pool; a removed one closes after its requests', async (t) => {
+  const app = await startCountingUpstream()
+  t.teardown(app.close)
+  const other = await startCountingUpstream()
+  t.teardown(async () => { other.release(); await other.close() })
+  const base = {
+    upstreams: { app: { url: app.url, keepAliveTimeoutMs: '30s' }, other: { url: other.url, keepAliveTimeoutMs: '30s' } },
+    routes: [{ name: 'other', match: { pathPrefix: '/other' }, upstream: 'other' }, { name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }]
+  }
+  const s = await startFileSidecar(t, base)
+  t.equal((await send(s.proxy, '/a')).status, 200)
+  // The start-up probe that the local app accepts connections (test/reachability.test.ts), and the pool's.
+  t.ok(await eventually(() => app.connections() === 2, 10_000), 'two connections to the app')
+
+  await reload(s, { ...base, featureFlags: { unrelated: true }, logging: { level: 'debug' } })
+  t.same(s.logs.filter((l) => l.event === 'config_reload').at(-1)?.upstreams, { kept: ['app', 'other'], fresh: [], removed: [] })
+  t.equal((await send(s.proxy, '/b')).status, 200)
+  t.equal(app.connections(), 2, 'the reload opened no new connection to the unchanged upstream')
+
+  // `other` has a request running when a reload removes it.
+  const held = outcome(send(s.proxy, '/other/held'))
+  t.ok(await eventually(() => other.held() === 1, 10_000), 'the other upstream holds a request')
+  await reload(s, { upstreams: { app: { url: app.url, keepAliveTimeoutMs: '20s' } }, routes: [base.routes[1]] })
+  t.equal((await send(s.proxy, '/c')).status, 200)
+  t.equal(app.connections(), 3, 'the changed upstream connected afresh')
+  const logged = s.logs.filter((l) => l.event === 'config_reload' && l.result === 'ok').at(-1)
+  t.same(logged?.upstreams, { kept: [], fresh: ['app'], removed: ['other'] }, 'the reload logs which upstreams kept their state')
+  t.ok(await eventually(() => app.open() === 1, 10_000), 'and the old pool closed its idle connection')
+
+  t.equal(other.open(), 1, 'the removed upstream\'s connection stays while its request runs')
+  other.release()
+  t.same(await held, { status: 200, error: null }, 'the request on the removed upstream completed')
+  t.ok(await eventually(() => other.open() === 0, 10_000), 'then the removed upstream\'s pool closed')
+})
