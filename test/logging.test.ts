@@ -214,13 +214,10 @@ t.test('a stalled stdout drops log lines (counted) instead of stalling the proxy
   const dropped = await metricValue(bw.ops, 'breakwater_log_lines_dropped_total')
   t.ok(dropped > 0, `breakwater_log_lines_dropped_total is ${dropped}`)
 
-  const at = Date.now()
   const res = await send(bw.proxy, '/still-there')
   const live = await getJson(`${bw.ops}/live`)
-  const took = Date.now() - at
   t.equal(res.status, 200, 'the proxy still answers')
   t.equal(live.status, 200, '/live still answers')
-  t.ok(took < 3000, `both answered in ${took} ms`)
 
   // Read again: what was kept comes out as whole JSON lines (drops never cut a line).
   const stdout = bw.child.stdout as NonNullable<typeof bw.child.stdout>

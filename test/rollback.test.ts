@@ -118,11 +118,9 @@ t.test('exec rollback runs the argv with BREAKWATER_* in its environment; failur
   t.match(f.body.result.output, /no such deployment/)
 
   const slow = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'setTimeout(() => {}, 60000)'], timeoutMs: 300 }))
-  const started = Date.now()
   const timedOut = await rollbackAndWait(slow.admin, 'x')
   t.equal(timedOut.body.status, 'failed')
-  t.match(timedOut.body.result.error, /killed/)
-  t.ok(Date.now() - started < 5000, 'the command was killed at its timeout')
+  t.match(timedOut.body.result.error, /killed by SIGKILL after 300 ms/, 'the command was killed at its timeout')
 
   const missing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [join(dir, 'no-such-binary')] }))
   t.equal((await rollbackAndWait(missing.admin, 'x')).body.status, 'failed')
