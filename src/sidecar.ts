@@ -189,7 +189,7 @@ export class Sidecar {
     const cfg = this.config
     const flags: Record<string, unknown> = {}
     for (const [key, enabled] of this.flags.values) {
-      flags[key] = { enabled, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
+      flags[key] = { enabled, targeted: this.flags.targeted?.has(key) === true, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
     }
     const circuits: Record<string, unknown> = {}
     for (const c of this.dataPlane.allCircuits()) {

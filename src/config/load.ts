@@ -4,6 +4,7 @@
  * (references between sections), fill in defaults, and freeze.
  */
 import { readFile } from 'node:fs/promises'
+import { existsSync } from 'node:fs'
 import { extname, resolve as resolvePath, dirname } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { parse as parseYaml } from 'yaml'
@@ -12,8 +13,9 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs as parseMs } from './duration.js'
-import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, FlagProviderConfig, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
+import { checkFlagServices } from '../flags/check.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
@@ -47,7 +49,12 @@ export interface Loaded {
 export async function loadConfigFile (path: string, env: NodeJS.ProcessEnv = process.env): Promise<Loaded> {
   const absolute = resolvePath(path)
   const raw = await readRaw(absolute)
-  return resolveConfig(raw, { env, source: absolute })
+  const loaded = resolveConfig(raw, { env, source: absolute })
+  // Checks that load optional code (flagd-core, the provider's module): not in resolveConfig,
+  // which stays synchronous.
+  const problems = await checkFlagServices(loaded.config)
+  if (problems.length > 0) throw new ConfigError(problems)
+  return loaded
 }
 
 async function readRaw (path: string): Promise<unknown> {
@@ -222,7 +229,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
             flag: r.fault.flag ?? null
           }
     })
-    if (r.fault?.flag !== undefined && (input.featureFlags ?? {})[r.fault.flag] === undefined && input.flagSource === undefined) {
+    if (r.fault?.flag !== undefined && (input.featureFlags ?? {})[r.fault.flag] === undefined && input.flagSource === undefined && input.flagProvider === undefined) {
       problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
     }
     if (r.fault !== undefined && (r.fault.delayPercent ?? 0) > 0 && toMs(r.fault.delayMs ?? 0) === 0) problems.push(`${at}.fault.delayMs: needed with delayPercent`)
@@ -250,9 +257,11 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     ? null
     : { type: input.flagSource.type, path: resolvePath(baseDir, input.flagSource.path), pollIntervalMs: toMs(input.flagSource.pollIntervalMs ?? 250) }
   const featureFlags = input.featureFlags ?? {}
-  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, warnings)
+  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, problems, warnings)
+  const flagProvider = input.flagProvider === undefined ? null : flagProviderConfig(input.flagProvider, baseDir, problems)
   input.routes.forEach((r, i) => {
-    if (r.killSwitch === undefined || featureFlags[r.killSwitch] !== undefined || fileFlags?.has(r.killSwitch) === true) return
+    // A provider's flags are known only once it runs: it may define any kill switch.
+    if (r.killSwitch === undefined || featureFlags[r.killSwitch] !== undefined || fileFlags?.has(r.killSwitch) === true || input.flagProvider !== undefined) return
     problems.push(`routes[${i}].killSwitch: flag "${r.killSwitch}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
   })
 
@@ -270,7 +279,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     if (tr.route !== undefined && !input.routes.some((r, j) => (r.name ?? routes[j]?.name) === tr.route)) problems.push(`${at}.route: unknown route "${tr.route}" (known: ${routes.map((r) => r.name).join(', ')})`)
     if (tr.upstream !== undefined && input.upstreams[tr.upstream] === undefined) problems.push(`${at}.upstream: unknown upstream "${tr.upstream}"`)
     if (tr.action === 'killSwitch' && (tr.flags === undefined || tr.flags.length === 0)) problems.push(`${at}.flags: a killSwitch trigger must name its flags`)
-    for (const f of tr.flags ?? []) if (featureFlags[f] === undefined && fileFlags?.has(f) !== true) problems.push(`${at}.flags: flag "${f}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
+    for (const f of tr.flags ?? []) if (featureFlags[f] === undefined && fileFlags?.has(f) !== true && input.flagProvider === undefined) problems.push(`${at}.flags: flag "${f}" is not defined in featureFlags${flagSource === null ? '' : ' or the flag file'}`)
     for (const u of tr.upstreams ?? []) if (input.upstreams[u] === undefined) problems.push(`${at}.upstreams: unknown upstream "${u}"`)
     if (tr.action === 'rollback' && input.rollback === undefined) problems.push(`${at}.action: "rollback" needs a rollback action (config key rollback)`)
     rollbackTriggers.push({
@@ -353,6 +362,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     routes,
     featureFlags,
     flagSource,
+    flagProvider,
+    flags: { targetingKeyHeader: (input.flags?.targetingKeyHeader ?? 'x-request-id').toLowerCase() },
     circuitBreakers,
     rollbackTriggers,
     verification,
@@ -380,20 +391,40 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
  * The boolean flags a flag file defines now, for checking `killSwitch` references; null when
  * it cannot be read (a missing file is allowed at start: the sidecar starts on `featureFlags`).
  */
-function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
+function peekFlagFile (path: string, problems: string[], warnings: string[]): Set<string> | null {
   const read = readFlagFileSync(path)
   if (read.kind === 'missing') {
     warnings.push(`flagSource.path: ${path} does not exist yet; starting on featureFlags and watching for it`)
     return null
   }
   if (read.kind === 'invalid') {
-    warnings.push(`flagSource.path: ${path} is not a valid flag file (${read.error}); starting on featureFlags`)
+    problems.push(`flagSource.path: ${path} is not a valid flag file: ${read.error}`)
     return null
   }
   for (const key of read.flags.disabled) {
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
-  return new Set([...read.flags.values.keys(), ...read.flags.disabled])
+  return new Set([...read.flags.values.keys(), ...read.flags.disabled, ...read.flags.targeted])
+}
+
+/**
+ * `flagProvider.module` must resolve now, as `import()` will resolve it at start: a package
+ * name from Breakwater's own node_modules, or a module path relative to the config file.
+ */
+function flagProviderConfig (p: NonNullable<ConfigInput['flagProvider']>, baseDir: string, problems: string[]): FlagProviderConfig {
+  let module = p.module
+  if (/^(\.{1,2}\/|\/)/.test(module)) {
+    const file = resolvePath(baseDir, module)
+    if (!existsSync(file)) problems.push(`flagProvider.module: ${file} does not exist`)
+    module = pathToFileURL(file).href
+  } else {
+    try {
+      import.meta.resolve(module)
+    } catch (err) {
+      problems.push(`flagProvider.module: cannot find "${module}" (${(err as Error).message.split('\n')[0]}); install it beside Breakwater`)
+    }
+  }
+  return { module, export: p.export ?? 'default', options: p.options ?? {}, pollMs: p.pollMs === undefined ? null : toMs(p.pollMs) }
 }
 
 function rollbackConfig (r: ConfigInput['rollback']): RollbackConfig | null {

@@ -137,6 +137,15 @@ export const ConfigSchema = closed(
       path: Type.String({ minLength: 1 }),
       pollIntervalMs: Type.Optional(Duration)
     })),
+    flagProvider: Type.Optional(closed({
+      module: Type.String({ minLength: 1, description: 'a package name, or a path to an ES module (relative to the config file)' }),
+      export: Type.Optional(Type.String({ minLength: 1, description: 'the provider class to construct; default: the default export' })),
+      options: Type.Optional(Type.Record(Type.String(), Type.Unknown(), { description: 'passed to the constructor: new Provider(options, logger)' })),
+      pollMs: Type.Optional(Duration)
+    })),
+    flags: Type.Optional(closed({
+      targetingKeyHeader: Type.Optional(Type.String({ pattern: HeaderName }))
+    })),
     circuitBreakers: Type.Optional(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreaker)),
     rollbackTriggers: Type.Optional(Type.Array(closed({
       name: Type.Optional(Name),

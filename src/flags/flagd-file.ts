@@ -7,8 +7,8 @@
  * - `state: DISABLED` — or no `defaultVariant` — resolves to the *code default*: for
  *   Breakwater the `featureFlags` value, else `true` (feature on). A DISABLED flag does not
  *   switch a feature off; `defaultVariant: "off"` does (`validate` warns about it);
- * - `targeting` rules are not evaluated per request (the request path reads a snapshot); the
- *   default variant applies, and a warning says so;
+ * - an ENABLED flag with `targeting` is evaluated per request by flagd-core itself (see
+ *   targeting.ts), loaded only when a file has such a flag; every other flag is a snapshot read;
  * - flags whose variants are not booleans are someone else's and are ignored.
  *
  * The file is watched by polling `stat` (every 250 ms by default), which follows symlinks, so
@@ -18,14 +18,19 @@
  */
 import { readFileSync, statSync, type Stats } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
+import type { FlagdEvaluator } from './targeting.js'
 
 export interface FileFlags {
   /** Boolean value of each ENABLED flag with a boolean default variant. */
   values: Map<string, boolean>
   /** Flags present but resolving to the code default (DISABLED, or no default variant). */
   disabled: Set<string>
-  /** Flags with targeting rules (evaluated with their default variant only). */
+  /** ENABLED flags with targeting rules: their value depends on the request. */
   targeted: Set<string>
+  /** The file's text, which flagd-core compiles when `targeted` is not empty. */
+  text: string
+  /** flagd-core holding this file, once compiled (see `compileTargeting`); null until then or when nothing is targeted. */
+  targeting: FlagdEvaluator | null
 }
 
 export type FlagFileRead =
@@ -44,7 +49,7 @@ export function parseFlagFile (text: string): FileFlags {
   if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) throw new Error('must be a JSON object')
   const flags = (doc as { flags?: unknown }).flags
   if (flags === null || typeof flags !== 'object' || Array.isArray(flags)) throw new Error('flags: must be an object')
-  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set() }
+  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set(), text, targeting: null }
   for (const [key, def] of Object.entries(flags as Record<string, unknown>)) {
     if (def === null || typeof def !== 'object') throw new Error(`flags.${key}: must be an object`)
     const { state, variants, defaultVariant, targeting } = def as Record<string, unknown>
@@ -57,7 +62,11 @@ export function parseFlagFile (text: string): FileFlags {
     if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !(defaultVariant in (variants as object)))) {
       throw new Error(`flags.${key}.defaultVariant: must name one of its variants`)
     }
-    if (targeting !== undefined && targeting !== null && Object.keys(targeting as object).length > 0) out.targeted.add(key)
+    // flagd-core's own test for "has targeting": a non-empty rule.
+    if (state === 'ENABLED' && targeting !== undefined && targeting !== null && Object.keys(targeting as object).length > 0) {
+      out.targeted.add(key)
+      continue
+    }
     if (state === 'DISABLED' || defaultVariant === undefined || defaultVariant === null) {
       out.disabled.add(key)
       continue

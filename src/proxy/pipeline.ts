@@ -56,14 +56,14 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
     }
 
     // match route
-    const route = dp.runtime.routes.match(req.method as string, path, head.host, req, options.listener)
+    const route = dp.runtime.routes.match(req.method as string, path, head, req, options.listener)
     if (route === null) {
       refuse(dp, req, res, 'no_route', null, head.requestId, startedAt)
       return
     }
 
     // kill switch
-    if (!killSwitchAllows(dp.flags, route)) {
+    if (!killSwitchAllows(dp.flags, route, req.method as string, path, head)) {
       route.stats.reject('kill_switch')
       refuse(dp, req, res, 'feature_disabled', route, head.requestId, startedAt)
       return

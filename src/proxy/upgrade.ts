@@ -25,13 +25,13 @@ export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Dupl
     refuseRaw(dp, socket, 'bad_request', null, reqHead.requestId, startedAt)
     return
   }
-  const route = dp.runtime.routes.match('GET', path, reqHead.host, req, listener)
+  const route = dp.runtime.routes.match('GET', path, reqHead, req, listener)
   if (route === null) {
     refuseRaw(dp, socket, 'no_route', null, reqHead.requestId, startedAt)
     return
   }
   // The same stages as any request: a killed feature or an open circuit refuses the handshake.
-  if (!killSwitchAllows(dp.flags, route)) {
+  if (!killSwitchAllows(dp.flags, route, 'GET', path, reqHead)) {
     route.stats.reject('kill_switch')
     refuseRaw(dp, socket, 'feature_disabled', route, reqHead.requestId, startedAt)
     return
