@@ -139,3 +139,24 @@ t.test('a provider without events is read every pollMs; one that targets without
   t.equal((await send(proxy, '/checkout')).status, 200, 'its context-free value is served')
   t.equal(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/), before + 1, 'counted once, not at every poll')
 })
+
+t.test('a reload can add, change or drop the provider; dropping it falls back to the flag file', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = flagDir(t)
+  const file = join(dir, 'file.json')
+  const served = join(dir, 'served.json')
+  writeFlagFile(file, { enableNewCheckout: { defaultVariant: 'off' } })
+  writeFlagFile(served, { enableNewCheckout: { targeting: { if: [{ starts_with: [{ var: 'path' }, '/checkout/v2'] }, 'off', 'on'] } } })
+  const base = checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path: file } })
+  const { proxy, sidecar, stateDir } = await startTestSidecar(t, base)
+  t.equal((await send(proxy, '/checkout/v1')).status, 503, 'the file says off')
+
+  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base, flagProvider: flagdProvider(served) }).config)
+  t.equal((await send(proxy, '/checkout/v1')).status, 200, 'the provider, above the file, says on here')
+  t.equal((await send(proxy, '/checkout/v2')).status, 503, 'and off here')
+
+  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base }).config)
+  t.equal((await send(proxy, '/checkout/v1')).status, 503, 'without the provider the file decides again')
+  t.equal(sidecar.flags.targeted, null)
+})

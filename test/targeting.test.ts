@@ -3,9 +3,13 @@ import { join } from 'node:path'
 import { FlagdCore } from '@openfeature/flagd-core'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
-import { send, eventually } from './helpers/http.js'
+import { send, eventually, raw } from './helpers/http.js'
+import { parseResponse } from './helpers/wire.js'
+import { startWebSocketUpstream, handshakeRequest } from './helpers/websocket.js'
 import { admin } from './helpers/admin.js'
 import { flagDir, flagdText, writeFlagFile, checkoutRoutes, type FlagDef } from './helpers/flags.js'
+
+const KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
 
 /** A kill switch that flagd turns off for /checkout/v2 and for two users, on for everyone else. */
 const checkoutRule: FlagDef = {
@@ -145,4 +149,24 @@ t.test('a sidecar whose flags have no targeting never builds a per-request conte
   t.equal(sidecar.flags.targeted, null)
   t.equal((await send(proxy, '/checkout')).status, 503)
   t.equal(up.received.length, 0)
+})
+
+t.test('a WebSocket handshake is decided by the same targeting as any request', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const path = join(flagDir(t), 'flags.json')
+  writeFlagFile(path, { enableChat: { targeting: { if: [{ in: [{ var: 'targetingKey' }, ['blocked-1']] }, 'off', null] } } })
+  const { proxyPort } = await startTestSidecar(t, {
+    upstreams: { ws: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/ws' }, upstream: 'ws', killSwitch: 'enableChat' }],
+    flagSource: { type: 'flagd-file', path },
+    flags: { targetingKeyHeader: 'x-user' }
+  })
+  const refused = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY, ['X-User: blocked-1'])))
+  t.equal(refused.status, 503, 'the user flagd switches off cannot open the socket')
+  t.equal(refused.headers['x-breakwater-error'], 'feature_disabled')
+  t.equal(up.handshakes.length, 0)
+  const opened = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY, ['X-User: alice']), 500))
+  t.equal(opened.status, 101, 'another user can')
+  t.equal(up.handshakes.length, 1)
 })
