@@ -170,3 +170,20 @@ t.test('a WebSocket handshake is decided by the same targeting as any request', 
   t.equal(opened.status, 101, 'another user can')
   t.equal(up.handshakes.length, 1)
 })
+
+t.test('a rule flagd cannot compile, written at run time, gives the code default as in flagd, with an error log and a count', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const path = join(flagDir(t), 'flags.json')
+  writeFlagFile(path, { enableNewCheckout: checkoutRule })
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: false },
+    flagSource: { type: 'flagd-file', path, pollIntervalMs: 50 }
+  }))
+  t.equal((await send(proxy, '/checkout/v1')).status, 200, 'the rule says on')
+  writeFlagFile(path, { enableNewCheckout: { targeting: { if: [{ no_such_operator: [1] }, 'off', 'on'] } } })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout/v1')).status === 503, 5000), 'the code default (featureFlags: false) applies')
+  t.ok(logs.some((l) => l.event === 'flag_source' && l.flag === 'enableNewCheckout' && l.level === 'error'), 'an error log names the flag')
+  const metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_flag_source_errors_total\{source="file"\} 1/)
+})

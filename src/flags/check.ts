@@ -6,7 +6,7 @@
 import type { Logger as FeatureLogger } from '@openfeature/server-sdk'
 import type { Config } from '../config/types.js'
 import { readFlagFileSync } from './flagd-file.js'
-import { compileTargeting } from './targeting.js'
+import { compileTargeting, uncompilable } from './targeting.js'
 import { loadProviderClass } from './provider-source.js'
 
 const quiet: FeatureLogger = { error () {}, warn () {}, info () {}, debug () {} }
@@ -20,10 +20,8 @@ export async function checkFlagServices (config: Config): Promise<string[]> {
     if (read.kind === 'ok' && read.flags.targeted.size > 0) {
       try {
         const core = await compileTargeting(read.flags.text, quiet)
-        for (const key of read.flags.targeted) {
-          // flagd keeps a flag whose rule does not compile and serves it the code default.
-          const r = core.resolveBooleanEvaluation(key, true, {})
-          if (r.errorCode === 'PARSE_ERROR') problems.push(`flagSource.path: ${source.path}: flag "${key}": flagd cannot compile its targeting (an unknown operator or malformed JsonLogic)`)
+        for (const key of uncompilable(core, read.flags.targeted)) {
+          problems.push(`flagSource.path: ${source.path}: flag "${key}": flagd cannot compile its targeting (an unknown operator or malformed JsonLogic)`)
         }
       } catch (err) {
         const cause = (err as Error & { cause?: Error }).cause?.message

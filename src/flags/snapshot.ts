@@ -15,7 +15,7 @@ import type { Config } from '../config/types.js'
 import { FlagSources } from './sources.js'
 import { BreakwaterProvider } from './provider.js'
 import { FlagFileWatcher, type FileFlags } from './flagd-file.js'
-import { TargetedFlag, compileTargeting, featureLogger } from './targeting.js'
+import { TargetedFlag, compileTargeting, featureLogger, uncompilable } from './targeting.js'
 import { ProviderSource } from './provider-source.js'
 
 export class FlagSnapshot {
@@ -168,6 +168,11 @@ export class FlagSnapshot {
       } catch (err) {
         this.fileError(watcher.path, (err as Error).message)
         return
+      }
+      // Adopted all the same, as flagd does: such a flag gets the code default. Said and counted.
+      for (const key of uncompilable(flags.targeting, flags.targeted)) {
+        this.fileErrors++
+        this.logger.error({ event: 'flag_source', path: watcher.path, flag: key }, 'flagd cannot compile this flag\'s targeting; it gets the code default, as in flagd')
       }
     }
     if (this.watcher !== watcher) return // replaced by a reload meanwhile

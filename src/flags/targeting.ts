@@ -33,6 +33,16 @@ export async function compileTargeting (text: string, logger: FeatureLogger): Pr
   return core
 }
 
+/**
+ * The flags among `keys` whose rule flagd-core could not compile (an unknown operator,
+ * malformed JsonLogic). flagd keeps such a flag and serves it the code default.
+ */
+export function uncompilable (core: FlagdEvaluator, keys: Iterable<string>): string[] {
+  const out: string[] = []
+  for (const key of keys) if (core.resolveBooleanEvaluation(key, true, {}).errorCode === 'PARSE_ERROR') out.push(key)
+  return out
+}
+
 /** A kill-switch flag whose value depends on the request. Built with each snapshot; `enabledFor` runs per request. */
 export class TargetedFlag {
   constructor (
