@@ -1,6 +1,8 @@
 import t from 'tap'
 import { writeFileSync, renameSync } from 'node:fs'
 import { join } from 'node:path'
+import { pathToFileURL } from 'node:url'
+import { ROOT } from './helpers/root.js'
 import { FlagdCore } from '@openfeature/flagd-core'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, startCaptured } from './helpers/sidecar.js'
@@ -159,4 +161,39 @@ t.test('a reload can add, change or drop the provider; dropping it falls back to
   await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base }).config)
   t.equal((await send(proxy, '/checkout/v1')).status, 503, 'without the provider the file decides again')
   t.equal(sidecar.flags.targeted, null)
+})
+
+interface EventedProvider { flags: Record<string, boolean>, set: (flags: Record<string, boolean>) => void, emit: (event: string, details?: Record<string, unknown>) => void }
+
+t.test('provider events: CONFIGURATION_CHANGED applies at once; STALE and ERROR keep the last flags, warn once per change of state and count every time', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fixture = join(ROOT, 'test/fixtures/evented-provider.mjs')
+  const { instances } = await import(pathToFileURL(fixture).href) as { instances: EventedProvider[] }
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: true },
+    flagProvider: { module: fixture, export: 'EventedProvider', options: { flags: { enableNewCheckout: true } } }
+  }))
+  const provider = instances[instances.length - 1] as EventedProvider
+  const status = async (): Promise<number> => (await send(proxy, '/checkout')).status
+  const errors = async (): Promise<number> => await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+  const warned = (): number => logs.filter((l) => l.level === 'warn' && /^flag provider (stale|error)/.test(String(l.msg))).length
+  t.equal(await status(), 200)
+
+  provider.set({ enableNewCheckout: false })
+  t.ok(await eventually(async () => await status() === 503, 5000), 'the event triggered a read (no pollMs is set)')
+
+  const before = await errors()
+  provider.emit('Stale', { message: 'sync stream lost' })
+  t.ok(await eventually(() => warned() === 1, 5000), 'a warn log for the stale provider')
+  t.equal(await errors(), before + 1, 'counted')
+  provider.emit('Error', { message: 'still down' })
+  t.ok(await eventually(async () => await errors() === before + 2, 5000), 'the error is counted too')
+  t.equal(warned(), 1, 'but not logged again: the provider was already failing')
+  provider.flags = { enableNewCheckout: true }
+  t.equal(await status(), 503, 'the last flags stay while it is in error')
+
+  provider.emit('Ready')
+  t.ok(await eventually(async () => await status() === 200, 5000), 'READY re-reads its flags')
+  t.ok(logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider ready again'))
 })
