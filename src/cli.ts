@@ -7,7 +7,8 @@ import { parseArgs } from 'node:util'
 import { readFileSync, existsSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { dirname, join } from 'node:path'
-import { loadConfigFile, ConfigError } from './config/load.js'
+import { ConfigError } from './config/load.js'
+import { loadCheckedConfig } from './flags/check.js'
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')
 
@@ -128,7 +129,7 @@ async function main (argv: string[]): Promise<number> {
 
 async function validate (path: string, json: boolean): Promise<number> {
   try {
-    const { config, warnings } = await loadConfigFile(path)
+    const { config, warnings } = await loadCheckedConfig(path)
     if (json) {
       process.stdout.write(JSON.stringify({ valid: true, config: path, warnings }) + '\n')
     } else {

@@ -4,13 +4,14 @@
  *
  * Exit codes: 0 clean stop; 1 config or start-up error, with a message naming the cause.
  */
-import { loadConfigFile, ConfigError } from './config/load.js'
+import { ConfigError } from './config/load.js'
+import { loadCheckedConfig } from './flags/check.js'
 import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
 export async function start (configPath: string): Promise<number> {
   let loaded
   try {
-    loaded = await loadConfigFile(configPath)
+    loaded = await loadCheckedConfig(configPath)
   } catch (err) {
     reportStartupError(err instanceof ConfigError ? err.problems : [(err as Error).message], configPath)
     return 1

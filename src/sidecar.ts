@@ -8,13 +8,15 @@ import type { IncomingMessage, Server } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
 import type { Config } from './config/types.js'
-import { loadConfigFile, ConfigError } from './config/load.js'
+import { ConfigError } from './config/load.js'
+import { loadCheckedConfig } from './flags/check.js'
 import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import type { UpstreamChanges } from './proxy/upstreams.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { normalisePath } from './proxy/path.js'
+import { requestHead } from './proxy/headers.js'
 import { HealthPolicy } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
@@ -146,7 +148,8 @@ export class Sidecar {
         const normalised = normalisePath(path)
         const probeHost = host ?? new URL(this.addresses.proxy).host
         const headers = { host: probeHost, 'user-agent': 'breakwater-verify' }
-        const r = normalised === null ? null : dp.runtime.routes.match(method, normalised, probeHost, { headers } as unknown as IncomingMessage, 'proxy')
+        const head = requestHead(['host', probeHost, 'user-agent', 'breakwater-verify'], '127.0.0.1', 'http', () => 'verify')
+        const r = normalised === null ? null : dp.runtime.routes.match(method, normalised, head, { headers } as unknown as IncomingMessage, 'proxy')
         return r === null ? null : { route: r.name }
       },
       notifier: this.notifier,
@@ -224,7 +227,7 @@ export class Sidecar {
     const cfg = this.config
     const flags: Record<string, unknown> = {}
     for (const [key, enabled] of this.flags.values) {
-      flags[key] = { enabled, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
+      flags[key] = { enabled, targeted: this.flags.targeted?.has(key) === true, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
     }
     const circuits: Record<string, unknown> = {}
     for (const c of this.dataPlane.allCircuits()) {
@@ -304,7 +307,7 @@ export class Sidecar {
     const source = this.config.source
     if (source === null) return { ok: false, problems: ['this sidecar was not started from a file'] }
     try {
-      const { config, warnings } = await loadConfigFile(source)
+      const { config, warnings } = await loadCheckedConfig(source)
       for (const w of warnings) this.logger.warn({ event: 'config_warning' }, w)
       const upstreams = await this.apply(config)
       this.reloads.ok++

@@ -7,6 +7,7 @@ import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
+import { checkoutRoutes } from './helpers/flags.js'
 
 function flagFile (flags: Record<string, { state?: string, on?: boolean, defaultVariant?: string | null }>): string {
   return JSON.stringify({
@@ -25,21 +26,11 @@ function tmp (t: { teardown: (fn: () => void) => void }): string {
   return dir
 }
 
-function routes (url: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    upstreams: { app: { url } },
-    routes: [
-      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'enableNewCheckout' },
-      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
-    ],
-    ...extra
-  }
-}
 
 t.test('a route whose flag is off is refused without touching its upstream; other routes are untouched', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const { proxy, ops } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: false } }))
+  const { proxy, ops } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }))
   const refused = await send(proxy, '/checkout/pay')
   t.equal(refused.status, 503)
   t.equal(refused.json().error, 'feature_disabled')
@@ -68,7 +59,7 @@ t.test('a killSwitch naming a flag no source defines is a config error', async (
 t.test('flags are served through a real OpenFeature provider', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const { sidecar } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: false, beta: true } }))
+  const { sidecar } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false, beta: true } }))
   const domain = (sidecar.flags as unknown as { domain: string }).domain
   const client = OpenFeature.getClient(domain)
   t.equal(await client.getBooleanValue('enableNewCheckout', true), false)
@@ -84,7 +75,7 @@ t.test('flag file: precedence over featureFlags, in-place rewrite applies within
   const dir = tmp(t)
   const path = join(dir, 'flags.json')
   writeFileSync(path, flagFile({ enableNewCheckout: { on: false } }))
-  const { proxy, ops, logs } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path } }))
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path } }))
   t.equal((await send(proxy, '/checkout')).status, 503, 'the file wins over featureFlags')
 
   writeFileSync(path, flagFile({ enableNewCheckout: { on: true } }))
@@ -99,7 +90,7 @@ t.test('flag file: precedence over featureFlags, in-place rewrite applies within
   await sleep(600)
   t.equal((await send(proxy, '/checkout')).status, 200, 'a wrong shape is ignored too')
   const metrics = await (await fetch(`${ops}/metrics`)).text()
-  t.match(metrics, /breakwater_flag_source_errors_total 2/)
+  t.match(metrics, /breakwater_flag_source_errors_total\{source="file"\} 2/)
 
   writeFileSync(path, flagFile({ somethingElse: { on: false } }))
   await sleep(600)
@@ -116,7 +107,7 @@ t.test('flag file: the Kubernetes ConfigMap symlink swap is picked up within 1 s
   writeFileSync(join(v1, 'flags.json'), flagFile({ enableNewCheckout: { on: true } }))
   symlinkSync('..2026_11_27_v1', join(dir, '..data'))
   symlinkSync('..data/flags.json', join(dir, 'flags.json'))
-  const { proxy } = await startTestSidecar(t, routes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path: join(dir, 'flags.json') } }))
+  const { proxy } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path: join(dir, 'flags.json') } }))
   t.equal((await send(proxy, '/checkout')).status, 200)
 
   const v2 = join(dir, '..2026_11_27_v2')
@@ -136,7 +127,7 @@ t.test('flag file: DISABLED resolves to the code default; a missing file at star
   const dir = tmp(t)
   const path = join(dir, 'flags.json')
   const { proxy, sidecar } = await startTestSidecar(t, {
-    ...routes(up.url, { featureFlags: { enableNewCheckout: true, legacy: false }, flagSource: { type: 'flagd-file', path } })
+    ...checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, legacy: false }, flagSource: { type: 'flagd-file', path } })
   })
   t.equal((await send(proxy, '/checkout')).status, 200, 'started on featureFlags without the file')
   writeFileSync(path, flagFile({ enableNewCheckout: { state: 'DISABLED', on: false }, legacy: { state: 'DISABLED', on: true }, brandNew: { state: 'DISABLED' } }))
@@ -158,10 +149,10 @@ t.test('validate warns about DISABLED flags in the flag file', async (t) => {
 t.test('a reload that changes featureFlags applies to the next request', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const base = routes(up.url, { featureFlags: { enableNewCheckout: true } })
+  const base = checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true } })
   const { proxy, sidecar, stateDir, ops } = await startTestSidecar(t, base)
   t.equal((await send(proxy, '/checkout')).status, 200)
-  const { config } = resolveConfig({ service: 'test', stateDir, ...routes(up.url, { featureFlags: { enableNewCheckout: false } }) })
+  const { config } = resolveConfig({ service: 'test', stateDir, ...checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }) })
   await sidecar.apply(config)
   t.equal((await send(proxy, '/checkout')).status, 503)
   t.equal((await getJson(`${ops}/health`)).status, 200, 'a killed feature is not an unhealthy instance')

@@ -4,7 +4,9 @@
 //
 //   node bench/micro/stages.mjs [--rounds 7] [--ops 2000000]
 import { parseArgs } from 'node:util'
+import { FlagdCore } from '@openfeature/flagd-core'
 import { killSwitchAllows } from '../../dist/proxy/kill-switch.js'
+import { TargetedFlag } from '../../dist/flags/targeting.js'
 import { Circuit, RotationClock } from '../../dist/proxy/circuit-breaker.js'
 import { RouteStats } from '../../dist/proxy/stats.js'
 
@@ -29,14 +31,35 @@ async function measure (name, fn, n = ops) {
 }
 
 // --- kill switch: one Map.get on the snapshot, as the pipeline does it ---
-const snapshot = { values: new Map([['enableNewCheckout', true], ['other', false]]), enabled (key) { return this.values.get(key) !== false } }
-const guarded = { config: { killSwitch: 'enableNewCheckout' } }
-const unguarded = { config: { killSwitch: null } }
+const snapshot = { values: new Map([['enableNewCheckout', true], ['other', false]]), targeted: null, enabled (key) { return this.values.get(key) !== false } }
+const guarded = { config: { killSwitch: 'enableNewCheckout', match: { strict: false } } }
+const unguarded = { config: { killSwitch: null, match: { strict: false } } }
+// Request heads with distinct request ids (the default targeting key) and a user header.
+const heads = Array.from({ length: 1024 }, (_, i) => ({ headers: ['host', 'shop.example', 'x-user', `user-${i}`], host: 'shop.example', requestId: `req-${i}`, hasBody: false, isWebSocket: false }))
 let sink = 0
 const results = []
 results.push(await measure('baseline loop', (n) => { for (let i = 0; i < n; i++) sink += i & 1 }))
-results.push(await measure('kill switch: route without a flag', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, unguarded) ? 1 : 0 }))
-results.push(await measure('kill switch: flag lookup', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, guarded) ? 1 : 0 }))
+results.push(await measure('kill switch: route without a flag', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, unguarded, 'GET', '/checkout/v1/cart', heads[i & 1023]) ? 1 : 0 }))
+results.push(await measure('kill switch: flag lookup', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(snapshot, guarded, 'GET', '/checkout/v1/cart', heads[i & 1023]) ? 1 : 0 }))
+
+// --- targeted kill switch: flagd-core evaluates the rule per request (target: <= 2 µs) ---
+const quiet = { error () {}, warn () {}, info () {}, debug () {} }
+const core = new FlagdCore(undefined, quiet)
+core.setConfigurations(JSON.stringify({
+  flags: {
+    enableNewCheckout: {
+      state: 'ENABLED',
+      variants: { on: true, off: false },
+      defaultVariant: 'on',
+      targeting: { if: [{ starts_with: [{ var: 'path' }, '/checkout/v2'] }, 'off', { fractional: [['on', 90], ['off', 10]] }] }
+    }
+  }
+}))
+const byRequestId = { ...snapshot, targeted: new Map([['enableNewCheckout', new TargetedFlag('enableNewCheckout', core, true, 'x-request-id', quiet)]]) }
+const byUserHeader = { ...snapshot, targeted: new Map([['enableNewCheckout', new TargetedFlag('enableNewCheckout', core, true, 'x-user', quiet)]]) }
+results.push(await measure('kill switch: targeted flag, if + fractional on the request id', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(byRequestId, guarded, 'GET', '/checkout/v1/cart', heads[i & 1023]) ? 1 : 0 }))
+results.push(await measure('kill switch: targeted flag, if + fractional on a user header', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(byUserHeader, guarded, 'GET', '/checkout/v1/cart', heads[i & 1023]) ? 1 : 0 }))
+results.push(await measure('kill switch: untargeted flag while another flag is targeted', (n) => { for (let i = 0; i < n; i++) sink += killSwitchAllows(byRequestId, { config: { killSwitch: 'other', match: { strict: false } } }, 'GET', '/checkout/v1/cart', heads[i & 1023]) ? 1 : 0 }))
 
 // --- circuit breaker stage, closed: admission check + enter + the verdict counted at the end ---
 const clock = new RotationClock()

@@ -8,12 +8,14 @@
  * Every check pushes its problem and carries on, so one run lists every problem; a value the
  * schema already refused is tolerated (a malformed duration reads as 0) for the same reason.
  */
+import { existsSync } from 'node:fs'
 import { resolve as resolvePath, dirname } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { toMs as parseMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
-import type { CircuitBreakerConfig, Config, FlagSourceConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
 
 /** Problems (the config is refused) and warnings (it is used) found while building. */
 export interface Findings {
@@ -41,8 +43,10 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
   checkRoutingPolicy(routes, input, found.problems, found.warnings)
   const circuitBreakers = buildCircuitBreakers(input.circuitBreakers, upstreamNames, found)
   const flagSource = buildFlagSource(input.flagSource, baseDir)
-  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, found.warnings)
-  const defined = (flag: string): boolean => input.featureFlags[flag] !== undefined || fileFlags?.has(flag) === true
+  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, found.problems, found.warnings)
+  const flagProvider = buildFlagProvider(input.flagProvider, baseDir, found)
+  // A provider's flags are known only once it runs: it may define any flag.
+  const defined = (flag: string): boolean => input.featureFlags[flag] !== undefined || fileFlags?.has(flag) === true || flagProvider !== null
   const where = flagSource === null ? '' : ' or the flag file'
   input.routes.forEach((r, i) => {
     if (r.killSwitch !== undefined && !defined(r.killSwitch)) found.problems.push(`routes[${i}].killSwitch: flag "${r.killSwitch}" is not defined in featureFlags${where}`)
@@ -57,6 +61,8 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     routes,
     featureFlags: input.featureFlags,
     flagSource,
+    flagProvider,
+    flags: { targetingKeyHeader: input.flags.targetingKeyHeader.toLowerCase() },
     circuitBreakers,
     rollbackTriggers: buildTriggers(input.rollbackTriggers, { routes, upstreamNames, defined, where, rollback: input.rollback !== undefined }, found),
     verification: buildVerification(input.verification, routes, found),
@@ -142,7 +148,7 @@ function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[]
     if (r.match.path !== undefined && r.match.pathPrefix !== undefined) found.problems.push(`${at}.match: use either path or pathPrefix, not both`)
     if (r.rewritePrefix !== undefined && r.match.pathPrefix === undefined) found.problems.push(`${at}.rewritePrefix: needs match.pathPrefix`)
     const name = routeName(r, at, taken, found)
-    if (r.fault?.flag !== undefined && config.featureFlags[r.fault.flag] === undefined && config.flagSource === undefined) {
+    if (r.fault?.flag !== undefined && config.featureFlags[r.fault.flag] === undefined && config.flagSource === undefined && config.flagProvider === undefined) {
       found.problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
     }
     if (r.fault !== undefined && r.fault.delayPercent > 0 && toMs(r.fault.delayMs) === 0) found.problems.push(`${at}.fault.delayMs: needed with delayPercent`)
@@ -220,20 +226,41 @@ function buildFlagSource (input: Section<'flagSource'>, baseDir: string): FlagSo
  * The boolean flags a flag file defines now, for checking references; null when it cannot be
  * read (a missing file is allowed at start: the sidecar starts on `featureFlags`).
  */
-function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
+function peekFlagFile (path: string, problems: string[], warnings: string[]): Set<string> | null {
   const read = readFlagFileSync(path)
   if (read.kind === 'missing') {
     warnings.push(`flagSource.path: ${path} does not exist yet; starting on featureFlags and watching for it`)
     return null
   }
   if (read.kind === 'invalid') {
-    warnings.push(`flagSource.path: ${path} is not a valid flag file (${read.error}); starting on featureFlags`)
+    problems.push(`flagSource.path: ${path} is not a valid flag file: ${read.error}`)
     return null
   }
   for (const key of read.flags.disabled) {
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
-  return new Set([...read.flags.values.keys(), ...read.flags.disabled])
+  return new Set([...read.flags.values.keys(), ...read.flags.disabled, ...read.flags.targeted])
+}
+
+/**
+ * `flagProvider.module` must resolve now, as `import()` will resolve it at start: a package
+ * name from Breakwater's own node_modules, or a module path relative to the config file.
+ */
+function buildFlagProvider (p: Section<'flagProvider'>, baseDir: string, found: Findings): FlagProviderConfig | null {
+  if (p === undefined) return null
+  let module = p.module
+  if (/^(\.{1,2}\/|\/)/.test(module)) {
+    const file = resolvePath(baseDir, module)
+    if (!existsSync(file)) found.problems.push(`flagProvider.module: ${file} does not exist`)
+    module = pathToFileURL(file).href
+  } else {
+    try {
+      import.meta.resolve(module)
+    } catch (err) {
+      found.problems.push(`flagProvider.module: cannot find "${module}" (${(err as Error).message.split('\n')[0] ?? ''}); install it beside Breakwater`)
+    }
+  }
+  return { module, export: p.export, options: p.options, pollMs: p.pollMs === undefined ? null : toMs(p.pollMs) }
 }
 
 /** What a trigger may refer to. */

@@ -8,8 +8,8 @@
  * - `state: DISABLED` — or no `defaultVariant` — resolves to the *code default*: for
  *   Breakwater the `featureFlags` value, else `true` (feature on). A DISABLED flag does not
  *   switch a feature off; `defaultVariant: "off"` does (`validate` warns about it);
- * - `targeting` rules are not evaluated per request (the request path reads a snapshot); the
- *   default variant applies, and a warning says so;
+ * - an ENABLED flag with `targeting` is evaluated per request by flagd-core itself (the flag
+ *   source compiles `text` when a file has such a flag); every other flag is a snapshot read;
  * - flags whose variants are not booleans are someone else's and are ignored.
  */
 import { readFileSync } from 'node:fs'
@@ -19,8 +19,10 @@ export interface FileFlags {
   values: Map<string, boolean>
   /** Flags present but resolving to the code default (DISABLED, or no default variant). */
   disabled: Set<string>
-  /** Flags with targeting rules (evaluated with their default variant only). */
+  /** ENABLED flags with targeting rules: their value depends on the request. */
   targeted: Set<string>
+  /** The file's text, which flagd-core compiles when `targeted` is not empty. */
+  text: string
 }
 
 export type FlagFileRead =
@@ -39,7 +41,7 @@ export function parseFlagFile (text: string): FileFlags {
   if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) throw new Error('must be a JSON object')
   const flags = (doc as { flags?: unknown }).flags
   if (flags === null || typeof flags !== 'object' || Array.isArray(flags)) throw new Error('flags: must be an object')
-  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set() }
+  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set(), text }
   for (const [key, def] of Object.entries(flags as Record<string, unknown>)) {
     if (def === null || typeof def !== 'object') throw new Error(`flags.${key}: must be an object`)
     const { state, variants, defaultVariant, targeting } = def as Record<string, unknown>
@@ -52,7 +54,11 @@ export function parseFlagFile (text: string): FileFlags {
     if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !(defaultVariant in (variants as object)))) {
       throw new Error(`flags.${key}.defaultVariant: must name one of its variants`)
     }
-    if (targeting !== undefined && targeting !== null && Object.keys(targeting as object).length > 0) out.targeted.add(key)
+    // flagd-core's own test for "has targeting": a non-empty rule.
+    if (state === 'ENABLED' && targeting !== undefined && targeting !== null && Object.keys(targeting as object).length > 0) {
+      out.targeted.add(key)
+      continue
+    }
     if (state === 'DISABLED' || defaultVariant === undefined || defaultVariant === null) {
       out.disabled.add(key)
       continue

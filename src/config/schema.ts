@@ -197,6 +197,15 @@ export const ConfigSchema = closed(
       path: Type.String({ minLength: 1 }),
       pollIntervalMs: withDefault(Duration, 250)
     })),
+    flagProvider: Type.Optional(closed({
+      module: Type.String({ minLength: 1, description: 'a package name, or a path to an ES module (relative to the config file)' }),
+      export: withDefault(Type.String({ minLength: 1, description: 'the provider class to construct' }), 'default'),
+      options: withDefault(Type.Record(Type.String(), Type.Unknown(), { description: 'passed to the constructor: new Provider(options, logger)' }), {}),
+      pollMs: Type.Optional(Duration)
+    })),
+    flags: section({
+      targetingKeyHeader: withDefault(Type.String({ pattern: HeaderName, description: 'header whose value is the flagd targetingKey of a request' }), 'x-request-id')
+    }),
     circuitBreakers: withDefault(Type.Record(Type.String({ pattern: NAME_PATTERN }), CircuitBreakerSchema), {}),
     rollbackTriggers: withDefault(Type.Array(TriggerSchema), []),
     notifications: section({

@@ -110,6 +110,17 @@ export interface FlagSourceConfig {
   pollIntervalMs: number
 }
 
+/** `flagProvider`: any OpenFeature server provider, loaded with `await import()` (SPEC §16). */
+export interface FlagProviderConfig {
+  /** What `import()` is given: a package name, or the file URL of a module path. */
+  module: string
+  /** The provider class among the module's exports. */
+  export: string
+  options: Readonly<Record<string, unknown>>
+  /** Re-read the provider's flags this often, as well as on its events; null = on events only. */
+  pollMs: number | null
+}
+
 export interface RollbackCommon {
   timeoutMs: number
   /** At most one rollback per cooldown. */
@@ -194,6 +205,9 @@ export interface Config {
   routes: readonly RouteConfig[]
   featureFlags: Readonly<Record<string, boolean>>
   flagSource: FlagSourceConfig | null
+  flagProvider: FlagProviderConfig | null
+  /** Header whose value is the flagd `targetingKey` of a request (lower case). */
+  flags: { targetingKeyHeader: string }
   /** Keyed by upstream name; only these upstreams have a breaker (SPEC §14). */
   circuitBreakers: Readonly<Record<string, CircuitBreakerConfig>>
   rollbackTriggers: readonly TriggerConfig[]

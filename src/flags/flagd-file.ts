@@ -1,6 +1,15 @@
 /**
- * A flagd-format flag file as a flag source: the fleet-wide path, shared through a ConfigMap or
- * written by flagd tooling. Its format and semantics are in `config/flag-file.ts`.
+ * A flagd-format flag file (https://flagd.dev/reference/flag-definitions/) as a flag source:
+ * the fleet-wide path, shared through a ConfigMap or written by flagd tooling.
+ *
+ * Semantics, as flagd's own:
+ * - `state: ENABLED` with a boolean `defaultVariant` gives that value;
+ * - `state: DISABLED` — or no `defaultVariant` — resolves to the *code default*: for
+ *   Breakwater the `featureFlags` value, else `true` (feature on). A DISABLED flag does not
+ *   switch a feature off; `defaultVariant: "off"` does (`validate` warns about it);
+ * - an ENABLED flag with `targeting` is evaluated per request by flagd-core itself (see
+ *   targeting.ts), loaded only when a file has such a flag; every other flag is a snapshot read;
+ * - flags whose variants are not booleans are someone else's and are ignored.
  *
  * The file is watched by polling `stat` (every 250 ms by default), which follows symlinks, so
  * both an in-place rewrite and the Kubernetes ConfigMap symlink swap are picked up — the
@@ -9,7 +18,29 @@
  */
 import { statSync, type Stats } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
-import { parseFlagFile, readFlagFileSync, type FileFlags } from '../config/flag-file.js'
+import { parseFlagFile as parseDefinitions, readFlagFileSync as readDefinitions, type FileFlags as FileDefinitions } from '../config/flag-file.js'
+import type { FlagdEvaluator } from './targeting.js'
+
+/** A parsed flag file, plus flagd-core holding it once its targeting rules are compiled. */
+export interface FileFlags extends FileDefinitions {
+  /** flagd-core holding this file, once compiled (see `compileTargeting`); null until then or when nothing is targeted. */
+  targeting: FlagdEvaluator | null
+}
+
+export type FlagFileRead =
+  | { kind: 'ok', flags: FileFlags }
+  | { kind: 'missing' }
+  | { kind: 'invalid', error: string }
+
+/** Parse flagd JSON text (the format is config/flag-file.ts's). Throws with a message naming what is wrong. */
+export function parseFlagFile (text: string): FileFlags {
+  return { ...parseDefinitions(text), targeting: null }
+}
+
+export function readFlagFileSync (path: string): FlagFileRead {
+  const read = readDefinitions(path)
+  return read.kind === 'ok' ? { kind: 'ok', flags: { ...read.flags, targeting: null } } : read
+}
 
 export interface FlagFileEvents {
   /** New flags were read (also the first read). */

@@ -1,7 +1,8 @@
 /**
  * Breakwater's flags as an OpenFeature provider. Everything that reads a flag outside the
  * request path goes through OpenFeature; the request path reads the snapshot that
- * `FlagSnapshot` rebuilds through this provider whenever it announces a change.
+ * `FlagSnapshot` rebuilds through this provider whenever it announces a change. A flag with
+ * flagd targeting is evaluated with the caller's evaluation context.
  */
 import {
   OpenFeatureEventEmitter,
@@ -10,6 +11,7 @@ import {
   ErrorCode,
   type Provider,
   type ResolutionDetails,
+  type EvaluationContext,
   type JsonValue
 } from '@openfeature/server-sdk'
 import type { FlagSources } from './sources.js'
@@ -26,9 +28,14 @@ export class BreakwaterProvider implements Provider {
     this.events.emit(ProviderEvents.ConfigurationChanged, { flagsChanged })
   }
 
-  async resolveBooleanEvaluation (flagKey: string, defaultValue: boolean): Promise<ResolutionDetails<boolean>> {
+  async resolveBooleanEvaluation (flagKey: string, defaultValue: boolean, context: EvaluationContext): Promise<ResolutionDetails<boolean>> {
     const r = this.sources.resolve(flagKey)
     if (r === null) return { value: defaultValue, reason: StandardResolutionReasons.ERROR, errorCode: ErrorCode.FLAG_NOT_FOUND, errorMessage: `flag "${flagKey}" is not defined` }
+    if (r.targeting !== null) {
+      // flagd targeting, with the caller's context: what the request path evaluates per request.
+      const d = r.targeting.resolveBooleanEvaluation(flagKey, this.sources.codeDefault(flagKey), context)
+      return { ...d, flagMetadata: { ...d.flagMetadata, origin: r.origin } }
+    }
     const reason = r.origin === 'default' ? StandardResolutionReasons.DISABLED : r.origin === 'override' ? StandardResolutionReasons.STATIC : StandardResolutionReasons.DEFAULT
     return { value: r.value, reason, variant: r.value ? 'on' : 'off', flagMetadata: { origin: r.origin } }
   }

@@ -3,46 +3,65 @@
  * tens of microseconds a call; a kill switch must cost nanoseconds. So: on every
  * `ConfigurationChanged` from the provider, every known flag is evaluated once through the
  * OpenFeature client and a new `Map` swapped in; a request does one `Map.get`.
+ *
+ * A flag with flagd targeting cannot be one boolean: it also goes into `targeted`, whose entry
+ * evaluates it per request with flagd-core (targeting.ts). `values` holds its value for a
+ * request without context, for metrics, state and triage.
  */
 import { randomBytes } from 'node:crypto'
-import { OpenFeature, ProviderEvents, NOOP_PROVIDER, type Client } from '@openfeature/server-sdk'
+import { OpenFeature, ProviderEvents, NOOP_PROVIDER, type Client, type Logger as FeatureLogger } from '@openfeature/server-sdk'
 import type { Logger } from 'pino'
 import type { Config } from '../config/types.js'
 import { FlagSources } from './sources.js'
 import { BreakwaterProvider } from './provider.js'
-import { FlagFileWatcher } from './flagd-file.js'
-import type { FileFlags } from '../config/flag-file.js'
+import { FlagFileWatcher, type FileFlags } from './flagd-file.js'
+import { TargetedFlag, compileTargeting, featureLogger, uncompilable } from './targeting.js'
+import { ProviderSource } from './provider-source.js'
 
 export class FlagSnapshot {
   /** key → enabled. Read per request; replaced whole, never mutated. */
   values: ReadonlyMap<string, boolean> = new Map()
+  /** Flags with targeting → their per-request evaluation; null when none. Replaced with `values`. */
+  targeted: ReadonlyMap<string, TargetedFlag> | null = null
   readonly sources: FlagSources
   /** Recent changes of what the request path sees (for triage), oldest first, bounded. */
   readonly changes: Array<{ flag: string, enabled: boolean, at: number }> = []
   /** Flag file problems (unreadable, unparsable): counted, last good flags kept. */
   fileErrors = 0
+  /** Flag provider problems (errors, stale state, failed reads): counted, last good flags kept. */
+  providerErrors = 0
   private readonly provider: BreakwaterProvider
   private readonly domain = `breakwater-${randomBytes(6).toString('hex')}`
+  private readonly featureLogger: FeatureLogger
+  private config: Config
   private client: Client | null = null
   private watcher: FlagFileWatcher | null = null
+  private flagService: ProviderSource | null = null
+  /** File reads being adopted, in order (one with targeting first loads flagd-core). */
+  private adopting: Promise<void> = Promise.resolve()
   private refreshing: Promise<void> = Promise.resolve()
   private version = 0
 
   constructor (config: Config, private readonly logger: Logger) {
+    this.config = config
     this.sources = new FlagSources(config.featureFlags)
     this.provider = new BreakwaterProvider(this.sources)
+    this.featureLogger = featureLogger(logger)
   }
 
-  /** Register the provider, read the flag file, build the first snapshot. */
+  /** Register the provider, read the flag file and the flag provider, build the first snapshot. */
   async start (config: Config): Promise<void> {
+    this.config = config
     await OpenFeature.setProviderAndWait(this.domain, this.provider)
     this.client = OpenFeature.getClient(this.domain)
     this.client.addHandler(ProviderEvents.ConfigurationChanged, () => { void this.refresh() })
     this.watch(config)
+    await this.adopting
+    await this.connect(config)
     await this.refresh()
   }
 
-  /** Whether a route guarded by `key` may be served. Unknown keys are on. */
+  /** Whether a route guarded by `key` may be served (for a targeted flag: a request without context). Unknown keys are on. */
   enabled (key: string): boolean {
     return this.values.get(key) !== false
   }
@@ -60,18 +79,33 @@ export class FlagSnapshot {
 
   /** Whether some source other than an override defines `key`. */
   defines (key: string): boolean {
-    return Object.hasOwn(this.sources.featureFlags, key) ||
-      (this.sources.file !== null && (this.sources.file.values.has(key) || this.sources.file.disabled.has(key)))
+    return this.sources.defines(key)
   }
 
-  /** Apply a reloaded config: new `featureFlags`, maybe a different flag file. */
+  /** Apply a reloaded config: new `featureFlags`, maybe a different flag file or provider. */
   async apply (config: Config): Promise<void> {
+    this.config = config
     this.sources.featureFlags = config.featureFlags
     if (this.watcher?.path !== config.flagSource?.path) {
       this.watcher?.stop()
       this.watcher = null
       this.sources.file = null
       this.watch(config)
+    }
+    await this.adopting
+    if (JSON.stringify(this.flagService?.config ?? null) !== JSON.stringify(config.flagProvider)) {
+      await this.flagService?.close()
+      this.flagService = null
+      this.sources.provider = null
+      try {
+        await this.connect(config)
+      } catch (err) {
+        this.providerErrors++
+        this.logger.error({ event: 'flag_source', err }, 'flag provider not started; serving on the other flag sources')
+      }
+    } else {
+      // Code defaults and the keys in use may have changed.
+      await this.flagService?.read()
     }
     this.provider.changed(Object.keys(config.featureFlags))
     await this.settled()
@@ -82,28 +116,76 @@ export class FlagSnapshot {
     await this.refresh()
   }
 
+  /** Every flag key the config uses: kill switches, fault flags, trigger flags, `featureFlags`. */
+  private keysInUse (): Set<string> {
+    const config = this.config
+    const keys = new Set(Object.keys(config.featureFlags))
+    for (const r of config.routes) {
+      if (r.killSwitch !== null) keys.add(r.killSwitch)
+      if (r.fault !== null && r.fault.flag !== null) keys.add(r.fault.flag)
+    }
+    for (const t of config.rollbackTriggers) for (const f of t.flags ?? []) keys.add(f)
+    return keys
+  }
+
+  private async connect (config: Config): Promise<void> {
+    if (config.flagProvider === null) return
+    const service = new ProviderSource(config.flagProvider, this.logger, this.featureLogger, {
+      keys: () => this.keysInUse(),
+      codeDefault: (key) => this.sources.codeDefault(key),
+      onFlags: (flags) => {
+        this.sources.provider = flags
+        this.provider.changed([...flags.keys()])
+      },
+      onError: () => { this.providerErrors++ }
+    })
+    this.flagService = service
+    await service.start()
+  }
+
   private watch (config: Config): void {
     const source = config.flagSource
     if (source === null) return
-    this.watcher = new FlagFileWatcher(source.path, source.pollIntervalMs, {
+    const watcher: FlagFileWatcher = new FlagFileWatcher(source.path, source.pollIntervalMs, {
       onFlags: (flags: FileFlags | null) => {
-        this.sources.file = flags
-        if (flags !== null) {
-          for (const key of flags.targeted) this.logger.warn({ event: 'flag_source', flag: key, path: source.path }, 'targeting rules are not evaluated per request; the default variant applies')
-          this.logger.info({ event: 'flag_source', path: source.path, flags: flags.values.size + flags.disabled.size }, 'flag file loaded')
-        }
-        this.provider.changed(flags === null ? [] : [...flags.values.keys(), ...flags.disabled])
+        this.adopting = this.adopting.then(async () => { await this.adopt(watcher, flags) })
       },
-      onError: (error: string) => {
-        this.fileErrors++
-        this.logger.error({ event: 'flag_source', path: source.path, error }, 'flag file ignored; keeping the last good flags')
-      },
+      onError: (error: string) => { this.fileError(source.path, error) },
       onPresence: (present: boolean) => {
         if (present) this.logger.info({ event: 'flag_source', path: source.path }, 'flag file appeared')
         else this.logger.warn({ event: 'flag_source', path: source.path }, 'flag file missing; keeping the last good flags')
       }
     })
-    this.watcher.start()
+    this.watcher = watcher
+    watcher.start()
+  }
+
+  /** Take a flag file read: with targeted flags, first have flagd-core compile it. */
+  private async adopt (watcher: FlagFileWatcher, flags: FileFlags | null): Promise<void> {
+    if (flags !== null && flags.targeted.size > 0) {
+      try {
+        flags.targeting = await compileTargeting(flags.text, this.featureLogger)
+      } catch (err) {
+        this.fileError(watcher.path, (err as Error).message)
+        return
+      }
+      // Adopted all the same, as flagd does: such a flag gets the code default. Said and counted.
+      for (const key of uncompilable(flags.targeting, flags.targeted)) {
+        this.fileErrors++
+        this.logger.error({ event: 'flag_source', path: watcher.path, flag: key }, 'flagd cannot compile this flag\'s targeting; it gets the code default, as in flagd')
+      }
+    }
+    if (this.watcher !== watcher) return // replaced by a reload meanwhile
+    this.sources.file = flags
+    if (flags !== null) {
+      this.logger.info({ event: 'flag_source', path: watcher.path, flags: flags.values.size + flags.disabled.size + flags.targeted.size, targeted: flags.targeted.size }, 'flag file loaded')
+    }
+    this.provider.changed(flags === null ? [] : [...flags.values.keys(), ...flags.disabled, ...flags.targeted])
+  }
+
+  private fileError (path: string, error: string): void {
+    this.fileErrors++
+    this.logger.error({ event: 'flag_source', path, error }, 'flag file ignored; keeping the last good flags')
   }
 
   /** Re-evaluate every known flag through OpenFeature and swap the snapshot in. */
@@ -114,8 +196,17 @@ export class FlagSnapshot {
       if (client === null || version !== this.version) return
       const next = new Map<string, boolean>()
       for (const key of this.sources.keys()) next.set(key, await client.getBooleanValue(key, true))
+      let targeted: Map<string, TargetedFlag> | null = null
+      for (const key of next.keys()) {
+        const targeting = this.sources.resolve(key)?.targeting ?? null
+        if (targeting === null) continue
+        targeted ??= new Map()
+        targeted.set(key, new TargetedFlag(key, targeting, this.sources.codeDefault(key), this.config.flags.targetingKeyHeader, this.featureLogger))
+      }
       const prev = this.values
+      // Both swapped together, with no await between: a request sees one snapshot.
       this.values = next
+      this.targeted = targeted
       for (const [key, value] of next) {
         if (prev.get(key) !== value && prev.size > 0) {
           this.changes.push({ flag: key, enabled: value, at: Date.now() })
@@ -131,6 +222,8 @@ export class FlagSnapshot {
   async close (): Promise<void> {
     this.watcher?.stop()
     this.watcher = null
+    await this.flagService?.close()
+    this.flagService = null
     // Release this sidecar's domain only: other sidecars in the process keep theirs.
     await OpenFeature.setProviderAndWait(this.domain, NOOP_PROVIDER).catch(() => {})
   }

@@ -36,6 +36,8 @@ export interface FlagCounters {
   readonly values: ReadonlyMap<string, boolean>
   /** Flag file reads that failed. */
   readonly fileErrors: number
+  /** Flag provider errors, stale states and flags it could not evaluate. */
+  readonly providerErrors: number
 }
 
 /** Mitigations applied, by action. */
@@ -138,8 +140,8 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   scraped(registry, 'breakwater_flag_enabled', 'Flags as the request path sees them: 1 on, 0 off (killed).', 'gauge', () =>
     [...sources.flags.values].map(([flag, on]) => ({ labels: { flag }, value: on ? 1 : 0 })))
 
-  scraped(registry, 'breakwater_flag_source_errors_total', 'Flag file reads that failed (unreadable, invalid JSON, wrong shape); the last good flags were kept.', 'counter', () =>
-    [{ labels: {}, value: sources.flags.fileErrors }])
+  scraped(registry, 'breakwater_flag_source_errors_total', 'Flag source problems, by source: file (unreadable, invalid JSON, wrong shape, refused by flagd), provider (error, stale, a flag it cannot evaluate); the last good flags were kept.', 'counter', () =>
+    [{ labels: { source: 'file' }, value: sources.flags.fileErrors }, { labels: { source: 'provider' }, value: sources.flags.providerErrors }])
 
   scraped(registry, 'breakwater_mitigations_total', 'Mitigations applied, by action (killSwitch, circuitBreak, rollback).', 'counter', () =>
     ['killSwitch', 'circuitBreak', 'rollback'].map((action) => ({ labels: { action }, value: sources.control.mitigationsTotal.get(action) ?? 0 })))

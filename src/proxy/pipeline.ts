@@ -98,14 +98,14 @@ function run (ctx: RequestContext, proto: string, listener: Listener): void {
   }
 
   // match route
-  const route = ctx.route = dp.runtime.routes.match(req.method as string, path, head.host, req, listener)
+  const route = ctx.route = dp.runtime.routes.match(req.method as string, path, head, req, listener)
   if (route === null) {
     ctx.refuse('no_route')
     return
   }
 
   // kill switch
-  if (!killSwitchAllows(dp.flags, route)) {
+  if (!killSwitchAllows(dp.flags, route, req.method as string, path, head)) {
     route.stats.reject('kill_switch')
     ctx.refuse('feature_disabled')
     return

@@ -18,6 +18,7 @@
 import type { IncomingMessage } from 'node:http'
 import type { Listener, RouteConfig } from '../config/types.js'
 import type { Upstream } from './upstreams.js'
+import type { RequestHead } from './headers.js'
 import type { RouteStats } from './stats.js'
 import { RetryBudget } from './retry-budget.js'
 import { killSwitchAllows, type FlagReader } from './kill-switch.js'
@@ -111,13 +112,13 @@ export class RouteTable {
   }
 
   /** The route for a request on `listener`; `path` is the normalised path, possibly with its query. */
-  match (method: string, path: string, host: string, req: IncomingMessage, listener: Listener): Route | null {
+  match (method: string, path: string, head: RequestHead, req: IncomingMessage, listener: Listener): Route | null {
     const key = matchKey(path)
     const routes = this.routes
     for (let i = 0; i < routes.length; i++) {
       const r = routes[i] as Route
-      if (r.listener !== listener || !r.covers(path, key, host, req)) continue
-      if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r)) return r
+      if (r.listener !== listener || !r.covers(path, key, head.host, req)) continue
+      if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r, method, path, head)) return r
     }
     return null
   }

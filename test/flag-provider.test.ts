@@ -1,0 +1,199 @@
+import t from 'tap'
+import { writeFileSync, renameSync } from 'node:fs'
+import { join } from 'node:path'
+import { pathToFileURL } from 'node:url'
+import { ROOT } from './helpers/root.js'
+import { FlagdCore } from '@openfeature/flagd-core'
+import { startUpstream } from './helpers/upstream.js'
+import { startTestSidecar, startCaptured } from './helpers/sidecar.js'
+import { resolveConfig } from '../src/config/load.js'
+import { send, eventually } from './helpers/http.js'
+import { flagDir, flagdText, writeFlagFile, checkoutRoutes } from './helpers/flags.js'
+
+// The real @openfeature/flagd-provider, in-process with a flag file (flagd's offline mode). It
+// watches the file with fs.watchFile (Node's ~5 s stat interval), so changes take seconds.
+const CHANGE_DEADLINE_MS = 30_000
+
+function flagdProvider (path: string): Record<string, unknown> {
+  return { module: '@openfeature/flagd-provider', export: 'FlagdProvider', options: { resolverType: 'in-process', offlineFlagSourcePath: path } }
+}
+
+
+async function metric (ops: string, pattern: RegExp): Promise<number> {
+  const text = await (await fetch(`${ops}/metrics`)).text()
+  const m = pattern.exec(text)
+  return m === null ? NaN : Number(m[1])
+}
+
+t.test('flagd provider: its flags fill the snapshot at READY, and a changed flag file applies on its CONFIGURATION_CHANGED event', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const path = join(flagDir(t), 'flags.json')
+  writeFlagFile(path, { enableNewCheckout: { defaultVariant: 'off' } })
+  const { proxy, sidecar, logs } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagProvider: flagdProvider(path) }))
+  t.equal((await send(proxy, '/checkout')).status, 503, 'the provider says off: it wins over featureFlags from the first request')
+  t.equal(sidecar.flags.sources.resolve('enableNewCheckout')?.origin, 'provider')
+  t.equal(up.received.length, 0)
+
+  writeFlagFile(path, { enableNewCheckout: { defaultVariant: 'on' } })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, CHANGE_DEADLINE_MS, 100), 'the provider announced the change and the kill switch lifted')
+  writeFlagFile(path, { enableNewCheckout: { defaultVariant: 'off' } })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, CHANGE_DEADLINE_MS, 100), 'and applied again')
+  t.ok(logs.some((l) => l.event === 'flag_changed' && l.flag === 'enableNewCheckout' && l.origin === 'provider'), 'the change is logged with its origin')
+  t.equal((await send(proxy, '/other')).status, 200)
+})
+
+t.test('flagd provider: a targeted flag blocks exactly the requests flagd says are off, evaluated synchronously on the provider\'s own definitions', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const path = join(flagDir(t), 'flags.json')
+  const flags = {
+    enableNewCheckout: {
+      targeting: {
+        if: [{ in: [{ var: 'targetingKey' }, ['blocked-1', 'blocked-2']] }, 'off',
+          { starts_with: [{ var: 'path' }, '/checkout/v2'] }, 'off',
+          { fractional: [['on', 70], ['off', 30]] }]
+      }
+    }
+  }
+  writeFlagFile(path, flags)
+  const core = new FlagdCore()
+  core.setConfigurations(flagdText(flags))
+  const { proxy, sidecar } = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: true },
+    flagProvider: flagdProvider(path),
+    flags: { targetingKeyHeader: 'x-user' }
+  }))
+  t.ok(sidecar.flags.targeted?.has('enableNewCheckout'), 'the provider reports targeting: evaluated per request')
+  let allowed = 0
+  let blocked = 0
+  for (const user of ['blocked-1', 'blocked-2', ...Array.from({ length: 30 }, (_, i) => `user-${i}`)]) {
+    for (const p of ['/checkout/v1', '/checkout/v2/pay']) {
+      const want = core.resolveBooleanEvaluation('enableNewCheckout', true, { targetingKey: user, path: p, method: 'GET', host: '' }).value
+      const r = await send(proxy, p, { headers: { 'x-user': user } })
+      t.equal(r.status, want ? 200 : 503, `${user} ${p}: flagd says ${want ? 'on' : 'off'}`)
+      if (want) allowed++
+      else blocked++
+    }
+  }
+  t.ok(allowed > 0 && blocked > 34, `some on, the named users, /checkout/v2 and the fractional 30 % off (${allowed} on, ${blocked} off)`)
+  t.equal(up.received.length, allowed, 'the upstream saw exactly the requests flagd let through')
+})
+
+t.test('flagd provider: a flag file missing at start is a warning and a count; the sidecar serves on featureFlags and picks the provider up once the file appears', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const path = join(flagDir(t), 'flags.json')
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagProvider: flagdProvider(path) }))
+  t.equal((await send(proxy, '/checkout')).status, 200, 'serving on featureFlags')
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.level === 'warn' && /flag provider error/.test(String(l.msg))), 5000), 'a warn log for the provider error')
+  t.ok(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/) >= 1, 'counted under source="provider"')
+  t.equal(await metric(ops, /breakwater_flag_source_errors_total\{source="file"\} (\d+)/), 0)
+
+  writeFlagFile(path, { enableNewCheckout: { defaultVariant: 'off' } })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, CHANGE_DEADLINE_MS, 100), 'the provider initialised on a retry and its flags apply')
+})
+
+/**
+ * A provider without events, in a module of its own (the default export): it reads a JSON
+ * file of `key → true | false | "targeted"` at every evaluation.
+ */
+const POLLED_PROVIDER = `
+import { readFileSync } from 'node:fs'
+export default class FileBackedProvider {
+  constructor (options) { this.path = options.path; this.metadata = { name: 'file-backed' }; this.runsOn = 'server' }
+  async resolveBooleanEvaluation (key, defaultValue) {
+    const flags = JSON.parse(readFileSync(this.path, 'utf8'))
+    if (!(key in flags)) return { value: defaultValue, reason: 'ERROR', errorCode: 'FLAG_NOT_FOUND' }
+    if (flags[key] === 'targeted') return { value: true, reason: 'TARGETING_MATCH', variant: 'on' }
+    return { value: flags[key], reason: 'STATIC', variant: String(flags[key]) }
+  }
+  async resolveStringEvaluation (key, defaultValue) { return { value: defaultValue, reason: 'ERROR', errorCode: 'TYPE_MISMATCH' } }
+  async resolveNumberEvaluation (key, defaultValue) { return { value: defaultValue, reason: 'ERROR', errorCode: 'TYPE_MISMATCH' } }
+  async resolveObjectEvaluation (key, defaultValue) { return { value: defaultValue, reason: 'ERROR', errorCode: 'TYPE_MISMATCH' } }
+}
+`
+
+t.test('a provider without events is read every pollMs; one that targets without a synchronous evaluator is warned about and counted', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = flagDir(t)
+  writeFileSync(join(dir, 'provider.mjs'), POLLED_PROVIDER)
+  const values = join(dir, 'values.json')
+  const setValues = (v: Record<string, unknown>): void => { writeFileSync(`${values}.tmp`, JSON.stringify(v)); renameSync(`${values}.tmp`, values) }
+  setValues({ enableNewCheckout: true })
+  // A module path resolves against the config file's folder, as a config written there would.
+  const { config } = resolveConfig({
+    service: 'test',
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    stateDir: join(dir, 'state'),
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
+    ...checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, other: true }, flagProvider: { module: './provider.mjs', options: { path: values }, pollMs: 100 } })
+  }, { source: join(dir, 'breakwater.yaml') })
+  const { proxy, ops, logs } = await startCaptured(t, config, join(dir, 'state'))
+  t.equal((await send(proxy, '/checkout')).status, 200)
+  setValues({ enableNewCheckout: false })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 10_000), 'the poll picked the change up')
+
+  const before = await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+  setValues({ enableNewCheckout: 'targeted' })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, 10_000), 'its value for a request without context is served')
+  t.ok(logs.some((l) => l.event === 'flag_source' && l.level === 'warn' && l.flag === 'enableNewCheckout' && /no synchronous evaluation/.test(String(l.msg))), 'warned: the provider targets but cannot be evaluated per request')
+  t.equal(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/), before + 1, 'counted once, not at every poll')
+})
+
+t.test('a reload can add, change or drop the provider; dropping it falls back to the flag file', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = flagDir(t)
+  const file = join(dir, 'file.json')
+  const served = join(dir, 'served.json')
+  writeFlagFile(file, { enableNewCheckout: { defaultVariant: 'off' } })
+  writeFlagFile(served, { enableNewCheckout: { targeting: { if: [{ starts_with: [{ var: 'path' }, '/checkout/v2'] }, 'off', 'on'] } } })
+  const base = checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagSource: { type: 'flagd-file', path: file } })
+  const { proxy, sidecar, stateDir } = await startTestSidecar(t, base)
+  t.equal((await send(proxy, '/checkout/v1')).status, 503, 'the file says off')
+
+  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base, flagProvider: flagdProvider(served) }).config)
+  t.equal((await send(proxy, '/checkout/v1')).status, 200, 'the provider, above the file, says on here')
+  t.equal((await send(proxy, '/checkout/v2')).status, 503, 'and off here')
+
+  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base }).config)
+  t.equal((await send(proxy, '/checkout/v1')).status, 503, 'without the provider the file decides again')
+  t.equal(sidecar.flags.targeted, null)
+})
+
+interface EventedProvider { flags: Record<string, boolean>, set: (flags: Record<string, boolean>) => void, emit: (event: string, details?: Record<string, unknown>) => void }
+
+t.test('provider events: CONFIGURATION_CHANGED applies at once; STALE and ERROR keep the last flags, warn once per change of state and count every time', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fixture = join(ROOT, 'test/fixtures/evented-provider.mjs')
+  const { instances } = await import(pathToFileURL(fixture).href) as { instances: EventedProvider[] }
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: true },
+    flagProvider: { module: fixture, export: 'EventedProvider', options: { flags: { enableNewCheckout: true } } }
+  }))
+  const provider = instances[instances.length - 1] as EventedProvider
+  const status = async (): Promise<number> => (await send(proxy, '/checkout')).status
+  const errors = async (): Promise<number> => await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+  const warned = (): number => logs.filter((l) => l.level === 'warn' && /^flag provider (stale|error)/.test(String(l.msg))).length
+  t.equal(await status(), 200)
+
+  provider.set({ enableNewCheckout: false })
+  t.ok(await eventually(async () => await status() === 503, 5000), 'the event triggered a read (no pollMs is set)')
+
+  const before = await errors()
+  provider.emit('Stale', { message: 'sync stream lost' })
+  t.ok(await eventually(() => warned() === 1, 5000), 'a warn log for the stale provider')
+  t.equal(await errors(), before + 1, 'counted')
+  provider.emit('Error', { message: 'still down' })
+  t.ok(await eventually(async () => await errors() === before + 2, 5000), 'the error is counted too')
+  t.equal(warned(), 1, 'but not logged again: the provider was already failing')
+  provider.flags = { enableNewCheckout: true }
+  t.equal(await status(), 503, 'the last flags stay while it is in error')
+
+  provider.emit('Ready')
+  t.ok(await eventually(async () => await status() === 200, 5000), 'READY re-reads its flags')
+  t.ok(logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider ready again'))
+})
