@@ -320,7 +320,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs ?? 75_000),
     requestTimeoutMs: toMs(l.requestTimeoutMs ?? 0),
     headersTimeoutMs: toMs(l.headersTimeoutMs ?? 60_000),
-    maxHeaderSize: l.maxHeaderSize ?? 16_384
+    maxHeaderSize: l.maxHeaderSize ?? 16_384,
+    maxHeadersCount: l.maxHeadersCount ?? 100
   })
 
   const failOnOpenCircuit = input.health?.failOnOpenCircuit ?? 'critical'
@@ -357,7 +358,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     health: { failOnOpenCircuit },
     shutdown: {
       drainDelayMs: toMs(input.shutdown?.drainDelayMs ?? 5000),
-      timeoutMs: toMs(input.shutdown?.timeoutMs ?? 30_000)
+      timeoutMs: toMs(input.shutdown?.timeoutMs ?? 20_000)
     },
     logging: {
       level: (input.logging?.level ?? 'info') as LogLevel,

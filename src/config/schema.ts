@@ -37,7 +37,8 @@ const ProxyListener = closed({
   keepAliveTimeoutMs: Type.Optional(Duration),
   requestTimeoutMs: Type.Optional(Duration),
   headersTimeoutMs: Type.Optional(Duration),
-  maxHeaderSize: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1048576 }))
+  maxHeaderSize: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1048576 })),
+  maxHeadersCount: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000 }))
 })
 
 const PlainListener = closed({

@@ -23,13 +23,14 @@ export const ERRORS = {
   bad_request: { status: 400, message: 'malformed request', mitigation: null },
   headers_too_large: { status: 431, message: 'request headers too large', mitigation: null },
   request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null },
+  connect_not_supported: { status: 404, message: 'CONNECT is not supported: this is a reverse proxy', mitigation: null },
   fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null }
 } as const satisfies Record<string, LocalError>
 
 export type ErrorCode = keyof typeof ERRORS
 
 /** Codes that only happen before a request exists (the HTTP parser refused the bytes). */
-export type ClientErrorCode = 'bad_request' | 'headers_too_large' | 'request_timeout'
+export type ClientErrorCode = 'bad_request' | 'headers_too_large' | 'request_timeout' | 'connect_not_supported'
 
 /** Translate an error from undici or the socket into our code. */
 export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upstream_timeout' {

@@ -52,6 +52,10 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
       refuse(dp, req, res, 'bad_request', null, head.requestId, startedAt, 'invalid request target or percent-encoding')
       return
     }
+    if (head.invalid !== null) {
+      refuseUnforwardable(dp, req, res, 'bad_request', head.invalid, head.requestId, startedAt)
+      return
+    }
 
     // match route
     const route = dp.runtime.routes.match(req.method as string, path, head.host, req)
@@ -137,6 +141,16 @@ function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res
     route.stats.reject('circuit_open')
     refuse(dp, req, res, 'circuit_open', route, head.requestId, startedAt, undefined, ['retry-after', String(circuit.retryAfterSeconds(Date.now()))])
   }
+}
+
+/**
+ * A request that cannot be forwarded as sent (SPEC §15): a 4xx before any upstream contact,
+ * counted as a client error, and the connection closed — its framing cannot be trusted.
+ */
+export function refuseUnforwardable (dp: DataPlane, req: IncomingMessage, res: ServerResponse, code: 'bad_request' | 'headers_too_large', why: string, requestId: string, startedAt: number): void {
+  dp.stats.clientError(code)
+  res.shouldKeepAlive = false
+  refuse(dp, req, res, code, null, requestId, startedAt, why)
 }
 
 /** Answer with a local error, count it and write its access-log line. */
