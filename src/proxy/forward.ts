@@ -20,6 +20,7 @@ import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
 import { fromUpstreamError, isConnectFailure, sendError, type ErrorCode } from './errors.js'
 import type { Circuit, Settle } from './circuit-breaker.js'
+import { freshConnection, reusable } from './upstreams.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
@@ -92,19 +93,24 @@ export class Exchange implements Dispatcher.DispatchHandler {
     this.route.upstream.inFlight++
     this.dp.stats.inFlight++
     if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
-    this.dispatch(null)
+    this.dispatch(null, false)
   }
 
-  private dispatch (avoid: Endpoint | null): void {
+  /** `fresh`: on a connection of its own rather than a pooled one (see `reusable`). */
+  private dispatch (avoid: Endpoint | null, fresh: boolean): void {
     const endpoint = this.route.upstream.balancer.pick(avoid)
     if (endpoint === null) { this.fail('upstream_unavailable'); return }
     this.endpoint = endpoint
     endpoint.inFlight++
     this.attempt++
     const cfg = this.route.config
-    endpoint.pool.dispatch({
+    const method = this.req.method as Dispatcher.HttpMethod
+    const dispatcher = fresh || (!IDEMPOTENT.has(method) && !reusable(endpoint, performance.now()))
+      ? freshConnection(endpoint, this.route.upstream.config)
+      : endpoint.pool
+    dispatcher.dispatch({
       path: this.route.upstreamPath(this.path),
-      method: this.req.method as Dispatcher.HttpMethod,
+      method,
       headers: this.head.headers,
       body: this.head.hasBody ? this.req : null,
       // undici's headersTimeout runs from the request fully sent to the response headers:
@@ -113,6 +119,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
       bodyTimeout: cfg.idleTimeoutMs,
       reset: this.dp.draining
     }, this)
+    if (dispatcher !== endpoint.pool) dispatcher.close().catch(noop) // once this request is done
   }
 
   // ---- undici handler ----
@@ -163,7 +170,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
   onComplete (_trailers: string[] | null): void {
     const endpoint = this.endpoint as Endpoint
     endpoint.inFlight--
-    if (this.state === DISCARDING) { this.retry(endpoint); return }
+    if (this.state === DISCARDING) { this.retry(endpoint, false); return }
     if (this.state === DONE) return
     this.res.end()
     this.done()
@@ -183,7 +190,10 @@ export class Exchange implements Dispatcher.DispatchHandler {
       return
     }
     if (endpoint !== null) this.route.upstream.balancer.report(endpoint, false, performance.now())
-    if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) { this.retry(endpoint); return }
+    if (state === WAITING && isConnectFailure(err)) {
+      if (this.mayRetryUnsent(err)) { this.retry(endpoint, true); return }
+      if (this.mayRetry()) { this.retry(endpoint, false); return }
+    }
     if (this.dp.logger.isLevelEnabled('debug')) {
       this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
     }
@@ -203,21 +213,25 @@ export class Exchange implements Dispatcher.DispatchHandler {
   }
 
   /**
-   * SPEC §14: a reset before any response byte (typically a keep-alive connection the
-   * upstream closed as we reused it) is retried once for idempotent requests without a body,
-   * with or without `retries`.
+   * SPEC §14, the keep-alive race: a connection the upstream closed as we reused it fails
+   * before any response byte. Retried once, on a fresh connection (another pooled one may be
+   * closing too), with or without `retries`: idempotent requests without a body always;
+   * others only when provably unsent — undici calls `onConnect` just before it writes the
+   * first byte, so an error before it means nothing left. (Non-idempotent requests avoid
+   * the race in the first place: see `reusable`.)
    */
-  private mayRetryReset (err: unknown): boolean {
-    if (this.attempt !== 1 || this.head.hasBody || !IDEMPOTENT.has(this.req.method as string)) return false
+  private mayRetryUnsent (err: unknown): boolean {
+    if (this.attempt !== 1 || this.head.hasBody) return false
     const code = (err as { code?: string } | null)?.code
-    return code === 'ECONNRESET' || code === 'UND_ERR_SOCKET' || code === 'EPIPE'
+    if (code !== 'ECONNRESET' && code !== 'UND_ERR_SOCKET' && code !== 'EPIPE') return false
+    return IDEMPOTENT.has(this.req.method as string) || this.abortUpstream === null
   }
 
-  private retry (failed: Endpoint | null): void {
+  private retry (failed: Endpoint | null, fresh: boolean): void {
     this.state = WAITING
     this.abortUpstream = null
     this.route.stats.retries++
-    this.dispatch(failed)
+    this.dispatch(failed, fresh)
   }
 
   // ---- endings ----

@@ -3,7 +3,7 @@
  * Pools outlive a config reload when the endpoint and its settings are unchanged, so a
  * SIGHUP does not drop a single warm connection.
  */
-import { Pool } from 'undici'
+import { Client, Pool } from 'undici'
 import type { UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
@@ -44,7 +44,7 @@ export class EndpointRegistry {
     for (const config of Object.values(configs)) {
       const endpoints = config.endpoints.map((origin) => {
         const key = `${config.name}|${poolKey(origin, config)}`
-        const endpoint = next.get(key) ?? this.endpoints.get(key) ?? new Endpoint(origin, new Pool(origin, {
+        const endpoint = next.get(key) ?? this.endpoints.get(key) ?? watched(new Endpoint(origin, new Pool(origin, {
           connections: config.connections,
           pipelining: 1,
           keepAliveTimeout: config.keepAliveTimeoutMs,
@@ -52,7 +52,7 @@ export class EndpointRegistry {
           // upstream keep-alive stays under the app's (SPEC §14).
           keepAliveMaxTimeout: config.keepAliveTimeoutMs,
           connect: { timeout: config.connectTimeoutMs }
-        }))
+        })))
         next.set(key, endpoint)
         return endpoint
       })
@@ -66,4 +66,41 @@ export class EndpointRegistry {
   all (): Endpoint[] {
     return [...this.endpoints.values()]
   }
+}
+
+/**
+ * How long after the upstream last closed a pooled connection on its own that its pooled
+ * connections are not trusted with a request that cannot be retried.
+ */
+const PEER_CLOSE_MEMORY_MS = 60_000
+
+/** Errors with which undici reports a connection the upstream closed or reset (not one we closed). */
+function closedByPeer (err: unknown): boolean {
+  const code = (err as { code?: string } | null)?.code
+  return code === 'UND_ERR_SOCKET' || code === 'ECONNRESET' || code === 'EPIPE'
+}
+
+function watched (endpoint: Endpoint): Endpoint {
+  endpoint.pool.on('disconnect', (_origin, _targets, err) => {
+    if (closedByPeer(err)) endpoint.peerClosedAt = performance.now()
+  })
+  return endpoint
+}
+
+/**
+ * The keep-alive race (SPEC §14): an upstream may close a pooled connection just as we send
+ * on it, and a request written on it cannot be proven unsent — undici validates an idle socket
+ * before reuse, so a close that already arrived re-queues the request, but one that crosses
+ * our write fails it after the bytes left. Idempotent requests are retried (`forward.ts`);
+ * a non-idempotent one must not run that risk: while its upstream has lately been closing
+ * pooled connections on its own (an app keep-alive shorter than `keepAliveTimeoutMs`, or one
+ * that closes right after answering without saying so), it goes on a fresh connection.
+ */
+export function reusable (endpoint: Endpoint, now: number): boolean {
+  return now - endpoint.peerClosedAt > PEER_CLOSE_MEMORY_MS
+}
+
+/** A connection of its own for one request (`reusable`, and retries after the race); close it once dispatched. */
+export function freshConnection (endpoint: Endpoint, config: UpstreamConfig): Client {
+  return new Client(endpoint.origin, { pipelining: 1, connect: { timeout: config.connectTimeoutMs } })
 }
