@@ -24,6 +24,31 @@ import { freshConnection, reusable } from './upstreams.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
+type TaggedRequest = IncomingMessage & { [kExchange]?: Exchange }
+
+/*
+ * Slow clients (SPEC §14; each endpoint's pool has `upstreams.X.connections`, 128 by default).
+ * A client that trickles its upload or stops reading must not hold upstream connections that
+ * everyone else needs:
+ * - every exchange bounds client silence either way with the route's `idleTimeoutMs`;
+ * - bodies up to REQUEST_BUFFER_BYTES are read whole before dispatch (HAProxy's
+ *   `option http-buffer-request`): a trickled small upload holds no upstream connection;
+ * - up to RESPONSE_READ_AHEAD_BYTES of a response are held for a client that reads slowly,
+ *   so a modest response completes upstream and frees its connection whatever the client does;
+ * - what still waits on a client (an upload too large to buffer, a larger response the client
+ *   stopped reading) may hold at most half of the upstream's connections (`Upstream.maxHeld`):
+ *   an upload over that share is refused (503 `overloaded`) and a client that stalls over it
+ *   is disconnected, so the other half always serves everyone else.
+ */
+/** Request bodies up to this size are read whole before dispatch. */
+export const REQUEST_BUFFER_BYTES = 64 * 1024
+/** Response bytes held for a client that does not keep up, beyond which the upstream is paused. */
+const RESPONSE_READ_AHEAD_BYTES = 64 * 1024
+
+/** True when the request's body is read whole before dispatch (and can be sent again). */
+export function buffersBody (head: RequestHead): boolean {
+  return head.bodyLength > 0 && head.bodyLength <= REQUEST_BUFFER_BYTES
+}
 
 /** RFC 9110 §9.2.2: methods whose repetition has the same effect. */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
@@ -40,7 +65,27 @@ function noop (): void {}
 
 function onResponseClose (this: Tagged): void {
   const ex = this[kExchange]
+  ex?.release()
   if (ex !== undefined && ex.state !== DONE) ex.clientGone()
+}
+
+/** The client socket was silent both ways for the route's `idleTimeoutMs`. */
+function onResponseTimeout (this: Tagged): void {
+  const ex = this[kExchange]
+  if (ex === undefined || ex.state === DONE) { this.destroy(); return }
+  // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
+  // that wait). The socket's next byte re-arms the timer.
+  if (ex.requestSent && ex.state !== STREAMING) return
+  ex.cutSlowClient('idle_timeout')
+}
+
+function onBodyData (this: TaggedRequest, chunk: Buffer): void {
+  this[kExchange]?.bodyChunk(chunk)
+}
+
+function onBodyEnd (this: TaggedRequest): void {
+  const ex = this[kExchange]
+  if (ex !== undefined && ex.state !== DONE) ex.dispatchBuffered()
 }
 
 function onResponseDrain (this: Tagged): void {
@@ -69,6 +114,13 @@ export class Exchange implements Dispatcher.DispatchHandler {
   settle: Settle | null = null
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
+  /** The request body, when it is read whole before dispatch (`buffersBody`). */
+  body: Buffer | null = null
+  private bodyFilled = 0
+  /** Counted in `upstream.held`: waiting on the client while holding an upstream connection. */
+  private holding = false
+  /** undici wrote the whole request of this attempt. */
+  requestSent = false
   private drainListening = false
 
   constructor (dp: DataPlane, route: Route, req: IncomingMessage, res: ServerResponse, head: RequestHead, path: string, startedAt: number) {
@@ -93,7 +145,56 @@ export class Exchange implements Dispatcher.DispatchHandler {
     this.route.upstream.inFlight++
     this.dp.stats.inFlight++
     if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
+    // SPEC §14: `idleTimeoutMs` bounds a stalled body either way. Node reports a socket that
+    // moved no byte for that long ('timeout'), and sets its own keep-alive timeout again
+    // once the response is done.
+    this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
+    res.on('timeout', onResponseTimeout)
+    if (buffersBody(this.head)) {
+      this.body = Buffer.allocUnsafe(this.head.bodyLength)
+      const req = this.req as TaggedRequest
+      req[kExchange] = this
+      req.on('data', onBodyData)
+      req.on('end', onBodyEnd)
+      return
+    }
     this.dispatch(null, false)
+  }
+
+  /** A piece of a body read before dispatch (Node's parser delivers exactly Content-Length bytes). */
+  bodyChunk (chunk: Buffer): void {
+    chunk.copy(this.body as Buffer, this.bodyFilled)
+    this.bodyFilled += chunk.length
+  }
+
+  dispatchBuffered (): void {
+    this.dispatch(null, false)
+  }
+
+  /** Waiting on the client while holding an upstream connection (see `Upstream.held`). */
+  private hold (): void {
+    if (this.holding) return
+    this.holding = true
+    this.route.upstream.held++
+  }
+
+  release (): void {
+    if (!this.holding) return
+    this.holding = false
+    this.route.upstream.held--
+  }
+
+  /**
+   * Disconnect a client that keeps an upstream connection waiting: silent past the route's
+   * `idleTimeoutMs`, or stalled when the upstream's share for waiting clients is used up.
+   * The close aborts the upstream request (`clientGone`): the client's failure, nobody else's.
+   */
+  cutSlowClient (why: 'idle_timeout' | 'stalled'): void {
+    this.dp.stats.clientError('slow_client')
+    if (this.dp.logger.isLevelEnabled('debug')) {
+      this.dp.logger.debug({ event: 'slow_client', why, route: this.route.name, upstream: this.route.upstream.name, requestId: this.head.requestId }, 'slow client disconnected')
+    }
+    this.res.destroy()
   }
 
   /** `fresh`: on a connection of its own rather than a pooled one (see `reusable`). */
@@ -112,7 +213,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
       path: this.route.upstreamPath(this.path),
       method,
       headers: this.head.headers,
-      body: this.head.hasBody ? this.req : null,
+      body: this.body ?? (this.head.hasBody ? this.req : null),
       // undici's headersTimeout runs from the request fully sent to the response headers:
       // exactly the route's timeoutMs (SPEC §14, a long upload is not a timeout).
       headersTimeout: cfg.timeoutMs,
@@ -120,6 +221,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
       reset: this.dp.draining
     }, this)
     if (dispatcher !== endpoint.pool) dispatcher.close().catch(noop) // once this request is done
+    // An upload streamed as the client sends it holds the connection until it is all sent.
+    if (this.body === null && this.head.hasBody) this.hold()
   }
 
   // ---- undici handler ----
@@ -127,6 +230,11 @@ export class Exchange implements Dispatcher.DispatchHandler {
   onConnect (abort: (err?: Error) => void): void {
     if (this.state === DONE) { abort(); return }
     this.abortUpstream = abort
+  }
+
+  onRequestSent (): void {
+    this.requestSent = true
+    this.release()
   }
 
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
@@ -159,17 +267,23 @@ export class Exchange implements Dispatcher.DispatchHandler {
 
   onData (chunk: Buffer): boolean {
     if (this.state !== STREAMING) return this.state === DISCARDING
-    if (this.res.write(chunk)) return true
+    const res = this.res
+    if (res.write(chunk) || res.writableLength <= RESPONSE_READ_AHEAD_BYTES) return true
     if (!this.drainListening) {
       this.drainListening = true
-      this.res.on('drain', onResponseDrain)
+      res.on('drain', onResponseDrain)
     }
+    // The client does not keep up: from now on this exchange waits on it holding the connection.
+    const upstream = this.route.upstream
+    if (!this.holding && upstream.held >= upstream.maxHeld) this.cutSlowClient('stalled')
+    else this.hold()
     return false
   }
 
   onComplete (_trailers: string[] | null): void {
     const endpoint = this.endpoint as Endpoint
     endpoint.inFlight--
+    this.release()
     if (this.state === DISCARDING) { this.retry(endpoint, false); return }
     if (this.state === DONE) return
     this.res.end()
@@ -215,13 +329,14 @@ export class Exchange implements Dispatcher.DispatchHandler {
   /**
    * SPEC §14, the keep-alive race: a connection the upstream closed as we reused it fails
    * before any response byte. Retried once, on a fresh connection (another pooled one may be
-   * closing too), with or without `retries`: idempotent requests without a body always;
+   * closing too), with or without `retries`: idempotent requests whose body (if any) was
+   * buffered always;
    * others only when provably unsent — undici calls `onConnect` just before it writes the
    * first byte, so an error before it means nothing left. (Non-idempotent requests avoid
    * the race in the first place: see `reusable`.)
    */
   private mayRetryUnsent (err: unknown): boolean {
-    if (this.attempt !== 1 || this.head.hasBody) return false
+    if (this.attempt !== 1 || (this.head.hasBody && this.body === null)) return false
     const code = (err as { code?: string } | null)?.code
     if (code !== 'ECONNRESET' && code !== 'UND_ERR_SOCKET' && code !== 'EPIPE') return false
     return IDEMPOTENT.has(this.req.method as string) || this.abortUpstream === null
@@ -230,6 +345,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
   private retry (failed: Endpoint | null, fresh: boolean): void {
     this.state = WAITING
     this.abortUpstream = null
+    this.requestSent = false
     this.route.stats.retries++
     this.dispatch(failed, fresh)
   }

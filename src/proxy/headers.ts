@@ -15,6 +15,8 @@ export interface RequestHead {
   host: string
   requestId: string
   hasBody: boolean
+  /** The body's length from Content-Length, or -1 when it is chunked (or absent: 0). */
+  bodyLength: number
   isWebSocket: boolean
   /**
    * Why this request cannot be forwarded as sent (RFC 9112 §3.2, §6.3: more than one Host,
@@ -127,7 +129,8 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
     'x-forwarded-proto', proto
   )
   if (host !== '') headers.push('x-forwarded-host', host)
-  return { headers, host, requestId, hasBody, isWebSocket, invalid }
+  const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid }
 }
 
 /**

@@ -16,11 +16,22 @@ export class Upstream {
   inFlight = 0
   /** Its circuit breaker, when `circuitBreakers` lists it. */
   circuit: Circuit | null = null
+  /**
+   * Exchanges holding a pooled connection while they wait on their client: an upload too
+   * large to buffer, or a response the client stopped reading (`forward.ts`).
+   */
+  held = 0
+  /**
+   * At most half of the upstream's pooled connections may wait on clients, so slow or stalled
+   * clients of one route can never take them all: the other half serves everyone else.
+   */
+  readonly maxHeld: number
 
   constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents) {
     this.name = config.name
     this.config = config
     this.balancer = new Balancer(config, endpoints, events)
+    this.maxHeld = Math.max(1, Math.floor(config.connections * endpoints.length / 2))
   }
 
   /** False when active health checks fail for every endpoint. */
