@@ -35,18 +35,22 @@ type TaggedRequest = IncomingMessage & { [kExchange]?: Exchange }
  *   `option http-buffer-request`): a trickled small upload holds no upstream connection;
  * - up to RESPONSE_READ_AHEAD_BYTES of a response are held for a client that reads slowly,
  *   so a modest response completes upstream and frees its connection whatever the client does;
- * - what still waits on a client (an upload too large to buffer, a larger response the client
- *   stopped reading) may hold at most half of the upstream's connections (`Upstream.maxHeld`):
- *   an upload over that share is refused (503 `overloaded`) and a client that stalls over it
- *   is disconnected, so the other half always serves everyone else.
+ * - what still waits on a client (an upload too large to buffer, or a larger response whose
+ *   client does not keep up) holds an upstream connection meanwhile. Once half of the
+ *   upstream's connections are held so (`Upstream.maxHeld`), a further waiting client gets
+ *   STALL_GRACE_MS of silence instead of `idleTimeoutMs` before it is disconnected: a client
+ *   that makes progress is never cut, one that stalls cannot take the other half, which
+ *   always serves everyone else.
  */
 /** Request bodies up to this size are read whole before dispatch. */
-export const REQUEST_BUFFER_BYTES = 64 * 1024
+const REQUEST_BUFFER_BYTES = 64 * 1024
 /** Response bytes held for a client that does not keep up, beyond which the upstream is paused. */
 const RESPONSE_READ_AHEAD_BYTES = 64 * 1024
+/** Silence allowed to a client waited on while half of the upstream's connections wait on clients. */
+const STALL_GRACE_MS = 1000
 
 /** True when the request's body is read whole before dispatch (and can be sent again). */
-export function buffersBody (head: RequestHead): boolean {
+function buffersBody (head: RequestHead): boolean {
   return head.bodyLength > 0 && head.bodyLength <= REQUEST_BUFFER_BYTES
 }
 
@@ -76,7 +80,7 @@ function onResponseTimeout (this: Tagged): void {
   // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
   // that wait). The socket's next byte re-arms the timer.
   if (ex.requestSent && ex.state !== STREAMING) return
-  ex.cutSlowClient('idle_timeout')
+  ex.cutSlowClient()
 }
 
 function onBodyData (this: TaggedRequest, chunk: Buffer): void {
@@ -89,7 +93,10 @@ function onBodyEnd (this: TaggedRequest): void {
 }
 
 function onResponseDrain (this: Tagged): void {
-  const resume = this[kExchange]?.resumeUpstream
+  const ex = this[kExchange]
+  if (ex === undefined) return
+  ex.release()
+  const resume = ex.resumeUpstream
   if (resume != null) resume()
 }
 
@@ -119,6 +126,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
   private bodyFilled = 0
   /** Counted in `upstream.held`: waiting on the client while holding an upstream connection. */
   private holding = false
+  /** Given STALL_GRACE_MS rather than `idleTimeoutMs` while holding. */
+  private graced = false
   /** undici wrote the whole request of this attempt. */
   requestSent = false
   private drainListening = false
@@ -175,24 +184,32 @@ export class Exchange implements Dispatcher.DispatchHandler {
   private hold (): void {
     if (this.holding) return
     this.holding = true
-    this.route.upstream.held++
+    const upstream = this.route.upstream
+    if (++upstream.held > upstream.maxHeld) {
+      this.graced = true
+      this.req.socket.setTimeout(STALL_GRACE_MS)
+    }
   }
 
   release (): void {
     if (!this.holding) return
     this.holding = false
     this.route.upstream.held--
+    if (this.graced) {
+      this.graced = false
+      if (this.state !== DONE) this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
+    }
   }
 
   /**
-   * Disconnect a client that keeps an upstream connection waiting: silent past the route's
-   * `idleTimeoutMs`, or stalled when the upstream's share for waiting clients is used up.
-   * The close aborts the upstream request (`clientGone`): the client's failure, nobody else's.
+   * Disconnect a client silent past the route's `idleTimeoutMs` (or STALL_GRACE_MS, see
+   * `hold`). The close aborts the upstream request (`clientGone`): the client's failure,
+   * nobody else's.
    */
-  cutSlowClient (why: 'idle_timeout' | 'stalled'): void {
+  cutSlowClient (): void {
     this.dp.stats.clientError('slow_client')
     if (this.dp.logger.isLevelEnabled('debug')) {
-      this.dp.logger.debug({ event: 'slow_client', why, route: this.route.name, upstream: this.route.upstream.name, requestId: this.head.requestId }, 'slow client disconnected')
+      this.dp.logger.debug({ event: 'slow_client', route: this.route.name, upstream: this.route.upstream.name, requestId: this.head.requestId, graced: this.graced }, 'slow client disconnected')
     }
     this.res.destroy()
   }
@@ -273,10 +290,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
       this.drainListening = true
       res.on('drain', onResponseDrain)
     }
-    // The client does not keep up: from now on this exchange waits on it holding the connection.
-    const upstream = this.route.upstream
-    if (!this.holding && upstream.held >= upstream.maxHeld) this.cutSlowClient('stalled')
-    else this.hold()
+    // The client does not keep up: until it drains, the connection waits on it.
+    this.hold()
     return false
   }
 
@@ -330,10 +345,9 @@ export class Exchange implements Dispatcher.DispatchHandler {
    * SPEC §14, the keep-alive race: a connection the upstream closed as we reused it fails
    * before any response byte. Retried once, on a fresh connection (another pooled one may be
    * closing too), with or without `retries`: idempotent requests whose body (if any) was
-   * buffered always;
-   * others only when provably unsent — undici calls `onConnect` just before it writes the
-   * first byte, so an error before it means nothing left. (Non-idempotent requests avoid
-   * the race in the first place: see `reusable`.)
+   * buffered always; others only when provably unsent — undici calls `onConnect` just before
+   * it writes the first byte, so an error before it means nothing left. (Non-idempotent
+   * requests avoid the race in the first place: see `reusable`.)
    */
   private mayRetryUnsent (err: unknown): boolean {
     if (this.attempt !== 1 || (this.head.hasBody && this.body === null)) return false

@@ -19,7 +19,7 @@ import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
-import { Exchange, buffersBody } from './forward.js'
+import { Exchange } from './forward.js'
 import { killSwitchAllows } from './kill-switch.js'
 import { decideFault, ABORT, DELAY } from './fault.js'
 import type { RequestHead } from './headers.js'
@@ -112,13 +112,6 @@ function guardAndForward (dp: DataPlane, route: Route, req: IncomingMessage, res
   // circuit breaker (bulkhead)
   const upstream = route.upstream
   const circuit = upstream.circuit
-  // An upload too large to buffer holds a pooled connection as long as its client takes: at
-  // most half of them may be held so (see forward.ts, slow clients).
-  if (head.hasBody && !buffersBody(head) && upstream.held >= upstream.maxHeld) {
-    dp.stats.overloaded.slow_clients++
-    refuse(dp, req, res, 'overloaded', route, head.requestId, startedAt, 'too many clients holding this upstream\'s connections')
-    return
-  }
   if (circuit !== null) {
     if (!circuit.admits()) {
       route.stats.reject('circuit_open')

@@ -66,7 +66,7 @@ export class RouteStats {
 export class DataPlaneStats {
   private readonly routes = new Map<string, RouteStats>()
   /** Requests refused before routing, by reason. */
-  readonly overloaded = { max_in_flight: 0, max_connections: 0, event_loop_delay: 0, slow_clients: 0 }
+  readonly overloaded = { max_in_flight: 0, max_connections: 0, event_loop_delay: 0 }
   /** Requests the HTTP parser refused, by code. */
   readonly clientErrors = new Map<string, number>()
   ejections = new Map<string, number>()

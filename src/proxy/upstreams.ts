@@ -22,8 +22,8 @@ export class Upstream {
    */
   held = 0
   /**
-   * At most half of the upstream's pooled connections may wait on clients, so slow or stalled
-   * clients of one route can never take them all: the other half serves everyone else.
+   * Half of the upstream's pooled connections: past it, a client waited on gets a short grace
+   * instead of `idleTimeoutMs` (`forward.ts`), so stalled clients can never take them all.
    */
   readonly maxHeld: number
 
