@@ -9,6 +9,8 @@ import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
 /** Time allowed for closing after the last request was finished or cut. */
 const BACKSTOP_MS = 1000
+/** Time the process may take to exit on its own once the sidecar has stopped. */
+const LINGER_MS = 100
 
 export async function start (configPath: string): Promise<number> {
   let loaded
@@ -57,7 +59,8 @@ export async function start (configPath: string): Promise<number> {
       }, drainDelayMs + timeoutMs + BACKSTOP_MS).unref()
       const exit = (code: number): void => {
         resolve(code)
-        setTimeout(() => process.exit(code), BACKSTOP_MS).unref()
+        // Everything of ours is closed; whatever else still holds the event loop does not matter.
+        setTimeout(() => process.exit(code), LINGER_MS).unref()
       }
       sidecar.shutdown().then(() => exit(0), (err) => {
         sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed')
