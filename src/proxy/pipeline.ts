@@ -2,7 +2,8 @@
  * Life of a request — the data plane's stages in call order. A reader starts here.
  *
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
- *   normalise     the path, once; an invalid encoding                       → 400 bad_request
+ *   normalise     the path and head, once; an invalid encoding, or framing
+ *                 that cannot be forwarded as sent (two Host, CL conflicts) → 400 bad_request
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
