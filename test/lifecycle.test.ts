@@ -130,8 +130,9 @@ t.test('a drain under 50 busy keep-alive connections loses no request', async (t
   // new connection. A refused connection means nothing was sent: a real client would go to
   // another replica, so that client stops. Any other error lost a request that was sent.
   let signalled = false
-  const tally = { answered: 0, answeredDuringDrain: 0, refused: 0, lost: [] as string[] }
+  const tally = { answered: 0, answeredDuringDrain: 0, refused: 0, reconnectsDuringDrain: 0, lost: [] as string[] }
   const clients = Array.from({ length: 50 }, () => new Client(bw.proxy, { keepAliveTimeout: 60_000, keepAliveMaxTimeout: 60_000 }))
+  for (const c of clients) c.on('connect', () => { if (signalled) tally.reconnectsDuringDrain++ })
   t.teardown(async () => { await Promise.all(clients.map(async (c) => await c.destroy())) })
   const sending = clients.map(async (client, i) => {
     for (let n = 0; ; n++) {
@@ -158,6 +159,7 @@ t.test('a drain under 50 busy keep-alive connections loses no request', async (t
   t.same(tally.lost, [], 'no request was lost')
   t.ok(tally.answeredDuringDrain > 0, 'requests were served during the drain', tally)
   t.equal(tally.refused, 50, 'each client stopped only when the listener refused a new connection')
+  t.equal(tally.reconnectsDuringDrain, 0, 'keep-alive stayed through drainDelayMs: no client had to reconnect')
   t.equal(bw.lines.find((l) => l.phase === 'stopped')?.abandoned, 0, 'nothing abandoned')
 })
 
