@@ -73,6 +73,13 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     t.equal(up.received.filter((r) => r.url === '/upload').length, 0, 'the upstream never saw a partial body')
   })
 
+  t.test('a small upload that trickles, never silent for idleTimeoutMs, must arrive whole within it', async (t) => {
+    const before = cut()
+    await trickler(t, bw.proxyPort, 1000, 50) // 10 bytes every 50 ms: 5 s for the whole body
+    t.ok(await eventually(() => cut() > before, 10_000), 'the client is disconnected')
+    t.equal(up.received.filter((r) => r.url === '/upload').length, 0, 'the upstream never saw it')
+  })
+
   t.test('an upload too large to buffer that stops half way', async (t) => {
     const before = cut()
     await nonReader(t, bw.proxyPort, `POST /large HTTP/1.1\r\nHost: a\r\nContent-Length: ${1024 * 1024}\r\n\r\n${'x'.repeat(1000)}`)
@@ -95,6 +102,6 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
   })
 
   t.test('counted', async (t) => {
-    t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 3, 'breakwater_client_errors_total{error="slow_client"}')
+    t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 4, 'breakwater_client_errors_total{error="slow_client"}')
   })
 })

@@ -32,7 +32,9 @@ type TaggedRequest = IncomingMessage & { [kExchange]?: Exchange }
  * everyone else needs:
  * - every exchange bounds client silence either way with the route's `idleTimeoutMs`;
  * - bodies up to REQUEST_BUFFER_BYTES are read whole before dispatch (HAProxy's
- *   `option http-buffer-request`): a trickled small upload holds no upstream connection;
+ *   `option http-buffer-request`): a trickled small upload holds no upstream connection,
+ *   and must arrive whole within `idleTimeoutMs` (as HAProxy's `timeout http-request`
+ *   bounds it), since a trickle is never silent long enough for an idle timer;
  * - up to RESPONSE_READ_AHEAD_BYTES of a response are held for a client that reads slowly,
  *   so a modest response completes upstream and frees its connection whatever the client does;
  * - what still waits on a client (an upload too large to buffer, or a larger response whose
@@ -69,8 +71,10 @@ function noop (): void {}
 
 function onResponseClose (this: Tagged): void {
   const ex = this[kExchange]
-  ex?.release()
-  if (ex !== undefined && ex.state !== DONE) ex.clientGone()
+  if (ex === undefined) return
+  ex.release()
+  ex.clearBodyDeadline()
+  if (ex.state !== DONE) ex.clientGone()
 }
 
 /** The client socket was silent both ways for the route's `idleTimeoutMs`. */
@@ -90,6 +94,11 @@ function onBodyData (this: TaggedRequest, chunk: Buffer): void {
 function onBodyEnd (this: TaggedRequest): void {
   const ex = this[kExchange]
   if (ex !== undefined && ex.state !== DONE) ex.dispatchBuffered()
+}
+
+function onBodyDeadline (ex: Exchange): void {
+  ex.bodyDeadline = null
+  if (ex.state !== DONE) ex.cutSlowClient()
 }
 
 function onResponseDrain (this: Tagged): void {
@@ -123,6 +132,8 @@ export class Exchange implements Dispatcher.DispatchHandler {
   resumeUpstream: (() => void) | null = null
   /** The request body, when it is read whole before dispatch (`buffersBody`). */
   body: Buffer | null = null
+  /** Until the buffered body has arrived: the time it has to. */
+  bodyDeadline: NodeJS.Timeout | null = null
   private bodyFilled = 0
   /** Counted in `upstream.held`: waiting on the client while holding an upstream connection. */
   private holding = false
@@ -165,6 +176,7 @@ export class Exchange implements Dispatcher.DispatchHandler {
       req[kExchange] = this
       req.on('data', onBodyData)
       req.on('end', onBodyEnd)
+      this.bodyDeadline = setTimeout(onBodyDeadline, this.route.config.idleTimeoutMs, this).unref()
       return
     }
     this.dispatch(null, false)
@@ -177,7 +189,14 @@ export class Exchange implements Dispatcher.DispatchHandler {
   }
 
   dispatchBuffered (): void {
+    this.clearBodyDeadline()
     this.dispatch(null, false)
+  }
+
+  clearBodyDeadline (): void {
+    if (this.bodyDeadline === null) return
+    clearTimeout(this.bodyDeadline)
+    this.bodyDeadline = null
   }
 
   /** Waiting on the client while holding an upstream connection (see `Upstream.held`). */
