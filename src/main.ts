@@ -8,6 +8,11 @@ import { ConfigError } from './config/load.js'
 import { loadCheckedConfig } from './flags/check.js'
 import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
+/** Time allowed for closing after the last request was finished or cut. */
+const BACKSTOP_MS = 1000
+/** Time the process may take to exit on its own once the sidecar has stopped. */
+const LINGER_MS = 100
+
 export async function start (configPath: string): Promise<number> {
   let loaded
   try {
@@ -44,9 +49,23 @@ export async function start (configPath: string): Promise<number> {
       process.once('SIGTERM', () => sidecar.hurry())
       process.once('SIGINT', () => sidecar.hurry())
       sidecar.logger.info({ event: 'shutdown', signal }, 'signal received')
-      sidecar.shutdown().then(() => resolve(0), (err) => {
+      // SPEC §15: SIGTERM to exit within drainDelayMs + timeoutMs (25 s with defaults, under
+      // Kubernetes' 30 s grace) whatever clients do. The sidecar cuts what still runs at its
+      // deadline; this backstop covers a step of the tear-down that hangs, and exit() covers a
+      // handle that would keep the event loop alive after it.
+      const { drainDelayMs, timeoutMs } = sidecar.config.shutdown
+      setTimeout(() => {
+        sidecar.logger.error({ event: 'shutdown', phase: 'backstop', afterMs: drainDelayMs + timeoutMs + BACKSTOP_MS }, 'shutdown did not finish in time; exiting')
+        process.exit(1)
+      }, drainDelayMs + timeoutMs + BACKSTOP_MS).unref()
+      const exit = (code: number): void => {
+        resolve(code)
+        // Everything of ours is closed; whatever else still holds the event loop does not matter.
+        setTimeout(() => process.exit(code), LINGER_MS).unref()
+      }
+      sidecar.shutdown().then(() => exit(0), (err) => {
         sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed')
-        resolve(1)
+        exit(1)
       })
     }
     process.once('SIGTERM', stop)

@@ -3,7 +3,7 @@
  * metrics. Used by `main.ts` for the real process and directly by tests (every port may be
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
-import type { AddressInfo } from 'node:net'
+import net, { type AddressInfo, type Socket } from 'node:net'
 import type { IncomingMessage, Server } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
@@ -322,10 +322,16 @@ export class Sidecar {
   }
 
   /**
-   * Graceful stop (SPEC §10): `/health` says draining at once, the proxy keeps serving for
-   * `drainDelayMs` while load balancers notice, then stops accepting and lets requests in
-   * flight finish for up to `timeoutMs`. The egress listener, used by the app for its own
-   * calls, stays open to the very end so draining never cuts the app off.
+   * Graceful stop (SPEC §10, §14, §15), losing no request:
+   * 1. `/health` says draining at once; for `drainDelayMs` the proxy keeps accepting and
+   *    keep-alive connections stay (the load balancer is taking us out; telling clients to
+   *    reconnect now would only send them to a listener about to close).
+   * 2. The listener stops accepting; every connection's next response carries
+   *    `Connection: close`; connections that stay idle are closed once quiet for
+   *    `IDLE_CLOSE_MS` (see `closeQuietConnections`); requests in flight finish within `timeoutMs`.
+   * 3. At the deadline whatever still runs is cut and logged, and the process stops.
+   * The egress listener, used by the app for its own calls, stays open to the very end so
+   * draining never cuts the app off.
    */
   async shutdown (): Promise<void> {
     this.stopping ??= this.runShutdown()
@@ -343,20 +349,25 @@ export class Sidecar {
     const quiet = this.addresses.proxy === ''
     const log = quiet ? () => {} : (fields: Record<string, unknown>, msg: string) => this.logger.info(fields, msg)
     this.health.draining = true
-    this.dataPlane.draining = true
     log({ event: 'shutdown', phase: 'draining', drainDelayMs, timeoutMs }, 'draining')
     let hurried = false
     const hurry = new Promise<void>((resolve) => { this.forceStop = () => { hurried = true; resolve() } })
     await Promise.race([delay(drainDelayMs), hurry])
 
-    this.proxy.server.close()
-    this.proxy.server.closeIdleConnections()
+    // Not `server.close()`: Node's also destroys every idle keep-alive connection at once,
+    // racing the requests clients are writing on them (46 resets under 50 busy connections).
+    net.Server.prototype.close.call(this.proxy.server)
+    this.dataPlane.draining = true
     log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
     const deadline = performance.now() + timeoutMs
-    while (!hurried && this.dataPlane.stats.inFlight > 0 && performance.now() < deadline) {
+    const quieting = new WeakSet<Socket>()
+    while (!hurried && (this.dataPlane.stats.inFlight > 0 || this.proxy.connections.size > 0) && performance.now() < deadline) {
+      closeQuietConnections(this.proxy.connections, quieting)
       await Promise.race([delay(20), hurry])
     }
     const abandoned = this.dataPlane.stats.inFlight
+    if (abandoned > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, timeoutMs }, 'requests still running at the shutdown deadline are cut')
+    this.proxy.server.close()
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
     this.reachability.stop()
@@ -408,6 +419,28 @@ async function listenOn (server: Server, host: string, port: number): Promise<st
 
 function normaliseFastifyAddress (address: string): string {
   return address.replace('://localhost', '://127.0.0.1')
+}
+
+/**
+ * How long a connection must stay idle, once draining, before it is closed. HTTP/1.1 has no
+ * way to tell a client "do not send on this connection" except `Connection: close` on a
+ * response, so a busy connection is left to get one; only one quiet for this long (no
+ * request on the way, in all likelihood) is closed — the window in which a client's request
+ * can cross our close shrinks from "any moment" to a rare coincidence.
+ */
+const IDLE_CLOSE_MS = 1000
+
+/** Give each connection with no response in progress `IDLE_CLOSE_MS` of quiet before it closes. */
+function closeQuietConnections (connections: ReadonlySet<Socket>, done: WeakSet<Socket>): void {
+  for (const socket of connections) {
+    if (done.has(socket)) continue
+    const res = (socket as Socket & { _httpMessage?: { finished: boolean } | null })._httpMessage
+    if (res != null && !res.finished) continue
+    done.add(socket)
+    // Node destroys a socket whose timeout fires with no request or response to tell. A new
+    // request on it resets the timeout, and its response carries `Connection: close`.
+    socket.setTimeout(IDLE_CLOSE_MS)
+  }
 }
 
 async function delay (ms: number): Promise<void> {

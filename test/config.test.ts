@@ -145,7 +145,7 @@ t.test('defaults are resolved as documented', async (t) => {
   t.equal(app?.critical, false, 'upstreams.X.critical')
   t.equal(app?.healthCheck, null, 'no health check unless configured')
   t.equal(config.shutdown.drainDelayMs, 5000, 'shutdown.drainDelayMs')
-  t.equal(config.shutdown.timeoutMs, 30000, 'shutdown.timeoutMs')
+  t.equal(config.shutdown.timeoutMs, 20000, 'shutdown.timeoutMs: with drainDelayMs at most 25 s, under the 30 s grace of Kubernetes (SPEC §15)')
   t.equal(config.listen.proxy.port, 14001, 'proxy port')
   t.equal(config.listen.ops.port, 14020, 'ops port')
   t.equal(config.listen.admin.port, 14000, 'admin port')

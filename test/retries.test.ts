@@ -3,6 +3,7 @@ import { Readable } from 'node:stream'
 import { startUpstream, echo, refusedUrl, type TestUpstream, type Handler } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send } from './helpers/http.js'
+import { Pool } from 'undici'
 import { scrape, sumOf } from './helpers/metrics.js'
 import type { Test } from 'tap'
 
@@ -165,4 +166,40 @@ t.test('a reset on a reused upstream connection before any response byte', async
     t.equal(post.status, 502, 'POST on the reused connection: not repeated')
     t.equal(up.received.filter((r) => r.url === '/post').length, 1)
   })
+})
+
+t.test('an upstream that closes each connection right after its response: no request fails', async (t) => {
+  // The keep-alive race: the proxy reuses a pooled connection the upstream is closing. A
+  // request that never reached the upstream is retried on a fresh connection (SPEC §14).
+  const closing = (announce: boolean): Handler => (req, res, body) => {
+    if (announce) res.setHeader('connection', 'close')
+    // Closed a moment after the response, as an idle timeout of a few milliseconds would.
+    res.on('finish', () => { setTimeout(() => req.socket.destroy(), Math.random() * 6) })
+    echo(req, res, body)
+  }
+  for (const announce of [false, true]) {
+    t.test(announce ? 'announced with Connection: close' : 'without a word', async (t) => {
+      const up = await startUpstream(closing(announce))
+      t.teardown(up.close)
+      const { proxy, ops } = await startTestSidecar(t, {
+        upstreams: { app: { url: up.url } },
+        routes: [{ name: 'r', match: { pathPrefix: '/' }, upstream: 'app' }]
+      })
+      const pool = new Pool(proxy, { connections: 20 })
+      t.teardown(async () => await pool.destroy())
+      const failures: string[] = []
+      const one = async (i: number): Promise<void> => {
+        const post = i % 2 === 1
+        const res = await pool.request({ path: `/r/${i}`, method: post ? 'POST' : 'GET', body: post ? `order ${i}` : undefined })
+        const text = await res.body.text()
+        if (res.statusCode !== 200) failures.push(`${post ? 'POST' : 'GET'} ${res.statusCode} ${text}`)
+        else if (post && (JSON.parse(text) as { body: string }).body !== `order ${i}`) failures.push(`POST ${i}: body lost`)
+      }
+      for (let round = 0; round < 20; round++) await Promise.all(Array.from({ length: 20 }, async (_, k) => await one(round * 20 + k)))
+      t.same(failures, [], '400 concurrent GETs and POSTs, none failed')
+      const posts = up.received.filter((r) => r.method === 'POST').length
+      t.equal(posts, 200, 'each POST ran exactly once upstream')
+      t.comment(`retries: ${sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' })}`)
+    })
+  }
 })

@@ -351,7 +351,8 @@ function buildListen (listen: Section<'listen'>): Config['listen'] {
     keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs),
     requestTimeoutMs: toMs(l.requestTimeoutMs),
     headersTimeoutMs: toMs(l.headersTimeoutMs),
-    maxHeaderSize: l.maxHeaderSize
+    maxHeaderSize: l.maxHeaderSize,
+    maxHeadersCount: l.maxHeadersCount
   })
   return {
     proxy: proxy(listen.proxy),

@@ -51,7 +51,8 @@ const proxyListener = (port: number) => closed({
   keepAliveTimeoutMs: withDefault(Duration, 75_000),
   requestTimeoutMs: withDefault(Duration, 0),
   headersTimeoutMs: withDefault(Duration, 60_000),
-  maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384)
+  maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384),
+  maxHeadersCount: withDefault(Type.Integer({ minimum: 1, maximum: 10000, description: 'more request header fields than this is 431' }), 100)
 })
 
 const plainListener = (host: string, port: number) => section({
@@ -244,7 +245,7 @@ export const ConfigSchema = closed(
     }),
     shutdown: section({
       drainDelayMs: withDefault(Duration, 5000),
-      timeoutMs: withDefault(Duration, 30_000)
+      timeoutMs: withDefault(Duration, 20_000)
     }),
     logging: section({
       level: withDefault(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l))), 'info'),

@@ -14,6 +14,8 @@ export interface ProxyListenerConfig extends ListenerConfig {
   requestTimeoutMs: number
   headersTimeoutMs: number
   maxHeaderSize: number
+  /** More request header fields than this is 431 (Envoy's and HAProxy's default is about 100). */
+  maxHeadersCount: number
 }
 
 export interface HealthCheckConfig {

@@ -187,7 +187,7 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   scraped(registry, 'breakwater_overloaded_total', 'Requests refused with 503 overloaded, by limit.', 'counter', () =>
     Object.entries(dp.stats.overloaded).map(([reason, n]) => ({ labels: { reason }, value: n })))
 
-  scraped(registry, 'breakwater_client_errors_total', 'Requests refused by the HTTP parser (malformed, smuggling attempts, oversized headers), by error.', 'counter', () =>
+  scraped(registry, 'breakwater_client_errors_total', 'Requests refused or cut because of the client (malformed, smuggling attempts, oversized headers, CONNECT, slow clients), by error.', 'counter', () =>
     [...dp.stats.clientErrors].map(([error, n]) => ({ labels: { error }, value: n })))
 
   scraped(registry, 'breakwater_retries_total', 'Retries made, by route.', 'counter', () =>

@@ -26,6 +26,8 @@ export class Endpoint {
   ejectedUntil = 0
   /** Result of active health checks (true until checks say otherwise). */
   healthy = true
+  /** `performance.now()` when the upstream last closed a pooled connection itself (see `upstreams.ts`). */
+  peerClosedAt = Number.NEGATIVE_INFINITY
 
   constructor (origin: string, pool: Pool) {
     this.origin = origin

@@ -26,13 +26,14 @@ export const ERRORS = {
   bad_request: { status: 400, message: 'malformed request', mitigation: null, cause: 'client' },
   headers_too_large: { status: 431, message: 'request headers too large', mitigation: null, cause: 'client' },
   request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null, cause: 'client' },
+  connect_not_supported: { status: 404, message: 'CONNECT is not supported: this is a reverse proxy', mitigation: null, cause: 'client' },
   fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null, cause: 'breakwater' }
 } as const satisfies Record<string, LocalError>
 
 export type ErrorCode = keyof typeof ERRORS
 
 /** Codes that only happen before a request exists (the HTTP parser refused the bytes). */
-export type ClientErrorCode = 'bad_request' | 'headers_too_large' | 'request_timeout'
+export type ClientErrorCode = 'bad_request' | 'headers_too_large' | 'request_timeout' | 'connect_not_supported'
 
 /**
  * undici refuses to send these because of the request itself (a header it will not forward, a

@@ -23,9 +23,41 @@ import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
 import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
+import { freshConnection, reusable } from './upstreams.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
+type TaggedRequest = IncomingMessage & { [kExchange]?: Exchange }
+
+/*
+ * Slow clients (SPEC §14; each endpoint's pool has `upstreams.X.connections`, 128 by default).
+ * A client that trickles its upload or stops reading must not hold upstream connections that
+ * everyone else needs:
+ * - every exchange bounds client silence either way with the route's `idleTimeoutMs`;
+ * - bodies up to REQUEST_BUFFER_BYTES are read whole before dispatch (HAProxy's
+ *   `option http-buffer-request`): a trickled small upload holds no upstream connection,
+ *   and must arrive whole within `idleTimeoutMs` (as HAProxy's `timeout http-request`
+ *   bounds it), since a trickle is never silent long enough for an idle timer;
+ * - up to RESPONSE_READ_AHEAD_BYTES of a response are held for a client that reads slowly,
+ *   so a modest response completes upstream and frees its connection whatever the client does;
+ * - what still waits on a client (an upload too large to buffer, or a larger response whose
+ *   client does not keep up) holds an upstream connection meanwhile. Once half of the
+ *   upstream's connections are held so (`Upstream.maxHeld`), a further waiting client gets
+ *   STALL_GRACE_MS of silence instead of `idleTimeoutMs` before it is disconnected: a client
+ *   that makes progress is never cut, one that stalls cannot take the other half, which
+ *   always serves everyone else.
+ */
+/** Request bodies up to this size are read whole before dispatch. */
+const REQUEST_BUFFER_BYTES = 64 * 1024
+/** Response bytes held for a client that does not keep up, beyond which the upstream is paused. */
+const RESPONSE_READ_AHEAD_BYTES = 64 * 1024
+/** Silence allowed to a client waited on while half of the upstream's connections wait on clients. */
+const STALL_GRACE_MS = 1000
+
+/** True when the request's body is read whole before dispatch (and can be sent again). */
+function buffersBody (head: RequestHead): boolean {
+  return head.bodyLength > 0 && head.bodyLength <= REQUEST_BUFFER_BYTES
+}
 
 /** RFC 9110 §9.2.2: methods whose repetition has the same effect. */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
@@ -39,11 +71,41 @@ function noop (): void {}
 
 function onResponseClose (this: Tagged): void {
   const ex = this[kExchange]
-  if (ex !== undefined && ex.state !== DONE) ex.clientLeft()
+  if (ex === undefined) return
+  ex.release()
+  ex.clearBodyDeadline()
+  if (ex.state !== DONE) ex.clientLeft()
+}
+
+/** The client socket was silent both ways for the route's `idleTimeoutMs`. */
+function onResponseTimeout (this: Tagged): void {
+  const ex = this[kExchange]
+  if (ex === undefined || ex.state === DONE) { this.destroy(); return }
+  // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
+  // that wait). The socket's next byte re-arms the timer.
+  if (ex.requestSent && ex.state !== STREAMING) return
+  ex.cutSlowClient()
+}
+
+function onBodyData (this: TaggedRequest, chunk: Buffer): void {
+  this[kExchange]?.bodyChunk(chunk)
+}
+
+function onBodyEnd (this: TaggedRequest): void {
+  const ex = this[kExchange]
+  if (ex !== undefined && ex.state !== DONE) ex.dispatchBuffered()
+}
+
+function onBodyDeadline (ex: Exchange): void {
+  ex.bodyDeadline = null
+  if (ex.state !== DONE) ex.cutSlowClient()
 }
 
 function onResponseDrain (this: Tagged): void {
-  const resume = this[kExchange]?.resumeUpstream
+  const ex = this[kExchange]
+  if (ex === undefined) return
+  ex.release()
+  const resume = ex.resumeUpstream
   if (resume != null) resume()
 }
 
@@ -55,6 +117,17 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   readonly res: Tagged
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
+  /** The request body, when it is read whole before dispatch (`buffersBody`). */
+  body: Buffer | null = null
+  /** Until the buffered body has arrived: the time it has to. */
+  bodyDeadline: NodeJS.Timeout | null = null
+  private bodyFilled = 0
+  /** Counted in `upstream.held`: waiting on the client while holding an upstream connection. */
+  private holding = false
+  /** Given STALL_GRACE_MS rather than `idleTimeoutMs` while holding. */
+  private graced = false
+  /** undici wrote the whole request of this attempt. */
+  requestSent = false
   private drainListening = false
 
   constructor (dp: DataPlane, req: IncomingMessage, res: ServerResponse) {
@@ -75,27 +148,100 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     // An aborted upload emits 'error' on the request; undici reports it to us through onError.
     if (this.head.hasBody) this.req.on('error', noop)
     if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
-    this.dispatch(null)
+    // SPEC §14: `idleTimeoutMs` bounds a stalled body either way. Node reports a socket that
+    // moved no byte for that long ('timeout'), and sets its own keep-alive timeout again
+    // once the response is done.
+    this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
+    res.on('timeout', onResponseTimeout)
+    if (buffersBody(this.head)) {
+      this.body = Buffer.allocUnsafe(this.head.bodyLength)
+      const req = this.req as TaggedRequest
+      req[kExchange] = this
+      req.on('data', onBodyData)
+      req.on('end', onBodyEnd)
+      this.bodyDeadline = setTimeout(onBodyDeadline, this.route.config.idleTimeoutMs, this).unref()
+      return
+    }
+    this.dispatch(null, false)
   }
 
-  private dispatch (avoid: Endpoint | null): void {
+  /** A piece of a body read before dispatch (Node's parser delivers exactly Content-Length bytes). */
+  bodyChunk (chunk: Buffer): void {
+    chunk.copy(this.body as Buffer, this.bodyFilled)
+    this.bodyFilled += chunk.length
+  }
+
+  dispatchBuffered (): void {
+    this.clearBodyDeadline()
+    this.dispatch(null, false)
+  }
+
+  clearBodyDeadline (): void {
+    if (this.bodyDeadline === null) return
+    clearTimeout(this.bodyDeadline)
+    this.bodyDeadline = null
+  }
+
+  /** Waiting on the client while holding an upstream connection (see `Upstream.held`). */
+  private hold (): void {
+    if (this.holding) return
+    this.holding = true
+    const upstream = this.route.upstream
+    if (++upstream.held > upstream.maxHeld) {
+      this.graced = true
+      this.req.socket.setTimeout(STALL_GRACE_MS)
+    }
+  }
+
+  release (): void {
+    if (!this.holding) return
+    this.holding = false
+    this.route.upstream.held--
+    if (this.graced) {
+      this.graced = false
+      if (this.state !== DONE) this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
+    }
+  }
+
+  /**
+   * Disconnect a client silent past the route's `idleTimeoutMs` (or STALL_GRACE_MS, see
+   * `hold`). The close aborts the upstream request (`clientGone`): the client's failure,
+   * nobody else's.
+   */
+  cutSlowClient (): void {
+    this.dp.stats.clientError('slow_client')
+    if (this.dp.logger.isLevelEnabled('debug')) {
+      this.dp.logger.debug({ event: 'slow_client', route: this.route.name, upstream: this.route.upstream.name, requestId: this.head.requestId, graced: this.graced }, 'slow client disconnected')
+    }
+    this.res.destroy()
+  }
+
+  /** `fresh`: on a connection of its own rather than a pooled one (see `reusable`). */
+  private dispatch (avoid: Endpoint | null, fresh: boolean): void {
     const endpoint = this.route.upstream.balancer.pick(avoid)
     if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     endpoint.inFlight++
     this.attempt++
     const cfg = this.route.config
-    endpoint.pool.dispatch({
+    const method = this.req.method as Dispatcher.HttpMethod
+    const dispatcher = fresh || (!IDEMPOTENT.has(method) && !reusable(endpoint, performance.now()))
+      ? freshConnection(endpoint, this.route.upstream.config)
+      : endpoint.pool
+    dispatcher.dispatch({
       path: this.route.upstreamPath(this.path),
-      method: this.req.method as Dispatcher.HttpMethod,
+      method,
       headers: this.head.headers,
-      body: this.head.hasBody ? this.req : null,
+      body: this.body ?? (this.head.hasBody ? this.req : null),
       // undici's headersTimeout runs from the request fully sent to the response headers:
       // exactly the route's timeoutMs (SPEC §14, a long upload is not a timeout).
       headersTimeout: cfg.timeoutMs,
       bodyTimeout: cfg.idleTimeoutMs,
       reset: this.dp.draining
     }, this)
+    if (dispatcher !== endpoint.pool) dispatcher.close().catch(noop) // once this request is done
+    // An upload streamed as the client sends it holds the connection until it is all sent.
+    if (this.body === null && this.head.hasBody) this.hold()
   }
 
   // ---- undici handler ----
@@ -103,6 +249,11 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   onConnect (abort: (err?: Error) => void): void {
     if (this.state === DONE) { abort(); return }
     this.abortUpstream = abort
+  }
+
+  onRequestSent (): void {
+    this.requestSent = true
+    this.release()
   }
 
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
@@ -132,18 +283,22 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
 
   onData (chunk: Buffer): boolean {
     if (this.state !== STREAMING) return this.state === DISCARDING
-    if (this.res.write(chunk)) return true
+    const res = this.res
+    if (res.write(chunk) || res.writableLength <= RESPONSE_READ_AHEAD_BYTES) return true
     if (!this.drainListening) {
       this.drainListening = true
-      this.res.on('drain', onResponseDrain)
+      res.on('drain', onResponseDrain)
     }
+    // The client does not keep up: until it drains, the connection waits on it.
+    this.hold()
     return false
   }
 
   onComplete (_trailers: string[] | null): void {
     const endpoint = this.endpoint as Endpoint
     endpoint.inFlight--
-    if (this.state === DISCARDING) { this.retry(endpoint); return }
+    this.release()
+    if (this.state === DISCARDING) { this.retry(endpoint, false); return }
     if (this.state === DONE) return
     this.res.end()
     this.done()
@@ -163,10 +318,15 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     // The client's upload broke off (it left): its doing, not the upstream's.
     if (this.clientGone) { this.clientLeft(); return }
-    if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) {
-      if (endpoint !== null) this.route.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
-      this.retry(endpoint)
-      return
+    if (state === WAITING && isConnectFailure(err)) {
+      // Provably unsent on a connection the upstream had closed: the keep-alive race, retried
+      // on a fresh connection and nobody's failure.
+      if (this.mayRetryUnsent(err)) { this.retry(endpoint, true); return }
+      if (this.mayRetry()) {
+        if (endpoint !== null) this.route.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
+        this.retry(endpoint, false)
+        return
+      }
     }
     if (this.dp.logger.isLevelEnabled('debug')) {
       this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
@@ -187,21 +347,26 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   }
 
   /**
-   * SPEC §14: a reset before any response byte (typically a keep-alive connection the
-   * upstream closed as we reused it) is retried once for idempotent requests without a body,
-   * with or without `retries`.
+   * SPEC §14, the keep-alive race: a connection the upstream closed as we reused it fails
+   * before any response byte. Retried once, on a fresh connection (another pooled one may be
+   * closing too), with or without `retries`: idempotent requests whose body (if any) was
+   * buffered always; others only when provably unsent — undici calls `onConnect` just before
+   * it writes the first byte, so an error before it means nothing left. (Non-idempotent
+   * requests avoid the race in the first place: see `reusable`.)
    */
-  private mayRetryReset (err: unknown): boolean {
-    if (this.attempt !== 1 || this.head.hasBody || !IDEMPOTENT.has(this.req.method as string)) return false
+  private mayRetryUnsent (err: unknown): boolean {
+    if (this.attempt !== 1 || (this.head.hasBody && this.body === null)) return false
     const code = (err as { code?: string } | null)?.code
-    return code === 'ECONNRESET' || code === 'UND_ERR_SOCKET' || code === 'EPIPE'
+    if (code !== 'ECONNRESET' && code !== 'UND_ERR_SOCKET' && code !== 'EPIPE') return false
+    return IDEMPOTENT.has(this.req.method as string) || this.abortUpstream === null
   }
 
-  private retry (failed: Endpoint | null): void {
+  private retry (failed: Endpoint | null, fresh: boolean): void {
     this.state = WAITING
     this.abortUpstream = null
+    this.requestSent = false
     this.route.stats.retries++
-    this.dispatch(failed)
+    this.dispatch(failed, fresh)
   }
 
   // ---- endings (the accounting is the context's `end`) ----

@@ -15,7 +15,15 @@ export interface RequestHead {
   host: string
   requestId: string
   hasBody: boolean
+  /** The body's length from Content-Length, or -1 when it is chunked (or absent: 0). */
+  bodyLength: number
   isWebSocket: boolean
+  /**
+   * Why this request cannot be forwarded as sent (RFC 9112 §3.2, §6.3: more than one Host,
+   * conflicting Content-Lengths, Content-Length with Transfer-Encoding), or null. The pipeline
+   * answers 400 and closes the connection before any upstream contact (SPEC §15).
+   */
+  invalid: string | null
 }
 
 /** Hop-by-hop names, lower case (RFC 9110 §7.6.1 plus the legacy Keep-Alive and Proxy-Connection). */
@@ -55,7 +63,8 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
     const name = raw[i] as string
     if (name.length === 10 && name.toLowerCase() === 'connection') {
       const value = raw[i + 1] as string
-      if (value.length > 10) listed = connectionListed(value, listed)
+      // Any name it lists is hop-by-hop, however short (`Connection: x-api-key`).
+      if (value !== 'keep-alive' && value !== 'close') listed = connectionListed(value, listed)
       if (/\bupgrade\b/i.test(value)) connectionUpgrade = true
     } else if (name.length === 7 && name.toLowerCase() === 'upgrade') {
       upgradeWebSocket = (raw[i + 1] as string).trim().toLowerCase() === 'websocket'
@@ -67,12 +76,17 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   let requestId = ''
   let forwardedFor = ''
   let hasBody = false
+  let hosts = 0
+  let contentLength: string | null = null
+  let chunked = false
+  let invalid: string | null = null
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i] as string
     const value = raw[i + 1] as string
     const lower = name.toLowerCase()
     switch (lower) {
       case 'host':
+        if (++hosts > 1) invalid = 'more than one Host header'
         host = value
         headers.push(name, value)
         continue
@@ -86,16 +100,27 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
       case 'x-forwarded-host':
         continue // set by us below, from what this listener saw
       case 'content-length':
+        if (contentLength !== null) {
+          if (value !== contentLength) invalid = 'conflicting Content-Length headers'
+          continue // one copy is enough (RFC 9110 §8.6)
+        }
+        contentLength = value
         if (value !== '0') hasBody = true
         headers.push(name, value)
         continue
       case 'transfer-encoding':
         hasBody = true
+        chunked = true
+        continue
+      case 'expect':
+        // Node answered `100 Continue` when it read the head (the body will follow), so the
+        // expectation is met here, as Envoy does by default; undici cannot send it on anyway.
         continue
     }
     if (isHopByHop(lower) || (listed !== null && listed.has(lower))) continue
     headers.push(name, value)
   }
+  if (chunked && contentLength !== null) invalid = 'Content-Length with Transfer-Encoding'
   if (requestId === '') requestId = newRequestId()
   const client = remoteAddress.startsWith('::ffff:') ? remoteAddress.slice(7) : remoteAddress
   headers.push(
@@ -104,7 +129,8 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
     'x-forwarded-proto', proto
   )
   if (host !== '') headers.push('x-forwarded-host', host)
-  return { headers, host, requestId, hasBody, isWebSocket }
+  const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid }
 }
 
 /**

@@ -2,7 +2,9 @@
  * Life of a request — the data plane's stages in call order. A reader starts here.
  *
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
- *   normalise     the path, once; an invalid encoding                       → 400 bad_request
+ *   normalise     the path and head, once; an invalid encoding, more header
+ *                 fields than the listener allows, or framing that cannot be
+ *                 forwarded as sent (two Host, CL conflicts)  → 400 bad_request / 431
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
@@ -40,19 +42,24 @@ export interface PipelineOptions {
   proto: string
   /** Which listener this pipeline serves: only its routes can match (SPEC §15). */
   listener: Listener
+  /**
+   * Header fields (name and value each) a request may carry. Node keeps the first
+   * `maxHeadersCount` fields and drops the rest without a word; the server asks it for one more
+   * than the limit, so a request past it is seen and refused whole (431, nothing forwarded).
+   */
+  maxHeaderFields: number
 }
 
 /** The `request` listener of a proxy server. */
 export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
-  const { proto, listener } = options
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
-    run(new Exchange(dp, req, res), proto, listener)
+    run(new Exchange(dp, req, res), options)
   }
 }
 
 /** The `upgrade` listener of a proxy server: the same stages, with a `Tunnel` as the context. */
-export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener): void {
-  run(new Tunnel(dp, req, socket, head), 'http', listener)
+export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, options: PipelineOptions): void {
+  run(new Tunnel(dp, req, socket, head), options)
 }
 
 /**
@@ -71,7 +78,7 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
 }
 
 /** Admission to the fault stage. */
-function run (ctx: RequestContext, proto: string, listener: Listener): void {
+function run (ctx: RequestContext, { proto, listener, maxHeaderFields }: PipelineOptions): void {
   const dp = ctx.dp
   const req = ctx.req
 
@@ -86,8 +93,16 @@ function run (ctx: RequestContext, proto: string, listener: Listener): void {
   // normalise
   const path = normalisePath(ctx.path)
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+  if (req.rawHeaders.length > maxHeaderFields) {
+    refuseUnforwardable(ctx, 'headers_too_large', `more than ${maxHeaderFields / 2} header fields`)
+    return
+  }
   if (path === null) {
     ctx.refuse('bad_request', 'invalid request target or percent-encoding')
+    return
+  }
+  if (head.invalid !== null) {
+    refuseUnforwardable(ctx, 'bad_request', head.invalid)
     return
   }
   ctx.path = path
@@ -158,4 +173,14 @@ function guardAndForward (ctx: RequestContext): void {
 
   // forward
   ctx.start()
+}
+
+/**
+ * A request that cannot be forwarded as sent (SPEC §15): a 4xx before any upstream contact,
+ * counted as a client error, and the connection closed — its framing cannot be trusted.
+ */
+function refuseUnforwardable (ctx: RequestContext, code: 'bad_request' | 'headers_too_large', why: string): void {
+  ctx.dp.stats.clientError(code)
+  if (ctx instanceof Exchange) ctx.res.shouldKeepAlive = false
+  ctx.refuse(code, why)
 }

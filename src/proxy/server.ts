@@ -9,8 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
-import { createPipeline, createBarePipeline } from './pipeline.js'
-import { handleUpgrade } from './upgrade.js'
+import { createPipeline, createBarePipeline, handleUpgrade, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
 
 export interface ProxyServer {
@@ -36,7 +35,12 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
     pipeline(req, res)
   })
-  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http', listener: role })
+  // Node keeps the first maxHeadersCount fields and drops the rest without a word (its default,
+  // 2000, forwarded 2,100 headers truncated, Authorization gone). One more than the limit is
+  // enough to see it was exceeded, and that request is refused whole: 431, nothing forwarded.
+  server.maxHeadersCount = listener.maxHeadersCount + 1
+  const options: PipelineOptions = { proto: 'http', listener: role, maxHeaderFields: listener.maxHeadersCount * 2 }
+  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, options)
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
   const connections = new Set<Socket>()
@@ -60,6 +64,10 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   })
 
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    // RFC 9112 §9.6: bytes after a request with `Connection: close` are not a request. The one
+    // before is still being answered and Node closes the connection after its response: ignore
+    // them (answering 400 here would replace the upstream's real answer).
+    if (err.code === 'HPE_CLOSED_CONNECTION') return
     const code: ClientErrorCode = err.code === 'HPE_HEADER_OVERFLOW'
       ? 'headers_too_large'
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
@@ -73,6 +81,15 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     socket.end(rawErrorResponse(code))
   })
 
-  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, role))
+  // A reverse proxy opens no tunnels. Without a 'connect' listener Node would drop the
+  // connection without a word; answer like Envoy does for a CONNECT no route takes (404), then close.
+  server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
+    dp.stats.clientError('connect_not_supported')
+    if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'client_error', code: 'connect_not_supported' }, 'CONNECT refused')
+    socket.on('error', () => socket.destroy())
+    socket.end(rawErrorResponse('connect_not_supported'))
+  })
+
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
   return { server, connections }
 }

@@ -8,7 +8,7 @@
  * for a changed definition; the upstream it replaces, like one a reload removed, is retired:
  * its pools close once the requests still running on them finish.
  */
-import { Pool } from 'undici'
+import { Client, Pool } from 'undici'
 import type { CircuitBreakerConfig, UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
@@ -23,12 +23,23 @@ export class Upstream {
   inFlight = 0
   /** Its circuit breaker, when `circuitBreakers` lists it (or an operator forced one). */
   circuit: Circuit | null = null
+  /**
+   * Exchanges holding a pooled connection while they wait on their client: an upload too
+   * large to buffer, or a response the client stopped reading (`forward.ts`).
+   */
+  held = 0
+  /**
+   * Half of the upstream's pooled connections: past it, a client waited on gets a short grace
+   * instead of `idleTimeoutMs` (`forward.ts`), so stalled clients can never take them all.
+   */
+  readonly maxHeld: number
 
   constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents, definition: string) {
     this.name = config.name
     this.config = config
     this.balancer = new Balancer(config, endpoints, events)
     this.definition = definition
+    this.maxHeld = Math.max(1, Math.floor(config.connections * endpoints.length / 2))
   }
 
   /** False when active health checks fail for every endpoint. */
@@ -80,7 +91,7 @@ export class UpstreamRegistry {
         next.set(config.name, prev)
         changes.kept.push(config.name)
       } else {
-        next.set(config.name, new Upstream(config, config.endpoints.map((origin) => new Endpoint(origin, createPool(origin, config))), events, definition))
+        next.set(config.name, new Upstream(config, config.endpoints.map((origin) => watched(new Endpoint(origin, createPool(origin, config)))), events, definition))
         changes.fresh.push(config.name)
       }
     }
@@ -116,4 +127,41 @@ export class UpstreamRegistry {
   async close (): Promise<void> {
     await Promise.all([...this.all(), ...this.closing].map(async (e) => await e.pool.close().catch(() => {})))
   }
+}
+
+/**
+ * How long after the upstream last closed a pooled connection on its own that its pooled
+ * connections are not trusted with a request that cannot be retried.
+ */
+const PEER_CLOSE_MEMORY_MS = 60_000
+
+/** Errors with which undici reports a connection the upstream closed or reset (not one we closed). */
+function closedByPeer (err: unknown): boolean {
+  const code = (err as { code?: string } | null)?.code
+  return code === 'UND_ERR_SOCKET' || code === 'ECONNRESET' || code === 'EPIPE'
+}
+
+function watched (endpoint: Endpoint): Endpoint {
+  endpoint.pool.on('disconnect', (_origin, _targets, err) => {
+    if (closedByPeer(err)) endpoint.peerClosedAt = performance.now()
+  })
+  return endpoint
+}
+
+/**
+ * The keep-alive race (SPEC §14): an upstream may close a pooled connection just as we send
+ * on it, and a request written on it cannot be proven unsent — undici validates an idle socket
+ * before reuse, so a close that already arrived re-queues the request, but one that crosses
+ * our write fails it after the bytes left. Idempotent requests are retried (`forward.ts`);
+ * a non-idempotent one must not run that risk: while its upstream has lately been closing
+ * pooled connections on its own (an app keep-alive shorter than `keepAliveTimeoutMs`, or one
+ * that closes right after answering without saying so), it goes on a fresh connection.
+ */
+export function reusable (endpoint: Endpoint, now: number): boolean {
+  return now - endpoint.peerClosedAt > PEER_CLOSE_MEMORY_MS
+}
+
+/** A connection of its own for one request (`reusable`, and retries after the race); close it once dispatched. */
+export function freshConnection (endpoint: Endpoint, config: UpstreamConfig): Client {
+  return new Client(endpoint.origin, { pipelining: 1, connect: { timeout: config.connectTimeoutMs } })
 }

@@ -1,0 +1,107 @@
+import t from 'tap'
+import net from 'node:net'
+import { once } from 'node:events'
+import { Readable } from 'node:stream'
+import type { Test } from 'tap'
+import { startUpstream, echo, type Handler } from './helpers/upstream.js'
+import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { send, eventually } from './helpers/http.js'
+import { scrape, sumOf } from './helpers/metrics.js'
+
+/** `/big` streams 64 MiB, produced only as fast as it is read; everything else is echoed. */
+const bigOrEcho: Handler = (req, res, body) => {
+  if (req.url !== '/big') { echo(req, res, body); return }
+  let left = 1024
+  const chunk = Buffer.alloc(64 * 1024, 'b')
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(left * chunk.length) })
+  Readable.from((function * () { while (left-- > 0) yield chunk })()).pipe(res)
+}
+
+/** A raw connection that sends `head` (and `body`) and then never reads a byte. */
+async function nonReader (t: Test, port: number, request: string): Promise<net.Socket> {
+  const socket = net.connect(port, '127.0.0.1')
+  socket.on('error', () => {})
+  await once(socket, 'connect')
+  socket.pause()
+  socket.write(request)
+  t.teardown(() => { socket.destroy() })
+  return socket
+}
+
+/** A client uploading `length` bytes 10 at a time every `everyMs`; it reads nothing. */
+async function trickler (t: Test, port: number, length: number, everyMs: number): Promise<net.Socket> {
+  const socket = await nonReader(t, port, `POST /upload HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: ${length}\r\n\r\n`)
+  const timer = setInterval(() => { if (!socket.destroyed) socket.write('0123456789') }, everyMs)
+  socket.on('close', () => clearInterval(timer))
+  t.teardown(() => clearInterval(timer))
+  return socket
+}
+
+t.test('slow uploaders and non-reading clients do not starve an upstream of connections', async (t) => {
+  const up = await startUpstream(bigOrEcho)
+  t.teardown(up.close)
+  // A pool of 8 connections (`upstreams.X.connections`, 128 by default) to make the scale small.
+  const bw = await startTestSidecar(t, oneRoute(up.url, { name: 'r' }, { connections: 8 }))
+  const slow: net.Socket[] = []
+  // 20 uploads trickling 10 bytes a second: small bodies are read whole before dispatch.
+  for (let i = 0; i < 20; i++) slow.push(await trickler(t, bw.proxyPort, 1000, 1000))
+  // 20 clients that ask for a large response and never read it.
+  for (let i = 0; i < 20; i++) slow.push(await nonReader(t, bw.proxyPort, 'GET /big HTTP/1.1\r\nHost: a\r\n\r\n'))
+  // 4 uploads too large to buffer, trickling too.
+  for (let i = 0; i < 4; i++) slow.push(await trickler(t, bw.proxyPort, 1024 * 1024, 1000))
+  t.ok(await eventually(() => up.received.filter((r) => r.url === '/big').length >= 8, 20_000), 'the non-reading clients reached the upstream')
+
+  // Everyone else still gets through, in parallel, well before any idle timeout (60 s).
+  const others = await Promise.all(Array.from({ length: 10 }, async (_, i) => await send(bw.proxy, `/other/${i}`, { method: i % 2 === 0 ? 'GET' : 'POST', body: i % 2 === 0 ? undefined : 'small order' })))
+  t.same(others.map((r) => r.status), Array(10).fill(200), '10 of 10 other requests answered')
+  t.ok(slow.filter((s) => !s.destroyed).length > 0, 'while slow clients are still connected')
+
+  const samples = await scrape(bw.ops)
+  t.ok(sumOf(samples, 'breakwater_client_errors_total', { error: 'slow_client' }) > 0, 'stalled clients past half of the pool were disconnected, and counted')
+})
+
+t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) => {
+  const up = await startUpstream(bigOrEcho)
+  t.teardown(up.close)
+  const bw = await startTestSidecar(t, oneRoute(up.url, { name: 'r', idleTimeoutMs: 300 }))
+  const cut = (): number => bw.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0
+
+  t.test('an upload that stops half way', async (t) => {
+    const before = cut()
+    await nonReader(t, bw.proxyPort, 'POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nten bytes.')
+    t.ok(await eventually(() => cut() > before, 10_000), 'the client is disconnected')
+    t.equal(up.received.filter((r) => r.url === '/upload').length, 0, 'the upstream never saw a partial body')
+  })
+
+  t.test('a small upload that trickles, never silent for idleTimeoutMs, must arrive whole within it', async (t) => {
+    const before = cut()
+    await trickler(t, bw.proxyPort, 1000, 50) // 10 bytes every 50 ms: 5 s for the whole body
+    t.ok(await eventually(() => cut() > before, 10_000), 'the client is disconnected')
+    t.equal(up.received.filter((r) => r.url === '/upload').length, 0, 'the upstream never saw it')
+  })
+
+  t.test('an upload too large to buffer that stops half way', async (t) => {
+    const before = cut()
+    await nonReader(t, bw.proxyPort, `POST /large HTTP/1.1\r\nHost: a\r\nContent-Length: ${1024 * 1024}\r\n\r\n${'x'.repeat(1000)}`)
+    t.ok(await eventually(() => cut() > before, 10_000), 'the client is disconnected')
+    t.ok(await eventually(() => bw.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the exchange ended (its upstream request aborted)')
+  })
+
+  t.test('a client that stops reading the response', async (t) => {
+    const before = cut()
+    await nonReader(t, bw.proxyPort, 'GET /big HTTP/1.1\r\nHost: a\r\n\r\n')
+    t.ok(await eventually(() => cut() > before, 10_000), 'the client is disconnected')
+    t.ok(await eventually(() => bw.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the upstream response is aborted')
+  })
+
+  t.test('a request waiting for a slow upstream is not a stalled client', async (t) => {
+    const slowUp = await startUpstream((req, res, body) => { setTimeout(() => echo(req, res, body), 800) })
+    t.teardown(slowUp.close)
+    const slowBw = await startTestSidecar(t, oneRoute(slowUp.url, { idleTimeoutMs: 300 }))
+    t.equal((await send(slowBw.proxy, '/wait')).status, 200, 'answered after 800 ms although idleTimeoutMs is 300')
+  })
+
+  t.test('counted', async (t) => {
+    t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 4, 'breakwater_client_errors_total{error="slow_client"}')
+  })
+})
