@@ -143,7 +143,7 @@ t.test('a client that goes away aborts its upstream request', async (t) => {
     client.destroy()
     t.ok(await eventually(() => up.aborted === 1 && upstreamClosed === 1, 1000), 'the upstream saw its request aborted within a second')
     t.ok(performance.now() - gone < 1500)
-    t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.path === '/wait' && l.status === 499), 2000), 'logged as 499 (client closed request)')
+    t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l['url.path'] === '/wait' && l['http.response.status_code'] === 499), 2000), 'logged as 499 (client closed request)')
   })
 
   t.test('while the response body streams', async (t) => {

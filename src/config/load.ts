@@ -12,7 +12,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs as parseMs } from './duration.js'
-import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TracingConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 
@@ -372,7 +372,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
       maxInFlight: input.limits?.maxInFlight ?? 0,
       maxConnections: input.limits?.maxConnections ?? 0,
       maxEventLoopDelayMs: toMs(input.limits?.maxEventLoopDelayMs ?? 1000)
-    }
+    },
+    tracing: tracingConfig(input.tracing, input.service, problems)
   }
 }
 
@@ -394,6 +395,26 @@ function peekFlagFile (path: string, warnings: string[]): Set<string> | null {
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
   return new Set([...read.flags.values.keys(), ...read.flags.disabled])
+}
+
+function tracingConfig (t: ConfigInput['tracing'], service: string, problems: string[]): TracingConfig | null {
+  if (t === undefined) return null
+  const maxQueueSize = t.maxQueueSize ?? 2048
+  const maxSize = t.batch?.maxSize ?? Math.min(512, maxQueueSize)
+  if (maxSize > maxQueueSize) problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${maxQueueSize})`)
+  const timeoutMs = toMs(t.batch?.timeoutMs ?? 10_000)
+  if (timeoutMs === 0) problems.push('tracing.batch.timeoutMs: must be more than 0')
+  // OTLP/HTTP: an endpoint without a path gets the traces signal's path (OTEL_EXPORTER_OTLP_ENDPOINT's rule).
+  const url = new URL(t.otlpEndpoint)
+  const otlpEndpoint = url.pathname === '/' && url.search === '' ? `${url.origin}/v1/traces` : t.otlpEndpoint
+  return {
+    otlpEndpoint,
+    sampleRatio: t.sampleRatio,
+    serviceName: t.serviceName ?? service,
+    headers: t.headers ?? {},
+    maxQueueSize,
+    batch: { maxSize, delayMs: toMs(t.batch?.delayMs ?? 1000), timeoutMs }
+  }
 }
 
 function rollbackConfig (r: ConfigInput['rollback']): RollbackConfig | null {
@@ -428,7 +449,7 @@ function keyPath (pointer: string): string {
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
-const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers)|tracing\.headers)/
 
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>

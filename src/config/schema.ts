@@ -210,6 +210,18 @@ export const ConfigSchema = closed(
       level: Type.Optional(Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)))),
       accessLog: Type.Optional(Type.Union([Type.Boolean(), Type.Number({ minimum: 0, maximum: 1 })]))
     })),
+    tracing: Type.Optional(closed({
+      otlpEndpoint: Type.String({ pattern: '^https?://[^\\s/?#]+[^\\s]*$', description: 'the collector\'s OTLP/HTTP URL: an origin (http://otel-collector:4318, /v1/traces is added) or the full traces URL' }),
+      sampleRatio: Type.Number({ minimum: 0, maximum: 1, description: 'share of new traces sampled; a request that carries a traceparent follows its sampled flag' }),
+      serviceName: Type.Optional(Type.String({ minLength: 1, description: 'service.name of the spans (default: service)' })),
+      headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String(), { description: 'headers sent with every export (a collector\'s API key)' })),
+      maxQueueSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000, description: 'spans held for export; beyond it spans are dropped and counted (default 2048)' })),
+      batch: Type.Optional(closed({
+        maxSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000, description: 'spans per export request (default 512)' })),
+        delayMs: Type.Optional(Duration),
+        timeoutMs: Type.Optional(Duration)
+      }))
+    })),
     limits: Type.Optional(closed({
       maxInFlight: Type.Optional(Type.Integer({ minimum: 1 })),
       maxConnections: Type.Optional(Type.Integer({ minimum: 1 })),

@@ -3,6 +3,7 @@
  *
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
  *   normalise     the path, once; an invalid encoding                       → 400 bad_request
+ *   trace         W3C traceparent continued or started, our span id for the upstream (trace.ts)
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
@@ -12,7 +13,7 @@
  *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
  *                 (a request undici will not send as it is                  → 400 bad_request)
  *   accounting    one cause per request: ok, upstream, client, breakwater (context.ts) →
- *                 breaker, passive ejection, route stats, trigger window, access-log line
+ *                 breaker, passive ejection, route stats, trigger window, span, access-log line
  *
  * A WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`) runs the same stages —
  * one path, not a copy: its context is a `Tunnel` (upgrade.ts), which forwards the handshake
@@ -29,6 +30,7 @@ import type { Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
+import { beginTrace, incomingTraceparent, type Tracing } from './trace.js'
 import { Exchange } from './forward.js'
 import { Tunnel } from './upgrade.js'
 import { killSwitchAllows } from './kill-switch.js'
@@ -40,19 +42,21 @@ export interface PipelineOptions {
   proto: string
   /** Which listener this pipeline serves: only its routes can match (SPEC §15). */
   listener: Listener
+  /** The sidecar's tracing (its exporter is null when tracing is off). */
+  tracing: Tracing
 }
 
 /** The `request` listener of a proxy server. */
 export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
-  const { proto, listener } = options
+  const { proto, listener, tracing } = options
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
-    run(new Exchange(dp, req, res), proto, listener)
+    run(new Exchange(dp, req, res), proto, listener, tracing)
   }
 }
 
 /** The `upgrade` listener of a proxy server: the same stages, with a `Tunnel` as the context. */
-export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener): void {
-  run(new Tunnel(dp, req, socket, head), 'http', listener)
+export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, listener: Listener, tracing: Tracing): void {
+  run(new Tunnel(dp, req, socket, head), 'http', listener, tracing)
 }
 
 /**
@@ -64,14 +68,15 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
   const proto = options.proto
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
     const exchange = new Exchange(dp, req, res)
-    exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    const head = exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    beginTrace(exchange, options.tracing, head.traceparent, head.headers, head.traceparentAt)
     exchange.route = dp.runtime.routes.routes[0] as Route
     exchange.start()
   }
 }
 
 /** Admission to the fault stage. */
-function run (ctx: RequestContext, proto: string, listener: Listener): void {
+function run (ctx: RequestContext, proto: string, listener: Listener, tracing: Tracing): void {
   const dp = ctx.dp
   const req = ctx.req
 
@@ -79,6 +84,7 @@ function run (ctx: RequestContext, proto: string, listener: Listener): void {
   if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
     if (dp.overload.shedding) dp.stats.overloaded.event_loop_delay++
     else dp.stats.overloaded.max_in_flight++
+    beginTrace(ctx, tracing, incomingTraceparent(ctx), null, -1) // its span and log line, no upstream to tell
     ctx.refuse('overloaded')
     return
   }
@@ -86,6 +92,9 @@ function run (ctx: RequestContext, proto: string, listener: Listener): void {
   // normalise
   const path = normalisePath(ctx.path)
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+
+  // trace
+  beginTrace(ctx, tracing, head.traceparent, head.headers, head.traceparentAt)
   if (path === null) {
     ctx.refuse('bad_request', 'invalid request target or percent-encoding')
     return

@@ -9,6 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
+import type { Tracing } from './trace.js'
 import { createPipeline, createBarePipeline } from './pipeline.js'
 import { handleUpgrade } from './upgrade.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
@@ -20,7 +21,7 @@ export interface ProxyServer {
 }
 
 /** `role`: which routes this listener reaches (`routes[].listener`). */
-export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, bare = false): ProxyServer {
+export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, tracing: Tracing, bare = false): ProxyServer {
   const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
   const server = http.createServer({
     maxHeaderSize: listener.maxHeaderSize,
@@ -36,7 +37,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
     pipeline(req, res)
   })
-  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http', listener: role })
+  const pipeline = (bare ? createBarePipeline : createPipeline)(dp, { proto: 'http', listener: role, tracing })
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
   const connections = new Set<Socket>()
@@ -73,6 +74,6 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     socket.end(rawErrorResponse(code))
   })
 
-  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, role))
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, role, tracing))
   return { server, connections }
 }
