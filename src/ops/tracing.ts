@@ -91,10 +91,13 @@ class ServerSpan implements ReadableSpan {
       'http.request.method': method,
       'url.path': pathOnly(ctx.path),
       'url.scheme': scheme,
-      'server.address': hostAddress(host),
-      'server.port': hostPort(host, scheme),
       'network.protocol.version': ctx.req.httpVersion,
       'breakwater.outcome': ctx.cause ?? 'client'
+    }
+    const address = hostAddress(host)
+    if (address !== undefined) {
+      attributes['server.address'] = address
+      attributes['server.port'] = hostPort(host, scheme)
     }
     if (method === '_OTHER') attributes['http.request.method_original'] = ctx.req.method
     // A client that left before any response got no status code.

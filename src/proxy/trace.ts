@@ -63,8 +63,9 @@ function randomHex (bytes: number): string {
 
 /** A non-zero id of `bytes` random bytes (W3C: an all-zero id is invalid). */
 function newId (bytes: number): string {
+  const zero = bytes === 16 ? ZERO_TRACE : ZERO_SPAN
   let id = randomHex(bytes)
-  while (/^0+$/.test(id)) id = randomHex(bytes)
+  while (id === zero) id = randomHex(bytes)
   return id
 }
 
@@ -127,8 +128,9 @@ export function isServerError (ctx: RequestContext): boolean {
   return ctx.status >= 500 || ctx.errorCode === 'upstream_reset'
 }
 
-/** `server.address`: the Host header without its port (`[::1]:80` → `::1`). */
-export function hostAddress (host: string): string {
+/** `server.address`: the Host header without its port (`[::1]:80` → `::1`); undefined without one. */
+export function hostAddress (host: string): string | undefined {
+  if (host === '') return undefined
   if (host.startsWith('[')) {
     const end = host.indexOf(']')
     return end === -1 ? host : host.slice(1, end)
