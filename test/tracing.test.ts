@@ -314,3 +314,18 @@ t.test('at shutdown the queued spans are sent before the exit', async (t) => {
   await s.sidecar.shutdown()
   t.equal(receiver.spans.length, 3, 'the three queued spans reached the collector during shutdown')
 })
+
+t.test('a reload that changes tracing keeps the running tracing and says it applies at restart', async (t) => {
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, { ...oneRoute(upstream.url), ...tracing(receiver) })
+  const running = s.sidecar.config.tracing
+  await s.sidecar.apply({ ...s.sidecar.config, tracing: { ...running as NonNullable<typeof running>, sampleRatio: 0 } })
+  t.same(s.sidecar.config.tracing, running, 'the running tracing config is kept')
+  t.ok(s.logs.some((l) => l.level === 'warn' && l.msg === 'tracing changes take effect at the next restart'), 'a warning says so')
+  await send(s.proxy, '/after-reload')
+  await spansArrive(receiver, 1)
+  t.equal(receiver.spans[0]?.attributes['url.path'], '/after-reload', 'still sampled at the running ratio (1)')
+})
