@@ -14,6 +14,8 @@ import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import type { UpstreamChanges } from './proxy/upstreams.js'
 import { createProxyServer, type ProxyServer } from './proxy/server.js'
+import type { Tracing } from './proxy/trace.js'
+import type { SpanQueue, TraceStats } from './ops/tracing.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { normalisePath } from './proxy/path.js'
 import { requestHead } from './proxy/headers.js'
@@ -81,6 +83,10 @@ export class Sidecar {
   private readonly options: SidecarOptions
   private readonly flushLog: () => void
   private readonly reloads = { ok: 0, failed: 0 }
+  /** The data plane's view of tracing; its exporter is set once `listen` has loaded it. */
+  private readonly tracing: Tracing = { exporter: null }
+  private spanQueue: SpanQueue | null = null
+  private readonly traceStats: TraceStats = { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }
   private stopping: Promise<void> | null = null
   private forceStop: (() => void) | null = null
 
@@ -97,8 +103,8 @@ export class Sidecar {
     this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
-    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, 'proxy', maxConnections, options.bare === true)
-    this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, 'egress', maxConnections)
+    this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, 'proxy', maxConnections, this.tracing, options.bare === true)
+    this.egress = config.listen.egress === null ? null : createProxyServer(this.dataPlane, config.listen.egress, 'egress', maxConnections, this.tracing)
     this.ops = createOpsServer(this.health, this.registry)
     const dp = this.dataPlane
     const flags = this.flags
@@ -171,7 +177,7 @@ export class Sidecar {
       incidents: () => this.verifier.incidents,
       triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads, tracing: config.tracing === null ? null : this.traceStats })
   }
 
   async listen (): Promise<Addresses> {
@@ -185,6 +191,12 @@ export class Sidecar {
     // before the kill switches that are in force are known.
     await this.flags.start(this.config)
     await this.control.start()
+    if (this.config.tracing !== null) {
+      // STYLE 18: only a sidecar configured to export spans loads OpenTelemetry.
+      const { SpanQueue } = await import('./ops/tracing.js')
+      this.spanQueue = new SpanQueue(this.config.tracing, this.config.version, this.traceStats, this.logger)
+      this.tracing.exporter = this.spanQueue
+    }
     try {
       this.adminToken = await resolveAdminToken(this.options.adminToken, this.config.admin.tokenFile, this.config.stateDir)
     } catch (err) {
@@ -291,9 +303,12 @@ export class Sidecar {
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
       this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
     }
+    if (JSON.stringify(prev.tracing) !== JSON.stringify(next.tracing)) {
+      this.logger.warn({ event: 'config_reload' }, 'tracing changes take effect at the next restart')
+    }
     const upstreams = this.dataPlane.apply(next)
     this.logger.level = next.logging.level
-    this.config = { ...next, listen: prev.listen }
+    this.config = { ...next, listen: prev.listen, tracing: prev.tracing }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
@@ -376,6 +391,8 @@ export class Sidecar {
       this.egress.server.closeAllConnections()
     }
     await this.dataPlane.destroy()
+    // Every request has ended: their spans go out now, within a bound (a dead collector never holds the exit).
+    if (this.spanQueue !== null) await this.spanQueue.close(hurried ? 0 : SPAN_FLUSH_MS)
     await this.flags.close()
     await this.control.stop()
     await this.stateLock?.release()
@@ -407,6 +424,9 @@ export async function startSidecar (config: Config, options: SidecarOptions = {}
   }
   return sidecar
 }
+
+/** The longest a shutdown waits for the last spans to reach the collector. */
+const SPAN_FLUSH_MS = 2000
 
 async function listenOn (server: Server, host: string, port: number): Promise<string> {
   await new Promise<void>((resolve, reject) => {

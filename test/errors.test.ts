@@ -140,7 +140,7 @@ t.test('a client that goes away aborts its upstream request', async (t) => {
     t.ok(await eventually(() => up.received.length === 1, 5000), 'the upstream got the request')
     client.destroy()
     t.ok(await eventually(() => up.aborted === 1 && upstreamClosed === 1, 10_000), 'the upstream saw its request aborted')
-    t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.path === '/wait' && l.status === 499), 2000), 'logged as 499 (client closed request)')
+    t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l['url.path'] === '/wait' && l['http.response.status_code'] === 499), 2000), 'logged as 499 (client closed request)')
   })
 
   t.test('while the response body streams', async (t) => {

@@ -157,5 +157,5 @@ t.test('no fault configured: none injected, none counted', async (t) => {
   t.equal(received(app, '/anything'), 300)
   const samples = await scrape(s.ops)
   t.equal(sumOf(samples, 'breakwater_faults_injected_total'), 0)
-  t.notOk(s.logs.some((l) => l.msg === 'request' && (l.fault !== undefined || l.error === 'fault_injected')))
+  t.notOk(s.logs.some((l) => l.msg === 'request' && (l.fault !== undefined || l['error.type'] === 'fault_injected')))
 })

@@ -72,7 +72,7 @@ t.test('keeps an incoming x-request-id and creates one when missing', async (t) 
   const made2 = (await send(proxy, '/c')).json<{ headers: Record<string, string> }>().headers['x-request-id']
   t.match(made1, /^[0-9a-f]{12}-[0-9a-z]+$/)
   t.not(made1, made2, 'ids are unique')
-  const line = logs.find((l) => l.msg === 'request' && l.path === '/a')
+  const line = logs.find((l) => l.msg === 'request' && l['url.path'] === '/a')
   t.equal(line?.requestId, 'abc-123', 'access log carries the request id')
 })
 

@@ -62,7 +62,7 @@ t.test('impatient clients of a hanging upstream: their aborts are not successes,
   t.equal(refused.headers['x-breakwater-error'], 'circuit_open')
   const lines = accessLines(s)
   t.equal(lines.filter((l) => l.outcome === 'client').length, 12, 'the aborts are logged with outcome client')
-  t.ok(lines.filter((l) => l.outcome === 'client').every((l) => l.status === 499), '... and status 499')
+  t.ok(lines.filter((l) => l.outcome === 'client').every((l) => l['http.response.status_code'] === 499), '... and status 499')
   t.equal(lines.filter((l) => l.outcome === 'upstream').length, 4, 'the timeouts with outcome upstream')
 })
 
@@ -164,7 +164,7 @@ t.test('a request undici refuses because of the request itself: 400 bad_request,
   const samples = await scrape(s.ops)
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '400', source: 'breakwater' }), 25, 'counted as our 400s (refused at the head, before a route)')
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '502' }), 0, 'never a 502')
-  t.ok(accessLines(s).every((l) => l.outcome === 'client' && l.error === 'bad_request'), 'logged as the client\'s doing')
+  t.ok(accessLines(s).every((l) => l.outcome === 'client' && l['error.type'] === 'bad_request'), 'logged as the client\'s doing')
   t.equal((await send(s.proxy, '/fine')).status, 200, 'a good request goes through')
 })
 
@@ -240,8 +240,8 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.equal(sumOf(samples, 'breakwater_rejections_total', { route: 'chat', reason: 'kill_switch' }), 1, 'as a kill-switch rejection')
     const line = accessLines(s).find((l) => l.requestId === 'ws-killed')
     t.ok(line, 'one access-log line')
-    t.equal(line?.status, 503)
-    t.equal(line?.error, 'feature_disabled')
+    t.equal(line?.['http.response.status_code'], 503)
+    t.equal(line?.['error.type'], 'feature_disabled')
     t.equal(line?.outcome, 'breakwater')
     t.equal(line?.route, 'chat')
     t.equal(line?.upgrade, 'websocket')

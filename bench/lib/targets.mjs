@@ -14,6 +14,8 @@ export const ALL_TARGETS = [
   'breakwater-log',
   'breakwater-bare',
   'breakwater-stages',
+  'breakwater-trace1',
+  'breakwater-trace100',
   'fastify-http-proxy',
   'nginx',
   'haproxy'
@@ -105,7 +107,7 @@ export function haproxyConf (port, upstreamPort) {
 }
 
 /** The Breakwater config the harness generates (format fixed by the project). */
-export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false }) {
+export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null }) {
   return [
     'service: bench',
     'version: bench',
@@ -133,6 +135,9 @@ export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstr
         ]
       : []),
     `logging: { level: info, accessLog: ${accessLog ? 'true' : 'false'} }`,
+    // breakwater-trace1/-trace100: spans sampled at 1 % / 100 %, exported over OTLP/HTTP to the
+    // upstream, which answers every path 200 (a collector that accepts everything, on CPU 0).
+    ...(sampleRatio === null ? [] : [`tracing: { otlpEndpoint: http://127.0.0.1:${upstreamPort}, sampleRatio: ${sampleRatio} }`]),
     ''
   ].join('\n')
 }
@@ -210,7 +215,8 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       adminPort,
       upstreamPort: upstream.port,
       accessLog: name === 'breakwater-log',
-      stages: name === 'breakwater-stages'
+      stages: name === 'breakwater-stages',
+      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name === 'breakwater-trace100' ? 1 : null
     }))
     const env = envWithout('BREAKWATER_BENCH_BARE')
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'

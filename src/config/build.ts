@@ -15,7 +15,7 @@ import { toMs as parseMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
-import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
 
 /** Problems (the config is refused) and warnings (it is used) found while building. */
 export interface Findings {
@@ -62,6 +62,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     featureFlags: input.featureFlags,
     flagSource,
     flagProvider,
+    tracing: buildTracing(input.tracing, input.service, found),
     flags: { targetingKeyHeader: input.flags.targetingKeyHeader.toLowerCase() },
     circuitBreakers,
     rollbackTriggers: buildTriggers(input.rollbackTriggers, { routes, upstreamNames, defined, where, rollback: input.rollback !== undefined }, found),
@@ -240,6 +241,25 @@ function peekFlagFile (path: string, problems: string[], warnings: string[]): Se
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
   return new Set([...read.flags.values.keys(), ...read.flags.disabled, ...read.flags.targeted])
+}
+
+function buildTracing (t: Section<'tracing'>, service: string, found: Findings): TracingConfig | null {
+  if (t === undefined) return null
+  const maxSize = t.batch?.maxSize ?? Math.min(512, t.maxQueueSize)
+  if (maxSize > t.maxQueueSize) found.problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${t.maxQueueSize})`)
+  const timeoutMs = toMs(t.batch?.timeoutMs ?? 10_000)
+  if (timeoutMs === 0) found.problems.push('tracing.batch.timeoutMs: must be more than 0')
+  // OTLP/HTTP: an endpoint without a path gets the traces signal's path (OTEL_EXPORTER_OTLP_ENDPOINT's rule).
+  const url = new URL(t.otlpEndpoint)
+  const otlpEndpoint = url.pathname === '/' && url.search === '' ? `${url.origin}/v1/traces` : t.otlpEndpoint
+  return {
+    otlpEndpoint,
+    sampleRatio: t.sampleRatio,
+    serviceName: t.serviceName ?? service,
+    headers: t.headers,
+    maxQueueSize: t.maxQueueSize,
+    batch: { maxSize, delayMs: toMs(t.batch?.delayMs ?? 1000), timeoutMs }
+  }
 }
 
 /**

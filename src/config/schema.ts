@@ -198,6 +198,18 @@ export const ConfigSchema = closed(
       path: Type.String({ minLength: 1 }),
       pollIntervalMs: withDefault(Duration, 250)
     })),
+    tracing: Type.Optional(closed({
+      otlpEndpoint: Type.String({ pattern: '^https?://[^\\s/?#]+[^\\s]*$', description: 'the collector\'s OTLP/HTTP URL: an origin (http://otel-collector:4318, /v1/traces is added) or the full traces URL' }),
+      sampleRatio: Type.Number({ minimum: 0, maximum: 1, description: 'share of new traces sampled; a request that carries a traceparent follows its sampled flag' }),
+      serviceName: Type.Optional(Type.String({ minLength: 1, description: 'service.name of the spans (default: service)' })),
+      headers: withDefault(Type.Record(Type.String({ pattern: HeaderName }), Type.String(), { description: 'headers sent with every export (a collector\'s API key)' }), {}),
+      maxQueueSize: withDefault(Type.Integer({ minimum: 1, maximum: 1000000, description: 'spans held for export; beyond it spans are dropped and counted' }), 2048),
+      batch: Type.Optional(closed({
+        maxSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000, description: 'spans per export request (default: 512, at most maxQueueSize)' })),
+        delayMs: withDefault(Duration, 1000),
+        timeoutMs: withDefault(Duration, 10_000)
+      }))
+    })),
     flagProvider: Type.Optional(closed({
       module: Type.String({ minLength: 1, description: 'a package name, or a path to an ES module (relative to the config file)' }),
       export: withDefault(Type.String({ minLength: 1, description: 'the provider class to construct' }), 'default'),

@@ -189,6 +189,17 @@ export interface VerificationConfig {
   maxErrorRate: number
 }
 
+/** `tracing`: OpenTelemetry spans exported over OTLP/HTTP (SPEC §18). */
+export interface TracingConfig {
+  /** The full URL spans are POSTed to (…/v1/traces). */
+  otlpEndpoint: string
+  sampleRatio: number
+  serviceName: string
+  headers: Readonly<Record<string, string>>
+  maxQueueSize: number
+  batch: { maxSize: number, delayMs: number, timeoutMs: number }
+}
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
 export interface Config {
@@ -221,4 +232,6 @@ export interface Config {
   shutdown: { drainDelayMs: number, timeoutMs: number }
   logging: { level: LogLevel, accessLogRate: number }
   limits: { maxInFlight: number, maxConnections: number, maxEventLoopDelayMs: number }
+  /** Null when not configured: nothing of OpenTelemetry is loaded. */
+  tracing: TracingConfig | null
 }

@@ -8,6 +8,7 @@ import { collectDefaultMetrics, Gauge, type Registry } from 'prom-client'
 import type { DataPlane } from '../proxy/dataplane.js'
 import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
+import type { TraceStats } from './tracing.js'
 import { STATE_VALUE } from '../proxy/circuit-breaker.js'
 
 type Labels = Record<string, string | number>
@@ -83,6 +84,8 @@ export interface MetricSources {
   restoreBuckets: readonly number[]
   log: LogStats
   reloads: { ok: number, failed: number }
+  /** Null when tracing is not configured (its metrics are then absent). */
+  tracing: TraceStats | null
 }
 
 export function registerMetrics (registry: Registry, sources: MetricSources): void {
@@ -215,6 +218,15 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   scraped(registry, 'breakwater_in_flight_requests', 'Requests being proxied now.', 'gauge', () => [{ labels: {}, value: dp.stats.inFlight }])
 
   scraped(registry, 'breakwater_log_lines_dropped_total', 'Log lines dropped because stdout could not keep up.', 'counter', () => [{ labels: {}, value: sources.log.dropped }])
+
+  const tracing = sources.tracing
+  if (tracing !== null) {
+    scraped(registry, 'breakwater_trace_spans_dropped_total', 'Spans not exported, by reason: the export queue was full (collector slow or down), or the collector did not take their batch.', 'counter', () => [
+      { labels: { reason: 'queue_full' }, value: tracing.dropped.queue_full },
+      { labels: { reason: 'export_failed' }, value: tracing.dropped.export_failed }
+    ])
+    scraped(registry, 'breakwater_trace_spans_exported_total', 'Spans the collector accepted.', 'counter', () => [{ labels: {}, value: tracing.exported }])
+  }
 
   scraped(registry, 'breakwater_config_reloads_total', 'Config reloads, by result.', 'counter', () => [
     { labels: { result: 'ok' }, value: sources.reloads.ok },

@@ -32,12 +32,14 @@
  * and accounting (the breaker has counted the head already: one result per request).
  */
 import type { IncomingMessage } from 'node:http'
+import type { Socket } from 'node:net'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import type { Pass } from './circuit-breaker.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
+import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
@@ -57,6 +59,8 @@ for (const s of [500, 502, 503, 504]) DEFAULT_FAILURE_STATUSES[s] = 1
 export abstract class RequestContext {
   readonly dp: DataPlane
   readonly req: IncomingMessage
+  /** The client's connection (`req.socket` is let go once a request is consumed; the log and span read it at the end). */
+  readonly clientSocket: Socket
   /** `performance.now()` at admission. */
   readonly startedAt: number
   /** The request target as received; the normalised path (with its query) once normalised. */
@@ -83,6 +87,12 @@ export abstract class RequestContext {
   headMs = -1
   /** Counted in flight to the upstream (the bulkhead's count) since `begin`. */
   started = false
+  /** W3C trace context (trace.ts): lower-case hex, '' when none. With tracing off, `spanId` is the caller's. */
+  traceId = ''
+  spanId = ''
+  parentSpanId = ''
+  /** Where this request's span goes when it ends; null unless tracing is on and it is sampled. */
+  spanExport: SpanExport | null = null
   /** A WebSocket handshake (a `Tunnel`), for the access log. */
   readonly upgrade: boolean
   private madeId = ''
@@ -91,6 +101,7 @@ export abstract class RequestContext {
   constructor (dp: DataPlane, req: IncomingMessage, upgrade: boolean) {
     this.dp = dp
     this.req = req
+    this.clientSocket = req.socket
     this.upgrade = upgrade
     this.startedAt = performance.now()
     this.path = req.url as string
@@ -201,28 +212,47 @@ export abstract class RequestContext {
         break
       // client: neither a request nor an error for the triggers
     }
+    if (this.spanExport !== null) this.spanExport.add(this)
     const rate = dp.accessLogRate
-    if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
-      dp.logger.info({
-        requestId: this.requestId,
-        method: this.req.method,
-        path: pathOnly(this.path),
-        route: route?.name,
-        upstream: route?.upstream.name,
-        endpoint: this.endpoint?.origin,
-        status: this.status,
-        outcome: this.cause,
-        durationMs: Math.round(seconds * 1e6) / 1e3,
-        attempts: this.attempt === 0 ? undefined : this.attempt,
-        error: this.errorCode ?? undefined,
-        fault: this.fault ?? undefined,
-        upgrade: this.upgrade ? 'websocket' : undefined
-      }, 'request')
+    if (rate > 0 && (rate >= 1 || Math.random() < rate)) this.accessLog(seconds)
+  }
+
+  /**
+   * The access-log line: OpenTelemetry's HTTP attribute names for what HTTP says, Breakwater's
+   * own names for what the proxy decided (README "Access log"). 5xx lines are warnings.
+   */
+  private accessLog (seconds: number): void {
+    const route = this.route
+    const method = requestMethod(this.req.method as string)
+    const line = {
+      requestId: this.requestId,
+      trace_id: this.traceId === '' ? undefined : this.traceId,
+      span_id: this.spanId === '' ? undefined : this.spanId,
+      'http.request.method': method,
+      'http.request.method_original': method === '_OTHER' ? this.req.method : undefined,
+      'url.path': pathOnly(this.path),
+      'http.response.status_code': this.status,
+      'http.route': httpRoute(route) ?? undefined,
+      'server.address': hostAddress(requestHost(this)),
+      'client.address': clientAddress(this),
+      'user_agent.original': userAgent(this.req.rawHeaders),
+      'error.type': errorType(this),
+      route: route?.name,
+      upstream: route?.upstream.name,
+      endpoint: this.endpoint?.origin,
+      outcome: this.cause,
+      durationMs: Math.round(seconds * 1e6) / 1e3,
+      attempts: this.attempt === 0 ? undefined : this.attempt,
+      fault: this.fault ?? undefined,
+      upgrade: this.upgrade ? 'websocket' : undefined
     }
+    if (isServerError(this)) this.dp.logger.warn(line, 'request')
+    else this.dp.logger.info(line, 'request')
   }
 }
 
-function pathOnly (path: string): string {
+/** `url.path`: the path without its query. */
+export function pathOnly (path: string): string {
   const q = path.indexOf('?')
   return q === -1 ? path : path.slice(0, q)
 }

@@ -2,7 +2,8 @@
  * Header policy, both directions. RFC 9110 §7.6.1: hop-by-hop headers (Connection, the headers
  * it names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) describe one
  * connection and are never forwarded. Requests gain x-forwarded-for/-proto/-host and keep or
- * get an x-request-id; trace headers (traceparent, tracestate, b3) pass untouched.
+ * get an x-request-id; trace headers (tracestate, b3) pass untouched, and so does one traceparent
+ * unless tracing is on (trace.ts: the upstream gets ours).
  *
  * Headers stay flat arrays (`[name, value, name, value]`) end to end: Node gives us
  * `req.rawHeaders`, undici takes and returns flat arrays, and `res.writeHead` accepts one.
@@ -24,6 +25,10 @@ export interface RequestHead {
    * answers 400 and closes the connection before any upstream contact (SPEC §15).
    */
   invalid: string | null
+  /** The client's `traceparent` ('' when absent or sent more than once: W3C Trace Context §3.2 makes that invalid). */
+  traceparent: string
+  /** Where its value sits in `headers` (one copy forwarded; the trace stage may replace it), or -1. */
+  traceparentAt: number
 }
 
 /** Hop-by-hop names, lower case (RFC 9110 §7.6.1 plus the legacy Keep-Alive and Proxy-Connection). */
@@ -80,6 +85,8 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   let contentLength: string | null = null
   let chunked = false
   let invalid: string | null = null
+  let traceparent = ''
+  let traceparentAt = -1
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i] as string
     const value = raw[i + 1] as string
@@ -116,6 +123,15 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
         // Node answered `100 Continue` when it read the head (the body will follow), so the
         // expectation is met here, as Envoy does by default; undici cannot send it on anyway.
         continue
+      case 'traceparent':
+        if (traceparentAt === -1) {
+          traceparent = value
+          traceparentAt = headers.length + 1
+          headers.push(name, value)
+        } else {
+          traceparent = ''
+        }
+        continue
     }
     if (isHopByHop(lower) || (listed !== null && listed.has(lower))) continue
     headers.push(name, value)
@@ -130,7 +146,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   )
   if (host !== '') headers.push('x-forwarded-host', host)
   const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
-  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid }
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, traceparent, traceparentAt }
 }
 
 /**

@@ -2,9 +2,10 @@
  * Life of a request — the data plane's stages in call order. A reader starts here.
  *
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
- *   normalise     the path and head, once; an invalid encoding, more header
- *                 fields than the listener allows, or framing that cannot be
- *                 forwarded as sent (two Host, CL conflicts)  → 400 bad_request / 431
+ *   normalise     the path and head, once
+ *   trace         W3C traceparent continued or started, our span id for the upstream (trace.ts)
+ *   refuse what cannot be forwarded as sent: an invalid encoding, more header fields than
+ *                 the listener allows, framing (two Host, CL conflicts)  → 400 / 431
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
@@ -14,7 +15,7 @@
  *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
  *                 (a request undici will not send as it is                  → 400 bad_request)
  *   accounting    one cause per request: ok, upstream, client, breakwater (context.ts) →
- *                 breaker, passive ejection, route stats, trigger window, access-log line
+ *                 breaker, passive ejection, route stats, trigger window, span, access-log line
  *
  * A WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`) runs the same stages —
  * one path, not a copy: its context is a `Tunnel` (upgrade.ts), which forwards the handshake
@@ -31,6 +32,7 @@ import type { Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { normalisePath } from './path.js'
 import { requestHead } from './headers.js'
+import { beginTrace, incomingTraceparent, type Tracing } from './trace.js'
 import { Exchange } from './forward.js'
 import { Tunnel } from './upgrade.js'
 import { killSwitchAllows } from './kill-switch.js'
@@ -48,6 +50,8 @@ export interface PipelineOptions {
    * than the limit, so a request past it is seen and refused whole (431, nothing forwarded).
    */
   maxHeaderFields: number
+  /** The sidecar's tracing (its exporter is null when tracing is off). */
+  tracing: Tracing
 }
 
 /** The `request` listener of a proxy server. */
@@ -71,14 +75,15 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
   const proto = options.proto
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
     const exchange = new Exchange(dp, req, res)
-    exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    const head = exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+    beginTrace(exchange, options.tracing, head.traceparent, head.headers, head.traceparentAt)
     exchange.route = dp.runtime.routes.routes[0] as Route
     exchange.start()
   }
 }
 
 /** Admission to the fault stage. */
-function run (ctx: RequestContext, { proto, listener, maxHeaderFields }: PipelineOptions): void {
+function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }: PipelineOptions): void {
   const dp = ctx.dp
   const req = ctx.req
 
@@ -86,6 +91,7 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields }: Pipelin
   if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
     if (dp.overload.shedding) dp.stats.overloaded.event_loop_delay++
     else dp.stats.overloaded.max_in_flight++
+    beginTrace(ctx, tracing, incomingTraceparent(ctx), null, -1) // its span and log line, no upstream to tell
     ctx.refuse('overloaded')
     return
   }
@@ -93,6 +99,10 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields }: Pipelin
   // normalise
   const path = normalisePath(ctx.path)
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
+
+  // trace
+  beginTrace(ctx, tracing, head.traceparent, head.headers, head.traceparentAt)
+
   if (req.rawHeaders.length > maxHeaderFields) {
     refuseUnforwardable(ctx, 'headers_too_large', `more than ${maxHeaderFields / 2} header fields`)
     return

@@ -9,6 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
+import type { Tracing } from './trace.js'
 import { createPipeline, createBarePipeline, handleUpgrade, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
 
@@ -19,7 +20,7 @@ export interface ProxyServer {
 }
 
 /** `role`: which routes this listener reaches (`routes[].listener`). */
-export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, bare = false): ProxyServer {
+export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, tracing: Tracing, bare = false): ProxyServer {
   const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
   const server = http.createServer({
     maxHeaderSize: listener.maxHeaderSize,
@@ -39,7 +40,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   // 2000, forwarded 2,100 headers truncated, Authorization gone). One more than the limit is
   // enough to see it was exceeded, and that request is refused whole: 431, nothing forwarded.
   server.maxHeadersCount = listener.maxHeadersCount + 1
-  const options: PipelineOptions = { proto: 'http', listener: role, maxHeaderFields: listener.maxHeadersCount * 2 }
+  const options: PipelineOptions = { proto: 'http', listener: role, maxHeaderFields: listener.maxHeadersCount * 2, tracing }
   const pipeline = (bare ? createBarePipeline : createPipeline)(dp, options)
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 

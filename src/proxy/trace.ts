@@ -1,0 +1,178 @@
+/**
+ * W3C Trace Context for one request (SPEC §18), the per-request half of tracing; the export half
+ * (ops/tracing.ts) loads only when `tracing` is configured.
+ *
+ * With tracing on, every request gets a span id of ours. A valid incoming `traceparent` is
+ * continued (its trace id, its parent id as our parent, its sampled flag: parent-based
+ * sampling); an absent or invalid one starts a new trace, sampled at `sampleRatio`. The
+ * upstream receives a `traceparent` naming our span as its parent, so its own span parents on
+ * the sidecar's server span; `tracestate` passes untouched. Only a sampled request has a span
+ * recorded, when it ends (context.ts `end`); an unsampled one costs two ids and a header.
+ *
+ * With tracing off, the sidecar is not a hop of the trace: `traceparent` passes untouched and
+ * the access log carries the incoming trace id and parent id, when there is one.
+ */
+import { randomFillSync } from 'node:crypto'
+import type { RequestContext } from './context.js'
+import type { Route } from './route-table.js'
+
+/** What the data plane needs of the export half. */
+export interface SpanExport {
+  /** Share of new traces sampled (a continued trace follows its sampled flag). */
+  readonly sampleRatio: number
+  /** Queue the server span of a sampled request that has just ended; never blocks, never throws. */
+  add (ctx: RequestContext): void
+}
+
+/** The sidecar's tracing, filled in once the exporter has loaded; `exporter` null = tracing off. */
+export interface Tracing {
+  exporter: SpanExport | null
+}
+
+/**
+ * W3C Trace Context §3.2: version-traceid-parentid-flags, lower-case hex. Version ff is invalid;
+ * a later version may append fields after a dash, version 00 may not.
+ */
+const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-|$)/
+const ZERO_TRACE = '00000000000000000000000000000000'
+const ZERO_SPAN = '0000000000000000'
+
+/** The parts of a valid `traceparent`, or null (absent, malformed, all-zero ids, version ff). */
+function parseTraceparent (value: string): RegExpExecArray | null {
+  const m = TRACEPARENT.exec(value)
+  if (m === null) return null
+  const version = m[1] as string
+  if (version === 'ff' || (version === '00' && value.length !== 55)) return null
+  if (m[2] === ZERO_TRACE || m[3] === ZERO_SPAN) return null
+  return m
+}
+
+/** Random bytes for ids, drawn in blocks: one system call per 256 spans, not one per id. */
+const pool = Buffer.allocUnsafe(4096)
+let poolAt = pool.length
+
+function randomHex (bytes: number): string {
+  if (poolAt + bytes > pool.length) {
+    randomFillSync(pool)
+    poolAt = 0
+  }
+  const hex = pool.toString('hex', poolAt, poolAt + bytes)
+  poolAt += bytes
+  return hex
+}
+
+/** A non-zero id of `bytes` random bytes (W3C: an all-zero id is invalid). */
+function newId (bytes: number): string {
+  const zero = bytes === 16 ? ZERO_TRACE : ZERO_SPAN
+  let id = randomHex(bytes)
+  while (id === zero) id = randomHex(bytes)
+  return id
+}
+
+/**
+ * The trace stage: read the incoming `traceparent` (`incoming`, '' when none) and, with tracing
+ * on, take our place in the trace and tell the upstream (`headers[at]`, the incoming header's
+ * value, or a new header when `at` is -1).
+ */
+export function beginTrace (ctx: RequestContext, tracing: Tracing, incoming: string, headers: string[] | null, at: number): void {
+  const parent = incoming === '' ? null : parseTraceparent(incoming)
+  const exporter = tracing.exporter
+  if (exporter === null) {
+    // Not a hop of the trace: the log names the caller's span, the one the upstream will parent on.
+    if (parent !== null) {
+      ctx.traceId = parent[2] as string
+      ctx.spanId = parent[3] as string
+    }
+    return
+  }
+  let sampled: boolean
+  if (parent !== null) {
+    ctx.traceId = parent[2] as string
+    ctx.parentSpanId = parent[3] as string
+    sampled = (parseInt(parent[4] as string, 16) & 1) === 1
+  } else {
+    ctx.traceId = newId(16)
+    sampled = exporter.sampleRatio >= 1 || (exporter.sampleRatio > 0 && Math.random() < exporter.sampleRatio)
+  }
+  ctx.spanId = newId(8)
+  if (sampled) ctx.spanExport = exporter
+  if (headers === null) return
+  const traceparent = `00-${ctx.traceId}-${ctx.spanId}-${sampled ? '01' : '00'}`
+  if (at >= 0) headers[at] = traceparent
+  else headers.push('traceparent', traceparent)
+}
+
+/** `traceparent` of a request refused before its head was read (admission): from Node's parsed headers. */
+export function incomingTraceparent (ctx: RequestContext): string {
+  const value = ctx.req.headers.traceparent
+  return typeof value === 'string' ? value : ''
+}
+
+// ---- OpenTelemetry HTTP semantic conventions, shared by the span and the access-log line ----
+
+/** `http.route`: the route's path, or its prefix as a template (`/api/*`); null when it matches on neither. */
+export function httpRoute (route: Route | null): string | null {
+  if (route === null) return null
+  const { path, pathPrefix } = route.config.match
+  return path ?? (pathPrefix === null ? null : `${pathPrefix}*`)
+}
+
+/** `error.type`: our code when we produced or cut the response, else an upstream's 5xx as a string. */
+export function errorType (ctx: RequestContext): string | undefined {
+  if (ctx.errorCode !== null) return ctx.errorCode
+  return ctx.status >= 500 ? String(ctx.status) : undefined
+}
+
+/** OpenTelemetry's server span rule: 5xx (and a response cut short) is an error; 4xx is the client's. */
+export function isServerError (ctx: RequestContext): boolean {
+  return ctx.status >= 500 || ctx.errorCode === 'upstream_reset'
+}
+
+/** `server.address`: the Host header without its port (`[::1]:80` → `::1`); undefined without one. */
+export function hostAddress (host: string): string | undefined {
+  if (host === '') return undefined
+  if (host.startsWith('[')) {
+    const end = host.indexOf(']')
+    return end === -1 ? host : host.slice(1, end)
+  }
+  const colon = host.indexOf(':')
+  return colon === -1 ? host : host.slice(0, colon)
+}
+
+/** `server.port`: the Host header's port, or the scheme's default. */
+export function hostPort (host: string, scheme: string): number {
+  const colon = host.lastIndexOf(':')
+  if (colon !== -1 && colon > host.lastIndexOf(']')) {
+    const port = Number(host.slice(colon + 1))
+    if (Number.isInteger(port) && port > 0) return port
+  }
+  return scheme === 'https' ? 443 : 80
+}
+
+/** The request's Host (from its head, or Node's parsed headers when refused before it). */
+export function requestHost (ctx: RequestContext): string {
+  return ctx.head?.host ?? ctx.req.headers.host ?? ''
+}
+
+/** `client.address`: the peer, without the IPv4-mapped prefix. */
+export function clientAddress (ctx: RequestContext): string | undefined {
+  const peer = ctx.clientSocket.remoteAddress
+  return peer?.startsWith('::ffff:') === true ? peer.slice(7) : peer
+}
+
+/** `user_agent.original`, read from the raw headers (no parsed-header object built). */
+export function userAgent (raw: readonly string[]): string | undefined {
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as string
+    if (name.length === 10 && name.toLowerCase() === 'user-agent') return raw[i + 1]
+  }
+  return undefined
+}
+
+/** Methods OpenTelemetry knows; any other is reported as `_OTHER` (HTTP semantic conventions). */
+const KNOWN_METHODS = new Set(['CONNECT', 'DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH', 'POST', 'PUT', 'QUERY', 'TRACE'])
+
+/** `http.request.method`. */
+export function requestMethod (method: string): string {
+  return KNOWN_METHODS.has(method) ? method : '_OTHER'
+}
