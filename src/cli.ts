@@ -7,8 +7,6 @@ import { parseArgs } from 'node:util'
 import { readFileSync, existsSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { dirname, join } from 'node:path'
-import { ConfigError } from './config/load.js'
-import { loadCheckedConfig } from './flags/check.js'
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')
 
@@ -128,6 +126,9 @@ async function main (argv: string[]): Promise<number> {
 }
 
 async function validate (path: string, json: boolean): Promise<number> {
+  // Loaded here, not at the top: an operator command never needs the config compiler.
+  const { ConfigError } = await import('./config/load.js')
+  const { loadCheckedConfig } = await import('./flags/check.js')
   try {
     const { config, warnings } = await loadCheckedConfig(path)
     if (json) {

@@ -7,7 +7,6 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { request } from 'undici'
-import { loadConfigFile } from '../config/load.js'
 import type { Config } from '../config/types.js'
 
 export interface Target {
@@ -36,6 +35,9 @@ export async function resolveTargets (o: TargetOptions): Promise<{ targets: Targ
   let config: Config | null = null
   if (o.configPath !== null) {
     try {
+      // Loaded only when a config file names the admin address or token: the compiler of the
+      // config (YAML, the schema) is most of an operator command's start-up.
+      const { loadConfigFile } = await import('../config/load.js')
       config = (await loadConfigFile(o.configPath, o.env)).config
     } catch {
       notes.push(`could not read ${o.configPath}; using defaults`)
