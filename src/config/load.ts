@@ -15,6 +15,7 @@ import { toMs as parseMs } from './duration.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
+import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies } from './rungs.js'
 
 /** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
 /**
@@ -163,12 +164,16 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
         baseMs: toMs(ej.baseMs ?? 1000),
         maxMs: toMs(ej.maxMs ?? 60_000),
         panicThresholdPercent: ej.panicThresholdPercent ?? 50
-      }
+      },
+      failover: u.failover ?? null,
+      failbackAfterMs: toMs(u.failbackAfter ?? 30_000)
     }
     if (hc !== undefined && toMs(hc.timeoutMs ?? 2000) > toMs(hc.intervalMs ?? 5000)) {
       problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
     }
   }
+
+  checkFailover(input.upstreams, problems)
 
   const routes: RouteConfig[] = []
   const taken = new Set<string>()
@@ -220,7 +225,9 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
             delayPercent: r.fault.delayPercent ?? 0,
             delayMs: toMs(r.fault.delayMs ?? 0),
             flag: r.fault.flag ?? null
-          }
+          },
+      rateLimit: rateLimitConfig(r.rateLimit),
+      fallback: fallbackConfig(r.fallback, r.match.methods, at, baseDir, problems)
     })
     if (r.fault?.flag !== undefined && (input.featureFlags ?? {})[r.fault.flag] === undefined && input.flagSource === undefined) {
       problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
@@ -319,13 +326,14 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
 
   const listen = input.listen ?? {}
   const proxy = listen.proxy ?? {}
-  const proxyListener = (l: typeof proxy, port: number) => ({
+  const proxyListener = (l: typeof proxy, port: number, at: string) => ({
     host: l.host ?? '0.0.0.0',
     port: l.port ?? port,
     keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs ?? 75_000),
     requestTimeoutMs: toMs(l.requestTimeoutMs ?? 0),
     headersTimeoutMs: toMs(l.headersTimeoutMs ?? 60_000),
-    maxHeaderSize: l.maxHeaderSize ?? 16_384
+    maxHeaderSize: l.maxHeaderSize ?? 16_384,
+    trustedProxies: trustedProxies(l.trustedProxies, at, problems)
   })
 
   const failOnOpenCircuit = input.health?.failOnOpenCircuit ?? 'critical'
@@ -344,8 +352,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     version: input.version ?? 'dev',
     stateDir: resolvePath(baseDir, input.stateDir ?? './.breakwater'),
     listen: {
-      proxy: proxyListener(proxy, 14001),
-      egress: listen.egress === undefined ? null : proxyListener(listen.egress, 14002),
+      proxy: proxyListener(proxy, 14001, 'listen.proxy'),
+      egress: listen.egress === undefined ? null : proxyListener(listen.egress, 14002, 'listen.egress'),
       ops: { host: listen.ops?.host ?? '0.0.0.0', port: listen.ops?.port ?? 14020 },
       admin: { host: listen.admin?.host ?? '127.0.0.1', port: listen.admin?.port ?? 14000 }
     },
@@ -452,6 +460,8 @@ function describeValue (error: ValueError, s: Record<string, unknown>, at: strin
     case ValueErrorType.NumberMinimum:
     case ValueErrorType.IntegerMinimum:
       return `${at}: must be >= ${String(s.minimum)}`
+    case ValueErrorType.NumberExclusiveMinimum:
+      return `${at}: must be > ${String(s.exclusiveMinimum)} (got ${JSON.stringify(error.value)})`
     case ValueErrorType.Integer:
       return `${at}: must be an integer`
     case ValueErrorType.Number:
@@ -501,7 +511,8 @@ function dedupe (problems: string[]): string[] {
 }
 
 function deepFreeze<T> (value: T): T {
-  if (value !== null && typeof value === 'object' && !Object.isFrozen(value)) {
+  // A Buffer (a static fallback body) cannot be frozen; nothing writes to it.
+  if (value !== null && typeof value === 'object' && !Object.isFrozen(value) && !ArrayBuffer.isView(value)) {
     Object.freeze(value)
     for (const item of Object.values(value as Record<string, unknown>)) deepFreeze(item)
   }

@@ -37,7 +37,8 @@ const ProxyListener = closed({
   keepAliveTimeoutMs: Type.Optional(Duration),
   requestTimeoutMs: Type.Optional(Duration),
   headersTimeoutMs: Type.Optional(Duration),
-  maxHeaderSize: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1048576 }))
+  maxHeaderSize: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1048576 })),
+  trustedProxies: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'addresses or CIDRs of proxies whose x-forwarded-for entries are believed' }))
 })
 
 const PlainListener = closed({
@@ -67,7 +68,9 @@ const Upstream = closed({
     baseMs: Type.Optional(Duration),
     maxMs: Type.Optional(Duration),
     panicThresholdPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 }))
-  }))
+  })),
+  failover: Type.Optional(Name),
+  failbackAfter: Type.Optional(Duration)
 })
 
 const HeaderName = '^[A-Za-z0-9!#$%&\'*+.^_`|~-]+$'
@@ -98,6 +101,27 @@ const CircuitBreaker = closed({
   failureStatuses: Type.Optional(Type.Array(Type.Integer({ minimum: 100, maximum: 599 }), { minItems: 1 }))
 })
 
+const RateLimit = closed({
+  requestsPerSecond: Type.Number({ exclusiveMinimum: 0 }),
+  burst: Type.Optional(Type.Integer({ minimum: 1 })),
+  key: Type.Optional(Type.String({ pattern: '^(route|client|header:[A-Za-z0-9!#$%&\'*+.^_`|~-]+)$', description: 'route, client or header:NAME' })),
+  maxKeys: Type.Optional(Type.Integer({ minimum: 1 }))
+})
+
+const Fallback = closed({
+  staleIfError: Type.Optional(Duration),
+  cache: Type.Optional(closed({
+    maxEntries: Type.Optional(Type.Integer({ minimum: 1 })),
+    maxBytes: Type.Optional(Type.Integer({ minimum: 1024 })),
+    maxEntryBytes: Type.Optional(Type.Integer({ minimum: 1 }))
+  })),
+  status: Type.Optional(Type.Integer({ minimum: 200, maximum: 599 })),
+  body: Type.Optional(Type.String()),
+  file: Type.Optional(Type.String({ minLength: 1 })),
+  contentType: Type.Optional(Type.String({ minLength: 1 })),
+  headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String()))
+})
+
 const Route = closed({
   name: Type.Optional(Name),
   match: Match,
@@ -114,7 +138,9 @@ const Route = closed({
     delayPercent: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
     delayMs: Type.Optional(Duration),
     flag: Type.Optional(FlagKey)
-  }))
+  })),
+  rateLimit: Type.Optional(RateLimit),
+  fallback: Type.Optional(Fallback)
 })
 
 export const ConfigSchema = closed(

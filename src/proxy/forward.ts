@@ -18,6 +18,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Dispatcher } from 'undici'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
+import type { Upstream } from './upstreams.js'
+import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
@@ -51,7 +53,10 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   state = WAITING
   // The forward stage runs only on a request the pipeline has normalised and routed.
   declare route: Route
+  declare upstream: Upstream
   declare head: RequestHead
+  /** The response body being teed into the route's fallback cache (fallback.ts). */
+  private capture: Capture | null = null
   readonly res: Tagged
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
@@ -79,7 +84,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   }
 
   private dispatch (avoid: Endpoint | null): void {
-    const endpoint = this.route.upstream.balancer.pick(avoid)
+    const endpoint = this.upstream.balancer.pick(avoid)
     if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     endpoint.inFlight++
@@ -108,17 +113,18 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
     if (this.state === DONE) return false
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
-      this.route.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
+      this.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
     this.resumeUpstream = resume
     const res = this.res
+    const headers = responseHeaders(rawHeaders, this.dp.draining)
     try {
-      res.writeHead(statusCode, responseHeaders(rawHeaders, this.dp.draining))
+      res.writeHead(statusCode, headers)
     } catch (err) {
       // The upstream sent a header Node refuses to write (invalid characters).
-      this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.route.upstream.name, err: (err as Error).message }, 'upstream response refused')
+      this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.upstream.name, err: (err as Error).message }, 'upstream response refused')
       this.abortUpstream?.()
       this.failUpstream(INVALID_RESPONSE)
       return false
@@ -127,11 +133,14 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.source = 'upstream'
     this.conclude(statusCode, null)
     this.state = STREAMING
+    const cache = this.route.fallback?.cache
+    if (cache != null) this.capture = cache.capture(this.req, cacheKey(this), statusCode, headers)
     return true
   }
 
   onData (chunk: Buffer): boolean {
     if (this.state !== STREAMING) return this.state === DISCARDING
+    if (this.capture !== null) this.capture.add(chunk)
     if (this.res.write(chunk)) return true
     if (!this.drainListening) {
       this.drainListening = true
@@ -146,6 +155,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     if (this.state === DISCARDING) { this.retry(endpoint); return }
     if (this.state === DONE) return
     this.res.end()
+    if (this.capture !== null) this.capture.complete(Date.now())
     this.done()
   }
 
@@ -164,12 +174,12 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     // The client's upload broke off (it left): its doing, not the upstream's.
     if (this.clientGone) { this.clientLeft(); return }
     if (state === WAITING && isConnectFailure(err) && (this.mayRetry() || this.mayRetryReset(err))) {
-      if (endpoint !== null) this.route.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
+      if (endpoint !== null) this.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
       this.retry(endpoint)
       return
     }
     if (this.dp.logger.isLevelEnabled('debug')) {
-      this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
+      this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
     }
     this.failUpstream(err)
   }
@@ -218,10 +228,22 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
     const res = this.res
     if (res.headersSent || res.destroyed) return
-    // A request body we will not read must not stall the connection: close it after answering.
+    sendError(res, code, this.requestId, this.closeAfter(), extra, message, status)
+  }
+
+  protected override degrade (fallback: Fallback): number {
+    const res = this.res
+    if (res.headersSent || res.destroyed) return 0
+    const kind = fallback.serve(this.req, res, cacheKey(this), this.requestId, this.closeAfter(), this.route.stats)
+    if (kind === null) return 0
+    this.fallback = kind
+    return res.statusCode
+  }
+
+  /** A request body we will not read must not stall the connection: close it after answering. */
+  private closeAfter (): boolean {
     const req = this.req
-    const close = this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
-    sendError(res, code, this.requestId, close, extra, message, status)
+    return this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
   }
 
   /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */
@@ -233,4 +255,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   private done (): void {
     this.end()
   }
+}
+
+/** The fallback cache's key for an exchange: its host and normalised path. */
+function cacheKey (ex: Exchange): string {
+  return ex.head.host + '\u0000' + ex.path
 }

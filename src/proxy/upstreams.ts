@@ -7,6 +7,7 @@ import { Pool } from 'undici'
 import type { UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
+import type { Failover } from './failover.js'
 
 export class Upstream {
   readonly name: string
@@ -16,6 +17,8 @@ export class Upstream {
   inFlight = 0
   /** Its circuit breaker, when `circuitBreakers` lists it. */
   circuit: Circuit | null = null
+  /** Where its traffic goes while it is unavailable (SPEC §17); null = nowhere else. */
+  failover: Failover | null = null
 
   constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents) {
     this.name = config.name
