@@ -1,5 +1,5 @@
-import t from 'tap'
-import { startUpstream, type Handler } from './helpers/upstream.js'
+import t, { type Test } from 'tap'
+import { startUpstream, type Handler, type TestUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
@@ -14,6 +14,16 @@ function switchable (name: string, state: { failing: boolean }): Handler {
   }
 }
 
+/** A switchable primary (failing or not) and a healthy `dr`, closed in teardown. */
+async function pair (t: Test, failing: boolean): Promise<{ primary: TestUpstream, dr: TestUpstream, primaryState: { failing: boolean } }> {
+  const primaryState = { failing }
+  const primary = await startUpstream(switchable('primary', primaryState))
+  const dr = await startUpstream(switchable('dr', { failing: false }))
+  t.teardown(primary.close)
+  t.teardown(dr.close)
+  return { primary, dr, primaryState }
+}
+
 function config (primary: string, dr: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
   return {
     upstreams: { primary: { url: primary, failover: 'dr', failbackAfter: '300ms' }, dr: { url: dr } },
@@ -24,11 +34,7 @@ function config (primary: string, dr: string, extra: Record<string, unknown> = {
 }
 
 t.test('failover: engaged by the first request after the circuit opens, failback after failbackAfter, no failed request in between', async (t) => {
-  const primaryState = { failing: true }
-  const primary = await startUpstream(switchable('primary', primaryState))
-  const dr = await startUpstream(switchable('dr', { failing: false }))
-  t.teardown(primary.close)
-  t.teardown(dr.close)
+  const { primary, dr, primaryState } = await pair(t, true)
   const sc = await startTestSidecar(t, config(primary.url, dr.url))
   const circuit = sc.sidecar.dataPlane.circuit('primary')
   t.ok(circuit !== undefined)
@@ -73,11 +79,7 @@ t.test('failover: engaged by the first request after the circuit opens, failback
 })
 
 t.test('failover: an upstream with no usable endpoint (health checks failing) fails over', async (t) => {
-  const primaryState = { failing: true }
-  const primary = await startUpstream(switchable('primary', primaryState))
-  const dr = await startUpstream(switchable('dr', { failing: false }))
-  t.teardown(primary.close)
-  t.teardown(dr.close)
+  const { primary, dr, primaryState } = await pair(t, true)
   const sc = await startTestSidecar(t, {
     upstreams: {
       primary: { url: primary.url, failover: 'dr', failbackAfter: '200ms', healthCheck: { path: '/healthz', intervalMs: 100, timeoutMs: 100, unhealthyThreshold: 1, healthyThreshold: 1 } },
@@ -95,10 +97,7 @@ t.test('failover: an upstream with no usable endpoint (health checks failing) fa
 })
 
 t.test('forceFailover: by hand, to any upstream; the target\'s own breaker applies; survives a reload; lifted', async (t) => {
-  const primary = await startUpstream(switchable('primary', { failing: false }))
-  const dr = await startUpstream(switchable('dr', { failing: false }))
-  t.teardown(primary.close)
-  t.teardown(dr.close)
+  const { primary, dr } = await pair(t, false)
   const input = {
     upstreams: { primary: { url: primary.url }, dr: { url: dr.url } },
     routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }],
