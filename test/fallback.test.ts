@@ -122,6 +122,18 @@ t.test('fallback: what HTTP caching does not allow is never stored; Vary is resp
   isStatic(t, await send(sc.proxy, '/vary'), 'Vary: no accept-language is another variant too')
 })
 
+t.test('fallback: an entry older than staleIfError is not served', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, staleIfError: '1s' } }]
+  })
+  t.equal((await send(sc.proxy, '/item')).status, 200)
+  state.mode = 'reset'
+  t.ok(await eventually(async () => (await send(sc.proxy, '/item')).headers['x-breakwater-fallback'] === 'static', 10_000, 100), 'once too old, the static answer')
+})
+
 t.test('fallback: a static response alone, from body or from a file read at load', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'breakwater-fallback-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))

@@ -75,6 +75,7 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
     const exchange = new Exchange(dp, req, res)
     exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
     exchange.route = dp.runtime.routes.routes[0] as Route
+    exchange.upstream = exchange.route.upstream
     exchange.start()
   }
 }
