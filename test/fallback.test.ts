@@ -228,4 +228,7 @@ t.test('validate: fallback file missing or too large, and incomplete fallbacks',
   has({ body: 'x' }, /^routes\[0\]\.fallback\.body: needs status/)
   has({ status: 503, body: 'x', file: join(dir, 'missing.html') }, /^routes\[0\]\.fallback: use either body or file/)
   has({ status: 503, cache: { maxBytes: 4096 } }, /^routes\[0\]\.fallback\.cache: needs staleIfError/)
+  has({ status: 503, headers: { 'Content-Length': '5' } }, /^routes\[0\]\.fallback\.headers\.Content-Length: set by Breakwater/)
+  has({ status: 503, headers: { 'x-note': 'a\r\nb' } }, /^routes\[0\]\.fallback\.headers\.x-note: not a valid header value/)
+  has({ status: 503, contentType: 'text/html\n' }, /^routes\[0\]\.fallback\.contentType: not a valid header value/)
 })

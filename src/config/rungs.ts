@@ -5,6 +5,7 @@
  */
 import { readFileSync, statSync } from 'node:fs'
 import { BlockList, isIP } from 'node:net'
+import { validateHeaderValue } from 'node:http'
 import { resolve as resolvePath } from 'node:path'
 import type { ConfigInput } from './schema.js'
 import type { FallbackConfig, RateLimitConfig } from './types.js'
@@ -47,6 +48,7 @@ export function fallbackConfig (f: RouteInput['fallback'], method: string[] | un
   if (f.staleIfError !== undefined && method !== undefined && !method.some((m) => m.toUpperCase() === 'GET' || m.toUpperCase() === 'HEAD')) {
     problems.push(`${at}.fallback.staleIfError: the route takes no GET or HEAD, and only their responses are stored`)
   }
+  checkStaticHeaders(f, at, problems)
   const c = f.cache ?? {}
   const maxBytes = c.maxBytes ?? CACHE_DEFAULTS.maxBytes
   const cache = f.staleIfError === undefined
@@ -65,6 +67,27 @@ export function fallbackConfig (f: RouteInput['fallback'], method: string[] | un
           headers: Object.entries(f.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const)
         }
       : null
+  }
+}
+
+/** Framing is ours to set; and every value must be writable, or answering would throw at run time. */
+function checkStaticHeaders (f: NonNullable<RouteInput['fallback']>, at: string, problems: string[]): void {
+  for (const [name, value] of Object.entries(f.headers ?? {})) {
+    const key = `${at}.fallback.headers.${name}`
+    const lower = name.toLowerCase()
+    if (lower === 'content-length' || lower === 'transfer-encoding' || lower === 'connection') problems.push(`${key}: set by Breakwater`)
+    else if (lower === 'content-type') problems.push(`${key}: use fallback.contentType`)
+    else if (!validHeaderValue(name, value)) problems.push(`${key}: not a valid header value`)
+  }
+  if (f.contentType !== undefined && !validHeaderValue('content-type', f.contentType)) problems.push(`${at}.fallback.contentType: not a valid header value`)
+}
+
+function validHeaderValue (name: string, value: string): boolean {
+  try {
+    validateHeaderValue(name, value)
+    return true
+  } catch {
+    return false
   }
 }
 
