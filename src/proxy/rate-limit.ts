@@ -47,7 +47,7 @@ export class RateLimiter {
   private readonly name: string
   private readonly perMs: number
   private readonly header: string | null
-  private readonly trusted: BlockList | null
+  private readonly trusted: TrustedProxies | null
   /** The `route` key's one bucket. */
   private readonly single: Bucket | null
   private readonly buckets = new Map<string, Bucket>()
@@ -59,7 +59,7 @@ export class RateLimiter {
     this.config = config
     this.perMs = config.requestsPerSecond / 1000
     this.header = config.key.startsWith('header:') ? config.key.slice(7) : null
-    this.trusted = trusted
+    this.trusted = trusted === null ? null : new TrustedProxies(trusted)
     this.single = config.key === 'route' ? { tokens: config.burst, at: performance.now() } : null
     this.name = `"${routeName}"`
     this.policy = `${this.name};q=${config.burst};w=${Math.max(1, Math.ceil(config.burst / config.requestsPerSecond))}`
@@ -129,9 +129,9 @@ export class RateLimiter {
  * that reported it (garbage is never a key a client could vary). IPv4-mapped IPv6 addresses
  * are written as IPv4, so one client has one key.
  */
-export function clientAddress (req: IncomingMessage, trusted: BlockList | null): string {
+export function clientAddress (req: IncomingMessage, trusted: TrustedProxies | null): string {
   let hop = canonical(req.socket.remoteAddress ?? '')
-  if (trusted === null || hop === '' || !isTrusted(trusted, hop)) return hop
+  if (trusted === null || hop === '' || !trusted.has(hop)) return hop
   const xff = req.headers['x-forwarded-for']
   if (xff === undefined) return hop
   const list = Array.isArray(xff) ? xff.join(',') : xff
@@ -142,13 +142,30 @@ export function clientAddress (req: IncomingMessage, trusted: BlockList | null):
     end = comma === -1 ? 0 : comma
     if (entry === '') return hop
     hop = entry
-    if (!isTrusted(trusted, entry)) return entry
+    if (!trusted.has(entry)) return entry
   }
   return hop // every hop trusted: the left-most is the client
 }
 
-function isTrusted (trusted: BlockList, address: string): boolean {
-  return trusted.check(address, address.includes(':') ? 'ipv6' : 'ipv4')
+/**
+ * Membership in a listener's trusted proxies, remembered: the same few proxy addresses are
+ * asked about on every request, and a `BlockList` check costs far more than a `Map` lookup.
+ * At most 4,096 answers are kept (then forgotten at once).
+ */
+export class TrustedProxies {
+  private readonly memo = new Map<string, boolean>()
+
+  constructor (private readonly list: BlockList) {}
+
+  has (address: string): boolean {
+    let trusted = this.memo.get(address)
+    if (trusted === undefined) {
+      trusted = this.list.check(address, address.includes(':') ? 'ipv6' : 'ipv4')
+      if (this.memo.size >= 4096) this.memo.clear()
+      this.memo.set(address, trusted)
+    }
+    return trusted
+  }
 }
 
 /** `[::1]:8080` → `::1`, `10.0.0.1:8080` → `10.0.0.1`; an address as it is. */
