@@ -17,10 +17,10 @@ type Mode = 'ok' | 'reset' | 'hang'
  * An upstream whose answers depend on `state.mode` and the path: `/nostore`, `/private`,
  * `/cookie`, `/varystar`, `/vary` (on accept-language) and `/big/N` set what their names say.
  */
-async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number }): Promise<TestUpstream> {
+async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, held?: http.ServerResponse[] }): Promise<TestUpstream> {
   const up = await startUpstream((req, res) => {
     if (state.mode === 'reset') { req.socket.destroy(); return }
-    if (state.mode === 'hang') return
+    if (state.mode === 'hang') { state.held?.push(res); return }
     const url = req.url ?? ''
     const headers: http.OutgoingHttpHeaders = { 'content-type': 'text/plain' }
     let body = `good ${url}`
@@ -58,21 +58,25 @@ function isStatic (t: Test, r: Reply, why: string): void {
 const FALLBACK = { staleIfError: '1m', status: 503, body: 'degraded' }
 
 t.test('fallback: the last good 200 is served with Age in place of each of the five refusals and failures', async (t) => {
-  const state = { mode: 'ok' as Mode }
+  const state = { mode: 'ok' as Mode, held: [] as http.ServerResponse[] }
   const up = await appUpstream(t, state)
   const sc = await startTestSidecar(t, {
     upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', killSwitch: 'feat', timeoutMs: 300, fallback: FALLBACK }],
+    routes: [
+      { match: { pathPrefix: '/quick/' }, upstream: 'app', timeoutMs: 300, fallback: FALLBACK },
+      { match: { pathPrefix: '/' }, upstream: 'app', killSwitch: 'feat', fallback: FALLBACK }
+    ],
     featureFlags: { feat: true },
     circuitBreakers: { app: { maxConcurrentRequests: 1, volumeThreshold: 1000 } }
   })
   const dp = sc.sidecar.dataPlane
   t.equal((await send(sc.proxy, '/item')).body, 'good /item', 'a good answer, stored')
+  t.equal((await send(sc.proxy, '/quick/item')).body, 'good /quick/item', 'and one on the route with a short timeout')
 
   state.mode = 'reset'
   isStale(t, await send(sc.proxy, '/item'), 'good /item', 'upstream_unavailable')
   state.mode = 'hang'
-  isStale(t, await send(sc.proxy, '/item'), 'good /item', 'upstream_timeout')
+  isStale(t, await send(sc.proxy, '/quick/item'), 'good /quick/item', 'upstream_timeout')
   state.mode = 'ok'
   dp.force('app', 'open')
   isStale(t, await send(sc.proxy, '/item'), 'good /item', 'circuit_open')
@@ -81,22 +85,26 @@ t.test('fallback: the last good 200 is served with Age in place of each of the f
   isStale(t, await send(sc.proxy, '/item'), 'good /item', 'feature_disabled')
   await sc.sidecar.flags.override('feat', null)
   state.mode = 'hang'
-  const slow = send(sc.proxy, '/slow') // holds the bulkhead's one slot until it times out
-  t.ok(await eventually(() => up.received.some((r) => r.url === '/slow')), 'one request in flight')
+  state.held.length = 0
+  const slow = send(sc.proxy, '/slow') // holds the bulkhead's one slot until the upstream answers it
+  t.ok(await eventually(() => state.held.length === 1), 'one request in flight')
   isStale(t, await send(sc.proxy, '/item'), 'good /item', 'bulkhead_full')
-  isStatic(t, await slow, 'no stored answer for /slow: the static one')
+  state.held[0]?.end('slow done')
+  t.equal((await slow).body, 'slow done', 'the request that held the slot completes')
 
+  state.mode = 'reset'
   const head = await send(sc.proxy, '/item', { method: 'HEAD' })
   t.equal(head.headers['x-breakwater-fallback'], 'stale', 'HEAD is answered from the stored GET')
   t.equal(head.body, '')
 
   const samples = await scrape(sc.ops)
-  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { route: 'root', kind: 'stale' }), 6)
-  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { route: 'root', kind: 'static' }), 1)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'stale' }), 6)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { route: 'quick', kind: 'stale' }), 1, 'counted by route')
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'static' }), 0)
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 6, 'stale answers are Breakwater\'s status')
   const lines = sc.logs.filter((l) => l.msg === 'request' && l.fallback === 'stale')
   t.same(lines.map((l) => `${String(l.error)}/${String(l.outcome)}`), [
-    'upstream_unavailable/upstream', 'upstream_timeout/upstream', 'circuit_open/breakwater', 'feature_disabled/breakwater', 'bulkhead_full/breakwater', 'upstream_timeout/upstream'
+    'upstream_unavailable/upstream', 'upstream_timeout/upstream', 'circuit_open/breakwater', 'feature_disabled/breakwater', 'bulkhead_full/breakwater', 'upstream_unavailable/upstream'
   ], 'each keeps the cause of what it replaced (the access log says which)')
 })
 
