@@ -35,7 +35,7 @@ export function rateLimitConfig (r: RouteInput['rateLimit']): RateLimitConfig | 
   }
 }
 
-export function fallbackConfig (f: RouteInput['fallback'], method: string[] | undefined, at: string, baseDir: string, problems: string[]): FallbackConfig | null {
+export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | undefined, at: string, baseDir: string, problems: string[]): FallbackConfig | null {
   if (f === undefined) return null
   const staleIfErrorMs = f.staleIfError === undefined ? 0 : durationMs(f.staleIfError)
   const hasStatic = f.status !== undefined
@@ -45,7 +45,7 @@ export function fallbackConfig (f: RouteInput['fallback'], method: string[] | un
   for (const key of ['body', 'file', 'contentType', 'headers'] as const) {
     if (f[key] !== undefined && !hasStatic) problems.push(`${at}.fallback.${key}: needs status`)
   }
-  if (f.staleIfError !== undefined && method !== undefined && !method.some((m) => m.toUpperCase() === 'GET' || m.toUpperCase() === 'HEAD')) {
+  if (f.staleIfError !== undefined && methods !== undefined && !methods.some((m) => m.toUpperCase() === 'GET' || m.toUpperCase() === 'HEAD')) {
     problems.push(`${at}.fallback.staleIfError: the route takes no GET or HEAD, and only their responses are stored`)
   }
   checkStaticHeaders(f, at, problems)
