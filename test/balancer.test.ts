@@ -78,7 +78,9 @@ t.test('least_request with two endpoints always compares both (unit)', async (t)
     keepAliveTimeoutMs: 1000,
     connections: 1,
     balance: 'least_request',
-    ejection: { consecutiveFailures: 7, baseMs: 1000, maxMs: 60000, panicThresholdPercent: 50 }
+    ejection: { consecutiveFailures: 7, baseMs: 1000, maxMs: 60000, panicThresholdPercent: 50 },
+    failover: null,
+    failbackAfterMs: 30000
   }
   const endpoints = config.endpoints.map((o) => new Endpoint(o, new Pool(o)))
   t.teardown(async () => { for (const e of endpoints) await e.pool.close() })

@@ -9,6 +9,9 @@ import { killSwitchAllows } from '../../dist/proxy/kill-switch.js'
 import { TargetedFlag } from '../../dist/flags/targeting.js'
 import { Circuit, RotationClock } from '../../dist/proxy/circuit-breaker.js'
 import { RouteStats } from '../../dist/proxy/stats.js'
+import { RateLimiter } from '../../dist/proxy/rate-limit.js'
+import { FallbackCache, DEGRADABLE } from '../../dist/proxy/fallback.js'
+import { trustedBlockList } from '../../dist/config/rungs.js'
 
 const { values } = parseArgs({ options: { rounds: { type: 'string', default: '7' }, ops: { type: 'string', default: '2000000' } } })
 const rounds = Number(values.rounds)
@@ -95,6 +98,38 @@ const stats = new RouteStats('bench', 'bench')
 let latency = 0
 results.push(await measure('window baseline (Date.now + latency math)', (n) => { for (let i = 0; i < n; i++) { latency = (i & 1023) / 10; sink += Date.now() & 1 } }))
 results.push(await measure('window record (Date.now + outcome)', (n) => { for (let i = 0; i < n; i++) { latency = (i & 1023) / 10; stats.outcome(Date.now(), (i & 63) === 0, latency) } }))
+
+// --- rate limit stage: the null check of an unlimited route, then a token per key kind ---
+// A huge rate, so every request takes a token (the refusal path only adds a header array).
+const unlimited = { rateLimiter: null }
+const limit = (key, trusted = null) => new RateLimiter('bench', { requestsPerSecond: 1e9, burst: 1e9, key, maxKeys: 100_000 }, trusted)
+const byRoute = limit('route')
+const byClient = limit('client')
+const behindProxy = limit('client', trustedBlockList(['127.0.0.0/8', '10.0.0.0/8']))
+const byHeader = limit('header:x-api-key')
+// 1,000 clients and keys, so the key table and its LRU move as they would under traffic.
+const peers = Array.from({ length: 1000 }, (_, i) => ({ socket: { remoteAddress: `10.1.${i >> 8}.${i & 255}` }, headers: { 'x-api-key': `key-${i}` } }))
+const proxied = Array.from({ length: 1000 }, (_, i) => ({ socket: { remoteAddress: '127.0.0.1' }, headers: { 'x-forwarded-for': `203.0.${i >> 8}.${i & 255}, 10.0.0.7` } }))
+const limited = (limiter, reqs) => (n) => { for (let i = 0; i < n; i++) sink += limiter.take(reqs[i % 1000], performance.now()) }
+results.push(await measure('rate limit: route without one (null check)', (n) => { for (let i = 0; i < n; i++) sink += unlimited.rateLimiter === null ? 1 : 0 }))
+results.push(await measure('rate limit baseline (performance.now)', (n) => { for (let i = 0; i < n; i++) sink += performance.now() & 1 }))
+results.push(await measure('rate limit: key route', limited(byRoute, peers)))
+results.push(await measure('rate limit: key client (peer address)', limited(byClient, peers)))
+results.push(await measure('rate limit: key client behind trusted proxies (x-forwarded-for walk)', limited(behindProxy, proxied)))
+results.push(await measure('rate limit: key header:x-api-key', limited(byHeader, peers)))
+
+// --- fallback check: what a refusal costs on a route without one, and a stale lookup on one with one ---
+const noFallback = { fallback: null }
+results.push(await measure('fallback: route without one (refusal check)', (n) => { for (let i = 0; i < n; i++) sink += noFallback.fallback != null && DEGRADABLE.has('circuit_open') ? 1 : 0 }))
+const cache = new FallbackCache({ maxEntries: 1000, maxBytes: 64 * 1024 * 1024, maxEntryBytes: 1024 * 1024 })
+const getReq = { method: 'GET', headers: { 'accept-language': 'en' } }
+for (let i = 0; i < 1000; i++) {
+  const capture = cache.capture(getReq, `host\u0000/item/${i}`, 200, ['content-type', 'application/json', 'vary', 'Accept-Language', 'content-length', '1024'])
+  capture.add(Buffer.alloc(1024))
+  capture.complete(Date.now())
+}
+results.push(await measure('fallback: stale lookup (hit, with Vary)', (n) => { for (let i = 0; i < n; i++) sink += cache.lookup(getReq, `host\u0000/item/${i % 1000}`, Date.now(), 60_000) === null ? 0 : 1 }))
+results.push(await measure('fallback: capture decision on a storable 200', (n) => { for (let i = 0; i < n; i++) sink += cache.capture(getReq, 'host\u0000/x', 200, ['content-type', 'text/plain', 'cache-control', 'max-age=60', 'content-length', '512']) === null ? 0 : 1 }))
 
 console.log(`node ${process.version}, ${rounds} rounds, median ns per op (min–max)\n`)
 console.log('| case | ns/op | min–max |')

@@ -14,6 +14,7 @@ import { pathToFileURL } from 'node:url'
 import { toMs as parseMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
+import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies } from './rungs.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
 import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
 
@@ -39,7 +40,8 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
   const baseDir = source === null ? process.cwd() : dirname(source)
   const upstreamNames = Object.keys(input.upstreams)
   const upstreams = buildUpstreams(input.upstreams, found)
-  const routes = buildRoutes(input.routes, upstreamNames, input, found)
+  checkFailover(input.upstreams, found.problems)
+  const routes = buildRoutes(input.routes, upstreamNames, input, baseDir, found)
   checkRoutingPolicy(routes, input, found.problems, found.warnings)
   const circuitBreakers = buildCircuitBreakers(input.circuitBreakers, upstreamNames, found)
   const flagSource = buildFlagSource(input.flagSource, baseDir)
@@ -56,7 +58,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     service: input.service,
     version: input.version,
     stateDir: resolvePath(baseDir, input.stateDir),
-    listen: buildListen(input.listen),
+    listen: buildListen(input.listen, found),
     upstreams,
     routes,
     featureFlags: input.featureFlags,
@@ -135,11 +137,13 @@ function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, found:
       baseMs: toMs(u.ejection.baseMs),
       maxMs: toMs(u.ejection.maxMs),
       panicThresholdPercent: u.ejection.panicThresholdPercent
-    }
+    },
+    failover: u.failover ?? null,
+    failbackAfterMs: toMs(u.failbackAfter ?? 30_000)
   }
 }
 
-function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[], config: ResolvedInput, found: Findings): RouteConfig[] {
+function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[], config: ResolvedInput, baseDir: string, found: Findings): RouteConfig[] {
   const taken = new Set<string>()
   return input.map((r, i) => {
     const at = `routes[${i}]`
@@ -153,7 +157,7 @@ function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[]
       found.problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
     }
     if (r.fault !== undefined && r.fault.delayPercent > 0 && toMs(r.fault.delayMs) === 0) found.problems.push(`${at}.fault.delayMs: needed with delayPercent`)
-    return buildRoute(r, name)
+    return buildRoute(r, name, at, baseDir, found)
   })
 }
 
@@ -166,7 +170,7 @@ function routeName (r: Resolved<typeof RouteSchema>, at: string, taken: Set<stri
   return name
 }
 
-function buildRoute (r: Resolved<typeof RouteSchema>, name: string): RouteConfig {
+function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, baseDir: string, found: Findings): RouteConfig {
   const m = r.match
   return {
     name,
@@ -187,7 +191,9 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string): RouteConfig
     rewritePrefix: r.rewritePrefix ?? null,
     fault: r.fault === undefined
       ? null
-      : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: toMs(r.fault.delayMs), flag: r.fault.flag ?? null }
+      : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: toMs(r.fault.delayMs), flag: r.fault.flag ?? null },
+    rateLimit: rateLimitConfig(r.rateLimit),
+    fallback: fallbackConfig(r.fallback, m.methods, at, baseDir, found.problems)
   }
 }
 
@@ -364,19 +370,20 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
   }
 }
 
-function buildListen (listen: Section<'listen'>): Config['listen'] {
-  const proxy = (l: NonNullable<Section<'listen'>['egress']>): ProxyListenerConfig => ({
+function buildListen (listen: Section<'listen'>, found: Findings): Config['listen'] {
+  const proxy = (l: NonNullable<Section<'listen'>['egress']>, at: string): ProxyListenerConfig => ({
     host: l.host,
     port: l.port,
     keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs),
     requestTimeoutMs: toMs(l.requestTimeoutMs),
     headersTimeoutMs: toMs(l.headersTimeoutMs),
     maxHeaderSize: l.maxHeaderSize,
-    maxHeadersCount: l.maxHeadersCount
+    maxHeadersCount: l.maxHeadersCount,
+    trustedProxies: trustedProxies(l.trustedProxies, at, found.problems)
   })
   return {
-    proxy: proxy(listen.proxy),
-    egress: listen.egress === undefined ? null : proxy(listen.egress),
+    proxy: proxy(listen.proxy, 'listen.proxy'),
+    egress: listen.egress === undefined ? null : proxy(listen.egress, 'listen.egress'),
     ops: { host: listen.ops.host, port: listen.ops.port },
     admin: { host: listen.admin.host, port: listen.admin.port }
   }

@@ -138,6 +138,8 @@ function describeValue (error: ValueError, s: Record<string | symbol, unknown>, 
     case ValueErrorType.NumberMinimum:
     case ValueErrorType.IntegerMinimum:
       return `${at}: must be >= ${String(s.minimum)}`
+    case ValueErrorType.NumberExclusiveMinimum:
+      return `${at}: must be > ${String(s.exclusiveMinimum)} (got ${JSON.stringify(error.value)})`
     case ValueErrorType.Integer:
       return `${at}: must be an integer`
     case ValueErrorType.Number:
@@ -191,7 +193,8 @@ function dedupe (problems: string[]): string[] {
 }
 
 function deepFreeze<T> (value: T): T {
-  if (value !== null && typeof value === 'object' && !Object.isFrozen(value)) {
+  // A Buffer (a static fallback body) cannot be frozen; nothing writes to it.
+  if (value !== null && typeof value === 'object' && !Object.isFrozen(value) && !ArrayBuffer.isView(value)) {
     Object.freeze(value)
     for (const item of Object.values(value as Record<string, unknown>)) deepFreeze(item)
   }

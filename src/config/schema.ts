@@ -52,7 +52,8 @@ const proxyListener = (port: number) => closed({
   requestTimeoutMs: withDefault(Duration, 0),
   headersTimeoutMs: withDefault(Duration, 60_000),
   maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384),
-  maxHeadersCount: withDefault(Type.Integer({ minimum: 1, maximum: 10000, description: 'more request header fields than this is 431' }), 100)
+  maxHeadersCount: withDefault(Type.Integer({ minimum: 1, maximum: 10000, description: 'more request header fields than this is 431' }), 100),
+  trustedProxies: withDefault(Type.Array(Type.String({ minLength: 1 }), { description: 'addresses or CIDRs of proxies whose x-forwarded-for entries are believed' }), [])
 })
 
 const plainListener = (host: string, port: number) => section({
@@ -82,10 +83,33 @@ export const UpstreamSchema = closed({
     baseMs: withDefault(Duration, 1000),
     maxMs: withDefault(Duration, 60_000),
     panicThresholdPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 50)
-  })
+  }),
+  failover: Type.Optional(Name),
+  failbackAfter: Type.Optional(Duration)
 })
 
 const HeaderName = '^[A-Za-z0-9!#$%&\'*+.^_`|~-]+$'
+
+const RateLimit = closed({
+  requestsPerSecond: Type.Number({ exclusiveMinimum: 0 }),
+  burst: Type.Optional(Type.Integer({ minimum: 1 })),
+  key: Type.Optional(Type.String({ pattern: '^(route|client|header:[A-Za-z0-9!#$%&\'*+.^_`|~-]+)$', description: 'route, client or header:NAME' })),
+  maxKeys: Type.Optional(Type.Integer({ minimum: 1 }))
+})
+
+const Fallback = closed({
+  staleIfError: Type.Optional(Duration),
+  cache: Type.Optional(closed({
+    maxEntries: Type.Optional(Type.Integer({ minimum: 1 })),
+    maxBytes: Type.Optional(Type.Integer({ minimum: 1024 })),
+    maxEntryBytes: Type.Optional(Type.Integer({ minimum: 1 }))
+  })),
+  status: Type.Optional(Type.Integer({ minimum: 200, maximum: 599 })),
+  body: Type.Optional(Type.String()),
+  file: Type.Optional(Type.String({ minLength: 1 })),
+  contentType: Type.Optional(Type.String({ minLength: 1 })),
+  headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String()))
+})
 
 export const MatchSchema = closed({
   pathPrefix: Type.Optional(Type.String({ pattern: '^/' })),
@@ -129,7 +153,9 @@ export const RouteSchema = closed({
     delayPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 0),
     delayMs: withDefault(Duration, 0),
     flag: Type.Optional(FlagKey)
-  }))
+  })),
+  rateLimit: Type.Optional(RateLimit),
+  fallback: Type.Optional(Fallback)
 })
 
 export const TriggerSchema = closed({

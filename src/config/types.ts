@@ -16,6 +16,8 @@ export interface ProxyListenerConfig extends ListenerConfig {
   maxHeaderSize: number
   /** More request header fields than this is 431 (Envoy's and HAProxy's default is about 100). */
   maxHeadersCount: number
+  /** Addresses and CIDRs of proxies whose `x-forwarded-for` entries are believed (SPEC §17). */
+  trustedProxies: readonly string[]
 }
 
 export interface HealthCheckConfig {
@@ -44,6 +46,10 @@ export interface UpstreamConfig {
   connections: number
   balance: 'round_robin' | 'least_request'
   ejection: EjectionConfig
+  /** The upstream that takes this one's traffic while it is unavailable (SPEC §17); one hop only. */
+  failover: string | null
+  /** How long this upstream must have been available again before its traffic returns. */
+  failbackAfterMs: number
 }
 
 export interface RetryConfig {
@@ -91,6 +97,43 @@ export interface RouteConfig {
   rewritePrefix: string | null
   /** Fault injection for game days; null = none (the default). */
   fault: FaultConfig | null
+  /** Token-bucket shedding (SPEC §17); null = none. */
+  rateLimit: RateLimitConfig | null
+  /** What to answer instead of a refusal or an upstream failure (SPEC §17); null = none. */
+  fallback: FallbackConfig | null
+}
+
+/** A route's token buckets: `burst` tokens, refilled at `requestsPerSecond`. */
+export interface RateLimitConfig {
+  requestsPerSecond: number
+  burst: number
+  /** One bucket for the route, one per client address, or one per value of a request header. */
+  key: 'route' | 'client' | `header:${string}`
+  /** At most this many buckets; the least recently used is evicted. */
+  maxKeys: number
+}
+
+export interface FallbackCacheConfig {
+  maxEntries: number
+  maxBytes: number
+  /** Responses with larger bodies are not stored. */
+  maxEntryBytes: number
+}
+
+export interface FallbackConfig {
+  /** Serve the last good 200 up to this old; 0 = no stale answers. */
+  staleIfErrorMs: number
+  cache: FallbackCacheConfig | null
+  /** The static answer when there is no stale one; null = none. */
+  static: StaticFallbackConfig | null
+}
+
+export interface StaticFallbackConfig {
+  status: number
+  /** The body (a `file` is read once, at load). */
+  body: Buffer
+  contentType: string
+  headers: ReadonlyArray<readonly [string, string]>
 }
 
 export interface CircuitBreakerConfig {

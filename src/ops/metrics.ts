@@ -123,13 +123,28 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     return out
   })
 
-  scraped(registry, 'breakwater_rejections_total', 'Requests refused by a mitigation, by route and reason (kill_switch, circuit_open, bulkhead).', 'counter', () => {
+  scraped(registry, 'breakwater_rejections_total', 'Requests refused by a mitigation, by route and reason (kill_switch, circuit_open, bulkhead, rate_limit).', 'counter', () => {
     const out: Sample[] = []
     for (const s of dp.stats.allRoutes()) {
       for (const [reason, n] of s.rejections) out.push({ labels: { route: s.route, reason }, value: n })
     }
     return out
   })
+
+  scraped(registry, 'breakwater_fallbacks_total', 'Degraded answers served instead of a refusal or an upstream failure, by route and kind (stale, static).', 'counter', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      if (s.fallbacks.stale > 0) out.push({ labels: { route: s.route, kind: 'stale' }, value: s.fallbacks.stale })
+      if (s.fallbacks.static > 0) out.push({ labels: { route: s.route, kind: 'static' }, value: s.fallbacks.static })
+    }
+    return out
+  })
+
+  scraped(registry, 'breakwater_rate_limit_key_fallbacks_total', 'Rate-limited requests keyed by the client because the header their route keys on was missing, by route.', 'counter', () =>
+    dp.runtime.routes.routes.filter((r) => r.rateLimiter !== null).map((r) => ({ labels: { route: r.name }, value: r.rateLimiter?.keyFallbacks ?? 0 })))
+
+  scraped(registry, 'breakwater_failover_active', 'Upstreams whose traffic goes to their failover now (1), by upstream.', 'gauge', () =>
+    [...dp.failovers.all()].map((f) => ({ labels: { upstream: f.name }, value: f.engaged ? 1 : 0 })))
 
   scraped(registry, 'breakwater_circuit_state', 'Circuit state per upstream with a breaker: 0 closed, 1 half-open, 2 open.', 'gauge', () =>
     [...dp.allCircuits()].map((c) => ({ labels: { upstream: c.upstream }, value: STATE_VALUE[c.state] })))

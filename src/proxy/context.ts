@@ -11,8 +11,8 @@
  *               502, 503, 504), a response body cut short
  *   client      the client left before the response started, or sent a request that cannot
  *               be forwarded (400 before any upstream contact)
- *   breakwater  a local refusal: overload, no route, kill switch, injected fault, circuit open,
- *               bulkhead
+ *   breakwater  a local refusal: overload, no route, kill switch, rate limit, injected fault,
+ *               circuit open, bulkhead
  *
  * `conclude` decides it, in one place, the moment it is known: at the response head, at a
  * failure before it, when the client leaves first, or at a local answer. It tells the
@@ -27,6 +27,10 @@
  *   metrics, log        every request: `breakwater_requests_total{source}` says who produced the
  *                       status, the access-log line carries `outcome`
  *
+ * A degraded answer (a route's `fallback` served instead of a refusal or an upstream failure,
+ * fallback.ts) keeps the cause the refusal would have had: the client got a stale or static
+ * response, but the breaker, the ejection and the trigger windows see the failure it hides.
+ *
  * A client that leaves after the response started does not change the cause (the upstream
  * answered); an upstream that cuts the body after a good head makes it `upstream` for ejection
  * and accounting (the breaker has counted the head already: one result per request).
@@ -38,6 +42,9 @@ import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import type { Pass } from './circuit-breaker.js'
+import type { Upstream } from './upstreams.js'
+import type { Fallback } from './fallback.js'
+import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 
@@ -69,6 +76,8 @@ export abstract class RequestContext {
   head: RequestHead | null = null
   /** Set by the match stage. */
   route: Route | null = null
+  /** Set by the match stage: the route's upstream, or its failover's (the failover stage). */
+  upstream: Upstream | null = null
   /** The endpoint of the last attempt. */
   endpoint: Endpoint | null = null
   attempt = 0
@@ -79,6 +88,8 @@ export abstract class RequestContext {
   errorCode: EndingError | null = null
   /** An injected fault this request carries (game days). */
   fault: 'abort' | 'delay' | null = null
+  /** A degraded answer was served instead (fallback.ts). */
+  fallback: 'stale' | 'static' | null = null
   /** Its pass through the upstream's breaker, until the cause is known. */
   pass: Pass | null = null
   /** Refused by a circuit that failures opened (an error for triggers, SPEC §14). */
@@ -125,9 +136,24 @@ export abstract class RequestContext {
 
   /** Answer with a local response (SPEC §3's table) and end the request. */
   refuse (code: ErrorCode, message?: string, extra?: string[], status: number = ERRORS[code].status): void {
+    const fallback = this.route?.fallback
+    if (fallback != null && DEGRADABLE.has(code)) {
+      const served = this.degrade(fallback)
+      if (served !== 0) {
+        // The user is served; the cause stays the refusal's (the breaker and triggers see it).
+        this.conclude(served, code)
+        this.end()
+        return
+      }
+    }
     this.respond(code, status, message, extra)
     this.conclude(status, code)
     this.end()
+  }
+
+  /** Answer with the route's fallback instead; the status sent, or 0 when it has none to give. */
+  protected degrade (_fallback: Fallback): number {
+    return 0
   }
 
   /**
@@ -141,7 +167,7 @@ export abstract class RequestContext {
       return
     }
     const route = this.route as Route
-    this.refuse(code, upstreamMessage(route.upstream.name, this.endpoint?.origin ?? null, failureReason(err, route.config.timeoutMs)))
+    this.refuse(code, upstreamMessage((this.upstream as Upstream).name, this.endpoint?.origin ?? null, failureReason(err, route.config.timeoutMs)))
   }
 
   /** The client left before the response started. */
@@ -153,7 +179,7 @@ export abstract class RequestContext {
   /** Count this request in flight to its upstream (the bulkhead) until it ends. */
   protected begin (): void {
     this.started = true
-    ;(this.route as Route).upstream.inFlight++
+    ;(this.upstream as Upstream).inFlight++
     this.dp.stats.inFlight++
   }
 
@@ -173,19 +199,19 @@ export abstract class RequestContext {
     this.status = status
     this.errorCode = error
     if (this.headMs < 0) this.headMs = performance.now() - this.startedAt
-    const route = this.route
-    if (route === null) return
-    if (this.endpoint !== null) route.upstream.balancer.report(this.endpoint, cause, performance.now())
+    const upstream = this.upstream
+    if (upstream === null) return
+    if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, performance.now())
     const pass = this.pass
     if (pass !== null) {
       this.pass = null
-      ;(route.upstream.circuit as NonNullable<typeof route.upstream.circuit>).settle(pass, cause)
+      ;(upstream.circuit as NonNullable<typeof upstream.circuit>).settle(pass, cause)
     }
   }
 
   /** A status of the upstream's own: in its `failureStatuses`? */
   private isFailureStatus (status: number): boolean {
-    const circuit = this.route?.upstream.circuit
+    const circuit = this.upstream?.circuit
     return circuit != null && circuit.automatic ? circuit.isFailureStatus(status) : DEFAULT_FAILURE_STATUSES[status] === 1
   }
 
@@ -197,7 +223,7 @@ export abstract class RequestContext {
     const route = this.route
     if (this.started) {
       dp.stats.inFlight--
-      ;(route as Route).upstream.inFlight--
+      ;(this.upstream as Upstream).inFlight--
     }
     if (this.cause === null) this.conclude(CLIENT_CLOSED, null) // every ending concludes first; never left undecided
     const seconds = (performance.now() - this.startedAt) / 1000
@@ -238,12 +264,13 @@ export abstract class RequestContext {
       'user_agent.original': userAgent(this.req.rawHeaders),
       'error.type': errorType(this),
       route: route?.name,
-      upstream: route?.upstream.name,
+      upstream: this.upstream?.name,
       endpoint: this.endpoint?.origin,
       outcome: this.cause,
       durationMs: Math.round(seconds * 1e6) / 1e3,
       attempts: this.attempt === 0 ? undefined : this.attempt,
       fault: this.fault ?? undefined,
+      fallback: this.fallback ?? undefined,
       upgrade: this.upgrade ? 'websocket' : undefined
     }
     if (isServerError(this)) this.dp.logger.warn(line, 'request')

@@ -13,6 +13,9 @@ import { DataPlaneStats } from './stats.js'
 import { OverloadMonitor } from './overload.js'
 import { Circuit, RotationClock, type CircuitState, type ForcedState } from './circuit-breaker.js'
 import type { FlagReader } from './kill-switch.js'
+import { RateLimits, type RateLimitSettings } from './rate-limit.js'
+import { FailoverTable } from './failover.js'
+import { Fallbacks } from './fallback.js'
 
 /** Settings of a manual circuit; never used to decide anything (it has no breaker). */
 const MANUAL_CIRCUIT = Object.freeze({ failureThreshold: 1, volumeThreshold: 1, rollingWindowMs: 10_000, recoveryTimeout: 30_000, maxConcurrentRequests: 0, failureStatuses: [] })
@@ -53,12 +56,17 @@ export class DataPlane {
   private routes: readonly Route[] = []
   private readonly idPrefix = `${randomBytes(6).toString('hex')}-`
   private idCounter = 0
+  /** The missing rungs (SPEC §17): their state outlives a reload. */
+  readonly rateLimits = new RateLimits()
+  readonly failovers: FailoverTable
+  private readonly fallbacks = new Fallbacks()
 
   constructor (config: Config, options: DataPlaneOptions) {
     this.logger = options.logger
     this.flags = options.flags
     this.stats = options.stats ?? new DataPlaneStats()
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)
+    this.failovers = new FailoverTable(this.logger)
     this.runtime = this.build(config)
   }
 
@@ -99,6 +107,9 @@ export class DataPlane {
     })
     this.routes = routes
     this.stats.retain(routes.map((r) => r.stats))
+    this.rateLimits.attach(routes, config)
+    this.fallbacks.attach(routes)
+    this.failovers.attach(upstreams)
     this.accessLogRate = config.logging.accessLogRate
     this.maxInFlight = config.limits.maxInFlight
     this.overload.maxDelayMs = config.limits.maxEventLoopDelayMs
@@ -159,6 +170,23 @@ export class DataPlane {
     }
     this.logger.warn({ event: 'circuit_forced', upstream, forced: state, before, after: circuit.state }, state === null ? 'circuit handed back to automatic' : `circuit forced ${state}`)
     return true
+  }
+
+  /**
+   * The runtime `rateLimit` mitigation: override the route's configured limit (or give it one)
+   * until cleared with `null`; kept across reloads. False for an unknown route.
+   */
+  setRouteRateLimit (route: string, settings: RateLimitSettings | null): boolean {
+    return this.rateLimits.override(route, settings)
+  }
+
+  /**
+   * The `failover` mitigation: send `upstream`'s traffic to `to` (default: its configured
+   * `failover`) until lifted with `null`; kept across reloads. False when an upstream is
+   * unknown or there is no target.
+   */
+  forceFailover (upstream: string, to: string | null | undefined): boolean {
+    return this.failovers.force(upstream, to)
   }
 
   /**

@@ -27,6 +27,7 @@ export const ERRORS = {
   headers_too_large: { status: 431, message: 'request headers too large', mitigation: null, cause: 'client' },
   request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null, cause: 'client' },
   connect_not_supported: { status: 404, message: 'CONNECT is not supported: this is a reverse proxy', mitigation: null, cause: 'client' },
+  rate_limited: { status: 429, message: 'too many requests', mitigation: 'rate-limit', cause: 'breakwater' },
   fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null, cause: 'breakwater' }
 } as const satisfies Record<string, LocalError>
 

@@ -18,6 +18,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Dispatcher } from 'undici'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
+import type { Upstream } from './upstreams.js'
+import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
@@ -113,7 +115,10 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   state = WAITING
   // The forward stage runs only on a request the pipeline has normalised and routed.
   declare route: Route
+  declare upstream: Upstream
   declare head: RequestHead
+  /** The response body being teed into the route's fallback cache (fallback.ts). */
+  private capture: Capture | null = null
   readonly res: Tagged
   abortUpstream: ((err?: Error) => void) | null = null
   resumeUpstream: (() => void) | null = null
@@ -186,7 +191,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   private hold (): void {
     if (this.holding) return
     this.holding = true
-    const upstream = this.route.upstream
+    const upstream = this.upstream
     if (++upstream.held > upstream.maxHeld) {
       this.graced = true
       this.req.socket.setTimeout(STALL_GRACE_MS)
@@ -196,7 +201,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   release (): void {
     if (!this.holding) return
     this.holding = false
-    this.route.upstream.held--
+    this.upstream.held--
     if (this.graced) {
       this.graced = false
       if (this.state !== DONE) this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
@@ -211,14 +216,14 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   cutSlowClient (): void {
     this.dp.stats.clientError('slow_client')
     if (this.dp.logger.isLevelEnabled('debug')) {
-      this.dp.logger.debug({ event: 'slow_client', route: this.route.name, upstream: this.route.upstream.name, requestId: this.head.requestId, graced: this.graced }, 'slow client disconnected')
+      this.dp.logger.debug({ event: 'slow_client', route: this.route.name, upstream: this.upstream.name, requestId: this.head.requestId, graced: this.graced }, 'slow client disconnected')
     }
     this.res.destroy()
   }
 
   /** `fresh`: on a connection of its own rather than a pooled one (see `reusable`). */
   private dispatch (avoid: Endpoint | null, fresh: boolean): void {
-    const endpoint = this.route.upstream.balancer.pick(avoid)
+    const endpoint = this.upstream.balancer.pick(avoid)
     if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     endpoint.inFlight++
@@ -226,7 +231,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const cfg = this.route.config
     const method = this.req.method as Dispatcher.HttpMethod
     const dispatcher = fresh || (!IDEMPOTENT.has(method) && !reusable(endpoint, performance.now()))
-      ? freshConnection(endpoint, this.route.upstream.config)
+      ? freshConnection(endpoint, this.upstream.config)
       : endpoint.pool
     dispatcher.dispatch({
       path: this.route.upstreamPath(this.path),
@@ -259,17 +264,18 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
     if (this.state === DONE) return false
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
-      this.route.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
+      this.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
     this.resumeUpstream = resume
     const res = this.res
+    const headers = responseHeaders(rawHeaders, this.dp.draining)
     try {
-      res.writeHead(statusCode, responseHeaders(rawHeaders, this.dp.draining))
+      res.writeHead(statusCode, headers)
     } catch (err) {
       // The upstream sent a header Node refuses to write (invalid characters).
-      this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.route.upstream.name, err: (err as Error).message }, 'upstream response refused')
+      this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.upstream.name, err: (err as Error).message }, 'upstream response refused')
       this.abortUpstream?.()
       this.failUpstream(INVALID_RESPONSE)
       return false
@@ -278,11 +284,14 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.source = 'upstream'
     this.conclude(statusCode, null)
     this.state = STREAMING
+    const cache = this.route.fallback?.cache
+    if (cache != null) this.capture = cache.capture(this.req, cacheKey(this), statusCode, headers)
     return true
   }
 
   onData (chunk: Buffer): boolean {
     if (this.state !== STREAMING) return this.state === DISCARDING
+    if (this.capture !== null) this.capture.add(chunk)
     const res = this.res
     if (res.write(chunk) || res.writableLength <= RESPONSE_READ_AHEAD_BYTES) return true
     if (!this.drainListening) {
@@ -301,6 +310,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     if (this.state === DISCARDING) { this.retry(endpoint, false); return }
     if (this.state === DONE) return
     this.res.end()
+    if (this.capture !== null) this.capture.complete(Date.now())
     this.done()
   }
 
@@ -323,13 +333,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // on a fresh connection and nobody's failure.
       if (this.mayRetryUnsent(err)) { this.retry(endpoint, true); return }
       if (this.mayRetry()) {
-        if (endpoint !== null) this.route.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
+        if (endpoint !== null) this.upstream.balancer.report(endpoint, 'upstream', performance.now()) // this attempt failed
         this.retry(endpoint, false)
         return
       }
     }
     if (this.dp.logger.isLevelEnabled('debug')) {
-      this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.route.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
+      this.dp.logger.debug({ event: 'upstream_error', route: this.route.name, upstream: this.upstream.name, endpoint: endpoint?.origin, code: (err as { code?: string }).code, err: err.message }, 'upstream error')
     }
     this.failUpstream(err)
   }
@@ -383,10 +393,22 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
     const res = this.res
     if (res.headersSent || res.destroyed) return
-    // A request body we will not read must not stall the connection: close it after answering.
+    sendError(res, code, this.requestId, this.closeAfter(), extra, message, status)
+  }
+
+  protected override degrade (fallback: Fallback): number {
+    const res = this.res
+    if (res.headersSent || res.destroyed) return 0
+    const kind = fallback.serve(this.req, res, cacheKey(this), this.requestId, this.closeAfter(), this.route.stats)
+    if (kind === null) return 0
+    this.fallback = kind
+    return res.statusCode
+  }
+
+  /** A request body we will not read must not stall the connection: close it after answering. */
+  private closeAfter (): boolean {
     const req = this.req
-    const close = this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
-    sendError(res, code, this.requestId, close, extra, message, status)
+    return this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
   }
 
   /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */
@@ -398,4 +420,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   private done (): void {
     this.end()
   }
+}
+
+/** The fallback cache's key for an exchange: its host and normalised path. */
+function cacheKey (ex: Exchange): string {
+  return ex.head.host + '\u0000' + ex.path
 }

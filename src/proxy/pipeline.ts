@@ -8,14 +8,23 @@
  *                 the listener allows, framing (two Host, CL conflicts)  → 400 / 431
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
+ *   rate limit    the route's token bucket for this key is empty            → 429 rate_limited
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
+ *   failover      the upstream is unavailable and has a failover: the request goes there
  *   circuit breaker (bulkhead)
  *                 the upstream's circuit is open                            → 503 circuit_open
  *                 too many requests in flight to the upstream               → 503 bulkhead_full
  *   forward       endpoint choice, undici dispatch, streaming both ways     → 502 / 504
  *                 (a request undici will not send as it is                  → 400 bad_request)
+ *                 a good 200 to a GET is teed into the route's fallback cache, when it has one
+ *   fallback      instead of 503 feature_disabled / circuit_open / bulkhead_full, 502, 504:
+ *                 the route's last good 200 (stale) or its static response (context.ts `refuse`)
  *   accounting    one cause per request: ok, upstream, client, breakwater (context.ts) →
  *                 breaker, passive ejection, route stats, trigger window, span, access-log line
+ *                 (a fallback keeps the cause of what it replaced)
+ *
+ * Rate limit, failover and fallback cost one null check each on a route that does not
+ * configure them.
  *
  * A WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`) runs the same stages —
  * one path, not a copy: its context is a `Tunnel` (upgrade.ts), which forwards the handshake
@@ -78,6 +87,7 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
     const head = exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
     beginTrace(exchange, options.tracing, head.traceparent, head.headers, head.traceparentAt)
     exchange.route = dp.runtime.routes.routes[0] as Route
+    exchange.upstream = exchange.route.upstream
     exchange.start()
   }
 }
@@ -128,12 +138,24 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     ctx.refuse('no_route')
     return
   }
+  ctx.upstream = route.upstream
 
   // kill switch
   if (!killSwitchAllows(dp.flags, route, req.method as string, path, head)) {
     route.stats.reject('kill_switch')
     ctx.refuse('feature_disabled')
     return
+  }
+
+  // rate limit
+  const limiter = route.rateLimiter
+  if (limiter !== null) {
+    const waitSeconds = limiter.take(req, performance.now())
+    if (waitSeconds !== 0) {
+      route.stats.reject('rate_limit')
+      ctx.refuse('rate_limited', undefined, limiter.refusalHeaders(waitSeconds))
+      return
+    }
   }
 
   // fault
@@ -156,11 +178,18 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   guardAndForward(ctx)
 }
 
-/** The circuit breaker (bulkhead) stage, then forward. */
+/** The failover and circuit breaker (bulkhead) stages, then forward. */
 function guardAndForward (ctx: RequestContext): void {
   if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
   const route = ctx.route as Route
-  const upstream = route.upstream
+  let upstream = route.upstream
+
+  // failover
+  if (upstream.failover !== null) {
+    upstream = ctx.upstream = upstream.failover.choose(upstream, performance.now())
+    // Marks every answer to the request, ours or the failover upstream's.
+    if (upstream !== route.upstream && ctx instanceof Exchange) ctx.res.setHeader('x-breakwater-failover', upstream.name)
+  }
 
   // circuit breaker (bulkhead)
   const circuit = upstream.circuit

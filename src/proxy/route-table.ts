@@ -21,6 +21,8 @@ import type { Upstream } from './upstreams.js'
 import type { RequestHead } from './headers.js'
 import type { RouteStats } from './stats.js'
 import { RetryBudget } from './retry-budget.js'
+import type { RateLimiter } from './rate-limit.js'
+import type { Fallback } from './fallback.js'
 import { killSwitchAllows, type FlagReader } from './kill-switch.js'
 import { matchKey, foldCase, withoutSegmentParameters } from './path.js'
 
@@ -31,6 +33,10 @@ export class Route {
   readonly stats: RouteStats
   readonly retryBudget: RetryBudget | null
   readonly listener: Listener
+  /** Its token buckets (SPEC §17), set for each runtime; null = not limited. */
+  rateLimiter: RateLimiter | null = null
+  /** Its degraded answers (SPEC §17), set for each runtime; null = none. */
+  fallback: Fallback | null = null
   private readonly methods: ReadonlySet<string> | null
   /** Non-strict routes: `match.path` as a match key. */
   private readonly pathKey: string | null

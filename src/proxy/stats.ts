@@ -25,12 +25,14 @@ export class RouteStats {
   readonly buckets = new Float64Array(DURATION_BUCKETS.length + 1)
   sum = 0
   count = 0
-  /** Refusals by reason (`kill_switch`, `circuit_open`, `bulkhead`). */
+  /** Refusals by reason (`kill_switch`, `circuit_open`, `bulkhead`, `rate_limit`). */
   readonly rejections = new Map<string, number>()
   retries = 0
   retryBudgetExhausted = 0
   faultsAborted = 0
   faultsDelayed = 0
+  /** Degraded answers served instead of a refusal or failure, by kind (SPEC §17). */
+  readonly fallbacks = { stale: 0, static: 0 }
 
   constructor (route: string, upstream: string) {
     this.route = route

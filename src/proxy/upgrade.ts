@@ -60,7 +60,7 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
 
   start (): void {
     this.begin()
-    const endpoint = this.route.upstream.balancer.pick()
+    const endpoint = (this.upstream as NonNullable<typeof this.upstream>).balancer.pick()
     if (endpoint === null) { this.failUpstream(NO_ENDPOINT); return }
     this.endpoint = endpoint
     this.attempt = 1

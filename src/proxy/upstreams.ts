@@ -12,6 +12,7 @@ import { Client, Pool } from 'undici'
 import type { CircuitBreakerConfig, UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
+import type { Failover } from './failover.js'
 
 export class Upstream {
   readonly name: string
@@ -33,6 +34,8 @@ export class Upstream {
    * instead of `idleTimeoutMs` (`forward.ts`), so stalled clients can never take them all.
    */
   readonly maxHeld: number
+  /** Where its traffic goes while it is unavailable (SPEC §17); null = nowhere else. */
+  failover: Failover | null = null
 
   constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents, definition: string) {
     this.name = config.name

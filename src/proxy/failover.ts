@@ -1,0 +1,155 @@
+/**
+ * Stage: failover (SPEC §17, rung 3). While an upstream is unavailable — its circuit refuses
+ * (open, or forced open), or it has no usable endpoint (every one ejected or failing its
+ * health check) — its requests go to its `failover` upstream, whose own breaker and bulkhead
+ * then apply. The decision is made per request, from the state the breaker stage would read,
+ * so the first request that finds the circuit open goes to the failover instead of failing:
+ * no extra failed request after the circuit opens.
+ *
+ * Hysteresis: traffic returns only once the upstream has been available for `failbackAfter`
+ * (default 30 s), so a flapping upstream does not drag its traffic back and forth. While
+ * failed over, a half-open circuit still gets its one probe from real traffic (nothing else
+ * could close it); the probe's success starts the failback clock.
+ *
+ * An operator may force a failover (`DataPlane.forceFailover`, for the `failover` mitigation)
+ * to any upstream, configured or not; it holds until lifted, and survives reloads.
+ */
+import type { Logger } from 'pino'
+import type { Upstream } from './upstreams.js'
+
+export class Failover {
+  /** The upstream whose traffic this decides. */
+  readonly name: string
+  /** Configured failover target and hysteresis; null target when only forced. */
+  target: Upstream | null = null
+  failbackAfterMs = 30_000
+  /** An operator's forced target, by name (kept across reloads). */
+  forcedTo: string | null = null
+  forcedTarget: Upstream | null = null
+  /** Failed over now (automatically). */
+  active = false
+  /** `performance.now()` since which the upstream has been available while failed over; 0 = not. */
+  private availableSince = 0
+  private readonly logger: Logger
+  /** Times this upstream failed over automatically. */
+  engagements = 0
+
+  constructor (name: string, logger: Logger) {
+    this.name = name
+    this.logger = logger
+  }
+
+  /** Traffic goes elsewhere now (for `breakwater_failover_active`). */
+  get engaged (): boolean {
+    return this.forcedTarget !== null || this.active
+  }
+
+  /** The upstream that takes a request for `primary` now. */
+  choose (primary: Upstream, now: number): Upstream {
+    if (this.forcedTarget !== null) return this.forcedTarget
+    const target = this.target
+    if (target === null) return primary
+    const available = isAvailable(primary, now)
+    if (!this.active) {
+      if (available) return primary
+      this.active = true
+      this.availableSince = 0
+      this.engagements++
+      this.logger.warn({ event: 'failover_engaged', upstream: this.name, to: target.name, circuit: primary.circuit?.state }, 'upstream failed over')
+      return target
+    }
+    if (!available) {
+      this.availableSince = 0
+      // Only a real request can close a half-open circuit: it takes the one probe slot.
+      const circuit = primary.circuit
+      return circuit !== null && circuit.forced === null && circuit.state === 'half-open' && circuit.admits() ? primary : target
+    }
+    if (this.availableSince === 0) this.availableSince = now
+    if (now - this.availableSince < this.failbackAfterMs) return target
+    this.active = false
+    this.availableSince = 0
+    this.logger.warn({ event: 'failover_lifted', upstream: this.name, from: target.name, afterMs: this.failbackAfterMs }, 'upstream failed back')
+    return primary
+  }
+}
+
+/**
+ * Available: its circuit (if any) is closed or forced closed, and at least one endpoint is
+ * neither ejected nor failing its health check.
+ */
+function isAvailable (upstream: Upstream, now: number): boolean {
+  const circuit = upstream.circuit
+  if (circuit !== null && circuit.state !== 'closed') return false
+  const endpoints = upstream.balancer.endpoints
+  for (let i = 0; i < endpoints.length; i++) {
+    const e = endpoints[i] as (typeof endpoints)[number]
+    if (e.healthy && e.ejectedUntil <= now) return true
+  }
+  return false
+}
+
+/** Failover state by upstream name, carried across reloads (the hysteresis and forced targets survive). */
+export class FailoverTable {
+  private readonly states = new Map<string, Failover>()
+  private upstreams: ReadonlyMap<string, Upstream> = new Map()
+
+  constructor (private readonly logger: Logger) {}
+
+  /** Give each upstream its failover state (or none); called for every new runtime. */
+  attach (upstreams: ReadonlyMap<string, Upstream>): void {
+    this.upstreams = upstreams
+    for (const [name, state] of this.states) {
+      const u = upstreams.get(name)
+      if (u === undefined || (u.config.failover === null && state.forcedTo === null)) this.states.delete(name)
+    }
+    for (const upstream of upstreams.values()) {
+      const { failover, failbackAfterMs } = upstream.config
+      let state = this.states.get(upstream.name)
+      if (failover === null && state === undefined) { upstream.failover = null; continue }
+      if (state === undefined) {
+        state = new Failover(upstream.name, this.logger)
+        this.states.set(upstream.name, state)
+      }
+      state.target = failover === null ? null : upstreams.get(failover) ?? null
+      if (state.target === null) state.active = false
+      state.failbackAfterMs = failbackAfterMs
+      state.forcedTarget = state.forcedTo === null ? null : upstreams.get(state.forcedTo) ?? null
+      upstream.failover = state
+    }
+  }
+
+  /**
+   * Send `name`'s traffic to `to` until lifted (`null`); `to` defaults to the configured
+   * failover. False when either upstream is unknown, or when `to` is `name` itself or there is
+   * no target.
+   */
+  force (name: string, to: string | null | undefined): boolean {
+    const upstream = this.upstreams.get(name)
+    if (upstream === undefined) return false
+    if (to === null) {
+      const state = this.states.get(name)
+      if (state !== undefined && state.forcedTo !== null) {
+        state.forcedTo = null
+        this.logger.warn({ event: 'failover_forced', upstream: name, to: null }, 'forced failover lifted')
+        this.attach(this.upstreams)
+      }
+      return true
+    }
+    const target = to ?? upstream.config.failover
+    if (target === null || target === name || !this.upstreams.has(target)) return false
+    let state = this.states.get(name)
+    if (state === undefined) {
+      state = new Failover(name, this.logger)
+      this.states.set(name, state)
+    }
+    state.forcedTo = target
+    this.logger.warn({ event: 'failover_forced', upstream: name, to: target }, 'failover forced')
+    this.attach(this.upstreams)
+    return true
+  }
+
+  /** Every upstream with a failover state, for metrics and state. */
+  all (): IterableIterator<Failover> {
+    return this.states.values()
+  }
+}

@@ -1,0 +1,150 @@
+import t, { type Test } from 'tap'
+import { startUpstream, type Handler, type TestUpstream } from './helpers/upstream.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { send, eventually, type Reply } from './helpers/http.js'
+import { scrape, sumOf } from './helpers/metrics.js'
+import { resolveConfig, ConfigError } from '../src/config/load.js'
+
+/** An upstream that answers `name` with 200, or 503 while `state.failing`. */
+function switchable (name: string, state: { failing: boolean }): Handler {
+  return (req, res) => {
+    const status = state.failing ? 503 : 200
+    res.writeHead(status, { 'content-type': 'text/plain' })
+    res.end(req.url === '/healthz' ? 'health' : `${name} ${status}`)
+  }
+}
+
+/** A switchable primary (failing or not) and a healthy `dr`, closed in teardown. */
+async function pair (t: Test, failing: boolean): Promise<{ primary: TestUpstream, dr: TestUpstream, primaryState: { failing: boolean } }> {
+  const primaryState = { failing }
+  const primary = await startUpstream(switchable('primary', primaryState))
+  const dr = await startUpstream(switchable('dr', { failing: false }))
+  t.teardown(primary.close)
+  t.teardown(dr.close)
+  return { primary, dr, primaryState }
+}
+
+function config (primary: string, dr: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    upstreams: { primary: { url: primary, failover: 'dr', failbackAfter: '300ms' }, dr: { url: dr } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }],
+    circuitBreakers: { primary: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: '1s' } },
+    ...extra
+  }
+}
+
+t.test('failover: engaged by the first request after the circuit opens, failback after failbackAfter, no failed request in between', async (t) => {
+  const { primary, dr, primaryState } = await pair(t, true)
+  const sc = await startTestSidecar(t, config(primary.url, dr.url))
+  const circuit = sc.sidecar.dataPlane.circuit('primary')
+  t.ok(circuit !== undefined)
+
+  // The failures that open the circuit: the upstream's own 503s, relayed.
+  let opening = 0
+  while (circuit?.state !== 'open') {
+    const r = await send(sc.proxy, `/open/${opening++}`)
+    t.equal(r.status, 503, 'the failing upstream\'s answer')
+    if (opening > 20) break
+  }
+  t.equal(circuit?.state, 'open', `the circuit opened after ${opening} failures`)
+
+  const first = await send(sc.proxy, '/first-after-open')
+  t.equal(first.status, 200, 'the request that finds the circuit open is served')
+  t.equal(first.body, 'dr 200', 'by the failover upstream')
+  t.equal(first.headers['x-breakwater-failover'], 'dr', 'marked')
+  let samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_failover_active', { upstream: 'primary' }), 1, 'breakwater_failover_active is 1')
+
+  primaryState.failing = false // the primary recovers
+  const replies: Reply[] = []
+  let closedAt = -1
+  // Until the traffic is back on the primary for good: every request answered 200.
+  const back = await eventually(async () => {
+    const r = await send(sc.proxy, `/during/${replies.length}`)
+    replies.push(r)
+    if (closedAt === -1 && circuit?.state === 'closed') closedAt = replies.length
+    return r.headers['x-breakwater-failover'] === undefined && replies.length > 1 && replies[replies.length - 2]?.headers['x-breakwater-failover'] === undefined && closedAt !== -1 && closedAt < replies.length - 1
+  }, 20_000, 10)
+  t.ok(back, 'traffic returned to the primary')
+  t.same(replies.filter((r) => r.status !== 200).map((r) => `${r.status} ${r.body}`), [], 'zero failed requests from open to failback')
+  t.ok(replies.some((r) => r.body === 'primary 200' && r.headers['x-breakwater-failover'] === undefined), 'the primary served again')
+  t.ok(closedAt !== -1, 'the half-open probe (real traffic) closed the circuit')
+  t.ok(replies.slice(closedAt).some((r) => r.headers['x-breakwater-failover'] === 'dr'), 'hysteresis: after the circuit closed, traffic stayed on the failover for a while')
+  const after = await send(sc.proxy, '/after')
+  t.equal(after.body, 'primary 200', 'and stays on the primary')
+  samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_failover_active', { upstream: 'primary' }), 0, 'breakwater_failover_active back to 0')
+  t.ok(sc.logs.some((l) => l.event === 'failover_engaged' && l.upstream === 'primary' && l.to === 'dr'), 'engagement logged')
+  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary'), 'failback logged')
+})
+
+t.test('failover: an upstream with no usable endpoint (health checks failing) fails over', async (t) => {
+  const { primary, dr, primaryState } = await pair(t, true)
+  const sc = await startTestSidecar(t, {
+    upstreams: {
+      primary: { url: primary.url, failover: 'dr', failbackAfter: '200ms', healthCheck: { path: '/healthz', intervalMs: 100, timeoutMs: 100, unhealthyThreshold: 1, healthyThreshold: 1 } },
+      dr: { url: dr.url }
+    },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }]
+  })
+  const upstream = (): { healthy: boolean } => sc.sidecar.dataPlane.runtime.upstreams.get('primary') as { healthy: boolean }
+  t.ok(await eventually(() => !upstream().healthy, 10_000), 'the health check marks the only endpoint unhealthy')
+  const r = await send(sc.proxy, '/x')
+  t.equal(r.body, 'dr 200', 'served by the failover')
+  t.equal(r.headers['x-breakwater-failover'], 'dr')
+  primaryState.failing = false
+  t.ok(await eventually(async () => (await send(sc.proxy, '/y')).body === 'primary 200', 10_000), 'back on the primary once healthy for failbackAfter')
+})
+
+t.test('forceFailover: by hand, to any upstream; the target\'s own breaker applies; survives a reload; lifted', async (t) => {
+  const { primary, dr } = await pair(t, false)
+  const input = {
+    upstreams: { primary: { url: primary.url }, dr: { url: dr.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }],
+    circuitBreakers: { dr: {} }
+  }
+  const sc = await startTestSidecar(t, input)
+  const dp = sc.sidecar.dataPlane
+  t.equal(dp.forceFailover('primary', undefined), false, 'no configured failover to default to')
+  t.equal(dp.forceFailover('primary', 'primary'), false, 'not to itself')
+  t.equal(dp.forceFailover('nope', 'dr'), false, 'unknown upstream')
+  t.equal(dp.forceFailover('primary', 'nope'), false, 'unknown target')
+  t.ok(dp.forceFailover('primary', 'dr'))
+  let r = await send(sc.proxy, '/a')
+  t.equal(r.body, 'dr 200')
+  t.equal(r.headers['x-breakwater-failover'], 'dr')
+  dp.force('dr', 'open')
+  r = await send(sc.proxy, '/b')
+  t.equal(r.status, 503, 'the failover upstream\'s circuit still refuses')
+  t.equal(r.headers['x-breakwater-error'], 'circuit_open')
+  t.equal(r.headers['x-breakwater-failover'], 'dr', 'and says where the request went')
+  dp.force('dr', null)
+  dp.apply(resolveConfig({ service: 'test', stateDir: sc.stateDir, ...input }).config)
+  t.equal((await send(sc.proxy, '/c')).body, 'dr 200', 'kept across a reload')
+  t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 1)
+  t.ok(dp.forceFailover('primary', null))
+  r = await send(sc.proxy, '/d')
+  t.equal(r.body, 'primary 200', 'lifted')
+  t.equal(r.headers['x-breakwater-failover'], undefined)
+})
+
+t.test('validate: failover to an unknown upstream, to itself, chains and loops', async (t) => {
+  const problems = (upstreams: Record<string, unknown>): string[] => {
+    try {
+      resolveConfig({ service: 's', upstreams, routes: [{ match: { pathPrefix: '/' }, upstream: 'a' }] })
+    } catch (err) {
+      t.type(err, ConfigError)
+      return [...(err as ConfigError).problems]
+    }
+    t.fail('accepted')
+    return []
+  }
+  const url = 'http://127.0.0.1:1'
+  t.match(problems({ a: { url, failover: 'ghost' } }), [/^upstreams\.a\.failover: unknown upstream "ghost"/])
+  t.match(problems({ a: { url, failover: 'a' } }), [/^upstreams\.a\.failover: an upstream cannot fail over to itself/])
+  t.match(problems({ a: { url, failover: 'b' }, b: { url, failover: 'c' }, c: { url } }), [/^upstreams\.a\.failover: .*no failover chains/])
+  const loop = problems({ a: { url, failover: 'b' }, b: { url, failover: 'a' } })
+  t.ok(loop.some((p) => p.startsWith('upstreams.a.failover') && p.includes('no failover chains')), loop.join('; '))
+  t.ok(loop.some((p) => p.startsWith('upstreams.b.failover') && p.includes('no failover chains')), loop.join('; '))
+  t.match(problems({ a: { url, failbackAfter: '10s' } }), [/^upstreams\.a\.failbackAfter: needs failover/])
+})

@@ -1,0 +1,242 @@
+import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type http from 'node:http'
+import { startUpstream, refusedUrl, type TestUpstream } from './helpers/upstream.js'
+import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
+import { send, eventually, type Reply } from './helpers/http.js'
+import { scrape, sumOf } from './helpers/metrics.js'
+import { resolveConfig, ConfigError } from '../src/config/load.js'
+import { emptySums } from '../src/proxy/window.js'
+import type { Fallback } from '../src/proxy/fallback.js'
+
+type Mode = 'ok' | 'reset' | 'hang'
+
+/**
+ * An upstream whose answers depend on `state.mode` and the path: `/nostore`, `/private`,
+ * `/cookie`, `/varystar`, `/vary` (on accept-language) and `/big/N` set what their names say.
+ */
+async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, held?: http.ServerResponse[] }): Promise<TestUpstream> {
+  const up = await startUpstream((req, res) => {
+    if (state.mode === 'reset') { req.socket.destroy(); return }
+    if (state.mode === 'hang') { state.held?.push(res); return }
+    const url = req.url ?? ''
+    const headers: http.OutgoingHttpHeaders = { 'content-type': 'text/plain' }
+    let body = `good ${url}`
+    if (url === '/nostore') headers['cache-control'] = 'no-store'
+    if (url === '/private') headers['cache-control'] = 'private, max-age=60'
+    if (url === '/cookie') headers['set-cookie'] = 'session=1'
+    if (url === '/varystar') headers.vary = '*'
+    if (url === '/vary') { headers.vary = 'Accept-Language'; body += ` ${String(req.headers['accept-language'])}` }
+    if (url.startsWith('/big/')) body = url.padEnd(state.bodyBytes ?? 10_000, '.')
+    headers['content-length'] = Buffer.byteLength(body)
+    res.writeHead(200, headers)
+    res.end(body)
+  })
+  t.teardown(up.close)
+  return up
+}
+
+function routeFallback (sc: TestSidecar): Fallback {
+  return (sc.sidecar.dataPlane.runtime.routes.routes[0] as { fallback: Fallback }).fallback
+}
+
+function isStale (t: Test, r: Reply, body: string, why: string): void {
+  t.equal(r.status, 200, `${why}: 200`)
+  t.equal(r.body, body, `${why}: the last good body`)
+  t.equal(r.headers['x-breakwater-fallback'], 'stale', `${why}: marked stale`)
+  t.match(String(r.headers.age), /^[0-9]+$/, `${why}: with Age`)
+}
+
+function isStatic (t: Test, r: Reply, why: string): void {
+  t.equal(r.status, 503, `${why}: the static status`)
+  t.equal(r.body, 'degraded', `${why}: the static body`)
+  t.equal(r.headers['x-breakwater-fallback'], 'static', `${why}: marked static`)
+}
+
+const FALLBACK = { staleIfError: '1m', status: 503, body: 'degraded' }
+
+t.test('fallback: the last good 200 is served with Age in place of each of the five refusals and failures', async (t) => {
+  const state = { mode: 'ok' as Mode, held: [] as http.ServerResponse[] }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { match: { pathPrefix: '/quick/' }, upstream: 'app', timeoutMs: 300, fallback: FALLBACK },
+      { match: { pathPrefix: '/' }, upstream: 'app', killSwitch: 'feat', fallback: FALLBACK }
+    ],
+    featureFlags: { feat: true },
+    circuitBreakers: { app: { maxConcurrentRequests: 1, volumeThreshold: 1000 } }
+  })
+  const dp = sc.sidecar.dataPlane
+  t.equal((await send(sc.proxy, '/item')).body, 'good /item', 'a good answer, stored')
+  t.equal((await send(sc.proxy, '/quick/item')).body, 'good /quick/item', 'and one on the route with a short timeout')
+
+  state.mode = 'reset'
+  isStale(t, await send(sc.proxy, '/item'), 'good /item', 'upstream_unavailable')
+  state.mode = 'hang'
+  isStale(t, await send(sc.proxy, '/quick/item'), 'good /quick/item', 'upstream_timeout')
+  state.mode = 'ok'
+  dp.force('app', 'open')
+  isStale(t, await send(sc.proxy, '/item'), 'good /item', 'circuit_open')
+  dp.force('app', null)
+  await sc.sidecar.flags.override('feat', false)
+  isStale(t, await send(sc.proxy, '/item'), 'good /item', 'feature_disabled')
+  await sc.sidecar.flags.override('feat', null)
+  state.mode = 'hang'
+  state.held.length = 0
+  const slow = send(sc.proxy, '/slow') // holds the bulkhead's one slot until the upstream answers it
+  t.ok(await eventually(() => state.held.length === 1), 'one request in flight')
+  isStale(t, await send(sc.proxy, '/item'), 'good /item', 'bulkhead_full')
+  state.held[0]?.end('slow done')
+  t.equal((await slow).body, 'slow done', 'the request that held the slot completes')
+
+  state.mode = 'reset'
+  const head = await send(sc.proxy, '/item', { method: 'HEAD' })
+  t.equal(head.headers['x-breakwater-fallback'], 'stale', 'HEAD is answered from the stored GET')
+  t.equal(head.body, '')
+
+  const samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'stale' }), 6)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { route: 'quick', kind: 'stale' }), 1, 'counted by route')
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'static' }), 0)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 6, 'stale answers are Breakwater\'s status')
+  const lines = sc.logs.filter((l) => l.msg === 'request' && l.fallback === 'stale')
+  t.same(lines.map((l) => `${String(l['error.type'])}/${String(l.outcome)}`), [
+    'upstream_unavailable/upstream', 'upstream_timeout/upstream', 'circuit_open/breakwater', 'feature_disabled/breakwater', 'bulkhead_full/breakwater', 'upstream_unavailable/upstream'
+  ], 'each keeps the cause of what it replaced (the access log says which)')
+})
+
+t.test('fallback: what HTTP caching does not allow is never stored; Vary is respected', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, cache: { maxEntryBytes: 4096 } } }]
+  })
+  const paths = ['/nostore', '/private', '/cookie', '/varystar', '/big/1']
+  for (const p of paths) t.equal((await send(sc.proxy, p)).status, 200, `${p} answered`)
+  t.equal((await send(sc.proxy, '/auth', { headers: { authorization: 'Bearer x' } })).status, 200, '/auth answered')
+  t.equal((await send(sc.proxy, '/vary', { headers: { 'accept-language': 'en' } })).body, 'good /vary en')
+  t.equal((await send(sc.proxy, '/plain')).status, 200)
+  t.equal(routeFallback(sc).cache?.size, 2, 'only /vary and /plain were stored')
+
+  state.mode = 'reset'
+  for (const p of [...paths, '/auth']) isStatic(t, await send(sc.proxy, p), `${p} not stored`)
+  isStale(t, await send(sc.proxy, '/plain'), 'good /plain', 'a plain 200 was')
+  isStale(t, await send(sc.proxy, '/vary', { headers: { 'accept-language': 'en' } }), 'good /vary en', 'Vary: the same accept-language')
+  isStatic(t, await send(sc.proxy, '/vary', { headers: { 'accept-language': 'fr' } }), 'Vary: another accept-language is not served the stored variant')
+  isStatic(t, await send(sc.proxy, '/vary'), 'Vary: no accept-language is another variant too')
+})
+
+t.test('fallback: an entry older than staleIfError is not served', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, staleIfError: '1s' } }]
+  })
+  t.equal((await send(sc.proxy, '/item')).status, 200)
+  state.mode = 'reset'
+  t.ok(await eventually(async () => (await send(sc.proxy, '/item')).headers['x-breakwater-fallback'] === 'static', 10_000, 100), 'once too old, the static answer')
+})
+
+t.test('fallback: a static response alone, from body or from a file read at load', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-fallback-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  writeFileSync(join(dir, 'degraded.html'), '<p>back soon</p>')
+  const down = await refusedUrl()
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: down } },
+    routes: [
+      { match: { pathPrefix: '/file' }, upstream: 'app', fallback: { status: 503, file: join(dir, 'degraded.html'), contentType: 'text/html' } },
+      { match: { pathPrefix: '/' }, upstream: 'app', fallback: { status: 200, body: 'degraded', headers: { 'Retry-After': '5' } } }
+    ]
+  })
+  const r = await send(sc.proxy, '/x', { method: 'POST', body: 'payload' })
+  t.equal(r.status, 200, 'any method, the configured status')
+  t.equal(r.body, 'degraded')
+  t.equal(r.headers['x-breakwater-fallback'], 'static')
+  t.equal(r.headers['retry-after'], '5', 'configured headers')
+  t.equal(r.headers['content-type'], 'text/plain; charset=utf-8')
+  const f = await send(sc.proxy, '/file')
+  t.equal(f.status, 503)
+  t.equal(f.body, '<p>back soon</p>')
+  t.equal(f.headers['content-type'], 'text/html')
+  const samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'static' }), 2)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'upstream' }), 0, 'never counted as the upstream\'s success')
+})
+
+t.test('fallback: the cache stays within maxBytes under many large bodies, least recently used evicted', async (t) => {
+  const state = { mode: 'ok' as Mode, bodyBytes: 10_000 }
+  const up = await appUpstream(t, state)
+  const maxBytes = 64 * 1024
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, cache: { maxBytes, maxEntryBytes: 16 * 1024 } } }]
+  })
+  const cache = routeFallback(sc).cache
+  let peak = 0
+  for (let i = 0; i < 60; i++) {
+    t.equal((await send(sc.proxy, `/big/${i}`)).body.length, 10_000)
+    peak = Math.max(peak, cache?.bytes ?? Infinity)
+  }
+  t.ok(peak <= maxBytes, `bytes never above maxBytes (peak ${peak})`)
+  t.ok((cache?.size ?? 0) >= 5 && (cache?.size ?? 0) <= 6, `about maxBytes / body size entries held (${String(cache?.size)})`)
+  t.ok((cache?.evictions ?? 0) >= 54, 'the rest were evicted')
+  state.mode = 'reset'
+  t.equal((await send(sc.proxy, '/big/59')).headers['x-breakwater-fallback'], 'stale', 'the most recent is kept')
+  t.equal((await send(sc.proxy, '/big/0')).headers['x-breakwater-fallback'], 'static', 'the least recently used is gone')
+})
+
+t.test('fallback: the breaker still opens, and triggers still see the outage, while stale answers are served', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }],
+    circuitBreakers: { app: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: '1m' } }
+  })
+  t.equal((await send(sc.proxy, '/item')).status, 200)
+  state.mode = 'reset'
+  for (let i = 0; i < 8; i++) isStale(t, await send(sc.proxy, '/item'), 'good /item', `outage request ${i}`)
+  const circuit = sc.sidecar.dataPlane.circuit('app')
+  t.equal(circuit?.state, 'open', 'the failures behind the stale answers opened the circuit')
+  const window = sc.sidecar.dataPlane.runtime.routes.routes[0]?.stats.window
+  const sums = window?.sum(0, Math.floor(Date.now() / 1000) + 1, emptySums(false))
+  t.equal(sums?.requests, 9, 'every request is in the trigger window')
+  t.equal(sums?.errors, 8, 'each degraded answer is an error there (failures, then refusals by a circuit failures opened)')
+  t.ok(sc.logs.some((l) => l.event === 'circuit_open' || l.msg === 'circuit open'), 'the circuit opening was logged')
+})
+
+t.test('validate: fallback file missing or too large, and incomplete fallbacks', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-fallback-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const big = join(dir, 'big.html')
+  writeFileSync(big, Buffer.alloc(1024 * 1024 + 1, 'x'))
+  const problems = (fallback: Record<string, unknown>): string[] => {
+    try {
+      resolveConfig({ service: 's', upstreams: { a: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'a', fallback }] })
+    } catch (err) {
+      t.type(err, ConfigError)
+      return [...(err as ConfigError).problems]
+    }
+    t.fail('accepted')
+    return []
+  }
+  const has = (fallback: Record<string, unknown>, re: RegExp): void => {
+    const p = problems(fallback)
+    t.ok(p.some((l) => re.test(l)), `${String(re)} in: ${p.join('; ')}`)
+  }
+  has({ status: 503, file: join(dir, 'missing.html') }, /^routes\[0\]\.fallback\.file: .*missing\.html does not exist/)
+  has({ status: 503, file: big }, /^routes\[0\]\.fallback\.file: .*1048577 bytes, more than the 1048576/)
+  has({ body: 'x' }, /^routes\[0\]\.fallback: needs staleIfError .* or status/)
+  has({ body: 'x' }, /^routes\[0\]\.fallback\.body: needs status/)
+  has({ status: 503, body: 'x', file: join(dir, 'missing.html') }, /^routes\[0\]\.fallback: use either body or file/)
+  has({ status: 503, cache: { maxBytes: 4096 } }, /^routes\[0\]\.fallback\.cache: needs staleIfError/)
+  has({ status: 503, headers: { 'Content-Length': '5' } }, /^routes\[0\]\.fallback\.headers\.Content-Length: set by Breakwater/)
+  has({ status: 503, headers: { 'x-note': 'a\r\nb' } }, /^routes\[0\]\.fallback\.headers\.x-note: not a valid header value/)
+  has({ status: 503, contentType: 'text/html\n' }, /^routes\[0\]\.fallback\.contentType: not a valid header value/)
+})

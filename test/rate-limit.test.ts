@@ -1,0 +1,152 @@
+import t from 'tap'
+import { startUpstream, echo } from './helpers/upstream.js'
+import { startTestSidecar, oneRoute, type TestSidecar } from './helpers/sidecar.js'
+import { send, eventually } from './helpers/http.js'
+import { scrape, sumOf } from './helpers/metrics.js'
+import { resolveConfig, ConfigError } from '../src/config/load.js'
+import type { RateLimiter } from '../src/proxy/rate-limit.js'
+
+/** A rate so slow that no token comes back during a test: refusals are counted, never timed. */
+const FROZEN = 0.001
+
+function limiter (sc: TestSidecar): RateLimiter | null {
+  return (sc.sidecar.dataPlane.runtime.routes.routes[0] as { rateLimiter: RateLimiter | null }).rateLimiter
+}
+
+async function statuses (base: string, n: number, headers: Record<string, string> = {}): Promise<number[]> {
+  return (await Promise.all(Array.from({ length: n }, async (_, i) => await send(base, `/r/${i}`, { headers })))).map((r) => r.status)
+}
+
+t.test('rateLimit: a burst of N+k requests gets exactly k refusals, 429 rate_limited with the rate-limit headers', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 5 } }))
+  const got = await statuses(sc.proxy, 8)
+  t.equal(got.filter((s) => s === 200).length, 5, 'the burst is served')
+  t.equal(got.filter((s) => s === 429).length, 3, 'exactly the excess is refused')
+  t.equal(up.received.length, 5, 'refusals never reach the upstream')
+
+  const refused = await send(sc.proxy, '/again')
+  t.equal(refused.status, 429)
+  t.equal(refused.json<{ error: string }>().error, 'rate_limited')
+  t.equal(refused.headers['x-breakwater-error'], 'rate_limited')
+  t.equal(refused.headers['x-breakwater-mitigation'], 'rate-limit')
+  const retryAfter = Number(refused.headers['retry-after'])
+  t.ok(Number.isInteger(retryAfter) && retryAfter >= 1, `retry-after is whole seconds (${String(refused.headers['retry-after'])})`)
+  // draft-ietf-httpapi-ratelimit-headers: a List of policy items with q (quota) and w (window).
+  t.equal(refused.headers['ratelimit-policy'], `"root";q=5;w=${Math.ceil(5 / FROZEN)}`)
+  t.equal(refused.headers.ratelimit, `"root";r=0;t=${retryAfter}`)
+
+  const samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_rejections_total', { route: 'root', reason: 'rate_limit' }), 4, 'counted as rejections')
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '429', source: 'breakwater' }), 4, 'source="breakwater"')
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '429', source: 'upstream' }), 0, 'never the app\'s status')
+  t.equal(sc.logs.filter((l) => l.msg === 'request' && l['http.response.status_code'] === 429 && l.outcome === 'breakwater').length, 4, 'outcome breakwater in the access log')
+})
+
+t.test('rateLimit: the bucket refills at requestsPerSecond', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: 2, burst: 1 } }))
+  t.equal((await send(sc.proxy, '/a')).status, 200)
+  // The second may or may not find a token, depending on the machine's speed; keep taking until one is refused.
+  t.ok(await eventually(async () => (await send(sc.proxy, '/b')).status === 429, 10_000, 0), 'an empty bucket refuses')
+  t.ok(await eventually(async () => (await send(sc.proxy, '/c')).status === 200, 10_000, 50), 'a token comes back')
+})
+
+t.test('rateLimit key client: the peer, or the right-most untrusted x-forwarded-for entry behind trusted proxies', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, {
+    ...oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'client' } }),
+    listen: { proxy: { host: '127.0.0.1', port: 0, trustedProxies: ['127.0.0.0/8', '10.0.0.0/8', 'fd00::/8'] }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }
+  })
+  const xff = async (value: string): Promise<number> => (await send(sc.proxy, '/', { headers: { 'x-forwarded-for': value } })).status
+  t.equal(await xff('203.0.113.1'), 200, 'client 203.0.113.1')
+  t.equal(await xff('203.0.113.1'), 429, 'the same client again')
+  t.equal(await xff('203.0.113.2'), 200, 'another client has its own bucket')
+  t.equal(await xff('198.51.100.7, 203.0.113.1'), 429, 'a spoofed entry left of the real client changes nothing')
+  t.equal(await xff('203.0.113.1, 198.51.100.8'), 200, 'the right-most untrusted entry is the client')
+  t.equal(await xff('203.0.113.3, 10.1.2.3'), 200, 'a trusted proxy in the chain is skipped...')
+  t.equal(await xff('203.0.113.3'), 429, '...so its client is 203.0.113.3')
+  t.equal(await xff('2001:db8::1'), 200, 'IPv6 client')
+  t.equal(await xff('[2001:DB8::1]:4711'), 429, 'the same IPv6 client, bracketed with a port and in upper case')
+  t.equal(await xff('::ffff:203.0.113.9'), 200, 'an IPv4-mapped client')
+  t.equal(await xff('203.0.113.9:5000'), 429, 'is the same IPv4 client')
+  t.equal(await xff('2001:db8::2, fd00::1'), 200, 'IPv6 trusted proxy skipped')
+  t.equal(await xff('not-an-address'), 200, 'garbage: keyed by the trusted hop that reported it (the peer)')
+  t.equal(await xff('still-garbage'), 429, 'every garbage entry shares that one bucket: a client cannot mint keys')
+})
+
+t.test('rateLimit key client without trustedProxies: x-forwarded-for is not believed', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'client' } }))
+  t.equal((await send(sc.proxy, '/', { headers: { 'x-forwarded-for': '203.0.113.1' } })).status, 200)
+  t.equal((await send(sc.proxy, '/', { headers: { 'x-forwarded-for': '203.0.113.2' } })).status, 429, 'a new spoofed address is still the same peer')
+})
+
+t.test('rateLimit key header:NAME: one bucket per value; a request without it uses the client key, counted', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'header:X-Api-Key' } }))
+  const withKey = async (key?: string): Promise<number> => (await send(sc.proxy, '/', { headers: key === undefined ? {} : { 'x-api-key': key } })).status
+  t.equal(await withKey('alpha'), 200)
+  t.equal(await withKey('alpha'), 429)
+  t.equal(await withKey('beta'), 200, 'another key value, another bucket')
+  t.equal(await withKey(), 200, 'no header: the client\'s bucket')
+  t.equal(await withKey(), 429, 'no header again: the same client bucket, not unlimited')
+  t.equal(await withKey('x'.repeat(300)), 429, 'an oversized value is not a key either: the client bucket')
+  const samples = await scrape(sc.ops)
+  t.equal(sumOf(samples, 'breakwater_rate_limit_key_fallbacks_total', { route: 'root' }), 3, 'key fallbacks counted')
+})
+
+t.test('rateLimit: the key table is bounded at maxKeys, least recently used evicted', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'header:x-user', maxKeys: 3 } }))
+  for (let i = 0; i < 20; i++) t.equal((await send(sc.proxy, '/', { headers: { 'x-user': `u${i}` } })).status, 200, `user ${i}: a fresh bucket`)
+  const rl = limiter(sc)
+  t.equal(rl?.size, 3, 'never more than maxKeys buckets')
+  t.equal(rl?.evictions, 17, 'the rest were evicted')
+  t.equal((await send(sc.proxy, '/', { headers: { 'x-user': 'u19' } })).status, 429, 'a recent key keeps its bucket')
+  t.equal((await send(sc.proxy, '/', { headers: { 'x-user': 'u0' } })).status, 200, 'an evicted key starts full')
+})
+
+t.test('setRouteRateLimit: the runtime override applies, survives a reload and clears', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = oneRoute(up.url)
+  const sc = await startTestSidecar(t, input)
+  const dp = sc.sidecar.dataPlane
+  t.equal(dp.setRouteRateLimit('nope', { requestsPerSecond: 1, burst: 1 }), false, 'unknown route')
+  t.same(await statuses(sc.proxy, 3), [200, 200, 200], 'no limit configured')
+  t.ok(dp.setRouteRateLimit('root', { requestsPerSecond: FROZEN, burst: 2 }))
+  t.equal((await statuses(sc.proxy, 3)).filter((s) => s === 429).length, 1, 'overridden: burst 2')
+  dp.apply(resolveConfig({ service: 'test', stateDir: sc.stateDir, ...input }).config)
+  t.equal(await send(sc.proxy, '/').then((r) => r.status), 429, 'kept across a reload, with its buckets')
+  t.ok(dp.setRouteRateLimit('root', null))
+  t.same(await statuses(sc.proxy, 3), [200, 200, 200], 'cleared: the configured (none) applies again')
+})
+
+t.test('validate: a rate of 0 or less, a bad key, a bad trusted proxy', async (t) => {
+  const problems = (raw: Record<string, unknown>): string[] => {
+    try {
+      resolveConfig({ service: 's', ...raw })
+    } catch (err) {
+      t.type(err, ConfigError)
+      return [...(err as ConfigError).problems]
+    }
+    t.fail('accepted')
+    return []
+  }
+  for (const rps of [0, -5]) {
+    const p = problems(oneRoute('http://127.0.0.1:1', { rateLimit: { requestsPerSecond: rps } }))
+    t.ok(p.some((l) => l.startsWith('routes[0].rateLimit.requestsPerSecond')), `rate ${rps}: ${p.join('; ')}`)
+  }
+  const key = problems(oneRoute('http://127.0.0.1:1', { rateLimit: { requestsPerSecond: 1, key: 'cookie' } }))
+  t.ok(key.some((l) => l.startsWith('routes[0].rateLimit.key')), key.join('; '))
+  const trusted = problems({ ...oneRoute('http://127.0.0.1:1'), listen: { proxy: { trustedProxies: ['10.0.0.0/33', 'proxy.local'] } } })
+  t.ok(trusted.some((l) => l.startsWith('listen.proxy.trustedProxies[0]')), trusted.join('; '))
+  t.ok(trusted.some((l) => l.startsWith('listen.proxy.trustedProxies[1]')), trusted.join('; '))
+})
