@@ -30,6 +30,7 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
   breakwater audit [--limit N]                        newest audit entries
   breakwater triage                                   what is wrong, and the lowest-risk fix
+  breakwater incident report INCIDENT_ID              post-mortem draft (Markdown; --json for tools)
 
   breakwater drill                                    rehearse an outage end to end, on loopback
 
@@ -96,7 +97,7 @@ async function main (argv: string[]): Promise<number> {
       const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true })
       return result.restored ? 0 : 1
     }
-    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': {
+    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': case 'incident': {
       const { runOperator, UsageError } = await import('./operator/commands.js')
       const given = values.config ?? process.env.BREAKWATER_CONFIG
       try {

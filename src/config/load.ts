@@ -305,6 +305,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     slackWebhookUrl: n.slackWebhookUrl ?? null,
     pagerDutyServiceId: n.pagerDutyServiceId ?? null,
     pagerDutyRoutingKey: n.pagerDutyRoutingKey ?? null,
+    pagerDutyEscalationRoutingKey: n.pagerDutyEscalationRoutingKey ?? null,
+    escalateAfterMs: toMs(n.escalateAfter ?? '15m'),
     pagerDutyUrl: n.pagerDutyUrl ?? 'https://events.pagerduty.com/v2/enqueue',
     statusPageId: n.statusPageId ?? null,
     statusPageApiKey: n.statusPageApiKey ?? null,
@@ -428,7 +430,7 @@ function keyPath (pointer: string): string {
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
-const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|pagerDutyEscalationRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
 
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>

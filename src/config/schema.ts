@@ -156,6 +156,8 @@ export const ConfigSchema = closed(
       slackWebhookUrl: Type.Optional(WebhookUrl),
       pagerDutyServiceId: Type.Optional(Type.String({ minLength: 1 })),
       pagerDutyRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
+      pagerDutyEscalationRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
+      escalateAfter: Type.Optional(Duration),
       pagerDutyUrl: Type.Optional(WebhookUrl),
       statusPageId: Type.Optional(Type.String({ minLength: 1 })),
       statusPageApiKey: Type.Optional(Type.String({ minLength: 1 })),
