@@ -282,7 +282,8 @@ export class Sidecar {
   async incidentReport (id: string): Promise<IncidentReport | null> {
     const incident = this.verifier.incidents.find((i) => i.id === id)
     if (incident === undefined) return null
-    return buildReport(incident, this.config.service, [...this.verifier.routesInScope(incident.scope)], await this.control.audit.newest(AUDIT_READ), Date.now())
+    const audit = await this.control.audit.newest(AUDIT_READ)
+    return buildReport(incident, this.config.service, [...this.verifier.routesInScope(incident.scope)], audit, audit.length < AUDIT_READ, Date.now())
   }
 
   /** The triage report (GET /v1/triage). */

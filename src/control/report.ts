@@ -64,18 +64,20 @@ export interface IncidentReport {
 const ACTING = /^(mitigation\.|flag\.|circuit\.|config\.reload|trigger\.)/
 
 /**
- * Build the draft of `incident` from its record and `audit` (newest first, as read; when it does
- * not reach back to the detection, the draft says so). `routes`: the routes of its scope.
+ * Build the draft of `incident` from its record and `audit` (newest first, as read;
+ * `auditComplete`: false when that is not the whole log, and if it then does not reach back to
+ * the incident, the draft says so). `routes`: the routes of its scope.
  */
-export function buildReport (incident: Incident, service: string, routes: string[], audit: readonly AuditEntry[], now: number): IncidentReport {
+export function buildReport (incident: Incident, service: string, routes: string[], audit: readonly AuditEntry[], auditComplete: boolean, now: number): IncidentReport {
   const notHeld: string[] = []
   const detectedAt = Date.parse(incident.detectedAt)
   const end = incident.restoredAt ?? incident.endedAt ?? new Date(now).toISOString()
   const from = Math.min(detectedAt, incident.detection?.firstFailureAt !== null && incident.detection?.firstFailureAt !== undefined ? Date.parse(incident.detection.firstFailureAt) : detectedAt) - 1000
   const to = Date.parse(end) + 1000
   const oldest = audit.at(-1)
-  if (oldest === undefined || Date.parse(oldest.time) > detectedAt) notHeld.push('audit lines from before the oldest one kept (the audit log rotated, or was not writable): the timeline may miss actions')
-  const mine = audit
+  if (!auditComplete && (oldest === undefined || Date.parse(oldest.time) > from)) notHeld.push('audit lines from before the oldest one kept (the audit log rotated, or was not writable): the timeline may miss actions')
+  // Oldest first, so that lines of the same millisecond keep the order they were written in.
+  const mine = [...audit].reverse()
     .filter((e) => {
       if (e.targets.includes(incident.id)) return true
       if (incident.mitigation !== null && e.id === incident.mitigation.id) return true
@@ -225,7 +227,7 @@ export function renderReport (r: IncidentReport): string {
   out.push('')
   out.push('## Who or what acted', '')
   if (r.actors.length === 0) out.push('- Nothing acted on the service during the incident.')
-  for (const a of r.actors) out.push(`- ${a.kind === 'operator' ? 'Operator' : a.kind === 'trigger' ? 'Trigger' : 'Breakwater'} \`${a.by}\` on version ${r.version}: ${a.actions.join('; ')} — reason: ${a.reasons.join(' / ')}`)
+  for (const a of r.actors) out.push(`- \`${a.by}\` (${a.kind}) on version ${r.version}: ${a.actions.join('; ')} — reason: ${a.reasons.join(' / ')}`)
   out.push('')
   out.push('## Times', '')
   out.push(`- Time to detect (first failure held → detection): ${secs(r.times.timeToDetectSeconds)}`)

@@ -171,7 +171,7 @@ export class Verifier {
   triggerFired (trigger: TriggerConfig, at: number, reading: Reading | null = null): Incident {
     const open = this.incidents.find((i) => i.trigger === trigger.name && OPEN.has(i.status))
     if (open !== undefined) return open
-    const detection = reading === null ? null : { metric: trigger.metric, threshold: trigger.threshold, windowSeconds: trigger.windowMs / 1000, value: reading.value, requests: reading.requests, errors: reading.errors, firstFailureAt: this.firstFailure(trigger, at) }
+    const detection = reading === null ? null : { metric: trigger.metric, threshold: trigger.threshold, windowSeconds: trigger.windowMs / 1000, value: Math.round(reading.value * 1e4) / 1e4, requests: reading.requests, errors: reading.errors, firstFailureAt: this.firstFailure(trigger, at) }
     return this.open(trigger.name, { route: trigger.route, upstream: trigger.upstream }, at, detection, trigger.windowMs)
   }
 
