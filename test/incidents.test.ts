@@ -352,3 +352,51 @@ t.test('breakwater incident report ID [--json] through a running sidecar', async
   const usage = await runCli(['incident', 'show'], { env, cwd, timeoutMs: 60_000 })
   t.equal(usage.code, 2)
 })
+
+t.test('an unverified incident (no real traffic to judge by) is not escalated at once: its deadline stands', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '3s' }, trigger: { minRequests: 1000 }, verification: { timeoutMs: '1s' } })
+  app.failing.add('/checkout')
+  await load.burst('/checkout/cart', 20)
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors' })).status, 201)
+  const [first] = await incidents(s)
+  const i = await settled(s, first.id)
+  t.equal(i.status, 'unverified')
+  t.ok(await eventually(() => escalations(r).hook.length === 1, 30_000), 'escalated in the end')
+  const [now] = await incidents(s)
+  t.ok(Date.parse(now.escalatedAt) >= Date.parse(now.escalateAt), 'at the escalateAfter deadline, not when verification ended')
+  t.match(now.escalationReason, /not verified restored within 3 s/)
+  t.ok(Date.parse(escalations(r).hook[0]?.body.time) >= Date.parse(now.escalateAt))
+})
+
+t.test('a failed rollback escalates at once', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const cd = await startReceiver([400])
+  t.teardown(cd.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const { config } = resolveConfig({
+    service: 'shop',
+    version: '3.1.0',
+    stateDir,
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    upstreams: { app: { url: app.url } },
+    routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'rollback' }],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback` },
+    notifications: { webhooks: [`${r.hook.url}/events`], escalateAfter: '1h' },
+    logging: { level: 'info', accessLog: false }
+  })
+  const s = await startCaptured(t, config, stateDir)
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  app.failing.add('/')
+  await load.burst('/cart', 10)
+  s.sidecar.triggers.evaluate(Date.now())
+  t.ok(await eventually(() => escalations(r).hook.length === 1, 15_000), 'escalated')
+  const [i] = await incidents(s)
+  t.match(i, { mitigation: { action: 'rollback', status: 'failed' } })
+  t.match(i.escalationReason, /the rollback m-\S+ failed/)
+  t.ok(Date.parse(i.escalatedAt) < Date.parse(i.escalateAt), 'long before the deadline')
+})
