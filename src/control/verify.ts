@@ -218,7 +218,8 @@ export class Verifier {
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'detected', trigger, escalateAt: incident.escalateAt }, 'incident detected')
     this.count(incident, Date.now())
     this.arm(incident, Date.now())
-    this.deps.persist({ action: 'incident.detected', targets: [incident.id], reason: trigger !== null ? `trigger ${trigger} fired` : 'an operator mitigated', result: 'detected', requester: trigger !== null ? `trigger:${trigger}` : 'operator', trigger, version: incident.version })
+    // An operator's incident opens with the operator's own audited action: one line per command.
+    this.deps.persist(trigger === null ? null : { action: 'incident.detected', targets: [incident.id], reason: `trigger ${trigger} fired`, result: 'detected', requester: `trigger:${trigger}`, trigger, version: incident.version })
     this.countOpen()
     return incident
   }
