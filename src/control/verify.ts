@@ -39,6 +39,7 @@ import type { Notifier } from './notify.js'
 import type { Reading } from './triggers.js'
 import type { TriageReport } from './triage.js'
 import { countImpact, emptyImpact, type Impact, type Probes } from './impact.js'
+import { Deadlines } from './deadlines.js'
 
 export interface Incident {
   id: string
@@ -137,7 +138,7 @@ export class Verifier {
   ttrSum = 0
   ttrCount = 0
   private readonly running = new Map<string, Running>()
-  private readonly escalations = new Map<string, NodeJS.Timeout>()
+  private readonly escalations = new Deadlines()
   private counter: NodeJS.Timeout | null = null
   private stopped = false
   /** The first second this process holds traffic for (earlier spans are gaps in an impact). */
@@ -152,7 +153,6 @@ export class Verifier {
   restore (saved: readonly unknown[]): void {
     const loaded = saved.filter((x): x is Incident => typeof x === 'object' && x !== null && typeof (x as Incident).id === 'string' && typeof (x as Incident).escalateAt === 'string' && typeof (x as Incident).impact === 'object')
     this.incidents.splice(0, this.incidents.length, ...loaded.slice(0, KEEP))
-    const now = Date.now()
     for (const incident of this.incidents) {
       if (incident.status === 'verifying' && incident.mitigatedAt !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
@@ -162,7 +162,7 @@ export class Verifier {
         this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
       }
       if (incident.status === 'not_restored') this.escalate(incident, 'the mitigation did not restore service')
-      else if (incident.status !== 'restored') this.arm(incident, now)
+      else if (incident.status !== 'restored') this.arm(incident)
     }
     this.countOpen()
   }
@@ -217,7 +217,7 @@ export class Verifier {
     if (this.incidents.length > KEEP) this.incidents.length = KEEP
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'detected', trigger, escalateAt: incident.escalateAt }, 'incident detected')
     this.count(incident, Date.now())
-    this.arm(incident, Date.now())
+    this.arm(incident)
     // An operator's incident opens with the operator's own audited action: one line per command.
     this.deps.persist(trigger === null ? null : { action: 'incident.detected', targets: [incident.id], reason: `trigger ${trigger} fired`, result: 'detected', requester: `trigger:${trigger}`, trigger, version: incident.version })
     this.countOpen()
@@ -264,15 +264,10 @@ export class Verifier {
   }
 
   /** Escalate `incident` at its deadline unless it is verified restored first. */
-  private arm (incident: Incident, now: number): void {
+  private arm (incident: Incident): void {
     if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
-    this.disarm(incident.id)
-    const timer = setTimeout(() => {
-      this.escalations.delete(incident.id)
-      this.escalate(incident, `not verified restored within ${this.deps.config().notifications.escalateAfterMs / 1000} s of detection`)
-    }, Math.max(0, Date.parse(incident.escalateAt) - now))
-    timer.unref()
-    this.escalations.set(incident.id, timer)
+    const why = `not verified restored within ${this.deps.config().notifications.escalateAfterMs / 1000} s of detection`
+    this.escalations.arm(incident.id, Date.parse(incident.escalateAt), () => { this.escalate(incident, why) })
   }
 
   /** Incidents whose escalation deadline is armed now. */
@@ -280,15 +275,9 @@ export class Verifier {
     return this.escalations.size
   }
 
-  private disarm (id: string): void {
-    const timer = this.escalations.get(id)
-    if (timer !== undefined) clearTimeout(timer)
-    this.escalations.delete(id)
-  }
-
   /** Escalate once per incident: PagerDuty `critical`, Slack, webhooks (SPEC §19). */
   private escalate (incident: Incident, why: string): void {
-    this.disarm(incident.id)
+    this.escalations.disarm(incident.id)
     if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
     incident.escalatedAt = new Date().toISOString()
     incident.escalationReason = why
@@ -457,7 +446,7 @@ export class Verifier {
     const now = Date.now()
     this.count(incident, now)
     this.running.delete(incident.id)
-    this.disarm(incident.id)
+    this.escalations.disarm(incident.id)
     incident.status = 'restored'
     incident.restoredAt = new Date(now).toISOString()
     incident.endedAt = incident.restoredAt
@@ -524,8 +513,7 @@ export class Verifier {
     this.stopped = true
     for (const r of this.running.values()) if (r.timer !== null) clearTimeout(r.timer)
     this.running.clear()
-    for (const timer of this.escalations.values()) clearTimeout(timer)
-    this.escalations.clear()
+    this.escalations.stop()
     if (this.counter !== null) clearInterval(this.counter)
     this.counter = null
   }
