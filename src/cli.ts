@@ -29,8 +29,10 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
   breakwater audit [--limit N]                        newest audit entries
   breakwater triage                                   what is wrong, and the lowest-risk fix
+  breakwater incident report INCIDENT_ID              post-mortem draft (Markdown; --json for tools)
 
-  breakwater drill                                    rehearse an outage end to end, on loopback
+  breakwater drill [--no-restore]                     rehearse an outage end to end, on loopback
+                                                      (--no-restore: the rollback does not fix it → escalation)
 
 Options:
   -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
@@ -71,7 +73,8 @@ async function main (argv: string[]): Promise<number> {
         ttl: { type: 'string' },
         limit: { type: 'string' },
         admin: { type: 'string', multiple: true },
-        'token-file': { type: 'string' }
+        'token-file': { type: 'string' },
+        'no-restore': { type: 'boolean' }
       }
     })
   } catch (err) {
@@ -92,10 +95,12 @@ async function main (argv: string[]): Promise<number> {
       return await validate(configPath(values.config), values.json === true)
     case 'drill': {
       const { runDrill } = await import('./drill.js')
-      const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true })
-      return result.restored ? 0 : 1
+      const restore = values['no-restore'] !== true
+      const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true, restore })
+      // The escalation rehearsal succeeds when the incident was escalated.
+      return (restore ? result.restored : result.escalatedSeconds !== null) ? 0 : 1
     }
-    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': {
+    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': case 'incident': {
       const { runOperator, UsageError } = await import('./operator/commands.js')
       const given = values.config ?? process.env.BREAKWATER_CONFIG
       try {

@@ -3,7 +3,12 @@
  * under a minute, on loopback. It starts a demo app and a sidecar with a realistic config,
  * drives steady traffic, ships a bad release of one route, and shows — live — the error rate
  * rising, the trigger firing, the rollback, the synthetic verification, and finally the
- * timeline: time to detect, to mitigate, to restore. Exit 0 when service was restored.
+ * timeline: time to detect, to mitigate, to restore, and the post-mortem draft. Exit 0 when
+ * service was restored.
+ *
+ * `restore: false` (`breakwater drill --no-restore`) rehearses the other ending: the rollback is
+ * accepted but the fault is not in the release, so the verification fails and the incident is
+ * escalated at once (SPEC §19). Exit 0 when it was escalated.
  */
 import http from 'node:http'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -14,6 +19,7 @@ import type { AddressInfo } from 'node:net'
 import { Pool } from 'undici'
 import { resolveConfig } from './config/load.js'
 import { startSidecar, type Sidecar } from './sidecar.js'
+import { renderReport } from './control/report.js'
 
 export interface DrillOptions {
   out: (text: string) => void
@@ -25,6 +31,8 @@ export interface DrillOptions {
   warmupSeconds?: number
   /** Give up after this many seconds. */
   timeoutSeconds?: number
+  /** false: the rollback does not fix the fault (the escalation rehearsal). Default true. */
+  restore?: boolean
 }
 
 export interface DrillResult {
@@ -32,22 +40,38 @@ export interface DrillResult {
   timeToDetectSeconds: number | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
+  /** Seconds from the bad release to the escalation, when there was one. */
+  escalatedSeconds: number | null
 }
 
 interface Demo {
   url: string
   bad: boolean
+  /** Whether a rollback fixes the fault. */
+  fixable: boolean
   rolledBackAt: number | null
+  /** Notifications the sidecar sent to the demo's webhook. */
+  notifications: Array<Record<string, unknown>>
   close: () => Promise<void>
 }
 
 /** The demo app: /checkout fails half the time while the bad release is live; a webhook rolls it back. */
-async function startDemo (): Promise<Demo> {
-  const demo: Demo = { url: '', bad: false, rolledBackAt: null, close: async () => {} }
+async function startDemo (fixable: boolean): Promise<Demo> {
+  const demo: Demo = { url: '', bad: false, fixable, rolledBackAt: null, notifications: [], close: async () => {} }
   const server = http.createServer((req, res) => {
+    if (req.method === 'POST' && req.url === '/__notify') {
+      let text = ''
+      req.on('data', (c: Buffer) => { text += c.toString('utf8') })
+      req.on('end', () => {
+        try { demo.notifications.push(JSON.parse(text) as Record<string, unknown>) } catch { /* not JSON: ignored */ }
+        res.writeHead(200, { 'content-type': 'application/json' })
+        res.end('{}')
+      })
+      return
+    }
     if (req.method === 'POST' && req.url === '/__deploy/rollback') {
       req.resume()
-      demo.bad = false
+      if (demo.fixable) demo.bad = false
       demo.rolledBackAt = Date.now()
       res.writeHead(202, { 'content-type': 'application/json' })
       res.end('{"rolledBack":true}')
@@ -76,8 +100,9 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
   const rate = o.rate ?? 100
   const warmup = o.warmupSeconds ?? 3
   const timeout = o.timeoutSeconds ?? 40
+  const fixable = o.restore !== false
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-drill-'))
-  const demo = await startDemo()
+  const demo = await startDemo(fixable)
   const events: Array<Record<string, unknown>> = []
   const sink = new Writable({
     write (chunk: Buffer, _enc, cb) {
@@ -98,7 +123,8 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     featureFlags: { newCheckout: true },
     rollbackTriggers: [{ name: 'error_rate_5pct', metric: 'error_rate', threshold: 0.05, window: '5s', minRequests: 20, action: 'rollback' }],
     rollback: { type: 'webhook', url: `${demo.url}/__deploy/rollback`, cooldown: '10m' },
-    verification: { synthetics: [{ route: 'checkout', path: '/checkout/health-probe', expectStatus: 200 }], intervalMs: 300, successes: 3, windowMs: '3s', timeoutMs: '30s' },
+    verification: { synthetics: [{ route: 'checkout', path: '/checkout/health-probe', expectStatus: 200 }], intervalMs: 300, successes: 3, windowMs: '3s', timeoutMs: fixable ? '30s' : '6s' },
+    notifications: { webhooks: [`${demo.url}/__notify`], escalateAfter: '1m' },
     logging: { level: 'info', accessLog: false },
     shutdown: { drainDelayMs: 0, timeoutMs: 1000 }
   })
@@ -130,9 +156,11 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     load = setInterval(() => { for (let k = 0; k < perTick; k++) fire(sent++) }, 20)
 
     o.out(`Breakwater drill: service "shop" ${config.version} behind a sidecar, ${rate} req/s of steady traffic\n`)
-    o.out('trigger: error_rate > 5% over 5s (min 20 requests) → rollback (webhook); verification: 3 synthetic checks of /checkout + real traffic\n\n')
+    o.out('trigger: error_rate > 5% over 5s (min 20 requests) → rollback (webhook); verification: 3 synthetic checks of /checkout + real traffic\n')
+    if (!fixable) o.out('this time the fault is not in the release: the rollback will not fix it (verification fails → escalation)\n')
+    o.out('\n')
     let onset: number | null = null
-    let result: DrillResult = { restored: false, timeToDetectSeconds: null, timeToMitigateSeconds: null, timeToRestoreSeconds: null }
+    let result: DrillResult = { restored: false, timeToDetectSeconds: null, timeToMitigateSeconds: null, timeToRestoreSeconds: null, escalatedSeconds: null }
     let lastPrinted = -1
     while (true) {
       await new Promise((resolve) => setTimeout(resolve, 200))
@@ -152,15 +180,15 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
       const line = `+${t.toFixed(1)}s  ${total} req/s  errors ${total === 0 ? '-' : `${((b.err / total) * 100).toFixed(0)}%`}  trigger ${trig?.state ?? '-'}${trig?.value != null ? ` (${(trig.value * 100).toFixed(1)}%)` : ''}  mitigation ${incident?.mitigation?.action ?? '-'}  restoration ${verifying}`
       if (o.tty) o.out(`\r\x1b[K${line}`)
       else if (Math.floor(t) !== lastPrinted) { lastPrinted = Math.floor(t); o.out(`${line}\n`) }
-      if (incident !== undefined && onset !== null && (incident.status === 'restored' || incident.status === 'not_restored')) {
-        const detected = Date.parse(incident.detectedAt)
-        const mitigated = incident.mitigatedAt === null ? null : Date.parse(incident.mitigatedAt)
-        const restored = incident.restoredAt === null ? null : Date.parse(incident.restoredAt)
+      // Restored ends the drill; not restored, once it is escalated.
+      if (incident !== undefined && onset !== null && (incident.status === 'restored' || (incident.status === 'not_restored' && incident.escalatedAt !== null))) {
+        const since = (at: string | null): number | null => at === null ? null : (Date.parse(at) - (onset as number)) / 1000
         result = {
           restored: incident.status === 'restored',
-          timeToDetectSeconds: (detected - onset) / 1000,
-          timeToMitigateSeconds: mitigated === null ? null : (mitigated - onset) / 1000,
-          timeToRestoreSeconds: restored === null ? null : (restored - onset) / 1000
+          timeToDetectSeconds: since(incident.detectedAt),
+          timeToMitigateSeconds: since(incident.mitigatedAt),
+          timeToRestoreSeconds: since(incident.restoredAt),
+          escalatedSeconds: since(incident.escalatedAt)
         }
         break
       }
@@ -173,10 +201,18 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     o.out(`  fault onset          +0.0 s\n`)
     o.out(`  detected             +${f(result.timeToDetectSeconds)}   trigger error_rate_5pct fired\n`)
     o.out(`  mitigated            +${f(result.timeToMitigateSeconds)}   rollback webhook accepted${demo.rolledBackAt !== null ? '' : ' (NOT received)'}\n`)
-    o.out(`  restored (verified)  +${f(result.timeToRestoreSeconds)}   synthetic checks and real traffic healthy\n`)
+    if (fixable || result.restored) o.out(`  restored (verified)  +${f(result.timeToRestoreSeconds)}   synthetic checks and real traffic healthy\n`)
+    else o.out(`  verification failed  the rollback did not bring /checkout back\n`)
+    const escalation = demo.notifications.find((n) => n.event === 'escalated')
+    if (result.escalatedSeconds !== null) o.out(`  escalated            +${f(result.escalatedSeconds)}   ${escalation !== undefined ? `sent: ${String(escalation.summary)}` : 'notification not received yet'}\n`)
     const sent2 = events.filter((e) => e.event === 'trigger_fired' || e.event === 'mitigation' || e.event === 'incident').map((e) => `${String(e.time).slice(11, 23)}  ${String(e.event)}${e.phase !== undefined ? `:${String(e.phase)}` : ''}${e.action !== undefined ? ` ${String(e.action)}` : ''}`)
     o.out(`\nSidecar events:\n${sent2.map((l) => `  ${l}`).join('\n')}\n`)
-    o.out(result.restored ? `\nService restored ${f(result.timeToRestoreSeconds)} after the bad release (target: under 10 s).\n` : '\nService was NOT restored.\n')
+    const incident = sidecar.verifier.incidents[0]
+    const report = incident === undefined ? null : await sidecar.incidentReport(incident.id)
+    if (report !== null) o.out(`\nPost-mortem draft (breakwater incident report ${report.incident}):\n\n${renderReport(report)}`)
+    if (result.restored) o.out(`\nService restored ${f(result.timeToRestoreSeconds)} after the bad release (target: under 10 s).\n`)
+    else if (result.escalatedSeconds !== null) o.out(`\nService was NOT restored; the incident was escalated ${f(result.escalatedSeconds)} after the bad release.\n`)
+    else o.out('\nService was NOT restored.\n')
     return result
   } finally {
     if (load !== null) clearInterval(load)

@@ -32,7 +32,11 @@ import { Notifier } from './control/notify.js'
 import { TriggerEngine, releaseRemovedWindows } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier, TTR_BUCKETS } from './control/verify.js'
-import { triage } from './control/triage.js'
+import { triage, type TriageReport } from './control/triage.js'
+import { buildReport, type IncidentReport } from './control/report.js'
+
+/** Audit lines read for a post-mortem draft (newest first; the file is capped in size anyway). */
+const AUDIT_READ = 10_000
 
 export interface SidecarOptions {
   /** Where log lines go (tests); stdout, bounded, when omitted. */
@@ -159,9 +163,11 @@ export class Sidecar {
         return r === null ? null : { route: r.name }
       },
       notifier: this.notifier,
-      logger: this.logger
+      logger: this.logger,
+      persist: (entry) => { void this.control.journal.commit(this.control.state, entry) },
+      triage: () => this.triageView() as unknown as TriageReport
     })
-    this.triggers.onFire = (trigger, _reading, at) => { this.verifier.triggerFired(trigger, at) }
+    this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
     const notifyMitigation = this.control.onMitigation
     this.control.onMitigation = (kind, record) => {
       notifyMitigation(kind, record)
@@ -175,6 +181,7 @@ export class Sidecar {
       state: () => this.stateView(),
       reload: async () => await this.reload(),
       incidents: () => this.verifier.incidents,
+      report: async (id) => await this.incidentReport(id),
       triage: () => this.triageView()
     })
     registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads, tracing: config.tracing === null ? null : this.traceStats })
@@ -197,6 +204,13 @@ export class Sidecar {
       this.spanQueue = new SpanQueue(this.config.tracing, this.config.version, this.traceStats, this.logger)
       this.tracing.exporter = this.spanQueue
     }
+    // Incidents and status page incidents of an earlier run carry on (SPEC §19).
+    this.notifier.statusPage.restore(this.control.state.statusPage)
+    this.notifier.statusPage.onChange = (key, page) => {
+      if (page === null) delete this.control.state.statusPage[key]
+      else this.control.state.statusPage[key] = page
+      void this.control.journal.commit(this.control.state, null)
+    }
     try {
       this.adminToken = await resolveAdminToken(this.options.adminToken, this.config.admin.tokenFile, this.config.stateDir)
     } catch (err) {
@@ -207,6 +221,9 @@ export class Sidecar {
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
+    // Open incidents resume verification through the proxy listener, now bound.
+    this.verifier.restore(this.control.state.incidents)
+    this.control.state.incidents = this.verifier.incidents
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken
@@ -279,6 +296,14 @@ export class Sidecar {
       triggers: this.triggers.status(),
       incidents: this.verifier.incidents.slice(0, 10)
     }
+  }
+
+  /** The post-mortem draft of an incident (GET /v1/incidents/:id/report), or null for an unknown id. */
+  async incidentReport (id: string): Promise<IncidentReport | null> {
+    const incident = this.verifier.incidents.find((i) => i.id === id)
+    if (incident === undefined) return null
+    const audit = await this.control.audit.newest(AUDIT_READ)
+    return buildReport(incident, this.config.service, [...this.verifier.routesInScope(incident.scope)], audit, audit.length < AUDIT_READ, Date.now())
   }
 
   /** The triage report (GET /v1/triage). */

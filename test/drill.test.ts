@@ -51,8 +51,37 @@ t.test('breakwater drill: exit 0, the timeline, restored in under 10 s, done in 
   t.same([...positions].sort((a, b) => a - b), positions, 'fired, detected, mitigated, restored in that order')
   t.notOk(events.includes('incident:not_restored'))
 
+  // The post-mortem draft of the incident, at the end.
+  t.match(out, /Post-mortem draft \(breakwater incident report i-[a-z0-9-]+\):/)
+  for (const h of ['## Impact', '## Timeline (UTC)', '## Who or what acted', '## Times', '## What triage ruled out', '## Open questions for the review']) t.match(out, h)
+  t.match(out, /Requests failed: \d+ of \d+/)
+  t.match(out, /restoration verified \(synthetic checks and real traffic\)/)
+  t.ok(out.indexOf('Post-mortem draft') > out.indexOf('Sidecar events:'), 'after the timeline and the events')
+
   const final = /Service restored (\d+\.\d) s after the bad release/.exec(out)
   t.ok(final !== null, 'the last line says restored')
   t.equal(Number(final?.[1]), restored, 'with the same time to restore')
   t.notMatch(out, /NOT restored/)
+})
+
+t.test('breakwater drill --no-restore: the rollback does not fix it, verification fails, the incident is escalated at once; exit 0', async (t) => {
+  const r = await runCli(['drill', '--no-restore'], { timeoutMs: 90_000 })
+  const out = r.stdout
+  t.equal(r.code, 0, `exit 0; stderr: ${r.stderr}`)
+  t.equal(r.stderr, '')
+  t.match(out, /the rollback will not fix it/)
+  t.match(out, /verification failed\s+the rollback did not bring \/checkout back/)
+  const escalated = /^\s+escalated\s+\+(\d+\.\d) s\s+sent: ESCALATED: incident i-\S+ the mitigation did not restore service \(verification failed\)/m.exec(out)
+  t.ok(escalated !== null, 'the escalation notification, as sent to the webhook')
+  const events = out.slice(out.indexOf('Sidecar events:')).split('\n').map((l) => l.trim()).filter((l) => /^\d\d:\d\d:\d\d\.\d{3}\s/.test(l)).map((l) => l.split(/\s+/).slice(1).join(' '))
+  const order = ['trigger_fired rollback', 'incident:detected', 'mitigation rollback', 'incident:not_restored', 'incident:escalated']
+  const positions = order.map((e) => events.indexOf(e))
+  t.ok(positions.every((p) => p !== -1), `events ${JSON.stringify(events)}`)
+  t.same([...positions].sort((a, b) => a - b), positions, 'fired, detected, mitigated, not restored, escalated in that order')
+  t.notOk(events.includes('incident:restored'))
+  t.match(out, /## Times[\s\S]*Escalated at: \d{4}-/, 'the post-mortem draft shows the escalation')
+  t.match(out, /Why did the mitigation not restore service/)
+  t.match(out, /time to restore and duration: service was not verified restored/, 'and leaves out what it does not hold')
+  const final = /Service was NOT restored; the incident was escalated (\d+\.\d) s after the bad release\./.exec(out)
+  t.equal(final?.[1], escalated?.[1], 'the last line says escalated, at the same time')
 })

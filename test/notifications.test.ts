@@ -80,7 +80,8 @@ t.test('each channel\'s payload: Slack, PagerDuty Events API v2, status page, ge
   const up = await app(t)
   const slack = await receiver(t)
   const pd = await receiver(t, [202])
-  const sp = await receiver(t, [201])
+  const sp = await receiver(t, [201, 200])
+  sp.answer = (d) => d.method === 'POST' ? { id: 'p0incident42', status: d.body.incident.status } : { id: 'p0incident42' }
   const hook = await receiver(t)
   const s = await startTestSidecar(t, config(up.url, {
     slackChannel: '#incidents-prod',
@@ -125,13 +126,18 @@ t.test('each channel\'s payload: Slack, PagerDuty Events API v2, status page, ge
   })
   t.ok(event?.body.payload.summary.length <= 1024, 'summary within the API limit')
 
-  // Status page: an incident created on fire
-  t.equal(sp.deliveries.length, 1)
+  // Status page: an incident created on fire, then updated by the id the page answered with:
+  // identified (the kill switch), monitoring (verifying).
+  t.equal(sp.deliveries.length, 3)
   const incidentReq = sp.deliveries[0]
   t.equal(incidentReq?.method, 'POST')
   t.equal(incidentReq?.url, '/v1/pages/page42/incidents')
   t.equal(incidentReq?.headers.authorization, 'OAuth statuspage-key-0123456789')
   t.match(incidentReq?.body, { incident: { name: /checkout/, status: 'investigating', body: /checkout-errors/ } })
+  t.same(sp.deliveries.slice(1).map((d) => [d.method, d.url, d.body.incident.status]), [
+    ['PATCH', '/v1/pages/page42/incidents/p0incident42', 'identified'],
+    ['PATCH', '/v1/pages/page42/incidents/p0incident42', 'monitoring']
+  ])
 
   // Generic webhook
   t.equal(hook.deliveries.length, 2)

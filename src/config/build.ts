@@ -360,6 +360,8 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
     slackWebhookUrl: n.slackWebhookUrl ?? null,
     pagerDutyServiceId: n.pagerDutyServiceId ?? null,
     pagerDutyRoutingKey: n.pagerDutyRoutingKey ?? null,
+    pagerDutyEscalationRoutingKey: n.pagerDutyEscalationRoutingKey ?? null,
+    escalateAfterMs: toMs(n.escalateAfter),
     pagerDutyUrl: n.pagerDutyUrl,
     statusPageId: n.statusPageId ?? null,
     statusPageApiKey: n.statusPageApiKey ?? null,

@@ -252,6 +252,8 @@ export const ConfigSchema = closed(
       slackWebhookUrl: Type.Optional(WebhookUrl),
       pagerDutyServiceId: Type.Optional(Type.String({ minLength: 1 })),
       pagerDutyRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
+      pagerDutyEscalationRoutingKey: Type.Optional(Type.String({ minLength: 1 })),
+      escalateAfter: withDefault(Duration, 900_000),
       pagerDutyUrl: withDefault(WebhookUrl, 'https://events.pagerduty.com/v2/enqueue'),
       statusPageId: Type.Optional(Type.String({ minLength: 1 })),
       statusPageApiKey: Type.Optional(Type.String({ minLength: 1 })),

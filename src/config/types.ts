@@ -201,6 +201,10 @@ export interface NotificationsConfig {
   slackWebhookUrl: string | null
   pagerDutyServiceId: string | null
   pagerDutyRoutingKey: string | null
+  /** Where escalations go (PagerDuty `critical`); the routing key when null. */
+  pagerDutyEscalationRoutingKey: string | null
+  /** An incident not verified restored within this long is escalated once (SPEC §19). */
+  escalateAfterMs: number
   pagerDutyUrl: string
   statusPageId: string | null
   statusPageApiKey: string | null

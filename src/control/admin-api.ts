@@ -8,6 +8,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { toMs } from '../config/duration.js'
 import { authorized } from './token.js'
 import { ControlError, type Actor, type ControlPlane } from './control-plane.js'
+import { renderReport, type IncidentReport } from './report.js'
 
 export interface AdminDeps {
   control: ControlPlane
@@ -19,6 +20,8 @@ export interface AdminDeps {
   triage: () => Record<string, unknown>
   /** GET /v1/incidents body. */
   incidents: () => unknown[]
+  /** The post-mortem draft of an incident, or null for an unknown id. */
+  report: (id: string) => Promise<IncidentReport | null>
 }
 
 const BODY_LIMIT = 16 * 1024
@@ -154,6 +157,16 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   app.get('/v1/triage', async () => deps.triage())
 
   app.get('/v1/incidents', async () => ({ incidents: deps.incidents() }))
+
+  // The post-mortem draft (SPEC §19): Markdown for people, JSON for tools (?format=json or Accept).
+  app.get<{ Params: { id: string }, Querystring: { format?: string } }>('/v1/incidents/:id/report', async (req, reply) => {
+    const format = req.query.format ?? (/\bapplication\/json\b/.test(req.headers.accept ?? '') ? 'json' : 'markdown')
+    if (format !== 'json' && format !== 'markdown') throw new ControlError(400, 'bad_request', 'format must be "markdown" or "json"')
+    const report = await deps.report(req.params.id)
+    if (report === null) throw new ControlError(404, 'unknown_incident', `no incident with id "${req.params.id}"`)
+    if (format === 'json') return report
+    return await reply.type('text/markdown; charset=utf-8').send(renderReport(report))
+  })
 
   return app
 }

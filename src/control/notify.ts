@@ -15,8 +15,13 @@ import { createHash } from 'node:crypto'
 import { request } from 'undici'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
+import { StatusPageLifecycle, type PageStatus } from './status-page.js'
 
-export type EventKind = 'trigger_fired' | 'mitigation_applied' | 'mitigation_failed' | 'mitigation_lifted' | 'restoration_verified' | 'restoration_failed'
+/**
+ * `escalated`: the incident was not verified restored within `escalateAfter`, or its
+ * verification failed (SPEC §19) — sent once per incident, at `critical` severity.
+ */
+export type EventKind = 'trigger_fired' | 'mitigation_applied' | 'mitigation_failed' | 'mitigation_lifted' | 'restoration_verified' | 'restoration_failed' | 'escalated'
 
 /** One thing worth telling people about. */
 export interface NotificationEvent {
@@ -41,8 +46,8 @@ interface Message {
   body: unknown
   method: 'POST' | 'PATCH'
   attempt: number
-  /** Called with the parsed response body of a successful delivery. */
-  onDelivered?: (body: unknown) => void
+  /** Called once when the message is delivered (with the parsed answer) or given up on. */
+  onSettled?: (ok: boolean, body: unknown) => void
 }
 
 /** The incident key of an event: the same on every sidecar of the fleet. */
@@ -61,10 +66,25 @@ export class Notifier {
   /** Messages waiting out a retry backoff, oldest first; they count against `queueSize` too. */
   private readonly timers = new Map<NodeJS.Timeout, Message>()
   private stopped = false
-  /** Status page incident ids by incident key (from their creation). */
-  private readonly statusPageIncidents = new Map<string, string>()
+  /** The status page incident of each incident key: created once, then updated by its id. */
+  readonly statusPage: StatusPageLifecycle
 
-  constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {}
+  constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {
+    this.statusPage = new StatusPageLifecycle(config, (req, settled) => {
+      this.enqueue({ channel: 'statuspage', attempt: 0, ...req, onSettled: settled })
+    }, logger)
+    this.statusPage.onUnsent = () => { this.failed.set('statuspage', (this.failed.get('statuspage') ?? 0) + 1) }
+  }
+
+  /**
+   * Move the status page incident of a trigger's incident to `status` (SPEC §19): the events
+   * below do it on their own; the verifier calls this for `monitoring`.
+   */
+  pageStatus (event: Pick<NotificationEvent, 'service' | 'version' | 'trigger' | 'summary'>, status: PageStatus): void {
+    const c = this.config()
+    if (c.statusPageId === null || c.statusPageApiKey === null || event.trigger === null) return
+    this.statusPage.advance(incidentKey(event.service, event.version, event.trigger), status, `${event.service}: degraded service`, event.summary, { trigger: event.trigger, version: event.version })
+  }
 
   /** Queue an event for every configured channel. Returns at once. */
   notify (event: NotificationEvent): void {
@@ -73,7 +93,7 @@ export class Notifier {
     if (c.slackWebhookUrl !== null) {
       this.enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, body: slackPayload(c, event) })
     }
-    if (c.pagerDutyRoutingKey !== null && event.trigger !== null && (event.kind === 'trigger_fired' || event.kind === 'restoration_verified')) {
+    for (const pd of pagerDutyEvents(c, event)) {
       this.enqueue({
         channel: 'pagerduty',
         url: c.pagerDutyUrl,
@@ -81,13 +101,13 @@ export class Notifier {
         headers: {},
         attempt: 0,
         body: {
-          routing_key: c.pagerDutyRoutingKey,
-          event_action: event.kind === 'trigger_fired' ? 'trigger' : 'resolve',
+          routing_key: pd.routingKey,
+          event_action: pd.action,
           dedup_key: key,
           payload: {
             summary: event.summary.slice(0, 1024),
             source: `breakwater/${event.service}`,
-            severity: 'critical',
+            severity: pd.severity,
             timestamp: event.time,
             component: event.service,
             group: event.version,
@@ -97,20 +117,8 @@ export class Notifier {
         }
       })
     }
-    if (c.statusPageId !== null && c.statusPageApiKey !== null && event.trigger !== null && (event.kind === 'trigger_fired' || event.kind === 'restoration_verified')) {
-      const base = `${c.statusPageUrl}/v1/pages/${encodeURIComponent(c.statusPageId)}/incidents`
-      const auth = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': key }
-      if (event.kind === 'trigger_fired') {
-        this.enqueue({
-          channel: 'statuspage', url: base, method: 'POST', headers: auth, attempt: 0,
-          body: { incident: { name: `${event.service}: degraded service`, status: 'investigating', body: event.summary, metadata: { breakwater: { incident_key: key, trigger: event.trigger, version: event.version } } } },
-          onDelivered: (b) => { const id = (b as { id?: unknown } | null)?.id; if (typeof id === 'string') this.statusPageIncidents.set(key, id) }
-        })
-      } else {
-        const id = this.statusPageIncidents.get(key) ?? key
-        this.enqueue({ channel: 'statuspage', url: `${base}/${encodeURIComponent(id)}`, method: 'PATCH', headers: auth, attempt: 0, body: { incident: { status: 'resolved', body: event.summary, metadata: { breakwater: { incident_key: key } } } } })
-      }
-    }
+    const page = PAGE_STATUS[event.kind]
+    if (page !== undefined) this.pageStatus(event, page)
     for (const url of c.webhooks) {
       this.enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
     }
@@ -134,6 +142,7 @@ export class Notifier {
       }
       this.dropped++
       this.logger.warn({ event: 'notification_dropped', channel: old.channel }, 'notification queue full; dropped the oldest message')
+      old.onSettled?.(false, null)
     }
     this.queue.push(m)
     this.pump()
@@ -166,9 +175,9 @@ export class Notifier {
       const text = await res.body.text()
       if (status >= 200 && status < 300) {
         this.sent.set(m.channel, (this.sent.get(m.channel) ?? 0) + 1)
-        if (m.onDelivered !== undefined) {
-          try { m.onDelivered(JSON.parse(text)) } catch { /* not JSON: no id */ }
-        }
+        let answer: unknown = null
+        try { answer = JSON.parse(text) } catch { /* not JSON */ }
+        m.onSettled?.(true, answer)
         return
       }
       failure = `status ${status}`
@@ -179,6 +188,7 @@ export class Notifier {
     if (final) {
       this.failed.set(m.channel, (this.failed.get(m.channel) ?? 0) + 1)
       this.logger.error({ event: 'notification_failed', channel: m.channel, attempts: m.attempt, failure }, 'notification not delivered')
+      m.onSettled?.(false, null)
       return
     }
     const backoff = Math.min(30_000, 500 * 2 ** (m.attempt - 1)) * (0.75 + Math.random() * 0.5)
@@ -205,8 +215,36 @@ export class Notifier {
   }
 }
 
+/** The status page status an event moves a trigger's page incident to (monitoring comes from the verifier). */
+const PAGE_STATUS: Partial<Record<EventKind, PageStatus>> = { trigger_fired: 'investigating', mitigation_applied: 'identified', restoration_verified: 'resolved' }
+
+/**
+ * PagerDuty Events API v2 events for one notification, all with the incident's `dedup_key`:
+ * a trigger's detection opens an alert at `error`; an escalation raises it at `critical` (to
+ * `pagerDutyEscalationRoutingKey` when set, so it can page a second service); a verified
+ * restoration resolves it on both routing keys. Operators' incidents reach PagerDuty only once
+ * escalated (and are then resolved the same way).
+ */
+function pagerDutyEvents (c: NotificationsConfig, e: NotificationEvent): Array<{ routingKey: string, action: 'trigger' | 'resolve', severity: 'error' | 'critical' }> {
+  if (c.pagerDutyRoutingKey === null) return []
+  const escalationKey = c.pagerDutyEscalationRoutingKey ?? c.pagerDutyRoutingKey
+  switch (e.kind) {
+    case 'trigger_fired':
+      return e.trigger === null ? [] : [{ routingKey: c.pagerDutyRoutingKey, action: 'trigger', severity: 'error' }]
+    case 'escalated':
+      return [{ routingKey: escalationKey, action: 'trigger', severity: 'critical' }]
+    case 'restoration_verified': {
+      if (e.trigger === null && e.details.escalated !== true) return []
+      const keys = new Set([...(e.trigger !== null ? [c.pagerDutyRoutingKey] : []), ...(e.details.escalated === true ? [escalationKey] : [])])
+      return [...keys].map((routingKey) => ({ routingKey, action: 'resolve', severity: 'critical' }))
+    }
+    default:
+      return []
+  }
+}
+
 function slackPayload (c: NotificationsConfig, e: NotificationEvent): Record<string, unknown> {
-  const icon = e.kind === 'trigger_fired' ? ':rotating_light:' : e.kind === 'restoration_verified' ? ':white_check_mark:' : e.kind === 'restoration_failed' || e.kind === 'mitigation_failed' ? ':x:' : ':shield:'
+  const icon = e.kind === 'escalated' ? ':fire:' : e.kind === 'trigger_fired' ? ':rotating_light:' : e.kind === 'restoration_verified' ? ':white_check_mark:' : e.kind === 'restoration_failed' || e.kind === 'mitigation_failed' ? ':x:' : ':shield:'
   const text = `${icon} *${e.service}* ${e.version} — ${e.summary}`
   const facts = Object.entries(e.details)
     .filter(([, v]) => v !== null && v !== undefined && typeof v !== 'object')

@@ -16,6 +16,16 @@
  * It records detection, mitigation and restoration times, observes
  * `breakwater_time_to_restore_seconds`, and notifies "restoration verified" (PagerDuty resolve)
  * — or, after `timeoutMs`, that the mitigation did not restore service.
+ *
+ * Escalation (SPEC §19): an incident not verified restored by `escalateAt` (detection +
+ * `notifications.escalateAfter`) is escalated, once: a failed verification (`not_restored`)
+ * escalates at once, and so does a failed rollback; an `unverified` one (no real traffic to judge by: nobody knows) keeps its
+ * deadline, since no evidence says service is down but none says it is back. The deadline is in
+ * the persisted record, so a restart re-arms it (and escalates at once if it passed meanwhile);
+ * a verified restoration disarms it.
+ *
+ * Every incident is kept in `stateDir` (the newest KEEP): its phases, the detection reading,
+ * the triage at detection and its impact (impact.ts), which the post-mortem draft reads.
  */
 import { randomBytes } from 'node:crypto'
 import { request } from 'undici'
@@ -24,7 +34,12 @@ import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
 import { emptySums, quantile } from '../proxy/window.js'
 import type { MitigationRecord } from '../state/state-file.js'
+import type { AuditInput } from '../state/audit-log.js'
 import type { Notifier } from './notify.js'
+import type { Reading } from './triggers.js'
+import type { TriageReport } from './triage.js'
+import { countImpact, emptyImpact, type Impact, type Probes } from './impact.js'
+import { Deadlines } from './deadlines.js'
 
 export interface Incident {
   id: string
@@ -51,7 +66,33 @@ export interface Incident {
     /** The verifier's own probes the windows counted, subtracted from the figures above. */
     syntheticRequests: number
   }
+  /** Detection + `escalateAfter`: escalated then unless verified restored. */
+  escalateAt: string
+  escalatedAt: string | null
+  escalationReason: string | null
+  /** When verification ended (restored, not restored or unverified). */
+  endedAt: string | null
+  /** The trigger's reading when it fired; null for an operator's incident. */
+  detection: Detection | null
+  /** What triage said at detection: the scenario chosen and those ruled out. */
+  triage: { scenario: string, summary: string, recommendation: string, ruledOut: Array<{ scenario: string, why: string }> } | null
+  impact: Impact
 }
+
+export interface Detection {
+  metric: string
+  threshold: number
+  windowSeconds: number
+  value: number
+  requests: number
+  errors: number
+  /** The first second with a failed request in scope within the trigger's window (null: none held). */
+  firstFailureAt: string | null
+}
+
+const OPEN = new Set<Incident['status']>(['detected', 'verifying'])
+/** How often the impact of open incidents is counted from the windows (well inside the 128 s they hold). */
+const COUNT_EVERY_MS = 5000
 
 /** Upper bounds in seconds of the time-to-restore histogram. */
 export const TTR_BUCKETS = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600] as const
@@ -67,6 +108,10 @@ export interface VerifierDeps {
   routeOf: (method: string, path: string, host: string | null) => { route: string } | null
   notifier: Notifier
   logger: Logger
+  /** Persist every incident (as they are now), with an audit line when given. */
+  persist: (entry: AuditInput | null) => void
+  /** The triage report now (kept in the incident at detection). */
+  triage: () => TriageReport
 }
 
 /** One probe the data plane counted: subtracted from the real-traffic figure. */
@@ -93,18 +138,59 @@ export class Verifier {
   ttrSum = 0
   ttrCount = 0
   private readonly running = new Map<string, Running>()
+  private readonly escalations = new Deadlines()
+  private counter: NodeJS.Timeout | null = null
   private stopped = false
+  /** The first second this process holds traffic for (earlier spans are gaps in an impact). */
+  private readonly heldSince = Math.floor(Date.now() / 1000)
 
   constructor (private readonly deps: VerifierDeps) {}
 
-  /** A trigger fired: an incident is detected (one open incident per trigger). */
-  triggerFired (trigger: TriggerConfig, at: number): Incident {
-    const open = this.incidents.find((i) => i.trigger === trigger.name && (i.status === 'detected' || i.status === 'verifying'))
-    if (open !== undefined) return open
-    return this.open(trigger.name, { route: trigger.route, upstream: trigger.upstream }, at)
+  /**
+   * Take back the incidents an earlier run persisted: open ones resume verification (their
+   * mitigation is still in force) and every unescalated one not restored re-arms its deadline.
+   */
+  restore (saved: readonly unknown[]): void {
+    const loaded = saved.filter((x): x is Incident => typeof x === 'object' && x !== null && typeof (x as Incident).id === 'string' && typeof (x as Incident).escalateAt === 'string' && typeof (x as Incident).impact === 'object')
+    this.incidents.splice(0, this.incidents.length, ...loaded.slice(0, KEEP))
+    for (const incident of this.incidents) {
+      if (incident.status === 'verifying' && incident.mitigatedAt !== null) {
+        const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
+        const run: Running = { incident, trigger, timer: null, deadline: Date.parse(incident.mitigatedAt) + this.deps.config().verification.timeoutMs, busy: false, probes: [] }
+        this.running.set(incident.id, run)
+        this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
+        this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
+      }
+      if (incident.status === 'not_restored') this.escalate(incident, 'the mitigation did not restore service')
+      else if (incident.status !== 'restored') this.arm(incident)
+    }
+    this.countOpen()
   }
 
-  private open (trigger: string | null, scope: Incident['scope'], at: number): Incident {
+  /** A trigger fired: an incident is detected (one open incident per trigger). */
+  triggerFired (trigger: TriggerConfig, at: number, reading: Reading | null = null): Incident {
+    const open = this.incidents.find((i) => i.trigger === trigger.name && OPEN.has(i.status))
+    if (open !== undefined) return open
+    const detection = reading === null ? null : { metric: trigger.metric, threshold: trigger.threshold, windowSeconds: trigger.windowMs / 1000, value: Math.round(reading.value * 1e4) / 1e4, requests: reading.requests, errors: reading.errors, firstFailureAt: this.firstFailure(trigger, at) }
+    return this.open(trigger.name, { route: trigger.route, upstream: trigger.upstream }, at, detection, trigger.windowMs)
+  }
+
+  /** The first second with a failure in the trigger's scope within its window before `at` (second resolution only). */
+  private firstFailure (trigger: TriggerConfig, at: number): string | null {
+    const routes = this.routesInScope({ route: trigger.route, upstream: trigger.upstream })
+    const to = Math.floor(at / 1000) + 1
+    const from = Math.max(to - Math.ceil(trigger.windowMs / 1000), to - 120)
+    const stats = [...this.deps.stats()].filter((s) => routes.has(s.route))
+    for (let second = from; second < to; second++) {
+      const one = emptySums(false)
+      for (const s of stats) s.window.sum(second, second + 1, one)
+      if (one.errors > 0) return new Date(second * 1000).toISOString()
+    }
+    return null
+  }
+
+  private open (trigger: string | null, scope: Incident['scope'], at: number, detection: Detection | null = null, lookBackMs = 0): Incident {
+    const cfg = this.deps.config()
     const incident: Incident = {
       id: `i-${at.toString(36)}-${randomBytes(2).toString('hex')}`,
       trigger,
@@ -117,12 +203,87 @@ export class Verifier {
       mitigation: null,
       timeToMitigateSeconds: null,
       timeToRestoreSeconds: null,
-      checks: { syntheticRounds: 0, syntheticPassesInARow: 0, lastSynthetic: null, errorRate: null, p99Ms: null, requests: 0, syntheticRequests: 0 }
+      checks: { syntheticRounds: 0, syntheticPassesInARow: 0, lastSynthetic: null, errorRate: null, p99Ms: null, requests: 0, syntheticRequests: 0 },
+      escalateAt: new Date(at + cfg.notifications.escalateAfterMs).toISOString(),
+      escalatedAt: null,
+      escalationReason: null,
+      endedAt: null,
+      detection,
+      triage: this.triageNow(),
+      // The failures that fired the trigger are part of the impact: count from its window's start.
+      impact: emptyImpact(Math.max(Math.floor((at - lookBackMs) / 1000), Math.floor(at / 1000) - 120, this.heldSince))
     }
     this.incidents.unshift(incident)
     if (this.incidents.length > KEEP) this.incidents.length = KEEP
-    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'detected', trigger }, 'incident detected')
+    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'detected', trigger, escalateAt: incident.escalateAt }, 'incident detected')
+    this.count(incident, Date.now())
+    this.arm(incident)
+    // An operator's incident opens with the operator's own audited action: one line per command.
+    this.deps.persist(trigger === null ? null : { action: 'incident.detected', targets: [incident.id], reason: `trigger ${trigger} fired`, result: 'detected', requester: `trigger:${trigger}`, trigger, version: incident.version })
+    this.countOpen()
     return incident
+  }
+
+  private triageNow (): Incident['triage'] {
+    try {
+      const r = this.deps.triage()
+      return { scenario: r.scenario, summary: r.summary, recommendation: `${r.recommendation.action}${r.recommendation.target !== null ? ` ${r.recommendation.target}` : ''}`, ruledOut: r.ruledOut.map((x) => ({ scenario: x.scenario, why: x.why })) }
+    } catch (err) {
+      this.deps.logger.warn({ event: 'incident_triage_failed', error: (err as Error).message }, 'triage at detection failed; the incident keeps none')
+      return null
+    }
+  }
+
+  /** The routes of an incident's scope, whatever mitigations refuse now (its impact is counted on these). */
+  routesInScope (scope: Incident['scope']): Set<string> {
+    return new Set(this.deps.config().routes.filter((r) => (scope.route === null || r.name === scope.route) && (scope.upstream === null || r.upstream === scope.upstream)).map((r) => r.name))
+  }
+
+  /** Count an incident's impact up to the last whole second before `now`. */
+  private count (incident: Incident, now: number): void {
+    const probes = this.running.get(incident.id)?.probes ?? []
+    const of = (second: number): Probes => {
+      let requests = 0
+      let errors = 0
+      for (const p of probes) if (p.second === second) { requests++; if (p.error) errors++ }
+      return { requests, errors }
+    }
+    countImpact(incident.impact, this.deps.stats(), this.routesInScope(incident.scope), Math.floor(now / 1000), this.heldSince, of)
+  }
+
+  /** While an incident is open, count its impact every few seconds (a timer only while one is). */
+  private countOpen (): void {
+    if (this.stopped || this.counter !== null || !this.incidents.some((i) => OPEN.has(i.status))) return
+    this.counter = setInterval(() => {
+      const now = Date.now()
+      const open = this.incidents.filter((i) => OPEN.has(i.status))
+      for (const i of open) this.count(i, now)
+      if (open.length === 0 && this.counter !== null) { clearInterval(this.counter); this.counter = null }
+    }, COUNT_EVERY_MS)
+    this.counter.unref()
+  }
+
+  /** Escalate `incident` at its deadline unless it is verified restored first. */
+  private arm (incident: Incident): void {
+    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
+    const why = `not verified restored within ${this.deps.config().notifications.escalateAfterMs / 1000} s of detection`
+    this.escalations.arm(incident.id, Date.parse(incident.escalateAt), () => { this.escalate(incident, why) })
+  }
+
+  /** Incidents whose escalation deadline is armed now. */
+  get armedEscalations (): number {
+    return this.escalations.size
+  }
+
+  /** Escalate once per incident: PagerDuty `critical`, Slack, webhooks (SPEC §19). */
+  private escalate (incident: Incident, why: string): void {
+    this.escalations.disarm(incident.id)
+    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
+    incident.escalatedAt = new Date().toISOString()
+    incident.escalationReason = why
+    this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'escalated', reason: why, status: incident.status }, 'incident escalated')
+    this.notify(incident, 'escalated', `ESCALATED: incident ${incident.id} ${why} (${incident.status.replace('_', ' ')}${incident.mitigation !== null ? `; ${incident.mitigation.action} ${incident.mitigation.id}` : '; no mitigation yet'})`)
+    this.deps.persist({ action: 'incident.escalated', targets: [incident.id], reason: why, result: 'escalated', requester: 'breakwater', trigger: incident.trigger, status: incident.status })
   }
 
   /** The open incident a mitigation belongs to (its trigger's, or the one it already joined), opened if none. */
@@ -130,7 +291,7 @@ export class Verifier {
     const triggerName = record.source.startsWith('trigger:') ? record.source.slice(8) : null
     const trigger = triggerName === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === triggerName) ?? null
     let incident = this.incidents.find((i) => i.mitigation?.id === record.id)
-    if (incident === undefined && triggerName !== null) incident = this.incidents.find((i) => i.trigger === triggerName && (i.status === 'detected' || i.status === 'verifying'))
+    if (incident === undefined && triggerName !== null) incident = this.incidents.find((i) => i.trigger === triggerName && OPEN.has(i.status))
     incident ??= this.open(triggerName, { route: trigger?.route ?? null, upstream: trigger?.upstream ?? null }, at)
     return { incident, trigger }
   }
@@ -139,14 +300,17 @@ export class Verifier {
   mitigationStarted (record: MitigationRecord, at = Date.now()): Incident {
     const { incident } = this.incidentOf(record, at)
     incident.mitigation = { id: record.id, action: record.action, status: record.status }
+    this.deps.persist(null)
     return incident
   }
 
-  /** A rollback's action failed: the incident stays open, and says so. */
+  /** A rollback's action failed: the incident stays open, says so, and is escalated at once (nothing is restoring service). */
   mitigationFailed (record: MitigationRecord, at = Date.now()): Incident {
     const { incident } = this.incidentOf(record, at)
     incident.mitigation = { id: record.id, action: record.action, status: record.status, error: record.error ?? null }
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'mitigation_failed', mitigation: record.id, action: record.action, error: record.error }, 'the mitigation failed; the incident stays open')
+    this.deps.persist(null)
+    this.escalate(incident, `the ${record.action} ${record.id} failed: ${record.error ?? 'no reason given'}`)
     return incident
   }
 
@@ -164,6 +328,10 @@ export class Verifier {
     const run: Running = { incident, trigger, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
+    const cfg = this.deps.config()
+    this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: `${record.action} applied; verifying that service is restored` }, 'monitoring')
+    this.deps.persist(null)
+    this.countOpen()
     return incident
   }
 
@@ -208,6 +376,8 @@ export class Verifier {
       incident.checks.syntheticPassesInARow = syntheticsOk ? incident.checks.syntheticPassesInARow + 1 : 0
     }
     if (this.stopped || incident.status !== 'verifying') return
+    // Before readTraffic forgets old probes: the impact leaves them out too.
+    this.count(incident, Date.now())
     const traffic = this.readTraffic(run, routes, Date.now())
     incident.checks.errorRate = traffic.errorRate
     incident.checks.p99Ms = traffic.p99Ms
@@ -274,9 +444,12 @@ export class Verifier {
   private restored (run: Running): void {
     const { incident } = run
     const now = Date.now()
+    this.count(incident, now)
     this.running.delete(incident.id)
+    this.escalations.disarm(incident.id)
     incident.status = 'restored'
     incident.restoredAt = new Date(now).toISOString()
+    incident.endedAt = incident.restoredAt
     const ttr = (now - Date.parse(incident.detectedAt)) / 1000
     incident.timeToRestoreSeconds = round(ttr)
     let i = 0
@@ -286,25 +459,32 @@ export class Verifier {
     this.ttrCount++
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'restored', timeToRestoreSeconds: incident.timeToRestoreSeconds, checks: incident.checks }, 'restoration verified')
     this.notify(incident, 'restoration_verified', `service restored (verified) ${incident.timeToRestoreSeconds} s after detection, by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`)
+    this.deps.persist({ action: 'incident.restored', targets: [incident.id], reason: 'restoration verified', result: 'restored', requester: 'breakwater', trigger: incident.trigger, timeToRestoreSeconds: incident.timeToRestoreSeconds })
   }
 
   /** `noRealTraffic`: nothing showed that users are served again, but nothing showed they are not. */
   private notRestored (run: Running, noRealTraffic: boolean): void {
     const { incident } = run
+    this.count(incident, Date.now())
     this.running.delete(incident.id)
+    incident.endedAt = new Date().toISOString()
     const seconds = this.deps.config().verification.timeoutMs / 1000
     const what = `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
     incident.status = noRealTraffic ? 'unverified' : 'not_restored'
     if (noRealTraffic) {
       this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'unverified', checks: incident.checks }, 'restoration not verified: no real traffic since the mitigation')
       this.notify(incident, 'restoration_failed', `NOT verified: no real traffic within ${seconds} s after ${what} (synthetic checks alone do not restore an incident)`)
+      // Nobody knows whether users are served: the escalation deadline stands.
+      this.deps.persist({ action: 'incident.unverified', targets: [incident.id], reason: `no real traffic within ${seconds} s after ${what}`, result: 'unverified', requester: 'breakwater', trigger: incident.trigger })
       return
     }
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'not_restored', checks: incident.checks }, 'the mitigation did not restore service')
     this.notify(incident, 'restoration_failed', `NOT restored: ${what} did not bring service back within ${seconds} s`)
+    this.deps.persist({ action: 'incident.not_restored', targets: [incident.id], reason: `${what} did not bring service back within ${seconds} s`, result: 'not_restored', requester: 'breakwater', trigger: incident.trigger })
+    this.escalate(incident, 'the mitigation did not restore service (verification failed)')
   }
 
-  private notify (incident: Incident, kind: 'restoration_verified' | 'restoration_failed', summary: string): void {
+  private notify (incident: Incident, kind: 'restoration_verified' | 'restoration_failed' | 'escalated', summary: string): void {
     const cfg = this.deps.config()
     this.deps.notifier.notify({
       kind,
@@ -320,7 +500,10 @@ export class Verifier {
         timeToMitigateSeconds: incident.timeToMitigateSeconds,
         timeToRestoreSeconds: incident.timeToRestoreSeconds,
         errorRate: incident.checks.errorRate,
-        syntheticRounds: incident.checks.syntheticRounds
+        syntheticRounds: incident.checks.syntheticRounds,
+        status: incident.status,
+        escalated: incident.escalatedAt !== null,
+        escalateAt: incident.escalateAt
       },
       time: new Date().toISOString()
     })
@@ -330,6 +513,9 @@ export class Verifier {
     this.stopped = true
     for (const r of this.running.values()) if (r.timer !== null) clearTimeout(r.timer)
     this.running.clear()
+    this.escalations.stop()
+    if (this.counter !== null) clearInterval(this.counter)
+    this.counter = null
   }
 }
 

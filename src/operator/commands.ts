@@ -1,6 +1,6 @@
 /**
  * The operator commands (SPEC §1): status, kill, restore, circuit, mitigate, lift, audit,
- * triage — each one call to the admin API of one or more sidecars. Human-readable output by
+ * triage, incident report — each one call to the admin API of one or more sidecars. Human-readable output by
  * default; `--json` prints only JSON. Exit 0 when every sidecar accepted, 1 when one refused
  * or could not be reached, 2 for a usage error.
  */
@@ -98,6 +98,12 @@ function plan (a: OperatorArgs): Planned {
       if (action === 'circuitBreak' && targets.length > 0) body.upstreams = targets
       return { method: 'POST', path: '/v1/mitigations', body }
     }
+    case 'incident': {
+      const [sub, id] = need(a, 2, 'incident report INCIDENT_ID [--json]')
+      if (sub !== 'report') throw new UsageError('usage: breakwater incident report INCIDENT_ID [--json]')
+      // The sidecar renders the Markdown; --json asks it for the same draft as JSON.
+      return { method: 'GET', path: `/v1/incidents/${encodeURIComponent(id as string)}/report${a.json ? '?format=json' : ''}` }
+    }
     case 'lift': {
       const [id] = need(a, 1, 'lift MITIGATION_ID --reason TEXT')
       return { method: 'DELETE', path: `/v1/mitigations/${encodeURIComponent(id as string)}`, body: { reason: a.reason } }
@@ -123,6 +129,7 @@ function render (a: OperatorArgs, body: any): string {
       return lines.join('\n') + persistNote(body) + '\n'
     }
     case 'triage': return renderTriage(body)
+    case 'incident': return typeof body === 'string' ? body : JSON.stringify(body, null, 2) + '\n'
     case 'audit':
       return table(['time', 'action', 'targets', 'result', 'requester', 'reason'], (body.entries as any[]).map((e) => [e.time, e.action, (e.targets ?? []).join(','), e.result, e.requester, e.reason])) + '\n'
     default:

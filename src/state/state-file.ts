@@ -71,10 +71,14 @@ export interface PersistedState {
   configs: Record<string, string>
   /** Versions already rolled back (never twice). */
   rolledBack: Record<string, string>
+  /** The newest incidents (SPEC §19): open ones resume after a restart, closed ones keep their report. */
+  incidents: unknown[]
+  /** Status page incidents by incident key: the page's id and the last status sent. */
+  statusPage: Record<string, { id: string | null, status: string }>
 }
 
 export function emptyState (): PersistedState {
-  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {} }
+  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {}, incidents: [], statusPage: {} }
 }
 
 export interface LoadResult {

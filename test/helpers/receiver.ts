@@ -20,20 +20,24 @@ export interface Receiver {
   respond: number[]
   /** Milliseconds to wait before answering. */
   delayMs: number
+  /** The JSON body to answer a delivery with (default `{"ok":true}`). */
+  answer: (d: Delivery) => unknown
   close: () => Promise<void>
 }
 
 export async function startReceiver (respond: number[] = [200]): Promise<Receiver> {
-  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, close: async () => {} }
+  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answer: () => ({ ok: true }), close: async () => {} }
   const server = http.createServer((req, res) => {
     let text = ''
     req.on('data', (c: Buffer) => { text += c.toString('utf8') })
     req.on('end', () => {
       let body: unknown = text
       try { body = JSON.parse(text) } catch {}
-      const n = state.deliveries.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, body, at: Date.now() })
+      const delivery: Delivery = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, body, at: Date.now() }
+      const n = state.deliveries.push(delivery)
       const status = state.respond[Math.min(n - 1, state.respond.length - 1)] ?? 200
-      setTimeout(() => { res.writeHead(status, { 'content-type': 'application/json' }); res.end('{"ok":true}') }, state.delayMs)
+      const answer = JSON.stringify(state.answer(delivery))
+      setTimeout(() => { res.writeHead(status, { 'content-type': 'application/json' }); res.end(answer) }, state.delayMs)
     })
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))

@@ -1,0 +1,91 @@
+/**
+ * An incident's impact, counted as it happens (SPEC §19): the trigger windows are in memory
+ * and hold about two minutes at second resolution, so the incident's figures are added up from
+ * them every few seconds while it is open and kept in its record (in `stateDir`), which is what
+ * the post-mortem draft reads — after a restart too.
+ *
+ * Only what the windows hold is counted: requests of the incident's routes whose outcome the
+ * trigger windows record (SPEC §15: upstream failures, and refusals of a circuit that opened on
+ * failures; never a kill switch's or a forced circuit's refusals), without the verifier's own
+ * probes. A span the sidecar held no figures for (it was restarted) is listed as a gap, never
+ * filled in.
+ */
+import type { RouteStats } from '../proxy/stats.js'
+import { emptySums } from '../proxy/window.js'
+
+export interface Impact {
+  /** The first and last second counted (ISO). */
+  from: string
+  to: string
+  /** Requests in scope, and those that failed. */
+  requests: number
+  failed: number
+  /** The highest error rate of one whole second with at least PEAK_MIN_REQUESTS requests. */
+  peakErrorRate: number | null
+  peakAt: string | null
+  /** The verifier's probes left out of the figures above. */
+  probesExcluded: number
+  /** Spans of the incident with no figures, and why. */
+  gaps: Array<{ from: string, to: string, why: string }>
+  /** The next second to count (epoch seconds). */
+  countedUntil: number
+}
+
+/** Seconds with fewer requests than this are too thin for a peak error rate. */
+export const PEAK_MIN_REQUESTS = 5
+/** Seconds younger than this are read at second resolution (the seconds ring holds 128). */
+const SECONDS_HELD = 120
+
+export function emptyImpact (fromSec: number): Impact {
+  return { from: iso(fromSec), to: iso(fromSec), requests: 0, failed: 0, peakErrorRate: null, peakAt: null, probesExcluded: 0, gaps: [], countedUntil: fromSec }
+}
+
+export interface Probes {
+  requests: number
+  errors: number
+}
+
+/**
+ * Add the whole seconds [impact.countedUntil, toSec) of the `routes` windows into `impact`.
+ * `heldSince`: the first second this process holds (its start); `probes(second)`: the
+ * verifier's probes counted in that second.
+ */
+export function countImpact (impact: Impact, stats: Iterable<RouteStats>, routes: ReadonlySet<string>, toSec: number, heldSince: number, probes: (second: number) => Probes): void {
+  if (toSec <= impact.countedUntil) return
+  if (impact.countedUntil < heldSince) {
+    const gapTo = Math.min(heldSince, toSec)
+    impact.gaps.push({ from: iso(impact.countedUntil), to: iso(gapTo), why: 'the sidecar was restarted: the traffic of this span was held by the previous process and is not known' })
+    impact.countedUntil = gapTo
+    if (toSec <= gapTo) return
+  }
+  const scoped = [...stats].filter((s) => routes.has(s.route))
+  const from = impact.countedUntil
+  const total = emptySums(false)
+  for (const s of scoped) s.window.sum(from, toSec, total)
+  let probesRequests = 0
+  let probesErrors = 0
+  for (let second = Math.max(from, toSec - SECONDS_HELD); second < toSec; second++) {
+    const p = probes(second)
+    probesRequests += p.requests
+    probesErrors += p.errors
+    const one = emptySums(false)
+    for (const s of scoped) s.window.sum(second, second + 1, one)
+    const requests = one.requests - p.requests
+    const errors = Math.max(0, one.errors - p.errors)
+    if (requests < PEAK_MIN_REQUESTS) continue
+    const rate = errors / requests
+    if (impact.peakErrorRate === null || rate > impact.peakErrorRate) {
+      impact.peakErrorRate = Math.round(rate * 1e4) / 1e4
+      impact.peakAt = iso(second)
+    }
+  }
+  impact.requests += Math.max(0, total.requests - probesRequests)
+  impact.failed += Math.max(0, total.errors - probesErrors)
+  impact.probesExcluded += probesRequests
+  impact.countedUntil = toSec
+  impact.to = iso(toSec)
+}
+
+function iso (second: number): string {
+  return new Date(second * 1000).toISOString()
+}

@@ -1,0 +1,402 @@
+/**
+ * Incidents end to end (SPEC §19): escalation (once, at `escalateAfter`, at once on a failed
+ * verification, never when restored in time, across a restart), the status page lifecycle on
+ * one page incident (create, then PATCH by its id, across a restart), and the post-mortem draft
+ * (sections, figures against the audit log, after a restart, through the CLI). Real receivers for
+ * PagerDuty, Slack, Statuspage and webhooks on loopback; real sidecars; real traffic.
+ */
+import t, { type Test } from 'tap'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { resolveConfig } from '../src/config/load.js'
+import { startApp, type App } from './helpers/app.js'
+import { startCaptured, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
+import { admin } from './helpers/admin.js'
+import { sleep, eventually } from './helpers/http.js'
+import { traffic, type Traffic } from './helpers/traffic.js'
+import { runCli, tempDir } from './helpers/process.js'
+
+t.setTimeout(180_000)
+
+interface Receivers {
+  pd: Receiver
+  slack: Receiver
+  sp: Receiver
+  hook: Receiver
+}
+
+/** PagerDuty, Slack, a Statuspage that answers a create with an incident id, a webhook. */
+async function receivers (t: Test): Promise<Receivers> {
+  const [pd, slack, sp, hook] = await Promise.all([startReceiver([202]), startReceiver([200]), startReceiver([201, 200]), startReceiver([200])])
+  let created = 0
+  sp.answer = (d) => d.method === 'POST' ? { id: `sp-incident-${++created}`, status: d.body?.incident?.status } : { id: d.url.split('/').at(-1) }
+  for (const r of [pd, slack, sp, hook]) t.teardown(r.close)
+  return { pd, slack, sp, hook }
+}
+
+const TRIGGER = { name: 'checkout-errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'killSwitch', flags: ['newCheckout'], route: 'checkout' }
+
+interface Options {
+  notifications?: Record<string, unknown>
+  trigger?: Record<string, unknown>
+  verification?: Record<string, unknown>
+  stateDir?: string
+}
+
+/** The shop behind a sidecar: `checkout` (kill switch `newCheckout`) and `catalog`, every channel configured. */
+async function shop (t: Test, app: App, r: Receivers, o: Options = {}): Promise<{ s: TestSidecar, load: Traffic }> {
+  const stateDir = o.stateDir ?? mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const { config } = resolveConfig({
+    service: 'shop',
+    version: '3.1.0',
+    stateDir,
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
+    upstreams: { app: { url: app.url, critical: true } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true, unrelated: true },
+    rollbackTriggers: [{ ...TRIGGER, ...o.trigger }],
+    notifications: {
+      slackChannel: '#incidents',
+      slackWebhookUrl: `${r.slack.url}/slack`,
+      pagerDutyRoutingKey: 'rk-main',
+      pagerDutyEscalationRoutingKey: 'rk-escalation',
+      pagerDutyUrl: `${r.pd.url}/v2/enqueue`,
+      statusPageId: 'page1',
+      statusPageApiKey: 'sp-key',
+      statusPageUrl: r.sp.url,
+      webhooks: [`${r.hook.url}/events`],
+      ...o.notifications
+    },
+    verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '15s', ...o.verification },
+    logging: { level: 'info', accessLog: false }
+  })
+  const s = await startCaptured(t, config, stateDir)
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  return { s, load }
+}
+
+async function incidents (s: TestSidecar): Promise<any[]> {
+  const r = await admin(s.admin, 'GET', '/v1/incidents')
+  return r.body.incidents as any[]
+}
+
+/** Fail checkout `n` times and evaluate the triggers at once. */
+async function breakCheckout (app: App, s: TestSidecar, load: Traffic, n = 20): Promise<void> {
+  app.failing.add('/checkout')
+  const statuses = await load.burst('/checkout/cart', n)
+  if (!statuses.every((c) => c === 500)) throw new Error(`checkout did not fail: ${statuses.join(',')}`)
+  s.sidecar.triggers.evaluate(Date.now())
+}
+
+/** Real users on the catalog until the returned function is awaited. */
+function users (load: Traffic): () => Promise<void> {
+  let flowing = true
+  const run = (async () => { while (flowing) { await load.burst('/catalog/items', 3); await sleep(100) } })()
+  return async () => { flowing = false; await run }
+}
+
+async function settled (s: TestSidecar, id: string): Promise<any> {
+  let last: any
+  await eventually(async () => {
+    last = (await incidents(s)).find((i) => i.id === id)
+    return last !== undefined && last.status !== 'verifying' && last.status !== 'detected'
+  }, 30_000, 100)
+  return last
+}
+
+/** Checkout breaks, the trigger's kill switch fires, users of the catalog verify it: the settled incident. */
+async function restoredByTrigger (t: Test, app: App, s: TestSidecar, load: Traffic): Promise<any> {
+  await breakCheckout(app, s, load)
+  const stop = users(load)
+  t.teardown(stop)
+  const [first] = await incidents(s)
+  const i = await settled(s, first.id)
+  await stop()
+  return i
+}
+
+const escalations = (r: Receivers): { pd: Delivery[], slack: Delivery[], hook: Delivery[] } => ({
+  pd: r.pd.deliveries.filter((d) => d.body?.payload?.severity === 'critical' && d.body.event_action === 'trigger'),
+  slack: r.slack.deliveries.filter((d) => /ESCALATED/.test(String(d.body?.text))),
+  hook: r.hook.deliveries.filter((d) => d.body?.event === 'escalated')
+})
+
+async function until (ms: number): Promise<void> {
+  await eventually(() => Date.now() >= ms, Math.max(0, ms - Date.now()) + 60_000, 50)
+}
+
+async function auditOf (s: TestSidecar): Promise<any[]> {
+  return (await admin(s.admin, 'GET', '/v1/audit?limit=1000')).body.entries as any[]
+}
+
+t.test('escalation: an incident not verified restored within escalateAfter is escalated once — PagerDuty critical to the escalation key, Slack, webhooks', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1s' }, trigger: { action: 'notify' } })
+  await breakCheckout(app, s, load)
+  const [i] = await incidents(s)
+  t.equal(i.status, 'detected', 'a trigger that only notifies leaves the incident open')
+  t.equal(Date.parse(i.escalateAt) - Date.parse(i.detectedAt), 1000, 'escalateAt = detection + escalateAfter')
+  t.equal(i.escalatedAt, null)
+
+  t.ok(await eventually(() => escalations(r).pd.length === 1 && escalations(r).slack.length === 1 && escalations(r).hook.length === 1, 30_000), 'escalated on every channel')
+  const first = r.pd.deliveries.find((d) => d.body.event_action === 'trigger' && d.body.payload.severity === 'error')
+  t.match(first?.body, { routing_key: 'rk-main', event_action: 'trigger' }, 'detection opened the alert at error on the routing key')
+  const pd = escalations(r).pd[0] as Delivery
+  t.match(pd.body, { routing_key: 'rk-escalation', event_action: 'trigger', dedup_key: first?.body.dedup_key, payload: { severity: 'critical', summary: /ESCALATED/ } }, 'critical, to the escalation key, same dedup_key')
+  t.ok(pd.at >= Date.parse(i.escalateAt), 'not before the deadline')
+  t.match(escalations(r).slack[0]?.body, { channel: '#incidents', text: /ESCALATED/ })
+  t.match(escalations(r).hook[0]?.body, { event: 'escalated', trigger: 'checkout-errors', details: { incident: i.id, escalated: true } })
+  const [after] = await incidents(s)
+  t.ok(after.escalatedAt !== null && Date.parse(after.escalatedAt) >= Date.parse(i.escalateAt), 'the record says when')
+  t.match(after.escalationReason, /not verified restored within 1 s/)
+
+  // The trigger fires again and time passes: still once per incident.
+  await load.burst('/checkout/cart', 10)
+  s.sidecar.triggers.evaluate(Date.now())
+  await until(Date.parse(after.escalatedAt) + 2500)
+  t.equal(escalations(r).pd.length, 1, 'PagerDuty escalation sent once')
+  t.equal(escalations(r).slack.length, 1)
+  t.equal(escalations(r).hook.length, 1)
+  t.equal((await auditOf(s)).filter((e) => e.action === 'incident.escalated' && e.targets.includes(i.id)).length, 1, 'audited once')
+  t.ok(s.logs.some((l) => l.event === 'incident' && l.phase === 'escalated' && l.incident === i.id), 'logged')
+})
+
+t.test('an incident restored in time never escalates: the deadline is disarmed and the PagerDuty alert resolved', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '10s' } })
+  const i = await restoredByTrigger(t, app, s, load)
+  t.equal(i.status, 'restored')
+  t.equal(s.sidecar.verifier.armedEscalations, 0, 'no escalation armed once restored')
+  await until(Date.parse(i.escalateAt) + 1500)
+  t.same(escalations(r), { pd: [], slack: [], hook: [] }, 'never escalated')
+  t.equal((await incidents(s)).find((x) => x.id === i.id).escalatedAt, null)
+  t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve')), 'resolved')
+  t.same(r.pd.deliveries.map((d) => [d.body.event_action, d.body.routing_key]), [['trigger', 'rk-main'], ['resolve', 'rk-main']], 'an incident never escalated is resolved on the routing key only')
+})
+
+t.test('a failed verification escalates at once, whatever escalateAfter; once', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1h' }, trigger: { minRequests: 1000 }, verification: { timeoutMs: '2s', synthetics: [{ route: 'checkout', path: '/checkout/probe' }] } })
+  app.failing.add('/checkout')
+  await load.burst('/checkout/cart', 20)
+  // The wrong flag: checkout keeps failing.
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['unrelated'], reason: 'wrong guess' })
+  t.equal(m.status, 201)
+  const [first] = await incidents(s)
+  const i = await settled(s, first.id)
+  t.equal(i.status, 'not_restored')
+  t.ok(await eventually(() => escalations(r).pd.length === 1 && escalations(r).hook.length === 1, 15_000), 'escalated')
+  const [now] = await incidents(s)
+  t.ok(Date.parse(now.escalatedAt) >= Date.parse(now.endedAt), 'when verification failed')
+  t.ok(Date.parse(now.escalatedAt) < Date.parse(now.escalateAt), 'long before the escalateAfter deadline')
+  t.match(now.escalationReason, /verification failed/)
+  t.match(escalations(r).pd[0]?.body, { routing_key: 'rk-escalation', payload: { severity: 'critical', class: 'operator' } }, "an operator's incident reaches PagerDuty when escalated")
+  await sleep(1000)
+  t.equal(escalations(r).pd.length, 1, 'once')
+  t.equal(escalations(r).slack.length, 1)
+  t.equal(s.sidecar.verifier.armedEscalations, 0)
+})
+
+t.test('status page: create → identified → monitoring → resolved on one page incident, across a restart mid-incident; the report after the restart', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const a = await shop(t, app, r, { stateDir, verification: { timeoutMs: '60s' } })
+  await breakCheckout(app, a.s, a.load)
+  // The kill switch refuses checkout; nobody uses the catalog: verification keeps going.
+  t.ok(await eventually(() => r.sp.deliveries.length === 3, 15_000), 'created, identified, monitoring')
+  const [before] = await incidents(a.s)
+  t.equal(before.status, 'verifying')
+  await a.load.close()
+  await a.s.sidecar.close()
+  // Down for a while: the traffic of that span is held by nobody.
+  await sleep(1100)
+
+  const b = await shop(t, app, r, { stateDir, verification: { timeoutMs: '60s' } })
+  const [resumed] = await incidents(b.s)
+  t.match(resumed, { id: before.id, status: 'verifying', escalateAt: before.escalateAt }, 'the open incident survived the restart')
+  const stop = users(b.load)
+  t.teardown(stop)
+  const i = await settled(b.s, before.id)
+  await stop()
+  t.equal(i.status, 'restored', 'verified restored by the new process')
+  t.ok(await eventually(() => r.sp.deliveries.length === 4, 15_000), 'resolved')
+  t.same(r.sp.deliveries.map((d) => [d.method, d.url, d.body.incident.status]), [
+    ['POST', '/v1/pages/page1/incidents', 'investigating'],
+    ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'identified'],
+    ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'monitoring'],
+    ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'resolved']
+  ], 'one create; every update by the id the page gave, the last one from the restarted sidecar')
+  t.match(r.sp.deliveries[0]?.body.incident, { name: /shop/, body: /checkout-errors/, impact_override: 'major' })
+  t.equal(r.sp.deliveries[0]?.headers.authorization, 'OAuth sp-key')
+
+  const report = await admin(b.s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
+  t.equal(report.status, 200, 'the report after a restart')
+  t.match(report.body, { incident: i.id, status: 'restored', times: { timeToRestoreSeconds: i.timeToRestoreSeconds } })
+  t.equal(report.body.impact.gaps.length, 1, 'the restart is a gap in the figures')
+  t.ok(report.body.notHeld.some((n: string) => /restarted/.test(n)), 'and the report says so')
+  t.ok(report.body.timeline.some((e: any) => /mitigation\.killSwitch/.test(e.what) && e.by === 'trigger checkout-errors'), "the first process's kill switch is in the timeline (audit log in stateDir)")
+  t.ok(report.body.openQuestions.some((q: string) => /restarted/.test(q)))
+})
+
+t.test('a resolve for a page incident never created is not sent by guess: logged and counted', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  r.sp.respond = [500]
+  const { s, load } = await shop(t, app, r, { notifications: { maxAttempts: 1 } })
+  const i = await restoredByTrigger(t, app, s, load)
+  t.equal(i.status, 'restored')
+  t.ok(await eventually(() => s.logs.some((l) => l.event === 'statuspage_unknown_incident')), 'logged')
+  t.ok(await eventually(() => s.sidecar.notifier.pending === 0))
+  t.notOk(r.sp.deliveries.some((d) => d.method === 'PATCH'), 'no PATCH of an id we do not have')
+  t.notOk(r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 'no create-then-resolve')
+  t.ok((s.sidecar.notifier.failed.get('statuspage') ?? 0) >= 2, 'counted as failed status page notifications')
+})
+
+t.test('the escalation deadline survives a restart: a sidecar started after it passed escalates at once, once', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const a = await shop(t, app, r, { stateDir, notifications: { escalateAfter: '2s' }, trigger: { action: 'notify' } })
+  await breakCheckout(app, a.s, a.load)
+  const [i] = await incidents(a.s)
+  await a.load.close()
+  await a.s.sidecar.close()
+  await until(Date.parse(i.escalateAt) + 200)
+  const b = await shop(t, app, r, { stateDir, notifications: { escalateAfter: '2s' }, trigger: { action: 'notify' } })
+  t.ok(await eventually(() => escalations(r).pd.length >= 1, 15_000), 'escalated')
+  await sleep(1000)
+  t.equal(escalations(r).pd.length, 1, 'once across both processes')
+  const [after] = await incidents(b.s)
+  t.equal(after.id, i.id)
+  t.not(after.escalatedAt, null)
+})
+
+t.test('post-mortem draft: sections, and figures that match the traffic and the audit log; Markdown by default, JSON on request; 404', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r)
+  const i = await restoredByTrigger(t, app, s, load)
+  // Refusals by the kill switch are not failures.
+  t.same(await load.burst('/checkout/cart', 5), [503, 503, 503, 503, 503])
+  t.equal(i.status, 'restored')
+
+  const res = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
+  t.equal(res.status, 200)
+  const rep = res.body
+  t.match(rep.impact, { routes: ['checkout'], requests: 20, requestsFailed: 20, peakErrorRate: 1 }, 'the 20 failed checkout requests, nothing invented')
+  t.equal(rep.impact.probesExcluded, 0)
+  t.match(rep.detection, { metric: 'error_rate', threshold: 0.5, windowSeconds: 10, value: 1, requests: 20, errors: 20 })
+  t.ok(rep.times.firstFailureAt !== null && Date.parse(rep.times.firstFailureAt) <= Date.parse(i.detectedAt), 'the first failure held precedes detection')
+  t.equal(rep.times.timeToDetectSeconds, (Date.parse(i.detectedAt) - Date.parse(rep.times.firstFailureAt)) / 1000)
+  t.equal(rep.times.timeToMitigateSeconds, i.timeToMitigateSeconds)
+  t.equal(rep.impact.durationSeconds, (Date.parse(i.restoredAt) - Date.parse(rep.times.firstFailureAt)) / 1000)
+
+  const audit = await auditOf(s)
+  const killed = audit.find((e) => e.action === 'mitigation.killSwitch')
+  const restored = audit.find((e) => e.action === 'incident.restored' && e.targets.includes(i.id))
+  t.equal(restored.timeToRestoreSeconds, rep.times.timeToRestoreSeconds, 'time to restore as audited')
+  t.match(rep.actors, [{ by: 'trigger checkout-errors', kind: 'trigger', reasons: [killed.reason] }], 'who acted, with the reason audited')
+  const timelineTimes = rep.timeline.map((e: any) => e.time)
+  for (const e of audit.filter((x) => x.targets.includes(i.id) || x.action === 'mitigation.killSwitch')) t.ok(timelineTimes.includes(e.time), `${String(e.action)} at ${String(e.time)} is in the timeline`)
+  t.same([...timelineTimes].sort(), timelineTimes, 'in time order')
+  t.equal(rep.triage.scenario, 'feature_regression', 'what triage chose at detection')
+  t.ok(rep.triage.ruledOut.length >= 2, 'and what it ruled out')
+  t.ok(rep.openQuestions.length >= 2)
+  t.ok(rep.notHeld.some((n: string) => /refused by a mitigation/.test(n)), 'says which figures it does not hold')
+
+  const md = await fetch(`${s.admin}/v1/incidents/${i.id}/report`, { headers: { authorization: `Bearer ${TEST_TOKEN}` } })
+  t.equal(md.status, 200)
+  t.match(md.headers.get('content-type'), /^text\/markdown/)
+  const text = await md.text()
+  for (const h of ['# Post-mortem draft: shop incident', '## Summary', '## Impact', '## Timeline (UTC)', '## Who or what acted', '## Times', '## What triage ruled out', '## Open questions for the review', '## Not held by the sidecar']) t.match(text, h)
+  t.match(text, /Requests failed: 20 of 20 on route\(s\) checkout/)
+  t.match(text, /Peak error rate: 100\.0%/)
+  t.match(text, new RegExp(`Time to restore \\(detection → verified restoration\\): ${String(i.timeToRestoreSeconds).replace('.', '\\.')} s`))
+  const accept = await fetch(`${s.admin}/v1/incidents/${i.id}/report`, { headers: { authorization: `Bearer ${TEST_TOKEN}`, accept: 'application/json' } })
+  t.match(await accept.json(), { incident: i.id }, 'Accept: application/json')
+
+  const unknown = await admin(s.admin, 'GET', '/v1/incidents/i-nope/report')
+  t.equal(unknown.status, 404)
+  t.equal(unknown.body.error, 'unknown_incident')
+  t.equal((await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=xml`)).status, 400)
+})
+
+t.test('breakwater incident report ID [--json] through a running sidecar', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r)
+  const first = await restoredByTrigger(t, app, s, load)
+  const env = { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, BREAKWATER_CONFIG: undefined }
+  const cwd = tempDir(t)
+  const md = await runCli(['incident', 'report', first.id, '--admin', s.admin], { env, cwd, timeoutMs: 60_000 })
+  t.equal(md.code, 0, md.stderr)
+  t.match(md.stdout, `# Post-mortem draft: shop incident ${String(first.id)}`)
+  t.match(md.stdout, /Requests failed: 20 of 20/)
+  const json = await runCli(['incident', 'report', first.id, '--json', '--admin', s.admin], { env, cwd, timeoutMs: 60_000 })
+  t.equal(json.code, 0, json.stderr)
+  t.match(JSON.parse(json.stdout), { incident: first.id, impact: { requestsFailed: 20 } })
+  const missing = await runCli(['incident', 'report', 'i-nope', '--admin', s.admin], { env, cwd, timeoutMs: 60_000 })
+  t.equal(missing.code, 1)
+  t.match(missing.stderr, /unknown_incident/)
+  const usage = await runCli(['incident', 'show'], { env, cwd, timeoutMs: 60_000 })
+  t.equal(usage.code, 2)
+})
+
+t.test('an unverified incident (no real traffic to judge by) is not escalated at once: its deadline stands', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '3s' }, trigger: { minRequests: 1000 }, verification: { timeoutMs: '1s' } })
+  app.failing.add('/checkout')
+  await load.burst('/checkout/cart', 20)
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors' })).status, 201)
+  const [first] = await incidents(s)
+  const i = await settled(s, first.id)
+  t.equal(i.status, 'unverified')
+  t.ok(await eventually(() => escalations(r).hook.length === 1, 30_000), 'escalated in the end')
+  const [now] = await incidents(s)
+  t.ok(Date.parse(now.escalatedAt) >= Date.parse(now.escalateAt), 'at the escalateAfter deadline, not when verification ended')
+  t.match(now.escalationReason, /not verified restored within 3 s/)
+  t.ok(Date.parse(escalations(r).hook[0]?.body.time) >= Date.parse(now.escalateAt))
+})
+
+t.test('a failed rollback escalates at once', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const cd = await startReceiver([400])
+  t.teardown(cd.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const { config } = resolveConfig({
+    service: 'shop',
+    version: '3.1.0',
+    stateDir,
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    upstreams: { app: { url: app.url } },
+    routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'rollback' }],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback` },
+    notifications: { webhooks: [`${r.hook.url}/events`], escalateAfter: '1h' },
+    logging: { level: 'info', accessLog: false }
+  })
+  const s = await startCaptured(t, config, stateDir)
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  app.failing.add('/')
+  await load.burst('/cart', 10)
+  s.sidecar.triggers.evaluate(Date.now())
+  t.ok(await eventually(() => escalations(r).hook.length === 1, 15_000), 'escalated')
+  const [i] = await incidents(s)
+  t.match(i, { mitigation: { action: 'rollback', status: 'failed' } })
+  t.match(i.escalationReason, /the rollback m-\S+ failed/)
+  t.ok(Date.parse(i.escalatedAt) < Date.parse(i.escalateAt), 'long before the deadline')
+})
