@@ -48,6 +48,9 @@ Options:
   --token-file PATH   admin token file; default $BREAKWATER_ADMIN_TOKEN, else the config's
                       admin.tokenFile, else STATEDIR/admin.token
   -r, --reason TEXT   why (required by every command that changes something)
+  --ttl DURATION      kill, circuit, failover, mitigate rateLimit: lapse on its own after it
+  --to UPSTREAM       failover: where the traffic goes (default: the configured failover)
+  --route ROUTE       mitigate rateLimit: the route (repeat for several); --rps N, --burst B
   --json              print only JSON
 
 Ports (defaults): proxy 14001, ops 14020 (/health /ready /live /metrics), admin 14000.

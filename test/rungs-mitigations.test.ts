@@ -86,6 +86,8 @@ t.test('breakwater failover: traffic goes to the failover, marked; lift brings i
   t.same(await servedBy(s), { body: 'dr', failover: 'dr' }, 'the failover serves, marked x-breakwater-failover')
   t.same(await servedBy(s, '/other'), { body: 'solo', failover: undefined }, 'other upstreams are untouched')
 
+  const status = await run(['status', '--admin', s.admin], withToken)
+  t.match(status.stdout, new RegExp(`${id}\\s+failover\\s+active\\s+primary → dr`), 'breakwater status shows where the traffic goes')
   const st = (await admin(s.admin, 'GET', '/v1/state')).body
   t.match(st.mitigations, [{ id, action: 'failover', targets: ['primary'], to: 'dr', status: 'active', expiresAt: null }], 'GET /v1/state lists it')
   const entry = (await audit(s)).find((e) => e.action === 'mitigation.failover')
@@ -229,6 +231,10 @@ t.test('triage: failover for a failing upstream with a healthy failover; circuit
   t.equal(r.scenario, 'downstream_failure')
   t.match(r.recommendation, { action: 'failover', target: 'primary', command: /^breakwater failover primary --to dr --reason / })
   t.match(r.recommendation.why, /dr is healthy/)
+  const human = await operator(t)(['triage', '--admin', withFailover.s.admin], withToken)
+  t.equal(human.code, 0, human.stderr)
+  t.match(human.stdout, /DO\s+failover primary — /, 'breakwater triage says so')
+  t.match(human.stdout, '$ breakwater failover primary --to dr --reason')
 
   // The failover's own circuit open: not healthy, so the next rung.
   t.equal((await admin(withFailover.s.admin, 'PUT', '/v1/circuits/dr', { state: 'open', reason: 'dr down too' })).status, 200)

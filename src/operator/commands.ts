@@ -208,7 +208,7 @@ function renderStatus (s: any): string {
   out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
-  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, m.targets.join(','), m.createdAt, m.source, m.reason])))
+  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, m.createdAt, m.source, m.reason])))
   const failed = ((s.rollbacks ?? []) as any[]).filter((m) => m.status === 'failed')
   if (failed.length > 0) out.push('', 'FAILED ROLLBACKS', table(['id', 'version', 'at', 'error'], failed.map((m) => [m.id, m.targets.join(','), m.finishedAt ?? m.createdAt, m.error ?? '-'])))
   const triggers = (s.triggers ?? []) as any[]
