@@ -180,6 +180,22 @@ t.test('failover and rate limit survive a restart with the same stateDir, and ar
   t.same(await servedBy(b.s), { body: 'primary', failover: undefined }, 'lifted after the restart')
 })
 
+t.test('a failover to an upstream the config no longer has ends at start, audited, and the traffic stays home', async (t) => {
+  const a = await shop(t)
+  const r = await admin(a.s.admin, 'POST', '/v1/mitigations', { action: 'failover', upstreams: ['primary'], to: 'solo', reason: 'dr patched' })
+  t.equal(r.status, 201)
+  await a.s.sidecar.close()
+  // The next config drops `solo` (its route now goes to dr).
+  const input = a.input as { upstreams: Record<string, unknown>, routes: Array<Record<string, unknown>> }
+  const { solo: _solo, ...upstreams } = input.upstreams
+  const b = await startTestSidecar(t, { ...input, upstreams, routes: [input.routes[0], { ...input.routes[1], upstream: 'dr' }] })
+  t.same(await servedBy(b), { body: 'primary', failover: undefined }, 'no failover to a missing upstream')
+  const record = (await admin(b.admin, 'GET', `/v1/mitigations/${r.body.id as string}`)).body
+  t.match(record, { status: 'lifted', liftReason: 'no longer configured: solo' })
+  t.match((await audit(b)).find((e) => e.action === 'mitigation.expire'), { id: r.body.id, mitigation: 'failover' }, 'audited')
+  t.same((await admin(b.admin, 'GET', '/v1/state')).body.mitigations, [])
+})
+
 t.test('bad input: a clear 400, nothing applied, and usage errors from the CLI', async (t) => {
   const { s } = await shop(t)
   const post = async (body: Record<string, unknown>): Promise<{ status: number, body: any }> => await admin(s.admin, 'POST', '/v1/mitigations', { reason: 'test', ...body })

@@ -161,9 +161,12 @@ export class Rungs {
         ended.push(record)
         continue
       }
-      const gone = record.targets.filter((target) => !this.put(record.action as RungAction, target, record))
-      if (gone.length > 0) {
-        this.end(record, `no longer configured: ${gone.join(', ')}${record.to !== undefined ? ` (or ${record.to})` : ''}`, now)
+      const failed = record.targets.filter((target) => !this.put(record.action as RungAction, target, record))
+      if (failed.length > 0) {
+        const dp = this.dataPlane()
+        const known = record.action === 'failover' ? dp.upstreams() : dp.routes()
+        const gone = [...record.targets, ...(record.to !== undefined ? [record.to] : [])].filter((name) => !known.includes(name))
+        this.end(record, `no longer configured: ${(gone.length > 0 ? gone : failed).join(', ')}`, now)
         for (const target of record.targets) this.put(record.action as RungAction, target)
         ended.push(record)
         continue
