@@ -70,6 +70,25 @@ export class Rungs {
 
   /** `POST /v1/mitigations {action: "failover", upstreams, to?}`: validated, then in force at once. */
   failover (req: MitigationRequest): MitigationRecord {
+    return this.logRefusal(req, () => this.startFailover(req))
+  }
+
+  /** `POST /v1/mitigations {action: "rateLimit", routes, requestsPerSecond, burst?}`. */
+  rateLimit (req: MitigationRequest): MitigationRecord {
+    return this.logRefusal(req, () => this.startRateLimit(req))
+  }
+
+  /** A refused request is the caller's to fix, but it is logged: someone tried to act in an incident. */
+  private logRefusal (req: MitigationRequest, apply: () => MitigationRecord): MitigationRecord {
+    try {
+      return apply()
+    } catch (err) {
+      if (err instanceof ControlError) this.logger.warn({ event: 'mitigation_refused', action: req.action, error: err.code, message: err.message, requester: req.requester, reason: req.reason }, `mitigation ${req.action} refused`)
+      throw err
+    }
+  }
+
+  private startFailover (req: MitigationRequest): MitigationRecord {
     const dp = this.dataPlane()
     const known = dp.upstreams()
     const targets = named(req.upstreams, known, 'upstream', 'the upstream(s) whose traffic fails over')
@@ -87,8 +106,7 @@ export class Rungs {
     return this.apply(record, req.ttlMs ?? null)
   }
 
-  /** `POST /v1/mitigations {action: "rateLimit", routes, requestsPerSecond, burst?}`. */
-  rateLimit (req: MitigationRequest): MitigationRecord {
+  private startRateLimit (req: MitigationRequest): MitigationRecord {
     const targets = named(req.routes, this.dataPlane().routes(), 'route', 'the route(s) to rate-limit')
     const rps = req.requestsPerSecond
     if (typeof rps !== 'number' || !Number.isFinite(rps) || rps <= 0) throw new ControlError(400, 'bad_request', `requestsPerSecond must be a number above 0 (got ${JSON.stringify(rps) ?? 'nothing'})`)
