@@ -26,6 +26,10 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater restore FLAG --reason TEXT               drop the override: back to the configured value
   breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]
   breakwater mitigate killSwitch|circuitBreak|rollback [FLAGS|UPSTREAMS...] --reason TEXT
+  breakwater failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m]
+                                                      send an upstream's traffic to its failover
+  breakwater mitigate rateLimit --route ROUTE --rps N [--burst B] --reason TEXT [--ttl 10m]
+                                                      shed a traffic spike on a route (429 beyond it)
   breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
   breakwater audit [--limit N]                        newest audit entries
   breakwater triage                                   what is wrong, and the lowest-risk fix
@@ -44,6 +48,9 @@ Options:
   --token-file PATH   admin token file; default $BREAKWATER_ADMIN_TOKEN, else the config's
                       admin.tokenFile, else STATEDIR/admin.token
   -r, --reason TEXT   why (required by every command that changes something)
+  --ttl DURATION      kill, circuit, failover, mitigate rateLimit: lapse on its own after it
+  --to UPSTREAM       failover: where the traffic goes (default: the configured failover)
+  --route ROUTE       mitigate rateLimit: the route (repeat for several); --rps N, --burst B
   --json              print only JSON
 
 Ports (defaults): proxy 14001, ops 14020 (/health /ready /live /metrics), admin 14000.
@@ -72,6 +79,10 @@ async function main (argv: string[]): Promise<number> {
         reason: { type: 'string', short: 'r' },
         ttl: { type: 'string' },
         limit: { type: 'string' },
+        to: { type: 'string' },
+        route: { type: 'string', multiple: true },
+        rps: { type: 'string' },
+        burst: { type: 'string' },
         admin: { type: 'string', multiple: true },
         'token-file': { type: 'string' },
         'no-restore': { type: 'boolean' }
@@ -100,7 +111,7 @@ async function main (argv: string[]): Promise<number> {
       // The escalation rehearsal succeeds when the incident was escalated.
       return (restore ? result.restored : result.escalatedSeconds !== null) ? 0 : 1
     }
-    case 'status': case 'kill': case 'restore': case 'circuit': case 'mitigate': case 'lift': case 'audit': case 'triage': case 'incident': {
+    case 'status': case 'kill': case 'restore': case 'circuit': case 'failover': case 'mitigate': case 'lift': case 'audit': case 'triage': case 'incident': {
       const { runOperator, UsageError } = await import('./operator/commands.js')
       const given = values.config ?? process.env.BREAKWATER_CONFIG
       try {
@@ -110,6 +121,10 @@ async function main (argv: string[]): Promise<number> {
           reason: values.reason,
           ttl: values.ttl,
           limit: values.limit,
+          to: values.to,
+          route: values.route,
+          rps: values.rps,
+          burst: values.burst,
           json: values.json === true,
           admin: values.admin ?? [],
           tokenFile: values['token-file'],

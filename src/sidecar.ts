@@ -123,6 +123,13 @@ export class Sidecar {
       upstreams: () => [...dp.runtime.upstreams.keys()],
       killSwitchFlags: () => [...new Set(dp.runtime.config.routes.map((r) => r.killSwitch).filter((k): k is string => k !== null))]
     }, this.logger)
+    this.control.rungs.connect({
+      forceFailover: (upstream, to) => dp.forceFailover(upstream, to),
+      setRouteRateLimit: (route, limit) => dp.setRouteRateLimit(route, limit),
+      upstreams: () => [...dp.runtime.upstreams.keys()],
+      failoverOf: (upstream) => dp.runtime.upstreams.get(upstream)?.config.failover ?? null,
+      routes: () => dp.runtime.config.routes.map((r) => r.name)
+    })
     this.notifier = new Notifier(() => this.config.notifications, this.logger)
     this.control.onMitigation = (kind, record) => {
       // A started rollback is announced once it ends (applied or failed).

@@ -1,6 +1,6 @@
 /**
- * Operators never wait (SPEC §15): while a rollback's webhook hangs, kill, restore, circuit
- * and lift are answered and take effect on proxied traffic; the rollback's record goes
+ * Operators never wait (SPEC §15): while a rollback's webhook hangs, kill, restore, circuit,
+ * failover, rateLimit and lift are answered and take effect on proxied traffic; the rollback's record goes
  * running → succeeded | failed in the background.
  */
 import t from 'tap'
@@ -89,6 +89,15 @@ t.test('while a rollback webhook hangs, kill, restore, circuit and lift are answ
   t.equal((await send(s.proxy, '/checkout')).status, 200, 'and the route serves again')
   const restore = await admin(s.admin, 'DELETE', '/v1/flags/newSearch', { reason: 'search fine' })
   t.equal(restore.status, 200, 'restore answered while the rollback hangs')
+  t.equal((await send(s.proxy, '/search')).status, 200)
+
+  const failover = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'failover', upstreams: ['pay'], to: 'app', reason: 'pay region down' })
+  t.equal(failover.status, 201, 'failover answered while the rollback hangs')
+  t.equal((await send(s.proxy, '/pay')).headers['x-breakwater-failover'], 'app', 'and in force')
+  const limit = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rateLimit', routes: ['search'], requestsPerSecond: 0.01, burst: 1, reason: 'search spike' })
+  t.equal(limit.status, 201, 'rateLimit answered while the rollback hangs')
+  t.same([(await send(s.proxy, '/search')).status, (await send(s.proxy, '/search')).status], [200, 429], 'and in force')
+  for (const m of [failover, limit]) t.equal((await admin(s.admin, 'DELETE', `/v1/mitigations/${m.body.id as string}`, { reason: 'over' })).status, 200, `lifting ${m.body.action as string} answered too`)
   t.equal((await send(s.proxy, '/search')).status, 200)
 
   // This sidecar was not started from a file, so a reload is refused — but answered, not queued.

@@ -294,6 +294,9 @@ t.test('traffic spike: rate far above the 30-minute baseline with latency up →
   t.match(r.recommendation.command, /scale/)
   t.match(r.recommendation.command, /shop/, 'names the service')
   t.match(r.recommendation.why, /shed|capacity/)
+  // Rung 5 when scaling isn't possible now: a rate limit on the busiest route, at twice its baseline.
+  t.match(r.recommendation.alternative, { action: 'rateLimit', target: 'catalog', command: /^breakwater mitigate rateLimit --route catalog --rps 2 --ttl 30m --reason / })
+  t.match(r.recommendation.alternative.why, /429/)
   const all = r.evidence.all
   t.equal(all.current.requests, 400)
   t.equal(all.baseline.requests, baseline)

@@ -119,9 +119,20 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
 
   app.post('/v1/mitigations', async (req, reply) => {
     const b = body(req)
-    if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak or rollback')
+    if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak, rollback, failover or rateLimit')
     const who = actor(req, b)
-    const { value, persisted } = await control.mitigate({ ...who, action: b.action, flags: stringList(b, 'flags'), upstreams: stringList(b, 'upstreams') })
+    if (b.to !== undefined && b.to !== null && (typeof b.to !== 'string' || b.to === '')) throw new ControlError(400, 'bad_request', 'to must be the name of an upstream')
+    const { value, persisted } = await control.mitigate({
+      ...who,
+      action: b.action,
+      flags: stringList(b, 'flags'),
+      upstreams: stringList(b, 'upstreams'),
+      routes: stringList(b, 'routes'),
+      to: b.to as string | null | undefined,
+      requestsPerSecond: b.requestsPerSecond,
+      burst: b.burst,
+      ttlMs: ttl(b)
+    })
     // A rollback has only started (its record said `running`): 202, follow it by its id.
     return await reply.code(value.action === 'rollback' ? 202 : 201).send({ ...value, persisted })
   })

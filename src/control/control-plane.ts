@@ -4,6 +4,7 @@
  * - overrides.ts: flag overrides and forced circuits, with their `ttl`;
  * - mitigations.ts: mitigation records, and lifting exactly what one changed;
  * - rollback-policy.ts: when a rollback may run, one at a time, in the background;
+ * - rungs.ts: the failover and rate-limit mitigations, and what is in force after a lift;
  * - state/journal.ts: the ordered, durable write path (`state.json`, then the audit line).
  *
  * Operators never wait (SPEC §15, STYLE 17): every mutation is applied in memory at once and
@@ -22,6 +23,7 @@ import { ControlError, type Actor, type Applied, type CircuitControl, type Circu
 import { Overrides, expiry } from './overrides.js'
 import { Mitigations } from './mitigations.js'
 import { RollbackPolicy } from './rollback-policy.js'
+import { Rungs, rungDetails } from './rungs.js'
 
 export { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type MitigationRequest } from './interfaces.js'
 
@@ -38,6 +40,8 @@ export class ControlPlane {
   readonly overrides: Overrides
   readonly mitigations: Mitigations
   readonly rollbacks = new RollbackPolicy()
+  /** Failover and rate-limit mitigations; the sidecar connects them to the data plane. */
+  readonly rungs: Rungs
   private ttlTimer: NodeJS.Timeout | null = null
   /** Set once start() has run: the version and config first-seen times. */
   versionSince = ''
@@ -55,6 +59,7 @@ export class ControlPlane {
     this.journal = new Journal(config().stateDir, logger)
     this.overrides = new Overrides(() => this.state, flags, circuits, logger)
     this.mitigations = new Mitigations(() => this.state, this.overrides, flags, circuits)
+    this.rungs = new Rungs(() => this.state, this.mitigations, logger)
   }
 
   get audit (): Journal['audit'] {
@@ -74,8 +79,10 @@ export class ControlPlane {
     this.state = loaded.state
     this.mitigations.normalise()
     await this.overrides.restore(Date.now())
+    const ended = this.rungs.restore(Date.now())
     this.noteConfig()
     await this.journal.commit(this.state, null)
+    for (const m of ended) await this.commit({ action: 'mitigation.expire', targets: m.targets, reason: m.liftReason ?? 'ended', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })
     this.ttlTimer = setInterval(() => { void this.expire() }, 1000)
     this.ttlTimer.unref()
   }
@@ -166,7 +173,9 @@ export class ControlPlane {
         return await this.applied(record, req, settled)
       }
       case 'rollback': return await this.rollback(req)
-      default: throw new ControlError(400, 'bad_request', `action must be one of killSwitch, circuitBreak, rollback (got ${JSON.stringify(req.action)})`)
+      case 'failover': return await this.applied(this.rungs.failover(req), req, Promise.resolve())
+      case 'rateLimit': return await this.applied(this.rungs.rateLimit(req), req, Promise.resolve())
+      default: throw new ControlError(400, 'bad_request', `action must be one of killSwitch, circuitBreak, rollback, failover, rateLimit (got ${JSON.stringify(req.action)})`)
     }
   }
 
@@ -176,9 +185,9 @@ export class ControlPlane {
 
   private async applied (record: MitigationRecord, req: MitigationRequest, settled: Promise<void>): Promise<Applied<MitigationRecord>> {
     this.count(record)
-    this.logger.warn({ event: 'mitigation', action: record.action, id: record.id, targets: record.targets, reason: record.reason, source: record.source, requester: req.requester, result: 'applied' }, `mitigation ${record.action} applied`)
+    this.logger.warn({ event: 'mitigation', action: record.action, id: record.id, targets: record.targets, ...rungDetails(record), reason: record.reason, source: record.source, requester: req.requester, result: 'applied' }, `mitigation ${record.action} applied`)
     const [persisted] = await Promise.all([
-      this.commit({ action: `mitigation.${record.action}`, targets: record.targets, reason: record.reason, result: 'applied', requester: req.requester, id: record.id, source: record.source }),
+      this.commit({ action: `mitigation.${record.action}`, targets: record.targets, reason: record.reason, result: 'applied', requester: req.requester, id: record.id, source: record.source, ...rungDetails(record) }),
       settled
     ])
     this.onMitigation('applied', record)
@@ -222,6 +231,7 @@ export class ControlPlane {
   /** Lift a mitigation: undo exactly what it changed that nobody has changed since. */
   async lift (id: string, actor: Actor): Promise<Applied<MitigationRecord>> {
     const { record: { record, restored }, settled } = this.mitigations.lift(id, actor)
+    restored.push(...this.rungs.release(record))
     this.logger.warn({ event: 'mitigation', action: 'lift', id, mitigation: record.action, targets: record.targets, restored, reason: actor.reason, requester: actor.requester }, `mitigation ${record.action} lifted`)
     const [persisted] = await Promise.all([
       this.commit({ action: 'mitigation.lift', targets: record.targets, reason: actor.reason, result: 'ok', requester: actor.requester, id, restored }),
@@ -234,7 +244,10 @@ export class ControlPlane {
   /** Overrides and forced circuits with a `ttl` lapse on their own. */
   private async expire (): Promise<void> {
     const lapsed = this.overrides.lapse(Date.now())
+    const ended = this.rungs.lapse(Date.now())
+    for (const record of ended) this.onMitigation('lifted', record)
     const entries: AuditInput[] = [
+      ...ended.map((m) => ({ action: 'mitigation.expire', targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })),
       ...lapsed.flags.map((key) => ({ action: 'flag.expire', targets: [key], reason: 'ttl expired', result: 'ok', requester: 'breakwater' })),
       ...lapsed.circuits.map((upstream) => ({ action: 'circuit.expire', targets: [upstream], reason: 'ttl expired', result: 'ok', requester: 'breakwater' }))
     ]

@@ -54,6 +54,14 @@ export interface MitigationRequest extends Actor {
   upstreams?: string[]
   /** The trigger's name, for rollbacks fired by one. */
   trigger?: string | null
+  /** failover: where the traffic goes (default: each upstream's configured failover). */
+  to?: string | null
+  /** rateLimit: the routes, and the token bucket each gets (checked by the control plane). */
+  routes?: string[]
+  requestsPerSecond?: unknown
+  burst?: unknown
+  /** failover, rateLimit: lapses on its own after this long (null: until lifted). */
+  ttlMs?: number | null
 }
 
 export interface Applied<T> {

@@ -10,9 +10,11 @@
  * lowest risk first — kill switch > rollback > failover > circuit break > scale):
  *   feature regression  errors concentrated on a route with a kill switch → kill switch
  *   bad deployment      version or config changed recently, errors across routes → rollback
- *   downstream failure  one upstream failing (or its circuit open), the others fine → circuit break
+ *   downstream failure  one upstream failing (or its circuit open), the others fine → failover
+ *                       when it has a configured failover that is healthy, else circuit break
  *   traffic spike       rate ≥ 3× a baseline of at least MIN_BASELINE_RATE, with latency or
- *                       errors up                                      → scale / shed
+ *                       errors up → scale, or (when scaling isn't possible now) a rate limit
+ *                       on the busiest route, given as the `alternative`
  * So an open circuit or a failing dependency always outranks a spike, and a "spike" against a
  * nearly idle baseline (10 req/s after 0.25 req/s is not saturation) is not one at all.
  */
@@ -49,10 +51,12 @@ export interface TriageInput {
 }
 
 export interface Recommendation {
-  action: 'killSwitch' | 'rollback' | 'circuitBreak' | 'scale' | 'none' | 'investigate'
+  action: 'killSwitch' | 'rollback' | 'failover' | 'circuitBreak' | 'scale' | 'rateLimit' | 'none' | 'investigate'
   target: string | null
   command: string | null
   why: string
+  /** The next rung when this one cannot be taken now (a spike: shed when scaling isn't possible). */
+  alternative?: Recommendation
 }
 
 export interface TriageReport {
@@ -78,7 +82,7 @@ const MIN_REQUESTS = 10
 export const MIN_BASELINE_RATE = 0.5
 
 /** The mitigation ladder (SPEC): the lower the rank, the lower the risk; it decides between scenarios. */
-const LADDER: Record<Recommendation['action'], number> = { killSwitch: 1, rollback: 2, circuitBreak: 4, scale: 5, none: 9, investigate: 9 }
+const LADDER: Record<Recommendation['action'], number> = { killSwitch: 1, rollback: 2, failover: 3, circuitBreak: 4, scale: 5, rateLimit: 5, none: 9, investigate: 9 }
 
 function figures (s: WindowSums, seconds: number): Figures {
   return {
@@ -148,7 +152,7 @@ export function triage (input: TriageInput): TriageReport {
     ? {
         match: true,
         summary: `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`,
-        recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load' }
+        recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load', alternative: shed(routes, reason) }
       }
     : {
         match: false,
@@ -185,10 +189,13 @@ export function triage (input: TriageInput): TriageReport {
   const dependency = failingDependency ?? circuitFailing
   if (dependency !== undefined && config.upstreams[dependency]?.critical !== true) {
     const sig = upstreams.find((u) => u.name === dependency)
+    const failover = healthyFailover(dependency, config, input.circuits, upstreams)
     verdicts.push(['downstream_failure', {
       match: true,
       summary: `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
-      recommendation: { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: 'isolate the failing dependency: fail fast instead of waiting on it' }
+      recommendation: failover !== null
+        ? { action: 'failover', target: dependency, command: `breakwater failover ${dependency} --to ${failover} ${reason(`${dependency} failing`)}`, why: `its failover ${failover} is healthy: send the traffic there and keep serving, rather than fail fast` }
+        : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
     }])
   } else {
     verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : 'no single upstream stands out' }])
@@ -229,6 +236,31 @@ export function triage (input: TriageInput): TriageReport {
     command: 'breakwater status',
     why: 'no scenario of the decision matrix fits; look at the evidence'
   })
+}
+
+/** The upstream's configured failover when it is usable: its circuit closed and its errors not up. */
+function healthyFailover (upstream: string, config: Config, circuits: CircuitView[], upstreams: Signal[]): string | null {
+  const to = config.upstreams[upstream]?.failover ?? null
+  if (to === null || to === upstream) return null
+  const circuit = circuits.find((c) => c.upstream === to)
+  if (circuit !== undefined && circuit.state !== 'closed') return null
+  return upstreams.find((u) => u.name === to)?.elevated === true ? null : to
+}
+
+/**
+ * Rung 5 when capacity cannot be added now: a rate limit on the busiest route, at twice its
+ * baseline rate (the load it served well), so the spike beyond that is refused with 429.
+ */
+function shed (routes: Signal[], reason: (text: string) => string): Recommendation | undefined {
+  const busiest = [...routes].sort((a, b) => b.current.ratePerSecond - a.current.ratePerSecond)[0]
+  if (busiest === undefined) return undefined
+  const rps = Math.max(1, Math.ceil(2 * busiest.baseline.ratePerSecond))
+  return {
+    action: 'rateLimit',
+    target: busiest.name,
+    command: `breakwater mitigate rateLimit --route ${busiest.name} --rps ${rps} --ttl 30m ${reason(`traffic spike on ${busiest.name}`)}`,
+    why: `when capacity cannot be added now: shed the spike on ${busiest.name} (${busiest.current.ratePerSecond}/s against ${busiest.baseline.ratePerSecond}/s) with 429s, keeping what the service served well`
+  }
 }
 
 function round (x: number): number {

@@ -1,5 +1,5 @@
 /**
- * The operator commands (SPEC §1): status, kill, restore, circuit, mitigate, lift, audit,
+ * The operator commands (SPEC §1, §17): status, kill, restore, circuit, failover, mitigate, lift, audit,
  * triage, incident report — each one call to the admin API of one or more sidecars. Human-readable output by
  * default; `--json` prints only JSON. Exit 0 when every sidecar accepted, 1 when one refused
  * or could not be reached, 2 for a usage error.
@@ -13,6 +13,11 @@ export interface OperatorArgs {
   reason?: string
   ttl?: string
   limit?: string
+  /** failover --to; mitigate rateLimit --route (repeatable), --rps, --burst. */
+  to?: string
+  route?: string[]
+  rps?: string
+  burst?: string
   json: boolean
   admin: string[]
   tokenFile?: string
@@ -27,7 +32,8 @@ export interface Io {
 
 export class UsageError extends Error {}
 
-const MUTATING = new Set(['kill', 'restore', 'circuit', 'mitigate', 'lift'])
+const MUTATING = new Set(['kill', 'restore', 'circuit', 'failover', 'mitigate', 'lift'])
+const MITIGATE_USAGE = 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT, or mitigate rateLimit --route R --rps N [--burst B] --reason TEXT [--ttl 10m]'
 
 export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   if (MUTATING.has(a.command) && (a.reason === undefined || a.reason.trim() === '')) {
@@ -90,9 +96,14 @@ function plan (a: OperatorArgs): Planned {
       if (state !== 'open' && state !== 'closed' && state !== 'auto') throw new UsageError('usage: breakwater circuit UPSTREAM open|closed|auto --reason TEXT')
       return { method: 'PUT', path: `/v1/circuits/${encodeURIComponent(upstream as string)}`, body: withTtl({ state, reason: a.reason }) }
     }
+    case 'failover': {
+      const [upstream] = need(a, 1, 'failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m]')
+      return { method: 'POST', path: '/v1/mitigations', body: withTtl({ action: 'failover', upstreams: [upstream], ...(a.to !== undefined ? { to: a.to } : {}), reason: a.reason }) }
+    }
     case 'mitigate': {
-      const [action, ...targets] = need(a, 1, 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT')
-      if (action !== 'killSwitch' && action !== 'circuitBreak' && action !== 'rollback') throw new UsageError('usage: breakwater mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT')
+      const [action, ...targets] = need(a, 1, MITIGATE_USAGE)
+      if (action === 'rateLimit') return { method: 'POST', path: '/v1/mitigations', body: withTtl(rateLimitBody(a, targets)) }
+      if (action !== 'killSwitch' && action !== 'circuitBreak' && action !== 'rollback') throw new UsageError(`usage: breakwater ${MITIGATE_USAGE}`)
       const body: Record<string, unknown> = { action, reason: a.reason }
       if (action === 'killSwitch' && targets.length > 0) body.flags = targets
       if (action === 'circuitBreak' && targets.length > 0) body.upstreams = targets
@@ -113,19 +124,33 @@ function plan (a: OperatorArgs): Planned {
   }
 }
 
+/** `mitigate rateLimit --route R --rps N [--burst B]`: numbers as numbers; the sidecar checks the rest. */
+function rateLimitBody (a: OperatorArgs, extra: string[]): Record<string, unknown> {
+  const routes = [...(a.route ?? []), ...extra]
+  if (routes.length === 0 || a.rps === undefined) throw new UsageError(`usage: breakwater ${MITIGATE_USAGE}`)
+  const number = (flag: string, v: string): number => {
+    if (v.trim() === '' || !Number.isFinite(Number(v))) throw new UsageError(`${flag} must be a number (got "${v}")`)
+    return Number(v)
+  }
+  return { action: 'rateLimit', routes, requestsPerSecond: number('--rps', a.rps), ...(a.burst !== undefined ? { burst: number('--burst', a.burst) } : {}), reason: a.reason }
+}
+
 function render (a: OperatorArgs, body: any): string {
   switch (a.command) {
     case 'status': return renderStatus(body)
     case 'kill': return `flag ${body.flag} forced OFF${body.expiresAt !== null && body.expiresAt !== undefined ? ` until ${body.expiresAt}` : ''}${persistNote(body)}\n`
     case 'restore': return `flag ${body.flag}: override dropped, now ${body.enabled === true ? 'ON' : 'OFF'}${persistNote(body)}\n`
     case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}, now ${String(body.state)}${persistNote(body)}\n`
+    case 'failover':
     case 'mitigate':
     case 'lift': {
       const verb: Record<string, string> = { active: 'applied', lifted: 'lifted', running: 'started (running in the background)', succeeded: 'succeeded', failed: 'FAILED' }
-      const lines = [`mitigation ${body.id}: ${body.action} ${verb[body.status] ?? String(body.status)} — ${(body.targets as string[]).join(', ')}`]
+      const what = body.to !== undefined ? ` → ${String(body.to)}` : body.limit !== undefined ? ` at ${String(body.limit.requestsPerSecond)} req/s (burst ${String(body.limit.burst)})` : ''
+      const until = body.status === 'active' && typeof body.expiresAt === 'string' ? `, until ${body.expiresAt}` : ''
+      const lines = [`mitigation ${body.id}: ${body.action} ${verb[body.status] ?? String(body.status)} — ${(body.targets as string[]).join(', ')}${what}${until}`]
       if (body.result !== null && body.result !== undefined) lines.push(`rollback: ${body.result.ok === true ? 'ok' : 'FAILED'} (${body.result.type}, ${body.result.status ?? `exit ${String(body.result.exitCode)}`}, attempts ${body.result.attempts})`)
       if (body.status === 'running') lines.push('follow it with: breakwater status')
-      if (a.command === 'mitigate' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
+      if (a.command !== 'lift' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
       return lines.join('\n') + persistNote(body) + '\n'
     }
     case 'triage': return renderTriage(body)
@@ -144,6 +169,8 @@ function renderTriage (r: any): string {
   const rec = r.recommendation
   out.push('', `DO        ${rec.action}${rec.target !== null ? ` ${rec.target}` : ''} — ${rec.why}`)
   if (rec.command !== null) out.push(`          $ ${rec.command}`)
+  const alt = rec.alternative
+  if (alt !== undefined) out.push(`OR        ${alt.action}${alt.target !== null ? ` ${alt.target}` : ''} — ${alt.why}`, `          $ ${alt.command}`)
   const sig = (s: any): string[] => [s.name, String(s.current.ratePerSecond), pctOf(s.current.errorRate), pctOf(s.baseline.errorRate), ms(s.current.p99Ms), ms(s.baseline.p99Ms), s.elevated ? 'YES' : '']
   const header = ['scope', 'req/s', 'errors', 'baseline', 'p99', 'baseline p99', 'elevated']
   out.push('', 'EVIDENCE (last minute vs the 30 minutes before)')
@@ -181,7 +208,7 @@ function renderStatus (s: any): string {
   out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
-  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, m.targets.join(','), m.createdAt, m.source, m.reason])))
+  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, m.createdAt, m.source, m.reason])))
   const failed = ((s.rollbacks ?? []) as any[]).filter((m) => m.status === 'failed')
   if (failed.length > 0) out.push('', 'FAILED ROLLBACKS', table(['id', 'version', 'at', 'error'], failed.map((m) => [m.id, m.targets.join(','), m.finishedAt ?? m.createdAt, m.error ?? '-'])))
   const triggers = (s.triggers ?? []) as any[]

@@ -161,8 +161,8 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   scraped(registry, 'breakwater_flag_source_errors_total', 'Flag source problems, by source: file (unreadable, invalid JSON, wrong shape, refused by flagd), provider (error, stale, a flag it cannot evaluate); the last good flags were kept.', 'counter', () =>
     [{ labels: { source: 'file' }, value: sources.flags.fileErrors }, { labels: { source: 'provider' }, value: sources.flags.providerErrors }])
 
-  scraped(registry, 'breakwater_mitigations_total', 'Mitigations applied, by action (killSwitch, circuitBreak, rollback).', 'counter', () =>
-    ['killSwitch', 'circuitBreak', 'rollback'].map((action) => ({ labels: { action }, value: sources.control.mitigationsTotal.get(action) ?? 0 })))
+  scraped(registry, 'breakwater_mitigations_total', 'Mitigations applied, by action (killSwitch, circuitBreak, rollback, failover, rateLimit).', 'counter', () =>
+    ['killSwitch', 'circuitBreak', 'rollback', 'failover', 'rateLimit'].map((action) => ({ labels: { action }, value: sources.control.mitigationsTotal.get(action) ?? 0 })))
 
   scraped(registry, 'breakwater_trigger_fired_total', 'Rollback triggers fired, by trigger.', 'counter', () =>
     [...sources.triggers.firedTotal].map(([trigger, n]) => ({ labels: { trigger }, value: n })))

@@ -36,7 +36,7 @@ export interface Change {
 
 export interface MitigationRecord {
   id: string
-  action: 'killSwitch' | 'circuitBreak' | 'rollback'
+  action: 'killSwitch' | 'circuitBreak' | 'rollback' | 'failover' | 'rateLimit'
   targets: string[]
   reason: string
   /** `operator` or `trigger:<name>`. */
@@ -56,6 +56,12 @@ export interface MitigationRecord {
   /** For rollbacks: when the action ended, and why it failed. */
   finishedAt?: string | null
   error?: string | null
+  /** For failovers and rate limits: when it lapses on its own (null: until lifted). */
+  expiresAt?: string | null
+  /** For a failover: where the traffic goes. */
+  to?: string
+  /** For a rate limit: the token bucket each target route gets. */
+  limit?: { requestsPerSecond: number, burst: number }
 }
 
 export type MitigationStatus = 'active' | 'lifted' | 'running' | 'succeeded' | 'failed'

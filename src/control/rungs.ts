@@ -1,0 +1,202 @@
+/**
+ * The `failover` and `rateLimit` mitigations (SPEC §17, rungs 3 and 5): an operator sends an
+ * upstream's traffic to another upstream, or caps a route's rate, until lifted or until its
+ * `ttl` runs out.
+ *
+ * What is in force is derived from the records alone: for each upstream (or route), the
+ * newest active record that names it decides; with none, the data plane goes back to its
+ * configuration (the configured automatic failover, the configured rate limit or none). So
+ * lifting or expiring one of two overlapping records restores exactly what the other one (or
+ * the config) says, in whatever order they are lifted, and a restart re-applies the same.
+ *
+ * Everything here is synchronous and in memory: applying, lifting and expiring never wait.
+ */
+import type { Logger } from 'pino'
+import type { MitigationRecord, PersistedState } from '../state/state-file.js'
+import { ControlError, type MitigationRequest } from './interfaces.js'
+import type { Mitigations } from './mitigations.js'
+import { expiry } from './overrides.js'
+
+/** What these mitigations may see and change of the data plane. */
+export interface RungControl {
+  /** Force `upstream`'s traffic to `to`, or lift the forced failover (`null`); false when either is unknown. */
+  forceFailover: (upstream: string, to: string | null) => boolean
+  /** Override a route's rate limit, or drop the override (`null`); false for an unknown route. */
+  setRouteRateLimit: (route: string, limit: { requestsPerSecond: number, burst: number } | null) => boolean
+  upstreams: () => string[]
+  /** An upstream's configured `failover`, or null. */
+  failoverOf: (upstream: string) => string | null
+  routes: () => string[]
+}
+
+type RungAction = 'failover' | 'rateLimit'
+
+export function isRung (action: string): action is RungAction {
+  return action === 'failover' || action === 'rateLimit'
+}
+
+/** The fields of a failover or rate-limit record worth a log and an audit line. */
+export function rungDetails (record: MitigationRecord): Record<string, unknown> {
+  if (!isRung(record.action)) return {}
+  return { ...(record.to !== undefined ? { to: record.to } : {}), ...(record.limit !== undefined ? { limit: record.limit } : {}), expiresAt: record.expiresAt ?? null }
+}
+
+/** The names given (each once), all of them `known`; a 400 naming the unknown ones otherwise. */
+function named (given: string[] | undefined, known: string[], what: 'upstream' | 'route', purpose: string): string[] {
+  if (given === undefined || given.length === 0) throw new ControlError(400, 'bad_request', `${what}s is required: ${purpose}`)
+  const unknown = given.filter((n) => !known.includes(n))
+  if (unknown.length > 0) throw new ControlError(400, `unknown_${what}`, `unknown ${what}(s): ${unknown.join(', ')} (configured: ${known.join(', ')})`)
+  return [...new Set(given)]
+}
+
+export class Rungs {
+  /** The data plane, connected once it exists. */
+  private control: RungControl | null = null
+
+  constructor (
+    private readonly state: () => PersistedState,
+    private readonly mitigations: Mitigations,
+    private readonly logger: Logger
+  ) {}
+
+  connect (control: RungControl): void {
+    this.control = control
+  }
+
+  private dataPlane (): RungControl {
+    if (this.control === null) throw new ControlError(409, 'not_available', 'failover and rate limits need the data plane, which is not running')
+    return this.control
+  }
+
+  /** `POST /v1/mitigations {action: "failover", upstreams, to?}`: validated, then in force at once. */
+  failover (req: MitigationRequest): MitigationRecord {
+    return this.logRefusal(req, () => this.startFailover(req))
+  }
+
+  /** `POST /v1/mitigations {action: "rateLimit", routes, requestsPerSecond, burst?}`. */
+  rateLimit (req: MitigationRequest): MitigationRecord {
+    return this.logRefusal(req, () => this.startRateLimit(req))
+  }
+
+  /** A refused request is the caller's to fix, but it is logged: someone tried to act in an incident. */
+  private logRefusal (req: MitigationRequest, apply: () => MitigationRecord): MitigationRecord {
+    try {
+      return apply()
+    } catch (err) {
+      if (err instanceof ControlError) this.logger.warn({ event: 'mitigation_refused', action: req.action, error: err.code, message: err.message, requester: req.requester, reason: req.reason }, `mitigation ${req.action} refused`)
+      throw err
+    }
+  }
+
+  private startFailover (req: MitigationRequest): MitigationRecord {
+    const dp = this.dataPlane()
+    const known = dp.upstreams()
+    const targets = named(req.upstreams, known, 'upstream', 'the upstream(s) whose traffic fails over')
+    const to = req.to ?? null
+    if (to !== null && !known.includes(to)) throw new ControlError(400, 'unknown_upstream', `to: unknown upstream "${to}" (configured: ${known.join(', ')})`)
+    // One target for all of them: the one given, else each one's configured failover.
+    const chosen = targets.map((u) => to ?? dp.failoverOf(u))
+    const missing = targets.filter((_u, i) => chosen[i] === null)
+    if (missing.length > 0) throw new ControlError(400, 'no_failover_target', `${missing.join(', ')}: no failover configured (upstreams.${missing[0] as string}.failover); name one with "to" (--to)`)
+    const self = targets.filter((u, i) => chosen[i] === u)
+    if (self.length > 0) throw new ControlError(400, 'bad_request', `${self.join(', ')} cannot fail over to itself`)
+    if (new Set(chosen).size > 1) throw new ControlError(400, 'bad_request', `${targets.join(', ')} fail over to different upstreams (${chosen.join(', ')}); fail them over one at a time`)
+    const record = this.mitigations.create('failover', targets, req)
+    record.to = chosen[0] as string
+    return this.apply(record, req.ttlMs ?? null)
+  }
+
+  private startRateLimit (req: MitigationRequest): MitigationRecord {
+    const targets = named(req.routes, this.dataPlane().routes(), 'route', 'the route(s) to rate-limit')
+    const rps = req.requestsPerSecond
+    if (typeof rps !== 'number' || !Number.isFinite(rps) || rps <= 0) throw new ControlError(400, 'bad_request', `requestsPerSecond must be a number above 0 (got ${JSON.stringify(rps) ?? 'nothing'})`)
+    const burst = req.burst ?? Math.max(1, Math.ceil(rps))
+    if (typeof burst !== 'number' || !Number.isInteger(burst) || burst < 1) throw new ControlError(400, 'bad_request', `burst must be a whole number of at least 1 (got ${JSON.stringify(burst)})`)
+    const record = this.mitigations.create('rateLimit', targets, req)
+    record.limit = { requestsPerSecond: rps, burst }
+    return this.apply(record, req.ttlMs ?? null)
+  }
+
+  private apply (record: MitigationRecord, ttlMs: number | null): MitigationRecord {
+    record.expiresAt = expiry(ttlMs, Date.parse(record.createdAt))
+    this.mitigations.add(record)
+    for (const target of record.targets) this.put(record.action as RungAction, target)
+    return record
+  }
+
+  /** The newest active record of `action` that names `target`: the one in force for it. */
+  private inForce (action: RungAction, target: string): MitigationRecord | undefined {
+    return this.state().mitigations.filter((m) => m.action === action && m.status === 'active' && m.targets.includes(target)).at(-1)
+  }
+
+  /** Make the data plane do what the records say for `target`. */
+  private put (action: RungAction, target: string, owner = this.inForce(action, target)): boolean {
+    const dp = this.dataPlane()
+    return action === 'failover'
+      ? dp.forceFailover(target, owner?.to ?? null)
+      : dp.setRouteRateLimit(target, owner?.limit ?? null)
+  }
+
+  /**
+   * After `record` stopped being in force (lifted, expired): each target it decided goes to
+   * the next newest record, or back to its configuration. Returns the targets it restored
+   * (those a newer record still decides are left alone).
+   */
+  release (record: MitigationRecord): string[] {
+    if (!isRung(record.action) || this.control === null) return []
+    const list = this.state().mitigations
+    const restored: string[] = []
+    for (const target of record.targets) {
+      const owner = this.inForce(record.action, target)
+      if (owner !== undefined && list.indexOf(owner) > list.indexOf(record)) continue
+      this.put(record.action, target)
+      restored.push(target)
+    }
+    return restored
+  }
+
+  /** Failovers and rate limits whose `ttl` has run out: lifted, and what they changed restored. */
+  lapse (now: number): MitigationRecord[] {
+    const lapsed = this.state().mitigations.filter((m) => isRung(m.action) && m.status === 'active' && m.expiresAt != null && Date.parse(m.expiresAt) <= now)
+    for (const record of lapsed) {
+      this.end(record, 'ttl expired', now)
+      this.release(record)
+      this.logger.warn({ event: 'mitigation', action: 'mitigation_expired', id: record.id, mitigation: record.action, targets: record.targets }, `mitigation ${record.action} expired`)
+    }
+    return lapsed
+  }
+
+  /**
+   * At start: re-apply every failover and rate limit still in force, oldest first so that the
+   * newest decides; one that lapsed while stopped, or names what is no longer configured, ends.
+   */
+  restore (now: number): MitigationRecord[] {
+    const ended: MitigationRecord[] = []
+    for (const record of this.state().mitigations) {
+      if (!isRung(record.action) || record.status !== 'active') continue
+      if (record.expiresAt != null && Date.parse(record.expiresAt) <= now) {
+        this.end(record, 'ttl expired while the sidecar was stopped', now)
+        ended.push(record)
+        continue
+      }
+      const failed = record.targets.filter((target) => !this.put(record.action as RungAction, target, record))
+      if (failed.length > 0) {
+        const dp = this.dataPlane()
+        const known = record.action === 'failover' ? dp.upstreams() : dp.routes()
+        const gone = [...record.targets, ...(record.to !== undefined ? [record.to] : [])].filter((name) => !known.includes(name))
+        this.end(record, `no longer configured: ${(gone.length > 0 ? gone : failed).join(', ')}`, now)
+        for (const target of record.targets) this.put(record.action as RungAction, target)
+        ended.push(record)
+        continue
+      }
+      this.logger.warn({ event: 'override_active', id: record.id, mitigation: record.action, targets: record.targets, ...rungDetails(record), reason: record.reason, since: record.createdAt }, `mitigation ${record.action} in force`)
+    }
+    return ended
+  }
+
+  private end (record: MitigationRecord, why: string, now: number): void {
+    record.status = 'lifted'
+    record.liftedAt = new Date(now).toISOString()
+    record.liftReason = why
+  }
+}
