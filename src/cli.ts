@@ -23,9 +23,10 @@ Usage:
 
 Operator commands (talk to a running sidecar's admin API):
   breakwater status                                   flags, circuits, active mitigations
-  breakwater kill FLAG --reason TEXT [--ttl 30m]      switch a feature off (kill switch)
-  breakwater restore FLAG --reason TEXT               drop the override: back to the configured value
-  breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]
+  breakwater kill FLAG --reason TEXT [--ttl 30m] [--fleet]   switch a feature off (kill switch)
+  breakwater restore FLAG --reason TEXT [--fleet]      drop the override: back to the configured value
+  breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m] [--fleet]
+                                                      --fleet: every sidecar of the service (etcd)
   breakwater mitigate killSwitch|circuitBreak|rollback [FLAGS|UPSTREAMS...] --reason TEXT
   breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
   breakwater audit [--limit N]                        newest audit entries
@@ -68,6 +69,7 @@ async function main (argv: string[]): Promise<number> {
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
         json: { type: 'boolean' },
+        fleet: { type: 'boolean' },
         reason: { type: 'string', short: 'r' },
         ttl: { type: 'string' },
         limit: { type: 'string' },
@@ -109,6 +111,7 @@ async function main (argv: string[]): Promise<number> {
           json: values.json === true,
           admin: values.admin ?? [],
           tokenFile: values['token-file'],
+          fleet: values.fleet === true,
           configPath: given !== undefined && given !== '' ? given : existsSync('config/breakwater.yaml') ? 'config/breakwater.yaml' : null,
           env: process.env
         }, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) })

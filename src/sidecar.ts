@@ -16,7 +16,9 @@ import { HealthChecker } from './proxy/health-check.js'
 import { normalisePath } from './proxy/path.js'
 import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
-import { registerMetrics } from './ops/metrics.js'
+import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
+import type { Fleet } from './fleet/fleet.js'
+import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
@@ -36,6 +38,8 @@ export interface SidecarOptions {
   adminToken?: string
   /** Benchmarks only: the bare forwarding core, every stage but forward switched off. */
   bare?: boolean
+  /** This sidecar's name in the fleet (default: `BREAKWATER_INSTANCE`, else the host name). */
+  instance?: string
 }
 
 /** A start-up refusal with a message for the operator (exit 1). */
@@ -65,6 +69,8 @@ export class Sidecar {
   readonly notifier: Notifier
   readonly triggers: TriggerEngine
   readonly verifier: Verifier
+  /** The fleet layer, when `fleet` is configured (loaded on demand). */
+  fleet: Fleet | null = null
   adminToken: AdminToken | null = null
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
@@ -178,6 +184,7 @@ export class Sidecar {
     // before the kill switches that are in force are known.
     await this.flags.start(this.config)
     await this.control.start()
+    await this.startFleet()
     try {
       this.adminToken = await resolveAdminToken(this.options.adminToken, this.config.admin.tokenFile, this.config.stateDir)
     } catch (err) {
@@ -202,6 +209,24 @@ export class Sidecar {
     return this.addresses
   }
 
+  /** Only with `fleet` configured is the fleet module (and the etcd client) loaded at all. */
+  private async startFleet (): Promise<void> {
+    const cfg = this.config.fleet
+    if (cfg === null) return
+    const { Fleet } = await import('./fleet/fleet.js')
+    const control = this.control
+    this.fleet = await Fleet.start(cfg, {
+      service: this.config.service,
+      instance: this.options.instance ?? process.env.BREAKWATER_INSTANCE ?? hostname(),
+      logger: this.logger,
+      state: () => control.state.fleet,
+      changed: async (kind, name, entry) => { await control.fleetChanged(kind, name, entry) },
+      persist: async () => await control.persistFleet()
+    })
+    control.fleet = this.fleet
+    registerFleetMetrics(this.registry, this.fleet)
+  }
+
   private async lockStateDir (): Promise<void> {
     try {
       this.stateLock = await lockStateDir(this.config.stateDir)
@@ -219,7 +244,8 @@ export class Sidecar {
     const cfg = this.config
     const flags: Record<string, unknown> = {}
     for (const [key, enabled] of this.flags.values) {
-      flags[key] = { enabled, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
+      const origin = this.flags.sources.resolve(key)?.origin ?? 'default'
+      flags[key] = { enabled, origin: origin === 'override' ? this.control.overrides.flagInForce(key)?.origin ?? 'local' : origin, override: this.control.state.overrides[key] ?? null, fleetOverride: this.control.state.fleet.flags[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
     }
     const circuits: Record<string, unknown> = {}
     for (const c of this.dataPlane.allCircuits()) {
@@ -227,7 +253,9 @@ export class Sidecar {
         state: c.state,
         automaticState: c.automaticState,
         forced: c.forced,
+        origin: this.control.overrides.circuitInForce(c.upstream)?.origin ?? 'config',
         forcedBy: this.control.state.circuits[c.upstream] ?? null,
+        fleetOverride: this.control.state.fleet.circuits[c.upstream] ?? null,
         automatic: c.automatic,
         failureRate: Math.round(c.failureRate * 1e4) / 1e4,
         windowRequests: c.windowRequests,
@@ -355,6 +383,7 @@ export class Sidecar {
     }
     await this.dataPlane.destroy()
     await this.flags.close()
+    await this.fleet?.stop()
     await this.control.stop()
     await this.stateLock?.release()
     this.triggers.stop()

@@ -12,6 +12,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ConfigInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { toMs as parseMs } from './duration.js'
+import { fleetConfig } from './fleet.js'
 import type { CircuitBreakerConfig, Config, LogLevel, NotificationsConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig } from './types.js'
 import { readFlagFileSync } from '../flags/flagd-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
@@ -311,7 +312,8 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     statusPageUrl: (n.statusPageUrl ?? 'https://api.statuspage.io').replace(/\/+$/, ''),
     webhooks: n.webhooks ?? [],
     queueSize: n.queueSize ?? 1000,
-    maxAttempts: n.maxAttempts ?? 5
+    maxAttempts: n.maxAttempts ?? 5,
+    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels ?? {}, repeatIntervalMs: toMs(n.alertmanager.repeatInterval ?? 60_000) }
   }
   if (n.slackWebhookUrl !== undefined && n.slackChannel === undefined) warnings.push('notifications.slackChannel: not set; Slack messages go to the webhook\'s default channel')
   if (n.statusPageId !== undefined && n.statusPageApiKey === undefined) problems.push('notifications.statusPageApiKey: needed with statusPageId')
@@ -357,6 +359,7 @@ function build (input: ConfigInput, source: string | null, problems: string[], w
     rollbackTriggers,
     verification,
     notifications,
+    fleet: fleetConfig(input.fleet, (p) => resolvePath(baseDir, p), problems),
     admin: { tokenFile: input.admin?.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: rollbackConfig(input.rollback),
     health: { failOnOpenCircuit },
@@ -428,7 +431,7 @@ function keyPath (pointer: string): string {
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
-const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers))/
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers)|fleet\.etcd\.password)/
 
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>

@@ -19,7 +19,7 @@ type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
 
 /** A metric whose samples are computed at scrape time from state held elsewhere. */
-function scraped (registry: Registry, name: string, help: string, type: 'counter' | 'gauge' | 'histogram', collect: () => Sample[]): void {
+export function scraped (registry: Registry, name: string, help: string, type: 'counter' | 'gauge' | 'histogram', collect: () => Sample[]): void {
   registry.registerMetric({
     name,
     help,
@@ -178,4 +178,10 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   const info = new Gauge({ name: 'breakwater_info', help: 'Service and version of this sidecar (value 1).', labelNames: ['service', 'version'], registers: [registry] })
   const cfg = dp.runtime.config
   info.set({ service: cfg.service, version: cfg.version }, 1)
+}
+
+/** The fleet layer's metrics (SPEC §16), registered only when `fleet` is configured. */
+export function registerFleetMetrics (registry: Registry, fleet: { connected: boolean, corruptTotal: number }): void {
+  scraped(registry, 'breakwater_fleet_connected', '1 while the fleet watch on etcd is live and etcd answers, else 0 (the last fleet state stays in force).', 'gauge', () => [{ labels: {}, value: fleet.connected ? 1 : 0 }])
+  scraped(registry, 'breakwater_fleet_corrupt_values_total', 'Values under the fleet prefix in etcd that were not Breakwater overrides (ignored).', 'counter', () => [{ labels: {}, value: fleet.corruptTotal }])
 }
