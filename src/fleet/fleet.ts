@@ -37,7 +37,10 @@ export interface FleetDeps {
   persist: () => Promise<unknown>
 }
 
-const CALL_TIMEOUT_MS = 3000
+/** One attempt on one member; a member that does not answer in time is left for another. */
+const ATTEMPT_MS = 1000
+/** The whole call, retries on other members included. */
+const CALL_TIMEOUT_MS = 4000
 const BACKOFF_MIN_MS = 200
 const BACKOFF_MAX_MS = 5000
 
@@ -72,12 +75,12 @@ export class Fleet implements FleetWriter {
     const tls = etcd.tls
     const client = new Etcd3({
       hosts: [...etcd.endpoints],
-      dialTimeout: CALL_TIMEOUT_MS,
+      dialTimeout: ATTEMPT_MS,
       ...(etcd.username !== null ? { auth: { username: etcd.username, password: etcd.password ?? '' } } : {}),
       ...(tls !== null
         ? { credentials: { rootCertificate: tls.ca !== null ? readFileSync(tls.ca) : Buffer.alloc(0), ...(tls.cert !== null && tls.key !== null ? { certChain: readFileSync(tls.cert), privateKey: readFileSync(tls.key) } : {}) } }
         : {}),
-      defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + CALL_TIMEOUT_MS }
+      defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + ATTEMPT_MS }
     })
     const fleet = new Fleet(client, config, deps)
     fleet.running = fleet.run()
@@ -104,20 +107,22 @@ export class Fleet implements FleetWriter {
   private async run (): Promise<void> {
     let backoff = BACKOFF_MIN_MS
     while (!this.stopped) {
-      let why: string
       try {
         await this.resync()
         this.setConnected(true, null)
         backoff = BACKOFF_MIN_MS
-        why = await this.watchUntilBroken()
+        const why = await this.watchUntilBroken()
+        this.deps.logger.debug({ event: 'fleet', why }, 'fleet: watch ended; resyncing')
+        // A broken watch is not a lost etcd: another member may answer the resync at once.
+        await this.dropWatch()
+        if (!this.stopped) await this.sleep(BACKOFF_MIN_MS)
       } catch (err) {
-        why = (err as Error).message
+        await this.dropWatch()
+        if (this.stopped) break
+        this.setConnected(false, (err as Error).message)
+        await this.sleep(backoff * (0.75 + Math.random() * 0.5))
+        backoff = Math.min(BACKOFF_MAX_MS, backoff * 2)
       }
-      await this.dropWatch()
-      if (this.stopped) break
-      this.setConnected(false, why)
-      await this.sleep(backoff * (0.75 + Math.random() * 0.5))
-      backoff = Math.min(BACKOFF_MAX_MS, backoff * 2)
     }
   }
 
@@ -176,15 +181,17 @@ export class Fleet implements FleetWriter {
     const from = this.deps.state().revision + 1
     const watcher = await withTimeout(this.client.watch().prefix(this.root).startRevision(String(from)).create(), CALL_TIMEOUT_MS)
     this.watcher = watcher
-    return await new Promise<string>((resolve) => {
+    return await new Promise<string>((resolve, reject) => {
       let done = false
-      const end = (why: string): void => {
-        if (done) return
+      const finish = (): boolean => {
+        if (done) return false
         done = true
         clearInterval(probe)
         this.wake = null
-        resolve(why)
+        return true
       }
+      const end = (why: string): void => { if (finish()) resolve(why) }
+      const fail = (err: Error): void => { if (finish()) reject(err) }
       this.wake = () => { end('stopping') }
       watcher.on('put', (kv) => { void this.event(kv, false) })
       watcher.on('delete', (kv) => { void this.event(kv, true) })
@@ -194,7 +201,7 @@ export class Fleet implements FleetWriter {
       const probe = setInterval(() => {
         if (probing) return
         probing = true
-        this.probe().then((stalled) => { if (stalled !== null) end(stalled) }, (err: unknown) => { end(`etcd did not answer: ${(err as Error).message}`) })
+        this.probe().then((stalled) => { if (stalled !== null) end(stalled) }, (err: unknown) => { fail(new Error(`etcd did not answer: ${(err as Error).message}`)) })
           .finally(() => { probing = false })
       }, this.probeMs)
       probe.unref()

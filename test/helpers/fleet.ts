@@ -36,12 +36,15 @@ export interface ConnectedFleet {
   fleet: [TestSidecar, TestSidecar, TestSidecar]
 }
 
-/** A one-member etcd, an upstream, and three sidecars connected to etcd. */
-export async function startConnectedFleet (t: Test, extra: Record<string, unknown> = {}, size: 1 | 3 = 1): Promise<ConnectedFleet> {
+/**
+ * An etcd of `size` members, an upstream, and three sidecars connected to etcd; with
+ * `knows: 'first'` the sidecars are given only the first member's endpoint.
+ */
+export async function startConnectedFleet (t: Test, extra: Record<string, unknown> = {}, size: 1 | 3 = 1, knows: 'all' | 'first' = 'all'): Promise<ConnectedFleet> {
   const etcd = await startEtcd(t, size)
   const up = await startUpstream()
   t.teardown(up.close)
-  const fleet = await startFleet(t, up.url, etcd.endpoints, extra) as ConnectedFleet['fleet']
+  const fleet = await startFleet(t, up.url, knows === 'all' ? etcd.endpoints : etcd.endpoints.slice(0, 1), extra) as ConnectedFleet['fleet']
   if (!await eventually(() => fleet.every((s) => s.sidecar.fleet?.connected === true), 30_000)) throw new Error('the sidecars did not connect to etcd')
   return { etcd, up, fleet }
 }
