@@ -17,15 +17,15 @@ import { normalisePath } from './proxy/path.js'
 import { HealthPolicy } from './ops/health.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
-import type { Fleet } from './fleet/fleet.js'
+import type { Claim, Fleet } from './fleet/fleet.js'
 import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
-import { Notifier } from './control/notify.js'
-import { TriggerEngine, releaseRemovedWindows } from './control/triggers.js'
+import { Notifier, incidentKey } from './control/notify.js'
+import { TriggerEngine, releaseRemovedWindows, type TriggerAction } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier } from './control/verify.js'
 import { triage } from './control/triage.js'
@@ -71,6 +71,7 @@ export class Sidecar {
   readonly verifier: Verifier
   /** The fleet layer, when `fleet` is configured (loaded on demand). */
   fleet: Fleet | null = null
+  private readonly triggerAction: TriggerAction
   adminToken: AdminToken | null = null
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
@@ -127,12 +128,14 @@ export class Sidecar {
         time: new Date().toISOString()
       })
     }
-    this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), createTriggerAction({
+    this.triggerAction = createTriggerAction({
       config: () => this.config,
       control: this.control,
       notifier: this.notifier,
-      triage: () => this.triageView()
-    }), this.logger)
+      triage: () => this.triageView(),
+      claim: async (trigger) => await this.claimIncident(trigger.name)
+    })
+    this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
     this.triggers.configure(config.rollbackTriggers)
     this.verifier = new Verifier({
       config: () => this.config,
@@ -225,6 +228,53 @@ export class Sidecar {
     })
     control.fleet = this.fleet
     registerFleetMetrics(this.registry, this.fleet)
+    this.fleet.onIncidentReleased = (key) => { this.takeOver(key) }
+    const notify = control.onMitigation
+    control.onMitigation = (kind, record) => {
+      notify(kind, record)
+      // The incident's action succeeded: no other sidecar takes over to act again.
+      if (kind === 'applied' && record.action === 'rollback' && record.source.startsWith('trigger:')) {
+        void this.fleet?.acted(this.incidentKeyOf(record.source.slice('trigger:'.length))).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', error: (err as Error).message }, 'fleet: could not mark the incident as acted on')
+        })
+      }
+    }
+  }
+
+  private incidentKeyOf (trigger: string): string {
+    return incidentKey(this.config.service, this.config.version, trigger)
+  }
+
+  /**
+   * One incident, one actor (SPEC §16): claim the trigger's incident in etcd. Null without a
+   * fleet, or when etcd does not answer (then this sidecar acts alone, as without a fleet).
+   */
+  private async claimIncident (trigger: string): Promise<Claim | null> {
+    const fleet = this.fleet
+    if (fleet === null) return null
+    let claim: Claim
+    try {
+      claim = await fleet.claim(this.incidentKeyOf(trigger), trigger)
+    } catch (err) {
+      this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
+      return null
+    }
+    const open = this.verifier.incidents.find((i) => i.trigger === trigger && (i.status === 'detected' || i.status === 'verifying'))
+    if (open !== undefined) open.fleet = { role: claim.leader ? 'leader' : 'follower', leader: claim.holder }
+    this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
+    return claim
+  }
+
+  /** The incident's leader left before acting: a sidecar whose trigger still fires acts now. */
+  private takeOver (key: string): void {
+    for (const trigger of this.config.rollbackTriggers) {
+      if (this.incidentKeyOf(trigger.name) !== key) continue
+      const live = this.triggers.status().find((s) => s.name === trigger.name)
+      if (live?.state !== 'fired') continue
+      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+        this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
+      })
+    }
   }
 
   private async lockStateDir (): Promise<void> {

@@ -7,6 +7,9 @@
  *   `requireRecentChange` (30 min): a version that has run fine for days is not what broke,
  *   so the trigger notifies with the triage attached instead. The cooldown and "never the same
  *   version twice" hold, so one incident causes one rollback.
+ *
+ * In a fleet (SPEC §16), a `rollback` or `notify` trigger first claims its incident: only the
+ * claimant rolls back and notifies; the others record that they follow it.
  */
 import type { Config, TriggerConfig } from '../config/types.js'
 import { ControlError, type ControlPlane } from './control-plane.js'
@@ -19,6 +22,8 @@ export interface RespondDeps {
   notifier: Notifier
   /** The current triage, attached when a trigger only notifies. */
   triage: () => Record<string, unknown>
+  /** In a fleet: who acts for this trigger's incident (null: this sidecar decides alone). */
+  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string } | null>
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
@@ -26,6 +31,14 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
     const cfg = deps.config()
     const reason = `trigger ${trigger.name}: ${describeReading(trigger, reading)}`
     const who = { reason, requester: `trigger:${trigger.name}`, source: `trigger:${trigger.name}` }
+    if (trigger.action === 'rollback' || trigger.action === 'notify') {
+      const claim = await deps.claim?.(trigger) ?? null
+      if (claim !== null && !claim.leader) {
+        const outcome = `follower: ${claim.holder} acts for this incident`
+        void deps.control.auditEvent({ action: 'trigger.follow', targets: [trigger.name], reason, result: outcome, requester: who.requester, leader: claim.holder })
+        return outcome
+      }
+    }
     let action = trigger.action
     let why: string | null = null
     if (action === 'rollback') {

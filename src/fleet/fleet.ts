@@ -18,12 +18,28 @@
  */
 import { readFileSync } from 'node:fs'
 import type { Logger } from 'pino'
-import type { Etcd3, IKeyValue, Watcher } from 'etcd3'
+import type { Etcd3, IKeyValue, Lease, Watcher } from 'etcd3'
 import type { FleetConfig } from '../config/types.js'
 import type { FleetEntry, FleetState } from '../state/state-file.js'
 import { ControlError, type FleetWriter } from '../control/interfaces.js'
 
 type Kind = 'flags' | 'circuits'
+
+/** Who acts for one incident (SPEC §16). */
+export interface Claim {
+  leader: boolean
+  /** The instance holding the incident key. */
+  holder: string
+}
+
+/** The value of `{prefix}/{service}/incidents/{incidentKey}`. */
+interface Holding {
+  instance: string
+  trigger: string
+  at: string
+  /** Whether the holder's action succeeded: nobody takes over then. */
+  acted: boolean
+}
 
 export interface FleetDeps {
   service: string
@@ -61,6 +77,12 @@ export class Fleet implements FleetWriter {
   /** Corrupt keys already warned about, by key and revision. */
   private readonly corruptSeen = new Set<string>()
   private applying: Promise<void> = Promise.resolve()
+  /** This sidecar's lease: its incident keys live only as long as it keeps the lease alive. */
+  private lease: Lease | null = null
+  /** Incident keys as last seen (watch and resyncs), by incident key. */
+  private readonly incidents = new Map<string, Holding>()
+  /** Called when an incident's holder went away (its lease expired) before acting. */
+  onIncidentReleased: (incidentKey: string) => void = () => {}
 
   private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps) {
     this.instance = deps.instance
@@ -99,6 +121,69 @@ export class Fleet implements FleetWriter {
       await withTimeout(this.client.put(this.key(kind, name)).value(JSON.stringify(entry)).exec(), CALL_TIMEOUT_MS)
     } catch (err) {
       throw unavailable((err as Error).message)
+    }
+  }
+
+  // ---- one incident, one actor ----
+
+  /**
+   * Become the one sidecar that acts for `incidentKey`, or learn who is: the key is created
+   * in a transaction (only if absent) under this sidecar's lease. Throws when etcd does not
+   * answer (the caller then acts alone).
+   */
+  async claim (incidentKey: string, trigger: string): Promise<Claim> {
+    const key = this.key('incidents', incidentKey)
+    const holding: Holding = { instance: this.instance, trigger, at: new Date().toISOString(), acted: false }
+    const lease = await withTimeout(this.leaseId(), CALL_TIMEOUT_MS)
+    const res = await withTimeout(this.client.if(key, 'Create', '==', 0)
+      .then(this.client.put(key).value(JSON.stringify(holding)).lease(lease))
+      .else(this.client.get(key))
+      .commit(), CALL_TIMEOUT_MS)
+    if (res.succeeded) {
+      this.incidents.set(incidentKey, holding)
+      return { leader: true, holder: this.instance }
+    }
+    const kv = res.responses[0]?.response_range?.kvs[0]
+    const holder = kv === undefined ? null : readHolding(kv.value.toString())
+    if (holder === null) throw new Error(`unreadable incident key ${key}`)
+    return { leader: holder.instance === this.instance, holder: holder.instance }
+  }
+
+  /** The holder's action succeeded: record it on the key, so nobody takes over to act again. */
+  async acted (incidentKey: string): Promise<void> {
+    const held = this.incidents.get(incidentKey)
+    if (held === undefined || held.instance !== this.instance || this.lease === null) return
+    const key = this.key('incidents', incidentKey)
+    const next: Holding = { ...held, acted: true }
+    await withTimeout(this.client.if(key, 'Value', '==', JSON.stringify(held))
+      .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
+      .commit(), CALL_TIMEOUT_MS)
+    this.incidents.set(incidentKey, next)
+  }
+
+  private async leaseId (): Promise<string> {
+    if (this.lease === null || this.lease.revoked()) {
+      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000))
+      lease.on('lost', (err) => {
+        if (this.lease === lease) this.lease = null
+        this.deps.logger.warn({ event: 'fleet', error: err.message }, 'fleet: lease lost; incident keys held by this sidecar are gone')
+      })
+      this.lease = lease
+    }
+    return await this.lease.grant()
+  }
+
+  private incidentEvent (incidentKey: string, kv: IKeyValue, deleted: boolean): void {
+    if (!deleted) {
+      const holding = readHolding(kv.value.toString())
+      if (holding !== null) this.incidents.set(incidentKey, holding)
+      return
+    }
+    const last = this.incidents.get(incidentKey)
+    this.incidents.delete(incidentKey)
+    if (last !== undefined && !last.acted && last.instance !== this.instance) {
+      this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
+      this.onIncidentReleased(incidentKey)
     }
   }
 
@@ -147,6 +232,9 @@ export class Fleet implements FleetWriter {
     const next: FleetState = { revision, flags: {}, circuits: {} }
     const current = this.deps.state()
     for (const kv of kvs) {
+      const incident = this.incidentOf(kv)
+      const holding = incident === null ? null : readHolding(kv.value.toString())
+      if (incident !== null && holding !== null) this.incidents.set(incident, holding)
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
@@ -231,9 +319,17 @@ export class Fleet implements FleetWriter {
       const state = this.deps.state()
       if (revision <= state.revision) return // already applied by a resync
       state.revision = revision
+      const incident = this.incidentOf(kv)
+      if (incident !== null) { this.incidentEvent(incident, kv, deleted); return }
       if (parsed === null || parsed.entry === undefined) { await this.deps.persist(); return }
       await this.deps.changed(parsed.kind, parsed.name, parsed.entry)
     })
+  }
+
+  /** The incident key of an `incidents/…` key, else null. */
+  private incidentOf (kv: IKeyValue): string | null {
+    const rest = kv.key.toString().slice(this.root.length)
+    return rest.startsWith('incidents/') && rest.length > 'incidents/'.length ? rest.slice('incidents/'.length) : null
   }
 
   /** One key: a fleet override (entry null: deleted; undefined: corrupt), or null for other keys. */
@@ -284,6 +380,10 @@ export class Fleet implements FleetWriter {
     this.wake?.()
     await this.running
     await this.dropWatch()
+    // A clean stop hands incidents over at once instead of after the lease's ttl.
+    const lease = this.lease
+    this.lease = null
+    if (lease !== null) await withTimeout(lease.revoke(), 1000).catch(() => {})
     this.client.close()
   }
 }
@@ -310,6 +410,16 @@ export function readEntry (kind: Kind, text: string): FleetEntry | null {
     ttlMs: typeof e.ttlMs === 'number' ? e.ttlMs : null,
     expiresAt,
     instance: typeof e.instance === 'string' ? e.instance : 'unknown'
+  }
+}
+
+function readHolding (text: string): Holding | null {
+  try {
+    const v = JSON.parse(text) as Partial<Holding> | null
+    if (v === null || typeof v !== 'object' || typeof v.instance !== 'string') return null
+    return { instance: v.instance, trigger: String(v.trigger ?? ''), at: String(v.at ?? ''), acted: v.acted === true }
+  } catch {
+    return null
   }
 }
 
