@@ -72,6 +72,8 @@ export class Sidecar {
   /** The fleet layer, when `fleet` is configured (loaded on demand). */
   fleet: Fleet | null = null
   private readonly triggerAction: TriggerAction
+  /** This sidecar's name in the fleet and in Alertmanager's `instance` label. */
+  readonly instance: string
   adminToken: AdminToken | null = null
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
@@ -89,6 +91,7 @@ export class Sidecar {
   constructor (config: Config, options: SidecarOptions = {}) {
     this.config = config
     this.options = options
+    this.instance = options.instance ?? process.env.BREAKWATER_INSTANCE ?? hostname()
     const log = createLogger(config.logging.level, config.service, options.logDestination)
     this.logger = log.logger
     this.flushLog = log.flush
@@ -133,7 +136,7 @@ export class Sidecar {
       control: this.control,
       notifier: this.notifier,
       triage: () => this.triageView(),
-      claim: async (trigger) => await this.claimIncident(trigger.name)
+      claim: (trigger) => this.fleet === null ? null : this.claimIncident(trigger.name)
     })
     this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
     this.triggers.configure(config.rollbackTriggers)
@@ -158,6 +161,9 @@ export class Sidecar {
       logger: this.logger
     })
     this.triggers.onFire = (trigger, _reading, at) => { this.verifier.triggerFired(trigger, at) }
+    // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
+    this.triggers.onRearm = (trigger) => { this.notifier.alertmanager.resolve(trigger.name) }
+    this.notifier.alertmanager.instance = this.instance
     const notifyMitigation = this.control.onMitigation
     this.control.onMitigation = (kind, record) => {
       notifyMitigation(kind, record)
@@ -198,6 +204,7 @@ export class Sidecar {
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
+    this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken
@@ -220,7 +227,7 @@ export class Sidecar {
     const control = this.control
     this.fleet = await Fleet.start(cfg, {
       service: this.config.service,
-      instance: this.options.instance ?? process.env.BREAKWATER_INSTANCE ?? hostname(),
+      instance: this.instance,
       logger: this.logger,
       state: () => control.state.fleet,
       changed: async (kind, name, entry) => { await control.fleetChanged(kind, name, entry) },

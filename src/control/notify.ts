@@ -15,6 +15,7 @@ import { createHash } from 'node:crypto'
 import { request } from 'undici'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
+import { AlertmanagerChannel } from './alertmanager.js'
 
 export type EventKind = 'trigger_fired' | 'mitigation_applied' | 'mitigation_failed' | 'mitigation_lifted' | 'restoration_verified' | 'restoration_failed'
 
@@ -64,10 +65,16 @@ export class Notifier {
   /** Status page incident ids by incident key (from their creation). */
   private readonly statusPageIncidents = new Map<string, string>()
 
-  constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {}
+  /** Alertmanager alerts (SPEC §16): every sidecar posts its own; Alertmanager groups them. */
+  readonly alertmanager: AlertmanagerChannel
+
+  constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {
+    this.alertmanager = new AlertmanagerChannel(config, logger)
+  }
 
   /** Queue an event for every configured channel. Returns at once. */
   notify (event: NotificationEvent): void {
+    this.alertmanager.handle(event)
     const c = this.config()
     const key = incidentKey(event.service, event.version, event.trigger)
     if (c.slackWebhookUrl !== null) {
@@ -198,6 +205,7 @@ export class Notifier {
   }
 
   stop (): void {
+    this.alertmanager.stop()
     this.stopped = true
     for (const t of this.timers.keys()) clearTimeout(t)
     this.timers.clear()

@@ -13,7 +13,7 @@
  */
 import type { Config, TriggerConfig } from '../config/types.js'
 import { ControlError, type ControlPlane } from './control-plane.js'
-import type { Notifier } from './notify.js'
+import type { NotificationEvent, Notifier } from './notify.js'
 import { describeReading, type Reading, type TriggerAction } from './triggers.js'
 
 export interface RespondDeps {
@@ -22,8 +22,11 @@ export interface RespondDeps {
   notifier: Notifier
   /** The current triage, attached when a trigger only notifies. */
   triage: () => Record<string, unknown>
-  /** In a fleet: who acts for this trigger's incident (null: this sidecar decides alone). */
-  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string } | null>
+  /**
+   * In a fleet: who acts for this trigger's incident. Null at once without a fleet, so a
+   * sidecar alone acts without yielding (as before); a promise of null: it decides alone.
+   */
+  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string } | null> | null
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
@@ -31,21 +34,13 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
     const cfg = deps.config()
     const reason = `trigger ${trigger.name}: ${describeReading(trigger, reading)}`
     const who = { reason, requester: `trigger:${trigger.name}`, source: `trigger:${trigger.name}` }
-    if (trigger.action === 'rollback' || trigger.action === 'notify') {
-      const claim = await deps.claim?.(trigger) ?? null
-      if (claim !== null && !claim.leader) {
-        const outcome = `follower: ${claim.holder} acts for this incident`
-        void deps.control.auditEvent({ action: 'trigger.follow', targets: [trigger.name], reason, result: outcome, requester: who.requester, leader: claim.holder })
-        return outcome
-      }
-    }
     let action = trigger.action
     let why: string | null = null
     if (action === 'rollback') {
       why = recentChange(cfg, deps.control)
       if (why === null) action = 'notify'
     }
-    deps.notifier.notify({
+    const fired: NotificationEvent = {
       kind: 'trigger_fired',
       service: cfg.service,
       version: cfg.version,
@@ -64,7 +59,19 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
           : {})
       },
       time: new Date().toISOString()
-    })
+    }
+    if (trigger.action === 'rollback' || trigger.action === 'notify') {
+      const pending = deps.claim?.(trigger) ?? null
+      const claim = pending === null ? null : await pending
+      if (claim !== null && !claim.leader) {
+        // Alertmanager groups every sidecar's alert into one notification: followers post theirs.
+        deps.notifier.alertmanager.handle(fired)
+        const outcome = `follower: ${claim.holder} acts for this incident`
+        void deps.control.auditEvent({ action: 'trigger.follow', targets: [trigger.name], reason, result: outcome, requester: who.requester, leader: claim.holder })
+        return outcome
+      }
+    }
+    deps.notifier.notify(fired)
     if (action === 'notify') {
       const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })

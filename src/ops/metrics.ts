@@ -110,10 +110,10 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     sources.triggers.values().map(([trigger, v]) => ({ labels: { trigger }, value: v })))
 
   scraped(registry, 'breakwater_notifications_failed_total', 'Notifications given up on after retries, by channel.', 'counter', () =>
-    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.failed.get(channel) ?? 0 })))
+    [...(['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.failed.get(channel) ?? 0 })), { labels: { channel: 'alertmanager' }, value: sources.notifier.alertmanager.failed }])
 
   scraped(registry, 'breakwater_notifications_sent_total', 'Notifications delivered, by channel.', 'counter', () =>
-    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.sent.get(channel) ?? 0 })))
+    [...(['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.sent.get(channel) ?? 0 })), { labels: { channel: 'alertmanager' }, value: sources.notifier.alertmanager.posted }])
 
   scraped(registry, 'breakwater_notifications_dropped_total', 'Notifications dropped because the queue was full.', 'counter', () =>
     [{ labels: {}, value: sources.notifier.dropped }])
