@@ -33,6 +33,8 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater triage                                   what is wrong, and the lowest-risk fix
 
   breakwater drill                                    rehearse an outage end to end, on loopback
+  breakwater drill --fleet [N]                        the same for a fleet of N sidecars (default 20)
+                                                      on etcd and Alertmanager (both installed locally)
 
 Options:
   -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
@@ -94,6 +96,18 @@ async function main (argv: string[]): Promise<number> {
     case 'validate':
       return await validate(configPath(values.config), values.json === true)
     case 'drill': {
+      if (values.fleet === true) {
+        const n = Number(positionals[1] ?? '20')
+        if (!Number.isInteger(n) || n < 1 || n > 200) { process.stderr.write('breakwater: drill --fleet N: N is a number of sidecars from 1 to 200\n'); return 2 }
+        const { runFleetDrill } = await import('./drill-fleet.js')
+        try {
+          const r = await runFleetDrill({ out: (t) => process.stdout.write(t), sidecars: n })
+          return r.restored && r.rollbackCalls === 1 ? 0 : 1
+        } catch (err) {
+          process.stderr.write(`breakwater: fleet drill failed: ${(err as Error).message}\n`)
+          return 1
+        }
+      }
       const { runDrill } = await import('./drill.js')
       const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true })
       return result.restored ? 0 : 1

@@ -38,17 +38,20 @@ interface Demo {
   url: string
   bad: boolean
   rolledBackAt: number | null
+  /** Rollback webhook calls received. */
+  rollbacks: number
   close: () => Promise<void>
 }
 
 /** The demo app: /checkout fails half the time while the bad release is live; a webhook rolls it back. */
-async function startDemo (): Promise<Demo> {
-  const demo: Demo = { url: '', bad: false, rolledBackAt: null, close: async () => {} }
+export async function startDemo (): Promise<Demo> {
+  const demo: Demo = { url: '', bad: false, rolledBackAt: null, rollbacks: 0, close: async () => {} }
   const server = http.createServer((req, res) => {
     if (req.method === 'POST' && req.url === '/__deploy/rollback') {
       req.resume()
       demo.bad = false
       demo.rolledBackAt = Date.now()
+      demo.rollbacks++
       res.writeHead(202, { 'content-type': 'application/json' })
       res.end('{"rolledBack":true}')
       return

@@ -368,9 +368,12 @@ export class Sidecar {
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
       this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
     }
+    if (JSON.stringify(prev.fleet) !== JSON.stringify(next.fleet)) {
+      this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
+    }
     this.dataPlane.apply(next)
     this.logger.level = next.logging.level
-    this.config = { ...next, listen: prev.listen }
+    this.config = { ...next, listen: prev.listen, fleet: prev.fleet }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
     releaseRemovedWindows(this.dataPlane.stats.allRoutes(), next.routes)
