@@ -230,8 +230,7 @@ export class Sidecar {
       instance: this.instance,
       logger: this.logger,
       state: () => control.state.fleet,
-      changed: async (kind, name, entry) => { await control.fleetChanged(kind, name, entry) },
-      persist: async () => await control.persistFleet()
+      changed: async (kind, name, entry) => { await control.fleetChanged(kind, name, entry) }
     })
     control.fleet = this.fleet
     registerFleetMetrics(this.registry, this.fleet)

@@ -191,11 +191,6 @@ export class ControlPlane {
     ])
   }
 
-  /** Persist the fleet state as it is now (a new revision seen, nothing else changed). */
-  async persistFleet (): Promise<boolean> {
-    return await this.journal.commit(this.state, null)
-  }
-
   // ---- mitigations ----
 
   /**

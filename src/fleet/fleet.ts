@@ -47,10 +47,8 @@ export interface FleetDeps {
   logger: Logger
   /** The fleet state as last applied (persisted with the rest of the control-plane state). */
   state: () => FleetState
-  /** Apply one changed fleet override (and audit it). */
+  /** Apply one changed fleet override (and audit and persist it). */
   changed: (kind: Kind, name: string, entry: FleetEntry | null) => Promise<void>
-  /** Persist the fleet state (a new revision). */
-  persist: () => Promise<unknown>
 }
 
 /** One attempt on one member; a member that does not answer in time is left for another. */
@@ -99,8 +97,9 @@ export class Fleet implements FleetWriter {
       hosts: [...etcd.endpoints],
       dialTimeout: ATTEMPT_MS,
       ...(etcd.username !== null ? { auth: { username: etcd.username, password: etcd.password ?? '' } } : {}),
-      ...(tls !== null
-        ? { credentials: { rootCertificate: tls.ca !== null ? readFileSync(tls.ca) : Buffer.alloc(0), ...(tls.cert !== null && tls.key !== null ? { certChain: readFileSync(tls.cert), privateKey: readFileSync(tls.key) } : {}) } }
+      // Without a CA file gRPC trusts the system's roots; an https:// endpoint alone means TLS.
+      ...(tls !== null && (tls.ca !== null || tls.cert !== null)
+        ? { credentials: { rootCertificate: (tls.ca !== null ? readFileSync(tls.ca) : undefined) as Buffer, ...(tls.cert !== null && tls.key !== null ? { certChain: readFileSync(tls.cert), privateKey: readFileSync(tls.key) } : {}) } }
         : {}),
       defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + ATTEMPT_MS }
     })
@@ -256,10 +255,8 @@ export class Fleet implements FleetWriter {
           await this.deps.changed(kind, name, entry)
         }
       }
-      if (revision > current.revision) {
-        current.revision = revision
-        if (!changed) await this.deps.persist()
-      }
+      // A newer revision alone is not worth a disk write: it goes out with the next commit.
+      if (revision > current.revision) current.revision = revision
     })
     return changed
   }
@@ -321,7 +318,8 @@ export class Fleet implements FleetWriter {
       state.revision = revision
       const incident = this.incidentOf(kv)
       if (incident !== null) { this.incidentEvent(incident, kv, deleted); return }
-      if (parsed === null || parsed.entry === undefined) { await this.deps.persist(); return }
+      // Corrupt, or what this sidecar already applied (its own write, seen again): nothing to do.
+      if (parsed === null || parsed.entry === undefined || JSON.stringify(parsed.entry) === JSON.stringify(state[parsed.kind][parsed.name] ?? null)) return
       await this.deps.changed(parsed.kind, parsed.name, parsed.entry)
     })
   }
