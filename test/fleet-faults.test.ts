@@ -146,6 +146,22 @@ t.test('a frozen member (the watch stalls): detected, proxying goes on, and the 
   t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1))
 })
 
+t.test('a watch that stops delivering while etcd answers: the probe applies what it missed and restarts the watch', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t)
+  // The watch streams stay open but deliver nothing more (as a stuck stream would).
+  for (const s of fleet) (s.sidecar.fleet as unknown as { watcher: { removeAllListeners: (event: string) => void } }).watcher.removeAllListeners('put')
+  await etcdClient(t, etcd.endpoints).put(KEY).value(entry(false, 'the watch never told them'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'applied from the probe\'s read')
+  for (const s of fleet) {
+    t.equal(s.logs.filter((l) => l.event === 'fleet' && l.msg === 'fleet: the watch fell behind etcd; state re-read and the watch restarted').length, 1, 'said once')
+    t.equal(lostLines(s), 0, 'etcd was never unreachable')
+    t.equal(await gauge(s), 1)
+  }
+  // The restarted watch delivers again.
+  await etcdClient(t, etcd.endpoints).put(KEY).value(entry(true, 'back on'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
+})
+
 t.test('a corrupt value under the prefix is ignored with a warning and a counter; the last good one stays', async (t) => {
   const { etcd, fleet } = await startConnectedFleet(t)
   t.equal((await admin(fleet[0].admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'bad release', scope: 'fleet' })).status, 200)
