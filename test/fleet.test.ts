@@ -58,6 +58,10 @@ t.test('one fleet write reaches every sidecar, is visible in etcd and audited on
   t.ok(await eventually(async () => (await Promise.all(fleet.map(async (s) => await status(s, '/other')))).every((x) => x === 503), 20_000), 'every sidecar refuses the upstream')
   const state = (await admin(s0.admin, 'GET', '/v1/state')).body
   t.equal(state.circuits.app.origin, 'fleet')
+  const shown = await runCli(['status', '--admin', s1.admin], { env: { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, BREAKWATER_CONFIG: undefined, NODE_OPTIONS: undefined }, timeoutMs: 60_000 })
+  t.equal(shown.code, 0, shown.stderr)
+  t.match(shown.stdout, /newCheckout\s+OFF\s+fleet/, 'breakwater status shows where the flag\'s value came from')
+  t.match(shown.stdout, /app\s+open\s+open\s+fleet/, 'and the circuit\'s')
 
   t.equal((await admin(s0.admin, 'PUT', '/v1/circuits/app', { state: 'auto', reason: 'db fine', scope: 'fleet' })).status, 200)
   t.ok(await eventually(async () => (await Promise.all(fleet.map(async (s) => await status(s, '/other')))).every((x) => x === 200), 20_000), 'automatic again everywhere')

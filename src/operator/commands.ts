@@ -179,7 +179,7 @@ function renderStatus (s: any): string {
   out.push(flags.length === 0 ? '  (none)' : table(['flag', 'enabled', 'from', 'kill switch for'], flags.map(([k, f]) => [k, f.enabled ? 'on' : 'OFF', f.origin, (f.killSwitchFor ?? []).join(',') || '-'])))
   const circuits = Object.entries(s.circuits ?? {}) as Array<[string, any]>
   out.push('', 'CIRCUITS')
-  out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
+  out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'from', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', c.forced === null ? '-' : String(c.origin ?? 'local'), `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
   out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, m.targets.join(','), m.createdAt, m.source, m.reason])))
