@@ -10,6 +10,8 @@ import { startAlertmanager } from './helpers/alertmanager.js'
 import { startReceiver } from './helpers/receiver.js'
 import { startUpstream } from './helpers/upstream.js'
 import { send, eventually, sleep } from './helpers/http.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { metricValue } from './helpers/metrics.js'
 
 interface AmAlert { status: string, labels: Record<string, string>, annotations: Record<string, string>, endsAt: string }
 interface AmNotification { status: string, alerts: AmAlert[], groupLabels: Record<string, string> }
@@ -68,4 +70,21 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
   const firingOnly = notifications().filter((n) => n.status === 'firing' && n.alerts.every((a) => a.status === 'firing'))
   t.equal(firingOnly.length, 1, 'exactly one notification for the firing incident')
   t.same(await alerts(), [], 'nothing active in Alertmanager')
+})
+
+t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected', async (t) => {
+  const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end() })
+  t.teardown(up.close)
+  const closed = await startReceiver([200])
+  await closed.close()
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'notify' }],
+    notifications: { alertmanager: { urls: [closed.url], repeatInterval: '200ms' } }
+  })
+  for (let i = 0; i < 10; i++) await send(s.proxy, '/fail')
+  t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'alertmanager' }) >= 3, 30_000), 'every failed post counted, the repeats too')
+  t.equal(s.logs.filter((l) => l.event === 'notification_failed' && l.channel === 'alertmanager').length, 1, 'one warning for the streak')
+  t.equal((await send(s.proxy, '/ok')).status, 200)
 })

@@ -11,19 +11,20 @@ import { startUpstream } from './helpers/upstream.js'
 import { admin } from './helpers/admin.js'
 import { send, eventually, sleep } from './helpers/http.js'
 import type { TestSidecar } from './helpers/sidecar.js'
+import type { EtcdCluster } from './helpers/etcd.js'
 
-async function incidentSetup (t: Test, respond: number[]): Promise<{ fleet: TestSidecar[], cd: Receiver }> {
+async function incidentSetup (t: Test, respond: number[]): Promise<{ fleet: TestSidecar[], cd: Receiver, etcd: EtcdCluster }> {
   const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
   t.teardown(failing.close)
   const cd = await startReceiver(respond)
   t.teardown(cd.close)
-  const { fleet } = await startConnectedFleet(t, {
+  const { fleet, etcd } = await startConnectedFleet(t, {
     version: '2.0.0',
     upstreams: { app: { url: failing.url } },
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
   })
-  return { fleet, cd }
+  return { fleet, cd, etcd }
 }
 
 /** Keep failing traffic flowing through `fleet` until the test ends (triggers stay fired). */
@@ -91,4 +92,12 @@ t.test('the leader goes before its rollback succeeded: a still-firing sidecar ta
   const after = await Promise.all(rest.map(fleetRole))
   t.equal(after.filter((r) => r?.role === 'leader').length, 1, 'one of the two is now the leader')
   t.ok(rest.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance)), 'the takeover names the leader that left')
+})
+
+t.test('etcd unreachable when the trigger fires: each sidecar acts alone, as without a fleet, and says why', async (t) => {
+  const { fleet, cd, etcd } = await incidentSetup(t, [200])
+  await etcd.kill(0)
+  keepFiring(t, fleet)
+  t.ok(await eventually(() => cd.deliveries.length === 3, 60_000), 'three rollback calls: nobody could coordinate')
+  for (const s of fleet) t.ok(s.logs.some((l) => l.event === 'fleet_incident' && /acts alone/.test(String(l.msg))), 'each says it acts alone')
 })
