@@ -22,9 +22,10 @@ Usage:
 
 Operator commands (talk to a running sidecar's admin API):
   breakwater status                                   flags, circuits, active mitigations
-  breakwater kill FLAG --reason TEXT [--ttl 30m]      switch a feature off (kill switch)
-  breakwater restore FLAG --reason TEXT               drop the override: back to the configured value
-  breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]
+  breakwater kill FLAG --reason TEXT [--ttl 30m] [--fleet]   switch a feature off (kill switch)
+  breakwater restore FLAG --reason TEXT [--fleet]      drop the override: back to the configured value
+  breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m] [--fleet]
+                                                      --fleet: every sidecar of the service (etcd)
   breakwater mitigate killSwitch|circuitBreak|rollback [FLAGS|UPSTREAMS...] --reason TEXT
   breakwater failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m]
                                                       send an upstream's traffic to its failover
@@ -37,6 +38,8 @@ Operator commands (talk to a running sidecar's admin API):
 
   breakwater drill [--no-restore]                     rehearse an outage end to end, on loopback
                                                       (--no-restore: the rollback does not fix it → escalation)
+  breakwater drill --fleet [N]                        the same for a fleet of N sidecars (default 20)
+                                                      on etcd and Alertmanager (both installed locally)
 
 Options:
   -c, --config PATH   config file (.yaml, .yml, .json, .mjs); default $BREAKWATER_CONFIG,
@@ -76,6 +79,7 @@ async function main (argv: string[]): Promise<number> {
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
         json: { type: 'boolean' },
+        fleet: { type: 'boolean' },
         reason: { type: 'string', short: 'r' },
         ttl: { type: 'string' },
         limit: { type: 'string' },
@@ -105,6 +109,18 @@ async function main (argv: string[]): Promise<number> {
     case 'validate':
       return await validate(configPath(values.config), values.json === true)
     case 'drill': {
+      if (values.fleet === true) {
+        const n = Number(positionals[1] ?? '20')
+        if (!Number.isInteger(n) || n < 1 || n > 200) { process.stderr.write('breakwater: drill --fleet N: N is a number of sidecars from 1 to 200\n'); return 2 }
+        const { runFleetDrill } = await import('./drill-fleet.js')
+        try {
+          const r = await runFleetDrill({ out: (t) => process.stdout.write(t), sidecars: n })
+          return r.restored && r.rollbackCalls === 1 ? 0 : 1
+        } catch (err) {
+          process.stderr.write(`breakwater: fleet drill failed: ${(err as Error).message}\n`)
+          return 1
+        }
+      }
       const { runDrill } = await import('./drill.js')
       const restore = values['no-restore'] !== true
       const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true, restore })
@@ -128,6 +144,7 @@ async function main (argv: string[]): Promise<number> {
           json: values.json === true,
           admin: values.admin ?? [],
           tokenFile: values['token-file'],
+          fleet: values.fleet === true,
           configPath: given !== undefined && given !== '' ? given : existsSync('config/breakwater.yaml') ? 'config/breakwater.yaml' : null,
           env: process.env
         }, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) })

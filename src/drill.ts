@@ -52,12 +52,14 @@ interface Demo {
   rolledBackAt: number | null
   /** Notifications the sidecar sent to the demo's webhook. */
   notifications: Array<Record<string, unknown>>
+  /** Rollback webhook calls received. */
+  rollbacks: number
   close: () => Promise<void>
 }
 
 /** The demo app: /checkout fails half the time while the bad release is live; a webhook rolls it back. */
-async function startDemo (fixable: boolean): Promise<Demo> {
-  const demo: Demo = { url: '', bad: false, fixable, rolledBackAt: null, notifications: [], close: async () => {} }
+export async function startDemo (fixable = true): Promise<Demo> {
+  const demo: Demo = { url: '', bad: false, fixable, rolledBackAt: null, notifications: [], rollbacks: 0, close: async () => {} }
   const server = http.createServer((req, res) => {
     if (req.method === 'POST' && req.url === '/__notify') {
       let text = ''
@@ -73,6 +75,7 @@ async function startDemo (fixable: boolean): Promise<Demo> {
       req.resume()
       if (demo.fixable) demo.bad = false
       demo.rolledBackAt = Date.now()
+      demo.rollbacks++
       res.writeHead(202, { 'content-type': 'application/json' })
       res.end('{"rolledBack":true}')
       return

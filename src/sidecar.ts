@@ -22,14 +22,16 @@ import { requestHead } from './proxy/headers.js'
 import { HealthPolicy } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
-import { registerMetrics } from './ops/metrics.js'
+import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
+import type { Claim, Fleet } from './fleet/fleet.js'
+import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
-import { Notifier } from './control/notify.js'
-import { TriggerEngine, releaseRemovedWindows } from './control/triggers.js'
+import { Notifier, incidentKey } from './control/notify.js'
+import { TriggerEngine, releaseRemovedWindows, type TriggerAction } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier, TTR_BUCKETS } from './control/verify.js'
 import { triage, type TriageReport } from './control/triage.js'
@@ -46,6 +48,8 @@ export interface SidecarOptions {
   adminToken?: string
   /** Benchmarks only: the bare forwarding core, every stage but forward switched off. */
   bare?: boolean
+  /** This sidecar's name in the fleet (default: `BREAKWATER_INSTANCE`, else the host name). */
+  instance?: string
 }
 
 /** A start-up refusal with a message for the operator (exit 1). */
@@ -75,6 +79,11 @@ export class Sidecar {
   readonly notifier: Notifier
   readonly triggers: TriggerEngine
   readonly verifier: Verifier
+  /** The fleet layer, when `fleet` is configured (loaded on demand). */
+  fleet: Fleet | null = null
+  private readonly triggerAction: TriggerAction
+  /** This sidecar's name in the fleet and in Alertmanager's `instance` label. */
+  readonly instance: string
   adminToken: AdminToken | null = null
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
@@ -97,6 +106,7 @@ export class Sidecar {
   constructor (config: Config, options: SidecarOptions = {}) {
     this.config = config
     this.options = options
+    this.instance = options.instance ?? process.env.BREAKWATER_INSTANCE ?? hostname()
     const log = createLogger(config.logging.level, config.service, options.logDestination)
     this.logger = log.logger
     this.flushLog = log.flush
@@ -144,12 +154,14 @@ export class Sidecar {
         time: new Date().toISOString()
       })
     }
-    this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), createTriggerAction({
+    this.triggerAction = createTriggerAction({
       config: () => this.config,
       control: this.control,
       notifier: this.notifier,
-      triage: () => this.triageView()
-    }), this.logger)
+      triage: () => this.triageView(),
+      claim: (trigger) => this.fleet === null ? null : this.claimIncident(trigger.name)
+    })
+    this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
     this.triggers.configure(config.rollbackTriggers)
     this.verifier = new Verifier({
       config: () => this.config,
@@ -175,6 +187,9 @@ export class Sidecar {
       triage: () => this.triageView() as unknown as TriageReport
     })
     this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
+    // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
+    this.triggers.onRearm = (trigger) => { this.notifier.alertmanager.resolve(trigger.name) }
+    this.notifier.alertmanager.instance = this.instance
     const notifyMitigation = this.control.onMitigation
     this.control.onMitigation = (kind, record) => {
       notifyMitigation(kind, record)
@@ -218,6 +233,7 @@ export class Sidecar {
       else this.control.state.statusPage[key] = page
       void this.control.journal.commit(this.control.state, null)
     }
+    await this.startFleet()
     try {
       this.adminToken = await resolveAdminToken(this.options.adminToken, this.config.admin.tokenFile, this.config.stateDir)
     } catch (err) {
@@ -231,6 +247,7 @@ export class Sidecar {
     // Open incidents resume verification through the proxy listener, now bound.
     this.verifier.restore(this.control.state.incidents)
     this.control.state.incidents = this.verifier.incidents
+    this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken
@@ -244,6 +261,70 @@ export class Sidecar {
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.logger.info({ event: 'listening', ...this.addresses, version: this.config.version, routes: this.config.routes.length, upstreams: Object.keys(this.config.upstreams).length }, 'listening')
     return this.addresses
+  }
+
+  /** Only with `fleet` configured is the fleet module (and the etcd client) loaded at all. */
+  private async startFleet (): Promise<void> {
+    const cfg = this.config.fleet
+    if (cfg === null) return
+    const { Fleet } = await import('./fleet/fleet.js')
+    const control = this.control
+    this.fleet = await Fleet.start(cfg, {
+      service: this.config.service,
+      instance: this.instance,
+      logger: this.logger,
+      state: () => control.state.fleet,
+      changed: async (kind, name, entry) => { await control.fleetChanged(kind, name, entry) }
+    })
+    control.fleet = this.fleet
+    registerFleetMetrics(this.registry, this.fleet)
+    this.fleet.onIncidentReleased = (key) => { this.takeOver(key) }
+    const notify = control.onMitigation
+    control.onMitigation = (kind, record) => {
+      notify(kind, record)
+      // The incident's action succeeded: no other sidecar takes over to act again.
+      if (kind === 'applied' && record.action === 'rollback' && record.source.startsWith('trigger:')) {
+        void this.fleet?.acted(this.incidentKeyOf(record.source.slice('trigger:'.length))).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', error: (err as Error).message }, 'fleet: could not mark the incident as acted on')
+        })
+      }
+    }
+  }
+
+  private incidentKeyOf (trigger: string): string {
+    return incidentKey(this.config.service, this.config.version, trigger)
+  }
+
+  /**
+   * One incident, one actor (SPEC §16): claim the trigger's incident in etcd. Null without a
+   * fleet, or when etcd does not answer (then this sidecar acts alone, as without a fleet).
+   */
+  private async claimIncident (trigger: string): Promise<Claim | null> {
+    const fleet = this.fleet
+    if (fleet === null) return null
+    let claim: Claim
+    try {
+      claim = await fleet.claim(this.incidentKeyOf(trigger), trigger)
+    } catch (err) {
+      this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
+      return null
+    }
+    const open = this.verifier.incidents.find((i) => i.trigger === trigger && (i.status === 'detected' || i.status === 'verifying'))
+    if (open !== undefined) open.fleet = { role: claim.leader ? 'leader' : 'follower', leader: claim.holder }
+    this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
+    return claim
+  }
+
+  /** The incident's leader left before acting: a sidecar whose trigger still fires acts now. */
+  private takeOver (key: string): void {
+    for (const trigger of this.config.rollbackTriggers) {
+      if (this.incidentKeyOf(trigger.name) !== key) continue
+      const live = this.triggers.status().find((s) => s.name === trigger.name)
+      if (live?.state !== 'fired') continue
+      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+        this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
+      })
+    }
   }
 
   private async lockStateDir (): Promise<void> {
@@ -263,7 +344,8 @@ export class Sidecar {
     const cfg = this.config
     const flags: Record<string, unknown> = {}
     for (const [key, enabled] of this.flags.values) {
-      flags[key] = { enabled, targeted: this.flags.targeted?.has(key) === true, origin: this.flags.sources.resolve(key)?.origin ?? 'default', override: this.control.state.overrides[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
+      const origin = this.flags.sources.resolve(key)?.origin ?? 'default'
+      flags[key] = { enabled, targeted: this.flags.targeted?.has(key) === true, origin: origin === 'override' ? this.control.overrides.flagInForce(key)?.origin ?? 'local' : origin, override: this.control.state.overrides[key] ?? null, fleetOverride: this.control.state.fleet.flags[key] ?? null, killSwitchFor: cfg.routes.filter((r) => r.killSwitch === key).map((r) => r.name) }
     }
     const circuits: Record<string, unknown> = {}
     for (const c of this.dataPlane.allCircuits()) {
@@ -271,7 +353,9 @@ export class Sidecar {
         state: c.state,
         automaticState: c.automaticState,
         forced: c.forced,
+        origin: this.control.overrides.circuitInForce(c.upstream)?.origin ?? 'config',
         forcedBy: this.control.state.circuits[c.upstream] ?? null,
+        fleetOverride: this.control.state.fleet.circuits[c.upstream] ?? null,
         automatic: c.automatic,
         failureRate: Math.round(c.failureRate * 1e4) / 1e4,
         windowRequests: c.windowRequests,
@@ -338,9 +422,12 @@ export class Sidecar {
     if (JSON.stringify(prev.tracing) !== JSON.stringify(next.tracing)) {
       this.logger.warn({ event: 'config_reload' }, 'tracing changes take effect at the next restart')
     }
+    if (JSON.stringify(prev.fleet) !== JSON.stringify(next.fleet)) {
+      this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
+    }
     const upstreams = this.dataPlane.apply(next)
     this.logger.level = next.logging.level
-    this.config = { ...next, listen: prev.listen, tracing: prev.tracing }
+    this.config = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet }
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
@@ -426,6 +513,7 @@ export class Sidecar {
     // Every request has ended: their spans go out now, within a bound (a dead collector never holds the exit).
     if (this.spanQueue !== null) await this.spanQueue.close(hurried ? 0 : SPAN_FLUSH_MS)
     await this.flags.close()
+    await this.fleet?.stop()
     await this.control.stop()
     await this.stateLock?.release()
     this.triggers.stop()

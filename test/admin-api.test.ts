@@ -51,7 +51,7 @@ t.test('flag overrides: PUT kills at once, DELETE restores; unknown flag 404; re
   t.equal((await send(s.proxy, '/checkout')).status, 503, 'the very next request is refused')
   const state = await admin(s.admin, 'GET', '/v1/state')
   t.equal(state.body.flags.enableNewCheckout.enabled, false)
-  t.equal(state.body.flags.enableNewCheckout.origin, 'override')
+  t.equal(state.body.flags.enableNewCheckout.origin, 'local')
   t.equal(state.body.flags.enableNewCheckout.override.reason, 'checkout errors after deploy')
   t.same(state.body.flags.enableNewCheckout.killSwitchFor, ['checkout'])
   const del = await admin(s.admin, 'DELETE', '/v1/flags/enableNewCheckout', { reason: 'fixed' })

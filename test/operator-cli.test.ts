@@ -126,7 +126,7 @@ t.test('kill turns the route off at once, restore turns it back on; options anyw
   t.equal((await send(s.proxy, '/other')).status, 200, 'other routes are untouched')
   const killed = await state(url)
   t.equal(killed.flags[FLAG].enabled, false)
-  t.equal(killed.flags[FLAG].origin, 'override')
+  t.equal(killed.flags[FLAG].origin, 'local')
   t.equal(killed.flags[FLAG].override.reason, 'checkout errors after deploy')
 
   const restore = await run(['restore', FLAG, '--reason', 'fixed forward', '--admin', url], withToken)

@@ -14,6 +14,7 @@ import { pathToFileURL } from 'node:url'
 import { toMs as parseMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
 import { checkRoutingPolicy } from './routing-policy.js'
+import { fleetConfig } from './fleet.js'
 import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies } from './rungs.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
 import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
@@ -65,6 +66,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     flagSource,
     flagProvider,
     tracing: buildTracing(input.tracing, input.service, found),
+    fleet: fleetConfig(input.fleet, (p) => resolvePath(baseDir, p), found.problems),
     flags: { targetingKeyHeader: input.flags.targetingKeyHeader.toLowerCase() },
     circuitBreakers,
     rollbackTriggers: buildTriggers(input.rollbackTriggers, { routes, upstreamNames, defined, where, rollback: input.rollback !== undefined }, found),
@@ -368,7 +370,8 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
     statusPageUrl: n.statusPageUrl.replace(/\/+$/, ''),
     webhooks: n.webhooks,
     queueSize: n.queueSize,
-    maxAttempts: n.maxAttempts
+    maxAttempts: n.maxAttempts,
+    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels ?? {}, repeatIntervalMs: toMs(n.alertmanager.repeatInterval ?? 60_000) }
   }
 }
 

@@ -114,7 +114,7 @@ function keyPath (pointer: string): string {
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
-const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|pagerDutyEscalationRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers|repo)|tracing\.headers)/
+const SECRET = /^(notifications\.(slackWebhookUrl|pagerDutyRoutingKey|pagerDutyEscalationRoutingKey|statusPageApiKey|webhooks)|rollback\.(url|headers|repo)|tracing\.headers|fleet\.etcd\.password)/
 
 function describe (error: ValueError): string {
   const s = error.schema as Record<string, unknown>

@@ -260,8 +260,27 @@ export const ConfigSchema = closed(
       statusPageUrl: withDefault(WebhookUrl, 'https://api.statuspage.io'),
       webhooks: withDefault(Type.Array(WebhookUrl), []),
       queueSize: withDefault(Type.Integer({ minimum: 1, maximum: 100000 }), 1000),
-      maxAttempts: withDefault(Type.Integer({ minimum: 1, maximum: 20 }), 5)
+      maxAttempts: withDefault(Type.Integer({ minimum: 1, maximum: 20 }), 5),
+      alertmanager: Type.Optional(closed({
+        urls: Type.Array(WebhookUrl, { minItems: 1 }),
+        labels: Type.Optional(Type.Record(Type.String({ pattern: '^[a-zA-Z_][a-zA-Z0-9_]*$' }), Type.String())),
+        repeatInterval: Type.Optional(Duration)
+      }))
     }),
+    fleet: Type.Optional(closed({
+      etcd: closed({
+        endpoints: Type.Array(WebhookUrl, { minItems: 1 }),
+        prefix: Type.Optional(Type.String({ pattern: '^/[^\\s]*[^/\\s]$' })),
+        username: Type.Optional(Type.String({ minLength: 1 })),
+        password: Type.Optional(Type.String()),
+        tls: Type.Optional(closed({
+          ca: Type.Optional(Type.String({ minLength: 1 })),
+          cert: Type.Optional(Type.String({ minLength: 1 })),
+          key: Type.Optional(Type.String({ minLength: 1 }))
+        }))
+      }),
+      leaseTtl: Type.Optional(Duration)
+    })),
     verification: section({
       synthetics: withDefault(Type.Array(closed({
         route: Type.Optional(Name),

@@ -212,6 +212,29 @@ export interface NotificationsConfig {
   webhooks: readonly string[]
   queueSize: number
   maxAttempts: number
+  alertmanager: AlertmanagerConfig | null
+}
+
+export interface AlertmanagerConfig {
+  urls: readonly string[]
+  /** Extra labels on every alert. */
+  labels: Readonly<Record<string, string>>
+  /** How often a firing alert is posted again (under Alertmanager's resolve_timeout). */
+  repeatIntervalMs: number
+}
+
+/** SPEC §16: fleet state and coordination in etcd; null = this sidecar decides alone. */
+export interface FleetConfig {
+  etcd: {
+    endpoints: readonly string[]
+    /** Key prefix, no trailing slash: `/breakwater`. */
+    prefix: string
+    username: string | null
+    password: string | null
+    /** Absolute paths of PEM files. */
+    tls: { ca: string | null, cert: string | null, key: string | null } | null
+  }
+  leaseTtlMs: number
 }
 
 export interface SyntheticConfig {
@@ -273,6 +296,7 @@ export interface Config {
   rollbackTriggers: readonly TriggerConfig[]
   verification: VerificationConfig
   notifications: NotificationsConfig
+  fleet: FleetConfig | null
   admin: { tokenFile: string | null }
   rollback: RollbackConfig | null
   health: { failOnOpenCircuit: 'critical' | 'any' | 'never' }

@@ -51,6 +51,14 @@ function ttl (b: Body): number | null {
   throw new ControlError(400, 'bad_request', 'ttl must be a positive duration (ms, or 30s, 10m, 1h)')
 }
 
+/** `"scope": "fleet"` writes the override for every sidecar of the service (SPEC §16). */
+function fleetScope (b: Body): boolean {
+  const v = b.scope
+  if (v === undefined || v === null || v === 'local') return false
+  if (v === 'fleet') return true
+  throw new ControlError(400, 'bad_request', 'scope must be "local" (this sidecar, the default) or "fleet" (every sidecar of the service)')
+}
+
 function stringList (b: Body, key: string): string[] | undefined {
   const v = b[key]
   if (v === undefined || v === null) return undefined
@@ -100,12 +108,20 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     const b = body(req)
     if (typeof b.enabled !== 'boolean') throw new ControlError(400, 'bad_request', 'enabled must be true or false')
     const who = actor(req, b)
+    if (fleetScope(b)) {
+      const { value, persisted } = await control.setFleetOverride('flags', req.params.key, b.enabled, who, ttl(b))
+      return await reply.send({ flag: req.params.key, scope: 'fleet', enabled: value.value, reason: value.reason, at: value.at, expiresAt: value.expiresAt, persisted })
+    }
     const { value, persisted } = await control.setFlag(req.params.key, b.enabled, who, ttl(b))
     return await reply.send({ flag: req.params.key, ...value, persisted })
   })
 
   app.delete<{ Params: { key: string } }>('/v1/flags/:key', async (req, reply) => {
     const b = body(req)
+    if (fleetScope(b)) {
+      const { persisted } = await control.setFleetOverride('flags', req.params.key, null, actor(req, b), null)
+      return await reply.send({ flag: req.params.key, scope: 'fleet', override: null, enabled: control.flagEnabled(req.params.key), persisted })
+    }
     const { value, persisted } = await control.clearFlag(req.params.key, actor(req, b))
     return await reply.send({ flag: req.params.key, override: null, ...value, persisted })
   })
@@ -113,6 +129,10 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   app.put<{ Params: { upstream: string } }>('/v1/circuits/:upstream', async (req, reply) => {
     const b = body(req)
     if (b.state !== 'open' && b.state !== 'closed' && b.state !== 'auto') throw new ControlError(400, 'bad_request', 'state must be "open", "closed" or "auto"')
+    if (fleetScope(b)) {
+      const { persisted } = await control.setFleetOverride('circuits', req.params.upstream, b.state === 'auto' ? null : b.state, actor(req, b), ttl(b))
+      return await reply.send({ ...control.circuitView(req.params.upstream), scope: 'fleet', persisted })
+    }
     const { value, persisted } = await control.setCircuit(req.params.upstream, b.state, actor(req, b), ttl(b))
     return await reply.send({ ...value, persisted })
   })

@@ -15,11 +15,11 @@
 import { createHash } from 'node:crypto'
 import type { Logger } from 'pino'
 import type { Config } from '../config/types.js'
-import { type PersistedState, type MitigationRecord, type OverrideRecord, emptyState } from '../state/state-file.js'
+import { type PersistedState, type MitigationRecord, type OverrideRecord, type FleetEntry, emptyState } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import { Journal } from '../state/journal.js'
 import type { RollbackResult } from './rollback.js'
-import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type MitigationRequest } from './interfaces.js'
+import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type FleetWriter, type MitigationRequest } from './interfaces.js'
 import { Overrides, expiry } from './overrides.js'
 import { Mitigations } from './mitigations.js'
 import { RollbackPolicy } from './rollback-policy.js'
@@ -46,6 +46,9 @@ export class ControlPlane {
   /** Set once start() has run: the version and config first-seen times. */
   versionSince = ''
   configSince = ''
+
+  /** Set when `fleet` is configured: where fleet overrides are written. */
+  fleet: FleetWriter | null = null
 
   /** Told about every mitigation event (notifications, incidents). */
   onMitigation: (kind: MitigationEvent, record: MitigationRecord) => void = () => {}
@@ -147,13 +150,52 @@ export class ControlPlane {
     return { value: this.circuitView(upstream), persisted }
   }
 
-  private circuitView (upstream: string): CircuitView {
+  /** Whether a flag is on now, as the request path sees it. */
+  flagEnabled (key: string): boolean {
+    return this.flags.values.get(key) !== false
+  }
+
+  circuitView (upstream: string): CircuitView {
     return this.circuits.circuits().find((c) => c.upstream === upstream) ?? { upstream, state: 'closed', automaticState: 'closed', forced: null, automatic: false, failureRate: 0, windowRequests: 0 }
   }
 
   /** A record for a mitigation done by a direct flag or circuit call (not kept in the list). */
   private operatorRecord (action: 'killSwitch' | 'circuitBreak', target: string, actor: Actor): MitigationRecord {
     return this.mitigations.create(action, [target], actor, `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.now().toString(36)}`)
+  }
+
+  // ---- fleet overrides (SPEC §16) ----
+
+  /** Write a fleet override (a flag's value, a circuit's forced state; null drops it) to etcd. */
+  async setFleetOverride (kind: 'flags' | 'circuits', name: string, value: FleetEntry['value'], actor: Actor, ttlMs: number | null): Promise<Applied<FleetEntry>> {
+    if (kind === 'flags' && !this.flags.defines(name)) throw new ControlError(404, 'unknown_flag', `flag "${name}" is not defined by featureFlags or the flag file`)
+    if (kind === 'circuits' && !this.circuits.upstreams().includes(name)) throw new ControlError(404, 'unknown_upstream', `upstream "${name}" is not configured`)
+    const fleet = this.fleet
+    if (fleet === null) throw new ControlError(400, 'fleet_not_configured', '"scope": "fleet" needs the fleet section (etcd) in the config')
+    const now = Date.now()
+    const entry: FleetEntry = { value, reason: actor.reason, requester: actor.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: value === null ? null : expiry(ttlMs, now), instance: fleet.instance }
+    await fleet.write(kind, name, entry)
+    // In force here at once; every other sidecar applies it from its watch.
+    const settled = this.overrides.setFleet(kind, name, entry)
+    const target = kind === 'flags' ? { flag: name } : { upstream: name }
+    this.logger.warn({ event: 'mitigation', action: kind === 'flags' ? 'flag_override' : 'circuit_forced', scope: 'fleet', ...target, value, reason: actor.reason, requester: actor.requester, expiresAt: entry.expiresAt }, `fleet override written: ${name} ${String(value ?? 'dropped')}`)
+    const [persisted] = await Promise.all([
+      this.commit({ action: kind === 'flags' ? (value === null ? 'flag.clear' : 'flag.override') : 'circuit.force', scope: 'fleet', targets: [name], reason: actor.reason, result: 'ok', requester: actor.requester, value, expiresAt: entry.expiresAt }),
+      settled
+    ])
+    if (value === false || value === 'open') this.onMitigation('applied', this.operatorRecord(kind === 'flags' ? 'killSwitch' : 'circuitBreak', name, actor))
+    return { value: entry, persisted }
+  }
+
+  /** A fleet override seen in etcd (its watch or a resync): in force here, audited here. */
+  async fleetChanged (kind: 'flags' | 'circuits', name: string, entry: FleetEntry | null): Promise<void> {
+    const settled = this.overrides.setFleet(kind, name, entry)
+    const target = kind === 'flags' ? { flag: name } : { upstream: name }
+    this.logger.warn({ event: 'fleet_override', ...target, value: entry?.value ?? null, reason: entry?.reason, requester: entry?.requester, writer: entry?.instance, expiresAt: entry?.expiresAt ?? null }, entry === null ? `fleet override of ${name} removed` : `fleet override applied: ${name} ${String(entry.value ?? 'dropped')}`)
+    await Promise.all([
+      this.commit({ action: `fleet.${kind === 'flags' ? 'flag' : 'circuit'}`, scope: 'fleet', targets: [name], reason: entry?.reason ?? 'removed from etcd', result: 'applied', requester: entry?.requester ?? 'etcd', value: entry?.value ?? null, writer: entry?.instance ?? null, expiresAt: entry?.expiresAt ?? null }),
+      settled
+    ])
   }
 
   // ---- mitigations ----

@@ -4,6 +4,7 @@
  */
 import type { CircuitState, ForcedState } from '../proxy/circuit-breaker.js'
 import type { FlagOrigin } from '../flags/sources.js'
+import type { FleetEntry } from '../state/state-file.js'
 
 /** What the control plane may change in the flags. */
 export interface FlagControl {
@@ -67,4 +68,12 @@ export interface MitigationRequest extends Actor {
 export interface Applied<T> {
   value: T
   persisted: boolean
+}
+
+/** Where fleet overrides go (etcd, SPEC §16): set only when `fleet` is configured. */
+export interface FleetWriter {
+  /** This sidecar's name in the fleet. */
+  readonly instance: string
+  /** Write one override for the whole service; a ControlError 503 when etcd is unreachable. */
+  write: (kind: 'flags' | 'circuits', name: string, entry: FleetEntry) => Promise<void>
 }

@@ -16,6 +16,7 @@ import { request } from 'undici'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 import { StatusPageLifecycle, type PageStatus } from './status-page.js'
+import { AlertmanagerChannel } from './alertmanager.js'
 
 /**
  * `escalated`: the incident was not verified restored within `escalateAfter`, or its
@@ -69,11 +70,15 @@ export class Notifier {
   /** The status page incident of each incident key: created once, then updated by its id. */
   readonly statusPage: StatusPageLifecycle
 
+  /** Alertmanager alerts (SPEC §16): every sidecar posts its own; Alertmanager groups them. */
+  readonly alertmanager: AlertmanagerChannel
+
   constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {
     this.statusPage = new StatusPageLifecycle(config, (req, settled) => {
       this.enqueue({ channel: 'statuspage', attempt: 0, ...req, onSettled: settled })
     }, logger)
     this.statusPage.onUnsent = () => { this.failed.set('statuspage', (this.failed.get('statuspage') ?? 0) + 1) }
+    this.alertmanager = new AlertmanagerChannel(config, logger)
   }
 
   /**
@@ -88,6 +93,7 @@ export class Notifier {
 
   /** Queue an event for every configured channel. Returns at once. */
   notify (event: NotificationEvent): void {
+    this.alertmanager.handle(event)
     const c = this.config()
     const key = incidentKey(event.service, event.version, event.trigger)
     if (c.slackWebhookUrl !== null) {
@@ -208,6 +214,7 @@ export class Notifier {
   }
 
   stop (): void {
+    this.alertmanager.stop()
     this.stopped = true
     for (const t of this.timers.keys()) clearTimeout(t)
     this.timers.clear()

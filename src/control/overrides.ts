@@ -2,18 +2,31 @@
  * Flag overrides and forced circuits, with their optional `ttl` (SPEC §6, §14): the in-memory
  * records of `state.json` and the data plane kept in step with them.
  *
+ * Two operators may decide for one flag or circuit: a local override (this sidecar) and a
+ * fleet one (etcd, SPEC §16). The newest decision is in force, whichever door it came
+ * through; a fleet operator's override also beats one a trigger made here, since operator
+ * decisions beat triggers (§14).
+ *
  * Every change is made synchronously — the record and the data plane together, with no `await`
  * in between — so concurrent operator calls cannot interleave halfway; the promise returned
  * only says when the request path sees it (the flag snapshot settles).
  */
 import type { Logger } from 'pino'
-import type { ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
+import type { FleetEntry, FleetState, ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
 import type { CircuitControl, FlagControl } from './interfaces.js'
 
 export interface Lapsed {
   flags: string[]
   circuits: string[]
   settled: Promise<void>
+}
+
+/** Where the override in force came from. */
+export type OverrideOrigin = 'local' | 'fleet'
+
+interface InForce<T> {
+  value: T
+  origin: OverrideOrigin
 }
 
 export class Overrides {
@@ -36,26 +49,66 @@ export class Overrides {
   setFlag (key: string, record: OverrideRecord | null): Promise<void> {
     if (record === null) delete this.state().overrides[key]
     else this.state().overrides[key] = record
-    return this.flags.override(key, record === null ? null : record.enabled)
+    return this.applyFlag(key)
   }
 
   /** Force (a record) or release (null) a circuit; false for an upstream without one. */
   setCircuit (upstream: string, record: ForcedCircuitRecord | null): boolean {
     if (record === null) delete this.state().circuits[upstream]
     else this.state().circuits[upstream] = record
-    return this.circuits.force(upstream, record === null ? null : record.state)
+    return this.applyCircuit(upstream)
+  }
+
+  /** Set (an entry) or forget (null) a fleet override seen in etcd. */
+  setFleet (kind: keyof Omit<FleetState, 'revision'>, name: string, entry: FleetEntry | null): Promise<void> {
+    const entries = this.state().fleet[kind]
+    if (entry === null) delete entries[name]
+    else entries[name] = entry
+    if (kind === 'circuits') { this.applyCircuit(name); return Promise.resolve() }
+    return this.flags.defines(name) ? this.applyFlag(name) : Promise.resolve()
+  }
+
+  /** The flag override in force and where it came from, or null when none is. */
+  flagInForce (key: string, now = Date.now()): InForce<boolean> | null {
+    const local = this.state().overrides[key]
+    return newest(local === undefined ? undefined : { record: local, value: local.enabled }, this.state().fleet.flags[key], now) as InForce<boolean> | null
+  }
+
+  /** The circuit's forced state in force and where it came from, or null when automatic. */
+  circuitInForce (upstream: string, now = Date.now()): InForce<'open' | 'closed'> | null {
+    const local = this.state().circuits[upstream]
+    return newest(local === undefined ? undefined : { record: local, value: local.state }, this.state().fleet.circuits[upstream], now) as InForce<'open' | 'closed'> | null
+  }
+
+  private applyFlag (key: string): Promise<void> {
+    return this.flags.override(key, this.flagInForce(key)?.value ?? null)
+  }
+
+  private applyCircuit (upstream: string): boolean {
+    return this.circuits.force(upstream, this.circuitInForce(upstream)?.value ?? null)
   }
 
   /** At start: re-apply what is still in force, drop what lapsed or no longer exists. */
   async restore (now: number): Promise<void> {
     const settled: Array<Promise<void>> = []
+    const fleet = this.state().fleet
+    for (const [key, f] of Object.entries(fleet.flags)) {
+      if (expired(f.expiresAt, now)) { delete fleet.flags[key]; continue }
+      if (this.flags.defines(key)) settled.push(this.applyFlag(key))
+      if (f.value !== null) this.logger.warn({ event: 'override_active', scope: 'fleet', flag: key, enabled: f.value, reason: f.reason, since: f.at, expiresAt: f.expiresAt }, 'fleet flag override kept from the last fleet state')
+    }
+    for (const [upstream, f] of Object.entries(fleet.circuits)) {
+      if (expired(f.expiresAt, now)) { delete fleet.circuits[upstream]; continue }
+      this.applyCircuit(upstream)
+      if (f.value !== null) this.logger.warn({ event: 'override_active', scope: 'fleet', upstream, forced: f.value, reason: f.reason, since: f.at, expiresAt: f.expiresAt }, 'fleet forced circuit kept from the last fleet state')
+    }
     for (const [key, o] of Object.entries(this.state().overrides)) {
       if (expired(o.expiresAt, now) || !this.flags.defines(key)) { delete this.state().overrides[key]; continue }
-      settled.push(this.flags.override(key, o.enabled))
+      settled.push(this.applyFlag(key))
       this.logger.warn({ event: 'override_active', flag: key, enabled: o.enabled, reason: o.reason, since: o.at, expiresAt: o.expiresAt }, 'flag override in force')
     }
     for (const [upstream, c] of Object.entries(this.state().circuits)) {
-      if (expired(c.expiresAt, now) || !this.circuits.force(upstream, c.state)) { delete this.state().circuits[upstream]; continue }
+      if (expired(c.expiresAt, now) || !this.applyCircuit(upstream)) { delete this.state().circuits[upstream]; continue }
       this.logger.warn({ event: 'override_active', upstream, forced: c.state, reason: c.reason, since: c.at, expiresAt: c.expiresAt }, 'forced circuit in force')
     }
     await Promise.all(settled)
@@ -74,6 +127,15 @@ export class Overrides {
       this.logger.warn({ event: 'mitigation', action: 'override_expired', upstream }, 'forced circuit expired')
       this.setCircuit(upstream, null)
     }
+    // Fleet overrides lapse on every sidecar by its own clock, etcd reachable or not.
+    for (const kind of ['flags', 'circuits'] as const) {
+      for (const [name, f] of Object.entries(state.fleet[kind])) {
+        if (!expired(f.expiresAt, now)) continue
+        this.logger.warn({ event: 'mitigation', action: 'override_expired', scope: 'fleet', [kind === 'flags' ? 'flag' : 'upstream']: name }, `fleet ${kind === 'flags' ? 'flag override' : 'forced circuit'} expired`)
+        settled.push(this.setFleet(kind, name, null))
+        ;(kind === 'flags' ? flags : circuits).push(name)
+      }
+    }
     return { flags, circuits, settled: Promise.all(settled).then(() => {}) }
   }
 }
@@ -83,6 +145,21 @@ export function expiry (ttlMs: number | null, now = Date.now()): string | null {
   return ttlMs === null ? null : new Date(now + ttlMs).toISOString()
 }
 
-function expired (at: string | null, now: number): boolean {
+/**
+ * The decision in force of a local record and a fleet entry: the newest, except that a
+ * trigger's local record never beats a fleet operator's override. A dropped fleet override
+ * newer than the local record means: no override.
+ */
+function newest<T> (local: { record: OverrideRecord | ForcedCircuitRecord, value: T } | undefined, fleet: FleetEntry | undefined, now: number): InForce<T | FleetEntry['value']> | null {
+  const f = fleet !== undefined && !expired(fleet.expiresAt, now) ? fleet : undefined
+  if (f === undefined) return local === undefined ? null : { value: local.value, origin: 'local' }
+  const fleetWins = local === undefined ||
+    Date.parse(f.at) >= Date.parse(local.record.at) ||
+    (f.value !== null && (local.record.source ?? 'operator').startsWith('trigger:'))
+  if (!fleetWins) return { value: local.value, origin: 'local' }
+  return f.value === null ? null : { value: f.value, origin: 'fleet' }
+}
+
+export function expired (at: string | null, now: number): boolean {
   return at !== null && Date.parse(at) <= now
 }

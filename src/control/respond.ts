@@ -7,10 +7,13 @@
  *   `requireRecentChange` (30 min): a version that has run fine for days is not what broke,
  *   so the trigger notifies with the triage attached instead. The cooldown and "never the same
  *   version twice" hold, so one incident causes one rollback.
+ *
+ * In a fleet (SPEC §16), a `rollback` or `notify` trigger first claims its incident: only the
+ * claimant rolls back and notifies; the others record that they follow it.
  */
 import type { Config, TriggerConfig } from '../config/types.js'
 import { ControlError, type ControlPlane } from './control-plane.js'
-import type { Notifier } from './notify.js'
+import type { NotificationEvent, Notifier } from './notify.js'
 import { describeReading, type Reading, type TriggerAction } from './triggers.js'
 
 export interface RespondDeps {
@@ -19,6 +22,11 @@ export interface RespondDeps {
   notifier: Notifier
   /** The current triage, attached when a trigger only notifies. */
   triage: () => Record<string, unknown>
+  /**
+   * In a fleet: who acts for this trigger's incident. Null at once without a fleet, so a
+   * sidecar alone acts without yielding (as before); a promise of null: it decides alone.
+   */
+  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string } | null> | null
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
@@ -32,7 +40,7 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       why = recentChange(cfg, deps.control)
       if (why === null) action = 'notify'
     }
-    deps.notifier.notify({
+    const fired: NotificationEvent = {
       kind: 'trigger_fired',
       service: cfg.service,
       version: cfg.version,
@@ -51,7 +59,19 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
           : {})
       },
       time: new Date().toISOString()
-    })
+    }
+    if (trigger.action === 'rollback' || trigger.action === 'notify') {
+      const pending = deps.claim?.(trigger) ?? null
+      const claim = pending === null ? null : await pending
+      if (claim !== null && !claim.leader) {
+        // Alertmanager groups every sidecar's alert into one notification: followers post theirs.
+        deps.notifier.alertmanager.handle(fired)
+        const outcome = `follower: ${claim.holder} acts for this incident`
+        void deps.control.auditEvent({ action: 'trigger.follow', targets: [trigger.name], reason, result: outcome, requester: who.requester, leader: claim.holder })
+        return outcome
+      }
+    }
+    deps.notifier.notify(fired)
     if (action === 'notify') {
       const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })

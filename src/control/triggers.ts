@@ -67,6 +67,8 @@ export class TriggerEngine {
   readonly firedTotal = new Map<string, number>()
   /** Told first when a trigger fires (incidents open here). */
   onFire: (trigger: TriggerConfig, reading: Reading, at: number) => void = () => {}
+  /** Told when a fired trigger re-arms (its metric stayed under the threshold for a window). */
+  onRearm: (trigger: TriggerConfig) => void = () => {}
 
   constructor (
     private readonly stats: () => Iterable<RouteStats>,
@@ -136,6 +138,7 @@ export class TriggerEngine {
         t.belowSince = null
         t.pendingSince = null
         this.logger.info({ event: 'trigger_rearmed', trigger: c.name, value: t.value }, 'trigger re-armed')
+        this.onRearm(c)
       }
       return
     }

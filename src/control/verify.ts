@@ -55,6 +55,8 @@ export interface Incident {
   mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
+  /** In a fleet (SPEC §16): whether this sidecar acts for the incident, and who does. */
+  fleet?: { role: 'leader' | 'follower', leader: string }
   checks: {
     syntheticRounds: number
     syntheticPassesInARow: number

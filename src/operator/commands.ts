@@ -21,6 +21,8 @@ export interface OperatorArgs {
   json: boolean
   admin: string[]
   tokenFile?: string
+  /** kill, restore, circuit: write the override for every sidecar of the service (etcd). */
+  fleet?: boolean
   configPath: string | null
   env: NodeJS.ProcessEnv
 }
@@ -34,12 +36,17 @@ export class UsageError extends Error {}
 
 const MUTATING = new Set(['kill', 'restore', 'circuit', 'failover', 'mitigate', 'lift'])
 const MITIGATE_USAGE = 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT, or mitigate rateLimit --route R --rps N [--burst B] --reason TEXT [--ttl 10m]'
+const FLEET = new Set(['kill', 'restore', 'circuit'])
 
 export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   if (MUTATING.has(a.command) && (a.reason === undefined || a.reason.trim() === '')) {
     throw new UsageError(`${a.command} needs --reason "why" (it goes into the audit log)`)
   }
-  const { targets, notes } = await resolveTargets({ admin: a.admin, tokenFile: a.tokenFile, configPath: a.configPath, env: a.env })
+  if (a.fleet === true && !FLEET.has(a.command)) throw new UsageError(`--fleet applies to ${[...FLEET].join(', ')}, not ${a.command}`)
+  const resolved = await resolveTargets({ admin: a.admin, tokenFile: a.tokenFile, configPath: a.configPath, env: a.env })
+  const { notes } = resolved
+  // A fleet override is one key in etcd: written once, through the first sidecar named.
+  const targets = a.fleet === true ? resolved.targets.slice(0, 1) : resolved.targets
   const request = plan(a)
   const answers = await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body)))
   if (a.json) {
@@ -75,7 +82,8 @@ function need (a: OperatorArgs, n: number, usage: string): string[] {
 }
 
 function plan (a: OperatorArgs): Planned {
-  const withTtl = (b: Record<string, unknown>): Record<string, unknown> => (a.ttl !== undefined ? { ...b, ttl: a.ttl } : b)
+  const scoped = (b: Record<string, unknown>): Record<string, unknown> => (a.fleet === true ? { ...b, scope: 'fleet' } : b)
+  const withTtl = (b: Record<string, unknown>): Record<string, unknown> => scoped(a.ttl !== undefined ? { ...b, ttl: a.ttl } : b)
   switch (a.command) {
     case 'status':
       return { method: 'GET', path: '/v1/state' }
@@ -89,7 +97,7 @@ function plan (a: OperatorArgs): Planned {
     }
     case 'restore': {
       const [flag] = need(a, 1, 'restore FLAG --reason TEXT')
-      return { method: 'DELETE', path: `/v1/flags/${encodeURIComponent(flag as string)}`, body: { reason: a.reason } }
+      return { method: 'DELETE', path: `/v1/flags/${encodeURIComponent(flag as string)}`, body: scoped({ reason: a.reason }) }
     }
     case 'circuit': {
       const [upstream, state] = need(a, 2, 'circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m]')
@@ -138,9 +146,9 @@ function rateLimitBody (a: OperatorArgs, extra: string[]): Record<string, unknow
 function render (a: OperatorArgs, body: any): string {
   switch (a.command) {
     case 'status': return renderStatus(body)
-    case 'kill': return `flag ${body.flag} forced OFF${body.expiresAt !== null && body.expiresAt !== undefined ? ` until ${body.expiresAt}` : ''}${persistNote(body)}\n`
-    case 'restore': return `flag ${body.flag}: override dropped, now ${body.enabled === true ? 'ON' : 'OFF'}${persistNote(body)}\n`
-    case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}, now ${String(body.state)}${persistNote(body)}\n`
+    case 'kill': return `flag ${body.flag} forced OFF${body.scope === 'fleet' ? ' on every sidecar of the service (fleet)' : ''}${body.expiresAt !== null && body.expiresAt !== undefined ? ` until ${body.expiresAt}` : ''}${persistNote(body)}\n`
+    case 'restore': return `flag ${body.flag}: ${body.scope === 'fleet' ? 'fleet ' : ''}override dropped, now ${body.enabled === true ? 'ON' : 'OFF'}${persistNote(body)}\n`
+    case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}${body.scope === 'fleet' ? ' (fleet: every sidecar of the service)' : ''}, now ${String(body.state)}${persistNote(body)}\n`
     case 'failover':
     case 'mitigate':
     case 'lift': {
@@ -205,7 +213,7 @@ function renderStatus (s: any): string {
   out.push(flags.length === 0 ? '  (none)' : table(['flag', 'enabled', 'from', 'kill switch for'], flags.map(([k, f]) => [k, f.enabled ? 'on' : 'OFF', f.origin, (f.killSwitchFor ?? []).join(',') || '-'])))
   const circuits = Object.entries(s.circuits ?? {}) as Array<[string, any]>
   out.push('', 'CIRCUITS')
-  out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
+  out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'from', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', c.forced === null ? '-' : String(c.origin ?? 'local'), `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
   out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, m.createdAt, m.source, m.reason])))

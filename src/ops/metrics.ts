@@ -15,7 +15,7 @@ type Labels = Record<string, string | number>
 interface Sample { labels: Labels, value: number, metricName?: string }
 
 /** A metric whose samples are computed at scrape time from state held elsewhere. */
-function scraped (registry: Registry, name: string, help: string, type: 'counter' | 'gauge' | 'histogram', collect: () => Sample[]): void {
+export function scraped (registry: Registry, name: string, help: string, type: 'counter' | 'gauge' | 'histogram', collect: () => Sample[]): void {
   registry.registerMetric({
     name,
     help,
@@ -58,6 +58,8 @@ export interface NotificationCounters {
   readonly sent: ReadonlyMap<string, number>
   readonly failed: ReadonlyMap<string, number>
   readonly dropped: number
+  /** Alertmanager posts (SPEC §16), counted by their own channel. */
+  readonly alertmanager: { readonly posted: number, readonly failed: number }
 }
 
 /** Time to restore, as a histogram: non-cumulative counts per bucket of `restoreBuckets`, then +Inf. */
@@ -171,10 +173,10 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     sources.triggers.values().map(([trigger, v]) => ({ labels: { trigger }, value: v })))
 
   scraped(registry, 'breakwater_notifications_failed_total', 'Notifications given up on after retries, by channel.', 'counter', () =>
-    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.failed.get(channel) ?? 0 })))
+    [...(['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.failed.get(channel) ?? 0 })), { labels: { channel: 'alertmanager' }, value: sources.notifier.alertmanager.failed }])
 
   scraped(registry, 'breakwater_notifications_sent_total', 'Notifications delivered, by channel.', 'counter', () =>
-    (['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.sent.get(channel) ?? 0 })))
+    [...(['slack', 'pagerduty', 'statuspage', 'webhook'] as const).map((channel) => ({ labels: { channel }, value: sources.notifier.sent.get(channel) ?? 0 })), { labels: { channel: 'alertmanager' }, value: sources.notifier.alertmanager.posted }])
 
   scraped(registry, 'breakwater_notifications_dropped_total', 'Notifications dropped because the queue was full.', 'counter', () =>
     [{ labels: {}, value: sources.notifier.dropped }])
@@ -251,4 +253,10 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
   const info = new Gauge({ name: 'breakwater_info', help: 'Service and version of this sidecar (value 1).', labelNames: ['service', 'version'], registers: [registry] })
   const cfg = dp.runtime.config
   info.set({ service: cfg.service, version: cfg.version }, 1)
+}
+
+/** The fleet layer's metrics (SPEC §16), registered only when `fleet` is configured. */
+export function registerFleetMetrics (registry: Registry, fleet: { connected: boolean, corruptTotal: number }): void {
+  scraped(registry, 'breakwater_fleet_connected', '1 while the fleet watch on etcd is live and etcd answers, else 0 (the last fleet state stays in force).', 'gauge', () => [{ labels: {}, value: fleet.connected ? 1 : 0 }])
+  scraped(registry, 'breakwater_fleet_corrupt_values_total', 'Values under the fleet prefix in etcd that were not Breakwater overrides (ignored).', 'counter', () => [{ labels: {}, value: fleet.corruptTotal }])
 }

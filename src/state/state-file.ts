@@ -64,6 +64,31 @@ export interface MitigationRecord {
   limit?: { requestsPerSecond: number, burst: number }
 }
 
+/**
+ * A fleet override as written to etcd (`{prefix}/{service}/flags/{key}` or `…/circuits/{upstream}`)
+ * and kept here as last seen (SPEC §16).
+ */
+export interface FleetEntry {
+  /** A flag's `true`/`false`, a circuit's `open`/`closed`; null: the fleet override was dropped (a decision too). */
+  value: boolean | 'open' | 'closed' | null
+  reason: string
+  requester: string
+  /** When the operator decided (ISO); the newest decision wins, local or fleet. */
+  at: string
+  ttlMs: number | null
+  /** ISO time after which it lapses on every sidecar, by each one's own clock. */
+  expiresAt: string | null
+  /** The sidecar that wrote it. */
+  instance: string
+}
+
+export interface FleetState {
+  /** The etcd revision the fleet state was last seen at. */
+  revision: number
+  flags: Record<string, FleetEntry>
+  circuits: Record<string, FleetEntry>
+}
+
 export type MitigationStatus = 'active' | 'lifted' | 'running' | 'succeeded' | 'failed'
 
 export interface PersistedState {
@@ -81,10 +106,12 @@ export interface PersistedState {
   incidents: unknown[]
   /** Status page incidents by incident key: the page's id and the last status sent. */
   statusPage: Record<string, { id: string | null, status: string }>
+  /** The last fleet state seen in etcd (kept across restarts without etcd). */
+  fleet: FleetState
 }
 
 export function emptyState (): PersistedState {
-  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {}, incidents: [], statusPage: {} }
+  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {}, incidents: [], statusPage: {}, fleet: { revision: 0, flags: {}, circuits: {} } }
 }
 
 export interface LoadResult {

@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import type { Test } from 'tap'
 import { resolveConfig } from '../../src/config/load.js'
-import { startSidecar, type Sidecar } from '../../src/sidecar.js'
+import { startSidecar, type Sidecar, type SidecarOptions } from '../../src/sidecar.js'
 import type { Config } from '../../src/config/types.js'
 
 /** The admin token every in-process test sidecar uses. */
@@ -25,7 +25,7 @@ export interface TestSidecar {
 }
 
 /** Fills in listen (port 0), stateDir and service unless given; accessLog on, drain 0. */
-export async function startTestSidecar (t: Test, input: Record<string, unknown>): Promise<TestSidecar> {
+export async function startTestSidecar (t: Test, input: Record<string, unknown>, options: SidecarOptions = {}): Promise<TestSidecar> {
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
   const raw = {
     service: 'test',
@@ -40,11 +40,11 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>)
     ...input
   }
   const { config } = resolveConfig(raw)
-  return await startCaptured(t, config, stateDir)
+  return await startCaptured(t, config, stateDir, options)
 }
 
 /** Start `config` in-process with its log lines captured; closed (and `dir` removed) in teardown. */
-export async function startCaptured (t: Test, config: Config, dir: string): Promise<TestSidecar> {
+export async function startCaptured (t: Test, config: Config, dir: string, options: SidecarOptions = {}): Promise<TestSidecar> {
   const logs: Array<Record<string, unknown>> = []
   const destination = new Writable({
     write (chunk: Buffer, _enc, cb) {
@@ -52,7 +52,7 @@ export async function startCaptured (t: Test, config: Config, dir: string): Prom
       cb()
     }
   })
-  const sidecar = await startSidecar(config, { logDestination: destination, adminToken: TEST_TOKEN })
+  const sidecar = await startSidecar(config, { ...options, logDestination: destination, adminToken: TEST_TOKEN })
   t.teardown(async () => {
     await sidecar.close()
     rmSync(dir, { recursive: true, force: true })

@@ -1,0 +1,431 @@
+/**
+ * The fleet layer on etcd (SPEC §16), loaded only when `fleet` is configured (STYLE 18): this
+ * module and the etcd client are `await import()`ed by the sidecar, never imported statically.
+ *
+ * Keys under `{prefix}/{service}/`:
+ * - `flags/{key}`, `circuits/{upstream}`: fleet overrides, JSON `{value, reason, requester, at,
+ *   ttlMs, expiresAt, instance}`. A `ttl` is an expiry timestamp, not an etcd lease: a lease
+ *   lives in etcd, so a sidecar cut off from etcd would keep a kill switch past its ttl; a
+ *   timestamp lapses on every sidecar by its own clock, etcd reachable or not.
+ * - `incidents/{incidentKey}`: who acts for one incident (see `claim`), under its lease.
+ *
+ * etcd is never on the request path: every sidecar reads the whole prefix at a revision, applies
+ * it to the same in-memory overrides the data plane reads, and watches from revision + 1. A
+ * probe re-reads the prefix every few seconds: if it fails the sidecar is disconnected; if it
+ * shows what the watch did not deliver (a stalled watch), the read is applied and the watch
+ * restarted. While disconnected the last fleet state stays in force (and in `stateDir`), and
+ * the sidecar retries with backoff, logging once per change of state, not per retry.
+ */
+import { readFileSync } from 'node:fs'
+import type { Logger } from 'pino'
+import type { Etcd3, IKeyValue, Lease, Watcher } from 'etcd3'
+import type { FleetConfig } from '../config/types.js'
+import type { FleetEntry, FleetState } from '../state/state-file.js'
+import { ControlError, type FleetWriter } from '../control/interfaces.js'
+
+type Kind = 'flags' | 'circuits'
+
+/** Who acts for one incident (SPEC §16). */
+export interface Claim {
+  leader: boolean
+  /** The instance holding the incident key. */
+  holder: string
+}
+
+/** The value of `{prefix}/{service}/incidents/{incidentKey}`. */
+interface Holding {
+  instance: string
+  trigger: string
+  at: string
+  /** Whether the holder's action succeeded: nobody takes over then. */
+  acted: boolean
+}
+
+export interface FleetDeps {
+  service: string
+  instance: string
+  logger: Logger
+  /** The fleet state as last applied (persisted with the rest of the control-plane state). */
+  state: () => FleetState
+  /** Apply one changed fleet override (and audit and persist it). */
+  changed: (kind: Kind, name: string, entry: FleetEntry | null) => Promise<void>
+}
+
+/** One attempt on one member; a member that does not answer in time is left for another. */
+const ATTEMPT_MS = 1000
+/** The whole call, retries on other members included. */
+const CALL_TIMEOUT_MS = 4000
+const BACKOFF_MIN_MS = 200
+const BACKOFF_MAX_MS = 5000
+
+export class Fleet implements FleetWriter {
+  /** Whether the watch is live and etcd answered the last probe. */
+  connected = false
+  /** Values under the prefix that could not be read (ignored). */
+  corruptTotal = 0
+  readonly instance: string
+  readonly root: string
+  private readonly probeMs: number
+  private stopped = false
+  private watcher: Watcher | null = null
+  private wake: (() => void) | null = null
+  private running: Promise<void> = Promise.resolve()
+  /** Whether the disconnected state was logged already (once per change of state). */
+  private reported: boolean | null = null
+  /** Corrupt keys already warned about, by key and revision. */
+  private readonly corruptSeen = new Set<string>()
+  private applying: Promise<void> = Promise.resolve()
+  /** This sidecar's lease: its incident keys live only as long as it keeps the lease alive. */
+  private lease: Lease | null = null
+  /** Incident keys as last seen (watch and resyncs), by incident key. */
+  private readonly incidents = new Map<string, Holding>()
+  /** Called when an incident's holder went away (its lease expired) before acting. */
+  onIncidentReleased: (incidentKey: string) => void = () => {}
+
+  private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps) {
+    this.instance = deps.instance
+    this.root = `${config.etcd.prefix}/${deps.service}/`
+    this.probeMs = Math.max(500, Math.min(2000, Math.floor(config.leaseTtlMs / 4)))
+  }
+
+  /** Load the etcd client and connect in the background; never waits for etcd. */
+  static async start (config: FleetConfig, deps: FleetDeps): Promise<Fleet> {
+    const { Etcd3 } = await import('etcd3')
+    const { etcd } = config
+    const tls = etcd.tls
+    const client = new Etcd3({
+      hosts: [...etcd.endpoints],
+      dialTimeout: ATTEMPT_MS,
+      ...(etcd.username !== null ? { auth: { username: etcd.username, password: etcd.password ?? '' } } : {}),
+      // Without a CA file gRPC trusts the system's roots; an https:// endpoint alone means TLS.
+      ...(tls !== null && (tls.ca !== null || tls.cert !== null)
+        ? { credentials: { rootCertificate: (tls.ca !== null ? readFileSync(tls.ca) : undefined) as Buffer, ...(tls.cert !== null && tls.key !== null ? { certChain: readFileSync(tls.cert), privateKey: readFileSync(tls.key) } : {}) } }
+        : {}),
+      defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + ATTEMPT_MS }
+    })
+    const fleet = new Fleet(client, config, deps)
+    fleet.running = fleet.run()
+    return fleet
+  }
+
+  key (kind: Kind | 'incidents', name: string): string {
+    return `${this.root}${kind}/${name}`
+  }
+
+  // ---- writes ----
+
+  async write (kind: Kind, name: string, entry: FleetEntry): Promise<void> {
+    if (!this.connected) throw unavailable('etcd is unreachable')
+    try {
+      await withTimeout(this.client.put(this.key(kind, name)).value(JSON.stringify(entry)).exec(), CALL_TIMEOUT_MS)
+    } catch (err) {
+      throw unavailable((err as Error).message)
+    }
+  }
+
+  // ---- one incident, one actor ----
+
+  /**
+   * Become the one sidecar that acts for `incidentKey`, or learn who is: the key is created
+   * in a transaction (only if absent) under this sidecar's lease. Throws when etcd does not
+   * answer (the caller then acts alone).
+   */
+  async claim (incidentKey: string, trigger: string): Promise<Claim> {
+    const key = this.key('incidents', incidentKey)
+    const holding: Holding = { instance: this.instance, trigger, at: new Date().toISOString(), acted: false }
+    const lease = await withTimeout(this.leaseId(), CALL_TIMEOUT_MS)
+    const res = await withTimeout(this.client.if(key, 'Create', '==', 0)
+      .then(this.client.put(key).value(JSON.stringify(holding)).lease(lease))
+      .else(this.client.get(key))
+      .commit(), CALL_TIMEOUT_MS)
+    if (res.succeeded) {
+      this.incidents.set(incidentKey, holding)
+      return { leader: true, holder: this.instance }
+    }
+    const kv = res.responses[0]?.response_range?.kvs[0]
+    const holder = kv === undefined ? null : readHolding(kv.value.toString())
+    if (holder === null) throw new Error(`unreadable incident key ${key}`)
+    return { leader: holder.instance === this.instance, holder: holder.instance }
+  }
+
+  /** The holder's action succeeded: record it on the key, so nobody takes over to act again. */
+  async acted (incidentKey: string): Promise<void> {
+    const held = this.incidents.get(incidentKey)
+    if (held === undefined || held.instance !== this.instance || this.lease === null) return
+    const key = this.key('incidents', incidentKey)
+    const next: Holding = { ...held, acted: true }
+    await withTimeout(this.client.if(key, 'Value', '==', JSON.stringify(held))
+      .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
+      .commit(), CALL_TIMEOUT_MS)
+    this.incidents.set(incidentKey, next)
+  }
+
+  private async leaseId (): Promise<string> {
+    if (this.lease === null || this.lease.revoked()) {
+      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000))
+      lease.on('lost', (err) => {
+        if (this.lease === lease) this.lease = null
+        this.deps.logger.warn({ event: 'fleet', error: err.message }, 'fleet: lease lost; incident keys held by this sidecar are gone')
+      })
+      this.lease = lease
+    }
+    return await this.lease.grant()
+  }
+
+  private incidentEvent (incidentKey: string, kv: IKeyValue, deleted: boolean): void {
+    if (!deleted) {
+      const holding = readHolding(kv.value.toString())
+      if (holding !== null) this.incidents.set(incidentKey, holding)
+      return
+    }
+    const last = this.incidents.get(incidentKey)
+    this.incidents.delete(incidentKey)
+    if (last !== undefined && !last.acted && last.instance !== this.instance) {
+      this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
+      this.onIncidentReleased(incidentKey)
+    }
+  }
+
+  // ---- sync loop ----
+
+  private async run (): Promise<void> {
+    let backoff = BACKOFF_MIN_MS
+    while (!this.stopped) {
+      try {
+        await this.resync()
+        this.setConnected(true, null)
+        backoff = BACKOFF_MIN_MS
+        const why = await this.watchUntilBroken()
+        this.deps.logger.debug({ event: 'fleet', why }, 'fleet: watch ended; resyncing')
+        // A broken watch is not a lost etcd: another member may answer the resync at once.
+        await this.dropWatch()
+        if (!this.stopped) await this.sleep(BACKOFF_MIN_MS)
+      } catch (err) {
+        await this.dropWatch()
+        if (this.stopped) break
+        this.setConnected(false, (err as Error).message)
+        await this.sleep(backoff * (0.75 + Math.random() * 0.5))
+        backoff = Math.min(BACKOFF_MAX_MS, backoff * 2)
+      }
+    }
+  }
+
+  private setConnected (connected: boolean, why: string | null): void {
+    this.connected = connected
+    if (this.reported === connected) return
+    this.reported = connected
+    const fields = { event: 'fleet', connected, endpoints: this.config.etcd.endpoints, revision: this.deps.state().revision }
+    if (connected) this.deps.logger.info(fields, 'fleet: connected to etcd; fleet state in sync')
+    else this.deps.logger.warn({ ...fields, error: why }, 'fleet: etcd unreachable; keeping the last fleet state and retrying')
+  }
+
+  /** Read the whole prefix at one revision and make the applied state exactly that. */
+  private async resync (): Promise<number> {
+    const res = await withTimeout(this.client.getAll().prefix(this.root).exec(), CALL_TIMEOUT_MS)
+    const revision = Number(res.header.revision)
+    await this.applySnapshot(res.kvs, revision)
+    return revision
+  }
+
+  private async applySnapshot (kvs: IKeyValue[], revision: number): Promise<boolean> {
+    const next: FleetState = { revision, flags: {}, circuits: {} }
+    const current = this.deps.state()
+    for (const kv of kvs) {
+      const incident = this.incidentOf(kv)
+      const holding = incident === null ? null : readHolding(kv.value.toString())
+      if (incident !== null && holding !== null) this.incidents.set(incident, holding)
+      const parsed = this.parse(kv)
+      if (parsed === null) continue
+      if (parsed.entry === undefined) {
+        // Corrupt: keep what was there.
+        const kept = current[parsed.kind][parsed.name]
+        if (kept !== undefined) next[parsed.kind][parsed.name] = kept
+        continue
+      }
+      if (parsed.entry !== null) next[parsed.kind][parsed.name] = parsed.entry
+    }
+    let changed = false
+    await this.serial(async () => {
+      for (const kind of ['flags', 'circuits'] as const) {
+        const names = new Set([...Object.keys(current[kind]), ...Object.keys(next[kind])])
+        for (const name of names) {
+          const entry = next[kind][name] ?? null
+          if (JSON.stringify(entry) === JSON.stringify(current[kind][name] ?? null)) continue
+          changed = true
+          await this.deps.changed(kind, name, entry)
+        }
+      }
+      // A newer revision alone is not worth a disk write: it goes out with the next commit.
+      if (revision > current.revision) current.revision = revision
+    })
+    return changed
+  }
+
+  /** Resolves with why the watch ended: its stream broke, etcd stopped answering, or it stalled. */
+  private async watchUntilBroken (): Promise<string> {
+    const from = this.deps.state().revision + 1
+    const watcher = await withTimeout(this.client.watch().prefix(this.root).startRevision(String(from)).create(), CALL_TIMEOUT_MS)
+    this.watcher = watcher
+    return await new Promise<string>((resolve, reject) => {
+      let done = false
+      const finish = (): boolean => {
+        if (done) return false
+        done = true
+        clearInterval(probe)
+        this.wake = null
+        return true
+      }
+      const end = (why: string): void => { if (finish()) resolve(why) }
+      const fail = (err: Error): void => { if (finish()) reject(err) }
+      this.wake = () => { end('stopping') }
+      watcher.on('put', (kv) => { void this.event(kv, false) })
+      watcher.on('delete', (kv) => { void this.event(kv, true) })
+      watcher.on('disconnected', (err) => { end(`watch disconnected: ${err.message}`) })
+      watcher.on('error', (err) => { end(`watch failed: ${err.message}`) })
+      let probing = false
+      const probe = setInterval(() => {
+        if (probing) return
+        probing = true
+        this.probe().then((stalled) => { if (stalled !== null) end(stalled) }, (err: unknown) => { fail(new Error(`etcd did not answer: ${(err as Error).message}`)) })
+          .finally(() => { probing = false })
+      }, this.probeMs)
+      probe.unref()
+    })
+  }
+
+  /**
+   * Read the prefix again; when it shows a change the watch has not delivered by now, apply it
+   * and say the watch stalled (it is then restarted from the read's revision).
+   */
+  private async probe (): Promise<string | null> {
+    const res = await withTimeout(this.client.getAll().prefix(this.root).exec(), CALL_TIMEOUT_MS)
+    const revision = Number(res.header.revision)
+    // Changes the watch should have delivered by the time of this read: those at or before it.
+    await this.applying
+    if (revision <= this.deps.state().revision) return null
+    const missed = await this.applySnapshot(res.kvs, revision)
+    if (!missed) return null
+    this.deps.logger.warn({ event: 'fleet', revision }, 'fleet: the watch fell behind etcd; state re-read and the watch restarted')
+    return 'watch stalled'
+  }
+
+  private async event (kv: IKeyValue, deleted: boolean): Promise<void> {
+    const revision = Number(kv.mod_revision)
+    const parsed = this.parse(kv, deleted)
+    await this.serial(async () => {
+      const state = this.deps.state()
+      if (revision <= state.revision) return // already applied by a resync
+      state.revision = revision
+      const incident = this.incidentOf(kv)
+      if (incident !== null) { this.incidentEvent(incident, kv, deleted); return }
+      // Corrupt, or what this sidecar already applied (its own write, seen again): nothing to do.
+      if (parsed === null || parsed.entry === undefined || JSON.stringify(parsed.entry) === JSON.stringify(state[parsed.kind][parsed.name] ?? null)) return
+      await this.deps.changed(parsed.kind, parsed.name, parsed.entry)
+    })
+  }
+
+  /** The incident key of an `incidents/…` key, else null. */
+  private incidentOf (kv: IKeyValue): string | null {
+    const rest = kv.key.toString().slice(this.root.length)
+    return rest.startsWith('incidents/') && rest.length > 'incidents/'.length ? rest.slice('incidents/'.length) : null
+  }
+
+  /** One key: a fleet override (entry null: deleted; undefined: corrupt), or null for other keys. */
+  private parse (kv: IKeyValue, deleted = false): { kind: Kind, name: string, entry: FleetEntry | null | undefined } | null {
+    const key = kv.key.toString()
+    const rest = key.slice(this.root.length)
+    const slash = rest.indexOf('/')
+    const kind = rest.slice(0, slash)
+    const name = rest.slice(slash + 1)
+    if ((kind !== 'flags' && kind !== 'circuits') || name === '') return null
+    if (deleted) return { kind, name, entry: null }
+    const entry = readEntry(kind, kv.value.toString())
+    if (entry === null) {
+      const seen = `${key}@${String(kv.mod_revision)}`
+      if (!this.corruptSeen.has(seen)) {
+        this.corruptSeen.add(seen)
+        this.corruptTotal++
+        this.deps.logger.warn({ event: 'fleet_corrupt_value', key, revision: Number(kv.mod_revision) }, 'fleet: ignored a value under the prefix that is not a Breakwater override; the last good one stays in force')
+      }
+      return { kind, name, entry: undefined }
+    }
+    return { kind, name, entry }
+  }
+
+  /** Applies one at a time, in order (watch events and resyncs never interleave). */
+  private async serial (fn: () => Promise<void>): Promise<void> {
+    const run = this.applying.then(fn)
+    this.applying = run.catch((err: unknown) => { this.deps.logger.error({ event: 'fleet', err }, 'fleet: applying a change failed') })
+    await this.applying
+  }
+
+  private async sleep (ms: number): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => { this.wake = null; resolve() }, ms)
+      timer.unref()
+      this.wake = () => { clearTimeout(timer); resolve() }
+    })
+  }
+
+  private async dropWatch (): Promise<void> {
+    const w = this.watcher
+    this.watcher = null
+    if (w !== null) await withTimeout(w.cancel(), 1000).catch(() => {})
+  }
+
+  async stop (): Promise<void> {
+    this.stopped = true
+    this.wake?.()
+    await this.running
+    await this.dropWatch()
+    // A clean stop hands incidents over at once instead of after the lease's ttl.
+    const lease = this.lease
+    this.lease = null
+    if (lease !== null) await withTimeout(lease.revoke(), 1000).catch(() => {})
+    this.client.close()
+  }
+}
+
+function unavailable (why: string): ControlError {
+  return new ControlError(503, 'fleet_unavailable', `the fleet store (etcd) is unreachable, so the fleet override was not written (${why}); local actions still work: retry without "scope": "fleet" (CLI: without --fleet) to act on this sidecar only`)
+}
+
+/** A fleet override read from etcd, or null when it is not one. */
+export function readEntry (kind: Kind, text: string): FleetEntry | null {
+  let v: unknown
+  try { v = JSON.parse(text) } catch { return null }
+  if (v === null || typeof v !== 'object' || Array.isArray(v)) return null
+  const e = v as Record<string, unknown>
+  const valueOk = kind === 'flags' ? (typeof e.value === 'boolean' || e.value === null) : (e.value === 'open' || e.value === 'closed' || e.value === null)
+  if (!valueOk || typeof e.at !== 'string' || Number.isNaN(Date.parse(e.at))) return null
+  const expiresAt = typeof e.expiresAt === 'string' && !Number.isNaN(Date.parse(e.expiresAt)) ? e.expiresAt : null
+  if (e.expiresAt !== undefined && e.expiresAt !== null && expiresAt === null) return null
+  return {
+    value: e.value as FleetEntry['value'],
+    reason: typeof e.reason === 'string' ? e.reason : '',
+    requester: typeof e.requester === 'string' ? e.requester : 'unknown',
+    at: e.at,
+    ttlMs: typeof e.ttlMs === 'number' ? e.ttlMs : null,
+    expiresAt,
+    instance: typeof e.instance === 'string' ? e.instance : 'unknown'
+  }
+}
+
+function readHolding (text: string): Holding | null {
+  try {
+    const v = JSON.parse(text) as Partial<Holding> | null
+    if (v === null || typeof v !== 'object' || typeof v.instance !== 'string') return null
+    return { instance: v.instance, trigger: String(v.trigger ?? ''), at: String(v.at ?? ''), acted: v.acted === true }
+  } catch {
+    return null
+  }
+}
+
+async function withTimeout<T> (p: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([p, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => { reject(new Error(`no answer within ${ms} ms`)) }, ms) })])
+  } finally {
+    clearTimeout(timer)
+  }
+}

@@ -1,0 +1,218 @@
+/**
+ * A real etcd cluster and a real Alertmanager on loopback ports, in temp dirs, for the fleet
+ * drill (`breakwater drill --fleet`): each binary is the one a user installs (Debian packages
+ * `etcd-server` and `prometheus-alertmanager`), started on a free port (retried on a clash)
+ * and stopped with SIGTERM, then SIGKILL.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { stringify } from 'yaml'
+
+export const ETCD_MISSING = 'etcd not found: install it with `apt-get install -y etcd-server`'
+export const ALERTMANAGER_MISSING = 'alertmanager not found: install it with `apt-get install -y prometheus-alertmanager`'
+
+/** A port nobody listens on right now (bind port 0, read it, close). */
+export async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address()
+      const port = typeof address === 'object' && address !== null ? address.port : 0
+      server.close(() => { resolve(port) })
+    })
+  })
+}
+
+/** `signal` (SIGTERM), then SIGKILL after 5 s; resolves once the process is gone. */
+export async function stopProcess (proc: ChildProcess | null, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  if (proc === null || proc.exitCode !== null || proc.signalCode !== null) return
+  const exited = new Promise<void>((resolve) => proc.once('exit', () => { resolve() }))
+  proc.kill('SIGCONT')
+  proc.kill(signal)
+  const timer = setTimeout(() => proc.kill('SIGKILL'), 5000)
+  await exited
+  clearTimeout(timer)
+}
+
+/** Poll `check` every 50 ms until it holds or `timeoutMs` passes. */
+async function until (check: () => Promise<boolean>, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (await check()) return true
+    if (Date.now() > deadline) return false
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
+export interface EtcdMember {
+  name: string
+  clientUrl: string
+  peerUrl: string
+  dataDir: string
+  proc: ChildProcess | null
+  /** The end of what it printed (for error messages). */
+  output: string
+}
+
+export interface LocalEtcd {
+  members: EtcdMember[]
+  readonly endpoints: string[]
+  /** Kill one member (SIGKILL: it dies as a crashed node does). */
+  kill: (i: number) => Promise<void>
+  /** Start a member (again) on its ports and data dir; resolves once every running member is healthy. */
+  restart: (i: number) => Promise<void>
+  /** Freeze / thaw a member (SIGSTOP / SIGCONT): it keeps its connections but answers nothing. */
+  pause: (i: number) => void
+  resume: (i: number) => void
+  /** Stop every member and remove the data dirs. */
+  close: () => Promise<void>
+}
+
+/** An etcd cluster of `size` members; with `start: false` laid out (ports, dirs) but not started. */
+export async function startLocalEtcd (size: number, options: { start?: boolean } = {}): Promise<LocalEtcd> {
+  const root = mkdtempSync(join(tmpdir(), 'breakwater-etcd-'))
+  const members: EtcdMember[] = []
+  for (let i = 0; i < size; i++) members.push({ name: `m${i}`, clientUrl: '', peerUrl: '', dataDir: join(root, `m${i}`), proc: null, output: '' })
+  const placePorts = async (): Promise<void> => {
+    for (const m of members) {
+      m.clientUrl = `http://127.0.0.1:${await freePort()}`
+      m.peerUrl = `http://127.0.0.1:${await freePort()}`
+      rmSync(m.dataDir, { recursive: true, force: true })
+    }
+  }
+  await placePorts()
+  const launch = (m: EtcdMember): void => {
+    const proc = spawn('etcd', [
+      '--name', m.name,
+      '--data-dir', m.dataDir,
+      '--listen-client-urls', m.clientUrl,
+      '--advertise-client-urls', m.clientUrl,
+      '--listen-peer-urls', m.peerUrl,
+      '--initial-advertise-peer-urls', m.peerUrl,
+      '--initial-cluster', members.map((x) => `${x.name}=${x.peerUrl}`).join(','),
+      '--initial-cluster-state', 'new',
+      '--initial-cluster-token', 'breakwater-local',
+      '--heartbeat-interval', '100',
+      '--election-timeout', '1000',
+      '--logger', 'zap',
+      '--log-level', 'warn'
+    ], { stdio: ['ignore', 'pipe', 'pipe'] })
+    m.proc = proc
+    m.output = ''
+    const keep = (c: Buffer): void => { m.output = (m.output + c.toString('utf8')).slice(-4000) }
+    proc.stdout?.on('data', keep)
+    proc.stderr?.on('data', keep)
+    proc.on('error', (err: NodeJS.ErrnoException) => { m.output += err.code === 'ENOENT' ? ETCD_MISSING : err.message })
+    proc.on('exit', () => { if (m.proc === proc) m.proc = null })
+  }
+  const clashed = (): boolean => members.some((m) => m.proc === null && /address already in use/.test(m.output))
+  const healthy = async (): Promise<void> => {
+    const ok = await until(async () => {
+      if (clashed() || members.some((m) => m.output.includes(ETCD_MISSING))) return true
+      for (const m of members) {
+        if (m.proc === null) continue
+        const res = await fetch(`${m.clientUrl}/health`).catch(() => null)
+        const body = res === null ? null : await res.json().catch(() => null) as { health?: string } | null
+        if (body?.health !== 'true') return false
+      }
+      return true
+    }, 60_000)
+    if (members.some((m) => m.output.includes(ETCD_MISSING))) throw new Error(ETCD_MISSING)
+    if (!ok || clashed()) throw new Error(`etcd not healthy: ${members.map((m) => `${m.name}: ${m.proc === null ? 'exited' : 'running'} ${m.output.slice(-600)}`).join(' | ')}`)
+  }
+  const stopAll = async (): Promise<void> => {
+    await Promise.all(members.map(async (m) => { await stopProcess(m.proc) }))
+  }
+  const etcd: LocalEtcd = {
+    members,
+    get endpoints () { return members.map((m) => m.clientUrl) },
+    kill: async (i) => { await stopProcess(members[i]?.proc ?? null, 'SIGKILL') },
+    restart: async (i) => { launch(members[i] as EtcdMember); await healthy() },
+    pause: (i) => { members[i]?.proc?.kill('SIGSTOP') },
+    resume: (i) => { members[i]?.proc?.kill('SIGCONT') },
+    close: async () => {
+      await stopAll()
+      rmSync(root, { recursive: true, force: true })
+    }
+  }
+  if (options.start === false) return etcd
+  // A port taken between freePort() and etcd's bind: new ports, start again.
+  for (let attempt = 1; ; attempt++) {
+    for (const m of members) launch(m)
+    try {
+      await healthy()
+      return etcd
+    } catch (err) {
+      await stopAll()
+      if (!clashed() || attempt === 3) {
+        rmSync(root, { recursive: true, force: true })
+        throw err
+      }
+      await placePorts()
+    }
+  }
+}
+
+export interface LocalAlertmanager {
+  url: string
+  proc: ChildProcess
+  close: () => Promise<void>
+}
+
+/** The Alertmanager binary's name on this machine: Debian's, or upstream's. */
+function alertmanagerBinary (): string {
+  for (const name of ['prometheus-alertmanager', 'alertmanager']) {
+    if (spawnSync(name, ['--version']).error === undefined) return name
+  }
+  throw new Error(ALERTMANAGER_MISSING)
+}
+
+/**
+ * An Alertmanager that routes every alert to `webhookUrl` (resolutions too), grouping by
+ * `alertname, service, trigger`; `route` overrides the route's timings.
+ */
+export async function startLocalAlertmanager (webhookUrl: string, route: Record<string, unknown> = {}): Promise<LocalAlertmanager> {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-am-'))
+  writeFileSync(join(dir, 'alertmanager.yml'), stringify({
+    route: { receiver: 'hook', group_by: ['alertname', 'service', 'trigger'], group_wait: '3s', group_interval: '2s', repeat_interval: '1h', ...route },
+    receivers: [{ name: 'hook', webhook_configs: [{ url: webhookUrl, send_resolved: true }] }]
+  }))
+  let name: string
+  try {
+    name = alertmanagerBinary()
+  } catch (err) {
+    rmSync(dir, { recursive: true, force: true })
+    throw err
+  }
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort()
+    let output = ''
+    const proc = spawn(name, [
+      `--config.file=${join(dir, 'alertmanager.yml')}`,
+      `--storage.path=${join(dir, 'data')}`,
+      `--web.listen-address=127.0.0.1:${port}`,
+      '--cluster.listen-address=',
+      '--log.level=warn'
+    ], { stdio: ['ignore', 'pipe', 'pipe'] })
+    proc.stdout.on('data', (c: Buffer) => { output = (output + c.toString('utf8')).slice(-4000) })
+    proc.stderr.on('data', (c: Buffer) => { output = (output + c.toString('utf8')).slice(-4000) })
+    const url = `http://127.0.0.1:${port}`
+    const ready = await until(async () => {
+      if (proc.exitCode !== null) return true
+      const res = await fetch(`${url}/-/ready`).catch(() => null)
+      return res?.status === 200
+    }, 30_000)
+    if (ready && proc.exitCode === null) {
+      return { url, proc, close: async () => { await stopProcess(proc); rmSync(dir, { recursive: true, force: true }) } }
+    }
+    await stopProcess(proc)
+    if (!/address already in use/.test(output) || attempt === 3) {
+      rmSync(dir, { recursive: true, force: true })
+      throw new Error(`alertmanager did not become ready: ${output}`)
+    }
+  }
+}

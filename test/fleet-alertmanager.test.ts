@@ -1,0 +1,90 @@
+/**
+ * The Alertmanager channel (SPEC §16) against a real Alertmanager and a real etcd: three
+ * sidecars fire the same trigger, each posts its alert (its own `instance`), Alertmanager's
+ * webhook receiver gets one grouped notification, alerts are re-posted while firing, and all
+ * are resolved once service is restored.
+ */
+import t from 'tap'
+import { startConnectedFleet } from './helpers/fleet.js'
+import { startAlertmanager } from './helpers/alertmanager.js'
+import { startReceiver } from './helpers/receiver.js'
+import { startUpstream } from './helpers/upstream.js'
+import { send, eventually, sleep } from './helpers/http.js'
+import { startTestSidecar } from './helpers/sidecar.js'
+import { metricValue } from './helpers/metrics.js'
+
+interface AmAlert { status: string, labels: Record<string, string>, annotations: Record<string, string>, endsAt: string }
+interface AmNotification { status: string, alerts: AmAlert[], groupLabels: Record<string, string> }
+
+t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one grouped notification, then the resolution', async (t) => {
+  const am = await startAlertmanager(t, { group_wait: '5s', group_interval: '5s' })
+  let healthy = false
+  const upstream = await startUpstream((_req, res) => { res.writeHead(healthy ? 200 : 500); res.end() })
+  t.teardown(upstream.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const { fleet } = await startConnectedFleet(t, {
+    version: '2.0.0',
+    upstreams: { app: { url: upstream.url } },
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    verification: { windowMs: '2s' },
+    notifications: { alertmanager: { urls: [am.url], labels: { team: 'payments' }, repeatInterval: '1s' } }
+  })
+  let stopped = false
+  t.teardown(() => { stopped = true })
+  void (async () => {
+    while (!stopped) {
+      await Promise.all(fleet.map(async (s) => await send(s.proxy, '/other').catch(() => null)))
+      await sleep(50)
+    }
+  })()
+
+  // Alertmanager holds one alert per sidecar, with the stable labels.
+  const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
+  t.ok(await eventually(async () => (await alerts()).length === 3, 30_000), 'three alerts in Alertmanager')
+  const held = await alerts()
+  t.same(new Set(held.map((a) => a.labels.instance)), new Set(['s0', 's1', 's2']), 'one per instance')
+  for (const a of held) {
+    t.match(a.labels, { alertname: 'BreakwaterTriggerFired', service: 'shop', trigger: 'errors', severity: 'critical', team: 'payments' })
+    t.match(a.annotations, { summary: /shop: trigger errors fired/, description: /error_rate/, runbook: /^breakwater triage --admin http/ })
+  }
+  // Re-posted while firing.
+  const before = fleet.map((s) => s.sidecar.notifier.alertmanager.posted)
+  t.ok(await eventually(() => fleet.every((s, i) => s.sidecar.notifier.alertmanager.posted > (before[i] as number)), 20_000), 'each sidecar posts its alert again')
+
+  const notifications = (): AmNotification[] => am.hook.deliveries.map((d) => d.body as AmNotification)
+  t.ok(await eventually(() => notifications().length >= 1, 30_000), 'the receiver was notified')
+  const first = notifications()[0] as AmNotification
+  t.equal(first.status, 'firing')
+  t.equal(first.alerts.length, 3, 'one notification carries the three alerts')
+  t.same(first.groupLabels, { alertname: 'BreakwaterTriggerFired', service: 'shop', trigger: 'errors' })
+  t.equal(cd.deliveries.length, 1, 'and one rollback')
+
+  // The rollback worked: service is back, every sidecar resolves its alert.
+  healthy = true
+  t.ok(await eventually(() => notifications().some((n) => n.status === 'resolved'), 60_000), 'a resolved notification')
+  const resolved = notifications().find((n) => n.status === 'resolved') as AmNotification
+  t.equal(resolved.alerts.length, 3, 'all three alerts resolved')
+  for (const a of resolved.alerts) t.ok(Date.parse(a.endsAt) <= Date.now(), 'with endsAt')
+  const firingOnly = notifications().filter((n) => n.status === 'firing' && n.alerts.every((a) => a.status === 'firing'))
+  t.equal(firingOnly.length, 1, 'exactly one notification for the firing incident')
+  t.same(await alerts(), [], 'nothing active in Alertmanager')
+})
+
+t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected', async (t) => {
+  const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end() })
+  t.teardown(up.close)
+  const closed = await startReceiver([200])
+  await closed.close()
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'notify' }],
+    notifications: { alertmanager: { urls: [closed.url], repeatInterval: '200ms' } }
+  })
+  for (let i = 0; i < 10; i++) await send(s.proxy, '/fail')
+  t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'alertmanager' }) >= 3, 30_000), 'every failed post counted, the repeats too')
+  t.equal(s.logs.filter((l) => l.event === 'notification_failed' && l.channel === 'alertmanager').length, 1, 'one warning for the streak')
+  t.equal((await send(s.proxy, '/ok')).status, 200)
+})

@@ -1,0 +1,182 @@
+/**
+ * The fleet layer when etcd misbehaves (SPEC §16), on a real etcd: down at start, killed
+ * mid-run, one member of three lost, a stalled (frozen) member, a corrupt value. Sidecars keep
+ * proxying and stay ready, keep (and persist) the last fleet state, report
+ * `breakwater_fleet_connected`, log once per change of state, answer fleet writes with 503, and
+ * resync without missing a change made while they were away.
+ */
+import t, { type Test } from 'tap'
+import { Etcd3 } from 'etcd3'
+import { startEtcd } from './helpers/etcd.js'
+import { fleetConfig, startFleet, startConnectedFleet } from './helpers/fleet.js'
+import { startCaptured, type TestSidecar } from './helpers/sidecar.js'
+import { send, eventually, sleep } from './helpers/http.js'
+import { admin } from './helpers/admin.js'
+import { metricValue } from './helpers/metrics.js'
+import { startUpstream } from './helpers/upstream.js'
+import { resolveConfig } from '../src/config/load.js'
+
+const KEY = '/bw-test/shop/flags/newCheckout'
+
+/** A fleet override as another sidecar (or an operator's tool) would write it. */
+function entry (value: boolean | null, reason: string): string {
+  return JSON.stringify({ value, reason, requester: 'elsewhere', at: new Date().toISOString(), ttlMs: null, expiresAt: null, instance: 'other' })
+}
+
+function etcdClient (t: Test, hosts: string[]): Etcd3 {
+  const client = new Etcd3({ hosts })
+  t.teardown(() => { client.close() })
+  return client
+}
+
+async function checkout (s: TestSidecar): Promise<number> {
+  return (await send(s.proxy, '/checkout/pay')).status
+}
+
+async function everywhere (fleet: TestSidecar[], check: (s: TestSidecar) => Promise<boolean>): Promise<boolean> {
+  return await eventually(async () => (await Promise.all(fleet.map(check))).every(Boolean), 30_000, 50)
+}
+
+const gauge = async (s: TestSidecar): Promise<number> => await metricValue(s.ops, 'breakwater_fleet_connected')
+
+/** The "etcd unreachable" lines a sidecar logged. */
+function lostLines (s: TestSidecar): number {
+  return s.logs.filter((l) => l.event === 'fleet' && l.connected === false).length
+}
+
+t.test('etcd down at start: the sidecar serves and is ready; once etcd is up it syncs what is there', async (t) => {
+  const etcd = await startEtcd(t, 1, { start: false })
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fleet = await startFleet(t, up.url, etcd.endpoints)
+  const [s0] = fleet
+  if (s0 === undefined) throw new Error('no sidecar')
+  t.equal(await checkout(s0), 200, 'proxying without etcd')
+  t.equal((await send(s0.ops, '/ready')).status, 200, 'ready without etcd')
+  t.ok(await eventually(async () => await gauge(s0) === 0 && lostLines(s0) === 1, 20_000), 'gauge 0 and one log line')
+  const refused = await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'x', scope: 'fleet' })
+  t.equal(refused.status, 503)
+  t.equal(refused.body.error, 'fleet_unavailable')
+  t.match(refused.body.message, /etcd\) is unreachable.*local actions still work/)
+
+  await etcd.restart(0)
+  await etcdClient(t, etcd.endpoints).put(KEY).value(entry(false, 'written while they could not see etcd'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'every sidecar applied it once connected')
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1), 'gauge 1')
+  for (const s of fleet) {
+    t.equal(lostLines(s), 1, 'one "unreachable" line for the whole outage, not one per retry')
+    t.equal(s.logs.filter((l) => l.event === 'fleet' && l.connected === true).length, 1, 'and one "connected" line')
+  }
+})
+
+t.test('etcd lost mid-run: last state kept and persisted, gauge 0, one line, 503 for fleet writes; a change made while away arrives on reconnect', async (t) => {
+  // Three members; the sidecars know only the first, so losing it cuts them off while the
+  // cluster (and an operator's tool on another member) goes on.
+  const { etcd, up, fleet } = await startConnectedFleet(t, {}, 3, 'first')
+  const [first, second] = etcd.endpoints as [string, string, string]
+  const [s0, s1] = fleet
+  t.equal((await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'bad release', scope: 'fleet' })).status, 200)
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503))
+
+  await etcd.kill(0)
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 0), 'gauge 0 everywhere')
+  await sleep(3000) // several retries
+  for (const s of fleet) {
+    t.equal(lostLines(s), 1, 'logged once, not per retry')
+    t.equal(await checkout(s), 503, 'the last fleet state stays in force')
+    t.equal((await send(s.proxy, '/other')).status, 200, 'and proxying goes on')
+    t.equal((await send(s.ops, '/ready')).status, 200, 'ready')
+  }
+  const refused = await admin(s1.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'x', scope: 'fleet' })
+  t.equal(refused.status, 503)
+  t.equal(refused.body.error, 'fleet_unavailable')
+  const local = await admin(s1.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'local still works' })
+  t.equal(local.status, 200)
+  t.equal((await send(s1.proxy, '/other')).status, 503, 'the local action is in force')
+  t.equal((await admin(s1.admin, 'PUT', '/v1/circuits/app', { state: 'auto', reason: 'done' })).status, 200)
+
+  // A restart without etcd keeps the fleet state (stateDir).
+  await s0.sidecar.close()
+  const { config } = resolveConfig({ ...fleetConfig(up.url, [first]), stateDir: s0.stateDir, listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }, shutdown: { drainDelayMs: 0, timeoutMs: 2000 } })
+  const again = await startCaptured(t, config, s0.stateDir, { instance: 's0' })
+  t.equal(await checkout(again), 503, 'restarted without etcd, the fleet kill switch is still in force')
+  t.equal((await admin(again.admin, 'GET', '/v1/state')).body.flags.newCheckout.origin, 'fleet')
+
+  // While they are away, the fleet restores the flag through another member.
+  await etcdClient(t, [second]).put(KEY).value(entry(true, 'fixed while they were cut off'))
+  const back = [again, fleet[1], fleet[2]]
+  t.equal(await checkout(again), 503, 'not seen yet')
+  await etcd.restart(0)
+  t.ok(await everywhere(back, async (s) => await checkout(s) === 200), 'the change made while away is applied on reconnect')
+  t.ok(await everywhere(back, async (s) => await gauge(s) === 1))
+})
+
+t.test('one member of three killed: nothing changes', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t, {}, 3)
+  await etcd.kill(0)
+  // Writes and propagation go on through the other two.
+  const res = await admin(fleet[0].admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'during a member loss', scope: 'fleet' })
+  t.equal(res.status, 200, JSON.stringify(res.body))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'applied on all three')
+  await sleep(2000)
+  for (const s of fleet) {
+    t.equal(await gauge(s), 1, 'still connected')
+    t.equal(lostLines(s), 0, 'no "unreachable" line')
+  }
+  await restoreAll(t, fleet)
+})
+
+/** Restore the flag for the fleet through a live member and check it is on everywhere. */
+async function restoreAll (t: Test, fleet: TestSidecar[]): Promise<void> {
+  const res = await admin((fleet[1] as TestSidecar).admin, 'DELETE', '/v1/flags/newCheckout', { reason: 'over', scope: 'fleet' })
+  t.equal(res.status, 200, JSON.stringify(res.body))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200), 'restored everywhere')
+}
+
+t.test('a frozen member (the watch stalls): detected, proxying goes on, and the change made meanwhile arrives when it thaws', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t, {}, 3, 'first')
+  const [, second] = etcd.endpoints as [string, string, string]
+  etcd.pause(0)
+  t.teardown(() => { etcd.resume(0) })
+  await etcdClient(t, [second]).put(KEY).value(entry(false, 'while the watch was stalled'))
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 0), 'the stall is noticed: gauge 0')
+  for (const s of fleet) t.equal((await send(s.proxy, '/other')).status, 200, 'proxying goes on')
+  etcd.resume(0)
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'the change made during the stall is applied')
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1))
+})
+
+t.test('a watch that stops delivering while etcd answers: the probe applies what it missed and restarts the watch', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t)
+  // The watch streams stay open but deliver nothing more (as a stuck stream would).
+  for (const s of fleet) (s.sidecar.fleet as unknown as { watcher: { removeAllListeners: (event: string) => void } }).watcher.removeAllListeners('put')
+  await etcdClient(t, etcd.endpoints).put(KEY).value(entry(false, 'the watch never told them'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'applied from the probe\'s read')
+  for (const s of fleet) {
+    t.equal(s.logs.filter((l) => l.event === 'fleet' && l.msg === 'fleet: the watch fell behind etcd; state re-read and the watch restarted').length, 1, 'said once')
+    t.equal(lostLines(s), 0, 'etcd was never unreachable')
+    t.equal(await gauge(s), 1)
+  }
+  // The restarted watch delivers again.
+  await etcdClient(t, etcd.endpoints).put(KEY).value(entry(true, 'back on'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
+})
+
+t.test('a corrupt value under the prefix is ignored with a warning and a counter; the last good one stays', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t)
+  t.equal((await admin(fleet[0].admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'bad release', scope: 'fleet' })).status, 200)
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503))
+  const client = etcdClient(t, etcd.endpoints)
+  await client.put(KEY).value('{not json')
+  await client.put('/bw-test/shop/circuits/app').value(JSON.stringify({ value: 'sideways', at: 'yesterday' }))
+  t.ok(await everywhere(fleet, async (s) => await metricValue(s.ops, 'breakwater_fleet_corrupt_values_total') === 2), 'counted on each sidecar')
+  for (const s of fleet) {
+    t.equal(await checkout(s), 503, 'the last good value stays in force')
+    t.equal((await send(s.proxy, '/other')).status, 200, 'the corrupt circuit value changed nothing')
+    t.equal(s.logs.filter((l) => l.event === 'fleet_corrupt_value').length, 2, 'one warning per bad value')
+    t.equal(await gauge(s), 1)
+  }
+  // A good value afterwards is applied as usual.
+  await client.put(KEY).value(entry(true, 'fixed'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
+})

@@ -1,0 +1,50 @@
+/**
+ * Three in-process sidecars of one service (`shop`) in a fleet on a real etcd (SPEC §16).
+ */
+import type { Test } from 'tap'
+import { startTestSidecar, type TestSidecar } from './sidecar.js'
+import { startUpstream, type TestUpstream } from './upstream.js'
+import { startEtcd, type EtcdCluster } from './etcd.js'
+import { eventually } from './http.js'
+
+/** The config of one sidecar of service `shop`, in the fleet on `endpoints`. */
+export function fleetConfig (url: string, endpoints: string[], extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    service: 'shop',
+    upstreams: { app: { url } },
+    circuitBreakers: { app: {} },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true },
+    fleet: { etcd: { endpoints, prefix: '/bw-test' }, leaseTtl: '2s' },
+    ...extra
+  }
+}
+
+/** Three sidecars of one service, each with its own state dir, named s0..s2. */
+export async function startFleet (t: Test, url: string, endpoints: string[], extra: Record<string, unknown> = {}): Promise<TestSidecar[]> {
+  const out: TestSidecar[] = []
+  for (let i = 0; i < 3; i++) out.push(await startTestSidecar(t, fleetConfig(url, endpoints, extra), { instance: `s${i}` }))
+  return out
+}
+
+export interface ConnectedFleet {
+  etcd: EtcdCluster
+  up: TestUpstream
+  fleet: [TestSidecar, TestSidecar, TestSidecar]
+}
+
+/**
+ * An etcd of `size` members, an upstream, and three sidecars connected to etcd; with
+ * `knows: 'first'` the sidecars are given only the first member's endpoint.
+ */
+export async function startConnectedFleet (t: Test, extra: Record<string, unknown> = {}, size: 1 | 3 = 1, knows: 'all' | 'first' = 'all'): Promise<ConnectedFleet> {
+  const etcd = await startEtcd(t, size)
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fleet = await startFleet(t, up.url, knows === 'all' ? etcd.endpoints : etcd.endpoints.slice(0, 1), extra) as ConnectedFleet['fleet']
+  if (!await eventually(() => fleet.every((s) => s.sidecar.fleet?.connected === true), 30_000)) throw new Error('the sidecars did not connect to etcd')
+  return { etcd, up, fleet }
+}
