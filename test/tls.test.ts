@@ -117,6 +117,34 @@ t.test('mutual TLS between two sidecars: A\'s egress presents its client certifi
   await res.body.dump()
 })
 
+t.test('an https:// upstream is verified: an untrusted server certificate, or no client certificate for a mutual-TLS upstream, is a 502', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const b = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...pki.issue('sidecar-b', 20), ca: pki.ca, requestClientCert: true } }) })
+  const client = pki.issue('sidecar-a', 21, 'client')
+  const a = await startTestSidecar(t, {
+    ...listen({}),
+    upstreams: {
+      untrusted: { url: b.proxy },
+      anonymous: { url: b.proxy, tls: { ca: pki.ca } },
+      // The certificate names 127.0.0.1 and localhost, not this name: verification fails.
+      misnamed: { url: b.proxy, tls: { ca: pki.ca, ...client, servername: 'orders.example' } },
+      unverified: { url: b.proxy, tls: { ...client, rejectUnauthorized: false } }
+    },
+    routes: ['untrusted', 'anonymous', 'misnamed', 'unverified'].map((name) => ({ match: { pathPrefix: `/${name}` }, upstream: name }))
+  })
+  for (const name of ['untrusted', 'anonymous', 'misnamed']) {
+    const res = await request(`${a.proxy}/${name}`)
+    t.equal(res.statusCode, 502, `${name}: 502`)
+    await res.body.dump()
+  }
+  t.equal(app.received.length, 0, 'nothing reached the app behind B')
+  const res = await request(`${a.proxy}/unverified`)
+  t.equal(res.statusCode, 200, 'rejectUnauthorized: false connects to a certificate it cannot verify')
+  await res.body.dump()
+})
+
 t.test('rotated certificate files: new connections get the new certificate, an open one keeps working; a bad pair keeps the old one', async (t) => {
   const pki = createPki(t)
   const first = pki.issue('first', 1001)
