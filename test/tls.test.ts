@@ -4,6 +4,7 @@
  * validate errors for missing, unreadable and mismatched files.
  */
 import t, { type Test } from 'tap'
+import net from 'node:net'
 import tls from 'node:tls'
 import { copyFileSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -84,6 +85,20 @@ t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https;
   await raw(sc.proxyPort, 'GET / HTTP/1.1\r\nHost: a\r\n\r\n', 500)
   t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 1, 20_000), 'the failed handshake is counted')
   t.equal(app.received.length, 1, 'nothing of the plain-HTTP request reached the app')
+})
+
+t.test('a client that never starts its TLS handshake is closed after headersTimeoutMs and counted', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: pki.issue('server', 1), headersTimeoutMs: 300 }) })
+  const socket = net.connect(sc.proxyPort, '127.0.0.1')
+  t.teardown(() => { socket.destroy() })
+  socket.on('error', () => {})
+  await new Promise((resolve) => socket.once('connect', resolve))
+  await new Promise((resolve) => socket.once('close', resolve))
+  t.pass('the silent connection was closed by the sidecar')
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 1, 20_000), 'and counted as a failed handshake')
 })
 
 t.test('mutual TLS between two sidecars: A\'s egress presents its client certificate to B, which refuses clients without one', async (t) => {

@@ -46,7 +46,8 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   const tls = listener.tls
   const server: http.Server = tls === null
     ? http.createServer(serverOptions, onRequest)
-    : https.createServer({ ...serverOptions, ...listenerTlsOptions(tls, `listen.${role}.tls`) }, onRequest)
+    // A client gets no longer for its handshake than for its request head (Node's default is 120 s).
+    : https.createServer({ ...serverOptions, ...listenerTlsOptions(tls, `listen.${role}.tls`), handshakeTimeout: headersTimeout }, onRequest)
   // Node keeps the first maxHeadersCount fields and drops the rest without a word (its default,
   // 2000, forwarded 2,100 headers truncated, Authorization gone). One more than the limit is
   // enough to see it was exceeded, and that request is refused whole: 431, nothing forwarded.
