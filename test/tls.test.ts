@@ -87,6 +87,19 @@ t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https;
   t.equal(app.received.length, 1, 'nothing of the plain-HTTP request reached the app')
 })
 
+t.test('limits.maxConnections on a TLS listener: the connection over the limit gets its 503 inside TLS', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: pki.issue('server', 1) }), limits: { maxConnections: 1 } })
+  const first = await connectTls(t, sc.proxyPort, pki.ca)
+  t.equal(await exchange(first, '/one'), 200, 'the first connection is served')
+  const second = await connectTls(t, sc.proxyPort, pki.ca)
+  t.equal(await exchange(second, '/two'), 503, 'the second reads a 503 over its TLS session')
+  t.equal(await exchange(first, '/again'), 200, 'the first still works')
+  t.equal(app.received.length, 2, 'the refused request never reached the app')
+})
+
 t.test('a client that never starts its TLS handshake is closed after headersTimeoutMs and counted', async (t) => {
   const pki = createPki(t)
   const app = await startUpstream()

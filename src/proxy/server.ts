@@ -40,14 +40,17 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     insecureHTTPParser: false
   }
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-    if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
+    if (refusedOpen > 0 && refused.has(req.socket)) {
+      // A TLS socket's 503 may still be on its way through the session: it closes once sent.
+      if (tls === null) res.destroy()
+      return
+    }
     pipeline(req, res)
   }
   const tls = listener.tls
-  const server: http.Server = tls === null
-    ? http.createServer(serverOptions, onRequest)
-    // A client gets no longer for its handshake than for its request head (Node's default is 120 s).
-    : https.createServer({ ...serverOptions, ...listenerTlsOptions(tls, `listen.${role}.tls`), handshakeTimeout: headersTimeout }, onRequest)
+  // A client gets no longer for its handshake than for its request head (Node's default is 120 s).
+  const secure = tls === null ? null : https.createServer({ ...serverOptions, ...listenerTlsOptions(tls, `listen.${role}.tls`), handshakeTimeout: headersTimeout }, onRequest)
+  const server: http.Server = secure ?? http.createServer(serverOptions, onRequest)
   // Node keeps the first maxHeadersCount fields and drops the rest without a word (its default,
   // 2000, forwarded 2,100 headers truncated, Authorization gone). One more than the limit is
   // enough to see it was exceeded, and that request is refused whole: 431, nothing forwarded.
@@ -71,7 +74,8 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
       refusedOpen++
       socket.once('close', () => { refusedOpen-- })
       socket.on('error', () => socket.destroy())
-      socket.end(rawErrorResponse('overloaded'))
+      if (tls === null) socket.end(rawErrorResponse('overloaded'))
+      else socket.end(rawErrorResponse('overloaded'), () => socket.destroy())
       return
     }
     connections.add(socket)
@@ -106,7 +110,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   })
 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
-  if (tls === null) return { server, connections, certificates: null, tlsStats: null }
+  if (secure === null || tls === null) return { server, connections, certificates: null, tlsStats: null }
 
   const tlsStats: ListenerTlsStats = { listener: role, reloads: { ok: 0, failed: 0 }, handshakeFailures: 0 }
   // A failed handshake (no client certificate under mutual TLS, an untrusted one, plain HTTP
@@ -116,6 +120,6 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'tls_handshake_failed', listener: role, code: err.code, reason: err.message }, 'TLS handshake failed')
     socket.destroy()
   })
-  const certificates = new CertificateWatcher(server as unknown as https.Server, tls, tlsStats, dp.logger)
+  const certificates = new CertificateWatcher(secure, tls, tlsStats, dp.logger)
   return { server, connections, certificates, tlsStats }
 }
