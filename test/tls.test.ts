@@ -17,6 +17,7 @@ import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { eventually, raw } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { runCli } from './helpers/process.js'
+import { startOtlpReceiver } from './helpers/otlp.js'
 
 const local = { host: '127.0.0.1', port: 0 }
 const listen = (proxy: Record<string, unknown>, more: Record<string, unknown> = {}): Record<string, unknown> =>
@@ -76,12 +77,16 @@ t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https;
   const server = pki.issue('server', 1)
   const app = await startUpstream()
   t.teardown(app.close)
-  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: server }) })
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: server }), tracing: { otlpEndpoint: receiver.url, sampleRatio: 1, batch: { delayMs: 10 } } })
   t.match(sc.proxy, /^https:\/\/127\.0\.0\.1:\d+$/, 'the listening address says https')
   const res = await request(`${sc.proxy}/hello`, { dispatcher: agentFor(t, pki.ca) })
   t.equal(res.statusCode, 200)
   await res.body.dump()
   t.equal(app.received.at(-1)?.headers['x-forwarded-proto'], 'https', 'x-forwarded-proto is https')
+  t.ok(await eventually(() => receiver.spans.length >= 1, 30_000), 'the request\'s span is exported')
+  t.equal(receiver.spans[0]?.attributes['url.scheme'], 'https', 'its url.scheme is https')
   await raw(sc.proxyPort, 'GET / HTTP/1.1\r\nHost: a\r\n\r\n', 500)
   t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 1, 20_000), 'the failed handshake is counted')
   t.equal(app.received.length, 1, 'nothing of the plain-HTTP request reached the app')
