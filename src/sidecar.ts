@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import net, { type AddressInfo, type Socket } from 'node:net'
-import type { IncomingMessage, Server } from 'node:http'
+import type { IncomingMessage } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
 import type { Config } from './config/types.js'
@@ -206,7 +206,7 @@ export class Sidecar {
       report: async (id) => await this.incidentReport(id),
       triage: () => this.triageView()
     })
-    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads, tracing: config.tracing === null ? null : this.traceStats })
+    registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads, tracing: config.tracing === null ? null : this.traceStats, tls: this.listeners().flatMap((l) => l.tlsStats ?? []) })
   }
 
   async listen (): Promise<Addresses> {
@@ -239,8 +239,8 @@ export class Sidecar {
     } catch (err) {
       throw new StartupError((err as Error).message)
     }
-    const proxy = await listenOn(this.proxy.server, listen.proxy.host, listen.proxy.port)
-    const egress = this.egress === null || listen.egress === null ? null : await listenOn(this.egress.server, listen.egress.host, listen.egress.port)
+    const proxy = await listenOn(this.proxy, listen.proxy.host, listen.proxy.port)
+    const egress = this.egress === null || listen.egress === null ? null : await listenOn(this.egress, listen.egress.host, listen.egress.port)
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
@@ -325,6 +325,11 @@ export class Sidecar {
         this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
       })
     }
+  }
+
+  /** The data-plane listeners: proxy, and egress when configured. */
+  private listeners (): ProxyServer[] {
+    return this.egress === null ? [this.proxy] : [this.proxy, this.egress]
   }
 
   private async lockStateDir (): Promise<void> {
@@ -444,6 +449,8 @@ export class Sidecar {
       const { config, warnings } = await loadCheckedConfig(source)
       for (const w of warnings) this.logger.warn({ event: 'config_warning' }, w)
       const upstreams = await this.apply(config)
+      // A reload also re-checks the listeners' certificate files at once (SPEC §18).
+      await Promise.all(this.listeners().map(async (l) => await l.certificates?.poll()))
       this.reloads.ok++
       this.logger.info({ event: 'config_reload', result: 'ok', source, version: config.version, upstreams }, 'config reloaded')
       return { ok: true, problems: [] }
@@ -505,6 +512,7 @@ export class Sidecar {
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
     this.reachability.stop()
+    for (const l of this.listeners()) l.certificates?.stop()
     if (this.egress !== null) {
       this.egress.server.close()
       this.egress.server.closeAllConnections()
@@ -548,13 +556,14 @@ export async function startSidecar (config: Config, options: SidecarOptions = {}
 /** The longest a shutdown waits for the last spans to reach the collector. */
 const SPAN_FLUSH_MS = 2000
 
-async function listenOn (server: Server, host: string, port: number): Promise<string> {
+async function listenOn ({ server, certificates }: ProxyServer, host: string, port: number): Promise<string> {
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject)
     server.listen(port, host, () => { server.off('error', reject); resolve() })
   })
+  certificates?.start()
   const a = server.address() as AddressInfo
-  return `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
+  return `${certificates === null ? 'http' : 'https'}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
 }
 
 function normaliseFastifyAddress (address: string): string {

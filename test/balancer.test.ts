@@ -80,7 +80,8 @@ t.test('least_request with two endpoints always compares both (unit)', async (t)
     balance: 'least_request',
     ejection: { consecutiveFailures: 7, baseMs: 1000, maxMs: 60000, panicThresholdPercent: 50 },
     failover: null,
-    failbackAfterMs: 30000
+    failbackAfterMs: 30000,
+    tls: null
   }
   const endpoints = config.endpoints.map((o) => new Endpoint(o, new Pool(o)))
   t.teardown(async () => { for (const e of endpoints) await e.pool.close() })

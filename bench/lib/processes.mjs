@@ -4,6 +4,7 @@
 import { spawn, execFileSync, spawnSync } from 'node:child_process'
 import { openSync, closeSync, readFileSync } from 'node:fs'
 import { request } from 'node:http'
+import { request as httpsRequest } from 'node:https'
 import { createServer } from 'node:net'
 import { processTree } from './procfs.mjs'
 
@@ -103,7 +104,9 @@ export { sleep }
 /** One GET; resolves to the status code, or null on error/timeout. */
 export function httpStatus (url, timeoutMs = 1000) {
   return new Promise((resolve) => {
-    const req = request(url, { agent: false, timeout: timeoutMs, headers: { connection: 'close' } }, (res) => {
+    // An https target's certificate is the run's own, self-signed: readiness does not verify it.
+    const send = url.startsWith('https:') ? httpsRequest : request
+    const req = send(url, { agent: false, timeout: timeoutMs, headers: { connection: 'close' }, rejectUnauthorized: false }, (res) => {
       res.resume()
       res.on('end', () => resolve(res.statusCode))
       res.on('error', () => resolve(null))

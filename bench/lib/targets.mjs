@@ -2,6 +2,7 @@
 // run's temporary directory.
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { execFileSync } from 'node:child_process'
 import { commandExists, freePort, startProcess, stopProcess, waitReady, pidsOf, tail } from './processes.mjs'
 
 export const LOADGEN_CPU = 0
@@ -16,6 +17,7 @@ export const ALL_TARGETS = [
   'breakwater-stages',
   'breakwater-trace1',
   'breakwater-trace100',
+  'breakwater-tls',
   'fastify-http-proxy',
   'nginx',
   'haproxy'
@@ -107,13 +109,14 @@ export function haproxyConf (port, upstreamPort) {
 }
 
 /** The Breakwater config the harness generates (format fixed by the project). */
-export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null }) {
+export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null, tls = null }) {
   return [
     'service: bench',
     'version: bench',
     `stateDir: ${stateDir}`,
     'listen:',
-    `  proxy: { host: 127.0.0.1, port: ${proxyPort} }`,
+    // breakwater-tls: the proxy listener serves HTTPS (a self-signed certificate made for the run).
+    `  proxy: { host: 127.0.0.1, port: ${proxyPort}${tls === null ? '' : `, tls: { cert: ${tls.cert}, key: ${tls.key} }`} }`,
     `  ops:   { host: 127.0.0.1, port: ${opsPort} }`,
     `  admin: { host: 127.0.0.1, port: ${adminPort} }`,
     'upstreams:',
@@ -195,7 +198,8 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
   const dir = join(tmp, `${name}-${instance}`)
   mkdirSync(dir, { recursive: true })
   const port = await freePort()
-  const url = `http://127.0.0.1:${port}/`
+  const tls = name === 'breakwater-tls' ? selfSignedCertificate(dir) : null
+  const url = `${tls === null ? 'http' : 'https'}://127.0.0.1:${port}/`
   const stderr = join(dir, 'stderr.log')
   let proc
   let readyUrls = [url]
@@ -216,7 +220,8 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       upstreamPort: upstream.port,
       accessLog: name === 'breakwater-log',
       stages: name === 'breakwater-stages',
-      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name === 'breakwater-trace100' ? 1 : null
+      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name === 'breakwater-trace100' ? 1 : null,
+      tls
     }))
     const env = envWithout('BREAKWATER_BENCH_BARE')
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'
@@ -268,7 +273,17 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
   return { name, url, proc, pids: () => pidsOf(proc) }
 }
 
+/** A P-256 certificate for 127.0.0.1 and its key, written into `dir` (autocannon does not verify it). */
+function selfSignedCertificate (dir) {
+  const cert = join(dir, 'tls.crt')
+  const key = join(dir, 'tls.key')
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'], { stdio: 'ignore' })
+  return { cert, key }
+}
+
 export function targetAvailability (name) {
+  if (name === 'breakwater-tls' && !commandExists('openssl')) return 'openssl not installed'
   if (name === 'nginx' && !nginxBin) return 'nginx not installed'
   if (name === 'haproxy' && !haproxyBin) return 'haproxy not installed'
   return null

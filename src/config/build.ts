@@ -13,11 +13,12 @@ import { resolve as resolvePath, dirname } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { toMs as parseMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
+import { readTlsFilesSync } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import { fleetConfig } from './fleet.js'
 import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies } from './rungs.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
-import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, VerificationConfig } from './types.js'
+import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, UpstreamTlsConfig, VerificationConfig } from './types.js'
 
 /** Problems (the config is refused) and warnings (it is used) found while building. */
 export interface Findings {
@@ -40,7 +41,7 @@ function toMs (value: number | string): number {
 export function buildConfig (input: ResolvedInput, source: string | null, found: Findings): Config {
   const baseDir = source === null ? process.cwd() : dirname(source)
   const upstreamNames = Object.keys(input.upstreams)
-  const upstreams = buildUpstreams(input.upstreams, found)
+  const upstreams = buildUpstreams(input.upstreams, baseDir, found)
   checkFailover(input.upstreams, found.problems)
   const routes = buildRoutes(input.routes, upstreamNames, input, baseDir, found)
   checkRoutingPolicy(routes, input, found.problems, found.warnings)
@@ -59,7 +60,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     service: input.service,
     version: input.version,
     stateDir: resolvePath(baseDir, input.stateDir),
-    listen: buildListen(input.listen, found),
+    listen: buildListen(input.listen, baseDir, found),
     upstreams,
     routes,
     featureFlags: input.featureFlags,
@@ -88,16 +89,16 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
   }
 }
 
-function buildUpstreams (input: Section<'upstreams'>, found: Findings): Record<string, UpstreamConfig> {
+function buildUpstreams (input: Section<'upstreams'>, baseDir: string, found: Findings): Record<string, UpstreamConfig> {
   const upstreams: Record<string, UpstreamConfig> = {}
   for (const [name, u] of Object.entries(input)) {
-    const built = buildUpstream(name, u, found)
+    const built = buildUpstream(name, u, baseDir, found)
     if (built !== null) upstreams[name] = built
   }
   return upstreams
 }
 
-function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, found: Findings): UpstreamConfig | null {
+function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, baseDir: string, found: Findings): UpstreamConfig | null {
   const at = `upstreams.${name}`
   if ((u.url === undefined) === (u.endpoints === undefined)) {
     found.problems.push(`${at}: needs exactly one of url or endpoints`)
@@ -141,8 +142,21 @@ function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, found:
       panicThresholdPercent: u.ejection.panicThresholdPercent
     },
     failover: u.failover ?? null,
-    failbackAfterMs: toMs(u.failbackAfter ?? 30_000)
+    failbackAfterMs: toMs(u.failbackAfter ?? 30_000),
+    tls: buildUpstreamTls(u.tls, endpoints, at, baseDir, found.problems)
   }
+}
+
+/** `upstreams.NAME.tls`: only for https:// endpoints; a client certificate comes with its key, and they match. */
+function buildUpstreamTls (t: Resolved<typeof UpstreamSchema>['tls'], endpoints: readonly string[], at: string, baseDir: string, problems: string[]): UpstreamTlsConfig | null {
+  if (t === undefined) return null
+  const plain = endpoints.filter((e) => e.startsWith('http://'))
+  if (plain.length > 0) problems.push(`${at}.tls: set for plain http:// endpoints (${plain.join(', ')}); use https://`)
+  if ((t.cert === undefined) !== (t.key === undefined)) problems.push(`${at}.tls: cert and key go together (a client certificate needs its private key)`)
+  const file = (path: string | undefined): string | null => path === undefined ? null : resolvePath(baseDir, path)
+  const tls = { ca: file(t.ca), cert: file(t.cert), key: file(t.key), servername: t.servername ?? null, rejectUnauthorized: t.rejectUnauthorized }
+  readTlsFilesSync(tls, `${at}.tls`, problems)
+  return tls
 }
 
 function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[], config: ResolvedInput, baseDir: string, found: Findings): RouteConfig[] {
@@ -375,7 +389,7 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
   }
 }
 
-function buildListen (listen: Section<'listen'>, found: Findings): Config['listen'] {
+function buildListen (listen: Section<'listen'>, baseDir: string, found: Findings): Config['listen'] {
   const proxy = (l: NonNullable<Section<'listen'>['egress']>, at: string): ProxyListenerConfig => ({
     host: l.host,
     port: l.port,
@@ -384,7 +398,8 @@ function buildListen (listen: Section<'listen'>, found: Findings): Config['liste
     headersTimeoutMs: toMs(l.headersTimeoutMs),
     maxHeaderSize: l.maxHeaderSize,
     maxHeadersCount: l.maxHeadersCount,
-    trustedProxies: trustedProxies(l.trustedProxies, at, found.problems)
+    trustedProxies: trustedProxies(l.trustedProxies, at, found.problems),
+    tls: buildListenerTls(l.tls, `${at}.tls`, baseDir, found.problems)
   })
   return {
     proxy: proxy(listen.proxy, 'listen.proxy'),
@@ -392,6 +407,16 @@ function buildListen (listen: Section<'listen'>, found: Findings): Config['liste
     ops: { host: listen.ops.host, port: listen.ops.port },
     admin: { host: listen.admin.host, port: listen.admin.port }
   }
+}
+
+/** A listener's certificate files, read and checked now so a bad pair never reaches start-up. */
+function buildListenerTls (t: NonNullable<Section<'listen'>['egress']>['tls'], at: string, baseDir: string, problems: string[]): ProxyListenerConfig['tls'] {
+  if (t === undefined) return null
+  // Mutual TLS verifies client certificates against a CA of the operator's, never the system's.
+  if (t.requestClientCert && t.ca === undefined) problems.push(`${at}.ca: needed with requestClientCert (the CA that signs client certificates)`)
+  const tls = { cert: resolvePath(baseDir, t.cert), key: resolvePath(baseDir, t.key), ca: t.ca === undefined ? null : resolvePath(baseDir, t.ca), requestClientCert: t.requestClientCert }
+  readTlsFilesSync(tls, at, problems)
+  return tls
 }
 
 function buildRollback (r: Resolved<typeof RollbackSchema>): RollbackConfig {

@@ -44,6 +44,25 @@ const HttpUrl = Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$', des
 
 const WebhookUrl = Type.String({ pattern: '^https?://[^\\s/?#]+[^\\s]*$', description: 'an http:// or https:// URL' })
 
+const PemFile = (what: string) => Type.String({ minLength: 1, description: `path to a PEM file: ${what} (relative to the config file)` })
+
+/** A listener's TLS (SPEC §18): the files are re-read when they change. */
+const ListenerTls = closed({
+  cert: PemFile('the certificate (chain)'),
+  key: PemFile('its private key'),
+  ca: Type.Optional(PemFile('CA certificates that client certificates are verified against')),
+  requestClientCert: withDefault(Type.Boolean({ description: 'mutual TLS: require a client certificate signed by ca' }), false)
+})
+
+/** An `https://` upstream's TLS (SPEC §18). */
+const UpstreamTls = closed({
+  ca: Type.Optional(PemFile('CA certificates the upstream\'s certificate is verified against (default: the system\'s)')),
+  cert: Type.Optional(PemFile('the client certificate presented to the upstream (mutual TLS)')),
+  key: Type.Optional(PemFile('the client certificate\'s private key')),
+  servername: Type.Optional(Type.String({ minLength: 1, description: 'SNI and the name the certificate is checked against (default: the endpoint\'s host)' })),
+  rejectUnauthorized: withDefault(Type.Boolean({ description: 'refuse an upstream whose certificate does not verify' }), true)
+})
+
 /** A data-plane listener (`listen.proxy`, `listen.egress`), on `port` unless configured. */
 const proxyListener = (port: number) => closed({
   host: withDefault(Host, '0.0.0.0'),
@@ -53,7 +72,8 @@ const proxyListener = (port: number) => closed({
   headersTimeoutMs: withDefault(Duration, 60_000),
   maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384),
   maxHeadersCount: withDefault(Type.Integer({ minimum: 1, maximum: 10000, description: 'more request header fields than this is 431' }), 100),
-  trustedProxies: withDefault(Type.Array(Type.String({ minLength: 1 }), { description: 'addresses or CIDRs of proxies whose x-forwarded-for entries are believed' }), [])
+  trustedProxies: withDefault(Type.Array(Type.String({ minLength: 1 }), { description: 'addresses or CIDRs of proxies whose x-forwarded-for entries are believed' }), []),
+  tls: Type.Optional(ListenerTls)
 })
 
 const plainListener = (host: string, port: number) => section({
@@ -85,7 +105,8 @@ export const UpstreamSchema = closed({
     panicThresholdPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 50)
   }),
   failover: Type.Optional(Name),
-  failbackAfter: Type.Optional(Duration)
+  failbackAfter: Type.Optional(Duration),
+  tls: Type.Optional(UpstreamTls)
 })
 
 const HeaderName = '^[A-Za-z0-9!#$%&\'*+.^_`|~-]+$'

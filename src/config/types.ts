@@ -18,6 +18,26 @@ export interface ProxyListenerConfig extends ListenerConfig {
   maxHeadersCount: number
   /** Addresses and CIDRs of proxies whose `x-forwarded-for` entries are believed (SPEC §17). */
   trustedProxies: readonly string[]
+  /** Null: plain HTTP. */
+  tls: ListenerTlsConfig | null
+}
+
+/** A listener's certificate files (absolute paths), re-read when they change (SPEC §18). */
+export interface ListenerTlsConfig {
+  cert: string
+  key: string
+  ca: string | null
+  /** Mutual TLS: a client without a certificate signed by `ca` is refused in the handshake. */
+  requestClientCert: boolean
+}
+
+/** How `https://` endpoints are connected to (SPEC §18); files are absolute paths. */
+export interface UpstreamTlsConfig {
+  ca: string | null
+  cert: string | null
+  key: string | null
+  servername: string | null
+  rejectUnauthorized: boolean
 }
 
 export interface HealthCheckConfig {
@@ -50,6 +70,8 @@ export interface UpstreamConfig {
   failover: string | null
   /** How long this upstream must have been available again before its traffic returns. */
   failbackAfterMs: number
+  /** Null: the system's CAs, no client certificate (and plain HTTP for `http://` endpoints). */
+  tls: UpstreamTlsConfig | null
 }
 
 export interface RetryConfig {

@@ -9,6 +9,7 @@ import type { DataPlane } from '../proxy/dataplane.js'
 import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
 import type { TraceStats } from './tracing.js'
+import type { ListenerTlsStats } from '../proxy/tls.js'
 import { STATE_VALUE } from '../proxy/circuit-breaker.js'
 
 type Labels = Record<string, string | number>
@@ -88,6 +89,8 @@ export interface MetricSources {
   reloads: { ok: number, failed: number }
   /** Null when tracing is not configured (its metrics are then absent). */
   tracing: TraceStats | null
+  /** One per TLS listener (none: the TLS metrics are absent). */
+  tls: readonly ListenerTlsStats[]
 }
 
 export function registerMetrics (registry: Registry, sources: MetricSources): void {
@@ -243,6 +246,16 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
       { labels: { reason: 'export_failed' }, value: tracing.dropped.export_failed }
     ])
     scraped(registry, 'breakwater_trace_spans_exported_total', 'Spans the collector accepted.', 'counter', () => [{ labels: {}, value: tracing.exported }])
+  }
+
+  const tls = sources.tls
+  if (tls.length > 0) {
+    scraped(registry, 'breakwater_tls_certificate_reloads_total', 'Changed certificate files re-read, by listener and result (refused: the running certificate was kept).', 'counter', () => tls.flatMap((s) => [
+      { labels: { listener: s.listener, result: 'ok' }, value: s.reloads.ok },
+      { labels: { listener: s.listener, result: 'refused' }, value: s.reloads.failed }
+    ]))
+    scraped(registry, 'breakwater_tls_handshake_failures_total', 'TLS handshakes that failed (no or an untrusted client certificate, plain HTTP on a TLS port), by listener.', 'counter', () =>
+      tls.map((s) => ({ labels: { listener: s.listener }, value: s.handshakeFailures })))
   }
 
   scraped(registry, 'breakwater_config_reloads_total', 'Config reloads, by result.', 'counter', () => [

@@ -1,10 +1,12 @@
 /**
- * The proxy listener: a plain `node:http` server whose request listener is the pipeline.
+ * The proxy listener: a `node:http` server (`node:https` when `tls` is configured, SPEC §18)
+ * whose request listener is the pipeline.
  * (Measured against a fastify catch-all route, see bench/README.md: the raw listener leaves
  * more of the per-request budget to the stages.) This file owns what happens before a request
  * exists — parser errors, header limits, connection caps — and the listener's timeouts.
  */
 import http from 'node:http'
+import https from 'node:https'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
@@ -12,17 +14,21 @@ import type { DataPlane } from './dataplane.js'
 import type { Tracing } from './trace.js'
 import { createPipeline, createBarePipeline, handleUpgrade, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
+import { CertificateWatcher, listenerTlsOptions, type ListenerTlsStats } from './tls.js'
 
 export interface ProxyServer {
   server: http.Server
   /** Open client connections. */
   readonly connections: Set<Socket>
+  /** A TLS listener's certificate watcher (started and stopped by the sidecar); null for plain HTTP. */
+  readonly certificates: CertificateWatcher | null
+  readonly tlsStats: ListenerTlsStats | null
 }
 
 /** `role`: which routes this listener reaches (`routes[].listener`). */
 export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig, role: Listener, maxConnections: () => number, tracing: Tracing, bare = false): ProxyServer {
   const headersTimeout = listener.requestTimeoutMs > 0 ? Math.min(listener.headersTimeoutMs, listener.requestTimeoutMs) : listener.headersTimeoutMs
-  const server = http.createServer({
+  const serverOptions: http.ServerOptions = {
     maxHeaderSize: listener.maxHeaderSize,
     // Node's default 300 s whole-request timeout would cut long uploads; off unless configured (SPEC §14).
     requestTimeout: listener.requestTimeoutMs,
@@ -32,15 +38,24 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
     // attempt; Node's strict parser (the default, never the lenient one) refuses it.
     insecureHTTPParser: false
-  }, (req, res) => {
-    if (refusedOpen > 0 && refused.has(req.socket)) { res.destroy(); return }
+  }
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    if (refusedOpen > 0 && refused.has(req.socket)) {
+      // A TLS socket's 503 may still be on its way through the session: it closes once sent.
+      if (tls === null) res.destroy()
+      return
+    }
     pipeline(req, res)
-  })
+  }
+  const tls = listener.tls
+  // A client gets no longer for its handshake than for its request head (Node's default is 120 s).
+  const secure = tls === null ? null : https.createServer({ ...serverOptions, ...listenerTlsOptions(tls, `listen.${role}.tls`), handshakeTimeout: headersTimeout }, onRequest)
+  const server: http.Server = secure ?? http.createServer(serverOptions, onRequest)
   // Node keeps the first maxHeadersCount fields and drops the rest without a word (its default,
   // 2000, forwarded 2,100 headers truncated, Authorization gone). One more than the limit is
   // enough to see it was exceeded, and that request is refused whole: 431, nothing forwarded.
   server.maxHeadersCount = listener.maxHeadersCount + 1
-  const options: PipelineOptions = { proto: 'http', listener: role, maxHeaderFields: listener.maxHeadersCount * 2, tracing }
+  const options: PipelineOptions = { proto: tls === null ? 'http' : 'https', listener: role, maxHeaderFields: listener.maxHeadersCount * 2, tracing }
   const pipeline = (bare ? createBarePipeline : createPipeline)(dp, options)
   server.keepAliveTimeout = listener.keepAliveTimeoutMs
 
@@ -49,7 +64,9 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   // Node attaches its HTTP parser to every connection, so their requests are dropped at the door.
   const refused = new WeakSet<Socket>()
   let refusedOpen = 0
-  server.prependListener('connection', (socket: Socket) => {
+  // A TLS listener counts and answers connections once their handshake is done: the refusal
+  // must be written inside the TLS session, and the HTTP layer serves the TLS socket.
+  server.prependListener(tls === null ? 'connection' : 'secureConnection', (socket: Socket) => {
     const max = maxConnections()
     if (max > 0 && connections.size >= max) {
       dp.stats.overloaded.max_connections++
@@ -57,7 +74,8 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
       refusedOpen++
       socket.once('close', () => { refusedOpen-- })
       socket.on('error', () => socket.destroy())
-      socket.end(rawErrorResponse('overloaded'))
+      if (tls === null) socket.end(rawErrorResponse('overloaded'))
+      else socket.end(rawErrorResponse('overloaded'), () => socket.destroy())
       return
     }
     connections.add(socket)
@@ -92,5 +110,16 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   })
 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
-  return { server, connections }
+  if (secure === null || tls === null) return { server, connections, certificates: null, tlsStats: null }
+
+  const tlsStats: ListenerTlsStats = { listener: role, reloads: { ok: 0, failed: 0 }, handshakeFailures: 0 }
+  // A failed handshake (no client certificate under mutual TLS, an untrusted one, plain HTTP
+  // on the TLS port) has no HTTP response to give: counted, logged at debug, socket closed.
+  server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    tlsStats.handshakeFailures++
+    if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'tls_handshake_failed', listener: role, code: err.code, reason: err.message }, 'TLS handshake failed')
+    socket.destroy()
+  })
+  const certificates = new CertificateWatcher(secure, tls, tlsStats, dp.logger)
+  return { server, connections, certificates, tlsStats }
 }

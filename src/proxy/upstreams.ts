@@ -13,6 +13,7 @@ import type { CircuitBreakerConfig, UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
 import type { Failover } from './failover.js'
+import { upstreamConnect } from './tls.js'
 
 export class Upstream {
   readonly name: string
@@ -60,7 +61,7 @@ function createPool (origin: string, config: UpstreamConfig): Pool {
     // Never keep a connection longer than we intend to, whatever the upstream hints:
     // upstream keep-alive stays under the app's (SPEC §14).
     keepAliveMaxTimeout: config.keepAliveTimeoutMs,
-    connect: { timeout: config.connectTimeoutMs }
+    connect: upstreamConnect(config)
   })
 }
 
@@ -166,5 +167,5 @@ export function reusable (endpoint: Endpoint, now: number): boolean {
 
 /** A connection of its own for one request (`reusable`, and retries after the race); close it once dispatched. */
 export function freshConnection (endpoint: Endpoint, config: UpstreamConfig): Client {
-  return new Client(endpoint.origin, { pipelining: 1, connect: { timeout: config.connectTimeoutMs } })
+  return new Client(endpoint.origin, { pipelining: 1, connect: upstreamConnect(config) })
 }

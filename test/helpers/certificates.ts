@@ -1,0 +1,43 @@
+/**
+ * Certificates generated for a test with the `openssl` command: a CA, and certificates it
+ * signs for 127.0.0.1/localhost (server) or a client, each with a serial number the test picks.
+ */
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Test } from 'tap'
+
+export interface Pki {
+  dir: string
+  /** The CA certificate's path. */
+  ca: string
+  /** Issue a certificate signed by the CA: `name.crt` and `name.key` in `dir`. */
+  issue: (name: string, serial: number, usage?: 'server' | 'client') => { cert: string, key: string }
+}
+
+function openssl (dir: string, args: string[]): void {
+  execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] })
+}
+
+const EC_KEY = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes']
+
+/** A fresh CA in a temp dir removed in teardown. */
+export function createPki (t: Test, caName = 'Test CA'): Pki {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-pki-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  openssl(dir, ['req', '-x509', ...EC_KEY, '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', `/CN=${caName}`])
+  return {
+    dir,
+    ca: join(dir, 'ca.crt'),
+    issue (name, serial, usage = 'server') {
+      const ext = usage === 'server'
+        ? 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n'
+        : 'extendedKeyUsage=clientAuth\n'
+      writeFileSync(join(dir, `${name}.ext`), ext)
+      openssl(dir, ['req', ...EC_KEY, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`])
+      openssl(dir, ['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-set_serial', String(serial), '-days', '2', '-extfile', `${name}.ext`, '-out', `${name}.crt`])
+      return { cert: join(dir, `${name}.crt`), key: join(dir, `${name}.key`) }
+    }
+  }
+}

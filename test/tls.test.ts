@@ -1,0 +1,265 @@
+/**
+ * TLS (SPEC §18) over real sockets, with certificates each test generates: an HTTPS listener,
+ * mutual TLS between two sidecars, certificate rotation without dropping a connection, and the
+ * validate errors for missing, unreadable and mismatched files.
+ */
+import t, { type Test } from 'tap'
+import net from 'node:net'
+import tls from 'node:tls'
+import { copyFileSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { Agent, request } from 'undici'
+import { stringify } from 'yaml'
+import { resolveConfig, ConfigError } from '../src/config/load.js'
+import { createPki } from './helpers/certificates.js'
+import { startUpstream } from './helpers/upstream.js'
+import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { eventually, raw } from './helpers/http.js'
+import { metricValue } from './helpers/metrics.js'
+import { runCli } from './helpers/process.js'
+import { startOtlpReceiver } from './helpers/otlp.js'
+
+const local = { host: '127.0.0.1', port: 0 }
+const listen = (proxy: Record<string, unknown>, more: Record<string, unknown> = {}): Record<string, unknown> =>
+  ({ listen: { proxy: { ...local, ...proxy }, ops: local, admin: local, ...more } })
+
+/** An undici agent trusting `ca`, presenting `client` when given; closed in teardown. */
+function agentFor (t: Test, ca: string, client?: { cert: string, key: string }): Agent {
+  const agent = new Agent({ connect: { ca: readFileSync(ca), ...(client === undefined ? {} : { cert: readFileSync(client.cert), key: readFileSync(client.key) }) } })
+  t.teardown(async () => { await agent.close() })
+  return agent
+}
+
+/** A TLS connection to the listener, once its handshake is done. */
+async function connectTls (t: Test, port: number, ca: string): Promise<tls.TLSSocket> {
+  const socket = tls.connect({ host: '127.0.0.1', port, ca: readFileSync(ca), servername: 'localhost' })
+  t.teardown(() => { socket.destroy() })
+  await new Promise<void>((resolve, reject) => { socket.once('secureConnect', resolve); socket.once('error', reject) })
+  return socket
+}
+
+/** The serial number of the certificate a new connection to the listener is shown. */
+async function servedSerial (t: Test, port: number, ca: string): Promise<number> {
+  const socket = await connectTls(t, port, ca)
+  const serial = parseInt(socket.getPeerCertificate().serialNumber, 16)
+  socket.destroy()
+  return serial
+}
+
+/** One HTTP/1.1 request on an open connection; the response's status once its body is read. */
+async function exchange (socket: tls.TLSSocket, path: string): Promise<number> {
+  socket.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`)
+  let text = ''
+  return await new Promise((resolve, reject) => {
+    const onData = (chunk: Buffer): void => {
+      text += chunk.toString('latin1')
+      const end = text.indexOf('\r\n\r\n')
+      if (end < 0) return
+      const length = Number(/\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end))?.[1] ?? 0)
+      if (text.length - end - 4 < length) return
+      socket.off('data', onData)
+      socket.off('error', reject)
+      resolve(Number(text.slice(9, 12)))
+    }
+    socket.on('data', onData)
+    socket.once('error', reject)
+  })
+}
+
+/** Replace `target` whole by a rename, as a Secret volume update or `mv` does. */
+function replace (from: string, target: string): void {
+  copyFileSync(from, `${target}.new`)
+  renameSync(`${target}.new`, target)
+}
+
+t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https; a plain-HTTP client is counted', async (t) => {
+  const pki = createPki(t)
+  const server = pki.issue('server', 1)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: server }), tracing: { otlpEndpoint: receiver.url, sampleRatio: 1, batch: { delayMs: 10 } } })
+  t.match(sc.proxy, /^https:\/\/127\.0\.0\.1:\d+$/, 'the listening address says https')
+  const res = await request(`${sc.proxy}/hello`, { dispatcher: agentFor(t, pki.ca) })
+  t.equal(res.statusCode, 200)
+  await res.body.dump()
+  t.equal(app.received.at(-1)?.headers['x-forwarded-proto'], 'https', 'x-forwarded-proto is https')
+  t.ok(await eventually(() => receiver.spans.length >= 1, 30_000), 'the request\'s span is exported')
+  t.equal(receiver.spans[0]?.attributes['url.scheme'], 'https', 'its url.scheme is https')
+  await raw(sc.proxyPort, 'GET / HTTP/1.1\r\nHost: a\r\n\r\n', 500)
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 1, 20_000), 'the failed handshake is counted')
+  t.equal(app.received.length, 1, 'nothing of the plain-HTTP request reached the app')
+})
+
+t.test('limits.maxConnections on a TLS listener: the connection over the limit gets its 503 inside TLS', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: pki.issue('server', 1) }), limits: { maxConnections: 1 } })
+  const first = await connectTls(t, sc.proxyPort, pki.ca)
+  t.equal(await exchange(first, '/one'), 200, 'the first connection is served')
+  const second = await connectTls(t, sc.proxyPort, pki.ca)
+  t.equal(await exchange(second, '/two'), 503, 'the second reads a 503 over its TLS session')
+  t.equal(await exchange(first, '/again'), 200, 'the first still works')
+  t.equal(app.received.length, 2, 'the refused request never reached the app')
+})
+
+t.test('a client that never starts its TLS handshake is closed after headersTimeoutMs and counted', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: pki.issue('server', 1), headersTimeoutMs: 300 }) })
+  const socket = net.connect(sc.proxyPort, '127.0.0.1')
+  t.teardown(() => { socket.destroy() })
+  socket.on('error', () => {})
+  await new Promise((resolve) => socket.once('connect', resolve))
+  await new Promise((resolve) => socket.once('close', resolve))
+  t.pass('the silent connection was closed by the sidecar')
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 1, 20_000), 'and counted as a failed handshake')
+})
+
+t.test('mutual TLS between two sidecars: A\'s egress presents its client certificate to B, which refuses clients without one', async (t) => {
+  const pki = createPki(t)
+  const serverB = pki.issue('sidecar-b', 10)
+  const clientA = pki.issue('sidecar-a', 11, 'client')
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const b = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...serverB, ca: pki.ca, requestClientCert: true } }) })
+  const a = await startTestSidecar(t, {
+    ...listen({}, { egress: local }),
+    upstreams: { b: { url: b.proxy, tls: { ca: pki.ca, cert: clientA.cert, key: clientA.key } } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'b', listener: 'egress' }]
+  })
+  const egress = a.sidecar.addresses.egress as string
+  for (let i = 0; i < 3; i++) {
+    const res = await request(`${egress}/orders/${i}`)
+    t.equal(res.statusCode, 200, `the app's call ${i} went A → B over mutual TLS`)
+    await res.body.dump()
+  }
+  t.equal(app.received.length, 3, 'the app behind B got every call')
+  t.equal(app.received[0]?.headers['x-forwarded-proto'], 'https', 'B saw them on its TLS listener')
+
+  await t.rejects(request(`${b.proxy}/orders/x`, { dispatcher: agentFor(t, pki.ca) }), 'a client without a certificate is refused by B')
+  const other = createPki(t, 'Other CA').issue('intruder', 12, 'client')
+  await t.rejects(request(`${b.proxy}/orders/y`, { dispatcher: agentFor(t, pki.ca, other) }), 'a client certificate another CA signed is refused by B')
+  t.equal(app.received.length, 3, 'no refused request reached the app')
+  t.ok(await metricValue(b.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) >= 2, 'B counted both refusals')
+  const res = await request(`${b.proxy}/orders/z`, { dispatcher: agentFor(t, pki.ca, clientA) })
+  t.equal(res.statusCode, 200, 'a client with A\'s certificate is served')
+  await res.body.dump()
+})
+
+t.test('an https:// upstream is verified: an untrusted server certificate, or no client certificate for a mutual-TLS upstream, is a 502', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const b = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...pki.issue('sidecar-b', 20), ca: pki.ca, requestClientCert: true } }) })
+  const client = pki.issue('sidecar-a', 21, 'client')
+  const a = await startTestSidecar(t, {
+    ...listen({}),
+    upstreams: {
+      untrusted: { url: b.proxy },
+      anonymous: { url: b.proxy, tls: { ca: pki.ca } },
+      // The certificate names 127.0.0.1 and localhost, not this name: verification fails.
+      misnamed: { url: b.proxy, tls: { ca: pki.ca, ...client, servername: 'orders.example' } },
+      unverified: { url: b.proxy, tls: { ...client, rejectUnauthorized: false } }
+    },
+    routes: ['untrusted', 'anonymous', 'misnamed', 'unverified'].map((name) => ({ match: { pathPrefix: `/${name}` }, upstream: name }))
+  })
+  for (const name of ['untrusted', 'anonymous', 'misnamed']) {
+    const res = await request(`${a.proxy}/${name}`)
+    t.equal(res.statusCode, 502, `${name}: 502`)
+    await res.body.dump()
+  }
+  t.equal(app.received.length, 0, 'nothing reached the app behind B')
+  const res = await request(`${a.proxy}/unverified`)
+  t.equal(res.statusCode, 200, 'rejectUnauthorized: false connects to a certificate it cannot verify')
+  await res.body.dump()
+})
+
+t.test('rotated certificate files: new connections get the new certificate, an open one keeps working; a bad pair keeps the old one', async (t) => {
+  const pki = createPki(t)
+  const first = pki.issue('first', 1001)
+  const live = { cert: join(pki.dir, 'live.crt'), key: join(pki.dir, 'live.key') }
+  copyFileSync(first.cert, live.cert)
+  copyFileSync(first.key, live.key)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: live }) })
+
+  const open = await connectTls(t, sc.proxyPort, pki.ca)
+  t.equal(parseInt(open.getPeerCertificate().serialNumber, 16), 1001, 'the first certificate is served')
+  t.equal(await exchange(open, '/before'), 200)
+
+  const second = pki.issue('second', 2002)
+  replace(second.key, live.key)
+  replace(second.cert, live.cert)
+  t.ok(await eventually(async () => await servedSerial(t, sc.proxyPort, pki.ca) === 2002, 30_000, 100), 'a new connection gets the new certificate')
+  t.ok(sc.logs.some((l) => l.event === 'tls_reload' && l.result === 'ok' && l.serialNumber !== undefined), 'the reload is logged')
+  t.equal(await exchange(open, '/after'), 200, 'the open keep-alive connection still serves requests')
+  t.equal(parseInt(open.getPeerCertificate().serialNumber, 16), 1001, 'on the session it shook hands with')
+  t.ok(await metricValue(sc.ops, 'breakwater_tls_certificate_reloads_total', { listener: 'proxy', result: 'ok' }) >= 1, 'the reload is counted')
+
+  const refusedBefore = await metricValue(sc.ops, 'breakwater_tls_certificate_reloads_total', { listener: 'proxy', result: 'refused' })
+  const third = pki.issue('third', 3003)
+  replace(third.cert, live.cert) // the key is still the second's: they do not match
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_certificate_reloads_total', { listener: 'proxy', result: 'refused' }) > refusedBefore, 30_000, 100), 'the mismatched pair is refused and counted')
+  const refusal = sc.logs.filter((l) => l.event === 'tls_reload' && l.result === 'refused').at(-1)
+  t.equal(refusal?.level, 'error', 'logged at error')
+  t.match(refusal?.problems, [/^listen\.proxy\.tls\.key: .* does not match the certificate/], 'an error log names the key')
+  t.equal(await servedSerial(t, sc.proxyPort, pki.ca), 2002, 'new connections still get the last good certificate')
+  t.equal(await exchange(open, '/still'), 200, 'and the open connection still works')
+})
+
+/** The problems `resolveConfig` reports for `input` (fails the test when it accepts it). */
+function problemsOf (t: Test, input: Record<string, unknown>): string[] {
+  try {
+    resolveConfig({ service: 'test', ...input })
+  } catch (err) {
+    t.type(err, ConfigError, 'a ConfigError')
+    return [...(err as ConfigError).problems]
+  }
+  t.fail('the config was accepted')
+  return []
+}
+
+t.test('bad TLS inputs are validate errors naming the key', async (t) => {
+  const pki = createPki(t)
+  const server = pki.issue('server', 1)
+  const client = pki.issue('client', 2, 'client')
+  const directory = join(pki.dir, 'a-directory')
+  mkdirSync(directory)
+  const route = oneRoute('http://127.0.0.1:1')
+  const cases: Array<[string, Record<string, unknown>, RegExp]> = [
+    ['a missing certificate', { ...route, ...listen({ tls: { cert: join(pki.dir, 'nope.crt'), key: server.key } }) }, /^listen\.proxy\.tls\.cert: .*nope\.crt does not exist$/],
+    ['an unreadable key', { ...route, ...listen({ tls: { cert: server.cert, key: directory } }) }, /^listen\.proxy\.tls\.key: .*a-directory cannot be read/],
+    ['a key of another certificate', { ...route, ...listen({ tls: { cert: server.cert, key: client.key } }) }, /^listen\.proxy\.tls\.key: .*client\.key does not match the certificate .*server\.crt$/],
+    ['a file that is no certificate', { ...route, ...listen({ tls: { cert: server.key, key: server.key } }) }, /^listen\.proxy\.tls\.cert: .* is not a PEM certificate$/],
+    ['requestClientCert without ca', { ...route, ...listen({ tls: { ...server, requestClientCert: true } }) }, /^listen\.proxy\.tls\.ca: needed with requestClientCert/],
+    ['a missing egress certificate', { ...route, ...listen({}, { egress: { ...local, tls: { cert: join(pki.dir, 'gone.crt'), key: server.key } } }) }, /^listen\.egress\.tls\.cert: .*gone\.crt does not exist$/],
+    ['tls on an http:// upstream', oneRoute('http://127.0.0.1:1', {}, { tls: { ca: pki.ca } }), /^upstreams\.app\.tls: set for plain http:\/\/ endpoints/],
+    ['an upstream client key of another certificate', oneRoute('https://127.0.0.1:1', {}, { tls: { cert: client.cert, key: server.key } }), /^upstreams\.app\.tls\.key: .* does not match the certificate/],
+    ['an upstream client certificate without its key', oneRoute('https://127.0.0.1:1', {}, { tls: { cert: client.cert } }), /^upstreams\.app\.tls: cert and key go together/],
+    ['a missing upstream CA', oneRoute('https://127.0.0.1:1', {}, { tls: { ca: join(pki.dir, 'no-ca.crt') } }), /^upstreams\.app\.tls\.ca: .*no-ca\.crt does not exist$/]
+  ]
+  for (const [what, input, expected] of cases) {
+    const problems = problemsOf(t, input)
+    t.ok(problems.some((p) => expected.test(p)), what, { problems })
+  }
+  t.doesNotThrow(() => resolveConfig({ service: 'test', ...oneRoute('https://127.0.0.1:1', {}, { tls: { ca: pki.ca, ...client } }), ...listen({ tls: { ...server, ca: pki.ca, requestClientCert: true } }) }), 'sound files are accepted')
+})
+
+t.test('validate: certificate paths are relative to the config file; a mismatched pair exits 1 naming the key', async (t) => {
+  const pki = createPki(t)
+  pki.issue('server', 1)
+  pki.issue('client', 2, 'client')
+  const config = (key: string): string => stringify({ service: 'test', ...oneRoute('http://127.0.0.1:1'), listen: { proxy: { tls: { cert: 'server.crt', key } } } })
+  writeFileSync(join(pki.dir, 'good.yaml'), config('server.key'))
+  writeFileSync(join(pki.dir, 'bad.yaml'), config('client.key'))
+  const good = await runCli(['validate', '--config', join(pki.dir, 'good.yaml')], { env: { BREAKWATER_CONFIG: undefined } })
+  t.equal(good.code, 0, 'a matching pair is valid', { stderr: good.stderr })
+  const bad = await runCli(['validate', '--config', join(pki.dir, 'bad.yaml')], { env: { BREAKWATER_CONFIG: undefined } })
+  t.equal(bad.code, 1, 'exit 1')
+  t.match(bad.stderr, /^listen\.proxy\.tls\.key: .*client\.key does not match the certificate .*server\.crt$/m, 'the problem names the key')
+})
