@@ -31,7 +31,7 @@ import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
 import { Notifier, incidentKey } from './control/notify.js'
-import { TriggerEngine, releaseRemovedWindows, type TriggerAction } from './control/triggers.js'
+import { TriggerEngine, type TriggerAction } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier, TTR_BUCKETS } from './control/verify.js'
 import { triage, type TriageReport } from './control/triage.js'
@@ -436,7 +436,6 @@ export class Sidecar {
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)
-    releaseRemovedWindows(this.dataPlane.stats.allRoutes(), next.routes)
     this.control.noteConfig()
     return upstreams
   }

@@ -197,13 +197,3 @@ export function describeReading (c: TriggerConfig, r: Reading): string {
   return `${c.metric} ${value} > ${threshold} over ${c.windowMs / 1000}s (${r.requests} requests)`
 }
 
-/**
- * Free the windows of routes a reload removed (SPEC §15); their counters stay, so metrics
- * remain monotonic. A route that comes back allocates a fresh window at its first request.
- */
-export function releaseRemovedWindows (stats: Iterable<RouteStats>, routes: ReadonlyArray<{ name: string, upstream: string }>): void {
-  const live = new Set(routes.map((r) => `${r.name}\u0000${r.upstream}`))
-  for (const s of stats) {
-    if (s.route !== '' && !live.has(`${s.route}\u0000${s.upstream}`)) s.window.release()
-  }
-}
