@@ -95,13 +95,12 @@ export class SecondWindow {
   private minutes: Ring | null = null
   /** The newest second recorded (the seconds ring holds the SECOND_SLOTS before it). */
   private newest = -1
-  /** Bumped by release(): running sums over this window must start again. */
-  epoch = 0
 
   /** One request's outcome. `latencyMs < 0` records no latency (a refusal). */
   record (nowMs: number, error: boolean, latencyMs: number): void {
     const second = Math.floor(nowMs / 1000)
-    // Allocated at the first request, not per configured route; freed by release().
+    // Allocated at the first request, not per configured route; a reload that removes the
+    // route drops its stats, window included.
     this.seconds ??= new Ring(SECOND_SLOTS)
     this.minutes ??= new Ring(MINUTE_SLOTS)
     const bin = latencyMs >= 0 ? latencyBin(latencyMs) : -1
@@ -130,17 +129,9 @@ export class SecondWindow {
     ring?.add(u, into, sign)
   }
 
-  /** Bytes held by the typed arrays (0 until the first request, and after release()). */
+  /** Bytes held by the typed arrays (0 until the first request). */
   bytes (): number {
     return (this.seconds?.bytes() ?? 0) + (this.minutes?.bytes() ?? 0)
-  }
-
-  /** Drop the arrays (a reload removed the route); a later request allocates them again. */
-  release (): void {
-    this.seconds = null
-    this.minutes = null
-    this.newest = -1
-    this.epoch++
   }
 }
 
@@ -159,7 +150,6 @@ export class RunningSum {
   /** The unit current at the last read (completed holds the units-1 before it); null before the first. */
   private current: number | null = null
   private sources: SecondWindow[] = []
-  private epochs: number[] = []
   private stepsSinceRebuild = 0
 
   constructor (windowMs: number, withLatency: boolean) {
@@ -173,7 +163,7 @@ export class RunningSum {
   read (sources: SecondWindow[], nowMs: number, into: WindowSums): WindowSums {
     const cur = Math.floor(nowMs / 1000 / this.unitSeconds)
     const slots = this.unitSeconds === 1 ? SECOND_SLOTS : MINUTE_SLOTS
-    const sameScope = sources.length === this.sources.length && sources.every((s, i) => s === this.sources[i] && s.epoch === this.epochs[i])
+    const sameScope = sources.length === this.sources.length && sources.every((s, i) => s === this.sources[i])
     if (this.current === null || !sameScope || cur < this.current || (cur - this.current) + this.units > slots || this.stepsSinceRebuild >= this.units) {
       this.rebuild(sources, cur)
     } else {
@@ -195,7 +185,6 @@ export class RunningSum {
     resetSums(this.completed)
     for (let u = cur - this.units + 1; u < cur; u++) for (const s of sources) s.addUnit(this.unitSeconds, u, this.completed, 1)
     this.sources = [...sources]
-    this.epochs = sources.map((s) => s.epoch)
     this.current = cur
     this.stepsSinceRebuild = 0
   }
