@@ -14,7 +14,7 @@ import type { AddressInfo } from 'node:net'
 import { Pool } from 'undici'
 import { resolveConfig } from './config/load.js'
 import { startSidecar, type Sidecar } from './sidecar.js'
-import { startDemo } from './drill.js'
+import { startDemo, demoService } from './drill.js'
 import { startLocalAlertmanager, startLocalEtcd, type LocalAlertmanager, type LocalEtcd } from './fleet/local.js'
 
 export interface FleetDrillOptions {
@@ -93,18 +93,10 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     o.out(`  etcd ${etcd.endpoints.join(', ')}\n  alertmanager ${am.url}\n`)
     for (let i = 0; i < n; i++) {
       const { config } = resolveConfig({
-        service: 'shop',
-        version: '2.0.1',
+        ...demoService(demo, '3s', 10),
         stateDir: join(root, `s${i}`),
         listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
         upstreams: { app: { url: demo.url } },
-        routes: [
-          { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout', timeoutMs: 2000 },
-          { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
-        ],
-        featureFlags: { newCheckout: true },
-        rollbackTriggers: [{ name: 'error_rate_5pct', metric: 'error_rate', threshold: 0.05, window: '3s', minRequests: 10, action: 'rollback' }],
-        rollback: { type: 'webhook', url: `${demo.url}/__deploy/rollback`, cooldown: '10m' },
         verification: { windowMs: '2s', timeoutMs: '30s' },
         notifications: { webhooks: [`${counter.url}/pager`], alertmanager: { urls: [am.url], repeatInterval: '2s' } },
         fleet: { etcd: { endpoints: etcd.endpoints, prefix: '/breakwater-drill' }, leaseTtl: '3s' },

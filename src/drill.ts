@@ -57,6 +57,24 @@ interface Demo {
   close: () => Promise<void>
 }
 
+/**
+ * The sidecar settings both drills give the demo service: its two routes (checkout behind a
+ * kill switch), the rollback webhook the demo answers, and an error-rate trigger over `window`.
+ */
+export function demoService (demo: Demo, window: string, minRequests: number): Record<string, unknown> {
+  return {
+    service: 'shop',
+    version: '2.0.1',
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout', timeoutMs: 2000 },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true },
+    rollbackTriggers: [{ name: 'error_rate_5pct', metric: 'error_rate', threshold: 0.05, window, minRequests, action: 'rollback' }],
+    rollback: { type: 'webhook', url: `${demo.url}/__deploy/rollback`, cooldown: '10m' }
+  }
+}
+
 /** The demo app: /checkout fails half the time while the bad release is live; a webhook rolls it back. */
 export async function startDemo (fixable = true): Promise<Demo> {
   const demo: Demo = { url: '', bad: false, fixable, rolledBackAt: null, notifications: [], rollbacks: 0, close: async () => {} }
@@ -114,18 +132,10 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     }
   })
   const { config } = resolveConfig({
-    service: 'shop',
-    version: '2.0.1',
+    ...demoService(demo, '5s', 20),
     stateDir,
     listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
     upstreams: { app: { url: demo.url, critical: true } },
-    routes: [
-      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout', timeoutMs: 2000 },
-      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
-    ],
-    featureFlags: { newCheckout: true },
-    rollbackTriggers: [{ name: 'error_rate_5pct', metric: 'error_rate', threshold: 0.05, window: '5s', minRequests: 20, action: 'rollback' }],
-    rollback: { type: 'webhook', url: `${demo.url}/__deploy/rollback`, cooldown: '10m' },
     verification: { synthetics: [{ route: 'checkout', path: '/checkout/health-probe', expectStatus: 200 }], intervalMs: 300, successes: 3, windowMs: '3s', timeoutMs: fixable ? '30s' : '6s' },
     notifications: { webhooks: [`${demo.url}/__notify`], escalateAfter: '1m' },
     logging: { level: 'info', accessLog: false },
