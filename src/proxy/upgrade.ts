@@ -18,9 +18,6 @@ import type { RequestHead } from './headers.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { rawErrorResponse, NO_ENDPOINT, type ErrorCode } from './errors.js'
 
-/** The listener's entry for upgrades; the stages are pipeline.ts's. */
-export { handleUpgrade } from './pipeline.js'
-
 function destroy (this: Duplex): void {
   this.destroy()
 }
