@@ -10,6 +10,9 @@ export class Deadlines {
   arm (key: string, atMs: number, fire: () => void): void {
     this.disarm(key)
     const timer = setTimeout(() => {
+      // Timers run on the monotonic clock; the wall clock may still read a millisecond short
+      // of `atMs`. A deadline never fires before its time: wait out the rest.
+      if (Date.now() < atMs) { this.arm(key, atMs, fire); return }
       this.timers.delete(key)
       fire()
     }, Math.max(0, atMs - Date.now()))
