@@ -205,8 +205,9 @@ t.test('start on a port already in use exits 1 with a message and no stack trace
   await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', resolve))
   t.teardown(() => { blocker.close() })
   const port = (blocker.address() as AddressInfo).port
-  const dir = tempDir(t)
+  // One state dir each: the two start at once, and a state dir is held by one sidecar.
   const results = await Promise.all(['proxy', 'ops'].map(async (listener) => {
+    const dir = tempDir(t)
     const config = validConfig(dir)
     const listen = config.listen as Record<string, { host: string, port: number }>
     listen[listener] = { host: '127.0.0.1', port }
