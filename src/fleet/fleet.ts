@@ -82,7 +82,7 @@ export class Fleet implements FleetWriter {
   /** Called when an incident's holder went away (its lease expired) before acting. */
   onIncidentReleased: (incidentKey: string) => void = () => {}
 
-  private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps) {
+  private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps, private readonly recoverable: (err: Error) => boolean) {
     this.instance = deps.instance
     this.root = `${config.etcd.prefix}/${deps.service}/`
     this.probeMs = Math.max(500, Math.min(2000, Math.floor(config.leaseTtlMs / 4)))
@@ -90,7 +90,7 @@ export class Fleet implements FleetWriter {
 
   /** Load the etcd client and connect in the background; never waits for etcd. */
   static async start (config: FleetConfig, deps: FleetDeps): Promise<Fleet> {
-    const { Etcd3 } = await import('etcd3')
+    const { Etcd3, isRecoverableError } = await import('etcd3')
     const { etcd } = config
     const tls = etcd.tls
     const client = new Etcd3({
@@ -103,7 +103,7 @@ export class Fleet implements FleetWriter {
         : {}),
       defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + ATTEMPT_MS }
     })
-    const fleet = new Fleet(client, config, deps)
+    const fleet = new Fleet(client, config, deps, isRecoverableError)
     fleet.running = fleet.run()
     return fleet
   }
@@ -117,7 +117,7 @@ export class Fleet implements FleetWriter {
   async write (kind: Kind, name: string, entry: FleetEntry): Promise<void> {
     if (!this.connected) throw unavailable('etcd is unreachable')
     try {
-      await withTimeout(this.client.put(this.key(kind, name)).value(JSON.stringify(entry)).exec(), CALL_TIMEOUT_MS)
+      await this.call(async () => await this.client.put(this.key(kind, name)).value(JSON.stringify(entry)).exec())
     } catch (err) {
       throw unavailable((err as Error).message)
     }
@@ -133,11 +133,11 @@ export class Fleet implements FleetWriter {
   async claim (incidentKey: string, trigger: string): Promise<Claim> {
     const key = this.key('incidents', incidentKey)
     const holding: Holding = { instance: this.instance, trigger, at: new Date().toISOString(), acted: false }
-    const lease = await withTimeout(this.leaseId(), CALL_TIMEOUT_MS)
-    const res = await withTimeout(this.client.if(key, 'Create', '==', 0)
-      .then(this.client.put(key).value(JSON.stringify(holding)).lease(lease))
+    // Retrying is safe: a create that did land makes the retry read this sidecar as the holder.
+    const res = await this.call(async () => await this.client.if(key, 'Create', '==', 0)
+      .then(this.client.put(key).value(JSON.stringify(holding)).lease(await this.leaseId()))
       .else(this.client.get(key))
-      .commit(), CALL_TIMEOUT_MS)
+      .commit())
     if (res.succeeded) {
       this.incidents.set(incidentKey, holding)
       return { leader: true, holder: this.instance }
@@ -154,10 +154,29 @@ export class Fleet implements FleetWriter {
     if (held === undefined || held.instance !== this.instance || this.lease === null) return
     const key = this.key('incidents', incidentKey)
     const next: Holding = { ...held, acted: true }
-    await withTimeout(this.client.if(key, 'Value', '==', JSON.stringify(held))
+    await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
       .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
-      .commit(), CALL_TIMEOUT_MS)
+      .commit())
     this.incidents.set(incidentKey, next)
+  }
+
+  /**
+   * One etcd call within CALL_TIMEOUT_MS, tried again while the error is one etcd calls
+   * recoverable: a member just lost, or an election after the leader went, lasts a second
+   * or two, and the client's own three quick attempts can all land inside it.
+   */
+  private async call<T> (op: () => Promise<T>): Promise<T> {
+    const deadline = Date.now() + CALL_TIMEOUT_MS
+    for (let pause = 100; ; pause = Math.min(pause * 2, 800)) {
+      const left = deadline - Date.now()
+      try {
+        return await withTimeout(op(), Math.max(left, 1))
+      } catch (err) {
+        const after = deadline - Date.now()
+        if (!(err instanceof Error) || !this.recoverable(err) || after <= pause) throw err
+        await new Promise((resolve) => setTimeout(resolve, pause))
+      }
+    }
   }
 
   private async leaseId (): Promise<string> {
@@ -266,6 +285,8 @@ export class Fleet implements FleetWriter {
     const from = this.deps.state().revision + 1
     const watcher = await withTimeout(this.client.watch().prefix(this.root).startRevision(String(from)).create(), CALL_TIMEOUT_MS)
     this.watcher = watcher
+    // stop() may have come while the watch was being created, when there was nothing to wake.
+    if (this.stopped) return 'stopping'
     return await new Promise<string>((resolve, reject) => {
       let done = false
       const finish = (): boolean => {
@@ -360,6 +381,7 @@ export class Fleet implements FleetWriter {
   }
 
   private async sleep (ms: number): Promise<void> {
+    if (this.stopped) return
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => { this.wake = null; resolve() }, ms)
       timer.unref()
