@@ -505,7 +505,7 @@ export class Sidecar {
       closeQuietConnections(this.proxy.connections, quieting)
       await Promise.race([delay(20), hurry])
     }
-    const abandoned = this.dataPlane.stats.inFlight
+    const abandoned = this.dataPlane.stats.inFlight + this.dataPlane.stats.receiving
     if (abandoned > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, timeoutMs }, 'requests still running at the shutdown deadline are cut')
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()

@@ -105,3 +105,64 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 4, 'breakwater_client_errors_total{error="slow_client"}')
   })
 })
+
+t.test('a small upload still arriving holds no bulkhead slot and no half-open probe', async (t) => {
+  let failing = false
+  const up = await startUpstream((req, res, body) => {
+    if (failing) { res.writeHead(500).end('down'); return }
+    echo(req, res, body)
+  })
+  t.teardown(up.close)
+  const bw = await startTestSidecar(t, {
+    ...oneRoute(up.url, { name: 'r' }),
+    circuitBreakers: { app: { maxConcurrentRequests: 1, volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout: 200 } }
+  })
+
+  t.test('the bulkhead', async (t) => {
+    // Three uploads of 1,000 bytes trickling 10 bytes every 100 ms: 10 s each to arrive.
+    const slow = [await trickler(t, bw.proxyPort, 1000, 100), await trickler(t, bw.proxyPort, 1000, 100), await trickler(t, bw.proxyPort, 1000, 100)]
+    const others: number[] = []
+    for (let i = 0; i < 5; i++) others.push((await send(bw.proxy, `/other/${i}`, { method: 'POST', body: 'small order' })).status)
+    t.same(others, [200, 200, 200, 200, 200], 'with a bulkhead of 1, every other request is answered')
+    t.equal(slow.filter((s) => !s.destroyed).length, 3, 'while the three uploads are still arriving')
+    t.equal(sumOf(await scrape(bw.ops), 'breakwater_rejections_total', { reason: 'bulkhead' }), 0, 'nothing refused as bulkhead_full')
+    t.equal(bw.sidecar.dataPlane.stats.receiving, 3, 'counted as receiving (a shutdown deadline counts them as cut)')
+    for (const s of slow) s.destroy()
+    t.ok(await eventually(() => bw.sidecar.dataPlane.stats.receiving === 0, 10_000), 'and no longer once they left')
+  })
+
+  t.test('a complete small upload goes through whole', async (t) => {
+    const socket = net.connect(bw.proxyPort, '127.0.0.1')
+    socket.on('error', () => {})
+    t.teardown(() => { socket.destroy() })
+    await once(socket, 'connect')
+    socket.write('POST /whole HTTP/1.1\r\nHost: a\r\nContent-Length: 30\r\nConnection: close\r\n\r\n')
+    for (const part of ['0123456789', 'abcdefghij', 'ABCDEFGHIJ']) {
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      socket.write(part)
+    }
+    const chunks: Buffer[] = []
+    socket.on('data', (c: Buffer) => chunks.push(c))
+    await once(socket, 'close')
+    const answer = Buffer.concat(chunks).toString()
+    t.match(answer, /^HTTP\/1\.1 200/, 'answered 200')
+    t.match(answer, /"body":"0123456789abcdefghijABCDEFGHIJ"/, 'the upstream got the body whole')
+    t.same(up.received.filter((r) => r.url === '/whole').map((r) => r.bytes), [30], 'once')
+  })
+
+  t.test('the half-open probe', async (t) => {
+    failing = true
+    // Failures until they outweigh the earlier successes in the window and the circuit opens.
+    let opened = false
+    for (let i = 0; i < 50 && !opened; i++) opened = (await send(bw.proxy, `/fail/${i}`)).headers['x-breakwater-error'] === 'circuit_open'
+    t.ok(opened, 'the circuit opened')
+    failing = false
+    await new Promise((resolve) => setTimeout(resolve, 400)) // past recoveryTimeout (200 ms)
+    const slow = await trickler(t, bw.proxyPort, 1000, 100)
+    const probe = await send(bw.proxy, '/probe')
+    t.equal(probe.status, 200, 'the first whole request is the probe, not the upload still arriving')
+    t.equal((await send(bw.proxy, '/after')).status, 200, 'and the circuit closed')
+    t.notOk(slow.destroyed, 'while the upload is still arriving')
+    slow.destroy()
+  })
+})

@@ -95,7 +95,7 @@ function onBodyData (this: TaggedRequest, chunk: Buffer): void {
 
 function onBodyEnd (this: TaggedRequest): void {
   const ex = this[kExchange]
-  if (ex !== undefined && ex.state !== DONE) ex.dispatchBuffered()
+  if (ex !== undefined && ex.state !== DONE) ex.bodyRead()
 }
 
 function onBodyDeadline (ex: Exchange): void {
@@ -126,6 +126,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   body: Buffer | null = null
   /** Until the buffered body has arrived: the time it has to. */
   bodyDeadline: NodeJS.Timeout | null = null
+  /** The stage that goes on once the buffered body has arrived. */
+  private afterBody: ((ex: Exchange) => void) | null = null
   private bodyFilled = 0
   /** Counted in `upstream.held`: waiting on the client while holding an upstream connection. */
   private holding = false
@@ -144,30 +146,46 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     return this.res.destroyed
   }
 
+  /**
+   * Read a small body whole before the upstream is chosen (the pipeline's body stage), then
+   * hand the exchange to `next`: a client that trickles it holds no bulkhead slot, no half-open
+   * probe and no upstream connection meanwhile. False when there is nothing to read first.
+   */
+  readBodyFirst (next: (ex: Exchange) => void): boolean {
+    if (this.body !== null || !buffersBody(this.head)) return false
+    this.watchClient()
+    this.body = Buffer.allocUnsafe(this.head.bodyLength)
+    this.afterBody = next
+    this.dp.stats.receiving++
+    const req = this.req as TaggedRequest
+    req[kExchange] = this
+    req.on('data', onBodyData)
+    req.on('end', onBodyEnd)
+    this.bodyDeadline = setTimeout(onBodyDeadline, this.route.config.idleTimeoutMs, this).unref()
+    return true
+  }
+
   /** Start the exchange: pick an endpoint and dispatch. */
   start (): void {
     this.begin()
+    this.watchClient()
+    if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
+    this.dispatch(null, false)
+  }
+
+  /** Follow the client from the first stage that waits on it: its close, its silence. */
+  private watchClient (): void {
     const res = this.res
+    if (res[kExchange] === this) return
     res[kExchange] = this
     res.on('close', onResponseClose)
     // An aborted upload emits 'error' on the request; undici reports it to us through onError.
     if (this.head.hasBody) this.req.on('error', noop)
-    if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
     // SPEC §14: `idleTimeoutMs` bounds a stalled body either way. Node reports a socket that
     // moved no byte for that long ('timeout'), and sets its own keep-alive timeout again
     // once the response is done.
     this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
     res.on('timeout', onResponseTimeout)
-    if (buffersBody(this.head)) {
-      this.body = Buffer.allocUnsafe(this.head.bodyLength)
-      const req = this.req as TaggedRequest
-      req[kExchange] = this
-      req.on('data', onBodyData)
-      req.on('end', onBodyEnd)
-      this.bodyDeadline = setTimeout(onBodyDeadline, this.route.config.idleTimeoutMs, this).unref()
-      return
-    }
-    this.dispatch(null, false)
   }
 
   /** A piece of a body read before dispatch (Node's parser delivers exactly Content-Length bytes). */
@@ -176,9 +194,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.bodyFilled += chunk.length
   }
 
-  dispatchBuffered (): void {
+  /** The whole body has arrived: on to the next stage. */
+  bodyRead (): void {
     this.clearBodyDeadline()
-    this.dispatch(null, false)
+    this.dp.stats.receiving--
+    const next = this.afterBody
+    this.afterBody = null
+    if (next !== null) next(this)
   }
 
   clearBodyDeadline (): void {
@@ -418,6 +440,11 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   }
 
   private done (): void {
+    // Ended while its body was still arriving (the client left or was cut).
+    if (this.afterBody !== null) {
+      this.afterBody = null
+      this.dp.stats.receiving--
+    }
     this.end()
   }
 }

@@ -10,6 +10,8 @@
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   rate limit    the route's token bucket for this key is empty            → 429 rate_limited
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
+ *   body          a small request body (≤ 64 KiB) is read whole before an upstream slot is
+ *                 taken; one not whole within `idleTimeoutMs` → disconnected (slow_client)
  *   failover      the upstream is unavailable and has a failover: the request goes there
  *   circuit breaker (bulkhead)
  *                 the upstream's circuit is open                            → 503 circuit_open
@@ -178,9 +180,11 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   guardAndForward(ctx)
 }
 
-/** The failover and circuit breaker (bulkhead) stages, then forward. */
+/** The body, failover and circuit breaker (bulkhead) stages, then forward. */
 function guardAndForward (ctx: RequestContext): void {
   if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
+  // body: a small one is read whole first (forward.ts), then this stage runs again
+  if (ctx instanceof Exchange && ctx.readBodyFirst(guardAndForward)) return
   const route = ctx.route as Route
   let upstream = route.upstream
 

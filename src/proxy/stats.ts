@@ -79,7 +79,10 @@ export class DataPlaneStats {
   /** Requests the HTTP parser refused, by code. */
   readonly clientErrors = new Map<string, number>()
   ejections = new Map<string, number>()
+  /** Requests forwarded and not yet ended (the bulkheads count these per upstream). */
   inFlight = 0
+  /** Requests whose small body is still being read before they are forwarded. */
+  receiving = 0
 
   /** The stats for a route and upstream pair, created once. */
   route (route: string, upstream: string): RouteStats {
