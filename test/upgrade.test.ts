@@ -138,6 +138,17 @@ t.test('a non-WebSocket upgrade (h2c) is refused with 400', async (t) => {
   t.equal(up.handshakes.length + up.plainRequests, 0, 'nothing reached the upstream')
 })
 
+t.test('a WebSocket handshake with two Host headers is refused with 400, like any request', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY, ['Host: other.example'])))
+  t.equal(res.status, 400)
+  t.equal(res.headers['x-breakwater-error'], 'bad_request')
+  t.match(JSON.parse(res.body).message, /more than one Host/)
+  t.equal(up.handshakes.length + up.plainRequests, 0, 'nothing reached the upstream')
+})
+
 t.test('a WebSocket handshake to an unmatched path gets 404 no_route', async (t) => {
   const up = await startWebSocketUpstream()
   t.teardown(up.close)
