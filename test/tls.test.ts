@@ -6,6 +6,7 @@
 import t, { type Test } from 'tap'
 import net from 'node:net'
 import tls from 'node:tls'
+import https from 'node:https'
 import { copyFileSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Agent, request } from 'undici'
@@ -223,6 +224,48 @@ function problemsOf (t: Test, input: Record<string, unknown>): string[] {
   t.fail('the config was accepted')
   return []
 }
+
+t.test('an upstream\'s rotated client certificate is used for new connections without a reload; a bad pair keeps the old one', async (t) => {
+  const pki = createPki(t)
+  const server = pki.issue('app', 40)
+  // The client certificate files A reads, replaced below as a Secret volume update would.
+  const dir = join(pki.dir, 'a')
+  mkdirSync(dir)
+  const first = pki.issue('a-first', 41, 'client')
+  const files = { cert: join(dir, 'tls.crt'), key: join(dir, 'tls.key') }
+  copyFileSync(first.cert, files.cert)
+  copyFileSync(first.key, files.key)
+  // A real mutual-TLS app that says which client certificate each request came with, and
+  // closes every connection after its answer, so each request shakes hands afresh.
+  const serials: number[] = []
+  const app = https.createServer({ key: readFileSync(server.key), cert: readFileSync(server.cert), ca: readFileSync(pki.ca), requestCert: true, rejectUnauthorized: true }, (req, res) => {
+    serials.push(parseInt((req.socket as tls.TLSSocket).getPeerCertificate().serialNumber, 16))
+    res.writeHead(200, { connection: 'close', 'content-type': 'text/plain' }).end('ok')
+  })
+  await new Promise<void>((resolve) => app.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { app.closeAllConnections(); app.close() })
+  const url = `https://127.0.0.1:${(app.address() as net.AddressInfo).port}`
+  const a = await startTestSidecar(t, { ...oneRoute(url, {}, { tls: { ca: pki.ca, ...files } }), ...listen({}) })
+  const call = async (path: string): Promise<number> => {
+    const res = await request(`${a.proxy}${path}`)
+    await res.body.dump()
+    return res.statusCode
+  }
+  t.equal(await call('/before'), 200)
+  t.same(serials, [41], 'the app saw the first client certificate')
+
+  const second = pki.issue('a-second', 42, 'client')
+  replace(second.key, files.key)
+  replace(second.cert, files.cert)
+  t.ok(await eventually(async () => { await call('/rotating'); return serials.at(-1) === 42 }, 20_000), 'a new connection presents the rotated certificate, no reload')
+  t.ok(a.logs.some((l) => l.event === 'tls_reload' && l.upstream === 'app' && l.result === 'ok'), 'logged as a certificate reload of the upstream')
+
+  // A key that does not match the certificate: refused, the running pair stays in use.
+  replace(first.key, files.key)
+  t.ok(await eventually(() => a.logs.some((l) => l.event === 'tls_reload' && l.upstream === 'app' && l.result === 'refused'), 20_000), 'a mismatched pair is refused, with an error line')
+  t.equal(await call('/after'), 200, 'requests go on')
+  t.equal(serials.at(-1), 42, 'with the certificate in force before the bad files')
+})
 
 t.test('bad TLS inputs are validate errors naming the key', async (t) => {
   const pki = createPki(t)

@@ -51,7 +51,7 @@ export class DataPlane {
   /** Open WebSocket tunnels (client side), destroyed when the process finally stops. */
   readonly tunnels = new Set<Duplex>()
   maxInFlight = 0
-  private readonly upstreams = new UpstreamRegistry()
+  private readonly upstreams: UpstreamRegistry
   /** The routes of the current runtime, for finding unchanged ones on reload. */
   private routes: readonly Route[] = []
   private readonly idPrefix = `${randomBytes(6).toString('hex')}-`
@@ -67,6 +67,7 @@ export class DataPlane {
     this.stats = options.stats ?? new DataPlaneStats()
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)
     this.failovers = new FailoverTable(this.logger)
+    this.upstreams = new UpstreamRegistry(this.logger)
     this.runtime = this.build(config)
   }
 

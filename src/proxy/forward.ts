@@ -253,7 +253,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const cfg = this.route.config
     const method = this.req.method as Dispatcher.HttpMethod
     const dispatcher = fresh || (!IDEMPOTENT.has(method) && !reusable(endpoint, performance.now()))
-      ? freshConnection(endpoint, this.upstream.config)
+      ? freshConnection(endpoint, this.upstream)
       : endpoint.pool
     dispatcher.dispatch({
       path: this.route.upstreamPath(this.path),

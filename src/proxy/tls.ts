@@ -6,15 +6,17 @@
  * is dropped. A new pair that does not load (missing file, key not matching) is refused with
  * an error log and a counter; the running certificate stays (Envoy's SDS does the same).
  *
- * `https://` upstreams are connected to with the options of `upstreamConnect`.
+ * `https://` upstreams are connected to with the options of `upstreamConnect`; their CA and
+ * client certificate files are watched the same way (`UpstreamCertificates`).
  */
 import { statSync, type Stats } from 'node:fs'
 import { stat } from 'node:fs/promises'
 import { X509Certificate } from 'node:crypto'
-import type { Server as TlsServer } from 'node:tls'
+import { createSecureContext, type Server as TlsServer } from 'node:tls'
 import type { Logger } from 'pino'
-import type { Listener, ListenerTlsConfig, UpstreamConfig } from '../config/types.js'
-import { readTlsFiles, readTlsFilesSync, type TlsMaterial } from '../config/tls-files.js'
+import { buildConnector } from 'undici'
+import type { Listener, ListenerTlsConfig, UpstreamConfig, UpstreamTlsConfig } from '../config/types.js'
+import { readTlsFiles, readTlsFilesSync, type TlsFilePaths, type TlsMaterial } from '../config/tls-files.js'
 
 /** How often a TLS listener's certificate files are checked for a change. */
 export const CERT_POLL_MS = 1000
@@ -40,22 +42,32 @@ function fingerprint (s: Stats | null): string {
   return s === null ? '-' : `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`
 }
 
-/** Re-reads a TLS listener's certificate files when they change and applies a good new pair. */
-export class CertificateWatcher {
+/**
+ * Polls certificate files and hands a changed, sound set to `apply`. A set that does not load
+ * (missing file, key not matching) is refused with an error log; what runs stays.
+ */
+abstract class CertificateFiles {
   private timer: NodeJS.Timeout | null = null
   private last: string
   private polling = false
 
-  constructor (private readonly server: TlsServer, private readonly config: ListenerTlsConfig, private readonly stats: ListenerTlsStats, private readonly logger: Logger, private readonly intervalMs = CERT_POLL_MS) {
+  constructor (private readonly files: TlsFilePaths, private readonly at: string, protected readonly logger: Logger, private readonly intervalMs: number) {
     this.last = this.paths().map((p) => { try { return fingerprint(statSync(p)) } catch { return '-' } }).join('|')
   }
 
   private paths (): string[] {
-    const { cert, key, ca } = this.config
-    return ca === null ? [cert, key] : [cert, key, ca]
+    const { cert, key, ca } = this.files
+    return [cert, key, ca].filter((p): p is string => p !== null)
   }
 
+  /** Who the log lines are about (`{listener}` or `{upstream}`). */
+  protected abstract readonly subject: Record<string, string>
+  /** Put sound new material in force; throws when it cannot be. */
+  protected abstract apply (material: TlsMaterial): void
+  protected abstract counted (ok: boolean): void
+
   start (): void {
+    if (this.timer !== null) return
     this.timer = setInterval(() => { void this.poll() }, this.intervalMs)
     this.timer.unref()
   }
@@ -75,52 +87,95 @@ export class CertificateWatcher {
       // Remembered even when the new files are refused: a cert and a key written one after the
       // other fail once (a mismatch) and load at the next change, without an error per poll.
       this.last = print
-      const at = `listen.${this.stats.listener}.tls`
       const problems: string[] = []
-      const material = await readTlsFiles(this.config, at, problems)
-      if (material === null) {
-        this.stats.reloads.failed++
-        this.logger.error({ event: 'tls_reload', listener: this.stats.listener, result: 'refused', problems }, 'new certificate files refused; the running certificate is kept')
+      const material = await readTlsFiles(this.files, this.at, problems)
+      if (material !== null) {
+        try {
+          this.apply(material)
+        } catch (err) {
+          problems.push(`${this.at}: ${(err as Error).message}`)
+        }
+      }
+      if (problems.length > 0) {
+        this.counted(false)
+        this.logger.error({ event: 'tls_reload', ...this.subject, result: 'refused', problems }, 'new certificate files refused; the running certificate is kept')
         return
       }
-      try {
-        this.server.setSecureContext(material)
-      } catch (err) {
-        this.stats.reloads.failed++
-        this.logger.error({ event: 'tls_reload', listener: this.stats.listener, result: 'refused', problems: [`${at}: ${(err as Error).message}`] }, 'new certificate files refused; the running certificate is kept')
-        return
-      }
-      this.stats.reloads.ok++
-      const cert = new X509Certificate(material.cert as Buffer)
-      this.logger.info({ event: 'tls_reload', listener: this.stats.listener, result: 'ok', serialNumber: cert.serialNumber, validTo: cert.validTo }, 'certificate reloaded')
+      this.counted(true)
+      const cert = material?.cert === undefined ? null : new X509Certificate(material.cert)
+      this.logger.info({ event: 'tls_reload', ...this.subject, result: 'ok', ...(cert !== null ? { serialNumber: cert.serialNumber, validTo: cert.validTo } : {}) }, 'certificate reloaded')
     } finally {
       this.polling = false
     }
   }
 }
 
-/** Connect options of an upstream's pools, read once per upstream definition. */
-const connectOptions = new WeakMap<UpstreamConfig, Record<string, unknown>>()
+/** Re-reads a TLS listener's certificate files when they change and applies a good new pair. */
+export class CertificateWatcher extends CertificateFiles {
+  protected readonly subject: Record<string, string>
+
+  constructor (private readonly server: TlsServer, config: ListenerTlsConfig, private readonly stats: ListenerTlsStats, logger: Logger, intervalMs = CERT_POLL_MS) {
+    super(config, `listen.${stats.listener}.tls`, logger, intervalMs)
+    this.subject = { listener: stats.listener }
+  }
+
+  protected apply (material: TlsMaterial): void {
+    this.server.setSecureContext(material)
+  }
+
+  protected counted (ok: boolean): void {
+    if (ok) this.stats.reloads.ok++
+    else this.stats.reloads.failed++
+  }
+}
+
+/**
+ * An `https://` upstream's CA and client certificate (SPEC §18), re-read when the files change
+ * like a listener's: connections already open keep what they shook hands with, new ones use
+ * the new files, so a rotated client certificate (cert-manager, SPIFFE) never needs a reload.
+ */
+export class UpstreamCertificates extends CertificateFiles {
+  protected readonly subject: Record<string, string>
+  private connector: buildConnector.connector
+  /** undici's `connect` for the upstream's pools: always the current files. */
+  readonly connect: buildConnector.connector = (options, callback) => { this.connector(options, callback) }
+
+  constructor (private readonly config: UpstreamConfig, material: TlsMaterial, logger: Logger, intervalMs = CERT_POLL_MS) {
+    super(config.tls as UpstreamTlsConfig, `upstreams.${config.name}.tls`, logger, intervalMs)
+    this.subject = { upstream: config.name }
+    this.connector = this.build(material)
+  }
+
+  private build (material: TlsMaterial): buildConnector.connector {
+    const tls = this.config.tls as UpstreamTlsConfig
+    return buildConnector({
+      timeout: this.config.connectTimeoutMs,
+      ...material,
+      rejectUnauthorized: tls.rejectUnauthorized,
+      ...(tls.servername !== null ? { servername: tls.servername } : {})
+    })
+  }
+
+  protected apply (material: TlsMaterial): void {
+    createSecureContext(material) // a pair Node would refuse is refused here, not at the next connection
+    this.connector = this.build(material)
+  }
+
+  protected counted (): void {}
+}
 
 /**
  * undici `connect` options for an upstream's endpoints: the connect timeout and, for an
- * `https://` upstream with `tls`, its CA, client certificate and server name. The files were
- * checked by the config build; they are read when the upstream is built (start, or a reload
- * that changes its definition).
+ * `https://` upstream with `tls`, its CA, client certificate and server name, kept current by
+ * the upstream's `UpstreamCertificates` (started by the caller; a file gone since the config
+ * build checked it fails the start-up or the reload, naming the key).
  */
-export function upstreamConnect (config: UpstreamConfig): Record<string, unknown> {
-  let options = connectOptions.get(config)
-  if (options !== undefined) return options
-  options = { timeout: config.connectTimeoutMs }
+export function upstreamConnect (config: UpstreamConfig, logger: Logger): { connect: Record<string, unknown> | buildConnector.connector, certificates: UpstreamCertificates | null } {
   const tls = config.tls
-  if (tls !== null) {
-    const problems: string[] = []
-    const material = readTlsFilesSync(tls, `upstreams.${config.name}.tls`, problems)
-    // A file gone since the config build checked it fails the start-up or the reload, naming the key.
-    if (material === null) throw new Error(problems.join('; '))
-    Object.assign(options, material, { rejectUnauthorized: tls.rejectUnauthorized })
-    if (tls.servername !== null) options.servername = tls.servername
-  }
-  connectOptions.set(config, options)
-  return options
+  if (tls === null) return { connect: { timeout: config.connectTimeoutMs }, certificates: null }
+  const problems: string[] = []
+  const material = readTlsFilesSync(tls, `upstreams.${config.name}.tls`, problems)
+  if (material === null) throw new Error(problems.join('; '))
+  const certificates = new UpstreamCertificates(config, material, logger)
+  return { connect: certificates.connect, certificates }
 }

@@ -13,7 +13,8 @@ import type { CircuitBreakerConfig, UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
 import type { Failover } from './failover.js'
-import { upstreamConnect } from './tls.js'
+import { upstreamConnect, type UpstreamCertificates } from './tls.js'
+import type { Logger } from 'pino'
 
 export class Upstream {
   readonly name: string
@@ -37,13 +38,22 @@ export class Upstream {
   readonly maxHeld: number
   /** Where its traffic goes while it is unavailable (SPEC §17); null = nowhere else. */
   failover: Failover | null = null
+  /** undici's `connect` (options, or a connector that follows rotated certificate files). */
+  readonly connect: ConnectOption
+  /** An `https://` upstream's watched CA and client certificate; null for plain http. */
+  readonly certificates: UpstreamCertificates | null
 
-  constructor (config: UpstreamConfig, endpoints: Endpoint[], events: BalancerEvents, definition: string) {
+  constructor (config: UpstreamConfig, events: BalancerEvents, definition: string, logger: Logger) {
     this.name = config.name
     this.config = config
+    const { connect, certificates } = upstreamConnect(config, logger)
+    this.connect = connect
+    this.certificates = certificates
+    const endpoints = config.endpoints.map((origin) => watched(new Endpoint(origin, createPool(origin, config, connect))))
     this.balancer = new Balancer(config, endpoints, events)
     this.definition = definition
     this.maxHeld = Math.max(1, Math.floor(config.connections * endpoints.length / 2))
+    certificates?.start()
   }
 
   /** False when active health checks fail for every endpoint. */
@@ -53,7 +63,9 @@ export class Upstream {
   }
 }
 
-function createPool (origin: string, config: UpstreamConfig): Pool {
+type ConnectOption = ReturnType<typeof upstreamConnect>['connect']
+
+function createPool (origin: string, config: UpstreamConfig, connect: ConnectOption): Pool {
   return new Pool(origin, {
     connections: config.connections,
     pipelining: 1,
@@ -61,7 +73,7 @@ function createPool (origin: string, config: UpstreamConfig): Pool {
     // Never keep a connection longer than we intend to, whatever the upstream hints:
     // upstream keep-alive stays under the app's (SPEC §14).
     keepAliveMaxTimeout: config.keepAliveTimeoutMs,
-    connect: upstreamConnect(config)
+    connect
   })
 }
 
@@ -81,6 +93,8 @@ export class UpstreamRegistry {
   /** Endpoints of retired upstreams whose pools are still finishing their requests. */
   private readonly closing = new Set<Endpoint>()
 
+  constructor (private readonly logger: Logger) {}
+
   /**
    * The upstreams for a new config. Unchanged ones are the running objects; the pools of
    * the ones left behind close after their in-flight requests.
@@ -95,7 +109,7 @@ export class UpstreamRegistry {
         next.set(config.name, prev)
         changes.kept.push(config.name)
       } else {
-        next.set(config.name, new Upstream(config, config.endpoints.map((origin) => watched(new Endpoint(origin, createPool(origin, config)))), events, definition))
+        next.set(config.name, new Upstream(config, events, definition, this.logger))
         changes.fresh.push(config.name)
       }
     }
@@ -110,10 +124,15 @@ export class UpstreamRegistry {
   }
 
   private retire (upstream: Upstream): void {
+    upstream.certificates?.stop()
     for (const e of upstream.balancer.endpoints) {
       this.closing.add(e)
       e.pool.close().catch(() => {}).finally(() => this.closing.delete(e))
     }
+  }
+
+  private stopWatching (): void {
+    for (const u of this.current.values()) u.certificates?.stop()
   }
 
   /** Every endpoint of the current upstreams. */
@@ -125,10 +144,12 @@ export class UpstreamRegistry {
 
   /** Every pool still open, retired ones included: what a shutdown must close. */
   async destroy (): Promise<void> {
+    this.stopWatching()
     await Promise.all([...this.all(), ...this.closing].map(async (e) => await e.pool.destroy().catch(() => {})))
   }
 
   async close (): Promise<void> {
+    this.stopWatching()
     await Promise.all([...this.all(), ...this.closing].map(async (e) => await e.pool.close().catch(() => {})))
   }
 }
@@ -166,6 +187,6 @@ export function reusable (endpoint: Endpoint, now: number): boolean {
 }
 
 /** A connection of its own for one request (`reusable`, and retries after the race); close it once dispatched. */
-export function freshConnection (endpoint: Endpoint, config: UpstreamConfig): Client {
-  return new Client(endpoint.origin, { pipelining: 1, connect: upstreamConnect(config) })
+export function freshConnection (endpoint: Endpoint, upstream: Upstream): Client {
+  return new Client(endpoint.origin, { pipelining: 1, connect: upstream.connect })
 }
