@@ -3,6 +3,7 @@
  * metrics. Used by `main.ts` for the real process and directly by tests (every port may be
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
+import { readFileSync } from 'node:fs'
 import net, { type AddressInfo, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import { Registry } from 'prom-client'
@@ -166,6 +167,16 @@ export class Sidecar {
     this.verifier = new Verifier({
       config: () => this.config,
       proxy: () => this.addresses.proxy.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:'),
+      // The probe reaches this very process's listener: there is no one else to authenticate,
+      // and a private CA need not be in the trust store. A mutual-TLS listener is shown
+      // `verification.clientCert`, else the listener's own pair (which it accepts when its CA
+      // is the listener's `ca` and the certificate allows client authentication).
+      proxyTls: () => {
+        const tls = this.config.listen.proxy.tls
+        if (tls === null) return null
+        const pair = this.config.verification.clientCert ?? tls
+        return { rejectUnauthorized: false, cert: readFileSync(pair.cert), key: readFileSync(pair.key) }
+      },
       stats: () => dp.stats.allRoutes(),
       refusedByMitigation: (route) => {
         const r = dp.runtime.routes.routes.find((x) => x.name === route)

@@ -12,12 +12,13 @@ import { join } from 'node:path'
 import { Agent, request } from 'undici'
 import { stringify } from 'yaml'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
-import { createPki } from './helpers/certificates.js'
+import { createPki, type Pki } from './helpers/certificates.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { eventually, raw } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { runCli } from './helpers/process.js'
+import { admin } from './helpers/admin.js'
 import { startOtlpReceiver } from './helpers/otlp.js'
 
 const local = { host: '127.0.0.1', port: 0 }
@@ -267,6 +268,57 @@ t.test('an upstream\'s rotated client certificate is used for new connections wi
   t.equal(serials.at(-1), 42, 'with the certificate in force before the bad files')
 })
 
+t.test('verification reaches a mutual-TLS listener whose certificate a private CA signed: restored, synthetics answered 200', async (t) => {
+  t.test('with the listener\'s own pair, when it allows client authentication', async (t) => {
+    const pki = createPki(t, 'Private CA')
+    await verifiedOverMutualTls(t, pki, pki.issue('sidecar', 50, 'both'), {})
+  })
+  t.test('with verification.clientCert, when the listener\'s certificate is for servers only', async (t) => {
+    const pki = createPki(t, 'Private CA')
+    await verifiedOverMutualTls(t, pki, pki.issue('sidecar', 52, 'server'), { clientCert: pki.issue('verifier', 53, 'client') })
+  })
+})
+
+/** An operator's circuit break on `pay` while users browse the catalog over mutual TLS: verified restored. */
+async function verifiedOverMutualTls (t: Test, pki: Pki, server: { cert: string, key: string }, verification: Record<string, unknown>): Promise<void> {
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const pay = await startUpstream()
+  t.teardown(pay.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: app.url }, pay: { url: pay.url } },
+    routes: [
+      { name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    verification: { synthetics: [{ route: 'catalog', path: '/catalog/probe' }], intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '20s', ...verification },
+    ...listen({ tls: { ...server, ca: pki.ca, requestClientCert: true } })
+  })
+  const users = agentFor(t, pki.ca, pki.issue('user', 51, 'client'))
+  const put = await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'pay failing' })
+  t.equal(put.status, 200, 'a mitigation opens an incident to verify')
+  // Real users of the catalog meanwhile, over mutual TLS.
+  let flowing = true
+  const traffic = (async () => {
+    while (flowing) {
+      const res = await request(`${s.proxy}/catalog/items`, { dispatcher: users })
+      await res.body.dump()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+  })()
+  t.teardown(async () => { flowing = false; await traffic })
+  let incident: any
+  t.ok(await eventually(async () => {
+    incident = (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents[0]
+    return incident !== undefined && incident.status !== 'verifying' && incident.status !== 'detected'
+  }, 30_000, 100), 'the incident settles')
+  flowing = false
+  await traffic
+  t.equal(incident?.status, 'restored', 'restored: the probes reached the listener')
+  t.same(incident?.checks.lastSynthetic, [{ path: '/catalog/probe', status: 200, expected: 200 }], 'the last synthetic round was answered 200')
+  t.ok(app.received.some((r) => r.url === '/catalog/probe'), 'the probe went through to the app')
+}
+
 t.test('bad TLS inputs are validate errors naming the key', async (t) => {
   const pki = createPki(t)
   const server = pki.issue('server', 1)
@@ -284,7 +336,8 @@ t.test('bad TLS inputs are validate errors naming the key', async (t) => {
     ['tls on an http:// upstream', oneRoute('http://127.0.0.1:1', {}, { tls: { ca: pki.ca } }), /^upstreams\.app\.tls: set for plain http:\/\/ endpoints/],
     ['an upstream client key of another certificate', oneRoute('https://127.0.0.1:1', {}, { tls: { cert: client.cert, key: server.key } }), /^upstreams\.app\.tls\.key: .* does not match the certificate/],
     ['an upstream client certificate without its key', oneRoute('https://127.0.0.1:1', {}, { tls: { cert: client.cert } }), /^upstreams\.app\.tls: cert and key go together/],
-    ['a missing upstream CA', oneRoute('https://127.0.0.1:1', {}, { tls: { ca: join(pki.dir, 'no-ca.crt') } }), /^upstreams\.app\.tls\.ca: .*no-ca\.crt does not exist$/]
+    ['a missing upstream CA', oneRoute('https://127.0.0.1:1', {}, { tls: { ca: join(pki.dir, 'no-ca.crt') } }), /^upstreams\.app\.tls\.ca: .*no-ca\.crt does not exist$/],
+    ['a verification client key of another certificate', { ...oneRoute('http://127.0.0.1:1'), verification: { clientCert: { cert: client.cert, key: server.key } } }, /^verification\.clientCert\.key: .* does not match the certificate/]
   ]
   for (const [what, input, expected] of cases) {
     const problems = problemsOf(t, input)

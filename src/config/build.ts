@@ -71,7 +71,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     flags: { targetingKeyHeader: input.flags.targetingKeyHeader.toLowerCase() },
     circuitBreakers,
     rollbackTriggers: buildTriggers(input.rollbackTriggers, { routes, upstreamNames, defined, where, rollback: input.rollback !== undefined }, found),
-    verification: buildVerification(input.verification, routes, found),
+    verification: buildVerification(input.verification, routes, baseDir, found),
     notifications: buildNotifications(input.notifications, found),
     admin: { tokenFile: input.admin.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: input.rollback === undefined ? null : buildRollback(input.rollback),
@@ -353,8 +353,14 @@ function checkTrigger (tr: Resolved<typeof TriggerSchema>, at: string, scope: Tr
   if (tr.action === 'rollback' && !scope.rollback) problems.push(`${at}.action: "rollback" needs a rollback action (config key rollback)`)
 }
 
-function buildVerification (v: Section<'verification'>, routes: readonly RouteConfig[], found: Findings): VerificationConfig {
+function buildVerification (v: Section<'verification'>, routes: readonly RouteConfig[], baseDir: string, found: Findings): VerificationConfig {
+  let clientCert: VerificationConfig['clientCert'] = null
+  if (v.clientCert !== undefined) {
+    clientCert = { cert: resolvePath(baseDir, v.clientCert.cert), key: resolvePath(baseDir, v.clientCert.key) }
+    readTlsFilesSync({ ...clientCert, ca: null }, 'verification.clientCert', found.problems)
+  }
   return {
+    clientCert,
     synthetics: v.synthetics.map((syn, i) => {
       if (syn.route !== undefined && !routes.some((r) => r.name === syn.route)) found.problems.push(`verification.synthetics[${i}].route: unknown route "${syn.route}"`)
       return { route: syn.route ?? null, method: syn.method, path: syn.path, host: syn.host ?? null, expectStatus: syn.expectStatus }

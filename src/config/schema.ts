@@ -314,7 +314,11 @@ export const ConfigSchema = closed(
       successes: withDefault(Type.Integer({ minimum: 1, maximum: 100 }), 3),
       windowMs: withDefault(Duration, 10_000),
       timeoutMs: withDefault(Duration, 300_000),
-      maxErrorRate: withDefault(Type.Number({ minimum: 0, maximum: 1 }), 0.05)
+      maxErrorRate: withDefault(Type.Number({ minimum: 0, maximum: 1 }), 0.05),
+      clientCert: Type.Optional(closed({
+        cert: Type.String({ minLength: 1 }),
+        key: Type.String({ minLength: 1 })
+      }, { description: 'the client certificate synthetics present to a mutual-TLS proxy listener (default: the listener\'s own pair)' }))
     }),
     admin: section({
       tokenFile: Type.Optional(Type.String({ minLength: 1 }))

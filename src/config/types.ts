@@ -279,6 +279,8 @@ export interface VerificationConfig {
   timeoutMs: number
   /** Error rate real traffic must be under when no trigger gives a threshold. */
   maxErrorRate: number
+  /** The client certificate synthetics present to a mutual-TLS proxy listener; null: the listener's own. */
+  clientCert: { cert: string, key: string } | null
 }
 
 /** `tracing`: OpenTelemetry spans exported over OTLP/HTTP (SPEC §18). */

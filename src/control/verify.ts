@@ -28,7 +28,7 @@
  * the triage at detection and its impact (impact.ts), which the post-mortem draft reads.
  */
 import { randomBytes } from 'node:crypto'
-import { request } from 'undici'
+import { Agent, request } from 'undici'
 import type { Logger } from 'pino'
 import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
@@ -60,7 +60,7 @@ export interface Incident {
   checks: {
     syntheticRounds: number
     syntheticPassesInARow: number
-    lastSynthetic: Array<{ path: string, status: number, expected: number }> | null
+    lastSynthetic: Array<{ path: string, status: number, expected: number, error?: string }> | null
     errorRate: number | null
     p99Ms: number | null
     /** Real requests since the mitigation, in scope (the verifier's probes excluded). */
@@ -103,6 +103,11 @@ export interface VerifierDeps {
   config: () => Config
   /** The proxy listener's URL (synthetics go through Breakwater itself). */
   proxy: () => string
+  /**
+   * TLS options for reaching that listener when it serves HTTPS (its own certificate as the
+   * client certificate, for a mutual-TLS listener), read for each round; null for plain HTTP.
+   */
+  proxyTls: () => Record<string, unknown> | null
   stats: () => Iterable<RouteStats>
   /** Whether a mitigation refuses a route now (its kill switch off, or its circuit forced open). */
   refusedByMitigation: (route: string) => boolean
@@ -355,23 +360,40 @@ export class Verifier {
     })
     let syntheticsOk = true
     if (synthetics.length > 0) {
+      let agent: Agent | null = null
+      let tlsProblem: string | null = null
+      try {
+        const tls = this.deps.proxyTls()
+        if (tls !== null) agent = new Agent({ connect: tls })
+      } catch (err) {
+        tlsProblem = `the proxy listener's certificate files cannot be read: ${(err as Error).message}`
+      }
       const results = await Promise.all(synthetics.map(async (s) => {
         let status = 0
-        try {
-          const res = await request(`${this.deps.proxy()}${s.path}`, {
-            method: s.method as 'GET',
-            headers: { 'x-breakwater-synthetic': incident.id, 'user-agent': 'breakwater-verify', ...(s.host !== null ? { host: s.host } : {}) },
-            headersTimeout: 5000,
-            bodyTimeout: 5000
-          })
-          await res.body.dump()
-          status = res.statusCode
-        } catch { /* status 0: failed */ }
+        let error: string | null = tlsProblem
+        if (error === null) {
+          try {
+            const res = await request(`${this.deps.proxy()}${s.path}`, {
+              method: s.method as 'GET',
+              headers: { 'x-breakwater-synthetic': incident.id, 'user-agent': 'breakwater-verify', ...(s.host !== null ? { host: s.host } : {}) },
+              headersTimeout: 5000,
+              bodyTimeout: 5000,
+              ...(agent !== null ? { dispatcher: agent } : {})
+            })
+            await res.body.dump()
+            status = res.statusCode
+          } catch (err) {
+            // Status 0: failed. Said in the incident's checks, so a probe that cannot reach the
+            // listener (TLS, a refused connection) is told apart from a failing service.
+            error = (err as Error).message
+          }
+        }
         // Answered by the proxy, so counted in its windows: remember it, to subtract it.
         const where = status === 0 ? null : this.deps.routeOf(s.method, s.path, s.host)
         if (where !== null) run.probes.push({ second: Math.floor(Date.now() / 1000), ...where, error: status >= 500 })
-        return { path: s.path, status, expected: s.expectStatus }
+        return { path: s.path, status, expected: s.expectStatus, ...(error !== null ? { error } : {}) }
       }))
+      if (agent !== null) void agent.close().catch(() => {})
       incident.checks.syntheticRounds++
       incident.checks.lastSynthetic = results
       syntheticsOk = results.every((r) => r.status === r.expected)
