@@ -240,3 +240,42 @@ t.test('validate: fallback file missing or too large, and incomplete fallbacks',
   has({ status: 503, headers: { 'x-note': 'a\r\nb' } }, /^routes\[0\]\.fallback\.headers\.x-note: not a valid header value/)
   has({ status: 503, contentType: 'text/html\n' }, /^routes\[0\]\.fallback\.contentType: not a valid header value/)
 })
+
+t.test('fallback: stale bodies of every size come back byte for byte from the cache\'s pages, and evicted pages are reused', async (t) => {
+  // Lengths around the 4 KiB page: empty, one byte, a page less one, a page, a page and one, many pages.
+  const lengths = [0, 1, 4095, 4096, 4097, 100_003]
+  const bodyOf = (n: number): string => Array.from({ length: n }, (_, i) => String.fromCharCode(33 + ((i * 7 + n) % 90))).join('')
+  let failing = false
+  const up = await startUpstream((req, res) => {
+    if (failing) { req.socket.destroy(); return }
+    const n = Number((req.url ?? '').split('/').pop())
+    const body = bodyOf(n)
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) })
+    res.end(body)
+  })
+  t.teardown(up.close)
+  const maxBytes = 256 * 1024
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, cache: { maxBytes, maxEntryBytes: 128 * 1024 } } }]
+  })
+  const cache = routeFallback(sc).cache
+  for (const n of lengths) t.equal((await send(sc.proxy, `/len/${n}`)).body, bodyOf(n), `${n} bytes forwarded`)
+  failing = true
+  for (const n of lengths) {
+    const r = await send(sc.proxy, `/len/${n}`)
+    t.equal(r.headers['x-breakwater-fallback'], 'stale', `${n} bytes: stale`)
+    t.equal(r.headers['content-length'], String(n), `${n} bytes: its length`)
+    t.ok(r.body === bodyOf(n), `${n} bytes: the same bytes`)
+  }
+  // Churn far past maxBytes: the cache keeps to it, and a stale answer after the churn is still exact.
+  failing = false
+  for (let i = 0; i < 40; i++) await send(sc.proxy, `/churn/${i}/100003`)
+  t.ok((cache?.bytes ?? Infinity) <= maxBytes, `bytes within maxBytes after churn (${String(cache?.bytes)})`)
+  t.ok((cache?.evictions ?? 0) > 0, 'entries were evicted to make room')
+  t.ok((cache?.reserved ?? Infinity) <= maxBytes, `body memory allocated once and reused: ${String(cache?.reserved)} bytes, within maxBytes`)
+  failing = true
+  const last = await send(sc.proxy, '/churn/39/100003')
+  t.equal(last.headers['x-breakwater-fallback'], 'stale')
+  t.ok(last.body === bodyOf(100_003), 'a body written into reused pages is exact')
+})
