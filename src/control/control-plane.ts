@@ -21,7 +21,7 @@ import { Journal } from '../state/journal.js'
 import type { RollbackResult } from './rollback.js'
 import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type FleetWriter, type MitigationRequest } from './interfaces.js'
 import { Overrides, expiry } from './overrides.js'
-import { Mitigations } from './mitigations.js'
+import { Mitigations, mitigationId } from './mitigations.js'
 import { RollbackPolicy } from './rollback-policy.js'
 import { Rungs, fleetRecord, rungDetails } from './rungs.js'
 
@@ -211,7 +211,7 @@ export class ControlPlane {
     const fleet = this.fleet
     if (fleet === null) throw new ControlError(400, 'fleet_not_configured', '"scope": "fleet" needs the fleet section (etcd) in the config')
     const now = Date.now()
-    const id = this.mitigations.create('failover', [upstream], req).id
+    const id = mitigationId()
     const ttlMs = req.ttlMs ?? null
     const entry: FleetEntry = { value: to, reason: req.reason, requester: req.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: expiry(ttlMs, now), instance: fleet.instance, id }
     await fleet.write('failovers', upstream, entry)
