@@ -153,7 +153,8 @@ t.test('breakwater failover --fleet, lifted on the sidecar that wrote it; a ttl 
   const timed = await admin(fleet[2].admin, 'POST', '/v1/mitigations', failover({ ttl: '2s' }))
   t.equal(timed.status, 201, JSON.stringify(timed.body))
   t.type(timed.body.expiresAt, 'string')
-  t.ok(await everywhere(fleet, 'dr'), 'in force on all three')
+  // Applied everywhere (the audit says so, however briefly it was in force), then over everywhere.
+  for (const s of [fleet[0], fleet[1]]) t.ok(await eventually(async () => (await audited(s, 'fleet.failover')).some((e) => e.id === timed.body.id && e.value === 'dr'), 30_000), 'applied on every other sidecar')
   t.ok(await everywhere(fleet, 'primary'), 'and over on all three once the ttl ran out')
   for (const s of fleet) {
     t.ok(await eventually(() => s.logs.some((l) => l.action === 'mitigation_expired' && l.scope === 'fleet' && l.id === timed.body.id), 30_000), 'each says it expired')
