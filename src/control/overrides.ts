@@ -12,7 +12,7 @@
  * only says when the request path sees it (the flag snapshot settles).
  */
 import type { Logger } from 'pino'
-import type { FleetEntry, FleetState, ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
+import type { FleetEntry, ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
 import type { CircuitControl, FlagControl } from './interfaces.js'
 
 export interface Lapsed {
