@@ -27,11 +27,12 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m] [--fleet]
                                                       --fleet: every sidecar of the service (etcd)
   breakwater mitigate killSwitch|circuitBreak|rollback [FLAGS|UPSTREAMS...] --reason TEXT
-  breakwater failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m]
+  breakwater failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m] [--fleet]
                                                       send an upstream's traffic to its failover
   breakwater mitigate rateLimit --route ROUTE --rps N [--burst B] --reason TEXT [--ttl 10m]
                                                       shed a traffic spike on a route (429 beyond it)
-  breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed
+  breakwater lift MITIGATION_ID --reason TEXT         undo what a mitigation changed (a fleet
+                                                      failover's id lifts it on every sidecar)
   breakwater audit [--limit N]                        newest audit entries
   breakwater triage                                   what is wrong, and the lowest-risk fix
   breakwater incident report INCIDENT_ID              post-mortem draft (Markdown; --json for tools)

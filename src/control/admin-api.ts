@@ -51,7 +51,7 @@ function ttl (b: Body): number | null {
   throw new ControlError(400, 'bad_request', 'ttl must be a positive duration (ms, or 30s, 10m, 1h)')
 }
 
-/** `"scope": "fleet"` writes the override for every sidecar of the service (SPEC §16). */
+/** `"scope": "fleet"` writes the override (or the failover) for every sidecar of the service (SPEC §16). */
 function fleetScope (b: Body): boolean {
   const v = b.scope
   if (v === undefined || v === null || v === 'local') return false
@@ -151,14 +151,15 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
       to: b.to as string | null | undefined,
       requestsPerSecond: b.requestsPerSecond,
       burst: b.burst,
-      ttlMs: ttl(b)
+      ttlMs: ttl(b),
+      scope: fleetScope(b) ? 'fleet' : 'local'
     })
     // A rollback has only started (its record said `running`): 202, follow it by its id.
     return await reply.code(value.action === 'rollback' ? 202 : 201).send({ ...value, persisted })
   })
 
   app.get<{ Params: { id: string } }>('/v1/mitigations/:id', async (req) => {
-    const record = control.mitigations.find(req.params.id)
+    const record = control.findMitigation(req.params.id)
     if (record === undefined) throw new ControlError(404, 'unknown_mitigation', `no mitigation with id "${req.params.id}"`)
     return record
   })

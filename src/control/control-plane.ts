@@ -21,9 +21,9 @@ import { Journal } from '../state/journal.js'
 import type { RollbackResult } from './rollback.js'
 import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type FleetWriter, type MitigationRequest } from './interfaces.js'
 import { Overrides, expiry } from './overrides.js'
-import { Mitigations } from './mitigations.js'
+import { Mitigations, mitigationId } from './mitigations.js'
 import { RollbackPolicy } from './rollback-policy.js'
-import { Rungs, rungDetails } from './rungs.js'
+import { Rungs, fleetRecord, rungDetails } from './rungs.js'
 
 export { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type MitigationRequest } from './interfaces.js'
 
@@ -188,7 +188,8 @@ export class ControlPlane {
   }
 
   /** A fleet override seen in etcd (its watch or a resync): in force here, audited here. */
-  async fleetChanged (kind: 'flags' | 'circuits', name: string, entry: FleetEntry | null): Promise<void> {
+  async fleetChanged (kind: 'flags' | 'circuits' | 'failovers', name: string, entry: FleetEntry | null): Promise<void> {
+    if (kind === 'failovers') { await this.fleetFailoverChanged(name, entry); return }
     const settled = this.overrides.setFleet(kind, name, entry)
     const target = kind === 'flags' ? { flag: name } : { upstream: name }
     this.logger.warn({ event: 'fleet_override', ...target, value: entry?.value ?? null, reason: entry?.reason, requester: entry?.requester, writer: entry?.instance, expiresAt: entry?.expiresAt ?? null }, entry === null ? `fleet override of ${name} removed` : `fleet override applied: ${name} ${String(entry.value ?? 'dropped')}`)
@@ -198,6 +199,64 @@ export class ControlPlane {
     ])
   }
 
+  // ---- fleet failovers (SPEC §16, §17) ----
+
+  /**
+   * `POST /v1/mitigations {action: "failover", scope: "fleet"}`: checked as a local failover
+   * is, then written once to etcd (`failovers/{upstream}`) and in force here at once; every
+   * other sidecar applies it from its watch.
+   */
+  private async fleetFailover (req: MitigationRequest): Promise<Applied<MitigationRecord>> {
+    const { upstream, to } = this.rungs.fleetFailover(req)
+    const fleet = this.fleet
+    if (fleet === null) throw new ControlError(400, 'fleet_not_configured', '"scope": "fleet" needs the fleet section (etcd) in the config')
+    const now = Date.now()
+    const id = mitigationId()
+    const ttlMs = req.ttlMs ?? null
+    const entry: FleetEntry = { value: to, reason: req.reason, requester: req.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: expiry(ttlMs, now), instance: fleet.instance, id }
+    await fleet.write('failovers', upstream, entry)
+    this.rungs.setFleet(upstream, entry)
+    const record = fleetRecord(upstream, entry)
+    this.count(record)
+    this.logger.warn({ event: 'mitigation', action: 'failover', scope: 'fleet', id, targets: record.targets, to, reason: req.reason, source: req.source, requester: req.requester, expiresAt: entry.expiresAt, result: 'applied' }, 'fleet failover written')
+    const persisted = await this.commit({ action: 'mitigation.failover', scope: 'fleet', targets: record.targets, reason: req.reason, result: 'applied', requester: req.requester, id, source: req.source, to, expiresAt: entry.expiresAt })
+    this.onMitigation('applied', record)
+    return { value: record, persisted }
+  }
+
+  /** Lift a fleet failover for every sidecar: a newer decision, value null, written to etcd. */
+  private async liftFleetFailover (upstream: string, entry: FleetEntry, actor: Actor): Promise<Applied<MitigationRecord>> {
+    const id = fleetRecord(upstream, entry).id
+    if (entry.value === null) throw new ControlError(409, 'not_active', `mitigation ${id} is lifted since ${entry.at}; nothing to lift`)
+    const fleet = this.fleet
+    if (fleet === null) throw new ControlError(400, 'fleet_not_configured', `mitigation ${id} is a fleet failover, and lifting it needs the fleet section (etcd) in the config`)
+    const lifted: FleetEntry = { value: null, reason: actor.reason, requester: actor.requester, at: new Date().toISOString(), ttlMs: null, expiresAt: null, instance: fleet.instance, id }
+    await fleet.write('failovers', upstream, lifted)
+    this.rungs.setFleet(upstream, lifted)
+    const record = fleetRecord(upstream, lifted)
+    this.logger.warn({ event: 'mitigation', action: 'lift', scope: 'fleet', id, mitigation: 'failover', targets: record.targets, reason: actor.reason, requester: actor.requester }, 'fleet failover lifted')
+    const persisted = await this.commit({ action: 'mitigation.lift', scope: 'fleet', targets: record.targets, reason: actor.reason, result: 'ok', requester: actor.requester, id, restored: record.targets })
+    this.onMitigation('lifted', record)
+    return { value: record, persisted }
+  }
+
+  /** A fleet failover seen in etcd: in force here (unless a newer local decision stands), audited here. */
+  private async fleetFailoverChanged (upstream: string, entry: FleetEntry | null): Promise<void> {
+    const applied = this.rungs.setFleet(upstream, entry)
+    const fields = { event: 'fleet_override', upstream, to: entry?.value ?? null, id: entry?.id ?? null, reason: entry?.reason, requester: entry?.requester, writer: entry?.instance, expiresAt: entry?.expiresAt ?? null }
+    if (!applied) this.logger.warn({ ...fields, event: 'fleet_failover_unknown' }, 'fleet failover names an upstream this sidecar does not have; ignored here')
+    else this.logger.warn(fields, entry === null ? `fleet failover of ${upstream} removed` : entry.value === null ? `fleet failover of ${upstream} lifted` : `fleet failover applied: ${upstream} → ${String(entry.value)}`)
+    await this.commit({ action: 'fleet.failover', scope: 'fleet', targets: [upstream], reason: entry?.reason ?? 'removed from etcd', result: applied ? 'applied' : 'not_applied', requester: entry?.requester ?? 'etcd', value: entry?.value ?? null, id: entry?.id ?? null, writer: entry?.instance ?? null, expiresAt: entry?.expiresAt ?? null })
+  }
+
+  /** A mitigation by id: one of this sidecar's records, or a fleet failover. */
+  findMitigation (id: string): MitigationRecord | undefined {
+    const found = this.mitigations.find(id)
+    if (found !== undefined) return found
+    const fleet = this.rungs.findFleet(id)
+    return fleet === undefined ? undefined : fleetRecord(fleet.upstream, fleet.entry)
+  }
+
   // ---- mitigations ----
 
   /**
@@ -205,6 +264,10 @@ export class ControlPlane {
    * rollback has started (its record says `running`) and ends in the background.
    */
   async mitigate (req: MitigationRequest): Promise<Applied<MitigationRecord>> {
+    if (req.scope === 'fleet') {
+      if (req.action === 'failover') return await this.fleetFailover(req)
+      throw new ControlError(400, 'bad_request', `"scope": "fleet" applies to failover here, not ${JSON.stringify(req.action)}; for a fleet kill switch or circuit use PUT /v1/flags/:key or PUT /v1/circuits/:upstream with "scope": "fleet"`)
+    }
     switch (req.action) {
       case 'killSwitch': {
         const { record, settled } = this.mitigations.killSwitch(req)
@@ -272,6 +335,8 @@ export class ControlPlane {
 
   /** Lift a mitigation: undo exactly what it changed that nobody has changed since. */
   async lift (id: string, actor: Actor): Promise<Applied<MitigationRecord>> {
+    const fleet = this.mitigations.find(id) === undefined ? this.rungs.findFleet(id) : undefined
+    if (fleet !== undefined) return await this.liftFleetFailover(fleet.upstream, fleet.entry, actor)
     const { record: { record, restored }, settled } = this.mitigations.lift(id, actor)
     restored.push(...this.rungs.release(record))
     this.logger.warn({ event: 'mitigation', action: 'lift', id, mitigation: record.action, targets: record.targets, restored, reason: actor.reason, requester: actor.requester }, `mitigation ${record.action} lifted`)
@@ -289,7 +354,7 @@ export class ControlPlane {
     const ended = this.rungs.lapse(Date.now())
     for (const record of ended) this.onMitigation('lifted', record)
     const entries: AuditInput[] = [
-      ...ended.map((m) => ({ action: 'mitigation.expire', targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })),
+      ...ended.map((m) => ({ action: 'mitigation.expire', ...(m.scope === 'fleet' ? { scope: 'fleet' } : {}), targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })),
       ...lapsed.flags.map((key) => ({ action: 'flag.expire', targets: [key], reason: 'ttl expired', result: 'ok', requester: 'breakwater' })),
       ...lapsed.circuits.map((upstream) => ({ action: 'circuit.expire', targets: [upstream], reason: 'ttl expired', result: 'ok', requester: 'breakwater' }))
     ]
@@ -307,9 +372,21 @@ export class ControlPlane {
     await this.commit({ action: 'config.reload', targets: [this.config().source ?? 'config'], reason: actor.reason, result: ok ? 'ok' : 'refused', requester: actor.requester, problems })
   }
 
-  /** In force or in progress (kill switches, circuit breaks, running or succeeded rollbacks). */
-  activeMitigations (): MitigationRecord[] {
-    return this.mitigations.inForce()
+  /**
+   * In force or in progress (kill switches, circuit breaks, running or succeeded rollbacks,
+   * failovers and rate limits), fleet failovers included; a failover says where it came from
+   * (`origin`: local or fleet) and whether it is the decision in force for its upstream.
+   */
+  activeMitigations (): Array<MitigationRecord & { origin?: 'local' | 'fleet', inForce?: boolean }> {
+    const now = Date.now()
+    const list = [...this.mitigations.inForce(), ...this.rungs.fleetRecords(now).filter((m) => m.status === 'active')]
+    return list.map((m) => {
+      if (m.action !== 'failover') return m
+      const origin = m.scope === 'fleet' ? 'fleet' : 'local'
+      const decided = this.rungs.failoverInForce(m.targets[0] as string, now)
+      const own = origin === 'fleet' ? decided?.origin === 'fleet' : decided?.origin === 'local' && this.rungs.localOwner(m.targets[0] as string) === m
+      return { ...m, origin, inForce: own }
+    })
   }
 }
 

@@ -4,7 +4,7 @@
  */
 import type { CircuitState, ForcedState } from '../proxy/circuit-breaker.js'
 import type { FlagOrigin } from '../flags/sources.js'
-import type { FleetEntry } from '../state/state-file.js'
+import type { FleetEntry, FleetState } from '../state/state-file.js'
 
 /** What the control plane may change in the flags. */
 export interface FlagControl {
@@ -63,6 +63,8 @@ export interface MitigationRequest extends Actor {
   burst?: unknown
   /** failover, rateLimit: lapses on its own after this long (null: until lifted). */
   ttlMs?: number | null
+  /** failover: `fleet` writes it to etcd for every sidecar of the service (SPEC §16). */
+  scope?: 'local' | 'fleet'
 }
 
 export interface Applied<T> {
@@ -75,5 +77,5 @@ export interface FleetWriter {
   /** This sidecar's name in the fleet. */
   readonly instance: string
   /** Write one override for the whole service; a ControlError 503 when etcd is unreachable. */
-  write: (kind: 'flags' | 'circuits', name: string, entry: FleetEntry) => Promise<void>
+  write: (kind: keyof Omit<FleetState, 'revision'>, name: string, entry: FleetEntry) => Promise<void>
 }

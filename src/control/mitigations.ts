@@ -12,6 +12,11 @@ import type { Overrides } from './overrides.js'
 
 const MAX_KEPT = 200
 
+/** A new mitigation id: time-ordered, unique across a fleet. */
+export function mitigationId (): string {
+  return `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`
+}
+
 /** Applied in memory; `settled` resolves once the request path sees it. */
 export interface Applying<T> {
   record: T
@@ -39,7 +44,7 @@ export class Mitigations {
     }
   }
 
-  create (action: MitigationRecord['action'], targets: string[], actor: Actor, id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`): MitigationRecord {
+  create (action: MitigationRecord['action'], targets: string[], actor: Actor, id = mitigationId()): MitigationRecord {
     return { id, action, targets, reason: actor.reason, source: actor.source, createdAt: new Date().toISOString(), status: 'active', liftedAt: null, liftReason: null, changes: [], result: null }
   }
 

@@ -12,7 +12,7 @@
  * only says when the request path sees it (the flag snapshot settles).
  */
 import type { Logger } from 'pino'
-import type { FleetEntry, FleetState, ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
+import type { FleetEntry, ForcedCircuitRecord, OverrideRecord, PersistedState } from '../state/state-file.js'
 import type { CircuitControl, FlagControl } from './interfaces.js'
 
 export interface Lapsed {
@@ -24,7 +24,7 @@ export interface Lapsed {
 /** Where the override in force came from. */
 export type OverrideOrigin = 'local' | 'fleet'
 
-interface InForce<T> {
+export interface InForce<T> {
   value: T
   origin: OverrideOrigin
 }
@@ -60,7 +60,7 @@ export class Overrides {
   }
 
   /** Set (an entry) or forget (null) a fleet override seen in etcd. */
-  setFleet (kind: keyof Omit<FleetState, 'revision'>, name: string, entry: FleetEntry | null): Promise<void> {
+  setFleet (kind: 'flags' | 'circuits', name: string, entry: FleetEntry | null): Promise<void> {
     const entries = this.state().fleet[kind]
     if (entry === null) delete entries[name]
     else entries[name] = entry
@@ -150,7 +150,7 @@ export function expiry (ttlMs: number | null, now = Date.now()): string | null {
  * trigger's local record never beats a fleet operator's override. A dropped fleet override
  * newer than the local record means: no override.
  */
-function newest<T> (local: { record: OverrideRecord | ForcedCircuitRecord, value: T } | undefined, fleet: FleetEntry | undefined, now: number): InForce<T | FleetEntry['value']> | null {
+export function newest<T> (local: { record: { at: string, source?: string }, value: T } | undefined, fleet: FleetEntry | undefined, now: number): InForce<T | FleetEntry['value']> | null {
   const f = fleet !== undefined && !expired(fleet.expiresAt, now) ? fleet : undefined
   if (f === undefined) return local === undefined ? null : { value: local.value, origin: 'local' }
   const fleetWins = local === undefined ||

@@ -9,13 +9,19 @@
  * lifting or expiring one of two overlapping records restores exactly what the other one (or
  * the config) says, in whatever order they are lifted, and a restart re-applies the same.
  *
+ * A failover may also be written for the whole fleet (`"scope": "fleet"`, SPEC §16): its etcd
+ * entry (`failovers/{upstream}`, kept in `state.fleet.failovers`) and this sidecar's newest
+ * active record for the upstream are weighed as overrides.ts weighs flag overrides: the newest
+ * decision wins, and a lifted fleet failover (value null) newer than a local record means no
+ * forced failover. A fleet failover has one id on every sidecar, taken from its entry.
+ *
  * Everything here is synchronous and in memory: applying, lifting and expiring never wait.
  */
 import type { Logger } from 'pino'
-import type { MitigationRecord, PersistedState } from '../state/state-file.js'
+import type { FleetEntry, MitigationRecord, PersistedState } from '../state/state-file.js'
 import { ControlError, type MitigationRequest } from './interfaces.js'
 import type { Mitigations } from './mitigations.js'
-import { expiry } from './overrides.js'
+import { expired, expiry, newest, type InForce } from './overrides.js'
 
 /** What these mitigations may see and change of the data plane. */
 export interface RungControl {
@@ -79,7 +85,7 @@ export class Rungs {
   }
 
   /** A refused request is the caller's to fix, but it is logged: someone tried to act in an incident. */
-  private logRefusal (req: MitigationRequest, apply: () => MitigationRecord): MitigationRecord {
+  private logRefusal<T> (req: MitigationRequest, apply: () => T): T {
     try {
       return apply()
     } catch (err) {
@@ -89,6 +95,26 @@ export class Rungs {
   }
 
   private startFailover (req: MitigationRequest): MitigationRecord {
+    const { targets, to } = this.failoverTargets(req)
+    const record = this.mitigations.create('failover', targets, req)
+    record.to = to
+    return this.apply(record, req.ttlMs ?? null)
+  }
+
+  /**
+   * A fleet failover's upstream and target, checked exactly as a local failover is (nothing is
+   * written before this passes). One upstream per request: each is one key in etcd.
+   */
+  fleetFailover (req: MitigationRequest): { upstream: string, to: string } {
+    return this.logRefusal(req, () => {
+      const { targets, to } = this.failoverTargets(req)
+      if (targets.length > 1) throw new ControlError(400, 'bad_request', `a fleet failover names one upstream (got ${targets.join(', ')}); fail them over one at a time`)
+      return { upstream: targets[0] as string, to }
+    })
+  }
+
+  /** The upstreams a failover names and the one target they all go to; a 400 otherwise. */
+  private failoverTargets (req: MitigationRequest): { targets: string[], to: string } {
     const dp = this.dataPlane()
     const known = dp.upstreams()
     const targets = named(req.upstreams, known, 'upstream', 'the upstream(s) whose traffic fails over')
@@ -101,9 +127,7 @@ export class Rungs {
     const self = targets.filter((u, i) => chosen[i] === u)
     if (self.length > 0) throw new ControlError(400, 'bad_request', `${self.join(', ')} cannot fail over to itself`)
     if (new Set(chosen).size > 1) throw new ControlError(400, 'bad_request', `${targets.join(', ')} fail over to different upstreams (${chosen.join(', ')}); fail them over one at a time`)
-    const record = this.mitigations.create('failover', targets, req)
-    record.to = chosen[0] as string
-    return this.apply(record, req.ttlMs ?? null)
+    return { targets, to: chosen[0] as string }
   }
 
   private startRateLimit (req: MitigationRequest): MitigationRecord {
@@ -129,12 +153,57 @@ export class Rungs {
     return this.state().mitigations.filter((m) => m.action === action && m.status === 'active' && m.targets.includes(target)).at(-1)
   }
 
-  /** Make the data plane do what the records say for `target`. */
-  private put (action: RungAction, target: string, owner = this.inForce(action, target)): boolean {
+  /**
+   * The failover in force for `upstream` and where it came from: the newest of this sidecar's
+   * newest active record and the fleet entry; null when neither forces one.
+   */
+  failoverInForce (upstream: string, now = Date.now()): InForce<string> | null {
+    const owner = this.inForce('failover', upstream)
+    const local = owner?.to === undefined ? undefined : { record: { at: owner.createdAt, source: owner.source }, value: owner.to }
+    return newest(local, this.state().fleet.failovers[upstream], now) as InForce<string> | null
+  }
+
+  /** This sidecar's record that decides locally for `upstream` (before weighing the fleet's). */
+  localOwner (upstream: string): MitigationRecord | undefined {
+    return this.inForce('failover', upstream)
+  }
+
+  /** Make the data plane do what the records (and, for a failover, the fleet entry) say for `target`. */
+  private put (action: RungAction, target: string, owner?: MitigationRecord): boolean {
     const dp = this.dataPlane()
-    return action === 'failover'
-      ? dp.forceFailover(target, owner?.to ?? null)
-      : dp.setRouteRateLimit(target, owner?.limit ?? null)
+    if (action === 'rateLimit') return dp.setRouteRateLimit(target, (owner ?? this.inForce(action, target))?.limit ?? null)
+    return dp.forceFailover(target, owner !== undefined ? owner.to ?? null : this.failoverInForce(target)?.value ?? null)
+  }
+
+  /** Whether the fleet entry for `upstream` is a decision newer than `record` (then it decides, not the record). */
+  private fleetNewer (upstream: string, record: MitigationRecord, now: number): boolean {
+    const f = this.state().fleet.failovers[upstream]
+    return record.action === 'failover' && f !== undefined && !expired(f.expiresAt, now) && Date.parse(f.at) >= Date.parse(record.createdAt)
+  }
+
+  // ---- fleet failovers (SPEC §16) ----
+
+  /** Set (an entry) or forget (null) a fleet failover and make the data plane follow; false when this sidecar cannot apply it. */
+  setFleet (upstream: string, entry: FleetEntry | null): boolean {
+    const failovers = this.state().fleet.failovers
+    if (entry === null) delete failovers[upstream]
+    else failovers[upstream] = entry
+    return this.control === null || this.put('failover', upstream)
+  }
+
+  /** The fleet failovers in force or lifted, as mitigation records (views; not kept in the list). */
+  fleetRecords (now = Date.now()): MitigationRecord[] {
+    return Object.entries(this.state().fleet.failovers)
+      .filter(([, f]) => !expired(f.expiresAt, now))
+      .map(([upstream, f]) => fleetRecord(upstream, f))
+  }
+
+  /** The fleet failover with mitigation id `id`, by its upstream. */
+  findFleet (id: string): { upstream: string, entry: FleetEntry } | undefined {
+    for (const [upstream, entry] of Object.entries(this.state().fleet.failovers)) {
+      if (fleetId(upstream, entry) === id) return { upstream, entry }
+    }
+    return undefined
   }
 
   /**
@@ -146,22 +215,35 @@ export class Rungs {
     if (!isRung(record.action) || this.control === null) return []
     const list = this.state().mitigations
     const restored: string[] = []
+    const now = Date.now()
     for (const target of record.targets) {
       const owner = this.inForce(record.action, target)
       if (owner !== undefined && list.indexOf(owner) > list.indexOf(record)) continue
+      if (this.fleetNewer(target, record, now)) continue
       this.put(record.action, target)
       restored.push(target)
     }
     return restored
   }
 
-  /** Failovers and rate limits whose `ttl` has run out: lifted, and what they changed restored. */
+  /**
+   * Failovers and rate limits whose `ttl` has run out: lifted, and what they changed restored.
+   * Fleet failovers lapse here too, on every sidecar by its own clock, etcd reachable or not.
+   */
   lapse (now: number): MitigationRecord[] {
     const lapsed = this.state().mitigations.filter((m) => isRung(m.action) && m.status === 'active' && m.expiresAt != null && Date.parse(m.expiresAt) <= now)
     for (const record of lapsed) {
       this.end(record, 'ttl expired', now)
       this.release(record)
       this.logger.warn({ event: 'mitigation', action: 'mitigation_expired', id: record.id, mitigation: record.action, targets: record.targets }, `mitigation ${record.action} expired`)
+    }
+    for (const [upstream, f] of Object.entries(this.state().fleet.failovers)) {
+      if (!expired(f.expiresAt, now)) continue
+      const record = fleetRecord(upstream, f)
+      this.end(record, 'ttl expired', now)
+      this.setFleet(upstream, null)
+      this.logger.warn({ event: 'mitigation', action: 'mitigation_expired', scope: 'fleet', id: record.id, mitigation: 'failover', targets: record.targets }, 'fleet failover expired')
+      lapsed.push(record)
     }
     return lapsed
   }
@@ -191,6 +273,14 @@ export class Rungs {
       }
       this.logger.warn({ event: 'override_active', id: record.id, mitigation: record.action, targets: record.targets, ...rungDetails(record), reason: record.reason, since: record.createdAt }, `mitigation ${record.action} in force`)
     }
+    // The last fleet state (kept in stateDir): weighed against the local records just applied.
+    for (const [upstream, f] of Object.entries(this.state().fleet.failovers)) {
+      if (expired(f.expiresAt, now)) { delete this.state().fleet.failovers[upstream]; continue }
+      const applied = this.put('failover', upstream)
+      if (f.value === null) continue
+      if (applied) this.logger.warn({ event: 'override_active', scope: 'fleet', id: fleetId(upstream, f), mitigation: 'failover', targets: [upstream], to: f.value, reason: f.reason, since: f.at, expiresAt: f.expiresAt }, 'fleet failover kept from the last fleet state')
+      else this.logger.warn({ event: 'fleet_failover_unknown', upstream, to: f.value }, 'fleet failover names an upstream this sidecar does not have; ignored here')
+    }
     return ended
   }
 
@@ -198,5 +288,31 @@ export class Rungs {
     record.status = 'lifted'
     record.liftedAt = new Date(now).toISOString()
     record.liftReason = why
+  }
+}
+
+/** A fleet failover's mitigation id: the one its writer gave it, the same on every sidecar. */
+export function fleetId (upstream: string, entry: FleetEntry): string {
+  return entry.id ?? `fleet-failover-${upstream}`
+}
+
+/** A fleet failover entry as a mitigation record (what GET /v1/state and the lift answer show). */
+export function fleetRecord (upstream: string, entry: FleetEntry): MitigationRecord {
+  const active = entry.value !== null
+  return {
+    id: fleetId(upstream, entry),
+    action: 'failover',
+    targets: [upstream],
+    reason: entry.reason,
+    source: 'operator',
+    createdAt: entry.at,
+    status: active ? 'active' : 'lifted',
+    liftedAt: active ? null : entry.at,
+    liftReason: active ? null : entry.reason,
+    changes: [],
+    result: null,
+    expiresAt: entry.expiresAt,
+    ...(active ? { to: entry.value as string } : {}),
+    scope: 'fleet'
   }
 }

@@ -3,8 +3,9 @@
  * module and the etcd client are `await import()`ed by the sidecar, never imported statically.
  *
  * Keys under `{prefix}/{service}/`:
- * - `flags/{key}`, `circuits/{upstream}`: fleet overrides, JSON `{value, reason, requester, at,
- *   ttlMs, expiresAt, instance}`. A `ttl` is an expiry timestamp, not an etcd lease: a lease
+ * - `flags/{key}`, `circuits/{upstream}`, `failovers/{upstream}`: fleet overrides, JSON `{value,
+ *   reason, requester, at, ttlMs, expiresAt, instance}` (a failover's value is its target
+ *   upstream, and it carries its mitigation `id`). A `ttl` is an expiry timestamp, not an etcd lease: a lease
  *   lives in etcd, so a sidecar cut off from etcd would keep a kill switch past its ttl; a
  *   timestamp lapses on every sidecar by its own clock, etcd reachable or not.
  * - `incidents/{incidentKey}`: who acts for one incident (see `claim`), under its lease.
@@ -23,7 +24,9 @@ import type { FleetConfig } from '../config/types.js'
 import type { FleetEntry, FleetState } from '../state/state-file.js'
 import { ControlError, type FleetWriter } from '../control/interfaces.js'
 
-type Kind = 'flags' | 'circuits'
+/** The kinds of fleet override, each a folder under the prefix. */
+export type Kind = 'flags' | 'circuits' | 'failovers'
+const KINDS: readonly Kind[] = ['flags', 'circuits', 'failovers']
 
 /** Who acts for one incident (SPEC §16). */
 export interface Claim {
@@ -247,7 +250,7 @@ export class Fleet implements FleetWriter {
   }
 
   private async applySnapshot (kvs: IKeyValue[], revision: number): Promise<boolean> {
-    const next: FleetState = { revision, flags: {}, circuits: {} }
+    const next: FleetState = { revision, flags: {}, circuits: {}, failovers: {} }
     const current = this.deps.state()
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
@@ -265,7 +268,7 @@ export class Fleet implements FleetWriter {
     }
     let changed = false
     await this.serial(async () => {
-      for (const kind of ['flags', 'circuits'] as const) {
+      for (const kind of KINDS) {
         const names = new Set([...Object.keys(current[kind]), ...Object.keys(next[kind])])
         for (const name of names) {
           const entry = next[kind][name] ?? null
@@ -358,7 +361,7 @@ export class Fleet implements FleetWriter {
     const slash = rest.indexOf('/')
     const kind = rest.slice(0, slash)
     const name = rest.slice(slash + 1)
-    if ((kind !== 'flags' && kind !== 'circuits') || name === '') return null
+    if (!isKind(kind) || name === '') return null
     if (deleted) return { kind, name, entry: null }
     const entry = readEntry(kind, kv.value.toString())
     if (entry === null) {
@@ -412,14 +415,27 @@ function unavailable (why: string): ControlError {
   return new ControlError(503, 'fleet_unavailable', `the fleet store (etcd) is unreachable, so the fleet override was not written (${why}); local actions still work: retry without "scope": "fleet" (CLI: without --fleet) to act on this sidecar only`)
 }
 
+function isKind (kind: string): kind is Kind {
+  return (KINDS as readonly string[]).includes(kind)
+}
+
+/** Whether `value` is one a fleet override of `kind` may hold (null: dropped, or lifted). */
+function validValue (kind: Kind, value: unknown): boolean {
+  if (value === null) return true
+  switch (kind) {
+    case 'flags': return typeof value === 'boolean'
+    case 'circuits': return value === 'open' || value === 'closed'
+    case 'failovers': return typeof value === 'string' && value !== ''
+  }
+}
+
 /** A fleet override read from etcd, or null when it is not one. */
 export function readEntry (kind: Kind, text: string): FleetEntry | null {
   let v: unknown
   try { v = JSON.parse(text) } catch { return null }
   if (v === null || typeof v !== 'object' || Array.isArray(v)) return null
   const e = v as Record<string, unknown>
-  const valueOk = kind === 'flags' ? (typeof e.value === 'boolean' || e.value === null) : (e.value === 'open' || e.value === 'closed' || e.value === null)
-  if (!valueOk || typeof e.at !== 'string' || Number.isNaN(Date.parse(e.at))) return null
+  if (!validValue(kind, e.value) || typeof e.at !== 'string' || Number.isNaN(Date.parse(e.at))) return null
   const expiresAt = typeof e.expiresAt === 'string' && !Number.isNaN(Date.parse(e.expiresAt)) ? e.expiresAt : null
   if (e.expiresAt !== undefined && e.expiresAt !== null && expiresAt === null) return null
   return {
@@ -429,7 +445,9 @@ export function readEntry (kind: Kind, text: string): FleetEntry | null {
     at: e.at,
     ttlMs: typeof e.ttlMs === 'number' ? e.ttlMs : null,
     expiresAt,
-    instance: typeof e.instance === 'string' ? e.instance : 'unknown'
+    instance: typeof e.instance === 'string' ? e.instance : 'unknown',
+    // Same key order as the writer's entry: a sidecar's own write, seen again, compares equal.
+    ...(typeof e.id === 'string' && e.id !== '' ? { id: e.id } : {})
   }
 }
 

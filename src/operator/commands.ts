@@ -21,7 +21,7 @@ export interface OperatorArgs {
   json: boolean
   admin: string[]
   tokenFile?: string
-  /** kill, restore, circuit: write the override for every sidecar of the service (etcd). */
+  /** kill, restore, circuit, failover: write the override for every sidecar of the service (etcd). */
   fleet?: boolean
   configPath: string | null
   env: NodeJS.ProcessEnv
@@ -36,7 +36,7 @@ export class UsageError extends Error {}
 
 const MUTATING = new Set(['kill', 'restore', 'circuit', 'failover', 'mitigate', 'lift'])
 const MITIGATE_USAGE = 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT, or mitigate rateLimit --route R --rps N [--burst B] --reason TEXT [--ttl 10m]'
-const FLEET = new Set(['kill', 'restore', 'circuit'])
+const FLEET = new Set(['kill', 'restore', 'circuit', 'failover'])
 
 export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   if (MUTATING.has(a.command) && (a.reason === undefined || a.reason.trim() === '')) {
@@ -105,7 +105,7 @@ function plan (a: OperatorArgs): Planned {
       return { method: 'PUT', path: `/v1/circuits/${encodeURIComponent(upstream as string)}`, body: withTtl({ state, reason: a.reason }) }
     }
     case 'failover': {
-      const [upstream] = need(a, 1, 'failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m]')
+      const [upstream] = need(a, 1, 'failover UPSTREAM [--to OTHER] --reason TEXT [--ttl 30m] [--fleet]')
       return { method: 'POST', path: '/v1/mitigations', body: withTtl({ action: 'failover', upstreams: [upstream], ...(a.to !== undefined ? { to: a.to } : {}), reason: a.reason }) }
     }
     case 'mitigate': {
@@ -155,7 +155,8 @@ function render (a: OperatorArgs, body: any): string {
       const verb: Record<string, string> = { active: 'applied', lifted: 'lifted', running: 'started (running in the background)', succeeded: 'succeeded', failed: 'FAILED' }
       const what = body.to !== undefined ? ` → ${String(body.to)}` : body.limit !== undefined ? ` at ${String(body.limit.requestsPerSecond)} req/s (burst ${String(body.limit.burst)})` : ''
       const until = body.status === 'active' && typeof body.expiresAt === 'string' ? `, until ${body.expiresAt}` : ''
-      const lines = [`mitigation ${body.id}: ${body.action} ${verb[body.status] ?? String(body.status)} — ${(body.targets as string[]).join(', ')}${what}${until}`]
+      const fleet = body.scope === 'fleet' ? ' (fleet: every sidecar of the service)' : ''
+      const lines = [`mitigation ${body.id}: ${body.action} ${verb[body.status] ?? String(body.status)} — ${(body.targets as string[]).join(', ')}${what}${fleet}${until}`]
       if (body.result !== null && body.result !== undefined) lines.push(`rollback: ${body.result.ok === true ? 'ok' : 'FAILED'} (${body.result.type}, ${body.result.status ?? `exit ${String(body.result.exitCode)}`}, attempts ${body.result.attempts})`)
       if (body.status === 'running') lines.push('follow it with: breakwater status')
       if (a.command !== 'lift' && body.status === 'active') lines.push(`lift it with: breakwater lift ${body.id} --reason "..."`)
@@ -216,7 +217,9 @@ function renderStatus (s: any): string {
   out.push(circuits.length === 0 ? '  (none)' : table(['upstream', 'state', 'forced', 'from', 'failure rate', 'window'], circuits.map(([k, c]) => [k, c.state, c.forced ?? '-', c.forced === null ? '-' : String(c.origin ?? 'local'), `${(c.failureRate * 100).toFixed(1)}%`, String(c.windowRequests)])))
   const mitigations = (s.mitigations ?? []) as any[]
   out.push('', 'ACTIVE MITIGATIONS')
-  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, m.createdAt, m.source, m.reason])))
+  // A failover says where it came from (local or fleet), and when a newer decision overrides it.
+  const from = (m: any): string => m.origin === undefined ? '-' : `${String(m.origin)}${m.inForce === false ? ' (overridden)' : ''}`
+  out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'from', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, from(m), m.createdAt, m.source, m.reason])))
   const failed = ((s.rollbacks ?? []) as any[]).filter((m) => m.status === 'failed')
   if (failed.length > 0) out.push('', 'FAILED ROLLBACKS', table(['id', 'version', 'at', 'error'], failed.map((m) => [m.id, m.targets.join(','), m.finishedAt ?? m.createdAt, m.error ?? '-'])))
   const triggers = (s.triggers ?? []) as any[]

@@ -62,15 +62,20 @@ export interface MitigationRecord {
   to?: string
   /** For a rate limit: the token bucket each target route gets. */
   limit?: { requestsPerSecond: number, burst: number }
+  /** `fleet` for a failover written to etcd (a view of its fleet entry, not kept in this list). */
+  scope?: 'fleet'
 }
 
 /**
- * A fleet override as written to etcd (`{prefix}/{service}/flags/{key}` or `…/circuits/{upstream}`)
- * and kept here as last seen (SPEC §16).
+ * A fleet override as written to etcd (`{prefix}/{service}/flags/{key}`, `…/circuits/{upstream}`
+ * or `…/failovers/{upstream}`) and kept here as last seen (SPEC §16).
  */
 export interface FleetEntry {
-  /** A flag's `true`/`false`, a circuit's `open`/`closed`; null: the fleet override was dropped (a decision too). */
-  value: boolean | 'open' | 'closed' | null
+  /**
+   * A flag's `true`/`false`, a circuit's `open`/`closed`, a failover's target upstream; null:
+   * the fleet override was dropped or the failover lifted (a decision too).
+   */
+  value: boolean | string | null
   reason: string
   requester: string
   /** When the operator decided (ISO); the newest decision wins, local or fleet. */
@@ -80,6 +85,8 @@ export interface FleetEntry {
   expiresAt: string | null
   /** The sidecar that wrote it. */
   instance: string
+  /** A failover's mitigation id, the same on every sidecar (lift it by this id from any of them). */
+  id?: string
 }
 
 export interface FleetState {
@@ -87,6 +94,8 @@ export interface FleetState {
   revision: number
   flags: Record<string, FleetEntry>
   circuits: Record<string, FleetEntry>
+  /** Failovers by upstream (absent in older state files). */
+  failovers: Record<string, FleetEntry>
 }
 
 export type MitigationStatus = 'active' | 'lifted' | 'running' | 'succeeded' | 'failed'
@@ -111,7 +120,11 @@ export interface PersistedState {
 }
 
 export function emptyState (): PersistedState {
-  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {}, incidents: [], statusPage: {}, fleet: { revision: 0, flags: {}, circuits: {} } }
+  return { version: 1, overrides: {}, circuits: {}, mitigations: [], versions: {}, configs: {}, rolledBack: {}, incidents: [], statusPage: {}, fleet: emptyFleet() }
+}
+
+export function emptyFleet (): FleetState {
+  return { revision: 0, flags: {}, circuits: {}, failovers: {} }
 }
 
 export interface LoadResult {
@@ -140,7 +153,8 @@ export class StateFile {
     try {
       const parsed = JSON.parse(text) as Partial<PersistedState>
       if (parsed === null || typeof parsed !== 'object' || parsed.version !== 1) throw new Error('not a Breakwater state file (version 1)')
-      return { state: { ...emptyState(), ...parsed, version: 1 }, movedAside: null, error: null }
+      // A file from before fleet failovers has no `fleet.failovers`: the missing keys start empty.
+      return { state: { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: 1 }, movedAside: null, error: null }
     } catch (err) {
       const aside = `${this.path}.corrupt-${new Date().toISOString().replace(/[:.]/g, '-')}`
       try {
