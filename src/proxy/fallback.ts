@@ -18,12 +18,6 @@
  * costs nothing more than a length check. Entries are evicted least recently used, and the
  * cache never holds more than `maxEntries` entries or `maxBytes` bytes (bodies, headers and
  * keys counted).
- *
- * Bodies live in pages of memory the cache owns (`Pages`): slabs allocated once, up to
- * `maxBytes`, and cut into 4 KiB pages that evicted entries hand back. A body allocated per
- * entry instead left the allocator holding freed request buffers around the long-lived bodies:
- * 32 MiB of cached bodies cost 56 MiB of RSS under load. A body is counted by the pages it
- * takes.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { FallbackCacheConfig, FallbackConfig } from '../config/types.js'
@@ -35,51 +29,12 @@ export const DEGRADABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['circuit_o
 
 /** Bookkeeping bytes counted per entry besides its body, headers and key. */
 const ENTRY_OVERHEAD = 200
-/** A body is stored in pages of this size… */
-const PAGE = 4096
-/** …cut from slabs of at most this size, allocated as the cache fills and kept. */
-const SLAB = 1024 * 1024
-
-/**
- * The cache's body memory: slabs allocated on demand, never more than `maxBytes` in all, cut
- * into pages; a page given back is reused by the next body.
- */
-class Pages {
-  private readonly free: Buffer[] = []
-  /** Slab bytes allocated so far (never more than `maxBytes`). */
-  allocated = 0
-
-  constructor (private readonly maxBytes: number) {}
-
-  /** `n` pages, or null when the cache's memory cannot provide them (the caller evicts first). */
-  take (n: number): Buffer[] | null {
-    while (this.free.length < n && this.allocated + PAGE <= this.maxBytes) {
-      const size = Math.min(SLAB, Math.floor((this.maxBytes - this.allocated) / PAGE) * PAGE)
-      const slab = Buffer.allocUnsafeSlow(size)
-      this.allocated += size
-      for (let at = 0; at < size; at += PAGE) this.free.push(slab.subarray(at, at + PAGE))
-    }
-    if (this.free.length < n) return null
-    return this.free.splice(this.free.length - n, n)
-  }
-
-  give (pages: Buffer[]): void {
-    for (const p of pages) this.free.push(p)
-  }
-}
-
-/** The pages a body of `length` bytes takes. */
-function pagesFor (length: number): number {
-  return Math.ceil(length / PAGE)
-}
 
 interface Entry {
   key: string
   /** Response headers as sent to the client (hop-by-hop removed), without framing and `Age`. */
   headers: string[]
-  /** The body, in the cache's pages (the last one partly used). */
-  pages: Buffer[]
-  length: number
+  body: Buffer
   /** Lower-cased names of the request headers `Vary` lists, and their values when stored. */
   vary: string[]
   varyValues: string[]
@@ -90,23 +45,16 @@ interface Entry {
 export class FallbackCache {
   readonly config: FallbackCacheConfig
   private readonly entries = new Map<string, Entry>()
-  private readonly pages: Pages
   /** Bytes held now (always ≤ `maxBytes`). */
   bytes = 0
   evictions = 0
 
   constructor (config: FallbackCacheConfig) {
     this.config = config
-    this.pages = new Pages(config.maxBytes)
   }
 
   get size (): number {
     return this.entries.size
-  }
-
-  /** Memory the cache has allocated for bodies: at most `maxBytes`, reused once allocated. */
-  get reserved (): number {
-    return this.pages.allocated
   }
 
   /**
@@ -145,42 +93,23 @@ export class FallbackCache {
     return entry
   }
 
-  /**
-   * Store a completed capture (its body copied into the cache's pages), evicting the least
-   * recently used entries to make room.
-   */
-  store (key: string, headers: string[], chunks: Buffer[], length: number, vary: string[], varyValues: string[], now: number, bytes: number): void {
+  /** Store a completed capture, evicting the least recently used entries to make room. */
+  store (entry: Entry): void {
     const { maxBytes, maxEntries } = this.config
-    if (bytes > maxBytes) return
-    const prev = this.entries.get(key)
-    if (prev !== undefined) this.drop(prev)
-    const need = pagesFor(length)
-    let pages: Buffer[] | null = null
-    while ((this.bytes + bytes > maxBytes || this.entries.size >= maxEntries || (pages = this.pages.take(need)) === null) && this.entries.size > 0) {
-      this.drop(this.entries.values().next().value as Entry)
+    if (entry.bytes > maxBytes) return
+    const prev = this.entries.get(entry.key)
+    if (prev !== undefined) {
+      this.entries.delete(entry.key)
+      this.bytes -= prev.bytes
+    }
+    while (this.entries.size > 0 && (this.bytes + entry.bytes > maxBytes || this.entries.size >= maxEntries)) {
+      const oldest = this.entries.values().next().value as Entry
+      this.entries.delete(oldest.key)
+      this.bytes -= oldest.bytes
       this.evictions++
     }
-    if (pages === null) pages = this.pages.take(need)
-    if (pages === null) return // cannot happen: an empty cache has maxBytes of pages
-    let page = 0
-    let at = 0
-    for (const c of chunks) {
-      let from = 0
-      while (from < c.length) {
-        const copied = c.copy(pages[page] as Buffer, at, from)
-        from += copied
-        at += copied
-        if (at === PAGE) { page++; at = 0 }
-      }
-    }
-    this.entries.set(key, { key, headers, pages, length, vary, varyValues, storedAt: now, bytes })
-    this.bytes += bytes
-  }
-
-  private drop (entry: Entry): void {
-    this.entries.delete(entry.key)
-    this.bytes -= entry.bytes
-    this.pages.give(entry.pages)
+    this.entries.set(entry.key, entry)
+    this.bytes += entry.bytes
   }
 }
 
@@ -209,8 +138,11 @@ export class Capture {
     const chunks = this.chunks
     if (chunks === null) return
     this.chunks = null
+    const body = Buffer.allocUnsafeSlow(this.length)
+    let at = 0
+    for (const c of chunks) at += c.copy(body, at)
     const headers: string[] = []
-    let bytes = ENTRY_OVERHEAD + this.key.length + pagesFor(this.length) * PAGE
+    let bytes = ENTRY_OVERHEAD + this.key.length + body.length
     for (let i = 0; i < this.headers.length; i += 2) {
       const name = (this.headers[i] as string).toLowerCase()
       // Framing is the server's to set; Age is ours to compute.
@@ -219,21 +151,8 @@ export class Capture {
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
     for (const v of this.varyValues) bytes += v.length
-    this.cache.store(this.key, headers, chunks, this.length, this.vary, this.varyValues, now, bytes)
+    this.cache.store({ key: this.key, headers, body, vary: this.vary, varyValues: this.varyValues, storedAt: now, bytes })
   }
-}
-
-/** An entry's body, page by page, in one write to the socket. */
-function writePages (res: ServerResponse, entry: Entry): void {
-  const last = entry.pages.length - 1
-  res.cork()
-  for (let i = 0; i < last; i++) res.write(entry.pages[i])
-  if (last >= 0) res.write((entry.pages[last] as Buffer).subarray(0, entry.length - last * PAGE))
-  process.nextTick(uncork, res)
-}
-
-function uncork (res: ServerResponse): void {
-  res.uncork()
 }
 
 function headerValue (req: IncomingMessage, name: string): string {
@@ -262,11 +181,10 @@ export class Fallback {
       const now = Date.now()
       const entry = cache.lookup(req, key, now, this.config.staleIfErrorMs)
       if (entry !== null) {
-        const head = [...entry.headers, 'age', String(Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
+        const head = [...entry.headers, 'age', String(Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.body.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
         if (close) head.push('connection', 'close')
         res.writeHead(200, head)
-        if (method !== 'HEAD') writePages(res, entry)
-        res.end()
+        res.end(method === 'HEAD' ? undefined : entry.body)
         stats.fallbacks.stale++
         return 'stale'
       }
