@@ -138,7 +138,9 @@ t.test('a 1 GiB upload streams through the real binary in bounded memory', async
     `during the 1 GiB upload ${mib(Math.min(...big.samples))} to ${mib(peak)} (${big.samples.length} samples); ` +
     `peak growth over the RSS before the upload ${mib(peak - baseline)}, over the warm-up peak ${mib(peak - warmPeak)}; ` +
     `first third peak ${mib(first)}, last third peak ${mib(last)}`)
-  t.ok(last - first < 16 * MiB, `RSS does not climb with the bytes streamed (peak of the first third ${mib(first)}, of the last third ${mib(last)})`)
+  // A leak of the streamed bytes would add hundreds of MiB over 1 GiB; 64 MiB leaves room for
+  // a collector that runs late (Node 24 once showed 16.6 MiB between the thirds).
+  t.ok(last - first < 64 * MiB, `RSS does not climb with the bytes streamed (peak of the first third ${mib(first)}, of the last third ${mib(last)})`)
   t.ok(peak - idle < 128 * MiB, `the body is never held: peak RSS ${mib(peak - idle)} over the idle RSS for a 1 GiB body`)
   t.ok(peak - warmPeak < 48 * MiB, `4× the bytes of the warm-up, no more memory than its sawtooth: ${mib(peak - warmPeak)} over its peak`)
 })
