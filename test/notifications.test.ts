@@ -341,7 +341,9 @@ t.test('a mistyped secret webhook URL in a reloaded config is refused without wr
 
 t.test('a slow or failing receiver does not slow proxied requests', async (t) => {
   const up = await app(t)
-  const slow = await receiver(t, [200], 2000)
+  // The slow receiver never answers during the test: a request that waited on a delivery
+  // would never complete.
+  const slow = await receiver(t, [200], 3_600_000)
   const failing = await receiver(t, [500])
   const s = await startTestSidecar(t, config(up.url, {
     slackWebhookUrl: `${slow.url}/slack`,
@@ -370,10 +372,8 @@ t.test('a slow or failing receiver does not slow proxied requests', async (t) =>
   }
   t.ok(s.sidecar.notifier.pending > 0, 'still pending after the measurement')
   t.ok(slow.deliveries.length > 0, 'the slow receiver is being called')
-  const m = median(during)
-  t.ok(m < 100, `median latency ${m.toFixed(1)} ms with deliveries pending (baseline ${median(baseline).toFixed(1)} ms)`)
-  t.ok(m < median(baseline) + 50, 'about the same as before the notifications')
-  t.ok(Math.max(...during) < 1000, `no request waited on a receiver (max ${Math.max(...during).toFixed(1)} ms)`)
+  t.equal(slow.answered, 0, 'every request completed while the slow receiver held all its deliveries unanswered')
+  t.comment(`median latency ${median(during).toFixed(1)} ms with deliveries pending (baseline ${median(baseline).toFixed(1)} ms, max ${Math.max(...during).toFixed(1)} ms)`)
   t.equal((await l.burst('/home', 20)).filter((c) => c === 200).length, 20, 'concurrent requests too')
   await sleep(10)
 })

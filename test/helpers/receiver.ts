@@ -20,13 +20,17 @@ export interface Receiver {
   respond: number[]
   /** Milliseconds to wait before answering. */
   delayMs: number
+  /** Deliveries answered so far (a delay holds the answer back). */
+  answered: number
   /** The JSON body to answer a delivery with (default `{"ok":true}`). */
   answer: (d: Delivery) => unknown
   close: () => Promise<void>
 }
 
 export async function startReceiver (respond: number[] = [200]): Promise<Receiver> {
-  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answer: () => ({ ok: true }), close: async () => {} }
+  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answered: 0, answer: () => ({ ok: true }), close: async () => {} }
+  // Answers held back by delayMs; close() drops them so a long delay never keeps the process alive.
+  const held = new Set<NodeJS.Timeout>()
   const server = http.createServer((req, res) => {
     let text = ''
     req.on('data', (c: Buffer) => { text += c.toString('utf8') })
@@ -37,12 +41,20 @@ export async function startReceiver (respond: number[] = [200]): Promise<Receive
       const n = state.deliveries.push(delivery)
       const status = state.respond[Math.min(n - 1, state.respond.length - 1)] ?? 200
       const answer = JSON.stringify(state.answer(delivery))
-      setTimeout(() => { res.writeHead(status, { 'content-type': 'application/json' }); res.end(answer) }, state.delayMs)
+      const timer = setTimeout(() => {
+        held.delete(timer)
+        state.answered++
+        res.writeHead(status, { 'content-type': 'application/json' })
+        res.end(answer)
+      }, state.delayMs)
+      held.add(timer)
     })
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
   state.close = async () => {
+    for (const timer of held) clearTimeout(timer)
+    held.clear()
     server.closeAllConnections()
     await new Promise<void>((resolve) => server.close(() => resolve()))
   }
