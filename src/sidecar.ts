@@ -233,8 +233,9 @@ export class Sidecar {
     await this.control.start()
     if (this.config.tracing !== null) {
       // STYLE 18: only a sidecar configured to export spans loads OpenTelemetry.
-      const { SpanQueue } = await import('./ops/tracing.js')
-      this.spanQueue = new SpanQueue(this.config.tracing, this.config.version, this.traceStats, this.logger)
+      const { SpanQueue, loadExporter } = await import('./ops/tracing.js')
+      const exporter = await loadExporter(this.config.tracing)
+      this.spanQueue = new SpanQueue(this.config.tracing, exporter, this.config.version, this.traceStats, this.logger)
       this.tracing.exporter = this.spanQueue
     }
     // Incidents and status page incidents of an earlier run carry on (SPEC §19).

@@ -20,7 +20,7 @@ const HEX32 = /^[0-9a-f]{32}$/
 /** Modules of the OpenTelemetry SDK and exporter this process has loaded. */
 function loadedOpenTelemetry (): string[] {
   const cache = createRequire(import.meta.url).cache
-  return Object.keys(cache).filter((p) => /@opentelemetry[\\/](exporter-trace-otlp-http|sdk-trace|otlp-exporter-base|otlp-transformer|resources)[\\/]/.test(p))
+  return Object.keys(cache).filter((p) => /@opentelemetry[\\/](exporter-trace-otlp-(?:http|proto)|sdk-trace|otlp-exporter-base|otlp-transformer|resources)[\\/]/.test(p))
 }
 
 function tracing (receiver: OtlpReceiver, extra: Record<string, unknown> = {}): Record<string, unknown> {
@@ -70,7 +70,7 @@ t.test('an incoming traceparent is continued: its trace, our span as its child, 
   const [span] = await spansArrive(receiver, 1)
   if (span === undefined) return
   t.equal(receiver.requests[0]?.path, '/v1/traces', 'posted to the traces path of the endpoint')
-  t.match(receiver.requests[0]?.contentType, /^application\/json/)
+  t.match(receiver.requests[0]?.contentType, /^application\/x-protobuf/, 'binary protobuf, OpenTelemetry\'s default encoding')
   t.equal(span.traceId, TRACE, 'the caller\'s trace')
   t.equal(span.parentSpanId, PARENT, 'our span is the child of the caller\'s')
   t.match(span.spanId, HEX16)
@@ -110,6 +110,23 @@ t.test('an incoming traceparent is continued: its trace, our span as its child, 
   const line = s.logs.find((l) => l.msg === 'request')
   t.equal(line?.trace_id, TRACE)
   t.equal(line?.span_id, span.spanId, 'the log line names the exported span')
+})
+
+t.test('protocol http/json: the same span in OTLP\'s JSON encoding', async (t) => {
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, { ...oneRoute(upstream.url, { name: 'api', match: { pathPrefix: '/api/' } }), ...tracing(receiver, { protocol: 'http/json' }) })
+  t.equal((await send(s.proxy, '/api/orders', { headers: { traceparent: `00-${TRACE}-${PARENT}-01` } })).status, 200)
+  const [span] = await spansArrive(receiver, 1)
+  t.match(receiver.requests[0]?.contentType, /^application\/json/)
+  t.equal(span?.traceId, TRACE)
+  t.equal(span?.parentSpanId, PARENT)
+  t.equal(span?.spanId, forwarded(upstream, 0)[2], 'the upstream\'s parent is the exported span')
+  t.equal(span?.name, 'GET /api/*')
+  t.equal(span?.attributes['http.response.status_code'], 200)
+  t.equal(span?.resource['service.name'], 'checkout')
 })
 
 t.test('an absent or invalid traceparent starts a trace; the ratio samples roots', async (t) => {
@@ -252,7 +269,7 @@ t.test('a collector that is down: requests unaffected, failed batches counted, o
 t.test('tracing config: defaults, endpoint path, and problems that name the key', async (t) => {
   const base = { service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
   const { config } = resolveConfig({ ...base, tracing: { otlpEndpoint: 'http://collector:4318', sampleRatio: 0.01 } })
-  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', headers: {}, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
+  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
   t.equal(resolveConfig({ ...base, tracing: { otlpEndpoint: 'https://otlp.example/api/v1/traces', sampleRatio: 1 } }).config.tracing?.otlpEndpoint, 'https://otlp.example/api/v1/traces', 'a full URL is kept')
   t.equal(resolveConfig(base).config.tracing, null)
   const problems = (input: Record<string, unknown>): string => {
@@ -260,6 +277,7 @@ t.test('tracing config: defaults, endpoint path, and problems that name the key'
   }
   t.match(problems({ otlpEndpoint: 'collector:4318', sampleRatio: 1 }), /tracing\.otlpEndpoint/)
   t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 2 }), /tracing\.sampleRatio/)
+  t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, protocol: 'grpc' }), /tracing\.protocol/, 'OTLP over gRPC is not offered')
   t.match(problems({ otlpEndpoint: 'http://c:4318' }), /tracing\.sampleRatio/)
   t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, maxQueueSize: 10, batch: { maxSize: 20 } }), /tracing\.batch\.maxSize/)
   t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, batch: { size: 20 } }), /tracing\.batch/)

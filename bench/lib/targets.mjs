@@ -17,6 +17,7 @@ export const ALL_TARGETS = [
   'breakwater-stages',
   'breakwater-trace1',
   'breakwater-trace100',
+  'breakwater-trace100json',
   'breakwater-tls',
   'fastify-http-proxy',
   'nginx',
@@ -109,7 +110,7 @@ export function haproxyConf (port, upstreamPort) {
 }
 
 /** The Breakwater config the harness generates (format fixed by the project). */
-export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null, tls = null }) {
+export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null, protocol = 'http/protobuf', tls = null }) {
   return [
     'service: bench',
     'version: bench',
@@ -138,9 +139,10 @@ export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstr
         ]
       : []),
     `logging: { level: info, accessLog: ${accessLog ? 'true' : 'false'} }`,
-    // breakwater-trace1/-trace100: spans sampled at 1 % / 100 %, exported over OTLP/HTTP to the
-    // upstream, which answers every path 200 (a collector that accepts everything, on CPU 0).
-    ...(sampleRatio === null ? [] : [`tracing: { otlpEndpoint: http://127.0.0.1:${upstreamPort}, sampleRatio: ${sampleRatio} }`]),
+    // breakwater-trace1/-trace100: spans sampled at 1 % / 100 %, exported over OTLP/HTTP (protobuf;
+    // -trace100json: JSON) to the upstream, which answers every path 200 (a collector that accepts
+    // everything, on CPU 0).
+    ...(sampleRatio === null ? [] : [`tracing: { otlpEndpoint: http://127.0.0.1:${upstreamPort}, sampleRatio: ${sampleRatio}, protocol: ${protocol} }`]),
     ''
   ].join('\n')
 }
@@ -220,7 +222,8 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       upstreamPort: upstream.port,
       accessLog: name === 'breakwater-log',
       stages: name === 'breakwater-stages',
-      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name === 'breakwater-trace100' ? 1 : null,
+      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name.startsWith('breakwater-trace100') ? 1 : null,
+      protocol: name === 'breakwater-trace100json' ? 'http/json' : 'http/protobuf',
       tls
     }))
     const env = envWithout('BREAKWATER_BENCH_BARE')

@@ -278,6 +278,7 @@ function buildTracing (t: Section<'tracing'>, service: string, found: Findings):
     otlpEndpoint,
     sampleRatio: t.sampleRatio,
     serviceName: t.serviceName ?? service,
+    protocol: t.protocol,
     headers: t.headers,
     maxQueueSize: t.maxQueueSize,
     batch: { maxSize, delayMs: toMs(t.batch?.delayMs ?? 1000), timeoutMs }

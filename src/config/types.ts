@@ -289,6 +289,8 @@ export interface TracingConfig {
   otlpEndpoint: string
   sampleRatio: number
   serviceName: string
+  /** OTLP/HTTP encoding of the export requests. */
+  protocol: 'http/protobuf' | 'http/json'
   headers: Readonly<Record<string, string>>
   maxQueueSize: number
   batch: { maxSize: number, delayMs: number, timeoutMs: number }
