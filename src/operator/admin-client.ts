@@ -6,7 +6,6 @@
  */
 import { readFile } from 'node:fs/promises'
 import { request as httpRequest, type IncomingMessage } from 'node:http'
-import { request as httpsRequest } from 'node:https'
 import { DEFAULT_ADMIN_LISTEN } from '../config/defaults.js'
 import type { AdminSettings } from '../config/admin-settings.js'
 
@@ -76,7 +75,8 @@ export async function call (target: Target, method: 'GET' | 'PUT' | 'POST' | 'DE
   const payload = body === undefined ? undefined : JSON.stringify(body)
   try {
     const url = new URL(`${target.admin}${path}`)
-    const send = url.protocol === 'https:' ? httpsRequest : httpRequest
+    // node:https (and TLS with it) only for an https:// admin URL: the admin listener speaks plain HTTP.
+    const send = url.protocol === 'https:' ? (await import('node:https')).request : httpRequest
     const { status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
       const req = send(url, {
         method,
