@@ -214,6 +214,12 @@ t.test('Dockerfile', async t => {
   if (builder !== undefined) {
     const runs = lineage(stages, builder).instructions.filter(i => i.keyword === 'RUN').map(i => i.args)
     t.ok(runs.some(r => /\bnpm ci\b/.test(r)), 'the build stage installs with `npm ci`')
+    // `npm run build` runs what package.json says; a script file it names must be in the stage.
+    const buildScript = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts.build ?? ''
+    const copied = lineage(stages, builder).instructions.filter(i => i.keyword === 'COPY' && parseCopy(i.args).from === null).flatMap(i => parseCopy(i.args).sources.map(normalize))
+    for (const file of buildScript.match(/\bscripts\/[^\s]+/g) ?? []) {
+      t.ok(copied.some(s => file === s || file.startsWith(`${s}/`)), `the build stage copies ${file}, which \`npm run build\` runs`)
+    }
   }
 
   // Production dependencies only, from the lockfile.

@@ -4,10 +4,7 @@
  * the schema's defaults, build each section (`build.ts`: references between sections and what
  * else a schema cannot check), and freeze.
  */
-import { readFile } from 'node:fs/promises'
-import { extname, resolve as resolvePath } from 'node:path'
-import { pathToFileURL } from 'node:url'
-import { parse as parseYaml } from 'yaml'
+import { resolve as resolvePath } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ResolvedInput } from './schema.js'
@@ -16,16 +13,9 @@ import { durationProblem, durationProblems, DURATION_KIND } from './duration.js'
 import { withDefaults } from './schema-walk.js'
 import { buildConfig } from './build.js'
 import type { Config } from './types.js'
+import { ConfigError, readConfigSource } from './read.js'
 
-/** A config that cannot be used; `problems` holds one line per problem, each naming its key path. */
-export class ConfigError extends Error {
-  readonly problems: readonly string[]
-  constructor (problems: string[]) {
-    super(problems.length === 1 ? problems[0] as string : `${problems.length} problems in the configuration:\n${problems.join('\n')}`)
-    this.name = 'ConfigError'
-    this.problems = problems
-  }
-}
+export { ConfigError }
 
 export interface Loaded {
   config: Config
@@ -35,36 +25,8 @@ export interface Loaded {
 /** Read, validate and resolve the config file at `path`. Throws `ConfigError`. */
 export async function loadConfigFile (path: string, env: NodeJS.ProcessEnv = process.env): Promise<Loaded> {
   const absolute = resolvePath(path)
-  const raw = await readRaw(absolute)
+  const raw = await readConfigSource(absolute)
   return resolveConfig(raw, { env, source: absolute })
-}
-
-async function readRaw (path: string): Promise<unknown> {
-  const ext = extname(path).toLowerCase()
-  if (ext === '.mjs' || ext === '.js') {
-    let mod: Record<string, unknown>
-    try {
-      mod = await import(`${pathToFileURL(path).href}?t=${Date.now()}`) as Record<string, unknown>
-    } catch (err) {
-      throw new ConfigError([`${path}: cannot load module: ${(err as Error).message}`])
-    }
-    const exported = mod.default ?? mod.config
-    return typeof exported === 'function' ? await (exported as () => unknown)() : exported
-  }
-  let text: string
-  try {
-    text = await readFile(path, 'utf8')
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code
-    throw new ConfigError([`${path}: ${code === 'ENOENT' ? 'file not found' : `cannot read: ${(err as Error).message}`}`])
-  }
-  try {
-    if (ext === '.json') return JSON.parse(text)
-    if (ext === '.yaml' || ext === '.yml' || ext === '') return parseYaml(text, { prettyErrors: true })
-  } catch (err) {
-    throw new ConfigError([`${path}: not valid ${ext === '.json' ? 'JSON' : 'YAML'}: ${(err as Error).message.split('\n')[0]}`])
-  }
-  throw new ConfigError([`${path}: unsupported config file type "${ext}" (use .yaml, .yml, .json or .mjs)`])
 }
 
 export interface ResolveOptions {

@@ -10,6 +10,7 @@
  */
 import { Type, CloneType, type Static, type TSchema, type TProperties, type ObjectOptions, type TObject, type TRecord, type TArray, type TUnion, type TOptional } from '@sinclair/typebox'
 import { DURATION_KIND, MAX_DURATION_MS } from './duration.js'
+import { DEFAULT_ADMIN_LISTEN, DEFAULT_OPS_LISTEN, DEFAULT_STATE_DIR } from './defaults.js'
 
 const closed = <T extends TProperties>(properties: T, options: ObjectOptions = {}) =>
   Type.Object(properties, { additionalProperties: false, ...options })
@@ -230,12 +231,12 @@ export const ConfigSchema = closed(
     $schema: Type.Optional(Type.String()),
     service: Type.String({ minLength: 1, pattern: '^[^\\s]+$' }),
     version: withDefault(Type.String({ minLength: 1 }), 'dev'),
-    stateDir: withDefault(Type.String({ minLength: 1 }), './.breakwater'),
+    stateDir: withDefault(Type.String({ minLength: 1 }), DEFAULT_STATE_DIR),
     listen: section({
       proxy: withDefault(proxyListener(14001), {}),
       egress: Type.Optional(proxyListener(14002)),
-      ops: plainListener('0.0.0.0', 14020),
-      admin: plainListener('127.0.0.1', 14000)
+      ops: plainListener(DEFAULT_OPS_LISTEN.host, DEFAULT_OPS_LISTEN.port),
+      admin: plainListener(DEFAULT_ADMIN_LISTEN.host, DEFAULT_ADMIN_LISTEN.port)
     }),
     upstreams: Type.Record(Type.String({ pattern: NAME_PATTERN }), UpstreamSchema, { minProperties: 1 }),
     routes: Type.Array(RouteSchema, { minItems: 1 }),

@@ -9,6 +9,7 @@ import { toMs } from '../config/duration.js'
 import { authorized } from './token.js'
 import { ControlError, type Actor, type ControlPlane } from './control-plane.js'
 import { renderReport, type IncidentReport } from './report.js'
+import { WITHOUT_SCHEMAS } from '../ops/fastify-options.js'
 
 export interface AdminDeps {
   control: ControlPlane
@@ -67,7 +68,7 @@ function stringList (b: Body, key: string): string[] | undefined {
 }
 
 export function createAdminServer (deps: AdminDeps): FastifyInstance {
-  const app = Fastify({ logger: false, bodyLimit: BODY_LIMIT, forceCloseConnections: true, return503OnClosing: false })
+  const app = Fastify({ logger: false, bodyLimit: BODY_LIMIT, forceCloseConnections: true, return503OnClosing: false, ...WITHOUT_SCHEMAS })
   const { control } = deps
 
   // DELETE carries a JSON body {reason} (SPEC §13); an empty body is an empty object.

@@ -6,6 +6,7 @@
 import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
 import { readFile, writeFile, mkdir, chmod, rename } from 'node:fs/promises'
 import { join } from 'node:path'
+import { ADMIN_TOKEN_FILE } from '../config/defaults.js'
 
 export interface AdminToken {
   token: string
@@ -31,7 +32,7 @@ export async function resolveAdminToken (env: string | undefined, tokenFile: str
   }
   // Generated now, written by writeAdminToken only once the listeners are bound: a start that
   // fails (a busy port) never replaces the token of a sidecar already running on this config.
-  return { token: randomBytes(32).toString('hex'), origin: 'generated', path: join(stateDir, 'admin.token'), written: false }
+  return { token: randomBytes(32).toString('hex'), origin: 'generated', path: join(stateDir, ADMIN_TOKEN_FILE), written: false }
 }
 
 /** Write a generated token to its file (mode 0600); other origins are left as they are. */

@@ -5,9 +5,9 @@
  * `admin.tokenFile`, or the token the sidecar generated in its `stateDir`.
  */
 import { readFile } from 'node:fs/promises'
-import { join } from 'node:path'
-import { request } from 'undici'
-import type { Config } from '../config/types.js'
+import { request as httpRequest, type IncomingMessage } from 'node:http'
+import { DEFAULT_ADMIN_LISTEN } from '../config/defaults.js'
+import type { AdminSettings } from '../config/admin-settings.js'
 
 export interface Target {
   admin: string
@@ -32,13 +32,13 @@ export interface TargetOptions {
 
 export async function resolveTargets (o: TargetOptions): Promise<{ targets: Target[], notes: string[] }> {
   const notes: string[] = []
-  let config: Config | null = null
+  let config: AdminSettings | null = null
   if (o.configPath !== null) {
     try {
-      // Loaded only when a config file names the admin address or token: the compiler of the
-      // config (YAML, the schema) is most of an operator command's start-up.
-      const { loadConfigFile } = await import('../config/load.js')
-      config = (await loadConfigFile(o.configPath, o.env)).config
+      // The light reader: three keys, no schema (loading the config compiler would be most of
+      // an operator command's start-up).
+      const { readAdminSettings } = await import('../config/admin-settings.js')
+      config = await readAdminSettings(o.configPath, o.env)
     } catch {
       notes.push(`could not read ${o.configPath}; using defaults`)
     }
@@ -47,7 +47,7 @@ export async function resolveTargets (o: TargetOptions): Promise<{ targets: Targ
   const fromEnv = o.env.BREAKWATER_ADMIN_TOKEN
   if (fromEnv !== undefined && fromEnv.trim() !== '') token = fromEnv.trim()
   else {
-    const file = o.tokenFile ?? config?.admin.tokenFile ?? (config !== null ? join(config.stateDir, 'admin.token') : null)
+    const file = o.tokenFile ?? config?.tokenFile ?? config?.generatedTokenFile ?? null
     if (file !== null) {
       try {
         token = (await readFile(file, 'utf8')).trim()
@@ -60,29 +60,46 @@ export async function resolveTargets (o: TargetOptions): Promise<{ targets: Targ
   }
   let admins = o.admin
   if (admins.length === 0) {
-    const a = config?.listen.admin ?? { host: '127.0.0.1', port: 14000 }
+    const a = config?.admin ?? DEFAULT_ADMIN_LISTEN
     const host = a.host === '0.0.0.0' ? '127.0.0.1' : a.host.includes(':') ? `[${a.host}]` : a.host
     admins = [`http://${host}:${a.port}`]
   }
   return { targets: admins.map((admin) => ({ admin: admin.replace(/\/+$/, ''), token })), notes }
 }
 
+/** Time allowed for the sidecar to answer, and between two pieces of its answer. */
+const IDLE_TIMEOUT_MS = 120_000
+
+/** One request to the admin API over `node:http` (an operator command loads no HTTP client library). */
 export async function call (target: Target, method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<Answer> {
+  const payload = body === undefined ? undefined : JSON.stringify(body)
   try {
-    const res = await request(`${target.admin}${path}`, {
-      method,
-      headers: {
-        ...(target.token !== null ? { authorization: `Bearer ${target.token}` } : {}),
-        ...(body !== undefined ? { 'content-type': 'application/json' } : {})
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-      headersTimeout: 120_000,
-      bodyTimeout: 120_000
+    const url = new URL(`${target.admin}${path}`)
+    // node:https (and TLS with it) only for an https:// admin URL: the admin listener speaks plain HTTP.
+    const send = url.protocol === 'https:' ? (await import('node:https')).request : httpRequest
+    const { status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
+      const req = send(url, {
+        method,
+        agent: false,
+        headers: {
+          ...(target.token !== null ? { authorization: `Bearer ${target.token}` } : {}),
+          ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {})
+        },
+        timeout: IDLE_TIMEOUT_MS
+      }, (res: IncomingMessage) => {
+        const chunks: Buffer[] = []
+        res.on('data', (chunk: Buffer) => chunks.push(chunk))
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8') }))
+        res.on('error', reject)
+        res.on('close', () => { if (!res.complete) reject(Object.assign(new Error('the answer was cut off'), { code: 'ECONNRESET' })) })
+      })
+      req.on('timeout', () => req.destroy(Object.assign(new Error('no answer in time'), { code: 'ETIMEDOUT' })))
+      req.on('error', reject)
+      req.end(payload)
     })
-    const text = await res.body.text()
     let parsed: unknown = text
     try { parsed = JSON.parse(text) } catch {}
-    return { admin: target.admin, ok: res.statusCode >= 200 && res.statusCode < 300, status: res.statusCode, body: parsed }
+    return { admin: target.admin, ok: status >= 200 && status < 300, status, body: parsed }
   } catch (err) {
     const code = (err as { code?: string }).code ?? (err as Error).message
     return { admin: target.admin, ok: false, status: 0, body: null, unreachable: code }

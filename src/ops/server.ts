@@ -5,9 +5,10 @@
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import type { Registry } from 'prom-client'
 import type { HealthPolicy, HealthReport } from './health.js'
+import { WITHOUT_SCHEMAS } from './fastify-options.js'
 
 export function createOpsServer (health: HealthPolicy, registry: Registry): FastifyInstance {
-  const app = Fastify({ logger: false, return503OnClosing: false, forceCloseConnections: true })
+  const app = Fastify({ logger: false, return503OnClosing: false, forceCloseConnections: true, ...WITHOUT_SCHEMAS })
 
   const answer = async (report: HealthReport, reply: FastifyReply): Promise<unknown> =>
     await reply.code(report.status === 'ok' ? 200 : 503).header('cache-control', 'no-store').send(report)

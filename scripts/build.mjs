@@ -1,0 +1,89 @@
+#!/usr/bin/env node
+// Compile TypeScript (src/ → dist/) and stamp the result.
+//
+//   node scripts/build.mjs              always compile (`npm run build`)
+//   node scripts/build.mjs --if-stale   compile only when the inputs changed since the last
+//                                       build (`npm start`'s prestart)
+//   --root DIR                          the project to build (default: this script's project)
+//
+// The stamp, dist/.build-stamp, holds a SHA-256 over what decides the output: every file under
+// src/ (its path and bytes), tsconfig.json, package.json, package-lock.json and the version of
+// the TypeScript compiler. Hashing takes milliseconds; tsc takes seconds. The stamp is removed
+// before tsc runs and written only when it succeeds, so a failed build is never taken as fresh.
+import { spawnSync } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { dirname, join, relative, resolve, sep } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+
+const here = dirname(fileURLToPath(import.meta.url))
+const STAMP = join('dist', '.build-stamp')
+const INPUT_FILES = ['tsconfig.json', 'package.json', 'package-lock.json']
+const INPUT_DIRS = ['src']
+
+/** Every file under `dir`, as sorted paths relative to `root` with `/` separators. */
+function filesUnder (root, dir) {
+  const out = []
+  const walk = (abs) => {
+    for (const entry of readdirSync(abs, { withFileTypes: true })) {
+      const path = join(abs, entry.name)
+      if (entry.isDirectory()) walk(path)
+      else if (entry.isFile()) out.push(relative(root, path).split(sep).join('/'))
+    }
+  }
+  if (existsSync(join(root, dir))) walk(join(root, dir))
+  return out.sort()
+}
+
+/** The TypeScript compiler that builds `root`, resolved from the project (or from this script's). */
+function compiler (root) {
+  for (const from of [join(root, 'package.json'), join(here, '..', 'package.json')]) {
+    try {
+      const require = createRequire(from)
+      const tsc = require.resolve('typescript/bin/tsc')
+      const { version } = require('typescript/package.json')
+      return { tsc, version }
+    } catch {}
+  }
+  return null
+}
+
+/** SHA-256 of the build's inputs: each one's path, then its length and bytes (no two inputs can collide by concatenation). */
+function inputsHash (root, tscVersion) {
+  const hash = createHash('sha256').update(`typescript ${tscVersion ?? 'none'}\n`)
+  const files = [...INPUT_FILES.filter((f) => existsSync(join(root, f))), ...INPUT_DIRS.flatMap((d) => filesUnder(root, d))]
+  for (const file of files) {
+    const bytes = readFileSync(join(root, file))
+    hash.update(`${file}\n${bytes.length}\n`).update(bytes)
+  }
+  return hash.digest('hex')
+}
+
+function main () {
+  const { values } = parseArgs({ options: { 'if-stale': { type: 'boolean' }, root: { type: 'string' } } })
+  const root = resolve(values.root ?? join(here, '..'))
+  const stampPath = join(root, STAMP)
+  const tsc = compiler(root)
+  const hash = inputsHash(root, tsc?.version)
+
+  if (values['if-stale'] === true && existsSync(stampPath) && readFileSync(stampPath, 'utf8').trim() === hash) {
+    process.stdout.write('build: dist/ is up to date with src/ (tsc skipped)\n')
+    return 0
+  }
+  if (tsc === null) {
+    process.stderr.write('build: the TypeScript compiler is not installed (npm ci installs it)\n')
+    return 1
+  }
+  rmSync(stampPath, { force: true })
+  const started = Date.now()
+  const run = spawnSync(process.execPath, [tsc.tsc, '-p', join(root, 'tsconfig.json')], { cwd: root, stdio: 'inherit' })
+  if (run.status !== 0) return run.status ?? 1
+  mkdirSync(dirname(stampPath), { recursive: true })
+  writeFileSync(stampPath, `${hash}\n`)
+  process.stdout.write(`build: compiled in ${((Date.now() - started) / 1000).toFixed(1)} s\n`)
+  return 0
+}
+
+process.exitCode = main()

@@ -1,0 +1,82 @@
+/**
+ * `scripts/build.mjs`: `npm run build` always compiles; `npm start` (`--if-stale`) compiles only
+ * when what decides the output changed since the last successful build. Exercised on a tiny
+ * project in a temp folder (`--root`), never on this checkout's dist/, which other tests read.
+ */
+import t from 'tap'
+import { spawnSync } from 'node:child_process'
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { ROOT } from './helpers/root.js'
+import { tempDir } from './helpers/process.js'
+
+const SCRIPT = join(ROOT, 'scripts', 'build.mjs')
+const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> }
+
+interface Build { code: number | null, out: string }
+
+function build (root: string, ...args: string[]): Build {
+  const run = spawnSync(process.execPath, [SCRIPT, '--root', root, ...args], { encoding: 'utf8', timeout: 120_000 })
+  return { code: run.status, out: `${run.stdout}${run.stderr}` }
+}
+
+/** A project of one source file, laid out like this one. */
+function tinyProject (root: string): void {
+  mkdirSync(join(root, 'src', 'lib'), { recursive: true })
+  writeFileSync(join(root, 'tsconfig.json'), JSON.stringify({ compilerOptions: { target: 'ES2022', module: 'ES2022', strict: true, outDir: 'dist', rootDir: 'src', types: [] }, include: ['src'] }))
+  writeFileSync(join(root, 'package.json'), JSON.stringify({ name: 'tiny', version: '1.0.0', type: 'module' }))
+  writeFileSync(join(root, 'package-lock.json'), JSON.stringify({ name: 'tiny', lockfileVersion: 3, packages: {} }))
+  writeFileSync(join(root, 'src', 'lib', 'answer.ts'), 'export const answer: number = 41\n')
+}
+
+const STAMP = (root: string): string => join(root, 'dist', '.build-stamp')
+const OUTPUT = (root: string): string => join(root, 'dist', 'lib', 'answer.js')
+/** Mark the compiled file so that a later tsc run shows (it rewrites the file). */
+const mark = (root: string): void => writeFileSync(OUTPUT(root), readFileSync(OUTPUT(root), 'utf8') + '// not rebuilt\n')
+const rebuilt = (root: string): boolean => !readFileSync(OUTPUT(root), 'utf8').includes('// not rebuilt')
+
+t.test('package.json: build always compiles, prestart only when stale', async (t) => {
+  t.equal(pkg.scripts.build, 'node scripts/build.mjs')
+  t.equal(pkg.scripts.prestart, 'node scripts/build.mjs --if-stale')
+})
+
+t.test('--if-stale: a fresh stamp skips tsc; a changed input compiles again; a failed build leaves no stamp', async (t) => {
+  const root = tempDir(t)
+  tinyProject(root)
+
+  const first = build(root, '--if-stale')
+  t.equal(first.code, 0, first.out)
+  t.match(first.out, /compiled in/, 'no stamp yet: compiled')
+  t.match(readFileSync(OUTPUT(root), 'utf8'), /answer = 41/)
+  t.match(readFileSync(STAMP(root), 'utf8'), /^[0-9a-f]{64}\n$/, 'the stamp holds a SHA-256')
+
+  mark(root)
+  const again = build(root, '--if-stale')
+  t.equal(again.code, 0, again.out)
+  t.match(again.out, /up to date/)
+  t.notOk(rebuilt(root), 'nothing changed: tsc did not run')
+
+  writeFileSync(join(root, 'src', 'lib', 'answer.ts'), 'export const answer: number = 42\n')
+  const changed = build(root, '--if-stale')
+  t.equal(changed.code, 0, changed.out)
+  t.match(changed.out, /compiled in/, 'a changed source file: compiled')
+  t.match(readFileSync(OUTPUT(root), 'utf8'), /answer = 42/)
+
+  mark(root)
+  writeFileSync(join(root, 'package-lock.json'), JSON.stringify({ name: 'tiny', lockfileVersion: 3, packages: { '': { version: '1.0.1' } } }))
+  const locked = build(root, '--if-stale')
+  t.match(locked.out, /compiled in/, 'a changed lockfile: compiled')
+  t.ok(rebuilt(root))
+
+  // Without --if-stale (`npm run build`) it always compiles.
+  mark(root)
+  const forced = build(root)
+  t.equal(forced.code, 0, forced.out)
+  t.ok(rebuilt(root), 'compiled though nothing changed')
+
+  writeFileSync(join(root, 'src', 'lib', 'answer.ts'), 'export const answer: number = "forty-two"\n')
+  const failed = build(root, '--if-stale')
+  t.not(failed.code, 0, 'a type error fails the build')
+  t.match(failed.out, /TS2322/)
+  t.notOk(existsSync(STAMP(root)), 'no stamp after a failed build: the next start compiles again rather than run stale output')
+})
