@@ -113,7 +113,7 @@ export class Sidecar {
     this.flushLog = log.flush
     this.registry = options.registry ?? new Registry()
     this.flags = new FlagSnapshot(config, this.logger)
-    this.dataPlane = new DataPlane(config, { logger: this.logger, flags: this.flags })
+    this.dataPlane = new DataPlane(config, { logger: this.logger, lines: log.lines, flags: this.flags })
     this.reachability = new ReachabilityWatch(this.logger)
     this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
     this.healthChecker = new HealthChecker(this.logger)

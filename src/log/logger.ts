@@ -5,6 +5,7 @@
  */
 import pino, { type Logger, type DestinationStream } from 'pino'
 import type { LogLevel } from '../config/types.js'
+import { RawLines } from './lines.js'
 
 export interface LogStats {
   dropped: number
@@ -15,6 +16,8 @@ const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
 
 export interface CreatedLogger {
   logger: Logger
+  /** Lines built as JSON text, written to the logger's destination (the access log). */
+  lines: RawLines
   stats: LogStats
   /** Write out what is buffered (at exit). */
   flush: () => void
@@ -40,5 +43,5 @@ export function createLogger (level: LogLevel, service: string, destination?: De
     formatters: { level: (label) => ({ level: label }) },
     redact: { paths: ['authorization', 'cookie', 'headers.authorization', 'headers.cookie', 'token'], censor: '[redacted]' }
   }, dest)
-  return { logger, stats, flush }
+  return { logger, lines: new RawLines(logger, dest, { service }), stats, flush }
 }
