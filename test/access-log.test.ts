@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
 import { createLogger } from '../src/log/logger.js'
-import { jsonString, RawLines } from '../src/log/lines.js'
+import { jsonString, jsonMillis, RawLines } from '../src/log/lines.js'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, raw, eventually } from './helpers/http.js'
@@ -38,10 +38,28 @@ t.test('jsonString escapes exactly as JSON.stringify does, for every UTF-16 code
   }
 })
 
+t.test('jsonMillis writes whole microseconds as milliseconds exactly as String(µs / 1000) does', async (t) => {
+  let wrong = 0
+  const check = (micros: number): void => {
+    if (jsonMillis(micros) !== JSON.stringify(micros / 1000)) {
+      wrong++
+      if (wrong <= 3) t.fail(`${micros}: ${jsonMillis(micros)} vs ${JSON.stringify(micros / 1000)}`)
+    }
+  }
+  for (let us = 0; us < 300_000; us++) check(us)
+  let x = 1
+  for (let i = 0; i < 200_000; i++) {
+    x = (x * 48271) % 2147483647
+    check(x * 465 + (i % 1000)) // up to about 1e12 µs: 11 days
+  }
+  for (const us of [999_999_999_999_999, 1e15, 2 ** 53 + 2, -1, 1.5, NaN, Infinity]) check(us)
+  t.equal(wrong, 0, 'the same text for every value')
+})
+
 t.test('the time field is toISOString\'s, across second, minute, day and year boundaries', async (t) => {
   const { dest } = capture()
   const { logger } = createLogger('info', 'svc', dest)
-  const lines = new RawLines(logger, dest, { service: 'svc' })
+  const lines = new RawLines(logger, (line) => { dest.write(line) }, { service: 'svc' })
   let wrong = 0
   const starts = [Date.UTC(2026, 11, 3, 7, 59, 59, 990), Date.UTC(2026, 11, 31, 23, 59, 59, 995), 0, Date.UTC(2024, 1, 28, 23, 59, 58, 0)]
   for (const start of starts) {

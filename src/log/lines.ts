@@ -2,10 +2,10 @@
  * Log lines built as JSON text, for the line written per request (the access log): the caller
  * writes its fields as JSON text (`jsonString` for every string), `RawLines` puts pino's
  * `level`, `time` and bindings in front and `msg` behind and writes the line to the logger's
- * own destination. The line has the shape of pino's lines and keeps its place among them (both
- * write synchronously to one destination), without pino's per-call object walk.
+ * own destination (logger.ts gathers them for one write per event-loop turn). The line has
+ * the shape of pino's lines and keeps its place among them, without pino's per-call object walk.
  */
-import type { Logger, DestinationStream } from 'pino'
+import type { Logger } from 'pino'
 
 /**
  * `s` as a JSON string literal. Anything a client sent (a path, a header) may hold quotes,
@@ -25,12 +25,26 @@ export function jsonNumber (n: number): string {
   return Number.isFinite(n) ? String(n) : 'null'
 }
 
+/**
+ * `micros / 1000` as JSON has it (`String(micros / 1000)`) for a whole number of microseconds,
+ * without formatting a double: the milliseconds, then up to three decimals without trailing zeros.
+ */
+export function jsonMillis (micros: number): string {
+  if (!Number.isSafeInteger(micros) || micros < 0 || micros >= 1e15) return jsonNumber(micros / 1000)
+  const frac = micros % 1000
+  const whole = String((micros - frac) / 1000)
+  if (frac === 0) return whole
+  const digits = frac < 10 ? '00' + String(frac) : frac < 100 ? '0' + String(frac) : String(frac)
+  return whole + '.' + (digits.charCodeAt(2) !== 48 ? digits : digits.charCodeAt(1) !== 48 ? digits.slice(0, 2) : digits.slice(0, 1))
+}
+
 /** pino's level numbers for the two levels a request line uses. */
 const LEVELS = { info: 30, warn: 40 } as const
 
 export class RawLines {
   private readonly logger: Logger
-  private readonly dest: DestinationStream
+  /** Writes a whole line to the logger's destination (or gathers it for the turn's write, logger.ts). */
+  private readonly out: (line: string) => void
   /** `,"service":"…"`: the logger's bindings, as pino writes them after `time`. */
   private readonly bindings: string
   /** The second `timePrefix` is for, in ms since the epoch (a multiple of 1000). */
@@ -38,9 +52,9 @@ export class RawLines {
   /** `YYYY-MM-DDTHH:MM:SS.` of `second`. */
   private timePrefix = ''
 
-  constructor (logger: Logger, dest: DestinationStream, bindings: Record<string, string>) {
+  constructor (logger: Logger, out: (line: string) => void, bindings: Record<string, string>) {
     this.logger = logger
-    this.dest = dest
+    this.out = out
     let b = ''
     for (const [key, value] of Object.entries(bindings)) b += `,${jsonString(key)}:${jsonString(value)}`
     this.bindings = b
@@ -56,7 +70,7 @@ export class RawLines {
    * starts with a comma; the caller has checked `enabled(level)`.
    */
   write (level: keyof typeof LEVELS, fields: string, msg: string): void {
-    this.dest.write(`{"level":"${level}","time":"${this.isoTime(Date.now())}"${this.bindings}${fields},"msg":${jsonString(msg)}}\n`)
+    this.out(`{"level":"${level}","time":"${this.isoTime(Date.now())}"${this.bindings}${fields},"msg":${jsonString(msg)}}\n`)
   }
 
   /** `new Date(ms).toISOString()`, formatting the date once a second. */

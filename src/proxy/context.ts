@@ -46,7 +46,7 @@ import type { Upstream } from './upstreams.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
-import { jsonString, jsonNumber } from '../log/lines.js'
+import { jsonString, jsonNumber, jsonMillis } from '../log/lines.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
@@ -277,7 +277,7 @@ export abstract class RequestContext {
     if (this.upstream !== null) l += ',"upstream":' + jsonString(this.upstream.name)
     if (this.endpoint !== null) l += ',"endpoint":' + jsonString(this.endpoint.origin)
     l += ',"outcome":' + (this.cause === null ? 'null' : jsonString(this.cause))
-    l += ',"durationMs":' + jsonNumber(Math.round(seconds * 1e6) / 1e3)
+    l += ',"durationMs":' + jsonMillis(Math.round(seconds * 1e6))
     if (this.attempt !== 0) l += ',"attempts":' + jsonNumber(this.attempt)
     if (this.fault !== null) l += ',"fault":' + jsonString(this.fault)
     if (this.fallback !== null) l += ',"fallback":' + jsonString(this.fallback)
