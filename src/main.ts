@@ -34,6 +34,8 @@ export async function start (configPath: string): Promise<number> {
   }
   for (const warning of loaded.warnings) sidecar.logger.warn({ event: 'config_warning' }, warning)
 
+  // Whatever way the process ends (a crash, the backstop), the log lines it still holds go out.
+  process.once('exit', () => { sidecar.flushLog() })
   process.on('uncaughtException', (err) => {
     sidecar.logger.fatal({ event: 'crash', err }, 'uncaught exception; exiting')
     process.exit(1)

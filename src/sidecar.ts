@@ -95,7 +95,9 @@ export class Sidecar {
   private readonly ops: ReturnType<typeof createOpsServer>
   private readonly admin: ReturnType<typeof createAdminServer>
   private readonly options: SidecarOptions
-  private readonly flushLog: () => void
+  /** Write out every log line still held, synchronously (at exit). */
+  readonly flushLog: () => void
+  private readonly drainLog: (ms: number) => Promise<void>
   private readonly reloads = { ok: 0, failed: 0 }
   /** The data plane's view of tracing; its exporter is set once `listen` has loaded it. */
   private readonly tracing: Tracing = { exporter: null }
@@ -111,9 +113,10 @@ export class Sidecar {
     const log = createLogger(config.logging.level, config.service, options.logDestination)
     this.logger = log.logger
     this.flushLog = log.flush
+    this.drainLog = log.drain
     this.registry = options.registry ?? new Registry()
     this.flags = new FlagSnapshot(config, this.logger)
-    this.dataPlane = new DataPlane(config, { logger: this.logger, flags: this.flags })
+    this.dataPlane = new DataPlane(config, { logger: this.logger, lines: log.lines, flags: this.flags })
     this.reachability = new ReachabilityWatch(this.logger)
     this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
     this.healthChecker = new HealthChecker(this.logger)
@@ -541,7 +544,8 @@ export class Sidecar {
     await this.admin.close()
     await this.ops.close()
     log({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
-    this.flushLog()
+    // The last lines out before the process exits (a stalled stdout holds the exit LOG_DRAIN_MS at most).
+    await this.drainLog(hurried ? 0 : LOG_DRAIN_MS)
   }
 
   /** Stop at once (tests). */
@@ -566,6 +570,9 @@ export async function startSidecar (config: Config, options: SidecarOptions = {}
 
 /** The longest a shutdown waits for the last spans to reach the collector. */
 const SPAN_FLUSH_MS = 2000
+
+/** The longest a shutdown waits for its last log lines to reach stdout. */
+const LOG_DRAIN_MS = 1000
 
 async function listenOn ({ server, certificates }: ProxyServer, host: string, port: number): Promise<string> {
   await new Promise<void>((resolve, reject) => {

@@ -13,6 +13,7 @@ export const ALL_TARGETS = [
   'direct',
   'breakwater',
   'breakwater-log',
+  'breakwater-log10',
   'breakwater-bare',
   'breakwater-stages',
   'breakwater-trace1',
@@ -138,7 +139,8 @@ export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstr
           '  - { metric: p99_latency, threshold: 2000, window: 2m, action: notify }'
         ]
       : []),
-    `logging: { level: info, accessLog: ${accessLog ? 'true' : 'false'} }`,
+    // accessLog: true, false or a sample rate (breakwater-log10: one request in ten).
+    `logging: { level: info, accessLog: ${String(accessLog)} }`,
     // breakwater-trace1/-trace100: spans sampled at 1 % / 100 %, exported over OTLP/HTTP (protobuf;
     // -trace100json: JSON) to the upstream, which answers every path 200 (a collector that accepts
     // everything, on CPU 0).
@@ -220,7 +222,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       opsPort,
       adminPort,
       upstreamPort: upstream.port,
-      accessLog: name === 'breakwater-log',
+      accessLog: name === 'breakwater-log' ? true : name === 'breakwater-log10' ? 0.1 : false,
       stages: name === 'breakwater-stages',
       sampleRatio: name === 'breakwater-trace1' ? 0.01 : name.startsWith('breakwater-trace100') ? 1 : null,
       protocol: name === 'breakwater-trace100json' ? 'http/json' : 'http/protobuf',
@@ -228,7 +230,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     }))
     const env = envWithout('BREAKWATER_BENCH_BARE')
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'
-    const stdout = name === 'breakwater-log' ? 'ignore' : join(dir, 'stdout.log')
+    const stdout = name === 'breakwater-log' || name === 'breakwater-log10' ? 'ignore' : join(dir, 'stdout.log')
     proc = startProcess({
       name,
       cmd: process.execPath,

@@ -2,9 +2,16 @@
  * pino JSON logs on stdout, bounded (SPEC §14): lines go through an asynchronous
  * sonic-boom destination with a size cap, so a stalled stdout drops lines (counted in
  * `breakwater_log_lines_dropped_total`) instead of growing memory or blocking the event loop.
+ *
+ * Access-log lines (one per request) are gathered for up to `GATHER_MS` and handed to
+ * sonic-boom together: one write to stdout for many requests instead of one each (a write is a
+ * trip through libuv's thread pool, which cost more than building the line). Any other line
+ * first hands over what is gathered, so lines leave in the order written.
  */
+import { writeSync } from 'node:fs'
 import pino, { type Logger, type DestinationStream } from 'pino'
 import type { LogLevel } from '../config/types.js'
+import { RawLines } from './lines.js'
 
 export interface LogStats {
   dropped: number
@@ -13,24 +20,125 @@ export interface LogStats {
 /** Bytes of log output held while stdout is not draining. */
 const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
 
+/** The file descriptor the log goes to. */
+const STDOUT = 1
+
+/** Access-log text gathered before it is handed over at once (characters). */
+const MAX_GATHERED = 64 * 1024
+
+/** The longest an access-log line waits to be handed over. */
+const GATHER_MS = 10
+
+type Boom = ReturnType<typeof pino.destination>
+
+/** Number of lines in `text` (each ends with a newline). */
+function countLines (text: string): number {
+  let n = 0
+  for (let i = text.indexOf('\n'); i !== -1; i = text.indexOf('\n', i + 1)) n++
+  return n
+}
+
+/**
+ * pino's destination in front of sonic-boom: `write` (pino's lines) goes straight through,
+ * `gather` (access lines) waits `GATHER_MS`, or until `MAX_GATHERED` characters are waiting. sonic-boom's cap counts the batch as a whole: a batch
+ * that does not fit is dropped, every line of it counted.
+ */
+class GatheringDestination {
+  private gathered = ''
+  private timer: NodeJS.Timeout | null = null
+  /** sonic-boom holds lines or is writing them (until its `drain`). */
+  private busy = false
+  private readonly boom: Boom
+  /** sonic-boom's file descriptor. */
+  private readonly fd: number
+  private readonly handOver = (): void => {
+    if (this.timer !== null) {
+      clearTimeout(this.timer)
+      this.timer = null
+    }
+    if (this.gathered === '') return
+    const text = this.gathered
+    this.gathered = ''
+    this.busy = true
+    this.boom.write(text)
+  }
+
+  constructor (boom: Boom, fd: number) {
+    this.boom = boom
+    this.fd = fd
+    boom.on('drain', () => { this.busy = false })
+  }
+
+  write (line: string): void {
+    if (this.gathered !== '') this.handOver()
+    this.busy = true
+    this.boom.write(line)
+  }
+
+  gather (line: string): void {
+    this.gathered += line
+    if (this.gathered.length >= MAX_GATHERED) this.handOver()
+    else if (this.timer === null) this.timer = setTimeout(this.handOver, GATHER_MS).unref()
+  }
+
+  /** Hand everything over and wait until it is written, or `ms` (a stalled stdout). */
+  async drain (ms: number): Promise<void> {
+    this.handOver()
+    if (!this.busy) return
+    await new Promise<void>((resolve) => {
+      const done = (): void => { clearTimeout(timer); this.boom.off('drain', done); resolve() }
+      const timer = setTimeout(done, ms)
+      this.boom.once('drain', done)
+    })
+  }
+
+  /**
+   * At exit, with no event loop left: what is gathered goes out synchronously when sonic-boom
+   * is idle; else it queues behind sonic-boom's lines, which pino writes out at exit. Never
+   * written past a write still in flight (that would cut a line).
+   */
+  flushSync (): void {
+    if (this.gathered === '') return
+    if (this.busy) {
+      this.handOver()
+      return
+    }
+    let bytes = Buffer.from(this.gathered)
+    this.gathered = ''
+    while (bytes.length > 0) bytes = bytes.subarray(writeSync(this.fd, bytes))
+  }
+}
+
 export interface CreatedLogger {
   logger: Logger
+  /** Lines built as JSON text, written to the logger's destination (the access log). */
+  lines: RawLines
   stats: LogStats
-  /** Write out what is buffered (at exit). */
+  /** Write out what is buffered, synchronously (at exit). */
   flush: () => void
+  /** Wait, up to `ms`, until what is buffered is written (at shutdown). */
+  drain: (ms: number) => Promise<void>
 }
 
 export function createLogger (level: LogLevel, service: string, destination?: DestinationStream): CreatedLogger {
   const stats: LogStats = { dropped: 0 }
   let flush = (): void => {}
+  let drain = async (_ms: number): Promise<void> => {}
   let dest = destination
+  let write: (line: string) => void
   if (dest === undefined) {
-    const boom = pino.destination({ dest: 1, sync: false, minLength: 0, maxLength: MAX_BUFFERED_BYTES })
-    boom.on('drop', () => { stats.dropped++ })
+    const boom = pino.destination({ dest: STDOUT, sync: false, minLength: 0, maxLength: MAX_BUFFERED_BYTES })
+    boom.on('drop', (text: string) => { stats.dropped += countLines(text) })
     // EAGAIN/EPIPE on stdout must never take the process down.
     boom.on('error', () => { stats.dropped++ })
-    flush = () => { try { boom.flushSync() } catch { /* stdout gone */ } }
-    dest = boom
+    const gathering = new GatheringDestination(boom, STDOUT)
+    flush = () => { try { gathering.flushSync() } catch { /* stdout gone */ } }
+    drain = async (ms) => { await gathering.drain(ms) }
+    dest = gathering
+    write = (line) => { gathering.gather(line) }
+  } else {
+    const given = dest
+    write = (line) => { given.write(line) }
   }
   const logger = pino({
     level,
@@ -40,5 +148,5 @@ export function createLogger (level: LogLevel, service: string, destination?: De
     formatters: { level: (label) => ({ level: label }) },
     redact: { paths: ['authorization', 'cookie', 'headers.authorization', 'headers.cookie', 'token'], censor: '[redacted]' }
   }, dest)
-  return { logger, stats, flush }
+  return { logger, lines: new RawLines(logger, write, { service }), stats, flush, drain }
 }

@@ -46,6 +46,7 @@ import type { Upstream } from './upstreams.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
+import { jsonString, jsonNumber, jsonMillis } from '../log/lines.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
@@ -245,36 +246,43 @@ export abstract class RequestContext {
 
   /**
    * The access-log line: OpenTelemetry's HTTP attribute names for what HTTP says, Breakwater's
-   * own names for what the proxy decided (README "Access log"). 5xx lines are warnings.
+   * own names for what the proxy decided (README "Access log"). 5xx lines are warnings. Built as
+   * JSON text (one line per request: no object for pino to walk); every string goes through
+   * `jsonString`, absent fields are left out, in this order.
    */
   private accessLog (seconds: number): void {
+    const level = isServerError(this) ? 'warn' : 'info'
+    const lines = this.dp.lines
+    if (!lines.enabled(level)) return
     const route = this.route
-    const method = requestMethod(this.req.method as string)
-    const line = {
-      requestId: this.requestId,
-      trace_id: this.traceId === '' ? undefined : this.traceId,
-      span_id: this.spanId === '' ? undefined : this.spanId,
-      'http.request.method': method,
-      'http.request.method_original': method === '_OTHER' ? this.req.method : undefined,
-      'url.path': pathOnly(this.path),
-      'http.response.status_code': this.status,
-      'http.route': httpRoute(route) ?? undefined,
-      'server.address': hostAddress(requestHost(this)),
-      'client.address': clientAddress(this),
-      'user_agent.original': userAgent(this.req.rawHeaders),
-      'error.type': errorType(this),
-      route: route?.name,
-      upstream: this.upstream?.name,
-      endpoint: this.endpoint?.origin,
-      outcome: this.cause,
-      durationMs: Math.round(seconds * 1e6) / 1e3,
-      attempts: this.attempt === 0 ? undefined : this.attempt,
-      fault: this.fault ?? undefined,
-      fallback: this.fallback ?? undefined,
-      upgrade: this.upgrade ? 'websocket' : undefined
-    }
-    if (isServerError(this)) this.dp.logger.warn(line, 'request')
-    else this.dp.logger.info(line, 'request')
+    const rawMethod = this.req.method as string
+    const method = requestMethod(rawMethod)
+    let l = ',"requestId":' + jsonString(this.requestId)
+    if (this.traceId !== '') l += ',"trace_id":' + jsonString(this.traceId)
+    if (this.spanId !== '') l += ',"span_id":' + jsonString(this.spanId)
+    l += ',"http.request.method":' + jsonString(method)
+    if (method === '_OTHER') l += ',"http.request.method_original":' + jsonString(rawMethod)
+    l += ',"url.path":' + jsonString(pathOnly(this.path)) + ',"http.response.status_code":' + jsonNumber(this.status)
+    const template = httpRoute(route)
+    if (template !== null) l += ',"http.route":' + jsonString(template)
+    const server = hostAddress(requestHost(this))
+    if (server !== undefined) l += ',"server.address":' + jsonString(server)
+    const client = clientAddress(this)
+    if (client !== undefined) l += ',"client.address":' + jsonString(client)
+    const agent = userAgent(this.req.rawHeaders)
+    if (agent !== undefined) l += ',"user_agent.original":' + jsonString(agent)
+    const error = errorType(this)
+    if (error !== undefined) l += ',"error.type":' + jsonString(error)
+    if (route !== null) l += ',"route":' + jsonString(route.name)
+    if (this.upstream !== null) l += ',"upstream":' + jsonString(this.upstream.name)
+    if (this.endpoint !== null) l += ',"endpoint":' + jsonString(this.endpoint.origin)
+    l += ',"outcome":' + (this.cause === null ? 'null' : jsonString(this.cause))
+    l += ',"durationMs":' + jsonMillis(Math.round(seconds * 1e6))
+    if (this.attempt !== 0) l += ',"attempts":' + jsonNumber(this.attempt)
+    if (this.fault !== null) l += ',"fault":' + jsonString(this.fault)
+    if (this.fallback !== null) l += ',"fallback":' + jsonString(this.fallback)
+    if (this.upgrade) l += ',"upgrade":"websocket"'
+    lines.write(level, l, 'request')
   }
 }
 

@@ -5,6 +5,7 @@
 import { randomBytes } from 'node:crypto'
 import type { Duplex } from 'node:stream'
 import type { Logger } from 'pino'
+import type { RawLines } from '../log/lines.js'
 import type { CircuitBreakerConfig, Config } from '../config/types.js'
 import { Route, RouteTable } from './route-table.js'
 import { UpstreamRegistry, type Upstream, type UpstreamChanges } from './upstreams.js'
@@ -29,6 +30,8 @@ export interface Runtime {
 
 export interface DataPlaneOptions {
   logger: Logger
+  /** Where the access log writes its lines: the logger's destination, in order with its lines. */
+  lines: RawLines
   /** The flag snapshot kill switches read. */
   flags: FlagReader
   stats?: DataPlaneStats
@@ -40,6 +43,7 @@ export class DataPlane {
   draining = false
   readonly stats: DataPlaneStats
   readonly logger: Logger
+  readonly lines: RawLines
   readonly overload: OverloadMonitor
   readonly flags: FlagReader
   /** Circuits by upstream; kept across reloads when their settings are unchanged. */
@@ -63,6 +67,7 @@ export class DataPlane {
 
   constructor (config: Config, options: DataPlaneOptions) {
     this.logger = options.logger
+    this.lines = options.lines
     this.flags = options.flags
     this.stats = options.stats ?? new DataPlaneStats()
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)

@@ -1,0 +1,87 @@
+/**
+ * Log lines built as JSON text, for the line written per request (the access log): the caller
+ * writes its fields as JSON text (`jsonString` for every string), `RawLines` puts pino's
+ * `level`, `time` and bindings in front and `msg` behind and writes the line to the logger's
+ * own destination (logger.ts gathers them for one write per event-loop turn). The line has
+ * the shape of pino's lines and keeps its place among them, without pino's per-call object walk.
+ */
+import type { Logger } from 'pino'
+
+/**
+ * `s` as a JSON string literal. Anything a client sent (a path, a header) may hold quotes,
+ * backslashes or control characters: those are escaped as `JSON.stringify` does, so a line
+ * stays one JSON object whatever the request held.
+ */
+export function jsonString (s: string): string {
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if (c < 32 || c === 34 || c === 92 || (c >= 0xd800 && c <= 0xdfff)) return JSON.stringify(s)
+  }
+  return '"' + s + '"'
+}
+
+/** A number as JSON has it (`null` for NaN and the infinities, as pino writes them). */
+export function jsonNumber (n: number): string {
+  return Number.isFinite(n) ? String(n) : 'null'
+}
+
+/**
+ * `micros / 1000` as JSON has it (`String(micros / 1000)`) for a whole number of microseconds,
+ * without formatting a double: the milliseconds, then up to three decimals without trailing zeros.
+ */
+export function jsonMillis (micros: number): string {
+  if (!Number.isSafeInteger(micros) || micros < 0 || micros >= 1e15) return jsonNumber(micros / 1000)
+  const frac = micros % 1000
+  const whole = String((micros - frac) / 1000)
+  if (frac === 0) return whole
+  const digits = frac < 10 ? '00' + String(frac) : frac < 100 ? '0' + String(frac) : String(frac)
+  return whole + '.' + (digits.charCodeAt(2) !== 48 ? digits : digits.charCodeAt(1) !== 48 ? digits.slice(0, 2) : digits.slice(0, 1))
+}
+
+/** pino's level numbers for the two levels a request line uses. */
+const LEVELS = { info: 30, warn: 40 } as const
+
+export class RawLines {
+  private readonly logger: Logger
+  /** Writes a whole line to the logger's destination (or gathers it for the turn's write, logger.ts). */
+  private readonly out: (line: string) => void
+  /** `,"service":"…"`: the logger's bindings, as pino writes them after `time`. */
+  private readonly bindings: string
+  /** The second `timePrefix` is for, in ms since the epoch (a multiple of 1000). */
+  private second = -1
+  /** `YYYY-MM-DDTHH:MM:SS.` of `second`. */
+  private timePrefix = ''
+
+  constructor (logger: Logger, out: (line: string) => void, bindings: Record<string, string>) {
+    this.logger = logger
+    this.out = out
+    let b = ''
+    for (const [key, value] of Object.entries(bindings)) b += `,${jsonString(key)}:${jsonString(value)}`
+    this.bindings = b
+  }
+
+  /** Whether the logger's level (which a reload may change) lets `level` through. */
+  enabled (level: keyof typeof LEVELS): boolean {
+    return this.logger.levelVal <= LEVELS[level]
+  }
+
+  /**
+   * Write `{"level":…,"time":…,<bindings><fields>,"msg":…}` and a newline. `fields` is empty or
+   * starts with a comma; the caller has checked `enabled(level)`.
+   */
+  write (level: keyof typeof LEVELS, fields: string, msg: string): void {
+    this.out(`{"level":"${level}","time":"${this.isoTime(Date.now())}"${this.bindings}${fields},"msg":${jsonString(msg)}}\n`)
+  }
+
+  /** `new Date(ms).toISOString()`, formatting the date once a second. */
+  isoTime (ms: number): string {
+    let millis = ms % 1000
+    if (millis < 0) millis += 1000 // before 1970
+    const second = ms - millis
+    if (second !== this.second) {
+      this.second = second
+      this.timePrefix = new Date(second).toISOString().slice(0, 20)
+    }
+    return this.timePrefix + (millis < 10 ? '00' : millis < 100 ? '0' : '') + String(millis) + 'Z'
+  }
+}
