@@ -16,13 +16,13 @@ import {
   ALL_TARGETS, LOADGEN_CPU, PROXY_CPU, startUpstream, startTarget, targetAvailability, tools
 } from './lib/targets.mjs'
 import {
-  summariseLoad, summariseMemory, throughputTable, ratioTable, addedLatencyTable, memoryTable, machineTable
+  summariseLoad, summariseMemory, throughputTable, ratioTable, addedLatencyTable, tailTable, memoryTable, machineTable
 } from './lib/report.mjs'
 
 const benchDir = dirname(fileURLToPath(import.meta.url))
 const repoRoot = resolve(benchDir, '..')
 
-const SCENARIO_NAMES = ['c50', 'rate2000', 'c1-samecpu', 'memory']
+const SCENARIO_NAMES = ['c50', 'c200', 'rate2000', 'c1-samecpu', 'memory']
 const OTHER_CPU_LIMIT = 10 // % of one core; a run above this is measured once more
 const IDLE_LIMIT = 15 // % busy over all CPUs for the pre-flight check
 const MAX_ATTEMPTS = 3 // measurements of one target/scenario/round when disturbed
@@ -36,9 +36,9 @@ let retryBudgetS = RETRY_BUDGET_S // 0 with --quick: a smoke test does not repea
 const HELP = `Usage: node bench/run.mjs [options]
 
   --rounds N         interleaved rounds per scenario (default 5; env BENCH_ROUNDS)
-  --duration S       seconds per c50 run (default 10; env BENCH_DURATION); the
-                     other load scenarios use min(S, 2) s
-  --quick            smoke test: 1 round, 2 s c50 runs, 1 s for the rest
+  --duration S       seconds per c50 run (default 10; env BENCH_DURATION); c200
+                     runs 20 s, the other load scenarios min(S, 2) s
+  --quick            smoke test: 1 round, 2 s c50 and c200 runs, 1 s for the rest
   --targets a,b      subset of: ${ALL_TARGETS.join(', ')} (env BENCH_TARGETS)
   --scenarios a,b    subset of: ${SCENARIO_NAMES.join(', ')} (env BENCH_SCENARIOS)
   --json FILE        write every measurement and the summaries as JSON (env BENCH_JSON)
@@ -92,8 +92,10 @@ function options () {
   if (!targets.includes('direct')) targets = ['direct', ...targets]
   const scenarios = list(values.scenarios ?? env.BENCH_SCENARIOS, SCENARIO_NAMES, 'scenario')
   const short = quick ? 1 : Math.min(duration, 2)
+  const tail = quick ? 2 : 20
   const scenarioDefs = {
     c50: { name: 'c50', kind: 'throughput', connections: 50, duration, warmup: quick ? 0.3 : 0.5, title: `GET /, c=50, closed loop, ${duration} s × ${rounds} rounds` },
+    c200: { name: 'c200', kind: 'tail', connections: 200, duration: tail, warmup: quick ? 0.3 : 0.5, title: `GET /, c=200, closed loop, ${tail} s × ${rounds} rounds` },
     rate2000: { name: 'rate2000', kind: 'added', connections: 10, overallRate: 2000, duration: short, warmup: 0.3, title: `GET /, c=10, overallRate 2,000 req/s, ${short} s × ${rounds} rounds` },
     'c1-samecpu': { name: 'c1-samecpu', kind: 'added', connections: 1, duration: short, warmup: 0.3, samecpu: true, title: `GET /, c=1, upstream + load generator + proxy all on CPU ${PROXY_CPU}, ${short} s × ${rounds} rounds` },
     memory: { name: 'memory', kind: 'memory', connections: 1000, hold: quick ? 1 : 2, maxDuration: 15, rounds: Math.min(rounds, 3), title: '' }
@@ -203,6 +205,7 @@ async function measureOnce (t, sc, loadOpts) {
     connections: sc.connections,
     duration: loadOpts.duration,
     overallRate: sc.overallRate,
+    tail: sc.kind === 'tail',
     during: loadOpts.during,
     onInstance: loadOpts.onInstance,
     onStart: () => {
@@ -275,6 +278,8 @@ function checkAlive (t) {
   return true
 }
 
+const LOAD_TABLES = { throughput: throughputTable, added: addedLatencyTable, tail: tailTable }
+
 const rotate = (xs, n) => xs.map((_, i) => xs[(i + n) % xs.length])
 
 async function runLoadScenario (sc, opts, results) {
@@ -299,6 +304,9 @@ async function runLoadScenario (sc, opts, results) {
         log(m.error
           ? `  round ${round + 1} ${t.name}: ERROR ${m.error}`
           : `  round ${round + 1} ${t.name.padEnd(19)} ${Math.round(m.reqPerSec).toString().padStart(6)} req/s  p50 ${m.p50?.toFixed(3)} p99 ${m.p99?.toFixed(3)} ms` +
+            (sc.kind === 'tail'
+              ? ` p99.9 ${m.p999?.toFixed(1)} max ${m.max?.toFixed(0)} ms, ${m.over1s} over 1 s; ramp ${m.rampS?.toFixed(2)} s, after it p99.9 ${m.afterRamp.p999?.toFixed(1)} max ${m.afterRamp.max?.toFixed(0)} ms; load generator delay max ${m.loadgenDelayMax.toFixed(0)} ms`
+              : '') +
             `  cpu ${m.cpuUsPerReq ? m.cpuUsPerReq.toFixed(1) + ' µs/req' : '–'}  cpu0 ${m.cpu0BusyPct.toFixed(0)}%  other ${m.otherCpuPct.toFixed(1)}%` +
             (m.errors || m.non2xx || m.timeouts ? `  errors ${m.errors} timeouts ${m.timeouts} non2xx ${m.non2xx}` : ''))
       }
@@ -495,7 +503,7 @@ async function main () {
     } else {
       const s = summariseLoad(sc, state.targets, rs)
       summaries[sc.name] = s
-      md.push(sc.kind === 'throughput' ? throughputTable(s) : addedLatencyTable(s))
+      md.push(LOAD_TABLES[sc.kind](s))
       if (sc.kind === 'throughput') {
         const rt = ratioTable(s, opts.rounds)
         if (rt) {

@@ -1,6 +1,7 @@
 // Load generation with autocannon (programmatic), keeping the float response
 // time of every 2xx response so percentiles are exact rather than read from
 // autocannon's 1 ms-resolution histogram.
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import autocannon from 'autocannon'
 
 class FloatList {
@@ -23,11 +24,65 @@ class FloatList {
   }
 }
 
+/**
+ * The connection ramp of a closed loop: autocannon opens every connection at once, and the
+ * requests sent on them wait until the target has accepted their connection. The ramp ends
+ * when every connection has had a response; the tail after it is the steady state's.
+ */
+class Ramp {
+  constructor (connections) {
+    this.connections = connections
+    this.seen = new Set()
+    this.t0 = performance.now()
+    this.endMs = null
+    this.after = new FloatList()
+  }
+
+  response (client, responseTime) {
+    const now = performance.now() - this.t0
+    if (this.endMs === null) {
+      this.seen.add(client)
+      if (this.seen.size === this.connections) this.endMs = now
+    } else if (now - responseTime >= this.endMs) {
+      this.after.push(responseTime)
+    }
+  }
+
+  summary () {
+    const sorted = this.after.sorted()
+    return {
+      rampS: this.endMs === null ? null : this.endMs / 1000,
+      afterRamp: {
+        ok2xx: sorted.length,
+        p99: percentile(sorted, 99),
+        p999: percentile(sorted, 99.9),
+        max: sorted.length ? sorted[sorted.length - 1] : null,
+        over1s: sorted.length - countAtMost(sorted, SLOW_MS)
+      }
+    }
+  }
+}
+
 /** Nearest-rank percentile of an ascending Float64Array (p in 0..100). */
 export function percentile (sorted, p) {
   if (sorted.length === 0) return null
   const rank = Math.ceil((p / 100) * sorted.length)
   return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))]
+}
+
+/** Responses slower than this count as stalls (the `c200` scenario's "over 1 s"). */
+export const SLOW_MS = 1000
+
+/** How many values of an ascending Float64Array are <= limit (binary search). */
+function countAtMost (sorted, limit) {
+  let lo = 0
+  let hi = sorted.length
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1
+    if (sorted[mid] <= limit) lo = mid + 1
+    else hi = mid
+  }
+  return lo
 }
 
 /**
@@ -40,15 +95,20 @@ export function percentile (sorted, p) {
  * @param {Array<{atSeconds:number, fn:Function}>} [o.during] callbacks to run while the load is on
  * @param {Function} [o.onStart] called right before load starts (for CPU snapshots)
  * @param {Function} [o.onInstance] receives the autocannon instance (to stop() it early)
+ * @param {boolean} [o.tail] also report the tail after the connection ramp (see `afterRamp`)
+ *   and the load generator's own event-loop delay
  */
-export function runLoad ({ url, connections, duration, overallRate, during = [], onStart, onInstance }) {
+export function runLoad ({ url, connections, duration, overallRate, during = [], onStart, onInstance, tail = false }) {
   return new Promise((resolve, reject) => {
     const latencies = new FloatList()
+    const ramp = tail ? new Ramp(connections) : null
+    const loopDelay = tail ? monitorEventLoopDelay({ resolution: 10 }) : null
     let responses = 0
     let non2xx = 0
     const timers = []
     onStart?.()
     const t0 = process.hrtime.bigint()
+    loopDelay?.enable()
     const opts = {
       url,
       connections,
@@ -62,6 +122,7 @@ export function runLoad ({ url, connections, duration, overallRate, during = [],
       instance = autocannon(opts, (err, result) => {
         const elapsedS = Number(process.hrtime.bigint() - t0) / 1e9
         for (const t of timers) clearTimeout(t)
+        loopDelay?.disable()
         if (err) return reject(err)
         const sorted = latencies.sorted()
         resolve({
@@ -78,7 +139,10 @@ export function runLoad ({ url, connections, duration, overallRate, during = [],
           p99: percentile(sorted, 99),
           p999: percentile(sorted, 99.9),
           max: sorted.length ? sorted[sorted.length - 1] : null,
-          mean: sorted.length ? sorted.reduce((a, b) => a + b, 0) / sorted.length : null
+          over1s: sorted.length - countAtMost(sorted, SLOW_MS),
+          mean: sorted.length ? sorted.reduce((a, b) => a + b, 0) / sorted.length : null,
+          ...(ramp === null ? {} : ramp.summary()),
+          ...(loopDelay === null ? {} : { loadgenDelayP99: loopDelay.percentile(99) / 1e6, loadgenDelayMax: loopDelay.max / 1e6 })
         })
       })
     } catch (err) {
@@ -86,8 +150,10 @@ export function runLoad ({ url, connections, duration, overallRate, during = [],
     }
     instance.on('response', (client, statusCode, resBytes, responseTime) => {
       responses++
-      if (statusCode >= 200 && statusCode < 300) latencies.push(responseTime)
-      else non2xx++
+      if (statusCode >= 200 && statusCode < 300) {
+        latencies.push(responseTime)
+        ramp?.response(client, responseTime)
+      } else non2xx++
     })
     onInstance?.(instance)
     for (const d of during) timers.push(setTimeout(d.fn, d.atSeconds * 1000))

@@ -82,6 +82,15 @@ export function summariseLoad (scenario, targets, results) {
         p50: median(col('p50')),
         p99: median(col('p99')),
         p999: median(col('p999')),
+        p999Min: min(col('p999')),
+        p999Max: max(col('p999')),
+        maxWorst: max(col('max')),
+        over1s: sum(col('over1s')),
+        rampSMax: max(col('rampS')),
+        afterRampP999: median(rs.map((r) => r.afterRamp?.p999)),
+        afterRampMaxWorst: max(rs.map((r) => r.afterRamp?.max)),
+        afterRampOver1s: sum(rs.map((r) => r.afterRamp?.over1s)),
+        loadgenDelayMax: max(col('loadgenDelayMax')),
         errors: sum(col('errors')) + sum(col('timeouts')),
         non2xx: sum(col('non2xx')),
         proxyCpuPct: median(col('proxyCpuPct')),
@@ -135,6 +144,14 @@ export function summariseMemory (targets, results) {
   return { scenario: 'memory', rows }
 }
 
+/** One row per target; `cells(row, isDirect)` gives the cells after the target's name. */
+function targetTable (summary, head, align, cells) {
+  const rows = summary.rows.map((r) => r.rounds
+    ? [r.target, ...cells(r, r.target === 'direct')]
+    : [r.target, notRun(r), ...Array(head.length - 2).fill(dash)])
+  return table(head, align, rows)
+}
+
 const rangeStr = (r, f) => (r && r.median !== null ? `${f(r.median)} (${f(r.min)} to ${f(r.max)})` : dash)
 const notRun = (row) => row.status && row.status !== 'ok' ? row.status : 'no successful run'
 
@@ -142,27 +159,21 @@ export function throughputTable (summary) {
   const head = ['target', 'req/s (median)', 'req/s min–max', '×direct', '×fastify-http-proxy', 'p50 ms', 'p99 ms', 'p99.9 ms',
     'errors / non-2xx', 'proxy CPU %', 'proxy CPU µs/req', 'CPU0 busy %', 'RSS MiB after', 'other CPU % (max)']
   const align = ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']
-  const rows = summary.rows.map((r) => {
-    if (!r.rounds) return [r.target, notRun(r), ...Array(head.length - 2).fill(dash)]
-    const isDirect = r.target === 'direct'
-    return [
-      r.target,
-      fmtInt(r.reqPerSec),
-      `${fmtInt(r.reqPerSecMin)}–${fmtInt(r.reqPerSecMax)}`,
-      fmtRatio(r.xDirect.median),
-      fmtRatio(r.xFastify.median),
-      fmtMs(r.p50),
-      fmtMs(r.p99),
-      fmtMs(r.p999),
-      `${r.errors} / ${r.non2xx}`,
-      isDirect ? dash : fmtInt(r.proxyCpuPct),
-      isDirect ? dash : fmtFixed(r.cpuUsPerReq),
-      fmtInt(r.cpu0BusyPct),
-      isDirect ? dash : fmtFixed(r.rssKiBLast === null ? null : r.rssKiBLast / 1024),
-      fmtInt(r.otherCpuPctMax)
-    ]
-  })
-  return table(head, align, rows)
+  return targetTable(summary, head, align, (r, isDirect) => [
+    fmtInt(r.reqPerSec),
+    `${fmtInt(r.reqPerSecMin)}–${fmtInt(r.reqPerSecMax)}`,
+    fmtRatio(r.xDirect.median),
+    fmtRatio(r.xFastify.median),
+    fmtMs(r.p50),
+    fmtMs(r.p99),
+    fmtMs(r.p999),
+    `${r.errors} / ${r.non2xx}`,
+    isDirect ? dash : fmtInt(r.proxyCpuPct),
+    isDirect ? dash : fmtFixed(r.cpuUsPerReq),
+    fmtInt(r.cpu0BusyPct),
+    isDirect ? dash : fmtFixed(r.rssKiBLast === null ? null : r.rssKiBLast / 1024),
+    fmtInt(r.otherCpuPctMax)
+  ])
 }
 
 /** Per-round ratios of each target against fastify-http-proxy (req/s and CPU µs/req). */
@@ -188,24 +199,49 @@ export function addedLatencyTable (summary) {
   const head = ['target', 'achieved req/s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'added p50 ms (min to max)', 'added p99 ms (min to max)',
     'errors / non-2xx', 'proxy CPU %', 'proxy CPU µs/req', 'other CPU % (max)']
   const align = ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']
-  const rows = summary.rows.map((r) => {
-    if (!r.rounds) return [r.target, notRun(r), ...Array(head.length - 2).fill(dash)]
-    const isDirect = r.target === 'direct'
-    return [
-      r.target,
-      fmtInt(r.reqPerSec),
-      fmtMs(r.p50),
-      fmtMs(r.p99),
-      fmtMs(r.p999),
-      isDirect ? dash : rangeStr(r.addedP50, fmtSignedMs),
-      isDirect ? dash : rangeStr(r.addedP99, fmtSignedMs),
-      `${r.errors} / ${r.non2xx}`,
-      isDirect ? dash : fmtInt(r.proxyCpuPct),
-      isDirect ? dash : fmtFixed(r.cpuUsPerReq),
-      fmtInt(r.otherCpuPctMax)
-    ]
-  })
-  return table(head, align, rows)
+  return targetTable(summary, head, align, (r, isDirect) => [
+    fmtInt(r.reqPerSec),
+    fmtMs(r.p50),
+    fmtMs(r.p99),
+    fmtMs(r.p999),
+    isDirect ? dash : rangeStr(r.addedP50, fmtSignedMs),
+    isDirect ? dash : rangeStr(r.addedP99, fmtSignedMs),
+    `${r.errors} / ${r.non2xx}`,
+    isDirect ? dash : fmtInt(r.proxyCpuPct),
+    isDirect ? dash : fmtFixed(r.cpuUsPerReq),
+    fmtInt(r.otherCpuPctMax)
+  ])
+}
+
+const tailMet = (p999, over1s, errors) => (p999 !== null && p999 <= 100 && over1s === 0 && errors === 0 ? 'yes' : 'no')
+
+/**
+ * c200: the tail of a closed loop at 200 connections; the goal is p99.9 <= 100 ms and no
+ * response over 1 s, over the whole run and after the connection ramp.
+ */
+export function tailTable (summary) {
+  const head = ['target', 'req/s (median)', 'p50 ms', 'p99 ms', 'p99.9 ms', 'p99.9 ms min–max', 'max ms (worst round)', 'responses over 1 s (all rounds)',
+    'ramp s (worst)', 'after the ramp: p99.9 ms', 'after the ramp: max ms (worst)', 'p99.9 ≤ 100 ms, none over 1 s: whole run / after the ramp',
+    'errors / non-2xx', 'proxy CPU µs/req', 'CPU0 busy %', 'load generator loop delay max ms', 'other CPU % (max)']
+  const align = ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r', 'r', 'r', 'r', 'r']
+  return targetTable(summary, head, align, (r, isDirect) => [
+    fmtInt(r.reqPerSec),
+    fmtMs(r.p50),
+    fmtMs(r.p99),
+    `**${fmtMs(r.p999)}**`,
+    `${fmtMs(r.p999Min)}–${fmtMs(r.p999Max)}`,
+    fmtMs(r.maxWorst),
+    `**${fmtInt(r.over1s)}**`,
+    fmtFixed(r.rampSMax, 2),
+    fmtMs(r.afterRampP999),
+    fmtMs(r.afterRampMaxWorst),
+    `${tailMet(r.p999, r.over1s, r.errors)} / ${tailMet(r.afterRampP999, r.afterRampOver1s, r.errors)}`,
+    `${r.errors} / ${r.non2xx}`,
+    isDirect ? dash : fmtFixed(r.cpuUsPerReq),
+    fmtInt(r.cpu0BusyPct),
+    fmtInt(r.loadgenDelayMax),
+    fmtInt(r.otherCpuPctMax)
+  ])
 }
 
 export function memoryTable (summary) {
