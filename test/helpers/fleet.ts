@@ -6,6 +6,7 @@ import { startTestSidecar, type TestSidecar } from './sidecar.js'
 import { startUpstream, type TestUpstream } from './upstream.js'
 import { startEtcd, type EtcdCluster } from './etcd.js'
 import { eventually } from './http.js'
+import './linger.js'
 
 /** The config of one sidecar of service `shop`, in the fleet on `endpoints`. */
 export function fleetConfig (url: string, endpoints: string[], extra: Record<string, unknown> = {}): Record<string, unknown> {
