@@ -64,10 +64,12 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
 
   // The rollback worked: service is back, every sidecar resolves its alert.
   healthy = true
-  t.ok(await eventually(() => notifications().some((n) => n.status === 'resolved'), 60_000), 'a resolved notification')
-  const resolved = notifications().find((n) => n.status === 'resolved') as AmNotification
-  t.equal(resolved.alerts.length, 3, 'all three alerts resolved')
-  for (const a of resolved.alerts) t.ok(Date.parse(a.endsAt) <= Date.now(), 'with endsAt')
+  // Each sidecar resolves its own alert once it has verified the restoration, so on a busy machine
+  // one can be reported resolved beside another still firing; the group ends with a resolved notification.
+  const resolvedAlerts = (): AmAlert[] => notifications().flatMap((n) => n.alerts.filter((a) => a.status === 'resolved'))
+  t.ok(await eventually(() => new Set(resolvedAlerts().map((a) => a.labels.instance)).size === 3 && notifications().some((n) => n.status === 'resolved'), 60_000), 'a resolved notification')
+  t.same(new Set(resolvedAlerts().map((a) => a.labels.instance)), new Set(['s0', 's1', 's2']), 'all three alerts resolved')
+  for (const a of resolvedAlerts()) t.ok(Date.parse(a.endsAt) <= Date.now(), 'with endsAt')
   const firingOnly = notifications().filter((n) => n.status === 'firing' && n.alerts.every((a) => a.status === 'firing'))
   t.equal(firingOnly.length, 1, 'exactly one notification for the firing incident')
   t.same(await alerts(), [], 'nothing active in Alertmanager')
