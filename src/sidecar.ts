@@ -236,9 +236,9 @@ export class Sidecar {
     await this.control.start()
     if (this.config.tracing !== null) {
       // STYLE 18: only a sidecar configured to export spans loads OpenTelemetry.
-      const { SpanQueue, loadExporter } = await import('./ops/tracing.js')
-      const exporter = await loadExporter(this.config.tracing)
-      this.spanQueue = new SpanQueue(this.config.tracing, exporter, this.config.version, this.traceStats, this.logger)
+      const { SpanQueue, loadEncoding } = await import('./ops/tracing.js')
+      const encoding = await loadEncoding(this.config.tracing, this.config.version)
+      this.spanQueue = new SpanQueue(this.config.tracing, encoding, this.traceStats, this.logger)
       this.tracing.exporter = this.spanQueue
     }
     // Incidents and status page incidents of an earlier run carry on (SPEC §19).

@@ -1,8 +1,8 @@
 /**
  * The export half of tracing (SPEC §18): the server spans of sampled requests, queued when the
- * request ends (context.ts `end`) and sent over OTLP/HTTP in batches by OpenTelemetry's exporter
- * (binary protobuf by default, JSON with `protocol: http/json`), off the request path. The sidecar loads this module with `await import()` only when
- * `tracing` is configured (STYLE 18): without it, no OpenTelemetry package is ever loaded.
+ * request ends (context.ts `end`) and sent over OTLP/HTTP in batches by OpenTelemetry's
+ * transport, off the request path. The sidecar loads this module with `await import()` only
+ * when `tracing` is configured (STYLE 18): without it, no OpenTelemetry package is ever loaded.
  *
  * The request path only pushes a finished span onto a bounded queue. A timer (`batch.delayMs`)
  * or a full batch (`batch.maxSize`) starts an export on a later turn of the event loop, one at
@@ -11,20 +11,23 @@
  * batch the exporter gives up on is counted too (`reason="export_failed"`), with one warn line
  * per failing streak. A request never waits for any of it.
  *
- * Spans are plain objects shaped as the SDK's `ReadableSpan` (what the exporter serialises):
- * the data plane makes its own sampling decision and ids (trace.ts) and builds no SDK span,
- * context or attribute machinery per request.
+ * The data plane makes its own sampling decision and ids (trace.ts) and builds no SDK span,
+ * context or attribute machinery per request. With `protocol: http/protobuf` (the default) a
+ * span is written as bytes into its batch when its request ends (otlp-protobuf.ts) and nothing
+ * of it outlives the request; with `http/json` it is a plain object shaped as the SDK's
+ * `ReadableSpan`, serialised by OpenTelemetry's JSON exporter.
  */
 import type { Logger } from 'pino'
 import type { Attributes, HrTime, Link, SpanContext, SpanStatus } from '@opentelemetry/api'
 import type { ReadableSpan, TimedEvent } from '@opentelemetry/sdk-trace'
+import type { Resource } from '@opentelemetry/resources'
+import type { TracingConfig } from '../config/types.js'
+import type { RequestContext } from '../proxy/context.js'
+import { isServerError, type SpanExport } from '../proxy/trace.js'
+import { hrTime, SpanEncoder, type SpanBatch } from './otlp-protobuf.js'
+import { spanName, writeSpanAttributes, type SpanWriter } from './span-facts.js'
 
 type InstrumentationScope = ReadableSpan['instrumentationScope']
-import { resourceFromAttributes, type Resource } from '@opentelemetry/resources'
-import type { SpanExporter } from '@opentelemetry/sdk-trace'
-import type { TracingConfig } from '../config/types.js'
-import { CLIENT_CLOSED, pathOnly, type RequestContext } from '../proxy/context.js'
-import { httpRoute, errorType, isServerError, hostAddress, hostPort, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from '../proxy/trace.js'
 
 /** Counters read by `/metrics`. */
 export interface TraceStats {
@@ -42,15 +45,14 @@ const NONE: never[] = []
 const SAMPLED = 1
 const VERSION = '0.1.0'
 
-/** Epoch milliseconds (fractional) as OpenTelemetry's [seconds, nanoseconds]. */
-function hrTime (ms: number): HrTime {
-  let seconds = Math.floor(ms / 1000)
-  let nanos = Math.round((ms - seconds * 1000) * 1e6)
-  if (nanos >= 1e9) { seconds++; nanos -= 1e9 }
-  return [seconds, nanos]
+/** Collects attributes into the object a `ReadableSpan` carries. */
+class AttributeObject implements SpanWriter {
+  readonly attributes: Attributes = {}
+  string (key: string, value: string): void { this.attributes[key] = value }
+  int (key: string, value: number): void { this.attributes[key] = value }
 }
 
-/** One request's server span, finished. */
+/** One request's server span, finished, as OpenTelemetry's JSON exporter takes it. */
 class ServerSpan implements ReadableSpan {
   readonly name: string
   readonly kind = KIND_SERVER
@@ -70,8 +72,7 @@ class ServerSpan implements ReadableSpan {
   readonly droppedLinksCount = 0
   private readonly context: SpanContext
 
-  constructor (ctx: RequestContext, resource: Resource, scope: InstrumentationScope) {
-    const endMs = performance.now()
+  constructor (ctx: RequestContext, endMs: number, resource: Resource, scope: InstrumentationScope) {
     this.resource = resource
     this.instrumentationScope = scope
     this.context = { traceId: ctx.traceId, spanId: ctx.spanId, traceFlags: SAMPLED }
@@ -80,44 +81,10 @@ class ServerSpan implements ReadableSpan {
     this.endTime = hrTime(performance.timeOrigin + endMs)
     this.duration = hrTime(endMs - ctx.startedAt)
     this.status = isServerError(ctx) ? STATUS_ERROR : STATUS_UNSET
-
-    // OpenTelemetry HTTP semantic conventions, server span.
-    const route = ctx.route
-    const method = requestMethod(ctx.req.method as string)
-    const template = httpRoute(route)
-    const host = requestHost(ctx)
-    const scheme = (ctx.clientSocket as { encrypted?: boolean }).encrypted === true ? 'https' : 'http'
-    const attributes: Attributes = {
-      'http.request.method': method,
-      'url.path': pathOnly(ctx.path),
-      'url.scheme': scheme,
-      'network.protocol.version': ctx.req.httpVersion,
-      'breakwater.outcome': ctx.cause ?? 'client'
-    }
-    const address = hostAddress(host)
-    if (address !== undefined) {
-      attributes['server.address'] = address
-      attributes['server.port'] = hostPort(host, scheme)
-    }
-    if (method === '_OTHER') attributes['http.request.method_original'] = ctx.req.method
-    // A client that left before any response got no status code.
-    if (ctx.status !== CLIENT_CLOSED) attributes['http.response.status_code'] = ctx.status
-    if (template !== null) attributes['http.route'] = template
-    const client = clientAddress(ctx)
-    if (client !== undefined) attributes['client.address'] = client
-    const agent = userAgent(ctx.req.rawHeaders)
-    if (agent !== undefined) attributes['user_agent.original'] = agent
-    const error = errorType(ctx)
-    if (error !== undefined) attributes['error.type'] = error
-    if (route !== null) {
-      attributes['breakwater.route'] = route.name
-      attributes['breakwater.upstream'] = route.upstream.name
-    }
-    this.attributes = attributes
-    // `{method} {target}`: the route's template, else its name; `HTTP` for a method OpenTelemetry does not know.
-    const verb = method === '_OTHER' ? 'HTTP' : method
-    const target = template ?? route?.name
-    this.name = target === undefined ? verb : `${verb} ${target}`
+    const out = new AttributeObject()
+    writeSpanAttributes(ctx, out)
+    this.attributes = out.attributes
+    this.name = spanName(ctx)
   }
 
   spanContext (): SpanContext {
@@ -125,56 +92,159 @@ class ServerSpan implements ReadableSpan {
   }
 }
 
-/**
- * OpenTelemetry's OTLP/HTTP exporter for the configured encoding; only that one package loads.
- * Protobuf is the default: its serialiser writes the wire format straight from the spans, at
- * about half the CPU and bytes of JSON (bench/README.md).
- */
-export async function loadExporter (config: TracingConfig): Promise<SpanExporter> {
-  const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs }
-  if (config.protocol === 'http/json') {
-    const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http')
-    return new OTLPTraceExporter(options)
-  }
-  const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-proto')
-  return new OTLPTraceExporter(options)
+/** The OTLP exporter of one encoding's batches: OpenTelemetry's `OTLPExporterBase`. */
+interface BatchExporter<B> {
+  export: (batch: B, done: (result: { code: number, error?: Error }) => void) => void
+  shutdown: () => Promise<void>
 }
 
-/** The sidecar's exporter: a bounded queue in front of OpenTelemetry's OTLP/HTTP exporter. */
+/** How the queue keeps spans until they are sent, and who sends them. */
+export interface Encoding<B> {
+  /** A new, empty batch. */
+  open: () => B
+  /** Add the server span of `ctx`, which ended at `endMs` (performance.now()). */
+  append: (batch: B, ctx: RequestContext, endMs: number) => void
+  count: (batch: B) => number
+  /** The batch has been sent or given up on: its memory may be reused. */
+  release: (batch: B) => void
+  readonly exporter: BatchExporter<B>
+}
+
+/** `http/protobuf`: each span appended as bytes when its request ends (otlp-protobuf.ts). */
+export class ProtobufEncoding implements Encoding<SpanBatch> {
+  readonly exporter: BatchExporter<SpanBatch>
+  private readonly encoder: SpanEncoder
+  private readonly batchSize: number
+  private spare: SpanBatch | null = null
+
+  constructor (encoder: SpanEncoder, exporter: BatchExporter<SpanBatch>, batchSize: number) {
+    this.encoder = encoder
+    this.exporter = exporter
+    this.batchSize = batchSize
+  }
+
+  open (): SpanBatch {
+    const spare = this.spare
+    if (spare === null) return this.encoder.open(this.batchSize)
+    this.spare = null
+    spare.count = 0
+    spare.pos = spare.start
+    return spare
+  }
+
+  append (batch: SpanBatch, ctx: RequestContext, endMs: number): void {
+    const encoder = this.encoder
+    encoder.begin(batch, ctx.traceId, ctx.spanId, ctx.parentSpanId, spanName(ctx), performance.timeOrigin + ctx.startedAt, performance.timeOrigin + endMs)
+    writeSpanAttributes(ctx, encoder)
+    encoder.end(isServerError(ctx), ctx.parentSpanId !== '')
+  }
+
+  count (batch: SpanBatch): number {
+    return batch.count
+  }
+
+  release (batch: SpanBatch): void {
+    // One buffer kept for the next batch; an outsized one (very long URLs) goes back to the allocator.
+    if (batch.buf.length <= SPARE_LIMIT) this.spare = batch
+  }
+}
+
+/** `http/json`: span objects, serialised by OpenTelemetry's JSON exporter when sent. */
+export class JsonEncoding implements Encoding<ServerSpan[]> {
+  readonly exporter: BatchExporter<ServerSpan[]>
+  private readonly resource: Resource
+  private readonly scope: InstrumentationScope
+
+  constructor (exporter: BatchExporter<ServerSpan[]>, resource: Resource, scope: InstrumentationScope) {
+    this.exporter = exporter
+    this.resource = resource
+    this.scope = scope
+  }
+
+  open (): ServerSpan[] { return [] }
+  append (batch: ServerSpan[], ctx: RequestContext, endMs: number): void { batch.push(new ServerSpan(ctx, endMs, this.resource, this.scope)) }
+  count (batch: ServerSpan[]): number { return batch.length }
+  release (): void {}
+}
+
+/** The largest batch buffer kept for reuse. */
+const SPARE_LIMIT = 4 * 1024 * 1024
+
+/**
+ * The configured encoding and its exporter, over OpenTelemetry's OTLP/HTTP transport (retries,
+ * `Retry-After`, timeouts, headers, partial success); only the packages that encoding needs load.
+ */
+export async function loadEncoding (config: TracingConfig, version: string): Promise<Encoding<unknown>> {
+  const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs }
+  const resourceAttributes = { 'service.name': config.serviceName, 'service.version': version }
+  const scope = { name: 'breakwater', version: VERSION }
+  if (config.protocol === 'http/json') {
+    const [{ OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([import('@opentelemetry/exporter-trace-otlp-http'), import('@opentelemetry/resources')])
+    return new JsonEncoding(new OTLPTraceExporter(options), resourceFromAttributes(resourceAttributes), scope) as Encoding<unknown>
+  }
+  const [{ OTLPExporterBase }, http, { ProtobufTraceSerializer }] = await Promise.all([
+    import('@opentelemetry/otlp-exporter-base'),
+    import('@opentelemetry/otlp-exporter-base/node-http'),
+    import('@opentelemetry/otlp-transformer')
+  ])
+  const encoder = new SpanEncoder(resourceAttributes, scope)
+  const serializer = {
+    serializeRequest: (batch: SpanBatch) => encoder.request(batch),
+    deserializeResponse: (data: Uint8Array) => ProtobufTraceSerializer.deserializeResponse(data)
+  }
+  const delegate = http.createOtlpHttpExportDelegate(
+    http.convertLegacyHttpOptions(options, 'TRACES', 'v1/traces', { 'Content-Type': 'application/x-protobuf' }),
+    serializer,
+    'otlp_http_span_exporter',
+    { name: 'span', countItems: (batch: SpanBatch) => batch.count },
+    undefined
+  )
+  return new ProtobufEncoding(encoder, new OTLPExporterBase(delegate), config.batch.maxSize) as Encoding<unknown>
+}
+
+/** The sidecar's exporter: a bounded queue of batches in front of the encoding's OTLP/HTTP exporter. */
 export class SpanQueue implements SpanExport {
   readonly sampleRatio: number
   private readonly config: TracingConfig
-  private readonly exporter: SpanExporter
-  private readonly resource: Resource
-  private readonly scope: InstrumentationScope = { name: 'breakwater', version: VERSION }
+  private readonly encoding: Encoding<unknown>
   private readonly stats: TraceStats
   private readonly logger: Logger
-  private spans: ServerSpan[] = []
+  /** Batches waiting, oldest first; only the last one still takes spans. */
+  private batches: unknown[] = []
+  /** Spans in `batches`. */
+  private queued = 0
   private timer: NodeJS.Timeout | null = null
   private scheduled = false
   /** The batch being exported (its number), or 0. */
   private exporting = 0
-  private batches = 0
+  private exports = 0
   private failing = false
   private idle: (() => void) | null = null
 
-  constructor (config: TracingConfig, exporter: SpanExporter, version: string, stats: TraceStats, logger: Logger) {
+  constructor (config: TracingConfig, encoding: Encoding<unknown>, stats: TraceStats, logger: Logger) {
     this.config = config
     this.sampleRatio = config.sampleRatio
+    this.encoding = encoding
     this.stats = stats
     this.logger = logger
-    this.resource = resourceFromAttributes({ 'service.name': config.serviceName, 'service.version': version })
-    this.exporter = exporter
   }
 
   add (ctx: RequestContext): void {
-    if (this.spans.length >= this.config.maxQueueSize) {
+    if (this.queued >= this.config.maxQueueSize) {
       this.stats.dropped.queue_full++
       return
     }
-    this.spans.push(new ServerSpan(ctx, this.resource, this.scope))
+    const encoding = this.encoding
+    const max = this.config.batch.maxSize
+    let last = this.batches[this.batches.length - 1]
+    if (last === undefined || encoding.count(last) >= max) {
+      last = encoding.open()
+      this.batches.push(last)
+    }
+    encoding.append(last, ctx, performance.now())
+    this.queued++
     if (this.exporting !== 0) return
-    if (this.spans.length >= this.config.batch.maxSize) this.soon()
+    if (encoding.count(this.batches[0]) >= max) this.soon()
     else if (this.timer === null) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
   }
 
@@ -185,37 +255,34 @@ export class SpanQueue implements SpanExport {
     setImmediate(flushQueue, this)
   }
 
-  /** Send the next batch, if none is in flight. */
+  /** Send the oldest batch, if none is in flight. */
   flush (): void {
     this.scheduled = false
     if (this.timer !== null) { clearTimeout(this.timer); this.timer = null }
-    if (this.exporting !== 0 || this.spans.length === 0) { if (this.exporting === 0) this.idle?.(); return }
-    const max = this.config.batch.maxSize
-    let batch: ServerSpan[]
-    if (this.spans.length <= max) {
-      batch = this.spans
-      this.spans = []
-    } else {
-      batch = this.spans.splice(0, max)
-    }
-    const n = ++this.batches
+    if (this.exporting !== 0) return
+    const batch = this.batches.shift()
+    if (batch === undefined) { this.idle?.(); return }
+    const count = this.encoding.count(batch)
+    this.queued -= count
+    const n = ++this.exports
     this.exporting = n
     // The exporter bounds its request (and retries) by timeoutMs; this bounds a callback that never comes.
-    const guard = setTimeout(() => { this.settled(n, batch.length, new Error(`no answer within ${this.config.batch.timeoutMs} ms`)) }, this.config.batch.timeoutMs + 1000).unref()
+    const guard = setTimeout(() => { this.settled(n, batch, count, new Error(`no answer within ${this.config.batch.timeoutMs} ms`)) }, this.config.batch.timeoutMs + 1000).unref()
     try {
-      this.exporter.export(batch, (result) => {
+      this.encoding.exporter.export(batch, (result) => {
         clearTimeout(guard)
-        this.settled(n, batch.length, result.code === 0 ? null : result.error ?? new Error('export failed'))
+        this.settled(n, batch, count, result.code === 0 ? null : result.error ?? new Error('export failed'))
       })
     } catch (err) {
       clearTimeout(guard)
-      this.settled(n, batch.length, err as Error)
+      this.settled(n, batch, count, err as Error)
     }
   }
 
-  private settled (n: number, count: number, error: Error | null): void {
+  private settled (n: number, batch: unknown, count: number, error: Error | null): void {
     if (this.exporting !== n) return // the guard gave up on it already
     this.exporting = 0
+    this.encoding.release(batch)
     if (error === null) {
       this.stats.exported += count
       if (this.failing) {
@@ -229,9 +296,10 @@ export class SpanQueue implements SpanExport {
         this.logger.warn({ event: 'tracing_export', result: 'failed', endpoint: this.config.otlpEndpoint, err: error.message }, 'span export failing; spans are dropped until it recovers')
       }
     }
-    if (this.spans.length >= this.config.batch.maxSize || (this.idle !== null && this.spans.length > 0)) this.soon()
-    else if (this.spans.length > 0 && this.timer === null) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
-    else if (this.spans.length === 0) this.idle?.()
+    const first = this.batches[0]
+    if (first === undefined) this.idle?.()
+    else if (this.encoding.count(first) >= this.config.batch.maxSize || this.idle !== null) this.soon()
+    else if (this.timer === null) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
   }
 
   /** Export what is queued (at shutdown) for up to `limitMs`, then stop the exporter. */
@@ -242,7 +310,7 @@ export class SpanQueue implements SpanExport {
       this.idle = resolve
       this.flush()
     })
-    await Promise.race([limit, drained.then(async () => { await this.exporter.shutdown() })]).catch(() => {})
+    await Promise.race([limit, drained.then(async () => { await this.encoding.exporter.shutdown() })]).catch(() => {})
     clearTimeout(timer)
     this.idle = null
     this.dropQueued()
@@ -251,8 +319,9 @@ export class SpanQueue implements SpanExport {
   /** Whatever could not be sent by the end counts as dropped. */
   private dropQueued (): void {
     if (this.timer !== null) { clearTimeout(this.timer); this.timer = null }
-    this.stats.dropped.export_failed += this.spans.length
-    this.spans = []
+    this.stats.dropped.export_failed += this.queued
+    this.queued = 0
+    this.batches = []
   }
 }
 
