@@ -267,7 +267,7 @@ export class SpanQueue implements SpanExport {
     const n = ++this.exports
     this.exporting = n
     // The exporter bounds its request (and retries) by timeoutMs; this bounds a callback that never comes.
-    const guard = setTimeout(() => { this.settled(n, batch, count, new Error(`no answer within ${this.config.batch.timeoutMs} ms`)) }, this.config.batch.timeoutMs + 1000).unref()
+    const guard = setTimeout(() => { this.settled(n, null, count, new Error(`no answer within ${this.config.batch.timeoutMs} ms`)) }, this.config.batch.timeoutMs + 1000).unref()
     try {
       this.encoding.exporter.export(batch, (result) => {
         clearTimeout(guard)
@@ -279,10 +279,11 @@ export class SpanQueue implements SpanExport {
     }
   }
 
+  /** Export `n` is over; `batch` is null when the guard gave up on it (the transport may still hold its bytes). */
   private settled (n: number, batch: unknown, count: number, error: Error | null): void {
     if (this.exporting !== n) return // the guard gave up on it already
     this.exporting = 0
-    this.encoding.release(batch)
+    if (batch !== null) this.encoding.release(batch)
     if (error === null) {
       this.stats.exported += count
       if (this.failing) {
