@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Compile TypeScript (src/ → dist/) and stamp the result.
+// Compile TypeScript (src/ → dist/), bundle the command (dist/cli.js, scripts/bundle.mjs) and
+// stamp the result.
 //
 //   node scripts/build.mjs              always compile (`npm run build`)
 //   node scripts/build.mjs --if-stale   compile only when the inputs changed since the last
@@ -8,7 +9,7 @@
 //
 // The stamp, dist/.build-stamp, holds a SHA-256 over what decides the output: every file under
 // src/ (its path and bytes), tsconfig.json, package.json, package-lock.json and the version of
-// the TypeScript compiler. Hashing takes milliseconds; tsc takes seconds. The stamp is removed
+// the TypeScript compiler and of the bundler. Hashing takes milliseconds; tsc takes seconds. The stamp is removed
 // before tsc runs and written only when it succeeds, so a failed build is never taken as fresh.
 import { spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
@@ -17,6 +18,7 @@ import { createRequire } from 'node:module'
 import { dirname, join, relative, resolve, sep } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
+import { bundle, bundler } from './bundle.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const STAMP = join('dist', '.build-stamp')
@@ -51,8 +53,9 @@ function compiler (root) {
 }
 
 /** SHA-256 of the build's inputs: each one's path, then its length and bytes (no two inputs can collide by concatenation). */
-function inputsHash (root, tscVersion) {
+function inputsHash (root, tscVersion, bundlerVersion) {
   const hash = createHash('sha256').update(`typescript ${tscVersion ?? 'none'}\n`)
+  if (bundlerVersion !== undefined) hash.update(`esbuild ${bundlerVersion}\n`)
   const files = [...INPUT_FILES.filter((f) => existsSync(join(root, f))), ...INPUT_DIRS.flatMap((d) => filesUnder(root, d))]
   for (const file of files) {
     const bytes = readFileSync(join(root, file))
@@ -61,12 +64,15 @@ function inputsHash (root, tscVersion) {
   return hash.digest('hex')
 }
 
-function main () {
+async function main () {
   const { values } = parseArgs({ options: { 'if-stale': { type: 'boolean' }, root: { type: 'string' } } })
   const root = resolve(values.root ?? join(here, '..'))
   const stampPath = join(root, STAMP)
   const tsc = compiler(root)
-  const hash = inputsHash(root, tsc?.version)
+  // Only a project with a command to bundle needs the bundler.
+  const bundles = existsSync(join(root, 'src', 'cli.ts'))
+  const esbuild = bundles ? bundler(root) : null
+  const hash = inputsHash(root, tsc?.version, bundles ? esbuild?.version ?? 'none' : undefined)
 
   if (values['if-stale'] === true && existsSync(stampPath) && readFileSync(stampPath, 'utf8').trim() === hash) {
     process.stdout.write('build: dist/ is up to date with src/ (tsc skipped)\n')
@@ -76,14 +82,27 @@ function main () {
     process.stderr.write('build: the TypeScript compiler is not installed (npm ci installs it)\n')
     return 1
   }
+  if (bundles && esbuild === null) {
+    process.stderr.write('build: the bundler (esbuild) is not installed (npm ci installs it)\n')
+    return 1
+  }
   rmSync(stampPath, { force: true })
   const started = Date.now()
   const run = spawnSync(process.execPath, [tsc.tsc, '-p', join(root, 'tsconfig.json')], { cwd: root, stdio: 'inherit' })
   if (run.status !== 0) return run.status ?? 1
+  if (bundles) {
+    rmSync(join(root, 'dist', 'chunks'), { recursive: true, force: true })
+    try {
+      await bundle(root, esbuild.path)
+    } catch (err) {
+      process.stderr.write(`build: bundling dist/cli.js failed: ${err.message}\n`)
+      return 1
+    }
+  }
   mkdirSync(dirname(stampPath), { recursive: true })
   writeFileSync(stampPath, `${hash}\n`)
   process.stdout.write(`build: compiled in ${((Date.now() - started) / 1000).toFixed(1)} s\n`)
   return 0
 }
 
-process.exitCode = main()
+process.exitCode = await main()

@@ -20,12 +20,14 @@ export const ALL_TARGETS = [
   'breakwater-trace100',
   'breakwater-trace100json',
   'breakwater-tls',
+  'breakwater-full',
   'fastify-http-proxy',
   'nginx',
   'haproxy'
 ]
 
 const nginxBin = commandExists('nginx') ?? (existsSync('/usr/sbin/nginx') ? '/usr/sbin/nginx' : null)
+const etcdBin = commandExists('etcd') ?? (existsSync('/usr/bin/etcd') ? '/usr/bin/etcd' : null)
 const haproxyBin = commandExists('haproxy') ?? (existsSync('/usr/sbin/haproxy') ? '/usr/sbin/haproxy' : null)
 export const tools = { nginx: nginxBin, haproxy: haproxyBin }
 
@@ -149,6 +151,134 @@ export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstr
   ].join('\n')
 }
 
+/**
+ * breakwater-full: every feature configured at once, as a production sidecar might be — a TLS
+ * egress listener, a second upstream with two endpoints as failover, health checks, kill
+ * switches from featureFlags, a flagd flag file and a flag provider, retries, a rate limit, a
+ * fallback cache, fault injection, a circuit breaker, rollback triggers with a webhook rollback,
+ * every notification channel, synthetic verification, tracing at 1 %, limits and (when etcd is
+ * installed) the fleet. The traffic takes the `/` route: kill switch, circuit breaker and
+ * triggers on the request path, as in breakwater-stages. Webhooks and the collector point at
+ * the upstream (nothing fires while the upstream answers 200).
+ */
+export function breakwaterFullYaml ({ dir, stateDir, proxyPort, egressPort, opsPort, adminPort, upstreamPort, tls, etcdUrl }) {
+  const up = `http://127.0.0.1:${upstreamPort}`
+  writeFileSync(join(dir, 'flags.json'), JSON.stringify({
+    flags: { fileFlag: { state: 'ENABLED', variants: { on: true, off: false }, defaultVariant: 'on', targeting: { if: [{ in: ['beta', { var: 'targetingKey' }] }, 'off', null] } } }
+  }))
+  writeFileSync(join(dir, 'provider.mjs'), [
+    'export default class StaticProvider {',
+    "  constructor (options) { this.metadata = { name: 'static' }; this.runsOn = 'server'; this.flags = options.flags }",
+    "  async resolveBooleanEvaluation (key, value) { return key in this.flags ? { value: this.flags[key], reason: 'STATIC' } : { value, reason: 'ERROR', errorCode: 'FLAG_NOT_FOUND' } }",
+    '  async resolveStringEvaluation (key, value) { return { value } }',
+    '  async resolveNumberEvaluation (key, value) { return { value } }',
+    '  async resolveObjectEvaluation (key, value) { return { value } }',
+    '}',
+    ''
+  ].join('\n'))
+  return [
+    'service: bench',
+    'version: bench',
+    `stateDir: ${stateDir}`,
+    'listen:',
+    `  proxy: { host: 127.0.0.1, port: ${proxyPort} }`,
+    `  egress: { host: 127.0.0.1, port: ${egressPort}, tls: { cert: ${tls.cert}, key: ${tls.key} } }`,
+    `  ops:   { host: 127.0.0.1, port: ${opsPort} }`,
+    `  admin: { host: 127.0.0.1, port: ${adminPort} }`,
+    'upstreams:',
+    `  app: { url: ${up}, critical: true, healthCheck: { path: /health }, failover: spare }`,
+    `  spare: { endpoints: [${up}, http://localhost:${upstreamPort}], balance: least_request }`,
+    'routes:',
+    '  - match: { pathPrefix: /api }',
+    '    upstream: app',
+    '    killSwitch: fileFlag',
+    '    retries: { attempts: 2 }',
+    '    rateLimit: { requestsPerSecond: 100000, key: client }',
+    '    fallback: { staleIfError: 1m, cache: { maxBytes: 1048576 } }',
+    '    fault: { flag: providerFlag, abortPercent: 0 }',
+    '  - match: { pathPrefix: / }',
+    '    upstream: app',
+    '    killSwitch: benchFeature',
+    '  - match: { pathPrefix: / }',
+    '    listener: egress',
+    '    upstream: spare',
+    'featureFlags: { benchFeature: true, fileFlag: true, providerFlag: true }',
+    `flagSource: { type: flagd-file, path: ${join(dir, 'flags.json')} }`,
+    `flagProvider: { module: ${join(dir, 'provider.mjs')}, options: { flags: { providerFlag: true } } }`,
+    'circuitBreakers:',
+    '  app: { failureThreshold: 0.5, volumeThreshold: 20 }',
+    'rollbackTriggers:',
+    '  - { metric: error_rate, threshold: 0.05, window: 5m, action: rollback }',
+    '  - { metric: p99_latency, threshold: 2000, window: 2m, action: notify }',
+    '  - { metric: error_rate, threshold: 0.5, window: 1m, action: killSwitch, flags: [benchFeature] }',
+    `rollback: { type: webhook, url: ${up}/rollback }`,
+    'notifications:',
+    `  slackWebhookUrl: ${up}/slack`,
+    '  pagerDutyRoutingKey: bench',
+    `  pagerDutyUrl: ${up}/pagerduty`,
+    '  statusPageId: bench',
+    '  statusPageApiKey: bench',
+    `  statusPageUrl: ${up}`,
+    `  webhooks: [${up}/hook]`,
+    `  alertmanager: { urls: [${up}] }`,
+    'verification: { synthetics: [{ path: /health }] }',
+    `tracing: { otlpEndpoint: ${up}, sampleRatio: 0.01 }`,
+    ...(etcdUrl === null ? [] : [`fleet: { etcd: { endpoints: [${etcdUrl}] } }`]),
+    'logging: { level: info, accessLog: false }',
+    'limits: { maxInFlight: 10000, maxConnections: 5000 }',
+    ''
+  ].join('\n')
+}
+
+let etcd = null
+
+/** One etcd for the run's breakwater-full instances (on the upstream's CPU); null without etcd. */
+async function benchEtcd (tmp) {
+  if (etcdBin === null) return null
+  if (etcd !== null && !etcd.proc.exited) return etcd.url
+  const dir = join(tmp, 'etcd')
+  mkdirSync(dir, { recursive: true })
+  const [client, peer] = [await freePort(), await freePort()]
+  const url = `http://127.0.0.1:${client}`
+  const proc = startProcess({
+    name: 'etcd',
+    cmd: etcdBin,
+    args: ['--name', 'bench', '--data-dir', join(dir, 'data'), '--listen-client-urls', url, '--advertise-client-urls', url,
+      '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
+      '--initial-cluster', `bench=http://127.0.0.1:${peer}`],
+    cpu: UPSTREAM_CPU,
+    stderr: join(dir, 'stderr.log')
+  })
+  try {
+    await waitReady(proc, [`${url}/health`], 10_000)
+  } catch (err) {
+    await stopProcess(proc)
+    throw new Error(`etcd failed to start: ${err.message}\n${tail(join(dir, 'stderr.log'))}`)
+  }
+  etcd = { proc, url }
+  return url
+}
+
+/**
+ * Node's flags and glibc's arena limit for every breakwater target: those the Dockerfile's CMD
+ * and ENV set (see "Memory" in README.md), unless BENCH_NODE_FLAGS ("" for none) or
+ * BENCH_MALLOC_ARENA_MAX ("" for glibc's default) give others to compare.
+ */
+export const SHIPPED_NODE_FLAGS = []
+export const SHIPPED_MALLOC_ARENA_MAX = ''
+
+function nodeFlags () {
+  const given = process.env.BENCH_NODE_FLAGS
+  return given === undefined ? SHIPPED_NODE_FLAGS : given.split(/\s+/).filter(Boolean)
+}
+
+function mallocArenaMax (env) {
+  const value = process.env.BENCH_MALLOC_ARENA_MAX ?? SHIPPED_MALLOC_ARENA_MAX
+  if (value === '') delete env.MALLOC_ARENA_MAX
+  else env.MALLOC_ARENA_MAX = value
+  return env
+}
+
 function envWithout (...names) {
   const env = { ...process.env }
   for (const n of names) delete env[n]
@@ -202,8 +332,8 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
   const dir = join(tmp, `${name}-${instance}`)
   mkdirSync(dir, { recursive: true })
   const port = await freePort()
-  const tls = name === 'breakwater-tls' ? selfSignedCertificate(dir) : null
-  const url = `${tls === null ? 'http' : 'https'}://127.0.0.1:${port}/`
+  const tls = name === 'breakwater-tls' || name === 'breakwater-full' ? selfSignedCertificate(dir) : null
+  const url = `${name === 'breakwater-tls' ? 'https' : 'http'}://127.0.0.1:${port}/`
   const stderr = join(dir, 'stderr.log')
   let proc
   let readyUrls = [url]
@@ -216,7 +346,10 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     const opsPort = await freePort()
     const adminPort = await freePort()
     const conf = join(dir, 'breakwater.yaml')
-    writeFileSync(conf, breakwaterYaml({
+    const full = name === 'breakwater-full'
+      ? { dir, stateDir: join(dir, 'state'), proxyPort: port, egressPort: await freePort(), opsPort, adminPort, upstreamPort: upstream.port, tls, etcdUrl: await benchEtcd(tmp) }
+      : null
+    writeFileSync(conf, full !== null ? breakwaterFullYaml(full) : breakwaterYaml({
       stateDir: join(dir, 'state'),
       proxyPort: port,
       opsPort,
@@ -228,13 +361,13 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       protocol: name === 'breakwater-trace100json' ? 'http/json' : 'http/protobuf',
       tls
     }))
-    const env = envWithout('BREAKWATER_BENCH_BARE')
+    const env = mallocArenaMax(envWithout('BREAKWATER_BENCH_BARE'))
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'
     const stdout = name === 'breakwater-log' || name === 'breakwater-log10' ? 'ignore' : join(dir, 'stdout.log')
     proc = startProcess({
       name,
       cmd: process.execPath,
-      args: [cli, 'start', '--config', conf],
+      args: [...nodeFlags(), cli, 'start', '--config', conf],
       cpu: PROXY_CPU,
       env,
       cwd: repoRoot,
@@ -288,7 +421,7 @@ function selfSignedCertificate (dir) {
 }
 
 export function targetAvailability (name) {
-  if (name === 'breakwater-tls' && !commandExists('openssl')) return 'openssl not installed'
+  if ((name === 'breakwater-tls' || name === 'breakwater-full') && !commandExists('openssl')) return 'openssl not installed'
   if (name === 'nginx' && !nginxBin) return 'nginx not installed'
   if (name === 'haproxy' && !haproxyBin) return 'haproxy not installed'
   return null
