@@ -16,6 +16,7 @@ export const ALL_TARGETS = [
   'breakwater-log10',
   'breakwater-bare',
   'breakwater-stages',
+  'breakwater-trace0',
   'breakwater-trace1',
   'breakwater-trace100',
   'breakwater-trace100json',
@@ -143,7 +144,7 @@ export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstr
       : []),
     // accessLog: true, false or a sample rate (breakwater-log10: one request in ten).
     `logging: { level: info, accessLog: ${String(accessLog)} }`,
-    // breakwater-trace1/-trace100: spans sampled at 1 % / 100 %, exported over OTLP/HTTP (protobuf;
+    // breakwater-trace0/-trace1/-trace100: spans sampled at 0 % / 1 % / 100 %, exported over OTLP/HTTP (protobuf;
     // -trace100json: JSON) to the upstream, which answers every path 200 (a collector that accepts
     // everything, on CPU 0).
     ...(sampleRatio === null ? [] : [`tracing: { otlpEndpoint: http://127.0.0.1:${upstreamPort}, sampleRatio: ${sampleRatio}, protocol: ${protocol} }`]),
@@ -357,7 +358,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       upstreamPort: upstream.port,
       accessLog: name === 'breakwater-log' ? true : name === 'breakwater-log10' ? 0.1 : false,
       stages: name === 'breakwater-stages',
-      sampleRatio: name === 'breakwater-trace1' ? 0.01 : name.startsWith('breakwater-trace100') ? 1 : null,
+      sampleRatio: name === 'breakwater-trace0' ? 0 : name === 'breakwater-trace1' ? 0.01 : name.startsWith('breakwater-trace100') ? 1 : null,
       protocol: name === 'breakwater-trace100json' ? 'http/json' : 'http/protobuf',
       tls
     }))
