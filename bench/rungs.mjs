@@ -20,7 +20,11 @@
 //               still answers stale, by their body size, must fit in maxBytes.
 // Counts and memory readings, so a busy machine moves the load, not the verdict much.
 //
+// Each sidecar's memory is also broken down during the outage (1 s samples, medians): smaps
+// summed by kind (malloc's [heap], anonymous maps, files), V8's heap and external memory.
+//
 // Usage: node bench/rungs.mjs [--outage-s 30] [--rate-s 10] [--only rate|degrade]
+//          [--node-args '--max-semi-space-size=8'] [--env MALLOC_ARENA_MAX=2,...]
 import http from 'node:http'
 import { mkdtempSync, rmSync, writeFileSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -36,12 +40,17 @@ const { values } = parseArgs({
   options: {
     'outage-s': { type: 'string', default: '30' },
     'rate-s': { type: 'string', default: '10' },
-    only: { type: 'string' }
+    only: { type: 'string' },
+    'node-args': { type: 'string', default: '' },
+    env: { type: 'string', default: '' }
   }
 })
 const OUTAGE_S = Number(values['outage-s'])
 const RATE_S = Number(values['rate-s'])
 const ONLY = values.only ?? null
+// Node options and environment for the sidecars (both alike), e.g. --node-args '--max-semi-space-size=1' --env MALLOC_ARENA_MAX=2
+const NODE_ARGS = values['node-args'].split(' ').filter((a) => a !== '')
+const SIDECAR_ENV = { ...process.env, ...Object.fromEntries(values.env.split(',').filter((e) => e !== '').map((e) => [e.slice(0, e.indexOf('=')), e.slice(e.indexOf('=') + 1)])) }
 if (ONLY !== null && ONLY !== 'rate' && ONLY !== 'degrade') throw new Error(`--only: rate or degrade, not ${ONLY}`)
 const RPS = 1000
 const OFFERED = 5000
@@ -51,6 +60,40 @@ const CACHE_BYTES = 32 * 1024 * 1024
 const BULK = 160
 const BULK_BYTES = 256 * 1024
 const MiB = 1024 * 1024
+
+/**
+ * Where a process's resident memory is: /proc/PID/smaps summed by mapping kind (malloc's
+ * `[heap]`, anonymous mmaps, file-backed and the rest) and the V8 figures its ops port serves
+ * on /metrics (prom-client's default metrics), in MiB.
+ */
+async function breakdown (pid, opsPort) {
+  const out = { heap: 0, anon: 0, file: 0, other: 0 }
+  let kind = 'other'
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line)
+    if (head !== null) {
+      const path = head[1]
+      kind = path === '[heap]' ? 'heap' : path === '' ? 'anon' : path.startsWith('/') ? 'file' : 'other'
+      continue
+    }
+    const m = /^Rss:\s+(\d+) kB/.exec(line)
+    if (m !== null) out[kind] += Number(m[1]) / 1024
+  }
+  const text = await fetch(`http://127.0.0.1:${opsPort}/metrics`).then((r) => r.text()).catch(() => '')
+  const metric = (name) => { const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text); return m === null ? NaN : Number(m[1]) / MiB }
+  out.v8Total = metric('nodejs_heap_size_total_bytes')
+  out.v8Used = metric('nodejs_heap_size_used_bytes')
+  out.v8New = metric('nodejs_heap_space_size_total_bytes\\{space="new"\\}')
+  out.v8Old = metric('nodejs_heap_space_size_total_bytes\\{space="old"\\}')
+  out.v8Large = metric('nodejs_heap_space_size_total_bytes\\{space="large_object"\\}')
+  out.external = metric('nodejs_external_memory_bytes')
+  out.rss = out.heap + out.anon + out.file + out.other
+  out.outsideV8 = out.rss - out.v8Total
+  return out
+}
+const BREAKDOWN = ['rss', 'outsideV8', 'heap', 'anon', 'file', 'other', 'v8Total', 'v8Used', 'v8New', 'v8Old', 'v8Large', 'external']
+const showBreakdown = (b) => BREAKDOWN.map((k) => `${k} ${b[k].toFixed(1)}`).join(', ')
+const medianBreakdown = (list) => Object.fromEntries(BREAKDOWN.map((k) => [k, median(list.map((b) => b[k]))]))
 
 function rssMiB (pid) {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
@@ -108,10 +151,10 @@ async function sidecar (tmp, name, upPort, routes) {
     'routes:', ...routes,
     'logging: { accessLog: false }'
   ].join('\n') + '\n')
-  const proc = startProcess({ name, cmd: process.execPath, args: [join(repoRoot, 'dist', 'cli.js'), 'start', '--config', conf], stdout: `${dir}.out.log`, stderr: `${dir}.err.log` })
+  const proc = startProcess({ name, cmd: process.execPath, args: [...NODE_ARGS, join(repoRoot, 'dist', 'cli.js'), 'start', '--config', conf], env: SIDECAR_ENV, stdout: `${dir}.out.log`, stderr: `${dir}.err.log` })
   procs.push(proc)
   await waitReady(proc, [`http://127.0.0.1:${ops}/live`], 15_000)
-  return { proc, port }
+  return { proc, port, ops }
 }
 
 /**
@@ -216,7 +259,10 @@ async function degradePhase (tmp, up) {
     await up.close()
 
     const samples = Object.fromEntries(names.map((n) => [n, []]))
+    const warmParts = Object.fromEntries(await Promise.all(names.map(async (n) => [n, await breakdown(sides[n].proc.pid, sides[n].ops)])))
+    const parts = Object.fromEntries(names.map((n) => [n, []]))
     const sampler = setInterval(() => { const r = rss(); for (const n of names) samples[n].push(r[n]) }, 250)
+    const partSampler = setInterval(() => { for (const n of names) breakdown(sides[n].proc.pid, sides[n].ops).then((b) => parts[n].push(b)) }, 1000)
     const counts = Object.fromEntries(names.map((n) => [n, { total: 0, stale: 0, other: 0 }]))
     const until = Date.now() + OUTAGE_S * 1000
     const load = async (name) => {
@@ -228,6 +274,7 @@ async function degradePhase (tmp, up) {
     }
     await Promise.all(names.map(load))
     clearInterval(sampler)
+    clearInterval(partSampler)
 
     // What `big` still holds of /bulk: the URLs it answers stale, by their body size.
     const held = {}
@@ -254,6 +301,10 @@ async function degradePhase (tmp, up) {
     const bound = CACHE_BYTES / MiB + 10 / 1.048576
     console.log(`  big − none, medians during the outage: ${diff.toFixed(1)} MiB; bound maxBytes + 10 MB = ${bound.toFixed(1)} MiB: ${diff <= bound ? 'within' : 'OVER'} (${(bound - diff).toFixed(1)} MiB to spare)`)
     console.log(`  warm: big − none ${(warm.big - warm.none).toFixed(1)} MiB`)
+    for (const n of names) console.log(`  ${n} MiB warm: ${showBreakdown(warmParts[n])}`)
+    const outage = Object.fromEntries(names.map((n) => [n, medianBreakdown(parts[n])]))
+    for (const n of names) console.log(`  ${n} MiB outage medians (${parts[n].length} samples): ${showBreakdown(outage[n])}`)
+    console.log(`  big − none, outage medians: ${BREAKDOWN.map((k) => `${k} ${(outage.big[k] - outage.none[k]).toFixed(1)}`).join(', ')}`)
     for (const n of names) console.log(`  ${n} answers /bulk stale after the outage: ${held[n].stale} of ${BULK} (${(held[n].bytes / MiB).toFixed(2)} MiB of bodies; ${held[n].other} not)`)
     console.log(`  big's held bodies ${held.big.bytes} bytes ≤ maxBytes ${CACHE_BYTES}: ${held.big.bytes <= CACHE_BYTES ? 'yes' : 'NO'}`)
   } finally {

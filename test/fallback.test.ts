@@ -3,13 +3,14 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type http from 'node:http'
+import net from 'node:net'
 import { startUpstream, refusedUrl, type TestUpstream } from './helpers/upstream.js'
 import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { emptySums } from '../src/proxy/window.js'
-import type { Fallback } from '../src/proxy/fallback.js'
+import { PAGE_BYTES, type Fallback } from '../src/proxy/fallback.js'
 
 type Mode = 'ok' | 'reset' | 'hang'
 
@@ -239,4 +240,64 @@ t.test('validate: fallback file missing or too large, and incomplete fallbacks',
   has({ status: 503, headers: { 'Content-Length': '5' } }, /^routes\[0\]\.fallback\.headers\.Content-Length: set by Breakwater/)
   has({ status: 503, headers: { 'x-note': 'a\r\nb' } }, /^routes\[0\]\.fallback\.headers\.x-note: not a valid header value/)
   has({ status: 503, contentType: 'text/html\n' }, /^routes\[0\]\.fallback\.contentType: not a valid header value/)
+})
+
+t.test('fallback: an entry evicted while a slow client reads it keeps its pages until the answer is written out', async (t) => {
+  // Bodies far larger than the loopback socket buffers, one byte value each: an answer to a
+  // client that does not read stays partly in the sidecar, and a page overwritten under it shows.
+  const MiB = 1024 * 1024
+  const bodyBytes = 16 * MiB
+  const state = { ok: true }
+  const bodies = new Map<string, Buffer>()
+  const body = (url: string): Buffer => {
+    let b = bodies.get(url)
+    if (b === undefined) bodies.set(url, b = Buffer.alloc(bodyBytes, 0x61 + bodies.size))
+    return b
+  }
+  const up = await startUpstream((req, res) => {
+    if (!state.ok) { req.socket.destroy(); return }
+    const b = body(req.url ?? '/')
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': b.length })
+    res.end(b)
+  })
+  t.teardown(up.close)
+  const maxBytes = 40 * MiB
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, cache: { maxBytes, maxEntryBytes: bodyBytes } } }]
+  })
+  const route = sc.sidecar.dataPlane.runtime.routes.routes[0] as { fallback: Fallback, stats: { fallbacks: { stale: number } } }
+  const cache = route.fallback.cache
+  if (cache === null) throw new Error('no cache')
+  const pages = Math.floor(maxBytes / PAGE_BYTES)
+  t.equal((await send(sc.proxy, '/big/0')).body.length, bodyBytes, '/big/0 stored')
+
+  state.ok = false
+  const socket = net.connect(Number(new URL(sc.proxy).port), '127.0.0.1')
+  t.teardown(() => { socket.destroy() })
+  const received: Buffer[] = []
+  socket.on('data', (c: Buffer) => received.push(c))
+  const ended = new Promise<void>((resolve) => socket.on('end', resolve))
+  socket.pause()
+  socket.write(`GET /big/0 HTTP/1.1\r\nhost: ${new URL(sc.proxy).host}\r\nconnection: close\r\n\r\n`)
+  t.ok(await eventually(() => route.stats.fallbacks.stale === 1), 'the slow client is being answered stale')
+
+  state.ok = true
+  t.equal((await send(sc.proxy, '/big/1')).body.length, bodyBytes, '/big/1 stored')
+  t.equal((await send(sc.proxy, '/big/2')).body.length, bodyBytes, '/big/2 stored, /big/1 and /big/0 evicted')
+  t.equal(cache.size, 1, 'one entry held')
+  t.ok(cache.bytes <= maxBytes, `bytes within maxBytes while /big/0 is still being written (${cache.bytes})`)
+  t.equal(cache.freePages, pages - 2 * bodyBytes / PAGE_BYTES, '/big/0\'s pages are not free yet')
+
+  socket.resume()
+  await ended
+  const answer = Buffer.concat(received)
+  const bodyAt = answer.indexOf('\r\n\r\n') + 4
+  t.match(answer.subarray(0, bodyAt).toString('latin1'), /^HTTP\/1\.1 200 [^]*x-breakwater-fallback: stale/i, 'a stale 200')
+  t.ok(answer.subarray(bodyAt).equals(body('/big/0')), 'the slow client got /big/0 whole, none of its pages overwritten')
+  t.ok(await eventually(() => cache.freePages === pages - bodyBytes / PAGE_BYTES), 'then its pages are free, /big/2\'s alone held')
+  state.ok = false
+  const stale = await send(sc.proxy, '/big/2')
+  t.equal(stale.headers['x-breakwater-fallback'], 'stale', '/big/2 answered stale')
+  t.ok(Buffer.from(stale.body, 'latin1').equals(body('/big/2')), 'with its own body')
 })

@@ -18,6 +18,14 @@
  * costs nothing more than a length check. Entries are evicted least recently used, and the
  * cache never holds more than `maxEntries` entries or `maxBytes` bytes (bodies, headers and
  * keys counted).
+ *
+ * Bodies are kept in one buffer of `maxBytes` the cache allocates at its first store, cut into
+ * 4 KiB pages (a body takes whole pages, and is counted so). Separately allocated bodies sit in
+ * malloc's heap among the traffic's short-lived buffers and keep the pages between them
+ * resident after those are freed: under load that cost up to 8 MiB of RSS beyond the bodies
+ * (bench/README.md). In the arena, what the bodies cost resident is at most `maxBytes`,
+ * whatever the allocator does. A page goes back to the arena only when no answer is still
+ * being written from it, so an entry evicted while a slow client reads it is never overwritten.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { FallbackCacheConfig, FallbackConfig } from '../config/types.js'
@@ -30,11 +38,71 @@ export const DEGRADABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['circuit_o
 /** Bookkeeping bytes counted per entry besides its body, headers and key. */
 const ENTRY_OVERHEAD = 200
 
+/** The arena's page: a body takes whole pages. */
+export const PAGE_BYTES = 4096
+
+/** Where the cached bodies live: `maxBytes` cut into pages, allocated at the first store. */
+class Arena {
+  private buffer: Buffer | null = null
+  /** Free page numbers, a stack; the lowest on top at first, so early bodies are contiguous. */
+  private readonly free: number[] = []
+
+  constructor (readonly pages: number) {
+    for (let p = pages - 1; p >= 0; p--) this.free.push(p)
+  }
+
+  get freePages (): number {
+    return this.free.length
+  }
+
+  /** Copy `chunks` (`length` bytes) into pages: the pages and views of their contiguous runs, or null when too few are free. */
+  write (chunks: Buffer[], length: number): { pages: number[], views: Buffer[] } | null {
+    const count = Math.ceil(length / PAGE_BYTES)
+    if (count > this.free.length) return null
+    const buffer = this.buffer ??= Buffer.allocUnsafeSlow(this.pages * PAGE_BYTES)
+    const pages = this.free.splice(this.free.length - count).reverse()
+    const views: Buffer[] = []
+    let left = length
+    for (let i = 0; i < pages.length;) {
+      let j = i + 1
+      while (j < pages.length && pages[j] === (pages[j - 1] as number) + 1) j++
+      const start = (pages[i] as number) * PAGE_BYTES
+      const bytes = Math.min(left, (j - i) * PAGE_BYTES)
+      views.push(buffer.subarray(start, start + bytes))
+      left -= bytes
+      i = j
+    }
+    let view = 0
+    let at = 0
+    for (const c of chunks) {
+      let from = 0
+      while (from < c.length) {
+        const v = views[view] as Buffer
+        const n = c.copy(v, at, from)
+        from += n
+        at += n
+        if (at === v.length) { view++; at = 0 }
+      }
+    }
+    return { pages, views }
+  }
+
+  release (pages: number[]): void {
+    for (let i = pages.length - 1; i >= 0; i--) this.free.push(pages[i] as number)
+  }
+}
+
 interface Entry {
   key: string
   /** Response headers as sent to the client (hop-by-hop removed), without framing and `Age`. */
   headers: string[]
-  body: Buffer
+  /** The body: views of its runs of pages in the arena. */
+  body: Buffer[]
+  length: number
+  pages: number[]
+  /** Answers still being written from its pages; an evicted entry's pages are freed at 0. */
+  readers: number
+  evicted: boolean
   /** Lower-cased names of the request headers `Vary` lists, and their values when stored. */
   vary: string[]
   varyValues: string[]
@@ -45,12 +113,21 @@ interface Entry {
 export class FallbackCache {
   readonly config: FallbackCacheConfig
   private readonly entries = new Map<string, Entry>()
-  /** Bytes held now (always ≤ `maxBytes`). */
+  private readonly arena: Arena
+  /** Bytes held now, evicted entries still being written included (always ≤ `maxBytes`). */
   bytes = 0
+  /** Of those, the evicted entries' still being written. */
+  private pinned = 0
   evictions = 0
 
   constructor (config: FallbackCacheConfig) {
     this.config = config
+    this.arena = new Arena(Math.floor(config.maxBytes / PAGE_BYTES))
+  }
+
+  /** Arena pages not holding a body (for tests). */
+  get freePages (): number {
+    return this.arena.freePages
   }
 
   get size (): number {
@@ -93,23 +170,54 @@ export class FallbackCache {
     return entry
   }
 
-  /** Store a completed capture, evicting the least recently used entries to make room. */
-  store (entry: Entry): void {
+  /**
+   * Store a completed capture (`bytes` counted besides its body's pages), evicting the least
+   * recently used entries to make room; not stored when evicted entries still being written
+   * hold the room.
+   */
+  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, bytes: number): void {
     const { maxBytes, maxEntries } = this.config
-    if (entry.bytes > maxBytes) return
-    const prev = this.entries.get(entry.key)
-    if (prev !== undefined) {
-      this.entries.delete(entry.key)
-      this.bytes -= prev.bytes
-    }
-    while (this.entries.size > 0 && (this.bytes + entry.bytes > maxBytes || this.entries.size >= maxEntries)) {
-      const oldest = this.entries.values().next().value as Entry
-      this.entries.delete(oldest.key)
-      this.bytes -= oldest.bytes
+    bytes += Math.ceil(length / PAGE_BYTES) * PAGE_BYTES
+    if (this.pinned + bytes > maxBytes) return // evicting every entry would not make room
+    const prev = this.entries.get(key)
+    if (prev !== undefined) this.evict(prev)
+    while (this.entries.size > 0 && (this.bytes + bytes > maxBytes || this.entries.size >= maxEntries)) {
+      this.evict(this.entries.values().next().value as Entry)
       this.evictions++
     }
-    this.entries.set(entry.key, entry)
-    this.bytes += entry.bytes
+    if (this.bytes + bytes > maxBytes) return
+    // Pages are counted in bytes, so room in bytes is room in the arena.
+    const written = this.arena.write(chunks, length)
+    if (written === null) return
+    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, bytes })
+    this.bytes += bytes
+  }
+
+  /** An answer is being written from `entry`: its pages stay until `done`. */
+  read (entry: Entry): () => void {
+    entry.readers++
+    let done = false
+    return () => {
+      if (done) return
+      done = true
+      if (--entry.readers === 0 && entry.evicted) {
+        this.pinned -= entry.bytes
+        this.free(entry)
+      }
+    }
+  }
+
+  private evict (entry: Entry): void {
+    this.entries.delete(entry.key)
+    entry.evicted = true
+    if (entry.readers === 0) this.free(entry)
+    else this.pinned += entry.bytes
+  }
+
+  private free (entry: Entry): void {
+    this.arena.release(entry.pages)
+    entry.pages = []
+    this.bytes -= entry.bytes
   }
 }
 
@@ -133,16 +241,13 @@ export class Capture {
     this.chunks.push(chunk)
   }
 
-  /** The response completed: store it (a copy, so no socket buffer is kept alive). */
+  /** The response completed: store it (a copy into the arena, so no socket buffer is kept alive). */
   complete (now: number): void {
     const chunks = this.chunks
     if (chunks === null) return
     this.chunks = null
-    const body = Buffer.allocUnsafeSlow(this.length)
-    let at = 0
-    for (const c of chunks) at += c.copy(body, at)
     const headers: string[] = []
-    let bytes = ENTRY_OVERHEAD + this.key.length + body.length
+    let bytes = ENTRY_OVERHEAD + this.key.length
     for (let i = 0; i < this.headers.length; i += 2) {
       const name = (this.headers[i] as string).toLowerCase()
       // Framing is the server's to set; Age is ours to compute.
@@ -151,7 +256,7 @@ export class Capture {
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
     for (const v of this.varyValues) bytes += v.length
-    this.cache.store({ key: this.key, headers, body, vary: this.vary, varyValues: this.varyValues, storedAt: now, bytes })
+    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, bytes)
   }
 }
 
@@ -181,10 +286,17 @@ export class Fallback {
       const now = Date.now()
       const entry = cache.lookup(req, key, now, this.config.staleIfErrorMs)
       if (entry !== null) {
-        const head = [...entry.headers, 'age', String(Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.body.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
+        const head = [...entry.headers, 'age', String(Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
         if (close) head.push('connection', 'close')
         res.writeHead(200, head)
-        res.end(method === 'HEAD' ? undefined : entry.body)
+        if (method === 'HEAD' || entry.length === 0) res.end()
+        else {
+          // The pages stay the entry's until the answer is written out or given up.
+          res.once('close', cache.read(entry))
+          const last = entry.body.length - 1
+          for (let i = 0; i < last; i++) res.write(entry.body[i])
+          res.end(entry.body[last])
+        }
         stats.fallbacks.stale++
         return 'stale'
       }
