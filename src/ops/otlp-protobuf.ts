@@ -66,9 +66,11 @@ export class SpanBatch {
     this.pos += b.length
   }
 
-  /** A length-delimited UTF-8 string (lone surrogates become U+FFFD, as TextEncoder writes them). */
-  string (s: string): void {
-    const n = utf8Length(s)
+  /**
+   * A length-delimited UTF-8 string (lone surrogates become U+FFFD, as TextEncoder writes them);
+   * `n` is its UTF-8 length when the caller has it already.
+   */
+  string (s: string, n = utf8Length(s)): void {
     this.varint(n)
     if (n === s.length) {
       const buf = this.buf
@@ -160,7 +162,7 @@ function keyValueHead (batch: SpanBatch, tag: number, key: Buffer, valueTag: num
 function writeString (batch: SpanBatch, tag: number, key: Buffer, value: string): void {
   const n = utf8Length(value)
   keyValueHead(batch, tag, key, 0x0a, varintSize(n) + n)
-  batch.string(value)
+  batch.string(value, n)
 }
 
 /** An integer attribute (non-negative here: ports and status codes): AnyValue field 3. */
@@ -185,7 +187,11 @@ export class SpanEncoder implements SpanWriter {
   private readonly resource: Buffer
   private readonly scope: Buffer
   private readonly headroom: number
+  /** The attribute keys seen so far, with the values they keep. */
+  private readonly attributes = new Map<string, AttributeKey>()
+  /** The batch of the open span, and where that span's tag is. */
   private batch: SpanBatch | null = null
+  private spanAt = 0
 
   constructor (resourceAttributes: Readonly<Record<string, string>>, scope: { name: string, version: string }) {
     const head = new SpanBatch(0, 4096)
@@ -208,8 +214,7 @@ export class SpanEncoder implements SpanWriter {
     const out = new SpanBatch(0, body.pos + 6)
     out.byte(tag)
     out.varint(body.pos)
-    out.buf.set(body.buf.subarray(0, body.pos), out.pos)
-    out.pos += body.pos
+    out.bytes(body.buf.subarray(0, body.pos))
     return Buffer.from(out.buf.subarray(0, out.pos))
   }
 
@@ -250,9 +255,6 @@ export class SpanEncoder implements SpanWriter {
     batch.fixed64Nanos(endMs)
   }
 
-  /** Where the open span's tag is. */
-  private spanAt = 0
-
   string (key: string, value: string): void {
     this.attribute(key, value, writeString)
   }
@@ -284,8 +286,6 @@ export class SpanEncoder implements SpanWriter {
     }
     return attribute
   }
-
-  private readonly attributes = new Map<string, AttributeKey>()
 
   /** Close the span: counts, status and flags, then its length in the room `begin` kept. */
   end (error: boolean, remoteParent: boolean): void {
