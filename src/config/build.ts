@@ -28,6 +28,9 @@ export interface Findings {
 
 type Section<K extends keyof ResolvedInput> = ResolvedInput[K]
 
+/** How `Config` spells "no limit" for a cap whose key is absent (the schema has no default for it). */
+const UNLIMITED = 0
+
 /** A duration in ms; 0 for a value the schema has already reported as malformed. */
 function toMs (value: number | string): number {
   try {
@@ -82,8 +85,8 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
       accessLogRate: input.logging.accessLog === true ? 1 : input.logging.accessLog === false ? 0 : input.logging.accessLog
     },
     limits: {
-      maxInFlight: input.limits.maxInFlight ?? 0,
-      maxConnections: input.limits.maxConnections ?? 0,
+      maxInFlight: input.limits.maxInFlight ?? UNLIMITED,
+      maxConnections: input.limits.maxConnections ?? UNLIMITED,
       maxEventLoopDelayMs: toMs(input.limits.maxEventLoopDelayMs)
     }
   }
@@ -142,7 +145,7 @@ function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, baseDi
       panicThresholdPercent: u.ejection.panicThresholdPercent
     },
     failover: u.failover ?? null,
-    failbackAfterMs: toMs(u.failbackAfter ?? 30_000),
+    failbackAfterMs: toMs(u.failbackAfter),
     tls: buildUpstreamTls(u.tls, endpoints, at, baseDir, found.problems)
   }
 }
@@ -233,7 +236,7 @@ function buildCircuitBreakers (input: Section<'circuitBreakers'>, upstreamNames:
       volumeThreshold: cb.volumeThreshold,
       rollingWindowMs,
       recoveryTimeout: toMs(cb.recoveryTimeout),
-      maxConcurrentRequests: cb.maxConcurrentRequests ?? 0,
+      maxConcurrentRequests: cb.maxConcurrentRequests ?? UNLIMITED,
       failureStatuses: cb.failureStatuses
     }
   }
@@ -267,9 +270,9 @@ function peekFlagFile (path: string, problems: string[], warnings: string[]): Se
 
 function buildTracing (t: Section<'tracing'>, service: string, found: Findings): TracingConfig | null {
   if (t === undefined) return null
-  const maxSize = t.batch?.maxSize ?? Math.min(512, t.maxQueueSize)
+  const maxSize = t.batch.maxSize ?? Math.min(512, t.maxQueueSize)
   if (maxSize > t.maxQueueSize) found.problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${t.maxQueueSize})`)
-  const timeoutMs = toMs(t.batch?.timeoutMs ?? 10_000)
+  const timeoutMs = toMs(t.batch.timeoutMs)
   if (timeoutMs === 0) found.problems.push('tracing.batch.timeoutMs: must be more than 0')
   // OTLP/HTTP: an endpoint without a path gets the traces signal's path (OTEL_EXPORTER_OTLP_ENDPOINT's rule).
   const url = new URL(t.otlpEndpoint)
@@ -281,7 +284,7 @@ function buildTracing (t: Section<'tracing'>, service: string, found: Findings):
     protocol: t.protocol,
     headers: t.headers,
     maxQueueSize: t.maxQueueSize,
-    batch: { maxSize, delayMs: toMs(t.batch?.delayMs ?? 1000), timeoutMs }
+    batch: { maxSize, delayMs: toMs(t.batch.delayMs), timeoutMs }
   }
 }
 
@@ -392,7 +395,7 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
     webhooks: n.webhooks,
     queueSize: n.queueSize,
     maxAttempts: n.maxAttempts,
-    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels ?? {}, repeatIntervalMs: toMs(n.alertmanager.repeatInterval ?? 60_000) }
+    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels, repeatIntervalMs: toMs(n.alertmanager.repeatInterval) }
   }
 }
 

@@ -2,22 +2,22 @@
  * The `fleet` section (SPEC §16): where the fleet's shared state lives in etcd.
  */
 import { toMs } from './duration.js'
-import type { ConfigInput } from './schema.js'
+import type { ResolvedInput } from './schema.js'
 import type { FleetConfig } from './types.js'
 
-export function fleetConfig (input: ConfigInput['fleet'], resolvePath: (path: string) => string, problems: string[]): FleetConfig | null {
+export function fleetConfig (input: ResolvedInput['fleet'], resolvePath: (path: string) => string, problems: string[]): FleetConfig | null {
   if (input === undefined) return null
   const { etcd } = input
   if ((etcd.username === undefined) !== (etcd.password === undefined)) problems.push('fleet.etcd.password: username and password go together')
   const tls = etcd.tls
   if (tls !== undefined && (tls.cert === undefined) !== (tls.key === undefined)) problems.push('fleet.etcd.tls.key: cert and key go together')
-  const leaseTtlMs = toMs(input.leaseTtl ?? 10_000)
+  const leaseTtlMs = toMs(input.leaseTtl)
   // etcd counts lease TTLs in whole seconds and refuses less than its minimum (about 2 s).
   if (leaseTtlMs < 2000) problems.push('fleet.leaseTtl: at least 2s')
   return {
     etcd: {
       endpoints: etcd.endpoints.map((e) => e.replace(/\/+$/, '')),
-      prefix: etcd.prefix ?? '/breakwater',
+      prefix: etcd.prefix,
       username: etcd.username ?? null,
       password: etcd.password ?? null,
       tls: tls === undefined

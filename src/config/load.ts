@@ -10,7 +10,7 @@ import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
 import { ConfigSchema, type ResolvedInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { durationProblem, durationProblems, DURATION_KIND } from './duration.js'
-import { withDefaults } from './schema-walk.js'
+import { dependencyProblems, withDefaults } from './schema-walk.js'
 import { buildConfig } from './build.js'
 import type { Config } from './types.js'
 import { ConfigError, readConfigSource } from './read.js'
@@ -52,6 +52,7 @@ export function resolveConfig (raw: unknown, options: ResolveOptions = {}): Load
   const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
   for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(describe(error))
   problems.push(...durationProblems(ConfigSchema, input))
+  problems.push(...dependencyProblems(ConfigSchema, input))
   const warnings: string[] = []
   let config: Config | null = null
   try {

@@ -25,7 +25,7 @@ export function checkRoutingPolicy (routes: readonly RouteConfig[], input: Resol
   if (hasEgressListener && !routes.some((r) => r.listener === 'egress')) {
     warnings.push('listen.egress: no route has listener: egress, so every request on the egress listener is 404 no_route')
   }
-  ;(input.verification?.synthetics ?? []).forEach((s, i) => {
+  input.verification.synthetics.forEach((s, i) => {
     if (routes.some((r) => r.name === s.route && r.listener === 'egress')) {
       problems.push(`verification.synthetics[${i}].route: "${String(s.route)}" is an egress route; synthetic checks go through the proxy listener`)
     }

@@ -7,17 +7,14 @@ import { readFileSync, statSync } from 'node:fs'
 import { BlockList, isIP } from 'node:net'
 import { validateHeaderValue } from 'node:http'
 import { resolve as resolvePath } from 'node:path'
-import type { ConfigInput } from './schema.js'
+import type { ConfigInput, ResolvedInput } from './schema.js'
 import type { FallbackConfig, RateLimitConfig } from './types.js'
 import { toMs } from './duration.js'
 
-type RouteInput = ConfigInput['routes'][number]
+type RouteInput = ResolvedInput['routes'][number]
 
 /** A static fallback `file` larger than this is a config error: it is held in memory. */
 export const MAX_STATIC_FALLBACK_BYTES = 1024 * 1024
-
-/** `cache` defaults: 1000 entries, 10 MiB, 1 MiB per entry (at most `maxBytes`). */
-const CACHE_DEFAULTS = { maxEntries: 1000, maxBytes: 10 * 1024 * 1024, maxEntryBytes: 1024 * 1024 }
 
 function durationMs (value: number | string): number {
   try { return toMs(value) } catch { return 0 } // the schema has reported it
@@ -26,12 +23,12 @@ function durationMs (value: number | string): number {
 export function rateLimitConfig (r: RouteInput['rateLimit']): RateLimitConfig | null {
   if (r === undefined) return null
   const rps = r.requestsPerSecond // the schema refuses 0 and less
-  const key = (r.key ?? 'route') as RateLimitConfig['key']
+  const key = r.key as RateLimitConfig['key']
   return {
     requestsPerSecond: rps,
     burst: r.burst ?? Math.max(1, Math.ceil(rps)),
     key: key.startsWith('header:') ? `header:${key.slice(7).toLowerCase()}` : key,
-    maxKeys: r.maxKeys ?? 100_000
+    maxKeys: r.maxKeys
   }
 }
 
@@ -40,20 +37,13 @@ export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | u
   const staleIfErrorMs = f.staleIfError === undefined ? 0 : durationMs(f.staleIfError)
   const hasStatic = f.status !== undefined
   if (f.staleIfError === undefined && !hasStatic) problems.push(`${at}.fallback: needs staleIfError (serve the last good response) or status (a static response)`)
-  if (f.cache !== undefined && f.staleIfError === undefined) problems.push(`${at}.fallback.cache: needs staleIfError`)
   if (f.body !== undefined && f.file !== undefined) problems.push(`${at}.fallback: use either body or file, not both`)
-  for (const key of ['body', 'file', 'contentType', 'headers'] as const) {
-    if (f[key] !== undefined && !hasStatic) problems.push(`${at}.fallback.${key}: needs status`)
-  }
   if (f.staleIfError !== undefined && methods !== undefined && !methods.some((m) => m.toUpperCase() === 'GET' || m.toUpperCase() === 'HEAD')) {
     problems.push(`${at}.fallback.staleIfError: the route takes no GET or HEAD, and only their responses are stored`)
   }
   checkStaticHeaders(f, at, problems)
-  const c = f.cache ?? {}
-  const maxBytes = c.maxBytes ?? CACHE_DEFAULTS.maxBytes
-  const cache = f.staleIfError === undefined
-    ? null
-    : { maxEntries: c.maxEntries ?? CACHE_DEFAULTS.maxEntries, maxBytes, maxEntryBytes: Math.min(c.maxEntryBytes ?? CACHE_DEFAULTS.maxEntryBytes, maxBytes) }
+  const c = f.cache
+  const cache = f.staleIfError === undefined ? null : { maxEntries: c.maxEntries, maxBytes: c.maxBytes, maxEntryBytes: Math.min(c.maxEntryBytes, c.maxBytes) }
   let body: Buffer = Buffer.from(f.body ?? '', 'utf8')
   if (f.file !== undefined) body = readStaticFile(resolvePath(baseDir, f.file), `${at}.fallback.file`, problems)
   return {
@@ -64,7 +54,7 @@ export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | u
           status: f.status as number,
           body,
           contentType: f.contentType ?? (f.file === undefined ? 'text/plain; charset=utf-8' : 'application/octet-stream'),
-          headers: Object.entries(f.headers ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const)
+          headers: Object.entries(f.headers).map(([k, v]) => [k.toLowerCase(), v] as const)
         }
       : null
   }
@@ -72,7 +62,7 @@ export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | u
 
 /** Framing is ours to set; and every value must be writable, or answering would throw at run time. */
 function checkStaticHeaders (f: NonNullable<RouteInput['fallback']>, at: string, problems: string[]): void {
-  for (const [name, value] of Object.entries(f.headers ?? {})) {
+  for (const [name, value] of Object.entries(f.headers)) {
     const key = `${at}.fallback.headers.${name}`
     const lower = name.toLowerCase()
     if (lower === 'content-length' || lower === 'transfer-encoding' || lower === 'connection') problems.push(`${key}: set by Breakwater`)
@@ -111,10 +101,7 @@ function readStaticFile (path: string, key: string, problems: string[]): Buffer 
 export function checkFailover (upstreams: ConfigInput['upstreams'], problems: string[]): void {
   for (const [name, u] of Object.entries(upstreams)) {
     const target = u.failover
-    if (target === undefined) {
-      if (u.failbackAfter !== undefined) problems.push(`upstreams.${name}.failbackAfter: needs failover`)
-      continue
-    }
+    if (target === undefined) continue
     const at = `upstreams.${name}.failover`
     if (target === name) problems.push(`${at}: an upstream cannot fail over to itself`)
     else if (upstreams[target] === undefined) problems.push(`${at}: unknown upstream "${target}" (known: ${Object.keys(upstreams).join(', ')})`)
@@ -123,10 +110,10 @@ export function checkFailover (upstreams: ConfigInput['upstreams'], problems: st
 }
 
 /** Each entry an address or a CIDR (`10.0.0.0/8`, `::1`, `fd00::/8`); a malformed one is a problem. */
-export function trustedProxies (list: readonly string[] | undefined, at: string, problems: string[]): string[] {
+export function trustedProxies (list: readonly string[], at: string, problems: string[]): string[] {
   const out: string[] = []
   const check = new BlockList()
-  ;(list ?? []).forEach((entry, i) => {
+  list.forEach((entry, i) => {
     if (addTrusted(check, entry)) out.push(entry)
     else problems.push(`${at}.trustedProxies[${i}]: not an IP address or CIDR (got ${JSON.stringify(entry)})`)
   })

@@ -38,3 +38,23 @@ export function walk (schema: TSchema, value: unknown, at: string, visit: Visit)
 export function withDefaults (schema: TSchema, value: unknown): unknown {
   return walk(schema, value, '', (s, v) => v === undefined && s.default !== undefined ? structuredClone(s.default) : v)
 }
+
+/**
+ * Keys written without a key they need (an object schema's `dependencies`: `failbackAfter`
+ * needs `failover`). Checked on the config as written, before defaults are filled in, since
+ * a default must not count as written.
+ */
+export function dependencyProblems (schema: TSchema, value: unknown): string[] {
+  const problems: string[] = []
+  walk(schema, value, '', (s, v, at) => {
+    const dependencies = s.dependencies as Record<string, string[]> | undefined
+    if (dependencies === undefined || v === null || typeof v !== 'object') return v
+    const given = v as Record<string, unknown>
+    for (const [key, needs] of Object.entries(dependencies)) {
+      if (given[key] === undefined) continue
+      for (const need of needs) if (given[need] === undefined) problems.push(`${at === '' ? '' : `${at}.`}${key}: needs ${need}`)
+    }
+    return v
+  })
+  return problems
+}

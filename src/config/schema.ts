@@ -6,7 +6,10 @@
  * Every object is closed (`additionalProperties: false`): a misspelt key is an error, never
  * silently ignored. Every default is declared here, once, with `withDefault`: editors see it in
  * the JSON schema, the loader fills it in, and `Resolved` types the key as present. A key that
- * means "off" when absent (`healthCheck`, `retries`, `maxConcurrentRequests`, …) has none.
+ * means "off" when absent (`healthCheck`, `retries`, `maxConcurrentRequests`, …) has none, nor
+ * does one derived from another key (`rateLimit.burst`, `tracing.batch.maxSize`): its
+ * description says how. A key that only makes sense beside another names it in the object's
+ * `dependencies` (JSON Schema's keyword; editors show it, the loader checks it).
  */
 import { Type, CloneType, type Static, type TSchema, type TProperties, type ObjectOptions, type TObject, type TRecord, type TArray, type TUnion, type TOptional } from '@sinclair/typebox'
 import { DURATION_KIND, MAX_DURATION_MS } from './duration.js'
@@ -106,32 +109,33 @@ export const UpstreamSchema = closed({
     panicThresholdPercent: withDefault(Type.Number({ minimum: 0, maximum: 100 }), 50)
   }),
   failover: Type.Optional(Name),
-  failbackAfter: Type.Optional(Duration),
+  failbackAfter: withDefault(Duration, '30s'),
   tls: Type.Optional(UpstreamTls)
-})
+}, { dependencies: { failbackAfter: ['failover'] } })
 
 const HeaderName = '^[A-Za-z0-9!#$%&\'*+.^_`|~-]+$'
 
 const RateLimit = closed({
   requestsPerSecond: Type.Number({ exclusiveMinimum: 0 }),
-  burst: Type.Optional(Type.Integer({ minimum: 1 })),
-  key: Type.Optional(Type.String({ pattern: '^(route|client|header:[A-Za-z0-9!#$%&\'*+.^_`|~-]+)$', description: 'route, client or header:NAME' })),
-  maxKeys: Type.Optional(Type.Integer({ minimum: 1 }))
+  burst: Type.Optional(Type.Integer({ minimum: 1, description: 'tokens a bucket holds (default: requestsPerSecond rounded up, at least 1)' })),
+  key: withDefault(Type.String({ pattern: '^(route|client|header:[A-Za-z0-9!#$%&\'*+.^_`|~-]+)$', description: 'route, client or header:NAME' }), 'route'),
+  maxKeys: withDefault(Type.Integer({ minimum: 1, description: 'buckets kept at most; the least recently used is evicted' }), 100_000)
 })
 
+/** A fallback serves the last good response (`staleIfError`, kept in `cache`) or a static one (`status` and the keys that need it). */
 const Fallback = closed({
   staleIfError: Type.Optional(Duration),
-  cache: Type.Optional(closed({
-    maxEntries: Type.Optional(Type.Integer({ minimum: 1 })),
-    maxBytes: Type.Optional(Type.Integer({ minimum: 1024 })),
-    maxEntryBytes: Type.Optional(Type.Integer({ minimum: 1 }))
-  })),
+  cache: section({
+    maxEntries: withDefault(Type.Integer({ minimum: 1 }), 1000),
+    maxBytes: withDefault(Type.Integer({ minimum: 1024 }), 10 * 1024 * 1024),
+    maxEntryBytes: withDefault(Type.Integer({ minimum: 1, description: 'a larger response is not stored (at most maxBytes is used)' }), 1024 * 1024)
+  }),
   status: Type.Optional(Type.Integer({ minimum: 200, maximum: 599 })),
-  body: Type.Optional(Type.String()),
+  body: Type.Optional(Type.String({ description: 'the static body (default: empty, or the file\'s contents)' })),
   file: Type.Optional(Type.String({ minLength: 1 })),
-  contentType: Type.Optional(Type.String({ minLength: 1 })),
-  headers: Type.Optional(Type.Record(Type.String({ pattern: HeaderName }), Type.String()))
-})
+  contentType: Type.Optional(Type.String({ minLength: 1, description: 'default: text/plain; charset=utf-8 for a body, application/octet-stream for a file' })),
+  headers: withDefault(Type.Record(Type.String({ pattern: HeaderName }), Type.String()), {})
+}, { dependencies: { cache: ['staleIfError'], body: ['status'], file: ['status'], contentType: ['status'], headers: ['status'] } })
 
 export const MatchSchema = closed({
   pathPrefix: Type.Optional(Type.String({ pattern: '^/' })),
@@ -253,11 +257,11 @@ export const ConfigSchema = closed(
       protocol: withDefault(Type.Union([Type.Literal('http/protobuf'), Type.Literal('http/json')], { description: 'OTLP/HTTP encoding: binary protobuf (OpenTelemetry\'s default, about a third of the CPU and half the bytes of JSON) or JSON' }), 'http/protobuf'),
       headers: withDefault(Type.Record(Type.String({ pattern: HeaderName }), Type.String(), { description: 'headers sent with every export (a collector\'s API key)' }), {}),
       maxQueueSize: withDefault(Type.Integer({ minimum: 1, maximum: 1000000, description: 'spans held for export; beyond it spans are dropped and counted' }), 2048),
-      batch: Type.Optional(closed({
+      batch: section({
         maxSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000, description: 'spans per export request (default: 512, at most maxQueueSize)' })),
         delayMs: withDefault(Duration, 1000),
         timeoutMs: withDefault(Duration, 10_000)
-      }))
+      })
     })),
     flagProvider: Type.Optional(closed({
       module: Type.String({ minLength: 1, description: 'a package name, or a path to an ES module (relative to the config file)' }),
@@ -286,14 +290,14 @@ export const ConfigSchema = closed(
       maxAttempts: withDefault(Type.Integer({ minimum: 1, maximum: 20 }), 5),
       alertmanager: Type.Optional(closed({
         urls: Type.Array(WebhookUrl, { minItems: 1 }),
-        labels: Type.Optional(Type.Record(Type.String({ pattern: '^[a-zA-Z_][a-zA-Z0-9_]*$' }), Type.String())),
-        repeatInterval: Type.Optional(Duration)
+        labels: withDefault(Type.Record(Type.String({ pattern: '^[a-zA-Z_][a-zA-Z0-9_]*$' }), Type.String()), {}),
+        repeatInterval: withDefault(Duration, '60s')
       }))
     }),
     fleet: Type.Optional(closed({
       etcd: closed({
         endpoints: Type.Array(WebhookUrl, { minItems: 1 }),
-        prefix: Type.Optional(Type.String({ pattern: '^/[^\\s]*[^/\\s]$' })),
+        prefix: withDefault(Type.String({ pattern: '^/[^\\s]*[^/\\s]$' }), '/breakwater'),
         username: Type.Optional(Type.String({ minLength: 1 })),
         password: Type.Optional(Type.String()),
         tls: Type.Optional(closed({
@@ -302,7 +306,7 @@ export const ConfigSchema = closed(
           key: Type.Optional(Type.String({ minLength: 1 }))
         }))
       }),
-      leaseTtl: Type.Optional(Duration)
+      leaseTtl: withDefault(Duration, '10s')
     })),
     verification: section({
       synthetics: withDefault(Type.Array(closed({
