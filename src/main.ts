@@ -8,10 +8,10 @@ import { ConfigError } from './config/load.js'
 import { loadCheckedConfig } from './flags/check.js'
 import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
-/** Time allowed for closing after the last request was finished or cut. */
-const BACKSTOP_MS = 1000
-/** Time the process may take to exit on its own once the sidecar has stopped. */
+/** Time the process may take to exit on its own once the sidecar has stopped (within the budget). */
 const LINGER_MS = 100
+/** A shutdown budget under this still gets this long before the backstop exits 1. */
+const BACKSTOP_MIN_MS = 1000
 
 export async function start (configPath: string): Promise<number> {
   let loaded
@@ -52,18 +52,20 @@ export async function start (configPath: string): Promise<number> {
       process.once('SIGINT', () => sidecar.hurry())
       sidecar.logger.info({ event: 'shutdown', signal }, 'signal received')
       // SPEC §15: SIGTERM to exit within drainDelayMs + timeoutMs (25 s with defaults, under
-      // Kubernetes' 30 s grace) whatever clients do. The sidecar cuts what still runs at its
-      // deadline; this backstop covers a step of the tear-down that hangs, and exit() covers a
-      // handle that would keep the event loop alive after it.
+      // Kubernetes' 30 s grace) whatever clients do. The sidecar cuts what still runs early
+      // enough for its tear-down to fit; this backstop covers a step of the tear-down that
+      // hangs, and exit() covers a handle that would keep the event loop alive after it.
       const { drainDelayMs, timeoutMs } = sidecar.config.shutdown
+      const budgetMs = drainDelayMs + timeoutMs
+      const end = performance.now() + budgetMs
       setTimeout(() => {
-        sidecar.logger.error({ event: 'shutdown', phase: 'backstop', afterMs: drainDelayMs + timeoutMs + BACKSTOP_MS }, 'shutdown did not finish in time; exiting')
+        sidecar.logger.error({ event: 'shutdown', phase: 'backstop', afterMs: Math.max(budgetMs, BACKSTOP_MIN_MS) }, 'shutdown did not finish in time; exiting')
         process.exit(1)
-      }, drainDelayMs + timeoutMs + BACKSTOP_MS).unref()
+      }, Math.max(budgetMs, BACKSTOP_MIN_MS)).unref()
       const exit = (code: number): void => {
         resolve(code)
         // Everything of ours is closed; whatever else still holds the event loop does not matter.
-        setTimeout(() => process.exit(code), LINGER_MS).unref()
+        setTimeout(() => process.exit(code), Math.max(0, Math.min(LINGER_MS, end - performance.now()))).unref()
       }
       sidecar.shutdown().then(() => exit(0), (err) => {
         sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed')

@@ -484,7 +484,10 @@ export class Sidecar {
    * 2. The listener stops accepting; every connection's next response carries
    *    `Connection: close`; connections that stay idle are closed once quiet for
    *    `IDLE_CLOSE_MS` (see `closeQuietConnections`); requests in flight finish within `timeoutMs`.
-   * 3. At the deadline whatever still runs is cut and logged, and the process stops.
+   * 3. At the deadline whatever still runs is cut and logged, and the process stops. The
+   *    deadline comes `teardownMs` before `drainDelayMs + timeoutMs` have passed, and closing
+   *    (the last spans and log lines included) is bounded by what remains, so the whole
+   *    shutdown fits in `drainDelayMs + timeoutMs` (SPEC §15: 25 s with defaults).
    * The egress listener, used by the app for its own calls, stays open to the very end so
    * draining never cuts the app off.
    */
@@ -500,6 +503,8 @@ export class Sidecar {
 
   private async runShutdown (): Promise<void> {
     const { drainDelayMs, timeoutMs } = this.config.shutdown
+    const end = performance.now() + drainDelayMs + timeoutMs
+    const teardownMs = Math.min(TEARDOWN_MS, timeoutMs / 10)
     // A sidecar that never started serving (start-up failed) stops without a drain story.
     const quiet = this.addresses.proxy === ''
     const log = quiet ? () => {} : (fields: Record<string, unknown>, msg: string) => this.logger.info(fields, msg)
@@ -514,7 +519,7 @@ export class Sidecar {
     net.Server.prototype.close.call(this.proxy.server)
     this.dataPlane.draining = true
     log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
-    const deadline = performance.now() + timeoutMs
+    const deadline = end - teardownMs
     const quieting = new WeakSet<Socket>()
     while (!hurried && (this.dataPlane.stats.inFlight > 0 || this.proxy.connections.size > 0) && performance.now() < deadline) {
       closeQuietConnections(this.proxy.connections, quieting)
@@ -533,7 +538,8 @@ export class Sidecar {
     }
     await this.dataPlane.destroy()
     // Every request has ended: their spans go out now, within a bound (a dead collector never holds the exit).
-    if (this.spanQueue !== null) await this.spanQueue.close(hurried ? 0 : SPAN_FLUSH_MS)
+    const remaining = (limitMs: number): number => hurried ? 0 : Math.max(0, Math.min(limitMs, end - performance.now()))
+    if (this.spanQueue !== null) await this.spanQueue.close(remaining(SPAN_FLUSH_MS))
     await this.flags.close()
     await this.fleet?.stop()
     await this.control.stop()
@@ -545,7 +551,7 @@ export class Sidecar {
     await this.ops.close()
     log({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
     // The last lines out before the process exits (a stalled stdout holds the exit LOG_DRAIN_MS at most).
-    await this.drainLog(hurried ? 0 : LOG_DRAIN_MS)
+    await this.drainLog(remaining(LOG_DRAIN_MS))
   }
 
   /** Stop at once (tests). */
@@ -567,6 +573,13 @@ export async function startSidecar (config: Config, options: SidecarOptions = {}
   }
   return sidecar
 }
+
+/**
+ * Time kept for closing once requests in flight are cut (at most a tenth of
+ * `shutdown.timeoutMs`): listeners, pools and the state lock take milliseconds, the last spans
+ * and log lines get what remains of it.
+ */
+const TEARDOWN_MS = 1000
 
 /** The longest a shutdown waits for the last spans to reach the collector. */
 const SPAN_FLUSH_MS = 2000
