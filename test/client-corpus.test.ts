@@ -15,6 +15,8 @@ import { metricValue } from './helpers/metrics.js'
 import { send, sleep, eventually } from './helpers/http.js'
 
 const VOLUME = 3
+/** `/big` in 64 KiB chunks: 64 MiB. */
+const BIG_CHUNKS = 1024
 
 interface Farm {
   ups: TestUpstream[]
@@ -24,7 +26,11 @@ interface Farm {
   setStatus: (code: number) => void
 }
 
-/** Two real endpoints: `/slow` answers after 1.5 s, `/big` streams 4 MiB, anything else `status`. */
+/**
+ * Two real endpoints: `/slow` answers after 1.5 s, `/big` streams 64 MiB as fast as it is read
+ * (more than loopback's socket buffers hold, so a client that never reads stalls it), anything
+ * else `status`.
+ */
 async function farm (t: Test): Promise<Farm> {
   let status = 200
   let answered = 0
@@ -33,15 +39,15 @@ async function farm (t: Test): Promise<Farm> {
       if (res.destroyed) return
       answered++
       if (req.url === '/big') {
-        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(4 * 1024 * 1024) })
+        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(BIG_CHUNKS * 64 * 1024) })
         const chunk = Buffer.alloc(64 * 1024, 120)
         let sent = 0
         const pump = (): void => {
-          while (sent < 64 && !res.destroyed) {
+          while (sent < BIG_CHUNKS && !res.destroyed) {
             sent++
             if (!res.write(chunk)) { res.once('drain', pump); return }
           }
-          if (sent >= 64) res.end()
+          if (sent >= BIG_CHUNKS) res.end()
         }
         pump()
         return
@@ -195,11 +201,19 @@ t.test('no client behaviour changes a circuit, an ejection or a trigger', async 
     await trickle.until((x) => x.closed || x.received.length > 0, 5000, 'the idle upload to be cut').catch(() => {})
     trickle.destroy()
   }
-  const stalled = await WireClient.connect(port)
-  stalled.socket.pause()
-  stalled.write(head(['GET /big HTTP/1.1', 'Host: a']))
-  await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 5000)
-  stalled.destroy()
+  // A client that asks for 64 MiB and never reads: the upstream answers, the response stalls
+  // on the client's full socket, and the client is cut after idleTimeoutMs as a slow client.
+  const slowClients = async (): Promise<number> => await metricValue(s.ops, 'breakwater_client_errors_total', { error: 'slow_client' })
+  for (let i = 0; i < VOLUME + 2; i++) {
+    const before = await slowClients()
+    const answeredBefore = f.answered()
+    const stalled = await WireClient.connect(port)
+    stalled.socket.pause()
+    stalled.write(head(['GET /big HTTP/1.1', 'Host: a']))
+    t.ok(await eventually(() => f.answered() > answeredBefore, 5000), 'the upstream started answering /big to a client that never reads')
+    t.ok(await eventually(async () => await slowClients() > before, 5000), 'the stalled response cut the client as a slow client')
+    stalled.destroy()
+  }
   await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 5000)
   await assertUntouched(t, s, f, 'slow and non-reading clients')
 
