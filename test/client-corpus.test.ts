@@ -13,6 +13,7 @@ import { WireClient } from './helpers/wire.js'
 import { admin } from './helpers/admin.js'
 import { metricValue } from './helpers/metrics.js'
 import { send, sleep, eventually } from './helpers/http.js'
+import { SMUGGLING_CASES } from './helpers/smuggling.js'
 
 const VOLUME = 3
 /** `/big` in 64 KiB chunks: 64 MiB. */
@@ -150,7 +151,8 @@ t.test('no client behaviour changes a circuit, an ejection or a trigger', async 
   // A healthy baseline: the upstream answers, nothing is wrong.
   for (let i = 0; i < 2; i++) t.equal((await send(s.proxy, '/')).status, 200)
 
-  for (const [name, bytes] of SMUGGLING) {
+  // Beside these, every variant of the smuggling corpus (its verdicts: smuggling.test.ts).
+  for (const [name, bytes] of [...SMUGGLING, ...SMUGGLING_CASES.map((c) => [c.name, c.bytes] as const)]) {
     const reply = await hit(port, bytes)
     t.notMatch(reply, /^HTTP\/1\.1 50[24]/, `${name}: never answered as an upstream failure`)
   }
