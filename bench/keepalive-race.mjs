@@ -3,8 +3,9 @@
 // an upstream that closes each connection 0–6 ms after answering — half the time saying
 // `Connection: close`, half the time not — and the same load of GETs and small POSTs sent
 // through Breakwater and through @fastify/http-proxy (retries off, as in the macro bench).
-// It counts answers that were not the upstream's 200, and POSTs the upstream ran more than
-// once. A count, not a timing: a busy machine changes how often the race is hit, not the
+// It counts answers that were not the upstream's 200, POSTs the upstream ran more than once,
+// and the retries Breakwater made to get there (`breakwater_retries_total` from its /metrics
+// after the run, per request sent). A count, not a timing: a busy machine changes how often the race is hit, not the
 // verdict.
 //
 // Usage: node bench/keepalive-race.mjs [--requests N] [--concurrency C]
@@ -81,14 +82,22 @@ async function breakwater (dir, upstreamPort) {
   ].join('\n') + '\n')
   const proc = startProcess({ name: 'breakwater', cmd: process.execPath, args: [join(repoRoot, 'dist', 'cli.js'), 'start', '--config', conf], stdout: join(dir, 'bw.log'), stderr: join(dir, 'bw.err') })
   await waitReady(proc, [`http://127.0.0.1:${ops}/live`], 15_000)
-  return { url: `http://127.0.0.1:${port}`, proc }
+  return { url: `http://127.0.0.1:${port}`, proc, metrics: `http://127.0.0.1:${ops}/metrics` }
+}
+
+/** The sum of a counter over its labels, read from a Prometheus text exposition. */
+async function counter (url, name) {
+  const text = await (await fetch(url)).text()
+  const samples = text.split('\n').filter((line) => line.startsWith(`${name}{`) || line.startsWith(`${name} `))
+  if (samples.length === 0) throw new Error(`${name} is not in ${url}`)
+  return samples.reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0)
 }
 
 async function fastifyProxy (dir, upstreamPort) {
   const port = await freePort()
   const proc = startProcess({ name: 'fastify', cmd: process.execPath, args: [join(benchDir, 'proxies', 'fastify-http-proxy.mjs'), String(port), `http://127.0.0.1:${upstreamPort}`], stdout: join(dir, 'fp.log'), stderr: join(dir, 'fp.err') })
   await waitReady(proc, [`http://127.0.0.1:${port}/`], 15_000)
-  return { url: `http://127.0.0.1:${port}`, proc }
+  return { url: `http://127.0.0.1:${port}`, proc, metrics: null }
 }
 
 const rows = []
@@ -101,7 +110,8 @@ try {
       const failures = await drive(target.url)
       const failed = [...failures.values()].reduce((a, b) => a + b, 0)
       const twice = [...up.ran.values()].filter((n) => n > 1).length
-      rows.push({ name, failed, twice, detail: [...failures].map(([k, v]) => `${k}: ${v}`).join(', ') || '—' })
+      const retries = target.metrics === null ? null : await counter(target.metrics, 'breakwater_retries_total')
+      rows.push({ name, failed, twice, retries, detail: [...failures].map(([k, v]) => `${k}: ${v}`).join(', ') || '—' })
     } finally {
       await stopProcess(target.proc)
       await up.close()
@@ -112,6 +122,7 @@ try {
 }
 
 console.log(`keep-alive race: ${REQUESTS} requests (GET and POST alternating), concurrency ${CONCURRENCY}; the upstream closes every connection 0–6 ms after answering`)
-console.log('| proxy | failed | failure rate | POSTs run twice | failures |')
-console.log('|---|---|---|---|---|')
-for (const r of rows) console.log(`| ${r.name} | ${r.failed} | ${(100 * r.failed / REQUESTS).toFixed(2)} % | ${r.twice} | ${r.detail} |`)
+console.log('| proxy | failed | failure rate | retries | retry rate | POSTs run twice | failures |')
+console.log('|---|---|---|---|---|---|---|')
+const percent = (n) => `${(100 * n / REQUESTS).toFixed(2)} %`
+for (const r of rows) console.log(`| ${r.name} | ${r.failed} | ${percent(r.failed)} | ${r.retries ?? '—'} | ${r.retries === null ? '— (none made)' : percent(r.retries)} | ${r.twice} | ${r.detail} |`)
