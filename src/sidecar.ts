@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import { readFileSync } from 'node:fs'
-import net, { type AddressInfo, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
@@ -14,7 +14,7 @@ import { loadCheckedConfig } from './flags/check.js'
 import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import type { UpstreamChanges } from './proxy/upstreams.js'
-import { createProxyServer, type ProxyServer } from './proxy/server.js'
+import { createProxyServer, listenProxy, stopAccepting, type ProxyServer } from './proxy/server.js'
 import type { Tracing } from './proxy/trace.js'
 import type { SpanQueue, TraceStats } from './ops/tracing.js'
 import { HealthChecker } from './proxy/health-check.js'
@@ -254,8 +254,8 @@ export class Sidecar {
     } catch (err) {
       throw new StartupError((err as Error).message)
     }
-    const proxy = await listenOn(this.proxy, listen.proxy.host, listen.proxy.port)
-    const egress = this.egress === null || listen.egress === null ? null : await listenOn(this.egress, listen.egress.host, listen.egress.port)
+    const proxy = await listenProxy(this.proxy, listen.proxy.host, listen.proxy.port, listen.proxy.acceptors)
+    const egress = this.egress === null || listen.egress === null ? null : await listenProxy(this.egress, listen.egress.host, listen.egress.port, listen.egress.acceptors)
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
@@ -514,9 +514,7 @@ export class Sidecar {
     const hurry = new Promise<void>((resolve) => { this.forceStop = () => { hurried = true; resolve() } })
     await Promise.race([delay(drainDelayMs), hurry])
 
-    // Not `server.close()`: Node's also destroys every idle keep-alive connection at once,
-    // racing the requests clients are writing on them (46 resets under 50 busy connections).
-    net.Server.prototype.close.call(this.proxy.server)
+    stopAccepting(this.proxy)
     this.dataPlane.draining = true
     log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
     const deadline = end - teardownMs
@@ -527,12 +525,14 @@ export class Sidecar {
     }
     const abandoned = this.dataPlane.stats.inFlight + this.dataPlane.stats.receiving
     if (abandoned > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, timeoutMs }, 'requests still running at the shutdown deadline are cut')
+    stopAccepting(this.proxy)
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
     this.reachability.stop()
     for (const l of this.listeners()) l.certificates?.stop()
     if (this.egress !== null) {
+      stopAccepting(this.egress)
       this.egress.server.close()
       this.egress.server.closeAllConnections()
     }
@@ -587,15 +587,6 @@ const SPAN_FLUSH_MS = 2000
 /** The longest a shutdown waits for its last log lines to reach stdout. */
 const LOG_DRAIN_MS = 1000
 
-async function listenOn ({ server, certificates }: ProxyServer, host: string, port: number): Promise<string> {
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(port, host, () => { server.off('error', reject); resolve() })
-  })
-  certificates?.start()
-  const a = server.address() as AddressInfo
-  return `${certificates === null ? 'http' : 'https'}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
-}
 
 function normaliseFastifyAddress (address: string): string {
   return address.replace('://localhost', '://127.0.0.1')

@@ -12,6 +12,7 @@ export const PROXY_CPU = 1
 export const ALL_TARGETS = [
   'direct',
   'breakwater',
+  'breakwater-1acceptor',
   'breakwater-log',
   'breakwater-log10',
   'breakwater-bare',
@@ -114,14 +115,14 @@ export function haproxyConf (port, upstreamPort) {
 }
 
 /** The Breakwater config the harness generates (format fixed by the project). */
-export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null, protocol = 'http/protobuf', tls = null }) {
+export function breakwaterYaml ({ stateDir, proxyPort, opsPort, adminPort, upstreamPort, accessLog, stages = false, sampleRatio = null, protocol = 'http/protobuf', tls = null, acceptors = null }) {
   return [
     'service: bench',
     'version: bench',
     `stateDir: ${stateDir}`,
     'listen:',
     // breakwater-tls: the proxy listener serves HTTPS (a self-signed certificate made for the run).
-    `  proxy: { host: 127.0.0.1, port: ${proxyPort}${tls === null ? '' : `, tls: { cert: ${tls.cert}, key: ${tls.key} }`} }`,
+    `  proxy: { host: 127.0.0.1, port: ${proxyPort}${acceptors === null ? '' : `, acceptors: ${acceptors}`}${tls === null ? '' : `, tls: { cert: ${tls.cert}, key: ${tls.key} }`} }`,
     `  ops:   { host: 127.0.0.1, port: ${opsPort} }`,
     `  admin: { host: 127.0.0.1, port: ${adminPort} }`,
     'upstreams:',
@@ -360,6 +361,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       stages: name === 'breakwater-stages',
       sampleRatio: name === 'breakwater-trace0' ? 0 : name === 'breakwater-trace1' ? 0.01 : name.startsWith('breakwater-trace100') ? 1 : null,
       protocol: name === 'breakwater-trace100json' ? 'http/json' : 'http/protobuf',
+      acceptors: name === 'breakwater-1acceptor' ? 1 : null,
       tls
     }))
     const env = mallocArenaMax(envWithout('BREAKWATER_BENCH_BARE'))

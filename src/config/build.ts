@@ -409,6 +409,7 @@ function buildListen (listen: Section<'listen'>, baseDir: string, found: Finding
     maxHeaderSize: l.maxHeaderSize,
     maxHeadersCount: l.maxHeadersCount,
     trustedProxies: trustedProxies(l.trustedProxies, at, found.problems),
+    acceptors: l.acceptors,
     tls: buildListenerTls(l.tls, `${at}.tls`, baseDir, found.problems)
   })
   return {

@@ -77,6 +77,7 @@ const proxyListener = (port: number) => closed({
   maxHeaderSize: withDefault(Type.Integer({ minimum: 1024, maximum: 1048576 }), 16_384),
   maxHeadersCount: withDefault(Type.Integer({ minimum: 1, maximum: 10000, description: 'more request header fields than this is 431' }), 100),
   trustedProxies: withDefault(Type.Array(Type.String({ minLength: 1 }), { description: 'addresses or CIDRs of proxies whose x-forwarded-for entries are believed' }), []),
+  acceptors: withDefault(Type.Integer({ minimum: 1, maximum: 64, description: 'listening sockets sharing the port (SO_REUSEPORT; Linux with Node >= 22.12, one elsewhere): each accepts one new connection per event-loop turn' }), 4),
   tls: Type.Optional(ListenerTls)
 })
 

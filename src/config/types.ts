@@ -18,6 +18,11 @@ export interface ProxyListenerConfig extends ListenerConfig {
   maxHeadersCount: number
   /** Addresses and CIDRs of proxies whose `x-forwarded-for` entries are believed (SPEC §17). */
   trustedProxies: readonly string[]
+  /**
+   * Listening sockets on the port (SO_REUSEPORT), where Node and the OS share a port (server.ts
+   * `REUSE_PORT`); one elsewhere. Node accepts one connection per event-loop turn and socket.
+   */
+  acceptors: number
   /** Null: plain HTTP. */
   tls: ListenerTlsConfig | null
 }

@@ -7,7 +7,7 @@
  */
 import http from 'node:http'
 import https from 'node:https'
-import type { Socket } from 'node:net'
+import net, { type AddressInfo, type Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
@@ -18,6 +18,8 @@ import { CertificateWatcher, listenerTlsOptions, type ListenerTlsStats } from '.
 
 export interface ProxyServer {
   server: http.Server
+  /** Further listening sockets on the same port (`acceptors`), handing their connections to `server`. */
+  readonly acceptors: net.Server[]
   /** Open client connections. */
   readonly connections: Set<Socket>
   /** A TLS listener's certificate watcher (started and stopped by the sidecar); null for plain HTTP. */
@@ -110,7 +112,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   })
 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
-  if (secure === null || tls === null) return { server, connections, certificates: null, tlsStats: null }
+  if (secure === null || tls === null) return { server, acceptors: [], connections, certificates: null, tlsStats: null }
 
   const tlsStats: ListenerTlsStats = { listener: role, reloads: { ok: 0, failed: 0 }, handshakeFailures: 0 }
   // A failed handshake (no client certificate under mutual TLS, an untrusted one, plain HTTP
@@ -121,5 +123,75 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     socket.destroy()
   })
   const certificates = new CertificateWatcher(secure, tls, tlsStats, dp.logger)
-  return { server, connections, certificates, tlsStats }
+  return { server, acceptors: [], connections, certificates, tlsStats }
+}
+
+/**
+ * Whether listening sockets can share a port here: `reusePort` (SO_REUSEPORT) came in Node 22.12
+ * and 23.1, and Linux spreads new connections over the sockets that share a port.
+ */
+export const REUSE_PORT = process.platform === 'linux' && reusePortIn(process.versions.node)
+
+function reusePortIn (version: string): boolean {
+  const [major = 0, minor = 0] = version.split('.').map(Number)
+  return major > 23 || (major === 23 && minor >= 1) || (major === 22 && minor >= 12)
+}
+
+/**
+ * Bind a proxy listener; its URL. Node's libuv accepts one connection per event-loop turn and
+ * listening socket, so when many clients connect at once (a load balancer's pool opening, a
+ * deploy) the last ones wait for hundreds of turns of a busy loop: at c=200 the first second
+ * of a run held every response over 1 s (bench/README.md, c200). With `acceptors` sockets on
+ * the port, each turn accepts that many; every connection is still served by `server`.
+ *
+ * SO_REUSEPORT would also let any other process of this user that sets it share the port and
+ * take a part of its connections. So the port is first bound once without it: a port already
+ * held, by a second Breakwater too, fails here exactly as it does with one socket.
+ */
+export async function listenProxy (proxy: ProxyServer, host: string, port: number, acceptors: number): Promise<string> {
+  const { server, certificates } = proxy
+  const shared = REUSE_PORT && acceptors > 1
+  // Port 0 too: the kernel may hand a port-0 bind that shares ports a port others already share.
+  if (shared) port = await close(await bind(net.createServer(), { host, port }))
+  await bind(server, { host, port, reusePort: shared })
+  const a = server.address() as AddressInfo
+  if (shared) {
+    // Their sockets are made as `server` makes its own (half-open, no delay, buffer size), then
+    // handed to it: one HTTP (or TLS) server, one set of connections, limits and timeouts.
+    const { allowHalfOpen, noDelay, keepAlive, keepAliveInitialDelay, highWaterMark } = server as unknown as SocketOptions
+    const options = { allowHalfOpen, noDelay, keepAlive, keepAliveInitialDelay, highWaterMark }
+    const handOver = (socket: Socket): void => { server.emit('connection', socket) }
+    for (let i = 1; i < acceptors; i++) proxy.acceptors.push(await bind(net.createServer(options, handOver), { host, port: a.port, reusePort: true }))
+  }
+  certificates?.start()
+  return `${certificates === null ? 'http' : 'https'}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
+}
+
+/** Stop taking new connections on every socket of the listener; open ones carry on. */
+export function stopAccepting (proxy: ProxyServer): void {
+  // Not `server.close()`: Node's also destroys every idle keep-alive connection at once,
+  // racing the requests clients are writing on them (46 resets under 50 busy connections).
+  net.Server.prototype.close.call(proxy.server)
+  for (const acceptor of proxy.acceptors) acceptor.close()
+}
+
+/** What a `net.Server` keeps of its options and gives each socket it accepts. */
+interface SocketOptions { allowHalfOpen: boolean, noDelay: boolean, keepAlive: boolean, keepAliveInitialDelay: number, highWaterMark: number }
+
+/** `reusePort` is in Node 22.12's types; this package's are Node 20's (engines' floor). */
+type ListenOptions = net.ListenOptions & { reusePort?: boolean }
+
+async function bind<S extends net.Server> (server: S, options: ListenOptions): Promise<S> {
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(options, () => { server.off('error', reject); resolve() })
+  })
+  return server
+}
+
+/** Close `server`; the port it was bound to. */
+async function close (server: net.Server): Promise<number> {
+  const { port } = server.address() as AddressInfo
+  await new Promise<void>((resolve) => { server.close(() => { resolve() }) })
+  return port
 }
