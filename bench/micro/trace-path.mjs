@@ -9,7 +9,8 @@
 //   - `off`: no exporter: the sidecar is not a hop of the trace (as `breakwater`, no tracing);
 //   - `encode`: spans encoded into batches by the real queue and encoder, the batch thrown
 //     away instead of sent (what the request path and the encoding cost, garbage included);
-//   - `export`: the sidecar's own exporter, OTLP/HTTP to the collector (as `breakwater-trace100`).
+//   - `export`: the sidecar's own exporter, OTLP/HTTP to the collector (as `breakwater-trace100`);
+//   - `sample1`: the same exporter with 1 % of new traces sampled (as `breakwater-trace1`).
 //
 // and reads, per window, the requests the upstream answered and the CPU time of the sidecar's
 // main thread and of all its threads (/proc/self/task/*/schedstat: run time, steal excluded).
@@ -17,7 +18,7 @@
 // differences to `off`: the cost of a sampled request's span, split into main thread and the
 // rest (V8's helper threads: garbage collection, mostly).
 //
-//   node bench/micro/trace-path.mjs [--rounds 15] [--window 1500] [--settle 300] [--variants off,encode,export]
+//   node bench/micro/trace-path.mjs [--rounds 15] [--window 1500] [--settle 300] [--variants off,encode,export,sample1]
 import { fork, execFileSync } from 'node:child_process'
 import { readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:http'
@@ -123,7 +124,10 @@ async function parent () {
   const thrownAway = { export: (_batch, done) => { done({ code: 0 }) }, shutdown: async () => {} }
   const encoding = new ProtobufEncoding(new SpanEncoder({ 'service.name': 'bench', 'service.version': 'bench' }, { name: 'breakwater', version: '0.1.0' }), thrownAway, config.tracing.batch.maxSize)
   const encodeOnly = new SpanQueue(config.tracing, encoding, { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }, sidecar.logger)
-  const exporters = { off: null, encode: encodeOnly, export: exporting }
+  // `sample1`: the real exporter with 1 % of new traces sampled (as `breakwater-trace1`): every
+  // request gets ids and a `traceparent`, one in a hundred a span.
+  const sampledOne = { sampleRatio: 0.01, add: (ctx) => { exporting.add(ctx) } }
+  const exporters = { off: null, encode: encodeOnly, export: exporting, sample1: sampledOne }
   const proxyPort = sidecar.proxy.server.address().port
 
   load.send({ type: 'load', port: proxyPort, connections: Number(values.connections) })
