@@ -115,8 +115,10 @@ async function main (argv: string[]): Promise<number> {
         if (!Number.isInteger(n) || n < 1 || n > 200) { process.stderr.write('breakwater: drill --fleet N: N is a number of sidecars from 1 to 200\n'); return 2 }
         const { runFleetDrill } = await import('./drill-fleet.js')
         try {
-          const r = await runFleetDrill({ out: (t) => process.stdout.write(t), sidecars: n })
-          return r.restored && r.rollbackCalls === 1 ? 0 : 1
+          // This very command times the fleet kill switch from a new `breakwater kill --fleet`.
+          const command = { argv: [process.execPath, process.argv[1] ?? ''], env: process.env }
+          const r = await runFleetDrill({ out: (t) => process.stdout.write(t), sidecars: n, command })
+          return r.failures.length === 0 ? 0 : 1
         } catch (err) {
           process.stderr.write(`breakwater: fleet drill failed: ${(err as Error).message}\n`)
           return 1

@@ -1,0 +1,113 @@
+/**
+ * Takeover after a crashed leader (SPEC §16), on a real etcd: the leader is the real binary
+ * (`breakwater start`) in a child process; it fires, creates the incident key under its lease
+ * and calls a rollback webhook that never answers. It is then killed with SIGKILL, so nothing
+ * revokes its lease: the key stays until the lease's ttl runs out, and only then does a
+ * still-firing follower take over and call the rollback, once.
+ */
+import t, { type Test } from 'tap'
+import { Etcd3 } from 'etcd3'
+import { fleetConfig } from './helpers/fleet.js'
+import { startEtcd } from './helpers/etcd.js'
+import { startTestSidecar, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startProcess, withoutTapHooks } from './helpers/process.js'
+import { startReceiver } from './helpers/receiver.js'
+import { startUpstream } from './helpers/upstream.js'
+import { admin } from './helpers/admin.js'
+import { metricValue } from './helpers/metrics.js'
+import { send, sleep } from './helpers/http.js'
+import { incidentKey } from '../src/control/notify.js'
+
+t.setTimeout(180_000)
+
+/** Poll `check` until it holds; the test's own timeout is the only bound. */
+async function until (check: () => boolean | Promise<boolean>, everyMs = 50): Promise<void> {
+  while (!await check()) await sleep(everyMs)
+}
+
+/** Failing requests through `proxies` until `done()` holds (each request may fail on its own). */
+async function fireUntil (proxies: string[], done: () => boolean | Promise<boolean>): Promise<void> {
+  await until(async () => {
+    await Promise.all(proxies.map(async (p) => await send(p, '/other').catch(() => null)))
+    return await done()
+  })
+}
+
+/** Keep failing traffic flowing through `fleet` until the test ends (their triggers stay fired). */
+function keepFiring (t: Test, fleet: TestSidecar[]): void {
+  let stopped = false
+  t.teardown(() => { stopped = true })
+  void fireUntil(fleet.map((s) => s.proxy), () => stopped)
+}
+
+interface Holding { instance: string, acted: boolean }
+interface IncidentView { trigger: string, fleet?: { role: string, leader: string } }
+
+async function fleetRole (s: TestSidecar): Promise<IncidentView['fleet'] | undefined> {
+  const incidents = (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as IncidentView[]
+  return incidents.find((i) => i.trigger === 'errors' && i.fleet !== undefined)?.fleet
+}
+
+t.test('the leader is killed (SIGKILL) before its rollback answered: after the lease ttl a follower takes over and rolls back once', async (t) => {
+  const etcd = await startEtcd(t)
+  const client = new Etcd3({ hosts: etcd.endpoints })
+  t.teardown(() => { client.close() })
+  const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
+  t.teardown(failing.close)
+  // The leader's rollback receiver takes the call and never answers; the followers' answers 200.
+  const stuck = await startReceiver([200])
+  stuck.delayMs = 2 ** 31 - 1
+  t.teardown(stuck.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+
+  const incident = (url: string): Record<string, unknown> => fleetConfig(failing.url, etcd.endpoints, {
+    version: '2.0.0',
+    rollback: { type: 'webhook', url: `${url}/rollback`, retries: 0, timeoutMs: '10m' },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
+  })
+  const key = `/bw-test/shop/incidents/${incidentKey('shop', '2.0.0', 'errors')}`
+  const holding = async (): Promise<Holding | null> => JSON.parse(await client.get(key).string() ?? 'null') as Holding | null
+
+  const leader = await startProcess(t, incident(stuck.url), { ...withoutTapHooks, BREAKWATER_INSTANCE: 'crashed-leader', BREAKWATER_ADMIN_TOKEN: TEST_TOKEN })
+  const followers = [
+    await startTestSidecar(t, incident(cd.url), { instance: 'f1' }),
+    await startTestSidecar(t, incident(cd.url), { instance: 'f2' })
+  ]
+  await until(async () => await metricValue(leader.ops, 'breakwater_fleet_connected') === 1)
+  await until(() => followers.every((s) => s.sidecar.fleet?.connected === true))
+
+  // Only the leader sees the bad release at first: it creates the incident key and calls the rollback.
+  await fireUntil([leader.proxy], () => stuck.deliveries.length === 1)
+  t.match(await holding(), { instance: 'crashed-leader', acted: false }, 'the leader holds the incident key, not acted on yet')
+  t.equal(stuck.answered, 0, 'its rollback call has no answer')
+
+  // Then the others: they fire and follow the leader.
+  keepFiring(t, followers)
+  await until(async () => (await Promise.all(followers.map(fleetRole))).every((r) => r?.role === 'follower'))
+  for (const f of followers) t.match(await fleetRole(f), { role: 'follower', leader: 'crashed-leader' }, 'each follower names the leader')
+  t.equal(cd.deliveries.length, 0, 'nobody else acts while the leader lives')
+
+  leader.child.kill('SIGKILL')
+  await leader.exited
+  const killedAt = Date.now()
+  t.match(await holding(), { instance: 'crashed-leader' }, 'a crash revokes nothing: the key outlives the leader until its lease expires')
+
+  await until(() => cd.deliveries.length >= 1)
+  const tookOverMs = (cd.deliveries[0]?.at ?? 0) - killedAt
+  t.comment(`takeover rollback call ${tookOverMs} ms after the SIGKILL (lease ttl 2 s)`)
+  t.ok(tookOverMs > 0, 'the takeover came after the leader died')
+
+  // The new leader's rollback succeeded and is recorded on the key: nobody takes over again.
+  await until(async () => (await holding())?.acted === true)
+  const after = await holding()
+  const newLeader = followers.find((s) => s.sidecar.fleet?.instance === after?.instance)
+  t.ok(newLeader !== undefined, `the incident key is held by a follower (${after?.instance ?? 'none'})`)
+  const other = followers.find((s) => s !== newLeader) as TestSidecar
+  await until(async () => (await fleetRole(other))?.leader === after?.instance)
+  t.match(await fleetRole(newLeader as TestSidecar), { role: 'leader', leader: after?.instance }, 'the incident names the new leader on the new leader')
+  t.match(await fleetRole(other), { role: 'follower', leader: after?.instance }, 'and on the remaining follower')
+  t.equal(cd.deliveries.filter((d) => d.url === '/rollback').length, 1, 'exactly one rollback call after the takeover')
+  t.equal(stuck.deliveries.length, 1, 'and the dead leader\'s one call, never answered')
+  t.ok(followers.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === 'crashed-leader')), 'the takeover names the leader that died')
+})
