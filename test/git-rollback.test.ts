@@ -5,7 +5,7 @@
  */
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
+import { chmodSync, mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { runGitRollback, redactCredentials, type GitRollbackConfig, type GitRollbackRequest } from '../src/control/git-rollback.js'
@@ -88,13 +88,35 @@ t.test('reverts the newest commit touching the path, with one commit naming serv
   t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1)
 })
 
+/**
+ * A pre-receive hook that holds every push until `count` have arrived (10 s at most): the
+ * pushes then race for the branch, and all but one are rejected (the ref moved under them).
+ */
+function pushBarrier (bare: string, count: number): void {
+  const hook = join(bare, 'hooks', 'pre-receive')
+  writeFileSync(hook, [
+    '#!/bin/sh',
+    'cat >/dev/null',
+    'dir="$(pwd)/push-barrier"',
+    'mkdir -p "$dir" && : > "$dir/$$"',
+    'i=0',
+    `while [ "$(ls "$dir" | wc -l)" -lt ${count} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done`,
+    'exit 0',
+    ''
+  ].join('\n'))
+  chmodSync(hook, 0o755)
+}
+
 t.test('a fleet pushing at once makes exactly one revert per incident', async (t) => {
   const r = await remote(t)
-  const results = await Promise.all(Array.from({ length: 6 }, async (_, i) => await runGitRollback(cfg(r.bare), REQ, join(r.dir, `state-${i}`))))
+  const fleet = 6
+  pushBarrier(r.bare, fleet)
+  // Each sidecar its own author, so their reverts are different commits (the same author in the
+  // same second would build the same commit, and a second push of it would be no race at all).
+  const results = await Promise.all(Array.from({ length: fleet }, async (_, i) => await runGitRollback(cfg(r.bare, { author: `Sidecar ${i} <s${i}@example.test>` }), REQ, join(r.dir, `state-${i}`))))
   t.ok(results.every((x) => x.ok), results.map((x) => x.error ?? 'ok').join('; '))
-  // Two sidecars that build the revert in the same second build the same commit (same tree,
-  // parent, author, time and message), so a second push of it is a no-op, not a second revert.
-  t.ok(results.filter((x) => x.alreadyReverted === false).length >= 1, 'a sidecar pushed the revert')
+  t.equal(results.filter((x) => x.alreadyReverted === false).length, 1, 'one sidecar pushed the revert')
+  t.ok(results.some((x) => x.alreadyReverted === true && x.attempts >= 1), 'a sidecar whose push was rejected fetched and found the revert already there')
   t.equal(new Set(results.map((x) => x.commit)).size, 1, 'every sidecar reports the same revert commit')
   t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1, 'one revert on the branch')
   t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0')
