@@ -344,9 +344,8 @@ export class Sidecar {
   private leaderProgress (key: string, holding: Holding): void {
     const trigger = this.config.rollbackTriggers.find((t) => this.incidentKeyOf(t.name) === key)?.name
     if (trigger === undefined) return
-    const incident = this.verifier.leaderProgress(trigger, holding.instance, holding)
-    // Verified for the fleet: this follower's own Alertmanager alert ends too.
-    if (incident !== null && holding.restoredAt !== undefined) this.notifier.alertmanager.resolve(trigger)
+    // This follower's own Alertmanager alert stays until its trigger re-arms on its own traffic.
+    this.verifier.leaderProgress(trigger, holding.instance, holding)
   }
 
   /** The incident's leader left before acting: a sidecar whose trigger still fires acts now. */
