@@ -24,7 +24,7 @@ import { HealthPolicy } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
-import type { Claim, Fleet } from './fleet/fleet.js'
+import type { Claim, Fleet, Holding } from './fleet/fleet.js'
 import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
@@ -198,7 +198,14 @@ export class Sidecar {
       notifier: this.notifier,
       logger: this.logger,
       persist: (entry) => { void this.control.journal.commit(this.control.state, entry) },
-      triage: () => this.triageView() as unknown as TriageReport
+      triage: () => this.triageView() as unknown as TriageReport,
+      progressed: (incident, change) => {
+        // The fleet leader tells its followers (SPEC §16): they record it instead of escalating.
+        if (this.fleet === null || incident.fleet?.role !== 'leader' || incident.trigger === null) return
+        this.fleet.progress(this.incidentKeyOf(incident.trigger), change).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', incident: incident.id, error: (err as Error).message }, 'fleet: could not tell the followers how the incident went')
+        })
+      }
     })
     this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
     // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
@@ -294,12 +301,13 @@ export class Sidecar {
     control.fleet = this.fleet
     registerFleetMetrics(this.registry, this.fleet)
     this.fleet.onIncidentReleased = (key) => { this.takeOver(key) }
+    this.fleet.onIncidentProgress = (key, holding) => { this.leaderProgress(key, holding) }
     const notify = control.onMitigation
     control.onMitigation = (kind, record) => {
       notify(kind, record)
       // The incident's action succeeded: no other sidecar takes over to act again.
       if (kind === 'applied' && record.action === 'rollback' && record.source.startsWith('trigger:')) {
-        void this.fleet?.acted(this.incidentKeyOf(record.source.slice('trigger:'.length))).catch((err: unknown) => {
+        void this.fleet?.progress(this.incidentKeyOf(record.source.slice('trigger:'.length)), { acted: true }).catch((err: unknown) => {
           this.logger.warn({ event: 'fleet_incident', error: (err as Error).message }, 'fleet: could not mark the incident as acted on')
         })
       }
@@ -324,10 +332,20 @@ export class Sidecar {
       this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
       return null
     }
-    const open = this.verifier.incidents.find((i) => i.trigger === trigger && (i.status === 'detected' || i.status === 'verifying'))
-    if (open !== undefined) open.fleet = { role: claim.leader ? 'leader' : 'follower', leader: claim.holder }
+    this.verifier.fleetRole(trigger, claim.leader ? 'leader' : 'follower', claim.holder)
+    // What the leader reported before this sidecar knew it follows (a rollback that failed at once).
+    const held = fleet.holding(this.incidentKeyOf(trigger))
+    if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(this.incidentKeyOf(trigger), held)
     this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
     return claim
+  }
+
+  /** The leader of an incident this sidecar follows escalated it or verified its restoration. */
+  private leaderProgress (key: string, holding: Holding): void {
+    const trigger = this.config.rollbackTriggers.find((t) => this.incidentKeyOf(t.name) === key)?.name
+    if (trigger === undefined) return
+    // This follower's own Alertmanager alert stays until its trigger re-arms on its own traffic.
+    this.verifier.leaderProgress(trigger, holding.instance, holding)
   }
 
   /** The incident's leader left before acting: a sidecar whose trigger still fires acts now. */

@@ -12,6 +12,7 @@ import { startUpstream } from './helpers/upstream.js'
 import { send, eventually, sleep } from './helpers/http.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { metricValue } from './helpers/metrics.js'
+import { admin } from './helpers/admin.js'
 
 interface AmAlert { status: string, labels: Record<string, string>, annotations: Record<string, string>, endsAt: string }
 interface AmNotification { status: string, alerts: AmAlert[], groupLabels: Record<string, string> }
@@ -90,4 +91,43 @@ t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected',
   t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'alertmanager' }) >= 3, 30_000), 'every failed post counted, the repeats too')
   t.equal(s.logs.filter((l) => l.event === 'notification_failed' && l.channel === 'alertmanager').length, 1, 'one warning for the streak')
   t.equal((await send(s.proxy, '/ok')).status, 200)
+})
+
+t.test('an escalated incident: a second, critical alert in Alertmanager, re-posted while it lasts and resolved on verified restoration', async (t) => {
+  const am = await startAlertmanager(t, { group_wait: '1s', group_interval: '1s' })
+  let healthy = false
+  const up = await startUpstream((_req, res) => { res.writeHead(healthy ? 200 : 500); res.end() })
+  t.teardown(up.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const s = await startTestSidecar(t, {
+    service: 'shop',
+    version: '2.0.0',
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '30s' },
+    notifications: { escalateAfter: '3s', alertmanager: { urls: [am.url], labels: { team: 'payments' }, repeatInterval: '500ms' } }
+  })
+  let stopped = false
+  const flow = (async () => { while (!stopped) { await send(s.proxy, '/other').catch(() => null); await sleep(30) } })()
+  t.teardown(async () => { stopped = true; await flow })
+  const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
+  const escalation = async (): Promise<AmAlert | undefined> => (await alerts()).find((a) => a.labels.alertname === 'BreakwaterIncidentEscalated')
+  // The rollback did not fix it: the incident is still verifying at its deadline.
+  t.ok(await eventually(async () => await escalation() !== undefined, 30_000), 'the escalation is an alert of its own')
+  const esc = await escalation() as AmAlert
+  const incident = ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ id: string, escalatedAt: string | null }>)[0]
+  t.ok(incident?.escalatedAt !== null, 'the incident escalated')
+  t.same(esc.labels, { alertname: 'BreakwaterIncidentEscalated', service: 'shop', trigger: 'errors', version: '2.0.0', severity: 'critical', team: 'payments' }, 'critical, with the labels of the fleet\'s incident')
+  t.match(esc.annotations, { summary: /shop: incident i-.* escalated \(trigger errors\)/, description: /^ESCALATED/, incident: incident?.id, instance: String(s.sidecar.notifier.alertmanager.instance), runbook: /^breakwater triage --admin http/ }, 'annotations name the incident and the sidecar that escalated')
+  t.match((await alerts()).find((a) => a.labels.alertname === 'BreakwaterTriggerFired')?.labels, { severity: 'critical', trigger: 'errors' }, 'the trigger\'s own alert still fires beside it')
+  const posted = s.sidecar.notifier.alertmanager.posted
+  t.ok(await eventually(() => s.sidecar.notifier.alertmanager.posted >= posted + 2, 10_000), 'both are re-posted while the incident lasts')
+
+  healthy = true
+  t.ok(await eventually(async () => ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ status: string }>)[0]?.status === 'restored', 30_000), 'restoration verified')
+  t.ok(await eventually(async () => await escalation() === undefined, 10_000), 'the escalation alert is resolved')
+  t.ok(await eventually(() => am.hook.deliveries.flatMap((d) => (d.body as AmNotification).alerts).some((a) => a.labels.alertname === 'BreakwaterIncidentEscalated' && a.status === 'resolved'), 20_000), 'Alertmanager notifies its resolution')
 })

@@ -101,3 +101,93 @@ t.test('etcd unreachable when the trigger fires: each sidecar acts alone, as wit
   t.ok(await eventually(() => cd.deliveries.length === 3, 60_000), 'three rollback calls: nobody could coordinate')
   for (const s of fleet) t.ok(s.logs.some((l) => l.event === 'fleet_incident' && /acts alone/.test(String(l.msg))), 'each says it acts alone')
 })
+
+interface EscalationView { id: string, trigger: string, status: string, escalateAt: string, escalatedAt: string | null, escalationReason: string | null, fleet?: { role: string, leader: string } }
+
+async function incidentsOf (s: TestSidecar): Promise<EscalationView[]> {
+  return ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as EscalationView[]).filter((i) => i.trigger === 'errors')
+}
+
+/**
+ * Three sidecars whose upstream fails while `state.failing`, a rollback webhook answering
+ * `respond`, a short escalation deadline, and a webhook receiver that sees every event.
+ */
+async function escalationSetup (t: Test, respond: number[], action = 'rollback', escalateAfter = '6s'): Promise<{ fleet: TestSidecar[], cd: Receiver, hook: Receiver, state: { failing: boolean } }> {
+  const state = { failing: true }
+  const app = await startUpstream((_req, res) => { res.writeHead(state.failing ? 500 : 200); res.end(state.failing ? 'broken release' : 'ok') })
+  t.teardown(app.close)
+  const cd = await startReceiver(respond)
+  t.teardown(cd.close)
+  const hook = await startReceiver([200])
+  t.teardown(hook.close)
+  const { fleet } = await startConnectedFleet(t, {
+    version: '2.0.0',
+    upstreams: { app: { url: app.url } },
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action }],
+    notifications: { webhooks: [`${hook.url}/events`], escalateAfter },
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' }
+  })
+  return { fleet, cd, hook, state }
+}
+
+/** Wait until every running sidecar's escalation deadline for the incident is 2 s behind. */
+async function pastEveryDeadline (fleet: TestSidecar[]): Promise<void> {
+  const deadlines = (await Promise.all(fleet.map(incidentsOf))).flat().map((i) => Date.parse(i.escalateAt))
+  await sleep(Math.max(0, Math.max(...deadlines) + 2000 - Date.now()))
+}
+
+function escalations (hook: Receiver): Array<{ at: number, body: any }> {
+  return hook.deliveries.filter((d) => d.body?.event === 'escalated')
+}
+
+async function auditOf (s: TestSidecar): Promise<Array<{ action: string, requester: string }>> {
+  return (await admin(s.admin, 'GET', '/v1/audit?limit=200')).body.entries as Array<{ action: string, requester: string }>
+}
+
+t.test('escalation in a fleet: an incident the leader restored in time escalates nowhere, and the followers record the restoration', async (t) => {
+  const { fleet, cd, hook, state } = await escalationSetup(t, [200])
+  keepFiring(t, fleet)
+  t.ok(await eventually(() => cd.deliveries.length >= 1, 30_000), 'the leader called the rollback webhook')
+  state.failing = false // the rollback fixed it
+  t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.status === 'restored'), 30_000), 'every sidecar records the incident restored')
+  await pastEveryDeadline(fleet)
+  t.equal(escalations(hook).length, 0, 'no escalation from anyone')
+  t.equal(hook.deliveries.filter((d) => d.body?.event === 'restoration_verified').length, 1, 'one restoration_verified, from the leader')
+  const records = (await Promise.all(fleet.map(incidentsOf))).map((list) => list[0] as EscalationView)
+  t.equal(records.filter((i) => i.fleet?.role === 'follower').length, 2, 'two followers')
+  const audit = (await Promise.all(fleet.map(auditOf))).flat()
+  t.notOk(audit.some((e) => e.action === 'incident.escalated'), 'no escalation audited anywhere')
+  t.equal(audit.filter((e) => e.action === 'incident.restored' && e.requester.startsWith('fleet:')).length, 2, 'each follower audits the restoration its leader verified')
+})
+
+t.test('escalation in a fleet: the leader\'s rollback fails, and the fleet escalates exactly once', async (t) => {
+  const { fleet, hook } = await escalationSetup(t, [500])
+  keepFiring(t, fleet)
+  t.ok(await eventually(() => escalations(hook).length >= 1, 30_000), 'escalated')
+  t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.fleet !== undefined && list[0].escalatedAt !== null), 30_000), 'every sidecar records the escalation')
+  await pastEveryDeadline(fleet)
+  t.equal(escalations(hook).length, 1, 'one escalation for the fleet')
+  const records = (await Promise.all(fleet.map(incidentsOf))).map((list) => list[0] as EscalationView)
+  t.equal(records.filter((i) => i.fleet?.role === 'leader').length, 1, 'one leader')
+  t.match(records.filter((i) => i.fleet?.role === 'follower').map((i) => i.escalationReason), [/escalated by the fleet leader/, /escalated by the fleet leader/], 'the followers say their leader escalated')
+})
+
+t.test('escalation in a fleet: a follower that takes over before the deadline escalates at the deadline of its own detection, once', async (t) => {
+  // A trigger that only notifies restores nothing: its incident escalates at the deadline.
+  const { fleet, hook } = await escalationSetup(t, [200], 'notify', '8s')
+  keepFiring(t, fleet)
+  t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.fleet !== undefined), 30_000), 'all three know their role')
+  const roles = (await Promise.all(fleet.map(incidentsOf))).map((list) => list[0] as EscalationView)
+  const leaderIndex = roles.findIndex((i) => i.fleet?.role === 'leader')
+  t.ok(Date.now() < Date.parse((roles[leaderIndex] as EscalationView).escalateAt), 'the leader is still before its deadline')
+  await (fleet[leaderIndex] as TestSidecar).sidecar.close()
+  const rest = fleet.filter((_s, i) => i !== leaderIndex)
+  t.ok(await eventually(async () => (await Promise.all(rest.map(incidentsOf))).some((list) => list[0]?.fleet?.role === 'leader'), 30_000), 'a follower took over')
+  t.ok(await eventually(() => escalations(hook).length >= 1, 30_000), 'the incident escalated')
+  await pastEveryDeadline(rest)
+  t.equal(escalations(hook).length, 1, 'once')
+  const taker = (await Promise.all(rest.map(incidentsOf))).map((list) => list[0] as EscalationView).find((i) => i.fleet?.role === 'leader') as EscalationView
+  t.ok(taker.escalatedAt !== null && Date.parse(taker.escalatedAt) >= Date.parse(taker.escalateAt), 'at the deadline fixed at its detection, not earlier')
+  t.equal(escalations(hook)[0]?.body.details.incident, taker.id, 'the new leader escalated its incident')
+})

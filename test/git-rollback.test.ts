@@ -5,7 +5,7 @@
  */
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { runGitRollback, redactCredentials, type GitRollbackConfig, type GitRollbackRequest } from '../src/control/git-rollback.js'
@@ -88,13 +88,35 @@ t.test('reverts the newest commit touching the path, with one commit naming serv
   t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1)
 })
 
+/**
+ * A pre-receive hook that holds every push until `count` have arrived (10 s at most): the
+ * pushes then race for the branch, and all but one are rejected (the ref moved under them).
+ */
+function pushBarrier (bare: string, count: number): void {
+  const hook = join(bare, 'hooks', 'pre-receive')
+  writeFileSync(hook, [
+    '#!/bin/sh',
+    'cat >/dev/null',
+    'dir="$(pwd)/push-barrier"',
+    'mkdir -p "$dir" && : > "$dir/$$"',
+    'i=0',
+    `while [ "$(ls "$dir" | wc -l)" -lt ${count} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done`,
+    'exit 0',
+    ''
+  ].join('\n'))
+  chmodSync(hook, 0o755)
+}
+
 t.test('a fleet pushing at once makes exactly one revert per incident', async (t) => {
   const r = await remote(t)
-  const results = await Promise.all(Array.from({ length: 6 }, async (_, i) => await runGitRollback(cfg(r.bare), REQ, join(r.dir, `state-${i}`))))
+  const fleet = 6
+  pushBarrier(r.bare, fleet)
+  // Each sidecar its own author, so their reverts are different commits (the same author in the
+  // same second would build the same commit, and a second push of it would be no race at all).
+  const results = await Promise.all(Array.from({ length: fleet }, async (_, i) => await runGitRollback(cfg(r.bare, { author: `Sidecar ${i} <s${i}@example.test>` }), REQ, join(r.dir, `state-${i}`))))
   t.ok(results.every((x) => x.ok), results.map((x) => x.error ?? 'ok').join('; '))
-  // Two sidecars that build the revert in the same second build the same commit (same tree,
-  // parent, author, time and message), so a second push of it is a no-op, not a second revert.
-  t.ok(results.filter((x) => x.alreadyReverted === false).length >= 1, 'a sidecar pushed the revert')
+  t.equal(results.filter((x) => x.alreadyReverted === false).length, 1, 'one sidecar pushed the revert')
+  t.ok(results.some((x) => x.alreadyReverted === true && x.attempts >= 1), 'a sidecar whose push was rejected fetched and found the revert already there')
   t.equal(new Set(results.map((x) => x.commit)).size, 1, 'every sidecar reports the same revert commit')
   t.equal(r.log().filter((s) => s.startsWith('Revert')).length, 1, 'one revert on the branch')
   t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0')
@@ -199,4 +221,61 @@ t.test('validate: a git rollback needs repo and branch, and an author of the for
   t.throws(() => resolveConfig({ ...base, rollback: { type: 'git', repo: '/x', branch: 'main', author: 'no email' } }), /rollback/)
   const ok = resolveConfig({ ...base, rollback: { type: 'git', repo: '/x', branch: 'main' } })
   t.match(ok.config.rollback, { type: 'git', repo: '/x', branch: 'main', path: null, author: null, timeoutMs: 120_000 })
+})
+
+t.test('credentials in rollback.repo reach the remote and nothing else: output, audit, records, state, incidents, report, notifications', async (t) => {
+  const { startProcess, withoutTapHooks } = await import('./helpers/process.js')
+  const { startReceiver } = await import('./helpers/receiver.js')
+  const { admin } = await import('./helpers/admin.js')
+  const { eventually } = await import('./helpers/http.js')
+  const { TEST_TOKEN } = await import('./helpers/sidecar.js')
+  const http = await import('node:http')
+  // A git remote that asks for credentials, then fails: git's messages name the URL.
+  const authorizations: string[] = []
+  const remoteServer = http.createServer((req, res) => {
+    req.resume()
+    if (req.headers.authorization === undefined) { res.writeHead(401, { 'www-authenticate': 'Basic realm="deploy"' }); res.end(); return }
+    authorizations.push(req.headers.authorization)
+    res.writeHead(500); res.end('broken')
+  })
+  await new Promise<void>((resolve) => remoteServer.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { remoteServer.closeAllConnections(); remoteServer.close() })
+  const port = (remoteServer.address() as import('node:net').AddressInfo).port
+  const hook = await startReceiver([200])
+  t.teardown(hook.close)
+  const s = await startProcess(t, {
+    version: '2.0.0',
+    upstreams: { app: { url: 'http://127.0.0.1:9' } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    logging: { level: 'debug' },
+    notifications: { webhooks: [`${hook.url}/events`], slackWebhookUrl: `${hook.url}/slack` },
+    rollback: { type: 'git', repo: `http://deployer:s3cr3t-token@127.0.0.1:${port}/deploy.git`, branch: 'main', requireRecentChange: false, timeoutMs: '20s' }
+    // An operator tracing git: its trace lines name the URL, credentials and all.
+  }, { ...withoutTapHooks, BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, GIT_TRACE: '1' })
+  const base = String(s.lines.find((l) => l.msg === 'listening')?.admin)
+  const started = await admin(base, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'checkout 2.0.0 fails' })
+  t.equal(started.status, 202)
+  const id = started.body.id as string
+  t.ok(await eventually(async () => (await admin(base, 'GET', `/v1/mitigations/${id}`)).body.status === 'failed', 30_000), 'the rollback failed')
+  const record = await admin(base, 'GET', `/v1/mitigations/${id}`)
+  t.match(record.body.error, /git clone failed: .*127\.0\.0\.1/, 'the record says why, naming the remote')
+  t.same(authorizations.slice(0, 1), [`Basic ${Buffer.from('deployer:s3cr3t-token').toString('base64')}`], 'git did use the credentials')
+  t.ok(await eventually(() => ['mitigation_failed', 'escalated'].every((e) => hook.deliveries.some((d) => d.body?.event === e)), 10_000), 'the failure was notified and escalated')
+  const incident = ((await admin(base, 'GET', '/v1/incidents')).body.incidents as Array<{ id: string }>)[0] as { id: string }
+  const texts: Record<string, string> = {
+    stdout: JSON.stringify(s.lines),
+    stderr: s.stderr(),
+    record: JSON.stringify(record.body),
+    audit: JSON.stringify((await admin(base, 'GET', '/v1/audit?limit=1000')).body),
+    'audit log file': readFileSync(join(s.dir, 'state', 'audit.jsonl'), 'utf8'),
+    'state file': readFileSync(join(s.dir, 'state', 'state.json'), 'utf8'),
+    state: JSON.stringify((await admin(base, 'GET', '/v1/state')).body),
+    incidents: JSON.stringify((await admin(base, 'GET', '/v1/incidents')).body),
+    report: JSON.stringify((await admin(base, 'GET', `/v1/incidents/${incident.id}/report`)).body),
+    notifications: JSON.stringify(hook.deliveries.map((d) => d.body))
+  }
+  for (const [where, text] of Object.entries(texts)) {
+    if (where !== 'stderr') t.ok(text.length > 0, `${where} read`)
+    t.notMatch(text, /s3cr3t|deployer/, `no credential in ${where}`)
+  }
 })

@@ -43,6 +43,8 @@ interface Options {
   trigger?: Record<string, unknown>
   verification?: Record<string, unknown>
   stateDir?: string
+  /** false: no pagerDutyEscalationRoutingKey. */
+  escalationKey?: false
 }
 
 /** The shop behind a sidecar: `checkout` (kill switch `newCheckout`) and `catalog`, every channel configured. */
@@ -65,7 +67,7 @@ async function shop (t: Test, app: App, r: Receivers, o: Options = {}): Promise<
       slackChannel: '#incidents',
       slackWebhookUrl: `${r.slack.url}/slack`,
       pagerDutyRoutingKey: 'rk-main',
-      pagerDutyEscalationRoutingKey: 'rk-escalation',
+      ...(o.escalationKey === false ? {} : { pagerDutyEscalationRoutingKey: 'rk-escalation' }),
       pagerDutyUrl: `${r.pd.url}/v2/enqueue`,
       statusPageId: 'page1',
       statusPageApiKey: 'sp-key',
@@ -261,6 +263,19 @@ t.test('a resolve for a page incident never created is not sent by guess: logged
   t.notOk(r.sp.deliveries.some((d) => d.method === 'PATCH'), 'no PATCH of an id we do not have')
   t.notOk(r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 'no create-then-resolve')
   t.ok((s.sidecar.notifier.failed.get('statuspage') ?? 0) >= 2, 'counted as failed status page notifications')
+})
+
+t.test('without pagerDutyEscalationRoutingKey the escalation goes to the routing key, at critical, with the same dedup_key', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { escalationKey: false, notifications: { escalateAfter: '1h' }, trigger: { minRequests: 1000 }, verification: { timeoutMs: '2s', synthetics: [{ route: 'checkout', path: '/checkout/probe' }] } })
+  app.failing.add('/checkout')
+  await load.burst('/checkout/cart', 20)
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['unrelated'], reason: 'wrong guess' })
+  t.equal(m.status, 201)
+  t.ok(await eventually(() => escalations(r).pd.length === 1, 30_000), 'escalated')
+  t.match(escalations(r).pd[0]?.body, { routing_key: 'rk-main', event_action: 'trigger', payload: { severity: 'critical', summary: /ESCALATED/ } }, 'to the routing key, at critical')
+  t.equal(r.pd.deliveries.filter((d) => d.body?.routing_key !== 'rk-main').length, 0, 'nothing to any other key')
 })
 
 t.test('the escalation deadline survives a restart: a sidecar started after it passed escalates at once, once', async (t) => {

@@ -1,15 +1,24 @@
 /**
- * The Alertmanager channel (SPEC §16): a fired trigger becomes an Alertmanager API v2 alert,
- * `POST {url}/api/v2/alerts`, with stable labels — `alertname="BreakwaterTriggerFired"`,
- * `service`, `trigger`, `severity`, `instance` (plus `notifications.alertmanager.labels`) — and
- * annotations `summary`, `description`, `runbook` (the triage command).
+ * The Alertmanager channel (SPEC §16, §19). A fired trigger becomes an Alertmanager API v2
+ * alert, `POST {url}/api/v2/alerts`, with stable labels — `alertname="BreakwaterTriggerFired"`,
+ * `service`, `trigger`, `severity="critical"`, `instance` (plus `notifications.alertmanager.labels`)
+ * — and annotations `summary`, `description`, `runbook` (the triage command).
  *
  * Every sidecar posts its own alert (its `instance` differs) and Alertmanager's grouping turns a
  * fleet's alerts into one notification. While the trigger fires the alert is posted again every
  * `repeatInterval` (default 60 s, under Alertmanager's default `resolve_timeout` of 5 m, so it
  * never resolves on its own while the outage lasts); it is resolved (`endsAt`) when restoration
- * is verified or the trigger re-arms. Posting happens beside the control plane and never blocks
- * it; a failed post is logged once per failure streak and retried by the next repeat.
+ * is verified or the trigger re-arms.
+ *
+ * An escalation (SPEC §19) is a second alert, `alertname="BreakwaterIncidentEscalated"`,
+ * `severity="critical"`, `service`, `trigger` (`operator` for an operator's incident) and
+ * `version`: the labels of the fleet's incident key, without `instance`, since a fleet escalates
+ * an incident once (its leader) and a sidecar that takes over must resolve the same alert. It is
+ * re-posted like the other until restoration is verified (on the sidecar that escalated, or the
+ * one that took over); a trigger that merely re-arms does not end it — nobody verified anything.
+ *
+ * Posting happens beside the control plane and never blocks it; a failed post is logged once per
+ * failure streak and retried by the next repeat.
  */
 import { request } from 'undici'
 import type { Logger } from 'pino'
@@ -37,16 +46,49 @@ export class AlertmanagerChannel {
   /** The triage command for this sidecar (the `runbook` annotation). */
   runbook = 'breakwater triage'
   private readonly firing = new Map<string, Firing>()
+  /** Escalation alerts, by the incident's version and trigger (`operator` for an operator's). */
+  private readonly escalated = new Map<string, Firing>()
   private failing = false
 
   constructor (private readonly config: () => NotificationsConfig, private readonly logger: Logger) {}
 
-  /** Fire on `trigger_fired`, resolve on `restoration_verified`; other events are not alerts. */
+  /**
+   * Fire on `trigger_fired`, escalate on `escalated`, resolve both on `restoration_verified`;
+   * other events are not alerts.
+   */
   handle (event: NotificationEvent): void {
-    const am = this.config().alertmanager
-    if (am === null || event.trigger === null) return
+    if (this.config().alertmanager === null) return
+    if (event.kind === 'escalated') this.escalate(event)
+    else if (event.kind === 'restoration_verified') this.endEscalation(event)
+    if (event.trigger === null) return
     if (event.kind === 'trigger_fired') this.fire(event)
     else if (event.kind === 'restoration_verified') this.resolve(event.trigger)
+  }
+
+  private escalate (event: NotificationEvent): void {
+    const am = this.config().alertmanager
+    if (am === null) return
+    const key = escalationKey(event)
+    const existing = this.escalated.get(key)
+    if (existing !== undefined) clearInterval(existing.timer)
+    const trigger = event.trigger ?? 'operator'
+    const alert: Alert = {
+      labels: { ...am.labels, alertname: 'BreakwaterIncidentEscalated', service: event.service, trigger, version: event.version, severity: 'critical' },
+      annotations: {
+        summary: `${event.service}: incident ${String(event.details.incident ?? '')} escalated (${event.trigger === null ? 'operator' : `trigger ${trigger}`})`,
+        description: event.summary,
+        runbook: this.runbook,
+        incident: String(event.details.incident ?? ''),
+        instance: this.instance
+      },
+      startsAt: existing?.alert.startsAt ?? event.time
+    }
+    this.repeat(this.escalated, key, alert)
+  }
+
+  /** Restoration verified: the escalation of that incident (its version and trigger) ends. */
+  private endEscalation (event: NotificationEvent): void {
+    this.end(this.escalated, escalationKey(event))
   }
 
   private fire (event: NotificationEvent): void {
@@ -64,18 +106,30 @@ export class AlertmanagerChannel {
       },
       startsAt: existing?.alert.startsAt ?? event.time
     }
+    this.repeat(this.firing, trigger, alert)
+  }
+
+  /** Post `alert` now and every `repeatInterval` until it is resolved. */
+  private repeat (into: Map<string, Firing>, key: string, alert: Alert): void {
+    const am = this.config().alertmanager
+    if (am === null) return
     const timer = setInterval(() => { void this.post(alert) }, am.repeatIntervalMs)
     timer.unref()
-    this.firing.set(trigger, { alert, timer })
+    into.set(key, { alert, timer })
     void this.post(alert)
   }
 
   /** The incident of `trigger` is over here: resolve its alert (no-op when none fires). */
   resolve (trigger: string): void {
-    const f = this.firing.get(trigger)
+    this.end(this.firing, trigger)
+  }
+
+  /** Stop re-posting the alert held under `key` and post it once more, resolved (`endsAt` now). */
+  private end (from: Map<string, Firing>, key: string): void {
+    const f = from.get(key)
     if (f === undefined) return
     clearInterval(f.timer)
-    this.firing.delete(trigger)
+    from.delete(key)
     void this.post({ ...f.alert, endsAt: new Date().toISOString() })
   }
 
@@ -105,7 +159,12 @@ export class AlertmanagerChannel {
   }
 
   stop (): void {
-    for (const f of this.firing.values()) clearInterval(f.timer)
+    for (const f of [...this.firing.values(), ...this.escalated.values()]) clearInterval(f.timer)
     this.firing.clear()
+    this.escalated.clear()
   }
+}
+
+function escalationKey (event: NotificationEvent): string {
+  return `${event.version}\u0000${event.trigger ?? 'operator'}`
 }

@@ -24,6 +24,12 @@
  * the persisted record, so a restart re-arms it (and escalates at once if it passed meanwhile);
  * a verified restoration disarms it.
  *
+ * In a fleet (SPEC §16: one incident, one actor) only the incident's actor escalates: the
+ * leader, or a sidecar acting alone (no fleet, or etcd did not answer its claim). A follower
+ * arms no deadline and sends nothing; it records what its leader reports through etcd (the
+ * escalation, the verified restoration), so its incident ends with the fleet's. A follower that
+ * takes over arms the deadline of its own detection, unless the leader had escalated already.
+ *
  * Every incident is kept in `stateDir` (the newest KEEP): its phases, the detection reading,
  * the triage at detection and its impact (impact.ts), which the post-mortem draft reads.
  */
@@ -117,6 +123,8 @@ export interface VerifierDeps {
   logger: Logger
   /** Persist every incident (as they are now), with an audit line when given. */
   persist: (entry: AuditInput | null) => void
+  /** Told when this sidecar escalated an incident or verified its restoration (a fleet leader passes it on). */
+  progressed?: (incident: Incident, change: { escalatedAt: string } | { restoredAt: string }) => void
   /** The triage report now (kept in the incident at detection). */
   triage: () => TriageReport
 }
@@ -272,7 +280,7 @@ export class Verifier {
 
   /** Escalate `incident` at its deadline unless it is verified restored first. */
   private arm (incident: Incident): void {
-    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
+    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored' || incident.fleet?.role === 'follower') return
     const why = `not verified restored within ${this.deps.config().notifications.escalateAfterMs / 1000} s of detection`
     this.escalations.arm(incident.id, Date.parse(incident.escalateAt), () => { this.escalate(incident, why) })
   }
@@ -285,12 +293,59 @@ export class Verifier {
   /** Escalate once per incident: PagerDuty `critical`, Slack, webhooks (SPEC §19). */
   private escalate (incident: Incident, why: string): void {
     this.escalations.disarm(incident.id)
-    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored') return
+    // A follower never escalates: its leader does, once for the fleet (SPEC §16).
+    if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored' || incident.fleet?.role === 'follower') return
     incident.escalatedAt = new Date().toISOString()
     incident.escalationReason = why
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'escalated', reason: why, status: incident.status }, 'incident escalated')
     this.notify(incident, 'escalated', `ESCALATED: incident ${incident.id} ${why} (${incident.status.replace('_', ' ')}${incident.mitigation !== null ? `; ${incident.mitigation.action} ${incident.mitigation.id}` : '; no mitigation yet'})`)
     this.deps.persist({ action: 'incident.escalated', targets: [incident.id], reason: why, result: 'escalated', requester: 'breakwater', trigger: incident.trigger, status: incident.status })
+    this.deps.progressed?.(incident, { escalatedAt: incident.escalatedAt })
+  }
+
+  /**
+   * In a fleet, the claim of `trigger`'s open incident decided who acts (SPEC §16): a follower
+   * disarms its deadline (the leader escalates for the fleet); the leader — the first claimant,
+   * or a follower taking over from a leader that left — arms it, at the time fixed at its own
+   * detection (at once if that passed), unless the fleet already escalated.
+   */
+  fleetRole (trigger: string, role: 'leader' | 'follower', leader: string): void {
+    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
+    if (incident === undefined) return
+    incident.fleet = { role, leader }
+    if (role === 'follower') this.escalations.disarm(incident.id)
+    else this.arm(incident)
+    this.deps.persist(null)
+  }
+
+  /**
+   * The fleet leader of `trigger`'s incident escalated it or verified its restoration: this
+   * follower records it, without notifying (the leader did) and without observing a time to
+   * restore (the leader's counts, once for the fleet).
+   */
+  leaderProgress (trigger: string, leader: string, news: { escalatedAt?: string, restoredAt?: string }): Incident | null {
+    const incident = this.incidents.find((i) => i.trigger === trigger && i.fleet?.role === 'follower' && i.fleet.leader === leader && i.status !== 'restored')
+    if (incident === undefined) return null
+    if (news.escalatedAt !== undefined && incident.escalatedAt === null) {
+      incident.escalatedAt = news.escalatedAt
+      incident.escalationReason = `escalated by the fleet leader ${leader}`
+      this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalated', leader }, 'incident escalated by the fleet leader')
+      this.deps.persist({ action: 'incident.escalated', targets: [incident.id], reason: incident.escalationReason, result: 'escalated by the leader', requester: `fleet:${leader}`, trigger, status: incident.status })
+    }
+    if (news.restoredAt !== undefined) {
+      const run = this.running.get(incident.id)
+      if (run?.timer != null) clearTimeout(run.timer)
+      this.running.delete(incident.id)
+      this.escalations.disarm(incident.id)
+      this.count(incident, Date.now())
+      incident.status = 'restored'
+      incident.restoredAt = news.restoredAt
+      incident.endedAt = news.restoredAt
+      incident.timeToRestoreSeconds = round((Date.parse(news.restoredAt) - Date.parse(incident.detectedAt)) / 1000)
+      this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'restored', leader, timeToRestoreSeconds: incident.timeToRestoreSeconds }, 'restoration verified by the fleet leader')
+      this.deps.persist({ action: 'incident.restored', targets: [incident.id], reason: `restoration verified by the fleet leader ${leader}`, result: 'restored', requester: `fleet:${leader}`, trigger, timeToRestoreSeconds: incident.timeToRestoreSeconds })
+    }
+    return incident
   }
 
   /** The open incident a mitigation belongs to (its trigger's, or the one it already joined), opened if none. */
@@ -484,6 +539,7 @@ export class Verifier {
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'restored', timeToRestoreSeconds: incident.timeToRestoreSeconds, checks: incident.checks }, 'restoration verified')
     this.notify(incident, 'restoration_verified', `service restored (verified) ${incident.timeToRestoreSeconds} s after detection, by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`)
     this.deps.persist({ action: 'incident.restored', targets: [incident.id], reason: 'restoration verified', result: 'restored', requester: 'breakwater', trigger: incident.trigger, timeToRestoreSeconds: incident.timeToRestoreSeconds })
+    this.deps.progressed?.(incident, { restoredAt: incident.restoredAt })
   }
 
   /** `noRealTraffic`: nothing showed that users are served again, but nothing showed they are not. */

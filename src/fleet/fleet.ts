@@ -8,7 +8,8 @@
  *   upstream, and it carries its mitigation `id`). A `ttl` is an expiry timestamp, not an etcd lease: a lease
  *   lives in etcd, so a sidecar cut off from etcd would keep a kill switch past its ttl; a
  *   timestamp lapses on every sidecar by its own clock, etcd reachable or not.
- * - `incidents/{incidentKey}`: who acts for one incident (see `claim`), under its lease.
+ * - `incidents/{incidentKey}`: who acts for one incident (see `claim`), under its lease, and
+ *   how far it got (acted, escalated, restored: see `progress`), which the followers record.
  *
  * etcd is never on the request path: every sidecar reads the whole prefix at a revision, applies
  * it to the same in-memory overrides the data plane reads, and watches from revision + 1. A
@@ -35,14 +36,21 @@ export interface Claim {
   holder: string
 }
 
-/** The value of `{prefix}/{service}/incidents/{incidentKey}`. */
-interface Holding {
+/** The value of `{prefix}/{service}/incidents/{incidentKey}`: who acts, and how far it got. */
+export interface Holding {
   instance: string
   trigger: string
   at: string
   /** Whether the holder's action succeeded: nobody takes over then. */
   acted: boolean
+  /** When the holder escalated the incident (the fleet escalates once: followers record it, a taker-over does not escalate again). */
+  escalatedAt?: string
+  /** When the holder verified restoration (followers record the incident restored). */
+  restoredAt?: string
 }
+
+/** What the holder of an incident key reports as it goes. */
+export type Progress = Partial<Pick<Holding, 'acted' | 'escalatedAt' | 'restoredAt'>>
 
 export interface FleetDeps {
   service: string
@@ -84,6 +92,8 @@ export class Fleet implements FleetWriter {
   private readonly incidents = new Map<string, Holding>()
   /** Called when an incident's holder went away (its lease expired) before acting. */
   onIncidentReleased: (incidentKey: string) => void = () => {}
+  /** Called when another sidecar holding an incident key reports escalation or verified restoration. */
+  onIncidentProgress: (incidentKey: string, holding: Holding) => void = () => {}
 
   private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps, private readonly recoverable: (err: Error) => boolean) {
     this.instance = deps.instance
@@ -151,12 +161,21 @@ export class Fleet implements FleetWriter {
     return { leader: holder.instance === this.instance, holder: holder.instance }
   }
 
-  /** The holder's action succeeded: record it on the key, so nobody takes over to act again. */
-  async acted (incidentKey: string): Promise<void> {
+  /** The incident key as last seen (watch and resyncs). */
+  holding (incidentKey: string): Holding | undefined {
+    return this.incidents.get(incidentKey)
+  }
+
+  /**
+   * The holder's incident moved on (its action succeeded, it escalated, restoration was
+   * verified): record it on the key, so nobody takes over to act or escalate again, and the
+   * followers' records follow. A no-op unless this sidecar holds the key.
+   */
+  async progress (incidentKey: string, change: Progress): Promise<void> {
     const held = this.incidents.get(incidentKey)
     if (held === undefined || held.instance !== this.instance || this.lease === null) return
     const key = this.key('incidents', incidentKey)
-    const next: Holding = { ...held, acted: true }
+    const next = holdingOf({ ...held, ...change })
     await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
       .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
       .commit())
@@ -197,7 +216,7 @@ export class Fleet implements FleetWriter {
   private incidentEvent (incidentKey: string, kv: IKeyValue, deleted: boolean): void {
     if (!deleted) {
       const holding = readHolding(kv.value.toString())
-      if (holding !== null) this.incidents.set(incidentKey, holding)
+      if (holding !== null) this.seen(incidentKey, holding)
       return
     }
     const last = this.incidents.get(incidentKey)
@@ -206,6 +225,15 @@ export class Fleet implements FleetWriter {
       this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
       this.onIncidentReleased(incidentKey)
     }
+  }
+
+  /** An incident key as read (watch or resync): another holder's news is passed on once. */
+  private seen (incidentKey: string, holding: Holding): void {
+    const before = this.incidents.get(incidentKey)
+    this.incidents.set(incidentKey, holding)
+    if (holding.instance === this.instance) return
+    const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt)
+    if (news) this.onIncidentProgress(incidentKey, holding)
   }
 
   // ---- sync loop ----
@@ -255,7 +283,7 @@ export class Fleet implements FleetWriter {
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
       const holding = incident === null ? null : readHolding(kv.value.toString())
-      if (incident !== null && holding !== null) this.incidents.set(incident, holding)
+      if (incident !== null && holding !== null) this.seen(incident, holding)
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
@@ -455,9 +483,24 @@ function readHolding (text: string): Holding | null {
   try {
     const v = JSON.parse(text) as Partial<Holding> | null
     if (v === null || typeof v !== 'object' || typeof v.instance !== 'string') return null
-    return { instance: v.instance, trigger: String(v.trigger ?? ''), at: String(v.at ?? ''), acted: v.acted === true }
+    return holdingOf(v as Partial<Holding> & { instance: string })
   } catch {
     return null
+  }
+}
+
+/**
+ * A holding with its keys always in one order: `progress` compares the text in etcd with the
+ * holding as last seen, so the holder's writes and every reader's copies must serialise alike.
+ */
+function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
+  return {
+    instance: v.instance,
+    trigger: String(v.trigger ?? ''),
+    at: String(v.at ?? ''),
+    acted: v.acted === true,
+    ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
+    ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {})
   }
 }
 
