@@ -151,9 +151,24 @@ function reusePortIn (version: string): boolean {
 export async function listenProxy (proxy: ProxyServer, host: string, port: number, acceptors: number): Promise<string> {
   const { server, certificates } = proxy
   const shared = REUSE_PORT && acceptors > 1
-  // Port 0 too: the kernel may hand a port-0 bind that shares ports a port others already share.
-  if (shared) port = await close(await bind(net.createServer(), { host, port }))
-  await bind(server, { host, port, reusePort: shared })
+  if (!shared) {
+    await bind(server, { host, port })
+  } else if (port !== 0) {
+    await close(await bind(net.createServer(), { host, port }))
+    await bind(server, { host, port, reusePort: true })
+  } else {
+    // Port 0 too is probed first: the kernel may hand a port-0 bind that shares ports a port
+    // others already share. Another bind may take the probed port before ours: probe again.
+    for (let tries = 1; ; tries++) {
+      const probed = await close(await bind(net.createServer(), { host, port: 0 }))
+      try {
+        await bind(server, { host, port: probed, reusePort: true })
+        break
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || tries === 3) throw err
+      }
+    }
+  }
   const a = server.address() as AddressInfo
   if (shared) {
     // Their sockets are made as `server` makes its own (half-open, no delay, buffer size), then
