@@ -254,6 +254,12 @@ export class Sidecar {
       if (page === null) delete this.control.state.statusPage[key]
       else this.control.state.statusPage[key] = page
       void this.control.journal.commit(this.control.state, null)
+      // The fleet's actor for the incident writes its page incident on the incident key (SPEC §16).
+      if (page?.id != null) {
+        this.fleet?.progress(key, { statusPage: { id: page.id, status: page.status } }).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', incident: key, error: (err as Error).message }, 'fleet: could not record the status page incident on the incident key')
+        })
+      }
     }
     await this.startFleet()
     try {
@@ -300,7 +306,7 @@ export class Sidecar {
     })
     control.fleet = this.fleet
     registerFleetMetrics(this.registry, this.fleet)
-    this.fleet.onIncidentReleased = (key) => { this.takeOver(key) }
+    this.fleet.onIncidentReleased = (key, last) => { this.takeOver(key, last) }
     this.fleet.onIncidentProgress = (key, holding) => { this.leaderProgress(key, holding) }
     const notify = control.onMitigation
     control.onMitigation = (kind, record) => {
@@ -340,20 +346,26 @@ export class Sidecar {
     return claim
   }
 
-  /** The leader of an incident this sidecar follows escalated it or verified its restoration. */
+  /** The leader of an incident this sidecar follows escalated it, verified its restoration or updated its status page incident. */
   private leaderProgress (key: string, holding: Holding): void {
     const trigger = this.config.rollbackTriggers.find((t) => this.incidentKeyOf(t.name) === key)?.name
     if (trigger === undefined) return
+    // Should this sidecar act for the incident later, it updates the leader's page incident.
+    if (holding.statusPage !== undefined) this.notifier.statusPage.adopt(key, holding.statusPage)
     // This follower's own Alertmanager alert stays until its trigger re-arms on its own traffic.
     this.verifier.leaderProgress(trigger, holding.instance, holding)
   }
 
-  /** The incident's leader left before acting: a sidecar whose trigger still fires acts now. */
-  private takeOver (key: string): void {
+  /**
+   * The incident's leader left before acting: a sidecar whose trigger still fires acts now,
+   * on the leader's status page incident (as last written on the key), not on a second one.
+   */
+  private takeOver (key: string, last: Holding): void {
     for (const trigger of this.config.rollbackTriggers) {
       if (this.incidentKeyOf(trigger.name) !== key) continue
       const live = this.triggers.status().find((s) => s.name === trigger.name)
       if (live?.state !== 'fired') continue
+      if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
       this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
         this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
       })

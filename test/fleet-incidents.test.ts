@@ -5,11 +5,11 @@
  * a still-firing sidecar takes over.
  */
 import t, { type Test } from 'tap'
-import { startConnectedFleet } from './helpers/fleet.js'
+import { startConnectedFleet, keepSending } from './helpers/fleet.js'
 import { startReceiver, type Receiver } from './helpers/receiver.js'
 import { startUpstream } from './helpers/upstream.js'
 import { admin } from './helpers/admin.js'
-import { send, eventually, sleep } from './helpers/http.js'
+import { eventually, sleep } from './helpers/http.js'
 import type { TestSidecar } from './helpers/sidecar.js'
 import type { EtcdCluster } from './helpers/etcd.js'
 
@@ -25,18 +25,6 @@ async function incidentSetup (t: Test, respond: number[]): Promise<{ fleet: Test
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
   })
   return { fleet, cd, etcd }
-}
-
-/** Keep failing traffic flowing through `fleet` until the test ends (triggers stay fired). */
-function keepFiring (t: Test, fleet: TestSidecar[]): void {
-  let stopped = false
-  t.teardown(() => { stopped = true })
-  void (async () => {
-    while (!stopped) {
-      await Promise.all(fleet.map(async (s) => { if (s.sidecar.addresses.proxy !== '') await send(s.proxy, '/other').catch(() => null) }))
-      await sleep(50)
-    }
-  })()
 }
 
 interface IncidentView { trigger: string, fleet?: { role: string, leader: string } }
@@ -55,7 +43,7 @@ async function outcomes (fleet: TestSidecar[]): Promise<string[]> {
 
 t.test('three sidecars fire the same trigger: one rollback call, two followers naming the leader', async (t) => {
   const { fleet, cd } = await incidentSetup(t, [200])
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(async () => (await outcomes(fleet)).every((o) => o !== '' && o !== 'running'), 30_000), 'every sidecar fired and decided')
   await sleep(1500)
   t.equal(cd.deliveries.filter((d) => d.url === '/rollback').length, 1, 'exactly one rollback webhook call')
@@ -74,7 +62,7 @@ t.test('three sidecars fire the same trigger: one rollback call, two followers n
 t.test('the leader goes before its rollback succeeded: a still-firing sidecar takes over and acts', async (t) => {
   // The first rollback call fails (no retries); the next succeeds.
   const { fleet, cd } = await incidentSetup(t, [500, 200])
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(() => cd.deliveries.length === 1, 30_000), 'the leader called the rollback webhook')
   t.ok(await eventually(async () => (await Promise.all(fleet.map(fleetRole))).filter((r) => r !== undefined).length === 3, 30_000), 'all three know their role')
   const roles = await Promise.all(fleet.map(fleetRole))
@@ -97,7 +85,7 @@ t.test('the leader goes before its rollback succeeded: a still-firing sidecar ta
 t.test('etcd unreachable when the trigger fires: each sidecar acts alone, as without a fleet, and says why', async (t) => {
   const { fleet, cd, etcd } = await incidentSetup(t, [200])
   await etcd.kill(0)
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(() => cd.deliveries.length === 3, 60_000), 'three rollback calls: nobody could coordinate')
   for (const s of fleet) t.ok(s.logs.some((l) => l.event === 'fleet_incident' && /acts alone/.test(String(l.msg))), 'each says it acts alone')
 })
@@ -147,7 +135,7 @@ async function auditOf (s: TestSidecar): Promise<Array<{ action: string, request
 
 t.test('escalation in a fleet: an incident the leader restored in time escalates nowhere, and the followers record the restoration', async (t) => {
   const { fleet, cd, hook, state } = await escalationSetup(t, [200])
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(() => cd.deliveries.length >= 1, 30_000), 'the leader called the rollback webhook')
   state.failing = false // the rollback fixed it
   t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.status === 'restored'), 30_000), 'every sidecar records the incident restored')
@@ -163,7 +151,7 @@ t.test('escalation in a fleet: an incident the leader restored in time escalates
 
 t.test('escalation in a fleet: the leader\'s rollback fails, and the fleet escalates exactly once', async (t) => {
   const { fleet, hook } = await escalationSetup(t, [500])
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(() => escalations(hook).length >= 1, 30_000), 'escalated')
   t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.fleet !== undefined && list[0].escalatedAt !== null), 30_000), 'every sidecar records the escalation')
   await pastEveryDeadline(fleet)
@@ -176,7 +164,7 @@ t.test('escalation in a fleet: the leader\'s rollback fails, and the fleet escal
 t.test('escalation in a fleet: a follower that takes over before the deadline escalates at the deadline of its own detection, once', async (t) => {
   // A trigger that only notifies restores nothing: its incident escalates at the deadline.
   const { fleet, hook } = await escalationSetup(t, [200], 'notify', '8s')
-  keepFiring(t, fleet)
+  keepSending(t, fleet)
   t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.fleet !== undefined), 30_000), 'all three know their role')
   const roles = (await Promise.all(fleet.map(incidentsOf))).map((list) => list[0] as EscalationView)
   const leaderIndex = roles.findIndex((i) => i.fleet?.role === 'leader')

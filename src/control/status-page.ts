@@ -10,6 +10,9 @@
  *   the create that gives its id has been answered.
  * - The id is persisted (`onChange`, kept in `stateDir`), so a sidecar restarted mid-incident
  *   updates the same page incident instead of creating a second one.
+ * - In a fleet only the incident's actor sends (SPEC §16); it writes the id and the last status
+ *   on the incident key in etcd, and the others `adopt` them, so a sidecar that takes over from
+ *   a leader that left updates the leader's page incident instead of creating a second one.
  * - An id we do not have is never guessed: an update without one creates the page incident (the
  *   outage is still going on, customers should hear of it), but a `resolved` without one is not
  *   sent — creating an incident only to resolve it could duplicate one whose creation did
@@ -72,6 +75,20 @@ export class StatusPageLifecycle {
       const status = s.status in RANK ? s.status as PageStatus : null
       this.incidents.set(key, { id: s.id, status, queue: [], busy: false })
     }
+  }
+
+  /**
+   * The page incident of `key` as the fleet's actor for it reports it (SPEC §16): this sidecar
+   * updates that one from now on. Ignored while this sidecar is sending for `key` itself, or
+   * when it already knows that page incident at that status or past it.
+   */
+  adopt (key: string, state: { id: string, status: string }): void {
+    const status = state.status in RANK ? state.status as PageStatus : null
+    const p = this.incidents.get(key)
+    if (state.id === '' || status === null || p?.busy === true || (p?.queue.length ?? 0) > 0) return
+    if (p !== undefined && p.id === state.id && p.status !== null && RANK[p.status] >= RANK[status]) return
+    this.incidents.set(key, { id: state.id, status, queue: [], busy: false })
+    this.onChange(key, { id: state.id, status })
   }
 
   /** The page incident of `key` as known now (tests, state view). */

@@ -9,7 +9,8 @@
  *   lives in etcd, so a sidecar cut off from etcd would keep a kill switch past its ttl; a
  *   timestamp lapses on every sidecar by its own clock, etcd reachable or not.
  * - `incidents/{incidentKey}`: who acts for one incident (see `claim`), under its lease, and
- *   how far it got (acted, escalated, restored: see `progress`), which the followers record.
+ *   how far it got (acted, escalated, restored, its status page incident: see `progress`),
+ *   which the followers record.
  *
  * etcd is never on the request path: every sidecar reads the whole prefix at a revision, applies
  * it to the same in-memory overrides the data plane reads, and watches from revision + 1. A
@@ -47,10 +48,12 @@ export interface Holding {
   escalatedAt?: string
   /** When the holder verified restoration (followers record the incident restored). */
   restoredAt?: string
+  /** The status page incident the holder created and the last status it sent: a taker-over updates it, never creates a second. */
+  statusPage?: { id: string, status: string }
 }
 
 /** What the holder of an incident key reports as it goes. */
-export type Progress = Partial<Pick<Holding, 'acted' | 'escalatedAt' | 'restoredAt'>>
+export type Progress = Partial<Pick<Holding, 'acted' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
 
 export interface FleetDeps {
   service: string
@@ -90,9 +93,11 @@ export class Fleet implements FleetWriter {
   private lease: Lease | null = null
   /** Incident keys as last seen (watch and resyncs), by incident key. */
   private readonly incidents = new Map<string, Holding>()
-  /** Called when an incident's holder went away (its lease expired) before acting. */
-  onIncidentReleased: (incidentKey: string) => void = () => {}
-  /** Called when another sidecar holding an incident key reports escalation or verified restoration. */
+  /** `progress` writes, one at a time: each compares against the value the one before wrote. */
+  private progressing: Promise<void> = Promise.resolve()
+  /** Called when an incident's holder went away (its lease expired) before acting, with the key as last seen. */
+  onIncidentReleased: (incidentKey: string, last: Holding) => void = () => {}
+  /** Called when another sidecar holding an incident key reports escalation, verified restoration or its status page incident. */
   onIncidentProgress: (incidentKey: string, holding: Holding) => void = () => {}
 
   private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps, private readonly recoverable: (err: Error) => boolean) {
@@ -169,17 +174,22 @@ export class Fleet implements FleetWriter {
   /**
    * The holder's incident moved on (its action succeeded, it escalated, restoration was
    * verified): record it on the key, so nobody takes over to act or escalate again, and the
-   * followers' records follow. A no-op unless this sidecar holds the key.
+   * followers' records follow. A no-op unless this sidecar holds the key. Writes go one at a
+   * time: two at once would both compare against the same value, and the second would fail.
    */
   async progress (incidentKey: string, change: Progress): Promise<void> {
-    const held = this.incidents.get(incidentKey)
-    if (held === undefined || held.instance !== this.instance || this.lease === null) return
-    const key = this.key('incidents', incidentKey)
-    const next = holdingOf({ ...held, ...change })
-    await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
-      .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
-      .commit())
-    this.incidents.set(incidentKey, next)
+    const write = this.progressing.then(async () => {
+      const held = this.incidents.get(incidentKey)
+      if (held === undefined || held.instance !== this.instance || this.lease === null) return
+      const key = this.key('incidents', incidentKey)
+      const next = holdingOf({ ...held, ...change })
+      const res = await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
+        .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
+        .commit())
+      if (res.succeeded) this.incidents.set(incidentKey, next)
+    })
+    this.progressing = write.catch(() => {})
+    await write
   }
 
   /**
@@ -223,7 +233,7 @@ export class Fleet implements FleetWriter {
     this.incidents.delete(incidentKey)
     if (last !== undefined && !last.acted && last.instance !== this.instance) {
       this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
-      this.onIncidentReleased(incidentKey)
+      this.onIncidentReleased(incidentKey, last)
     }
   }
 
@@ -232,7 +242,9 @@ export class Fleet implements FleetWriter {
     const before = this.incidents.get(incidentKey)
     this.incidents.set(incidentKey, holding)
     if (holding.instance === this.instance) return
-    const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt)
+    const page = holding.statusPage
+    const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt) ||
+      (page !== undefined && (page.id !== before?.statusPage?.id || page.status !== before.statusPage.status))
     if (news) this.onIncidentProgress(incidentKey, holding)
   }
 
@@ -500,7 +512,8 @@ function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
     at: String(v.at ?? ''),
     acted: v.acted === true,
     ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
-    ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {})
+    ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {}),
+    ...(typeof v.statusPage?.id === 'string' && v.statusPage.id !== '' ? { statusPage: { id: v.statusPage.id, status: String(v.statusPage.status ?? '') } } : {})
   }
 }
 

@@ -5,7 +5,7 @@ import type { Test } from 'tap'
 import { startTestSidecar, type TestSidecar } from './sidecar.js'
 import { startUpstream, type TestUpstream } from './upstream.js'
 import { startEtcd, type EtcdCluster } from './etcd.js'
-import { eventually } from './http.js'
+import { eventually, send, sleep } from './http.js'
 import './linger.js'
 
 /** The config of one sidecar of service `shop`, in the fleet on `endpoints`. */
@@ -48,4 +48,16 @@ export async function startConnectedFleet (t: Test, extra: Record<string, unknow
   const fleet = await startFleet(t, up.url, knows === 'all' ? etcd.endpoints : etcd.endpoints.slice(0, 1), extra) as ConnectedFleet['fleet']
   if (!await eventually(() => fleet.every((s) => s.sidecar.fleet?.connected === true), 30_000)) throw new Error('the sidecars did not connect to etcd')
   return { etcd, up, fleet }
+}
+
+/** Keep traffic flowing through the running sidecars of `fleet` until the test ends (a failing upstream keeps their triggers fired). */
+export function keepSending (t: Test, fleet: TestSidecar[]): void {
+  let stopped = false
+  t.teardown(() => { stopped = true })
+  void (async () => {
+    while (!stopped) {
+      await Promise.all(fleet.map(async (s) => { if (s.sidecar.addresses.proxy !== '') await send(s.proxy, '/other').catch(() => null) }))
+      await sleep(50)
+    }
+  })()
 }
