@@ -151,24 +151,8 @@ function reusePortIn (version: string): boolean {
 export async function listenProxy (proxy: ProxyServer, host: string, port: number, acceptors: number): Promise<string> {
   const { server, certificates } = proxy
   const shared = REUSE_PORT && acceptors > 1
-  if (!shared) {
-    await bind(server, { host, port })
-  } else if (port !== 0) {
-    await close(await bind(net.createServer(), { host, port }))
-    await bind(server, { host, port, reusePort: true })
-  } else {
-    // Port 0 too is probed first: the kernel may hand a port-0 bind that shares ports a port
-    // others already share. Another bind may take the probed port before ours: probe again.
-    for (let tries = 1; ; tries++) {
-      const probed = await close(await bind(net.createServer(), { host, port: 0 }))
-      try {
-        await bind(server, { host, port: probed, reusePort: true })
-        break
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || tries === 3) throw err
-      }
-    }
-  }
+  if (shared) await bindShared(server, host, port)
+  else await bind(server, { host, port })
   const a = server.address() as AddressInfo
   if (shared) {
     // Their sockets are made as `server` makes its own (half-open, no delay, buffer size), then
@@ -180,6 +164,23 @@ export async function listenProxy (proxy: ProxyServer, host: string, port: numbe
   }
   certificates?.start()
   return `${certificates === null ? 'http' : 'https'}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
+}
+
+/**
+ * Bind `server` with SO_REUSEPORT after a probe bind without it on the same port (port 0 too:
+ * the kernel may hand a port-0 bind that shares ports a port others already share). Another
+ * bind may take a probed port 0 before ours: probed again, up to 3 times.
+ */
+async function bindShared (server: net.Server, host: string, port: number): Promise<void> {
+  for (let tries = 1; ; tries++) {
+    const probed = await close(await bind(net.createServer(), { host, port }))
+    try {
+      await bind(server, { host, port: probed, reusePort: true })
+      return
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || port !== 0 || tries === 3) throw err
+    }
+  }
 }
 
 /** Stop taking new connections on every socket of the listener; open ones carry on. */
