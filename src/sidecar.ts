@@ -348,7 +348,7 @@ export class Sidecar {
 
   /** The leader of an incident this sidecar follows escalated it, verified its restoration or updated its status page incident. */
   private leaderProgress (key: string, holding: Holding): void {
-    const trigger = this.config.rollbackTriggers.find((t) => this.incidentKeyOf(t.name) === key)?.name
+    const trigger = this.triggerOfIncident(key)?.name
     if (trigger === undefined) return
     // Should this sidecar act for the incident later, it updates the leader's page incident.
     if (holding.statusPage !== undefined) this.notifier.statusPage.adopt(key, holding.statusPage)
@@ -361,15 +361,19 @@ export class Sidecar {
    * on the leader's status page incident (as last written on the key), not on a second one.
    */
   private takeOver (key: string, last: Holding): void {
-    for (const trigger of this.config.rollbackTriggers) {
-      if (this.incidentKeyOf(trigger.name) !== key) continue
-      const live = this.triggers.status().find((s) => s.name === trigger.name)
-      if (live?.state !== 'fired') continue
-      if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
-      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
-        this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
-      })
-    }
+    const trigger = this.triggerOfIncident(key)
+    if (trigger === undefined) return
+    const live = this.triggers.status().find((s) => s.name === trigger.name)
+    if (live?.state !== 'fired') return
+    if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
+    this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+      this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
+    })
+  }
+
+  /** The rollback trigger whose incidents go by `key` (`incidentKeyOf` its name). */
+  private triggerOfIncident (key: string): Config['rollbackTriggers'][number] | undefined {
+    return this.config.rollbackTriggers.find((t) => this.incidentKeyOf(t.name) === key)
   }
 
   /** The data-plane listeners: proxy, and egress when configured. */
@@ -555,7 +559,6 @@ export class Sidecar {
     }
     const abandoned = this.dataPlane.stats.inFlight + this.dataPlane.stats.receiving
     if (abandoned > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, timeoutMs }, 'requests still running at the shutdown deadline are cut')
-    stopAccepting(this.proxy)
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
@@ -616,7 +619,6 @@ const SPAN_FLUSH_MS = 2000
 
 /** The longest a shutdown waits for its last log lines to reach stdout. */
 const LOG_DRAIN_MS = 1000
-
 
 function normaliseFastifyAddress (address: string): string {
   return address.replace('://localhost', '://127.0.0.1')
