@@ -27,6 +27,7 @@ import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
+import { benchSidecarInput } from './sidecar-config.mjs'
 
 const { values } = parseArgs({
   options: {
@@ -106,17 +107,7 @@ async function parent () {
   const { SpanEncoder } = await import('../../dist/ops/otlp-protobuf.js')
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-bench-'))
   const upstream = `http://127.0.0.1:${upstreamPort}`
-  const { config } = resolveConfig({
-    service: 'bench',
-    version: 'bench',
-    stateDir,
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    upstreams: { app: { url: upstream } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
-    logging: { level: 'info', accessLog: false },
-    tracing: { otlpEndpoint: upstream, sampleRatio: 1 },
-    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
-  })
+  const { config } = resolveConfig(benchSidecarInput({ stateDir, upstream, collector: upstream }))
   const quiet = new Writable({ write (_chunk, _enc, cb) { cb() } })
   const sidecar = await startSidecar(config, { logDestination: quiet, adminToken: 'bench-token-0123456789abcdef0123' })
   const tracing = sidecar.tracing // the data plane's view: { exporter }

@@ -47,17 +47,24 @@ function parseTraceparent (value: string): RegExpExecArray | null {
   return m
 }
 
-/** Random bytes for ids, drawn in blocks: one system call per 256 spans, not one per id. */
-const pool = Buffer.allocUnsafe(4096)
-let poolAt = pool.length
+/**
+ * Random hex for ids, drawn in blocks: one system call and one hex conversion per 170 requests,
+ * and an id is a slice of that text (no native call per id).
+ */
+const POOL_BYTES = 4096
+const pool = Buffer.allocUnsafe(POOL_BYTES)
+let poolHex = ''
+let poolAt = 0
 
 function randomHex (bytes: number): string {
-  if (poolAt + bytes > pool.length) {
+  const chars = bytes * 2
+  if (poolAt + chars > poolHex.length) {
     randomFillSync(pool)
+    poolHex = pool.toString('hex')
     poolAt = 0
   }
-  const hex = pool.toString('hex', poolAt, poolAt + bytes)
-  poolAt += bytes
+  const hex = poolHex.slice(poolAt, poolAt + chars)
+  poolAt += chars
   return hex
 }
 

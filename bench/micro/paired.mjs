@@ -1,0 +1,284 @@
+// What a feature costs per request, measured on two identical sidecars that run at the same time
+// on the same CPU and swap variants every window, so that neither the host's speed nor one
+// process's luck (its JIT's choices, its heap) can pass for the feature's cost.
+//
+// On a shared host the CPU time of a request moves by 2× from one second to the next (other
+// tenants take the core's caches and frequency; steal is excluded from the run time but its
+// after-effects are not). Windows taken one after another (bench/micro/trace-path.mjs) pair
+// badly under that; end-to-end runs (bench/run.mjs) compare two processes over different
+// seconds. Here:
+//
+//   - two sidecars (dist/, same config) are children pinned to CPU 1, sharing it; a third child
+//     on CPU 0 runs an upstream per sidecar (no HTTP parser: a canned "ok\n" per request head,
+//     so that the load's core does not limit the sidecars), the OTLP collector (node:http) and
+//     one autocannon per sidecar (closed loop, c=25 each by default; `--rate N`: N requests/s
+//     each, the same for both variants, so the load side works alike whatever the variant);
+//   - every round compares variant B with A in two windows: sidecar P runs A while Q runs B,
+//     then P runs B while Q runs A. In each window both ran through the same host moments, so
+//     their CPU per request (schedstat run time of all threads / requests answered) pairs
+//     well; over the two windows each process ran each variant once, so a process's own speed
+//     cancels too. The round's ratio is the geometric mean of the two windows' B/A ratios;
+//     the report is the median over rounds, with the quartiles.
+//
+// Variants (each sidecar switches in-process, so both stay warm):
+//   trace-off | trace-export | trace-sample1 | trace-encode   tracing exporter (the sidecar is
+//       started with tracing at sampleRatio 1; `off` sets the data plane's exporter to none,
+//       `sample1` samples 1 % of new traces through the real exporter, `encode` writes the
+//       spans into batches and throws them away, `ids` samples nothing: ids and `traceparent` alone);
+//   log-off | log-on | log-sample10    `logging.accessLog` false / true / 0.1, lines to stdout,
+//       which is /dev/null here (as bench/run.mjs's `breakwater-log`).
+//
+//   node bench/micro/paired.mjs --pairs trace-off:trace-export,trace-off:trace-sample1 [--rounds 20] [--window 1000] [--settle 200] [--connections 25] [--rate 0] [--sidecar-flags='--cpu-prof …']
+import { fork, execFileSync } from 'node:child_process'
+import { readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs'
+import { createServer } from 'node:http'
+import { createServer as createNetServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { fileURLToPath } from 'node:url'
+import { benchSidecarInput } from './sidecar-config.mjs'
+
+const { values } = parseArgs({
+  options: {
+    role: { type: 'string', default: 'parent' },
+    upstream: { type: 'string', default: '' },
+    collector: { type: 'string', default: '' },
+    rounds: { type: 'string', default: '20' },
+    window: { type: 'string', default: '1000' },
+    settle: { type: 'string', default: '200' },
+    pairs: { type: 'string', default: 'trace-off:trace-export,trace-off:trace-sample1' },
+    connections: { type: 'string', default: '25' },
+    rate: { type: 'string', default: '0' },
+    'sidecar-flags': { type: 'string', default: '' }
+  }
+})
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+function pin (pid, cpu) {
+  try { execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' }) } catch { console.error(`taskset failed: ${pid} not pinned`) }
+}
+
+/** A child that answers messages with `{ id, … }` replies. */
+function rpc (child) {
+  let next = 0
+  const waiting = new Map()
+  child.on('message', (m) => {
+    const resolve = waiting.get(m.id)
+    if (resolve !== undefined) { waiting.delete(m.id); resolve(m) }
+  })
+  return (m) => new Promise((resolve) => { const id = ++next; waiting.set(id, resolve); child.send({ ...m, id }) })
+}
+
+function serve (handle) {
+  process.on('message', async (m) => { process.send({ id: m.id, ...(await handle(m)) }) })
+  process.on('disconnect', () => { process.exit(0) })
+}
+
+/**
+ * An upstream that costs as little as an upstream can: no HTTP parser, one canned answer per
+ * request head read (the sidecars send GETs without bodies), so the load side's core is not
+ * what limits the sidecars. Counts the requests it answered.
+ */
+function rawUpstream () {
+  const answer = Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=120\r\n\r\nok\n')
+  const state = { answered: 0, server: null }
+  state.server = createNetServer((socket) => {
+    let carry = ''
+    socket.on('data', (chunk) => {
+      const text = carry + chunk.toString('latin1')
+      let n = 0
+      let at = text.indexOf('\r\n\r\n')
+      let last = 0
+      while (at !== -1) { n++; last = at + 4; at = text.indexOf('\r\n\r\n', last) }
+      carry = text.slice(Math.max(last, text.length - 3))
+      if (n === 0) return
+      state.answered += n
+      socket.write(n === 1 ? answer : Buffer.concat(Array(n).fill(answer)))
+    })
+    socket.on('error', () => {})
+  })
+  return state
+}
+
+/** CPU 0: an upstream per sidecar, the OTLP collector, and one closed-loop load per sidecar. */
+async function load () {
+  let spanBytes = 0
+  const collector = createServer((req, res) => {
+    req.on('data', (chunk) => { spanBytes += chunk.length })
+    req.on('end', () => { res.end() })
+  })
+  collector.keepAliveTimeout = 120_000
+  const upstreams = [rawUpstream(), rawUpstream()]
+  const listen = (server) => new Promise((resolve) => server.listen(0, '127.0.0.1', () => { resolve(server.address().port) }))
+  const collectorPort = await listen(collector)
+  const upstreamPorts = [await listen(upstreams[0].server), await listen(upstreams[1].server)]
+  const { default: autocannon } = await import('autocannon')
+  const loads = []
+  serve(async (m) => {
+    if (m.type === 'ports') return { collectorPort, upstreamPorts }
+    if (m.type === 'count') return { answered: upstreams.map((u) => u.answered), spanBytes }
+    if (m.type === 'load') {
+      m.ports.forEach((port) => {
+        loads.push(autocannon({ url: `http://127.0.0.1:${port}/api/orders/1?page=2`, connections: m.connections, pipelining: 1, duration: 100_000, headers: { 'user-agent': 'bench-client/1.0' }, ...(m.rate > 0 ? { overallRate: m.rate } : {}) }))
+      })
+      return {}
+    }
+    for (const l of loads) l.stop()
+    for (const server of [collector, ...upstreams.map((u) => u.server)]) { server.close(); server.closeAllConnections?.() }
+    return {}
+  })
+}
+
+function schedstat (path) {
+  return Number(readFileSync(path, 'utf8').split(' ')[0])
+}
+
+/** Nanoseconds run by every thread of this process (steal excluded). */
+function cpuNs () {
+  let total = 0
+  for (const tid of readdirSync('/proc/self/task')) {
+    try { total += schedstat(`/proc/self/task/${tid}/schedstat`) } catch {} // a thread that just ended
+  }
+  return total
+}
+
+/** CPU 1: one sidecar from dist/, switched between variants in-process. */
+async function sidecar () {
+  const { resolveConfig } = await import('../../dist/config/load.js')
+  const { startSidecar } = await import('../../dist/sidecar.js')
+  const { SpanQueue, ProtobufEncoding } = await import('../../dist/ops/tracing.js')
+  const { SpanEncoder } = await import('../../dist/ops/otlp-protobuf.js')
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-bench-'))
+  const upstream = values.upstream
+  const collector = values.collector
+  const { config } = resolveConfig(benchSidecarInput({ stateDir, upstream, collector }))
+  const s = await startSidecar(config, { adminToken: 'bench-token-0123456789abcdef0123' })
+  const tracing = s.tracing
+  const exporting = tracing.exporter
+  const thrownAway = { export: (_batch, done) => { done({ code: 0 }) }, shutdown: async () => {} }
+  const encoding = new ProtobufEncoding(new SpanEncoder({ 'service.name': 'bench', 'service.version': 'bench' }, { name: 'breakwater', version: '0.1.0' }), thrownAway, config.tracing.batch.maxSize)
+  const encodeOnly = new SpanQueue(config.tracing, encoding, { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }, s.logger)
+  const sampledOne = { sampleRatio: 0.01, add: (ctx) => { exporting.add(ctx) } }
+  const sampledNone = { sampleRatio: 0, add: () => {} }
+  // A known cost, to check the bench: every request sampled, and its span costs 5 or 10 µs of spinning.
+  const burning = (us) => ({ sampleRatio: 1, add: () => { const until = performance.now() + us / 1000; while (performance.now() < until); } })
+  const variants = {
+    'trace-off': () => { tracing.exporter = null },
+    'trace-export': () => { tracing.exporter = exporting },
+    'trace-sample1': () => { tracing.exporter = sampledOne },
+    'trace-encode': () => { tracing.exporter = encodeOnly },
+    'trace-ids': () => { tracing.exporter = sampledNone },
+    'trace-burn5': () => { tracing.exporter = burning(5) },
+    'trace-burn10': () => { tracing.exporter = burning(10) },
+    'log-off': () => { s.dataPlane.accessLogRate = 0 },
+    'log-on': () => { s.dataPlane.accessLogRate = 1 },
+    'log-sample10': () => { s.dataPlane.accessLogRate = 0.1 }
+  }
+  const reset = () => { tracing.exporter = null; s.dataPlane.accessLogRate = 0 }
+  reset()
+  serve(async (m) => {
+    if (m.type === 'port') return { port: s.proxy.server.address().port }
+    if (m.type === 'set') {
+      const apply = variants[m.variant]
+      if (apply === undefined) return { error: `unknown variant ${m.variant}` }
+      reset()
+      apply()
+      return {}
+    }
+    if (m.type === 'cpu') return { ns: cpuNs() }
+    reset()
+    await s.close()
+    rmSync(stateDir, { recursive: true, force: true })
+    return {}
+  })
+}
+
+function quantile (xs, q) {
+  const s = [...xs].sort((a, b) => a - b)
+  const at = (s.length - 1) * q
+  const lo = Math.floor(at)
+  return s[lo] + (s[Math.min(lo + 1, s.length - 1)] - s[lo]) * (at - lo)
+}
+
+async function parent () {
+  const rounds = Number(values.rounds)
+  const windowMs = Number(values.window)
+  const settleMs = Number(values.settle)
+  const pairs = values.pairs.split(',').map((p) => p.split(':'))
+  const self = fileURLToPath(import.meta.url)
+  const children = []
+  process.on('exit', () => { for (const c of children) c.kill() })
+  const spawn = (args, stdio, execArgv = []) => { const c = fork(self, args, { execArgv, stdio }); children.push(c); return c }
+  const sidecarFlags = values['sidecar-flags'].split(' ').filter((f) => f !== '')
+
+  const loader = spawn(['--role', 'load'], ['ignore', 'inherit', 'inherit', 'ipc'])
+  pin(loader.pid, 0)
+  const toLoad = rpc(loader)
+  const { collectorPort, upstreamPorts } = await toLoad({ type: 'ports' })
+  const sidecars = [0, 1].map((i) => {
+    const c = spawn(['--role', 'sidecar', '--upstream', `http://127.0.0.1:${upstreamPorts[i]}`, '--collector', `http://127.0.0.1:${collectorPort}`], ['ignore', 'ignore', 'inherit', 'ipc'], sidecarFlags)
+    pin(c.pid, 1)
+    return rpc(c)
+  })
+  const ports = await Promise.all(sidecars.map(async (call) => (await call({ type: 'port' })).port))
+  await toLoad({ type: 'load', ports, connections: Number(values.connections), rate: Number(values.rate) })
+
+  const window = async (assign) => {
+    await Promise.all(assign.map(async (variant, i) => {
+      const r = await sidecars[i]({ type: 'set', variant })
+      if (r.error !== undefined) throw new Error(r.error)
+    }))
+    await sleep(settleMs)
+    const [c0, ...t0] = await Promise.all([toLoad({ type: 'count' }), ...sidecars.map((call) => call({ type: 'cpu' }))])
+    await sleep(windowMs)
+    const [c1, ...t1] = await Promise.all([toLoad({ type: 'count' }), ...sidecars.map((call) => call({ type: 'cpu' }))])
+    return [0, 1].map((i) => {
+      const n = c1.answered[i] - c0.answered[i]
+      return { n, us: (t1[i].ns - t0[i].ns) / 1000 / n }
+    })
+  }
+
+  // Warm up both sidecars on every variant named.
+  const named = [...new Set(pairs.flat())]
+  for (const v of named) await window([v, v])
+
+  const results = pairs.map(([a, b]) => ({ a, b, ratios: [], usA: [], usB: [], rate: [] }))
+  for (let r = 0; r < rounds; r++) {
+    const line = []
+    for (const res of results) {
+      // P runs A while Q runs B, then the other way round; which comes first alternates by round.
+      const first = r % 2 === 0 ? [res.a, res.b] : [res.b, res.a]
+      const w1 = await window(first)
+      const w2 = await window([first[1], first[0]])
+      const [pA, qB] = first[0] === res.a ? [w1[0], w1[1]] : [w2[0], w2[1]]
+      const [pB, qA] = first[0] === res.a ? [w2[0], w2[1]] : [w1[0], w1[1]]
+      const ratio = Math.sqrt((qB.us / pA.us) * (pB.us / qA.us))
+      res.ratios.push(ratio)
+      res.usA.push((pA.us + qA.us) / 2)
+      res.usB.push((pB.us + qB.us) / 2)
+      res.rate.push((pA.n + qA.n + pB.n + qB.n) / 2 / (windowMs / 1000))
+      line.push(`${res.b}/${res.a} ${ratio.toFixed(3)} (${res.a} ${pA.us.toFixed(1)}|${qA.us.toFixed(1)} µs, ${res.b} ${pB.us.toFixed(1)}|${qB.us.toFixed(1)} µs)`)
+    }
+    console.error(`round ${r + 1}: ${line.join('  ')}`)
+  }
+
+  await toLoad({ type: 'stop' })
+  await Promise.all(sidecars.map((call) => call({ type: 'stop' })))
+  // Let the children exit on their own (a profile given with --sidecar-flags is written at exit).
+  await Promise.all(children.map((c) => new Promise((resolve) => { c.once('exit', resolve); c.disconnect() })))
+
+  console.log(`${rounds} rounds, ${windowMs} ms windows, two sidecars sharing CPU 1, c=${values.connections} each` + (Number(values.rate) > 0 ? `, ${values.rate} requests/s each (open loop)` : ' (closed loop)'))
+  console.log('| B against A | A µs per request (median) | B µs per request (median) | B/A (median of rounds) | quartiles | min–max | requests/s, both sidecars |')
+  console.log('|---|---:|---:|---:|---|---|---:|')
+  for (const res of results) {
+    const q = (p) => quantile(res.ratios, p).toFixed(3)
+    console.log(`| ${res.b} / ${res.a} | ${quantile(res.usA, 0.5).toFixed(1)} | ${quantile(res.usB, 0.5).toFixed(1)} | **${q(0.5)}** | ${q(0.25)}–${q(0.75)} | ${Math.min(...res.ratios).toFixed(3)}–${Math.max(...res.ratios).toFixed(3)} | ${Math.round(quantile(res.rate, 0.5)).toLocaleString('en-US')} |`)
+  }
+  process.exit(0)
+}
+
+if (values.role === 'load') await load()
+else if (values.role === 'sidecar') await sidecar()
+else await parent()
