@@ -305,6 +305,8 @@ t.test('post-mortem draft: sections, and figures that match the traffic and the 
   // Refusals by the kill switch are not failures.
   t.same(await load.burst('/checkout/cart', 5), [503, 503, 503, 503, 503])
   t.equal(i.status, 'restored')
+  // The audit line follows the incident's change in memory: the draft reads the audit.
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'incident.restored' && e.targets.includes(i.id)), 10_000), 'the restoration is audited')
 
   const res = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
   t.equal(res.status, 200)
