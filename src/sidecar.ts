@@ -272,10 +272,11 @@ export class Sidecar {
     const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
     const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
     this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
+    // Before incidents resume: an escalation posted again names this sidecar's admin address.
+    this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
     // Open incidents resume verification through the proxy listener, now bound.
     this.verifier.restore(this.control.state.incidents)
     this.control.state.incidents = this.verifier.incidents
-    this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken

@@ -5,7 +5,7 @@ import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { loadConfigFile, resolveConfig, ConfigError } from '../src/config/load.js'
 import { schemaJson } from '../src/config/generate-schema.js'
-import { toMs } from '../src/config/duration.js'
+import { toMs, durationMs } from '../src/config/duration.js'
 import type { Config } from '../src/config/types.js'
 import type { Test } from 'tap'
 import { tempDir } from './helpers/process.js'
@@ -331,6 +331,10 @@ t.test('durations: ms, s, m, h and plain numbers', async (t) => {
   t.equal(toMs('1h'), 3_600_000)
   t.throws(() => toMs('5 s'))
   t.throws(() => toMs('5d'))
+  // While a config is built, a duration the schema already refused reads as 0 (one run lists every problem).
+  t.equal(durationMs('2m'), 120_000)
+  t.equal(durationMs(250), 250)
+  t.equal(durationMs('5d'), 0)
 
   const config = resolved(minimal({
     upstreams: { app: { url: 'http://127.0.0.1:3000', connectTimeoutMs: '2m', healthCheck: { path: '/h', intervalMs: '1h', timeoutMs: '500ms' } } },

@@ -2,9 +2,12 @@
  * The Alertmanager channel (SPEC §16) against a real Alertmanager and a real etcd: three
  * sidecars fire the same trigger, each posts its alert (its own `instance`), Alertmanager's
  * webhook receiver gets one grouped notification, alerts are re-posted while firing, and all
- * are resolved once service is restored.
+ * are resolved once service is restored. Escalations outlast a restart of the sidecar that posts them.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { startConnectedFleet } from './helpers/fleet.js'
 import { startAlertmanager } from './helpers/alertmanager.js'
 import { startReceiver } from './helpers/receiver.js'
@@ -16,6 +19,33 @@ import { admin } from './helpers/admin.js'
 
 interface AmAlert { status: string, labels: Record<string, string>, annotations: Record<string, string>, endsAt: string }
 interface AmNotification { status: string, alerts: AmAlert[], groupLabels: Record<string, string> }
+
+/**
+ * The config of a shop at `version` whose trigger `errors` rolls back through the webhook `cd`
+ * (a rollback that does not fix the upstream `up`).
+ */
+function rollingBack (up: string, cd: string, version: string, o: { stateDir?: string, verification: Record<string, unknown>, notifications: Record<string, unknown> }): Record<string, unknown> {
+  return {
+    service: 'shop',
+    version,
+    ...(o.stateDir === undefined ? {} : { stateDir: o.stateDir }),
+    upstreams: { app: { url: up } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollback: { type: 'webhook', url: `${cd}/rollback`, retries: 0 },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', ...o.verification },
+    notifications: o.notifications
+  }
+}
+
+/** Requests to `proxy` every 30 ms until the returned function is awaited (also at teardown). */
+function flowing (t: Test, proxy: string): () => Promise<void> {
+  let on = true
+  const run = (async () => { while (on) { await send(proxy, '/other').catch(() => null); await sleep(30) } })()
+  const stop = async (): Promise<void> => { on = false; await run }
+  t.teardown(stop)
+  return stop
+}
 
 t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one grouped notification, then the resolution', async (t) => {
   // group_wait leaves room for the three triggers to fire on a busy machine: one notification for all.
@@ -100,19 +130,11 @@ t.test('an escalated incident: a second, critical alert in Alertmanager, re-post
   t.teardown(up.close)
   const cd = await startReceiver([200])
   t.teardown(cd.close)
-  const s = await startTestSidecar(t, {
-    service: 'shop',
-    version: '2.0.0',
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
-    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '30s' },
+  const s = await startTestSidecar(t, rollingBack(up.url, cd.url, '2.0.0', {
+    verification: { timeoutMs: '30s' },
     notifications: { escalateAfter: '3s', alertmanager: { urls: [am.url], labels: { team: 'payments' }, repeatInterval: '500ms' } }
-  })
-  let stopped = false
-  const flow = (async () => { while (!stopped) { await send(s.proxy, '/other').catch(() => null); await sleep(30) } })()
-  t.teardown(async () => { stopped = true; await flow })
+  }))
+  flowing(t, s.proxy)
   const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
   const escalation = async (): Promise<AmAlert | undefined> => (await alerts()).find((a) => a.labels.alertname === 'BreakwaterIncidentEscalated')
   // The rollback did not fix it: the incident is still verifying at its deadline.
@@ -130,4 +152,87 @@ t.test('an escalated incident: a second, critical alert in Alertmanager, re-post
   t.ok(await eventually(async () => ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ status: string }>)[0]?.status === 'restored', 30_000), 'restoration verified')
   t.ok(await eventually(async () => await escalation() === undefined, 10_000), 'the escalation alert is resolved')
   t.ok(await eventually(() => am.hook.deliveries.flatMap((d) => (d.body as AmNotification).alerts).some((a) => a.labels.alertname === 'BreakwaterIncidentEscalated' && a.status === 'resolved'), 20_000), 'Alertmanager notifies its resolution')
+})
+
+t.test('after a restart, an escalated incident not yet restored is posted again (else Alertmanager resolves it after resolve_timeout), and resolved on verified restoration', async (t) => {
+  const RESOLVE_TIMEOUT_MS = 2000
+  const am = await startAlertmanager(t, { group_wait: '1s', group_interval: '1s' }, { resolve_timeout: `${RESOLVE_TIMEOUT_MS / 1000}s` })
+  let healthy = false
+  const up = await startUpstream((_req, res) => { res.writeHead(healthy ? 200 : 500); res.end() })
+  t.teardown(up.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-am-restart-'))
+  t.teardown(() => rmSync(stateDir, { recursive: true, force: true }))
+  const input = rollingBack(up.url, cd.url, '2.0.0', {
+    stateDir,
+    verification: { timeoutMs: '120s' },
+    notifications: { escalateAfter: '1s', alertmanager: { urls: [am.url], repeatInterval: '500ms' } }
+  })
+  const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
+  const escalation = async (): Promise<AmAlert | undefined> => (await alerts()).find((a) => a.labels.alertname === 'BreakwaterIncidentEscalated')
+
+  const a = await startTestSidecar(t, input)
+  const stopA = flowing(t, a.proxy)
+  // The rollback did not fix it: the incident is still verifying at its deadline.
+  t.ok(await eventually(async () => await escalation() !== undefined, 30_000), 'escalated, with its alert in Alertmanager')
+  const before = await escalation() as AmAlert & { startsAt: string }
+  const incident = ((await admin(a.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ id: string, status: string }>)[0]
+  t.equal(incident?.status, 'verifying')
+  await stopA()
+  await a.sidecar.close()
+
+  const b = await startTestSidecar(t, input)
+  t.match(((await admin(b.admin, 'GET', '/v1/incidents')).body.incidents as unknown[])[0], { id: incident?.id, status: 'verifying' }, 'the incident survived the restart, still escalated and open')
+  // Twice Alertmanager's resolve_timeout: an alert nobody posted again in that time is resolved.
+  await sleep(2 * RESOLVE_TIMEOUT_MS)
+  const after = await escalation() as (AmAlert & { startsAt: string }) | undefined
+  t.ok(after !== undefined, 'the escalation alert is still active after the restart')
+  t.match(after, { labels: before.labels, annotations: { incident: incident?.id } }, 'the same alert, for the same incident')
+  t.equal(after?.startsAt, before.startsAt, 'still starting when the incident escalated')
+
+  healthy = true
+  flowing(t, b.proxy)
+  t.ok(await eventually(async () => ((await admin(b.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ status: string }>)[0]?.status === 'restored', 30_000), 'restoration verified by the restarted sidecar')
+  const restoredAt = Date.parse(((await admin(b.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ restoredAt: string }>)[0]?.restoredAt ?? '')
+  t.ok(await eventually(async () => await escalation() === undefined, 10_000), 'the escalation alert is resolved')
+  const resolvedAfterRestoration = (): boolean => am.hook.deliveries.flatMap((d) => (d.body as AmNotification).alerts)
+    .some((x) => x.labels.alertname === 'BreakwaterIncidentEscalated' && x.status === 'resolved' && Date.parse(x.endsAt) >= restoredAt - 1000)
+  t.ok(await eventually(resolvedAfterRestoration, 20_000), 'Alertmanager notifies its resolution, at the verified restoration')
+})
+
+t.test('after a restart, a closed escalated incident is posted again while its version runs, not once another version does', async (t) => {
+  const am = await startReceiver([200]) // Alertmanager's API as seen by the sidecar: what it posts is what matters here
+  t.teardown(am.close)
+  const up = await startUpstream((_req, res) => { res.writeHead(500); res.end() })
+  t.teardown(up.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-am-restart-'))
+  t.teardown(() => rmSync(stateDir, { recursive: true, force: true }))
+  const input = (version: string): Record<string, unknown> => rollingBack(up.url, cd.url, version, {
+    stateDir,
+    verification: { timeoutMs: '1s' },
+    notifications: { escalateAfter: '1h', alertmanager: { urls: [am.url], repeatInterval: '200ms' } }
+  })
+  const escalations = (): number => am.deliveries.filter((d) => (d.body as Array<{ labels: Record<string, string> }>)[0]?.labels.alertname === 'BreakwaterIncidentEscalated').length
+
+  const a = await startTestSidecar(t, input('2.0.0'))
+  const stopA = flowing(t, a.proxy)
+  // The rollback did not fix it: verification fails, the incident closes not restored, escalated.
+  t.ok(await eventually(async () => ((await admin(a.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ status: string }>)[0]?.status === 'not_restored', 30_000), 'not restored')
+  await stopA()
+  await a.sidecar.close()
+
+  const before = escalations()
+  const b = await startTestSidecar(t, input('2.0.0'))
+  t.ok(await eventually(() => escalations() >= before + 2, 10_000), 'the same version runs: the escalation is posted again, and repeated')
+  t.ok(b.logs.some((l) => l.phase === 'escalation_resumed'), 'logged')
+  await b.sidecar.close()
+
+  const c = await startTestSidecar(t, input('2.1.0'))
+  const after = escalations()
+  await sleep(1000) // five repeat intervals
+  t.equal(escalations(), after, 'another version runs: nothing can verify the incident any more, so it is not posted again')
+  t.ok(c.logs.some((l) => l.phase === 'escalation_not_resumed' && l.version === '2.0.0'), 'and the log says why')
 })

@@ -212,6 +212,21 @@ t.test('a sidecar configured with rollback type git reverts the release in the b
   t.match(done.body, { status: 'succeeded', result: { ok: true, type: 'git', alreadyReverted: false } })
   t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', 'the branch deploys the previous release')
   t.match(git(r.bare, 'log', '-n1', '--format=%B', 'main'), /Breakwater rolled back test 2\.0\.0 \(operator, incident [0-9a-f]{32}\)/)
+
+  // The post-mortem draft names the revert commit and the key that made it one per fleet.
+  const revert = git(r.bare, 'rev-parse', 'main')
+  const key = git(r.bare, 'log', '-n1', '--format=%(trailers:key=Breakwater-Incident,valueonly)', 'main')
+  t.match(key, /^[0-9a-f]{32}$/)
+  t.ok(await eventually(async () => ((await admin(s.admin, 'GET', '/v1/audit?limit=100')).body.entries as Array<{ action: string }>).some((e) => e.action === 'mitigation.rollback.result'), 15_000), 'the result is audited')
+  const incident = ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ id: string }>)[0] as { id: string }
+  const report = (await admin(s.admin, 'GET', `/v1/incidents/${incident.id}/report?format=json`)).body
+  const timeline = report.timeline as Array<Record<string, unknown>>
+  t.match(timeline.find((e) => e.commit !== undefined), { commit: revert, idempotencyKey: key, reverted: /^[0-9a-f]{40}$/ }, 'the timeline names the revert commit and the idempotency key (JSON)')
+  t.ok(timeline.some((e) => e.idempotencyKey === key && e.commit === undefined && /started/.test(String(e.what))), 'the key is there from the start of the rollback')
+  const md = await fetch(`${s.admin}/v1/incidents/${incident.id}/report`, { headers: { authorization: `Bearer ${(await import('./helpers/sidecar.js')).TEST_TOKEN}` } })
+  const text = await md.text()
+  t.match(text, new RegExp(`\\| [^|]*revert commit ${revert}[^|]*\\|`), 'the Markdown timeline names the revert commit')
+  t.match(text, new RegExp(`\\| [^|]*idempotency key ${key}[^|]*\\|`), '... and the idempotency key')
 })
 
 t.test('validate: a git rollback needs repo and branch, and an author of the form Name <email>', async (t) => {

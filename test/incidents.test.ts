@@ -305,6 +305,8 @@ t.test('post-mortem draft: sections, and figures that match the traffic and the 
   // Refusals by the kill switch are not failures.
   t.same(await load.burst('/checkout/cart', 5), [503, 503, 503, 503, 503])
   t.equal(i.status, 'restored')
+  // The audit line follows the incident's change in memory: the draft reads the audit.
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'incident.restored' && e.targets.includes(i.id)), 10_000), 'the restoration is audited')
 
   const res = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
   t.equal(res.status, 200)
@@ -385,11 +387,12 @@ t.test('an unverified incident (no real traffic to judge by) is not escalated at
   t.ok(Date.parse(escalations(r).hook[0]?.body.time) >= Date.parse(now.escalateAt))
 })
 
-t.test('a failed rollback escalates at once', async (t) => {
+/**
+ * A sidecar whose trigger `errors` rolls back through a webhook to `cd`, fired at once by a
+ * failing app (escalations go to `hook` when given).
+ */
+async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Promise<TestSidecar> {
   const app = await startApp(t)
-  const r = await receivers(t)
-  const cd = await startReceiver([400])
-  t.teardown(cd.close)
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
   const { config } = resolveConfig({
     service: 'shop',
@@ -400,7 +403,7 @@ t.test('a failed rollback escalates at once', async (t) => {
     routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'rollback' }],
     rollback: { type: 'webhook', url: `${cd.url}/rollback` },
-    notifications: { webhooks: [`${r.hook.url}/events`], escalateAfter: '1h' },
+    notifications: hook === undefined ? {} : { webhooks: [`${hook.url}/events`], escalateAfter: '1h' },
     logging: { level: 'info', accessLog: false }
   })
   const s = await startCaptured(t, config, stateDir)
@@ -409,9 +412,34 @@ t.test('a failed rollback escalates at once', async (t) => {
   app.failing.add('/')
   await load.burst('/cart', 10)
   s.sidecar.triggers.evaluate(Date.now())
+  return s
+}
+
+t.test('a failed rollback escalates at once', async (t) => {
+  const r = await receivers(t)
+  const cd = await startReceiver([400])
+  t.teardown(cd.close)
+  const s = await rolledBackByTrigger(t, cd, r.hook)
   t.ok(await eventually(() => escalations(r).hook.length === 1, 15_000), 'escalated')
   const [i] = await incidents(s)
   t.match(i, { mitigation: { action: 'rollback', status: 'failed' } })
   t.match(i.escalationReason, /the rollback m-\S+ failed/)
   t.ok(Date.parse(i.escalatedAt) < Date.parse(i.escalateAt), 'long before the deadline')
+})
+
+t.test('post-mortem draft of a webhook rollback: its Idempotency-Key in the timeline, Markdown and JSON', async (t) => {
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const s = await rolledBackByTrigger(t, cd)
+  t.ok(await eventually(async () => (await incidents(s))[0]?.mitigation?.status === 'succeeded', 15_000), 'the rollback succeeded')
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'mitigation.rollback.result'), 15_000), 'and its result is audited')
+  const key = cd.deliveries[0]?.headers['idempotency-key']
+  t.match(key, /^[0-9a-f]{32}$/, 'the receiver got its Idempotency-Key')
+  const [i] = await incidents(s)
+  const rep = (await admin(s.admin, 'GET', `/v1/incidents/${String(i.id)}/report?format=json`)).body
+  const withKey = (rep.timeline as any[]).filter((e) => e.idempotencyKey === key)
+  t.same(withKey.map((e) => e.by), ['trigger errors', 'trigger errors'], 'the rollback\'s start and its result carry the key (JSON)')
+  t.ok(withKey.every((e) => e.commit === undefined), 'a webhook has no commit')
+  const md = await fetch(`${s.admin}/v1/incidents/${String(i.id)}/report`, { headers: { authorization: `Bearer ${TEST_TOKEN}` } })
+  t.match(await md.text(), new RegExp(`\\| [^|]*idempotency key ${String(key)}[^|]*\\|`), 'the Markdown timeline names the key')
 })

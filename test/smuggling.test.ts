@@ -7,7 +7,8 @@
 import t from 'tap'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
-import { WireClient } from './helpers/wire.js'
+import { WireClient, parseResponse } from './helpers/wire.js'
+import { metricValue } from './helpers/metrics.js'
 import { SMUGGLING_CASES } from './helpers/smuggling.js'
 
 t.test('every smuggling variant is refused or framed as the client framed it', async (t) => {
@@ -38,4 +39,24 @@ t.test('every smuggling variant is refused or framed as the client framed it', a
     c.destroy()
   }
   t.equal(s.sidecar.dataPlane.circuit('app'), undefined, 'no breaker configured: nothing to move')
+})
+
+t.test('HTTP/2.0 or HTTP/0.9 on an HTTP/1 request line is refused as the client\'s doing, never forwarded as HTTP/1.1', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, oneRoute(up.url))
+  for (const version of ['HTTP/2.0', 'HTTP/0.9']) {
+    const c = await WireClient.connect(s.proxyPort)
+    c.write(`GET /a ${version}\r\nHost: a\r\n\r\n`)
+    await c.until((x) => x.closed, 5000, `${version}: the close`)
+    const res = parseResponse(c.received)
+    t.equal(res.status, 400, `${version}: 400 (SPEC §3: a malformed request)`)
+    t.equal(res.headers['x-breakwater-error'], 'bad_request')
+    t.match(JSON.parse(res.body), { error: 'bad_request', message: new RegExp(version.replace(/\./g, '\\.')) }, `${version}: the message names the version`)
+    c.destroy()
+  }
+  t.same(up.received, [], 'the upstream saw nothing')
+  t.equal(await metricValue(s.ops, 'breakwater_client_errors_total', { error: 'bad_request' }), 2, 'counted as client errors')
+  const lines = s.logs.filter((l) => l.msg === 'request')
+  t.same(lines.map((l) => `${String(l.outcome)}/${String(l['error.type'])}`), ['client/bad_request', 'client/bad_request'], 'each logged with outcome client')
 })

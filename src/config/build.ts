@@ -11,7 +11,7 @@
 import { existsSync } from 'node:fs'
 import { resolve as resolvePath, dirname } from 'node:path'
 import { pathToFileURL } from 'node:url'
-import { toMs as parseMs } from './duration.js'
+import { durationMs } from './duration.js'
 import { readFlagFileSync } from './flag-file.js'
 import { readTlsFilesSync } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
@@ -30,15 +30,6 @@ type Section<K extends keyof ResolvedInput> = ResolvedInput[K]
 
 /** How `Config` spells "no limit" for a cap whose key is absent (the schema has no default for it). */
 const UNLIMITED = 0
-
-/** A duration in ms; 0 for a value the schema has already reported as malformed. */
-function toMs (value: number | string): number {
-  try {
-    return parseMs(value)
-  } catch {
-    return 0
-  }
-}
 
 /** The whole config. `source` is the file it came from; relative paths resolve against its folder. */
 export function buildConfig (input: ResolvedInput, source: string | null, found: Findings): Config {
@@ -79,7 +70,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     admin: { tokenFile: input.admin.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: input.rollback === undefined ? null : buildRollback(input.rollback),
     health: buildHealth(input.health, upstreams, found),
-    shutdown: { drainDelayMs: toMs(input.shutdown.drainDelayMs), timeoutMs: toMs(input.shutdown.timeoutMs) },
+    shutdown: { drainDelayMs: durationMs(input.shutdown.drainDelayMs), timeoutMs: durationMs(input.shutdown.timeoutMs) },
     logging: {
       level: input.logging.level as LogLevel,
       accessLogRate: input.logging.accessLog === true ? 1 : input.logging.accessLog === false ? 0 : input.logging.accessLog
@@ -87,7 +78,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     limits: {
       maxInFlight: input.limits.maxInFlight ?? UNLIMITED,
       maxConnections: input.limits.maxConnections ?? UNLIMITED,
-      maxEventLoopDelayMs: toMs(input.limits.maxEventLoopDelayMs)
+      maxEventLoopDelayMs: durationMs(input.limits.maxEventLoopDelayMs)
     }
   }
 }
@@ -126,26 +117,26 @@ function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, baseDi
     endpoints.push(url.origin)
   })
   const hc = u.healthCheck
-  if (hc !== undefined && toMs(hc.timeoutMs) > toMs(hc.intervalMs)) found.problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
+  if (hc !== undefined && durationMs(hc.timeoutMs) > durationMs(hc.intervalMs)) found.problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
   return {
     name,
     endpoints,
     critical: u.critical,
     healthCheck: hc === undefined
       ? null
-      : { path: hc.path, intervalMs: toMs(hc.intervalMs), timeoutMs: toMs(hc.timeoutMs), unhealthyThreshold: hc.unhealthyThreshold, healthyThreshold: hc.healthyThreshold },
-    connectTimeoutMs: toMs(u.connectTimeoutMs),
-    keepAliveTimeoutMs: toMs(u.keepAliveTimeoutMs),
+      : { path: hc.path, intervalMs: durationMs(hc.intervalMs), timeoutMs: durationMs(hc.timeoutMs), unhealthyThreshold: hc.unhealthyThreshold, healthyThreshold: hc.healthyThreshold },
+    connectTimeoutMs: durationMs(u.connectTimeoutMs),
+    keepAliveTimeoutMs: durationMs(u.keepAliveTimeoutMs),
     connections: u.connections,
     balance: u.balance,
     ejection: {
       consecutiveFailures: u.ejection.consecutiveFailures,
-      baseMs: toMs(u.ejection.baseMs),
-      maxMs: toMs(u.ejection.maxMs),
+      baseMs: durationMs(u.ejection.baseMs),
+      maxMs: durationMs(u.ejection.maxMs),
       panicThresholdPercent: u.ejection.panicThresholdPercent
     },
     failover: u.failover ?? null,
-    failbackAfterMs: toMs(u.failbackAfter),
+    failbackAfterMs: durationMs(u.failbackAfter),
     tls: buildUpstreamTls(u.tls, endpoints, at, baseDir, found.problems)
   }
 }
@@ -175,7 +166,7 @@ function buildRoutes (input: Section<'routes'>, upstreamNames: readonly string[]
     if (r.fault?.flag !== undefined && config.featureFlags[r.fault.flag] === undefined && config.flagSource === undefined && config.flagProvider === undefined) {
       found.problems.push(`${at}.fault.flag: flag "${r.fault.flag}" is not defined in featureFlags`)
     }
-    if (r.fault !== undefined && r.fault.delayPercent > 0 && toMs(r.fault.delayMs) === 0) found.problems.push(`${at}.fault.delayMs: needed with delayPercent`)
+    if (r.fault !== undefined && r.fault.delayPercent > 0 && durationMs(r.fault.delayMs) === 0) found.problems.push(`${at}.fault.delayMs: needed with delayPercent`)
     return buildRoute(r, name, at, baseDir, found)
   })
 }
@@ -204,13 +195,13 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, 
     upstream: r.upstream,
     listener: r.listener,
     killSwitch: r.killSwitch ?? null,
-    timeoutMs: toMs(r.timeoutMs),
-    idleTimeoutMs: toMs(r.idleTimeoutMs),
+    timeoutMs: durationMs(r.timeoutMs),
+    idleTimeoutMs: durationMs(r.idleTimeoutMs),
     retries: r.retries === undefined ? null : { attempts: r.retries.attempts, budgetPercent: r.retries.budgetPercent, minRetriesPerSecond: r.retries.minRetriesPerSecond },
     rewritePrefix: r.rewritePrefix ?? null,
     fault: r.fault === undefined
       ? null
-      : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: toMs(r.fault.delayMs), flag: r.fault.flag ?? null },
+      : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: durationMs(r.fault.delayMs), flag: r.fault.flag ?? null },
     rateLimit: rateLimitConfig(r.rateLimit),
     fallback: fallbackConfig(r.fallback, m.methods, at, baseDir, found.problems)
   }
@@ -229,13 +220,13 @@ function buildCircuitBreakers (input: Section<'circuitBreakers'>, upstreamNames:
   const breakers: Record<string, CircuitBreakerConfig> = {}
   for (const [name, cb] of Object.entries(input) as Array<[string, Resolved<typeof CircuitBreakerSchema>]>) {
     if (!upstreamNames.includes(name)) found.problems.push(`circuitBreakers.${name}: unknown upstream "${name}" (known: ${upstreamNames.join(', ')})`)
-    const rollingWindowMs = toMs(cb.rollingWindowMs)
+    const rollingWindowMs = durationMs(cb.rollingWindowMs)
     if (rollingWindowMs < 100) found.problems.push(`circuitBreakers.${name}.rollingWindowMs: must be >= 100`)
     breakers[name] = {
       failureThreshold: cb.failureThreshold,
       volumeThreshold: cb.volumeThreshold,
       rollingWindowMs,
-      recoveryTimeout: toMs(cb.recoveryTimeout),
+      recoveryTimeout: durationMs(cb.recoveryTimeout),
       maxConcurrentRequests: cb.maxConcurrentRequests ?? UNLIMITED,
       failureStatuses: cb.failureStatuses
     }
@@ -245,7 +236,7 @@ function buildCircuitBreakers (input: Section<'circuitBreakers'>, upstreamNames:
 
 function buildFlagSource (input: Section<'flagSource'>, baseDir: string): FlagSourceConfig | null {
   if (input === undefined) return null
-  return { type: input.type, path: resolvePath(baseDir, input.path), pollIntervalMs: toMs(input.pollIntervalMs) }
+  return { type: input.type, path: resolvePath(baseDir, input.path), pollIntervalMs: durationMs(input.pollIntervalMs) }
 }
 
 /**
@@ -272,7 +263,7 @@ function buildTracing (t: Section<'tracing'>, service: string, found: Findings):
   if (t === undefined) return null
   const maxSize = t.batch.maxSize ?? Math.min(512, t.maxQueueSize)
   if (maxSize > t.maxQueueSize) found.problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${t.maxQueueSize})`)
-  const timeoutMs = toMs(t.batch.timeoutMs)
+  const timeoutMs = durationMs(t.batch.timeoutMs)
   if (timeoutMs === 0) found.problems.push('tracing.batch.timeoutMs: must be more than 0')
   // OTLP/HTTP: an endpoint without a path gets the traces signal's path (OTEL_EXPORTER_OTLP_ENDPOINT's rule).
   const url = new URL(t.otlpEndpoint)
@@ -284,7 +275,7 @@ function buildTracing (t: Section<'tracing'>, service: string, found: Findings):
     protocol: t.protocol,
     headers: t.headers,
     maxQueueSize: t.maxQueueSize,
-    batch: { maxSize, delayMs: toMs(t.batch.delayMs), timeoutMs }
+    batch: { maxSize, delayMs: durationMs(t.batch.delayMs), timeoutMs }
   }
 }
 
@@ -306,7 +297,7 @@ function buildFlagProvider (p: Section<'flagProvider'>, baseDir: string, found: 
       found.problems.push(`flagProvider.module: cannot find "${module}" (${(err as Error).message.split('\n')[0] ?? ''}); install it beside Breakwater`)
     }
   }
-  return { module, export: p.export, options: p.options, pollMs: p.pollMs === undefined ? null : toMs(p.pollMs) }
+  return { module, export: p.export, options: p.options, pollMs: p.pollMs === undefined ? null : durationMs(p.pollMs) }
 }
 
 /** What a trigger may refer to. */
@@ -332,10 +323,10 @@ function buildTriggers (input: Section<'rollbackTriggers'>, scope: TriggerScope,
       name,
       metric: tr.metric,
       threshold: tr.threshold,
-      windowMs: toMs(tr.window),
+      windowMs: durationMs(tr.window),
       action: tr.action,
       minRequests: tr.minRequests,
-      forMs: toMs(tr.for),
+      forMs: durationMs(tr.for),
       route: tr.route ?? null,
       upstream: tr.upstream ?? null,
       flags: tr.flags ?? null,
@@ -345,7 +336,7 @@ function buildTriggers (input: Section<'rollbackTriggers'>, scope: TriggerScope,
 }
 
 function checkTrigger (tr: Resolved<typeof TriggerSchema>, at: string, scope: TriggerScope, problems: string[]): void {
-  const windowMs = toMs(tr.window)
+  const windowMs = durationMs(tr.window)
   if (windowMs < 1000) problems.push(`${at}.window: must be at least 1s`)
   if (windowMs > 3_600_000) problems.push(`${at}.window: must be at most 1h`)
   if (tr.metric === 'error_rate' && tr.threshold > 1) problems.push(`${at}.threshold: an error_rate threshold is a ratio from 0 to 1`)
@@ -369,10 +360,10 @@ function buildVerification (v: Section<'verification'>, routes: readonly RouteCo
       if (syn.route !== undefined && !routes.some((r) => r.name === syn.route)) found.problems.push(`verification.synthetics[${i}].route: unknown route "${syn.route}"`)
       return { route: syn.route ?? null, method: syn.method, path: syn.path, host: syn.host ?? null, expectStatus: syn.expectStatus }
     }),
-    intervalMs: toMs(v.intervalMs),
+    intervalMs: durationMs(v.intervalMs),
     successes: v.successes,
-    windowMs: toMs(v.windowMs),
-    timeoutMs: toMs(v.timeoutMs),
+    windowMs: durationMs(v.windowMs),
+    timeoutMs: durationMs(v.timeoutMs),
     maxErrorRate: v.maxErrorRate
   }
 }
@@ -387,7 +378,7 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
     pagerDutyServiceId: n.pagerDutyServiceId ?? null,
     pagerDutyRoutingKey: n.pagerDutyRoutingKey ?? null,
     pagerDutyEscalationRoutingKey: n.pagerDutyEscalationRoutingKey ?? null,
-    escalateAfterMs: toMs(n.escalateAfter),
+    escalateAfterMs: durationMs(n.escalateAfter),
     pagerDutyUrl: n.pagerDutyUrl,
     statusPageId: n.statusPageId ?? null,
     statusPageApiKey: n.statusPageApiKey ?? null,
@@ -395,7 +386,7 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
     webhooks: n.webhooks,
     queueSize: n.queueSize,
     maxAttempts: n.maxAttempts,
-    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels, repeatIntervalMs: toMs(n.alertmanager.repeatInterval) }
+    alertmanager: n.alertmanager === undefined ? null : { urls: n.alertmanager.urls.map((u) => u.replace(/\/+$/, '')), labels: n.alertmanager.labels, repeatIntervalMs: durationMs(n.alertmanager.repeatInterval) }
   }
 }
 
@@ -403,9 +394,9 @@ function buildListen (listen: Section<'listen'>, baseDir: string, found: Finding
   const proxy = (l: NonNullable<Section<'listen'>['egress']>, at: string): ProxyListenerConfig => ({
     host: l.host,
     port: l.port,
-    keepAliveTimeoutMs: toMs(l.keepAliveTimeoutMs),
-    requestTimeoutMs: toMs(l.requestTimeoutMs),
-    headersTimeoutMs: toMs(l.headersTimeoutMs),
+    keepAliveTimeoutMs: durationMs(l.keepAliveTimeoutMs),
+    requestTimeoutMs: durationMs(l.requestTimeoutMs),
+    headersTimeoutMs: durationMs(l.headersTimeoutMs),
     maxHeaderSize: l.maxHeaderSize,
     maxHeadersCount: l.maxHeadersCount,
     trustedProxies: trustedProxies(l.trustedProxies, at, found.problems),
@@ -432,12 +423,12 @@ function buildListenerTls (t: NonNullable<Section<'listen'>['egress']>['tls'], a
 
 function buildRollback (r: Resolved<typeof RollbackSchema>): RollbackConfig {
   const common = {
-    cooldownMs: toMs(r.cooldown),
-    requireRecentChangeMs: r.requireRecentChange === false ? 0 : toMs(r.requireRecentChange)
+    cooldownMs: durationMs(r.cooldown),
+    requireRecentChangeMs: r.requireRecentChange === false ? 0 : durationMs(r.requireRecentChange)
   }
-  if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers, retries: r.retries, timeoutMs: toMs(r.timeoutMs) }
-  if (r.type === 'git') return { ...common, type: 'git', repo: r.repo, branch: r.branch, path: r.path ?? null, author: r.author ?? null, timeoutMs: toMs(r.timeoutMs) }
-  return { ...common, type: 'exec', command: r.command, timeoutMs: toMs(r.timeoutMs) }
+  if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers, retries: r.retries, timeoutMs: durationMs(r.timeoutMs) }
+  if (r.type === 'git') return { ...common, type: 'git', repo: r.repo, branch: r.branch, path: r.path ?? null, author: r.author ?? null, timeoutMs: durationMs(r.timeoutMs) }
+  return { ...common, type: 'exec', command: r.command, timeoutMs: durationMs(r.timeoutMs) }
 }
 
 function buildHealth (health: Section<'health'>, upstreams: Readonly<Record<string, UpstreamConfig>>, found: Findings): Config['health'] {

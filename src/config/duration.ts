@@ -24,6 +24,18 @@ export function toMs (value: number | string): number {
   return Math.round(Number(m[1]) * (UNIT_MS[m[2] as string] as number))
 }
 
+/**
+ * A duration of a config being built, in milliseconds: 0 for one the schema has already
+ * reported as malformed, so that building goes on and one run lists every problem.
+ */
+export function durationMs (value: number | string): number {
+  try {
+    return toMs(value)
+  } catch {
+    return 0
+  }
+}
+
 /** The problem with a duration the schema accepted (too long), or null. */
 export function durationProblem (at: string, value: number | string): string | null {
   if (typeof value === 'number' && !Number.isFinite(value)) return `${at}: must be a finite number of milliseconds (got ${String(value)})`

@@ -9,16 +9,12 @@ import { validateHeaderValue } from 'node:http'
 import { resolve as resolvePath } from 'node:path'
 import type { ConfigInput, ResolvedInput } from './schema.js'
 import type { FallbackConfig, RateLimitConfig } from './types.js'
-import { toMs } from './duration.js'
+import { durationMs } from './duration.js'
 
 type RouteInput = ResolvedInput['routes'][number]
 
 /** A static fallback `file` larger than this is a config error: it is held in memory. */
 export const MAX_STATIC_FALLBACK_BYTES = 1024 * 1024
-
-function durationMs (value: number | string): number {
-  try { return toMs(value) } catch { return 0 } // the schema has reported it
-}
 
 export function rateLimitConfig (r: RouteInput['rateLimit']): RateLimitConfig | null {
   if (r === undefined) return null

@@ -16,6 +16,9 @@
  * an incident once (its leader) and a sidecar that takes over must resolve the same alert. It is
  * re-posted like the other until restoration is verified (on the sidecar that escalated, or the
  * one that took over); a trigger that merely re-arms does not end it — nobody verified anything.
+ * A restart does not end it either: the verifier resumes the escalations of the incidents it
+ * takes back from `stateDir` (`resumeEscalation`, with the original `startsAt`), since an alert
+ * not posted again within Alertmanager's `resolve_timeout` is resolved by Alertmanager itself.
  *
  * Posting happens beside the control plane and never blocks it; a failed post is logged once per
  * failure streak and retried by the next repeat.
@@ -84,6 +87,27 @@ export class AlertmanagerChannel {
       startsAt: existing?.alert.startsAt ?? event.time
     }
     this.repeat(this.escalated, key, alert)
+  }
+
+  /**
+   * After a restart: post again the escalation of an incident escalated before it and not yet
+   * verified restored, and re-post it as before. `event.time`, when it escalated, is `startsAt`.
+   */
+  resumeEscalation (event: NotificationEvent): void {
+    if (this.config().alertmanager === null) return
+    this.escalate(event)
+  }
+
+  /**
+   * Stop re-posting the escalation of `version`'s `trigger` without resolving it: the fleet's
+   * leader acts for the incident now and posts the same alert (it has no `instance` label).
+   */
+  dropEscalation (version: string, trigger: string | null): void {
+    const key = escalationKey({ version, trigger })
+    const f = this.escalated.get(key)
+    if (f === undefined) return
+    clearInterval(f.timer)
+    this.escalated.delete(key)
   }
 
   /** Restoration verified: the escalation of that incident (its version and trigger) ends. */
@@ -165,6 +189,6 @@ export class AlertmanagerChannel {
   }
 }
 
-function escalationKey (event: NotificationEvent): string {
+function escalationKey (event: Pick<NotificationEvent, 'version' | 'trigger'>): string {
   return `${event.version}\u0000${event.trigger ?? 'operator'}`
 }

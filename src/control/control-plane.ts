@@ -18,7 +18,7 @@ import type { Config } from '../config/types.js'
 import { type PersistedState, type MitigationRecord, type OverrideRecord, type FleetEntry, emptyState } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import { Journal } from '../state/journal.js'
-import type { RollbackResult } from './rollback.js'
+import { auditedOutcome, type RollbackResult } from './rollback.js'
 import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type FleetWriter, type MitigationRequest } from './interfaces.js'
 import { Overrides, expiry } from './overrides.js'
 import { Mitigations, mitigationId } from './mitigations.js'
@@ -308,10 +308,11 @@ export class ControlPlane {
     record.error = null
     this.mitigations.add(record)
     this.count(record)
-    this.rollbacks.start(cfg, record, req.trigger ?? null, async (result) => { await this.rollbackEnded(record, req, result) })
-    this.logger.warn({ event: 'mitigation', action: 'rollback', id: record.id, targets: record.targets, reason: record.reason, source: record.source, requester: req.requester, result: 'running' }, 'mitigation rollback started')
+    const key = this.rollbacks.start(cfg, record, req.trigger ?? null, async (result) => { await this.rollbackEnded(record, req, result) })
+    this.logger.warn({ event: 'mitigation', action: 'rollback', id: record.id, targets: record.targets, reason: record.reason, source: record.source, requester: req.requester, result: 'running', idempotencyKey: key }, 'mitigation rollback started')
     this.onMitigation('started', record)
-    const persisted = await this.commit({ action: 'mitigation.rollback', targets: record.targets, reason: record.reason, result: 'running', requester: req.requester, id: record.id, source: record.source })
+    // The key is in the audit from the start: a post-mortem names it even if the action never ends.
+    const persisted = await this.commit({ action: 'mitigation.rollback', targets: record.targets, reason: record.reason, result: 'running', requester: req.requester, id: record.id, source: record.source, rollbackType: cfg.rollback?.type, idempotencyKey: key })
     return { value: record, persisted }
   }
 
@@ -330,7 +331,7 @@ export class ControlPlane {
     else this.logger.error(fields, 'mitigation rollback failed')
     // Every in-memory view (state, incidents) changes at once; the audit line follows.
     this.onMitigation(result.ok ? 'applied' : 'failed', record)
-    await this.commit({ action: 'mitigation.rollback.result', targets: record.targets, reason: record.reason, result: record.status, requester: req.requester, id: record.id, source: record.source, ...(record.error !== null ? { error: record.error } : {}) })
+    await this.commit({ action: 'mitigation.rollback.result', targets: record.targets, reason: record.reason, result: record.status, requester: req.requester, id: record.id, source: record.source, ...auditedOutcome(result), ...(record.error !== null ? { error: record.error } : {}) })
   }
 
   /** Lift a mitigation: undo exactly what it changed that nobody has changed since. */

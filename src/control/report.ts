@@ -18,6 +18,15 @@ export interface ReportEvent {
   /** `operator <address>`, `trigger <name>` or `breakwater`. */
   by: string
   reason: string | null
+  /**
+   * A rollback's idempotency key (the webhook's `Idempotency-Key`, a git revert's
+   * `Breakwater-Incident` trailer, an exec's `BREAKWATER_IDEMPOTENCY_KEY`): on its start and
+   * its result. Absent on other events.
+   */
+  idempotencyKey?: string
+  /** A git rollback's revert commit on the branch, and the commit it reverts (its result). */
+  commit?: string
+  reverted?: string
 }
 
 export interface IncidentReport {
@@ -88,7 +97,7 @@ export function buildReport (incident: Incident, service: string, routes: string
   const timeline: ReportEvent[] = []
   const d = incident.detection
   if (d?.firstFailureAt != null) timeline.push({ time: d.firstFailureAt, what: 'first failed request in scope held by the trigger window', by: 'breakwater', reason: null })
-  for (const e of mine) timeline.push({ time: e.time, what: describe(e), by: who(e.requester), reason: e.reason })
+  for (const e of mine) timeline.push({ time: e.time, what: describe(e), by: who(e.requester), reason: e.reason, ...rollbackFacts(e) })
   if (!mine.some((e) => e.action === 'incident.detected')) timeline.push({ time: incident.detectedAt, what: 'incident detected', by: incident.trigger !== null ? `trigger ${incident.trigger}` : 'operator', reason: null })
   timeline.sort((a, b) => Date.parse(a.time) - Date.parse(b.time))
 
@@ -191,9 +200,32 @@ function who (requester: string): string {
   return `operator ${requester}`
 }
 
+/** The idempotency key and revert commit an audited rollback line carries, as strings. */
+function rollbackFacts (e: AuditEntry): Pick<ReportEvent, 'idempotencyKey' | 'commit' | 'reverted'> {
+  if (e.action !== 'mitigation.rollback' && e.action !== 'mitigation.rollback.result') return {}
+  const out: Pick<ReportEvent, 'idempotencyKey' | 'commit' | 'reverted'> = {}
+  if (typeof e.idempotencyKey === 'string' && e.idempotencyKey !== '') out.idempotencyKey = e.idempotencyKey
+  if (typeof e.commit === 'string') out.commit = e.commit
+  if (typeof e.reverted === 'string') out.reverted = e.reverted
+  return out
+}
+
 function describe (e: AuditEntry): string {
   const targets = e.targets.join(', ')
+  const facts = rollbackFacts(e)
   switch (e.action) {
+    case 'mitigation.rollback': {
+      const type = typeof e.rollbackType === 'string' ? ` (${e.rollbackType})` : ''
+      return `rollback of ${targets} started${type}${facts.idempotencyKey !== undefined ? `, idempotency key ${facts.idempotencyKey}` : ''}`
+    }
+    case 'mitigation.rollback.result': {
+      const parts = [`rollback of ${targets} → ${e.result}`]
+      if (facts.commit !== undefined) {
+        parts.push(`revert commit ${facts.commit}${e.alreadyReverted === true ? ' (already on the branch: another sidecar pushed it)' : facts.reverted !== undefined ? ` reverts ${facts.reverted}` : ''}`)
+      }
+      if (facts.idempotencyKey !== undefined) parts.push(`idempotency key ${facts.idempotencyKey}`)
+      return parts.join('; ')
+    }
     case 'incident.detected': return 'incident detected'
     case 'incident.restored': return 'restoration verified (synthetic checks and real traffic)'
     case 'incident.not_restored': return 'verification failed: service not restored'

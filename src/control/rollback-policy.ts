@@ -13,7 +13,7 @@
 import type { Config } from '../config/types.js'
 import type { MitigationRecord, PersistedState } from '../state/state-file.js'
 import { ControlError } from './interfaces.js'
-import { runRollback, type RollbackResult } from './rollback.js'
+import { idempotencyKey, runRollback, type RollbackResult } from './rollback.js'
 
 interface Running {
   record: MitigationRecord
@@ -43,19 +43,23 @@ export class RollbackPolicy {
 
   /**
    * Run the configured action for `record` (status `running`) in the background; `settle` is
-   * called once with its result and may persist it. Call `admit` first.
+   * called once with its result and may persist it. Call `admit` first. Returns the action's
+   * idempotency key (null when no action is configured), known before it runs.
    */
-  start (cfg: Config, record: MitigationRecord, trigger: string | null, settle: (result: RollbackResult) => Promise<void>): void {
+  start (cfg: Config, record: MitigationRecord, trigger: string | null, settle: (result: RollbackResult) => Promise<void>): string | null {
     const rollback = cfg.rollback
-    if (rollback === null) return
+    if (rollback === null) return null
     const abort = new AbortController()
-    const done = runRollback(rollback, { service: cfg.service, version: cfg.version, trigger, reason: record.reason }, { signal: abort.signal, stateDir: cfg.stateDir })
-      .catch((err: unknown): RollbackResult => ({ ok: false, type: rollback.type, idempotencyKey: '', attempts: 0, error: (err as Error).message }))
+    const request = { service: cfg.service, version: cfg.version, trigger, reason: record.reason }
+    const key = idempotencyKey(request)
+    const done = runRollback(rollback, request, { signal: abort.signal, stateDir: cfg.stateDir })
+      .catch((err: unknown): RollbackResult => ({ ok: false, type: rollback.type, idempotencyKey: key, attempts: 0, error: (err as Error).message }))
       .then(async (result) => {
         this.running = null
         await settle(result)
       })
     this.running = { record, abort, done }
+    return key
   }
 
   /** The rollback running now, if any. */

@@ -29,8 +29,9 @@ export interface RollbackRequest {
 export interface RollbackResult {
   ok: boolean
   type: RollbackConfig['type']
-  /** git: the revert commit on the branch, and whether another sidecar had already pushed it. */
+  /** git: the revert commit on the branch, the commit it reverts, and whether another sidecar had already pushed it. */
   commit?: string
+  reverted?: string
   alreadyReverted?: boolean
   idempotencyKey: string
   attempts: number
@@ -43,6 +44,19 @@ export interface RollbackResult {
 /** The same for every retry and every sidecar of the fleet. */
 export function idempotencyKey (r: Pick<RollbackRequest, 'service' | 'version' | 'trigger'>): string {
   return createHash('sha256').update(`breakwater-rollback\u0000${r.service}\u0000${r.version}\u0000${r.trigger ?? 'operator'}`).digest('hex').slice(0, 32)
+}
+
+/**
+ * What the audit line of a rollback's result keeps beside its status: the idempotency key and,
+ * for git, the revert commit (and the commit it reverts, when this sidecar made it). The
+ * post-mortem draft's timeline reads them from there.
+ */
+export function auditedOutcome (r: RollbackResult): { idempotencyKey: string, commit?: string, reverted?: string, alreadyReverted?: boolean } {
+  const out: ReturnType<typeof auditedOutcome> = { idempotencyKey: r.idempotencyKey }
+  if (r.commit !== undefined) out.commit = r.commit
+  if (r.reverted !== undefined) out.reverted = r.reverted
+  if (r.alreadyReverted !== undefined) out.alreadyReverted = r.alreadyReverted
+  return out
 }
 
 /** `signal` ends the action early (the sidecar is stopping): the request or the command is cut. */
@@ -58,7 +72,7 @@ export async function runRollback (config: RollbackConfig, r: RollbackRequest, o
   if (config.type === 'exec') return await runExec(config.command, config.timeoutMs, r, key, signal)
   if (config.type === 'git') {
     const git = await runGitRollback(config, { ...r, incident: key }, join(options.stateDir ?? '.', 'rollback-git'), signal)
-    return { ok: git.ok, type: 'git', idempotencyKey: key, attempts: git.attempts, commit: git.commit, alreadyReverted: git.alreadyReverted, error: git.error, output: git.reverted === undefined ? undefined : `reverted ${git.reverted}` }
+    return { ok: git.ok, type: 'git', idempotencyKey: key, attempts: git.attempts, commit: git.commit, reverted: git.reverted, alreadyReverted: git.alreadyReverted, error: git.error, output: git.reverted === undefined ? undefined : `reverted ${git.reverted}` }
   }
   const body = JSON.stringify({ service: r.service, version: r.version, trigger: r.trigger, reason: r.reason })
   let last: RollbackResult = { ok: false, type: 'webhook', idempotencyKey: key, attempts: 0 }

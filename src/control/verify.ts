@@ -22,7 +22,8 @@
  * escalates at once, and so does a failed rollback; an `unverified` one (no real traffic to judge by: nobody knows) keeps its
  * deadline, since no evidence says service is down but none says it is back. The deadline is in
  * the persisted record, so a restart re-arms it (and escalates at once if it passed meanwhile);
- * a verified restoration disarms it.
+ * a verified restoration disarms it. An incident escalated before a restart and not restored
+ * since has its Alertmanager escalation posted again (`resumeEscalations`).
  *
  * In a fleet (SPEC §16: one incident, one actor) only the incident's actor escalates: the
  * leader, or a sidecar acting alone (no fleet, or etcd did not answer its claim). A follower
@@ -41,7 +42,7 @@ import type { RouteStats } from '../proxy/stats.js'
 import { emptySums, quantile } from '../proxy/window.js'
 import type { MitigationRecord } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
-import type { Notifier } from './notify.js'
+import type { NotificationEvent, Notifier } from './notify.js'
 import type { Reading } from './triggers.js'
 import type { TriageReport } from './triage.js'
 import { countImpact, emptyImpact, type Impact, type Probes } from './impact.js'
@@ -97,6 +98,9 @@ export interface Detection {
   /** The first second with a failed request in scope within the trigger's window (null: none held). */
   firstFailureAt: string | null
 }
+
+/** The notification events the verifier sends about an incident. */
+type IncidentEventKind = 'restoration_verified' | 'restoration_failed' | 'escalated'
 
 const OPEN = new Set<Incident['status']>(['detected', 'verifying'])
 /** How often the impact of open incidents is counted from the windows (well inside the 128 s they hold). */
@@ -168,6 +172,8 @@ export class Verifier {
   restore (saved: readonly unknown[]): void {
     const loaded = saved.filter((x): x is Incident => typeof x === 'object' && x !== null && typeof (x as Incident).id === 'string' && typeof (x as Incident).escalateAt === 'string' && typeof (x as Incident).impact === 'object')
     this.incidents.splice(0, this.incidents.length, ...loaded.slice(0, KEEP))
+    // First: an incident escalated below, at this start, posts its escalation as it escalates.
+    this.resumeEscalations()
     for (const incident of this.incidents) {
       if (incident.status === 'verifying' && incident.mitigatedAt !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
@@ -180,6 +186,32 @@ export class Verifier {
       else if (incident.status !== 'restored') this.arm(incident)
     }
     this.countOpen()
+  }
+
+  /**
+   * Escalations last until restoration is verified, and a restart must not end them by silence
+   * (Alertmanager resolves an alert nobody posts again within its `resolve_timeout`). Posted
+   * again: the escalation of each incident this sidecar acts for that escalated before the
+   * restart, is not restored, and can still end here the way it would have without the restart —
+   * open (its verification resumes, or its trigger's next mitigation is verified), or of the
+   * running version (a later incident of its trigger, restored, ends it) — unless a later incident
+   * of the same version and trigger was restored after it escalated. Oldest first, as they
+   * escalated: the alert starts when the first did.
+   */
+  private resumeEscalations (): void {
+    const version = this.deps.config().version
+    for (const incident of [...this.incidents].reverse()) {
+      const at = incident.escalatedAt
+      if (at === null || incident.status === 'restored' || incident.fleet?.role === 'follower') continue
+      const endedSince = this.incidents.some((i) => i.status === 'restored' && i.version === incident.version && i.trigger === incident.trigger && i.restoredAt !== null && i.restoredAt >= at)
+      if (endedSince) continue
+      if (!OPEN.has(incident.status) && incident.version !== version) {
+        this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_not_resumed', status: incident.status, version: incident.version }, 'escalation of a closed incident of a version no longer running is not posted again')
+        continue
+      }
+      this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_resumed', escalatedAt: at }, 'escalation of an incident not restored before the restart posted again')
+      this.deps.notifier.alertmanager.resumeEscalation(this.event(incident, 'escalated', escalationSummary(incident, incident.escalationReason ?? 'escalated before a restart')))
+    }
   }
 
   /** A trigger fired: an incident is detected (one open incident per trigger). */
@@ -298,7 +330,7 @@ export class Verifier {
     incident.escalatedAt = new Date().toISOString()
     incident.escalationReason = why
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'escalated', reason: why, status: incident.status }, 'incident escalated')
-    this.notify(incident, 'escalated', `ESCALATED: incident ${incident.id} ${why} (${incident.status.replace('_', ' ')}${incident.mitigation !== null ? `; ${incident.mitigation.action} ${incident.mitigation.id}` : '; no mitigation yet'})`)
+    this.notify(incident, 'escalated', escalationSummary(incident, why))
     this.deps.persist({ action: 'incident.escalated', targets: [incident.id], reason: why, result: 'escalated', requester: 'breakwater', trigger: incident.trigger, status: incident.status })
     this.deps.progressed?.(incident, { escalatedAt: incident.escalatedAt })
   }
@@ -313,8 +345,11 @@ export class Verifier {
     const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
     if (incident === undefined) return
     incident.fleet = { role, leader }
-    if (role === 'follower') this.escalations.disarm(incident.id)
-    else this.arm(incident)
+    if (role === 'follower') {
+      this.escalations.disarm(incident.id)
+      // A sidecar that escalated before a restart and follows now: the leader posts the escalation.
+      this.deps.notifier.alertmanager.dropEscalation(incident.version, incident.trigger)
+    } else this.arm(incident)
     this.deps.persist(null)
   }
 
@@ -564,9 +599,13 @@ export class Verifier {
     this.escalate(incident, 'the mitigation did not restore service (verification failed)')
   }
 
-  private notify (incident: Incident, kind: 'restoration_verified' | 'restoration_failed' | 'escalated', summary: string): void {
+  private notify (incident: Incident, kind: IncidentEventKind, summary: string): void {
+    this.deps.notifier.notify(this.event(incident, kind, summary))
+  }
+
+  private event (incident: Incident, kind: IncidentEventKind, summary: string): NotificationEvent {
     const cfg = this.deps.config()
-    this.deps.notifier.notify({
+    return {
       kind,
       service: cfg.service,
       version: incident.version,
@@ -585,8 +624,9 @@ export class Verifier {
         escalated: incident.escalatedAt !== null,
         escalateAt: incident.escalateAt
       },
-      time: new Date().toISOString()
-    })
+      // An escalation is dated when it happened, also when it is posted again after a restart.
+      time: kind === 'escalated' && incident.escalatedAt !== null ? incident.escalatedAt : new Date().toISOString()
+    }
   }
 
   stop (): void {
@@ -597,6 +637,11 @@ export class Verifier {
     if (this.counter !== null) clearInterval(this.counter)
     this.counter = null
   }
+}
+
+/** The one line of an escalation: the incident, why, where it stands and what acted. */
+function escalationSummary (incident: Incident, why: string): string {
+  return `ESCALATED: incident ${incident.id} ${why} (${incident.status.replace('_', ' ')}${incident.mitigation !== null ? `; ${incident.mitigation.action} ${incident.mitigation.id}` : '; no mitigation yet'})`
 }
 
 function round (x: number): number {

@@ -173,11 +173,13 @@ function alertmanagerBinary (): string {
 
 /**
  * An Alertmanager that routes every alert to `webhookUrl` (resolutions too), grouping by
- * `alertname, service, trigger`; `route` overrides the route's timings.
+ * `alertname, service, trigger`; `route` overrides the route's timings, `global` sets Alertmanager's
+ * global settings (`resolve_timeout`).
  */
-export async function startLocalAlertmanager (webhookUrl: string, route: Record<string, unknown> = {}): Promise<LocalAlertmanager> {
+export async function startLocalAlertmanager (webhookUrl: string, route: Record<string, unknown> = {}, global: Record<string, unknown> = {}): Promise<LocalAlertmanager> {
   const dir = mkdtempSync(join(tmpdir(), 'breakwater-am-'))
   writeFileSync(join(dir, 'alertmanager.yml'), stringify({
+    ...(Object.keys(global).length > 0 ? { global } : {}),
     route: { receiver: 'hook', group_by: ['alertname', 'service', 'trigger'], group_wait: '3s', group_interval: '2s', repeat_interval: '1h', ...route },
     receivers: [{ name: 'hook', webhook_configs: [{ url: webhookUrl, send_resolved: true }] }]
   }))

@@ -4,8 +4,9 @@
  *   admission     overload limits: requests in flight, event-loop delay   → 503 overloaded
  *   normalise     the path and head, once
  *   trace         W3C traceparent continued or started, our span id for the upstream (trace.ts)
- *   refuse what cannot be forwarded as sent: an invalid encoding, more header fields than
- *                 the listener allows, framing (two Host, CL conflicts)  → 400 / 431
+ *   refuse what cannot be forwarded as sent: a major version other than HTTP/1, an invalid
+ *                 encoding, more header fields than the listener allows, framing (two Host,
+ *                 CL conflicts)                                            → 400 / 431
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   rate limit    the route's token bucket for this key is empty            → 429 rate_limited
@@ -115,6 +116,14 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   // trace
   beginTrace(ctx, tracing, head.traceparent, head.headers, head.traceparentAt)
 
+  // RFC 9110 §2.5: a major version other than 1 is not HTTP/1, whatever its line looks like.
+  // Node's parser takes `HTTP/2.0` and `HTTP/0.9` request lines (and refuses other versions
+  // itself); forwarded, they would reach the upstream as HTTP/1.1. Refused like any request
+  // that cannot be forwarded as sent (SPEC §3, §15) rather than 505.
+  if (req.httpVersionMajor !== 1) {
+    refuseUnforwardable(ctx, 'bad_request', `HTTP/${req.httpVersion} on an HTTP/1 connection: only HTTP/1.0 and HTTP/1.1 are forwarded`)
+    return
+  }
   if (req.rawHeaders.length > maxHeaderFields) {
     refuseUnforwardable(ctx, 'headers_too_large', `more than ${maxHeaderFields / 2} header fields`)
     return

@@ -15,10 +15,11 @@ export interface TestAlertmanager {
   proc: ChildProcess
 }
 
-export async function startAlertmanager (t: Test, route: Record<string, unknown> = {}): Promise<TestAlertmanager> {
+/** `global`: Alertmanager's global settings (`resolve_timeout`). */
+export async function startAlertmanager (t: Test, route: Record<string, unknown> = {}, global: Record<string, unknown> = {}): Promise<TestAlertmanager> {
   const hook = await startReceiver([200])
   t.teardown(hook.close)
-  const am = await startLocalAlertmanager(`${hook.url}/alertmanager`, route)
+  const am = await startLocalAlertmanager(`${hook.url}/alertmanager`, route, global)
   t.teardown(am.close)
   return { url: am.url, hook, proc: am.proc }
 }

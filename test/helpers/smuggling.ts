@@ -82,6 +82,15 @@ export const SMUGGLING_CASES: SmugglingCase[] = [
   refused('empty header name', get(': b')),
   refused('header line without a colon', get('Foo')),
   refused('lowercase version', head(['GET /a http/1.1', 'Host: a'])),
+  // RFC 9110 §15.6.6, §2.5: another major version on an HTTP/1 request line is not HTTP/1.1
+  // (Node's parser takes HTTP/2.0 and HTTP/0.9 and refuses the rest itself).
+  refused('HTTP/2.0 on an HTTP/1 request line', head(['GET /a HTTP/2.0', 'Host: a'])),
+  refused('HTTP/2.0 with a body', head(['POST /a HTTP/2.0', 'Host: a', 'Content-Length: 5']) + 'hello'),
+  refused('HTTP/0.9 with headers', head(['GET /a HTTP/0.9', 'Host: a'])),
+  refused('HTTP/3.0', head(['GET /a HTTP/3.0', 'Host: a'])),
+  refused('HTTP/1.2', head(['GET /a HTTP/1.2', 'Host: a'])),
+  // RFC 9112 §3: a request line may be parsed on whitespace-separated words.
+  framed('two spaces after the method', head(['GET  /a HTTP/1.1', 'Host: a']), 'GET /a '),
   // Bodies and pipelining framed as written.
   framed('GET with a Content-Length body', get('Content-Length: 5') + 'hello', 'GET /a hello'),
   framed('GET with a chunked body', get('Transfer-Encoding: chunked') + HELLO, 'GET /a hello'),
