@@ -144,6 +144,19 @@ function cpuNs () {
   return total
 }
 
+/** Context switches of every thread of this process: [voluntary, involuntary]. */
+function contextSwitches () {
+  const out = [0, 0]
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const status = readFileSync(`/proc/self/task/${tid}/status`, 'utf8')
+      out[0] += Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(status)?.[1] ?? 0)
+      out[1] += Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(status)?.[1] ?? 0)
+    } catch {} // a thread that just ended
+  }
+  return out
+}
+
 /** CPU 1: one sidecar from dist/, switched between variants in-process. */
 async function sidecar () {
   const { resolveConfig } = await import('../../dist/config/load.js')
@@ -187,7 +200,7 @@ async function sidecar () {
       apply()
       return {}
     }
-    if (m.type === 'cpu') return { ns: cpuNs() }
+    if (m.type === 'cpu') return { ns: cpuNs(), switches: contextSwitches() }
     reset()
     await s.close()
     rmSync(stateDir, { recursive: true, force: true })
@@ -236,7 +249,7 @@ async function parent () {
     const [c1, ...t1] = await Promise.all([toLoad({ type: 'count' }), ...sidecars.map((call) => call({ type: 'cpu' }))])
     return [0, 1].map((i) => {
       const n = c1.answered[i] - c0.answered[i]
-      return { n, us: (t1[i].ns - t0[i].ns) / 1000 / n }
+      return { n, us: (t1[i].ns - t0[i].ns) / 1000 / n, vol: (t1[i].switches[0] - t0[i].switches[0]) / n, invol: (t1[i].switches[1] - t0[i].switches[1]) / n }
     })
   }
 
@@ -259,7 +272,8 @@ async function parent () {
       res.usA.push((pA.us + qA.us) / 2)
       res.usB.push((pB.us + qB.us) / 2)
       res.rate.push((pA.n + qA.n + pB.n + qB.n) / 2 / (windowMs / 1000))
-      line.push(`${res.b}/${res.a} ${ratio.toFixed(3)} (${res.a} ${pA.us.toFixed(1)}|${qA.us.toFixed(1)} µs, ${res.b} ${pB.us.toFixed(1)}|${qB.us.toFixed(1)} µs)`)
+      const sw = (x, y) => `${((x.vol + y.vol) / 2).toFixed(2)}/${((x.invol + y.invol) / 2).toFixed(2)}`
+      line.push(`${res.b}/${res.a} ${ratio.toFixed(3)} (${res.a} ${pA.us.toFixed(1)}|${qA.us.toFixed(1)} µs ${pA.n}|${qA.n} req sw ${sw(pA, qA)}, ${res.b} ${pB.us.toFixed(1)}|${qB.us.toFixed(1)} µs ${pB.n}|${qB.n} req sw ${sw(pB, qB)})`)
     }
     console.error(`round ${r + 1}: ${line.join('  ')}`)
   }
