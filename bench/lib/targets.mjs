@@ -24,6 +24,7 @@ export const ALL_TARGETS = [
   'breakwater-tls',
   'breakwater-full',
   'fastify-http-proxy',
+  'node-floor',
   'nginx',
   'haproxy'
 ]
@@ -385,6 +386,15 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
       name,
       cmd: process.execPath,
       args: [join(benchDir, 'proxies', 'fastify-http-proxy.mjs'), String(port), `http://127.0.0.1:${upstream.port}`],
+      cpu: PROXY_CPU,
+      cwd: repoRoot,
+      stderr
+    })
+  } else if (name === 'node-floor') {
+    proc = startProcess({
+      name,
+      cmd: process.execPath,
+      args: [join(benchDir, 'proxies', 'node-floor.mjs'), String(port), `http://127.0.0.1:${upstream.port}`],
       cpu: PROXY_CPU,
       cwd: repoRoot,
       stderr

@@ -26,9 +26,15 @@
 //       `sample1` samples 1 % of new traces through the real exporter, `encode` writes the
 //       spans into batches and throws them away, `ids` samples nothing: ids and `traceparent` alone);
 //   log-off | log-on | log-sample10    `logging.accessLog` false / true / 0.1, lines to stdout,
-//       which is /dev/null here (as bench/run.mjs's `breakwater-log`).
+//       which is /dev/null here (as bench/run.mjs's `breakwater-log`);
+//   floor | sidecar    the sidecar's port served by the hand-written forwarding floor
+//       (bench/proxies/node-floor.mjs) instead of Breakwater, or by Breakwater as configured.
 //
-//   node bench/micro/paired.mjs --pairs trace-off:trace-export,trace-off:trace-sample1 [--rounds 20] [--window 1000] [--settle 200] [--connections 25] [--rate 0] [--sidecar-flags='--cpu-prof …']
+// `--config stages` configures every stage (kill switch, circuit breaker, two rollback triggers,
+// the access log sampled at 0.1; sidecar-config.mjs) instead of a plain route: with
+// `--pairs floor:sidecar`, the cost of Breakwater with every stage on over the floor.
+//
+//   node bench/micro/paired.mjs --pairs trace-off:trace-export,trace-off:trace-sample1 [--rounds 20] [--window 1000] [--settle 200] [--connections 25] [--rate 0] [--config plain|stages] [--sidecar-flags='--cpu-prof …']
 import { fork, execFileSync } from 'node:child_process'
 import { readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:http'
@@ -38,6 +44,7 @@ import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
 import { benchSidecarInput } from './sidecar-config.mjs'
+import { floorHandler } from '../proxies/node-floor.mjs'
 
 const { values } = parseArgs({
   options: {
@@ -50,6 +57,7 @@ const { values } = parseArgs({
     pairs: { type: 'string', default: 'trace-off:trace-export,trace-off:trace-sample1' },
     connections: { type: 'string', default: '25' },
     rate: { type: 'string', default: '0' },
+    config: { type: 'string', default: 'plain' },
     'sidecar-flags': { type: 'string', default: '' }
   }
 })
@@ -166,7 +174,7 @@ async function sidecar () {
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-bench-'))
   const upstream = values.upstream
   const collector = values.collector
-  const { config } = resolveConfig(benchSidecarInput({ stateDir, upstream, collector }))
+  const { config } = resolveConfig(benchSidecarInput({ stateDir, upstream, collector, stages: values.config === 'stages' }))
   const s = await startSidecar(config, { adminToken: 'bench-token-0123456789abcdef0123' })
   const tracing = s.tracing
   const exporting = tracing.exporter
@@ -187,9 +195,19 @@ async function sidecar () {
     'trace-burn10': () => { tracing.exporter = burning(10) },
     'log-off': () => { s.dataPlane.accessLogRate = 0 },
     'log-on': () => { s.dataPlane.accessLogRate = 1 },
-    'log-sample10': () => { s.dataPlane.accessLogRate = 0.1 }
+    'log-sample10': () => { s.dataPlane.accessLogRate = 0.1 },
+    // The same process and port, its requests served by the hand-written floor instead.
+    sidecar: () => {},
+    floor: () => { serveWith([floor.handler]) }
   }
-  const reset = () => { tracing.exporter = null; s.dataPlane.accessLogRate = 0 }
+  const server = s.proxy.server
+  const sidecarListeners = server.listeners('request')
+  const floor = floorHandler(upstream)
+  const serveWith = (listeners) => {
+    server.removeAllListeners('request')
+    for (const l of listeners) server.on('request', l)
+  }
+  const reset = () => { tracing.exporter = null; s.dataPlane.accessLogRate = config.logging.accessLogRate; serveWith(sidecarListeners) }
   reset()
   serve(async (m) => {
     if (m.type === 'port') return { port: s.proxy.server.address().port }
@@ -202,6 +220,7 @@ async function sidecar () {
     }
     if (m.type === 'cpu') return { ns: cpuNs(), switches: contextSwitches() }
     reset()
+    await floor.close()
     await s.close()
     rmSync(stateDir, { recursive: true, force: true })
     return {}
@@ -283,7 +302,7 @@ async function parent () {
   // Let the children exit on their own (a profile given with --sidecar-flags is written at exit).
   await Promise.all(children.map((c) => new Promise((resolve) => { c.once('exit', resolve); c.disconnect() })))
 
-  console.log(`${rounds} rounds, ${windowMs} ms windows, two sidecars sharing CPU 1, c=${values.connections} each` + (Number(values.rate) > 0 ? `, ${values.rate} requests/s each (open loop)` : ' (closed loop)'))
+  console.log(`${rounds} rounds, ${windowMs} ms windows, two sidecars (${values.config} config) sharing CPU 1, c=${values.connections} each` + (Number(values.rate) > 0 ? `, ${values.rate} requests/s each (open loop)` : ' (closed loop)'))
   console.log('| B against A | A µs per request (median) | B µs per request (median) | B/A (median of rounds) | quartiles | min–max | requests/s, both sidecars |')
   console.log('|---|---:|---:|---:|---|---|---:|')
   for (const res of results) {

@@ -1,0 +1,55 @@
+// The hand-written forwarding floor: what a Node proxy costs with nothing but forwarding —
+// node:http in front, one undici Pool behind (`dispatch`, no stream.pipeline, no per-request
+// Readable), hop-by-hop headers dropped, bodies streamed both ways with backpressure, a 502 when
+// the upstream fails before answering. No routing, no limits, no stages, no logging: the floor
+// Breakwater's CPU per request is held against (issue: within 1.10× with every stage on).
+//
+// Usage: node bench/proxies/node-floor.mjs <port> <upstream-url>
+// or, in process: `floorHandler(upstreamUrl)` returns the server's request listener and a close().
+import { createServer } from 'node:http'
+import { Pool } from 'undici'
+
+/** RFC 9110 §7.6.1: connection-specific fields, not forwarded. */
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade'])
+
+export function floorHandler (upstream) {
+  const pool = new Pool(upstream, { connections: 256 })
+  const handler = (req, res) => {
+    const raw = req.rawHeaders
+    const headers = []
+    for (let i = 0; i < raw.length; i += 2) {
+      if (!HOP_BY_HOP.has(raw[i].toLowerCase())) headers.push(raw[i], raw[i + 1])
+    }
+    const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined
+    pool.dispatch({ method: req.method, path: req.url, headers, body: hasBody ? req : null }, {
+      onConnect () {},
+      onHeaders (status, rawHeaders, resume) {
+        const out = []
+        for (let i = 0; i < rawHeaders.length; i += 2) {
+          const name = rawHeaders[i].toString('latin1')
+          if (!HOP_BY_HOP.has(name.toLowerCase())) out.push(name, rawHeaders[i + 1].toString('latin1'))
+        }
+        res.writeHead(status, out)
+        res.on('drain', resume)
+        return true
+      },
+      onData (chunk) { return res.write(chunk) },
+      onComplete () { res.end() },
+      onError () {
+        if (res.headersSent) res.destroy()
+        else { res.statusCode = 502; res.end() }
+      }
+    })
+  }
+  return { handler, close: () => pool.close() }
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  const port = Number(process.argv[2])
+  const { handler, close } = floorHandler(process.argv[3])
+  const server = createServer({ noDelay: true, keepAliveTimeout: 5000 }, handler)
+  server.listen(port, '127.0.0.1')
+  for (const sig of ['SIGTERM', 'SIGINT']) {
+    process.on(sig, () => { server.close(); server.closeAllConnections(); close().finally(() => process.exit(0)) })
+  }
+}
