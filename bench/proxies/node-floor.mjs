@@ -1,8 +1,9 @@
 // The hand-written forwarding floor: what a Node proxy costs with nothing but forwarding —
 // node:http in front, one undici Pool behind (`dispatch`, no stream.pipeline, no per-request
 // Readable), hop-by-hop headers dropped, bodies streamed both ways with backpressure, a 502 when
-// the upstream fails before answering. No routing, no limits, no stages, no logging: the floor
-// Breakwater's CPU per request is held against (issue: within 1.10× with every stage on).
+// the upstream fails before answering, the upstream request ended when the client leaves. No
+// routing, no limits, no stages, no logging: the floor Breakwater's CPU per request is held
+// against (issue: within 1.10× with every stage on).
 //
 // Usage: node bench/proxies/node-floor.mjs <port> <upstream-url>
 // or, in process: `floorHandler(upstreamUrl)` returns the server's request listener and a close().
@@ -22,7 +23,9 @@ export function floorHandler (upstream) {
     }
     const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined
     pool.dispatch({ method: req.method, path: req.url, headers, body: hasBody ? req : null }, {
-      onConnect () {},
+      // A client that leaves before its answer is complete ends the upstream request too (else
+      // its paused upstream connection would wait for a 'drain' that never comes).
+      onConnect (abort) { res.once('close', () => { if (!res.writableFinished) abort(new Error('client closed')) }) },
       onHeaders (status, rawHeaders, resume) {
         const out = []
         for (let i = 0; i < rawHeaders.length; i += 2) {
