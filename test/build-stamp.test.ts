@@ -5,8 +5,9 @@
  */
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
 import { tempDir } from './helpers/process.js'
 
@@ -79,4 +80,13 @@ t.test('--if-stale: a fresh stamp skips tsc; a changed input compiles again; a f
   t.not(failed.code, 0, 'a type error fails the build')
   t.match(failed.out, /TS2322/)
   t.notOk(existsSync(STAMP(root)), 'no stamp after a failed build: the next start compiles again rather than run stale output')
+})
+
+t.test('the bundled command is one byte per character in V8 (Latin-1 only)', async (t) => {
+  const { wideCharacter } = await import(pathToFileURL(join(ROOT, 'scripts', 'bundle.mjs')).href) as { wideCharacter: (text: string) => string | null }
+  t.equal(wideCharacter('café, naïve'), null, 'Latin-1 is one byte per character')
+  t.match(wideCharacter('// the response’s type') ?? '', /^U\+2019 at offset 15/)
+  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  t.ok(files.length > 1, 'the command and its lazily loaded chunks')
+  for (const file of files) t.equal(wideCharacter(readFileSync(file, 'utf8')), null, file)
 })

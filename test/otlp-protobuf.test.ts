@@ -8,7 +8,7 @@ import t from 'tap'
 import { ProtobufTraceSerializer } from '@opentelemetry/otlp-transformer'
 import { resourceFromAttributes } from '@opentelemetry/resources'
 import { ProtobufEncoding, JsonEncoding } from '../src/ops/tracing.js'
-import { SpanEncoder } from '../src/ops/otlp-protobuf.js'
+import { SpanEncoder, decodeExportTraceServiceResponse } from '../src/ops/otlp-protobuf.js'
 import type { RequestContext } from '../src/proxy/context.js'
 
 const unused = { export: () => { throw new Error('not sent in this test') }, shutdown: async () => {} }
@@ -119,4 +119,47 @@ t.test('the request holds the spans and nothing else: a reused batch starts empt
   const spans = json.open()
   json.append(spans, ctx, endMs)
   t.ok(Buffer.from(encoder.request(again)).equals(Buffer.from(ProtobufTraceSerializer.serializeRequest(spans) as Uint8Array)), 'same bytes as one fresh span')
+})
+
+t.test('the collector\'s answer decodes as OpenTelemetry\'s serializer decodes it', async (t) => {
+  const varint = (n: number): number[] => {
+    const out: number[] = []
+    for (;;) {
+      const low = n % 128
+      n = Math.floor(n / 128)
+      if (n === 0) { out.push(low); return out }
+      out.push(low | 0x80)
+    }
+  }
+  const field = (tag: number, bytes: number[]): number[] => [tag, ...varint(bytes.length), ...bytes]
+  const text = (s: string): number[] => [...Buffer.from(s, 'utf8')]
+  const partial = (...inner: number[][]): number[] => field(0x0a, inner.flat())
+  const cases: Array<[string, number[]]> = [
+    ['empty (full success)', []],
+    ['an empty partial_success', partial()],
+    ['rejected spans and a message', partial([0x08, ...varint(3)], field(0x12, text('3 spans dropped: quota')))],
+    ['a large int64 count', partial([0x08, ...varint(2 ** 40 + 7)])],
+    ['a non-ASCII message', partial(field(0x12, text('überschritten — 配额')))],
+    ['unknown fields of every wire type, both levels', [
+      ...[0x10, ...varint(99)], 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2, 3, 4, ...field(0x2a, [1, 2, 3]),
+      ...partial([0x18, ...varint(5)], field(0x22, [9, 9]), [0x2d, 1, 2, 3, 4], [0x08, ...varint(1)], [0x31, 0, 0, 0, 0, 0, 0, 0, 0])
+    ]],
+    ['the last of a repeated field wins', [...partial([0x08, 1]), ...partial([0x08, 2], field(0x12, text('second')))]]
+  ]
+  for (const [name, bytes] of cases) {
+    const data = Uint8Array.from(bytes)
+    t.same(decodeExportTraceServiceResponse(data), ProtobufTraceSerializer.deserializeResponse(data), name)
+  }
+  // Inside a larger buffer, as a response body may be.
+  const inner = Uint8Array.from(partial([0x08, 4], field(0x12, text('four'))))
+  const framed = new Uint8Array(inner.length + 20)
+  framed.set(inner, 10)
+  const view = framed.subarray(10, 10 + inner.length)
+  t.same(decodeExportTraceServiceResponse(view), { partialSuccess: { rejectedSpans: 4, errorMessage: 'four' } })
+
+  for (const [name, bytes] of [['a truncated varint', [0x0a, 0x02, 0x08, 0x80]], ['a length past the end', [0x0a, 0x05, 0x08]], ['a group wire type', [0x0b]]] as Array<[string, number[]]>) {
+    const data = Uint8Array.from(bytes)
+    t.throws(() => ProtobufTraceSerializer.deserializeResponse(data), `${name}: OpenTelemetry's throws`)
+    t.throws(() => decodeExportTraceServiceResponse(data), `${name}: so does ours`)
+  }
 })

@@ -25,6 +25,7 @@ export const ALL_TARGETS = [
   'breakwater-full',
   'fastify-http-proxy',
   'node-floor',
+  'node-http',
   'nginx',
   'haproxy'
 ]
@@ -381,20 +382,11 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     extraLog = stdout === 'ignore' ? null : stdout
     readyUrls = [`http://127.0.0.1:${opsPort}/health`, url]
     timeoutMs = 20_000
-  } else if (name === 'fastify-http-proxy') {
+  } else if (NODE_SCRIPTS[name] !== undefined) {
     proc = startProcess({
       name,
       cmd: process.execPath,
-      args: [join(benchDir, 'proxies', 'fastify-http-proxy.mjs'), String(port), `http://127.0.0.1:${upstream.port}`],
-      cpu: PROXY_CPU,
-      cwd: repoRoot,
-      stderr
-    })
-  } else if (name === 'node-floor') {
-    proc = startProcess({
-      name,
-      cmd: process.execPath,
-      args: [join(benchDir, 'proxies', 'node-floor.mjs'), String(port), `http://127.0.0.1:${upstream.port}`],
+      args: [join(benchDir, NODE_SCRIPTS[name]), String(port), `http://127.0.0.1:${upstream.port}`],
       cpu: PROXY_CPU,
       cwd: repoRoot,
       stderr
@@ -431,6 +423,18 @@ function selfSignedCertificate (dir) {
   execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
     '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'], { stdio: 'ignore' })
   return { cert, key }
+}
+
+/**
+ * Node targets that are one script: `node SCRIPT <port> <upstream-url>`. `node-floor` is the
+ * hand-written forwarder (node:http to an undici pool, nothing else); `node-http` is a bare
+ * node:http server answering `ok` itself (bench/upstream.mjs, no upstream): what Node alone
+ * holds per connection.
+ */
+const NODE_SCRIPTS = {
+  'fastify-http-proxy': 'proxies/fastify-http-proxy.mjs',
+  'node-floor': 'proxies/node-floor.mjs',
+  'node-http': 'upstream.mjs'
 }
 
 export function targetAvailability (name) {

@@ -347,3 +347,77 @@ export class SpanEncoder implements SpanWriter {
     return batch.buf.subarray(at, saved)
   }
 }
+
+/** ExportTraceServiceResponse, as OpenTelemetry's transport reads it (`partialSuccess`). */
+export interface ExportTraceServiceResponse {
+  partialSuccess?: { rejectedSpans?: number, errorMessage?: string }
+}
+
+/**
+ * Decode the collector's answer to an export: ExportTraceServiceResponse { 1 partial_success:
+ * ExportTracePartialSuccess { 1 rejected_spans int64, 2 error_message string } }, other fields
+ * skipped. What `ProtobufTraceSerializer.deserializeResponse` of @opentelemetry/otlp-transformer
+ * returns, field for field (a test compares them), without loading that package: its index
+ * brings every signal's serialisers, JSON and protobuf, for these two fields.
+ * Throws on a truncated message or a group wire type, as it does.
+ */
+export function decodeExportTraceServiceResponse (data: Uint8Array): ExportTraceServiceResponse {
+  const out: ExportTraceServiceResponse = {}
+  const reader = new Reader(data, 0, data.length)
+  while (reader.pos < reader.end) {
+    const tag = reader.varint()
+    if (tag === 0x0a) out.partialSuccess = decodePartialSuccess(reader.bytes())
+    else reader.skip(tag & 7)
+  }
+  return out
+}
+
+function decodePartialSuccess (reader: Reader): NonNullable<ExportTraceServiceResponse['partialSuccess']> {
+  const out: NonNullable<ExportTraceServiceResponse['partialSuccess']> = {}
+  while (reader.pos < reader.end) {
+    const tag = reader.varint()
+    if (tag === 0x08) out.rejectedSpans = reader.varint()
+    else if (tag === 0x12) out.errorMessage = reader.bytes().text()
+    else reader.skip(tag & 7)
+  }
+  return out
+}
+
+/** A protobuf reader over `data[pos, end)`. */
+class Reader {
+  constructor (readonly data: Uint8Array, public pos: number, readonly end: number) {}
+
+  /** A base-128 varint as a number (precision above 2^53 is lost, as OpenTelemetry's reader loses it). */
+  varint (): number {
+    let value = 0
+    let scale = 1
+    while (this.pos < this.end) {
+      const b = this.data[this.pos++] as number
+      value += (b & 0x7f) * scale
+      scale *= 128
+      if ((b & 0x80) === 0) return value
+    }
+    throw new Error('Truncated buffer: unexpected end of data while reading varint')
+  }
+
+  /** A length-delimited field, as a reader of its bytes. */
+  bytes (): Reader {
+    const length = this.varint()
+    if (this.pos + length > this.end) throw new Error(`Truncated buffer: expected ${length} bytes at position ${this.pos}, but only ${this.end - this.pos} available`)
+    const field = new Reader(this.data, this.pos, this.pos + length)
+    this.pos += length
+    return field
+  }
+
+  text (): string {
+    return Buffer.from(this.data.buffer, this.data.byteOffset + this.pos, this.end - this.pos).toString('utf8')
+  }
+
+  skip (wireType: number): void {
+    if (wireType === 0) this.varint()
+    else if (wireType === 1) this.pos += 8
+    else if (wireType === 2) this.bytes()
+    else if (wireType === 5) this.pos += 4
+    else throw new Error(`Unknown wire type ${wireType}, cannot safely skip`)
+  }
+}

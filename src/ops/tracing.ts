@@ -24,7 +24,7 @@ import type { Resource } from '@opentelemetry/resources'
 import type { TracingConfig } from '../config/types.js'
 import type { RequestContext } from '../proxy/context.js'
 import { isServerError, type SpanExport } from '../proxy/trace.js'
-import { hrTime, SpanEncoder, type SpanBatch } from './otlp-protobuf.js'
+import { decodeExportTraceServiceResponse, hrTime, SpanEncoder, type SpanBatch } from './otlp-protobuf.js'
 import { spanName, writeSpanAttributes, type SpanWriter } from './span-facts.js'
 
 type InstrumentationScope = ReadableSpan['instrumentationScope']
@@ -182,15 +182,14 @@ export async function loadEncoding (config: TracingConfig, version: string): Pro
     const [{ OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([import('@opentelemetry/exporter-trace-otlp-http'), import('@opentelemetry/resources')])
     return new JsonEncoding(new OTLPTraceExporter(options), resourceFromAttributes(resourceAttributes), scope) as Encoding<unknown>
   }
-  const [{ OTLPExporterBase }, http, { ProtobufTraceSerializer }] = await Promise.all([
+  const [{ OTLPExporterBase }, http] = await Promise.all([
     import('@opentelemetry/otlp-exporter-base'),
-    import('@opentelemetry/otlp-exporter-base/node-http'),
-    import('@opentelemetry/otlp-transformer')
+    import('@opentelemetry/otlp-exporter-base/node-http')
   ])
   const encoder = new SpanEncoder(resourceAttributes, scope)
   const serializer = {
     serializeRequest: (batch: SpanBatch) => encoder.request(batch),
-    deserializeResponse: (data: Uint8Array) => ProtobufTraceSerializer.deserializeResponse(data)
+    deserializeResponse: decodeExportTraceServiceResponse
   }
   const delegate = http.createOtlpHttpExportDelegate(
     http.convertLegacyHttpOptions(options, 'TRACES', 'v1/traces', { 'Content-Type': 'application/x-protobuf' }),
