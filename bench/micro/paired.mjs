@@ -185,6 +185,17 @@ async function sidecar () {
   const sampledNone = { sampleRatio: 0, add: () => {} }
   // A known cost, to check the bench: every request sampled, and its span costs 5 or 10 µs of spinning.
   const burning = (us) => ({ sampleRatio: 1, add: () => { const until = performance.now() + us / 1000; while (performance.now() < until); } })
+  // The same 5 µs as work instead of waiting on the clock: a register-only loop of as many turns
+  // as took 5 µs here before any load.
+  let sink = 0
+  const turn = (n) => { let x = sink; for (let i = 0; i < n; i++) x = (Math.imul(x, 31) + i) | 0; sink = x }
+  const perTurnNs = (() => { turn(1e6); const t0 = process.hrtime.bigint(); turn(2e7); return Number(process.hrtime.bigint() - t0) / 2e7 })()
+  // What the loop took in place, under load (its wall time; a register-only loop is CPU bound).
+  const worked = { ns: 0, calls: 0 }
+  const working = (us) => {
+    const n = Math.round(us * 1000 / perTurnNs)
+    return { sampleRatio: 1, add: () => { const t0 = process.hrtime.bigint(); turn(n); worked.ns += Number(process.hrtime.bigint() - t0); worked.calls++ } }
+  }
   const variants = {
     'trace-off': () => { tracing.exporter = null },
     'trace-export': () => { tracing.exporter = exporting },
@@ -193,6 +204,7 @@ async function sidecar () {
     'trace-ids': () => { tracing.exporter = sampledNone },
     'trace-burn5': () => { tracing.exporter = burning(5) },
     'trace-burn10': () => { tracing.exporter = burning(10) },
+    'trace-work5': () => { tracing.exporter = working(5) },
     'log-off': () => { s.dataPlane.accessLogRate = 0 },
     'log-on': () => { s.dataPlane.accessLogRate = 1 },
     'log-sample10': () => { s.dataPlane.accessLogRate = 0.1 },
@@ -219,6 +231,7 @@ async function sidecar () {
       return {}
     }
     if (m.type === 'cpu') return { ns: cpuNs(), switches: contextSwitches() }
+    if (m.type === 'worked') return { ...worked }
     reset()
     await floor.close()
     await s.close()
@@ -297,6 +310,9 @@ async function parent () {
     console.error(`round ${r + 1}: ${line.join('  ')}`)
   }
 
+  const worked = await Promise.all(sidecars.map((call) => call({ type: 'worked' })))
+  const workedCalls = worked[0].calls + worked[1].calls
+  if (workedCalls > 0) console.log(`trace-work5: its loop took ${((worked[0].ns + worked[1].ns) / workedCalls / 1000).toFixed(2)} µs per request in place (mean of ${workedCalls} calls, wall time)`)
   await toLoad({ type: 'stop' })
   await Promise.all(sidecars.map((call) => call({ type: 'stop' })))
   // Let the children exit on their own (a profile given with --sidecar-flags is written at exit).
