@@ -38,6 +38,14 @@ interface Alert {
 interface Firing {
   alert: Alert
   timer: NodeJS.Timeout
+  /**
+   * The alert's last post, settled or not: the next one goes after it. Two posts of one alert in
+   * flight at once could reach Alertmanager out of order, and a firing post that lands after the
+   * resolved one makes the alert active again until `resolve_timeout`.
+   */
+  last: Promise<void>
+  /** Where `last` is kept once the alert is resolved, for a new alert of the same key to wait on. */
+  tail: string
 }
 
 export class AlertmanagerChannel {
@@ -51,6 +59,8 @@ export class AlertmanagerChannel {
   private readonly firing = new Map<string, Firing>()
   /** Escalation alerts, by the incident's version and trigger (`operator` for an operator's). */
   private readonly escalated = new Map<string, Firing>()
+  /** The last post of each alert still on its way (see `Firing.last`), by `Firing.tail`. */
+  private readonly tails = new Map<string, Promise<void>>()
   private failing = false
 
   constructor (private readonly config: () => NotificationsConfig, private readonly logger: Logger) {}
@@ -137,10 +147,11 @@ export class AlertmanagerChannel {
   private repeat (into: Map<string, Firing>, key: string, alert: Alert): void {
     const am = this.config().alertmanager
     if (am === null) return
-    const timer = setInterval(() => { void this.post(alert) }, am.repeatIntervalMs)
-    timer.unref()
-    into.set(key, { alert, timer })
-    void this.post(alert)
+    const tail = `${into === this.firing ? 'trigger' : 'escalation'}\u0000${key}`
+    const firing: Firing = { alert, timer: setInterval(() => { this.postAfter(firing, alert) }, am.repeatIntervalMs), last: into.get(key)?.last ?? this.tails.get(tail) ?? Promise.resolve(), tail }
+    firing.timer.unref()
+    into.set(key, firing)
+    this.postAfter(firing, alert)
   }
 
   /** The incident of `trigger` is over here: resolve its alert (no-op when none fires). */
@@ -154,7 +165,15 @@ export class AlertmanagerChannel {
     if (f === undefined) return
     clearInterval(f.timer)
     from.delete(key)
-    void this.post({ ...f.alert, endsAt: new Date().toISOString() })
+    this.postAfter(f, { ...f.alert, endsAt: new Date().toISOString() })
+  }
+
+  /** Post `alert` once the previous post of the same alert has settled (`post` never rejects). */
+  private postAfter (f: Firing, alert: Alert): void {
+    const last = f.last.then(async () => { await this.post(alert) })
+    f.last = last
+    this.tails.set(f.tail, last)
+    void last.then(() => { if (this.tails.get(f.tail) === last) this.tails.delete(f.tail) })
   }
 
   private async post (alert: Alert): Promise<void> {
