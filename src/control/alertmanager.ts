@@ -38,13 +38,7 @@ interface Alert {
 interface Firing {
   alert: Alert
   timer: NodeJS.Timeout
-  /**
-   * The alert's last post, settled or not: the next one goes after it. Two posts of one alert in
-   * flight at once could reach Alertmanager out of order, and a firing post that lands after the
-   * resolved one makes the alert active again until `resolve_timeout`.
-   */
-  last: Promise<void>
-  /** Where `last` is kept once the alert is resolved, for a new alert of the same key to wait on. */
+  /** The key of this alert's posts in `tails`; a new alert of the same key (a re-fire) shares it. */
   tail: string
 }
 
@@ -59,7 +53,12 @@ export class AlertmanagerChannel {
   private readonly firing = new Map<string, Firing>()
   /** Escalation alerts, by the incident's version and trigger (`operator` for an operator's). */
   private readonly escalated = new Map<string, Firing>()
-  /** The last post of each alert still on its way (see `Firing.last`), by `Firing.tail`. */
+  /**
+   * The last post of each alert still on its way, by `Firing.tail`: the next post of that alert
+   * goes after it. Two posts of one alert in flight at once could reach Alertmanager out of
+   * order, and a firing post that lands after the resolved one makes the alert active again
+   * until `resolve_timeout`.
+   */
   private readonly tails = new Map<string, Promise<void>>()
   private failing = false
 
@@ -148,7 +147,7 @@ export class AlertmanagerChannel {
     const am = this.config().alertmanager
     if (am === null) return
     const tail = `${into === this.firing ? 'trigger' : 'escalation'}\u0000${key}`
-    const firing: Firing = { alert, timer: setInterval(() => { this.postAfter(firing, alert) }, am.repeatIntervalMs), last: into.get(key)?.last ?? this.tails.get(tail) ?? Promise.resolve(), tail }
+    const firing: Firing = { alert, timer: setInterval(() => { this.postAfter(firing, alert) }, am.repeatIntervalMs), tail }
     firing.timer.unref()
     into.set(key, firing)
     this.postAfter(firing, alert)
@@ -170,8 +169,7 @@ export class AlertmanagerChannel {
 
   /** Post `alert` once the previous post of the same alert has settled (`post` never rejects). */
   private postAfter (f: Firing, alert: Alert): void {
-    const last = f.last.then(async () => { await this.post(alert) })
-    f.last = last
+    const last = (this.tails.get(f.tail) ?? Promise.resolve()).then(async () => { await this.post(alert) })
     this.tails.set(f.tail, last)
     void last.then(() => { if (this.tails.get(f.tail) === last) this.tails.delete(f.tail) })
   }
