@@ -212,7 +212,9 @@ t.test('after a restart, a closed escalated incident is posted again while its v
   t.teardown(() => rmSync(stateDir, { recursive: true, force: true }))
   const input = (version: string): Record<string, unknown> => rollingBack(up.url, cd.url, version, {
     stateDir,
-    verification: { timeoutMs: '1s' },
+    // Long enough for real traffic to reach the sidecar after the rollback on a busy machine:
+    // with none, verification ends `unverified`, not `not_restored`.
+    verification: { timeoutMs: '4s' },
     notifications: { escalateAfter: '1h', alertmanager: { urls: [am.url], repeatInterval: '200ms' } }
   })
   const escalations = (): number => am.deliveries.filter((d) => (d.body as Array<{ labels: Record<string, string> }>)[0]?.labels.alertname === 'BreakwaterIncidentEscalated').length
