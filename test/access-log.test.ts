@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Writable } from 'node:stream'
 import { createLogger } from '../src/log/logger.js'
-import { jsonString, jsonMillis, RawLines } from '../src/log/lines.js'
+import { jsonString, jsonMillis, JsonMembers, RawLines } from '../src/log/lines.js'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, raw, eventually } from './helpers/http.js'
@@ -36,6 +36,22 @@ t.test('jsonString escapes exactly as JSON.stringify does, for every UTF-16 code
     t.equal(jsonString(s), JSON.stringify(s), name)
     t.equal(JSON.parse(jsonString(s)), s, `${name} reads back`)
   }
+})
+
+t.test('JsonMembers gives each value\'s member as JSON.stringify writes it, repeated, alternating and past its memory', async (t) => {
+  const members = new JsonMembers('user_agent.original')
+  const values: string[] = []
+  for (let i = 0; i < 2000; i++) values.push(`agent-${i % 700}`, 'curl/8.0', 'curl/8.0', `"quoted" \\ ${i % 3}\n`, '\ud800', 'ÿé😀')
+  let wrong = 0
+  for (const value of values) {
+    const member = members.of(value)
+    if (member !== `,"user_agent.original":${JSON.stringify(value)}`) {
+      wrong++
+      if (wrong <= 3) t.fail(`${JSON.stringify(value)}: ${member}`)
+    }
+  }
+  t.equal(wrong, 0, `${values.length} members, each the value's own`)
+  t.same(JSON.parse(`{"a":1${members.of('x"y')}}`), { a: 1, 'user_agent.original': 'x"y' }, 'a member reads back')
 })
 
 t.test('jsonMillis writes whole microseconds as milliseconds exactly as String(µs / 1000) does', async (t) => {

@@ -46,8 +46,8 @@ import type { Upstream } from './upstreams.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
-import { jsonString, jsonNumber, jsonMillis } from '../log/lines.js'
-import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
+import { jsonString, jsonNumber, jsonMillis, JsonMembers } from '../log/lines.js'
+import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, KNOWN_METHODS, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
@@ -256,27 +256,29 @@ export abstract class RequestContext {
     if (!lines.enabled(level)) return
     const route = this.route
     const rawMethod = this.req.method as string
-    const method = requestMethod(rawMethod)
     let l = ',"requestId":' + jsonString(this.requestId)
-    if (this.traceId !== '') l += ',"trace_id":' + jsonString(this.traceId)
-    if (this.spanId !== '') l += ',"span_id":' + jsonString(this.spanId)
-    l += ',"http.request.method":' + jsonString(method)
-    if (method === '_OTHER') l += ',"http.request.method_original":' + jsonString(rawMethod)
+    // Trace and span ids are lower-case hex (made here, or read from a valid traceparent).
+    if (this.traceId !== '') l += ',"trace_id":"' + this.traceId + '"'
+    if (this.spanId !== '') l += ',"span_id":"' + this.spanId + '"'
+    l += LOGGED.method.of(requestMethod(rawMethod))
+    if (!KNOWN_METHODS.has(rawMethod)) l += ',"http.request.method_original":' + jsonString(rawMethod)
     l += ',"url.path":' + jsonString(pathOnly(this.path)) + ',"http.response.status_code":' + jsonNumber(this.status)
-    const template = httpRoute(route)
-    if (template !== null) l += ',"http.route":' + jsonString(template)
+    if (route !== null) {
+      const template = httpRoute(route)
+      if (template !== null) l += LOGGED.template.of(template)
+    }
     const server = hostAddress(requestHost(this))
-    if (server !== undefined) l += ',"server.address":' + jsonString(server)
+    if (server !== undefined) l += LOGGED.server.of(server)
     const client = clientAddress(this)
-    if (client !== undefined) l += ',"client.address":' + jsonString(client)
+    if (client !== undefined) l += LOGGED.client.of(client)
     const agent = userAgent(this.req.rawHeaders)
-    if (agent !== undefined) l += ',"user_agent.original":' + jsonString(agent)
+    if (agent !== undefined) l += LOGGED.agent.of(agent)
     const error = errorType(this)
-    if (error !== undefined) l += ',"error.type":' + jsonString(error)
-    if (route !== null) l += ',"route":' + jsonString(route.name)
-    if (this.upstream !== null) l += ',"upstream":' + jsonString(this.upstream.name)
-    if (this.endpoint !== null) l += ',"endpoint":' + jsonString(this.endpoint.origin)
-    l += ',"outcome":' + (this.cause === null ? 'null' : jsonString(this.cause))
+    if (error !== undefined) l += LOGGED.error.of(error)
+    if (route !== null) l += LOGGED.route.of(route.name)
+    if (this.upstream !== null) l += LOGGED.upstream.of(this.upstream.name)
+    if (this.endpoint !== null) l += LOGGED.endpoint.of(this.endpoint.origin)
+    l += this.cause === null ? ',"outcome":null' : LOGGED.outcome.of(this.cause)
     l += ',"durationMs":' + jsonMillis(Math.round(seconds * 1e6))
     if (this.attempt !== 0) l += ',"attempts":' + jsonNumber(this.attempt)
     if (this.fault !== null) l += ',"fault":' + jsonString(this.fault)
@@ -284,6 +286,20 @@ export abstract class RequestContext {
     if (this.upgrade) l += ',"upgrade":"websocket"'
     lines.write(level, l, 'request')
   }
+}
+
+/** The access log's members whose values repeat from request to request, escaped once (lines.ts). */
+const LOGGED = {
+  method: new JsonMembers('http.request.method'),
+  template: new JsonMembers('http.route'),
+  server: new JsonMembers('server.address'),
+  client: new JsonMembers('client.address'),
+  agent: new JsonMembers('user_agent.original'),
+  error: new JsonMembers('error.type'),
+  route: new JsonMembers('route'),
+  upstream: new JsonMembers('upstream'),
+  endpoint: new JsonMembers('endpoint'),
+  outcome: new JsonMembers('outcome')
 }
 
 /** `url.path`: the path without its query. */
