@@ -243,6 +243,37 @@ t.test('every request\'s line reaches stdout, in request order, in its place amo
   t.equal(lines.slice(reloaded + 1).find(isAccess)?.requestId, `seq-${count / 2}`, 'and before the second')
 })
 
+t.test('a line logged while a request is answered comes after the access lines of the requests before it', async (t) => {
+  // Access lines are made in batches (lines.ts `later`); an event logged in between (here the
+  // circuit opening, logged while the request that opened it is answered) must not overtake them.
+  const up = await startUpstream((_req, res) => { res.statusCode = 500; res.end('broken') })
+  t.teardown(up.close)
+  const bw = await startProcessRaw(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { failureThreshold: 0.5, volumeThreshold: 5 } },
+    logging: { accessLog: true },
+    shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
+  })
+  const client = new Client(bw.proxy, { pipelining: 1 })
+  t.teardown(async () => { await client.close() })
+  for (let i = 0; i < 12; i++) {
+    const res = await client.request({ path: `/item/${i}`, method: 'GET', headers: { 'x-request-id': `seq-${i}` } })
+    await res.body.dump()
+  }
+  bw.child.kill('SIGTERM')
+  t.equal(await bw.exited, 0, 'exit 0')
+
+  const lines = bw.stdout().split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Line)
+  const opened = lines.findIndex((l) => l.event === 'circuit_open')
+  t.ok(opened !== -1, 'the circuit opened')
+  const before = lines.slice(0, opened).filter(isAccess).map((l) => l.requestId)
+  t.ok(before.length >= 1, `${before.length} access lines before it`)
+  t.same(before, before.map((_, i) => `seq-${i}`), 'the requests before it, in order')
+  t.equal(lines.slice(opened + 1).find(isAccess)?.requestId, `seq-${before.length}`, 'the request that opened it, right after')
+  t.equal(lines.filter(isAccess).length, 12, 'every request has its line')
+})
+
 t.test('a stalled stdout drops log lines (counted) instead of stalling the proxy or growing memory', async (t) => {
   const up = await startUpstream((_req, res) => { res.end('ok') })
   t.teardown(up.close)

@@ -78,6 +78,21 @@ const LEVELS = { info: 30, warn: 40 } as const
 /** A line up to its time's value. */
 const LINE_STARTS = { info: '{"level":"info","time":"', warn: '{"level":"warn","time":"' } as const
 
+/** A line whose text is made later (`RawLines.later`), by what it tells of. */
+export interface LaterLine {
+  /** Make the line now and write it with `RawLines.write`. */
+  writeLine: () => void
+}
+
+/** A destination that gathers lines for one write (logger.ts). */
+export interface Gathering {
+  /** Call `RawLines.writeWaiting` within the gathering time. */
+  soon: () => void
+}
+
+/** The most lines waiting to be made: past it they are made at once. */
+const MAX_WAITING = 256
+
 export class RawLines {
   private readonly logger: Logger
   /** Writes a whole line to the logger's destination (or gathers it for the turn's write, logger.ts). */
@@ -90,6 +105,10 @@ export class RawLines {
   private second = -1
   /** `YYYY-MM-DDTHH:MM:SS.` of `second`. */
   private timePrefix = ''
+  /** Where lines are gathered for one write; null: each line is written as it is made. */
+  private gathering: Gathering | null = null
+  /** Lines to make at the next `writeWaiting`, in order. */
+  private waiting: LaterLine[] = []
 
   constructor (logger: Logger, out: (line: string) => void, bindings: Record<string, string>) {
     this.logger = logger
@@ -106,10 +125,34 @@ export class RawLines {
 
   /**
    * Write `{"level":…,"time":…,<bindings><fields>,"msg":…}` and a newline. `fields` is empty or
-   * starts with a comma; the caller has checked `enabled(level)`.
+   * starts with a comma; the caller has checked `enabled(level)`. `time`: ms since the epoch.
    */
-  write (level: keyof typeof LEVELS, fields: string, msg: string): void {
-    this.out(LINE_STARTS[level] + this.isoTime(Date.now()) + this.bindings + fields + this.endings.of(msg) + '}\n')
+  write (level: keyof typeof LEVELS, fields: string, msg: string, time: number = Date.now()): void {
+    this.out(LINE_STARTS[level] + this.isoTime(time) + this.bindings + fields + this.endings.of(msg) + '}\n')
+  }
+
+  /** Make `line` with the next batch (the destination gathers lines), or now. */
+  later (line: LaterLine): void {
+    if (this.gathering === null) {
+      line.writeLine()
+      return
+    }
+    this.waiting.push(line)
+    if (this.waiting.length === 1) this.gathering.soon()
+    else if (this.waiting.length >= MAX_WAITING) this.writeWaiting()
+  }
+
+  /** Make and write the lines waiting, in the order they came (the destination calls it before its other lines). */
+  writeWaiting (): void {
+    const lines = this.waiting
+    if (lines.length === 0) return
+    this.waiting = []
+    for (const line of lines) line.writeLine()
+  }
+
+  /** Gather lines at `gathering` from now on: `later` lines wait for its `writeWaiting`. */
+  gatherAt (gathering: Gathering): void {
+    this.gathering = gathering
   }
 
   /** `new Date(ms).toISOString()`, formatting the date once a second. */

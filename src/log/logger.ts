@@ -5,8 +5,12 @@
  *
  * Access-log lines (one per request) are gathered for up to `GATHER_MS` and handed to
  * sonic-boom together: one write to stdout for many requests instead of one each (a write is a
- * trip through libuv's thread pool, which cost more than building the line). Any other line
- * first hands over what is gathered, so lines leave in the order written.
+ * trip through libuv's thread pool, which cost more than building the line). They are also made
+ * together: a request that ends leaves its context with `RawLines.later`, and the batch's lines
+ * are made one after another just before the hand-over, with the code and data they need still
+ * in the CPU's caches from the line before (made one at a time between requests, the same lines
+ * cost about twice as much). Any other line first makes and hands over what waits, so lines
+ * leave in the order written.
  */
 import { writeSync } from 'node:fs'
 import pino, { type Logger, type DestinationStream } from 'pino'
@@ -26,8 +30,12 @@ const STDOUT = 1
 /** Access-log text gathered before it is handed over at once (characters). */
 const MAX_GATHERED = 64 * 1024
 
-/** The longest an access-log line waits to be handed over. */
-const GATHER_MS = 10
+/**
+ * The longest an access-log line waits to be handed over. Under load the batch fills
+ * `MAX_GATHERED` sooner; at a few hundred requests a second a shorter wait makes batches of a
+ * handful of lines, each paying the write's trip (at 10 ms, logging one line in ten cost 5–6 %, at 50 ms 1–4 %).
+ */
+const GATHER_MS = 50
 
 type Boom = ReturnType<typeof pino.destination>
 
@@ -51,7 +59,11 @@ class GatheringDestination {
   private readonly boom: Boom
   /** sonic-boom's file descriptor. */
   private readonly fd: number
+  /** Makes the access lines waiting to be made (`RawLines.writeWaiting`): set by `createLogger`. */
+  writeWaiting: () => void = () => {}
   private readonly handOver = (): void => {
+    // Making them may fill the text and hand it over first; the rest follows here, in order.
+    this.writeWaiting()
     if (this.timer !== null) {
       clearTimeout(this.timer)
       this.timer = null
@@ -70,6 +82,7 @@ class GatheringDestination {
   }
 
   write (line: string): void {
+    this.writeWaiting()
     if (this.gathered !== '') this.handOver()
     this.busy = true
     this.boom.write(line)
@@ -78,7 +91,12 @@ class GatheringDestination {
   gather (line: string): void {
     this.gathered += line
     if (this.gathered.length >= MAX_GATHERED) this.handOver()
-    else if (this.timer === null) this.timer = setTimeout(this.handOver, GATHER_MS).unref()
+    else this.soon()
+  }
+
+  /** Hand over within `GATHER_MS`. */
+  soon (): void {
+    if (this.timer === null) this.timer = setTimeout(this.handOver, GATHER_MS).unref()
   }
 
   /** Hand everything over and wait until it is written, or `ms` (a stalled stdout). */
@@ -98,6 +116,7 @@ class GatheringDestination {
    * written past a write still in flight (that would cut a line).
    */
   flushSync (): void {
+    this.writeWaiting()
     if (this.gathered === '') return
     if (this.busy) {
       this.handOver()
@@ -126,16 +145,18 @@ export function createLogger (level: LogLevel, service: string, destination?: De
   let drain = async (_ms: number): Promise<void> => {}
   let dest = destination
   let write: (line: string) => void
+  let gathering: GatheringDestination | null = null
   if (dest === undefined) {
     const boom = pino.destination({ dest: STDOUT, sync: false, minLength: 0, maxLength: MAX_BUFFERED_BYTES })
     boom.on('drop', (text: string) => { stats.dropped += countLines(text) })
     // EAGAIN/EPIPE on stdout must never take the process down.
     boom.on('error', () => { stats.dropped++ })
-    const gathering = new GatheringDestination(boom, STDOUT)
-    flush = () => { try { gathering.flushSync() } catch { /* stdout gone */ } }
-    drain = async (ms) => { await gathering.drain(ms) }
-    dest = gathering
-    write = (line) => { gathering.gather(line) }
+    const at = new GatheringDestination(boom, STDOUT)
+    flush = () => { try { at.flushSync() } catch { /* stdout gone */ } }
+    drain = async (ms) => { await at.drain(ms) }
+    dest = at
+    write = (line) => { at.gather(line) }
+    gathering = at
   } else {
     const given = dest
     write = (line) => { given.write(line) }
@@ -148,5 +169,10 @@ export function createLogger (level: LogLevel, service: string, destination?: De
     formatters: { level: (label) => ({ level: label }) },
     redact: { paths: ['authorization', 'cookie', 'headers.authorization', 'headers.cookie', 'token'], censor: '[redacted]' }
   }, dest)
-  return { logger, lines: new RawLines(logger, write, { service }), stats, flush, drain }
+  const lines = new RawLines(logger, write, { service })
+  if (gathering !== null) {
+    gathering.writeWaiting = () => { lines.writeWaiting() }
+    lines.gatherAt(gathering)
+  }
+  return { logger, lines, stats, flush, drain }
 }

@@ -46,7 +46,7 @@ import type { Upstream } from './upstreams.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
-import { jsonString, jsonNumber, jsonMillis, JsonMembers } from '../log/lines.js'
+import { jsonString, jsonNumber, jsonMillis, JsonMembers, type LaterLine } from '../log/lines.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, KNOWN_METHODS, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
@@ -64,7 +64,7 @@ export type EndingError = ErrorCode | 'upstream_reset'
 const DEFAULT_FAILURE_STATUSES = new Uint8Array(600)
 for (const s of [500, 502, 503, 504]) DEFAULT_FAILURE_STATUSES[s] = 1
 
-export abstract class RequestContext {
+export abstract class RequestContext implements LaterLine {
   readonly dp: DataPlane
   readonly req: IncomingMessage
   /** The client's connection (`req.socket` is let go once a request is consumed; the log and span read it at the end). */
@@ -109,6 +109,10 @@ export abstract class RequestContext {
   readonly upgrade: boolean
   private madeId = ''
   private ended = false
+  /** For the access-log line, made after `end`: when it ended (ms since the epoch), its duration (s), the client's address. */
+  private loggedAt = 0
+  private loggedSeconds = 0
+  private loggedClient: string | undefined = undefined
 
   constructor (dp: DataPlane, req: IncomingMessage, upgrade: boolean) {
     this.dp = dp
@@ -241,7 +245,19 @@ export abstract class RequestContext {
     }
     if (this.spanExport !== null) this.spanExport.add(this)
     const rate = dp.accessLogRate
-    if (rate > 0 && (rate >= 1 || Math.random() < rate)) this.accessLog(seconds)
+    if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
+      // The line is made with the others of its batch (lines.ts `later`): what it reads from
+      // the clock and the client's socket (gone by then) is read now.
+      this.loggedAt = Date.now()
+      this.loggedSeconds = seconds
+      this.loggedClient = clientAddress(this)
+      dp.lines.later(this)
+    }
+  }
+
+  /** The access-log line (`LaterLine`), made after `end`. */
+  writeLine (): void {
+    this.accessLog(this.loggedSeconds)
   }
 
   /**
@@ -269,7 +285,7 @@ export abstract class RequestContext {
     }
     const server = hostAddress(requestHost(this))
     if (server !== undefined) l += LOGGED.server.of(server)
-    const client = clientAddress(this)
+    const client = this.loggedClient
     if (client !== undefined) l += LOGGED.client.of(client)
     const agent = userAgent(this.req.rawHeaders)
     if (agent !== undefined) l += LOGGED.agent.of(agent)
@@ -284,7 +300,7 @@ export abstract class RequestContext {
     if (this.fault !== null) l += ',"fault":' + jsonString(this.fault)
     if (this.fallback !== null) l += ',"fallback":' + jsonString(this.fallback)
     if (this.upgrade) l += ',"upgrade":"websocket"'
-    lines.write(level, l, 'request')
+    lines.write(level, l, 'request', this.loggedAt)
   }
 }
 
