@@ -4,7 +4,7 @@
  * span objects OpenTelemetry's JSON exporter serialises (tracing.ts).
  */
 import { CLIENT_CLOSED, pathOnly, type RequestContext } from '../proxy/context.js'
-import { httpRoute, errorType, hostAddress, hostPort, requestHost, clientAddress, userAgent, requestMethod } from '../proxy/trace.js'
+import { httpRoute, errorType, hostAddress, hostPort, requestHost, userAgent, requestMethod } from '../proxy/trace.js'
 
 /** Receives a span's attributes, in order. */
 export interface SpanWriter {
@@ -42,7 +42,7 @@ export function writeSpanAttributes (ctx: RequestContext, out: SpanWriter): void
   if (ctx.status !== CLIENT_CLOSED) out.int('http.response.status_code', ctx.status)
   const template = httpRoute(route)
   if (template !== null) out.string('http.route', template)
-  const client = clientAddress(ctx)
+  const client = ctx.peer
   if (client !== undefined) out.string('client.address', client)
   const agent = userAgent(ctx.req.rawHeaders)
   if (agent !== undefined) out.string('user_agent.original', agent)

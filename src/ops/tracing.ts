@@ -4,7 +4,7 @@
  * transport, off the request path. The sidecar loads this module with `await import()` only
  * when `tracing` is configured (STYLE 18): without it, no OpenTelemetry package is ever loaded.
  *
- * The request path only pushes a finished span onto a bounded queue. A timer (`batch.delayMs`)
+ * The request path only pushes a finished request onto a bounded queue. A timer (`batch.delayMs`)
  * or a full batch (`batch.maxSize`) starts an export on a later turn of the event loop, one at
  * a time, each bounded by `batch.timeoutMs`. When the collector is slow or down the queue fills
  * and new spans are dropped (`breakwater_trace_spans_dropped_total{reason="queue_full"}`); a
@@ -12,10 +12,12 @@
  * per failing streak. A request never waits for any of it.
  *
  * The data plane makes its own sampling decision and ids (trace.ts) and builds no SDK span,
- * context or attribute machinery per request. With `protocol: http/protobuf` (the default) a
- * span is written as bytes into its batch when its request ends (otlp-protobuf.ts) and nothing
- * of it outlives the request; with `http/json` it is a plain object shaped as the SDK's
- * `ReadableSpan`, serialised by OpenTelemetry's JSON exporter.
+ * context or attribute machinery per request. A request that ends is kept as it is until 32
+ * have ended or its batch is due, and then the spans are written one after another: written
+ * between two requests, each span cost more (the paired bench read tracing every request at
+ * 1.22x, then 1.14x, on the same run conditions). With `protocol: http/protobuf` (the default) a
+ * span is written as bytes into its batch (otlp-protobuf.ts); with `http/json` it is a plain
+ * object shaped as the SDK's `ReadableSpan`, serialised by OpenTelemetry's JSON exporter.
  */
 import type { Logger } from 'pino'
 import type { Attributes, HrTime, Link, SpanContext, SpanStatus } from '@opentelemetry/api'
@@ -212,6 +214,9 @@ export class SpanQueue implements SpanExport {
   private batches: unknown[] = []
   /** Spans in `batches`. */
   private queued = 0
+  /** Requests ended whose spans are not written yet (`append`), and when each ended (performance.now()). */
+  private ended: RequestContext[] = []
+  private endedAt: number[] = []
   private timer: NodeJS.Timeout | null = null
   private scheduled = false
   /** The batch being exported (its number), or 0. */
@@ -228,20 +233,40 @@ export class SpanQueue implements SpanExport {
     this.logger = logger
   }
 
+  /**
+   * Queue the span of `ctx`, which has just ended. Its bytes are written with the spans of the
+   * requests around it (`writeEnded`), one after another while the encoder's code and data
+   * are in the CPU's caches, rather than between two requests.
+   */
   add (ctx: RequestContext): void {
-    if (this.queued >= this.config.maxQueueSize) {
+    if (this.queued + this.ended.length >= this.config.maxQueueSize) {
       this.stats.dropped.queue_full++
       return
     }
+    this.ended.push(ctx)
+    this.endedAt.push(performance.now())
+    if (this.ended.length >= WRITE_TOGETHER) this.writeEnded()
+    else if (this.exporting === 0 && this.timer === null && !this.scheduled) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
+  }
+
+  /** Write the spans of the requests ended since the last time into their batches. */
+  private writeEnded (): void {
+    const ended = this.ended
+    const at = this.endedAt
+    if (ended.length === 0) return
+    this.ended = []
+    this.endedAt = []
     const encoding = this.encoding
     const max = this.config.batch.maxSize
     let last = this.batches[this.batches.length - 1]
-    if (last === undefined || encoding.count(last) >= max) {
-      last = encoding.open()
-      this.batches.push(last)
+    for (let i = 0; i < ended.length; i++) {
+      if (last === undefined || encoding.count(last) >= max) {
+        last = encoding.open()
+        this.batches.push(last)
+      }
+      encoding.append(last, ended[i] as RequestContext, at[i] as number)
     }
-    encoding.append(last, ctx, performance.now())
-    this.queued++
+    this.queued += ended.length
     if (this.exporting !== 0) return
     if (encoding.count(this.batches[0]) >= max) this.soon()
     else if (this.timer === null) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
@@ -256,6 +281,7 @@ export class SpanQueue implements SpanExport {
 
   /** Send the oldest batch, if none is in flight. */
   flush (): void {
+    if (this.exporting === 0) this.writeEnded()
     this.scheduled = false
     if (this.timer !== null) { clearTimeout(this.timer); this.timer = null }
     if (this.exporting !== 0) return
@@ -283,6 +309,7 @@ export class SpanQueue implements SpanExport {
     if (this.exporting !== n) return // the guard gave up on it already
     this.exporting = 0
     if (batch !== null) this.encoding.release(batch)
+    this.writeEnded()
     if (error === null) {
       this.stats.exported += count
       if (this.failing) {
@@ -319,11 +346,16 @@ export class SpanQueue implements SpanExport {
   /** Whatever could not be sent by the end counts as dropped. */
   private dropQueued (): void {
     if (this.timer !== null) { clearTimeout(this.timer); this.timer = null }
-    this.stats.dropped.export_failed += this.queued
+    this.stats.dropped.export_failed += this.queued + this.ended.length
     this.queued = 0
     this.batches = []
+    this.ended = []
+    this.endedAt = []
   }
 }
+
+/** Spans of ended requests written into their batch together (`SpanQueue.add`). */
+const WRITE_TOGETHER = 32
 
 function flushQueue (queue: SpanQueue): void {
   queue.flush()

@@ -109,10 +109,11 @@ export abstract class RequestContext implements LaterLine {
   readonly upgrade: boolean
   private madeId = ''
   private ended = false
-  /** For the access-log line, made after `end`: when it ended (ms since the epoch), its duration (s), the client's address. */
+  /** `client.address` of the span and the access line, read at `end` (both are made later, when the socket may be gone). */
+  peer: string | undefined = undefined
+  /** For the access-log line, made after `end`: when it ended (ms since the epoch) and its duration (s). */
   private loggedAt = 0
   private loggedSeconds = 0
-  private loggedClient: string | undefined = undefined
 
   constructor (dp: DataPlane, req: IncomingMessage, upgrade: boolean) {
     this.dp = dp
@@ -243,14 +244,16 @@ export abstract class RequestContext implements LaterLine {
         break
       // client: neither a request nor an error for the triggers
     }
-    if (this.spanExport !== null) this.spanExport.add(this)
     const rate = dp.accessLogRate
-    if (rate > 0 && (rate >= 1 || Math.random() < rate)) {
-      // The line is made with the others of its batch (lines.ts `later`): what it reads from
-      // the clock and the client's socket (gone by then) is read now.
+    const logged = rate > 0 && (rate >= 1 || Math.random() < rate)
+    if (this.spanExport === null && !logged) return
+    // The span and the line are made with the others of their batch (tracing.ts, lines.ts
+    // `later`): what they read from the client's socket (gone by then) and the clock is read now.
+    this.peer = clientAddress(this)
+    if (this.spanExport !== null) this.spanExport.add(this)
+    if (logged) {
       this.loggedAt = Date.now()
       this.loggedSeconds = seconds
-      this.loggedClient = clientAddress(this)
       dp.lines.later(this)
     }
   }
@@ -285,7 +288,7 @@ export abstract class RequestContext implements LaterLine {
     }
     const server = hostAddress(requestHost(this))
     if (server !== undefined) l += LOGGED.server.of(server)
-    const client = this.loggedClient
+    const client = this.peer
     if (client !== undefined) l += LOGGED.client.of(client)
     const agent = userAgent(this.req.rawHeaders)
     if (agent !== undefined) l += LOGGED.agent.of(agent)
