@@ -177,6 +177,116 @@ t.test('credentials in the repository URL never reach a message', async (t) => {
   t.equal(redactCredentials("fatal: unable to access 'https://user:pw@git.example/x.git/': refused"), "fatal: unable to access 'https://***@git.example/x.git/': refused")
 })
 
+/**
+ * The bare repository of `r` served over git's smart HTTP protocol (the real `git http-backend`
+ * behind a node:http server) to `user:password` only; every request's Authorization is kept.
+ */
+async function httpRemote (t: Test, r: Remote, user: string, password: string): Promise<{ url: (userinfo: string) => string, authorizations: string[] }> {
+  const { createServer } = await import('node:http')
+  const { spawn } = await import('node:child_process')
+  const expected = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`
+  const authorizations: string[] = []
+  const server = createServer((req, res) => {
+    authorizations.push(req.headers.authorization ?? '')
+    if (req.headers.authorization !== expected) {
+      req.resume()
+      res.writeHead(401, { 'www-authenticate': 'Basic realm="deploy"' })
+      res.end()
+      return
+    }
+    const url = new URL(req.url ?? '/', 'http://remote')
+    const cgi = spawn('git', ['http-backend'], {
+      env: {
+        ...ENV,
+        GIT_PROJECT_ROOT: r.dir,
+        GIT_HTTP_EXPORT_ALL: '1',
+        REMOTE_USER: user,
+        REQUEST_METHOD: req.method ?? 'GET',
+        PATH_INFO: decodeURIComponent(url.pathname),
+        QUERY_STRING: url.search.slice(1),
+        CONTENT_TYPE: req.headers['content-type'] ?? '',
+        HTTP_CONTENT_ENCODING: req.headers['content-encoding'] ?? '',
+        GIT_HTTP_MAX_REQUEST_BUFFER: '100M'
+      }
+    })
+    req.pipe(cgi.stdin)
+    // CGI: header lines (`Status: 200 OK` among them), a blank line, the body.
+    let head: Buffer = Buffer.alloc(0)
+    let started = false
+    cgi.stdout.on('data', (chunk: Buffer) => {
+      if (started) { res.write(chunk); return }
+      head = Buffer.concat([head, chunk])
+      const end = head.indexOf('\r\n\r\n')
+      if (end === -1) return
+      started = true
+      let status = 200
+      for (const line of head.subarray(0, end).toString('latin1').split('\r\n')) {
+        const colon = line.indexOf(':')
+        const name = line.slice(0, colon).trim()
+        const value = line.slice(colon + 1).trim()
+        if (name.toLowerCase() === 'status') status = Number.parseInt(value, 10)
+        else res.setHeader(name, value)
+      }
+      res.writeHead(status)
+      res.write(head.subarray(end + 4))
+    })
+    cgi.on('close', () => { res.end() })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { server.closeAllConnections(); server.close() })
+  const port = (server.address() as import('node:net').AddressInfo).port
+  return { url: (userinfo) => `http://${userinfo}127.0.0.1:${port}/deploy.git`, authorizations }
+}
+
+/** Files under `dir` (recursively) whose bytes contain `secret`. */
+async function filesHolding (dir: string, secret: string): Promise<string[]> {
+  const { readdirSync } = await import('node:fs')
+  const found: string[] = []
+  for (const entry of readdirSync(dir, { recursive: true, withFileTypes: true })) {
+    if (!entry.isFile()) continue
+    const path = join(entry.parentPath ?? entry.path, entry.name)
+    if (readFileSync(path).includes(secret)) found.push(path)
+  }
+  return found
+}
+
+t.test('a token in an http(s) repository URL authenticates every request and is never written to disk', async (t) => {
+  const r = await remote(t)
+  const served = await httpRemote(t, r, 'deployer', 's3cr3t-token')
+  const work = join(r.dir, 'state', 'git-rollback')
+  const first = await runGitRollback(cfg(served.url('deployer:s3cr3t-token@')), REQ, work)
+  t.equal(first.ok, true, `rolled back over http with the URL's credentials (${first.error ?? 'ok'})`)
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', 'the revert reached the remote')
+  t.ok(served.authorizations.length >= 3 && served.authorizations.every((a) => a !== ''), `every request to the remote carried the credentials (${served.authorizations.length})`)
+  t.same(await filesHolding(work, 's3cr3t-token'), [], 'no file of the working clone holds the token')
+  t.same(await filesHolding(work, 'deployer'), [], 'nor the user name')
+  t.equal(git(work, 'remote', 'get-url', 'origin'), served.url(''), 'origin is the URL without credentials')
+
+  // A clone an earlier version left with the credentials in its origin, and a new release.
+  git(work, 'remote', 'set-url', 'origin', served.url('deployer:s3cr3t-token@'))
+  r.log() // the developer's clone takes in the revert
+  r.release('3.0.0')
+  const second = await runGitRollback(cfg(served.url('deployer:s3cr3t-token@')), { ...REQ, version: '3.0.0', incident: 'inc-2' }, work)
+  t.equal(second.ok, true, `the clone is reused (${second.error ?? 'ok'})`)
+  t.equal(r.show('apps/checkout/deployment.yaml'), 'image: shop/checkout:1.0.0', '3.0.0 reverted')
+  t.same(await filesHolding(work, 's3cr3t-token'), [], 'the stored credentials are gone')
+
+  // The wrong token is refused by the remote and named nowhere.
+  const wrong = await runGitRollback(cfg(served.url('deployer:wrong-token@'), { timeoutMs: 20_000 }), { ...REQ, incident: 'inc-3' }, join(r.dir, 'state', 'other'))
+  t.equal(wrong.ok, false, 'a wrong token fails')
+  t.notMatch(wrong.error ?? '', /wrong-token/, 'without naming it')
+})
+
+t.test('splitCredentials: http(s) userinfo becomes a Basic header; other URLs are kept', async (t) => {
+  const { splitCredentials } = await import('../src/control/git-rollback.js')
+  t.same(splitCredentials('https://x-access-token:gh%40p_1@git.example/org/deploy.git'), { url: 'https://git.example/org/deploy.git', authorization: `Basic ${Buffer.from('x-access-token:gh@p_1').toString('base64')}` })
+  t.same(splitCredentials('https://token@git.example/deploy.git'), { url: 'https://git.example/deploy.git', authorization: `Basic ${Buffer.from('token:').toString('base64')}` })
+  t.same(splitCredentials('https://git.example/deploy.git'), { url: 'https://git.example/deploy.git', authorization: null })
+  t.same(splitCredentials('ssh://git@git.example/deploy.git'), { url: 'ssh://git@git.example/deploy.git', authorization: null })
+  t.same(splitCredentials('/srv/git/deploy.git'), { url: '/srv/git/deploy.git', authorization: null })
+  t.same(splitCredentials('git@git.example:org/deploy.git'), { url: 'git@git.example:org/deploy.git', authorization: null })
+})
+
 t.test('a remote that never answers is cut at the deadline', async (t) => {
   const r = await remote(t)
   const net = await import('node:net')

@@ -11,7 +11,9 @@
  * - it never waits for a person: no terminal prompt, every command under one deadline;
  * - credentials come from the environment or the user's git configuration (credential helper,
  *   SSH agent, a token in the URL) and never reach a message: userinfo in any URL is redacted
- *   from everything returned.
+ *   from everything returned. A token in an http(s) URL never reaches the disk either: the
+ *   clone's `origin` is the URL without it, and git gets it as an `Authorization` header
+ *   scoped to that URL, through its environment (`GIT_CONFIG_*`), not its command line.
  */
 import { spawn } from 'node:child_process'
 import { existsSync, mkdirSync, rmSync } from 'node:fs'
@@ -67,13 +69,39 @@ export function parseAuthor (author: string): { name: string, email: string } | 
   return m === null ? null : { name: m[1] as string, email: m[2] as string }
 }
 
+/**
+ * An http(s) URL's userinfo taken out: the URL git may store, and the `Authorization` header
+ * that carries the credentials instead (git sends a URL's userinfo as Basic credentials too).
+ * Other URLs (a path, ssh, where the user part is no secret) are left as they are.
+ */
+export function splitCredentials (repo: string): { url: string, authorization: string | null } {
+  let parsed: URL
+  try {
+    parsed = new URL(repo)
+  } catch {
+    return { url: repo, authorization: null }
+  }
+  if ((parsed.protocol !== 'http:' && parsed.protocol !== 'https:') || (parsed.username === '' && parsed.password === '')) return { url: repo, authorization: null }
+  const credentials = `${decodeURIComponent(parsed.username)}:${decodeURIComponent(parsed.password)}`
+  parsed.username = ''
+  parsed.password = ''
+  return { url: parsed.href, authorization: `Basic ${Buffer.from(credentials).toString('base64')}` }
+}
+
+/** `env` plus one git config entry (`GIT_CONFIG_COUNT`, after any the environment has). */
+function withGitConfig (env: NodeJS.ProcessEnv, key: string, value: string): NodeJS.ProcessEnv {
+  const count = Number(env.GIT_CONFIG_COUNT ?? 0)
+  const n = Number.isSafeInteger(count) && count > 0 ? count : 0
+  return { ...env, GIT_CONFIG_COUNT: String(n + 1), [`GIT_CONFIG_KEY_${n}`]: key, [`GIT_CONFIG_VALUE_${n}`]: value }
+}
+
 interface Git {
   run: (args: string[], allowFail?: boolean) => Promise<{ code: number, out: string }>
 }
 
 /** Runs git in `dir`; every command is killed (with its helpers) at `deadline` or when `signal` aborts. */
-function gitIn (dir: string, deadline: number, identity: { name: string, email: string }, signal?: AbortSignal): Git {
-  const env: NodeJS.ProcessEnv = {
+function gitIn (dir: string, deadline: number, identity: { name: string, email: string }, remote: { url: string, authorization: string | null }, signal?: AbortSignal): Git {
+  let env: NodeJS.ProcessEnv = {
     ...process.env,
     // Never wait for a person, never read a system pager or editor.
     GIT_TERMINAL_PROMPT: '0',
@@ -88,6 +116,8 @@ function gitIn (dir: string, deadline: number, identity: { name: string, email: 
     GIT_COMMITTER_EMAIL: identity.email,
     LC_ALL: 'C'
   }
+  // Only requests under the repository's URL carry it (not a redirect elsewhere).
+  if (remote.authorization !== null) env = withGitConfig(env, `http.${remote.url}.extraHeader`, `Authorization: ${remote.authorization}`)
   return {
     run: async (args, allowFail = false) => await new Promise((resolve, reject) => {
       const left = deadline - Date.now()
@@ -185,9 +215,11 @@ export async function runGitRollback (config: GitRollbackConfig, r: GitRollbackR
 
 /** A clone at `dir` whose `origin/BRANCH` is fresh; a broken clone is replaced. */
 async function checkout (config: GitRollbackConfig, dir: string, deadline: number, identity: { name: string, email: string }, signal?: AbortSignal): Promise<Git> {
+  const remote = splitCredentials(config.repo)
   if (existsSync(join(dir, '.git'))) {
-    const git = gitIn(dir, deadline, identity, signal)
-    await git.run(['remote', 'set-url', 'origin', config.repo])
+    const git = gitIn(dir, deadline, identity, remote, signal)
+    // Also replaces a URL with credentials that an earlier version stored.
+    await git.run(['remote', 'set-url', 'origin', remote.url])
     const fetched = await git.run(['fetch', '--quiet', '--prune', 'origin', `+refs/heads/${config.branch}:refs/remotes/origin/${config.branch}`], true)
     if (fetched.code === 0) {
       await git.run(['reset', '--hard', '--quiet'], true)
@@ -198,8 +230,8 @@ async function checkout (config: GitRollbackConfig, dir: string, deadline: numbe
     rmSync(dir, { recursive: true, force: true })
   }
   mkdirSync(dir, { recursive: true })
-  const git = gitIn(dir, deadline, identity, signal)
-  await git.run(['clone', '--quiet', '--no-tags', '--branch', config.branch, '--single-branch', '--', config.repo, '.'])
+  const git = gitIn(dir, deadline, identity, remote, signal)
+  await git.run(['clone', '--quiet', '--no-tags', '--branch', config.branch, '--single-branch', '--', remote.url, '.'])
   return git
 }
 
