@@ -41,7 +41,7 @@ t.test('jsonString escapes exactly as JSON.stringify does, for every UTF-16 code
 t.test('JsonMembers gives each value\'s member as JSON.stringify writes it, repeated, alternating and past its memory', async (t) => {
   const members = new JsonMembers('user_agent.original')
   const values: string[] = []
-  for (let i = 0; i < 2000; i++) values.push(`agent-${i % 700}`, 'curl/8.0', 'curl/8.0', `"quoted" \\ ${i % 3}\n`, '\ud800', 'ÿé😀')
+  for (let i = 0; i < 2000; i++) values.push(`agent-${i % 700}`, 'curl/8.0', 'curl/8.0', `"quoted" \\ ${i % 3}\n`, '\ud800', 'ÿé😀', `${'u'.repeat(300 + (i % 2))}"`)
   let wrong = 0
   for (const value of values) {
     const member = members.of(value)

@@ -22,9 +22,10 @@ const NEEDS_ESCAPE = /[\u0000-\u001f"\\\ud800-\udfff]/
 /**
  * `key` and `value` as a JSON member, `,"key":"value"`, remembered: the values a sidecar logs
  * over and over (its routes, upstreams and endpoints, its clients' addresses and user agents)
- * are escaped and concatenated once. Holds up to `MEMBER_LIMIT` values, then starts afresh, so
- * values that never repeat (a client sending a new user agent with every request) cost a lookup
- * more than `jsonString`, and no memory.
+ * are escaped and concatenated once. Holds up to `MEMBER_LIMIT` values of up to
+ * `MEMBER_MAX_LENGTH` characters, then starts afresh, so values that never repeat (a client
+ * sending a new user agent with every request) cost a lookup more than `jsonString`, and at
+ * most a few hundred KiB.
  */
 export class JsonMembers {
   private readonly prefix: string
@@ -39,6 +40,8 @@ export class JsonMembers {
 
   of (value: string): string {
     if (value === this.last && this.lastMember !== '') return this.lastMember
+    // A client's header can be kilobytes long: not worth keeping 512 of.
+    if (value.length > MEMBER_MAX_LENGTH) return this.prefix + jsonString(value)
     let member = this.known.get(value)
     if (member === undefined) {
       if (this.known.size >= MEMBER_LIMIT) this.known.clear()
@@ -51,8 +54,9 @@ export class JsonMembers {
   }
 }
 
-/** The most values one `JsonMembers` remembers. */
+/** The most values one `JsonMembers` remembers, and the longest it remembers (characters). */
 const MEMBER_LIMIT = 512
+const MEMBER_MAX_LENGTH = 256
 
 /** A number as JSON has it (`null` for NaN and the infinities, as pino writes them). */
 export function jsonNumber (n: number): string {
