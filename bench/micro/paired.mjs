@@ -27,8 +27,9 @@
 //       spans into batches and throws them away, `ids` samples nothing: ids and `traceparent` alone);
 //   log-off | log-on | log-sample10    `logging.accessLog` false / true / 0.1, lines to stdout,
 //       which is /dev/null here (as bench/run.mjs's `breakwater-log`);
-//   floor | sidecar    the sidecar's port served by the hand-written forwarding floor
-//       (bench/proxies/node-floor.mjs) instead of Breakwater, or by Breakwater as configured.
+//   floor | floor-contract | sidecar    the sidecar's port served by the hand-written forwarding
+//       floor (bench/proxies/node-floor.mjs) instead of Breakwater, by the same floor sending the
+//       four request headers of SPEC §3 as well, or by Breakwater as configured.
 //
 // `--config stages` configures every stage (kill switch, circuit breaker, two rollback triggers,
 // the access log sampled at 0.1; sidecar-config.mjs) instead of a plain route: with
@@ -210,11 +211,13 @@ async function sidecar () {
     'log-sample10': () => { s.dataPlane.accessLogRate = 0.1 },
     // The same process and port, its requests served by the hand-written floor instead.
     sidecar: () => {},
-    floor: () => { serveWith([floor.handler]) }
+    floor: () => { serveWith([floor.handler]) },
+    'floor-contract': () => { serveWith([floorContract.handler]) }
   }
   const server = s.proxy.server
   const sidecarListeners = server.listeners('request')
   const floor = floorHandler(upstream)
+  const floorContract = floorHandler(upstream, { contractHeaders: true })
   const serveWith = (listeners) => {
     server.removeAllListeners('request')
     for (const l of listeners) server.on('request', l)
@@ -234,6 +237,7 @@ async function sidecar () {
     if (m.type === 'worked') return { ...worked }
     reset()
     await floor.close()
+    await floorContract.close()
     await s.close()
     rmSync(stateDir, { recursive: true, force: true })
     return {}

@@ -7,19 +7,30 @@
 //
 // Usage: node bench/proxies/node-floor.mjs <port> <upstream-url>
 // or, in process: `floorHandler(upstreamUrl)` returns the server's request listener and a close().
+// `floorHandler(upstreamUrl, { contractHeaders: true })` also sends the four request headers SPEC
+// §3 has every proxied request carry (`x-request-id`, `x-forwarded-for`, `x-forwarded-proto`,
+// `x-forwarded-host`), made as cheaply as possible: the floor of a proxy held to that contract.
 import { createServer } from 'node:http'
 import { Pool } from 'undici'
 
 /** RFC 9110 §7.6.1: connection-specific fields, not forwarded. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade'])
 
-export function floorHandler (upstream) {
+export function floorHandler (upstream, { contractHeaders = false } = {}) {
   const pool = new Pool(upstream, { connections: 256 })
+  let ids = 0
   const handler = (req, res) => {
     const raw = req.rawHeaders
     const headers = []
+    let host = ''
     for (let i = 0; i < raw.length; i += 2) {
-      if (!HOP_BY_HOP.has(raw[i].toLowerCase())) headers.push(raw[i], raw[i + 1])
+      const name = raw[i].toLowerCase()
+      if (contractHeaders && name === 'host') host = raw[i + 1]
+      if (!HOP_BY_HOP.has(name)) headers.push(raw[i], raw[i + 1])
+    }
+    if (contractHeaders) {
+      headers.push('x-request-id', `floor-${(ids++).toString(36)}`, 'x-forwarded-for', req.socket.remoteAddress ?? '', 'x-forwarded-proto', 'http')
+      if (host !== '') headers.push('x-forwarded-host', host)
     }
     const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined
     pool.dispatch({ method: req.method, path: req.url, headers, body: hasBody ? req : null }, {
