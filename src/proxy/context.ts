@@ -47,7 +47,7 @@ import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
 import { jsonString, jsonNumber, jsonMillis, JsonMembers, type LaterLine } from '../log/lines.js'
-import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, KNOWN_METHODS, type SpanExport } from './trace.js'
+import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
@@ -260,7 +260,7 @@ export abstract class RequestContext implements LaterLine {
 
   /** The access-log line (`LaterLine`), made after `end`. */
   writeLine (): void {
-    this.accessLog(this.loggedSeconds)
+    this.accessLog()
   }
 
   /**
@@ -269,23 +269,22 @@ export abstract class RequestContext implements LaterLine {
    * JSON text (one line per request: no object for pino to walk); every string goes through
    * `jsonString`, absent fields are left out, in this order.
    */
-  private accessLog (seconds: number): void {
+  private accessLog (): void {
     const level = isServerError(this) ? 'warn' : 'info'
     const lines = this.dp.lines
     if (!lines.enabled(level)) return
     const route = this.route
     const rawMethod = this.req.method as string
+    const method = requestMethod(rawMethod)
     let l = ',"requestId":' + jsonString(this.requestId)
     // Trace and span ids are lower-case hex (made here, or read from a valid traceparent).
     if (this.traceId !== '') l += ',"trace_id":"' + this.traceId + '"'
     if (this.spanId !== '') l += ',"span_id":"' + this.spanId + '"'
-    l += LOGGED.method.of(requestMethod(rawMethod))
-    if (!KNOWN_METHODS.has(rawMethod)) l += ',"http.request.method_original":' + jsonString(rawMethod)
+    l += LOGGED.method.of(method)
+    if (method === '_OTHER') l += ',"http.request.method_original":' + jsonString(rawMethod)
     l += ',"url.path":' + jsonString(pathOnly(this.path)) + ',"http.response.status_code":' + jsonNumber(this.status)
-    if (route !== null) {
-      const template = httpRoute(route)
-      if (template !== null) l += LOGGED.template.of(template)
-    }
+    const template = httpRoute(route)
+    if (template !== null) l += LOGGED.template.of(template)
     const server = hostAddress(requestHost(this))
     if (server !== undefined) l += LOGGED.server.of(server)
     const client = this.peer
@@ -298,7 +297,7 @@ export abstract class RequestContext implements LaterLine {
     if (this.upstream !== null) l += LOGGED.upstream.of(this.upstream.name)
     if (this.endpoint !== null) l += LOGGED.endpoint.of(this.endpoint.origin)
     l += this.cause === null ? ',"outcome":null' : LOGGED.outcome.of(this.cause)
-    l += ',"durationMs":' + jsonMillis(Math.round(seconds * 1e6))
+    l += ',"durationMs":' + jsonMillis(Math.round(this.loggedSeconds * 1e6))
     if (this.attempt !== 0) l += ',"attempts":' + jsonNumber(this.attempt)
     if (this.fault !== null) l += ',"fault":' + jsonString(this.fault)
     if (this.fallback !== null) l += ',"fallback":' + jsonString(this.fallback)

@@ -177,7 +177,7 @@ export function userAgent (raw: readonly string[]): string | undefined {
 }
 
 /** Methods OpenTelemetry knows; any other is reported as `_OTHER` (HTTP semantic conventions). */
-export const KNOWN_METHODS: ReadonlySet<string> = new Set(['CONNECT', 'DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH', 'POST', 'PUT', 'QUERY', 'TRACE'])
+const KNOWN_METHODS = new Set(['CONNECT', 'DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH', 'POST', 'PUT', 'QUERY', 'TRACE'])
 
 /** `http.request.method`. */
 export function requestMethod (method: string): string {
