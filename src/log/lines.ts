@@ -88,19 +88,16 @@ export interface LaterLine {
   writeLine: () => void
 }
 
-/** A destination that gathers lines for one write (logger.ts). */
-export interface Gathering {
-  /** Call `RawLines.writeWaiting` within the gathering time. */
-  soon: () => void
+function writeNow (line: LaterLine): void {
+  line.writeLine()
 }
-
-/** The most lines waiting to be made: past it they are made at once. */
-const MAX_WAITING = 256
 
 export class RawLines {
   private readonly logger: Logger
   /** Writes a whole line to the logger's destination (or gathers it for the turn's write, logger.ts). */
   private readonly out: (line: string) => void
+  /** Takes a line to make with the destination's next batch (logger.ts), or makes it now. */
+  private readonly outLater: (line: LaterLine) => void
   /** `","service":"…"`: the time's closing quote and the logger's bindings, as pino writes them after `time`. */
   private readonly bindings: string
   /** `,"msg":"…"` for the messages written. */
@@ -109,14 +106,11 @@ export class RawLines {
   private second = -1
   /** `YYYY-MM-DDTHH:MM:SS.` of `second`. */
   private timePrefix = ''
-  /** Where lines are gathered for one write; null: each line is written as it is made. */
-  private gathering: Gathering | null = null
-  /** Lines to make at the next `writeWaiting`, in order. */
-  private waiting: LaterLine[] = []
 
-  constructor (logger: Logger, out: (line: string) => void, bindings: Record<string, string>) {
+  constructor (logger: Logger, out: (line: string) => void, bindings: Record<string, string>, later: (line: LaterLine) => void = writeNow) {
     this.logger = logger
     this.out = out
+    this.outLater = later
     let b = ''
     for (const [key, value] of Object.entries(bindings)) b += `,${jsonString(key)}:${jsonString(value)}`
     this.bindings = '"' + b
@@ -135,28 +129,9 @@ export class RawLines {
     this.out(LINE_STARTS[level] + this.isoTime(time) + this.bindings + fields + this.endings.of(msg) + '}\n')
   }
 
-  /** Make `line` with the next batch (the destination gathers lines), or now. */
+  /** Make `line` with the next batch (when the destination gathers lines), or now. */
   later (line: LaterLine): void {
-    if (this.gathering === null) {
-      line.writeLine()
-      return
-    }
-    this.waiting.push(line)
-    if (this.waiting.length === 1) this.gathering.soon()
-    else if (this.waiting.length >= MAX_WAITING) this.writeWaiting()
-  }
-
-  /** Make and write the lines waiting, in the order they came (the destination calls it before its other lines). */
-  writeWaiting (): void {
-    const lines = this.waiting
-    if (lines.length === 0) return
-    this.waiting = []
-    for (const line of lines) line.writeLine()
-  }
-
-  /** Gather lines at `gathering` from now on: `later` lines wait for its `writeWaiting`. */
-  gatherAt (gathering: Gathering): void {
-    this.gathering = gathering
+    this.outLater(line)
   }
 
   /** `new Date(ms).toISOString()`, formatting the date once a second. */

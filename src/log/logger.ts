@@ -15,7 +15,7 @@
 import { writeSync } from 'node:fs'
 import pino, { type Logger, type DestinationStream } from 'pino'
 import type { LogLevel } from '../config/types.js'
-import { RawLines } from './lines.js'
+import { RawLines, type LaterLine } from './lines.js'
 
 export interface LogStats {
   dropped: number
@@ -29,6 +29,9 @@ const STDOUT = 1
 
 /** Access-log text gathered before it is handed over at once (characters). */
 const MAX_GATHERED = 64 * 1024
+
+/** Access lines waiting to be made (`RawLines.later`): past it they are made at once. */
+const MAX_WAITING = 256
 
 /**
  * The longest an access-log line waits to be handed over. Under load the batch fills
@@ -59,8 +62,8 @@ class GatheringDestination {
   private readonly boom: Boom
   /** sonic-boom's file descriptor. */
   private readonly fd: number
-  /** Makes the access lines waiting to be made (`RawLines.writeWaiting`): set by `createLogger`. */
-  writeWaiting: () => void = () => {}
+  /** Access lines not made yet, in the order their requests ended: made just before a hand-over. */
+  private waiting: LaterLine[] = []
   private readonly handOver = (): void => {
     // Making them may fill the text and hand it over first; the rest follows here, in order.
     this.writeWaiting()
@@ -94,8 +97,23 @@ class GatheringDestination {
     else this.soon()
   }
 
+  /** An access line to make with the batch (`RawLines.later`). */
+  later (line: LaterLine): void {
+    this.waiting.push(line)
+    if (this.waiting.length >= MAX_WAITING) this.writeWaiting()
+    else this.soon()
+  }
+
+  /** Make the lines waiting, in order; each is gathered as it is made. */
+  private writeWaiting (): void {
+    const lines = this.waiting
+    if (lines.length === 0) return
+    this.waiting = []
+    for (const line of lines) line.writeLine()
+  }
+
   /** Hand over within `GATHER_MS`. */
-  soon (): void {
+  private soon (): void {
     if (this.timer === null) this.timer = setTimeout(this.handOver, GATHER_MS).unref()
   }
 
@@ -145,7 +163,7 @@ export function createLogger (level: LogLevel, service: string, destination?: De
   let drain = async (_ms: number): Promise<void> => {}
   let dest = destination
   let write: (line: string) => void
-  let gathering: GatheringDestination | null = null
+  let later: ((line: LaterLine) => void) | undefined
   if (dest === undefined) {
     const boom = pino.destination({ dest: STDOUT, sync: false, minLength: 0, maxLength: MAX_BUFFERED_BYTES })
     boom.on('drop', (text: string) => { stats.dropped += countLines(text) })
@@ -156,7 +174,7 @@ export function createLogger (level: LogLevel, service: string, destination?: De
     drain = async (ms) => { await at.drain(ms) }
     dest = at
     write = (line) => { at.gather(line) }
-    gathering = at
+    later = (line) => { at.later(line) }
   } else {
     const given = dest
     write = (line) => { given.write(line) }
@@ -169,10 +187,5 @@ export function createLogger (level: LogLevel, service: string, destination?: De
     formatters: { level: (label) => ({ level: label }) },
     redact: { paths: ['authorization', 'cookie', 'headers.authorization', 'headers.cookie', 'token'], censor: '[redacted]' }
   }, dest)
-  const lines = new RawLines(logger, write, { service })
-  if (gathering !== null) {
-    gathering.writeWaiting = () => { lines.writeWaiting() }
-    lines.gatherAt(gathering)
-  }
-  return { logger, lines, stats, flush, drain }
+  return { logger, lines: new RawLines(logger, write, { service }, later), stats, flush, drain }
 }
