@@ -14,7 +14,8 @@
  *
  * etcd is never on the request path: every sidecar reads the whole prefix at a revision, applies
  * it to the same in-memory overrides the data plane reads, and watches from revision + 1. A
- * probe re-reads the prefix every few seconds: if it fails the sidecar is disconnected; if it
+ * probe re-reads the prefix every few seconds (through `call`, as writes go: a member just lost
+ * or an election is retried, not taken for a lost etcd): if it fails the sidecar is disconnected; if it
  * shows what the watch did not deliver (a stalled watch), the read is applied and the watch
  * restarted. While disconnected the last fleet state stays in force (and in `stateDir`), and
  * the sidecar retries with backoff, logging once per change of state, not per retry.
@@ -283,7 +284,7 @@ export class Fleet implements FleetWriter {
 
   /** Read the whole prefix at one revision and make the applied state exactly that. */
   private async resync (): Promise<number> {
-    const res = await withTimeout(this.client.getAll().prefix(this.root).exec(), CALL_TIMEOUT_MS)
+    const res = await this.call(async () => await this.client.getAll().prefix(this.root).exec())
     const revision = Number(res.header.revision)
     await this.applySnapshot(res.kvs, revision)
     return revision
@@ -362,7 +363,7 @@ export class Fleet implements FleetWriter {
    * and say the watch stalled (it is then restarted from the read's revision).
    */
   private async probe (): Promise<string | null> {
-    const res = await withTimeout(this.client.getAll().prefix(this.root).exec(), CALL_TIMEOUT_MS)
+    const res = await this.call(async () => await this.client.getAll().prefix(this.root).exec())
     const revision = Number(res.header.revision)
     // Changes the watch should have delivered by the time of this read: those at or before it.
     await this.applying
