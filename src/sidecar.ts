@@ -275,8 +275,10 @@ export class Sidecar {
     // Before incidents resume: an escalation posted again names this sidecar's admin address.
     this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
     // Open incidents resume verification through the proxy listener, now bound.
-    this.verifier.restore(this.control.state.incidents)
+    this.verifier.restore(this.control.state.incidents, this.fleet !== null)
     this.control.state.incidents = this.verifier.incidents
+    // In the background: an etcd that does not answer must not hold the start.
+    void this.rejoinIncidents()
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken
@@ -345,6 +347,30 @@ export class Sidecar {
     if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(this.incidentKeyOf(trigger), held)
     this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
     return claim
+  }
+
+  /**
+   * The incidents this sidecar led before a restart: claimed again, since another sidecar may
+   * have taken one over meanwhile (its lease expired, or a clean stop handed it on). The key
+   * is that of the incident's own version.
+   */
+  private async rejoinIncidents (): Promise<void> {
+    const fleet = this.fleet
+    if (fleet === null) return
+    for (const incident of this.verifier.led()) {
+      const key = incidentKey(this.config.service, incident.version, incident.trigger)
+      let claim: Claim | null = null
+      try {
+        claim = await fleet.claim(key, incident.trigger)
+      } catch (err) {
+        this.logger.warn({ event: 'fleet_incident', trigger: incident.trigger, incident: incident.id, error: (err as Error).message }, 'fleet: cannot claim an incident led before the restart again; this sidecar goes on acting for it alone')
+      }
+      this.verifier.rejoined(incident.id, claim)
+      if (claim === null) continue
+      const held = fleet.holding(key)
+      if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(key, held)
+      this.logger.info({ event: 'fleet_incident', trigger: incident.trigger, incident: incident.id, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar still acts for an incident it led before the restart' : `fleet: ${claim.holder} took over an incident this sidecar led before the restart; following`)
+    }
   }
 
   /** The leader of an incident this sidecar follows escalated it, verified its restoration or updated its status page incident. */

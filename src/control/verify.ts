@@ -158,6 +158,8 @@ export class Verifier {
   ttrCount = 0
   private readonly running = new Map<string, Running>()
   private readonly escalations = new Deadlines()
+  /** Escalations of incidents led here before a restart, posted again once the fleet says this sidecar still leads (`rejoined`). */
+  private readonly heldBack = new Set<string>()
   private counter: NodeJS.Timeout | null = null
   private stopped = false
   /** The first second this process holds traffic for (earlier spans are gaps in an impact). */
@@ -169,11 +171,11 @@ export class Verifier {
    * Take back the incidents an earlier run persisted: open ones resume verification (their
    * mitigation is still in force) and every unescalated one not restored re-arms its deadline.
    */
-  restore (saved: readonly unknown[]): void {
+  restore (saved: readonly unknown[], fleet = false): void {
     const loaded = saved.filter((x): x is Incident => typeof x === 'object' && x !== null && typeof (x as Incident).id === 'string' && typeof (x as Incident).escalateAt === 'string' && typeof (x as Incident).impact === 'object')
     this.incidents.splice(0, this.incidents.length, ...loaded.slice(0, KEEP))
     // First: an incident escalated below, at this start, posts its escalation as it escalates.
-    this.resumeEscalations()
+    this.resumeEscalations(fleet)
     for (const incident of this.incidents) {
       if (incident.status === 'verifying' && incident.mitigatedAt !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
@@ -196,9 +198,11 @@ export class Verifier {
    * open (its verification resumes, or its trigger's next mitigation is verified), or of the
    * running version (a later incident of its trigger, restored, ends it) — unless a later incident
    * of the same version and trigger was restored after it escalated. Oldest first, as they
-   * escalated: the alert starts when the first did.
+   * escalated: the alert starts when the first did. In a fleet, the escalation of an incident this
+   * sidecar led waits for the fleet to say who leads it now (`rejoined`): another sidecar may have
+   * taken it over meanwhile, and posts it.
    */
-  private resumeEscalations (): void {
+  private resumeEscalations (fleet: boolean): void {
     const version = this.deps.config().version
     for (const incident of [...this.incidents].reverse()) {
       const at = incident.escalatedAt
@@ -209,9 +213,44 @@ export class Verifier {
         this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_not_resumed', status: incident.status, version: incident.version }, 'escalation of a closed incident of a version no longer running is not posted again')
         continue
       }
-      this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_resumed', escalatedAt: at }, 'escalation of an incident not restored before the restart posted again')
-      this.deps.notifier.alertmanager.resumeEscalation(this.event(incident, 'escalated', escalationSummary(incident, incident.escalationReason ?? 'escalated before a restart')))
+      if (fleet && incident.fleet?.role === 'leader' && incident.trigger !== null) this.heldBack.add(incident.id)
+      else this.postEscalation(incident)
     }
+  }
+
+  /** Post the escalation of `incident`, escalated earlier (before a restart, or by the leader it takes over from), again to Alertmanager. */
+  private postEscalation (incident: Incident, message = 'escalation of an incident not restored before the restart posted again'): void {
+    this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_resumed', escalatedAt: incident.escalatedAt }, message)
+    this.deps.notifier.alertmanager.resumeEscalation(this.event(incident, 'escalated', escalationSummary(incident, incident.escalationReason ?? 'escalated before a restart')))
+  }
+
+  /**
+   * The incidents this sidecar led for its fleet before a restart that can still go on here: the
+   * open ones, and the escalated ones whose escalation is held back. Each is claimed again
+   * (SPEC §16), and `rejoined` told the answer.
+   */
+  led (): ReadonlyArray<Pick<Incident, 'id' | 'version'> & { trigger: string }> {
+    return this.incidents.flatMap((i) => i.trigger !== null && i.fleet?.role === 'leader' && (OPEN.has(i.status) || this.heldBack.has(i.id)) ? [{ id: i.id, version: i.version, trigger: i.trigger }] : [])
+  }
+
+  /**
+   * The fleet answered who leads incident `id`, led here before a restart (`led`). Still this
+   * sidecar, or nobody reachable (null: it acts alone): it goes on as before, its escalation
+   * posted again. Another sidecar, which took it over meanwhile: this one follows it — no
+   * escalation deadline, no escalation of its own — and records the leader's progress.
+   */
+  rejoined (id: string, claim: { leader: boolean, holder: string } | null): void {
+    const held = this.heldBack.delete(id)
+    const incident = this.incidents.find((i) => i.id === id)
+    if (incident === undefined || this.stopped || incident.status === 'restored') return
+    if (claim === null || claim.leader) {
+      if (held) this.postEscalation(incident)
+      return
+    }
+    incident.fleet = { role: 'follower', leader: claim.holder }
+    this.escalations.disarm(incident.id)
+    this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'following', leader: claim.holder }, `${claim.holder} took the incident over while this sidecar was away; following`)
+    this.deps.persist(null)
   }
 
   /** A trigger fired: an incident is detected (one open incident per trigger). */
@@ -344,12 +383,18 @@ export class Verifier {
   fleetRole (trigger: string, role: 'leader' | 'follower', leader: string): void {
     const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
     if (incident === undefined) return
+    const was = incident.fleet
     incident.fleet = { role, leader }
     if (role === 'follower') {
       this.escalations.disarm(incident.id)
       // A sidecar that escalated before a restart and follows now: the leader posts the escalation.
       this.deps.notifier.alertmanager.dropEscalation(incident.version, incident.trigger)
-    } else this.arm(incident)
+    } else {
+      this.arm(incident)
+      // Taking over an incident its leader escalated: the fleet's escalation alert goes on from
+      // here, re-posted until restoration is verified (not escalated again).
+      if (was?.role === 'follower' && incident.escalatedAt !== null) this.postEscalation(incident, 'escalation of the incident taken over posted again, now by this sidecar')
+    }
     this.deps.persist(null)
   }
 

@@ -163,8 +163,22 @@ export class Fleet implements FleetWriter {
     }
     const kv = res.responses[0]?.response_range?.kvs[0]
     const holder = kv === undefined ? null : readHolding(kv.value.toString())
-    if (holder === null) throw new Error(`unreadable incident key ${key}`)
+    if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
+    if (holder.instance === this.instance) await this.holdAgain(key, kv)
+    this.seen(incidentKey, holder)
     return { leader: holder.instance === this.instance, holder: holder.instance }
+  }
+
+  /**
+   * This sidecar's incident key from before a restart lives under the lease of the process that
+   * was, and goes when that lease expires: hold it under this one's instead (unless it changed).
+   */
+  private async holdAgain (key: string, kv: IKeyValue): Promise<void> {
+    const lease = await this.leaseId()
+    if (kv.lease === lease) return
+    await this.call(async () => await this.client.if(key, 'Mod', '==', kv.mod_revision)
+      .then(this.client.put(key).value(kv.value).lease(lease))
+      .commit())
   }
 
   /** The incident key as last seen (watch and resyncs). */
