@@ -58,6 +58,7 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
   const { fleet } = await startConnectedFleet(t, {
     version: '2.0.0',
     upstreams: { app: { url: upstream.url } },
+    circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
     verification: { windowMs: '2s' },
