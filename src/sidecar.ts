@@ -24,7 +24,7 @@ import { HealthPolicy } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
-import type { Claim, Fleet, Holding } from './fleet/fleet.js'
+import type { Claim, Fleet, Holding, Progress } from './fleet/fleet.js'
 import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type CircuitView } from './control/control-plane.js'
@@ -390,12 +390,51 @@ export class Sidecar {
   private takeOver (key: string, last: Holding): void {
     const trigger = this.triggerOfIncident(key)
     if (trigger === undefined) return
+    if (last.acted) {
+      void this.succeed(key, trigger, last)
+      return
+    }
     const live = this.triggers.status().find((s) => s.name === trigger.name)
     if (live?.state !== 'fired') return
     if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
     this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
       this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
     })
+  }
+
+  /**
+   * The incident's leader left after acting, before restoration was verified: one sidecar that
+   * followed it holds the incident on, without acting again — it verifies, escalates and updates
+   * the page incident the leader would have; the others follow it.
+   */
+  private async succeed (key: string, trigger: Config['rollbackTriggers'][number], last: Holding): Promise<void> {
+    const fleet = this.fleet
+    if (fleet === null || !this.verifier.follows(trigger.name, last.instance)) return
+    let claim: Claim
+    try {
+      claim = await fleet.claim(key, trigger.name)
+    } catch (err) {
+      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, previousLeader: last.instance, error: (err as Error).message }, 'fleet: cannot claim the incident its leader left')
+      return
+    }
+    if (!claim.leader) {
+      this.verifier.fleetRole(trigger.name, 'follower', claim.holder)
+      const held = fleet.holding(key)
+      if (held?.instance === claim.holder) this.leaderProgress(key, held)
+      return
+    }
+    // What the leader recorded stays on the key: nobody acts again, the fleet escalates once, the page incident stays the leader's.
+    const carried: Progress = { acted: true }
+    if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
+    if (last.statusPage !== undefined) {
+      carried.statusPage = last.statusPage
+      this.notifier.statusPage.adopt(key, last.statusPage)
+    }
+    await fleet.progress(key, carried).catch((err: unknown) => {
+      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: could not record on the incident key what its previous leader did')
+    })
+    this.verifier.succeed(trigger.name, last.instance, this.instance, trigger.action)
+    this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar carries on the incident its leader left after acting')
   }
 
   /** The rollback trigger whose incidents go by `key` (`incidentKeyOf` its name). */

@@ -2,7 +2,8 @@
  * One incident, one actor (SPEC §16), on a real etcd: three sidecars fire the same trigger,
  * exactly one (the one that creates the incident key under its lease) calls the rollback
  * webhook; the others follow it, visibly. When the leader goes before its action succeeded,
- * a still-firing sidecar takes over.
+ * a still-firing sidecar takes over; when it goes after, before restoration was verified, a
+ * follower carries the incident on without acting again.
  */
 import t, { type Test } from 'tap'
 import { startConnectedFleet, keepSending } from './helpers/fleet.js'
@@ -12,6 +13,7 @@ import { admin } from './helpers/admin.js'
 import { eventually, sleep } from './helpers/http.js'
 import type { TestSidecar } from './helpers/sidecar.js'
 import type { EtcdCluster } from './helpers/etcd.js'
+import { incidentKey } from '../src/control/notify.js'
 
 async function incidentSetup (t: Test, respond: number[]): Promise<{ fleet: TestSidecar[], cd: Receiver, etcd: EtcdCluster }> {
   const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
@@ -111,6 +113,7 @@ async function escalationSetup (t: Test, respond: number[], action = 'rollback',
   const { fleet } = await startConnectedFleet(t, {
     version: '2.0.0',
     upstreams: { app: { url: app.url } },
+    circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action }],
     notifications: { webhooks: [`${hook.url}/events`], escalateAfter },
@@ -178,4 +181,38 @@ t.test('escalation in a fleet: a follower that takes over before the deadline es
   const taker = (await Promise.all(rest.map(incidentsOf))).map((list) => list[0] as EscalationView).find((i) => i.fleet?.role === 'leader') as EscalationView
   t.ok(taker.escalatedAt !== null && Date.parse(taker.escalatedAt) >= Date.parse(taker.escalateAt), 'at the deadline fixed at its detection, not earlier')
   t.equal(escalations(hook)[0]?.body.details.incident, taker.id, 'the new leader escalated its incident')
+})
+
+t.test('the leader leaves after its rollback, before restoration was verified: a follower carries the incident on, without a second rollback; it escalates at its deadline and verifies the restoration', async (t) => {
+  const { fleet, cd, hook, state } = await escalationSetup(t, [200], 'rollback', '10s')
+  keepSending(t, fleet)
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  t.ok(await eventually(() => cd.deliveries.length >= 1, 30_000), 'the leader rolled back')
+  // Every sidecar has seen the key say the leader acted (the rollback did not fix it: the upstream still fails).
+  t.ok(await eventually(() => fleet.every((s) => s.sidecar.fleet?.holding(key)?.acted === true), 30_000), 'the key records the action')
+  t.ok(await eventually(async () => (await Promise.all(fleet.map(incidentsOf))).every((list) => list[0]?.fleet !== undefined), 30_000), 'all three know their role')
+  const roles = (await Promise.all(fleet.map(incidentsOf))).map((list) => list[0] as EscalationView)
+  const leaderIndex = roles.findIndex((i) => i.fleet?.role === 'leader')
+  const leader = (roles[leaderIndex] as EscalationView).fleet?.leader
+  t.ok(Date.now() < Date.parse((roles[leaderIndex] as EscalationView).escalateAt), 'the leader leaves before its deadline')
+  await (fleet[leaderIndex] as TestSidecar).sidecar.close()
+
+  const rest = fleet.filter((_s, i) => i !== leaderIndex)
+  const views = async (): Promise<Array<EscalationView & { mitigation: { id: string, action: string } | null }>> => (await Promise.all(rest.map(incidentsOf))).map((list) => list[0] as EscalationView & { mitigation: { id: string, action: string } | null })
+  t.ok(await eventually(async () => (await views()).some((i) => i.fleet?.role === 'leader'), 30_000), 'a follower carries the incident on')
+  const successor = (await views()).find((i) => i.fleet?.role === 'leader') as EscalationView & { mitigation: { id: string, action: string } | null }
+  t.match(successor, { status: 'verifying', mitigation: { id: `fleet:${String(leader)}`, action: 'rollback' } }, 'verifying the leader\'s rollback')
+  const name = successor.fleet?.leader
+  t.ok(await eventually(async () => (await views()).every((i) => i.fleet?.leader === name), 30_000), 'the other follower follows it')
+  t.match(rest.map((s) => s.sidecar.fleet?.holding(key)), [{ instance: name, acted: true }, { instance: name, acted: true }], 'the key, held by the successor, still says the incident was acted on')
+
+  t.ok(await eventually(() => escalations(hook).length >= 1, 30_000), 'still failing: the incident escalated')
+  t.equal(escalations(hook)[0]?.body.details.incident, successor.id, 'by the successor')
+  t.ok(Date.now() >= Date.parse(successor.escalateAt), 'at its own deadline')
+
+  state.failing = false
+  t.ok(await eventually(async () => (await views()).every((i) => i.status === 'restored'), 30_000), 'restoration verified by the successor, recorded by the other follower')
+  t.equal(hook.deliveries.filter((d) => d.body?.event === 'restoration_verified').length, 1, 'one restoration_verified, from the successor')
+  t.equal(escalations(hook).length, 1, 'one escalation')
+  t.equal(cd.deliveries.length, 1, 'one rollback: nobody acted again')
 })

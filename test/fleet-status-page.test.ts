@@ -2,11 +2,12 @@
  * One incident, one status page incident across a fleet (SPEC §16, §19), on a real etcd: the
  * leader creates the page incident and writes its id on the incident key; when the leader
  * goes before acting, the sidecar that takes over updates that page incident by its id
- * (identified, monitoring, resolved) instead of creating a second one.
+ * (identified, monitoring, resolved) instead of creating a second one; when it goes after its
+ * rollback, the follower that carries the incident on resolves that page incident.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { startConnectedFleet, keepSending } from './helpers/fleet.js'
-import { startReceiver, type Delivery } from './helpers/receiver.js'
+import { startReceiver, type Delivery, type Receiver } from './helpers/receiver.js'
 import { startUpstream } from './helpers/upstream.js'
 import { admin } from './helpers/admin.js'
 import { sleep } from './helpers/http.js'
@@ -28,38 +29,47 @@ async function incidentOf (s: TestSidecar): Promise<IncidentView | undefined> {
 
 const pageStatus = (d: Delivery): string => String(d.body?.incident?.status)
 
-t.test('the leader created the page incident and goes before acting: the taker-over updates that page incident, through resolved, and none other is created', async (t) => {
+interface PagedFleet { state: { failing: boolean }, cd: Receiver, sp: Receiver, leader: TestSidecar, rest: TestSidecar[] }
+
+/**
+ * Three sidecars of a release whose upstream fails while `state.failing`, a rollback webhook
+ * answering `respond` (the call numbered `fixedBy` fixes the release; later, a test may), a
+ * Statuspage (a create answers with a new id, an update with the id it was sent to), failing
+ * traffic through all three, and which of them leads the incident once all know their role.
+ */
+async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: Record<string, unknown> = {}): Promise<PagedFleet> {
   const state = { failing: true }
   const app = await startUpstream((_req, res) => { res.writeHead(state.failing ? 500 : 200); res.end(state.failing ? 'broken release' : 'ok') })
   t.teardown(app.close)
-  // The leader's rollback call fails (no retries); the taker-over's succeeds and fixes the release.
-  const cd = await startReceiver([500, 200])
+  const cd = await startReceiver(respond)
   cd.answer = () => {
-    if (cd.deliveries.length >= 2) state.failing = false
+    if (cd.deliveries.length >= fixedBy) state.failing = false
     return { ok: true }
   }
   t.teardown(cd.close)
-  // A Statuspage: a create answers with a new id, an update with the id it was sent to.
   const sp = await startReceiver([201, 200])
   let created = 0
   sp.answer = (d) => d.method === 'POST' ? { id: `sp-incident-${++created}`, status: pageStatus(d) } : { id: d.url.split('/').at(-1) }
   t.teardown(sp.close)
-
   const { fleet } = await startConnectedFleet(t, {
     version: '2.0.0',
     upstreams: { app: { url: app.url } },
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
     notifications: { statusPageId: 'page1', statusPageApiKey: 'sp-key', statusPageUrl: sp.url },
-    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' }
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' },
+    ...extra
   })
-  const key = incidentKey('shop', '2.0.0', 'errors')
   keepSending(t, fleet)
-
   await until(async () => (await Promise.all(fleet.map(incidentOf))).every((i) => i?.fleet !== undefined))
   const leaderIndex = (await Promise.all(fleet.map(incidentOf))).findIndex((i) => i?.fleet?.role === 'leader')
-  const leader = fleet[leaderIndex] as TestSidecar
-  const rest = fleet.filter((_s, i) => i !== leaderIndex)
+  return { state, cd, sp, leader: fleet[leaderIndex] as TestSidecar, rest: fleet.filter((_s, i) => i !== leaderIndex) }
+}
+
+t.test('the leader created the page incident and goes before acting: the taker-over updates that page incident, through resolved, and none other is created', async (t) => {
+  // The leader's rollback call fails (no retries); the taker-over's succeeds and fixes the release.
+  const { cd, sp, leader, rest } = await pagedFleet(t, [500, 200], 2)
+  const key = incidentKey('shop', '2.0.0', 'errors')
   // The leader created the page incident, and its id is on the incident key; its rollback failed.
   await until(() => leader.sidecar.fleet?.holding(key)?.statusPage !== undefined)
   t.same(leader.sidecar.fleet?.holding(key)?.statusPage, { id: 'sp-incident-1', status: 'investigating' }, 'the leader wrote its page incident on the incident key')
@@ -85,4 +95,31 @@ t.test('the leader created the page incident and goes before acting: the taker-o
   t.same((taker as TestSidecar).sidecar.notifier.statusPage.get(key), { id: 'sp-incident-1', status: 'resolved' }, 'and persists it as resolved')
   t.ok(rest.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance)), 'the takeover names the leader that left')
   t.notOk(rest.some((s) => s.logs.some((l) => l.event === 'statuspage_unknown_incident')), 'no update refused for an unknown page incident')
+})
+
+t.test('the leader rolled back and goes before restoration was verified: the follower that carries the incident on resolves the leader\'s page incident', async (t) => {
+  // The rollback is applied but does not fix the release until the test does.
+  const { state, cd, sp, leader, rest } = await pagedFleet(t, [200], Infinity, {
+    circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '60s' }
+  })
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  const fleet = [leader, ...rest]
+  // The rollback was applied (it did not fix the release yet): the page incident says monitoring, on every sidecar.
+  for (const s of fleet) await until(() => s.sidecar.fleet?.holding(key)?.acted === true && s.sidecar.notifier.statusPage.get(key)?.status === 'monitoring')
+  t.same(leader.sidecar.fleet?.holding(key)?.statusPage, { id: 'sp-incident-1', status: 'monitoring' }, 'the leader\'s page incident, monitoring, on the incident key')
+
+  await leader.sidecar.close()
+  await until(() => rest.some((s) => s.sidecar.fleet?.holding(key)?.instance === s.sidecar.fleet?.instance))
+  const successor = rest.find((s) => s.sidecar.fleet?.holding(key)?.instance === s.sidecar.fleet?.instance) as TestSidecar
+  t.same(successor.sidecar.fleet?.holding(key)?.statusPage, { id: 'sp-incident-1', status: 'monitoring' }, 'the successor holds the key with the leader\'s page incident')
+  state.failing = false
+  await until(async () => (await Promise.all(rest.map(incidentOf))).every((i) => i?.status === 'restored'))
+  await until(() => sp.deliveries.some((d) => pageStatus(d) === 'resolved'))
+
+  t.equal(sp.deliveries.filter((d) => d.method === 'POST').length, 1, 'exactly one page incident created across the fleet')
+  const last = sp.deliveries.at(-1) as Delivery
+  t.same([last.method, last.url, pageStatus(last)], ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'resolved'], 'the successor resolved the leader\'s page incident by its id')
+  t.same(successor.sidecar.notifier.statusPage.get(key), { id: 'sp-incident-1', status: 'resolved' }, 'and persists it as resolved')
+  t.equal(cd.deliveries.length, 1, 'one rollback')
 })

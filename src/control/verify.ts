@@ -459,19 +459,50 @@ export class Verifier {
   /** A mitigation was applied: verify that it restored service. */
   mitigated (record: MitigationRecord, at = Date.now()): Incident {
     const { incident, trigger } = this.incidentOf(record, at)
+    this.verifyFrom(incident, trigger, { id: record.id, action: record.action, status: record.status }, at)
+    incident.timeToMitigateSeconds = round((at - Date.parse(incident.detectedAt)) / 1000)
+    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'mitigated', mitigation: record.id, action: record.action, timeToMitigateSeconds: incident.timeToMitigateSeconds }, 'incident mitigated; verifying restoration')
+    const cfg = this.deps.config()
+    this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: `${record.action} applied; verifying that service is restored` }, 'monitoring')
+    this.deps.persist(null)
+    this.countOpen()
+    return incident
+  }
+
+  /** Verify from `at` that `mitigation` restored service (a verification already running starts over). */
+  private verifyFrom (incident: Incident, trigger: TriggerConfig | null, mitigation: NonNullable<Incident['mitigation']>, at: number): void {
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
     incident.mitigatedAt = new Date(at).toISOString()
-    incident.mitigation = { id: record.id, action: record.action, status: record.status }
-    incident.timeToMitigateSeconds = round((at - Date.parse(incident.detectedAt)) / 1000)
+    incident.mitigation = mitigation
     incident.checks.syntheticPassesInARow = 0
-    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'mitigated', mitigation: record.id, action: record.action, timeToMitigateSeconds: incident.timeToMitigateSeconds }, 'incident mitigated; verifying restoration')
     const run: Running = { incident, trigger, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
-    const cfg = this.deps.config()
-    this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: `${record.action} applied; verifying that service is restored` }, 'monitoring')
+  }
+
+  /** Whether `trigger`'s open incident here follows `leader`. */
+  follows (trigger: string, leader: string): boolean {
+    return this.incidents.some((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower' && i.fleet.leader === leader)
+  }
+
+  /**
+   * The leader of `trigger`'s incident, followed here, left after acting and before restoration
+   * was verified, and this sidecar (`self`) holds the incident now (SPEC §16). It does not act
+   * again; it carries the rest on: the leader's mitigation verified on its own traffic from now,
+   * its own escalation deadline (at once if passed, unless the leader escalated), and the
+   * escalation alert if the leader had escalated.
+   */
+  succeed (trigger: string, previous: string, self: string, action: string): Incident | null {
+    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower' && i.fleet.leader === previous)
+    if (incident === undefined) return null
+    this.fleetRole(trigger, 'leader', self)
+    if (incident.status === 'detected') {
+      const config = this.deps.config().rollbackTriggers.find((t) => t.name === trigger) ?? null
+      this.verifyFrom(incident, config, { id: `fleet:${previous}`, action, status: 'applied' }, Date.now())
+      this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'succeeded', previousLeader: previous, action }, `the fleet leader ${previous} left after its ${action}; verifying restoration here`)
+    }
     this.deps.persist(null)
     this.countOpen()
     return incident

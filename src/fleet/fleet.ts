@@ -96,7 +96,7 @@ export class Fleet implements FleetWriter {
   private readonly incidents = new Map<string, Holding>()
   /** `progress` writes, one at a time: each compares against the value the one before wrote. */
   private progressing: Promise<void> = Promise.resolve()
-  /** Called when an incident's holder went away (its lease expired) before acting, with the key as last seen. */
+  /** Called when an incident's holder went away (its lease expired, or it stopped) before restoration was verified, with the key as last seen. */
   onIncidentReleased: (incidentKey: string, last: Holding) => void = () => {}
   /** Called when another sidecar holding an incident key reports escalation, verified restoration or its status page incident. */
   onIncidentProgress: (incidentKey: string, holding: Holding) => void = () => {}
@@ -246,10 +246,10 @@ export class Fleet implements FleetWriter {
     }
     const last = this.incidents.get(incidentKey)
     this.incidents.delete(incidentKey)
-    if (last !== undefined && !last.acted && last.instance !== this.instance) {
-      this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
-      this.onIncidentReleased(incidentKey, last)
-    }
+    if (last === undefined || last.instance === this.instance || last.restoredAt !== undefined) return
+    if (last.acted) this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone after acting, before restoration was verified; a sidecar following it carries the incident on')
+    else this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
+    this.onIncidentReleased(incidentKey, last)
   }
 
   /** An incident key as read (watch or resync): another holder's news is passed on once. */
