@@ -350,15 +350,21 @@ export class Sidecar {
   }
 
   /**
-   * The incidents this sidecar led before a restart: claimed again, since another sidecar may
-   * have taken one over meanwhile (its lease expired, or a clean stop handed it on). The key
-   * is that of the incident's own version.
+   * The fleet incidents of an earlier run, as etcd has them now (the key is that of the
+   * incident's own version). One this sidecar led is claimed again, since another sidecar may
+   * have taken it over meanwhile (its lease expired, or a clean stop handed it on). One it
+   * followed is read again: its leader may have been succeeded meanwhile, and the new one's
+   * progress would go unrecorded here.
    */
   private async rejoinIncidents (): Promise<void> {
     const fleet = this.fleet
     if (fleet === null) return
-    for (const incident of this.verifier.led()) {
+    for (const incident of this.verifier.rejoining()) {
       const key = incidentKey(this.config.service, incident.version, incident.trigger)
+      if (incident.fleet.role === 'follower') {
+        await this.refollow(fleet, key, incident.trigger, incident.fleet.leader)
+        continue
+      }
       let claim: Claim | null = null
       try {
         claim = await fleet.claim(key, incident.trigger)
@@ -371,6 +377,27 @@ export class Sidecar {
       if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(key, held)
       this.logger.info({ event: 'fleet_incident', trigger: incident.trigger, incident: incident.id, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar still acts for an incident it led before the restart' : `fleet: ${claim.holder} took over an incident this sidecar led before the restart; following`)
     }
+  }
+
+  /**
+   * An incident this sidecar followed before a restart: the key's holder now leads it. Without
+   * a key (the leader went before acting, and nobody took over yet) nothing changes: the
+   * trigger, firing again here, claims it.
+   */
+  private async refollow (fleet: Fleet, key: string, trigger: string, leader: string): Promise<void> {
+    let holding: Holding | null
+    try {
+      holding = await fleet.read(key)
+    } catch (err) {
+      this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot read an incident followed before the restart')
+      return
+    }
+    if (holding === null || holding.instance === this.instance) return
+    if (holding.instance !== leader) {
+      this.verifier.fleetRole(trigger, 'follower', holding.instance)
+      this.logger.info({ event: 'fleet_incident', trigger, role: 'follower', leader: holding.instance, previousLeader: leader }, `fleet: ${holding.instance} leads an incident this sidecar followed before the restart; following it`)
+    }
+    this.leaderProgress(key, holding)
   }
 
   /** The leader of an incident this sidecar follows escalated it, verified its restoration or updated its status page incident. */

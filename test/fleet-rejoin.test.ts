@@ -3,7 +3,8 @@
  * claimed again before their escalations are posted again. Taken over meanwhile, it follows
  * the new leader — which now keeps the fleet's escalation alert posted — and records the
  * leader's verified restoration; still its own, it holds the key under its new lease and
- * posts the escalation again as without a fleet.
+ * posts the escalation again as without a fleet. A restarted follower reads the key again and
+ * follows whoever leads now.
  */
 import t, { type Test } from 'tap'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -166,4 +167,50 @@ t.test('a leader restarted while its incident key outlives the old process holds
   await until(() => escalationsBy(am, 'a').length >= posted + 2)
   t.pass('the escalation is posted again, and re-posted')
   t.ok(a2.logs.some((l) => l.phase === 'escalation_resumed'), 'logged')
+})
+
+t.test('a follower restarted while its leader was succeeded follows the successor, and records the restoration it verifies', async (t) => {
+  const etcd = await startEtcd(t)
+  let healthy = false
+  const up = await startUpstream((_req, res) => { res.writeHead(healthy ? 200 : 500); res.end() })
+  t.teardown(up.close)
+  const cd = await startReceiver([200]) // the rollback is applied, and does not fix the release until the test does
+  t.teardown(cd.close)
+  const config = (dir: string): Record<string, unknown> => fleetConfig(up.url, etcd.endpoints, {
+    version: '2.0.0',
+    stateDir: dir,
+    circuitBreakers: {}, // no open circuit between the rollback and the restoration
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '120s' }
+  })
+  const dirF2 = stateDir(t)
+  const l = await startTestSidecar(t, config(stateDir(t)), { instance: 'l' })
+  const f1 = await startTestSidecar(t, config(stateDir(t)), { instance: 'f1' })
+  const f2 = await startTestSidecar(t, config(dirF2), { instance: 'f2' })
+  await until(() => [l, f1, f2].every((s) => s.sidecar.fleet?.connected === true))
+
+  // `l` sees the bad release first, leads and rolls back; then the others follow it.
+  flowing(t, l)
+  await until(() => cd.deliveries.length >= 1)
+  flowing(t, f1)
+  flowing(t, f2)
+  await until(async () => (await incident(f1))?.fleet?.leader === 'l' && (await incident(f2))?.fleet?.leader === 'l')
+  const followed = (await incident(f2))?.id
+
+  // `f2` stops; then `l` goes after its rollback, and `f1` carries the incident on.
+  await f2.sidecar.close()
+  await l.sidecar.close()
+  await until(async () => (await incident(f1))?.fleet?.role === 'leader')
+
+  const back = await startTestSidecar(t, config(dirF2), { instance: 'f2' })
+  await until(async () => (await incident(back))?.fleet?.leader === 'f1')
+  t.match(await incident(back), { id: followed, status: 'detected', fleet: { role: 'follower', leader: 'f1' } }, 'the restarted follower follows the successor')
+  t.ok(back.logs.some((l) => l.event === 'fleet_incident' && l.leader === 'f1' && l.previousLeader === 'l'), 'and says whom it followed before')
+
+  healthy = true
+  await until(async () => (await incident(f1))?.status === 'restored')
+  await until(async () => (await incident(back))?.status === 'restored')
+  t.pass('it records the restoration the successor verified')
+  t.equal(cd.deliveries.length, 1, 'one rollback')
 })

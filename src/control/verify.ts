@@ -225,16 +225,17 @@ export class Verifier {
   }
 
   /**
-   * The incidents this sidecar led for its fleet before a restart that can still go on here: the
-   * open ones, and the escalated ones whose escalation is held back. Each is claimed again
-   * (SPEC §16), and `rejoined` told the answer.
+   * The fleet incidents of an earlier run that can still go on here: the open ones, and the
+   * escalated ones whose escalation is held back. Each one this sidecar led is claimed again
+   * (SPEC §16) and `rejoined` told the answer; for each one it followed, the key is read again,
+   * since the leader may have changed meanwhile (`fleetRole`).
    */
-  led (): ReadonlyArray<Pick<Incident, 'id' | 'version'> & { trigger: string }> {
-    return this.incidents.flatMap((i) => i.trigger !== null && i.fleet?.role === 'leader' && (OPEN.has(i.status) || this.heldBack.has(i.id)) ? [{ id: i.id, version: i.version, trigger: i.trigger }] : [])
+  rejoining (): ReadonlyArray<Pick<Incident, 'id' | 'version'> & { trigger: string, fleet: NonNullable<Incident['fleet']> }> {
+    return this.incidents.flatMap((i) => i.trigger !== null && i.fleet !== undefined && (OPEN.has(i.status) || this.heldBack.has(i.id)) ? [{ id: i.id, version: i.version, trigger: i.trigger, fleet: i.fleet }] : [])
   }
 
   /**
-   * The fleet answered who leads incident `id`, led here before a restart (`led`). Still this
+   * The fleet answered who leads incident `id`, led here before a restart (`rejoining`). Still this
    * sidecar, or nobody reachable (null: it acts alone): it goes on as before, its escalation
    * posted again. Another sidecar, which took it over meanwhile: this one follows it — no
    * escalation deadline, no escalation of its own — and records the leader's progress.

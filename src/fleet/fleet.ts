@@ -181,6 +181,15 @@ export class Fleet implements FleetWriter {
       .commit())
   }
 
+  /** The incident key as it is in etcd now, null when absent. Throws when etcd does not answer. */
+  async read (incidentKey: string): Promise<Holding | null> {
+    const res = await this.call(async () => await this.client.get(this.key('incidents', incidentKey)).exec())
+    const kv = res.kvs[0]
+    const holding = kv === undefined ? null : readHolding(kv.value.toString())
+    if (holding !== null) this.seen(incidentKey, holding)
+    return holding
+  }
+
   /** The incident key as last seen (watch and resyncs). */
   holding (incidentKey: string): Holding | undefined {
     return this.incidents.get(incidentKey)
