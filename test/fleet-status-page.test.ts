@@ -84,7 +84,8 @@ t.test('the leader created the page incident and goes before acting: the taker-o
   const taker = rest.find((s) => s.sidecar.fleet?.holding(key)?.instance === s.sidecar.fleet?.instance)
   t.ok(taker !== undefined, 'a follower took over')
   await until(async () => (await Promise.all(rest.map(incidentOf))).every((i) => i?.status === 'restored'))
-  await until(() => sp.deliveries.some((d) => pageStatus(d) === 'resolved'))
+  // The page answered the resolve (its delivery arrives here before the sidecar reads the answer).
+  await until(() => (taker as TestSidecar).sidecar.notifier.statusPage.get(key)?.status === 'resolved')
 
   t.equal(sp.deliveries.filter((d) => d.method === 'POST').length, 1, 'exactly one page incident created across the fleet')
   t.same(sp.deliveries.slice(1).map((d) => [d.method, d.url, pageStatus(d)]), [
@@ -115,7 +116,7 @@ t.test('the leader rolled back and goes before restoration was verified: the fol
   t.same(successor.sidecar.fleet?.holding(key)?.statusPage, { id: 'sp-incident-1', status: 'monitoring' }, 'the successor holds the key with the leader\'s page incident')
   state.failing = false
   await until(async () => (await Promise.all(rest.map(incidentOf))).every((i) => i?.status === 'restored'))
-  await until(() => sp.deliveries.some((d) => pageStatus(d) === 'resolved'))
+  await until(() => successor.sidecar.notifier.statusPage.get(key)?.status === 'resolved')
 
   t.equal(sp.deliveries.filter((d) => d.method === 'POST').length, 1, 'exactly one page incident created across the fleet')
   const last = sp.deliveries.at(-1) as Delivery
