@@ -78,7 +78,18 @@ function config (f: Farm): Record<string, unknown> {
   }
 }
 
-/** Send `bytes` on a fresh connection, then wait (bounded) for an answer or the close. */
+/** The first response is in: its body complete by Content-Length or by its last chunk, or the connection closed. */
+function firstResponseIn (c: WireClient): boolean {
+  const end = c.received.indexOf('\r\n\r\n')
+  if (end === -1) return c.closed
+  const head = c.received.slice(0, end)
+  const length = /\r\ncontent-length:\s*(\d+)/i.exec(head)
+  if (length !== null) return c.received.length >= end + 4 + Number(length[1])
+  if (/\r\ntransfer-encoding:\s*chunked/i.test(head)) return c.received.startsWith('0\r\n\r\n', end + 4) || c.received.includes('\r\n0\r\n\r\n', end + 4)
+  return c.closed
+}
+
+/** Send `bytes` on a fresh connection, then wait (bounded) for a first answer or the close. */
 async function hit (port: number, bytes: string | Buffer, then: 'wait' | 'close' = 'wait', waitMs = 1500): Promise<string> {
   const c = await WireClient.connect(port)
   c.write(bytes)
@@ -88,7 +99,7 @@ async function hit (port: number, bytes: string | Buffer, then: 'wait' | 'close'
     return ''
   }
   try {
-    await c.response(waitMs)
+    await c.until(firstResponseIn, waitMs, 'a response')
   } catch {}
   c.destroy()
   return c.received
