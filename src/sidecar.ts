@@ -278,7 +278,9 @@ export class Sidecar {
     this.verifier.restore(this.control.state.incidents, this.fleet !== null)
     this.control.state.incidents = this.verifier.incidents
     // In the background: an etcd that does not answer must not hold the start.
-    void this.rejoinIncidents()
+    this.rejoinIncidents().catch((err: unknown) => {
+      this.logger.error({ event: 'fleet_incident', error: (err as Error).message }, 'fleet: taking back the incidents of the earlier run failed')
+    })
     // Only now, with every listener bound, may a generated token replace the file.
     this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
     const token = this.adminToken
@@ -418,7 +420,9 @@ export class Sidecar {
     const trigger = this.triggerOfIncident(key)
     if (trigger === undefined) return
     if (last.acted) {
-      void this.succeed(key, trigger, last)
+      this.succeed(key, trigger, last).catch((err: unknown) => {
+        this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: carrying on the incident its leader left failed')
+      })
       return
     }
     const live = this.triggers.status().find((s) => s.name === trigger.name)
@@ -437,9 +441,13 @@ export class Sidecar {
   private async succeed (key: string, trigger: Config['rollbackTriggers'][number], last: Holding): Promise<void> {
     const fleet = this.fleet
     if (fleet === null || !this.verifier.follows(trigger.name, last.instance)) return
+    // What the leader recorded stays on the key: nobody acts again, the fleet escalates once, the page incident stays the leader's.
+    const carried: Progress = { acted: true }
+    if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
+    if (last.statusPage !== undefined) carried.statusPage = last.statusPage
     let claim: Claim
     try {
-      claim = await fleet.claim(key, trigger.name)
+      claim = await fleet.claim(key, trigger.name, carried)
     } catch (err) {
       this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, previousLeader: last.instance, error: (err as Error).message }, 'fleet: cannot claim the incident its leader left')
       return
@@ -450,16 +458,7 @@ export class Sidecar {
       if (held?.instance === claim.holder) this.leaderProgress(key, held)
       return
     }
-    // What the leader recorded stays on the key: nobody acts again, the fleet escalates once, the page incident stays the leader's.
-    const carried: Progress = { acted: true }
-    if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
-    if (last.statusPage !== undefined) {
-      carried.statusPage = last.statusPage
-      this.notifier.statusPage.adopt(key, last.statusPage)
-    }
-    await fleet.progress(key, carried).catch((err: unknown) => {
-      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: could not record on the incident key what its previous leader did')
-    })
+    if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
     this.verifier.succeed(trigger.name, last.instance, this.instance, trigger.action)
     this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar carries on the incident its leader left after acting')
   }

@@ -170,6 +170,7 @@ export class Verifier {
   /**
    * Take back the incidents an earlier run persisted: open ones resume verification (their
    * mitigation is still in force) and every unescalated one not restored re-arms its deadline.
+   * With a `fleet`, the escalations of incidents this sidecar led wait for `rejoined`.
    */
   restore (saved: readonly unknown[], fleet = false): void {
     const loaded = saved.filter((x): x is Incident => typeof x === 'object' && x !== null && typeof (x as Incident).id === 'string' && typeof (x as Incident).escalateAt === 'string' && typeof (x as Incident).impact === 'object')

@@ -147,11 +147,12 @@ export class Fleet implements FleetWriter {
   /**
    * Become the one sidecar that acts for `incidentKey`, or learn who is: the key is created
    * in a transaction (only if absent) under this sidecar's lease. Throws when etcd does not
-   * answer (the caller then acts alone).
+   * answer (the caller then acts alone). A successor creates it with what its previous holder
+   * had recorded (`carried`), in the same write: it never exists saying less.
    */
-  async claim (incidentKey: string, trigger: string): Promise<Claim> {
+  async claim (incidentKey: string, trigger: string, carried: Progress = {}): Promise<Claim> {
     const key = this.key('incidents', incidentKey)
-    const holding: Holding = { instance: this.instance, trigger, at: new Date().toISOString(), acted: false }
+    const holding = holdingOf({ acted: false, ...carried, instance: this.instance, trigger, at: new Date().toISOString() })
     // Retrying is safe: a create that did land makes the retry read this sidecar as the holder.
     const res = await this.call(async () => await this.client.if(key, 'Create', '==', 0)
       .then(this.client.put(key).value(JSON.stringify(holding)).lease(await this.leaseId()))
