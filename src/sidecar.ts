@@ -539,6 +539,9 @@ export class Sidecar {
   async incidentReport (id: string): Promise<IncidentReport | null> {
     const incident = this.verifier.incidents.find((i) => i.id === id)
     if (incident === undefined) return null
+    // What happened before this call is in the draft: audit lines still being written (the
+    // restoration's, a moment ago) are read after they land.
+    await this.control.journal.flushed()
     const audit = await this.control.audit.newest(AUDIT_READ)
     return buildReport(incident, this.config.service, [...this.verifier.routesInScope(incident.scope)], audit, audit.length < AUDIT_READ, Date.now())
   }

@@ -370,6 +370,18 @@ t.test('breakwater incident report ID [--json] through a running sidecar', async
   t.equal(usage.code, 2)
 })
 
+t.test('a draft asked for right after an audited step holds that step: audit lines still being written are read once they land', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r)
+  const first = await restoredByTrigger(t, app, s, load)
+  // Committed and not yet on disk, as the restoration's line is when the incident already reads restored.
+  const written = s.sidecar.control.journal.commit(s.sidecar.control.state, { action: 'incident.escalated', targets: [first.id], reason: 'a line committed just now', result: 'escalated', requester: 'breakwater' })
+  const report = await s.sidecar.incidentReport(first.id)
+  t.ok(await written, 'the line was written')
+  t.ok(report?.timeline.some((e) => e.what === 'incident escalated (critical)' && e.reason === 'a line committed just now'), 'and it is in the draft asked for before it was written')
+})
+
 t.test('an unverified incident (no real traffic to judge by) is not escalated at once: its deadline stands', async (t) => {
   const app = await startApp(t)
   const r = await receivers(t)
