@@ -344,9 +344,7 @@ export class Sidecar {
       return null
     }
     this.verifier.fleetRole(trigger, claim.leader ? 'leader' : 'follower', claim.holder)
-    // What the leader reported before this sidecar knew it follows (a rollback that failed at once).
-    const held = fleet.holding(this.incidentKeyOf(trigger))
-    if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(this.incidentKeyOf(trigger), held)
+    if (!claim.leader) this.holderProgress(fleet, this.incidentKeyOf(trigger), claim.holder)
     this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
     return claim
   }
@@ -375,8 +373,7 @@ export class Sidecar {
       }
       this.verifier.rejoined(incident.id, claim)
       if (claim === null) continue
-      const held = fleet.holding(key)
-      if (!claim.leader && held?.instance === claim.holder) this.leaderProgress(key, held)
+      if (!claim.leader) this.holderProgress(fleet, key, claim.holder)
       this.logger.info({ event: 'fleet_incident', trigger: incident.trigger, incident: incident.id, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar still acts for an incident it led before the restart' : `fleet: ${claim.holder} took over an incident this sidecar led before the restart; following`)
     }
   }
@@ -400,6 +397,12 @@ export class Sidecar {
       this.logger.info({ event: 'fleet_incident', trigger, role: 'follower', leader: holding.instance, previousLeader: leader }, `fleet: ${holding.instance} leads an incident this sidecar followed before the restart; following it`)
     }
     this.leaderProgress(key, holding)
+  }
+
+  /** What `holder` recorded on `key` before this sidecar knew it follows it (a rollback that failed at once, an escalation). */
+  private holderProgress (fleet: Fleet, key: string, holder: string): void {
+    const held = fleet.holding(key)
+    if (held?.instance === holder) this.leaderProgress(key, held)
   }
 
   /** The leader of an incident this sidecar follows escalated it, verified its restoration or updated its status page incident. */
@@ -454,8 +457,7 @@ export class Sidecar {
     }
     if (!claim.leader) {
       this.verifier.fleetRole(trigger.name, 'follower', claim.holder)
-      const held = fleet.holding(key)
-      if (held?.instance === claim.holder) this.leaderProgress(key, held)
+      this.holderProgress(fleet, key, claim.holder)
       return
     }
     if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)

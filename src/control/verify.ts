@@ -486,7 +486,11 @@ export class Verifier {
 
   /** Whether `trigger`'s open incident here follows `leader`. */
   follows (trigger: string, leader: string): boolean {
-    return this.incidents.some((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower' && i.fleet.leader === leader)
+    return this.openFollowing(trigger, leader) !== undefined
+  }
+
+  private openFollowing (trigger: string, leader: string): Incident | undefined {
+    return this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower' && i.fleet.leader === leader)
   }
 
   /**
@@ -497,7 +501,7 @@ export class Verifier {
    * escalation alert if the leader had escalated.
    */
   succeed (trigger: string, previous: string, self: string, action: string): Incident | null {
-    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower' && i.fleet.leader === previous)
+    const incident = this.openFollowing(trigger, previous)
     if (incident === undefined) return null
     this.fleetRole(trigger, 'leader', self)
     if (incident.status === 'detected') {
