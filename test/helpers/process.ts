@@ -163,9 +163,10 @@ export interface RawRunning {
 /**
  * Like `startProcess`, but stdout is kept as raw text instead of parsed, so a test can check
  * every byte the process wrote. With `stopReadingStdout`, stdout is read only up to the
- * `listening` line and then left unread: the pipe fills and the process's stdout stalls.
+ * `listening` line and then left unread: the pipe fills and the process's stdout stalls. With
+ * `discardStdout`, what follows the `listening` line is read as fast as it comes and thrown away.
  */
-export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean } = {}): Promise<RawRunning> {
+export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean, discardStdout?: boolean } = {}): Promise<RawRunning> {
   const dir = tempDir(t)
   const configPath = join(dir, 'breakwater.yaml')
   writeFileSync(configPath, stringify({
@@ -201,6 +202,9 @@ export async function startProcessRaw (t: Test, config: Record<string, unknown>,
         if (options.stopReadingStdout === true) {
           stdoutStream.off('data', onData)
           stdoutStream.pause()
+        } else if (options.discardStdout === true) {
+          stdoutStream.off('data', onData)
+          stdoutStream.resume()
         }
         resolve(line)
         return
