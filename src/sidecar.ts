@@ -430,7 +430,7 @@ export class Sidecar {
     }
     const live = this.triggers.status().find((s) => s.name === trigger.name)
     if (live?.state !== 'fired') return
-    if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
+    this.carryPageIncident(key, last)
     this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
       this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
     })
@@ -460,9 +460,19 @@ export class Sidecar {
       this.holderProgress(fleet, key, claim.holder)
       return
     }
-    if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
+    this.carryPageIncident(key, last)
     this.verifier.succeed(trigger.name, last.instance, this.instance, trigger.action)
     this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar carries on the incident its leader left after acting')
+  }
+
+  /**
+   * This sidecar acts for an incident its leader left: it updates the leader's page incident, as
+   * written on the key; with none written, the leader may still have created one (its answer
+   * lost with it), so it is looked for on the page before one is created.
+   */
+  private carryPageIncident (key: string, last: Holding): void {
+    if (last.statusPage !== undefined) this.notifier.statusPage.adopt(key, last.statusPage)
+    else this.notifier.statusPage.inherit(key)
   }
 
   /** The rollback trigger whose incidents go by `key` (`incidentKeyOf` its name). */

@@ -8,6 +8,7 @@
 import t, { type Test } from 'tap'
 import { startConnectedFleet, keepSending } from './helpers/fleet.js'
 import { startReceiver, type Delivery, type Receiver } from './helpers/receiver.js'
+import { startStatusPage } from './helpers/status-page.js'
 import { startUpstream } from './helpers/upstream.js'
 import { admin } from './helpers/admin.js'
 import { sleep } from './helpers/http.js'
@@ -96,6 +97,39 @@ t.test('the leader created the page incident and goes before acting: the taker-o
   t.same((taker as TestSidecar).sidecar.notifier.statusPage.get(key), { id: 'sp-incident-1', status: 'resolved' }, 'and persists it as resolved')
   t.ok(rest.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance)), 'the takeover names the leader that left')
   t.notOk(rest.some((s) => s.logs.some((l) => l.event === 'statuspage_unknown_incident')), 'no update refused for an unknown page incident')
+})
+
+t.test('the leader goes while its create is in flight, before acting: the taker-over finds that page incident on the page and resolves it, and none other is created', async (t) => {
+  const page = await startStatusPage()
+  t.teardown(page.close)
+  // The page makes the leader's incident but its answer (the id) never reaches the leader.
+  page.holdCreates = true
+  const { cd, leader, rest } = await pagedFleet(t, [500, 200], 2, {
+    notifications: { statusPageId: 'page1', statusPageApiKey: 'sp-key', statusPageUrl: page.url }
+  })
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  await until(() => page.incidents.size === 1)
+  await until(async () => ((await admin(leader.admin, 'GET', '/v1/state')).body.rollbacks as Array<{ status: string }>).some((r) => r.status === 'failed'))
+  t.equal(leader.sidecar.fleet?.holding(key)?.statusPage, undefined, 'no page incident on the incident key: the leader never had its id')
+
+  await leader.sidecar.close()
+  page.holdCreates = false
+  await until(() => cd.deliveries.length >= 2)
+  const taker = rest.find((s) => s.sidecar.fleet?.holding(key)?.instance === s.sidecar.fleet?.instance)
+  t.ok(taker !== undefined, 'a follower took over')
+  await until(async () => (await Promise.all(rest.map(incidentOf))).every((i) => i?.status === 'restored'))
+  await until(() => page.incidents.get('sp-incident-1')?.status === 'resolved')
+
+  t.equal(page.incidents.size, 1, 'exactly one page incident across the fleet')
+  t.same(page.incidents.get('sp-incident-1')?.statuses, ['investigating', 'identified', 'monitoring', 'resolved'], 'the leader\'s page incident, taken through resolved')
+  t.same(page.deliveries.slice(1).map((d) => `${d.method} ${d.url}`), [
+    'GET /v1/pages/page1/incidents/unresolved?per_page=100',
+    'PATCH /v1/pages/page1/incidents/sp-incident-1',
+    'PATCH /v1/pages/page1/incidents/sp-incident-1',
+    'PATCH /v1/pages/page1/incidents/sp-incident-1'
+  ], 'the taker-over looked for it before anything else, then updated it by its id')
+  await until(() => (taker as TestSidecar).sidecar.notifier.statusPage.get(key)?.status === 'resolved')
+  t.same((taker as TestSidecar).sidecar.notifier.statusPage.get(key), { id: 'sp-incident-1', status: 'resolved' }, 'and persists it as resolved')
 })
 
 t.test('the leader rolled back and goes before restoration was verified: the follower that carries the incident on resolves the leader\'s page incident', async (t) => {

@@ -13,6 +13,7 @@ import { resolveConfig } from '../src/config/load.js'
 import { startApp, type App } from './helpers/app.js'
 import { startCaptured, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
 import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
+import { startStatusPage, type StatusPage } from './helpers/status-page.js'
 import { admin } from './helpers/admin.js'
 import { sleep, eventually } from './helpers/http.js'
 import { traffic, type Traffic } from './helpers/traffic.js'
@@ -263,6 +264,70 @@ t.test('a resolve for a page incident never created is not sent by guess: logged
   t.notOk(r.sp.deliveries.some((d) => d.method === 'PATCH'), 'no PATCH of an id we do not have')
   t.notOk(r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 'no create-then-resolve')
   t.ok((s.sidecar.notifier.failed.get('statuspage') ?? 0) >= 2, 'counted as failed status page notifications')
+})
+
+/** The Statuspage keeping the incidents, closed when `t` ends. */
+async function statusPage (t: Test): Promise<StatusPage> {
+  const page = await startStatusPage()
+  t.teardown(page.close)
+  return page
+}
+
+const RANKED = ['investigating', 'identified', 'monitoring', 'resolved']
+
+/** The page's one incident went forward only, from investigating to resolved. */
+function forwardToResolved (t: Test, page: StatusPage): void {
+  const [only, ...others] = [...page.incidents.values()]
+  t.equal(others.length, 0, `one page incident (${page.incidents.size})`)
+  const ranks = (only?.statuses ?? []).map((s) => RANKED.indexOf(s))
+  t.same([only?.statuses[0], only?.statuses.at(-1)], ['investigating', 'resolved'], `created investigating, ended resolved: ${only?.statuses.join(' → ') ?? 'none'}`)
+  t.ok(ranks.every((r, i) => i === 0 || r > (ranks[i - 1] as number)), 'never backwards, never twice')
+}
+
+t.test('a create the page made but answered with an error is looked for before it is retried: one page incident, updated through resolved', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const page = await statusPage(t)
+  page.failAfterCreate = 1
+  const { s, load } = await shop(t, app, r, { notifications: { statusPageUrl: page.url } })
+  const i = await restoredByTrigger(t, app, s, load)
+  t.equal(i.status, 'restored')
+  t.ok(await eventually(() => [...page.incidents.values()].some((p) => p.status === 'resolved'), 15_000), 'resolved on the page')
+  forwardToResolved(t, page)
+  const calls = page.deliveries.map((d) => `${d.method} ${d.url}`)
+  t.equal(calls.filter((c) => c.startsWith('POST')).length, 1, 'created once: the retry found it')
+  t.equal(calls[1], 'GET /v1/pages/page1/incidents/unresolved?per_page=100', 'the retry first looked for it among the unresolved incidents')
+  t.ok(calls.slice(2).every((c) => c === 'PATCH /v1/pages/page1/incidents/sp-incident-1'), 'then updated it by its id')
+  t.ok(s.logs.some((l) => l.event === 'statuspage_incident_found' && l.id === 'sp-incident-1'), 'logged as found')
+  t.equal(s.sidecar.notifier.failed.get('statuspage') ?? 0, 0, 'no status page notification counted failed: the create was retried, not given up')
+})
+
+t.test('a sidecar stopped while its create is in flight looks for that page incident after the restart, and resolves it instead of leaving it open', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const page = await statusPage(t)
+  page.holdCreates = true
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const options = { stateDir, notifications: { statusPageUrl: page.url }, verification: { timeoutMs: '60s' } }
+  const a = await shop(t, app, r, options)
+  await breakCheckout(app, a.s, a.load)
+  // The page made the incident; its answer (and the id) never reaches this sidecar.
+  t.ok(await eventually(() => page.incidents.size === 1, 15_000), 'the create reached the page')
+  await a.load.close()
+  await a.s.sidecar.close()
+  page.holdCreates = false
+
+  const b = await shop(t, app, r, options)
+  const stop = users(b.load)
+  t.teardown(stop)
+  const [open] = await incidents(b.s)
+  const i = await settled(b.s, open.id)
+  await stop()
+  t.equal(i.status, 'restored', 'verified restored by the restarted sidecar')
+  t.ok(await eventually(() => page.incidents.get('sp-incident-1')?.status === 'resolved', 15_000), 'the page incident the first process created is resolved')
+  forwardToResolved(t, page)
+  t.equal(page.deliveries.filter((d) => d.method === 'POST').length, 1, 'no second create')
+  t.ok(b.s.logs.some((l) => l.event === 'statuspage_incident_found'), 'found by its incident key')
 })
 
 t.test('without pagerDutyEscalationRoutingKey the escalation goes to the routing key, at critical, with the same dedup_key', async (t) => {

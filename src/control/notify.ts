@@ -45,10 +45,17 @@ interface Message {
   url: string
   headers: Record<string, string>
   body: unknown
-  method: 'POST' | 'PATCH'
+  method: 'POST' | 'PATCH' | 'GET'
   attempt: number
-  /** Called once when the message is delivered (with the parsed answer) or given up on. */
-  onSettled?: (ok: boolean, body: unknown) => void
+  /** One attempt only, not counted or logged as failed: its sender retries it, or gives up and says so. */
+  once?: boolean
+  /** A read (the status page look-up), not a notification: not counted or logged as one. */
+  lookup?: boolean
+  /**
+   * Called once when the message is delivered (with the parsed answer) or given up on
+   * (`retryable`: worth sending again — not refused with a 4xx other than 408 or 429).
+   */
+  onSettled?: (ok: boolean, body: unknown, retryable?: boolean) => void
 }
 
 /** The incident key of an event: the same on every sidecar of the fleet. */
@@ -172,15 +179,15 @@ export class Notifier {
     try {
       const res = await request(m.url, {
         method: m.method,
-        headers: { 'content-type': 'application/json', 'user-agent': 'breakwater-notify', ...m.headers },
-        body: JSON.stringify(m.body),
+        headers: m.method === 'GET' ? { 'user-agent': 'breakwater-notify', ...m.headers } : { 'content-type': 'application/json', 'user-agent': 'breakwater-notify', ...m.headers },
+        body: m.method === 'GET' ? null : JSON.stringify(m.body),
         headersTimeout: 10_000,
         bodyTimeout: 10_000
       })
       status = res.statusCode
       const text = await res.body.text()
       if (status >= 200 && status < 300) {
-        this.sent.set(m.channel, (this.sent.get(m.channel) ?? 0) + 1)
+        if (m.lookup !== true) this.sent.set(m.channel, (this.sent.get(m.channel) ?? 0) + 1)
         let answer: unknown = null
         try { answer = JSON.parse(text) } catch { /* not JSON */ }
         m.onSettled?.(true, answer)
@@ -190,7 +197,12 @@ export class Notifier {
     } catch (err) {
       failure = (err as { code?: string }).code ?? 'request failed'
     }
-    const final = m.attempt >= this.config().maxAttempts || (status >= 400 && status < 500 && status !== 408 && status !== 429)
+    const refused = status >= 400 && status < 500 && status !== 408 && status !== 429
+    if (m.lookup === true || m.once === true) {
+      m.onSettled?.(false, null, !refused)
+      return
+    }
+    const final = m.attempt >= this.config().maxAttempts || refused
     if (final) {
       this.failed.set(m.channel, (this.failed.get(m.channel) ?? 0) + 1)
       this.logger.error({ event: 'notification_failed', channel: m.channel, attempts: m.attempt, failure }, 'notification not delivered')

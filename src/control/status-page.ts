@@ -13,11 +13,18 @@
  * - In a fleet only the incident's actor sends (SPEC §16); it writes the id and the last status
  *   on the incident key in etcd, and the others `adopt` them, so a sidecar that takes over from
  *   a leader that left updates the leader's page incident instead of creating a second one.
- * - An id we do not have is never guessed: an update without one creates the page incident (the
- *   outage is still going on, customers should hear of it), but a `resolved` without one is not
- *   sent — creating an incident only to resolve it could duplicate one whose creation did
- *   happen but whose answer was lost. It is logged (`statuspage_unknown_incident`) and counted as
- *   a failed status page notification, for a human to close the page incident by hand.
+ * - A create that may have reached the page without its id reaching us (its answer failed or
+ *   never came: a timeout, a 5xx, a restart while it was in flight, a fleet leader gone while it
+ *   was in flight) is looked for on the page before anything else is sent for that incident:
+ *   `GET /v1/pages/{page_id}/incidents/unresolved`, by `metadata.breakwater.incident_key`. Found,
+ *   it is updated by its id; not found, it is created. The look-up is one request, not a
+ *   notification (not counted); when it fails the create goes ahead — the outage is still on and
+ *   customers should hear of it. Creates are retried here (not by the notifier), so that every
+ *   retry looks first.
+ * - An id we do not have is never guessed: a `resolved` for a page incident that was never seen
+ *   (not answered, not found) is not sent — creating an incident only to resolve it would tell
+ *   customers nothing. It is logged (`statuspage_unknown_incident`) and counted as a failed
+ *   status page notification, for a human to close the page incident by hand if it exists.
  */
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
@@ -32,14 +39,20 @@ export interface PageIncidentState {
   status: string
 }
 
-/** One request to the page's API; `settled` is called once, with the parsed answer when it succeeded. */
+/**
+ * One request to the page's API; `settled` is called once, with the parsed answer when it
+ * succeeded. `once`: one attempt, retried (or not) by the caller.
+ */
 export interface PageRequest {
-  method: 'POST' | 'PATCH'
+  method: 'POST' | 'PATCH' | 'GET'
   url: string
   headers: Record<string, string>
   body: unknown
+  once?: boolean
+  /** A read (the look-up), not a notification: not counted as one. */
+  lookup?: boolean
 }
-export type SendPageRequest = (req: PageRequest, settled: (ok: boolean, answer: unknown) => void) => void
+export type SendPageRequest = (req: PageRequest, settled: (ok: boolean, answer: unknown, retryable?: boolean) => void) => void
 
 interface Update {
   status: PageStatus
@@ -55,7 +68,17 @@ interface PageIncident {
   status: PageStatus | null
   queue: Update[]
   busy: boolean
+  /** A create may have reached the page without its id reaching us: look for it there first. */
+  unsure: boolean
+  /** Creates failed in a row (retried after a look at the page, up to `maxAttempts`). */
+  failedCreates: number
 }
+
+/** Persisted for a page incident whose create was sent and not answered (yet). */
+const CREATING = 'creating'
+
+/** One incident of the page's list of unresolved incidents, as far as it is read here. */
+interface ListedIncident { id?: unknown, status?: unknown, metadata?: { breakwater?: { incident_key?: unknown } } }
 
 /** Resolved page incidents kept (to refuse stale updates) before the oldest are forgotten. */
 const KEEP_RESOLVED = 100
@@ -73,8 +96,21 @@ export class StatusPageLifecycle {
   restore (saved: Readonly<Record<string, PageIncidentState>>): void {
     for (const [key, s] of Object.entries(saved)) {
       const status = s.status in RANK ? s.status as PageStatus : null
-      this.incidents.set(key, { id: s.id, status, queue: [], busy: false })
+      // Stopped while a create was in flight, after it failed or was answered without an id: it may be on the page.
+      this.incidents.set(key, { ...fresh(), id: s.id, status, unsure: s.id === null })
     }
+  }
+
+  /**
+   * The incident of `key` is carried on from a fleet leader that left without writing a page
+   * incident on the key: it may have created one whose answer it never had. Look for it first.
+   */
+  inherit (key: string): void {
+    const c = this.config()
+    if (c.statusPageId === null || c.statusPageApiKey === null) return
+    const p = this.incidents.get(key)
+    if (p === undefined) this.incidents.set(key, { ...fresh(), unsure: true })
+    else if (p.id === null) p.unsure = true
   }
 
   /**
@@ -87,7 +123,7 @@ export class StatusPageLifecycle {
     const p = this.incidents.get(key)
     if (state.id === '' || status === null || p?.busy === true || (p?.queue.length ?? 0) > 0) return
     if (p !== undefined && p.id === state.id && p.status !== null && RANK[p.status] >= RANK[status]) return
-    this.incidents.set(key, { id: state.id, status, queue: [], busy: false })
+    this.incidents.set(key, { ...fresh(), id: state.id, status })
     this.onChange(key, { id: state.id, status })
   }
 
@@ -106,7 +142,7 @@ export class StatusPageLifecycle {
       p = undefined
     }
     if (p === undefined) {
-      p = { id: null, status: null, queue: [], busy: false }
+      p = fresh()
       this.incidents.set(key, p)
       this.forgetOldResolved()
     }
@@ -118,11 +154,20 @@ export class StatusPageLifecycle {
 
   private pump (key: string, p: PageIncident): void {
     if (p.busy) return
-    const next = p.queue.shift()
-    if (next === undefined) return
     const c = this.config()
     if (c.statusPageId === null || c.statusPageApiKey === null) { p.queue.length = 0; return }
     const base = `${c.statusPageUrl}/v1/pages/${encodeURIComponent(c.statusPageId)}/incidents`
+    if (p.id === null && p.unsure && p.queue.length > 0) {
+      this.lookUp(key, p, base, `OAuth ${c.statusPageApiKey}`)
+      return
+    }
+    const next = p.queue.shift()
+    if (next === undefined) return
+    // Found on the page at this status or past it already.
+    if (p.status !== null && RANK[next.status] <= RANK[p.status]) {
+      this.pump(key, p)
+      return
+    }
     const headers = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': `${key}-${next.status}` }
     const metadata = { breakwater: { incident_key: key, ...next.metadata } }
     // Created but its id unknown (the page answered without one), or a resolve of one never created.
@@ -133,25 +178,72 @@ export class StatusPageLifecycle {
       return
     }
     p.busy = true
-    const settled = (ok: boolean, answer: unknown): void => {
+    const id = p.id
+    const creating = id === null
+    const settled = (ok: boolean, answer: unknown, retryable = true): void => {
       p.busy = false
       if (ok) {
-        if (p.id === null) {
-          const id = (answer as { id?: unknown } | null)?.id
-          if (typeof id === 'string' && id !== '') p.id = id
-          else this.logger.error({ event: 'statuspage_unknown_incident', incidentKey: key }, 'the status page answered a create without an incident id')
+        if (creating) {
+          p.failedCreates = 0
+          const given = (answer as { id?: unknown } | null)?.id
+          if (typeof given === 'string' && given !== '') {
+            p.id = given
+          } else {
+            p.unsure = true
+            this.logger.error({ event: 'statuspage_unknown_incident', incidentKey: key }, 'the status page answered a create without an incident id')
+          }
         }
         p.status = next.status
         this.onChange(key, { id: p.id, status: p.status })
+      } else if (creating) {
+        // It may have been created all the same: the next try looks for it first.
+        p.unsure = true
+        if (++p.failedCreates < c.maxAttempts && retryable) {
+          p.queue.unshift(next)
+          p.busy = true
+          const backoff = Math.min(30_000, 500 * 2 ** (p.failedCreates - 1)) * (0.75 + Math.random() * 0.5)
+          this.logger.warn({ event: 'notification_retry', channel: 'statuspage', attempt: p.failedCreates, retryInMs: Math.round(backoff) }, 'status page incident not created; will look for it and retry')
+          setTimeout(() => { p.busy = false; this.pump(key, p) }, backoff).unref()
+          return
+        }
+        this.logger.error({ event: 'notification_failed', channel: 'statuspage', attempts: p.failedCreates }, 'notification not delivered')
+        this.onUnsent()
+        p.failedCreates = 0
       }
       this.pump(key, p)
     }
-    if (p.id === null) {
+    if (id === null) {
+      // Persisted before it is sent: a sidecar stopped before the answer looks for it first.
+      this.onChange(key, { id: null, status: CREATING })
       // Statuspage: incident[name], incident[status], incident[body], incident[impact_override].
-      this.send({ method: 'POST', url: base, headers, body: { incident: { name: next.name, status: next.status, body: next.text, impact_override: 'major', metadata } } }, settled)
+      this.send({ method: 'POST', url: base, headers, once: true, body: { incident: { name: next.name, status: next.status, body: next.text, impact_override: 'major', metadata } } }, settled)
     } else {
-      this.send({ method: 'PATCH', url: `${base}/${encodeURIComponent(p.id)}`, headers, body: { incident: { status: next.status, body: next.text, metadata } } }, settled)
+      this.send({ method: 'PATCH', url: `${base}/${encodeURIComponent(id)}`, headers, body: { incident: { status: next.status, body: next.text, metadata } } }, settled)
     }
+  }
+
+  /**
+   * Look for the page incident of `key` among the page's unresolved incidents (one request, a
+   * read); then go on with what waits, updating the one found or creating it.
+   */
+  private lookUp (key: string, p: PageIncident, base: string, authorization: string): void {
+    p.busy = true
+    this.send({ method: 'GET', url: `${base}/unresolved?per_page=100`, headers: { authorization }, body: null, once: true, lookup: true }, (ok, answer) => {
+      p.busy = false
+      p.unsure = false
+      const found = ok && Array.isArray(answer)
+        ? (answer as ListedIncident[]).find((i) => i?.metadata?.breakwater?.incident_key === key && typeof i.id === 'string' && i.id !== '' && typeof i.status === 'string' && i.status in RANK)
+        : undefined
+      if (found !== undefined) {
+        p.id = found.id as string
+        p.status = found.status as PageStatus
+        this.logger.info({ event: 'statuspage_incident_found', incidentKey: key, id: p.id, status: p.status }, 'status page incident found on the page; updating it instead of creating another')
+        this.onChange(key, { id: p.id, status: p.status })
+      } else if (!ok) {
+        this.logger.warn({ event: 'statuspage_lookup_failed', incidentKey: key }, 'could not look for the status page incident on the page; going on without it')
+      }
+      this.pump(key, p)
+    })
   }
 
   private forgetOldResolved (): void {
@@ -164,4 +256,8 @@ export class StatusPageLifecycle {
       }
     }
   }
+}
+
+function fresh (): PageIncident {
+  return { id: null, status: null, queue: [], busy: false, unsure: false, failedCreates: 0 }
 }
