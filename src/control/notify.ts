@@ -220,9 +220,9 @@ export class Notifier {
     this.timers.set(timer, m)
   }
 
-  /** Messages waiting or being delivered. */
+  /** Messages waiting or being delivered (status page creates waiting to be retried too). */
   get pending (): number {
-    return this.queue.length + this.inFlight + this.timers.size
+    return this.queue.length + this.inFlight + this.timers.size + this.statusPage.retrying
   }
 
   stop (): void {

@@ -89,6 +89,8 @@ export class StatusPageLifecycle {
   onChange: (key: string, state: PageIncidentState | null) => void = () => {}
   /** Called for an update that could not be sent (counted as a failed notification). */
   onUnsent: () => void = () => {}
+  /** Creates waiting out a retry backoff (they count as pending notifications). */
+  retrying = 0
 
   constructor (private readonly config: () => NotificationsConfig, private readonly send: SendPageRequest, private readonly logger: Logger) {}
 
@@ -203,7 +205,8 @@ export class StatusPageLifecycle {
           p.busy = true
           const backoff = Math.min(30_000, 500 * 2 ** (p.failedCreates - 1)) * (0.75 + Math.random() * 0.5)
           this.logger.warn({ event: 'notification_retry', channel: 'statuspage', attempt: p.failedCreates, retryInMs: Math.round(backoff) }, 'status page incident not created; will look for it and retry')
-          setTimeout(() => { p.busy = false; this.pump(key, p) }, backoff).unref()
+          this.retrying++
+          setTimeout(() => { this.retrying--; p.busy = false; this.pump(key, p) }, backoff).unref()
           return
         }
         this.logger.error({ event: 'notification_failed', channel: 'statuspage', attempts: p.failedCreates }, 'notification not delivered')
