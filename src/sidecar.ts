@@ -209,7 +209,11 @@ export class Sidecar {
     })
     this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
     // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
-    this.triggers.onRearm = (trigger) => { this.notifier.alertmanager.resolve(trigger.name) }
+    this.triggers.onRearm = (trigger) => {
+      this.notifier.alertmanager.resolve(trigger.name)
+      // An incident with no mitigation in force ends on the traffic, not never (verify.ts).
+      this.verifier.signalCleared(trigger.name)
+    }
     this.notifier.alertmanager.instance = this.instance
     const notifyMitigation = this.control.onMitigation
     this.control.onMitigation = (kind, record) => {
@@ -429,11 +433,44 @@ export class Sidecar {
       return
     }
     const live = this.triggers.status().find((s) => s.name === trigger.name)
-    if (live?.state !== 'fired') return
+    if (live?.state !== 'fired') {
+      // Still-firing sidecars claim at once; one of them acts. A sidecar whose own signal has
+      // cleared waits CLEARED_CLAIM_DELAY_MS before it claims, so that it holds the incident
+      // only when none does — else nobody would end it.
+      setTimeout(() => {
+        this.holdCleared(key, trigger, last).catch((err: unknown) => {
+          this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: holding the incident its leader left failed')
+        })
+      }, CLEARED_CLAIM_DELAY_MS).unref()
+      return
+    }
     this.carryPageIncident(key, last)
     this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
       this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
     })
+  }
+
+  /**
+   * The incident's leader left before acting, and this sidecar's own signal no longer fires:
+   * unless a still-firing sidecar claimed the incident meanwhile (it acts, this one follows it),
+   * this one holds it on — it does not act, it verifies on its own traffic that service is back,
+   * and ends the incident for the fleet on the leader's page incident (verify.ts `signalCleared`).
+   * Without this, an incident whose leader left while every other sidecar had re-armed stayed
+   * open on every follower, and its status page incident with it.
+   */
+  private async holdCleared (key: string, trigger: Config['rollbackTriggers'][number], last: Holding): Promise<void> {
+    if (this.stopping !== null || !await this.holdLeft(key, trigger.name, last, false)) return
+    this.verifier.fleetRole(trigger.name, 'leader', this.instance)
+    this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar holds the incident its leader left before acting; its own signal has cleared, so it verifies restoration instead of acting')
+    // Firing again meanwhile, it acts as a taker-over does; else it verifies now.
+    const live = this.triggers.status().find((s) => s.name === trigger.name)
+    if (live?.state === 'fired') {
+      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+        this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
+      })
+      return
+    }
+    this.verifier.signalCleared(trigger.name)
   }
 
   /**
@@ -442,27 +479,42 @@ export class Sidecar {
    * the page incident the leader would have; the others follow it.
    */
   private async succeed (key: string, trigger: Config['rollbackTriggers'][number], last: Holding): Promise<void> {
+    if (!await this.holdLeft(key, trigger.name, last, true)) return
+    this.verifier.succeed(trigger.name, last.instance, this.instance, trigger.action)
+    this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar carries on the incident its leader left after acting')
+  }
+
+  /**
+   * Claim the incident `key` its leader (`last`) left, as a sidecar that followed it: true when
+   * this sidecar holds it now, on the leader's page incident. What the leader recorded stays on
+   * the key — whether it acted (`acted`), its escalation (the fleet escalates once), its page
+   * incident. Another sidecar's claim won: this one follows that one.
+   */
+  private async holdLeft (key: string, trigger: string, last: Holding, acted: boolean): Promise<boolean> {
     const fleet = this.fleet
-    if (fleet === null || !this.verifier.follows(trigger.name, last.instance)) return
-    // What the leader recorded stays on the key: nobody acts again, the fleet escalates once, the page incident stays the leader's.
-    const carried: Progress = { acted: true }
+    if (fleet === null || !this.verifier.follows(trigger, last.instance)) return false
+    const carried: Progress = { acted }
     if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
     if (last.statusPage !== undefined) carried.statusPage = last.statusPage
     let claim: Claim
-    try {
-      claim = await fleet.claim(key, trigger.name, carried)
-    } catch (err) {
-      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, previousLeader: last.instance, error: (err as Error).message }, 'fleet: cannot claim the incident its leader left')
-      return
+    // A claim etcd did not answer is tried again: given up, the incident would have no actor.
+    for (let pause = CLAIM_RETRY_MIN_MS; ; pause = Math.min(pause * 2, CLAIM_RETRY_MAX_MS)) {
+      try {
+        claim = await fleet.claim(key, trigger, carried)
+        break
+      } catch (err) {
+        this.logger.warn({ event: 'fleet_incident', trigger, previousLeader: last.instance, error: (err as Error).message, retryInMs: pause }, 'fleet: cannot claim the incident its leader left; trying again')
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause).unref())
+      if (this.stopping !== null || !this.verifier.follows(trigger, last.instance)) return false
     }
     if (!claim.leader) {
-      this.verifier.fleetRole(trigger.name, 'follower', claim.holder)
+      this.verifier.fleetRole(trigger, 'follower', claim.holder)
       this.holderProgress(fleet, key, claim.holder)
-      return
+      return false
     }
     this.carryPageIncident(key, last)
-    this.verifier.succeed(trigger.name, last.instance, this.instance, trigger.action)
-    this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar carries on the incident its leader left after acting')
+    return true
   }
 
   /**
@@ -713,6 +765,17 @@ export async function startSidecar (config: Config, options: SidecarOptions = {}
   }
   return sidecar
 }
+
+/**
+ * How long a sidecar whose own signal has cleared waits, when its incident's leader left before
+ * acting, before it claims the incident: a still-firing sidecar claims on the same etcd event at
+ * once (milliseconds), and should be the one that holds it, since it acts.
+ */
+const CLEARED_CLAIM_DELAY_MS = 2000
+
+/** Pauses between claims of an incident its leader left while etcd does not answer them. */
+const CLAIM_RETRY_MIN_MS = 250
+const CLAIM_RETRY_MAX_MS = 4000
 
 /**
  * Time kept for closing once requests in flight are cut (at most a tenth of

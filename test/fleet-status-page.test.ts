@@ -30,13 +30,18 @@ async function incidentOf (s: TestSidecar): Promise<IncidentView | undefined> {
 
 const pageStatus = (d: Delivery): string => String(d.body?.incident?.status)
 
-interface PagedFleet { state: { failing: boolean }, cd: Receiver, sp: Receiver, leader: TestSidecar, rest: TestSidecar[] }
+async function triggerState (s: TestSidecar): Promise<string | undefined> {
+  return ((await admin(s.admin, 'GET', '/v1/state')).body.triggers as Array<{ name: string, state: string }>).find((x) => x.name === 'errors')?.state
+}
+
+interface PagedFleet { state: { failing: boolean }, cd: Receiver, sp: Receiver, leader: TestSidecar, rest: TestSidecar[], quiet: Set<TestSidecar> }
 
 /**
  * Three sidecars of a release whose upstream fails while `state.failing`, a rollback webhook
  * answering `respond` (the call numbered `fixedBy` fixes the release; later, a test may), a
  * Statuspage (a create answers with a new id, an update with the id it was sent to), failing
- * traffic through all three, and which of them leads the incident once all know their role.
+ * traffic through all three (but those put in `quiet`), and which of them leads the incident once
+ * all know their role.
  */
 async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: Record<string, unknown> = {}): Promise<PagedFleet> {
   const state = { failing: true }
@@ -61,10 +66,11 @@ async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: R
     verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' },
     ...extra
   })
-  keepSending(t, fleet)
+  const quiet = new Set<TestSidecar>()
+  keepSending(t, fleet, (s) => !quiet.has(s))
   await until(async () => (await Promise.all(fleet.map(incidentOf))).every((i) => i?.fleet !== undefined))
   const leaderIndex = (await Promise.all(fleet.map(incidentOf))).findIndex((i) => i?.fleet?.role === 'leader')
-  return { state, cd, sp, leader: fleet[leaderIndex] as TestSidecar, rest: fleet.filter((_s, i) => i !== leaderIndex) }
+  return { state, cd, sp, leader: fleet[leaderIndex] as TestSidecar, rest: fleet.filter((_s, i) => i !== leaderIndex), quiet }
 }
 
 t.test('the leader created the page incident and goes before acting: the taker-over updates that page incident, through resolved, and none other is created', async (t) => {
@@ -157,4 +163,42 @@ t.test('the leader rolled back and goes before restoration was verified: the fol
   t.same([last.method, last.url, pageStatus(last)], ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'resolved'], 'the successor resolved the leader\'s page incident by its id')
   t.same(successor.sidecar.notifier.statusPage.get(key), { id: 'sp-incident-1', status: 'resolved' }, 'and persists it as resolved')
   t.equal(cd.deliveries.length, 1, 'one rollback')
+})
+
+t.test('the leader goes before acting while no other sidecar still fires: one of them holds the incident, verifies restoration on its own traffic and resolves the leader\'s page incident; nobody rolls back', async (t) => {
+  // The leader's rollback call fails (no retries); the release then recovers by itself.
+  const { state, cd, sp, leader, rest, quiet } = await pagedFleet(t, [500], Infinity, {
+    circuitBreakers: {} // restoration is judged at once, not after an open circuit's recoveryTimeout
+  })
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  await until(async () => ((await admin(leader.admin, 'GET', '/v1/state')).body.rollbacks as Array<{ status: string }>).some((r) => r.status === 'failed'))
+  for (const f of rest) await until(() => f.sidecar.notifier.statusPage.get(key)?.id === 'sp-incident-1')
+  t.equal(leader.sidecar.fleet?.holding(key)?.acted, false, 'the leader did not act: its rollback failed')
+
+  // The release recovers. The followers' traffic says so and their triggers re-arm; the leader
+  // gets no traffic, so its trigger cannot re-arm and it cannot end the incident itself.
+  quiet.add(leader)
+  state.failing = false
+  for (const f of rest) await until(async () => await triggerState(f) === 'ok')
+  t.equal((await incidentOf(leader))?.status, 'detected', 'the leader\'s incident is still open')
+  t.same((await Promise.all(rest.map(incidentOf))).map((i) => [i?.status, i?.fleet?.role]), [['detected', 'follower'], ['detected', 'follower']], 'the followers re-armed and still follow: a follower does not end the fleet\'s incident')
+
+  await leader.sidecar.close()
+  await until(async () => (await Promise.all(rest.map(incidentOf))).every((i) => i?.status === 'restored'))
+  const holder = rest.find((s) => s.sidecar.fleet?.holding(key)?.instance === s.sidecar.fleet?.instance)
+  t.ok(holder !== undefined, 'one of them holds the incident')
+  const taken = await incidentOf(holder as TestSidecar) as IncidentView & { clearedAt?: string, mitigation: { status: string } | null }
+  t.match(taken, { status: 'restored', fleet: { role: 'leader', leader: (holder as TestSidecar).sidecar.fleet?.instance } }, 'restored, by the holder as the incident\'s leader')
+  t.equal(taken.mitigation, null, 'with no mitigation of its own')
+  t.type(taken.clearedAt, 'string', 'verified from the moment its signal had cleared')
+  await until(() => (holder as TestSidecar).sidecar.notifier.statusPage.get(key)?.status === 'resolved')
+  t.equal(sp.deliveries.filter((d) => d.method === 'POST').length, 1, 'one page incident across the fleet')
+  t.same(sp.deliveries.slice(1).map((d) => [d.method, d.url, pageStatus(d)]), [
+    ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'monitoring'],
+    ['PATCH', '/v1/pages/page1/incidents/sp-incident-1', 'resolved']
+  ], 'the holder updated the leader\'s page incident by its id: monitoring, then resolved')
+  t.equal(cd.deliveries.length, 1, 'one rollback call, the leader\'s: a sidecar whose signal cleared does not act')
+  const other = rest.find((s) => s !== holder) as TestSidecar
+  t.match(await incidentOf(other), { status: 'restored', fleet: { role: 'follower', leader: (holder as TestSidecar).sidecar.fleet?.instance } }, 'the other records the restoration, following the holder')
+  t.ok((holder as TestSidecar).logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance && /verifies restoration/.test(String(l.msg))), 'the holder says why it verifies instead of acting')
 })

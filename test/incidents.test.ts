@@ -172,6 +172,43 @@ t.test('escalation: an incident not verified restored within escalateAfter is es
   t.ok(s.logs.some((l) => l.event === 'incident' && l.phase === 'escalated' && l.incident === i.id), 'logged')
 })
 
+t.test('an incident nobody mitigated ends when its signal clears: restoration verified on real traffic, PagerDuty and the page incident resolved, never escalated', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { trigger: { action: 'notify', window: '2s' } })
+  await breakCheckout(app, s, load)
+  const [i] = await incidents(s)
+  t.match(i, { status: 'detected', mitigation: null }, 'the trigger only notified')
+  t.ok(await eventually(() => r.sp.deliveries.length === 1, 15_000), 'the page incident was created')
+
+  // The release recovers by itself: checkout answers again, and its trigger re-arms on that traffic.
+  app.failing.delete('/checkout')
+  let flowing = true
+  const checkout = (async () => { while (flowing) { await load.burst('/checkout/cart', 3); await sleep(100) } })()
+  t.teardown(async () => { flowing = false; await checkout })
+  const settledIncident = await settled(s, i.id)
+  flowing = false
+  await checkout
+  t.equal(settledIncident.status, 'restored', 'restored')
+  t.type(settledIncident.clearedAt, 'string', 'verified from the moment the signal cleared')
+  t.equal(settledIncident.mitigation, null, 'with no mitigation')
+  t.equal(settledIncident.mitigatedAt, null, 'and no time to mitigate')
+  t.ok(settledIncident.timeToRestoreSeconds > 0, 'a time to restore')
+  t.ok(s.logs.some((l) => l.event === 'trigger_rearmed') && s.logs.some((l) => l.event === 'incident' && l.phase === 'cleared' && l.incident === i.id), 'the re-armed trigger and the cleared signal are logged')
+
+  t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve'), 15_000), 'PagerDuty resolved')
+  t.same(r.pd.deliveries.map((d) => d.body.event_action), ['trigger', 'resolve'], 'opened at detection, resolved once restored')
+  t.ok(await eventually(() => r.sp.deliveries.length === 3, 15_000), 'the page incident resolved')
+  t.same(r.sp.deliveries.map((d) => [d.method, d.body.incident.status]), [['POST', 'investigating'], ['PATCH', 'monitoring'], ['PATCH', 'resolved']], 'investigating, monitoring while verifying, resolved')
+  t.ok(await eventually(() => r.hook.deliveries.some((d) => d.body?.event === 'restoration_verified'), 15_000), 'restoration_verified sent to the webhooks')
+  t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /with no mitigation: the signal cleared/, 'the notice says what restored it')
+  t.same(escalations(r), { pd: [], slack: [], hook: [] }, 'never escalated')
+  t.equal(s.sidecar.verifier.armedEscalations, 0, 'no escalation armed once restored')
+  t.ok((await auditOf(s)).some((e) => e.action === 'incident.cleared' && e.targets.includes(i.id)), 'audited')
+  const report = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
+  t.ok(report.body.timeline.some((e: any) => /re-armed with no mitigation/.test(e.what)), 'the report\'s timeline holds it')
+})
+
 t.test('an incident restored in time never escalates: the deadline is disarmed and the PagerDuty alert resolved', async (t) => {
   const app = await startApp(t)
   const r = await receivers(t)

@@ -227,6 +227,7 @@ function describe (e: AuditEntry): string {
       return parts.join('; ')
     }
     case 'incident.detected': return 'incident detected'
+    case 'incident.cleared': return 'the trigger re-armed with no mitigation in force; verifying restoration'
     case 'incident.restored': return 'restoration verified (synthetic checks and real traffic)'
     case 'incident.not_restored': return 'verification failed: service not restored'
     case 'incident.unverified': return 'verification ended unverified: no real traffic'

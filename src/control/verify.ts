@@ -58,6 +58,11 @@ export interface Incident {
   detectedAt: string
   mitigatedAt: string | null
   restoredAt: string | null
+  /**
+   * When the trigger's signal cleared (it re-armed) with no mitigation in force — it only
+   * notified, or its mitigation failed — and verification began from then; absent otherwise.
+   */
+  clearedAt?: string
   /** `status`: a rollback's `running` → `succeeded` | `failed`; `active` for the others. */
   mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
@@ -143,6 +148,8 @@ interface Probe {
 interface Running {
   incident: Incident
   trigger: TriggerConfig | null
+  /** Verification judges real traffic from here: the mitigation, or the signal clearing. */
+  since: number
   timer: NodeJS.Timeout | null
   deadline: number
   busy: boolean
@@ -178,9 +185,10 @@ export class Verifier {
     // First: an incident escalated below, at this start, posts its escalation as it escalates.
     this.resumeEscalations(fleet)
     for (const incident of this.incidents) {
-      if (incident.status === 'verifying' && incident.mitigatedAt !== null) {
+      const since = incident.clearedAt ?? incident.mitigatedAt
+      if (incident.status === 'verifying' && since !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
-        const run: Running = { incident, trigger, timer: null, deadline: Date.parse(incident.mitigatedAt) + this.deps.config().verification.timeoutMs, busy: false, probes: [] }
+        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline: Date.parse(since) + this.deps.config().verification.timeoutMs, busy: false, probes: [] }
         this.running.set(incident.id, run)
         this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
         this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
@@ -473,15 +481,46 @@ export class Verifier {
 
   /** Verify from `at` that `mitigation` restored service (a verification already running starts over). */
   private verifyFrom (incident: Incident, trigger: TriggerConfig | null, mitigation: NonNullable<Incident['mitigation']>, at: number): void {
+    incident.mitigatedAt = new Date(at).toISOString()
+    incident.mitigation = mitigation
+    delete incident.clearedAt
+    this.startVerifying(incident, trigger, at)
+  }
+
+  /** Judge restoration from `at` on (a verification already running starts over). */
+  private startVerifying (incident: Incident, trigger: TriggerConfig | null, at: number): void {
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
-    incident.mitigatedAt = new Date(at).toISOString()
-    incident.mitigation = mitigation
     incident.checks.syntheticPassesInARow = 0
-    const run: Running = { incident, trigger, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
+    const run: Running = { incident, trigger, since: at, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
+  }
+
+  /**
+   * `trigger` re-armed — its metric stayed under the threshold for a whole window — while its
+   * incident here has nothing to verify: the trigger only notified, or its mitigation failed.
+   * Service came back without a mitigation in force, and left alone the incident would stay open
+   * for good, its page and status page incident with it. Restoration is verified on real traffic
+   * from now, as after a mitigation: restored, the incident ends and is resolved everywhere it was
+   * announced; not, it is escalated. Only the incident's actor does this (a follower's leader does,
+   * for the fleet); an incident whose mitigation is still running waits for its result.
+   */
+  signalCleared (trigger: string, at = Date.now()): Incident | null {
+    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
+    if (incident === undefined || incident.status !== 'detected' || incident.fleet?.role === 'follower') return null
+    if (incident.mitigation !== null && incident.mitigation.status !== 'failed') return null
+    const config = this.deps.config().rollbackTriggers.find((t) => t.name === trigger) ?? null
+    incident.clearedAt = new Date(at).toISOString()
+    this.startVerifying(incident, config, at)
+    const why = incident.mitigation === null ? 'with no mitigation applied' : `after the ${incident.mitigation.action} ${incident.mitigation.id} failed`
+    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'cleared', trigger }, `the trigger's signal cleared ${why}; verifying restoration`)
+    const cfg = this.deps.config()
+    this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: `the error signal cleared ${why}; verifying that service is restored` }, 'monitoring')
+    this.deps.persist({ action: 'incident.cleared', targets: [incident.id], reason: `trigger ${trigger} re-armed ${why}`, result: 'verifying', requester: `trigger:${trigger}`, trigger })
+    this.countOpen()
+    return incident
   }
 
   /** Whether `trigger`'s open incident here follows `leader`. */
@@ -606,7 +645,7 @@ export class Verifier {
   /** Real traffic since the mitigation: ok (true), not ok (false), or too little to say (null). */
   private readTraffic (run: Running, routes: ReadonlySet<string>, now: number): { ok: boolean | null, errorRate: number | null, p99Ms: number | null, requests: number, synthetic: number } {
     const cfg = this.deps.config()
-    const since = Math.max(Date.parse(run.incident.mitigatedAt as string), now - cfg.verification.windowMs)
+    const since = Math.max(run.since, now - cfg.verification.windowMs)
     // Whole seconds after the mitigation only: the second it happened in still holds the failures.
     const from = Math.floor(since / 1000) + 1
     const to = Math.floor(now / 1000) + 1
@@ -654,7 +693,7 @@ export class Verifier {
     this.ttrSum += ttr
     this.ttrCount++
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'restored', timeToRestoreSeconds: incident.timeToRestoreSeconds, checks: incident.checks }, 'restoration verified')
-    this.notify(incident, 'restoration_verified', `service restored (verified) ${incident.timeToRestoreSeconds} s after detection, by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`)
+    this.notify(incident, 'restoration_verified', `service restored (verified) ${incident.timeToRestoreSeconds} s after detection, ${restoredBy(incident)}`)
     this.deps.persist({ action: 'incident.restored', targets: [incident.id], reason: 'restoration verified', result: 'restored', requester: 'breakwater', trigger: incident.trigger, timeToRestoreSeconds: incident.timeToRestoreSeconds })
     this.deps.progressed?.(incident, { restoredAt: incident.restoredAt })
   }
@@ -666,7 +705,7 @@ export class Verifier {
     this.running.delete(incident.id)
     incident.endedAt = new Date().toISOString()
     const seconds = this.deps.config().verification.timeoutMs / 1000
-    const what = `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
+    const what = cleared(incident) ? 'the signal clearing' : `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
     incident.status = noRealTraffic ? 'unverified' : 'not_restored'
     if (noRealTraffic) {
       this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'unverified', checks: incident.checks }, 'restoration not verified: no real traffic since the mitigation')
@@ -724,6 +763,17 @@ export class Verifier {
 /** The one line of an escalation: the incident, why, where it stands and what acted. */
 function escalationSummary (incident: Incident, why: string): string {
   return `ESCALATED: incident ${incident.id} ${why} (${incident.status.replace('_', ' ')}${incident.mitigation !== null ? `; ${incident.mitigation.action} ${incident.mitigation.id}` : '; no mitigation yet'})`
+}
+
+/** Whether `incident` is verified from its signal clearing, with no mitigation in force. */
+function cleared (incident: Incident): boolean {
+  return incident.clearedAt !== undefined
+}
+
+/** What restored `incident`, for the restoration notice. */
+function restoredBy (incident: Incident): string {
+  if (cleared(incident)) return incident.mitigation === null ? 'with no mitigation: the signal cleared' : `with no mitigation in force (the ${incident.mitigation.action} ${incident.mitigation.id} failed): the signal cleared`
+  return `by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`
 }
 
 function round (x: number): number {

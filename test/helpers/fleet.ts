@@ -50,13 +50,13 @@ export async function startConnectedFleet (t: Test, extra: Record<string, unknow
   return { etcd, up, fleet }
 }
 
-/** Keep traffic flowing through the running sidecars of `fleet` until the test ends (a failing upstream keeps their triggers fired). */
-export function keepSending (t: Test, fleet: TestSidecar[]): void {
+/** Keep traffic flowing through the running sidecars of `fleet` that `to` picks (asked each round) until the test ends (a failing upstream keeps their triggers fired). */
+export function keepSending (t: Test, fleet: TestSidecar[], to: (s: TestSidecar) => boolean = () => true): void {
   let stopped = false
   t.teardown(() => { stopped = true })
   void (async () => {
     while (!stopped) {
-      await Promise.all(fleet.map(async (s) => { if (s.sidecar.addresses.proxy !== '') await send(s.proxy, '/other').catch(() => null) }))
+      await Promise.all(fleet.filter(to).map(async (s) => { if (s.sidecar.addresses.proxy !== '') await send(s.proxy, '/other').catch(() => null) }))
       await sleep(50)
     }
   })()
