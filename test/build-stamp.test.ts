@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
-import { tempDir } from './helpers/process.js'
+import { childEnv, tempDir } from './helpers/process.js'
 
 const SCRIPT = join(ROOT, 'scripts', 'build.mjs')
 const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> }
@@ -17,14 +17,14 @@ const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { sc
 interface Build { code: number | null, out: string }
 
 function build (root: string, ...args: string[]): Build {
-  const run = spawnSync(process.execPath, [SCRIPT, '--root', root, ...args], { encoding: 'utf8', timeout: 120_000 })
+  const run = spawnSync(process.execPath, [SCRIPT, '--root', root, ...args], { encoding: 'utf8', timeout: 120_000, env: childEnv() })
   return { code: run.status, out: `${run.stdout}${run.stderr}` }
 }
 
 /** A project of one source file, laid out like this one. */
 function tinyProject (root: string): void {
   mkdirSync(join(root, 'src', 'lib'), { recursive: true })
-  writeFileSync(join(root, 'tsconfig.json'), JSON.stringify({ compilerOptions: { target: 'ES2022', module: 'ES2022', strict: true, outDir: 'dist', rootDir: 'src', types: [] }, include: ['src'] }))
+  writeFileSync(join(root, 'tsconfig.json'), JSON.stringify({ compilerOptions: { target: 'ES2022', module: 'ES2022', strict: true, outDir: 'dist', rootDir: 'src', types: [], skipLibCheck: true }, include: ['src'] }))
   writeFileSync(join(root, 'package.json'), JSON.stringify({ name: 'tiny', version: '1.0.0', type: 'module' }))
   writeFileSync(join(root, 'package-lock.json'), JSON.stringify({ name: 'tiny', lockfileVersion: 3, packages: {} }))
   writeFileSync(join(root, 'src', 'lib', 'answer.ts'), 'export const answer: number = 41\n')
@@ -36,9 +36,37 @@ const OUTPUT = (root: string): string => join(root, 'dist', 'lib', 'answer.js')
 const mark = (root: string): void => writeFileSync(OUTPUT(root), readFileSync(OUTPUT(root), 'utf8') + '// not rebuilt\n')
 const rebuilt = (root: string): boolean => !readFileSync(OUTPUT(root), 'utf8').includes('// not rebuilt')
 
-t.test('package.json: build always compiles, prestart only when stale', async (t) => {
+t.test('package.json: build always compiles, prestart and pretest only when stale', async (t) => {
   t.equal(pkg.scripts.build, 'node scripts/build.mjs')
   t.equal(pkg.scripts.prestart, 'node scripts/build.mjs --if-stale')
+  t.equal(pkg.scripts.pretest, 'node scripts/build.mjs --if-stale && node scripts/build.mjs --tests --if-stale')
+})
+
+t.test('--tests --if-stale: the suite (test/tsconfig.json → dist-test/) has a stamp of its own, over test/ too', async (t) => {
+  const root = tempDir(t)
+  tinyProject(root)
+  mkdirSync(join(root, 'test'))
+  writeFileSync(join(root, 'test', 'tsconfig.json'), JSON.stringify({ extends: '../tsconfig.json', compilerOptions: { rootDir: '..', outDir: '../dist-test' }, include: ['../src', '.'] }))
+  writeFileSync(join(root, 'test', 'answer.test.ts'), 'import { answer } from \'../src/lib/answer.js\'\nexport const checked: number = answer\n')
+  const compiled = join(root, 'dist-test', 'test', 'answer.test.js')
+
+  const first = build(root, '--tests', '--if-stale')
+  t.equal(first.code, 0, first.out)
+  t.match(first.out, /dist-test\/ compiled in/, 'no stamp yet: compiled')
+  t.ok(existsSync(compiled), 'the test file, compiled')
+  t.ok(existsSync(join(root, 'dist-test', 'src', 'lib', 'answer.js')), 'with the sources it imports')
+  t.notOk(existsSync(join(root, 'dist', 'cli.js')), 'nothing bundled')
+  t.match(readFileSync(join(root, 'dist-test', '.build-stamp'), 'utf8'), /^[0-9a-f]{64}\n$/)
+  t.notOk(existsSync(STAMP(root)), 'the app\'s stamp is not written')
+
+  const again = build(root, '--tests', '--if-stale')
+  t.match(again.out, /dist-test\/ is up to date/, 'nothing changed: tsc skipped')
+
+  writeFileSync(compiled, '// not rebuilt\n')
+  writeFileSync(join(root, 'test', 'answer.test.ts'), 'import { answer } from \'../src/lib/answer.js\'\nexport const checked: number = answer + 1\n')
+  const changed = build(root, '--tests', '--if-stale')
+  t.equal(changed.code, 0, changed.out)
+  t.match(readFileSync(compiled, 'utf8'), /answer \+ 1/, 'a changed test file: compiled again')
 })
 
 t.test('--if-stale: a fresh stamp skips tsc; a changed input compiles again; a failed build leaves no stamp', async (t) => {

@@ -43,8 +43,9 @@ export async function startProcess (t: Test, config: Record<string, unknown>, en
   return await spawnCli(t, ['start', '--config', configPath], dir, configPath, env)
 }
 
+/** `breakwater ARGS` started as users run it: without tap's hooks (`withoutTapHooks`) unless `env` sets NODE_OPTIONS. */
 export async function spawnCli (t: Test, args: string[], dir: string, configPath: string, env: NodeJS.ProcessEnv = {}): Promise<Running> {
-  const child = spawn(process.execPath, [CLI, ...args], { cwd: dir, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, ...args], { cwd: dir, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   const lines: Array<Record<string, unknown>> = []
   let stderr = ''
   let buffered = ''
@@ -100,6 +101,13 @@ export function rssBytes (pid: number): number {
  */
 export const withoutTapHooks: NodeJS.ProcessEnv = { NODE_OPTIONS: undefined }
 
+/** This process's environment with `overrides`, without tap's hooks: what a spawned binary gets. */
+export function childEnv (overrides: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  const env = { ...process.env, ...withoutTapHooks, ...overrides }
+  for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
+  return env
+}
+
 /**
  * `startProcess` with a start-up deadline of your choosing (a loaded machine can take longer
  * than `spawnCli`'s default to load the binary).
@@ -136,9 +144,7 @@ export interface CliResult {
  */
 export async function runCli (args: string[], options: { cwd?: string, env?: NodeJS.ProcessEnv, timeoutMs?: number } = {}): Promise<CliResult> {
   const startedAt = Date.now()
-  const env = { ...process.env, ...withoutTapHooks, ...options.env }
-  for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
-  const child = spawn(process.execPath, [CLI, ...args], { cwd: options.cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, ...args], { cwd: options.cwd, env: childEnv(options.env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
   child.stdout.on('data', (c: Buffer) => { stdout += c.toString('utf8') })
@@ -174,9 +180,7 @@ export async function startProcessRaw (t: Test, config: Record<string, unknown>,
     listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
     ...config
   }))
-  const env = { ...process.env, ...withoutTapHooks }
-  for (const [key, value] of Object.entries(env)) if (value === undefined) delete env[key]
-  const child = spawn(process.execPath, [CLI, 'start', '--config', configPath], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'start', '--config', configPath], { cwd: dir, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
   t.teardown(async () => {
     if (child.exitCode === null && child.signalCode === null) {
