@@ -84,6 +84,29 @@ t.test('the leader goes before its rollback succeeded: a still-firing sidecar ta
   t.ok(rest.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance)), 'the takeover names the leader that left')
 })
 
+t.test('the leader goes while the followers\' watch delivers nothing: their periodic read finds its key gone, and a still-firing sidecar takes over', async (t) => {
+  // The first rollback call fails (no retries); the next succeeds.
+  const { fleet, cd } = await incidentSetup(t, [500, 200])
+  keepSending(t, fleet)
+  t.ok(await eventually(() => cd.deliveries.length === 1, 30_000), 'the leader called the rollback webhook')
+  t.ok(await eventually(async () => (await Promise.all(fleet.map(fleetRole))).filter((r) => r !== undefined).length === 3, 30_000), 'all three know their role')
+  const leaderIndex = (await Promise.all(fleet.map(fleetRole))).findIndex((r) => r?.role === 'leader')
+  const leader = fleet[leaderIndex] as TestSidecar
+  t.ok(await eventually(async () => ((await admin(leader.admin, 'GET', '/v1/state')).body.rollbacks as Array<{ status: string }>).some((r) => r.status === 'failed'), 30_000), 'its rollback failed')
+  const rest = fleet.filter((_s, i) => i !== leaderIndex)
+  // The followers' watch streams deliver nothing more (as when the probe's read gets there
+  // first, or the watch is being restarted): only the periodic read of the prefix can tell.
+  type Handler = { event: (...args: unknown[]) => Promise<void> }
+  for (const s of rest) (s.sidecar.fleet as unknown as Handler).event = async () => {}
+  t.teardown(() => { for (const s of rest) delete (s.sidecar.fleet as unknown as Partial<Handler>).event })
+
+  await leader.sidecar.close()
+  t.ok(await eventually(() => cd.deliveries.length >= 2, 30_000), 'a follower took over and called the rollback webhook')
+  await sleep(1500)
+  t.equal(cd.deliveries.length, 2, 'exactly one takeover')
+  t.ok(rest.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance)), 'the takeover names the leader that left')
+})
+
 t.test('etcd unreachable when the trigger fires: each sidecar acts alone, as without a fleet, and says why', async (t) => {
   const { fleet, cd, etcd } = await incidentSetup(t, [200])
   await etcd.kill(0)

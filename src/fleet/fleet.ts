@@ -94,6 +94,8 @@ export class Fleet implements FleetWriter {
   private lease: Lease | null = null
   /** Incident keys as last seen (watch and resyncs), by incident key. */
   private readonly incidents = new Map<string, Holding>()
+  /** The etcd revision of each value in `incidents`: a read older than it cannot say it is gone. */
+  private readonly incidentRevisions = new Map<string, number>()
   /** `progress` writes, one at a time: each compares against the value the one before wrote. */
   private progressing: Promise<void> = Promise.resolve()
   /** Called when an incident's holder went away (its lease expired, or it stopped) before restoration was verified, with the key as last seen. */
@@ -159,14 +161,14 @@ export class Fleet implements FleetWriter {
       .else(this.client.get(key))
       .commit())
     if (res.succeeded) {
-      this.incidents.set(incidentKey, holding)
+      this.hold(incidentKey, holding, Number(res.header.revision))
       return { leader: true, holder: this.instance }
     }
     const kv = res.responses[0]?.response_range?.kvs[0]
     const holder = kv === undefined ? null : readHolding(kv.value.toString())
     if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
     if (holder.instance === this.instance) await this.holdAgain(key, kv)
-    this.seen(incidentKey, holder)
+    this.seen(incidentKey, holder, Number(kv.mod_revision))
     return { leader: holder.instance === this.instance, holder: holder.instance }
   }
 
@@ -187,7 +189,7 @@ export class Fleet implements FleetWriter {
     const res = await this.call(async () => await this.client.get(this.key('incidents', incidentKey)).exec())
     const kv = res.kvs[0]
     const holding = kv === undefined ? null : readHolding(kv.value.toString())
-    if (holding !== null) this.seen(incidentKey, holding)
+    if (kv !== undefined && holding !== null) this.seen(incidentKey, holding, Number(kv.mod_revision))
     return holding
   }
 
@@ -211,7 +213,7 @@ export class Fleet implements FleetWriter {
       const res = await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
         .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
         .commit())
-      if (res.succeeded) this.incidents.set(incidentKey, next)
+      if (res.succeeded) this.hold(incidentKey, next, Number(res.header.revision))
     })
     this.progressing = write.catch(() => {})
     await write
@@ -251,21 +253,47 @@ export class Fleet implements FleetWriter {
   private incidentEvent (incidentKey: string, kv: IKeyValue, deleted: boolean): void {
     if (!deleted) {
       const holding = readHolding(kv.value.toString())
-      if (holding !== null) this.seen(incidentKey, holding)
+      if (holding !== null) this.seen(incidentKey, holding, Number(kv.mod_revision))
       return
     }
+    this.released(incidentKey)
+  }
+
+  /**
+   * Incident keys a read of the whole prefix at `revision` no longer holds, though their last
+   * known value is not newer than it: gone (a lease expired, a holder stopped) while the watch did
+   * not say so — it was being restarted, or the probe's read got there first, after which the
+   * watch's own delete event is taken as already applied. Without this, followers of a leader
+   * gone that way would follow it for ever.
+   */
+  private goneBy (kvs: readonly IKeyValue[], revision: number): void {
+    const present = new Set(kvs.map((kv) => this.incidentOf(kv)))
+    for (const incidentKey of [...this.incidents.keys()]) {
+      if (!present.has(incidentKey) && (this.incidentRevisions.get(incidentKey) ?? 0) <= revision) this.released(incidentKey)
+    }
+  }
+
+  /** The incident key is gone: its holder went away, unless the incident had ended. */
+  private released (incidentKey: string): void {
     const last = this.incidents.get(incidentKey)
     this.incidents.delete(incidentKey)
+    this.incidentRevisions.delete(incidentKey)
     if (last === undefined || last.instance === this.instance || last.restoredAt !== undefined) return
     if (last.acted) this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone after acting, before restoration was verified; a sidecar following it carries the incident on')
     else this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
     this.onIncidentReleased(incidentKey, last)
   }
 
-  /** An incident key as read (watch or resync): another holder's news is passed on once. */
-  private seen (incidentKey: string, holding: Holding): void {
-    const before = this.incidents.get(incidentKey)
+  /** This sidecar's own incident key, as it wrote it at `revision`. */
+  private hold (incidentKey: string, holding: Holding, revision: number): void {
     this.incidents.set(incidentKey, holding)
+    this.incidentRevisions.set(incidentKey, revision)
+  }
+
+  /** An incident key as read at `revision` (watch or resync): another holder's news is passed on once. */
+  private seen (incidentKey: string, holding: Holding, revision: number): void {
+    const before = this.incidents.get(incidentKey)
+    this.hold(incidentKey, holding, revision)
     if (holding.instance === this.instance) return
     const page = holding.statusPage
     const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt) ||
@@ -320,7 +348,7 @@ export class Fleet implements FleetWriter {
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
       const holding = incident === null ? null : readHolding(kv.value.toString())
-      if (incident !== null && holding !== null) this.seen(incident, holding)
+      if (incident !== null && holding !== null) this.seen(incident, holding, Number(kv.mod_revision))
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
@@ -331,6 +359,7 @@ export class Fleet implements FleetWriter {
       }
       if (parsed.entry !== null) next[parsed.kind][parsed.name] = parsed.entry
     }
+    this.goneBy(kvs, revision)
     let changed = false
     await this.serial(async () => {
       for (const kind of KINDS) {
