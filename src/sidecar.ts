@@ -220,7 +220,12 @@ export class Sidecar {
       notifyMitigation(kind, record)
       if (kind === 'applied') this.verifier.mitigated(record)
       else if (kind === 'started') this.verifier.mitigationStarted(record)
-      else if (kind === 'failed') this.verifier.mitigationFailed(record)
+      else if (kind === 'failed') {
+        const incident = this.verifier.mitigationFailed(record)
+        // Its trigger re-armed while the mitigation ran: the signal cleared with none in force.
+        const trigger = incident.trigger
+        if (trigger !== null && this.triggers.status().find((s) => s.name === trigger)?.state === 'ok') this.verifier.signalCleared(trigger)
+      }
     }
     this.admin = createAdminServer({
       control: this.control,

@@ -46,6 +46,7 @@ interface Options {
   stateDir?: string
   /** false: no pagerDutyEscalationRoutingKey. */
   escalationKey?: false
+  rollback?: Record<string, unknown>
 }
 
 /** The shop behind a sidecar: `checkout` (kill switch `newCheckout`) and `catalog`, every channel configured. */
@@ -64,6 +65,7 @@ async function shop (t: Test, app: App, r: Receivers, o: Options = {}): Promise<
     ],
     featureFlags: { newCheckout: true, unrelated: true },
     rollbackTriggers: [{ ...TRIGGER, ...o.trigger }],
+    ...(o.rollback !== undefined ? { rollback: o.rollback } : {}),
     notifications: {
       slackChannel: '#incidents',
       slackWebhookUrl: `${r.slack.url}/slack`,
@@ -207,6 +209,34 @@ t.test('an incident nobody mitigated ends when its signal clears: restoration ve
   t.ok((await auditOf(s)).some((e) => e.action === 'incident.cleared' && e.targets.includes(i.id)), 'audited')
   const report = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
   t.ok(report.body.timeline.some((e: any) => /re-armed with no mitigation/.test(e.what)), 'the report\'s timeline holds it')
+})
+
+t.test('a rollback that fails after its trigger re-armed: the incident escalates for the failed rollback, then ends on the traffic', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  // The rollback webhook answers 500, but only after the release has recovered and the trigger re-armed.
+  const cd = await startReceiver([500])
+  cd.delayMs = 60_000
+  t.teardown(cd.close)
+  const { s, load } = await shop(t, app, r, { trigger: { action: 'rollback', window: '2s' }, rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0, timeoutMs: '2m' } })
+  await breakCheckout(app, s, load)
+  t.ok(await eventually(() => cd.deliveries.length === 1, 15_000), 'the rollback was called')
+  app.failing.delete('/checkout')
+  let flowing = true
+  const checkout = (async () => { while (flowing) { await load.burst('/checkout/cart', 3); await sleep(100) } })()
+  t.teardown(async () => { flowing = false; await checkout })
+  t.ok(await eventually(() => s.sidecar.triggers.status().find((x) => x.name === TRIGGER.name)?.state === 'ok', 30_000), 'the trigger re-armed while the rollback ran')
+  const [running] = await incidents(s)
+  t.match(running, { status: 'detected', mitigation: { action: 'rollback', status: 'running' } }, 'nothing to verify yet: the rollback is running')
+
+  cd.delayMs = 0
+  cd.release()
+  const settledIncident = await settled(s, running.id)
+  t.match(settledIncident, { status: 'restored', mitigation: { action: 'rollback', status: 'failed' } }, 'restored, its rollback failed')
+  t.type(settledIncident.clearedAt, 'string', 'verified from when the rollback failed, its signal long cleared')
+  t.ok(await eventually(() => escalations(r).hook.length === 1, 15_000), 'the failed rollback escalated it')
+  t.ok(await eventually(() => r.hook.deliveries.some((d) => d.body?.event === 'restoration_verified'), 15_000), 'then restoration was verified')
+  t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /no mitigation in force \(the rollback \S+ failed\): the signal cleared/, 'the notice says what restored it')
 })
 
 t.test('an incident restored in time never escalates: the deadline is disarmed and the PagerDuty alert resolved', async (t) => {

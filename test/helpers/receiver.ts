@@ -22,15 +22,20 @@ export interface Receiver {
   delayMs: number
   /** Deliveries answered so far (a delay holds the answer back). */
   answered: number
+  /** Answer every delivery held back by `delayMs` now. */
+  release: () => void
   /** The JSON body to answer a delivery with (default `{"ok":true}`). */
   answer: (d: Delivery) => unknown
   close: () => Promise<void>
 }
 
 export async function startReceiver (respond: number[] = [200]): Promise<Receiver> {
-  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answered: 0, answer: () => ({ ok: true }), close: async () => {} }
   // Answers held back by delayMs; close() drops them so a long delay never keeps the process alive.
-  const held = new Set<NodeJS.Timeout>()
+  const held = new Map<NodeJS.Timeout, () => void>()
+  const release = (): void => {
+    for (const [timer, send] of [...held]) { clearTimeout(timer); send() }
+  }
+  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answered: 0, release, answer: () => ({ ok: true }), close: async () => {} }
   const server = http.createServer((req, res) => {
     let text = ''
     req.on('data', (c: Buffer) => { text += c.toString('utf8') })
@@ -41,19 +46,20 @@ export async function startReceiver (respond: number[] = [200]): Promise<Receive
       const n = state.deliveries.push(delivery)
       const status = state.respond[Math.min(n - 1, state.respond.length - 1)] ?? 200
       const answer = JSON.stringify(state.answer(delivery))
-      const timer = setTimeout(() => {
+      const send = (): void => {
         held.delete(timer)
         state.answered++
         res.writeHead(status, { 'content-type': 'application/json' })
         res.end(answer)
-      }, state.delayMs)
-      held.add(timer)
+      }
+      const timer = setTimeout(send, state.delayMs)
+      held.set(timer, send)
     })
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
   state.close = async () => {
-    for (const timer of held) clearTimeout(timer)
+    for (const timer of held.keys()) clearTimeout(timer)
     held.clear()
     server.closeAllConnections()
     await new Promise<void>((resolve) => server.close(() => resolve()))
