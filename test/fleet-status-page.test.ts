@@ -60,6 +60,9 @@ async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: R
   const { fleet } = await startConnectedFleet(t, {
     version: '2.0.0',
     upstreams: { app: { url: app.url } },
+    // No circuit: once the release is fixed, restoration is judged at once. An open circuit's
+    // recoveryTimeout outlasted the 20 s verification on a loaded host: not restored, no resolve.
+    circuitBreakers: {},
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
     notifications: { statusPageId: 'page1', statusPageApiKey: 'sp-key', statusPageUrl: sp.url },
@@ -141,7 +144,6 @@ t.test('the leader goes while its create is in flight, before acting: the taker-
 t.test('the leader rolled back and goes before restoration was verified: the follower that carries the incident on resolves the leader\'s page incident', async (t) => {
   // The rollback is applied but does not fix the release until the test does.
   const { state, cd, sp, leader, rest } = await pagedFleet(t, [200], Infinity, {
-    circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
     verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '60s' }
   })
   const key = incidentKey('shop', '2.0.0', 'errors')
@@ -167,9 +169,7 @@ t.test('the leader rolled back and goes before restoration was verified: the fol
 
 t.test('the leader goes before acting while no other sidecar still fires: one of them holds the incident, verifies restoration on its own traffic and resolves the leader\'s page incident; nobody rolls back', async (t) => {
   // The leader's rollback call fails (no retries); the release then recovers by itself.
-  const { state, cd, sp, leader, rest, quiet } = await pagedFleet(t, [500], Infinity, {
-    circuitBreakers: {} // restoration is judged at once, not after an open circuit's recoveryTimeout
-  })
+  const { state, cd, sp, leader, rest, quiet } = await pagedFleet(t, [500], Infinity)
   const key = incidentKey('shop', '2.0.0', 'errors')
   await until(async () => ((await admin(leader.admin, 'GET', '/v1/state')).body.rollbacks as Array<{ status: string }>).some((r) => r.status === 'failed'))
   for (const f of rest) await until(() => f.sidecar.notifier.statusPage.get(key)?.id === 'sp-incident-1')
