@@ -162,6 +162,37 @@ t.test('an absent or invalid traceparent starts a trace; the ratio samples roots
   t.equal(new Set(spans.map((x) => x.traceId)).size, invalid.length, 'one new trace each')
 })
 
+t.test('new ids for every request, across blocks of ready-made ids: valid, distinct, and each traceparent the request\'s own', async (t) => {
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, { ...oneRoute(upstream.url, { name: 'all' }), ...tracing(receiver, { sampleRatio: 0.5 }) })
+  const n = 300 // more than two blocks of ids
+  for (let i = 0; i < n; i++) t.equal((await send(s.proxy, '/x')).status, 200)
+  const traces = new Set<string>()
+  const spanIds = new Set<string>()
+  let sampled = 0
+  for (let i = 0; i < n; i++) {
+    const [version, traceId = '', spanId = '', flags, ...rest] = forwarded(upstream, i)
+    if (version !== '00' || !HEX32.test(traceId) || !HEX16.test(spanId) || !(flags === '00' || flags === '01') || rest.length > 0) {
+      t.fail(`request ${i}: traceparent ${String(upstream.received[i]?.headers.traceparent)}`)
+    }
+    if (flags === '01') sampled++
+    traces.add(traceId)
+    spanIds.add(spanId)
+  }
+  t.equal(traces.size, n, 'a new trace id for each request')
+  t.equal(spanIds.size, n, 'a new span id for each request')
+  t.ok(sampled > 0 && sampled < n, `ratio 0.5 samples some and not all (${sampled} of ${n})`)
+  const spans = await spansArrive(receiver, sampled)
+  for (const span of spans) {
+    const i = upstream.received.findIndex((r) => r.headers.traceparent === `00-${span.traceId}-${span.spanId}-01`)
+    t.ok(i >= 0, `span ${span.spanId}: its request's upstream got its trace id and span id`)
+  }
+  t.equal(spans.length, sampled, 'one span per sampled request')
+})
+
 t.test('sampling: ratio 0 exports no root, ratio 1 every one, and a caller\'s flag wins both ways', async (t) => {
   const receiver = await startOtlpReceiver()
   t.teardown(receiver.close)

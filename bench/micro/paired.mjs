@@ -21,10 +21,11 @@
 //     the report is the median over rounds, with the quartiles.
 //
 // Variants (each sidecar switches in-process, so both stay warm):
-//   trace-off | trace-export | trace-sample1 | trace-encode   tracing exporter (the sidecar is
+//   trace-off | trace-export | trace-sample1 | trace-encode | trace-ids | trace-sample1-encode   tracing exporter (the sidecar is
 //       started with tracing at sampleRatio 1; `off` sets the data plane's exporter to none,
 //       `sample1` samples 1 % of new traces through the real exporter, `encode` writes the
-//       spans into batches and throws them away, `ids` samples nothing: ids and `traceparent` alone);
+//       spans into batches and throws them away, `ids` samples nothing: ids and `traceparent` alone,
+//       `sample1-encode` samples 1 % into batches that are thrown away: no export);
 //   log-off | log-on | log-sample10    `logging.accessLog` false / true / 0.1, lines to stdout,
 //       which is /dev/null here (as bench/run.mjs's `breakwater-log`);
 //   floor | floor-contract | sidecar    the sidecar's port served by the hand-written forwarding
@@ -184,6 +185,7 @@ async function sidecar () {
   const encodeOnly = new SpanQueue(config.tracing, encoding, { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }, s.logger)
   const sampledOne = { sampleRatio: 0.01, add: (ctx) => { exporting.add(ctx) } }
   const sampledNone = { sampleRatio: 0, add: () => {} }
+  const sampledOneEncoded = { sampleRatio: 0.01, add: (ctx) => { encodeOnly.add(ctx) } }
   // A known cost, to check the bench: every request sampled, and its span costs 5 or 10 µs of spinning.
   const burning = (us) => ({ sampleRatio: 1, add: () => { const until = performance.now() + us / 1000; while (performance.now() < until); } })
   // The same 5 µs as work instead of waiting on the clock: a register-only loop of as many turns
@@ -203,6 +205,7 @@ async function sidecar () {
     'trace-sample1': () => { tracing.exporter = sampledOne },
     'trace-encode': () => { tracing.exporter = encodeOnly },
     'trace-ids': () => { tracing.exporter = sampledNone },
+    'trace-sample1-encode': () => { tracing.exporter = sampledOneEncoded },
     'trace-burn5': () => { tracing.exporter = burning(5) },
     'trace-burn10': () => { tracing.exporter = burning(10) },
     'trace-work5': () => { tracing.exporter = working(5) },

@@ -48,32 +48,84 @@ function parseTraceparent (value: string): RegExpExecArray | null {
 }
 
 /**
- * Random hex for ids, drawn in blocks: one system call and one hex conversion per 170 requests,
- * and an id is a slice of that text (no native call per id).
+ * Ready-made ids, drawn in blocks. A block is one text of `IDS_PER_BLOCK` unsampled
+ * `traceparent` values of a new trace back to back (`00-<trace id>-<span id>-00`, 55 characters
+ * each): the dashes are written once, a refill writes only the hex digits, and a request takes
+ * its `traceparent`, trace id and span id as three slices of that text (no string built per
+ * request).
+ *
+ * The digits come from xoshiro128** seeded by the operating system at start-up. W3C Trace Context
+ * asks ids to be random and unique, not secret (OpenTelemetry's own generator uses
+ * `Math.random`); the operating system's generator, called once per block, was a fifth of what
+ * tracing cost an unsampled request, and this generator writes a block in about half the time
+ * of `Math.random`.
  */
-const POOL_BYTES = 4096
-const pool = Buffer.allocUnsafe(POOL_BYTES)
-let poolHex = ''
-let poolAt = 0
+const TRACEPARENT_LENGTH = 55
+const IDS_PER_BLOCK = 128
+const block = Buffer.from(`00-${ZERO_TRACE}-${ZERO_SPAN}-00`.repeat(IDS_PER_BLOCK), 'latin1')
+const blockView = new DataView(block.buffer, block.byteOffset, block.length)
+let blockText = ''
+let next = IDS_PER_BLOCK
 
-function randomHex (bytes: number): string {
-  const chars = bytes * 2
-  if (poolAt + chars > poolHex.length) {
-    randomFillSync(pool)
-    poolHex = pool.toString('hex')
-    poolAt = 0
-  }
-  const hex = poolHex.slice(poolAt, poolAt + chars)
-  poolAt += chars
-  return hex
+/** Two hex digits of each byte value, as the little-endian 16-bit word that writes them. */
+const HEX_PAIRS = new Uint16Array(256)
+for (let byte = 0; byte < 256; byte++) {
+  HEX_PAIRS[byte] = '0123456789abcdef'.charCodeAt(byte >> 4) | ('0123456789abcdef'.charCodeAt(byte & 15) << 8)
 }
 
-/** A non-zero id of `bytes` random bytes (W3C: an all-zero id is invalid). */
-function newId (bytes: number): string {
-  const zero = bytes === 16 ? ZERO_TRACE : ZERO_SPAN
-  let id = randomHex(bytes)
-  while (id === zero) id = randomHex(bytes)
-  return id
+/** xoshiro128** (Blackman and Vigna): 32 random bits per call; its state never all zero. */
+const state = new Uint32Array(4)
+do randomFillSync(state); while ((state[0] | state[1] | state[2] | state[3]) === 0)
+
+function random32 (): number {
+  const s = state
+  const s1 = s[1] as number
+  const result = Math.imul(rotl(Math.imul(s1, 5), 7), 9) >>> 0
+  const t = s1 << 9
+  s[2] = (s[2] as number) ^ (s[0] as number)
+  s[3] = (s[3] as number) ^ s1
+  s[1] = s1 ^ (s[2] as number)
+  s[0] = (s[0] as number) ^ (s[3] as number)
+  s[2] = (s[2] as number) ^ t
+  s[3] = rotl(s[3] as number, 11)
+  return result
+}
+
+function rotl (x: number, k: number): number {
+  return (x << k) | (x >>> (32 - k))
+}
+
+/** Write `count` (a multiple of 8) random hex digits into `block` at `at`. */
+function writeHex (at: number, count: number): void {
+  for (let end = at + count; at < end; at += 8) {
+    const word = random32()
+    blockView.setUint16(at, HEX_PAIRS[word >>> 24] as number, true)
+    blockView.setUint16(at + 2, HEX_PAIRS[(word >>> 16) & 255] as number, true)
+    blockView.setUint16(at + 4, HEX_PAIRS[(word >>> 8) & 255] as number, true)
+    blockView.setUint16(at + 6, HEX_PAIRS[word & 255] as number, true)
+  }
+}
+
+function refill (): void {
+  for (let i = 0, at = 0; i < IDS_PER_BLOCK; i++, at += TRACEPARENT_LENGTH) {
+    writeHex(at + 3, 32)
+    writeHex(at + 36, 16)
+  }
+  blockText = block.toString('latin1')
+  next = 0
+}
+
+/**
+ * The offset in `blockText` of the next unused `traceparent`, never one with an all-zero id
+ * (W3C: invalid; one in 2^64 draws).
+ */
+function takeIds (): number {
+  for (;;) {
+    if (next === IDS_PER_BLOCK) refill()
+    const at = next++ * TRACEPARENT_LENGTH
+    if (blockText.startsWith(ZERO_TRACE, at + 3) || blockText.startsWith(ZERO_SPAN, at + 36)) continue
+    return at
+  }
 }
 
 /**
@@ -92,19 +144,23 @@ export function beginTrace (ctx: RequestContext, tracing: Tracing, incoming: str
     }
     return
   }
+  const id = takeIds()
+  const text = blockText
+  ctx.spanId = text.slice(id + 36, id + 52)
+  let traceparent: string
   let sampled: boolean
   if (parent !== null) {
     ctx.traceId = parent[2] as string
     ctx.parentSpanId = parent[3] as string
     sampled = (parseInt(parent[4] as string, 16) & 1) === 1
+    traceparent = `00-${ctx.traceId}-${ctx.spanId}-${sampled ? '01' : '00'}`
   } else {
-    ctx.traceId = newId(16)
+    ctx.traceId = text.slice(id + 3, id + 35)
     sampled = exporter.sampleRatio >= 1 || (exporter.sampleRatio > 0 && Math.random() < exporter.sampleRatio)
+    traceparent = sampled ? text.slice(id, id + 53) + '01' : text.slice(id, id + TRACEPARENT_LENGTH)
   }
-  ctx.spanId = newId(8)
   if (sampled) ctx.spanExport = exporter
   if (headers === null) return
-  const traceparent = `00-${ctx.traceId}-${ctx.spanId}-${sampled ? '01' : '00'}`
   if (at >= 0) headers[at] = traceparent
   else headers.push('traceparent', traceparent)
 }
