@@ -8,36 +8,15 @@
 // The rest of dist/ stays tsc's output: the library (`main`), the tests and the schema generator
 // use it.
 //
-// etcd3 (the fleet) reads its .proto files next to its own code when it loads: they are copied
-// to dist/chunks/etcd3-proto/ and its one reference to them points there (`etcd3Proto`).
-// Bundled, the fleet's client (etcd3, gRPC, protobuf.js: some 300 files) takes 5 MiB less.
-//
 // Left outside the bundle, loaded from node_modules: a flagProvider module (the config names
 // it, so it is found at run time).
-import { copyFileSync, mkdirSync, readdirSync, readFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { builtinModules, createRequire } from 'node:module'
-import { dirname, join } from 'node:path'
+import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
 export const EXTERNAL = []
 
-/** Where etcd3's .proto files go, next to the chunks; the chunk with etcd3 finds them there. */
-const ETCD3_PROTO_DIR = 'etcd3-proto'
-const ETCD3_PROTO_REF = '`${__dirname}/../proto/rpc.proto`'
-
-/** etcd3's connection pool loads `<its dir>/../proto/rpc.proto`: pointed at the copy instead. */
-function etcd3Proto () {
-  return {
-    name: 'etcd3-proto',
-    setup (build) {
-      build.onLoad({ filter: /[\\/]etcd3[\\/]lib[\\/]connection-pool\.js$/ }, (args) => {
-        const source = readFileSync(args.path, 'utf8')
-        if (!source.includes(ETCD3_PROTO_REF)) throw new Error(`etcd3 no longer loads ${ETCD3_PROTO_REF}: see scripts/bundle.mjs`)
-        return { contents: source.replace(ETCD3_PROTO_REF, `__bundleDir + ${JSON.stringify(`/${ETCD3_PROTO_DIR}/rpc.proto`)}`), loader: 'js' }
-      })
-    }
-  }
-}
 
 /**
  * `await import('pkg')` of a CommonJS package would, in its own chunk, expose only `default`;
@@ -94,21 +73,13 @@ export async function bundle (root, esbuildPath) {
     minify: true,
     keepNames: true,
     external: EXTERNAL,
-    plugins: [lazyPackages(root), etcd3Proto()],
-    // The CommonJS dependencies call require() for Node's modules; `__bundleDir` is the folder of
-    // the file (see etcd3Proto).
-    banner: { js: "import { createRequire as __bundleRequire } from 'node:module'; const require = __bundleRequire(import.meta.url); const __bundleDir = require('node:path').dirname(require('node:url').fileURLToPath(import.meta.url));" },
+    plugins: [lazyPackages(root)],
+    // The CommonJS dependencies call require() for Node's modules.
+    banner: { js: "import { createRequire as __bundleRequire } from 'node:module'; const require = __bundleRequire(import.meta.url);" },
     metafile: true,
     logLevel: 'warning'
   })
   const outputs = Object.keys(result.metafile.outputs)
-  const etcd3 = outputs.filter((file) => Object.keys(result.metafile.outputs[file].inputs).some((input) => /etcd3[\\/]lib[\\/]connection-pool\.js$/.test(input)))
-  for (const file of etcd3) {
-    const rpcProto = createRequire(join(root, 'package.json')).resolve('etcd3/proto/rpc.proto')
-    const into = join(root, dirname(file), ETCD3_PROTO_DIR)
-    mkdirSync(into, { recursive: true })
-    for (const proto of readdirSync(dirname(rpcProto)).filter((f) => f.endsWith('.proto'))) copyFileSync(join(dirname(rpcProto), proto), join(into, proto))
-  }
   for (const file of outputs) {
     const wide = wideCharacter(readFileSync(join(root, file), 'utf8'))
     if (wide !== null) throw new Error(`${file} holds ${wide}: V8 would keep its source in two bytes per character`)

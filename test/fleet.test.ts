@@ -175,11 +175,11 @@ t.test('without fleet, neither the fleet module nor the etcd client is loaded', 
     const base = { service: 'shop', stateDir: mkdtempSync(tmpdir() + '/bw-'), listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }, upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }], logging: { level: 'silent' }, shutdown: { drainDelayMs: 0, timeoutMs: 0 } }
     const plain = await startSidecar(resolveConfig(base).config, { adminToken: 'x'.repeat(32) })
     await new Promise((r) => setTimeout(r, 200))
-    const before = seen.filter((u) => /etcd3|grpc|\\/fleet\\/fleet\\.js/.test(u))
+    const before = seen.filter((u) => /etcd3|grpc|\\/fleet\\/(fleet|etcd)\\.js/.test(u))
     await plain.close()
     const withFleet = await startSidecar(resolveConfig({ ...base, stateDir: mkdtempSync(tmpdir() + '/bw-'), fleet: { etcd: { endpoints: ['http://127.0.0.1:1'] } } }).config, { adminToken: 'x'.repeat(32) })
     await new Promise((r) => setTimeout(r, 200))
-    const after = seen.filter((u) => /etcd3|\\/fleet\\/fleet\\.js/.test(u))
+    const after = seen.filter((u) => /etcd3|grpc|\\/fleet\\/(fleet|etcd)\\.js/.test(u))
     await withFleet.close()
     console.log(JSON.stringify({ before, after }))
     process.exit(0)
@@ -194,6 +194,7 @@ t.test('without fleet, neither the fleet module nor the etcd client is loaded', 
   const line = out.trim().split('\n').at(-1) ?? '{}'
   const { before, after } = JSON.parse(line) as { before: string[], after: string[] }
   t.same(before, [], 'a sidecar without fleet resolved no etcd or gRPC module')
-  t.ok(after.some((u) => u.includes('etcd3')), 'with fleet the etcd client is loaded (the check can see it)')
+  t.ok(after.some((u) => u.includes('/fleet/etcd.js')), 'with fleet the etcd client is loaded (the check can see it)')
   t.ok(after.some((u) => u.includes('/fleet/fleet.js')))
+  t.same(after.filter((u) => /etcd3|grpc/.test(u)), [], 'and no gRPC: the client speaks etcd\'s JSON gateway over undici')
 })

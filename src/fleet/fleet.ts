@@ -20,9 +20,8 @@
  * restarted. While disconnected the last fleet state stays in force (and in `stateDir`), and
  * the sidecar retries with backoff, logging once per change of state, not per retry.
  */
-import { readFileSync } from 'node:fs'
 import type { Logger } from 'pino'
-import type { Etcd3, IKeyValue, Lease, Watcher } from 'etcd3'
+import type { Etcd, KeyValue, Lease } from './etcd.js'
 import type { FleetConfig } from '../config/types.js'
 import type { FleetEntry, FleetState } from '../state/state-file.js'
 import { ControlError, type FleetWriter } from '../control/interfaces.js'
@@ -82,7 +81,7 @@ export class Fleet implements FleetWriter {
   readonly root: string
   private readonly probeMs: number
   private stopped = false
-  private watcher: Watcher | null = null
+  private watcher: { cancel: () => void } | null = null
   private wake: (() => void) | null = null
   private running: Promise<void> = Promise.resolve()
   /** Whether the disconnected state was logged already (once per change of state). */
@@ -103,7 +102,7 @@ export class Fleet implements FleetWriter {
   /** Called when another sidecar holding an incident key reports escalation, verified restoration or its status page incident. */
   onIncidentProgress: (incidentKey: string, holding: Holding) => void = () => {}
 
-  private constructor (readonly client: Etcd3, readonly config: FleetConfig, private readonly deps: FleetDeps, private readonly recoverable: (err: Error) => boolean) {
+  private constructor (readonly client: Etcd, readonly config: FleetConfig, private readonly deps: FleetDeps, private readonly recoverable: (err: Error) => boolean) {
     this.instance = deps.instance
     this.root = `${config.etcd.prefix}/${deps.service}/`
     this.probeMs = Math.max(500, Math.min(2000, Math.floor(config.leaseTtlMs / 4)))
@@ -111,20 +110,10 @@ export class Fleet implements FleetWriter {
 
   /** Load the etcd client and connect in the background; never waits for etcd. */
   static async start (config: FleetConfig, deps: FleetDeps): Promise<Fleet> {
-    const { Etcd3, isRecoverableError } = await import('etcd3')
+    const { Etcd, recoverable } = await import('./etcd.js')
     const { etcd } = config
-    const tls = etcd.tls
-    const client = new Etcd3({
-      hosts: [...etcd.endpoints],
-      dialTimeout: ATTEMPT_MS,
-      ...(etcd.username !== null ? { auth: { username: etcd.username, password: etcd.password ?? '' } } : {}),
-      // Without a CA file gRPC trusts the system's roots; an https:// endpoint alone means TLS.
-      ...(tls !== null && (tls.ca !== null || tls.cert !== null)
-        ? { credentials: { rootCertificate: (tls.ca !== null ? readFileSync(tls.ca) : undefined) as Buffer, ...(tls.cert !== null && tls.key !== null ? { certChain: readFileSync(tls.cert), privateKey: readFileSync(tls.key) } : {}) } }
-        : {}),
-      defaultCallOptions: (context) => context.isStream ? {} : { deadline: Date.now() + ATTEMPT_MS }
-    })
-    const fleet = new Fleet(client, config, deps, isRecoverableError)
+    const client = new Etcd({ endpoints: etcd.endpoints, username: etcd.username, password: etcd.password, tls: etcd.tls, attemptMs: ATTEMPT_MS })
+    const fleet = new Fleet(client, config, deps, recoverable)
     fleet.running = fleet.run()
     return fleet
   }
@@ -138,7 +127,7 @@ export class Fleet implements FleetWriter {
   async write (kind: Kind, name: string, entry: FleetEntry): Promise<void> {
     if (!this.connected) throw unavailable('etcd is unreachable')
     try {
-      await this.call(async () => await this.client.put(this.key(kind, name)).value(JSON.stringify(entry)).exec())
+      await this.call(async () => await this.client.put(this.key(kind, name), JSON.stringify(entry)))
     } catch (err) {
       throw unavailable((err as Error).message)
     }
@@ -156,19 +145,16 @@ export class Fleet implements FleetWriter {
     const key = this.key('incidents', incidentKey)
     const holding = holdingOf({ acted: false, ...carried, instance: this.instance, trigger, at: new Date().toISOString() })
     // Retrying is safe: a create that did land makes the retry read this sidecar as the holder.
-    const res = await this.call(async () => await this.client.if(key, 'Create', '==', 0)
-      .then(this.client.put(key).value(JSON.stringify(holding)).lease(await this.leaseId()))
-      .else(this.client.get(key))
-      .commit())
+    const res = await this.call(async () => await this.client.txn([{ key, target: 'CREATE', createRevision: 0 }], [{ key, value: JSON.stringify(holding), lease: await this.leaseId() }], key))
     if (res.succeeded) {
-      this.hold(incidentKey, holding, Number(res.header.revision))
+      this.hold(incidentKey, holding, res.revision)
       return { leader: true, holder: this.instance }
     }
-    const kv = res.responses[0]?.response_range?.kvs[0]
-    const holder = kv === undefined ? null : readHolding(kv.value.toString())
+    const kv = res.kvs[0]
+    const holder = kv === undefined ? null : readHolding(kv.value)
     if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
     if (holder.instance === this.instance) await this.holdAgain(key, kv)
-    this.seen(incidentKey, holder, Number(kv.mod_revision))
+    this.seen(incidentKey, holder, kv.modRevision)
     return { leader: holder.instance === this.instance, holder: holder.instance }
   }
 
@@ -176,20 +162,18 @@ export class Fleet implements FleetWriter {
    * This sidecar's incident key from before a restart lives under the lease of the process that
    * was, and goes when that lease expires: hold it under this one's instead (unless it changed).
    */
-  private async holdAgain (key: string, kv: IKeyValue): Promise<void> {
+  private async holdAgain (key: string, kv: KeyValue): Promise<void> {
     const lease = await this.leaseId()
     if (kv.lease === lease) return
-    await this.call(async () => await this.client.if(key, 'Mod', '==', kv.mod_revision)
-      .then(this.client.put(key).value(kv.value).lease(lease))
-      .commit())
+    await this.call(async () => await this.client.txn([{ key, target: 'MOD', modRevision: kv.modRevision }], [{ key, value: kv.value, lease }]))
   }
 
   /** The incident key as it is in etcd now, null when absent. Throws when etcd does not answer. */
   async read (incidentKey: string): Promise<Holding | null> {
-    const res = await this.call(async () => await this.client.get(this.key('incidents', incidentKey)).exec())
+    const res = await this.call(async () => await this.client.range(this.key('incidents', incidentKey)))
     const kv = res.kvs[0]
-    const holding = kv === undefined ? null : readHolding(kv.value.toString())
-    if (kv !== undefined && holding !== null) this.seen(incidentKey, holding, Number(kv.mod_revision))
+    const holding = kv === undefined ? null : readHolding(kv.value)
+    if (kv !== undefined && holding !== null) this.seen(incidentKey, holding, kv.modRevision)
     return holding
   }
 
@@ -210,10 +194,8 @@ export class Fleet implements FleetWriter {
       if (held === undefined || held.instance !== this.instance || this.lease === null) return
       const key = this.key('incidents', incidentKey)
       const next = holdingOf({ ...held, ...change })
-      const res = await this.call(async () => await this.client.if(key, 'Value', '==', JSON.stringify(held))
-        .then(this.client.put(key).value(JSON.stringify(next)).lease(await this.leaseId()))
-        .commit())
-      if (res.succeeded) this.hold(incidentKey, next, Number(res.header.revision))
+      const res = await this.call(async () => await this.client.txn([{ key, target: 'VALUE', value: JSON.stringify(held) }], [{ key, value: JSON.stringify(next), lease: await this.leaseId() }]))
+      if (res.succeeded) this.hold(incidentKey, next, res.revision)
     })
     this.progressing = write.catch(() => {})
     await write
@@ -240,8 +222,7 @@ export class Fleet implements FleetWriter {
 
   private async leaseId (): Promise<string> {
     if (this.lease === null || this.lease.revoked()) {
-      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000))
-      lease.on('lost', (err) => {
+      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000), (err) => {
         if (this.lease === lease) this.lease = null
         this.deps.logger.warn({ event: 'fleet', error: err.message }, 'fleet: lease lost; incident keys held by this sidecar are gone')
       })
@@ -250,10 +231,10 @@ export class Fleet implements FleetWriter {
     return await this.lease.grant()
   }
 
-  private incidentEvent (incidentKey: string, kv: IKeyValue, deleted: boolean): void {
+  private incidentEvent (incidentKey: string, kv: KeyValue, deleted: boolean): void {
     if (!deleted) {
-      const holding = readHolding(kv.value.toString())
-      if (holding !== null) this.seen(incidentKey, holding, Number(kv.mod_revision))
+      const holding = readHolding(kv.value)
+      if (holding !== null) this.seen(incidentKey, holding, kv.modRevision)
       return
     }
     this.released(incidentKey)
@@ -266,7 +247,7 @@ export class Fleet implements FleetWriter {
    * watch's own delete event is taken as already applied. Without this, followers of a leader
    * gone that way would follow it for ever.
    */
-  private goneBy (kvs: readonly IKeyValue[], revision: number): void {
+  private goneBy (kvs: readonly KeyValue[], revision: number): void {
     const present = new Set(kvs.map((kv) => this.incidentOf(kv)))
     for (const incidentKey of [...this.incidents.keys()]) {
       if (!present.has(incidentKey) && (this.incidentRevisions.get(incidentKey) ?? 0) <= revision) this.released(incidentKey)
@@ -336,19 +317,19 @@ export class Fleet implements FleetWriter {
 
   /** Read the whole prefix at one revision and make the applied state exactly that. */
   private async resync (): Promise<number> {
-    const res = await this.call(async () => await this.client.getAll().prefix(this.root).exec())
-    const revision = Number(res.header.revision)
+    const res = await this.call(async () => await this.client.range(this.root, true))
+    const revision = res.revision
     await this.applySnapshot(res.kvs, revision)
     return revision
   }
 
-  private async applySnapshot (kvs: IKeyValue[], revision: number): Promise<boolean> {
+  private async applySnapshot (kvs: KeyValue[], revision: number): Promise<boolean> {
     const next: FleetState = { revision, flags: {}, circuits: {}, failovers: {} }
     const current = this.deps.state()
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
-      const holding = incident === null ? null : readHolding(kv.value.toString())
-      if (incident !== null && holding !== null) this.seen(incident, holding, Number(kv.mod_revision))
+      const holding = incident === null ? null : readHolding(kv.value)
+      if (incident !== null && holding !== null) this.seen(incident, holding, kv.modRevision)
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
@@ -380,10 +361,17 @@ export class Fleet implements FleetWriter {
   /** Resolves with why the watch ended: its stream broke, etcd stopped answering, or it stalled. */
   private async watchUntilBroken (): Promise<string> {
     const from = this.deps.state().revision + 1
-    const watcher = await withTimeout(this.client.watch().prefix(this.root).startRevision(String(from)).create(), CALL_TIMEOUT_MS)
-    this.watcher = watcher
+    // The stream may end before the promise below is there to hear it.
+    let endedEarly: string | null = null
+    let ended = (why: string): void => { endedEarly ??= why }
+    // Each attempt on a member is bounded by the client (ATTEMPT_MS), so this cannot hang.
+    this.watcher = await this.client.watch(this.root, from, {
+      event: (kv, deleted) => { void this.event(kv, deleted) },
+      end: (why) => { ended(why) }
+    })
     // stop() may have come while the watch was being created, when there was nothing to wake.
     if (this.stopped) return 'stopping'
+    if (endedEarly !== null) return endedEarly
     return await new Promise<string>((resolve, reject) => {
       let done = false
       const finish = (): boolean => {
@@ -396,10 +384,7 @@ export class Fleet implements FleetWriter {
       const end = (why: string): void => { if (finish()) resolve(why) }
       const fail = (err: Error): void => { if (finish()) reject(err) }
       this.wake = () => { end('stopping') }
-      watcher.on('put', (kv) => { void this.event(kv, false) })
-      watcher.on('delete', (kv) => { void this.event(kv, true) })
-      watcher.on('disconnected', (err) => { end(`watch disconnected: ${err.message}`) })
-      watcher.on('error', (err) => { end(`watch failed: ${err.message}`) })
+      ended = end
       let probing = false
       const probe = setInterval(() => {
         if (probing) return
@@ -416,8 +401,8 @@ export class Fleet implements FleetWriter {
    * and say the watch stalled (it is then restarted from the read's revision).
    */
   private async probe (): Promise<string | null> {
-    const res = await this.call(async () => await this.client.getAll().prefix(this.root).exec())
-    const revision = Number(res.header.revision)
+    const res = await this.call(async () => await this.client.range(this.root, true))
+    const revision = res.revision
     // Changes the watch should have delivered by the time of this read: those at or before it.
     await this.applying
     if (revision <= this.deps.state().revision) return null
@@ -427,8 +412,8 @@ export class Fleet implements FleetWriter {
     return 'watch stalled'
   }
 
-  private async event (kv: IKeyValue, deleted: boolean): Promise<void> {
-    const revision = Number(kv.mod_revision)
+  private async event (kv: KeyValue, deleted: boolean): Promise<void> {
+    const revision = kv.modRevision
     const parsed = this.parse(kv, deleted)
     await this.serial(async () => {
       const state = this.deps.state()
@@ -443,27 +428,27 @@ export class Fleet implements FleetWriter {
   }
 
   /** The incident key of an `incidents/…` key, else null. */
-  private incidentOf (kv: IKeyValue): string | null {
-    const rest = kv.key.toString().slice(this.root.length)
+  private incidentOf (kv: KeyValue): string | null {
+    const rest = kv.key.slice(this.root.length)
     return rest.startsWith('incidents/') && rest.length > 'incidents/'.length ? rest.slice('incidents/'.length) : null
   }
 
   /** One key: a fleet override (entry null: deleted; undefined: corrupt), or null for other keys. */
-  private parse (kv: IKeyValue, deleted = false): { kind: Kind, name: string, entry: FleetEntry | null | undefined } | null {
-    const key = kv.key.toString()
+  private parse (kv: KeyValue, deleted = false): { kind: Kind, name: string, entry: FleetEntry | null | undefined } | null {
+    const key = kv.key
     const rest = key.slice(this.root.length)
     const slash = rest.indexOf('/')
     const kind = rest.slice(0, slash)
     const name = rest.slice(slash + 1)
     if (!isKind(kind) || name === '') return null
     if (deleted) return { kind, name, entry: null }
-    const entry = readEntry(kind, kv.value.toString())
+    const entry = readEntry(kind, kv.value)
     if (entry === null) {
-      const seen = `${key}@${String(kv.mod_revision)}`
+      const seen = `${key}@${kv.modRevision}`
       if (!this.corruptSeen.has(seen)) {
         this.corruptSeen.add(seen)
         this.corruptTotal++
-        this.deps.logger.warn({ event: 'fleet_corrupt_value', key, revision: Number(kv.mod_revision) }, 'fleet: ignored a value under the prefix that is not a Breakwater override; the last good one stays in force')
+        this.deps.logger.warn({ event: 'fleet_corrupt_value', key, revision: kv.modRevision }, 'fleet: ignored a value under the prefix that is not a Breakwater override; the last good one stays in force')
       }
       return { kind, name, entry: undefined }
     }
@@ -489,7 +474,7 @@ export class Fleet implements FleetWriter {
   private async dropWatch (): Promise<void> {
     const w = this.watcher
     this.watcher = null
-    if (w !== null) await withTimeout(w.cancel(), 1000).catch(() => {})
+    w?.cancel()
   }
 
   async stop (): Promise<void> {
@@ -501,7 +486,7 @@ export class Fleet implements FleetWriter {
     const lease = this.lease
     this.lease = null
     if (lease !== null) await withTimeout(lease.revoke(), 1000).catch(() => {})
-    this.client.close()
+    await this.client.close()
   }
 }
 

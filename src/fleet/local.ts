@@ -5,10 +5,11 @@
  * and stopped with SIGTERM, then SIGKILL.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { Agent, request } from 'undici'
 import { stringify } from 'yaml'
 
 export const ETCD_MISSING = 'etcd not found: install it with `apt-get install -y etcd-server`'
@@ -72,14 +73,29 @@ export interface LocalEtcd {
   close: () => Promise<void>
 }
 
+export interface LocalEtcdOptions {
+  /** Lay the cluster out (ports, dirs) without starting it. */
+  start?: boolean
+  /**
+   * Serve clients over TLS only, with this certificate, requiring client certificates the CA signed.
+   * It must allow client authentication too: etcd's own HTTP gateway, and the health checks, present it.
+   */
+  tls?: { cert: string, key: string, ca: string }
+  /** More flags for every member (`--auth-token-ttl`, …). */
+  args?: readonly string[]
+}
+
 /** An etcd cluster of `size` members; with `start: false` laid out (ports, dirs) but not started. */
-export async function startLocalEtcd (size: number, options: { start?: boolean } = {}): Promise<LocalEtcd> {
+export async function startLocalEtcd (size: number, options: LocalEtcdOptions = {}): Promise<LocalEtcd> {
+  const tls = options.tls
+  // The health checks present the client certificate too when clients must (etcd --client-cert-auth).
+  const health = tls === undefined ? null : new Agent({ connect: { ca: readFileSync(tls.ca), cert: readFileSync(tls.cert), key: readFileSync(tls.key) } })
   const root = mkdtempSync(join(tmpdir(), 'breakwater-etcd-'))
   const members: EtcdMember[] = []
   for (let i = 0; i < size; i++) members.push({ name: `m${i}`, clientUrl: '', peerUrl: '', dataDir: join(root, `m${i}`), proc: null, output: '' })
   const placePorts = async (): Promise<void> => {
     for (const m of members) {
-      m.clientUrl = `http://127.0.0.1:${await freePort()}`
+      m.clientUrl = `${tls === undefined ? 'http' : 'https'}://127.0.0.1:${await freePort()}`
       m.peerUrl = `http://127.0.0.1:${await freePort()}`
       rmSync(m.dataDir, { recursive: true, force: true })
     }
@@ -99,7 +115,9 @@ export async function startLocalEtcd (size: number, options: { start?: boolean }
       '--heartbeat-interval', '100',
       '--election-timeout', '1000',
       '--logger', 'zap',
-      '--log-level', 'warn'
+      '--log-level', 'warn',
+      ...(tls === undefined ? [] : ['--cert-file', tls.cert, '--key-file', tls.key, '--trusted-ca-file', tls.ca, '--client-cert-auth']),
+      ...(options.args ?? [])
     ], { stdio: ['ignore', 'pipe', 'pipe'] })
     m.proc = proc
     m.output = ''
@@ -115,8 +133,10 @@ export async function startLocalEtcd (size: number, options: { start?: boolean }
       if (clashed() || members.some((m) => m.output.includes(ETCD_MISSING))) return true
       for (const m of members) {
         if (m.proc === null) continue
-        const res = await fetch(`${m.clientUrl}/health`).catch(() => null)
-        const body = res === null ? null : await res.json().catch(() => null) as { health?: string } | null
+        const body = await (health === null
+          ? fetch(`${m.clientUrl}/health`).then(async (res) => await res.json())
+          : request(`${m.clientUrl}/health`, { dispatcher: health }).then(async (res) => await res.body.json())
+        ).catch(() => null) as { health?: string } | null
         if (body?.health !== 'true') return false
       }
       return true
@@ -136,6 +156,7 @@ export async function startLocalEtcd (size: number, options: { start?: boolean }
     resume: (i) => { members[i]?.proc?.kill('SIGCONT') },
     close: async () => {
       await stopAll()
+      await health?.close()
       rmSync(root, { recursive: true, force: true })
     }
   }
@@ -149,6 +170,7 @@ export async function startLocalEtcd (size: number, options: { start?: boolean }
     } catch (err) {
       await stopAll()
       if (!clashed() || attempt === 3) {
+        await health?.close()
         rmSync(root, { recursive: true, force: true })
         throw err
       }

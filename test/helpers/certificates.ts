@@ -13,7 +13,7 @@ export interface Pki {
   /** The CA certificate's path. */
   ca: string
   /** Issue a certificate signed by the CA: `name.crt` and `name.key` in `dir`. */
-  issue: (name: string, serial: number, usage?: 'server' | 'client' | 'both') => { cert: string, key: string }
+  issue: (name: string, serial: number, usage?: 'server' | 'client' | 'both', subject?: string) => { cert: string, key: string }
 }
 
 function openssl (dir: string, args: string[]): void {
@@ -30,12 +30,12 @@ export function createPki (t: Test, caName = 'Test CA'): Pki {
   return {
     dir,
     ca: join(dir, 'ca.crt'),
-    issue (name, serial, usage = 'server') {
+    issue (name, serial, usage = 'server', subject = `/CN=${name}`) {
       const ext = usage === 'client'
         ? 'extendedKeyUsage=clientAuth\n'
         : `subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=${usage === 'both' ? 'serverAuth,clientAuth' : 'serverAuth'}\n`
       writeFileSync(join(dir, `${name}.ext`), ext)
-      openssl(dir, ['req', ...EC_KEY, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`])
+      openssl(dir, ['req', ...EC_KEY, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', subject])
       openssl(dir, ['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-set_serial', String(serial), '-days', '2', '-extfile', `${name}.ext`, '-out', `${name}.crt`])
       return { cert: join(dir, `${name}.crt`), key: join(dir, `${name}.key`) }
     }
