@@ -238,7 +238,7 @@ let etcd = null
 
 /** One etcd for the run's breakwater-full instances (on the upstream's CPU); null without etcd. */
 async function benchEtcd (tmp) {
-  if (etcdBin === null) return null
+  if (etcdBin === null || process.env.BENCH_FULL_FLEET === '0') return null
   if (etcd !== null && !etcd.proc.exited) return etcd.url
   const dir = join(tmp, 'etcd')
   mkdirSync(dir, { recursive: true })
