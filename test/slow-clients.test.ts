@@ -101,6 +101,28 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     t.equal((await send(slowBw.proxy, '/wait')).status, 200, 'answered after 800 ms although idleTimeoutMs is 300')
   })
 
+  t.test('an upload too large to buffer that keeps moving is never cut, however long it takes', async (t) => {
+    const movingBw = await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 300 }))
+    const piece = 'y'.repeat(5 * 1024)
+    const pieces = 20 // 100 KiB, more than is read whole before dispatch
+    const socket = net.connect(movingBw.proxyPort, '127.0.0.1')
+    t.teardown(() => { socket.destroy() })
+    await once(socket, 'connect')
+    let answer = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (chunk: string) => { answer += chunk })
+    socket.write(`POST /moving HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: ${pieces * piece.length}\r\n\r\n`)
+    // A piece every 100 ms: 2 s in all, more than six times idleTimeoutMs, never silent for it.
+    for (let i = 0; i < pieces; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      t.equal(socket.destroyed, false, `still connected before piece ${i + 1}`)
+      socket.write(piece)
+    }
+    t.ok(await eventually(() => answer.includes('\r\n\r\n') && answer.length > pieces * piece.length, 10_000), 'the whole echo came back')
+    t.match(answer, /^HTTP\/1\.1 200 /, 'answered 200')
+    t.equal(movingBw.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'nobody was cut')
+  })
+
   t.test('counted', async (t) => {
     t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 4, 'breakwater_client_errors_total{error="slow_client"}')
   })

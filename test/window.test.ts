@@ -7,18 +7,8 @@ import { SecondWindow, RunningSum, emptySums, latencyBin, LATENCY_BINS, type Win
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send } from './helpers/http.js'
+import { random } from './helpers/random.js'
 import { resolveConfig } from '../src/config/load.js'
-
-/** A deterministic pseudo-random sequence (mulberry32), so a failure can be replayed. */
-function random (seed: number): () => number {
-  let a = seed
-  return () => {
-    a = (a + 0x6D2B79F5) | 0
-    let x = Math.imul(a ^ (a >>> 15), 1 | a)
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 interface Second { requests: number, errors: number, bins: number[] }
 

@@ -204,10 +204,11 @@ export abstract class RequestContext implements LaterLine {
     this.cause = cause
     this.status = status
     this.errorCode = error
-    if (this.headMs < 0) this.headMs = performance.now() - this.startedAt
+    const now = performance.now()
+    if (this.headMs < 0) this.headMs = now - this.startedAt
     const upstream = this.upstream
     if (upstream === null) return
-    if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, performance.now())
+    if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, now)
     const pass = this.pass
     if (pass !== null) {
       this.pass = null

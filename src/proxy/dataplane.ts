@@ -17,6 +17,7 @@ import type { FlagReader } from './kill-switch.js'
 import { RateLimits, type RateLimitSettings } from './rate-limit.js'
 import { FailoverTable } from './failover.js'
 import { Fallbacks } from './fallback.js'
+import { SilenceWatch } from './silence.js'
 
 /** Settings of a manual circuit; never used to decide anything (it has no breaker). */
 const MANUAL_CIRCUIT = Object.freeze({ failureThreshold: 1, volumeThreshold: 1, rollingWindowMs: 10_000, recoveryTimeout: 30_000, maxConcurrentRequests: 0, failureStatuses: [] })
@@ -54,6 +55,8 @@ export class DataPlane {
   accessLogRate = 1
   /** Open WebSocket tunnels (client side), destroyed when the process finally stops. */
   readonly tunnels = new Set<Duplex>()
+  /** Client silence of the exchanges in flight (`routes[].idleTimeoutMs`). */
+  readonly silence = new SilenceWatch()
   maxInFlight = 0
   private readonly upstreams: UpstreamRegistry
   /** The routes of the current runtime, for finding unchanged ones on reload. */
@@ -215,6 +218,7 @@ export class DataPlane {
   }
 
   private stopCircuits (): void {
+    this.silence.stop()
     for (const c of this.circuits.values()) c.shutdown()
     this.clock.stop()
   }

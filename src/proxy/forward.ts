@@ -26,6 +26,7 @@ import { responseHeaders, rawHeaderValue } from './headers.js'
 import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
+import type { Silent } from './silence.js'
 
 const kExchange = Symbol('breakwater.exchange')
 type Tagged = ServerResponse & { [kExchange]?: Exchange }
@@ -79,7 +80,7 @@ function onResponseClose (this: Tagged): void {
   if (ex.state !== DONE) ex.clientLeft()
 }
 
-/** The client socket was silent both ways for the route's `idleTimeoutMs`. */
+/** The client socket of a graced exchange (see `hold`) was silent both ways for STALL_GRACE_MS. */
 function onResponseTimeout (this: Tagged): void {
   const ex = this[kExchange]
   if (ex === undefined || ex.state === DONE) { this.destroy(); return }
@@ -111,7 +112,7 @@ function onResponseDrain (this: Tagged): void {
   if (resume != null) resume()
 }
 
-export class Exchange extends RequestContext implements Dispatcher.DispatchHandler {
+export class Exchange extends RequestContext implements Dispatcher.DispatchHandler, Silent {
   state = WAITING
   // The forward stage runs only on a request the pipeline has normalised and routed.
   declare route: Route
@@ -136,6 +137,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** undici wrote the whole request of this attempt. */
   requestSent = false
   private drainListening = false
+  private timeoutListening = false
+  /** The silence sweep's notes (silence.ts). */
+  seenRead = -1
+  seenWritten = -1
+  quietSince = 0
+  silencePrev: Silent | null = null
+  silenceNext: Silent | null = null
 
   constructor (dp: DataPlane, req: IncomingMessage, res: ServerResponse) {
     super(dp, req, false)
@@ -181,11 +189,22 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     res.on('close', onResponseClose)
     // An aborted upload emits 'error' on the request; undici reports it to us through onError.
     if (this.head.hasBody) this.req.on('error', noop)
-    // SPEC §14: `idleTimeoutMs` bounds a stalled body either way. Node reports a socket that
-    // moved no byte for that long ('timeout'), and sets its own keep-alive timeout again
-    // once the response is done.
-    this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
-    res.on('timeout', onResponseTimeout)
+    // SPEC §14: `idleTimeoutMs` bounds a stalled body either way (`onSilent`).
+    this.dp.silence.watch(this)
+  }
+
+  get silenceLimitMs (): number {
+    return this.route.config.idleTimeoutMs
+  }
+
+  /** The client moved no byte either way for the route's `idleTimeoutMs` (silence.ts). */
+  onSilent (): boolean {
+    if (this.state === DONE || this.res.destroyed) return false
+    // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
+    // that wait). Its silence counts again from the next byte either way.
+    if (this.requestSent && this.state !== STREAMING) return true
+    this.cutSlowClient()
+    return false
   }
 
   /** A piece of a body read before dispatch (Node's parser delivers exactly Content-Length bytes). */
@@ -215,8 +234,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.holding = true
     const upstream = this.upstream
     if (++upstream.held > upstream.maxHeld) {
+      // A timer of the socket's own: exact, and rare enough to pay for.
       this.graced = true
-      this.req.socket.setTimeout(STALL_GRACE_MS)
+      this.clientSocket.setTimeout(STALL_GRACE_MS)
+      if (!this.timeoutListening) {
+        this.timeoutListening = true
+        this.res.on('timeout', onResponseTimeout)
+      }
     }
   }
 
@@ -226,7 +250,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.upstream.held--
     if (this.graced) {
       this.graced = false
-      if (this.state !== DONE) this.req.socket.setTimeout(this.route.config.idleTimeoutMs)
+      // Back to the sweep alone (Node sets its keep-alive timeout once the response is done).
+      if (this.state !== DONE) this.clientSocket.setTimeout(0)
     }
   }
 
@@ -436,6 +461,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */
   protected override end (): void {
     this.state = DONE
+    this.dp.silence.unwatch(this)
     super.end()
   }
 

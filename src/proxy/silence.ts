@@ -1,0 +1,107 @@
+/**
+ * SPEC §14's `routes[].idleTimeoutMs` for every exchange in flight, kept by one sweep rather
+ * than a timer per request.
+ *
+ * A socket timer (`socket.setTimeout`) is exact, but a request pays for it several times over:
+ * arming it, disarming it when the response ends, and moving it on every read and every write
+ * (each move reads libuv's clock). The bound is a limit on silence, so it need not be exact:
+ * the sweep compares each watched client socket's byte counts with what the last sweep saw,
+ * and a socket whose counts have not moved for the route's `idleTimeoutMs` is silent. A byte
+ * either way is noticed at the next sweep, so a client is never cut sooner than
+ * `idleTimeoutMs` after its last byte, and at most two sweep intervals later (a tenth of the
+ * shortest watched `idleTimeoutMs` each, between 10 ms and 1 s). The watched exchanges are a
+ * list threaded through them (a Set would give every request's object an identity hash, which
+ * costs more than the timer it replaces): watching costs a request four field writes.
+ */
+import type { Socket } from 'node:net'
+
+/** What the sweep reads of a watched exchange and tells it. */
+export interface Silent {
+  readonly clientSocket: Socket
+  /** This exchange's bound on silence (its route's `idleTimeoutMs`). */
+  readonly silenceLimitMs: number
+  /** The sweep's notes: byte counts last seen (-1 before the first sweep) and since when. */
+  seenRead: number
+  seenWritten: number
+  quietSince: number
+  /** Silent past its limit: false once it is cut (no longer watched), true to go on watching. */
+  onSilent: () => boolean
+  /** The list's links (null, null when not watched and when alone). */
+  silencePrev: Silent | null
+  silenceNext: Silent | null
+}
+
+const MIN_SWEEP_MS = 10
+const MAX_SWEEP_MS = 1000
+
+export class SilenceWatch {
+  private head: Silent | null = null
+  private count = 0
+  private timer: NodeJS.Timeout | null = null
+  private everyMs = MAX_SWEEP_MS
+
+  get size (): number {
+    return this.count
+  }
+
+  /** Watch `ex` until `unwatch` (once: an exchange watched already must not be watched again). */
+  watch (ex: Silent): void {
+    ex.seenRead = -1
+    ex.seenWritten = -1
+    const head = this.head
+    ex.silencePrev = null
+    ex.silenceNext = head
+    if (head !== null) head.silencePrev = ex
+    this.head = ex
+    this.count++
+    const every = Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(ex.silenceLimitMs / 10)))
+    if (this.timer !== null && every >= this.everyMs) return
+    if (this.timer !== null) clearInterval(this.timer)
+    this.everyMs = every
+    this.timer = setInterval(sweep, every, this).unref()
+  }
+
+  /** Stop watching `ex`; nothing when it is not watched. */
+  unwatch (ex: Silent): void {
+    const prev = ex.silencePrev
+    const next = ex.silenceNext
+    if (prev === null && this.head !== ex) return
+    if (prev === null) this.head = next
+    else prev.silenceNext = next
+    if (next !== null) next.silencePrev = prev
+    ex.silencePrev = null
+    ex.silenceNext = null
+    this.count--
+  }
+
+  /** One pass: note who moved a byte, tell who has been silent too long. */
+  sweep (now: number): void {
+    if (this.head === null) { this.stop(); return }
+    let ex: Silent | null = this.head
+    while (ex !== null) {
+      const after: Silent | null = ex.silenceNext
+      const socket = ex.clientSocket
+      const read = socket.bytesRead
+      const written = socket.bytesWritten
+      if (read !== ex.seenRead || written !== ex.seenWritten) {
+        ex.seenRead = read
+        ex.seenWritten = written
+        ex.quietSince = now
+      } else if (now - ex.quietSince >= ex.silenceLimitMs && !ex.onSilent()) {
+        this.unwatch(ex)
+      }
+      ex = after
+    }
+  }
+
+  stop (): void {
+    if (this.timer === null) return
+    clearInterval(this.timer)
+    this.timer = null
+    this.everyMs = MAX_SWEEP_MS
+  }
+}
+
+function sweep (watch: SilenceWatch): void {
+  watch.sweep(performance.now())
+}

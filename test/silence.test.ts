@@ -1,0 +1,90 @@
+/**
+ * The silence sweep (SPEC §14's `routes[].idleTimeoutMs`): the list threaded through the watched
+ * exchanges against a plain Set, and when the sweep calls a client silent. What a real client
+ * socket does with it is tested end to end in slow-clients.test.ts.
+ */
+import t from 'tap'
+import type { Socket } from 'node:net'
+import { SilenceWatch, type Silent } from '../src/proxy/silence.js'
+import { random } from './helpers/random.js'
+
+/** A watched exchange whose socket byte counts the test moves by hand. */
+class Watched implements Silent {
+  readonly counts = { bytesRead: 0, bytesWritten: 0 }
+  readonly clientSocket = this.counts as unknown as Socket
+  seenRead = -1
+  seenWritten = -1
+  quietSince = 0
+  silencePrev: Silent | null = null
+  silenceNext: Silent | null = null
+  silentCalls = 0
+  constructor (readonly name: number, readonly silenceLimitMs: number, private readonly keepWatching = false) {}
+  onSilent (): boolean {
+    this.silentCalls++
+    return this.keepWatching
+  }
+}
+
+/** Who the sweep visits: each is silent at once (limit 0), kept watched, and counted. */
+function visited (watch: SilenceWatch, all: Watched[]): number[] {
+  for (const w of all) { w.silentCalls = 0; w.seenRead = 0; w.seenWritten = 0 }
+  watch.sweep(1e9)
+  return all.filter((w) => w.silentCalls > 0).map((w) => w.name).sort((a, b) => a - b)
+}
+
+t.test('the watched list matches a Set through 5,000 random watches and unwatches', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const all = Array.from({ length: 40 }, (_, i) => new Watched(i, 0, true))
+  const model = new Set<number>()
+  const next = random(15)
+  let mismatches = 0
+  for (let step = 0; step < 5000; step++) {
+    const w = all[Math.floor(next() * all.length)] as Watched
+    if (model.has(w.name) || next() < 0.3) {
+      watch.unwatch(w) // also of one not watched: nothing
+      model.delete(w.name)
+    } else {
+      watch.watch(w)
+      model.add(w.name)
+    }
+    if (step % 50 === 0 && JSON.stringify(visited(watch, all)) !== JSON.stringify([...model].sort((a, b) => a - b))) mismatches++
+    if (watch.size !== model.size) mismatches++
+  }
+  t.equal(mismatches, 0, 'the sweep visits exactly the watched ones, and size counts them')
+  for (const name of [...model]) watch.unwatch(all[name] as Watched)
+  t.equal(watch.size, 0, 'all unwatched')
+  t.same(visited(watch, all), [], 'the sweep visits nobody')
+})
+
+t.test('a client is silent once its byte counts have not moved for its limit', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const cut = new Watched(1, 300)
+  const waiting = new Watched(2, 300, true)
+  watch.watch(cut)
+  watch.watch(waiting)
+  watch.sweep(1000)
+  t.equal(cut.quietSince, 1000, 'the first sweep notes the counts and the time')
+  watch.sweep(1299)
+  t.equal(cut.silentCalls, 0, 'not silent before its limit')
+  cut.counts.bytesRead += 10
+  watch.sweep(1299)
+  t.equal(cut.quietSince, 1299, 'a byte read restarts the count')
+  waiting.counts.bytesWritten += 10
+  watch.sweep(1400)
+  t.equal(waiting.quietSince, 1400, 'so does a byte written')
+  watch.sweep(1599)
+  t.equal(cut.silentCalls, 1, 'silent 300 ms after its last byte: told')
+  t.equal(watch.size, 1, 'and no longer watched once it says it was cut')
+  watch.sweep(1800)
+  t.equal(cut.silentCalls, 1, 'never told twice')
+  t.equal(waiting.silentCalls, 1, 'one that goes on waiting is told')
+  watch.sweep(1900)
+  t.equal(waiting.silentCalls, 2, 'and told again at every sweep while silent')
+  waiting.counts.bytesRead += 1
+  watch.sweep(2000)
+  t.equal(waiting.silentCalls, 2, 'until it moves a byte')
+  watch.unwatch(waiting)
+  t.equal(watch.size, 0, 'unwatched when it ends')
+})
