@@ -165,7 +165,9 @@ function machineInfo (upstreamKind) {
     '@fastify/http-proxy': pkgVersion('@fastify/http-proxy'),
     '@fastify/reply-from': pkgVersion('@fastify/reply-from'),
     undici: pkgVersion('undici'),
-    pinning: hasTaskset ? `taskset: load generator + upstream CPU ${LOADGEN_CPU}, proxies CPU ${PROXY_CPU}` : 'taskset not found: NOT pinned'
+    pinning: hasTaskset ? `taskset: load generator + upstream CPU ${LOADGEN_CPU}, proxies CPU ${PROXY_CPU}` : 'taskset not found: NOT pinned',
+    'memory limit per Node target': Number(process.env.BENCH_MEMORY_LIMIT_MIB ?? 0) > 0 ? `${process.env.BENCH_MEMORY_LIMIT_MIB} MiB (a cgroup each, BENCH_MEMORY_LIMIT_MIB)` : 'none',
+    'Node flags of breakwater targets': process.env.BENCH_NODE_FLAGS ?? 'none (as shipped)'
   }
 }
 
@@ -271,7 +273,8 @@ async function measure (t, sc, round) {
 function checkAlive (t) {
   if (t.live?.proc && t.live.proc.exited) {
     const info = t.live.proc.exitInfo ?? {}
-    t.status = `exited during the run (code ${info.code}, signal ${info.signal})`
+    const oom = t.live.cgroup != null ? `; OOM kills in its ${process.env.BENCH_MEMORY_LIMIT_MIB} MiB cgroup: ${t.live.cgroup.oomKills()}` : ''
+    t.status = `exited during the run (code ${info.code}, signal ${info.signal}${oom})`
     t.live = null
     return false
   }
@@ -326,6 +329,7 @@ function harnessLoadgenPids () {
 
 async function restartTarget (t, opts) {
   if (t.live?.proc) await stopProcess(t.live.proc, 200)
+  t.live?.cgroup?.remove()
   t.live = null
   t.instance++
   try {

@@ -157,6 +157,10 @@ t.test('Breakwater is a native sidecar of the app, with its probes on the ops po
   t.ok(configMount, `the --config path ${configArg} is on a mounted volume`)
   t.equal(volume(configMount?.name ?? '')?.configMap?.name, 'breakwater-config', 'from the generated config ConfigMap')
   t.equal(posix.basename(configArg), 'breakwater.yaml', 'the ConfigMap key is the file name')
+  // `command` replaces the image's CMD, Node flags included: the pod must keep the image's fixed
+  // young generation, or under its 256 MiB limit Node 24 would give V8 a 4 MiB one.
+  const cli = command.findIndex((a) => a.endsWith('dist/cli.js'))
+  t.ok(command.slice(1, Math.max(1, cli)).some((a) => /^--max-semi-space-size=\d+$/.test(a)), `the sidecar's command sets --max-semi-space-size as the image's CMD does (${command.join(' ')})`)
 
   const flagDir = dirname(config.flagSource?.path ?? '')
   const flagMount = sidecar.volumeMounts?.find((m) => m.mountPath === flagDir)

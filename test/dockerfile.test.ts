@@ -173,6 +173,8 @@ const imageEnv: Record<string, string> = Object.fromEntries(runtimeInstructions.
 const exposedPorts = runtimeInstructions.filter(i => i.keyword === 'EXPOSE').flatMap(i => i.args.split(/\s+/)).map(p => p.replace(/\/(tcp|udp)$/i, ''))
 const cmdLine = lastOf('CMD')
 const cmdArgv = cmdLine === undefined ? null : execForm(cmdLine.args)
+/** The Node flags the CMD starts the service with (between `node` and `dist/cli.js`). */
+const cmdNodeFlags = cmdArgv === null ? [] : cmdArgv.slice(1, Math.max(1, cmdArgv.findIndex((a) => a.endsWith('dist/cli.js'))))
 const healthcheck = lastOf('HEALTHCHECK')
 
 /** Images of stages that come from a registry (not an earlier stage) without an `@sha256:` digest. */
@@ -277,6 +279,9 @@ t.test('Dockerfile', async t => {
     t.ok(argv.includes('start'), 'CMD runs `start`')
     t.ok(argv.includes('--config'), 'CMD passes --config')
     t.notOk(argv.some(a => /^(npm|npx)$/.test(a)), 'CMD does not go through npm')
+    // Node 24 sizes V8's young generation from the memory it sees: 128 MiB with no limit (the
+    // sidecar holds 230 MiB under load), 4 MiB in a 256 MiB pod (about 40 % more CPU per request).
+    t.ok(cmdNodeFlags.some((a) => /^--max-semi-space-size=\d+$/.test(a)), `CMD fixes V8's young generation (${cmdNodeFlags.join(' ') || 'no flags'})`)
   }
 
   // Kubernetes probes GET /live and /ready; a HEALTHCHECK that runs node would start a second
@@ -433,8 +438,8 @@ t.test('runtime stage without Docker', async t => {
     ''
   ].join('\n'))
 
-  // CMD ["node", "dist/cli.js", "start", "--config", ...]
-  const child = spawn(...untracked(process.execPath, ['dist/cli.js', 'start', '--config', configPath]), {
+  // CMD ["node", <its Node flags>, "dist/cli.js", "start", "--config", ...]
+  const child = spawn(...untracked(process.execPath, [...cmdNodeFlags, 'dist/cli.js', 'start', '--config', configPath]), {
     cwd: app,
     env: cleanEnv(),
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -1,6 +1,6 @@
 // The upstream and the targets under test. Config files are written into the
 // run's temporary directory.
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, writeFileSync, readFileSync, rmdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { execFileSync } from 'node:child_process'
 import { commandExists, freePort, startProcess, stopProcess, waitReady, pidsOf, tail } from './processes.mjs'
@@ -268,7 +268,7 @@ async function benchEtcd (tmp) {
  * and ENV set (see "Memory" in README.md), unless BENCH_NODE_FLAGS ("" for none) or
  * BENCH_MALLOC_ARENA_MAX ("" for glibc's default) give others to compare.
  */
-export const SHIPPED_NODE_FLAGS = []
+export const SHIPPED_NODE_FLAGS = ['--max-semi-space-size=8']
 export const SHIPPED_MALLOC_ARENA_MAX = ''
 
 function nodeFlags () {
@@ -281,6 +281,43 @@ function mallocArenaMax (env) {
   if (value === '') delete env.MALLOC_ARENA_MAX
   else env.MALLOC_ARENA_MAX = value
   return env
+}
+
+/**
+ * BENCH_MEMORY_LIMIT_MIB=N: every Node target (breakwater*, node-floor, fastify-http-proxy,
+ * node-http) starts inside a memory cgroup of its own limited to N MiB, as in a pod with
+ * `limits.memory`. Node sizes V8's heap from that limit (`process.constrainedMemory()`), so this
+ * measures what a pod runs, not what an unconstrained host does. cgroup v2 (`memory.max`) or
+ * v1 (`memory.limit_in_bytes`); needs write access to /sys/fs/cgroup. The process is put in the
+ * cgroup by a shell that then execs Node, so the limit holds from its first byte.
+ */
+const memoryLimitMiB = Number(process.env.BENCH_MEMORY_LIMIT_MIB ?? 0)
+const cgroups = new Set()
+process.on('exit', () => { for (const c of cgroups) c.remove() })
+
+function memoryCgroup (name) {
+  const v2 = existsSync('/sys/fs/cgroup/cgroup.controllers')
+  const dir = v2 ? `/sys/fs/cgroup/bench-${name}-${process.pid}` : `/sys/fs/cgroup/memory/bench-${name}-${process.pid}`
+  mkdirSync(dir, { recursive: true })
+  writeFileSync(join(dir, v2 ? 'memory.max' : 'memory.limit_in_bytes'), String(memoryLimitMiB * 1024 * 1024))
+  if (v2) writeFileSync(join(dir, 'memory.swap.max'), '0')
+  return {
+    dir,
+    /** OOM kills in this cgroup so far. */
+    oomKills () {
+      const text = readFileSync(join(dir, v2 ? 'memory.events' : 'memory.oom_control'), 'utf8')
+      return Number(/oom_kill (\d+)/.exec(text)?.[1] ?? 0)
+    },
+    remove () { try { rmdirSync(dir) } catch {} }
+  }
+}
+
+/** `cmd args` run inside a memory cgroup when BENCH_MEMORY_LIMIT_MIB is set. */
+function limited (name, cmd, args) {
+  if (!(memoryLimitMiB > 0)) return { cmd, args, cgroup: null }
+  const cgroup = memoryCgroup(name)
+  cgroups.add(cgroup)
+  return { cmd: 'sh', args: ['-c', 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup.dir, cmd, ...args], cgroup }
 }
 
 function envWithout (...names) {
@@ -343,6 +380,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
   let readyUrls = [url]
   let timeoutMs = 10_000
   let extraLog = null
+  let cgroup = null
 
   if (name.startsWith('breakwater')) {
     const cli = join(repoRoot, 'dist', 'cli.js')
@@ -369,10 +407,12 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     const env = mallocArenaMax(envWithout('BREAKWATER_BENCH_BARE'))
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'
     const stdout = name === 'breakwater-log' || name === 'breakwater-log10' ? 'ignore' : join(dir, 'stdout.log')
+    const run = limited(`${name}-${instance}`, process.execPath, [...nodeFlags(), cli, 'start', '--config', conf])
+    cgroup = run.cgroup
     proc = startProcess({
       name,
-      cmd: process.execPath,
-      args: [...nodeFlags(), cli, 'start', '--config', conf],
+      cmd: run.cmd,
+      args: run.args,
       cpu: PROXY_CPU,
       env,
       cwd: repoRoot,
@@ -383,10 +423,12 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     readyUrls = [`http://127.0.0.1:${opsPort}/health`, url]
     timeoutMs = 20_000
   } else if (NODE_SCRIPTS[name] !== undefined) {
+    const run = limited(`${name}-${instance}`, process.execPath, [join(benchDir, NODE_SCRIPTS[name]), String(port), `http://127.0.0.1:${upstream.port}`])
+    cgroup = run.cgroup
     proc = startProcess({
       name,
-      cmd: process.execPath,
-      args: [join(benchDir, NODE_SCRIPTS[name]), String(port), `http://127.0.0.1:${upstream.port}`],
+      cmd: run.cmd,
+      args: run.args,
       cpu: PROXY_CPU,
       cwd: repoRoot,
       stderr
@@ -413,7 +455,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     const logs = [tail(stderr), tail(extraLog)].filter(Boolean).join('\n')
     throw new Error(`${err.message}${logs ? `\n${logs}` : ''}`)
   }
-  return { name, url, proc, pids: () => pidsOf(proc) }
+  return { name, url, proc, cgroup, pids: () => pidsOf(proc) }
 }
 
 /** A P-256 certificate for 127.0.0.1 and its key, written into `dir` (autocannon does not verify it). */
