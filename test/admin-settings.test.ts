@@ -102,6 +102,12 @@ function specifiers (file: string): string[] {
 }
 
 /** Every package and project module reachable from `entry` (project modules as paths under src/). */
+/** The package a bare specifier names: `undici/lib/dispatcher/pool.js` is `undici`. */
+function packageOf (spec: string): string {
+  const parts = spec.split('/')
+  return spec.startsWith('@') ? parts.slice(0, 2).join('/') : parts[0] as string
+}
+
 function reachable (entry: string): { modules: string[], packages: string[] } {
   const modules = new Set<string>()
   const packages = new Set<string>()
@@ -111,7 +117,7 @@ function reachable (entry: string): { modules: string[], packages: string[] } {
     modules.add(rel)
     for (const spec of specifiers(file)) {
       if (spec.startsWith('.')) visit(resolve(dirname(file), spec))
-      else packages.add(spec)
+      else packages.add(packageOf(spec))
     }
   }
   visit(join(compiledSrc, entry))

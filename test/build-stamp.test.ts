@@ -118,3 +118,14 @@ t.test('the bundled command is one byte per character in V8 (Latin-1 only)', asy
   t.ok(files.length > 1, 'the command and its lazily loaded chunks')
   for (const file of files) t.equal(wideCharacter(readFileSync(file, 'utf8')), null, file)
 })
+
+t.test('the bundled command holds only the undici it calls: no fetch, WebSocket, mock agents or cache stores', async (t) => {
+  // src/undici.ts takes undici's dispatchers from its own files; an import of 'undici' itself
+  // (other than `import type`) would bring its whole index back into every sidecar's memory.
+  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  const text = files.map((f) => readFileSync(f, 'utf8')).join('\n')
+  t.match(text, /UND_ERR_HEADERS_TIMEOUT/, 'undici\'s dispatchers are in it')
+  for (const name of ['MockAgent', 'SnapshotAgent', 'WebSocketStream', 'SqliteCacheStore', 'MemoryCacheStore', 'RetryAgent']) {
+    t.notOk(text.includes(name), `${name} is not`)
+  }
+})

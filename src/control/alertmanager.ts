@@ -23,7 +23,7 @@
  * Posting happens beside the control plane and never blocks it; a failed post is logged once per
  * failure streak and retried by the next repeat.
  */
-import { request } from 'undici'
+import { request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 import type { NotificationEvent } from './notify.js'

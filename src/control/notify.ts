@@ -12,7 +12,7 @@
  * together open one incident.
  */
 import { createHash } from 'node:crypto'
-import { request } from 'undici'
+import { request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 import { StatusPageLifecycle, type PageStatus } from './status-page.js'

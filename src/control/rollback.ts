@@ -13,7 +13,7 @@
  */
 import { createHash } from 'node:crypto'
 import { spawn } from 'node:child_process'
-import { request } from 'undici'
+import { request } from '../undici.js'
 import { join } from 'node:path'
 import type { RollbackConfig } from '../config/types.js'
 import { runGitRollback } from './git-rollback.js'

@@ -35,7 +35,7 @@
  * the triage at detection and its impact (impact.ts), which the post-mortem draft reads.
  */
 import { randomBytes } from 'node:crypto'
-import { Agent, request } from 'undici'
+import { Agent, request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'

@@ -14,7 +14,8 @@
  * as decimal strings, fields at their zero value left out (`succeeded: false`, an empty `kvs`).
  */
 import { readFileSync } from 'node:fs'
-import { Agent, type Dispatcher } from 'undici'
+import type { Dispatcher } from 'undici'
+import { Agent } from '../undici.js'
 
 /** One key as etcd holds it. */
 export interface KeyValue {

@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Agent, request } from 'undici'
+import { Agent, request } from '../undici.js'
 import { stringify } from 'yaml'
 
 export const ETCD_MISSING = 'etcd not found: install it with `apt-get install -y etcd-server`'

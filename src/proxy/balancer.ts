@@ -12,7 +12,7 @@
  *   ejection and health are ignored and all endpoints are used — failing a few requests beats
  *   failing them all.
  */
-import { Pool } from 'undici'
+import { Pool } from '../undici.js'
 import type { UpstreamConfig } from '../config/types.js'
 import type { Cause } from './context.js'
 

@@ -14,7 +14,7 @@ import { stat } from 'node:fs/promises'
 import { X509Certificate } from 'node:crypto'
 import { createSecureContext, type Server as TlsServer } from 'node:tls'
 import type { Logger } from 'pino'
-import { buildConnector } from 'undici'
+import { buildConnector } from '../undici.js'
 import type { Listener, ListenerTlsConfig, UpstreamConfig, UpstreamTlsConfig } from '../config/types.js'
 import { readTlsFiles, readTlsFilesSync, type TlsFilePaths, type TlsMaterial } from '../config/tls-files.js'
 

@@ -8,7 +8,7 @@
  * for a changed definition; the upstream it replaces, like one a reload removed, is retired:
  * its pools close once the requests still running on them finish.
  */
-import { Client, Pool } from 'undici'
+import { Client, Pool } from '../undici.js'
 import type { CircuitBreakerConfig, UpstreamConfig } from '../config/types.js'
 import { Balancer, Endpoint, type BalancerEvents } from './balancer.js'
 import type { Circuit } from './circuit-breaker.js'
