@@ -7,7 +7,6 @@
 import { ConfigError } from './config/load.js'
 import { loadCheckedConfig } from './flags/check.js'
 import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
-import { releaseStartupGarbage } from './ops/startup-memory.js'
 
 /** Time the process may take to exit on its own once the sidecar has stopped (within the budget). */
 const LINGER_MS = 100
@@ -34,9 +33,6 @@ export async function start (configPath: string): Promise<number> {
     return 1
   }
   for (const warning of loaded.warnings) sidecar.logger.warn({ event: 'config_warning' }, warning)
-  const rssBefore = process.memoryUsage.rss()
-  const gcMs = releaseStartupGarbage()
-  if (gcMs !== null) sidecar.logger.debug({ event: 'startup_memory', gcMs: Math.round(gcMs), rssBeforeMiB: mib(rssBefore), rssAfterMiB: mib(process.memoryUsage.rss()) }, 'start-up garbage collected')
 
   // Whatever way the process ends (a crash, the backstop), the log lines it still holds go out.
   process.once('exit', () => { sidecar.flushLog() })
@@ -79,10 +75,6 @@ export async function start (configPath: string): Promise<number> {
     process.once('SIGTERM', stop)
     process.once('SIGINT', stop)
   })
-}
-
-function mib (bytes: number): number {
-  return Math.round(bytes / 104857.6) / 10
 }
 
 /** Human lines on stderr, one JSON line on stdout (every stdout line is JSON). */
