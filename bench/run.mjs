@@ -13,7 +13,7 @@ import {
 import { hasTaskset, pinTree, sleep, stopAll, stopProcess, killAllNow } from './lib/processes.mjs'
 import { runLoad } from './lib/load.mjs'
 import {
-  ALL_TARGETS, LOADGEN_CPU, PROXY_CPU, startUpstream, startTarget, targetAvailability, tools
+  ALL_TARGETS, LOADGEN_CPU, PROXY_CPU, SHIPPED_NODE_FLAGS, startUpstream, startTarget, targetAvailability, tools
 } from './lib/targets.mjs'
 import {
   summariseLoad, summariseMemory, throughputTable, ratioTable, addedLatencyTable, tailTable, memoryTable, machineTable
@@ -167,7 +167,7 @@ function machineInfo (upstreamKind) {
     undici: pkgVersion('undici'),
     pinning: hasTaskset ? `taskset: load generator + upstream CPU ${LOADGEN_CPU}, proxies CPU ${PROXY_CPU}` : 'taskset not found: NOT pinned',
     'memory limit per Node target': Number(process.env.BENCH_MEMORY_LIMIT_MIB ?? 0) > 0 ? `${process.env.BENCH_MEMORY_LIMIT_MIB} MiB (a cgroup each, BENCH_MEMORY_LIMIT_MIB)` : 'none',
-    'Node flags of breakwater targets': process.env.BENCH_NODE_FLAGS ?? 'none (as shipped)'
+    'Node flags of breakwater targets': process.env.BENCH_NODE_FLAGS ?? `${SHIPPED_NODE_FLAGS.join(' ')} (as shipped)`
   }
 }
 
