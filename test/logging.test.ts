@@ -5,7 +5,7 @@ import { parse, stringify } from 'yaml'
 import type { Test } from 'tap'
 import { startUpstream, echo, delay, refusedUrl } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
-import { startProcessRaw, rssBytes, type RawRunning } from './helpers/process.js'
+import { startProcessRaw, rssBytes, imageNodeFlags, type RawRunning } from './helpers/process.js'
 import { send, getJson, eventually, sleep } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 
@@ -201,7 +201,7 @@ t.test('every line a spawned process writes to stdout is one JSON object', async
 })
 
 /** A spawned sidecar that logs every request, with one catch-all route to `url`. */
-async function startLogging (t: Test, url: string, options: { stopReadingStdout?: boolean, discardStdout?: boolean } = {}): Promise<RawRunning> {
+async function startLogging (t: Test, url: string, options: { stopReadingStdout?: boolean, discardStdout?: boolean, nodeFlags?: string[] } = {}): Promise<RawRunning> {
   return await startProcessRaw(t, {
     upstreams: { app: { url } },
     routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
@@ -299,14 +299,17 @@ t.test('a stalled stdout drops log lines (counted) instead of stalling the proxy
   // The control: the same traffic with stdout read as fast as it comes (and thrown away). How
   // far the heap grows before a full collection is V8's choice: this traffic's garbage alone
   // grows RSS by about 30 MiB on Node 24 and 2 MiB on Node 20. So the stalled sidecar is
-  // measured against the control, not against a fixed figure.
-  const control = await startLogging(t, up.url, { discardStdout: true })
+  // measured against the control, not against a fixed figure. Both run with the image's Node
+  // flags, as they ship: with Node 24's own sizing the young generation alone may reach 128 MiB,
+  // and the two processes' RSS then differed by 62 MiB with every line dropped.
+  const nodeFlags = imageNodeFlags()
+  const control = await startLogging(t, up.url, { discardStdout: true, nodeFlags })
   await drive(control.proxy, 2000, LONG_PATH, 8)
   const read = await rssGrowthOver4000(t, control)
   control.child.kill('SIGTERM')
   t.equal(await control.exited, 0, 'the control exits 0')
 
-  const bw = await startLogging(t, up.url, { stopReadingStdout: true })
+  const bw = await startLogging(t, up.url, { stopReadingStdout: true, nodeFlags })
 
   // Nobody reads the process's stdout from here on. Long paths make every access line about
   // 8 KB, so a few thousand requests write far more than the log buffer (4 MiB) and the pipe hold.

@@ -167,12 +167,24 @@ export interface RawRunning {
 }
 
 /**
+ * The Node flags the image starts Breakwater with: the Dockerfile's `CMD`, between `node` and
+ * `dist/cli.js`. A test that measures the process's memory runs it as it ships.
+ */
+export function imageNodeFlags (): string[] {
+  const cmd = readFileSync(join(ROOT, 'Dockerfile'), 'utf8').split('\n').filter((l) => l.startsWith('CMD ')).at(-1)
+  if (cmd === undefined) throw new Error('the Dockerfile has no CMD')
+  const argv = JSON.parse(cmd.slice(4)) as string[]
+  return argv.slice(1, argv.findIndex((a) => a.endsWith('dist/cli.js')))
+}
+
+/**
  * Like `startProcess`, but stdout is kept as raw text instead of parsed, so a test can check
  * every byte the process wrote. With `stopReadingStdout`, stdout is read only up to the
  * `listening` line and then left unread: the pipe fills and the process's stdout stalls. With
  * `discardStdout`, what follows the `listening` line is read as fast as it comes and thrown away.
+ * `nodeFlags` go to Node before the command (`imageNodeFlags()`: as the image runs it).
  */
-export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean, discardStdout?: boolean } = {}): Promise<RawRunning> {
+export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean, discardStdout?: boolean, nodeFlags?: string[] } = {}): Promise<RawRunning> {
   const dir = tempDir(t)
   const configPath = join(dir, 'breakwater.yaml')
   writeFileSync(configPath, stringify({
@@ -180,7 +192,7 @@ export async function startProcessRaw (t: Test, config: Record<string, unknown>,
     listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
     ...config
   }))
-  const child = spawn(process.execPath, [CLI, 'start', '--config', configPath], { cwd: dir, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), CLI, 'start', '--config', configPath], { cwd: dir, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
   t.teardown(async () => {
     if (child.exitCode === null && child.signalCode === null) {
