@@ -32,6 +32,7 @@ import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
 import { Notifier, incidentKey } from './control/notify.js'
+import { furtherPage } from './control/status-page.js'
 import { TriggerEngine, type TriggerAction } from './control/triggers.js'
 import { createTriggerAction } from './control/respond.js'
 import { Verifier, TTR_BUCKETS } from './control/verify.js'
@@ -500,7 +501,9 @@ export class Sidecar {
     if (fleet === null || !this.verifier.follows(trigger, last.instance)) return false
     const carried: Progress = { acted }
     if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
-    if (last.statusPage !== undefined) carried.statusPage = last.statusPage
+    // The leader's last write may not have reached this sidecar's watch yet: what this sidecar's
+    // own status page client already knows of the same page incident counts too.
+    if (last.statusPage !== undefined) carried.statusPage = furtherPage(last.statusPage, this.notifier.statusPage.get(key))
     let claim: Claim
     // A claim etcd did not answer is tried again: given up, the incident would have no actor.
     for (let pause = CLAIM_RETRY_MIN_MS; ; pause = Math.min(pause * 2, CLAIM_RETRY_MAX_MS)) {

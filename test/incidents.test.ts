@@ -15,6 +15,7 @@ import { startCaptured, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.j
 import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
 import { startStatusPage, type StatusPage } from './helpers/status-page.js'
 import { admin } from './helpers/admin.js'
+import { furtherPage } from '../src/control/status-page.js'
 import { sleep, eventually } from './helpers/http.js'
 import { traffic, type Traffic } from './helpers/traffic.js'
 import { runCli, tempDir } from './helpers/process.js'
@@ -592,4 +593,13 @@ t.test('post-mortem draft of a webhook rollback: its Idempotency-Key in the time
   t.ok(withKey.every((e) => e.commit === undefined), 'a webhook has no commit')
   const md = await fetch(`${s.admin}/v1/incidents/${String(i.id)}/report`, { headers: { authorization: `Bearer ${TEST_TOKEN}` } })
   t.match(await md.text(), new RegExp(`\\| [^|]*idempotency key ${String(key)}[^|]*\\|`), 'the Markdown timeline names the key')
+})
+
+t.test('a successor carries the page incident\'s further status: what the key recorded or what it already knows', async (t) => {
+  const recorded = { id: 'sp-1', status: 'identified' }
+  t.same(furtherPage(recorded, { id: 'sp-1', status: 'monitoring' }), { id: 'sp-1', status: 'monitoring' }, 'its own client is further along')
+  t.same(furtherPage(recorded, { id: 'sp-1', status: 'investigating' }), recorded, 'never backwards')
+  t.same(furtherPage(recorded, { id: 'sp-2', status: 'resolved' }), recorded, 'another page incident does not count')
+  t.same(furtherPage(recorded, { id: null, status: 'resolved' }), recorded, 'nor one without an id')
+  t.same(furtherPage(recorded, null), recorded, 'nor nothing')
 })

@@ -33,6 +33,16 @@ export type PageStatus = 'investigating' | 'identified' | 'monitoring' | 'resolv
 
 const RANK: Record<PageStatus, number> = { investigating: 0, identified: 1, monitoring: 2, resolved: 3 }
 
+/**
+ * Of two records of one page incident, the one further along (statuses never go backwards):
+ * `known` when it names the same page incident with a later status, else `recorded`.
+ */
+export function furtherPage (recorded: { id: string, status: string }, known: PageIncidentState | null): { id: string, status: string } {
+  if (known === null || known.id !== recorded.id) return recorded
+  const rank = (status: string): number => RANK[status as PageStatus] ?? -1
+  return rank(known.status) > rank(recorded.status) ? { id: recorded.id, status: known.status } : recorded
+}
+
 /** What is persisted per incident key. */
 export interface PageIncidentState {
   id: string | null
