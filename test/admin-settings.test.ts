@@ -101,13 +101,13 @@ function specifiers (file: string): string[] {
   return found
 }
 
-/** Every package and project module reachable from `entry` (project modules as paths under src/). */
 /** The package a bare specifier names: `undici/lib/dispatcher/pool.js` is `undici`. */
 function packageOf (spec: string): string {
   const parts = spec.split('/')
   return spec.startsWith('@') ? parts.slice(0, 2).join('/') : parts[0] as string
 }
 
+/** Every package and project module reachable from `entry` (project modules as paths under src/). */
 function reachable (entry: string): { modules: string[], packages: string[] } {
   const modules = new Set<string>()
   const packages = new Set<string>()

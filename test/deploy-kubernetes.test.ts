@@ -12,7 +12,7 @@ import { basename, dirname, join, posix } from 'node:path'
 import { parseAllDocuments, parse, stringify } from 'yaml'
 import { ROOT } from './helpers/root.js'
 import { schemaProblems, type Manifest } from './helpers/manifests.js'
-import { runCli, tempDir } from './helpers/process.js'
+import { runCli, tempDir, nodeFlagsOf } from './helpers/process.js'
 import { loadConfigFile } from '../src/config/load.js'
 import { Deployment, type IDeployment } from 'kubernetes-models/apps/v1/Deployment'
 import type { IService } from 'kubernetes-models/v1/Service'
@@ -159,8 +159,7 @@ t.test('Breakwater is a native sidecar of the app, with its probes on the ops po
   t.equal(posix.basename(configArg), 'breakwater.yaml', 'the ConfigMap key is the file name')
   // `command` replaces the image's CMD, Node flags included: the pod must keep the image's fixed
   // young generation, or under its 256 MiB limit Node 24 would give V8 a 4 MiB one.
-  const cli = command.findIndex((a) => a.endsWith('dist/cli.js'))
-  t.ok(command.slice(1, Math.max(1, cli)).some((a) => /^--max-semi-space-size=\d+$/.test(a)), `the sidecar's command sets --max-semi-space-size as the image's CMD does (${command.join(' ')})`)
+  t.ok(nodeFlagsOf(command).some((a) => /^--max-semi-space-size=\d+$/.test(a)), `the sidecar's command sets --max-semi-space-size as the image's CMD does (${command.join(' ')})`)
 
   const flagDir = dirname(config.flagSource?.path ?? '')
   const flagMount = sidecar.volumeMounts?.find((m) => m.mountPath === flagDir)

@@ -15,6 +15,7 @@
  */
 import t, { type Test } from 'tap'
 import { ROOT } from './helpers/root.js'
+import { nodeFlagsOf } from './helpers/process.js'
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { chmodSync, chownSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -174,7 +175,7 @@ const exposedPorts = runtimeInstructions.filter(i => i.keyword === 'EXPOSE').fla
 const cmdLine = lastOf('CMD')
 const cmdArgv = cmdLine === undefined ? null : execForm(cmdLine.args)
 /** The Node flags the CMD starts the service with (between `node` and `dist/cli.js`). */
-const cmdNodeFlags = cmdArgv === null ? [] : cmdArgv.slice(1, Math.max(1, cmdArgv.findIndex((a) => a.endsWith('dist/cli.js'))))
+const cmdNodeFlags = cmdArgv === null ? [] : nodeFlagsOf(cmdArgv)
 const healthcheck = lastOf('HEALTHCHECK')
 
 /** Images of stages that come from a registry (not an earlier stage) without an `@sha256:` digest. */

@@ -166,15 +166,20 @@ export interface RawRunning {
   exited: Promise<number | null>
 }
 
+/** The Node flags of a command line that runs Breakwater: what comes between `node` and `dist/cli.js` (none without it). */
+export function nodeFlagsOf (argv: readonly string[]): string[] {
+  const cli = argv.findIndex((a) => a.endsWith('dist/cli.js'))
+  return cli < 1 ? [] : argv.slice(1, cli)
+}
+
 /**
- * The Node flags the image starts Breakwater with: the Dockerfile's `CMD`, between `node` and
- * `dist/cli.js`. A test that measures the process's memory runs it as it ships.
+ * The Node flags the image starts Breakwater with: the Dockerfile's `CMD` (exec form). A test
+ * that measures the process's memory runs it as it ships.
  */
 export function imageNodeFlags (): string[] {
   const cmd = readFileSync(join(ROOT, 'Dockerfile'), 'utf8').split('\n').filter((l) => l.startsWith('CMD ')).at(-1)
   if (cmd === undefined) throw new Error('the Dockerfile has no CMD')
-  const argv = JSON.parse(cmd.slice(4)) as string[]
-  return argv.slice(1, argv.findIndex((a) => a.endsWith('dist/cli.js')))
+  return nodeFlagsOf(JSON.parse(cmd.slice(4)) as string[])
 }
 
 /**
