@@ -32,7 +32,8 @@ export const request = ((url: string | URL, options: Parameters<typeof undici.re
   return dispatcher.request({
     ...rest,
     origin: target.origin,
-    path: target.search !== '' ? `${target.pathname}${target.search}` : target.pathname,
-    method: rest.method ?? (rest.body != null ? 'PUT' : 'GET')
+    path: `${target.pathname}${target.search}`,
+    // As undici's: an empty method or body counts as none.
+    method: rest.method || (rest.body ? 'PUT' : 'GET')
   })
 }) as typeof undici.request

@@ -30,7 +30,8 @@ t.test('request: GET without a body, PUT with one when no method is given (as un
   t.teardown(receiver.close)
   await (await request(`${receiver.url}/a`)).body.dump()
   await (await request(new URL(`${receiver.url}/b`), { body: 'x' })).body.dump()
-  t.same(receiver.deliveries.map((d) => `${d.method} ${d.url}`), ['GET /a', 'PUT /b'])
+  await (await request(`${receiver.url}/c`, { body: '' })).body.dump()
+  t.same(receiver.deliveries.map((d) => `${d.method} ${d.url}`), ['GET /a', 'PUT /b', 'GET /c'], 'an empty body counts as none')
 })
 
 t.test('request: on the dispatcher given, else the global one', async (t) => {
