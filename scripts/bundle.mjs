@@ -17,6 +17,36 @@ import { pathToFileURL } from 'node:url'
 
 export const EXTERNAL = []
 
+/** `node:http`, `http`: one of Node's own modules. */
+function isBuiltin (path) {
+  return path.startsWith('node:') || builtinModules.includes(path)
+}
+
+/**
+ * Node's own modules are reached with require(), never with an ES import. Node's ES import of
+ * one of its modules reads every export once, getters included, to make the module's ES face,
+ * and some of those getters load more: on Node 24 an `import … from 'node:http'` reads
+ * `http.WebSocket` and so loads and compiles Node's copy of undici (fetch, WebSocket) that
+ * Breakwater never calls, 13 MiB of idle RSS (bench/README.md). require() hands back the
+ * module object itself, and only what the code reads is read.
+ */
+function builtinsByRequire () {
+  return {
+    name: 'builtins-by-require',
+    setup (build) {
+      build.onResolve({ filter: /^[a-z_]/ }, (args) => {
+        if (!isBuiltin(args.path) || args.kind === 'require-call' || args.namespace === 'builtin') return undefined
+        return { path: args.path, namespace: 'builtin' }
+      })
+      build.onResolve({ filter: /.*/, namespace: 'builtin' }, (args) => ({ path: args.path, external: true }))
+      build.onLoad({ filter: /.*/, namespace: 'builtin' }, (args) => ({
+        contents: `module.exports = require(${JSON.stringify(args.path)})\n`,
+        loader: 'js'
+      }))
+    }
+  }
+}
+
 
 /**
  * `await import('pkg')` of a CommonJS package would, in its own chunk, expose only `default`;
@@ -30,7 +60,7 @@ function lazyPackages (root) {
     setup (build) {
       build.onResolve({ filter: /^[^./]/ }, (args) => {
         if (args.kind !== 'dynamic-import' || args.namespace === 'lazy' || EXTERNAL.includes(args.path)) return undefined
-        if (args.path.startsWith('node:') || builtinModules.includes(args.path)) return undefined
+        if (isBuiltin(args.path)) return undefined
         return { path: args.path, namespace: 'lazy' }
       })
       build.onLoad({ filter: /.*/, namespace: 'lazy' }, async (args) => {
@@ -73,9 +103,9 @@ export async function bundle (root, esbuildPath) {
     minify: true,
     keepNames: true,
     external: EXTERNAL,
-    plugins: [lazyPackages(root)],
-    // The CommonJS dependencies call require() for Node's modules.
-    banner: { js: "import { createRequire as __bundleRequire } from 'node:module'; const require = __bundleRequire(import.meta.url);" },
+    plugins: [builtinsByRequire(), lazyPackages(root)],
+    // The CommonJS dependencies, and the plugin above, call require() for Node's modules.
+    banner: { js: "const require = process.getBuiltinModule('node:module').createRequire(import.meta.url);" },
     metafile: true,
     logLevel: 'warning'
   })

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
-import { childEnv, tempDir } from './helpers/process.js'
+import { childEnv, startProcess, tempDir } from './helpers/process.js'
 
 const SCRIPT = join(ROOT, 'scripts', 'build.mjs')
 const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> }
@@ -128,4 +128,27 @@ t.test('the bundled command holds only the undici it calls: no fetch, WebSocket,
   for (const name of ['MockAgent', 'SnapshotAgent', 'WebSocketStream', 'SqliteCacheStore', 'MemoryCacheStore', 'RetryAgent']) {
     t.notOk(text.includes(name), `${name} is not`)
   }
+})
+
+t.test('the bundled command reaches Node\'s own modules with require(), never an ES import', async (t) => {
+  // Node's ES import of one of its modules reads every export, getters included: on Node 24,
+  // `import … from 'node:http'` reads `http.WebSocket` and loads Node's own copy of undici.
+  const { builtinModules } = await import('node:module')
+  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  const specifiers = files.flatMap((f) => [...readFileSync(f, 'utf8').matchAll(/(?:\bfrom|\bimport)\s*\(?\s*["']([^"']+)["']/g)].map((m) => m[1] as string))
+  t.ok(specifiers.some((s) => s.startsWith('./')), 'the chunks import one another')
+  t.same(specifiers.filter((s) => s.startsWith('node:') || builtinModules.includes(s)), [], 'no ES import of a Node module')
+})
+
+t.test('a running sidecar leaves Node\'s own undici (fetch, WebSocket) unloaded', async (t) => {
+  const dir = tempDir(t)
+  const preload = join(dir, 'modules.cjs')
+  const out = join(dir, 'modules.txt')
+  writeFileSync(preload, `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(out)}, process.moduleLoadList.join('\\n')))\n`)
+  const sidecar = await startProcess(t, { upstreams: { app: { url: 'http://127.0.0.1:9' } }, routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }] }, { NODE_OPTIONS: `--require ${preload}` })
+  sidecar.child.kill('SIGTERM')
+  t.equal(await sidecar.exited, 0, 'it stops cleanly')
+  const loaded = readFileSync(out, 'utf8').split('\n')
+  t.ok(loaded.includes('NativeModule http'), 'the list is of this process: it holds node:http')
+  t.notOk(loaded.some((m) => m.includes('internal/deps/undici')), 'Node\'s undici is not loaded')
 })
