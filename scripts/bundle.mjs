@@ -72,6 +72,13 @@ function lazyPackages (root) {
   }
 }
 
+/** package.json's `engines.node`, for the banner's message (`>=20.18.1`). */
+function engines (root) {
+  const range = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).engines?.node
+  if (typeof range !== 'string' || !/^[\w.<>=| -]+$/.test(range)) throw new Error(`package.json: engines.node is ${JSON.stringify(range)}; the bundle's banner names it`)
+  return range
+}
+
 /** The bundler, resolved from the project; null when it is not installed. */
 export function bundler (root) {
   try {
@@ -104,8 +111,10 @@ export async function bundle (root, esbuildPath) {
     keepNames: true,
     external: EXTERNAL,
     plugins: [builtinsByRequire(), lazyPackages(root)],
-    // The CommonJS dependencies, and the plugin above, call require() for Node's modules.
-    banner: { js: "const require = process.getBuiltinModule('node:module').createRequire(import.meta.url);" },
+    // The CommonJS dependencies, and the plugin above, call require() for Node's modules. Every
+    // file starts with it (the first one Node evaluates is a chunk, not cli.js): on a Node
+    // older than package.json's engines it says so, rather than fail on a missing function.
+    banner: { js: `if (typeof process.getBuiltinModule !== 'function') { process.stderr.write('breakwater: needs Node.js ${engines(root)}; this is ' + process.version + '\\n'); process.exit(1) }\nconst require = process.getBuiltinModule('node:module').createRequire(import.meta.url);` },
     metafile: true,
     logLevel: 'warning'
   })

@@ -152,3 +152,11 @@ t.test('a running sidecar leaves Node\'s own undici (fetch, WebSocket) unloaded'
   t.ok(loaded.includes('NativeModule http'), 'the list is of this process: it holds node:http')
   t.notOk(loaded.some((m) => m.includes('internal/deps/undici')), 'Node\'s undici is not loaded')
 })
+
+t.test('on a Node without process.getBuiltinModule the bundled command says which Node it needs', async (t) => {
+  const engines = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node
+  const run = spawnSync(process.execPath, ['--import', 'data:text/javascript,delete process.getBuiltinModule', join(ROOT, 'dist', 'cli.js'), '--version'], { encoding: 'utf8', timeout: 60_000, env: childEnv() })
+  t.equal(run.status, 1, 'exit 1')
+  t.equal(run.stderr, `breakwater: needs Node.js ${engines}; this is ${process.version}\n`, 'names the engines range and this Node')
+  t.equal(run.stdout, '', 'nothing else')
+})
