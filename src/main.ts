@@ -56,20 +56,11 @@ export async function start (configPath: string): Promise<number> {
       // enough for its tear-down to fit; this backstop covers a step of the tear-down that
       // hangs, and exit() covers a handle that would keep the event loop alive after it.
       const { drainDelayMs, timeoutMs } = sidecar.config.shutdown
-      const budgetMs = drainDelayMs + timeoutMs
-      const end = performance.now() + budgetMs
-      setTimeout(() => {
-        sidecar.logger.error({ event: 'shutdown', phase: 'backstop', afterMs: Math.max(budgetMs, BACKSTOP_MIN_MS) }, 'shutdown did not finish in time; exiting')
-        process.exit(1)
-      }, Math.max(budgetMs, BACKSTOP_MIN_MS)).unref()
-      const exit = (code: number): void => {
-        resolve(code)
-        // Everything of ours is closed; whatever else still holds the event loop does not matter.
-        setTimeout(() => process.exit(code), Math.max(0, Math.min(LINGER_MS, end - performance.now()))).unref()
-      }
-      sidecar.shutdown().then(() => exit(0), (err) => {
-        sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed')
-        exit(1)
+      exitAfterShutdown(sidecar.shutdown(), drainDelayMs + timeoutMs, {
+        backstop: (afterMs) => { sidecar.logger.error({ event: 'shutdown', phase: 'backstop', afterMs }, 'shutdown did not finish in time; exiting') },
+        failed: (err) => { sidecar.logger.error({ event: 'shutdown', err }, 'shutdown failed') },
+        settled: resolve,
+        exit: (code) => process.exit(code)
       })
     }
     process.once('SIGTERM', stop)
@@ -81,4 +72,42 @@ export async function start (configPath: string): Promise<number> {
 function reportStartupError (problems: readonly string[], configPath: string): void {
   process.stderr.write(`breakwater: cannot start with ${configPath}:\n${problems.map((p) => `  ${p}`).join('\n')}\n`)
   process.stdout.write(JSON.stringify({ level: 'fatal', time: new Date().toISOString(), event: 'startup_failed', config: configPath, problems, msg: 'cannot start' }) + '\n')
+}
+
+export interface ShutdownHooks {
+  /** The backstop fired: the shutdown had not settled `afterMs` after the signal. */
+  backstop: (afterMs: number) => void
+  /** The shutdown rejected. */
+  failed: (err: unknown) => void
+  /** The shutdown settled: the process's exit code. */
+  settled: (code: number) => void
+  /** End the process. */
+  exit: (code: number) => void
+}
+
+/**
+ * End the process once `shutdown` settles: 0 when it resolves, 1 when it rejects. The
+ * backstop exits 1 if it has not settled after `budgetMs` (at least BACKSTOP_MIN_MS): a step
+ * of the tear-down that hangs. Once the shutdown has settled, the backstop is off: a
+ * shutdown that finished a little past its budget, on a machine too busy to run the backstop
+ * first, still ends 0.
+ */
+export function exitAfterShutdown (shutdown: Promise<void>, budgetMs: number, hooks: ShutdownHooks): void {
+  const end = performance.now() + budgetMs
+  const afterMs = Math.max(budgetMs, BACKSTOP_MIN_MS)
+  const backstop = setTimeout(() => {
+    hooks.backstop(afterMs)
+    hooks.exit(1)
+  }, afterMs)
+  backstop.unref()
+  const settle = (code: number): void => {
+    clearTimeout(backstop)
+    hooks.settled(code)
+    // Everything of ours is closed; whatever else still holds the event loop does not matter.
+    setTimeout(() => hooks.exit(code), Math.max(0, Math.min(LINGER_MS, end - performance.now()))).unref()
+  }
+  shutdown.then(() => settle(0), (err) => {
+    hooks.failed(err)
+    settle(1)
+  })
 }
