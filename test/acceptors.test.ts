@@ -6,19 +6,31 @@
  */
 import t from 'tap'
 import net from 'node:net'
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { raw } from './helpers/http.js'
 import { parseResponse } from './helpers/wire.js'
 import { REUSE_PORT } from '../src/proxy/server.js'
 
-/** Listening TCP sockets on 127.0.0.1:`port`, from the kernel's own table. */
+/**
+ * Listening TCP sockets of this process (the sidecar runs in it) on 127.0.0.1:`port`, from the
+ * kernel's own table. Only this process's: the other test files run beside this one, and once a
+ * socket of another process was counted on the same port.
+ */
 function listeningSockets (port: number): number {
   const local = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`
+  const ours = new Set<string>()
+  for (const fd of readdirSync('/proc/self/fd')) {
+    let target = ''
+    try { target = readlinkSync(`/proc/self/fd/${fd}`) } catch { continue } // closed meanwhile
+    const m = /^socket:\[(\d+)\]$/.exec(target)
+    if (m !== null) ours.add(m[1] as string)
+  }
+  // Fields: sl, local address, remote address, state (0A: LISTEN), queues, timers, retransmits, uid, timeout, inode.
   return readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)
     .map((line) => line.trim().split(/\s+/))
-    .filter((f) => f[1] === local && f[3] === '0A').length
+    .filter((f) => f[1] === local && f[3] === '0A' && ours.has(f[9] as string)).length
 }
 
 async function listen (options: net.ListenOptions & { reusePort?: boolean }): Promise<net.Server> {
