@@ -11,16 +11,11 @@
 // Left outside the bundle, loaded from node_modules: a flagProvider module (the config names
 // it, so it is found at run time).
 import { readFileSync } from 'node:fs'
-import { builtinModules, createRequire } from 'node:module'
+import { createRequire, isBuiltin } from 'node:module'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
 export const EXTERNAL = []
-
-/** `node:http`, `http`: one of Node's own modules. */
-function isBuiltin (path) {
-  return path.startsWith('node:') || builtinModules.includes(path)
-}
 
 /**
  * Node's own modules are reached with require(), never with an ES import. Node's ES import of
@@ -35,7 +30,7 @@ function builtinsByRequire () {
     name: 'builtins-by-require',
     setup (build) {
       build.onResolve({ filter: /^[a-z_]/ }, (args) => {
-        if (!isBuiltin(args.path) || args.kind === 'require-call' || args.namespace === 'builtin') return undefined
+        if (!isBuiltin(args.path) || args.kind === 'require-call') return undefined
         return { path: args.path, namespace: 'builtin' }
       })
       build.onResolve({ filter: /.*/, namespace: 'builtin' }, (args) => ({ path: args.path, external: true }))

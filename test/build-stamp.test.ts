@@ -6,13 +6,19 @@
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { isBuiltin } from 'node:module'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
 import { childEnv, startProcess, tempDir } from './helpers/process.js'
 
 const SCRIPT = join(ROOT, 'scripts', 'build.mjs')
-const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> }
+const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string>, engines: { node: string } }
+
+/** The bundled command: dist/cli.js and the chunks it loads. */
+function bundleFiles (): string[] {
+  return [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+}
 
 interface Build { code: number | null, out: string }
 
@@ -114,7 +120,7 @@ t.test('the bundled command is one byte per character in V8 (Latin-1 only)', asy
   const { wideCharacter } = await import(pathToFileURL(join(ROOT, 'scripts', 'bundle.mjs')).href) as { wideCharacter: (text: string) => string | null }
   t.equal(wideCharacter('café, naïve'), null, 'Latin-1 is one byte per character')
   t.match(wideCharacter('// the response’s type') ?? '', /^U\+2019 at offset 15/)
-  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  const files = bundleFiles()
   t.ok(files.length > 1, 'the command and its lazily loaded chunks')
   for (const file of files) t.equal(wideCharacter(readFileSync(file, 'utf8')), null, file)
 })
@@ -122,7 +128,7 @@ t.test('the bundled command is one byte per character in V8 (Latin-1 only)', asy
 t.test('the bundled command holds only the undici it calls: no fetch, WebSocket, mock agents or cache stores', async (t) => {
   // src/undici.ts takes undici's dispatchers from its own files; an import of 'undici' itself
   // (other than `import type`) would bring its whole index back into every sidecar's memory.
-  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  const files = bundleFiles()
   const text = files.map((f) => readFileSync(f, 'utf8')).join('\n')
   t.match(text, /UND_ERR_HEADERS_TIMEOUT/, 'undici\'s dispatchers are in it')
   for (const name of ['MockAgent', 'SnapshotAgent', 'WebSocketStream', 'SqliteCacheStore', 'MemoryCacheStore', 'RetryAgent']) {
@@ -133,11 +139,10 @@ t.test('the bundled command holds only the undici it calls: no fetch, WebSocket,
 t.test('the bundled command reaches Node\'s own modules with require(), never an ES import', async (t) => {
   // Node's ES import of one of its modules reads every export, getters included: on Node 24,
   // `import … from 'node:http'` reads `http.WebSocket` and loads Node's own copy of undici.
-  const { builtinModules } = await import('node:module')
-  const files = [join(ROOT, 'dist', 'cli.js'), ...readdirSync(join(ROOT, 'dist', 'chunks')).filter((f) => f.endsWith('.js')).map((f) => join(ROOT, 'dist', 'chunks', f))]
+  const files = bundleFiles()
   const specifiers = files.flatMap((f) => [...readFileSync(f, 'utf8').matchAll(/(?:\bfrom|\bimport)\s*\(?\s*["']([^"']+)["']/g)].map((m) => m[1] as string))
   t.ok(specifiers.some((s) => s.startsWith('./')), 'the chunks import one another')
-  t.same(specifiers.filter((s) => s.startsWith('node:') || builtinModules.includes(s)), [], 'no ES import of a Node module')
+  t.same(specifiers.filter((s) => isBuiltin(s)), [], 'no ES import of a Node module')
 })
 
 t.test('a running sidecar leaves Node\'s own undici (fetch, WebSocket) unloaded', async (t) => {
@@ -154,9 +159,8 @@ t.test('a running sidecar leaves Node\'s own undici (fetch, WebSocket) unloaded'
 })
 
 t.test('on a Node without process.getBuiltinModule the bundled command says which Node it needs', async (t) => {
-  const engines = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node
   const run = spawnSync(process.execPath, ['--import', 'data:text/javascript,delete process.getBuiltinModule', join(ROOT, 'dist', 'cli.js'), '--version'], { encoding: 'utf8', timeout: 60_000, env: childEnv() })
   t.equal(run.status, 1, 'exit 1')
-  t.equal(run.stderr, `breakwater: needs Node.js ${engines}; this is ${process.version}\n`, 'names the engines range and this Node')
+  t.equal(run.stderr, `breakwater: needs Node.js ${pkg.engines.node}; this is ${process.version}\n`, 'names the engines range and this Node')
   t.equal(run.stdout, '', 'nothing else')
 })
