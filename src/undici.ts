@@ -10,7 +10,7 @@
 import type * as undici from 'undici'
 import Dispatcher from 'undici/lib/dispatcher/dispatcher.js'
 import api from 'undici/lib/api/index.js'
-import global from 'undici/lib/global.js'
+import globalDispatcher from 'undici/lib/global.js'
 import util from 'undici/lib/core/util.js'
 
 export { default as Client } from 'undici/lib/dispatcher/client.js'
@@ -28,7 +28,7 @@ Object.assign(Dispatcher.prototype, api)
  */
 export const request = ((url: string | URL, options: Parameters<typeof undici.request>[1] = {}) => {
   const target = util.parseURL(url)
-  const { dispatcher = global.getGlobalDispatcher(), ...rest } = options as { dispatcher?: undici.Dispatcher } & undici.Dispatcher.RequestOptions
+  const { dispatcher = globalDispatcher.getGlobalDispatcher(), ...rest } = options as { dispatcher?: undici.Dispatcher } & undici.Dispatcher.RequestOptions
   return dispatcher.request({
     ...rest,
     origin: target.origin,
