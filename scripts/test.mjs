@@ -7,10 +7,8 @@
  * Five files run at a time, at most two of them fleet files: those start etcd clusters,
  * Alertmanager and several sidecars each, and spend most of their time waiting on leases, watches
  * and elections, not on the CPU. The files known to take longest start first, so the run does
- * not end with one long file running alone (before: the fleet files one at a time beside three
- * others in name order, 240 s; now 219 s on the same idle 2-core machine, the CPU 174 % busy
- * instead of 157 %). `BREAKWATER_TEST_JOBS` and `BREAKWATER_TEST_FLEET_JOBS` change the two
- * numbers.
+ * not end with one long file running alone (bench/README.md has the timings).
+ * `BREAKWATER_TEST_JOBS` and `BREAKWATER_TEST_FLEET_JOBS` change the two numbers.
  *
  * Why not tap's own runner: it starts every test process with an import hook of its own
  * (`@tapjs/processinfo`, for coverage and process tracking, neither used here), which cost about
@@ -64,14 +62,15 @@ const { values, positionals } = parseArgs({ options: { grep: { type: 'string', m
 
 /** The test files to run: all of them, or those named on the command line. */
 function files () {
+  const nameOf = (f) => f.replace(/\.test\.js$/, '')
   const rank = (f) => {
-    const i = LONGEST_FIRST.indexOf(f.replace(/\.test\.js$/, ''))
+    const i = LONGEST_FIRST.indexOf(nameOf(f))
     return i === -1 ? LONGEST_FIRST.length : i
   }
   const all = readdirSync(DIR).filter((f) => f.endsWith('.test.js')).sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : 1))
   if (positionals.length === 0) return all
   const wanted = positionals.map((p) => basename(p).replace(/\.(test\.)?(js|ts)$/, ''))
-  const chosen = all.filter((f) => wanted.includes(f.replace(/\.test\.js$/, '')))
+  const chosen = all.filter((f) => wanted.includes(nameOf(f)))
   const unknown = wanted.filter((w) => !all.includes(`${w}.test.js`))
   if (unknown.length > 0) throw new Error(`no compiled test file for: ${unknown.join(', ')} (in ${DIR})`)
   return chosen
