@@ -5,6 +5,8 @@
  * TLS — the last two also end to end, a sidecar in a fleet on such an etcd.
  */
 import t, { type Test } from 'tap'
+import { readFileSync } from 'node:fs'
+import { createServer } from 'node:net'
 import { Etcd, EtcdError, type KeyValue } from '../src/fleet/etcd.js'
 import { startEtcd, type EtcdCluster } from './helpers/etcd.js'
 import { createPki } from './helpers/certificates.js'
@@ -39,6 +41,18 @@ async function enableAuth (etcd: Etcd): Promise<void> {
   await etcd.call('/v3/auth/user/grant', { user: 'root', role: 'root' })
   await etcd.call('/v3/auth/enable', {})
 }
+
+t.test('a port laid out for a later etcd start is free and outside the kernel\'s ephemeral range, where no outgoing connection takes it', async (t) => {
+  const [low] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number) as [number]
+  t.ok(low - 10_000 >= 1000, `this host leaves room below its ephemeral range (it starts at ${low})`)
+  for (let i = 0; i < 20; i++) {
+    const port = await freePort()
+    t.ok(port >= 10_000 && port < low, `${port} is below ${low}`)
+    const server = createServer()
+    await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(port, '127.0.0.1', resolve) })
+    await new Promise<void>((resolve) => { server.close(() => { resolve() }) })
+  }
+})
 
 t.test('put and range: a prefix reads exactly its keys, values round-trip as written', async (t) => {
   const cluster = await startEtcd(t)

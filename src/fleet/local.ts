@@ -15,17 +15,51 @@ import { stringify } from 'yaml'
 export const ETCD_MISSING = 'etcd not found: install it with `apt-get install -y etcd-server`'
 export const ALERTMANAGER_MISSING = 'alertmanager not found: install it with `apt-get install -y prometheus-alertmanager`'
 
-/** A port nobody listens on right now (bind port 0, read it, close). */
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
+/**
+ * Where the kernel takes ports for outgoing connections and for listeners on port 0:
+ * /proc/sys/net/ipv4/ip_local_port_range on Linux, else the IANA range.
+ */
+function ephemeralPorts (): { low: number, high: number } {
+  try {
+    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number)
+    if (Number.isInteger(low) && Number.isInteger(high)) return { low: low as number, high: high as number }
+  } catch {}
+  return { low: 49152, high: 65535 }
+}
+
+/** The port a listener got on 127.0.0.1 for `port` (0: any), closed again at once; null when it could not bind. */
+async function listenOnce (port: number): Promise<number | null> {
+  return await new Promise((resolve) => {
     const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
+    server.once('error', () => { resolve(null) })
+    server.listen(port, '127.0.0.1', () => {
       const address = server.address()
-      const port = typeof address === 'object' && address !== null ? address.port : 0
-      server.close(() => { resolve(port) })
+      const bound = typeof address === 'object' && address !== null ? address.port : null
+      server.close(() => { resolve(bound) })
     })
   })
+}
+
+/**
+ * A port nobody listens on right now, for a server that binds it later (etcd is given its ports
+ * on the command line, and a member that is down keeps them for its restart). Taken below the
+ * kernel's ephemeral range where there is room: a port from that range (a listen on port 0) can
+ * meanwhile become the local port of any outgoing connection or another port-0 listener on the
+ * host, and the server's bind then fails with EADDRINUSE.
+ */
+export async function freePort (): Promise<number> {
+  const { low } = ephemeralPorts()
+  // Above the ports well-known services tend to use; below the kernel's.
+  const floor = 10_000
+  if (low - floor >= 1000) {
+    for (let tries = 0; tries < 50; tries++) {
+      const port = await listenOnce(floor + Math.floor(Math.random() * (low - floor)))
+      if (port !== null) return port
+    }
+  }
+  const port = await listenOnce(0)
+  if (port === null) throw new Error('no free port on 127.0.0.1')
+  return port
 }
 
 /** `signal` (SIGTERM), then SIGKILL after 5 s; resolves once the process is gone. */
