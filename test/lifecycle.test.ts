@@ -107,15 +107,21 @@ t.test('a second SIGTERM during the drain makes the process exit promptly, still
 t.test('requests still in flight after shutdown.timeoutMs are cut; the process exits 0', async (t) => {
   const up = await startUpstream(hang)
   t.teardown(up.close)
-  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 100, timeoutMs: 1000 } }, STARTUP_MS, withoutTapHooks)
+  // The tear-down after the cut gets a tenth of timeoutMs, at most TEARDOWN_MS (1 s), before the
+  // backstop exits 1. 10 s gives it the whole second, as with the defaults: with 1 s it had
+  // 100 ms, which a busy machine overran (exit 1, no 'stopped' line).
+  const drainDelayMs = 100
+  const timeoutMs = 10_000
+  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs, timeoutMs } }, STARTUP_MS, withoutTapHooks)
   const stuck = send(bw.proxy, '/stuck').then((r) => ({ status: r.status }), (err: NodeJS.ErrnoException) => ({ error: err.code ?? err.message }))
   t.ok(await eventually(() => up.received.length === 1, 5000), 'the upstream got the request')
   const at = Date.now()
   bw.child.kill('SIGTERM')
-  const code = await within(bw.exited, 10000, 'exit after shutdown.timeoutMs')
+  const code = await within(bw.exited, timeoutMs + 10_000, 'exit after shutdown.timeoutMs')
   const took = Date.now() - at
   t.equal(code, 0, 'exit 0')
-  t.ok(took >= 1000, `waited for shutdown.timeoutMs before cutting (${took} ms)`)
+  // The cut comes at drainDelayMs + timeoutMs less the tear-down's share.
+  t.ok(took >= drainDelayMs + timeoutMs - 1000, `waited for the shutdown deadline before cutting (${took} ms)`)
   const outcome = await within(stuck, 5000, 'the cut request settles')
   t.ok('error' in outcome, 'the client saw its connection cut, not a response', { outcome })
   const last = bw.lines.find((l) => l.phase === 'stopped')
