@@ -5,7 +5,7 @@ import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
 import { FlagdCore } from '@openfeature/flagd-core'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar, startCaptured } from './helpers/sidecar.js'
+import { startTestSidecar, startCaptured, testSidecarInput } from './helpers/sidecar.js'
 import { resolveConfig } from '../src/config/load.js'
 import { send, eventually } from './helpers/http.js'
 import { flagDir, flagdText, writeFlagFile, checkoutRoutes } from './helpers/flags.js'
@@ -123,13 +123,10 @@ t.test('a provider without events is read every pollMs; one that targets without
   const setValues = (v: Record<string, unknown>): void => { writeFileSync(`${values}.tmp`, JSON.stringify(v)); renameSync(`${values}.tmp`, values) }
   setValues({ enableNewCheckout: true })
   // A module path resolves against the config file's folder, as a config written there would.
-  const { config } = resolveConfig({
-    service: 'test',
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    stateDir: join(dir, 'state'),
-    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
-    ...checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, other: true }, flagProvider: { module: './provider.mjs', options: { path: values }, pollMs: 100 } })
-  }, { source: join(dir, 'breakwater.yaml') })
+  const { config } = resolveConfig(testSidecarInput(
+    checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, other: true }, flagProvider: { module: './provider.mjs', options: { path: values }, pollMs: 100 } }),
+    join(dir, 'state')
+  ), { source: join(dir, 'breakwater.yaml') })
   const { proxy, ops, logs } = await startCaptured(t, config, join(dir, 'state'))
   t.equal((await send(proxy, '/checkout')).status, 200)
   setValues({ enableNewCheckout: false })
@@ -154,11 +151,11 @@ t.test('a reload can add, change or drop the provider; dropping it falls back to
   const { proxy, sidecar, stateDir } = await startTestSidecar(t, base)
   t.equal((await send(proxy, '/checkout/v1')).status, 503, 'the file says off')
 
-  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base, flagProvider: flagdProvider(served) }).config)
+  await sidecar.apply(resolveConfig(testSidecarInput({ ...base, flagProvider: flagdProvider(served) }, stateDir)).config)
   t.equal((await send(proxy, '/checkout/v1')).status, 200, 'the provider, above the file, says on here')
   t.equal((await send(proxy, '/checkout/v2')).status, 503, 'and off here')
 
-  await sidecar.apply(resolveConfig({ service: 'test', stateDir, ...base }).config)
+  await sidecar.apply(resolveConfig(testSidecarInput(base, stateDir)).config)
   t.equal((await send(proxy, '/checkout/v1')).status, 503, 'without the provider the file decides again')
   t.equal(sidecar.flags.targeted, null)
 })

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Etcd3 } from 'etcd3'
 import { startConnectedFleet, fleetConfig } from './helpers/fleet.js'
-import { startCaptured, startTestSidecar, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startCaptured, startTestSidecar, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
 import { startUpstream, type Handler, type TestUpstream } from './helpers/upstream.js'
 import { send, eventually } from './helpers/http.js'
 import { admin } from './helpers/admin.js'
@@ -224,7 +224,7 @@ t.test('etcd down: the last fleet failover stays (across a restart), a fleet wri
 
   // A restart without etcd keeps the fleet failover (stateDir).
   await s0.sidecar.close()
-  const { config } = resolveConfig({ ...fleetConfig(u.primary.url, [first], rungs(u)), stateDir: s0.stateDir, listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }, shutdown: { drainDelayMs: 0, timeoutMs: 2000 } })
+  const { config } = resolveConfig(testSidecarInput(fleetConfig(u.primary.url, [first], rungs(u)), s0.stateDir))
   const again = await startCaptured(t, config, s0.stateDir, { instance: 's0' })
   t.equal(await servedBy(again), 'dr', 'restarted without etcd, the fleet failover is still in force')
   t.match(await shown(again), [{ id: res.body.id, origin: 'fleet', inForce: true }])

@@ -9,7 +9,7 @@ import t, { type Test } from 'tap'
 import { Etcd3 } from 'etcd3'
 import { startEtcd } from './helpers/etcd.js'
 import { fleetConfig, startFleet, startConnectedFleet } from './helpers/fleet.js'
-import { startCaptured, type TestSidecar } from './helpers/sidecar.js'
+import { startCaptured, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually, sleep } from './helpers/http.js'
 import { admin } from './helpers/admin.js'
 import { metricValue } from './helpers/metrics.js'
@@ -99,7 +99,7 @@ t.test('etcd lost mid-run: last state kept and persisted, gauge 0, one line, 503
 
   // A restart without etcd keeps the fleet state (stateDir).
   await s0.sidecar.close()
-  const { config } = resolveConfig({ ...fleetConfig(up.url, [first]), stateDir: s0.stateDir, listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }, shutdown: { drainDelayMs: 0, timeoutMs: 2000 } })
+  const { config } = resolveConfig(testSidecarInput(fleetConfig(up.url, [first]), s0.stateDir))
   const again = await startCaptured(t, config, s0.stateDir, { instance: 's0' })
   t.equal(await checkout(again), 503, 'restarted without etcd, the fleet kill switch is still in force')
   t.equal((await admin(again.admin, 'GET', '/v1/state')).body.flags.newCheckout.origin, 'fleet')

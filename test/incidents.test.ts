@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { resolveConfig } from '../src/config/load.js'
 import { startApp, type App } from './helpers/app.js'
-import { startCaptured, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startCaptured, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
 import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
 import { startStatusPage, type StatusPage } from './helpers/status-page.js'
 import { admin } from './helpers/admin.js'
@@ -53,12 +53,9 @@ interface Options {
 /** The shop behind a sidecar: `checkout` (kill switch `newCheckout`) and `catalog`, every channel configured. */
 async function shop (t: Test, app: App, r: Receivers, o: Options = {}): Promise<{ s: TestSidecar, load: Traffic }> {
   const stateDir = o.stateDir ?? mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
-  const { config } = resolveConfig({
+  const { config } = resolveConfig(testSidecarInput({
     service: 'shop',
     version: '3.1.0',
-    stateDir,
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
     upstreams: { app: { url: app.url, critical: true } },
     routes: [
       { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'newCheckout' },
@@ -81,7 +78,7 @@ async function shop (t: Test, app: App, r: Receivers, o: Options = {}): Promise<
     },
     verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '15s', ...o.verification },
     logging: { level: 'info', accessLog: false }
-  })
+  }, stateDir))
   const s = await startCaptured(t, config, stateDir)
   const load = traffic(s.proxy)
   t.teardown(load.close)
@@ -545,18 +542,16 @@ t.test('an unverified incident (no real traffic to judge by) is not escalated at
 async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Promise<TestSidecar> {
   const app = await startApp(t)
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
-  const { config } = resolveConfig({
+  const { config } = resolveConfig(testSidecarInput({
     service: 'shop',
     version: '3.1.0',
-    stateDir,
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
     upstreams: { app: { url: app.url } },
     routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'rollback' }],
     rollback: { type: 'webhook', url: `${cd.url}/rollback` },
     notifications: hook === undefined ? {} : { webhooks: [`${hook.url}/events`], escalateAfter: '1h' },
     logging: { level: 'info', accessLog: false }
-  })
+  }, stateDir))
   const s = await startCaptured(t, config, stateDir)
   const load = traffic(s.proxy)
   t.teardown(load.close)

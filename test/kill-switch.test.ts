@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { OpenFeature } from '@openfeature/server-sdk'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { checkoutRoutes } from './helpers/flags.js'
@@ -152,7 +152,7 @@ t.test('a reload that changes featureFlags applies to the next request', async (
   const base = checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true } })
   const { proxy, sidecar, stateDir, ops } = await startTestSidecar(t, base)
   t.equal((await send(proxy, '/checkout')).status, 200)
-  const { config } = resolveConfig({ service: 'test', stateDir, ...checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }) })
+  const { config } = resolveConfig(testSidecarInput(checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }), stateDir))
   await sidecar.apply(config)
   t.equal((await send(proxy, '/checkout')).status, 503)
   t.equal((await getJson(`${ops}/health`)).status, 200, 'a killed feature is not an unhealthy instance')

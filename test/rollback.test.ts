@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
 import { eventually } from './helpers/http.js'
@@ -89,7 +89,7 @@ t.test('rollback cooldown: one rollback per cooldown, even for a new version', a
   const rollback = { type: 'webhook', url: receiver.url, cooldown: '10m' }
   const s = await startTestSidecar(t, config(up.url, rollback, '1.0.0'))
   t.equal((await rollbackAndWait(s.admin, 'first')).body.status, 'succeeded')
-  const { config: next } = resolveConfig({ stateDir: s.stateDir, ...config(up.url, rollback, '0.9.9') })
+  const { config: next } = resolveConfig(testSidecarInput(config(up.url, rollback, '0.9.9'), s.stateDir))
   await s.sidecar.apply(next)
   const second = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'second' })
   t.equal(second.status, 409)

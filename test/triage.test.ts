@@ -12,7 +12,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startApp, splitCommand, type App } from './helpers/app.js'
-import { startTestSidecar, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
 import { startReceiver, type Receiver } from './helpers/receiver.js'
 import { startProcess, withoutTapHooks } from './helpers/process.js'
 import { operator, adminUrl, parseOnlyJson, STACK_FRAME } from './helpers/operator.js'
@@ -256,13 +256,7 @@ t.test('the same errors on a version running for days are not called a bad deplo
     stateDir: (input) => {
       const dir = mkdtempSync(join(tmpdir(), 'breakwater-triage-'))
       t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-      const full = {
-        ...input,
-        stateDir: dir,
-        listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-        shutdown: { drainDelayMs: 0, timeoutMs: 2000 }
-      }
-      const hash = configHash(resolveConfig({ service: 'test', version: '1.0.0', ...full }).config)
+      const hash = configHash(resolveConfig(testSidecarInput(input, dir)).config)
       writeFileSync(join(dir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.0.1': twoDaysAgo }, configs: { [hash]: twoDaysAgo }, rolledBack: {} }))
       return dir
     }

@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startUpstream, echo, refusedUrl, type TestUpstream } from './helpers/upstream.js'
-import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
 import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
 import { send, sleep, eventually } from './helpers/http.js'
@@ -454,10 +454,9 @@ t.test('rollback trigger: one rollback per incident, and a second incident insid
   const up = await app(t)
   const cd = await startReceiver([200])
   t.teardown(cd.close)
-  const input = (version: string, stateDir?: string): Record<string, unknown> => ({
+  const input = (version: string): Record<string, unknown> => ({
     service: 'checkout',
     version,
-    ...(stateDir === undefined ? {} : { stateDir }),
     upstreams: { app: { url: up.url } },
     routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
     rollbackTriggers: [errorTrigger({ action: 'rollback' })],
@@ -471,7 +470,7 @@ t.test('rollback trigger: one rollback per incident, and a second incident insid
   t.match(cd.deliveries[0]?.body, { version: '2.4.1', trigger: 'errors' })
 
   // The CD system deploys another version; the same trigger recovers, then a second incident.
-  const { config: next } = resolveConfig(input('2.4.2', s.stateDir))
+  const { config: next } = resolveConfig(testSidecarInput(input('2.4.2'), s.stateDir))
   await s.sidecar.apply(next)
   t.ok(await eventually(async () => {
     await l.burst('/ok', 4)
@@ -504,8 +503,6 @@ t.test('requireRecentChange: a version that has run fine for days is not rolled 
     service: 'checkout',
     version: '2.4.1',
     stateDir,
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
     upstreams: { app: { url: up.url } },
     routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
     rollbackTriggers: [errorTrigger({ action: 'rollback' })],
@@ -514,7 +511,7 @@ t.test('requireRecentChange: a version that has run fine for days is not rolled 
   }
   // This version and this config were first seen two days ago.
   const twoDaysAgo = new Date(Date.now() - 2 * 86_400_000).toISOString()
-  const hash = configHash(resolveConfig(input).config)
+  const hash = configHash(resolveConfig(testSidecarInput(input, stateDir)).config)
   writeFileSync(join(stateDir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.4.1': twoDaysAgo }, configs: { [hash]: twoDaysAgo }, rolledBack: {} }))
   const s = await startTestSidecar(t, input)
   const state = await admin(s.admin, 'GET', '/v1/state')

@@ -5,7 +5,7 @@
 import t from 'tap'
 import { SecondWindow, RunningSum, emptySums, latencyBin, LATENCY_BINS, type WindowSums } from '../src/proxy/window.js'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send } from './helpers/http.js'
 import { random } from './helpers/random.js'
 import { resolveConfig } from '../src/config/load.js'
@@ -146,7 +146,7 @@ t.test('memory per route is small and fixed; a route without traffic holds none;
   s.sidecar.triggers.evaluate(Date.now())
   t.equal(s.sidecar.triggers.status()[0]?.requests, 40, 'the 1-hour trigger reads every request')
 
-  const { config } = resolveConfig({ service: 'test', version: '1.0.0', stateDir: s.stateDir, upstreams: { app: { url: up.url } }, routes: [routes[0], routes[2]], rollbackTriggers: triggers })
+  const { config } = resolveConfig(testSidecarInput({ upstreams: { app: { url: up.url } }, routes: [routes[0], routes[2]], rollbackTriggers: triggers }, s.stateDir))
   await s.sidecar.apply(config)
   t.notOk([...s.sidecar.dataPlane.stats.allRoutes()].some((x) => x.route === 'b'), 'the removed route\'s stats and window are freed')
   t.equal(windowOf('a').bytes(), bytesA, 'a route the reload kept keeps its window')

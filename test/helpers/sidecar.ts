@@ -24,10 +24,16 @@ export interface TestSidecar {
   stateDir: string
 }
 
-/** Fills in listen (port 0), stateDir and service unless given; accessLog on, drain 0. */
-export async function startTestSidecar (t: Test, input: Record<string, unknown>, options: SidecarOptions = {}): Promise<TestSidecar> {
-  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
-  const raw = {
+/**
+ * The raw config an in-process test sidecar starts from: listen (port 0), `stateDir`, service and
+ * version filled in unless `input` gives them; drain 0. Shedding on event-loop delay is off
+ * unless `input.limits` sets it: in-process the sidecar shares its loop with the test's own
+ * clients, so a busy machine stalling the test process for a second would shed the test's
+ * requests for the harness's lateness, not the sidecar's. (A test that seeds state by config
+ * hash hashes this.)
+ */
+export function testSidecarInput (input: Record<string, unknown>, stateDir: string): Record<string, unknown> {
+  return {
     service: 'test',
     version: '1.0.0',
     stateDir,
@@ -37,9 +43,15 @@ export async function startTestSidecar (t: Test, input: Record<string, unknown>,
       admin: { host: '127.0.0.1', port: 0 }
     },
     shutdown: { drainDelayMs: 0, timeoutMs: 2000 },
-    ...input
+    ...input,
+    limits: { maxEventLoopDelayMs: 0, ...(input.limits as Record<string, unknown> | undefined) }
   }
-  const { config } = resolveConfig(raw)
+}
+
+/** Start `testSidecarInput(input)` in-process; its temp state dir is removed in teardown. */
+export async function startTestSidecar (t: Test, input: Record<string, unknown>, options: SidecarOptions = {}): Promise<TestSidecar> {
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
+  const { config } = resolveConfig(testSidecarInput(input, stateDir))
   return await startCaptured(t, config, stateDir, options)
 }
 
