@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { startUpstream, type Handler, type TestUpstream } from './helpers/upstream.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
@@ -119,7 +119,7 @@ t.test('forceFailover: by hand, to any upstream; the target\'s own breaker appli
   t.equal(r.headers['x-breakwater-error'], 'circuit_open')
   t.equal(r.headers['x-breakwater-failover'], 'dr', 'and says where the request went')
   dp.force('dr', null)
-  dp.apply(resolveConfig({ service: 'test', stateDir: sc.stateDir, ...input }).config)
+  dp.apply(resolveConfig(testSidecarInput(input, sc.stateDir)).config)
   t.equal((await send(sc.proxy, '/c')).body, 'dr 200', 'kept across a reload')
   t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 1)
   t.ok(dp.forceFailover('primary', null))

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { startUpstream, echo } from './helpers/upstream.js'
-import { startTestSidecar, oneRoute, type TestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, oneRoute, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
@@ -123,7 +123,7 @@ t.test('setRouteRateLimit: the runtime override applies, survives a reload and c
   t.same(await statuses(sc.proxy, 3), [200, 200, 200], 'no limit configured')
   t.ok(dp.setRouteRateLimit('root', { requestsPerSecond: FROZEN, burst: 2 }))
   t.equal((await statuses(sc.proxy, 3)).filter((s) => s === 429).length, 1, 'overridden: burst 2')
-  dp.apply(resolveConfig({ service: 'test', stateDir: sc.stateDir, ...input }).config)
+  dp.apply(resolveConfig(testSidecarInput(input, sc.stateDir)).config)
   t.equal(await send(sc.proxy, '/').then((r) => r.status), 429, 'kept across a reload, with its buckets')
   t.ok(dp.setRouteRateLimit('root', null))
   t.same(await statuses(sc.proxy, 3), [200, 200, 200], 'cleared: the configured (none) applies again')

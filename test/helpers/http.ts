@@ -48,8 +48,12 @@ export function sleep (ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms))
 }
 
-/** Poll until `check` returns true or `timeoutMs` passes. */
-export async function eventually (check: () => boolean | Promise<boolean>, timeoutMs = 5000, everyMs = 20): Promise<boolean> {
+/**
+ * Poll until `check` returns true or `timeoutMs` passes. The deadline only bounds a run that is
+ * failing anyway (a passing check returns at once), so the default leaves room for a machine
+ * several times slower than an idle one.
+ */
+export async function eventually (check: () => boolean | Promise<boolean>, timeoutMs = 15_000, everyMs = 20): Promise<boolean> {
   const deadline = Date.now() + timeoutMs
   while (Date.now() < deadline) {
     if (await check()) return true
