@@ -64,7 +64,9 @@ t.test('fallback: the last good 200 is served with Age in place of each of the f
   const sc = await startTestSidecar(t, {
     upstreams: { app: { url: up.url } },
     routes: [
-      { match: { pathPrefix: '/quick/' }, upstream: 'app', timeoutMs: 300, fallback: FALLBACK },
+      // Short enough to time out a hanging request soon, long enough for the good answer below
+      // to beat it on a loaded machine.
+      { match: { pathPrefix: '/quick/' }, upstream: 'app', timeoutMs: 1500, fallback: FALLBACK },
       { match: { pathPrefix: '/' }, upstream: 'app', killSwitch: 'feat', fallback: FALLBACK }
     ],
     featureFlags: { feat: true },
