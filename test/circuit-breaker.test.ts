@@ -91,20 +91,25 @@ async function startTestSidecarOps (sidecar: Sidecar): Promise<string> {
 }
 
 t.test('half-open lets exactly one probe through; others are refused while it is in flight', async (t) => {
-  let slow = false
-  const up = await startUpstream((req, res) => {
-    if (slow) setTimeout(() => { res.writeHead(200); res.end('ok') }, 300)
+  let hold = false
+  // The probe's answer waits here until the second request has been refused.
+  const held: Array<() => void> = []
+  const up = await startUpstream((_req, res) => {
+    if (hold) held.push(() => { res.writeHead(200); res.end('ok') })
     else { res.writeHead(500); res.end('no') }
   })
   t.teardown(up.close)
   const { sidecar, proxy } = await startTestSidecar(t, config(up.url, { volumeThreshold: 2, recoveryTimeout: 200 }))
   await fire(proxy, 2)
-  await sleep(300)
-  slow = true
+  t.ok(await eventually(() => circuitOf(sidecar).state === 'half-open'), 'half-open after recoveryTimeout')
+  hold = true
   const before = up.received.length
-  const [probe, other] = await Promise.all([send(proxy, '/'), sleep(50).then(async () => await send(proxy, '/'))])
-  t.equal(probe.status, 200)
+  const probe = send(proxy, '/')
+  t.ok(await eventually(() => held.length === 1), 'the probe reached the upstream')
+  const other = await send(proxy, '/')
   t.equal(other.status, 503, 'a second request during the probe is refused')
+  for (const answer of held) answer()
+  t.equal((await probe).status, 200)
   t.equal(up.received.length - before, 1, 'only the probe reached the upstream')
   t.equal(circuitOf(sidecar).state, 'closed')
 })
@@ -212,7 +217,8 @@ t.test('health policy: critical (default), any, never; half-open counts as healt
   const critical = await startTestSidecar(t, {
     upstreams: { app: { url: up.url, critical: true }, pay: { url: up.url } },
     routes: [{ match: { pathPrefix: '/app' }, upstream: 'app' }, { match: { pathPrefix: '/' }, upstream: 'pay' }],
-    circuitBreakers: { app: { volumeThreshold: 2, recoveryTimeout: 300 }, pay: { volumeThreshold: 2 } }
+    // Long enough for the three probes of the open state below on a loaded machine.
+    circuitBreakers: { app: { volumeThreshold: 2, recoveryTimeout: 2000 }, pay: { volumeThreshold: 2 } }
   })
   await fire(critical.proxy, 2, '/pay')
   t.equal((await getJson(`${critical.ops}/health`)).status, 200, 'a non-critical open circuit keeps /health 200')
@@ -222,7 +228,7 @@ t.test('health policy: critical (default), any, never; half-open counts as healt
   t.same(degraded.body, { status: 'degraded', reason: 'Circuit breakers active', openCircuits: ['app'] })
   t.equal((await getJson(`${critical.ops}/ready`)).status, 503)
   t.equal((await getJson(`${critical.ops}/live`)).status, 200, '/live never consults upstreams')
-  t.ok(await eventually(() => circuitOf(critical.sidecar, 'app').state === 'half-open', 2000))
+  t.ok(await eventually(() => circuitOf(critical.sidecar, 'app').state === 'half-open'))
   t.equal((await getJson(`${critical.ops}/health`)).status, 200, 'half-open is healthy')
 
   const any = await startTestSidecar(t, { ...config(up.url, { volumeThreshold: 2 }), health: { failOnOpenCircuit: 'any' } })

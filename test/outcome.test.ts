@@ -67,11 +67,13 @@ t.test('impatient clients of a hanging upstream: their aborts are not successes,
 })
 
 t.test('a half-open probe whose client gives up does not close the circuit: the next request is the new probe', async (t) => {
-  let mode: 'fail' | 'hang' | 'slow' = 'fail'
+  let mode: 'fail' | 'hang' | 'held' = 'fail'
+  // In `held` mode an answer waits here until the test lets it go.
+  const held: Array<() => void> = []
   const up = await startUpstream((_req, res) => {
     if (mode === 'hang') return
     if (mode === 'fail') { res.writeHead(500); res.end('no'); return }
-    setTimeout(() => { if (!res.destroyed) { res.writeHead(200); res.end('ok') } }, 300)
+    held.push(() => { if (!res.destroyed) { res.writeHead(200); res.end('ok') } })
   })
   t.teardown(up.close)
   const s = await startTestSidecar(t, {
@@ -88,13 +90,14 @@ t.test('a half-open probe whose client gives up does not close the circuit: the 
   t.equal(circuitOf(s, 'pay').state, 'half-open', 'the abandoned probe neither closed nor re-opened the circuit')
   t.notOk(s.logs.some((l) => l.event === 'circuit_closed'), 'no close was logged')
 
-  mode = 'slow'
+  mode = 'held'
   const before = up.received.length
   const probe = send(s.proxy, '/again')
-  t.ok(await eventually(() => up.received.length === before + 1, 5000), 'the next request went through as the new probe')
+  t.ok(await eventually(() => up.received.length === before + 1 && held.length === 1), 'the next request went through as the new probe')
   const during = await send(s.proxy, '/meanwhile')
   t.equal(during.status, 503, 'while it is in flight, others are refused: it is the one probe')
   t.equal(during.headers['x-breakwater-error'], 'circuit_open')
+  for (const answer of held) answer()
   t.equal((await probe).status, 200)
   t.equal(circuitOf(s, 'pay').state, 'closed', 'a good probe closes it')
 })
