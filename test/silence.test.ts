@@ -88,3 +88,48 @@ t.test('a client is silent once its byte counts have not moved for its limit', a
   watch.unwatch(waiting)
   t.equal(watch.size, 0, 'unwatched when it ends')
 })
+
+t.test('a pass run late by a stalled event loop judges silence at the time it was due', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const sending = new Watched(1, 300) // a pass every 30 ms
+  const silent = new Watched(2, 300)
+  watch.watch(sending)
+  watch.watch(silent)
+  // The passes run synchronously here, so the real timer cannot run one in between.
+  const t0 = performance.now()
+  watch.tick(t0 + 30)
+  t.equal(sending.quietSince, t0 + 30, 'the first pass notes the counts')
+  watch.tick(t0 + 60)
+  // The loop stalls for 400 ms; the bytes `sending` sent meanwhile are not read yet.
+  watch.tick(t0 + 460)
+  t.equal(sending.silentCalls, 0, 'the late pass (judged at +90 ms) does not call the client that kept sending silent')
+  t.equal(silent.silentCalls, 0, 'nor the other, silent for 60 ms when the pass was due')
+  t.equal(watch.size, 2, 'both still watched')
+  sending.counts.bytesRead += 100 // read once the loop polls again
+  watch.tick(t0 + 490)
+  t.equal(sending.quietSince, t0 + 490, 'the next pass, on time, sees its bytes')
+  t.equal(sending.silentCalls, 0, 'and does not cut it')
+  t.equal(silent.silentCalls, 1, 'the client that really sent nothing for 460 ms is cut by that pass')
+  t.equal(watch.size, 1)
+})
+
+t.test('a loop that runs every pass late still cuts a silent client about on time', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const silent = new Watched(1, 300) // a pass every 30 ms
+  watch.watch(silent)
+  const t0 = performance.now()
+  // Every pass 70 ms late: 100 ms apart instead of 30.
+  let at = t0
+  let cutAt = -1
+  for (let i = 1; i <= 10 && cutAt === -1; i++) {
+    at = t0 + 100 * i
+    watch.tick(at)
+    if (silent.silentCalls > 0) cutAt = at
+  }
+  const after = Math.round(cutAt - (t0 + 100)) // since the first pass saw it
+  t.ok(cutAt !== -1, 'cut')
+  t.ok(after >= 300, `no sooner than its limit after the first pass saw it (${after} ms)`)
+  t.ok(after <= 300 + 100, `and within one pass after (${after} ms): a steady lag does not put it off`)
+})

@@ -123,6 +123,55 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     t.equal(movingBw.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'nobody was cut')
   })
 
+  // The sidecar, its upstream and this client share one process: blocking it stands for a stall
+  // of the sidecar's own event loop (a long collection, a throttled CPU). A client's bytes
+  // written just before are in the kernel on time, and read by the sidecar only after it.
+  const stall = (ms: number): void => {
+    const until = performance.now() + ms
+    while (performance.now() < until);
+  }
+
+  /** POST `pieces` to a fresh sidecar (idleTimeoutMs 300) 100 ms apart, stalling 600 ms after those in `stallAfter`. */
+  async function sendThroughStalls (t: Test, pieces: string[], stallAfter: number[]): Promise<{ answer: string, cut: number }> {
+    const stalledBw = await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 300 }))
+    const socket = net.connect(stalledBw.proxyPort, '127.0.0.1')
+    t.teardown(() => { socket.destroy() })
+    await once(socket, 'connect')
+    let answer = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (chunk: string) => { answer += chunk })
+    socket.on('error', () => {}) // a cut shows in the answer and the count
+    const length = pieces.reduce((n, p) => n + p.length, 0)
+    socket.write(`POST /stalled HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: ${length}\r\nConnection: close\r\n\r\n`)
+    for (const [i, piece] of pieces.entries()) {
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      if (!stallAfter.includes(i)) { socket.write(piece); continue }
+      // Stalled after the loop's poll (here, in its check phase), the loop reaches its timers
+      // before it polls again: the bytes wait in the kernel while the sidecar's timers run.
+      await new Promise((resolve) => setImmediate(resolve))
+      socket.write(piece)
+      stall(600) // twice idleTimeoutMs
+    }
+    if (!socket.destroyed) await new Promise((resolve) => socket.once('close', resolve))
+    return { answer, cut: stalledBw.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0 }
+  }
+
+  t.test('a client that keeps sending is not cut for a stall of the sidecar\'s own event loop', async (t) => {
+    t.test('a body streamed to the upstream (the silence sweep)', async (t) => {
+      const piece = 'z'.repeat(5 * 1024)
+      const { answer, cut } = await sendThroughStalls(t, Array(20).fill(piece), [3, 7])
+      t.equal(cut, 0, 'nobody was cut')
+      t.match(answer, /^HTTP\/1\.1 200 /, 'answered 200')
+      t.ok(answer.length > 20 * piece.length, 'the whole echo came back')
+    })
+    t.test('a small body read whole before dispatch (its deadline)', async (t) => {
+      const { answer, cut } = await sendThroughStalls(t, ['a'.repeat(100), 'b'.repeat(100)], [1])
+      t.equal(cut, 0, 'nobody was cut')
+      t.match(answer, /^HTTP\/1\.1 200 /, 'answered 200')
+      t.match(answer, /"body":"a{100}b{100}"/, 'the upstream got the body whole')
+    })
+  })
+
   t.test('counted', async (t) => {
     t.equal(sumOf(await scrape(bw.ops), 'breakwater_client_errors_total', { error: 'slow_client' }), 4, 'breakwater_client_errors_total{error="slow_client"}')
   })

@@ -12,6 +12,12 @@
  * shortest watched `idleTimeoutMs` each, between 10 ms and 1 s). The watched exchanges are a
  * list threaded through them (a Set would give every request's object an identity hash, which
  * costs more than the timer it replaces): watching costs a request four field writes.
+ *
+ * A pass that runs late (the event loop stalled: a long collection, a throttled CPU) judges
+ * silence at the time it was due, not the time it ran. Bytes that came meanwhile wait unread in
+ * the kernel until the loop polls again, so judged at the time it ran, a client that kept
+ * sending would be blamed for the sidecar's own stall; the next pass, after the poll, sees
+ * them. A stall does not put a silent client's cut off by more than the stall itself.
  */
 import type { Socket } from 'node:net'
 
@@ -39,6 +45,8 @@ export class SilenceWatch {
   private count = 0
   private timer: NodeJS.Timeout | null = null
   private everyMs = MAX_SWEEP_MS
+  /** When the timer last ran a pass (or was started). */
+  private lastTickAt = 0
 
   get size (): number {
     return this.count
@@ -58,7 +66,8 @@ export class SilenceWatch {
     if (this.timer !== null && every >= this.everyMs) return
     if (this.timer !== null) clearInterval(this.timer)
     this.everyMs = every
-    this.timer = setInterval(sweep, every, this).unref()
+    this.lastTickAt = performance.now()
+    this.timer = setInterval(tick, every, this).unref()
   }
 
   /** Stop watching `ex`; nothing when it is not watched. */
@@ -74,8 +83,15 @@ export class SilenceWatch {
     this.count--
   }
 
-  /** One pass: note who moved a byte, tell who has been silent too long. */
-  sweep (now: number): void {
+  /** The timer's pass at `now`: a sweep judged at the time it was due (above). */
+  tick (now: number): void {
+    const due = this.lastTickAt + this.everyMs
+    this.lastTickAt = now
+    this.sweep(now, Math.min(now, due))
+  }
+
+  /** One pass at `now`: note who moved a byte, tell who had been silent too long at `judgedAt`. */
+  sweep (now: number, judgedAt = now): void {
     if (this.head === null) { this.stop(); return }
     let ex: Silent | null = this.head
     while (ex !== null) {
@@ -87,7 +103,7 @@ export class SilenceWatch {
         ex.seenRead = read
         ex.seenWritten = written
         ex.quietSince = now
-      } else if (now - ex.quietSince >= ex.silenceLimitMs && !ex.onSilent()) {
+      } else if (judgedAt - ex.quietSince >= ex.silenceLimitMs && !ex.onSilent()) {
         this.unwatch(ex)
       }
       ex = after
@@ -102,6 +118,6 @@ export class SilenceWatch {
   }
 }
 
-function sweep (watch: SilenceWatch): void {
-  watch.sweep(performance.now())
+function tick (watch: SilenceWatch): void {
+  watch.tick(performance.now())
 }
