@@ -136,6 +136,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   body: Buffer | null = null
   /** Until the buffered body has arrived: the time it has to. */
   bodyDeadline: NodeJS.Timeout | null = null
+  /** The deadline has fired once and now waits for one more poll (`onBodyDeadline`). */
   bodyDeadlineRechecked = false
   /** The stage that goes on once the buffered body has arrived. */
   private afterBody: ((ex: Exchange) => void) | null = null
