@@ -100,17 +100,16 @@ function onBodyEnd (this: TaggedRequest): void {
 }
 
 function onBodyDeadline (ex: Exchange): void {
-  ex.bodyDeadline = null
-  if (ex.state === DONE) return
+  if (ex.state === DONE) { ex.bodyDeadline = null; return }
   // Bytes that came while the event loop was busy (a stall of the sidecar's own: a long
   // collection, a throttled CPU) are read at its next poll, after this timer: look once more
   // after that poll before blaming the client.
-  if (!ex.bodyDeadlineRechecked) {
-    ex.bodyDeadlineRechecked = true
-    ex.bodyDeadline = setTimeout(onBodyDeadline, 1, ex).unref()
-    return
-  }
-  ex.cutSlowClient()
+  ex.bodyDeadline = setTimeout(onBodyDeadlinePolled, 1, ex).unref()
+}
+
+function onBodyDeadlinePolled (ex: Exchange): void {
+  ex.bodyDeadline = null
+  if (ex.state !== DONE) ex.cutSlowClient()
 }
 
 function onResponseDrain (this: Tagged): void {
@@ -136,8 +135,6 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   body: Buffer | null = null
   /** Until the buffered body has arrived: the time it has to. */
   bodyDeadline: NodeJS.Timeout | null = null
-  /** The deadline has fired once and now waits for one more poll (`onBodyDeadline`). */
-  bodyDeadlineRechecked = false
   /** The stage that goes on once the buffered body has arrived. */
   private afterBody: ((ex: Exchange) => void) | null = null
   private bodyFilled = 0
@@ -180,7 +177,6 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     req[kExchange] = this
     req.on('data', onBodyData)
     req.on('end', onBodyEnd)
-    this.bodyDeadlineRechecked = false
     this.bodyDeadline = setTimeout(onBodyDeadline, this.route.config.idleTimeoutMs, this).unref()
     return true
   }
