@@ -4,7 +4,7 @@ import { once } from 'node:events'
 import { Readable } from 'node:stream'
 import type { Test } from 'tap'
 import { startUpstream, echo, type Handler } from './helpers/upstream.js'
-import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { startTestSidecar, oneRoute, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 
@@ -47,8 +47,9 @@ t.test('slow uploaders and non-reading clients do not starve an upstream of conn
   for (let i = 0; i < 20; i++) slow.push(await trickler(t, bw.proxyPort, 1000, 1000))
   // 20 clients that ask for a large response and never read it.
   for (let i = 0; i < 20; i++) slow.push(await nonReader(t, bw.proxyPort, 'GET /big HTTP/1.1\r\nHost: a\r\n\r\n'))
-  // 4 uploads too large to buffer, trickling too.
-  for (let i = 0; i < 4; i++) slow.push(await trickler(t, bw.proxyPort, 1024 * 1024, 1000))
+  // 4 uploads too large to buffer, trickling 10 bytes every 2 s: silent for twice the grace
+  // given once half of the pool waits on clients.
+  for (let i = 0; i < 4; i++) slow.push(await trickler(t, bw.proxyPort, 1024 * 1024, 2000))
   t.ok(await eventually(() => up.received.filter((r) => r.url === '/big').length >= 8, 20_000), 'the non-reading clients reached the upstream')
 
   // Everyone else still gets through, in parallel, well before any idle timeout (60 s).
@@ -109,12 +110,21 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     while (performance.now() < until);
   }
 
+  interface Pieces {
+    /** Where to send them: by default a fresh sidecar whose route has idleTimeoutMs 300. */
+    sidecar?: TestSidecar
+    /** How long each stall lasts: twice idleTimeoutMs by default. */
+    stallMs?: number
+    /** The Content-Length declared, when the pieces are to leave the body unfinished. */
+    length?: number
+  }
+
   /**
-   * POST `pieces` to a fresh sidecar (idleTimeoutMs 300) 100 ms apart, each after checking the
-   * client is still connected, stalling 600 ms after those in `stallAfter`.
+   * POST `pieces` 100 ms apart, each after checking the client is still connected, stalling
+   * after those in `stallAfter`; resolves once the connection closes.
    */
-  async function sendPieces (t: Test, pieces: string[], stallAfter: number[]): Promise<{ answer: string, cut: number }> {
-    const sidecar = await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 300 }))
+  async function sendPieces (t: Test, pieces: string[], stallAfter: number[], options: Pieces = {}): Promise<{ answer: string, cut: number }> {
+    const sidecar = options.sidecar ?? await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 300 }))
     const socket = net.connect(sidecar.proxyPort, '127.0.0.1')
     t.teardown(() => { socket.destroy() })
     await once(socket, 'connect')
@@ -122,7 +132,7 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
     socket.setEncoding('latin1')
     socket.on('data', (chunk: string) => { answer += chunk })
     socket.on('error', () => {}) // a cut shows in the answer and the count
-    const length = pieces.reduce((n, p) => n + p.length, 0)
+    const length = options.length ?? pieces.reduce((n, p) => n + p.length, 0)
     socket.write(`POST /pieces HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: ${length}\r\nConnection: close\r\n\r\n`)
     for (const [i, piece] of pieces.entries()) {
       await new Promise((resolve) => setTimeout(resolve, 100))
@@ -132,7 +142,7 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
       // before it polls again: the bytes wait in the kernel while the sidecar's timers run.
       await new Promise((resolve) => setImmediate(resolve))
       socket.write(piece)
-      stall(600) // twice idleTimeoutMs
+      stall(options.stallMs ?? 600)
     }
     if (!socket.destroyed) await new Promise((resolve) => socket.once('close', resolve))
     return { answer, cut: sidecar.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0 }
@@ -161,6 +171,19 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
       t.equal(cut, 0, 'nobody was cut')
       t.match(answer, /^HTTP\/1\.1 200 /, 'answered 200')
       t.match(answer, /"body":"a{100}b{100}"/, 'the upstream got the body whole')
+    })
+    t.test('a client given the short grace, half of the pool waiting on clients (its socket timer)', async (t) => {
+      // Two connections: one upload held open is half of them, so the next is graced, allowed
+      // 1 s of silence instead of idleTimeoutMs.
+      const graced = await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 30_000 }, { connections: 2 }))
+      const app = graced.sidecar.dataPlane.runtime.upstreams.get('app')
+      await nonReader(t, graced.proxyPort, `POST /held HTTP/1.1\r\nHost: a\r\nContent-Length: ${1024 * 1024}\r\n\r\n${'h'.repeat(1000)}`)
+      t.ok(await eventually(() => app?.held === 1), 'one upload holds a connection')
+      // 100 KiB declared, 20 KiB sent, each piece before a stall of 1.5 s, then nothing more.
+      const piece = 'g'.repeat(5 * 1024)
+      const { answer, cut } = await sendPieces(t, Array(4).fill(piece), [0, 1, 2], { sidecar: graced, stallMs: 1500, length: 100 * 1024 })
+      t.equal(answer, '', 'no answer: the body never ended')
+      t.equal(cut, 1, 'cut once it went silent for the grace, and only then')
     })
   })
 

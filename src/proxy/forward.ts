@@ -15,6 +15,7 @@
  * its head and route, and its endings go through the context's one outcome model.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import type { Dispatcher } from 'undici'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
@@ -87,7 +88,22 @@ function onResponseTimeout (this: Tagged): void {
   // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
   // that wait). The socket's next byte re-arms the timer.
   if (ex.requestSent && ex.state !== STREAMING) return
+  // Bytes that came while the event loop was busy (a stall of the sidecar's own) are read, and
+  // a response the client took is acknowledged, at its next poll, after this timer: look once
+  // more after that poll before blaming the client.
+  setImmediate(onGraceLapsedPolled, ex, progressOf(ex.clientSocket))
+}
+
+function onGraceLapsedPolled (ex: Exchange, progress: number): void {
+  if (ex.state === DONE || ex.res.destroyed || (ex.requestSent && ex.state !== STREAMING)) return
+  // It moved: the socket's timer runs again from that byte.
+  if (progressOf(ex.clientSocket) !== progress) return
   ex.cutSlowClient()
+}
+
+/** Bytes read from a client socket and bytes it has taken (written out of the socket's buffer). */
+function progressOf (socket: Socket): number {
+  return socket.bytesRead + socket.bytesWritten - socket.writableLength
 }
 
 function onBodyData (this: TaggedRequest, chunk: Buffer): void {
