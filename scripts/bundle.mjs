@@ -31,22 +31,42 @@ function builtinsByRequire () {
     setup (build) {
       build.onResolve({ filter: /^[a-z_]/ }, (args) => {
         if (!isBuiltin(args.path) || args.kind === 'require-call') return undefined
-        return { path: args.path, namespace: 'builtin' }
+        return { path: args.path, namespace: args.kind === 'dynamic-import' ? 'builtin-import' : 'builtin' }
       })
       build.onResolve({ filter: /.*/, namespace: 'builtin' }, (args) => ({ path: args.path, external: true }))
+      build.onResolve({ filter: /.*/, namespace: 'builtin-import' }, (args) => ({ path: args.path, external: true }))
       build.onLoad({ filter: /.*/, namespace: 'builtin' }, (args) => ({
         contents: `module.exports = require(${JSON.stringify(args.path)})\n`,
         loader: 'js'
       }))
+      // `await import('node:https')` lands in a chunk of its own, where a CommonJS module would
+      // expose only `default` (`(await import('node:https')).request` would be undefined): it
+      // gets a small ES module that names the module's exports, as Node's own import does, all
+      // but its getters (reading Node 24's `http.WebSocket` loads Node's undici; a getter is
+      // still there on `default`).
+      build.onLoad({ filter: /.*/, namespace: 'builtin-import' }, (args) => {
+        const names = plainExports(args.path)
+        return {
+          contents: `const m = require(${JSON.stringify(args.path)})\nexport default m\nexport const { ${names.join(', ')} } = m\n`,
+          loader: 'js'
+        }
+      })
     }
   }
+}
+
+/** The names of a Node module's own exports that are plain values, not getters (this Node's). */
+export function plainExports (name) {
+  const mod = createRequire(import.meta.url)(name)
+  return Object.getOwnPropertyNames(mod).filter((key) => key !== 'default' && /^[A-Za-z_$][\w$]*$/.test(key) && Object.getOwnPropertyDescriptor(mod, key)?.get === undefined)
 }
 
 
 /**
  * `await import('pkg')` of a CommonJS package would, in its own chunk, expose only `default`;
  * such a package is reached through a small ES module that names its exports, as Node's own
- * import of it does.
+ * import of it does. So is a dependency's `await import('./file.js')` of one of its own
+ * CommonJS files (OpenTelemetry's machine-id readers).
  */
 function lazyPackages (root) {
   const require = createRequire(join(root, 'package.json'))
@@ -57,6 +77,10 @@ function lazyPackages (root) {
         if (args.kind !== 'dynamic-import' || args.namespace === 'lazy' || EXTERNAL.includes(args.path)) return undefined
         if (isBuiltin(args.path)) return undefined
         return { path: args.path, namespace: 'lazy' }
+      })
+      build.onResolve({ filter: /^\./ }, (args) => {
+        if (args.kind !== 'dynamic-import' || args.namespace !== 'file' || !args.importer.includes('/node_modules/')) return undefined
+        return { path: createRequire(args.importer).resolve(args.path), namespace: 'lazy' }
       })
       build.onLoad({ filter: /.*/, namespace: 'lazy' }, async (args) => {
         const mod = await import(pathToFileURL(require.resolve(args.path)).href)

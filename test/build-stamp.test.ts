@@ -7,7 +7,7 @@ import t from 'tap'
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { isBuiltin } from 'node:module'
-import { join } from 'node:path'
+import { dirname, join, relative } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
 import { childEnv, startProcess, tempDir } from './helpers/process.js'
@@ -143,6 +143,28 @@ t.test('the bundled command reaches Node\'s own modules with require(), never an
   const specifiers = files.flatMap((f) => [...readFileSync(f, 'utf8').matchAll(/(?:\bfrom|\bimport)\s*\(?\s*["']([^"']+)["']/g)].map((m) => m[1] as string))
   t.ok(specifiers.some((s) => s.startsWith('./')), 'the chunks import one another')
   t.same(specifiers.filter((s) => isBuiltin(s)), [], 'no ES import of a Node module')
+})
+
+t.test('every chunk the bundled command loads with import() names its exports', async (t) => {
+  // In a chunk of its own, a CommonJS module (one of Node's, or a dependency's file) would
+  // expose only `default`: `(await import('node:https')).request` undefined, the span exporter
+  // without node:http's Agent.
+  const targets = new Set<string>()
+  for (const file of bundleFiles()) {
+    for (const m of readFileSync(file, 'utf8').matchAll(/\bimport\(\s*"(\.\/[^"]+)"\s*\)/g)) targets.add(join(dirname(file), m[1] as string))
+  }
+  t.ok(targets.size > 5, `the command's lazily loaded chunks (${targets.size})`)
+  for (const target of targets) {
+    const named = [...readFileSync(target, 'utf8').matchAll(/\bexport\s*\{([^}]*)\}/g)]
+      .flatMap((m) => (m[1] as string).split(',').map((entry) => entry.trim().split(/\s+as\s+/).pop() as string))
+      .filter((name) => name !== '' && name !== 'default')
+    t.ok(named.length > 0, `${relative(ROOT, target)} names ${named.length} exports`)
+  }
+
+  const { plainExports } = await import(pathToFileURL(join(ROOT, 'scripts', 'bundle.mjs')).href) as { plainExports: (name: string) => string[] }
+  const http = plainExports('node:http')
+  t.ok(http.includes('Agent') && http.includes('request'), 'a Node module\'s values are named')
+  t.notOk(http.includes('globalAgent') || http.includes('WebSocket'), 'its getters are not (they are read only through default)')
 })
 
 t.test('a running sidecar leaves Node\'s own undici (fetch, WebSocket) unloaded', async (t) => {

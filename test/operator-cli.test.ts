@@ -4,6 +4,12 @@
  * --json; refusals. (Mitigations, audit, token discovery and fan-out: operator-cli-mitigations.)
  */
 import t from 'tap'
+import http from 'node:http'
+import https from 'node:https'
+import { once } from 'node:events'
+import { readFileSync } from 'node:fs'
+import type { AddressInfo } from 'node:net'
+import { createPki } from './helpers/certificates.js'
 import { type CliResult } from './helpers/process.js'
 import { send } from './helpers/http.js'
 import { operator, runAll, parseOnlyJson, STACK_FRAME, FLAG, fixture, withToken, state, auditEntries } from './helpers/operator.js'
@@ -162,6 +168,33 @@ t.test('kill turns the route off at once, restore turns it back on; options anyw
     ['flag.override', 'checkout errors after deploy']
   ], 'each command is one audit entry with its reason')
   for (const e of entries) t.same(e.targets, [FLAG])
+})
+
+t.test('an https:// admin URL (a TLS front before the admin port): the command speaks TLS to it', async (t) => {
+  const { s, url } = await fixture(t)
+  const pki = createPki(t)
+  const server = pki.issue('front', 2)
+  const seen: string[] = []
+  // Terminates TLS and passes each request on to the sidecar's plain admin port.
+  const front = https.createServer({ cert: readFileSync(server.cert), key: readFileSync(server.key) }, (req, res) => {
+    seen.push(`${req.method ?? ''} ${req.url ?? ''}`)
+    const inner = http.request(new URL(req.url ?? '/', url), { method: req.method, headers: req.headers }, (answer) => {
+      res.writeHead(answer.statusCode ?? 502, answer.headers)
+      answer.pipe(res)
+    })
+    inner.on('error', () => { res.writeHead(502).end() })
+    req.pipe(inner)
+  })
+  front.listen(0, '127.0.0.1')
+  await once(front, 'listening')
+  t.teardown(() => { front.closeAllConnections(); front.close() })
+  const frontUrl = `https://127.0.0.1:${(front.address() as AddressInfo).port}`
+
+  const kill = await operator(t)(['kill', FLAG, '--reason', 'over TLS', '--admin', frontUrl], { ...withToken, NODE_EXTRA_CA_CERTS: pki.ca })
+  t.equal(kill.code, 0, kill.stderr)
+  t.match(kill.stdout, /OFF/)
+  t.ok(seen.some((r) => r.startsWith('PUT ') || r.startsWith('POST ')), `the front was asked (${seen.join(', ')})`)
+  t.equal((await send(s.proxy, '/checkout')).status, 503, 'and the route is off')
 })
 
 t.test('circuit UPSTREAM open forces the breaker open; auto hands it back', async (t) => {

@@ -6,6 +6,7 @@ import t from 'tap'
 import { createRequire } from 'node:module'
 import { once } from 'node:events'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { startProcess } from './helpers/process.js'
 import { startUpstream, status } from './helpers/upstream.js'
 import { startOtlpReceiver, type OtlpReceiver, type OtlpSpan } from './helpers/otlp.js'
 import { send, eventually } from './helpers/http.js'
@@ -127,6 +128,22 @@ t.test('protocol http/json: the same span in OTLP\'s JSON encoding', async (t) =
   t.equal(span?.name, 'GET /api/*')
   t.equal(span?.attributes['http.response.status_code'], 200)
   t.equal(span?.resource['service.name'], 'checkout')
+})
+
+t.test('the bundled command, as shipped, exports spans in either encoding', async (t) => {
+  // The command is one bundle whose exporter loads with import(): a chunk that names no exports
+  // once left the exporter without node:http's Agent, every batch failing.
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  for (const protocol of ['http/protobuf', 'http/json']) {
+    const receiver = await startOtlpReceiver()
+    t.teardown(receiver.close)
+    const sidecar = await startProcess(t, { ...oneRoute(upstream.url, { name: 'api' }), ...tracing(receiver, { protocol }) })
+    t.equal((await send(sidecar.proxy, `/orders/${protocol}`)).status, 200, `${protocol}: answered`)
+    const [span] = await spansArrive(receiver, 1)
+    t.equal(span?.attributes['url.path'], `/orders/${protocol}`, `${protocol}: its span arrived`)
+    t.equal(sidecar.lines.filter((l) => l.event === 'tracing_export').length, 0, `${protocol}: no export failure logged`)
+  }
 })
 
 t.test('an absent or invalid traceparent starts a trace; the ratio samples roots', async (t) => {
