@@ -5,6 +5,12 @@
 // `breakwater` of the same build in the same round.
 //
 //   node bench/ab.mjs --before ../old --targets breakwater,breakwater-log --rounds 12 --duration 3
+//
+// `--before-flags` and `--after-flags` start each build's breakwater targets with those Node
+// flags (space-separated) instead of BENCH_NODE_FLAGS or the shipped ones; with them, `--before`
+// may be left out to weigh a flag on this checkout against itself:
+//
+//   node bench/ab.mjs --before-flags='--max-semi-space-size=8' --after-flags='--max-semi-space-size=8 --optimize-for-size'
 import { parseArgs } from 'node:util'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -21,15 +27,20 @@ const { values } = parseArgs({
     before: { type: 'string' },
     targets: { type: 'string', default: 'breakwater,breakwater-log' },
     rounds: { type: 'string', default: '12' },
-    duration: { type: 'string', default: '3' }
+    duration: { type: 'string', default: '3' },
+    'before-flags': { type: 'string' },
+    'after-flags': { type: 'string' }
   }
 })
-if (values.before === undefined) {
-  process.stderr.write('usage: node bench/ab.mjs --before DIR [--targets a,b] [--rounds N] [--duration S]\n')
+if (values.before === undefined && values['before-flags'] === undefined && values['after-flags'] === undefined) {
+  process.stderr.write('usage: node bench/ab.mjs --before DIR | --before-flags=F --after-flags=F [--targets a,b] [--rounds N] [--duration S]\n')
   process.exit(2)
 }
 const benchDir = dirname(fileURLToPath(import.meta.url))
-const builds = { before: resolve(values.before), after: resolve(benchDir, '..') }
+const builds = { before: resolve(values.before ?? join(benchDir, '..')), after: resolve(benchDir, '..') }
+/** Node flags per build, when given: undefined leaves startTarget's default. */
+const flagsOf = (given) => given === undefined ? undefined : given.split(/\s+/).filter(Boolean)
+const flags = { before: flagsOf(values['before-flags']), after: flagsOf(values['after-flags']) }
 const names = values.targets.split(',')
 if (!names.includes('breakwater')) names.unshift('breakwater')
 const rounds = Number(values.rounds)
@@ -43,7 +54,7 @@ try {
   let instance = 0
   for (const [build, repoRoot] of Object.entries(builds)) {
     for (const name of names) {
-      const live = await startTarget(name, { tmp, repoRoot, benchDir, upstream, instance: instance++ })
+      const live = await startTarget(name, { tmp, repoRoot, benchDir, upstream, instance: instance++, flags: flags[build] })
       runs.push({ build, name, live, usPerReq: [], ratio: [] })
       process.stderr.write(`${build} ${name}: ready\n`)
     }
@@ -73,7 +84,7 @@ try {
 
 const fmt = (x) => x.toFixed(1)
 const lines = [
-  `${rounds} rounds × ${duration} s at c=50, ${upstream.kind} upstream; before: ${builds.before}`,
+  `${rounds} rounds × ${duration} s at c=50, ${upstream.kind} upstream; before: ${builds.before}${flags.before === undefined ? '' : ` with ${flags.before.join(' ')}`}; after: ${builds.after}${flags.after === undefined ? '' : ` with ${flags.after.join(' ')}`}`,
   '',
   '| build | target | proxy CPU µs/req (median) | min–max | × breakwater, same build and round (median) | min–max |',
   '|---|---|---:|---:|---:|---:|'

@@ -368,7 +368,7 @@ export async function startUpstream ({ tmp, benchDir, forceNode }) {
  * Start one target. Resolves to { name, url, proc } (proc null for direct).
  * Throws Error with a reason if it cannot start.
  */
-export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, instance = 0 }) {
+export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, instance = 0, flags = nodeFlags() }) {
   if (name === 'direct') return { name, url: upstream.url, proc: null }
   const dir = join(tmp, `${name}-${instance}`)
   mkdirSync(dir, { recursive: true })
@@ -407,7 +407,7 @@ export async function startTarget (name, { tmp, repoRoot, benchDir, upstream, in
     const env = mallocArenaMax(envWithout('BREAKWATER_BENCH_BARE'))
     if (name === 'breakwater-bare') env.BREAKWATER_BENCH_BARE = '1'
     const stdout = name === 'breakwater-log' || name === 'breakwater-log10' ? 'ignore' : join(dir, 'stdout.log')
-    const run = limited(`${name}-${instance}`, process.execPath, [...nodeFlags(), cli, 'start', '--config', conf])
+    const run = limited(`${name}-${instance}`, process.execPath, [...flags, cli, 'start', '--config', conf])
     cgroup = run.cgroup
     proc = startProcess({
       name,
