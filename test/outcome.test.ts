@@ -44,6 +44,20 @@ async function impatient (t: Test, s: TestSidecar, up: TestUpstream, path: strin
   t.ok(await eventually(() => up.aborted === abortedBefore + n, 10_000), `the ${n} aborts reached the upstream`)
 }
 
+/** A sidecar whose circuit to `up` (answering 500 for now) two failures opened, once it is half-open. */
+async function halfOpen (t: Test, up: TestUpstream): Promise<TestSidecar> {
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { pay: { url: up.url } },
+    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay' }],
+    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 200 } }
+  })
+  t.same([(await send(s.proxy, '/')).status, (await send(s.proxy, '/')).status], [500, 500])
+  t.equal(circuitOf(s, 'pay').state, 'open')
+  t.ok(await eventually(() => circuitOf(s, 'pay').state === 'half-open', 5000), 'half-open after recoveryTimeout')
+  return s
+}
+
 t.test('impatient clients of a hanging upstream: their aborts are not successes, and the timeouts still open the circuit', async (t) => {
   const up = await startUpstream(hang)
   t.teardown(up.close)
@@ -75,15 +89,7 @@ t.test('a half-open probe whose client gives up does not close the circuit: the 
     if (mode === 'fail') { res.writeHead(500); res.end('no'); return }
     held.push(() => { if (!res.destroyed) { res.writeHead(200); res.end('ok') } })
   })
-  t.teardown(up.close)
-  const s = await startTestSidecar(t, {
-    upstreams: { pay: { url: up.url } },
-    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay' }],
-    circuitBreakers: { pay: { volumeThreshold: 2, recoveryTimeout: 200 } }
-  })
-  t.same([(await send(s.proxy, '/')).status, (await send(s.proxy, '/')).status], [500, 500])
-  t.equal(circuitOf(s, 'pay').state, 'open')
-  t.ok(await eventually(() => circuitOf(s, 'pay').state === 'half-open', 5000), 'half-open after recoveryTimeout')
+  const s = await halfOpen(t, up)
 
   mode = 'hang'
   await impatient(t, s, up, '/probe', 1)
@@ -100,6 +106,69 @@ t.test('a half-open probe whose client gives up does not close the circuit: the 
   for (const answer of held) answer()
   t.equal((await probe).status, 200)
   t.equal(circuitOf(s, 'pay').state, 'closed', 'a good probe closes it')
+})
+
+t.test('a response the upstream cuts short or stalls after a good head is its failure for the breaker and the ejection too', async (t) => {
+  const upstream = async (): Promise<TestUpstream> => {
+    const up = await startUpstream((req, res) => {
+      if (req.url === '/ok') { res.writeHead(200); res.end('ok'); return }
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '1000' })
+      res.write('partial')
+      // `/cut` drops the connection; `/stall` sends nothing more.
+      if (req.url === '/cut') setTimeout(() => res.socket?.destroy(), 20)
+    })
+    t.teardown(up.close)
+    return up
+  }
+  const request = (path: string): string => `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`
+
+  for (const path of ['/cut', '/stall']) {
+    t.test(`${path}: four of them open the circuit`, async (t) => {
+      const up = await upstream()
+      const s = await startTestSidecar(t, {
+        upstreams: { pay: { url: up.url } },
+        routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay', idleTimeoutMs: 400 }],
+        circuitBreakers: { pay: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: 60_000 } }
+      })
+      for (let i = 0; i < 4; i++) {
+        const answer = await raw(s.proxyPort, request(path), 10_000)
+        t.match(answer, /^HTTP\/1\.1 200 [^]*partial$/, 'the client got the head and the part that came, then the connection closed')
+      }
+      t.equal(circuitOf(s, 'pay').state, 'open', 'four failures of four counted requests open it')
+      const lines = accessLines(s)
+      t.same(lines.map((l) => [l.outcome, l['error.type'], l.level]), Array(4).fill(['upstream', path === '/cut' ? 'upstream_reset' : 'upstream_timeout', 'warn']), 'logged as the upstream\'s failure, at warn')
+      t.equal(s.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'no client was blamed for the upstream\'s silence')
+    })
+  }
+
+  t.test('an endpoint that cuts its responses short is ejected', async (t) => {
+    const bad = await upstream()
+    const good = await upstream()
+    const s = await startTestSidecar(t, {
+      upstreams: { app: { endpoints: [bad.url, good.url], ejection: { consecutiveFailures: 2 } } },
+      routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }]
+    })
+    // Both endpoints cut `/cut`: each takes about half of them.
+    for (let i = 0; i < 4; i++) await raw(s.proxyPort, request('/cut'), 10_000)
+    t.equal(bad.received.length + good.received.length, 4)
+    t.ok(sumOf(await scrape(s.ops), 'breakwater_ejections_total', { upstream: 'app' }) >= 1, 'two in a row on one endpoint eject it')
+  })
+
+  t.test('a half-open probe is judged on its head; a body cut after it counts once in the closed circuit', async (t) => {
+    let mode: 'fail' | 'cut' = 'fail'
+    const up = await startUpstream((_req, res) => {
+      if (mode === 'fail') { res.writeHead(500); res.end('no'); return }
+      res.writeHead(200, { 'content-length': '1000' })
+      res.write('partial')
+      setTimeout(() => res.socket?.destroy(), 20)
+    })
+    const s = await halfOpen(t, up)
+    mode = 'cut'
+    await raw(s.proxyPort, request('/probe'), 10_000)
+    t.equal(circuitOf(s, 'pay').state, 'closed', 'its good head closed the circuit')
+    t.equal(circuitOf(s, 'pay').windowRequests, 1, 'and its cut body is in the new window')
+    t.equal(circuitOf(s, 'pay').failureRate, 1, '... as a failure')
+  })
 })
 
 t.test('client endings (aborts while waiting, aborted uploads, requests undici refuses) never eject an endpoint and never enter a trigger window', async (t) => {

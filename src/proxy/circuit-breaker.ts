@@ -240,6 +240,24 @@ export class Circuit {
     pass.fire(cause === 'upstream').catch(ignore)
   }
 
+  /**
+   * A response head that looks good: a half-open probe is settled on it (the circuit closes
+   * without waiting for a long body); true if `pass` was one. A closed circuit's count waits for
+   * the response's end (`settle`).
+   */
+  settleHead (pass: Pass): boolean {
+    if (!(pass instanceof Probe)) return false
+    this.settle(pass, 'ok')
+    return true
+  }
+
+  /** A probe settled on its good head lost its body afterwards: one failure, if the circuit is closed. */
+  lateFailure (): void {
+    const b = this.breaker
+    if (this.forced !== null || b === null || !b.closed) return
+    b.fire(true).catch(ignore)
+  }
+
   /** A probe that ended with neither cause: the circuit stays half-open and the next request probes. */
   private releaseProbe (probe: Probe): void {
     const old = probe.breaker

@@ -16,7 +16,9 @@
  *
  * `conclude` decides it, in one place, the moment it is known: at the response head, at a
  * failure before it, when the client leaves first, or at a local answer. It tells the
- * upstream's breaker and the endpoint's passive ejection then; `end` does the accounting once.
+ * upstream's breaker and the endpoint's passive ejection then, except for a response that
+ * looks good at its head: its body may still be cut, so they hear of it when it ends. `end`
+ * does the accounting once.
  * Who counts what:
  *
  *   breaker, ejection   upstream = failure, ok = success, client and breakwater = neither
@@ -32,8 +34,11 @@
  * response, but the breaker, the ejection and the trigger windows see the failure it hides.
  *
  * A client that leaves after the response started does not change the cause (the upstream
- * answered); an upstream that cuts the body after a good head makes it `upstream` for ejection
- * and accounting (the breaker has counted the head already: one result per request).
+ * answered); an upstream that cuts the body after a good head, or stops sending it for
+ * `idleTimeoutMs`, makes it `upstream` for everyone: one result per request, the final one. A
+ * half-open probe is the exception: it is judged on its head, so that the circuit closes
+ * without waiting for a long body; a body cut after that counts as one failure in the closed
+ * circuit's window.
  */
 import type { IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
@@ -59,6 +64,11 @@ export const CLIENT_CLOSED = 499
 
 /** The local code, or `upstream_reset`: the upstream cut a response whose head was sent. */
 export type EndingError = ErrorCode | 'upstream_reset'
+
+/** `RequestContext.unjudged`: nothing waits; a good head waits for its end; and its probe was settled on it. */
+const JUDGED = 0
+const HEAD_OK = 1
+const HEAD_OK_PROBED = 2
 
 /** `failureStatuses` of an upstream without a breaker (SPEC §4's default). */
 const DEFAULT_FAILURE_STATUSES = new Uint8Array(600)
@@ -93,6 +103,8 @@ export abstract class RequestContext implements LaterLine {
   fallback: 'stale' | 'static' | null = null
   /** Its pass through the upstream's breaker, until the cause is known. */
   pass: Pass | null = null
+  /** A good response head not yet told to the breaker and the ejection (`conclude`). */
+  private unjudged = JUDGED
   /** Refused by a circuit that failures opened (an error for triggers, SPEC §14). */
   outage = false
   /** Milliseconds from admission to the response head (ours or the upstream's); -1 before. */
@@ -192,9 +204,10 @@ export abstract class RequestContext implements LaterLine {
   /**
    * The one place a request's cause is decided (SPEC §15), from the status the client got and
    * the local code, if any. The first call fixes it and tells the breaker and the ejection; a
-   * later one only turns an `ok` into `upstream` (a body cut short).
+   * later one only turns an `ok` into `upstream` (a body cut short). `atHead`: the status of a
+   * response whose body is still to come, told to them when it ends if it is `ok`.
    */
-  protected conclude (status: number, error: EndingError | null): void {
+  protected conclude (status: number, error: EndingError | null, atHead = false): void {
     const cause: Cause = error === 'upstream_reset'
       ? 'upstream'
       : error !== null
@@ -208,11 +221,32 @@ export abstract class RequestContext implements LaterLine {
     if (this.headMs < 0) this.headMs = now - this.startedAt
     const upstream = this.upstream
     if (upstream === null) return
+    if (atHead && cause === 'ok') {
+      const pass = this.pass
+      if (pass !== null && (upstream.circuit as NonNullable<typeof upstream.circuit>).settleHead(pass)) {
+        this.pass = null
+        this.unjudged = HEAD_OK_PROBED
+      } else {
+        this.unjudged = HEAD_OK
+      }
+      return
+    }
+    this.judge(upstream, cause, now)
+  }
+
+  /** Tell the upstream's breaker and the endpoint's passive ejection how this request ended. */
+  private judge (upstream: Upstream, cause: Cause, now: number): void {
+    const probed = this.unjudged === HEAD_OK_PROBED
+    this.unjudged = JUDGED
     if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, now)
+    const circuit = upstream.circuit
+    if (circuit == null) return
     const pass = this.pass
     if (pass !== null) {
       this.pass = null
-      ;(upstream.circuit as NonNullable<typeof upstream.circuit>).settle(pass, cause)
+      circuit.settle(pass, cause)
+    } else if (probed && cause === 'upstream') {
+      circuit.lateFailure()
     }
   }
 
@@ -233,6 +267,7 @@ export abstract class RequestContext implements LaterLine {
       ;(this.upstream as Upstream).inFlight--
     }
     if (this.cause === null) this.conclude(CLIENT_CLOSED, null) // every ending concludes first; never left undecided
+    if (this.unjudged !== JUDGED) this.judge(this.upstream as Upstream, this.cause as Cause, performance.now())
     const seconds = (performance.now() - this.startedAt) / 1000
     const stats = route === null ? dp.stats.route('', '') : route.stats
     stats.record(this.status, seconds, this.source)

@@ -225,8 +225,10 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   onSilent (): boolean {
     if (this.state === DONE || this.res.destroyed) return false
     // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
-    // that wait). Its silence counts again from the next byte either way.
-    if (this.requestSent && this.state !== STREAMING) return true
+    // the wait for the head, `idleTimeoutMs` as undici's bodyTimeout an upstream that stops
+    // sending its body). Only response bytes waiting for the client make it the client's
+    // silence. Its silence counts again from the next byte either way.
+    if (this.requestSent && (this.state !== STREAMING || this.res.writableLength === 0)) return true
     this.cutSlowClient()
     return false
   }
@@ -353,7 +355,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     // The upstream's own 5xx is relayed to the client and still counted as its failure.
     this.source = 'upstream'
-    this.conclude(statusCode, null)
+    this.conclude(statusCode, null, true)
     this.state = STREAMING
     const cache = this.route.fallback?.cache
     if (cache != null) this.capture = cache.capture(this.req, cacheKey(this), statusCode, headers)
@@ -391,8 +393,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const state = this.state
     if (state === DONE) return
     if (state === STREAMING) {
-      // Headers are out: the only honest signal left is to cut the connection.
-      this.conclude(this.status, 'upstream_reset')
+      // Headers are out: the only honest signal left is to cut the connection. The upstream
+      // either broke the body off or stopped sending it for `idleTimeoutMs` (undici's bodyTimeout).
+      this.conclude(this.status, (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
       this.res.destroy()
       this.done()
       return

@@ -186,9 +186,9 @@ export function errorType (ctx: RequestContext): string | undefined {
   return ctx.status >= 500 ? String(ctx.status) : undefined
 }
 
-/** OpenTelemetry's server span rule: 5xx (and a response cut short) is an error; 4xx is the client's. */
+/** OpenTelemetry's server span rule: 5xx (and a response the upstream cut short or stalled) is an error; 4xx is the client's. */
 export function isServerError (ctx: RequestContext): boolean {
-  return ctx.status >= 500 || ctx.errorCode === 'upstream_reset'
+  return ctx.status >= 500 || ctx.errorCode === 'upstream_reset' || ctx.errorCode === 'upstream_timeout'
 }
 
 /** `server.address`: the Host header without its port (`[::1]:80` → `::1`); undefined without one. */
