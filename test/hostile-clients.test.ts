@@ -41,7 +41,9 @@ t.test('requests whose framing is ambiguous: 400, connection closed, upstream un
     ['two Host headers', 'GET /dup HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n'],
     ['two Host headers, same value', 'GET /dup HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n'],
     ['conflicting Content-Lengths', 'POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd'],
-    ['Content-Length with Transfer-Encoding', 'POST /te HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n']
+    ['Content-Length with Transfer-Encoding', 'POST /te HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n'],
+    ['HTTP/1.1 without Host', 'GET /nohost HTTP/1.1\r\n\r\n'],
+    ['an Expect other than 100-continue', 'POST /expect HTTP/1.1\r\nHost: a\r\nExpect: foo\r\nContent-Length: 1\r\n\r\na']
   ]
   for (const [what, request] of cases) {
     // Sent 3 times each: today's code answered 502 and opened the breaker.
@@ -51,6 +53,7 @@ t.test('requests whose framing is ambiguous: 400, connection closed, upstream un
       const res = await client.response()
       t.equal(res.status, 400, `${what}: 400`)
       t.equal(res.headers['x-breakwater-error'], 'bad_request', `${what}: bad_request`)
+      t.equal(JSON.parse(res.body).error, 'bad_request', `${what}: Breakwater's JSON body`)
       await client.until((c) => c.closed, 5000, 'the connection to close')
       t.ok(client.closed, `${what}: the connection is closed`)
       client.destroy()
@@ -59,8 +62,10 @@ t.test('requests whose framing is ambiguous: 400, connection closed, upstream un
   t.equal(up.received.length, 0, 'the upstream saw nothing')
   t.equal(bw.sidecar.dataPlane.circuit('app')?.state, 'closed', 'the breaker stays closed')
   const samples = await scrape(bw.ops)
-  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 12, 'each counted as a client error')
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 18, 'each counted as a client error')
   t.equal((await send(bw.proxy, '/ok')).status, 200, 'a normal request still passes')
+  t.match(await raw(bw.proxyPort, 'GET /old HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 /, 'HTTP/1.0 needs no Host')
+  t.match(await raw(bw.proxyPort, 'GET /empty HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 200 /, 'an empty Host is a Host (RFC 9112 §3.2)')
 })
 
 t.test('headers named in Connection are removed, however short their names', async (t) => {

@@ -95,6 +95,15 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
   }
 }
 
+/** Requests whose `Expect` is not 100-continue (Node's 'checkExpectation'): refused as unforwardable. */
+export const unmetExpectation = new WeakSet<IncomingMessage>()
+
+/** Whether a raw header list has a Host field (an empty one counts: RFC 9112 §3.2). */
+function hasHost (raw: readonly string[]): boolean {
+  for (let i = 0; i < raw.length; i += 2) if ((raw[i] as string).toLowerCase() === 'host') return true
+  return false
+}
+
 /** Admission to the fault stage. */
 function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }: PipelineOptions): void {
   const dp = ctx.dp
@@ -134,6 +143,14 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   }
   if (head.invalid !== null) {
     refuseUnforwardable(ctx, 'bad_request', head.invalid)
+    return
+  }
+  if (head.host === '' && req.httpVersionMinor === 1 && !hasHost(req.rawHeaders)) {
+    refuseUnforwardable(ctx, 'bad_request', 'an HTTP/1.1 request needs a Host header')
+    return
+  }
+  if (unmetExpectation.has(req)) {
+    refuseUnforwardable(ctx, 'bad_request', 'Expect: only 100-continue is supported')
     return
   }
   ctx.path = path

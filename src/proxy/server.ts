@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
 import type { Tracing } from './trace.js'
-import { createPipeline, createBarePipeline, handleUpgrade, type PipelineOptions } from './pipeline.js'
+import { createPipeline, createBarePipeline, handleUpgrade, unmetExpectation, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
 import { CertificateWatcher, listenerTlsOptions, type ListenerTlsStats } from './tls.js'
 
@@ -39,7 +39,10 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     noDelay: true,
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
     // attempt; Node's strict parser (the default, never the lenient one) refuses it.
-    insecureHTTPParser: false
+    insecureHTTPParser: false,
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused, by the pipeline (a JSON 400
+    // with `x-breakwater-error`, counted and logged) rather than by Node's bare 400.
+    requireHostHeader: bare
   }
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     if (refusedOpen > 0 && refused.has(req.socket)) {
@@ -112,6 +115,14 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   })
 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
+  // An `Expect` other than 100-continue: Node would answer a bare 417; the pipeline refuses it
+  // like any request that cannot be forwarded as sent (undici sends no `Expect`).
+  if (!bare) {
+    server.on('checkExpectation', (req: http.IncomingMessage, res: http.ServerResponse) => {
+      unmetExpectation.add(req)
+      onRequest(req, res)
+    })
+  }
   if (secure === null || tls === null) return { server, acceptors: [], connections, certificates: null, tlsStats: null }
 
   const tlsStats: ListenerTlsStats = { listener: role, reloads: { ok: 0, failed: 0 }, handshakeFailures: 0 }
