@@ -244,6 +244,25 @@ t.test('every problem is reported in one run, each with its key path', async (t)
   for (const p of problems) t.match(p, /^[A-Za-z(][^:]*: \S/, `"${p}" starts with a key path`)
 })
 
+t.test('a rollback action that matches none of its kinds: the problems of the kind its type names, each at its key', async (t) => {
+  const url = 'https://cd.example/rollback'
+  const cases: Array<[string, unknown, string[]]> = [
+    ['a malformed cooldown', { type: 'webhook', url, cooldown: 'soon' }, ['rollback.cooldown']],
+    ['a malformed requireRecentChange', { type: 'webhook', url, requireRecentChange: 'maybe' }, ['rollback.requireRecentChange']],
+    ['an unknown key and a missing branch', { type: 'git', repo: '/srv/deploy.git', bogus: 1 }, ['rollback.bogus', 'rollback.branch']],
+    ['a missing url', { type: 'webhook' }, ['rollback.url']],
+    ['an unknown type', { type: 'helm' }, ['rollback.type']],
+    ['no type', { url }, ['rollback.type']]
+  ]
+  for (const [what, rollback, keys] of cases) {
+    const problems = problemsOf(t, minimal({ rollback }))
+    t.same(problems.map((p) => p.slice(0, p.indexOf(': '))).sort(), [...keys].sort(), `${what}: ${problems.join(' | ')}`)
+  }
+  reports(t, problemsOf(t, minimal({ rollback: { type: 'webhook', url, requireRecentChange: 'maybe' } })), 'rollback.requireRecentChange', /milliseconds, a string such as 30m, or false/)
+  reports(t, problemsOf(t, minimal({ rollback: { type: 'helm' } })), 'rollback.type', /one of "webhook", "exec", "git" \(got "helm"\)/)
+  reports(t, problemsOf(t, minimal({ rollback: 5 })), 'rollback', /must be a rollback action/)
+})
+
 t.test('cross-section checks still run when a duration is malformed', async (t) => {
   // A bad duration must not hide the problems found after it (one run lists them all).
   const problems = problemsOf(t, {

@@ -7,6 +7,7 @@
 import { resolve as resolvePath } from 'node:path'
 import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType, type ValueError } from '@sinclair/typebox/errors'
+import type { TSchema } from '@sinclair/typebox'
 import { ConfigSchema, type ResolvedInput } from './schema.js'
 import { expandEnv } from './env.js'
 import { durationProblem, durationProblems, DURATION_KIND } from './duration.js'
@@ -50,7 +51,7 @@ export function resolveConfig (raw: unknown, options: ResolveOptions = {}): Load
   const errors = [...Value.Errors(ConfigSchema, input)]
   // A missing key is one problem, not also "must be a string" at the same path.
   const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
-  for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(describe(error))
+  for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(...variantProblems(error) ?? [describe(error)])
   problems.push(...durationProblems(ConfigSchema, input))
   problems.push(...dependencyProblems(ConfigSchema, input))
   const warnings: string[] = []
@@ -74,6 +75,28 @@ function keyPath (pointer: string): string {
     out += /^[0-9]+$/.test(key) ? `[${key}]` : (out === '' ? key : `.${key}`)
   }
   return out
+}
+
+/**
+ * A mapping that matches no variant of a union told apart by `type` (`rollback: {type: git, …}`):
+ * the problems of the variant its `type` names, each at its own key, rather than "must be one of
+ * the variants" for the whole mapping. Null when the union is not of that kind.
+ */
+function variantProblems (error: ValueError): string[] | null {
+  const value = error.value as Record<string, unknown> | null
+  const variants = (error.schema as { anyOf?: Array<{ properties?: Record<string, { const?: unknown }> }> }).anyOf
+  if (error.type !== ValueErrorType.Union || value === null || typeof value !== 'object' || Array.isArray(value) || variants === undefined) return null
+  const types = variants.map((v) => v.properties?.type?.const)
+  if (types.length === 0 || types.some((t) => typeof t !== 'string')) return null
+  const at = keyPath(error.path)
+  const variant = variants[types.indexOf(value.type)]
+  const names = types.map((t) => JSON.stringify(t)).join(', ')
+  if (value.type === undefined) return [`${at}.type: is required (one of ${names})`]
+  if (variant === undefined) return [`${at}.type: must be one of ${names} (got ${JSON.stringify(value.type)})`]
+  const errors = [...Value.Errors(variant as TSchema, value)].map((e) => ({ ...e, path: `${error.path}${e.path}` }))
+  const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
+  const problems = errors.filter((e) => !missing.has(e.path) || e.type === ValueErrorType.ObjectRequiredProperty).map(describe)
+  return problems.length > 0 ? problems : null
 }
 
 /** Keys whose values are secrets: a problem names the key, never the value. */
@@ -128,6 +151,8 @@ function describeValue (error: ValueError, s: Record<string | symbol, unknown>, 
         const problem = durationProblem(at, error.value)
         if (problem !== null) return problem
       }
+      const anyOf = s.anyOf as Array<Record<string | symbol, unknown>> | undefined
+      if (anyOf?.some((o) => o[DURATION_KIND] === true) === true && anyOf.some((o) => o.const === false)) return `${at}: must be milliseconds, a string such as 30m, or false (got ${JSON.stringify(error.value)})`
       if (at === 'logging.accessLog') return `${at}: must be true, false or a sample rate from 0 to 1 (got ${JSON.stringify(error.value)})`
       const literals = (s.anyOf as Array<Record<string, unknown>> | undefined)?.map((o) => o.const).filter((c) => c !== undefined)
       if (literals !== undefined && literals.length > 0) return `${at}: must be one of ${literals.map((l) => JSON.stringify(l)).join(', ')} (got ${JSON.stringify(error.value)})`
