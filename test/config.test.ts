@@ -166,6 +166,10 @@ t.test('defaults are resolved as documented', async (t) => {
 
   const hc = resolved(minimal({ upstreams: { app: { url: 'http://127.0.0.1:3000', healthCheck: { path: '/healthz' } } } })).upstreams.app?.healthCheck
   t.same(hc, { path: '/healthz', intervalMs: 5000, timeoutMs: 2000, unhealthyThreshold: 3, healthyThreshold: 2 }, 'health check defaults')
+  const checkOf = (healthCheck: Record<string, unknown>): unknown => resolved(minimal({ upstreams: { app: { url: 'http://127.0.0.1:3000', healthCheck } } })).upstreams.app?.healthCheck?.timeoutMs
+  t.equal(checkOf({ path: '/h', intervalMs: 300 }), 300, 'a short interval alone is valid: the timeout defaults to it')
+  t.equal(checkOf({ path: '/h', intervalMs: '1m' }), 2000, 'a long one keeps the 2 s timeout')
+  reports(t, problemsOf(t, minimal({ upstreams: { app: { url: 'http://127.0.0.1:3000', healthCheck: { path: '/h', intervalMs: 300, timeoutMs: 500 } } } })), 'upstreams.app.healthCheck.timeoutMs', /must not exceed intervalMs/)
 
   const retries = resolved(minimal({ routes: [{ match: { pathPrefix: '/' }, upstream: 'app', retries: { attempts: 3 } }] })).routes[0]?.retries
   t.equal(retries?.budgetPercent, 20, 'retries.budgetPercent')

@@ -30,6 +30,8 @@ type Section<K extends keyof ResolvedInput> = ResolvedInput[K]
 
 /** How `Config` spells "no limit" for a cap whose key is absent (the schema has no default for it). */
 const UNLIMITED = 0
+/** `upstreams.X.healthCheck.timeoutMs` when not given, unless `intervalMs` is shorter. */
+const HEALTH_CHECK_TIMEOUT_MS = 2000
 
 /** The whole config. `source` is the file it came from; relative paths resolve against its folder. */
 export function buildConfig (input: ResolvedInput, source: string | null, found: Findings): Config {
@@ -117,14 +119,15 @@ function buildUpstream (name: string, u: Resolved<typeof UpstreamSchema>, baseDi
     endpoints.push(url.origin)
   })
   const hc = u.healthCheck
-  if (hc !== undefined && durationMs(hc.timeoutMs) > durationMs(hc.intervalMs)) found.problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
+  const hcTimeoutMs = hc === undefined ? 0 : hc.timeoutMs === undefined ? Math.min(HEALTH_CHECK_TIMEOUT_MS, durationMs(hc.intervalMs)) : durationMs(hc.timeoutMs)
+  if (hc !== undefined && hcTimeoutMs > durationMs(hc.intervalMs)) found.problems.push(`${at}.healthCheck.timeoutMs: must not exceed intervalMs`)
   return {
     name,
     endpoints,
     critical: u.critical,
     healthCheck: hc === undefined
       ? null
-      : { path: hc.path, intervalMs: durationMs(hc.intervalMs), timeoutMs: durationMs(hc.timeoutMs), unhealthyThreshold: hc.unhealthyThreshold, healthyThreshold: hc.healthyThreshold },
+      : { path: hc.path, intervalMs: durationMs(hc.intervalMs), timeoutMs: hcTimeoutMs, unhealthyThreshold: hc.unhealthyThreshold, healthyThreshold: hc.healthyThreshold },
     connectTimeoutMs: durationMs(u.connectTimeoutMs),
     keepAliveTimeoutMs: durationMs(u.keepAliveTimeoutMs),
     connections: u.connections,

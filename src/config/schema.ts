@@ -89,7 +89,8 @@ const plainListener = (host: string, port: number) => section({
 const HealthCheck = closed({
   path: Type.String({ pattern: '^/' }),
   intervalMs: withDefault(Duration, 5000),
-  timeoutMs: withDefault(Duration, 2000),
+  // Default: 2000 ms, or intervalMs when that is shorter (build.ts): a short interval alone is valid.
+  timeoutMs: Type.Optional(Duration),
   unhealthyThreshold: withDefault(Type.Integer({ minimum: 1 }), 3),
   healthyThreshold: withDefault(Type.Integer({ minimum: 1 }), 2)
 })
