@@ -188,6 +188,7 @@ export class Sidecar {
         const key = r.config.killSwitch
         return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
       },
+      probeKey: () => this.dataPlane.probeKey,
       routeOf: (method, path, host) => {
         const normalised = normalisePath(path)
         const probeHost = host ?? new URL(this.addresses.proxy).host
@@ -209,6 +210,7 @@ export class Sidecar {
       }
     })
     this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
+    this.dataPlane.onSynthetic = (incident, route, atMs, error) => { this.verifier.probeEnded(incident, route, atMs, error) }
     // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
     this.triggers.onRearm = (trigger) => {
       this.notifier.alertmanager.resolve(trigger.name)

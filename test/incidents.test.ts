@@ -273,6 +273,11 @@ t.test('a failed verification escalates at once, whatever escalateAfter; once', 
   t.equal(escalations(r).pd.length, 1, 'once')
   t.equal(escalations(r).slack.length, 1)
   t.equal(s.sidecar.verifier.armedEscalations, 0)
+  // The probes failed on checkout too, and the windows counted them: the impact leaves them out
+  // (those of the last, partial second are not counted at all: the impact counts whole seconds).
+  const report = (await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)).body
+  t.match(report.impact, { requests: 20, requestsFailed: 20 }, 'the 20 real requests, no probe among them')
+  t.ok(report.impact.probesExcluded >= 1 && report.impact.probesExcluded <= now.checks.syntheticRounds, `probes excluded: ${String(report.impact.probesExcluded)} of ${String(now.checks.syntheticRounds)}`)
 })
 
 t.test('status page: create → identified → monitoring → resolved on one page incident, across a restart mid-incident; the report after the restart', async (t) => {

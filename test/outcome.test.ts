@@ -12,6 +12,7 @@ import { send, raw, eventually } from './helpers/http.js'
 import { WireClient, parseResponse } from './helpers/wire.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 import { admin } from './helpers/admin.js'
+import { emptySums } from '../src/proxy/window.js'
 import { startWebSocketUpstream, handshakeRequest } from './helpers/websocket.js'
 
 const KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
@@ -169,6 +170,35 @@ t.test('a response the upstream cuts short or stalls after a good head is its fa
     t.equal(circuitOf(s, 'pay').windowRequests, 1, 'and its cut body is in the new window')
     t.equal(circuitOf(s, 'pay').failureRate, 1, '... as a failure')
   })
+})
+
+t.test('a verification probe is told to the verifier as the trigger window counted it, in the second it counted it', async (t) => {
+  const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end('x') })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'off', match: { pathPrefix: '/off' }, upstream: 'app', killSwitch: 'newThing' }, { name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }],
+    featureFlags: { newThing: false }
+  })
+  const told: Array<{ incident: string, route: string, atMs: number, error: boolean }> = []
+  s.sidecar.dataPlane.onSynthetic = (incident, route, atMs, error) => { told.push({ incident, route, atMs, error }) }
+  const probe = { headers: { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': s.sidecar.dataPlane.probeKey } }
+  t.equal((await send(s.proxy, '/ok', probe)).status, 200)
+  t.equal((await send(s.proxy, '/fail', probe)).status, 500)
+  t.equal((await send(s.proxy, '/off/x', probe)).status, 503, 'a kill switch\'s refusal: not in the windows')
+  t.equal((await send(s.proxy, '/ok')).status, 200, 'real traffic')
+  t.equal((await send(s.proxy, '/fail', { headers: { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': 'guessed' } })).status, 500, 'a client posing as a probe')
+  t.same(told.map((p) => [p.incident, p.route, p.error]), [['i-probe', 'app', false], ['i-probe', 'app', true]], 'the two probes the windows counted, as they counted them; not the one without the key')
+  const window = s.sidecar.dataPlane.runtime.routes.routes.find((r) => r.name === 'app')?.stats.window
+  for (const p of told) {
+    const second = Math.floor(p.atMs / 1000)
+    const sums = emptySums(false)
+    window?.sum(second, second + 1, sums)
+    t.ok(sums.requests >= 1 && (!p.error || sums.errors >= 1), `the window holds it in second ${second}`)
+  }
+  const forwarded = up.received.find((r) => r.url === '/ok')?.headers
+  t.equal(forwarded?.['x-breakwater-synthetic'], 'i-probe', 'the mark is forwarded')
+  t.equal(forwarded?.['x-breakwater-probe'], undefined, 'the key is not')
 })
 
 t.test('client endings (aborts while waiting, aborted uploads, requests undici refuses) never eject an endpoint and never enter a trigger window', async (t) => {

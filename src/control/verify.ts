@@ -128,6 +128,8 @@ export interface VerifierDeps {
   refusedByMitigation: (route: string) => boolean
   /** The route and upstream a request would take (where a probe is counted), or null. */
   routeOf: (method: string, path: string, host: string | null) => { route: string } | null
+  /** The data plane's probe key: a probe that carries it is told back (`probeEnded`), never counted as real. */
+  probeKey: () => string
   notifier: Notifier
   logger: Logger
   /** Persist every incident (as they are now), with an audit line when given. */
@@ -153,7 +155,6 @@ interface Running {
   timer: NodeJS.Timeout | null
   deadline: number
   busy: boolean
-  probes: Probe[]
 }
 
 const KEEP = 50
@@ -164,6 +165,8 @@ export class Verifier {
   ttrSum = 0
   ttrCount = 0
   private readonly running = new Map<string, Running>()
+  /** Each running incident's probes that the windows counted (`probeEnded`), until it ends. */
+  private readonly probes = new Map<string, Probe[]>()
   private readonly escalations = new Deadlines()
   /** Escalations of incidents led here before a restart, posted again once the fleet says this sidecar still leads (`rejoined`). */
   private readonly heldBack = new Set<string>()
@@ -188,7 +191,7 @@ export class Verifier {
       const since = incident.clearedAt ?? incident.mitigatedAt
       if (incident.status === 'verifying' && since !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
-        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline: Date.parse(since) + this.deps.config().verification.timeoutMs, busy: false, probes: [] }
+        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline: Date.parse(since) + this.deps.config().verification.timeoutMs, busy: false }
         this.running.set(incident.id, run)
         this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
         this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
@@ -335,9 +338,29 @@ export class Verifier {
     return new Set(this.deps.config().routes.filter((r) => (scope.route === null || r.name === scope.route) && (scope.upstream === null || r.upstream === scope.upstream)).map((r) => r.name))
   }
 
+  /**
+   * One of `incident`'s probes ended in the data plane, counted in `route`'s trigger window at
+   * `atMs` as an error or not: left out of the real traffic and of the impact, in the very
+   * second the window holds it.
+   */
+  probeEnded (incident: string, route: string, atMs: number, error: boolean): void {
+    if (this.running.has(incident)) this.probesOf(incident).push({ second: Math.floor(atMs / 1000), route, error })
+  }
+
+  /**
+   * The probes of an incident the windows may still hold, kept by incident rather than by its
+   * verification run: a run that starts over (another mitigation) keeps them, and a check still
+   * in flight on the run it replaced sees the same ones.
+   */
+  private probesOf (incident: string): Probe[] {
+    let probes = this.probes.get(incident)
+    if (probes === undefined) this.probes.set(incident, probes = [])
+    return probes
+  }
+
   /** Count an incident's impact up to the last whole second before `now`. */
   private count (incident: Incident, now: number): void {
-    const probes = this.running.get(incident.id)?.probes ?? []
+    const probes = this.probes.get(incident.id) ?? []
     const of = (second: number): Probes => {
       let requests = 0
       let errors = 0
@@ -428,6 +451,7 @@ export class Verifier {
       this.running.delete(incident.id)
       this.escalations.disarm(incident.id)
       this.count(incident, Date.now())
+      this.probes.delete(incident.id)
       incident.status = 'restored'
       incident.restoredAt = news.restoredAt
       incident.endedAt = news.restoredAt
@@ -493,7 +517,7 @@ export class Verifier {
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
     incident.checks.syntheticPassesInARow = 0
-    const run: Running = { incident, trigger, since: at, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false, probes: previous?.probes ?? [] }
+    const run: Running = { incident, trigger, since: at, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
   }
@@ -586,7 +610,7 @@ export class Verifier {
           try {
             const res = await request(`${this.deps.proxy()}${s.path}`, {
               method: s.method as 'GET',
-              headers: { 'x-breakwater-synthetic': incident.id, 'user-agent': 'breakwater-verify', ...(s.host !== null ? { host: s.host } : {}) },
+              headers: { 'x-breakwater-synthetic': incident.id, 'x-breakwater-probe': this.deps.probeKey(), 'user-agent': 'breakwater-verify', ...(s.host !== null ? { host: s.host } : {}) },
               headersTimeout: 5000,
               bodyTimeout: 5000,
               ...(agent !== null ? { dispatcher: agent } : {})
@@ -599,9 +623,7 @@ export class Verifier {
             error = (err as Error).message
           }
         }
-        // Answered by the proxy, so counted in its windows: remember it, to subtract it.
-        const where = status === 0 ? null : this.deps.routeOf(s.method, s.path, s.host)
-        if (where !== null) run.probes.push({ second: Math.floor(Date.now() / 1000), ...where, error: status >= 500 })
+        // The data plane tells `probeEnded` how its windows counted it, to subtract it.
         return { path: s.path, status, expected: s.expectStatus, ...(error !== null ? { error } : {}) }
       }))
       if (agent !== null) void agent.close().catch(() => {})
@@ -656,13 +678,16 @@ export class Verifier {
     // The verifier's own probes are not real traffic. (Their latencies stay in the histogram:
     // a probe is one request among the window's, and bins cannot be told apart.)
     let synthetic = 0
-    for (const p of run.probes) {
+    const probes = this.probesOf(run.incident.id)
+    for (const p of probes) {
       if (p.second < from || p.second >= to || !routes.has(p.route)) continue
       synthetic++
       sums.requests--
       if (p.error) sums.errors--
     }
-    run.probes = run.probes.filter((p) => p.second >= from)
+    // Forget only probes this window is past and the impact has counted (it counts whole seconds).
+    const keepFrom = Math.min(from, run.incident.impact.countedUntil)
+    this.probes.set(run.incident.id, probes.filter((p) => p.second >= keepFrom))
     sums.requests = Math.max(0, sums.requests)
     sums.errors = Math.min(Math.max(0, sums.errors), sums.requests)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
@@ -681,6 +706,7 @@ export class Verifier {
     const now = Date.now()
     this.count(incident, now)
     this.running.delete(incident.id)
+    this.probes.delete(incident.id)
     this.escalations.disarm(incident.id)
     incident.status = 'restored'
     incident.restoredAt = new Date(now).toISOString()
@@ -703,6 +729,7 @@ export class Verifier {
     const { incident } = run
     this.count(incident, Date.now())
     this.running.delete(incident.id)
+    this.probes.delete(incident.id)
     incident.endedAt = new Date().toISOString()
     const seconds = this.deps.config().verification.timeoutMs / 1000
     const what = cleared(incident) ? 'the signal clearing' : `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`

@@ -271,15 +271,19 @@ export abstract class RequestContext implements LaterLine {
     const seconds = (performance.now() - this.startedAt) / 1000
     const stats = route === null ? dp.stats.route('', '') : route.stats
     stats.record(this.status, seconds, this.source)
+    // In the trigger windows: -1 not at all, 0 a request, 1 an error.
+    let windowed = -1
+    const now = Date.now()
     switch (this.cause) {
-      case 'ok': stats.outcome(Date.now(), false, this.headMs); break
-      case 'upstream': stats.outcome(Date.now(), true, this.headMs); break
+      case 'ok': stats.outcome(now, false, this.headMs); windowed = 0; break
+      case 'upstream': stats.outcome(now, true, this.headMs); windowed = 1; break
       case 'breakwater':
-        if (this.outage) stats.outcome(Date.now(), true, -1)
-        else if (this.fault === 'abort') stats.outcome(Date.now(), this.status >= 500, this.headMs)
+        if (this.outage) { stats.outcome(now, true, -1); windowed = 1 } else if (this.fault === 'abort') { stats.outcome(now, this.status >= 500, this.headMs); windowed = this.status >= 500 ? 1 : 0 }
         break
       // client: neither a request nor an error for the triggers
     }
+    const head = this.head
+    if (head !== null && head.synthetic !== '' && windowed !== -1 && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1)
     const rate = dp.accessLogRate
     const logged = rate > 0 && (rate >= 1 || Math.random() < rate)
     if (this.spanExport === null && !logged) return

@@ -53,6 +53,17 @@ export class DataPlane {
   /** Circuit transitions, by upstream and state (for metrics). */
   readonly transitions = new Map<string, number>()
   accessLogRate = 1
+  /**
+   * A verification probe (`x-breakwater-synthetic: INCIDENT`) that the trigger windows counted
+   * ended at `atMs` (the time they counted it under), as an error or not: the verifier leaves it
+   * out of the real traffic.
+   */
+  onSynthetic: ((incident: string, route: string, atMs: number, error: boolean) => void) | null = null
+  /**
+   * What the verifier's probes carry in `x-breakwater-probe` (never forwarded): a client that
+   * sends `x-breakwater-synthetic` without it is real traffic, counted as such.
+   */
+  readonly probeKey = randomBytes(16).toString('hex')
   /** Open WebSocket tunnels (client side), destroyed when the process finally stops. */
   readonly tunnels = new Set<Duplex>()
   /** Client silence of the exchanges in flight (`routes[].idleTimeoutMs`). */

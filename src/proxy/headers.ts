@@ -25,6 +25,10 @@ export interface RequestHead {
    * answers 400 and closes the connection before any upstream contact (SPEC §15).
    */
   invalid: string | null
+  /** `x-breakwater-synthetic`: the incident whose verification probe this claims to be ('' for none). */
+  synthetic: string
+  /** `x-breakwater-probe`: the sidecar's probe key, which only its own verifier knows; never forwarded. */
+  probeKey: string
   /** The client's `traceparent` ('' when absent or sent more than once: W3C Trace Context §3.2 makes that invalid). */
   traceparent: string
   /** Where its value sits in `headers` (one copy forwarded; the trace stage may replace it), or -1. */
@@ -87,6 +91,8 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   let invalid: string | null = null
   let traceparent = ''
   let traceparentAt = -1
+  let synthetic = ''
+  let probeKey = ''
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i] as string
     const value = raw[i + 1] as string
@@ -123,6 +129,12 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
         // Node answered `100 Continue` when it read the head (the body will follow), so the
         // expectation is met here, as Envoy does by default; undici cannot send it on anyway.
         continue
+      case 'x-breakwater-synthetic':
+        synthetic = value
+        break // forwarded
+      case 'x-breakwater-probe':
+        probeKey = value
+        continue
       case 'traceparent':
         if (traceparentAt === -1) {
           traceparent = value
@@ -146,7 +158,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   )
   if (host !== '') headers.push('x-forwarded-host', host)
   const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
-  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, traceparent, traceparentAt }
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt }
 }
 
 /**
