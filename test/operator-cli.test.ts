@@ -27,7 +27,7 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     ['lift', 'm-anything'],
     ['restore', FLAG, '--reason', '   ', '--json']
   ]
-  const [human, json, unknown, unknownJson, wrong, unreachable, unreachableJson, noToken, ...missing] = await runAll(run, [
+  const [human, json, unknown, unknownJson, wrong, unreachable, unreachableJson, noToken, strayRollback, strayKill, ...missing] = await runAll(run, [
     { args: ['status', '--admin', url], env: withToken },
     { args: ['status', '--json', '--admin', url], env: withToken },
     { args: ['kill', 'noSuchFlag', '--reason', 'x', '--admin', url], env: withToken },
@@ -36,6 +36,8 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     { args: ['status', '--admin', 'http://127.0.0.1:1'], env: withToken },
     { args: ['kill', FLAG, '--reason', 'x', '--json', '--admin', 'http://127.0.0.1:1'], env: withToken },
     { args: ['status', '--admin', url] },
+    { args: ['mitigate', 'rollback', 'v2', '--reason', 'back to v2', '--admin', url], env: withToken },
+    { args: ['kill', FLAG, 'unrelated', '--reason', 'two flags', '--admin', url], env: withToken },
     ...noReason.map((args) => ({ args: [...args, '--admin', url], env: withToken }))
   ]) as [CliResult, ...CliResult[]]
 
@@ -69,6 +71,17 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
       t.match(r.stderr, /--reason/, `${label}: says what is missing`)
       t.notMatch(r.stderr, STACK_FRAME, `${label}: no stack trace`)
       t.equal(r.stdout, '', `${label}: nothing on stdout`)
+    }
+  })
+
+  t.test('a stray word is refused, never ignored: exit 2, nothing sent', async (t) => {
+    t.equal(strayRollback.code, 2, 'mitigate rollback v2: exit 2')
+    t.match(strayRollback.stderr, /mitigate rollback takes no target \(got "v2"\)/, 'says a version cannot be chosen')
+    t.equal(strayKill.code, 2, 'kill FLAG unrelated: exit 2')
+    t.match(strayKill.stderr, /unexpected "unrelated"; usage: breakwater kill FLAG/)
+    for (const r of [strayRollback, strayKill]) {
+      t.equal(r.stdout, '')
+      t.notMatch(r.stderr, STACK_FRAME)
     }
   })
 

@@ -35,7 +35,7 @@ export interface Io {
 export class UsageError extends Error {}
 
 const MUTATING = new Set(['kill', 'restore', 'circuit', 'failover', 'mitigate', 'lift'])
-const MITIGATE_USAGE = 'mitigate killSwitch|circuitBreak|rollback [targets...] --reason TEXT, or mitigate rateLimit --route R --rps N [--burst B] --reason TEXT [--ttl 10m]'
+const MITIGATE_USAGE = 'mitigate killSwitch [FLAG...] | circuitBreak [UPSTREAM...] | rollback --reason TEXT, or mitigate rateLimit --route R --rps N [--burst B] --reason TEXT [--ttl 10m]'
 const FLEET = new Set(['kill', 'restore', 'circuit', 'failover'])
 
 export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
@@ -76,8 +76,10 @@ function jsonOf (a: Answer): unknown {
 
 interface Planned { method: 'GET' | 'PUT' | 'POST' | 'DELETE', path: string, body?: unknown }
 
-function need (a: OperatorArgs, n: number, usage: string): string[] {
+/** The command's words after its name: at least `n`, at most `max` (a stray word is refused, never ignored). */
+function need (a: OperatorArgs, n: number, usage: string, max = n): string[] {
   if (a.positionals.length < n) throw new UsageError(`usage: breakwater ${usage}`)
+  if (a.positionals.length > max) throw new UsageError(`unexpected "${a.positionals.slice(max).join(' ')}"; usage: breakwater ${usage}`)
   return a.positionals
 }
 
@@ -86,10 +88,13 @@ function plan (a: OperatorArgs): Planned {
   const withTtl = (b: Record<string, unknown>): Record<string, unknown> => scoped(a.ttl !== undefined ? { ...b, ttl: a.ttl } : b)
   switch (a.command) {
     case 'status':
+      need(a, 0, 'status [--json]')
       return { method: 'GET', path: '/v1/state' }
     case 'triage':
+      need(a, 0, 'triage [--json]')
       return { method: 'GET', path: '/v1/triage' }
     case 'audit':
+      need(a, 0, 'audit [--limit N] [--json]')
       return { method: 'GET', path: `/v1/audit?limit=${encodeURIComponent(a.limit ?? '20')}` }
     case 'kill': {
       const [flag] = need(a, 1, 'kill FLAG --reason TEXT [--ttl 30m]')
@@ -109,12 +114,14 @@ function plan (a: OperatorArgs): Planned {
       return { method: 'POST', path: '/v1/mitigations', body: withTtl({ action: 'failover', upstreams: [upstream], ...(a.to !== undefined ? { to: a.to } : {}), reason: a.reason }) }
     }
     case 'mitigate': {
-      const [action, ...targets] = need(a, 1, MITIGATE_USAGE)
+      const [action, ...targets] = need(a, 1, MITIGATE_USAGE, Infinity)
       if (action === 'rateLimit') return { method: 'POST', path: '/v1/mitigations', body: withTtl(rateLimitBody(a, targets)) }
       if (action !== 'killSwitch' && action !== 'circuitBreak' && action !== 'rollback') throw new UsageError(`usage: breakwater ${MITIGATE_USAGE}`)
       const body: Record<string, unknown> = { action, reason: a.reason }
       if (action === 'killSwitch' && targets.length > 0) body.flags = targets
       if (action === 'circuitBreak' && targets.length > 0) body.upstreams = targets
+      // A version here would read as "roll back to it", which no rollback action can promise.
+      if (action === 'rollback' && targets.length > 0) throw new UsageError(`mitigate rollback takes no target (got "${targets.join(' ')}"): it rolls back the version this sidecar runs, as the config's rollback action does`)
       return { method: 'POST', path: '/v1/mitigations', body }
     }
     case 'incident': {
