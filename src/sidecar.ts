@@ -631,6 +631,7 @@ export class Sidecar {
       flagEnabled: (key) => this.flags.enabled(key),
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
+      rolledBackAt: this.control.state.rolledBack[this.config.version] ?? null,
       now: Date.now()
     }) as unknown as Record<string, unknown>
   }

@@ -203,6 +203,11 @@ t.test('downstream failure: one dependency failing, the app fine → open its ci
   const state = await admin(s.admin, 'GET', '/v1/state')
   t.equal(state.body.circuits.pay.forced, 'open', 'the circuit is forced open by the command')
   t.equal((await send(s.proxy, '/catalog/items')).status, 200)
+
+  const after = await triageOf(s)
+  t.not(after.recommendation.command, r.recommendation.command, 'triage does not recommend the mitigation in force again')
+  t.equal(after.scenario, 'healthy', 'pay\'s errors are mitigated: nothing else fails')
+  t.match((after.ruledOut as any[]).find((x) => x.scenario === 'downstream_failure')?.why, /pay are already forced open/)
 })
 
 t.test('downstream failure: one dependency timing out → open its circuit; p99 in the evidence', async (t) => {
@@ -248,6 +253,12 @@ t.test('bad deployment: a new version with errors across routes of its own app �
   t.equal(ran.code, 0, ran.stderr)
   t.equal(cd.deliveries.length, 1, 'the rollback webhook was called once')
   t.match(cd.deliveries[0]?.body, { service: 'shop', version: '2.0.1', trigger: null })
+
+  // The CD system has not deployed the previous version yet: the same errors, the same version.
+  t.ok(await eventually(async () => (await admin(s.admin, 'GET', '/v1/state')).body.mitigations.some((m: any) => m.action === 'rollback' && m.status === 'succeeded')), 'the rollback succeeded')
+  const after = await triageOf(s)
+  t.not(after.recommendation.action, 'rollback', 'triage does not recommend a rollback the sidecar would refuse (409 already_rolled_back)')
+  t.match((after.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /2\.0\.1 was already rolled back at .+: .*deploy of the previous version/)
 })
 
 t.test('the same errors on a version running for days are not called a bad deployment', async (t) => {

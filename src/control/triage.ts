@@ -47,6 +47,8 @@ export interface TriageInput {
   flagEnabled: (key: string) => boolean
   versionSince: string
   configSince: string
+  /** When the running version was rolled back already (ISO), or null: another rollback would be refused. */
+  rolledBackAt?: string | null
   now: number
 }
 
@@ -133,14 +135,17 @@ export function triage (input: TriageInput): TriageReport {
     recentChanges: { version: recentVersion, config: recentConfig, flags: flagChanges }
   }
   const reason = (text: string): string => `--reason ${JSON.stringify(text)}`
-  // Errors on a route whose kill switch is already off are mitigated: they are history.
+  // Errors on a route whose kill switch is already off, or whose upstream's circuit is forced
+  // open, are mitigated: they are history, and recommending that mitigation again helps nobody.
+  const forcedOpen = (upstream: string): boolean => input.circuits.some((c) => c.upstream === upstream && c.forced === 'open')
   const killed = (name: string): boolean => {
-    const key = config.routes.find((r) => r.name === name)?.killSwitch ?? null
-    return key !== null && !input.flagEnabled(key)
+    const route = config.routes.find((r) => r.name === name)
+    const key = route?.killSwitch ?? null
+    return (key !== null && !input.flagEnabled(key)) || (route !== undefined && forcedOpen(route.upstream))
   }
   const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
-  const failingUpstreams = upstreams.filter((u) => u.elevated)
-  const openCircuits = input.circuits.filter((c) => c.state !== 'closed')
+  const failingUpstreams = upstreams.filter((u) => u.elevated && !forcedOpen(u.name))
+  const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open')
 
   type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
   const verdicts: Array<[Scenario, Verdict]> = []
@@ -178,7 +183,7 @@ export function triage (input: TriageInput): TriageReport {
     verdicts.push(['feature_regression', {
       match: false,
       why: top === undefined
-        ? (mitigated.length > 0 ? `the failing route(s) ${mitigated.join(', ')} are already switched off` : 'no route has elevated errors')
+        ? (mitigated.length > 0 ? `the failing route(s) ${mitigated.join(', ')} are already switched off or isolated` : 'no route has elevated errors')
         : topRoute?.killSwitch == null ? `route ${top.name} has no kill switch` : 'errors are spread across routes'
     }])
   }
@@ -198,20 +203,22 @@ export function triage (input: TriageInput): TriageReport {
         : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
     }])
   } else {
-    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : 'no single upstream stands out' }])
+    const isolated = input.circuits.filter((c) => c.forced === 'open').map((c) => c.upstream)
+    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : isolated.length > 0 ? `the circuit(s) of ${isolated.join(', ')} are already forced open` : 'no single upstream stands out' }])
   }
 
   // bad deployment: something changed recently, and errors are across routes
   const changed = recentVersion !== null || recentConfig !== null
   const acrossRoutes = failingRoutes.length >= 2 || (routes.length === 1 && failingRoutes.length === 1)
-  if (changed && acrossRoutes) {
+  const rolledBackAt = input.rolledBackAt ?? null
+  if (changed && acrossRoutes && rolledBackAt === null) {
     verdicts.push(['bad_deployment', {
       match: true,
       summary: `errors across ${failingRoutes.length} route(s) (${pct(all.current.errorRate)} of all traffic) since ${recentVersion !== null ? `version ${config.version} at ${recentVersion}` : `a config change at ${recentConfig ?? '?'}`}`,
       recommendation: { action: 'rollback', target: config.version, command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`, why: 'the last change is the likely cause: go back to the last known-good version' }
     }])
   } else {
-    verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : 'errors are on one route, not across routes' }])
+    verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : !acrossRoutes ? 'errors are on one route, not across routes' : `version ${config.version} was already rolled back at ${rolledBackAt ?? '?'}: until the deploy of the previous version lands, look at its progress rather than roll back again` }])
   }
 
   const rank = ([, v]: [Scenario, Verdict]): number => v.match ? LADDER[v.recommendation.action] : Number.POSITIVE_INFINITY
