@@ -79,8 +79,10 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
       refusedOpen++
       socket.once('close', () => { refusedOpen-- })
       socket.on('error', () => socket.destroy())
-      if (tls === null) socket.end(rawErrorResponse('overloaded'))
-      else socket.end(rawErrorResponse('overloaded'), () => socket.destroy())
+      // Every local answer names a request id (SPEC §3), even one given before any request is read.
+      const refusal = rawErrorResponse('overloaded', dp.newRequestId())
+      if (tls === null) socket.end(refusal)
+      else socket.end(refusal, () => socket.destroy())
       return
     }
     connections.add(socket)
@@ -102,7 +104,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     }
     dp.stats.clientError(code)
     if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'client_error', code, parserError: err.code }, 'request refused by the HTTP parser')
-    socket.end(rawErrorResponse(code))
+    socket.end(rawErrorResponse(code, dp.newRequestId()))
   })
 
   // A reverse proxy opens no tunnels. Without a 'connect' listener Node would drop the
@@ -111,7 +113,7 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     dp.stats.clientError('connect_not_supported')
     if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'client_error', code: 'connect_not_supported' }, 'CONNECT refused')
     socket.on('error', () => socket.destroy())
-    socket.end(rawErrorResponse('connect_not_supported'))
+    socket.end(rawErrorResponse('connect_not_supported', dp.newRequestId()))
   })
 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => handleUpgrade(dp, req, socket, head, options))
