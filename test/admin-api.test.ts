@@ -38,6 +38,14 @@ t.test('authentication: missing or wrong token is 401; the admin API is not on t
   t.equal(viaProxy.json<{ url: string }>().url, '/v1/state', 'routed to the upstream')
   t.equal((await admin(s.ops, 'GET', '/v1/state')).status, 404)
   t.equal((await admin(s.ops, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'x' })).status, 404)
+  // A path the router cannot decode: the token first, then the API's own 400.
+  const badPath = '/v1/circuits/%E0%A4%A'
+  const anonymous = await admin(s.admin, 'PUT', badPath, { state: 'open', reason: 'x' }, null)
+  t.equal(anonymous.status, 401, 'bad percent-encoding without a token: 401')
+  const garbled = await admin(s.admin, 'PUT', badPath, { state: 'open', reason: 'x' })
+  t.equal(garbled.status, 400, 'with the token: 400')
+  t.same(Object.keys(garbled.body).sort(), ['error', 'message'], 'in the API\'s shape')
+  t.equal(garbled.body.error, 'bad_request')
 })
 
 t.test('flag overrides: PUT kills at once, DELETE restores; unknown flag 404; reason required', async (t) => {

@@ -68,7 +68,23 @@ function stringList (b: Body, key: string): string[] | undefined {
 }
 
 export function createAdminServer (deps: AdminDeps): FastifyInstance {
-  const app = Fastify({ logger: false, bodyLimit: BODY_LIMIT, forceCloseConnections: true, return503OnClosing: false, ...WITHOUT_SCHEMAS })
+  const app = Fastify({
+    logger: false,
+    bodyLimit: BODY_LIMIT,
+    forceCloseConnections: true,
+    return503OnClosing: false,
+    ...WITHOUT_SCHEMAS,
+    // A path the router cannot decode (bad percent-encoding) fails before any hook runs: answer
+    // it in the API's own shape, and after the token check like every other answer.
+    frameworkErrors: (err, req, raw) => {
+      const reply = raw as unknown as FastifyReply
+      if (!authorized(req.headers.authorization, deps.token())) {
+        void reply.code(401).header('www-authenticate', 'Bearer realm="breakwater"').send({ error: 'unauthorized', message: 'missing or wrong bearer token (Authorization: Bearer TOKEN)' })
+        return
+      }
+      void reply.code(400).send({ error: 'bad_request', message: `the path cannot be read: ${err.message}` })
+    }
+  })
   const { control } = deps
 
   // DELETE carries a JSON body {reason} (SPEC §13); an empty body is an empty object.
