@@ -155,6 +155,38 @@ t.test('a response the upstream cuts short or stalls after a good head is its fa
     t.ok(sumOf(await scrape(s.ops), 'breakwater_ejections_total', { upstream: 'app' }) >= 1, 'two in a row on one endpoint eject it')
   })
 
+  t.test('a good response that ends after its endpoint was ejected does not end the ejection', async (t) => {
+    const held: Array<() => void> = []
+    const endpoint = (failing: boolean) => async (): Promise<TestUpstream> => {
+      const up = await startUpstream((req, res) => {
+        if (req.url === '/long') {
+          res.writeHead(200, { 'content-length': '10' })
+          res.write('12345')
+          held.push(() => res.end('67890'))
+          return
+        }
+        res.writeHead(failing ? 500 : 200)
+        res.end('x')
+      })
+      t.teardown(up.close)
+      return up
+    }
+    const [bad, good] = [await endpoint(true)(), await endpoint(false)()]
+    const s = await startTestSidecar(t, {
+      upstreams: { app: { endpoints: [bad.url, good.url], ejection: { consecutiveFailures: 2, baseMs: 60_000 } } },
+      routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }]
+    })
+    // Long responses in flight on both endpoints, their heads already answered.
+    const longs = [raw(s.proxyPort, 'GET /long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 30_000), raw(s.proxyPort, 'GET /long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 30_000)]
+    t.ok(await eventually(() => held.length === 2), 'both endpoints are answering a long response')
+    const ejected = async (): Promise<number> => sumOf(await scrape(s.ops), 'breakwater_upstream_endpoints', { upstream: 'app', state: 'ejected' })
+    for (let i = 0; i < 10 && await ejected() === 0; i++) await send(s.proxy, '/x')
+    t.equal(await ejected(), 1, 'the failing endpoint is ejected')
+    for (const end of held) end()
+    for (const answer of await Promise.all(longs)) t.match(answer, /^HTTP\/1\.1 200 [^]*1234567890$/, 'the long responses complete')
+    t.equal(await ejected(), 1, 'and the ejection stands: those answers began before it')
+  })
+
   t.test('a half-open probe is judged on its head; a body cut after it counts once in the closed circuit', async (t) => {
     let mode: 'fail' | 'cut' = 'fail'
     const up = await startUpstream((_req, res) => {
@@ -423,5 +455,23 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.equal(ws.handshakes.length, 2, 'the third never reached the upstream')
     const lines = accessLines(s)
     t.same(lines.map((l) => l.outcome), ['upstream', 'upstream', 'breakwater'], 'each handshake logged with its cause')
+  })
+
+  t.test('a refusal whose body the upstream cuts short is a failure for the breaker too', async (t) => {
+    // A plain server: it answers the handshake with a 403 that promises 1,000 bytes and sends 7.
+    const up = await startUpstream((_req, res) => {
+      res.writeHead(403, { 'content-length': '1000' })
+      res.write('partial')
+      setTimeout(() => res.socket?.destroy(), 20)
+    })
+    t.teardown(up.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { ws: { url: up.url } },
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }],
+      circuitBreakers: { ws: { volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout: 60_000 } }
+    })
+    for (let i = 0; i < 2; i++) t.match(await raw(s.proxyPort, handshakeRequest('/ws', KEY), 10_000), /^HTTP\/1\.1 403 /, 'the refusal is relayed, then cut')
+    t.same(accessLines(s).map((l) => [l.outcome, l['error.type']]), [['upstream', 'upstream_reset'], ['upstream', 'upstream_reset']])
+    t.equal(circuitOf(s, 'ws').state, 'open', 'and the breaker counted both as failures')
   })
 })

@@ -24,6 +24,8 @@ export class Endpoint {
   ejections = 0
   /** `performance.now()` until which the endpoint is ejected; 0 when not ejected. */
   ejectedUntil = 0
+  /** `performance.now()` when it was last ejected. */
+  ejectedAt = Number.NEGATIVE_INFINITY
   /** Result of active health checks (true until checks say otherwise). */
   healthy = true
   /** `performance.now()` when the upstream last closed a pooled connection itself (see `upstreams.ts`). */
@@ -100,9 +102,15 @@ export class Balancer {
   }
 
   /** An attempt at `endpoint` ended with `cause`: `ok` clears its record, `upstream` counts, others say nothing. */
-  report (endpoint: Endpoint, cause: Cause, now: number): void {
+  /**
+   * `answeredAt`: when its answer began (`performance.now()`), for a response judged when it
+   * ended; an `ok` whose answer began before the endpoint's last ejection says nothing of it
+   * since, and must not end that ejection (a long download from an endpoint ejected meanwhile).
+   */
+  report (endpoint: Endpoint, cause: Cause, now: number, answeredAt = now): void {
     if (cause === 'client' || cause === 'breakwater') return
     if (cause === 'ok') {
+      if (answeredAt < endpoint.ejectedAt) return
       if (endpoint.consecutiveFailures !== 0) {
         endpoint.consecutiveFailures = 0
         endpoint.ejections = 0
@@ -121,6 +129,7 @@ export class Balancer {
       const penalty = Math.min(maxMs, baseMs * 2 ** Math.min(endpoint.ejections, 20))
       const jittered = penalty * (0.75 + Math.random() * 0.5)
       endpoint.ejections++
+      endpoint.ejectedAt = now
       endpoint.ejectedUntil = now + jittered
       this.ejectionsTotal++
       this.events.onEject(this.upstream, endpoint, Math.round(jittered))

@@ -238,7 +238,7 @@ export abstract class RequestContext implements LaterLine {
   private judge (upstream: Upstream, cause: Cause, now: number): void {
     const probed = this.unjudged === HEAD_OK_PROBED
     this.unjudged = JUDGED
-    if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, now)
+    if (this.endpoint !== null) upstream.balancer.report(this.endpoint, cause, now, this.startedAt + this.headMs)
     const circuit = upstream.circuit
     if (circuit == null) return
     const pass = this.pass

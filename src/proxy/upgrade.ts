@@ -140,7 +140,8 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     }
     this.client.write(response + 'connection: close\r\n\r\n')
     this.source = 'upstream'
-    this.conclude(statusCode, null)
+    // Its body may still be cut: judged when it ends, as a proxied response is.
+    this.conclude(statusCode, null, true)
     return true
   }
 
