@@ -620,6 +620,16 @@ export class Sidecar {
     return buildReport(incident, this.config.service, [...this.verifier.routesInScope(incident.scope)], audit, audit.length < AUDIT_READ, Date.now())
   }
 
+  /** Why `mitigate rollback` would be refused now (the control plane's own check), or null. */
+  private rollbackRefusal (): { code: string, message: string } | null {
+    try {
+      this.control.rollbacks.admit(this.config, this.control.state)
+      return null
+    } catch (err) {
+      return { code: (err as { code?: string }).code ?? 'refused', message: (err as Error).message }
+    }
+  }
+
   /** The triage report (GET /v1/triage). */
   triageView (): Record<string, unknown> {
     const dp = this.dataPlane
@@ -631,7 +641,7 @@ export class Sidecar {
       flagEnabled: (key) => this.flags.enabled(key),
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
-      rolledBackAt: this.control.state.rolledBack[this.config.version] ?? null,
+      rollbackRefused: this.rollbackRefusal(),
       now: Date.now()
     }) as unknown as Record<string, unknown>
   }

@@ -55,12 +55,13 @@ interface Fixture {
   load: Traffic
 }
 
-async function fixture (t: Test, extra: Record<string, unknown> = {}, options: { stateDir?: (input: Record<string, unknown>) => string } = {}): Promise<Fixture> {
+async function fixture (t: Test, extra: Record<string, unknown> = {}, options: { stateDir?: (input: Record<string, unknown>) => string, input?: (input: Record<string, unknown>) => Record<string, unknown> } = {}): Promise<Fixture> {
   const app = await startApp(t)
   const pay = await startApp(t)
   const cd = await startReceiver([200])
   t.teardown(cd.close)
   let input = shop(app, pay, cd, extra)
+  if (options.input !== undefined) input = options.input(input)
   if (options.stateDir !== undefined) input = { ...input, stateDir: options.stateDir(input) }
   const s = await startTestSidecar(t, input)
   const load = traffic(s.proxy)
@@ -210,6 +211,23 @@ t.test('downstream failure: one dependency failing, the app fine → open its ci
   t.match((after.ruledOut as any[]).find((x) => x.scenario === 'downstream_failure')?.why, /pay are already forced open/)
 })
 
+t.test('an upstream forced open with a failover is not isolated: its route\'s errors from the failover still count', async (t) => {
+  const dr = await startApp(t)
+  const { pay, s, load } = await fixture(t, {}, {
+    input: (input) => ({ ...input, upstreams: { ...(input.upstreams as Record<string, unknown>), pay: { url: (input.upstreams as any).pay.url, failover: 'payDr' }, payDr: { url: dr.url } } })
+  })
+  pay.failing.add('/')
+  dr.failing.add('/')
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'isolate pay' })).status, 200)
+  const paid = await load.burst('/pay/charge', 20)
+  t.ok(paid.every((c) => c === 500), `the failover answers for pay, and fails too (${paid.join(',')})`)
+  await load.burst('/catalog/items', 40)
+  const r = await triageOf(s)
+  t.not(r.scenario, 'healthy', `errors on pay are not taken for mitigated (${String(r.scenario)}: ${String(r.summary)})`)
+  t.match(signalOf(r.evidence.routes, 'pay'), { elevated: true, current: { errorRate: 1 } }, 'evidence: route pay failing')
+  t.notMatch((r.ruledOut as any[]).find((x) => x.scenario === 'feature_regression')?.why ?? '', /already switched off or isolated/)
+})
+
 t.test('downstream failure: one dependency timing out → open its circuit; p99 in the evidence', async (t) => {
   const { pay, s, load } = await fixture(t)
   pay.hanging.add('/')
@@ -258,7 +276,7 @@ t.test('bad deployment: a new version with errors across routes of its own app �
   t.ok(await eventually(async () => (await admin(s.admin, 'GET', '/v1/state')).body.mitigations.some((m: any) => m.action === 'rollback' && m.status === 'succeeded')), 'the rollback succeeded')
   const after = await triageOf(s)
   t.not(after.recommendation.action, 'rollback', 'triage does not recommend a rollback the sidecar would refuse (409 already_rolled_back)')
-  t.match((after.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /2\.0\.1 was already rolled back at .+: .*deploy of the previous version/)
+  t.match((after.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /a rollback would be refused now: version 2\.0\.1 was already rolled back at /)
 })
 
 t.test('the same errors on a version running for days are not called a bad deployment', async (t) => {

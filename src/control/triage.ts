@@ -47,8 +47,8 @@ export interface TriageInput {
   flagEnabled: (key: string) => boolean
   versionSince: string
   configSince: string
-  /** When the running version was rolled back already (ISO), or null: another rollback would be refused. */
-  rolledBackAt?: string | null
+  /** Why a rollback would be refused now (running, cooling down, done already, none configured), or null. */
+  rollbackRefused?: { code: string, message: string } | null
   now: number
 }
 
@@ -141,7 +141,9 @@ export function triage (input: TriageInput): TriageReport {
   const killed = (name: string): boolean => {
     const route = config.routes.find((r) => r.name === name)
     const key = route?.killSwitch ?? null
-    return (key !== null && !input.flagEnabled(key)) || (route !== undefined && forcedOpen(route.upstream))
+    // A forced-open upstream with a failover sends the route to its failover: not isolated.
+    const isolated = route !== undefined && forcedOpen(route.upstream) && config.upstreams[route.upstream]?.failover == null
+    return (key !== null && !input.flagEnabled(key)) || isolated
   }
   const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
   const failingUpstreams = upstreams.filter((u) => u.elevated && !forcedOpen(u.name))
@@ -210,15 +212,19 @@ export function triage (input: TriageInput): TriageReport {
   // bad deployment: something changed recently, and errors are across routes
   const changed = recentVersion !== null || recentConfig !== null
   const acrossRoutes = failingRoutes.length >= 2 || (routes.length === 1 && failingRoutes.length === 1)
-  const rolledBackAt = input.rolledBackAt ?? null
-  if (changed && acrossRoutes && rolledBackAt === null) {
+  const refused = input.rollbackRefused ?? null
+  // Without a rollback action the scenario stands: the rollback is the deploy tool's to do.
+  const unconfigured = refused?.code === 'rollback_not_configured'
+  if (changed && acrossRoutes && (refused === null || unconfigured)) {
     verdicts.push(['bad_deployment', {
       match: true,
       summary: `errors across ${failingRoutes.length} route(s) (${pct(all.current.errorRate)} of all traffic) since ${recentVersion !== null ? `version ${config.version} at ${recentVersion}` : `a config change at ${recentConfig ?? '?'}`}`,
-      recommendation: { action: 'rollback', target: config.version, command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`, why: 'the last change is the likely cause: go back to the last known-good version' }
+      recommendation: unconfigured
+        ? { action: 'rollback', target: config.version, command: null, why: `the last change is the likely cause: go back to the last known-good version with your deploy tool (no rollback action is configured here, config key rollback)` }
+        : { action: 'rollback', target: config.version, command: `breakwater mitigate rollback ${reason(`errors after ${config.version}`)}`, why: 'the last change is the likely cause: go back to the last known-good version' }
     }])
   } else {
-    verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : !acrossRoutes ? 'errors are on one route, not across routes' : `version ${config.version} was already rolled back at ${rolledBackAt ?? '?'}: until the deploy of the previous version lands, look at its progress rather than roll back again` }])
+    verdicts.push(['bad_deployment', { match: false, why: !changed ? 'no version or config change in the last 30 minutes' : failingRoutes.length === 0 ? 'no route has unmitigated elevated errors' : !acrossRoutes ? 'errors are on one route, not across routes' : `a rollback would be refused now: ${refused?.message ?? '?'}` }])
   }
 
   const rank = ([, v]: [Scenario, Verdict]): number => v.match ? LADDER[v.recommendation.action] : Number.POSITIVE_INFINITY
