@@ -361,13 +361,15 @@ export class Verifier {
   /** Count an incident's impact up to the last whole second before `now`. */
   private count (incident: Incident, now: number): void {
     const probes = this.probes.get(incident.id) ?? []
+    const scope = this.routesInScope(incident.scope)
+    // Only probes on the incident's routes are in the figures to subtract them from.
     const of = (second: number): Probes => {
       let requests = 0
       let errors = 0
-      for (const p of probes) if (p.second === second) { requests++; if (p.error) errors++ }
+      for (const p of probes) if (p.second === second && scope.has(p.route)) { requests++; if (p.error) errors++ }
       return { requests, errors }
     }
-    countImpact(incident.impact, this.deps.stats(), this.routesInScope(incident.scope), Math.floor(now / 1000), this.heldSince, of)
+    countImpact(incident.impact, this.deps.stats(), scope, Math.floor(now / 1000), this.heldSince, of)
   }
 
   /** While an incident is open, count its impact every few seconds (a timer only while one is). */
@@ -632,7 +634,9 @@ export class Verifier {
       syntheticsOk = results.every((r) => r.status === r.expected)
       incident.checks.syntheticPassesInARow = syntheticsOk ? incident.checks.syntheticPassesInARow + 1 : 0
     }
-    if (this.stopped || incident.status !== 'verifying') return
+    // A run replaced while its probes were out (another mitigation started verification over)
+    // stops here: the new run judges, with its own deadline.
+    if (this.stopped || incident.status !== 'verifying' || this.running.get(incident.id) !== run) return
     // Before readTraffic forgets old probes: the impact leaves them out too.
     this.count(incident, Date.now())
     const traffic = this.readTraffic(run, routes, Date.now())
