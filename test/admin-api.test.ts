@@ -46,6 +46,9 @@ t.test('authentication: missing or wrong token is 401; the admin API is not on t
   t.equal(garbled.status, 400, 'with the token: 400')
   t.same(Object.keys(garbled.body).sort(), ['error', 'message'], 'in the API\'s shape')
   t.equal(garbled.body.error, 'bad_request')
+  const long = await admin(s.admin, 'PUT', `/v1/flags/${'f'.repeat(101)}`, { enabled: false, reason: 'x' })
+  t.equal(long.status, 414, 'a name over 100 characters: 414')
+  t.equal(long.body.error, 'path_too_long')
 })
 
 t.test('flag overrides: PUT kills at once, DELETE restores; unknown flag 404; reason required', async (t) => {

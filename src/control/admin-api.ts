@@ -96,6 +96,10 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
         void reply.code(401).header('www-authenticate', 'Bearer realm="breakwater"').send({ error: 'unauthorized', message: 'missing or wrong bearer token (Authorization: Bearer TOKEN)' })
         return
       }
+      if ((err as { code?: string }).code === 'FST_ERR_MAX_PARAM_LENGTH') {
+        void reply.code(414).send({ error: 'path_too_long', message: 'a name in the path is longer than 100 characters' })
+        return
+      }
       void reply.code(400).send({ error: 'bad_request', message: `the path cannot be read: ${err.message}` })
     }
   })
