@@ -423,8 +423,11 @@ export class Sidecar {
     if (trigger === undefined) return
     // Should this sidecar act for the incident later, it updates the leader's page incident.
     if (holding.statusPage !== undefined) this.notifier.statusPage.adopt(key, holding.statusPage)
-    // This follower's own Alertmanager alert stays until its trigger re-arms on its own traffic.
-    this.verifier.leaderProgress(trigger, holding.instance, holding)
+    const incident = this.verifier.leaderProgress(trigger, holding.instance, holding)
+    // Restoration verified for the fleet ends this follower's Alertmanager alert too (SPEC §16),
+    // without waiting for its own trigger window to forget the failures; a trigger that fires
+    // again after it re-arms posts a new one.
+    if (holding.restoredAt !== undefined && incident?.status === 'restored') this.notifier.alertmanager.resolve(trigger)
   }
 
   /**

@@ -13,7 +13,7 @@ import { startAlertmanager } from './helpers/alertmanager.js'
 import { startReceiver } from './helpers/receiver.js'
 import { startUpstream } from './helpers/upstream.js'
 import { send, eventually, sleep } from './helpers/http.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
 import { metricValue } from './helpers/metrics.js'
 import { admin } from './helpers/admin.js'
 
@@ -47,9 +47,13 @@ function flowing (t: Test, proxy: string): () => Promise<void> {
   return stop
 }
 
-t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one grouped notification, then the resolution', async (t) => {
-  // group_wait leaves room for the three triggers to fire on a busy machine: one notification for all.
-  const am = await startAlertmanager(t, { group_wait: '10s', group_interval: '5s' })
+/**
+ * Three sidecars whose trigger `errors` (over `window`) fires on a failing upstream and rolls
+ * back through a webhook, posting to a real Alertmanager (grouped by `route`), with traffic
+ * through all of them until the test ends; `heal()` makes the upstream answer 200.
+ */
+async function firingFleet (t: Test, route: Record<string, unknown>, window: string, labels: Record<string, string> = {}): Promise<{ am: Awaited<ReturnType<typeof startAlertmanager>>, cd: Awaited<ReturnType<typeof startReceiver>>, fleet: TestSidecar[], heal: () => void }> {
+  const am = await startAlertmanager(t, route)
   let healthy = false
   const upstream = await startUpstream((_req, res) => { res.writeHead(healthy ? 200 : 500); res.end() })
   t.teardown(upstream.close)
@@ -60,9 +64,9 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
     upstreams: { app: { url: upstream.url } },
     circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window, minRequests: 5, action: 'rollback' }],
     verification: { windowMs: '2s' },
-    notifications: { alertmanager: { urls: [am.url], labels: { team: 'payments' }, repeatInterval: '1s' } }
+    notifications: { alertmanager: { urls: [am.url], labels, repeatInterval: '1s' } }
   })
   let stopped = false
   t.teardown(() => { stopped = true })
@@ -72,6 +76,12 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
       await sleep(50)
     }
   })()
+  return { am, cd, fleet, heal: () => { healthy = true } }
+}
+
+t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one grouped notification, then the resolution', async (t) => {
+  // group_wait leaves room for the three triggers to fire on a busy machine: one notification for all.
+  const { am, cd, fleet, heal } = await firingFleet(t, { group_wait: '10s', group_interval: '5s' }, '2s', { team: 'payments' })
 
   // Alertmanager holds one alert per sidecar, with the stable labels.
   const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
@@ -95,7 +105,7 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
   t.equal(cd.deliveries.length, 1, 'and one rollback')
 
   // The rollback worked: service is back, every sidecar resolves its alert.
-  healthy = true
+  heal()
   // Each sidecar resolves its own alert once it has verified the restoration, so on a busy machine
   // one can be reported resolved beside another still firing; the group ends with a resolved notification.
   const resolvedAlerts = (): AmAlert[] => notifications().flatMap((n) => n.alerts.filter((a) => a.status === 'resolved'))
@@ -105,6 +115,19 @@ t.test('three firing sidecars: Alertmanager gets three alerts, its receiver one 
   const firingOnly = notifications().filter((n) => n.status === 'firing' && n.alerts.every((a) => a.status === 'firing'))
   t.equal(firingOnly.length, 1, 'exactly one notification for the firing incident')
   t.same(await alerts(), [], 'nothing active in Alertmanager')
+})
+
+t.test('the leader\'s verified restoration ends every follower\'s alert, not only its trigger re-arming', async (t) => {
+  // A trigger window that does not forget its failures during this test: no trigger re-arms.
+  const { am, cd, fleet, heal } = await firingFleet(t, { group_wait: '1s', group_interval: '1s' }, '5m')
+  const alerts = async (): Promise<AmAlert[]> => await (await fetch(`${am.url}/api/v2/alerts?active=true`)).json() as AmAlert[]
+  t.ok(await eventually(async () => (await alerts()).length === 3, 30_000), 'three alerts in Alertmanager')
+  t.ok(await eventually(() => cd.deliveries.length === 1, 30_000), 'the leader rolled back')
+  heal()
+  t.ok(await eventually(async () => (await alerts()).length === 0, 60_000), 'every alert resolved once the leader verified restoration')
+  const followers = fleet.filter((s) => s.sidecar.verifier.incidents.some((i) => i.fleet?.role === 'follower' && i.status === 'restored'))
+  t.equal(followers.length, 2, 'two followers recorded the leader\'s restoration')
+  t.notOk(fleet.some((s) => s.logs.some((l) => l.event === 'trigger_rearmed')), 'and no trigger re-armed: the resolution came from the verification')
 })
 
 t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected', async (t) => {
