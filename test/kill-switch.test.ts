@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { OpenFeature } from '@openfeature/server-sdk'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
-import { send, getJson, eventually, sleep } from './helpers/http.js'
+import { send, raw, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { checkoutRoutes } from './helpers/flags.js'
 
@@ -30,7 +30,7 @@ function tmp (t: { teardown: (fn: () => void) => void }): string {
 t.test('a route whose flag is off is refused without touching its upstream; other routes are untouched', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const { proxy, ops } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }))
+  const { proxy, proxyPort, ops } = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: false } }))
   const refused = await send(proxy, '/checkout/pay')
   t.equal(refused.status, 503)
   t.equal(refused.json().error, 'feature_disabled')
@@ -40,9 +40,12 @@ t.test('a route whose flag is off is refused without touching its upstream; othe
   t.equal((await send(proxy, '/other')).status, 200)
   t.equal((await send(proxy, '/checkou%74/pay')).status, 503, 'a kill switch cannot be bypassed by spelling')
   t.equal((await send(proxy, '//x/../checkout')).status, 503)
+  const absolute = await raw(proxyPort, 'GET http://shop/checkout/pay HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n')
+  t.match(absolute, /^HTTP\/1\.1 503 [^]*x-breakwater-error: feature_disabled/, '... nor by an absolute-form target')
+  t.same(up.received.map((r) => r.url), ['/other'], 'the upstream saw only the other route\'s request')
   const metrics = await (await fetch(`${ops}/metrics`)).text()
   t.match(metrics, /breakwater_flag_enabled\{flag="enableNewCheckout"\} 0/)
-  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 3/)
+  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 4/)
 })
 
 t.test('a killSwitch naming a flag no source defines is a config error', async (t) => {

@@ -1,9 +1,9 @@
 import t from 'tap'
-import { normalisePath, matchKey } from '../src/proxy/path.js'
+import { absoluteForm, normalisePath, matchKey } from '../src/proxy/path.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
-import { parseResponse } from './helpers/wire.js'
+import { parseResponse, type RawResponse } from './helpers/wire.js'
 
 t.test('normalisePath', async (t) => {
   t.test('leaves a normal path alone', async (t) => {
@@ -81,10 +81,21 @@ t.test('normalisePath', async (t) => {
 
   t.test('targets that are not origin-form are refused', async (t) => {
     t.equal(normalisePath('*'), null, 'asterisk-form')
-    t.equal(normalisePath('http://example.com/a'), null, 'absolute-form')
+    t.equal(normalisePath('http://example.com/a'), null, 'absolute-form (taken apart by absoluteForm first)')
     t.equal(normalisePath('example.com:443'), null, 'authority-form')
     t.equal(normalisePath(''), null)
     t.equal(normalisePath('a/b'), null)
+  })
+
+  t.test('absolute-form: its authority and its origin-form', async (t) => {
+    t.same(absoluteForm('http://example.com/a/b?x=1'), { authority: 'example.com', target: '/a/b?x=1' })
+    t.same(absoluteForm('HTTPS://Example.com:8443'), { authority: 'Example.com:8443', target: '/' }, 'no path: /')
+    t.same(absoluteForm('http://example.com?x=1'), { authority: 'example.com', target: '/?x=1' }, 'a query without a path')
+    t.same(absoluteForm('http://[::1]:80/a'), { authority: '[::1]:80', target: '/a' })
+    t.equal(absoluteForm('http://user@example.com/a'), null, 'userinfo is refused')
+    t.equal(absoluteForm('http:///a'), null, 'an empty authority')
+    t.equal(absoluteForm('ftp://example.com/a'), null, 'another scheme')
+    t.equal(absoluteForm('/a'), null, 'origin-form is not absolute-form')
   })
 })
 
@@ -140,9 +151,20 @@ t.test('end to end: spelling cannot bypass a prefix route; the normalised path i
   t.equal(bad.headers['x-breakwater-error'], 'bad_request')
   t.equal(bad.json<{ error: string }>().error, 'bad_request')
 
-  // Absolute-form, written on the wire (clients would rewrite it).
-  const absolute = parseResponse(await raw(proxyPort, 'GET http://127.0.0.1/admin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n'))
-  t.equal(absolute.status, 400, 'absolute-form target refused')
-  t.equal(absolute.headers['x-breakwater-error'], 'bad_request')
   t.equal(admin.received.length, 6, 'no refused request reached the upstream')
+
+  // Absolute-form (RFC 9112 §3.2.2: a server must accept it), written on the wire: routed and
+  // forwarded in origin-form, normalised like any target, when its authority is the Host sent.
+  const absolute = async (target: string, host: string): Promise<RawResponse> => parseResponse(await raw(proxyPort, `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`))
+  for (const target of ['http://127.0.0.1/admin', 'HTTP://127.0.0.1/x/%2e%2e/admin']) {
+    const res = await absolute(target, '127.0.0.1')
+    t.equal(res.status, 200, `${target}: answered`)
+    t.equal(admin.received.at(-1)?.url, '/admin', `${target}: to the admin route, forwarded as /admin`)
+  }
+  t.equal(admin.received.length, 8)
+  const elsewhere = await absolute('http://other.example/admin', '127.0.0.1')
+  t.equal(elsewhere.status, 400, 'an authority that is not the Host: refused')
+  t.equal(elsewhere.headers['x-breakwater-error'], 'bad_request')
+  t.match(JSON.parse(elsewhere.body).message, /authority \(other\.example\) is not the Host header \(127\.0\.0\.1\)/)
+  t.equal(admin.received.length, 8, 'and it reached no upstream')
 })

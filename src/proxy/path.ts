@@ -21,6 +21,20 @@
  * only; what is forwarded keeps the client's spelling.
  */
 
+/**
+ * RFC 9112 §3.2.2: a request target in absolute-form (`http://host:port/path?query`), as its
+ * authority and its origin-form (`/path?query`, `/` when it has no path); null when `target` is
+ * not one (or carries userinfo, which RFC 9110 §4.2.4 forbids in http(s) URIs).
+ */
+export function absoluteForm (target: string): { authority: string, target: string } | null {
+  const m = /^https?:\/\/([^/?#]*)(.*)$/i.exec(target)
+  if (m === null) return null
+  const authority = m[1] as string
+  const rest = m[2] as string
+  if (authority === '' || authority.includes('@')) return null
+  return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest }
+}
+
 /** Returns the normalised `path?query`, or null when the target is not a valid origin-form path. */
 export function normalisePath (target: string): string | null {
   if (target.charCodeAt(0) !== 47 /* / */ || target.includes('#')) return null

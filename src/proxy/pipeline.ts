@@ -42,7 +42,7 @@ import type { Duplex } from 'node:stream'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { RequestContext } from './context.js'
-import { normalisePath } from './path.js'
+import { absoluteForm, normalisePath } from './path.js'
 import { requestHead } from './headers.js'
 import { beginTrace, incomingTraceparent, type Tracing } from './trace.js'
 import { Exchange } from './forward.js'
@@ -119,7 +119,16 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   }
 
   // normalise
-  const path = normalisePath(ctx.path)
+  let target = ctx.path
+  // RFC 9112 §3.2.2: a server MUST accept the absolute-form; it is routed and forwarded in
+  // origin-form, and only when its authority is the Host the client sent (below): routes, kill
+  // switches and the app all read Host, and a disagreement is refused, never guessed.
+  let authority: string | null = null
+  if (target.charCodeAt(0) !== 47 /* / */) {
+    const absolute = absoluteForm(target)
+    if (absolute !== null) { authority = absolute.authority; target = absolute.target }
+  }
+  const path = normalisePath(target)
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
 
   // trace
@@ -147,6 +156,10 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   }
   if (head.host === '' && req.httpVersionMinor === 1 && !hasHost(req.rawHeaders)) {
     refuseUnforwardable(ctx, 'bad_request', 'an HTTP/1.1 request needs a Host header')
+    return
+  }
+  if (authority !== null && authority.toLowerCase() !== head.host.toLowerCase()) {
+    refuseUnforwardable(ctx, 'bad_request', `the target's authority (${authority}) is not the Host header (${head.host})`)
     return
   }
   if (unmetExpectation.has(req)) {
