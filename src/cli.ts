@@ -170,7 +170,15 @@ async function validate (path: string, json: boolean): Promise<number> {
   const { ConfigError } = await import('./config/load.js')
   const { loadCheckedConfig } = await import('./flags/check.js')
   try {
-    const { config, warnings } = await loadCheckedConfig(path)
+    const checked = await loadCheckedConfig(path)
+    const { config } = checked
+    const warnings = [...checked.warnings]
+    // What start checks with the environment it is given: said, not refused, since validate may
+    // run where the secrets are not (CI).
+    const { isLoopback } = await import('./control/token.js')
+    if (!isLoopback(config.listen.admin.host) && config.admin.tokenFile === null && (process.env.BREAKWATER_ADMIN_TOKEN ?? '').trim() === '') {
+      warnings.push(`listen.admin: ${config.listen.admin.host} is not a loopback address; start refuses it unless BREAKWATER_ADMIN_TOKEN (not set here) or admin.tokenFile gives a token`)
+    }
     if (json) {
       process.stdout.write(JSON.stringify({ valid: true, config: path, warnings }) + '\n')
     } else {

@@ -91,6 +91,18 @@ t.test('validate: a valid config exits 0 with a one-line summary', async (t) => 
   t.same(lines(result.stderr).map((l) => l.slice(0, 34)), ['warning: health.failOnOpenCircuit:'], 'only the warning, on stderr')
 })
 
+t.test('validate: an admin listener start would refuse without a token is a warning, and not with one', async (t) => {
+  const dir = tempDir(t)
+  const config = validConfig(dir) as { listen: Record<string, unknown> }
+  const path = write(dir, 'breakwater.yaml', { ...config, listen: { ...config.listen, admin: { host: '0.0.0.0', port: 0 } } })
+  const bare = await runCli(['validate', '--config', path], { env: cleanEnv })
+  t.equal(bare.code, 0, 'valid: the token may come from where it will run', { stderr: bare.stderr })
+  t.match(bare.stderr, /^warning: listen\.admin: 0\.0\.0\.0 is not a loopback address; start refuses it unless BREAKWATER_ADMIN_TOKEN/m)
+  const withToken = await runCli(['validate', '--config', path], { env: { ...cleanEnv, BREAKWATER_ADMIN_TOKEN: 'a-long-enough-token-for-tests' } })
+  t.equal(withToken.code, 0)
+  t.notMatch(withToken.stderr, /listen\.admin/, 'no warning with a token')
+})
+
 t.test('validate: an invalid config exits 1 with one line per problem, each naming its key path', async (t) => {
   const dir = tempDir(t)
   const path = write(dir, 'breakwater.yaml', invalidConfig(dir))
