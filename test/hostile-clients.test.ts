@@ -43,6 +43,8 @@ t.test('requests whose framing is ambiguous: 400, connection closed, upstream un
     ['conflicting Content-Lengths', 'POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd'],
     ['Content-Length with Transfer-Encoding', 'POST /te HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n'],
     ['HTTP/1.1 without Host', 'GET /nohost HTTP/1.1\r\n\r\n'],
+    ['a Host with a space', 'GET /host HTTP/1.1\r\nHost: a b\r\n\r\n'],
+    ['a Host with a slash or userinfo', 'GET /host HTTP/1.1\r\nHost: evil.example/x@a\r\n\r\n'],
     ['an Expect other than 100-continue', 'POST /expect HTTP/1.1\r\nHost: a\r\nExpect: foo\r\nContent-Length: 1\r\n\r\na']
   ]
   for (const [what, request] of cases) {
@@ -62,7 +64,7 @@ t.test('requests whose framing is ambiguous: 400, connection closed, upstream un
   t.equal(up.received.length, 0, 'the upstream saw nothing')
   t.equal(bw.sidecar.dataPlane.circuit('app')?.state, 'closed', 'the breaker stays closed')
   const samples = await scrape(bw.ops)
-  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 18, 'each counted as a client error')
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 24, 'each counted as a client error')
   t.equal((await send(bw.proxy, '/ok')).status, 200, 'a normal request still passes')
   t.match(await raw(bw.proxyPort, 'GET /old HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 /, 'HTTP/1.0 needs no Host')
   t.match(await raw(bw.proxyPort, 'GET /empty HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 200 /, 'an empty Host is a Host (RFC 9112 §3.2)')

@@ -64,6 +64,13 @@ function connectionListed (value: string, into: Set<string> | null): Set<string>
  * them back from undici's `upgrade` option, the one exception to hop-by-hop removal (SPEC §14).
  * @param newRequestId called only when the client sent no x-request-id
  */
+/**
+ * RFC 9110 §7.2, RFC 3986 §3.2.2: `uri-host [ ":" port ]` — a reg-name, an IPv4 address or a
+ * bracketed IP literal, in the characters those allow. Anything else (a space, a slash, an `@`)
+ * would reach the app as a host it was never meant to see.
+ */
+const HOST = /^[A-Za-z0-9._~%!$&'()*+,;=:[\]-]*$/
+
 export function requestHead (raw: readonly string[], remoteAddress: string, proto: string, newRequestId: () => string): RequestHead {
   let listed: Set<string> | null = null
   let upgradeWebSocket = false
@@ -100,6 +107,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
     switch (lower) {
       case 'host':
         if (++hosts > 1) invalid = 'more than one Host header'
+        else if (!HOST.test(value)) invalid = 'an invalid Host header'
         host = value
         headers.push(name, value)
         continue
