@@ -273,17 +273,21 @@ export abstract class RequestContext implements LaterLine {
     stats.record(this.status, seconds, this.source)
     // In the trigger windows: -1 not at all, 0 a request, 1 an error.
     let windowed = -1
-    const now = Date.now()
+    let headMs = this.headMs
     switch (this.cause) {
-      case 'ok': stats.outcome(now, false, this.headMs); windowed = 0; break
-      case 'upstream': stats.outcome(now, true, this.headMs); windowed = 1; break
+      case 'ok': windowed = 0; break
+      case 'upstream': windowed = 1; break
       case 'breakwater':
-        if (this.outage) { stats.outcome(now, true, -1); windowed = 1 } else if (this.fault === 'abort') { stats.outcome(now, this.status >= 500, this.headMs); windowed = this.status >= 500 ? 1 : 0 }
+        if (this.outage) { windowed = 1; headMs = -1 } else if (this.fault === 'abort') windowed = this.status >= 500 ? 1 : 0
         break
       // client: neither a request nor an error for the triggers
     }
-    const head = this.head
-    if (head !== null && head.synthetic !== '' && windowed !== -1 && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1)
+    if (windowed !== -1) {
+      const now = Date.now()
+      stats.outcome(now, windowed === 1, headMs)
+      const head = this.head
+      if (head !== null && head.synthetic !== '' && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1)
+    }
     const rate = dp.accessLogRate
     const logged = rate > 0 && (rate >= 1 || Math.random() < rate)
     if (this.spanExport === null && !logged) return
