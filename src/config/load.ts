@@ -49,9 +49,7 @@ export function resolveConfig (raw: unknown, options: ResolveOptions = {}): Load
   // is an error, not a 1.
   const input = convertStrings(expanded, Value.Convert(ConfigSchema, structuredClone(expanded)))
   const errors = [...Value.Errors(ConfigSchema, input)]
-  // A missing key is one problem, not also "must be a string" at the same path.
-  const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
-  for (const error of errors) if (!missing.has(error.path) || error.type === ValueErrorType.ObjectRequiredProperty) problems.push(...variantProblems(error) ?? [describe(error)])
+  for (const error of oneForMissing(errors)) problems.push(...variantProblems(error) ?? [describe(error)])
   problems.push(...durationProblems(ConfigSchema, input))
   problems.push(...dependencyProblems(ConfigSchema, input))
   const warnings: string[] = []
@@ -77,6 +75,12 @@ function keyPath (pointer: string): string {
   return out
 }
 
+/** A missing key is one problem, not also "must be a string" at the same path. */
+function oneForMissing (errors: ValueError[]): ValueError[] {
+  const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
+  return errors.filter((e) => !missing.has(e.path) || e.type === ValueErrorType.ObjectRequiredProperty)
+}
+
 /**
  * A mapping that matches no variant of a union told apart by `type` (`rollback: {type: git, …}`):
  * the problems of the variant its `type` names, each at its own key, rather than "must be one of
@@ -94,8 +98,7 @@ function variantProblems (error: ValueError): string[] | null {
   if (value.type === undefined) return [`${at}.type: is required (one of ${names})`]
   if (variant === undefined) return [`${at}.type: must be one of ${names} (got ${JSON.stringify(value.type)})`]
   const errors = [...Value.Errors(variant as TSchema, value)].map((e) => ({ ...e, path: `${error.path}${e.path}` }))
-  const missing = new Set(errors.filter((e) => e.type === ValueErrorType.ObjectRequiredProperty).map((e) => e.path))
-  const problems = errors.filter((e) => !missing.has(e.path) || e.type === ValueErrorType.ObjectRequiredProperty).map(describe)
+  const problems = oneForMissing(errors).map(describe)
   return problems.length > 0 ? problems : null
 }
 

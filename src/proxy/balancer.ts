@@ -101,11 +101,12 @@ export class Balancer {
     return best ?? all.find((e) => e !== avoid) ?? (all[0] as Endpoint)
   }
 
-  /** An attempt at `endpoint` ended with `cause`: `ok` clears its record, `upstream` counts, others say nothing. */
   /**
-   * `answeredAt`: when its answer began (`performance.now()`), for a response judged when it
-   * ended; an `ok` whose answer began before the endpoint's last ejection says nothing of it
-   * since, and must not end that ejection (a long download from an endpoint ejected meanwhile).
+   * An attempt at `endpoint` ended with `cause`: `ok` clears its record, `upstream` counts,
+   * others say nothing. `answeredAt`: when its answer began (`performance.now()`), for a
+   * response judged when it ended; an `ok` whose answer began before the endpoint's last
+   * ejection says nothing of it since, and must not end that ejection (a long download from an
+   * endpoint ejected meanwhile).
    */
   report (endpoint: Endpoint, cause: Cause, now: number, answeredAt = now): void {
     if (cause === 'client' || cause === 'breakwater') return

@@ -58,19 +58,19 @@ function connectionListed (value: string, into: Set<string> | null): Set<string>
 }
 
 /**
- * Copy the client's headers for the upstream, in one pass over `raw` (plus one to find
- * Connection when it lists extra names).
- * Upgrade and Connection are dropped here too; a WebSocket handshake (`isWebSocket`) gets
- * them back from undici's `upgrade` option, the one exception to hop-by-hop removal (SPEC §14).
- * @param newRequestId called only when the client sent no x-request-id
- */
-/**
  * RFC 9110 §7.2, RFC 3986 §3.2.2: `uri-host [ ":" port ]` — a reg-name, an IPv4 address or a
  * bracketed IP literal, in the characters those allow. Anything else (a space, a slash, an `@`)
  * would reach the app as a host it was never meant to see.
  */
 const HOST = /^[A-Za-z0-9._~%!$&'()*+,;=:[\]-]*$/
 
+/**
+ * Copy the client's headers for the upstream, in one pass over `raw` (plus one to find
+ * Connection when it lists extra names).
+ * Upgrade and Connection are dropped here too; a WebSocket handshake (`isWebSocket`) gets
+ * them back from undici's `upgrade` option, the one exception to hop-by-hop removal (SPEC §14).
+ * @param newRequestId called only when the client sent no x-request-id
+ */
 export function requestHead (raw: readonly string[], remoteAddress: string, proto: string, newRequestId: () => string): RequestHead {
   let listed: Set<string> | null = null
   let upgradeWebSocket = false
