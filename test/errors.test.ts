@@ -69,6 +69,24 @@ t.test('upstream slower than timeoutMs: 504 upstream_timeout, not before timeout
   t.ok(took >= 150, `not before the timeout (${Math.round(took)} ms); the upstream never answers, so only the timeout can end it`)
 })
 
+t.test('a sub-second timeoutMs ends the wait near its value, before a head that comes at 800 ms', async (t) => {
+  // undici's own headersTimeout ticks in half-seconds: a 150 ms timeout fired after about a
+  // second, so this 800 ms answer got through. The sweep checks it every 15 ms.
+  const up = await startUpstream((_req, res) => {
+    const timer = setTimeout(() => { res.writeHead(200, { 'content-type': 'text/plain' }); res.end('late') }, 800)
+    res.on('close', () => { clearTimeout(timer) })
+  })
+  t.teardown(up.close)
+  const { proxy } = await startTestSidecar(t, oneRoute(up.url, { timeoutMs: 150 }))
+  const started = performance.now()
+  const res = await send(proxy, '/slow')
+  const took = performance.now() - started
+  t.equal(res.status, 504, 'timed out, not the late 200')
+  t.equal(res.headers['x-breakwater-error'], 'upstream_timeout')
+  t.match(res.json<ErrorBody>().message, /150 ms/, 'the message names the route\'s timeout')
+  t.ok(took >= 140, `not before the timeout (${Math.round(took)} ms)`)
+})
+
 t.test('a slow upload longer than timeoutMs is not a timeout: the clock starts when the request is fully sent', async (t) => {
   const up = await startUpstream((req, res, body) => {
     res.writeHead(200, { 'content-type': 'text/plain' })

@@ -18,9 +18,17 @@ class Watched implements Silent {
   silencePrev: Silent | null = null
   silenceNext: Silent | null = null
   silentCalls = 0
-  constructor (readonly name: number, readonly silenceLimitMs: number, private readonly keepWatching = false) {}
+  headDueAt = 0
+  overdueCalls = 0
+  constructor (readonly name: number, readonly silenceLimitMs: number, private readonly keepWatching = false, readonly headLimitMs = 0) {}
   onSilent (): boolean {
     this.silentCalls++
+    return this.keepWatching
+  }
+
+  onHeadOverdue (): boolean {
+    this.overdueCalls++
+    this.headDueAt = 0
     return this.keepWatching
   }
 }
@@ -132,4 +140,46 @@ t.test('a loop that runs every pass late still cuts a silent client about on tim
   t.ok(cutAt !== -1, 'cut')
   t.ok(after >= 300, `no sooner than its limit after the first pass saw it (${after} ms)`)
   t.ok(after <= 300 + 100, `and within one pass after (${after} ms): a steady lag does not put it off`)
+})
+
+t.test('a response head not there by its deadline is told, once, judged at the time the pass was due', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const timed = new Watched(1, 60_000, false, 200) // a pass every 20 ms: a tenth of its timeoutMs
+  const answered = new Watched(2, 60_000, true, 200)
+  watch.watch(timed)
+  watch.watch(answered)
+  const t0 = performance.now()
+  timed.headDueAt = t0 + 200
+  answered.headDueAt = t0 + 200
+  watch.tick(t0 + 20)
+  watch.tick(t0 + 199)
+  t.equal(timed.overdueCalls, 0, 'not before its deadline')
+  answered.headDueAt = 0 // its head came
+  watch.tick(t0 + 219)
+  t.equal(timed.overdueCalls, 1, 'told at the first pass after its deadline')
+  t.equal(answered.overdueCalls, 0, 'one whose head came is not')
+  t.equal(watch.size, 1, 'and no longer watched once it says it is ended')
+  t.equal(timed.silentCalls, 0, 'its client was not called silent')
+  // The loop stalls: the pass due at +259 runs at +600; a head due at +265 that came during the
+  // stall is read at the next poll, so the late pass judges at +259 and leaves it.
+  answered.headDueAt = t0 + 265
+  watch.tick(t0 + 239)
+  watch.tick(t0 + 600)
+  t.equal(answered.overdueCalls, 0, 'a late pass does not time out a head due after the pass was')
+  watch.tick(t0 + 620)
+  t.equal(answered.overdueCalls, 1, 'the next pass, on time, does')
+})
+
+t.test("the sweep runs at a tenth of the shortest limit it watches, the head's or the client's", async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const w = new Watched(1, 60_000, true, 150)
+  watch.watch(w)
+  const every = (watch as unknown as { everyMs: number }).everyMs
+  t.equal(every, 15, 'timeoutMs 150 with idleTimeoutMs 60 s: a pass every 15 ms')
+  const none = new SilenceWatch()
+  t.teardown(() => { none.stop() })
+  none.watch(new Watched(2, 3000, true, 0))
+  t.equal((none as unknown as { everyMs: number }).everyMs, 300, 'no timeoutMs: the idle limit alone')
 })

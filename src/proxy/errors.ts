@@ -56,6 +56,8 @@ export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upst
 /** Failures of an upstream request that undici has no error for, in the same shape. */
 export const NO_ENDPOINT = Object.assign(new Error('no endpoint available'), { code: 'BREAKWATER_NO_ENDPOINT' })
 export const INVALID_RESPONSE = Object.assign(new Error('invalid response header'), { code: 'BREAKWATER_INVALID_RESPONSE' })
+/** The sweep's `timeoutMs` (silence.ts): what undici's own headers timeout would have said. */
+export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' })
 
 /** How an upstream request failed, in words for the 502/504 body ("connection refused"). */
 export function failureReason (err: unknown, timeoutMs: number): string {

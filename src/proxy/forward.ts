@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, type ErrorCode } from './errors.js'
+import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, HEAD_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -162,7 +162,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   requestSent = false
   private drainListening = false
   private timeoutListening = false
-  /** The silence sweep's notes (silence.ts). */
+  /** The sweep's notes (silence.ts). */
+  headDueAt = 0
   seenRead = -1
   seenWritten = -1
   quietSince = 0
@@ -219,6 +220,21 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
 
   get silenceLimitMs (): number {
     return this.route.config.idleTimeoutMs
+  }
+
+  get headLimitMs (): number {
+    return this.route.config.timeoutMs
+  }
+
+  /** No response head within the route's `timeoutMs` of the request fully sent (silence.ts). */
+  onHeadOverdue (): boolean {
+    this.headDueAt = 0
+    if (this.state !== WAITING || !this.requestSent) return true
+    // undici tells its handler (onError) at once, and ends the request's connection.
+    const abort = this.abortUpstream
+    if (abort !== null) abort(HEAD_TIMEOUT)
+    else this.failUpstream(HEAD_TIMEOUT)
+    return false
   }
 
   /** The client moved no byte either way for the route's `idleTimeoutMs` (silence.ts). */
@@ -331,10 +347,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
 
   onRequestSent (): void {
     this.requestSent = true
+    const limit = this.route.config.timeoutMs
+    if (limit > 0) this.headDueAt = performance.now() + limit
     this.release()
   }
 
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
+    this.headDueAt = 0
     if (this.state === DONE) return false
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
       this.upstream.balancer.report(this.endpoint as Endpoint, 'upstream', performance.now()) // this attempt failed
@@ -449,6 +468,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.state = WAITING
     this.abortUpstream = null
     this.requestSent = false
+    this.headDueAt = 0
     this.route.stats.retries++
     this.dispatch(failed, fresh)
   }

@@ -1,6 +1,6 @@
 /**
- * SPEC §14's `routes[].idleTimeoutMs` for every exchange in flight, kept by one sweep rather
- * than a timer per request.
+ * SPEC §14's `routes[].idleTimeoutMs` for every exchange in flight, and its `routes[].timeoutMs`
+ * (request fully sent → response head), kept by one sweep rather than a timer per request.
  *
  * A socket timer (`socket.setTimeout`) is exact, but a request pays for it several times over:
  * arming it, disarming it when the response ends, and moving it on every read and every write
@@ -18,6 +18,12 @@
  * the kernel until the loop polls again, so judged at the time it ran, a client that kept
  * sending would be blamed for the sidecar's own stall; the next pass, after the poll, sees
  * them. A stall does not put a silent client's cut off by more than the stall itself.
+ *
+ * The head's deadline is an instant (the exchange notes it when undici has sent the request:
+ * one clock read), checked on the same pass and judged the same way: a head that came during
+ * a stall of the sidecar's own is read before the next pass, not timed out. It fires at most
+ * one sweep interval late, a tenth of the route's `timeoutMs` (undici's own `headersTimeout`,
+ * left on behind it, ticks in half-seconds: a 200 ms timeout fired after a whole second).
  */
 import type { Socket } from 'node:net'
 
@@ -26,6 +32,12 @@ export interface Silent {
   readonly clientSocket: Socket
   /** This exchange's bound on silence (its route's `idleTimeoutMs`). */
   readonly silenceLimitMs: number
+  /** Its bound on the wait for the response head (its route's `timeoutMs`; 0: none). */
+  readonly headLimitMs: number
+  /** When the response head is due (`performance.now()`), 0 while none is awaited. */
+  headDueAt: number
+  /** The head is overdue: false once it is ended (no longer watched), true to go on watching. */
+  onHeadOverdue: () => boolean
   /** The sweep's notes: byte counts last seen (-1 before the first sweep) and since when. */
   seenRead: number
   seenWritten: number
@@ -41,7 +53,8 @@ const MIN_SWEEP_MS = 10
 const MAX_SWEEP_MS = 1000
 
 export class SilenceWatch {
-  private head: Silent | null = null
+  /** The first exchange of the list. */
+  private first: Silent | null = null
   private count = 0
   private timer: NodeJS.Timeout | null = null
   private everyMs = MAX_SWEEP_MS
@@ -56,13 +69,15 @@ export class SilenceWatch {
   watch (ex: Silent): void {
     ex.seenRead = -1
     ex.seenWritten = -1
-    const head = this.head
+    const first = this.first
     ex.silencePrev = null
-    ex.silenceNext = head
-    if (head !== null) head.silencePrev = ex
-    this.head = ex
+    ex.silenceNext = first
+    if (first !== null) first.silencePrev = ex
+    this.first = ex
     this.count++
-    const every = Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(ex.silenceLimitMs / 10)))
+    const headLimit = ex.headLimitMs
+    const limit = headLimit > 0 && headLimit < ex.silenceLimitMs ? headLimit : ex.silenceLimitMs
+    const every = Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(limit / 10)))
     if (this.timer !== null && every >= this.everyMs) return
     if (this.timer !== null) clearInterval(this.timer)
     this.everyMs = every
@@ -74,8 +89,8 @@ export class SilenceWatch {
   unwatch (ex: Silent): void {
     const prev = ex.silencePrev
     const next = ex.silenceNext
-    if (prev === null && this.head !== ex) return
-    if (prev === null) this.head = next
+    if (prev === null && this.first !== ex) return
+    if (prev === null) this.first = next
     else prev.silenceNext = next
     if (next !== null) next.silencePrev = prev
     ex.silencePrev = null
@@ -90,12 +105,21 @@ export class SilenceWatch {
     this.sweep(now, Math.min(now, due))
   }
 
-  /** One pass at `now`: note who moved a byte, tell who had been silent too long at `judgedAt`. */
+  /**
+   * One pass at `now`: tell whose head was overdue at `judgedAt`, note who moved a byte, tell who
+   * had been silent too long at `judgedAt`.
+   */
   sweep (now: number, judgedAt = now): void {
-    if (this.head === null) { this.stop(); return }
-    let ex: Silent | null = this.head
+    if (this.first === null) { this.stop(); return }
+    let ex: Silent | null = this.first
     while (ex !== null) {
       const after: Silent | null = ex.silenceNext
+      const due = ex.headDueAt
+      if (due !== 0 && judgedAt >= due && !ex.onHeadOverdue()) {
+        this.unwatch(ex)
+        ex = after
+        continue
+      }
       const socket = ex.clientSocket
       const read = socket.bytesRead
       const written = socket.bytesWritten
