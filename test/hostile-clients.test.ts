@@ -131,3 +131,36 @@ t.test('a request pipelined after Connection: close is ignored; the first gets t
   t.equal(client.received.match(/HTTP\/1\.1 /g)?.length, 1, 'one response only')
   t.same(up.received.map((r) => r.url), ['/order'], 'the upstream ran the first request only')
 })
+
+t.test('a request pipelined behind an answer that ends the connection never reaches the upstream', async (t) => {
+  // An HTTP/1.0 client asks for keep-alive, but the answer has no length: it can only be
+  // delimited by closing the connection, so the POST after it on the wire is not a request.
+  const up = await startUpstream((req, res) => {
+    if (req.url === '/stream') { res.writeHead(200, { 'content-type': 'text/plain' }); res.write('part one, '); setTimeout(() => { res.end('part two') }, 50); return }
+    echo(req, res, Buffer.alloc(0))
+  })
+  t.teardown(up.close)
+  const bw = await startTestSidecar(t, oneRoute(up.url))
+  const client = await WireClient.connect(bw.proxyPort)
+  t.teardown(() => client.destroy())
+  client.write('GET /stream HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n' +
+    'POST /order HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello')
+  await client.until((c) => c.closed, 5000, 'the connection to close')
+  t.match(client.received, /^HTTP\/1\.1 200 OK\r\n/, 'the first request is answered')
+  t.match(client.received, /part one, part two$/, 'in full, delimited by the close')
+  t.equal(client.received.match(/HTTP\/1\.1 /g)?.length, 1, 'one response only')
+  t.same(up.received.map((r) => r.url), ['/stream'], 'the POST never ran on the upstream')
+})
+
+t.test('pipelined requests on a living connection are still answered, in order', async (t) => {
+  const up = await startUpstream(delay(30, echo))
+  t.teardown(up.close)
+  const bw = await startTestSidecar(t, oneRoute(up.url))
+  const client = await WireClient.connect(bw.proxyPort)
+  t.teardown(() => client.destroy())
+  client.write('GET /one HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n')
+  await client.until((c) => c.closed, 5000, 'the connection to close')
+  const urls = [...client.received.matchAll(/"url":"([^"]+)"/g)].map((m) => m[1])
+  t.same(urls, ['/one', '/two', '/three'], 'three answers, in the order asked')
+  t.same(up.received.map((r) => r.url), ['/one', '/two', '/three'], 'the upstream ran each once, one after the other')
+})
