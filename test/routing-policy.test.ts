@@ -190,3 +190,30 @@ t.test('validate: routing footguns are named by key', async (t) => {
     'a route split by method behind a kill switch is pointed out; the catch-all is not')
   t.same(warned(readmeRoutes('http://127.0.0.1:1')).filter((w) => w.startsWith('routes')), [], 'the README example is clean')
 })
+
+t.test("a host-matched kill switch covers the host's fully qualified spelling (a final dot)", async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'pay', match: { pathPrefix: '/pay', host: 'pay.local' }, upstream: 'app', killSwitch: 'enablePay' },
+      { name: 'dotted', match: { pathPrefix: '/', host: 'shop.local.:8080' }, upstream: 'app', killSwitch: 'enableShop' },
+      { match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { enablePay: false, enableShop: false }
+  })
+  for (const host of ['pay.local', 'PAY.LOCAL', 'pay.local:8080', 'pay.local.', 'Pay.Local.:8080']) {
+    const res = await ask(proxyPort, 'GET', '/pay', host)
+    t.equal(res.headers['x-breakwater-error'], 'feature_disabled', `Host ${host}: refused by the kill switch`)
+  }
+  for (const host of ['shop.local:8080', 'shop.local.:8080']) {
+    const res = await ask(proxyPort, 'GET', '/', host)
+    t.equal(res.headers['x-breakwater-error'], 'feature_disabled', `Host ${host} against a route written with the dot and a port: refused`)
+  }
+  for (const host of ['pay.local..', 'xpay.local', 'shop.local:9090']) {
+    const res = await ask(proxyPort, 'GET', '/pay', host)
+    t.equal(res.status, 200, `Host ${host} is another host: the catch-all`)
+  }
+  t.same(up.received.map((r) => r.headers.host), ['pay.local..', 'xpay.local', 'shop.local:9090'], 'only those reached the app')
+})

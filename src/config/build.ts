@@ -191,7 +191,7 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, 
       pathPrefix: m.pathPrefix ?? null,
       path: m.path ?? null,
       methods: m.methods === undefined ? null : m.methods.map((method) => method.toUpperCase()),
-      host: m.host?.toLowerCase() ?? null,
+      host: m.host === undefined ? null : m.host.toLowerCase().replace(/\.(?=$|:\d+$)/, ''), // as hostMatches compares it
       headers: m.headers === undefined ? null : Object.entries(m.headers).map(([k, v]) => [k.toLowerCase(), v] as const),
       strict: m.strict
     },

@@ -130,6 +130,10 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
         headers.push(name, value)
         continue
       case 'transfer-encoding':
+        // Breakwater frames the body again for the upstream, and can say only `chunked`: a
+        // coding before it (`gzip, chunked`) would reach the app as if the coded bytes were the
+        // body. Refused rather than guessed (RFC 9112 §6.1); Node takes such a request.
+        if (chunked || (value.length === 7 ? value.toLowerCase() : value.trim().toLowerCase()) !== 'chunked') invalid = 'a Transfer-Encoding other than chunked'
         hasBody = true
         chunked = true
         continue

@@ -100,12 +100,25 @@ export class Route {
   }
 }
 
+/**
+ * A route's host (lower case, without a final dot) against the request's Host: ASCII case
+ * aside, the port aside unless the route names one, and a final dot aside. `pay.local.` is
+ * the fully qualified spelling of `pay.local`, which DNS and the app take as the same name: a
+ * route (and its kill switch) cannot be missed by it.
+ */
 function hostMatches (want: string, host: string): boolean {
   const h = host.toLowerCase()
   if (h === want) return true
-  // Compare without the port unless the configured host names one.
   const colon = h.lastIndexOf(':')
-  return colon > 0 && h.indexOf(']') < colon && h.slice(0, colon) === want
+  if (colon > 0 && h.indexOf(']') < colon) {
+    const name = withoutFinalDot(h.slice(0, colon))
+    return name === want || name + h.slice(colon) === want
+  }
+  return withoutFinalDot(h) === want
+}
+
+function withoutFinalDot (name: string): string {
+  return name.length > 1 && name.charCodeAt(name.length - 1) === 46 /* . */ ? name.slice(0, -1) : name
 }
 
 export class RouteTable {
