@@ -317,6 +317,29 @@ t.test('synthetics alone never restore: with no real traffic the incident ends u
   t.equal(await metricValue(s.ops, 'breakwater_time_to_restore_seconds_count'), 0)
 })
 
+t.test("two incidents at once: neither counts the other's probes as real traffic", async (t) => {
+  // Both verify at the same time, on routes both cover: each incident's probes were subtracted
+  // from its own figures only, so each read the other's as real users and was "restored".
+  const { hook, s } = await fixture(t, {
+    synthetics: [{ path: '/catalog/probe' }],
+    timeoutMs: '3s'
+  }, { featureFlags: { newCheckout: true, unrelated: true, other: true } })
+  await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'first' })
+  await admin(s.admin, 'PUT', '/v1/flags/other', { enabled: false, reason: 'second' })
+  let both: any[] = []
+  await eventually(async () => {
+    both = (await incidents(s)).slice(0, 2)
+    return both.length === 2 && both.every((i) => i.status !== 'verifying' && i.status !== 'detected')
+  }, 15_000, 100)
+  t.equal(both.length, 2, 'two incidents')
+  for (const i of both) {
+    t.equal(i.status, 'unverified', `${String(i.id)}: unverified, not restored (checks ${JSON.stringify(i.checks)})`)
+    t.equal(i.checks.requests, 0, `${String(i.id)}: no real traffic`)
+    t.ok(i.checks.syntheticRequests >= 2, `${String(i.id)}: the probes were counted as probes (${String(i.checks.syntheticRequests)})`)
+  }
+  t.equal(events(hook, 'restoration_verified').length, 0, 'never "restoration verified"')
+})
+
 t.test('a client cannot pass its requests off as synthetic: a forged marker still counts as real traffic', async (t) => {
   const { app, s, load } = await fixture(t, {
     synthetics: [{ route: 'catalog', path: '/catalog/probe' }],

@@ -165,8 +165,12 @@ export class Verifier {
   ttrSum = 0
   ttrCount = 0
   private readonly running = new Map<string, Running>()
-  /** Each running incident's probes that the windows counted (`probeEnded`), until it ends. */
-  private readonly probes = new Map<string, Probe[]>()
+  /**
+   * Every probe the windows counted (`probeEnded`), whichever incident sent it: no incident's
+   * figures count another's probes as real traffic. Kept until no window read and no impact
+   * count can reach its second (`forgetProbes`).
+   */
+  private probes: Probe[] = []
   private readonly escalations = new Deadlines()
   /** Escalations of incidents led here before a restart, posted again once the fleet says this sidecar still leads (`rejoined`). */
   private readonly heldBack = new Set<string>()
@@ -344,23 +348,22 @@ export class Verifier {
    * second the window holds it.
    */
   probeEnded (incident: string, route: string, atMs: number, error: boolean): void {
-    if (this.running.has(incident)) this.probesOf(incident).push({ second: Math.floor(atMs / 1000), route, error })
+    if (this.incidents.some((i) => i.id === incident)) this.probes.push({ second: Math.floor(atMs / 1000), route, error })
   }
 
   /**
-   * The probes of an incident the windows may still hold, kept by incident rather than by its
-   * verification run: a run that starts over (another mitigation) keeps them, and a check still
-   * in flight on the run it replaced sees the same ones.
+   * Forget the probes no figure can count any more: older than the verification window, and
+   * than every open incident's impact counted so far (it counts whole seconds, behind).
    */
-  private probesOf (incident: string): Probe[] {
-    let probes = this.probes.get(incident)
-    if (probes === undefined) this.probes.set(incident, probes = [])
-    return probes
+  private forgetProbes (now: number): void {
+    let keepFrom = Math.floor((now - this.deps.config().verification.windowMs) / 1000)
+    for (const i of this.incidents) if (OPEN.has(i.status) && i.impact.countedUntil < keepFrom) keepFrom = i.impact.countedUntil
+    if (this.probes.length > 0 && (this.probes[0] as Probe).second < keepFrom) this.probes = this.probes.filter((p) => p.second >= keepFrom)
   }
 
   /** Count an incident's impact up to the last whole second before `now`. */
   private count (incident: Incident, now: number): void {
-    const probes = this.probes.get(incident.id) ?? []
+    const probes = this.probes
     const scope = this.routesInScope(incident.scope)
     // Only probes on the incident's routes are in the figures to subtract them from.
     const of = (second: number): Probes => {
@@ -453,7 +456,6 @@ export class Verifier {
       this.running.delete(incident.id)
       this.escalations.disarm(incident.id)
       this.count(incident, Date.now())
-      this.probes.delete(incident.id)
       incident.status = 'restored'
       incident.restoredAt = news.restoredAt
       incident.endedAt = news.restoredAt
@@ -682,16 +684,13 @@ export class Verifier {
     // The verifier's own probes are not real traffic. (Their latencies stay in the histogram:
     // a probe is one request among the window's, and bins cannot be told apart.)
     let synthetic = 0
-    const probes = this.probesOf(run.incident.id)
-    for (const p of probes) {
+    for (const p of this.probes) {
       if (p.second < from || p.second >= to || !routes.has(p.route)) continue
       synthetic++
       sums.requests--
       if (p.error) sums.errors--
     }
-    // Forget only probes this window is past and the impact has counted (it counts whole seconds).
-    const keepFrom = Math.min(from, run.incident.impact.countedUntil)
-    this.probes.set(run.incident.id, probes.filter((p) => p.second >= keepFrom))
+    this.forgetProbes(now)
     sums.requests = Math.max(0, sums.requests)
     sums.errors = Math.min(Math.max(0, sums.errors), sums.requests)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
@@ -710,7 +709,6 @@ export class Verifier {
     const now = Date.now()
     this.count(incident, now)
     this.running.delete(incident.id)
-    this.probes.delete(incident.id)
     this.escalations.disarm(incident.id)
     incident.status = 'restored'
     incident.restoredAt = new Date(now).toISOString()
@@ -733,7 +731,6 @@ export class Verifier {
     const { incident } = run
     this.count(incident, Date.now())
     this.running.delete(incident.id)
-    this.probes.delete(incident.id)
     incident.endedAt = new Date().toISOString()
     const seconds = this.deps.config().verification.timeoutMs / 1000
     const what = cleared(incident) ? 'the signal clearing' : `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
