@@ -148,6 +148,23 @@ t.test('a frozen member (the watch stalls): detected, proxying goes on, and the 
   t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1))
 })
 
+t.test('a fleet write just after etcd stalls is answered 503 after one attempt, not after seconds of retries', async (t) => {
+  // Operators never wait (SPEC §15): the sidecar still counts itself connected (the stall is
+  // not noticed yet), so the write is tried: once per member, not retried for 4 s.
+  const { etcd, fleet } = await startConnectedFleet(t, {}, 1)
+  const [s0] = fleet
+  etcd.pause(0)
+  t.teardown(() => { etcd.resume(0) })
+  const refused = await admin(s0.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'x', scope: 'fleet' })
+  t.equal(refused.status, 503)
+  t.equal(refused.body.error, 'fleet_unavailable')
+  t.match(refused.body.message, /\(no answer within 1000 ms\)/, 'one attempt of 1 s, said as such')
+  const local = await admin(s0.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'local still works' })
+  t.equal(local.status, 200, 'the local action works meanwhile')
+  etcd.resume(0)
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1), 'connected again once it thaws')
+})
+
 t.test('a watch that stops delivering while etcd answers: the probe applies what it missed and restarts the watch', async (t) => {
   const { etcd, fleet } = await startConnectedFleet(t)
   // The watch streams stay open but deliver nothing more (as a stuck stream would). The

@@ -48,7 +48,12 @@ export interface TxnResult {
 
 /** What etcd (or the way to it) said no with. */
 export class EtcdError extends Error {
-  constructor (message: string, readonly recoverable: boolean, readonly code: number | null = null) {
+  /**
+   * `answered`: a member said so (electing, too busy); `silent`: a member took the connection
+   * and said nothing within the attempt's time (frozen, or holding the call through an
+   * election). Neither: a member that could not be reached at all.
+   */
+  constructor (message: string, readonly recoverable: boolean, readonly code: number | null = null, readonly answered = false, readonly silent = false) {
     super(message)
     this.name = 'EtcdError'
   }
@@ -231,7 +236,7 @@ export class Etcd {
       if (parsed.error !== undefined) throw classify(parsed.error.message ?? 'unknown error', parsed.error.grpc_code ?? null)
       return parsed
     } catch (err) {
-      const e = asEtcdError(err)
+      const e = asEtcdError(err, this.options.attemptMs)
       // A token etcd no longer knows (it restarted, or the token expired): sign in again, once.
       if (again && e.code === UNAUTHENTICATED && this.options.username !== null) {
         this.token = null
@@ -349,7 +354,7 @@ export class Lease {
 }
 
 function classify (message: string, code: number | null): EtcdError {
-  return new EtcdError(message, code === UNAVAILABLE || code === DEADLINE_EXCEEDED || TRANSIENT.test(message), code)
+  return new EtcdError(message, code === UNAVAILABLE || code === DEADLINE_EXCEEDED || TRANSIENT.test(message), code, true)
 }
 
 /** The gateway's error answer: `{error, code, message}` with the gRPC code. */
@@ -361,16 +366,19 @@ async function errorOf (res: Dispatcher.ResponseData): Promise<EtcdError> {
   const message = parsed.message ?? parsed.error ?? (text.trim() !== '' ? `HTTP ${res.statusCode}: ${text.trim().slice(0, 200)}` : `HTTP ${res.statusCode}`)
   const err = classify(message, parsed.code ?? null)
   // 503 and the like are a member that cannot answer now, whatever it says.
-  return res.statusCode >= 500 && !err.recoverable && parsed.code === undefined ? new EtcdError(message, true, null) : err
+  return res.statusCode >= 500 && !err.recoverable && parsed.code === undefined ? new EtcdError(message, true, null, true) : err
 }
 
 /** A failure on the way to etcd (refused, reset, timed out, TLS) is worth another member; one etcd gave stays as it is. */
-function asEtcdError (err: unknown): EtcdError {
+/** `attemptMs`: the attempt's time limit, named when it ran out. */
+function asEtcdError (err: unknown, attemptMs?: number): EtcdError {
   if (err instanceof EtcdError) return err
   const e = err as Error & { code?: string, cause?: Error }
   const tls = typeof e.code === 'string' && /CERT|SSL|TLS|SELF_SIGNED|UNABLE_TO/.test(e.code)
-  const message = e.name === 'TimeoutError' || e.name === 'AbortError' ? (e.message !== '' ? e.message : 'no answer in time') : (e.message ?? String(err))
-  return new EtcdError(message, !tls)
+  const message = e.name === 'TimeoutError' && attemptMs !== undefined
+    ? `no answer within ${attemptMs} ms`
+    : e.name === 'TimeoutError' || e.name === 'AbortError' ? (e.message !== '' ? e.message : 'no answer in time') : (e.message ?? String(err))
+  return new EtcdError(message, !tls, null, false, e.name === 'TimeoutError')
 }
 
 function b64 (s: string): string {

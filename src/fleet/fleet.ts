@@ -124,10 +124,22 @@ export class Fleet implements FleetWriter {
 
   // ---- writes ----
 
+  /**
+   * An operator's fleet override. Operators never wait (SPEC §15): it is tried again only while
+   * the cluster may be electing (a lost member, a new leader: a second or two), that is while
+   * a member answers so, or, with more than one member, holds the call without an answer.
+   * Members that refuse the connection are never waited for, nor is a lone member that does not
+   * answer: the operator hears 503 at once, or after one attempt, with the local action theirs.
+   */
   async write (kind: Kind, name: string, entry: FleetEntry): Promise<void> {
     if (!this.connected) throw unavailable('etcd is unreachable')
     try {
-      await this.call(async () => await this.client.put(this.key(kind, name), JSON.stringify(entry)))
+      const cluster = this.config.etcd.endpoints.length > 1
+      const electing = (err: Error): boolean => {
+        const e = err as { answered?: boolean, silent?: boolean }
+        return this.recoverable(err) && (e.answered === true || (cluster && e.silent === true))
+      }
+      await this.call(async () => await this.client.put(this.key(kind, name), JSON.stringify(entry)), electing)
     } catch (err) {
       throw unavailable((err as Error).message)
     }
@@ -206,7 +218,7 @@ export class Fleet implements FleetWriter {
    * recoverable: a member just lost, or an election after the leader went, lasts a second
    * or two, and the client's own three quick attempts can all land inside it.
    */
-  private async call<T> (op: () => Promise<T>): Promise<T> {
+  private async call<T> (op: () => Promise<T>, again: (err: Error) => boolean = this.recoverable): Promise<T> {
     const deadline = Date.now() + CALL_TIMEOUT_MS
     for (let pause = 100; ; pause = Math.min(pause * 2, 800)) {
       const left = deadline - Date.now()
@@ -214,7 +226,7 @@ export class Fleet implements FleetWriter {
         return await withTimeout(op(), Math.max(left, 1))
       } catch (err) {
         const after = deadline - Date.now()
-        if (!(err instanceof Error) || !this.recoverable(err) || after <= pause) throw err
+        if (!(err instanceof Error) || !again(err) || after <= pause) throw err
         await new Promise((resolve) => setTimeout(resolve, pause))
       }
     }
