@@ -93,3 +93,15 @@ t.test('flagProvider: an unknown module or export is a validate error naming the
   }))
   t.equal(flagd.code, 0, flagd.problems.join('\n'))
 })
+
+t.test('validate fails on a kill switch whose variants in the flag file are strings, not booleans', async (t) => {
+  // `"off": "false"` is a string: flagd would resolve it, Breakwater reads booleans only, and the
+  // route's kill switch would silently stay on whatever the file says.
+  const file = JSON.stringify({ flags: { enableNewCheckout: { state: 'ENABLED', variants: { on: 'true', off: 'false' }, defaultVariant: 'off' }, theme: { state: 'ENABLED', variants: { dark: 'dark', light: 'light' }, defaultVariant: 'dark' } } })
+  const path = setUp(t, { flagSource: { type: 'flagd-file', path: './flags.json' } }, { 'flags.json': file })
+  const r = await validate(path)
+  t.equal(r.code, 1)
+  t.equal(r.problems.length, 1, r.problems.join('\n'))
+  t.match(r.problems[0], /^flagSource\.path: \S+flags\.json is not a valid flag file: flags\.enableNewCheckout\.variants: must be true and false \(booleans, not strings\)/)
+  t.notMatch(r.problems[0], /theme/, "a string flag the config does not use is someone else's")
+})

@@ -95,9 +95,16 @@ t.test('flag file: precedence over featureFlags, an in-place rewrite applies, br
   const metrics = await (await fetch(`${ops}/metrics`)).text()
   t.match(metrics, /breakwater_flag_source_errors_total\{source="file"\} 2/)
 
+  // A kill switch whose variants are strings would never switch off: the file is refused.
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: false } }))
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 15_000), 'killed by the file')
+  writeFileSync(path, JSON.stringify({ flags: { enableNewCheckout: { state: 'ENABLED', variants: { on: 'true', off: 'false' }, defaultVariant: 'on' } } }))
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.level === 'error' && /enableNewCheckout\.variants: must be true and false/.test(String(l.error))), 2000), 'the string variants are named in an error line')
+  t.equal((await send(proxy, '/checkout')).status, 503, 'the last good flags stay: still killed')
+  t.match(await (await fetch(`${ops}/metrics`)).text(), /breakwater_flag_source_errors_total\{source="file"\} 3/, 'and counted')
+
   writeFileSync(path, flagFile({ somethingElse: { on: false } }))
-  await sleep(600)
-  t.equal((await send(proxy, '/checkout')).status, 200, 'a key dropped from the file falls back to featureFlags (true)')
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, 15_000), 'a key dropped from the file falls back to featureFlags (true)')
 })
 
 t.test('flag file: the Kubernetes ConfigMap symlink swap is picked up', async (t) => {

@@ -10,7 +10,9 @@
  *   switch a feature off; `defaultVariant: "off"` does (`validate` warns about it);
  * - an ENABLED flag with `targeting` is evaluated per request by flagd-core itself (the flag
  *   source compiles `text` when a file has such a flag); every other flag is a snapshot read;
- * - flags whose variants are not booleans are someone else's and are ignored.
+ * - flags whose variants are not booleans are someone else's and are ignored — unless the
+ *   config uses them (a kill switch, a fault or trigger flag): then the file is refused, since
+ *   `"off": "false"` (a string) would never switch anything off (`notBoolean`).
  */
 import { readFileSync } from 'node:fs'
 
@@ -21,6 +23,8 @@ export interface FileFlags {
   disabled: Set<string>
   /** ENABLED flags with targeting rules: their value depends on the request. */
   targeted: Set<string>
+  /** Flags whose variants are not all booleans (not read as flags of Breakwater's). */
+  notBoolean: Set<string>
   /** The file's text, which flagd-core compiles when `targeted` is not empty. */
   text: string
 }
@@ -41,7 +45,7 @@ export function parseFlagFile (text: string): FileFlags {
   if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) throw new Error('must be a JSON object')
   const flags = (doc as { flags?: unknown }).flags
   if (flags === null || typeof flags !== 'object' || Array.isArray(flags)) throw new Error('flags: must be an object')
-  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set(), text }
+  const out: FileFlags = { values: new Map(), disabled: new Set(), targeted: new Set(), notBoolean: new Set(), text }
   for (const [key, def] of Object.entries(flags as Record<string, unknown>)) {
     if (def === null || typeof def !== 'object') throw new Error(`flags.${key}: must be an object`)
     const { state, variants, defaultVariant, targeting } = def as Record<string, unknown>
@@ -50,7 +54,7 @@ export function parseFlagFile (text: string): FileFlags {
       throw new Error(`flags.${key}.variants: must be a non-empty object`)
     }
     const values = Object.values(variants as Record<string, unknown>)
-    if (!values.every((v) => typeof v === 'boolean')) continue // not a boolean flag: not ours
+    if (!values.every((v) => typeof v === 'boolean')) { out.notBoolean.add(key); continue } // not a boolean flag
     if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !(defaultVariant in (variants as object)))) {
       throw new Error(`flags.${key}.defaultVariant: must name one of its variants`)
     }
@@ -81,4 +85,15 @@ export function readFlagFileSync (path: string): FlagFileRead {
   } catch (err) {
     return { kind: 'invalid', error: (err as Error).message }
   }
+}
+
+/**
+ * The problem with a file that gives a flag the config uses (`used`) variants that are not
+ * booleans, or null: such a flag would silently resolve to its code default, and a kill switch
+ * turned "off" in it would never switch anything off.
+ */
+export function notBooleanProblem (flags: FileFlags, used: Iterable<string>): string | null {
+  const bad = [...used].filter((key) => flags.notBoolean.has(key))
+  if (bad.length === 0) return null
+  return `${bad.map((k) => `flags.${k}.variants`).join(', ')}: must be true and false (booleans, not strings): ${bad.length === 1 ? 'this flag is' : 'these flags are'} used by the config (a kill switch, a fault or trigger flag) and would never switch anything off`
 }
