@@ -66,9 +66,24 @@ export interface PipelineOptions {
   tracing: Tracing
 }
 
-/** The `request` listener of a proxy server. */
+/**
+ * The `request` listener of a proxy server.
+ *
+ * A request pipelined behind one still being answered on the same connection (Node parses and
+ * hands over both at once, and queues the second's response without a socket) waits for its
+ * turn: that response may end the connection (`Connection: close` while draining, an HTTP/1.0
+ * answer without a length), and what follows it on the wire is then not a request (RFC 9112
+ * §9.6). Forwarded at once, it would run on the app while its answer had nowhere to go, and a
+ * client that sends it again would run a POST twice. Node gives the response its socket when
+ * the one before has ended and the connection lives on; if it does not live on, the request
+ * is never started (nothing forwarded, nothing counted).
+ */
 export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => void {
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
+    if (res.socket === null) {
+      res.once('socket', () => { run(new Exchange(dp, req, res), options) })
+      return
+    }
     run(new Exchange(dp, req, res), options)
   }
 }
