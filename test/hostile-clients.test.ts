@@ -167,3 +167,23 @@ t.test('pipelined requests on a living connection are still answered, in order',
   t.same(urls, ['/one', '/two', '/three'], 'three answers, in the order asked')
   t.same(up.received.map((r) => r.url), ['/one', '/two', '/three'], 'the upstream ran each once, one after the other')
 })
+
+t.test('Expect: 100-continue to a refused request: the refusal comes without 100 Continue, the body is never invited', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const bw = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/killed' }, upstream: 'app', killSwitch: 'feature' }],
+    featureFlags: { feature: false }
+  })
+  for (const [path, code] of [['/killed', 'feature_disabled'], ['/nowhere', 'no_route']]) {
+    const client = await WireClient.connect(bw.proxyPort)
+    t.teardown(() => client.destroy())
+    client.write(`POST ${path} HTTP/1.1\r\nHost: shop\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n`)
+    const res = await client.response()
+    t.equal(res.headers['x-breakwater-error'], code, `${path}: refused with ${code}`)
+    t.notMatch(client.received, /100 Continue/, `${path}: no 100 Continue before the refusal`)
+    await client.until((c) => c.closed, 5000, 'the connection to close')
+  }
+  t.equal(up.received.length, 0, 'the upstream saw nothing')
+})

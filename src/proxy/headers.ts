@@ -33,6 +33,8 @@ export interface RequestHead {
   traceparent: string
   /** Where its value sits in `headers` (one copy forwarded; the trace stage may replace it), or -1. */
   traceparentAt: number
+  /** It carries `Expect` (never forwarded; see `awaitingContinue` in the pipeline). */
+  expects: boolean
 }
 
 /** Hop-by-hop names, lower case (RFC 9110 §7.6.1 plus the legacy Keep-Alive and Proxy-Connection). */
@@ -100,6 +102,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   let traceparentAt = -1
   let synthetic = ''
   let probeKey = ''
+  let expects = false
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i] as string
     const value = raw[i + 1] as string
@@ -138,8 +141,9 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
         chunked = true
         continue
       case 'expect':
-        // Node answered `100 Continue` when it read the head (the body will follow), so the
-        // expectation is met here, as Envoy does by default; undici cannot send it on anyway.
+        // Met here, as Envoy does by default (undici cannot send it on): `100 Continue` once
+        // the request is to be forwarded (the pipeline's `awaitingContinue`).
+        expects = true
         continue
       case 'x-breakwater-synthetic':
         synthetic = value
@@ -170,7 +174,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   )
   if (host !== '') headers.push('x-forwarded-host', host)
   const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
-  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt }
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt, expects }
 }
 
 /**

@@ -43,7 +43,7 @@ import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { absoluteForm, normalisePath } from './path.js'
-import { requestHead } from './headers.js'
+import { requestHead, type RequestHead } from './headers.js'
 import { beginTrace, incomingTraceparent, type Tracing } from './trace.js'
 import { Exchange } from './forward.js'
 import { Tunnel } from './upgrade.js'
@@ -112,6 +112,13 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
 
 /** Requests whose `Expect` is not 100-continue (Node's 'checkExpectation'): refused as unforwardable. */
 export const unmetExpectation = new WeakSet<IncomingMessage>()
+
+/**
+ * HTTP/1.1 requests with `Expect: 100-continue` (Node's 'checkContinue'): told `100 Continue`
+ * only once they pass the stages that refuse without reading a body (no route, kill switch,
+ * rate limit, fault). A refusal is the final answer, never an invitation to send the body.
+ */
+export const awaitingContinue = new WeakSet<IncomingMessage>()
 
 /** Whether a raw header list has a Host field (an empty one counts: RFC 9112 §3.2). */
 function hasHost (raw: readonly string[]): boolean {
@@ -237,6 +244,7 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
 /** The body, failover and circuit breaker (bulkhead) stages, then forward. */
 function guardAndForward (ctx: RequestContext): void {
   if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
+  if ((ctx.head as RequestHead).expects && ctx instanceof Exchange && awaitingContinue.delete(ctx.req)) ctx.res.writeContinue()
   // body: a small one is read whole first (forward.ts), then this stage runs again
   if (ctx instanceof Exchange && ctx.readBodyFirst(guardAndForward)) return
   const route = ctx.route as Route

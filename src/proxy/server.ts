@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream'
 import type { Listener, ProxyListenerConfig } from '../config/types.js'
 import type { DataPlane } from './dataplane.js'
 import type { Tracing } from './trace.js'
-import { createPipeline, createBarePipeline, handleUpgrade, unmetExpectation, type PipelineOptions } from './pipeline.js'
+import { createPipeline, createBarePipeline, handleUpgrade, unmetExpectation, awaitingContinue, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
 import { CertificateWatcher, listenerTlsOptions, type ListenerTlsStats } from './tls.js'
 
@@ -122,6 +122,11 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   if (!bare) {
     server.on('checkExpectation', (req: http.IncomingMessage, res: http.ServerResponse) => {
       unmetExpectation.add(req)
+      onRequest(req, res)
+    })
+    // `100 Continue` is the pipeline's to send, once the request will be forwarded.
+    server.on('checkContinue', (req: http.IncomingMessage, res: http.ServerResponse) => {
+      awaitingContinue.add(req)
       onRequest(req, res)
     })
   }
