@@ -5,7 +5,7 @@
  */
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { runGitRollback, redactCredentials, type GitRollbackConfig, type GitRollbackRequest } from '../src/control/git-rollback.js'
@@ -298,6 +298,31 @@ t.test('a remote that never answers is cut at the deadline', async (t) => {
   const result = await runGitRollback(cfg(`http://127.0.0.1:${port}/deploy.git`, { timeoutMs: 1500 }), REQ, join(r.dir, 'state'))
   t.equal(result.ok, false)
   t.match(result.error, /timed out/)
+})
+
+t.test('a git command that exits while a process it started holds its output does not hold the rollback', async (t) => {
+  const r = await remote(t)
+  // A post-commit hook that leaves a process behind with git's stderr (as an ssh control
+  // master or a credential daemon may): it would write the marker when it ends.
+  const hooks = join(r.dir, 'hooks')
+  mkdirSync(hooks)
+  const marker = join(r.dir, 'hook-child-finished')
+  const pidFile = join(r.dir, 'hook-child.pid')
+  writeFileSync(join(hooks, 'post-commit'), `#!/bin/sh\n(sleep 6; touch "${marker}") &\nps -o pgid= -p $$ > "${pidFile}"\n`)
+  chmodSync(join(hooks, 'post-commit'), 0o755)
+  const saved = { count: process.env.GIT_CONFIG_COUNT, key: process.env.GIT_CONFIG_KEY_0, value: process.env.GIT_CONFIG_VALUE_0 }
+  Object.assign(process.env, { GIT_CONFIG_COUNT: '1', GIT_CONFIG_KEY_0: 'core.hooksPath', GIT_CONFIG_VALUE_0: hooks })
+  t.teardown(() => {
+    for (const [name, value] of [['GIT_CONFIG_COUNT', saved.count], ['GIT_CONFIG_KEY_0', saved.key], ['GIT_CONFIG_VALUE_0', saved.value]] as const) {
+      if (value === undefined) Reflect.deleteProperty(process.env, name)
+      else process.env[name] = value
+    }
+    try { process.kill(-Number(readFileSync(pidFile, 'utf8').trim()), 'SIGKILL') } catch {}
+  })
+  const result = await runGitRollback(cfg(r.bare), REQ, join(r.dir, 'state'))
+  t.notOk(existsSync(marker), 'the rollback ended before the hook\'s child did')
+  t.equal(result.ok, true, result.error ?? 'reverted')
+  t.ok(existsSync(pidFile), 'the hook ran')
 })
 
 t.test('a sidecar configured with rollback type git reverts the release in the background', async (t) => {

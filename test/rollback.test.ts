@@ -1,5 +1,5 @@
 import t from 'tap'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startUpstream } from './helpers/upstream.js'
@@ -120,10 +120,49 @@ t.test('exec rollback runs the argv with BREAKWATER_* in its environment; failur
   const slow = await startTestSidecar(t, config(up.url, { type: 'exec', command: [process.execPath, '-e', 'setTimeout(() => {}, 60000)'], timeoutMs: 300 }))
   const timedOut = await rollbackAndWait(slow.admin, 'x')
   t.equal(timedOut.body.status, 'failed')
-  t.match(timedOut.body.result.error, /killed by SIGKILL after 300 ms/, 'the command was killed at its timeout')
+  t.match(timedOut.body.result.error, /timed out after 300 ms/, 'the command was stopped at its timeout')
 
   const missing = await startTestSidecar(t, config(up.url, { type: 'exec', command: [join(dir, 'no-such-binary')] }))
   t.equal((await rollbackAndWait(missing.admin, 'x')).body.status, 'failed')
+})
+
+t.test('an exec rollback\'s timeout stops the whole process group, and the record fails without waiting for a grandchild', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-exec-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  // The shell's child, not the shell, would write the marker when its sleep ends; it holds the
+  // shell's stdout and stderr meanwhile.
+  const marker = join(dir, 'grandchild-finished')
+  const grandchild = `sh -c 'sleep 6; touch "${marker}"'`
+  const s = await startTestSidecar(t, config(up.url, { type: 'exec', command: ['sh', '-c', `${grandchild}; echo done`], timeoutMs: 500 }))
+  const started = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })
+  t.equal(started.status, 202)
+  t.ok(await eventually(async () => (await admin(s.admin, 'GET', `/v1/mitigations/${started.body.id as string}`)).body.status !== 'running', 30_000), 'the rollback ended')
+  t.notOk(existsSync(marker), 'the record failed before the grandchild could have finished')
+  const m = (await admin(s.admin, 'GET', `/v1/mitigations/${started.body.id as string}`)).body
+  t.equal(m.status, 'failed')
+  t.match(m.result.error, /timed out after 500 ms/)
+  // Killed with its group: it never finishes.
+  await new Promise((resolve) => setTimeout(resolve, 6500))
+  t.notOk(existsSync(marker), 'the grandchild was stopped with the command')
+})
+
+t.test('an exec rollback that exits while a process it started holds its output ends at its exit', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-exec-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const marker = join(dir, 'background-finished')
+  const pidFile = join(dir, 'background.pid')
+  // A background process (a daemon the command starts) keeps the inherited stdout and stderr.
+  const s = await startTestSidecar(t, config(up.url, { type: 'exec', command: ['sh', '-c', `(sleep 6; touch "${marker}") & echo $$ > "${pidFile}"; echo rolled back`], timeoutMs: 60_000 }))
+  t.teardown(() => { try { process.kill(-Number(readFileSync(pidFile, 'utf8')), 'SIGKILL') } catch {} })
+  const m = await rollbackAndWait(s.admin, 'bad release')
+  t.notOk(existsSync(marker), 'the record ended before the background process did')
+  t.equal(m.body.status, 'succeeded')
+  t.equal(m.body.result.exitCode, 0)
+  t.match(m.body.result.output, /rolled back/)
 })
 
 t.test('rollback without a configured action is refused', async (t) => {

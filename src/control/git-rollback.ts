@@ -15,9 +15,9 @@
  *   clone's `origin` is the URL without it, and git gets it as an `Authorization` header
  *   scoped to that URL, through its environment (`GIT_CONFIG_*`), not its command line.
  */
-import { spawn } from 'node:child_process'
 import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
+import { runCommand } from './process-group.js'
 
 export interface GitRollbackConfig {
   /** Remote URL or path of the repository the CD system deploys from. */
@@ -99,7 +99,7 @@ interface Git {
   run: (args: string[], allowFail?: boolean) => Promise<{ code: number, out: string }>
 }
 
-/** Runs git in `dir`; every command is killed (with its helpers) at `deadline` or when `signal` aborts. */
+/** Runs git in `dir`; every command is stopped (with its helpers) at `deadline`, or killed when `signal` aborts. */
 function gitIn (dir: string, deadline: number, identity: { name: string, email: string }, remote: { url: string, authorization: string | null }, signal?: AbortSignal): Git {
   let env: NodeJS.ProcessEnv = {
     ...process.env,
@@ -119,37 +119,20 @@ function gitIn (dir: string, deadline: number, identity: { name: string, email: 
   // Only requests under the repository's URL carry it (not a redirect elsewhere).
   if (remote.authorization !== null) env = withGitConfig(env, `http.${remote.url}.extraHeader`, `Authorization: ${remote.authorization}`)
   return {
-    run: async (args, allowFail = false) => await new Promise((resolve, reject) => {
+    run: async (args, allowFail = false) => {
       const left = deadline - Date.now()
-      if (left <= 0) { reject(new GitFailure('timed out')); return }
-      if (signal?.aborted === true) { reject(new GitFailure('cut short: the sidecar is stopping')); return }
-      // Its own process group: git runs helpers (git-remote-https, ssh) that must die with it.
-      const child = spawn('git', args, { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
-      let out = ''
-      const keep = (c: Buffer): void => { if (out.length < 8000) out += c.toString('utf8') }
-      child.stdout.on('data', keep)
-      child.stderr.on('data', keep)
-      let timedOut = false
-      const cut = (why: string): void => {
-        timedOut = true
-        clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
-        try { process.kill(-(child.pid as number), 'SIGKILL') } catch { child.kill('SIGKILL') }
-        reject(new GitFailure(why))
-      }
-      const timer = setTimeout(() => cut(`timed out during git ${args[0] ?? ''}`), left)
-      const onAbort = (): void => cut('cut short: the sidecar is stopping')
-      signal?.addEventListener('abort', onAbort, { once: true })
-      child.on('error', (err) => { clearTimeout(timer); reject(new GitFailure(`git could not be started: ${err.message}`)) })
-      child.on('close', (code) => {
-        clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
-        if (timedOut) return
-        const result = { code: code ?? -1, out: out.trim() }
-        if (result.code !== 0 && !allowFail) reject(new GitFailure(`git ${args[0] ?? ''} failed: ${lastLines(result.out)}`))
-        else resolve(result)
-      })
-    })
+      if (left <= 0) throw new GitFailure('timed out')
+      if (signal?.aborted === true) throw new GitFailure('cut short: the sidecar is stopping')
+      // Its own process group: git runs helpers (git-remote-https, ssh) that must stop with it,
+      // and one left running (an ssh control master) must not hold the rollback open.
+      const ran = await runCommand(['git', ...args], { cwd: dir, env, timeoutMs: left, signal, maxOutput: 8000 })
+      if (ran.cut === 'timeout') throw new GitFailure(`timed out during git ${args[0] ?? ''}`)
+      if (ran.cut === 'aborted') throw new GitFailure('cut short: the sidecar is stopping')
+      if (ran.error !== undefined) throw new GitFailure(`git could not be started: ${ran.error}`)
+      const result = { code: ran.code ?? -1, out: ran.output.trim() }
+      if (result.code !== 0 && !allowFail) throw new GitFailure(`git ${args[0] ?? ''} failed: ${lastLines(result.out)}`)
+      return result
+    }
   }
 }
 

@@ -5,18 +5,19 @@
  *   name (no instance id, no clock): fifty sidecars that fire together cause one rollback at a
  *   receiver that honours the key; it is retried with backoff on network errors, 429 and 5xx;
  * - `exec` gets BREAKWATER_SERVICE, BREAKWATER_VERSION, BREAKWATER_TRIGGER in its
- *   environment and is killed after `timeoutMs`;
+ *   environment and is stopped, with every process it started, after `timeoutMs`
+ *   (process-group.ts);
  * - `git` reverts the release commit and pushes (git-rollback.ts); the same key names the
  *   incident in the commit's trailer, so a fleet makes one revert;
  * - callers enforce the cooldown, "never the same version twice" and "one at a time"
  *   (rollback-policy.ts), and run it in the background.
  */
 import { createHash } from 'node:crypto'
-import { spawn } from 'node:child_process'
 import { request } from '../undici.js'
 import { join } from 'node:path'
 import type { RollbackConfig } from '../config/types.js'
 import { runGitRollback } from './git-rollback.js'
+import { runCommand } from './process-group.js'
 
 export interface RollbackRequest {
   service: string
@@ -102,36 +103,19 @@ export async function runRollback (config: RollbackConfig, r: RollbackRequest, o
 }
 
 async function runExec (command: readonly string[], timeoutMs: number, r: RollbackRequest, key: string, signal?: AbortSignal): Promise<RollbackResult> {
-  return await new Promise((resolve) => {
-    let output = ''
-    const child = spawn(command[0] as string, command.slice(1), {
-      env: { ...process.env, BREAKWATER_SERVICE: r.service, BREAKWATER_VERSION: r.version, BREAKWATER_TRIGGER: r.trigger ?? '', BREAKWATER_REASON: r.reason, BREAKWATER_IDEMPOTENCY_KEY: key },
-      stdio: ['ignore', 'pipe', 'pipe']
-    })
-    // Our own timer, cleared on exit: spawn's `timeout` option leaves its timer running after
-    // the child exits, holding the process open for the whole timeout.
-    let killed = false
-    const timer = setTimeout(() => { killed = true; child.kill('SIGKILL') }, timeoutMs)
-    const cut = (): void => { child.kill('SIGKILL') }
-    signal?.addEventListener('abort', cut, { once: true })
-    const keep = (c: Buffer): void => { if (output.length < 4000) output += c.toString('utf8') }
-    child.stdout.on('data', keep)
-    child.stderr.on('data', keep)
-    child.on('error', (err) => { clearTimeout(timer); signal?.removeEventListener('abort', cut); resolve({ ok: false, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: null, error: err.message }) })
-    child.on('close', (code, killSignal) => {
-      clearTimeout(timer)
-      signal?.removeEventListener('abort', cut)
-      resolve({
-        ok: code === 0,
-        type: 'exec',
-        idempotencyKey: key,
-        attempts: 1,
-        exitCode: code,
-        output: output.slice(0, 4000),
-        ...(killSignal !== null ? { error: killed ? `killed by ${killSignal} after ${timeoutMs} ms` : aborted(signal) ? abortReason(signal) : `killed by ${killSignal}` } : {})
-      })
-    })
+  const ran = await runCommand(command, {
+    env: { ...process.env, BREAKWATER_SERVICE: r.service, BREAKWATER_VERSION: r.version, BREAKWATER_TRIGGER: r.trigger ?? '', BREAKWATER_REASON: r.reason, BREAKWATER_IDEMPOTENCY_KEY: key },
+    timeoutMs,
+    signal,
+    maxOutput: 4000
   })
+  const result: RollbackResult = { ok: ran.code === 0 && ran.cut === null, type: 'exec', idempotencyKey: key, attempts: 1, exitCode: ran.code }
+  if (ran.error !== undefined) return { ...result, error: ran.error }
+  result.output = ran.output
+  if (ran.cut === 'timeout') result.error = `timed out after ${timeoutMs} ms: its process group was stopped${ran.killSignal !== null ? ` (${ran.killSignal})` : ''}`
+  else if (ran.cut === 'aborted') result.error = abortReason(signal)
+  else if (ran.killSignal !== null) result.error = `killed by ${ran.killSignal}`
+  return result
 }
 
 async function delay (ms: number, signal?: AbortSignal): Promise<void> {
