@@ -158,6 +158,70 @@ t.test('each channel\'s payload: Slack, PagerDuty Events API v2, status page, ge
   t.equal(await metricValue(s.ops, 'breakwater_notifications_failed_total'), 0)
 })
 
+t.test('every way a mitigation ends is announced once: restore, circuit auto or closed, a ttl running out, and a restore of a mitigate record', async (t) => {
+  const up = await app(t)
+  const hook = await receiver(t)
+  const s = await startTestSidecar(t, config(up.url, { webhooks: [`${hook.url}/events`] }, null, { circuitBreakers: { app: {} } }))
+  const events = (from: number): any[] => hook.deliveries.slice(from).map((d) => d.body)
+  /** The events that `act` caused, once the notifier is idle. */
+  const after = async (act: () => Promise<unknown>): Promise<any[]> => {
+    const from = hook.deliveries.length
+    await act()
+    t.ok(await settled(s))
+    return events(from)
+  }
+
+  // An operator's kill, then restore.
+  const killed = await after(async () => await admin(s.admin, 'PUT', '/v1/flags/otherFeature', { enabled: false, reason: 'game day' }))
+  t.same(killed.map((e) => e.event), ['mitigation_applied'])
+  const restored = await after(async () => await admin(s.admin, 'DELETE', '/v1/flags/otherFeature', { reason: 'game day over' }))
+  t.same(restored.map((e) => e.event), ['mitigation_lifted'], 'restore: one lifted event')
+  t.match(restored[0], { details: { id: killed[0].details.id, action: 'killSwitch', targets: 'otherFeature', status: 'lifted' }, summary: /game day over/ })
+
+  // A forced circuit handed back to automatic, and one forced closed.
+  for (const end of ['auto', 'closed']) {
+    const opened = await after(async () => await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'drill' }))
+    t.same(opened.map((e) => e.event), ['mitigation_applied'])
+    const ended = await after(async () => await admin(s.admin, 'PUT', '/v1/circuits/app', { state: end, reason: `circuit ${end}` }))
+    t.same(ended.map((e) => e.event), ['mitigation_lifted'], `circuit ${end} after a forced open: one lifted event`)
+    t.match(ended[0], { details: { id: opened[0].details.id, action: 'circuitBreak', targets: 'app' } })
+  }
+  await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'auto', reason: 'done' })
+
+  // A kill with a ttl that runs out.
+  const from = hook.deliveries.length
+  const ttlKill = await admin(s.admin, 'PUT', '/v1/flags/otherFeature', { enabled: false, reason: 'for a while', ttl: '1s' })
+  t.equal(ttlKill.status, 200)
+  t.ok(await eventually(() => events(from).some((e) => e.event === 'mitigation_lifted'), 10_000), 'the expiry is announced')
+  t.ok(await settled(s))
+  t.same(events(from).map((e) => e.event), ['mitigation_applied', 'mitigation_lifted'])
+  t.match(events(from)[1], { details: { id: events(from)[0].details.id, action: 'killSwitch' }, summary: /ttl expired/ })
+
+  // A `mitigate killSwitch` record whose flags an operator restores: the record ends with them,
+  // announced once when the last of them is restored.
+  const id = await kill(s, 'otherFeature')
+  t.ok(await settled(s))
+  t.ok((await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: true, reason: 'pin on' })).status === 200)
+  const mitigation = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['newCheckout', 'otherFeature'], reason: 'two flags' })
+  t.equal(mitigation.status, 201)
+  t.ok(await settled(s))
+  const first = await after(async () => await admin(s.admin, 'DELETE', '/v1/flags/otherFeature', { reason: 'one back' }))
+  t.same(first.map((e) => e.event), ['mitigation_lifted'], 'the first record ended; the second still holds newCheckout')
+  t.equal(first[0].details.id, id)
+  t.equal((await admin(s.admin, 'GET', `/v1/mitigations/${mitigation.body.id as string}`)).body.status, 'active')
+  const second = await after(async () => await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: true, reason: 'all back' }))
+  t.same(second.map((e) => e.event), ['mitigation_lifted'])
+  t.match(second[0], { details: { id: mitigation.body.id, status: 'lifted' }, summary: /all back/ })
+  const record = (await admin(s.admin, 'GET', `/v1/mitigations/${mitigation.body.id as string}`)).body
+  t.match(record, { status: 'lifted', liftReason: 'all back' })
+  const lift = await admin(s.admin, 'DELETE', `/v1/mitigations/${mitigation.body.id as string}`, { reason: 'again' })
+  t.equal(lift.status, 409, 'nothing left to lift')
+  t.ok(await settled(s))
+  t.same(events(0).filter((e) => e.event === 'mitigation_lifted').length, 6, 'no event twice')
+  const audit = (await admin(s.admin, 'GET', '/v1/audit?limit=50')).body.entries
+  t.match(audit.find((e: any) => e.action === 'flag.expire'), { lifted: [events(from)[0].details.id] }, 'the audit line names what ended')
+})
+
 t.test('a fleet opens one incident: dedup_key and incident keys depend only on service, version and trigger', async (t) => {
   const up = await app(t)
   const pd = await receiver(t, [202])

@@ -15,12 +15,12 @@
 import { createHash } from 'node:crypto'
 import type { Logger } from 'pino'
 import type { Config } from '../config/types.js'
-import { type PersistedState, type MitigationRecord, type OverrideRecord, type FleetEntry, emptyState } from '../state/state-file.js'
+import { type PersistedState, type MitigationRecord, type OverrideRecord, type ForcedCircuitRecord, type FleetEntry, emptyState } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import { Journal } from '../state/journal.js'
 import { auditedOutcome, type RollbackResult } from './rollback.js'
 import { ControlError, type Actor, type Applied, type CircuitControl, type CircuitView, type FlagControl, type FleetWriter, type MitigationRequest } from './interfaces.js'
-import { Overrides, expiry } from './overrides.js'
+import { Overrides, expiry, expired } from './overrides.js'
 import { Mitigations, mitigationId } from './mitigations.js'
 import { RollbackPolicy } from './rollback-policy.js'
 import { Rungs, fleetRecord, rungDetails } from './rungs.js'
@@ -118,24 +118,31 @@ export class ControlPlane {
   async setFlag (key: string, enabled: boolean, actor: Actor, ttlMs: number | null): Promise<Applied<OverrideRecord>> {
     if (!this.flags.defines(key)) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
     const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    const before = this.overrides.flag(key)
     const settled = this.overrides.setFlag(key, record)
-    this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt }, enabled ? 'flag forced on' : 'flag forced off')
+    const ended = this.ended('flag', key, before, actor.reason)
+    this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt, ...liftedIds(ended) }, enabled ? 'flag forced on' : 'flag forced off')
     const [persisted] = await Promise.all([
-      this.commit({ action: 'flag.override', targets: [key], reason: actor.reason, result: 'ok', requester: actor.requester, enabled, expiresAt: record.expiresAt }),
+      this.commit({ action: 'flag.override', targets: [key], reason: actor.reason, result: 'ok', requester: actor.requester, enabled, expiresAt: record.expiresAt, ...liftedIds(ended) }),
       settled
     ])
     // Switching a feature off is a mitigation, whichever door it came through: verify it.
-    if (!enabled) this.onMitigation('applied', this.operatorRecord('killSwitch', key, actor))
+    if (!enabled) this.onMitigation('applied', this.operatorRecord('killSwitch', key, record))
+    this.announceLifted(ended)
     return { value: record, persisted }
   }
 
   async clearFlag (key: string, actor: Actor): Promise<Applied<{ enabled: boolean }>> {
-    const had = this.overrides.flag(key) !== undefined
+    const before = this.overrides.flag(key)
+    const had = before !== undefined
     if (!this.flags.defines(key) && !had) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
-    await this.overrides.setFlag(key, null)
+    const settled = this.overrides.setFlag(key, null)
+    const ended = this.ended('flag', key, before, actor.reason)
+    await settled
     const enabled = this.flags.values.get(key) !== false
-    this.logger.warn({ event: 'mitigation', action: 'flag_override_dropped', flag: key, enabled, reason: actor.reason, requester: actor.requester }, 'flag override dropped')
-    const persisted = await this.commit({ action: 'flag.clear', targets: [key], reason: actor.reason, result: had ? 'ok' : 'no_override', requester: actor.requester, enabled })
+    this.logger.warn({ event: 'mitigation', action: 'flag_override_dropped', flag: key, enabled, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, 'flag override dropped')
+    const persisted = await this.commit({ action: 'flag.clear', targets: [key], reason: actor.reason, result: had ? 'ok' : 'no_override', requester: actor.requester, enabled, ...liftedIds(ended) })
+    this.announceLifted(ended)
     return { value: { enabled }, persisted }
   }
 
@@ -143,10 +150,14 @@ export class ControlPlane {
 
   async setCircuit (upstream: string, state: 'open' | 'closed' | 'auto', actor: Actor, ttlMs: number | null): Promise<Applied<CircuitView>> {
     if (!this.circuits.upstreams().includes(upstream)) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
-    this.overrides.setCircuit(upstream, state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) })
-    this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
-    const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state })
-    if (state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, actor))
+    const before = this.overrides.circuit(upstream)
+    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    this.overrides.setCircuit(upstream, record)
+    const ended = this.ended('circuit', upstream, before, actor.reason)
+    this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
+    const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state, ...liftedIds(ended) })
+    if (record?.state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
+    this.announceLifted(ended)
     return { value: this.circuitView(upstream), persisted }
   }
 
@@ -159,9 +170,45 @@ export class ControlPlane {
     return this.circuits.circuits().find((c) => c.upstream === upstream) ?? { upstream, state: 'closed', automaticState: 'closed', forced: null, automatic: false, failureRate: 0, windowRequests: 0 }
   }
 
-  /** A record for a mitigation done by a direct flag or circuit call (not kept in the list). */
-  private operatorRecord (action: 'killSwitch' | 'circuitBreak', target: string, actor: Actor): MitigationRecord {
-    return this.mitigations.create(action, [target], actor, `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.now().toString(36)}`)
+  /**
+   * The record of a mitigation done by a direct flag or circuit call (not kept in the list),
+   * made from its override alone: the same id when it is applied and when it ends, after a
+   * restart too, and on every sidecar for a fleet override.
+   */
+  private operatorRecord (action: 'killSwitch' | 'circuitBreak', target: string, decision: { reason: string, source?: string, at: string }): MitigationRecord {
+    const record = this.mitigations.create(action, [target], { reason: decision.reason, source: decision.source ?? 'operator', requester: 'operator' }, `${action === 'killSwitch' ? 'flag' : 'circuit'}:${target}@${Date.parse(decision.at).toString(36)}`)
+    record.createdAt = decision.at
+    return record
+  }
+
+  /**
+   * The mitigations that ended when a flag override (a forced circuit) went from `before` to
+   * what is set now — a restore, `circuit auto` or `closed`, a ttl, a newer decision. A kill
+   * switch ends when its flag is no longer forced off here, a circuit break when its circuit is
+   * no longer forced open: the `mitigate` records that hold none of their targets any more, or
+   * the operator's direct kill (circuit open) that `before` was. Marked lifted, announced once.
+   */
+  private ended (kind: 'flag' | 'circuit', target: string, before: OverrideRecord | ForcedCircuitRecord | undefined, reason: string): MitigationRecord[] {
+    if (before === undefined || !refuses(before)) return []
+    const now = kind === 'flag' ? this.overrides.flag(target) : this.overrides.circuit(target)
+    if (now !== undefined && refuses(now)) return []
+    const action = kind === 'flag' ? 'killSwitch' : 'circuitBreak'
+    const ended = this.mitigations.ended(action, target, reason)
+    if (!this.mitigations.made(action, target, before.at)) ended.push(liftedRecord(this.operatorRecord(action, target, before), reason))
+    return ended
+  }
+
+  /** The fleet kill switch (forced-open circuit) `before` ended when the fleet entry changed to what is set now. */
+  private fleetEnded (kind: 'flags' | 'circuits', name: string, before: FleetEntry | undefined, reason: string): MitigationRecord[] {
+    if (before === undefined || (before.value !== false && before.value !== 'open')) return []
+    const now = this.state.fleet[kind][name]
+    if (now !== undefined && now.value === before.value) return []
+    return [liftedRecord(this.operatorRecord(kind === 'flags' ? 'killSwitch' : 'circuitBreak', name, before), reason)]
+  }
+
+  /** One `lifted` event per mitigation that ended (notifications, incidents). */
+  private announceLifted (ended: readonly MitigationRecord[]): void {
+    for (const record of ended) this.onMitigation('lifted', record)
   }
 
   // ---- fleet overrides (SPEC §16) ----
@@ -175,15 +222,19 @@ export class ControlPlane {
     const now = Date.now()
     const entry: FleetEntry = { value, reason: actor.reason, requester: actor.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: value === null ? null : expiry(ttlMs, now), instance: fleet.instance }
     await fleet.write(kind, name, entry)
+    const before = this.state.fleet[kind][name]
     // In force here at once; every other sidecar applies it from its watch.
     const settled = this.overrides.setFleet(kind, name, entry)
+    // Announced by the sidecar that decided, as its kill was.
+    const ended = this.fleetEnded(kind, name, before, actor.reason)
     const target = kind === 'flags' ? { flag: name } : { upstream: name }
     this.logger.warn({ event: 'mitigation', action: kind === 'flags' ? 'flag_override' : 'circuit_forced', scope: 'fleet', ...target, value, reason: actor.reason, requester: actor.requester, expiresAt: entry.expiresAt }, `fleet override written: ${name} ${String(value ?? 'dropped')}`)
     const [persisted] = await Promise.all([
-      this.commit({ action: kind === 'flags' ? (value === null ? 'flag.clear' : 'flag.override') : 'circuit.force', scope: 'fleet', targets: [name], reason: actor.reason, result: 'ok', requester: actor.requester, value, expiresAt: entry.expiresAt }),
+      this.commit({ action: kind === 'flags' ? (value === null ? 'flag.clear' : 'flag.override') : 'circuit.force', scope: 'fleet', targets: [name], reason: actor.reason, result: 'ok', requester: actor.requester, value, expiresAt: entry.expiresAt, ...liftedIds(ended) }),
       settled
     ])
-    if (value === false || value === 'open') this.onMitigation('applied', this.operatorRecord(kind === 'flags' ? 'killSwitch' : 'circuitBreak', name, actor))
+    if (value === false || value === 'open') this.onMitigation('applied', this.operatorRecord(kind === 'flags' ? 'killSwitch' : 'circuitBreak', name, entry))
+    this.announceLifted(ended)
     return { value: entry, persisted }
   }
 
@@ -351,15 +402,23 @@ export class ControlPlane {
 
   /** Overrides and forced circuits with a `ttl` lapse on their own. */
   private async expire (): Promise<void> {
-    const lapsed = this.overrides.lapse(Date.now())
-    const ended = this.rungs.lapse(Date.now())
+    const now = Date.now()
+    const { overrides, circuits, fleet } = this.state
+    const before = { flags: { ...overrides }, circuits: { ...circuits }, fleetFlags: { ...fleet.flags }, fleetCircuits: { ...fleet.circuits } }
+    const lapsed = this.overrides.lapse(now)
+    const ended = this.rungs.lapse(now)
     for (const record of ended) this.onMitigation('lifted', record)
+    // What each lapse ended: a local override's mitigation; a fleet one's on the sidecar that decided it.
+    const own = (entry: FleetEntry | undefined): FleetEntry | undefined => entry !== undefined && entry.instance === this.fleet?.instance && expired(entry.expiresAt, now) ? entry : undefined
+    const flagsEnded = lapsed.flags.map((key) => [...this.ended('flag', key, before.flags[key], 'ttl expired'), ...this.fleetEnded('flags', key, own(before.fleetFlags[key]), 'ttl expired')])
+    const circuitsEnded = lapsed.circuits.map((upstream) => [...this.ended('circuit', upstream, before.circuits[upstream], 'ttl expired'), ...this.fleetEnded('circuits', upstream, own(before.fleetCircuits[upstream]), 'ttl expired')])
     const entries: AuditInput[] = [
       ...ended.map((m) => ({ action: 'mitigation.expire', ...(m.scope === 'fleet' ? { scope: 'fleet' } : {}), targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })),
-      ...lapsed.flags.map((key) => ({ action: 'flag.expire', targets: [key], reason: 'ttl expired', result: 'ok', requester: 'breakwater' })),
-      ...lapsed.circuits.map((upstream) => ({ action: 'circuit.expire', targets: [upstream], reason: 'ttl expired', result: 'ok', requester: 'breakwater' }))
+      ...lapsed.flags.map((key, i) => ({ action: 'flag.expire', targets: [key], reason: 'ttl expired', result: 'ok', requester: 'breakwater', ...liftedIds(flagsEnded[i] ?? []) })),
+      ...lapsed.circuits.map((upstream, i) => ({ action: 'circuit.expire', targets: [upstream], reason: 'ttl expired', result: 'ok', requester: 'breakwater', ...liftedIds(circuitsEnded[i] ?? []) }))
     ]
     await Promise.all([...entries.map(async (e) => await this.commit(e)), lapsed.settled])
+    this.announceLifted([...flagsEnded.flat(), ...circuitsEnded.flat()])
   }
 
   /** Audit something decided outside a mitigation (a trigger that only notified). */
@@ -389,6 +448,24 @@ export class ControlPlane {
       return { ...m, origin, inForce: own }
     })
   }
+}
+
+/** Whether an override or forced circuit refuses traffic: a flag forced off, a circuit forced open. */
+function refuses (r: OverrideRecord | ForcedCircuitRecord): boolean {
+  return 'enabled' in r ? !r.enabled : r.state === 'open'
+}
+
+/** `record`, ended now for `reason`. */
+function liftedRecord (record: MitigationRecord, reason: string): MitigationRecord {
+  record.status = 'lifted'
+  record.liftedAt = new Date().toISOString()
+  record.liftReason = reason
+  return record
+}
+
+/** The audit and log field naming the mitigations an action ended, when it ended any. */
+function liftedIds (ended: readonly MitigationRecord[]): { lifted?: string[] } {
+  return ended.length === 0 ? {} : { lifted: ended.map((m) => m.id) }
 }
 
 /** A stable hash of what the config means (not of its file's bytes). */

@@ -149,16 +149,41 @@ export class Mitigations {
     return { record: { record, restored }, settled: Promise.all(settled).then(() => {}) }
   }
 
+  /**
+   * The active kill switches (or circuit breaks) on `target` that hold none of their targets any
+   * more — an operator restored the flag (handed the circuit back, a ttl ran out) — marked
+   * lifted for `reason`. A record that still holds another of its targets stays active.
+   */
+  ended (action: 'killSwitch' | 'circuitBreak', target: string, reason: string): MitigationRecord[] {
+    const ended: MitigationRecord[] = []
+    for (const m of this.state().mitigations) {
+      if (m.status !== 'active' || m.action !== action || !m.targets.includes(target)) continue
+      if (m.changes.some((c) => this.holds(c, m))) continue
+      m.status = 'lifted'
+      m.liftedAt = new Date().toISOString()
+      m.liftReason = reason
+      ended.push(m)
+    }
+    return ended
+  }
+
+  /** Whether one of this sidecar's records made the override or forced circuit set at `at` on `target`. */
+  made (action: 'killSwitch' | 'circuitBreak', target: string, at: string): boolean {
+    return this.state().mitigations.some((m) => m.action === action && m.createdAt === at && m.targets.includes(target))
+  }
+
+  /** Whether `change` is still in force as `record` made it (nobody changed it since). */
+  private holds (change: Change, record: MitigationRecord): boolean {
+    const now = change.kind === 'flag' ? this.overrides.flag(change.target) : this.overrides.circuit(change.target)
+    if (now === undefined || now.at !== record.createdAt) return false
+    return change.kind === 'flag' ? (now as OverrideRecord).enabled === false : (now as ForcedCircuitRecord).state === 'open'
+  }
+
   /** Undo one change if it is still this mitigation's; null when someone changed it since. */
   private undo (change: Change, record: MitigationRecord): Promise<void> | null {
-    if (change.kind === 'flag') {
-      const now = this.overrides.flag(change.target)
-      // Someone changed it since: their action stands.
-      if (now === undefined || now.enabled !== false || now.at !== record.createdAt) return null
-      return this.overrides.setFlag(change.target, change.before as OverrideRecord | null)
-    }
-    const now = this.overrides.circuit(change.target)
-    if (now === undefined || now.state !== 'open' || now.at !== record.createdAt) return null
+    // Someone changed it since: their action stands.
+    if (!this.holds(change, record)) return null
+    if (change.kind === 'flag') return this.overrides.setFlag(change.target, change.before as OverrideRecord | null)
     this.overrides.setCircuit(change.target, change.before as ForcedCircuitRecord | null)
     return Promise.resolve()
   }
