@@ -223,6 +223,7 @@ export class Sidecar {
       notifyMitigation(kind, record)
       if (kind === 'applied') this.verifier.mitigated(record)
       else if (kind === 'started') this.verifier.mitigationStarted(record)
+      else if (kind === 'lifted') this.verifier.mitigationLifted(record)
       else if (kind === 'failed') {
         const incident = this.verifier.mitigationFailed(record)
         // Its trigger re-armed while the mitigation ran: the signal cleared with none in force.

@@ -11,7 +11,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { resolveConfig } from '../src/config/load.js'
 import { startApp, type App } from './helpers/app.js'
-import { startCaptured, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startCaptured, startTestSidecar, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startUpstream } from './helpers/upstream.js'
 import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
 import { startStatusPage, type StatusPage } from './helpers/status-page.js'
 import { admin } from './helpers/admin.js'
@@ -603,4 +604,40 @@ t.test('a successor carries the page incident\'s further status: what the key re
   t.same(furtherPage(recorded, { id: 'sp-2', status: 'resolved' }), recorded, 'another page incident does not count')
   t.same(furtherPage(recorded, { id: null, status: 'resolved' }), recorded, 'nor one without an id')
   t.same(furtherPage(recorded, null), recorded, 'nor nothing')
+})
+
+t.test('an incident shows its mitigation ended once what it changed is undone: restore, circuit auto, ttl, lift', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    featureFlags: { other: true },
+    circuitBreakers: { app: {} }
+  })
+  /** The incident whose mitigation has `id`. */
+  const incidentOf = async (id: string): Promise<any> => (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents.find((i: any) => i.mitigation?.id === id)
+  const appliedId = (): string => (s.logs.filter((l) => l.event === 'incident' && l.phase === 'mitigated').at(-1)?.mitigation as string)
+
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/other', { enabled: false, reason: 'kill other' })).status, 200)
+  const killed = appliedId()
+  t.match(await incidentOf(killed), { mitigation: { action: 'killSwitch', status: 'active' } })
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/other', { reason: 'restore other' })).status, 200)
+  t.match(await incidentOf(killed), { mitigation: { action: 'killSwitch', status: 'lifted' } }, 'restore ends it')
+
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'open' })).status, 200)
+  const opened = appliedId()
+  t.not(opened, killed)
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'auto', reason: 'auto' })).status, 200)
+  t.match(await incidentOf(opened), { mitigation: { action: 'circuitBreak', status: 'lifted' } }, 'circuit auto ends it')
+
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/other', { enabled: false, reason: 'for a second', ttl: '1s' })).status, 200)
+  const expiring = appliedId()
+  t.ok(await eventually(async () => (await incidentOf(expiring))?.mitigation.status === 'lifted', 10_000), 'its ttl ends it')
+
+  const m = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['other'], reason: 'mitigate' })
+  t.equal(m.status, 201)
+  t.match(await incidentOf(m.body.id), { mitigation: { status: 'active' } })
+  t.equal((await admin(s.admin, 'DELETE', `/v1/mitigations/${m.body.id as string}`, { reason: 'lift' })).status, 200)
+  t.match(await incidentOf(m.body.id), { mitigation: { status: 'lifted' } }, 'lift ends it')
 })

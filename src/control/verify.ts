@@ -63,7 +63,10 @@ export interface Incident {
    * notified, or its mitigation failed — and verification began from then; absent otherwise.
    */
   clearedAt?: string
-  /** `status`: a rollback's `running` → `succeeded` | `failed`; `active` for the others. */
+  /**
+   * `status`: a rollback's `running` → `succeeded` | `failed`; `active` for the others; `lifted`
+   * once it ended (lifted, restored by hand, handed back to automatic, or its ttl ran out).
+   */
   mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
@@ -492,6 +495,21 @@ export class Verifier {
     this.deps.persist(null)
     this.escalate(incident, `the ${record.action} ${record.id} failed: ${record.error ?? 'no reason given'}`)
     return incident
+  }
+
+  /**
+   * A mitigation ended — lifted, or what it changed undone by hand (a restore, `circuit auto`) or
+   * by its ttl: the incidents it mitigated show it ended. Verification goes on as it was: whether
+   * service is back is judged on the traffic, not on what is in force.
+   */
+  mitigationLifted (record: MitigationRecord): void {
+    let changed = false
+    for (const incident of this.incidents) {
+      if (incident.mitigation?.id !== record.id) continue
+      incident.mitigation = { ...incident.mitigation, status: record.status }
+      changed = true
+    }
+    if (changed) this.deps.persist(null)
   }
 
   /** A mitigation was applied: verify that it restored service. */
