@@ -583,8 +583,15 @@ export class Sidecar {
         automatic: c.automatic,
         failureRate: Math.round(c.failureRate * 1e4) / 1e4,
         windowRequests: c.windowRequests,
-        critical: cfg.upstreams[c.upstream]?.critical ?? false
+        critical: cfg.upstreams[c.upstream]?.critical ?? false,
+        configured: true
       }
+    }
+    // A forced circuit whose upstream a reload removed: kept, in force again when it comes back.
+    for (const upstream of this.control.keptCircuits) {
+      const forced = this.control.overrides.circuitInForce(upstream)
+      if (forced === null || circuits[upstream] !== undefined) continue
+      circuits[upstream] = { state: forced.value, automaticState: null, forced: forced.value, origin: forced.origin, forcedBy: this.control.state.circuits[upstream] ?? null, fleetOverride: this.control.state.fleet.circuits[upstream] ?? null, automatic: false, failureRate: 0, windowRequests: 0, critical: false, configured: false }
     }
     const now = performance.now()
     const upstreams: Record<string, unknown> = {}
@@ -664,8 +671,10 @@ export class Sidecar {
       this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
     }
     const upstreams = this.dataPlane.apply(next)
-    this.logger.level = next.logging.level
     this.config = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet }
+    // Before the first request on the new runtime: a re-added upstream's circuit is fresh.
+    this.control.upstreamsReloaded()
+    this.logger.level = next.logging.level
     this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
     this.reachability.watch(this.dataPlane.runtime.upstreams.values())
     this.triggers.configure(next.rollbackTriggers)

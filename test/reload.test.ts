@@ -171,3 +171,30 @@ t.test('pools: no new connection for an unchanged upstream; a changed one gets a
   t.same(await held, { status: 200, error: null }, 'the request on the removed upstream completed')
   t.ok(await eventually(() => other.open() === 0, 10_000), 'then the removed upstream\'s pool closed')
 })
+
+t.test('an operator\'s forced circuit survives a reload that removes its upstream, and is in force again when a reload brings it back', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const withPay = {
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [{ name: 'pay', match: { pathPrefix: '/pay' }, upstream: 'pay' }, { name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { pay: {} }
+  }
+  const withoutPay = { upstreams: { app: { url: up.url } }, routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const s = await startFileSidecar(t, withPay)
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'isolate pay' })).status, 200)
+  await reload(s, withoutPay)
+  const absent = (await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay
+  t.match(absent, { forced: 'open', configured: false, forcedBy: { state: 'open', reason: 'isolate pay' } }, 'kept, and shown, while the upstream is gone')
+  await reload(s, withPay)
+  const back = (await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay
+  t.match(back, { state: 'open', forced: 'open', configured: true, forcedBy: { reason: 'isolate pay' } }, 'forced again once the upstream is back')
+  t.same(await outcome(send(s.proxy, '/pay')), { status: 503, error: 'circuit_open' })
+  t.equal(up.received.length, 0, 'nothing reached the upstream')
+  // Handed back to automatic, it is gone for good.
+  await reload(s, withoutPay)
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/pay', { state: 'auto', reason: 'pay retired' })).status, 200)
+  t.notOk((await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay, 'an operator may hand back a kept forced circuit')
+  await reload(s, withPay)
+  t.match((await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay, { forced: null })
+})

@@ -43,6 +43,7 @@ export class ControlPlane {
   /** Failover and rate-limit mitigations; the sidecar connects them to the data plane. */
   readonly rungs: Rungs
   private ttlTimer: NodeJS.Timeout | null = null
+  private absentCircuits = new Set<string>()
   /** Set once start() has run: the version and config first-seen times. */
   versionSince = ''
   configSince = ''
@@ -149,8 +150,10 @@ export class ControlPlane {
   // ---- circuits ----
 
   async setCircuit (upstream: string, state: 'open' | 'closed' | 'auto', actor: Actor, ttlMs: number | null): Promise<Applied<CircuitView>> {
-    if (!this.circuits.upstreams().includes(upstream)) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
     const before = this.overrides.circuit(upstream)
+    // A forced circuit kept for an upstream a reload removed may still be handed back.
+    const kept = state === 'auto' && before !== undefined
+    if (!this.circuits.upstreams().includes(upstream) && !kept) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
     const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
     this.overrides.setCircuit(upstream, record)
     const ended = this.ended('circuit', upstream, before, actor.reason)
@@ -159,6 +162,31 @@ export class ControlPlane {
     if (record?.state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
     this.announceLifted(ended)
     return { value: this.circuitView(upstream), persisted }
+  }
+
+  /**
+   * A reload changed the upstreams: forced circuits are forced again on the circuits the reload
+   * built, and one whose upstream is gone is kept for its return (`absentCircuits`), logged
+   * when that starts and ends.
+   */
+  upstreamsReloaded (): void {
+    const absent = new Set(this.overrides.reapplyCircuits())
+    for (const upstream of absent) {
+      if (this.absentCircuits.has(upstream)) continue
+      const forced = this.overrides.circuitInForce(upstream)
+      this.logger.warn({ event: 'override_kept', upstream, forced: forced?.value, origin: forced?.origin }, 'forced circuit kept: the reload removed its upstream; it is in force again if the upstream comes back')
+    }
+    for (const upstream of this.absentCircuits) {
+      if (absent.has(upstream) || !this.circuits.upstreams().includes(upstream)) continue
+      const forced = this.overrides.circuitInForce(upstream)
+      if (forced !== null) this.logger.warn({ event: 'override_active', upstream, forced: forced.value, origin: forced.origin }, 'forced circuit in force again: its upstream is back')
+    }
+    this.absentCircuits = absent
+  }
+
+  /** Upstreams a reload removed whose forced circuit is kept for their return. */
+  get keptCircuits (): ReadonlySet<string> {
+    return this.absentCircuits
   }
 
   /** Whether a flag is on now, as the request path sees it. */

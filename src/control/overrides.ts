@@ -88,6 +88,22 @@ export class Overrides {
     return this.circuits.force(upstream, this.circuitInForce(upstream)?.value ?? null)
   }
 
+  /**
+   * After a reload: every forced circuit, local or fleet, is forced again on the upstreams
+   * configured now (a changed or re-added upstream has a new circuit). One whose upstream the
+   * reload removed is kept, not dropped: it is in force again when a reload brings the upstream
+   * back, since a reload never lifts an operator's decision (SPEC §14). Returns those kept.
+   */
+  reapplyCircuits (): string[] {
+    const state = this.state()
+    const absent: string[] = []
+    for (const upstream of new Set([...Object.keys(state.circuits), ...Object.keys(state.fleet.circuits)])) {
+      if (this.circuitInForce(upstream) === null) continue
+      if (!this.applyCircuit(upstream)) absent.push(upstream)
+    }
+    return absent
+  }
+
   /** At start: re-apply what is still in force, drop what lapsed or no longer exists. */
   async restore (now: number): Promise<void> {
     const settled: Array<Promise<void>> = []
