@@ -198,3 +198,15 @@ t.test('an operator\'s forced circuit survives a reload that removes its upstrea
   await reload(s, withPay)
   t.match((await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay, { forced: null })
 })
+
+t.test('breakwater_info follows a reload that changes the version: one series, with the new label', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = (version: string): Record<string, unknown> => ({ service: 'checkout', version, upstreams: { app: { url: up.url } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] })
+  const s = await startFileSidecar(t, input('1.0.0'))
+  const infos = async (): Promise<Array<Record<string, string>>> => (await scrape(s.ops)).filter((m) => m.name === 'breakwater_info').map((m) => m.labels)
+  t.same(await infos(), [{ service: 'checkout', version: '1.0.0' }])
+  await reload(s, input('1.0.1'))
+  t.equal((await admin(s.admin, 'GET', '/v1/state')).body.version, '1.0.1')
+  t.same(await infos(), [{ service: 'checkout', version: '1.0.1' }], 'the old version\'s series is gone')
+})

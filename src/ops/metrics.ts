@@ -4,7 +4,7 @@
  * are read here at scrape time; label values are route and upstream names from config,
  * never raw paths (SPEC §9).
  */
-import { collectDefaultMetrics, Gauge, type Registry } from 'prom-client'
+import { collectDefaultMetrics, type Registry } from 'prom-client'
 import type { DataPlane } from '../proxy/dataplane.js'
 import { DURATION_BUCKETS } from '../proxy/stats.js'
 import type { LogStats } from '../log/logger.js'
@@ -263,9 +263,11 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     { labels: { result: 'refused' }, value: sources.reloads.failed }
   ])
 
-  const info = new Gauge({ name: 'breakwater_info', help: 'Service and version of this sidecar (value 1).', labelNames: ['service', 'version'], registers: [registry] })
-  const cfg = dp.runtime.config
-  info.set({ service: cfg.service, version: cfg.version }, 1)
+  // Read at scrape time: a reload that changes `version` leaves one series, with the new label.
+  scraped(registry, 'breakwater_info', 'Service and version of this sidecar (value 1).', 'gauge', () => {
+    const cfg = dp.runtime.config
+    return [{ labels: { service: cfg.service, version: cfg.version }, value: 1 }]
+  })
 }
 
 /** The fleet layer's metrics (SPEC §16), registered only when `fleet` is configured. */
