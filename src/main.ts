@@ -6,7 +6,7 @@
  */
 import { ConfigError } from './config/load.js'
 import { loadCheckedConfig } from './flags/check.js'
-import { startSidecar, StartupError, type Sidecar } from './sidecar.js'
+import { signalActor, startSidecar, StartupError, type Sidecar } from './sidecar.js'
 
 /** Time the process may take to exit on its own once the sidecar has stopped (within the budget). */
 const LINGER_MS = 100
@@ -40,7 +40,7 @@ export async function start (configPath: string): Promise<number> {
     sidecar.logger.fatal({ event: 'crash', err }, 'uncaught exception; exiting')
     process.exit(1)
   })
-  process.on('SIGHUP', () => { void sidecar.reload() })
+  process.on('SIGHUP', () => { void sidecar.reload(signalActor('SIGHUP')) })
 
   return await new Promise<number>((resolve) => {
     const stop = (signal: string): void => {

@@ -27,7 +27,7 @@ import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
 import type { Claim, Fleet, Holding, Progress } from './fleet/fleet.js'
 import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
-import { ControlPlane, type CircuitView } from './control/control-plane.js'
+import { ControlPlane, type Actor, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
 import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
@@ -235,7 +235,7 @@ export class Sidecar {
       control: this.control,
       token: () => this.adminToken?.token ?? '',
       state: () => this.stateView(),
-      reload: async () => await this.reload(),
+      reload: async (actor) => await this.reload(actor),
       incidents: () => this.verifier.incidents,
       report: async (id) => await this.incidentReport(id),
       triage: () => this.triageView()
@@ -682,8 +682,18 @@ export class Sidecar {
     return upstreams
   }
 
-  /** Re-read the config file; an invalid one is refused and the running config kept. */
-  async reload (): Promise<ReloadResult> {
+  /**
+   * Re-read the config file; an invalid one is refused and the running config kept. Audited
+   * (`config.reload`, ok or refused with the problems) with who asked: an operator through the
+   * admin API, or a signal (`signalActor`) — a post-mortem's timeline has every reload.
+   */
+  async reload (actor: Actor): Promise<ReloadResult> {
+    const result = await this.reloadFile()
+    await this.control.recordReload(actor, result.ok, result.problems)
+    return result
+  }
+
+  private async reloadFile (): Promise<ReloadResult> {
     const source = this.config.source
     if (source === null) return { ok: false, problems: ['this sidecar was not started from a file'] }
     try {
@@ -786,6 +796,11 @@ export class Sidecar {
     this.config = { ...this.config, shutdown: { drainDelayMs: 0, timeoutMs: 0 } }
     await this.shutdown()
   }
+}
+
+/** Who asked for a reload by sending the process `signal` (the audit's actor). */
+export function signalActor (signal: NodeJS.Signals): Actor {
+  return { reason: `${signal} received`, requester: `signal:${signal}`, source: 'operator' }
 }
 
 /** Build and start a sidecar. */

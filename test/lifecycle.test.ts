@@ -1,5 +1,6 @@
 import t from 'tap'
 import { readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Client } from 'undici'
 import { parse, stringify } from 'yaml'
@@ -275,4 +276,18 @@ t.test('SIGHUP applies a valid config without dropping a connection, and refuses
   t.equal(await metricValue(bw.ops, 'breakwater_config_reloads_total', { result: 'ok' }), 2, 'two reloads applied')
   t.equal(await metricValue(bw.ops, 'breakwater_config_reloads_total'), 3, 'and one refused (three in all)')
   t.equal(bw.child.exitCode, null, 'still running')
+
+  // Every SIGHUP reload is in the audit log, as a POST /v1/reload is: who asked, and how it went.
+  const audited = (): Array<Record<string, any>> => {
+    try {
+      return readFileSync(join(bw.dir, 'state', 'audit.jsonl'), 'utf8').split('\n').filter((l) => l !== '').map((l) => JSON.parse(l)).filter((e) => e.action === 'config.reload')
+    } catch { return [] }
+  }
+  t.ok(await eventually(() => audited().length === 3, 10_000), 'three reloads audited')
+  t.match(audited(), [
+    { requester: 'signal:SIGHUP', reason: /SIGHUP/, result: 'ok', targets: [bw.configPath] },
+    { requester: 'signal:SIGHUP', result: 'ok' },
+    { requester: 'signal:SIGHUP', result: 'refused' }
+  ])
+  t.ok((audited()[2]?.problems as string[] | undefined)?.some((p) => p.startsWith('routes[0].upstream: ')), 'the refused reload\'s problems are audited')
 })

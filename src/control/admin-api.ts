@@ -16,7 +16,8 @@ export interface AdminDeps {
   token: () => string
   /** GET /v1/state body. */
   state: () => Record<string, unknown>
-  reload: () => Promise<{ ok: boolean, problems: readonly string[] }>
+  /** Re-read the config file, audited with `actor` as who asked. */
+  reload: (actor: Actor) => Promise<{ ok: boolean, problems: readonly string[] }>
   /** GET /v1/triage body. */
   triage: () => Record<string, unknown>
   /** GET /v1/incidents body. */
@@ -222,8 +223,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   app.post('/v1/reload', async (req, reply) => {
     const b = body(req)
     const who = actor(req, b, 'reload requested')
-    const result = await deps.reload()
-    await control.recordReload(who, result.ok, result.problems)
+    const result = await deps.reload(who)
     if (!result.ok) return await reply.code(422).send({ error: 'invalid_config', message: 'the new config was refused; the running config is kept', problems: result.problems })
     return await reply.send({ ok: true })
   })

@@ -454,7 +454,7 @@ export class ControlPlane {
     await this.journal.record(entry)
   }
 
-  /** Audit a config reload requested through the API. */
+  /** Audit a config reload (through the API, or on a signal). */
   async recordReload (actor: Actor, ok: boolean, problems: readonly string[]): Promise<void> {
     if (ok) this.noteConfig()
     await this.commit({ action: 'config.reload', targets: [this.config().source ?? 'config'], reason: actor.reason, result: ok ? 'ok' : 'refused', requester: actor.requester, problems })
