@@ -44,13 +44,14 @@
 import { fork, execFileSync } from 'node:child_process'
 import { readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:http'
-import { createServer as createNetServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
 import { benchSidecarInput } from './sidecar-config.mjs'
 import { floorHandler } from '../proxies/node-floor.mjs'
+import { rawUpstream } from '../lib/raw-upstream.mjs'
+import { rpc, serve } from '../lib/rpc.mjs'
 
 const { values } = parseArgs({
   options: {
@@ -73,48 +74,6 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
 function pin (pid, cpu) {
   try { execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' }) } catch { console.error(`taskset failed: ${pid} not pinned`) }
-}
-
-/** A child that answers messages with `{ id, … }` replies. */
-function rpc (child) {
-  let next = 0
-  const waiting = new Map()
-  child.on('message', (m) => {
-    const resolve = waiting.get(m.id)
-    if (resolve !== undefined) { waiting.delete(m.id); resolve(m) }
-  })
-  return (m) => new Promise((resolve) => { const id = ++next; waiting.set(id, resolve); child.send({ ...m, id }) })
-}
-
-function serve (handle) {
-  process.on('message', async (m) => { process.send({ id: m.id, ...(await handle(m)) }) })
-  process.on('disconnect', () => { process.exit(0) })
-}
-
-/**
- * An upstream that costs as little as an upstream can: no HTTP parser, one canned answer per
- * request head read (the sidecars send GETs without bodies), so the load side's core is not
- * what limits the sidecars. Counts the requests it answered.
- */
-function rawUpstream () {
-  const answer = Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=120\r\n\r\nok\n')
-  const state = { answered: 0, server: null }
-  state.server = createNetServer((socket) => {
-    let carry = ''
-    socket.on('data', (chunk) => {
-      const text = carry + chunk.toString('latin1')
-      let n = 0
-      let at = text.indexOf('\r\n\r\n')
-      let last = 0
-      while (at !== -1) { n++; last = at + 4; at = text.indexOf('\r\n\r\n', last) }
-      carry = text.slice(Math.max(last, text.length - 3))
-      if (n === 0) return
-      state.answered += n
-      socket.write(n === 1 ? answer : Buffer.concat(Array(n).fill(answer)))
-    })
-    socket.on('error', () => {})
-  })
-  return state
 }
 
 /** CPU 0: an upstream per sidecar, the OTLP collector, and one closed-loop load per sidecar. */
