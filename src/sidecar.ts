@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import { readFileSync } from 'node:fs'
-import type { Socket } from 'node:net'
+import type { AddressInfo, Server, Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
@@ -170,7 +170,7 @@ export class Sidecar {
     this.triggers.configure(config.rollbackTriggers)
     this.verifier = new Verifier({
       config: () => this.config,
-      proxy: () => this.addresses.proxy.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:'),
+      proxy: () => reachable(this.addresses.proxy),
       // The probe reaches this very process's listener: there is no one else to authenticate,
       // and a private CA need not be in the trust store. A mutual-TLS listener is shown
       // `verification.clientCert`, else the listener's own pair (which it accepts when its CA
@@ -282,11 +282,12 @@ export class Sidecar {
     }
     const proxy = await listenProxy(this.proxy, listen.proxy.host, listen.proxy.port, listen.proxy.acceptors)
     const egress = this.egress === null || listen.egress === null ? null : await listenProxy(this.egress, listen.egress.host, listen.egress.port, listen.egress.acceptors)
-    const ops = await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
-    const admin = await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
-    this.addresses = { proxy, ops: normaliseFastifyAddress(ops), admin: normaliseFastifyAddress(admin), egress }
+    await this.ops.listen({ host: listen.ops.host, port: listen.ops.port })
+    await this.admin.listen({ host: listen.admin.host, port: listen.admin.port })
+    // The addresses bound, as the proxy's (fastify names one interface's for 0.0.0.0).
+    this.addresses = { proxy, ops: boundUrl(this.ops.server), admin: boundUrl(this.admin.server), egress }
     // Before incidents resume: an escalation posted again names this sidecar's admin address.
-    this.notifier.alertmanager.runbook = `breakwater triage --admin ${this.addresses.admin}`
+    this.notifier.alertmanager.runbook = `breakwater triage --admin ${reachable(this.addresses.admin)}`
     // Open incidents resume verification through the proxy listener, now bound.
     this.verifier.restore(this.control.state.incidents, this.fleet !== null)
     this.control.state.incidents = this.verifier.incidents
@@ -839,8 +840,15 @@ const SPAN_FLUSH_MS = 2000
 /** The longest a shutdown waits for its last log lines to reach stdout. */
 const LOG_DRAIN_MS = 1000
 
-function normaliseFastifyAddress (address: string): string {
-  return address.replace('://localhost', '://127.0.0.1')
+/** The URL of the address `server` is bound to. */
+function boundUrl (server: Server): string {
+  const a = server.address() as AddressInfo
+  return `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
+}
+
+/** A bound URL to connect to: a wildcard address becomes loopback. */
+function reachable (url: string): string {
+  return url.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:')
 }
 
 /**

@@ -127,3 +127,14 @@ t.test('a non-critical upstream failing its health check keeps /health 200', asy
   t.same(await getJson(`${ops}/ready`), { status: 200, body: { status: 'ok' } }, '/ready stays 200')
   t.same(await getJson(`${ops}/live`), { status: 200, body: { status: 'ok' } })
 })
+
+t.test('the start-up line names the addresses bound: a wildcard ops listener is not logged as loopback', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, { ...oneRoute(up.url), listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '0.0.0.0', port: 0 }, admin: { host: '127.0.0.1', port: 0 } } })
+  const line = s.logs.find((l) => l.msg === 'listening')
+  t.match(String(line?.ops), /^http:\/\/0\.0\.0\.0:\d+$/, `ops bound to every interface, said so (${String(line?.ops)})`)
+  t.match(String(line?.admin), /^http:\/\/127\.0\.0\.1:\d+$/, 'admin on loopback, said so')
+  const port = new URL(String(line?.ops)).port
+  t.equal((await fetch(`http://127.0.0.1:${port}/live`)).status, 200, 'and it answers there')
+})
