@@ -69,6 +69,20 @@ function configPath (given: string | undefined): string {
   return join(packageRoot, 'config', 'breakwater.yaml')
 }
 
+/** A usage error: the message on stderr, exit 2 (README: "a word the command does not take"). */
+function usage (message: string): number {
+  process.stderr.write(`breakwater: ${message}\nRun "breakwater --help" for usage.\n`)
+  return 2
+}
+
+/**
+ * `validate bad.yaml` reads like "validate bad.yaml", so running on another file instead (the
+ * default config) would pass a CI step that checks nothing: the file is named by --config only.
+ */
+function fileWord (command: string, words: string[]): string {
+  return `${command} takes no file name (got "${words.join(' ')}"): give the config with --config PATH`
+}
+
 async function main (argv: string[]): Promise<number> {
   let parsed
   try {
@@ -104,10 +118,12 @@ async function main (argv: string[]): Promise<number> {
 
   switch (command) {
     case 'start': {
+      if (positionals.length > 1) return usage(fileWord(command, positionals.slice(1)))
       const { start } = await import('./main.js')
       return await start(configPath(values.config))
     }
     case 'validate':
+      if (positionals.length > 1) return usage(fileWord(command, positionals.slice(1)))
       return await validate(configPath(values.config), values.json === true)
     case 'drill': {
       if (values.fleet === true) {

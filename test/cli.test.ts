@@ -174,6 +174,25 @@ t.test('options may come before or after positional arguments', async (t) => {
   t.equal((JSON.parse(json.stdout) as { valid: boolean }).valid, true, '--json before the command, -c after it')
 })
 
+t.test('start and validate refuse a file name given as a word: the config is --config PATH', async (t) => {
+  const dir = tempDir(t)
+  const bad = write(dir, 'bad.yaml', invalidConfig(dir))
+  const good = write(dir, 'good.yaml', validConfig(dir))
+  const [alone, besides, start] = await Promise.all([
+    // In an empty folder without BREAKWATER_CONFIG the embedded default would be the one read.
+    runCli(['validate', bad], { cwd: dir, env: cleanEnv }),
+    runCli(['validate', '--config', good, bad], { cwd: dir, env: cleanEnv }),
+    // Were the word ignored, start would run BREAKWATER_CONFIG's file (here an invalid one: exit 1).
+    runCli(['start', good], { cwd: dir, env: { BREAKWATER_CONFIG: bad } })
+  ])
+  for (const [label, r, command] of [['validate bad.yaml', alone, 'validate'], ['validate --config good.yaml bad.yaml', besides, 'validate'], ['start good.yaml', start, 'start']] as const) {
+    t.equal(r.code, 2, `${label}: exit 2`, { stderr: r.stderr, stdout: r.stdout })
+    t.match(r.stderr, new RegExp(`${command} takes no file name \\(got "[^"]*\\.yaml"\\): give the config with --config PATH`), `${label}: says how to name the file`)
+    t.equal(r.stdout, '', `${label}: nothing validated, nothing started`)
+    noStackTrace(t, r.stderr)
+  }
+})
+
 t.test('an unknown command or option exits non-zero with a message', async (t) => {
   const [unknown, option] = await Promise.all([
     runCli(['frobnicate'], { env: cleanEnv }),
