@@ -83,12 +83,73 @@ function fileWord (command: string, words: string[]): string {
   return `${command} takes no file name (got "${words.join(' ')}"): give the config with --config PATH`
 }
 
+/** What every operator command takes: where the sidecar is, its token, and the output format. */
+const OPERATOR = ['admin', 'token-file', 'config', 'json'] as const
+
+/**
+ * The options each command takes (`--help` and `--version` go with any). An option a command
+ * does not take is refused (exit 2), never ignored: `mitigate killSwitch F --ttl 2s` read as a
+ * permanent kill, or `mitigate killSwitch --route checkout` as "kill every flag", would widen or
+ * prolong the mitigation the operator asked for. `mitigate` is keyed by its action.
+ */
+const TAKES: Record<string, readonly string[]> = {
+  start: ['config'],
+  validate: ['config', 'json'],
+  drill: ['fleet', 'no-restore'],
+  'drill --fleet': ['fleet'],
+  status: OPERATOR,
+  triage: OPERATOR,
+  incident: OPERATOR,
+  audit: [...OPERATOR, 'limit'],
+  kill: [...OPERATOR, 'reason', 'ttl', 'fleet'],
+  restore: [...OPERATOR, 'reason', 'fleet'],
+  circuit: [...OPERATOR, 'reason', 'ttl', 'fleet'],
+  failover: [...OPERATOR, 'reason', 'ttl', 'fleet', 'to'],
+  'mitigate killSwitch': [...OPERATOR, 'reason'],
+  'mitigate circuitBreak': [...OPERATOR, 'reason'],
+  'mitigate rollback': [...OPERATOR, 'reason'],
+  'mitigate rateLimit': [...OPERATOR, 'reason', 'route', 'rps', 'burst', 'ttl'],
+  lift: [...OPERATOR, 'reason']
+}
+
+/** What to do instead, where the option belongs to a neighbouring command. */
+const INSTEAD: Record<string, string> = {
+  fleet: '--fleet applies to kill, restore, circuit, failover',
+  'mitigate killSwitch --ttl': 'a kill that lapses on its own is "breakwater kill FLAG --ttl D"',
+  'mitigate killSwitch --route': 'name the flags as words: "mitigate killSwitch FLAG..."; --route is for mitigate rateLimit',
+  'mitigate circuitBreak --ttl': 'a forced circuit that lapses on its own is "breakwater circuit UPSTREAM open --ttl D"',
+  'restore --ttl': 'restore drops the override now; a kill that lapses on its own is "breakwater kill FLAG --ttl D"'
+}
+
+/**
+ * The command as `TAKES` names it, or null when the words do not name one yet (an unknown
+ * command or `mitigate` action, which has its own usage message).
+ */
+function commandKey (positionals: string[], fleet: boolean): string | null {
+  const [command, action] = positionals
+  if (command === 'drill') return fleet ? 'drill --fleet' : 'drill'
+  if (command === 'mitigate') return TAKES[`mitigate ${action ?? ''}`] !== undefined ? `mitigate ${action as string}` : null
+  return command !== undefined && TAKES[command] !== undefined ? command : null
+}
+
+/** The first option given that the command does not take, as a usage message; null when all fit. */
+function foreignOption (key: string, given: Array<{ name: string, rawName: string }>): string | null {
+  const takes = TAKES[key] as readonly string[]
+  const foreign = given.find((o) => o.name !== 'help' && o.name !== 'version' && !takes.includes(o.name))
+  if (foreign === undefined) return null
+  const option = `--${foreign.name}`
+  const instead = INSTEAD[`${key} ${option}`] ?? INSTEAD[foreign.name]
+  const its = takes.length === 0 ? 'it takes no option' : `its options: ${takes.map((o) => `--${o}`).join(', ')}`
+  return `${foreign.rawName === option ? option : `${foreign.rawName} (${option})`} is not an option of "${key}" (${instead ?? its})`
+}
+
 async function main (argv: string[]): Promise<number> {
   let parsed
   try {
     parsed = parseArgs({
       args: argv,
       allowPositionals: true,
+      tokens: true,
       options: {
         config: { type: 'string', short: 'c' },
         help: { type: 'boolean', short: 'h' },
@@ -111,10 +172,15 @@ async function main (argv: string[]): Promise<number> {
     process.stderr.write(`breakwater: ${(err as Error).message}\nRun "breakwater --help" for usage.\n`)
     return 2
   }
-  const { values, positionals } = parsed
+  const { values, positionals, tokens } = parsed
   if (values.version === true) { process.stdout.write(`${version()}\n`); return 0 }
   const command = positionals[0]
   if (values.help === true || command === undefined || command === 'help') { process.stdout.write(HELP); return 0 }
+  const key = commandKey(positionals, values.fleet === true)
+  if (key !== null) {
+    const foreign = foreignOption(key, tokens.filter((t) => t.kind === 'option'))
+    if (foreign !== null) return usage(foreign)
+  }
 
   switch (command) {
     case 'start': {

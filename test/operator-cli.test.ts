@@ -40,6 +40,30 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     { args: ['kill', FLAG, 'unrelated', '--reason', 'two flags', '--admin', url], env: withToken },
     ...noReason.map((args) => ({ args: [...args, '--admin', url], env: withToken }))
   ]) as [CliResult, ...CliResult[]]
+  // Options a command does not take: each would widen or prolong what the operator asked for
+  // (a kill with no end, every kill-switch flag instead of one route) were it ignored.
+  const foreignOptions: Array<[string[], RegExp]> = [
+    [['mitigate', 'killSwitch', FLAG, '--ttl', '2s'], /--ttl is not an option of "mitigate killSwitch" \(a kill that lapses on its own is "breakwater kill FLAG --ttl D"\)/],
+    [['mitigate', 'killSwitch', '--route', 'checkout'], /--route is not an option of "mitigate killSwitch"/],
+    [['mitigate', 'circuitBreak', 'pay', '--rps', '5'], /--rps is not an option of "mitigate circuitBreak"/],
+    [['restore', FLAG, '--ttl', '5m'], /--ttl is not an option of "restore"/],
+    [['circuit', 'pay', 'open', '--to', 'app'], /--to is not an option of "circuit" \(its options: --admin, --token-file, --config, --json, --reason, --ttl, --fleet\)/],
+    [['kill', FLAG, '--limit', '3'], /--limit is not an option of "kill"/],
+    [['lift', 'm-anything', '--ttl', '1m'], /--ttl is not an option of "lift"/],
+    [['status', '-r', 'x'], /-r \(--reason\) is not an option of "status"/]
+  ]
+  const foreign = await runAll(run, foreignOptions.map(([args]) => ({ args: [...args, '--reason', 'x', '--admin', url], env: withToken })))
+
+  t.test('an option the command does not take: exit 2 naming the option and the command, nothing sent', async (t) => {
+    for (const [i, r] of foreign.entries()) {
+      const [args, message] = foreignOptions[i] as [string[], RegExp]
+      const label = args.join(' ')
+      t.equal(r.code, 2, `${label}: exit 2`)
+      t.match(r.stderr, message, `${label}: names the option and the command`)
+      t.equal(r.stdout, '', `${label}: nothing on stdout`)
+      t.notMatch(r.stderr, STACK_FRAME)
+    }
+  })
 
   t.test('status: a table for people mentioning flags and circuits', async (t) => {
     t.equal(human.code, 0, human.stderr)
