@@ -37,9 +37,10 @@ Operator commands (talk to a running sidecar's admin API):
   breakwater triage                                   what is wrong, and the lowest-risk fix
   breakwater incident report INCIDENT_ID              post-mortem draft (Markdown; --json for tools)
 
-  breakwater drill [--no-restore]                     rehearse an outage end to end, on loopback
-                                                      (--no-restore: the rollback does not fix it → escalation)
-  breakwater drill --fleet [N]                        the same for a fleet of N sidecars (default 20)
+  breakwater drill [--no-restore] [--json]            rehearse an outage end to end, on loopback
+                                                      (--no-restore: the rollback does not fix it → escalation;
+                                                      --json: the result as one JSON document)
+  breakwater drill --fleet [N] [--json]               the same for a fleet of N sidecars (default 20)
                                                       on etcd and Alertmanager (both installed locally)
 
 Options:
@@ -95,8 +96,8 @@ const OPERATOR = ['admin', 'token-file', 'config', 'json'] as const
 const TAKES: Record<string, readonly string[]> = {
   start: ['config'],
   validate: ['config', 'json'],
-  drill: ['fleet', 'no-restore'],
-  'drill --fleet': ['fleet'],
+  drill: ['fleet', 'no-restore', 'json'],
+  'drill --fleet': ['fleet', 'json'],
   status: OPERATOR,
   triage: OPERATOR,
   incident: OPERATOR,
@@ -192,23 +193,38 @@ async function main (argv: string[]): Promise<number> {
       if (positionals.length > 1) return usage(fileWord(command, positionals.slice(1)))
       return await validate(configPath(values.config), values.json === true)
     case 'drill': {
-      if (values.fleet === true) {
+      const fleet = values.fleet === true
+      const json = values.json === true
+      // --json: the report is the drill's result as one JSON document, and nothing else.
+      const out = json ? () => {} : write
+      const signal = stdoutGone.signal
+      if (positionals.length > (fleet ? 2 : 1)) return usage(`unexpected "${positionals.slice(fleet ? 2 : 1).join(' ')}"; usage: breakwater drill [--no-restore] [--json], or drill --fleet [N] [--json]`)
+      if (fleet) {
         const n = Number(positionals[1] ?? '20')
-        if (!Number.isInteger(n) || n < 1 || n > 200) { process.stderr.write('breakwater: drill --fleet N: N is a number of sidecars from 1 to 200\n'); return 2 }
+        if (!Number.isInteger(n) || n < 1 || n > 200) return usage('drill --fleet N: N is a number of sidecars from 1 to 200')
         const { runFleetDrill } = await import('./drill-fleet.js')
         try {
           // This very command times the fleet kill switch from a new `breakwater kill --fleet`.
           const command = { argv: [process.execPath, process.argv[1] ?? ''], env: process.env }
-          const r = await runFleetDrill({ out: (t) => process.stdout.write(t), sidecars: n, command })
+          const r = await runFleetDrill({ out, sidecars: n, command, signal })
+          if (json) write(JSON.stringify(r, null, 2) + '\n')
           return r.failures.length === 0 ? 0 : 1
         } catch (err) {
+          if (signal.aborted) return 1
           process.stderr.write(`breakwater: fleet drill failed: ${(err as Error).message}\n`)
           return 1
         }
       }
       const { runDrill } = await import('./drill.js')
       const restore = values['no-restore'] !== true
-      const result = await runDrill({ out: (t) => process.stdout.write(t), tty: process.stdout.isTTY === true, restore })
+      let result
+      try {
+        result = await runDrill({ out, tty: !json && process.stdout.isTTY === true, restore, signal })
+      } catch (err) {
+        if (signal.aborted) return 1
+        throw err
+      }
+      if (json) write(JSON.stringify(result, null, 2) + '\n')
       // The escalation rehearsal succeeds when the incident was escalated.
       return (restore ? result.restored : result.escalatedSeconds !== null) ? 0 : 1
     }
@@ -276,8 +292,28 @@ async function validate (path: string, json: boolean): Promise<number> {
   }
 }
 
+/**
+ * A reader that goes away (`breakwater drill | head -1`) is nobody's error: Node ignores SIGPIPE,
+ * so the next write fails with EPIPE, which unhandled would end the process with a stack trace.
+ * Instead the command stops quietly — a drill closes what it started — and exits 141, as a
+ * command ended by SIGPIPE does (what `set -o pipefail` expects of `yes | head -1`).
+ */
+const stdoutGone = new AbortController()
+let stdoutExitCode: number | null = null
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (stdoutGone.signal.aborted) return
+  if (err.code !== 'EPIPE') process.stderr.write(`breakwater: cannot write to stdout: ${err.message}\n`)
+  stdoutExitCode = err.code === 'EPIPE' ? 141 : 1
+  stdoutGone.abort()
+})
+
+/** Text on stdout, until its reader has gone. */
+function write (text: string): void {
+  if (!stdoutGone.signal.aborted) process.stdout.write(text)
+}
+
 main(process.argv.slice(2)).then((code) => {
-  process.exitCode = code
+  process.exitCode = stdoutExitCode ?? code
 }, (err: unknown) => {
   process.stderr.write(`breakwater: ${(err as Error).stack ?? String(err)}\n`)
   process.exitCode = 1

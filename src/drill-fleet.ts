@@ -33,6 +33,8 @@ export interface FleetDrillOptions {
    * kill switch is also timed from a spawned `breakwater kill --fleet`.
    */
   command?: { argv: readonly string[], env: NodeJS.ProcessEnv }
+  /** Stop at the next step (the reader of the output went away): everything started is closed, then it rejects. */
+  signal?: AbortSignal
 }
 
 /** How long a fleet kill switch took to be in force on each sidecar, from the command. */
@@ -177,6 +179,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
   let load: NodeJS.Timeout | null = null
   const pools: Pool[] = []
   const failures: string[] = []
+  const step = (): void => { o.signal?.throwIfAborted() }
   try {
     o.out(`Breakwater fleet drill: ${n} sidecars of service "shop", a 3-member etcd cluster, Alertmanager\n`)
     etcd = await startLocalEtcd(3)
@@ -186,6 +189,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     o.out(`  etcd ${etcd.endpoints.join(', ')}\n  alertmanager ${am.url}\n`)
     o.out(`  Slack, PagerDuty and webhook receivers ${counter.url}/slack, /pagerduty, /webhook\n`)
     for (let i = 0; i < n; i++) {
+      step()
       const instance = `sidecar-${i}`
       const { config } = resolveConfig({
         ...demoService(demo, '3s', 10),
@@ -209,6 +213,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     }
     await waitUntil(() => sidecars.every((s) => s.fleet?.connected === true), 30_000)
     o.out(`  ${sidecars.filter((s) => s.fleet?.connected === true).length}/${n} sidecars connected to etcd\n\n`)
+    step()
 
     // 1. A fleet kill switch: one command, every sidecar.
     const adminRequest = async (admin: string, method: 'PUT' | 'DELETE', body: Record<string, unknown>): Promise<void> => {
@@ -226,6 +231,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     o.out(`Fleet kill switch (kill newCheckout --fleet): in force on ${propagation.reached}/${n} sidecars\n`)
     o.out(`  from the admin API request: ${propagationLine(propagation)}\n`)
     await restoreEverywhere()
+    step()
     let cliPropagation: Propagation | null = null
     const command = o.command
     if (command !== undefined) {
@@ -239,6 +245,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     }
     for (const p of [propagation, cliPropagation]) if (p !== null && p.reached !== n) failures.push(`the fleet kill switch reached ${p.reached}/${n} sidecars`)
 
+    step()
     // 2. One etcd member dies: nothing changes.
     await etcd.kill(2)
     await new Promise((resolve) => setTimeout(resolve, 3000))
@@ -246,6 +253,7 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     o.out(`\nKilled etcd member m2: ${connectedAfterMemberLoss}/${n} sidecars still connected, fleet state unchanged\n`)
     if (connectedAfterMemberLoss !== n) failures.push(`${n - connectedAfterMemberLoss} sidecars lost etcd with one member of three gone`)
 
+    step()
     // 3. A bad release: every sidecar sees it and fires.
     for (const s of sidecars) pools.push(new Pool(s.addresses.proxy, { connections: 2 }))
     load = setInterval(() => {
@@ -258,12 +266,13 @@ export async function runFleetDrill (o: FleetDrillOptions): Promise<FleetDrillRe
     demo.bad = true
     o.out(`\nBad release of /checkout: half of its requests fail on every sidecar; a rollback takes ${DEPLOY_MS / 1000} s to deploy\n`)
     // The rollback webhook is called at once; the previous release is live DEPLOY_MS later.
-    const deploy = waitUntil(() => demo.rollbacks > 0, timeout).then(async () => {
+    const deploy = waitUntil(() => demo.rollbacks > 0 || o.signal?.aborted === true, timeout).then(async () => {
       await new Promise((resolve) => setTimeout(resolve, DEPLOY_MS))
       demo.bad = false
     })
     const leader = (): Sidecar | undefined => sidecars.find((s) => s.verifier.incidents.some((i) => i.fleet?.role === 'leader' && i.restoredAt !== null))
-    await waitUntil(() => leader() !== undefined, timeout)
+    await waitUntil(() => leader() !== undefined || o.signal?.aborted === true, timeout)
+    step()
     const incident = leader()?.verifier.incidents.find((i) => i.fleet?.role === 'leader')
     const restored = incident?.status === 'restored'
     const timeToRestoreSeconds = incident?.restoredAt == null ? null : (Date.parse(incident.restoredAt) - onset) / 1000

@@ -19,7 +19,7 @@ import type { AddressInfo } from 'node:net'
 import { Pool } from './undici.js'
 import { resolveConfig } from './config/load.js'
 import { startSidecar, type Sidecar } from './sidecar.js'
-import { renderReport } from './control/report.js'
+import { renderReport, type IncidentReport } from './control/report.js'
 
 export interface DrillOptions {
   out: (text: string) => void
@@ -33,6 +33,16 @@ export interface DrillOptions {
   timeoutSeconds?: number
   /** false: the rollback does not fix the fault (the escalation rehearsal). Default true. */
   restore?: boolean
+  /** Stop early (the reader of the output went away): everything started is closed, then it rejects. */
+  signal?: AbortSignal
+}
+
+/** One of the sidecar's own log events the drill shows: trigger fired, mitigation, incident phase. */
+export interface DrillEvent {
+  time: string
+  event: string
+  phase: string | null
+  action: string | null
 }
 
 export interface DrillResult {
@@ -42,6 +52,12 @@ export interface DrillResult {
   timeToRestoreSeconds: number | null
   /** Seconds from the bad release to the escalation, when there was one. */
   escalatedSeconds: number | null
+  /** Whether the demo app received the rollback webhook. */
+  rollbackReceived: boolean
+  /** The sidecar's trigger, mitigation and incident events, in order. */
+  events: DrillEvent[]
+  /** The incident's post-mortem draft (`GET /v1/incidents/:id/report?format=json`); null when none opened. */
+  report: IncidentReport | null
 }
 
 interface Demo {
@@ -173,9 +189,10 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     if (!fixable) o.out('this time the fault is not in the release: the rollback will not fix it (verification fails → escalation)\n')
     o.out('\n')
     let onset: number | null = null
-    let result: DrillResult = { restored: false, timeToDetectSeconds: null, timeToMitigateSeconds: null, timeToRestoreSeconds: null, escalatedSeconds: null }
+    let times: Omit<DrillResult, 'rollbackReceived' | 'events' | 'report'> = { restored: false, timeToDetectSeconds: null, timeToMitigateSeconds: null, timeToRestoreSeconds: null, escalatedSeconds: null }
     let lastPrinted = -1
     while (true) {
+      o.signal?.throwIfAborted()
       await new Promise((resolve) => setTimeout(resolve, 200))
       const now = Date.now()
       const t = (now - start) / 1000
@@ -196,7 +213,7 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
       // Restored ends the drill; not restored, once it is escalated.
       if (incident !== undefined && onset !== null && (incident.status === 'restored' || (incident.status === 'not_restored' && incident.escalatedAt !== null))) {
         const since = (at: string | null): number | null => at === null ? null : (Date.parse(at) - (onset as number)) / 1000
-        result = {
+        times = {
           restored: incident.status === 'restored',
           timeToDetectSeconds: since(incident.detectedAt),
           timeToMitigateSeconds: since(incident.mitigatedAt),
@@ -209,19 +226,27 @@ export async function runDrill (o: DrillOptions): Promise<DrillResult> {
     }
     if (load !== null) clearInterval(load)
     await proxy.close()
+    o.signal?.throwIfAborted()
+    const incident = sidecar.verifier.incidents[0]
+    const report = incident === undefined ? null : await sidecar.incidentReport(incident.id)
+    const shown = events.filter((e) => e.event === 'trigger_fired' || e.event === 'mitigation' || e.event === 'incident')
+    const result: DrillResult = {
+      ...times,
+      rollbackReceived: demo.rolledBackAt !== null,
+      events: shown.map((e) => ({ time: String(e.time), event: String(e.event), phase: e.phase === undefined ? null : String(e.phase), action: e.action === undefined ? null : String(e.action) })),
+      report
+    }
     const f = (x: number | null): string => (x === null ? 'n/a' : `${x.toFixed(1)} s`)
     o.out(`${o.tty ? '\n' : ''}\nTimeline (from the bad release):\n`)
     o.out(`  fault onset          +0.0 s\n`)
     o.out(`  detected             +${f(result.timeToDetectSeconds)}   trigger error_rate_5pct fired\n`)
-    o.out(`  mitigated            +${f(result.timeToMitigateSeconds)}   rollback webhook accepted${demo.rolledBackAt !== null ? '' : ' (NOT received)'}\n`)
+    o.out(`  mitigated            +${f(result.timeToMitigateSeconds)}   rollback webhook accepted${result.rollbackReceived ? '' : ' (NOT received)'}\n`)
     if (fixable || result.restored) o.out(`  restored (verified)  +${f(result.timeToRestoreSeconds)}   synthetic checks and real traffic healthy\n`)
     else o.out(`  verification failed  the rollback did not bring /checkout back\n`)
     const escalation = demo.notifications.find((n) => n.event === 'escalated')
     if (result.escalatedSeconds !== null) o.out(`  escalated            +${f(result.escalatedSeconds)}   ${escalation !== undefined ? `sent: ${String(escalation.summary)}` : 'notification not received yet'}\n`)
-    const sent2 = events.filter((e) => e.event === 'trigger_fired' || e.event === 'mitigation' || e.event === 'incident').map((e) => `${String(e.time).slice(11, 23)}  ${String(e.event)}${e.phase !== undefined ? `:${String(e.phase)}` : ''}${e.action !== undefined ? ` ${String(e.action)}` : ''}`)
-    o.out(`\nSidecar events:\n${sent2.map((l) => `  ${l}`).join('\n')}\n`)
-    const incident = sidecar.verifier.incidents[0]
-    const report = incident === undefined ? null : await sidecar.incidentReport(incident.id)
+    const lines = result.events.map((e) => `${e.time.slice(11, 23)}  ${e.event}${e.phase !== null ? `:${e.phase}` : ''}${e.action !== null ? ` ${e.action}` : ''}`)
+    o.out(`\nSidecar events:\n${lines.map((l) => `  ${l}`).join('\n')}\n`)
     if (report !== null) o.out(`\nPost-mortem draft (breakwater incident report ${report.incident}):\n\n${renderReport(report)}`)
     if (result.restored) o.out(`\nService restored ${f(result.timeToRestoreSeconds)} after the bad release (target: under 10 s).\n`)
     else if (result.escalatedSeconds !== null) o.out(`\nService was NOT restored; the incident was escalated ${f(result.escalatedSeconds)} after the bad release.\n`)

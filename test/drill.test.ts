@@ -4,7 +4,9 @@
  * the rollback, the verification — exit 0 once restored, well under a minute.
  */
 import t from 'tap'
-import { runCli } from './helpers/process.js'
+import { spawn } from 'node:child_process'
+import { readdirSync } from 'node:fs'
+import { CLI, childEnv, runCli, tempDir } from './helpers/process.js'
 
 t.setTimeout(120_000)
 
@@ -84,4 +86,50 @@ t.test('breakwater drill --no-restore: the rollback does not fix it, verificatio
   t.match(out, /time to restore and duration: service was not verified restored/, 'and leaves out what it does not hold')
   const final = /Service was NOT restored; the incident was escalated (\d+\.\d) s after the bad release\./.exec(out)
   t.equal(final?.[1], escalated?.[1], 'the last line says escalated, at the same time')
+})
+
+t.test('breakwater drill --json: the drill\'s result as one JSON document, and nothing else', async (t) => {
+  const r = await runCli(['drill', '--json'], { timeoutMs: 90_000 })
+  t.equal(r.code, 0, `exit 0; stderr: ${r.stderr}`)
+  t.equal(r.stderr, '')
+  let result: any
+  t.doesNotThrow(() => { result = JSON.parse(r.stdout) }, 'stdout is only JSON', { stdout: r.stdout.slice(0, 500) })
+  t.equal(result?.restored, true)
+  t.equal(result?.rollbackReceived, true)
+  for (const key of ['timeToDetectSeconds', 'timeToMitigateSeconds', 'timeToRestoreSeconds']) t.type(result?.[key], 'number', key)
+  t.ok(result?.timeToDetectSeconds <= result?.timeToMitigateSeconds && result?.timeToMitigateSeconds <= result?.timeToRestoreSeconds, 'detected ≤ mitigated ≤ restored')
+  t.equal(result?.escalatedSeconds, null)
+  const events = ((result?.events ?? []) as Array<{ event: string, phase: string | null, action: string | null }>).map((e) => `${e.event}${e.phase !== null ? `:${e.phase}` : ''}${e.action !== null ? ` ${e.action}` : ''}`)
+  const positions = ['trigger_fired rollback', 'incident:detected', 'mitigation rollback', 'incident:restored'].map((e) => events.indexOf(e))
+  t.ok(positions.every((p) => p !== -1), `events ${JSON.stringify(events)}`)
+  t.match(result?.report, { incident: /^i-/, service: 'shop', status: 'restored' }, 'the post-mortem draft, as GET /v1/incidents/:id/report?format=json')
+})
+
+t.test('breakwater drill takes no other word: exit 2 at once, no drill', async (t) => {
+  const [extra, fleetExtra] = await Promise.all([runCli(['drill', 'extra']), runCli(['drill', '--fleet', '3', 'more'])])
+  for (const r of [extra, fleetExtra]) {
+    t.equal(r.code, 2, r.stderr)
+    t.match(r.stderr, /unexpected "(extra|more)"; usage: breakwater drill/)
+    t.equal(r.stdout, '', 'no drill ran')
+  }
+})
+
+t.test('a reader that goes away (`breakwater drill | head -1`): the drill stops quietly, exit 141, nothing left behind', async (t) => {
+  // The drill's state dir is made under TMPDIR: one of the test's own shows what is left.
+  const tmp = tempDir(t)
+  const child = spawn(process.execPath, [CLI, 'drill'], { env: childEnv({ TMPDIR: tmp }), stdio: ['ignore', 'pipe', 'pipe'] })
+  let stderr = ''
+  child.stderr.on('data', (c: Buffer) => { stderr += c.toString('utf8') })
+  let first = ''
+  child.stdout.on('data', (c: Buffer) => {
+    first += c.toString('utf8')
+    // What `head -1` does once it has its line: close the pipe.
+    if (first.includes('\n')) child.stdout.destroy()
+  })
+  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('close', (c, s) => resolve([c, s])))
+  t.match(first, /^Breakwater drill: /)
+  t.equal(signal, null)
+  t.equal(code, 141, 'the status of a command ended by SIGPIPE')
+  t.equal(stderr, '', 'no stack trace, nothing at all on stderr')
+  t.same(readdirSync(tmp), [], 'the drill closed what it started and removed its state dir')
 })
