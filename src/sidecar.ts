@@ -238,7 +238,8 @@ export class Sidecar {
       reload: async (actor) => await this.reload(actor),
       incidents: () => this.verifier.incidents,
       report: async (id) => await this.incidentReport(id),
-      triage: () => this.triageView()
+      triage: () => this.triageView(),
+      logger: this.logger
     })
     registerMetrics(this.registry, { dataPlane: this.dataPlane, reachability: this.reachability, flags: this.flags, control: this.control, triggers: this.triggers, notifier: this.notifier, verifier: this.verifier, restoreBuckets: TTR_BUCKETS, log: log.stats, reloads: this.reloads, tracing: config.tracing === null ? null : this.traceStats, tls: this.listeners().flatMap((l) => l.tlsStats ?? []) })
   }

@@ -94,6 +94,51 @@ t.test('a flag override with a ttl lapses on its own', async (t) => {
   t.equal((await admin(s.admin, 'PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', ttl: 'soon' })).status, 400)
 })
 
+t.test('an out-of-range ttl is a 400 naming the field and the bound, on every call that takes one; nothing changes', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url))
+  const calls = (ttl: unknown): Array<[string, 'PUT' | 'POST', string, Record<string, unknown>]> => [
+    ['flag', 'PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', ttl }],
+    ['circuit', 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'x', ttl }],
+    ['rateLimit', 'POST', '/v1/mitigations', { action: 'rateLimit', routes: ['search'], requestsPerSecond: 5, reason: 'x', ttl }],
+    ['failover', 'POST', '/v1/mitigations', { action: 'failover', upstreams: ['pay'], to: 'app', reason: 'x', ttl }]
+  ]
+  // Past any expiry time a Date holds (these were 500s), and just past the bound every duration has.
+  for (const ttl of [1e300, '9999999999999s', 2 ** 53, 2147483648, '600h']) {
+    for (const [what, method, path, body] of calls(ttl)) {
+      const r = await admin(s.admin, method, path, body)
+      t.equal(r.status, 400, `${what} ttl ${JSON.stringify(ttl)}: 400`)
+      t.equal(r.body.error, 'bad_request')
+      t.match(r.body.message, /^ttl must be at most 2147483647 ms \(about 24\.8 days/, `${what} ttl ${JSON.stringify(ttl)}: names the field and the bound`)
+    }
+  }
+  t.equal((await send(s.proxy, '/search')).status, 200, 'nothing changed')
+  const st = (await admin(s.admin, 'GET', '/v1/state')).body
+  t.equal(st.flags.newSearch.origin, 'config')
+  t.equal(st.circuits.pay.forced, null)
+  t.same(st.mitigations, [])
+  t.notOk(s.logs.some((l) => l.event === 'admin_error'), 'no unexpected error')
+  // The bound itself is a ttl.
+  const longest = await admin(s.admin, 'PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', ttl: 2147483647 })
+  t.equal(longest.status, 200)
+  t.equal(Date.parse(longest.body.expiresAt) - Date.parse(longest.body.at), 2147483647)
+})
+
+t.test('an unexpected error in the admin API is a 500 and an error log line with the error, never silent', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url))
+  // A fault no input can cause (the state file's disk failing underneath, say): here, by hand.
+  s.sidecar.control.setFlag = async () => { throw new Error('disk on fire') }
+  const r = await admin(s.admin, 'PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x' })
+  t.equal(r.status, 500)
+  t.same(r.body, { error: 'internal', message: 'unexpected error; see the sidecar log' })
+  const line = s.logs.find((l) => l.event === 'admin_error')
+  t.ok(line, 'logged')
+  t.match(line, { level: 'error', method: 'PUT', path: '/v1/flags/:key', err: { message: 'disk on fire', stack: /Error: disk on fire/ } }, 'at error level, with the call and the error')
+})
+
 t.test('forced circuits: open, closed, auto; unknown upstream 404; an upstream without a breaker can be forced open', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

@@ -5,7 +5,8 @@
  * which run in the background. Bad input is a 4xx with a message, never a 500.
  */
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import { toMs } from '../config/duration.js'
+import type { Logger } from 'pino'
+import { MAX_DURATION_MS, toMs } from '../config/duration.js'
 import { authorized } from './token.js'
 import { ControlError, type Actor, type ControlPlane } from './control-plane.js'
 import { renderReport, type IncidentReport } from './report.js'
@@ -24,6 +25,8 @@ export interface AdminDeps {
   incidents: () => unknown[]
   /** The post-mortem draft of an incident, or null for an unknown id. */
   report: (id: string) => Promise<IncidentReport | null>
+  /** Where an unexpected error (a 500) is logged: never silent. */
+  logger: Logger
 }
 
 const BODY_LIMIT = 16 * 1024
@@ -45,12 +48,18 @@ function actor (req: FastifyRequest, b: Body, optionalReason?: string): Actor {
   return { reason: reason.trim(), requester: req.socket.remoteAddress ?? 'unknown', source: 'operator' }
 }
 
+/**
+ * `ttl`: a duration as the config takes it, with the config's bound (`MAX_DURATION_MS`, about
+ * 24.8 days). Past it, `1e300` or `"9999999999999s"` would be no expiry time at all (beyond what
+ * a Date holds): refused here as bad input, never a 500 further on.
+ */
 function ttl (b: Body): number | null {
   const v = b.ttl
   if (v === undefined || v === null) return null
-  if (typeof v === 'number' && Number.isInteger(v) && v > 0) return v
-  if (typeof v === 'string' && DURATION.test(v) && toMs(v) > 0) return toMs(v)
-  throw new ControlError(400, 'bad_request', 'ttl must be a positive duration (ms, or 30s, 10m, 1h)')
+  const ms = typeof v === 'number' ? v : typeof v === 'string' && DURATION.test(v) ? toMs(v) : Number.NaN
+  if (!Number.isInteger(ms) || ms <= 0) throw new ControlError(400, 'bad_request', 'ttl must be a positive duration (ms, or 30s, 10m, 1h)')
+  if (ms > MAX_DURATION_MS) throw new ControlError(400, 'bad_request', `ttl must be at most ${MAX_DURATION_MS} ms (about 24.8 days; leave ttl out for no end) (got ${JSON.stringify(v)})`)
+  return ms
 }
 
 /** `"scope": "fleet"` writes the override (or the failover) for every sidecar of the service (SPEC §16). */
@@ -141,6 +150,8 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
       const code = status === 413 ? 'body_too_large' : status === 415 ? 'unsupported_media_type' : 'bad_request'
       return await reply.code(status).send({ error: code, message: err.message })
     }
+    // The answer points at the log: the log must have it.
+    deps.logger.error({ event: 'admin_error', method: req.method, path: req.routeOptions.url ?? req.url.split('?')[0], err }, 'admin API: unexpected error')
     return await reply.code(500).send({ error: 'internal', message: 'unexpected error; see the sidecar log' })
   })
   app.setNotFoundHandler(async (req, reply) => await reply.code(404).send({ error: 'not_found', message: `no such endpoint: ${req.method} ${req.url.split('?')[0] ?? ''}` }))
