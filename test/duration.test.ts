@@ -60,3 +60,19 @@ t.test('the loader and `breakwater validate` report it from a file', async (t) =
   t.equal(result.code, 1, 'exit 1')
   t.match(result.stderr, new RegExp(`^routes\\[0\\]\\.timeoutMs: ${AT_MOST} \\(about 24\\.8 days`, 'm'), 'the problem names the key and the bound')
 })
+
+t.test('a duration string is digits and a unit, or digits alone (milliseconds): "1e3" and "0x10" are refused, not read as 1 and 16 ms', async (t) => {
+  const timeoutMs = (value: unknown, env: NodeJS.ProcessEnv = {}): number | undefined => resolveConfig(base({ timeoutMs: value }), { env }).config.routes[0]?.timeoutMs
+  for (const bad of ['1e3', '0x10', '0b11', '0o7', '1.5', ' 12', '12 ', '+5', '1_000', 'Infinity', '1e3s']) {
+    t.same(problems(base({ timeoutMs: bad })), [`routes[0].timeoutMs: must be milliseconds, or a string such as 500ms, 30s, 5m, 1h; at most ${MAX_DURATION_MS} ms (about 24.8 days) (got ${JSON.stringify(bad)})`], `${JSON.stringify(bad)} is refused, naming the key`)
+  }
+  t.same(problems(base({}, { shutdown: { drainDelayMs: '0x10' } })), [`shutdown.drainDelayMs: must be milliseconds, or a string such as 500ms, 30s, 5m, 1h; at most ${MAX_DURATION_MS} ms (about 24.8 days) (got "0x10")`], 'in any section')
+  t.same(problems(base({}, { listen: { proxy: { port: '1e3' } } })), ['listen.proxy.port: must be an integer'], 'nor is any other number read from such a string')
+  // What worked stays working: digits alone (milliseconds, as from ${ENV}), and digits with a unit.
+  t.equal(timeoutMs('1000'), 1000)
+  t.equal(timeoutMs('${T:-1500}'), 1500)
+  t.equal(timeoutMs('${T}', { T: '2500' }), 2500)
+  t.equal(timeoutMs('1.5s'), 1500)
+  t.equal(timeoutMs('2m'), 120_000)
+  t.equal(resolveConfig(base({}, { circuitBreakers: { app: { failureThreshold: '0.25' } } }), { env: {} }).config.circuitBreakers.app?.failureThreshold, 0.25, 'a decimal where the schema takes one')
+})

@@ -166,9 +166,20 @@ function describeValue (error: ValueError, s: Record<string | symbol, unknown>, 
   }
 }
 
-/** Take a converted value only where the original was a string that became a number or boolean. */
+/** A number as a config writes one: digits, with a sign and a decimal part at most. */
+const PLAIN_NUMBER = /^-?[0-9]+(\.[0-9]+)?$/
+
+/**
+ * Take a converted value only where the original was a string that became a number or boolean.
+ * A number only from a string that reads as that very number: TypeBox's conversion parses as
+ * it can, so `"1e3"` became the integer 1, `"0x10"` 16 and `"1.5"` 1 (a `timeoutMs: "1e3"` was a
+ * 1 ms timeout); such a string is left as it is, for the schema to refuse by its key.
+ */
 function convertStrings (original: unknown, converted: unknown): unknown {
-  if (typeof original === 'string') return typeof converted === 'number' || typeof converted === 'boolean' ? converted : original
+  if (typeof original === 'string') {
+    if (typeof converted === 'boolean') return converted
+    return typeof converted === 'number' && PLAIN_NUMBER.test(original) && Number(original) === converted ? converted : original
+  }
   if (Array.isArray(original)) return Array.isArray(converted) ? original.map((v, i) => convertStrings(v, converted[i])) : original
   if (original !== null && typeof original === 'object') {
     if (converted === null || typeof converted !== 'object' || Array.isArray(converted)) return original
