@@ -103,6 +103,14 @@ t.test('validate: an admin listener start would refuse without a token is a warn
   t.notMatch(withToken.stderr, /listen\.admin/, 'no warning with a token')
 })
 
+t.test('validate: a Slack channel without the webhook URL that sends to it is a warning', async (t) => {
+  const dir = tempDir(t)
+  const path = write(dir, 'breakwater.yaml', { ...validConfig(dir), notifications: { slackChannel: '#incidents-prod' } })
+  const result = await runCli(['validate', '--config', path], { env: cleanEnv })
+  t.equal(result.code, 0, 'valid: the URL is a secret that may be set where it runs', { stderr: result.stderr })
+  t.same(lines(result.stderr), ['warning: notifications.slackWebhookUrl: not set; Slack messages to #incidents-prod are not sent'])
+})
+
 t.test('validate: an invalid config exits 1 with one line per problem, each naming its key path', async (t) => {
   const dir = tempDir(t)
   const path = write(dir, 'breakwater.yaml', invalidConfig(dir))

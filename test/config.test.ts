@@ -178,6 +178,14 @@ t.test('defaults are resolved as documented', async (t) => {
   t.equal(resolved(minimal({ logging: { accessLog: 0.25 } })).logging.accessLogRate, 0.25, 'accessLog may be a sample rate')
 })
 
+t.test('notifications: a channel or service named without what delivers to it is a warning', async (t) => {
+  const warnings = (notifications: Record<string, unknown>): string[] => resolveConfig(minimal({ notifications }), { env: {} }).warnings.filter((w) => w.startsWith('notifications.'))
+  t.same(warnings({ slackChannel: '#incidents-prod' }), ['notifications.slackWebhookUrl: not set; Slack messages to #incidents-prod are not sent'])
+  t.same(warnings({ pagerDutyServiceId: 'PXXXXXX' }), ['notifications.pagerDutyRoutingKey: not set; PagerDuty events are not sent'])
+  t.same(warnings({ slackWebhookUrl: 'https://hooks.slack.example/services/x' }), ['notifications.slackChannel: not set; Slack messages go to the webhook\'s default channel'])
+  t.same(warnings({ slackChannel: '#incidents-prod', slackWebhookUrl: 'https://hooks.slack.example/services/x', pagerDutyServiceId: 'PXXXXXX', pagerDutyRoutingKey: 'key' }), [], 'none when each has its delivery setting')
+})
+
 t.test('the resolved config is frozen, all the way down', async (t) => {
   const config = resolved(minimal({ upstreams: { app: { endpoints: ['http://127.0.0.1:3000', 'http://127.0.0.1:3001'] } } }))
   t.ok(Object.isFrozen(config))

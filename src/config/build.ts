@@ -388,6 +388,8 @@ function buildNotifications (n: Section<'notifications'>, found: Findings): Noti
   if (n.slackWebhookUrl !== undefined && n.slackChannel === undefined) found.warnings.push('notifications.slackChannel: not set; Slack messages go to the webhook\'s default channel')
   if (n.statusPageId !== undefined && n.statusPageApiKey === undefined) found.problems.push('notifications.statusPageApiKey: needed with statusPageId')
   if (n.pagerDutyServiceId !== undefined && n.pagerDutyRoutingKey === undefined) found.warnings.push('notifications.pagerDutyRoutingKey: not set; PagerDuty events are not sent')
+  // The channel names where messages go; only the incoming webhook URL sends them.
+  if (n.slackChannel !== undefined && n.slackWebhookUrl === undefined) found.warnings.push(`notifications.slackWebhookUrl: not set; Slack messages to ${n.slackChannel} are not sent`)
   return {
     slackChannel: n.slackChannel ?? null,
     slackWebhookUrl: n.slackWebhookUrl ?? null,
