@@ -21,7 +21,7 @@ Usage:
   breakwater validate [--config PATH]   check a config file; exit 1 with one line per problem
 
 Operator commands (talk to a running sidecar's admin API):
-  breakwater status                                   flags, circuits, active mitigations
+  breakwater status                                   flags, circuits, active mitigations, incidents
   breakwater kill FLAG --reason TEXT [--ttl 30m] [--fleet]   switch a feature off (kill switch)
   breakwater restore FLAG --reason TEXT [--fleet]      drop the override: back to the configured value
   breakwater circuit UPSTREAM open|closed|auto --reason TEXT [--ttl 30m] [--fleet]

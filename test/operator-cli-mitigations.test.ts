@@ -33,6 +33,12 @@ t.test('mitigate killSwitch, then lift it by id', async (t) => {
 
   const status = await run(['status', '--admin', url], withToken)
   t.match(status.stdout, id, 'status lists the active mitigation')
+  // The mitigation opened an incident: status shows it, opened by the operator.
+  const incident = during.incidents[0]
+  t.match(incident, { id: /^i-/, trigger: null, mitigation: { id, action: 'killSwitch' } })
+  const section = status.stdout.slice(status.stdout.indexOf('\nINCIDENTS\n'))
+  t.match(section, /^\nINCIDENTS\n\s+ID\s+STATUS\s+BY\s+MITIGATION\s+DETECTED\s+RESTORED\s+TIME TO RESTORE\n/, 'an INCIDENTS section with its columns')
+  t.match(section, new RegExp(`\\n\\s+${String(incident?.id)}\\s+(detected|verifying|unverified|restored)\\s+operator\\s+killSwitch \\(active\\)\\s+${String(incident?.detectedAt).replace(/\./g, '\\.')}\\s`), 'the incident: id, status, who opened it, its mitigation, when')
 
   const lift = await run(['lift', id, '--reason', 'regression fixed', '--json', '--admin', url], withToken)
   t.equal(lift.code, 0, lift.stderr)

@@ -229,6 +229,11 @@ function renderStatus (s: any): string {
   out.push(mitigations.length === 0 ? '  (none)' : table(['id', 'action', 'status', 'targets', 'from', 'since', 'source', 'reason'], mitigations.map((m) => [m.id, m.action, m.status, `${m.targets.join(',')}${m.to !== undefined ? ` → ${m.to}` : ''}${m.limit !== undefined ? ` @ ${m.limit.requestsPerSecond}/s` : ''}`, from(m), m.createdAt, m.source, m.reason])))
   const failed = ((s.rollbacks ?? []) as any[]).filter((m) => m.status === 'failed')
   if (failed.length > 0) out.push('', 'FAILED ROLLBACKS', table(['id', 'version', 'at', 'error'], failed.map((m) => [m.id, m.targets.join(','), m.finishedAt ?? m.createdAt, m.error ?? '-'])))
+  // Open ones and the most recent (the state holds the newest ten): who opened each, what
+  // mitigated it, and whether and how fast service came back.
+  const incidents = (s.incidents ?? []) as any[]
+  out.push('', 'INCIDENTS')
+  out.push(incidents.length === 0 ? '  (none)' : table(['id', 'status', 'by', 'mitigation', 'detected', 'restored', 'time to restore'], incidents.map((i) => [i.id, `${String(i.status)}${i.escalatedAt != null ? ', escalated' : ''}`, i.trigger === null ? 'operator' : `trigger ${String(i.trigger)}`, i.mitigation === null ? '-' : `${String(i.mitigation.action)} (${String(i.mitigation.status)})`, i.detectedAt, i.restoredAt ?? '-', typeof i.timeToRestoreSeconds === 'number' ? `${i.timeToRestoreSeconds.toFixed(1)} s` : '-'])))
   const triggers = (s.triggers ?? []) as any[]
   if (triggers.length > 0) {
     out.push('', 'TRIGGERS')
