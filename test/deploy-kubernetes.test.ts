@@ -178,7 +178,11 @@ t.test('the app gets traffic only through Breakwater; Prometheus scrapes it', as
   t.ok(matches(deployment.spec?.selector.matchLabels), 'the Deployment selects its own pods')
   t.ok(matches(service.spec?.selector), 'the Service selects the pods')
   const target = service.spec?.ports?.[0]?.targetPort
-  t.equal(portNumber(sidecar, target), config.listen.proxy.port, `the Service targets the sidecar's proxy port (${String(target)})`)
+  // By number: a named targetPort finds only regular containers' ports before Kubernetes 1.32
+  // (kubernetes/kubernetes#127958), and the proxy port is the native sidecar's, an init container's.
+  t.type(target, 'number', `the Service's targetPort is a number, not a port name (got ${JSON.stringify(target)})`)
+  t.equal(target, config.listen.proxy.port, `the Service targets the config's proxy port (${String(target)})`)
+  t.equal(portNumber(sidecar, 'proxy'), target, 'which the sidecar declares as its proxy port')
   t.ok(matches(podMonitor.spec.selector.matchLabels), 'the PodMonitor selects the pods')
   const endpoint = podMonitor.spec.podMetricsEndpoints[0]
   t.equal(portNumber(sidecar, endpoint?.port), config.listen.ops.port, 'the PodMonitor scrapes the ops port')
