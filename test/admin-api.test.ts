@@ -125,6 +125,22 @@ t.test('an out-of-range ttl is a 400 naming the field and the bound, on every ca
   t.equal(Date.parse(longest.body.expiresAt) - Date.parse(longest.body.at), 2147483647)
 })
 
+t.test('a ttl on a mitigation that does not take one is a 400, never a kill with no end', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url))
+  for (const body of [
+    { action: 'killSwitch', flags: ['newSearch'], reason: 'x', ttl: '2s' },
+    { action: 'circuitBreak', upstreams: ['pay'], reason: 'x', ttl: 60_000 }
+  ]) {
+    const r = await admin(s.admin, 'POST', '/v1/mitigations', body)
+    t.equal(r.status, 400, `${body.action} with a ttl: 400`)
+    t.match(r.body.message, new RegExp(`^ttl is taken by failover and rateLimit only, not ${body.action}`), 'says which take one')
+  }
+  t.equal((await send(s.proxy, '/search')).status, 200, 'nothing was killed')
+  t.same((await admin(s.admin, 'GET', '/v1/state')).body.mitigations, [], 'no record')
+})
+
 t.test('an unexpected error in the admin API is a 500 and an error log line with the error, never silent', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

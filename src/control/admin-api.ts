@@ -196,6 +196,12 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak, rollback, failover or rateLimit')
     const who = actor(req, b)
     if (b.to !== undefined && b.to !== null && (typeof b.to !== 'string' || b.to === '')) throw new ControlError(400, 'bad_request', 'to must be the name of an upstream')
+    const ttlMs = ttl(b)
+    // Only these records end on their own; a ttl anywhere else would be a mitigation with no end
+    // that the caller believes will lapse.
+    if (ttlMs !== null && b.action !== 'failover' && b.action !== 'rateLimit') {
+      throw new ControlError(400, 'bad_request', `ttl is taken by failover and rateLimit only, not ${b.action}: a kill or a forced circuit that lapses on its own is PUT /v1/flags/:key or PUT /v1/circuits/:upstream with ttl`)
+    }
     const { value, persisted } = await control.mitigate({
       ...who,
       action: b.action,
@@ -205,7 +211,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
       to: b.to as string | null | undefined,
       requestsPerSecond: b.requestsPerSecond,
       burst: b.burst,
-      ttlMs: ttl(b),
+      ttlMs,
       scope: fleetScope(b) ? 'fleet' : 'local'
     })
     // A rollback has only started (its record said `running`): 202, follow it by its id.
