@@ -271,7 +271,7 @@ function flagsInUse (input: ResolvedInput): Set<string> {
     if (r.killSwitch !== undefined) used.add(r.killSwitch)
     if (r.fault?.flag !== undefined) used.add(r.fault.flag)
   }
-  for (const t of input.rollbackTriggers) for (const f of t.flags ?? []) used.add(f)
+  for (const t of input.rollbackTriggers) if (t.flags !== undefined) for (const f of t.flags) used.add(f)
   return used
 }
 
