@@ -274,6 +274,22 @@ t.test('client endings (aborts while waiting, aborted uploads, requests undici r
   t.equal(accessLines(s).filter((l) => l.outcome === 'client').length, 16, 'the 16 client endings are logged as such')
 })
 
+t.test('a client that ends its connection half-way through an upload has left: counted as leaving (499), not as a bad request', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, { upstreams: { app: { url: up.url } }, routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }] })
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.destroy())
+  client.write('POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + 'x'.repeat(1000))
+  t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 1, 10_000), 'the upload is in flight')
+  client.socket.end() // FIN half-way: the rest of the body never comes
+  await client.until((c) => c.closed, 5000, 'the connection to close')
+  t.notMatch(client.received, /400 Bad Request/, 'no 400 for a client that left')
+  const samples = await scrape(s.ops)
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 0, 'not counted as a bad request')
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '499' }), 1, 'counted once, as the client leaving')
+})
+
 t.test('a request undici refuses because of the request itself: 400 bad_request, no upstream contact, circuit and window untouched', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

@@ -98,7 +98,10 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
       ? 'headers_too_large'
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
     const inFlight = (socket as Duplex & { _httpMessage?: http.ServerResponse })._httpMessage
-    if (err.code === 'ECONNRESET' || !socket.writable || inFlight?.headersSent === true) {
+    // HPE_INVALID_EOF_STATE: the client ended the connection in the middle of a request (a
+    // half-sent head or body). It left; that is not a malformed request (a request in flight is
+    // accounted as the client's departure, 499), and nobody waits for a 400.
+    if (err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !socket.writable || inFlight?.headersSent === true) {
       socket.destroy()
       return
     }
