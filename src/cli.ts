@@ -273,9 +273,16 @@ async function validate (path: string, json: boolean): Promise<number> {
     const warnings = [...checked.warnings]
     // What start checks with the environment it is given: said, not refused, since validate may
     // run where the secrets are not (CI).
-    const { isLoopback } = await import('./control/token.js')
-    if (!isLoopback(config.listen.admin.host) && config.admin.tokenFile === null && (process.env.BREAKWATER_ADMIN_TOKEN ?? '').trim() === '') {
+    const { isLoopback, resolveAdminToken } = await import('./control/token.js')
+    const envToken = (process.env.BREAKWATER_ADMIN_TOKEN ?? '').trim() !== ''
+    if (!isLoopback(config.listen.admin.host) && config.admin.tokenFile === null && !envToken) {
       warnings.push(`listen.admin: ${config.listen.admin.host} is not a loopback address; start refuses it unless BREAKWATER_ADMIN_TOKEN (not set here) or admin.tokenFile gives a token`)
+    }
+    if (config.admin.tokenFile !== null && !envToken) {
+      // Read as start reads it (a file mounted from a secret may not be here: said, not refused).
+      await resolveAdminToken(undefined, config.admin.tokenFile, config.stateDir).catch((err: Error) => {
+        warnings.push(`${err.message}; start refuses it unless BREAKWATER_ADMIN_TOKEN is set`)
+      })
     }
     if (json) {
       process.stdout.write(JSON.stringify({ valid: true, config: path, warnings }) + '\n')

@@ -103,6 +103,21 @@ t.test('validate: an admin listener start would refuse without a token is a warn
   t.notMatch(withToken.stderr, /listen\.admin/, 'no warning with a token')
 })
 
+t.test('validate: an admin.tokenFile start could not use is a warning: missing, or a token under 16 characters', async (t) => {
+  const dir = tempDir(t)
+  writeFileSync(join(dir, 'short.token'), 'short\n')
+  writeFileSync(join(dir, 'good.token'), 'a-long-enough-token-for-tests\n')
+  for (const [file, why] of [['missing.token', /^warning: admin\.tokenFile: cannot read \S+missing\.token: ENOENT; start refuses it unless BREAKWATER_ADMIN_TOKEN is set$/m], ['short.token', /^warning: admin\.tokenFile: \S+short\.token holds a token shorter than 16 characters; start refuses it/m]] as const) {
+    const path = write(dir, 'breakwater.yaml', { ...validConfig(dir), admin: { tokenFile: `./${file}` } })
+    const r = await runCli(['validate', '--config', path], { env: cleanEnv })
+    t.equal(r.code, 0, `${file}: valid, the secret may be mounted where it runs`, { stderr: r.stderr })
+    t.match(r.stderr, why, `${file}: said`)
+  }
+  const path = write(dir, 'breakwater.yaml', { ...validConfig(dir), admin: { tokenFile: './good.token' } })
+  const good = await runCli(['validate', '--config', path], { env: cleanEnv })
+  t.notMatch(good.stderr, /tokenFile/, 'a good token file: nothing to say')
+})
+
 t.test('validate: a Slack channel without the webhook URL that sends to it is a warning', async (t) => {
   const dir = tempDir(t)
   const path = write(dir, 'breakwater.yaml', { ...validConfig(dir), notifications: { slackChannel: '#incidents-prod' } })
