@@ -114,6 +114,25 @@ export default class FileBackedProvider {
 }
 `
 
+t.test('a provider without events and without pollMs is read every second: a change applies within 1 s (SPEC §14)', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = flagDir(t)
+  writeFileSync(join(dir, 'provider.mjs'), POLLED_PROVIDER)
+  const values = join(dir, 'values.json')
+  writeFileSync(values, JSON.stringify({ enableNewCheckout: true }))
+  const { config } = resolveConfig(testSidecarInput(
+    checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagProvider: { module: './provider.mjs', options: { path: values } } }),
+    join(dir, 'state')
+  ), { source: join(dir, 'breakwater.yaml') })
+  const { proxy, sidecar } = await startCaptured(t, config, join(dir, 'state'))
+  const timer = (sidecar.flags as unknown as { flagService: { pollTimer: { _idleTimeout: number } | null } }).flagService.pollTimer
+  t.equal(timer?._idleTimeout, 1000, 'read every 1000 ms')
+  writeFileSync(`${values}.tmp`, JSON.stringify({ enableNewCheckout: false }))
+  renameSync(`${values}.tmp`, values)
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 10_000), 'the change is picked up')
+})
+
 t.test('a provider without events is read every pollMs; one that targets without a synchronous evaluator is warned about and counted', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
