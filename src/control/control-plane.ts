@@ -118,11 +118,8 @@ export class ControlPlane {
 
   async setFlag (key: string, enabled: boolean, actor: Actor, ttlMs: number | null): Promise<Applied<OverrideRecord>> {
     if (!this.flags.defines(key)) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
+    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
     const before = this.overrides.flag(key)
-    // The same setting again (a retried call, a fan-out run twice) keeps the override it repeats:
-    // its reason and ttl are the new ones, but it is the same mitigation, not a new incident.
-    const again = before !== undefined && before.enabled === enabled
-    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
     const settled = this.overrides.setFlag(key, record)
     const ended = this.ended('flag', key, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt, ...liftedIds(ended) }, enabled ? 'flag forced on' : 'flag forced off')
@@ -131,7 +128,7 @@ export class ControlPlane {
       settled
     ])
     // Switching a feature off is a mitigation, whichever door it came through: verify it.
-    if (!enabled && !again) this.onMitigation('applied', this.operatorRecord('killSwitch', key, record))
+    if (!enabled) this.onMitigation('applied', this.operatorRecord('killSwitch', key, record))
     this.announceLifted(ended)
     return { value: record, persisted }
   }
@@ -157,13 +154,12 @@ export class ControlPlane {
     // A forced circuit kept for an upstream a reload removed may still be handed back.
     const kept = state === 'auto' && before !== undefined
     if (!this.circuits.upstreams().includes(upstream) && !kept) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
-    const again = before !== undefined && before.state === state
-    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
     this.overrides.setCircuit(upstream, record)
     const ended = this.ended('circuit', upstream, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
     const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state, ...liftedIds(ended) })
-    if (record?.state === 'open' && !again) this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
+    if (record?.state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
     this.announceLifted(ended)
     return { value: this.circuitView(upstream), persisted }
   }
