@@ -4,6 +4,7 @@ import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
 import { parseResponse, WireClient } from './helpers/wire.js'
 import { scrape, sumOf } from './helpers/metrics.js'
+import { admin } from './helpers/admin.js'
 
 /** One upstream `app` behind a breaker that one failure in the window would open. */
 function guarded (url: string): Record<string, unknown> {
@@ -172,14 +173,16 @@ t.test('Expect: 100-continue to a refused request: the refusal comes without 100
   const up = await startUpstream()
   t.teardown(up.close)
   const bw = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/killed' }, upstream: 'app', killSwitch: 'feature' }],
+    upstreams: { app: { url: up.url }, pay: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/killed' }, upstream: 'app', killSwitch: 'feature' }, { match: { pathPrefix: '/pay' }, upstream: 'pay' }],
     featureFlags: { feature: false }
   })
-  for (const [path, code] of [['/killed', 'feature_disabled'], ['/nowhere', 'no_route']]) {
+  t.equal((await admin(bw.admin, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'isolate pay' })).status, 200)
+  // Small bodies (read whole first) and large ones (streamed) alike.
+  for (const [path, code, length] of [['/killed', 'feature_disabled', 4096], ['/nowhere', 'no_route', 4096], ['/pay', 'circuit_open', 4096], ['/pay', 'circuit_open', 1_000_000]] as const) {
     const client = await WireClient.connect(bw.proxyPort)
     t.teardown(() => client.destroy())
-    client.write(`POST ${path} HTTP/1.1\r\nHost: shop\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n`)
+    client.write(`POST ${path} HTTP/1.1\r\nHost: shop\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`)
     const res = await client.response()
     t.equal(res.headers['x-breakwater-error'], code, `${path}: refused with ${code}`)
     t.notMatch(client.received, /100 Continue/, `${path}: no 100 Continue before the refusal`)

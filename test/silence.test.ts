@@ -183,3 +183,19 @@ t.test("the sweep runs at a tenth of the shortest limit it watches, the head's o
   none.watch(new Watched(2, 3000, true, 0))
   t.equal((none as unknown as { everyMs: number }).everyMs, 300, 'no timeoutMs: the idle limit alone')
 })
+
+t.test('a quick sweep lasts only while an exchange that needs it is watched', async (t) => {
+  const watch = new SilenceWatch()
+  t.teardown(() => { watch.stop() })
+  const everyMs = (): number => (watch as unknown as { everyMs: number }).everyMs
+  const slow = new Watched(1, 60_000, true, 15_000)
+  const quick = new Watched(2, 60_000, true, 100)
+  watch.watch(slow)
+  watch.watch(quick)
+  t.equal(everyMs(), 10, 'timeoutMs 100: a pass every 10 ms')
+  watch.tick(performance.now())
+  t.equal(everyMs(), 10, 'still, while it is watched')
+  watch.unwatch(quick)
+  watch.tick(performance.now())
+  t.equal(everyMs(), 1000, 'once it ends, back to what the others need (a tenth of 15 s, at most 1 s)')
+})

@@ -249,8 +249,9 @@ export class ControlPlane {
     if (fleet === null) throw new ControlError(400, 'fleet_not_configured', '"scope": "fleet" needs the fleet section (etcd) in the config')
     const now = Date.now()
     const entry: FleetEntry = { value, reason: actor.reason, requester: actor.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: value === null ? null : expiry(ttlMs, now), instance: fleet.instance }
-    await fleet.write(kind, name, entry)
+    // Read before the write: this sidecar's own watch may apply the entry while the write is awaited.
     const before = this.state.fleet[kind][name]
+    await fleet.write(kind, name, entry)
     // In force here at once; every other sidecar applies it from its watch.
     const settled = this.overrides.setFleet(kind, name, entry)
     // Announced by the sidecar that decided, as its kill was.

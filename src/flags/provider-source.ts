@@ -51,7 +51,7 @@ type ProviderClass = new (options: Readonly<Record<string, unknown>>, logger: Fe
 /** How long start-up waits for the provider's first READY before serving on the other sources. */
 const START_WAIT_MS = 5000
 /** Without events, and without `pollMs`, the provider is read this often: SPEC §14, a flag source's change applies within 1 s. */
-const DEFAULT_POLL_MS = 1000
+const DEFAULT_POLL_MS = 500
 const RETRY_MIN_MS = 1000
 const RETRY_MAX_MS = 30_000
 

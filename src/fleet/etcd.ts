@@ -210,8 +210,14 @@ export class Etcd {
     return await this.onMembers(async (at) => await this.post(at, path, text))
   }
 
-  /** `attempt` on the member that answered last, then on each other one once, while the failure is recoverable. */
+  /**
+   * `attempt` on the member that answered last, then on each other one once, while the failure
+   * is recoverable. When all fail, the error that says most about the cluster is thrown: a
+   * member's own answer (electing, too busy), else one that held the call, else the last one
+   * (a member that is gone says nothing about the others).
+   */
   private async onMembers<T> (attempt: (at: number) => Promise<T>): Promise<T> {
+    let best: EtcdError | null = null
     let last: Error = new EtcdError('no etcd endpoint', false)
     for (let i = 0; i < this.origins.length; i++) {
       const at = (this.current + i) % this.origins.length
@@ -222,9 +228,10 @@ export class Etcd {
       } catch (err) {
         last = err as Error
         if (!recoverable(last)) throw last
+        if (last instanceof EtcdError && (last.answered ? best?.answered !== true : last.silent && best === null)) best = last
       }
     }
-    throw last
+    throw best ?? last
   }
 
   private async post (at: number, path: string, body: string, again = true): Promise<unknown> {

@@ -244,9 +244,11 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
 /** The body, failover and circuit breaker (bulkhead) stages, then forward. */
 function guardAndForward (ctx: RequestContext): void {
   if (ctx.clientGone) { ctx.clientLeft(); return } // during an injected delay
-  if ((ctx.head as RequestHead).expects && ctx instanceof Exchange && awaitingContinue.delete(ctx.req)) ctx.res.writeContinue()
+  // A body the client waits to be invited to send is not read first: it is invited at the
+  // forward stage, once no stage refuses (a refusal goes out with no `100 Continue` before it).
+  const invite = (ctx.head as RequestHead).expects && ctx instanceof Exchange && awaitingContinue.has(ctx.req)
   // body: a small one is read whole first (forward.ts), then this stage runs again
-  if (ctx instanceof Exchange && ctx.readBodyFirst(guardAndForward)) return
+  if (!invite && ctx instanceof Exchange && ctx.readBodyFirst(guardAndForward)) return
   const route = ctx.route as Route
   let upstream = route.upstream
 
@@ -277,6 +279,7 @@ function guardAndForward (ctx: RequestContext): void {
   }
 
   // forward
+  if (invite && awaitingContinue.delete(ctx.req)) (ctx as Exchange).res.writeContinue()
   ctx.start()
 }
 

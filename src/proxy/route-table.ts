@@ -111,8 +111,10 @@ function hostMatches (want: string, host: string): boolean {
   if (h === want) return true
   const colon = h.lastIndexOf(':')
   if (colon > 0 && h.indexOf(']') < colon) {
-    const name = withoutFinalDot(h.slice(0, colon))
-    return name === want || name + h.slice(colon) === want
+    const given = h.slice(0, colon)
+    const name = withoutFinalDot(given)
+    // With the port as well only when a dot was dropped (else that is `h`, compared above).
+    return name === want || (name !== given && name + h.slice(colon) === want)
   }
   return withoutFinalDot(h) === want
 }

@@ -75,10 +75,12 @@ export class SilenceWatch {
     if (first !== null) first.silencePrev = ex
     this.first = ex
     this.count++
-    const headLimit = ex.headLimitMs
-    const limit = headLimit > 0 && headLimit < ex.silenceLimitMs ? headLimit : ex.silenceLimitMs
-    const every = Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(limit / 10)))
+    const every = everyFor(ex)
     if (this.timer !== null && every >= this.everyMs) return
+    this.arm(every)
+  }
+
+  private arm (every: number): void {
     if (this.timer !== null) clearInterval(this.timer)
     this.everyMs = every
     this.lastTickAt = performance.now()
@@ -103,6 +105,12 @@ export class SilenceWatch {
     const due = this.lastTickAt + this.everyMs
     this.lastTickAt = now
     this.sweep(now, Math.min(now, due))
+    // Quicker than the default: only while an exchange that needs it is still watched (one
+    // request on a route with a short timeoutMs must not keep every pass quick for good).
+    if (this.timer === null || this.everyMs >= MAX_SWEEP_MS) return
+    let every = MAX_SWEEP_MS
+    for (let ex = this.first; ex !== null && every > this.everyMs; ex = ex.silenceNext) every = Math.min(every, everyFor(ex))
+    if (every > this.everyMs) this.arm(every)
   }
 
   /**
@@ -140,6 +148,13 @@ export class SilenceWatch {
     this.timer = null
     this.everyMs = MAX_SWEEP_MS
   }
+}
+
+/** The pass interval `ex` needs: a tenth of its shortest limit, 10 ms to 1 s. */
+function everyFor (ex: Silent): number {
+  const headLimit = ex.headLimitMs
+  const limit = headLimit > 0 && headLimit < ex.silenceLimitMs ? headLimit : ex.silenceLimitMs
+  return Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(limit / 10)))
 }
 
 function tick (watch: SilenceWatch): void {
