@@ -641,3 +641,33 @@ t.test('an incident shows its mitigation ended once what it changed is undone: r
   t.equal((await admin(s.admin, 'DELETE', `/v1/mitigations/${m.body.id as string}`, { reason: 'lift' })).status, 200)
   t.match(await incidentOf(m.body.id), { mitigation: { status: 'lifted' } }, 'lift ends it')
 })
+
+t.test('the same kill or forced circuit again is the same mitigation: one incident, its ttl the new one', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const hook = await startReceiver([200])
+  t.teardown(hook.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    featureFlags: { other: true },
+    circuitBreakers: { app: {} },
+    notifications: { webhooks: [hook.url] }
+  })
+  const first = await admin(s.admin, 'PUT', '/v1/flags/other', { enabled: false, reason: 'kill other' })
+  const again = await admin(s.admin, 'PUT', '/v1/flags/other', { enabled: false, reason: 'kill other, retried', ttl: '1h' })
+  t.equal(again.status, 200)
+  t.equal(again.body.at, first.body.at, 'killed since the first call')
+  t.ok(again.body.expiresAt !== null, 'the ttl given again is taken')
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'open' })).status, 200)
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'open again' })).status, 200)
+  const incidents = (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as any[]
+  t.equal(incidents.length, 2, 'one incident for the kill, one for the circuit')
+  t.ok(await eventually(() => hook.deliveries.filter((d: Delivery) => d.body?.event === 'mitigation_applied').length === 2, 5000), 'two "applied" notifications')
+  await sleep(300)
+  t.equal(hook.deliveries.filter((d: Delivery) => d.body?.event === 'mitigation_applied').length, 2, 'and no more')
+  t.equal(hook.deliveries.filter((d: Delivery) => d.body?.event === 'mitigation_lifted').length, 0, 'nothing was lifted')
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/other', { reason: 'restore' })).status, 200)
+  const killed = ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as any[]).find((i) => i.mitigation?.action === 'killSwitch')
+  t.equal(killed?.mitigation.status, 'lifted', 'the restore ends the one kill')
+})

@@ -118,8 +118,14 @@ export class ControlPlane {
 
   async setFlag (key: string, enabled: boolean, actor: Actor, ttlMs: number | null): Promise<Applied<OverrideRecord>> {
     if (!this.flags.defines(key)) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
-    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
     const before = this.overrides.flag(key)
+    const inForce = this.overrides.flagInForce(key)
+    // The same setting again (a retried call, a fan-out run twice) while this sidecar's own
+    // override is the decision in force, and no mitigate record made it: the same mitigation.
+    // Its time is kept (it ranks it against fleet decisions and names the mitigation), its reason
+    // and ttl are the new ones, and nothing is announced again.
+    const again = before !== undefined && before.enabled === enabled && inForce?.origin === 'local' && inForce.value === enabled && !this.mitigations.made('killSwitch', key, before.at)
+    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
     const settled = this.overrides.setFlag(key, record)
     const ended = this.ended('flag', key, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt, ...liftedIds(ended) }, enabled ? 'flag forced on' : 'flag forced off')
@@ -128,7 +134,7 @@ export class ControlPlane {
       settled
     ])
     // Switching a feature off is a mitigation, whichever door it came through: verify it.
-    if (!enabled) this.onMitigation('applied', this.operatorRecord('killSwitch', key, record))
+    if (!enabled && !again) this.onMitigation('applied', this.operatorRecord('killSwitch', key, record))
     this.announceLifted(ended)
     return { value: record, persisted }
   }
@@ -154,12 +160,15 @@ export class ControlPlane {
     // A forced circuit kept for an upstream a reload removed may still be handed back.
     const kept = state === 'auto' && before !== undefined
     if (!this.circuits.upstreams().includes(upstream) && !kept) throw new ControlError(404, 'unknown_upstream', `upstream "${upstream}" is not configured`)
-    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    const inForce = this.overrides.circuitInForce(upstream)
+    // As setFlag's: the same forced state again, this sidecar's own and in force, is the same mitigation.
+    const again = before !== undefined && before.state === state && inForce?.origin === 'local' && inForce.value === state && !this.mitigations.made('circuitBreak', upstream, before.at)
+    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
     this.overrides.setCircuit(upstream, record)
     const ended = this.ended('circuit', upstream, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
     const persisted = await this.commit({ action: 'circuit.force', targets: [upstream], reason: actor.reason, result: 'ok', requester: actor.requester, state, ...liftedIds(ended) })
-    if (record?.state === 'open') this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
+    if (record?.state === 'open' && !again) this.onMitigation('applied', this.operatorRecord('circuitBreak', upstream, record))
     this.announceLifted(ended)
     return { value: this.circuitView(upstream), persisted }
   }
