@@ -4,7 +4,7 @@
  * 0). Owns reload and the graceful shutdown sequence; knows nothing of signals or exit codes.
  */
 import { readFileSync } from 'node:fs'
-import type { AddressInfo, Server, Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import { Registry } from 'prom-client'
 import type { DestinationStream, Logger } from 'pino'
@@ -14,7 +14,7 @@ import { loadCheckedConfig } from './flags/check.js'
 import { createLogger } from './log/logger.js'
 import { DataPlane } from './proxy/dataplane.js'
 import type { UpstreamChanges } from './proxy/upstreams.js'
-import { createProxyServer, listenProxy, stopAccepting, type ProxyServer } from './proxy/server.js'
+import { createProxyServer, listenProxy, stopAccepting, boundUrl, type ProxyServer } from './proxy/server.js'
 import type { Tracing } from './proxy/trace.js'
 import type { SpanQueue, TraceStats } from './ops/tracing.js'
 import { HealthChecker } from './proxy/health-check.js'
@@ -840,12 +840,6 @@ const SPAN_FLUSH_MS = 2000
 
 /** The longest a shutdown waits for its last log lines to reach stdout. */
 const LOG_DRAIN_MS = 1000
-
-/** The URL of the address `server` is bound to. */
-function boundUrl (server: Server): string {
-  const a = server.address() as AddressInfo
-  return `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
-}
 
 /** A bound URL to connect to: a wildcard address becomes loopback. */
 function reachable (url: string): string {

@@ -184,7 +184,13 @@ export async function listenProxy (proxy: ProxyServer, host: string, port: numbe
     for (let i = 1; i < acceptors; i++) proxy.acceptors.push(await bind(net.createServer(options, handOver), { host, port: a.port, reusePort: true }))
   }
   certificates?.start()
-  return `${certificates === null ? 'http' : 'https'}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
+  return boundUrl(server, certificates === null ? 'http' : 'https')
+}
+
+/** The URL of the address `server` is bound to (a wildcard address as it is). */
+export function boundUrl (server: net.Server, scheme: 'http' | 'https' = 'http'): string {
+  const a = server.address() as AddressInfo
+  return `${scheme}://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`
 }
 
 /**
