@@ -12,7 +12,7 @@ import { existsSync } from 'node:fs'
 import { resolve as resolvePath, dirname } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { durationMs } from './duration.js'
-import { readFlagFileSync, notBooleanProblem } from './flag-file.js'
+import { readFlagFileSync, notBooleanProblem, flagKeysRead } from './flag-file.js'
 import { readTlsFilesSync } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import { fleetConfig } from './fleet.js'
@@ -43,7 +43,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
   checkRoutingPolicy(routes, input, found.problems, found.warnings)
   const circuitBreakers = buildCircuitBreakers(input.circuitBreakers, upstreamNames, found)
   const flagSource = buildFlagSource(input.flagSource, baseDir)
-  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, flagsInUse(input), found.problems, found.warnings)
+  const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, flagKeysRead(input), found.problems, found.warnings)
   const flagProvider = buildFlagProvider(input.flagProvider, baseDir, found)
   // A provider's flags are known only once it runs: it may define any flag.
   const defined = (flag: string): boolean => input.featureFlags[flag] !== undefined || fileFlags?.has(flag) === true || flagProvider !== null
@@ -262,17 +262,6 @@ function peekFlagFile (path: string, used: Set<string>, problems: string[], warn
     warnings.push(`flagSource: flag "${key}" is DISABLED in ${path}; flagd resolves a DISABLED flag to the code default (featureFlags, else true = on), so it does NOT switch the feature off — use defaultVariant: "off"`)
   }
   return new Set([...read.flags.values.keys(), ...read.flags.disabled, ...read.flags.targeted])
-}
-
-/** The flag keys the config reads: kill switches, fault flags, trigger flags. */
-function flagsInUse (input: ResolvedInput): Set<string> {
-  const used = new Set<string>()
-  for (const r of input.routes) {
-    if (r.killSwitch !== undefined) used.add(r.killSwitch)
-    if (r.fault?.flag !== undefined) used.add(r.fault.flag)
-  }
-  for (const t of input.rollbackTriggers) if (t.flags !== undefined) for (const f of t.flags) used.add(f)
-  return used
 }
 
 function buildTracing (t: Section<'tracing'>, service: string, found: Findings): TracingConfig | null {

@@ -87,6 +87,23 @@ export function readFlagFileSync (path: string): FlagFileRead {
   }
 }
 
+/** What a config reads flags for, as written (absent keys) or as built (nulls). */
+interface FlagReaders {
+  routes: ReadonlyArray<{ killSwitch?: string | null, fault?: { flag?: string | null } | null }>
+  rollbackTriggers: ReadonlyArray<{ flags?: readonly string[] | null }>
+}
+
+/** The flag keys a config reads: kill switches, fault flags, trigger flags. */
+export function flagKeysRead (config: FlagReaders): Set<string> {
+  const keys = new Set<string>()
+  for (const r of config.routes) {
+    if (typeof r.killSwitch === 'string') keys.add(r.killSwitch)
+    if (typeof r.fault?.flag === 'string') keys.add(r.fault.flag)
+  }
+  for (const t of config.rollbackTriggers) if (t.flags != null) for (const f of t.flags) keys.add(f)
+  return keys
+}
+
 /**
  * The problem with a file that gives a flag the config uses (`used`) variants that are not
  * booleans, or null: such a flag would silently resolve to its code default, and a kill switch

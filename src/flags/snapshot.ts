@@ -15,7 +15,7 @@ import type { Config } from '../config/types.js'
 import { FlagSources } from './sources.js'
 import { BreakwaterProvider } from './provider.js'
 import { FlagFileWatcher, type FileFlags } from './flagd-file.js'
-import { notBooleanProblem } from '../config/flag-file.js'
+import { flagKeysRead, notBooleanProblem } from '../config/flag-file.js'
 import { TargetedFlag, compileTargeting, featureLogger, uncompilable } from './targeting.js'
 import { ProviderSource } from './provider-source.js'
 
@@ -119,20 +119,8 @@ export class FlagSnapshot {
 
   /** Every flag key the config uses: kill switches, fault flags, trigger flags, `featureFlags`. */
   private keysInUse (): Set<string> {
-    const keys = this.keysRead()
+    const keys = flagKeysRead(this.config)
     for (const key of Object.keys(this.config.featureFlags)) keys.add(key)
-    return keys
-  }
-
-  /** The flag keys the config reads: kill switches, fault flags, trigger flags. */
-  private keysRead (): Set<string> {
-    const config = this.config
-    const keys = new Set<string>()
-    for (const r of config.routes) {
-      if (r.killSwitch !== null) keys.add(r.killSwitch)
-      if (r.fault !== null && r.fault.flag !== null) keys.add(r.fault.flag)
-    }
-    for (const t of config.rollbackTriggers) for (const f of t.flags ?? []) keys.add(f)
     return keys
   }
 
@@ -170,7 +158,7 @@ export class FlagSnapshot {
 
   /** Take a flag file read: with targeted flags, first have flagd-core compile it. */
   private async adopt (watcher: FlagFileWatcher, flags: FileFlags | null): Promise<void> {
-    const notBoolean = flags === null ? null : notBooleanProblem(flags, this.keysRead())
+    const notBoolean = flags === null ? null : notBooleanProblem(flags, flagKeysRead(this.config))
     if (notBoolean !== null) { this.fileError(watcher.path, notBoolean); return }
     if (flags !== null && flags.targeted.size > 0) {
       try {
