@@ -115,8 +115,9 @@ export const unmetExpectation = new WeakSet<IncomingMessage>()
 
 /**
  * HTTP/1.1 requests with `Expect: 100-continue` (Node's 'checkContinue'): told `100 Continue`
- * only once they pass the stages that refuse without reading a body (no route, kill switch,
- * rate limit, fault). A refusal is the final answer, never an invitation to send the body.
+ * only at the forward stage, once every stage that may refuse has passed (route, kill switch,
+ * rate limit, fault, circuit breaker, bulkhead). A refusal is the final answer, never an
+ * invitation to send the body.
  */
 export const awaitingContinue = new WeakSet<IncomingMessage>()
 
