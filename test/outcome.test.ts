@@ -64,7 +64,9 @@ t.test('impatient clients of a hanging upstream: their aborts are not successes,
   t.teardown(up.close)
   const s = await startTestSidecar(t, {
     upstreams: { pay: { url: up.url } },
-    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay', timeoutMs: 300 }],
+    // Long enough for the 12 clients to leave first on a busy machine: the sweep times a head
+    // out at its due time, and one that fired before a client left would be a real timeout.
+    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay', timeoutMs: 2000 }],
     circuitBreakers: { pay: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: 60_000 } }
   })
   await impatient(t, s, up, '/pay', 12)
