@@ -7,7 +7,7 @@ import { Readable } from 'node:stream'
 import { Client } from 'undici'
 import { startUpstream, delay, hang, reset, failMidBody, refusedUrl, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
-import { send, eventually, sleep } from './helpers/http.js'
+import { send, raw, eventually, sleep } from './helpers/http.js'
 import { WireClient } from './helpers/wire.js'
 import { ERRORS } from '../src/proxy/errors.js'
 
@@ -87,6 +87,26 @@ t.test('a sub-second timeoutMs ends the wait near its value, before a head that 
   t.equal(res.headers['x-breakwater-error'], 'upstream_timeout')
   t.match(res.json<ErrorBody>().message, /150 ms/, 'the message names the route\'s timeout')
   t.ok(took >= 140, `not before the timeout (${Math.round(took)} ms)`)
+})
+
+t.test('a response body stalled for a sub-second idleTimeoutMs is cut near it, before the rest that comes at 800 ms', async (t) => {
+  // undici's bodyTimeout ticks in half-seconds: a 150 ms idleTimeoutMs cut the body after
+  // 0.5-1 s, so the rest often got through. The sweep checks the route every 15 ms. As above,
+  // the upstream, the sidecar and the sweep share this process's timers.
+  const up = await startUpstream((_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '12' })
+    res.write('part-')
+    const timer = setTimeout(() => { res.end('of-it!!') }, 800)
+    res.on('close', () => { clearTimeout(timer) })
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 150 }))
+  const answer = await raw(s.proxyPort, 'GET /stall HTTP/1.1\r\nHost: x\r\n\r\n', 10_000)
+  t.match(answer, /^HTTP\/1\.1 200 [^]*\r\n\r\npart-$/, 'the head and the part that came, then the connection closed')
+  t.ok(await eventually(() => s.logs.some((l) => l.msg === 'request')), 'the request is logged')
+  const line = s.logs.find((l) => l.msg === 'request') as Record<string, unknown>
+  t.same([line.outcome, line['error.type']], ['upstream', 'upstream_timeout'], 'the upstream\'s failure, a timeout')
+  t.equal(s.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'the client is not blamed')
 })
 
 t.test('a slow upload longer than timeoutMs is not a timeout: the clock starts when the request is fully sent', async (t) => {

@@ -58,6 +58,8 @@ export const NO_ENDPOINT = Object.assign(new Error('no endpoint available'), { c
 export const INVALID_RESPONSE = Object.assign(new Error('invalid response header'), { code: 'BREAKWATER_INVALID_RESPONSE' })
 /** The sweep's `timeoutMs` (silence.ts): what undici's own headers timeout would have said. */
 export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' })
+/** The sweep's `idleTimeoutMs` on a response body: what undici's own body timeout would have said. */
+export const BODY_TIMEOUT = Object.assign(new Error('Body Timeout Error'), { code: 'UND_ERR_BODY_TIMEOUT' })
 
 /** How an upstream request failed, in words for the 502/504 body ("connection refused"). */
 export function failureReason (err: unknown, timeoutMs: number): string {

@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, HEAD_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, HEAD_TIMEOUT, BODY_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -240,13 +240,28 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** The client moved no byte either way for the route's `idleTimeoutMs` (silence.ts). */
   onSilent (): boolean {
     if (this.state === DONE || this.res.destroyed) return false
-    // Sent and waiting for the upstream: the client is not stalling anything (`timeoutMs` bounds
-    // the wait for the head, `idleTimeoutMs` as undici's bodyTimeout an upstream that stops
-    // sending its body). Only response bytes waiting for the client make it the client's
-    // silence. Its silence counts again from the next byte either way.
-    if (this.requestSent && (this.state !== STREAMING || this.res.writableLength === 0)) return true
+    // Sent and waiting for the upstream: the client is not stalling anything. Only response
+    // bytes waiting for the client make it the client's silence.
+    if (this.requestSent) {
+      // Waiting for the head: `timeoutMs` bounds it. Its silence counts again from the next byte.
+      if (this.state !== STREAMING) return true
+      // Streaming with nothing left to write: every chunk the upstream sent would have moved the
+      // client socket's count, so it is the upstream that has sent nothing for `idleTimeoutMs`.
+      // undici's bodyTimeout stays behind this, but ticks in half-seconds.
+      if (this.res.writableLength === 0) { this.upstreamStalled(); return false }
+    }
     this.cutSlowClient()
     return false
+  }
+
+  /** The upstream stopped sending its response body for `idleTimeoutMs` (`onSilent`). */
+  private upstreamStalled (): void {
+    const abort = this.abortUpstream
+    // undici tells its handler (onError: `upstream_timeout`) at once, and ends the connection.
+    if (abort !== null) { abort(BODY_TIMEOUT); return }
+    this.conclude(this.status, 'upstream_timeout')
+    this.res.destroy()
+    this.done()
   }
 
   /** A piece of a body read before dispatch (Node's parser delivers exactly Content-Length bytes). */

@@ -6,7 +6,9 @@
  * arming it, disarming it when the response ends, and moving it on every read and every write
  * (each move reads libuv's clock). The bound is a limit on silence, so it need not be exact:
  * the sweep compares each watched client socket's byte counts with what the last sweep saw,
- * and a socket whose counts have not moved for the route's `idleTimeoutMs` is silent. A byte
+ * and a socket whose counts have not moved for the route's `idleTimeoutMs` is silent (the
+ * exchange tells whose silence it is: a client that stops sending or reading, or an upstream
+ * that stops sending a response body with nothing left to write to the client). A byte
  * either way is noticed at the next sweep, so a client is never cut sooner than
  * `idleTimeoutMs` after its last byte, and at most two sweep intervals later (a tenth of the
  * shortest watched `idleTimeoutMs` each, between 10 ms and 1 s). The watched exchanges are a
