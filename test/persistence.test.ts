@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { writeFileSync, readFileSync, readdirSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
+import { parse, stringify } from 'yaml'
 import { startUpstream } from './helpers/upstream.js'
 import { startProcess, spawnCli, tempDir } from './helpers/process.js'
 import { admin } from './helpers/admin.js'
@@ -51,6 +52,33 @@ t.test('overrides and forced circuits survive a restart, and are logged at start
   t.equal(state.body.mitigations.length, 1)
   t.equal((await admin(adminUrl2, 'DELETE', `/v1/mitigations/${m.body.id as string}`, { reason: 'recovered' }, TOKEN)).status, 200, 'a mitigation from before the restart can be lifted')
   t.equal((await send(second.proxy, '/other')).status, 200)
+})
+
+t.test('a forced circuit survives a restart on a config without its upstream, and is in force again when a reload brings it back', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const withPay = config(up.url)
+  const first = await startProcess(t, withPay, env)
+  const adminUrl = String(first.lines.find((l) => l.msg === 'listening')?.admin)
+  t.equal((await admin(adminUrl, 'PUT', '/v1/circuits/pay', { state: 'open', reason: 'isolate pay' }, TOKEN)).status, 200)
+
+  const written = parse(readFileSync(first.configPath, 'utf8')) as Record<string, unknown>
+  const { pay: _pay, ...upstreams } = withPay.upstreams as Record<string, unknown>
+  const routes = (withPay.routes as Array<{ upstream: string }>).filter((r) => r.upstream !== 'pay')
+  writeFileSync(first.configPath, stringify({ ...written, upstreams, routes, circuitBreakers: {} }))
+  const second = await restart(t, first)
+  const adminUrl2 = String(second.lines.find((l) => l.msg === 'listening')?.admin)
+  const absent = (await admin(adminUrl2, 'GET', '/v1/state', undefined, TOKEN)).body.circuits.pay
+  t.match(absent, { forced: 'open', configured: false, forcedBy: { state: 'open', reason: 'isolate pay' } }, 'kept, and shown, while the upstream is missing')
+  t.ok(second.lines.some((l) => l.event === 'override_kept' && l.upstream === 'pay'), 'and logged at start')
+
+  writeFileSync(first.configPath, stringify(written))
+  t.equal((await admin(adminUrl2, 'POST', '/v1/reload', { reason: 'pay is back' }, TOKEN)).status, 200)
+  const back = (await admin(adminUrl2, 'GET', '/v1/state', undefined, TOKEN)).body.circuits.pay
+  t.match(back, { state: 'open', forced: 'open', configured: true }, 'forced again once the upstream is back')
+  const before = up.received.length
+  t.equal((await send(second.proxy, '/pay')).status, 503, 'the operator\'s decision holds')
+  t.equal(up.received.length, before, 'nothing reached the upstream')
 })
 
 t.test('a corrupt state file is moved aside and the sidecar starts clean', async (t) => {

@@ -83,6 +83,7 @@ export class ControlPlane {
     this.state = loaded.state
     this.mitigations.normalise()
     await this.overrides.restore(Date.now())
+    this.upstreamsReloaded('start')
     const ended = this.rungs.restore(Date.now())
     this.noteConfig()
     await this.journal.commit(this.state, null)
@@ -174,16 +175,17 @@ export class ControlPlane {
   }
 
   /**
-   * A reload changed the upstreams: forced circuits are forced again on the circuits the reload
-   * built, and one whose upstream is gone is kept for its return (`absentCircuits`), logged
-   * when that starts and ends.
+   * A reload changed the upstreams (or the sidecar started): forced circuits are forced again on
+   * the circuits it built, and one whose upstream is missing is kept for its return
+   * (`absentCircuits`), logged when that starts and ends.
    */
-  upstreamsReloaded (): void {
+  upstreamsReloaded (cause: 'reload' | 'start' = 'reload'): void {
     const absent = new Set(this.overrides.reapplyCircuits())
     for (const upstream of absent) {
       if (this.absentCircuits.has(upstream)) continue
       const forced = this.overrides.circuitInForce(upstream)
-      this.logger.warn({ event: 'override_kept', upstream, forced: forced?.value, origin: forced?.origin }, 'forced circuit kept: the reload removed its upstream; it is in force again if the upstream comes back')
+      const why = cause === 'start' ? 'the config has no such upstream' : 'the reload removed its upstream'
+      this.logger.warn({ event: 'override_kept', upstream, forced: forced?.value, origin: forced?.origin }, `forced circuit kept: ${why}; it is in force again if the upstream comes back`)
     }
     for (const upstream of this.absentCircuits) {
       if (absent.has(upstream) || !this.circuits.upstreams().includes(upstream)) continue

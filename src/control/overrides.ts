@@ -104,7 +104,11 @@ export class Overrides {
     return absent
   }
 
-  /** At start: re-apply what is still in force, drop what lapsed or no longer exists. */
+  /**
+   * At start: re-apply what is still in force, drop what lapsed or (a flag override) no longer
+   * exists. A forced circuit is an operator's decision about an upstream, kept while its
+   * upstream is missing (`reapplyCircuits`).
+   */
   async restore (now: number): Promise<void> {
     const settled: Array<Promise<void>> = []
     const fleet = this.state().fleet
@@ -124,7 +128,10 @@ export class Overrides {
       this.logger.warn({ event: 'override_active', flag: key, enabled: o.enabled, reason: o.reason, since: o.at, expiresAt: o.expiresAt }, 'flag override in force')
     }
     for (const [upstream, c] of Object.entries(this.state().circuits)) {
-      if (expired(c.expiresAt, now) || !this.applyCircuit(upstream)) { delete this.state().circuits[upstream]; continue }
+      if (expired(c.expiresAt, now)) { delete this.state().circuits[upstream]; continue }
+      // One whose upstream this config lacks is kept for its return, as across a reload
+      // (the control plane logs it: `upstreamsReloaded`).
+      if (!this.applyCircuit(upstream)) continue
       this.logger.warn({ event: 'override_active', upstream, forced: c.state, reason: c.reason, since: c.at, expiresAt: c.expiresAt }, 'forced circuit in force')
     }
     await Promise.all(settled)
