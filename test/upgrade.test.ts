@@ -1,7 +1,7 @@
 import t from 'tap'
 import { startTestSidecar } from './helpers/sidecar.js'
-import { refusedUrl } from './helpers/upstream.js'
-import { raw, send, eventually } from './helpers/http.js'
+import { refusedUrl, startUpstream } from './helpers/upstream.js'
+import { raw, send, eventually, sleep } from './helpers/http.js'
 import { WireClient, parseResponse } from './helpers/wire.js'
 import { startWebSocketUpstream, handshakeRequest, acceptKey } from './helpers/websocket.js'
 
@@ -215,4 +215,54 @@ t.test('a WebSocket handshake to an upstream whose circuit is open is refused, l
   t.equal(res.status, 503, 'the handshake is refused too')
   t.equal(res.headers['x-breakwater-error'], 'circuit_open')
   t.equal(up.handshakes.length, 0, 'the upstream saw no handshake')
+})
+
+t.test('a handshake pipelined behind a request still being answered waits for that answer', async (t) => {
+  const ws = await startWebSocketUpstream()
+  t.teardown(ws.close)
+  // The plain request's answer waits here until the test lets it go.
+  const held: Array<() => void> = []
+  const plain = await startUpstream((req, res) => {
+    // `/unframed`: no length, so the answer can only end with the connection (to HTTP/1.0).
+    const headers = req.url === '/unframed' ? { 'content-type': 'text/plain' } : { 'content-type': 'text/plain', 'content-length': '5' }
+    held.push(() => { res.writeHead(200, headers); res.end('first') })
+  })
+  t.teardown(plain.close)
+  const { proxyPort } = await startTestSidecar(t, {
+    upstreams: { ws: { url: ws.url }, plain: { url: plain.url } },
+    routes: [{ match: { pathPrefix: '/ws' }, upstream: 'ws' }, { match: { pathPrefix: '/' }, upstream: 'plain' }]
+  })
+
+  t.test('its answer comes first, then the 101', async (t) => {
+    const client = await WireClient.connect(proxyPort)
+    t.teardown(() => client.destroy())
+    client.write('GET /first HTTP/1.1\r\nHost: x\r\n\r\n' + handshakeRequest('/ws', KEY) + 'early')
+    t.ok(await eventually(() => held.length === 1, 10_000), 'the first request reached its upstream')
+    // Given the time to jump the queue, the handshake must not have.
+    await sleep(200)
+    t.equal(ws.handshakes.length, 0, 'the handshake is not forwarded while the answer before it is due')
+    ;(held.shift() as () => void)()
+    await client.until((c) => c.received.includes('early'), 10_000, 'the echo of the early bytes')
+    const first = client.received.indexOf('HTTP/1.1 200')
+    const upgraded = client.received.indexOf('HTTP/1.1 101')
+    t.ok(first === 0 && upgraded > first, 'the 200 whole, then the 101')
+    t.ok(client.received.slice(0, upgraded).endsWith('first'), 'the first answer\'s body before the 101')
+    t.equal(ws.handshakes.length, 1, 'then the upstream got the handshake')
+    t.equal(ws.received(), 'early', 'and the bytes behind it')
+  })
+
+  t.test('an answer that ends the connection: the handshake is never forwarded', async (t) => {
+    const client = await WireClient.connect(proxyPort)
+    t.teardown(() => client.destroy())
+    const before = ws.handshakes.length
+    // An HTTP/1.0 client asks for keep-alive, but the answer has no length: it can only be
+    // delimited by closing the connection, so the handshake after it is not a request.
+    client.write('GET /unframed HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n' + handshakeRequest('/ws', KEY))
+    t.ok(await eventually(() => held.length === 1, 10_000), 'the first request reached its upstream')
+    ;(held.shift() as () => void)()
+    await client.until((c) => c.closed, 10_000, 'the connection closed')
+    t.match(client.received, /^HTTP\/1\.1 200 [^]*first$/, 'only the first answer')
+    await sleep(200)
+    t.equal(ws.handshakes.length, before, 'the upstream saw no handshake')
+  })
 })

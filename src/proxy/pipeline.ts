@@ -88,10 +88,42 @@ export function createPipeline (dp: DataPlane, options: PipelineOptions): (req: 
   }
 }
 
-/** The `upgrade` listener of a proxy server: the same stages, with a `Tunnel` as the context. */
+/**
+ * The `upgrade` listener of a proxy server: the same stages, with a `Tunnel` as the context.
+ *
+ * Node emits it as soon as it parses the handshake, even pipelined behind requests whose
+ * answers are still being written to the same socket: tunnelled at once, the 101 would cut
+ * into those answers. It waits for them as a pipelined request does (`createPipeline`), and is
+ * never started when the last of them ends the connection.
+ */
 export function handleUpgrade (dp: DataPlane, req: IncomingMessage, socket: Duplex, head: Buffer, options: PipelineOptions): void {
+  if (answering(socket) !== null) { afterAnswers(socket, () => { run(new Tunnel(dp, req, socket, head), options) }); return }
   run(new Tunnel(dp, req, socket, head), options)
 }
+
+/** The response Node is writing to a connection now (the first of those pipelined), or null. */
+function answering (socket: Duplex): ServerResponse | null {
+  return (socket as { _httpMessage?: ServerResponse | null })._httpMessage ?? null
+}
+
+/** Call `then` once no answer is being written to `socket`, unless one of them ended it. */
+function afterAnswers (socket: Duplex, then: () => void): void {
+  // Node took its listeners off the socket for the upgrade: an error meanwhile is only a close.
+  socket.on('error', noop)
+  const wait = (res: ServerResponse): void => {
+    // 'close' comes once Node has handed the socket to the next answer, or ended it.
+    res.once('close', () => {
+      if (socket.destroyed || socket.writableEnded) { socket.destroy(); return }
+      const next = answering(socket)
+      if (next !== null) { wait(next); return }
+      socket.off('error', noop)
+      then()
+    })
+  }
+  wait(answering(socket) as ServerResponse)
+}
+
+function noop (): void {}
 
 /**
  * The bare forwarding core, for benchmarks only (`BREAKWATER_BENCH_BARE=1`): the same
