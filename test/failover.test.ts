@@ -96,6 +96,33 @@ t.test('failover: an upstream with no usable endpoint (health checks failing) fa
   t.ok(await eventually(async () => (await send(sc.proxy, '/y')).body === 'primary 200', 10_000), 'back on the primary once healthy for failbackAfter')
 })
 
+t.test('failover: once the upstream is available again, a failover that is down itself does not hold its traffic for failbackAfter', async (t) => {
+  const { primary, dr, primaryState } = await pair(t, true)
+  // An hour of hysteresis: only the failover being down can bring the traffic back early.
+  const sc = await startTestSidecar(t, config(primary.url, dr.url, {
+    upstreams: { primary: { url: primary.url, failover: 'dr', failbackAfter: '1h' }, dr: { url: dr.url } }
+  }))
+  const dp = sc.sidecar.dataPlane
+  const circuit = dp.circuit('primary')
+  for (let i = 0; i < 20 && circuit?.state !== 'open'; i++) await send(sc.proxy, `/open/${i}`)
+  t.equal(circuit?.state, 'open', 'the primary\'s circuit opened')
+  t.equal((await send(sc.proxy, '/engaged')).body, 'dr 200', 'failed over')
+
+  dp.force('dr', 'open') // the failover goes down too
+  primaryState.failing = false // and the primary recovers
+  // The half-open probe (real traffic) closes the primary's circuit.
+  t.ok(await eventually(async () => {
+    await send(sc.proxy, '/probe')
+    return circuit?.state === 'closed'
+  }, 20_000, 50), 'the primary\'s circuit closed again')
+  const r = await send(sc.proxy, '/after')
+  t.equal(r.status, 200, 'served, not refused by the failover\'s open circuit')
+  t.equal(r.body, 'primary 200', 'by the primary, available again')
+  t.equal(r.headers['x-breakwater-failover'], undefined)
+  t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 0, 'failed back')
+  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary' && l.why === 'failover unavailable'), 'failback logged, saying why it did not wait')
+})
+
 t.test('forceFailover: by hand, to any upstream; the target\'s own breaker applies; survives a reload; lifted', async (t) => {
   const { primary, dr } = await pair(t, false)
   const input = {

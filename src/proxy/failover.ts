@@ -7,7 +7,9 @@
  * no extra failed request after the circuit opens.
  *
  * Hysteresis: traffic returns only once the upstream has been available for `failbackAfter`
- * (default 30 s), so a flapping upstream does not drag its traffic back and forth. While
+ * (default 30 s), so a flapping upstream does not drag its traffic back and forth — unless the
+ * failover is unavailable itself (its circuit refuses, or it has no usable endpoint): then the
+ * traffic goes back at once, to the upstream that can serve it. While
  * failed over, a half-open circuit still gets its one probe from real traffic (nothing else
  * could close it); the probe's success starts the failback clock.
  *
@@ -65,10 +67,13 @@ export class Failover {
       return circuit !== null && circuit.forced === null && circuit.state === 'half-open' && circuit.admits() ? primary : target
     }
     if (this.availableSince === 0) this.availableSince = now
-    if (now - this.availableSince < this.failbackAfterMs) return target
+    // The hysteresis keeps a flapping upstream from dragging its traffic back and forth; it
+    // never holds the traffic on a failover that is down itself while the upstream is available.
+    const targetDown = !isAvailable(target, now)
+    if (now - this.availableSince < this.failbackAfterMs && !targetDown) return target
     this.active = false
     this.availableSince = 0
-    this.logger.warn({ event: 'failover_lifted', upstream: this.name, from: target.name, afterMs: this.failbackAfterMs }, 'upstream failed back')
+    this.logger.warn({ event: 'failover_lifted', upstream: this.name, from: target.name, afterMs: this.failbackAfterMs, ...(targetDown ? { why: 'failover unavailable' } : {}) }, 'upstream failed back')
     return primary
   }
 }
