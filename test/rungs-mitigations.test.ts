@@ -9,7 +9,8 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startUpstream, type Handler } from './helpers/upstream.js'
-import { startTestSidecar, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { startTestSidecar, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { resolveConfig } from '../src/config/load.js'
 import { admin } from './helpers/admin.js'
 import { send, eventually } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
@@ -119,6 +120,32 @@ t.test('two failovers of one upstream: lifting the older keeps the newer in forc
   t.equal((await servedBy(s)).body, 'solo', 'the newer one still holds')
   await admin(s.admin, 'DELETE', `/v1/mitigations/${second.body.id as string}`, { reason: 'done' })
   t.same(await servedBy(s), { body: 'primary', failover: undefined }, 'then the config decides again')
+})
+
+t.test('a failover outlives a reload that removes its upstream: in force again when a reload brings it back, liftable meanwhile', async (t) => {
+  const { s, input } = await shop(t)
+  const reload = async (next: Record<string, unknown>): Promise<void> => {
+    await s.sidecar.apply(resolveConfig(testSidecarInput(next, s.stateDir)).config)
+  }
+  const typed = input as { upstreams: Record<string, unknown>, routes: Array<Record<string, unknown>> }
+  const { solo: _solo, ...upstreams } = typed.upstreams
+  const withoutSolo = { ...input, upstreams, routes: [typed.routes[0], { ...typed.routes[1], upstream: 'dr' }] }
+
+  const r = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'failover', upstreams: ['solo'], to: 'dr', reason: 'solo degraded' })
+  t.equal(r.status, 201, JSON.stringify(r.body))
+  t.same(await servedBy(s, '/other'), { body: 'dr', failover: 'dr' })
+  await reload(withoutSolo)
+  t.ok(s.logs.some((l) => l.event === 'override_kept' && l.upstream === 'solo' && l.failover === 'dr'), 'the kept failover is logged')
+  await reload(input)
+  t.same(await servedBy(s, '/other'), { body: 'dr', failover: 'dr' }, 'the reload that brings solo back finds its failover in force')
+  t.equal(sumOf(await scrape(s.ops), 'breakwater_failover_active', { upstream: 'solo' }), 1)
+
+  // Lifted while its upstream is gone: nothing comes back with it.
+  await reload(withoutSolo)
+  const lifted = await admin(s.admin, 'DELETE', `/v1/mitigations/${r.body.id as string}`, { reason: 'solo patched' })
+  t.equal(lifted.body.status, 'lifted')
+  await reload(input)
+  t.same(await servedBy(s, '/other'), { body: 'solo', failover: undefined }, 'a failover lifted meanwhile stays lifted')
 })
 
 t.test('a failover with a ttl lapses on its own and the traffic returns', async (t) => {

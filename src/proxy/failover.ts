@@ -105,7 +105,16 @@ export class FailoverTable {
     this.upstreams = upstreams
     for (const [name, state] of this.states) {
       const u = upstreams.get(name)
-      if (u === undefined || (u.config.failover === null && state.forcedTo === null)) this.states.delete(name)
+      if (u !== undefined ? u.config.failover === null && state.forcedTo === null : state.forcedTo === null) {
+        this.states.delete(name)
+      } else if (u === undefined && (state.target !== null || state.forcedTarget !== null)) {
+        // An operator's failover outlives a reload that removes its upstream, as a forced
+        // circuit does: it is in force again when a reload brings the upstream back.
+        state.target = null
+        state.forcedTarget = null
+        state.active = false
+        this.logger.warn({ event: 'override_kept', upstream: name, failover: state.forcedTo }, 'forced failover kept: the reload removed its upstream; it is in force again if the upstream comes back')
+      }
     }
     for (const upstream of upstreams.values()) {
       const { failover, failbackAfterMs } = upstream.config
@@ -126,11 +135,9 @@ export class FailoverTable {
   /**
    * Send `name`'s traffic to `to` until lifted (`null`); `to` defaults to the configured
    * failover. False when either upstream is unknown, or when `to` is `name` itself or there is
-   * no target.
+   * no target. Lifting always succeeds, also for an upstream a reload removed (its kept failover goes).
    */
   force (name: string, to: string | null | undefined): boolean {
-    const upstream = this.upstreams.get(name)
-    if (upstream === undefined) return false
     if (to === null) {
       const state = this.states.get(name)
       if (state !== undefined && state.forcedTo !== null) {
@@ -140,6 +147,8 @@ export class FailoverTable {
       }
       return true
     }
+    const upstream = this.upstreams.get(name)
+    if (upstream === undefined) return false
     const target = to ?? upstream.config.failover
     if (target === null || target === name || !this.upstreams.has(target)) return false
     let state = this.states.get(name)
@@ -153,8 +162,8 @@ export class FailoverTable {
     return true
   }
 
-  /** Every upstream with a failover state, for metrics and state. */
-  all (): IterableIterator<Failover> {
-    return this.states.values()
+  /** Every configured upstream with a failover state, for metrics and state. */
+  * all (): IterableIterator<Failover> {
+    for (const state of this.states.values()) if (this.upstreams.has(state.name)) yield state
   }
 }
