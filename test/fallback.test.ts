@@ -16,7 +16,8 @@ type Mode = 'ok' | 'reset' | 'hang'
 
 /**
  * An upstream whose answers depend on `state.mode` and the path: `/nostore`, `/private`,
- * `/cookie`, `/varystar`, `/vary` (on accept-language) and `/big/N` set what their names say.
+ * `/cookie`, `/varystar`, `/vary` (on accept-language) and `/big/N` set what their names say;
+ * `/echo-id` echoes the request's `x-request-id`, as apps and proxies in front of them do.
  */
 async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, held?: http.ServerResponse[] }): Promise<TestUpstream> {
   const up = await startUpstream((req, res) => {
@@ -31,6 +32,7 @@ async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, he
     if (url === '/varystar') headers.vary = '*'
     if (url === '/vary') { headers.vary = 'Accept-Language'; body += ` ${String(req.headers['accept-language'])}` }
     if (url.startsWith('/big/')) body = url.padEnd(state.bodyBytes ?? 10_000, '.')
+    if (url === '/echo-id') headers['x-request-id'] = req.headers['x-request-id']
     headers['content-length'] = Buffer.byteLength(body)
     res.writeHead(200, headers)
     res.end(body)
@@ -131,6 +133,23 @@ t.test('fallback: what HTTP caching does not allow is never stored; Vary is resp
   isStale(t, await send(sc.proxy, '/vary', { headers: { 'accept-language': 'en' } }), 'good /vary en', 'Vary: the same accept-language')
   isStatic(t, await send(sc.proxy, '/vary', { headers: { 'accept-language': 'fr' } }), 'Vary: another accept-language is not served the stored variant')
   isStatic(t, await send(sc.proxy, '/vary'), 'Vary: no accept-language is another variant too')
+})
+
+t.test('fallback: a stale answer carries the request id of the request it answers, once', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
+  })
+  const fresh = await send(sc.proxy, '/echo-id', { headers: { 'x-request-id': 'first-request' } })
+  t.equal(fresh.headers['x-request-id'], 'first-request', 'the app echoes the id; stored')
+  state.mode = 'reset'
+  const stale = await send(sc.proxy, '/echo-id', { headers: { 'x-request-id': 'second-request' } })
+  t.equal(stale.headers['x-breakwater-fallback'], 'stale')
+  t.equal(stale.headers['x-request-id'], 'second-request', 'this request\'s id alone, not the stored one beside it')
+  const line = sc.logs.find((l) => l.msg === 'request' && l.fallback === 'stale')
+  t.equal(line?.requestId, 'second-request', 'the id the access log names')
 })
 
 t.test('fallback: an entry older than staleIfError is not served', async (t) => {

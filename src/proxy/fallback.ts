@@ -94,7 +94,7 @@ class Arena {
 
 interface Entry {
   key: string
-  /** Response headers as sent to the client (hop-by-hop removed), without framing and `Age`. */
+  /** Response headers as sent to the client (hop-by-hop removed), without framing, `Age` and `x-request-id`. */
   headers: string[]
   /** The body: views of its runs of pages in the arena. */
   body: Buffer[]
@@ -250,8 +250,9 @@ export class Capture {
     let bytes = ENTRY_OVERHEAD + this.key.length
     for (let i = 0; i < this.headers.length; i += 2) {
       const name = (this.headers[i] as string).toLowerCase()
-      // Framing is the server's to set; Age is ours to compute.
-      if (name === 'content-length' || name === 'age' || name === 'connection' || name === 'date') continue
+      // Framing is the server's to set; Age is ours to compute; the request id is the one of the
+      // request each stale answer answers (a stored one would name the request that fetched it).
+      if (name === 'content-length' || name === 'age' || name === 'connection' || name === 'date' || name === 'x-request-id') continue
       headers.push(this.headers[i] as string, this.headers[i + 1] as string)
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
