@@ -672,8 +672,11 @@ export class Sidecar {
     if (JSON.stringify(prev.fleet) !== JSON.stringify(next.fleet)) {
       this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
     }
-    const upstreams = this.dataPlane.apply(next)
-    this.config = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet }
+    // What is kept until the restart is kept everywhere: the data plane reads the running
+    // listeners too (their trustedProxies key the rate limits).
+    const running = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet }
+    const upstreams = this.dataPlane.apply(running)
+    this.config = running
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.
     this.control.upstreamsReloaded()
     this.logger.level = next.logging.level

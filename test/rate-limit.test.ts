@@ -86,6 +86,24 @@ t.test('rateLimit key client without trustedProxies: x-forwarded-for is not beli
   t.equal((await send(sc.proxy, '/', { headers: { 'x-forwarded-for': '203.0.113.2' } })).status, 429, 'a new spoofed address is still the same peer')
 })
 
+t.test('rateLimit key client: trustedProxies, a listener setting, change at a restart and not half-way at a reload', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'client' } })
+  const sc = await startTestSidecar(t, input)
+  const trusting = {
+    ...oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 2, key: 'client' } }),
+    listen: { proxy: { host: '127.0.0.1', port: 0, trustedProxies: ['127.0.0.0/8'] }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }
+  }
+  // The route's limit changes too, so its buckets are new: they must still key by the running listener.
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(trusting, sc.stateDir)).config)
+  t.ok(sc.logs.some((l) => l.event === 'config_reload' && l.msg === 'listener changes take effect at the next restart'), 'the reload says when the listener change applies')
+  const xff = async (value: string): Promise<number> => (await send(sc.proxy, '/', { headers: { 'x-forwarded-for': value } })).status
+  t.same([await xff('203.0.113.1'), await xff('203.0.113.2'), await xff('203.0.113.3')], [200, 200, 429], 'x-forwarded-for is still not believed: one bucket for the peer, burst 2')
+  t.ok(sc.sidecar.dataPlane.setRouteRateLimit('root', { requestsPerSecond: FROZEN, burst: 1 }))
+  t.same([await xff('203.0.113.4'), await xff('203.0.113.5')], [200, 429], 'nor by an override made after the reload')
+})
+
 t.test('rateLimit key header:NAME: one bucket per value; a request without it uses the client key, counted', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)
