@@ -650,6 +650,7 @@ export class Sidecar {
       config: this.config,
       stats: dp.stats.allRoutes(),
       circuits: [...dp.allCircuits()].map((c) => ({ upstream: c.upstream, state: c.state, automaticState: c.automaticState, forced: c.forced, automatic: c.automatic, failureRate: c.failureRate, windowRequests: c.windowRequests })),
+      failovers: [...dp.failovers.all()].flatMap((f) => f.to === null ? [] : [{ upstream: f.name, to: f.to, requests: f.servedSince, errors: f.failedSince }]),
       flagChanges: this.flags.changes,
       flagEnabled: (key) => this.flags.enabled(key),
       versionSince: this.control.versionSince,

@@ -228,6 +228,34 @@ t.test('an upstream forced open with a failover is not isolated: its route\'s er
   t.notMatch((r.ruledOut as any[]).find((x) => x.scenario === 'feature_regression')?.why ?? '', /already switched off or isolated/)
 })
 
+t.test('a dependency whose failover already serves its traffic is mitigated: no failover recommended again', async (t) => {
+  const dr = await startApp(t)
+  const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } }, {
+    input: (input) => ({ ...input, upstreams: { ...(input.upstreams as Record<string, unknown>), pay: { url: (input.upstreams as any).pay.url, failover: 'payDr' }, payDr: { url: dr.url } } })
+  })
+  pay.failing.add('/')
+  const failed = await load.burst('/pay/charge', 5)
+  t.ok(failed.every((c) => c === 500), 'pay answers 500 until its breaker opens')
+  const before = await triageOf(s)
+  t.equal(before.recommendation.action, 'failover', `before, triage recommends the failover (${String(before.recommendation.command)})`)
+  const served = await load.burst('/pay/charge', 30)
+  t.ok(served.every((c) => c === 200), `then the failover takes the traffic and serves it (${served.join(',')})`)
+  await load.burst('/catalog/items', 40)
+
+  const r = await triageOf(s)
+  t.not(r.recommendation.action, 'failover', `triage does not recommend the failover in force (${String(r.recommendation.command)})`)
+  t.equal(r.scenario, 'healthy', 'pay\'s errors are mitigated: nothing else fails')
+  t.match((r.ruledOut as any[]).find((x) => x.scenario === 'downstream_failure')?.why, /pay → payDr/)
+
+  dr.failing.add('/')
+  const alsoFailing = await load.burst('/pay/charge', 20)
+  t.ok(alsoFailing.every((c) => c === 500), 'the failover fails too')
+  const worse = await triageOf(s)
+  t.equal(worse.scenario, 'downstream_failure', 'a failover that fails too mitigates nothing')
+  t.not(worse.recommendation.action, 'failover', 'and is not recommended')
+  t.match(worse.recommendation.why, /already goes to payDr, which fails too/)
+})
+
 t.test('downstream failure: one dependency timing out → open its circuit; p99 in the evidence', async (t) => {
   const { pay, s, load } = await fixture(t)
   pay.hanging.add('/')

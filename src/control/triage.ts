@@ -43,6 +43,8 @@ export interface TriageInput {
   config: Config
   stats: Iterable<RouteStats>
   circuits: CircuitView[]
+  /** Upstreams whose traffic goes to a failover now, and how the failover has answered since. */
+  failovers?: ReadonlyArray<{ upstream: string, to: string, requests: number, errors: number }>
   flagChanges: ReadonlyArray<{ flag: string, enabled: boolean, at: number }>
   flagEnabled: (key: string) => boolean
   versionSince: string
@@ -138,16 +140,23 @@ export function triage (input: TriageInput): TriageReport {
   // Errors on a route whose kill switch is already off, or whose upstream's circuit is forced
   // open, are mitigated: they are history, and recommending that mitigation again helps nobody.
   const forcedOpen = (upstream: string): boolean => input.circuits.some((c) => c.upstream === upstream && c.forced === 'open')
+  // An upstream whose traffic a failover answers well is mitigated too: its errors (counted on
+  // its routes, whoever answered) are from before. One whose failover fails as well is not.
+  const failover = (upstream: string): NonNullable<TriageInput['failovers']>[number] | undefined => input.failovers?.find((f) => f.upstream === upstream)
+  const failedOver = (upstream: string): boolean => {
+    const f = failover(upstream)
+    return f !== undefined && !failoverFailing(f)
+  }
   const killed = (name: string): boolean => {
     const route = config.routes.find((r) => r.name === name)
     const key = route?.killSwitch ?? null
     // A forced-open upstream with a failover sends the route to its failover: not isolated.
-    const isolated = route !== undefined && forcedOpen(route.upstream) && config.upstreams[route.upstream]?.failover == null
+    const isolated = route !== undefined && ((forcedOpen(route.upstream) && config.upstreams[route.upstream]?.failover == null) || failedOver(route.upstream))
     return (key !== null && !input.flagEnabled(key)) || isolated
   }
   const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
-  const failingUpstreams = upstreams.filter((u) => u.elevated && !forcedOpen(u.name))
-  const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open')
+  const failingUpstreams = upstreams.filter((u) => u.elevated && !forcedOpen(u.name) && !failedOver(u.name))
+  const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open' && !failedOver(c.upstream))
 
   type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
   const verdicts: Array<[Scenario, Verdict]> = []
@@ -196,17 +205,20 @@ export function triage (input: TriageInput): TriageReport {
   const dependency = failingDependency ?? circuitFailing
   if (dependency !== undefined && config.upstreams[dependency]?.critical !== true) {
     const sig = upstreams.find((u) => u.name === dependency)
-    const failover = healthyFailover(dependency, config, input.circuits, upstreams)
+    // A failover already taking the traffic and failing too is no failover to recommend.
+    const engaged = failover(dependency)
+    const healthy = engaged !== undefined ? null : healthyFailover(dependency, config, input.circuits, upstreams)
     verdicts.push(['downstream_failure', {
       match: true,
       summary: `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
-      recommendation: failover !== null
-        ? { action: 'failover', target: dependency, command: `breakwater failover ${dependency} --to ${failover} ${reason(`${dependency} failing`)}`, why: `its failover ${failover} is healthy: send the traffic there and keep serving, rather than fail fast` }
-        : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
+      recommendation: healthy !== null
+        ? { action: 'failover', target: dependency, command: `breakwater failover ${dependency} --to ${healthy} ${reason(`${dependency} failing`)}`, why: `its failover ${healthy} is healthy: send the traffic there and keep serving, rather than fail fast` }
+        : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${engaged !== undefined ? ` (its traffic already goes to ${engaged.to}, which fails too: ${engaged.errors} of ${engaged.requests})` : config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
     }])
   } else {
     const isolated = input.circuits.filter((c) => c.forced === 'open').map((c) => c.upstream)
-    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : isolated.length > 0 ? `the circuit(s) of ${isolated.join(', ')} are already forced open` : 'no single upstream stands out' }])
+    const served = (input.failovers ?? []).filter((f) => failedOver(f.upstream)).map((f) => `${f.upstream} → ${f.to}`)
+    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : isolated.length > 0 ? `the circuit(s) of ${isolated.join(', ')} are already forced open` : served.length > 0 ? `traffic already goes to a failover that serves it (${served.join(', ')})` : 'no single upstream stands out' }])
   }
 
   // bad deployment: something changed recently, and errors are across routes
@@ -249,6 +261,14 @@ export function triage (input: TriageInput): TriageReport {
     command: 'breakwater status',
     why: 'no scenario of the decision matrix fits; look at the evidence'
   })
+}
+
+/**
+ * A failover taking an upstream's traffic fails too: enough of its answers since (the routes'
+ * windows mix them with the upstream's own failures before) have errors above 5 %.
+ */
+function failoverFailing (f: { requests: number, errors: number }): boolean {
+  return f.requests >= MIN_REQUESTS && f.errors / f.requests > 0.05
 }
 
 /** The upstream's configured failover when it is usable: its circuit closed and its errors not up. */

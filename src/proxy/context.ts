@@ -285,6 +285,8 @@ export abstract class RequestContext implements LaterLine {
     if (windowed !== -1) {
       const now = Date.now()
       stats.outcome(now, windowed === 1, headMs)
+      // Answered by a failover: its record since traffic went there (triage).
+      if (route !== null && this.upstream !== route.upstream && this.upstream !== null) route.upstream.failover?.served(windowed === 1)
       const head = this.head
       if (head !== null && head.synthetic !== '' && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1)
     }

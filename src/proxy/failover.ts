@@ -35,6 +35,9 @@ export class Failover {
   private readonly logger: Logger
   /** Times this upstream failed over automatically. */
   engagements = 0
+  /** Requests the failover answered since traffic last went there, and how many failed (triage). */
+  servedSince = 0
+  failedSince = 0
 
   constructor (name: string, logger: Logger) {
     this.name = name
@@ -44,6 +47,23 @@ export class Failover {
   /** Traffic goes elsewhere now (for `breakwater_failover_active`). */
   get engaged (): boolean {
     return this.forcedTarget !== null || this.active
+  }
+
+  /** Where the traffic goes now, when it goes elsewhere. */
+  get to (): string | null {
+    return this.forcedTarget?.name ?? (this.active ? this.target?.name ?? null : null)
+  }
+
+  /** A request the failover answered ended (context.ts): `failed` as the trigger windows count it. */
+  served (failed: boolean): void {
+    this.servedSince++
+    if (failed) this.failedSince++
+  }
+
+  /** Traffic starts going elsewhere: the failover's record starts again. */
+  engage (): void {
+    this.servedSince = 0
+    this.failedSince = 0
   }
 
   /** The upstream that takes a request for `primary` now. */
@@ -56,6 +76,7 @@ export class Failover {
       if (available) return primary
       this.active = true
       this.availableSince = 0
+      this.engage()
       this.engagements++
       this.logger.warn({ event: 'failover_engaged', upstream: this.name, to: target.name, circuit: primary.circuit?.state }, 'upstream failed over')
       return target
@@ -156,6 +177,7 @@ export class FailoverTable {
       state = new Failover(name, this.logger)
       this.states.set(name, state)
     }
+    if (state.forcedTo !== target) state.engage()
     state.forcedTo = target
     this.logger.warn({ event: 'failover_forced', upstream: name, to: target }, 'failover forced')
     this.attach(this.upstreams)
