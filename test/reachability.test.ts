@@ -4,7 +4,10 @@
  */
 import t from 'tap'
 import http from 'node:http'
+import https from 'node:https'
+import { readFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
+import { createPki } from './helpers/certificates.js'
 import { refusedUrl, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
@@ -69,4 +72,24 @@ t.test('an app that stops accepting connections later is reported from real traf
 
   app = await listenOn(port)
   t.ok(await eventually(async () => (await getJson(`${s.ops}/ready`)).body.warnings === undefined, 10_000), 'the warning clears')
+})
+
+t.test('an https app whose certificate is not trusted does accept connections: its 502s are not reported as an unreachable app', async (t) => {
+  const served = createPki(t).issue('app', 31)
+  const trusted = createPki(t, 'Other CA')
+  const server = https.createServer({ cert: readFileSync(served.cert), key: readFileSync(served.key) }, (req, res) => echo(req, res, Buffer.alloc(0)))
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  })
+  const url = `https://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const s = await startTestSidecar(t, oneRoute(url, {}, { tls: { ca: trusted.ca } }))
+
+  for (let i = 0; i < 3; i++) t.equal((await send(s.proxy, '/')).status, 502, 'the certificate is refused: 502')
+  // The start-up probe and the pool's reports have had their say once the third 502 is in.
+  t.ok(await eventually(() => s.logs.filter((l) => l.msg === 'request').length === 3), 'the three requests are logged')
+  t.notOk(s.logs.some((l) => l.event === 'upstream_unreachable'), 'no line says the app does not accept connections')
+  t.same((await getJson(`${s.ops}/ready`)).body, { status: 'ok' }, '/ready carries no warning')
+  t.equal(await metricValue(s.ops, 'breakwater_upstream_unreachable_endpoints', { upstream: 'app' }), 0, 'the gauge stays at 0')
 })

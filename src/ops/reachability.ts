@@ -7,7 +7,8 @@
  *
  * Watched: `critical` upstreams and upstreams with an endpoint on a loopback address (the app
  * beside this sidecar). Each endpoint gets one TCP connect when first seen; after that its pool
- * reports on real traffic — a failed connect marks it unreachable, a connect reachable again.
+ * reports on real traffic — a failed connect marks it unreachable (a failed TLS handshake does
+ * not: the app accepted the connection), a connect reachable again.
  * Only while an endpoint is unreachable is it probed again, every second, so a healthy app sees
  * no traffic from this but its own requests' connections.
  */
@@ -18,6 +19,14 @@ import type { Endpoint } from '../proxy/balancer.js'
 
 /** How often an unreachable endpoint is probed again. */
 const RETRY_MS = 1000
+
+/**
+ * Pool connect errors that mean no connection was made. Any other (a TLS handshake refused: an
+ * untrusted certificate, a name mismatch, a client certificate the app wants) came from an app
+ * that did accept the connection; calling it unreachable would send the on-call to the wrong
+ * fault, and the next probe's connect would clear it again (a warn and an info line a second).
+ */
+const NOT_CONNECTED = new Set(['ECONNREFUSED', 'ETIMEDOUT', 'UND_ERR_CONNECT_TIMEOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EHOSTDOWN', 'ENETDOWN', 'EADDRNOTAVAIL', 'ENOTFOUND', 'EAI_AGAIN'])
 
 /** An endpoint that does not accept connections, as `/ready` shows it. */
 export interface ReachabilityWarning {
@@ -65,7 +74,9 @@ export class ReachabilityWatch {
         if (!this.subscribed.has(endpoint)) {
           this.subscribed.add(endpoint)
           endpoint.pool.on('connect', () => this.markReachable(key))
-          endpoint.pool.on('connectionError', (_origin, _targets, err: Error) => this.markUnreachable(key, err))
+          endpoint.pool.on('connectionError', (_origin, _targets, err: Error) => {
+            if (NOT_CONNECTED.has((err as NodeJS.ErrnoException).code ?? '')) this.markUnreachable(key, err)
+          })
         }
         let w = this.watched.get(key)
         if (w === undefined) {
