@@ -179,6 +179,26 @@ t.test('an absent or invalid traceparent starts a trace; the ratio samples roots
   t.equal(new Set(spans.map((x) => x.traceId)).size, invalid.length, 'one new trace each')
 })
 
+t.test('a trace the sidecar starts carries no tracestate of the caller (W3C: without a valid traceparent it is discarded); a continued one keeps it', async (t) => {
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, { ...oneRoute(upstream.url), ...tracing(receiver) })
+  const cases: Array<[Record<string, string>, string | undefined]> = [
+    [{ tracestate: 'congo=t61rcWkgMzE' }, undefined], // no traceparent at all
+    [{ traceparent: `00-${TRACE.toUpperCase()}-${PARENT}-01`, tracestate: 'congo=t61rcWkgMzE' }, undefined], // an invalid one
+    [{ traceparent: `00-${TRACE}-${PARENT}-01`, tracestate: 'congo=t61rcWkgMzE' }, 'congo=t61rcWkgMzE'] // continued
+  ]
+  for (let i = 0; i < cases.length; i++) {
+    const [headers, expected] = cases[i] as [Record<string, string>, string | undefined]
+    t.equal((await send(s.proxy, '/x', { headers })).status, 200)
+    const received = upstream.received[i]?.headers
+    t.equal(received?.tracestate, expected, `request ${i}: tracestate ${expected === undefined ? 'dropped with the new trace' : 'kept'}`)
+    t.equal(forwarded(upstream, i)[1] === TRACE, expected !== undefined, `request ${i}: ${expected === undefined ? 'a new trace' : 'the caller\'s trace'}`)
+  }
+})
+
 t.test('new ids for every request, across blocks of ready-made ids: valid, distinct, and each traceparent the request\'s own', async (t) => {
   const receiver = await startOtlpReceiver()
   t.teardown(receiver.close)

@@ -3,7 +3,7 @@
  * it names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) describe one
  * connection and are never forwarded. Requests gain x-forwarded-for/-proto/-host and keep or
  * get an x-request-id; trace headers (tracestate, b3) pass untouched, and so does one traceparent
- * unless tracing is on (trace.ts: the upstream gets ours).
+ * unless tracing is on (trace.ts: the upstream gets ours, and no tracestate with a trace we start).
  *
  * Headers stay flat arrays (`[name, value, name, value]`) end to end: Node gives us
  * `req.rawHeaders`, undici takes and returns flat arrays, and `res.writeHead` accepts one.
@@ -33,6 +33,8 @@ export interface RequestHead {
   traceparent: string
   /** Where its value sits in `headers` (one copy forwarded; the trace stage may replace it), or -1. */
   traceparentAt: number
+  /** It carries `tracestate` (forwarded; the trace stage drops it with a trace it starts). */
+  tracestate: boolean
   /** It carries `Expect` (never forwarded; see `awaitingContinue` in the pipeline). */
   expects: boolean
 }
@@ -100,6 +102,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   let invalid: string | null = null
   let traceparent = ''
   let traceparentAt = -1
+  let tracestate = false
   let synthetic = ''
   let probeKey = ''
   let expects = false
@@ -151,6 +154,9 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
       case 'x-breakwater-probe':
         probeKey = value
         continue
+      case 'tracestate':
+        tracestate = true
+        break // forwarded
       case 'traceparent':
         if (traceparentAt === -1) {
           traceparent = value
@@ -174,7 +180,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   )
   if (host !== '') headers.push('x-forwarded-host', host)
   const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
-  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt, expects }
+  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt, tracestate, expects }
 }
 
 /**

@@ -135,7 +135,7 @@ export function createBarePipeline (dp: DataPlane, options: PipelineOptions): (r
   return function handleRequest (req: IncomingMessage, res: ServerResponse): void {
     const exchange = new Exchange(dp, req, res)
     const head = exchange.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
-    beginTrace(exchange, options.tracing, head.traceparent, head.headers, head.traceparentAt)
+    beginTrace(exchange, options.tracing, head.traceparent, head.headers, head.traceparentAt, head.tracestate)
     exchange.route = dp.runtime.routes.routes[0] as Route
     exchange.upstream = exchange.route.upstream
     exchange.start()
@@ -187,7 +187,7 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
 
   // trace
-  beginTrace(ctx, tracing, head.traceparent, head.headers, head.traceparentAt)
+  beginTrace(ctx, tracing, head.traceparent, head.headers, head.traceparentAt, head.tracestate)
 
   // RFC 9110 §2.5: a major version other than 1 is not HTTP/1, whatever its line looks like.
   // Node's parser takes `HTTP/2.0` and `HTTP/0.9` request lines (and refuses other versions

@@ -6,7 +6,9 @@
  * continued (its trace id, its parent id as our parent, its sampled flag: parent-based
  * sampling); an absent or invalid one starts a new trace, sampled at `sampleRatio`. The
  * upstream receives a `traceparent` naming our span as its parent, so its own span parents on
- * the sidecar's server span; `tracestate` passes untouched. Only a sampled request has a span
+ * the sidecar's server span; `tracestate` passes untouched with a continued trace and is dropped
+ * with a new one (W3C Trace Context §4.2: without a valid traceparent it is invalid and MUST be
+ * discarded; its entries describe a trace this request is no longer part of). Only a sampled request has a span
  * recorded, when it ends (context.ts `end`); an unsampled one costs two ids and a header.
  *
  * With tracing off, the sidecar is not a hop of the trace: `traceparent` passes untouched and
@@ -131,9 +133,9 @@ function takeIds (): number {
 /**
  * The trace stage: read the incoming `traceparent` (`incoming`, '' when none) and, with tracing
  * on, take our place in the trace and tell the upstream (`headers[at]`, the incoming header's
- * value, or a new header when `at` is -1).
+ * value, or a new header when `at` is -1); `tracestate`: `headers` carry one.
  */
-export function beginTrace (ctx: RequestContext, tracing: Tracing, incoming: string, headers: string[] | null, at: number): void {
+export function beginTrace (ctx: RequestContext, tracing: Tracing, incoming: string, headers: string[] | null, at: number, tracestate = false): void {
   const parent = incoming === '' ? null : parseTraceparent(incoming)
   const exporter = tracing.exporter
   if (exporter === null) {
@@ -163,6 +165,18 @@ export function beginTrace (ctx: RequestContext, tracing: Tracing, incoming: str
   if (headers === null) return
   if (at >= 0) headers[at] = traceparent
   else headers.push('traceparent', traceparent)
+  if (parent === null && tracestate) dropTracestate(headers)
+}
+
+/** Remove every `tracestate` field from flat `headers` (rare: a caller's state with a trace we start). */
+function dropTracestate (headers: string[]): void {
+  let to = 0
+  for (let from = 0; from < headers.length; from += 2) {
+    if ((headers[from] as string).toLowerCase() === 'tracestate') continue
+    headers[to++] = headers[from] as string
+    headers[to++] = headers[from + 1] as string
+  }
+  headers.length = to
 }
 
 /** `traceparent` of a request refused before its head was read (admission): from Node's parsed headers. */
