@@ -17,7 +17,8 @@ type Mode = 'ok' | 'reset' | 'hang'
 /**
  * An upstream whose answers depend on `state.mode` and the path: `/nostore`, `/private`,
  * `/cookie`, `/varystar`, `/vary` (on accept-language) and `/big/N` set what their names say;
- * `/echo-id` echoes the request's `x-request-id`, as apps and proxies in front of them do.
+ * `/echo-id` echoes the request's `x-request-id`, as apps and proxies in front of them do;
+ * `/aged` comes with `Age: 100`.
  */
 async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, held?: http.ServerResponse[] }): Promise<TestUpstream> {
   const up = await startUpstream((req, res) => {
@@ -33,6 +34,8 @@ async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, he
     if (url === '/vary') { headers.vary = 'Accept-Language'; body += ` ${String(req.headers['accept-language'])}` }
     if (url.startsWith('/big/')) body = url.padEnd(state.bodyBytes ?? 10_000, '.')
     if (url === '/echo-id') headers['x-request-id'] = req.headers['x-request-id']
+    // A cache in front of the app held this answer for 100 s already.
+    if (url === '/aged') { headers.age = '100'; headers['cache-control'] = 'max-age=600' }
     headers['content-length'] = Buffer.byteLength(body)
     res.writeHead(200, headers)
     res.end(body)
@@ -150,6 +153,20 @@ t.test('fallback: a stale answer carries the request id of the request it answer
   t.equal(stale.headers['x-request-id'], 'second-request', 'this request\'s id alone, not the stored one beside it')
   const line = sc.logs.find((l) => l.msg === 'request' && l.fallback === 'stale')
   t.equal(line?.requestId, 'second-request', 'the id the access log names')
+})
+
+t.test('fallback: a stale answer\'s Age counts the age it already had when stored', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
+  })
+  t.equal((await send(sc.proxy, '/aged')).headers.age, '100', 'the fresh answer carries the upstream\'s Age')
+  state.mode = 'reset'
+  const stale = await send(sc.proxy, '/aged')
+  t.equal(stale.headers['x-breakwater-fallback'], 'stale')
+  t.ok(Number(stale.headers.age) >= 100, `Age is at least the 100 s it had, plus its time here (${String(stale.headers.age)})`)
 })
 
 t.test('fallback: an entry older than staleIfError is not served', async (t) => {

@@ -107,6 +107,8 @@ interface Entry {
   vary: string[]
   varyValues: string[]
   storedAt: number
+  /** The upstream's own `Age` when stored, in seconds (RFC 9111 §4.2.3: the answer's age adds it). */
+  initialAge: number
   bytes: number
 }
 
@@ -175,7 +177,7 @@ export class FallbackCache {
    * recently used entries to make room; not stored when evicted entries still being written
    * hold the room.
    */
-  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, bytes: number): void {
+  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, initialAge: number, bytes: number): void {
     const { maxBytes, maxEntries } = this.config
     bytes += Math.ceil(length / PAGE_BYTES) * PAGE_BYTES
     if (this.pinned + bytes > maxBytes) return // evicting every entry would not make room
@@ -189,7 +191,7 @@ export class FallbackCache {
     // Pages are counted in bytes, so room in bytes is room in the arena.
     const written = this.arena.write(chunks, length)
     if (written === null) return
-    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, bytes })
+    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, initialAge, bytes })
     this.bytes += bytes
   }
 
@@ -248,8 +250,10 @@ export class Capture {
     this.chunks = null
     const headers: string[] = []
     let bytes = ENTRY_OVERHEAD + this.key.length
+    let initialAge = 0
     for (let i = 0; i < this.headers.length; i += 2) {
       const name = (this.headers[i] as string).toLowerCase()
+      if (name === 'age') initialAge = ageSeconds(this.headers[i + 1] as string)
       // Framing is the server's to set; Age is ours to compute; the request id is the one of the
       // request each stale answer answers (a stored one would name the request that fetched it).
       if (name === 'content-length' || name === 'age' || name === 'connection' || name === 'date' || name === 'x-request-id') continue
@@ -257,8 +261,13 @@ export class Capture {
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
     for (const v of this.varyValues) bytes += v.length
-    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, bytes)
+    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, initialAge, bytes)
   }
+}
+
+/** An `Age` value in seconds (RFC 9111 §5.1: delta-seconds); 0 when it is not one. */
+function ageSeconds (value: string): number {
+  return /^\d{1,10}$/.test(value.trim()) ? Number(value.trim()) : 0
 }
 
 function headerValue (req: IncomingMessage, name: string): string {
@@ -287,7 +296,7 @@ export class Fallback {
       const now = Date.now()
       const entry = cache.lookup(req, key, now, this.config.staleIfErrorMs)
       if (entry !== null) {
-        const head = [...entry.headers, 'age', String(Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
+        const head = [...entry.headers, 'age', String(entry.initialAge + Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
         if (close) head.push('connection', 'close')
         res.writeHead(200, head)
         if (method === 'HEAD' || entry.length === 0) res.end()
