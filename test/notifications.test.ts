@@ -271,6 +271,24 @@ t.test('a failed delivery is retried with exponential backoff until it succeeds'
   t.equal(s.logs.filter((l) => l.event === 'notification_retry' && l.channel === 'webhook').length, 2)
 })
 
+t.test('one incident\'s messages reach each receiver in the order they happened: a retried one keeps its place', async (t) => {
+  const up = await app(t)
+  // Each receiver refuses its first delivery once: the first message is retried after a backoff.
+  const hook = await receiver(t, [500, 200])
+  const pd = await receiver(t, [500, 200])
+  const s = await startTestSidecar(t, config(up.url, { webhooks: [hook.url], pagerDutyRoutingKey: 'rk', pagerDutyUrl: pd.url }, null))
+  await killAndLift(s)
+  // A trigger's incident, detected and verified restored at once (as a quick rollback would).
+  const event = { service: 'checkout', version: '2.4.1', trigger: 'checkout-errors', summary: 'checkout errors', time: new Date().toISOString() }
+  s.sidecar.notifier.notify({ ...event, kind: 'trigger_fired', details: {} })
+  s.sidecar.notifier.notify({ ...event, kind: 'restoration_verified', details: {} })
+  t.ok(await settled(s), 'every message was settled')
+  const operators = hook.deliveries.filter((d) => d.body.trigger === null)
+  t.same(operators.map((d) => d.body.event), ['mitigation_applied', 'mitigation_applied', 'mitigation_lifted'], '"lifted" waits for the retry of "applied"')
+  t.same(pd.deliveries.map((d) => d.body.event_action), ['trigger', 'trigger', 'resolve'], 'the resolve is the last word: the retried trigger never reopens the alert')
+  t.equal(await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'pagerduty' }), 0)
+})
+
 t.test('a receiver that keeps failing is given up on after maxAttempts: logged and counted per channel', async (t) => {
   const up = await app(t)
   const hook = await receiver(t, [500])

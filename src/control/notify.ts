@@ -3,7 +3,11 @@
  *
  * Delivered in the background from a bounded queue with retries and exponential backoff:
  * never on the request path, so a slow or failing receiver cannot slow proxying. When the
- * queue is full the oldest message is dropped (counted), never memory without bound. Failures
+ * queue is full the oldest message is dropped (counted), never memory without bound. One
+ * incident's messages to one receiver go in the order they happened, one at a time, a retry
+ * keeping its place: a PagerDuty `trigger` retried after its `resolve` was accepted would open
+ * again an alert whose incident is over (Events API v2 acts on events in the order it receives
+ * them), and a webhook or Slack reader would see "lifted" before "applied". Failures
  * are logged (channel and status only: webhook URLs, routing keys and API keys never reach a
  * log line) and counted in `breakwater_notifications_failed_total{channel}`.
  *
@@ -47,6 +51,11 @@ interface Message {
   body: unknown
   method: 'POST' | 'PATCH' | 'GET'
   attempt: number
+  /**
+   * Messages of one lane (one incident at one receiver) are delivered one at a time, in order;
+   * null: no order to keep (the status page lifecycle orders its own requests).
+   */
+  lane: string | null
   /** One attempt only, not counted or logged as failed: its sender retries it, or gives up and says so. */
   once?: boolean
   /** A read (the status page look-up), not a notification: not counted or logged as one. */
@@ -73,6 +82,8 @@ export class Notifier {
   private inFlight = 0
   /** Messages waiting out a retry backoff, oldest first; they count against `queueSize` too. */
   private readonly timers = new Map<NodeJS.Timeout, Message>()
+  /** The message each busy lane is delivering (or waiting to retry); the lane's next ones wait. */
+  private readonly lanes = new Map<string, Message>()
   private stopped = false
   /** The status page incident of each incident key: created once, then updated by its id. */
   readonly statusPage: StatusPageLifecycle
@@ -82,7 +93,7 @@ export class Notifier {
 
   constructor (private config: () => NotificationsConfig, private readonly logger: Logger) {
     this.statusPage = new StatusPageLifecycle(config, (req, settled) => {
-      this.enqueue({ channel: 'statuspage', attempt: 0, ...req, onSettled: settled })
+      this.enqueue({ channel: 'statuspage', attempt: 0, lane: null, ...req, onSettled: settled })
     }, logger)
     this.statusPage.onUnsent = () => { this.failed.set('statuspage', (this.failed.get('statuspage') ?? 0) + 1) }
     this.alertmanager = new AlertmanagerChannel(config, logger)
@@ -104,7 +115,7 @@ export class Notifier {
     const c = this.config()
     const key = incidentKey(event.service, event.version, event.trigger)
     if (c.slackWebhookUrl !== null) {
-      this.enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, body: slackPayload(c, event) })
+      this.enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, lane: `slack\u0000${key}`, body: slackPayload(c, event) })
     }
     for (const pd of pagerDutyEvents(c, event)) {
       this.enqueue({
@@ -113,6 +124,7 @@ export class Notifier {
         method: 'POST',
         headers: {},
         attempt: 0,
+        lane: `pagerduty\u0000${pd.routingKey}\u0000${key}`,
         body: {
           routing_key: pd.routingKey,
           event_action: pd.action,
@@ -133,7 +145,7 @@ export class Notifier {
     const page = PAGE_STATUS[event.kind]
     if (page !== undefined) this.pageStatus(event, page)
     for (const url of c.webhooks) {
-      this.enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
+      this.enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, lane: `webhook\u0000${url}\u0000${key}`, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
     }
   }
 
@@ -154,6 +166,7 @@ export class Notifier {
         break
       }
       this.dropped++
+      this.release(old)
       this.logger.warn({ event: 'notification_dropped', channel: old.channel }, 'notification queue full; dropped the oldest message')
       old.onSettled?.(false, null)
     }
@@ -162,14 +175,24 @@ export class Notifier {
   }
 
   private pump (): void {
-    while (!this.stopped && this.inFlight < CONCURRENCY && this.queue.length > 0) {
-      const m = this.queue.shift() as Message
+    for (let i = 0; !this.stopped && this.inFlight < CONCURRENCY && i < this.queue.length;) {
+      const m = this.queue[i] as Message
+      const holder = m.lane === null ? undefined : this.lanes.get(m.lane)
+      // Behind an earlier message of its lane (being delivered or waiting to be retried).
+      if (holder !== undefined && holder !== m) { i++; continue }
+      this.queue.splice(i, 1)
+      if (m.lane !== null) this.lanes.set(m.lane, m)
       this.inFlight++
       void this.deliver(m).finally(() => {
         this.inFlight--
         this.pump()
       })
     }
+  }
+
+  /** `m` is settled (delivered, given up on or dropped): the next message of its lane may go. */
+  private release (m: Message): void {
+    if (m.lane !== null && this.lanes.get(m.lane) === m) this.lanes.delete(m.lane)
   }
 
   private async deliver (m: Message): Promise<void> {
@@ -187,6 +210,7 @@ export class Notifier {
       status = res.statusCode
       const text = await res.body.text()
       if (status >= 200 && status < 300) {
+        this.release(m)
         if (m.lookup !== true) this.sent.set(m.channel, (this.sent.get(m.channel) ?? 0) + 1)
         let answer: unknown = null
         try { answer = JSON.parse(text) } catch { /* not JSON */ }
@@ -199,11 +223,13 @@ export class Notifier {
     }
     const refused = status >= 400 && status < 500 && status !== 408 && status !== 429
     if (m.lookup === true || m.once === true) {
+      this.release(m)
       m.onSettled?.(false, null, !refused)
       return
     }
     const final = m.attempt >= this.config().maxAttempts || refused
     if (final) {
+      this.release(m)
       this.failed.set(m.channel, (this.failed.get(m.channel) ?? 0) + 1)
       this.logger.error({ event: 'notification_failed', channel: m.channel, attempts: m.attempt, failure }, 'notification not delivered')
       m.onSettled?.(false, null)
@@ -231,6 +257,7 @@ export class Notifier {
     for (const t of this.timers.keys()) clearTimeout(t)
     this.timers.clear()
     this.queue.length = 0
+    this.lanes.clear()
   }
 }
 
