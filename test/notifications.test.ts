@@ -289,6 +289,24 @@ t.test('one incident\'s messages reach each receiver in the order they happened:
   t.equal(await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'pagerduty' }), 0)
 })
 
+t.test('a receiver that hangs holds only its own deliveries: PagerDuty is paged while four webhooks hang', async (t) => {
+  const up = await app(t)
+  // Never answers during the test: its deliveries end only by the notifier's own timeout.
+  const hanging = await receiver(t, [200], 3_600_000)
+  const pd = await receiver(t)
+  const s = await startTestSidecar(t, config(up.url, {
+    webhooks: [`${hanging.url}/a`, `${hanging.url}/b`, `${hanging.url}/c`, `${hanging.url}/d`],
+    pagerDutyRoutingKey: 'rk',
+    pagerDutyUrl: pd.url
+  }, null))
+  await kill(s) // four webhook deliveries, each left hanging
+  t.ok(await eventually(() => hanging.deliveries.length === 4), 'the four webhooks are being called')
+  s.sidecar.notifier.notify({ service: 'checkout', version: '2.4.1', trigger: 'checkout-errors', kind: 'trigger_fired', summary: 'checkout errors', details: {}, time: new Date().toISOString() })
+  t.ok(await eventually(() => pd.deliveries.length === 1, 30_000), 'PagerDuty was paged')
+  t.equal(s.logs.filter((l) => l.event === 'notification_retry').length, 0, 'before any hanging delivery gave up its place')
+  t.equal(hanging.answered, 0, 'while the webhooks still hang')
+})
+
 t.test('a receiver that keeps failing is given up on after maxAttempts: logged and counted per channel', async (t) => {
   const up = await app(t)
   const hook = await receiver(t, [500])

@@ -72,7 +72,16 @@ export function incidentKey (service: string, version: string, trigger: string |
   return `breakwater-${createHash('sha256').update(`${service}\u0000${version}\u0000${trigger ?? 'operator'}`).digest('hex').slice(0, 24)}`
 }
 
+/**
+ * Deliveries in flight to one receiver (a channel, or one webhook URL): a receiver that hangs
+ * holds only its own, never a page to PagerDuty behind a Slack that does not answer.
+ */
 const CONCURRENCY = 4
+
+/** The receiver a message goes to, for `CONCURRENCY`. */
+function receiverOf (m: Message): string {
+  return m.channel === 'webhook' ? `webhook\u0000${m.url}` : m.channel
+}
 
 export class Notifier {
   readonly failed = new Map<Channel, number>()
@@ -80,6 +89,8 @@ export class Notifier {
   dropped = 0
   private readonly queue: Message[] = []
   private inFlight = 0
+  /** Deliveries in flight per receiver (`receiverOf`). */
+  private readonly inFlightTo = new Map<string, number>()
   /** Messages waiting out a retry backoff, oldest first; they count against `queueSize` too. */
   private readonly timers = new Map<NodeJS.Timeout, Message>()
   /** The message each busy lane is delivering (or waiting to retry); the lane's next ones wait. */
@@ -175,16 +186,22 @@ export class Notifier {
   }
 
   private pump (): void {
-    for (let i = 0; !this.stopped && this.inFlight < CONCURRENCY && i < this.queue.length;) {
+    for (let i = 0; !this.stopped && i < this.queue.length;) {
       const m = this.queue[i] as Message
       const holder = m.lane === null ? undefined : this.lanes.get(m.lane)
-      // Behind an earlier message of its lane (being delivered or waiting to be retried).
-      if (holder !== undefined && holder !== m) { i++; continue }
+      const to = receiverOf(m)
+      const busy = this.inFlightTo.get(to) ?? 0
+      // Behind an earlier message of its lane (being delivered or waiting to be retried), or its receiver is full.
+      if ((holder !== undefined && holder !== m) || busy >= CONCURRENCY) { i++; continue }
       this.queue.splice(i, 1)
       if (m.lane !== null) this.lanes.set(m.lane, m)
       this.inFlight++
+      this.inFlightTo.set(to, busy + 1)
       void this.deliver(m).finally(() => {
         this.inFlight--
+        const left = (this.inFlightTo.get(to) ?? 1) - 1
+        if (left === 0) this.inFlightTo.delete(to)
+        else this.inFlightTo.set(to, left)
         this.pump()
       })
     }
