@@ -148,7 +148,8 @@ t.test('escalation: an incident not verified restored within escalateAfter is es
   const [i] = await incidents(s)
   t.equal(i.status, 'detected', 'a trigger that only notifies leaves the incident open')
   t.equal(Date.parse(i.escalateAt) - Date.parse(i.detectedAt), 1000, 'escalateAt = detection + escalateAfter')
-  t.equal(i.escalatedAt, null)
+  // Read after the deadline on a busy machine, it may be escalated already: never before it.
+  t.ok(i.escalatedAt === null || Date.parse(i.escalatedAt) >= Date.parse(i.escalateAt), 'not escalated before its deadline')
 
   t.ok(await eventually(() => escalations(r).pd.length === 1 && escalations(r).slack.length === 1 && escalations(r).hook.length === 1, 30_000), 'escalated on every channel')
   const first = r.pd.deliveries.find((d) => d.body.event_action === 'trigger' && d.body.payload.severity === 'error')
