@@ -209,7 +209,10 @@ export class Sidecar {
         })
       }
     })
-    this.triggers.onFire = (trigger, reading, at) => { this.verifier.triggerFired(trigger, at, reading) }
+    this.triggers.onFire = (trigger, reading, at) => {
+      const { incident, opened } = this.verifier.triggerFired(trigger, at, reading)
+      return { id: incident.id, opened }
+    }
     this.dataPlane.onSynthetic = (incident, route, atMs, error) => { this.verifier.probeEnded(incident, route, atMs, error) }
     // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
     this.triggers.onRearm = (trigger) => {
@@ -459,7 +462,7 @@ export class Sidecar {
       return
     }
     this.carryPageIncident(key, last)
-    this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+    this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }, null).catch((err: unknown) => {
       this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
     })
   }
@@ -479,7 +482,7 @@ export class Sidecar {
     // Firing again meanwhile, it acts as a taker-over does; else it verifies now.
     const live = this.triggers.status().find((s) => s.name === trigger.name)
     if (live?.state === 'fired') {
-      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }).catch((err: unknown) => {
+      this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }, null).catch((err: unknown) => {
         this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
       })
       return

@@ -283,6 +283,35 @@ t.test('a failed verification escalates at once, whatever escalateAfter; once', 
   t.ok(report.impact.probesExcluded >= 1 && report.impact.probesExcluded <= now.checks.syntheticRounds, `probes excluded: ${String(report.impact.probesExcluded)} of ${String(now.checks.syntheticRounds)}`)
 })
 
+t.test('after a restart, a trigger that fires again into its still-open incident does not announce it again', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  // A trigger that only notifies: nothing mitigates, so checkout still fails after the restart.
+  const options = { stateDir, trigger: { action: 'notify' }, notifications: { escalateAfter: '10m' } }
+  const a = await shop(t, app, r, options)
+  await breakCheckout(app, a.s, a.load)
+  const fired = (): { hook: number, slack: number, pd: number } => ({
+    hook: r.hook.deliveries.filter((d) => d.body.event === 'trigger_fired').length,
+    slack: r.slack.deliveries.length,
+    pd: r.pd.deliveries.filter((d) => d.body.event_action === 'trigger').length
+  })
+  t.ok(await eventually(() => fired().hook === 1 && fired().slack === 1 && fired().pd === 1 && r.sp.deliveries.length === 1, 15_000), 'announced once: webhook, Slack, PagerDuty, the page incident')
+  const [before] = await incidents(a.s)
+  await a.load.close()
+  await a.s.sidecar.close()
+
+  const b = await shop(t, app, r, options)
+  t.match((await incidents(b.s))[0], { id: before.id, status: 'detected' }, 'the incident is still open after the restart')
+  await breakCheckout(app, b.s, b.load)
+  t.ok(await eventually(async () => (await auditOf(b.s)).some((e) => e.action === 'trigger.refire'), 15_000), 'the firing again is audited')
+  const refire = (await auditOf(b.s)).find((e) => e.action === 'trigger.refire')
+  t.match(refire, { targets: ['checkout-errors'], result: new RegExp(`incident ${before.id as string} still open`) })
+  t.equal((await incidents(b.s)).length, 1, 'no second incident')
+  t.same(fired(), { hook: 1, slack: 1, pd: 1 }, 'not announced again on any channel')
+  t.equal(r.sp.deliveries.length, 1, 'the page incident is not set back to investigating')
+})
+
 t.test('status page: create → identified → monitoring → resolved on one page incident, across a restart mid-incident; the report after the restart', async (t) => {
   const app = await startApp(t)
   const r = await receivers(t)

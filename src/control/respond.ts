@@ -30,7 +30,7 @@ export interface RespondDeps {
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
-  return async (trigger: TriggerConfig, reading: Reading): Promise<string> => {
+  return async (trigger: TriggerConfig, reading: Reading, incident: { id: string, opened: boolean } | null): Promise<string> => {
     const cfg = deps.config()
     const reason = `trigger ${trigger.name}: ${describeReading(trigger, reading)}`
     const who = { reason, requester: `trigger:${trigger.name}`, source: `trigger:${trigger.name}` }
@@ -71,7 +71,12 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
         return outcome
       }
     }
-    deps.notifier.notify(fired)
+    // Fired again into its incident still open (its state is in memory: a restart re-arms it
+    // while the failure goes on): announced once, when it opened. Announced again, PagerDuty
+    // would go back to `error` after an escalation and the status page to `investigating`.
+    const again = incident !== null && !incident.opened
+    if (again) void deps.control.auditEvent({ action: 'trigger.refire', targets: [trigger.name], reason, result: `incident ${incident.id} still open: not announced again`, requester: who.requester })
+    else deps.notifier.notify(fired)
     if (action === 'notify') {
       const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })

@@ -38,7 +38,12 @@ export interface TriggerStatus {
 }
 
 /** What a trigger does when it fires; resolves to a short outcome for the state view and logs. */
-export type TriggerAction = (trigger: TriggerConfig, reading: Reading) => Promise<string>
+/**
+ * What a fired trigger does. `incident`: the incident it belongs to, and whether this firing
+ * opened it (false: it fired again into one still open, as after a restart); null when not
+ * known (a fleet takeover), announced as a new one.
+ */
+export type TriggerAction = (trigger: TriggerConfig, reading: Reading, incident: { id: string, opened: boolean } | null) => Promise<string>
 
 export interface Reading {
   value: number
@@ -66,7 +71,7 @@ export class TriggerEngine {
   private timer: NodeJS.Timeout | null = null
   readonly firedTotal = new Map<string, number>()
   /** Told first when a trigger fires (incidents open here). */
-  onFire: (trigger: TriggerConfig, reading: Reading, at: number) => void = () => {}
+  onFire: (trigger: TriggerConfig, reading: Reading, at: number) => { id: string, opened: boolean } | null = () => null
   /** Told when a fired trigger re-arms (its metric stayed under the threshold for a window). */
   onRearm: (trigger: TriggerConfig) => void = () => {}
 
@@ -157,9 +162,9 @@ export class TriggerEngine {
     t.belowSince = null
     this.firedTotal.set(c.name, (this.firedTotal.get(c.name) ?? 0) + 1)
     this.logger.warn({ event: 'trigger_fired', trigger: c.name, metric: c.metric, value: r.value, threshold: c.threshold, window: c.windowMs, requests: r.requests, errors: r.errors, action: c.action }, `trigger ${c.name} fired`)
-    this.onFire(c, r, now)
+    const incident = this.onFire(c, r, now)
     t.lastOutcome = 'running'
-    this.act(c, r).then((outcome) => { t.lastOutcome = outcome }, (err: unknown) => {
+    this.act(c, r, incident).then((outcome) => { t.lastOutcome = outcome }, (err: unknown) => {
       t.lastOutcome = `failed: ${(err as Error).message}`
       this.logger.error({ event: 'trigger_action_failed', trigger: c.name, action: c.action, error: (err as Error).message }, 'trigger action failed')
     })

@@ -274,11 +274,12 @@ export class Verifier {
   }
 
   /** A trigger fired: an incident is detected (one open incident per trigger). */
-  triggerFired (trigger: TriggerConfig, at: number, reading: Reading | null = null): Incident {
+  /** The trigger's open incident, or a new one; `opened` when this firing opened it. */
+  triggerFired (trigger: TriggerConfig, at: number, reading: Reading | null = null): { incident: Incident, opened: boolean } {
     const open = this.incidents.find((i) => i.trigger === trigger.name && OPEN.has(i.status))
-    if (open !== undefined) return open
+    if (open !== undefined) return { incident: open, opened: false }
     const detection = reading === null ? null : { metric: trigger.metric, threshold: trigger.threshold, windowSeconds: trigger.windowMs / 1000, value: Math.round(reading.value * 1e4) / 1e4, requests: reading.requests, errors: reading.errors, firstFailureAt: this.firstFailure(trigger, at) }
-    return this.open(trigger.name, { route: trigger.route, upstream: trigger.upstream }, at, detection, trigger.windowMs)
+    return { incident: this.open(trigger.name, { route: trigger.route, upstream: trigger.upstream }, at, detection, trigger.windowMs), opened: true }
   }
 
   /** The first second with a failure in the trigger's scope within its window before `at` (second resolution only). */
