@@ -255,6 +255,25 @@ t.test('p99_latency is the time to response headers: a slow body does not count'
   t.match(trig, { state: 'ok', fired: 0, requests: 6 }, 'the 3 s bodies are not in the p99 to headers')
 })
 
+t.test('p99_latency needs minRequests answers with a latency: refusals by an open circuit have none', async (t) => {
+  const up = await app(t)
+  // 300 ms answers the breaker counts as failures: two open the circuit, then it refuses at once.
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { volumeThreshold: 2, failureThreshold: 0.5, failureStatuses: [200], recoveryTimeout: 60_000 } },
+    rollbackTriggers: [{ name: 'p99', metric: 'p99_latency', threshold: 100, window: '5s', minRequests: 5, action: 'notify' }]
+  })
+  const l = load(t, s)
+  t.same(await l.burst('/slow', 2), [200, 200])
+  t.equal(s.sidecar.dataPlane.circuit('app')?.state, 'open', 'the two slow answers opened the circuit')
+  t.same(await l.burst('/slow', 8), Array(8).fill(503), 'then it refuses')
+  evaluate(s)
+  const trig = await triggerOf(s, 'p99')
+  t.match(trig, { state: 'inconclusive', fired: 0 }, 'a p99 of two answers is not judged, though ten requests are in the window')
+  t.equal(trig.requests, 2, 'its volume is the answers with a latency')
+})
+
 t.test('for: the breach must hold that long, checked by the sidecar\'s own 1 s evaluation', async (t) => {
   const up = await app(t)
   const s = await startTestSidecar(t, {

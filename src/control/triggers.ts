@@ -15,7 +15,7 @@
 import type { Logger } from 'pino'
 import type { TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, quantile, RunningSum, type WindowSums } from '../proxy/window.js'
+import { emptySums, quantile, samples, RunningSum, type WindowSums } from '../proxy/window.js'
 
 export type TriggerState = 'inconclusive' | 'ok' | 'pending' | 'fired' | 'rearming'
 
@@ -119,9 +119,15 @@ export class TriggerEngine {
     }
     const sums = t.window.read(scope, nowMs, t.sums)
     let value: number | null
+    let volume = sums.requests
     if (c.metric === 'error_rate') value = sums.requests === 0 ? null : sums.errors / sums.requests
-    else value = quantile(sums.latency as Float64Array, 0.99)
-    return { value: value ?? 0, requests: sums.requests, errors: sums.errors, hasData: value !== null }
+    else {
+      value = quantile(sums.latency as Float64Array, 0.99)
+      // A p99 is judged on answers with a latency: a refusal by a circuit failures opened is a
+      // request of the window (and an error) but has none, and must not make two answers a p99.
+      volume = samples(sums.latency as Float64Array)
+    }
+    return { value: value ?? 0, requests: volume, errors: sums.errors, hasData: value !== null }
   }
 
   private step (t: Live, now: number): void {

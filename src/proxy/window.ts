@@ -209,10 +209,16 @@ function copySums (from: WindowSums, to: WindowSums): void {
   }
 }
 
-/** The q-quantile (0–1) in ms of a merged histogram, or null when it is empty. */
-export function quantile (latency: Float64Array, q: number): number | null {
+/** How many latencies a histogram holds. */
+export function samples (latency: Float64Array): number {
   let total = 0
   for (let b = 0; b < LATENCY_BINS; b++) total += latency[b] as number
+  return total
+}
+
+/** The q-quantile (0–1) in ms of a merged histogram, or null when it is empty. */
+export function quantile (latency: Float64Array, q: number): number | null {
+  const total = samples(latency)
   if (total === 0) return null
   const rank = q * total
   let seen = 0
