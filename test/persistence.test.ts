@@ -95,6 +95,34 @@ t.test('a corrupt state file is moved aside and the sidecar starts clean', async
   t.ok(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')), 'the bad file is kept for a post-mortem')
 })
 
+t.test('a state file of the wrong shape is moved aside like a corrupt one, never a crash', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const foreign = [
+    '{"version": 1, "overrides": null}',
+    '{"version": 1, "mitigations": "none"}',
+    '{"version": 1, "incidents": {}}',
+    '{"version": 1, "overrides": {"enableNewCheckout": {"enabled": "no"}}}'
+  ]
+  for (const text of foreign) {
+    await t.test(text, async (t) => {
+      const dir = tempDir(t)
+      const stateDir = join(dir, 'state')
+      mkdirSync(stateDir)
+      writeFileSync(join(stateDir, 'state.json'), text)
+      const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+      t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving, with no override')
+      const line = await running.waitForLine((l) => l.event === 'state_corrupt')
+      t.match(line.error, /not a Breakwater state file/)
+      t.ok(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')), 'the foreign file is kept for a post-mortem')
+      const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+      t.equal((await admin(adminUrl, 'GET', '/v1/state', undefined, TOKEN)).status, 200, 'the control plane answers')
+      running.child.kill('SIGTERM')
+      t.equal(await running.exited, 0, 'a clean stop: the sidecar never crashed on the file')
+    })
+  }
+})
+
 /** kill -9 rounds: as many as state was seen to survive under attack, kept holding. */
 const KILL_ROUNDS = 9
 

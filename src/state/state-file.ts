@@ -153,6 +153,10 @@ export class StateFile {
     try {
       const parsed = JSON.parse(text) as Partial<PersistedState>
       if (parsed === null || typeof parsed !== 'object' || parsed.version !== 1) throw new Error('not a Breakwater state file (version 1)')
+      // Valid JSON of the wrong shape (a hand edit, another program's file) would otherwise
+      // crash the sidecar at start — or later, on the first expiry sweep — on every restart.
+      const problem = shapeProblem(parsed as Record<string, unknown>)
+      if (problem !== null) throw new Error(`not a Breakwater state file: ${problem}`)
       // A file from before fleet failovers has no `fleet.failovers`: the missing keys start empty.
       return { state: { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: 1 }, movedAside: null, error: null }
     } catch (err) {
@@ -193,4 +197,44 @@ export class StateFile {
       await dir.close()
     }
   }
+}
+
+const isRecord = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v)
+const isTime = (v: unknown): boolean => v === undefined || v === null || typeof v === 'string'
+
+/**
+ * The first way `parsed` departs from the shape the control plane reads, or null. Keys absent
+ * from older files start empty; a key present with the wrong type is a foreign file.
+ */
+function shapeProblem (parsed: Record<string, unknown>): string | null {
+  for (const key of ['overrides', 'circuits', 'versions', 'configs', 'rolledBack', 'statusPage', 'fleet'] as const) {
+    if (parsed[key] !== undefined && !isRecord(parsed[key])) return `${key} must be an object`
+  }
+  for (const key of ['mitigations', 'incidents'] as const) {
+    const list = parsed[key]
+    if (list === undefined) continue
+    if (!Array.isArray(list)) return `${key} must be an array`
+    if (!list.every(isRecord)) return `${key} must hold objects`
+  }
+  for (const [flag, o] of Object.entries((parsed.overrides ?? {}) as Record<string, unknown>)) {
+    if (!isRecord(o) || typeof o.enabled !== 'boolean' || !isTime(o.expiresAt)) return `overrides.${flag} must have a boolean enabled`
+  }
+  for (const [upstream, c] of Object.entries((parsed.circuits ?? {}) as Record<string, unknown>)) {
+    if (!isRecord(c) || (c.state !== 'open' && c.state !== 'closed') || !isTime(c.expiresAt)) return `circuits.${upstream} must have a state of open or closed`
+  }
+  for (const key of ['versions', 'configs', 'rolledBack'] as const) {
+    if (!Object.values((parsed[key] ?? {}) as Record<string, unknown>).every((v) => typeof v === 'string')) return `${key} must map names to times`
+  }
+  for (const [i, m] of ((parsed.mitigations ?? []) as Array<Record<string, unknown>>).entries()) {
+    if (typeof m.id !== 'string' || typeof m.action !== 'string' || typeof m.status !== 'string' || !Array.isArray(m.targets) || (m.changes !== undefined && !Array.isArray(m.changes))) return `mitigations[${i}] is not a mitigation record`
+  }
+  const fleet = parsed.fleet as Record<string, unknown> | undefined
+  if (fleet !== undefined) {
+    if (fleet.revision !== undefined && typeof fleet.revision !== 'number') return 'fleet.revision must be a number'
+    for (const key of ['flags', 'circuits', 'failovers'] as const) {
+      const entries = fleet[key]
+      if (entries !== undefined && (!isRecord(entries) || !Object.values(entries).every(isRecord))) return `fleet.${key} must map names to entries`
+    }
+  }
+  return null
 }
