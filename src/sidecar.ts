@@ -762,7 +762,7 @@ export class Sidecar {
 
     stopAccepting(this.proxy)
     this.dataPlane.draining = true
-    log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight }, 'stopped accepting connections')
+    log({ event: 'shutdown', phase: 'stopped_accepting', inFlight: this.dataPlane.stats.inFlight, tunnels: this.dataPlane.tunnels.size }, 'stopped accepting connections')
     const deadline = end - teardownMs
     const quieting = new WeakSet<Socket>()
     while (!hurried && (this.dataPlane.stats.inFlight > 0 || this.proxy.connections.size > 0) && performance.now() < deadline) {
@@ -770,7 +770,10 @@ export class Sidecar {
       await Promise.race([delay(20), hurry])
     }
     const abandoned = this.dataPlane.stats.inFlight + this.dataPlane.stats.receiving
-    if (abandoned > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, timeoutMs }, 'requests still running at the shutdown deadline are cut')
+    // A WebSocket tunnel is a connection, not a request (HTTP cannot ask it to close): one still
+    // open at the deadline is cut like a request, and said so.
+    const tunnels = this.dataPlane.tunnels.size
+    if (abandoned > 0 || tunnels > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, tunnels, timeoutMs }, 'requests and tunnels still running at the shutdown deadline are cut')
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
@@ -794,7 +797,7 @@ export class Sidecar {
     this.notifier.stop()
     await this.admin.close()
     await this.ops.close()
-    log({ event: 'shutdown', phase: 'stopped', abandoned }, 'stopped')
+    log({ event: 'shutdown', phase: 'stopped', abandoned, tunnels }, 'stopped')
     // The last lines out before the process exits (a stalled stdout holds the exit LOG_DRAIN_MS at most).
     await this.drainLog(remaining(LOG_DRAIN_MS))
   }

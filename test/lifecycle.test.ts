@@ -10,6 +10,7 @@ import { oneRoute } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { WireClient } from './helpers/wire.js'
+import { startWebSocketUpstream, handshakeRequest } from './helpers/websocket.js'
 
 /** Resolve with `promise`, or reject naming `what` after `ms`. */
 async function within<T> (promise: Promise<T>, ms: number, what: string): Promise<T> {
@@ -127,6 +128,27 @@ t.test('requests still in flight after shutdown.timeoutMs are cut; the process e
   t.ok('error' in outcome, 'the client saw its connection cut, not a response', { outcome })
   const last = bw.lines.find((l) => l.phase === 'stopped')
   t.equal(last?.abandoned, 1, 'the cut request is logged as abandoned')
+})
+
+t.test('a WebSocket tunnel still open at the shutdown deadline is cut and logged as such', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const bw = await startProcessWithin(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 100, timeoutMs: 3000 } }, STARTUP_MS, withoutTapHooks)
+  const client = await WireClient.connect(Number(new URL(bw.proxy).port))
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/ws', 'dGhlIHNhbXBsZSBub25jZQ=='))
+  await client.until((c) => c.received.startsWith('HTTP/1.1 101'), 5000, 'the 101')
+  bw.child.kill('SIGTERM')
+  const stopped = await bw.waitForLine((l) => l.phase === 'stopped_accepting')
+  t.equal(stopped.tunnels, 1, 'the open tunnel is counted when the listener closes')
+  t.equal(await within(bw.exited, 15_000, 'process exit'), 0, 'exit 0')
+  await client.until((c) => c.closed, 5000, 'the tunnel closed')
+  const deadline = bw.lines.find((l) => l.phase === 'deadline')
+  t.ok(deadline !== undefined, 'the cut is logged')
+  t.equal(deadline?.level, 'warn')
+  t.equal(deadline?.tunnels, 1, 'one tunnel cut')
+  t.equal(deadline?.abandoned, 0, 'no request cut')
+  t.equal(bw.lines.find((l) => l.phase === 'stopped')?.tunnels, 1)
 })
 
 t.test('a drain under 50 busy keep-alive connections loses no request', async (t) => {
