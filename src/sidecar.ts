@@ -676,9 +676,18 @@ export class Sidecar {
     if (JSON.stringify(prev.fleet) !== JSON.stringify(next.fleet)) {
       this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
     }
+    // The state lock, the journal and the admin token were set up at start from these: taking
+    // the new values now would split the state over two directories, or send the operator's
+    // commands (which read them from the file) to a token the running API does not accept.
+    if (prev.stateDir !== next.stateDir) {
+      this.logger.warn({ event: 'config_reload', key: 'stateDir', stateDir: next.stateDir }, 'stateDir changes take effect at the next restart')
+    }
+    if (JSON.stringify(prev.admin) !== JSON.stringify(next.admin)) {
+      this.logger.warn({ event: 'config_reload', key: 'admin' }, 'admin settings change at the next restart')
+    }
     // What is kept until the restart is kept everywhere: the data plane reads the running
     // listeners too (their trustedProxies key the rate limits).
-    const running = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet }
+    const running = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet, stateDir: prev.stateDir, admin: prev.admin }
     const upstreams = this.dataPlane.apply(running)
     this.config = running
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.

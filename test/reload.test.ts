@@ -6,6 +6,8 @@
 import t from 'tap'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { startUpstream, echo, status, type TestUpstream } from './helpers/upstream.js'
 import { startFileSidecar, type FileSidecar } from './helpers/file-sidecar.js'
 import { admin } from './helpers/admin.js'
@@ -209,4 +211,21 @@ t.test('breakwater_info follows a reload that changes the version: one series, w
   await reload(s, input('1.0.1'))
   t.equal((await admin(s.admin, 'GET', '/v1/state')).body.version, '1.0.1')
   t.same(await infos(), [{ service: 'checkout', version: '1.0.1' }], 'the old version\'s series is gone')
+})
+
+t.test('a reload that moves stateDir or changes admin settings keeps the running ones until the restart, and says so', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = { upstreams: { app: { url: up.url } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }], featureFlags: { newCheckout: true } }
+  const s = await startFileSidecar(t, input)
+  const elsewhere = join(s.stateDir, '..', 'elsewhere')
+  await reload(s, { ...input, stateDir: elsewhere, admin: { tokenFile: join(s.stateDir, '..', 'token') } })
+  t.ok(s.logs.some((l) => l.event === 'config_reload' && l.key === 'stateDir' && l.level === 'warn'), 'the stateDir change is deferred, with a warning')
+  t.ok(s.logs.some((l) => l.event === 'config_reload' && l.key === 'admin' && l.level === 'warn'), 'the admin change is deferred, with a warning')
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'after the reload' })).status, 200, 'the running token still works')
+  t.equal((await admin(s.admin, 'POST', '/v1/reload', { reason: 'again' })).status, 200)
+  // What the control plane wrote stays in the one stateDir it locked at start.
+  const state = JSON.parse(readFileSync(join(s.stateDir, 'state.json'), 'utf8')) as { overrides: Record<string, unknown> }
+  t.ok(state.overrides.newCheckout !== undefined, 'the override is in the running stateDir')
+  t.equal((await admin(s.admin, 'GET', '/v1/state')).body.flags.newCheckout.enabled, false)
 })
