@@ -294,6 +294,16 @@ t.test('cross-section checks still run when a duration is malformed', async (t) 
   reports(t, problems, 'circuitBreakers.ghost', /unknown upstream/)
 })
 
+t.test('two listeners on one port are a config problem named by key, not a failed start', async (t) => {
+  const base = { service: 'shop', upstreams: { app: { url: 'http://127.0.0.1:3000' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const problems = problemsOf(t, { ...base, listen: { proxy: { host: '0.0.0.0', port: 14001 }, ops: { host: '127.0.0.1', port: 14001 }, admin: { host: '127.0.0.1', port: 14020 }, egress: { host: '127.0.0.1', port: 14020 } } })
+  reports(t, problems, 'listen.ops.port', /14001 is also listen\.proxy's port/)
+  reports(t, problems, 'listen.admin.port', /14020 is also listen\.egress's port/)
+  // Port 0 is any free port; one port on two distinct addresses is two sockets.
+  const fine = resolved({ ...base, listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.2', port: 14001 }, egress: { host: '127.0.0.1', port: 14001 } } })
+  t.equal(fine.listen.admin.port, 14001)
+})
+
 t.test('values of the wrong type in the file are reported, not coerced', async (t) => {
   // Conversion exists for values that came from ${ENV} (always strings); a literal of the
   // wrong type in the file is the user's mistake and must be reported.

@@ -410,11 +410,31 @@ function buildListen (listen: Section<'listen'>, baseDir: string, found: Finding
     acceptors: l.acceptors,
     tls: buildListenerTls(l.tls, `${at}.tls`, baseDir, found.problems)
   })
-  return {
+  const built = {
     proxy: proxy(listen.proxy, 'listen.proxy'),
     egress: listen.egress === undefined ? null : proxy(listen.egress, 'listen.egress'),
     ops: { host: listen.ops.host, port: listen.ops.port },
     admin: { host: listen.admin.host, port: listen.admin.port }
+  }
+  sharedPorts(built, found.problems)
+  return built
+}
+
+const WILDCARD_HOSTS = new Set(['0.0.0.0', '::', '[::]', ''])
+
+/**
+ * Two of our own listeners on one port would fail at start as "address already in use", sending
+ * whoever reads it to look for another process: named here by key instead. Port 0 (any free
+ * port) never collides; a wildcard host overlaps every address.
+ */
+function sharedPorts (listen: Config['listen'], problems: string[]): void {
+  const seen: Array<{ key: string, host: string, port: number }> = []
+  for (const key of ['proxy', 'egress', 'ops', 'admin'] as const) {
+    const l = listen[key]
+    if (l === null || l.port === 0) continue
+    const other = seen.find((s) => s.port === l.port && (s.host === l.host || WILDCARD_HOSTS.has(s.host) || WILDCARD_HOSTS.has(l.host)))
+    if (other !== undefined) problems.push(`listen.${key}.port: ${l.port} is also listen.${other.key}'s port (${other.host}); each listener needs its own`)
+    seen.push({ key: `${key}`, host: l.host, port: l.port })
   }
 }
 
