@@ -123,6 +123,22 @@ t.test('a state file of the wrong shape is moved aside like a corrupt one, never
   }
 })
 
+t.test('an audit line cut short by a crash costs only itself: the next entry starts on its own line', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const stateDir = join(dir, 'state')
+  mkdirSync(stateDir)
+  const whole = JSON.stringify({ time: '2026-01-01T00:00:00.000Z', action: 'flag.set', targets: ['a'], reason: 'before', result: 'ok', requester: 'x' })
+  writeFileSync(join(stateDir, 'audit.jsonl'), `${whole}\n{"time":"2026-01-01T00:00:01.000Z","action":"flag.se`)
+  const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+  const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+  t.equal((await admin(adminUrl, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'after the crash' }, TOKEN)).status, 200)
+  const audit = await admin(adminUrl, 'GET', '/v1/audit', undefined, TOKEN)
+  const reasons = (audit.body.entries as Array<{ reason: string }>).map((e) => e.reason)
+  t.same(reasons, ['after the crash', 'before'], 'the new entry is readable; only the cut one is lost')
+})
+
 /** kill -9 rounds: as many as state was seen to survive under attack, kept holding. */
 const KILL_ROUNDS = 9
 

@@ -46,10 +46,17 @@ export class AuditLog {
     await run
   }
 
-  private async write (line: string): Promise<void> {
+  private async write (entryLine: string): Promise<void> {
+    let line = entryLine
     await mkdir(this.dir, { recursive: true })
     const size = await stat(this.path).then((s) => s.size, () => 0)
-    if (size > 0 && size + Buffer.byteLength(line) > this.maxBytes) await this.rotate()
+    if (size > 0 && size + Buffer.byteLength(line) > this.maxBytes) {
+      await this.rotate()
+    } else if (size > 0 && !(await endsWithNewline(this.path, size))) {
+      // An append cut short (a process killed mid-write, a full disk) left a line without its
+      // end: written after it, this entry would share its line and be unreadable too.
+      line = '\n' + line
+    }
     const handle = await open(this.path, 'a', 0o600)
     try {
       await handle.write(line)
@@ -85,5 +92,16 @@ export class AuditLog {
       }
     }
     return out
+  }
+}
+
+async function endsWithNewline (path: string, size: number): Promise<boolean> {
+  const handle = await open(path, 'r')
+  try {
+    const last = Buffer.alloc(1)
+    await handle.read(last, 0, 1, size - 1)
+    return last[0] === 0x0a
+  } finally {
+    await handle.close()
   }
 }
