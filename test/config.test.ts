@@ -458,6 +458,16 @@ t.test('.mjs modules: a default export object, a function, and defineConfig', as
   await t.rejects(loadConfigFile(throwing, {}), { name: 'ConfigError', message: /throwing\.mjs.*boom/ })
 })
 
+t.test('.mjs modules that export nothing, or whose function fails, are refused naming the file', async (t) => {
+  const dir = tempDir(t)
+  const none = join(dir, 'none.mjs')
+  writeFileSync(none, 'export const settings = { service: "shop" }\n')
+  await t.rejects(loadConfigFile(none, {}), { name: 'ConfigError', message: /none\.mjs: exports no config/ })
+  const failing = join(dir, 'failing.mjs')
+  writeFileSync(failing, 'export default async () => { throw new Error("vault unreachable") }\n')
+  await t.rejects(loadConfigFile(failing, {}), { name: 'ConfigError', message: /failing\.mjs: the exported function failed: vault unreachable/ })
+})
+
 t.test('the committed JSON schema matches the code', async (t) => {
   const committed = readFileSync(join(root, 'config', 'breakwater.schema.json'), 'utf8')
   t.ok(committed === schemaJson(), 'config/breakwater.schema.json is out of date with src/config/schema.ts: run `npm run schema` and commit the result')

@@ -30,7 +30,14 @@ export async function readConfigSource (path: string): Promise<unknown> {
       throw new ConfigError([`${path}: cannot load module: ${(err as Error).message}`])
     }
     const exported = mod.default ?? mod.config
-    return typeof exported === 'function' ? await (exported as () => unknown)() : exported
+    if (exported === undefined) throw new ConfigError([`${path}: exports no config (a default export, or one named config)`])
+    if (typeof exported !== 'function') return exported
+    try {
+      return await (exported as () => unknown)()
+    } catch (err) {
+      // Named like a module that fails to load: a bare "boom" on stderr names no file.
+      throw new ConfigError([`${path}: the exported function failed: ${(err as Error).message}`])
+    }
   }
   let text: string
   try {
