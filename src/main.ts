@@ -47,9 +47,13 @@ export async function start (configPath: string): Promise<number> {
       if (signal !== 'SIGTERM' && signal !== 'SIGINT') return
       process.removeAllListeners('SIGTERM')
       process.removeAllListeners('SIGINT')
-      // A second signal cuts the drain short.
-      process.once('SIGTERM', () => sidecar.hurry())
-      process.once('SIGINT', () => sidecar.hurry())
+      // A second signal cuts the drain short, and says so: requests it cuts are not the deadline's.
+      const hurry = (second: string): void => {
+        sidecar.logger.warn({ event: 'shutdown', phase: 'hurried', signal: second }, 'second signal: the drain is cut short')
+        sidecar.hurry()
+      }
+      process.once('SIGTERM', () => hurry('SIGTERM'))
+      process.once('SIGINT', () => hurry('SIGINT'))
       sidecar.logger.info({ event: 'shutdown', signal }, 'signal received')
       // SPEC §15: SIGTERM to exit within drainDelayMs + timeoutMs (25 s with defaults, under
       // Kubernetes' 30 s grace) whatever clients do. The sidecar cuts what still runs early

@@ -103,6 +103,9 @@ t.test('a second SIGTERM during the drain makes the process exit promptly, still
   // Well before the 60 s drain delay: the second signal cut the drain short.
   const code = await within(bw.exited, 45_000, 'exit after the second SIGTERM, not after the 60 s drain delay')
   t.equal(code, 0)
+  const hurried = bw.lines.find((l) => l.phase === 'hurried')
+  t.equal(hurried?.level, 'warn', 'the cut-short drain is logged at warn')
+  t.equal(hurried?.signal, 'SIGTERM')
   t.comment(`exited ${Date.now() - at} ms after the second signal`)
 })
 
