@@ -14,6 +14,12 @@ const LINGER_MS = 100
 const BACKSTOP_MIN_MS = 1000
 
 export async function start (configPath: string): Promise<number> {
+  // SIGHUP's default action ends the process: one sent during start-up (a config reloader, an
+  // operator who just edited the file) would kill the sidecar without a word. It is held, and
+  // honoured with one reload once the sidecar runs.
+  let reloadWhenStarted = false
+  const holdReload = (): void => { reloadWhenStarted = true }
+  process.on('SIGHUP', holdReload)
   let loaded
   try {
     loaded = await loadCheckedConfig(configPath)
@@ -40,7 +46,9 @@ export async function start (configPath: string): Promise<number> {
     sidecar.logger.fatal({ event: 'crash', err }, 'uncaught exception; exiting')
     process.exit(1)
   })
+  process.removeListener('SIGHUP', holdReload)
   process.on('SIGHUP', () => { void sidecar.reload(signalActor('SIGHUP')) })
+  if (reloadWhenStarted) void sidecar.reload(signalActor('SIGHUP'))
 
   return await new Promise<number>((resolve) => {
     const stop = (signal: string): void => {

@@ -1,15 +1,16 @@
 import t from 'tap'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Client } from 'undici'
 import { parse, stringify } from 'yaml'
 import { startUpstream, echo, hang, type TestUpstream } from './helpers/upstream.js'
-import { startProcessWithin, withoutTapHooks, type Running } from './helpers/process.js'
+import { startProcessWithin, spawnCli, tempDir, withoutTapHooks, type Running } from './helpers/process.js'
 import { oneRoute } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { WireClient } from './helpers/wire.js'
+import { ROOT } from './helpers/root.js'
 import { startWebSocketUpstream, handshakeRequest } from './helpers/websocket.js'
 
 /** Resolve with `promise`, or reject naming `what` after `ms`. */
@@ -152,6 +153,28 @@ t.test('a WebSocket tunnel still open at the shutdown deadline is cut and logged
   t.equal(deadline?.tunnels, 1, 'one tunnel cut')
   t.equal(deadline?.abandoned, 0, 'no request cut')
   t.equal(bw.lines.find((l) => l.phase === 'stopped')?.tunnels, 1)
+})
+
+t.test('a SIGHUP during start-up does not kill the sidecar: it reloads once started', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const marker = join(dir, 'initialising')
+  const configPath = join(dir, 'breakwater.yaml')
+  writeFileSync(configPath, stringify({
+    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
+    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+    ...oneRoute(up.url),
+    flagProvider: { module: join(ROOT, 'test/fixtures/slow-provider.mjs'), export: 'SlowProvider', options: { marker, delayMs: 2000 } }
+  }))
+  const bw = await spawnCli(t, ['--config', configPath, 'start'], dir, configPath, withoutTapHooks)
+  t.ok(await eventually(() => existsSync(marker), STARTUP_MS, 20), 'start-up is under way')
+  bw.child.kill('SIGHUP')
+  await bw.waitForLine((l) => l.msg === 'listening', STARTUP_MS)
+  const reloaded = await bw.waitForLine((l) => l.event === 'config_reload')
+  t.equal(reloaded.result, 'ok', 'the signal is honoured once the sidecar runs')
+  bw.child.kill('SIGTERM')
+  t.equal(await within(bw.exited, 30_000, 'process exit'), 0)
 })
 
 t.test('a drain under 50 busy keep-alive connections loses no request', async (t) => {
