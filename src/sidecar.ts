@@ -783,6 +783,7 @@ export class Sidecar {
     // open at the deadline is cut like a request, and said so.
     const tunnels = this.dataPlane.tunnels.size
     if (abandoned > 0 || tunnels > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, tunnels, timeoutMs }, 'requests and tunnels still running at the shutdown deadline are cut')
+    this.dataPlane.cutting = true
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()

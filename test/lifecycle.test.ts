@@ -132,6 +132,10 @@ t.test('requests still in flight after shutdown.timeoutMs are cut; the process e
   t.ok('error' in outcome, 'the client saw its connection cut, not a response', { outcome })
   const last = bw.lines.find((l) => l.phase === 'stopped')
   t.equal(last?.abandoned, 1, 'the cut request is logged as abandoned')
+  // The sidecar cut it, not the app: never an upstream failure in the access log (SPEC §15).
+  const access = bw.lines.find((l) => l.msg === 'request' && l['url.path'] === '/stuck')
+  t.equal(access?.outcome, 'breakwater', 'the cut is the sidecar\'s doing')
+  t.equal(access?.['error.type'], 'shutdown_deadline')
 })
 
 t.test('a WebSocket tunnel still open at the shutdown deadline is cut and logged as such', async (t) => {

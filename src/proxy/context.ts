@@ -179,6 +179,11 @@ export abstract class RequestContext implements LaterLine {
    * or 400 when undici refused to send the request itself (the client's doing).
    */
   failUpstream (err: unknown): void {
+    // The pools closed under it at the shutdown deadline: the app did not fail.
+    if (this.dp.cutting) {
+      this.refuse('shutdown_deadline')
+      return
+    }
     const code = fromUpstreamError(err)
     if (code === 'bad_request') {
       this.refuse(code, `the request cannot be forwarded: ${(err as Error).message}`)

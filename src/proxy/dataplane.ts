@@ -42,6 +42,11 @@ export class DataPlane {
   runtime: Runtime
   /** Set at SIGTERM: responses carry `Connection: close` so clients move away. */
   draining = false
+  /**
+   * Set at the shutdown deadline, as the sidecar cuts what still runs: a request that fails from
+   * then on was cut by us (`shutdown_deadline`), not failed by its upstream.
+   */
+  cutting = false
   readonly stats: DataPlaneStats
   readonly logger: Logger
   readonly lines: RawLines

@@ -28,7 +28,8 @@ export const ERRORS = {
   request_timeout: { status: 408, message: 'the request was not received in time', mitigation: null, cause: 'client' },
   connect_not_supported: { status: 404, message: 'CONNECT is not supported: this is a reverse proxy', mitigation: null, cause: 'client' },
   rate_limited: { status: 429, message: 'too many requests', mitigation: 'rate-limit', cause: 'breakwater' },
-  fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null, cause: 'breakwater' }
+  fault_injected: { status: 503, message: 'fault injected (game day)', mitigation: null, cause: 'breakwater' },
+  shutdown_deadline: { status: 503, message: 'cut by the shutdown deadline', mitigation: null, cause: 'breakwater' }
 } as const satisfies Record<string, LocalError>
 
 export type ErrorCode = keyof typeof ERRORS

@@ -429,7 +429,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     if (state === STREAMING) {
       // Headers are out: the only honest signal left is to cut the connection. The upstream
       // either broke the body off or stopped sending it for `idleTimeoutMs` (undici's bodyTimeout).
-      this.conclude(this.status, (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
+      this.conclude(this.status, this.dp.cutting ? 'shutdown_deadline' : (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
       this.res.destroy()
       this.done()
       return
