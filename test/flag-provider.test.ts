@@ -1,13 +1,13 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { writeFileSync, renameSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { ROOT } from './helpers/root.js'
 import { FlagdCore } from '@openfeature/flagd-core'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar, startCaptured, testSidecarInput } from './helpers/sidecar.js'
+import { startTestSidecar, startCaptured, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
 import { resolveConfig } from '../src/config/load.js'
-import { send, eventually } from './helpers/http.js'
+import { send, eventually, sleep } from './helpers/http.js'
 import { flagDir, flagdText, writeFlagFile, checkoutRoutes } from './helpers/flags.js'
 
 // The real @openfeature/flagd-provider, in-process with a flag file (flagd's offline mode). It
@@ -212,4 +212,38 @@ t.test('provider events: CONFIGURATION_CHANGED applies at once; STALE and ERROR 
   provider.emit('Ready')
   t.ok(await eventually(async () => await status() === 200, 5000), 'READY re-reads its flags')
   t.ok(logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider ready again'))
+})
+
+interface FaultyProvider { flags: Record<string, boolean>, mode: 'ok' | 'hang' | 'throw' | 'string', hung: number }
+
+async function startFaulty (t: Test, flags: Record<string, boolean>): Promise<TestSidecar & { provider: FaultyProvider, status: () => Promise<number> }> {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fixture = join(ROOT, 'test/fixtures/faulty-provider.mjs')
+  const { instances } = await import(pathToFileURL(fixture).href) as { instances: FaultyProvider[] }
+  const started = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: true },
+    flagProvider: { module: fixture, export: 'FaultyProvider', options: { flags }, pollMs: 100 }
+  }))
+  const provider = instances[instances.length - 1] as FaultyProvider
+  return { ...started, provider, status: async () => (await send(started.proxy, '/checkout')).status }
+}
+
+t.test('a provider whose evaluation never settles holds no later read: the last flags stay, and once it answers its kill switch applies', async (t) => {
+  const { provider, status, sidecar, ops, logs } = await startFaulty(t, { enableNewCheckout: true })
+  t.equal(await status(), 200)
+  const before = await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+
+  provider.mode = 'hang'
+  t.ok(await eventually(() => provider.hung > 0, 10_000), 'a read is stuck in the provider')
+  t.equal(await status(), 200, 'the last flags stay meanwhile')
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.level === 'warn' && /did not answer in time/.test(String(l.msg))), 10_000), 'said')
+  t.ok(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/) > before, 'and counted')
+  const reloaded = await Promise.race([sidecar.apply(sidecar.config).then(() => true), sleep(10_000).then(() => false)])
+  t.ok(reloaded, 'a reload is not held by the stuck provider')
+
+  provider.flags = { enableNewCheckout: false }
+  provider.mode = 'ok'
+  t.ok(await eventually(async () => await status() === 503, 10_000), 'the provider\'s kill applies once it answers again')
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider answers again'), 10_000))
 })

@@ -52,6 +52,13 @@ type ProviderClass = new (options: Readonly<Record<string, unknown>>, logger: Fe
 const START_WAIT_MS = 5000
 /** Without events, and without `pollMs`, the provider is read this often: SPEC §14, a flag source's change applies within 1 s. */
 const DEFAULT_POLL_MS = 500
+/**
+ * A read still running after this long is given up on: the last flags stay, and the next read
+ * does not queue behind it. A provider whose evaluation never settles (a lost RPC, a promise
+ * that is never resolved) would otherwise hold every later read, and a kill switch set at the
+ * provider once it recovers would never apply.
+ */
+const READ_DEADLINE_MS = 1000
 const RETRY_MIN_MS = 1000
 const RETRY_MAX_MS = 30_000
 
@@ -105,6 +112,12 @@ export class ProviderSource {
   private client: Client | null = null
   private providerClass: ProviderClass | null = null
   private reading: Promise<void> = Promise.resolve()
+  /** The read queued behind the running one, not started yet; null when none is. */
+  private waiting: Promise<void> | null = null
+  /** Numbers each read; a read given up on (READ_DEADLINE_MS) that settles later is discarded. */
+  private reads = 0
+  /** A read was given up on and none has finished since: logged once per change of state. */
+  private late = false
   private pollTimer: NodeJS.Timeout | null = null
   private retryTimer: NodeJS.Timeout | null = null
   private retryMs = RETRY_MIN_MS
@@ -112,7 +125,6 @@ export class ProviderSource {
   private listening = false
   /** Flags warned about at the last read (not boolean, an evaluation error, targeting without a synchronous evaluator). */
   private warned = new Set<string>()
-  private warnedNow = new Set<string>()
   /** In error or stale since the last READY: logged once per change of state, counted every time. */
   private failing = false
   private readonly onReady = (): void => {
@@ -212,14 +224,42 @@ export class ProviderSource {
     this.retryTimer.unref()
   }
 
-  /** Read every key now (serialised: reads never interleave); resolves once done. */
+  /** Read every key now (serialised, each within READ_DEADLINE_MS); resolves once done. */
   async read (): Promise<void> {
-    const run = this.reading.then(async () => { await this.readNow() })
-    this.reading = run.catch((err: unknown) => { this.problem('flag provider read failed; keeping its last flags', (err as Error).message) })
-    await this.reading
+    // Callers while a read waits its turn share it: polls and events never pile up behind a
+    // slow provider, so a read asked for now runs within one deadline.
+    let waiting = this.waiting
+    if (waiting === null) {
+      const run = this.reading.then(async () => {
+        this.waiting = null
+        await this.readWithin(READ_DEADLINE_MS)
+      })
+      waiting = this.waiting = this.reading = run.catch((err: unknown) => { this.problem('flag provider read failed; keeping its last flags', (err as Error).message) })
+    }
+    await waiting
   }
 
-  private async readNow (): Promise<void> {
+  /** One read, given up on after `deadlineMs`: the last flags stay, said once and counted. */
+  private async readWithin (deadlineMs: number): Promise<void> {
+    const read = ++this.reads
+    let timer: NodeJS.Timeout | undefined
+    const deadline = new Promise<'late'>((resolve) => { timer = setTimeout(resolve, deadlineMs, 'late') })
+    try {
+      const outcome = await Promise.race([this.readNow(read), deadline])
+      if (outcome === 'late') {
+        this.hooks.onError()
+        if (!this.late) this.logger.warn({ event: 'flag_source', module: this.config.module, waitedMs: deadlineMs }, 'flag provider did not answer in time; keeping its last flags')
+        this.late = true
+      } else if (this.late) {
+        this.late = false
+        this.logger.info({ event: 'flag_source', module: this.config.module }, 'flag provider answers again')
+      }
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  private async readNow (read: number): Promise<void> {
     const client = this.client
     const provider = this.provider
     if (client === null || provider === null || this.closed) return
@@ -229,13 +269,13 @@ export class ProviderSource {
     const core = flagdCoreOf(provider)
     const evaluator = core === null ? null : withSyncContext(core, provider)
     const next = new Map<string, ProviderFlag>()
-    this.warnedNow = new Set()
+    const warnedNow = new Set<string>()
     for (const key of this.hooks.keys()) {
       const d = await client.getBooleanDetails(key, this.hooks.codeDefault(key))
       const errorCode = d.errorCode
       if (errorCode === ErrorCode.FLAG_NOT_FOUND) continue // not the provider's: the next source decides
       if (errorCode === ErrorCode.TYPE_MISMATCH) {
-        this.warnOnce(key, 'flag is not a boolean in the provider; ignored')
+        this.warnOnce(warnedNow, key, 'flag is not a boolean in the provider; ignored')
         continue
       }
       if (errorCode === ErrorCode.PROVIDER_NOT_READY || errorCode === ErrorCode.PROVIDER_FATAL) {
@@ -245,7 +285,7 @@ export class ProviderSource {
       }
       if (errorCode !== undefined) {
         // flagd's rule for an evaluation error (a broken rule): the code default.
-        this.warnOnce(key, `the provider could not evaluate this flag (${errorCode}: ${d.errorMessage ?? ''}); the code default applies`)
+        this.warnOnce(warnedNow, key, `the provider could not evaluate this flag (${errorCode}: ${d.errorMessage ?? ''}); the code default applies`)
         next.set(key, { value: null, targeting: null })
         continue
       }
@@ -262,19 +302,19 @@ export class ProviderSource {
         continue
       }
       if (d.reason === StandardResolutionReasons.TARGETING_MATCH || d.reason === StandardResolutionReasons.SPLIT) {
-        this.warnOnce(key, 'the provider evaluates this flag with targeting but offers no synchronous evaluation; its value for a request without context is served')
+        this.warnOnce(warnedNow, key, 'the provider evaluates this flag with targeting but offers no synchronous evaluation; its value for a request without context is served')
       }
       next.set(key, { value: d.value, targeting: null })
     }
-    if (this.closed) return
-    this.warned = this.warnedNow
+    if (this.closed || read !== this.reads) return // closed, or given up on and overtaken
+    this.warned = warnedNow
     this.flags = next
     this.hooks.onFlags(next)
   }
 
   /** Log and count a flag's problem once while it lasts, not at every read. */
-  private warnOnce (key: string, message: string): void {
-    this.warnedNow.add(key)
+  private warnOnce (warnedNow: Set<string>, key: string, message: string): void {
+    warnedNow.add(key)
     if (!this.warned.has(key)) this.problem(message, undefined, key)
   }
 
