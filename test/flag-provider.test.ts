@@ -247,3 +247,20 @@ t.test('a provider whose evaluation never settles holds no later read: the last 
   t.ok(await eventually(async () => await status() === 503, 10_000), 'the provider\'s kill applies once it answers again')
   t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider answers again'), 10_000))
 })
+
+t.test('a provider that throws keeps the kill switch it holds: its last value stays until it answers again', async (t) => {
+  const { provider, status, ops, logs } = await startFaulty(t, { enableNewCheckout: false })
+  t.equal(await status(), 503, 'the provider kills the feature')
+  const before = await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+
+  provider.mode = 'throw'
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.level === 'warn' && /failed evaluating this flag/.test(String(l.msg))), 10_000), 'said')
+  t.ok(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/) > before, 'and counted')
+  await sleep(500) // several reads (every 100 ms) while it throws
+  t.equal(await status(), 503, 'still killed: the code default (on) does not replace what the provider said')
+  t.notOk(logs.some((l) => l.event === 'flag_changed'), 'the flag never changed')
+
+  provider.flags = { enableNewCheckout: true }
+  provider.mode = 'ok'
+  t.ok(await eventually(async () => await status() === 200, 10_000), 'restored by the provider once it answers')
+})

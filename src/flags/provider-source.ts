@@ -27,6 +27,7 @@ import {
   NOOP_PROVIDER,
   type Client,
   type Provider,
+  type Hook,
   type EvaluationContext,
   type Logger as FeatureLogger
 } from '@openfeature/server-sdk'
@@ -101,6 +102,25 @@ function withSyncContext (core: FlagdEvaluator, provider: Provider): FlagdEvalua
   if (sync === null || Object.keys(sync).length === 0) return core
   return {
     resolveBooleanEvaluation: (key, defaultValue, context, logger) => core.resolveBooleanEvaluation(key, defaultValue, { ...context, ...sync }, logger)
+  }
+}
+
+/** How one evaluation failed: `foreign` when the provider threw an error that is not OpenFeature's. */
+interface EvaluationFailure { foreign: boolean }
+
+const ERROR_CODES = new Set<string>(Object.values(ErrorCode))
+
+/**
+ * An evaluation hook that tells a provider's own failure from an evaluation error. The SDK
+ * reports both as `GENERAL`: an error resolution (flagd's broken rule) reaches the hook as an
+ * OpenFeature error carrying its code; a plain exception (ECONNREFUSED, a TypeError) as itself.
+ */
+function noteForeignError (failure: EvaluationFailure): Hook {
+  return {
+    error: (_context, err) => {
+      const code = (err as { code?: unknown } | null)?.code
+      failure.foreign = typeof code !== 'string' || !ERROR_CODES.has(code)
+    }
   }
 }
 
@@ -271,14 +291,19 @@ export class ProviderSource {
     const next = new Map<string, ProviderFlag>()
     const warnedNow = new Set<string>()
     for (const key of this.hooks.keys()) {
-      const d = await client.getBooleanDetails(key, this.hooks.codeDefault(key))
+      const failure: EvaluationFailure = { foreign: false }
+      const d = await client.getBooleanDetails(key, this.hooks.codeDefault(key), {}, { hooks: [noteForeignError(failure)] })
       const errorCode = d.errorCode
       if (errorCode === ErrorCode.FLAG_NOT_FOUND) continue // not the provider's: the next source decides
       if (errorCode === ErrorCode.TYPE_MISMATCH) {
         this.warnOnce(warnedNow, key, 'flag is not a boolean in the provider; ignored')
         continue
       }
-      if (errorCode === ErrorCode.PROVIDER_NOT_READY || errorCode === ErrorCode.PROVIDER_FATAL) {
+      if (errorCode === ErrorCode.PROVIDER_NOT_READY || errorCode === ErrorCode.PROVIDER_FATAL || failure.foreign) {
+        // A provider that threw (its backend unreachable, a bug) said nothing about the flag:
+        // keep its last value, as for a provider in error; never the code default, which would
+        // lift a kill switch the provider holds.
+        if (failure.foreign) this.warnOnce(warnedNow, key, `the provider failed evaluating this flag (${d.errorMessage ?? ''}); its last value is kept`)
         const last = this.flags.get(key)
         if (last !== undefined) next.set(key, last)
         continue
