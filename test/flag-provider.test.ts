@@ -9,6 +9,7 @@ import { startTestSidecar, startCaptured, testSidecarInput, type TestSidecar } f
 import { resolveConfig } from '../src/config/load.js'
 import { send, eventually, sleep } from './helpers/http.js'
 import { flagDir, flagdText, writeFlagFile, checkoutRoutes } from './helpers/flags.js'
+import { admin } from './helpers/admin.js'
 
 // The real @openfeature/flagd-provider, in-process with a flag file (flagd's offline mode). It
 // watches the file with fs.watchFile (Node's ~5 s stat interval), so changes take seconds.
@@ -263,4 +264,18 @@ t.test('a provider that throws keeps the kill switch it holds: its last value st
   provider.flags = { enableNewCheckout: true }
   provider.mode = 'ok'
   t.ok(await eventually(async () => await status() === 200, 10_000), 'restored by the provider once it answers')
+})
+
+t.test('a provider that returns a value of the wrong type for a flag is not a boolean source: ignored, warned about and counted', async (t) => {
+  const { provider, status, admin: adminUrl, ops, logs } = await startFaulty(t, { enableNewCheckout: false })
+  t.equal(await status(), 503)
+  const before = await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+
+  provider.mode = 'string' // "false", a string, with reason STATIC
+  t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.flag === 'enableNewCheckout' && /not a boolean/.test(String(l.msg))), 10_000), 'warned')
+  t.ok(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/) > before, 'counted')
+  const state = await admin(adminUrl, 'GET', '/v1/state')
+  t.same(state.body.flags.enableNewCheckout.enabled, true, 'the next source decides (featureFlags: on), as for a TYPE_MISMATCH')
+  t.equal(state.body.flags.enableNewCheckout.origin, 'config')
+  t.notOk(logs.some((l) => l.event === 'flag_changed' && typeof l.enabled !== 'boolean'), 'no flag ever held a string')
 })

@@ -295,7 +295,8 @@ export class ProviderSource {
       const d = await client.getBooleanDetails(key, this.hooks.codeDefault(key), {}, { hooks: [noteForeignError(failure)] })
       const errorCode = d.errorCode
       if (errorCode === ErrorCode.FLAG_NOT_FOUND) continue // not the provider's: the next source decides
-      if (errorCode === ErrorCode.TYPE_MISMATCH) {
+      // The SDK passes on whatever value the provider returns: a string "false" is no boolean either.
+      if (errorCode === ErrorCode.TYPE_MISMATCH || (errorCode === undefined && typeof d.value !== 'boolean')) {
         this.warnOnce(warnedNow, key, 'flag is not a boolean in the provider; ignored')
         continue
       }
