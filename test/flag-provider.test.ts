@@ -279,3 +279,35 @@ t.test('a provider that returns a value of the wrong type for a flag is not a bo
   t.equal(state.body.flags.enableNewCheckout.origin, 'config')
   t.notOk(logs.some((l) => l.event === 'flag_changed' && typeof l.enabled !== 'boolean'), 'no flag ever held a string')
 })
+
+t.test('an operator\'s override of a flag only the provider defines survives a restart while the provider is down, and can be set meanwhile', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fixture = join(ROOT, 'test/fixtures/faulty-provider.mjs')
+  const { FaultyProvider } = await import(pathToFileURL(fixture).href) as { FaultyProvider: { down: boolean } }
+  t.teardown(() => { FaultyProvider.down = false })
+  const dir = flagDir(t)
+  const input = {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'providerOnly' },
+      { name: 'other', match: { pathPrefix: '/other' }, upstream: 'app', killSwitch: 'alsoProviderOnly' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    flagProvider: { module: fixture, export: 'FaultyProvider', options: { flags: { providerOnly: true, alsoProviderOnly: true } }, pollMs: 100 }
+  }
+  const { config } = resolveConfig(testSidecarInput(input, join(dir, 'state')))
+  const first = await startCaptured(t, config, join(dir, 'first'))
+  t.equal((await admin(first.admin, 'PUT', '/v1/flags/providerOnly', { enabled: false, reason: 'bad feature' })).status, 200)
+  t.equal((await send(first.proxy, '/checkout')).status, 503, 'killed by the operator')
+  await first.sidecar.close()
+
+  FaultyProvider.down = true
+  const second = await startCaptured(t, config, join(dir, 'second'))
+  t.equal((await send(second.proxy, '/checkout')).status, 503, 'still killed after the restart, the flag service down')
+  t.ok(second.logs.some((l) => l.event === 'override_active' && l.flag === 'providerOnly'), 'the override in force is logged at start')
+  const put = await admin(second.admin, 'PUT', '/v1/flags/alsoProviderOnly', { enabled: false, reason: 'kill it during the outage' })
+  t.equal(put.status, 200, 'a flag the config uses can be overridden while the provider is down')
+  t.equal((await send(second.proxy, '/other')).status, 503)
+  t.equal((await admin(second.admin, 'PUT', '/v1/flags/neverHeardOf', { enabled: false, reason: 'typo' })).status, 404, 'a key nothing uses is still unknown')
+})

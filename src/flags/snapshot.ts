@@ -78,9 +78,14 @@ export class FlagSnapshot {
     await this.settled()
   }
 
-  /** Whether some source other than an override defines `key`. */
+  /**
+   * Whether some source other than an override defines `key`. With a flag provider, a key the
+   * config uses counts as defined even before the provider has answered: its flags are known
+   * only once it runs, and an operator's override of such a flag must neither be refused nor
+   * dropped at a restart while the flag service is down.
+   */
   defines (key: string): boolean {
-    return this.sources.defines(key)
+    return this.sources.defines(key) || (this.config.flagProvider !== null && this.keysInUse().has(key))
   }
 
   /** Apply a reloaded config: new `featureFlags`, maybe a different flag file or provider. */
