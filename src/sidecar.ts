@@ -685,9 +685,14 @@ export class Sidecar {
     if (JSON.stringify(prev.admin) !== JSON.stringify(next.admin)) {
       this.logger.warn({ event: 'config_reload', key: 'admin' }, 'admin settings change at the next restart')
     }
+    // Every log line carries the name given at start, and incidents, notification keys and
+    // metrics would follow a new one: half of the sidecar would be renamed.
+    if (prev.service !== next.service) {
+      this.logger.warn({ event: 'config_reload', key: 'service', wanted: next.service }, 'a new service name takes effect at the next restart')
+    }
     // What is kept until the restart is kept everywhere: the data plane reads the running
     // listeners too (their trustedProxies key the rate limits).
-    const running = { ...next, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet, stateDir: prev.stateDir, admin: prev.admin }
+    const running = { ...next, service: prev.service, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet, stateDir: prev.stateDir, admin: prev.admin }
     const upstreams = this.dataPlane.apply(running)
     this.config = running
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.

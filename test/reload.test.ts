@@ -213,6 +213,19 @@ t.test('breakwater_info follows a reload that changes the version: one series, w
   t.same(await infos(), [{ service: 'checkout', version: '1.0.1' }], 'the old version\'s series is gone')
 })
 
+t.test('a reload that renames the service keeps the running name everywhere until the restart, and says so', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = { upstreams: { app: { url: up.url } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const s = await startFileSidecar(t, input)
+  const serviceOf = async (): Promise<string | undefined> => (await scrape(s.ops)).find((m) => m.name === 'breakwater_info')?.labels.service
+  const before = await serviceOf()
+  t.ok(before !== undefined && before !== 'renamed-shop', `breakwater_info names the service (${String(before)})`)
+  await reload(s, { ...input, service: 'renamed-shop' })
+  t.ok(s.logs.some((l) => l.event === 'config_reload' && l.key === 'service' && l.wanted === 'renamed-shop' && l.level === 'warn'), 'the rename is deferred, with a warning')
+  t.equal(await serviceOf(), before, 'breakwater_info keeps the name the log lines carry')
+})
+
 t.test('a reload that moves stateDir or changes admin settings keeps the running ones until the restart, and says so', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)
