@@ -356,6 +356,8 @@ t.test('${ENV} and ${ENV:-default} are expanded', async (t) => {
   }))
   reports(t, unset, 'upstreams.app.url', /APP_PORT is not set/)
   reports(t, unset, 'listen.proxy.port', /PROXY_PORT is not set/)
+  const empty = problemsOf(t, minimal({ listen: { proxy: { port: '${PROXY_PORT}' } } }), { PROXY_PORT: '' })
+  reports(t, empty, 'listen.proxy.port', /PROXY_PORT is empty/)
 
   const outOfRange = problemsOf(t, minimal({ listen: { proxy: { port: '${PORT}' } } }), { PORT: '70000' })
   reports(t, outOfRange, 'listen.proxy.port', /<= 65535/)

@@ -1,7 +1,8 @@
 /**
  * `${NAME}` and `${NAME:-default}` expansion in every string of a parsed config.
- * `$${...}` is left as a literal `${...}`. A variable that is unset (and has no default) is a
- * problem reported with the key path where it was used.
+ * `$${...}` is left as a literal `${...}`. A variable that is unset or empty (and has no
+ * default, as the shell's `:-`) is a problem reported with the key path where it was used,
+ * saying which of the two it is.
  */
 const REFERENCE = /\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g
 
@@ -13,7 +14,7 @@ export function expandEnv (value: unknown, env: NodeJS.ProcessEnv, problems: str
       const found = env[name]
       if (found !== undefined && found !== '') return found
       if (fallback !== undefined) return fallback
-      problems.push(`${path || '(root)'}: environment variable ${name} is not set`)
+      problems.push(`${path || '(root)'}: environment variable ${name} is ${found === '' ? 'empty (set, but to nothing)' : 'not set'}`)
       return ''
     })
   }
