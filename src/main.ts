@@ -13,6 +13,28 @@ const LINGER_MS = 100
 /** A shutdown budget under this still gets this long before the backstop exits 1. */
 const BACKSTOP_MIN_MS = 1000
 
+type Listeners = Awaited<ReturnType<typeof loadCheckedConfig>>['config']['listen']
+
+/**
+ * Why the sidecar could not start, naming the config key when a listener could not bind: the
+ * one whose host (a name that does not resolve) or host and port (in use, not permitted) it was.
+ */
+function startupFailure (err: unknown, config: { listen: Listeners }): string {
+  const e = err as NodeJS.ErrnoException & { address?: string, port?: number, hostname?: string }
+  if (err instanceof StartupError) return e.message
+  const listeners = Object.entries(config.listen).flatMap(([name, l]) => l === null ? [] : [{ name, host: l.host, port: l.port }])
+  if (e.code === 'ENOTFOUND' || e.code === 'EAI_AGAIN') {
+    const at = listeners.find((l) => l.host === e.hostname)
+    if (at !== undefined) return `listen.${at.name}.host: cannot listen on "${at.host}": the name does not resolve to an address (${e.code})`
+  }
+  if (e.code === 'EADDRINUSE' || e.code === 'EACCES' || e.code === 'EADDRNOTAVAIL') {
+    const at = listeners.find((l) => l.port === e.port && l.port !== 0) ?? listeners.find((l) => l.host === e.address)
+    const why = e.code === 'EADDRINUSE' ? 'address already in use' : e.code === 'EACCES' ? 'permission denied' : 'the address is not one of this host\'s'
+    return `${at === undefined ? '' : `listen.${at.name}: `}cannot listen on ${e.address ?? ''}:${e.port ?? ''}: ${why}`
+  }
+  return `start-up failed: ${e.message}`
+}
+
 export async function start (configPath: string): Promise<number> {
   // SIGHUP's default action ends the process: one sent during start-up (a config reloader, an
   // operator who just edited the file) would kill the sidecar without a word. It is held, and
@@ -31,11 +53,7 @@ export async function start (configPath: string): Promise<number> {
   try {
     sidecar = await startSidecar(loaded.config, { adminToken: process.env.BREAKWATER_ADMIN_TOKEN, bare: process.env.BREAKWATER_BENCH_BARE === '1' })
   } catch (err) {
-    const e = err as NodeJS.ErrnoException & { address?: string, port?: number }
-    const why = e.code === 'EADDRINUSE'
-      ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: address already in use`
-      : e.code === 'EACCES' ? `cannot listen on ${e.address ?? ''}:${e.port ?? ''}: permission denied` : err instanceof StartupError ? e.message : `start-up failed: ${e.message}`
-    reportStartupError([why], configPath)
+    reportStartupError([startupFailure(err, loaded.config)], configPath)
     return 1
   }
   for (const warning of loaded.warnings) sidecar.logger.warn({ event: 'config_warning' }, warning)

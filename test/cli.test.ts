@@ -272,7 +272,19 @@ t.test('start on a port already in use exits 1 with a message and no stack trace
     t.equal(result.code, 1, `${listener} port taken: exit 1`)
     t.match(result.stderr, /address already in use/, 'says why')
     t.match(result.stderr, String(port), 'names the port')
+    t.match(result.stderr, `listen.${listener}`, 'and the config key')
     noStackTrace(t, result.stderr)
     assertJsonLines(t, result)
   }
+})
+
+t.test('start with a listener host that does not resolve exits 1 naming the key', async (t) => {
+  const dir = tempDir(t)
+  const config = validConfig(dir)
+  const listen = config.listen as Record<string, { host: string, port: number }>
+  listen.ops = { host: 'no-such-host.invalid', port: 0 }
+  const result = await runCli(['start', '--config', write(dir, 'bad-host.yaml', config)], { env: cleanEnv })
+  t.equal(result.code, 1)
+  t.match(result.stderr, /listen\.ops\.host: cannot listen on "no-such-host\.invalid": the name does not resolve/, 'the key, the name and why')
+  noStackTrace(t, result.stderr)
 })
