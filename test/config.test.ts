@@ -468,6 +468,11 @@ t.test('.mjs modules that export nothing, or whose function fails, are refused n
   const failing = join(dir, 'failing.mjs')
   writeFileSync(failing, 'export default async () => { throw new Error("vault unreachable") }\n')
   await t.rejects(loadConfigFile(failing, {}), { name: 'ConfigError', message: /failing\.mjs: the exported function failed: vault unreachable/ })
+  const lazy = join(dir, 'lazy.mjs')
+  writeFileSync(lazy, 'export default { service: "shop", upstreams: { app: { url: "http://127.0.0.1:3000", connectTimeoutMs: () => 5 } }, routes: [{ match: {}, upstream: "app" }] }\n')
+  const err = await loadConfigFile(lazy, {}).then(() => null, (e: unknown) => e as ConfigError)
+  t.type(err, ConfigError)
+  t.same(err?.problems, ['upstreams.app.connectTimeoutMs: a function is not a config value (write the value itself)'], 'a function where a value belongs is named by its key')
 })
 
 t.test('the committed JSON schema matches the code', async (t) => {

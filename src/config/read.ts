@@ -31,13 +31,18 @@ export async function readConfigSource (path: string): Promise<unknown> {
     }
     const exported = mod.default ?? mod.config
     if (exported === undefined) throw new ConfigError([`${path}: exports no config (a default export, or one named config)`])
-    if (typeof exported !== 'function') return exported
-    try {
-      return await (exported as () => unknown)()
-    } catch (err) {
-      // Named like a module that fails to load: a bare "boom" on stderr names no file.
-      throw new ConfigError([`${path}: the exported function failed: ${(err as Error).message}`])
+    let value: unknown = exported
+    if (typeof exported === 'function') {
+      try {
+        value = await (exported as () => unknown)()
+      } catch (err) {
+        // Named like a module that fails to load: a bare "boom" on stderr names no file.
+        throw new ConfigError([`${path}: the exported function failed: ${(err as Error).message}`])
+      }
     }
+    const odd = notData(value, '')
+    if (odd.length > 0) throw new ConfigError(odd)
+    return value
   }
   let text: string
   try {
@@ -57,4 +62,16 @@ export async function readConfigSource (path: string): Promise<unknown> {
     throw new ConfigError([`${path}: not valid ${ext === '.json' ? 'JSON' : 'YAML'}: ${(err as Error).message.split('\n')[0]}`])
   }
   throw new ConfigError([`${path}: unsupported config file type "${ext}" (use .yaml, .yml, .json or .mjs)`])
+}
+
+/**
+ * Values a module may hold that a config cannot (a function, a symbol, a bigint), each named by
+ * its key: they would otherwise fail later as "could not be cloned", naming none.
+ */
+function notData (value: unknown, path: string): string[] {
+  const kind = typeof value
+  if (kind === 'function' || kind === 'symbol' || kind === 'bigint') return [`${path === '' ? '(root)' : path}: a ${kind} is not a config value (write the value itself)`]
+  if (Array.isArray(value)) return value.flatMap((item, i) => notData(item, `${path}[${i}]`))
+  if (value !== null && kind === 'object') return Object.entries(value as Record<string, unknown>).flatMap(([key, item]) => notData(item, path === '' ? key : `${path}.${key}`))
+  return []
 }
