@@ -31,6 +31,8 @@ export class AuditLog {
   private readonly maxBytes: number
   private readonly files: number
   private queue: Promise<void> = Promise.resolve()
+  /** The file ends with a whole line: this process's last append finished. Checked on disk until then. */
+  private endsWhole = false
 
   constructor (readonly dir: string, options: AuditOptions = {}) {
     this.path = join(dir, 'audit.jsonl')
@@ -52,11 +54,14 @@ export class AuditLog {
     const size = await stat(this.path).then((s) => s.size, () => 0)
     if (size > 0 && size + Buffer.byteLength(line) > this.maxBytes) {
       await this.rotate()
-    } else if (size > 0 && !(await endsWithNewline(this.path, size))) {
+    } else if (size > 0 && !this.endsWhole && !(await endsWithNewline(this.path, size))) {
       // An append cut short (a process killed mid-write, a full disk) left a line without its
       // end: written after it, this entry would share its line and be unreadable too.
       line = '\n' + line
     }
+    // Only this process appends (the state lock): after an append of its own that finished,
+    // the file ends with a whole line and need not be read again; after one that failed, it may not.
+    this.endsWhole = false
     const handle = await open(this.path, 'a', 0o600)
     try {
       await handle.write(line)
@@ -64,6 +69,7 @@ export class AuditLog {
     } finally {
       await handle.close()
     }
+    this.endsWhole = true
   }
 
   private async rotate (): Promise<void> {
