@@ -126,7 +126,7 @@ export class FailoverTable {
     this.upstreams = upstreams
     for (const [name, state] of this.states) {
       const u = upstreams.get(name)
-      if (u !== undefined ? u.config.failover === null && state.forcedTo === null : state.forcedTo === null) {
+      if (state.forcedTo === null && (u === undefined || u.config.failover === null)) {
         this.states.delete(name)
       } else if (u === undefined && (state.target !== null || state.forcedTarget !== null)) {
         // An operator's failover outlives a reload that removes its upstream, as a forced
