@@ -115,26 +115,11 @@ export default class FileBackedProvider {
 }
 `
 
-t.test('a provider without events and without pollMs is read every 500 ms: a change applies within 1 s (SPEC §14)', async (t) => {
-  const up = await startUpstream()
-  t.teardown(up.close)
-  const dir = flagDir(t)
-  writeFileSync(join(dir, 'provider.mjs'), POLLED_PROVIDER)
-  const values = join(dir, 'values.json')
-  writeFileSync(values, JSON.stringify({ enableNewCheckout: true }))
-  const { config } = resolveConfig(testSidecarInput(
-    checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true }, flagProvider: { module: './provider.mjs', options: { path: values } } }),
-    join(dir, 'state')
-  ), { source: join(dir, 'breakwater.yaml') })
-  const { proxy, sidecar } = await startCaptured(t, config, join(dir, 'state'))
-  const timer = (sidecar.flags as unknown as { flagService: { pollTimer: { _idleTimeout: number } | null } }).flagService.pollTimer
-  t.equal(timer?._idleTimeout, 500, 'read every 500 ms')
-  writeFileSync(`${values}.tmp`, JSON.stringify({ enableNewCheckout: false }))
-  renameSync(`${values}.tmp`, values)
-  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 10_000), 'the change is picked up')
-})
-
-t.test('a provider without events is read every pollMs; one that targets without a synchronous evaluator is warned about and counted', async (t) => {
+/**
+ * A sidecar whose flags come from POLLED_PROVIDER reading a values file (enableNewCheckout on at
+ * first); `setValues` replaces the file whole. `pollMs` is left out when undefined.
+ */
+async function startPolled (t: Test, featureFlags: Record<string, boolean>, pollMs?: number): Promise<{ running: TestSidecar, setValues: (v: Record<string, unknown>) => void }> {
   const up = await startUpstream()
   t.teardown(up.close)
   const dir = flagDir(t)
@@ -144,10 +129,22 @@ t.test('a provider without events is read every pollMs; one that targets without
   setValues({ enableNewCheckout: true })
   // A module path resolves against the config file's folder, as a config written there would.
   const { config } = resolveConfig(testSidecarInput(
-    checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, other: true }, flagProvider: { module: './provider.mjs', options: { path: values }, pollMs: 100 } }),
+    checkoutRoutes(up.url, { featureFlags, flagProvider: { module: './provider.mjs', options: { path: values }, ...(pollMs === undefined ? {} : { pollMs }) } }),
     join(dir, 'state')
   ), { source: join(dir, 'breakwater.yaml') })
-  const { proxy, ops, logs } = await startCaptured(t, config, join(dir, 'state'))
+  return { running: await startCaptured(t, config, join(dir, 'state')), setValues }
+}
+
+t.test('a provider without events and without pollMs is read every 500 ms: a change applies within 1 s (SPEC §14)', async (t) => {
+  const { running: { proxy, sidecar }, setValues } = await startPolled(t, { enableNewCheckout: true })
+  const timer = (sidecar.flags as unknown as { flagService: { pollTimer: { _idleTimeout: number } | null } }).flagService.pollTimer
+  t.equal(timer?._idleTimeout, 500, 'read every 500 ms')
+  setValues({ enableNewCheckout: false })
+  t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 10_000), 'the change is picked up')
+})
+
+t.test('a provider without events is read every pollMs; one that targets without a synchronous evaluator is warned about and counted', async (t) => {
+  const { running: { proxy, ops, logs }, setValues } = await startPolled(t, { enableNewCheckout: true, other: true }, 100)
   t.equal((await send(proxy, '/checkout')).status, 200)
   setValues({ enableNewCheckout: false })
   t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 503, 10_000), 'the poll picked the change up')
