@@ -5,7 +5,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Client } from 'undici'
 import { parse, stringify } from 'yaml'
 import { startUpstream, echo, hang, type TestUpstream } from './helpers/upstream.js'
-import { startProcessWithin, spawnCli, tempDir, withoutTapHooks, type Running } from './helpers/process.js'
+import { startProcessWithin, spawnCli, tempDir, writeProcessConfig, withoutTapHooks, type Running } from './helpers/process.js'
 import { oneRoute } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
@@ -162,15 +162,11 @@ t.test('a WebSocket tunnel still open at the shutdown deadline is cut and logged
 t.test('a SIGHUP during start-up does not kill the sidecar: it reloads once started', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const dir = tempDir(t)
-  const marker = join(dir, 'initialising')
-  const configPath = join(dir, 'breakwater.yaml')
-  writeFileSync(configPath, stringify({
-    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
+  const marker = join(tempDir(t), 'initialising')
+  const { dir, configPath } = writeProcessConfig(t, {
     ...oneRoute(up.url),
     flagProvider: { module: join(ROOT, 'test/fixtures/slow-provider.mjs'), export: 'SlowProvider', options: { marker, delayMs: 2000 } }
-  }))
+  })
   const bw = await spawnCli(t, ['--config', configPath, 'start'], dir, configPath, withoutTapHooks)
   t.ok(await eventually(() => existsSync(marker), STARTUP_MS, 20), 'start-up is under way')
   bw.child.kill('SIGHUP')

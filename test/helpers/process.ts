@@ -31,8 +31,11 @@ export function tempDir (t: Test): string {
   return dir
 }
 
-/** Write `config` as YAML into a temp dir and start the binary on it; resolves once it listens. */
-export async function startProcess (t: Test, config: Record<string, unknown>, env: NodeJS.ProcessEnv = {}): Promise<Running> {
+/**
+ * Write `config` as YAML into a temp dir, over a process's base (service `proc`, a stateDir in
+ * that dir, every listener on 127.0.0.1 port 0).
+ */
+export function writeProcessConfig (t: Test, config: Record<string, unknown>): { dir: string, configPath: string } {
   const dir = tempDir(t)
   const configPath = join(dir, 'breakwater.yaml')
   writeFileSync(configPath, stringify({
@@ -40,6 +43,12 @@ export async function startProcess (t: Test, config: Record<string, unknown>, en
     listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
     ...config
   }))
+  return { dir, configPath }
+}
+
+/** Write `config` as YAML into a temp dir and start the binary on it; resolves once it listens. */
+export async function startProcess (t: Test, config: Record<string, unknown>, env: NodeJS.ProcessEnv = {}): Promise<Running> {
+  const { dir, configPath } = writeProcessConfig(t, config)
   return await spawnCli(t, ['start', '--config', configPath], dir, configPath, env)
 }
 
@@ -113,13 +122,7 @@ export function childEnv (overrides: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv 
  * than `spawnCli`'s default to load the binary).
  */
 export async function startProcessWithin (t: Test, config: Record<string, unknown>, timeoutMs: number, env: NodeJS.ProcessEnv = {}): Promise<Running> {
-  const dir = tempDir(t)
-  const configPath = join(dir, 'breakwater.yaml')
-  writeFileSync(configPath, stringify({
-    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    ...config
-  }))
+  const { dir, configPath } = writeProcessConfig(t, config)
   // Options first, so spawnCli does not wait for `listening` itself; we wait here instead.
   const running = await spawnCli(t, ['--config', configPath, 'start'], dir, configPath, env)
   const listening = await running.waitForLine((l) => l.msg === 'listening', timeoutMs)
@@ -190,13 +193,7 @@ export function imageNodeFlags (): string[] {
  * `nodeFlags` go to Node before the command (`imageNodeFlags()`: as the image runs it).
  */
 export async function startProcessRaw (t: Test, config: Record<string, unknown>, options: { stopReadingStdout?: boolean, discardStdout?: boolean, nodeFlags?: string[] } = {}): Promise<RawRunning> {
-  const dir = tempDir(t)
-  const configPath = join(dir, 'breakwater.yaml')
-  writeFileSync(configPath, stringify({
-    service: 'proc', version: '1.0.0', stateDir: join(dir, 'state'),
-    listen: { proxy: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } },
-    ...config
-  }))
+  const { dir, configPath } = writeProcessConfig(t, config)
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), CLI, 'start', '--config', configPath], { cwd: dir, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
   t.teardown(async () => {
