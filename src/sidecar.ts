@@ -69,6 +69,19 @@ export interface ReloadResult {
   problems: readonly string[]
 }
 
+/**
+ * What a reload leaves as it runs until the restart: the warn line's words, and what it names of
+ * the new value (never a secret: fleet and tracing settings may hold credentials).
+ */
+const AT_RESTART: Record<'listen' | 'tracing' | 'fleet' | 'stateDir' | 'admin' | 'service', { what: string, fields?: (next: Config) => Record<string, unknown> }> = {
+  listen: { what: 'listener changes take effect', fields: (next) => ({ listen: next.listen }) },
+  tracing: { what: 'tracing changes take effect' },
+  fleet: { what: 'fleet changes take effect' },
+  stateDir: { what: 'stateDir changes take effect', fields: (next) => ({ stateDir: next.stateDir }) },
+  admin: { what: 'admin settings change' },
+  service: { what: 'a new service name takes effect', fields: (next) => ({ wanted: next.service }) }
+}
+
 export class Sidecar {
   config: Config
   readonly logger: Logger
@@ -667,32 +680,16 @@ export class Sidecar {
   async apply (next: Config): Promise<UpstreamChanges> {
     await this.flags.apply(next)
     const prev = this.config
-    if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen)) {
-      this.logger.warn({ event: 'config_reload', listen: next.listen }, 'listener changes take effect at the next restart')
+    // Settings the sidecar was set up from at start keep their running values until the restart
+    // (listeners, the state lock and journal, the admin token the CLI reads, the logger's name),
+    // everywhere at once — the data plane too: the running listeners' trustedProxies key the
+    // rate limits — and a changed one says so (`AT_RESTART`). One list, so none is kept in one
+    // place and taken in another.
+    const running: Config = { ...next }
+    for (const [key, at] of Object.entries(AT_RESTART) as Array<[keyof typeof AT_RESTART, typeof AT_RESTART[keyof typeof AT_RESTART]]>) {
+      if (JSON.stringify(prev[key]) !== JSON.stringify(next[key])) this.logger.warn({ event: 'config_reload', key, ...at.fields?.(next) }, `${at.what} at the next restart`)
+      Object.assign(running, { [key]: prev[key] })
     }
-    if (JSON.stringify(prev.tracing) !== JSON.stringify(next.tracing)) {
-      this.logger.warn({ event: 'config_reload' }, 'tracing changes take effect at the next restart')
-    }
-    if (JSON.stringify(prev.fleet) !== JSON.stringify(next.fleet)) {
-      this.logger.warn({ event: 'config_reload', key: 'fleet' }, 'fleet changes take effect at the next restart')
-    }
-    // The state lock, the journal and the admin token were set up at start from these: taking
-    // the new values now would split the state over two directories, or send the operator's
-    // commands (which read them from the file) to a token the running API does not accept.
-    if (prev.stateDir !== next.stateDir) {
-      this.logger.warn({ event: 'config_reload', key: 'stateDir', stateDir: next.stateDir }, 'stateDir changes take effect at the next restart')
-    }
-    if (JSON.stringify(prev.admin) !== JSON.stringify(next.admin)) {
-      this.logger.warn({ event: 'config_reload', key: 'admin' }, 'admin settings change at the next restart')
-    }
-    // Every log line carries the name given at start, and incidents, notification keys and
-    // metrics would follow a new one: half of the sidecar would be renamed.
-    if (prev.service !== next.service) {
-      this.logger.warn({ event: 'config_reload', key: 'service', wanted: next.service }, 'a new service name takes effect at the next restart')
-    }
-    // What is kept until the restart is kept everywhere: the data plane reads the running
-    // listeners too (their trustedProxies key the rate limits).
-    const running = { ...next, service: prev.service, listen: prev.listen, tracing: prev.tracing, fleet: prev.fleet, stateDir: prev.stateDir, admin: prev.admin }
     const upstreams = this.dataPlane.apply(running)
     this.config = running
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.
