@@ -97,6 +97,41 @@ t.test('a live route lets other methods fall through to later routes; a killed o
   t.equal(up.received.length, 2)
 })
 
+t.test('a killed route claims its path spelled with encoded slashes; a live one leaves that spelling to the routes after it', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxyPort, ops, admin: adminUrl } = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout/' }, upstream: 'app', killSwitch: 'enableNewCheckout' },
+      { name: 'pay', match: { path: '/pay' }, upstream: 'app', killSwitch: 'enablePay' },
+      { name: 'admin', match: { pathPrefix: '/admin/', strict: true }, upstream: 'app', killSwitch: 'enableAdmin' },
+      { match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { enableNewCheckout: false, enablePay: false, enableAdmin: false }
+  })
+  // What a WSGI app (PATH_INFO) or Go's URL.Path sees: %2F decoded to /.
+  const killed = ['/checkout%2Fcart', '/Checkout%2fcart', '/pay%2F', '/x%2F..%2Fpay', '/checkout%2F%2Fcart?x=1']
+  for (const target of killed) {
+    const res = await ask(proxyPort, 'GET', target)
+    t.equal(res.status, 503, `GET ${target} refused`)
+    t.equal(res.headers['x-breakwater-error'], 'feature_disabled')
+  }
+  t.equal(up.received.length, 0, 'no encoded-slash spelling reached the killed features')
+  t.equal((await ask(proxyPort, 'GET', '/admin%2Fusers')).status, 200, 'a strict route matches only its spelling, as documented')
+  t.equal((await ask(proxyPort, 'GET', '/files/a%2Fb')).status, 200, 'an encoded slash elsewhere is untouched')
+  let metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 3/, 'counted on the killed route')
+
+  for (const flag of ['enableNewCheckout', 'enablePay']) {
+    t.equal((await admin(adminUrl, 'PUT', `/v1/flags/${flag}`, { enabled: true, reason: 'feature fixed' })).status, 200)
+  }
+  for (const target of killed) t.equal((await ask(proxyPort, 'GET', target)).status, 200, `GET ${target} reaches the app with the flag on`)
+  t.same(up.received.slice(2).map((r) => r.url), killed.map((k) => k.replace('%2f', '%2F')), 'forwarded as spelled, escapes upper-cased by the normalisation')
+  metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_requests_total\{route="root",upstream="app",code="200"[^}]*\} 7/, 'routing of a live route is unchanged: %2F is data, so the catch-all served them')
+})
+
 t.test('match.strict: only the spelling as written is matched, and validate warns about its kill switch', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

@@ -38,6 +38,7 @@ t.test('flag file: a targeted kill switch blocks exactly the requests flagd says
     ['/checkout/v2/pay', 'alice', 503, 'starts_with on the path'],
     ['/Checkout/V2/', 'alice', 503, 'the path the route matched on: a rule cannot be dodged by spelling'],
     ['/checkout/v%32/pay', 'alice', 503, 'nor by percent-encoding'],
+    ['/checkout%2Fv2/pay', 'alice', 503, 'nor by an encoded slash, which an app that decodes its path reads as /'],
     ['/checkout/v1/cart', 'blocked-2', 503, 'in on the targeting key (header named by flags.targetingKeyHeader)'],
     ['/checkout/v1/cart', null, 200, 'no targeting key: the rule does not match'],
     ['/other', 'blocked-1', 200, 'a route without the kill switch is untouched']
@@ -52,7 +53,7 @@ t.test('flag file: a targeted kill switch blocks exactly the requests flagd says
   t.ok(sidecar.flags.targeted?.has('enableNewCheckout'), 'the flag is evaluated per request')
   t.equal(sidecar.flags.enabled('enableNewCheckout'), true, 'its value without request context (metrics, state)')
   const metrics = await (await fetch(`${ops}/metrics`)).text()
-  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 4/)
+  t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 5/)
 })
 
 t.test('flag file: method and host are in the context, and a killed route still claims the methods it does not serve', async (t) => {

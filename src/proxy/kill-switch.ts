@@ -6,7 +6,7 @@
  */
 import type { Route } from './route-table.js'
 import type { RequestHead } from './headers.js'
-import { matchKey } from './path.js'
+import { matchKey, slashAlias } from './path.js'
 
 /** A flag whose value depends on the request (flagd targeting). */
 export interface TargetingRule {
@@ -30,7 +30,13 @@ export function killSwitchAllows (flags: FlagReader, route: Route, method: strin
   const targeted = flags.targeted
   if (targeted !== null) {
     const rule = targeted.get(key)
-    if (rule !== undefined) return rule.enabledFor(method, targetingPath(route, path), head)
+    if (rule !== undefined) {
+      const spelled = targetingPath(route, path)
+      if (!rule.enabledFor(method, spelled, head)) return false
+      // Killed for the path with encoded slashes read as `/` is killed (route-table.ts).
+      const alias = route.config.match.strict ? null : slashAlias(spelled)
+      return alias === null || rule.enabledFor(method, alias, head)
+    }
   }
   return flags.enabled(key)
 }

@@ -18,7 +18,8 @@
  *   it (they rewrite it to `/` first), so refusing costs no legitimate client.
  *
  * `matchKey` then folds what the app may treat as the same path (SPEC §15) for route matching
- * only; what is forwarded keeps the client's spelling.
+ * only; what is forwarded keeps the client's spelling. `%2F` stays data for routing too, but a
+ * kill switch also guards the spelling with it read as `/` (`slashAlias`).
  */
 
 /**
@@ -100,6 +101,19 @@ export function matchKey (normalised: string): string {
   if (key.includes(';')) key = withoutSegmentParameters(key)
   key = foldCase(key)
   return key.length > 1 && key.charCodeAt(key.length - 1) === 47 /* / */ ? key.slice(0, -1) : key
+}
+
+/**
+ * A match key with its encoded slashes read as separators (`/checkout%2fcart` is
+ * `/checkout/cart`), or null when it has none: what an app that decodes the path before
+ * routing sees (WSGI's `PATH_INFO`, Go's `URL.Path`). Routing keeps `%2F` as data, as Envoy's
+ * default does; a killed route also claims this spelling (route-table.ts), so an encoded slash
+ * is no way round its kill switch.
+ */
+export function slashAlias (key: string): string | null {
+  if (!key.includes('%2f')) return null
+  const path = removeDotSegments(key.replaceAll('%2f', '/').replace(/\/{2,}/g, '/'))
+  return path.length > 1 && path.charCodeAt(path.length - 1) === 47 /* / */ ? path.slice(0, -1) : path
 }
 
 /**

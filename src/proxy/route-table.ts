@@ -14,6 +14,9 @@
  *   out of the route would otherwise fall through to a broader route (the usual catch-all `/`)
  *   and reach the killed feature. So matching falls through a route on its method only while
  *   the route is live; while killed, it claims the request and the kill switch stage refuses it.
+ *   In the same way a killed non-strict route claims its path spelled with encoded slashes
+ *   (`/checkout%2Fcart` for `pathPrefix: /checkout/`, `slashAlias`), which an app that decodes
+ *   the path before routing reads as the killed path; a live route leaves it to the others.
  */
 import type { IncomingMessage } from 'node:http'
 import type { Listener, RouteConfig } from '../config/types.js'
@@ -24,7 +27,7 @@ import { RetryBudget } from './retry-budget.js'
 import type { RateLimiter } from './rate-limit.js'
 import type { Fallback } from './fallback.js'
 import { killSwitchAllows, type FlagReader } from './kill-switch.js'
-import { matchKey, foldCase, withoutSegmentParameters } from './path.js'
+import { matchKey, slashAlias, foldCase, withoutSegmentParameters } from './path.js'
 
 export class Route {
   readonly name: string
@@ -135,11 +138,16 @@ export class RouteTable {
   /** The route for a request on `listener`; `path` is the normalised path, possibly with its query. */
   match (method: string, path: string, head: RequestHead, req: IncomingMessage, listener: Listener): Route | null {
     const key = matchKey(path)
+    const alias = slashAlias(key)
     const routes = this.routes
     for (let i = 0; i < routes.length; i++) {
       const r = routes[i] as Route
-      if (r.listener !== listener || !r.covers(path, key, head.host, req)) continue
-      if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r, method, path, head)) return r
+      if (r.listener !== listener) continue
+      if (r.covers(path, key, head.host, req)) {
+        if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r, method, path, head)) return r
+      } else if (alias !== null && !r.config.match.strict && r.covers(path, alias, head.host, req) && !killSwitchAllows(this.flags, r, method, path, head)) {
+        return r
+      }
     }
     return null
   }
