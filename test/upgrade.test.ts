@@ -109,6 +109,26 @@ t.test('closing one side closes the other', async (t) => {
   })
 })
 
+t.test('a tunnel counts in the duration histogram with its handshake, not with how long it stays open', async (t) => {
+  const up = await startWebSocketUpstream()
+  t.teardown(up.close)
+  const { proxyPort, ops, sidecar } = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(proxyPort)
+  t.teardown(() => client.destroy())
+  const sent = performance.now()
+  client.write(handshakeRequest('/ws', KEY))
+  await client.until((c) => c.received.includes('\r\n\r\n'), 5000, 'the handshake response')
+  // The sidecar's time to the 101 lies inside the client's.
+  const handshakeSeconds = (performance.now() - sent) / 1000
+  await sleep(1200)
+  client.destroy()
+  t.ok(await eventually(() => sidecar.dataPlane.tunnels.size === 0, 5000), 'the tunnel is gone')
+  const metrics = await (await fetch(`${ops}/metrics`)).text()
+  t.match(metrics, /breakwater_request_duration_seconds_count\{route="ws",upstream="ws"\} 1\n/, 'the handshake is one observation')
+  const sum = Number(/breakwater_request_duration_seconds_sum\{route="ws",upstream="ws"\} (\S+)/.exec(metrics)?.[1])
+  t.ok(sum > 0 && sum <= handshakeSeconds, `observed ${sum} s, within the handshake's ${handshakeSeconds} s (the tunnel stayed open over 1.2 s)`)
+})
+
 t.test('an upstream refusing the upgrade: its response is relayed', async (t) => {
   const up = await startWebSocketUpstream({ refuse: 403 })
   t.teardown(up.close)
