@@ -155,6 +155,21 @@ t.test('fallback: a stale answer carries the request id of the request it answer
   t.equal(line?.requestId, 'second-request', 'the id the access log names')
 })
 
+t.test('fallback: one page is one entry however the client spells its host (case, a final dot)', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
+  })
+  t.equal((await send(sc.proxy, '/page', { headers: { host: 'shop.example' } })).status, 200, 'stored')
+  state.mode = 'reset'
+  for (const host of ['SHOP.example', 'shop.example.', 'Shop.Example.']) {
+    isStale(t, await send(sc.proxy, '/page', { headers: { host } }), 'good /page', `Host: ${host}`)
+  }
+  t.equal(routeFallback(sc).cache?.size, 1, 'one entry')
+})
+
 t.test('fallback: a stale answer\'s Age counts the age it already had when stored', async (t) => {
   const state = { mode: 'ok' as Mode }
   const up = await appUpstream(t, state)

@@ -122,6 +122,17 @@ function hostMatches (want: string, host: string): boolean {
   return withoutFinalDot(h) === want
 }
 
+/**
+ * A Host as routes read it: lower case, without a final dot on its name (`Shop.Example.:8080`
+ * is `shop.example:8080`). The fallback cache keys on it, so one page is one entry however the
+ * client spells its host.
+ */
+export function hostKey (host: string): string {
+  const h = host.toLowerCase()
+  const colon = h.lastIndexOf(':')
+  return colon > 0 && h.indexOf(']') < colon ? withoutFinalDot(h.slice(0, colon)) + h.slice(colon) : withoutFinalDot(h)
+}
+
 function withoutFinalDot (name: string): string {
   return name.length > 1 && name.charCodeAt(name.length - 1) === 46 /* . */ ? name.slice(0, -1) : name
 }
