@@ -168,6 +168,49 @@ t.test('a reset on a reused upstream connection before any response byte', async
   })
 })
 
+t.test('a reset after the first bytes of a response is not retried: the upstream has answered', async (t) => {
+  // The upstream answers the first request on each connection and, on the second, sends the
+  // start of a response head and drops the connection: the request reached the app, which
+  // began to answer. Neither the keep-alive race retry nor `retries` may send it again.
+  async function cutsHead (t: Test, retries?: Record<string, unknown>): Promise<{ proxy: string, ops: string, up: TestUpstream }> {
+    const perSocket = new WeakMap<object, number>()
+    const up = await startUpstream((req, res, body) => {
+      const n = (perSocket.get(req.socket) ?? 0) + 1
+      perSocket.set(req.socket, n)
+      if (n >= 2) {
+        req.socket.write('HTTP/1.1 200 OK\r\nx-partial: yes\r\n', () => { req.socket.destroy() })
+        return
+      }
+      echo(req, res, body)
+    })
+    t.teardown(up.close)
+    const { proxy, ops } = await startTestSidecar(t, {
+      upstreams: { app: { url: up.url } },
+      routes: [{ name: 'r', match: { pathPrefix: '/' }, upstream: 'app', ...(retries === undefined ? {} : { retries }) }]
+    })
+    t.equal((await send(proxy, '/first')).status, 200, 'the first request opens a connection')
+    return { proxy, ops, up }
+  }
+
+  for (const method of ['GET', 'PUT']) {
+    t.test(`${method} on the reused connection`, async (t) => {
+      const { proxy, ops, up } = await cutsHead(t)
+      const res = await send(proxy, '/second', { method })
+      t.equal(res.status, 502, 'the cut is answered 502')
+      t.equal(up.received.filter((r) => r.url === '/second').length, 1, 'the upstream saw it once')
+      t.equal(sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' }), 0, 'no retry counted')
+    })
+  }
+
+  t.test('GET with retries configured', async (t) => {
+    const { proxy, ops, up } = await cutsHead(t, { attempts: 2 })
+    const res = await send(proxy, '/second')
+    t.equal(res.status, 502, 'the cut is answered 502')
+    t.equal(up.received.filter((r) => r.url === '/second').length, 1, 'the upstream saw it once')
+    t.equal(sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' }), 0, 'no retry counted')
+  })
+})
+
 t.test('an upstream that closes each connection right after its response: no request fails', async (t) => {
   // The keep-alive race: the proxy reuses a pooled connection the upstream is closing. A
   // request that never reached the upstream is retried on a fresh connection (SPEC §14).

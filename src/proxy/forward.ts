@@ -160,6 +160,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   private graced = false
   /** undici wrote the whole request of this attempt. */
   requestSent = false
+  /** The first byte of this attempt's response arrived: the upstream has begun to answer. */
+  private responseStarted = false
   private drainListening = false
   private timeoutListening = false
   /** The sweep's notes (silence.ts). */
@@ -367,6 +369,11 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.release()
   }
 
+  /** undici's parser saw the first byte of a response (its status line). */
+  onResponseStarted (): void {
+    this.responseStarted = true
+  }
+
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
     this.headDueAt = 0
     if (this.state === DONE) return false
@@ -436,7 +443,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     // The client's upload broke off (it left): its doing, not the upstream's.
     if (this.clientGone) { this.clientLeft(); return }
-    if (state === WAITING && isConnectFailure(err)) {
+    // A connection cut after the response began is not a connect failure: the request reached
+    // the app, which started to answer (SPEC §14 retries only before any response byte).
+    if (state === WAITING && !this.responseStarted && isConnectFailure(err)) {
       // Provably unsent on a connection the upstream had closed: the keep-alive race, retried
       // on a fresh connection and nobody's failure.
       if (this.mayRetryUnsent(err)) { this.retry(endpoint, true); return }
@@ -483,6 +492,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.state = WAITING
     this.abortUpstream = null
     this.requestSent = false
+    this.responseStarted = false
     this.headDueAt = 0
     this.route.stats.retries++
     this.dispatch(failed, fresh)
