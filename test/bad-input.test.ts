@@ -105,3 +105,24 @@ t.test('maxHeaderSize is configurable', async (t) => {
   t.equal(res.status, 431)
   t.equal((await send(proxy, '/ok')).status, 200)
 })
+
+t.test('every 400 of a request that cannot be forwarded is counted in breakwater_client_errors_total', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxy, proxyPort, ops } = await startTestSidecar(t, oneRoute(up.url))
+  const refusals = [
+    'GET /a%zz HTTP/1.1\r\nHost: x\r\n\r\n', // an invalid percent-encoding
+    'GET /b HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n', // an upgrade other than WebSocket
+    'GET /c HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n' // two Host fields
+  ]
+  for (const request of refusals) {
+    const res = parseResponse(await raw(proxyPort, request))
+    t.equal(res.status, 400, JSON.stringify(request.split('\r\n')[0]))
+    t.equal(res.headers['x-breakwater-error'], 'bad_request')
+  }
+  t.equal(up.received.length, 0, 'the upstream saw none of them')
+  const samples = await scrape(ops)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '400', source: 'breakwater' }), 3, 'each counted as our 400')
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 3, 'and each as a client error, once')
+  t.equal((await send(proxy, '/ok')).status, 200)
+})

@@ -154,6 +154,9 @@ export abstract class RequestContext implements LaterLine {
 
   /** Answer with a local response (SPEC §3's table) and end the request. */
   refuse (code: ErrorCode, message?: string, extra?: string[], status: number = ERRORS[code].status): void {
+    // A request that cannot be forwarded as sent (400, 431), whichever stage found it: counted
+    // with what the HTTP parser refuses (server.ts), once.
+    if (ERRORS[code].cause === 'client') this.dp.stats.clientError(code)
     const fallback = this.route?.fallback
     if (fallback != null && DEGRADABLE.has(code)) {
       const served = this.degrade(fallback)

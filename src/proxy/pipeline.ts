@@ -318,10 +318,9 @@ function guardAndForward (ctx: RequestContext): void {
 
 /**
  * A request that cannot be forwarded as sent (SPEC §15): a 4xx before any upstream contact,
- * counted as a client error, and the connection closed — its framing cannot be trusted.
+ * counted as a client error (`refuse`), and the connection closed — its framing cannot be trusted.
  */
 function refuseUnforwardable (ctx: RequestContext, code: 'bad_request' | 'headers_too_large', why: string): void {
-  ctx.dp.stats.clientError(code)
   if (ctx instanceof Exchange) ctx.res.shouldKeepAlive = false
   ctx.refuse(code, why)
 }
