@@ -29,7 +29,7 @@ import { hostname } from 'node:os'
 import { FlagSnapshot } from './flags/snapshot.js'
 import { ControlPlane, type Actor, type CircuitView } from './control/control-plane.js'
 import { createAdminServer } from './control/admin-api.js'
-import { resolveAdminToken, writeAdminToken, isLoopback, type AdminToken } from './control/token.js'
+import { resolveAdminToken, writeAdminToken, isLoopback, TokenFileWatcher, type AdminToken } from './control/token.js'
 import { lockStateDir, StateDirLocked, type StateLock } from './state/lock.js'
 import { Notifier, incidentKey } from './control/notify.js'
 import { furtherPage } from './control/status-page.js'
@@ -100,6 +100,8 @@ export class Sidecar {
   /** This sidecar's name in the fleet and in Alertmanager's `instance` label. */
   readonly instance: string
   adminToken: AdminToken | null = null
+  /** Re-reads `admin.tokenFile` when it changes (set when the token comes from that file). */
+  private tokenWatcher: TokenFileWatcher | null = null
   private stateLock: StateLock | null = null
   readonly startedAt = new Date().toISOString()
   private readonly healthChecker: HealthChecker
@@ -318,6 +320,10 @@ export class Sidecar {
     if (token.origin === 'generated') {
       if (token.written) this.logger.info({ event: 'admin_token', path: token.path }, 'admin token generated; read it from this file')
       else this.logger.warn({ event: 'admin_token', path: token.path }, 'admin token generated but could not be written (stateDir unwritable); set BREAKWATER_ADMIN_TOKEN to use the admin API')
+    }
+    if (token.origin === 'file' && token.path !== null) {
+      this.tokenWatcher = new TokenFileWatcher(token.path, (next) => { this.adminToken = { ...token, token: next } }, this.logger)
+      await this.tokenWatcher.start(token.token)
     }
     this.dataPlane.overload.start()
     this.triggers.start()
@@ -790,6 +796,7 @@ export class Sidecar {
     this.proxy.server.closeAllConnections()
     this.healthChecker.stop()
     this.reachability.stop()
+    this.tokenWatcher?.stop()
     for (const l of this.listeners()) l.certificates?.stop()
     if (this.egress !== null) {
       stopAccepting(this.egress)

@@ -5,12 +5,13 @@
  * Every case runs the real binary.
  */
 import t, { type Test } from 'tap'
-import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { runCli, tempDir, type CliResult, type Running } from './helpers/process.js'
 import { admin } from './helpers/admin.js'
+import { eventually } from './helpers/http.js'
 import { adminUrl, operator, startSidecarProcess, STACK_FRAME } from './helpers/operator.js'
 
 // Each case starts a fresh Node process; leave room for a busy machine.
@@ -133,6 +134,35 @@ t.test('admin.tokenFile is used when set', async (t) => {
 
   await exercise(url, token)
   t.notOk((await allOutput(s)).includes(token), 'the token is never logged')
+})
+
+t.test('a rotated admin.tokenFile is the token: the old one is refused, the new one works, for the CLI too', async (t) => {
+  const up = await upstream(t)
+  const dir = tempDir(t)
+  const tokenFile = join(dir, 'admin-token.txt')
+  const old = 'first-token-for-the-admin-api-0123456789'
+  const next = 'second-token-for-the-admin-api-9876543210'
+  writeFileSync(tokenFile, `${old}\n`, { mode: 0o600 })
+  const s = await startSidecarProcess(t, config(up, { stateDir: join(dir, 'state'), admin: { tokenFile } }), { BREAKWATER_ADMIN_TOKEN: undefined })
+  const url = adminUrl(s)
+  t.equal((await admin(url, 'GET', '/v1/state', undefined, old)).status, 200, 'the first token works')
+
+  // A Secret volume is updated by swapping in a new file, never by writing into the old one.
+  writeFileSync(`${tokenFile}.new`, `${next}\n`, { mode: 0o600 })
+  renameSync(`${tokenFile}.new`, tokenFile)
+  t.ok(await eventually(async () => (await admin(url, 'GET', '/v1/state', undefined, next)).status === 200, 60_000, 100), 'the new token works')
+  t.equal((await admin(url, 'GET', '/v1/state', undefined, old)).status, 401, 'the old one is refused')
+  const run = operator(t)
+  const status = await run(['status', '--json', '--config', s.configPath, '--admin', url])
+  t.equal(status.code, 0, `the CLI, which reads the file, gets in: ${status.stderr}`)
+
+  // A rotation half done (an empty file) is not a token: the running one stays.
+  writeFileSync(`${tokenFile}.new`, '', { mode: 0o600 })
+  renameSync(`${tokenFile}.new`, tokenFile)
+  t.ok(await eventually(() => s.lines.some((l) => l.event === 'admin_token' && l.result === 'refused'), 60_000, 100), 'the empty file is refused, with an error line')
+  t.equal((await admin(url, 'GET', '/v1/state', undefined, next)).status, 200, 'and the token in force still works')
+  t.equal((await admin(url, 'GET', '/v1/state', undefined, '')).status, 401, 'an empty one does not')
+  t.notOk((await allOutput(s)).includes(next), 'the token is never logged')
 })
 
 t.test('a token file that is too short or missing is a start-up error naming admin.tokenFile', async (t) => {

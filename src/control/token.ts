@@ -2,10 +2,13 @@
  * The admin API's bearer token: `BREAKWATER_ADMIN_TOKEN`, else `admin.tokenFile`, else one
  * generated at start and written to `STATEDIR/admin.token` with mode 0600 once the listeners
  * are bound (its path is logged, never the token). Tokens are compared in constant time.
+ * `admin.tokenFile` is re-read when it changes (`TokenFileWatcher`): a rotated secret is the
+ * token at once, for the sidecar as for the operator commands that read the same file.
  */
 import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
-import { readFile, writeFile, mkdir, chmod, rename } from 'node:fs/promises'
+import { readFile, writeFile, mkdir, chmod, rename, stat } from 'node:fs/promises'
 import { join } from 'node:path'
+import type { Logger } from 'pino'
 import { ADMIN_TOKEN_FILE } from '../config/defaults.js'
 
 export interface AdminToken {
@@ -18,18 +21,21 @@ export interface AdminToken {
   written: boolean
 }
 
+/** The token `admin.tokenFile` holds; an error naming the key when it cannot be the token. */
+async function readTokenFile (tokenFile: string): Promise<string> {
+  let token: string
+  try {
+    token = (await readFile(tokenFile, 'utf8')).trim()
+  } catch (err) {
+    throw new Error(`admin.tokenFile: cannot read ${tokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
+  if (token.length < 16) throw new Error(`admin.tokenFile: ${tokenFile} holds a token shorter than 16 characters`)
+  return token
+}
+
 export async function resolveAdminToken (env: string | undefined, tokenFile: string | null, stateDir: string): Promise<AdminToken> {
   if (env !== undefined && env.trim() !== '') return { token: env.trim(), origin: 'env', path: null, written: true }
-  if (tokenFile !== null) {
-    let token: string
-    try {
-      token = (await readFile(tokenFile, 'utf8')).trim()
-    } catch (err) {
-      throw new Error(`admin.tokenFile: cannot read ${tokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
-    }
-    if (token.length < 16) throw new Error(`admin.tokenFile: ${tokenFile} holds a token shorter than 16 characters`)
-    return { token, origin: 'file', path: tokenFile, written: true }
-  }
+  if (tokenFile !== null) return { token: await readTokenFile(tokenFile), origin: 'file', path: tokenFile, written: true }
   // Generated now, written by writeAdminToken only once the listeners are bound: a start that
   // fails (a busy port) never replaces the token of a sidecar already running on this config.
   return { token: randomBytes(32).toString('hex'), origin: 'generated', path: join(stateDir, ADMIN_TOKEN_FILE), written: false }
@@ -49,6 +55,69 @@ export async function writeAdminToken (t: AdminToken, stateDir: string): Promise
     return { ...t, written: true }
   } catch {
     return { ...t, written: false }
+  }
+}
+
+/** How often `admin.tokenFile` is checked for a change (as certificate files are). */
+export const TOKEN_POLL_MS = 1000
+
+/**
+ * Re-reads `admin.tokenFile` when it changes (`stat` follows symlinks, so a Kubernetes Secret
+ * volume's symlink swap is seen) and makes its content the token: after a rotation the old
+ * token is refused and the new one, which the operator commands read from the same file, works.
+ * A file that cannot be the token (missing, unreadable, too short: a rotation half done) is
+ * refused with an error log, and the running token stays.
+ */
+export class TokenFileWatcher {
+  private timer: NodeJS.Timeout | null = null
+  private last: string | null = null
+  private polling = false
+
+  constructor (private readonly path: string, private readonly apply: (token: string) => void, private readonly logger: Logger, private readonly intervalMs = TOKEN_POLL_MS) {}
+
+  /** Watch from now on; `current` is the token read at start (the file may have changed since). */
+  async start (current: string): Promise<void> {
+    this.last = await this.fingerprint()
+    this.timer = setInterval(() => { void this.poll() }, this.intervalMs)
+    this.timer.unref()
+    const now = await readTokenFile(this.path).catch(() => current)
+    if (now !== current) this.changed(now)
+  }
+
+  stop (): void {
+    if (this.timer !== null) clearInterval(this.timer)
+    this.timer = null
+  }
+
+  private changed (token: string): void {
+    this.apply(token)
+    this.logger.warn({ event: 'admin_token', path: this.path, result: 'reloaded' }, 'admin token file changed; its new token is in force')
+  }
+
+  private async fingerprint (): Promise<string> {
+    const s = await stat(this.path).catch(() => null)
+    return s === null ? '-' : `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`
+  }
+
+  private async poll (): Promise<void> {
+    if (this.polling) return
+    this.polling = true
+    try {
+      const print = await this.fingerprint()
+      if (print === this.last) return
+      // Remembered even when refused: one error per change, not one per poll.
+      this.last = print
+      let token: string
+      try {
+        token = await readTokenFile(this.path)
+      } catch (err) {
+        this.logger.error({ event: 'admin_token', path: this.path, result: 'refused', error: (err as Error).message }, 'admin token file changed but cannot be the token; the running token is kept')
+        return
+      }
+      if (this.timer !== null) this.changed(token)
+    } finally {
+      this.polling = false
+    }
   }
 }
 
