@@ -6,6 +6,7 @@
  * resync without missing a change made while they were away.
  */
 import t, { type Test } from 'tap'
+import { rmSync } from 'node:fs'
 import { Etcd3 } from 'etcd3'
 import { startEtcd } from './helpers/etcd.js'
 import { fleetConfig, startFleet, startConnectedFleet } from './helpers/fleet.js'
@@ -205,4 +206,24 @@ t.test('a corrupt value under the prefix is ignored with a warning and a counter
   // A good value afterwards is applied as usual.
   await client.put(KEY).value(entry(true, 'fixed'))
   t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
+})
+
+t.test('etcd back with older data (rebuilt empty, or restored from a backup): a fleet write after it reaches every sidecar', async (t) => {
+  const { etcd, fleet } = await startConnectedFleet(t)
+  // Revisions the sidecars have seen, higher than the rebuilt store will be at for a while.
+  const client = etcdClient(t, etcd.endpoints)
+  for (let i = 0; i < 30; i++) await client.put('/elsewhere/busy').value(String(i))
+  const high = Number((await client.get('/elsewhere/busy').exec()).header.revision)
+  t.ok(await eventually(() => fleet.every((s) => s.sidecar.control.state.fleet.revision >= high), 30_000), 'every sidecar has seen the revision')
+  client.close()
+
+  await etcd.kill(0)
+  rmSync(etcd.members[0]?.dataDir as string, { recursive: true, force: true })
+  await etcd.restart(0)
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1), 'connected to the rebuilt store')
+
+  const res = await admin(fleet[1].admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'after the rebuild', scope: 'fleet' })
+  t.equal(res.status, 200, JSON.stringify(res.body))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'in force on every sidecar, not only on the writer')
+  await restoreAll(t, fleet)
 })

@@ -327,15 +327,27 @@ export class Fleet implements FleetWriter {
     else this.deps.logger.warn({ ...fields, error: why }, 'fleet: etcd unreachable; keeping the last fleet state and retrying')
   }
 
-  /** Read the whole prefix at one revision and make the applied state exactly that. */
+  /**
+   * Read the whole prefix at one revision and make the applied state exactly that. No watch is
+   * live here, so a read older than the revision last seen means etcd went back (rebuilt empty,
+   * or restored from a backup): its revision is taken as it is, or the watch would start past
+   * every write made after the rebuild and never deliver one.
+   */
   private async resync (): Promise<number> {
     const res = await this.call(async () => await this.client.range(this.root, true))
     const revision = res.revision
-    await this.applySnapshot(res.kvs, revision)
+    const seen = this.deps.state().revision
+    if (revision < seen) {
+      this.deps.logger.warn({ event: 'fleet', revision, previousRevision: seen }, 'fleet: etcd is back at an older revision (rebuilt or restored from a backup); its data is the fleet state now')
+      // Incident keys read before hold revisions of the old history: not newer than this read.
+      for (const incidentKey of this.incidentRevisions.keys()) this.incidentRevisions.set(incidentKey, 0)
+    }
+    await this.applySnapshot(res.kvs, revision, revision < seen)
     return revision
   }
 
-  private async applySnapshot (kvs: KeyValue[], revision: number): Promise<boolean> {
+  /** Apply a read of the whole prefix; `wentBack`: etcd's revision went back, and the read's revision replaces the one seen. */
+  private async applySnapshot (kvs: KeyValue[], revision: number, wentBack = false): Promise<boolean> {
     const next: FleetState = { revision, flags: {}, circuits: {}, failovers: {} }
     const current = this.deps.state()
     for (const kv of kvs) {
@@ -365,7 +377,7 @@ export class Fleet implements FleetWriter {
         }
       }
       // A newer revision alone is not worth a disk write: it goes out with the next commit.
-      if (revision > current.revision) current.revision = revision
+      if (revision > current.revision || wentBack) current.revision = revision
     })
     return changed
   }
@@ -417,7 +429,11 @@ export class Fleet implements FleetWriter {
     const revision = res.revision
     // Changes the watch should have delivered by the time of this read: those at or before it.
     await this.applying
-    if (revision <= this.deps.state().revision) return null
+    const seen = this.deps.state().revision
+    // Older than what the watch delivered: a write landed after this read, or etcd went back
+    // (rebuilt, restored), which only a read with no watch live can tell: resync and re-watch.
+    if (revision < seen) return 'etcd answered at an older revision than the watch delivered'
+    if (revision === seen) return null
     const missed = await this.applySnapshot(res.kvs, revision)
     if (!missed) return null
     this.deps.logger.warn({ event: 'fleet', revision }, 'fleet: the watch fell behind etcd; state re-read and the watch restarted')
