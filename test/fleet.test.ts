@@ -9,8 +9,9 @@ import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { Etcd3 } from 'etcd3'
 import { startUpstream } from './helpers/upstream.js'
-import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
-import { send, eventually } from './helpers/http.js'
+import { startCaptured, startTestSidecar, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
+import { send, eventually, sleep } from './helpers/http.js'
+import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
 import { fleetConfig, startConnectedFleet } from './helpers/fleet.js'
 import { ROOT } from './helpers/root.js'
@@ -125,6 +126,30 @@ t.test('a fleet ttl lapses on every sidecar', async (t) => {
     t.equal(await flagOrigin(s), 'config')
     t.ok(s.logs.some((l) => l.action === 'override_expired' && l.scope === 'fleet'), 'each says it expired')
   }
+})
+
+t.test('a fleet override that lapsed is not applied again by a later resync: no second "lifted", no audit of it applied', async (t) => {
+  const hooks = await startReceiver()
+  t.teardown(hooks.close)
+  const { up, fleet } = await startConnectedFleet(t, { notifications: { webhooks: [hooks.url] } })
+  const [s0] = fleet
+  t.equal((await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'for a moment', scope: 'fleet', ttl: '1s' })).status, 200)
+  t.ok(await allAre(fleet, 503), 'killed everywhere')
+  t.ok(await allAre(fleet, 200), 'on again everywhere')
+  const lifted = (): number => hooks.deliveries.filter((d) => d.body?.event === 'mitigation_lifted').length
+  t.ok(await eventually(() => lifted() === 1, 20_000), 'its writer announced the end')
+
+  // The writer restarts (a new pod of the same name, or a rollout): it reads the prefix again,
+  // where the lapsed entry still is.
+  await s0.sidecar.close()
+  const { config } = resolveConfig(testSidecarInput(fleetConfig(up.url, s0.sidecar.config.fleet?.etcd.endpoints as string[], { notifications: { webhooks: [hooks.url] } }), s0.stateDir))
+  const again = await startCaptured(t, config, s0.stateDir, { instance: 's0' })
+  t.ok(await eventually(() => again.sidecar.fleet?.connected === true, 30_000), 'connected again')
+  await sleep(2500) // past a resync and the next lapse
+  t.equal(await status(again), 200)
+  t.equal(lifted(), 1, 'the end was announced once')
+  t.notOk(again.logs.some((l) => l.event === 'fleet_override'), 'the lapsed override is not applied again')
+  t.notOk(again.logs.some((l) => l.action === 'override_expired'), 'nor does it expire again')
 })
 
 t.test('scope fleet without a fleet section is a clear 400; a bad scope is a 400', async (t) => {

@@ -280,6 +280,10 @@ export class ControlPlane {
 
   /** A fleet override seen in etcd (its watch or a resync): in force here, audited here. */
   async fleetChanged (kind: 'flags' | 'circuits' | 'failovers', name: string, entry: FleetEntry | null): Promise<void> {
+    // An entry whose ttl has run out: it stays in etcd (a ttl is a timestamp, not a lease), and
+    // a resync or a restart reads it again. It lapsed here as everywhere (or was never in force
+    // here): neither applied again nor announced as ended again.
+    if (entry !== null && expired(entry.expiresAt, Date.now()) && this.state.fleet[kind][name] === undefined) return
     if (kind === 'failovers') { await this.fleetFailoverChanged(name, entry); return }
     const settled = this.overrides.setFleet(kind, name, entry)
     const target = kind === 'flags' ? { flag: name } : { upstream: name }
