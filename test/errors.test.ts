@@ -109,6 +109,35 @@ t.test('a response body stalled for a sub-second idleTimeoutMs is cut near it, b
   t.equal(s.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'the client is not blamed')
 })
 
+t.test('a request head slower than listen.proxy.headersTimeoutMs: 408 request_timeout near it, before a 504 due at 3 s', async (t) => {
+  // Node checks headersTimeout only every connectionsCheckingInterval (30 s by default): a
+  // 300 ms limit answered its 408 about 30 s after the listener started, long after this 504.
+  // Not a race on a busy host: the sidecar's checks and its sweep share this process's timers.
+  const up = await startUpstream(hang)
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    ...oneRoute(up.url, { timeoutMs: 3000 }),
+    listen: {
+      proxy: { host: '127.0.0.1', port: 0, headersTimeoutMs: 300 },
+      ops: { host: '127.0.0.1', port: 0 },
+      admin: { host: '127.0.0.1', port: 0 }
+    }
+  })
+  const slowHead = await WireClient.connect(s.proxyPort)
+  t.teardown(() => { slowHead.destroy() })
+  slowHead.write('GET /slow-head HTTP/1.1\r\nHost: x\r\n')
+  let timedOut = false
+  const reference = send(s.proxy, '/hangs').then((r) => { timedOut = true; return r })
+  const res = await slowHead.response(60_000)
+  t.equal(res.status, 408, 'the head did not arrive in time')
+  t.notOk(timedOut, 'answered before the 504 due 3 s after the request')
+  t.equal(res.headers['x-breakwater-error'], 'request_timeout')
+  t.equal(JSON.parse(res.body).error, 'request_timeout', 'Breakwater\'s JSON body')
+  await slowHead.until((c) => c.closed, 5000, 'the connection to close')
+  t.equal(s.sidecar.dataPlane.stats.clientErrors.get('request_timeout'), 1, 'counted as a client error')
+  t.equal((await reference).status, 504, 'the reference request timed out as configured')
+})
+
 t.test('a slow upload longer than timeoutMs is not a timeout: the clock starts when the request is fully sent', async (t) => {
   const up = await startUpstream((req, res, body) => {
     res.writeHead(200, { 'content-type': 'text/plain' })

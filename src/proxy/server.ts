@@ -35,6 +35,10 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
     // Node's default 300 s whole-request timeout would cut long uploads; off unless configured (SPEC §14).
     requestTimeout: listener.requestTimeoutMs,
     headersTimeout,
+    // Node checks both timeouts only every connectionsCheckingInterval (default 30 s), so a
+    // 10 s headersTimeoutMs answered its 408 after up to 40 s. Checked every tenth of the
+    // shorter one (10 ms to 1 s), as the silence sweep does for idleTimeoutMs.
+    connectionsCheckingInterval: checkingIntervalMs(headersTimeout, listener.requestTimeoutMs),
     keepAliveTimeout: listener.keepAliveTimeoutMs,
     noDelay: true,
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding is a smuggling
@@ -156,6 +160,17 @@ export const REUSE_PORT = process.platform === 'linux' && reusePortIn(process.ve
 function reusePortIn (version: string): boolean {
   const [major = 0, minor = 0] = version.split('.').map(Number)
   return major > 23 || (major === 23 && minor >= 1) || (major === 22 && minor >= 12)
+}
+
+/**
+ * How often Node checks a listener's head and whole-request timeouts: a tenth of the shorter
+ * one that is on (0 is off), 10 ms to 1 s, so a 408 comes at most a tenth late (1 s with the
+ * 60 s default).
+ */
+function checkingIntervalMs (headersTimeoutMs: number, requestTimeoutMs: number): number {
+  const limits = [headersTimeoutMs, requestTimeoutMs].filter((ms) => ms > 0)
+  if (limits.length === 0) return 1000
+  return Math.min(1000, Math.max(10, Math.floor(Math.min(...limits) / 10)))
 }
 
 /**
