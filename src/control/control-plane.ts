@@ -126,7 +126,9 @@ export class ControlPlane {
     // Its time is kept (it ranks it against fleet decisions and names the mitigation), its reason
     // and ttl are the new ones, and nothing is announced again.
     const again = before !== undefined && before.enabled === enabled && inForce?.origin === 'local' && inForce.value === enabled && !this.mitigations.made('killSwitch', key, before.at)
-    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    // One clock reading: a ttl runs from the moment the record names.
+    const now = Date.now()
+    const record: OverrideRecord = { enabled, reason: actor.reason, source: actor.source, at: again ? before.at : new Date(now).toISOString(), expiresAt: expiry(ttlMs, now) }
     const settled = this.overrides.setFlag(key, record)
     const ended = this.ended('flag', key, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'flag_override', flag: key, enabled, reason: actor.reason, requester: actor.requester, expiresAt: record.expiresAt, ...liftedIds(ended) }, enabled ? 'flag forced on' : 'flag forced off')
@@ -164,7 +166,8 @@ export class ControlPlane {
     const inForce = this.overrides.circuitInForce(upstream)
     // As setFlag's: the same forced state again, this sidecar's own and in force, is the same mitigation.
     const again = before !== undefined && before.state === state && inForce?.origin === 'local' && inForce.value === state && !this.mitigations.made('circuitBreak', upstream, before.at)
-    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: again ? before.at : new Date().toISOString(), expiresAt: expiry(ttlMs) }
+    const now = Date.now()
+    const record: ForcedCircuitRecord | null = state === 'auto' ? null : { state, reason: actor.reason, source: actor.source, at: again ? before.at : new Date(now).toISOString(), expiresAt: expiry(ttlMs, now) }
     this.overrides.setCircuit(upstream, record)
     const ended = this.ended('circuit', upstream, before, actor.reason)
     this.logger.warn({ event: 'mitigation', action: 'circuit_forced', upstream, state, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, `circuit ${state === 'auto' ? 'handed back to automatic' : `forced ${state}`}`)
