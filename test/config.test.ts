@@ -365,6 +365,27 @@ t.test('${ENV} and ${ENV:-default} are expanded', async (t) => {
   reports(t, notANumber, 'listen.proxy.port')
 })
 
+t.test('a ${ that is no reference Breakwater expands is a problem naming its key, never left as literal text', async (t) => {
+  const cases: Array<[string, string, RegExp]> = [
+    ['http://${APP_HOST-localhost}:3000', 'upstreams.app.url', /"\$\{APP_HOST-…" \(character 8\) is not a reference/],
+    ['http://${1HOST}:3000', 'upstreams.app.url', /"\$\{1HOST\}"/],
+    ['http://${APP_HOST', 'upstreams.app.url', /"\$\{APP_HOST" \(character 8\)/],
+    ['http://${APP_HOST:-${OTHER}}', 'upstreams.app.url', /"\$\{APP_HOST:…"/],
+    ['http://${APP_HOST:?required}', 'upstreams.app.url', /no other shell form/]
+  ]
+  for (const [url, key, message] of cases) {
+    const problems = problemsOf(t, minimal({ upstreams: { app: { url } } }), { APP_HOST: 'app.internal', OTHER: 'x' })
+    reports(t, problems, key, message)
+  }
+  // The part after the name may be a secret written in the file: never shown.
+  const secret = problemsOf(t, minimal({ fleet: { etcd: { endpoints: ['http://127.0.0.1:2379'], password: 'pa${ss-w0rd-do-not-show' } } }))
+  reports(t, secret, 'fleet.etcd.password', /"\$\{ss-…"/)
+  t.notOk(secret.join('\n').includes('w0rd'), 'the rest of the value is not in the message')
+  // $${ is the literal ${, whatever follows it.
+  const literal = resolved(minimal({ routes: [{ match: { pathPrefix: '/', headers: { 'x-template': '$${1BAD} and $${V' } }, upstream: 'app' }] }))
+  t.same(literal.routes[0]?.match.headers, [['x-template', '${1BAD} and ${V']])
+})
+
 t.test('durations: ms, s, m, h and plain numbers', async (t) => {
   t.equal(toMs(250), 250)
   t.equal(toMs('500ms'), 500)

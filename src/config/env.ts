@@ -1,16 +1,28 @@
 /**
  * `${NAME}` and `${NAME:-default}` expansion in every string of a parsed config.
- * `$${...}` is left as a literal `${...}`. A variable that is unset or empty (and has no
- * default, as the shell's `:-`) is a problem reported with the key path where it was used,
- * saying which of the two it is.
+ * `$${` is a literal `${`. A variable that is unset or empty (and has no default, as the
+ * shell's `:-`) is a problem reported with the key path where it was used, saying which of the
+ * two it is. Any other `${` (the shell's `${NAME-default}` or `${NAME:?}`, a name starting with
+ * a digit, a reference never closed, one nested in a default) is a problem too: left as it was
+ * written it would reach an upstream URL or a header as literal text.
  */
-const REFERENCE = /\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g
+const REFERENCE = /\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{/g
+
+/** What a `${` at `at` that is no reference is called in a problem: its name part only (the rest may be a secret). */
+function unexpanded (value: string, at: number): string {
+  const head = value.slice(at).replace(/^(\$\{[A-Za-z0-9_]*.?)[^]*$/, '$1')
+  return `"${head}${head.endsWith('}') || at + head.length === value.length ? '' : '…'}" (character ${at + 1}) is not a reference Breakwater expands: write \${NAME} or \${NAME:-default} (a name of letters, digits and _, not starting with a digit; no other shell form, no nesting), or $\${ for a literal \${`
+}
 
 export function expandEnv (value: unknown, env: NodeJS.ProcessEnv, problems: string[], path = ''): unknown {
   if (typeof value === 'string') {
     if (!value.includes('${')) return value
-    return value.replace(REFERENCE, (whole: string, escaped: string, name: string, fallback: string | undefined) => {
-      if (escaped === '$') return whole.slice(1)
+    return value.replace(REFERENCE, (whole: string, name: string | undefined, fallback: string | undefined, at: number) => {
+      if (whole === '$${') return '${'
+      if (name === undefined || fallback?.includes('${') === true) {
+        problems.push(`${path || '(root)'}: ${unexpanded(value, at)}`)
+        return whole
+      }
       const found = env[name]
       if (found !== undefined && found !== '') return found
       if (fallback !== undefined) return fallback
