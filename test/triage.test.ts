@@ -307,17 +307,20 @@ t.test('bad deployment: a new version with errors across routes of its own app �
   t.match((after.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /a rollback would be refused now: version 2\.0\.1 was already rolled back at /)
 })
 
+/** A stateDir where this version and config were first seen `since` (ISO): no recent change. */
+function seenSince (t: Test, since: string): (input: Record<string, unknown>) => string {
+  return (input) => {
+    const dir = mkdtempSync(join(tmpdir(), 'breakwater-triage-'))
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+    const hash = configHash(resolveConfig(testSidecarInput(input, dir)).config)
+    writeFileSync(join(dir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.0.1': since }, configs: { [hash]: since }, rolledBack: {} }))
+    return dir
+  }
+}
+
 t.test('the same errors on a version running for days are not called a bad deployment', async (t) => {
   const twoDaysAgo = new Date(Date.now() - 2 * 86_400_000).toISOString()
-  const { app, s, load } = await fixture(t, {}, {
-    stateDir: (input) => {
-      const dir = mkdtempSync(join(tmpdir(), 'breakwater-triage-'))
-      t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-      const hash = configHash(resolveConfig(testSidecarInput(input, dir)).config)
-      writeFileSync(join(dir, 'state.json'), JSON.stringify({ version: 1, overrides: {}, circuits: {}, mitigations: [], versions: { '2.0.1': twoDaysAgo }, configs: { [hash]: twoDaysAgo }, rolledBack: {} }))
-      return dir
-    }
-  })
+  const { app, s, load } = await fixture(t, {}, { stateDir: seenSince(t, twoDaysAgo) })
   const st = await admin(s.admin, 'GET', '/v1/state')
   t.equal(st.body.versionSince, twoDaysAgo, 'setup: the version was first seen two days ago')
   t.equal(st.body.configSince, twoDaysAgo, 'setup: so was the config')
@@ -331,6 +334,30 @@ t.test('the same errors on a version running for days are not called a bad deplo
   t.equal(r.evidence.recentChanges.version, null)
   t.equal(r.evidence.recentChanges.config, null)
   t.match((r.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /no version or config change/)
+})
+
+t.test('the service\'s own app failing, with a healthy failover and no recent change → fail it over (never a circuit break)', async (t) => {
+  const dr = await startApp(t)
+  const { app, s, load } = await fixture(t, {}, {
+    input: (input) => ({ ...input, upstreams: { ...(input.upstreams as Record<string, unknown>), app: { url: (input.upstreams as any).app.url, critical: true, failover: 'appDr' }, appDr: { url: dr.url } } }),
+    stateDir: seenSince(t, new Date(Date.now() - 2 * 86_400_000).toISOString())
+  })
+  app.failing.add('/checkout')
+  app.failing.add('/catalog')
+  await load.burst('/checkout/cart', 20)
+  await load.burst('/catalog/items', 20)
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'downstream_failure', `${String(r.scenario)}: ${String(r.summary)}`)
+  t.match(r.summary, /upstream app \(the service's own app\) is failing/)
+  t.equal(r.recommendation.action, 'failover')
+  t.match(r.recommendation.command, /^breakwater failover app --to appDr --reason /)
+
+  // Its failover unusable: nothing to fail over to, and the own app is never circuit-broken.
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/appDr', { state: 'open', reason: 'the DR site is down' })).status, 200)
+  const worse = await triageOf(s)
+  t.not(worse.recommendation.action, 'failover', `${String(worse.recommendation.command)}`)
+  t.not(worse.recommendation.action, 'circuitBreak')
+  t.match((worse.ruledOut as any[]).find((x) => x.scenario === 'downstream_failure')?.why, /own app \(critical\), not a dependency, and has no healthy failover/)
 })
 
 t.test('traffic spike: rate far above the 30-minute baseline with latency up → scale or shed', async (t) => {

@@ -12,6 +12,7 @@
  *   bad deployment      version or config changed recently, errors across routes → rollback
  *   downstream failure  one upstream failing (or its circuit open), the others fine → failover
  *                       when it has a configured failover that is healthy, else circuit break
+ *                       (never for the service's own app, `critical`: only its healthy failover)
  *   traffic spike       rate ≥ 3× a baseline of at least MIN_BASELINE_RATE, with latency or
  *                       errors up → scale, or (when scaling isn't possible now) a rate limit
  *                       on the busiest route, given as the `alternative`
@@ -203,14 +204,17 @@ export function triage (input: TriageInput): TriageReport {
   const failingDependency = failingUpstreams.length === 1 && upstreams.length > 1 ? failingUpstreams[0]?.name : undefined
   const circuitFailing = openCircuits.length === 1 && failingUpstreams.length <= 1 ? openCircuits[0]?.upstream : undefined
   const dependency = failingDependency ?? circuitFailing
-  if (dependency !== undefined && config.upstreams[dependency]?.critical !== true) {
+  // A failover already taking the traffic and failing too is no failover to recommend.
+  const engaged = dependency === undefined ? undefined : failover(dependency)
+  const healthy = dependency === undefined || engaged !== undefined ? null : healthyFailover(dependency, config, input.circuits, upstreams)
+  // The service's own app (critical) is never circuit-broken from here, but a healthy failover
+  // of it keeps the service up: that is still rung 3.
+  const critical = dependency !== undefined && config.upstreams[dependency]?.critical === true
+  if (dependency !== undefined && (!critical || healthy !== null)) {
     const sig = upstreams.find((u) => u.name === dependency)
-    // A failover already taking the traffic and failing too is no failover to recommend.
-    const engaged = failover(dependency)
-    const healthy = engaged !== undefined ? null : healthyFailover(dependency, config, input.circuits, upstreams)
     verdicts.push(['downstream_failure', {
       match: true,
-      summary: `upstream ${dependency} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
+      summary: `upstream ${dependency}${critical ? ' (the service\'s own app)' : ''} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
       recommendation: healthy !== null
         ? { action: 'failover', target: dependency, command: `breakwater failover ${dependency} --to ${healthy} ${reason(`${dependency} failing`)}`, why: `its failover ${healthy} is healthy: send the traffic there and keep serving, rather than fail fast` }
         : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${engaged !== undefined ? ` (its traffic already goes to ${engaged.to}, which fails too: ${engaged.errors} of ${engaged.requests})` : config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
@@ -218,7 +222,7 @@ export function triage (input: TriageInput): TriageReport {
   } else {
     const isolated = input.circuits.filter((c) => c.forced === 'open').map((c) => c.upstream)
     const served = (input.failovers ?? []).filter((f) => failedOver(f.upstream)).map((f) => `${f.upstream} → ${f.to}`)
-    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency` : isolated.length > 0 ? `the circuit(s) of ${isolated.join(', ')} are already forced open` : served.length > 0 ? `traffic already goes to a failover that serves it (${served.join(', ')})` : 'no single upstream stands out' }])
+    verdicts.push(['downstream_failure', { match: false, why: failingUpstreams.length > 1 ? `${failingUpstreams.length} upstreams are failing, not one` : dependency !== undefined ? `${dependency} is the service's own app (critical), not a dependency, and has no healthy failover` : isolated.length > 0 ? `the circuit(s) of ${isolated.join(', ')} are already forced open` : served.length > 0 ? `traffic already goes to a failover that serves it (${served.join(', ')})` : 'no single upstream stands out' }])
   }
 
   // bad deployment: something changed recently, and errors are across routes
