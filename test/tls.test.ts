@@ -214,6 +214,50 @@ t.test('rotated certificate files: new connections get the new certificate, an o
   t.equal(await exchange(open, '/still'), 200, 'and the open connection still works')
 })
 
+t.test('a CA bundle caught half-written is not applied: a rotated file is read once two checks see it the same', async (t) => {
+  const pki = createPki(t)
+  const partner = createPki(t, 'Partner CA')
+  const server = pki.issue('server', 5005)
+  const ours = pki.issue('ours', 51, 'client')
+  const theirs = partner.issue('theirs', 52, 'client')
+  const bundle = join(pki.dir, 'clients-ca.pem')
+  const both = readFileSync(pki.ca, 'utf8') + readFileSync(partner.ca, 'utf8')
+  writeFileSync(bundle, both)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...server, ca: bundle, requestClientCert: true } }) })
+  // The checks, driven by hand: no timer decides when this test looks.
+  const watcher = (sc.sidecar as unknown as { proxy: { certificates: { stop: () => void, poll: () => Promise<void> } } }).proxy.certificates
+  watcher.stop()
+  const served = async (client: { cert: string, key: string }): Promise<boolean> => {
+    try {
+      const res = await request(`${sc.proxy}/x`, { dispatcher: agentFor(t, pki.ca, client) })
+      await res.body.dump()
+      return res.statusCode === 200
+    } catch {
+      return false
+    }
+  }
+  t.ok(await served(theirs), 'the partner\'s client is served')
+
+  // The bundle is rewritten in place and a check catches it with only the first CA in it.
+  writeFileSync(bundle, readFileSync(pki.ca, 'utf8'))
+  await watcher.poll()
+  t.ok(await served(theirs), 'a check that sees the file changed does not apply it yet')
+  writeFileSync(bundle, both)
+  await watcher.poll()
+  await watcher.poll()
+  t.ok(await served(theirs), 'the whole bundle, seen twice, is applied: the partner is still served')
+  t.ok(await served(ours), 'and so are our clients')
+
+  // A change that stays is applied at the second check.
+  writeFileSync(bundle, readFileSync(pki.ca, 'utf8'))
+  await watcher.poll()
+  await watcher.poll()
+  t.notOk(await served(theirs), 'the partner\'s CA, removed for good, no longer admits its client')
+  t.ok(await served(ours), 'ours still is')
+})
+
 /** The problems `resolveConfig` reports for `input` (fails the test when it accepts it). */
 function problemsOf (t: Test, input: Record<string, unknown>): string[] {
   try {

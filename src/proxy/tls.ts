@@ -1,10 +1,11 @@
 /**
  * TLS on the data plane (SPEC §18). A TLS listener's certificate files are watched by polling
  * `stat` (which follows symlinks, so a Kubernetes Secret volume's symlink swap is seen, like a
- * file rewritten in place) and a changed pair is applied with `setSecureContext`: connections
- * already open keep the certificate they shook hands with, new ones get the new one, nothing
- * is dropped. A new pair that does not load (missing file, key not matching) is refused with
- * an error log and a counter; the running certificate stays (Envoy's SDS does the same).
+ * file rewritten in place), and a changed pair is applied with `setSecureContext` once two
+ * checks in a row see it the same: connections already open keep the certificate they shook
+ * hands with, new ones get the new one, nothing is dropped. A new pair that does not load
+ * (missing file, key not matching) is refused with an error log and a counter; the running
+ * certificate stays (Envoy's SDS does the same).
  *
  * `https://` upstreams are connected to with the options of `upstreamConnect`; their CA and
  * client certificate files are watched the same way (`UpstreamCertificates`).
@@ -48,11 +49,15 @@ function fingerprint (s: Stats | null): string {
  */
 abstract class CertificateFiles {
   private timer: NodeJS.Timeout | null = null
+  /** The files as last applied (or refused). */
   private last: string
+  /** The files as the previous check saw them. */
+  private seen: string
   private polling = false
 
   constructor (private readonly files: TlsFilePaths, private readonly at: string, protected readonly logger: Logger, private readonly intervalMs: number) {
     this.last = this.paths().map((p) => { try { return fingerprint(statSync(p)) } catch { return '-' } }).join('|')
+    this.seen = this.last
   }
 
   private paths (): string[] {
@@ -83,9 +88,14 @@ abstract class CertificateFiles {
     this.polling = true
     try {
       const print = (await Promise.all(this.paths().map(async (p) => fingerprint(await stat(p).catch(() => null))))).join('|')
+      const before = this.seen
+      this.seen = print
       if (print === this.last) return
-      // Remembered even when the new files are refused: a cert and a key written one after the
-      // other fail once (a mismatch) and load at the next change, without an error per poll.
+      // Read once two checks in a row see the files the same: one still being written (a CA
+      // bundle half copied, a certificate without its new key yet) is never applied half done.
+      if (print !== before) return
+      // Remembered even when the new files are refused: a pair that does not match is refused
+      // once, and loads at the next change, without an error per poll.
       this.last = print
       const problems: string[] = []
       const material = await readTlsFiles(this.files, this.at, problems)
