@@ -94,6 +94,25 @@ t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https;
   t.equal(app.received.length, 1, 'nothing of the plain-HTTP request reached the app')
 })
 
+t.test('a TCP port check (connect, then close without a byte) is not a failed handshake', async (t) => {
+  const pki = createPki(t)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: pki.issue('server', 1) }), logging: { level: 'debug', accessLog: false } })
+  for (let i = 0; i < 3; i++) {
+    const socket = net.connect(sc.proxyPort, '127.0.0.1')
+    socket.on('error', () => {})
+    await new Promise((resolve) => socket.once('connect', resolve))
+    socket.end()
+    await new Promise((resolve) => socket.once('close', resolve))
+  }
+  t.ok(await eventually(() => sc.logs.filter((l) => l.event === 'tls_port_check').length === 3, 20_000), 'each logged at debug as a port check')
+  t.equal(await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }), 0, 'none counted as a failed handshake')
+  // A client that starts a handshake and leaves is one.
+  await raw(sc.proxyPort, '\u0016\u0003\u0001\u0000', 300)
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_handshake_failures_total', { listener: 'proxy' }) === 1, 20_000), 'a handshake begun and dropped is counted')
+})
+
 t.test('limits.maxConnections on a TLS listener: the connection over the limit gets its 503 inside TLS', async (t) => {
   const pki = createPki(t)
   const app = await startUpstream()

@@ -143,12 +143,25 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
   // A failed handshake (no client certificate under mutual TLS, an untrusted one, plain HTTP
   // on the TLS port) has no HTTP response to give: counted, logged at debug, socket closed.
   server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    tlsStats.handshakeFailures++
-    if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'tls_handshake_failed', listener: role, code: err.code, reason: err.message }, 'TLS handshake failed')
+    if (portCheck(err, socket)) {
+      if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'tls_port_check', listener: role }, 'a connection closed before sending anything (a TCP port check): not a failed handshake')
+    } else {
+      tlsStats.handshakeFailures++
+      if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'tls_handshake_failed', listener: role, code: err.code, reason: err.message }, 'TLS handshake failed')
+    }
     socket.destroy()
   })
   const certificates = new CertificateWatcher(secure, tls, tlsStats, dp.logger)
   return { server, acceptors: [], connections, certificates, tlsStats }
+}
+
+/**
+ * A connection its client closed before sending a byte: a load balancer's or kubelet's TCP port
+ * check, which never meant to shake hands. The TCP socket under the TLS one (`_parent`, as Node
+ * has long named it) tells; without it, the failure is counted as before.
+ */
+function portCheck (err: NodeJS.ErrnoException, socket: Duplex): boolean {
+  return err.code === 'ECONNRESET' && (socket as { _parent?: { bytesRead?: number } })._parent?.bytesRead === 0
 }
 
 /**
