@@ -8,6 +8,7 @@ import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send, raw, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { checkoutRoutes } from './helpers/flags.js'
+import { admin } from './helpers/admin.js'
 
 function flagFile (flags: Record<string, { state?: string, on?: boolean, defaultVariant?: string | null }>): string {
   return JSON.stringify({
@@ -46,6 +47,21 @@ t.test('a route whose flag is off is refused without touching its upstream; othe
   const metrics = await (await fetch(`${ops}/metrics`)).text()
   t.match(metrics, /breakwater_flag_enabled\{flag="enableNewCheckout"\} 0/)
   t.match(metrics, /breakwater_rejections_total\{route="checkout",reason="kill_switch"\} 4/)
+})
+
+t.test('breakwater_flag_killed tells a kill from a flag its source has off (what the kill-switch alert fires on)', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true, notLaunched: false } }))
+  const killed = async (flag: string): Promise<string | undefined> => new RegExp(`breakwater_flag_killed\\{flag="${flag}"\\} (\\d)`).exec(await (await fetch(`${s.ops}/metrics`)).text())?.[1]
+  t.equal(await killed('notLaunched'), '0', 'off in the config: not a kill')
+  t.equal(await killed('enableNewCheckout'), '0', 'on: not a kill')
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'errors on checkout' })).status, 200)
+  t.equal(await killed('enableNewCheckout'), '1', 'killed by an operator')
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/notLaunched', { enabled: true, reason: 'launch' })).status, 200)
+  t.equal(await killed('notLaunched'), '0', 'forced on: not a kill')
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/enableNewCheckout', { reason: 'fixed' })).status, 200)
+  t.equal(await killed('enableNewCheckout'), '0', 'restored')
 })
 
 t.test('a killSwitch naming a flag no source defines is a config error', async (t) => {

@@ -62,6 +62,11 @@ export class FlagSnapshot {
     await this.refresh()
   }
 
+  /** Whether `key` is off by a kill: an override (an operator's or a trigger's, local or fleet) in force. */
+  killed (key: string): boolean {
+    return this.sources.overrides.get(key) === false
+  }
+
   /** Whether a route guarded by `key` may be served (for a targeted flag: a request without context). Unknown keys are on. */
   enabled (key: string): boolean {
     return this.values.get(key) !== false

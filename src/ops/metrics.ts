@@ -36,6 +36,8 @@ export function scraped (registry: Registry, name: string, help: string, type: '
 /** Flags as the request path sees them. */
 export interface FlagCounters {
   readonly values: ReadonlyMap<string, boolean>
+  /** Whether the flag is off by a kill (an override), not by its source. */
+  killed: (key: string) => boolean
   /** Flag file reads that failed. */
   readonly fileErrors: number
   /** Flag provider errors, stale states and flags it could not evaluate. */
@@ -162,6 +164,9 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 
   scraped(registry, 'breakwater_flag_enabled', 'Flags as the request path sees them: 1 on, 0 off (killed).', 'gauge', () =>
     [...sources.flags.values].map(([flag, on]) => ({ labels: { flag }, value: on ? 1 : 0 })))
+
+  scraped(registry, 'breakwater_flag_killed', 'Flags off by a kill (an operator\'s or a trigger\'s override, local or fleet): 1; off or on by their source (config, flag file, provider): 0.', 'gauge', () =>
+    [...sources.flags.values].map(([flag, on]) => ({ labels: { flag }, value: !on && sources.flags.killed(flag) ? 1 : 0 })))
 
   scraped(registry, 'breakwater_flag_source_errors_total', 'Flag source problems, by source: file (unreadable, invalid JSON, wrong shape, refused by flagd), provider (error, stale, a flag it cannot evaluate); the last good flags were kept.', 'counter', () =>
     [{ labels: { source: 'file' }, value: sources.flags.fileErrors }, { labels: { source: 'provider' }, value: sources.flags.providerErrors }])
