@@ -88,10 +88,10 @@ t.test('normalisePath', async (t) => {
   })
 
   t.test('absolute-form: its authority and its origin-form', async (t) => {
-    t.same(absoluteForm('http://example.com/a/b?x=1'), { authority: 'example.com', target: '/a/b?x=1' })
-    t.same(absoluteForm('HTTPS://Example.com:8443'), { authority: 'Example.com:8443', target: '/' }, 'no path: /')
-    t.same(absoluteForm('http://example.com?x=1'), { authority: 'example.com', target: '/?x=1' }, 'a query without a path')
-    t.same(absoluteForm('http://[::1]:80/a'), { authority: '[::1]:80', target: '/a' })
+    t.same(absoluteForm('http://example.com/a/b?x=1'), { authority: 'example.com', target: '/a/b?x=1', defaultPort: ':80' })
+    t.same(absoluteForm('HTTPS://Example.com:8443'), { authority: 'Example.com:8443', target: '/', defaultPort: ':443' }, 'no path: /')
+    t.same(absoluteForm('http://example.com?x=1'), { authority: 'example.com', target: '/?x=1', defaultPort: ':80' }, 'a query without a path')
+    t.same(absoluteForm('http://[::1]:80/a'), { authority: '[::1]:80', target: '/a', defaultPort: ':80' })
     t.equal(absoluteForm('http://user@example.com/a'), null, 'userinfo is refused')
     t.equal(absoluteForm('http:///a'), null, 'an empty authority')
     t.equal(absoluteForm('ftp://example.com/a'), null, 'another scheme')
@@ -167,4 +167,15 @@ t.test('end to end: spelling cannot bypass a prefix route; the normalised path i
   t.equal(elsewhere.headers['x-breakwater-error'], 'bad_request')
   t.match(JSON.parse(elsewhere.body).message, /authority \(other\.example\) is not the Host header \(127\.0\.0\.1\)/)
   t.equal(admin.received.length, 8, 'and it reached no upstream')
+
+  // One origin however it is written (RFC 9110 §4.2.3): the scheme's default port or not, any case.
+  for (const [target, host] of [['http://127.0.0.1:80/admin', '127.0.0.1'], ['http://127.0.0.1/admin', '127.0.0.1:80'], ['https://127.0.0.1:443/admin', '127.0.0.1'], ['http://LOCALHOST./admin', 'localhost']]) {
+    const res = await absolute(target as string, host as string)
+    t.equal(res.status, 200, `${target} with Host ${host}: the same origin`)
+  }
+  t.equal(admin.received.length, 12)
+  for (const [target, host] of [['http://127.0.0.1:443/admin', '127.0.0.1'], ['https://127.0.0.1:80/admin', '127.0.0.1'], ['http://127.0.0.1:8080/admin', '127.0.0.1']]) {
+    t.equal((await absolute(target as string, host as string)).status, 400, `${target} with Host ${host}: another port, refused`)
+  }
+  t.equal(admin.received.length, 12)
 })

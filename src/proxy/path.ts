@@ -24,16 +24,17 @@
 
 /**
  * RFC 9112 §3.2.2: a request target in absolute-form (`http://host:port/path?query`), as its
- * authority and its origin-form (`/path?query`, `/` when it has no path); null when `target` is
- * not one (or carries userinfo, which RFC 9110 §4.2.4 forbids in http(s) URIs).
+ * authority, its origin-form (`/path?query`, `/` when it has no path) and its scheme's default
+ * port (`:80`, `:443`); null when `target` is not one (or carries userinfo, which RFC 9110
+ * §4.2.4 forbids in http(s) URIs).
  */
-export function absoluteForm (target: string): { authority: string, target: string } | null {
-  const m = /^https?:\/\/([^/?#]*)(.*)$/i.exec(target)
+export function absoluteForm (target: string): { authority: string, target: string, defaultPort: string } | null {
+  const m = /^http(s?):\/\/([^/?#]*)(.*)$/i.exec(target)
   if (m === null) return null
-  const authority = m[1] as string
-  const rest = m[2] as string
+  const authority = m[2] as string
+  const rest = m[3] as string
   if (authority === '' || authority.includes('@')) return null
-  return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest }
+  return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest, defaultPort: m[1] === '' ? ':80' : ':443' }
 }
 
 /** Returns the normalised `path?query`, or null when the target is not a valid origin-form path. */

@@ -40,7 +40,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { DataPlane } from './dataplane.js'
-import type { Route } from './route-table.js'
+import { hostKey, type Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { absoluteForm, normalisePath } from './path.js'
 import { requestHead, type RequestHead } from './headers.js'
@@ -178,10 +178,10 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   // RFC 9112 §3.2.2: a server MUST accept the absolute-form; it is routed and forwarded in
   // origin-form, and only when its authority is the Host the client sent (below): routes, kill
   // switches and the app all read Host, and a disagreement is refused, never guessed.
-  let authority: string | null = null
+  let absolute: ReturnType<typeof absoluteForm> = null
   if (target.charCodeAt(0) !== 47 /* / */) {
-    const absolute = absoluteForm(target)
-    if (absolute !== null) { authority = absolute.authority; target = absolute.target }
+    absolute = absoluteForm(target)
+    if (absolute !== null) target = absolute.target
   }
   const path = normalisePath(target)
   const head = ctx.head = requestHead(req.rawHeaders, req.socket.remoteAddress ?? '', proto, dp.newRequestId)
@@ -213,8 +213,8 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     refuseUnforwardable(ctx, 'bad_request', 'an HTTP/1.1 request needs a Host header')
     return
   }
-  if (authority !== null && authority.toLowerCase() !== head.host.toLowerCase()) {
-    refuseUnforwardable(ctx, 'bad_request', `the target's authority (${authority}) is not the Host header (${head.host})`)
+  if (absolute !== null && !sameAuthority(absolute.authority, head.host, absolute.defaultPort)) {
+    refuseUnforwardable(ctx, 'bad_request', `the target's authority (${absolute.authority}) is not the Host header (${head.host})`)
     return
   }
   if (unmetExpectation.has(req)) {
@@ -314,6 +314,19 @@ function guardAndForward (ctx: RequestContext): void {
   // forward
   if (invite && awaitingContinue.delete(ctx.req)) (ctx as Exchange).res.writeContinue()
   ctx.start()
+}
+
+/**
+ * An absolute-form target's authority and the Host header name the same origin (RFC 9110
+ * §4.2.3): as routes read a host (any case, a final dot or not), the scheme's default port
+ * written or not — `http://shop:80/x` with `Host: shop` is one origin.
+ */
+function sameAuthority (authority: string, host: string, defaultPort: string): boolean {
+  const key = (a: string): string => {
+    const k = hostKey(a)
+    return k.endsWith(defaultPort) && !k.endsWith(']') ? k.slice(0, -defaultPort.length) : k
+  }
+  return key(authority) === key(host)
 }
 
 /**
