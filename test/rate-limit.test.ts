@@ -2,6 +2,7 @@ import t from 'tap'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually } from './helpers/http.js'
+import { admin } from './helpers/admin.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import type { RateLimiter } from '../src/proxy/rate-limit.js'
@@ -145,6 +146,21 @@ t.test('setRouteRateLimit: the runtime override applies, survives a reload and c
   t.equal(await send(sc.proxy, '/').then((r) => r.status), 429, 'kept across a reload, with its buckets')
   t.ok(dp.setRouteRateLimit('root', null))
   t.same(await statuses(sc.proxy, 3), [200, 200, 200], 'cleared: the configured (none) applies again')
+})
+
+t.test('rateLimit mitigation lifted while a reload had removed its route: the route comes back without it', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const both = { upstreams: { app: { url: up.url } }, routes: [{ name: 'search', match: { pathPrefix: '/search' }, upstream: 'app' }, { name: 'root', match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const rootOnly = { upstreams: both.upstreams, routes: [both.routes[1]] }
+  const sc = await startTestSidecar(t, both)
+  const applied = await admin(sc.admin, 'POST', '/v1/mitigations', { action: 'rateLimit', routes: ['search'], requestsPerSecond: FROZEN, burst: 1, reason: 'spike' })
+  t.equal(applied.status, 201)
+  t.same([(await send(sc.proxy, '/search')).status, (await send(sc.proxy, '/search')).status], [200, 429], 'in force')
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(rootOnly, sc.stateDir)).config)
+  t.equal((await admin(sc.admin, 'DELETE', `/v1/mitigations/${applied.body.id as string}`, { reason: 'spike over' })).status, 200, 'lifted')
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(both, sc.stateDir)).config)
+  t.same(await Promise.all([1, 2, 3].map(async () => (await send(sc.proxy, '/search')).status)), [200, 200, 200], 'the lifted limit is not in force again')
 })
 
 t.test('validate: a rate of 0 or less, a bad key, a bad trusted proxy', async (t) => {

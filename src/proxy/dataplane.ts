@@ -199,7 +199,7 @@ export class DataPlane {
 
   /**
    * The runtime `rateLimit` mitigation: override the route's configured limit (or give it one)
-   * until cleared with `null`; kept across reloads. False for an unknown route.
+   * until cleared with `null`; kept across reloads. False for an unknown route (clearing never fails).
    */
   setRouteRateLimit (route: string, settings: RateLimitSettings | null): boolean {
     return this.rateLimits.override(route, settings)

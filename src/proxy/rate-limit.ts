@@ -219,11 +219,12 @@ export class RateLimits {
   /**
    * Override a route's configured limit (`null` clears the override). The configured key and
    * `maxKeys` stay; a route without a `rateLimit` gets one bucket for the route. False for an
-   * unknown route.
+   * unknown route. Clearing always succeeds, also for a route a reload removed: its kept
+   * override goes, or a reload that brings the route back would revive a lifted limit.
    */
   override (routeName: string, settings: RateLimitSettings | null): boolean {
-    if (!this.routes.some((r) => r.name === routeName)) return false
     if (settings === null) this.overrides.delete(routeName)
+    else if (!this.routes.some((r) => r.name === routeName)) return false
     else this.overrides.set(routeName, { requestsPerSecond: settings.requestsPerSecond, burst: settings.burst })
     if (this.config !== null) this.attach(this.routes, this.config)
     return true
