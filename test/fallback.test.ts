@@ -138,6 +138,21 @@ t.test('fallback: what HTTP caching does not allow is never stored; Vary is resp
   isStatic(t, await send(sc.proxy, '/vary'), 'Vary: no accept-language is another variant too')
 })
 
+t.test('fallback: a response to a request with Cache-Control: no-store is never stored (RFC 9111 §5.2.1.5)', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: FALLBACK }]
+  })
+  t.equal((await send(sc.proxy, '/statement', { headers: { 'cache-control': 'no-cache, No-Store' } })).status, 200, 'answered')
+  t.equal((await send(sc.proxy, '/plain', { headers: { 'cache-control': 'max-age=0' } })).status, 200, 'answered')
+  t.equal(routeFallback(sc).cache?.size, 1, 'only the request without no-store was stored')
+  state.mode = 'reset'
+  isStatic(t, await send(sc.proxy, '/statement'), 'the no-store request\'s response was not kept')
+  isStale(t, await send(sc.proxy, '/plain'), 'good /plain', 'another request directive does not stop storing')
+})
+
 t.test('fallback: a stale answer carries the request id of the request it answers, once', async (t) => {
   const state = { mode: 'ok' as Mode }
   const up = await appUpstream(t, state)

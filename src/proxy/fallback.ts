@@ -10,8 +10,8 @@
  * from the cache still opens the circuit, keeps it open, and fires its trigger.
  *
  * What is stored (RFC 9111 §3, for a shared cache): a `200` to a `GET`, without
- * `Authorization` on the request, without `Set-Cookie`, `Cache-Control: no-store` or
- * `private` on the response, and without `Vary: *`. A `Vary` response is stored with the
+ * `Authorization` or `Cache-Control: no-store` on the request, without `Set-Cookie`,
+ * `Cache-Control: no-store` or `private` on the response, and without `Vary: *`. A `Vary` response is stored with the
  * values of the request headers it names and served only to a request with the same values
  * (one variant per URL: the latest). The body is captured while it streams to the client
  * and given up the moment it passes `maxEntryBytes`, so an uncached or oversized response
@@ -34,6 +34,10 @@ import type { RouteStats } from './stats.js'
 
 /** The local codes a fallback may answer instead of (SPEC §17). */
 export const DEGRADABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['circuit_open', 'feature_disabled', 'bulkhead_full', 'upstream_unavailable', 'upstream_timeout'])
+
+/** `Cache-Control` directives that forbid a shared cache to store a response (RFC 9111 §5.2). */
+const NO_STORE_OR_PRIVATE = /(?:^|[\s,])(?:no-store|private)(?:$|[\s,=])/i
+const NO_STORE = /(?:^|[\s,])no-store(?:$|[\s,=])/i
 
 /** Bookkeeping bytes counted per entry besides its body, headers and key. */
 const ENTRY_OVERHEAD = 200
@@ -142,12 +146,15 @@ export class FallbackCache {
    */
   capture (req: IncomingMessage, key: string, status: number, headers: string[]): Capture | null {
     if (status !== 200 || req.method !== 'GET' || req.headers.authorization !== undefined) return null
+    // RFC 9111 §5.2.1.5: a request's no-store forbids storing the response to it as well.
+    const asked = req.headers['cache-control']
+    if (asked !== undefined && NO_STORE.test(asked)) return null
     let vary: string[] = []
     for (let i = 0; i < headers.length; i += 2) {
       const name = (headers[i] as string).toLowerCase()
       const value = headers[i + 1] as string
       if (name === 'set-cookie') return null
-      if (name === 'cache-control' && /(?:^|[\s,])(?:no-store|private)(?:$|[\s,=])/i.test(value)) return null
+      if (name === 'cache-control' && NO_STORE_OR_PRIVATE.test(value)) return null
       if (name === 'content-length' && Number(value) > this.config.maxEntryBytes) return null
       if (name === 'vary') {
         for (const v of value.split(',')) {
