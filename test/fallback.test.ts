@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type http from 'node:http'
 import net from 'node:net'
+import { get as httpGet } from 'node:http'
 import { startUpstream, refusedUrl, type TestUpstream } from './helpers/upstream.js'
 import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
@@ -258,6 +259,42 @@ t.test('fallback: the cache stays within maxBytes under many large bodies, least
   state.mode = 'reset'
   t.equal((await send(sc.proxy, '/big/59')).headers['x-breakwater-fallback'], 'stale', 'the most recent is kept')
   t.equal((await send(sc.proxy, '/big/0')).headers['x-breakwater-fallback'], 'static', 'the least recently used is gone')
+})
+
+t.test('fallback: bodies being captured at once hold at most maxBytes, and a capture given up lets go of its bytes', async (t) => {
+  // Each response sends most of its body, then waits to be let go: all of them stream at once.
+  const waiting: http.ServerResponse[] = []
+  const up = await startUpstream((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain' })
+    res.write(Buffer.alloc(30 * 1024, 'a'))
+    waiting.push(res)
+  })
+  t.teardown(up.close)
+  const maxBytes = 64 * 1024
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { ...FALLBACK, cache: { maxBytes, maxEntryBytes: maxBytes } } }]
+  })
+  const cache = routeFallback(sc).cache as NonNullable<Fallback['cache']>
+  const { port } = new URL(sc.proxy)
+  let received = 0
+  const done: Array<Promise<void>> = []
+  for (let i = 0; i < 6; i++) {
+    done.push(new Promise((resolve, reject) => {
+      const req = httpGet({ host: '127.0.0.1', port, path: `/page/${i}` }, (res) => {
+        res.on('data', (c: Buffer) => { received += c.length })
+        res.on('end', resolve)
+      })
+      req.on('error', reject)
+    }))
+  }
+  t.ok(await eventually(() => received >= 6 * 30 * 1024), 'six bodies stream at once')
+  t.ok(cache.capturing <= maxBytes, `the bodies being captured hold at most maxBytes (${cache.capturing})`)
+  for (const res of waiting) res.end('end')
+  await Promise.all(done)
+  t.equal(cache.capturing, 0, 'nothing is held once they ended')
+  t.ok(cache.size >= 1, 'what was captured is stored')
+  t.ok(cache.bytes <= maxBytes, 'and the cache stays within maxBytes')
 })
 
 t.test('fallback: the breaker still opens, and triggers still see the outage, while stale answers are served', async (t) => {

@@ -14,8 +14,9 @@
  * `Cache-Control: no-store` or `private` on the response, and without `Vary: *`. A `Vary` response is stored with the
  * values of the request headers it names and served only to a request with the same values
  * (one variant per URL: the latest). The body is captured while it streams to the client
- * and given up the moment it passes `maxEntryBytes`, so an uncached or oversized response
- * costs nothing more than a length check. Entries are evicted least recently used, and the
+ * and given up the moment it passes `maxEntryBytes`, or when the bodies being captured at once
+ * would pass `maxBytes`, so an uncached or oversized response costs nothing more than a length
+ * check. Entries are evicted least recently used, and the
  * cache never holds more than `maxEntries` entries or `maxBytes` bytes (bodies, headers and
  * keys counted).
  *
@@ -125,6 +126,12 @@ export class FallbackCache {
   /** Of those, the evicted entries' still being written. */
   private pinned = 0
   evictions = 0
+  /**
+   * Bytes of bodies being captured now, not stored yet: at most `maxBytes` too. A capture keeps
+   * the chunks it was given, which would otherwise be freed once written to the client, so many
+   * responses streaming at once must not each hold up to `maxEntryBytes`.
+   */
+  capturing = 0
 
   constructor (config: FallbackCacheConfig) {
     this.config = config
@@ -230,7 +237,10 @@ export class FallbackCache {
   }
 }
 
-/** A response body being teed into the cache, while it stays under `maxEntryBytes`. */
+/**
+ * A response body being teed into the cache, while it stays under `maxEntryBytes` and the bodies
+ * being captured at once stay under `maxBytes`.
+ */
 export class Capture {
   private chunks: Buffer[] | null = []
   private length = 0
@@ -245,9 +255,18 @@ export class Capture {
 
   add (chunk: Buffer): void {
     if (this.chunks === null) return
+    const cache = this.cache
+    if (this.length + chunk.length > cache.config.maxEntryBytes || cache.capturing + chunk.length > cache.config.maxBytes) { this.abandon(); return }
     this.length += chunk.length
-    if (this.length > this.cache.config.maxEntryBytes) { this.chunks = null; return }
+    cache.capturing += chunk.length
     this.chunks.push(chunk)
+  }
+
+  /** Give the capture up (the response failed, was cut, or is too large): its chunks go. */
+  abandon (): void {
+    if (this.chunks === null) return
+    this.chunks = null
+    this.cache.capturing -= this.length
   }
 
   /** The response completed: store it (a copy into the arena, so no socket buffer is kept alive). */
@@ -255,6 +274,7 @@ export class Capture {
     const chunks = this.chunks
     if (chunks === null) return
     this.chunks = null
+    this.cache.capturing -= this.length
     const headers: string[] = []
     let bytes = ENTRY_OVERHEAD + this.key.length
     let initialAge = 0

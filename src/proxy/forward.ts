@@ -533,6 +533,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */
   protected override end (): void {
     this.state = DONE
+    // A body not stored by now never will be (cut, failed, the client left): its chunks go.
+    if (this.capture !== null) { this.capture.abandon(); this.capture = null }
     this.dp.silence.unwatch(this)
     super.end()
   }
