@@ -175,3 +175,14 @@ t.test('validate: failover to an unknown upstream, to itself, chains and loops',
   t.ok(loop.some((p) => p.startsWith('upstreams.b.failover') && p.includes('no failover chains')), loop.join('; '))
   t.match(problems({ a: { url, failbackAfter: '10s' } }), [/^upstreams\.a\.failbackAfter: needs failover/])
 })
+
+t.test('validate: a failover nothing can engage (no breaker, no health check, one endpoint) is warned about', async (t) => {
+  const url = 'http://127.0.0.1:1'
+  const warned = (upstreams: Record<string, unknown>, extra: Record<string, unknown> = {}): string[] =>
+    resolveConfig({ service: 's', upstreams, routes: [{ match: { pathPrefix: '/' }, upstream: 'a' }], ...extra }).warnings.filter((w) => w.includes('.failover:'))
+  t.match(warned({ a: { url, failover: 'b' }, b: { url } }), [/^upstreams\.a\.failover: a has no circuit breaker \(circuitBreakers\.a\), no healthCheck and one endpoint.*never fails over to b on its own/])
+  t.same(warned({ a: { url, failover: 'b' }, b: { url } }, { circuitBreakers: { a: {} } }), [], 'a breaker can open')
+  t.same(warned({ a: { url, failover: 'b', healthCheck: { path: '/healthz' } }, b: { url } }), [], 'a health check can fail')
+  t.same(warned({ a: { endpoints: [url, 'http://127.0.0.1:2'], failover: 'b' }, b: { url } }), [], 'endpoints can be ejected')
+  t.same(warned({ a: { url }, b: { url } }), [], 'no failover, nothing to say')
+})

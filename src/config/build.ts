@@ -16,7 +16,7 @@ import { readFlagFileSync, notBooleanProblem, flagKeysRead } from './flag-file.j
 import { readTlsFilesSync } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import { fleetConfig } from './fleet.js'
-import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies } from './rungs.js'
+import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies, warnUnengagedFailover } from './rungs.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
 import type { CircuitBreakerConfig, Config, FlagProviderConfig, FlagSourceConfig, TracingConfig, LogLevel, NotificationsConfig, ProxyListenerConfig, RollbackConfig, RouteConfig, TriggerConfig, UpstreamConfig, UpstreamTlsConfig, VerificationConfig } from './types.js'
 
@@ -42,6 +42,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
   const routes = buildRoutes(input.routes, upstreamNames, input, baseDir, found)
   checkRoutingPolicy(routes, input, found.problems, found.warnings)
   const circuitBreakers = buildCircuitBreakers(input.circuitBreakers, upstreamNames, found)
+  warnUnengagedFailover(upstreams, circuitBreakers, found.warnings)
   const flagSource = buildFlagSource(input.flagSource, baseDir)
   const fileFlags = flagSource === null ? null : peekFlagFile(flagSource.path, flagKeysRead(input), found.problems, found.warnings)
   const flagProvider = buildFlagProvider(input.flagProvider, baseDir, found)

@@ -8,7 +8,7 @@ import { BlockList, isIP } from 'node:net'
 import { validateHeaderValue } from 'node:http'
 import { resolve as resolvePath } from 'node:path'
 import type { ConfigInput, ResolvedInput } from './schema.js'
-import type { FallbackConfig, RateLimitConfig } from './types.js'
+import type { FallbackConfig, RateLimitConfig, UpstreamConfig } from './types.js'
 import { durationMs } from './duration.js'
 
 type RouteInput = ResolvedInput['routes'][number]
@@ -102,6 +102,18 @@ export function checkFailover (upstreams: ConfigInput['upstreams'], problems: st
     if (target === name) problems.push(`${at}: an upstream cannot fail over to itself`)
     else if (upstreams[target] === undefined) problems.push(`${at}: unknown upstream "${target}" (known: ${Object.keys(upstreams).join(', ')})`)
     else if (upstreams[target].failover !== undefined) problems.push(`${at}: "${target}" has a failover of its own ("${upstreams[target].failover as string}"); no failover chains (one hop only)`)
+  }
+}
+
+/**
+ * A failover nothing can engage: an upstream is unavailable when its circuit refuses or none of
+ * its endpoints is usable, and one without a breaker and a health check, with a lone endpoint
+ * (never ejected), is never either — its traffic would fail over only by hand.
+ */
+export function warnUnengagedFailover (upstreams: Readonly<Record<string, UpstreamConfig>>, breakers: Readonly<Record<string, unknown>>, warnings: string[]): void {
+  for (const u of Object.values(upstreams)) {
+    if (u.failover === null || breakers[u.name] !== undefined || u.healthCheck !== null || u.endpoints.length > 1) continue
+    warnings.push(`upstreams.${u.name}.failover: ${u.name} has no circuit breaker (circuitBreakers.${u.name}), no healthCheck and one endpoint, so nothing makes it unavailable: its traffic never fails over to ${u.failover} on its own (only by hand, breakwater failover)`)
   }
 }
 
