@@ -6,7 +6,7 @@ import { Client } from 'undici'
 import { parse, stringify } from 'yaml'
 import { startUpstream, echo, hang, type TestUpstream } from './helpers/upstream.js'
 import { startProcessWithin, spawnCli, tempDir, writeProcessConfig, withoutTapHooks, type Running } from './helpers/process.js'
-import { oneRoute } from './helpers/sidecar.js'
+import { oneRoute, startTestSidecar } from './helpers/sidecar.js'
 import { send, getJson, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { WireClient } from './helpers/wire.js'
@@ -90,6 +90,41 @@ t.test('SIGTERM: draining at once, serving through drainDelayMs, then stop accep
   t.equal(code, 0, 'exit 0')
   const last = bw.lines.find((l) => l.phase === 'stopped')
   t.equal(last?.abandoned, 0, 'no request abandoned')
+})
+
+t.test('the egress listener keeps keep-alive through the drain: only the proxy listener\'s responses carry Connection: close', async (t) => {
+  const up = await startHoldingUpstream()
+  t.teardown(up.close)
+  const local = { host: '127.0.0.1', port: 0 }
+  const { sidecar, proxy } = await startTestSidecar(t, {
+    listen: { proxy: local, egress: local, ops: local, admin: local },
+    upstreams: { app: { url: up.url }, dependency: { url: up.url } },
+    routes: [
+      { name: 'outbound', listener: 'egress', match: { pathPrefix: '/' }, upstream: 'dependency' },
+      { name: 'inbound', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    shutdown: { drainDelayMs: 0, timeoutMs: 30000 }
+  })
+  // A request in flight on the proxy listener holds the drain open after it stops accepting.
+  const inFlight = send(proxy, '/held')
+  t.ok(await eventually(() => up.held() === 1, 5000), 'the upstream holds one request')
+  const stopping = sidecar.shutdown()
+  t.ok(await eventually(() => sidecar.dataPlane.draining, 5000), 'the proxy listener stopped accepting')
+
+  // The app's own calls through egress, on one keep-alive connection, while the drain runs.
+  const app = new Client(sidecar.addresses.egress as string)
+  t.teardown(async () => { await app.destroy() })
+  for (const path of ['/first', '/second']) {
+    const res = await app.request({ path, method: 'GET' })
+    await res.body.text()
+    t.equal(res.statusCode, 200, `${path}: the egress listener serves while draining`)
+    t.not(res.headers.connection, 'close', `${path}: no Connection: close on egress (the app's connection stays)`)
+  }
+
+  up.release()
+  const finished = await within(inFlight, 10000, 'the in-flight request')
+  t.equal(finished.headers.connection, 'close', 'the proxy listener\'s response still says Connection: close')
+  await within(stopping, 20000, 'the shutdown')
 })
 
 t.test('a second SIGTERM during the drain makes the process exit promptly, still 0', async (t) => {

@@ -48,6 +48,7 @@ import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import type { Pass } from './circuit-breaker.js'
 import type { Upstream } from './upstreams.js'
+import type { Listener } from '../config/types.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
@@ -83,6 +84,8 @@ export abstract class RequestContext implements LaterLine {
   readonly startedAt: number
   /** The request target as received; the normalised path (with its query) once normalised. */
   path: string
+  /** The listener the request came in on (set at admission). */
+  listener: Listener = 'proxy'
   /** Set by the normalise stage. */
   head: RequestHead | null = null
   /** Set by the match stage. */

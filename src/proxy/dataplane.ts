@@ -40,7 +40,11 @@ export interface DataPlaneOptions {
 
 export class DataPlane {
   runtime: Runtime
-  /** Set at SIGTERM: responses carry `Connection: close` so clients move away. */
+  /**
+   * Set once the proxy listener stops accepting (after `drainDelayMs`): its responses carry
+   * `Connection: close` so clients move away. Never the egress listener's: it serves the app's
+   * own calls to the end (SPEC §14), keep-alive included.
+   */
   draining = false
   /**
    * Set at the shutdown deadline, as the sidecar cuts what still runs: a request that fails from

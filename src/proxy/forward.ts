@@ -348,7 +348,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // exactly the route's timeoutMs (SPEC §14, a long upload is not a timeout).
       headersTimeout: cfg.timeoutMs,
       bodyTimeout: cfg.idleTimeoutMs,
-      reset: this.dp.draining
+      reset: this.draining()
     }, this)
     if (dispatcher !== endpoint.pool) dispatcher.close().catch(noop) // once this request is done
     // An upload streamed as the client sends it holds the connection until it is all sent.
@@ -384,7 +384,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     this.resumeUpstream = resume
     const res = this.res
-    const headers = responseHeaders(rawHeaders, this.dp.draining)
+    const headers = responseHeaders(rawHeaders, this.draining())
     try {
       res.writeHead(statusCode, headers)
     } catch (err) {
@@ -524,10 +524,15 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     return res.statusCode
   }
 
+  /** Its listener is draining (the egress listener never is: SPEC §14). */
+  private draining (): boolean {
+    return this.dp.draining && this.listener === 'proxy'
+  }
+
   /** A request body we will not read must not stall the connection: close it after answering. */
   private closeAfter (): boolean {
     const req = this.req
-    return this.dp.draining || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
+    return this.draining() || (!req.complete && ((req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0') || req.headers['transfer-encoding'] !== undefined))
   }
 
   /** Ends every path of the request: local answers (through `refuse`) and relayed responses. */

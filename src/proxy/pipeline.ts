@@ -163,6 +163,7 @@ function hasHost (raw: readonly string[]): boolean {
 function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }: PipelineOptions): void {
   const dp = ctx.dp
   const req = ctx.req
+  ctx.listener = listener
 
   // admission
   if ((dp.maxInFlight > 0 && dp.stats.inFlight >= dp.maxInFlight) || dp.overload.shedding) {
