@@ -386,6 +386,16 @@ t.test('a ${ that is no reference Breakwater expands is a problem naming its key
   t.same(literal.routes[0]?.match.headers, [['x-template', '${1BAD} and ${V']])
 })
 
+t.test('a shutdown longer than Kubernetes\' default grace is a warning naming the grace to raise', async (t) => {
+  const shutdownWarnings = (shutdown?: Record<string, unknown>): string[] =>
+    resolveConfig(minimal(shutdown === undefined ? {} : { shutdown }), { env: {} }).warnings.filter((w) => w.startsWith('shutdown:'))
+  t.same(shutdownWarnings(), [], 'the defaults (5 s + 20 s) fit')
+  t.same(shutdownWarnings({ drainDelayMs: '10s', timeoutMs: '15s' }), [], '25 s fits')
+  const long = shutdownWarnings({ drainDelayMs: '30s', timeoutMs: '20s' })
+  t.equal(long.length, 1)
+  t.match(long[0], /drainDelayMs \+ timeoutMs is 50 s, past the 25 s .* raise the pod's terminationGracePeriodSeconds/)
+})
+
 t.test('durations: ms, s, m, h and plain numbers', async (t) => {
   t.equal(toMs(250), 250)
   t.equal(toMs('500ms'), 500)

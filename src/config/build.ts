@@ -73,7 +73,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     admin: { tokenFile: input.admin.tokenFile === undefined ? null : resolvePath(baseDir, input.admin.tokenFile) },
     rollback: input.rollback === undefined ? null : buildRollback(input.rollback),
     health: buildHealth(input.health, upstreams, found),
-    shutdown: { drainDelayMs: durationMs(input.shutdown.drainDelayMs), timeoutMs: durationMs(input.shutdown.timeoutMs) },
+    shutdown: buildShutdown(input.shutdown, found),
     logging: {
       level: input.logging.level as LogLevel,
       accessLogRate: input.logging.accessLog === true ? 1 : input.logging.accessLog === false ? 0 : input.logging.accessLog
@@ -457,6 +457,18 @@ function buildRollback (r: Resolved<typeof RollbackSchema>): RollbackConfig {
   if (r.type === 'webhook') return { ...common, type: 'webhook', url: r.url, headers: r.headers, retries: r.retries, timeoutMs: durationMs(r.timeoutMs) }
   if (r.type === 'git') return { ...common, type: 'git', repo: r.repo, branch: r.branch, path: r.path ?? null, author: r.author ?? null, timeoutMs: durationMs(r.timeoutMs) }
   return { ...common, type: 'exec', command: r.command, timeoutMs: durationMs(r.timeoutMs) }
+}
+
+/** Kubernetes' default grace from SIGTERM to SIGKILL, less 5 s for the exit itself (SPEC §2: 25 s). */
+const DEFAULT_GRACE_BUDGET_MS = 25_000
+
+function buildShutdown (shutdown: Section<'shutdown'>, found: Findings): Config['shutdown'] {
+  const drainDelayMs = durationMs(shutdown.drainDelayMs)
+  const timeoutMs = durationMs(shutdown.timeoutMs)
+  if (drainDelayMs + timeoutMs > DEFAULT_GRACE_BUDGET_MS) {
+    found.warnings.push(`shutdown: drainDelayMs + timeoutMs is ${(drainDelayMs + timeoutMs) / 1000} s, past the ${DEFAULT_GRACE_BUDGET_MS / 1000} s that fit Kubernetes' default 30 s grace: raise the pod's terminationGracePeriodSeconds past it, or the kubelet kills the drain`)
+  }
+  return { drainDelayMs, timeoutMs }
 }
 
 function buildHealth (health: Section<'health'>, upstreams: Readonly<Record<string, UpstreamConfig>>, found: Findings): Config['health'] {
