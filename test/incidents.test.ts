@@ -239,6 +239,39 @@ t.test('a rollback that fails after its trigger re-armed: the incident escalates
   t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /no mitigation in force \(the rollback \S+ failed\): the signal cleared/, 'the notice says what restored it')
 })
 
+t.test('a mitigation judged not restored: once its trigger re-arms, restoration is verified again and the escalated page, status page and notices are resolved', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  // The trigger kills the wrong flag: checkout keeps failing, verification says not restored.
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1h' }, trigger: { flags: ['unrelated'], window: '2s' }, verification: { timeoutMs: '2s' } })
+  let flowing = true
+  const checkout = (async () => { while (flowing) { await load.burst('/checkout/cart', 3); await sleep(100) } })()
+  t.teardown(async () => { flowing = false; await checkout })
+  await breakCheckout(app, s, load)
+  const [first] = await incidents(s)
+  const failed = await settled(s, first.id)
+  t.equal(failed.status, 'not_restored', 'the wrong kill switch did not restore service')
+  t.ok(await eventually(() => escalations(r).pd.length === 1, 15_000), 'escalated at once')
+
+  // The release recovers by itself: checkout answers again, and the trigger re-arms on that traffic.
+  app.failing.delete('/checkout')
+  const ended = await eventually(async () => (await incidents(s)).find((i) => i.id === first.id)?.status === 'restored', 30_000, 100)
+  flowing = false
+  await checkout
+  const [i] = await incidents(s)
+  t.ok(ended, `restored once its signal cleared (status ${String(i.status)})`)
+  t.equal(i.id, first.id, 'the same incident, not a new one')
+  t.type(i.clearedAt, 'string', 'verified from the moment the signal cleared')
+  t.ok(await eventually(() => r.pd.deliveries.filter((d) => d.body.event_action === 'resolve').length === 2, 15_000), 'PagerDuty resolved')
+  t.same(r.pd.deliveries.filter((d) => d.body.event_action === 'resolve').map((d) => d.body.routing_key).sort(), ['rk-escalation', 'rk-main'], 'on both routing keys: it had been escalated')
+  t.ok(await eventually(() => r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 15_000), 'the page incident resolved')
+  t.same(r.sp.deliveries.map((d) => d.body.incident.status), ['investigating', 'identified', 'monitoring', 'resolved'])
+  t.ok(await eventually(() => r.hook.deliveries.some((d) => d.body?.event === 'restoration_verified'), 15_000), 'restoration_verified sent')
+  t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /signal cleared \(the killSwitch \S+ had not restored service\)/, 'the notice says what happened')
+  t.equal(escalations(r).pd.length, 1, 'escalated once')
+  t.ok(i.impact.countedUntil * 1000 >= Date.parse(i.clearedAt) - 1000, 'the impact is counted past the failed verification')
+})
+
 t.test('an incident restored in time never escalates: the deadline is disarmed and the PagerDuty alert resolved', async (t) => {
   const app = await startApp(t)
   const r = await receivers(t)

@@ -547,21 +547,26 @@ export class Verifier {
 
   /**
    * `trigger` re-armed — its metric stayed under the threshold for a whole window — while its
-   * incident here has nothing to verify: the trigger only notified, or its mitigation failed.
-   * Service came back without a mitigation in force, and left alone the incident would stay open
-   * for good, its page and status page incident with it. Restoration is verified on real traffic
+   * incident here has nothing to verify: the trigger only notified, or its mitigation failed, or
+   * its mitigation was judged `not_restored` (escalated, the outage went on). Service came back
+   * without a mitigation that brought it back, and left alone the incident would stay open for
+   * good, its page (escalated) and status page incident with it. Restoration is verified on real traffic
    * from now, as after a mitigation: restored, the incident ends and is resolved everywhere it was
    * announced; not, it is escalated. Only the incident's actor does this (a follower's leader does,
    * for the fleet); an incident whose mitigation is still running waits for its result.
    */
   signalCleared (trigger: string, at = Date.now()): Incident | null {
-    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
-    if (incident === undefined || incident.status !== 'detected' || incident.fleet?.role === 'follower') return null
-    if (incident.mitigation !== null && incident.mitigation.status !== 'failed') return null
+    // The trigger's newest incident: open, or closed `not_restored` — its mitigation did not
+    // bring service back, it was escalated, and its page and status page incident are still open.
+    const incident = this.incidents.find((i) => i.trigger === trigger)
+    if (incident === undefined || incident.fleet?.role === 'follower') return null
+    const failedToRestore = incident.status === 'not_restored'
+    if (!failedToRestore && (incident.status !== 'detected' || (incident.mitigation !== null && incident.mitigation.status !== 'failed'))) return null
     const config = this.deps.config().rollbackTriggers.find((t) => t.name === trigger) ?? null
     incident.clearedAt = new Date(at).toISOString()
+    incident.endedAt = null
     this.startVerifying(incident, config, at)
-    const why = incident.mitigation === null ? 'with no mitigation applied' : `after the ${incident.mitigation.action} ${incident.mitigation.id} failed`
+    const why = clearedWhy(incident)
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'cleared', trigger }, `the trigger's signal cleared ${why}; verifying restoration`)
     const cfg = this.deps.config()
     this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: `the error signal cleared ${why}; verifying that service is restored` }, 'monitoring')
@@ -817,9 +822,22 @@ function cleared (incident: Incident): boolean {
   return incident.clearedAt !== undefined
 }
 
+/** How the signal of `incident` cleared, verified from then: with no mitigation, after a failed one, or after one that did not restore service. */
+function clearedWhy (incident: Incident): string {
+  const m = incident.mitigation
+  if (m === null) return 'with no mitigation applied'
+  if (m.status === 'failed') return `after the ${m.action} ${m.id} failed`
+  return `after the ${m.action} ${m.id} had not restored service`
+}
+
 /** What restored `incident`, for the restoration notice. */
 function restoredBy (incident: Incident): string {
-  if (cleared(incident)) return incident.mitigation === null ? 'with no mitigation: the signal cleared' : `with no mitigation in force (the ${incident.mitigation.action} ${incident.mitigation.id} failed): the signal cleared`
+  if (cleared(incident)) {
+    const m = incident.mitigation
+    if (m === null) return 'with no mitigation: the signal cleared'
+    if (m.status === 'failed') return `with no mitigation in force (the ${m.action} ${m.id} failed): the signal cleared`
+    return `once the signal cleared (the ${m.action} ${m.id} had not restored service)`
+  }
   return `by ${incident.mitigation?.action ?? 'mitigation'} ${incident.mitigation?.id ?? ''}`
 }
 
