@@ -272,6 +272,29 @@ t.test('a mitigation judged not restored: once its trigger re-arms, restoration 
   t.ok(i.impact.countedUntil * 1000 >= Date.parse(i.clearedAt) - 1000, 'the impact is counted past the failed verification')
 })
 
+t.test('a kill switch that refuses its trigger\'s whole scope, lifted with the fault still there: the trigger fires again, a new incident is announced', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { trigger: { window: '2s' } })
+  const first = await restoredByTrigger(t, app, s, load)
+  t.equal(first.status, 'restored', 'the kill switch restored the service (judged on the catalog)')
+  // While checkout is refused its trigger's window records nothing: after a whole window of it,
+  // nothing of the failures that fired it is left to judge by.
+  await eventually(() => s.sidecar.triggers.status().find((x) => x.name === TRIGGER.name)?.state !== 'fired', 10_000, 100)
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/newCheckout', { reason: 'looks fixed' })).status, 200)
+  // It was not: checkout fails again.
+  t.ok(await eventually(async () => {
+    await breakCheckout(app, s, load, 10)
+    return (await incidents(s)).length === 2
+  }, 15_000, 200), 'a new incident for the failure that came back')
+  const [second] = await incidents(s)
+  t.not(second.id, first.id)
+  t.equal(second.trigger, TRIGGER.name)
+  t.ok(await eventually(() => r.pd.deliveries.filter((d) => d.body.event_action === 'trigger').length === 2, 15_000), 'PagerDuty paged again')
+  t.ok(await eventually(() => r.hook.deliveries.filter((d) => d.body?.event === 'trigger_fired').length === 2, 15_000), 'trigger_fired sent again')
+  t.ok(s.logs.some((l) => l.event === 'trigger_rearmed' && l.inconclusive === true), 'the re-arming on too little data is logged')
+})
+
 t.test('an incident restored in time never escalates: the deadline is disarmed and the PagerDuty alert resolved', async (t) => {
   const app = await startApp(t)
   const r = await receivers(t)

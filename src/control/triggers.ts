@@ -10,7 +10,8 @@
  *
  * A trigger with fewer than `minRequests` in its window is *inconclusive*, never firing. Above
  * its threshold for `for`, it fires once and runs its action; it re-arms only after the metric
- * stayed below the threshold for a full window.
+ * stayed below the threshold for a full window, or after a full window with too little data to
+ * judge (it is inconclusive again then, and its incident is left as it is).
  */
 import type { Logger } from 'pino'
 import type { TriggerConfig } from '../config/types.js'
@@ -61,6 +62,8 @@ interface Live {
   errors: number
   pendingSince: number | null
   belowSince: number | null
+  /** Since when a fired trigger has had too little data to judge (it re-arms after a window of it). */
+  quietSince: number | null
   fired: number
   firedAt: number | null
   lastOutcome: string | null
@@ -88,7 +91,7 @@ export class TriggerEngine {
       const old = prev.get(config.name)
       if (old !== undefined && JSON.stringify(old.config) === JSON.stringify(config)) return old
       const withLatency = config.metric === 'p99_latency'
-      return { config, window: new RunningSum(config.windowMs, withLatency), sums: emptySums(withLatency), state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
+      return { config, window: new RunningSum(config.windowMs, withLatency), sums: emptySums(withLatency), state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, quietSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
     })
     for (const t of triggers) if (!this.firedTotal.has(t.name)) this.firedTotal.set(t.name, 0)
   }
@@ -140,8 +143,25 @@ export class TriggerEngine {
     const breach = conclusive && r.value > c.threshold
 
     if (t.state === 'fired' || t.state === 'rearming') {
-      if (breach) { t.belowSince = null; t.state = 'fired'; return }
-      if (!conclusive) return // too little data either way: stay as we are
+      if (breach) { t.belowSince = null; t.quietSince = null; t.state = 'fired'; return }
+      if (!conclusive) {
+        // Too little data either way: stay as we are — for up to a whole window. After that the
+        // window holds nothing of what fired the trigger (a kill switch or a forced circuit that
+        // refuses its whole scope records nothing, nor does a night without traffic): it is
+        // inconclusive again, so a failure that comes back (the mitigation lifted, the fault still
+        // there) fires it again instead of finding it still "fired" and saying nothing. Its
+        // incident is left as it is: no data says service is back.
+        t.quietSince ??= now
+        if (now - t.quietSince >= c.windowMs) {
+          t.state = 'inconclusive'
+          t.belowSince = null
+          t.pendingSince = null
+          t.quietSince = null
+          this.logger.info({ event: 'trigger_rearmed', trigger: c.name, inconclusive: true, requests: r.requests }, 'trigger re-armed: too little traffic to judge for a whole window')
+        }
+        return
+      }
+      t.quietSince = null
       t.belowSince ??= now
       t.state = 'rearming'
       if (now - t.belowSince >= c.windowMs) {
@@ -166,6 +186,7 @@ export class TriggerEngine {
     t.fired++
     t.firedAt = now
     t.belowSince = null
+    t.quietSince = null
     this.firedTotal.set(c.name, (this.firedTotal.get(c.name) ?? 0) + 1)
     this.logger.warn({ event: 'trigger_fired', trigger: c.name, metric: c.metric, value: r.value, threshold: c.threshold, window: c.windowMs, requests: r.requests, errors: r.errors, action: c.action }, `trigger ${c.name} fired`)
     const incident = this.onFire(c, r, now)
