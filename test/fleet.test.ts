@@ -99,6 +99,29 @@ t.test('the newest operator decision wins, local or fleet, both ways', async (t)
   t.equal(await flagOrigin(s2), 'fleet')
 })
 
+t.test('a fleet kill that reached a sidecar before its config knew the flag is in force once a reload defines it', async (t) => {
+  const { up, etcd, fleet } = await startConnectedFleet(t)
+  const [s0, s1] = fleet
+  // A config rollout: s0 has the new route and its flag first, s1 still runs the old config.
+  const withBeta = (s: TestSidecar): Record<string, unknown> => testSidecarInput(fleetConfig(up.url, etcd.endpoints, {
+    routes: [
+      { name: 'beta', match: { pathPrefix: '/beta' }, upstream: 'app', killSwitch: 'newBeta' },
+      { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { newCheckout: true, newBeta: true }
+  }), s.stateDir)
+  await s0.sidecar.apply(resolveConfig(withBeta(s0)).config)
+  const kill = await admin(s0.admin, 'PUT', '/v1/flags/newBeta', { enabled: false, reason: 'beta broken', scope: 'fleet' })
+  t.equal(kill.status, 200, JSON.stringify(kill.body))
+  t.equal(await status(s0, '/beta'), 503, 'killed where the flag is known')
+  t.ok(await eventually(() => s1.sidecar.control.state.fleet.flags.newBeta !== undefined, 10_000), 's1 has seen the fleet kill')
+
+  // The rollout reaches s1: the route and the flag arrive, and the fleet's decision holds there too.
+  await s1.sidecar.apply(resolveConfig(withBeta(s1)).config)
+  t.equal(await status(s1, '/beta'), 503, 'the fleet kill is in force on s1 once its config defines the flag')
+  t.equal((await admin(s1.admin, 'GET', '/v1/state')).body.flags.newBeta.origin, 'fleet')
+})
+
 t.test('breakwater kill --fleet and restore --fleet act on every sidecar through one of them', async (t) => {
   const { fleet } = await startConnectedFleet(t)
   const env = { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, BREAKWATER_CONFIG: undefined, NODE_OPTIONS: undefined }

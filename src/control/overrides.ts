@@ -65,7 +65,10 @@ export class Overrides {
     if (entry === null) delete entries[name]
     else entries[name] = entry
     if (kind === 'circuits') { this.applyCircuit(name); return Promise.resolve() }
-    return this.flags.defines(name) ? this.applyFlag(name) : Promise.resolve()
+    // Applied even for a flag this sidecar does not define yet: in a config rollout the fleet's
+    // kill reaches pods whose config lacks the flag, and must hold once a reload (or the flag
+    // file, or the provider) brings it, as a forced circuit waits for its upstream.
+    return this.applyFlag(name)
   }
 
   /** The flag override in force and where it came from, or null when none is. */
@@ -114,7 +117,7 @@ export class Overrides {
     const fleet = this.state().fleet
     for (const [key, f] of Object.entries(fleet.flags)) {
       if (expired(f.expiresAt, now)) { delete fleet.flags[key]; continue }
-      if (this.flags.defines(key)) settled.push(this.applyFlag(key))
+      settled.push(this.applyFlag(key)) // in force once a source defines the flag (`setFleet`)
       if (f.value !== null) this.logger.warn({ event: 'override_active', scope: 'fleet', flag: key, enabled: f.value, reason: f.reason, since: f.at, expiresAt: f.expiresAt }, 'fleet flag override kept from the last fleet state')
     }
     for (const [upstream, f] of Object.entries(fleet.circuits)) {
