@@ -75,6 +75,43 @@ t.test('a killSwitch naming a flag no source defines is a config error', async (
   t.same(problems, ['routes[0].killSwitch: flag "nope" is not defined in featureFlags'])
 })
 
+t.test('a route path written in another spelling than requests are matched in still guards its paths', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const routes = [
+    { name: 'home', match: { pathPrefix: '/%7Euser' }, upstream: 'app', killSwitch: 'homes' },
+    { name: 'pair', match: { path: '/a//b' }, upstream: 'app', killSwitch: 'homes' },
+    { name: 'dots', match: { pathPrefix: '/x/./y/' }, upstream: 'app', killSwitch: 'homes' },
+    { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
+  ]
+  const input = { upstreams: { app: { url: up.url } }, routes, featureFlags: { homes: false } }
+  const { warnings } = resolveConfig(testSidecarInput(input, '/tmp'))
+  t.same(warnings.filter((w) => w.includes('normalised')), [
+    'routes[0].match.pathPrefix: "/%7Euser" is matched as "/~user": request paths are normalised before matching',
+    'routes[1].match.path: "/a//b" is matched as "/a/b": request paths are normalised before matching',
+    'routes[2].match.pathPrefix: "/x/./y/" is matched as "/x/y/": request paths are normalised before matching'
+  ], 'validate says how each is read')
+  const { proxy } = await startTestSidecar(t, input)
+  for (const path of ['/~user', '/%7Euser/photos', '/%7euser', '/a/b', '/a//b', '/x/y/z', '/x/./y/z']) {
+    t.equal((await send(proxy, path)).status, 503, `${path} is killed`)
+  }
+  t.equal(up.received.length, 0, 'the killed feature saw nothing')
+  t.equal((await send(proxy, '/other')).status, 200)
+
+  // Paths no request can have are config errors, not routes that silently guard nothing.
+  let problems: readonly string[] = []
+  try {
+    resolveConfig({ service: 's', upstreams: { a: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/p;v=1' }, upstream: 'a' }, { match: { path: '/q%zz' }, upstream: 'a' }, { match: { path: '/r;v=1', strict: true }, upstream: 'a' }] })
+  } catch (err) {
+    t.type(err, ConfigError)
+    problems = (err as ConfigError).problems
+  }
+  t.same(problems, [
+    'routes[0].match.pathPrefix: "/p;v=1" never matches: matching ignores ";" parameters and the query (set match.strict to compare them)',
+    'routes[1].match.path: "/q%zz" is not a path a request can have (an invalid %-escape, "#" or "\\")'
+  ])
+})
+
 t.test('flags are served through a real OpenFeature provider', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

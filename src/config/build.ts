@@ -15,6 +15,7 @@ import { durationMs } from './duration.js'
 import { readFlagFileSync, notBooleanProblem, flagKeysRead } from './flag-file.js'
 import { readTlsFilesSync } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
+import { normalisePath } from '../proxy/path.js'
 import { fleetConfig } from './fleet.js'
 import { checkFailover, fallbackConfig, rateLimitConfig, trustedProxies, warnUnengagedFailover } from './rungs.js'
 import type { CircuitBreakerSchema, MatchSchema, Resolved, ResolvedInput, RollbackSchema, RouteSchema, TriggerSchema, UpstreamSchema } from './schema.js'
@@ -189,8 +190,8 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, 
   return {
     name,
     match: {
-      pathPrefix: m.pathPrefix ?? null,
-      path: m.path ?? null,
+      pathPrefix: m.pathPrefix === undefined ? null : routePath(m.pathPrefix, `${at}.match.pathPrefix`, m.strict, found),
+      path: m.path === undefined ? null : routePath(m.path, `${at}.match.path`, m.strict, found),
       methods: m.methods === undefined ? null : m.methods.map((method) => method.toUpperCase()),
       host: m.host === undefined ? null : m.host.toLowerCase().replace(/\.(?=$|:\d+$)/, ''), // as hostMatches compares it
       headers: m.headers === undefined ? null : Object.entries(m.headers).map(([k, v]) => [k.toLowerCase(), v] as const),
@@ -209,6 +210,27 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, 
     rateLimit: rateLimitConfig(r.rateLimit),
     fallback: fallbackConfig(r.fallback, m.methods, at, baseDir, found.problems)
   }
+}
+
+/**
+ * A route's `path` or `pathPrefix` as requests are matched (SPEC §14: paths are normalised
+ * before matching). Written otherwise (`/%7Euser`, `/a//b`, `/x/./y`), the route would never
+ * match, and its kill switch would guard nothing while the requests went to the routes after
+ * it: it is normalised, with a warning. One no request can match is a problem: an invalid
+ * escape, `#` or `\`, and in a non-strict route `;` parameters or a query, which matching ignores.
+ */
+function routePath (value: string, key: string, strict: boolean, found: Findings): string {
+  const normalised = normalisePath(value)
+  if (normalised === null) {
+    found.problems.push(`${key}: "${value}" is not a path a request can have (an invalid %-escape, "#" or "\\")`)
+    return value
+  }
+  if (!strict && /[;?]/.test(normalised)) {
+    found.problems.push(`${key}: "${value}" never matches: matching ignores ";" parameters and the query (set match.strict to compare them)`)
+    return value
+  }
+  if (normalised !== value) found.warnings.push(`${key}: "${value}" is matched as "${normalised}": request paths are normalised before matching`)
+  return normalised
 }
 
 /** A stable, readable route name from its match: `/checkout` → `checkout`, `/` → `root`. */
