@@ -21,6 +21,7 @@
  * only; what is forwarded keeps the client's spelling. `%2F` stays data for routing too, but a
  * kill switch also guards the spelling with it read as `/` (`slashAlias`).
  */
+import { normalisePath, removeDotSegments } from '../config/request-path.js'
 
 /**
  * RFC 9112 §3.2.2: a request target in absolute-form (`http://host:port/path?query`), as its
@@ -37,59 +38,7 @@ export function absoluteForm (target: string): { authority: string, target: stri
   return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest, defaultPort: m[1] === '' ? ':80' : ':443' }
 }
 
-/** Returns the normalised `path?query`, or null when the target is not a valid origin-form path. */
-export function normalisePath (target: string): string | null {
-  if (target.charCodeAt(0) !== 47 /* / */ || target.includes('#')) return null
-  const q = target.indexOf('?')
-  const path = q === -1 ? target : target.slice(0, q)
-  if (path.includes('\\')) return null
-  // Fast path: nothing to normalise (the common case, and no allocation).
-  if (!path.includes('%') && !path.includes('//') && !path.includes('/.')) return target
-  const decoded = decodeUnreserved(path)
-  if (decoded === null) return null
-  const resolved = removeDotSegments(decoded.replace(/\/{2,}/g, '/'))
-  return q === -1 ? resolved : resolved + target.slice(q)
-}
-
-const HEX = /^[0-9A-Fa-f]{2}$/
-
-function decodeUnreserved (path: string): string | null {
-  if (!path.includes('%')) return path
-  let out = ''
-  let last = 0
-  for (let i = path.indexOf('%'); i !== -1; i = path.indexOf('%', i + 1)) {
-    const hex = path.slice(i + 1, i + 3)
-    if (!HEX.test(hex)) return null
-    const byte = parseInt(hex, 16)
-    out += path.slice(last, i)
-    out += isUnreserved(byte) ? String.fromCharCode(byte) : `%${hex.toUpperCase()}`
-    last = i + 3
-  }
-  return out + path.slice(last)
-}
-
-function isUnreserved (c: number): boolean {
-  return (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || (c >= 0x30 && c <= 0x39) ||
-    c === 0x2d || c === 0x2e || c === 0x5f || c === 0x7e
-}
-
-function removeDotSegments (path: string): string {
-  const segments = path.split('/')
-  const out: string[] = []
-  for (let i = 1; i < segments.length; i++) {
-    const s = segments[i] as string
-    const last = i === segments.length - 1
-    if (s === '.') {
-      if (last) out.push('')
-    } else if (s === '..') {
-      out.pop()
-      if (last) out.push('')
-    } else {
-      out.push(s)
-    }
-  }
-  return '/' + out.join('/')
-}
+export { normalisePath }
 
 /**
  * The key a non-strict route matches on (SPEC §15): the normalised path without its query,
