@@ -381,6 +381,13 @@ t.test('a ${ that is no reference Breakwater expands is a problem naming its key
   const secret = problemsOf(t, minimal({ fleet: { etcd: { endpoints: ['http://127.0.0.1:2379'], password: 'pa${ss-w0rd-do-not-show' } } }))
   reports(t, secret, 'fleet.etcd.password', /"\$\{ss-…"/)
   t.notOk(secret.join('\n').includes('w0rd'), 'the rest of the value is not in the message')
+  // Free text another reader expands keeps it: an exec rollback's shell, a fallback page.
+  const free = resolved(minimal({
+    rollback: { type: 'exec', command: ['sh', '-c', 'echo "${1}" "${TAG%.*}" ${HOME}'] },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { status: 503, body: '<script>say(`${user.name}`)</script>' } }]
+  }), { HOME: '/home/app' })
+  t.same(free.rollback?.type === 'exec' ? free.rollback.command : null, ['sh', '-c', 'echo "${1}" "${TAG%.*}" /home/app'], 'the shell reads ${1}; references are still expanded')
+  t.equal(free.routes[0]?.fallback?.static?.body.toString(), '<script>say(`${user.name}`)</script>')
   // $${ is the literal ${, whatever follows it.
   const literal = resolved(minimal({ routes: [{ match: { pathPrefix: '/', headers: { 'x-template': '$${1BAD} and $${V' } }, upstream: 'app' }] }))
   t.same(literal.routes[0]?.match.headers, [['x-template', '${1BAD} and ${V']])

@@ -4,9 +4,14 @@
  * shell's `:-`) is a problem reported with the key path where it was used, saying which of the
  * two it is. Any other `${` (the shell's `${NAME-default}` or `${NAME:?}`, a name starting with
  * a digit, a reference never closed, one nested in a default) is a problem too: left as it was
- * written it would reach an upstream URL or a header as literal text.
+ * written it would reach an upstream URL or a header as literal text. Except in free text that
+ * another reader expands or shows as written (`FREE_TEXT`): an exec rollback's argv, whose shell
+ * reads `${1}` or `${VAR%.*}`, and a static fallback's body (a page's own script).
  */
 const REFERENCE = /\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{/g
+
+/** Keys whose value keeps a `${` that is no reference as it is. */
+const FREE_TEXT = /^(?:rollback\.command\[\d+\]|routes\[\d+\]\.fallback\.body)$/
 
 /** What a `${` at `at` that is no reference is called in a problem: its name part only (the rest may be a secret). */
 function unexpanded (value: string, at: number): string {
@@ -20,6 +25,7 @@ export function expandEnv (value: unknown, env: NodeJS.ProcessEnv, problems: str
     return value.replace(REFERENCE, (whole: string, name: string | undefined, fallback: string | undefined, at: number) => {
       if (whole === '$${') return '${'
       if (name === undefined || fallback?.includes('${') === true) {
+        if (FREE_TEXT.test(path)) return whole
         problems.push(`${path || '(root)'}: ${unexpanded(value, at)}`)
         return whole
       }
