@@ -155,6 +155,7 @@ export class Sidecar {
     }, this.logger)
     this.control.rungs.connect({
       forceFailover: (upstream, to) => dp.forceFailover(upstream, to),
+      forcedFailoverTo: (upstream) => dp.failovers.forcedNow(upstream),
       setRouteRateLimit: (route, limit) => dp.setRouteRateLimit(route, limit),
       upstreams: () => [...dp.runtime.upstreams.keys()],
       failoverOf: (upstream) => dp.runtime.upstreams.get(upstream)?.config.failover ?? null,

@@ -3,6 +3,7 @@ import { startUpstream, type Handler, type TestUpstream } from './helpers/upstre
 import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
+import { admin } from './helpers/admin.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 
 /** An upstream that answers `name` with 200, or 503 while `state.failing`. */
@@ -153,6 +154,62 @@ t.test('forceFailover: by hand, to any upstream; the target\'s own breaker appli
   r = await send(sc.proxy, '/d')
   t.equal(r.body, 'primary 200', 'lifted')
   t.equal(r.headers['x-breakwater-failover'], undefined)
+})
+
+t.test('a reload that removes a forced failover\'s target: logged, GET /v1/state says it is not in force, and it is again when the target comes back', async (t) => {
+  const { primary, dr } = await pair(t, false)
+  const other = await startUpstream(switchable('other', { failing: false }))
+  t.teardown(other.close)
+  const withOther = {
+    upstreams: { primary: { url: primary.url, failover: 'dr' }, dr: { url: dr.url }, other: { url: other.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }],
+    circuitBreakers: { primary: {} }
+  }
+  const sc = await startTestSidecar(t, withOther)
+  const made = await admin(sc.admin, 'POST', '/v1/mitigations', { action: 'failover', upstreams: ['primary'], to: 'other', reason: 'region down' })
+  t.equal(made.status, 201)
+  t.equal((await send(sc.proxy, '/a')).body, 'other 200', 'forced')
+  const inForce = async (): Promise<unknown> => ((await admin(sc.admin, 'GET', '/v1/state')).body.mitigations as Array<Record<string, unknown>>).find((m) => m.id === made.body.id)?.inForce
+  t.equal(await inForce(), true)
+
+  const { other: _gone, ...without } = withOther.upstreams
+  await sc.sidecar.apply(resolveConfig(testSidecarInput({ ...withOther, upstreams: without }, sc.stateDir)).config)
+  const r = await send(sc.proxy, '/b')
+  t.equal(r.body, 'primary 200', 'the primary serves: the target is gone')
+  t.ok(sc.logs.some((l) => l.event === 'override_kept' && l.upstream === 'primary' && l.failover === 'other'), 'the reload says the forced failover is kept but not in force')
+  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary' && l.from === 'other' && l.why === 'reload'), 'and that traffic left the failover')
+  t.equal(await inForce(), false, 'GET /v1/state does not claim it is in force')
+  t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 0)
+
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(withOther, sc.stateDir)).config)
+  t.equal((await send(sc.proxy, '/c')).body, 'other 200', 'in force again when the target comes back')
+  t.ok(sc.logs.some((l) => l.event === 'failover_engaged' && l.upstream === 'primary' && l.to === 'other' && l.why === 'reload'), 'and logged')
+  t.equal(await inForce(), true)
+})
+
+t.test('a reload that removes or changes an engaged failover logs the move, and breakwater_failover_active goes to 0 instead of vanishing', async (t) => {
+  const { primary, dr } = await pair(t, false)
+  const other = await startUpstream(switchable('other', { failing: false }))
+  t.teardown(other.close)
+  const input = (failover: string | undefined): Record<string, unknown> => ({
+    upstreams: { primary: { url: primary.url, ...(failover !== undefined ? { failover } : {}) }, dr: { url: dr.url }, other: { url: other.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'primary' }],
+    circuitBreakers: { primary: {} }
+  })
+  const sc = await startTestSidecar(t, input('dr'))
+  sc.sidecar.dataPlane.force('primary', 'open')
+  t.equal((await send(sc.proxy, '/a')).body, 'dr 200', 'failed over')
+
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(input('other'), sc.stateDir)).config)
+  t.equal((await send(sc.proxy, '/b')).body, 'other 200', 'the reload moved the traffic')
+  t.ok(sc.logs.some((l) => l.event === 'failover_engaged' && l.upstream === 'primary' && l.to === 'other' && l.from === 'dr'), 'and said so')
+
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(input(undefined), sc.stateDir)).config)
+  const r = await send(sc.proxy, '/c')
+  t.equal(r.headers['x-breakwater-error'], 'circuit_open', 'no failover any more: the open circuit refuses')
+  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary' && l.from === 'other' && l.why === 'reload'), 'the reload that took the failover away said so')
+  const active = (await scrape(sc.ops)).filter((m) => m.name === 'breakwater_failover_active' && m.labels.upstream === 'primary')
+  t.same(active.map((m) => m.value), [0], 'the series is 0, not gone')
 })
 
 t.test('validate: failover to an unknown upstream, to itself, chains and loops', async (t) => {

@@ -492,7 +492,8 @@ export class ControlPlane {
       const origin = m.scope === 'fleet' ? 'fleet' : 'local'
       const decided = this.rungs.failoverInForce(m.targets[0] as string, now)
       const own = origin === 'fleet' ? decided?.origin === 'fleet' : decided?.origin === 'local' && this.rungs.localOwner(m.targets[0] as string) === m
-      return { ...m, origin, inForce: own }
+      // The deciding record is not in force while a reload has removed its target (kept for its return).
+      return { ...m, origin, inForce: own && this.rungs.failoverApplied(m.targets[0] as string, m.to) }
     })
   }
 }

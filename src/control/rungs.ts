@@ -27,6 +27,8 @@ import { expired, expiry, newest, type InForce } from './overrides.js'
 export interface RungControl {
   /** Force `upstream`'s traffic to `to`, or lift the forced failover (`null`); false when either is unknown. */
   forceFailover: (upstream: string, to: string | null) => boolean
+  /** Where the forced failover of `upstream` sends its traffic now: null when none is in force (a reload may have removed its target). */
+  forcedFailoverTo: (upstream: string) => string | null
   /** Override a route's rate limit, or drop the override (`null`); false for an unknown route. */
   setRouteRateLimit: (route: string, limit: { requestsPerSecond: number, burst: number } | null) => boolean
   upstreams: () => string[]
@@ -161,6 +163,14 @@ export class Rungs {
     const owner = this.inForce('failover', upstream)
     const local = owner?.to === undefined ? undefined : { record: { at: owner.createdAt, source: owner.source }, value: owner.to }
     return newest(local, this.state().fleet.failovers[upstream], now) as InForce<string> | null
+  }
+
+  /**
+   * Whether the data plane sends `upstream`'s traffic to `to` by force now: false when a reload
+   * removed that target (the decision is kept, and in force again if the target comes back).
+   */
+  failoverApplied (upstream: string, to: string | undefined): boolean {
+    return this.control === null || (to !== undefined && this.control.forcedFailoverTo(upstream) === to)
   }
 
   /** This sidecar's record that decides locally for `upstream` (before weighing the fleet's). */

@@ -121,14 +121,20 @@ export class FailoverTable {
 
   constructor (private readonly logger: Logger) {}
 
-  /** Give each upstream its failover state (or none); called for every new runtime. */
-  attach (upstreams: ReadonlyMap<string, Upstream>): void {
+  /**
+   * Give each upstream its failover state (or none); called for every new runtime, and by
+   * `force` (`reloaded` false: the operator's change logs itself). A reload that moves traffic
+   * says so — `failover_lifted` when it takes an engaged failover away, `failover_engaged` when
+   * it sends the traffic somewhere new — as the decision per request does; an upstream the
+   * reload keeps keeps its `breakwater_failover_active` series, at 0 once nothing is engaged.
+   */
+  attach (upstreams: ReadonlyMap<string, Upstream>, reloaded = true): void {
     this.upstreams = upstreams
     for (const [name, state] of this.states) {
       const u = upstreams.get(name)
-      if (state.forcedTo === null && (u === undefined || u.config.failover === null)) {
-        this.states.delete(name)
-      } else if (u === undefined && (state.target !== null || state.forcedTarget !== null)) {
+      if (u !== undefined || state.forcedTo === null) {
+        if (u === undefined) this.states.delete(name)
+      } else if (state.target !== null || state.forcedTarget !== null) {
         // An operator's failover outlives a reload that removes its upstream, as a forced
         // circuit does: it is in force again when a reload brings the upstream back.
         state.target = null
@@ -145,12 +151,28 @@ export class FailoverTable {
         state = new Failover(upstream.name, this.logger)
         this.states.set(upstream.name, state)
       }
+      const before = state.to
+      const forcedBefore = state.forcedTarget
       state.target = failover === null ? null : upstreams.get(failover) ?? null
       if (state.target === null) state.active = false
       state.failbackAfterMs = failbackAfterMs
       state.forcedTarget = state.forcedTo === null ? null : upstreams.get(state.forcedTo) ?? null
-      upstream.failover = state
+      upstream.failover = state.target === null && state.forcedTo === null ? null : state
+      if (!reloaded) continue
+      if (state.forcedTo !== null && state.forcedTarget === null && forcedBefore !== null) {
+        this.logger.warn({ event: 'override_kept', upstream: upstream.name, failover: state.forcedTo }, 'forced failover kept but not in force: the reload removed its target; it is in force again if the target comes back')
+      }
+      const after = state.to
+      if (after === before) continue
+      if (after !== null) state.engage()
+      if (after === null) this.logger.warn({ event: 'failover_lifted', upstream: upstream.name, from: before, why: 'reload' }, 'upstream failed back: the reload took its failover away')
+      else this.logger.warn({ event: 'failover_engaged', upstream: upstream.name, to: after, ...(before !== null ? { from: before } : {}), why: 'reload' }, 'upstream failed over: the reload changed where its traffic goes')
     }
+  }
+
+  /** Where an operator's forced failover of `name` sends its traffic now; null when none is in force (none, or its target is not configured). */
+  forcedNow (name: string): string | null {
+    return this.states.get(name)?.forcedTarget?.name ?? null
   }
 
   /**
@@ -164,7 +186,7 @@ export class FailoverTable {
       if (state !== undefined && state.forcedTo !== null) {
         state.forcedTo = null
         this.logger.warn({ event: 'failover_forced', upstream: name, to: null }, 'forced failover lifted')
-        this.attach(this.upstreams)
+        this.attach(this.upstreams, false)
       }
       return true
     }
@@ -180,7 +202,7 @@ export class FailoverTable {
     if (state.forcedTo !== target) state.engage()
     state.forcedTo = target
     this.logger.warn({ event: 'failover_forced', upstream: name, to: target }, 'failover forced')
-    this.attach(this.upstreams)
+    this.attach(this.upstreams, false)
     return true
   }
 
