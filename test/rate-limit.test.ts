@@ -105,6 +105,19 @@ t.test('rateLimit key client: trustedProxies, a listener setting, change at a re
   t.same([await xff('203.0.113.4'), await xff('203.0.113.5')], [200, 429], 'nor by an override made after the reload')
 })
 
+t.test('rateLimit key client: a route moved to another listener by a reload keys clients by that listener\'s trustedProxies', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const listen = { proxy: { host: '127.0.0.1', port: 0, trustedProxies: ['127.0.0.0/8'] }, egress: { host: '127.0.0.1', port: 0 }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }
+  const on = (listener: string): Record<string, unknown> => ({ ...oneRoute(up.url, { listener, rateLimit: { requestsPerSecond: FROZEN, burst: 1, key: 'client' } }), listen })
+  const sc = await startTestSidecar(t, on('proxy'))
+  const xff = async (base: string, value: string): Promise<number> => (await send(base, '/', { headers: { 'x-forwarded-for': value } })).status
+  t.same([await xff(sc.proxy, '203.0.113.1'), await xff(sc.proxy, '203.0.113.2')], [200, 200], 'behind the proxy listener\'s trusted proxies: one bucket per client')
+  await sc.sidecar.apply(resolveConfig(testSidecarInput(on('egress'), sc.stateDir)).config)
+  const egress = sc.sidecar.addresses.egress as string
+  t.same([await xff(egress, '203.0.113.3'), await xff(egress, '203.0.113.4')], [200, 429], 'the egress listener trusts no proxy: x-forwarded-for is not believed, one bucket for the peer')
+})
+
 t.test('rateLimit key header:NAME: one bucket per value; a request without it uses the client key, counted', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)

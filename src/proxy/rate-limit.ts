@@ -41,6 +41,8 @@ interface Bucket {
 
 export class RateLimiter {
   readonly config: RateLimitConfig
+  /** The listener whose `trustedProxies` key its clients. */
+  readonly listener: Route['listener']
   /** `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): quota `burst` per the seconds a full refill takes. */
   readonly policy: string
   /** The policy's name in `RateLimit`, as a structured-field string. */
@@ -55,8 +57,9 @@ export class RateLimiter {
   keyFallbacks = 0
   evictions = 0
 
-  constructor (routeName: string, config: RateLimitConfig, trusted: BlockList | null) {
+  constructor (routeName: string, config: RateLimitConfig, trusted: BlockList | null, listener: Route['listener'] = 'proxy') {
     this.config = config
+    this.listener = listener
     this.perMs = config.requestsPerSecond / 1000
     this.header = config.key.startsWith('header:') ? config.key.slice(7) : null
     this.trusted = trusted === null ? null : new TrustedProxies(trusted)
@@ -207,9 +210,11 @@ export class RateLimits {
       const effective = this.effective(route)
       if (effective === null) { route.rateLimiter = null; continue }
       const prev = this.limiters.get(route.name)
-      const limiter = prev !== undefined && JSON.stringify(prev.config) === JSON.stringify(effective)
+      // Buckets carry over only while the keying is unchanged: a route moved to the other
+      // listener keys clients by that listener's trustedProxies, so it starts afresh.
+      const limiter = prev !== undefined && prev.listener === route.listener && JSON.stringify(prev.config) === JSON.stringify(effective)
         ? prev
-        : new RateLimiter(route.name, effective, trustedBlockList(route.listener === 'egress' ? config.listen.egress?.trustedProxies ?? [] : config.listen.proxy.trustedProxies))
+        : new RateLimiter(route.name, effective, trustedBlockList(route.listener === 'egress' ? config.listen.egress?.trustedProxies ?? [] : config.listen.proxy.trustedProxies), route.listener)
       route.rateLimiter = limiter
       next.set(route.name, limiter)
     }
