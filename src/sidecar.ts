@@ -67,6 +67,8 @@ export interface Addresses {
 export interface ReloadResult {
   ok: boolean
   problems: readonly string[]
+  /** Refused because the sidecar is shutting down (the admin API's 409). */
+  draining?: boolean
 }
 
 /**
@@ -702,8 +704,11 @@ export class Sidecar {
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.
     this.control.upstreamsReloaded()
     this.logger.level = next.logging.level
-    this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
-    this.reachability.watch(this.dataPlane.runtime.upstreams.values())
+    // A reload that began before the shutdown does not restart the probes the shutdown stopped.
+    if (this.stopping === null) {
+      this.healthChecker.start(this.dataPlane.runtime.upstreams.values())
+      this.reachability.watch(this.dataPlane.runtime.upstreams.values())
+    }
     this.triggers.configure(next.rollbackTriggers)
     this.control.noteConfig()
     return upstreams
@@ -715,6 +720,12 @@ export class Sidecar {
    * admin API, or a signal (`signalActor`) — a post-mortem's timeline has every reload.
    */
   async reload (actor: Actor): Promise<ReloadResult> {
+    // A shutdown stops health checks, watches and timers; a reload would start them again (and
+    // swap the config of a process that is going away). Refused, and said so.
+    if (this.stopping !== null) {
+      this.logger.warn({ event: 'config_reload', result: 'refused', why: 'draining', requester: actor.requester }, 'config reload refused: the sidecar is shutting down')
+      return { ok: false, problems: ['the sidecar is shutting down: a reload is not applied while it drains'], draining: true }
+    }
     const result = await this.reloadFile()
     await this.control.recordReload(actor, result.ok, result.problems)
     return result

@@ -242,3 +242,21 @@ t.test('a reload that moves stateDir or changes admin settings keeps the running
   t.ok(state.overrides.newCheckout !== undefined, 'the override is in the running stateDir')
   t.equal((await admin(s.admin, 'GET', '/v1/state')).body.flags.newCheckout.enabled, false)
 })
+
+t.test('a reload during a drain is refused (409 draining, logged): it would restart the probes the shutdown stops', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const input = {
+    upstreams: { app: { url: up.url, healthCheck: { path: '/h', intervalMs: '1s' } } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    shutdown: { drainDelayMs: 1000, timeoutMs: 2000 }
+  }
+  const sc = await startFileSidecar(t, input)
+  const stopped = sc.sidecar.shutdown()
+  const r = await admin(sc.admin, 'POST', '/v1/reload', { reason: 'edited' })
+  t.equal(r.status, 409, 'refused while draining')
+  t.equal(r.body.error, 'draining')
+  t.ok(sc.logs.some((l) => l.event === 'config_reload' && l.result === 'refused' && l.why === 'draining'), 'and logged')
+  t.notOk(sc.logs.some((l) => l.event === 'config_reload' && l.result === 'ok'), 'nothing was applied')
+  await stopped
+})

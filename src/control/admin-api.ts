@@ -18,7 +18,7 @@ export interface AdminDeps {
   /** GET /v1/state body. */
   state: () => Record<string, unknown>
   /** Re-read the config file, audited with `actor` as who asked. */
-  reload: (actor: Actor) => Promise<{ ok: boolean, problems: readonly string[] }>
+  reload: (actor: Actor) => Promise<{ ok: boolean, problems: readonly string[], draining?: boolean }>
   /** GET /v1/triage body. */
   triage: () => Record<string, unknown>
   /** GET /v1/incidents body. */
@@ -241,6 +241,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     const b = body(req)
     const who = actor(req, b, 'reload requested')
     const result = await deps.reload(who)
+    if (result.draining === true) return await reply.code(409).send({ error: 'draining', message: 'the sidecar is shutting down: a reload is not applied while it drains', problems: result.problems })
     if (!result.ok) return await reply.code(422).send({ error: 'invalid_config', message: 'the new config was refused; the running config is kept', problems: result.problems })
     return await reply.send({ ok: true })
   })
