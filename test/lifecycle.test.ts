@@ -374,3 +374,20 @@ t.test('SIGHUP applies a valid config without dropping a connection, and refuses
   ])
   t.ok((audited()[2]?.problems as string[] | undefined)?.some((p) => p.startsWith('routes[0].upstream: ')), 'the refused reload\'s problems are audited')
 })
+
+t.test('requests cut because a second signal cut the drain short are not logged as cut by the shutdown deadline', async (t) => {
+  const up = await startHoldingUpstream()
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(up.url), shutdown: { drainDelayMs: 0, timeoutMs: 60000 } })
+  const held = send(sc.proxy, '/held').catch(() => null)
+  t.ok(await eventually(async () => up.held() === 1, 10_000), 'a request is in flight')
+  const stopped = sc.sidecar.shutdown()
+  t.ok(await eventually(async () => sc.logs.some((l) => l.phase === 'stopped_accepting'), 10_000))
+  sc.sidecar.hurry()
+  await stopped
+  await held
+  t.notOk(sc.logs.some((l) => l.event === 'shutdown' && l.phase === 'deadline'), 'no deadline was reached')
+  const cut = sc.logs.find((l) => l.event === 'shutdown' && l.phase === 'cut')
+  t.equal(cut?.abandoned, 1, 'the cut request is logged as cut short by the second signal')
+  t.equal(cut?.level, 'warn', 'at warn')
+})
