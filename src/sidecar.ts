@@ -18,6 +18,7 @@ import { createProxyServer, listenProxy, stopAccepting, boundUrl, type ProxyServ
 import type { Tracing } from './proxy/trace.js'
 import type { SpanQueue, TraceStats } from './ops/tracing.js'
 import { HealthChecker } from './proxy/health-check.js'
+import { hasUsableEndpoint } from './proxy/failover.js'
 import { normalisePath } from './proxy/path.js'
 import { requestHead } from './proxy/headers.js'
 import { HealthPolicy } from './ops/health.js'
@@ -681,6 +682,10 @@ export class Sidecar {
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
       rollbackRefused: this.rollbackRefusal(),
+      usable: (name) => {
+        const upstream = dp.runtime.upstreams.get(name)
+        return upstream !== undefined && hasUsableEndpoint(upstream, Date.now())
+      },
       now: Date.now()
     }) as unknown as Record<string, unknown>
   }

@@ -17,6 +17,7 @@ import { startReceiver, type Receiver } from './helpers/receiver.js'
 import { startProcess, withoutTapHooks } from './helpers/process.js'
 import { operator, adminUrl, parseOnlyJson, STACK_FRAME } from './helpers/operator.js'
 import { admin } from './helpers/admin.js'
+import { metricValue } from './helpers/metrics.js'
 import { send, eventually } from './helpers/http.js'
 import { traffic, type Traffic } from './helpers/traffic.js'
 import { resolveConfig } from '../src/config/load.js'
@@ -254,6 +255,22 @@ t.test('a dependency whose failover already serves its traffic is mitigated: no 
   t.equal(worse.scenario, 'downstream_failure', 'a failover that fails too mitigates nothing')
   t.not(worse.recommendation.action, 'failover', 'and is not recommended')
   t.match(worse.recommendation.why, /already goes to payDr, which fails too/)
+})
+
+t.test('a failover whose every endpoint fails its health check is not recommended, however idle it looks', async (t) => {
+  const dr = await startApp(t, { failing: ['/'] })
+  const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } }, {
+    input: (input) => ({ ...input, upstreams: { ...(input.upstreams as Record<string, unknown>), pay: { url: (input.upstreams as any).pay.url, failover: 'payDr' }, payDr: { url: dr.url, healthCheck: { path: '/healthz', intervalMs: 100, timeoutMs: 100, unhealthyThreshold: 1, healthyThreshold: 1 } } } })
+  })
+  t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_upstream_endpoints', { upstream: 'payDr', state: 'unhealthy' }) === 1, 20_000), 'setup: payDr\'s only endpoint fails its health check')
+  pay.failing.add('/')
+  const failed = await load.burst('/pay/charge', 5)
+  t.ok(failed.every((c) => c === 500), 'pay answers 500 until its breaker opens')
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'downstream_failure')
+  t.not(r.recommendation.action, 'failover', `no failover to an upstream with no usable endpoint (${String(r.recommendation.command)})`)
+  t.equal(r.recommendation.action, 'circuitBreak')
+  t.match(r.recommendation.why, /its failover payDr is not healthy either/)
 })
 
 t.test('downstream failure: one dependency timing out → open its circuit; p99 in the evidence', async (t) => {

@@ -50,6 +50,8 @@ export interface TriageInput {
   flagEnabled: (key: string) => boolean
   versionSince: string
   configSince: string
+  /** Whether an upstream has an endpoint neither ejected nor failing its health check (all usable when not given). */
+  usable?: (upstream: string) => boolean
   /** Why a rollback would be refused now (running, cooling down, done already, none configured), or null. */
   rollbackRefused?: { code: string, message: string } | null
   now: number
@@ -206,7 +208,7 @@ export function triage (input: TriageInput): TriageReport {
   const dependency = failingDependency ?? circuitFailing
   // A failover already taking the traffic and failing too is no failover to recommend.
   const engaged = dependency === undefined ? undefined : failover(dependency)
-  const healthy = dependency === undefined || engaged !== undefined ? null : healthyFailover(dependency, config, input.circuits, upstreams)
+  const healthy = dependency === undefined || engaged !== undefined ? null : healthyFailover(dependency, config, input.circuits, upstreams, input.usable)
   // The service's own app (critical) is never circuit-broken from here, but a healthy failover
   // of it keeps the service up: that is still rung 3.
   const critical = dependency !== undefined && config.upstreams[dependency]?.critical === true
@@ -276,9 +278,11 @@ function failoverFailing (f: { requests: number, errors: number }): boolean {
 }
 
 /** The upstream's configured failover when it is usable: its circuit closed and its errors not up. */
-function healthyFailover (upstream: string, config: Config, circuits: CircuitView[], upstreams: Signal[]): string | null {
+function healthyFailover (upstream: string, config: Config, circuits: CircuitView[], upstreams: Signal[], usable?: (upstream: string) => boolean): string | null {
   const to = config.upstreams[upstream]?.failover ?? null
   if (to === null || to === upstream) return null
+  // Every endpoint ejected or failing its health check: idle, but no place to send traffic.
+  if (usable !== undefined && !usable(to)) return null
   const circuit = circuits.find((c) => c.upstream === to)
   if (circuit !== undefined && circuit.state !== 'closed') return null
   return upstreams.find((u) => u.name === to)?.elevated === true ? null : to

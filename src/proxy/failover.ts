@@ -106,6 +106,11 @@ export class Failover {
 function isAvailable (upstream: Upstream, now: number): boolean {
   const circuit = upstream.circuit
   if (circuit !== null && circuit.state !== 'closed') return false
+  return hasUsableEndpoint(upstream, now)
+}
+
+/** At least one endpoint is neither ejected nor failing its health check. */
+export function hasUsableEndpoint (upstream: Upstream, now: number): boolean {
   const endpoints = upstream.balancer.endpoints
   for (let i = 0; i < endpoints.length; i++) {
     const e = endpoints[i] as (typeof endpoints)[number]
