@@ -323,12 +323,15 @@ t.test('an upstream\'s rotated client certificate is used for new connections wi
   replace(second.cert, files.cert)
   t.ok(await eventually(async () => { await call('/rotating'); return serials.at(-1) === 42 }, 20_000), 'a new connection presents the rotated certificate, no reload')
   t.ok(a.logs.some((l) => l.event === 'tls_reload' && l.upstream === 'app' && l.result === 'ok'), 'logged as a certificate reload of the upstream')
+  t.equal(await metricValue(a.ops, 'breakwater_upstream_tls_certificate_reloads_total', { upstream: 'app', result: 'ok' }), 1, 'and counted')
 
   // A key that does not match the certificate: refused, the running pair stays in use.
   replace(first.key, files.key)
   t.ok(await eventually(() => a.logs.some((l) => l.event === 'tls_reload' && l.upstream === 'app' && l.result === 'refused'), 20_000), 'a mismatched pair is refused, with an error line')
   t.equal(await call('/after'), 200, 'requests go on')
   t.equal(serials.at(-1), 42, 'with the certificate in force before the bad files')
+  // An alert can see a rotation that did not take, before the old certificate expires.
+  t.equal(await metricValue(a.ops, 'breakwater_upstream_tls_certificate_reloads_total', { upstream: 'app', result: 'refused' }), 1, 'the refused files are counted')
 })
 
 t.test('verification reaches a mutual-TLS listener whose certificate a private CA signed: restored, synthetics answered 200', async (t) => {

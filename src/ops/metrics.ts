@@ -253,6 +253,17 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     scraped(registry, 'breakwater_trace_spans_exported_total', 'Spans the collector accepted.', 'counter', () => [{ labels: {}, value: tracing.exported }])
   }
 
+  // Every https:// upstream with `tls`, as the running config has them (a reload may add the first).
+  scraped(registry, 'breakwater_upstream_tls_certificate_reloads_total', 'Changed CA or client certificate files of https upstreams re-read, by upstream and result (refused: the running ones were kept).', 'counter', () => {
+    const out: Sample[] = []
+    for (const u of dp.runtime.upstreams.values()) {
+      if (u.certificates === null) continue
+      out.push({ labels: { upstream: u.name, result: 'ok' }, value: u.certificates.reloads.ok })
+      out.push({ labels: { upstream: u.name, result: 'refused' }, value: u.certificates.reloads.failed })
+    }
+    return out
+  })
+
   const tls = sources.tls
   if (tls.length > 0) {
     scraped(registry, 'breakwater_tls_certificate_reloads_total', 'Changed certificate files re-read, by listener and result (refused: the running certificate was kept).', 'counter', () => tls.flatMap((s) => [

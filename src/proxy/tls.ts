@@ -146,6 +146,8 @@ export class CertificateWatcher extends CertificateFiles {
  */
 export class UpstreamCertificates extends CertificateFiles {
   protected readonly subject: Record<string, string>
+  /** Changed files re-read, by result (`breakwater_upstream_tls_certificate_reloads_total`). */
+  readonly reloads = { ok: 0, failed: 0 }
   private connector: buildConnector.connector
   /** undici's `connect` for the upstream's pools: always the current files. */
   readonly connect: buildConnector.connector = (options, callback) => { this.connector(options, callback) }
@@ -171,7 +173,12 @@ export class UpstreamCertificates extends CertificateFiles {
     this.connector = this.build(material)
   }
 
-  protected counted (): void {}
+  // Counted as a listener's are: a refused rotation leaves the old client certificate in use
+  // until it expires, and an alert needs a series to see that, not only an error line.
+  protected counted (ok: boolean): void {
+    if (ok) this.reloads.ok++
+    else this.reloads.failed++
+  }
 }
 
 /**
