@@ -82,6 +82,7 @@ t.test('an incoming traceparent is continued: its trace, our span as its child, 
   t.same(span.attributes, {
     'http.request.method': 'GET',
     'url.path': '/api/orders',
+    'url.query': 'id=7',
     'url.scheme': 'http',
     'server.address': 'shop.example',
     'server.port': 8080,
@@ -119,9 +120,10 @@ t.test('protocol http/json: the same span in OTLP\'s JSON encoding', async (t) =
   const upstream = await startUpstream()
   t.teardown(upstream.close)
   const s = await startTestSidecar(t, { ...oneRoute(upstream.url, { name: 'api', match: { pathPrefix: '/api/' } }), ...tracing(receiver, { protocol: 'http/json' }) })
-  t.equal((await send(s.proxy, '/api/orders', { headers: { traceparent: `00-${TRACE}-${PARENT}-01` } })).status, 200)
+  t.equal((await send(s.proxy, '/api/orders?X-Goog-Signature=abc&page=2&sig=xyz', { headers: { traceparent: `00-${TRACE}-${PARENT}-01` } })).status, 200)
   const [span] = await spansArrive(receiver, 1)
   t.match(receiver.requests[0]?.contentType, /^application\/json/)
+  t.equal(span?.attributes['url.query'], 'X-Goog-Signature=REDACTED&page=2&sig=REDACTED', 'the query, signatures of pre-signed URLs redacted')
   t.equal(span?.traceId, TRACE)
   t.equal(span?.parentSpanId, PARENT)
   t.equal(span?.spanId, forwarded(upstream, 0)[2], 'the upstream\'s parent is the exported span')

@@ -29,6 +29,9 @@ export function writeSpanAttributes (ctx: RequestContext, out: SpanWriter): void
   const scheme = (ctx.clientSocket as { encrypted?: boolean }).encrypted === true ? 'https' : 'http'
   out.string('http.request.method', method)
   out.string('url.path', pathOnly(ctx.path))
+  // Conditionally required when the request had one (HTTP semantic conventions).
+  const q = ctx.path.indexOf('?')
+  if (q !== -1) out.string('url.query', redactedQuery(ctx.path.slice(q + 1)))
   out.string('url.scheme', scheme)
   out.string('network.protocol.version', ctx.req.httpVersion)
   out.string('breakwater.outcome', ctx.cause ?? 'client')
@@ -52,4 +55,20 @@ export function writeSpanAttributes (ctx: RequestContext, out: SpanWriter): void
     out.string('breakwater.route', route.name)
     out.string('breakwater.upstream', route.upstream.name)
   }
+}
+
+/**
+ * Query keys whose values OpenTelemetry's semantic conventions say to redact by default
+ * (`url.query`): signatures and access keys of pre-signed URLs, which would let whoever reads
+ * the traces make the request again.
+ */
+const SENSITIVE_QUERY_KEYS = new Set(['AWSAccessKeyId', 'Signature', 'sig', 'X-Goog-Signature'])
+
+/** `url.query`: the query as received, without `?`, the values of sensitive keys replaced by `REDACTED`. */
+export function redactedQuery (query: string): string {
+  if (!/AWSAccessKeyId=|Signature=|sig=/.test(query)) return query
+  return query.split('&').map((pair) => {
+    const eq = pair.indexOf('=')
+    return eq !== -1 && SENSITIVE_QUERY_KEYS.has(pair.slice(0, eq)) ? `${pair.slice(0, eq)}=REDACTED` : pair
+  }).join('&')
 }
