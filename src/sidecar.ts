@@ -281,7 +281,7 @@ export class Sidecar {
       // STYLE 18: only a sidecar configured to export spans loads OpenTelemetry.
       const { SpanQueue, loadEncoding } = await import('./ops/tracing.js')
       const encoding = await loadEncoding(this.config.tracing, this.config.version)
-      this.spanQueue = new SpanQueue(this.config.tracing, encoding, this.traceStats, this.logger)
+      this.spanQueue = new SpanQueue(this.config.tracing, encoding, this.traceStats, this.logger, this.config.version)
       this.tracing.exporter = this.spanQueue
     }
     // Incidents and status page incidents of an earlier run carry on (SPEC §19).
@@ -706,6 +706,8 @@ export class Sidecar {
     }
     const upstreams = this.dataPlane.apply(running)
     this.config = running
+    // Tracing changes only at restart, but its spans name the version running now.
+    this.spanQueue?.setVersion(running.version)
     // Before the first request on the new runtime: a re-added upstream's circuit is fresh.
     this.control.upstreamsReloaded()
     this.logger.level = next.logging.level

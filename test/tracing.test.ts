@@ -417,3 +417,21 @@ t.test('a reload that changes tracing keeps the running tracing and says it appl
   await spansArrive(receiver, 1)
   t.equal(receiver.spans[0]?.attributes['url.path'], '/after-reload', 'still sampled at the running ratio (1)')
 })
+
+t.test('a reload that changes the version: spans of requests after it carry the new service.version, those before the old', async (t) => {
+  for (const protocol of ['http/protobuf', 'http/json']) {
+    const receiver = await startOtlpReceiver()
+    t.teardown(receiver.close)
+    const upstream = await startUpstream()
+    t.teardown(upstream.close)
+    const s = await startTestSidecar(t, { ...oneRoute(upstream.url), ...tracing(receiver, { protocol }) })
+    const before = s.sidecar.config.version
+    await send(s.proxy, '/before')
+    await s.sidecar.apply({ ...s.sidecar.config, version: '2.0.0-rc.1+build.7' })
+    await send(s.proxy, '/after')
+    const spans = await spansArrive(receiver, 2)
+    const versionOf = (path: string): unknown => spans.find((x) => x.attributes['url.path'] === path)?.resource['service.version']
+    t.equal(versionOf('/before'), before, `${protocol}: a request before the reload, the version it ran under`)
+    t.equal(versionOf('/after'), '2.0.0-rc.1+build.7', `${protocol}: a request after it, the version now running`)
+  }
+})

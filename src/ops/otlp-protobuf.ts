@@ -22,12 +22,16 @@ function varintSize (n: number): number {
 }
 
 /** One batch of encoded spans, room kept in front for the enclosing messages. */
+const NO_RESOURCE = Buffer.alloc(0)
+
 export class SpanBatch {
   count = 0
   buf: Buffer
   /** Where the spans start (after the headroom) and where the next one goes. */
   readonly start: number
   pos: number
+  /** The encoded resource its spans are sent with: the one in force when the batch was opened. */
+  resource: Buffer = NO_RESOURCE
 
   constructor (headroom: number, size: number) {
     this.buf = Buffer.allocUnsafe(Math.max(size, headroom + 4096))
@@ -183,10 +187,11 @@ const RESERVED = 2
 
 /** Encodes server spans into batches; one per sidecar, built when tracing loads. */
 export class SpanEncoder implements SpanWriter {
-  /** Resource and scope, encoded once: the head of every request. */
-  private readonly resource: Buffer
+  /** Resource and scope, encoded once (the resource again when `service.version` changes): the head of every request. */
+  private resource: Buffer = NO_RESOURCE
+  private resourceAttributes: Readonly<Record<string, string>> = {}
   private readonly scope: Buffer
-  private readonly headroom: number
+  private headroom = 0
   /** The attribute keys seen so far, with the values they keep. */
   private readonly attributes = new Map<string, AttributeKey>()
   /** The batch of the open span, and where that span's tag is. */
@@ -194,17 +199,26 @@ export class SpanEncoder implements SpanWriter {
   private spanAt = 0
 
   constructor (resourceAttributes: Readonly<Record<string, string>>, scope: { name: string, version: string }) {
-    const head = new SpanBatch(0, 4096)
-    for (const [key, value] of Object.entries(resourceAttributes)) writeString(head, RESOURCE_ATTRIBUTE, keyBytes(key), value)
-    head.byte(0x10) // dropped_attributes_count: 0
-    head.byte(0)
-    this.resource = this.message(0x0a, head)
     const s = new SpanBatch(0, 3 * (scope.name.length + scope.version.length) + 32)
     s.byte(0x0a)
     s.string(scope.name)
     s.byte(0x12)
     s.string(scope.version)
     this.scope = this.message(0x0a, s)
+    this.setResource(resourceAttributes)
+  }
+
+  /**
+   * The resource of the batches opened from now on (a reload that changes `version`); a batch
+   * already open keeps the one its spans were written under.
+   */
+  setResource (resourceAttributes: Readonly<Record<string, string>>): void {
+    this.resourceAttributes = resourceAttributes
+    const head = new SpanBatch(0, 4096)
+    for (const [key, value] of Object.entries(resourceAttributes)) writeString(head, RESOURCE_ATTRIBUTE, keyBytes(key), value)
+    head.byte(0x10) // dropped_attributes_count: 0
+    head.byte(0)
+    this.resource = this.message(0x0a, head)
     // resource_spans tag + length, resource, scope_spans tag + length, scope
     this.headroom = 1 + 5 + this.resource.length + 1 + 5 + this.scope.length
   }
@@ -220,7 +234,23 @@ export class SpanEncoder implements SpanWriter {
 
   /** A new empty batch of room for about `spans` spans. */
   open (spans: number): SpanBatch {
-    return new SpanBatch(this.headroom, this.headroom + spans * 512)
+    const batch = new SpanBatch(this.headroom, this.headroom + spans * 512)
+    batch.resource = this.resource
+    return batch
+  }
+
+  /** `service.version` of the batches opened from now on (`setResource`). */
+  setVersion (version: string): void {
+    this.setResource({ ...this.resourceAttributes, 'service.version': version })
+  }
+
+  /** Make a sent batch's buffer a new empty batch; false when its headroom is too small for the resource now. */
+  reuse (batch: SpanBatch): boolean {
+    if (batch.start < this.headroom) return false
+    batch.count = 0
+    batch.pos = batch.start
+    batch.resource = this.resource
+    return true
   }
 
   /**
@@ -330,16 +360,17 @@ export class SpanEncoder implements SpanWriter {
 
   /** The ExportTraceServiceRequest for `batch`, written into its headroom: no copy of the spans. */
   request (batch: SpanBatch): Uint8Array {
+    const resource = batch.resource
     const spans = batch.pos - batch.start
     const scopeSpans = this.scope.length + spans
-    const resourceSpans = this.resource.length + 1 + varintSize(scopeSpans) + scopeSpans
-    const head = 1 + varintSize(resourceSpans) + this.resource.length + 1 + varintSize(scopeSpans) + this.scope.length
+    const resourceSpans = resource.length + 1 + varintSize(scopeSpans) + scopeSpans
+    const head = 1 + varintSize(resourceSpans) + resource.length + 1 + varintSize(scopeSpans) + this.scope.length
     const at = batch.start - head
     const saved = batch.pos
     batch.pos = at
     batch.byte(0x0a)
     batch.varint(resourceSpans)
-    batch.bytes(this.resource)
+    batch.bytes(resource)
     batch.byte(0x12)
     batch.varint(scopeSpans)
     batch.bytes(this.scope)

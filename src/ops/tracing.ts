@@ -109,6 +109,8 @@ export interface Encoding<B> {
   count: (batch: B) => number
   /** The batch has been sent or given up on: its memory may be reused. */
   release: (batch: B) => void
+  /** `service.version` of the spans appended from now on (a reload changed `version`). */
+  setVersion: (version: string) => void
   readonly exporter: BatchExporter<B>
 }
 
@@ -127,11 +129,13 @@ export class ProtobufEncoding implements Encoding<SpanBatch> {
 
   open (): SpanBatch {
     const spare = this.spare
-    if (spare === null) return this.encoder.open(this.batchSize)
     this.spare = null
-    spare.count = 0
-    spare.pos = spare.start
-    return spare
+    if (spare !== null && this.encoder.reuse(spare)) return spare
+    return this.encoder.open(this.batchSize)
+  }
+
+  setVersion (version: string): void {
+    this.encoder.setVersion(version)
   }
 
   append (batch: SpanBatch, ctx: RequestContext, endMs: number): void {
@@ -154,13 +158,18 @@ export class ProtobufEncoding implements Encoding<SpanBatch> {
 /** `http/json`: span objects, serialised by OpenTelemetry's JSON exporter when sent. */
 export class JsonEncoding implements Encoding<ServerSpan[]> {
   readonly exporter: BatchExporter<ServerSpan[]>
-  private readonly resource: Resource
+  private resource: Resource
   private readonly scope: InstrumentationScope
 
-  constructor (exporter: BatchExporter<ServerSpan[]>, resource: Resource, scope: InstrumentationScope) {
+  /** `withVersion`: the resource for another `service.version` (a reload changed it). */
+  constructor (exporter: BatchExporter<ServerSpan[]>, resource: Resource, scope: InstrumentationScope, private readonly withVersion: ((version: string) => Resource) | null = null) {
     this.exporter = exporter
     this.resource = resource
     this.scope = scope
+  }
+
+  setVersion (version: string): void {
+    if (this.withVersion !== null) this.resource = this.withVersion(version)
   }
 
   open (): ServerSpan[] { return [] }
@@ -178,17 +187,17 @@ const SPARE_LIMIT = 4 * 1024 * 1024
  */
 export async function loadEncoding (config: TracingConfig, version: string): Promise<Encoding<unknown>> {
   const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs }
-  const resourceAttributes = { 'service.name': config.serviceName, 'service.version': version }
   const scope = { name: 'breakwater', version: VERSION }
   if (config.protocol === 'http/json') {
     const [{ OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([import('@opentelemetry/exporter-trace-otlp-http'), import('@opentelemetry/resources')])
-    return new JsonEncoding(new OTLPTraceExporter(options), resourceFromAttributes(resourceAttributes), scope) as Encoding<unknown>
+    const withVersion = (v: string): Resource => resourceFromAttributes(resourceAttributes(config.serviceName, v))
+    return new JsonEncoding(new OTLPTraceExporter(options), withVersion(version), scope, withVersion) as Encoding<unknown>
   }
   const [{ OTLPExporterBase }, http] = await Promise.all([
     import('@opentelemetry/otlp-exporter-base'),
     import('@opentelemetry/otlp-exporter-base/node-http')
   ])
-  const encoder = new SpanEncoder(resourceAttributes, scope)
+  const encoder = new SpanEncoder(resourceAttributes(config.serviceName, version), scope)
   const serializer = {
     serializeRequest: (batch: SpanBatch) => encoder.request(batch),
     deserializeResponse: decodeExportTraceServiceResponse
@@ -201,6 +210,11 @@ export async function loadEncoding (config: TracingConfig, version: string): Pro
     undefined
   )
   return new ProtobufEncoding(encoder, new OTLPExporterBase(delegate), config.batch.maxSize) as Encoding<unknown>
+}
+
+/** The resource of every span: `service.name`, and `service.version`, which follows a reload. */
+function resourceAttributes (serviceName: string, version: string): Record<string, string> {
+  return { 'service.name': serviceName, 'service.version': version }
 }
 
 /** The sidecar's exporter: a bounded queue of batches in front of the encoding's OTLP/HTTP exporter. */
@@ -224,9 +238,13 @@ export class SpanQueue implements SpanExport {
   private exports = 0
   private failing = false
   private idle: (() => void) | null = null
+  /** The next span opens a batch (the resource changed: one batch, one resource). */
+  private fresh = false
+  private version: string | null = null
 
-  constructor (config: TracingConfig, encoding: Encoding<unknown>, stats: TraceStats, logger: Logger) {
+  constructor (config: TracingConfig, encoding: Encoding<unknown>, stats: TraceStats, logger: Logger, version: string | null = null) {
     this.config = config
+    this.version = version
     this.sampleRatio = config.sampleRatio
     this.encoding = encoding
     this.stats = stats
@@ -249,6 +267,19 @@ export class SpanQueue implements SpanExport {
     else if (this.exporting === 0 && this.timer === null && !this.scheduled) this.timer = setTimeout(flushQueue, this.config.batch.delayMs, this).unref()
   }
 
+  /**
+   * `service.version` of the spans of requests that end from now on: a reload changed the
+   * sidecar's `version`, and spans after a deployment must not be told apart from those before
+   * it by the old one. What ended before goes out with the version it ended under.
+   */
+  setVersion (version: string): void {
+    if (version === this.version) return
+    this.version = version
+    this.writeEnded()
+    this.encoding.setVersion(version)
+    this.fresh = true
+  }
+
   /** Write the spans of the requests ended since the last time into their batches. */
   private writeEnded (): void {
     const ended = this.ended
@@ -260,9 +291,10 @@ export class SpanQueue implements SpanExport {
     const max = this.config.batch.maxSize
     let last = this.batches[this.batches.length - 1]
     for (let i = 0; i < ended.length; i++) {
-      if (last === undefined || encoding.count(last) >= max) {
+      if (last === undefined || this.fresh || encoding.count(last) >= max) {
         last = encoding.open()
         this.batches.push(last)
+        this.fresh = false
       }
       encoding.append(last, ended[i] as RequestContext, at[i] as number)
     }
