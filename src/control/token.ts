@@ -10,6 +10,7 @@ import { readFile, writeFile, mkdir, chmod, rename, stat } from 'node:fs/promise
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { ADMIN_TOKEN_FILE } from '../config/defaults.js'
+import { fileStamp } from '../config/file-stamp.js'
 
 export interface AdminToken {
   token: string
@@ -95,8 +96,7 @@ export class TokenFileWatcher {
   }
 
   private async fingerprint (): Promise<string> {
-    const s = await stat(this.path).catch(() => null)
-    return s === null ? '-' : `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`
+    return fileStamp(await stat(this.path).catch(() => null))
   }
 
   private async poll (): Promise<void> {

@@ -16,10 +16,11 @@
  * failure mode that broke inotify-based watchers (flagd #42). A file that cannot be parsed,
  * or has the wrong shape, is ignored with an error and the last good flags stay.
  */
-import { statSync, type Stats } from 'node:fs'
+import { statSync } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
 import { parseFlagFile as parseDefinitions, readFlagFileSync as readDefinitions, type FileFlags as FileDefinitions } from '../config/flag-file.js'
 import type { FlagdEvaluator } from './targeting.js'
+import { fileStamp } from '../config/file-stamp.js'
 
 /** A parsed flag file, plus flagd-core holding it once its targeting rules are compiled. */
 export interface FileFlags extends FileDefinitions {
@@ -51,10 +52,6 @@ export interface FlagFileEvents {
   onPresence (present: boolean): void
 }
 
-function fingerprint (s: Stats): string {
-  return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`
-}
-
 /** Polls the file and reports changes. */
 export class FlagFileWatcher {
   private timer: NodeJS.Timeout | null = null
@@ -67,7 +64,7 @@ export class FlagFileWatcher {
   /** Read once synchronously (start-up), then poll. */
   start (): void {
     try {
-      this.last = fingerprint(statSync(this.path))
+      this.last = fileStamp(statSync(this.path))
       this.present = true
     } catch {
       this.present = false
@@ -85,7 +82,7 @@ export class FlagFileWatcher {
     try {
       let print: string
       try {
-        print = fingerprint(await stat(this.path))
+        print = fileStamp(await stat(this.path))
       } catch {
         if (this.present !== false) {
           this.present = false

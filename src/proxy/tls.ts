@@ -10,12 +10,13 @@
  * `https://` upstreams are connected to with the options of `upstreamConnect`; their CA and
  * client certificate files are watched the same way (`UpstreamCertificates`).
  */
-import { statSync, type Stats } from 'node:fs'
+import { statSync } from 'node:fs'
 import { stat } from 'node:fs/promises'
 import { X509Certificate } from 'node:crypto'
 import { createSecureContext, type Server as TlsServer } from 'node:tls'
 import type { Logger } from 'pino'
 import { buildConnector } from '../undici.js'
+import { fileStamp } from '../config/file-stamp.js'
 import type { Listener, ListenerTlsConfig, UpstreamConfig, UpstreamTlsConfig } from '../config/types.js'
 import { readTlsFiles, readTlsFilesSync, type TlsFilePaths, type TlsMaterial } from '../config/tls-files.js'
 
@@ -39,10 +40,6 @@ export function listenerTlsOptions (config: ListenerTlsConfig, at: string): TlsM
   return { ...material, requestCert: config.requestClientCert, rejectUnauthorized: config.requestClientCert }
 }
 
-function fingerprint (s: Stats | null): string {
-  return s === null ? '-' : `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`
-}
-
 /**
  * Polls certificate files and hands a changed, sound set to `apply`. A set that does not load
  * (missing file, key not matching) is refused with an error log; what runs stays.
@@ -56,7 +53,7 @@ abstract class CertificateFiles {
   private polling = false
 
   constructor (private readonly files: TlsFilePaths, private readonly at: string, protected readonly logger: Logger, private readonly intervalMs: number) {
-    this.last = this.paths().map((p) => { try { return fingerprint(statSync(p)) } catch { return '-' } }).join('|')
+    this.last = this.paths().map((p) => { try { return fileStamp(statSync(p)) } catch { return fileStamp(null) } }).join('|')
     this.seen = this.last
   }
 
@@ -87,7 +84,7 @@ abstract class CertificateFiles {
     if (this.polling) return
     this.polling = true
     try {
-      const print = (await Promise.all(this.paths().map(async (p) => fingerprint(await stat(p).catch(() => null))))).join('|')
+      const print = (await Promise.all(this.paths().map(async (p) => fileStamp(await stat(p).catch(() => null))))).join('|')
       const before = this.seen
       this.seen = print
       if (print === this.last) return
