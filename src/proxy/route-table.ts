@@ -112,8 +112,8 @@ export class Route {
 function hostMatches (want: string, host: string): boolean {
   const h = host.toLowerCase()
   if (h === want) return true
-  const colon = h.lastIndexOf(':')
-  if (colon > 0 && h.indexOf(']') < colon) {
+  const colon = portAt(h)
+  if (colon !== -1) {
     const given = h.slice(0, colon)
     const name = withoutFinalDot(given)
     // With the port as well only when a dot was dropped (else that is `h`, compared above).
@@ -129,8 +129,14 @@ function hostMatches (want: string, host: string): boolean {
  */
 export function hostKey (host: string): string {
   const h = host.toLowerCase()
-  const colon = h.lastIndexOf(':')
-  return colon > 0 && h.indexOf(']') < colon ? withoutFinalDot(h.slice(0, colon)) + h.slice(colon) : withoutFinalDot(h)
+  const colon = portAt(h)
+  return colon !== -1 ? withoutFinalDot(h.slice(0, colon)) + h.slice(colon) : withoutFinalDot(h)
+}
+
+/** Where a Host's port starts (its `:`), or -1: an IPv6 literal's colons are inside its brackets. */
+function portAt (host: string): number {
+  const colon = host.lastIndexOf(':')
+  return colon > 0 && host.indexOf(']') < colon ? colon : -1
 }
 
 function withoutFinalDot (name: string): string {
