@@ -325,7 +325,7 @@ function guardAndForward (ctx: RequestContext): void {
 function sameAuthority (authority: string, host: string, defaultPort: string): boolean {
   const key = (a: string): string => {
     const k = hostKey(a)
-    return k.endsWith(defaultPort) && !k.endsWith(']') ? k.slice(0, -defaultPort.length) : k
+    return k.endsWith(defaultPort) ? k.slice(0, -defaultPort.length) : k
   }
   return key(authority) === key(host)
 }
