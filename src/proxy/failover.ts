@@ -136,9 +136,9 @@ export class FailoverTable {
   attach (upstreams: ReadonlyMap<string, Upstream>, reloaded = true): void {
     this.upstreams = upstreams
     for (const [name, state] of this.states) {
-      const u = upstreams.get(name)
-      if (u !== undefined || state.forcedTo === null) {
-        if (u === undefined) this.states.delete(name)
+      if (upstreams.has(name)) continue
+      if (state.forcedTo === null) {
+        this.states.delete(name)
       } else if (state.target !== null || state.forcedTarget !== null) {
         // An operator's failover outlives a reload that removes its upstream, as a forced
         // circuit does: it is in force again when a reload brings the upstream back.
