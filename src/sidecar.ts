@@ -809,9 +809,11 @@ export class Sidecar {
     // A WebSocket tunnel is a connection, not a request (HTTP cannot ask it to close): one still
     // open at the deadline is cut like a request, and said so.
     const tunnels = this.dataPlane.tunnels.size
-    // A second signal cut the drain short before the deadline: what is cut now is the signal's doing.
-    if ((abandoned > 0 || tunnels > 0) && hurried) this.logger.warn({ event: 'shutdown', phase: 'cut', abandoned, tunnels }, 'requests and tunnels still running when the drain was cut short are cut')
-    else if (abandoned > 0 || tunnels > 0) this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, tunnels, timeoutMs }, 'requests and tunnels still running at the shutdown deadline are cut')
+    if (abandoned > 0 || tunnels > 0) {
+      // A second signal cut the drain short before the deadline: what is cut now is the signal's doing.
+      if (hurried) this.logger.warn({ event: 'shutdown', phase: 'cut', abandoned, tunnels }, 'requests and tunnels still running when the drain was cut short are cut')
+      else this.logger.warn({ event: 'shutdown', phase: 'deadline', abandoned, tunnels, timeoutMs }, 'requests and tunnels still running at the shutdown deadline are cut')
+    }
     this.dataPlane.cutting = true
     this.proxy.server.close()
     this.proxy.server.closeAllConnections()
