@@ -21,9 +21,10 @@ function varintSize (n: number): number {
   return n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x200000 ? 3 : n < 0x10000000 ? 4 : 5
 }
 
-/** One batch of encoded spans, room kept in front for the enclosing messages. */
+/** A batch's resource before one is given (`SpanEncoder.open`, `reuse`). */
 const NO_RESOURCE = Buffer.alloc(0)
 
+/** One batch of encoded spans, room kept in front for the enclosing messages. */
 export class SpanBatch {
   count = 0
   buf: Buffer
