@@ -45,6 +45,14 @@ async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, he
   return up
 }
 
+/** The app behind one route whose only fallback is a stale one (1 minute); `state.mode` drives the app. */
+async function staleSidecar (t: Test, extra: Record<string, unknown> = {}): Promise<{ state: { mode: Mode }, sc: TestSidecar }> {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, { upstreams: { app: { url: up.url } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }], ...extra })
+  return { state, sc }
+}
+
 function routeFallback (sc: TestSidecar): Fallback {
   return (sc.sidecar.dataPlane.runtime.routes.routes[0] as { fallback: Fallback }).fallback
 }
@@ -155,12 +163,7 @@ t.test('fallback: a response to a request with Cache-Control: no-store is never 
 })
 
 t.test('fallback: a stale answer carries the request id of the request it answers, once', async (t) => {
-  const state = { mode: 'ok' as Mode }
-  const up = await appUpstream(t, state)
-  const sc = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
-  })
+  const { state, sc } = await staleSidecar(t)
   const fresh = await send(sc.proxy, '/echo-id', { headers: { 'x-request-id': 'first-request' } })
   t.equal(fresh.headers['x-request-id'], 'first-request', 'the app echoes the id; stored')
   state.mode = 'reset'
@@ -172,12 +175,7 @@ t.test('fallback: a stale answer carries the request id of the request it answer
 })
 
 t.test('fallback: one page is one entry however the client spells its host (case, a final dot)', async (t) => {
-  const state = { mode: 'ok' as Mode }
-  const up = await appUpstream(t, state)
-  const sc = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
-  })
+  const { state, sc } = await staleSidecar(t)
   t.equal((await send(sc.proxy, '/page', { headers: { host: 'shop.example' } })).status, 200, 'stored')
   state.mode = 'reset'
   for (const host of ['SHOP.example', 'shop.example.', 'Shop.Example.']) {
@@ -187,12 +185,7 @@ t.test('fallback: one page is one entry however the client spells its host (case
 })
 
 t.test('fallback: a stale answer\'s Age counts the age it already had when stored', async (t) => {
-  const state = { mode: 'ok' as Mode }
-  const up = await appUpstream(t, state)
-  const sc = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
-  })
+  const { state, sc } = await staleSidecar(t)
   t.equal((await send(sc.proxy, '/aged')).headers.age, '100', 'the fresh answer carries the upstream\'s Age')
   state.mode = 'reset'
   const stale = await send(sc.proxy, '/aged')
@@ -298,13 +291,7 @@ t.test('fallback: bodies being captured at once hold at most maxBytes, and a cap
 })
 
 t.test('fallback: the breaker still opens, and triggers still see the outage, while stale answers are served', async (t) => {
-  const state = { mode: 'ok' as Mode }
-  const up = await appUpstream(t, state)
-  const sc = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }],
-    circuitBreakers: { app: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: '1m' } }
-  })
+  const { state, sc } = await staleSidecar(t, { circuitBreakers: { app: { volumeThreshold: 4, failureThreshold: 0.5, recoveryTimeout: '1m' } } })
   t.equal((await send(sc.proxy, '/item')).status, 200)
   state.mode = 'reset'
   for (let i = 0; i < 8; i++) isStale(t, await send(sc.proxy, '/item'), 'good /item', `outage request ${i}`)
