@@ -292,7 +292,7 @@ export class Sidecar {
       void this.control.journal.commit(this.control.state, null)
       // The fleet's actor for the incident writes its page incident on the incident key (SPEC §16).
       if (page?.id != null) {
-        this.fleet?.progress(key, { statusPage: { id: page.id, status: page.status } }).catch((err: unknown) => {
+        this.fleet?.progress(key, { statusPage: { id: page.id, status: page.status, ...(page.round !== undefined ? { round: page.round } : {}) } }).catch((err: unknown) => {
           this.logger.warn({ event: 'fleet_incident', incident: key, error: (err as Error).message }, 'fleet: could not record the status page incident on the incident key')
         })
       }

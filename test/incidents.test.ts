@@ -265,7 +265,9 @@ t.test('a mitigation judged not restored: once its trigger re-arms, restoration 
   t.ok(await eventually(() => r.pd.deliveries.filter((d) => d.body.event_action === 'resolve').length === 2, 15_000), 'PagerDuty resolved')
   t.same(r.pd.deliveries.filter((d) => d.body.event_action === 'resolve').map((d) => d.body.routing_key).sort(), ['rk-escalation', 'rk-main'], 'on both routing keys: it had been escalated')
   t.ok(await eventually(() => r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 15_000), 'the page incident resolved')
-  t.same(r.sp.deliveries.map((d) => d.body.incident.status), ['investigating', 'identified', 'monitoring', 'resolved'])
+  // Monitoring is while verifying (SPEC §19): the failed verification sent the page back to identified.
+  t.same(r.sp.deliveries.map((d) => d.body.incident.status), ['investigating', 'identified', 'monitoring', 'identified', 'monitoring', 'resolved'], 'back to identified when the fix did not restore service, then monitoring and resolved')
+  t.same(new Set(r.sp.deliveries.map((d) => d.headers['idempotency-key'])).size, 6, 'each update with its own idempotency key')
   t.ok(await eventually(() => r.hook.deliveries.some((d) => d.body?.event === 'restoration_verified'), 15_000), 'restoration_verified sent')
   t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /signal cleared \(the killSwitch \S+ had not restored service\)/, 'the notice says what happened')
   t.equal(escalations(r).pd.length, 1, 'escalated once')
@@ -626,6 +628,23 @@ t.test('an unverified incident (no real traffic to judge by) is not escalated at
   t.ok(Date.parse(now.escalatedAt) >= Date.parse(now.escalateAt), 'at the escalateAfter deadline, not when verification ended')
   t.match(now.escalationReason, /not verified restored within 3 s/)
   t.ok(Date.parse(escalations(r).hook[0]?.body.time) >= Date.parse(now.escalateAt))
+})
+
+t.test('a trigger\'s incident that ends unverified takes its status page incident back from monitoring to identified', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  // The kill switch refuses checkout; nobody uses the catalog, so nothing can show service back.
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1h' }, verification: { timeoutMs: '1s' } })
+  await breakCheckout(app, s, load)
+  const [first] = await incidents(s)
+  const i = await settled(s, first.id)
+  t.equal(i.status, 'unverified')
+  t.ok(await eventually(() => r.sp.deliveries.length === 4, 15_000), 'four updates of the page incident')
+  await sleep(300)
+  t.same(r.sp.deliveries.map((d) => [d.method, d.body.incident.status]), [['POST', 'investigating'], ['PATCH', 'identified'], ['PATCH', 'monitoring'], ['PATCH', 'identified']], 'no longer monitoring once verification is over')
+  t.equal(r.sp.deliveries[3]?.url, '/v1/pages/page1/incidents/sp-incident-1', 'the same page incident')
+  t.match(r.sp.deliveries[3]?.body.incident.body, /could not be confirmed/)
+  t.same(Object.values(s.sidecar.control.state.statusPage)[0], { id: 'sp-incident-1', status: 'identified', round: 1 }, 'kept in stateDir with its round')
 })
 
 /**

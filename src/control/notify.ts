@@ -120,6 +120,16 @@ export class Notifier {
     this.statusPage.advance(incidentKey(event.service, event.version, event.trigger), status, `${event.service}: degraded service`, event.summary, { trigger: event.trigger, version: event.version })
   }
 
+  /**
+   * The verification the status page incident of a trigger's incident announced (`monitoring`)
+   * failed: back to `identified`, so the page does not go on saying a fix is being watched.
+   */
+  pageReopened (event: Pick<NotificationEvent, 'service' | 'version' | 'trigger' | 'summary'>): void {
+    const c = this.config()
+    if (c.statusPageId === null || c.statusPageApiKey === null || event.trigger === null) return
+    this.statusPage.reopen(incidentKey(event.service, event.version, event.trigger), `${event.service}: degraded service`, event.summary, { trigger: event.trigger, version: event.version })
+  }
+
   /** Queue an event for every configured channel. Returns at once. */
   notify (event: NotificationEvent): void {
     this.alertmanager.handle(event)

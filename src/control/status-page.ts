@@ -2,7 +2,11 @@
  * The status page lifecycle of an incident (SPEC §19) on the Statuspage API: the page incident
  * is created once (`POST /v1/pages/{page_id}/incidents`) and then updated by the id the page
  * answered with (`PATCH /v1/pages/{page_id}/incidents/{incident_id}`), its `status` moving
- * investigating → identified → monitoring → resolved, never backwards and never twice.
+ * investigating → identified → monitoring → resolved, never backwards and never twice — with
+ * one exception (`reopen`): `monitoring` says "a fix is in, we are watching it", so when the
+ * verification it announced fails (not restored, or no real traffic to tell) the page goes back
+ * to `identified`. That starts a new round: the next `monitoring` and the `resolved` go on from
+ * there, and each update of a round has its own idempotency key.
  *
  * - One page incident per incident key (service, version, trigger: the same on every sidecar of
  *   the fleet), so the key's id is what every later update uses.
@@ -34,19 +38,33 @@ export type PageStatus = 'investigating' | 'identified' | 'monitoring' | 'resolv
 const RANK: Record<PageStatus, number> = { investigating: 0, identified: 1, monitoring: 2, resolved: 3 }
 
 /**
- * Of two records of one page incident, the one further along (statuses never go backwards):
- * `known` when it names the same page incident with a later status, else `recorded`.
+ * How far along a page incident is: its round (the times a failed verification sent it back to
+ * `identified`), then its status in the round; `resolved` ends every round. -1: not a status.
  */
-export function furtherPage (recorded: { id: string, status: string }, known: PageIncidentState | null): { id: string, status: string } {
-  if (known === null || known.id !== recorded.id) return recorded
-  const rank = (status: string): number => RANK[status as PageStatus] ?? -1
-  return rank(known.status) > rank(recorded.status) ? { id: recorded.id, status: known.status } : recorded
+function position (status: string, round = 0): number {
+  if (status === 'resolved') return Number.MAX_SAFE_INTEGER
+  const rank = RANK[status as PageStatus]
+  return rank === undefined ? -1 : round * 3 + rank
 }
 
-/** What is persisted per incident key. */
+/**
+ * Of two records of one page incident, the one further along (statuses never go backwards):
+ * `known` when it names the same page incident further along, else `recorded`.
+ */
+export function furtherPage (recorded: { id: string, status: string, round?: number }, known: PageIncidentState | null): { id: string, status: string, round?: number } {
+  if (known === null || known.id !== recorded.id) return recorded
+  return position(known.status, known.round) > position(recorded.status, recorded.round) ? withRound(recorded.id, known.status, known.round ?? 0) : recorded
+}
+
+/** What is persisted per incident key (`round` only once a failed verification sent it back). */
 export interface PageIncidentState {
   id: string | null
   status: string
+  round?: number
+}
+
+function withRound<T extends string | null> (id: T, status: string, round: number): { id: T, status: string, round?: number } {
+  return round > 0 ? { id, status, round } : { id, status }
 }
 
 /**
@@ -66,6 +84,8 @@ export type SendPageRequest = (req: PageRequest, settled: (ok: boolean, answer: 
 
 interface Update {
   status: PageStatus
+  /** The round it belongs to (see `reopen`). */
+  round: number
   name: string
   text: string
   /** Kept with the page incident (Statuspage `metadata`), e.g. the trigger and version. */
@@ -76,6 +96,8 @@ interface PageIncident {
   id: string | null
   /** The last status the page accepted (null: not created yet). */
   status: PageStatus | null
+  /** The round of that status (see `reopen`). */
+  round: number
   queue: Update[]
   busy: boolean
   /** A create may have reached the page without its id reaching us: look for it there first. */
@@ -109,7 +131,7 @@ export class StatusPageLifecycle {
     for (const [key, s] of Object.entries(saved)) {
       const status = s.status in RANK ? s.status as PageStatus : null
       // Stopped while a create was in flight, after it failed or was answered without an id: it may be on the page.
-      this.incidents.set(key, { ...fresh(), id: s.id, status, unsure: s.id === null })
+      this.incidents.set(key, { ...fresh(), id: s.id, status, round: roundOf(s.round), unsure: s.id === null })
     }
   }
 
@@ -130,19 +152,20 @@ export class StatusPageLifecycle {
    * updates that one from now on. Ignored while this sidecar is sending for `key` itself, or
    * when it already knows that page incident at that status or past it.
    */
-  adopt (key: string, state: { id: string, status: string }): void {
+  adopt (key: string, state: { id: string, status: string, round?: number }): void {
     const status = state.status in RANK ? state.status as PageStatus : null
+    const round = roundOf(state.round)
     const p = this.incidents.get(key)
     if (state.id === '' || status === null || p?.busy === true || (p?.queue.length ?? 0) > 0) return
-    if (p !== undefined && p.id === state.id && p.status !== null && RANK[p.status] >= RANK[status]) return
-    this.incidents.set(key, { ...fresh(), id: state.id, status })
-    this.onChange(key, { id: state.id, status })
+    if (p !== undefined && p.id === state.id && p.status !== null && position(p.status, p.round) >= position(status, round)) return
+    this.incidents.set(key, { ...fresh(), id: state.id, status, round })
+    this.onChange(key, withRound(state.id, status, round))
   }
 
   /** The page incident of `key` as known now (tests, state view). */
   get (key: string): PageIncidentState | null {
     const p = this.incidents.get(key)
-    return p === undefined ? null : { id: p.id, status: p.status ?? 'unsent' }
+    return p === undefined ? null : withRound(p.id, p.status ?? 'unsent', p.round)
   }
 
   /** Move the page incident of `key` to `status` (ignored when it is already there or past it). */
@@ -158,9 +181,25 @@ export class StatusPageLifecycle {
       this.incidents.set(key, p)
       this.forgetOldResolved()
     }
-    const last = p.queue.at(-1)?.status ?? p.status
-    if (last !== null && RANK[status] <= RANK[last]) return
-    p.queue.push({ status, name, text, metadata })
+    const last = p.queue.at(-1) ?? (p.status === null ? null : { status: p.status, round: p.round })
+    const round = last?.round ?? 0
+    if (last !== null && position(status, round) <= position(last.status, last.round)) return
+    p.queue.push({ status, round, name, text, metadata })
+    this.pump(key, p)
+  }
+
+  /**
+   * The verification `monitoring` announced has failed (SPEC §19: `monitoring` is while
+   * verifying): the page incident of `key` goes back to `identified` — the cause is known, the
+   * fix is not confirmed — in a new round, so that a later `monitoring` and `resolved` are sent.
+   * Ignored unless `monitoring` is where it is (or is about to be).
+   */
+  reopen (key: string, name: string, text: string, metadata: Record<string, unknown> = {}): void {
+    const p = this.incidents.get(key)
+    if (p === undefined) return
+    const last = p.queue.at(-1) ?? (p.status === null ? null : { status: p.status, round: p.round })
+    if (last?.status !== 'monitoring') return
+    p.queue.push({ status: 'identified', round: last.round + 1, name, text, metadata })
     this.pump(key, p)
   }
 
@@ -176,11 +215,11 @@ export class StatusPageLifecycle {
     const next = p.queue.shift()
     if (next === undefined) return
     // Found on the page at this status or past it already.
-    if (p.status !== null && RANK[next.status] <= RANK[p.status]) {
+    if (p.status !== null && position(next.status, next.round) <= position(p.status, p.round)) {
       this.pump(key, p)
       return
     }
-    const headers = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': `${key}-${next.status}` }
+    const headers = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': `${key}-${next.status}${next.round > 0 ? `-${next.round}` : ''}` }
     const metadata = { breakwater: { incident_key: key, ...next.metadata } }
     // Created but its id unknown (the page answered without one), or a resolve of one never created.
     if (p.id === null && (p.status !== null || next.status === 'resolved')) {
@@ -206,7 +245,8 @@ export class StatusPageLifecycle {
           }
         }
         p.status = next.status
-        this.onChange(key, { id: p.id, status: p.status })
+        p.round = next.round
+        this.onChange(key, withRound(p.id, p.status, p.round))
       } else if (creating) {
         // It may have been created all the same: the next try looks for it first.
         p.unsure = true
@@ -250,6 +290,8 @@ export class StatusPageLifecycle {
       if (found !== undefined) {
         p.id = found.id as string
         p.status = found.status as PageStatus
+        // The page does not say which round: its status alone is what stands there now.
+        p.round = 0
         this.logger.info({ event: 'statuspage_incident_found', incidentKey: key, id: p.id, status: p.status }, 'status page incident found on the page; updating it instead of creating another')
         this.onChange(key, { id: p.id, status: p.status })
       } else if (!ok) {
@@ -272,5 +314,9 @@ export class StatusPageLifecycle {
 }
 
 function fresh (): PageIncident {
-  return { id: null, status: null, queue: [], busy: false, unsure: false, failedCreates: 0 }
+  return { id: null, status: null, round: 0, queue: [], busy: false, unsure: false, failedCreates: 0 }
+}
+
+function roundOf (round: unknown): number {
+  return typeof round === 'number' && Number.isInteger(round) && round > 0 ? round : 0
 }

@@ -759,6 +759,8 @@ export class Verifier {
     const seconds = this.deps.config().verification.timeoutMs / 1000
     const what = cleared(incident) ? 'the signal clearing' : `${incident.mitigation?.action ?? 'the mitigation'} ${incident.mitigation?.id ?? ''}`
     incident.status = noRealTraffic ? 'unverified' : 'not_restored'
+    // `monitoring` is while verifying (SPEC §19): verification is over and did not show service back.
+    this.deps.notifier.pageReopened({ service: this.deps.config().service, version: incident.version, trigger: incident.trigger, summary: noRealTraffic ? 'restoration could not be confirmed yet; we are still investigating' : 'the fix applied has not restored service; we are still working on it' })
     if (noRealTraffic) {
       this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'unverified', checks: incident.checks }, 'restoration not verified: no real traffic since the mitigation')
       this.notify(incident, 'restoration_failed', `NOT verified: no real traffic within ${seconds} s after ${what} (synthetic checks alone do not restore an incident)`)

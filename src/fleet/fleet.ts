@@ -49,7 +49,7 @@ export interface Holding {
   /** When the holder verified restoration (followers record the incident restored). */
   restoredAt?: string
   /** The status page incident the holder created and the last status it sent: a taker-over updates it, never creates a second. */
-  statusPage?: { id: string, status: string }
+  statusPage?: { id: string, status: string, round?: number }
 }
 
 /** What the holder of an incident key reports as it goes. */
@@ -290,7 +290,7 @@ export class Fleet implements FleetWriter {
     if (holding.instance === this.instance) return
     const page = holding.statusPage
     const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt) ||
-      (page !== undefined && (page.id !== before?.statusPage?.id || page.status !== before.statusPage.status))
+      (page !== undefined && (page.id !== before?.statusPage?.id || page.status !== before.statusPage.status || page.round !== before.statusPage.round))
     if (news) this.onIncidentProgress(incidentKey, holding)
   }
 
@@ -580,7 +580,7 @@ function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
     acted: v.acted === true,
     ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
     ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {}),
-    ...(typeof v.statusPage?.id === 'string' && v.statusPage.id !== '' ? { statusPage: { id: v.statusPage.id, status: String(v.statusPage.status ?? '') } } : {})
+    ...(typeof v.statusPage?.id === 'string' && v.statusPage.id !== '' ? { statusPage: { id: v.statusPage.id, status: String(v.statusPage.status ?? ''), ...(typeof v.statusPage.round === 'number' && v.statusPage.round > 0 ? { round: v.statusPage.round } : {}) } } : {})
   }
 }
 
