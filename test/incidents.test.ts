@@ -673,6 +673,67 @@ async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Pro
   return s
 }
 
+/** A sidecar whose trigger `errors` only notifies, with a webhook rollback to `cd` for operators. */
+async function operatorShop (t: Test, cd: Receiver): Promise<{ s: TestSidecar, app: App, load: Traffic }> {
+  const app = await startApp(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const { config } = resolveConfig(testSidecarInput({
+    service: 'shop',
+    version: '3.1.0',
+    upstreams: { app: { url: app.url } },
+    routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'notify' }],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, cooldown: 0, retries: 0 },
+    notifications: { escalateAfter: '1h' },
+    verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '2s' },
+    logging: { level: 'info', accessLog: false }
+  }, stateDir))
+  const s = await startCaptured(t, config, stateDir)
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  return { s, app, load }
+}
+
+t.test('an operator\'s rollback during a trigger\'s open incident acts within it: one incident, verified by the rollback', async (t) => {
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const { s, app, load } = await operatorShop(t, cd)
+  app.failing.add('/')
+  await load.burst('/cart', 10)
+  s.sidecar.triggers.evaluate(Date.now())
+  const [fired] = await incidents(s)
+  t.match(fired, { trigger: 'errors', status: 'detected', mitigation: null }, 'the trigger only notified')
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })).status, 202)
+  t.ok(await eventually(async () => (await incidents(s))[0]?.mitigation?.status === 'succeeded', 15_000), 'the rollback succeeded')
+  const all = await incidents(s)
+  t.equal(all.length, 1, 'no second incident')
+  t.match(all[0], { id: fired.id, trigger: 'errors', mitigation: { action: 'rollback' } }, 'the trigger\'s incident holds the operator\'s rollback')
+  app.failing.delete('/')
+  const stop = users(load)
+  t.teardown(stop)
+  t.equal((await settled(s, fired.id)).status, 'restored', 'and is verified restored by it')
+  await stop()
+})
+
+t.test('an operator\'s failed rollbacks: one incident, not one per attempt, and it ends on real traffic instead of staying detected', async (t) => {
+  const cd = await startReceiver([400])
+  t.teardown(cd.close)
+  const { s, load } = await operatorShop(t, cd)
+  for (let n = 0; n < 2; n++) {
+    t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })).status, 202)
+    t.ok(await eventually(async () => (await admin(s.admin, 'GET', '/v1/state')).body.rollbacks?.filter((r: any) => r.status === 'failed').length === n + 1, 15_000), `rollback ${n + 1} failed`)
+  }
+  const all = await incidents(s)
+  t.equal(all.length, 1, 'one incident for both attempts')
+  const stop = users(load)
+  t.teardown(stop)
+  const i = await settled(s, all[0].id)
+  await stop()
+  t.equal(i.status, 'restored', 'judged on real traffic, which is fine: it ends')
+  t.type(i.clearedAt, 'string')
+  t.type(i.escalatedAt, 'string', 'the failed rollback was escalated')
+})
+
 t.test('a failed rollback escalates at once', async (t) => {
   const r = await receivers(t)
   const cd = await startReceiver([400])

@@ -470,12 +470,23 @@ export class Verifier {
     return incident
   }
 
-  /** The open incident a mitigation belongs to (its trigger's, or the one it already joined), opened if none. */
+  /**
+   * The open incident a mitigation belongs to (its trigger's, or the one it already joined),
+   * opened if none. An operator's rollback acts within the newest open incident of the running
+   * version this sidecar acts for — a trigger's, or the one an earlier operator rollback opened —
+   * since a rollback answers whatever outage that version is in: one incident per outage, not
+   * one more per command.
+   */
   private incidentOf (record: MitigationRecord, at: number): { incident: Incident, trigger: TriggerConfig | null } {
+    const cfg = this.deps.config()
     const triggerName = record.source.startsWith('trigger:') ? record.source.slice(8) : null
-    const trigger = triggerName === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === triggerName) ?? null
     let incident = this.incidents.find((i) => i.mitigation?.id === record.id)
     if (incident === undefined && triggerName !== null) incident = this.incidents.find((i) => i.trigger === triggerName && OPEN.has(i.status))
+    if (incident === undefined && triggerName === null && record.action === 'rollback') {
+      incident = this.incidents.find((i) => OPEN.has(i.status) && i.version === cfg.version && i.fleet?.role !== 'follower')
+    }
+    const name = incident?.trigger ?? triggerName
+    const trigger = name === null ? null : cfg.rollbackTriggers.find((t) => t.name === name) ?? null
     incident ??= this.open(triggerName, { route: trigger?.route ?? null, upstream: trigger?.upstream ?? null }, at)
     return { incident, trigger }
   }
@@ -495,7 +506,20 @@ export class Verifier {
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'mitigation_failed', mitigation: record.id, action: record.action, error: record.error }, 'the mitigation failed; the incident stays open')
     this.deps.persist(null)
     this.escalate(incident, `the ${record.action} ${record.id} failed: ${record.error ?? 'no reason given'}`)
+    // An operator's incident has no trigger whose signal clearing would end it: with nothing in
+    // force it is judged on real traffic from now, so that it does not stay open for good.
+    if (incident.trigger === null && incident.status === 'detected') this.verifyUnmitigated(incident, at)
     return incident
+  }
+
+  /** Judge `incident`, with no mitigation in force, on real traffic from `at` (`clearedAt`). */
+  private verifyUnmitigated (incident: Incident, at: number): void {
+    incident.clearedAt = new Date(at).toISOString()
+    incident.endedAt = null
+    this.startVerifying(incident, null, at)
+    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'cleared' }, `no mitigation in force ${clearedWhy(incident)}; verifying restoration on real traffic`)
+    this.deps.persist({ action: 'incident.cleared', targets: [incident.id], reason: `no mitigation in force ${clearedWhy(incident)}`, result: 'verifying', requester: 'breakwater', trigger: null })
+    this.countOpen()
   }
 
   /**
@@ -836,6 +860,8 @@ function clearedWhy (incident: Incident): string {
 function restoredBy (incident: Incident): string {
   if (cleared(incident)) {
     const m = incident.mitigation
+    // An operator's incident has no signal of its own: it was judged on real traffic.
+    if (incident.trigger === null) return `on real traffic, with no mitigation in force${m !== null ? ` (the ${m.action} ${m.id} failed)` : ''}`
     if (m === null) return 'with no mitigation: the signal cleared'
     if (m.status === 'failed') return `with no mitigation in force (the ${m.action} ${m.id} failed): the signal cleared`
     return `once the signal cleared (the ${m.action} ${m.id} had not restored service)`
