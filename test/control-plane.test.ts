@@ -148,7 +148,8 @@ t.test('a failing rollback webhook: the record becomes failed with the reason, i
   t.match(state.body.rollbacks[0], { id, status: 'failed', error: /status 403/, result: { ok: false, status: 403 } })
   t.notOk(state.body.mitigations.some((m: any) => m.id === id), 'a failed rollback is not in force')
   const incident = (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents[0]
-  t.match(incident, { status: 'detected', mitigation: { id, status: 'failed', error: /status 403/ } })
+  // Nothing in force: the operator's incident is judged on real traffic from the failure, not left open.
+  t.match(incident, { status: /^(verifying|restored|unverified)$/, clearedAt: String, mitigation: { id, status: 'failed', error: /status 403/ } })
   const audit = await admin(s.admin, 'GET', '/v1/audit?limit=1')
   t.match(audit.body.entries[0], { action: 'mitigation.rollback.result', result: 'failed', id, error: /status 403/ })
   t.equal((await admin(s.admin, 'DELETE', `/v1/mitigations/${id}`, { reason: 'x' })).status, 409, 'nothing to lift')
