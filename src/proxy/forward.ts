@@ -18,7 +18,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Dispatcher } from 'undici'
 import type { DataPlane } from './dataplane.js'
-import { hostKey, type Route } from './route-table.js'
+import { requestHostKey, type Route } from './route-table.js'
 import type { Upstream } from './upstreams.js'
 import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
@@ -556,5 +556,5 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
 
 /** The fallback cache's key for an exchange: its host as routes read it, and its normalised path. */
 function cacheKey (ex: Exchange): string {
-  return hostKey(ex.head.host) + '\u0000' + ex.path
+  return requestHostKey(ex.head) + '\u0000' + ex.path
 }

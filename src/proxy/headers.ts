@@ -13,7 +13,14 @@
 export interface RequestHead {
   /** Headers for the upstream request. */
   headers: string[]
+  /** The Host header as sent ('' when absent). */
   host: string
+  /**
+   * `host` as routes read it (route-table.ts `hostKey`), worked out on first use by
+   * `requestHostKey` and kept: route matching, the absolute-form check and the fallback cache's
+   * key all read it, and a request that needs none of them never pays for it. null until then.
+   */
+  hostKey: string | null
   requestId: string
   hasBody: boolean
   /** The body's length from Content-Length, or -1 when it is chunked (or absent: 0). */
@@ -180,7 +187,7 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
   )
   if (host !== '') headers.push('x-forwarded-host', host)
   const bodyLength = chunked ? -1 : contentLength === null ? 0 : Number(contentLength)
-  return { headers, host, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt, tracestate, expects }
+  return { headers, host, hostKey: null, requestId, hasBody, bodyLength, isWebSocket, invalid, synthetic, probeKey, traceparent, traceparentAt, tracestate, expects }
 }
 
 /**

@@ -40,7 +40,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { DataPlane } from './dataplane.js'
-import { hostKey, type Route } from './route-table.js'
+import { hostKey, requestHostKey, type Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { absoluteForm, normalisePath } from './path.js'
 import { requestHead, type RequestHead } from './headers.js'
@@ -214,7 +214,7 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     refuseUnforwardable(ctx, 'bad_request', 'an HTTP/1.1 request needs a Host header')
     return
   }
-  if (absolute !== null && !sameAuthority(absolute.authority, head.host, absolute.defaultPort)) {
+  if (absolute !== null && !sameAuthority(absolute.authority, head, absolute.defaultPort)) {
     refuseUnforwardable(ctx, 'bad_request', `the target's authority (${absolute.authority}) is not the Host header (${head.host})`)
     return
   }
@@ -322,12 +322,9 @@ function guardAndForward (ctx: RequestContext): void {
  * §4.2.3): as routes read a host (any case, a final dot or not), the scheme's default port
  * written or not — `http://shop:80/x` with `Host: shop` is one origin.
  */
-function sameAuthority (authority: string, host: string, defaultPort: string): boolean {
-  const key = (a: string): string => {
-    const k = hostKey(a)
-    return k.endsWith(defaultPort) ? k.slice(0, -defaultPort.length) : k
-  }
-  return key(authority) === key(host)
+function sameAuthority (authority: string, head: RequestHead, defaultPort: string): boolean {
+  const key = (k: string): string => k.endsWith(defaultPort) ? k.slice(0, -defaultPort.length) : k
+  return key(hostKey(authority)) === key(requestHostKey(head))
 }
 
 /**

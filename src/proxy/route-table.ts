@@ -46,6 +46,11 @@ export class Route {
   /** Non-strict routes: `match.pathPrefix` case-folded, and without its trailing slash (`/pay/` also covers `/pay`). */
   private readonly prefixKey: string | null
   private readonly prefixBare: string | null
+  /**
+   * `match.host` still ends its name with a dot (it was written with two): such a host is also
+   * matched as spelled, which `hostKey` (one final dot dropped) would not find.
+   */
+  private readonly hostDotted: boolean
 
   constructor (config: RouteConfig, upstream: Upstream, stats: RouteStats) {
     this.name = config.name
@@ -59,13 +64,15 @@ export class Route {
     this.pathKey = strict || path === null ? null : matchKey(path)
     this.prefixKey = strict || pathPrefix === null ? null : foldCase(pathPrefix)
     this.prefixBare = this.prefixKey !== null && this.prefixKey.length > 1 && this.prefixKey.endsWith('/') ? this.prefixKey.slice(0, -1) : null
+    const host = config.match.host
+    this.hostDotted = host !== null && hostKey(host) !== host
   }
 
   /**
    * Everything but the method: `path` is the normalised path (possibly with its query), `key`
    * its `matchKey`.
    */
-  covers (path: string, key: string, host: string, req: IncomingMessage): boolean {
+  covers (path: string, key: string, head: RequestHead, req: IncomingMessage): boolean {
     const m = this.config.match
     if (m.strict) {
       if (m.path !== null && !(path.startsWith(m.path) && (path.length === m.path.length || path.charCodeAt(m.path.length) === 63 /* ? */))) return false
@@ -74,7 +81,7 @@ export class Route {
       if (this.pathKey !== null && key !== this.pathKey) return false
       if (this.prefixKey !== null && !key.startsWith(this.prefixKey) && key !== this.prefixBare) return false
     }
-    if (m.host !== null && !hostMatches(m.host, host)) return false
+    if (m.host !== null && !hostMatches(m.host, requestHostKey(head)) && !(this.hostDotted && head.host.toLowerCase() === m.host)) return false
     if (m.headers !== null) {
       for (const [name, value] of m.headers) if (req.headers[name] !== value) return false
     }
@@ -104,22 +111,15 @@ export class Route {
 }
 
 /**
- * A route's host (lower case, without a final dot) against the request's Host: ASCII case
- * aside, the port aside unless the route names one, and a final dot aside. `pay.local.` is
- * the fully qualified spelling of `pay.local`, which DNS and the app take as the same name: a
- * route (and its kill switch) cannot be missed by it.
+ * A route's host (lower case, without a final dot) against the request's Host as routes read
+ * it (`hostKey`): ASCII case aside, the port aside unless the route names one, and a final dot
+ * aside. `pay.local.` is the fully qualified spelling of `pay.local`, which DNS and the app take
+ * as the same name: a route (and its kill switch) cannot be missed by it.
  */
-function hostMatches (want: string, host: string): boolean {
-  const h = host.toLowerCase()
-  if (h === want) return true
-  const colon = portAt(h)
-  if (colon !== -1) {
-    const given = h.slice(0, colon)
-    const name = withoutFinalDot(given)
-    // With the port as well only when a dot was dropped (else that is `h`, compared above).
-    return name === want || (name !== given && name + h.slice(colon) === want)
-  }
-  return withoutFinalDot(h) === want
+function hostMatches (want: string, key: string): boolean {
+  if (key === want) return true
+  const colon = portAt(key)
+  return colon === want.length && key.startsWith(want)
 }
 
 /**
@@ -130,7 +130,13 @@ function hostMatches (want: string, host: string): boolean {
 export function hostKey (host: string): string {
   const h = host.toLowerCase()
   const colon = portAt(h)
-  return colon !== -1 ? withoutFinalDot(h.slice(0, colon)) + h.slice(colon) : withoutFinalDot(h)
+  if (colon === -1) return withoutFinalDot(h)
+  return colon > 1 && h.charCodeAt(colon - 1) === 46 /* . */ ? h.slice(0, colon - 1) + h.slice(colon) : h
+}
+
+/** The request's Host as routes read it (`hostKey`), worked out once per request. */
+export function requestHostKey (head: RequestHead): string {
+  return head.hostKey ??= hostKey(head.host)
 }
 
 /** Where a Host's port starts (its `:`), or -1: an IPv6 literal's colons are inside its brackets. */
@@ -160,9 +166,9 @@ export class RouteTable {
     for (let i = 0; i < routes.length; i++) {
       const r = routes[i] as Route
       if (r.listener !== listener) continue
-      if (r.covers(path, key, head.host, req)) {
+      if (r.covers(path, key, head, req)) {
         if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r, method, path, head)) return r
-      } else if (alias !== null && !r.config.match.strict && r.covers(path, alias, head.host, req) && !killSwitchAllows(this.flags, r, method, path, head)) {
+      } else if (alias !== null && !r.config.match.strict && r.covers(path, alias, head, req) && !killSwitchAllows(this.flags, r, method, path, head)) {
         return r
       }
     }
