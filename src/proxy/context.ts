@@ -278,8 +278,9 @@ export abstract class RequestContext implements LaterLine {
       ;(this.upstream as Upstream).inFlight--
     }
     if (this.cause === null) this.conclude(CLIENT_CLOSED, null) // every ending concludes first; never left undecided
-    if (this.unjudged !== JUDGED) this.judge(this.upstream as Upstream, this.cause as Cause, performance.now())
-    const seconds = (performance.now() - this.startedAt) / 1000
+    const endedAt = performance.now() // one clock read for the judgement and the duration
+    if (this.unjudged !== JUDGED) this.judge(this.upstream as Upstream, this.cause as Cause, endedAt)
+    const seconds = (endedAt - this.startedAt) / 1000
     const stats = route === null ? dp.stats.route('', '') : route.stats
     stats.record(this.status, seconds, this.source)
     // In the trigger windows: -1 not at all, 0 a request, 1 an error.
