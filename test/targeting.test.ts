@@ -62,16 +62,18 @@ t.test('flag file: method and host are in the context, and a killed route still 
   const path = join(flagDir(t), 'flags.json')
   writeFlagFile(path, {
     ordersWrite: { targeting: { if: [{ in: [{ var: 'method' }, ['POST', 'DELETE']] }, 'off', null] } },
-    beta: { targeting: { if: [{ '==': [{ var: 'host' }, 'beta.shop.example'] }, 'off', 'on'] } }
+    beta: { targeting: { if: [{ '==': [{ var: 'host' }, 'beta.shop.example'] }, 'off', 'on'] } },
+    admin: { targeting: { if: [{ '==': [{ var: 'hostname' }, 'admin.shop.example'] }, 'off', 'on'] } }
   })
   const { proxy } = await startTestSidecar(t, {
     upstreams: { app: { url: up.url } },
     routes: [
       { name: 'orders', match: { pathPrefix: '/orders', methods: ['POST', 'PUT'] }, upstream: 'app', killSwitch: 'ordersWrite' },
       { name: 'beta', match: { pathPrefix: '/beta' }, upstream: 'app', killSwitch: 'beta' },
+      { name: 'admin', match: { pathPrefix: '/admin' }, upstream: 'app', killSwitch: 'admin' },
       { name: 'rest', match: { pathPrefix: '/' }, upstream: 'app' }
     ],
-    featureFlags: { ordersWrite: true, beta: true },
+    featureFlags: { ordersWrite: true, beta: true, admin: true },
     flagSource: { type: 'flagd-file', path }
   })
   t.equal((await send(proxy, '/orders', { method: 'POST' })).status, 503, 'POST is off')
@@ -80,7 +82,13 @@ t.test('flag file: method and host are in the context, and a killed route still 
   t.equal((await send(proxy, '/orders', { method: 'GET' })).status, 200, 'GET is on: the route lets it fall through to the catch-all')
   t.equal((await send(proxy, '/beta/x', { headers: { host: 'BETA.shop.example' } })).status, 503, 'host, case-folded')
   t.equal((await send(proxy, '/beta/x', { headers: { host: 'www.shop.example' } })).status, 200)
-  t.same(up.received.map((r) => `${r.method} ${r.url}`), ['PUT /orders', 'GET /orders', 'GET /beta/x'])
+  t.equal((await send(proxy, '/beta/x', { headers: { host: 'Beta.Shop.Example.' } })).status, 503, 'host: a final dot names the same host (the app serves it as beta.shop.example)')
+  t.equal((await send(proxy, '/beta/x', { headers: { host: 'beta.shop.example:8080' } })).status, 200, 'host keeps the port the client sent')
+  for (const host of ['admin.shop.example', 'ADMIN.shop.example.:80', 'admin.shop.example:8080']) {
+    t.equal((await send(proxy, '/admin', { headers: { host } })).status, 503, `hostname: ${host} is admin.shop.example whatever its port`)
+  }
+  t.equal((await send(proxy, '/admin', { headers: { host: 'www.shop.example:80' } })).status, 200)
+  t.same(up.received.map((r) => `${r.method} ${r.url}`), ['PUT /orders', 'GET /orders', 'GET /beta/x', 'GET /beta/x', 'GET /admin'], 'only the requests the rules leave on reach the app')
 })
 
 t.test('flag file: by default the targeting key is the request id, so a fractional rule splits requests as flagd does', async (t) => {

@@ -16,6 +16,7 @@
 import type { EvaluationContext, Logger as FeatureLogger, ResolutionDetails } from '@openfeature/server-sdk'
 import type { Logger } from 'pino'
 import type { RequestHead } from '../proxy/headers.js'
+import { requestHostKey, hostName } from '../proxy/route-table.js'
 
 /** The synchronous evaluator Breakwater calls: a flagd-core `FlagdCore`. */
 export interface FlagdEvaluator {
@@ -59,12 +60,15 @@ export class TargetedFlag {
    * Whether the flag is on for this request. The context a rule sees (SPEC §16): `targetingKey`
    * (absent without the header, as flagd sees a request without one), `path` — the path the
    * route matched on (see kill-switch.ts), so a rule cannot be dodged by spelling — `method`, and
-   * `host` (the Host header in lower case, with its port when the client sent one).
+   * `host` (the Host as routes read it: lower case, no final dot, with its port when the client
+   * sent one) and `hostname` (the same without the port), so a rule on the host cannot be dodged
+   * by `pay.local.` or `pay.local:80` either.
    */
   enabledFor (method: string, path: string, head: RequestHead): boolean {
     const key = targetingKey(head, this.keyHeader)
-    const host = head.host.toLowerCase()
-    const context: EvaluationContext = key === undefined ? { path, method, host } : { targetingKey: key, path, method, host }
+    const host = requestHostKey(head)
+    const hostname = hostName(host)
+    const context: EvaluationContext = key === undefined ? { path, method, host, hostname } : { targetingKey: key, path, method, host, hostname }
     return this.evaluator.resolveBooleanEvaluation(this.key, this.codeDefault, context, this.logger).value
   }
 }

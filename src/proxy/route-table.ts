@@ -139,6 +139,12 @@ export function requestHostKey (head: RequestHead): string {
   return head.hostKey ??= hostKey(head.host)
 }
 
+/** A host key's name without its port (`shop.example:8080` → `shop.example`). */
+export function hostName (key: string): string {
+  const colon = portAt(key)
+  return colon === -1 ? key : key.slice(0, colon)
+}
+
 /** Where a Host's port starts (its `:`), or -1: an IPv6 literal's colons are inside its brackets. */
 function portAt (host: string): number {
   const colon = host.lastIndexOf(':')
