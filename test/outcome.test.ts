@@ -83,6 +83,29 @@ t.test('impatient clients of a hanging upstream: their aborts are not successes,
   t.equal(lines.filter((l) => l.outcome === 'upstream').length, 4, 'the timeouts with outcome upstream')
 })
 
+t.test('clients that give up on a body the upstream stalls after a good head are not successes: outcome client, the status they got stands', async (t) => {
+  const up = await startUpstream((_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '1000' })
+    res.write('partial') // then nothing
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { pay: { url: up.url } },
+    routes: [{ name: 'pay', match: { pathPrefix: '/' }, upstream: 'pay' }],
+    circuitBreakers: { pay: { volumeThreshold: 4, recoveryTimeout: 60_000 } }
+  })
+  const clients = await Promise.all(Array.from({ length: 6 }, async () => await WireClient.connect(s.proxyPort)))
+  for (const c of clients) c.write('GET /stalled HTTP/1.1\r\nHost: x\r\n\r\n')
+  for (const c of clients) await c.until((w) => w.received.includes('partial'), 10_000, 'the head and the first bytes')
+  for (const c of clients) c.destroy()
+  t.ok(await eventually(() => up.aborted === 6, 10_000), 'the aborts reached the upstream')
+  t.ok(await eventually(() => accessLines(s).length === 6, 10_000), 'six access-log lines')
+  t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome]), Array(6).fill([200, 'client']), 'the status each got, and the client\'s leaving as the cause')
+  t.equal(circuitOf(s, 'pay').windowRequests, 0, 'none entered the breaker\'s window as a success')
+  const requests = await scrape(s.ops)
+  t.equal(sumOf(requests, 'breakwater_requests_total', { code: '200', source: 'upstream' }), 6, 'the metrics count the 200s the upstream sent')
+})
+
 t.test('a half-open probe whose client gives up does not close the circuit: the next request is the new probe', async (t) => {
   let mode: 'fail' | 'hang' | 'held' = 'fail'
   // In `held` mode an answer waits here until the test lets it go.

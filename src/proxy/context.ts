@@ -9,8 +9,8 @@
  *   ok          the upstream answered with a status outside `failureStatuses`
  *   upstream    connect refused or reset, timeout, a status in `failureStatuses` (default 500,
  *               502, 503, 504), a response body cut short
- *   client      the client left before the response started, or sent a request that cannot
- *               be forwarded (400 before any upstream contact)
+ *   client      the client left before the response was complete (after a good head), or
+ *               sent a request that cannot be forwarded (400 before any upstream contact)
  *   breakwater  a local refusal: overload, no route, kill switch, rate limit, injected fault,
  *               circuit open, bulkhead
  *
@@ -33,9 +33,10 @@
  * fallback.ts) keeps the cause the refusal would have had: the client got a stale or static
  * response, but the breaker, the ejection and the trigger windows see the failure it hides.
  *
- * A client that leaves after the response started does not change the cause (the upstream
- * answered); an upstream that cuts the body after a good head, or stops sending it for
- * `idleTimeoutMs`, makes it `upstream` for everyone: one result per request, the final one. A
+ * A client that leaves after a good head, before the body is all there, makes the cause
+ * `client` (the status it got stands); after a failure status the cause stays `upstream`. An
+ * upstream that cuts the body after a good head, or stops sending it for `idleTimeoutMs`, makes
+ * it `upstream` for everyone: one result per request, the final one. A
  * half-open probe is the exception: it is judged on its head, so that the circuit closes
  * without waiting for a long body; a body cut after that counts as one failure in the closed
  * circuit's window.
@@ -203,6 +204,17 @@ export abstract class RequestContext implements LaterLine {
   clientLeft (): void {
     this.conclude(CLIENT_CLOSED, null)
     this.end()
+  }
+
+  /**
+   * The client left while the body of a response with a good head was still coming (a stalled
+   * body, a download given up): the status it got stands, as Envoy (`DC`) and HAProxy (`CD`) log
+   * it, but the cause is the client's. A response nobody took whole is not the upstream's success:
+   * impatient clients of a body that hangs must not keep its circuit closed. A failure status
+   * stays the upstream's failure.
+   */
+  protected leftDuringBody (): void {
+    if (this.cause === 'ok') this.cause = 'client'
   }
 
   /** Count this request in flight to its upstream (the bulkhead) until it ends. */

@@ -503,8 +503,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** The client closed its connection before the response was complete. */
   override clientLeft (): void {
     const abort = this.abortUpstream
-    // After the head the upstream has answered: the cause stands (context.ts).
+    // After the head, the status it got stands; a good one is not a success (context.ts `leftDuringBody`).
     if (this.state !== STREAMING) this.conclude(CLIENT_CLOSED, null)
+    else this.leftDuringBody()
     this.done()
     if (abort !== null) abort()
   }
