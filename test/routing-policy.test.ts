@@ -252,3 +252,26 @@ t.test("a host-matched kill switch covers the host's fully qualified spelling (a
   }
   t.same(up.received.map((r) => r.headers.host), ['pay.local..', 'xpay.local', 'shop.local:9090'], 'only those reached the app')
 })
+
+t.test('a request without a Host (HTTP/1.0, or an empty Host) is refused by a killed host-matched route whose path it is on', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'pay', match: { pathPrefix: '/pay', host: 'pay.local' }, upstream: 'app', killSwitch: 'enablePay' },
+      { match: { pathPrefix: '/' }, upstream: 'app' }
+    ],
+    featureFlags: { enablePay: false }
+  })
+  const hostless = ['GET /pay HTTP/1.0\r\n\r\n', 'GET /Pay/x HTTP/1.0\r\n\r\n', 'GET /pay HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n']
+  for (const request of hostless) {
+    const res = parseResponse(await raw(s.proxyPort, request))
+    t.equal(res.headers['x-breakwater-error'], 'feature_disabled', `${JSON.stringify(request.split('\r\n')[0])} without a host: refused by the kill switch`)
+  }
+  t.equal(parseResponse(await raw(s.proxyPort, 'GET /other HTTP/1.0\r\n\r\n')).status, 200, 'another path without a host: the catch-all')
+  t.equal(up.received.length, 1, 'only that one reached the app')
+  await admin(s.admin, 'PUT', '/v1/flags/enablePay', { enabled: true, reason: 'pay is back' })
+  t.equal(parseResponse(await raw(s.proxyPort, 'GET /pay HTTP/1.0\r\n\r\n')).status, 200, 'live, the route leaves a hostless request to the others')
+  t.equal(up.received.length, 2)
+})

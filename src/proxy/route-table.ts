@@ -17,6 +17,9 @@
  *   In the same way a killed non-strict route claims its path spelled with encoded slashes
  *   (`/checkout%2Fcart` for `pathPrefix: /checkout/`, `slashAlias`), which an app that decodes
  *   the path before routing reads as the killed path; a live route leaves it to the others.
+ *   And a killed route with a `host` claims a request without one (HTTP/1.0 needs no Host, and
+ *   `Host:` may be empty) on its path: the app answers that as its default virtual host, which
+ *   may be the killed one. A live route leaves it to the others, as before.
  */
 import type { IncomingMessage } from 'node:http'
 import type { Listener, RouteConfig } from '../config/types.js'
@@ -70,9 +73,9 @@ export class Route {
 
   /**
    * Everything but the method: `path` is the normalised path (possibly with its query), `key`
-   * its `matchKey`.
+   * its `matchKey`; `head` null asks whether it covers the request whatever its host.
    */
-  covers (path: string, key: string, head: RequestHead, req: IncomingMessage): boolean {
+  covers (path: string, key: string, head: RequestHead | null, req: IncomingMessage): boolean {
     const m = this.config.match
     if (m.strict) {
       if (m.path !== null && !(path.startsWith(m.path) && (path.length === m.path.length || path.charCodeAt(m.path.length) === 63 /* ? */))) return false
@@ -81,7 +84,7 @@ export class Route {
       if (this.pathKey !== null && key !== this.pathKey) return false
       if (this.prefixKey !== null && !key.startsWith(this.prefixKey) && key !== this.prefixBare) return false
     }
-    if (m.host !== null && !hostMatches(m.host, requestHostKey(head)) && !(this.hostDotted && head.host.toLowerCase() === m.host)) return false
+    if (m.host !== null && head !== null && !hostMatches(m.host, requestHostKey(head)) && !(this.hostDotted && head.host.toLowerCase() === m.host)) return false
     if (m.headers !== null) {
       for (const [name, value] of m.headers) if (req.headers[name] !== value) return false
     }
@@ -175,6 +178,8 @@ export class RouteTable {
       if (r.covers(path, key, head, req)) {
         if (r.allowsMethod(method) || !killSwitchAllows(this.flags, r, method, path, head)) return r
       } else if (alias !== null && !r.config.match.strict && r.covers(path, alias, head, req) && !killSwitchAllows(this.flags, r, method, path, head)) {
+        return r
+      } else if (head.host === '' && r.config.match.host !== null && r.covers(path, key, null, req) && !killSwitchAllows(this.flags, r, method, path, head)) {
         return r
       }
     }
