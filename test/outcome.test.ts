@@ -229,6 +229,38 @@ t.test('a response the upstream cuts short or stalls after a good head is its fa
   })
 })
 
+t.test('a probe\'s body cut after its circuit opened and closed again is dropped, not counted against the new window', async (t) => {
+  let mode: 'fail' | 'held' | 'ok' = 'fail'
+  const cuts: Array<() => void> = []
+  const up = await startUpstream((_req, res) => {
+    if (mode === 'fail') { res.writeHead(500); res.end('no'); return }
+    if (mode === 'ok') { res.writeHead(200); res.end('ok'); return }
+    res.writeHead(200, { 'content-length': '1000' })
+    res.write('partial')
+    cuts.push(() => res.socket?.destroy())
+  })
+  const s = await halfOpen(t, up)
+  mode = 'held'
+  const first = await WireClient.connect(s.proxyPort)
+  t.teardown(() => { first.destroy() })
+  first.write('GET /first-probe HTTP/1.1\r\nHost: x\r\n\r\n')
+  await first.until((c) => c.received.includes('partial'), 10_000, 'the first probe\'s head')
+  t.ok(await eventually(() => circuitOf(s, 'pay').state === 'closed'), 'its good head closed the circuit')
+  mode = 'fail'
+  t.same([(await send(s.proxy, '/')).status, (await send(s.proxy, '/')).status], [500, 500])
+  t.equal(circuitOf(s, 'pay').state, 'open', 'failures in that closed circuit opened it again')
+  t.ok(await eventually(() => circuitOf(s, 'pay').state === 'half-open', 5000), 'half-open after recoveryTimeout')
+  mode = 'ok'
+  t.equal((await send(s.proxy, '/second-probe')).status, 200)
+  t.equal(circuitOf(s, 'pay').state, 'closed', 'a second probe closed it: a new window')
+  const lines = accessLines(s).length
+  for (const cut of cuts) cut()
+  await first.until((c) => c.closed, 10_000, 'the cut to reach the client')
+  t.ok(await eventually(() => accessLines(s).length === lines + 1), 'the first probe ended')
+  t.equal(accessLines(s).at(-1)?.outcome, 'upstream', 'as the upstream\'s failure')
+  t.equal(circuitOf(s, 'pay').windowRequests, 0, 'which the new window, opened by another probe, does not count')
+})
+
 t.test('a verification probe is told to the verifier as the trigger window counted it, in the second it counted it', async (t) => {
   const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end('x') })
   t.teardown(up.close)

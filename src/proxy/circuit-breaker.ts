@@ -121,6 +121,8 @@ export class Circuit {
   /** `Date.now()` when the circuit last opened on failures. */
   openedAt = 0
   private breaker: Breaker | null
+  /** The generation whose close started the current one (a probe's late failure belongs to it alone). */
+  private closedLast: Breaker | null = null
   private readonly clock: RotationClock
   private readonly events: CircuitEvents
   private readonly failureStatuses: Uint8Array
@@ -167,6 +169,7 @@ export class Circuit {
       // A fresh breaker, so the failures that opened the circuit do not linger in the
       // window and re-open it on the first failure after recovery.
       const old = this.breaker
+      this.closedLast = old
       this.breaker = this.create()
       old?.shutdown()
       this.events.onTransition(this.upstream, 'closed')
@@ -251,10 +254,15 @@ export class Circuit {
     return true
   }
 
-  /** A probe settled on its good head lost its body afterwards: one failure, if the circuit is closed. */
-  lateFailure (): void {
+  /**
+   * A probe settled on its good head (`settleHead`) lost its body afterwards: one failure in the
+   * window its success opened, while that window is still the current one and closed. Once the
+   * circuit has opened again (and perhaps closed on another probe), it is dropped: an old result
+   * must not re-open a circuit a newer probe closed, nor count against a fresh window (opossum #381).
+   */
+  lateFailure (probe: Pass): void {
     const b = this.breaker
-    if (this.forced !== null || b === null || !b.closed) return
+    if (this.forced !== null || b === null || !b.closed || !(probe instanceof Probe) || probe.breaker !== this.closedLast) return
     b.fire(true).catch(ignore)
   }
 

@@ -38,8 +38,8 @@
  * upstream that cuts the body after a good head, or stops sending it for `idleTimeoutMs`, makes
  * it `upstream` for everyone: one result per request, the final one. A
  * half-open probe is the exception: it is judged on its head, so that the circuit closes
- * without waiting for a long body; a body cut after that counts as one failure in the closed
- * circuit's window.
+ * without waiting for a long body; a body cut after that counts as one failure in the window
+ * its close opened, and is dropped if the circuit has opened again since.
  */
 import type { IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
@@ -109,6 +109,8 @@ export abstract class RequestContext implements LaterLine {
   pass: Pass | null = null
   /** A good response head not yet told to the breaker and the ejection (`conclude`). */
   private unjudged = JUDGED
+  /** The half-open probe this request was, settled on its good head (`HEAD_OK_PROBED`). */
+  private probe: Pass | null = null
   /** Refused by a circuit that failures opened (an error for triggers, SPEC §14). */
   outage = false
   /** Milliseconds from admission to the response head (ours or the upstream's); -1 before. */
@@ -248,6 +250,7 @@ export abstract class RequestContext implements LaterLine {
       const pass = this.pass
       if (pass !== null && (upstream.circuit as NonNullable<typeof upstream.circuit>).settleHead(pass)) {
         this.pass = null
+        this.probe = pass
         this.unjudged = HEAD_OK_PROBED
       } else {
         this.unjudged = HEAD_OK
@@ -269,7 +272,7 @@ export abstract class RequestContext implements LaterLine {
       this.pass = null
       circuit.settle(pass, cause)
     } else if (probed && cause === 'upstream') {
-      circuit.lateFailure()
+      circuit.lateFailure(this.probe as Pass)
     }
   }
 
