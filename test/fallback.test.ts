@@ -9,6 +9,7 @@ import { startUpstream, refusedUrl, type TestUpstream } from './helpers/upstream
 import { startTestSidecar, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { scrape, sumOf } from './helpers/metrics.js'
+import { admin } from './helpers/admin.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { emptySums } from '../src/proxy/window.js'
 import { PAGE_BYTES, type Fallback } from '../src/proxy/fallback.js'
@@ -182,6 +183,25 @@ t.test('fallback: one page is one entry however the client spells its host (case
     isStale(t, await send(sc.proxy, '/page', { headers: { host } }), 'good /page', `Host: ${host}`)
   }
   t.equal(routeFallback(sc).cache?.size, 1, 'one entry')
+})
+
+t.test('fallback: a stale answer served after a failover says the cache answered, not the failover upstream', async (t) => {
+  const state = { mode: 'ok' as Mode }
+  const up = await appUpstream(t, state)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url, failover: 'dr' }, dr: { url: await refusedUrl() } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app', fallback: { staleIfError: '1m' } }]
+  })
+  t.equal((await send(sc.proxy, '/page')).status, 200, 'stored')
+  t.equal((await admin(sc.admin, 'PUT', '/v1/circuits/app', { state: 'open', reason: 'app is down' })).status, 200)
+  const stale = await send(sc.proxy, '/page')
+  isStale(t, stale, 'good /page', 'the failover upstream refused too')
+  t.equal(stale.headers['x-breakwater-failover'], undefined, 'no failover header: dr did not answer')
+  const line = sc.logs.find((l) => l.msg === 'request' && l.fallback === 'stale')
+  t.equal(line?.upstream, 'dr', 'the access log still names the upstream that failed')
+  const uncached = await send(sc.proxy, '/never-stored')
+  t.equal(uncached.status, 502, 'nothing to serve: the failover upstream\'s failure')
+  t.equal(uncached.headers['x-breakwater-failover'], 'dr', 'which names it')
 })
 
 t.test('fallback: a stale answer\'s Age counts the age it already had when stored', async (t) => {

@@ -519,8 +519,15 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   protected override degrade (fallback: Fallback): number {
     const res = this.res
     if (res.headersSent || res.destroyed) return 0
+    // Headers say what answered: a degraded answer is the cache's or the route's, never the
+    // failover upstream's; our own refusal, if there is nothing to serve, still names it.
+    const failover = res.getHeader('x-breakwater-failover')
+    if (failover !== undefined) res.removeHeader('x-breakwater-failover')
     const kind = fallback.serve(this.req, res, cacheKey(this), this.requestId, this.closeAfter(), this.route.stats)
-    if (kind === null) return 0
+    if (kind === null) {
+      if (failover !== undefined) res.setHeader('x-breakwater-failover', failover)
+      return 0
+    }
     this.fallback = kind
     return res.statusCode
   }
