@@ -1,8 +1,10 @@
 import t from 'tap'
 import { Readable } from 'node:stream'
+import http from 'node:http'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
+import { WireClient } from './helpers/wire.js'
 
 t.test('forwards method, path, query and body, and relays status, headers and body', async (t) => {
   const up = await startUpstream((req, res, body) => {
@@ -101,4 +103,30 @@ t.test('streams a large response and a chunked request body', async (t) => {
   async function * chunks (): AsyncGenerator<Buffer> { for (let i = 0; i < 32; i++) yield Buffer.alloc(1024, 98) }
   const posted = await send(proxy, '/upload', { method: 'POST', body: Readable.from(chunks()) })
   t.equal(posted.body, String(32 * 1024), 'upstream received every byte of a chunked body')
+})
+
+t.test('an upstream that answers early (413) while the client still uploads, reading on before it closes: its answer reaches the client', async (t) => {
+  // It answers at the request's head, as a server with a body limit does, then reads and drops
+  // what follows for a while before it closes (nginx's lingering close).
+  const up = http.createServer((req, res) => {
+    res.writeHead(413, { 'content-type': 'text/plain', 'content-length': '7' })
+    res.end('too big')
+    req.resume()
+    setTimeout(() => req.socket.destroy(), 2000).unref()
+  })
+  await new Promise<void>((resolve) => up.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { up.closeAllConnections(); up.close() })
+  const url = `http://127.0.0.1:${(up.address() as { port: number }).port}`
+  const s = await startTestSidecar(t, { upstreams: { app: { url } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] })
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => { client.destroy() })
+  client.socket.on('error', () => {})
+  client.write(`POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: ${100 * 1024 * 1024}\r\n\r\n`)
+  const chunk = Buffer.alloc(256 * 1024, 120)
+  for (let i = 0; i < 40 && !client.closed && !client.received.includes('\r\n\r\n'); i++) {
+    client.write(chunk)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  await client.until((c) => c.closed || c.received.includes('too big'), 10_000, 'an answer')
+  t.match(client.received.slice(0, 400), /^HTTP\/1\.1 413 /, 'the upstream\'s 413, not a 502')
 })
