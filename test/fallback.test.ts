@@ -38,6 +38,18 @@ async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, he
     if (url === '/echo-id') headers['x-request-id'] = req.headers['x-request-id']
     // A cache in front of the app held this answer for 100 s already.
     if (url === '/aged') { headers.age = '100'; headers['cache-control'] = 'max-age=600' }
+    // Answers that forbid being served stale (RFC 9111 §4.2.4), fresh for the seconds they say.
+    const noStale: Record<string, string> = {
+      '/no-cache': 'no-cache',
+      '/must-revalidate': 'must-revalidate',
+      '/proxy-revalidate': 'public, proxy-revalidate',
+      '/s-maxage-passed': 's-maxage=50, max-age=600',
+      '/must-revalidate-fresh': 'max-age=600, must-revalidate',
+      '/s-maxage-fresh': 'max-age=0, s-maxage=600',
+      '/must-revalidate-1s': 'must-revalidate, max-age=1'
+    }
+    if (noStale[url] !== undefined) headers['cache-control'] = noStale[url]
+    if (url === '/s-maxage-passed') headers.age = '100'
     headers['content-length'] = Buffer.byteLength(body)
     res.writeHead(200, headers)
     res.end(body)
@@ -161,6 +173,17 @@ t.test('fallback: a response to a request with Cache-Control: no-store is never 
   state.mode = 'reset'
   isStatic(t, await send(sc.proxy, '/statement'), 'the no-store request\'s response was not kept')
   isStale(t, await send(sc.proxy, '/plain'), 'good /plain', 'another request directive does not stop storing')
+})
+
+t.test('fallback: an answer that forbids stale use (no-cache, must-revalidate, proxy-revalidate, s-maxage) is served only while fresh', async (t) => {
+  const { state, sc } = await staleSidecar(t)
+  const refused = ['/no-cache', '/must-revalidate', '/proxy-revalidate', '/s-maxage-passed']
+  const fresh = ['/must-revalidate-fresh', '/s-maxage-fresh']
+  for (const p of [...refused, ...fresh, '/must-revalidate-1s']) t.equal((await send(sc.proxy, p)).status, 200, `${p} answered`)
+  state.mode = 'reset'
+  for (const p of refused) t.equal((await send(sc.proxy, p)).status, 502, `${p}: the failure, not a stale answer`)
+  for (const p of fresh) isStale(t, await send(sc.proxy, p), `good ${p}`, `${p}, still fresh by its own max-age or s-maxage,`)
+  t.ok(await eventually(async () => (await send(sc.proxy, '/must-revalidate-1s')).status === 502, 10_000, 100), 'once past its max-age, must-revalidate is not served stale')
 })
 
 t.test('fallback: a stale answer carries the request id of the request it answers, once', async (t) => {

@@ -11,7 +11,10 @@
  *
  * What is stored (RFC 9111 §3, for a shared cache): a `200` to a `GET`, without
  * `Authorization` or `Cache-Control: no-store` on the request, without `Set-Cookie`,
- * `Cache-Control: no-store` or `private` on the response, and without `Vary: *`. A `Vary` response is stored with the
+ * `Cache-Control: no-store`, `private` or `no-cache` on the response, and without `Vary: *`.
+ * A response that forbids being served stale (`must-revalidate`, `proxy-revalidate` or
+ * `s-maxage`: RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10) is served only while it is still
+ * fresh by its `s-maxage` or `max-age` (its `Age` counted), and not stored without one. A `Vary` response is stored with the
  * values of the request headers it names and served only to a request with the same values
  * (one variant per URL: the latest). The body is captured while it streams to the client
  * and given up the moment it passes `maxEntryBytes`, or when the bodies being captured at once
@@ -39,6 +42,15 @@ export const DEGRADABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['circuit_o
 /** `Cache-Control` directives that forbid a shared cache to store a response (RFC 9111 §5.2). */
 const NO_STORE_OR_PRIVATE = /(?:^|[\s,])(?:no-store|private)(?:$|[\s,=])/i
 const NO_STORE = /(?:^|[\s,])no-store(?:$|[\s,=])/i
+/**
+ * `Cache-Control` directives that forbid a shared cache to serve a response once stale (RFC 9111
+ * §4.2.4): `no-cache` (stale at once: it must be validated before every use), `must-revalidate`,
+ * and for a shared cache `proxy-revalidate` and `s-maxage`.
+ */
+const NO_CACHE = /(?:^|[\s,])no-cache(?:$|[\s,=])/i
+const NO_STALE = /(?:^|[\s,])(?:must-revalidate|proxy-revalidate|s-maxage)(?:$|[\s,=])/i
+const S_MAXAGE = /(?:^|[\s,])s-maxage\s*=\s*"?(\d{1,10})/i
+const MAX_AGE = /(?:^|[\s,])max-age\s*=\s*"?(\d{1,10})/i
 
 /** Bookkeeping bytes counted per entry besides its body, headers and key. */
 const ENTRY_OVERHEAD = 200
@@ -114,6 +126,8 @@ interface Entry {
   storedAt: number
   /** The upstream's own `Age` when stored, in seconds (RFC 9111 §4.2.3: the answer's age adds it). */
   initialAge: number
+  /** The age in seconds from which it may not be served (it forbids stale answers); else Infinity. */
+  freshSeconds: number
   bytes: number
 }
 
@@ -157,11 +171,15 @@ export class FallbackCache {
     const asked = req.headers['cache-control']
     if (asked !== undefined && NO_STORE.test(asked)) return null
     let vary: string[] = []
+    let cacheControl = ''
     for (let i = 0; i < headers.length; i += 2) {
       const name = (headers[i] as string).toLowerCase()
       const value = headers[i + 1] as string
       if (name === 'set-cookie') return null
-      if (name === 'cache-control' && NO_STORE_OR_PRIVATE.test(value)) return null
+      if (name === 'cache-control') {
+        if (NO_STORE_OR_PRIVATE.test(value)) return null
+        cacheControl += `,${value}`
+      }
       if (name === 'content-length' && Number(value) > this.config.maxEntryBytes) return null
       if (name === 'vary') {
         for (const v of value.split(',')) {
@@ -171,13 +189,15 @@ export class FallbackCache {
         }
       }
     }
-    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)))
+    const freshSeconds = staleForbiddenAfter(cacheControl)
+    if (freshSeconds === 0) return null
+    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)), freshSeconds)
   }
 
   /** The stored response for `req`, if any and not older than `maxAgeMs`. */
   lookup (req: IncomingMessage, key: string, now: number, maxAgeMs: number): Entry | null {
     const entry = this.entries.get(key)
-    if (entry === undefined || now - entry.storedAt > maxAgeMs) return null
+    if (entry === undefined || now - entry.storedAt > maxAgeMs || ageOf(entry, now) >= entry.freshSeconds) return null
     for (let i = 0; i < entry.vary.length; i++) {
       if (headerValue(req, entry.vary[i] as string) !== entry.varyValues[i]) return null
     }
@@ -191,8 +211,9 @@ export class FallbackCache {
    * recently used entries to make room; not stored when evicted entries still being written
    * hold the room.
    */
-  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, initialAge: number, bytes: number): void {
+  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, initialAge: number, freshSeconds: number, bytes: number): void {
     const { maxBytes, maxEntries } = this.config
+    if (initialAge >= freshSeconds) return // stale already, and it forbids stale answers
     bytes += Math.ceil(length / PAGE_BYTES) * PAGE_BYTES
     if (this.pinned + bytes > maxBytes) return // evicting every entry would not make room
     const prev = this.entries.get(key)
@@ -205,7 +226,7 @@ export class FallbackCache {
     // Pages are counted in bytes, so room in bytes is room in the arena.
     const written = this.arena.write(chunks, length)
     if (written === null) return
-    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, initialAge, bytes })
+    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, initialAge, freshSeconds, bytes })
     this.bytes += bytes
   }
 
@@ -250,7 +271,8 @@ export class Capture {
     private readonly key: string,
     private readonly headers: string[],
     private readonly vary: string[],
-    private readonly varyValues: string[]
+    private readonly varyValues: string[],
+    private readonly freshSeconds: number
   ) {}
 
   add (chunk: Buffer): void {
@@ -288,8 +310,25 @@ export class Capture {
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
     for (const v of this.varyValues) bytes += v.length
-    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, initialAge, bytes)
+    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, initialAge, this.freshSeconds, bytes)
   }
+}
+
+/**
+ * From what age (seconds) a response whose `Cache-Control` is `value` may no longer be served:
+ * 0 for `no-cache`; its `s-maxage`, else its `max-age`, else 0 when it forbids stale answers;
+ * Infinity otherwise (then only the route's `staleIfError` bounds it, RFC 5861 §4).
+ */
+function staleForbiddenAfter (value: string): number {
+  if (NO_CACHE.test(value)) return 0
+  if (!NO_STALE.test(value)) return Infinity
+  const limit = S_MAXAGE.exec(value) ?? MAX_AGE.exec(value)
+  return limit === null ? 0 : Number(limit[1])
+}
+
+/** An entry's age at `now` in seconds, the upstream's `Age` included (RFC 9111 §4.2.3). */
+function ageOf (entry: Entry, now: number): number {
+  return entry.initialAge + Math.floor((now - entry.storedAt) / 1000)
 }
 
 /** An `Age` value in seconds (RFC 9111 §5.1: delta-seconds); 0 when it is not one. */
@@ -323,7 +362,7 @@ export class Fallback {
       const now = Date.now()
       const entry = cache.lookup(req, key, now, this.config.staleIfErrorMs)
       if (entry !== null) {
-        const head = [...entry.headers, 'age', String(entry.initialAge + Math.floor((now - entry.storedAt) / 1000)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
+        const head = [...entry.headers, 'age', String(ageOf(entry, now)), 'content-length', String(entry.length), 'x-breakwater-fallback', 'stale', 'x-request-id', requestId]
         if (close) head.push('connection', 'close')
         res.writeHead(200, head)
         if (method === 'HEAD' || entry.length === 0) res.end()
