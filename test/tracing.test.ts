@@ -114,6 +114,34 @@ t.test('an incoming traceparent is continued: its trace, our span as its child, 
   t.equal(line?.span_id, span.spanId, 'the log line names the exported span')
 })
 
+t.test('behind trusted proxies the span\'s client.address is the client the access log names, the proxy its network.peer.address', async (t) => {
+  const receiver = await startOtlpReceiver()
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, {
+    ...oneRoute(upstream.url),
+    ...tracing(receiver),
+    listen: { proxy: { host: '127.0.0.1', port: 0, trustedProxies: ['127.0.0.0/8'] }, ops: { host: '127.0.0.1', port: 0 }, admin: { host: '127.0.0.1', port: 0 } }
+  })
+  t.equal((await send(s.proxy, '/a', { headers: { 'x-forwarded-for': '203.0.113.9, 127.0.0.2' } })).status, 200)
+  t.equal((await send(s.proxy, '/b')).status, 200)
+  const spans = await spansArrive(receiver, 2)
+  t.ok(await eventually(() => s.logs.filter((l) => l.msg === 'request').length === 2))
+  const forwardedSpan = spans.find((x) => x.attributes['url.path'] === '/a')
+  const directSpan = spans.find((x) => x.attributes['url.path'] === '/b')
+  const forwardedLine = s.logs.find((l) => l.msg === 'request' && l['url.path'] === '/a')
+  const directLine = s.logs.find((l) => l.msg === 'request' && l['url.path'] === '/b')
+  t.equal(forwardedSpan?.attributes['client.address'], '203.0.113.9', 'the right-most untrusted x-forwarded-for entry')
+  t.equal(forwardedSpan?.attributes['network.peer.address'], '127.0.0.1', 'the proxy that connected')
+  t.equal(forwardedLine?.['client.address'], '203.0.113.9', 'the access line names the same client')
+  t.equal(forwardedLine?.['network.peer.address'], '127.0.0.1', 'and the same peer')
+  t.equal(directSpan?.attributes['client.address'], '127.0.0.1', 'without x-forwarded-for the peer is the client')
+  t.notOk('network.peer.address' in (directSpan?.attributes ?? {}), 'and is not named twice')
+  t.equal(directLine?.['client.address'], '127.0.0.1')
+  t.notOk('network.peer.address' in (directLine ?? {}))
+})
+
 t.test('protocol http/json: the same span in OTLP\'s JSON encoding', async (t) => {
   const receiver = await startOtlpReceiver()
   t.teardown(receiver.close)

@@ -45,8 +45,11 @@ export function writeSpanAttributes (ctx: RequestContext, out: SpanWriter): void
   if (ctx.status !== CLIENT_CLOSED) out.int('http.response.status_code', ctx.status)
   const template = httpRoute(route)
   if (template !== null) out.string('http.route', template)
-  const client = ctx.peer
+  const client = ctx.clientAddress
   if (client !== undefined) out.string('client.address', client)
+  // Behind a trusted proxy, the proxy is the peer and the client the one it forwards for.
+  const peer = ctx.peer
+  if (peer !== client && peer !== undefined) out.string('network.peer.address', peer)
   const agent = userAgent(ctx.req.rawHeaders)
   if (agent !== undefined) out.string('user_agent.original', agent)
   const error = errorType(ctx)

@@ -54,7 +54,8 @@ import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
 import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
 import { jsonString, jsonNumber, jsonMillis, JsonMembers, type LaterLine } from '../log/lines.js'
-import { httpRoute, errorType, isServerError, hostAddress, requestHost, clientAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
+import { httpRoute, errorType, isServerError, hostAddress, requestHost, peerAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
+import { clientAddress } from './rate-limit.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
@@ -127,8 +128,13 @@ export abstract class RequestContext implements LaterLine {
   readonly upgrade: boolean
   private madeId = ''
   private ended = false
-  /** `client.address` of the span and the access line, read at `end` (both are made later, when the socket may be gone). */
+  /**
+   * `network.peer.address` and `client.address` of the span and the access line: the peer, and
+   * the client it forwards for when it is a trusted proxy (else the peer). Read at `end` (both
+   * are made later, when the socket may be gone).
+   */
   peer: string | undefined = undefined
+  clientAddress: string | undefined = undefined
   /** For the access-log line, made after `end`: when it ended (ms since the epoch) and its duration (s). */
   private loggedAt = 0
   private loggedSeconds = 0
@@ -322,7 +328,9 @@ export abstract class RequestContext implements LaterLine {
     if (this.spanExport === null && !logged) return
     // The span and the line are made with the others of their batch (tracing.ts, lines.ts
     // `later`): what they read from the client's socket (gone by then) and the clock is read now.
-    this.peer = clientAddress(this)
+    const peer = this.peer = peerAddress(this)
+    const trusted = dp.trustedProxies[this.listener]
+    this.clientAddress = peer === undefined || trusted === null ? peer : clientAddress(this.req, trusted) || peer
     if (this.spanExport !== null) this.spanExport.add(this)
     if (logged) {
       this.loggedAt = Date.now()
@@ -360,8 +368,10 @@ export abstract class RequestContext implements LaterLine {
     if (template !== null) l += LOGGED.template.of(template)
     const server = hostAddress(requestHost(this))
     if (server !== undefined) l += LOGGED.server.of(server)
-    const client = this.peer
+    const client = this.clientAddress
     if (client !== undefined) l += LOGGED.client.of(client)
+    // The proxy in front, when the client is one it forwards for (OpenTelemetry HTTP conventions).
+    if (this.peer !== client && this.peer !== undefined) l += ',"network.peer.address":' + jsonString(this.peer)
     const agent = userAgent(this.req.rawHeaders)
     if (agent !== undefined) l += LOGGED.agent.of(agent)
     const error = errorType(this)

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto'
 import type { Duplex } from 'node:stream'
 import type { Logger } from 'pino'
 import type { RawLines } from '../log/lines.js'
-import type { CircuitBreakerConfig, Config } from '../config/types.js'
+import type { CircuitBreakerConfig, Config, Listener } from '../config/types.js'
 import { Route, RouteTable } from './route-table.js'
 import { UpstreamRegistry, type Upstream, type UpstreamChanges } from './upstreams.js'
 import type { Endpoint } from './balancer.js'
@@ -14,7 +14,8 @@ import { DataPlaneStats } from './stats.js'
 import { OverloadMonitor } from './overload.js'
 import { Circuit, RotationClock, type CircuitState, type ForcedState } from './circuit-breaker.js'
 import type { FlagReader } from './kill-switch.js'
-import { RateLimits, type RateLimitSettings } from './rate-limit.js'
+import { RateLimits, TrustedProxies, type RateLimitSettings } from './rate-limit.js'
+import { trustedBlockList } from '../config/rungs.js'
 import { FailoverTable } from './failover.js'
 import { Fallbacks } from './fallback.js'
 import { SilenceWatch } from './silence.js'
@@ -87,6 +88,11 @@ export class DataPlane {
   readonly rateLimits = new RateLimits()
   readonly failovers: FailoverTable
   private readonly fallbacks = new Fallbacks()
+  /**
+   * Each listener's `trustedProxies` (null: none), which name the client of the span and the
+   * access line as they key a `client` rate limit. Listener settings change only at a restart.
+   */
+  readonly trustedProxies: Readonly<Record<Listener, TrustedProxies | null>>
 
   constructor (config: Config, options: DataPlaneOptions) {
     this.logger = options.logger
@@ -96,6 +102,9 @@ export class DataPlane {
     this.overload = new OverloadMonitor(config.limits.maxEventLoopDelayMs)
     this.failovers = new FailoverTable(this.logger)
     this.upstreams = new UpstreamRegistry(this.logger)
+    const proxy = trustedBlockList(config.listen.proxy.trustedProxies)
+    const egress = trustedBlockList(config.listen.egress?.trustedProxies ?? [])
+    this.trustedProxies = { proxy: proxy === null ? null : new TrustedProxies(proxy), egress: egress === null ? null : new TrustedProxies(egress) }
     this.runtime = this.build(config)
   }
 

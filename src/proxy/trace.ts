@@ -231,8 +231,8 @@ export function requestHost (ctx: RequestContext): string {
   return ctx.head?.host ?? ctx.req.headers.host ?? ''
 }
 
-/** `client.address`: the peer, without the IPv4-mapped prefix. */
-export function clientAddress (ctx: RequestContext): string | undefined {
+/** `network.peer.address`: the peer, without the IPv4-mapped prefix. */
+export function peerAddress (ctx: RequestContext): string | undefined {
   const peer = ctx.clientSocket.remoteAddress
   return peer?.startsWith('::ffff:') === true ? peer.slice(7) : peer
 }
