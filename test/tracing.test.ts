@@ -12,6 +12,9 @@ import { startOtlpReceiver, type OtlpReceiver, type OtlpSpan } from './helpers/o
 import { send, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
+import { createPki } from './helpers/certificates.js'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 
 const TRACE = '4bf92f3577b34da6a3ce929d0e0e4736'
 const PARENT = '00f067aa0ba902b7'
@@ -367,7 +370,7 @@ t.test('a collector that is down: requests unaffected, failed batches counted, o
 t.test('tracing config: defaults, endpoint path, and problems that name the key', async (t) => {
   const base = { service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
   const { config } = resolveConfig({ ...base, tracing: { otlpEndpoint: 'http://collector:4318', sampleRatio: 0.01 } })
-  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
+  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, tls: { ca: null }, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
   t.equal(resolveConfig({ ...base, tracing: { otlpEndpoint: 'https://otlp.example/api/v1/traces', sampleRatio: 1 } }).config.tracing?.otlpEndpoint, 'https://otlp.example/api/v1/traces', 'a full URL is kept')
   t.equal(resolveConfig(base).config.tracing, null)
   const problems = (input: Record<string, unknown>): string => {
@@ -382,6 +385,35 @@ t.test('tracing config: defaults, endpoint path, and problems that name the key'
   const secret = problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, headers: { 'x-api-key': 42 } })
   t.match(secret, /tracing\.headers/)
   t.notMatch(secret, /42/, 'a header value is never echoed')
+})
+
+t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA; problems name the key', async (t) => {
+  const pki = createPki(t, 'Collector CA')
+  const receiver = await startOtlpReceiver(pki.issue('collector', 1))
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar(t, { ...oneRoute(upstream.url), ...tracing(receiver, { tls: { ca: pki.ca } }) })
+  t.equal((await send(s.proxy, '/over-tls')).status, 200)
+  const [span] = await spansArrive(receiver, 1)
+  t.equal(span?.attributes['url.path'], '/over-tls', 'the span arrived over TLS, verified against the private CA')
+  t.equal(await metricValue(s.ops, 'breakwater_trace_spans_exported_total'), 1, 'counted as exported')
+
+  const base = { service: 'checkout', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const problems = (tracing: Record<string, unknown>): readonly string[] => {
+    try {
+      resolveConfig({ ...base, tracing: { sampleRatio: 1, ...tracing } }, { env: {} })
+      return []
+    } catch (err) {
+      return err instanceof ConfigError ? err.problems : [String(err)]
+    }
+  }
+  const notPem = join(pki.dir, 'not-pem.crt')
+  writeFileSync(notPem, 'not a certificate')
+  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: join(pki.dir, 'missing.crt') } }).join('; '), /tracing\.tls\.ca: .*missing\.crt does not exist/, 'a missing file names the key')
+  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: notPem } }).join('; '), /tracing\.tls\.ca: .*not-pem\.crt is not a PEM certificate/, 'so does one that is not PEM')
+  t.match(problems({ otlpEndpoint: 'http://127.0.0.1:4318', tls: { ca: pki.ca } }).join('; '), /tracing\.tls: set for a plain http:\/\/ otlpEndpoint/, 'and a CA for a plain http:// collector')
+  t.same(problems({ otlpEndpoint: receiver.url, tls: { ca: pki.ca } }), [], 'a readable CA for an https:// collector is fine')
 })
 
 t.test('a request refused at admission and one with two traceparents still take their place in a trace', async (t) => {

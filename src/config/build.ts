@@ -64,7 +64,7 @@ export function buildConfig (input: ResolvedInput, source: string | null, found:
     featureFlags: input.featureFlags,
     flagSource,
     flagProvider,
-    tracing: buildTracing(input.tracing, input.service, found),
+    tracing: buildTracing(input.tracing, input.service, baseDir, found),
     fleet: fleetConfig(input.fleet, (p) => resolvePath(baseDir, p), found.problems),
     flags: { targetingKeyHeader: input.flags.targetingKeyHeader.toLowerCase() },
     circuitBreakers,
@@ -287,8 +287,14 @@ function peekFlagFile (path: string, used: Set<string>, problems: string[], warn
   return new Set([...read.flags.values.keys(), ...read.flags.disabled, ...read.flags.targeted])
 }
 
-function buildTracing (t: Section<'tracing'>, service: string, found: Findings): TracingConfig | null {
+function buildTracing (t: Section<'tracing'>, service: string, baseDir: string, found: Findings): TracingConfig | null {
   if (t === undefined) return null
+  let ca: string | null = null
+  if (t.tls !== undefined) {
+    if (!t.otlpEndpoint.startsWith('https://')) found.problems.push(`tracing.tls: set for a plain http:// otlpEndpoint (${t.otlpEndpoint}); use https://`)
+    ca = resolvePath(baseDir, t.tls.ca)
+    readTlsFilesSync({ ca, cert: null, key: null }, 'tracing.tls', found.problems)
+  }
   const maxSize = t.batch.maxSize ?? Math.min(512, t.maxQueueSize)
   if (maxSize > t.maxQueueSize) found.problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${t.maxQueueSize})`)
   const timeoutMs = durationMs(t.batch.timeoutMs)
@@ -302,6 +308,7 @@ function buildTracing (t: Section<'tracing'>, service: string, found: Findings):
     serviceName: t.serviceName ?? service,
     protocol: t.protocol,
     headers: t.headers,
+    tls: { ca },
     maxQueueSize: t.maxQueueSize,
     batch: { maxSize, delayMs: durationMs(t.batch.delayMs), timeoutMs }
   }

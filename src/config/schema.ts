@@ -258,6 +258,9 @@ export const ConfigSchema = closed(
       serviceName: Type.Optional(Type.String({ minLength: 1, description: 'service.name of the spans (default: service)' })),
       protocol: withDefault(Type.Union([Type.Literal('http/protobuf'), Type.Literal('http/json')], { description: 'OTLP/HTTP encoding: binary protobuf (OpenTelemetry\'s default, about a third of the CPU and half the bytes of JSON) or JSON' }), 'http/protobuf'),
       headers: withDefault(Type.Record(Type.String({ pattern: HeaderName }), Type.String(), { description: 'headers sent with every export (a collector\'s API key)' }), {}),
+      tls: Type.Optional(closed({
+        ca: PemFile('CA certificates an https:// collector\'s certificate is verified against (default: the system\'s)')
+      })),
       maxQueueSize: withDefault(Type.Integer({ minimum: 1, maximum: 1000000, description: 'spans held for export; beyond it spans are dropped and counted' }), 2048),
       batch: section({
         maxSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000, description: 'spans per export request (default: 512, at most maxQueueSize)' })),

@@ -297,6 +297,8 @@ export interface TracingConfig {
   /** OTLP/HTTP encoding of the export requests. */
   protocol: 'http/protobuf' | 'http/json'
   headers: Readonly<Record<string, string>>
+  /** The CA bundle (a path, read at start) an https:// collector is verified against; null: the system's. */
+  tls: { ca: string | null }
   maxQueueSize: number
   batch: { maxSize: number, delayMs: number, timeoutMs: number }
 }

@@ -19,6 +19,7 @@
  * span is written as bytes into its batch (otlp-protobuf.ts); with `http/json` it is a plain
  * object shaped as the SDK's `ReadableSpan`, serialised by OpenTelemetry's JSON exporter.
  */
+import { readFile } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import type { Attributes, HrTime, Link, SpanContext, SpanStatus } from '@opentelemetry/api'
 import type { ReadableSpan, TimedEvent } from '@opentelemetry/sdk-trace'
@@ -186,7 +187,11 @@ const SPARE_LIMIT = 4 * 1024 * 1024
  * `Retry-After`, timeouts, headers, partial success); only the packages that encoding needs load.
  */
 export async function loadEncoding (config: TracingConfig, version: string): Promise<Encoding<unknown>> {
-  const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs }
+  const ca = config.tls.ca
+  // `tracing.tls.ca`: the collector's private CA, in place of the system's roots; keep-alive as
+  // OpenTelemetry's default agent has it (an agent given options starts from none).
+  const httpAgentOptions = ca === null ? undefined : { keepAlive: true, ca: await readFile(ca) }
+  const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs, httpAgentOptions }
   const scope = { name: 'breakwater', version: VERSION }
   if (config.protocol === 'http/json') {
     const [{ OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([import('@opentelemetry/exporter-trace-otlp-http'), import('@opentelemetry/resources')])

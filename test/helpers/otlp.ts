@@ -4,6 +4,8 @@
  * `release()` (a collector that is slow), and `arrived` fires once per export request.
  */
 import http from 'node:http'
+import https from 'node:https'
+import { readFileSync } from 'node:fs'
 import { EventEmitter } from 'node:events'
 import type { AddressInfo } from 'node:net'
 
@@ -138,7 +140,8 @@ function decodeJson (body: Buffer): OtlpSpan[] {
   return spans
 }
 
-export async function startOtlpReceiver (): Promise<OtlpReceiver> {
+/** With `tls` (certificate and key files), the receiver is an `https://` collector. */
+export async function startOtlpReceiver (tls?: { cert: string, key: string }): Promise<OtlpReceiver> {
   let held: Array<() => void> | null = null
   const state: OtlpReceiver = {
     url: '',
@@ -153,7 +156,7 @@ export async function startOtlpReceiver (): Promise<OtlpReceiver> {
     },
     close: async () => {}
   }
-  const server = http.createServer((req, res) => {
+  const handle: http.RequestListener = (req, res) => {
     const chunks: Buffer[] = []
     req.on('data', (c: Buffer) => chunks.push(c))
     req.on('end', () => {
@@ -169,9 +172,10 @@ export async function startOtlpReceiver (): Promise<OtlpReceiver> {
       else answer()
       state.arrived.emit('request')
     })
-  })
+  }
+  const server = tls === undefined ? http.createServer(handle) : https.createServer({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) }, handle)
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  state.url = `${tls === undefined ? 'http' : 'https'}://127.0.0.1:${(server.address() as AddressInfo).port}`
   state.close = async () => {
     held = null
     server.closeAllConnections()
