@@ -4,11 +4,16 @@
  * files left by kill -9 do not block the next start and are cleaned.
  */
 import t from 'tap'
-import { readFileSync, writeFileSync, existsSync } from 'node:fs'
+import { readFileSync, writeFileSync, existsSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
+import { spawn, spawnSync } from 'node:child_process'
+import { hostname } from 'node:os'
+import { pathToFileURL } from 'node:url'
 import { stringify } from 'yaml'
 import { startUpstream } from './helpers/upstream.js'
-import { startProcess, spawnCli } from './helpers/process.js'
+import { startProcess, spawnCli, tempDir } from './helpers/process.js'
+import { ROOT } from './helpers/root.js'
+import { lockStateDir } from '../src/state/lock.js'
 import { admin } from './helpers/admin.js'
 
 const noEnvToken = { BREAKWATER_ADMIN_TOKEN: undefined }
@@ -54,7 +59,7 @@ t.test('after kill -9: the stale lock does not block the next start, and leftove
   const stateDir = join(first.dir, 'state')
   const lockPath = join(stateDir, 'breakwater.lock')
   const dead = first.child.pid as number
-  t.equal(readFileSync(lockPath, 'utf8').trim(), String(dead), 'the lock holds the owner\'s pid')
+  t.equal(readFileSync(lockPath, 'utf8').split('\n')[0], String(dead), 'the lock holds the owner\'s pid')
   first.child.kill('SIGKILL')
   await first.exited
   // What a kill -9 in the middle of atomic writes leaves behind.
@@ -64,7 +69,7 @@ t.test('after kill -9: the stale lock does not block the next start, and leftove
 
   const second = await spawnCli(t, ['start', '--config', first.configPath], first.dir, first.configPath, noEnvToken)
   t.equal(second.child.exitCode, null, 'the next start runs')
-  t.equal(readFileSync(lockPath, 'utf8').trim(), String(second.child.pid), 'and holds the lock')
+  t.equal(readFileSync(lockPath, 'utf8').split('\n')[0], String(second.child.pid), 'and holds the lock')
   for (const name of leftovers) t.notOk(existsSync(join(stateDir, name)), `${name} removed`)
   const removed = second.lines.find((l) => l.event === 'state_temp_removed')
   t.same([...(removed?.files as string[] ?? [])].sort(), [...leftovers].sort(), 'and the removal is logged')
@@ -74,3 +79,85 @@ t.test('after kill -9: the stale lock does not block the next start, and leftove
   t.equal(await second.exited, 0)
   t.notOk(existsSync(lockPath), 'a clean stop releases the lock')
 })
+
+/**
+ * A racer: waits for the shared start instant, takes the lock with the built lockStateDir, says
+ * whether it holds it, and keeps it (as a running sidecar would) until its parent ends it.
+ */
+const RACER = `
+const { lockStateDir } = await import(process.argv[1])
+const at = Number(process.argv[3])
+while (Date.now() < at) {}
+try {
+  const lock = await lockStateDir(process.argv[2])
+  process.stdout.write(lock.held ? 'held\\n' : 'unheld\\n')
+} catch (err) {
+  process.stdout.write(err.name === 'StateDirLocked' || /in use/.test(err.message) ? 'locked\\n' : 'error ' + err.message + '\\n')
+}
+process.stdin.resume()
+process.stdin.on('end', () => process.exit(0))
+`
+
+/** Start `n` racers at one instant on `dir`; resolves with what each said, once all have. */
+async function race (dir: string, n: number, lockModule: string): Promise<{ said: string[], stop: () => Promise<void> }> {
+  const at = Date.now() + 400
+  const children = Array.from({ length: n }, () => spawn(process.execPath, ['--input-type=module', '-e', RACER, lockModule, dir, String(at)], { stdio: ['pipe', 'pipe', 'inherit'] }))
+  const said = await Promise.all(children.map(async (child) => await new Promise<string>((resolve) => {
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString()
+      if (out.includes('\n')) resolve(out.trim())
+    })
+    child.on('exit', () => { resolve(out.trim()) })
+  })))
+  const stop = async (): Promise<void> => {
+    await Promise.all(children.map(async (child) => await new Promise<void>((resolve) => {
+      if (child.exitCode !== null) { resolve(); return }
+      child.on('exit', () => { resolve() })
+      child.stdin.end()
+    })))
+  }
+  return { said, stop }
+}
+
+t.test('sidecars starting at the same instant on one state dir: exactly one holds it, on a fresh dir and over a stale lock', async (t) => {
+  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
+  const base = tempDir(t)
+  for (let round = 0; round < 24; round++) {
+    const dir = join(base, `round-${round}`)
+    // Every other round starts over the lock of a killed sidecar: the take-over is raced too.
+    if (round % 2 === 1) {
+      mkdirSync(dir, { recursive: true })
+      writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
+    }
+    const { said, stop } = await race(dir, 6, lockModule)
+    await stop()
+    const holders = said.filter((s) => s === 'held').length
+    if (holders !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
+      t.fail(`round ${round}: ${said.join(', ')}`)
+      return
+    }
+  }
+  t.pass('one holder in every round')
+})
+
+t.test('a lock written by a sidecar on another host (a shared volume) is never taken over by a pid check', async (t) => {
+  const dir = tempDir(t)
+  // A pid that is dead here says nothing about a process on another host.
+  writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\nother-node-7\n`)
+  await t.rejects(lockStateDir(dir), { name: 'StateDirLocked', message: /other-node-7/ }, 'refused, naming the host that holds it')
+  t.match(readFileSync(join(dir, 'breakwater.lock'), 'utf8'), /other-node-7/, 'and its lock is left alone')
+})
+
+t.test('the lock records the holder\'s pid and host', async (t) => {
+  const dir = tempDir(t)
+  const lock = await lockStateDir(dir)
+  t.teardown(lock.release)
+  t.same(readFileSync(join(dir, 'breakwater.lock'), 'utf8').split('\n').slice(0, 2), [String(process.pid), hostname()])
+})
+
+/** A pid no process has now (a finished child's). */
+function deadPid (): number {
+  const r = spawnSync(process.execPath, ['-e', ''])
+  return r.pid as number
+}
