@@ -277,6 +277,56 @@ t.test('a CA bundle caught half-written is not applied: a rotated file is read o
   t.ok(await served(ours), 'ours still is')
 })
 
+t.test('a certificate file cut short is never applied, however long its writer paused: every PEM block must be whole', async (t) => {
+  const pki = createPki(t)
+  const partner = createPki(t, 'Partner CA')
+  const server = pki.issue('server', 6006)
+  const theirs = partner.issue('theirs', 62, 'client')
+  const bundle = join(pki.dir, 'clients-ca.pem')
+  const ours = readFileSync(pki.ca, 'utf8')
+  const both = ours + readFileSync(partner.ca, 'utf8')
+  writeFileSync(bundle, both)
+  const live = { cert: join(pki.dir, 'live.crt'), key: join(pki.dir, 'live.key') }
+  copyFileSync(server.cert, live.cert)
+  copyFileSync(server.key, live.key)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...live, ca: bundle, requestClientCert: true } }) })
+  const watcher = (sc.sidecar as unknown as { proxy: { certificates: { stop: () => void, poll: () => Promise<void> } } }).proxy.certificates
+  watcher.stop()
+  const served = async (client: { cert: string, key: string }): Promise<boolean> => {
+    try {
+      const res = await request(`${sc.proxy}/x`, { dispatcher: agentFor(t, pki.ca, client) })
+      await res.body.dump()
+      return res.statusCode === 200
+    } catch {
+      return false
+    }
+  }
+  const refusals = (): Array<Record<string, unknown>> => sc.logs.filter((l) => l.event === 'tls_reload' && l.result === 'refused')
+
+  // A copy that stalled inside the partner's CA block: two checks see the same (short) file.
+  writeFileSync(bundle, both.slice(0, ours.length + 120))
+  await watcher.poll()
+  await watcher.poll()
+  t.ok(await served(theirs), 'the partner\'s client is still served: the cut bundle is not applied')
+  t.match(refusals().at(-1)?.problems, [/^listen\.proxy\.tls\.ca: .* is cut short/], 'the refusal names the key and why')
+
+  // A certificate chain that stalled inside the marker of its second block.
+  writeFileSync(live.cert, readFileSync(server.cert, 'utf8') + '-----BEG')
+  await watcher.poll()
+  await watcher.poll()
+  t.match(refusals().at(-1)?.problems, [/^listen\.proxy\.tls\.cert: .* is cut short/], 'a chain cut in a marker is refused too')
+
+  // The writers finish: both files are whole and applied.
+  writeFileSync(bundle, both)
+  copyFileSync(server.cert, live.cert)
+  await watcher.poll()
+  await watcher.poll()
+  t.ok(await served(theirs), 'the whole files are applied')
+  t.ok(sc.logs.some((l) => l.event === 'tls_reload' && l.result === 'ok'), 'and the reload is logged')
+})
+
 /** The problems `resolveConfig` reports for `input` (fails the test when it accepts it). */
 function problemsOf (t: Test, input: Record<string, unknown>): string[] {
   try {

@@ -23,6 +23,8 @@ export interface TlsMaterial {
 
 type Part = keyof TlsFilePaths
 
+const PARTS: readonly Part[] = ['cert', 'key', 'ca']
+
 /** One file's contents, or the problem reading it (naming `at.part`). */
 function readProblem (err: unknown, at: string, part: Part, path: string): string {
   const code = (err as NodeJS.ErrnoException).code
@@ -31,8 +33,55 @@ function readProblem (err: unknown, at: string, part: Part, path: string): strin
   return `${at}.${part}: ${path} cannot be read (${code ?? (err as Error).message})`
 }
 
+const BEGIN = /^-----BEGIN ([A-Z0-9 ]+)-----\s*$/
+const END = /^-----END ([A-Z0-9 ]+)-----\s*$/
+
+/**
+ * Whether `pem` is whole: every block ends, with its own label, and every certificate in it
+ * parses. Node reads only the first certificate of a file to check it, and takes a CA bundle
+ * whose last block is cut off without a word, so a file caught mid-copy (a writer that paused
+ * longer than the watcher's two checks) would be applied with certificates missing.
+ * Text between blocks (the comments of a system bundle) is allowed, as OpenSSL allows it.
+ */
+function whole (pem: string): boolean {
+  let label: string | null = null
+  let body: string[] = []
+  for (const line of pem.split(/\r?\n/)) {
+    const begin = BEGIN.exec(line)
+    const end = END.exec(line)
+    if (begin !== null) {
+      if (label !== null) return false
+      label = begin[1] as string
+      body = [line]
+    } else if (end !== null) {
+      if (label !== end[1]) return false
+      body.push(line)
+      if (label === 'CERTIFICATE') {
+        try {
+          new X509Certificate(body.join('\n'))
+        } catch {
+          return false
+        }
+      }
+      label = null
+    } else if (line.startsWith('-----')) {
+      return false // a marker cut off part-way
+    } else if (label !== null) {
+      body.push(line)
+    }
+  }
+  return label === null
+}
+
 /** Parse and cross-check what was read; every problem names its key. */
 function check (material: TlsMaterial, paths: TlsFilePaths, at: string, problems: string[]): void {
+  for (const part of PARTS) {
+    const pem = material[part]
+    if (pem !== undefined && !whole(pem.toString('latin1'))) {
+      problems.push(`${at}.${part}: ${paths[part] ?? ''} is cut short or damaged (a PEM block without its end, or one that does not parse): still being written?`)
+      return
+    }
+  }
   let cert: X509Certificate | null = null
   if (material.cert !== undefined) {
     try {
@@ -57,8 +106,6 @@ function check (material: TlsMaterial, paths: TlsFilePaths, at: string, problems
     }
   }
 }
-
-const PARTS: readonly Part[] = ['cert', 'key', 'ca']
 
 /** Read and check the files now (config build); problems are pushed, null when there are any. */
 export function readTlsFilesSync (paths: TlsFilePaths, at: string, problems: string[]): TlsMaterial | null {
