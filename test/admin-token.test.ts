@@ -12,6 +12,8 @@ import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { runCli, tempDir, type CliResult, type Running } from './helpers/process.js'
 import { admin } from './helpers/admin.js'
 import { eventually } from './helpers/http.js'
+import pino from 'pino'
+import { TokenFileWatcher } from '../src/control/token.js'
 import { adminUrl, operator, startSidecarProcess, STACK_FRAME } from './helpers/operator.js'
 
 // Each case starts a fresh Node process; leave room for a busy machine.
@@ -163,6 +165,44 @@ t.test('a rotated admin.tokenFile is the token: the old one is refused, the new 
   t.equal((await admin(url, 'GET', '/v1/state', undefined, next)).status, 200, 'and the token in force still works')
   t.equal((await admin(url, 'GET', '/v1/state', undefined, '')).status, 401, 'an empty one does not')
   t.notOk((await allOutput(s)).includes(next), 'the token is never logged')
+})
+
+t.test('a token file rewritten in place is applied whole: a check that catches it half written waits for the next', async (t) => {
+  const dir = tempDir(t)
+  const tokenFile = join(dir, 'admin-token.txt')
+  const old = 'first-token-for-the-admin-api-0123456789'
+  const next = 'second-token-for-the-admin-api-9876543210-and-more'
+  writeFileSync(tokenFile, `${old}\n`, { mode: 0o600 })
+  const lines: Array<Record<string, unknown>> = []
+  const logger = pino({ level: 'info' }, { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } })
+  const applied: string[] = []
+  // The checks, driven by hand: no timer decides when this test looks.
+  const watcher = new TokenFileWatcher(tokenFile, (token) => { applied.push(token) }, logger, 3_600_000)
+  await watcher.start(old)
+  t.teardown(() => { watcher.stop() })
+  const poll = async (): Promise<void> => { await (watcher as unknown as { poll: () => Promise<void> }).poll() }
+
+  // `printf … > file` in two writes: truncated, then half the token, then the rest.
+  writeFileSync(tokenFile, '')
+  await poll()
+  writeFileSync(tokenFile, next.slice(0, 24))
+  await poll()
+  t.same(applied, [], 'neither the empty file nor half the token is applied while the file changes')
+  t.notOk(lines.some((l) => l.event === 'admin_token' && l.result === 'refused'), 'and the empty file between the writes is no error line')
+  writeFileSync(tokenFile, `${next}\n`)
+  await poll()
+  t.same(applied, [], 'a check that sees the file changed does not apply it yet')
+  await poll()
+  t.same(applied, [next], 'the whole token, seen twice the same, is applied')
+  t.ok(lines.some((l) => l.event === 'admin_token' && l.result === 'reloaded'), 'and logged')
+
+  // A file that stays unusable is still refused, once.
+  writeFileSync(tokenFile, 'short')
+  await poll()
+  await poll()
+  await poll()
+  t.equal(lines.filter((l) => l.event === 'admin_token' && l.result === 'refused').length, 1, 'a short token that stays is refused with one error line')
+  t.same(applied, [next], 'and the running token is kept')
 })
 
 t.test('a token file that is too short or missing is a start-up error naming admin.tokenFile', async (t) => {

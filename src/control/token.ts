@@ -66,12 +66,20 @@ export const TOKEN_POLL_MS = 1000
  * Re-reads `admin.tokenFile` when it changes (`stat` follows symlinks, so a Kubernetes Secret
  * volume's symlink swap is seen) and makes its content the token: after a rotation the old
  * token is refused and the new one, which the operator commands read from the same file, works.
+ * A changed file is read once two checks in a row see it the same, as certificate files are
+ * (`proxy/tls.ts`): a file rewritten in place in more than one write (truncated, then written)
+ * is never taken half done — a prefix of the new token would be in force while the operator
+ * commands, reading the whole file, were refused with 401, and the empty file between the two
+ * writes would be an error line at every rotation.
  * A file that cannot be the token (missing, unreadable, too short: a rotation half done) is
  * refused with an error log, and the running token stays.
  */
 export class TokenFileWatcher {
   private timer: NodeJS.Timeout | null = null
+  /** The file as last applied (or refused). */
   private last: string | null = null
+  /** The file as the previous check saw it. */
+  private seen: string | null = null
   private polling = false
 
   constructor (private readonly path: string, private readonly apply: (token: string) => void, private readonly logger: Logger, private readonly intervalMs = TOKEN_POLL_MS) {}
@@ -79,6 +87,7 @@ export class TokenFileWatcher {
   /** Watch from now on; `current` is the token read at start (the file may have changed since). */
   async start (current: string): Promise<void> {
     this.last = await this.fingerprint()
+    this.seen = this.last
     this.timer = setInterval(() => { void this.poll() }, this.intervalMs)
     this.timer.unref()
     const now = await readTokenFile(this.path).catch(() => current)
@@ -104,7 +113,9 @@ export class TokenFileWatcher {
     this.polling = true
     try {
       const print = await this.fingerprint()
-      if (print === this.last) return
+      const before = this.seen
+      this.seen = print
+      if (print === this.last || print !== before) return
       // Remembered even when refused: one error per change, not one per poll.
       this.last = print
       let token: string
