@@ -138,8 +138,10 @@ t.test('breakwater kill --fleet and restore --fleet act on every sidecar through
   t.ok(await allAre(fleet, 200))
 })
 
-t.test('a fleet ttl lapses on every sidecar', async (t) => {
-  const { fleet } = await startConnectedFleet(t)
+t.test('a fleet ttl lapses on every sidecar: each logs and audits the end of the same mitigation, its writer alone notifies', async (t) => {
+  const hooks = await startReceiver()
+  t.teardown(hooks.close)
+  const { fleet } = await startConnectedFleet(t, { notifications: { webhooks: [hooks.url] } })
   const res = await admin(fleet[0].admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'for a moment', scope: 'fleet', ttl: '2s' })
   t.equal(res.status, 200)
   t.type(res.body.expiresAt, 'string')
@@ -149,6 +151,22 @@ t.test('a fleet ttl lapses on every sidecar', async (t) => {
     t.equal(await flagOrigin(s), 'config')
     t.ok(s.logs.some((l) => l.action === 'override_expired' && l.scope === 'fleet'), 'each says it expired')
   }
+  // The incident commander reads any one sidecar: each says which fleet action ended, and whose.
+  const ids = new Set<unknown>()
+  for (const [i, s] of fleet.entries()) {
+    const lift = s.logs.find((l) => l.event === 'mitigation' && l.action === 'lift' && l.scope === 'fleet')
+    t.match(lift, { mitigation: 'killSwitch', targets: ['newCheckout'], writer: 's0', reason: 'ttl expired' }, `s${i} logs the fleet kill switch lifted`)
+    let audit: Record<string, unknown> | undefined
+    await eventually(async () => {
+      audit = ((await admin(s.admin, 'GET', '/v1/audit?limit=20')).body.entries as Array<Record<string, unknown>>).find((e) => e.action === 'flag.expire')
+      return audit !== undefined
+    }, 10_000)
+    t.match(audit, { scope: 'fleet', targets: ['newCheckout'], writer: 's0', lifted: [lift?.id] }, `s${i} audits it with the mitigation's id`)
+    ids.add(lift?.id)
+  }
+  t.equal(ids.size, 1, 'one mitigation id on every sidecar')
+  await sleep(1500)
+  t.equal(hooks.deliveries.filter((d) => d.body?.event === 'mitigation_lifted').length, 1, 'and one notification for the fleet action, from its writer')
 })
 
 t.test('a fleet override that lapsed is not applied again by a later resync: no second "lifted", no audit of it applied', async (t) => {

@@ -455,17 +455,27 @@ export class ControlPlane {
     const lapsed = this.overrides.lapse(now)
     const ended = this.rungs.lapse(now)
     for (const record of ended) this.onMitigation('lifted', record)
-    // What each lapse ended: a local override's mitigation; a fleet one's on the sidecar that decided it.
-    const own = (entry: FleetEntry | undefined): FleetEntry | undefined => entry !== undefined && entry.instance === this.fleet?.instance && expired(entry.expiresAt, now) ? entry : undefined
-    const flagsEnded = lapsed.flags.map((key) => [...this.ended('flag', key, before.flags[key], 'ttl expired'), ...this.fleetEnded('flags', key, own(before.fleetFlags[key]), 'ttl expired')])
-    const circuitsEnded = lapsed.circuits.map((upstream) => [...this.ended('circuit', upstream, before.circuits[upstream], 'ttl expired'), ...this.fleetEnded('circuits', upstream, own(before.fleetCircuits[upstream]), 'ttl expired')])
-    const entries: AuditInput[] = [
-      ...ended.map((m) => ({ action: 'mitigation.expire', ...(m.scope === 'fleet' ? { scope: 'fleet' } : {}), targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action })),
-      ...lapsed.flags.map((key, i) => ({ action: 'flag.expire', targets: [key], reason: 'ttl expired', result: 'ok', requester: 'breakwater', ...liftedIds(flagsEnded[i] ?? []) })),
-      ...lapsed.circuits.map((upstream, i) => ({ action: 'circuit.expire', targets: [upstream], reason: 'ttl expired', result: 'ok', requester: 'breakwater', ...liftedIds(circuitsEnded[i] ?? []) }))
-    ]
+    // What each lapse ended: a local override's mitigation, and a fleet one's. Every sidecar logs
+    // and audits the end of a fleet kill switch (its id is the same everywhere, so an incident
+    // commander reading any one sidecar sees which fleet action ended); only the sidecar that
+    // decided it announces the end, so one fleet action is one notification.
+    const lapsedFleet = (entry: FleetEntry | undefined): FleetEntry | undefined => entry !== undefined && expired(entry.expiresAt, now) ? entry : undefined
+    const announced: MitigationRecord[] = []
+    const entries: AuditInput[] = ended.map((m) => ({ action: 'mitigation.expire', ...(m.scope === 'fleet' ? { scope: 'fleet' } : {}), targets: m.targets, reason: 'ttl expired', result: 'ok', requester: 'breakwater', id: m.id, mitigation: m.action }))
+    for (const [kind, names, local, fleetBefore] of [['flags', lapsed.flags, before.flags, before.fleetFlags], ['circuits', lapsed.circuits, before.circuits, before.fleetCircuits]] as const) {
+      for (const name of new Set(names)) {
+        const localEnded = this.ended(kind === 'flags' ? 'flag' : 'circuit', name, local[name], 'ttl expired')
+        const entry = lapsedFleet(fleetBefore[name])
+        const fleetEnded = this.fleetEnded(kind, name, entry, 'ttl expired')
+        for (const m of fleetEnded) {
+          this.logger.warn({ event: 'mitigation', action: 'lift', scope: 'fleet', id: m.id, mitigation: m.action, targets: m.targets, writer: entry?.instance, reason: 'ttl expired' }, `fleet mitigation ${m.action} lifted: its ttl ran out`)
+        }
+        announced.push(...localEnded, ...(entry?.instance === this.fleet?.instance ? fleetEnded : []))
+        entries.push({ action: kind === 'flags' ? 'flag.expire' : 'circuit.expire', ...(entry !== undefined ? { scope: 'fleet', writer: entry.instance } : {}), targets: [name], reason: 'ttl expired', result: 'ok', requester: 'breakwater', ...liftedIds([...localEnded, ...fleetEnded]) })
+      }
+    }
     await Promise.all([...entries.map(async (e) => await this.commit(e)), lapsed.settled])
-    this.announceLifted([...flagsEnded.flat(), ...circuitsEnded.flat()])
+    this.announceLifted(announced)
   }
 
   /** Audit something decided outside a mitigation (a trigger that only notified). */
