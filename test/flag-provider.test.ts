@@ -246,6 +246,27 @@ t.test('a provider whose evaluation never settles holds no later read: the last 
   t.ok(await eventually(() => logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider answers again'), 10_000))
 })
 
+t.test('a reload to a new flag provider that is not ready answers at once; the running provider keeps its kill switch until the new one has read', async (t) => {
+  const { status, sidecar, logs } = await startFaulty(t, { enableNewCheckout: false })
+  t.equal(await status(), 503, 'the running provider kills the feature')
+  const fixture = await import(pathToFileURL(join(ROOT, 'test/fixtures/faulty-provider.mjs')).href) as { FaultyProvider: { held: Promise<void> | null }, instances: FaultyProvider[] }
+  let release = (): void => {}
+  fixture.FaultyProvider.held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => { release(); fixture.FaultyProvider.held = null })
+
+  // The new provider's flag service does not answer yet (a flagd starting, a vendor slow to connect).
+  const next = { ...sidecar.config, flagProvider: { ...(sidecar.config.flagProvider as NonNullable<typeof sidecar.config.flagProvider>), options: { flags: { enableNewCheckout: true } } } }
+  await sidecar.apply(next)
+  t.notOk(logs.some((l) => l.event === 'flag_source' && /not ready yet/.test(String(l.msg))), 'the reload did not wait for the new provider to be ready')
+  t.equal(await status(), 503, 'the running provider\'s kill switch is still in force meanwhile')
+  await sleep(300) // several polls of the running provider
+  t.equal(await status(), 503, 'and stays so while the new one is not ready')
+
+  release()
+  t.ok(await eventually(async () => await status() === 200, 10_000), 'once the new provider has read its flags, they are the flags')
+  t.ok(logs.some((l) => l.event === 'flag_source' && /replaced/.test(String(l.msg))), 'the swap is logged')
+})
+
 t.test('a provider that throws keeps the kill switch it holds: its last value stays until it answers again', async (t) => {
   const { provider, status, ops, logs } = await startFaulty(t, { enableNewCheckout: false })
   t.equal(await status(), 503, 'the provider kills the feature')

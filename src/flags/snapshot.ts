@@ -38,6 +38,12 @@ export class FlagSnapshot {
   private client: Client | null = null
   private watcher: FlagFileWatcher | null = null
   private flagService: ProviderSource | null = null
+  /**
+   * A provider a reload asked for, warming up: it replaces `flagService` once it has read its
+   * flags, and until then the running one keeps serving (Envoy warms a changed cluster the same
+   * way), so a kill switch held at the provider is not lost to a flag service slow to answer.
+   */
+  private nextService: ProviderSource | null = null
   /** File reads being adopted, in order (one with targeting first loads flagd-core). */
   private adopting: Promise<void> = Promise.resolve()
   private refreshing: Promise<void> = Promise.resolve()
@@ -58,7 +64,7 @@ export class FlagSnapshot {
     this.client.addHandler(ProviderEvents.ConfigurationChanged, () => { void this.refresh() })
     this.watch(config)
     await this.adopting
-    await this.connect(config)
+    await this.connect(config, true)
     await this.refresh()
   }
 
@@ -104,19 +110,22 @@ export class FlagSnapshot {
       this.watch(config)
     }
     await this.adopting
-    if (JSON.stringify(this.flagService?.config ?? null) !== JSON.stringify(config.flagProvider)) {
-      await this.flagService?.close()
-      this.flagService = null
-      this.sources.provider = null
-      try {
-        await this.connect(config)
-      } catch (err) {
-        this.providerErrors++
-        this.logger.error({ event: 'flag_source', err }, 'flag provider not started; serving on the other flag sources')
+    const wanted = this.nextService ?? this.flagService
+    if (JSON.stringify(wanted?.config ?? null) !== JSON.stringify(config.flagProvider)) {
+      const warming = this.nextService
+      this.nextService = null
+      void warming?.close()
+      if (config.flagProvider === null) {
+        // Dropped: the provider's flags go now, as the config says.
+        await this.flagService?.close()
+        this.flagService = null
+        this.sources.provider = null
+      } else {
+        await withinReload(this.connect(config))
       }
     } else {
       // Code defaults and the keys in use may have changed.
-      await this.flagService?.read()
+      await withinReload(this.flagService?.read())
     }
     this.provider.changed(Object.keys(config.featureFlags))
     await this.settled()
@@ -134,19 +143,45 @@ export class FlagSnapshot {
     return keys
   }
 
-  private async connect (config: Config): Promise<void> {
+  /**
+   * Start the configured provider: at start-up it is the provider at once; on a reload that
+   * changes it, it warms up beside the running one (`nextService`) and takes over at its first
+   * read. One that cannot start is logged and counted; what runs keeps running.
+   */
+  private async connect (config: Config, atStart = false): Promise<void> {
     if (config.flagProvider === null) return
-    const service = new ProviderSource(config.flagProvider, this.logger, this.featureLogger, {
+    const service: ProviderSource = new ProviderSource(config.flagProvider, this.logger, this.featureLogger, {
       keys: () => this.keysInUse(),
       codeDefault: (key) => this.sources.codeDefault(key),
       onFlags: (flags) => {
+        if (service === this.nextService) {
+          const running = this.flagService
+          this.flagService = service
+          this.nextService = null
+          this.logger.info({ event: 'flag_source', module: service.config.module }, 'flag provider replaced: the new one has read its flags')
+          void running?.close()
+        }
+        if (service !== this.flagService) return
         this.sources.provider = flags
         this.provider.changed([...flags.keys()])
       },
       onError: () => { this.providerErrors++ }
     })
-    this.flagService = service
-    await service.start()
+    if (this.flagService === null) this.flagService = service
+    else this.nextService = service
+    try {
+      await service.start()
+    } catch (err) {
+      if (atStart) throw err
+      this.providerErrors++
+      if (service === this.nextService) {
+        this.nextService = null
+        this.logger.error({ event: 'flag_source', err }, 'new flag provider not started; the running one keeps serving')
+      } else if (service === this.flagService) {
+        this.flagService = null
+        this.logger.error({ event: 'flag_source', err }, 'flag provider not started; serving on the other flag sources')
+      }
+    }
   }
 
   private watch (config: Config): void {
@@ -230,9 +265,24 @@ export class FlagSnapshot {
   async close (): Promise<void> {
     this.watcher?.stop()
     this.watcher = null
-    await this.flagService?.close()
-    this.flagService = null
+    await Promise.all([this.flagService?.close(), this.nextService?.close()])
+    this.flagService = this.nextService = null
     // Release this sidecar's domain only: other sidecars in the process keep theirs.
     await OpenFeature.setProviderAndWait(this.domain, NOOP_PROVIDER).catch(() => {})
   }
+}
+
+/**
+ * How long a reload waits on a flag provider (a new one starting, a read of the running one)
+ * before it answers: operators never wait on a flag service (SPEC §15). A healthy in-process
+ * provider is done well within it, so the reload's answer reflects it; the rest of a slow one's
+ * work finishes in the background and applies when it does.
+ */
+const RELOAD_WAIT_MS = 50
+
+async function withinReload (work: Promise<void> | undefined): Promise<void> {
+  if (work === undefined) return
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([work, new Promise<void>((resolve) => { timer = setTimeout(resolve, RELOAD_WAIT_MS) })])
+  clearTimeout(timer)
 }
