@@ -168,8 +168,9 @@ t.test('a reload can add, change or drop the provider; dropping it falls back to
   const { proxy, sidecar, stateDir } = await startTestSidecar(t, base)
   t.equal((await send(proxy, '/checkout/v1')).status, 503, 'the file says off')
 
+  // A reload does not wait for a provider to start (operators never wait): it applies once ready.
   await sidecar.apply(resolveConfig(testSidecarInput({ ...base, flagProvider: flagdProvider(served) }, stateDir)).config)
-  t.equal((await send(proxy, '/checkout/v1')).status, 200, 'the provider, above the file, says on here')
+  t.ok(await eventually(async () => (await send(proxy, '/checkout/v1')).status === 200, 10_000), 'the provider, above the file, says on here')
   t.equal((await send(proxy, '/checkout/v2')).status, 503, 'and off here')
 
   await sidecar.apply(resolveConfig(testSidecarInput(base, stateDir)).config)
