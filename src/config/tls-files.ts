@@ -77,8 +77,9 @@ function whole (pem: string): boolean {
 function check (material: TlsMaterial, paths: TlsFilePaths, at: string, problems: string[]): void {
   for (const part of PARTS) {
     const pem = material[part]
-    if (pem !== undefined && !whole(pem.toString('latin1'))) {
-      problems.push(`${at}.${part}: ${paths[part] ?? ''} is cut short or damaged (a PEM block without its end, or one that does not parse): still being written?`)
+    const path = paths[part]
+    if (pem !== undefined && path !== null && !whole(pem.toString('latin1'))) {
+      problems.push(`${at}.${part}: ${path} is cut short or damaged (a PEM block without its end, or one that does not parse): still being written?`)
       return
     }
   }
