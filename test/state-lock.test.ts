@@ -4,7 +4,8 @@
  * files left by kill -9 do not block the next start and are cleaned.
  */
 import t from 'tap'
-import { readFileSync, writeFileSync, existsSync, mkdirSync } from 'node:fs'
+import { readFileSync, writeFileSync, existsSync, mkdirSync, utimesSync, statSync } from 'node:fs'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { spawn, spawnSync } from 'node:child_process'
 import { hostname } from 'node:os'
@@ -141,12 +142,35 @@ t.test('sidecars starting at the same instant on one state dir: exactly one hold
   t.pass('one holder in every round')
 })
 
-t.test('a lock written by a sidecar on another host (a shared volume) is never taken over by a pid check', async (t) => {
+t.test('a lock written by a sidecar on another host (a shared volume) is never taken over by a pid check, only once its lease lapses', async (t) => {
   const dir = tempDir(t)
+  const lockFile = join(dir, 'breakwater.lock')
   // A pid that is dead here says nothing about a process on another host.
-  writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\nother-node-7\n`)
-  await t.rejects(lockStateDir(dir), { name: 'StateDirLocked', message: /other-node-7/ }, 'refused, naming the host that holds it')
-  t.match(readFileSync(join(dir, 'breakwater.lock'), 'utf8'), /other-node-7/, 'and its lock is left alone')
+  const pid = deadPid()
+  writeFileSync(lockFile, `${pid}\nother-node-7\n`)
+  await t.rejects(lockStateDir(dir), { name: 'StateDirLocked', message: /other-node-7.*renewed for 30 s/ }, 'refused while renewed, naming the host that holds it')
+  t.match(readFileSync(lockFile, 'utf8'), /other-node-7/, 'and its lock is left alone')
+  // Not renewed for a minute: that host's sidecar is gone (a pod re-created after an OOM kill has a new host name).
+  const lapsed = new Date(Date.now() - 60_000)
+  utimesSync(lockFile, lapsed, lapsed)
+  const lock = await lockStateDir(dir)
+  t.teardown(lock.release)
+  t.equal(lock.held, true, 'a lapsed lease is taken over')
+  t.equal(lock.takenOverFrom, pid)
+  t.same(readFileSync(lockFile, 'utf8').split('\n').slice(0, 2), [String(process.pid), hostname()])
+})
+
+t.test('a holder renews its lock, so another host never takes it while it runs', async (t) => {
+  const dir = tempDir(t)
+  const lockFile = join(dir, 'breakwater.lock')
+  const lock = await lockStateDir(dir, process.pid, 20)
+  t.teardown(lock.release)
+  const lapsed = new Date(Date.now() - 60_000)
+  utimesSync(lockFile, lapsed, lapsed)
+  while (statSync(lockFile).mtimeMs < Date.now() - 30_000) await sleep(10)
+  t.pass('renewed')
+  await lock.release()
+  t.equal(existsSync(lockFile), false, 'released')
 })
 
 t.test('the lock records the holder\'s pid and host', async (t) => {

@@ -4,7 +4,11 @@
  * file), so it refuses before writing anything. A lock whose pid is no longer alive on this host
  * (the owner was killed with -9), or that is this process's own pid (a restarted container), is
  * stale and taken over — and so are the temp files a killed owner left behind. A lock of another
- * host (a volume shared across nodes) is never judged by a pid: that pid means nothing here.
+ * host (a volume shared across nodes, or a re-created container: a new pod or container has a
+ * new host name) is never judged by a pid, which means nothing here: it is a lease its holder
+ * renews (the file's mtime, every `LEASE_RENEW_MS`), held while renewed, and stale once not for
+ * `LEASE_STALE_MS`. Refusing such a lock for good would keep a pod re-created after an OOM kill
+ * from ever starting.
  *
  * Race-free with any number of starters at one instant: the lock file appears whole or not at all
  * (written to a temp file, then `link(2)`ed into place, which fails if the name exists), so a
@@ -12,7 +16,7 @@
  * only by the holder of `breakwater.lock.takeover` (an exclusive create), after judging it stale
  * again under that guard, so two starters never both remove a lock and both take the dir.
  */
-import { open, readFile, readdir, unlink, mkdir, link, stat, writeFile } from 'node:fs/promises'
+import { open, readFile, readdir, unlink, mkdir, link, stat, utimes, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -22,7 +26,7 @@ export class StateDirLocked extends Error {
   constructor (readonly dir: string, readonly pid: number, readonly host: string | null = null) {
     super(host === null
       ? `stateDir ${dir} is in use by another Breakwater (pid ${pid}); stop it first, or give this one its own stateDir`
-      : `stateDir ${dir} is in use by another Breakwater (pid ${pid} on host ${host}); stop it first, or give this one its own stateDir (remove ${join(dir, 'breakwater.lock')} only if that host's sidecar is gone)`)
+      : `stateDir ${dir} is in use by another Breakwater (pid ${pid} on host ${host}); stop it first, or give this one its own stateDir (its lock is taken over once it has not been renewed for ${LEASE_STALE_MS / 1000} s)`)
     this.name = 'StateDirLocked'
   }
 }
@@ -52,14 +56,20 @@ export function alive (pid: number): boolean {
 const GUARD_STALE_MS = 10_000
 /** How long a starter waits, in all, for another one's take-over to finish. */
 const GUARD_WAIT_MS = 5_000
+/** How often a holder renews its lock (its mtime), and how old a lock of another host is stale. */
+const LEASE_RENEW_MS = 5_000
+const LEASE_STALE_MS = 30_000
 
 /** Take the state dir for this process; throws StateDirLocked while another live sidecar holds it. */
-export async function lockStateDir (dir: string, pid = process.pid): Promise<StateLock> {
+export async function lockStateDir (dir: string, pid = process.pid, renewMs = LEASE_RENEW_MS): Promise<StateLock> {
+
   const path = join(dir, 'breakwater.lock')
   const host = hostname()
   let takenOverFrom: number | null = null
   const unheld = (): StateLock => ({ path, held: false, takenOverFrom, removed: [], release: async () => {} })
+  let renew: NodeJS.Timeout | undefined
   const release = async (): Promise<void> => {
+    clearInterval(renew)
     const owner = await readOwner(path)
     if (owner?.pid === pid && (owner.host ?? host) === host) await unlink(path).catch(() => {})
   }
@@ -78,12 +88,16 @@ export async function lockStateDir (dir: string, pid = process.pid): Promise<Sta
     for (;;) {
       try {
         await link(tmp, path)
+        renew = setInterval(() => {
+          const now = new Date()
+          utimes(path, now, now).catch(() => {})
+        }, renewMs).unref()
         return { path, held: true, takenOverFrom, removed: await removeStaleTemps(dir, pid), release }
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return unheld()
       }
       const owner = await readOwner(path)
-      if (owner !== null && await holds(owner, pid, host)) throw new StateDirLocked(dir, owner.pid, owner.host !== host ? owner.host : null)
+      if (owner !== null && await holds(path, owner, pid, host)) throw new StateDirLocked(dir, owner.pid, owner.host !== host ? owner.host : null)
       const took = await takeOver(path, pid, host)
       if (took === 'removed') takenOverFrom = owner?.pid ?? null
       else if (took === 'busy') {
@@ -97,9 +111,9 @@ export async function lockStateDir (dir: string, pid = process.pid): Promise<Sta
   }
 }
 
-/** Whether `owner` holds the dir: a live sidecar here, or one of another host (whose liveness cannot be told here). */
-async function holds (owner: Owner, pid: number, host: string): Promise<boolean> {
-  if (owner.host !== null && owner.host !== host) return true
+/** Whether `owner` holds the dir: a live sidecar here, or one of another host that renewed its lease lately. */
+async function holds (path: string, owner: Owner, pid: number, host: string): Promise<boolean> {
+  if (owner.host !== null && owner.host !== host) return await stat(path).then((s) => Date.now() - s.mtimeMs < LEASE_STALE_MS, () => false)
   return owner.pid !== pid && alive(owner.pid) && await mayBeSidecar(owner.pid)
 }
 
@@ -126,7 +140,7 @@ async function takeOver (path: string, pid: number, host: string): Promise<'remo
     const owner = await readOwner(path)
     if (!await stat(path).then(() => true, () => false)) return 'gone'
     // Held now (taken over by another starter since): the next round reads it and refuses.
-    if (owner !== null && await holds(owner, pid, host)) return 'gone'
+    if (owner !== null && await holds(path, owner, pid, host)) return 'gone'
     await unlink(path).catch(() => {})
     return 'removed'
   } finally {
