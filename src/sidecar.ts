@@ -586,7 +586,8 @@ export class Sidecar {
       throw err instanceof StateDirLocked ? new StartupError(err.message) : err
     }
     const lock = this.stateLock
-    if (!lock.held) this.logger.warn({ event: 'state_lock', path: lock.path }, 'cannot lock stateDir (unwritable); another sidecar on this config would not be detected')
+    if (lock.linkError !== null) this.logger.info({ event: 'state_lock', path: lock.path, method: lock.method, linkError: lock.linkError }, 'stateDir has no hard links; lock taken by exclusive create instead')
+    if (!lock.held) this.logger.warn({ event: 'state_lock', path: lock.path, error: lock.error }, 'cannot lock stateDir (unwritable); another sidecar on this config would not be detected')
     if (lock.takenOverFrom !== null) this.logger.info({ event: 'state_lock', path: lock.path, staleOwner: lock.takenOverFrom }, 'stale stateDir lock of a stopped sidecar taken over')
     if (lock.removed.length > 0) this.logger.info({ event: 'state_temp_removed', files: lock.removed }, 'stale temp files of a stopped sidecar removed')
   }

@@ -4,7 +4,7 @@
  * files left by kill -9 do not block the next start and are cleaned.
  */
 import t from 'tap'
-import { readFileSync, writeFileSync, existsSync, mkdirSync, utimesSync, statSync } from 'node:fs'
+import { readFileSync, writeFileSync, existsSync, mkdirSync, utimesSync, statSync, readdirSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { spawn, spawnSync } from 'node:child_process'
@@ -90,7 +90,7 @@ const { lockStateDir } = await import(process.argv[1])
 const at = Number(process.argv[3])
 while (Date.now() < at) {}
 try {
-  const lock = await lockStateDir(process.argv[2])
+  const lock = await lockStateDir(process.argv[2], process.pid, process.argv[4])
   process.stdout.write(lock.held ? 'held\\n' : 'unheld\\n')
 } catch (err) {
   process.stdout.write(err.name === 'StateDirLocked' || /in use/.test(err.message) ? 'locked\\n' : 'error ' + err.message + '\\n')
@@ -100,9 +100,9 @@ process.stdin.on('end', () => process.exit(0))
 `
 
 /** Start `n` racers at one instant on `dir`; resolves with what each said, once all have. */
-async function race (dir: string, n: number, lockModule: string): Promise<{ said: string[], stop: () => Promise<void> }> {
+async function race (dir: string, n: number, lockModule: string, method = 'link'): Promise<{ said: string[], stop: () => Promise<void> }> {
   const at = Date.now() + 400
-  const children = Array.from({ length: n }, () => spawn(process.execPath, ['--input-type=module', '-e', RACER, lockModule, dir, String(at)], { stdio: ['pipe', 'pipe', 'inherit'] }))
+  const children = Array.from({ length: n }, () => spawn(process.execPath, ['--input-type=module', '-e', RACER, lockModule, dir, String(at), method], { stdio: ['pipe', 'pipe', 'inherit'] }))
   const said = await Promise.all(children.map(async (child) => await new Promise<string>((resolve) => {
     let out = ''
     child.stdout.on('data', (d: Buffer) => {
@@ -163,7 +163,7 @@ t.test('a lock written by a sidecar on another host (a shared volume) is never t
 t.test('a holder renews its lock, so another host never takes it while it runs', async (t) => {
   const dir = tempDir(t)
   const lockFile = join(dir, 'breakwater.lock')
-  const lock = await lockStateDir(dir, process.pid, 20)
+  const lock = await lockStateDir(dir, process.pid, 'link', 20)
   t.teardown(lock.release)
   const lapsed = new Date(Date.now() - 60_000)
   utimesSync(lockFile, lapsed, lapsed)
@@ -178,6 +178,74 @@ t.test('the lock records the holder\'s pid and host', async (t) => {
   const lock = await lockStateDir(dir)
   t.teardown(lock.release)
   t.same(readFileSync(join(dir, 'breakwater.lock'), 'utf8').split('\n').slice(0, 2), [String(process.pid), hostname()])
+})
+
+t.test('where the filesystem has no hard links, the lock is an exclusive create: exactly one of racing starters holds it, on a fresh dir and over a stale lock', async (t) => {
+  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
+  const base = tempDir(t)
+  const alone = await lockStateDir(join(base, 'alone'), process.pid, 'create')
+  t.equal(alone.method, 'create', 'the lock says how it was taken')
+  t.same(readFileSync(join(base, 'alone', 'breakwater.lock'), 'utf8').split('\n').slice(0, 2), [String(process.pid), hostname()], 'written whole')
+  await alone.release()
+  for (let round = 0; round < 16; round++) {
+    const dir = join(base, `round-${round}`)
+    if (round % 2 === 1) {
+      mkdirSync(dir, { recursive: true })
+      writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
+    }
+    const { said, stop } = await race(dir, 6, lockModule, 'create')
+    await stop()
+    if (said.filter((s) => s === 'held').length !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
+      t.fail(`round ${round}: ${said.join(', ')}`)
+      return
+    }
+  }
+  t.pass('one holder in every round')
+})
+
+t.test('a lock still being written (empty, or cut before its end) is its writer\'s for a few seconds, then stale', async (t) => {
+  const dir = tempDir(t)
+  const lockPath = join(dir, 'breakwater.lock')
+  // A starter that has just created the lock, and writes it a moment later.
+  writeFileSync(lockPath, '')
+  const later = setTimeout(() => { writeFileSync(lockPath, `${process.pid}\n${hostname()}\n`) }, 300)
+  t.teardown(() => { clearTimeout(later) })
+  await t.rejects(lockStateDir(dir, deadPid(), 'create'), { name: 'StateDirLocked', message: `pid ${process.pid}` }, 'an empty lock a moment old is not taken over: the starter waits and finds it held')
+
+  // A starter that died between creating the lock and writing it: an empty lock, old.
+  writeFileSync(lockPath, `${String(process.pid).slice(0, 2)}`)
+  const old = (Date.now() - 60_000) / 1000
+  utimesSync(lockPath, old, old)
+  const lock = await lockStateDir(dir, process.pid, 'create')
+  t.ok(lock.held, 'a cut lock that old is stale and taken over')
+  await lock.release()
+})
+
+t.test('a take-over guard left by a starter killed holding it is removed by one starter only: exactly one of racing starters holds the dir', async (t) => {
+  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
+  const base = tempDir(t)
+  for (let round = 0; round < 16; round++) {
+    const dir = join(base, `round-${round}`)
+    mkdirSync(dir, { recursive: true })
+    // A killed sidecar's lock, and the guard of a starter killed while taking it over.
+    writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
+    const guard = join(dir, 'breakwater.lock.takeover')
+    writeFileSync(guard, '')
+    const old = (Date.now() - 60_000) / 1000
+    utimesSync(guard, old, old)
+    const { said, stop } = await race(dir, 8, lockModule, round % 2 === 0 ? 'link' : 'create')
+    await stop()
+    if (said.filter((s) => s === 'held').length !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
+      t.fail(`round ${round}: ${said.join(', ')}`)
+      return
+    }
+    const left = readdirSync(dir).filter((name) => name.startsWith('breakwater.lock.takeover'))
+    if (left.length > 0) {
+      t.fail(`round ${round}: left ${left.join(', ')}`)
+      return
+    }
+  }
+  t.pass('one holder in every round, and no guard left')
 })
 
 /** A pid no process has now (a finished child's). */

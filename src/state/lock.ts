@@ -12,9 +12,12 @@
  *
  * Race-free with any number of starters at one instant: the lock file appears whole or not at all
  * (written to a temp file, then `link(2)`ed into place, which fails if the name exists), so a
- * reader never sees an empty lock and mistakes it for a stale one; and a stale lock is removed
+ * reader never sees an empty lock and mistakes it for a stale one. Where the filesystem has no
+ * hard links (SMB shares, some FUSE mounts), the lock is an exclusive create written at once, and
+ * an empty or cut lock younger than a few seconds counts as its writer's. A stale lock is removed
  * only by the holder of `breakwater.lock.takeover` (an exclusive create), after judging it stale
- * again under that guard, so two starters never both remove a lock and both take the dir.
+ * again under that guard, so two starters never both remove a lock and both take the dir; and a
+ * guard left by a starter that died holding it is removed by one starter only.
  */
 import { open, readFile, readdir, unlink, mkdir, link, stat, utimes, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
@@ -35,6 +38,12 @@ export interface StateLock {
   path: string
   /** False when the lock file could not be written (stateDir unwritable): nothing is held. */
   held: boolean
+  /** How the lock was put in place (`create` where the filesystem has no hard links). */
+  method: LockMethod
+  /** Why nothing is held (the error code of the write that failed), when not held. */
+  error: string | null
+  /** What `link(2)` failed with when the lock fell back to `create`. */
+  linkError: string | null
   /** The pid of a dead owner whose lock was taken over, if any. */
   takenOverFrom: number | null
   /** Stale temp files removed (`state.json.tmp-*`, `admin.token.tmp-*` of other pids). */
@@ -56,47 +65,74 @@ export function alive (pid: number): boolean {
 const GUARD_STALE_MS = 10_000
 /** How long a starter waits, in all, for another one's take-over to finish. */
 const GUARD_WAIT_MS = 5_000
+/**
+ * How long a lock still being written (empty, or cut before its last newline) counts as held by
+ * its writer; older, it was left by a starter that died between creating and writing it.
+ */
+const YOUNG_LOCK_MS = 5_000
+/** What `link(2)` fails with on a filesystem without hard links (SMB shares, some FUSE mounts). */
+const NO_HARD_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'])
 /** How often a holder renews its lock (its mtime), and how old a lock of another host is stale. */
 const LEASE_RENEW_MS = 5_000
 const LEASE_STALE_MS = 30_000
 
-/** Take the state dir for this process; throws StateDirLocked while another live sidecar holds it. */
-export async function lockStateDir (dir: string, pid = process.pid, renewMs = LEASE_RENEW_MS): Promise<StateLock> {
+/**
+ * How the lock file is put in place: `link`, whole at once (a temp file linked to the name), or
+ * `create` where the filesystem has no hard links: an exclusive create written at once, whose
+ * readers take an empty or cut lock younger than a few seconds as its writer's.
+ */
+export type LockMethod = 'link' | 'create'
 
+/** Take the state dir for this process; throws StateDirLocked while another live sidecar holds it. */
+export async function lockStateDir (dir: string, pid = process.pid, method: LockMethod = 'link', renewMs = LEASE_RENEW_MS): Promise<StateLock> {
   const path = join(dir, 'breakwater.lock')
   const host = hostname()
+  const content = `${pid}\n${host}\n`
   let takenOverFrom: number | null = null
-  const unheld = (): StateLock => ({ path, held: false, takenOverFrom, removed: [], release: async () => {} })
+  let how = method
+  let linkError: string | null = null
+  const unheld = (err: unknown): StateLock => ({ path, held: false, method: how, error: errorText(err), linkError, takenOverFrom, removed: [], release: async () => {} })
   let renew: NodeJS.Timeout | undefined
   const release = async (): Promise<void> => {
     clearInterval(renew)
-    const owner = await readOwner(path)
+    const owner = (await readLock(path)).owner
     if (owner?.pid === pid && (owner.host ?? host) === host) await unlink(path).catch(() => {})
   }
-  const tmp = `${path}.tmp-${pid}-${Math.random().toString(36).slice(2)}`
+  let tmp: string | null = null
   try {
     await mkdir(dir, { recursive: true })
-    await writeFile(tmp, `${pid}\n${host}\n`, { mode: 0o644 })
-    const handle = await open(tmp, 'r')
-    await handle.sync().finally(() => { void handle.close() })
-  } catch {
-    await unlink(tmp).catch(() => {})
-    return unheld()
-  }
-  try {
     const waitUntil = Date.now() + GUARD_WAIT_MS
     for (;;) {
+      let placed: boolean
       try {
-        await link(tmp, path)
+        if (how === 'link') {
+          tmp ??= await writeTemp(path, pid, content)
+          placed = await placeByLink(tmp, path)
+        } else {
+          placed = await placeByCreate(path, content)
+        }
+      } catch (err) {
+        if (how === 'link' && tmp !== null && NO_HARD_LINKS.has((err as NodeJS.ErrnoException).code ?? '')) {
+          linkError = errorText(err)
+          how = 'create'
+          continue
+        }
+        return unheld(err)
+      }
+      if (placed) {
         renew = setInterval(() => {
           const now = new Date()
           utimes(path, now, now).catch(() => {})
         }, renewMs).unref()
-        return { path, held: true, takenOverFrom, removed: await removeStaleTemps(dir, pid), release }
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return unheld()
+        return { path, held: true, method: how, error: null, linkError, takenOverFrom, removed: await removeStaleTemps(dir, pid), release }
       }
-      const owner = await readOwner(path)
+      const lock = await readLock(path)
+      if (lock.pending) {
+        // Being written by a starter that created it a moment ago: it will be whole soon.
+        await sleep(10 + Math.random() * 20)
+        continue
+      }
+      const owner = lock.owner
       if (owner !== null && await holds(path, owner, pid, host)) throw new StateDirLocked(dir, owner.pid, owner.host !== host ? owner.host : null)
       const took = await takeOver(path, pid, host)
       if (took === 'removed') takenOverFrom = owner?.pid ?? null
@@ -107,7 +143,56 @@ export async function lockStateDir (dir: string, pid = process.pid, renewMs = LE
       // 'gone': the lock went away meanwhile; try again.
     }
   } finally {
+    if (tmp !== null) await unlink(tmp).catch(() => {})
+  }
+}
+
+const errorText = (err: unknown): string => (err as NodeJS.ErrnoException).code ?? (err as Error).message
+
+/** The lock's content in a temp file, on disk, ready to be linked into place. */
+async function writeTemp (path: string, pid: number, content: string): Promise<string> {
+  const tmp = `${path}.tmp-${pid}-${Math.random().toString(36).slice(2)}`
+  try {
+    await writeFile(tmp, content, { mode: 0o644 })
+    const handle = await open(tmp, 'r')
+    await handle.sync().finally(() => { void handle.close() })
+    return tmp
+  } catch (err) {
     await unlink(tmp).catch(() => {})
+    throw err
+  }
+}
+
+/** Link `tmp` to the lock's name; false when a lock is there already. */
+async function placeByLink (tmp: string, path: string): Promise<boolean> {
+  try {
+    await link(tmp, path)
+    return true
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
+    throw err
+  }
+}
+
+/** Create the lock's name exclusively and write it at once; false when a lock is there already. */
+async function placeByCreate (path: string, content: string): Promise<boolean> {
+  let handle
+  try {
+    handle = await open(path, 'wx', 0o644)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
+    throw err
+  }
+  try {
+    await handle.writeFile(content)
+    await handle.sync()
+    await handle.close()
+    return true
+  } catch (err) {
+    // A full disk: a lock left empty would hold the dir for nobody.
+    await handle.close().catch(() => {})
+    await unlink(path).catch(() => {})
+    throw err
   }
 }
 
@@ -126,26 +211,65 @@ async function holds (path: string, owner: Owner, pid: number, host: string): Pr
  */
 async function takeOver (path: string, pid: number, host: string): Promise<'removed' | 'gone' | 'busy'> {
   const guard = `${path}.takeover`
+  const mine = await takeGuard(guard)
+  if (mine === null) return 'busy'
   try {
-    await (await open(guard, 'wx', 0o644)).close()
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return 'busy'
-    // A guard this old was left by a starter that died during its take-over (a window of
-    // milliseconds): remove it, or no take-over would ever happen again.
-    const since = await stat(guard).then((s) => Date.now() - s.mtimeMs, () => 0)
-    if (since > GUARD_STALE_MS) await unlink(guard).catch(() => {})
-    return 'busy'
-  }
-  try {
-    const owner = await readOwner(path)
+    const lock = await readLock(path)
     if (!await stat(path).then(() => true, () => false)) return 'gone'
-    // Held now (taken over by another starter since): the next round reads it and refuses.
-    if (owner !== null && await holds(path, owner, pid, host)) return 'gone'
+    // Held now (taken over by another starter since, or being written): the next round judges it.
+    if (lock.pending || (lock.owner !== null && await holds(path, lock.owner, pid, host))) return 'gone'
     await unlink(path).catch(() => {})
     return 'removed'
   } finally {
-    await unlink(guard).catch(() => {})
+    // Only this guard: one broken meanwhile (this starter stalled past GUARD_STALE_MS) is another's now.
+    const now = await stat(guard, { bigint: true }).catch(() => null)
+    if (now !== null && now.ino === mine.ino && now.mtimeNs === mine.mtimeNs) await unlink(guard).catch(() => {})
   }
+}
+
+interface GuardId { ino: bigint, mtimeNs: bigint }
+
+/**
+ * Create the take-over guard exclusively; null when another starter holds it. A guard older
+ * than GUARD_STALE_MS was left by a starter that died holding it (a window of milliseconds) and
+ * is removed, or no take-over would ever happen again — by one starter only: the one that
+ * creates the break mark named after that very guard (its inode and time). Two starters that
+ * judged it stale at one instant cannot then both remove a guard, the second one removing the
+ * fresh guard of a third that took it meanwhile. Its remover competes for a new guard with the
+ * others in the next round.
+ */
+async function takeGuard (guard: string): Promise<GuardId | null> {
+  try {
+    const handle = await open(guard, 'wx', 0o644)
+    try {
+      const s = await handle.stat({ bigint: true })
+      return { ino: s.ino, mtimeNs: s.mtimeNs }
+    } finally {
+      await handle.close()
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return null
+  }
+  const seen = await stat(guard, { bigint: true }).catch(() => null)
+  if (seen === null || Date.now() - Number(seen.mtimeMs) <= GUARD_STALE_MS) return null
+  const mark = `${guard}.break-${seen.ino}-${seen.mtimeNs}`
+  try {
+    await (await open(mark, 'wx', 0o644)).close()
+  } catch (err) {
+    // A mark this old was left by a remover that died in its own window of microseconds.
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      const since = await stat(mark).then((s) => Date.now() - s.mtimeMs, () => 0)
+      if (since > GUARD_STALE_MS) await unlink(mark).catch(() => {})
+    }
+    return null
+  }
+  try {
+    const now = await stat(guard, { bigint: true }).catch(() => null)
+    if (now !== null && now.ino === seen.ino && now.mtimeNs === seen.mtimeNs) await unlink(guard).catch(() => {})
+  } finally {
+    await unlink(mark).catch(() => {})
+  }
+  return null
 }
 
 /**
@@ -193,14 +317,27 @@ interface Owner {
   host: string | null
 }
 
-/** The lock's owner; null when there is no lock or it cannot be read as one (then it is stale). */
-async function readOwner (path: string): Promise<Owner | null> {
+interface LockRead {
+  /** Null when there is no lock or it cannot be read as one (then it is stale). */
+  owner: Owner | null
+  /** An empty or cut lock younger than YOUNG_LOCK_MS: still being written by its creator. */
+  pending: boolean
+}
+
+/** The lock's owner. A whole lock ends with a newline (written at once, or linked whole). */
+async function readLock (path: string): Promise<LockRead> {
+  let text: string
   try {
-    const [first, second] = (await readFile(path, 'utf8')).split('\n')
-    const pid = Number.parseInt((first ?? '').trim(), 10)
-    const host = (second ?? '').trim()
-    return Number.isInteger(pid) && pid > 0 ? { pid, host: host === '' ? null : host } : null
+    text = await readFile(path, 'utf8')
   } catch {
-    return null
+    return { owner: null, pending: false }
   }
+  if (!text.endsWith('\n')) {
+    const since = await stat(path).then((s) => Date.now() - s.mtimeMs, () => Infinity)
+    return { owner: null, pending: since < YOUNG_LOCK_MS }
+  }
+  const [first, second] = text.split('\n')
+  const pid = Number.parseInt((first ?? '').trim(), 10)
+  const host = (second ?? '').trim()
+  return { owner: Number.isInteger(pid) && pid > 0 ? { pid, host: host === '' ? null : host } : null, pending: false }
 }
