@@ -184,4 +184,5 @@ t.test('an unwritable stateDir: actions apply in memory and answer persisted: fa
   t.equal(put.body.persisted, false)
   t.equal((await send(running.proxy, '/checkout')).status, 503, 'applied anyway')
   t.ok(running.lines.some((l) => l.event === 'state_not_persisted' && l.level === 'warn'))
+  t.ok(running.lines.some((l) => l.event === 'state_lock' && l.error === 'ENOTDIR'), 'the lock warning names why stateDir is unwritable')
 })

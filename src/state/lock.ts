@@ -98,9 +98,13 @@ export async function lockStateDir (dir: string, pid = process.pid, method: Lock
     const owner = (await readLock(path)).owner
     if (owner?.pid === pid && (owner.host ?? host) === host) await unlink(path).catch(() => {})
   }
-  let tmp: string | null = null
   try {
     await mkdir(dir, { recursive: true })
+  } catch (err) {
+    return unheld(err)
+  }
+  let tmp: string | null = null
+  try {
     const waitUntil = Date.now() + GUARD_WAIT_MS
     for (;;) {
       let placed: boolean
