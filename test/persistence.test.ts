@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { writeFileSync, readFileSync, readdirSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
+import { execFileSync } from 'node:child_process'
 import { parse, stringify } from 'yaml'
 import { startUpstream } from './helpers/upstream.js'
 import { startProcess, spawnCli, tempDir } from './helpers/process.js'
@@ -93,6 +94,37 @@ t.test('a corrupt state file is moved aside and the sidecar starts clean', async
   const line = running.lines.find((l) => l.event === 'state_corrupt')
   t.equal(line?.level, 'error')
   t.ok(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')), 'the bad file is kept for a post-mortem')
+})
+
+t.test('a state file that cannot be read is kept aside, never replaced by the clean state; a FIFO does not hang the start', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  for (const kind of ['directory', 'fifo'] as const) {
+    await t.test(kind, async (t) => {
+      const dir = tempDir(t)
+      const stateDir = join(dir, 'state')
+      mkdirSync(stateDir)
+      const statePath = join(stateDir, 'state.json')
+      // What the sidecar cannot read now may still hold kill switches in force (EACCES after a change of user, EIO).
+      if (kind === 'directory') {
+        mkdirSync(statePath)
+        writeFileSync(join(statePath, 'kept'), 'what was there')
+      } else {
+        execFileSync('mkfifo', [statePath])
+      }
+      const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+      t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving')
+      const line = await running.waitForLine((l) => l.event === 'state_unreadable')
+      t.equal(line.level, 'error')
+      t.match(line.movedAside, /state\.json\.unreadable-/, 'kept aside, and the line says where')
+      const aside = readdirSync(stateDir).find((f) => f.startsWith('state.json.unreadable-'))
+      t.ok(aside !== undefined, 'the unreadable file is kept for a post-mortem')
+      if (kind === 'directory') t.equal(readFileSync(join(stateDir, aside as string, 'kept'), 'utf8'), 'what was there', 'with what it held')
+      const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+      t.equal((await admin(adminUrl, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'test' }, TOKEN)).status, 200)
+      t.equal(JSON.parse(readFileSync(statePath, 'utf8')).overrides.enableNewCheckout.enabled, false, 'and state is written again')
+    })
+  }
 })
 
 t.test('a state file of the wrong shape is moved aside like a corrupt one, never a crash', async (t) => {

@@ -78,8 +78,10 @@ export class ControlPlane {
   /** Load persisted state and re-apply what is still in force. */
   async start (): Promise<void> {
     const loaded = await this.journal.stateFile.load()
-    if (loaded.movedAside !== null) this.logger.error({ event: 'state_corrupt', movedAside: loaded.movedAside, error: loaded.error }, 'state file unreadable; moved aside, starting clean')
-    else if (loaded.error !== null) this.logger.error({ event: 'state_unreadable', error: loaded.error }, 'state file unreadable; starting clean')
+    if (loaded.problem !== null) {
+      const kept = loaded.movedAside === null ? 'could not be moved aside' : 'moved aside'
+      this.logger.error({ event: loaded.problem === 'corrupt' ? 'state_corrupt' : 'state_unreadable', movedAside: loaded.movedAside, error: loaded.error }, `state file ${loaded.problem === 'corrupt' ? 'corrupt' : 'unreadable'}; ${kept}, starting clean`)
+    }
     this.state = loaded.state
     this.mitigations.normalise()
     await this.overrides.restore(Date.now())

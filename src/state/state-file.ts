@@ -6,7 +6,7 @@
  * cannot be parsed at start is moved aside (`state.json.corrupt-<time>`) and Breakwater starts
  * clean, rather than crash-looping on it.
  */
-import { open, rename, readFile, mkdir, unlink } from 'node:fs/promises'
+import { open, rename, readFile, mkdir, unlink, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 
 export interface OverrideRecord {
@@ -129,9 +129,11 @@ export function emptyFleet (): FleetState {
 
 export interface LoadResult {
   state: PersistedState
-  /** Set when a corrupt file was moved aside. */
+  /** Where a corrupt or unreadable file was moved aside (null: not moved: none, or it could not be). */
   movedAside: string | null
+  /** Why the file was not loaded: it could not be read (`unreadable`), or is not a state file. */
   error: string | null
+  problem: 'corrupt' | 'unreadable' | null
 }
 
 export class StateFile {
@@ -145,10 +147,14 @@ export class StateFile {
   async load (): Promise<LoadResult> {
     let text: string
     try {
+      // A FIFO would hang the start, a directory never reads: neither is a state file.
+      if (!(await stat(this.path)).isFile()) throw new Error(`${this.path} is not a regular file`)
       text = await readFile(this.path, 'utf8')
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { state: emptyState(), movedAside: null, error: null }
-      return { state: emptyState(), movedAside: null, error: (err as Error).message }
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { state: emptyState(), movedAside: null, error: null, problem: null }
+      // Unreadable now (EACCES after a change of user, EIO) is not empty: the clean state written
+      // next would replace a file that may hold kill switches in force. It is kept aside instead.
+      return { state: emptyState(), movedAside: await this.moveAside('unreadable'), error: (err as Error).message, problem: 'unreadable' }
     }
     try {
       const parsed = JSON.parse(text) as Partial<PersistedState>
@@ -158,13 +164,20 @@ export class StateFile {
       const problem = shapeProblem(parsed as Record<string, unknown>)
       if (problem !== null) throw new Error(`not a Breakwater state file: ${problem}`)
       // A file from before fleet failovers has no `fleet.failovers`: the missing keys start empty.
-      return { state: { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: 1 }, movedAside: null, error: null }
+      return { state: { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: 1 }, movedAside: null, error: null, problem: null }
     } catch (err) {
-      const aside = `${this.path}.corrupt-${new Date().toISOString().replace(/[:.]/g, '-')}`
-      try {
-        await rename(this.path, aside)
-      } catch { /* unwritable: start clean anyway */ }
-      return { state: emptyState(), movedAside: aside, error: (err as Error).message }
+      return { state: emptyState(), movedAside: await this.moveAside('corrupt'), error: (err as Error).message, problem: 'corrupt' }
+    }
+  }
+
+  /** Keep the file for a post-mortem beside it (`state.json.corrupt-…`); null when it cannot be moved. */
+  private async moveAside (why: 'corrupt' | 'unreadable'): Promise<string | null> {
+    const aside = `${this.path}.${why}-${new Date().toISOString().replace(/[:.]/g, '-')}`
+    try {
+      await rename(this.path, aside)
+      return aside
+    } catch {
+      return null // unwritable: start clean anyway
     }
   }
 
