@@ -24,7 +24,10 @@ async function incidentSetup (t: Test, respond: number[]): Promise<{ fleet: Test
     version: '2.0.0',
     upstreams: { app: { url: failing.url } },
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
+    // minRequests 2: the traffic runs on one busy event loop with three sidecars; at 5 a stalled
+    // loop thinned it below the volume for a whole window, the trigger re-armed as inconclusive
+    // and fired again into the same incident (a second rollback attempt, a changed lastOutcome).
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 2, action: 'rollback' }]
   })
   return { fleet, cd, etcd }
 }
@@ -138,7 +141,10 @@ async function escalationSetup (t: Test, respond: number[], action = 'rollback',
     upstreams: { app: { url: app.url } },
     circuitBreakers: {}, // restoration is judged at once, not after an open circuit's recoveryTimeout
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action }],
+    // minRequests 2: the traffic runs on one busy event loop with three sidecars; at 5 a stalled
+    // loop thinned it below the volume for a whole window, the trigger re-armed as inconclusive
+    // and fired again into the same incident (a second rollback attempt, a changed lastOutcome).
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 2, action }],
     notifications: { webhooks: [`${hook.url}/events`], escalateAfter },
     verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' }
   })

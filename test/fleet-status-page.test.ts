@@ -64,7 +64,10 @@ async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: R
     // recoveryTimeout outlasted the 20 s verification on a loaded host: not restored, no resolve.
     circuitBreakers: {},
     rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }],
+    // minRequests 2: the traffic runs on one busy event loop with three sidecars; at 5 a stalled
+    // loop thinned it below the volume for a whole window, the trigger re-armed as inconclusive
+    // and fired again into the same incident (a second rollback attempt, a changed lastOutcome).
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 2, action: 'rollback' }],
     notifications: { statusPageId: 'page1', statusPageApiKey: 'sp-key', statusPageUrl: sp.url },
     verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '20s' },
     ...extra
