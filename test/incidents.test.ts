@@ -170,6 +170,8 @@ t.test('escalation: an incident not verified restored within escalateAfter is es
   t.equal(escalations(r).pd.length, 1, 'PagerDuty escalation sent once')
   t.equal(escalations(r).slack.length, 1)
   t.equal(escalations(r).hook.length, 1)
+  // The audit line is appended after the escalation is sent: wait for it, then count.
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'incident.escalated' && e.targets.includes(i.id)), 15_000), 'audited')
   t.equal((await auditOf(s)).filter((e) => e.action === 'incident.escalated' && e.targets.includes(i.id)).length, 1, 'audited once')
   t.ok(s.logs.some((l) => l.event === 'incident' && l.phase === 'escalated' && l.incident === i.id), 'logged')
 })
@@ -206,7 +208,7 @@ t.test('an incident nobody mitigated ends when its signal clears: restoration ve
   t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.summary, /with no mitigation: the signal cleared/, 'the notice says what restored it')
   t.same(escalations(r), { pd: [], slack: [], hook: [] }, 'never escalated')
   t.equal(s.sidecar.verifier.armedEscalations, 0, 'no escalation armed once restored')
-  t.ok((await auditOf(s)).some((e) => e.action === 'incident.cleared' && e.targets.includes(i.id)), 'audited')
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'incident.cleared' && e.targets.includes(i.id)), 15_000), 'audited (the line is appended after the record changes)')
   const report = await admin(s.admin, 'GET', `/v1/incidents/${i.id}/report?format=json`)
   t.ok(report.body.timeline.some((e: any) => /re-armed with no mitigation/.test(e.what)), 'the report\'s timeline holds it')
 })
