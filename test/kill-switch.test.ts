@@ -9,6 +9,7 @@ import { send, raw, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { checkoutRoutes } from './helpers/flags.js'
 import { admin } from './helpers/admin.js'
+import { FlagFileWatcher } from '../src/flags/flagd-file.js'
 
 function flagFile (flags: Record<string, { state?: string, on?: boolean, defaultVariant?: string | null }>): string {
   return JSON.stringify({
@@ -158,6 +159,48 @@ t.test('flag file: precedence over featureFlags, an in-place rewrite applies, br
 
   writeFileSync(path, flagFile({ somethingElse: { on: false } }))
   t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, 15_000), 'a key dropped from the file falls back to featureFlags (true)')
+})
+
+t.test('flag file rewritten in place: a poll that catches it half written waits for the next, with no error', async (t) => {
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: true } }))
+  const read: Array<boolean | undefined> = []
+  const errors: string[] = []
+  // The polls, driven by hand: no timer decides when this test looks.
+  const watcher = new FlagFileWatcher(path, 3_600_000, {
+    onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
+    onError: (error) => { errors.push(error) },
+    onPresence: () => {}
+  })
+  watcher.start()
+  t.teardown(() => { watcher.stop() })
+  t.same(read, [true], 'read at start')
+  const poll = async (): Promise<void> => { await (watcher as unknown as { poll: () => Promise<void> }).poll() }
+
+  // An editor or `cat > flags.json` in more than one write: truncated, then half, then the rest.
+  const next = flagFile({ enableNewCheckout: { on: false } })
+  writeFileSync(path, '')
+  await poll()
+  writeFileSync(path, next.slice(0, 40))
+  await poll()
+  writeFileSync(path, next)
+  await poll()
+  t.same(errors, [], 'neither the empty file nor half of it is an error')
+  t.same(read, [true], 'nor read while it changes')
+  await poll()
+  t.same(read, [true, false], 'the whole file is read once two polls see it the same')
+  await poll()
+  t.same(read, [true, false], 'and only once')
+
+  writeFileSync(path, '{ not json')
+  await poll()
+  t.same(errors, [], 'a broken file is not judged at the poll that first sees it')
+  await poll()
+  t.equal(errors.length, 1, 'left broken, it is an error')
+  await poll()
+  t.equal(errors.length, 1, 'once')
+  t.same(read, [true, false], 'and the last good flags stay')
 })
 
 t.test('flag file: the Kubernetes ConfigMap symlink swap is picked up', async (t) => {

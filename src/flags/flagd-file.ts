@@ -13,8 +13,11 @@
  *
  * The file is watched by polling `stat` (every 250 ms by default), which follows symlinks, so
  * both an in-place rewrite and the Kubernetes ConfigMap symlink swap are picked up — the
- * failure mode that broke inotify-based watchers (flagd #42). A file that cannot be parsed,
- * or has the wrong shape, is ignored with an error and the last good flags stay.
+ * failure mode that broke inotify-based watchers (flagd #42). A changed file is read once two
+ * polls in a row see it the same, as certificate and token files are: a file rewritten in place
+ * (truncated, then written) is never read half done, which was an error line and a counted
+ * source error at every such edit. A file that cannot be parsed, or has the wrong shape, and
+ * stays so, is ignored with an error and the last good flags stay.
  */
 import { statSync } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
@@ -55,7 +58,10 @@ export interface FlagFileEvents {
 /** Polls the file and reports changes. */
 export class FlagFileWatcher {
   private timer: NodeJS.Timeout | null = null
+  /** The file as last read (applied or refused). */
   private last = ''
+  /** The file as the previous poll saw it. */
+  private seen = ''
   private present: boolean | null = null
   private busy = false
 
@@ -65,6 +71,7 @@ export class FlagFileWatcher {
   start (): void {
     try {
       this.last = fileStamp(statSync(this.path))
+      this.seen = this.last
       this.present = true
     } catch {
       this.present = false
@@ -89,13 +96,16 @@ export class FlagFileWatcher {
           this.last = ''
           this.events.onPresence(false)
         }
+        this.seen = ''
         return
       }
       if (this.present !== true) {
         this.present = true
         this.events.onPresence(true)
       }
-      if (print === this.last) return
+      const before = this.seen
+      this.seen = print
+      if (print === this.last || print !== before) return
       let text: string
       try {
         text = await readFile(this.path, 'utf8')
