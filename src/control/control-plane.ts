@@ -267,9 +267,9 @@ export class ControlPlane {
     const entry: FleetEntry = { value, reason: actor.reason, requester: actor.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: value === null ? null : expiry(ttlMs, now), instance: fleet.instance }
     // Read before the write: this sidecar's own watch may apply the entry while the write is awaited.
     const before = this.state.fleet[kind][name]
-    await fleet.write(kind, name, entry)
+    const revision = await fleet.write(kind, name, entry)
     // In force here at once; every other sidecar applies it from its watch.
-    const settled = this.overrides.setFleet(kind, name, entry)
+    const settled = this.watched(revision) ? Promise.resolve() : this.overrides.setFleet(kind, name, entry)
     // Announced by the sidecar that decided, as its kill was.
     const ended = this.fleetEnded(kind, name, before, actor.reason)
     const target = kind === 'flags' ? { flag: name } : { upstream: name }
@@ -281,6 +281,16 @@ export class ControlPlane {
     if (value === false || value === 'open') this.onMitigation('applied', this.operatorRecord(kind === 'flags' ? 'killSwitch' : 'circuitBreak', name, entry))
     this.announceLifted(ended)
     return { value: entry, persisted }
+  }
+
+  /**
+   * Whether this sidecar's watch has applied etcd up to `revision`, where one of its own writes
+   * landed: the write is in force here already, or a newer decision another sidecar wrote after
+   * it is, which applying the write again would undo here alone (the watch never delivers that
+   * newer one twice). The newest decision wins (SPEC §16), as etcd orders them.
+   */
+  private watched (revision: number): boolean {
+    return this.state.fleet.revision >= revision
   }
 
   /** A fleet override seen in etcd (its watch or a resync): in force here, audited here. */
@@ -314,8 +324,8 @@ export class ControlPlane {
     const id = mitigationId()
     const ttlMs = req.ttlMs ?? null
     const entry: FleetEntry = { value: to, reason: req.reason, requester: req.requester, at: new Date(now).toISOString(), ttlMs, expiresAt: expiry(ttlMs, now), instance: fleet.instance, id }
-    await fleet.write('failovers', upstream, entry)
-    this.rungs.setFleet(upstream, entry)
+    const revision = await fleet.write('failovers', upstream, entry)
+    if (!this.watched(revision)) this.rungs.setFleet(upstream, entry)
     const record = fleetRecord(upstream, entry)
     this.count(record)
     this.logger.warn({ event: 'mitigation', action: 'failover', scope: 'fleet', id, targets: record.targets, to, reason: req.reason, source: req.source, requester: req.requester, expiresAt: entry.expiresAt, result: 'applied' }, 'fleet failover written')
@@ -331,8 +341,8 @@ export class ControlPlane {
     const fleet = this.fleet
     if (fleet === null) throw new ControlError(400, 'fleet_not_configured', `mitigation ${id} is a fleet failover, and lifting it needs the fleet section (etcd) in the config`)
     const lifted: FleetEntry = { value: null, reason: actor.reason, requester: actor.requester, at: new Date().toISOString(), ttlMs: null, expiresAt: null, instance: fleet.instance, id }
-    await fleet.write('failovers', upstream, lifted)
-    this.rungs.setFleet(upstream, lifted)
+    const revision = await fleet.write('failovers', upstream, lifted)
+    if (!this.watched(revision)) this.rungs.setFleet(upstream, lifted)
     const record = fleetRecord(upstream, lifted)
     this.logger.warn({ event: 'mitigation', action: 'lift', scope: 'fleet', id, mitigation: 'failover', targets: record.targets, reason: actor.reason, requester: actor.requester }, 'fleet failover lifted')
     const persisted = await this.commit({ action: 'mitigation.lift', scope: 'fleet', targets: record.targets, reason: actor.reason, result: 'ok', requester: actor.requester, id, restored: record.targets })

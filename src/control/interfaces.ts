@@ -76,6 +76,9 @@ export interface Applied<T> {
 export interface FleetWriter {
   /** This sidecar's name in the fleet. */
   readonly instance: string
-  /** Write one override for the whole service; a ControlError 503 when etcd is unreachable. */
-  write: (kind: keyof Omit<FleetState, 'revision'>, name: string, entry: FleetEntry) => Promise<void>
+  /**
+   * Write one override for the whole service; resolves with the etcd revision it was written at.
+   * A ControlError 503 when etcd is unreachable.
+   */
+  write: (kind: keyof Omit<FleetState, 'revision'>, name: string, entry: FleetEntry) => Promise<number>
 }

@@ -131,7 +131,7 @@ export class Fleet implements FleetWriter {
    * Members that refuse the connection are never waited for, nor is a lone member that does not
    * answer: the operator hears 503 at once, or after one attempt, with the local action theirs.
    */
-  async write (kind: Kind, name: string, entry: FleetEntry): Promise<void> {
+  async write (kind: Kind, name: string, entry: FleetEntry): Promise<number> {
     if (!this.connected) throw unavailable('etcd is unreachable')
     try {
       const cluster = this.config.etcd.endpoints.length > 1
@@ -139,7 +139,7 @@ export class Fleet implements FleetWriter {
         const e = err as { answered?: boolean, silent?: boolean }
         return this.recoverable(err) && (e.answered === true || (cluster && e.silent === true))
       }
-      await this.call(async () => await this.client.put(this.key(kind, name), JSON.stringify(entry)), electing)
+      return await this.call(async () => await this.client.put(this.key(kind, name), JSON.stringify(entry)), electing)
     } catch (err) {
       throw unavailable((err as Error).message)
     }
