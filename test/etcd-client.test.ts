@@ -267,3 +267,57 @@ t.test('a fleet on an etcd with authentication and mutual TLS: the sidecar conne
   t.match(line?.error, /authentication failed/, 'naming the reason')
   t.equal(c.sidecar.fleet?.connected, false)
 })
+
+/** A port on 127.0.0.1 that takes connections and never answers (a frozen host, a black hole). */
+async function blackHole (t: Test): Promise<string> {
+  const sockets = new Set<import('node:net').Socket>()
+  const server = createServer((socket) => { sockets.add(socket); socket.on('error', () => {}) })
+  await new Promise<void>((resolve) => { server.listen(0, '127.0.0.1', resolve) })
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy()
+    await new Promise<void>((resolve) => { server.close(() => { resolve() }) })
+  })
+  return `http://127.0.0.1:${(server.address() as import('node:net').AddressInfo).port}`
+}
+
+t.test('members all failing: a member\'s own answer is reported over a silent member, and a silent member over one refusing connections', async (t) => {
+  // One member of three left alone: it answers, saying it has no leader.
+  const cluster = await startEtcd(t, 3)
+  await cluster.kill(1)
+  await cluster.kill(2)
+  const alone = cluster.endpoints[0] as string
+  const silent = await blackHole(t)
+  const closed = `http://127.0.0.1:${await freePort()}`
+  const failing = async (endpoints: string[]): Promise<{ call: EtcdError, watch: EtcdError }> => {
+    const etcd = client(t, endpoints)
+    const call = await rejection(t, etcd.put('/bw/k', 'v'))
+    const watch = await rejection(t, etcd.watch('/bw/', 1, { event: () => {}, end: () => {} }))
+    return { call, watch }
+  }
+  // Once its election timeout has passed without a leader.
+  const lone = client(t, [alone])
+  t.ok(await eventually(async () => await lone.put('/bw/k', 'v').then(() => false, (err: Error) => err.message.includes('no leader')), 20_000), 'the lone member says it has no leader')
+
+  for (const order of [[alone, silent, closed], [closed, silent, alone], [silent, alone, closed]]) {
+    const { call, watch } = await failing(order)
+    for (const [what, err] of [['a call', call], ['a watch', watch]] as const) {
+      t.match(err.message, /no leader/, `${what}: the member's answer, whatever the order (${err.message})`)
+      t.equal(err.answered, true)
+      t.equal(err.recoverable, true, 'worth retrying: an election may end it')
+    }
+  }
+  for (const order of [[silent, closed], [closed, silent]]) {
+    const { call, watch } = await failing(order)
+    for (const [what, err] of [['a call', call], ['a watch', watch]] as const) {
+      t.match(err.message, /no answer within 1000 ms/, `${what}: the member that took the connection and said nothing (${err.message})`)
+      t.equal(err.silent, true)
+      t.equal(err.recoverable, true)
+    }
+  }
+  const { call, watch } = await failing([closed])
+  for (const err of [call, watch]) {
+    t.match(err.message, /ECONNREFUSED|connect/i, `nothing but a refusal: the refusal (${err.message})`)
+    t.equal(err.answered || err.silent, false)
+    t.equal(err.recoverable, true)
+  }
+})

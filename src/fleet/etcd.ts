@@ -148,7 +148,8 @@ export class Etcd {
 
   private async openWatch (at: number, body: string, handlers: WatchHandlers): Promise<Watch> {
     const abort = new AbortController()
-    const timer = setTimeout(() => { abort.abort(new EtcdError(`no answer within ${this.options.attemptMs} ms`, true)) }, this.options.attemptMs)
+    // A member that took the connection and said nothing: silent, as for any other call.
+    const timer = setTimeout(() => { abort.abort(new EtcdError(`no answer within ${this.options.attemptMs} ms`, true, null, false, true)) }, this.options.attemptMs)
     let created = false
     let ended = false
     const end = (why: string): void => {
@@ -254,7 +255,11 @@ export class Etcd {
   }
 
   private async headers (at: number): Promise<Record<string, string>> {
-    const headers: Record<string, string> = { 'content-type': 'application/json' }
+    // etcd's "require leader" (clientv3.WithRequireLeader, gRPC metadata `hasleader`, which the
+    // gateway takes from this header): a member cut off from its cluster answers "no leader" at
+    // once, and ends a watch when it loses its leader, instead of holding a call until the
+    // attempt's time runs out or keeping a watch that delivers nothing.
+    const headers: Record<string, string> = { 'content-type': 'application/json', 'grpc-metadata-hasleader': 'true' }
     if (this.options.username !== null) headers.authorization = await this.authenticate(at)
     return headers
   }
@@ -364,16 +369,22 @@ function classify (message: string, code: number | null): EtcdError {
   return new EtcdError(message, code === UNAVAILABLE || code === DEADLINE_EXCEEDED || TRANSIENT.test(message), code, true)
 }
 
-/** The gateway's error answer: `{error, code, message}` with the gRPC code. */
+/**
+ * The gateway's error answer: `{error, code, message}` with the gRPC code; a streaming call's
+ * (the watch) is `{error: {grpc_code, message, …}}`.
+ */
 async function errorOf (res: Dispatcher.ResponseData): Promise<EtcdError> {
   const text = await res.body.text().catch(() => '')
-  let parsed: { message?: string, error?: string, code?: number } = {}
+  let parsed: { message?: string, error?: string | { message?: string, grpc_code?: number }, code?: number } = {}
   try { parsed = JSON.parse(text) } catch {}
+  const inner = typeof parsed.error === 'object' && parsed.error !== null ? parsed.error : null
+  const code = parsed.code ?? inner?.grpc_code
   // Not every refusal is JSON: etcd's gateway answers some in plain text.
-  const message = parsed.message ?? parsed.error ?? (text.trim() !== '' ? `HTTP ${res.statusCode}: ${text.trim().slice(0, 200)}` : `HTTP ${res.statusCode}`)
-  const err = classify(message, parsed.code ?? null)
+  const message = parsed.message ?? inner?.message ?? (typeof parsed.error === 'string' ? parsed.error : undefined) ??
+    (text.trim() !== '' ? `HTTP ${res.statusCode}: ${text.trim().slice(0, 200)}` : `HTTP ${res.statusCode}`)
+  const err = classify(message, code ?? null)
   // 503 and the like are a member that cannot answer now, whatever it says.
-  return res.statusCode >= 500 && !err.recoverable && parsed.code === undefined ? new EtcdError(message, true, null, true) : err
+  return res.statusCode >= 500 && !err.recoverable && code === undefined ? new EtcdError(message, true, null, true) : err
 }
 
 /** A failure on the way to etcd (refused, reset, timed out, TLS) is worth another member; one etcd gave stays as it is. */
