@@ -15,7 +15,8 @@
  * 1.2 s of CPU per test file on Node 20 — on two cores, most of a minute of the suite's wall time.
  * What the runner did that matters is kept: a time limit per file (`TAP_TIMEOUT`, 300 s, then the
  * file is killed), every file's TAP in the output (indented under `# Subtest: FILE`, failures and
- * all), a summary line in tap's own form, and the exit code.
+ * all), a summary line in tap's own form, and the exit code. A file that exits but leaves a
+ * process running with its output fails (10 s after it exited), rather than holding the run.
  *
  *   npm test                          every file
  *   npm test -- FILE…                 these files (paths or names: `triggers`, `fleet.test.js`)
@@ -57,6 +58,8 @@ const LONGEST_FIRST = [
 /** tap's own limit per file, in seconds; past it and a minute more, the process is killed. */
 const TIMEOUT_S = 300
 const KILL_AFTER_MS = (TIMEOUT_S + 60) * 1000
+/** How long a file's output may stay open after the file exited (see runFile). */
+const LEFT_BEHIND_MS = 10_000
 
 const { values, positionals } = parseArgs({ options: { grep: { type: 'string', multiple: true } }, allowPositionals: true })
 
@@ -100,13 +103,32 @@ function runFile (file) {
     child.stdout.on('data', (c) => { output += c })
     child.stderr.on('data', (c) => { output += c })
     let killed = false
+    let leaked = false
     const timer = setTimeout(() => { killed = true; child.kill('SIGKILL') }, KILL_AFTER_MS)
-    child.on('error', (err) => { output += `\ncannot run ${file}: ${err.message}\n` })
-    child.on('close', (code, signal) => {
+    // A process the file started and left running keeps its output open, and 'close' would wait
+    // for that process to end (for ever, for a server): once the file has exited, its output
+    // gets LEFT_BEHIND_MS to end, then the file fails, saying so.
+    let leftBehind = null
+    child.on('exit', () => {
       clearTimeout(timer)
+      leftBehind = setTimeout(() => {
+        leaked = true
+        child.stdout.destroy()
+        child.stderr.destroy()
+        child.emit('close', child.exitCode, child.signalCode)
+      }, LEFT_BEHIND_MS)
+    })
+    child.on('error', (err) => { output += `\ncannot run ${file}: ${err.message}\n` })
+    let closed = false
+    child.on('close', (code, signal) => {
+      if (closed) return
+      closed = true
+      clearTimeout(timer)
+      clearTimeout(leftBehind)
       children.delete(child)
       if (killed) output += `\n# killed after ${KILL_AFTER_MS / 1000} s\n`
-      resolve({ file, ok: code === 0 && !killed, code, signal, output, counts: summaryOf(output), ms: Date.now() - started })
+      if (leaked) output += `\n# the file exited but left a process running that holds its output open (every test must stop what it starts)\n`
+      resolve({ file, ok: code === 0 && !killed && !leaked, code: leaked && code === 0 ? 'left a process running' : code, signal, output, counts: summaryOf(output), ms: Date.now() - started })
     })
   })
 }

@@ -6,7 +6,7 @@
  */
 import t, { type Test } from 'tap'
 import { spawn } from 'node:child_process'
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ROOT } from './helpers/root.js'
@@ -96,4 +96,20 @@ t.test('a bad job count in the environment is exit 2, naming it', async (t) => {
   const run = await runner(dir, [], { BREAKWATER_TEST_JOBS: '0' })
   t.equal(run.code, 2)
   t.match(run.stderr, /BREAKWATER_TEST_JOBS must be a whole number of at least 1, not '0'/)
+})
+
+t.test('a file that exits but leaves a process holding its output fails, saying so, and does not hold the run', async (t) => {
+  const dir = project(t, {
+    'a.test.js': passing('a'),
+    // Passes, then leaves a process behind with the file's own stdout and stderr.
+    'leaky.test.js': `import t from 'tap'\nimport { spawn } from 'node:child_process'\nimport { writeFileSync } from 'node:fs'\nconst child = spawn('sleep', ['30'], { stdio: 'inherit', detached: true })\nwriteFileSync('left.pid', String(child.pid))\nchild.unref()\nt.pass('fine')\n`
+  })
+  t.teardown(() => {
+    try { process.kill(Number(readFileSync(join(dir, 'left.pid'), 'utf8')), 'SIGKILL') } catch {}
+  })
+  const run = await runner(dir)
+  t.equal(run.code, 1, 'exit 1')
+  t.match(run.stdout, /^not ok \d+ - dist-test\/test\/leaky\.test\.js/m)
+  t.match(run.stdout, /left a process running that holds its output open/)
+  t.match(run.stdout, /^ok \d+ - dist-test\/test\/a\.test\.js/m)
 })
