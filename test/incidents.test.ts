@@ -649,6 +649,63 @@ t.test('a trigger\'s incident that ends unverified takes its status page inciden
   t.same(Object.values(s.sidecar.control.state.statusPage)[0], { id: 'sp-incident-1', status: 'identified', round: 1 }, 'kept in stateDir with its round')
 })
 
+t.test('an incident that ended unverified is verified when real traffic returns: restored, its PagerDuty alert (both keys), escalation alert and page incident are resolved', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const am = await startReceiver([200])
+  t.teardown(am.close)
+  // The kill switch refuses checkout; nobody uses the catalog yet, so verification ends unverified.
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1s', alertmanager: { urls: [am.url], repeatInterval: '300ms' } }, verification: { timeoutMs: '1s' } })
+  await breakCheckout(app, s, load)
+  const [first] = await incidents(s)
+  t.equal((await settled(s, first.id)).status, 'unverified')
+  t.ok(await eventually(() => escalations(r).pd.length === 1, 15_000), 'escalated at its deadline')
+  const escalationPosts = (): any[] => am.deliveries.flatMap((d) => d.body as any[]).filter((a) => a.labels?.alertname === 'BreakwaterIncidentEscalated')
+  t.ok(await eventually(() => escalationPosts().length >= 2, 15_000), 'the escalation alert is re-posted')
+
+  // Users come back to the catalog: their traffic judges the incident.
+  const stop = users(load)
+  t.teardown(stop)
+  t.ok(await eventually(async () => (await incidents(s)).find((i) => i.id === first.id)?.status === 'restored', 30_000, 100), 'restored once real traffic returned')
+  await stop()
+  const [i] = await incidents(s)
+  t.match(i, { id: first.id, status: 'restored', endedAt: i.restoredAt }, 'ended when verified')
+  t.ok(s.logs.some((l) => l.event === 'incident' && l.phase === 'traffic_returned' && l.incident === i.id), 'logged')
+  t.ok((await auditOf(s)).some((e) => e.action === 'incident.verifying' && e.targets.includes(i.id)), 'audited')
+
+  t.ok(await eventually(() => ['rk-main', 'rk-escalation'].every((key) => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === key)), 15_000), 'PagerDuty resolved on both routing keys')
+  t.ok(await eventually(() => escalationPosts().some((a) => typeof a.endsAt === 'string'), 15_000), 'the escalation alert resolved')
+  const posts = escalationPosts().length
+  await sleep(900)
+  t.equal(escalationPosts().length, posts, 'and no longer re-posted')
+  t.ok(await eventually(() => r.sp.deliveries.at(-1)?.body.incident.status === 'resolved', 15_000), 'the page incident resolved')
+  t.same(r.sp.deliveries.map((d) => d.body.incident.status), ['investigating', 'identified', 'monitoring', 'identified', 'monitoring', 'resolved'], 'back to monitoring while verified again, then resolved')
+  t.ok(r.slack.deliveries.some((d) => /restored \(verified\)/.test(String(d.body?.text))), 'Slack says restored')
+})
+
+t.test('an incident that ended unverified before a restart is verified after it once real traffic returns', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const options = { stateDir, notifications: { escalateAfter: '1s' }, verification: { timeoutMs: '1s' } }
+  const a = await shop(t, app, r, options)
+  await breakCheckout(app, a.s, a.load)
+  const [first] = await incidents(a.s)
+  t.equal((await settled(a.s, first.id)).status, 'unverified')
+  t.ok(await eventually(() => escalations(r).pd.length === 1, 15_000), 'escalated before the restart')
+  await a.load.close()
+  await a.s.sidecar.close()
+
+  const b = await shop(t, app, r, options)
+  t.match((await incidents(b.s))[0], { id: first.id, status: 'unverified' }, 'still unverified after the restart')
+  const stop = users(b.load)
+  t.teardown(stop)
+  t.ok(await eventually(async () => (await incidents(b.s)).find((i) => i.id === first.id)?.status === 'restored', 30_000, 100), 'restored once real traffic returned')
+  await stop()
+  t.ok(await eventually(() => ['rk-main', 'rk-escalation'].every((key) => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === key)), 15_000), 'PagerDuty resolved on both routing keys')
+  t.equal(escalations(r).pd.length, 1, 'escalated once')
+})
+
 /**
  * A sidecar whose trigger `errors` rolls back through a webhook to `cd`, fired at once by a
  * failing app (escalations go to `hook` when given).

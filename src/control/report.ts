@@ -231,6 +231,7 @@ function describe (e: AuditEntry): string {
     case 'incident.restored': return 'restoration verified (synthetic checks and real traffic)'
     case 'incident.not_restored': return 'verification failed: service not restored'
     case 'incident.unverified': return 'verification ended unverified: no real traffic'
+    case 'incident.verifying': return 'real traffic returned; verifying restoration on it'
     case 'incident.escalated': return 'incident escalated (critical)'
     default: return `${e.action} ${targets} → ${e.result}`
   }

@@ -10,7 +10,8 @@
  *   (or `maxErrorRate` for an operator's incident).
  * Real traffic means real (SPEC §15): the verifier's own probes are subtracted from the
  * windows, by what it sent — never by a header a client could forge — and synthetics never
- * restore an incident on their own. Without real traffic the incident ends `unverified`.
+ * restore an incident on their own. Without real traffic the incident ends `unverified`, and is
+ * watched until real traffic returns to be judged by (`awaitTraffic`).
  * Both are scoped to the incident: the routes of its trigger's scope that the mitigation does
  * not refuse, or else the rest of the service (routesToJudge).
  * It records detection, mitigation and restoration times, observes
@@ -175,6 +176,8 @@ export class Verifier {
    */
   private probes: Probe[] = []
   private readonly escalations = new Deadlines()
+  /** Incidents that ended `unverified`, watched until real traffic returns to judge them by (`awaitTraffic`). */
+  private readonly awaiting = new Map<string, NodeJS.Timeout>()
   /** Escalations of incidents led here before a restart, posted again once the fleet says this sidecar still leads (`rejoined`). */
   private readonly heldBack = new Set<string>()
   private counter: NodeJS.Timeout | null = null
@@ -205,6 +208,7 @@ export class Verifier {
       }
       if (incident.status === 'not_restored') this.escalate(incident, 'the mitigation did not restore service')
       else if (incident.status !== 'restored') this.arm(incident)
+      if (this.awaitsTraffic(incident)) this.awaitTraffic(incident)
     }
     this.countOpen()
   }
@@ -228,7 +232,7 @@ export class Verifier {
       if (at === null || incident.status === 'restored' || incident.fleet?.role === 'follower') continue
       const endedSince = this.incidents.some((i) => i.status === 'restored' && i.version === incident.version && i.trigger === incident.trigger && i.restoredAt !== null && i.restoredAt >= at)
       if (endedSince) continue
-      if (!OPEN.has(incident.status) && incident.version !== version) {
+      if (!OPEN.has(incident.status) && !this.awaitsTraffic(incident) && incident.version !== version) {
         this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'escalation_not_resumed', status: incident.status, version: incident.version }, 'escalation of a closed incident of a version no longer running is not posted again')
         continue
       }
@@ -558,13 +562,13 @@ export class Verifier {
     this.startVerifying(incident, trigger, at)
   }
 
-  /** Judge restoration from `at` on (a verification already running starts over). */
-  private startVerifying (incident: Incident, trigger: TriggerConfig | null, at: number): void {
+  /** Judge restoration from `at` on, until `deadline` (a verification already running starts over). */
+  private startVerifying (incident: Incident, trigger: TriggerConfig | null, at: number, deadline = at + this.deps.config().verification.timeoutMs): void {
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
     incident.checks.syntheticPassesInARow = 0
-    const run: Running = { incident, trigger, since: at, timer: null, deadline: at + this.deps.config().verification.timeoutMs, busy: false }
+    const run: Running = { incident, trigger, since: at, timer: null, deadline, busy: false }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
   }
@@ -790,12 +794,68 @@ export class Verifier {
       this.notify(incident, 'restoration_failed', `NOT verified: no real traffic within ${seconds} s after ${what} (synthetic checks alone do not restore an incident)`)
       // Nobody knows whether users are served: the escalation deadline stands.
       this.deps.persist({ action: 'incident.unverified', targets: [incident.id], reason: `no real traffic within ${seconds} s after ${what}`, result: 'unverified', requester: 'breakwater', trigger: incident.trigger })
+      this.awaitTraffic(incident)
       return
     }
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'not_restored', checks: incident.checks }, 'the mitigation did not restore service')
     this.notify(incident, 'restoration_failed', `NOT restored: ${what} did not bring service back within ${seconds} s`)
     this.deps.persist({ action: 'incident.not_restored', targets: [incident.id], reason: `${what} did not bring service back within ${seconds} s`, result: 'not_restored', requester: 'breakwater', trigger: incident.trigger })
     this.escalate(incident, 'the mitigation did not restore service (verification failed)')
+  }
+
+  /**
+   * Whether `incident`, ended `unverified`, still waits for real traffic to be judged by: this
+   * sidecar acts for it, and no newer incident of its trigger and version (the same incident key:
+   * the same page, status page incident and escalation alert) carries the outage on.
+   */
+  private awaitsTraffic (incident: Incident): boolean {
+    if (incident.status !== 'unverified' || incident.fleet?.role === 'follower') return false
+    const newest = this.incidents.find((i) => i.trigger === incident.trigger && i.version === incident.version)
+    return newest === incident
+  }
+
+  /**
+   * An incident that ended `unverified` is not over: nothing showed service back, nothing showed
+   * it down, and its page, escalation and status page incident are still open. Left alone they
+   * would stay so for good — an alert that never resolves is one on-call learns to ignore. It is
+   * watched every `intervalMs` until real traffic returns to its scope (as much as verification
+   * needs within `windowMs`), and then verified on that traffic as after a mitigation: restored,
+   * it is resolved everywhere it was announced; not, it ends `not_restored` and is escalated.
+   */
+  private awaitTraffic (incident: Incident): void {
+    if (this.stopped || this.awaiting.has(incident.id)) return
+    const timer = setInterval(() => { this.trafficReturned(incident) }, this.deps.config().verification.intervalMs)
+    timer.unref()
+    this.awaiting.set(incident.id, timer)
+  }
+
+  private stopAwaiting (id: string): void {
+    const timer = this.awaiting.get(id)
+    if (timer !== undefined) clearInterval(timer)
+    this.awaiting.delete(id)
+  }
+
+  /** One look of `awaitTraffic`: enough real traffic in scope since verification ended starts verifying it. */
+  private trafficReturned (incident: Incident): void {
+    if (this.stopped || !this.incidents.includes(incident) || !this.awaitsTraffic(incident)) {
+      this.stopAwaiting(incident.id)
+      return
+    }
+    const now = Date.now()
+    const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
+    // Judged from when verification ended: the traffic seen returning counts.
+    const since = incident.endedAt !== null ? Date.parse(incident.endedAt) : now
+    const look: Running = { incident, trigger, since, timer: null, deadline: now, busy: false }
+    if (this.readTraffic(look, this.routesToJudge(incident), now).ok === null) return
+    this.stopAwaiting(incident.id)
+    incident.endedAt = null
+    this.startVerifying(incident, trigger, since, now + this.deps.config().verification.timeoutMs)
+    this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'traffic_returned', trigger: incident.trigger }, 'real traffic returned to an incident that ended unverified; verifying restoration on it')
+    const cfg = this.deps.config()
+    // An operator's incident is not on the status page; pageStatus leaves it off.
+    this.deps.notifier.pageStatus({ service: cfg.service, version: incident.version, trigger: incident.trigger, summary: 'real traffic returned; verifying that service is restored' }, 'monitoring')
+    this.deps.persist({ action: 'incident.verifying', targets: [incident.id], reason: 'real traffic returned after verification ended unverified', result: 'verifying', requester: 'breakwater', trigger: incident.trigger })
+    this.countOpen()
   }
 
   private notify (incident: Incident, kind: IncidentEventKind, summary: string): void {
@@ -833,6 +893,8 @@ export class Verifier {
     for (const r of this.running.values()) if (r.timer !== null) clearTimeout(r.timer)
     this.running.clear()
     this.escalations.stop()
+    for (const timer of this.awaiting.values()) clearInterval(timer)
+    this.awaiting.clear()
     if (this.counter !== null) clearInterval(this.counter)
     this.counter = null
   }
