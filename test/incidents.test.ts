@@ -774,6 +774,29 @@ t.test('an operator\'s rollback during a trigger\'s open incident acts within it
   await stop()
 })
 
+t.test('an operator\'s kill switch during a trigger\'s open incident of its route acts within it: one incident, verified and resolved by the kill', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { trigger: { action: 'notify' }, notifications: { escalateAfter: '1h' } })
+  await breakCheckout(app, s, load)
+  const [fired] = await incidents(s)
+  t.match(fired, { trigger: 'checkout-errors', status: 'detected', mitigation: null }, 'the trigger only notified')
+  // A kill switch no route of the incident carries is not its mitigation.
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['unrelated'], reason: 'another matter' })).status, 201)
+  t.equal((await incidents(s)).length, 2, 'an incident of its own')
+  const kill = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors' })
+  t.equal(kill.status, 201)
+  const all = await incidents(s)
+  t.equal(all.length, 2, 'no third incident')
+  t.match(all.find((i) => i.id === fired.id), { trigger: 'checkout-errors', status: 'verifying', mitigation: { id: kill.body.id, action: 'killSwitch' } }, 'the trigger\'s incident holds the operator\'s kill')
+  const stop = users(load)
+  t.teardown(stop)
+  t.equal((await settled(s, fired.id)).status, 'restored', 'and is verified restored by it')
+  await stop()
+  t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === 'rk-main'), 15_000), 'its PagerDuty alert resolved')
+  t.ok(await eventually(() => r.sp.deliveries.at(-1)?.body.incident.status === 'resolved', 15_000), 'its page incident resolved')
+})
+
 t.test('an operator\'s failed rollbacks: one incident, not one per attempt, and it ends on real traffic instead of staying detected', async (t) => {
   const cd = await startReceiver([400])
   t.teardown(cd.close)

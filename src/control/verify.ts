@@ -479,7 +479,10 @@ export class Verifier {
    * opened if none. An operator's rollback acts within the newest open incident of the running
    * version this sidecar acts for — a trigger's, or the one an earlier operator rollback opened —
    * since a rollback answers whatever outage that version is in: one incident per outage, not
-   * one more per command.
+   * one more per command. An operator's kill switch, circuit break, failover or rate limit acts
+   * within the newest open trigger's incident of the running version whose scope it touches (a
+   * route of its scope killed, limited, or served by the upstream broken or failed over): it is
+   * that outage's mitigation, verified, announced and resolved as the trigger's would be.
    */
   private incidentOf (record: MitigationRecord, at: number): { incident: Incident, trigger: TriggerConfig | null } {
     const cfg = this.deps.config()
@@ -489,10 +492,25 @@ export class Verifier {
     if (incident === undefined && triggerName === null && record.action === 'rollback') {
       incident = this.incidents.find((i) => OPEN.has(i.status) && i.version === cfg.version && i.fleet?.role !== 'follower')
     }
+    if (incident === undefined && triggerName === null && record.action !== 'rollback') {
+      const touched = this.routesTouched(record)
+      incident = this.incidents.find((i) => i.trigger !== null && OPEN.has(i.status) && i.version === cfg.version && i.fleet?.role !== 'follower' && [...this.routesInScope(i.scope)].some((r) => touched.has(r)))
+    }
     const name = incident?.trigger ?? triggerName
     const trigger = name === null ? null : cfg.rollbackTriggers.find((t) => t.name === name) ?? null
     incident ??= this.open(triggerName, { route: trigger?.route ?? null, upstream: trigger?.upstream ?? null }, at)
     return { incident, trigger }
+  }
+
+  /** The routes a kill switch, circuit break, failover or rate limit acts on. */
+  private routesTouched (record: MitigationRecord): Set<string> {
+    const targets = new Set(record.targets)
+    const routes = this.deps.config().routes.filter((r) => {
+      if (record.action === 'killSwitch') return r.killSwitch !== null && targets.has(r.killSwitch)
+      if (record.action === 'rateLimit') return targets.has(r.name)
+      return targets.has(r.upstream)
+    })
+    return new Set(routes.map((r) => r.name))
   }
 
   /** A rollback started (it runs in the background): the incident shows it, not yet verified. */
