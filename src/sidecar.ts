@@ -123,6 +123,8 @@ export class Sidecar {
   private spanQueue: SpanQueue | null = null
   private readonly traceStats: TraceStats = { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }
   private stopping: Promise<void> | null = null
+  /** Incident keys whose leader left before acting, as last seen, until a still-firing sidecar claims them (`takeOver`). */
+  private readonly leftBy = new Map<string, Holding>()
   private forceStop: (() => void) | null = null
 
   constructor (config: Config, options: SidecarOptions = {}) {
@@ -183,7 +185,12 @@ export class Sidecar {
       control: this.control,
       notifier: this.notifier,
       triage: () => this.triageView(),
-      claim: (trigger) => this.fleet === null ? null : this.claimIncident(trigger.name)
+      claim: (trigger) => this.fleet === null ? null : this.claimIncident(trigger.name),
+      announced: (trigger) => {
+        this.fleet?.progress(this.incidentKeyOf(trigger.name), { announcedAt: new Date().toISOString() }).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: cannot record on the incident key that the incident was announced; a sidecar taking it over announces it again')
+        })
+      }
     })
     this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
     this.triggers.configure(config.rollbackTriggers)
@@ -378,8 +385,12 @@ export class Sidecar {
     const fleet = this.fleet
     if (fleet === null) return null
     let claim: Claim
+    const key = this.incidentKeyOf(trigger)
+    // Taking over from a leader that left: whether it announced the incident goes on the key.
+    const left = this.leftBy.get(key)
+    this.leftBy.delete(key)
     try {
-      claim = await fleet.claim(this.incidentKeyOf(trigger), trigger)
+      claim = await fleet.claim(key, trigger, left?.announcedAt !== undefined ? { announcedAt: left.announcedAt } : {})
     } catch (err) {
       this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
       return null
@@ -485,6 +496,7 @@ export class Sidecar {
       return
     }
     this.carryPageIncident(key, last)
+    this.leftBy.set(key, last)
     this.triggerAction(trigger, { value: live.value ?? 0, requests: live.requests, errors: live.errors }, null).catch((err: unknown) => {
       this.logger.error({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: taking over the incident failed')
     })
@@ -534,6 +546,7 @@ export class Sidecar {
     const fleet = this.fleet
     if (fleet === null || !this.verifier.follows(trigger, last.instance)) return false
     const carried: Progress = { acted }
+    if (last.announcedAt !== undefined) carried.announcedAt = last.announcedAt
     if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
     // The leader's last write may not have reached this sidecar's watch yet: what this sidecar's
     // own status page client already knows of the same page incident counts too.

@@ -60,10 +60,15 @@ t.test('the leader is killed (SIGKILL) before its rollback answered: after the l
   t.teardown(stuck.close)
   const cd = await startReceiver([200])
   t.teardown(cd.close)
+  // Slack and webhooks of the whole fleet: the incident is announced on them once.
+  const hooks = await startReceiver([200])
+  t.teardown(hooks.close)
+  const fired = (): number => hooks.deliveries.filter((d) => d.body?.event === 'trigger_fired').length
 
   const incident = (url: string): Record<string, unknown> => fleetConfig(failing.url, etcd.endpoints, {
     version: '2.0.0',
     rollback: { type: 'webhook', url: `${url}/rollback`, retries: 0, timeoutMs: '10m' },
+    notifications: { webhooks: [`${hooks.url}/events`], slackChannel: '#incidents', slackWebhookUrl: `${hooks.url}/slack` },
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
   })
   const key = `/bw-test/shop/incidents/${incidentKey('shop', '2.0.0', 'errors')}`
@@ -81,6 +86,8 @@ t.test('the leader is killed (SIGKILL) before its rollback answered: after the l
   await fireUntil([leader.proxy], () => stuck.deliveries.length === 1)
   t.match(await holding(), { instance: 'crashed-leader', acted: false }, 'the leader holds the incident key, not acted on yet')
   t.equal(stuck.answered, 0, 'its rollback call has no answer')
+  await until(async () => typeof (await holding() as { announcedAt?: string } | null)?.announcedAt === 'string')
+  t.equal(fired(), 1, 'the leader announced the incident, and the key says so')
 
   // Then the others: they fire and follow the leader.
   keepFiring(t, followers)
@@ -110,4 +117,48 @@ t.test('the leader is killed (SIGKILL) before its rollback answered: after the l
   t.equal(cd.deliveries.filter((d) => d.url === '/rollback').length, 1, 'exactly one rollback call after the takeover')
   t.equal(stuck.deliveries.length, 1, 'and the dead leader\'s one call, never answered')
   t.ok(followers.some((s) => s.logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === 'crashed-leader')), 'the takeover names the leader that died')
+  // Its announcement would have gone before its rollback's result, on the same lanes.
+  await until(() => hooks.deliveries.some((d) => d.body?.event === 'mitigation_applied') && hooks.deliveries.filter((d) => d.url === '/slack').length >= 2)
+  t.equal(fired(), 1, 'the incident is not announced again by the sidecar that took it over (webhooks)')
+  t.equal(hooks.deliveries.filter((d) => d.url === '/slack' && String(d.body?.text).startsWith(':rotating_light:')).length, 1, 'nor on Slack')
+  t.equal((await holding() as { announcedAt?: string } | null)?.announcedAt !== undefined, true, 'the key keeps the announcement')
+})
+
+t.test('a leader killed before its announcement was delivered: the sidecar that takes over announces the incident, once', async (t) => {
+  const etcd = await startEtcd(t)
+  const client = new Etcd3({ hosts: etcd.endpoints })
+  t.teardown(() => { client.close() })
+  const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
+  t.teardown(failing.close)
+  // The leader's notifications and rollback are taken and never answered; the others' are.
+  const stuck = await startReceiver([200])
+  stuck.delayMs = 2 ** 31 - 1
+  t.teardown(stuck.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  const config = (url: string): Record<string, unknown> => fleetConfig(failing.url, etcd.endpoints, {
+    version: '2.0.0',
+    rollback: { type: 'webhook', url: `${url}/rollback`, retries: 0, timeoutMs: '10m' },
+    notifications: { webhooks: [`${url}/events`] },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
+  })
+  const key = `/bw-test/shop/incidents/${incidentKey('shop', '2.0.0', 'errors')}`
+  const holding = async (): Promise<(Holding & { announcedAt?: string }) | null> => JSON.parse(await client.get(key).string() ?? 'null') as (Holding & { announcedAt?: string }) | null
+
+  const leader = await startProcess(t, config(stuck.url), { ...withoutTapHooks, BREAKWATER_INSTANCE: 'crashed-leader', BREAKWATER_ADMIN_TOKEN: TEST_TOKEN })
+  const followers = [await startTestSidecar(t, config(cd.url), { instance: 'f1' })]
+  await until(async () => await metricValue(leader.ops, 'breakwater_fleet_connected') === 1)
+  await until(() => followers.every((s) => s.sidecar.fleet?.connected === true))
+  await fireUntil([leader.proxy], () => stuck.deliveries.some((d) => d.url === '/rollback') && stuck.deliveries.some((d) => d.body?.event === 'trigger_fired'))
+  t.match(await holding(), { instance: 'crashed-leader', acted: false }, 'the leader holds the key')
+  t.equal((await holding())?.announcedAt, undefined, 'its announcement was never delivered, and the key says none was')
+  keepFiring(t, followers)
+  await until(async () => (await fleetRole(followers[0] as TestSidecar))?.role === 'follower')
+
+  leader.child.kill('SIGKILL')
+  await leader.exited
+  await until(() => cd.deliveries.some((d) => d.body?.event === 'mitigation_applied'))
+  t.equal(cd.deliveries.filter((d) => d.body?.event === 'trigger_fired').length, 1, 'the sidecar that took over announced the incident, once')
+  await until(async () => typeof (await holding())?.announcedAt === 'string')
+  t.match(await holding(), { instance: 'f1' }, 'and recorded it on the key it holds')
 })

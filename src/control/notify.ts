@@ -130,16 +130,30 @@ export class Notifier {
     this.statusPage.reopen(incidentKey(event.service, event.version, event.trigger), `${event.service}: degraded service`, event.summary, { trigger: event.trigger, version: event.version })
   }
 
-  /** Queue an event for every configured channel. Returns at once. */
-  notify (event: NotificationEvent): void {
+  /**
+   * Queue an event for every configured channel. Returns at once. `delivered`, when given, is
+   * called once Slack, PagerDuty and every webhook took it (at once when none is configured);
+   * never when one of them gave up or dropped it.
+   */
+  notify (event: NotificationEvent, delivered?: () => void): void {
     this.alertmanager.handle(event)
     const c = this.config()
     const key = incidentKey(event.service, event.version, event.trigger)
+    let waiting = 1
+    let lost = false
+    const settled = (ok: boolean): void => {
+      if (!ok) lost = true
+      if (--waiting === 0 && !lost) delivered?.()
+    }
+    const enqueue = (m: Message): void => {
+      waiting++
+      this.enqueue({ ...m, onSettled: (ok) => { settled(ok) } })
+    }
     if (c.slackWebhookUrl !== null) {
-      this.enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, lane: `slack\u0000${key}`, body: slackPayload(c, event) })
+      enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, lane: `slack\u0000${key}`, body: slackPayload(c, event) })
     }
     for (const pd of pagerDutyEvents(c, event)) {
-      this.enqueue({
+      enqueue({
         channel: 'pagerduty',
         url: c.pagerDutyUrl,
         method: 'POST',
@@ -166,8 +180,10 @@ export class Notifier {
     const page = PAGE_STATUS[event.kind]
     if (page !== undefined) this.pageStatus(event, page)
     for (const url of c.webhooks) {
-      this.enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, lane: `webhook\u0000${url}\u0000${key}`, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
+      enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, lane: `webhook\u0000${url}\u0000${key}`, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
     }
+    // Every message is queued: the count held for queueing is let go.
+    settled(true)
   }
 
   private enqueue (m: Message): void {

@@ -26,7 +26,9 @@ export interface RespondDeps {
    * In a fleet: who acts for this trigger's incident. Null at once without a fleet, so a
    * sidecar alone acts without yielding (as before); a promise of null: it decides alone.
    */
-  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string } | null> | null
+  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string, announced?: boolean } | null> | null
+  /** In a fleet: the leader's `trigger_fired` reached every channel (recorded on the incident key). */
+  announced?: (trigger: TriggerConfig) => void
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
@@ -60,9 +62,10 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       },
       time: new Date().toISOString()
     }
+    let claim: { leader: boolean, holder: string, announced?: boolean } | null = null
     if (trigger.action === 'rollback' || trigger.action === 'notify') {
       const pending = deps.claim?.(trigger) ?? null
-      const claim = pending === null ? null : await pending
+      claim = pending === null ? null : await pending
       if (claim !== null && !claim.leader) {
         // Alertmanager groups every sidecar's alert into one notification: followers post theirs.
         deps.notifier.alertmanager.handle(fired)
@@ -76,7 +79,13 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
     // would go back to `error` after an escalation and the status page to `investigating`.
     const again = incident !== null && !incident.opened
     if (again) void deps.control.auditEvent({ action: 'trigger.refire', targets: [trigger.name], reason, result: `incident ${incident.id} still open: not announced again`, requester: who.requester })
-    else deps.notifier.notify(fired)
+    else if (claim?.announced === true) {
+      // Taking over from a leader that announced the incident (the key says so): a second
+      // announcement would be a second page for one incident. Its own alert goes to Alertmanager,
+      // as every sidecar's does.
+      deps.notifier.alertmanager.handle(fired)
+      void deps.control.auditEvent({ action: 'trigger.refire', targets: [trigger.name], reason, result: 'incident announced by the fleet leader before: not announced again', requester: who.requester })
+    } else deps.notifier.notify(fired, claim?.leader === true ? () => { deps.announced?.(trigger) } : undefined)
     if (action === 'notify') {
       const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })

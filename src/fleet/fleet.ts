@@ -35,6 +35,8 @@ export interface Claim {
   leader: boolean
   /** The instance holding the incident key. */
   holder: string
+  /** Whether the incident's `trigger_fired` was delivered already (by a holder before this one). */
+  announced: boolean
 }
 
 /** The value of `{prefix}/{service}/incidents/{incidentKey}`: who acts, and how far it got. */
@@ -44,6 +46,8 @@ export interface Holding {
   at: string
   /** Whether the holder's action succeeded: nobody takes over then. */
   acted: boolean
+  /** When the holder's `trigger_fired` was delivered on every channel: a taker-over does not announce the incident again. */
+  announcedAt?: string
   /** When the holder escalated the incident (the fleet escalates once: followers record it, a taker-over does not escalate again). */
   escalatedAt?: string
   /** When the holder verified restoration (followers record the incident restored). */
@@ -53,7 +57,7 @@ export interface Holding {
 }
 
 /** What the holder of an incident key reports as it goes. */
-export type Progress = Partial<Pick<Holding, 'acted' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
+export type Progress = Partial<Pick<Holding, 'acted' | 'announcedAt' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
 
 export interface FleetDeps {
   service: string
@@ -160,14 +164,14 @@ export class Fleet implements FleetWriter {
     const res = await this.call(async () => await this.client.txn([{ key, target: 'CREATE', createRevision: 0 }], [{ key, value: JSON.stringify(holding), lease: await this.leaseId() }], key))
     if (res.succeeded) {
       this.hold(incidentKey, holding, res.revision)
-      return { leader: true, holder: this.instance }
+      return { leader: true, holder: this.instance, announced: holding.announcedAt !== undefined }
     }
     const kv = res.kvs[0]
     const holder = kv === undefined ? null : readHolding(kv.value)
     if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
     if (holder.instance === this.instance) await this.holdAgain(key, kv)
     this.seen(incidentKey, holder, kv.modRevision)
-    return { leader: holder.instance === this.instance, holder: holder.instance }
+    return { leader: holder.instance === this.instance, holder: holder.instance, announced: holder.announcedAt !== undefined }
   }
 
   /**
@@ -578,6 +582,7 @@ function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
     trigger: String(v.trigger ?? ''),
     at: String(v.at ?? ''),
     acted: v.acted === true,
+    ...(typeof v.announcedAt === 'string' ? { announcedAt: v.announcedAt } : {}),
     ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
     ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {}),
     ...(typeof v.statusPage?.id === 'string' && v.statusPage.id !== '' ? { statusPage: { id: v.statusPage.id, status: String(v.statusPage.status ?? ''), ...(typeof v.statusPage.round === 'number' && v.statusPage.round > 0 ? { round: v.statusPage.round } : {}) } } : {})
