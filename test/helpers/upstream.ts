@@ -3,7 +3,7 @@
  * Each records what it received; `close()` destroys every open connection.
  */
 import http from 'node:http'
-import type { AddressInfo, Socket } from 'node:net'
+import { connect, type AddressInfo, type Socket } from 'node:net'
 
 export interface Received {
   method: string
@@ -91,11 +91,20 @@ export const failMidBody: Handler = (_req, res) => {
   setTimeout(() => res.socket?.destroy(), 20)
 }
 
-/** An address where nothing listens (connect refused). */
+/**
+ * An address where nothing listens (connect refused). Not a port 0 port just closed: the suite's
+ * servers and sidecars bind port 0 from the ephemeral range by the thousand, and one of them
+ * could take it (a test once got another sidecar's 401 there). This one is below the ephemeral
+ * range and the ports the fleet's local etcd picks (10000 and up), and is checked refused now.
+ */
 export async function refusedUrl (): Promise<string> {
-  const server = http.createServer()
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const port = (server.address() as AddressInfo).port
-  await new Promise<void>((resolve) => server.close(() => resolve()))
-  return `http://127.0.0.1:${port}`
+  for (;;) {
+    const port = 1024 + Math.floor(Math.random() * (10_000 - 1024))
+    const refused = await new Promise<boolean>((resolve) => {
+      const socket = connect(port, '127.0.0.1')
+      socket.once('connect', () => { socket.destroy(); resolve(false) })
+      socket.once('error', (err: NodeJS.ErrnoException) => { resolve(err.code === 'ECONNREFUSED') })
+    })
+    if (refused) return `http://127.0.0.1:${port}`
+  }
 }
