@@ -3,7 +3,7 @@
  * leaves the running sidecar's admin token alone and says who holds the dir; a lock and temp
  * files left by kill -9 do not block the next start and are cleaned.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { readFileSync, writeFileSync, existsSync, mkdirSync, utimesSync, statSync, readdirSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
@@ -122,24 +122,7 @@ async function race (dir: string, n: number, lockModule: string, method = 'link'
 }
 
 t.test('sidecars starting at the same instant on one state dir: exactly one holds it, on a fresh dir and over a stale lock', async (t) => {
-  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
-  const base = tempDir(t)
-  for (let round = 0; round < 24; round++) {
-    const dir = join(base, `round-${round}`)
-    // Every other round starts over the lock of a killed sidecar: the take-over is raced too.
-    if (round % 2 === 1) {
-      mkdirSync(dir, { recursive: true })
-      writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
-    }
-    const { said, stop } = await race(dir, 6, lockModule)
-    await stop()
-    const holders = said.filter((s) => s === 'held').length
-    if (holders !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
-      t.fail(`round ${round}: ${said.join(', ')}`)
-      return
-    }
-  }
-  t.pass('one holder in every round')
+  await raceRounds(t, 24, 'link')
 })
 
 t.test('a lock written by a sidecar on another host (a shared volume) is never taken over by a pid check, only once its lease lapses', async (t) => {
@@ -181,26 +164,12 @@ t.test('the lock records the holder\'s pid and host', async (t) => {
 })
 
 t.test('where the filesystem has no hard links, the lock is an exclusive create: exactly one of racing starters holds it, on a fresh dir and over a stale lock', async (t) => {
-  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
   const base = tempDir(t)
   const alone = await lockStateDir(join(base, 'alone'), process.pid, 'create')
   t.equal(alone.method, 'create', 'the lock says how it was taken')
   t.same(readFileSync(join(base, 'alone', 'breakwater.lock'), 'utf8').split('\n').slice(0, 2), [String(process.pid), hostname()], 'written whole')
   await alone.release()
-  for (let round = 0; round < 16; round++) {
-    const dir = join(base, `round-${round}`)
-    if (round % 2 === 1) {
-      mkdirSync(dir, { recursive: true })
-      writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
-    }
-    const { said, stop } = await race(dir, 6, lockModule, 'create')
-    await stop()
-    if (said.filter((s) => s === 'held').length !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
-      t.fail(`round ${round}: ${said.join(', ')}`)
-      return
-    }
-  }
-  t.pass('one holder in every round')
+  await raceRounds(t, 16, 'create', base)
 })
 
 t.test('a lock still being written (empty, or cut before its end) is its writer\'s for a few seconds, then stale', async (t) => {
@@ -247,6 +216,29 @@ t.test('a take-over guard left by a starter killed holding it is removed by one 
   }
   t.pass('one holder in every round, and no guard left')
 })
+
+
+/**
+ * `rounds` rounds of 6 starters racing for a fresh state dir with `method`; every other round
+ * starts over the lock of a killed sidecar, so the take-over is raced too. Exactly one may hold it.
+ */
+async function raceRounds (t: Test, rounds: number, method: 'link' | 'create', base = tempDir(t)): Promise<void> {
+  const lockModule = pathToFileURL(join(ROOT, 'dist/state/lock.js')).href
+  for (let round = 0; round < rounds; round++) {
+    const dir = join(base, `round-${round}`)
+    if (round % 2 === 1) {
+      mkdirSync(dir, { recursive: true })
+      writeFileSync(join(dir, 'breakwater.lock'), `${deadPid()}\n${hostname()}\n`)
+    }
+    const { said, stop } = await race(dir, 6, lockModule, method)
+    await stop()
+    if (said.filter((s) => s === 'held').length !== 1 || said.some((s) => s !== 'held' && s !== 'locked')) {
+      t.fail(`round ${round}: ${said.join(', ')}`)
+      return
+    }
+  }
+  t.pass('one holder in every round')
+}
 
 /** A pid no process has now (a finished child's). */
 function deadPid (): number {
