@@ -43,23 +43,32 @@ function keepFiring (t: Test, fleet: TestSidecar[]): void {
 interface Holding { instance: string, acted: boolean }
 interface IncidentView { trigger: string, fleet?: { role: string, leader: string } }
 
+/**
+ * A fleet's etcd (and a client to read its keys), a failing release, a receiver that takes every
+ * call and never answers (`stuck`, the leader's) and one that answers 200 (`cd`).
+ */
+async function takeoverScene (t: Test): Promise<{ etcd: Awaited<ReturnType<typeof startEtcd>>, client: Etcd3, failing: Awaited<ReturnType<typeof startUpstream>>, stuck: Awaited<ReturnType<typeof startReceiver>>, cd: Awaited<ReturnType<typeof startReceiver>> }> {
+  const etcd = await startEtcd(t)
+  const client = new Etcd3({ hosts: etcd.endpoints })
+  t.teardown(() => { client.close() })
+  const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
+  t.teardown(failing.close)
+  const stuck = await startReceiver([200])
+  stuck.delayMs = 2 ** 31 - 1
+  t.teardown(stuck.close)
+  const cd = await startReceiver([200])
+  t.teardown(cd.close)
+  return { etcd, client, failing, stuck, cd }
+}
+
 async function fleetRole (s: TestSidecar): Promise<IncidentView['fleet'] | undefined> {
   const incidents = (await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as IncidentView[]
   return incidents.find((i) => i.trigger === 'errors' && i.fleet !== undefined)?.fleet
 }
 
 t.test('the leader is killed (SIGKILL) before its rollback answered: after the lease ttl a follower takes over and rolls back once', async (t) => {
-  const etcd = await startEtcd(t)
-  const client = new Etcd3({ hosts: etcd.endpoints })
-  t.teardown(() => { client.close() })
-  const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
-  t.teardown(failing.close)
-  // The leader's rollback receiver takes the call and never answers; the followers' answers 200.
-  const stuck = await startReceiver([200])
-  stuck.delayMs = 2 ** 31 - 1
-  t.teardown(stuck.close)
-  const cd = await startReceiver([200])
-  t.teardown(cd.close)
+  // The leader's rollback receiver (stuck) takes the call and never answers; the followers' (cd) answers 200.
+  const { etcd, client, failing, stuck, cd } = await takeoverScene(t)
   // Slack and webhooks of the whole fleet: the incident is announced on them once.
   const hooks = await startReceiver([200])
   t.teardown(hooks.close)
@@ -125,17 +134,8 @@ t.test('the leader is killed (SIGKILL) before its rollback answered: after the l
 })
 
 t.test('a leader killed before its announcement was delivered: the sidecar that takes over announces the incident, once', async (t) => {
-  const etcd = await startEtcd(t)
-  const client = new Etcd3({ hosts: etcd.endpoints })
-  t.teardown(() => { client.close() })
-  const failing = await startUpstream((_req, res) => { res.writeHead(500); res.end('broken release') })
-  t.teardown(failing.close)
-  // The leader's notifications and rollback are taken and never answered; the others' are.
-  const stuck = await startReceiver([200])
-  stuck.delayMs = 2 ** 31 - 1
-  t.teardown(stuck.close)
-  const cd = await startReceiver([200])
-  t.teardown(cd.close)
+  // The leader's notifications and rollback (stuck) are taken and never answered; the others' are.
+  const { etcd, client, failing, stuck, cd } = await takeoverScene(t)
   const config = (url: string): Record<string, unknown> => fleetConfig(failing.url, etcd.endpoints, {
     version: '2.0.0',
     rollback: { type: 'webhook', url: `${url}/rollback`, retries: 0, timeoutMs: '10m' },
