@@ -246,17 +246,8 @@ t.test('a CA bundle caught half-written is not applied: a rotated file is read o
   t.teardown(app.close)
   const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...server, ca: bundle, requestClientCert: true } }) })
   // The checks, driven by hand: no timer decides when this test looks.
-  const watcher = (sc.sidecar as unknown as { proxy: { certificates: { stop: () => void, poll: () => Promise<void> } } }).proxy.certificates
-  watcher.stop()
-  const served = async (client: { cert: string, key: string }): Promise<boolean> => {
-    try {
-      const res = await request(`${sc.proxy}/x`, { dispatcher: agentFor(t, pki.ca, client) })
-      await res.body.dump()
-      return res.statusCode === 200
-    } catch {
-      return false
-    }
-  }
+  const watcher = handDriven(sc)
+  const served = servedOn(t, sc.proxy, pki.ca)
   t.ok(await served(theirs), 'the partner\'s client is served')
 
   // The bundle is rewritten in place and a check catches it with only the first CA in it.
@@ -292,17 +283,8 @@ t.test('a certificate file cut short is never applied, however long its writer p
   const app = await startUpstream()
   t.teardown(app.close)
   const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: { ...live, ca: bundle, requestClientCert: true } }) })
-  const watcher = (sc.sidecar as unknown as { proxy: { certificates: { stop: () => void, poll: () => Promise<void> } } }).proxy.certificates
-  watcher.stop()
-  const served = async (client: { cert: string, key: string }): Promise<boolean> => {
-    try {
-      const res = await request(`${sc.proxy}/x`, { dispatcher: agentFor(t, pki.ca, client) })
-      await res.body.dump()
-      return res.statusCode === 200
-    } catch {
-      return false
-    }
-  }
+  const watcher = handDriven(sc)
+  const served = servedOn(t, sc.proxy, pki.ca)
   const refusals = (): Array<Record<string, unknown>> => sc.logs.filter((l) => l.event === 'tls_reload' && l.result === 'refused')
 
   // A copy that stalled inside the partner's CA block: two checks see the same (short) file.
@@ -477,3 +459,23 @@ t.test('validate: certificate paths are relative to the config file; a mismatche
   t.equal(bad.code, 1, 'exit 1')
   t.match(bad.stderr, /^listen\.proxy\.tls\.key: .*client\.key does not match the certificate .*server\.crt$/m, 'the problem names the key')
 })
+
+/** The sidecar's certificate watcher, stopped: the test runs its checks by hand, no timer decides when. */
+function handDriven (sc: Awaited<ReturnType<typeof startTestSidecar>>): { poll: () => Promise<void> } {
+  const watcher = (sc.sidecar as unknown as { proxy: { certificates: { stop: () => void, poll: () => Promise<void> } } }).proxy.certificates
+  watcher.stop()
+  return watcher
+}
+
+/** Whether a TLS client with `client`'s certificate, trusting `ca`, is served 200 at `proxy`. */
+function servedOn (t: Test, proxy: string, ca: string): (client: { cert: string, key: string }) => Promise<boolean> {
+  return async (client) => {
+    try {
+      const res = await request(`${proxy}/x`, { dispatcher: agentFor(t, ca, client) })
+      await res.body.dump()
+      return res.statusCode === 200
+    } catch {
+      return false
+    }
+  }
+}
