@@ -74,6 +74,14 @@ async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: R
   })
   const quiet = new Set<TestSidecar>()
   keepSending(t, fleet, (s) => !quiet.has(s))
+  // A test that failed or timed out says what each sidecar did last: a hang is otherwise silent.
+  t.teardown(() => {
+    if (t.passing()) return
+    for (const [i, s] of fleet.entries()) {
+      const seen = s.logs.filter((l) => /incident|verif|rollback|fleet|trigger|statuspage|notif/.test(String(l.event)))
+      process.stderr.write(`sidecar ${i} (${String(s.sidecar.fleet?.instance)}), last of ${seen.length} events:\n${seen.slice(-25).map((l) => `  ${String(l.time)} ${String(l.event)} ${String(l.msg)}`).join('\n')}\n`)
+    }
+  })
   await until(async () => (await Promise.all(fleet.map(incidentOf))).every((i) => i?.fleet !== undefined))
   const leaderIndex = (await Promise.all(fleet.map(incidentOf))).findIndex((i) => i?.fleet?.role === 'leader')
   return { state, cd, sp, leader: fleet[leaderIndex] as TestSidecar, rest: fleet.filter((_s, i) => i !== leaderIndex), quiet }

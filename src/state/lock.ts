@@ -218,8 +218,11 @@ async function takeOver (path: string, pid: number, host: string): Promise<'remo
   const mine = await takeGuard(guard)
   if (mine === null) return 'busy'
   try {
+    // Gone: removed, or never there when last read. A lock that is absent now may be linked into
+    // place by another starter a moment later, so absence ends this take-over: a later look at the
+    // name would find that live lock and remove it as stale.
     const lock = await readLock(path)
-    if (!await stat(path).then(() => true, () => false)) return 'gone'
+    if (lock.absent) return 'gone'
     // Held now (taken over by another starter since, or being written): the next round judges it.
     if (lock.pending || (lock.owner !== null && await holds(path, lock.owner, pid, host))) return 'gone'
     await unlink(path).catch(() => {})
@@ -322,6 +325,8 @@ interface Owner {
 }
 
 interface LockRead {
+  /** No lock by that name when it was read. */
+  absent: boolean
   /** Null when there is no lock or it cannot be read as one (then it is stale). */
   owner: Owner | null
   /** An empty or cut lock younger than YOUNG_LOCK_MS: still being written by its creator. */
@@ -333,15 +338,15 @@ async function readLock (path: string): Promise<LockRead> {
   let text: string
   try {
     text = await readFile(path, 'utf8')
-  } catch {
-    return { owner: null, pending: false }
+  } catch (err) {
+    return { absent: (err as NodeJS.ErrnoException).code === 'ENOENT', owner: null, pending: false }
   }
   if (!text.endsWith('\n')) {
     const since = await stat(path).then((s) => Date.now() - s.mtimeMs, () => Infinity)
-    return { owner: null, pending: since < YOUNG_LOCK_MS }
+    return { absent: false, owner: null, pending: since < YOUNG_LOCK_MS }
   }
   const [first, second] = text.split('\n')
   const pid = Number.parseInt((first ?? '').trim(), 10)
   const host = (second ?? '').trim()
-  return { owner: Number.isInteger(pid) && pid > 0 ? { pid, host: host === '' ? null : host } : null, pending: false }
+  return { absent: false, owner: Number.isInteger(pid) && pid > 0 ? { pid, host: host === '' ? null : host } : null, pending: false }
 }
