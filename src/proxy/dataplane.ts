@@ -85,7 +85,7 @@ export class DataPlane {
   private readonly idPrefix = `${randomBytes(6).toString('hex')}-`
   private idCounter = 0
   /** The missing rungs (SPEC §17): their state outlives a reload. */
-  readonly rateLimits = new RateLimits()
+  readonly rateLimits: RateLimits
   readonly failovers: FailoverTable
   private readonly fallbacks = new Fallbacks()
   /**
@@ -105,6 +105,7 @@ export class DataPlane {
     const proxy = trustedBlockList(config.listen.proxy.trustedProxies)
     const egress = trustedBlockList(config.listen.egress?.trustedProxies ?? [])
     this.trustedProxies = { proxy: proxy === null ? null : new TrustedProxies(proxy), egress: egress === null ? null : new TrustedProxies(egress) }
+    this.rateLimits = new RateLimits(this.trustedProxies)
     this.runtime = this.build(config)
   }
 
@@ -145,7 +146,7 @@ export class DataPlane {
     })
     this.routes = routes
     this.stats.retain(routes.map((r) => r.stats))
-    this.rateLimits.attach(routes, config)
+    this.rateLimits.attach(routes)
     this.fallbacks.attach(routes)
     this.failovers.attach(upstreams)
     this.accessLogRate = config.logging.accessLogRate

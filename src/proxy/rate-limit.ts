@@ -20,8 +20,7 @@
 import type { IncomingMessage } from 'node:http'
 import type { BlockList } from 'node:net'
 import { isIP } from 'node:net'
-import type { Config, RateLimitConfig } from '../config/types.js'
-import { trustedBlockList } from '../config/rungs.js'
+import type { RateLimitConfig } from '../config/types.js'
 import type { Route } from './route-table.js'
 
 /** What the runtime mitigation sets: a rate and a burst. */
@@ -57,12 +56,12 @@ export class RateLimiter {
   keyFallbacks = 0
   evictions = 0
 
-  constructor (routeName: string, config: RateLimitConfig, trusted: BlockList | null, listener: Route['listener'] = 'proxy') {
+  constructor (routeName: string, config: RateLimitConfig, trusted: TrustedProxies | null, listener: Route['listener'] = 'proxy') {
     this.config = config
     this.listener = listener
     this.perMs = config.requestsPerSecond / 1000
     this.header = config.key.startsWith('header:') ? config.key.slice(7) : null
-    this.trusted = trusted === null ? null : new TrustedProxies(trusted)
+    this.trusted = trusted
     this.single = config.key === 'route' ? { tokens: config.burst, at: performance.now() } : null
     this.name = `"${routeName}"`
     this.policy = `${this.name};q=${config.burst};w=${Math.max(1, Math.ceil(config.burst / config.requestsPerSecond))}`
@@ -198,12 +197,13 @@ function canonical (address: string): string {
 export class RateLimits {
   private limiters = new Map<string, RateLimiter>()
   private readonly overrides = new Map<string, RateLimitSettings>()
-  private config: Config | null = null
   private routes: readonly Route[] = []
 
+  /** `trusted`: each listener's trusted proxies, the data plane's (they change only at a restart). */
+  constructor (private readonly trusted: Readonly<Record<Route['listener'], TrustedProxies | null>>) {}
+
   /** Give each route its limiter (or none); called for every new runtime. */
-  attach (routes: readonly Route[], config: Config): void {
-    this.config = config
+  attach (routes: readonly Route[]): void {
     this.routes = routes
     const next = new Map<string, RateLimiter>()
     for (const route of routes) {
@@ -214,7 +214,7 @@ export class RateLimits {
       // listener keys clients by that listener's trustedProxies, so it starts afresh.
       const limiter = prev !== undefined && prev.listener === route.listener && JSON.stringify(prev.config) === JSON.stringify(effective)
         ? prev
-        : new RateLimiter(route.name, effective, trustedBlockList(route.listener === 'egress' ? config.listen.egress?.trustedProxies ?? [] : config.listen.proxy.trustedProxies), route.listener)
+        : new RateLimiter(route.name, effective, this.trusted[route.listener], route.listener)
       route.rateLimiter = limiter
       next.set(route.name, limiter)
     }
@@ -231,7 +231,7 @@ export class RateLimits {
     if (settings === null) this.overrides.delete(routeName)
     else if (!this.routes.some((r) => r.name === routeName)) return false
     else this.overrides.set(routeName, { requestsPerSecond: settings.requestsPerSecond, burst: settings.burst })
-    if (this.config !== null) this.attach(this.routes, this.config)
+    this.attach(this.routes)
     return true
   }
 
