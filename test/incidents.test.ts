@@ -706,11 +706,16 @@ t.test('an incident that ended unverified before a restart is verified after it 
   t.equal(escalations(r).pd.length, 1, 'escalated once')
 })
 
-/**
- * A sidecar whose trigger `errors` rolls back through a webhook to `cd`, fired at once by a
- * failing app (escalations go to `hook` when given).
- */
-async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Promise<TestSidecar> {
+interface OneRouteOptions {
+  /** The trigger `errors`'s action. */
+  action: 'rollback' | 'notify'
+  rollback?: Record<string, unknown>
+  notifications?: Record<string, unknown>
+  verification?: Record<string, unknown>
+}
+
+/** A shop with one route, `all`, whose trigger `errors` takes `o.action`, and a webhook rollback to `cd`. */
+async function oneRouteShop (t: Test, cd: Receiver, o: OneRouteOptions): Promise<{ s: TestSidecar, app: App, load: Traffic }> {
   const app = await startApp(t)
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
   const { config } = resolveConfig(testSidecarInput({
@@ -718,14 +723,27 @@ async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Pro
     version: '3.1.0',
     upstreams: { app: { url: app.url } },
     routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'rollback' }],
-    rollback: { type: 'webhook', url: `${cd.url}/rollback` },
-    notifications: hook === undefined ? {} : { webhooks: [`${hook.url}/events`], escalateAfter: '1h' },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: o.action }],
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, ...o.rollback },
+    notifications: o.notifications ?? {},
+    ...(o.verification !== undefined ? { verification: o.verification } : {}),
     logging: { level: 'info', accessLog: false }
   }, stateDir))
   const s = await startCaptured(t, config, stateDir)
   const load = traffic(s.proxy)
   t.teardown(load.close)
+  return { s, app, load }
+}
+
+/**
+ * A sidecar whose trigger `errors` rolls back through a webhook to `cd`, fired at once by a
+ * failing app (escalations go to `hook` when given).
+ */
+async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Promise<TestSidecar> {
+  const { s, app, load } = await oneRouteShop(t, cd, {
+    action: 'rollback',
+    notifications: hook === undefined ? {} : { webhooks: [`${hook.url}/events`], escalateAfter: '1h' }
+  })
   app.failing.add('/')
   await load.burst('/cart', 10)
   s.sidecar.triggers.evaluate(Date.now())
@@ -734,23 +752,12 @@ async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Pro
 
 /** A sidecar whose trigger `errors` only notifies, with a webhook rollback to `cd` for operators. */
 async function operatorShop (t: Test, cd: Receiver): Promise<{ s: TestSidecar, app: App, load: Traffic }> {
-  const app = await startApp(t)
-  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
-  const { config } = resolveConfig(testSidecarInput({
-    service: 'shop',
-    version: '3.1.0',
-    upstreams: { app: { url: app.url } },
-    routes: [{ name: 'all', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '10s', minRequests: 5, action: 'notify' }],
-    rollback: { type: 'webhook', url: `${cd.url}/rollback`, cooldown: 0, retries: 0 },
+  return await oneRouteShop(t, cd, {
+    action: 'notify',
+    rollback: { cooldown: 0, retries: 0 },
     notifications: { escalateAfter: '1h' },
-    verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '2s' },
-    logging: { level: 'info', accessLog: false }
-  }, stateDir))
-  const s = await startCaptured(t, config, stateDir)
-  const load = traffic(s.proxy)
-  t.teardown(load.close)
-  return { s, app, load }
+    verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '2s' }
+  })
 }
 
 t.test('an operator\'s rollback during a trigger\'s open incident acts within it: one incident, verified by the rollback', async (t) => {
