@@ -50,10 +50,11 @@ const FLEET_JOBS = count('BREAKWATER_TEST_FLEET_JOBS', 2)
  * Only the order depends on this list; a file missing from it runs after these, in name order.
  */
 const LONGEST_FIRST = [
-  'fleet-incidents', 'incidents', 'fleet-faults', 'fleet-alertmanager', 'lifecycle', 'fleet-failover',
-  'logging', 'verification', 'drill-fleet', 'build-stamp', 'etcd-client', 'triggers', 'git-rollback',
-  'drill', 'fleet-status-page', 'dockerfile', 'held', 'persistence', 'tls', 'flag-provider',
-  'fleet-rejoin', 'slow-clients', 'fleet', 'notifications', 'circuit-breaker', 'client-corpus'
+  'incidents', 'fleet-incidents', 'fleet-faults', 'state-lock', 'lifecycle', 'fleet-alertmanager',
+  'etcd-client', 'triggers', 'verification', 'logging', 'flag-provider', 'slow-clients', 'drill',
+  'test-runner', 'persistence', 'fleet', 'drill-fleet', 'triage', 'fleet-failover', 'tls', 'tracing',
+  'held', 'fleet-takeover', 'admin-token', 'fleet-status-page', 'operator-cli-mitigations',
+  'build-stamp', 'operator-cli', 'fleet-rejoin', 'rollback', 'notifications', 'dockerfile'
 ]
 /** tap's own limit per file, in seconds; past it and a minute more, the process is killed. */
 const TIMEOUT_S = 300
