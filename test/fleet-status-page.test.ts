@@ -17,9 +17,14 @@ import { incidentKey } from '../src/control/notify.js'
 
 t.setTimeout(180_000)
 
+/** What the test waits for now (the check's source), for the dump of a test that timed out. */
+let waiting: string | null = null
+
 /** Poll `check` until it holds; the test's own timeout is the only bound. */
 async function until (check: () => boolean | Promise<boolean>, everyMs = 50): Promise<void> {
+  waiting = check.toString()
   while (!await check()) await sleep(everyMs)
+  waiting = null
 }
 
 interface IncidentView { trigger: string, status: string, fleet?: { role: string, leader: string } }
@@ -77,6 +82,7 @@ async function pagedFleet (t: Test, respond: number[], fixedBy: number, extra: R
   // A test that failed or timed out says what each sidecar did last: a hang is otherwise silent.
   t.teardown(() => {
     if (t.passing()) return
+    process.stderr.write(`waiting for: ${waiting ?? 'no condition (a step between two waits)'}\n`)
     for (const [i, s] of fleet.entries()) {
       const seen = s.logs.filter((l) => /incident|verif|rollback|fleet|trigger|statuspage|notif/.test(String(l.event)))
       process.stderr.write(`sidecar ${i} (${String(s.sidecar.fleet?.instance)}), last of ${seen.length} events:\n${seen.slice(-25).map((l) => `  ${String(l.time)} ${String(l.event)} ${String(l.msg)}`).join('\n')}\n`)
