@@ -926,3 +926,28 @@ t.test('the same kill or forced circuit again is the same mitigation: one incide
   const killed = ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as any[]).find((i) => i.mitigation?.action === 'killSwitch')
   t.equal(killed?.mitigation.status, 'lifted', 'the restore ends the one kill')
 })
+
+t.test('an escalated incident that ended unverified, carried on by a newer incident of its key: the newer one\'s restoration resolves the escalation page too', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const cd = await startReceiver([400])
+  t.teardown(cd.close)
+  const { s, load } = await shop(t, app, r, { notifications: { escalateAfter: '1h' }, rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 }, verification: { timeoutMs: '1s' } })
+  // An operator's rollback fails: its incident escalates at once, then ends unverified (nobody is using the service).
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })).status, 202)
+  t.ok(await eventually(() => escalations(r).pd.length === 1, 15_000), 'the failed rollback paged the escalation key')
+  const [first] = await incidents(s)
+  t.equal((await settled(s, first.id)).status, 'unverified')
+  // The operator's next step opens a newer incident of the same key, which users' traffic verifies.
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', flags: ['newCheckout'], reason: 'checkout errors' })).status, 201)
+  const [second] = await incidents(s)
+  t.not(second.id, first.id, 'a newer incident')
+  const stop = users(load)
+  t.teardown(stop)
+  // Verified on the users' traffic (if its first verification ends unverified, when their traffic is seen).
+  t.ok(await eventually(async () => (await incidents(s)).find((i) => i.id === second.id)?.status === 'restored', 30_000, 100), 'the newer incident is restored')
+  await stop()
+  const page = escalations(r).pd[0] as Delivery
+  t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === 'rk-escalation' && d.body.dedup_key === page.body.dedup_key), 15_000), 'the escalation page is resolved')
+  t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.details, { incident: second.id, escalated: false, supersededEscalated: [first.id] }, 'the notice names the incident whose escalation it ends')
+})

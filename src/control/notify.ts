@@ -323,8 +323,10 @@ function pagerDutyEvents (c: NotificationsConfig, e: NotificationEvent): Array<{
     case 'escalated':
       return [{ routingKey: escalationKey, action: 'trigger', severity: 'critical' }]
     case 'restoration_verified': {
-      if (e.trigger === null && e.details.escalated !== true) return []
-      const keys = new Set([...(e.trigger !== null ? [c.pagerDutyRoutingKey] : []), ...(e.details.escalated === true ? [escalationKey] : [])])
+      // An older incident of the same key, escalated and carried on by this one, was escalated under this dedup_key too.
+      const escalated = e.details.escalated === true || (Array.isArray(e.details.supersededEscalated) && e.details.supersededEscalated.length > 0)
+      if (e.trigger === null && !escalated) return []
+      const keys = new Set([...(e.trigger !== null ? [c.pagerDutyRoutingKey] : []), ...(escalated ? [escalationKey] : [])])
       return [...keys].map((routingKey) => ({ routingKey, action: 'resolve', severity: 'critical' }))
     }
     default:

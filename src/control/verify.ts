@@ -877,7 +877,25 @@ export class Verifier {
   }
 
   private notify (incident: Incident, kind: IncidentEventKind, summary: string): void {
-    this.deps.notifier.notify(this.event(incident, kind, summary))
+    const event = this.event(incident, kind, summary)
+    if (kind === 'restoration_verified') {
+      const superseded = this.supersededEscalations(incident)
+      // Their escalation went out under this incident's key (the same PagerDuty dedup_key): this
+      // restoration resolves it, or the page to the escalation routing key would stay open for good.
+      if (superseded.length > 0) event.details.supersededEscalated = superseded
+    }
+    this.deps.notifier.notify(event)
+  }
+
+  /**
+   * The older incidents of `incident`'s key (its trigger and version) that this sidecar acted
+   * for, that were escalated and never restored: they ended (not restored, unverified) and this
+   * newer incident carried their outage on, so nothing else will resolve their escalation.
+   */
+  private supersededEscalations (incident: Incident): string[] {
+    return this.incidents
+      .filter((i) => i !== incident && i.trigger === incident.trigger && i.version === incident.version && i.escalatedAt !== null && i.status !== 'restored' && !OPEN.has(i.status) && i.fleet?.role !== 'follower' && Date.parse(i.detectedAt) <= Date.parse(incident.detectedAt))
+      .map((i) => i.id)
   }
 
   private event (incident: Incident, kind: IncidentEventKind, summary: string): NotificationEvent {
