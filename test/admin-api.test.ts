@@ -141,6 +141,31 @@ t.test('a ttl on a mitigation that does not take one is a 400, never a kill with
   t.same((await admin(s.admin, 'GET', '/v1/state')).body.mitigations, [], 'no record')
 })
 
+t.test('a field a call does not take is a 400 naming it (and the field it looks like), never ignored: a misspelt scope or ttl changes nothing', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url))
+  const cases: Array<[string, string, Record<string, unknown>, RegExp]> = [
+    ['PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', scpoe: 'fleet' }, /^unknown field "scpoe" \(did you mean "scope"\?\): this call takes enabled, reason, ttl, scope$/],
+    ['PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', tll: '10m' }, /^unknown field "tll" \(did you mean "ttl"\?\)/],
+    ['PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', Scope: 'fleet' }, /^unknown field "Scope" \(did you mean "scope"\?\)/],
+    ['PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', fleet: true }, /^unknown field "fleet": this call takes/],
+    ['PUT', '/v1/circuits/pay', { state: 'open', reason: 'x', ttl: '1m', sope: 'fleet' }, /^unknown field "sope" \(did you mean "scope"\?\)/],
+    ['POST', '/v1/mitigations', { action: 'killSwitch', flag: ['newSearch'], reason: 'x' }, /^unknown field "flag" \(did you mean "flags"\?\)/],
+    ['POST', '/v1/mitigations', { action: 'circuitBreak', upstream: ['pay'], reason: 'x' }, /^unknown field "upstream" \(did you mean "upstreams"\?\)/]
+  ]
+  for (const [method, path, body, message] of cases) {
+    const r = await admin(s.admin, method, path, body)
+    t.equal(r.status, 400, `${method} ${path} ${Object.keys(body).join(',')}: 400`)
+    t.match(r.body, { error: 'bad_request', message }, 'naming the field')
+  }
+  t.equal((await send(s.proxy, '/search')).status, 200, 'nothing was killed')
+  t.same((await admin(s.admin, 'GET', '/v1/state')).body.mitigations, [], 'no record')
+  t.equal((await admin(s.admin, 'GET', '/v1/state')).body.circuits.pay.forced, null, 'no circuit forced')
+  const killed = await admin(s.admin, 'PUT', '/v1/flags/newSearch', { enabled: false, reason: 'x', ttl: '10m', scope: 'local' })
+  t.equal(killed.status, 200, 'the fields a call takes are taken')
+})
+
 t.test('an unexpected error in the admin API is a 500 and an error log line with the error, never silent', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

@@ -34,11 +34,41 @@ const DURATION = /^[0-9]+(\.[0-9]+)?(ms|s|m|h)$/
 
 type Body = Record<string, unknown>
 
-function body (req: FastifyRequest): Body {
+/**
+ * The body of a call that takes `fields`. A field it does not take is refused, not ignored: a
+ * misspelt `scope` would otherwise kill on this sidecar alone while the operator believes the
+ * whole fleet is covered, and a misspelt `ttl` would make a kill that never lapses.
+ */
+function body (req: FastifyRequest, fields: readonly string[]): Body {
   const b = req.body
   if (b === undefined || b === null) return {}
   if (typeof b !== 'object' || Array.isArray(b)) throw new ControlError(400, 'bad_request', 'the body must be a JSON object')
+  for (const key of Object.keys(b)) {
+    if (fields.includes(key)) continue
+    const near = fields.find((f) => close(f, key))
+    throw new ControlError(400, 'bad_request', `unknown field "${key}"${near !== undefined ? ` (did you mean "${near}"?)` : ''}: this call takes ${fields.join(', ')}`)
+  }
   return b as Body
+}
+
+/** Whether `typed` is `field` with a slip: another case, or at most two letters changed, added, dropped or swapped. */
+function close (field: string, typed: string): boolean {
+  const a = field.toLowerCase()
+  const b = typed.toLowerCase()
+  // The optimal string alignment distance, row by row (`prev` is row i - 1, `before` row i - 2).
+  let before: number[] = []
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j)
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i]
+    for (let j = 1; j <= b.length; j++) {
+      let best = Math.min((prev[j] ?? 0) + 1, (row[j - 1] ?? 0) + 1, (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1))
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) best = Math.min(best, (before[j - 2] ?? 0) + 1)
+      row.push(best)
+    }
+    before = prev
+    prev = row
+  }
+  return (prev[b.length] ?? 0) <= Math.min(2, Math.floor(a.length / 2))
 }
 
 function actor (req: FastifyRequest, b: Body, optionalReason?: string): Actor {
@@ -159,7 +189,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   app.get('/v1/state', async () => deps.state())
 
   app.put<{ Params: { key: string } }>('/v1/flags/:key', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['enabled', 'reason', 'ttl', 'scope'])
     if (typeof b.enabled !== 'boolean') throw new ControlError(400, 'bad_request', 'enabled must be true or false')
     const who = actor(req, b)
     if (fleetScope(b)) {
@@ -171,7 +201,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   })
 
   app.delete<{ Params: { key: string } }>('/v1/flags/:key', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['reason', 'scope'])
     if (fleetScope(b)) {
       const { persisted } = await control.setFleetOverride('flags', req.params.key, null, actor(req, b), null)
       return await reply.send({ flag: req.params.key, scope: 'fleet', override: null, enabled: control.flagEnabled(req.params.key), persisted })
@@ -181,7 +211,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   })
 
   app.put<{ Params: { upstream: string } }>('/v1/circuits/:upstream', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['state', 'reason', 'ttl', 'scope'])
     if (b.state !== 'open' && b.state !== 'closed' && b.state !== 'auto') throw new ControlError(400, 'bad_request', 'state must be "open", "closed" or "auto"')
     if (fleetScope(b)) {
       const { persisted } = await control.setFleetOverride('circuits', req.params.upstream, b.state === 'auto' ? null : b.state, actor(req, b), ttl(b))
@@ -192,7 +222,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   })
 
   app.post('/v1/mitigations', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['action', 'reason', 'flags', 'upstreams', 'routes', 'to', 'requestsPerSecond', 'burst', 'ttl', 'scope'])
     if (typeof b.action !== 'string') throw new ControlError(400, 'bad_request', 'action is required: killSwitch, circuitBreak, rollback, failover or rateLimit')
     const who = actor(req, b)
     if (b.to !== undefined && b.to !== null && (typeof b.to !== 'string' || b.to === '')) throw new ControlError(400, 'bad_request', 'to must be the name of an upstream')
@@ -225,7 +255,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   })
 
   app.delete<{ Params: { id: string } }>('/v1/mitigations/:id', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['reason'])
     const { value, persisted } = await control.lift(req.params.id, actor(req, b))
     return await reply.send({ ...value, persisted })
   })
@@ -238,7 +268,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
   })
 
   app.post('/v1/reload', async (req, reply) => {
-    const b = body(req)
+    const b = body(req, ['reason'])
     const who = actor(req, b, 'reload requested')
     const result = await deps.reload(who)
     if (result.draining === true) return await reply.code(409).send({ error: 'draining', message: 'the sidecar is shutting down: a reload is not applied while it drains', problems: result.problems })
