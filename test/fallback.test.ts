@@ -175,6 +175,33 @@ t.test('fallback: a response to a request with Cache-Control: no-store is never 
   isStale(t, await send(sc.proxy, '/plain'), 'good /plain', 'another request directive does not stop storing')
 })
 
+t.test('fallback: a request that asks for a validated answer (no-cache, max-age=0, Pragma) gets none from the cache, unless it says stale-if-error', async (t) => {
+  const { state, sc } = await staleSidecar(t)
+  t.equal((await send(sc.proxy, '/page')).status, 200, 'stored')
+  state.mode = 'reset'
+  const refused: Array<Record<string, string>> = [
+    { 'cache-control': 'no-cache' },
+    { 'cache-control': 'max-age=0' },
+    { 'cache-control': 'max-age=00, max-stale' },
+    { pragma: 'no-cache' }
+  ]
+  for (const headers of refused) {
+    const r = await send(sc.proxy, '/page', { headers })
+    t.equal(r.status, 502, `${JSON.stringify(headers)}: the failure, not a stored answer (RFC 9111 §5.2.1)`)
+    t.equal(r.headers['x-breakwater-fallback'], undefined, `${JSON.stringify(headers)}: not marked`)
+  }
+  const accepted: Array<Record<string, string>> = [
+    {},
+    { 'cache-control': 'no-cache, stale-if-error' },
+    { 'cache-control': 'max-age=0, stale-if-error=3600' },
+    { 'cache-control': 'max-age=3600' },
+    { 'cache-control': 'max-age=3600', pragma: 'no-cache' }
+  ]
+  for (const headers of accepted) isStale(t, await send(sc.proxy, '/page', { headers }), 'good /page', JSON.stringify(headers))
+  t.ok(await eventually(async () => (await send(sc.proxy, '/page', { headers: { 'cache-control': 'max-age=1' } })).status === 502, 10_000, 100), 'max-age=1: not once the entry is older than that')
+  t.ok(await eventually(async () => (await send(sc.proxy, '/page', { headers: { 'cache-control': 'no-cache, stale-if-error=1' } })).status === 502, 10_000, 100), 'stale-if-error=1: not once more than 1 s stale')
+})
+
 t.test('fallback: an answer that forbids stale use (no-cache, must-revalidate, proxy-revalidate, s-maxage) is served only while fresh', async (t) => {
   const { state, sc } = await staleSidecar(t)
   const refused = ['/no-cache', '/must-revalidate', '/proxy-revalidate', '/s-maxage-passed']

@@ -14,7 +14,10 @@
  * `Cache-Control: no-store`, `private` or `no-cache` on the response, and without `Vary: *`.
  * A response that forbids being served stale (`must-revalidate`, `proxy-revalidate` or
  * `s-maxage`: RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10) is served only while it is still
- * fresh by its `s-maxage` or `max-age` (its `Age` counted), and not stored without one. A `Vary` response is stored with the
+ * fresh by its `s-maxage` or `max-age` (its `Age` counted), and not stored without one. A request
+ * that asks for a validated answer (`no-cache`, `max-age=0`, `Pragma: no-cache`: RFC 9111
+ * §5.2.1) is not answered from the cache unless it also says `stale-if-error` (RFC 5861 §4); one
+ * with `max-age=N` only with an entry at most N seconds old. A `Vary` response is stored with the
  * values of the request headers it names and served only to a request with the same values
  * (one variant per URL: the latest). The body is captured while it streams to the client
  * and given up the moment it passes `maxEntryBytes`, or when the bodies being captured at once
@@ -51,6 +54,8 @@ const NO_CACHE = /(?:^|[\s,])no-cache(?:$|[\s,=])/i
 const NO_STALE = /(?:^|[\s,])(?:must-revalidate|proxy-revalidate|s-maxage)(?:$|[\s,=])/i
 const S_MAXAGE = /(?:^|[\s,])s-maxage\s*=\s*"?(\d{1,10})/i
 const MAX_AGE = /(?:^|[\s,])max-age\s*=\s*"?(\d{1,10})/i
+/** RFC 5861 §4 in a request: the client accepts a stale answer when the origin fails (optionally for at most N seconds past freshness). */
+const STALE_IF_ERROR = /(?:^|[\s,])stale-if-error(?:\s*=\s*"?(\d{1,10}))?(?:$|[\s,"])/i
 
 /** Bookkeeping bytes counted per entry besides its body, headers and key. */
 const ENTRY_OVERHEAD = 200
@@ -128,6 +133,8 @@ interface Entry {
   initialAge: number
   /** The age in seconds from which it may not be served (it forbids stale answers); else Infinity. */
   freshSeconds: number
+  /** Its freshness lifetime in seconds (RFC 9111 §4.2.1: `s-maxage`, else `max-age`; else 0). */
+  lifetimeSeconds: number
   bytes: number
 }
 
@@ -191,13 +198,18 @@ export class FallbackCache {
     }
     const freshSeconds = staleForbiddenAfter(cacheControl)
     if (freshSeconds === 0) return null
-    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)), freshSeconds)
+    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)), freshSeconds, lifetime(cacheControl))
   }
 
-  /** The stored response for `req`, if any and not older than `maxAgeMs`. */
+  /**
+   * The stored response for `req`, if any, not older than `maxAgeMs`, and one the request itself
+   * accepts (`acceptsStored`).
+   */
   lookup (req: IncomingMessage, key: string, now: number, maxAgeMs: number): Entry | null {
     const entry = this.entries.get(key)
-    if (entry === undefined || now - entry.storedAt > maxAgeMs || ageOf(entry, now) >= entry.freshSeconds) return null
+    if (entry === undefined || now - entry.storedAt > maxAgeMs) return null
+    const age = ageOf(entry, now)
+    if (age >= entry.freshSeconds || !acceptsStored(req, entry, age)) return null
     for (let i = 0; i < entry.vary.length; i++) {
       if (headerValue(req, entry.vary[i] as string) !== entry.varyValues[i]) return null
     }
@@ -211,7 +223,7 @@ export class FallbackCache {
    * recently used entries to make room; not stored when evicted entries still being written
    * hold the room.
    */
-  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, initialAge: number, freshSeconds: number, bytes: number): void {
+  store (key: string, headers: string[], vary: string[], varyValues: string[], chunks: Buffer[], length: number, storedAt: number, initialAge: number, freshSeconds: number, lifetimeSeconds: number, bytes: number): void {
     const { maxBytes, maxEntries } = this.config
     if (initialAge >= freshSeconds) return // stale already, and it forbids stale answers
     bytes += Math.ceil(length / PAGE_BYTES) * PAGE_BYTES
@@ -226,7 +238,7 @@ export class FallbackCache {
     // Pages are counted in bytes, so room in bytes is room in the arena.
     const written = this.arena.write(chunks, length)
     if (written === null) return
-    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, initialAge, freshSeconds, bytes })
+    this.entries.set(key, { key, headers, body: written.views, length, pages: written.pages, readers: 0, evicted: false, vary, varyValues, storedAt, initialAge, freshSeconds, lifetimeSeconds, bytes })
     this.bytes += bytes
   }
 
@@ -272,7 +284,8 @@ export class Capture {
     private readonly headers: string[],
     private readonly vary: string[],
     private readonly varyValues: string[],
-    private readonly freshSeconds: number
+    private readonly freshSeconds: number,
+    private readonly lifetimeSeconds: number
   ) {}
 
   add (chunk: Buffer): void {
@@ -310,7 +323,7 @@ export class Capture {
       bytes += (this.headers[i] as string).length + (this.headers[i + 1] as string).length
     }
     for (const v of this.varyValues) bytes += v.length
-    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, initialAge, this.freshSeconds, bytes)
+    this.cache.store(this.key, headers, this.vary, this.varyValues, chunks, this.length, now, initialAge, this.freshSeconds, this.lifetimeSeconds, bytes)
   }
 }
 
@@ -324,6 +337,32 @@ function staleForbiddenAfter (value: string): number {
   if (!NO_STALE.test(value)) return Infinity
   const limit = S_MAXAGE.exec(value) ?? MAX_AGE.exec(value)
   return limit === null ? 0 : Number(limit[1])
+}
+
+/** The freshness lifetime a response's `Cache-Control` gives, in seconds (RFC 9111 §4.2.1); 0 when it gives none. */
+function lifetime (cacheControl: string): number {
+  const limit = S_MAXAGE.exec(cacheControl) ?? MAX_AGE.exec(cacheControl)
+  return limit === null ? 0 : Number(limit[1])
+}
+
+/**
+ * Whether `req` lets a stored response of `age` seconds answer it. A request with `no-cache`, or
+ * `Pragma: no-cache` and no `Cache-Control` (RFC 9111 §5.2.1.4, §5.4), or `max-age=0`, wants
+ * only an answer validated at the origin; `max-age=N`, none older than N seconds (§5.2.1.1).
+ * `stale-if-error` (RFC 5861 §4) overrides them: the client accepts a stale answer when the
+ * origin fails, for at most its N seconds past the response's freshness lifetime.
+ */
+function acceptsStored (req: IncomingMessage, entry: Entry, age: number): boolean {
+  const asked = req.headers['cache-control']
+  if (asked === undefined) {
+    const pragma = req.headers.pragma
+    return pragma === undefined || !NO_CACHE.test(pragma)
+  }
+  const staleIfError = STALE_IF_ERROR.exec(asked)
+  if (staleIfError !== null) return staleIfError[1] === undefined || age - entry.lifetimeSeconds <= Number(staleIfError[1])
+  if (NO_CACHE.test(asked)) return false
+  const maxAge = MAX_AGE.exec(asked)
+  return maxAge === null || (Number(maxAge[1]) > 0 && age <= Number(maxAge[1]))
 }
 
 /** An entry's age at `now` in seconds, the upstream's `Age` included (RFC 9111 §4.2.3). */
