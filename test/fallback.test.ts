@@ -50,6 +50,14 @@ async function appUpstream (t: Test, state: { mode: Mode, bodyBytes?: number, he
     }
     if (noStale[url] !== undefined) headers['cache-control'] = noStale[url]
     if (url === '/s-maxage-passed') headers.age = '100'
+    // Fresh by Expires minus Date alone (RFC 9111 §4.2.1): 600 s, 2 s, or expired already.
+    const expiresIn: Record<string, number> = { '/expires-fresh': 600, '/expires-2s': 2, '/expires-passed': -60 }
+    if (expiresIn[url] !== undefined) {
+      const now = Math.floor(Date.now() / 1000) * 1000
+      headers['cache-control'] = url === '/expires-2s' ? 'proxy-revalidate' : 'must-revalidate'
+      headers.date = new Date(now).toUTCString()
+      headers.expires = new Date(now + (expiresIn[url] as number) * 1000).toUTCString()
+    }
     headers['content-length'] = Buffer.byteLength(body)
     res.writeHead(200, headers)
     res.end(body)
@@ -211,6 +219,16 @@ t.test('fallback: an answer that forbids stale use (no-cache, must-revalidate, p
   for (const p of refused) t.equal((await send(sc.proxy, p)).status, 502, `${p}: the failure, not a stale answer`)
   for (const p of fresh) isStale(t, await send(sc.proxy, p), `good ${p}`, `${p}, still fresh by its own max-age or s-maxage,`)
   t.ok(await eventually(async () => (await send(sc.proxy, '/must-revalidate-1s')).status === 502, 10_000, 100), 'once past its max-age, must-revalidate is not served stale')
+})
+
+t.test('fallback: an answer that forbids stale use and is fresh by Expires alone is stored, and served while fresh (RFC 9111 §4.2.1)', async (t) => {
+  const { state, sc } = await staleSidecar(t)
+  for (const p of ['/expires-fresh', '/expires-2s', '/expires-passed']) t.equal((await send(sc.proxy, p)).status, 200, `${p} answered`)
+  t.equal(routeFallback(sc).cache?.size, 2, 'the two still fresh by Expires were stored')
+  state.mode = 'reset'
+  isStale(t, await send(sc.proxy, '/expires-fresh'), 'good /expires-fresh', 'must-revalidate, Expires 600 s after Date')
+  t.equal((await send(sc.proxy, '/expires-passed')).status, 502, 'Expires before Date: the failure')
+  t.ok(await eventually(async () => (await send(sc.proxy, '/expires-2s')).status === 502, 10_000, 100), 'once past its Expires, proxy-revalidate is not served stale')
 })
 
 t.test('fallback: a stale answer carries the request id of the request it answers, once', async (t) => {

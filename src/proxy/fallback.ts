@@ -14,7 +14,8 @@
  * `Cache-Control: no-store`, `private` or `no-cache` on the response, and without `Vary: *`.
  * A response that forbids being served stale (`must-revalidate`, `proxy-revalidate` or
  * `s-maxage`: RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10) is served only while it is still
- * fresh by its `s-maxage` or `max-age` (its `Age` counted), and not stored without one. A request
+ * fresh by its `s-maxage`, else its `max-age`, else its `Expires` minus its `Date` (RFC 9111
+ * §4.2.1; its `Age` counted), and not stored without one. A request
  * that asks for a validated answer (`no-cache`, `max-age=0`, `Pragma: no-cache`: RFC 9111
  * §5.2.1) is not answered from the cache unless it also says `stale-if-error` (RFC 5861 §4); one
  * with `max-age=N` only with an entry at most N seconds old. A `Vary` response is stored with the
@@ -179,6 +180,8 @@ export class FallbackCache {
     if (asked !== undefined && NO_STORE.test(asked)) return null
     let vary: string[] = []
     let cacheControl = ''
+    let expires: string | null = null
+    let date: string | null = null
     for (let i = 0; i < headers.length; i += 2) {
       const name = (headers[i] as string).toLowerCase()
       const value = headers[i + 1] as string
@@ -188,6 +191,8 @@ export class FallbackCache {
         cacheControl += `,${value}`
       }
       if (name === 'content-length' && Number(value) > this.config.maxEntryBytes) return null
+      if (name === 'expires') expires ??= value
+      if (name === 'date') date ??= value
       if (name === 'vary') {
         for (const v of value.split(',')) {
           const n = v.trim().toLowerCase()
@@ -196,9 +201,10 @@ export class FallbackCache {
         }
       }
     }
-    const freshSeconds = staleForbiddenAfter(cacheControl)
+    const lifetimeSeconds = lifetime(cacheControl, expires, date)
+    const freshSeconds = staleForbiddenAfter(cacheControl, lifetimeSeconds)
     if (freshSeconds === 0) return null
-    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)), freshSeconds, lifetime(cacheControl))
+    return new Capture(this, key, headers, vary, vary.map((n) => headerValue(req, n)), freshSeconds, lifetimeSeconds)
   }
 
   /**
@@ -329,20 +335,27 @@ export class Capture {
 
 /**
  * From what age (seconds) a response whose `Cache-Control` is `value` may no longer be served:
- * 0 for `no-cache`; its `s-maxage`, else its `max-age`, else 0 when it forbids stale answers;
+ * 0 for `no-cache`; its freshness lifetime (`lifetimeSeconds`) when it forbids stale answers;
  * Infinity otherwise (then only the route's `staleIfError` bounds it, RFC 5861 §4).
  */
-function staleForbiddenAfter (value: string): number {
+function staleForbiddenAfter (value: string, lifetimeSeconds: number): number {
   if (NO_CACHE.test(value)) return 0
-  if (!NO_STALE.test(value)) return Infinity
-  const limit = S_MAXAGE.exec(value) ?? MAX_AGE.exec(value)
-  return limit === null ? 0 : Number(limit[1])
+  return NO_STALE.test(value) ? lifetimeSeconds : Infinity
 }
 
-/** The freshness lifetime a response's `Cache-Control` gives, in seconds (RFC 9111 §4.2.1); 0 when it gives none. */
-function lifetime (cacheControl: string): number {
+/**
+ * A response's freshness lifetime in seconds (RFC 9111 §4.2.1): its `s-maxage`, else its
+ * `max-age`, else its `Expires` minus its `Date` (the time it is stored when it has no valid
+ * `Date`); 0 when it gives none, or an `Expires` that is not a date ("0" included, §5.3).
+ */
+function lifetime (cacheControl: string, expires: string | null, date: string | null): number {
   const limit = S_MAXAGE.exec(cacheControl) ?? MAX_AGE.exec(cacheControl)
-  return limit === null ? 0 : Number(limit[1])
+  if (limit !== null) return Number(limit[1])
+  if (expires === null) return 0
+  const expiresAt = Date.parse(expires)
+  if (Number.isNaN(expiresAt)) return 0
+  const dated = date === null ? NaN : Date.parse(date)
+  return Math.max(0, Math.floor((expiresAt - (Number.isNaN(dated) ? Date.now() : dated)) / 1000))
 }
 
 /**
