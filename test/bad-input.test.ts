@@ -1,7 +1,7 @@
 import t from 'tap'
 import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
-import { send, raw } from './helpers/http.js'
+import { send, raw, eventually } from './helpers/http.js'
 import { parseResponse, type RawResponse } from './helpers/wire.js'
 import { scrape, sumOf } from './helpers/metrics.js'
 
@@ -125,4 +125,25 @@ t.test('every 400 of a request that cannot be forwarded is counted in breakwater
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '400', source: 'breakwater' }), 3, 'each counted as our 400')
   t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 3, 'and each as a client error, once')
   t.equal((await send(proxy, '/ok')).status, 200)
+})
+
+t.test('OPTIONS * (asterisk-form) is answered 200 by the sidecar itself; another method with * is still refused', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxyPort, ops, logs } = await startTestSidecar(t, oneRoute(up.url))
+  // On one connection: the ping, then an ordinary request behind it (the connection lives on).
+  const both = await raw(proxyPort, 'OPTIONS * HTTP/1.1\r\nHost: x\r\nx-request-id: ping-1\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  const ping = parseResponse(both)
+  t.equal(ping.status, 200, 'RFC 9110 §9.3.7: a valid request, answered')
+  t.equal(ping.headers['content-length'], '0', 'with an empty body')
+  t.equal(ping.headers['x-request-id'], 'ping-1', 'and its request id')
+  t.equal(ping.headers['x-breakwater-error'], undefined, 'not an error')
+  const after = parseResponse(both.slice(both.indexOf('HTTP/1.1', 10)))
+  t.equal(after.status, 200, 'the request behind it on the same connection is forwarded')
+  t.same(up.received.map((r) => r.url), ['/after'], 'the upstream saw only that one')
+  t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.requestId === 'ping-1' && l.outcome === 'ok')), 'logged as a success')
+  t.equal(sumOf(await scrape(ops), 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 1, 'counted as the sidecar\'s answer')
+
+  const get = parseResponse(await raw(proxyPort, 'GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))
+  t.equal(get.status, 400, 'GET * names no resource: refused')
 })

@@ -510,6 +510,19 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     if (abort !== null) abort()
   }
 
+  /**
+   * `OPTIONS *` (RFC 9110 §9.3.7): an empty `200` of Breakwater's own, for the server in general
+   * (no `Allow`: what the app supports is per resource).
+   */
+  answerServerOptions (): void {
+    const headers = ['content-length', '0', 'x-request-id', this.requestId]
+    if (this.closeAfter()) headers.push('connection', 'close')
+    this.res.writeHead(200, headers)
+    this.res.end()
+    this.conclude(200, null)
+    this.end()
+  }
+
   protected respond (code: ErrorCode, status: number, message: string | undefined, extra: string[] | undefined): void {
     const res = this.res
     if (res.headersSent || res.destroyed) return

@@ -7,6 +7,7 @@
  *   refuse what cannot be forwarded as sent: a major version other than HTTP/1, an invalid
  *                 encoding, more header fields than the listener allows, framing (two Host,
  *                 CL conflicts)                                            → 400 / 431
+ *                 `OPTIONS *` asks about the server itself                 → 200, answered here
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   rate limit    the route's token bucket for this key is empty            → 429 rate_limited
@@ -202,7 +203,9 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     refuseUnforwardable(ctx, 'headers_too_large', `more than ${maxHeaderFields / 2} header fields`)
     return
   }
-  if (path === null) {
+  // RFC 9110 §9.3.7: `OPTIONS *` (asterisk-form, RFC 9112 §3.2.4) asks about the server itself.
+  const asterisk = target === '*' && req.method === 'OPTIONS'
+  if (path === null && !asterisk) {
     ctx.refuse('bad_request', 'invalid request target or percent-encoding')
     return
   }
@@ -220,6 +223,13 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
   }
   if (unmetExpectation.has(req)) {
     refuseUnforwardable(ctx, 'bad_request', 'Expect: only 100-continue is supported')
+    return
+  }
+  if (asterisk || path === null) {
+    // Answered here, like a ping: it names no resource, so no route, and undici sends only
+    // origin- and absolute-form targets, so it cannot be passed on as it is.
+    if (ctx instanceof Exchange) ctx.answerServerOptions()
+    else ctx.refuse('bad_request', 'only WebSocket upgrades (GET) are supported')
     return
   }
   ctx.path = path
