@@ -671,7 +671,8 @@ t.test('an incident that ended unverified is verified when real traffic returns:
   const [i] = await incidents(s)
   t.match(i, { id: first.id, status: 'restored', endedAt: i.restoredAt }, 'ended when verified')
   t.ok(s.logs.some((l) => l.event === 'incident' && l.phase === 'traffic_returned' && l.incident === i.id), 'logged')
-  t.ok((await auditOf(s)).some((e) => e.action === 'incident.verifying' && e.targets.includes(i.id)), 'audited')
+  // Written in the background (state file first, then the audit line): it lands soon after.
+  t.ok(await eventually(async () => (await auditOf(s)).some((e) => e.action === 'incident.verifying' && e.targets.includes(i.id)), 15_000), 'audited')
 
   t.ok(await eventually(() => ['rk-main', 'rk-escalation'].every((key) => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === key)), 15_000), 'PagerDuty resolved on both routing keys')
   t.ok(await eventually(() => escalationPosts().some((a) => typeof a.endsAt === 'string'), 15_000), 'the escalation alert resolved')
