@@ -311,6 +311,11 @@ t.test('an incident restored in time never escalates: the deadline is disarmed a
   t.equal((await incidents(s)).find((x) => x.id === i.id).escalatedAt, null)
   t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve')), 'resolved')
   t.same(r.pd.deliveries.map((d) => [d.body.event_action, d.body.routing_key]), [['trigger', 'rk-main'], ['resolve', 'rk-main']], 'an incident never escalated is resolved on the routing key only')
+  // Eleven facts: Slack takes ten fields a section, so the eleventh opens a second one.
+  const restored = r.slack.deliveries.find((d) => /restored \(verified\)/.test(String(d.body?.text)))
+  const fields = (restored?.body.blocks as Array<{ fields?: Array<{ text: string }> }>).flatMap((b) => b.fields ?? [])
+  t.ok(fields.length > 10 && fields.some((f) => f.text === `*escalateAt*: ${String(i.escalateAt)}`), 'the Slack message of the restoration carries every fact, its deadline too')
+  t.ok((restored?.body.blocks as Array<{ fields?: unknown[] }>).every((b) => (b.fields?.length ?? 0) <= 10), 'at most ten fields a section')
 })
 
 t.test('a failed verification escalates at once, whatever escalateAfter; once', async (t) => {

@@ -339,14 +339,16 @@ function slackPayload (c: NotificationsConfig, e: NotificationEvent): Record<str
   const text = `${icon} *${e.service}* ${e.version} — ${e.summary}`
   const facts = Object.entries(e.details)
     .filter(([, v]) => v !== null && v !== undefined && typeof v !== 'object')
-    .slice(0, 10)
-    .map(([k, v]) => `*${k}*: ${String(v)}`)
+    .map(([k, v]) => ({ type: 'mrkdwn', text: `*${k}*: ${String(v)}` }))
+  // Slack takes at most 10 fields in a section: the rest go in the next ones, never dropped.
+  const sections = []
+  for (let i = 0; i < facts.length; i += 10) sections.push({ type: 'section', fields: facts.slice(i, i + 10) })
   return {
     ...(c.slackChannel !== null ? { channel: c.slackChannel } : {}),
     text,
     blocks: [
       { type: 'section', text: { type: 'mrkdwn', text } },
-      ...(facts.length > 0 ? [{ type: 'section', fields: facts.map((f) => ({ type: 'mrkdwn', text: f })) }] : []),
+      ...sections,
       { type: 'context', elements: [{ type: 'mrkdwn', text: `${e.kind.replace(/_/g, ' ')} · ${e.trigger !== null ? `trigger ${e.trigger}` : 'operator'} · ${e.time}` }] }
     ]
   }
