@@ -4,7 +4,7 @@ import { join } from 'node:path'
 import { execFileSync } from 'node:child_process'
 import { parse, stringify } from 'yaml'
 import { startUpstream } from './helpers/upstream.js'
-import { startProcess, spawnCli, tempDir } from './helpers/process.js'
+import { startProcess, spawnCli, tempDir, writeProcessConfig } from './helpers/process.js'
 import { admin } from './helpers/admin.js'
 import { send } from './helpers/http.js'
 
@@ -217,4 +217,31 @@ t.test('an unwritable stateDir: actions apply in memory and answer persisted: fa
   t.equal((await send(running.proxy, '/checkout')).status, 503, 'applied anyway')
   t.ok(running.lines.some((l) => l.event === 'state_not_persisted' && l.level === 'warn'))
   t.ok(running.lines.some((l) => l.event === 'state_lock' && l.error === 'ENOTDIR'), 'the lock warning names why stateDir is unwritable')
+})
+
+t.test('a state file write that fails half-way (the file size limit: EFBIG, as ENOSPC on a full disk) leaves no temp file and keeps the old state file', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const flags = Array.from({ length: 12 }, (_, i) => `feature${i}`)
+  const { dir, configPath } = writeProcessConfig(t, { ...config(up.url), featureFlags: { enableNewCheckout: true, ...Object.fromEntries(flags.map((f) => [f, true])) } })
+  // A real write error after the temp file exists: the kernel refuses to grow any file past
+  // 16 KiB (dash counts `ulimit -f` in 512-byte blocks), so the state file fills its limit
+  // while the audit log, one line per call, does not.
+  const running = await spawnCli(t, ['start', '--config', configPath], dir, configPath, env, ['sh', '-c', 'ulimit -f 32 && exec "$@"', 'sh'])
+  const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+  const stateDir = join(dir, 'state')
+  let failedAt = -1
+  for (const [i, flag] of flags.entries()) {
+    const put = await admin(adminUrl, 'PUT', `/v1/flags/${flag}`, { enabled: false, reason: `${flag} ${'x'.repeat(990)}` }, TOKEN)
+    t.equal(put.status, 200, 'applied in memory whatever the disk says')
+    if (put.body.persisted === false) { failedAt = i; break }
+  }
+  t.ok(failedAt > 0, 'the state file grew until a write of it failed')
+  const line = await running.waitForLine((l) => l.event === 'state_not_persisted')
+  t.match(line, { level: 'warn', code: 'EFBIG', path: join(stateDir, 'state.json') }, 'the warning names the cause and the file')
+  t.match(line.msg, /keeps the last state written/)
+  t.same(readdirSync(stateDir).filter((f) => f.includes('.tmp-')), [], 'no temp file left behind to eat the space left')
+  const kept = JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8'))
+  t.same(Object.keys(kept.overrides).sort(), flags.slice(0, failedAt).sort(), 'the old state file is intact: every override written before the failure')
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'the data plane never needs stateDir')
 })

@@ -59,7 +59,7 @@ export class Journal {
       if (!this.persisted) this.logger.info({ event: 'state_persisted' }, 'state file writable again')
       this.persisted = true
     } catch (err) {
-      if (this.persisted) this.logger.warn({ event: 'state_not_persisted', error: (err as Error).message }, 'cannot write the state file; admin actions apply in memory only')
+      if (this.persisted) this.logger.warn({ event: 'state_not_persisted', error: (err as Error).message, code: (err as NodeJS.ErrnoException).code, path: this.stateFile.path }, 'cannot write the state file; admin actions apply in memory only, and the state file keeps the last state written')
       this.persisted = false
     }
     return this.persisted

@@ -191,14 +191,17 @@ export class StateFile {
     const tmp = `${this.path}.tmp-${process.pid}-${this.seq++}`
     const handle = await open(tmp, 'w', 0o600)
     try {
-      await handle.writeFile(text)
-      await handle.sync()
-    } finally {
-      await handle.close()
-    }
-    try {
+      try {
+        await handle.writeFile(text)
+        await handle.sync()
+      } finally {
+        await handle.close()
+      }
       await rename(tmp, this.path)
     } catch (err) {
+      // A full disk (ENOSPC), a quota (EDQUOT) or EIO after the temp file was made: the old
+      // state file is untouched, and the temp file must not stay behind to eat the little
+      // space left, one more per failed commit.
       await unlink(tmp).catch(() => {})
       throw err
     }

@@ -52,9 +52,13 @@ export async function startProcess (t: Test, config: Record<string, unknown>, en
   return await spawnCli(t, ['start', '--config', configPath], dir, configPath, env)
 }
 
-/** `breakwater ARGS` started as users run it: without tap's hooks (`withoutTapHooks`) unless `env` sets NODE_OPTIONS. */
-export async function spawnCli (t: Test, args: string[], dir: string, configPath: string, env: NodeJS.ProcessEnv = {}): Promise<Running> {
-  const child = spawn(process.execPath, [CLI, ...args], { cwd: dir, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+/**
+ * `breakwater ARGS` started as users run it: without tap's hooks (`withoutTapHooks`) unless `env`
+ * sets NODE_OPTIONS. `launcher` runs it through a command first (`['sh', '-c', 'ulimit -f 16 && exec "$@"', 'sh']`).
+ */
+export async function spawnCli (t: Test, args: string[], dir: string, configPath: string, env: NodeJS.ProcessEnv = {}, launcher: string[] = []): Promise<Running> {
+  const argv = [...launcher, process.execPath, CLI, ...args]
+  const child = spawn(argv[0] as string, argv.slice(1), { cwd: dir, env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   const lines: Array<Record<string, unknown>> = []
   let stderr = ''
   let buffered = ''
