@@ -155,6 +155,57 @@ t.test('a state file of the wrong shape is moved aside like a corrupt one, never
   }
 })
 
+t.test('a state file a newer Breakwater wrote (the binary rolled back after an upgrade): its kill switches and forced circuits stay in force, the whole file is copied aside', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const stateDir = join(dir, 'state')
+  mkdirSync(stateDir)
+  const at = new Date().toISOString()
+  const newer = {
+    version: 2,
+    overrides: { enableNewCheckout: { enabled: false, reason: 'checkout 500s', source: 'operator', at, expiresAt: null, scope: 'zone-a' } },
+    circuits: { pay: { state: 'open', reason: 'provider down', source: 'operator', at, expiresAt: null } },
+    mitigations: [
+      { id: 'm-scale', action: 'scale', targets: ['app'], reason: 'more replicas', source: 'operator', createdAt: at, status: 'active', liftedAt: null, liftReason: null, changes: [], result: null },
+      { id: 'm-kill', action: 'killSwitch', targets: ['enableNewCheckout'], reason: 'checkout 500s', source: 'operator', createdAt: at, status: 'active', liftedAt: null, liftReason: null, changes: [{ kind: 'flag', target: 'enableNewCheckout', before: null }], result: null }
+    ],
+    replicas: { app: 5 }
+  }
+  writeFileSync(join(stateDir, 'state.json'), JSON.stringify(newer))
+  const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+  t.equal((await send(running.proxy, '/checkout')).status, 503, 'the kill switch is still in force')
+  t.equal((await send(running.proxy, '/pay')).status, 503, 'the forced circuit too')
+  const line = await running.waitForLine((l) => l.event === 'state_newer')
+  t.match(line, { level: 'warn', format: 2, readable: 1, mitigationsLeftOut: 1 }, 'a warning says which format it is')
+  t.match(line.msg, /newer Breakwater \(state format 2\)/)
+  t.notOk(running.lines.some((l) => l.event === 'state_corrupt'), 'never called corrupt')
+  const copy = readdirSync(stateDir).find((f) => f.startsWith('state.json.v2-'))
+  t.equal(copy, String(line.copiedTo).split('/').pop(), 'the line says where the copy is')
+  t.same(JSON.parse(readFileSync(join(stateDir, copy as string), 'utf8')), newer, 'the copy is the whole file as the newer version wrote it')
+  const adminUrl = String(running.lines.find((l) => l.msg === 'listening')?.admin)
+  const state = (await admin(adminUrl, 'GET', '/v1/state', undefined, TOKEN)).body
+  t.same(state.mitigations.map((m: { id: string }) => m.id), ['m-kill'], 'a mitigation of an action this version does not know is left out')
+  t.equal((await admin(adminUrl, 'DELETE', '/v1/mitigations/m-kill', { reason: 'recovered' }, TOKEN)).status, 200, 'the known one can be lifted')
+  t.equal((await send(running.proxy, '/checkout')).status, 200)
+  t.equal(JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8')).version, 1, 'written back in the format this version reads')
+})
+
+t.test('a state file a newer Breakwater wrote in a shape this one cannot read is moved aside, and the error says so', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const dir = tempDir(t)
+  const stateDir = join(dir, 'state')
+  mkdirSync(stateDir)
+  writeFileSync(join(stateDir, 'state.json'), JSON.stringify({ version: 3, overrides: [{ flag: 'enableNewCheckout', enabled: false }] }))
+  const running = await startProcess(t, { ...config(up.url), stateDir }, env)
+  const line = await running.waitForLine((l) => l.event === 'state_corrupt')
+  t.match(line.error, /written by a newer Breakwater \(state format 3; this one reads format 1\).*overrides must be an object/)
+  t.notMatch(line.error, /not a Breakwater state file/)
+  t.ok(readdirSync(stateDir).some((f) => f.startsWith('state.json.corrupt-')), 'kept for the newer version or a post-mortem')
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving')
+})
+
 t.test('an audit line cut short by a crash costs only itself: the next entry starts on its own line', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

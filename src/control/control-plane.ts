@@ -15,7 +15,7 @@
 import { createHash } from 'node:crypto'
 import type { Logger } from 'pino'
 import type { Config } from '../config/types.js'
-import { type PersistedState, type MitigationRecord, type OverrideRecord, type ForcedCircuitRecord, type FleetEntry, emptyState } from '../state/state-file.js'
+import { type PersistedState, type MitigationRecord, type OverrideRecord, type ForcedCircuitRecord, type FleetEntry, emptyState, STATE_FORMAT } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import { Journal } from '../state/journal.js'
 import { auditedOutcome, type RollbackResult } from './rollback.js'
@@ -81,6 +81,10 @@ export class ControlPlane {
     if (loaded.problem !== null) {
       const kept = loaded.movedAside === null ? 'could not be moved aside' : 'moved aside'
       this.logger.error({ event: loaded.problem === 'corrupt' ? 'state_corrupt' : 'state_unreadable', movedAside: loaded.movedAside, error: loaded.error }, `state file ${loaded.problem === 'corrupt' ? 'corrupt' : 'unreadable'}; ${kept}, starting clean`)
+    }
+    if (loaded.newer !== null) {
+      const { format, copiedTo, mitigationsLeftOut } = loaded.newer
+      this.logger.warn({ event: 'state_newer', format, readable: STATE_FORMAT, copiedTo, mitigationsLeftOut }, `state file written by a newer Breakwater (state format ${format}); what this version knows of it is in force, the whole file ${copiedTo === null ? 'could not be copied aside' : 'is copied aside'}`)
     }
     this.state = loaded.state
     this.mitigations.normalise()

@@ -4,9 +4,11 @@
  * the same directory, fsync, rename over the old one, fsync of the directory — so a `kill -9`
  * at any instant leaves either the old file or the new one, never a torn one. A file that
  * cannot be parsed at start is moved aside (`state.json.corrupt-<time>`) and Breakwater starts
- * clean, rather than crash-looping on it.
+ * clean, rather than crash-looping on it. A file a newer Breakwater wrote (a higher `version`:
+ * the binary was rolled back after an upgrade) is read for what this version knows, and copied
+ * aside whole first (`state.json.v<N>-<time>`).
  */
-import { open, rename, readFile, mkdir, unlink, stat } from 'node:fs/promises'
+import { open, rename, readFile, mkdir, unlink, stat, copyFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 export interface OverrideRecord {
@@ -127,6 +129,11 @@ export function emptyFleet (): FleetState {
   return { revision: 0, flags: {}, circuits: {}, failovers: {} }
 }
 
+/** The state format this version reads and writes (`version` in the file). */
+export const STATE_FORMAT = 1
+
+const ACTIONS: ReadonlySet<string> = new Set<MitigationRecord['action']>(['killSwitch', 'circuitBreak', 'rollback', 'failover', 'rateLimit'])
+
 export interface LoadResult {
   state: PersistedState
   /** Where a corrupt or unreadable file was moved aside (null: not moved: none, or it could not be). */
@@ -134,6 +141,12 @@ export interface LoadResult {
   /** Why the file was not loaded: it could not be read (`unreadable`), or is not a state file. */
   error: string | null
   problem: 'corrupt' | 'unreadable' | null
+  /**
+   * A file a newer Breakwater wrote, read for what this version knows: its format, where the
+   * whole file was copied (null: it could not be), and the mitigations of actions this version
+   * does not know, left out.
+   */
+  newer: { format: number, copiedTo: string | null, mitigationsLeftOut: number } | null
 }
 
 export class StateFile {
@@ -151,28 +164,56 @@ export class StateFile {
       if (!(await stat(this.path)).isFile()) throw new Error(`${this.path} is not a regular file`)
       text = await readFile(this.path, 'utf8')
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { state: emptyState(), movedAside: null, error: null, problem: null }
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { state: emptyState(), movedAside: null, error: null, problem: null, newer: null }
       // Unreadable now (EACCES after a change of user, EIO) is not empty: the clean state written
       // next would replace a file that may hold kill switches in force. It is kept aside instead.
-      return { state: emptyState(), movedAside: await this.moveAside('unreadable'), error: (err as Error).message, problem: 'unreadable' }
+      return { state: emptyState(), movedAside: await this.moveAside('unreadable'), error: (err as Error).message, problem: 'unreadable', newer: null }
     }
     try {
       const parsed = JSON.parse(text) as Partial<PersistedState>
-      if (parsed === null || typeof parsed !== 'object' || parsed.version !== 1) throw new Error('not a Breakwater state file (version 1)')
+      const format = parsed !== null && typeof parsed === 'object' ? (parsed as { version?: unknown }).version : undefined
+      const newer = typeof format === 'number' && Number.isInteger(format) && format > STATE_FORMAT ? format : null
+      if (format !== STATE_FORMAT && newer === null) throw new Error(`not a Breakwater state file (version ${STATE_FORMAT})`)
       // Valid JSON of the wrong shape (a hand edit, another program's file) would otherwise
       // crash the sidecar at start — or later, on the first expiry sweep — on every restart.
       const problem = shapeProblem(parsed as Record<string, unknown>)
-      if (problem !== null) throw new Error(`not a Breakwater state file: ${problem}`)
+      if (problem !== null) {
+        throw new Error(newer === null ? `not a Breakwater state file: ${problem}` : `written by a newer Breakwater (state format ${newer}; this one reads format ${STATE_FORMAT}) in a shape this one cannot read: ${problem}`)
+      }
       // A file from before fleet failovers has no `fleet.failovers`: the missing keys start empty.
-      return { state: { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: 1 }, movedAside: null, error: null, problem: null }
+      const state: PersistedState = { ...emptyState(), ...parsed, fleet: { ...emptyFleet(), ...parsed.fleet }, version: STATE_FORMAT }
+      if (newer === null) return { state, movedAside: null, error: null, problem: null, newer: null }
+      // The binary was rolled back after an upgrade: exactly when the kill switches and forced
+      // circuits in force matter most. What this version knows is read; the whole file is copied
+      // first, since the next write keeps only that; a mitigation of an action it does not know
+      // could not be shown or lifted, and is left out (what it changed is in the overrides).
+      const known = state.mitigations.filter((m) => ACTIONS.has(m.action))
+      const mitigationsLeftOut = state.mitigations.length - known.length
+      state.mitigations = known
+      return { state, movedAside: null, error: null, problem: null, newer: { format: newer, copiedTo: await this.copyAside(`v${newer}`), mitigationsLeftOut } }
     } catch (err) {
-      return { state: emptyState(), movedAside: await this.moveAside('corrupt'), error: (err as Error).message, problem: 'corrupt' }
+      return { state: emptyState(), movedAside: await this.moveAside('corrupt'), error: (err as Error).message, problem: 'corrupt', newer: null }
+    }
+  }
+
+  private asidePath (why: string): string {
+    return `${this.path}.${why}-${new Date().toISOString().replace(/[:.]/g, '-')}`
+  }
+
+  /** A copy of the file as it is, beside it (`state.json.v2-…`); null when it cannot be made. */
+  private async copyAside (why: string): Promise<string | null> {
+    const aside = this.asidePath(why)
+    try {
+      await copyFile(this.path, aside)
+      return aside
+    } catch {
+      return null
     }
   }
 
   /** Keep the file for a post-mortem beside it (`state.json.corrupt-…`); null when it cannot be moved. */
   private async moveAside (why: 'corrupt' | 'unreadable'): Promise<string | null> {
-    const aside = `${this.path}.${why}-${new Date().toISOString().replace(/[:.]/g, '-')}`
+    const aside = this.asidePath(why)
     try {
       await rename(this.path, aside)
       return aside
