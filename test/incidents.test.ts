@@ -712,6 +712,34 @@ t.test('an incident that ended unverified before a restart is verified after it 
   t.equal(escalations(r).pd.length, 1, 'escalated once')
 })
 
+t.test('an unverified incident verified again when real traffic returned, restarted meanwhile: its deadline runs from the return of the traffic, not from the mitigation', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-incidents-'))
+  const timeoutMs = 5000
+  const options = { stateDir, notifications: { escalateAfter: '1h' }, verification: { timeoutMs } }
+  const a = await shop(t, app, r, options)
+  await breakCheckout(app, a.s, a.load)
+  const [first] = await incidents(a.s)
+  t.equal((await settled(a.s, first.id)).status, 'unverified')
+  // Users come back, and the catalog still fails them: verification goes on, undecided.
+  app.failing.add('/catalog')
+  const returnedAfter = Date.now()
+  const stop = users(a.load)
+  t.teardown(stop)
+  t.ok(await eventually(async () => (await incidents(a.s)).find((i) => i.id === first.id)?.status === 'verifying', 30_000, 100), 'verified again once real traffic returned')
+  await stop()
+  await a.load.close()
+  await a.s.sidecar.close()
+
+  const b = await shop(t, app, r, options)
+  t.ok(b.s.logs.some((l) => l.event === 'incident' && l.phase === 'resumed' && l.incident === first.id), 'the verification resumes after the restart')
+  const ended = await settled(b.s, first.id)
+  t.equal(ended.status, 'unverified', 'no real traffic since the restart: still nothing to judge by')
+  t.ok(Date.parse(ended.endedAt) >= returnedAfter + timeoutMs, 'given its whole timeout from the return of the traffic, not ended at once')
+  t.ok(Date.parse(ended.verifyUntil) >= returnedAfter + timeoutMs, 'the deadline it kept in stateDir')
+})
+
 interface OneRouteOptions {
   /** The trigger `errors`'s action. */
   action: 'rollback' | 'notify'

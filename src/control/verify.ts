@@ -90,6 +90,13 @@ export interface Incident {
   escalationReason: string | null
   /** When verification ended (restored, not restored or unverified). */
   endedAt: string | null
+  /**
+   * The latest verification: judged on real traffic from `verifyingSince`, until `verifyUntil`.
+   * Kept so that a restart resumes it with its own deadline — for one started when real traffic
+   * returned to an `unverified` incident, long after the mitigation (absent in older files).
+   */
+  verifyingSince?: string
+  verifyUntil?: string
   /** The trigger's reading when it fired; null for an operator's incident. */
   detection: Detection | null
   /** What triage said at detection: the scenario chosen and those ruled out. */
@@ -198,10 +205,13 @@ export class Verifier {
     // First: an incident escalated below, at this start, posts its escalation as it escalates.
     this.resumeEscalations(fleet)
     for (const incident of this.incidents) {
-      const since = incident.clearedAt ?? incident.mitigatedAt
+      const since = incident.verifyingSince ?? incident.clearedAt ?? incident.mitigatedAt
       if (incident.status === 'verifying' && since !== null) {
         const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
-        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline: Date.parse(since) + this.deps.config().verification.timeoutMs, busy: false }
+        // Its own deadline: counted from the mitigation, it would end at once a verification
+        // started when real traffic returned to an unverified incident.
+        const deadline = incident.verifyUntil !== undefined ? Date.parse(incident.verifyUntil) : Date.parse(since) + this.deps.config().verification.timeoutMs
+        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline, busy: false }
         this.running.set(incident.id, run)
         this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
         this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
@@ -585,6 +595,8 @@ export class Verifier {
     const previous = this.running.get(incident.id)
     if (previous?.timer != null) clearTimeout(previous.timer)
     incident.status = 'verifying'
+    incident.verifyingSince = new Date(at).toISOString()
+    incident.verifyUntil = new Date(deadline).toISOString()
     incident.checks.syntheticPassesInARow = 0
     const run: Running = { incident, trigger, since: at, timer: null, deadline, busy: false }
     this.running.set(incident.id, run)
