@@ -296,3 +296,14 @@ t.test('a state file write that fails half-way (the file size limit: EFBIG, as E
   t.same(Object.keys(kept.overrides).sort(), flags.slice(0, failedAt).sort(), 'the old state file is intact: every override written before the failure')
   t.equal((await send(running.proxy, '/checkout')).status, 200, 'the data plane never needs stateDir')
 })
+
+t.test('a generated admin token that cannot be written (no room for one byte) leaves no temp file holding it', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { dir, configPath } = writeProcessConfig(t, config(up.url))
+  const running = await spawnCli(t, ['start', '--config', configPath], dir, configPath, { BREAKWATER_ADMIN_TOKEN: undefined }, ['sh', '-c', 'ulimit -f 0 && exec "$@"', 'sh'])
+  const line = await running.waitForLine((l) => l.event === 'admin_token')
+  t.equal(line.level, 'warn', 'the token could not be written, and the line says so')
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving')
+  t.same(readdirSync(join(dir, 'state')).filter((f) => f.includes('.tmp-')), [], 'no temp file left, none with a token or part of one')
+})
