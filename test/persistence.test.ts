@@ -291,10 +291,13 @@ t.test('a state file write that fails half-way (the file size limit: EFBIG, as E
   const line = await running.waitForLine((l) => l.event === 'state_not_persisted')
   t.match(line, { level: 'warn', code: 'EFBIG', path: join(stateDir, 'state.json') }, 'the warning names the cause and the file')
   t.match(line.msg, /keeps the last state written/)
+  t.equal((await send(running.proxy, '/checkout')).status, 200, 'the data plane never needs stateDir')
+  // The incidents those kills opened write in the background too: a clean stop waits for them.
+  running.child.kill('SIGTERM')
+  t.equal(await running.exited, 0, 'a clean stop')
   t.same(readdirSync(stateDir).filter((f) => f.includes('.tmp-')), [], 'no temp file left behind to eat the space left')
   const kept = JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8'))
   t.same(Object.keys(kept.overrides).sort(), flags.slice(0, failedAt).sort(), 'the old state file is intact: every override written before the failure')
-  t.equal((await send(running.proxy, '/checkout')).status, 200, 'the data plane never needs stateDir')
 })
 
 t.test('a generated admin token that cannot be written (no room for one byte) leaves no temp file holding it', async (t) => {
