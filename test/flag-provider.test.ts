@@ -213,7 +213,7 @@ t.test('provider events: CONFIGURATION_CHANGED applies at once; STALE and ERROR 
   t.ok(logs.some((l) => l.event === 'flag_source' && l.msg === 'flag provider ready again'))
 })
 
-interface FaultyProvider { flags: Record<string, boolean>, mode: 'ok' | 'hang' | 'throw' | 'string', hung: number }
+interface FaultyProvider { flags: Record<string, boolean>, mode: 'ok' | 'hang' | 'throw' | 'string', hung: number, closed: boolean }
 
 async function startFaulty (t: Test, flags: Record<string, boolean>): Promise<TestSidecar & { provider: FaultyProvider, status: () => Promise<number> }> {
   const up = await startUpstream()
@@ -266,6 +266,30 @@ t.test('a reload to a new flag provider that is not ready answers at once; the r
   release()
   t.ok(await eventually(async () => await status() === 200, 10_000), 'once the new provider has read its flags, they are the flags')
   t.ok(logs.some((l) => l.event === 'flag_source' && /replaced/.test(String(l.msg))), 'the swap is logged')
+})
+
+t.test('a reload back to the running provider while a new one warms keeps the running one and closes the warming one: no second instance', async (t) => {
+  const { status, sidecar, provider, logs } = await startFaulty(t, { enableNewCheckout: false })
+  t.equal(await status(), 503, 'the running provider kills the feature')
+  const fixture = await import(pathToFileURL(join(ROOT, 'test/fixtures/faulty-provider.mjs')).href) as { FaultyProvider: { held: Promise<void> | null }, instances: FaultyProvider[] }
+  let release = (): void => {}
+  fixture.FaultyProvider.held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => { release(); fixture.FaultyProvider.held = null })
+  const original = sidecar.config
+  const before = fixture.instances.length
+
+  await sidecar.apply({ ...original, flagProvider: { ...(original.flagProvider as NonNullable<typeof original.flagProvider>), options: { flags: { enableNewCheckout: true } } } })
+  const warming = fixture.instances[fixture.instances.length - 1] as FaultyProvider
+  t.equal(fixture.instances.length, before + 1, 'the new provider warms beside the running one')
+  await sidecar.apply(original)
+  t.equal(fixture.instances.length, before + 1, 'going back constructs no second copy of the running provider')
+  t.ok(await eventually(() => warming.closed, 5000), 'the warming provider is closed')
+  release()
+  await sleep(300) // several polls: a stray copy would have read and taken over by now
+  t.equal(fixture.instances.length, before + 1)
+  t.notOk(provider.closed, 'the running provider was never closed')
+  t.equal(await status(), 503, 'and its kill switch is still in force')
+  t.notOk(logs.some((l) => l.event === 'flag_source' && /replaced/.test(String(l.msg))), 'no swap happened')
 })
 
 t.test('a provider that throws keeps the kill switch it holds: its last value stays until it answers again', async (t) => {

@@ -115,7 +115,14 @@ export class FlagSnapshot {
       const warming = this.nextService
       this.nextService = null
       void warming?.close()
-      if (config.flagProvider === null) {
+      const running = this.flagService
+      if (running !== null && JSON.stringify(running.config) === JSON.stringify(config.flagProvider)) {
+        // Back to the provider that is running: it stays, and only the one warming goes. A
+        // second instance of it would hold a second set of streams and watchers, and the
+        // first would never be closed until that one had read.
+        this.logger.info({ event: 'flag_source', module: running.config.module }, 'flag provider change undone before the new one was ready; the running one stays')
+        await withinReload(running.read())
+      } else if (config.flagProvider === null) {
         // Dropped: the provider's flags go now, as the config says.
         await this.flagService?.close()
         this.flagService = null
