@@ -228,6 +228,40 @@ async function startFaulty (t: Test, flags: Record<string, boolean>): Promise<Te
   return { ...started, provider, status: async () => (await send(started.proxy, '/checkout')).status }
 }
 
+interface StaleableProvider extends FaultyProvider { evaluated: number, lose: (answer: string) => void, regain: () => void }
+
+t.test('a provider that lost its flag service (STALE) and answers FLAG_NOT_FOUND or GENERAL, as flagd\'s RPC provider does when flagd is down: its kill switch keeps its last value, not featureFlags or the code default', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const fixture = join(ROOT, 'test/fixtures/faulty-provider.mjs')
+  const { instances } = await import(pathToFileURL(fixture).href) as { instances: StaleableProvider[] }
+  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, {
+    featureFlags: { enableNewCheckout: true },
+    flagProvider: { module: fixture, export: 'StaleableProvider', options: { flags: { enableNewCheckout: false } }, pollMs: 100 }
+  }))
+  const provider = instances[instances.length - 1] as StaleableProvider
+  const status = async (): Promise<number> => (await send(proxy, '/checkout')).status
+  t.equal(await status(), 503, 'the provider kills the feature')
+  const changes = (): number => logs.filter((l) => l.event === 'flag_changed').length
+  const before = changes()
+  for (const answer of ['FLAG_NOT_FOUND', 'GENERAL']) {
+    const errors = await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/)
+    provider.lose(answer)
+    const seen = provider.evaluated
+    t.ok(await eventually(() => provider.evaluated >= seen + 3, 10_000), `${answer}: read again while its service is lost`)
+    t.equal(await status(), 503, `${answer}: still killed, the last value the provider gave`)
+    t.ok(logs.some((l) => l.event === 'flag_source' && l.flag === 'enableNewCheckout' && /lost its flag service/.test(String(l.msg))), `${answer}: said`)
+    t.ok(await metric(ops, /breakwater_flag_source_errors_total\{source="provider"\} (\d+)/) > errors, `${answer}: counted`)
+    provider.regain()
+    const back = provider.evaluated
+    t.ok(await eventually(() => provider.evaluated >= back + 3, 10_000), `${answer}: read again once it is back`)
+    t.equal(await status(), 503, `${answer}: killed, as the provider says`)
+  }
+  t.equal(changes(), before, 'the flag never changed')
+  provider.flags = { enableNewCheckout: true }
+  t.ok(await eventually(async () => await status() === 200, 10_000), 'and its own change still applies')
+})
+
 t.test('a provider whose evaluation never settles holds no later read: the last flags stay, and once it answers its kill switch applies', async (t) => {
   const { provider, status, sidecar, ops, logs } = await startFaulty(t, { enableNewCheckout: true })
   t.equal(await status(), 200)

@@ -294,6 +294,16 @@ export class ProviderSource {
       const failure: EvaluationFailure = { foreign: false }
       const d = await client.getBooleanDetails(key, this.hooks.codeDefault(key), {}, { hooks: [noteForeignError(failure)] })
       const errorCode = d.errorCode
+      // A provider that lost its flag service (STALE) answers for it with errors that say nothing
+      // about the flag: flagd's RPC provider gives FLAG_NOT_FOUND for a call that could not reach
+      // flagd, GENERAL for one that timed out. Taken as answers, they would hand a kill switch the
+      // provider holds to the next source or the code default, and lift it mid-outage.
+      if ((errorCode === ErrorCode.FLAG_NOT_FOUND || errorCode === ErrorCode.GENERAL) && client.providerStatus === ProviderStatus.STALE) {
+        this.warnOnce(warnedNow, key, `the provider lost its flag service (${errorCode}: ${d.errorMessage ?? ''}); this flag keeps its last value`)
+        const last = this.flags.get(key)
+        if (last !== undefined) next.set(key, last)
+        continue
+      }
       if (errorCode === ErrorCode.FLAG_NOT_FOUND) continue // not the provider's: the next source decides
       // The SDK passes on whatever value the provider returns: a string "false" is no boolean either.
       if (errorCode === ErrorCode.TYPE_MISMATCH || (errorCode === undefined && typeof d.value !== 'boolean')) {
