@@ -215,14 +215,14 @@ t.test('provider events: CONFIGURATION_CHANGED applies at once; STALE and ERROR 
 
 interface FaultyProvider { flags: Record<string, boolean>, mode: 'ok' | 'hang' | 'throw' | 'string', hung: number, closed: boolean }
 
-async function startFaulty (t: Test, flags: Record<string, boolean>): Promise<TestSidecar & { provider: FaultyProvider, status: () => Promise<number> }> {
+async function startFaulty (t: Test, flags: Record<string, boolean>, exported = 'FaultyProvider'): Promise<TestSidecar & { provider: FaultyProvider, status: () => Promise<number> }> {
   const up = await startUpstream()
   t.teardown(up.close)
   const fixture = join(ROOT, 'test/fixtures/faulty-provider.mjs')
   const { instances } = await import(pathToFileURL(fixture).href) as { instances: FaultyProvider[] }
   const started = await startTestSidecar(t, checkoutRoutes(up.url, {
     featureFlags: { enableNewCheckout: true },
-    flagProvider: { module: fixture, export: 'FaultyProvider', options: { flags }, pollMs: 100 }
+    flagProvider: { module: fixture, export: exported, options: { flags }, pollMs: 100 }
   }))
   const provider = instances[instances.length - 1] as FaultyProvider
   return { ...started, provider, status: async () => (await send(started.proxy, '/checkout')).status }
@@ -231,16 +231,9 @@ async function startFaulty (t: Test, flags: Record<string, boolean>): Promise<Te
 interface StaleableProvider extends FaultyProvider { evaluated: number, lose: (answer: string) => void, regain: () => void }
 
 t.test('a provider that lost its flag service (STALE) and answers FLAG_NOT_FOUND or GENERAL, as flagd\'s RPC provider does when flagd is down: its kill switch keeps its last value, not featureFlags or the code default', async (t) => {
-  const up = await startUpstream()
-  t.teardown(up.close)
-  const fixture = join(ROOT, 'test/fixtures/faulty-provider.mjs')
-  const { instances } = await import(pathToFileURL(fixture).href) as { instances: StaleableProvider[] }
-  const { proxy, ops, logs } = await startTestSidecar(t, checkoutRoutes(up.url, {
-    featureFlags: { enableNewCheckout: true },
-    flagProvider: { module: fixture, export: 'StaleableProvider', options: { flags: { enableNewCheckout: false } }, pollMs: 100 }
-  }))
-  const provider = instances[instances.length - 1] as StaleableProvider
-  const status = async (): Promise<number> => (await send(proxy, '/checkout')).status
+  const started = await startFaulty(t, { enableNewCheckout: false }, 'StaleableProvider')
+  const { status, ops, logs } = started
+  const provider = started.provider as StaleableProvider
   t.equal(await status(), 503, 'the provider kills the feature')
   const changes = (): number => logs.filter((l) => l.event === 'flag_changed').length
   const before = changes()
