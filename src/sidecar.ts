@@ -185,7 +185,7 @@ export class Sidecar {
       control: this.control,
       notifier: this.notifier,
       triage: () => this.triageView(),
-      claim: (trigger) => this.fleet === null ? null : this.claimIncident(trigger.name),
+      claim: (trigger, incident) => this.fleet === null ? null : this.claimIncident(trigger.name, incident),
       announced: (trigger) => {
         this.fleet?.progress(this.incidentKeyOf(trigger.name), { announcedAt: new Date().toISOString() }).catch((err: unknown) => {
           this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: cannot record on the incident key that the incident was announced; a sidecar taking it over announces it again')
@@ -381,7 +381,7 @@ export class Sidecar {
    * One incident, one actor (SPEC §16): claim the trigger's incident in etcd. Null without a
    * fleet, or when etcd does not answer (then this sidecar acts alone, as without a fleet).
    */
-  private async claimIncident (trigger: string): Promise<Claim | null> {
+  private async claimIncident (trigger: string, local?: string): Promise<Claim | null> {
     const fleet = this.fleet
     if (fleet === null) return null
     let claim: Claim
@@ -390,12 +390,15 @@ export class Sidecar {
     const left = this.leftBy.get(key)
     this.leftBy.delete(key)
     try {
-      claim = await fleet.claim(key, trigger, left?.announcedAt !== undefined ? { announcedAt: left.announcedAt } : {})
+      const carried: Progress = {}
+      if (left?.incident !== undefined) carried.incident = left.incident
+      if (left?.announcedAt !== undefined) carried.announcedAt = left.announcedAt
+      claim = await fleet.claim(key, trigger, carried, local)
     } catch (err) {
       this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
       return null
     }
-    this.verifier.fleetRole(trigger, claim.leader ? 'leader' : 'follower', claim.holder)
+    this.verifier.fleetRole(trigger, claim.leader ? 'leader' : 'follower', claim.holder, claim.incident)
     if (!claim.leader) this.holderProgress(fleet, this.incidentKeyOf(trigger), claim.holder)
     this.logger.info({ event: 'fleet_incident', trigger, role: claim.leader ? 'leader' : 'follower', leader: claim.holder }, claim.leader ? 'fleet: this sidecar acts for the incident' : `fleet: ${claim.holder} acts for the incident; following`)
     return claim
@@ -419,7 +422,8 @@ export class Sidecar {
       }
       let claim: Claim | null = null
       try {
-        claim = await fleet.claim(key, incident.trigger)
+        // Gone meanwhile and nobody took it: held again under the fleet's id it had.
+        claim = await fleet.claim(key, incident.trigger, incident.fleet.incident !== undefined ? { incident: incident.fleet.incident } : {}, incident.id)
       } catch (err) {
         this.logger.warn({ event: 'fleet_incident', trigger: incident.trigger, incident: incident.id, error: (err as Error).message }, 'fleet: cannot claim an incident led before the restart again; this sidecar goes on acting for it alone')
       }
@@ -445,7 +449,7 @@ export class Sidecar {
     }
     if (holding === null || holding.instance === this.instance) return
     if (holding.instance !== leader) {
-      this.verifier.fleetRole(trigger, 'follower', holding.instance)
+      this.verifier.fleetRole(trigger, 'follower', holding.instance, holding.incident)
       this.logger.info({ event: 'fleet_incident', trigger, role: 'follower', leader: holding.instance, previousLeader: leader }, `fleet: ${holding.instance} leads an incident this sidecar followed before the restart; following it`)
     }
     this.leaderProgress(key, holding)
@@ -512,7 +516,7 @@ export class Sidecar {
    */
   private async holdCleared (key: string, trigger: Config['rollbackTriggers'][number], last: Holding): Promise<void> {
     if (this.stopping !== null || !await this.holdLeft(key, trigger.name, last, false)) return
-    this.verifier.fleetRole(trigger.name, 'leader', this.instance)
+    this.verifier.fleetRole(trigger.name, 'leader', this.instance, this.fleet?.holding(key)?.incident)
     this.logger.info({ event: 'fleet_incident', trigger: trigger.name, role: 'leader', leader: this.instance, previousLeader: last.instance }, 'fleet: this sidecar holds the incident its leader left before acting; its own signal has cleared, so it verifies restoration instead of acting')
     // Firing again meanwhile, it acts as a taker-over does; else it verifies now.
     const live = this.triggers.status().find((s) => s.name === trigger.name)
@@ -546,6 +550,7 @@ export class Sidecar {
     const fleet = this.fleet
     if (fleet === null || !this.verifier.follows(trigger, last.instance)) return false
     const carried: Progress = { acted }
+    if (last.incident !== undefined) carried.incident = last.incident
     if (last.announcedAt !== undefined) carried.announcedAt = last.announcedAt
     if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
     // The leader's last write may not have reached this sidecar's watch yet: what this sidecar's
@@ -564,7 +569,7 @@ export class Sidecar {
       if (this.stopping !== null || !this.verifier.follows(trigger, last.instance)) return false
     }
     if (!claim.leader) {
-      this.verifier.fleetRole(trigger, 'follower', claim.holder)
+      this.verifier.fleetRole(trigger, 'follower', claim.holder, claim.incident)
       this.holderProgress(fleet, key, claim.holder)
       return false
     }

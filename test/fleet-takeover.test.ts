@@ -161,4 +161,10 @@ t.test('a leader killed before its announcement was delivered: the sidecar that 
   t.equal(cd.deliveries.filter((d) => d.body?.event === 'trigger_fired').length, 1, 'the sidecar that took over announced the incident, once')
   await until(async () => typeof (await holding())?.announcedAt === 'string')
   t.match(await holding(), { instance: 'f1' }, 'and recorded it on the key it holds')
+  // A receiver that honours Idempotency-Key takes the two announcements for one: the
+  // successor names the incident by the id the leader wrote on the key.
+  const leaders = stuck.deliveries.find((d) => d.body?.event === 'trigger_fired')?.headers['idempotency-key']
+  const successors = cd.deliveries.find((d) => d.body?.event === 'trigger_fired')?.headers['idempotency-key']
+  t.equal(successors, leaders, 'the announcement taken over has the leader\'s Idempotency-Key')
+  t.ok(String(successors).includes(String((await holding() as { incident?: string } | null)?.incident)), 'which names the fleet\'s incident, as the key does')
 })

@@ -985,3 +985,30 @@ t.test('an escalated incident that ended unverified, carried on by a newer incid
   t.ok(await eventually(() => r.pd.deliveries.some((d) => d.body.event_action === 'resolve' && d.body.routing_key === 'rk-escalation' && d.body.dedup_key === page.body.dedup_key), 15_000), 'the escalation page is resolved')
   t.match(r.hook.deliveries.find((d) => d.body?.event === 'restoration_verified')?.body.details, { incident: second.id, escalated: false, supersededEscalated: [first.id] }, 'the notice names the incident whose escalation it ends')
 })
+
+t.test('a second incident of a trigger, and each mitigation, are new webhook deliveries: their Idempotency-Keys differ, a retry\'s does not', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  // The first attempt of every webhook delivery fails: its retry must carry the same key.
+  r.hook.respond = [500, 200]
+  const { s, load } = await shop(t, app, r, { trigger: { window: '2s' } })
+  const first = await restoredByTrigger(t, app, s, load)
+  t.equal(first.status, 'restored')
+  await eventually(() => s.sidecar.triggers.status().find((x) => x.name === TRIGGER.name)?.state !== 'fired', 10_000, 100)
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/newCheckout', { reason: 'looks fixed' })).status, 200)
+  t.ok(await eventually(async () => {
+    await breakCheckout(app, s, load, 10)
+    return (await incidents(s)).length === 2
+  }, 15_000, 200), 'a new incident for the failure that came back')
+  const [second] = await incidents(s)
+  const keysOf = (kind: string): string[] => [...new Set(r.hook.deliveries.filter((d) => d.body?.event === kind).map((d) => String(d.headers['idempotency-key'])))]
+  t.ok(await eventually(() => keysOf('trigger_fired').length === 2 && keysOf('mitigation_applied').length === 2, 15_000), 'each incident\'s trigger_fired and kill switch delivered under a key of its own')
+  const fired = keysOf('trigger_fired')
+  t.ok(fired[0]?.includes(first.id) && fired[1]?.includes(second.id), `each key names its incident (${fired.join(', ')})`)
+  // The second delivery of each (the retry of the failed first attempt) had the key of the first.
+  const attempts = r.hook.deliveries.filter((d) => d.body?.event === 'trigger_fired')
+  t.equal(attempts[0]?.headers['idempotency-key'], attempts[1]?.headers['idempotency-key'], 'a retry carries the key of the attempt it repeats')
+  const mitigations = r.hook.deliveries.filter((d) => d.body?.event === 'mitigation_applied').map((d) => d.body.details.id as string)
+  t.equal(new Set(mitigations).size, 2, 'two kill switches')
+  t.ok(keysOf('mitigation_applied').every((k, i) => k.includes(String([...new Set(mitigations)][i]))), 'a mitigation notice names its mitigation')
+})

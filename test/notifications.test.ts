@@ -271,6 +271,18 @@ t.test('a failed delivery is retried with exponential backoff until it succeeds'
   t.equal(s.logs.filter((l) => l.event === 'notification_retry' && l.channel === 'webhook').length, 2)
 })
 
+t.test('two mitigations are two webhook deliveries: a kill switch and another, each applied and lifted, under keys of their own', async (t) => {
+  const up = await app(t)
+  const hook = await receiver(t)
+  const s = await startTestSidecar(t, config(up.url, { webhooks: [hook.url] }, null))
+  await killAndLift(s, 'otherFeature')
+  await killAndLift(s, 'newCheckout')
+  t.ok(await eventually(() => hook.deliveries.length === 4), 'two applied, two lifted')
+  const keys = hook.deliveries.map((d) => String(d.headers['idempotency-key']))
+  t.equal(new Set(keys).size, 4, `four deliveries, four keys (${keys.join(', ')})`)
+  for (const d of hook.deliveries) t.ok(String(d.headers['idempotency-key']).includes(d.body.details.id), 'the key names the mitigation')
+})
+
 t.test('one incident\'s messages reach each receiver in the order they happened: a retried one keeps its place', async (t) => {
   const up = await app(t)
   // Each receiver refuses its first delivery once: the first message is retried after a backoff.

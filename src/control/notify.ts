@@ -40,6 +40,12 @@ export interface NotificationEvent {
   /** Everything else (numbers, the mitigation record, the triage). */
   details: Record<string, unknown>
   time: string
+  /**
+   * Which incident the event belongs to: in a fleet, the id its first leader wrote on the
+   * incident key (the same on every sidecar that takes it over); alone, the local incident id.
+   * Part of the webhook `Idempotency-Key` (`webhookKey`).
+   */
+  incident?: string
 }
 
 export type Channel = 'slack' | 'pagerduty' | 'statuspage' | 'webhook'
@@ -70,6 +76,18 @@ interface Message {
 /** The incident key of an event: the same on every sidecar of the fleet. */
 export function incidentKey (service: string, version: string, trigger: string | null): string {
   return `breakwater-${createHash('sha256').update(`${service}\u0000${version}\u0000${trigger ?? 'operator'}`).digest('hex').slice(0, 24)}`
+}
+
+/**
+ * The webhook `Idempotency-Key` of an event: the same for every attempt of one delivery, and for
+ * a successor re-sending its fleet leader's announcement (the fleet incident id goes with the
+ * incident key), but another for each incident of a key and each mitigation of an incident — a
+ * receiver that honours the header drops a repeated key as a duplicate, and a second incident
+ * announced under the first one's key would never reach anyone.
+ */
+export function webhookKey (event: NotificationEvent, key = incidentKey(event.service, event.version, event.trigger)): string {
+  const mitigation = event.kind.startsWith('mitigation_') && typeof event.details.id === 'string' ? event.details.id : undefined
+  return [key, event.incident, mitigation, event.kind].filter((part) => part !== undefined && part !== '').join('-')
 }
 
 /**
@@ -180,7 +198,7 @@ export class Notifier {
     const page = PAGE_STATUS[event.kind]
     if (page !== undefined) this.pageStatus(event, page)
     for (const url of c.webhooks) {
-      enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': `${key}-${event.kind}` }, attempt: 0, lane: `webhook\u0000${url}\u0000${key}`, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
+      enqueue({ channel: 'webhook', url, method: 'POST', headers: { 'idempotency-key': webhookKey(event, key) }, attempt: 0, lane: `webhook\u0000${url}\u0000${key}`, body: { event: event.kind, service: event.service, version: event.version, trigger: event.trigger, summary: event.summary, incidentKey: key, time: event.time, details: event.details } })
     }
     // Every message is queued: the count held for queueing is let go.
     settled(true)

@@ -25,8 +25,9 @@ export interface RespondDeps {
   /**
    * In a fleet: who acts for this trigger's incident. Null at once without a fleet, so a
    * sidecar alone acts without yielding (as before); a promise of null: it decides alone.
+   * `incident`: this sidecar's incident id, which names the fleet's incident if it is the first.
    */
-  claim?: (trigger: TriggerConfig) => Promise<{ leader: boolean, holder: string, announced?: boolean } | null> | null
+  claim?: (trigger: TriggerConfig, incident?: string) => Promise<{ leader: boolean, holder: string, announced?: boolean, incident?: string } | null> | null
   /** In a fleet: the leader's `trigger_fired` reached every channel (recorded on the incident key). */
   announced?: (trigger: TriggerConfig) => void
 }
@@ -62,9 +63,9 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       },
       time: new Date().toISOString()
     }
-    let claim: { leader: boolean, holder: string, announced?: boolean } | null = null
+    let claim: { leader: boolean, holder: string, announced?: boolean, incident?: string } | null = null
     if (trigger.action === 'rollback' || trigger.action === 'notify') {
-      const pending = deps.claim?.(trigger) ?? null
+      const pending = deps.claim?.(trigger, incident?.id) ?? null
       claim = pending === null ? null : await pending
       if (claim !== null && !claim.leader) {
         // Alertmanager groups every sidecar's alert into one notification: followers post theirs.
@@ -77,6 +78,9 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
     // Fired again into its incident still open (its state is in memory: a restart re-arms it
     // while the failure goes on): announced once, when it opened. Announced again, PagerDuty
     // would go back to `error` after an escalation and the status page to `investigating`.
+    // Named as the fleet names the incident, so that a successor's announcement is the leader's.
+    const named = claim?.incident ?? incident?.id
+    if (named !== undefined) fired.incident = named
     const again = incident !== null && !incident.opened
     if (again) void deps.control.auditEvent({ action: 'trigger.refire', targets: [trigger.name], reason, result: `incident ${incident.id} still open: not announced again`, requester: who.requester })
     else if (claim?.announced === true) {

@@ -71,8 +71,12 @@ export interface Incident {
   mitigation: { id: string, action: string, status: string, error?: string | null } | null
   timeToMitigateSeconds: number | null
   timeToRestoreSeconds: number | null
-  /** In a fleet (SPEC §16): whether this sidecar acts for the incident, and who does. */
-  fleet?: { role: 'leader' | 'follower', leader: string }
+  /**
+   * In a fleet (SPEC §16): whether this sidecar acts for the incident, and who does; `incident`:
+   * the fleet's id of it, as its first leader wrote it on the incident key (absent when the key
+   * had none), which its notifications carry instead of `id`.
+   */
+  fleet?: { role: 'leader' | 'follower', leader: string, incident?: string }
   checks: {
     syntheticRounds: number
     syntheticPassesInARow: number
@@ -273,7 +277,7 @@ export class Verifier {
    * posted again. Another sidecar, which took it over meanwhile: this one follows it — no
    * escalation deadline, no escalation of its own — and records the leader's progress.
    */
-  rejoined (id: string, claim: { leader: boolean, holder: string } | null): void {
+  rejoined (id: string, claim: { leader: boolean, holder: string, incident?: string } | null): void {
     const held = this.heldBack.delete(id)
     const incident = this.incidents.find((i) => i.id === id)
     if (incident === undefined || this.stopped || incident.status === 'restored') return
@@ -281,7 +285,8 @@ export class Verifier {
       if (held) this.postEscalation(incident)
       return
     }
-    incident.fleet = { role: 'follower', leader: claim.holder }
+    const fleetIncident = claim.incident ?? incident.fleet?.incident
+    incident.fleet = fleetIncident !== undefined ? { role: 'follower', leader: claim.holder, incident: fleetIncident } : { role: 'follower', leader: claim.holder }
     this.escalations.disarm(incident.id)
     this.deps.logger.info({ event: 'incident', incident: incident.id, phase: 'following', leader: claim.holder }, `${claim.holder} took the incident over while this sidecar was away; following`)
     this.deps.persist(null)
@@ -436,11 +441,12 @@ export class Verifier {
    * or a follower taking over from a leader that left — arms it, at the time fixed at its own
    * detection (at once if that passed), unless the fleet already escalated.
    */
-  fleetRole (trigger: string, role: 'leader' | 'follower', leader: string): void {
+  fleetRole (trigger: string, role: 'leader' | 'follower', leader: string, fleetIncident?: string): void {
     const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status))
     if (incident === undefined) return
     const was = incident.fleet
-    incident.fleet = { role, leader }
+    const id = fleetIncident ?? was?.incident
+    incident.fleet = id !== undefined ? { role, leader, incident: id } : { role, leader }
     if (role === 'follower') {
       this.escalations.disarm(incident.id)
       // A sidecar that escalated before a restart and follows now: the leader posts the escalation.
@@ -932,7 +938,8 @@ export class Verifier {
         escalateAt: incident.escalateAt
       },
       // An escalation is dated when it happened, also when it is posted again after a restart.
-      time: kind === 'escalated' && incident.escalatedAt !== null ? incident.escalatedAt : new Date().toISOString()
+      time: kind === 'escalated' && incident.escalatedAt !== null ? incident.escalatedAt : new Date().toISOString(),
+      incident: incident.fleet?.incident ?? incident.id
     }
   }
 

@@ -20,6 +20,7 @@
  * restarted. While disconnected the last fleet state stays in force (and in `stateDir`), and
  * the sidecar retries with backoff, logging once per change of state, not per retry.
  */
+import { randomBytes } from 'node:crypto'
 import type { Logger } from 'pino'
 import type { Etcd, KeyValue, Lease } from './etcd.js'
 import type { FleetConfig } from '../config/types.js'
@@ -37,6 +38,8 @@ export interface Claim {
   holder: string
   /** Whether the incident's `trigger_fired` was delivered already (by a holder before this one). */
   announced: boolean
+  /** The fleet's id of the incident (`Holding.incident`); absent on a key written without one. */
+  incident?: string
 }
 
 /** The value of `{prefix}/{service}/incidents/{incidentKey}`: who acts, and how far it got. */
@@ -46,6 +49,12 @@ export interface Holding {
   at: string
   /** Whether the holder's action succeeded: nobody takes over then. */
   acted: boolean
+  /**
+   * The fleet's id of this incident: written by its first holder (its local incident id), carried
+   * by every successor, so that a successor's notifications name the incident as the leader's did
+   * (the webhook `Idempotency-Key`), and a later incident of the same key is told apart.
+   */
+  incident?: string
   /** When the holder's `trigger_fired` was delivered on every channel: a taker-over does not announce the incident again. */
   announcedAt?: string
   /** When the holder escalated the incident (the fleet escalates once: followers record it, a taker-over does not escalate again). */
@@ -57,7 +66,7 @@ export interface Holding {
 }
 
 /** What the holder of an incident key reports as it goes. */
-export type Progress = Partial<Pick<Holding, 'acted' | 'announcedAt' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
+export type Progress = Partial<Pick<Holding, 'acted' | 'incident' | 'announcedAt' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
 
 export interface FleetDeps {
   service: string
@@ -155,23 +164,25 @@ export class Fleet implements FleetWriter {
    * Become the one sidecar that acts for `incidentKey`, or learn who is: the key is created
    * in a transaction (only if absent) under this sidecar's lease. Throws when etcd does not
    * answer (the caller then acts alone). A successor creates it with what its previous holder
-   * had recorded (`carried`), in the same write: it never exists saying less.
+   * had recorded (`carried`), in the same write: it never exists saying less. A first holder names
+   * the incident by `local` (its own incident id), else by a new id.
    */
-  async claim (incidentKey: string, trigger: string, carried: Progress = {}): Promise<Claim> {
+  async claim (incidentKey: string, trigger: string, carried: Progress = {}, local?: string): Promise<Claim> {
     const key = this.key('incidents', incidentKey)
-    const holding = holdingOf({ acted: false, ...carried, instance: this.instance, trigger, at: new Date().toISOString() })
+    const incident = carried.incident ?? local ?? `f-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`
+    const holding = holdingOf({ acted: false, ...carried, incident, instance: this.instance, trigger, at: new Date().toISOString() })
     // Retrying is safe: a create that did land makes the retry read this sidecar as the holder.
     const res = await this.call(async () => await this.client.txn([{ key, target: 'CREATE', createRevision: 0 }], [{ key, value: JSON.stringify(holding), lease: await this.leaseId() }], key))
     if (res.succeeded) {
       this.hold(incidentKey, holding, res.revision)
-      return { leader: true, holder: this.instance, announced: holding.announcedAt !== undefined }
+      return { leader: true, holder: this.instance, announced: holding.announcedAt !== undefined, incident }
     }
     const kv = res.kvs[0]
     const holder = kv === undefined ? null : readHolding(kv.value)
     if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
     if (holder.instance === this.instance) await this.holdAgain(key, kv)
     this.seen(incidentKey, holder, kv.modRevision)
-    return { leader: holder.instance === this.instance, holder: holder.instance, announced: holder.announcedAt !== undefined }
+    return { leader: holder.instance === this.instance, holder: holder.instance, announced: holder.announcedAt !== undefined, ...(holder.incident !== undefined ? { incident: holder.incident } : {}) }
   }
 
   /**
@@ -582,6 +593,7 @@ function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
     trigger: String(v.trigger ?? ''),
     at: String(v.at ?? ''),
     acted: v.acted === true,
+    ...(typeof v.incident === 'string' && v.incident !== '' ? { incident: v.incident } : {}),
     ...(typeof v.announcedAt === 'string' ? { announcedAt: v.announcedAt } : {}),
     ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
     ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {}),
