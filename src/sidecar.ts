@@ -190,6 +190,11 @@ export class Sidecar {
         this.fleet?.progress(this.incidentKeyOf(trigger.name), { announcedAt: new Date().toISOString() }).catch((err: unknown) => {
           this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: cannot record on the incident key that the incident was announced; a sidecar taking it over announces it again')
         })
+      },
+      announcedTo: (trigger, receiver) => {
+        this.fleet?.progress(this.incidentKeyOf(trigger.name), { announcedTo: [receiver] }).catch((err: unknown) => {
+          this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: cannot record on the incident key that a receiver took the announcement; a sidecar taking it over sends it that receiver again')
+        })
       }
     })
     this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
@@ -393,6 +398,7 @@ export class Sidecar {
       const carried: Progress = {}
       if (left?.incident !== undefined) carried.incident = left.incident
       if (left?.announcedAt !== undefined) carried.announcedAt = left.announcedAt
+      if (left?.announcedTo !== undefined) carried.announcedTo = left.announcedTo
       claim = await fleet.claim(key, trigger, carried, local)
     } catch (err) {
       this.logger.warn({ event: 'fleet_incident', trigger, error: (err as Error).message }, 'fleet: cannot claim the incident in etcd; this sidecar acts alone')
@@ -552,6 +558,7 @@ export class Sidecar {
     const carried: Progress = { acted }
     if (last.incident !== undefined) carried.incident = last.incident
     if (last.announcedAt !== undefined) carried.announcedAt = last.announcedAt
+    if (last.announcedTo !== undefined) carried.announcedTo = last.announcedTo
     if (last.escalatedAt !== undefined) carried.escalatedAt = last.escalatedAt
     // The leader's last write may not have reached this sidecar's watch yet: what this sidecar's
     // own status page client already knows of the same page incident counts too.

@@ -168,3 +168,48 @@ t.test('a leader killed before its announcement was delivered: the sidecar that 
   t.equal(successors, leaders, 'the announcement taken over has the leader\'s Idempotency-Key')
   t.ok(String(successors).includes(String((await holding() as { incident?: string } | null)?.incident)), 'which names the fleet\'s incident, as the key does')
 })
+
+t.test('a leader killed after Slack and a webhook took its announcement, PagerDuty not: the sidecar that takes over pages PagerDuty only', async (t) => {
+  const { etcd, client, failing, stuck, cd } = await takeoverScene(t)
+  // One Slack, one webhook and one PagerDuty for the whole fleet; PagerDuty holds the leader's page unanswered.
+  const slack = await startReceiver([200])
+  const hooks = await startReceiver([200])
+  const pd = await startReceiver([202])
+  pd.delayMs = 2 ** 31 - 1
+  for (const r of [slack, hooks, pd]) t.teardown(r.close)
+  const config = (rollbackUrl: string): Record<string, unknown> => fleetConfig(failing.url, etcd.endpoints, {
+    version: '2.0.0',
+    rollback: { type: 'webhook', url: `${rollbackUrl}/rollback`, retries: 0, timeoutMs: '10m' },
+    notifications: { webhooks: [`${hooks.url}/events`], slackWebhookUrl: `${slack.url}/slack`, pagerDutyRoutingKey: 'rk-fleet', pagerDutyUrl: `${pd.url}/v2/enqueue` },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'rollback' }]
+  })
+  const key = `/bw-test/shop/incidents/${incidentKey('shop', '2.0.0', 'errors')}`
+  const holding = async (): Promise<(Holding & { announcedAt?: string, announcedTo?: string[] }) | null> => JSON.parse(await client.get(key).string() ?? 'null') as (Holding & { announcedAt?: string, announcedTo?: string[] }) | null
+  const fired = (r: Awaited<ReturnType<typeof startReceiver>>): number => r.deliveries.filter((d) => d.body?.event === 'trigger_fired' || d.body?.event_action === 'trigger' || /rotating_light/.test(String(d.body?.text))).length
+
+  const leader = await startProcess(t, config(stuck.url), { ...withoutTapHooks, BREAKWATER_INSTANCE: 'crashed-leader', BREAKWATER_ADMIN_TOKEN: TEST_TOKEN })
+  const followers = [await startTestSidecar(t, config(cd.url), { instance: 'f1' })]
+  await until(async () => await metricValue(leader.ops, 'breakwater_fleet_connected') === 1)
+  await until(() => followers.every((s) => s.sidecar.fleet?.connected === true))
+  await fireUntil([leader.proxy], () => stuck.deliveries.some((d) => d.url === '/rollback') && fired(pd) === 1)
+  // Slack and the webhook took the announcement, and the key says so; PagerDuty has not answered.
+  await until(async () => (await holding())?.announcedTo?.length === 2)
+  t.match(await holding(), { instance: 'crashed-leader', acted: false }, 'the leader holds the key')
+  t.equal((await holding())?.announcedAt, undefined, 'not every receiver took the announcement')
+  t.equal(fired(slack), 1)
+  t.equal(fired(hooks), 1)
+  keepFiring(t, followers)
+  await until(async () => (await fleetRole(followers[0] as TestSidecar))?.role === 'follower')
+
+  leader.child.kill('SIGKILL')
+  await leader.exited
+  pd.delayMs = 0
+  await until(() => cd.deliveries.some((d) => d.url === '/rollback'))
+  await until(() => fired(pd) === 2 && pd.answered >= 1)
+  await until(async () => typeof (await holding())?.announcedAt === 'string')
+  t.match(await holding(), { instance: 'f1' }, 'the sidecar that took over holds the key')
+  t.equal(fired(pd), 2, 'PagerDuty, which never answered the leader, is paged by the sidecar that took over')
+  t.equal(fired(slack), 1, 'Slack, which took the leader\'s announcement, is not sent it again')
+  t.equal(fired(hooks), 1, 'nor is the webhook')
+  t.same([...((await holding())?.announcedTo ?? [])].sort(), ['pagerduty', 'slack', (await holding())?.announcedTo?.find((r) => r.startsWith('webhook:'))].sort(), 'the key records every receiver that took it')
+})

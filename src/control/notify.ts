@@ -96,6 +96,15 @@ export function webhookKey (event: NotificationEvent, key = incidentKey(event.se
  */
 const CONCURRENCY = 4
 
+/**
+ * The receiver a notification goes to, as a fleet incident key records that it took the
+ * incident's announcement: `slack`, `pagerduty`, or `webhook:` and a digest of the URL (a webhook
+ * URL is a secret, and never leaves the sidecar as it is).
+ */
+export function receiverName (channel: Channel, url: string): string {
+  return channel === 'webhook' ? `webhook:${createHash('sha256').update(url).digest('hex').slice(0, 16)}` : channel
+}
+
 /** The receiver a message goes to, for `CONCURRENCY`. */
 function receiverOf (m: Message): string {
   return m.channel === 'webhook' ? `webhook\u0000${m.url}` : m.channel
@@ -151,12 +160,16 @@ export class Notifier {
   /**
    * Queue an event for every configured channel. Returns at once. `delivered`, when given, is
    * called once Slack, PagerDuty and every webhook took it (at once when none is configured);
-   * never when one of them gave up or dropped it.
+   * never when one of them gave up or dropped it. `announce` (a fleet incident's announcement,
+   * SPEC §16): `skip` names the receivers (`receiverName`) that took it already from a leader
+   * before this sidecar, which are not sent it again; `accepted` is told each receiver that takes
+   * it, as it does.
    */
-  notify (event: NotificationEvent, delivered?: () => void): void {
+  notify (event: NotificationEvent, delivered?: () => void, announce: { skip?: readonly string[], accepted?: (receiver: string) => void } = {}): void {
     this.alertmanager.handle(event)
     const c = this.config()
     const key = incidentKey(event.service, event.version, event.trigger)
+    const skip = new Set(announce.skip ?? [])
     let waiting = 1
     let lost = false
     const settled = (ok: boolean): void => {
@@ -164,8 +177,10 @@ export class Notifier {
       if (--waiting === 0 && !lost) delivered?.()
     }
     const enqueue = (m: Message): void => {
+      const name = receiverName(m.channel, m.url)
+      if (skip.has(name)) return
       waiting++
-      this.enqueue({ ...m, onSettled: (ok) => { settled(ok) } })
+      this.enqueue({ ...m, onSettled: (ok) => { if (ok) announce.accepted?.(name); settled(ok) } })
     }
     if (c.slackWebhookUrl !== null) {
       enqueue({ channel: 'slack', url: c.slackWebhookUrl, method: 'POST', headers: {}, attempt: 0, lane: `slack\u0000${key}`, body: slackPayload(c, event) })

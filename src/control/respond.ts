@@ -27,9 +27,21 @@ export interface RespondDeps {
    * sidecar alone acts without yielding (as before); a promise of null: it decides alone.
    * `incident`: this sidecar's incident id, which names the fleet's incident if it is the first.
    */
-  claim?: (trigger: TriggerConfig, incident?: string) => Promise<{ leader: boolean, holder: string, announced?: boolean, incident?: string } | null> | null
+  claim?: (trigger: TriggerConfig, incident?: string) => Promise<Claimed | null> | null
   /** In a fleet: the leader's `trigger_fired` reached every channel (recorded on the incident key). */
   announced?: (trigger: TriggerConfig) => void
+  /** In a fleet: one receiver (`receiverName`) took the leader's `trigger_fired` (recorded on the incident key). */
+  announcedTo?: (trigger: TriggerConfig, receiver: string) => void
+}
+
+/** Who acts for a trigger's incident in a fleet, and what a holder before this one announced. */
+interface Claimed {
+  leader: boolean
+  holder: string
+  announced?: boolean
+  /** The receivers that took the incident's `trigger_fired` from a holder before this one. */
+  announcedTo?: readonly string[]
+  incident?: string
 }
 
 export function createTriggerAction (deps: RespondDeps): TriggerAction {
@@ -63,7 +75,7 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       },
       time: new Date().toISOString()
     }
-    let claim: { leader: boolean, holder: string, announced?: boolean, incident?: string } | null = null
+    let claim: Claimed | null = null
     if (trigger.action === 'rollback' || trigger.action === 'notify') {
       const pending = deps.claim?.(trigger, incident?.id) ?? null
       claim = pending === null ? null : await pending
@@ -89,7 +101,11 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       // as every sidecar's does.
       deps.notifier.alertmanager.handle(fired)
       void deps.control.auditEvent({ action: 'trigger.refire', targets: [trigger.name], reason, result: 'incident announced by the fleet leader before: not announced again', requester: who.requester })
-    } else deps.notifier.notify(fired, claim?.leader === true ? () => { deps.announced?.(trigger) } : undefined)
+    } else if (claim?.leader === true) {
+      // A leader before this one may have reached some receivers before it died: they are not
+      // sent the announcement again (the key records each that took it), the others are.
+      deps.notifier.notify(fired, () => { deps.announced?.(trigger) }, { skip: claim.announcedTo, accepted: (receiver) => { deps.announcedTo?.(trigger, receiver) } })
+    } else deps.notifier.notify(fired)
     if (action === 'notify') {
       const outcome = trigger.action === 'rollback' ? 'notified: no recent change, rollback not run' : 'notified'
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })

@@ -38,6 +38,8 @@ export interface Claim {
   holder: string
   /** Whether the incident's `trigger_fired` was delivered already (by a holder before this one). */
   announced: boolean
+  /** The receivers that took the incident's `trigger_fired` from a holder before this one (`Holding.announcedTo`). */
+  announcedTo: string[]
   /** The fleet's id of the incident (`Holding.incident`); absent on a key written without one. */
   incident?: string
 }
@@ -57,6 +59,12 @@ export interface Holding {
   incident?: string
   /** When the holder's `trigger_fired` was delivered on every channel: a taker-over does not announce the incident again. */
   announcedAt?: string
+  /**
+   * The receivers (`receiverName`: `slack`, `pagerduty`, `webhook:<digest>`) that took the
+   * holder's `trigger_fired`, each added as it does: a taker-over with no `announcedAt` announces
+   * the incident only to the others, never twice to one.
+   */
+  announcedTo?: string[]
   /** When the holder escalated the incident (the fleet escalates once: followers record it, a taker-over does not escalate again). */
   escalatedAt?: string
   /** When the holder verified restoration (followers record the incident restored). */
@@ -66,7 +74,7 @@ export interface Holding {
 }
 
 /** What the holder of an incident key reports as it goes. */
-export type Progress = Partial<Pick<Holding, 'acted' | 'incident' | 'announcedAt' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
+export type Progress = Partial<Pick<Holding, 'acted' | 'incident' | 'announcedAt' | 'announcedTo' | 'escalatedAt' | 'restoredAt' | 'statusPage'>>
 
 export interface FleetDeps {
   service: string
@@ -175,14 +183,14 @@ export class Fleet implements FleetWriter {
     const res = await this.call(async () => await this.client.txn([{ key, target: 'CREATE', createRevision: 0 }], [{ key, value: JSON.stringify(holding), lease: await this.leaseId() }], key))
     if (res.succeeded) {
       this.hold(incidentKey, holding, res.revision)
-      return { leader: true, holder: this.instance, announced: holding.announcedAt !== undefined, incident }
+      return { leader: true, holder: this.instance, announced: holding.announcedAt !== undefined, announcedTo: holding.announcedTo ?? [], incident }
     }
     const kv = res.kvs[0]
     const holder = kv === undefined ? null : readHolding(kv.value)
     if (kv === undefined || holder === null) throw new Error(`unreadable incident key ${key}`)
     if (holder.instance === this.instance) await this.holdAgain(key, kv)
     this.seen(incidentKey, holder, kv.modRevision)
-    return { leader: holder.instance === this.instance, holder: holder.instance, announced: holder.announcedAt !== undefined, ...(holder.incident !== undefined ? { incident: holder.incident } : {}) }
+    return { leader: holder.instance === this.instance, holder: holder.instance, announced: holder.announcedAt !== undefined, announcedTo: holder.announcedTo ?? [], ...(holder.incident !== undefined ? { incident: holder.incident } : {}) }
   }
 
   /**
@@ -214,13 +222,15 @@ export class Fleet implements FleetWriter {
    * verified): record it on the key, so nobody takes over to act or escalate again, and the
    * followers' records follow. A no-op unless this sidecar holds the key. Writes go one at a
    * time: two at once would both compare against the same value, and the second would fail.
+   * `announcedTo` adds to the receivers recorded already.
    */
   async progress (incidentKey: string, change: Progress): Promise<void> {
     const write = this.progressing.then(async () => {
       const held = this.incidents.get(incidentKey)
       if (held === undefined || held.instance !== this.instance || this.lease === null) return
       const key = this.key('incidents', incidentKey)
-      const next = holdingOf({ ...held, ...change })
+      const announcedTo = change.announcedTo === undefined ? held.announcedTo : [...new Set([...(held.announcedTo ?? []), ...change.announcedTo])]
+      const next = holdingOf({ ...held, ...change, ...(announcedTo !== undefined ? { announcedTo } : {}) })
       const res = await this.call(async () => await this.client.txn([{ key, target: 'VALUE', value: JSON.stringify(held) }], [{ key, value: JSON.stringify(next), lease: await this.leaseId() }]))
       if (res.succeeded) this.hold(incidentKey, next, res.revision)
     })
@@ -595,6 +605,7 @@ function holdingOf (v: Partial<Holding> & { instance: string }): Holding {
     acted: v.acted === true,
     ...(typeof v.incident === 'string' && v.incident !== '' ? { incident: v.incident } : {}),
     ...(typeof v.announcedAt === 'string' ? { announcedAt: v.announcedAt } : {}),
+    ...(Array.isArray(v.announcedTo) && v.announcedTo.length > 0 ? { announcedTo: v.announcedTo.filter((r): r is string => typeof r === 'string') } : {}),
     ...(typeof v.escalatedAt === 'string' ? { escalatedAt: v.escalatedAt } : {}),
     ...(typeof v.restoredAt === 'string' ? { restoredAt: v.restoredAt } : {}),
     ...(typeof v.statusPage?.id === 'string' && v.statusPage.id !== '' ? { statusPage: { id: v.statusPage.id, status: String(v.statusPage.status ?? ''), ...(typeof v.statusPage.round === 'number' && v.statusPage.round > 0 ? { round: v.statusPage.round } : {}) } } : {})
