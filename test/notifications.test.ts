@@ -7,6 +7,7 @@ import { admin } from './helpers/admin.js'
 import { send, sleep, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { traffic, median, type Traffic } from './helpers/traffic.js'
+import { webhookKey } from '../src/control/notify.js'
 
 /** `fail` in the path → 500, `slow` → 200 after 300 ms, anything else → 200. */
 async function app (t: Test): Promise<TestUpstream> {
@@ -281,6 +282,14 @@ t.test('two mitigations are two webhook deliveries: a kill switch and another, e
   const keys = hook.deliveries.map((d) => String(d.headers['idempotency-key']))
   t.equal(new Set(keys).size, 4, `four deliveries, four keys (${keys.join(', ')})`)
   for (const d of hook.deliveries) t.ok(String(d.headers['idempotency-key']).includes(d.body.details.id), 'the key names the mitigation')
+})
+
+t.test('a mitigation id in any characters (a flag source\'s key) still makes a valid Idempotency-Key: visible ASCII, one per id', async (t) => {
+  const event = { kind: 'mitigation_applied' as const, service: 'checkout', version: '2.4.1', trigger: null, summary: 'killed', time: new Date().toISOString() }
+  const keys = ['flag:новый-checkout@mx1', 'flag:nouveau café@mx1', 'flag:a\ud800b@mx1', 'flag:plain@mx1'].map((id) => webhookKey({ ...event, details: { id } }))
+  for (const key of keys) t.match(key, /^[\x21-\x7e]+$/, key)
+  t.equal(new Set(keys).size, keys.length)
+  t.ok(keys[3]?.includes('flag:plain@mx1'), 'an id in visible ASCII is kept as it is')
 })
 
 t.test('one incident\'s messages reach each receiver in the order they happened: a retried one keeps its place', async (t) => {

@@ -87,7 +87,9 @@ export function incidentKey (service: string, version: string, trigger: string |
  */
 export function webhookKey (event: NotificationEvent, key = incidentKey(event.service, event.version, event.trigger)): string {
   const mitigation = event.kind.startsWith('mitigation_') && typeof event.details.id === 'string' ? event.details.id : undefined
-  return [key, event.incident, mitigation, event.kind].filter((part) => part !== undefined && part !== '').join('-')
+  // A direct kill's id holds its flag key, which a flag source may spell in any characters: a
+  // header value carries visible ASCII only (RFC 9110 §5.5), the rest is percent-encoded.
+  return [key, event.incident, mitigation, event.kind].filter((part) => part !== undefined && part !== '').join('-').replace(/[^\x21-\x7e]/gu, (c) => [...Buffer.from(c)].map((b) => `%${b.toString(16).toUpperCase().padStart(2, '0')}`).join(''))
 }
 
 /**
