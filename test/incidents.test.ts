@@ -1012,3 +1012,25 @@ t.test('a second incident of a trigger, and each mitigation, are new webhook del
   t.equal(new Set(mitigations).size, 2, 'two kill switches')
   t.ok(keysOf('mitigation_applied').every((k, i) => k.includes(String([...new Set(mitigations)][i]))), 'a mitigation notice names its mitigation')
 })
+
+t.test('a later outage of a key whose page incident was resolved: a new page incident, created and updated under Idempotency-Keys of its own', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, { trigger: { window: '2s' } })
+  const first = await restoredByTrigger(t, app, s, load)
+  t.equal(first.status, 'restored')
+  t.ok(await eventually(() => r.sp.deliveries.some((d) => d.body?.incident?.status === 'resolved'), 15_000), 'the first page incident resolved')
+  await eventually(() => s.sidecar.triggers.status().find((x) => x.name === TRIGGER.name)?.state !== 'fired', 10_000, 100)
+  t.equal((await admin(s.admin, 'DELETE', '/v1/flags/newCheckout', { reason: 'looks fixed' })).status, 200)
+  t.ok(await eventually(async () => {
+    await breakCheckout(app, s, load, 10)
+    return (await incidents(s)).length === 2
+  }, 15_000, 200), 'a new incident for the failure that came back')
+  const creates = (): Delivery[] => r.sp.deliveries.filter((d) => d.method === 'POST')
+  t.ok(await eventually(() => creates().length === 2 && r.sp.deliveries.some((d) => d.url.endsWith('/sp-incident-2') && d.body?.incident?.status === 'identified'), 15_000), 'a second page incident, created and identified')
+  const [a, b] = creates().map((d) => d.headers['idempotency-key'])
+  t.not(b, a, `the later outage's create has a key of its own (${String(a)}, ${String(b)})`)
+  const identified = r.sp.deliveries.filter((d) => d.method === 'PATCH' && d.body?.incident?.status === 'identified').map((d) => d.headers['idempotency-key'])
+  t.equal(identified.length, 2)
+  t.equal(new Set(identified).size, 2, `each page incident's update has a key of its own (${identified.join(', ')})`)
+})

@@ -6,7 +6,8 @@
  * one exception (`reopen`): `monitoring` says "a fix is in, we are watching it", so when the
  * verification it announced fails (not restored, or no real traffic to tell) the page goes back
  * to `identified`. That starts a new round: the next `monitoring` and the `resolved` go on from
- * there, and each update of a round has its own idempotency key.
+ * there, and each update of a round has its own idempotency key (each naming its page incident:
+ * a later outage of the same key, after the first page incident was resolved, is not its repeat).
  *
  * - One page incident per incident key (service, version, trigger: the same on every sidecar of
  *   the fleet), so the key's id is what every later update uses.
@@ -104,6 +105,8 @@ interface PageIncident {
   unsure: boolean
   /** Creates failed in a row (retried after a look at the page, up to `maxAttempts`). */
   failedCreates: number
+  /** The resolved page incident of the same key this one follows (a later outage), for its create's idempotency key. */
+  after?: string
 }
 
 /** Persisted for a page incident whose create was sent and not answered (yet). */
@@ -172,12 +175,14 @@ export class StatusPageLifecycle {
   advance (key: string, status: PageStatus, name: string, text: string, metadata: Record<string, unknown> = {}): void {
     let p = this.incidents.get(key)
     // A resolved page incident is over: the same key firing again is a new outage, a new page incident.
+    let after: string | undefined
     if (p !== undefined && p.status === 'resolved' && p.queue.length === 0 && status === 'investigating') {
       this.incidents.delete(key)
+      after = p.id ?? undefined
       p = undefined
     }
     if (p === undefined) {
-      p = fresh()
+      p = after !== undefined ? { ...fresh(), after } : fresh()
       this.incidents.set(key, p)
       this.forgetOldResolved()
     }
@@ -219,7 +224,11 @@ export class StatusPageLifecycle {
       this.pump(key, p)
       return
     }
-    const headers = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': `${key}-${next.status}${next.round > 0 ? `-${next.round}` : ''}` }
+    // One key per page incident and status: an update names the page incident it goes to, and a
+    // later outage's create the resolved one it follows — under the first one's keys, a page that
+    // honours Idempotency-Key would take the later outage's create and updates for repeats.
+    const of = p.id !== null ? `-${p.id}` : p.after !== undefined ? `-after-${p.after}` : ''
+    const headers = { authorization: `OAuth ${c.statusPageApiKey}`, 'idempotency-key': `${key}${of}-${next.status}${next.round > 0 ? `-${next.round}` : ''}`.replace(/[^\x21-\x7e]/gu, '_') }
     const metadata = { breakwater: { incident_key: key, ...next.metadata } }
     // Created but its id unknown (the page answered without one), or a resolve of one never created.
     if (p.id === null && (p.status !== null || next.status === 'resolved')) {
