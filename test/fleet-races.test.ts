@@ -12,6 +12,8 @@ import { startUpstream } from './helpers/upstream.js'
 import { eventually, send, sleep } from './helpers/http.js'
 import type { TestSidecar } from './helpers/sidecar.js'
 import type { FleetWriter } from '../src/control/interfaces.js'
+import type { Fleet } from '../src/fleet/fleet.js'
+import { incidentKey } from '../src/control/notify.js'
 
 /**
  * Make `s`'s fleet writes answer only once `then` (given what was written) has run: the etcd
@@ -97,4 +99,37 @@ t.test('a fleet failover lifted from another sidecar while the failover\'s write
   t.equal(await served(s0), 'primary', 'and on the writer, whose write the lift came after')
   await sleep(1500)
   t.equal(await served(s0), 'primary', 'for good')
+})
+
+t.test('the holder\'s own watch event for an older write of its incident key, arriving after the answer to a newer one, does not put the older value back: its next progress still lands', async (t) => {
+  const { fleet } = await startConnectedFleet(t)
+  const f = (fleet[0] as TestSidecar).sidecar.fleet as Fleet
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  // Hold the watch's events for incident keys: released one by one, late, as a busy stream would.
+  const watched = f as unknown as { incidentEvent: (incident: string, kv: unknown, deleted: boolean) => void }
+  const deliver = watched.incidentEvent.bind(f)
+  const late: Array<() => void> = []
+  watched.incidentEvent = (incident, kv, deleted) => { late.push(() => { deliver(incident, kv, deleted) }) }
+  t.teardown(() => { watched.incidentEvent = deliver })
+
+  t.match(await f.claim(key, 'errors'), { leader: true }, 'this sidecar holds the incident')
+  await f.progress(key, { acted: true })
+  const escalatedAt = new Date().toISOString()
+  await f.progress(key, { escalatedAt })
+  t.ok(await eventually(() => late.length >= 3, 10_000), 'the watch saw the three writes')
+  // The events of the claim and of the first progress arrive now, after the answer to the second.
+  for (const event of late.splice(0, 2)) event()
+  const restoredAt = new Date().toISOString()
+  await f.progress(key, { restoredAt })
+  t.match(await f.read(key), { acted: true, escalatedAt, restoredAt }, 'etcd holds the restoration, with what came before it')
+
+  // etcd holds a value of this holder's that it has not seen yet (its event still held): the
+  // compare fails, and the write goes over what etcd holds, since it is still this holder's.
+  const raw = f as unknown as { client: { range: (key: string) => Promise<{ kvs: Array<{ value: string }> }>, put: (key: string, value: string) => Promise<number> }, key: (kind: string, name: string) => string }
+  const path = raw.key('incidents', key)
+  const stored = JSON.parse((await raw.client.range(path)).kvs[0]?.value ?? '{}') as Record<string, unknown>
+  await raw.client.put(path, JSON.stringify({ ...stored, announcedAt: new Date().toISOString() }))
+  await f.progress(key, { statusPage: { id: 'page-1', status: 'resolved' } })
+  for (const event of late.splice(0)) event()
+  t.match(await f.read(key), { restoredAt, announcedAt: String, statusPage: { id: 'page-1' } }, 'etcd holds both: the change it had not seen, and this progress')
 })

@@ -226,13 +226,30 @@ export class Fleet implements FleetWriter {
    */
   async progress (incidentKey: string, change: Progress): Promise<void> {
     const write = this.progressing.then(async () => {
-      const held = this.incidents.get(incidentKey)
-      if (held === undefined || held.instance !== this.instance || this.lease === null) return
       const key = this.key('incidents', incidentKey)
-      const announcedTo = change.announcedTo === undefined ? held.announcedTo : [...new Set([...(held.announcedTo ?? []), ...change.announcedTo])]
-      const next = holdingOf({ ...held, ...change, ...(announcedTo !== undefined ? { announcedTo } : {}) })
-      const res = await this.call(async () => await this.client.txn([{ key, target: 'VALUE', value: JSON.stringify(held) }], [{ key, value: JSON.stringify(next), lease: await this.leaseId() }]))
-      if (res.succeeded) this.hold(incidentKey, next, res.revision)
+      // Twice at most: a compare that fails (etcd holds a value other than the one kept here)
+      // answers with what etcd holds, and the second write goes over that while it is still this
+      // sidecar's — never over a new holder's.
+      let found: { holding: Holding, text: string } | null = null
+      for (let attempt = 0; attempt < 2; attempt++) {
+        const held: Holding | undefined = found?.holding ?? this.incidents.get(incidentKey)
+        if (held === undefined || held.instance !== this.instance || this.lease === null) return
+        const announcedTo = change.announcedTo === undefined ? held.announcedTo : [...new Set([...(held.announcedTo ?? []), ...change.announcedTo])]
+        const next = holdingOf({ ...held, ...change, ...(announcedTo !== undefined ? { announcedTo } : {}) })
+        const from: string = found?.text ?? JSON.stringify(held)
+        const res = await this.call(async () => await this.client.txn([{ key, target: 'VALUE', value: from }], [{ key, value: JSON.stringify(next), lease: await this.leaseId() }], key))
+        if (res.succeeded) {
+          this.hold(incidentKey, next, res.revision)
+          return
+        }
+        // The compare is against the text etcd holds, as it is written (another writer's key order).
+        const kv = res.kvs[0]
+        const now: Holding | null = kv === undefined ? null : readHolding(kv.value)
+        if (kv === undefined || now === null) return
+        this.seen(incidentKey, now, kv.modRevision)
+        found = { holding: now, text: kv.value }
+      }
+      this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, change: Object.keys(change) }, 'fleet: the incident key keeps changing under its holder; this progress is not recorded on it')
     })
     this.progressing = write.catch(() => {})
     await write
@@ -308,8 +325,15 @@ export class Fleet implements FleetWriter {
     this.incidentRevisions.set(incidentKey, revision)
   }
 
-  /** An incident key as read at `revision` (watch or resync): another holder's news is passed on once. */
-  private seen (incidentKey: string, holding: Holding, revision: number): void {
+  /**
+   * An incident key as read at `revision` (watch or resync): another holder's news is passed on
+   * once. A value older than the one kept is dropped: the watch's event for the holder's own write
+   * can arrive after the answer to its next write, and taking it would put the older value back —
+   * the holder's next `progress` would then compare against a value etcd no longer has.
+   * `replace`: etcd went back (rebuilt, restored), and its revisions with it.
+   */
+  private seen (incidentKey: string, holding: Holding, revision: number, replace = false): void {
+    if (!replace && revision < (this.incidentRevisions.get(incidentKey) ?? 0)) return
     const before = this.incidents.get(incidentKey)
     this.hold(incidentKey, holding, revision)
     if (holding.instance === this.instance) return
@@ -378,7 +402,7 @@ export class Fleet implements FleetWriter {
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
       const holding = incident === null ? null : readHolding(kv.value)
-      if (incident !== null && holding !== null) this.seen(incident, holding, kv.modRevision)
+      if (incident !== null && holding !== null) this.seen(incident, holding, kv.modRevision, wentBack)
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
