@@ -138,6 +138,33 @@ t.test('breakwater kill --fleet and restore --fleet act on every sidecar through
   t.ok(await allAre(fleet, 200))
 })
 
+t.test('a local restore under a fleet kill switch says the feature is still off, why, and how to lift it', async (t) => {
+  const { fleet } = await startConnectedFleet(t)
+  const [s0, s1] = fleet
+  const env = { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, BREAKWATER_CONFIG: undefined, NODE_OPTIONS: undefined }
+  t.equal((await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'checkout 500s', scope: 'fleet' })).status, 200)
+  t.ok(await allAre(fleet, 503))
+  // An operator on s1 kills locally too, then restores locally: the fleet's kill is still the decision there.
+  t.equal((await admin(s1.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'belt and braces' })).status, 200)
+  const answer = await admin(s1.admin, 'DELETE', '/v1/flags/newCheckout', { reason: 'fixed' })
+  t.equal(answer.status, 200, JSON.stringify(answer.body))
+  t.match(answer.body, { flag: 'newCheckout', override: null, enabled: false, origin: 'fleet', fleetOverride: { value: false, reason: 'checkout 500s', instance: 's0' } }, 'the answer says what is in force, and whose decision it is')
+  t.equal(await status(s1), 503, 'and it is the truth')
+  const restore = await runCli(['restore', 'newCheckout', '--reason', 'fixed', '--admin', s1.admin], { env, timeoutMs: 60_000 })
+  t.equal(restore.code, 0, restore.stderr)
+  t.notMatch(restore.stdout, /now ON/)
+  t.match(restore.stdout, /still OFF: the fleet's override \(kill switch, reason "checkout 500s"/, 'the operator is told the fleet kill is in force')
+  t.match(restore.stdout, /breakwater restore newCheckout --fleet --reason/, 'and how to lift it')
+  const audit = (await admin(s1.admin, 'GET', '/v1/audit?limit=5')).body.entries as Array<Record<string, unknown>>
+  t.match(audit.find((e) => e.action === 'flag.clear'), { enabled: false, origin: 'fleet' }, 'audited with what stayed in force')
+
+  // The fleet's restore is the newest decision: it lifts the fleet kill, and s1's older local one with it.
+  const fleetRestore = await runCli(['restore', 'newCheckout', '--fleet', '--reason', 'fixed', '--admin', s1.admin, '--json'], { env, timeoutMs: 60_000 })
+  t.equal(fleetRestore.code, 0, fleetRestore.stderr)
+  t.match(JSON.parse(fleetRestore.stdout), { scope: 'fleet', enabled: true, origin: 'config' })
+  t.ok(await allAre(fleet, 200), 'on again everywhere')
+})
+
 t.test('a fleet ttl lapses on every sidecar: each logs and audits the end of the same mitigation, its writer alone notifies', async (t) => {
   const hooks = await startReceiver()
   t.teardown(hooks.close)

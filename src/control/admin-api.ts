@@ -204,7 +204,8 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
     const b = body(req, ['reason', 'scope'])
     if (fleetScope(b)) {
       const { persisted } = await control.setFleetOverride('flags', req.params.key, null, actor(req, b), null)
-      return await reply.send({ flag: req.params.key, scope: 'fleet', override: null, enabled: control.flagEnabled(req.params.key), persisted })
+      const { enabled, origin } = control.flagAfter(req.params.key)
+      return await reply.send({ flag: req.params.key, scope: 'fleet', override: null, enabled, origin, persisted })
     }
     const { value, persisted } = await control.clearFlag(req.params.key, actor(req, b))
     return await reply.send({ flag: req.params.key, override: null, ...value, persisted })

@@ -33,6 +33,13 @@ export { ControlError, type Actor, type Applied, type CircuitControl, type Circu
  */
 export type MitigationEvent = 'started' | 'applied' | 'failed' | 'lifted'
 
+/** A flag after an override was dropped: its value now, where that comes from, and the fleet's override when it decides. */
+export interface FlagAfterClear {
+  enabled: boolean
+  origin: 'fleet' | 'local' | 'provider' | 'file' | 'config' | 'default'
+  fleetOverride?: FleetEntry
+}
+
 export class ControlPlane {
   state: PersistedState = emptyState()
   readonly mitigationsTotal = new Map<string, number>()
@@ -148,18 +155,37 @@ export class ControlPlane {
     return { value: record, persisted }
   }
 
-  async clearFlag (key: string, actor: Actor): Promise<Applied<{ enabled: boolean }>> {
+  /**
+   * Drop this sidecar's override. What is in force afterwards is said, not assumed: a fleet
+   * override (SPEC §16) still decides here, and a restore that leaves the fleet's kill switch
+   * in force must not read as "restored" to the operator who typed it.
+   */
+  async clearFlag (key: string, actor: Actor): Promise<Applied<FlagAfterClear>> {
     const before = this.overrides.flag(key)
     const had = before !== undefined
     if (!this.flags.defines(key) && !had) throw new ControlError(404, 'unknown_flag', `flag "${key}" is not defined by featureFlags or the flag file`)
     const settled = this.overrides.setFlag(key, null)
     const ended = this.ended('flag', key, before, actor.reason)
     await settled
-    const enabled = this.flags.values.get(key) !== false
-    this.logger.warn({ event: 'mitigation', action: 'flag_override_dropped', flag: key, enabled, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, 'flag override dropped')
-    const persisted = await this.commit({ action: 'flag.clear', targets: [key], reason: actor.reason, result: had ? 'ok' : 'no_override', requester: actor.requester, enabled, ...liftedIds(ended) })
+    const after = this.flagAfter(key)
+    const fleetNote = after.origin === 'fleet' ? { fleetOverride: after.fleetOverride } : {}
+    this.logger.warn({ event: 'mitigation', action: 'flag_override_dropped', flag: key, enabled: after.enabled, origin: after.origin, reason: actor.reason, requester: actor.requester, ...liftedIds(ended) }, after.origin === 'fleet' && !after.enabled ? 'flag override dropped; the fleet\'s kill switch is still in force' : 'flag override dropped')
+    const persisted = await this.commit({ action: 'flag.clear', targets: [key], reason: actor.reason, result: had ? 'ok' : 'no_override', requester: actor.requester, enabled: after.enabled, origin: after.origin, ...liftedIds(ended) })
     this.announceLifted(ended)
-    return { value: { enabled }, persisted }
+    return { value: { enabled: after.enabled, origin: after.origin, ...fleetNote }, persisted }
+  }
+
+  /**
+   * A flag's value as the request path sees it now and where it comes from (as `GET /v1/state`
+   * names it), with the fleet's override when that is what decides.
+   */
+  flagAfter (key: string): FlagAfterClear {
+    const enabled = this.flagEnabled(key)
+    const source = this.flags.origin(key) ?? 'default'
+    const inForce = this.overrides.flagInForce(key)
+    const origin = source === 'override' ? inForce?.origin ?? 'local' : source
+    const fleetOverride = origin === 'fleet' ? this.state.fleet.flags[key] : undefined
+    return fleetOverride === undefined ? { enabled, origin } : { enabled, origin, fleetOverride }
   }
 
   // ---- circuits ----

@@ -154,7 +154,7 @@ function render (a: OperatorArgs, body: any): string {
   switch (a.command) {
     case 'status': return renderStatus(body)
     case 'kill': return `flag ${body.flag} forced OFF${body.scope === 'fleet' ? ' on every sidecar of the service (fleet)' : ''}${body.expiresAt !== null && body.expiresAt !== undefined ? ` until ${body.expiresAt}` : ''}${persistNote(body)}\n`
-    case 'restore': return `flag ${body.flag}: ${body.scope === 'fleet' ? 'fleet ' : ''}override dropped, now ${body.enabled === true ? 'ON' : 'OFF'}${persistNote(body)}\n`
+    case 'restore': return renderRestore(body)
     case 'circuit': return `circuit ${body.upstream}: ${body.forced === null ? 'automatic' : `forced ${String(body.forced)}`}${body.scope === 'fleet' ? ' (fleet: every sidecar of the service)' : ''}, now ${String(body.state)}${persistNote(body)}\n`
     case 'failover':
     case 'mitigate':
@@ -176,6 +176,29 @@ function render (a: OperatorArgs, body: any): string {
     default:
       return JSON.stringify(body, null, 2) + '\n'
   }
+}
+
+/**
+ * A restore says what is in force after it, not only what it dropped: the other door's
+ * decision (the fleet's kill after a local restore, this sidecar's own newer kill after a fleet
+ * restore) may still keep the feature off, and the operator is told which and how to lift it.
+ */
+function renderRestore (body: any): string {
+  const fleet = body.scope === 'fleet'
+  const now = body.enabled === true ? 'ON' : 'OFF'
+  const dropped = `flag ${String(body.flag)}: ${fleet ? 'fleet' : 'local'} override dropped`
+  if (!fleet && body.origin === 'fleet') {
+    const f = body.fleetOverride ?? {}
+    const decision = `the fleet's override (${body.enabled === true ? 'on' : 'kill switch'}, reason "${String(f.reason)}", by ${String(f.requester)} through ${String(f.instance)}, since ${String(f.at)}${typeof f.expiresAt === 'string' ? `, until ${f.expiresAt}` : ''})`
+    if (body.enabled === true) return `${dropped}, now ON by ${decision}${persistNote(body)}\n`
+    return `${dropped}, but the feature is still OFF: ${decision} is in force on every sidecar of the service\n` +
+      `lift it with: breakwater restore ${String(body.flag)} --fleet --reason "..."${persistNote(body)}\n`
+  }
+  if (fleet && body.origin === 'local' && body.enabled !== true) {
+    return `${dropped}, but the feature is still OFF on this sidecar: its own kill switch, newer than the fleet's decision, is in force\n` +
+      `lift it there with: breakwater restore ${String(body.flag)} --reason "..." (without --fleet)${persistNote(body)}\n`
+  }
+  return `${dropped}, now ${now}${persistNote(body)}\n`
 }
 
 function renderTriage (r: any): string {
