@@ -173,7 +173,7 @@ t.test('flag file rewritten in place: a poll that catches it half written waits 
     onError: (error) => { errors.push(error) },
     onPresence: () => {}
   })
-  watcher.start()
+  await watcher.start()
   t.teardown(() => { watcher.stop() })
   t.same(read, [true], 'read at start')
   const poll = async (): Promise<void> => { await (watcher as unknown as { poll: () => Promise<void> }).poll() }
@@ -201,6 +201,49 @@ t.test('flag file rewritten in place: a poll that catches it half written waits 
   await poll()
   t.equal(errors.length, 1, 'once')
   t.same(read, [true, false], 'and the last good flags stay')
+})
+
+t.test('flag file half written at start: the start waits for the whole file instead of starting without its kill switches', async (t) => {
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  const whole = flagFile({ enableNewCheckout: { on: false } })
+  // Validation read the file whole; then a writer rewrote it in place and is half way through.
+  writeFileSync(path, whole.slice(0, 40))
+  const read: Array<boolean | undefined> = []
+  const errors: string[] = []
+  const watcher = new FlagFileWatcher(path, 50, {
+    onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
+    onError: (error) => { errors.push(error) },
+    onPresence: () => {}
+  })
+  t.teardown(() => { watcher.stop() })
+  // The first read is made before start() returns: it sees half the file. The writer finishes.
+  const started = watcher.start()
+  writeFileSync(path, whole)
+  await started
+  t.same(errors, [], 'half a file at start is not an error while it is being written')
+  t.same(read, [false], 'the file\'s kill switch is in force from the start')
+})
+
+t.test('flag file broken at start and left so: the start gives up on it with one error, and picks it up once fixed', async (t) => {
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  writeFileSync(path, '{ not json')
+  const read: Array<boolean | undefined> = []
+  const errors: string[] = []
+  const watcher = new FlagFileWatcher(path, 50, {
+    onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
+    onError: (error) => { errors.push(error) },
+    onPresence: () => {}
+  })
+  t.teardown(() => { watcher.stop() })
+  await watcher.start()
+  t.equal(errors.length, 1, 'one error once the wait is over')
+  t.same(read, [], 'nothing read')
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: false } }))
+  t.ok(await eventually(() => read.length === 1, 10_000), 'the fixed file is read by the polls')
+  t.same(read, [false])
+  t.equal(errors.length, 1, 'and no further error')
 })
 
 t.test('flag file: the Kubernetes ConfigMap symlink swap is picked up', async (t) => {

@@ -21,6 +21,7 @@
  */
 import { statSync } from 'node:fs'
 import { readFile, stat } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { parseFlagFile as parseDefinitions, readFlagFileSync as readDefinitions, type FileFlags as FileDefinitions } from '../config/flag-file.js'
 import type { FlagdEvaluator } from './targeting.js'
 import { fileStamp } from '../config/file-stamp.js'
@@ -55,6 +56,22 @@ export interface FlagFileEvents {
   onPresence (present: boolean): void
 }
 
+/**
+ * How long a start waits for a flag file it cannot parse to be written whole (at least two
+ * polls): SPEC §14 applies every source change within 1 s, and a start is delayed only while
+ * the file is being written.
+ */
+export const START_SETTLE_MS = 1000
+
+/** The file's stamp now; `-` when it is not there. */
+function currentStamp (path: string): string {
+  try {
+    return fileStamp(statSync(path))
+  } catch {
+    return fileStamp(null)
+  }
+}
+
 /** Polls the file and reports changes. */
 export class FlagFileWatcher {
   private timer: NodeJS.Timeout | null = null
@@ -64,19 +81,43 @@ export class FlagFileWatcher {
   private seen = ''
   private present: boolean | null = null
   private busy = false
+  private stopped = false
 
   constructor (readonly path: string, private readonly intervalMs: number, private readonly events: FlagFileEvents) {}
 
-  /** Read once synchronously (start-up), then poll. */
-  start (): void {
-    try {
-      this.last = fileStamp(statSync(this.path))
-      this.seen = this.last
-      this.present = true
-    } catch {
-      this.present = false
+  /**
+   * Read the file (start-up), then poll. At start there are no last good flags to keep: a file
+   * there but not whole (validation read it moments before, so it is being rewritten in place,
+   * or it has just appeared half written) would put the sidecar on `featureFlags`, its kill
+   * switches gone, until the polls after the writer finished. So a start that cannot parse it
+   * waits for it as a poll does — read again once two polls in a row see it the same — for at
+   * most `START_SETTLE_MS` (or two polls), and only then reports the error. A file read whole
+   * at once is taken at once, with no wait; a missing one is picked up when it appears.
+   * Resolves once the first read is taken or given up on.
+   */
+  async start (): Promise<void> {
+    let stamp = currentStamp(this.path)
+    let first = readFlagFileSync(this.path)
+    if (first.kind === 'invalid') {
+      const deadline = Date.now() + Math.max(START_SETTLE_MS, 2 * this.intervalMs)
+      let tried = stamp
+      while (first.kind === 'invalid' && !this.stopped) {
+        const left = deadline - Date.now()
+        if (left <= 0) break
+        await sleep(Math.min(this.intervalMs, left))
+        const seen = currentStamp(this.path)
+        if (seen === stamp && seen !== tried) {
+          tried = seen
+          first = readFlagFileSync(this.path)
+        }
+        stamp = seen
+      }
+      stamp = tried
     }
-    const first = readFlagFileSync(this.path)
+    if (this.stopped) return
+    this.present = first.kind !== 'missing'
+    this.last = this.present ? stamp : ''
+    this.seen = this.last
     if (first.kind === 'ok') this.events.onFlags(first.flags)
     else if (first.kind === 'invalid') this.events.onError(first.error)
     this.timer = setInterval(() => { void this.poll() }, this.intervalMs)
@@ -125,6 +166,7 @@ export class FlagFileWatcher {
   }
 
   stop (): void {
+    this.stopped = true
     if (this.timer !== null) clearInterval(this.timer)
     this.timer = null
   }

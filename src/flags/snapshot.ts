@@ -44,6 +44,8 @@ export class FlagSnapshot {
    * way), so a kill switch held at the provider is not lost to a flag service slow to answer.
    */
   private nextService: ProviderSource | null = null
+  /** The flag file's first read (it may wait for a file being written, see `FlagFileWatcher.start`). */
+  private fileRead: Promise<void> = Promise.resolve()
   /** File reads being adopted, in order (one with targeting first loads flagd-core). */
   private adopting: Promise<void> = Promise.resolve()
   private refreshing: Promise<void> = Promise.resolve()
@@ -63,6 +65,7 @@ export class FlagSnapshot {
     this.client = OpenFeature.getClient(this.domain)
     this.client.addHandler(ProviderEvents.ConfigurationChanged, () => { void this.refresh() })
     this.watch(config)
+    await this.fileRead
     await this.adopting
     await this.connect(config, true)
     await this.refresh()
@@ -109,6 +112,7 @@ export class FlagSnapshot {
       this.sources.file = null
       this.watch(config)
     }
+    await this.fileRead
     await this.adopting
     const wanted = this.nextService ?? this.flagService
     if (JSON.stringify(wanted?.config ?? null) !== JSON.stringify(config.flagProvider)) {
@@ -205,7 +209,7 @@ export class FlagSnapshot {
       }
     })
     this.watcher = watcher
-    watcher.start()
+    this.fileRead = watcher.start()
   }
 
   /** Take a flag file read: with targeted flags, first have flagd-core compile it. */
