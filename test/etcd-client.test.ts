@@ -214,6 +214,24 @@ t.test('authentication: a token per client, renewed when etcd forgets it; a wron
   t.match(anonymous.message, /user name is empty|permission denied|not authorized/i, 'no credentials: refused, saying why')
 })
 
+t.test('a sign-in slower than an attempt (etcd\'s bcrypt on a busy CPU) is not charged to the call: the put and the watch go through', async (t) => {
+  // bcrypt cost 15: etcd spends seconds checking the password, on any machine — longer than the
+  // fleet's 1 s attempt, as cost 10 can on a CPU-throttled etcd. A longer election timeout gives
+  // etcd's own request timeout (5 s + two election timeouts) room for adding the user, which
+  // hashes at that cost too, on a loaded machine.
+  const cluster = await startEtcd(t, 1, { args: ['--bcrypt-cost', '15', '--heartbeat-interval', '500', '--election-timeout', '5000'] })
+  const setup = client(t, cluster.endpoints, { attemptMs: 60_000 })
+  await enableAuth(setup)
+  const signInMs = 60_000
+  const etcd = client(t, cluster.endpoints, { username: 'root', password: 'root-password', attemptMs: 1000, signInMs })
+  t.ok(await etcd.put('/bw/slow', 'signed in') > 0, 'the put needing a sign-in succeeds with a 1 s attempt')
+  const watcher = client(t, cluster.endpoints, { username: 'root', password: 'root-password', attemptMs: 1000, signInMs })
+  const events: string[] = []
+  const watch = await watcher.watch('/bw/', 1, { event: (kv) => { events.push(kv.value) }, end: () => {} })
+  t.teardown(() => { watch.cancel() })
+  t.ok(await eventually(() => events.includes('signed in'), 10_000), 'so does a watch needing one')
+})
+
 t.test('mutual TLS: the client presents its certificate and checks etcd\'s against the CA', async (t) => {
   const pki = createPki(t)
   const server = pki.issue('etcd', 1, 'both')

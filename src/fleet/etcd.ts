@@ -34,6 +34,12 @@ export interface EtcdOptions {
   tls: { ca: string | null, cert: string | null, key: string | null } | null
   /** One attempt on one member. */
   attemptMs: number
+  /**
+   * One sign-in (username and password), default `attemptMs`. etcd checks the password with
+   * bcrypt, slow by design and more so on a busy or throttled CPU: a sign-in has its own time,
+   * never charged to the attempt of the call that needed it.
+   */
+  signInMs?: number
 }
 
 /** A condition of a transaction on one key. */
@@ -149,6 +155,8 @@ export class Etcd {
   private async openWatch (at: number, body: string, handlers: WatchHandlers): Promise<Watch> {
     const abort = new AbortController()
     // A member that took the connection and said nothing: silent, as for any other call.
+    // Signed in first: the attempt's time is etcd's answer to the watch, not the sign-in's bcrypt.
+    const headers = await this.headers(at)
     const timer = setTimeout(() => { abort.abort(new EtcdError(`no answer within ${this.options.attemptMs} ms`, true, null, false, true)) }, this.options.attemptMs)
     let created = false
     let ended = false
@@ -159,7 +167,7 @@ export class Etcd {
       handlers.end(why)
     }
     try {
-      const res = await this.agent.request({ origin: this.origins[at] as string, path: '/v3/watch', method: 'POST', headers: await this.headers(at), body, signal: abort.signal, bodyTimeout: 0 })
+      const res = await this.agent.request({ origin: this.origins[at] as string, path: '/v3/watch', method: 'POST', headers, body, signal: abort.signal, bodyTimeout: 0 })
       if (res.statusCode !== 200) throw await errorOf(res)
       let buffered = ''
       await new Promise<void>((resolve, reject) => {
@@ -237,7 +245,9 @@ export class Etcd {
 
   private async post (at: number, path: string, body: string, again = true): Promise<unknown> {
     try {
-      const res = await this.agent.request({ origin: this.origins[at] as string, path, method: 'POST', headers: await this.headers(at), body, signal: AbortSignal.timeout(this.options.attemptMs) })
+      // Signed in first (its own time, `signInMs`); the attempt's clock starts after.
+      const headers = await this.headers(at)
+      const res = await this.agent.request({ origin: this.origins[at] as string, path, method: 'POST', headers, body, signal: AbortSignal.timeout(this.options.attemptMs) })
       if (res.statusCode !== 200) throw await errorOf(res)
       const parsed = await res.body.json() as { error?: { grpc_code?: number, message?: string } }
       // A streaming call (lease keepalive) reports its error inside a 200.
@@ -264,9 +274,13 @@ export class Etcd {
     return headers
   }
 
-  /** A token for the configured user (etcd's simple or JWT token), shared by the calls in flight. */
+  /**
+   * A token for the configured user (etcd's simple or JWT token), shared by the calls in flight.
+   * Bounded by `signInMs`, not `attemptMs`: etcd spends the time on bcrypt, not on being away.
+   */
   private async authenticate (at: number): Promise<string> {
     if (this.token !== null) return this.token
+    const signInMs = this.options.signInMs ?? this.options.attemptMs
     this.authenticating ??= (async () => {
       try {
         const res = await this.agent.request({
@@ -275,13 +289,15 @@ export class Etcd {
           method: 'POST',
           headers: { 'content-type': 'application/json' },
           body: JSON.stringify({ name: this.options.username, password: this.options.password ?? '' }),
-          signal: AbortSignal.timeout(this.options.attemptMs)
+          signal: AbortSignal.timeout(signInMs)
         })
         if (res.statusCode !== 200) throw await errorOf(res)
         const { token } = await res.body.json() as { token?: string }
         if (typeof token !== 'string' || token === '') throw new EtcdError('etcd gave no token: is authentication enabled?', false)
         this.token = token
         return token
+      } catch (err) {
+        throw asEtcdError(err, signInMs)
       } finally {
         this.authenticating = null
       }

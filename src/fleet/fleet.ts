@@ -90,6 +90,11 @@ export interface FleetDeps {
 const ATTEMPT_MS = 1000
 /** The whole call, retries on other members included. */
 const CALL_TIMEOUT_MS = 4000
+/**
+ * A sign-in to an etcd with authentication: etcd's bcrypt check of the password may take more
+ * than an attempt on a busy CPU, and is not the member being away. It leaves the call an attempt.
+ */
+const SIGN_IN_MS = CALL_TIMEOUT_MS - ATTEMPT_MS
 const BACKOFF_MIN_MS = 200
 const BACKOFF_MAX_MS = 5000
 
@@ -133,7 +138,7 @@ export class Fleet implements FleetWriter {
   static async start (config: FleetConfig, deps: FleetDeps): Promise<Fleet> {
     const { Etcd, recoverable } = await import('./etcd.js')
     const { etcd } = config
-    const client = new Etcd({ endpoints: etcd.endpoints, username: etcd.username, password: etcd.password, tls: etcd.tls, attemptMs: ATTEMPT_MS })
+    const client = new Etcd({ endpoints: etcd.endpoints, username: etcd.username, password: etcd.password, tls: etcd.tls, attemptMs: ATTEMPT_MS, signInMs: SIGN_IN_MS })
     const fleet = new Fleet(client, config, deps, recoverable)
     fleet.running = fleet.run()
     return fleet
@@ -437,7 +442,7 @@ export class Fleet implements FleetWriter {
     // The stream may end before the promise below is there to hear it.
     let endedEarly: string | null = null
     let ended = (why: string): void => { endedEarly ??= why }
-    // Each attempt on a member is bounded by the client (ATTEMPT_MS), so this cannot hang.
+    // Each attempt on a member is bounded by the client (ATTEMPT_MS, and SIGN_IN_MS for a sign-in), so this cannot hang.
     this.watcher = await this.client.watch(this.root, from, {
       event: (kv, deleted) => { void this.event(kv, deleted) },
       end: (why) => { ended(why) }
