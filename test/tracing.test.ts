@@ -5,7 +5,7 @@
 import t from 'tap'
 import { createRequire } from 'node:module'
 import { once } from 'node:events'
-import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
+import { startTestSidecar, startCaptured, testSidecarInput, oneRoute } from './helpers/sidecar.js'
 import { startProcess } from './helpers/process.js'
 import { startUpstream, status } from './helpers/upstream.js'
 import { startOtlpReceiver, type OtlpReceiver, type OtlpSpan } from './helpers/otlp.js'
@@ -13,7 +13,8 @@ import { send, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { createPki } from './helpers/certificates.js'
-import { writeFileSync } from 'node:fs'
+import { mkdtempSync, renameSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 const TRACE = '4bf92f3577b34da6a3ce929d0e0e4736'
@@ -370,7 +371,7 @@ t.test('a collector that is down: requests unaffected, failed batches counted, o
 t.test('tracing config: defaults, endpoint path, and problems that name the key', async (t) => {
   const base = { service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
   const { config } = resolveConfig({ ...base, tracing: { otlpEndpoint: 'http://collector:4318', sampleRatio: 0.01 } })
-  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, tls: { ca: null }, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
+  t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, tls: { ca: null, caPem: null }, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
   t.equal(resolveConfig({ ...base, tracing: { otlpEndpoint: 'https://otlp.example/api/v1/traces', sampleRatio: 1 } }).config.tracing?.otlpEndpoint, 'https://otlp.example/api/v1/traces', 'a full URL is kept')
   t.equal(resolveConfig(base).config.tracing, null)
   const problems = (input: Record<string, unknown>): string => {
@@ -414,6 +415,22 @@ t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA
   t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: notPem } }).join('; '), /tracing\.tls\.ca: .*not-pem\.crt is not a PEM certificate/, 'so does one that is not PEM')
   t.match(problems({ otlpEndpoint: 'http://127.0.0.1:4318', tls: { ca: pki.ca } }).join('; '), /tracing\.tls: set for a plain http:\/\/ otlpEndpoint/, 'and a CA for a plain http:// collector')
   t.same(problems({ otlpEndpoint: receiver.url, tls: { ca: pki.ca } }), [], 'a readable CA for an https:// collector is fine')
+})
+
+t.test('tracing.tls.ca is read once, by the config check: a CA file moved away before the exporter starts does not matter', async (t) => {
+  const pki = createPki(t, 'Collector CA')
+  const receiver = await startOtlpReceiver(pki.issue('collector', 1))
+  t.teardown(receiver.close)
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
+  const { config } = resolveConfig(testSidecarInput({ ...oneRoute(upstream.url), ...tracing(receiver, { tls: { ca: pki.ca } }) }, stateDir))
+  // A rotation moves the bundle away between the check and the start.
+  renameSync(pki.ca, `${pki.ca}.old`)
+  const s = await startCaptured(t, config, stateDir)
+  t.equal((await send(s.proxy, '/checked-ca')).status, 200)
+  const [span] = await spansArrive(receiver, 1)
+  t.equal(span?.attributes['url.path'], '/checked-ca', 'verified against the CA as the config check read it')
 })
 
 t.test('a request refused at admission and one with two traceparents still take their place in a trace', async (t) => {

@@ -290,10 +290,11 @@ function peekFlagFile (path: string, used: Set<string>, problems: string[], warn
 function buildTracing (t: Section<'tracing'>, service: string, baseDir: string, found: Findings): TracingConfig | null {
   if (t === undefined) return null
   let ca: string | null = null
+  let caPem: string | null = null
   if (t.tls !== undefined) {
     if (!t.otlpEndpoint.startsWith('https://')) found.problems.push(`tracing.tls: set for a plain http:// otlpEndpoint (${t.otlpEndpoint}); use https://`)
     ca = resolvePath(baseDir, t.tls.ca)
-    readTlsFilesSync({ ca, cert: null, key: null }, 'tracing.tls', found.problems)
+    caPem = readTlsFilesSync({ ca, cert: null, key: null }, 'tracing.tls', found.problems)?.ca?.toString('utf8') ?? null
   }
   const maxSize = t.batch.maxSize ?? Math.min(512, t.maxQueueSize)
   if (maxSize > t.maxQueueSize) found.problems.push(`tracing.batch.maxSize: ${maxSize} is more than tracing.maxQueueSize (${t.maxQueueSize})`)
@@ -308,7 +309,7 @@ function buildTracing (t: Section<'tracing'>, service: string, baseDir: string, 
     serviceName: t.serviceName ?? service,
     protocol: t.protocol,
     headers: t.headers,
-    tls: { ca },
+    tls: { ca, caPem },
     maxQueueSize: t.maxQueueSize,
     batch: { maxSize, delayMs: durationMs(t.batch.delayMs), timeoutMs }
   }

@@ -297,8 +297,12 @@ export interface TracingConfig {
   /** OTLP/HTTP encoding of the export requests. */
   protocol: 'http/protobuf' | 'http/json'
   headers: Readonly<Record<string, string>>
-  /** The CA bundle (a path, read at start) an https:// collector is verified against; null: the system's. */
-  tls: { ca: string | null }
+  /**
+   * The CA bundle an https:// collector is verified against (null: the system's roots): its
+   * path, and its PEM as the config check read and checked it — the exporter uses that very
+   * content, never a second read that could find the file changed, cut or gone.
+   */
+  tls: { ca: string | null, caPem: string | null }
   maxQueueSize: number
   batch: { maxSize: number, delayMs: number, timeoutMs: number }
 }

@@ -19,7 +19,6 @@
  * span is written as bytes into its batch (otlp-protobuf.ts); with `http/json` it is a plain
  * object shaped as the SDK's `ReadableSpan`, serialised by OpenTelemetry's JSON exporter.
  */
-import { readFile } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import type { Attributes, HrTime, Link, SpanContext, SpanStatus } from '@opentelemetry/api'
 import type { ReadableSpan, TimedEvent } from '@opentelemetry/sdk-trace'
@@ -187,10 +186,11 @@ const SPARE_LIMIT = 4 * 1024 * 1024
  * `Retry-After`, timeouts, headers, partial success); only the packages that encoding needs load.
  */
 export async function loadEncoding (config: TracingConfig, version: string): Promise<Encoding<unknown>> {
-  const ca = config.tls.ca
-  // `tracing.tls.ca`: the collector's private CA, in place of the system's roots; keep-alive as
-  // OpenTelemetry's default agent has it (an agent given options starts from none).
-  const httpAgentOptions = ca === null ? undefined : { keepAlive: true, ca: await readFile(ca) }
+  const ca = config.tls.caPem
+  // `tracing.tls.ca`: the collector's private CA, in place of the system's roots, as the config
+  // check read it; keep-alive as OpenTelemetry's default agent has it (an agent given options
+  // starts from none).
+  const httpAgentOptions = ca === null ? undefined : { keepAlive: true, ca }
   const options = { url: config.otlpEndpoint, headers: { ...config.headers }, timeoutMillis: config.batch.timeoutMs, httpAgentOptions }
   const scope = { name: 'breakwater', version: VERSION }
   if (config.protocol === 'http/json') {
