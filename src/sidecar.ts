@@ -473,6 +473,9 @@ export class Sidecar {
     if (trigger === undefined) return
     // Should this sidecar act for the incident later, it updates the leader's page incident.
     if (holding.statusPage !== undefined) this.notifier.statusPage.adopt(key, holding.statusPage)
+    if (this.verifier.followHolder(trigger, holding.instance, holding.incident)) {
+      this.logger.info({ event: 'fleet_incident', trigger, role: 'follower', leader: holding.instance }, `fleet: ${holding.instance} holds the incident now (its leader left while this sidecar read the fleet state afresh); following`)
+    }
     const incident = this.verifier.leaderProgress(trigger, holding.instance, holding)
     // Restoration verified for the fleet ends this follower's Alertmanager alert too (SPEC §16),
     // without waiting for its own trigger window to forget the failures; a trigger that fires

@@ -219,3 +219,38 @@ t.test('the leader goes before acting while no other sidecar still fires: one of
   t.match(await incidentOf(other), { status: 'restored', fleet: { role: 'follower', leader: (holder as TestSidecar).sidecar.fleet?.instance } }, 'the other records the restoration, following the holder')
   t.ok((holder as TestSidecar).logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance && /verifies restoration/.test(String(l.msg))), 'the holder says why it verifies instead of acting')
 })
+
+/** Hold `s`'s watch events for incident keys until released (handed on in order) or dropped (as a resync read would skip them). */
+function holdIncidentEvents (s: TestSidecar): { late: unknown[], release: () => void, drop: () => void } {
+  const watched = s.sidecar.fleet as unknown as { incidentEvent: (incident: string, kv: unknown, deleted: boolean) => void }
+  const deliver = watched.incidentEvent.bind(watched)
+  const late: Array<() => void> = []
+  watched.incidentEvent = (incident, kv, deleted) => { late.push(() => { deliver(incident, kv, deleted) }) }
+  const stop = (): void => { watched.incidentEvent = deliver }
+  return { late, release: () => { stop(); for (const event of late.splice(0)) event() }, drop: () => { stop(); late.splice(0) } }
+}
+
+t.test('a follower that reads the fleet state afresh across the handover (it never sees the key released) follows the new holder and records the restoration it verifies', async (t) => {
+  const { state, leader, rest } = await pagedFleet(t, [200], Infinity, {
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '60s' }
+  })
+  const key = incidentKey('shop', '2.0.0', 'errors')
+  for (const s of [leader, ...rest]) await until(() => s.sidecar.fleet?.holding(key)?.acted === true)
+  const [a, b] = rest as [TestSidecar, TestSidecar]
+  const heldA = holdIncidentEvents(a)
+  const heldB = holdIncidentEvents(b)
+  await leader.sidecar.close()
+  await until(() => heldA.late.length > 0 && heldB.late.length > 0)
+  // a learns that the leader left and carries the incident on; b misses it all and reads afresh.
+  heldA.release()
+  await until(() => a.sidecar.fleet?.holding(key)?.instance === a.sidecar.fleet?.instance)
+  heldB.drop()
+  await (b.sidecar.fleet as unknown as { resync: () => Promise<number> }).resync()
+  t.equal(b.sidecar.fleet?.holding(key)?.instance, a.sidecar.fleet?.instance, 'b reads a as the holder, never having seen the key released')
+
+  state.failing = false
+  await until(async () => (await incidentOf(a))?.status === 'restored')
+  await until(async () => (await incidentOf(b))?.status === 'restored')
+  t.match(await incidentOf(b), { status: 'restored', fleet: { role: 'follower', leader: a.sidecar.fleet?.instance } }, 'b follows a and records the restoration a verified')
+  t.ok(b.logs.some((l) => l.event === 'fleet_incident' && l.leader === a.sidecar.fleet?.instance && /holds the incident now/.test(String(l.msg))), 'b says whom it follows now')
+})

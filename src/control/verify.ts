@@ -461,6 +461,19 @@ export class Verifier {
   }
 
   /**
+   * `leader` holds the fleet's incident of `trigger` now. A follower of another one (its leader
+   * left while this sidecar read the fleet state afresh, so it never saw the key released) follows
+   * this one from now on, or the new leader's escalation and restoration would not count here.
+   * True when it changed.
+   */
+  followHolder (trigger: string, leader: string, fleetIncident?: string): boolean {
+    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'follower')
+    if (incident === undefined || incident.fleet?.leader === leader) return false
+    this.fleetRole(trigger, 'follower', leader, fleetIncident)
+    return true
+  }
+
+  /**
    * The fleet leader of `trigger`'s incident escalated it or verified its restoration: this
    * follower records it, without notifying (the leader did) and without observing a time to
    * restore (the leader's counts, once for the fleet).

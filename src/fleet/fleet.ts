@@ -343,7 +343,10 @@ export class Fleet implements FleetWriter {
     this.hold(incidentKey, holding, revision)
     if (holding.instance === this.instance) return
     const page = holding.statusPage
-    const news = (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt) ||
+    // A new holder is news too: a resync read across a handover shows it without the key ever
+    // absent here (no release), and the followers must follow it from now on.
+    const news = (before !== undefined && before.instance !== holding.instance) ||
+      (holding.escalatedAt !== undefined && holding.escalatedAt !== before?.escalatedAt) || (holding.restoredAt !== undefined && holding.restoredAt !== before?.restoredAt) ||
       (page !== undefined && (page.id !== before?.statusPage?.id || page.status !== before.statusPage.status || page.round !== before.statusPage.round))
     if (news) this.onIncidentProgress(incidentKey, holding)
   }
