@@ -15,7 +15,8 @@ import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
 import { fleetConfig, startConnectedFleet } from './helpers/fleet.js'
 import { ROOT } from './helpers/root.js'
-import { runCli } from './helpers/process.js'
+import { runCli, tempDir } from './helpers/process.js'
+import { writeFileSync } from 'node:fs'
 import { TEST_TOKEN } from './helpers/sidecar.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
 
@@ -243,6 +244,13 @@ t.test('fleet config: validate names the key', async (t) => {
   t.match(problems({ ...base, fleet: { etcd: { endpoints: ['http://127.0.0.1:2379'], prefix: 'nope' } } }).join('\n'), /fleet\.etcd\.prefix/)
   t.match(problems({ ...base, fleet: { etcd: { endpoints: ['http://127.0.0.1:2379'], username: 'u' } } }).join('\n'), /fleet\.etcd\.password/)
   t.match(problems({ ...base, fleet: { etcd: { endpoints: ['http://127.0.0.1:2379'] }, leaseTtl: '1s' } }).join('\n'), /fleet\.leaseTtl/)
+  // The etcd client's TLS files are checked with the config, as every other TLS file.
+  const dir = tempDir(t)
+  const cut = join(dir, 'cut.pem')
+  writeFileSync(cut, '-----BEGIN CERTIFICATE-----\nMIIB\n')
+  const missing = join(dir, 'missing.pem')
+  t.match(problems({ ...base, fleet: { etcd: { endpoints: ['https://127.0.0.1:2379'], tls: { ca: missing } } } }).join('\n'), `fleet.etcd.tls.ca: ${missing} does not exist`, 'a missing CA file names its key')
+  t.match(problems({ ...base, fleet: { etcd: { endpoints: ['https://127.0.0.1:2379'], tls: { ca: cut } } } }).join('\n'), /^fleet\.etcd\.tls\.ca: /m, 'so does a CA file cut short')
   const { config } = resolveConfig(base)
   t.same(config.fleet, { etcd: { endpoints: ['http://127.0.0.1:2379'], prefix: '/bw-test', username: null, password: null, tls: null }, leaseTtlMs: 2000 })
 })
