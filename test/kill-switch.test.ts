@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { mkdtempSync, writeFileSync, symlinkSync, renameSync, mkdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -161,20 +161,26 @@ t.test('flag file: precedence over featureFlags, an in-place rewrite applies, br
   t.ok(await eventually(async () => (await send(proxy, '/checkout')).status === 200, 15_000), 'a key dropped from the file falls back to featureFlags (true)')
 })
 
-t.test('flag file rewritten in place: a poll that catches it half written waits for the next, with no error', async (t) => {
-  const dir = tmp(t)
-  const path = join(dir, 'flags.json')
-  writeFileSync(path, flagFile({ enableNewCheckout: { on: true } }))
+/** A watcher of `path` polling every `intervalMs` that records what it reads (`enableNewCheckout`) and its errors; stopped at teardown. */
+function recordingWatcher (t: Test, path: string, intervalMs: number): { watcher: FlagFileWatcher, read: Array<boolean | undefined>, errors: string[] } {
   const read: Array<boolean | undefined> = []
   const errors: string[] = []
-  // The polls, driven by hand: no timer decides when this test looks.
-  const watcher = new FlagFileWatcher(path, 3_600_000, {
+  const watcher = new FlagFileWatcher(path, intervalMs, {
     onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
     onError: (error) => { errors.push(error) },
     onPresence: () => {}
   })
-  await watcher.start()
   t.teardown(() => { watcher.stop() })
+  return { watcher, read, errors }
+}
+
+t.test('flag file rewritten in place: a poll that catches it half written waits for the next, with no error', async (t) => {
+  const dir = tmp(t)
+  const path = join(dir, 'flags.json')
+  writeFileSync(path, flagFile({ enableNewCheckout: { on: true } }))
+  // The polls, driven by hand: no timer decides when this test looks.
+  const { watcher, read, errors } = recordingWatcher(t, path, 3_600_000)
+  await watcher.start()
   t.same(read, [true], 'read at start')
   const poll = async (): Promise<void> => { await (watcher as unknown as { poll: () => Promise<void> }).poll() }
 
@@ -209,14 +215,7 @@ t.test('flag file half written at start: the start waits for the whole file inst
   const whole = flagFile({ enableNewCheckout: { on: false } })
   // Validation read the file whole; then a writer rewrote it in place and is half way through.
   writeFileSync(path, whole.slice(0, 40))
-  const read: Array<boolean | undefined> = []
-  const errors: string[] = []
-  const watcher = new FlagFileWatcher(path, 50, {
-    onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
-    onError: (error) => { errors.push(error) },
-    onPresence: () => {}
-  })
-  t.teardown(() => { watcher.stop() })
+  const { watcher, read, errors } = recordingWatcher(t, path, 50)
   // The first read is made before start() returns: it sees half the file. The writer finishes.
   const started = watcher.start()
   writeFileSync(path, whole)
@@ -229,14 +228,7 @@ t.test('flag file broken at start and left so: the start gives up on it with one
   const dir = tmp(t)
   const path = join(dir, 'flags.json')
   writeFileSync(path, '{ not json')
-  const read: Array<boolean | undefined> = []
-  const errors: string[] = []
-  const watcher = new FlagFileWatcher(path, 50, {
-    onFlags: (flags) => { read.push(flags?.values.get('enableNewCheckout')) },
-    onError: (error) => { errors.push(error) },
-    onPresence: () => {}
-  })
-  t.teardown(() => { watcher.stop() })
+  const { watcher, read, errors } = recordingWatcher(t, path, 50)
   await watcher.start()
   t.equal(errors.length, 1, 'one error once the wait is over')
   t.same(read, [], 'nothing read')
