@@ -82,12 +82,17 @@ t.test('a forced circuit survives a restart on a config without its upstream, an
   t.equal(up.received.length, before, 'nothing reached the upstream')
 })
 
+/** A fresh, empty `state` directory in a temp dir of the test's. */
+function stateDirIn (t: Test): string {
+  const stateDir = join(tempDir(t), 'state')
+  mkdirSync(stateDir)
+  return stateDir
+}
+
 t.test('a corrupt state file is moved aside and the sidecar starts clean', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const dir = tempDir(t)
-  const stateDir = join(dir, 'state')
-  mkdirSync(stateDir)
+  const stateDir = stateDirIn(t)
   writeFileSync(join(stateDir, 'state.json'), '{"version": 1, "overrides": {"enableNewCheck')
   const running = await startProcess(t, { ...config(up.url), stateDir }, env)
   t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving, with no override')
@@ -101,9 +106,7 @@ t.test('a state file that cannot be read is kept aside, never replaced by the cl
   t.teardown(up.close)
   for (const kind of ['directory', 'fifo'] as const) {
     await t.test(kind, async (t) => {
-      const dir = tempDir(t)
-      const stateDir = join(dir, 'state')
-      mkdirSync(stateDir)
+      const stateDir = stateDirIn(t)
       const statePath = join(stateDir, 'state.json')
       // What the sidecar cannot read now may still hold kill switches in force (EACCES after a change of user, EIO).
       if (kind === 'directory') {
@@ -138,9 +141,7 @@ t.test('a state file of the wrong shape is moved aside like a corrupt one, never
   ]
   for (const text of foreign) {
     await t.test(text, async (t) => {
-      const dir = tempDir(t)
-      const stateDir = join(dir, 'state')
-      mkdirSync(stateDir)
+      const stateDir = stateDirIn(t)
       writeFileSync(join(stateDir, 'state.json'), text)
       const running = await startProcess(t, { ...config(up.url), stateDir }, env)
       t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving, with no override')
@@ -158,9 +159,7 @@ t.test('a state file of the wrong shape is moved aside like a corrupt one, never
 t.test('a state file a newer Breakwater wrote (the binary rolled back after an upgrade): its kill switches and forced circuits stay in force, the whole file is copied aside', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const dir = tempDir(t)
-  const stateDir = join(dir, 'state')
-  mkdirSync(stateDir)
+  const stateDir = stateDirIn(t)
   const at = new Date().toISOString()
   const newer = {
     version: 2,
@@ -194,9 +193,7 @@ t.test('a state file a newer Breakwater wrote (the binary rolled back after an u
 t.test('a state file a newer Breakwater wrote in a shape this one cannot read is moved aside, and the error says so', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const dir = tempDir(t)
-  const stateDir = join(dir, 'state')
-  mkdirSync(stateDir)
+  const stateDir = stateDirIn(t)
   writeFileSync(join(stateDir, 'state.json'), JSON.stringify({ version: 3, overrides: [{ flag: 'enableNewCheckout', enabled: false }] }))
   const running = await startProcess(t, { ...config(up.url), stateDir }, env)
   const line = await running.waitForLine((l) => l.event === 'state_corrupt')
@@ -209,9 +206,7 @@ t.test('a state file a newer Breakwater wrote in a shape this one cannot read is
 t.test('an audit line cut short by a crash costs only itself: the next entry starts on its own line', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
-  const dir = tempDir(t)
-  const stateDir = join(dir, 'state')
-  mkdirSync(stateDir)
+  const stateDir = stateDirIn(t)
   const whole = JSON.stringify({ time: '2026-01-01T00:00:00.000Z', action: 'flag.set', targets: ['a'], reason: 'before', result: 'ok', requester: 'x' })
   writeFileSync(join(stateDir, 'audit.jsonl'), `${whole}\n{"time":"2026-01-01T00:00:01.000Z","action":"flag.se`)
   const running = await startProcess(t, { ...config(up.url), stateDir }, env)
