@@ -368,22 +368,29 @@ t.test('a collector that is down: requests unaffected, failed batches counted, o
   t.equal(warnings[0]?.level, 'warn')
 })
 
+/** The problems (one a line) of a config with `tracing`, or '' when it loads. */
+function tracingProblems (tracing: Record<string, unknown>): string {
+  try {
+    resolveConfig({ service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }], tracing }, { env: {} })
+    return ''
+  } catch (err) {
+    return err instanceof ConfigError ? err.problems.join('\n') : String(err)
+  }
+}
+
 t.test('tracing config: defaults, endpoint path, and problems that name the key', async (t) => {
   const base = { service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
   const { config } = resolveConfig({ ...base, tracing: { otlpEndpoint: 'http://collector:4318', sampleRatio: 0.01 } })
   t.same(config.tracing, { otlpEndpoint: 'http://collector:4318/v1/traces', sampleRatio: 0.01, serviceName: 'svc', protocol: 'http/protobuf', headers: {}, tls: { ca: null, caPem: null }, maxQueueSize: 2048, batch: { maxSize: 512, delayMs: 1000, timeoutMs: 10_000 } })
   t.equal(resolveConfig({ ...base, tracing: { otlpEndpoint: 'https://otlp.example/api/v1/traces', sampleRatio: 1 } }).config.tracing?.otlpEndpoint, 'https://otlp.example/api/v1/traces', 'a full URL is kept')
   t.equal(resolveConfig(base).config.tracing, null)
-  const problems = (input: Record<string, unknown>): string => {
-    try { resolveConfig({ ...base, tracing: input }); return '' } catch (err) { return (err as ConfigError).problems.join('\n') }
-  }
-  t.match(problems({ otlpEndpoint: 'collector:4318', sampleRatio: 1 }), /tracing\.otlpEndpoint/)
-  t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 2 }), /tracing\.sampleRatio/)
-  t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, protocol: 'grpc' }), /tracing\.protocol/, 'OTLP over gRPC is not offered')
-  t.match(problems({ otlpEndpoint: 'http://c:4318' }), /tracing\.sampleRatio/)
-  t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, maxQueueSize: 10, batch: { maxSize: 20 } }), /tracing\.batch\.maxSize/)
-  t.match(problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, batch: { size: 20 } }), /tracing\.batch/)
-  const secret = problems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, headers: { 'x-api-key': 42 } })
+  t.match(tracingProblems({ otlpEndpoint: 'collector:4318', sampleRatio: 1 }), /tracing\.otlpEndpoint/)
+  t.match(tracingProblems({ otlpEndpoint: 'http://c:4318', sampleRatio: 2 }), /tracing\.sampleRatio/)
+  t.match(tracingProblems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, protocol: 'grpc' }), /tracing\.protocol/, 'OTLP over gRPC is not offered')
+  t.match(tracingProblems({ otlpEndpoint: 'http://c:4318' }), /tracing\.sampleRatio/)
+  t.match(tracingProblems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, maxQueueSize: 10, batch: { maxSize: 20 } }), /tracing\.batch\.maxSize/)
+  t.match(tracingProblems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, batch: { size: 20 } }), /tracing\.batch/)
+  const secret = tracingProblems({ otlpEndpoint: 'http://c:4318', sampleRatio: 1, headers: { 'x-api-key': 42 } })
   t.match(secret, /tracing\.headers/)
   t.notMatch(secret, /42/, 'a header value is never echoed')
 })
@@ -400,21 +407,13 @@ t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA
   t.equal(span?.attributes['url.path'], '/over-tls', 'the span arrived over TLS, verified against the private CA')
   t.equal(await metricValue(s.ops, 'breakwater_trace_spans_exported_total'), 1, 'counted as exported')
 
-  const base = { service: 'checkout', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
-  const problems = (tracing: Record<string, unknown>): readonly string[] => {
-    try {
-      resolveConfig({ ...base, tracing: { sampleRatio: 1, ...tracing } }, { env: {} })
-      return []
-    } catch (err) {
-      return err instanceof ConfigError ? err.problems : [String(err)]
-    }
-  }
+  const problems = (tracing: Record<string, unknown>): string => tracingProblems({ sampleRatio: 1, ...tracing })
   const notPem = join(pki.dir, 'not-pem.crt')
   writeFileSync(notPem, 'not a certificate')
-  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: join(pki.dir, 'missing.crt') } }).join('; '), /tracing\.tls\.ca: .*missing\.crt does not exist/, 'a missing file names the key')
-  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: notPem } }).join('; '), /tracing\.tls\.ca: .*not-pem\.crt is not a PEM certificate/, 'so does one that is not PEM')
-  t.match(problems({ otlpEndpoint: 'http://127.0.0.1:4318', tls: { ca: pki.ca } }).join('; '), /tracing\.tls: set for a plain http:\/\/ otlpEndpoint/, 'and a CA for a plain http:// collector')
-  t.same(problems({ otlpEndpoint: receiver.url, tls: { ca: pki.ca } }), [], 'a readable CA for an https:// collector is fine')
+  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: join(pki.dir, 'missing.crt') } }), /tracing\.tls\.ca: .*missing\.crt does not exist/, 'a missing file names the key')
+  t.match(problems({ otlpEndpoint: receiver.url, tls: { ca: notPem } }), /tracing\.tls\.ca: .*not-pem\.crt is not a PEM certificate/, 'so does one that is not PEM')
+  t.match(problems({ otlpEndpoint: 'http://127.0.0.1:4318', tls: { ca: pki.ca } }), /tracing\.tls: set for a plain http:\/\/ otlpEndpoint/, 'and a CA for a plain http:// collector')
+  t.equal(problems({ otlpEndpoint: receiver.url, tls: { ca: pki.ca } }), '', 'a readable CA for an https:// collector is fine')
 })
 
 t.test('tracing.tls.ca is read once, by the config check: a CA file moved away before the exporter starts does not matter', async (t) => {
