@@ -334,11 +334,11 @@ export class Fleet implements FleetWriter {
    * An incident key as read at `revision` (watch or resync): another holder's news is passed on
    * once. A value older than the one kept is dropped: the watch's event for the holder's own write
    * can arrive after the answer to its next write, and taking it would put the older value back —
-   * the holder's next `progress` would then compare against a value etcd no longer has.
-   * `replace`: etcd went back (rebuilt, restored), and its revisions with it.
+   * the holder's next `progress` would then compare against a value etcd no longer has. (When
+   * etcd went back, `resync` has set the kept revisions to 0 first.)
    */
-  private seen (incidentKey: string, holding: Holding, revision: number, replace = false): void {
-    if (!replace && revision < (this.incidentRevisions.get(incidentKey) ?? 0)) return
+  private seen (incidentKey: string, holding: Holding, revision: number): void {
+    if (revision < (this.incidentRevisions.get(incidentKey) ?? 0)) return
     const before = this.incidents.get(incidentKey)
     this.hold(incidentKey, holding, revision)
     if (holding.instance === this.instance) return
@@ -410,7 +410,7 @@ export class Fleet implements FleetWriter {
     for (const kv of kvs) {
       const incident = this.incidentOf(kv)
       const holding = incident === null ? null : readHolding(kv.value)
-      if (incident !== null && holding !== null) this.seen(incident, holding, kv.modRevision, wentBack)
+      if (incident !== null && holding !== null) this.seen(incident, holding, kv.modRevision)
       const parsed = this.parse(kv)
       if (parsed === null) continue
       if (parsed.entry === undefined) {
