@@ -5,7 +5,7 @@
  * needs, so the interleaving that happens now and then in production happens every run.
  */
 import t from 'tap'
-import { startConnectedFleet } from './helpers/fleet.js'
+import { startConnectedFleet, holdIncidentEvents } from './helpers/fleet.js'
 import { startReceiver } from './helpers/receiver.js'
 import { admin } from './helpers/admin.js'
 import { startUpstream } from './helpers/upstream.js'
@@ -105,12 +105,8 @@ t.test('the holder\'s own watch event for an older write of its incident key, ar
   const { fleet } = await startConnectedFleet(t)
   const f = (fleet[0] as TestSidecar).sidecar.fleet as Fleet
   const key = incidentKey('shop', '2.0.0', 'errors')
-  // Hold the watch's events for incident keys: released one by one, late, as a busy stream would.
-  const watched = f as unknown as { incidentEvent: (incident: string, kv: unknown, deleted: boolean) => void }
-  const deliver = watched.incidentEvent.bind(f)
-  const late: Array<() => void> = []
-  watched.incidentEvent = (incident, kv, deleted) => { late.push(() => { deliver(incident, kv, deleted) }) }
-  t.teardown(() => { watched.incidentEvent = deliver })
+  // Its watch's events for incident keys are handed on one by one, late, as a busy stream would.
+  const { late, release } = holdIncidentEvents(t, fleet[0] as TestSidecar)
 
   t.match(await f.claim(key, 'errors'), { leader: true }, 'this sidecar holds the incident')
   await f.progress(key, { acted: true })
@@ -130,6 +126,6 @@ t.test('the holder\'s own watch event for an older write of its incident key, ar
   const stored = JSON.parse((await raw.client.range(path)).kvs[0]?.value ?? '{}') as Record<string, unknown>
   await raw.client.put(path, JSON.stringify({ ...stored, announcedAt: new Date().toISOString() }))
   await f.progress(key, { statusPage: { id: 'page-1', status: 'resolved' } })
-  for (const event of late.splice(0)) event()
+  release()
   t.match(await f.read(key), { restoredAt, announcedAt: String, statusPage: { id: 'page-1' } }, 'etcd holds both: the change it had not seen, and this progress')
 })

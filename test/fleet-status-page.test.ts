@@ -6,7 +6,7 @@
  * rollback, the follower that carries the incident on resolves that page incident.
  */
 import t, { type Test } from 'tap'
-import { startConnectedFleet, keepSending } from './helpers/fleet.js'
+import { startConnectedFleet, keepSending, holdIncidentEvents } from './helpers/fleet.js'
 import { startReceiver, type Delivery, type Receiver } from './helpers/receiver.js'
 import { startStatusPage } from './helpers/status-page.js'
 import { startUpstream } from './helpers/upstream.js'
@@ -220,16 +220,6 @@ t.test('the leader goes before acting while no other sidecar still fires: one of
   t.ok((holder as TestSidecar).logs.some((l) => l.event === 'fleet_incident' && l.previousLeader === leader.sidecar.fleet?.instance && /verifies restoration/.test(String(l.msg))), 'the holder says why it verifies instead of acting')
 })
 
-/** Hold `s`'s watch events for incident keys until released (handed on in order) or dropped (as a resync read would skip them). */
-function holdIncidentEvents (s: TestSidecar): { late: unknown[], release: () => void, drop: () => void } {
-  const watched = s.sidecar.fleet as unknown as { incidentEvent: (incident: string, kv: unknown, deleted: boolean) => void }
-  const deliver = watched.incidentEvent.bind(watched)
-  const late: Array<() => void> = []
-  watched.incidentEvent = (incident, kv, deleted) => { late.push(() => { deliver(incident, kv, deleted) }) }
-  const stop = (): void => { watched.incidentEvent = deliver }
-  return { late, release: () => { stop(); for (const event of late.splice(0)) event() }, drop: () => { stop(); late.splice(0) } }
-}
-
 t.test('a follower that reads the fleet state afresh across the handover (it never sees the key released) follows the new holder and records the restoration it verifies', async (t) => {
   const { state, leader, rest } = await pagedFleet(t, [200], Infinity, {
     verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '60s' }
@@ -237,8 +227,8 @@ t.test('a follower that reads the fleet state afresh across the handover (it nev
   const key = incidentKey('shop', '2.0.0', 'errors')
   for (const s of [leader, ...rest]) await until(() => s.sidecar.fleet?.holding(key)?.acted === true)
   const [a, b] = rest as [TestSidecar, TestSidecar]
-  const heldA = holdIncidentEvents(a)
-  const heldB = holdIncidentEvents(b)
+  const heldA = holdIncidentEvents(t, a)
+  const heldB = holdIncidentEvents(t, b)
   await leader.sidecar.close()
   await until(() => heldA.late.length > 0 && heldB.late.length > 0)
   // a learns that the leader left and carries the incident on; b misses it all and reads afresh.

@@ -61,3 +61,18 @@ export function keepSending (t: Test, fleet: TestSidecar[], to: (s: TestSidecar)
     }
   })()
 }
+
+/**
+ * Hold `s`'s watch events for incident keys, as a busy stream delays them: each waits in `late`
+ * (call it to hand it on); `release` hands on the rest in order and stops holding, `drop` discards
+ * them (as a resync read skips what it already covers) and stops. Stopped at teardown too.
+ */
+export function holdIncidentEvents (t: Test, s: TestSidecar): { late: Array<() => void>, release: () => void, drop: () => void } {
+  const watched = s.sidecar.fleet as unknown as { incidentEvent: (incident: string, kv: unknown, deleted: boolean) => void }
+  const deliver = watched.incidentEvent.bind(watched)
+  const late: Array<() => void> = []
+  watched.incidentEvent = (incident, kv, deleted) => { late.push(() => { deliver(incident, kv, deleted) }) }
+  const stop = (): void => { watched.incidentEvent = deliver }
+  t.teardown(stop)
+  return { late, release: () => { stop(); for (const event of late.splice(0)) event() }, drop: () => { stop(); late.splice(0) } }
+}
