@@ -14,6 +14,7 @@ import { ROOT } from './helpers/root.js'
 import { schemaProblems, type Manifest } from './helpers/manifests.js'
 import { runCli, tempDir, nodeFlagsOf } from './helpers/process.js'
 import { loadConfigFile } from '../src/config/load.js'
+import { AUDIT_FILES, AUDIT_MAX_BYTES } from '../src/state/audit-log.js'
 import { Deployment, type IDeployment } from 'kubernetes-models/apps/v1/Deployment'
 import type { IService } from 'kubernetes-models/v1/Service'
 import type { IIoK8sApiCoreV1Container as Container, IIoK8sApiCoreV1Probe as Probe } from 'kubernetes-models/v1'
@@ -204,6 +205,12 @@ t.test('the pod runs non-root on a read-only root, with its secrets and state wh
   t.ok(stateMount, `stateDir ${config.stateDir} is a mount`)
   t.ok(volume(stateMount?.name ?? '')?.emptyDir, 'on an emptyDir')
   t.notOk(stateMount?.readOnly, 'writable')
+  // The kubelet evicts a pod whose emptyDir outgrows its sizeLimit: the limit must hold the
+  // audit log at its cap (the current file and every rotated one) and leave room for the state
+  // file, its copy while it is rewritten, the lock, the token and a state file copied aside.
+  const auditCap = (AUDIT_FILES + 1) * AUDIT_MAX_BYTES / 2 ** 20
+  const sizeLimit = volume(stateMount?.name ?? '')?.emptyDir?.sizeLimit
+  t.ok(sizeLimit === undefined || mebibytes(sizeLimit) >= auditCap + 16, `the stateDir volume's sizeLimit (${String(sizeLimit)}) holds the audit log at its cap (${auditCap} MiB) and 16 MiB more`)
 
   const token = sidecar.env?.find((e) => e.name === 'BREAKWATER_ADMIN_TOKEN')
   t.ok(token?.valueFrom?.secretKeyRef?.name, 'BREAKWATER_ADMIN_TOKEN comes from a Secret')

@@ -26,6 +26,11 @@ export interface AuditOptions {
   files?: number
 }
 
+/** The audit log's size cap: a file is rotated before it would grow past this many bytes. */
+export const AUDIT_MAX_BYTES = 10 * 1024 * 1024
+/** Rotated files kept beside the current one (`audit.jsonl.1` … `.5`); the oldest is deleted. */
+export const AUDIT_FILES = 5
+
 export class AuditLog {
   readonly path: string
   private readonly maxBytes: number
@@ -36,8 +41,8 @@ export class AuditLog {
 
   constructor (readonly dir: string, options: AuditOptions = {}) {
     this.path = join(dir, 'audit.jsonl')
-    this.maxBytes = options.maxBytes ?? 10 * 1024 * 1024
-    this.files = options.files ?? 5
+    this.maxBytes = options.maxBytes ?? AUDIT_MAX_BYTES
+    this.files = options.files ?? AUDIT_FILES
   }
 
   /** Append one entry; resolves once it is on disk. */
