@@ -164,6 +164,11 @@ t.test('a response the upstream cuts short or stalls after a good head is its fa
       const lines = accessLines(s)
       t.same(lines.map((l) => [l.outcome, l['error.type'], l.level]), Array(4).fill(['upstream', path === '/cut' ? 'upstream_reset' : 'upstream_timeout', 'warn']), 'logged as the upstream\'s failure, at warn')
       t.equal(s.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0, 0, 'no client was blamed for the upstream\'s silence')
+      // Counted under the status their head carried, and as cut, so a dashboard or an alert
+      // over the metrics sees the failure the access log shows.
+      const samples = await scrape(s.ops)
+      t.equal(sumOf(samples, 'breakwater_requests_total', { route: 'pay', code: '200', source: 'upstream' }), 4, 'in breakwater_requests_total as the 200 their head said')
+      t.equal(sumOf(samples, 'breakwater_responses_cut_total', { route: 'pay', upstream: 'pay', code: '200', error: path === '/cut' ? 'upstream_reset' : 'upstream_timeout' }), 4, 'and in breakwater_responses_cut_total, with the error that cut them')
     })
   }
 

@@ -130,6 +130,17 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
     return out
   })
 
+  scraped(registry, 'breakwater_responses_cut_total', 'Responses cut after the upstream sent their head: it broke the body off (upstream_reset) or stopped sending it for idleTimeoutMs (upstream_timeout), and the client\'s connection was closed; each is also in breakwater_requests_total under the status of its head. By route, upstream, code and error.', 'counter', () => {
+    const out: Sample[] = []
+    for (const s of dp.stats.allRoutes()) {
+      for (const [key, n] of s.cuts) {
+        const [code, error] = key.split('\u0000') as [string, string]
+        out.push({ labels: { route: s.route, upstream: s.upstream, code, error }, value: n })
+      }
+    }
+    return out
+  })
+
   scraped(registry, 'breakwater_rejections_total', 'Requests refused by a mitigation, by route and reason (kill_switch, circuit_open, bulkhead, rate_limit).', 'counter', () => {
     const out: Sample[] = []
     for (const s of dp.stats.allRoutes()) {

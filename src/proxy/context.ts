@@ -304,6 +304,10 @@ export abstract class RequestContext implements LaterLine {
     const seconds = (endedAt - this.startedAt) / 1000
     const stats = route === null ? dp.stats.route('', '') : route.stats
     stats.record(this.status, seconds, this.source)
+    // The upstream's head went out, then its body broke off or stalled: the client's connection
+    // was cut, whatever status the head carried.
+    const error = this.errorCode
+    if (this.source === 'upstream' && (error === 'upstream_reset' || error === 'upstream_timeout')) stats.cut(this.status, error)
     // In the trigger windows: -1 not at all, 0 a request, 1 an error.
     let windowed = -1
     let headMs = this.headMs

@@ -33,6 +33,12 @@ export class RouteStats {
   faultsDelayed = 0
   /** Degraded answers served instead of a refusal or failure, by kind (SPEC §17). */
   readonly fallbacks = { stale: 0, static: 0 }
+  /**
+   * Responses cut after the upstream's head went out (the body broken off or stalled), by
+   * `status\u0000error`: counted under their head's status above, so a 200 that never ended
+   * needs this count to read as the failure it was.
+   */
+  readonly cuts = new Map<string, number>()
 
   constructor (route: string, upstream: string) {
     this.route = route
@@ -59,6 +65,12 @@ export class RouteStats {
    */
   outcome (nowMs: number, error: boolean, latencyMs: number): void {
     this.window.record(nowMs, error, latencyMs)
+  }
+
+  /** A response whose head the upstream sent and whose body it then cut (`upstream_reset`) or stalled (`upstream_timeout`). */
+  cut (status: number, error: 'upstream_reset' | 'upstream_timeout'): void {
+    const key = `${status}\u0000${error}`
+    this.cuts.set(key, (this.cuts.get(key) ?? 0) + 1)
   }
 
   fault (type: 'abort' | 'delay'): void {
