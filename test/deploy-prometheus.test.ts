@@ -54,7 +54,7 @@ t.test('the unit tests catch a broken rule', async (t) => {
 
 t.test('the alerts the runbook needs, each with severity, runbook and a firing test', async (t) => {
   const expected: Record<string, RegExp> = {
-    BreakwaterCircuitOpen: /breakwater_circuit_state == 2/,
+    BreakwaterCircuitOpen: /breakwater_circuit_state > 0/,
     BreakwaterKillSwitchActive: /breakwater_flag_killed == 1/,
     BreakwaterTriggerFired: /increase\(breakwater_trigger_fired_total\[5m\]\) > 0/,
     BreakwaterErrorBudgetBurnFast: /ratio_rate1h[\s\S]*ratio_rate5m[\s\S]*ratio_rate6h[\s\S]*ratio_rate30m/,
