@@ -4,8 +4,9 @@
 #   docker run --rm -p 14001:14001 -p 14020:14020 breakwater
 #
 # Ports: 14001 proxy, 14020 ops (GET /live, /ready, /metrics), 14000 admin.
-# Mount your own config over /app/config/breakwater.yaml (or pass another
-# path: `docker run ... breakwater node dist/cli.js start --config /etc/bw.yaml`).
+# Mount your own config over /app/config/breakwater.yaml, or pass another path and keep
+# the CMD's Node flag:
+#   docker run ... breakwater node --max-semi-space-size=8 dist/cli.js start --config /etc/bw.yaml
 
 # The base image, pinned by digest: a tag moves, so without the digest two builds of the
 # same commit can run on different Node and Debian bytes. This is node:24-bookworm-slim

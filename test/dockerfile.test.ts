@@ -283,6 +283,10 @@ t.test('Dockerfile', async t => {
     // Node 24 sizes V8's young generation from the memory it sees: 128 MiB with no limit (the
     // sidecar holds 230 MiB under load), 4 MiB in a 256 MiB pod (about 40 % more CPU per request).
     t.ok(cmdNodeFlags.some((a) => /^--max-semi-space-size=\d+$/.test(a)), `CMD fixes V8's young generation (${cmdNodeFlags.join(' ') || 'no flags'})`)
+    // A command the comments suggest in place of the CMD keeps its Node flags too.
+    for (const [line] of dockerfileText.matchAll(/^#.*\bnode\b.*\bdist\/cli\.js start\b.*$/gm)) {
+      for (const flag of cmdNodeFlags) t.ok(line.includes(flag), `the suggested command keeps ${flag}: ${line.replace(/^#\s*/, '')}`)
+    }
   }
 
   // Kubernetes probes GET /live and /ready; a HEALTHCHECK that runs node would start a second
