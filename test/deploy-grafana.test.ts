@@ -111,3 +111,41 @@ t.test('the dashboard is well formed for Grafana', async (t) => {
     a.gridPos.y < b.gridPos.y + b.gridPos.h && b.gridPos.y < a.gridPos.y + a.gridPos.h).map((b) => `${a.title} / ${b.title}`))
   t.same(overlapping, [], 'no two panels overlap')
 })
+
+t.test('the Flags panel tells a killed flag from one its source turned off', async (t) => {
+  const panel = panels.find((p) => p.title === 'Flags') as (Panel & { fieldConfig?: { defaults?: { mappings?: Array<{ options?: Record<string, { text?: string }> }> } } }) | undefined
+  const expr = panel?.targets?.[0]?.expr
+  if (panel === undefined || expr === undefined) return t.fail('no Flags panel with a query')
+  const texts = new Map<number, string>()
+  for (const m of panel.fieldConfig?.defaults?.mappings ?? []) for (const [value, o] of Object.entries(m.options ?? {})) texts.set(Number(value), o.text ?? '')
+
+  // Three flags of one pod, as Breakwater exports them: on; off in the flag file (a feature not
+  // launched yet); killed by an operator's override. The panel's query, evaluated by promtool.
+  const series = (flag: string, enabled: number, killed: number): Array<{ series: string, values: string }> => [
+    { series: `breakwater_flag_enabled{namespace="shop", job="shop/podinfo", pod="podinfo-a", flag="${flag}"}`, values: `${enabled}x5` },
+    { series: `breakwater_flag_killed{namespace="shop", job="shop/podinfo", pod="podinfo-a", flag="${flag}"}`, values: `${killed}x5` }
+  ]
+  const dir = tempDir(t)
+  writeFileSync(join(dir, 'none.rules.yaml'), stringify({ groups: [] }))
+  const results: Record<string, number> = {}
+  for (const [flag, shown] of [['search', 'on'], ['newCheckout', 'off'], ['echo', 'killed']] as const) {
+    const value = [...texts].find(([, text]) => text === shown)?.[0]
+    t.ok(value !== undefined, `the panel maps a value to "${shown}"`)
+    if (value !== undefined) results[flag] = value
+  }
+  writeFileSync(join(dir, 'flags.test.yaml'), stringify({
+    rule_files: ['none.rules.yaml'],
+    evaluation_interval: '1m',
+    tests: [{
+      interval: '1m',
+      input_series: [...series('search', 1, 0), ...series('newCheckout', 0, 0), ...series('echo', 0, 1)],
+      promql_expr_test: [{
+        expr: substitute(expr),
+        eval_time: '2m',
+        exp_samples: Object.entries(results).map(([flag, value]) => ({ labels: `{flag="${flag}"}`, value }))
+      }]
+    }]
+  }))
+  const result = await promtool(['test', 'rules', 'flags.test.yaml'], { cwd: dir })
+  t.equal(result.code, 0, `on, off and killed each show as such: ${result.output.trim().split('\n').slice(-6).join(' | ')}`)
+})
