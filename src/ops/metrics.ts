@@ -173,7 +173,7 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
       return { labels: { upstream, state }, value: n }
     }))
 
-  scraped(registry, 'breakwater_flag_enabled', 'Flags as the request path sees them: 1 on, 0 off (killed).', 'gauge', () =>
+  scraped(registry, 'breakwater_flag_enabled', 'Flags as the request path sees them: 1 on, 0 off (killed, or off by their source: see breakwater_flag_killed).', 'gauge', () =>
     [...sources.flags.values].map(([flag, on]) => ({ labels: { flag }, value: on ? 1 : 0 })))
 
   scraped(registry, 'breakwater_flag_killed', 'Flags off by a kill (an operator\'s or a trigger\'s override, local or fleet): 1; off or on by their source (config, flag file, provider): 0.', 'gauge', () =>
