@@ -130,3 +130,27 @@ t.test('an upstream that answers early (413) while the client still uploads, rea
   await client.until((c) => c.closed || c.received.includes('too big'), 10_000, 'an answer')
   t.match(client.received.slice(0, 400), /^HTTP\/1\.1 413 /, 'the upstream\'s 413, not a 502')
 })
+
+t.test('a 304 or 204 whose Content-Length announces a body it does not carry is relayed whole, and counted ok', async (t) => {
+  // RFC 9110 §8.6: a 304 may carry the Content-Length of the representation it stands for, and
+  // RFC 9112 §6.3 makes every 204 and 304 end at its head. A conditional GET is ordinary traffic.
+  const up = await startUpstream((req, res) => {
+    if (req.url === '/not-modified') res.writeHead(304, { etag: '"v1"', 'content-length': '1234' })
+    else res.writeHead(204, { 'content-length': '5' })
+    res.end()
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, oneRoute(up.url))
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.socket.destroy())
+  client.write('GET /not-modified HTTP/1.1\r\nHost: shop.example\r\nIf-None-Match: "v1"\r\n\r\n')
+  await client.until((c) => c.received.includes('\r\n\r\n') || c.closed, 5000, 'the 304')
+  t.match(client.received, /^HTTP\/1\.1 304 /, 'the 304 reaches the client')
+  t.match(client.received, /etag: "v1"/i)
+  client.write('GET /no-content HTTP/1.1\r\nHost: shop.example\r\n\r\n')
+  await client.until((c) => c.received.includes('HTTP/1.1 204') || c.closed, 5000, 'the 204')
+  t.match(client.received, /HTTP\/1\.1 204 /, 'the 204 follows on the same connection')
+  t.notOk(client.closed, 'the client connection lives on')
+  const lines = s.logs.filter((l) => l.msg === 'request')
+  t.same(lines.map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[304, 'ok', undefined], [204, 'ok', undefined]])
+})

@@ -423,6 +423,11 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     this.release()
     if (this.state === DISCARDING) { this.retry(endpoint, false); return }
     if (this.state === DONE) return
+    this.finish()
+  }
+
+  /** The response is all there: end it for the client. */
+  private finish (): void {
     this.res.end()
     if (this.capture !== null) this.capture.complete(Date.now())
     this.done()
@@ -434,6 +439,14 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const state = this.state
     if (state === DONE) return
     if (state === STREAMING) {
+      // RFC 9112 §6.3: a 204 or 304 ends at its head, whatever its Content-Length says (RFC 9110
+      // §8.6 lets a 304 carry the length of the representation it stands for). undici holds the
+      // announced length against the bytes that followed and fails the exchange; the response
+      // was complete, and the connection undici closes is its own.
+      if ((this.status === 304 || this.status === 204) && (err as { code?: string }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
+        this.finish()
+        return
+      }
       // Headers are out: the only honest signal left is to cut the connection. The upstream
       // either broke the body off or stopped sending it for `idleTimeoutMs` (undici's bodyTimeout).
       this.conclude(this.status, this.dp.cutting ? 'shutdown_deadline' : (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
