@@ -154,3 +154,17 @@ t.test('a 304 or 204 whose Content-Length announces a body it does not carry is 
   const lines = s.logs.filter((l) => l.msg === 'request')
   t.same(lines.map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[304, 'ok', undefined], [204, 'ok', undefined]])
 })
+
+t.test('an interim 103 Early Hints is not taken for the response: the final one follows', async (t) => {
+  const up = await startUpstream((_req, res) => {
+    res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style' })
+    setTimeout(() => { res.writeHead(200, { 'content-type': 'text/plain' }); res.end('final') }, 20)
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, oneRoute(up.url))
+  const res = await send(s.proxy, '/page')
+  t.equal(res.status, 200)
+  t.equal(res.body, 'final')
+  const lines = s.logs.filter((l) => l.msg === 'request')
+  t.same(lines.map((l) => [l['http.response.status_code'], l.outcome]), [[200, 'ok']])
+})

@@ -375,6 +375,10 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   }
 
   onHeaders (statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
+    // RFC 9110 §15.2: an interim response (103 Early Hints) comes before the final one on the
+    // same exchange. It is not relayed (nginx's and Envoy's default): the client gets the final
+    // response, and `timeoutMs` still runs until it comes.
+    if (statusCode < 200) return true
     this.headDueAt = 0
     if (this.state === DONE) return false
     if (statusCode === 503 && this.mayRetry() && rawHeaderValue(rawHeaders, 'x-breakwater-mitigation') === null) {
