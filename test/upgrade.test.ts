@@ -140,6 +140,21 @@ t.test('an upstream refusing the upgrade: its response is relayed', async (t) =>
   t.notOk('upgrade' in res.headers, 'no upgrade header on a refusal')
 })
 
+t.test('an interim 103 before the upstream\'s 101 is passed over: the client gets the 101 and the tunnel', async (t) => {
+  const up = await startWebSocketUpstream({ interim: 'HTTP/1.1 103 Early Hints\r\nLink: </app.js>; rel=preload\r\n\r\n' })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, wsRoutes(up.url))
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.destroy())
+  client.write(handshakeRequest('/ws', KEY))
+  await client.until((c) => c.received.includes('\r\n\r\n'), 5000, 'the handshake response')
+  t.equal(parseResponse(client.received).status, 101, 'the first head the client reads is the 101')
+  client.write('ping')
+  await client.until((c) => afterHead(c.received).includes('ping'), 5000, 'the echo')
+  await eventually(() => s.logs.some((l) => l.msg === 'request'))
+  t.same(s.logs.filter((l) => l.msg === 'request').map((l) => l['http.response.status_code']), [101], 'logged as the 101 it was')
+})
+
 t.test('a non-WebSocket upgrade (h2c) is refused with 400', async (t) => {
   const up = await startWebSocketUpstream()
   t.teardown(up.close)

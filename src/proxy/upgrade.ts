@@ -130,6 +130,9 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
 
   // The upstream refused the upgrade with an ordinary response: relay it, close-delimited.
   onHeaders (statusCode: number, rawHeaders: Buffer[], _resume: () => void, statusText: string): boolean {
+    // RFC 9110 §15.2: an interim response (103 Early Hints) is neither the 101 nor a refusal;
+    // the upstream's answer follows it. Not relayed, as the forward stage does.
+    if (statusCode < 200) return true
     this.answered = true
     let response = `HTTP/1.1 ${statusCode} ${statusText}\r\n`
     for (let i = 0; i < rawHeaders.length; i += 2) {

@@ -28,6 +28,10 @@ export interface WebSocketUpstreamOptions {
   push?: string
   /** Refuse the upgrade with this status instead of 101. */
   refuse?: number
+  /** Header lines the refusal carries besides its own. */
+  refuseHeaders?: string[]
+  /** Written before the answer, as it is (an interim `103 Early Hints`). */
+  interim?: string
 }
 
 /** RFC 6455 §4.2.2: the Sec-WebSocket-Accept value for a key. */
@@ -50,10 +54,12 @@ export async function startWebSocketUpstream (options: WebSocketUpstreamOptions 
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     handshakes.push(req)
     socket.on('error', () => socket.destroy())
+    if (options.interim !== undefined) socket.write(options.interim)
     if (options.refuse !== undefined) {
       const body = 'upgrade refused'
+      const extra = (options.refuseHeaders ?? []).map((line) => `${line}\r\n`).join('')
       socket.end(`HTTP/1.1 ${options.refuse} ${http.STATUS_CODES[options.refuse] ?? 'Refused'}\r\n` +
-        `content-type: text/plain\r\nx-refused-by: upstream\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
+        `content-type: text/plain\r\nx-refused-by: upstream\r\n${extra}content-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
       return
     }
     const key = String(req.headers['sec-websocket-key'] ?? '')
