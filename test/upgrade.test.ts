@@ -140,6 +140,21 @@ t.test('an upstream refusing the upgrade: its response is relayed', async (t) =>
   t.notOk('upgrade' in res.headers, 'no upgrade header on a refusal')
 })
 
+t.test('an upstream refusing the upgrade: hop-by-hop headers of its refusal are removed, as on any response', async (t) => {
+  const up = await startWebSocketUpstream({
+    refuse: 403,
+    refuseHeaders: ['Connection: x-hop', 'X-Hop: secret', 'Keep-Alive: timeout=3', 'Proxy-Connection: keep-alive', 'TE: trailers', 'Trailer: x-sum', 'Upgrade: websocket', 'X-Kept: 1']
+  })
+  t.teardown(up.close)
+  const { proxyPort } = await startTestSidecar(t, wsRoutes(up.url))
+  const res = parseResponse(await raw(proxyPort, handshakeRequest('/ws', KEY)))
+  t.equal(res.status, 403)
+  t.equal(res.body, 'upgrade refused')
+  t.equal(res.headers['x-kept'], '1')
+  for (const h of ['x-hop', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'upgrade']) t.notOk(h in res.headers, `${h} removed`)
+  t.equal(res.headers.connection, 'close', 'only the sidecar\'s own Connection')
+})
+
 t.test('an interim 103 before the upstream\'s 101 is passed over: the client gets the 101 and the tunnel', async (t) => {
   const up = await startWebSocketUpstream({ interim: 'HTTP/1.1 103 Early Hints\r\nLink: </app.js>; rel=preload\r\n\r\n' })
   t.teardown(up.close)

@@ -15,6 +15,7 @@ import type { Dispatcher } from 'undici'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { RequestHead } from './headers.js'
+import { responseHeaders } from './headers.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { rawErrorResponse, NO_ENDPOINT, type ErrorCode } from './errors.js'
 
@@ -135,11 +136,13 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     if (statusCode < 200) return true
     this.answered = true
     let response = `HTTP/1.1 ${statusCode} ${statusText}\r\n`
-    for (let i = 0; i < rawHeaders.length; i += 2) {
-      const name = (rawHeaders[i] as Buffer).toString('latin1')
-      const lower = name.toLowerCase()
-      if (lower === 'content-length' || lower === 'transfer-encoding' || lower === 'connection' || lower === 'keep-alive') continue
-      response += `${name}: ${(rawHeaders[i + 1] as Buffer).toString('latin1')}\r\n`
+    // Hop-by-hop headers go as from any response (RFC 9110 §7.6.1); the length too, since the
+    // refusal is relayed close-delimited.
+    const headers = responseHeaders(rawHeaders, false)
+    for (let i = 0; i < headers.length; i += 2) {
+      const name = headers[i] as string
+      if (name.length === 14 && name.toLowerCase() === 'content-length') continue
+      response += `${name}: ${headers[i + 1] as string}\r\n`
     }
     this.client.write(response + 'connection: close\r\n\r\n')
     this.source = 'upstream'
