@@ -1,6 +1,8 @@
 import t from 'tap'
 import { Readable } from 'node:stream'
 import http from 'node:http'
+import net, { type AddressInfo } from 'node:net'
+import { gzipSync } from 'node:zlib'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
@@ -167,4 +169,26 @@ t.test('an interim 103 Early Hints is not taken for the response: the final one 
   t.equal(res.body, 'final')
   const lines = s.logs.filter((l) => l.msg === 'request')
   t.same(lines.map((l) => [l['http.response.status_code'], l.outcome]), [[200, 'ok']])
+})
+
+t.test('a response with a transfer coding other than chunked is refused, not relayed as if its coded bytes were the body', async (t) => {
+  // RFC 9112 §6.1: Breakwater decodes `chunked` and frames the body again for the client, so a
+  // coding before it (`gzip, chunked`) would be dropped with the header while its bytes stay.
+  const coded = gzipSync('the real body')
+  const up = net.createServer((socket) => {
+    socket.on('error', () => socket.destroy())
+    socket.once('data', () => {
+      socket.end('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: gzip, chunked\r\n\r\n' +
+        `${coded.length.toString(16)}\r\n${coded.toString('latin1')}\r\n0\r\n\r\n`, 'latin1')
+    })
+  })
+  await new Promise<void>((resolve) => up.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => up.close(() => resolve())))
+  const s = await startTestSidecar(t, oneRoute(`http://127.0.0.1:${(up.address() as AddressInfo).port}`))
+  const res = await send(s.proxy, '/coded')
+  t.equal(res.status, 502)
+  t.equal(res.headers['x-breakwater-error'], 'upstream_unavailable')
+  t.match(res.body, /transfer coding/)
+  const lines = s.logs.filter((l) => l.msg === 'request')
+  t.same(lines.map((l) => [l['http.response.status_code'], l.outcome]), [[502, 'upstream']])
 })

@@ -57,6 +57,8 @@ export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upst
 /** Failures of an upstream request that undici has no error for, in the same shape. */
 export const NO_ENDPOINT = Object.assign(new Error('no endpoint available'), { code: 'BREAKWATER_NO_ENDPOINT' })
 export const INVALID_RESPONSE = Object.assign(new Error('invalid response header'), { code: 'BREAKWATER_INVALID_RESPONSE' })
+/** A response in a transfer coding other than chunked, which Breakwater cannot pass on (forward.ts). */
+export const TRANSFER_CODING = Object.assign(new Error('transfer coding other than chunked'), { code: 'BREAKWATER_TRANSFER_CODING' })
 /** The sweep's `timeoutMs` (silence.ts): what undici's own headers timeout would have said. */
 export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' })
 /** The sweep's `idleTimeoutMs` on a response body: what undici's own body timeout would have said. */
@@ -75,6 +77,7 @@ export function failureReason (err: unknown, timeoutMs: number): string {
     case 'UND_ERR_CLOSED': case 'UND_ERR_DESTROYED': return 'connection pool closed'
     case 'BREAKWATER_NO_ENDPOINT': return 'no endpoint available'
     case 'BREAKWATER_INVALID_RESPONSE': return 'invalid response header'
+    case 'BREAKWATER_TRANSFER_CODING': return 'a transfer coding other than chunked, which cannot be relayed'
     default: return code === undefined ? 'request failed' : `request failed (${code})`
   }
 }

@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, HEAD_TIMEOUT, BODY_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -386,6 +386,15 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       this.state = DISCARDING // read and drop the body, keep the connection, then retry
       return true
     }
+    // RFC 9112 §6.1: undici decodes `chunked` and the body is framed again for the client, so a
+    // coding before it (`gzip, chunked`) would go with the header while its coded bytes stayed
+    // (nginx refuses such a response too). The request's side is refused the same way (headers.ts).
+    const coding = rawHeaderValue(rawHeaders, 'transfer-encoding')
+    if (coding !== null && coding.trim().toLowerCase() !== 'chunked') {
+      this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.upstream.name, err: `Transfer-Encoding: ${coding}` }, 'upstream response refused')
+      this.refuseResponse(TRANSFER_CODING)
+      return false
+    }
     this.resumeUpstream = resume
     const res = this.res
     const headers = responseHeaders(rawHeaders, this.draining())
@@ -394,8 +403,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     } catch (err) {
       // The upstream sent a header Node refuses to write (invalid characters).
       this.dp.logger.warn({ event: 'invalid_upstream_response', route: this.route.name, upstream: this.upstream.name, err: (err as Error).message }, 'upstream response refused')
-      this.abortUpstream?.()
-      this.failUpstream(INVALID_RESPONSE)
+      this.refuseResponse(INVALID_RESPONSE)
       return false
     }
     // The upstream's own 5xx is relayed to the client and still counted as its failure.
@@ -405,6 +413,14 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const cache = this.route.fallback?.cache
     if (cache != null) this.capture = cache.capture(this.req, cacheKey(this), statusCode, headers)
     return true
+  }
+
+  /** An upstream response that cannot be relayed: its request fails with `err` (a 502 that says why). */
+  private refuseResponse (err: Error): void {
+    const abort = this.abortUpstream
+    // undici tells its handler (onError) at once, and ends the request's connection.
+    if (abort !== null) abort(err)
+    else this.failUpstream(err)
   }
 
   onData (chunk: Buffer): boolean {
