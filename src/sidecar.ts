@@ -331,7 +331,7 @@ export class Sidecar {
       this.logger.error({ event: 'fleet_incident', error: (err as Error).message }, 'fleet: taking back the incidents of the earlier run failed')
     })
     // Only now, with every listener bound, may a generated token replace the file.
-    this.adminToken = await writeAdminToken(this.adminToken, this.config.stateDir)
+    this.adminToken = await writeAdminToken(this.adminToken)
     const token = this.adminToken
     if (token.origin === 'generated') {
       if (token.written) this.logger.info({ event: 'admin_token', path: token.path }, 'admin token generated; read it from this file')

@@ -5,7 +5,7 @@
  * Every case runs the real binary.
  */
 import t, { type Test } from 'tap'
-import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs'
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
@@ -13,7 +13,7 @@ import { runCli, tempDir, type CliResult, type Running } from './helpers/process
 import { admin } from './helpers/admin.js'
 import { eventually } from './helpers/http.js'
 import pino from 'pino'
-import { TokenFileWatcher } from '../src/control/token.js'
+import { TokenFileWatcher, resolveAdminToken, writeAdminToken } from '../src/control/token.js'
 import { adminUrl, operator, startSidecarProcess, STACK_FRAME } from './helpers/operator.js'
 
 // Each case starts a fresh Node process; leave room for a busy machine.
@@ -98,6 +98,28 @@ t.test('a generated token replaces a world-readable leftover file and is written
   t.equal(statSync(tokenPath).mode & 0o777, 0o600)
   const token = readFileSync(tokenPath, 'utf8').trim()
   t.equal((await admin(adminUrl(s), 'GET', '/v1/state', undefined, token)).status, 200, 'the file holds the token in force')
+})
+
+t.test('a generated token is never in a file others can read: a world-readable temp file left by an earlier process is not written into', async (t) => {
+  const stateDir = join(tempDir(t), 'state')
+  mkdirSync(stateDir, { recursive: true })
+  // A process killed mid-write leaves its temp file; in a container the next start has the
+  // same pid, so the same temp names. Whoever opened such a leftover (it was 0644) keeps
+  // reading it after any chmod: the token must go to a fresh 0600 file instead.
+  const leftovers = [`admin.token.tmp-${process.pid}`, ...[0, 1, 2, 3].map((n) => `admin.token.tmp-${process.pid}-${n}`)].map((name) => {
+    const path = join(stateDir, name)
+    writeFileSync(path, '')
+    chmodSync(path, 0o644)
+    return openSync(path, 'r')
+  })
+  t.teardown(() => { for (const fd of leftovers) closeSync(fd) })
+  const generated = await resolveAdminToken(undefined, null, stateDir)
+  const written = await writeAdminToken(generated)
+  t.equal(written.written, true, 'written')
+  const tokenPath = join(stateDir, 'admin.token')
+  t.equal(readFileSync(tokenPath, 'utf8').trim(), generated.token, 'the file holds the token')
+  t.equal(statSync(tokenPath).mode & 0o777, 0o600, 'readable by its owner only')
+  for (const fd of leftovers) t.notOk(readFileSync(fd, 'utf8').includes(generated.token), 'a reader of a leftover temp file never sees the token')
 })
 
 t.test('BREAKWATER_ADMIN_TOKEN is used when set, and no token file is written', async (t) => {

@@ -295,13 +295,18 @@ t.test('a state file write that fails half-way (the file size limit: EFBIG, as E
   t.same(Object.keys(kept.overrides).sort(), flags.slice(0, failedAt).sort(), 'the old state file is intact: every override written before the failure')
 })
 
-t.test('a generated admin token that cannot be written (no room for one byte) leaves no temp file holding it', async (t) => {
+t.test('a generated admin token that cannot be written (no room for one byte) leaves no temp file holding it, and the old token file as it was', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)
   const { dir, configPath } = writeProcessConfig(t, config(up.url))
+  // The token an earlier run generated: a failed write must leave it whole, not empty or torn.
+  const oldToken = 'token-of-the-earlier-run-0123456789abcdef'
+  mkdirSync(join(dir, 'state'), { recursive: true })
+  writeFileSync(join(dir, 'state', 'admin.token'), oldToken + '\n', { mode: 0o600 })
   const running = await spawnCli(t, ['start', '--config', configPath], dir, configPath, { BREAKWATER_ADMIN_TOKEN: undefined }, ['sh', '-c', 'ulimit -f 0 && exec "$@"', 'sh'])
   const line = await running.waitForLine((l) => l.event === 'admin_token')
   t.equal(line.level, 'warn', 'the token could not be written, and the line says so')
   t.equal((await send(running.proxy, '/checkout')).status, 200, 'serving')
   t.same(readdirSync(join(dir, 'state')).filter((f) => f.includes('.tmp-')), [], 'no temp file left, none with a token or part of one')
+  t.equal(readFileSync(join(dir, 'state', 'admin.token'), 'utf8'), oldToken + '\n', 'the old token file is intact')
 })

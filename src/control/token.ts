@@ -6,11 +6,12 @@
  * token at once, for the sidecar as for the operator commands that read the same file.
  */
 import { randomBytes, createHash, timingSafeEqual } from 'node:crypto'
-import { readFile, writeFile, mkdir, chmod, rename, stat, unlink } from 'node:fs/promises'
+import { readFile, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { ADMIN_TOKEN_FILE } from '../config/defaults.js'
 import { fileStamp } from '../config/file-stamp.js'
+import { writeFileAtomic } from '../state/atomic-file.js'
 
 export interface AdminToken {
   token: string
@@ -43,20 +44,15 @@ export async function resolveAdminToken (env: string | undefined, tokenFile: str
 }
 
 /** Write a generated token to its file (mode 0600); other origins are left as they are. */
-export async function writeAdminToken (t: AdminToken, stateDir: string): Promise<AdminToken> {
+export async function writeAdminToken (t: AdminToken): Promise<AdminToken> {
   if (t.origin !== 'generated' || t.path === null) return t
-  const tmp = `${t.path}.tmp-${process.pid}`
   try {
-    await mkdir(stateDir, { recursive: true })
-    // A fresh 0600 file renamed into place: the token is never in a file others can read,
-    // even when an older admin.token had looser permissions.
-    await writeFile(tmp, t.token + '\n', { mode: 0o600 })
-    await chmod(tmp, 0o600)
-    await rename(tmp, t.path)
+    // Created 0600 (never readable by others, not even before its content is written) and
+    // renamed into place, fsynced: an older admin.token, whatever its permissions, is replaced
+    // whole or stays as it was.
+    await writeFileAtomic(t.path, t.token + '\n', 0o600)
     return { ...t, written: true }
   } catch {
-    // A full disk after the temp file was made: no token, or part of one, stays behind.
-    await unlink(tmp).catch(() => {})
     return { ...t, written: false }
   }
 }

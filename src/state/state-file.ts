@@ -8,8 +8,9 @@
  * the binary was rolled back after an upgrade) is read for what this version knows, and copied
  * aside whole first (`state.json.v<N>-<time>`).
  */
-import { open, rename, readFile, mkdir, unlink, stat, copyFile } from 'node:fs/promises'
+import { rename, readFile, stat, copyFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { writeFileAtomic } from './atomic-file.js'
 
 export interface OverrideRecord {
   enabled: boolean
@@ -151,7 +152,6 @@ export interface LoadResult {
 
 export class StateFile {
   readonly path: string
-  private seq = 0
 
   constructor (readonly dir: string) {
     this.path = join(dir, 'state.json')
@@ -226,33 +226,9 @@ export class StateFile {
     return JSON.stringify(state, null, 2) + '\n'
   }
 
-  /** Write one serialised state atomically; callers serialise their writes (see Journal). */
+  /** Write one serialised state atomically (mode 0600); callers serialise their writes (see Journal). */
   async write (text: string): Promise<void> {
-    await mkdir(this.dir, { recursive: true })
-    const tmp = `${this.path}.tmp-${process.pid}-${this.seq++}`
-    const handle = await open(tmp, 'w', 0o600)
-    try {
-      try {
-        await handle.writeFile(text)
-        await handle.sync()
-      } finally {
-        await handle.close()
-      }
-      await rename(tmp, this.path)
-    } catch (err) {
-      // A full disk (ENOSPC), a quota (EDQUOT) or EIO after the temp file was made: the old
-      // state file is untouched, and the temp file must not stay behind to eat the little
-      // space left, one more per failed commit.
-      await unlink(tmp).catch(() => {})
-      throw err
-    }
-    // The rename itself must reach the disk too.
-    const dir = await open(this.dir, 'r')
-    try {
-      await dir.sync()
-    } finally {
-      await dir.close()
-    }
+    await writeFileAtomic(this.path, text, 0o600)
   }
 }
 
