@@ -190,6 +190,34 @@ t.test('a state file a newer Breakwater wrote (the binary rolled back after an u
   t.equal(JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8')).version, 1, 'written back in the format this version reads')
 })
 
+t.test('a state file a newer Breakwater wrote is copied aside once, not once more at every start until this version can write it', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const flags = Array.from({ length: 100 }, (_, i) => `feature${i}`)
+  const { dir, configPath } = writeProcessConfig(t, { ...config(up.url), featureFlags: { enableNewCheckout: true, ...Object.fromEntries(flags.map((f) => [f, true])) } })
+  const stateDir = join(dir, 'state')
+  mkdirSync(stateDir, { recursive: true })
+  // Written compact, about 12 KiB: its copy fits under the 16 KiB file size limit below (as a
+  // small file still fits on a nearly full disk), while this version's state file, indented,
+  // does not, so no start writes it and every start reads the newer file again.
+  const at = new Date().toISOString()
+  const newer = { version: 2, overrides: Object.fromEntries(flags.map((f) => [f, { enabled: false, reason: 'checkout 500s', source: 'operator', at, expiresAt: null }])) }
+  writeFileSync(join(stateDir, 'state.json'), JSON.stringify(newer))
+  const copies = (): string[] => readdirSync(stateDir).filter((f) => f.startsWith('state.json.v2-'))
+  const copiedTo: unknown[] = []
+  for (const start of [1, 2, 3]) {
+    const running = await spawnCli(t, ['start', '--config', configPath], dir, configPath, env, ['sh', '-c', 'ulimit -f 32 && exec "$@"', 'sh'])
+    copiedTo.push((await running.waitForLine((l) => l.event === 'state_newer')).copiedTo)
+    t.ok(running.lines.some((l) => l.event === 'state_not_persisted'), `start ${start} cannot write the state file`)
+    running.child.kill('SIGTERM')
+    t.equal(await running.exited, 0, 'clean stop')
+  }
+  t.equal(JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8')).version, 2, 'the newer file is read at every start')
+  t.equal(copies().length, 1, 'one copy, however many starts: none eats the space left')
+  t.same(copiedTo, [copiedTo[0], copiedTo[0], copiedTo[0]], 'every start names that copy')
+  t.same(JSON.parse(readFileSync(String(copiedTo[0]), 'utf8')), newer, 'the whole file')
+})
+
 t.test('a state file a newer Breakwater wrote in a shape this one cannot read is moved aside, and the error says so', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

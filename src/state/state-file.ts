@@ -6,10 +6,10 @@
  * cannot be parsed at start is moved aside (`state.json.corrupt-<time>`) and Breakwater starts
  * clean, rather than crash-looping on it. A file a newer Breakwater wrote (a higher `version`:
  * the binary was rolled back after an upgrade) is read for what this version knows, and copied
- * aside whole first (`state.json.v<N>-<time>`).
+ * aside whole first (`state.json.v<N>-<time>`, once: a copy already there is kept).
  */
-import { rename, readFile, stat, copyFile } from 'node:fs/promises'
-import { join } from 'node:path'
+import { rename, readFile, readdir, stat, copyFile } from 'node:fs/promises'
+import { basename, join } from 'node:path'
 import { writeFileAtomic } from './atomic-file.js'
 
 export interface OverrideRecord {
@@ -190,7 +190,7 @@ export class StateFile {
       const known = state.mitigations.filter((m) => ACTIONS.has(m.action))
       const mitigationsLeftOut = state.mitigations.length - known.length
       state.mitigations = known
-      return { state, movedAside: null, error: null, problem: null, newer: { format: newer, copiedTo: await this.copyAside(`v${newer}`), mitigationsLeftOut } }
+      return { state, movedAside: null, error: null, problem: null, newer: { format: newer, copiedTo: await this.copyAside(`v${newer}`, text), mitigationsLeftOut } }
     } catch (err) {
       return { state: emptyState(), movedAside: await this.moveAside('corrupt'), error: (err as Error).message, problem: 'corrupt', newer: null }
     }
@@ -200,8 +200,15 @@ export class StateFile {
     return `${this.path}.${why}-${new Date().toISOString().replace(/[:.]/g, '-')}`
   }
 
-  /** A copy of the file as it is, beside it (`state.json.v2-…`); null when it cannot be made. */
-  private async copyAside (why: string): Promise<string | null> {
+  /**
+   * A copy of the file as it is, beside it (`state.json.v2-…`), or the copy of it already there;
+   * null when it cannot be made. Until this version writes the state (a start that cannot: a
+   * full disk, a crash loop) every start reads the newer file again: one copy is kept, not one
+   * more per start to eat the space left.
+   */
+  private async copyAside (why: string, text: string): Promise<string | null> {
+    const earlier = await this.copyOf(why, text)
+    if (earlier !== null) return earlier
     const aside = this.asidePath(why)
     try {
       await copyFile(this.path, aside)
@@ -209,6 +216,20 @@ export class StateFile {
     } catch {
       return null
     }
+  }
+
+  /** A `state.json.<why>-…` beside the file that holds `text` already, or null. */
+  private async copyOf (why: string, text: string): Promise<string | null> {
+    const prefix = `${basename(this.path)}.${why}-`
+    const names = await readdir(this.dir).catch(() => [] as string[])
+    const size = (await stat(this.path).catch(() => null))?.size
+    for (const name of names.filter((n) => n.startsWith(prefix)).sort()) {
+      const path = join(this.dir, name)
+      const s = await stat(path).catch(() => null)
+      if (s === null || !s.isFile() || s.size !== size) continue
+      if ((await readFile(path, 'utf8').catch(() => null)) === text) return path
+    }
+    return null
   }
 
   /** Keep the file for a post-mortem beside it (`state.json.corrupt-…`); null when it cannot be moved. */
