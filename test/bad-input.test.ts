@@ -147,3 +147,26 @@ t.test('OPTIONS * (asterisk-form) is answered 200 by the sidecar itself; another
   const get = parseResponse(await raw(proxyPort, 'GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))
   t.equal(get.status, 400, 'GET * names no resource: refused')
 })
+
+t.test('OPTIONS http://host:port (absolute-form, no path) is the server-wide OPTIONS: answered by the sidecar as OPTIONS *; with a slash it asks about /', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const { proxyPort, ops } = await startTestSidecar(t, oneRoute(up.url))
+  const host = `127.0.0.1:${proxyPort}`
+  // RFC 9112 §3.2.4: a proxy would pass it on as `OPTIONS *`, which undici cannot send; never as `OPTIONS /`.
+  const server = parseResponse(await raw(proxyPort, `OPTIONS http://${host} HTTP/1.1\r\nHost: ${host}\r\nx-request-id: ping-abs\r\nConnection: close\r\n\r\n`))
+  t.equal(server.status, 200, 'answered')
+  t.equal(server.headers['content-length'], '0', 'with an empty body, as OPTIONS *')
+  t.equal(server.headers['x-request-id'], 'ping-abs', 'and its request id')
+  t.same(up.received.map((r) => r.url), [], 'not forwarded as OPTIONS /')
+  t.equal(sumOf(await scrape(ops), 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 1, 'counted as the sidecar\'s answer')
+
+  const root = parseResponse(await raw(proxyPort, `OPTIONS http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`))
+  t.equal(root.status, 200)
+  const query = parseResponse(await raw(proxyPort, `OPTIONS http://${host}?x=1 HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`))
+  t.equal(query.status, 200)
+  t.same(up.received.map((r) => `${r.method} ${r.url}`), ['OPTIONS /', 'OPTIONS /?x=1'], 'with a slash, or a query, it is an ordinary request for / and is forwarded')
+
+  const other = parseResponse(await raw(proxyPort, `OPTIONS http://elsewhere:81 HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`))
+  t.equal(other.status, 400, 'an authority that is not the Host is still refused')
+})

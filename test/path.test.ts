@@ -88,10 +88,11 @@ t.test('normalisePath', async (t) => {
   })
 
   t.test('absolute-form: its authority and its origin-form', async (t) => {
-    t.same(absoluteForm('http://example.com/a/b?x=1'), { authority: 'example.com', target: '/a/b?x=1', defaultPort: ':80' })
-    t.same(absoluteForm('HTTPS://Example.com:8443'), { authority: 'Example.com:8443', target: '/', defaultPort: ':443' }, 'no path: /')
-    t.same(absoluteForm('http://example.com?x=1'), { authority: 'example.com', target: '/?x=1', defaultPort: ':80' }, 'a query without a path')
-    t.same(absoluteForm('http://[::1]:80/a'), { authority: '[::1]:80', target: '/a', defaultPort: ':80' })
+    t.same(absoluteForm('http://example.com/a/b?x=1'), { authority: 'example.com', target: '/a/b?x=1', defaultPort: ':80', empty: false })
+    t.same(absoluteForm('HTTPS://Example.com:8443'), { authority: 'Example.com:8443', target: '/', defaultPort: ':443', empty: true }, 'no path: /, and said to be empty (OPTIONS: the server itself)')
+    t.same(absoluteForm('http://example.com/'), { authority: 'example.com', target: '/', defaultPort: ':80', empty: false }, 'the path / is not empty')
+    t.same(absoluteForm('http://example.com?x=1'), { authority: 'example.com', target: '/?x=1', defaultPort: ':80', empty: false }, 'a query without a path')
+    t.same(absoluteForm('http://[::1]:80/a'), { authority: '[::1]:80', target: '/a', defaultPort: ':80', empty: false })
     t.equal(absoluteForm('http://user@example.com/a'), null, 'userinfo is refused')
     t.equal(absoluteForm('http:///a'), null, 'an empty authority')
     t.equal(absoluteForm('ftp://example.com/a'), null, 'another scheme')

@@ -26,16 +26,17 @@ import { normalisePath, removeDotSegments } from '../config/request-path.js'
 /**
  * RFC 9112 §3.2.2: a request target in absolute-form (`http://host:port/path?query`), as its
  * authority, its origin-form (`/path?query`, `/` when it has no path) and its scheme's default
- * port (`:80`, `:443`); null when `target` is not one (or carries userinfo, which RFC 9110
- * §4.2.4 forbids in http(s) URIs).
+ * port (`:80`, `:443`), and whether it has neither path nor query (`http://host:port`: for
+ * `OPTIONS`, the server itself, RFC 9112 §3.2.4); null when `target` is not one (or carries
+ * userinfo, which RFC 9110 §4.2.4 forbids in http(s) URIs).
  */
-export function absoluteForm (target: string): { authority: string, target: string, defaultPort: string } | null {
+export function absoluteForm (target: string): { authority: string, target: string, defaultPort: string, empty: boolean } | null {
   const m = /^http(s?):\/\/([^/?#]*)(.*)$/i.exec(target)
   if (m === null) return null
   const authority = m[2] as string
   const rest = m[3] as string
   if (authority === '' || authority.includes('@')) return null
-  return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest, defaultPort: m[1] === '' ? ':80' : ':443' }
+  return { authority, target: rest === '' || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest, defaultPort: m[1] === '' ? ':80' : ':443', empty: rest === '' }
 }
 
 export { normalisePath }

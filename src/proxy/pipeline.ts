@@ -203,8 +203,10 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     refuseUnforwardable(ctx, 'headers_too_large', `more than ${maxHeaderFields / 2} header fields`)
     return
   }
-  // RFC 9110 §9.3.7: `OPTIONS *` (asterisk-form, RFC 9112 §3.2.4) asks about the server itself.
-  const asterisk = target === '*' && req.method === 'OPTIONS'
+  // RFC 9110 §9.3.7: `OPTIONS *` (asterisk-form, RFC 9112 §3.2.4) asks about the server itself;
+  // so does `OPTIONS http://host:port`, with neither path nor query, which a proxy passes on as
+  // `OPTIONS *` (RFC 9112 §3.2.4). `OPTIONS http://host:port/` asks about `/`.
+  const asterisk = req.method === 'OPTIONS' && (target === '*' || absolute?.empty === true)
   if (path === null && !asterisk) {
     ctx.refuse('bad_request', 'invalid request target or percent-encoding')
     return
