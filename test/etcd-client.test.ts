@@ -5,17 +5,20 @@
  * TLS — the last two also end to end, a sidecar in a fleet on such an etcd.
  */
 import t, { type Test } from 'tap'
-import { readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { createServer } from 'node:net'
 import { Etcd, EtcdError, type KeyValue } from '../src/fleet/etcd.js'
 import { startEtcd, type EtcdCluster } from './helpers/etcd.js'
 import { createPki } from './helpers/certificates.js'
 import { fleetConfig } from './helpers/fleet.js'
-import { startTestSidecar } from './helpers/sidecar.js'
+import { startCaptured, startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { startUpstream } from './helpers/upstream.js'
 import { admin } from './helpers/admin.js'
 import { eventually, send, sleep } from './helpers/http.js'
 import { freePort } from '../src/fleet/local.js'
+import { resolveConfig } from '../src/config/load.js'
 
 /**
  * A client of `endpoints`. Its attempts wait up to 10 s: on a busy machine etcd's bcrypt (adding
@@ -23,10 +26,19 @@ import { freePort } from '../src/fleet/local.js'
  * not about a member failing to answer must not fail for one answering late. The test of a
  * frozen member sets the fleet's own 1 s.
  */
-function client (t: Test, endpoints: readonly string[], more: Partial<ConstructorParameters<typeof Etcd>[0]> = {}): Etcd {
-  const etcd = new Etcd({ endpoints, username: null, password: null, tls: null, attemptMs: 10_000, ...more })
+function client (t: Test, endpoints: readonly string[], more: Partial<Omit<ConstructorParameters<typeof Etcd>[0], 'tls'>> & { tls?: TlsPaths } = {}): Etcd {
+  const { tls, ...rest } = more
+  const etcd = new Etcd({ endpoints, username: null, password: null, tls: tls === undefined ? null : pemOf(tls), attemptMs: 10_000, ...rest })
   t.teardown(async () => { await etcd.close() })
   return etcd
+}
+
+interface TlsPaths { ca: string, cert: string | null, key: string | null }
+
+/** The files' content, as the config check hands it to the client. */
+function pemOf (paths: TlsPaths): { ca: string, cert: string | null, key: string | null } {
+  const read = (path: string | null): string | null => path === null ? null : readFileSync(path, 'utf8')
+  return { ca: readFileSync(paths.ca, 'utf8'), cert: read(paths.cert), key: read(paths.key) }
 }
 
 /** What a call rejected with (fails the test when it did not reject). */
@@ -247,6 +259,28 @@ t.test('mutual TLS: the client presents its certificate and checks etcd\'s again
   const otherPki = createPki(t, 'Other CA')
   const untrusted = await rejection(t, client(t, cluster.endpoints, { tls: { ca: otherPki.ca, ...clientCert } }).range('/bw/tls'))
   t.equal(untrusted.recoverable, false, `a server certificate the CA did not sign is not retried (${untrusted.message})`)
+})
+
+t.test('fleet.etcd.tls files are read once, by the config check: the etcd client uses what was checked, not the files as they are later', async (t) => {
+  const pki = createPki(t)
+  const server = pki.issue('etcd', 1, 'both')
+  const clientCert = pki.issue('sidecar', 2, 'client')
+  const cluster = await startEtcd(t, 1, { tls: { ...server, ca: pki.ca } })
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const input = fleetConfig(up.url, cluster.endpoints)
+  const fleet = input.fleet as { etcd: Record<string, unknown> }
+  fleet.etcd = { ...fleet.etcd, tls: { ca: pki.ca, ...clientCert } }
+  const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
+  t.teardown(() => rmSync(stateDir, { recursive: true, force: true }))
+  const { config } = resolveConfig(testSidecarInput(input, stateDir))
+  // Checked, then gone before the start (a Secret volume's swap half done, a file moved): what
+  // was checked is what the client presents; a second read could find nothing, or other files.
+  for (const path of [pki.ca, clientCert.cert, clientCert.key]) rmSync(path)
+  const a = await startCaptured(t, config, stateDir, { instance: 'a' })
+  t.ok(await eventually(() => a.sidecar.fleet?.connected === true, 20_000), 'connected over mutual TLS with the files as checked')
+  const res = await admin(a.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'bad release', scope: 'fleet' })
+  t.equal(res.status, 200, JSON.stringify(res.body))
 })
 
 t.test('a fleet on an etcd with authentication and mutual TLS: the sidecar connects and applies fleet writes', async (t) => {

@@ -252,7 +252,7 @@ t.test('fleet config: validate names the key', async (t) => {
   t.match(problems({ ...base, fleet: { etcd: { endpoints: ['https://127.0.0.1:2379'], tls: { ca: missing } } } }).join('\n'), `fleet.etcd.tls.ca: ${missing} does not exist`, 'a missing CA file names its key')
   t.match(problems({ ...base, fleet: { etcd: { endpoints: ['https://127.0.0.1:2379'], tls: { ca: cut } } } }).join('\n'), /^fleet\.etcd\.tls\.ca: /m, 'so does a CA file cut short')
   const { config } = resolveConfig(base)
-  t.same(config.fleet, { etcd: { endpoints: ['http://127.0.0.1:2379'], prefix: '/bw-test', username: null, password: null, tls: null }, leaseTtlMs: 2000 })
+  t.same(config.fleet, { etcd: { endpoints: ['http://127.0.0.1:2379'], prefix: '/bw-test', username: null, password: null, tls: null, tlsPem: null }, leaseTtlMs: 2000 })
 })
 
 t.test('without fleet, neither the fleet module nor the etcd client is loaded', async (t) => {

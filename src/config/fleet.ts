@@ -17,7 +17,10 @@ export function fleetConfig (input: ResolvedInput['fleet'], resolvePath: (path: 
     : { ca: tls.ca === undefined ? null : resolvePath(tls.ca), cert: tls.cert === undefined ? null : resolvePath(tls.cert), key: tls.key === undefined ? null : resolvePath(tls.key) }
   // Checked with the config, as every other TLS file: a missing or cut file is a problem naming
   // its key at `validate` and at start, not an error from the etcd client once it connects.
-  if (tlsPaths !== null) readTlsFilesSync(tlsPaths, 'fleet.etcd.tls', problems)
+  // What was checked is what the client uses (as `tracing.tls.ca`): a file replaced or removed
+  // between the check and the client's start cannot reach it unchecked, or fail the start.
+  const material = tlsPaths === null ? null : readTlsFilesSync(tlsPaths, 'fleet.etcd.tls', problems)
+  const text = (pem: Buffer | undefined): string | null => pem === undefined ? null : pem.toString('utf8')
   const leaseTtlMs = toMs(input.leaseTtl)
   // etcd counts lease TTLs in whole seconds and refuses less than its minimum (about 2 s).
   if (leaseTtlMs < 2000) problems.push('fleet.leaseTtl: at least 2s')
@@ -27,7 +30,8 @@ export function fleetConfig (input: ResolvedInput['fleet'], resolvePath: (path: 
       prefix: etcd.prefix,
       username: etcd.username ?? null,
       password: etcd.password ?? null,
-      tls: tlsPaths
+      tls: tlsPaths,
+      tlsPem: material === null ? null : { ca: text(material.ca), cert: text(material.cert), key: text(material.key) }
     },
     leaseTtlMs
   }

@@ -260,6 +260,8 @@ export interface FleetConfig {
     password: string | null
     /** Absolute paths of PEM files. */
     tls: { ca: string | null, cert: string | null, key: string | null } | null
+    /** Their content as the config check read and checked it: the etcd client uses this, never a second read. */
+    tlsPem: { ca: string | null, cert: string | null, key: string | null } | null
   }
   leaseTtlMs: number
 }

@@ -13,7 +13,6 @@
  * The gateway speaks proto3 JSON: keys and values in base64, 64-bit numbers (revisions, lease ids)
  * as decimal strings, fields at their zero value left out (`succeeded: false`, an empty `kvs`).
  */
-import { readFileSync } from 'node:fs'
 import type { Dispatcher } from 'undici'
 import { Agent } from '../undici.js'
 
@@ -30,7 +29,7 @@ export interface EtcdOptions {
   endpoints: readonly string[]
   username: string | null
   password: string | null
-  /** PEM file paths; without a CA an https:// endpoint is verified against the system's roots. */
+  /** PEM content (as the config check read it); without a CA an https:// endpoint is verified against the system's roots. */
   tls: { ca: string | null, cert: string | null, key: string | null } | null
   /** One attempt on one member. */
   attemptMs: number
@@ -106,8 +105,8 @@ export class Etcd {
       keepAliveTimeout: 30_000,
       connect: {
         timeout: options.attemptMs,
-        ...(tls?.ca != null ? { ca: readFileSync(tls.ca) } : {}),
-        ...(tls?.cert != null && tls.key !== null ? { cert: readFileSync(tls.cert), key: readFileSync(tls.key) } : {})
+        ...(tls?.ca != null ? { ca: tls.ca } : {}),
+        ...(tls?.cert != null && tls.key !== null ? { cert: tls.cert, key: tls.key } : {})
       }
     })
   }

@@ -138,7 +138,7 @@ export class Fleet implements FleetWriter {
   static async start (config: FleetConfig, deps: FleetDeps): Promise<Fleet> {
     const { Etcd, recoverable } = await import('./etcd.js')
     const { etcd } = config
-    const client = new Etcd({ endpoints: etcd.endpoints, username: etcd.username, password: etcd.password, tls: etcd.tls, attemptMs: ATTEMPT_MS, signInMs: SIGN_IN_MS })
+    const client = new Etcd({ endpoints: etcd.endpoints, username: etcd.username, password: etcd.password, tls: etcd.tlsPem, attemptMs: ATTEMPT_MS, signInMs: SIGN_IN_MS })
     const fleet = new Fleet(client, config, deps, recoverable)
     fleet.running = fleet.run()
     return fleet
