@@ -16,7 +16,9 @@ import { startUpstream } from './helpers/upstream.js'
 import { startReceiver, type Receiver, type Delivery } from './helpers/receiver.js'
 import { startStatusPage, type StatusPage } from './helpers/status-page.js'
 import { admin } from './helpers/admin.js'
-import { furtherPage } from '../src/control/status-page.js'
+import { furtherPage, StatusPageLifecycle, type PageIncidentState, type SendPageRequest } from '../src/control/status-page.js'
+import type { NotificationsConfig } from '../src/config/types.js'
+import pino from 'pino'
 import { sleep, eventually } from './helpers/http.js'
 import { traffic, type Traffic } from './helpers/traffic.js'
 import { runCli, tempDir } from './helpers/process.js'
@@ -1033,4 +1035,42 @@ t.test('a later outage of a key whose page incident was resolved: a new page inc
   const identified = r.sp.deliveries.filter((d) => d.method === 'PATCH' && d.body?.incident?.status === 'identified').map((d) => d.headers['idempotency-key'])
   t.equal(identified.length, 2)
   t.equal(new Set(identified).size, 2, `each page incident's update has a key of its own (${identified.join(', ')})`)
+})
+
+t.test('a later outage\'s create in flight at a restart is sent again under its own Idempotency-Key, not the resolved first page incident\'s', async (t) => {
+  const page = await statusPage(t)
+  const config = (): NotificationsConfig => ({ statusPageId: 'page', statusPageApiKey: 'key', statusPageUrl: page.url, maxAttempts: 3 }) as unknown as NotificationsConfig
+  // Every call a real request to the page; the look-up of the restarted one fails (the page's
+  // list down for a moment), so its create goes ahead under the key it was sent with.
+  let lookupsFail = false
+  const send: SendPageRequest = (req, settled) => {
+    if (req.lookup === true && lookupsFail) { settled(false, null); return }
+    fetch(req.url, { method: req.method, headers: { ...req.headers, 'content-type': 'application/json' }, body: req.body === null ? undefined : JSON.stringify(req.body) })
+      .then(async (res) => { settled(res.ok, await res.json().catch(() => null)) }, () => { settled(false, null) })
+  }
+  const saved: Record<string, PageIncidentState> = {}
+  const persist = (key: string, state: PageIncidentState | null): void => { if (state === null) delete saved[key]; else saved[key] = state }
+  const key = 'shop-1.0.0-checkout-errors'
+  const first = new StatusPageLifecycle(config, send, pino({ level: 'silent' }))
+  first.onChange = persist
+  first.advance(key, 'investigating', 'checkout errors', 'investigating')
+  first.advance(key, 'resolved', 'checkout errors', 'resolved')
+  t.ok(await eventually(() => page.incidents.get('sp-incident-1')?.status === 'resolved', 10_000), 'the first outage\'s page incident resolved')
+  // The same key fails again: a later outage, a new page incident; its create's answer is lost to a restart.
+  page.holdCreates = true
+  first.advance(key, 'investigating', 'checkout errors', 'investigating again')
+  t.ok(await eventually(() => page.incidents.size === 2, 10_000), 'the later outage\'s create reached the page')
+  const creates = (): string[] => page.deliveries.filter((d) => d.method === 'POST').map((d) => String(d.headers['idempotency-key']))
+  const [firstKey, laterKey] = creates()
+  t.not(laterKey, firstKey, 'the later outage\'s create has a key of its own')
+  page.holdCreates = false
+
+  lookupsFail = true
+  const restarted = new StatusPageLifecycle(config, send, pino({ level: 'silent' }))
+  restarted.restore(JSON.parse(JSON.stringify(saved)) as Record<string, PageIncidentState>)
+  restarted.onChange = persist
+  restarted.advance(key, 'investigating', 'checkout errors', 'investigating again')
+  t.ok(await eventually(() => creates().length === 3, 10_000), 'the create is sent again')
+  t.equal(creates()[2], laterKey, 'under the key it was first sent with: a page that honours it makes one page incident, never answers with the resolved one')
+  page.releaseCreates()
 })

@@ -62,6 +62,11 @@ export interface PageIncidentState {
   id: string | null
   status: string
   round?: number
+  /**
+   * While a later outage's create is in flight (`creating`): the resolved page incident it
+   * follows, so that after a restart the create is sent again under the same Idempotency-Key.
+   */
+  after?: string
 }
 
 function withRound<T extends string | null> (id: T, status: string, round: number): { id: T, status: string, round?: number } {
@@ -134,7 +139,9 @@ export class StatusPageLifecycle {
     for (const [key, s] of Object.entries(saved)) {
       const status = s.status in RANK ? s.status as PageStatus : null
       // Stopped while a create was in flight, after it failed or was answered without an id: it may be on the page.
-      this.incidents.set(key, { ...fresh(), id: s.id, status, round: roundOf(s.round), unsure: s.id === null })
+      const p: PageIncident = { ...fresh(), id: s.id, status, round: roundOf(s.round), unsure: s.id === null }
+      if (s.id === null && typeof s.after === 'string') p.after = s.after
+      this.incidents.set(key, p)
     }
   }
 
@@ -276,7 +283,8 @@ export class StatusPageLifecycle {
     }
     if (id === null) {
       // Persisted before it is sent: a sidecar stopped before the answer looks for it first.
-      this.onChange(key, { id: null, status: CREATING })
+      // With the page incident it follows: its retry after a restart keeps this create's key.
+      this.onChange(key, p.after !== undefined ? { id: null, status: CREATING, after: p.after } : { id: null, status: CREATING })
       // Statuspage: incident[name], incident[status], incident[body], incident[impact_override].
       this.send({ method: 'POST', url: base, headers, once: true, body: { incident: { name: next.name, status: next.status, body: next.text, impact_override: 'major', metadata } } }, settled)
     } else {

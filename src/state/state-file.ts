@@ -117,7 +117,7 @@ export interface PersistedState {
   /** The newest incidents (SPEC §19): open ones resume after a restart, closed ones keep their report. */
   incidents: unknown[]
   /** Status page incidents by incident key: the page's id and the last status sent. */
-  statusPage: Record<string, { id: string | null, status: string, round?: number }>
+  statusPage: Record<string, { id: string | null, status: string, round?: number, after?: string }>
   /** The last fleet state seen in etcd (kept across restarts without etcd). */
   fleet: FleetState
 }
