@@ -9,7 +9,8 @@ import { dirname } from 'node:path'
 let seq = 0
 
 /**
- * Replace `path` with `text` atomically; the file has `mode` from its creation on. On any
+ * Replace `path` with `text` atomically; the file has `mode` (less what the umask takes away,
+ * never more) from its creation on, with no chmod that a volume may refuse. On any
  * failure the old file is untouched, no temp file stays behind, and the error is thrown.
  */
 export async function writeFileAtomic (path: string, text: string, mode: number): Promise<void> {
@@ -23,8 +24,6 @@ export async function writeFileAtomic (path: string, text: string, mode: number)
   const handle = await open(tmp, 'wx', mode)
   try {
     try {
-      // The umask may have narrowed `mode`; set it exactly before a byte is written.
-      await handle.chmod(mode)
       await handle.writeFile(text)
       await handle.sync()
     } finally {
