@@ -8,7 +8,7 @@
  * windows as setup.
  */
 import t, { type Test } from 'tap'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startApp, splitCommand, type App } from './helpers/app.js'
@@ -20,6 +20,7 @@ import { admin } from './helpers/admin.js'
 import { metricValue } from './helpers/metrics.js'
 import { send, eventually } from './helpers/http.js'
 import { traffic, type Traffic } from './helpers/traffic.js'
+import { createPki } from './helpers/certificates.js'
 import { resolveConfig } from '../src/config/load.js'
 import { configHash } from '../src/control/control-plane.js'
 
@@ -325,6 +326,20 @@ t.test('bad deployment: a new version with errors across routes of its own app â
   const after = await triageOf(s)
   t.not(after.recommendation.action, 'rollback', 'triage does not recommend a rollback the sidecar would refuse (409 already_rolled_back)')
   t.match((after.ruledOut as any[]).find((x) => x.scenario === 'bad_deployment')?.why, /a rollback would be refused now: version 2\.0\.1 was already rolled back at /)
+})
+
+t.test('a certificate rotated in place is not a config change: the config hash covers the TLS file paths, not what they hold', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-triage-hash-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const base = { service: 'svc', upstreams: { app: { url: 'http://127.0.0.1:1' } }, routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }] }
+  const ca = join(dir, 'ca.crt')
+  const hashWith = (pem: string, path = ca): string => {
+    writeFileSync(path, pem)
+    return configHash(resolveConfig({ ...base, tracing: { otlpEndpoint: 'https://collector:4318', sampleRatio: 0.01, tls: { ca: path } } }, { env: {} }).config)
+  }
+  const first = hashWith(readFileSync(createPki(t, 'First CA').ca, 'utf8'))
+  t.equal(hashWith(readFileSync(createPki(t, 'Second CA').ca, 'utf8')), first, 'tracing.tls.ca rotated at the same path: the same hash')
+  t.not(hashWith(readFileSync(createPki(t, 'First CA').ca, 'utf8'), join(dir, 'other-ca.crt')), first, 'another path is a config change')
 })
 
 /** A stateDir where this version and config were first seen `since` (ISO): no recent change. */

@@ -571,7 +571,7 @@ function liftedIds (ended: readonly MitigationRecord[]): { lifted?: string[] } {
 /** A stable hash of what the config means (not of its file's bytes). */
 export function configHash (cfg: Config): string {
   const { source: _source, ...meaning } = cfg
-  // The etcd client's certificates as read from their files: a rotated certificate is not a
-  // config change (triage would name it as a suspect), its paths are.
-  return createHash('sha256').update(JSON.stringify(meaning, (key, value: unknown) => key === 'tlsPem' ? undefined : value)).digest('hex').slice(0, 16)
+  // Certificates as read from their files (the etcd client's, the tracing CA): a certificate
+  // rotated in place is not a config change (triage would name it as a suspect), its paths are.
+  return createHash('sha256').update(JSON.stringify(meaning, (key, value: unknown) => key === 'tlsPem' || key === 'caPem' ? undefined : value)).digest('hex').slice(0, 16)
 }
