@@ -181,6 +181,31 @@ t.test('feature regression: errors on the kill-switch route only → kill that f
   t.match(after.evidence.recentChanges.flags, [{ flag: 'newCheckout', enabled: false }], 'the flag change is in the evidence')
 })
 
+t.test('after a kill switch, the errors its route left are not the upstream\'s: no circuit break or "investigate" on top', async (t) => {
+  // pay's route has a kill switch of its own (a new payment flow): its errors are the feature's.
+  const { app, pay, s, load } = await fixture(t, {}, {
+    input: (input) => ({
+      ...input,
+      routes: (input.routes as any[]).map((r) => r.name === 'pay' ? { ...r, killSwitch: 'newPay' } : r),
+      featureFlags: { ...(input.featureFlags as Record<string, boolean>), newPay: true }
+    })
+  })
+  pay.failing.add('/')
+  app.failing.add('/checkout')
+  t.ok((await load.burst('/pay/charge', 20)).every((c) => c === 500), 'the new payment flow fails')
+  t.ok((await load.burst('/checkout/cart', 20)).every((c) => c === 500), 'and so does the new checkout')
+  await load.burst('/catalog/items', 40)
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/newPay', { enabled: false, reason: 'payment errors' })).status, 200)
+  t.equal((await admin(s.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'checkout errors' })).status, 200)
+  t.ok((await load.burst('/pay/charge', 10)).every((c) => c === 503), 'pay is switched off')
+  await load.burst('/catalog/items', 20)
+
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'healthy', `both failing routes are switched off: nothing else fails (${String(r.scenario)}: ${String(r.summary)})`)
+  t.match(r.recommendation, { action: 'none', command: null })
+  t.match(signalOf(r.evidence.upstreams, 'pay'), { elevated: true }, 'the evidence still shows the errors of the last minute')
+})
+
 t.test('downstream failure: one dependency failing, the app fine → open its circuit', async (t) => {
   const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } })
   pay.failing.add('/')

@@ -158,7 +158,15 @@ export function triage (input: TriageInput): TriageReport {
     return (key !== null && !input.flagEnabled(key)) || isolated
   }
   const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
-  const failingUpstreams = upstreams.filter((u) => u.elevated && !forcedOpen(u.name) && !failedOver(u.name))
+  // An upstream is judged on the routes still sending it traffic: the errors a switched-off
+  // route left in the last minute are the kill switch's, already handled, and must not turn
+  // into a failover or a circuit break of the upstream behind it.
+  const switchedOff = (name: string): boolean => {
+    const key = config.routes.find((r) => r.name === name)?.killSwitch ?? null
+    return key !== null && !input.flagEnabled(key)
+  }
+  const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, now)
+  const failingUpstreams = live.filter((u) => u.elevated && !forcedOpen(u.name) && !failedOver(u.name))
   const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open' && !failedOver(c.upstream))
 
   type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
@@ -213,7 +221,7 @@ export function triage (input: TriageInput): TriageReport {
   // of it keeps the service up: that is still rung 3.
   const critical = dependency !== undefined && config.upstreams[dependency]?.critical === true
   if (dependency !== undefined && (!critical || healthy !== null)) {
-    const sig = upstreams.find((u) => u.name === dependency)
+    const sig = live.find((u) => u.name === dependency)
     verdicts.push(['downstream_failure', {
       match: true,
       summary: `upstream ${dependency}${critical ? ' (the service\'s own app)' : ''} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
