@@ -12,6 +12,7 @@ import type { AddressInfo } from 'node:net'
 import { createPki } from './helpers/certificates.js'
 import { type CliResult } from './helpers/process.js'
 import { send } from './helpers/http.js'
+import { startUpstream } from './helpers/upstream.js'
 import { operator, runAll, parseOnlyJson, STACK_FRAME, FLAG, fixture, withToken, state, auditEntries } from './helpers/operator.js'
 
 // Every command is a fresh Node process; leave room for a busy machine.
@@ -151,6 +152,44 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     t.same(st.mitigations, [])
     t.same((await auditEntries(url)).map((e) => [e.action, e.wanted, e.result]), [['refused', 'flag.override', 'unknown_flag'], ['refused', 'flag.override', 'unknown_flag']], 'nothing was audited but the two refusals, as such')
   })
+})
+
+t.test('--admin aimed at something else that answers 200 (the proxy port, the app): exit 1, never a false "applied", never a stack trace', async (t) => {
+  // The app behind the proxy port answers every path: one with JSON of its own, one with a page.
+  const jsonApp = await startUpstream()
+  t.teardown(jsonApp.close)
+  const pageApp = await startUpstream((_req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end('<html>shop</html>') })
+  t.teardown(pageApp.close)
+  const run = operator(t)
+  const commands = [
+    ['status'],
+    ['triage'],
+    ['audit'],
+    ['kill', FLAG, '--reason', 'checkout errors'],
+    ['restore', FLAG, '--reason', 'fixed'],
+    ['circuit', 'pay', 'open', '--reason', 'pay down'],
+    ['mitigate', 'killSwitch', '--reason', 'errors'],
+    ['lift', 'm-anything', '--reason', 'done'],
+    ['incident', 'report', 'i-anything']
+  ]
+  const runs = commands.flatMap((args) => [jsonApp.url, pageApp.url].flatMap((url) => [
+    { args: [...args, '--admin', url], env: withToken },
+    { args: [...args, '--json', '--admin', url], env: withToken }
+  ]))
+  const results = await runAll(run, runs)
+  for (const [i, r] of results.entries()) {
+    const { args } = runs[i] as { args: string[] }
+    const label = args.join(' ')
+    t.equal(r.code, 1, `${label}: exit 1 (${r.stdout.slice(0, 80)})`)
+    t.notMatch(r.stderr, STACK_FRAME, `${label}: no stack trace`)
+    if (args.includes('--json')) {
+      const body = parseOnlyJson(r)
+      t.match(body, { error: 'not_admin_api', status: 200 }, `${label}: the JSON says it was not the admin API`)
+    } else {
+      t.equal(r.stdout, '', `${label}: nothing printed as if it had worked`)
+      t.match(r.stderr, /not as a Breakwater admin API.*listen\.admin/, `${label}: says what is wrong`)
+    }
+  }
 })
 
 t.test('kill turns the route off at once, restore turns it back on; options anywhere; --json', async (t) => {

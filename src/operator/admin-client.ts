@@ -19,6 +19,10 @@ export interface Answer {
   ok: boolean
   status: number
   body: any
+  /** The answer's `content-type`, without parameters ('' when none). */
+  contentType: string
+  /** Set when a 2xx answer is not the admin API's (the CLI aimed at another port). */
+  foreign?: boolean
   /** Set when the sidecar could not be reached. */
   unreachable?: string
 }
@@ -77,7 +81,7 @@ export async function call (target: Target, method: 'GET' | 'PUT' | 'POST' | 'DE
     const url = new URL(`${target.admin}${path}`)
     // node:https (and TLS with it) only for an https:// admin URL: the admin listener speaks plain HTTP.
     const send = url.protocol === 'https:' ? (await import('node:https')).request : httpRequest
-    const { status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
+    const { status, text, contentType } = await new Promise<{ status: number, text: string, contentType: string }>((resolve, reject) => {
       const req = send(url, {
         method,
         agent: false,
@@ -89,7 +93,7 @@ export async function call (target: Target, method: 'GET' | 'PUT' | 'POST' | 'DE
       }, (res: IncomingMessage) => {
         const chunks: Buffer[] = []
         res.on('data', (chunk: Buffer) => chunks.push(chunk))
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8') }))
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8'), contentType: (res.headers['content-type'] ?? '').split(';')[0]?.trim().toLowerCase() ?? '' }))
         res.on('error', reject)
         res.on('close', () => { if (!res.complete) reject(Object.assign(new Error('the answer was cut off'), { code: 'ECONNRESET' })) })
       })
@@ -99,9 +103,9 @@ export async function call (target: Target, method: 'GET' | 'PUT' | 'POST' | 'DE
     })
     let parsed: unknown = text
     try { parsed = JSON.parse(text) } catch {}
-    return { admin: target.admin, ok: status >= 200 && status < 300, status, body: parsed }
+    return { admin: target.admin, ok: status >= 200 && status < 300, status, body: parsed, contentType }
   } catch (err) {
     const code = (err as { code?: string }).code ?? (err as Error).message
-    return { admin: target.admin, ok: false, status: 0, body: null, unreachable: code }
+    return { admin: target.admin, ok: false, status: 0, body: null, contentType: '', unreachable: code }
   }
 }

@@ -48,7 +48,8 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   // A fleet override is one key in etcd: written once, through the first sidecar named.
   const targets = a.fleet === true ? resolved.targets.slice(0, 1) : resolved.targets
   const request = plan(a)
-  const answers = await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body)))
+  const answers = (await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body))))
+    .map((x) => x.ok && !fromAdminApi(a, x) ? { ...x, ok: false, foreign: true } : x)
   if (a.json) {
     io.out(JSON.stringify(answers.length === 1 ? jsonOf(answers[0] as Answer) : answers.map(jsonOf), null, 2) + '\n')
   } else {
@@ -57,6 +58,8 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
       if (answers.length > 1) io.out(`== ${answer.admin}\n`)
       if (answer.unreachable !== undefined) {
         io.err(`error: cannot reach the admin API at ${answer.admin} (${answer.unreachable}); is the sidecar running, and is --admin right?\n`)
+      } else if (answer.foreign === true) {
+        io.err(`error: ${foreignMessage(answer)}\n`)
       } else if (!answer.ok) {
         const b = answer.body as { error?: string, message?: string, problems?: string[] } | null
         io.err(`error: ${answer.admin} refused (${answer.status} ${b?.error ?? ''}): ${b?.message ?? JSON.stringify(b)}\n`)
@@ -69,8 +72,34 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   return answers.every((x) => x.ok) ? 0 : 1
 }
 
+/**
+ * Whether a 2xx answer is the admin API's answer to this command. `--admin` aimed at the proxy
+ * port reaches the app, which may well answer 200 with a page of its own: printed as a status it
+ * would read as an empty sidecar, and as a triage it cannot be read at all.
+ */
+function fromAdminApi (a: OperatorArgs, x: Answer): boolean {
+  const b = x.body
+  if (a.command === 'incident' && !a.json) return x.contentType === 'text/markdown' && typeof b === 'string'
+  if (typeof b !== 'object' || b === null || Array.isArray(b)) return false
+  switch (a.command) {
+    case 'status': return typeof b.service === 'string'
+    case 'triage': return typeof b.scenario === 'string' && typeof b.recommendation === 'object' && b.recommendation !== null && typeof b.evidence === 'object' && b.evidence !== null
+    case 'audit': return Array.isArray(b.entries)
+    case 'kill': case 'restore': return typeof b.flag === 'string'
+    case 'circuit': return typeof b.upstream === 'string'
+    case 'failover': case 'mitigate': case 'lift': return typeof b.id === 'string' && Array.isArray(b.targets)
+    case 'incident': return typeof b.incident === 'string'
+    default: return true
+  }
+}
+
+function foreignMessage (x: Answer): string {
+  return `${x.admin} answered ${x.status} (${x.contentType === '' ? 'no content-type' : x.contentType}), but not as a Breakwater admin API; is --admin the sidecar's admin listener (listen.admin), not its proxy or ops port?`
+}
+
 function jsonOf (a: Answer): unknown {
   if (a.unreachable !== undefined) return { admin: a.admin, error: 'unreachable', message: a.unreachable }
+  if (a.foreign === true) return { admin: a.admin, status: a.status, error: 'not_admin_api', message: foreignMessage(a) }
   return a.ok ? a.body : { admin: a.admin, status: a.status, ...(typeof a.body === 'object' && a.body !== null ? a.body : { body: a.body }) }
 }
 
