@@ -197,7 +197,7 @@ async function main (argv: string[]): Promise<number> {
       const json = values.json === true
       // --json: the report is the drill's result as one JSON document, and nothing else.
       const out = json ? () => {} : write
-      const signal = stdoutGone.signal
+      const signal = AbortSignal.any([stdoutGone.signal, interruptible()])
       if (positionals.length > (fleet ? 2 : 1)) return usage(`unexpected "${positionals.slice(fleet ? 2 : 1).join(' ')}"; usage: breakwater drill [--no-restore] [--json], or drill --fleet [N] [--json]`)
       if (fleet) {
         const n = Number(positionals[1] ?? '20')
@@ -314,13 +314,35 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   stdoutGone.abort()
 })
 
+/**
+ * Ctrl-C (SIGINT) or SIGTERM during a drill: Node's default would end the process at once and
+ * leave the drill's state dir (its lock, state and audit log) behind. The first signal aborts the
+ * drill instead, which closes what it started and exits 128 + the signal's number, as a command
+ * ended by it does; a second one ends the process at once.
+ */
+function interruptible (): AbortSignal {
+  const interrupted = new AbortController()
+  const on = (name: 'SIGINT' | 'SIGTERM', code: number): void => {
+    process.on(name, () => {
+      if (interrupted.signal.aborted) process.exit(code)
+      process.stderr.write(`breakwater: ${name === 'SIGINT' ? 'interrupted' : 'terminated'}; closing what the drill started\n`)
+      signalExitCode = code
+      interrupted.abort()
+    })
+  }
+  on('SIGINT', 130)
+  on('SIGTERM', 143)
+  return interrupted.signal
+}
+let signalExitCode: number | null = null
+
 /** Text on stdout, until its reader has gone. */
 function write (text: string): void {
   if (!stdoutGone.signal.aborted) process.stdout.write(text)
 }
 
 main(process.argv.slice(2)).then((code) => {
-  process.exitCode = stdoutExitCode ?? code
+  process.exitCode = stdoutExitCode ?? signalExitCode ?? code
 }, (err: unknown) => {
   process.stderr.write(`breakwater: ${(err as Error).stack ?? String(err)}\n`)
   process.exitCode = 1

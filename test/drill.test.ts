@@ -7,6 +7,7 @@ import t from 'tap'
 import { spawn } from 'node:child_process'
 import { readdirSync } from 'node:fs'
 import { CLI, childEnv, runCli, tempDir } from './helpers/process.js'
+import { STACK_FRAME } from './helpers/operator.js'
 
 t.setTimeout(120_000)
 
@@ -133,3 +134,26 @@ t.test('a reader that goes away (`breakwater drill | head -1`): the drill stops 
   t.equal(stderr, '', 'no stack trace, nothing at all on stderr')
   t.same(readdirSync(tmp), [], 'the drill closed what it started and removed its state dir')
 })
+
+for (const [name, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+  t.test(`a drill interrupted half-way (${name === 'SIGINT' ? 'Ctrl-C' : name}): it closes what it started, removes its state dir, exits ${code}`, async (t) => {
+    const tmp = tempDir(t)
+    const child = spawn(process.execPath, [CLI, 'drill'], { env: childEnv({ TMPDIR: tmp }), stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    child.stderr.on('data', (c: Buffer) => { stderr += c.toString('utf8') })
+    let stdout = ''
+    let sent = false
+    child.stdout.on('data', (c: Buffer) => {
+      stdout += c.toString('utf8')
+      // Half-way: the sidecar runs and the load is on once the first second is printed.
+      if (!sent && /\n\+\d+\.\ds /.test(stdout)) { sent = true; child.kill(name) }
+    })
+    const [exit, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('close', (c, s) => resolve([c, s])))
+    t.ok(sent, `the drill was running when the signal came (${stdout.slice(0, 200)})`)
+    t.equal(signal, null, 'it ended by itself, not by the signal')
+    t.equal(exit, code, 'the status of a command ended by that signal')
+    t.notMatch(stderr, STACK_FRAME)
+    t.match(stderr, /closing what the drill started/)
+    t.same(readdirSync(tmp), [], 'its state dir is removed')
+  })
+}
