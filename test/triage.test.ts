@@ -318,6 +318,31 @@ t.test('downstream failure: one dependency timing out → open its circuit; p99 
   checkRuledOut(t, r, 'downstream_failure')
 })
 
+t.test('downstream failure: one dependency far slower than its baseline, short of its timeout → open its circuit (not "healthy")', async (t) => {
+  const { pay, s, load } = await fixture(t)
+  // Thirty minutes of calm: pay and the app answering in 5 ms.
+  writeBaseline(s, 'pay', 1, 5)
+  writeBaseline(s, 'catalog', 1, 5)
+  pay.delayMs = 400 // slow, well within its 5 s timeout: no error anywhere
+  const paid = await load.burst('/pay/charge', 20)
+  t.ok(paid.every((c) => c === 200), `pay answers, slowly (${paid.join(',')})`)
+  await load.burst('/catalog/items', 40)
+
+  const r = await triageOf(s)
+  t.equal(r.scenario, 'downstream_failure', `${String(r.scenario)}: ${String(r.summary)}`)
+  t.equal(r.recommendation.action, 'circuitBreak')
+  t.equal(r.recommendation.target, 'pay')
+  t.match(r.summary, /upstream pay is slow/)
+  t.match(signalOf(r.evidence.upstreams, 'pay'), { slow: true, elevated: false, current: { errorRate: 0 } }, 'evidence: pay slow, not erroring')
+  t.match(signalOf(r.evidence.upstreams, 'app'), { slow: false, elevated: false }, 'the app is fine')
+  checkRuledOut(t, r, 'downstream_failure')
+
+  // Once isolated, it is not recommended again.
+  t.equal((await runRecommended(t, s, r.recommendation.command)).code, 0)
+  const after = await triageOf(s)
+  t.not(after.recommendation.command, r.recommendation.command, 'triage does not recommend the mitigation in force again')
+})
+
 t.test('bad deployment: a new version with errors across routes of its own app → rollback', async (t) => {
   const { app, cd, s, load } = await fixture(t)
   app.failing.add('/checkout')

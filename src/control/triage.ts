@@ -37,7 +37,10 @@ export interface Signal {
   name: string
   current: Figures
   baseline: Figures
+  /** Errors up: at least MIN_REQUESTS, over 5 % and over twice the baseline's rate. */
   elevated: boolean
+  /** Latency up: p99 at least twice the baseline's and SLOW_MIN_RISE_MS more, both with MIN_REQUESTS. */
+  slow: boolean
 }
 
 export interface TriageInput {
@@ -85,6 +88,8 @@ const CURRENT_S = 60
 const BASELINE_S = 1800
 const RECENT_MS = 30 * 60_000
 const MIN_REQUESTS = 10
+/** How much a p99 must rise, besides doubling, to call an upstream slow (5 ms after 2 ms is noise). */
+const SLOW_MIN_RISE_MS = 100
 /** Requests per second the 30-minute baseline needs before a rise against it can be a spike. */
 export const MIN_BASELINE_RATE = 0.5
 
@@ -111,7 +116,9 @@ function signal (name: string, stats: RouteStats[], now: number): Signal {
   const current = figures(cur, CURRENT_S)
   const baseline = figures(base, BASELINE_S)
   const elevated = current.requests >= MIN_REQUESTS && (current.errorRate ?? 0) > Math.max(0.05, 2 * (baseline.errorRate ?? 0))
-  return { name, current, baseline, elevated }
+  const slow = current.requests >= MIN_REQUESTS && baseline.requests >= MIN_REQUESTS && current.p99Ms !== null && baseline.p99Ms !== null &&
+    current.p99Ms >= Math.max(2 * baseline.p99Ms, baseline.p99Ms + SLOW_MIN_RISE_MS)
+  return { name, current, baseline, elevated, slow }
 }
 
 function group (stats: RouteStats[], key: (s: RouteStats) => string, now: number): Signal[] {
@@ -166,7 +173,9 @@ export function triage (input: TriageInput): TriageReport {
     return key !== null && !input.flagEnabled(key)
   }
   const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, now)
-  const failingUpstreams = live.filter((u) => u.elevated && !forcedOpen(u.name) && !failedOver(u.name))
+  // A dependency that answers, but far slower than it did, fails its callers as surely as one
+  // that errors (SPEC §11: latency against its baseline), short of the route's timeout.
+  const failingUpstreams = live.filter((u) => (u.elevated || u.slow) && !forcedOpen(u.name) && !failedOver(u.name))
   const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open' && !failedOver(c.upstream))
 
   type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
@@ -224,7 +233,7 @@ export function triage (input: TriageInput): TriageReport {
     const sig = live.find((u) => u.name === dependency)
     verdicts.push(['downstream_failure', {
       match: true,
-      summary: `upstream ${dependency}${critical ? ' (the service\'s own app)' : ''} is failing (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms) while the other upstreams are fine`,
+      summary: `upstream ${dependency}${critical ? ' (the service\'s own app)' : ''} is ${sig?.slow === true && !sig.elevated ? 'slow' : 'failing'} (${pct(sig?.current.errorRate ?? null)} errors, p99 ${sig?.current.p99Ms ?? '?'} ms${sig?.slow === true ? ` against ${sig.baseline.p99Ms ?? '?'} ms` : ''}) while the other upstreams are fine`,
       recommendation: healthy !== null
         ? { action: 'failover', target: dependency, command: `breakwater failover ${dependency} --to ${healthy} ${reason(`${dependency} failing`)}`, why: `its failover ${healthy} is healthy: send the traffic there and keep serving, rather than fail fast` }
         : { action: 'circuitBreak', target: dependency, command: `breakwater circuit ${dependency} open ${reason(`${dependency} failing`)}`, why: `isolate the failing dependency: fail fast instead of waiting on it${engaged !== undefined ? ` (its traffic already goes to ${engaged.to}, which fails too: ${engaged.errors} of ${engaged.requests})` : config.upstreams[dependency]?.failover != null ? ` (its failover ${config.upstreams[dependency]?.failover ?? ''} is not healthy either)` : ''}` }
@@ -269,7 +278,12 @@ export function triage (input: TriageInput): TriageReport {
   if (failingRoutes.length === 0 && failingUpstreams.length === 0 && openCircuits.length === 0) {
     return report('healthy', `no route or upstream has elevated errors that are not already mitigated (all traffic: ${pct(all.current.errorRate)} errors over the last minute)`, { action: 'none', target: null, command: null, why: 'nothing to mitigate' })
   }
-  return report('unclear', `elevated errors on ${failingRoutes.map((r) => r.name).join(', ') || 'no route'} without a clear pattern`, {
+  const unclear = failingRoutes.length > 0
+    ? `elevated errors on ${failingRoutes.map((r) => r.name).join(', ')}`
+    : failingUpstreams.length > 0
+      ? `upstream(s) ${failingUpstreams.map((u) => `${u.name} (${u.elevated ? 'errors' : 'slow'})`).join(', ')} failing`
+      : `circuit(s) of ${openCircuits.map((c) => c.upstream).join(', ')} not closed`
+  return report('unclear', `${unclear} without a clear pattern`, {
     action: 'investigate',
     target: null,
     command: 'breakwater status',
@@ -293,7 +307,8 @@ function healthyFailover (upstream: string, config: Config, circuits: CircuitVie
   if (usable !== undefined && !usable(to)) return null
   const circuit = circuits.find((c) => c.upstream === to)
   if (circuit !== undefined && circuit.state !== 'closed') return null
-  return upstreams.find((u) => u.name === to)?.elevated === true ? null : to
+  const sig = upstreams.find((u) => u.name === to)
+  return sig?.elevated === true || sig?.slow === true ? null : to
 }
 
 /**

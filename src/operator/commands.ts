@@ -239,7 +239,7 @@ function renderTriage (r: any): string {
   if (rec.command !== null) out.push(`          $ ${rec.command}`)
   const alt = rec.alternative
   if (alt !== undefined) out.push(`OR        ${alt.action}${alt.target !== null ? ` ${alt.target}` : ''} — ${alt.why}`, `          $ ${alt.command}`)
-  const sig = (s: any): string[] => [s.name, String(s.current.ratePerSecond), pctOf(s.current.errorRate), pctOf(s.baseline.errorRate), ms(s.current.p99Ms), ms(s.baseline.p99Ms), s.elevated ? 'YES' : '']
+  const sig = (s: any): string[] => [s.name, String(s.current.ratePerSecond), pctOf(s.current.errorRate), pctOf(s.baseline.errorRate), ms(s.current.p99Ms), ms(s.baseline.p99Ms), s.elevated ? 'YES' : s.slow === true ? 'SLOW' : '']
   const header = ['scope', 'req/s', 'errors', 'baseline', 'p99', 'baseline p99', 'elevated']
   out.push('', 'EVIDENCE (last minute vs the 30 minutes before)')
   out.push(table(header, [sig(r.evidence.all), ...r.evidence.routes.map((x: any) => sig({ ...x, name: `route ${x.name}` })), ...r.evidence.upstreams.map((x: any) => sig({ ...x, name: `upstream ${x.name}` }))]))
