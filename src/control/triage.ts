@@ -174,8 +174,12 @@ export function triage (input: TriageInput): TriageReport {
   }
   const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, now)
   // A dependency that answers, but far slower than it did, fails its callers as surely as one
-  // that errors (SPEC §11: latency against its baseline), short of the route's timeout.
-  const failingUpstreams = live.filter((u) => (u.elevated || u.slow) && !forcedOpen(u.name) && !failedOver(u.name))
+  // that errors (SPEC §11: latency against its baseline), short of the route's timeout. Errors
+  // speak louder: while an upstream errors, another's slowness (the load the retries and the
+  // errors bring, say) does not make two failing upstreams of one.
+  const unmitigated = live.filter((u) => !forcedOpen(u.name) && !failedOver(u.name))
+  const erroring = unmitigated.filter((u) => u.elevated)
+  const failingUpstreams = erroring.length > 0 ? erroring : unmitigated.filter((u) => u.slow)
   const openCircuits = input.circuits.filter((c) => c.state !== 'closed' && c.forced !== 'open' && !failedOver(c.upstream))
 
   type Verdict = { match: true, summary: string, recommendation: Recommendation } | { match: false, why: string }
