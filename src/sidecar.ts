@@ -711,6 +711,7 @@ export class Sidecar {
       versionSince: this.control.versionSince,
       configSince: this.control.configSince,
       rollbackRefused: this.rollbackRefusal(),
+      rateLimited: (route) => this.control.state.mitigations.some((m) => m.action === 'rateLimit' && m.status === 'active' && m.targets.includes(route)),
       usable: (name) => {
         const upstream = dp.runtime.upstreams.get(name)
         return upstream !== undefined && hasUsableEndpoint(upstream, Date.now())

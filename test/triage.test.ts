@@ -468,6 +468,13 @@ t.test('traffic spike: rate far above the 30-minute baseline with latency up →
   t.ok(all.current.p99Ms >= 2 * all.baseline.p99Ms, `evidence: p99 ${String(all.current.p99Ms)} ms vs ${String(all.baseline.p99Ms)} ms`)
   t.match(r.summary, /baseline/)
   checkRuledOut(t, r, 'traffic_spike')
+
+  // The shed applied as printed: the last minute still holds the spike, but the same rate limit
+  // is not recommended again.
+  t.equal((await runRecommended(t, s, r.recommendation.alternative.command)).code, 0)
+  const after = await triageOf(s)
+  t.not(after.recommendation.alternative?.command, r.recommendation.alternative.command, `the rate limit in force is not recommended again (${String(after.recommendation.alternative?.command)})`)
+  t.not(after.recommendation.alternative?.target, 'catalog', 'nor any other limit on the route it limits')
 })
 
 t.test('more traffic alone, with latency and errors as usual, is not a spike', async (t) => {

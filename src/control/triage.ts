@@ -55,6 +55,8 @@ export interface TriageInput {
   configSince: string
   /** Whether an upstream has an endpoint neither ejected nor failing its health check (all usable when not given). */
   usable?: (upstream: string) => boolean
+  /** Whether an operator's rate limit (`mitigate rateLimit`) is in force on a route (none when not given). */
+  rateLimited?: (route: string) => boolean
   /** Why a rollback would be refused now (running, cooling down, done already, none configured), or null. */
   rollbackRefused?: { code: string, message: string } | null
   now: number
@@ -192,7 +194,7 @@ export function triage (input: TriageInput): TriageReport {
     ? {
         match: true,
         summary: `traffic ${all.current.ratePerSecond}/s is ${round(all.current.ratePerSecond / all.baseline.ratePerSecond)}× the 30-minute baseline, with latency or errors up`,
-        recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load', alternative: shed(routes, reason) }
+        recommendation: { action: 'scale', target: config.service, command: `kubectl scale deployment/${config.service} --replicas=<more>   # or shed: limits.maxInFlight in the config`, why: 'saturation from load, not a fault in the code: add capacity or shed load', alternative: shed(routes, reason, input.rateLimited) }
       }
     : {
         match: false,
@@ -319,8 +321,10 @@ function healthyFailover (upstream: string, config: Config, circuits: CircuitVie
  * Rung 5 when capacity cannot be added now: a rate limit on the busiest route, at twice its
  * baseline rate (the load it served well), so the spike beyond that is refused with 429.
  */
-function shed (routes: Signal[], reason: (text: string) => string): Recommendation | undefined {
-  const busiest = [...routes].sort((a, b) => b.current.ratePerSecond - a.current.ratePerSecond)[0]
+function shed (routes: Signal[], reason: (text: string) => string, rateLimited?: (route: string) => boolean): Recommendation | undefined {
+  // A route already limited sheds what it must: limiting it again is the same mitigation twice
+  // (its last minute still holds the spike from before the limit).
+  const busiest = [...routes].filter((r) => rateLimited?.(r.name) !== true).sort((a, b) => b.current.ratePerSecond - a.current.ratePerSecond)[0]
   if (busiest === undefined) return undefined
   const rps = Math.max(1, Math.ceil(2 * busiest.baseline.ratePerSecond))
   return {
