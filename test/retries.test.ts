@@ -2,7 +2,7 @@ import t from 'tap'
 import { Readable } from 'node:stream'
 import { startUpstream, echo, refusedUrl, type TestUpstream, type Handler } from './helpers/upstream.js'
 import { startTestSidecar } from './helpers/sidecar.js'
-import { send, sleep } from './helpers/http.js'
+import { send, sleep, eventually } from './helpers/http.js'
 import { Pool } from 'undici'
 import { scrape, sumOf } from './helpers/metrics.js'
 import type { Test } from 'tap'
@@ -252,4 +252,32 @@ t.test('an upstream that closes each connection right after its response: no req
       t.comment(`retries: ${sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' })}`)
     })
   }
+})
+
+t.test('a retry is not sent once the circuit has opened: the upstream sees nothing more', async (t) => {
+  // /slow's first attempt is answered 503 only after two other requests have opened the circuit.
+  let release: () => void = () => {}
+  const released = new Promise<void>((resolve) => { release = resolve })
+  const handler: Handler = (req, res) => {
+    if (req.url?.startsWith('/slow') === true) { void released.then(() => unavailable('slow')(req, res, Buffer.alloc(0))); return }
+    unavailable('fail')(req, res, Buffer.alloc(0))
+  }
+  const eps = await upstreams(t, [handler, handler])
+  const { proxy, ops } = await startTestSidecar(t, {
+    ...retrying(eps.map((e) => e.url), { attempts: 2 }),
+    circuitBreakers: { app: { volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout: 60_000 } }
+  })
+  const seen = (): number => eps.reduce((n, e) => n + e.received.filter((r) => r.url.startsWith('/slow')).length, 0)
+  const slow = send(proxy, '/slow')
+  t.ok(await eventually(() => seen() === 1), 'the first attempt of /slow reached the upstream')
+  for (let i = 0; i < 2; i++) t.equal((await send(proxy, `/fail/${i}`)).status, 503)
+  const refused = await send(proxy, '/after')
+  t.equal(refused.headers['x-breakwater-error'], 'circuit_open', 'the circuit is open')
+  const retriesBefore = sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' })
+  release()
+  const res = await slow
+  t.equal(res.status, 503, 'the upstream\'s own 503 is relayed')
+  t.equal(res.headers['x-breakwater-error'], undefined, 'not a local refusal')
+  t.equal(seen(), 1, 'no retry reached the upstream after the circuit opened')
+  t.equal(sumOf(await scrape(ops), 'breakwater_retries_total', { route: 'r' }), retriesBefore, 'no retry counted')
 })

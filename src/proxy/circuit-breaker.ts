@@ -217,6 +217,19 @@ export class Circuit {
   }
 
   /**
+   * Whether the request that entered with `pass` may send the upstream another attempt (a
+   * retry): not once the circuit has opened, on failures or by an operator, since an open
+   * circuit means the upstream sees nothing more. A half-open probe may retry within itself
+   * while its circuit is still half-open.
+   */
+  readmits (pass: Pass | null): boolean {
+    if (this.forced !== null) return this.forced === 'closed'
+    const b = this.breaker
+    if (b === null || b.closed) return true
+    return pass instanceof Probe && pass.breaker === b && b.halfOpen
+  }
+
+  /**
    * A request admitted by `admits()` enters: through a closed circuit it only notes the breaker
    * generation (nothing is counted yet); half-open, it takes the probe slot. Null when nothing
    * will be counted (forced closed, or a manual circuit).

@@ -500,6 +500,9 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     if (this.head.hasBody || !IDEMPOTENT.has(this.req.method as string)) return false
     const retries = this.route.config.retries
     if (retries === null || this.attempt > retries.attempts) return false
+    // Never into a circuit that opened meanwhile (SPEC §4: while open, the upstream sees nothing).
+    const circuit = this.upstream.circuit
+    if (circuit !== null && !circuit.readmits(this.pass)) return false
     const budget = this.route.retryBudget as NonNullable<Route['retryBudget']>
     if (budget.tryRetry(Date.now())) return true
     this.route.stats.retryBudgetExhausted++
