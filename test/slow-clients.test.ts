@@ -252,3 +252,29 @@ t.test('a small upload still arriving holds no bulkhead slot and no half-open pr
     slow.destroy()
   })
 })
+
+t.test('a request waiting for a free upstream connection is not a slow client: past idleTimeoutMs it is the upstream\'s 504', async (t) => {
+  // One connection, held by /slow until released: GET /queued waits in the pool's queue, its
+  // client silent (it has sent everything) for longer than idleTimeoutMs.
+  let release: () => void = () => {}
+  const released = new Promise<void>((resolve) => { release = resolve })
+  const up = await startUpstream((req, res, body) => {
+    if (req.url === '/slow') { void released.then(() => echo(req, res, body)); return }
+    echo(req, res, body)
+  })
+  t.teardown(up.close)
+  const { proxy, ops, logs } = await startTestSidecar(t, oneRoute(up.url, { name: 'r', idleTimeoutMs: 300, timeoutMs: 60_000 }, { connections: 1 }))
+  const slow = send(proxy, '/slow')
+  t.ok(await eventually(() => up.received.length === 1), 'the one connection is busy')
+  const queued = await send(proxy, '/queued')
+  release()
+  t.equal((await slow).status, 200)
+  t.equal(queued.status, 504, 'answered, not disconnected')
+  t.equal(queued.headers['x-breakwater-error'], 'upstream_timeout')
+  const samples = await scrape(ops)
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'slow_client' }), 0, 'no slow client counted')
+  const line = logs.find((l) => l['url.path'] === '/queued')
+  t.equal(line?.outcome, 'upstream', 'the upstream\'s outcome: it had no connection free')
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  t.notOk(up.received.some((r) => r.url === '/queued'), 'the request given up was never sent')
+})

@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -251,6 +251,13 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // client socket's count, so it is the upstream that has sent nothing for `idleTimeoutMs`.
       // undici's bodyTimeout stays behind this, but ticks in half-seconds.
       if (this.res.writableLength === 0) { this.upstreamStalled(); return false }
+    } else if (this.started && this.afterBody === null && !(this.head.hasBody && this.body === null)) {
+      // Dispatched with nothing left to come from the client: the request waits in the pool's
+      // queue for a connection, every one busy with the upstream. The client stalls nothing
+      // (it is not a slow client); the upstream is saturated (HAProxy's `timeout queue`).
+      // undici hears of it at `onConnect`, which aborts a request already ended.
+      this.failUpstream(QUEUE_TIMEOUT)
+      return false
     }
     this.cutSlowClient()
     return false
