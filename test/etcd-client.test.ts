@@ -57,14 +57,13 @@ async function rejection (t: Test, p: Promise<unknown>): Promise<EtcdError> {
 async function enableAuth (etcd: Etcd): Promise<void> {
   // etcd 3.4 hashes a new user's password while it applies the add: at a high bcrypt cost on a
   // busy host, the call can outlast etcd's request timeout (UNAVAILABLE) and land all the same.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await etcd.call('/v3/auth/user/add', { name: 'root', password: 'root-password' })
-      break
-    } catch (err) {
-      if (attempt > 1 && /already exists/.test((err as Error).message)) break
-      if (!(err instanceof EtcdError && err.recoverable) || attempt === 5) throw err
-    }
+  // Adding it again would queue one more hash behind the first; wait for the first to land.
+  try {
+    await etcd.call('/v3/auth/user/add', { name: 'root', password: 'root-password' })
+  } catch (err) {
+    if (!(err instanceof EtcdError && err.recoverable)) throw err
+    const added = async (): Promise<boolean> => await etcd.call('/v3/auth/user/get', { name: 'root' }).then(() => true, () => false)
+    if (!await eventually(added, 180_000, 500)) throw err
   }
   await etcd.call('/v3/auth/user/grant', { user: 'root', role: 'root' })
   await etcd.call('/v3/auth/enable', {})
