@@ -125,8 +125,16 @@ t.test('the leader\'s verified restoration ends every follower\'s alert, not onl
   t.ok(await eventually(() => cd.deliveries.length === 1, 30_000), 'the leader rolled back')
   heal()
   t.ok(await eventually(async () => (await alerts()).length === 0, 60_000), 'every alert resolved once the leader verified restoration')
-  const followers = fleet.filter((s) => s.sidecar.verifier.incidents.some((i) => i.fleet?.role === 'follower' && i.status === 'restored'))
-  t.equal(followers.length, 2, 'two followers recorded the leader\'s restoration')
+  // Each sidecar's incident ends restored: the followers' by the leader's verification. On a
+  // starved host a follower may have taken the key over (its leader's lease lapsed) and verified
+  // the restoration itself; the roles are in the message.
+  const restored = fleet.map((s) => s.sidecar.verifier.incidents.find((i) => i.status === 'restored'))
+  const roles = restored.map((i) => i?.fleet?.role ?? 'none').join(', ')
+  t.ok(restored.every((i) => i !== undefined), `every sidecar recorded the restoration (roles: ${roles})`)
+  const leaders = restored.filter((i) => i?.fleet?.role === 'leader')
+  const followers = restored.filter((i) => i?.fleet?.role === 'follower')
+  t.ok(leaders.length >= 1 && followers.length >= 1 && leaders.length + followers.length === 3, `a leader and followers (roles: ${roles})`)
+  t.ok(followers.every((f) => leaders.some((l) => l?.restoredAt === f?.restoredAt)), 'each follower recorded its leader\'s restoration, at the leader\'s time')
   t.notOk(fleet.some((s) => s.logs.some((l) => l.event === 'trigger_rearmed')), 'and no trigger re-armed: the resolution came from the verification')
 })
 
@@ -141,7 +149,9 @@ t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected',
     rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'notify' }],
     notifications: { alertmanager: { urls: [closed.url], repeatInterval: '200ms' } }
   })
-  for (let i = 0; i < 10; i++) await send(s.proxy, '/fail')
+  // Failures until the trigger fires: on a busy host ten requests in a row can take longer than
+  // the 2 s window, which then never holds minRequests.
+  t.ok(await eventually(async () => { await send(s.proxy, '/fail'); return s.logs.some((l) => l.event === 'trigger_fired') }, 30_000), 'the trigger fired')
   t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'alertmanager' }) >= 3, 30_000), 'every failed post counted, the repeats too')
   t.equal(s.logs.filter((l) => l.event === 'notification_failed' && l.channel === 'alertmanager').length, 1, 'one warning for the streak')
   t.equal((await send(s.proxy, '/ok')).status, 200)
