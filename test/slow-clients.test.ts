@@ -111,9 +111,13 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
   }
 
   interface Pieces {
-    /** Where to send them: by default a fresh sidecar whose route has idleTimeoutMs 300. */
+    /**
+     * Where to send them: by default a fresh sidecar whose route has idleTimeoutMs 1000, ten times
+     * the pieces' 100 ms: the client shares this process with the sidecar, and on a starved host its
+     * own timers run late, which a shorter limit would read as the client's silence.
+     */
     sidecar?: TestSidecar
-    /** How long each stall lasts: twice idleTimeoutMs by default. */
+    /** How long each stall lasts: past idleTimeoutMs (1.5 s) by default. */
     stallMs?: number
     /** The Content-Length declared, when the pieces are to leave the body unfinished. */
     length?: number
@@ -124,7 +128,7 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
    * after those in `stallAfter`; resolves once the connection closes.
    */
   async function sendPieces (t: Test, pieces: string[], stallAfter: number[], options: Pieces = {}): Promise<{ answer: string, cut: number }> {
-    const sidecar = options.sidecar ?? await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 300 }))
+    const sidecar = options.sidecar ?? await startTestSidecar(t, oneRoute(up.url, { idleTimeoutMs: 1000 }))
     const socket = net.connect(sidecar.proxyPort, '127.0.0.1')
     t.teardown(() => { socket.destroy() })
     await once(socket, 'connect')
@@ -142,18 +146,18 @@ t.test('routes[].idleTimeoutMs bounds a stalled client either way', async (t) =>
       // before it polls again: the bytes wait in the kernel while the sidecar's timers run.
       await new Promise((resolve) => setImmediate(resolve))
       socket.write(piece)
-      stall(options.stallMs ?? 600)
+      stall(options.stallMs ?? 1500)
     }
     if (!socket.destroyed) await new Promise((resolve) => socket.once('close', resolve))
     return { answer, cut: sidecar.sidecar.dataPlane.stats.clientErrors.get('slow_client') ?? 0 }
   }
 
   t.test('an upload too large to buffer that keeps moving is never cut, however long it takes', async (t) => {
-    // 100 KiB, more than is read whole before dispatch: a piece every 100 ms, 2 s in all, more
-    // than six times idleTimeoutMs, never silent for it.
+    // 150 KiB, more than is read whole before dispatch: a piece every 100 ms, 3 s in all, three
+    // times idleTimeoutMs, never silent for it.
     const piece = 'y'.repeat(5 * 1024)
-    const { answer, cut } = await sendPieces(t, Array(20).fill(piece), [])
-    t.ok(answer.includes('\r\n\r\n') && answer.length > 20 * piece.length, 'the whole echo came back')
+    const { answer, cut } = await sendPieces(t, Array(30).fill(piece), [])
+    t.ok(answer.includes('\r\n\r\n') && answer.length > 30 * piece.length, 'the whole echo came back')
     t.match(answer, /^HTTP\/1\.1 200 /, 'answered 200')
     t.equal(cut, 0, 'nobody was cut')
   })
