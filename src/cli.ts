@@ -57,6 +57,7 @@ Options:
   --to UPSTREAM       failover: where the traffic goes (default: the configured failover)
   --route ROUTE       mitigate rateLimit: the route (repeat for several); --rps N, --burst B
   --json              print only JSON
+  --timeout DURATION  how long to wait for each sidecar's answer (default 5s, 10s with --fleet)
 
 Ports (defaults): proxy 14001, ops 14020 (/health /ready /live /metrics), admin 14000.
 Signals: SIGTERM drains and stops (exit 0); SIGHUP reloads the config.
@@ -85,7 +86,7 @@ function fileWord (command: string, words: string[]): string {
 }
 
 /** What every operator command takes: where the sidecar is, its token, and the output format. */
-const OPERATOR = ['admin', 'token-file', 'config', 'json'] as const
+const OPERATOR = ['admin', 'token-file', 'config', 'json', 'timeout'] as const
 
 /**
  * The options each command takes (`--help` and `--version` go with any). An option a command
@@ -166,6 +167,7 @@ async function main (argv: string[]): Promise<number> {
         burst: { type: 'string' },
         admin: { type: 'string', multiple: true },
         'token-file': { type: 'string' },
+        timeout: { type: 'string' },
         'no-restore': { type: 'boolean' }
       }
     })
@@ -246,6 +248,7 @@ async function main (argv: string[]): Promise<number> {
           admin: values.admin ?? [],
           tokenFile: values['token-file'],
           fleet: values.fleet === true,
+          timeout: values.timeout,
           configPath: given !== undefined && given !== '' ? given : existsSync('config/breakwater.yaml') ? 'config/breakwater.yaml' : null,
           env: process.env
         }, { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) })

@@ -8,7 +8,7 @@ import http from 'node:http'
 import https from 'node:https'
 import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
-import type { AddressInfo } from 'node:net'
+import net, { type AddressInfo } from 'node:net'
 import { createPki } from './helpers/certificates.js'
 import { type CliResult } from './helpers/process.js'
 import { send } from './helpers/http.js'
@@ -48,7 +48,7 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     [['mitigate', 'killSwitch', '--route', 'checkout'], /--route is not an option of "mitigate killSwitch"/],
     [['mitigate', 'circuitBreak', 'pay', '--rps', '5'], /--rps is not an option of "mitigate circuitBreak"/],
     [['restore', FLAG, '--ttl', '5m'], /--ttl is not an option of "restore"/],
-    [['circuit', 'pay', 'open', '--to', 'app'], /--to is not an option of "circuit" \(its options: --admin, --token-file, --config, --json, --reason, --ttl, --fleet\)/],
+    [['circuit', 'pay', 'open', '--to', 'app'], /--to is not an option of "circuit" \(its options: --admin, --token-file, --config, --json, --timeout, --reason, --ttl, --fleet\)/],
     [['kill', FLAG, '--limit', '3'], /--limit is not an option of "kill"/],
     [['lift', 'm-anything', '--ttl', '1m'], /--ttl is not an option of "lift"/],
     [['status', '-r', 'x'], /-r \(--reason\) is not an option of "status"/]
@@ -190,6 +190,45 @@ t.test('--admin aimed at something else that answers 200 (the proxy port, the ap
       t.match(r.stderr, /not as a Breakwater admin API.*listen\.admin/, `${label}: says what is wrong`)
     }
   }
+})
+
+t.test('a hung admin API (accepts, never answers): every command ends with exit 1 and says so; --timeout changes the wait', async (t) => {
+  // A sidecar whose event loop is stuck, or a port that accepts and stalls: the connection is
+  // taken and the request read, and nothing ever comes back.
+  const sockets = new Set<net.Socket>()
+  const hung = net.createServer((socket) => { sockets.add(socket); socket.on('close', () => sockets.delete(socket)); socket.resume() })
+  hung.listen(0, '127.0.0.1')
+  await once(hung, 'listening')
+  t.teardown(async () => {
+    for (const socket of sockets) socket.destroy()
+    await new Promise((resolve) => hung.close(resolve))
+  })
+  const url = `http://127.0.0.1:${(hung.address() as AddressInfo).port}`
+  const run = operator(t)
+  const runs = [
+    { args: ['status', '--admin', url], env: withToken },
+    { args: ['triage', '--admin', url], env: withToken },
+    { args: ['kill', FLAG, '--reason', 'checkout errors', '--admin', url], env: withToken },
+    { args: ['circuit', 'pay', 'open', '--reason', 'pay down', '--json', '--admin', url], env: withToken },
+    { args: ['status', '--timeout', '1s', '--json', '--admin', url], env: withToken }
+  ]
+  const [status, triage, kill, circuitJson, shortJson] = await runAll(run, runs, 5) as CliResult[]
+  for (const [i, r] of [status, triage, kill].entries()) {
+    const label = (runs[i] as { args: string[] }).args.slice(0, 2).join(' ')
+    t.equal(r?.signal, null, `${label}: the command ended on its own`)
+    t.equal(r?.code, 1, `${label}: exit 1, as for a sidecar that cannot be reached`)
+    t.match(r?.stderr, `the admin API at ${url} gave no answer within 5 s`, `${label}: says the sidecar did not answer, and after how long`)
+    t.match(r?.stderr, /--timeout/, `${label}: says how to wait longer`)
+    t.notMatch(r?.stderr, STACK_FRAME, `${label}: no stack trace`)
+    t.equal(r?.stdout, '', `${label}: nothing printed as if it had worked`)
+  }
+  t.equal(circuitJson?.code, 1)
+  t.match(parseOnlyJson(circuitJson as CliResult), { admin: url, error: 'unreachable', message: 'no answer within 5 s' })
+  t.equal(shortJson?.code, 1)
+  t.match(parseOnlyJson(shortJson as CliResult), { error: 'unreachable', message: 'no answer within 1 s' })
+  const [bad] = await runAll(run, [{ args: ['status', '--timeout', 'soon', '--admin', url], env: withToken }])
+  t.equal(bad?.code, 2, 'a --timeout that is not a duration is a usage error')
+  t.match(bad?.stderr, '--timeout must be a duration')
 })
 
 t.test('kill turns the route off at once, restore turns it back on; options anywhere; --json', async (t) => {

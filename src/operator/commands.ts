@@ -4,7 +4,7 @@
  * default; `--json` prints only JSON. Exit 0 when every sidecar accepted, 1 when one refused
  * or could not be reached, 2 for a usage error.
  */
-import { resolveTargets, call, type Answer, type Target } from './admin-client.js'
+import { resolveTargets, call, ANSWER_TIMEOUT_MS, FLEET_ANSWER_TIMEOUT_MS, type Answer, type Target } from './admin-client.js'
 import { table } from './table.js'
 
 export interface OperatorArgs {
@@ -23,6 +23,8 @@ export interface OperatorArgs {
   tokenFile?: string
   /** kill, restore, circuit, failover: write the override for every sidecar of the service (etcd). */
   fleet?: boolean
+  /** --timeout: how long to wait for each sidecar's answer (a duration); default 5 s, 10 s with --fleet. */
+  timeout?: string
   configPath: string | null
   env: NodeJS.ProcessEnv
 }
@@ -43,12 +45,13 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
     throw new UsageError(`${a.command} needs --reason "why" (it goes into the audit log)`)
   }
   if (a.fleet === true && !FLEET.has(a.command)) throw new UsageError(`--fleet applies to ${[...FLEET].join(', ')}, not ${a.command}`)
+  const timeoutMs = answerTimeout(a)
   const resolved = await resolveTargets({ admin: a.admin, tokenFile: a.tokenFile, configPath: a.configPath, env: a.env })
   const { notes } = resolved
   // A fleet override is one key in etcd: written once, through the first sidecar named.
   const targets = a.fleet === true ? resolved.targets.slice(0, 1) : resolved.targets
   const request = plan(a)
-  const answers = (await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body))))
+  const answers = (await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body, timeoutMs))))
     .map((x) => x.ok && !fromAdminApi(a, x) ? { ...x, ok: false, foreign: true } : x)
   if (a.json) {
     io.out(JSON.stringify(answers.length === 1 ? jsonOf(answers[0] as Answer) : answers.map(jsonOf), null, 2) + '\n')
@@ -56,7 +59,9 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
     for (const note of notes) io.err(`note: ${note}\n`)
     for (const answer of answers) {
       if (answers.length > 1) io.out(`== ${answer.admin}\n`)
-      if (answer.unreachable !== undefined) {
+      if (answer.timedOut === true) {
+        io.err(`error: the admin API at ${answer.admin} gave ${answer.unreachable}: is the sidecar hung or starved? (its ops port's /live says whether it is alive; --timeout waits longer)\n`)
+      } else if (answer.unreachable !== undefined) {
         io.err(`error: cannot reach the admin API at ${answer.admin} (${answer.unreachable}); is the sidecar running, and is --admin right?\n`)
       } else if (answer.foreign === true) {
         io.err(`error: ${foreignMessage(answer)}\n`)
@@ -70,6 +75,17 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
     }
   }
   return answers.every((x) => x.ok) ? 0 : 1
+}
+
+/** `--timeout` in milliseconds, or the default for the command. */
+function answerTimeout (a: OperatorArgs): number {
+  if (a.timeout === undefined) return a.fleet === true ? FLEET_ANSWER_TIMEOUT_MS : ANSWER_TIMEOUT_MS
+  // Written as the config's durations are; parsed here so that a command loads no schema code.
+  const m = /^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?$/.exec(a.timeout)
+  const ms = m === null ? NaN : Math.round(Number(m[1]) * ({ ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] ?? 'ms'] as number))
+  // 2^31 − 1 ms: the longest delay a Node.js timer takes (a longer one fires at once).
+  if (!(ms >= 1 && ms <= 2 ** 31 - 1)) throw new UsageError(`--timeout must be a duration from 1 ms, such as 5s or 30s (got "${a.timeout}")`)
+  return ms
 }
 
 /**
