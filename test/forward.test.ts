@@ -1,12 +1,13 @@
 import t from 'tap'
 import { Readable } from 'node:stream'
 import http from 'node:http'
+import { once } from 'node:events'
 import net, { type AddressInfo } from 'node:net'
 import { gzipSync } from 'node:zlib'
 import { startUpstream, echo } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute } from './helpers/sidecar.js'
 import { send, raw } from './helpers/http.js'
-import { WireClient } from './helpers/wire.js'
+import { WireClient, parseResponse } from './helpers/wire.js'
 
 t.test('forwards method, path, query and body, and relays status, headers and body', async (t) => {
   const up = await startUpstream((req, res, body) => {
@@ -155,6 +156,56 @@ t.test('a 304 or 204 whose Content-Length announces a body it does not carry is 
   t.notOk(client.closed, 'the client connection lives on')
   const lines = s.logs.filter((l) => l.msg === 'request')
   t.same(lines.map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[304, 'ok', undefined], [204, 'ok', undefined]])
+})
+
+t.test('a 204 carrying Content-Length (or Transfer-Encoding) from the upstream reaches the client without it', async (t) => {
+  // RFC 9110 §8.6 and §6.4.1: a server MUST NOT send Content-Length in a 204, nor Transfer-Encoding
+  // (RFC 9112 §6.1). A client or cache in front that believes the length waits for 5 bytes that
+  // never come, or takes the next response's first bytes for them; nginx and Envoy drop it.
+  // A raw upstream, since Node's own server would not send these as written.
+  const sockets = new Set<net.Socket>()
+  const upstream = net.createServer((socket) => {
+    sockets.add(socket)
+    socket.on('close', () => sockets.delete(socket))
+    let seen = ''
+    socket.on('data', (chunk: Buffer) => {
+      seen += chunk.toString('latin1')
+      while (seen.includes('\r\n\r\n')) {
+        const head = seen.slice(0, seen.indexOf('\r\n\r\n'))
+        seen = seen.slice(seen.indexOf('\r\n\r\n') + 4)
+        if (head.startsWith('GET /chunked')) socket.write('HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-App: chunked\r\n\r\n')
+        else if (head.startsWith('GET /modified')) socket.write('HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n')
+        else socket.write('HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-App: length\r\n\r\n')
+      }
+    })
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  t.teardown(async () => {
+    for (const socket of sockets) socket.destroy()
+    await new Promise((resolve) => upstream.close(resolve))
+  })
+  const s = await startTestSidecar(t, oneRoute(`http://127.0.0.1:${(upstream.address() as AddressInfo).port}`))
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.socket.destroy())
+  for (const [path, app] of [['/length', 'length'], ['/chunked', 'chunked']] as const) {
+    const from = client.received.length
+    client.write(`GET ${path} HTTP/1.1\r\nHost: shop.example\r\n\r\n`)
+    await client.until((c) => c.received.indexOf('\r\n\r\n', from) !== -1 || c.closed, 5000, `the 204 of ${path}`)
+    const res = parseResponse(client.received.slice(from))
+    t.equal(res.status, 204, path)
+    t.equal(res.headers['x-app'], app, `${path}: the upstream's own 204`)
+    t.equal(res.headers['content-length'], undefined, `${path}: no Content-Length on the 204`)
+    t.equal(res.headers['transfer-encoding'], undefined, `${path}: no Transfer-Encoding on the 204`)
+  }
+  // A 304 keeps it: RFC 9110 §8.6 lets it carry the length of the representation it stands for.
+  const from = client.received.length
+  client.write('GET /modified HTTP/1.1\r\nHost: shop.example\r\nIf-None-Match: "v1"\r\n\r\n')
+  await client.until((c) => c.received.indexOf('\r\n\r\n', from) !== -1 || c.closed, 5000, 'the 304')
+  const notModified = parseResponse(client.received.slice(from))
+  t.equal(notModified.status, 304)
+  t.equal(notModified.headers['content-length'], '1234', 'a 304 keeps the Content-Length of its representation')
+  t.notOk(client.closed, 'the client connection lives on')
 })
 
 t.test('an interim 103 Early Hints is not taken for the response: the final one follows', async (t) => {

@@ -404,7 +404,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     this.resumeUpstream = resume
     const res = this.res
-    const headers = responseHeaders(rawHeaders, this.draining())
+    const headers = responseHeaders(rawHeaders, this.draining(), statusCode)
     try {
       res.writeHead(statusCode, headers)
     } catch (err) {

@@ -192,9 +192,9 @@ export function requestHead (raw: readonly string[], remoteAddress: string, prot
 
 /**
  * The upstream's response headers for the client: latin1 strings (byte-transparent, which is
- * what Node writes headers as), hop-by-hop removed.
+ * what Node writes headers as), hop-by-hop removed, and for a `204` its Content-Length.
  */
-export function responseHeaders (raw: readonly Buffer[], close: boolean): string[] {
+export function responseHeaders (raw: readonly Buffer[], close: boolean, status = 200): string[] {
   let listed: Set<string> | null = null
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i] as Buffer
@@ -207,6 +207,10 @@ export function responseHeaders (raw: readonly Buffer[], close: boolean): string
     const name = (raw[i] as Buffer).toString('latin1')
     const lower = name.toLowerCase()
     if (isHopByHop(lower) || (listed !== null && listed.has(lower))) continue
+    // RFC 9110 §8.6: a 204 MUST NOT carry Content-Length (nginx drops it too); one relayed would
+    // have a client or cache in front wait for, or mis-frame, a body that never comes. A 304
+    // keeps it: there it is the length of the representation it stands for.
+    if (status === 204 && lower === 'content-length') continue
     out.push(name, (raw[i + 1] as Buffer).toString('latin1'))
   }
   if (close) out.push('connection', 'close')
