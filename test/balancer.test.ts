@@ -172,3 +172,34 @@ t.test('panic: when every endpoint fails, traffic still goes to all of them', as
   t.ok(late.includes('zero') && late.includes('one'), `both endpoints still get traffic in panic (${late.join(',')})`)
   t.equal(zero.received.length + one.received.length, 40, 'every request reached an upstream')
 })
+
+t.test('panic: a retried GET goes to the other endpoint, not back to the one that just failed', async (t) => {
+  // Both endpoints answer 503 (retryable) and are ejected for the whole test: panic. Answers are
+  // held until two requests are in (or 300 ms), so the first attempts of two requests both go
+  // out before either retry is chosen — the interleaving of real concurrent traffic.
+  const held: Array<() => void> = []
+  let timer: NodeJS.Timeout | undefined
+  const release = (): void => { clearTimeout(timer); for (const answer of held.splice(0)) answer() }
+  const paired = (label: string): Handler => (_req, res) => {
+    held.push(() => { res.writeHead(503, { 'content-type': 'text/plain' }); res.end(label) })
+    if (held.length >= 2) release()
+    else { clearTimeout(timer); timer = setTimeout(release, 300) }
+  }
+  t.teardown(release)
+  const eps = await upstreams(t, [paired('zero'), paired('one')])
+  const { proxy, logs } = await startTestSidecar(t, balanced(eps, { ejection: { consecutiveFailures: 1, baseMs: 60_000, maxMs: 60_000 } }, { retries: { attempts: 1, budgetPercent: 100, minRetriesPerSecond: 1000 } }))
+  await Promise.all([send(proxy, '/eject/0'), send(proxy, '/eject/1')])
+  t.ok(await eventually(() => logs.filter((l) => l.event === 'endpoint_ejected').length === 2, 5000), 'both endpoints are ejected')
+  for (const e of eps) e.received.length = 0
+
+  for (let pair = 0; pair < 5; pair++) {
+    const replies = await Promise.all([send(proxy, `/p/${pair}/a`), send(proxy, `/p/${pair}/b`)])
+    for (const r of replies) t.equal(r.status, 503, 'the upstream\'s own 503 after its retry')
+  }
+  const paths = eps.flatMap((e, i) => e.received.map((r) => `${i} ${r.url}`))
+  const twice = paths.filter((p, i) => paths.indexOf(p) !== i)
+  t.same(twice, [], 'no request was sent twice to the same endpoint while another existed')
+  for (let pair = 0; pair < 5; pair++) {
+    for (const x of ['a', 'b']) t.equal(paths.filter((p) => p.endsWith(` /p/${pair}/${x}`)).length, 2, `/p/${pair}/${x}: two attempts, one on each endpoint`)
+  }
+})

@@ -70,8 +70,12 @@ export class Balancer {
     for (let tries = 0; tries < n; tries++) {
       const e = all[this.next++ % n] as Endpoint
       if (this.next >= 0x3fffffff) this.next = 0
-      if ((panic || isUsable(e, now)) && (e !== avoid || usable <= 1)) return e
+      if (e !== avoid && (panic || isUsable(e, now))) return e
     }
+    // No other endpoint will do. In panic every endpoint will, so a retry never goes back to
+    // the one that just failed while another exists (Envoy's retry host predicate
+    // `previous_hosts`); out of panic, the one that failed if it is still usable.
+    if (avoid !== null && (panic || isUsable(avoid, now))) return avoid
     return all[this.next++ % n] as Endpoint
   }
 
