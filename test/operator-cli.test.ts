@@ -222,6 +222,8 @@ t.test('a hung admin API (accepts, never answers): every command ends with exit 
     t.notMatch(r?.stderr, STACK_FRAME, `${label}: no stack trace`)
     t.equal(r?.stdout, '', `${label}: nothing printed as if it had worked`)
   }
+  t.match(kill?.stderr, 'the kill may still have been applied: `breakwater status` shows it', 'a change asked for: the operator is told it may have landed')
+  t.notMatch(status?.stderr, /may still have been applied/, 'a read: nothing to have landed')
   t.equal(circuitJson?.code, 1)
   t.match(parseOnlyJson(circuitJson as CliResult), { admin: url, error: 'unreachable', message: 'no answer within 5 s' })
   t.equal(shortJson?.code, 1)

@@ -60,7 +60,9 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
     for (const answer of answers) {
       if (answers.length > 1) io.out(`== ${answer.admin}\n`)
       if (answer.timedOut === true) {
-        io.err(`error: the admin API at ${answer.admin} gave ${answer.unreachable}: is the sidecar hung or starved? (its ops port's /live says whether it is alive; --timeout waits longer)\n`)
+        // A change asked for may still land after the wait: say so, and how to know.
+        const landed = request.method === 'GET' ? '' : `; the ${a.command} may still have been applied: \`breakwater status\` shows it, and the same command again is safe`
+        io.err(`error: the admin API at ${answer.admin} gave ${answer.unreachable}: is the sidecar hung or starved? (its ops port's /live says whether it is alive; --timeout waits longer)${landed}\n`)
       } else if (answer.unreachable !== undefined) {
         io.err(`error: cannot reach the admin API at ${answer.admin} (${answer.unreachable}); is the sidecar running, and is --admin right?\n`)
       } else if (answer.foreign === true) {
