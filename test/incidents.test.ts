@@ -97,7 +97,11 @@ async function incidents (s: TestSidecar): Promise<any[]> {
 async function breakCheckout (app: App, s: TestSidecar, load: Traffic, n = 20): Promise<void> {
   app.failing.add('/checkout')
   const statuses = await load.burst('/checkout/cart', n)
-  if (!statuses.every((c) => c === 500)) throw new Error(`checkout did not fail: ${statuses.join(',')}`)
+  // On a busy host the burst can outlast the sidecar's own trigger tick: the kill switch (or the
+  // breaker) then answers the rest with 503, which is the sidecar doing its job.
+  const failed = statuses.indexOf(503) === -1 ? statuses : statuses.slice(0, statuses.indexOf(503))
+  const refused = statuses.slice(failed.length)
+  if (failed.length < 5 || !failed.every((c) => c === 500) || !refused.every((c) => c === 503)) throw new Error(`checkout did not fail: ${statuses.join(',')}`)
   s.sidecar.triggers.evaluate(Date.now())
 }
 

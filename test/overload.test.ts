@@ -66,16 +66,16 @@ t.test('event-loop delay over limits.maxEventLoopDelayMs sheds requests with 503
   // On a starved host this process's own loop can lag past the limit before the stall: the
   // warm-up is sent again, on a new connection, until one is served.
   const overloaded = async (): Promise<number> => sumOf(await scrape(ops), 'breakwater_overloaded_total', { reason: 'event_loop_delay' })
-  let client: WireClient | null = null
-  t.teardown(() => client?.destroy())
+  const clients: WireClient[] = []
+  t.teardown(() => { for (const c of clients) c.destroy() })
   t.ok(await eventually(async () => {
-    client?.destroy()
-    client = await WireClient.connect(proxyPort)
-    client.write('GET /warm HTTP/1.1\r\nHost: x\r\n\r\n')
-    return (await client.response()).status === 200
+    const c = await WireClient.connect(proxyPort)
+    clients.unshift(c)
+    c.write('GET /warm HTTP/1.1\r\nHost: x\r\n\r\n')
+    return (await c.response()).status === 200
   }, 15_000, 100), 'served before the stall')
   const shedBefore = await overloaded()
-  if (client === null) return
+  const client = clients[0] as WireClient
   client.received = ''
   await new Promise<void>((resolve) => setImmediate(resolve))
   client.write('GET /during HTTP/1.1\r\nHost: x\r\n\r\n')
