@@ -309,12 +309,49 @@ t.test('synthetics alone never restore: with no real traffic the incident ends u
   t.ok(i.checks.syntheticPassesInARow >= 2, 'the synthetics did pass')
   t.ok(i.checks.syntheticRequests >= 4, `the windows counted ${String(i.checks.syntheticRequests)} probes`)
   t.equal(i.checks.requests, 0, 'and none of them as real traffic')
+  t.equal(i.checks.p99Ms, null, "nor their latency as real users' latency")
   t.equal(i.restoredAt, null)
   t.ok(app.received.filter((r) => r.url.endsWith('probe')).length >= 4, 'the probes did go through the proxy to the app')
   t.ok(await eventually(() => events(hook, 'restoration_failed').length === 1, 5000))
   t.match(events(hook, 'restoration_failed')[0].summary, /no real traffic/)
   t.equal(events(hook, 'restoration_verified').length, 0, 'never "restoration verified"')
   t.equal(await metricValue(s.ops, 'breakwater_time_to_restore_seconds_count'), 0)
+})
+
+t.test("a p99_latency incident is judged by what users waited, not by slow synthetics", async (t) => {
+  // The probed path is slow (a health page that does real work); users are fast again once the
+  // slow feature is killed. The probes' latencies in the window would be the p99 and keep the
+  // incident "not restored" however fast users were served.
+  const slow = await startApp(t, { delayMs: 800 })
+  const probed = await startApp(t, { delayMs: 600 })
+  const web = await startApp(t)
+  const s = await startTestSidecar(t, {
+    service: 'shop',
+    version: '2.0.1',
+    upstreams: { slow: { url: slow.url }, probed: { url: probed.url }, web: { url: web.url } },
+    routes: [
+      { name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'slow', killSwitch: 'newCheckout' },
+      { name: 'deep', match: { pathPrefix: '/deep' }, upstream: 'probed' },
+      { name: 'catalog', match: { pathPrefix: '/' }, upstream: 'web' }
+    ],
+    featureFlags: { newCheckout: true },
+    rollbackTriggers: [{ name: 'checkout_slow', metric: 'p99_latency', threshold: 300, window: '2s', minRequests: 5, route: 'checkout', action: 'killSwitch', flags: ['newCheckout'] }],
+    verification: { intervalMs: 150, successes: 2, windowMs: '2s', timeoutMs: '5s', synthetics: [{ route: 'deep', path: '/deep/health' }] },
+    logging: { level: 'info', accessLog: false }
+  })
+  const load = traffic(s.proxy)
+  t.teardown(load.close)
+  await load.burst('/checkout/cart', 8)
+  s.sidecar.triggers.evaluate(Date.now())
+  t.ok(await eventually(async () => (await incidents(s))[0]?.status === 'verifying', 5000), 'the trigger killed checkout and verification started')
+  const stop = users(load, '/catalog/items')
+  t.teardown(stop)
+  const i = await settled(s, 15_000)
+  await stop()
+  t.equal(i?.trigger, 'checkout_slow')
+  t.ok(i.checks.syntheticRequests >= 1, `the windows counted ${String(i.checks.syntheticRequests)} slow probes`)
+  t.equal(i?.status, 'restored', `users are served fast: restored (checks ${JSON.stringify(i?.checks)})`)
+  t.ok(i.checks.p99Ms < 300, `the p99 is the users' (${String(i.checks.p99Ms)} ms), not the probes' 600 ms`)
 })
 
 t.test("two incidents at once: neither counts the other's probes as real traffic", async (t) => {

@@ -40,7 +40,7 @@ import { Agent, request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, quantile } from '../proxy/window.js'
+import { emptySums, latencyBin, quantile } from '../proxy/window.js'
 import type { MitigationRecord } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import type { NotificationEvent, Notifier } from './notify.js'
@@ -160,6 +160,8 @@ interface Probe {
   second: number
   route: string
   error: boolean
+  /** The latency bin the window counted it in, or -1 (none counted). */
+  bin: number
 }
 
 interface Running {
@@ -367,11 +369,11 @@ export class Verifier {
 
   /**
    * One of `incident`'s probes ended in the data plane, counted in `route`'s trigger window at
-   * `atMs` as an error or not: left out of the real traffic and of the impact, in the very
-   * second the window holds it.
+   * `atMs` as an error or not, with `latencyMs` (-1: no latency counted): left out of the real
+   * traffic, its latency and the impact, in the very second the window holds it.
    */
-  probeEnded (incident: string, route: string, atMs: number, error: boolean): void {
-    if (this.incidents.some((i) => i.id === incident)) this.probes.push({ second: Math.floor(atMs / 1000), route, error })
+  probeEnded (incident: string, route: string, atMs: number, error: boolean, latencyMs: number): void {
+    if (this.incidents.some((i) => i.id === incident)) this.probes.push({ second: Math.floor(atMs / 1000), route, error, bin: latencyMs >= 0 ? latencyBin(latencyMs) : -1 })
   }
 
   /**
@@ -782,20 +784,23 @@ export class Verifier {
     for (const s of this.deps.stats()) {
       if (routes.has(s.route)) s.window.sum(from, to, sums)
     }
-    // The verifier's own probes are not real traffic. (Their latencies stay in the histogram:
-    // a probe is one request among the window's, and bins cannot be told apart.)
+    // The verifier's own probes are not real traffic, nor their latencies: a p99_latency
+    // incident is judged by what users waited (SPEC §15), each probe taken out of the bin the
+    // window counted it in.
+    const latency = sums.latency as Float64Array
     let synthetic = 0
     for (const p of this.probes) {
       if (p.second < from || p.second >= to || !routes.has(p.route)) continue
       synthetic++
       sums.requests--
       if (p.error) sums.errors--
+      if (p.bin >= 0 && (latency[p.bin] as number) > 0) latency[p.bin] = (latency[p.bin] as number) - 1
     }
     this.forgetProbes(now)
     sums.requests = Math.max(0, sums.requests)
     sums.errors = Math.min(Math.max(0, sums.errors), sums.requests)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
-    const p99Ms = quantile(sums.latency as Float64Array, 0.99)
+    const p99Ms = quantile(latency, 0.99)
     const minRequests = Math.min(run.trigger?.minRequests ?? 10, 10)
     if (sums.requests < minRequests) return { ok: null, errorRate, p99Ms, requests: sums.requests, synthetic }
     const t = run.trigger

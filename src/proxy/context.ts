@@ -325,7 +325,7 @@ export abstract class RequestContext implements LaterLine {
       // Answered by a failover: its record since traffic went there (triage).
       if (route !== null && this.upstream !== route.upstream && this.upstream !== null) route.upstream.failover?.served(windowed === 1)
       const head = this.head
-      if (head !== null && head.synthetic !== '' && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1)
+      if (head !== null && head.synthetic !== '' && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1, headMs)
     }
     const rate = dp.accessLogRate
     const logged = rate > 0 && (rate >= 1 || Math.random() < rate)

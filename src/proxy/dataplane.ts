@@ -65,10 +65,10 @@ export class DataPlane {
   accessLogRate = 1
   /**
    * A verification probe (`x-breakwater-synthetic: INCIDENT`) that the trigger windows counted
-   * ended at `atMs` (the time they counted it under), as an error or not: the verifier leaves it
-   * out of the real traffic.
+   * ended at `atMs` (the time they counted it under), as an error or not, with the latency they
+   * counted (`latencyMs`, -1 for none): the verifier leaves it out of the real traffic.
    */
-  onSynthetic: ((incident: string, route: string, atMs: number, error: boolean) => void) | null = null
+  onSynthetic: ((incident: string, route: string, atMs: number, error: boolean, latencyMs: number) => void) | null = null
   /**
    * What the verifier's probes carry in `x-breakwater-probe` (never forwarded): a client that
    * sends `x-breakwater-synthetic` without it is real traffic, counted as such.
