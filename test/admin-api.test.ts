@@ -277,6 +277,26 @@ t.test('audit: every mutating call leaves one line, flushed before the answer; G
   t.ok(s.logs.some((l) => l.event === 'mitigation' && l.level === 'warn'), 'mitigation events logged at warn')
 })
 
+t.test('a refused mitigation that named nothing says in the audit what it was about', async (t) => {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, config(up.url, { version: '3.1.4', featureFlags: { enableNewCheckout: false, newSearch: false, unrelated: true } }))
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad deploy' })).status, 409, 'no rollback action configured')
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'killSwitch', reason: 'kill all' })).status, 409, 'every kill switch is off already')
+  t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'circuitBreak', reason: 'break all' })).status, 409, 'no circuit is failing')
+  t.equal((await admin(s.admin, 'PUT', '/v1/circuits/ghost', { state: 'open', reason: 'ghost' })).status, 404)
+  const entries = (await admin(s.admin, 'GET', '/v1/audit?limit=4')).body.entries.reverse()
+  t.match(entries, [
+    { action: 'refused', wanted: 'mitigation.rollback', result: 'rollback_not_configured', reason: 'bad deploy' },
+    { action: 'refused', wanted: 'mitigation.killSwitch', result: 'nothing_to_mitigate', reason: 'kill all' },
+    { action: 'refused', wanted: 'mitigation.circuitBreak', result: 'nothing_to_mitigate', reason: 'break all' },
+    { action: 'refused', wanted: 'circuit.force', result: 'unknown_upstream', reason: 'ghost', targets: ['ghost'] }
+  ])
+  t.same(entries[0].targets, ['3.1.4'], 'a rollback is about the version running')
+  t.same([...entries[1].targets].sort(), ['enableNewCheckout', 'newSearch'], 'a bare kill switch is about the kill-switch flags it looked at')
+  t.same(entries[2].targets, ['pay'], 'a bare circuit break is about the circuits it looked at')
+})
+
 t.test('state persists in STATEDIR/state.json, written with mode 0600', async (t) => {
   const up = await startUpstream()
   t.teardown(up.close)

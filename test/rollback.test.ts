@@ -55,6 +55,7 @@ t.test('webhook rollback: POST with service, version, trigger, reason and an Ide
   const audit = await admin(s.admin, 'GET', '/v1/audit?limit=3')
   t.match(audit.body.entries.find((e: any) => e.action === 'mitigation.rollback'), { result: 'running', targets: ['2.4.1'] })
   t.match(audit.body.entries.find((e: any) => e.action === 'mitigation.rollback.result'), { result: 'succeeded', targets: ['2.4.1'] })
+  t.match(audit.body.entries.find((e: any) => e.action === 'refused'), { wanted: 'mitigation.rollback', result: 'already_rolled_back', reason: 'again', targets: ['2.4.1'] }, 'the refused rollback names the version it was about')
 })
 
 t.test('webhook rollback is retried with backoff on 5xx, with the same Idempotency-Key; a 4xx is not retried', async (t) => {

@@ -107,15 +107,22 @@ function stringList (b: Body, key: string): string[] | undefined {
   return v as string[]
 }
 
-/** What a mutating call asked for, as its audit line would have named it. */
-function wantedBy (req: FastifyRequest, b: Body): { action: string, targets: string[] } {
+/**
+ * What a mutating call asked for, as its audit line would have named it: a mitigation that
+ * names nothing (a rollback, a bare kill switch or circuit break) is about what it would have
+ * acted on.
+ */
+function wantedBy (req: FastifyRequest, b: Body, control: ControlPlane): { action: string, targets: string[] } {
   const p = req.params as Record<string, string | undefined>
   const names = (key: string): string[] => Array.isArray(b[key]) ? (b[key] as unknown[]).filter((x): x is string => typeof x === 'string') : []
   switch (`${req.method} ${req.routeOptions.url ?? ''}`) {
     case 'PUT /v1/flags/:key': return { action: 'flag.override', targets: [p.key ?? ''] }
     case 'DELETE /v1/flags/:key': return { action: 'flag.clear', targets: [p.key ?? ''] }
     case 'PUT /v1/circuits/:upstream': return { action: 'circuit.force', targets: [p.upstream ?? ''] }
-    case 'POST /v1/mitigations': return { action: `mitigation.${String(b.action)}`, targets: [...names('flags'), ...names('upstreams'), ...names('routes')] }
+    case 'POST /v1/mitigations': {
+      const named = [...names('flags'), ...names('upstreams'), ...names('routes')]
+      return { action: `mitigation.${String(b.action)}`, targets: named.length > 0 ? named : control.impliedTargets(String(b.action)) }
+    }
     case 'DELETE /v1/mitigations/:id': return { action: 'mitigation.lift', targets: [p.id ?? ''] }
     default: return { action: `${req.method} ${req.url.split('?')[0] ?? ''}`, targets: [] }
   }
@@ -169,7 +176,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
       // tried what, when, and why it did not happen); bad input (400) is not.
       if (err.status !== 400 && req.method !== 'GET') {
         const b = (req.body ?? {}) as Body
-        const { action, targets } = wantedBy(req, b)
+        const { action, targets } = wantedBy(req, b, control)
         await control.journal.record({ action: 'refused', targets, reason: typeof b.reason === 'string' ? b.reason.trim() : '', result: err.code, requester: req.socket.remoteAddress ?? 'unknown', wanted: action, status: err.status })
       }
       if (typeof err.details.retryAfterSeconds === 'number') void reply.header('retry-after', String(err.details.retryAfterSeconds))

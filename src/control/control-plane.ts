@@ -389,6 +389,20 @@ export class ControlPlane {
     await this.commit({ action: 'fleet.failover', scope: 'fleet', targets: [upstream], reason: entry?.reason ?? 'removed from etcd', result: applied ? 'applied' : 'not_applied', requester: entry?.requester ?? 'etcd', value: entry?.value ?? null, id: entry?.id ?? null, writer: entry?.instance ?? null, expiresAt: entry?.expiresAt ?? null })
   }
 
+  /**
+   * What a mitigation that names no target is about, for the audit line of its refusal (SPEC
+   * §6: every line says what it was about): a rollback's version (the one this sidecar runs),
+   * the kill-switch flags a bare killSwitch looks at, the circuits a bare circuitBreak does.
+   */
+  impliedTargets (action: string): string[] {
+    switch (action) {
+      case 'rollback': return [this.config().version]
+      case 'killSwitch': return this.circuits.killSwitchFlags()
+      case 'circuitBreak': return this.circuits.circuits().map((c) => c.upstream)
+      default: return []
+    }
+  }
+
   /** A mitigation by id: one of this sidecar's records, or a fleet failover. */
   findMitigation (id: string): MitigationRecord | undefined {
     const found = this.mitigations.find(id)
