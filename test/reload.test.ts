@@ -99,6 +99,32 @@ t.test('an open circuit stays open over a reload of unchanged settings; a change
   t.equal(healthy.received.length, 1)
 })
 
+t.test('a reload that closes an open circuit by changing its settings says so: a circuit_closed line and a counted transition', async (t) => {
+  const failing = await startUpstream(status(503))
+  t.teardown(failing.close)
+  const input = (recoveryTimeout: string): Record<string, unknown> => ({
+    upstreams: { app: { url: failing.url } },
+    routes: [{ name: 'main', match: { pathPrefix: '/' }, upstream: 'app' }],
+    circuitBreakers: { app: { volumeThreshold: 2, failureThreshold: 0.5, recoveryTimeout } }
+  })
+  const s = await startFileSidecar(t, input('1h'))
+  t.ok(await eventually(async () => (await outcome(send(s.proxy, '/'))).error === 'circuit_open', 10_000), 'failures open the circuit')
+  const closes = (): Array<Record<string, unknown>> => s.logs.filter((l) => l.event === 'circuit_closed' && l.upstream === 'app')
+  t.equal(await metricValue(s.ops, 'breakwater_circuit_transitions_total', { upstream: 'app', state: 'closed' }), 0)
+
+  await reload(s, input('2h'))
+  t.equal((await outcome(send(s.proxy, '/'))).status, 503, 'the fresh breaker lets traffic through to the failing upstream')
+  t.equal(s.sidecar.dataPlane.circuit('app')?.automaticState, 'closed')
+  t.equal(closes().length, 1, 'one circuit_closed line: the last word on the circuit is not "open" any more')
+  t.match(closes()[0], { level: 'warn', state: 'closed', from: 'open', cause: 'reload' })
+  t.equal(await metricValue(s.ops, 'breakwater_circuit_transitions_total', { upstream: 'app', state: 'closed' }), 1, 'counted as a transition to closed')
+
+  // A reload that keeps the (now closed) breaker as it is says nothing.
+  await reload(s, input('2h'))
+  t.equal(closes().length, 1)
+  t.equal(await metricValue(s.ops, 'breakwater_circuit_transitions_total', { upstream: 'app', state: 'closed' }), 1)
+})
+
 t.test('an operator\'s forced circuit survives a reload that changes the upstream', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)

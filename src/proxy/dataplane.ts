@@ -134,7 +134,14 @@ export class DataPlane {
       circuits.set(name, circuit)
       upstream.circuit = circuit
     }
-    for (const [name, prev] of this.circuits) if (circuits.get(name) !== prev) prev.shutdown()
+    for (const [name, prev] of this.circuits) {
+      const next = circuits.get(name)
+      if (next === prev) continue
+      // An open (or half-open) breaker replaced by a closed one is a transition like any other:
+      // logged and counted, or the last line says "open" while traffic floods the upstream.
+      if (prev.automatic && prev.automaticState !== 'closed' && (next === undefined || !next.automatic || next.automaticState === 'closed')) this.closedByReload(name, prev, next)
+      prev.shutdown()
+    }
     this.circuits = circuits
     const previous = new Map<string, Route>()
     for (const r of this.routes) previous.set(r.name, r)
@@ -175,6 +182,13 @@ export class DataPlane {
     this.transitions.set(key, (this.transitions.get(key) ?? 0) + 1)
     const circuit = this.circuits.get(upstream)
     this.logger.warn({ event: `circuit_${to.replace('-', '_')}`, upstream, state: to, failureRate: circuit?.failureRate, forced: circuit?.forced ?? null }, `circuit ${to}`)
+  }
+
+  /** A reload replaced `prev`, open or half-open, with a closed breaker (`next`) or none. */
+  private closedByReload (upstream: string, prev: Circuit, next: Circuit | undefined): void {
+    const key = `${upstream}\u0000closed`
+    this.transitions.set(key, (this.transitions.get(key) ?? 0) + 1)
+    this.logger.warn({ event: 'circuit_closed', upstream, state: 'closed', from: prev.automaticState, cause: 'reload', forced: next?.forced ?? null }, 'circuit closed by a reload: its upstream or breaker settings changed')
   }
 
   circuit (upstream: string): Circuit | undefined {
