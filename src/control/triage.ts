@@ -159,21 +159,20 @@ export function triage (input: TriageInput): TriageReport {
     const f = failover(upstream)
     return f !== undefined && !failoverFailing(f)
   }
+  const switchedOff = (name: string): boolean => {
+    const key = config.routes.find((r) => r.name === name)?.killSwitch ?? null
+    return key !== null && !input.flagEnabled(key)
+  }
   const killed = (name: string): boolean => {
     const route = config.routes.find((r) => r.name === name)
-    const key = route?.killSwitch ?? null
     // A forced-open upstream with a failover sends the route to its failover: not isolated.
     const isolated = route !== undefined && ((forcedOpen(route.upstream) && config.upstreams[route.upstream]?.failover == null) || failedOver(route.upstream))
-    return (key !== null && !input.flagEnabled(key)) || isolated
+    return switchedOff(name) || isolated
   }
   const failingRoutes = routes.filter((r) => r.elevated && !killed(r.name))
   // An upstream is judged on the routes still sending it traffic: the errors a switched-off
   // route left in the last minute are the kill switch's, already handled, and must not turn
   // into a failover or a circuit break of the upstream behind it.
-  const switchedOff = (name: string): boolean => {
-    const key = config.routes.find((r) => r.name === name)?.killSwitch ?? null
-    return key !== null && !input.flagEnabled(key)
-  }
   const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, now)
   // A dependency that answers, but far slower than it did, fails its callers as surely as one
   // that errors (SPEC §11: latency against its baseline), short of the route's timeout. Errors
