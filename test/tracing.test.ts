@@ -2,17 +2,17 @@
  * Tracing end to end over real sockets (SPEC §18): a real upstream, a real sidecar and a real
  * local OTLP/HTTP receiver that decodes what OpenTelemetry's exporter sends.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createRequire } from 'node:module'
 import { once } from 'node:events'
 import { startTestSidecar, startCaptured, testSidecarInput, oneRoute } from './helpers/sidecar.js'
 import { startProcess } from './helpers/process.js'
-import { startUpstream, status } from './helpers/upstream.js'
+import { startUpstream, status, type TestUpstream } from './helpers/upstream.js'
 import { startOtlpReceiver, type OtlpReceiver, type OtlpSpan } from './helpers/otlp.js'
 import { send, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
-import { createPki } from './helpers/certificates.js'
+import { createPki, type Pki } from './helpers/certificates.js'
 import { mkdtempSync, renameSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -395,12 +395,18 @@ t.test('tracing config: defaults, endpoint path, and problems that name the key'
   t.notMatch(secret, /42/, 'a header value is never echoed')
 })
 
-t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA; problems name the key', async (t) => {
+/** An https:// OTLP collector signed by a private CA (its `pki`), and an upstream to trace requests to. */
+async function privateCollector (t: Test): Promise<{ pki: Pki, receiver: OtlpReceiver, upstream: TestUpstream }> {
   const pki = createPki(t, 'Collector CA')
   const receiver = await startOtlpReceiver(pki.issue('collector', 1))
   t.teardown(receiver.close)
   const upstream = await startUpstream()
   t.teardown(upstream.close)
+  return { pki, receiver, upstream }
+}
+
+t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA; problems name the key', async (t) => {
+  const { pki, receiver, upstream } = await privateCollector(t)
   const s = await startTestSidecar(t, { ...oneRoute(upstream.url), ...tracing(receiver, { tls: { ca: pki.ca } }) })
   t.equal((await send(s.proxy, '/over-tls')).status, 200)
   const [span] = await spansArrive(receiver, 1)
@@ -417,11 +423,7 @@ t.test('tracing.tls.ca: spans reach an https:// collector signed by a private CA
 })
 
 t.test('tracing.tls.ca is read once, by the config check: a CA file moved away before the exporter starts does not matter', async (t) => {
-  const pki = createPki(t, 'Collector CA')
-  const receiver = await startOtlpReceiver(pki.issue('collector', 1))
-  t.teardown(receiver.close)
-  const upstream = await startUpstream()
-  t.teardown(upstream.close)
+  const { pki, receiver, upstream } = await privateCollector(t)
   const stateDir = mkdtempSync(join(tmpdir(), 'breakwater-test-'))
   const { config } = resolveConfig(testSidecarInput({ ...oneRoute(upstream.url), ...tracing(receiver, { tls: { ca: pki.ca } }) }, stateDir))
   // A rotation moves the bundle away between the check and the start.
