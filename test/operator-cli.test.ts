@@ -141,6 +141,8 @@ t.test('status, and commands that are refused or fail: all change nothing', asyn
     const body = parseOnlyJson(unreachableJson)
     t.equal(body.error, 'unreachable')
     t.equal(body.admin, 'http://127.0.0.1:1')
+    t.equal(body.timedOut, undefined, 'a refused connection is not a wait that ran out')
+    t.equal(body.mayHaveApplied, undefined)
   })
 
   t.test('nothing was changed', async (t) => {
@@ -225,9 +227,10 @@ t.test('a hung admin API (accepts, never answers): every command ends with exit 
   t.match(kill?.stderr, 'the kill may still have been applied: `breakwater status` shows it', 'a change asked for: the operator is told it may have landed')
   t.notMatch(status?.stderr, /may still have been applied/, 'a read: nothing to have landed')
   t.equal(circuitJson?.code, 1)
-  t.match(parseOnlyJson(circuitJson as CliResult), { admin: url, error: 'unreachable', message: 'no answer within 5 s' })
+  t.match(parseOnlyJson(circuitJson as CliResult), { admin: url, error: 'unreachable', message: 'no answer within 5 s', timedOut: true, mayHaveApplied: true },
+    'a script can tell a wait that ran out from a refused connection, and that the change may have landed')
   t.equal(shortJson?.code, 1)
-  t.match(parseOnlyJson(shortJson as CliResult), { error: 'unreachable', message: 'no answer within 1 s' })
+  t.match(parseOnlyJson(shortJson as CliResult), { error: 'unreachable', message: 'no answer within 1 s', timedOut: true, mayHaveApplied: false }, 'a read: nothing to have landed')
   const [bad] = await runAll(run, [{ args: ['status', '--timeout', 'soon', '--admin', url], env: withToken }])
   t.equal(bad?.code, 2, 'a --timeout that is not a duration is a usage error')
   t.match(bad?.stderr, '--timeout must be a duration')

@@ -54,7 +54,8 @@ export async function runOperator (a: OperatorArgs, io: Io): Promise<number> {
   const answers = (await Promise.all(targets.map(async (t: Target) => await call(t, request.method, request.path, request.body, timeoutMs))))
     .map((x) => x.ok && !fromAdminApi(a, x) ? { ...x, ok: false, foreign: true } : x)
   if (a.json) {
-    io.out(JSON.stringify(answers.length === 1 ? jsonOf(answers[0] as Answer) : answers.map(jsonOf), null, 2) + '\n')
+    const json = (x: Answer): unknown => jsonOf(x, request.method !== 'GET')
+    io.out(JSON.stringify(answers.length === 1 ? json(answers[0] as Answer) : answers.map(json), null, 2) + '\n')
   } else {
     for (const note of notes) io.err(`note: ${note}\n`)
     for (const answer of answers) {
@@ -115,8 +116,15 @@ function foreignMessage (x: Answer): string {
   return `${x.admin} answered ${x.status} (${x.contentType === '' ? 'no content-type' : x.contentType}), but not as a Breakwater admin API; is --admin the sidecar's admin listener (listen.admin), not its proxy or ops port?`
 }
 
-function jsonOf (a: Answer): unknown {
-  if (a.unreachable !== undefined) return { admin: a.admin, error: 'unreachable', message: a.unreachable }
+/**
+ * The answer as `--json` prints it. A wait that ran out (`timedOut`) is told apart from a sidecar
+ * that refused the connection: after a timeout a change asked for may still land
+ * (`mayHaveApplied`), after a refused connection it cannot have.
+ */
+function jsonOf (a: Answer, change: boolean): unknown {
+  if (a.unreachable !== undefined) {
+    return { admin: a.admin, error: 'unreachable', message: a.unreachable, ...(a.timedOut === true ? { timedOut: true, mayHaveApplied: change } : {}) }
+  }
   if (a.foreign === true) return { admin: a.admin, status: a.status, error: 'not_admin_api', message: foreignMessage(a) }
   return a.ok ? a.body : { admin: a.admin, status: a.status, ...(typeof a.body === 'object' && a.body !== null ? a.body : { body: a.body }) }
 }
