@@ -244,7 +244,7 @@ export class Sidecar {
       const { incident, opened } = this.verifier.triggerFired(trigger, at, reading)
       return { id: incident.id, opened }
     }
-    this.dataPlane.onSynthetic = (incident, route, atMs, error, latencyMs) => { this.verifier.probeEnded(incident, route, atMs, error, latencyMs) }
+    this.dataPlane.onSynthetic = (incident, route, atMs) => { this.verifier.probeEnded(incident, route, atMs) }
     // Restoration seen on this sidecar's own traffic ends its Alertmanager alert too.
     this.triggers.onRearm = (trigger) => {
       this.notifier.alertmanager.resolve(trigger.name)

@@ -151,6 +151,38 @@ t.test('below minRequests a trigger is inconclusive and never fires; GET /v1/sta
   t.equal(await metricValue(s.ops, 'breakwater_trigger_value', { trigger: 'error_rate_0_5_10s' }), 1, 'an inconclusive trigger still shows its value')
 })
 
+t.test('the verifier\'s own probes are not users\' traffic: no trigger window and no triage signal counts them, and they dilute nothing', async (t) => {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [
+      errorTrigger(),
+      { name: 'slow-p99', metric: 'p99_latency', threshold: 2000, window: '5s', minRequests: 5, action: 'notify' }
+    ]
+  })
+  const probe = async (path: string): Promise<number> =>
+    (await send(s.proxy, path, { headers: { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': s.sidecar.dataPlane.probeKey } })).status
+  // A probe of a dead path, then of a stalled one, again and again: nothing users sent.
+  t.same(await Promise.all(Array.from({ length: 8 }, async () => await probe('/fail'))), Array(8).fill(500))
+  t.same(await Promise.all(Array.from({ length: 6 }, async () => await probe('/stall'))), Array(6).fill(200))
+  evaluate(s)
+  t.match(await triggerOf(s, 'errors'), { state: 'inconclusive', requests: 0, errors: 0, fired: 0 }, 'probes alone: no error rate to judge')
+  t.match(await triggerOf(s, 'slow-p99'), { state: 'inconclusive', requests: 0, fired: 0 }, 'probes alone: no p99 to judge')
+  let triage = (await admin(s.admin, 'GET', '/v1/triage')).body
+  t.equal(triage.evidence.all.current.requests, 0, 'triage saw no users\' request')
+  t.equal(triage.scenario, 'healthy', 'and calls nothing elevated')
+  // Users failing while probes pass: the probes do not dilute the users' error rate.
+  const l = load(t, s)
+  t.same(await l.burst('/fail', 6), Array(6).fill(500))
+  t.same(await Promise.all(Array.from({ length: 10 }, async () => await probe('/ok'))), Array(10).fill(200))
+  evaluate(s)
+  t.match(await triggerOf(s, 'errors'), { state: 'fired', requests: 6, errors: 6, value: 1 }, 'the users\' error rate, whole')
+  triage = (await admin(s.admin, 'GET', '/v1/triage')).body
+  t.match(triage.evidence.all.current, { requests: 6, errorRate: 1 }, 'triage reads the users\' requests only')
+  t.equal(firedLines(s, 'slow-p99').length, 0, 'the stalled probes never fired the p99 trigger')
+})
+
 t.test('what error_rate counts: upstream 5xx, 502, 504 and a circuit opened by failures; never kill switches, forced circuits or bulkheads', async (t) => {
   const up = await app(t)
   const dead = await refusedUrl()

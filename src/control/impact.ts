@@ -6,9 +6,9 @@
  *
  * Only what the windows hold is counted: requests of the incident's routes whose outcome the
  * trigger windows record (SPEC §15: upstream failures, and refusals of a circuit that opened on
- * failures; never a kill switch's or a forced circuit's refusals), without the verifier's own
- * probes. A span the sidecar held no figures for (it was restarted) is listed as a gap, never
- * filled in.
+ * failures; never a kill switch's or a forced circuit's refusals), which never hold the
+ * verifier's own probes. A span the sidecar held no figures for (it was restarted) is listed
+ * as a gap, never filled in.
  */
 import type { RouteStats } from '../proxy/stats.js'
 import { emptySums } from '../proxy/window.js'
@@ -40,17 +40,12 @@ export function emptyImpact (fromSec: number): Impact {
   return { from: iso(fromSec), to: iso(fromSec), requests: 0, failed: 0, peakErrorRate: null, peakAt: null, probesExcluded: 0, gaps: [], countedUntil: fromSec }
 }
 
-export interface Probes {
-  requests: number
-  errors: number
-}
-
 /**
  * Add the whole seconds [impact.countedUntil, toSec) of the `routes` windows into `impact`.
  * `heldSince`: the first second this process holds (its start); `probes(second)`: the
- * verifier's probes counted in that second.
+ * verifier's probes the windows left out in that second.
  */
-export function countImpact (impact: Impact, stats: Iterable<RouteStats>, routes: ReadonlySet<string>, toSec: number, heldSince: number, probes: (second: number) => Probes): void {
+export function countImpact (impact: Impact, stats: Iterable<RouteStats>, routes: ReadonlySet<string>, toSec: number, heldSince: number, probes: (second: number) => number): void {
   if (toSec <= impact.countedUntil) return
   if (impact.countedUntil < heldSince) {
     const gapTo = Math.min(heldSince, toSec)
@@ -62,26 +57,21 @@ export function countImpact (impact: Impact, stats: Iterable<RouteStats>, routes
   const from = impact.countedUntil
   const total = emptySums(false)
   for (const s of scoped) s.window.sum(from, toSec, total)
-  let probesRequests = 0
-  let probesErrors = 0
+  let probesExcluded = 0
   for (let second = Math.max(from, toSec - SECONDS_HELD); second < toSec; second++) {
-    const p = probes(second)
-    probesRequests += p.requests
-    probesErrors += p.errors
+    probesExcluded += probes(second)
     const one = emptySums(false)
     for (const s of scoped) s.window.sum(second, second + 1, one)
-    const requests = one.requests - p.requests
-    const errors = Math.max(0, one.errors - p.errors)
-    if (requests < PEAK_MIN_REQUESTS) continue
-    const rate = errors / requests
+    if (one.requests < PEAK_MIN_REQUESTS) continue
+    const rate = one.errors / one.requests
     if (impact.peakErrorRate === null || rate > impact.peakErrorRate) {
       impact.peakErrorRate = Math.round(rate * 1e4) / 1e4
       impact.peakAt = iso(second)
     }
   }
-  impact.requests += Math.max(0, total.requests - probesRequests)
-  impact.failed += Math.max(0, total.errors - probesErrors)
-  impact.probesExcluded += probesRequests
+  impact.requests += total.requests
+  impact.failed += total.errors
+  impact.probesExcluded += probesExcluded
   impact.countedUntil = toSec
   impact.to = iso(toSec)
 }

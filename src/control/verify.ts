@@ -40,13 +40,13 @@ import { Agent, request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, latencyBin, quantile } from '../proxy/window.js'
+import { emptySums, quantile } from '../proxy/window.js'
 import type { MitigationRecord } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import type { NotificationEvent, Notifier } from './notify.js'
 import type { Reading } from './triggers.js'
 import type { TriageReport } from './triage.js'
-import { countImpact, emptyImpact, type Impact, type Probes } from './impact.js'
+import { countImpact, emptyImpact, type Impact } from './impact.js'
 import { Deadlines } from './deadlines.js'
 
 export interface Incident {
@@ -155,13 +155,10 @@ export interface VerifierDeps {
   triage: () => TriageReport
 }
 
-/** One probe the data plane counted: subtracted from the real-traffic figure. */
+/** One probe the data plane left out of the windows: told in the figures as left out. */
 interface Probe {
   second: number
   route: string
-  error: boolean
-  /** The latency bin the window counted it in, or -1 (none counted). */
-  bin: number
 }
 
 interface Running {
@@ -183,9 +180,9 @@ export class Verifier {
   ttrCount = 0
   private readonly running = new Map<string, Running>()
   /**
-   * Every probe the windows counted (`probeEnded`), whichever incident sent it: no incident's
-   * figures count another's probes as real traffic. Kept until no window read and no impact
-   * count can reach its second (`forgetProbes`).
+   * Every probe the data plane left out of the windows (`probeEnded`), whichever incident sent
+   * it, for the figures that say how many were left out. Kept until no window read and no
+   * impact count can reach its second (`forgetProbes`).
    */
   private probes: Probe[] = []
   private readonly escalations = new Deadlines()
@@ -368,12 +365,12 @@ export class Verifier {
   }
 
   /**
-   * One of `incident`'s probes ended in the data plane, counted in `route`'s trigger window at
-   * `atMs` as an error or not, with `latencyMs` (-1: no latency counted): left out of the real
-   * traffic, its latency and the impact, in the very second the window holds it.
+   * One of `incident`'s probes ended in the data plane on `route` at `atMs`: the windows left it
+   * out of the real traffic, its latency and the impact; `checks.syntheticRequests` and
+   * `impact.probesExcluded` say how many.
    */
-  probeEnded (incident: string, route: string, atMs: number, error: boolean, latencyMs: number): void {
-    if (this.incidents.some((i) => i.id === incident)) this.probes.push({ second: Math.floor(atMs / 1000), route, error, bin: latencyMs >= 0 ? latencyBin(latencyMs) : -1 })
+  probeEnded (incident: string, route: string, atMs: number): void {
+    if (this.incidents.some((i) => i.id === incident)) this.probes.push({ second: Math.floor(atMs / 1000), route })
   }
 
   /**
@@ -390,12 +387,11 @@ export class Verifier {
   private count (incident: Incident, now: number): void {
     const probes = this.probes
     const scope = this.routesInScope(incident.scope)
-    // Only probes on the incident's routes are in the figures to subtract them from.
-    const of = (second: number): Probes => {
+    // Only probes on the incident's routes would have been in its figures.
+    const of = (second: number): number => {
       let requests = 0
-      let errors = 0
-      for (const p of probes) if (p.second === second && scope.has(p.route)) { requests++; if (p.error) errors++ }
-      return { requests, errors }
+      for (const p of probes) if (p.second === second && scope.has(p.route)) requests++
+      return requests
     }
     countImpact(incident.impact, this.deps.stats(), scope, Math.floor(now / 1000), this.heldSince, of)
   }
@@ -730,7 +726,7 @@ export class Verifier {
             error = (err as Error).message
           }
         }
-        // The data plane tells `probeEnded` how its windows counted it, to subtract it.
+        // The data plane leaves it out of its windows and tells `probeEnded`, to say so.
         return { path: s.path, status, expected: s.expectStatus, ...(error !== null ? { error } : {}) }
       }))
       if (agent !== null) void agent.close().catch(() => {})
@@ -785,20 +781,12 @@ export class Verifier {
       if (routes.has(s.route)) s.window.sum(from, to, sums)
     }
     // The verifier's own probes are not real traffic, nor their latencies: a p99_latency
-    // incident is judged by what users waited (SPEC §15), each probe taken out of the bin the
-    // window counted it in.
+    // incident is judged by what users waited (SPEC §15). The windows never counted them; this
+    // says how many were left out.
     const latency = sums.latency as Float64Array
     let synthetic = 0
-    for (const p of this.probes) {
-      if (p.second < from || p.second >= to || !routes.has(p.route)) continue
-      synthetic++
-      sums.requests--
-      if (p.error) sums.errors--
-      if (p.bin >= 0 && (latency[p.bin] as number) > 0) latency[p.bin] = (latency[p.bin] as number) - 1
-    }
+    for (const p of this.probes) if (p.second >= from && p.second < to && routes.has(p.route)) synthetic++
     this.forgetProbes(now)
-    sums.requests = Math.max(0, sums.requests)
-    sums.errors = Math.min(Math.max(0, sums.errors), sums.requests)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
     const p99Ms = quantile(latency, 0.99)
     const minRequests = Math.min(run.trigger?.minRequests ?? 10, 10)

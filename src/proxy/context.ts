@@ -320,12 +320,17 @@ export abstract class RequestContext implements LaterLine {
       // client: neither a request nor an error for the triggers
     }
     if (windowed !== -1) {
-      const now = Date.now()
-      stats.outcome(now, windowed === 1, headMs)
-      // Answered by a failover: its record since traffic went there (triage).
-      if (route !== null && this.upstream !== route.upstream && this.upstream !== null) route.upstream.failover?.served(windowed === 1)
       const head = this.head
-      if (head !== null && head.synthetic !== '' && route !== null && dp.onSynthetic !== null && head.probeKey === dp.probeKey) dp.onSynthetic(head.synthetic, route.name, now, windowed === 1, headMs)
+      // The verifier's own probe (it carries the process's key, which no client can know) is
+      // not users' traffic: no trigger window, triage signal or failover record counts it
+      // (SPEC §15), so a probe of a dead path fires nothing and healthy probes dilute nothing.
+      if (head !== null && head.synthetic !== '' && head.probeKey === dp.probeKey) {
+        if (route !== null && dp.onSynthetic !== null) dp.onSynthetic(head.synthetic, route.name, Date.now())
+      } else {
+        stats.outcome(Date.now(), windowed === 1, headMs)
+        // Answered by a failover: its record since traffic went there (triage).
+        if (route !== null && this.upstream !== route.upstream && this.upstream !== null) route.upstream.failover?.served(windowed === 1)
+      }
     }
     const rate = dp.accessLogRate
     const logged = rate > 0 && (rate >= 1 || Math.random() < rate)

@@ -64,11 +64,11 @@ export class DataPlane {
   readonly transitions = new Map<string, number>()
   accessLogRate = 1
   /**
-   * A verification probe (`x-breakwater-synthetic: INCIDENT`) that the trigger windows counted
-   * ended at `atMs` (the time they counted it under), as an error or not, with the latency they
-   * counted (`latencyMs`, -1 for none): the verifier leaves it out of the real traffic.
+   * A verification probe (`x-breakwater-synthetic: INCIDENT`) on `route` ended at `atMs` with an
+   * outcome the trigger windows would have counted; they did not (it is not users' traffic), and
+   * the verifier says how many it left out.
    */
-  onSynthetic: ((incident: string, route: string, atMs: number, error: boolean, latencyMs: number) => void) | null = null
+  onSynthetic: ((incident: string, route: string, atMs: number) => void) | null = null
   /**
    * What the verifier's probes carry in `x-breakwater-probe` (never forwarded): a client that
    * sends `x-breakwater-synthetic` without it is real traffic, counted as such.

@@ -61,7 +61,8 @@ export class RouteStats {
    * `error` is an `upstream` cause or a refusal by a circuit that failures opened; `latencyMs`
    * is the time to the response head, or -1 for a refusal. Client departures and refusals by
    * kill switches, forced circuits and bulkheads are never recorded: a mitigation must not
-   * keep its own trigger firing, and a client must not move it either way.
+   * keep its own trigger firing, and a client must not move it either way. Nor are the
+   * verifier's own probes: they are not users' traffic.
    */
   outcome (nowMs: number, error: boolean, latencyMs: number): void {
     this.window.record(nowMs, error, latencyMs)
