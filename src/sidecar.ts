@@ -761,7 +761,9 @@ export class Sidecar {
     // swap the config of a process that is going away). Refused, and said so.
     if (this.stopping !== null) {
       this.logger.warn({ event: 'config_reload', result: 'refused', why: 'draining', requester: actor.requester }, 'config reload refused: the sidecar is shutting down')
-      return { ok: false, problems: ['the sidecar is shutting down: a reload is not applied while it drains'], draining: true }
+      const problems = ['the sidecar is shutting down: a reload is not applied while it drains']
+      await this.control.recordReloadRefused(actor, 'draining', problems)
+      return { ok: false, problems, draining: true }
     }
     const result = await this.reloadFile()
     await this.control.recordReload(actor, result.ok, result.problems)

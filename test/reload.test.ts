@@ -6,11 +6,12 @@
 import t from 'tap'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { startUpstream, echo, status, type TestUpstream } from './helpers/upstream.js'
 import { startFileSidecar, type FileSidecar } from './helpers/file-sidecar.js'
 import { admin } from './helpers/admin.js'
+import { signalActor } from '../src/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { metricValue, scrape, hasSample } from './helpers/metrics.js'
 
@@ -269,7 +270,7 @@ t.test('a reload that moves stateDir or changes admin settings keeps the running
   t.equal((await admin(s.admin, 'GET', '/v1/state')).body.flags.newCheckout.enabled, false)
 })
 
-t.test('a reload during a drain is refused (409 draining, logged): it would restart the probes the shutdown stops', async (t) => {
+t.test('a reload during a drain is refused (409 draining, logged, audited like every refused call, SIGHUP\'s too): it would restart the probes the shutdown stops', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)
   const input = {
@@ -283,6 +284,15 @@ t.test('a reload during a drain is refused (409 draining, logged): it would rest
   t.equal(r.status, 409, 'refused while draining')
   t.equal(r.body.error, 'draining')
   t.ok(sc.logs.some((l) => l.event === 'config_reload' && l.result === 'refused' && l.why === 'draining'), 'and logged')
+  // What main does on SIGHUP.
+  const signalled = await sc.sidecar.reload(signalActor('SIGHUP'))
+  t.match(signalled, { ok: false, draining: true }, 'a SIGHUP while draining is refused too')
   t.notOk(sc.logs.some((l) => l.event === 'config_reload' && l.result === 'ok'), 'nothing was applied')
   await stopped
+  const log = join(sc.stateDir, 'audit.jsonl')
+  const audited = (existsSync(log) ? readFileSync(log, 'utf8') : '').split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.match(audited.filter((e) => e.wanted === 'config.reload'), [
+    { action: 'refused', wanted: 'config.reload', result: 'draining', status: 409, reason: 'edited', targets: [sc.configPath] },
+    { action: 'refused', wanted: 'config.reload', result: 'draining', status: 409, requester: 'signal:SIGHUP', reason: /SIGHUP/, targets: [sc.configPath] }
+  ], 'both refusals are in the audit log: who tried, what, and why it did not happen')
 })

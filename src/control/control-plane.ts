@@ -546,6 +546,16 @@ export class ControlPlane {
   }
 
   /**
+   * Audit a reload refused before the config was read (`draining`: the sidecar is shutting
+   * down), through the API (409) or on a signal: a refused call like any other (`refused`,
+   * `wanted`, the error code, the API's status), so the audit says who tried and why it did not
+   * happen. It changes no state: an audit line only.
+   */
+  async recordReloadRefused (actor: Actor, code: 'draining', problems: readonly string[]): Promise<void> {
+    await this.journal.record({ action: 'refused', wanted: 'config.reload', targets: [this.config().source ?? 'config'], reason: actor.reason, result: code, requester: actor.requester, status: 409, problems })
+  }
+
+  /**
    * In force or in progress (kill switches, circuit breaks, running or succeeded rollbacks,
    * failovers and rate limits), fleet failovers included; a failover says where it came from
    * (`origin`: local or fleet) and whether it is the decision in force for its upstream.
