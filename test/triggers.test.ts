@@ -488,6 +488,10 @@ t.test('operator wins: a flag an operator forced on is left alone by a killSwitc
   t.equal((await send(s.proxy, '/checkout/fail')).status, 500, 'checkout still reaches the app')
   const actions = (await auditEntries(s)).map((e) => e.action)
   t.notOk(actions.includes('mitigation.killSwitch'), `no trigger mitigation in the audit (${actions.join(', ')})`)
+  // The audit tells the refusal as it tells an operator's: who tried what, on what, and why not.
+  const refused = (await auditEntries(s)).filter((e) => e.action === 'refused')
+  t.match(refused, [{ wanted: 'mitigation.killSwitch', targets: ['newCheckout'], result: 'operator_override', status: 409, requester: 'trigger:checkout-errors', trigger: 'checkout-errors', reason: /^trigger checkout-errors: / }], 'the refused mitigation is audited')
+  t.equal(refused.length, 1)
   t.equal(firedLines(s, 'checkout-errors').length, 1)
 })
 
@@ -551,6 +555,7 @@ t.test('rollback trigger: one rollback per incident, and a second incident insid
   await sleep(300)
   t.equal(cd.deliveries.length, 1, 'no second rollback inside the cooldown')
   t.equal((await auditEntries(s)).filter((e) => e.action === 'mitigation.rollback').length, 1)
+  t.match((await auditEntries(s)).filter((e) => e.action === 'refused'), [{ wanted: 'mitigation.rollback', targets: ['2.4.2'], result: 'rollback_cooldown', requester: 'trigger:errors', trigger: 'errors' }], 'the refused second rollback is audited, naming the version it would have rolled back')
   t.equal(firedLines(s, 'errors').length, 2, 'both incidents were logged')
 })
 

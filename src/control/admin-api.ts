@@ -177,7 +177,7 @@ export function createAdminServer (deps: AdminDeps): FastifyInstance {
       if (err.status !== 400 && req.method !== 'GET') {
         const b = (req.body ?? {}) as Body
         const { action, targets } = wantedBy(req, b, control)
-        await control.journal.record({ action: 'refused', targets, reason: typeof b.reason === 'string' ? b.reason.trim() : '', result: err.code, requester: req.socket.remoteAddress ?? 'unknown', wanted: action, status: err.status })
+        await control.auditRefused(action, targets, err, { reason: typeof b.reason === 'string' ? b.reason.trim() : '', requester: req.socket.remoteAddress ?? 'unknown' })
       }
       if (typeof err.details.retryAfterSeconds === 'number') void reply.header('retry-after', String(err.details.retryAfterSeconds))
       return await reply.code(err.status).send({ error: err.code, message: err.message, ...err.details })

@@ -539,6 +539,15 @@ export class ControlPlane {
     await this.journal.record(entry)
   }
 
+  /**
+   * Audit a call refused with `err`, whoever made it (an operator through the API, or a fired
+   * trigger): `action: refused`, what it `wanted`, on what `targets`, the error code and status
+   * (README "Admin API"), so the audit tells the same story for both.
+   */
+  async auditRefused (wanted: string, targets: readonly string[], err: ControlError, who: { reason: string, requester: string, trigger?: string }): Promise<void> {
+    await this.journal.record({ action: 'refused', targets: [...targets], reason: who.reason, result: err.code, requester: who.requester, wanted, status: err.status, ...(who.trigger !== undefined ? { trigger: who.trigger } : {}) })
+  }
+
   /** Audit a config reload (through the API, or on a signal). */
   async recordReload (actor: Actor, ok: boolean, problems: readonly string[]): Promise<void> {
     if (ok) this.noteConfig()

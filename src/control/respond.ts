@@ -111,18 +111,17 @@ export function createTriggerAction (deps: RespondDeps): TriggerAction {
       void deps.control.auditEvent({ action: 'trigger.notify', targets: [trigger.name], reason, result: outcome, requester: who.requester })
       return outcome
     }
+    const flags = trigger.flags === null ? undefined : [...trigger.flags]
+    const upstreams = trigger.upstreams !== null ? [...trigger.upstreams] : trigger.upstream !== null && action === 'circuitBreak' ? [trigger.upstream] : undefined
     try {
-      const { value } = await deps.control.mitigate({
-        ...who,
-        action,
-        trigger: trigger.name,
-        flags: trigger.flags === null ? undefined : [...trigger.flags],
-        upstreams: trigger.upstreams !== null ? [...trigger.upstreams] : trigger.upstream !== null && action === 'circuitBreak' ? [trigger.upstream] : undefined
-      })
+      const { value } = await deps.control.mitigate({ ...who, action, trigger: trigger.name, flags, upstreams })
       return `${action} ${value.id}${why !== null ? ` (${why})` : ''}`
     } catch (err) {
-      if (err instanceof ControlError) return `skipped: ${err.code} (${err.message})`
-      throw err
+      if (!(err instanceof ControlError)) throw err
+      // Audited as an operator's refused mitigation is, naming what it was about.
+      const named = [...(flags ?? []), ...(upstreams ?? [])]
+      await deps.control.auditRefused(`mitigation.${action}`, named.length > 0 ? named : deps.control.impliedTargets(action), err, { ...who, trigger: trigger.name })
+      return `skipped: ${err.code} (${err.message})`
     }
   }
 }
