@@ -3,6 +3,7 @@ import net from 'node:net'
 import { once } from 'node:events'
 import { Readable } from 'node:stream'
 import type { Test } from 'tap'
+import type { Dispatcher } from 'undici'
 import { startUpstream, echo, type Handler } from './helpers/upstream.js'
 import { startTestSidecar, oneRoute, type TestSidecar } from './helpers/sidecar.js'
 import { send, eventually } from './helpers/http.js'
@@ -257,9 +258,12 @@ t.test('a small upload still arriving holds no bulkhead slot and no half-open pr
   })
 })
 
-t.test('a request waiting for a free upstream connection is not a slow client: past idleTimeoutMs it is the upstream\'s 504', async (t) => {
-  // One connection, held by /slow until released: GET /queued waits in the pool's queue, its
-  // client silent (it has sent everything) for longer than idleTimeoutMs.
+/**
+ * One connection, held by /slow until released: the request `options` describe waits in the
+ * pool's queue as /queued, its client silent (it has sent all it has, and nothing reads more of
+ * it until a connection is free) for longer than idleTimeoutMs. It must be the upstream's 504.
+ */
+async function queuedPast (t: Test, options: Partial<Dispatcher.RequestOptions>): Promise<void> {
   let release: () => void = () => {}
   const released = new Promise<void>((resolve) => { release = resolve })
   const up = await startUpstream((req, res, body) => {
@@ -270,7 +274,7 @@ t.test('a request waiting for a free upstream connection is not a slow client: p
   const { proxy, ops, logs } = await startTestSidecar(t, oneRoute(up.url, { name: 'r', idleTimeoutMs: 300, timeoutMs: 60_000 }, { connections: 1 }))
   const slow = send(proxy, '/slow')
   t.ok(await eventually(() => up.received.length === 1), 'the one connection is busy')
-  const queued = await send(proxy, '/queued')
+  const queued = await send(proxy, '/queued', options)
   release()
   t.equal((await slow).status, 200)
   t.equal(queued.status, 504, 'answered, not disconnected')
@@ -279,6 +283,14 @@ t.test('a request waiting for a free upstream connection is not a slow client: p
   t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'slow_client' }), 0, 'no slow client counted')
   const line = logs.find((l) => l['url.path'] === '/queued')
   t.equal(line?.outcome, 'upstream', 'the upstream\'s outcome: it had no connection free')
+  t.equal(line?.['http.response.status_code'], 504)
   await new Promise((resolve) => setTimeout(resolve, 100))
   t.notOk(up.received.some((r) => r.url === '/queued'), 'the request given up was never sent')
+}
+
+t.test('a request waiting for a free upstream connection is not a slow client: past idleTimeoutMs it is the upstream\'s 504', async (t) => {
+  t.test('a GET', async (t) => { await queuedPast(t, {}) })
+  t.test('a streamed (chunked) upload', async (t) => {
+    await queuedPast(t, { method: 'POST', body: Readable.from([Buffer.from('streamed '), Buffer.from('upload')]) })
+  })
 })

@@ -251,11 +251,12 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // client socket's count, so it is the upstream that has sent nothing for `idleTimeoutMs`.
       // undici's bodyTimeout stays behind this, but ticks in half-seconds.
       if (this.res.writableLength === 0) { this.upstreamStalled(); return false }
-    } else if (this.started && this.afterBody === null && !(this.head.hasBody && this.body === null)) {
-      // Dispatched with nothing left to come from the client: the request waits in the pool's
-      // queue for a connection, every one busy with the upstream. The client stalls nothing
-      // (it is not a slow client); the upstream is saturated (HAProxy's `timeout queue`).
-      // undici hears of it at `onConnect`, which aborts a request already ended.
+    } else if (this.started && this.afterBody === null && (this.abortUpstream === null || !(this.head.hasBody && this.body === null))) {
+      // Dispatched and waiting in the pool's queue for a connection, every one busy with the
+      // upstream (or with nothing left to come from the client): nothing reads the client
+      // meanwhile, a streamed upload included, so it stalls nothing (it is not a slow client);
+      // the upstream is saturated (HAProxy's `timeout queue`). undici hears of it at
+      // `onConnect`, which gives up a request already ended.
       this.failUpstream(QUEUE_TIMEOUT)
       return false
     }
@@ -358,15 +359,20 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       reset: this.draining()
     }, this)
     if (dispatcher !== endpoint.pool) dispatcher.close().catch(noop) // once this request is done
-    // An upload streamed as the client sends it holds the connection until it is all sent.
-    if (this.body === null && this.head.hasBody) this.hold()
   }
 
   // ---- undici handler ----
 
+  /** undici has a connection for the request and writes it next (after the wait in the pool's queue). */
   onConnect (abort: (err?: Error) => void): void {
     if (this.state === DONE) { abort(); return }
     this.abortUpstream = abort
+    if (this.body === null && this.head.hasBody) {
+      // The client's silence counts from here: until now nothing read its upload.
+      this.seenRead = -1
+      // An upload streamed as the client sends it holds the connection until it is all sent.
+      this.hold()
+    }
   }
 
   onRequestSent (): void {
