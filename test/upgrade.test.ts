@@ -155,6 +155,30 @@ t.test('an upstream refusing the upgrade: hop-by-hop headers of its refusal are 
   t.equal(res.headers.connection, 'close', 'only the sidecar\'s own Connection')
 })
 
+t.test('an upstream refusing the upgrade with a 204 or 304 that carries a Content-Length: it ends at its head and is relayed', async (t) => {
+  for (const status of [204, 304]) {
+    t.test(String(status), async (t) => {
+      const up = await startWebSocketUpstream({ refuse: status, bodiless: true })
+      t.teardown(up.close)
+      const s = await startTestSidecar(t, wsRoutes(up.url))
+      const client = await WireClient.connect(s.proxyPort)
+      t.teardown(() => client.destroy())
+      client.write(handshakeRequest('/ws', KEY))
+      await client.until((c) => c.closed, 5000, 'the sidecar closes the connection')
+      const res = parseResponse(client.received)
+      t.equal(res.status, status, 'the refusal is relayed')
+      t.equal(res.headers['x-refused-by'], 'upstream')
+      t.equal(res.body, '', 'with no body')
+      t.equal(client.error, null, 'ended, not reset')
+      await eventually(() => s.logs.some((l) => l.msg === 'request'))
+      const line = s.logs.find((l) => l.msg === 'request')
+      t.equal(line?.['http.response.status_code'], status)
+      t.equal(line?.outcome, 'ok', 'the upstream answered: its outcome is ok')
+      t.equal(line?.['error.type'], undefined, 'no error')
+    })
+  }
+})
+
 t.test('an interim 103 before the upstream\'s 101 is passed over: the client gets the 101 and the tunnel', async (t) => {
   const up = await startWebSocketUpstream({ interim: 'HTTP/1.1 103 Early Hints\r\nLink: </app.js>; rel=preload\r\n\r\n' })
   t.teardown(up.close)

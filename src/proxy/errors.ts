@@ -54,6 +54,16 @@ export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upst
   return 'upstream_unavailable'
 }
 
+/**
+ * RFC 9112 §6.3: a 204 or 304 ends at its head, whatever its Content-Length says (RFC 9110 §8.6
+ * lets a 304 carry the length of the representation it stands for). undici holds the announced
+ * length against the bytes that followed and fails the exchange: the response was complete, and
+ * the connection undici closes is its own. True when `err` is only that.
+ */
+export function endedAtHead (status: number, err: unknown): boolean {
+  return (status === 304 || status === 204) && (err as { code?: string } | null)?.code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'
+}
+
 /** Failures of an upstream request that undici has no error for, in the same shape. */
 export const NO_ENDPOINT = Object.assign(new Error('no endpoint available'), { code: 'BREAKWATER_NO_ENDPOINT' })
 export const INVALID_RESPONSE = Object.assign(new Error('invalid response header'), { code: 'BREAKWATER_INVALID_RESPONSE' })

@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -472,11 +472,8 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const state = this.state
     if (state === DONE) return
     if (state === STREAMING) {
-      // RFC 9112 §6.3: a 204 or 304 ends at its head, whatever its Content-Length says (RFC 9110
-      // §8.6 lets a 304 carry the length of the representation it stands for). undici holds the
-      // announced length against the bytes that followed and fails the exchange; the response
-      // was complete, and the connection undici closes is its own.
-      if ((this.status === 304 || this.status === 204) && (err as { code?: string }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
+      // A 204 or 304 that announced a length: complete at its head.
+      if (endedAtHead(this.status, err)) {
         this.finish()
         return
       }

@@ -17,7 +17,7 @@ import type { Route } from './route-table.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders } from './headers.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
-import { rawErrorResponse, NO_ENDPOINT, type ErrorCode } from './errors.js'
+import { rawErrorResponse, endedAtHead, NO_ENDPOINT, type ErrorCode } from './errors.js'
 
 function destroy (this: Duplex): void {
   this.destroy()
@@ -164,6 +164,8 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
   onError (err: Error): void {
     if (this.upgraded) return
     if (this.answered) {
+      // A 204 or 304 refusal that announced a length: complete at its head, as on any response.
+      if (endedAtHead(this.status, err)) { this.onComplete(); return }
       // The upstream cut its refusal short.
       this.conclude(this.status, 'upstream_reset')
       this.client.destroy()

@@ -30,6 +30,8 @@ export interface WebSocketUpstreamOptions {
   refuse?: number
   /** Header lines the refusal carries besides its own. */
   refuseHeaders?: string[]
+  /** The refusal announces its body's length but sends none (a 204 or 304 ends at its head). */
+  bodiless?: boolean
   /** Written before the answer, as it is (an interim `103 Early Hints`). */
   interim?: string
 }
@@ -59,7 +61,7 @@ export async function startWebSocketUpstream (options: WebSocketUpstreamOptions 
       const body = 'upgrade refused'
       const extra = (options.refuseHeaders ?? []).map((line) => `${line}\r\n`).join('')
       socket.end(`HTTP/1.1 ${options.refuse} ${http.STATUS_CODES[options.refuse] ?? 'Refused'}\r\n` +
-        `content-type: text/plain\r\nx-refused-by: upstream\r\n${extra}content-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
+        `content-type: text/plain\r\nx-refused-by: upstream\r\n${extra}content-length: ${body.length}\r\nconnection: close\r\n\r\n${options.bodiless === true ? '' : body}`)
       return
     }
     const key = String(req.headers['sec-websocket-key'] ?? '')
