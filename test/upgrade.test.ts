@@ -4,6 +4,7 @@ import { refusedUrl, startUpstream } from './helpers/upstream.js'
 import { raw, send, eventually, sleep } from './helpers/http.js'
 import { WireClient, parseResponse } from './helpers/wire.js'
 import { startWebSocketUpstream, handshakeRequest, acceptKey } from './helpers/websocket.js'
+import { scrape, sumOf } from './helpers/metrics.js'
 
 const KEY = 'dGhlIHNhbXBsZSBub25jZQ=='
 
@@ -175,6 +176,9 @@ t.test('an upstream refusing the upgrade with a 204 or 304 that carries a Conten
       t.equal(line?.['http.response.status_code'], status)
       t.equal(line?.outcome, 'ok', 'the upstream answered: its outcome is ok')
       t.equal(line?.['error.type'], undefined, 'no error')
+      const samples = await scrape(s.ops)
+      t.equal(sumOf(samples, 'breakwater_requests_total', { code: String(status), source: 'upstream' }), 1, 'counted once, as the upstream\'s status')
+      t.equal(sumOf(samples, 'breakwater_responses_cut_total'), 0, 'not counted as a response cut')
     })
   }
 })
