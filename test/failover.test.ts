@@ -34,6 +34,24 @@ function config (primary: string, dr: string, extra: Record<string, unknown> = {
   }
 }
 
+/**
+ * The primary has recovered while its failover is down: once real traffic's half-open probe
+ * closes its circuit, the next request is the primary's, without waiting for `failbackAfter`.
+ */
+async function backAtOnce (t: Test, sc: Awaited<ReturnType<typeof startTestSidecar>>, served: string): Promise<void> {
+  const circuit = sc.sidecar.dataPlane.circuit('primary')
+  t.ok(await eventually(async () => {
+    await send(sc.proxy, '/probe')
+    return circuit?.state === 'closed'
+  }, 20_000, 50), 'the half-open probe closed the primary\'s circuit')
+  const r = await send(sc.proxy, '/after')
+  t.equal(r.status, 200, served)
+  t.equal(r.body, 'primary 200', 'by the primary, available again')
+  t.equal(r.headers['x-breakwater-failover'], undefined)
+  t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 0, 'failed back')
+  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary' && l.why === 'failover unavailable'), 'failback logged, saying why it did not wait')
+}
+
 t.test('failover: engaged by the first request after the circuit opens, failback after failbackAfter, no failed request in between', async (t) => {
   const { primary, dr, primaryState } = await pair(t, true)
   const sc = await startTestSidecar(t, config(primary.url, dr.url))
@@ -111,17 +129,30 @@ t.test('failover: once the upstream is available again, a failover that is down 
 
   dp.force('dr', 'open') // the failover goes down too
   primaryState.failing = false // and the primary recovers
-  // The half-open probe (real traffic) closes the primary's circuit.
-  t.ok(await eventually(async () => {
-    await send(sc.proxy, '/probe')
-    return circuit?.state === 'closed'
-  }, 20_000, 50), 'the primary\'s circuit closed again')
-  const r = await send(sc.proxy, '/after')
-  t.equal(r.status, 200, 'served, not refused by the failover\'s open circuit')
-  t.equal(r.body, 'primary 200', 'by the primary, available again')
-  t.equal(r.headers['x-breakwater-failover'], undefined)
-  t.equal(sumOf(await scrape(sc.ops), 'breakwater_failover_active', { upstream: 'primary' }), 0, 'failed back')
-  t.ok(sc.logs.some((l) => l.event === 'failover_lifted' && l.upstream === 'primary' && l.why === 'failover unavailable'), 'failback logged, saying why it did not wait')
+  await backAtOnce(t, sc, 'served, not refused by the failover\'s open circuit')
+})
+
+t.test('failover: a failover without a breaker that fails every answer does not hold the traffic for failbackAfter once the upstream is back', async (t) => {
+  const { primary, primaryState } = await pair(t, true)
+  const drState = { failing: false }
+  const dr = await startUpstream(switchable('dr', drState))
+  t.teardown(dr.close)
+  // An hour of hysteresis, and the failover with one endpoint and no breaker: nothing marks it unavailable.
+  const sc = await startTestSidecar(t, config(primary.url, dr.url, {
+    upstreams: { primary: { url: primary.url, failover: 'dr', failbackAfter: '1h' }, dr: { url: dr.url } }
+  }))
+  const circuit = sc.sidecar.dataPlane.circuit('primary')
+  for (let i = 0; i < 20 && circuit?.state !== 'open'; i++) await send(sc.proxy, `/open/${i}`)
+  t.equal(circuit?.state, 'open', 'the primary\'s circuit opened')
+  t.equal((await send(sc.proxy, '/engaged')).body, 'dr 200', 'failed over')
+
+  drState.failing = true // the failover goes down too (it has no breaker to say so)
+  for (let i = 0; i < 8; i++) {
+    const r = await send(sc.proxy, `/both-down/${i}`)
+    if (r.headers['x-breakwater-failover'] === 'dr') t.equal(r.body, 'dr 503', 'the failover fails')
+  }
+  primaryState.failing = false // the primary recovers
+  await backAtOnce(t, sc, 'served, not the failing failover\'s 503')
 })
 
 t.test('forceFailover: by hand, to any upstream; the target\'s own breaker applies; survives a reload; lifted', async (t) => {

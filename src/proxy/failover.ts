@@ -8,8 +8,10 @@
  *
  * Hysteresis: traffic returns only once the upstream has been available for `failbackAfter`
  * (default 30 s), so a flapping upstream does not drag its traffic back and forth — unless the
- * failover is unavailable itself (its circuit refuses, or it has no usable endpoint): then the
- * traffic goes back at once, to the upstream that can serve it. While
+ * failover is unavailable itself (its circuit refuses, or it has no usable endpoint) or has
+ * failed as many answers in a row as passive ejection allows an endpoint (its
+ * `ejection.consecutiveFailures`): then the traffic goes back at once, to the upstream that can
+ * serve it. While
  * failed over, a half-open circuit still gets its one probe from real traffic (nothing else
  * could close it); the probe's success starts the failback clock.
  *
@@ -38,6 +40,12 @@ export class Failover {
   /** Requests the failover answered since traffic last went there, and how many failed (triage). */
   servedSince = 0
   failedSince = 0
+  /**
+   * The failover's answers that failed in a row since traffic last went there. A failover with
+   * one endpoint and no breaker is never unavailable by its circuit or by ejection (a lone
+   * endpoint is never ejected), so this is how its being down is seen.
+   */
+  private failedInRow = 0
 
   constructor (name: string, logger: Logger) {
     this.name = name
@@ -57,13 +65,19 @@ export class Failover {
   /** A request the failover answered ended (context.ts): `failed` as the trigger windows count it. */
   served (failed: boolean): void {
     this.servedSince++
-    if (failed) this.failedSince++
+    if (failed) {
+      this.failedSince++
+      this.failedInRow++
+    } else {
+      this.failedInRow = 0
+    }
   }
 
   /** Traffic starts going elsewhere: the failover's record starts again. */
   engage (): void {
     this.servedSince = 0
     this.failedSince = 0
+    this.failedInRow = 0
   }
 
   /** The upstream that takes a request for `primary` now. */
@@ -90,7 +104,8 @@ export class Failover {
     if (this.availableSince === 0) this.availableSince = now
     // The hysteresis keeps a flapping upstream from dragging its traffic back and forth; it
     // never holds the traffic on a failover that is down itself while the upstream is available.
-    const targetDown = !isAvailable(target, now)
+    // Down: unavailable, or failing as many answers in a row as would eject one of its endpoints.
+    const targetDown = !isAvailable(target, now) || this.failedInRow >= target.config.ejection.consecutiveFailures
     if (now - this.availableSince < this.failbackAfterMs && !targetDown) return target
     this.active = false
     this.availableSince = 0
