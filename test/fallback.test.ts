@@ -301,7 +301,7 @@ t.test('fallback: a static response alone, from body or from a file read at load
   const sc = await startTestSidecar(t, {
     upstreams: { app: { url: down } },
     routes: [
-      { match: { pathPrefix: '/file' }, upstream: 'app', fallback: { status: 503, file: join(dir, 'degraded.html'), contentType: 'text/html' } },
+      { match: { pathPrefix: '/file' }, upstream: 'app', fallback: { status: 503, file: join(dir, 'degraded.html'), contentType: 'text/html', headers: { 'Cache-Control': 'max-age=5' } } },
       { match: { pathPrefix: '/' }, upstream: 'app', fallback: { status: 200, body: 'degraded', headers: { 'Retry-After': '5' } } }
     ]
   })
@@ -311,12 +311,16 @@ t.test('fallback: a static response alone, from body or from a file read at load
   t.equal(r.headers['x-breakwater-fallback'], 'static')
   t.equal(r.headers['retry-after'], '5', 'configured headers')
   t.equal(r.headers['content-type'], 'text/plain; charset=utf-8')
+  t.equal(r.headers['cache-control'], 'no-store', 'a cache in front never keeps the stand-in for the real page')
+  const head = await send(sc.proxy, '/x', { method: 'HEAD' })
+  t.equal(head.headers['cache-control'], 'no-store', 'nor its HEAD')
   const f = await send(sc.proxy, '/file')
   t.equal(f.status, 503)
   t.equal(f.body, '<p>back soon</p>')
   t.equal(f.headers['content-type'], 'text/html')
+  t.equal(f.headers['cache-control'], 'max-age=5', 'a configured Cache-Control is the one sent, alone')
   const samples = await scrape(sc.ops)
-  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'static' }), 2)
+  t.equal(sumOf(samples, 'breakwater_fallbacks_total', { kind: 'static' }), 3)
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'upstream' }), 0, 'never counted as the upstream\'s success')
 })
 

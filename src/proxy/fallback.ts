@@ -397,10 +397,19 @@ function headerValue (req: IncomingMessage, name: string): string {
 export class Fallback {
   readonly config: FallbackConfig
   readonly cache: FallbackCache | null
+  /**
+   * The static response's headers besides its framing: the configured ones, and `Cache-Control:
+   * no-store` unless they set their own. A stand-in for the route must not be kept by a cache
+   * in front (a CDN, a browser) and served in place of the real page once the route is back.
+   */
+  private readonly staticHeaders: string[]
 
   constructor (config: FallbackConfig, cache: FallbackCache | null) {
     this.config = config
     this.cache = cache
+    const configured = config.static?.headers ?? []
+    this.staticHeaders = configured.flat()
+    if (!configured.some(([name]) => name === 'cache-control')) this.staticHeaders.push('cache-control', 'no-store')
   }
 
   /**
@@ -432,7 +441,7 @@ export class Fallback {
     const s = this.config.static
     if (s === null) return null
     const head = ['content-type', s.contentType, 'content-length', String(s.body.length), 'x-breakwater-fallback', 'static', 'x-request-id', requestId]
-    for (const [name, value] of s.headers) head.push(name, value)
+    for (let i = 0; i < this.staticHeaders.length; i++) head.push(this.staticHeaders[i] as string)
     if (close) head.push('connection', 'close')
     res.writeHead(s.status, head)
     res.end(method === 'HEAD' ? undefined : s.body)
