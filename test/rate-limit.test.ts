@@ -45,6 +45,30 @@ t.test('rateLimit: a burst of N+k requests gets exactly k refusals, 429 rate_lim
   t.equal(sc.logs.filter((l) => l.msg === 'request' && l['http.response.status_code'] === 429 && l.outcome === 'breakwater').length, 4, 'outcome breakwater in the access log')
 })
 
+t.test('rateLimit: a rate too slow for any token to come back, and a huge burst, still give whole-number headers', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [
+      { name: 'never', match: { pathPrefix: '/never' }, upstream: 'app', rateLimit: { requestsPerSecond: 5e-324, burst: 1 } },
+      { name: 'slow', match: { pathPrefix: '/slow' }, upstream: 'app', rateLimit: { requestsPerSecond: 1e-30, burst: 1 } },
+      { name: 'huge', match: { pathPrefix: '/huge' }, upstream: 'app', rateLimit: { requestsPerSecond: 1e-6, burst: 1e300 } }
+    ]
+  })
+  for (const route of ['never', 'slow']) {
+    t.equal((await send(sc.proxy, `/${route}/1`)).status, 200, `${route}: the burst is served`)
+    const r = await send(sc.proxy, `/${route}/2`)
+    t.equal(r.status, 429)
+    // RFC 9111 §1.2.2: delta-seconds past what can be represented are 2^31.
+    t.equal(r.headers['retry-after'], '2147483648', `${route}: retry-after in whole seconds`)
+    t.equal(r.headers['ratelimit-policy'], `"${route}";q=1;w=2147483648`)
+    t.equal(r.headers.ratelimit, `"${route}";r=0;t=2147483648`)
+  }
+  const huge = (sc.sidecar.dataPlane.runtime.routes.routes[2] as { rateLimiter: RateLimiter }).rateLimiter
+  t.equal(huge.policy, '"huge";q=999999999999999;w=2147483648', 'q within a structured-field Integer (RFC 8941: 15 digits)')
+})
+
 t.test('rateLimit: the bucket refills at requestsPerSecond', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)

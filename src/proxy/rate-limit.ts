@@ -32,6 +32,15 @@ export interface RateLimitSettings {
 /** Header values longer than this are not keys (memory per bucket stays bounded). */
 const MAX_KEY_LENGTH = 256
 
+/**
+ * RFC 9111 §1.2.2: a delta-seconds too large to represent is taken as 2^31. A rate so slow that
+ * a token is due later than that (or never: 1e-30 per second) is sent as 2^31, whole digits,
+ * never `1e+30` or `Infinity`, which a client cannot read as a number of seconds.
+ */
+const MAX_DELTA_SECONDS = 2 ** 31
+/** RFC 8941 §3.3.1: a structured-field Integer has at most 15 digits (`q` of `RateLimit-Policy`). */
+const MAX_SF_INTEGER = 999_999_999_999_999
+
 interface Bucket {
   tokens: number
   /** `performance.now()` of the last refill. */
@@ -64,7 +73,7 @@ export class RateLimiter {
     this.trusted = trusted
     this.single = config.key === 'route' ? { tokens: config.burst, at: performance.now() } : null
     this.name = `"${routeName}"`
-    this.policy = `${this.name};q=${config.burst};w=${Math.max(1, Math.ceil(config.burst / config.requestsPerSecond))}`
+    this.policy = `${this.name};q=${Math.min(MAX_SF_INTEGER, config.burst)};w=${deltaSeconds(config.burst / config.requestsPerSecond)}`
   }
 
   /** Buckets held now (at most `maxKeys`). */
@@ -87,7 +96,7 @@ export class RateLimiter {
       return 0
     }
     bucket.tokens = tokens
-    return Math.max(1, Math.ceil((1 - tokens) / this.perMs / 1000))
+    return deltaSeconds((1 - tokens) / this.perMs / 1000)
   }
 
   /** The headers of a 429: `retry-after`, `RateLimit-Policy`, `RateLimit` (nothing remains; `t` = retry-after). */
@@ -123,6 +132,11 @@ export class RateLimiter {
     buckets.set(key, bucket)
     return bucket
   }
+}
+
+/** `seconds` as a header's delta-seconds: whole, at least 1, at most 2^31. */
+function deltaSeconds (seconds: number): number {
+  return Math.min(MAX_DELTA_SECONDS, Math.max(1, Math.ceil(seconds)))
 }
 
 /**
