@@ -123,6 +123,8 @@ export class Sidecar {
   private spanQueue: SpanQueue | null = null
   private readonly traceStats: TraceStats = { exported: 0, dropped: { queue_full: 0, export_failed: 0 } }
   private stopping: Promise<void> | null = null
+  /** The reload running now, if any: the next one waits for it (`reload`). */
+  private reloading: Promise<void> = Promise.resolve()
   /** Incident keys whose leader left before acting, as last seen, until a still-firing sidecar claims them (`takeOver`). */
   private readonly leftBy = new Map<string, Holding>()
   private forceStop: (() => void) | null = null
@@ -757,6 +759,15 @@ export class Sidecar {
    * admin API, or a signal (`signalActor`) — a post-mortem's timeline has every reload.
    */
   async reload (actor: Actor): Promise<ReloadResult> {
+    // One reload at a time, each reading the file once the one before it is applied: two at once
+    // (a config reloader's SIGHUP and an operator's POST) could otherwise apply the edit read
+    // first after the one read last, leaving an older config in force than the file holds.
+    const run = this.reloading.then(async () => await this.reloadInTurn(actor))
+    this.reloading = run.then(() => {}, () => {})
+    return await run
+  }
+
+  private async reloadInTurn (actor: Actor): Promise<ReloadResult> {
     // A shutdown stops health checks, watches and timers; a reload would start them again (and
     // swap the config of a process that is going away). Refused, and said so.
     if (this.stopping !== null) {

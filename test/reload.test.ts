@@ -6,7 +6,8 @@
 import t from 'tap'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { startUpstream, echo, status, type TestUpstream } from './helpers/upstream.js'
 import { startFileSidecar, type FileSidecar } from './helpers/file-sidecar.js'
@@ -14,6 +15,8 @@ import { admin } from './helpers/admin.js'
 import { signalActor } from '../src/sidecar.js'
 import { send, eventually, type Reply } from './helpers/http.js'
 import { metricValue, scrape, hasSample } from './helpers/metrics.js'
+import { startCaptured, testSidecarInput, oneRoute } from './helpers/sidecar.js'
+import { loadConfigFile } from '../src/config/load.js'
 
 /** An upstream whose `/held` requests wait until `release()`, counting the TCP connections it accepts. */
 async function startCountingUpstream (): Promise<TestUpstream & { held: () => number, release: () => void, connections: () => number, open: () => number }> {
@@ -295,4 +298,40 @@ t.test('a reload during a drain is refused (409 draining, logged, audited like e
     { action: 'refused', wanted: 'config.reload', result: 'draining', status: 409, reason: 'edited', targets: [sc.configPath] },
     { action: 'refused', wanted: 'config.reload', result: 'draining', status: 409, requester: 'signal:SIGHUP', reason: /SIGHUP/, targets: [sc.configPath] }
   ], 'both refusals are in the audit log: who tried, what, and why it did not happen')
+})
+
+t.test('two reloads at once: the one asked last reads the file last, so what runs is the file as it is now', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  // A module config whose export is a function: reading one edit of it can be held while the
+  // file is edited again and reloaded (a slow read, a flag provider that takes its time).
+  const dir = mkdtempSync(join(tmpdir(), 'breakwater-reloads-'))
+  const configPath = join(dir, 'breakwater.mjs')
+  const gate = { entered: false, open: () => {}, opened: Promise.resolve() }
+  gate.opened = new Promise<void>((resolve) => { gate.open = resolve })
+  const global = globalThis as { reloadGate?: typeof gate }
+  global.reloadGate = gate
+  t.teardown(() => { gate.open(); delete global.reloadGate })
+  const write = (version: string, held: boolean): void => {
+    const input = JSON.stringify(testSidecarInput({ ...oneRoute(up.url), version }, join(dir, 'state')))
+    writeFileSync(configPath, `const input = ${input}\nexport default async () => {${held ? ' globalThis.reloadGate.entered = true; await globalThis.reloadGate.opened;' : ''} return input }\n`)
+  }
+  write('1.0.0', false)
+  const s = await startCaptured(t, (await loadConfigFile(configPath)).config, dir)
+
+  write('2.0.0', true)
+  const first = admin(s.admin, 'POST', '/v1/reload', { reason: 'first edit' })
+  t.ok(await eventually(() => gate.entered, 10_000), 'the first reload is reading the file')
+  write('3.0.0', false)
+  const second = admin(s.admin, 'POST', '/v1/reload', { reason: 'second edit' })
+  let secondDone = false
+  void second.then(() => { secondDone = true })
+  // Read on its own, the second edit is applied at once; the first one is still being read.
+  await eventually(() => secondDone, 2000)
+  gate.open()
+  t.equal((await first).status, 200, 'the first reload is applied')
+  t.equal((await second).status, 200, 'the second reload is applied')
+  const state = await admin(s.admin, 'GET', '/v1/state')
+  t.equal(state.body.version, '3.0.0', 'the config in force is the file as it is now, not the edit read first and applied last')
+  t.equal(s.sidecar.config.version, '3.0.0')
 })
