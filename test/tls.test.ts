@@ -74,6 +74,22 @@ function replace (from: string, target: string): void {
   renameSync(`${target}.new`, target)
 }
 
+/**
+ * A sidecar whose proxy listener serves `live.crt`/`live.key`, copied from the CA's certificate
+ * serial 1001: the files a test rotates.
+ */
+async function startRotating (t: Test): Promise<{ pki: Pki, live: { cert: string, key: string }, app: Awaited<ReturnType<typeof startUpstream>>, sc: Awaited<ReturnType<typeof startTestSidecar>> }> {
+  const pki = createPki(t)
+  const first = pki.issue('first', 1001)
+  const live = { cert: join(pki.dir, 'live.crt'), key: join(pki.dir, 'live.key') }
+  copyFileSync(first.cert, live.cert)
+  copyFileSync(first.key, live.key)
+  const app = await startUpstream()
+  t.teardown(app.close)
+  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: live }) })
+  return { pki, live, app, sc }
+}
+
 t.test('a TLS listener serves HTTPS; the upstream sees x-forwarded-proto: https; a plain-HTTP client is counted', async (t) => {
   const pki = createPki(t)
   const server = pki.issue('server', 1)
@@ -200,14 +216,7 @@ t.test('an https:// upstream is verified: an untrusted server certificate, or no
 })
 
 t.test('rotated certificate files: new connections get the new certificate, an open one keeps working; a bad pair keeps the old one', async (t) => {
-  const pki = createPki(t)
-  const first = pki.issue('first', 1001)
-  const live = { cert: join(pki.dir, 'live.crt'), key: join(pki.dir, 'live.key') }
-  copyFileSync(first.cert, live.cert)
-  copyFileSync(first.key, live.key)
-  const app = await startUpstream()
-  t.teardown(app.close)
-  const sc = await startTestSidecar(t, { ...oneRoute(app.url), ...listen({ tls: live }) })
+  const { pki, live, sc } = await startRotating(t)
 
   const open = await connectTls(t, sc.proxyPort, pki.ca)
   t.equal(parseInt(open.getPeerCertificate().serialNumber, 16), 1001, 'the first certificate is served')
@@ -231,6 +240,25 @@ t.test('rotated certificate files: new connections get the new certificate, an o
   t.match(refusal?.problems, [/^listen\.proxy\.tls\.key: .* does not match the certificate/], 'an error log names the key')
   t.equal(await servedSerial(t, sc.proxyPort, pki.ca), 2002, 'new connections still get the last good certificate')
   t.equal(await exchange(open, '/still'), 200, 'and the open connection still works')
+})
+
+t.test('rotated to an expired certificate: refused and counted, new connections keep the valid one; validate warns about one at start', async (t) => {
+  const { pki, live, app, sc } = await startRotating(t)
+  t.equal(await servedSerial(t, sc.proxyPort, pki.ca), 1001, 'the valid certificate is served')
+
+  const expired = pki.issueExpired('expired', 4004)
+  replace(expired.key, live.key)
+  replace(expired.cert, live.cert)
+  t.ok(await eventually(async () => await metricValue(sc.ops, 'breakwater_tls_certificate_reloads_total', { listener: 'proxy', result: 'refused' }) >= 1, 30_000, 100), 'the expired pair is refused and counted')
+  const refusal = sc.logs.filter((l) => l.event === 'tls_reload' && l.result === 'refused').at(-1)
+  t.match(refusal?.problems, [/^listen\.proxy\.tls\.cert: .* expired on 2020-01-02/], 'an error log names the key and says it expired')
+  t.equal(await servedSerial(t, sc.proxyPort, pki.ca), 1001, 'new connections still get the valid certificate')
+
+  const config = join(pki.dir, 'expired.yaml')
+  writeFileSync(config, stringify({ service: 'test', stateDir: join(pki.dir, 'state'), ...oneRoute(app.url), ...listen({ tls: expired }) }))
+  const v = await runCli(['validate', '--config', config], { env: { BREAKWATER_CONFIG: undefined } })
+  t.equal(v.code, 0, 'an expired certificate does not fail validate (a client that does not verify still gets through)')
+  t.match(v.stderr, /warning: listen\.proxy\.tls\.cert: .*expired\.crt expired on 2020-01-02/, 'but validate warns, naming the key')
 })
 
 t.test('a CA bundle caught half-written is not applied: a rotated file is read once two checks see it the same', async (t) => {

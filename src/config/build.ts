@@ -13,7 +13,7 @@ import { resolve as resolvePath, dirname } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { durationMs } from './duration.js'
 import { readFlagFileSync, notBooleanProblem, flagKeysRead } from './flag-file.js'
-import { readTlsFilesSync } from './tls-files.js'
+import { readTlsFilesSync, validityProblem } from './tls-files.js'
 import { checkRoutingPolicy } from './routing-policy.js'
 import { normalisePath } from './request-path.js'
 import { fleetConfig } from './fleet.js'
@@ -439,7 +439,7 @@ function buildListen (listen: Section<'listen'>, baseDir: string, found: Finding
     maxHeadersCount: l.maxHeadersCount,
     trustedProxies: trustedProxies(l.trustedProxies, at, found.problems),
     acceptors: l.acceptors,
-    tls: buildListenerTls(l.tls, `${at}.tls`, baseDir, found.problems)
+    tls: buildListenerTls(l.tls, `${at}.tls`, baseDir, found)
   })
   const built = {
     proxy: proxy(listen.proxy, 'listen.proxy'),
@@ -470,12 +470,15 @@ function sharedPorts (listen: Config['listen'], problems: string[]): void {
 }
 
 /** A listener's certificate files, read and checked now so a bad pair never reaches start-up. */
-function buildListenerTls (t: NonNullable<Section<'listen'>['egress']>['tls'], at: string, baseDir: string, problems: string[]): ProxyListenerConfig['tls'] {
+function buildListenerTls (t: NonNullable<Section<'listen'>['egress']>['tls'], at: string, baseDir: string, found: Findings): ProxyListenerConfig['tls'] {
   if (t === undefined) return null
   // Mutual TLS verifies client certificates against a CA of the operator's, never the system's.
-  if (t.requestClientCert && t.ca === undefined) problems.push(`${at}.ca: needed with requestClientCert (the CA that signs client certificates)`)
+  if (t.requestClientCert && t.ca === undefined) found.problems.push(`${at}.ca: needed with requestClientCert (the CA that signs client certificates)`)
   const tls = { cert: resolvePath(baseDir, t.cert), key: resolvePath(baseDir, t.key), ca: t.ca === undefined ? null : resolvePath(baseDir, t.ca), requestClientCert: t.requestClientCert }
-  readTlsFilesSync(tls, at, problems)
+  const material = readTlsFilesSync(tls, at, found.problems)
+  // Served anyway (a client that does not verify still gets through), but said at start and by validate.
+  const invalid = material?.cert === undefined ? null : validityProblem(material.cert, at, tls.cert)
+  if (invalid !== null) found.warnings.push(`${invalid}: clients that verify it refuse every connection; replace the files (they are re-read when they change)`)
   return tls
 }
 

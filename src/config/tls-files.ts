@@ -108,6 +108,24 @@ function check (material: TlsMaterial, paths: TlsFilePaths, at: string, problems
   }
 }
 
+/**
+ * Why the certificate `pem` (the first of a chain) cannot be served at `now`: expired, or not
+ * valid yet. Null when it can, or when it does not parse (`check` reports that).
+ */
+export function validityProblem (pem: Buffer, at: string, path: string, now = Date.now()): string | null {
+  let cert: X509Certificate
+  try {
+    cert = new X509Certificate(pem)
+  } catch {
+    return null
+  }
+  const to = Date.parse(cert.validTo)
+  const from = Date.parse(cert.validFrom)
+  if (to < now) return `${at}.cert: ${path} expired on ${new Date(to).toISOString()}`
+  if (from > now) return `${at}.cert: ${path} is not valid before ${new Date(from).toISOString()}`
+  return null
+}
+
 /** Read and check the files now (config build); problems are pushed, null when there are any. */
 export function readTlsFilesSync (paths: TlsFilePaths, at: string, problems: string[]): TlsMaterial | null {
   const material: TlsMaterial = {}

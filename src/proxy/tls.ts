@@ -18,7 +18,7 @@ import type { Logger } from 'pino'
 import { buildConnector } from '../undici.js'
 import { fileStamp } from '../config/file-stamp.js'
 import type { Listener, ListenerTlsConfig, UpstreamConfig, UpstreamTlsConfig } from '../config/types.js'
-import { readTlsFiles, readTlsFilesSync, type TlsFilePaths, type TlsMaterial } from '../config/tls-files.js'
+import { readTlsFiles, readTlsFilesSync, validityProblem, type TlsFilePaths, type TlsMaterial } from '../config/tls-files.js'
 
 /** How often a TLS listener's certificate files are checked for a change. */
 export const CERT_POLL_MS = 1000
@@ -96,7 +96,10 @@ abstract class CertificateFiles {
       this.last = print
       const problems: string[] = []
       const material = await readTlsFiles(this.files, this.at, problems)
-      if (material !== null) {
+      // A certificate out of its validity would fail every client that verifies it: the running one stays.
+      const invalid = material?.cert === undefined ? null : validityProblem(material.cert, this.at, this.files.cert ?? '')
+      if (invalid !== null) problems.push(`${invalid}; clients that verify it would refuse every new connection`)
+      else if (material !== null) {
         try {
           this.apply(material)
         } catch (err) {
