@@ -278,6 +278,21 @@ t.test('start on a port already in use exits 1 with a message and no stack trace
   }
 })
 
+t.test('two listeners on one port, one by the name localhost and one by 127.0.0.1: validate and start exit 1 naming the key', async (t) => {
+  const dir = tempDir(t)
+  const config = validConfig(dir)
+  const listen = config.listen as Record<string, { host: string, port: number }>
+  listen.proxy = { host: '127.0.0.1', port: 17555 }
+  listen.admin = { host: 'localhost', port: 17555 }
+  const path = write(dir, 'clash.yaml', config)
+  for (const command of ['validate', 'start']) {
+    const result = await runCli([command, '--config', path], { env: cleanEnv })
+    t.equal(result.code, 1, `${command}: exit 1`)
+    t.match(result.stderr, /listen\.admin\.port: 17555 is also listen\.proxy's port/, `${command}: names both keys, not "address already in use" at the one that bound first`)
+    noStackTrace(t, result.stderr)
+  }
+})
+
 t.test('start with a listener host that does not resolve exits 1 naming the key', async (t) => {
   const dir = tempDir(t)
   const config = validConfig(dir)

@@ -452,6 +452,15 @@ function buildListen (listen: Section<'listen'>, baseDir: string, found: Finding
 }
 
 const WILDCARD_HOSTS = new Set(['0.0.0.0', '::', '[::]', ''])
+/** `localhost` binds a loopback address, 127.0.0.1 or ::1 as the resolver answers: it overlaps either. */
+const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '::1', '[::1]'])
+
+/** Whether listeners on hosts `a` and `b` (one port) would take the same address. */
+function overlaps (a: string, b: string): boolean {
+  const [x, y] = [a, b].map((h) => h.toLowerCase().replace(/\.$/, '')) as [string, string]
+  if (x === y || WILDCARD_HOSTS.has(x) || WILDCARD_HOSTS.has(y)) return true
+  return (x === 'localhost' || y === 'localhost') && LOOPBACK_HOSTS.has(x) && LOOPBACK_HOSTS.has(y)
+}
 
 /**
  * Two of our own listeners on one port would fail at start as "address already in use", sending
@@ -463,7 +472,7 @@ function sharedPorts (listen: Config['listen'], problems: string[]): void {
   for (const key of ['proxy', 'egress', 'ops', 'admin'] as const) {
     const l = listen[key]
     if (l === null || l.port === 0) continue
-    const other = seen.find((s) => s.port === l.port && (s.host === l.host || WILDCARD_HOSTS.has(s.host) || WILDCARD_HOSTS.has(l.host)))
+    const other = seen.find((s) => s.port === l.port && overlaps(s.host, l.host))
     if (other !== undefined) problems.push(`listen.${key}.port: ${l.port} is also listen.${other.key}'s port (${other.host}); each listener needs its own`)
     seen.push({ key: `${key}`, host: l.host, port: l.port })
   }
