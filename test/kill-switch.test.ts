@@ -10,6 +10,8 @@ import { resolveConfig, ConfigError } from '../src/config/load.js'
 import { checkoutRoutes } from './helpers/flags.js'
 import { admin } from './helpers/admin.js'
 import { FlagFileWatcher } from '../src/flags/flagd-file.js'
+import { connect } from 'node:net'
+import { once } from 'node:events'
 
 function flagFile (flags: Record<string, { state?: string, on?: boolean, defaultVariant?: string | null }>): string {
   return JSON.stringify({
@@ -297,4 +299,45 @@ t.test('a reload that changes featureFlags applies to the next request', async (
   await sidecar.apply(config)
   t.equal((await send(proxy, '/checkout')).status, 503)
   t.equal((await getJson(`${ops}/health`)).status, 200, 'a killed feature is not an unhealthy instance')
+})
+
+t.test('a kill that lands while a request is still on its way in stops it before the upstream', async (t) => {
+  t.test('a small body still arriving', async (t) => {
+    const up = await startUpstream()
+    t.teardown(up.close)
+    const s = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: { enableNewCheckout: true } }))
+    const socket = connect(s.proxyPort, '127.0.0.1')
+    t.teardown(() => socket.destroy())
+    let answer = ''
+    socket.on('data', (c: Buffer) => { answer += c.toString('latin1') })
+    socket.write('POST /checkout/pay HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345')
+    t.ok(await eventually(() => s.sidecar.dataPlane.stats.receiving === 1), 'the sidecar is reading the body')
+    t.equal((await admin(s.admin, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'checkout corrupts orders' })).status, 200)
+    socket.write('67890')
+    await once(socket, 'close')
+    t.match(answer, /^HTTP\/1\.1 503 [^]*x-breakwater-error: feature_disabled/, 'refused as killed')
+    t.equal(up.received.length, 0, 'the killed feature saw nothing')
+  })
+
+  t.test('a retry after the kill', async (t) => {
+    let release: (() => void) | null = null
+    const up = await startUpstream((req, res) => {
+      if (release === null) { release = () => { res.writeHead(503).end() }; return }
+      res.end('second attempt')
+    })
+    t.teardown(up.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { app: { url: up.url } },
+      routes: [{ name: 'checkout', match: { pathPrefix: '/checkout' }, upstream: 'app', killSwitch: 'enableNewCheckout', retries: { attempts: 2, budgetPercent: 100 } }],
+      featureFlags: { enableNewCheckout: true }
+    })
+    const reply = send(s.proxy, '/checkout/cart')
+    t.ok(await eventually(() => release !== null), 'the first attempt reached the upstream')
+    t.equal((await admin(s.admin, 'PUT', '/v1/flags/enableNewCheckout', { enabled: false, reason: 'checkout corrupts orders' })).status, 200)
+    ;(release as unknown as () => void)()
+    const r = await reply
+    t.equal(up.received.length, 1, 'no attempt after the kill')
+    t.equal(r.status, 503)
+    t.equal(r.headers['x-breakwater-error'], 'feature_disabled')
+  })
 })

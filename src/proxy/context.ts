@@ -52,7 +52,8 @@ import type { Upstream } from './upstreams.js'
 import type { Listener } from '../config/types.js'
 import type { Fallback } from './fallback.js'
 import { DEGRADABLE } from './fallback.js'
-import { ERRORS, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
+import { ERRORS, KILLED_MEANWHILE, fromUpstreamError, failureReason, upstreamMessage, type ErrorCode } from './errors.js'
+import { killSwitchAllows } from './kill-switch.js'
 import { jsonString, jsonNumber, jsonMillis, JsonMembers, type LaterLine } from '../log/lines.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, peerAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 import { clientAddress } from './rate-limit.js'
@@ -194,6 +195,11 @@ export abstract class RequestContext implements LaterLine {
    * or 400 when undici refused to send the request itself (the client's doing).
    */
   failUpstream (err: unknown): void {
+    if (err === KILLED_MEANWHILE) {
+      ;(this.route as Route).stats.reject('kill_switch')
+      this.refuse('feature_disabled')
+      return
+    }
     // The pools closed under it at the shutdown deadline: the app did not fail.
     if (this.dp.cutting) {
       this.refuse('shutdown_deadline')
@@ -206,6 +212,18 @@ export abstract class RequestContext implements LaterLine {
     }
     const route = this.route as Route
     this.refuse(code, upstreamMessage((this.upstream as Upstream).name, this.endpoint?.origin ?? null, failureReason(err, route.config.timeoutMs)))
+  }
+
+  /**
+   * The route's kill switch asked again as the request is about to be written upstream
+   * (undici's `onConnect`, once per attempt). The pipeline's stage asked when the request came
+   * in; since then it may have waited for its body, an injected delay, a free connection or a
+   * retry. A kill that lands meanwhile must stop it before the killed feature sees it: the
+   * operator was told the feature is off (SPEC §5). Aborted with `KILLED_MEANWHILE`, it is
+   * refused `feature_disabled` (`failUpstream`).
+   */
+  killedMeanwhile (): boolean {
+    return !killSwitchAllows(this.dp.flags, this.route as Route, this.req.method as string, this.path, this.head as RequestHead)
   }
 
   /** The client left before the response started. */

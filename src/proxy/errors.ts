@@ -73,6 +73,8 @@ export const TRANSFER_CODING = Object.assign(new Error('transfer coding other th
 export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' })
 /** The sweep's `idleTimeoutMs` on a request still waiting for a free upstream connection (forward.ts `onSilent`). */
 export const QUEUE_TIMEOUT = Object.assign(new Error('no upstream connection free'), { code: 'BREAKWATER_QUEUE_TIMEOUT' })
+/** The route's kill switch went off while its request waited to be written upstream (context.ts `killedMeanwhile`). */
+export const KILLED_MEANWHILE = Object.assign(new Error('the route was killed before the request was sent'), { code: 'BREAKWATER_KILLED_MEANWHILE' })
 /** The sweep's `idleTimeoutMs` on a response body: what undici's own body timeout would have said. */
 export const BODY_TIMEOUT = Object.assign(new Error('Body Timeout Error'), { code: 'UND_ERR_BODY_TIMEOUT' })
 

@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, KILLED_MEANWHILE, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -366,6 +366,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   /** undici has a connection for the request and writes it next (after the wait in the pool's queue). */
   onConnect (abort: (err?: Error) => void): void {
     if (this.state === DONE) { abort(); return }
+    if (this.killedMeanwhile()) { abort(KILLED_MEANWHILE); return }
     this.abortUpstream = abort
     if (this.body === null && this.head.hasBody) {
       // The client's silence counts from here: until now nothing read its upload.

@@ -17,7 +17,7 @@ import type { Route } from './route-table.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders } from './headers.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
-import { rawErrorResponse, endedAtHead, NO_ENDPOINT, type ErrorCode } from './errors.js'
+import { rawErrorResponse, endedAtHead, NO_ENDPOINT, KILLED_MEANWHILE, type ErrorCode } from './errors.js'
 
 function destroy (this: Duplex): void {
   this.destroy()
@@ -95,6 +95,7 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
 
   onConnect (abort: (err?: Error) => void): void {
     if (this.client.destroyed) { abort(); return }
+    if (this.killedMeanwhile()) { abort(KILLED_MEANWHILE); return }
     this.abort = abort
   }
 
