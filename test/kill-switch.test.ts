@@ -7,7 +7,7 @@ import { startUpstream } from './helpers/upstream.js'
 import { startTestSidecar, testSidecarInput } from './helpers/sidecar.js'
 import { send, raw, getJson, eventually, sleep } from './helpers/http.js'
 import { resolveConfig, ConfigError } from '../src/config/load.js'
-import { checkoutRoutes } from './helpers/flags.js'
+import { checkoutRoutes, flagDir, writeFlagFile } from './helpers/flags.js'
 import { admin } from './helpers/admin.js'
 import { FlagFileWatcher } from '../src/flags/flagd-file.js'
 import { connect } from 'node:net'
@@ -340,4 +340,18 @@ t.test('a kill that lands while a request is still on its way in stops it before
     t.equal(r.status, 503)
     t.equal(r.headers['x-breakwater-error'], 'feature_disabled')
   })
+})
+
+t.test('a kill switch flag dropped from the flag file comes back on with a log line, a change and its metric, not silently', async (t) => {
+  const path = join(flagDir(t), 'flags.json')
+  writeFlagFile(path, { enableNewCheckout: { defaultVariant: 'off' } })
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, checkoutRoutes(up.url, { featureFlags: {}, flagSource: { type: 'flagd-file', path, pollIntervalMs: 50 } }))
+  t.equal((await send(s.proxy, '/checkout')).status, 503, 'killed in the file')
+  writeFlagFile(path, { somethingElse: {} })
+  t.ok(await eventually(async () => (await send(s.proxy, '/checkout')).status === 200), 'dropped from the file: the code default, on')
+  t.ok(s.logs.some((l) => l.event === 'flag_changed' && l.flag === 'enableNewCheckout' && l.enabled === true), 'said in a flag_changed line')
+  t.ok(s.sidecar.flags.changes.some((c) => c.flag === 'enableNewCheckout' && c.enabled), 'recorded as a change (triage)')
+  t.match(await (await fetch(`${s.ops}/metrics`)).text(), /breakwater_flag_enabled\{flag="enableNewCheckout"\} 1/, 'the kill switch\'s flag still has its metric')
 })

@@ -250,6 +250,10 @@ export class FlagSnapshot {
       if (client === null || version !== this.version) return
       const next = new Map<string, boolean>()
       for (const key of this.sources.keys()) next.set(key, await client.getBooleanValue(key, true))
+      // A flag the config reads that no source defines any more (dropped from the flag file)
+      // stays in the snapshot, on, as the request path reads it (`enabled`): its kill switch
+      // coming back on is logged, kept for triage and still has its metric.
+      for (const key of flagKeysRead(this.config)) if (!next.has(key)) next.set(key, true)
       let targeted: Map<string, TargetedFlag> | null = null
       for (const key of next.keys()) {
         const targeting = this.sources.resolve(key)?.targeting ?? null
@@ -265,7 +269,7 @@ export class FlagSnapshot {
         if (prev.get(key) !== value && prev.size > 0) {
           this.changes.push({ flag: key, enabled: value, at: Date.now() })
           if (this.changes.length > 200) this.changes.shift()
-          this.logger.warn({ event: 'flag_changed', flag: key, enabled: value, origin: this.sources.resolve(key)?.origin }, value ? 'flag on' : 'flag off')
+          this.logger.warn({ event: 'flag_changed', flag: key, enabled: value, origin: this.sources.resolve(key)?.origin ?? 'default' }, value ? 'flag on' : 'flag off')
         }
       }
     })
