@@ -46,6 +46,13 @@ t.test('validate fails on a flag file whose shape is wrong', async (t) => {
   t.match(r.problems.join('\n'), /flagSource\.path: \S+flags\.json is not a valid flag file: flags\.enableNewCheckout\.state: must be "ENABLED" or "DISABLED"/)
 })
 
+t.test('validate fails on a defaultVariant that names no variant but an object built-in (constructor, toString)', async (t) => {
+  const path = setUp(t, { flagSource: { type: 'flagd-file', path: './flags.json' } }, { 'flags.json': JSON.stringify({ flags: { enableNewCheckout: { state: 'ENABLED', variants: { on: true, off: false }, defaultVariant: 'constructor' } } }) })
+  const r = await validate(path)
+  t.equal(r.code, 1)
+  t.match(r.problems.join('\n'), /flags\.enableNewCheckout\.defaultVariant: must name one of its variants/)
+})
+
 t.test('validate fails on a targeting rule flagd cannot compile, naming the flag', async (t) => {
   const text = flagdText({ enableNewCheckout: { targeting: { if: [{ no_such_operator: [{ var: 'path' }, '/x'] }, 'off', null] } } })
   const path = setUp(t, { flagSource: { type: 'flagd-file', path: './flags.json' } }, { 'flags.json': text })

@@ -55,7 +55,9 @@ export function parseFlagFile (text: string): FileFlags {
     }
     const values = Object.values(variants as Record<string, unknown>)
     if (!values.every((v) => typeof v === 'boolean')) { out.notBoolean.add(key); continue } // not a boolean flag
-    if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !(defaultVariant in (variants as object)))) {
+    // Its own variants only: `in` also finds `constructor` or `toString` on every object, whose
+    // value (a function) is no boolean, so such a kill switch would resolve to on.
+    if (defaultVariant !== undefined && defaultVariant !== null && (typeof defaultVariant !== 'string' || !Object.hasOwn(variants, defaultVariant))) {
       throw new Error(`flags.${key}.defaultVariant: must name one of its variants`)
     }
     // flagd-core's own test for "has targeting": a non-empty rule.
