@@ -157,6 +157,33 @@ t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected',
   t.equal((await send(s.proxy, '/ok')).status, 200)
 })
 
+t.test('a resolution Alertmanager refused is posted again until it takes it: the alert does not stay active after the incident ended', async (t) => {
+  const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end() })
+  t.teardown(up.close)
+  const am = await startReceiver([200])
+  t.teardown(am.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '1s', minRequests: 5, action: 'notify' }],
+    notifications: { alertmanager: { urls: [am.url], repeatInterval: '300ms' } }
+  })
+  const posts = (): Array<{ endsAt?: string }> => am.deliveries.flatMap((d) => d.body as Array<{ endsAt?: string }>)
+  t.ok(await eventually(async () => { await send(s.proxy, '/fail'); return posts().length > 0 }, 30_000), 'the firing alert reached Alertmanager')
+  // Alertmanager goes away (restarting, overloaded) just as the service recovers.
+  am.respond = [503]
+  t.ok(await eventually(async () => { await send(s.proxy, '/ok'); return s.logs.some((l) => l.event === 'trigger_rearmed') }, 30_000), 'the trigger re-armed')
+  t.ok(await eventually(() => posts().some((a) => a.endsAt !== undefined), 15_000), 'the resolution was posted, and refused')
+  const refused = am.deliveries.length
+  am.respond = [200]
+  t.ok(await eventually(() => am.deliveries.slice(refused).some((d) => (d.body as Array<{ endsAt?: string }>).some((a) => a.endsAt !== undefined)), 15_000), 'the resolution is posted again once Alertmanager answers')
+  const after = am.deliveries.slice(refused).flatMap((d) => d.body as Array<{ endsAt?: string }>)
+  t.ok(after.every((a) => a.endsAt !== undefined), 'and never the firing alert again')
+  const delivered = am.deliveries.length
+  await sleep(1000)
+  t.equal(am.deliveries.length, delivered, 'once taken, it is not posted again')
+})
+
 t.test('an escalated incident: a second, critical alert in Alertmanager, re-posted while it lasts and resolved on verified restoration', async (t) => {
   const am = await startAlertmanager(t, { group_wait: '1s', group_interval: '1s' })
   let healthy = false

@@ -21,12 +21,18 @@
  * not posted again within Alertmanager's `resolve_timeout` is resolved by Alertmanager itself.
  *
  * Posting happens beside the control plane and never blocks it; a failed post is logged once per
- * failure streak and retried by the next repeat.
+ * failure streak and retried by the next repeat. A resolution has no next repeat: one that an
+ * Alertmanager did not take is posted to it again every `repeatInterval` until it does (or the
+ * alert fires again), for at most `RESOLVE_RETRY_MS` — else the alert stays active there until
+ * its `resolve_timeout` after the incident ended.
  */
 import { request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 import type { NotificationEvent } from './notify.js'
+
+/** How long a resolution an Alertmanager did not take is posted again (see above). */
+const RESOLVE_RETRY_MS = 60 * 60_000
 
 interface Alert {
   labels: Record<string, string>
@@ -59,8 +65,11 @@ export class AlertmanagerChannel {
    * order, and a firing post that lands after the resolved one makes the alert active again
    * until `resolve_timeout`.
    */
-  private readonly tails = new Map<string, Promise<void>>()
+  private readonly tails = new Map<string, Promise<string[]>>()
+  /** The next attempt at a resolution not taken yet, by `Firing.tail`: a new alert of that key cancels it. */
+  private readonly resolving = new Map<string, NodeJS.Timeout>()
   private failing = false
+  private stopped = false
 
   constructor (private readonly config: () => NotificationsConfig, private readonly logger: Logger) {}
 
@@ -147,6 +156,8 @@ export class AlertmanagerChannel {
     const am = this.config().alertmanager
     if (am === null) return
     const tail = `${into === this.firing ? 'trigger' : 'escalation'}\u0000${key}`
+    clearTimeout(this.resolving.get(tail))
+    this.resolving.delete(tail)
     const firing: Firing = { alert, timer: setInterval(() => { this.postAfter(firing, alert) }, am.repeatIntervalMs), tail }
     firing.timer.unref()
     into.set(key, firing)
@@ -164,20 +175,40 @@ export class AlertmanagerChannel {
     if (f === undefined) return
     clearInterval(f.timer)
     from.delete(key)
-    this.postAfter(f, { ...f.alert, endsAt: new Date().toISOString() })
+    this.resolveAt(f, { ...f.alert, endsAt: new Date().toISOString() }, undefined, Date.now() + RESOLVE_RETRY_MS)
   }
 
-  /** Post `alert` once the previous post of the same alert has settled (`post` never rejects). */
-  private postAfter (f: Firing, alert: Alert): void {
-    const last = (this.tails.get(f.tail) ?? Promise.resolve()).then(async () => { await this.post(alert) })
+  /** Post the resolved `alert` (to `urls`, else every one), and again to those that did not take it, until `until`. */
+  private resolveAt (f: Firing, alert: Alert, urls: string[] | undefined, until: number): void {
+    void this.postAfter(f, alert, urls).then((failed) => {
+      const am = this.config().alertmanager
+      // Fired again meanwhile (`repeat` also cancels a pending attempt): the newer alert stands.
+      const firesAgain = [...this.firing.values(), ...this.escalated.values()].some((x) => x.tail === f.tail)
+      // Only to the Alertmanagers still configured (a reload may have changed them).
+      const again = am === null ? [] : failed.filter((url) => am.urls.includes(url))
+      if (am === null || again.length === 0 || firesAgain || this.stopped || Date.now() >= until) return
+      const timer = setTimeout(() => { this.resolving.delete(f.tail); this.resolveAt(f, alert, again, until) }, am.repeatIntervalMs)
+      timer.unref()
+      this.resolving.set(f.tail, timer)
+    })
+  }
+
+  /**
+   * Post `alert` (to `urls`, else every one) once the previous post of the same alert has
+   * settled; resolves with the URLs that did not take it (`post` never rejects).
+   */
+  private postAfter (f: Firing, alert: Alert, urls?: string[]): Promise<string[]> {
+    const last = (this.tails.get(f.tail) ?? Promise.resolve([])).then(async () => await this.post(alert, urls))
     this.tails.set(f.tail, last)
     void last.then(() => { if (this.tails.get(f.tail) === last) this.tails.delete(f.tail) })
+    return last
   }
 
-  private async post (alert: Alert): Promise<void> {
+  private async post (alert: Alert, urls?: string[]): Promise<string[]> {
     const am = this.config().alertmanager
-    if (am === null) return
-    await Promise.all(am.urls.map(async (url) => {
+    if (am === null) return []
+    const failed: string[] = []
+    await Promise.all((urls ?? am.urls).map(async (url) => {
       try {
         const res = await request(`${url}/api/v2/alerts`, {
           method: 'POST',
@@ -193,13 +224,18 @@ export class AlertmanagerChannel {
         this.failing = false
       } catch (err) {
         this.failed++
+        failed.push(url)
         if (!this.failing) this.logger.warn({ event: 'notification_failed', channel: 'alertmanager', failure: (err as { code?: string }).code ?? (err as Error).message }, 'alert not posted to Alertmanager; the next repeat retries')
         this.failing = true
       }
     }))
+    return failed
   }
 
   stop (): void {
+    this.stopped = true
+    for (const timer of this.resolving.values()) clearTimeout(timer)
+    this.resolving.clear()
     for (const f of [...this.firing.values(), ...this.escalated.values()]) clearInterval(f.timer)
     this.firing.clear()
     this.escalated.clear()
