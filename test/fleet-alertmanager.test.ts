@@ -138,17 +138,25 @@ t.test('the leader\'s verified restoration ends every follower\'s alert, not onl
   t.notOk(fleet.some((s) => s.logs.some((l) => l.event === 'trigger_rearmed')), 'and no trigger re-armed: the resolution came from the verification')
 })
 
-t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected', async (t) => {
+/**
+ * A sidecar whose trigger `errors` (over `window`) only notifies, posting to `urls` every
+ * `repeatInterval`; its upstream fails `/fail` and answers 200 to anything else.
+ */
+async function alerting (t: Test, urls: string[], repeatInterval: string, window = '2s'): Promise<TestSidecar> {
   const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end() })
   t.teardown(up.close)
-  const closed = await startReceiver([200])
-  await closed.close()
-  const s = await startTestSidecar(t, {
+  return await startTestSidecar(t, {
     upstreams: { app: { url: up.url } },
     routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 5, action: 'notify' }],
-    notifications: { alertmanager: { urls: [closed.url], repeatInterval: '200ms' } }
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window, minRequests: 5, action: 'notify' }],
+    notifications: { alertmanager: { urls, repeatInterval } }
   })
+}
+
+t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected', async (t) => {
+  const closed = await startReceiver([200])
+  await closed.close()
+  const s = await alerting(t, [closed.url], '200ms')
   // Failures until the trigger fires: on a busy host ten requests in a row can take longer than
   // the 2 s window, which then never holds minRequests.
   t.ok(await eventually(async () => { await send(s.proxy, '/fail'); return s.logs.some((l) => l.event === 'trigger_fired') }, 30_000), 'the trigger fired')
@@ -157,17 +165,23 @@ t.test('an unreachable Alertmanager: logged once, counted, proxying unaffected',
   t.equal((await send(s.proxy, '/ok')).status, 200)
 })
 
+t.test('one of two Alertmanagers unreachable: one warning for it, and no line saying Alertmanager is reachable again', async (t) => {
+  const live = await startReceiver([200])
+  t.teardown(live.close)
+  const closed = await startReceiver([200])
+  await closed.close()
+  const s = await alerting(t, [live.url, closed.url], '200ms')
+  t.ok(await eventually(async () => { await send(s.proxy, '/fail'); return s.logs.some((l) => l.event === 'trigger_fired') }, 30_000), 'the trigger fired')
+  t.ok(await eventually(async () => await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'alertmanager' }) >= 4 && live.deliveries.length >= 4, 30_000), 'the repeats reach one and fail on the other')
+  const lines = s.logs.filter((l) => l.channel === 'alertmanager')
+  t.equal(lines.filter((l) => l.event === 'notification_failed').length, 1, 'one warning for the streak')
+  t.same(lines.filter((l) => l.event === 'notification').map((l) => l.msg), [], 'nothing says it is reachable again')
+})
+
 t.test('a resolution Alertmanager refused is posted again until it takes it: the alert does not stay active after the incident ended', async (t) => {
-  const up = await startUpstream((req, res) => { res.writeHead(req.url === '/fail' ? 500 : 200); res.end() })
-  t.teardown(up.close)
   const am = await startReceiver([200])
   t.teardown(am.close)
-  const s = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '1s', minRequests: 5, action: 'notify' }],
-    notifications: { alertmanager: { urls: [am.url], repeatInterval: '300ms' } }
-  })
+  const s = await alerting(t, [am.url], '300ms', '1s')
   const posts = (): Array<{ endsAt?: string }> => am.deliveries.flatMap((d) => d.body as Array<{ endsAt?: string }>)
   t.ok(await eventually(async () => { await send(s.proxy, '/fail'); return posts().length > 0 }, 30_000), 'the firing alert reached Alertmanager')
   // Alertmanager goes away (restarting, overloaded) just as the service recovers.

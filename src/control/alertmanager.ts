@@ -68,7 +68,8 @@ export class AlertmanagerChannel {
   private readonly tails = new Map<string, Promise<string[]>>()
   /** The next attempt at a resolution not taken yet, by `Firing.tail`: a new alert of that key cancels it. */
   private readonly resolving = new Map<string, NodeJS.Timeout>()
-  private failing = false
+  /** The Alertmanagers in a failure streak (each logged once per streak: one down beside one up is not news at every post). */
+  private readonly failing = new Set<string>()
   private stopped = false
 
   constructor (private readonly config: () => NotificationsConfig, private readonly logger: Logger) {}
@@ -220,13 +221,12 @@ export class AlertmanagerChannel {
         await res.body.text()
         if (res.statusCode < 200 || res.statusCode >= 300) throw new Error(`status ${res.statusCode}`)
         this.posted++
-        if (this.failing) this.logger.info({ event: 'notification', channel: 'alertmanager' }, 'Alertmanager reachable again')
-        this.failing = false
+        if (this.failing.delete(url)) this.logger.info({ event: 'notification', channel: 'alertmanager', alertmanager: hostOf(url) }, 'Alertmanager reachable again')
       } catch (err) {
         this.failed++
         failed.push(url)
-        if (!this.failing) this.logger.warn({ event: 'notification_failed', channel: 'alertmanager', failure: (err as { code?: string }).code ?? (err as Error).message }, 'alert not posted to Alertmanager; the next repeat retries')
-        this.failing = true
+        if (!this.failing.has(url)) this.logger.warn({ event: 'notification_failed', channel: 'alertmanager', alertmanager: hostOf(url), failure: (err as { code?: string }).code ?? (err as Error).message }, 'alert not posted to Alertmanager; the next repeat retries')
+        this.failing.add(url)
       }
     }))
     return failed
@@ -240,6 +240,11 @@ export class AlertmanagerChannel {
     this.firing.clear()
     this.escalated.clear()
   }
+}
+
+/** An Alertmanager as its log lines name it: host and port, never credentials in its URL. */
+function hostOf (url: string): string {
+  try { return new URL(url).host } catch { return 'unknown' }
 }
 
 function escalationKey (event: Pick<NotificationEvent, 'version' | 'trigger'>): string {
