@@ -21,7 +21,7 @@ import { HealthChecker } from './proxy/health-check.js'
 import { hasUsableEndpoint } from './proxy/failover.js'
 import { normalisePath } from './proxy/path.js'
 import { requestHead } from './proxy/headers.js'
-import { HealthPolicy } from './ops/health.js'
+import { HealthPolicy, type FleetWarning } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
 import { createOpsServer } from './ops/server.js'
 import { registerMetrics, registerFleetMetrics } from './ops/metrics.js'
@@ -141,7 +141,7 @@ export class Sidecar {
     this.flags = new FlagSnapshot(config, this.logger)
     this.dataPlane = new DataPlane(config, { logger: this.logger, lines: log.lines, flags: this.flags })
     this.reachability = new ReachabilityWatch(this.logger)
-    this.health = new HealthPolicy(this.dataPlane, () => this.reachability.warnings())
+    this.health = new HealthPolicy(this.dataPlane, () => [...this.reachability.warnings(), ...this.fleetWarnings()])
     this.healthChecker = new HealthChecker(this.logger)
     const maxConnections = (): number => this.config.limits.maxConnections
     this.proxy = createProxyServer(this.dataPlane, config.listen.proxy, 'proxy', maxConnections, this.tracing, options.bare === true)
@@ -447,6 +447,13 @@ export class Sidecar {
    * a key (the leader went before acting, and nobody took over yet) nothing changes: the
    * trigger, firing again here, claims it.
    */
+  /** `/ready`'s word on the fleet link: etcd unreachable (readiness itself does not change, SPEC §16). */
+  private fleetWarnings (): FleetWarning[] {
+    const lost = this.fleet?.lost ?? null
+    if (lost === null) return []
+    return [{ fleet: 'etcd', error: lost.error, since: lost.since, message: `the fleet store (etcd) is unreachable since ${lost.since} (${lost.error}); the last fleet state stays in force, and fleet writes answer 503 until it is back` }]
+  }
+
   private async refollow (fleet: Fleet, key: string, trigger: string, leader: string): Promise<void> {
     let holding: Holding | null
     try {

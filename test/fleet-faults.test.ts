@@ -45,7 +45,7 @@ function lostLines (s: TestSidecar): number {
   return s.logs.filter((l) => l.event === 'fleet' && l.connected === false).length
 }
 
-t.test('etcd down at start: the sidecar serves and is ready; once etcd is up it syncs what is there', async (t) => {
+t.test('etcd down at start: the sidecar serves and is ready, its /ready warning that etcd is unreachable; once etcd is up it syncs what is there, and the warning ends', async (t) => {
   const etcd = await startEtcd(t, 1, { start: false })
   const up = await startUpstream()
   t.teardown(up.close)
@@ -57,6 +57,9 @@ t.test('etcd down at start: the sidecar serves and is ready; once etcd is up it 
   // Every sidecar must have seen the outage before etcd comes up (the last one started may
   // not have tried yet when the first has logged it).
   t.ok(await everywhere(fleet, async (s) => await gauge(s) === 0 && lostLines(s) === 1), 'gauge 0 and one log line, on every sidecar')
+  const ready = await send(s0.ops, '/ready')
+  t.equal(ready.status, 200, 'still ready')
+  t.match(JSON.parse(ready.body).warnings, [{ fleet: 'etcd', error: String, message: /etcd\) is unreachable since .*last fleet state stays in force/, since: String }], '/ready says the fleet link is down, and since when')
   const refused = await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'x', scope: 'fleet' })
   t.equal(refused.status, 503)
   t.equal(refused.body.error, 'fleet_unavailable')
@@ -66,6 +69,7 @@ t.test('etcd down at start: the sidecar serves and is ready; once etcd is up it 
   await etcdClient(t, etcd.endpoints).put(KEY).value(entry(false, 'written while they could not see etcd'))
   t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'every sidecar applied it once connected')
   t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1), 'gauge 1')
+  t.equal(JSON.parse((await send(s0.ops, '/ready')).body).warnings, undefined, 'and /ready warns no more')
   for (const s of fleet) {
     t.equal(lostLines(s), 1, 'one "unreachable" line for the whole outage, not one per retry')
     t.equal(s.logs.filter((l) => l.event === 'fleet' && l.connected === true).length, 1, 'and one "connected" line')

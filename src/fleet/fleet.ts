@@ -103,6 +103,8 @@ export class Fleet implements FleetWriter {
   connected = false
   /** Values under the prefix that could not be read (ignored). */
   corruptTotal = 0
+  /** Since when, and why, etcd is unreachable (null while connected, or still trying at start). */
+  lost: { since: string, error: string } | null = null
   readonly instance: string
   readonly root: string
   private readonly probeMs: number
@@ -377,6 +379,8 @@ export class Fleet implements FleetWriter {
 
   private setConnected (connected: boolean, why: string | null): void {
     this.connected = connected
+    if (connected) this.lost = null
+    else this.lost = { since: this.lost?.since ?? new Date().toISOString(), error: why ?? 'unknown' }
     if (this.reported === connected) return
     this.reported = connected
     const fields = { event: 'fleet', connected, endpoints: this.config.etcd.endpoints, revision: this.deps.state().revision }

@@ -16,14 +16,24 @@ export interface HealthReport {
   reason?: string
   openCircuits?: string[]
   failingUpstreams?: string[]
-  /** `/ready` only: what is wrong without failing readiness (the local app does not accept connections). */
-  warnings?: ReachabilityWarning[]
+  /** `/ready` only: what is wrong without failing readiness (the local app does not accept connections, etcd is unreachable). */
+  warnings?: ReadyWarning[]
 }
+
+/** The fleet store (etcd) is unreachable: the last fleet state stays in force, fleet writes answer 503. */
+export interface FleetWarning {
+  fleet: 'etcd'
+  error: string
+  message: string
+  since: string
+}
+
+export type ReadyWarning = ReachabilityWarning | FleetWarning
 
 export class HealthPolicy {
   draining = false
 
-  constructor (private readonly dp: DataPlane, private readonly warnings: () => ReachabilityWarning[] = () => []) {}
+  constructor (private readonly dp: DataPlane, private readonly warnings: () => ReadyWarning[] = () => []) {}
 
   /**
    * `/ready`: the health report, with `warnings` when there are any. A warning never fails
