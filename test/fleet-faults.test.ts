@@ -10,7 +10,8 @@ import { rmSync } from 'node:fs'
 import { Etcd3 } from 'etcd3'
 import { startEtcd } from './helpers/etcd.js'
 import { fleetConfig, startFleet, startConnectedFleet } from './helpers/fleet.js'
-import { startCaptured, testSidecarInput, type TestSidecar } from './helpers/sidecar.js'
+import { startCaptured, testSidecarInput, TEST_TOKEN, type TestSidecar } from './helpers/sidecar.js'
+import { runCli } from './helpers/process.js'
 import { send, eventually, sleep } from './helpers/http.js'
 import { admin } from './helpers/admin.js'
 import { metricValue } from './helpers/metrics.js'
@@ -60,6 +61,9 @@ t.test('etcd down at start: the sidecar serves and is ready, its /ready warning 
   const ready = await send(s0.ops, '/ready')
   t.equal(ready.status, 200, 'still ready')
   t.match(JSON.parse(ready.body).warnings, [{ fleet: 'etcd', error: String, message: /etcd\) is unreachable since .*last fleet state stays in force/, since: String }], '/ready says the fleet link is down, and since when')
+  const status = await runCli(['status', '--admin', s0.admin], { env: { BREAKWATER_ADMIN_TOKEN: TEST_TOKEN, BREAKWATER_CONFIG: undefined, NODE_OPTIONS: undefined }, timeoutMs: 60_000 })
+  t.equal(status.code, 0, status.stderr)
+  t.match(status.stdout, /^shop .* — health ok\nwarning: the fleet store \(etcd\) is unreachable since /, 'breakwater status says so under its first line')
   const refused = await admin(s0.admin, 'PUT', '/v1/flags/newCheckout', { enabled: false, reason: 'x', scope: 'fleet' })
   t.equal(refused.status, 503)
   t.equal(refused.body.error, 'fleet_unavailable')

@@ -294,6 +294,8 @@ function persistNote (body: any): string {
 function renderStatus (s: any): string {
   const out: string[] = []
   out.push(`${s.service} ${s.version} — health ${s.health?.status ?? '?'}${s.persisted === false ? ' — state NOT persisted' : ''}`)
+  // What is wrong without failing readiness: the app refusing connections, etcd unreachable.
+  for (const w of (s.health?.warnings ?? []) as any[]) out.push(`warning: ${String(w.message)}`)
   const flags = Object.entries(s.flags ?? {}) as Array<[string, any]>
   out.push('', 'FLAGS')
   out.push(flags.length === 0 ? '  (none)' : table(['flag', 'enabled', 'from', 'kill switch for'], flags.map(([k, f]) => [k, f.enabled ? 'on' : 'OFF', f.origin, (f.killSwitchFor ?? []).join(',') || '-'])))
