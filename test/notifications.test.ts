@@ -272,6 +272,24 @@ t.test('a failed delivery is retried with exponential backoff until it succeeds'
   t.equal(s.logs.filter((l) => l.event === 'notification_retry' && l.channel === 'webhook').length, 2)
 })
 
+t.test('a receiver that answers 429 or 503 with Retry-After is not tried again before it asked: seconds or an HTTP-date', async (t) => {
+  const up = await app(t)
+  const hook = await receiver(t, [429, 503, 200])
+  // Slack-style seconds first, then an HTTP-date (RFC 9110 §10.2.3), each asking for 2 s.
+  hook.answerHeaders = (d) => hook.deliveries.indexOf(d) === 0 ? { 'retry-after': '2' } : { 'retry-after': new Date(Date.now() + 3000).toUTCString() }
+  const s = await startTestSidecar(t, config(up.url, { maxAttempts: 3, webhooks: [hook.url] }, null))
+  await kill(s)
+  t.ok(await eventually(() => hook.deliveries.length >= 3, 15_000), 'delivered on the third attempt')
+  t.ok(await settled(s))
+  const [first, second, third] = hook.deliveries.map((d) => d.at)
+  const gaps = [(second ?? 0) - (first ?? 0), (third ?? 0) - (second ?? 0)]
+  // An HTTP-date has whole seconds: 3 s ahead is at least 2 s ahead.
+  t.ok((gaps[0] ?? 0) >= 1950 && (gaps[1] ?? 0) >= 1950, `each retry waited as asked (${gaps.join(', ')} ms)`)
+  t.equal(await metricValue(s.ops, 'breakwater_notifications_failed_total', { channel: 'webhook' }), 0, 'not lost')
+  t.match(s.logs.filter((l) => l.event === 'notification_retry').map((l) => l.retryInMs), [Number, Number])
+  t.ok(s.logs.filter((l) => l.event === 'notification_retry').every((l) => (l.retryInMs as number) >= 1000), 'the log says how long it waits')
+})
+
 t.test('two mitigations are two webhook deliveries: a kill switch and another, each applied and lifted, under keys of their own', async (t) => {
   const up = await app(t)
   const hook = await receiver(t)

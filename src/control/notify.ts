@@ -21,6 +21,7 @@ import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
 import { StatusPageLifecycle, type PageStatus } from './status-page.js'
 import { AlertmanagerChannel } from './alertmanager.js'
+import { retryAfterMs, retryDelayMs } from './retry-after.js'
 
 /**
  * `escalated`: the incident was not verified restored within `escalateAfter`, or its
@@ -68,9 +69,10 @@ interface Message {
   lookup?: boolean
   /**
    * Called once when the message is delivered (with the parsed answer) or given up on
-   * (`retryable`: worth sending again — not refused with a 4xx other than 408 or 429).
+   * (`retryable`: worth sending again — not refused with a 4xx other than 408 or 429;
+   * `retryAfterMs`: how long the receiver asked to be left alone, from its `Retry-After`).
    */
-  onSettled?: (ok: boolean, body: unknown, retryable?: boolean) => void
+  onSettled?: (ok: boolean, body: unknown, retryable?: boolean, retryAfterMs?: number | null) => void
 }
 
 /** The incident key of an event: the same on every sidecar of the fleet. */
@@ -277,6 +279,7 @@ export class Notifier {
     m.attempt++
     let status = 0
     let failure: string | null = null
+    let asked: number | null = null
     try {
       const res = await request(m.url, {
         method: m.method,
@@ -296,13 +299,14 @@ export class Notifier {
         return
       }
       failure = `status ${status}`
+      if (status === 429 || status === 503) asked = retryAfterMs(res.headers['retry-after'], Date.now())
     } catch (err) {
       failure = (err as { code?: string }).code ?? 'request failed'
     }
     const refused = status >= 400 && status < 500 && status !== 408 && status !== 429
     if (m.lookup === true || m.once === true) {
       this.release(m)
-      m.onSettled?.(false, null, !refused)
+      m.onSettled?.(false, null, !refused, asked)
       return
     }
     const final = m.attempt >= this.config().maxAttempts || refused
@@ -313,7 +317,7 @@ export class Notifier {
       m.onSettled?.(false, null)
       return
     }
-    const backoff = Math.min(30_000, 500 * 2 ** (m.attempt - 1)) * (0.75 + Math.random() * 0.5)
+    const backoff = retryDelayMs(m.attempt, asked)
     this.logger.warn({ event: 'notification_retry', channel: m.channel, attempt: m.attempt, failure, retryInMs: Math.round(backoff) }, 'notification failed; will retry')
     const timer = setTimeout(() => {
       this.timers.delete(timer)

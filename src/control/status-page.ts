@@ -33,6 +33,7 @@
  */
 import type { Logger } from 'pino'
 import type { NotificationsConfig } from '../config/types.js'
+import { retryDelayMs } from './retry-after.js'
 
 export type PageStatus = 'investigating' | 'identified' | 'monitoring' | 'resolved'
 
@@ -86,7 +87,7 @@ export interface PageRequest {
   /** A read (the look-up), not a notification: not counted as one. */
   lookup?: boolean
 }
-export type SendPageRequest = (req: PageRequest, settled: (ok: boolean, answer: unknown, retryable?: boolean) => void) => void
+export type SendPageRequest = (req: PageRequest, settled: (ok: boolean, answer: unknown, retryable?: boolean, retryAfterMs?: number | null) => void) => void
 
 interface Update {
   status: PageStatus
@@ -247,7 +248,7 @@ export class StatusPageLifecycle {
     p.busy = true
     const id = p.id
     const creating = id === null
-    const settled = (ok: boolean, answer: unknown, retryable = true): void => {
+    const settled = (ok: boolean, answer: unknown, retryable = true, asked: number | null = null): void => {
       p.busy = false
       if (ok) {
         if (creating) {
@@ -269,7 +270,7 @@ export class StatusPageLifecycle {
         if (++p.failedCreates < c.maxAttempts && retryable) {
           p.queue.unshift(next)
           p.busy = true
-          const backoff = Math.min(30_000, 500 * 2 ** (p.failedCreates - 1)) * (0.75 + Math.random() * 0.5)
+          const backoff = retryDelayMs(p.failedCreates, asked)
           this.logger.warn({ event: 'notification_retry', channel: 'statuspage', attempt: p.failedCreates, retryInMs: Math.round(backoff) }, 'status page incident not created; will look for it and retry')
           this.retrying++
           setTimeout(() => { this.retrying--; p.busy = false; this.pump(key, p) }, backoff).unref()

@@ -26,6 +26,8 @@ export interface Receiver {
   release: () => void
   /** The JSON body to answer a delivery with (default `{"ok":true}`). */
   answer: (d: Delivery) => unknown
+  /** Headers to answer a delivery with, beside its content-type (default none). */
+  answerHeaders: (d: Delivery) => Record<string, string>
   close: () => Promise<void>
 }
 
@@ -35,7 +37,7 @@ export async function startReceiver (respond: number[] = [200]): Promise<Receive
   const release = (): void => {
     for (const [timer, send] of [...held]) { clearTimeout(timer); send() }
   }
-  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answered: 0, release, answer: () => ({ ok: true }), close: async () => {} }
+  const state: Receiver = { url: '', deliveries: [], respond, delayMs: 0, answered: 0, release, answer: () => ({ ok: true }), answerHeaders: () => ({}), close: async () => {} }
   const server = http.createServer((req, res) => {
     let text = ''
     req.on('data', (c: Buffer) => { text += c.toString('utf8') })
@@ -46,10 +48,11 @@ export async function startReceiver (respond: number[] = [200]): Promise<Receive
       const n = state.deliveries.push(delivery)
       const status = state.respond[Math.min(n - 1, state.respond.length - 1)] ?? 200
       const answer = JSON.stringify(state.answer(delivery))
+      const headers = { ...state.answerHeaders(delivery), 'content-type': 'application/json' }
       const send = (): void => {
         held.delete(timer)
         state.answered++
-        res.writeHead(status, { 'content-type': 'application/json' })
+        res.writeHead(status, headers)
         res.end(answer)
       }
       const timer = setTimeout(send, state.delayMs)
