@@ -886,6 +886,7 @@ export class Sidecar {
     await this.stateLock?.release()
     this.triggers.stop()
     this.verifier.stop()
+    await this.notifier.flush(remaining(NOTIFY_FLUSH_MS))
     this.notifier.stop()
     await this.admin.close()
     await this.ops.close()
@@ -939,6 +940,9 @@ const TEARDOWN_MS = 1000
 
 /** The longest a shutdown waits for the last spans to reach the collector. */
 const SPAN_FLUSH_MS = 2000
+
+/** The longest a shutdown waits for its last notifications to be delivered. */
+const NOTIFY_FLUSH_MS = 3000
 
 /** The longest a shutdown waits for its last log lines to reach stdout. */
 const LOG_DRAIN_MS = 1000

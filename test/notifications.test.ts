@@ -290,6 +290,22 @@ t.test('a receiver that answers 429 or 503 with Retry-After is not tried again b
   t.ok(s.logs.filter((l) => l.event === 'notification_retry').every((l) => (l.retryInMs as number) >= 1000), 'the log says how long it waits')
 })
 
+t.test('a stopping sidecar delivers what is waiting for a retry before it exits, and counts and logs what it could not', async (t) => {
+  const up = await app(t)
+  const hook = await receiver(t, [500, 200])
+  const dead = await refusedUrl()
+  const s = await startTestSidecar(t, config(up.url, { webhooks: [hook.url, `${dead}/hook`] }, null))
+  await kill(s)
+  t.ok(await eventually(() => hook.answered >= 1 && s.logs.filter((l) => l.event === 'notification_retry').length >= 2, 5000), 'both deliveries failed once and wait for a retry')
+  await s.sidecar.shutdown()
+  t.equal(hook.deliveries.length, 2, 'the retry went out before the sidecar stopped')
+  t.equal(hook.answered, 2)
+  const dropped = s.logs.filter((l) => l.event === 'notification_dropped')
+  t.equal(dropped.length, 1, 'the one a refused receiver never took is logged')
+  t.match(dropped[0], { channel: 'webhook', cause: 'shutdown', level: 'warn' })
+  t.equal(s.sidecar.notifier.dropped, 1, 'and counted')
+})
+
 t.test('two mitigations are two webhook deliveries: a kill switch and another, each applied and lifted, under keys of their own', async (t) => {
   const up = await app(t)
   const hook = await receiver(t)

@@ -333,9 +333,30 @@ export class Notifier {
     return this.queue.length + this.inFlight + this.timers.size + this.statusPage.retrying
   }
 
+  /**
+   * Give what is queued, being delivered or waiting for a retry up to `ms` to be settled (a
+   * stopping sidecar's last words: a PagerDuty `resolve`, a lifted mitigation). A retry waiting
+   * out its backoff goes at once: there is no later for it.
+   */
+  async flush (ms: number): Promise<void> {
+    const deadline = performance.now() + ms
+    for (const [timer, m] of this.timers) {
+      clearTimeout(timer)
+      this.timers.delete(timer)
+      this.queue.unshift(m)
+    }
+    this.pump()
+    while (this.pending > 0 && performance.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+
+  /** Stop; what was not delivered by now is dropped, counted and logged (never lost without a word). */
   stop (): void {
     this.alertmanager.stop()
     this.stopped = true
+    for (const m of [...this.queue, ...this.timers.values()]) {
+      this.dropped++
+      this.logger.warn({ event: 'notification_dropped', channel: m.channel, cause: 'shutdown' }, 'sidecar stopping; dropped an undelivered notification')
+    }
     for (const t of this.timers.keys()) clearTimeout(t)
     this.timers.clear()
     this.queue.length = 0
