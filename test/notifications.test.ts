@@ -7,7 +7,8 @@ import { admin } from './helpers/admin.js'
 import { send, sleep, eventually } from './helpers/http.js'
 import { metricValue } from './helpers/metrics.js'
 import { traffic, median, type Traffic } from './helpers/traffic.js'
-import { webhookKey } from '../src/control/notify.js'
+import { webhookKey, type NotificationEvent } from '../src/control/notify.js'
+import { startStatusPage } from './helpers/status-page.js'
 
 /** `fail` in the path → 500, `slow` → 200 after 300 ms, anything else → 200. */
 async function app (t: Test): Promise<TestUpstream> {
@@ -304,6 +305,26 @@ t.test('a stopping sidecar delivers what is waiting for a retry before it exits,
   t.equal(dropped.length, 1, 'the one a refused receiver never took is logged')
   t.match(dropped[0], { channel: 'webhook', cause: 'shutdown', level: 'warn' })
   t.equal(s.sidecar.notifier.dropped, 1, 'and counted')
+})
+
+t.test('a trigger that fires again while its status page incident is being resolved opens a new page incident once the resolve is answered', async (t) => {
+  const up = await app(t)
+  const page = await startStatusPage()
+  t.teardown(page.close)
+  const s = await startTestSidecar(t, config(up.url, { statusPageId: 'p1', statusPageApiKey: 'k1', statusPageUrl: page.url }, null))
+  const event = (kind: NotificationEvent['kind']): NotificationEvent => ({ kind, service: 'checkout', version: '2.4.1', trigger: 'checkout-errors', summary: kind, details: {}, time: new Date().toISOString() })
+  s.sidecar.notifier.notify(event('trigger_fired'))
+  t.ok(await settled(s), 'the first outage is on the page')
+  page.holdUpdates = true
+  s.sidecar.notifier.notify(event('restoration_verified'))
+  t.ok(await eventually(() => page.deliveries.some((d) => d.method === 'PATCH')), 'the resolve reached the page; its answer is held')
+  // The service fails again before the page has answered the resolve: a new outage.
+  s.sidecar.notifier.notify(event('trigger_fired'))
+  page.holdUpdates = false
+  page.releaseCreates()
+  t.ok(await eventually(() => page.incidents.size === 2, 5000), `a second page incident for the new outage (${page.incidents.size})`)
+  t.ok(await settled(s))
+  t.same([...page.incidents.values()].map((i) => i.status), ['resolved', 'investigating'], 'the first resolved, the new one investigating')
 })
 
 t.test('two mitigations are two webhook deliveries: a kill switch and another, each applied and lifted, under keys of their own', async (t) => {

@@ -113,6 +113,14 @@ interface PageIncident {
   failedCreates: number
   /** The resolved page incident of the same key this one follows (a later outage), for its create's idempotency key. */
   after?: string
+  /** The update being sent now (its answer not in yet). */
+  sending?: PageStatus
+  /**
+   * The key fired again while this page incident was on its way to `resolved` (the resolve
+   * queued or not answered yet): a new outage, whose page incident is opened once the resolve
+   * is settled — not dropped as "already past investigating".
+   */
+  refired?: Omit<Update, 'status' | 'round'>
 }
 
 /** Persisted for a page incident whose create was sent and not answered (yet). */
@@ -182,6 +190,10 @@ export class StatusPageLifecycle {
   /** Move the page incident of `key` to `status` (ignored when it is already there or past it). */
   advance (key: string, status: PageStatus, name: string, text: string, metadata: Record<string, unknown> = {}): void {
     let p = this.incidents.get(key)
+    if (p !== undefined && status === 'investigating' && p.status !== 'resolved' && (p.queue.at(-1)?.status ?? p.sending) === 'resolved') {
+      p.refired = { name, text, metadata }
+      return
+    }
     // A resolved page incident is over: the same key firing again is a new outage, a new page incident.
     let after: string | undefined
     if (p !== undefined && p.status === 'resolved' && p.queue.length === 0 && status === 'investigating') {
@@ -226,7 +238,13 @@ export class StatusPageLifecycle {
       return
     }
     const next = p.queue.shift()
-    if (next === undefined) return
+    if (next === undefined) {
+      const refired = p.refired
+      p.refired = undefined
+      // The resolve was given up on: the page incident is still open, and the new outage is in it.
+      if (refired !== undefined && p.status === 'resolved') this.advance(key, 'investigating', refired.name, refired.text, refired.metadata)
+      return
+    }
     // Found on the page at this status or past it already.
     if (p.status !== null && position(next.status, next.round) <= position(p.status, p.round)) {
       this.pump(key, p)
@@ -246,10 +264,12 @@ export class StatusPageLifecycle {
       return
     }
     p.busy = true
+    p.sending = next.status
     const id = p.id
     const creating = id === null
     const settled = (ok: boolean, answer: unknown, retryable = true, asked: number | null = null): void => {
       p.busy = false
+      p.sending = undefined
       if (ok) {
         if (creating) {
           p.failedCreates = 0

@@ -25,6 +25,8 @@ export interface StatusPage {
   /** Creates are kept and their answers held until `releaseCreates` (or close). */
   holdCreates: boolean
   releaseCreates: () => void
+  /** Updates are applied and their answers held until `releaseCreates` (or close). */
+  holdUpdates: boolean
   close: () => Promise<void>
 }
 
@@ -39,6 +41,7 @@ export async function startStatusPage (): Promise<StatusPage> {
     incidents: new Map(),
     failAfterCreate: 0,
     holdCreates: false,
+    holdUpdates: false,
     releaseCreates: () => { for (const answer of held.splice(0)) answer() },
     close: async () => {}
   }
@@ -84,7 +87,8 @@ export async function startStatusPage (): Promise<StatusPage> {
         incident.status = String(body?.incident?.status)
         incident.statuses.push(incident.status)
         const { statuses: _, ...shown } = incident
-        answer(200, shown)
+        if (page.holdUpdates) held.push(() => { answer(200, shown) })
+        else answer(200, shown)
         return
       }
       answer(405, { error: 'method not allowed' })
