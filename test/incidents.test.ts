@@ -1059,11 +1059,11 @@ t.test('a later outage\'s create in flight at a restart is sent again under its 
   first.onChange = persist
   first.advance(key, 'investigating', 'checkout errors', 'investigating')
   first.advance(key, 'resolved', 'checkout errors', 'resolved')
-  t.ok(await eventually(() => page.incidents.get('sp-incident-1')?.status === 'resolved', 10_000), 'the first outage\'s page incident resolved')
+  t.ok(await eventually(() => page.incidents.get('sp-incident-1')?.status === 'resolved', 60_000), 'the first outage\'s page incident resolved')
   // The same key fails again: a later outage, a new page incident; its create's answer is lost to a restart.
   page.holdCreates = true
   first.advance(key, 'investigating', 'checkout errors', 'investigating again')
-  t.ok(await eventually(() => page.incidents.size === 2, 10_000), 'the later outage\'s create reached the page')
+  t.ok(await eventually(() => page.incidents.size === 2, 60_000), 'the later outage\'s create reached the page')
   const creates = (): string[] => page.deliveries.filter((d) => d.method === 'POST').map((d) => String(d.headers['idempotency-key']))
   const [firstKey, laterKey] = creates()
   t.not(laterKey, firstKey, 'the later outage\'s create has a key of its own')
@@ -1074,7 +1074,7 @@ t.test('a later outage\'s create in flight at a restart is sent again under its 
   restarted.restore(JSON.parse(JSON.stringify(saved)) as Record<string, PageIncidentState>)
   restarted.onChange = persist
   restarted.advance(key, 'investigating', 'checkout errors', 'investigating again')
-  t.ok(await eventually(() => creates().length === 3, 10_000), 'the create is sent again')
+  t.ok(await eventually(() => creates().length === 3, 60_000), 'the create is sent again')
   t.equal(creates()[2], laterKey, 'under the key it was first sent with: a page that honours it makes one page incident, never answers with the resolved one')
   page.releaseCreates()
 })
