@@ -16,6 +16,7 @@ import { send, eventually, sleep } from './helpers/http.js'
 import { admin } from './helpers/admin.js'
 import { metricValue } from './helpers/metrics.js'
 import { startUpstream } from './helpers/upstream.js'
+import { startSlowLink } from './helpers/slow-link.js'
 import { resolveConfig } from '../src/config/load.js'
 
 const KEY = '/bw-test/shop/flags/newCheckout'
@@ -194,6 +195,29 @@ t.test('a watch that stops delivering while etcd answers: the probe applies what
   // The restarted watch delivers again.
   for (const s of fleet) delete (s.sidecar.fleet as unknown as Partial<Handler>).event
   await etcdClient(t, etcd.endpoints).put(KEY).value(entry(true, 'back on'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
+})
+
+t.test('a lot of data under the service\'s prefix that is not Breakwater\'s (12 values of 1 MiB), over a slow link to etcd: the link stays up, and fleet writes still reach every sidecar', async (t) => {
+  const etcd = await startEtcd(t)
+  const up = await startUpstream()
+  t.teardown(up.close)
+  // 2 MiB/s from etcd to each connection: what a probe costs shows in its time.
+  const link = await startSlowLink(t, etcd.endpoints[0] as string, 2 * 1024 * 1024)
+  const fleet = await startFleet(t, up.url, [link.url])
+  t.ok(await everywhere(fleet, async (s) => await gauge(s) === 1), 'connected')
+  const client = etcdClient(t, etcd.endpoints)
+  const big = 'x'.repeat(1024 * 1024)
+  for (let i = 0; i < 12; i++) await client.put(`/bw-test/shop/notes/n${i}`).value(big)
+  // Several probes (one every 500 ms with this lease ttl) go by while the data is there.
+  await sleep(8000)
+  for (const s of fleet) {
+    t.equal(lostLines(s), 0, 'etcd was never taken for unreachable')
+    t.equal(await gauge(s), 1)
+  }
+  await client.put(KEY).value(entry(false, 'written beside the notes'))
+  t.ok(await everywhere(fleet, async (s) => await checkout(s) === 503), 'a fleet override is still applied everywhere')
+  await client.put(KEY).value(entry(true, 'back on'))
   t.ok(await everywhere(fleet, async (s) => await checkout(s) === 200))
 })
 

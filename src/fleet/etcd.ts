@@ -89,6 +89,7 @@ export interface WatchHandlers {
 
 interface RawKeyValue { key?: string, value?: string, mod_revision?: string, lease?: string }
 interface Header { revision?: string }
+interface TxnResponse { header?: Header, succeeded?: boolean, responses?: Array<{ response_range?: { kvs?: RawKeyValue[] } }> }
 
 export class Etcd {
   private readonly agent: Agent
@@ -123,13 +124,22 @@ export class Etcd {
     return { revision: revisionOf(res.header), kvs: (res.kvs ?? []).map(keyValueOf) }
   }
 
+  /**
+   * Every key under each of `prefixes`, read at one revision (one transaction with no compare):
+   * what it costs depends on what those prefixes hold, never on the keys beside them.
+   */
+  async ranges (prefixes: readonly string[]): Promise<{ revision: number, kvs: KeyValue[] }> {
+    const res = await this.call('/v3/kv/txn', { success: prefixes.map((p) => ({ request_range: rangeOf(p, true) })) }) as TxnResponse
+    return { revision: revisionOf(res.header), kvs: (res.responses ?? []).flatMap((r) => (r.response_range?.kvs ?? []).map(keyValueOf)) }
+  }
+
   /** If every compare holds, the puts; else read `otherwise` (a key), in one transaction. */
   async txn (compare: readonly Compare[], puts: ReadonlyArray<{ key: string, value: string, lease?: string }>, otherwise?: string): Promise<TxnResult> {
     const res = await this.call('/v3/kv/txn', {
       compare: compare.map(compareOf),
       success: puts.map((p) => ({ request_put: putOf(p.key, p.value, p.lease) })),
       ...(otherwise !== undefined ? { failure: [{ request_range: rangeOf(otherwise, false) }] } : {})
-    }) as { header?: Header, succeeded?: boolean, responses?: Array<{ response_range?: { kvs?: RawKeyValue[] } }> }
+    }) as TxnResponse
     return {
       succeeded: res.succeeded === true,
       revision: revisionOf(res.header),

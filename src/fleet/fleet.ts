@@ -12,9 +12,10 @@
  *   how far it got (acted, escalated, restored, its status page incident: see `progress`),
  *   which the followers record.
  *
- * etcd is never on the request path: every sidecar reads the whole prefix at a revision, applies
+ * etcd is never on the request path: every sidecar reads its folders (`flags/`, `circuits/`,
+ * `failovers/`, `incidents/`: never the rest of the prefix) at one revision, applies
  * it to the same in-memory overrides the data plane reads, and watches from revision + 1. A
- * probe re-reads the prefix every few seconds (through `call`, as writes go: a member just lost
+ * probe re-reads those folders every few seconds (through `call`, as writes go: a member just lost
  * or an election is retried, not taken for a lost etcd): if it fails the sidecar is disconnected; if it
  * shows what the watch did not deliver (a stalled watch), the read is applied and the watch
  * restarted. While disconnected the last fleet state stays in force (and in `stateDir`), and
@@ -302,7 +303,7 @@ export class Fleet implements FleetWriter {
   }
 
   /**
-   * Incident keys a read of the whole prefix at `revision` no longer holds, though their last
+   * Incident keys a read of the folders at `revision` no longer holds, though their last
    * known value is not newer than it: gone (a lease expired, a holder stopped) while the watch did
    * not say so — it was being restarted, or the probe's read got there first, after which the
    * watch's own delete event is taken as already applied. Without this, followers of a leader
@@ -389,13 +390,13 @@ export class Fleet implements FleetWriter {
   }
 
   /**
-   * Read the whole prefix at one revision and make the applied state exactly that. No watch is
+   * Read the folders at one revision and make the applied state exactly that. No watch is
    * live here, so a read older than the revision last seen means etcd went back (rebuilt empty,
    * or restored from a backup): its revision is taken as it is, or the watch would start past
    * every write made after the rebuild and never deliver one.
    */
   private async resync (): Promise<number> {
-    const res = await this.call(async () => await this.client.range(this.root, true))
+    const res = await this.readFolders()
     const revision = res.revision
     const seen = this.deps.state().revision
     if (revision < seen) {
@@ -407,7 +408,16 @@ export class Fleet implements FleetWriter {
     return revision
   }
 
-  /** Apply a read of the whole prefix; `wentBack`: etcd's revision went back, and the read's revision replaces the one seen. */
+  /**
+   * The folders Breakwater reads (the overrides and the incident keys) at one revision. Not the
+   * whole prefix: anything else kept under it (notes, another tool's data, megabytes of it) would
+   * make every probe read it all within one attempt, and a link that is fine would be taken for lost.
+   */
+  private async readFolders (): Promise<{ revision: number, kvs: KeyValue[] }> {
+    return await this.call(async () => await this.client.ranges([...KINDS, 'incidents'].map((folder) => `${this.root}${folder}/`)))
+  }
+
+  /** Apply a read of the folders; `wentBack`: etcd's revision went back, and the read's revision replaces the one seen. */
   private async applySnapshot (kvs: KeyValue[], revision: number, wentBack = false): Promise<boolean> {
     const next: FleetState = { revision, flags: {}, circuits: {}, failovers: {} }
     const current = this.deps.state()
@@ -482,11 +492,11 @@ export class Fleet implements FleetWriter {
   }
 
   /**
-   * Read the prefix again; when it shows a change the watch has not delivered by now, apply it
+   * Read the folders again; when it shows a change the watch has not delivered by now, apply it
    * and say the watch stalled (it is then restarted from the read's revision).
    */
   private async probe (): Promise<string | null> {
-    const res = await this.call(async () => await this.client.range(this.root, true))
+    const res = await this.readFolders()
     const revision = res.revision
     // Changes the watch should have delivered by the time of this read: those at or before it.
     await this.applying
