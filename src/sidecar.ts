@@ -442,11 +442,6 @@ export class Sidecar {
     }
   }
 
-  /**
-   * An incident this sidecar followed before a restart: the key's holder now leads it. Without
-   * a key (the leader went before acting, and nobody took over yet) nothing changes: the
-   * trigger, firing again here, claims it.
-   */
   /** `/ready`'s word on the fleet link: etcd unreachable (readiness itself does not change, SPEC §16). */
   private fleetWarnings (): FleetWarning[] {
     const lost = this.fleet?.lost ?? null
@@ -454,6 +449,11 @@ export class Sidecar {
     return [{ fleet: 'etcd', error: lost.error, since: lost.since, message: `the fleet store (etcd) is unreachable since ${lost.since} (${lost.error}); the last fleet state stays in force, and fleet writes answer 503 until it is back` }]
   }
 
+  /**
+   * An incident this sidecar followed before a restart: the key's holder now leads it. Without
+   * a key (the leader went before acting, and nobody took over yet) nothing changes: the
+   * trigger, firing again here, claims it.
+   */
   private async refollow (fleet: Fleet, key: string, trigger: string, leader: string): Promise<void> {
     let holding: Holding | null
     try {
