@@ -19,6 +19,7 @@ import type { Tracing } from './proxy/trace.js'
 import type { SpanQueue, TraceStats } from './ops/tracing.js'
 import { HealthChecker } from './proxy/health-check.js'
 import { hasUsableEndpoint } from './proxy/failover.js'
+import { windowNowMs } from './proxy/window.js'
 import { normalisePath } from './proxy/path.js'
 import { requestHead } from './proxy/headers.js'
 import { HealthPolicy, type FleetWarning } from './ops/health.js'
@@ -725,7 +726,8 @@ export class Sidecar {
         const upstream = dp.runtime.upstreams.get(name)
         return upstream !== undefined && hasUsableEndpoint(upstream, Date.now())
       },
-      now: Date.now()
+      now: Date.now(),
+      windowNowMs: windowNowMs()
     }) as unknown as Record<string, unknown>
   }
 

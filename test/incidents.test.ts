@@ -102,7 +102,7 @@ async function breakCheckout (app: App, s: TestSidecar, load: Traffic, n = 20): 
   const failed = statuses.indexOf(503) === -1 ? statuses : statuses.slice(0, statuses.indexOf(503))
   const refused = statuses.slice(failed.length)
   if (failed.length < 5 || !failed.every((c) => c === 500) || !refused.every((c) => c === 503)) throw new Error(`checkout did not fail: ${statuses.join(',')}`)
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
 }
 
 /** Real users on the catalog until the returned function is awaited. */
@@ -171,7 +171,7 @@ t.test('escalation: an incident not verified restored within escalateAfter is es
 
   // The trigger fires again and time passes: still once per incident.
   await load.burst('/checkout/cart', 10)
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
   await until(Date.parse(after.escalatedAt) + 2500)
   t.equal(escalations(r).pd.length, 1, 'PagerDuty escalation sent once')
   t.equal(escalations(r).slack.length, 1)
@@ -786,7 +786,7 @@ async function rolledBackByTrigger (t: Test, cd: Receiver, hook?: Receiver): Pro
   })
   app.failing.add('/')
   await load.burst('/cart', 10)
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
   return s
 }
 
@@ -806,7 +806,7 @@ t.test('an operator\'s rollback during a trigger\'s open incident acts within it
   const { s, app, load } = await operatorShop(t, cd)
   app.failing.add('/')
   await load.burst('/cart', 10)
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
   const [fired] = await incidents(s)
   t.match(fired, { trigger: 'errors', status: 'detected', mitigation: null }, 'the trigger only notified')
   t.equal((await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rollback', reason: 'bad release' })).status, 202)

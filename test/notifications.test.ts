@@ -57,7 +57,7 @@ const notifyTrigger = { name: 'checkout-errors', metric: 'error_rate', threshold
 /** Fail enough checkout requests for the trigger, and evaluate at once. */
 async function incident (s: TestSidecar, l: Traffic): Promise<void> {
   await l.burst('/checkout/fail', 5)
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
 }
 
 /** An operator's kill switch: one event with no trigger. Resolves to the mitigation's id. */

@@ -29,7 +29,7 @@ function circuitOf (s: TestSidecar, upstream: string): any {
 }
 
 async function triggerOf (s: TestSidecar, name: string): Promise<any> {
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
   const state = await admin(s.admin, 'GET', '/v1/state')
   return (state.body.triggers as any[]).find((x) => x.name === name)
 }

@@ -23,6 +23,7 @@ import { traffic, type Traffic } from './helpers/traffic.js'
 import { createPki } from './helpers/certificates.js'
 import { resolveConfig } from '../src/config/load.js'
 import { configHash } from '../src/control/control-plane.js'
+import { windowNowMs } from '../src/proxy/window.js'
 
 t.setTimeout(120_000)
 
@@ -105,7 +106,7 @@ async function runRecommended (t: Test, s: TestSidecar, command: string): Promis
 function writeBaseline (s: TestSidecar, route: string, perSecond: number, latencyMs: number): number {
   const stats = [...s.sidecar.dataPlane.stats.allRoutes()].find((x) => x.route === route)
   if (stats === undefined) throw new Error(`no stats for route ${route}`)
-  const now = Date.now()
+  const now = windowNowMs()
   let n = 0
   // Seconds 70 to 1849 ago: inside the baseline (61–1860 s ago) with room for the clock to move.
   for (let k = 70; k < 1850; k++) {
@@ -500,7 +501,7 @@ t.test('a failing dependency with its circuit open, against an almost idle basel
   await payFailingWithCircuitOpen(t, f, 60)
   // Thirty quiet minutes before it: one request every 4 s (0.25 req/s), so the last minute is ~5× that.
   const stats = [...f.s.sidecar.dataPlane.stats.allRoutes()].find((x) => x.route === 'catalog')
-  const now = Date.now()
+  const now = windowNowMs()
   for (let k = 70; k < 1850; k += 4) stats?.window.record(now - k * 1000, false, 5)
   const r = await triageOf(f.s)
   t.ok(r.evidence.all.current.ratePerSecond >= 3 * r.evidence.all.baseline.ratePerSecond, `setup: ${String(r.evidence.all.current.ratePerSecond)}/s is over 3× the baseline ${String(r.evidence.all.baseline.ratePerSecond)}/s`)

@@ -39,13 +39,24 @@ function load (t: Test, s: TestSidecar): Traffic {
   return l
 }
 
+/** A sidecar with one route to `app` and one trigger, and its load. */
+async function oneRoute (t: Test, trigger: Record<string, unknown>): Promise<{ s: TestSidecar, l: Traffic }> {
+  const up = await app(t)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [trigger]
+  })
+  return { s, l: load(t, s) }
+}
+
 async function triggerOf (s: TestSidecar, name: string): Promise<any> {
   const state = await admin(s.admin, 'GET', '/v1/state')
   return (state.body.triggers as any[]).find((x) => x.name === name)
 }
 
 function evaluate (s: TestSidecar): void {
-  s.sidecar.triggers.evaluate(Date.now())
+  s.sidecar.triggers.evaluate()
 }
 
 function firedLines (s: TestSidecar, name: string): Array<Record<string, unknown>> {
@@ -339,13 +350,7 @@ t.test('for: the breach must hold that long, checked by the sidecar\'s own 1 s e
 })
 
 t.test('a fired trigger re-arms only after a full window below its threshold, then fires again on a new burst', async (t) => {
-  const up = await app(t)
-  const s = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [errorTrigger()]
-  })
-  const l = load(t, s)
+  const { s, l } = await oneRoute(t, errorTrigger())
   await l.burst('/fail', 8)
   evaluate(s)
   t.match(await triggerOf(s, 'errors'), { state: 'fired', fired: 1, lastOutcome: 'notified' })
@@ -622,4 +627,52 @@ t.test('requireRecentChange: once the change is older than the limit, the trigge
   t.type(hook.deliveries.find((d) => d.body.event === 'trigger_fired')?.body.details.triage, 'object')
   await sleep(300)
   t.equal(cd.deliveries.length, 0, 'no rollback')
+})
+
+/**
+ * The wall clock seen by the sidecar (it runs in this process), stepped by `stepMs` from the
+ * real one: held still at that point when `held` (a clock stepped back onto the seconds the
+ * windows just filled), else running on from it. Put back in the test's teardown.
+ */
+function stepWallClock (t: Test, stepMs: number, held: boolean): void {
+  const real = Date.now.bind(Date)
+  const at = real() + stepMs
+  Date.now = held ? () => at : () => real() + stepMs
+  t.teardown(() => { Date.now = real })
+}
+
+/** Two evaluations of the sidecar's own 1 s timer (timers fire in the order they are due). */
+async function twoTicks (): Promise<void> {
+  await sleep(2500)
+}
+
+t.test('a wall clock stepped back (NTP, a VM restore) does not blind the triggers: failures after the step fire them', async (t) => {
+  const { s, l } = await oneRoute(t, errorTrigger())
+  t.same(await l.burst('/ok', 10), Array(10).fill(200))
+  // Back 28 × 128 s: onto the very second the windows just filled, had they been keyed on it.
+  stepWallClock(t, -3_584_000, true)
+  t.same(await l.burst('/fail', 20), Array(20).fill(500))
+  await twoTicks()
+  const trig = await triggerOf(s, 'errors')
+  t.match(trig, { state: 'fired', fired: 1 }, 'the failures after the step fired the trigger')
+  t.ok(trig.requests >= 20 && trig.errors >= 20, `the window holds them (${String(trig.requests)} requests, ${String(trig.errors)} errors)`)
+  t.equal(trig.firedAt, new Date(Date.now()).toISOString(), 'firedAt is what the wall clock read')
+  const incident = ((await admin(s.admin, 'GET', '/v1/incidents')).body.incidents as any[])[0]
+  t.equal(incident?.detectedAt, new Date(Date.now()).toISOString(), 'detected at the wall clock\'s time')
+  t.type(incident?.detection?.firstFailureAt, 'string', 'the first failure is found in the window')
+  t.ok(Math.abs(Date.parse(incident.detection.firstFailureAt) - Date.now()) <= 10_000, `and dated on the wall clock's scale (${String(incident.detection.firstFailureAt)})`)
+})
+
+t.test('a wall clock stepped forward neither empties a trigger\'s window nor cuts its `for` short', async (t) => {
+  const { s, l } = await oneRoute(t, errorTrigger({ window: '30s', for: '1h' }))
+  t.same(await l.burst('/fail', 10), Array(10).fill(500))
+  await twoTicks()
+  t.match(await triggerOf(s, 'errors'), { state: 'pending', requests: 10, errors: 10 }, 'the breach began')
+  stepWallClock(t, 2 * 3_600_000, false)
+  await twoTicks()
+  t.match(await triggerOf(s, 'errors'), { state: 'pending', requests: 10, errors: 10, fired: 0 }, 'two hours later by the wall clock, seconds later in fact: still pending on the same failures')
+  t.same(await l.burst('/fail', 10), Array(10).fill(500))
+  await twoTicks()
+  t.match(await triggerOf(s, 'errors'), { state: 'pending', requests: 20, fired: 0 }, 'more failures: still pending, the hour of `for` not over')
+  t.equal(firedLines(s, 'errors').length, 0)
 })

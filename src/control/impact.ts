@@ -11,7 +11,7 @@
  * as a gap, never filled in.
  */
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums } from '../proxy/window.js'
+import { emptySums, wallMsOf } from '../proxy/window.js'
 
 export interface Impact {
   /** The first and last second counted (ISO). */
@@ -27,7 +27,7 @@ export interface Impact {
   probesExcluded: number
   /** Spans of the incident with no figures, and why. */
   gaps: Array<{ from: string, to: string, why: string }>
-  /** The next second to count (epoch seconds). */
+  /** The next second to count (epoch seconds on the window clock, window.ts). */
   countedUntil: number
 }
 
@@ -76,6 +76,7 @@ export function countImpact (impact: Impact, stats: Iterable<RouteStats>, routes
   impact.to = iso(toSec)
 }
 
+/** A window second as the wall clock reads it: what people read. */
 function iso (second: number): string {
-  return new Date(second * 1000).toISOString()
+  return new Date(wallMsOf(second * 1000)).toISOString()
 }

@@ -59,7 +59,10 @@ export interface TriageInput {
   rateLimited?: (route: string) => boolean
   /** Why a rollback would be refused now (running, cooling down, done already, none configured), or null. */
   rollbackRefused?: { code: string, message: string } | null
+  /** The wall clock now: how recent a change is, and the report's date. */
   now: number
+  /** The windows' clock now (window.ts): the traffic figures are read at it. */
+  windowNowMs: number
 }
 
 export interface Recommendation {
@@ -135,9 +138,10 @@ function group (stats: RouteStats[], key: (s: RouteStats) => string, now: number
 export function triage (input: TriageInput): TriageReport {
   const { config, now } = input
   const stats = [...input.stats].filter((s) => s.route !== '')
-  const all = signal('all', stats, now)
-  const routes = group(stats, (s) => s.route, now)
-  const upstreams = group(stats, (s) => s.upstream, now)
+  const at = input.windowNowMs
+  const all = signal('all', stats, at)
+  const routes = group(stats, (s) => s.route, at)
+  const upstreams = group(stats, (s) => s.upstream, at)
   const recentVersion = input.versionSince !== '' && now - Date.parse(input.versionSince) <= RECENT_MS ? input.versionSince : null
   const recentConfig = input.configSince !== '' && now - Date.parse(input.configSince) <= RECENT_MS ? input.configSince : null
   const flagChanges = input.flagChanges.filter((c) => now - c.at <= RECENT_MS).map((c) => ({ flag: c.flag, enabled: c.enabled, at: new Date(c.at).toISOString() }))
@@ -173,7 +177,7 @@ export function triage (input: TriageInput): TriageReport {
   // An upstream is judged on the routes still sending it traffic: the errors a switched-off
   // route left in the last minute are the kill switch's, already handled, and must not turn
   // into a failover or a circuit break of the upstream behind it.
-  const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, now)
+  const live = group(stats.filter((s) => !switchedOff(s.route)), (s) => s.upstream, at)
   // A dependency that answers, but far slower than it did, fails its callers as surely as one
   // that errors (SPEC §11: latency against its baseline), short of the route's timeout. Errors
   // speak louder: while an upstream errors, another's slowness (the load the retries and the

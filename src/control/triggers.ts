@@ -12,11 +12,15 @@
  * its threshold for `for`, it fires once and runs its action; it re-arms only after the metric
  * stayed below the threshold for a full window, or after a full window with too little data to
  * judge (it is inconclusive again then, and its incident is left as it is).
+ *
+ * Every interval here (`for`, the window, re-arming) runs on the windows' monotonic clock
+ * (`windowNowMs`): a step of the wall clock neither blinds a trigger nor cuts its `for` short.
+ * Only `firedAt`, which people read, is a wall-clock time.
  */
 import type { Logger } from 'pino'
 import type { TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, quantile, samples, RunningSum, type WindowSums } from '../proxy/window.js'
+import { emptySums, quantile, samples, windowNowMs, RunningSum, type WindowSums } from '../proxy/window.js'
 
 export type TriggerState = 'inconclusive' | 'ok' | 'pending' | 'fired' | 'rearming'
 
@@ -65,7 +69,9 @@ interface Live {
   /** Since when a fired trigger has had too little data to judge (it re-arms after a window of it). */
   quietSince: number | null
   fired: number
+  /** When it last fired, on the window clock (intervals), and as the wall clock read then (people). */
   firedAt: number | null
+  firedAtIso: string | null
   lastOutcome: string | null
 }
 
@@ -73,7 +79,7 @@ export class TriggerEngine {
   private live: Live[] = []
   private timer: NodeJS.Timeout | null = null
   readonly firedTotal = new Map<string, number>()
-  /** Told first when a trigger fires (incidents open here). */
+  /** Told first when a trigger fires, `at` on the wall clock (incidents open here). */
   onFire: (trigger: TriggerConfig, reading: Reading, at: number) => { id: string, opened: boolean } | null = () => null
   /** Told when a fired trigger re-arms (its metric stayed under the threshold for a window). */
   onRearm: (trigger: TriggerConfig) => void = () => {}
@@ -91,14 +97,14 @@ export class TriggerEngine {
       const old = prev.get(config.name)
       if (old !== undefined && JSON.stringify(old.config) === JSON.stringify(config)) return old
       const withLatency = config.metric === 'p99_latency'
-      return { config, window: new RunningSum(config.windowMs, withLatency), sums: emptySums(withLatency), state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, quietSince: null, fired: old?.fired ?? 0, firedAt: null, lastOutcome: null }
+      return { config, window: new RunningSum(config.windowMs, withLatency), sums: emptySums(withLatency), state: 'inconclusive', value: null, requests: 0, errors: 0, pendingSince: null, belowSince: null, quietSince: null, fired: old?.fired ?? 0, firedAt: null, firedAtIso: null, lastOutcome: null }
     })
     for (const t of triggers) if (!this.firedTotal.has(t.name)) this.firedTotal.set(t.name, 0)
   }
 
   start (): void {
     if (this.timer !== null) return
-    this.timer = setInterval(() => this.evaluate(Date.now()), 1000)
+    this.timer = setInterval(() => { this.evaluate() }, 1000)
     this.timer.unref()
   }
 
@@ -107,8 +113,8 @@ export class TriggerEngine {
     this.timer = null
   }
 
-  /** One evaluation of every trigger at `nowMs`. */
-  evaluate (nowMs: number): void {
+  /** One evaluation of every trigger at `nowMs` (the window clock, window.ts). */
+  evaluate (nowMs = windowNowMs()): void {
     for (const t of this.live) this.step(t, nowMs)
   }
 
@@ -185,11 +191,13 @@ export class TriggerEngine {
     t.state = 'fired'
     t.fired++
     t.firedAt = now
+    const at = Date.now()
+    t.firedAtIso = new Date(at).toISOString()
     t.belowSince = null
     t.quietSince = null
     this.firedTotal.set(c.name, (this.firedTotal.get(c.name) ?? 0) + 1)
     this.logger.warn({ event: 'trigger_fired', trigger: c.name, metric: c.metric, value: r.value, threshold: c.threshold, window: c.windowMs, requests: r.requests, errors: r.errors, action: c.action }, `trigger ${c.name} fired`)
-    const incident = this.onFire(c, r, now)
+    const incident = this.onFire(c, r, at)
     t.lastOutcome = 'running'
     this.act(c, r, incident).then((outcome) => { t.lastOutcome = outcome }, (err: unknown) => {
       t.lastOutcome = `failed: ${(err as Error).message}`
@@ -211,7 +219,7 @@ export class TriggerEngine {
       requests: t.requests,
       errors: t.errors,
       fired: t.fired,
-      firedAt: t.firedAt === null ? null : new Date(t.firedAt).toISOString(),
+      firedAt: t.firedAtIso,
       lastOutcome: t.lastOutcome
     }))
   }

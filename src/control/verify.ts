@@ -40,7 +40,7 @@ import { Agent, request } from '../undici.js'
 import type { Logger } from 'pino'
 import type { Config, TriggerConfig } from '../config/types.js'
 import type { RouteStats } from '../proxy/stats.js'
-import { emptySums, quantile } from '../proxy/window.js'
+import { emptySums, quantile, wallMsOf, windowMsOf, windowNowMs } from '../proxy/window.js'
 import type { MitigationRecord } from '../state/state-file.js'
 import type { AuditInput } from '../state/audit-log.js'
 import type { NotificationEvent, Notifier } from './notify.js'
@@ -164,7 +164,11 @@ interface Probe {
 interface Running {
   incident: Incident
   trigger: TriggerConfig | null
-  /** Verification judges real traffic from here: the mitigation, or the signal clearing. */
+  /**
+   * Verification judges real traffic from here (the mitigation, or the signal clearing) until
+   * `deadline`: both on the window clock (window.ts), so a step of the wall clock neither hides
+   * the traffic since nor moves the deadline.
+   */
   since: number
   timer: NodeJS.Timeout | null
   deadline: number
@@ -192,8 +196,8 @@ export class Verifier {
   private readonly heldBack = new Set<string>()
   private counter: NodeJS.Timeout | null = null
   private stopped = false
-  /** The first second this process holds traffic for (earlier spans are gaps in an impact). */
-  private readonly heldSince = Math.floor(Date.now() / 1000)
+  /** The first second this process holds traffic for (earlier spans are gaps in an impact), on the window clock. */
+  private readonly heldSince = Math.floor(windowNowMs() / 1000)
 
   constructor (private readonly deps: VerifierDeps) {}
 
@@ -214,7 +218,7 @@ export class Verifier {
         // Its own deadline: counted from the mitigation, it would end at once a verification
         // started when real traffic returned to an unverified incident.
         const deadline = incident.verifyUntil !== undefined ? Date.parse(incident.verifyUntil) : Date.parse(since) + this.deps.config().verification.timeoutMs
-        const run: Running = { incident, trigger, since: Date.parse(since), timer: null, deadline, busy: false }
+        const run: Running = { incident, trigger, since: windowMsOf(Date.parse(since)), timer: null, deadline: windowMsOf(deadline), busy: false }
         this.running.set(incident.id, run)
         this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
         this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'resumed' }, 'verification of an open incident resumed after a restart')
@@ -303,19 +307,20 @@ export class Verifier {
   /** The first second with a failure in the trigger's scope within its window before `at` (second resolution only). */
   private firstFailure (trigger: TriggerConfig, at: number): string | null {
     const routes = this.routesInScope({ route: trigger.route, upstream: trigger.upstream })
-    const to = Math.floor(at / 1000) + 1
+    const to = Math.floor(windowMsOf(at) / 1000) + 1
     const from = Math.max(to - Math.ceil(trigger.windowMs / 1000), to - 120)
     const stats = [...this.deps.stats()].filter((s) => routes.has(s.route))
     for (let second = from; second < to; second++) {
       const one = emptySums(false)
       for (const s of stats) s.window.sum(second, second + 1, one)
-      if (one.errors > 0) return new Date(second * 1000).toISOString()
+      if (one.errors > 0) return new Date(wallMsOf(second * 1000)).toISOString()
     }
     return null
   }
 
   private open (trigger: string | null, scope: Incident['scope'], at: number, detection: Detection | null = null, lookBackMs = 0): Incident {
     const cfg = this.deps.config()
+    const windowAt = windowMsOf(at)
     const incident: Incident = {
       id: `i-${at.toString(36)}-${randomBytes(2).toString('hex')}`,
       trigger,
@@ -336,12 +341,12 @@ export class Verifier {
       detection,
       triage: this.triageNow(),
       // The failures that fired the trigger are part of the impact: count from its window's start.
-      impact: emptyImpact(Math.max(Math.floor((at - lookBackMs) / 1000), Math.floor(at / 1000) - 120, this.heldSince))
+      impact: emptyImpact(Math.max(Math.floor((windowAt - lookBackMs) / 1000), Math.floor(windowAt / 1000) - 120, this.heldSince))
     }
     this.incidents.unshift(incident)
     if (this.incidents.length > KEEP) this.incidents.length = KEEP
     this.deps.logger.warn({ event: 'incident', incident: incident.id, phase: 'detected', trigger, escalateAt: incident.escalateAt }, 'incident detected')
-    this.count(incident, Date.now())
+    this.count(incident)
     this.arm(incident)
     // An operator's incident opens with the operator's own audited action: one line per command.
     this.deps.persist(trigger === null ? null : { action: 'incident.detected', targets: [incident.id], reason: `trigger ${trigger} fired`, result: 'detected', requester: `trigger:${trigger}`, trigger, version: incident.version })
@@ -383,8 +388,8 @@ export class Verifier {
     if (this.probes.length > 0 && (this.probes[0] as Probe).second < keepFrom) this.probes = this.probes.filter((p) => p.second >= keepFrom)
   }
 
-  /** Count an incident's impact up to the last whole second before `now`. */
-  private count (incident: Incident, now: number): void {
+  /** Count an incident's impact up to the last whole second before now. */
+  private count (incident: Incident): void {
     const probes = this.probes
     const scope = this.routesInScope(incident.scope)
     // Only probes on the incident's routes would have been in its figures.
@@ -393,16 +398,15 @@ export class Verifier {
       for (const p of probes) if (p.second === second && scope.has(p.route)) requests++
       return requests
     }
-    countImpact(incident.impact, this.deps.stats(), scope, Math.floor(now / 1000), this.heldSince, of)
+    countImpact(incident.impact, this.deps.stats(), scope, Math.floor(windowNowMs() / 1000), this.heldSince, of)
   }
 
   /** While an incident is open, count its impact every few seconds (a timer only while one is). */
   private countOpen (): void {
     if (this.stopped || this.counter !== null || !this.incidents.some((i) => OPEN.has(i.status))) return
     this.counter = setInterval(() => {
-      const now = Date.now()
       const open = this.incidents.filter((i) => OPEN.has(i.status))
-      for (const i of open) this.count(i, now)
+      for (const i of open) this.count(i)
       if (open.length === 0 && this.counter !== null) { clearInterval(this.counter); this.counter = null }
     }, COUNT_EVERY_MS)
     this.counter.unref()
@@ -490,7 +494,7 @@ export class Verifier {
       if (run?.timer != null) clearTimeout(run.timer)
       this.running.delete(incident.id)
       this.escalations.disarm(incident.id)
-      this.count(incident, Date.now())
+      this.count(incident)
       incident.status = 'restored'
       incident.restoredAt = news.restoredAt
       incident.endedAt = news.restoredAt
@@ -615,7 +619,7 @@ export class Verifier {
     incident.verifyingSince = new Date(at).toISOString()
     incident.verifyUntil = new Date(deadline).toISOString()
     incident.checks.syntheticPassesInARow = 0
-    const run: Running = { incident, trigger, since: at, timer: null, deadline, busy: false }
+    const run: Running = { incident, trigger, since: windowMsOf(at), timer: null, deadline: windowMsOf(deadline), busy: false }
     this.running.set(incident.id, run)
     this.schedule(run, Math.min(250, this.deps.config().verification.intervalMs))
   }
@@ -739,8 +743,8 @@ export class Verifier {
     // stops here: the new run judges, with its own deadline.
     if (this.stopped || incident.status !== 'verifying' || this.running.get(incident.id) !== run) return
     // Before readTraffic forgets old probes: the impact leaves them out too.
-    this.count(incident, Date.now())
-    const traffic = this.readTraffic(run, routes, Date.now())
+    this.count(incident)
+    const traffic = this.readTraffic(run, routes, windowNowMs())
     incident.checks.errorRate = traffic.errorRate
     incident.checks.p99Ms = traffic.p99Ms
     incident.checks.requests = traffic.requests
@@ -751,7 +755,7 @@ export class Verifier {
     const restored = syntheticsPassed !== false && traffic.ok === true
     if (restored) { this.restored(run); return }
     // Out of time: failing checks say "not restored"; no real traffic and no failing check say nothing.
-    if (Date.now() >= run.deadline) { this.notRestored(run, traffic.ok === null && syntheticsOk); return }
+    if (windowNowMs() >= run.deadline) { this.notRestored(run, traffic.ok === null && syntheticsOk); return }
     this.schedule(run, v.intervalMs)
   }
 
@@ -801,7 +805,7 @@ export class Verifier {
   private restored (run: Running): void {
     const { incident } = run
     const now = Date.now()
-    this.count(incident, now)
+    this.count(incident)
     this.running.delete(incident.id)
     this.escalations.disarm(incident.id)
     incident.status = 'restored'
@@ -823,7 +827,7 @@ export class Verifier {
   /** `noRealTraffic`: nothing showed that users are served again, but nothing showed they are not. */
   private notRestored (run: Running, noRealTraffic: boolean): void {
     const { incident } = run
-    this.count(incident, Date.now())
+    this.count(incident)
     this.running.delete(incident.id)
     incident.endedAt = new Date().toISOString()
     const seconds = this.deps.config().verification.timeoutMs / 1000
@@ -887,8 +891,9 @@ export class Verifier {
     const trigger = incident.trigger === null ? null : this.deps.config().rollbackTriggers.find((t) => t.name === incident.trigger) ?? null
     // Judged from when verification ended: the traffic seen returning counts.
     const since = incident.endedAt !== null ? Date.parse(incident.endedAt) : now
-    const look: Running = { incident, trigger, since, timer: null, deadline: now, busy: false }
-    if (this.readTraffic(look, this.routesToJudge(incident), now).ok === null) return
+    const windowNow = windowNowMs()
+    const look: Running = { incident, trigger, since: windowMsOf(since), timer: null, deadline: windowNow, busy: false }
+    if (this.readTraffic(look, this.routesToJudge(incident), windowNow).ok === null) return
     this.stopAwaiting(incident.id)
     incident.endedAt = null
     this.startVerifying(incident, trigger, since, now + this.deps.config().verification.timeoutMs)

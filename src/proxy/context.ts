@@ -57,6 +57,7 @@ import { killSwitchAllows } from './kill-switch.js'
 import { jsonString, jsonNumber, jsonMillis, JsonMembers, type LaterLine } from '../log/lines.js'
 import { httpRoute, errorType, isServerError, hostAddress, requestHost, peerAddress, userAgent, requestMethod, type SpanExport } from './trace.js'
 import { clientAddress } from './rate-limit.js'
+import { windowMsAt } from './window.js'
 
 export type Cause = 'ok' | 'upstream' | 'client' | 'breakwater'
 
@@ -343,9 +344,9 @@ export abstract class RequestContext implements LaterLine {
       // not users' traffic: no trigger window, triage signal or failover record counts it
       // (SPEC §15), so a probe of a dead path fires nothing and healthy probes dilute nothing.
       if (head !== null && head.synthetic !== '' && head.probeKey === dp.probeKey) {
-        if (route !== null && dp.onSynthetic !== null) dp.onSynthetic(head.synthetic, route.name, Date.now())
+        if (route !== null && dp.onSynthetic !== null) dp.onSynthetic(head.synthetic, route.name, windowMsAt(endedAt))
       } else {
-        stats.outcome(Date.now(), windowed === 1, headMs)
+        stats.outcome(windowMsAt(endedAt), windowed === 1, headMs)
         // Answered by a failover: its record since traffic went there (triage).
         if (route !== null && this.upstream !== route.upstream && this.upstream !== null) route.upstream.failover?.served(windowed === 1)
       }

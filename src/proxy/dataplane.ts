@@ -64,7 +64,8 @@ export class DataPlane {
   readonly transitions = new Map<string, number>()
   accessLogRate = 1
   /**
-   * A verification probe (`x-breakwater-synthetic: INCIDENT`) on `route` ended at `atMs` with an
+   * A verification probe (`x-breakwater-synthetic: INCIDENT`) on `route` ended at `atMs` (the
+   * window clock, window.ts) with an
    * outcome the trigger windows would have counted; they did not (it is not users' traffic), and
    * the verifier says how many it left out.
    */

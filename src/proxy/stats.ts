@@ -62,7 +62,7 @@ export class RouteStats {
    * is the time to the response head, or -1 for a refusal. Client departures and refusals by
    * kill switches, forced circuits and bulkheads are never recorded: a mitigation must not
    * keep its own trigger firing, and a client must not move it either way. Nor are the
-   * verifier's own probes: they are not users' traffic.
+   * verifier's own probes: they are not users' traffic. `nowMs`: the window clock (window.ts).
    */
   outcome (nowMs: number, error: boolean, latencyMs: number): void {
     this.window.record(nowMs, error, latencyMs)

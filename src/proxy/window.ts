@@ -12,6 +12,11 @@
  *
  * Latency bins are logarithmic, four per power of two of milliseconds (about 19 % wide), from
  * under 1 ms to over a minute; a p99 is interpolated inside its bin.
+ *
+ * The windows run on a monotonic clock (`windowNowMs`), never on the wall clock: an NTP step or
+ * a VM restore moves `Date.now()` by minutes or hours, and a window keyed on it would drop every
+ * request whose second its ring already holds a later one of — blind through an outage — or
+ * jump a trigger's `for` ahead. Wall-clock time only stamps what people read (`wallMsOf`).
  */
 
 export const LATENCY_BINS = 72
@@ -19,6 +24,32 @@ export const LATENCY_BINS = 72
 export const SECOND_SLOTS = 128
 /** Minutes kept at one-minute resolution: a 1-hour window plus room for a late evaluation. */
 export const MINUTE_SLOTS = 64
+
+/** When the process started, on the epoch scale: window times read like epoch milliseconds. */
+const ORIGIN_MS = performance.timeOrigin
+
+/**
+ * The windows' clock: milliseconds on the epoch scale that never step (the process's start plus
+ * the monotonic time since). Equal to `Date.now()` until the wall clock is stepped.
+ */
+export function windowNowMs (): number {
+  return ORIGIN_MS + performance.now()
+}
+
+/** A `performance.now()` reading (the request path's one clock read) as a window time. */
+export function windowMsAt (performanceNowMs: number): number {
+  return ORIGIN_MS + performanceNowMs
+}
+
+/** A window time as the wall clock reads it now, to stamp what people read. */
+export function wallMsOf (windowMs: number): number {
+  return windowMs + Date.now() - windowNowMs()
+}
+
+/** A wall-clock time (one just stamped, or read back from a record) as a window time. */
+export function windowMsOf (wallMs: number): number {
+  return wallMs - Date.now() + windowNowMs()
+}
 
 /** Bin of a latency in milliseconds. */
 export function latencyBin (ms: number): number {
