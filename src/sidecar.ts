@@ -724,7 +724,8 @@ export class Sidecar {
       rateLimited: (route) => this.control.state.mitigations.some((m) => m.action === 'rateLimit' && m.status === 'active' && m.targets.includes(route)),
       usable: (name) => {
         const upstream = dp.runtime.upstreams.get(name)
-        return upstream !== undefined && hasUsableEndpoint(upstream, Date.now())
+        // Ejections run on `performance.now()` (balancer.ts), not on the wall clock.
+        return upstream !== undefined && hasUsableEndpoint(upstream, performance.now())
       },
       now: Date.now(),
       windowNowMs: windowNowMs()

@@ -287,6 +287,27 @@ t.test('a dependency whose failover already serves its traffic is mitigated: no 
   t.match(worse.recommendation.why, /already goes to payDr, which fails too/)
 })
 
+t.test('a failover whose every endpoint passive ejection took out is not recommended', async (t) => {
+  // Two endpoints, both failing: each is ejected for a minute after two failures in a row.
+  const dr1 = await startApp(t, { failing: ['/'] })
+  const dr2 = await startApp(t, { failing: ['/'] })
+  const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } }, {
+    input: (input) => ({
+      ...input,
+      upstreams: { ...(input.upstreams as Record<string, unknown>), pay: { url: (input.upstreams as any).pay.url, failover: 'payDr' }, payDr: { endpoints: [dr1.url, dr2.url], ejection: { consecutiveFailures: 2, baseMs: 60_000, maxMs: 60_000 } } },
+      routes: [{ name: 'dr', match: { pathPrefix: '/dr' }, upstream: 'payDr' }, ...(input.routes as unknown[])]
+    })
+  })
+  for (let i = 0; i < 20 && await metricValue(s.ops, 'breakwater_upstream_endpoints', { upstream: 'payDr', state: 'ejected' }) !== 2; i++) await load.burst('/dr/x', 2)
+  t.equal(await metricValue(s.ops, 'breakwater_upstream_endpoints', { upstream: 'payDr', state: 'ejected' }), 2, 'setup: both of payDr\'s endpoints are ejected')
+  pay.failing.add('/')
+  const failed = await load.burst('/pay/charge', 5)
+  t.ok(failed.every((c) => c === 500), 'pay answers 500 until its breaker opens')
+  const r = await triageOf(s)
+  t.not(r.recommendation.action, 'failover', `no failover to an upstream with no usable endpoint (${String(r.recommendation.command)})`)
+  t.match(r.recommendation.why, /its failover payDr is not healthy either/)
+})
+
 t.test('a failover whose every endpoint fails its health check is not recommended, however idle it looks', async (t) => {
   const dr = await startApp(t, { failing: ['/'] })
   const { pay, s, load } = await fixture(t, { circuitBreakers: { pay: { volumeThreshold: 5, recoveryTimeout: 60_000 } } }, {
