@@ -204,7 +204,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   start (): void {
     this.begin()
     this.watchClient()
-    if (this.route.retryBudget !== null) this.route.retryBudget.request(Date.now())
+    if (this.route.retryBudget !== null) this.route.retryBudget.request(performance.now())
     this.dispatch(null, false)
   }
 
@@ -515,7 +515,7 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     const circuit = this.upstream.circuit
     if (circuit !== null && !circuit.readmits(this.pass)) return false
     const budget = this.route.retryBudget as NonNullable<Route['retryBudget']>
-    if (budget.tryRetry(Date.now())) return true
+    if (budget.tryRetry(performance.now())) return true
     this.route.stats.retryBudgetExhausted++
     return false
   }

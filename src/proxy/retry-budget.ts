@@ -4,6 +4,9 @@
  * requests, plus a small floor so a quiet route can still retry. Retries that would exceed it
  * are not made — a retry storm against an upstream that is already failing is how a partial
  * outage becomes a total one.
+ *
+ * Its seconds are `performance.now()`'s: a wall clock stepped back (NTP, a VM restore) would
+ * leave the last ten seconds' counts in place for as long as the step.
  */
 const BUCKETS = 10
 
