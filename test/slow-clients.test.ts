@@ -295,3 +295,49 @@ t.test('a request waiting for a free upstream connection is not a slow client: p
     await queuedPast(t, { method: 'POST', body: Readable.from([Buffer.from('streamed '), Buffer.from('upload')]) })
   })
 })
+
+/**
+ * An upstream that accepts and never reads: a streamed upload fills its TCP window, and nothing
+ * more of the client's body can be read meanwhile. The client kept sending: the stall is the
+ * upstream's.
+ */
+t.test('an upstream that stops reading a streamed upload is the upstream\'s 504, not a slow client', async (t) => {
+  const upstreamSockets = new Set<net.Socket>()
+  const up = net.createServer((socket) => {
+    upstreamSockets.add(socket)
+    socket.on('error', () => {})
+    socket.on('close', () => upstreamSockets.delete(socket))
+    socket.pause()
+  })
+  up.listen(0, '127.0.0.1')
+  await once(up, 'listening')
+  t.teardown(() => { for (const s of upstreamSockets) s.destroy(); up.close() })
+  const port = (up.address() as net.AddressInfo).port
+  const { proxyPort, ops, logs } = await startTestSidecar(t, oneRoute(`http://127.0.0.1:${port}`, { name: 'r', idleTimeoutMs: 300, timeoutMs: 60_000 }))
+
+  const length = 64 * 1024 * 1024
+  const socket = net.connect(proxyPort, '127.0.0.1')
+  t.teardown(() => { socket.destroy() })
+  await once(socket, 'connect')
+  let answer = ''
+  socket.setEncoding('latin1')
+  socket.on('data', (chunk: string) => { answer += chunk })
+  socket.on('error', () => {})
+  socket.write(`PUT /stalled HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nContent-Length: ${length}\r\n\r\n`)
+  const piece = Buffer.alloc(1024 * 1024, 'u')
+  for (let i = 0; i < length / piece.length; i++) socket.write(piece) // the whole body, buffered here as needed
+  await new Promise((resolve) => socket.once('close', resolve))
+
+  // The rest of the body stays unread when the connection closes: a reset (or, writing, EPIPE)
+  // may follow the answer, never come instead of it.
+  t.match(answer, /^HTTP\/1\.1 504 /, 'answered 504')
+  t.match(answer, /"error":"upstream_timeout"/, 'the answer arrived whole')
+  t.match(answer, /\r\nx-breakwater-error: upstream_timeout\r\n/i, 'upstream_timeout')
+  t.match(answer, /\r\nconnection: close\r\n/i, 'and the connection closed after it (the rest of the body is not read)')
+  const samples = await scrape(ops)
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'slow_client' }), 0, 'no slow client counted')
+  t.ok(await eventually(() => logs.some((l) => l['url.path'] === '/stalled')), 'logged')
+  const line = logs.find((l) => l['url.path'] === '/stalled')
+  t.equal(line?.outcome, 'upstream', 'the upstream\'s outcome')
+  t.equal(line?.['http.response.status_code'], 504)
+})

@@ -49,7 +49,7 @@ export function fromUpstreamError (err: unknown): 'upstream_unavailable' | 'upst
   // UND_ERR_HEADERS_TIMEOUT: the request was fully sent and no response headers came within
   // the route's timeoutMs. Connect timeouts and refused or reset connections mean the
   // upstream could not be reached at all (Envoy's UF), not that it was slow.
-  if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'BREAKWATER_QUEUE_TIMEOUT') return 'upstream_timeout'
+  if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'BREAKWATER_QUEUE_TIMEOUT' || code === 'BREAKWATER_UPLOAD_STALLED') return 'upstream_timeout'
   if (code !== undefined && REQUEST_REFUSED.has(code)) return 'bad_request'
   return 'upstream_unavailable'
 }
@@ -73,6 +73,8 @@ export const TRANSFER_CODING = Object.assign(new Error('transfer coding other th
 export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' })
 /** The sweep's `idleTimeoutMs` on a request still waiting for a free upstream connection (forward.ts `onSilent`). */
 export const QUEUE_TIMEOUT = Object.assign(new Error('no upstream connection free'), { code: 'BREAKWATER_QUEUE_TIMEOUT' })
+/** The sweep's `idleTimeoutMs` on a streamed upload the upstream stopped reading (forward.ts `onSilent`). */
+export const UPLOAD_STALLED = Object.assign(new Error('the upstream stopped reading the request body'), { code: 'BREAKWATER_UPLOAD_STALLED' })
 /** The route's kill switch went off while its request waited to be written upstream (context.ts `killedMeanwhile`). */
 export const KILLED_MEANWHILE = Object.assign(new Error('the route was killed before the request was sent'), { code: 'BREAKWATER_KILLED_MEANWHILE' })
 /** The sweep's `idleTimeoutMs` on a response body: what undici's own body timeout would have said. */
@@ -91,6 +93,7 @@ export function failureReason (err: unknown, timeoutMs: number): string {
     case 'UND_ERR_CLOSED': case 'UND_ERR_DESTROYED': return 'connection pool closed'
     case 'BREAKWATER_NO_ENDPOINT': return 'no endpoint available'
     case 'BREAKWATER_QUEUE_TIMEOUT': return 'no connection free within idleTimeoutMs (every one busy)'
+    case 'BREAKWATER_UPLOAD_STALLED': return 'stopped reading the request body for idleTimeoutMs'
     case 'BREAKWATER_INVALID_RESPONSE': return 'invalid response header'
     case 'BREAKWATER_TRANSFER_CODING': return 'a transfer coding other than chunked, which cannot be relayed'
     default: return code === undefined ? 'request failed' : `request failed (${code})`

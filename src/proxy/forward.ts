@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, KILLED_MEANWHILE, BODY_TIMEOUT, QUEUE_TIMEOUT, type ErrorCode } from './errors.js'
+import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, KILLED_MEANWHILE, BODY_TIMEOUT, QUEUE_TIMEOUT, UPLOAD_STALLED, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -258,6 +258,12 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // the upstream is saturated (HAProxy's `timeout queue`). undici hears of it at
       // `onConnect`, which gives up a request already ended.
       this.failUpstream(QUEUE_TIMEOUT)
+      return false
+    } else if (this.abortUpstream !== null && this.req.isPaused()) {
+      // undici paused the streamed upload: the upstream's socket takes no more of it (its TCP
+      // window is full). The client is silent because nothing reads it: the upstream stalled
+      // (HAProxy's `timeout server`, Envoy's idle timeout upstream), its 504.
+      this.abortUpstream(UPLOAD_STALLED)
       return false
     }
     this.cutSlowClient()
