@@ -271,10 +271,13 @@ async function queuedPast (t: Test, options: Partial<Dispatcher.RequestOptions>)
     echo(req, res, body)
   })
   t.teardown(up.close)
+  let connections = 0
+  up.server.on('connection', () => { connections++ })
   const { proxy, ops, logs } = await startTestSidecar(t, oneRoute(up.url, { name: 'r', idleTimeoutMs: 300, timeoutMs: 60_000 }, { connections: 1 }))
   const slow = send(proxy, '/slow')
   t.ok(await eventually(() => up.received.length === 1), 'the one connection is busy')
   const queued = await send(proxy, '/queued', options)
+  const opened = connections // the busy one, and any the sidecar's own checks opened
   release()
   t.equal((await slow).status, 200)
   t.equal(queued.status, 504, 'answered, not disconnected')
@@ -287,6 +290,8 @@ async function queuedPast (t: Test, options: Partial<Dispatcher.RequestOptions>)
   t.equal(line?.['http.response.status_code'], 504)
   await new Promise((resolve) => setTimeout(resolve, 100))
   t.notOk(up.received.some((r) => r.url === '/queued'), 'the request given up was never sent')
+  t.equal((await send(proxy, '/after')).status, 200)
+  t.equal(connections, opened, 'the connection the given-up request found free served the next one (no reconnect)')
 }
 
 t.test('a request waiting for a free upstream connection is not a slow client: past idleTimeoutMs it is the upstream\'s 504', async (t) => {

@@ -75,6 +75,8 @@ export const HEAD_TIMEOUT = Object.assign(new Error('Headers Timeout Error'), { 
 export const QUEUE_TIMEOUT = Object.assign(new Error('no upstream connection free'), { code: 'BREAKWATER_QUEUE_TIMEOUT' })
 /** The sweep's `idleTimeoutMs` on a streamed upload the upstream stopped reading (forward.ts `onSilent`). */
 export const UPLOAD_STALLED = Object.assign(new Error('the upstream stopped reading the request body'), { code: 'BREAKWATER_UPLOAD_STALLED' })
+/** A request ended before undici had a connection for it (forward.ts `onConnect`): never sent. */
+export const GIVEN_UP = Object.assign(new Error('the request ended before it was sent'), { code: 'BREAKWATER_GIVEN_UP' })
 /** The route's kill switch went off while its request waited to be written upstream (context.ts `killedMeanwhile`). */
 export const KILLED_MEANWHILE = Object.assign(new Error('the route was killed before the request was sent'), { code: 'BREAKWATER_KILLED_MEANWHILE' })
 /** The sweep's `idleTimeoutMs` on a response body: what undici's own body timeout would have said. */

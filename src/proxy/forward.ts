@@ -24,7 +24,7 @@ import type { Fallback, Capture } from './fallback.js'
 import type { Endpoint } from './balancer.js'
 import type { RequestHead } from './headers.js'
 import { responseHeaders, rawHeaderValue } from './headers.js'
-import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, KILLED_MEANWHILE, BODY_TIMEOUT, QUEUE_TIMEOUT, UPLOAD_STALLED, type ErrorCode } from './errors.js'
+import { isConnectFailure, endedAtHead, sendError, NO_ENDPOINT, INVALID_RESPONSE, TRANSFER_CODING, HEAD_TIMEOUT, KILLED_MEANWHILE, BODY_TIMEOUT, QUEUE_TIMEOUT, UPLOAD_STALLED, GIVEN_UP, type ErrorCode } from './errors.js'
 import { RequestContext, CLIENT_CLOSED } from './context.js'
 import { freshConnection, reusable } from './upstreams.js'
 import type { Silent } from './silence.js'
@@ -371,8 +371,12 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
 
   /** undici has a connection for the request and writes it next (after the wait in the pool's queue). */
   onConnect (abort: (err?: Error) => void): void {
-    if (this.state === DONE) { abort(); return }
-    if (this.killedMeanwhile()) { abort(KILLED_MEANWHILE); return }
+    // Given up before a connection was free (a queue timeout, the client left) or killed
+    // meanwhile: nothing of it is written yet. undici's `abort` would also destroy the connection
+    // it has just freed for this request (under saturation, a reconnect per request given up);
+    // an error thrown here fails the request alone (onError) and leaves the connection to the next.
+    if (this.state === DONE) throw GIVEN_UP
+    if (this.killedMeanwhile()) throw KILLED_MEANWHILE
     this.abortUpstream = abort
     if (this.body === null && this.head.hasBody) {
       // The client's silence counts from here: until now nothing read its upload.
