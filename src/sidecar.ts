@@ -222,6 +222,10 @@ export class Sidecar {
         const key = r.config.killSwitch
         return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
       },
+      routeRateLimit: (route) => {
+        const limiter = dp.runtime.routes.routes.find((x) => x.name === route)?.rateLimiter ?? null
+        return limiter !== null && limiter.config.key === 'route' ? limiter.config.requestsPerSecond : null
+      },
       probeKey: () => this.dataPlane.probeKey,
       routeOf: (method, path, host) => {
         const normalised = normalisePath(path)

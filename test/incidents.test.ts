@@ -844,6 +844,38 @@ t.test('an operator\'s kill switch during a trigger\'s open incident of its rout
   t.ok(await eventually(() => r.sp.deliveries.at(-1)?.body.incident.status === 'resolved', 15_000), 'its page incident resolved')
 })
 
+t.test('an operator\'s rate limit that sheds its trigger\'s whole route is judged like a kill switch: on the rest of the service, restored, never escalated', async (t) => {
+  const app = await startApp(t)
+  const r = await receivers(t)
+  const { s, load } = await shop(t, app, r, {
+    trigger: { action: 'notify' },
+    notifications: { escalateAfter: '6s' },
+    // A probe of the shed route would only measure the limit (429), as one of a killed route would.
+    verification: { timeoutMs: '3s', synthetics: [{ path: '/checkout/cart', expectStatus: 200 }] }
+  })
+  await breakCheckout(app, s, load)
+  const [fired] = await incidents(s)
+  t.match(fired, { trigger: 'checkout-errors', status: 'detected', mitigation: null }, 'the trigger only notified')
+  const shed = await admin(s.admin, 'POST', '/v1/mitigations', { action: 'rateLimit', routes: ['checkout'], requestsPerSecond: 1e-30, reason: 'shed checkout' })
+  t.equal(shed.status, 201)
+  t.equal((await incidents(s)).length, 1, 'it acts within the trigger\'s incident')
+  let shedding = true
+  const refused: number[] = []
+  const checkout = (async () => { while (shedding) { refused.push(...await load.burst('/checkout/cart', 3)); await sleep(100) } })()
+  const stop = users(load)
+  t.teardown(async () => { shedding = false; await checkout; await stop() })
+  const i = await settled(s, fired.id)
+  t.equal(i.status, 'restored', `verified on the rest of the service (${i.status}, checks ${JSON.stringify(i.checks)})`)
+  t.equal(i.checks.syntheticRounds, 0, 'no probe of the shed route')
+  await until(Date.parse(i.escalateAt) + 500)
+  shedding = false
+  await checkout
+  await stop()
+  t.ok(refused.length > 3 && refused.filter((x) => x !== 429).length <= 1, `checkout was shed all along but for its one token (${refused.join(',')})`)
+  t.equal(escalations(r).hook.length, 0, 'nobody is paged for the shed')
+  t.equal(escalations(r).pd.length, 0)
+})
+
 t.test('an operator\'s failed rollbacks: one incident, not one per attempt, and it ends on real traffic instead of staying detected', async (t) => {
   const cd = await startReceiver([400])
   t.teardown(cd.close)

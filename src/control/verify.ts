@@ -4,8 +4,8 @@
  * that service is really back before saying so:
  * - synthetic requests (`verification.synthetics`) sent through this sidecar's own proxy
  *   listener, each expecting its status, `successes` rounds in a row — a synthetic aimed at a
- *   route a mitigation now refuses (kill switch off, circuit forced open) is skipped, since it
- *   would measure the mitigation;
+ *   route a mitigation now refuses (kill switch off, circuit forced open, a rate limit too low
+ *   to judge the route by) is skipped, since it would measure the mitigation;
  * - and real traffic since the mitigation (the last `windowMs`) under the trigger's threshold
  *   (or `maxErrorRate` for an operator's incident).
  * Real traffic means real (SPEC §15): the verifier's own probes are subtracted from the
@@ -125,6 +125,8 @@ type IncidentEventKind = 'restoration_verified' | 'restoration_failed' | 'escala
 const OPEN = new Set<Incident['status']>(['detected', 'verifying'])
 /** How often the impact of open incidents is counted from the windows (well inside the 128 s they hold). */
 const COUNT_EVERY_MS = 5000
+/** Real requests verification needs in its window to judge (fewer, if the trigger's `minRequests` is lower). */
+const MIN_REQUESTS = 10
 
 /** Upper bounds in seconds of the time-to-restore histogram. */
 export const TTR_BUCKETS = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600] as const
@@ -141,6 +143,8 @@ export interface VerifierDeps {
   stats: () => Iterable<RouteStats>
   /** Whether a mitigation refuses a route now (its kill switch off, or its circuit forced open). */
   refusedByMitigation: (route: string) => boolean
+  /** The requests per second a route's rate limit admits for the whole route (key `route`); null when no such limit caps it. */
+  routeRateLimit: (route: string) => number | null
   /** The route and upstream a request would take (where a probe is counted), or null. */
   routeOf: (method: string, path: string, host: string | null) => { route: string } | null
   /** The data plane's probe key: a probe that carries it is told back (`probeEnded`), never counted as real. */
@@ -763,14 +767,25 @@ export class Verifier {
    * The routes whose traffic and synthetics judge an incident: those of its scope (its
    * trigger's route and upstream) that no mitigation refuses now — a refused route would only
    * measure the mitigation. When the mitigation refuses the whole scope (a kill switch of the
-   * failing route, a circuit forced open on the failing upstream), what is left to judge is
-   * the rest of the service, every route it does not refuse.
+   * failing route, a circuit forced open on the failing upstream, a rate limit that sheds the
+   * route), what is left to judge is the rest of the service, every route it does not refuse.
    */
   private routesToJudge (incident: Incident): Set<string> {
     const { scope } = incident
-    const serving = this.deps.config().routes.filter((r) => !this.deps.refusedByMitigation(r.name))
+    const serving = this.deps.config().routes.filter((r) => !this.deps.refusedByMitigation(r.name) && !this.shed(r.name))
     const inScope = serving.filter((r) => (scope.route === null || r.name === scope.route) && (scope.upstream === null || r.upstream === scope.upstream))
     return new Set((inScope.length > 0 ? inScope : serving).map((r) => r.name))
+  }
+
+  /**
+   * Whether a route's rate limit sheds it as a kill switch would: it admits fewer requests in a
+   * verification window than verification needs, so what it lets through can never show service
+   * back, and a probe of it would only measure the limit (429, a `breakwater` refusal). A limit
+   * keyed by client or header caps no route as a whole.
+   */
+  private shed (route: string): boolean {
+    const rps = this.deps.routeRateLimit(route)
+    return rps !== null && rps * this.deps.config().verification.windowMs / 1000 < MIN_REQUESTS
   }
 
   /** Real traffic since the mitigation: ok (true), not ok (false), or too little to say (null). */
@@ -793,7 +808,7 @@ export class Verifier {
     this.forgetProbes(now)
     const errorRate = sums.requests === 0 ? null : sums.errors / sums.requests
     const p99Ms = quantile(latency, 0.99)
-    const minRequests = Math.min(run.trigger?.minRequests ?? 10, 10)
+    const minRequests = Math.min(run.trigger?.minRequests ?? MIN_REQUESTS, MIN_REQUESTS)
     if (sums.requests < minRequests) return { ok: null, errorRate, p99Ms, requests: sums.requests, synthetic }
     const t = run.trigger
     const ok = t !== null && t.metric === 'p99_latency'
