@@ -426,6 +426,21 @@ t.test('validate: fallback file missing or too large, and incomplete fallbacks',
   has({ status: 503, contentType: 'text/html\n' }, /^routes\[0\]\.fallback\.contentType: not a valid header value/)
 })
 
+t.test('validate: a static 2xx stand-in a route may give to a POST, PUT, PATCH or DELETE is a warning', async (t) => {
+  const warned = (fallback: Record<string, unknown>, methods?: string[]): string[] => resolveConfig({
+    service: 's',
+    upstreams: { a: { url: 'http://127.0.0.1:1' } },
+    routes: [{ match: { pathPrefix: '/', ...(methods !== undefined ? { methods } : {}) }, upstream: 'a', fallback }]
+  }, { env: {} }).warnings.filter((w) => w.startsWith('routes[0].fallback'))
+  const lines = warned({ status: 200, body: 'queued' })
+  t.equal(lines.length, 1, `one warning: ${lines.join('; ')}`)
+  t.match(lines[0], /^routes\[0\]\.fallback\.status: 200 is also the answer to unsafe methods \(POST, PUT, PATCH, DELETE\)/)
+  t.match(warned({ status: 202, body: 'x' }, ['GET', 'post']), [/status: 202 is also the answer to unsafe methods \(POST\)/])
+  t.same(warned({ status: 200, body: 'x' }, ['GET', 'HEAD']), [], 'a route of safe methods only: nothing to warn about')
+  t.same(warned({ status: 503, body: 'x' }), [], 'a 5xx stand-in tells the client its request was not served')
+  t.same(warned({ staleIfError: '1m' }), [], 'stale answers go to GET and HEAD only')
+})
+
 t.test('fallback: an entry evicted while a slow client reads it keeps its pages until the answer is written out', async (t) => {
   // Bodies far larger than the loopback socket buffers, one byte value each: an answer to a
   // client that does not read stays partly in the sidecar, and a page overwritten under it shows.

@@ -208,7 +208,7 @@ function buildRoute (r: Resolved<typeof RouteSchema>, name: string, at: string, 
       ? null
       : { abortPercent: r.fault.abortPercent, abortStatus: r.fault.abortStatus, delayPercent: r.fault.delayPercent, delayMs: durationMs(r.fault.delayMs), flag: r.fault.flag ?? null },
     rateLimit: rateLimitConfig(r.rateLimit),
-    fallback: fallbackConfig(r.fallback, m.methods, at, baseDir, found.problems)
+    fallback: fallbackConfig(r.fallback, m.methods, at, baseDir, found.problems, found.warnings)
   }
 }
 

@@ -28,7 +28,7 @@ export function rateLimitConfig (r: RouteInput['rateLimit']): RateLimitConfig | 
   }
 }
 
-export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | undefined, at: string, baseDir: string, problems: string[]): FallbackConfig | null {
+export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | undefined, at: string, baseDir: string, problems: string[], warnings: string[]): FallbackConfig | null {
   if (f === undefined) return null
   const staleIfErrorMs = f.staleIfError === undefined ? 0 : durationMs(f.staleIfError)
   const hasStatic = f.status !== undefined
@@ -38,6 +38,7 @@ export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | u
     problems.push(`${at}.fallback.staleIfError: the route takes no GET or HEAD, and only their responses are stored`)
   }
   checkStaticHeaders(f, at, problems)
+  warnSuccessToUnsafe(f.status, methods, at, warnings)
   const c = f.cache
   const cache = f.staleIfError === undefined ? null : { maxEntries: c.maxEntries, maxBytes: c.maxBytes, maxEntryBytes: Math.min(c.maxEntryBytes, c.maxBytes) }
   let body: Buffer = Buffer.from(f.body ?? '', 'utf8')
@@ -54,6 +55,22 @@ export function fallbackConfig (f: RouteInput['fallback'], methods: string[] | u
         }
       : null
   }
+}
+
+/** RFC 9110 §9.2.1: the methods that ask for nothing to change. */
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE'])
+
+/**
+ * A static stand-in answers whatever method the route takes (SPEC §17). A 2xx to a POST, PUT,
+ * PATCH or DELETE tells the client its write succeeded when it was refused, or timed out after
+ * the app received it (its fate unknown): a client that trusts it never retries, and the write
+ * may be lost. Allowed, since some routes mean it (a queue that accepts later), but said.
+ */
+function warnSuccessToUnsafe (status: number | undefined, methods: string[] | undefined, at: string, warnings: string[]): void {
+  if (status === undefined || status < 200 || status > 299) return
+  const unsafe = methods === undefined ? ['POST', 'PUT', 'PATCH', 'DELETE'] : [...new Set(methods.map((m) => m.toUpperCase()))].filter((m) => !SAFE_METHODS.has(m))
+  if (unsafe.length === 0) return
+  warnings.push(`${at}.fallback.status: ${status} is also the answer to unsafe methods (${unsafe.join(', ')}): a client is told its write succeeded when it was refused or timed out after the app received it; use a 5xx status (503), or match.methods: [GET, HEAD]`)
 }
 
 /** Framing is ours to set; and every value must be writable, or answering would throw at run time. */
