@@ -45,6 +45,18 @@ t.test('rateLimit: a burst of N+k requests gets exactly k refusals, 429 rate_lim
   t.equal(sc.logs.filter((l) => l.msg === 'request' && l['http.response.status_code'] === 429 && l.outcome === 'breakwater').length, 4, 'outcome breakwater in the access log')
 })
 
+t.test('rateLimit: the verifier\'s own probe is not limited and takes no user\'s token; a forged probe is', async (t) => {
+  const up = await startUpstream(echo)
+  t.teardown(up.close)
+  const sc = await startTestSidecar(t, oneRoute(up.url, { rateLimit: { requestsPerSecond: FROZEN, burst: 1 } }))
+  const probe = { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': sc.sidecar.dataPlane.probeKey }
+  t.equal((await send(sc.proxy, '/probe-first', { headers: probe })).status, 200, 'a probe while the bucket is full')
+  t.equal((await send(sc.proxy, '/user')).status, 200, 'the user still has the token')
+  t.equal((await send(sc.proxy, '/user-again')).status, 429, 'the bucket is empty now')
+  t.equal((await send(sc.proxy, '/probe', { headers: probe })).status, 200, 'the probe measures the route, not the limit')
+  t.equal((await send(sc.proxy, '/forged', { headers: { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': 'guessed' } })).status, 429, 'a client that claims to be a probe is limited')
+})
+
 t.test('rateLimit: a rate too slow for any token to come back, and a huge burst, still give whole-number headers', async (t) => {
   const up = await startUpstream(echo)
   t.teardown(up.close)

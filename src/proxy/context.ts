@@ -46,7 +46,7 @@ import type { Socket } from 'node:net'
 import type { DataPlane } from './dataplane.js'
 import type { Route } from './route-table.js'
 import type { Endpoint } from './balancer.js'
-import type { RequestHead } from './headers.js'
+import { isOwnProbe, type RequestHead } from './headers.js'
 import type { Pass } from './circuit-breaker.js'
 import type { Upstream } from './upstreams.js'
 import type { Listener } from '../config/types.js'
@@ -343,7 +343,7 @@ export abstract class RequestContext implements LaterLine {
       // The verifier's own probe (it carries the process's key, which no client can know) is
       // not users' traffic: no trigger window, triage signal or failover record counts it
       // (SPEC §15), so a probe of a dead path fires nothing and healthy probes dilute nothing.
-      if (head !== null && head.synthetic !== '' && head.probeKey === dp.probeKey) {
+      if (head !== null && isOwnProbe(head, dp.probeKey)) {
         if (route !== null && dp.onSynthetic !== null) dp.onSynthetic(head.synthetic, route.name, windowMsAt(endedAt))
       } else {
         stats.outcome(windowMsAt(endedAt), windowed === 1, headMs)

@@ -76,6 +76,14 @@ function connectionListed (value: string, into: Set<string> | null): Set<string>
 const HOST = /^[A-Za-z0-9._~%!$&'()*+,;=:[\]-]*$/
 
 /**
+ * Whether `head` is this process's own verification probe: it carries the probe key, which no
+ * client can know (SPEC §15). A claimed probe without it is a client's request like any other.
+ */
+export function isOwnProbe (head: RequestHead, probeKey: string): boolean {
+  return head.synthetic !== '' && head.probeKey === probeKey
+}
+
+/**
  * Copy the client's headers for the upstream, in one pass over `raw` (plus one to find
  * Connection when it lists extra names).
  * Upgrade and Connection are dropped here too; a WebSocket handshake (`isWebSocket`) gets

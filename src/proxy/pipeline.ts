@@ -11,6 +11,7 @@
  *   match route   first match in the route table                            → 404 no_route
  *   kill switch   the route's flag is off                                   → 503 feature_disabled
  *   rate limit    the route's token bucket for this key is empty            → 429 rate_limited
+ *                 (never for the verifier's own probe)
  *   fault         game-day fault injection, when the route configures it   → abortStatus / delay
  *   body          a small request body (≤ 64 KiB) is read whole before an upstream slot is
  *                 taken; one not whole within `idleTimeoutMs` → disconnected (slow_client)
@@ -44,7 +45,7 @@ import type { DataPlane } from './dataplane.js'
 import { hostKey, requestHostKey, type Route } from './route-table.js'
 import type { RequestContext } from './context.js'
 import { absoluteForm, normalisePath } from './path.js'
-import { requestHead, type RequestHead } from './headers.js'
+import { isOwnProbe, requestHead, type RequestHead } from './headers.js'
 import { beginTrace, incomingTraceparent, type Tracing } from './trace.js'
 import { Exchange } from './forward.js'
 import { Tunnel } from './upgrade.js'
@@ -256,9 +257,10 @@ function run (ctx: RequestContext, { proto, listener, maxHeaderFields, tracing }
     return
   }
 
-  // rate limit
+  // rate limit — not for the verifier's own probe: it would measure the limit (a 429 failing
+  // verification) and take a user's token; verification skips a route the limit sheds.
   const limiter = route.rateLimiter
-  if (limiter !== null) {
+  if (limiter !== null && !isOwnProbe(head, dp.probeKey)) {
     const waitSeconds = limiter.take(req, performance.now())
     if (waitSeconds !== 0) {
       route.stats.reject('rate_limit')
