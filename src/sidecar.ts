@@ -239,6 +239,7 @@ export class Sidecar {
       logger: this.logger,
       persist: (entry) => { void this.control.journal.commit(this.control.state, entry) },
       triage: () => this.triageView() as unknown as TriageReport,
+      leading: (incident) => this.fleet === null || incident.trigger === null ? true : this.fleet.leads(incidentKey(this.config.service, incident.version, incident.trigger)),
       progressed: (incident, change) => {
         // The fleet leader tells its followers (SPEC §16): they record it instead of escalating.
         if (this.fleet === null || incident.fleet?.role !== 'leader' || incident.trigger === null) return
@@ -373,6 +374,7 @@ export class Sidecar {
     registerFleetMetrics(this.registry, this.fleet)
     this.fleet.onIncidentReleased = (key, last) => { this.takeOver(key, last) }
     this.fleet.onIncidentProgress = (key, holding) => { this.leaderProgress(key, holding) }
+    this.fleet.onIncidentLost = (key, last) => { this.stepDown(key, last) }
     const notify = control.onMitigation
     control.onMitigation = (kind, record) => {
       notify(kind, record)
@@ -495,6 +497,28 @@ export class Sidecar {
     // without waiting for its own trigger window to forget the failures; a trigger that fires
     // again after it re-arms posts a new one.
     if (holding.restoredAt !== undefined && incident?.status === 'restored') this.notifier.alertmanager.resolve(trigger)
+  }
+
+  /**
+   * This sidecar led the incident `key` and lost the key (SPEC §16): its lease lapsed — the
+   * process frozen or starved past the ttl — or another sidecar holds it now. It stops acting at
+   * once and follows the holder; with none, it claims the incident again as any follower whose
+   * leader left would, carrying on what the key recorded.
+   */
+  private stepDown (key: string, last: Holding): void {
+    const fleet = this.fleet
+    const trigger = this.triggerOfIncident(key)
+    if (fleet === null || trigger === undefined || this.stopping !== null || !this.verifier.stepDown(trigger.name, this.instance)) return
+    fleet.stepDownsTotal++
+    this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, role: 'follower', previousLeader: this.instance }, 'fleet: this sidecar lost the incident key (its lease lapsed, or another sidecar holds it); stepping down: it acts no more for the incident until it holds the key again')
+    fleet.read(key).then((holding) => {
+      if (holding === null || holding.instance === this.instance) { this.takeOver(key, last); return }
+      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, role: 'follower', leader: holding.instance, previousLeader: this.instance }, `fleet: ${holding.instance} holds the incident now; following it`)
+      this.leaderProgress(key, holding)
+    }, (err: unknown) => {
+      this.logger.warn({ event: 'fleet_incident', trigger: trigger.name, error: (err as Error).message }, 'fleet: cannot read who holds the incident this sidecar stepped down from; claiming it again')
+      this.takeOver(key, last)
+    })
   }
 
   /**

@@ -213,3 +213,53 @@ t.test('a leader killed after Slack and a webhook took its announcement, PagerDu
   t.equal(fired(hooks), 1, 'nor is the webhook')
   t.same([...((await holding())?.announcedTo ?? [])].sort(), ['pagerduty', 'slack', (await holding())?.announcedTo?.find((r) => r.startsWith('webhook:'))].sort(), 'the key records every receiver that took it')
 })
+
+t.test('a leader frozen (SIGSTOP) past its lease ttl steps down when it resumes: it follows the sidecar that took over, and the fleet escalates once', async (t) => {
+  const { etcd, client, failing, cd } = await takeoverScene(t)
+  const hooks = await startReceiver([200])
+  t.teardown(hooks.close)
+  const escalated = (): Array<{ at: number, body: any }> => hooks.deliveries.filter((d) => d.body?.event === 'escalated')
+  const config = fleetConfig(failing.url, etcd.endpoints, {
+    version: '2.0.0',
+    circuitBreakers: {},
+    rollback: { type: 'webhook', url: `${cd.url}/rollback`, retries: 0 },
+    notifications: { webhooks: [`${hooks.url}/events`], escalateAfter: '12s' },
+    verification: { intervalMs: 150, successes: 1, windowMs: '2s', timeoutMs: '5m' },
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.5, window: '2s', minRequests: 2, action: 'rollback' }]
+  })
+  const key = `/bw-test/shop/incidents/${incidentKey('shop', '2.0.0', 'errors')}`
+  const holding = async (): Promise<Holding | null> => JSON.parse(await client.get(key).string() ?? 'null') as Holding | null
+
+  const leader = await startProcess(t, config, { ...withoutTapHooks, BREAKWATER_INSTANCE: 'frozen-leader', BREAKWATER_ADMIN_TOKEN: TEST_TOKEN })
+  const leaderAdmin = String(leader.lines.find((l) => l.msg === 'listening')?.admin)
+  const follower = await startTestSidecar(t, config, { instance: 'f1' })
+  await until(async () => await metricValue(leader.ops, 'breakwater_fleet_connected') === 1)
+  await until(() => follower.sidecar.fleet?.connected === true)
+
+  // The leader fires first, rolls back (the release still fails after it) and says so on the key.
+  await fireUntil([leader.proxy], () => cd.deliveries.length === 1)
+  const rolledBackAt = Date.now()
+  await until(async () => (await holding())?.acted === true)
+  keepFiring(t, [follower])
+  await until(async () => (await fleetRole(follower))?.role === 'follower')
+
+  // Frozen past its lease's ttl: its key goes, and the follower carries the incident on.
+  leader.child.kill('SIGSTOP')
+  t.teardown(() => { leader.child.kill('SIGCONT') })
+  await until(async () => (await fleetRole(follower))?.role === 'leader')
+  t.match(await holding(), { instance: 'f1', acted: true }, 'the follower holds the key now')
+  leader.child.kill('SIGCONT')
+
+  // Past both escalation deadlines (the leader's, fixed at its detection, came first): one escalation, by the holder.
+  await until(() => escalated().length >= 1)
+  await sleep(Math.max(0, rolledBackAt + 12_000 + 3000 - Date.now()))
+  t.equal(escalated().length, 1, 'the fleet escalates once')
+  const held = ((await admin(follower.admin, 'GET', '/v1/incidents')).body.incidents as Array<{ id: string, trigger: string }>).find((i) => i.trigger === 'errors')
+  t.equal(escalated()[0]?.body?.details?.incident, held?.id, 'by the sidecar holding the key')
+  // The old leader learned it lost its lease, stepped down and follows the holder.
+  t.match(await fleetRole({ admin: leaderAdmin } as unknown as TestSidecar), { role: 'follower', leader: 'f1' }, 'the old leader follows the sidecar that took over')
+  t.ok(leader.lines.some((l) => l.event === 'fleet_incident' && /stepping down/.test(String(l.msg))), 'and says it stepped down')
+  t.equal(await metricValue(leader.ops, 'breakwater_fleet_step_downs_total'), 1, 'and counts it')
+  t.equal(cd.deliveries.length, 1, 'one rollback')
+  t.match(await holding(), { instance: 'f1' }, 'the holder keeps the key')
+})

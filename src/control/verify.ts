@@ -155,6 +155,12 @@ export interface VerifierDeps {
   persist: (entry: AuditInput | null) => void
   /** Told when this sidecar escalated an incident or verified its restoration (a fleet leader passes it on). */
   progressed?: (incident: Incident, change: { escalatedAt: string } | { restoredAt: string }) => void
+  /**
+   * In a fleet: whether this sidecar, the leader of `incident`, still holds it (SPEC §16: never act
+   * on a lease it cannot prove it still holds). A promise when only etcd can say; a leader that
+   * learns it lost the incident has stepped down (`stepDown`) by the time it resolves.
+   */
+  leading?: (incident: Incident) => boolean | Promise<boolean>
   /** The triage report now (kept in the incident at detection). */
   triage: () => TriageReport
 }
@@ -429,10 +435,11 @@ export class Verifier {
   }
 
   /** Escalate once per incident: PagerDuty `critical`, Slack, webhooks (SPEC §19). */
-  private escalate (incident: Incident, why: string): void {
+  private escalate (incident: Incident, why: string, confirmed = false): void {
     this.escalations.disarm(incident.id)
     // A follower never escalates: its leader does, once for the fleet (SPEC §16).
     if (this.stopped || incident.escalatedAt !== null || incident.status === 'restored' || incident.fleet?.role === 'follower') return
+    if (!confirmed && !this.leads(incident, () => { this.escalate(incident, why, true) })) return
     incident.escalatedAt = new Date().toISOString()
     incident.escalationReason = why
     this.deps.logger.error({ event: 'incident', incident: incident.id, phase: 'escalated', reason: why, status: incident.status }, 'incident escalated')
@@ -464,6 +471,38 @@ export class Verifier {
       if (was?.role === 'follower' && incident.escalatedAt !== null) this.postEscalation(incident, 'escalation of the incident taken over posted again, now by this sidecar')
     }
     this.deps.persist(null)
+  }
+
+  /**
+   * Whether this sidecar may act for `incident` now: true but for a fleet leader that cannot prove
+   * at once that it still holds it (`leading`); `then` runs once etcd says it does (or cannot say:
+   * then this sidecar acts alone, as when etcd does not answer a claim).
+   */
+  private leads (incident: Incident, then: () => void): boolean {
+    if (incident.fleet?.role !== 'leader' || this.deps.leading === undefined) return true
+    const held = this.deps.leading(incident)
+    if (typeof held === 'boolean') return held
+    void held.then((yes) => { if (yes && !this.stopped && incident.fleet?.role === 'leader') then() })
+    return false
+  }
+
+  /**
+   * This sidecar (`self`) led `trigger`'s open incident and lost the fleet's incident key: its
+   * lease lapsed (the process frozen or starved past its ttl), or another sidecar holds the key
+   * (SPEC §16). It acts no more — no escalation deadline, no verification of its own — and
+   * follows the key's last holder, itself, until it learns who holds it now (`followHolder`), or
+   * takes it back as any follower whose leader left. True when it was leading.
+   */
+  stepDown (trigger: string, self: string): boolean {
+    const incident = this.incidents.find((i) => i.trigger === trigger && OPEN.has(i.status) && i.fleet?.role === 'leader')
+    if (incident === undefined) return false
+    const run = this.running.get(incident.id)
+    if (run?.timer != null) clearTimeout(run.timer)
+    this.running.delete(incident.id)
+    // Its holder verifies now; taken back, it verifies again from then (`succeed`).
+    if (incident.status === 'verifying') incident.status = 'detected'
+    this.fleetRole(trigger, 'follower', self)
+    return true
   }
 
   /**
@@ -694,8 +733,10 @@ export class Verifier {
     run.timer.unref()
   }
 
-  private async check (run: Running): Promise<void> {
+  private async check (run: Running, confirmed = false): Promise<void> {
     const { incident } = run
+    // A fleet leader that cannot prove it still holds the incident judges nothing until etcd says.
+    if (!confirmed && !this.leads(incident, () => { if (this.running.get(incident.id) === run) void this.check(run, true) })) return
     const cfg = this.deps.config()
     const v = cfg.verification
     const routes = this.routesToJudge(incident)

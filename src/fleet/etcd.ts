@@ -148,7 +148,7 @@ export class Etcd {
   }
 
   /** A lease of `ttlSeconds`, granted on the first `grant()` and kept alive until revoked or lost. */
-  lease (ttlSeconds: number, lost: (err: Error) => void): Lease {
+  lease (ttlSeconds: number, lost: (err: Error, expired: boolean) => void): Lease {
     return new Lease(this, ttlSeconds, lost)
   }
 
@@ -320,24 +320,34 @@ export class Etcd {
   }
 }
 
-/** A lease: granted once, kept alive every third of its ttl, lost when etcd says it expired or could not be reached for a whole ttl. */
+/**
+ * A lease: granted once, kept alive every third of its ttl, lost when etcd says it expired or could
+ * not be reached for a whole ttl (`lost`'s `expired` says which).
+ */
 export class Lease {
   private granted: Promise<string> | null = null
   private id = ''
   private gone = false
   private keptAt = 0
+  /**
+   * When the request that last granted or kept the lease alive was sent: etcd took it later, so
+   * the lease lives in etcd at least until this plus its ttl, whatever happened to this process since.
+   */
+  private keptFrom = 0
   private timer: NodeJS.Timeout | null = null
 
-  constructor (private readonly etcd: Etcd, private readonly ttlSeconds: number, private readonly lost: (err: Error) => void) {}
+  constructor (private readonly etcd: Etcd, private readonly ttlSeconds: number, private readonly lost: (err: Error, expired: boolean) => void) {}
 
   /** The lease's id, granted on the first call. */
   async grant (): Promise<string> {
     this.granted ??= (async () => {
       try {
+        const from = Date.now()
         const res = await this.etcd.call('/v3/lease/grant', { TTL: String(this.ttlSeconds) }) as { ID?: string }
         if (typeof res.ID !== 'string') throw new EtcdError('etcd granted no lease', false)
         this.id = res.ID
         this.keptAt = Date.now()
+        this.keptFrom = from
         this.schedule()
         return res.ID
       } catch (err) {
@@ -353,6 +363,24 @@ export class Lease {
     return this.gone
   }
 
+  /**
+   * Whether this process's own clock proves the lease is alive in etcd now: it was kept alive
+   * within two thirds of its ttl (Kubernetes' leader election: a renew deadline short of the
+   * lease's duration). A process frozen or starved longer cannot tell without asking (`confirm`).
+   */
+  fresh (): boolean {
+    return !this.gone && this.keptFrom > 0 && Date.now() - this.keptFrom < this.ttlSeconds * 1000 * 2 / 3
+  }
+
+  /**
+   * Keep the lease alive now, and say whether etcd still has it: false when it expired (it is lost
+   * then, `lost` told), or when it was revoked or lost before. Throws when etcd does not answer.
+   */
+  async confirm (): Promise<boolean> {
+    if (this.gone || this.id === '') return false
+    return await this.keepAlive(false)
+  }
+
   async revoke (): Promise<void> {
     this.stop()
     if (this.id !== '') await this.etcd.call('/v3/lease/revoke', { ID: this.id })
@@ -364,23 +392,28 @@ export class Lease {
     this.timer.unref()
   }
 
-  private async keepAlive (): Promise<void> {
+  /** One keepalive: whether etcd still has the lease. `scheduled`: the timer's, which never throws and schedules the next. */
+  private async keepAlive (scheduled = true): Promise<boolean> {
+    const from = Date.now()
     try {
       const res = await this.etcd.call('/v3/lease/keepalive', { ID: this.id }) as { result?: { TTL?: string } }
-      if (this.gone) return
+      if (this.gone) return false
       // etcd answers a lease it no longer has without a TTL.
-      if (!(Number(res.result?.TTL ?? 0) > 0)) { this.lose(new Error('the lease expired')); return }
+      if (!(Number(res.result?.TTL ?? 0) > 0)) { this.lose(new Error('the lease expired'), true); return false }
       this.keptAt = Date.now()
+      this.keptFrom = Math.max(this.keptFrom, from)
     } catch (err) {
-      if (this.gone) return
-      if (Date.now() - this.keptAt >= this.ttlSeconds * 1000) { this.lose(new Error(`the lease could not be kept alive for its ttl (${(err as Error).message})`)); return }
+      if (this.gone) return false
+      if (!scheduled) throw err
+      if (Date.now() - this.keptAt >= this.ttlSeconds * 1000) { this.lose(new Error(`the lease could not be kept alive for its ttl (${(err as Error).message})`), false); return false }
     }
-    this.schedule()
+    if (scheduled) this.schedule()
+    return true
   }
 
-  private lose (err: Error): void {
+  private lose (err: Error, expired: boolean): void {
     this.stop()
-    this.lost(err)
+    this.lost(err, expired)
   }
 
   private stop (): void {

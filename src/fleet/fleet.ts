@@ -128,6 +128,14 @@ export class Fleet implements FleetWriter {
   private progressing: Promise<void> = Promise.resolve()
   /** Called when an incident's holder went away (its lease expired, or it stopped) before restoration was verified, with the key as last seen. */
   onIncidentReleased: (incidentKey: string, last: Holding) => void = () => {}
+  /**
+   * Called when this sidecar held an incident key, before restoration was verified, and no longer
+   * does: etcd says its lease expired (the process frozen or starved past the ttl), its key is gone,
+   * or another sidecar holds it now. With the key as this sidecar last held it.
+   */
+  onIncidentLost: (incidentKey: string, last: Holding) => void = () => {}
+  /** Incidents this sidecar stopped acting for because it lost their key (`onIncidentLost`), counted by the sidecar. */
+  stepDownsTotal = 0
   /** Called when another sidecar holding an incident key reports escalation, verified restoration or its status page incident. */
   onIncidentProgress: (incidentKey: string, holding: Holding) => void = () => {}
 
@@ -226,6 +234,22 @@ export class Fleet implements FleetWriter {
   }
 
   /**
+   * Whether this sidecar may act as the holder of `incidentKey` now: never on a lease it cannot
+   * prove it still holds (SPEC §16; Kubernetes' and etcd's elections alike). Its own clock proves
+   * it when the lease was kept alive lately; else etcd is asked (a promise): a lease etcd says
+   * expired is lost (`onIncidentLost` told first), and false. When etcd does not answer, or the
+   * lease was lost for etcd being unreachable, this sidecar acts alone, as when etcd does not
+   * answer a claim.
+   */
+  leads (incidentKey: string): boolean | Promise<boolean> {
+    const held = this.incidents.get(incidentKey)
+    if (held !== undefined && held.instance !== this.instance) return false
+    const lease = this.lease
+    if (lease === null || lease.fresh()) return true
+    return lease.confirm().catch(() => true)
+  }
+
+  /**
    * The holder's incident moved on (its action succeeded, it escalated, restoration was
    * verified): record it on the key, so nobody takes over to act or escalate again, and the
    * followers' records follow. A no-op unless this sidecar holds the key. Writes go one at a
@@ -284,9 +308,12 @@ export class Fleet implements FleetWriter {
 
   private async leaseId (): Promise<string> {
     if (this.lease === null || this.lease.revoked()) {
-      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000), (err) => {
+      const lease = this.client.lease(Math.ceil(this.config.leaseTtlMs / 1000), (err, expired) => {
         if (this.lease === lease) this.lease = null
         this.deps.logger.warn({ event: 'fleet', error: err.message }, 'fleet: lease lost; incident keys held by this sidecar are gone')
+        // etcd says so: whoever holds those incidents now, it is not this sidecar.
+        if (!expired || this.stopped) return
+        for (const [incidentKey, held] of [...this.incidents]) if (held.instance === this.instance) this.lostHold(incidentKey, held)
       })
       this.lease = lease
     }
@@ -321,10 +348,19 @@ export class Fleet implements FleetWriter {
     const last = this.incidents.get(incidentKey)
     this.incidents.delete(incidentKey)
     this.incidentRevisions.delete(incidentKey)
-    if (last === undefined || last.instance === this.instance || last.restoredAt !== undefined) return
+    if (last === undefined || last.restoredAt !== undefined) return
+    // This sidecar's own key gone (its lease expired while it was frozen or cut off) is no news
+    // of another leader: this sidecar no longer holds it.
+    if (last.instance === this.instance) { this.lostHold(incidentKey, last); return }
     if (last.acted) this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone after acting, before restoration was verified; a sidecar following it carries the incident on')
     else this.deps.logger.warn({ event: 'fleet_incident', incident: incidentKey, previousLeader: last.instance }, 'fleet: the incident leader is gone before acting; a still-firing sidecar takes over')
     this.onIncidentReleased(incidentKey, last)
+  }
+
+  /** This sidecar held `incidentKey` (as `last`) and no longer does; a clean stop hands it on, and is not a loss. */
+  private lostHold (incidentKey: string, last: Holding): void {
+    if (this.stopped || last.restoredAt !== undefined) return
+    this.onIncidentLost(incidentKey, last)
   }
 
   /** This sidecar's own incident key, as it wrote it at `revision`. */
@@ -345,6 +381,8 @@ export class Fleet implements FleetWriter {
     const before = this.incidents.get(incidentKey)
     this.hold(incidentKey, holding, revision)
     if (holding.instance === this.instance) return
+    // Another sidecar holds what this one held (a read after its lease lapsed): it steps down.
+    if (before?.instance === this.instance) this.lostHold(incidentKey, before)
     const page = holding.statusPage
     // A new holder is news too: a resync read across a handover shows it without the key ever
     // absent here (no release), and the followers must follow it from now on.

@@ -298,7 +298,8 @@ export function registerMetrics (registry: Registry, sources: MetricSources): vo
 }
 
 /** The fleet layer's metrics (SPEC §16), registered only when `fleet` is configured. */
-export function registerFleetMetrics (registry: Registry, fleet: { connected: boolean, corruptTotal: number }): void {
+export function registerFleetMetrics (registry: Registry, fleet: { connected: boolean, corruptTotal: number, stepDownsTotal: number }): void {
   scraped(registry, 'breakwater_fleet_connected', '1 while the fleet watch on etcd is live and etcd answers, else 0 (the last fleet state stays in force).', 'gauge', () => [{ labels: {}, value: fleet.connected ? 1 : 0 }])
   scraped(registry, 'breakwater_fleet_corrupt_values_total', 'Values under the fleet prefix in etcd that were not Breakwater overrides (ignored).', 'counter', () => [{ labels: {}, value: fleet.corruptTotal }])
+  scraped(registry, 'breakwater_fleet_step_downs_total', 'Incidents this sidecar stopped leading because it lost their incident key in etcd (its lease lapsed, or another sidecar holds it); it follows the holder.', 'counter', () => [{ labels: {}, value: fleet.stepDownsTotal }])
 }
