@@ -141,7 +141,7 @@ t.test('OPTIONS * (asterisk-form) is answered 200 by the sidecar itself; another
   const after = parseResponse(both.slice(both.indexOf('HTTP/1.1', 10)))
   t.equal(after.status, 200, 'the request behind it on the same connection is forwarded')
   t.same(up.received.map((r) => r.url), ['/after'], 'the upstream saw only that one')
-  t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.requestId === 'ping-1' && l.outcome === 'ok')), 'logged as a success')
+  t.ok(await eventually(() => logs.some((l) => l.msg === 'request' && l.requestId === 'ping-1' && l.outcome === 'breakwater')), 'logged as the sidecar\'s answer')
   t.equal(sumOf(await scrape(ops), 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 1, 'counted as the sidecar\'s answer')
 
   const get = parseResponse(await raw(proxyPort, 'GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))

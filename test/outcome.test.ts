@@ -551,3 +551,26 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.equal(circuitOf(s, 'ws').state, 'open', 'and the breaker counted both as failures')
   })
 })
+
+t.test('OPTIONS * pings are answered by Breakwater: outcome breakwater, never a success in a trigger window that would dilute the app\'s errors', async (t) => {
+  const up = await startUpstream((_req, res) => { res.writeHead(500); res.end('down') })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }],
+    rollbackTriggers: [{ name: 'errors', metric: 'error_rate', threshold: 0.6, window: '60s', minRequests: 1, action: 'notify' }]
+  })
+  for (let i = 0; i < 4; i++) t.equal((await send(s.proxy, '/pay')).status, 500)
+  for (let i = 0; i < 4; i++) {
+    const ping = parseResponse(await raw(s.proxyPort, 'OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))
+    t.equal(ping.status, 200, 'the ping is answered')
+  }
+  const trigger = await triggerOf(s, 'errors')
+  t.same([trigger.requests, trigger.errors], [4, 4], 'the window holds the app\'s four failures, not the pings')
+  t.equal(trigger.state, 'fired', 'so the trigger fires on the app\'s error rate')
+  const pings = accessLines(s).filter((l) => l['http.request.method'] === 'OPTIONS')
+  t.equal(pings.length, 4)
+  t.ok(pings.every((l) => l.outcome === 'breakwater' && l['http.response.status_code'] === 200), 'logged as Breakwater\'s own answer')
+  const samples = await scrape(s.ops)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 4, 'and counted as such')
+})

@@ -12,7 +12,7 @@
  *   client      the client left before the response was complete (after a good head), or
  *               sent a request that cannot be forwarded (400 before any upstream contact)
  *   breakwater  a local refusal: overload, no route, kill switch, rate limit, injected fault,
- *               circuit open, bulkhead
+ *               circuit open, bulkhead; or a local answer no upstream was asked for (`OPTIONS *`)
  *
  * `conclude` decides it, in one place, the moment it is known: at the response head, at a
  * failure before it, when the client leaves first, or at a local answer. It tells the
@@ -262,7 +262,10 @@ export abstract class RequestContext implements LaterLine {
       ? 'upstream'
       : error !== null
         ? ERRORS[error].cause
-        : status === CLIENT_CLOSED ? 'client' : this.isFailureStatus(status) ? 'upstream' : 'ok'
+        : status === CLIENT_CLOSED
+          ? 'client'
+          // Answered here with no upstream asked (`OPTIONS *`): Breakwater's answer, not the app's success.
+          : this.upstream === null ? 'breakwater' : this.isFailureStatus(status) ? 'upstream' : 'ok'
     if (this.cause !== null && !(this.cause === 'ok' && cause === 'upstream')) return
     this.cause = cause
     this.status = status
