@@ -574,3 +574,26 @@ t.test('OPTIONS * pings are answered by Breakwater: outcome breakwater, never a 
   const samples = await scrape(s.ops)
   t.equal(sumOf(samples, 'breakwater_requests_total', { code: '200', source: 'breakwater' }), 4, 'and counted as such')
 })
+
+t.test('a response whose body is still coming at the shutdown deadline is cut by Breakwater: outcome breakwater, shutdown_deadline, never the app\'s success', async (t) => {
+  const up = await startUpstream((_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '1000' })
+    res.write('partial') // the rest is still to come at the deadline
+  })
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, {
+    upstreams: { app: { url: up.url } },
+    routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }],
+    shutdown: { drainDelayMs: 0, timeoutMs: 1000 }
+  })
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.destroy())
+  client.write('GET /download HTTP/1.1\r\nHost: x\r\n\r\n')
+  await client.until((c) => c.received.includes('partial'), 10_000, 'the head and the first bytes')
+  await s.sidecar.shutdown()
+  await client.until((c) => c.closed, 10_000, 'the cut to reach the client')
+  const line = accessLines(s).find((l) => l['url.path'] === '/download')
+  t.equal(line?.['http.response.status_code'], 200, 'the status it got stands')
+  t.equal(line?.outcome, 'breakwater', 'the cut is the sidecar\'s doing, not a success')
+  t.equal(line?.['error.type'], 'shutdown_deadline', 'and the line says why')
+})

@@ -254,7 +254,8 @@ export abstract class RequestContext implements LaterLine {
   /**
    * The one place a request's cause is decided (SPEC §15), from the status the client got and
    * the local code, if any. The first call fixes it and tells the breaker and the ejection; a
-   * later one only turns an `ok` into `upstream` (a body cut short). `atHead`: the status of a
+   * later one only turns an `ok` into `upstream` (a body cut short), or into `breakwater` (a body
+   * cut by the shutdown deadline). `atHead`: the status of a
    * response whose body is still to come, told to them when it ends if it is `ok`.
    */
   protected conclude (status: number, error: EndingError | null, atHead = false): void {
@@ -266,7 +267,8 @@ export abstract class RequestContext implements LaterLine {
           ? 'client'
           // Answered here with no upstream asked (`OPTIONS *`): Breakwater's answer, not the app's success.
           : this.upstream === null ? 'breakwater' : this.isFailureStatus(status) ? 'upstream' : 'ok'
-    if (this.cause !== null && !(this.cause === 'ok' && cause === 'upstream')) return
+    // A good head's body cut later: by the upstream, or by the shutdown deadline (ours).
+    if (this.cause !== null && !(this.cause === 'ok' && (cause === 'upstream' || error === 'shutdown_deadline'))) return
     this.cause = cause
     this.status = status
     this.errorCode = error
