@@ -59,6 +59,16 @@ async function halfOpen (t: Test, up: TestUpstream): Promise<TestSidecar> {
   return s
 }
 
+/** A sidecar with one route to an echoing upstream, and a client connected to it (both closed in teardown). */
+async function uploader (t: Test): Promise<{ s: TestSidecar, client: WireClient }> {
+  const up = await startUpstream()
+  t.teardown(up.close)
+  const s = await startTestSidecar(t, { upstreams: { app: { url: up.url } }, routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }] })
+  const client = await WireClient.connect(s.proxyPort)
+  t.teardown(() => client.destroy())
+  return { s, client }
+}
+
 t.test('impatient clients of a hanging upstream: their aborts are not successes, and the timeouts still open the circuit', async (t) => {
   const up = await startUpstream(hang)
   t.teardown(up.close)
@@ -335,11 +345,7 @@ t.test('client endings (aborts while waiting, aborted uploads, requests undici r
 })
 
 t.test('a client that ends its connection half-way through an upload has left: counted as leaving (499), not as a bad request', async (t) => {
-  const up = await startUpstream()
-  t.teardown(up.close)
-  const s = await startTestSidecar(t, { upstreams: { app: { url: up.url } }, routes: [{ name: 'app', match: { pathPrefix: '/' }, upstream: 'app' }] })
-  const client = await WireClient.connect(s.proxyPort)
-  t.teardown(() => client.destroy())
+  const { s, client } = await uploader(t)
   client.write('POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + 'x'.repeat(1000))
   t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 1, 10_000), 'the upload is in flight')
   client.socket.end() // FIN half-way: the rest of the body never comes
@@ -596,4 +602,27 @@ t.test('a response whose body is still coming at the shutdown deadline is cut by
   t.equal(line?.['http.response.status_code'], 200, 'the status it got stands')
   t.equal(line?.outcome, 'breakwater', 'the cut is the sidecar\'s doing, not a success')
   t.equal(line?.['error.type'], 'shutdown_deadline', 'and the line says why')
+})
+
+t.test('an upload whose chunked framing breaks mid-body: the client\'s 400 is the request\'s own, logged and counted as the 400 it got', async (t) => {
+  const { s, client } = await uploader(t)
+  client.write('POST /upload HTTP/1.1\r\nHost: x\r\nx-request-id: broken-1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n')
+  t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 1, 10_000), 'the upload is in flight')
+  client.write('ZZZ\r\n') // not a chunk size
+  await client.until((c) => c.closed, 10_000, 'the connection to close')
+  const res = parseResponse(client.received)
+  t.equal(res.status, 400)
+  t.equal(res.headers['x-breakwater-error'], 'bad_request')
+  t.equal(res.headers['x-request-id'], 'broken-1', 'the 400 names the request it refuses')
+  t.ok(await eventually(() => accessLines(s).length === 1, 10_000))
+  const line = accessLines(s)[0]
+  t.equal(line?.requestId, 'broken-1')
+  t.equal(line?.['http.response.status_code'], 400, 'the access log says the 400 the client got, not 499')
+  t.equal(line?.outcome, 'client')
+  t.equal(line?.['error.type'], 'bad_request')
+  const samples = await scrape(s.ops)
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '400', source: 'breakwater' }), 1, 'counted as the 400 it was')
+  t.equal(sumOf(samples, 'breakwater_requests_total', { code: '499' }), 0, 'not as a client that left')
+  t.equal(sumOf(samples, 'breakwater_client_errors_total', { error: 'bad_request' }), 1, 'one bad request')
+  t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'nothing left in flight')
 })

@@ -568,6 +568,18 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
   }
 
   /**
+   * The HTTP parser refused bytes of this request's body (chunked framing broken mid-upload,
+   * server.ts): its upstream request is given up and the client gets the 400 as this request's
+   * answer, logged and counted as sent, and the connection closes.
+   */
+  refuseBody (why: string): void {
+    const abort = this.abortUpstream
+    this.res.shouldKeepAlive = false
+    this.refuse('bad_request', why)
+    if (abort !== null) abort()
+  }
+
+  /**
    * `OPTIONS *` (RFC 9110 §9.3.7): an empty `200` of Breakwater's own, for the server in general
    * (no `Allow`: what the app supports is per resource).
    */
@@ -630,6 +642,16 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
     }
     this.end()
   }
+}
+
+/**
+ * The exchange whose request body is being read on the connection of `res`, when the parser
+ * refuses its bytes before any response head went out; null otherwise (a request behind it, or
+ * one no stage follows yet, is refused by the server as bytes that are not a request).
+ */
+export function readingBody (res: ServerResponse): Exchange | null {
+  const ex = (res as Tagged)[kExchange]
+  return ex === undefined || ex.state === DONE || res.headersSent || ex.req.complete ? null : ex
 }
 
 /** The fallback cache's key for an exchange: its host as routes read it, and its normalised path. */

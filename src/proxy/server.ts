@@ -14,6 +14,7 @@ import type { DataPlane } from './dataplane.js'
 import type { Tracing } from './trace.js'
 import { createPipeline, createBarePipeline, handleUpgrade, unmetExpectation, awaitingContinue, type PipelineOptions } from './pipeline.js'
 import { rawErrorResponse, type ClientErrorCode } from './errors.js'
+import { readingBody } from './forward.js'
 import { CertificateWatcher, listenerTlsOptions, type ListenerTlsStats } from './tls.js'
 
 export interface ProxyServer {
@@ -109,8 +110,11 @@ export function createProxyServer (dp: DataPlane, listener: ProxyListenerConfig,
       socket.destroy()
       return
     }
-    dp.stats.clientError(code)
     if (dp.logger.isLevelEnabled('debug')) dp.logger.debug({ event: 'client_error', code, parserError: err.code }, 'request refused by the HTTP parser')
+    // Mid-body (a broken chunk): the 400 is the answer to the request in flight, accounted as such.
+    const reading = inFlight === undefined || code !== 'bad_request' ? null : readingBody(inFlight)
+    if (reading !== null) { reading.refuseBody(`invalid request body framing (${err.code ?? 'parse error'})`); return }
+    dp.stats.clientError(code)
     socket.end(rawErrorResponse(code, dp.newRequestId()))
   })
 
