@@ -556,6 +556,29 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.same(accessLines(s).map((l) => [l.outcome, l['error.type']]), [['upstream', 'upstream_reset'], ['upstream', 'upstream_reset']])
     t.equal(circuitOf(s, 'ws').state, 'open', 'and the breaker counted both as failures')
   })
+
+  t.test('a client that leaves during a refusal\'s body ends the handshake at once: outcome client, its slot freed, never a success', async (t) => {
+    // A refusal that promises 1,000 bytes, sends 7, and then nothing.
+    const up = await startUpstream((_req, res) => {
+      res.writeHead(403, { 'content-length': '1000' })
+      res.write('partial')
+    })
+    t.teardown(up.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { ws: { url: up.url } },
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }],
+      circuitBreakers: { ws: { volumeThreshold: 2, recoveryTimeout: 60_000 } }
+    })
+    const client = await WireClient.connect(s.proxyPort)
+    t.teardown(() => client.destroy())
+    client.write(handshakeRequest('/ws', KEY))
+    await client.until((c) => c.received.includes('partial'), 10_000, 'the refusal\'s head and first bytes')
+    client.destroy()
+    t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the handshake no longer holds a slot')
+    t.ok(await eventually(() => up.aborted === 1, 10_000), 'its upstream request was given up')
+    t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome]), [[403, 'client']], 'the status it got, and the client\'s leaving as the cause')
+    t.equal(circuitOf(s, 'ws').windowRequests, 0, 'not a success in the breaker\'s window')
+  })
 })
 
 t.test('OPTIONS * pings are answered by Breakwater: outcome breakwater, never a success in a trigger window that would dilute the app\'s errors', async (t) => {

@@ -43,6 +43,8 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
   private abort: ((err?: Error) => void) | null = null
   private upgraded = false
   private answered = false
+  /** A refusal's relay is over: complete, cut, or its client gone. */
+  private relayed = false
 
   constructor (dp: DataPlane, req: IncomingMessage, client: Duplex, early: Buffer) {
     super(dp, req, true)
@@ -63,7 +65,16 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     this.endpoint = endpoint
     this.attempt = 1
     const client = this.client
-    const left = (): void => { if (!this.answered) this.clientLeft() }
+    const left = (): void => {
+      if (!this.answered) { this.clientLeft(); return }
+      // Gone during a refusal's body: the status it got stands, the cause is the client's
+      // (context.ts `leftDuringBody`), and the upstream request is given up with its slot.
+      if (this.upgraded || this.relayed) return
+      this.relayed = true
+      this.leftDuringBody()
+      this.end()
+      this.abort?.()
+    }
     client.once('end', left).once('close', left)
     client.on('data', this.onClientData)
     endpoint.pool.dispatch({
@@ -158,16 +169,18 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
   }
 
   onComplete (): void {
+    this.relayed = true
     this.client.end()
     this.end()
   }
 
   onError (err: Error): void {
-    if (this.upgraded) return
+    if (this.upgraded || this.relayed) return
     if (this.answered) {
       // A 204 or 304 refusal that announced a length: complete at its head, as on any response.
       if (endedAtHead(this.status, err)) { this.onComplete(); return }
       // The upstream cut its refusal short.
+      this.relayed = true
       this.conclude(this.status, 'upstream_reset')
       this.client.destroy()
       this.end()
