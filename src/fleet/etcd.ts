@@ -322,7 +322,8 @@ export class Etcd {
 
 /**
  * A lease: granted once, kept alive every third of its ttl, lost when etcd says it expired or could
- * not be reached for a whole ttl (`lost`'s `expired` says which).
+ * not be reached for a whole ttl (`lost`'s `expired` says which). Its times are `performance.now()`'s:
+ * a wall clock stepped back would make a lease look freshly kept long after it lapsed.
  */
 export class Lease {
   private granted: Promise<string> | null = null
@@ -342,11 +343,11 @@ export class Lease {
   async grant (): Promise<string> {
     this.granted ??= (async () => {
       try {
-        const from = Date.now()
+        const from = performance.now()
         const res = await this.etcd.call('/v3/lease/grant', { TTL: String(this.ttlSeconds) }) as { ID?: string }
         if (typeof res.ID !== 'string') throw new EtcdError('etcd granted no lease', false)
         this.id = res.ID
-        this.keptAt = Date.now()
+        this.keptAt = performance.now()
         this.keptFrom = from
         this.schedule()
         return res.ID
@@ -369,7 +370,7 @@ export class Lease {
    * lease's duration). A process frozen or starved longer cannot tell without asking (`confirm`).
    */
   fresh (): boolean {
-    return !this.gone && this.keptFrom > 0 && Date.now() - this.keptFrom < this.ttlSeconds * 1000 * 2 / 3
+    return !this.gone && this.keptFrom > 0 && performance.now() - this.keptFrom < this.ttlSeconds * 1000 * 2 / 3
   }
 
   /**
@@ -394,18 +395,18 @@ export class Lease {
 
   /** One keepalive: whether etcd still has the lease. `scheduled`: the timer's, which never throws and schedules the next. */
   private async keepAlive (scheduled = true): Promise<boolean> {
-    const from = Date.now()
+    const from = performance.now()
     try {
       const res = await this.etcd.call('/v3/lease/keepalive', { ID: this.id }) as { result?: { TTL?: string } }
       if (this.gone) return false
       // etcd answers a lease it no longer has without a TTL.
       if (!(Number(res.result?.TTL ?? 0) > 0)) { this.lose(new Error('the lease expired'), true); return false }
-      this.keptAt = Date.now()
+      this.keptAt = performance.now()
       this.keptFrom = Math.max(this.keptFrom, from)
     } catch (err) {
       if (this.gone) return false
       if (!scheduled) throw err
-      if (Date.now() - this.keptAt >= this.ttlSeconds * 1000) { this.lose(new Error(`the lease could not be kept alive for its ttl (${(err as Error).message})`), false); return false }
+      if (performance.now() - this.keptAt >= this.ttlSeconds * 1000) { this.lose(new Error(`the lease could not be kept alive for its ttl (${(err as Error).message})`), false); return false }
     }
     if (scheduled) this.schedule()
     return true
