@@ -579,6 +579,28 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome]), [[403, 'client']], 'the status it got, and the client\'s leaving as the cause')
     t.equal(circuitOf(s, 'ws').windowRequests, 0, 'not a success in the breaker\'s window')
   })
+
+  t.test('a refusal whose body stalls while the client waits is the upstream\'s timeout after idleTimeoutMs: slot freed, a failure for the breaker', async (t) => {
+    // A refusal that promises 1,000 bytes, sends 7, and then nothing; the client stays.
+    const up = await startUpstream((_req, res) => {
+      res.writeHead(403, { 'content-length': '1000' })
+      res.write('partial')
+    })
+    t.teardown(up.close)
+    const s = await startTestSidecar(t, {
+      upstreams: { ws: { url: up.url } },
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws', idleTimeoutMs: 300 }],
+      circuitBreakers: { ws: { volumeThreshold: 5, recoveryTimeout: 60_000 } }
+    })
+    const client = await WireClient.connect(s.proxyPort)
+    t.teardown(() => client.destroy())
+    client.write(handshakeRequest('/ws', KEY))
+    await client.until((c) => c.received.includes('partial'), 10_000, 'the refusal\'s head and first bytes')
+    await client.until((c) => c.closed, 60_000, 'the connection ended once the body stalled for idleTimeoutMs')
+    t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the handshake no longer holds a slot')
+    t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[403, 'upstream', 'upstream_timeout']], 'the status it got, the upstream\'s stall as the cause')
+    t.equal(circuitOf(s, 'ws').windowRequests, 1, 'counted in the breaker\'s window')
+  })
 })
 
 t.test('OPTIONS * pings are answered by Breakwater: outcome breakwater, never a success in a trigger window that would dilute the app\'s errors', async (t) => {

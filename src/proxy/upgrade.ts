@@ -82,7 +82,10 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
       method: 'GET',
       headers: this.head.headers,
       upgrade: 'websocket',
-      headersTimeout: this.route.config.timeoutMs
+      headersTimeout: this.route.config.timeoutMs,
+      // A refusal's body (a 101 takes the socket away before any body) that stalls holds the
+      // handshake's slot and the drain: bounded as any response body is, by `idleTimeoutMs`.
+      bodyTimeout: this.route.config.idleTimeoutMs
     }, this)
   }
 
@@ -179,9 +182,9 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     if (this.answered) {
       // A 204 or 304 refusal that announced a length: complete at its head, as on any response.
       if (endedAtHead(this.status, err)) { this.onComplete(); return }
-      // The upstream cut its refusal short.
+      // The upstream cut its refusal short, or let its body stall for `idleTimeoutMs`.
       this.relayed = true
-      this.conclude(this.status, 'upstream_reset')
+      this.conclude(this.status, (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
       this.client.destroy()
       this.end()
       return
