@@ -557,8 +557,11 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.equal(circuitOf(s, 'ws').state, 'open', 'and the breaker counted both as failures')
   })
 
-  t.test('a client that leaves during a refusal\'s body ends the handshake at once: outcome client, its slot freed, never a success', async (t) => {
-    // A refusal that promises 1,000 bytes, sends 7, and then nothing.
+  /**
+   * A handshake to an upstream whose refusal promises 1,000 bytes, sends 7, and then nothing,
+   * read up to those 7 bytes; `route` adds to the route.
+   */
+  async function stalledRefusal (t: Test, route: Record<string, unknown> = {}): Promise<{ up: TestUpstream, s: TestSidecar, client: WireClient }> {
     const up = await startUpstream((_req, res) => {
       res.writeHead(403, { 'content-length': '1000' })
       res.write('partial')
@@ -566,13 +569,18 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.teardown(up.close)
     const s = await startTestSidecar(t, {
       upstreams: { ws: { url: up.url } },
-      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws' }],
-      circuitBreakers: { ws: { volumeThreshold: 2, recoveryTimeout: 60_000 } }
+      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws', ...route }],
+      circuitBreakers: { ws: { volumeThreshold: 5, recoveryTimeout: 60_000 } }
     })
     const client = await WireClient.connect(s.proxyPort)
     t.teardown(() => client.destroy())
     client.write(handshakeRequest('/ws', KEY))
     await client.until((c) => c.received.includes('partial'), 10_000, 'the refusal\'s head and first bytes')
+    return { up, s, client }
+  }
+
+  t.test('a client that leaves during a refusal\'s body ends the handshake at once: outcome client, its slot freed, never a success', async (t) => {
+    const { up, s, client } = await stalledRefusal(t)
     client.destroy()
     t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the handshake no longer holds a slot')
     t.ok(await eventually(() => up.aborted === 1, 10_000), 'its upstream request was given up')
@@ -581,21 +589,8 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
   })
 
   t.test('a refusal whose body stalls while the client waits is the upstream\'s timeout after idleTimeoutMs: slot freed, a failure for the breaker', async (t) => {
-    // A refusal that promises 1,000 bytes, sends 7, and then nothing; the client stays.
-    const up = await startUpstream((_req, res) => {
-      res.writeHead(403, { 'content-length': '1000' })
-      res.write('partial')
-    })
-    t.teardown(up.close)
-    const s = await startTestSidecar(t, {
-      upstreams: { ws: { url: up.url } },
-      routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws', idleTimeoutMs: 300 }],
-      circuitBreakers: { ws: { volumeThreshold: 5, recoveryTimeout: 60_000 } }
-    })
-    const client = await WireClient.connect(s.proxyPort)
-    t.teardown(() => client.destroy())
-    client.write(handshakeRequest('/ws', KEY))
-    await client.until((c) => c.received.includes('partial'), 10_000, 'the refusal\'s head and first bytes')
+    // The client stays.
+    const { s, client } = await stalledRefusal(t, { idleTimeoutMs: 300 })
     await client.until((c) => c.closed, 60_000, 'the connection ended once the body stalled for idleTimeoutMs')
     t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the handshake no longer holds a slot')
     t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[403, 'upstream', 'upstream_timeout']], 'the status it got, the upstream\'s stall as the cause')
