@@ -559,9 +559,9 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
 
   /**
    * A handshake to an upstream whose refusal promises 1,000 bytes, sends 7, and then nothing,
-   * read up to those 7 bytes; `route` adds to the route.
+   * read up to those 7 bytes; `route` adds to the route, `input` to the sidecar's config.
    */
-  async function stalledRefusal (t: Test, route: Record<string, unknown> = {}): Promise<{ up: TestUpstream, s: TestSidecar, client: WireClient }> {
+  async function stalledRefusal (t: Test, route: Record<string, unknown> = {}, input: Record<string, unknown> = {}): Promise<{ up: TestUpstream, s: TestSidecar, client: WireClient }> {
     const up = await startUpstream((_req, res) => {
       res.writeHead(403, { 'content-length': '1000' })
       res.write('partial')
@@ -570,7 +570,8 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     const s = await startTestSidecar(t, {
       upstreams: { ws: { url: up.url } },
       routes: [{ name: 'chat', match: { pathPrefix: '/ws' }, upstream: 'ws', ...route }],
-      circuitBreakers: { ws: { volumeThreshold: 5, recoveryTimeout: 60_000 } }
+      circuitBreakers: { ws: { volumeThreshold: 5, recoveryTimeout: 60_000 } },
+      ...input
     })
     const client = await WireClient.connect(s.proxyPort)
     t.teardown(() => client.destroy())
@@ -595,6 +596,14 @@ t.test('WebSocket handshakes run the same stages as every request', async (t) =>
     t.ok(await eventually(() => s.sidecar.dataPlane.stats.inFlight === 0, 10_000), 'the handshake no longer holds a slot')
     t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[403, 'upstream', 'upstream_timeout']], 'the status it got, the upstream\'s stall as the cause')
     t.equal(circuitOf(s, 'ws').windowRequests, 1, 'counted in the breaker\'s window')
+  })
+
+  t.test('a refusal whose body is still coming at the shutdown deadline is cut by Breakwater: shutdown_deadline, not the upstream\'s reset', async (t) => {
+    const { s, client } = await stalledRefusal(t, {}, { shutdown: { drainDelayMs: 0, timeoutMs: 1000 } })
+    await s.sidecar.shutdown()
+    await client.until((c) => c.closed, 10_000, 'the cut to reach the client')
+    t.same(accessLines(s).map((l) => [l['http.response.status_code'], l.outcome, l['error.type']]), [[403, 'breakwater', 'shutdown_deadline']], 'the status it got stands; the cut is the sidecar\'s doing')
+    t.equal(circuitOf(s, 'ws').windowRequests, 0, 'nothing for the breaker to hold against the upstream')
   })
 })
 

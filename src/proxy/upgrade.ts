@@ -182,9 +182,10 @@ export class Tunnel extends RequestContext implements Dispatcher.DispatchHandler
     if (this.answered) {
       // A 204 or 304 refusal that announced a length: complete at its head, as on any response.
       if (endedAtHead(this.status, err)) { this.onComplete(); return }
-      // The upstream cut its refusal short, or let its body stall for `idleTimeoutMs`.
+      // The upstream cut its refusal short, or let its body stall for `idleTimeoutMs`; or the
+      // shutdown deadline closed the pools under it (ours, as on the forward path).
       this.relayed = true
-      this.conclude(this.status, (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
+      this.conclude(this.status, this.dp.cutting ? 'shutdown_deadline' : (err as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_reset')
       this.client.destroy()
       this.end()
       return
