@@ -302,23 +302,26 @@ t.test('a request waiting for a free upstream connection is not a slow client: p
 })
 
 /**
- * An upstream that accepts and never reads: a streamed upload fills its TCP window, and nothing
- * more of the client's body can be read meanwhile. The client kept sending: the stall is the
- * upstream's.
+ * An upstream that accepts /stalled and never reads it (any other request it reads and leaves
+ * unanswered): a streamed upload fills its TCP window, and nothing more of the client's body can
+ * be read meanwhile. The client keeps sending: the stall must be the upstream's 504. `hold`, given
+ * the sidecar, runs before the upload.
  */
-t.test('an upstream that stops reading a streamed upload is the upstream\'s 504, not a slow client', async (t) => {
+async function stalledUpload (t: Test, routeOptions: Record<string, unknown>, upstreamOptions: Record<string, unknown>, hold?: (sidecar: TestSidecar) => Promise<void>): Promise<void> {
   const upstreamSockets = new Set<net.Socket>()
   const up = net.createServer((socket) => {
     upstreamSockets.add(socket)
     socket.on('error', () => {})
     socket.on('close', () => upstreamSockets.delete(socket))
-    socket.pause()
+    socket.once('data', (chunk: Buffer) => { if (chunk.includes('/stalled')) socket.pause() })
   })
   up.listen(0, '127.0.0.1')
   await once(up, 'listening')
   t.teardown(() => { for (const s of upstreamSockets) s.destroy(); up.close() })
   const port = (up.address() as net.AddressInfo).port
-  const { proxyPort, ops, logs } = await startTestSidecar(t, oneRoute(`http://127.0.0.1:${port}`, { name: 'r', idleTimeoutMs: 300, timeoutMs: 60_000 }))
+  const sidecar = await startTestSidecar(t, oneRoute(`http://127.0.0.1:${port}`, { name: 'r', timeoutMs: 60_000, ...routeOptions }, upstreamOptions))
+  const { proxyPort, ops, logs } = sidecar
+  if (hold !== undefined) await hold(sidecar)
 
   const length = 64 * 1024 * 1024
   const socket = net.connect(proxyPort, '127.0.0.1')
@@ -345,4 +348,18 @@ t.test('an upstream that stops reading a streamed upload is the upstream\'s 504,
   const line = logs.find((l) => l['url.path'] === '/stalled')
   t.equal(line?.outcome, 'upstream', 'the upstream\'s outcome')
   t.equal(line?.['http.response.status_code'], 504)
+}
+
+t.test('an upstream that stops reading a streamed upload is the upstream\'s 504, not a slow client', async (t) => {
+  await stalledUpload(t, { idleTimeoutMs: 300 }, {})
+})
+
+t.test('an upstream that stops reading a streamed upload given the short grace (half of the pool waiting on clients) is the upstream\'s 504, not a slow client', async (t) => {
+  // Two connections: an upload kept moving holds one, half of them, so the next is graced, allowed
+  // 1 s of silence rather than idleTimeoutMs (3 s) before it is the client's.
+  await stalledUpload(t, { idleTimeoutMs: 3000 }, { connections: 2 }, async (sidecar) => {
+    const app = sidecar.sidecar.dataPlane.runtime.upstreams.get('app')
+    await trickler(t, sidecar.proxyPort, 1024 * 1024, 200)
+    t.ok(await eventually(() => app?.held === 1), 'one upload holds a connection')
+  })
 })

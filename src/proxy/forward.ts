@@ -98,6 +98,9 @@ function onGraceLapsedPolled (ex: Exchange, progress: number): void {
   if (ex.state === DONE || ex.res.destroyed || (ex.requestSent && ex.state !== STREAMING)) return
   // It moved: the socket's timer runs again from that byte.
   if (progressOf(ex.clientSocket) !== progress) return
+  // Silent because the upstream takes no more of its upload: not the client's stall, and the
+  // upstream's own is judged at `idleTimeoutMs` (`onSilent`).
+  if (ex.uploadPaused()) return
   ex.cutSlowClient()
 }
 
@@ -259,15 +262,22 @@ export class Exchange extends RequestContext implements Dispatcher.DispatchHandl
       // `onConnect`, which gives up a request already ended.
       this.failUpstream(QUEUE_TIMEOUT)
       return false
-    } else if (this.abortUpstream !== null && this.req.isPaused()) {
-      // undici paused the streamed upload: the upstream's socket takes no more of it (its TCP
-      // window is full). The client is silent because nothing reads it: the upstream stalled
-      // (HAProxy's `timeout server`, Envoy's idle timeout upstream), its 504.
-      this.abortUpstream(UPLOAD_STALLED)
+    } else if (this.uploadPaused()) {
+      // The client is silent because nothing reads it: the upstream stalled (HAProxy's
+      // `timeout server`, Envoy's idle timeout upstream), its 504.
+      this.abortUpstream?.(UPLOAD_STALLED)
       return false
     }
     this.cutSlowClient()
     return false
+  }
+
+  /**
+   * undici paused the streamed upload, not yet all sent: the upstream's socket takes no more of
+   * it (its TCP window is full).
+   */
+  uploadPaused (): boolean {
+    return !this.requestSent && this.abortUpstream !== null && this.req.isPaused()
   }
 
   /** The upstream stopped sending its response body for `idleTimeoutMs` (`onSilent`). */
