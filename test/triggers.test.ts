@@ -40,12 +40,12 @@ function load (t: Test, s: TestSidecar): Traffic {
 }
 
 /** A sidecar with one route to `app` and one trigger, and its load. */
-async function oneRoute (t: Test, trigger: Record<string, unknown>): Promise<{ s: TestSidecar, l: Traffic }> {
+async function oneRoute (t: Test, ...triggers: Array<Record<string, unknown>>): Promise<{ s: TestSidecar, l: Traffic }> {
   const up = await app(t)
   const s = await startTestSidecar(t, {
     upstreams: { app: { url: up.url } },
     routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [trigger]
+    rollbackTriggers: triggers
   })
   return { s, l: load(t, s) }
 }
@@ -126,20 +126,13 @@ t.test('a sustained 5xx burst fires the trigger exactly once; its rollback runs 
 })
 
 t.test('below minRequests a trigger is inconclusive and never fires; GET /v1/state shows each trigger', async (t) => {
-  const up = await app(t)
-  const s = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [
-      errorTrigger({ minRequests: 10, window: '10s' }),
-      // no name, no minRequests: both defaults
-      { metric: 'error_rate', threshold: 0.5, window: '10s', action: 'notify' }
-    ]
-  })
+  const { s, l } = await oneRoute(t,
+    errorTrigger({ minRequests: 10, window: '10s' }),
+    // no name, no minRequests: both defaults
+    { metric: 'error_rate', threshold: 0.5, window: '10s', action: 'notify' })
   const before = await triggerOf(s, 'errors')
   t.match(before, { name: 'errors', state: 'inconclusive', value: null, requests: 0, errors: 0, fired: 0, firedAt: null, window: '10s', scope: { route: null, upstream: null } })
 
-  const l = load(t, s)
   t.same(await l.burst('/fail', 6), [500, 500, 500, 500, 500, 500])
   evaluate(s)
   const trig = await triggerOf(s, 'errors')
@@ -163,15 +156,7 @@ t.test('below minRequests a trigger is inconclusive and never fires; GET /v1/sta
 })
 
 t.test('the verifier\'s own probes are not users\' traffic: no trigger window and no triage signal counts them, and they dilute nothing', async (t) => {
-  const up = await app(t)
-  const s = await startTestSidecar(t, {
-    upstreams: { app: { url: up.url } },
-    routes: [{ name: 'api', match: { pathPrefix: '/' }, upstream: 'app' }],
-    rollbackTriggers: [
-      errorTrigger(),
-      { name: 'slow-p99', metric: 'p99_latency', threshold: 2000, window: '5s', minRequests: 5, action: 'notify' }
-    ]
-  })
+  const { s, l } = await oneRoute(t, errorTrigger(), { name: 'slow-p99', metric: 'p99_latency', threshold: 2000, window: '5s', minRequests: 5, action: 'notify' })
   const probe = async (path: string): Promise<number> =>
     (await send(s.proxy, path, { headers: { 'x-breakwater-synthetic': 'i-probe', 'x-breakwater-probe': s.sidecar.dataPlane.probeKey } })).status
   // A probe of a dead path, then of a stalled one, again and again: nothing users sent.
@@ -184,7 +169,6 @@ t.test('the verifier\'s own probes are not users\' traffic: no trigger window an
   t.equal(triage.evidence.all.current.requests, 0, 'triage saw no users\' request')
   t.equal(triage.scenario, 'healthy', 'and calls nothing elevated')
   // Users failing while probes pass: the probes do not dilute the users' error rate.
-  const l = load(t, s)
   t.same(await l.burst('/fail', 6), Array(6).fill(500))
   t.same(await Promise.all(Array.from({ length: 10 }, async () => await probe('/ok'))), Array(10).fill(200))
   evaluate(s)
