@@ -21,6 +21,7 @@ import { HealthChecker } from './proxy/health-check.js'
 import { hasUsableEndpoint } from './proxy/failover.js'
 import { windowNowMs } from './proxy/window.js'
 import { normalisePath } from './proxy/path.js'
+import type { Route } from './proxy/route-table.js'
 import { requestHead } from './proxy/headers.js'
 import { HealthPolicy, type FleetWarning } from './ops/health.js'
 import { ReachabilityWatch } from './ops/reachability.js'
@@ -202,6 +203,8 @@ export class Sidecar {
     })
     this.triggers = new TriggerEngine(() => dp.stats.allRoutes(), this.triggerAction, this.logger)
     this.triggers.configure(config.rollbackTriggers)
+    // The route in force now (a reload swaps the table), by its config name.
+    const liveRoute = (name: string): Route | undefined => dp.runtime.routes.routes.find((x) => x.name === name)
     this.verifier = new Verifier({
       config: () => this.config,
       proxy: () => reachable(this.addresses.proxy),
@@ -217,13 +220,13 @@ export class Sidecar {
       },
       stats: () => dp.stats.allRoutes(),
       refusedByMitigation: (route) => {
-        const r = dp.runtime.routes.routes.find((x) => x.name === route)
+        const r = liveRoute(route)
         if (r === undefined) return false
         const key = r.config.killSwitch
         return (key !== null && !flags.enabled(key)) || r.upstream.circuit?.forced === 'open'
       },
       routeRateLimit: (route) => {
-        const limiter = dp.runtime.routes.routes.find((x) => x.name === route)?.rateLimiter ?? null
+        const limiter = liveRoute(route)?.rateLimiter ?? null
         return limiter !== null && limiter.config.key === 'route' ? limiter.config.requestsPerSecond : null
       },
       probeKey: () => this.dataPlane.probeKey,
